@@ -1,0 +1,346 @@
+//! Group commit: one dedicated thread makes the spool durable for many
+//! writers at once, with real fsyncs.
+//!
+//! Why this exists: sled 0.34's `flush()` ends in `sync_file_range` on Linux,
+//! which orders the writes but does not flush the drive cache or file
+//! metadata, so it survives a process crash but not a power loss. Values of
+//! large pages go to `<spool>/blobs/<lsn>` files that sled never fsyncs at
+//! all. Each round here therefore:
+//!
+//! 1. fsyncs every blob file it has not synced at its current length, then the
+//!    `blobs` directory if a new name appeared (blobs first, so no durable log
+//!    entry can point at a blob that is not durable);
+//! 2. calls sled's `flush()` to write out its log buffers;
+//! 3. fdatasyncs sled's data file `<spool>/db` through a handle of our own
+//!    (fsync applies to the inode, whichever descriptor is used).
+//!
+//! Protocol: a writer applies its sled batch, then takes a sequence number
+//! (`written += 1`) and waits until `durable >= seq`. The thread takes the
+//! current `written`, runs a round and publishes `durable = written`. Every
+//! write numbered up to that value was applied before the round started, so
+//! the round covers it; writers arriving during a round are covered by the
+//! next one, which is how N concurrent commits share one fsync.
+//!
+//! Invariants:
+//! - `durable` only advances after a round fully succeeded;
+//! - a failed round poisons the spool for good (`SpoolError::NotDurable`):
+//!   after an fsync error the kernel may have dropped the dirty pages, so a
+//!   later successful fsync proves nothing about earlier writes;
+//! - waiters sleep on a `tokio::sync::watch` channel that the std thread
+//!   updates; nobody polls.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
+use tokio::sync::watch;
+
+use crate::error::SpoolError;
+
+/// Counters for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Writes (commit, update, remove) that asked to be made durable.
+    pub writes: u64,
+    /// Completed sync rounds (each: flush + fsyncs).
+    pub syncs: u64,
+    /// Writes covered by the most recent round.
+    pub last_batch: u64,
+}
+
+/// What writers wait on.
+#[derive(Debug, Clone, Default)]
+struct Progress {
+    /// Every write with a sequence number `<=` this is durable.
+    durable: u64,
+    rounds: u64,
+    /// Set once, on the first failed round; never cleared.
+    failed: Option<Arc<str>>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// Sequence number of the latest write that was applied to sled.
+    written: u64,
+    closing: bool,
+}
+
+/// State shared between the writers and the sync thread.
+#[derive(Debug)]
+pub(crate) struct GroupCommit {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+    progress: watch::Sender<Progress>,
+    last_batch: AtomicU64,
+}
+
+impl GroupCommit {
+    /// Starts the sync thread. It owns `syncer` and a handle on the database.
+    pub(crate) fn start(
+        db: sled::Db,
+        syncer: Syncer,
+    ) -> Result<(Arc<GroupCommit>, JoinHandle<()>), SpoolError> {
+        let group = Arc::new(GroupCommit {
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+            progress: watch::Sender::new(Progress::default()),
+            last_batch: AtomicU64::new(0),
+        });
+        let thread_group = Arc::clone(&group);
+        let handle = std::thread::Builder::new()
+            .name("tern-spool-sync".into())
+            .spawn(move || thread_group.run(&db, syncer))
+            .map_err(|e| SpoolError::io("starting the spool sync thread", e))?;
+        Ok((group, handle))
+    }
+
+    /// Fails fast once the spool is poisoned, so no new data is written that
+    /// could never be acknowledged.
+    pub(crate) fn check(&self) -> Result<(), SpoolError> {
+        match &self.progress.borrow().failed {
+            Some(reason) => Err(SpoolError::NotDurable(reason.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// Called after a write was applied to sled: returns once it is durable.
+    pub(crate) async fn write_done(&self) -> Result<(), SpoolError> {
+        let seq = {
+            let mut pending = self.lock_pending();
+            pending.written += 1;
+            pending.written
+        };
+        self.wake.notify_one();
+        self.wait_for(seq).await
+    }
+
+    /// Returns once every write applied so far is durable.
+    pub(crate) async fn flush(&self) -> Result<(), SpoolError> {
+        let seq = self.lock_pending().written;
+        self.wait_for(seq).await
+    }
+
+    /// Asks the thread to finish: it runs a last round if writes are pending
+    /// (e.g. from a commit whose future was dropped) and exits.
+    pub(crate) fn close(&self) {
+        self.lock_pending().closing = true;
+        self.wake.notify_one();
+    }
+
+    pub(crate) fn stats(&self) -> CommitStats {
+        let writes = self.lock_pending().written;
+        CommitStats {
+            writes,
+            syncs: self.progress.borrow().rounds,
+            last_batch: self.last_batch.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn rounds(&self) -> u64 {
+        self.progress.borrow().rounds
+    }
+
+    async fn wait_for(&self, seq: u64) -> Result<(), SpoolError> {
+        let mut rx = self.progress.subscribe();
+        loop {
+            {
+                let progress = rx.borrow_and_update();
+                if progress.durable >= seq {
+                    return Ok(());
+                }
+                if let Some(reason) = &progress.failed {
+                    return Err(SpoolError::NotDurable(reason.to_string()));
+                }
+            }
+            // The sender lives in `self`, so it outlives this borrow; an
+            // error here would mean the channel is gone, never "durable".
+            if rx.changed().await.is_err() {
+                return Err(SpoolError::NotDurable("the spool sync thread is gone".into()));
+            }
+        }
+    }
+
+    // The counters stay meaningful even if a holder panicked.
+    fn lock_pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn fail(&self, reason: String) {
+        self.progress.send_modify(|p| {
+            if p.failed.is_none() {
+                p.failed = Some(reason.into());
+            }
+        });
+    }
+
+    /// The sync thread's loop.
+    fn run(&self, db: &sled::Db, mut syncer: Syncer) {
+        // Without this, a panic in a round would leave writers waiting forever.
+        let _on_panic = FailOnPanic(self);
+        let mut durable = 0;
+        loop {
+            let target = {
+                let mut pending = self.lock_pending();
+                while pending.written == durable && !pending.closing {
+                    pending = self.wake.wait(pending).unwrap_or_else(PoisonError::into_inner);
+                }
+                if pending.written == durable {
+                    return; // closing, nothing left to sync
+                }
+                pending.written
+            };
+            if let Err(e) = syncer.sync(db) {
+                tracing::error!(error = %e, "spool sync failed; refusing further writes");
+                self.fail(e.to_string());
+                return;
+            }
+            self.last_batch.store(target - durable, Ordering::Relaxed);
+            durable = target;
+            self.progress.send_modify(|p| {
+                p.durable = target;
+                p.rounds += 1;
+            });
+        }
+    }
+}
+
+struct FailOnPanic<'a>(&'a GroupCommit);
+
+impl Drop for FailOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.fail("the spool sync thread panicked".into());
+        }
+    }
+}
+
+/// The file-level part of a round. Used directly (synchronously) by
+/// `Spool::open` before the thread starts, then owned by the thread.
+#[derive(Debug)]
+pub(crate) struct Syncer {
+    db_path: PathBuf,
+    db_file: File,
+    blobs_dir: PathBuf,
+    /// Blob file name -> length at which we fsynced it. A blob seen while
+    /// sled was still writing it has a shorter length than its final one, so
+    /// comparing lengths makes the next round sync it again. Names sled has
+    /// deleted drop out when the directory is listed.
+    synced_blobs: HashMap<OsString, u64>,
+}
+
+impl Syncer {
+    /// Opens our own handle on sled's data file; call after sled opened the
+    /// spool (sled creates the file and the blobs directory).
+    pub(crate) fn open(dir: &Path) -> Result<Syncer, SpoolError> {
+        let db_path = dir.join("db");
+        // Write access is not needed for fsync on Linux but is on some other
+        // systems; the handle is never written through.
+        let db_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&db_path)
+            .map_err(|e| SpoolError::io(format!("opening {}", db_path.display()), e))?;
+        Ok(Syncer {
+            db_path,
+            db_file,
+            blobs_dir: dir.join("blobs"),
+            synced_blobs: HashMap::new(),
+        })
+    }
+
+    /// One durability round: blobs, sled's buffers, sled's data file.
+    pub(crate) fn sync(&mut self, db: &sled::Db) -> Result<(), SpoolError> {
+        self.sync_blobs()?;
+        db.flush()?;
+        self.db_file
+            .sync_data()
+            .map_err(|e| SpoolError::io(format!("fsync of {}", self.db_path.display()), e))
+    }
+
+    fn sync_blobs(&mut self) -> Result<(), SpoolError> {
+        let blobs_dir = &self.blobs_dir;
+        let io_err = |what: &str, path: &Path, e| {
+            SpoolError::io(format!("{what} {}", path.display()), e)
+        };
+        let entries = fs::read_dir(blobs_dir).map_err(|e| io_err("listing", blobs_dir, e))?;
+        let mut current = HashMap::with_capacity(self.synced_blobs.len());
+        let mut new_name = false;
+        for entry in entries {
+            let entry = entry.map_err(|e| io_err("listing", blobs_dir, e))?;
+            let path = entry.path();
+            // sled deletes blobs it no longer needs; one can vanish between
+            // listing and opening, and then there is nothing to sync.
+            let len = match entry.metadata() {
+                Ok(meta) => meta.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("reading metadata of", &path, e)),
+            };
+            let name = entry.file_name();
+            match self.synced_blobs.get(&name) {
+                Some(&synced_len) if synced_len == len => {}
+                known => {
+                    match File::open(&path) {
+                        Ok(file) => file.sync_data().map_err(|e| io_err("fsync of", &path, e))?,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(io_err("opening", &path, e)),
+                    }
+                    new_name |= known.is_none();
+                }
+            }
+            current.insert(name, len);
+        }
+        if new_name {
+            sync_dir(blobs_dir)?;
+        }
+        self.synced_blobs = current;
+        Ok(())
+    }
+}
+
+/// fsyncs a directory so the names created in it survive a power loss.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| SpoolError::io(format!("fsync of directory {}", dir.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn blob_bookkeeping_follows_length_and_deletion() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new()
+            .path(dir.path())
+            .flush_every_ms(None)
+            .open()
+            .unwrap();
+        let mut syncer = Syncer::open(dir.path()).unwrap();
+        syncer.sync(&db).unwrap();
+        assert!(syncer.synced_blobs.is_empty());
+
+        // A blob caught half-written, as sled may be writing it during a round.
+        let blob = dir.path().join("blobs").join("4242");
+        let mut file = File::create(&blob).unwrap();
+        file.write_all(b"head").unwrap();
+        syncer.sync(&db).unwrap();
+        assert_eq!(syncer.synced_blobs.get(&OsString::from("4242")), Some(&4));
+
+        // Finished later: the new length must be synced (and recorded) again.
+        file.write_all(b"and the rest").unwrap();
+        syncer.sync(&db).unwrap();
+        assert_eq!(syncer.synced_blobs.get(&OsString::from("4242")), Some(&16));
+
+        // Deleted by sled: forgotten.
+        fs::remove_file(&blob).unwrap();
+        syncer.sync(&db).unwrap();
+        assert!(syncer.synced_blobs.is_empty());
+    }
+}

@@ -1,0 +1,30 @@
+//! tern-queue: tern's durable spool, and the only code in tern that touches
+//! sled.
+//!
+//! Modules:
+//! - `id`: `MessageId`, time-ordered unique ids, and their generator;
+//! - `record`: `Envelope` and friends, stored as forward-compatible JSON;
+//! - `spool`: `Spool`, the store (bodies, envelopes, due-time index) and its
+//!   crash recovery;
+//! - `group_commit`: the sync thread that makes writes durable with real
+//!   fsyncs, sharing each round among all concurrent writers;
+//! - `error`: `SpoolError`.
+//!
+//! Invariants the rest of tern relies on:
+//! - a body is written once, at commit, and never rewritten;
+//! - an envelope and its due-index key change together in one atomic batch;
+//! - nothing is returned from `commit`, `update` or `remove` before the
+//!   change has been fsynced (sled's data file and any blob files); after a
+//!   failed fsync every later write fails instead of pretending.
+
+mod error;
+mod group_commit;
+mod id;
+mod record;
+mod spool;
+
+pub use error::SpoolError;
+pub use group_commit::CommitStats;
+pub use id::{IdGenerator, MessageId, ParseMessageIdError};
+pub use record::{BodyType, Envelope, Notify, Recipient, RecipientState, Ret, Source};
+pub use spool::{Body, Spool, SpoolStats};

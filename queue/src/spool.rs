@@ -1,0 +1,453 @@
+//! `Spool`: the durable message store, on one sled tree.
+//!
+//! Key layout (all ids big-endian, so key order is time order):
+//! - `B` + id            -> body bytes; written once at commit, never rewritten
+//! - `E` + id            -> envelope JSON (`record::Envelope`)
+//! - `D` + due_ms + id   -> empty; the due-time index
+//!
+//! Invariants:
+//! - every change is one sled `apply_batch`, so an envelope and its due key
+//!   (and, at commit, its body) appear, move and disappear together;
+//! - the `D` key of an envelope is always `D + next_due_ms + id` of the stored
+//!   envelope; update and remove compute the old key from the stored record,
+//!   under a lock, so concurrent updates cannot orphan one;
+//! - commit, update and remove return only after a group-commit round made
+//!   the change durable (see `group_commit`);
+//! - `stats()` counts exactly the envelopes present and the sum of their
+//!   `size`, which the spool itself sets from the body.
+//!
+//! Opening runs recovery: it rebuilds the counters, seeds the id generator
+//! with the largest id present, deletes bodies without an envelope and due
+//! keys that do not match their envelope, and re-creates missing due keys (a
+//! message without one would never be attempted).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::{self, Write as _};
+use std::fs;
+use std::ops::Deref;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use crate::error::SpoolError;
+use crate::group_commit::{sync_dir, CommitStats, GroupCommit, Syncer};
+use crate::id::{IdGenerator, MessageId};
+use crate::record::Envelope;
+
+const BODY: u8 = b'B';
+const ENVELOPE: u8 = b'E';
+const DUE: u8 = b'D';
+
+/// Message count and body bytes currently spooled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpoolStats {
+    pub messages: u64,
+    pub bytes: u64,
+}
+
+/// A message body as stored; derefs to the bytes without copying them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Body(sled::IVec);
+
+impl Deref for Body {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsRef<[u8]> for Body {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Body {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Body({} bytes)", self.0.len())
+    }
+}
+
+/// Handle on an open spool; clones share it. When the last clone is dropped
+/// the sync thread runs a final round, stops, and sled releases its lock.
+#[derive(Clone)]
+pub struct Spool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    ids: IdGenerator,
+    messages: AtomicU64,
+    bytes: AtomicU64,
+    group: Arc<GroupCommit>,
+    flusher: Option<JoinHandle<()>>,
+    /// Serialises read-modify-write of stored envelopes (update, remove):
+    /// two unsynchronised updates of one message would both delete the same
+    /// old due key and leave one of their new keys orphaned. Held only while
+    /// applying to sled, never while waiting for durability.
+    rmw: Mutex<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.group.close();
+        if let Some(handle) = self.flusher.take() {
+            if handle.join().is_err() {
+                tracing::error!("spool sync thread panicked");
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Spool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Spool").field("stats", &self.stats()).finish()
+    }
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool in `dir` and runs recovery.
+    ///
+    /// Blocking: it scans the whole spool and fsyncs. It starts a dedicated
+    /// std thread for group commit, so no tokio runtime is needed (the CLI can
+    /// call it), though it may be called from inside one.
+    pub fn open(dir: &Path) -> Result<Spool, SpoolError> {
+        let created_dir = !dir.exists();
+        let fresh = !dir.join("db").exists();
+        fs::create_dir_all(dir)
+            .map_err(|e| SpoolError::io(format!("creating spool directory {}", dir.display()), e))?;
+        let db = sled::Config::new()
+            .path(dir)
+            // Our sync thread flushes whenever a writer waits; sled's own
+            // periodic flusher would only add redundant fsyncs.
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| open_error(e, dir))?;
+        let mut syncer = Syncer::open(dir)?;
+        let recovered = recover(&db)?;
+        // Makes recovery's repairs durable, and any blobs a crashed previous
+        // run had not synced yet.
+        syncer.sync(&db)?;
+        if fresh {
+            sync_new_spool(dir, created_dir)?;
+        }
+        tracing::info!(
+            path = %dir.display(),
+            messages = recovered.messages,
+            bytes = recovered.bytes,
+            "spool opened"
+        );
+        let (group, flusher) = GroupCommit::start(db.clone(), syncer)?;
+        Ok(Spool {
+            inner: Arc::new(Inner {
+                db,
+                ids: IdGenerator::new(recovered.max_id),
+                messages: AtomicU64::new(recovered.messages),
+                bytes: AtomicU64::new(recovered.bytes),
+                group,
+                flusher: Some(flusher),
+                rmw: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// A fresh id, greater than every id issued before by this spool.
+    pub fn next_id(&self) -> MessageId {
+        self.inner.ids.next()
+    }
+
+    /// Stores the parts of one accepted message (one envelope per
+    /// destination, each with its body) in one atomic batch; returns once
+    /// durable. Ids must come from `next_id`. Each envelope's `size` is set to
+    /// its body's length.
+    pub async fn commit(&self, parts: Vec<(Envelope, Vec<u8>)>) -> Result<(), SpoolError> {
+        self.inner.group.check()?;
+        let mut batch = sled::Batch::default();
+        let messages = parts.len() as u64;
+        let mut bytes = 0;
+        for (mut env, body) in parts {
+            env.size = body.len() as u64;
+            bytes += env.size;
+            batch.insert(&due_key(env.next_due_ms, env.id)[..], &[][..]);
+            batch.insert(&key(ENVELOPE, env.id)[..], encode(&env)?);
+            batch.insert(&key(BODY, env.id)[..], body);
+        }
+        self.inner.db.apply_batch(batch)?;
+        self.inner.messages.fetch_add(messages, Ordering::Relaxed);
+        self.inner.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.inner.group.write_done().await
+    }
+
+    /// The stored envelope, if any.
+    pub fn envelope(&self, id: MessageId) -> Result<Option<Envelope>, SpoolError> {
+        let key = key(ENVELOPE, id);
+        match self.inner.db.get(key)? {
+            Some(value) => decode(&key, &value).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The stored body, if any. Read from sled on each call (not cached here).
+    pub fn body(&self, id: MessageId) -> Result<Option<Body>, SpoolError> {
+        Ok(self.inner.db.get(key(BODY, id))?.map(Body))
+    }
+
+    /// Rewrites the envelope `env.id` and moves its due key to
+    /// `env.next_due_ms`, atomically; returns once durable. `size` keeps the
+    /// stored value (the body never changes).
+    pub async fn update(&self, env: &Envelope) -> Result<(), SpoolError> {
+        self.inner.group.check()?;
+        {
+            let _rmw = self.inner.rmw.lock().unwrap_or_else(PoisonError::into_inner);
+            let env_key = key(ENVELOPE, env.id);
+            let stored = self.envelope(env.id)?.ok_or(SpoolError::NotFound(env.id))?;
+            let mut env = env.clone();
+            env.size = stored.size;
+            let mut batch = sled::Batch::default();
+            if stored.next_due_ms != env.next_due_ms {
+                batch.remove(&due_key(stored.next_due_ms, env.id)[..]);
+                batch.insert(&due_key(env.next_due_ms, env.id)[..], &[][..]);
+            }
+            batch.insert(&env_key[..], encode(&env)?);
+            self.inner.db.apply_batch(batch)?;
+        }
+        self.inner.group.write_done().await
+    }
+
+    /// Deletes body, envelope and due key atomically; returns once durable.
+    pub async fn remove(&self, id: MessageId) -> Result<(), SpoolError> {
+        self.inner.group.check()?;
+        {
+            let _rmw = self.inner.rmw.lock().unwrap_or_else(PoisonError::into_inner);
+            let stored = self.envelope(id)?.ok_or(SpoolError::NotFound(id))?;
+            let mut batch = sled::Batch::default();
+            batch.remove(&key(BODY, id)[..]);
+            batch.remove(&key(ENVELOPE, id)[..]);
+            batch.remove(&due_key(stored.next_due_ms, id)[..]);
+            self.inner.db.apply_batch(batch)?;
+            self.inner.messages.fetch_sub(1, Ordering::Relaxed);
+            self.inner.bytes.fetch_sub(stored.size, Ordering::Relaxed);
+        }
+        self.inner.group.write_done().await
+    }
+
+    /// Up to `limit` `(due_ms, id)` with `due_ms <= t_ms`, earliest first
+    /// (ties in id order).
+    pub fn due_before(&self, t_ms: u64, limit: usize) -> Result<Vec<(u64, MessageId)>, SpoolError> {
+        let lo = due_key(0, MessageId::from_be_bytes([0; 8])).to_vec();
+        let hi = match t_ms.checked_add(1) {
+            Some(end) => due_key(end, MessageId::from_be_bytes([0; 8])).to_vec(),
+            None => vec![DUE + 1], // every due key sorts below this
+        };
+        self.inner
+            .db
+            .range(lo..hi)
+            .take(limit)
+            .map(|item| parse_due_key(&item?.0))
+            .collect()
+    }
+
+    /// Every envelope, in id (= creation) order. Loads them all; meant for the
+    /// CLI and tests, not for the delivery path (use `due_before`).
+    pub fn list(&self) -> Result<Vec<Envelope>, SpoolError> {
+        self.inner
+            .db
+            .scan_prefix([ENVELOPE])
+            .map(|item| {
+                let (key, value) = item?;
+                decode(&key, &value)
+            })
+            .collect()
+    }
+
+    /// Messages and body bytes spooled now (exact; kept in memory).
+    pub fn stats(&self) -> SpoolStats {
+        SpoolStats {
+            messages: self.inner.messages.load(Ordering::Relaxed),
+            bytes: self.inner.bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Completed sync rounds (flush + fsyncs) since open.
+    pub fn durable_syncs(&self) -> u64 {
+        self.inner.group.rounds()
+    }
+
+    /// Group-commit counters since open.
+    pub fn commit_stats(&self) -> CommitStats {
+        self.inner.group.stats()
+    }
+
+    /// Returns once everything written so far is durable.
+    pub async fn flush(&self) -> Result<(), SpoolError> {
+        self.inner.group.flush().await
+    }
+}
+
+/// Sled reports a held lock as an `Io` error with this text (sled 0.34,
+/// `Config::try_lock`); there is no dedicated variant to match on.
+fn open_error(e: sled::Error, dir: &Path) -> SpoolError {
+    match e {
+        sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
+            SpoolError::InUse {
+                path: dir.to_path_buf(),
+            }
+        }
+        other => SpoolError::Sled(format!("opening spool at {}: {other}", dir.display())),
+    }
+}
+
+/// On first creation: sled's `conf` file is written without fsync, and the
+/// names sled created (and the spool directory itself) are only durable once
+/// their directories are synced.
+fn sync_new_spool(dir: &Path, created_dir: bool) -> Result<(), SpoolError> {
+    let conf = dir.join("conf");
+    fs::File::open(&conf)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| SpoolError::io(format!("fsync of {}", conf.display()), e))?;
+    sync_dir(&dir.join("blobs"))?;
+    sync_dir(dir)?;
+    if created_dir {
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+struct Recovered {
+    messages: u64,
+    bytes: u64,
+    max_id: Option<MessageId>,
+}
+
+fn recover(db: &sled::Db) -> Result<Recovered, SpoolError> {
+    let mut due_of: HashMap<MessageId, u64> = HashMap::new();
+    let mut rec = Recovered {
+        messages: 0,
+        bytes: 0,
+        max_id: None,
+    };
+    for item in db.scan_prefix([ENVELOPE]) {
+        let (key, value) = item?;
+        let id = parse_id_key(&key)?;
+        let env = decode(&key, &value)?;
+        if env.id != id {
+            return Err(corrupt(&key, format!("envelope carries id {}", env.id)));
+        }
+        rec.messages += 1;
+        rec.bytes += env.size;
+        rec.max_id = rec.max_id.max(Some(id.max(env.queue_id)));
+        due_of.insert(id, env.next_due_ms);
+    }
+
+    let mut repair = sled::Batch::default();
+    let mut repairs = 0u64;
+    let mut with_body = HashSet::new();
+    // Sled has no key-only scan, so this reads the bodies once; it runs only
+    // at startup.
+    for item in db.scan_prefix([BODY]) {
+        let (key, _) = item?;
+        let id = parse_id_key(&key)?;
+        rec.max_id = rec.max_id.max(Some(id));
+        if due_of.contains_key(&id) {
+            with_body.insert(id);
+        } else {
+            tracing::warn!(%id, "spool recovery: removing body without envelope");
+            repair.remove(key);
+            repairs += 1;
+        }
+    }
+    let mut with_due = HashSet::new();
+    for item in db.scan_prefix([DUE]) {
+        let (key, _) = item?;
+        let (due, id) = parse_due_key(&key)?;
+        if due_of.get(&id) == Some(&due) {
+            with_due.insert(id);
+        } else {
+            tracing::warn!(%id, due, "spool recovery: removing stale due-index entry");
+            repair.remove(key);
+            repairs += 1;
+        }
+    }
+    for (&id, &due) in &due_of {
+        if !with_due.contains(&id) {
+            tracing::warn!(%id, due, "spool recovery: re-creating missing due-index entry");
+            repair.insert(&due_key(due, id)[..], &[][..]);
+            repairs += 1;
+        }
+        if !with_body.contains(&id) {
+            // Left in place: delivery will find no body and handle it; deleting
+            // the envelope here would lose the record that a message existed.
+            tracing::error!(%id, "spool recovery: envelope has no body");
+        }
+    }
+    if repairs > 0 {
+        db.apply_batch(repair)?;
+        tracing::warn!(repairs, "spool recovery repaired the index");
+    }
+    Ok(rec)
+}
+
+fn key(prefix: u8, id: MessageId) -> [u8; 9] {
+    let mut k = [0; 9];
+    k[0] = prefix;
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn due_key(due_ms: u64, id: MessageId) -> [u8; 17] {
+    let mut k = [0; 17];
+    k[0] = DUE;
+    k[1..9].copy_from_slice(&due_ms.to_be_bytes());
+    k[9..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn parse_id_key(key: &[u8]) -> Result<MessageId, SpoolError> {
+    key.get(1..)
+        .and_then(|rest| <[u8; 8]>::try_from(rest).ok())
+        .map(MessageId::from_be_bytes)
+        .ok_or_else(|| corrupt(key, "key is not prefix + 8-byte id".into()))
+}
+
+fn parse_due_key(key: &[u8]) -> Result<(u64, MessageId), SpoolError> {
+    match (key.get(1..9), key.get(9..)) {
+        (Some(due), Some(id)) if id.len() == 8 => Ok((
+            u64::from_be_bytes(due.try_into().expect("8 bytes")),
+            MessageId::from_be_bytes(id.try_into().expect("8 bytes")),
+        )),
+        _ => Err(corrupt(key, "due key is not D + 8-byte time + 8-byte id".into())),
+    }
+}
+
+fn encode(env: &Envelope) -> Result<Vec<u8>, SpoolError> {
+    // Serialising these plain structs cannot fail; map it anyway rather than
+    // panic in the commit path.
+    serde_json::to_vec(env).map_err(|e| SpoolError::Corrupt {
+        key: format!("E{}", env.id),
+        reason: format!("cannot encode envelope: {e}"),
+    })
+}
+
+fn decode(key: &[u8], value: &[u8]) -> Result<Envelope, SpoolError> {
+    serde_json::from_slice(value).map_err(|e| corrupt(key, format!("bad envelope JSON: {e}")))
+}
+
+/// Names a key for operators: its prefix letter, then the rest in hex.
+fn corrupt(key: &[u8], reason: String) -> SpoolError {
+    let mut name = String::new();
+    if let Some((&prefix, rest)) = key.split_first() {
+        name.push(char::from(prefix));
+        for b in rest {
+            // writing to a String cannot fail
+            let _ = write!(name, "{b:02X}");
+        }
+    }
+    SpoolError::Corrupt { key: name, reason }
+}
+
+#[cfg(test)]
+mod tests;

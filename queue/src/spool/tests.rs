@@ -1,0 +1,389 @@
+//! Spool tests: real sled in temporary directories.
+
+use super::*;
+use crate::id::id_at;
+use crate::record::{BodyType, Notify, Recipient, RecipientState, Ret, Source};
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+fn envelope(id: MessageId, queue_id: MessageId, destination: &str, due: u64) -> Envelope {
+    Envelope {
+        id,
+        queue_id,
+        sender: "alice@example.com".into(),
+        destination: destination.into(),
+        recipients: vec![Recipient {
+            address: format!("bob@{destination}"),
+            orcpt: Some(format!("rfc822;bob@{destination}")),
+            notify: Notify::default_rfc3461(),
+            state: RecipientState::Pending,
+            last_reply: None,
+            attempts: 0,
+        }],
+        env_id: Some("env-1".into()),
+        ret: Some(Ret::Headers),
+        body_type: BodyType::EightBitMime,
+        smtputf8: true,
+        size: 0,
+        created_ms: id.created_ms(),
+        expires_ms: id.created_ms() + 5 * 86_400_000,
+        next_due_ms: due,
+        attempts: 0,
+        source: Source {
+            client_ip: "192.0.2.7".into(),
+            helo: "mx.example.com".into(),
+            auth_user: None,
+            protocol: "ESMTPS".into(),
+        },
+        held: false,
+    }
+}
+
+/// A body that differs per id, so mixing two up would be noticed.
+fn body_for(id: MessageId, len: usize) -> Vec<u8> {
+    let seed = id.to_string().into_bytes();
+    (0..len).map(|i| seed[i % seed.len()] ^ (i as u8)).collect()
+}
+
+async fn commit_one(spool: &Spool, due: u64, len: usize) -> MessageId {
+    let id = spool.next_id();
+    spool
+        .commit(vec![(envelope(id, id, "example.org", due), body_for(id, len))])
+        .await
+        .unwrap();
+    id
+}
+
+impl Spool {
+    /// Writes a raw key behind the spool's back (to craft damaged states).
+    fn raw_insert(&self, key: &[u8], value: &[u8]) {
+        self.inner.db.insert(key, value).unwrap();
+        self.inner.db.flush().unwrap();
+    }
+
+    fn raw_remove(&self, key: &[u8]) {
+        self.inner.db.remove(key).unwrap();
+        self.inner.db.flush().unwrap();
+    }
+
+    fn raw_keys(&self) -> Vec<Vec<u8>> {
+        self.inner.db.iter().keys().map(|k| k.unwrap().to_vec()).collect()
+    }
+}
+
+#[tokio::test]
+async fn commit_then_reopen_is_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b);
+    let (env_a, env_b, body_a, body_b);
+    {
+        let spool = Spool::open(dir.path()).unwrap();
+        a = spool.next_id();
+        b = spool.next_id();
+        env_a = envelope(a, a, "example.org", 1_000);
+        env_b = envelope(b, a, "example.net", 1_000);
+        body_a = body_for(a, 5_000);
+        body_b = body_for(b, 5_000);
+        spool
+            .commit(vec![
+                (env_a.clone(), body_a.clone()),
+                (env_b.clone(), body_b.clone()),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(spool.stats(), SpoolStats { messages: 2, bytes: 10_000 });
+    }
+    let spool = Spool::open(dir.path()).unwrap();
+    // the spool owns `size`
+    let expect_a = Envelope { size: 5_000, ..env_a };
+    let expect_b = Envelope { size: 5_000, ..env_b };
+    assert_eq!(spool.envelope(a).unwrap(), Some(expect_a.clone()));
+    assert_eq!(spool.envelope(b).unwrap(), Some(expect_b.clone()));
+    assert_eq!(&*spool.body(a).unwrap().unwrap(), &body_a[..]);
+    assert_eq!(&*spool.body(b).unwrap().unwrap(), &body_b[..]);
+    assert_eq!(spool.stats(), SpoolStats { messages: 2, bytes: 10_000 });
+    let listed = spool.list().unwrap();
+    assert_eq!(listed, vec![expect_a, expect_b]);
+    assert!(spool.envelope(spool.next_id()).unwrap().is_none());
+}
+
+#[tokio::test]
+async fn due_before_is_in_due_order_inclusive_and_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    let late = commit_one(&spool, 3_000, 10).await;
+    let early = commit_one(&spool, 1_000, 10).await;
+    let mid1 = commit_one(&spool, 2_000, 10).await;
+    let mid2 = commit_one(&spool, 2_000, 10).await;
+    assert_eq!(
+        spool.due_before(2_000, 10).unwrap(),
+        vec![(1_000, early), (2_000, mid1), (2_000, mid2)]
+    );
+    assert_eq!(spool.due_before(2_000, 2).unwrap(), vec![(1_000, early), (2_000, mid1)]);
+    assert_eq!(spool.due_before(999, 10).unwrap(), vec![]);
+    assert_eq!(spool.due_before(u64::MAX, 10).unwrap().last(), Some(&(3_000, late)));
+}
+
+#[tokio::test]
+async fn update_moves_the_due_key_and_keeps_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    let id = commit_one(&spool, 1_000, 300).await;
+    let mut env = spool.envelope(id).unwrap().unwrap();
+    env.next_due_ms = 5_000;
+    env.attempts = 1;
+    env.recipients[0].last_reply = Some("451 try later".into());
+    env.size = 1; // must not corrupt the byte count
+    spool.update(&env).await.unwrap();
+
+    assert_eq!(spool.due_before(4_999, 10).unwrap(), vec![]);
+    assert_eq!(spool.due_before(5_000, 10).unwrap(), vec![(5_000, id)]);
+    let stored = spool.envelope(id).unwrap().unwrap();
+    assert_eq!(stored.attempts, 1);
+    assert_eq!(stored.size, 300);
+    assert_eq!(stored.recipients[0].last_reply.as_deref(), Some("451 try later"));
+    let due_keys = spool.raw_keys().into_iter().filter(|k| k[0] == DUE).count();
+    assert_eq!(due_keys, 1);
+    assert_eq!(spool.stats().bytes, 300);
+
+    let missing = envelope(spool.next_id(), id, "example.org", 1);
+    assert!(matches!(spool.update(&missing).await, Err(SpoolError::NotFound(m)) if m == missing.id));
+}
+
+#[tokio::test]
+async fn remove_deletes_all_keys_and_adjusts_stats() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    let keep = commit_one(&spool, 1_000, 700).await;
+    let gone = commit_one(&spool, 2_000, 400).await;
+    assert_eq!(spool.stats(), SpoolStats { messages: 2, bytes: 1_100 });
+    spool.remove(gone).await.unwrap();
+    assert_eq!(spool.stats(), SpoolStats { messages: 1, bytes: 700 });
+    let gone_bytes = gone.to_be_bytes();
+    assert!(!spool.raw_keys().iter().any(|k| k.ends_with(&gone_bytes)));
+    assert_eq!(spool.raw_keys().len(), 3); // B, D, E of `keep`
+    assert!(spool.body(gone).unwrap().is_none());
+    assert!(matches!(spool.remove(gone).await, Err(SpoolError::NotFound(_))));
+    drop(spool);
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_eq!(spool.stats(), SpoolStats { messages: 1, bytes: 700 });
+    assert_eq!(spool.due_before(u64::MAX, 10).unwrap(), vec![(1_000, keep)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_commits_share_fsync_rounds() {
+    const WRITERS: usize = 64;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    let syncs_before = spool.durable_syncs();
+    let start = Arc::new(tokio::sync::Barrier::new(WRITERS));
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|_| {
+            let spool = spool.clone();
+            let start = Arc::clone(&start);
+            tokio::spawn(async move {
+                start.wait().await;
+                let seen_before = spool.durable_syncs();
+                let id = commit_one(&spool, 1, 5 * 1024).await;
+                // a sync round completed after this commit's write
+                assert!(spool.durable_syncs() > seen_before);
+                id
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let rounds = spool.durable_syncs() - syncs_before;
+    let stats = spool.commit_stats();
+    assert_eq!(stats.writes, WRITERS as u64);
+    assert!(rounds >= 1);
+    assert!(rounds < WRITERS as u64, "{rounds} fsync rounds for {WRITERS} commits");
+    assert_eq!(spool.stats().messages, WRITERS as u64);
+}
+
+#[tokio::test]
+async fn large_body_in_blob_file_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let id;
+    let body;
+    {
+        let spool = Spool::open(dir.path()).unwrap();
+        id = spool.next_id();
+        body = body_for(id, 2 * 1024 * 1024);
+        spool
+            .commit(vec![(envelope(id, id, "example.org", 1), body.clone())])
+            .await
+            .unwrap();
+    }
+    // the point of the test: sled put this value in a blob file
+    let blobs = fs::read_dir(dir.path().join("blobs")).unwrap().count();
+    assert!(blobs > 0, "expected sled to store the 2 MB body in blobs/");
+    let spool = Spool::open(dir.path()).unwrap();
+    let stored = spool.body(id).unwrap().unwrap();
+    assert_eq!(stored.len(), body.len());
+    assert!(*stored == *body);
+    assert_eq!(spool.stats().bytes, body.len() as u64);
+}
+
+#[test]
+fn second_open_in_process_is_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Spool::open(dir.path()).unwrap();
+    let err = Spool::open(dir.path()).unwrap_err();
+    assert!(matches!(&err, SpoolError::InUse { path } if path == dir.path()), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "spool at {} is in use by another process (is tern running?)",
+            dir.path().display()
+        )
+    );
+    drop(first);
+    // the lock goes with the last handle
+    Spool::open(dir.path()).unwrap();
+}
+
+const PROBE_ENV: &str = "TERN_QUEUE_PROBE_DIR";
+
+#[test]
+fn open_from_another_process_is_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let _held = Spool::open(dir.path()).unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "spool::tests::probe_open_in_child_process",
+            "--nocapture",
+        ])
+        .env(PROBE_ENV, dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "child failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("probe: in use"), "child did not run the probe: {stdout}");
+}
+
+/// Run by `open_from_another_process_is_in_use` in a child process.
+#[test]
+#[ignore = "child-process half of open_from_another_process_is_in_use"]
+fn probe_open_in_child_process() {
+    let Some(dir) = std::env::var_os(PROBE_ENV) else {
+        return; // run by hand without a parent: nothing to probe
+    };
+    let err = Spool::open(Path::new(&dir)).unwrap_err();
+    assert!(matches!(err, SpoolError::InUse { .. }), "{err:?}");
+    println!("probe: in use");
+}
+
+#[tokio::test]
+async fn ids_stay_monotonic_across_reopen_when_clock_went_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let now_us = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64;
+    // As if the previous run's clock was an hour ahead of the current one.
+    let future = id_at(now_us + 3_600_000_000, 7);
+    {
+        let spool = Spool::open(dir.path()).unwrap();
+        spool
+            .commit(vec![(envelope(future, future, "example.org", 1), b"x".to_vec())])
+            .await
+            .unwrap();
+    }
+    let spool = Spool::open(dir.path()).unwrap();
+    let next = spool.next_id();
+    assert!(next > future, "{next} <= {future}");
+    assert!(spool.next_id() > next);
+}
+
+#[tokio::test]
+async fn recovery_repairs_orphans_and_missing_due_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kept, unindexed, orphan);
+    {
+        let spool = Spool::open(dir.path()).unwrap();
+        kept = commit_one(&spool, 1_000, 100).await;
+        unindexed = commit_one(&spool, 2_000, 50).await;
+        orphan = spool.next_id();
+        spool.raw_insert(&key(BODY, orphan), b"body without envelope");
+        spool.raw_insert(&due_key(500, orphan), b"");
+        spool.raw_insert(&due_key(9_999, kept), b""); // stale: kept is due at 1000
+        spool.raw_remove(&due_key(2_000, unindexed));
+        assert_eq!(spool.raw_keys().len(), 8);
+    }
+    let spool = Spool::open(dir.path()).unwrap();
+    let mut expected: Vec<Vec<u8>> = vec![
+        key(BODY, kept).to_vec(),
+        key(BODY, unindexed).to_vec(),
+        due_key(1_000, kept).to_vec(),
+        due_key(2_000, unindexed).to_vec(),
+        key(ENVELOPE, kept).to_vec(),
+        key(ENVELOPE, unindexed).to_vec(),
+    ];
+    expected.sort();
+    assert_eq!(spool.raw_keys(), expected);
+    assert_eq!(spool.stats(), SpoolStats { messages: 2, bytes: 150 });
+    assert_eq!(
+        spool.due_before(u64::MAX, 10).unwrap(),
+        vec![(1_000, kept), (2_000, unindexed)]
+    );
+    // the orphan body's id was still accounted for when seeding ids
+    assert!(spool.next_id() > orphan);
+}
+
+#[tokio::test]
+async fn corrupt_envelope_fails_open_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let id;
+    {
+        let spool = Spool::open(dir.path()).unwrap();
+        id = commit_one(&spool, 1, 10).await;
+        spool.raw_insert(&key(ENVELOPE, id), b"{not json");
+    }
+    match Spool::open(dir.path()) {
+        Err(SpoolError::Corrupt { key, reason }) => {
+            assert_eq!(key, format!("E{id}"));
+            assert!(reason.contains("JSON"), "{reason}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn failed_sync_is_reported_and_poisons_the_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    commit_one(&spool, 1, 10).await;
+    // Make the next round fail: it cannot list the blobs directory.
+    fs::remove_dir(dir.path().join("blobs")).unwrap();
+    let id = spool.next_id();
+    let first = spool
+        .commit(vec![(envelope(id, id, "example.org", 1), b"x".to_vec())])
+        .await;
+    assert!(matches!(first, Err(SpoolError::NotDurable(_))), "{first:?}");
+    // never durable again, even though later fsyncs might succeed
+    fs::create_dir(dir.path().join("blobs")).unwrap();
+    let second = spool.remove(id).await;
+    assert!(matches!(second, Err(SpoolError::NotDurable(_))), "{second:?}");
+    assert!(spool.flush().await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_updates_leave_exactly_one_due_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    let id = commit_one(&spool, 1, 10).await;
+    let base = spool.envelope(id).unwrap().unwrap();
+    let tasks: Vec<_> = (0..32u64)
+        .map(|i| {
+            let spool = spool.clone();
+            let env = Envelope { next_due_ms: 100 + i, ..base.clone() };
+            tokio::spawn(async move { spool.update(&env).await.unwrap() })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let stored = spool.envelope(id).unwrap().unwrap();
+    assert_eq!(spool.due_before(u64::MAX, 100).unwrap(), vec![(stored.next_due_ms, id)]);
+}

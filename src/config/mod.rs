@@ -1,0 +1,950 @@
+//! Configuration: `tern.toml` text -> validated [`Config`].
+//!
+//! The file is parsed into a plain `toml::Table` and then compiled section by section
+//! (`compile_<section>`) by a [`TableReader`] that takes keys one at a time, so that *every*
+//! error is reported at once with its key path (`listeners[1].address: …`), keys left over are
+//! reported as unknown, and missing optional keys take the defaults documented on each field
+//! (and in `config/tern.toml`).
+//!
+//! Invariant: a `Config` value only exists if the whole file compiled without a single error, so
+//! the rest of the program never re-validates it. Files named by the config (TLS certificate and
+//! key) are checked separately by [`Config::check_files`], because a config can be valid on a
+//! machine other than the one it will run on.
+//!
+//! Relative paths are resolved against the working directory, not the config file's directory.
+//!
+//! To add a section: a struct, a `compile_<section>(r: &mut TableReader) -> Section` function,
+//! and one line in [`compile_config`].
+
+mod reader;
+mod tls;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use toml::Value;
+
+use self::reader::{count, duration, nonzero, size, string, TableReader};
+
+/// The compiled configuration; see `config/tern.toml` for every key and its default.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub server: ServerConfig,
+    /// At least one.
+    pub listeners: Vec<ListenerConfig>,
+    /// `None` if there is no `[tls]` section: no STARTTLS, and no `smtps` listeners.
+    pub tls: Option<TlsConfig>,
+    pub relay: RelayConfig,
+    pub auth: AuthConfig,
+    pub limits: Limits,
+    pub spool: SpoolConfig,
+    pub admin: AdminConfig,
+    /// Static routes, domains unique.
+    pub routes: Vec<RouteConfig>,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Our name in the greeting, EHLO and Received headers; a valid DNS name.
+    /// Default: the system hostname.
+    pub hostname: String,
+    /// How long shutdown waits for sessions and deliveries in flight. Default 30s; 0 is allowed.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// Unique among listeners (except port 0, which binds an ephemeral port each time).
+    pub address: SocketAddr,
+    pub mode: ListenerMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerMode {
+    /// `"smtp"`: plain SMTP; STARTTLS is offered when `[tls]` is configured.
+    Smtp,
+    /// `"smtps"`: TLS from the first byte (RFC 8314); only allowed when `[tls]` is configured.
+    ImplicitTls,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Key `cert`: PEM certificate chain, end-entity certificate first.
+    pub cert_path: PathBuf,
+    /// Key `key`: PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_path: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// Clients in these networks may relay without AUTH. Default: none.
+    pub networks: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// Names unique; hashes already validated as argon2 PHC strings. Default: none (no AUTH).
+    pub users: Vec<AuthUser>,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct AuthUser {
+    pub name: String,
+    /// Argon2 PHC string, e.g. `$argon2id$v=19$m=19456,t=2,p=1$…`.
+    pub password_hash: String,
+}
+
+/// Hand-written so hashes never end up in logs: they are enough for an offline guessing attack.
+impl fmt::Debug for AuthUser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthUser")
+            .field("name", &self.name)
+            .field("password_hash", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Per-session and server-wide limits; every value is greater than zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes; advertised in EHLO SIZE. Default 50 MiB.
+    pub max_message_size: u64,
+    /// RCPT commands accepted per transaction. Default 1000.
+    pub max_recipients: usize,
+    /// Concurrent inbound connections, all listeners together. Default 1000.
+    pub max_connections: usize,
+    /// Concurrent inbound connections from one IP address. Default 100.
+    pub max_connections_per_ip: usize,
+    /// Idle time allowed while waiting for a command. Default 5m (RFC 5321 4.5.3.2.7).
+    pub command_timeout: Duration,
+    /// Maximum wait between two reads of DATA/BDAT content. Default 10m (RFC 5321 4.5.3.2.6).
+    pub data_timeout: Duration,
+    /// Protocol errors in one session before `421 4.7.0` and disconnect. Default 20.
+    pub max_errors: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 50 << 20,
+            max_recipients: 1000,
+            max_connections: 1000,
+            max_connections_per_ip: 100,
+            command_timeout: Duration::from_secs(5 * 60),
+            data_timeout: Duration::from_secs(10 * 60),
+            max_errors: 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpoolConfig {
+    /// Directory of the durable spool. Default `./data/spool`.
+    pub path: PathBuf,
+    /// How long a message may stay undelivered before it expires (with a DSN). Default 5d.
+    pub max_age: Duration,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            path: PathBuf::from("./data/spool"),
+            max_age: Duration::from_secs(5 * 86_400),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// HTTP admin API and /metrics. Default 127.0.0.1:8025; never equal to a listener address.
+    pub address: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            address: SocketAddr::from(([127, 0, 0, 1], 8025)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    /// Lowercase domain, or `"*"` for every domain without a route of its own.
+    pub domain: String,
+    /// `host:port` strings (host a DNS name, IPv4 address or `[IPv6]`), at least one, in order
+    /// of preference.
+    pub hosts: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// `tracing_subscriber::EnvFilter` directives restricted to `level` and `target=level`,
+    /// comma-separated, e.g. `"info"` or `"info,tern::smtp=debug"`. Default `"info"`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (default).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Every problem found, one `key.path: message` per entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join("\n"))
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Reads and compiles a config file. A read error names the file; compile errors name keys.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![format!("{}: {}", path.display(), describe_io(&e))]))?;
+        Config::parse(&text)
+    }
+
+    /// Compiles config text; a TOML syntax error is reported alone, with line and column.
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e| ConfigErrors(vec![syntax_error(text, &e)]))?;
+        reader::compile(table, compile_config).map_err(ConfigErrors)
+    }
+}
+
+/// `toml`'s own message spans several lines with a source excerpt; ours is one line.
+fn syntax_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().replace('\n', "; ");
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+            format!("TOML syntax error at line {line}, column {column}: {message}")
+        }
+        None => format!("TOML syntax error: {message}"),
+    }
+}
+
+/// "no such file" reads better in a config error than "No such file or directory (os error 2)".
+fn describe_io(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::NotFound => "no such file".to_owned(),
+        _ => e.to_string(),
+    }
+}
+
+fn compile_config(r: &mut TableReader<'_>) -> Config {
+    let server = r.section("server", compile_server);
+    // Only presence matters to listeners; errors inside [tls] are reported by compile_tls.
+    let tls_present = r.contains("tls");
+    let tls = r.optional_section("tls", compile_tls).flatten();
+
+    let mut listener_paths = HashMap::new();
+    let listeners = r
+        .require_tables("listeners", |r| {
+            compile_listener(r, tls_present, &mut listener_paths)
+        })
+        .into_iter()
+        .flatten()
+        .collect();
+
+    let relay = r.section("relay", compile_relay);
+    let auth = r.section("auth", compile_auth);
+    let limits = r.section("limits", compile_limits);
+    let spool = r.section("spool", compile_spool);
+    let admin = r.section("admin", |r| compile_admin(r, &listener_paths));
+    let mut route_paths = HashMap::new();
+    let routes = r
+        .tables("routes", |r| compile_route(r, &mut route_paths))
+        .into_iter()
+        .flatten()
+        .collect();
+    let log = r.section("log", compile_log);
+
+    Config {
+        server,
+        listeners,
+        tls,
+        relay,
+        auth,
+        limits,
+        spool,
+        admin,
+        routes,
+        log,
+    }
+}
+
+fn compile_server(r: &mut TableReader<'_>) -> ServerConfig {
+    let hostname = if r.contains("hostname") {
+        r.get("hostname", |v| {
+            let name = string(v)?;
+            check_dns_name(name)?;
+            Ok(name.to_owned())
+        })
+        .unwrap_or_default()
+    } else {
+        let system = gethostname::gethostname().to_string_lossy().into_owned();
+        if let Err(e) = check_dns_name(&system) {
+            r.error(
+                "hostname",
+                format!("not set, and the system hostname is not usable: {e}"),
+            );
+        }
+        system
+    };
+    let shutdown_grace = r
+        .get("shutdown_grace", duration)
+        .unwrap_or(Duration::from_secs(30));
+    ServerConfig {
+        hostname,
+        shutdown_grace,
+    }
+}
+
+fn compile_tls(r: &mut TableReader<'_>) -> Option<TlsConfig> {
+    let cert_path = r.require("cert", path);
+    let key_path = r.require("key", path);
+    Some(TlsConfig {
+        cert_path: cert_path?,
+        key_path: key_path?,
+    })
+}
+
+/// `paths` maps each address seen so far to the key path that declared it, to name both ends
+/// of a duplicate.
+fn compile_listener(
+    r: &mut TableReader<'_>,
+    tls_present: bool,
+    paths: &mut HashMap<SocketAddr, String>,
+) -> Option<ListenerConfig> {
+    let address = r.require("address", socket_addr);
+    let mode = r
+        .get("mode", |v| match string(v)? {
+            "smtp" => Ok(ListenerMode::Smtp),
+            "smtps" => Ok(ListenerMode::ImplicitTls),
+            other => Err(format!(
+                "unknown mode {other:?} (expected \"smtp\" or \"smtps\")"
+            )),
+        })
+        .unwrap_or(ListenerMode::Smtp);
+    if mode == ListenerMode::ImplicitTls && !tls_present {
+        r.error(
+            "mode",
+            "\"smtps\" requires a [tls] section with cert and key",
+        );
+    }
+    let address = address?;
+    if address.port() != 0 {
+        if let Some(first) = paths.get(&address) {
+            let msg = format!("duplicate address {address} (already used by {first})");
+            r.error("address", msg);
+        } else {
+            paths.insert(address, r.path_of("address"));
+        }
+    }
+    Some(ListenerConfig { address, mode })
+}
+
+fn compile_relay(r: &mut TableReader<'_>) -> RelayConfig {
+    let networks = r
+        .list("networks", |v| {
+            let s = string(v)?;
+            // trunc: "10.1.2.3/8" means the network 10.0.0.0/8; keep it canonical for display.
+            s.parse::<IpNet>()
+                .map(|net| net.trunc())
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| format!("invalid CIDR {s:?} (expected e.g. \"10.0.0.0/8\", \"::1/128\" or a plain address)"))
+        })
+        .unwrap_or_default();
+    RelayConfig { networks }
+}
+
+fn compile_auth(r: &mut TableReader<'_>) -> AuthConfig {
+    let mut names = HashMap::new();
+    let users = r
+        .tables("users", |r| compile_user(r, &mut names))
+        .into_iter()
+        .flatten()
+        .collect();
+    AuthConfig { users }
+}
+
+fn compile_user(r: &mut TableReader<'_>, names: &mut HashMap<String, String>) -> Option<AuthUser> {
+    let name = r.require("name", |v| match string(v)? {
+        "" => Err("must not be empty".to_owned()),
+        name => Ok(name.to_owned()),
+    });
+    let plaintext = r.reject(
+        "password",
+        "plaintext passwords are not accepted; put an argon2 hash in password_hash \
+         (generate one with `tern hash-password`)",
+    );
+    // With a plaintext password present, "password_hash missing" would only repeat the point.
+    let hash_converter = |v: &Value| {
+        let phc = string(v)?;
+        crate::auth::check_hash(phc)?;
+        Ok(phc.to_owned())
+    };
+    let password_hash = if plaintext {
+        r.get("password_hash", hash_converter)
+    } else {
+        r.require("password_hash", hash_converter)
+    };
+    let name = name?;
+    if let Some(first) = names.get(&name) {
+        let msg = format!("duplicate user {name:?} (already defined by {first})");
+        r.error("name", msg);
+    } else {
+        names.insert(name.clone(), r.path_of("name"));
+    }
+    Some(AuthUser {
+        name,
+        password_hash: password_hash?,
+    })
+}
+
+fn compile_limits(r: &mut TableReader<'_>) -> Limits {
+    let d = Limits::default();
+    let positive_count = |v: &Value| count(v).and_then(nonzero);
+    let positive_duration = |v: &Value| duration(v).and_then(nonzero);
+    Limits {
+        max_message_size: r
+            .get("max_message_size", |v| size(v).and_then(nonzero))
+            .unwrap_or(d.max_message_size),
+        max_recipients: r
+            .get("max_recipients", positive_count)
+            .unwrap_or(d.max_recipients),
+        max_connections: r
+            .get("max_connections", positive_count)
+            .unwrap_or(d.max_connections),
+        max_connections_per_ip: r
+            .get("max_connections_per_ip", positive_count)
+            .unwrap_or(d.max_connections_per_ip),
+        command_timeout: r
+            .get("command_timeout", positive_duration)
+            .unwrap_or(d.command_timeout),
+        data_timeout: r
+            .get("data_timeout", positive_duration)
+            .unwrap_or(d.data_timeout),
+        max_errors: r.get("max_errors", positive_count).unwrap_or(d.max_errors),
+    }
+}
+
+fn compile_spool(r: &mut TableReader<'_>) -> SpoolConfig {
+    let d = SpoolConfig::default();
+    SpoolConfig {
+        path: r.get("path", path).unwrap_or(d.path),
+        max_age: r
+            .get("max_age", |v| duration(v).and_then(nonzero))
+            .unwrap_or(d.max_age),
+    }
+}
+
+/// `listeners` maps listener addresses to their key paths: the admin API cannot share one.
+fn compile_admin(r: &mut TableReader<'_>, listeners: &HashMap<SocketAddr, String>) -> AdminConfig {
+    let address = r
+        .get("address", socket_addr)
+        .unwrap_or(AdminConfig::default().address);
+    if let Some(listener) = listeners.get(&address) {
+        let msg = format!("{address} is already used by {listener}");
+        r.error("address", msg);
+    }
+    AdminConfig { address }
+}
+
+/// `domains` maps each (lowercased) domain seen so far to the key path that declared it.
+fn compile_route(
+    r: &mut TableReader<'_>,
+    domains: &mut HashMap<String, String>,
+) -> Option<RouteConfig> {
+    let domain = r.require("domain", |v| match string(v)? {
+        "*" => Ok("*".to_owned()),
+        domain => check_dns_name(domain).map(|()| domain.to_ascii_lowercase()),
+    });
+    let hosts = r.require_list("hosts", host_port);
+    let domain = domain?;
+    if let Some(first) = domains.get(&domain) {
+        let msg = format!("duplicate route for {domain:?} (already defined by {first})");
+        r.error("domain", msg);
+    } else {
+        domains.insert(domain.clone(), r.path_of("domain"));
+    }
+    Some(RouteConfig {
+        domain,
+        hosts: hosts?,
+    })
+}
+
+fn compile_log(r: &mut TableReader<'_>) -> LogConfig {
+    let d = LogConfig::default();
+    LogConfig {
+        format: r
+            .get("format", |v| match string(v)? {
+                "text" => Ok(LogFormat::Text),
+                "json" => Ok(LogFormat::Json),
+                other => Err(format!(
+                    "unknown log format {other:?} (expected \"text\" or \"json\")"
+                )),
+            })
+            .unwrap_or(d.format),
+        level: r
+            .get("level", |v| {
+                let filter = string(v)?;
+                check_log_filter(filter)?;
+                Ok(filter.to_owned())
+            })
+            .unwrap_or(d.level),
+    }
+}
+
+fn path(v: &Value) -> Result<PathBuf, String> {
+    match string(v)? {
+        "" => Err("must not be empty".to_owned()),
+        p => Ok(PathBuf::from(p)),
+    }
+}
+
+/// Listen addresses are literal IP:port; resolving names at bind time would make startup depend
+/// on DNS.
+fn socket_addr(v: &Value) -> Result<SocketAddr, String> {
+    let s = string(v)?;
+    s.parse()
+        .map_err(|_| format!("invalid socket address {s:?} (expected IP:port, e.g. \"127.0.0.1:25\" or \"[::1]:25\")"))
+}
+
+/// `host:port` where host is a DNS name, an IPv4 address or a bracketed IPv6 address.
+fn host_port(v: &Value) -> Result<String, String> {
+    let s = string(v)?;
+    if s.parse::<SocketAddr>().is_ok() {
+        return Ok(s.to_owned());
+    }
+    let invalid = |why: String| format!("invalid host:port {s:?}: {why}");
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| invalid("missing :port".to_owned()))?;
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => {}
+        _ => return Err(invalid(format!("invalid port {port:?}"))),
+    }
+    if host.contains(':') {
+        return Err(invalid(
+            "an IPv6 address must be in brackets, e.g. \"[::1]:25\"".to_owned(),
+        ));
+    }
+    if host.parse::<std::net::Ipv4Addr>().is_err() {
+        check_dns_name(host).map_err(invalid)?;
+    }
+    Ok(s.to_owned())
+}
+
+/// A hostname as used in EHLO and routes: letters, digits and hyphens in dot-separated labels
+/// (RFC 1123), no trailing dot, not all-numeric at the end (that would be an IP address).
+fn check_dns_name(name: &str) -> Result<(), String> {
+    let invalid = |why: &str| format!("invalid DNS name {name:?}: {why}");
+    if name.is_empty() {
+        return Err(invalid("empty"));
+    }
+    if name.len() > 253 {
+        return Err(invalid("longer than 253 characters"));
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Err(invalid("empty label"));
+        }
+        if label.len() > 63 {
+            return Err(invalid("label longer than 63 characters"));
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(invalid("only letters, digits, '-' and '.' are allowed"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(invalid("a label cannot start or end with '-'"));
+        }
+    }
+    if name
+        .rsplit('.')
+        .next()
+        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(invalid("looks like an IP address"));
+    }
+    Ok(())
+}
+
+/// The subset of `EnvFilter` syntax we accept: comma-separated `level` or `target=level`.
+/// A bare word that is not a level is refused although EnvFilter would read it as a target,
+/// because in a config file it is far more likely a misspelled level.
+fn check_log_filter(filter: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let invalid = |why: String| {
+        format!("invalid log filter {filter:?}: {why} (expected e.g. \"info\" or \"info,tern::smtp=debug\")")
+    };
+    for directive in filter.split(',').map(str::trim) {
+        let level = match directive.split_once('=') {
+            Some((target, level)) => {
+                let valid_target = !target.is_empty()
+                    && target
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b':' | b'-'));
+                if !valid_target {
+                    return Err(invalid(format!("invalid target {target:?}")));
+                }
+                level
+            }
+            None => directive,
+        };
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(invalid(format!(
+                "unknown level {level:?}, expected one of trace, debug, info, warn, error, off"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hash of "secret" with tiny argon2 parameters so tests stay fast.
+    const HASH: &str = "$argon2id$v=19$m=8,t=1,p=1$xCHz5ClwMkYZdTtMYXCkmg$26FQ/jt5IPxg/cOCj6wu+YIoNIJKk5F5OWOoiGqdgPs";
+
+    const MINIMAL: &str = r#"
+        server.hostname = "mx.example.com"
+        [[listeners]]
+        address = "127.0.0.1:2525"
+    "#;
+
+    fn errors(text: &str) -> Vec<String> {
+        match Config::parse(text) {
+            Ok(config) => panic!("expected errors, got {config:?}"),
+            Err(ConfigErrors(errors)) => errors,
+        }
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let config = Config::parse(include_str!("../../config/tern.toml")).unwrap();
+        assert_eq!(config.server.hostname, "tern.localhost");
+        assert_eq!(
+            config.listeners,
+            [ListenerConfig {
+                address: "127.0.0.1:2525".parse().unwrap(),
+                mode: ListenerMode::Smtp
+            }]
+        );
+        assert_eq!(config.tls, None);
+        assert_eq!(
+            config.relay.networks,
+            [
+                "127.0.0.0/8".parse::<IpNet>().unwrap(),
+                "::1/128".parse().unwrap()
+            ]
+        );
+        assert!(config.auth.users.is_empty());
+        assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.spool, SpoolConfig::default());
+        assert_eq!(config.admin, AdminConfig::default());
+        assert_eq!(
+            config.routes,
+            [RouteConfig {
+                domain: "sink.test".to_owned(),
+                hosts: vec!["127.0.0.1:2526".to_owned()]
+            }]
+        );
+        assert_eq!(config.log, LogConfig::default());
+    }
+
+    #[test]
+    fn defaults() {
+        let config = Config::parse(MINIMAL).unwrap();
+        assert_eq!(config.server.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(config.limits.max_message_size, 50 * 1024 * 1024);
+        assert_eq!(config.limits.command_timeout, Duration::from_secs(300));
+        assert_eq!(config.limits.data_timeout, Duration::from_secs(600));
+        assert_eq!(config.spool.path, Path::new("./data/spool"));
+        assert_eq!(config.spool.max_age, Duration::from_secs(5 * 86_400));
+        assert_eq!(config.admin.address, "127.0.0.1:8025".parse().unwrap());
+        assert!(config.relay.networks.is_empty());
+        assert!(config.routes.is_empty());
+        assert_eq!(
+            config.log,
+            LogConfig {
+                format: LogFormat::Text,
+                level: "info".to_owned()
+            }
+        );
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_path() {
+        let errors = errors(
+            r#"
+            [server]
+            hostname = "bad_host"
+            shutdown_grace = "soon"
+
+            [[listeners]]
+            address = "127.0.0.1:25"
+
+            [[listeners]]
+            address = "1.2.3.4:99999"
+
+            [[listeners]]
+            address = "127.0.0.1:25"
+            mode = "lmtp"
+
+            [relay]
+            networks = ["10.0.0.0/8", "10.0.0.0/33", 7]
+
+            [limits]
+            max_message_size = "lots"
+            command_timeout = 300
+            max_recipients = 0
+            max_connections = -5
+            bogus = true
+
+            [log]
+            level = "verbose"
+            format = "xml"
+
+            [[routes]]
+            domain = "sink.test"
+            hosts = ["sink:25"]
+
+            [[routes]]
+            domain = "SINK.test"
+            hosts = ["sink:99999", "::1:25"]
+
+            [[routes]]
+            domain = "other.test"
+            hosts = []
+
+            [bogus_section]
+            "#,
+        );
+        let expected = [
+            "server.hostname: invalid DNS name \"bad_host\"",
+            "server.shutdown_grace: invalid duration \"soon\"",
+            "listeners[1].address: invalid socket address \"1.2.3.4:99999\"",
+            "listeners[2].mode: unknown mode \"lmtp\"",
+            "listeners[2].address: duplicate address 127.0.0.1:25 (already used by listeners[0].address)",
+            "relay.networks[1]: invalid CIDR \"10.0.0.0/33\"",
+            "relay.networks[2]: expected a string, found integer",
+            "limits.max_message_size: invalid size \"lots\"",
+            "limits.max_recipients: must be greater than 0",
+            "limits.max_connections: must not be negative",
+            "limits.command_timeout: expected a duration string",
+            "limits.bogus: unknown key",
+            "routes[1].hosts[0]: invalid host:port \"sink:99999\": invalid port \"99999\"",
+            "routes[1].hosts[1]: invalid host:port \"::1:25\": an IPv6 address must be in brackets",
+            "routes[1].domain: duplicate route for \"sink.test\" (already defined by routes[0].domain)",
+            "routes[2].hosts: must not be empty",
+            "log.format: unknown log format \"xml\"",
+            "log.level: invalid log filter \"verbose\"",
+            "bogus_section: unknown key",
+        ];
+        for want in expected {
+            assert!(
+                errors.iter().any(|e| e.starts_with(want)),
+                "missing {want:?} in {errors:#?}"
+            );
+        }
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+    }
+
+    #[test]
+    fn unknown_nested_keys() {
+        let errors = errors(&format!(
+            "{MINIMAL}\nmode = \"smtp\"\ncolour = 1\n[[routes]]\ndomain = \"*\"\nhosts = [\"a.test:25\"]\nhost = \"x\"\n[limits]\nmax_eror = 3\n\"odd key\" = 1\n"
+        ));
+        assert_eq!(
+            errors,
+            [
+                "listeners[0].colour: unknown key",
+                "limits.max_eror: unknown key (did you mean `max_errors`?)",
+                "limits.\"odd key\": unknown key",
+                "routes[0].host: unknown key (did you mean `hosts`?)",
+            ]
+        );
+    }
+
+    #[test]
+    fn plaintext_password_is_rejected() {
+        let errors = errors(&format!(
+            "{MINIMAL}\n[[auth.users]]\nname = \"alice\"\npassword = \"hunter2\"\n"
+        ));
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(
+            errors[0].starts_with("auth.users[0].password: plaintext passwords are not accepted")
+        );
+        assert!(errors[0].contains("tern hash-password"));
+    }
+
+    #[test]
+    fn auth_users() {
+        let ok =
+            format!("{MINIMAL}\n[[auth.users]]\nname = \"alice\"\npassword_hash = \"{HASH}\"\n");
+        let config = Config::parse(&ok).unwrap();
+        assert_eq!(
+            config.auth.users,
+            [AuthUser {
+                name: "alice".to_owned(),
+                password_hash: HASH.to_owned()
+            }]
+        );
+        assert!(
+            !format!("{config:?}").contains(HASH),
+            "hashes must not appear in Debug output"
+        );
+
+        let errors = errors(&format!(
+            "{ok}\n[[auth.users]]\nname = \"alice\"\npassword_hash = \"{HASH}\"\n[[auth.users]]\nname = \"bob\"\npassword_hash = \"$2b$10$notphc\"\n[[auth.users]]\nname = \"carol\"\n"
+        ));
+        let expected = [
+            "auth.users[1].name: duplicate user \"alice\" (already defined by auth.users[0].name)",
+            "auth.users[2].password_hash: ",
+            "auth.users[3].password_hash: missing required key",
+        ];
+        for want in expected {
+            assert!(
+                errors.iter().any(|e| e.starts_with(want)),
+                "missing {want:?} in {errors:#?}"
+            );
+        }
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+    }
+
+    #[test]
+    fn smtps_requires_tls() {
+        let errors = errors(
+            "server.hostname = \"mx.test\"\n[[listeners]]\naddress = \"0.0.0.0:465\"\nmode = \"smtps\"\n",
+        );
+        assert_eq!(
+            errors,
+            ["listeners[0].mode: \"smtps\" requires a [tls] section with cert and key"]
+        );
+
+        let config = Config::parse(
+            "server.hostname = \"mx.test\"\n[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n[[listeners]]\naddress = \"0.0.0.0:465\"\nmode = \"smtps\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.listeners[0].mode, ListenerMode::ImplicitTls);
+        assert_eq!(
+            config.tls,
+            Some(TlsConfig {
+                cert_path: PathBuf::from("c.pem"),
+                key_path: PathBuf::from("k.pem")
+            })
+        );
+    }
+
+    #[test]
+    fn structural_errors() {
+        assert_eq!(
+            errors("server.hostname = \"mx.test\"\n[tls]\ncert = \"c.pem\"\n"),
+            [
+                "tls.key: missing required key",
+                "listeners: at least one [[listeners]] entry is required"
+            ]
+        );
+        assert_eq!(
+            errors("server.hostname = \"mx.test\"\nlisteners = \"127.0.0.1:25\"\nlimits = 5\n"),
+            [
+                "listeners: expected an array of tables ([[listeners]]), found string",
+                "limits: expected a table, found integer",
+            ]
+        );
+        assert_eq!(
+            errors(&format!(
+                "{MINIMAL}\n[admin]\naddress = \"127.0.0.1:2525\"\n"
+            )),
+            ["admin.address: 127.0.0.1:2525 is already used by listeners[0].address"]
+        );
+    }
+
+    #[test]
+    fn relay_networks_accept_plain_addresses() {
+        let config = Config::parse(&format!(
+            "{MINIMAL}\n[relay]\nnetworks = [\"192.0.2.7\", \"2001:db8::1\", \"10.1.2.3/8\"]\n"
+        ))
+        .unwrap();
+        let nets: Vec<String> = config
+            .relay
+            .networks
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(nets, ["192.0.2.7/32", "2001:db8::1/128", "10.0.0.0/8"]);
+    }
+
+    #[test]
+    fn syntax_error_has_line_and_column() {
+        let errors = errors("[server]\nhostname = \"a\"\nshutdown_grace = = 3\n");
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].starts_with("TOML syntax error at line 3, column 18: "),
+            "{errors:?}"
+        );
+        assert!(!errors[0].contains('\n'));
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let err = Config::load(Path::new("/nonexistent/tern.toml")).unwrap_err();
+        assert_eq!(err.to_string(), "/nonexistent/tern.toml: no such file");
+    }
+
+    #[test]
+    fn dns_names_and_log_filters() {
+        assert!(check_dns_name("mx-1.example.com").is_ok());
+        assert!(check_dns_name("localhost").is_ok());
+        for bad in [
+            "",
+            "a..b",
+            "-a.b",
+            "a.b.",
+            "a_b.c",
+            "1.2.3.4",
+            &"x".repeat(64),
+        ] {
+            assert!(check_dns_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["info", "WARN", "info,tern::smtp=debug", "off"] {
+            assert!(check_log_filter(good).is_ok(), "{good:?}");
+        }
+        for bad in ["", "verbose", "info,", "=debug", "tern=loud"] {
+            assert!(check_log_filter(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! The "cleanup" stage between a finished SMTP transaction and the spool.
+//!
+//! It prepends the Received trace header, adds Date and Message-ID to authenticated
+//! submissions that lack them, splits the recipients by destination domain (one envelope per
+//! destination, so exactly one delivery worker ever owns an envelope), and commits all parts
+//! in one atomic, fsync'd spool write. [`Ingest::accept`] returns only once the message is
+//! durable: that is what allows the session to say 250.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tern_queue::{BodyType, Envelope, MessageId, Recipient, Ret, Source, Spool, SpoolError};
+
+/// TLS parameters of the session, for the Received header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsInfo {
+    pub version: String,
+    pub cipher: String,
+}
+
+/// One accepted SMTP transaction (or, later, an HTTP injection), ready for the spool.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    /// Reverse-path; empty for the null sender.
+    pub sender: String,
+    pub recipients: Vec<Recipient>,
+    pub env_id: Option<String>,
+    pub ret: Option<Ret>,
+    pub body_type: BodyType,
+    pub smtputf8: bool,
+    pub source: Source,
+    pub tls: Option<TlsInfo>,
+    /// The message as received: headers and body, CRLF line ends, no dot-stuffing.
+    pub content: Vec<u8>,
+}
+
+#[derive(Clone)]
+pub struct Ingest {
+    spool: Spool,
+    hostname: String,
+    max_age: Duration,
+}
+
+impl Ingest {
+    pub fn new(spool: Spool, hostname: String, max_age: Duration) -> Ingest {
+        Ingest {
+            spool,
+            hostname,
+            max_age,
+        }
+    }
+
+    pub fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
+    /// Makes the submission durable and returns the queue id reported to the client.
+    pub async fn accept(&self, sub: Submission) -> Result<MessageId, SpoolError> {
+        let now = SystemTime::now();
+        let now_ms = unix_ms(now);
+        let groups = split_by_destination(sub.recipients);
+        let ids: Vec<MessageId> = groups.iter().map(|_| self.spool.next_id()).collect();
+        let queue_id = ids[0];
+
+        let only_rcpt = match groups.values().next() {
+            Some(rcpts) if groups.len() == 1 && rcpts.len() == 1 => Some(rcpts[0].address.as_str()),
+            _ => None,
+        };
+        let mut head = received_header(&self.hostname, &sub.source, sub.tls.as_ref(), queue_id, only_rcpt, now);
+        if sub.source.auth_user.is_some() {
+            let present = header_presence(&sub.content);
+            if !present.date {
+                head.push_str(&format!("Date: {}\r\n", rfc5322_date(now)));
+            }
+            if !present.message_id {
+                head.push_str(&format!("Message-ID: <{}@{}>\r\n", queue_id, self.hostname));
+            }
+        }
+        let mut body = Vec::with_capacity(head.len() + sub.content.len());
+        body.extend_from_slice(head.as_bytes());
+        body.extend_from_slice(&sub.content);
+
+        let expires_ms = now_ms.saturating_add(self.max_age.as_millis() as u64);
+        let mut parts = Vec::with_capacity(groups.len());
+        let last = groups.len() - 1;
+        let mut body = Some(body);
+        for (i, ((destination, recipients), id)) in groups.into_iter().zip(&ids).enumerate() {
+            // The last part takes the buffer itself; the others get their own copy, since
+            // every envelope owns exactly one body.
+            let part_body = if i == last { body.take().unwrap_or_default() } else { body.clone().unwrap_or_default() };
+            let envelope = Envelope {
+                id: *id,
+                queue_id,
+                sender: sub.sender.clone(),
+                destination,
+                recipients,
+                env_id: sub.env_id.clone(),
+                ret: sub.ret,
+                body_type: sub.body_type,
+                smtputf8: sub.smtputf8,
+                size: part_body.len() as u64,
+                created_ms: now_ms,
+                expires_ms,
+                next_due_ms: now_ms,
+                attempts: 0,
+                source: sub.source.clone(),
+                held: false,
+            };
+            parts.push((envelope, part_body));
+        }
+        self.spool.commit(parts).await?;
+        Ok(queue_id)
+    }
+}
+
+/// Groups recipients by lowercase domain, in a stable order.
+fn split_by_destination(recipients: Vec<Recipient>) -> BTreeMap<String, Vec<Recipient>> {
+    let mut groups: BTreeMap<String, Vec<Recipient>> = BTreeMap::new();
+    for rcpt in recipients {
+        let domain = rcpt
+            .address
+            .rsplit_once('@')
+            .map(|(_, d)| d.to_ascii_lowercase())
+            .unwrap_or_default();
+        groups.entry(domain).or_default().push(rcpt);
+    }
+    groups
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The trace header (RFC 5321 4.4), with the RFC 3848 protocol keyword and TLS details.
+fn received_header(
+    hostname: &str,
+    source: &Source,
+    tls: Option<&TlsInfo>,
+    id: MessageId,
+    only_rcpt: Option<&str>,
+    now: SystemTime,
+) -> String {
+    let mut h = format!(
+        "Received: from {} ([{}])\r\n\tby {} (tern) with {} id {}",
+        source.helo, source.client_ip, hostname, source.protocol, id
+    );
+    if let Some(tls) = tls {
+        h.push_str(&format!("\r\n\t(using {} with cipher {})", tls.version, tls.cipher));
+    }
+    if let Some(rcpt) = only_rcpt {
+        h.push_str(&format!("\r\n\tfor <{rcpt}>"));
+    }
+    h.push_str(&format!(";\r\n\t{}\r\n", rfc5322_date(now)));
+    h
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+struct HeaderPresence {
+    date: bool,
+    message_id: bool,
+}
+
+/// Which of Date and Message-ID the header section (up to the first empty line) has.
+fn header_presence(content: &[u8]) -> HeaderPresence {
+    let mut present = HeaderPresence::default();
+    for line in content.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let name = line[..colon].trim_ascii_end();
+        present.date |= name.eq_ignore_ascii_case(b"date");
+        present.message_id |= name.eq_ignore_ascii_case(b"message-id");
+    }
+    present
+}
+
+/// RFC 5322 date-time in UTC, e.g. `Fri, 27 Nov 2026 20:13:09 +0000`.
+pub fn rfc5322_date(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (year, month, day) = civil_from_days(days);
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{}, {} {} {} {:02}:{:02}:{:02} +0000",
+        WEEKDAYS[days.rem_euclid(7) as usize],
+        day,
+        MONTHS[(month - 1) as usize],
+        year,
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Proleptic Gregorian (year, month, day) for a count of days since 1970-01-01
+/// (the well-known era-based conversion).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_810_389); // 2026-11-27 20:13:09 UTC
+        assert_eq!(rfc5322_date(t), "Fri, 27 Nov 2026 20:13:09 +0000");
+        assert_eq!(rfc5322_date(UNIX_EPOCH), "Thu, 1 Jan 1970 00:00:00 +0000");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc5322_date(leap), "Tue, 29 Feb 2000 00:00:00 +0000");
+    }
+
+    #[test]
+    fn header_presence_stops_at_body() {
+        let msg = b"Subject: x\r\nMESSAGE-ID : <a@b>\r\n\r\nDate: in the body\r\n";
+        assert_eq!(
+            header_presence(msg),
+            HeaderPresence {
+                date: false,
+                message_id: true
+            }
+        );
+    }
+
+    #[test]
+    fn split_groups_by_lowercase_domain() {
+        let r = |a: &str| Recipient::new(a.to_string());
+        let groups = split_by_destination(vec![r("a@X.test"), r("b@y.test"), r("c@x.test")]);
+        let keys: Vec<_> = groups.keys().cloned().collect();
+        assert_eq!(keys, ["x.test", "y.test"]);
+        assert_eq!(groups["x.test"].len(), 2);
+    }
+}

@@ -1,0 +1,20 @@
+//! tern: a high-throughput mail transfer and delivery engine.
+//!
+//! Layout (see docs/ARCHITECTURE.md for the data flow and invariants):
+//! - [`config`]: TOML -> compiled [`config::Config`], every error with its key path.
+//! - [`auth`]: password hashing and verification for SMTP AUTH users.
+//! - [`smtp`]: the SMTP server: sans-IO protocol pieces, listeners and the session state machine.
+//! - [`policy`]: relay access and per-message limits, answered as [`smtp::reply::Reply`] values.
+//! - [`ingest`]: the "cleanup" stage: trace headers, split by destination, durable commit.
+//! - [`daemon`]: process lifecycle: open spool, bind, sd_notify, signals, drain.
+//! - [`notify`]: the systemd notification protocol (READY=1, STOPPING=1).
+//!
+//! The durable spool is the separate crate `tern-queue`, the only code that touches sled.
+
+pub mod auth;
+pub mod config;
+pub mod daemon;
+pub mod ingest;
+pub mod notify;
+pub mod policy;
+pub mod smtp;

@@ -1,0 +1,233 @@
+//! The `tern` command line: `serve`, `check-config`, `queue list|show` (offline, while the
+//! daemon is stopped), `hash-password`.
+//!
+//! Exit codes follow sysexits.h: 0 ok, 1 runtime failure, 64 usage, 65 bad input,
+//! 75 temporary (spool in use), 78 configuration error.
+
+use clap::{Parser, Subcommand};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tern::config::{Config, LogFormat, LogConfig};
+use tern_queue::{MessageId, Spool, SpoolError};
+
+const EX_DATAERR: u8 = 65;
+const EX_TEMPFAIL: u8 = 75;
+const EX_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(name = "tern", version, about = "tern mail transfer and delivery engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve {
+        #[arg(long, short, default_value = "config/tern.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file without binding ports or opening the spool.
+    CheckConfig {
+        #[arg(long, short, default_value = "config/tern.toml")]
+        config: PathBuf,
+    },
+    /// Inspect the spool of a stopped daemon.
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+    /// Read a password from standard input and print its argon2id hash for `auth.users`.
+    HashPassword,
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// List queued messages.
+    List {
+        #[arg(long, short, default_value = "config/tern.toml")]
+        config: PathBuf,
+        /// One JSON array of envelopes instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one message: its envelope and its headers (or, with --body, all of it).
+    Show {
+        id: String,
+        #[arg(long, short, default_value = "config/tern.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        body: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::CheckConfig { config } => match load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Queue { command } => queue(command),
+        Command::HashPassword => hash_password(),
+    }
+}
+
+/// Loads and fully checks a config (including TLS files); prints every error.
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    let config = Config::load(path).and_then(|c| c.check_files().map(|()| c));
+    config.map_err(|errors| {
+        eprintln!("{}: configuration errors:\n{errors}", path.display());
+        ExitCode::from(EX_CONFIG)
+    })
+}
+
+fn init_logging(log: &LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn serve(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    init_logging(&config.log);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("tern: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(tern::daemon::serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("tern: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn open_spool(config: &Path) -> Result<Spool, ExitCode> {
+    let config = load(config)?;
+    Spool::open(&config.spool.path).map_err(|err| {
+        eprintln!("tern: {err}");
+        match err {
+            SpoolError::InUse { .. } => {
+                eprintln!("tern: stop the daemon first; `tern queue` reads the spool directly");
+                ExitCode::from(EX_TEMPFAIL)
+            }
+            _ => ExitCode::FAILURE,
+        }
+    })
+}
+
+fn queue(command: QueueCommand) -> ExitCode {
+    match command {
+        QueueCommand::List { config, json } => {
+            let spool = match open_spool(&config) {
+                Ok(spool) => spool,
+                Err(code) => return code,
+            };
+            let envelopes = match spool.list() {
+                Ok(envelopes) => envelopes,
+                Err(err) => {
+                    eprintln!("tern: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let mut out = std::io::stdout().lock();
+            if json {
+                let _ = serde_json::to_writer_pretty(&mut out, &envelopes);
+                let _ = writeln!(out);
+            } else {
+                let _ = writeln!(
+                    out,
+                    "{:<16}  {:>9}  {:<24}  {:<30}  {:>5}  {:>8}  SENDER",
+                    "ID", "SIZE", "DESTINATION", "CREATED", "RCPTS", "ATTEMPTS"
+                );
+                for env in &envelopes {
+                    let created = tern::ingest::rfc5322_date(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_millis(env.created_ms),
+                    );
+                    let sender = if env.sender.is_empty() { "<>" } else { &env.sender };
+                    let _ = writeln!(
+                        out,
+                        "{:<16}  {:>9}  {:<24}  {:<30}  {:>5}  {:>8}  {}",
+                        env.id.to_string(),
+                        env.size,
+                        env.destination,
+                        created,
+                        env.recipients.len(),
+                        env.attempts,
+                        sender
+                    );
+                }
+                let stats = spool.stats();
+                let _ = writeln!(out, "-- {} messages, {} bytes", stats.messages, stats.bytes);
+            }
+            ExitCode::SUCCESS
+        }
+        QueueCommand::Show { id, config, body } => {
+            let Ok(id) = id.parse::<MessageId>() else {
+                eprintln!("tern: {id:?} is not a message id (16 hex digits)");
+                return ExitCode::from(EX_DATAERR);
+            };
+            let spool = match open_spool(&config) {
+                Ok(spool) => spool,
+                Err(code) => return code,
+            };
+            let (envelope, content) = match (spool.envelope(id), spool.body(id)) {
+                (Ok(Some(env)), Ok(Some(content))) => (env, content),
+                (Ok(None), _) | (_, Ok(None)) => {
+                    eprintln!("tern: no message {id} in the spool");
+                    return ExitCode::from(EX_DATAERR);
+                }
+                (Err(err), _) | (_, Err(err)) => {
+                    eprintln!("tern: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let mut out = std::io::stdout().lock();
+            let _ = serde_json::to_writer_pretty(&mut out, &envelope);
+            let _ = writeln!(out);
+            let _ = writeln!(out);
+            let shown = if body {
+                &content[..]
+            } else {
+                let end = memchr::memmem::find(&content, b"\r\n\r\n").map_or(content.len(), |p| p + 2);
+                &content[..end]
+            };
+            let _ = out.write_all(shown);
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn hash_password() -> ExitCode {
+    let mut line = String::new();
+    if std::io::stdin().lock().read_line(&mut line).is_err() {
+        eprintln!("tern: cannot read the password from standard input");
+        return ExitCode::from(EX_DATAERR);
+    }
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        eprintln!("tern: empty password");
+        return ExitCode::from(EX_DATAERR);
+    }
+    println!("{}", tern::auth::hash_password(password));
+    ExitCode::SUCCESS
+}

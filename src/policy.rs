@@ -1,0 +1,105 @@
+//! Relay access and per-message limits.
+//!
+//! Every decision is a [`Reply`] for the client, never an error: `Ok(())` means go on.
+//! Relay is allowed for authenticated sessions and for clients inside a configured relay
+//! network; everyone else gets 554 5.7.1 at RCPT time, before any data is read.
+
+use crate::config::Config;
+use crate::smtp::reply::Reply;
+use ipnet::IpNet;
+use std::net::IpAddr;
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    relay_networks: Vec<IpNet>,
+    pub max_recipients: usize,
+    pub max_message_size: u64,
+}
+
+impl Policy {
+    pub fn from_config(config: &Config) -> Policy {
+        Policy {
+            relay_networks: config.relay.networks.clone(),
+            max_recipients: config.limits.max_recipients,
+            max_message_size: config.limits.max_message_size,
+        }
+    }
+
+    pub fn in_relay_network(&self, client: IpAddr) -> bool {
+        let client = canonical(client);
+        self.relay_networks.iter().any(|net| net.contains(&client))
+    }
+
+    /// The SIZE declared on MAIL FROM (0 when absent).
+    pub fn declared_size(&self, size: u64) -> Result<(), Reply> {
+        if size > self.max_message_size {
+            return Err(size_exceeded());
+        }
+        Ok(())
+    }
+
+    /// One more recipient for a transaction that already has `accepted` of them.
+    pub fn recipient(
+        &self,
+        client: IpAddr,
+        authenticated: bool,
+        accepted: usize,
+    ) -> Result<(), Reply> {
+        if accepted >= self.max_recipients {
+            return Err(Reply::new(452, "4.5.3", "Error: too many recipients"));
+        }
+        if !(authenticated || self.in_relay_network(client)) {
+            return Err(Reply::new(554, "5.7.1", "Relay access denied"));
+        }
+        Ok(())
+    }
+}
+
+/// The reply for a message over the size limit, declared or actual.
+pub fn size_exceeded() -> Reply {
+    Reply::new(
+        552,
+        "5.3.4",
+        "Message size exceeds fixed maximum message size",
+    )
+}
+
+/// IPv4-mapped IPv6 clients (dual-stack listeners) are matched as IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy {
+            relay_networks: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+            max_recipients: 2,
+            max_message_size: 1000,
+        }
+    }
+
+    #[test]
+    fn relay_networks_and_auth() {
+        let p = policy();
+        assert!(p.recipient("127.0.0.9".parse().unwrap(), false, 0).is_ok());
+        assert!(p.recipient("::ffff:127.0.0.1".parse().unwrap(), false, 0).is_ok());
+        let denied = p.recipient("192.0.2.1".parse().unwrap(), false, 0).unwrap_err();
+        assert_eq!((denied.code, denied.status), (554, Some("5.7.1")));
+        assert!(p.recipient("192.0.2.1".parse().unwrap(), true, 0).is_ok());
+    }
+
+    #[test]
+    fn limits() {
+        let p = policy();
+        let r = p.recipient("127.0.0.1".parse().unwrap(), false, 2).unwrap_err();
+        assert_eq!((r.code, r.status), (452, Some("4.5.3")));
+        assert!(p.declared_size(1000).is_ok());
+        assert_eq!(p.declared_size(1001).unwrap_err().code, 552);
+    }
+}
