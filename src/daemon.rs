@@ -56,14 +56,21 @@ impl Daemon {
             policy: Policy::from_config(&config),
             credentials,
             starttls: tls.is_some(),
-            ingest: Ingest::new(spool.clone(), config.server.hostname.clone(), config.spool.max_age),
+            ingest: Ingest::new(
+                spool.clone(),
+                config.server.hostname.clone(),
+                config.spool.max_age,
+            ),
         });
         let shutdown = CancellationToken::new();
         let sessions = TaskTracker::new();
         let server = Arc::new(Server {
             config: session_config,
             tls,
-            limits: ConnectionLimits::new(config.limits.max_connections, config.limits.max_connections_per_ip),
+            limits: ConnectionLimits::new(
+                config.limits.max_connections,
+                config.limits.max_connections_per_ip,
+            ),
             shutdown: shutdown.clone(),
             sessions: sessions.clone(),
         });
@@ -71,9 +78,9 @@ impl Daemon {
         // Bind everything before serving anything, so a bad address fails the start cleanly.
         let mut bound = Vec::new();
         for (i, listener) in config.listeners.iter().enumerate() {
-            let socket = TcpListener::bind(listener.address)
-                .await
-                .with_context(|| format!("listeners[{i}].address: cannot bind {}", listener.address))?;
+            let socket = TcpListener::bind(listener.address).await.with_context(|| {
+                format!("listeners[{i}].address: cannot bind {}", listener.address)
+            })?;
             bound.push((socket, listener.mode));
         }
         let listeners = TaskTracker::new();
@@ -106,10 +113,16 @@ impl Daemon {
         self.shutdown.cancel();
         self.listeners.wait().await;
         self.sessions.close();
-        if tokio::time::timeout(self.grace, self.sessions.wait()).await.is_err() {
+        if tokio::time::timeout(self.grace, self.sessions.wait())
+            .await
+            .is_err()
+        {
             // Sessions still open have not been told 250 for any unfinished message, so
             // dropping them loses nothing that was accepted.
-            warn!(remaining = self.sessions.len(), "grace period over, closing remaining sessions");
+            warn!(
+                remaining = self.sessions.len(),
+                "grace period over, closing remaining sessions"
+            );
         }
         self.spool.flush().await.context("final spool flush")?;
         info!("stopped");

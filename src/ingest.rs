@@ -65,7 +65,14 @@ impl Ingest {
             Some(rcpts) if groups.len() == 1 && rcpts.len() == 1 => Some(rcpts[0].address.as_str()),
             _ => None,
         };
-        let mut head = received_header(&self.hostname, &sub.source, sub.tls.as_ref(), queue_id, only_rcpt, now);
+        let mut head = received_header(
+            &self.hostname,
+            &sub.source,
+            sub.tls.as_ref(),
+            queue_id,
+            only_rcpt,
+            now,
+        );
         if sub.source.auth_user.is_some() {
             let present = header_presence(&sub.content);
             if !present.date {
@@ -86,7 +93,11 @@ impl Ingest {
         for (i, ((destination, recipients), id)) in groups.into_iter().zip(&ids).enumerate() {
             // The last part takes the buffer itself; the others get their own copy, since
             // every envelope owns exactly one body.
-            let part_body = if i == last { body.take().unwrap_or_default() } else { body.clone().unwrap_or_default() };
+            let part_body = if i == last {
+                body.take().unwrap_or_default()
+            } else {
+                body.clone().unwrap_or_default()
+            };
             let envelope = Envelope {
                 id: *id,
                 queue_id,
@@ -127,7 +138,9 @@ fn split_by_destination(recipients: Vec<Recipient>) -> BTreeMap<String, Vec<Reci
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The trace header (RFC 5321 4.4), with the RFC 3848 protocol keyword and TLS details.
@@ -144,7 +157,10 @@ fn received_header(
         source.helo, source.client_ip, hostname, source.protocol, id
     );
     if let Some(tls) = tls {
-        h.push_str(&format!("\r\n\t(using {} with cipher {})", tls.version, tls.cipher));
+        h.push_str(&format!(
+            "\r\n\t(using {} with cipher {})",
+            tls.version, tls.cipher
+        ));
     }
     if let Some(rcpt) = only_rcpt {
         h.push_str(&format!("\r\n\tfor <{rcpt}>"));
@@ -179,7 +195,10 @@ fn header_presence(content: &[u8]) -> HeaderPresence {
 
 /// RFC 5322 date-time in UTC, e.g. `Fri, 27 Nov 2026 20:13:09 +0000`.
 pub fn rfc5322_date(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     let (year, month, day) = civil_from_days(days);

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use tern::config::{Config, LogFormat, LogConfig};
+use tern::config::{Config, LogConfig, LogFormat};
 use tern_queue::{MessageId, Spool, SpoolError};
 
 const EX_DATAERR: u8 = 65;
@@ -16,7 +16,11 @@ const EX_TEMPFAIL: u8 = 75;
 const EX_CONFIG: u8 = 78;
 
 #[derive(Parser)]
-#[command(name = "tern", version, about = "tern mail transfer and delivery engine")]
+#[command(
+    name = "tern",
+    version,
+    about = "tern mail transfer and delivery engine"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -163,7 +167,11 @@ fn queue(command: QueueCommand) -> ExitCode {
                     let created = tern::ingest::rfc5322_date(
                         std::time::UNIX_EPOCH + std::time::Duration::from_millis(env.created_ms),
                     );
-                    let sender = if env.sender.is_empty() { "<>" } else { &env.sender };
+                    let sender = if env.sender.is_empty() {
+                        "<>"
+                    } else {
+                        &env.sender
+                    };
                     let _ = writeln!(
                         out,
                         "{:<16}  {:>9}  {:<24}  {:<30}  {:>5}  {:>8}  {}",
@@ -208,7 +216,8 @@ fn queue(command: QueueCommand) -> ExitCode {
             let shown = if body {
                 &content[..]
             } else {
-                let end = memchr::memmem::find(&content, b"\r\n\r\n").map_or(content.len(), |p| p + 2);
+                let end =
+                    memchr::memmem::find(&content, b"\r\n\r\n").map_or(content.len(), |p| p + 2);
                 &content[..end]
             };
             let _ = out.write_all(shown);

@@ -88,8 +88,12 @@ mod tests {
     fn relay_networks_and_auth() {
         let p = policy();
         assert!(p.recipient("127.0.0.9".parse().unwrap(), false, 0).is_ok());
-        assert!(p.recipient("::ffff:127.0.0.1".parse().unwrap(), false, 0).is_ok());
-        let denied = p.recipient("192.0.2.1".parse().unwrap(), false, 0).unwrap_err();
+        assert!(p
+            .recipient("::ffff:127.0.0.1".parse().unwrap(), false, 0)
+            .is_ok());
+        let denied = p
+            .recipient("192.0.2.1".parse().unwrap(), false, 0)
+            .unwrap_err();
         assert_eq!((denied.code, denied.status), (554, Some("5.7.1")));
         assert!(p.recipient("192.0.2.1".parse().unwrap(), true, 0).is_ok());
     }
@@ -97,7 +101,9 @@ mod tests {
     #[test]
     fn limits() {
         let p = policy();
-        let r = p.recipient("127.0.0.1".parse().unwrap(), false, 2).unwrap_err();
+        let r = p
+            .recipient("127.0.0.1".parse().unwrap(), false, 2)
+            .unwrap_err();
         assert_eq!((r.code, r.status), (452, Some("4.5.3")));
         assert!(p.declared_size(1000).is_ok());
         assert_eq!(p.declared_size(1001).unwrap_err().code, 552);

@@ -1,27 +1,35 @@
-//! Group commit: one dedicated thread makes the spool durable for many
-//! writers at once, with real fsyncs.
+//! Group commit: one dedicated thread applies the writes of many writers as
+//! one sled batch and makes them durable with real fsyncs.
 //!
-//! Why this exists: sled 0.34's `flush()` ends in `sync_file_range` on Linux,
-//! which orders the writes but does not flush the drive cache or file
-//! metadata, so it survives a process crash but not a power loss. Values of
-//! large pages go to `<spool>/blobs/<lsn>` files that sled never fsyncs at
-//! all. Each round here therefore:
+//! Why one merged batch: sled 0.34's `apply_batch` takes a process-wide
+//! exclusive lock and seals the current IO buffer before and after the batch,
+//! and `flush()` holds the shared side of that lock while it waits for the
+//! disk. Batches applied by each writer therefore serialise behind every
+//! flush and each cost their own buffer write; merged, a round costs one
+//! `apply_batch` whatever the number of writers.
 //!
-//! 1. fsyncs every blob file it has not synced at its current length, then the
-//!    `blobs` directory if a new name appeared (blobs first, so no durable log
-//!    entry can point at a blob that is not durable);
-//! 2. calls sled's `flush()` to write out its log buffers;
-//! 3. fdatasyncs sled's data file `<spool>/db` through a handle of our own
+//! Why our own fsyncs: sled's `flush()` ends in `sync_file_range` on Linux,
+//! which survives a process crash but not a power loss (no drive-cache flush,
+//! no metadata), and the `<spool>/blobs/<lsn>` files that hold large pages are
+//! never fsynced by sled at all. Each round therefore:
+//!
+//! 1. applies the queued operations as one `apply_batch` (atomic);
+//! 2. fsyncs every blob file it has not synced at its current length, then the
+//!    `blobs` directory if a new name appeared (blobs before the log, so no
+//!    durable log entry points at a blob that is not durable);
+//! 3. calls sled's `flush()` to write out its log buffers;
+//! 4. fdatasyncs sled's data file `<spool>/db` through a handle of our own
 //!    (fsync applies to the inode, whichever descriptor is used).
 //!
-//! Protocol: a writer applies its sled batch, then takes a sequence number
-//! (`written += 1`) and waits until `durable >= seq`. The thread takes the
-//! current `written`, runs a round and publishes `durable = written`. Every
-//! write numbered up to that value was applied before the round started, so
-//! the round covers it; writers arriving during a round are covered by the
-//! next one, which is how N concurrent commits share one fsync.
+//! Protocol: a writer queues its operations and gets a sequence number
+//! (`written += 1`), then waits until `durable >= seq`. The thread takes the
+//! queue and the current `written`, runs a round and publishes
+//! `durable = written`. Writers arriving during a round are queued for the
+//! next one, which is how N concurrent commits share one batch and one fsync.
 //!
 //! Invariants:
+//! - queued operations are applied in queue order, and one write's operations
+//!   never straddle two rounds, so each write is atomic;
 //! - `durable` only advances after a round fully succeeded;
 //! - a failed round poisons the spool for good (`SpoolError::NotDurable`):
 //!   after an fsync error the kernel may have dropped the dirty pages, so a
@@ -45,9 +53,9 @@ use crate::error::SpoolError;
 /// Counters for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CommitStats {
-    /// Writes (commit, update, remove) that asked to be made durable.
+    /// Writes (commit, update, remove) queued since open.
     pub writes: u64,
-    /// Completed sync rounds (each: flush + fsyncs).
+    /// Completed rounds (each: one merged batch, one flush, the fsyncs).
     pub syncs: u64,
     /// Writes covered by the most recent round.
     pub last_batch: u64,
@@ -63,9 +71,14 @@ struct Progress {
     failed: Option<Arc<str>>,
 }
 
+/// One sled operation: `Some(value)` inserts, `None` removes.
+pub(crate) type Op = (sled::IVec, Option<sled::IVec>);
+
 #[derive(Debug, Default)]
 struct Pending {
-    /// Sequence number of the latest write that was applied to sled.
+    /// Operations queued since the last round took the queue, in write order.
+    ops: Vec<Op>,
+    /// Sequence number of the latest queued write.
     written: u64,
     closing: bool,
 }
@@ -77,6 +90,9 @@ pub(crate) struct GroupCommit {
     wake: Condvar,
     progress: watch::Sender<Progress>,
     last_batch: AtomicU64,
+    /// Every write numbered up to this has been applied to sled (perhaps not
+    /// yet durably).
+    applied: AtomicU64,
 }
 
 impl GroupCommit {
@@ -90,6 +106,7 @@ impl GroupCommit {
             wake: Condvar::new(),
             progress: watch::Sender::new(Progress::default()),
             last_batch: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
         });
         let thread_group = Arc::clone(&group);
         let handle = std::thread::Builder::new()
@@ -108,18 +125,21 @@ impl GroupCommit {
         }
     }
 
-    /// Called after a write was applied to sled: returns once it is durable.
-    pub(crate) async fn write_done(&self) -> Result<(), SpoolError> {
+    /// Queues one write's operations for the next round and returns the
+    /// write's sequence number, to pass to `wait_for`. Callers that must order
+    /// writes against their own state call this while holding their lock.
+    pub(crate) fn enqueue(&self, ops: impl IntoIterator<Item = Op>) -> u64 {
         let seq = {
             let mut pending = self.lock_pending();
+            pending.ops.extend(ops);
             pending.written += 1;
             pending.written
         };
         self.wake.notify_one();
-        self.wait_for(seq).await
+        seq
     }
 
-    /// Returns once every write applied so far is durable.
+    /// Returns once every write queued so far is durable.
     pub(crate) async fn flush(&self) -> Result<(), SpoolError> {
         let seq = self.lock_pending().written;
         self.wait_for(seq).await
@@ -141,11 +161,18 @@ impl GroupCommit {
         }
     }
 
+    /// Sequence number up to which writes are visible in sled.
+    pub(crate) fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
     pub(crate) fn rounds(&self) -> u64 {
         self.progress.borrow().rounds
     }
 
-    async fn wait_for(&self, seq: u64) -> Result<(), SpoolError> {
+    /// Returns once the write numbered `seq` is durable, or the error that
+    /// prevented it.
+    pub(crate) async fn wait_for(&self, seq: u64) -> Result<(), SpoolError> {
         let mut rx = self.progress.subscribe();
         loop {
             {
@@ -160,7 +187,9 @@ impl GroupCommit {
             // The sender lives in `self`, so it outlives this borrow; an
             // error here would mean the channel is gone, never "durable".
             if rx.changed().await.is_err() {
-                return Err(SpoolError::NotDurable("the spool sync thread is gone".into()));
+                return Err(SpoolError::NotDurable(
+                    "the spool sync thread is gone".into(),
+                ));
             }
         }
     }
@@ -184,17 +213,24 @@ impl GroupCommit {
         let _on_panic = FailOnPanic(self);
         let mut durable = 0;
         loop {
-            let target = {
+            let (ops, target) = {
                 let mut pending = self.lock_pending();
                 while pending.written == durable && !pending.closing {
-                    pending = self.wake.wait(pending).unwrap_or_else(PoisonError::into_inner);
+                    pending = self
+                        .wake
+                        .wait(pending)
+                        .unwrap_or_else(PoisonError::into_inner);
                 }
                 if pending.written == durable {
                     return; // closing, nothing left to sync
                 }
-                pending.written
+                (std::mem::take(&mut pending.ops), pending.written)
             };
-            if let Err(e) = syncer.sync(db) {
+            let result = apply(db, ops).and_then(|()| {
+                self.applied.store(target, Ordering::Release);
+                syncer.sync(db)
+            });
+            if let Err(e) = result {
                 tracing::error!(error = %e, "spool sync failed; refusing further writes");
                 self.fail(e.to_string());
                 return;
@@ -207,6 +243,19 @@ impl GroupCommit {
             });
         }
     }
+}
+
+fn apply(db: &sled::Db, ops: Vec<Op>) -> Result<(), SpoolError> {
+    let mut batch = sled::Batch::default();
+    // `Batch` keeps the last operation per key, which is what applying the
+    // queue in order would leave.
+    for (key, value) in ops {
+        match value {
+            Some(value) => batch.insert(key, value),
+            None => batch.remove(key),
+        }
+    }
+    Ok(db.apply_batch(batch)?)
 }
 
 struct FailOnPanic<'a>(&'a GroupCommit);
@@ -253,7 +302,8 @@ impl Syncer {
         })
     }
 
-    /// One durability round: blobs, sled's buffers, sled's data file.
+    /// Makes everything applied to sled so far durable: blobs, sled's
+    /// buffers, sled's data file.
     pub(crate) fn sync(&mut self, db: &sled::Db) -> Result<(), SpoolError> {
         self.sync_blobs()?;
         db.flush()?;
@@ -264,9 +314,8 @@ impl Syncer {
 
     fn sync_blobs(&mut self) -> Result<(), SpoolError> {
         let blobs_dir = &self.blobs_dir;
-        let io_err = |what: &str, path: &Path, e| {
-            SpoolError::io(format!("{what} {}", path.display()), e)
-        };
+        let io_err =
+            |what: &str, path: &Path, e| SpoolError::io(format!("{what} {}", path.display()), e);
         let entries = fs::read_dir(blobs_dir).map_err(|e| io_err("listing", blobs_dir, e))?;
         let mut current = HashMap::with_capacity(self.synced_blobs.len());
         let mut new_name = false;

@@ -108,9 +108,9 @@ impl IdGenerator {
     pub fn next(&self) -> MessageId {
         // A clock before 1970 is a broken host; treating it as 0 still yields
         // unique, increasing ids thanks to `max(last + 1, ..)`.
-        let now_us = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX >> SEQ_BITS));
+        let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| {
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX >> SEQ_BITS)
+        });
         self.next_at(now_us)
     }
 
@@ -171,9 +171,15 @@ mod tests {
         let gen = IdGenerator::new(None);
         let id = gen.next_at(1_700_000_000_123_456);
         assert_eq!(id.created_ms(), 1_700_000_000_123);
-        let before = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        let before = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
         let id = gen.next();
-        let after = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        let after = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
         assert!((before..=after).contains(&id.created_ms()));
     }
 

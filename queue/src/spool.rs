@@ -6,13 +6,20 @@
 //! - `D` + due_ms + id   -> empty; the due-time index
 //!
 //! Invariants:
-//! - every change is one sled `apply_batch`, so an envelope and its due key
-//!   (and, at commit, its body) appear, move and disappear together;
+//! - every change is applied within one sled `apply_batch` (`group_commit`
+//!   merges concurrent writes into one batch per round), so an envelope and
+//!   its due key (and, at commit, its body) appear, move and disappear
+//!   together;
 //! - the `D` key of an envelope is always `D + next_due_ms + id` of the stored
-//!   envelope; update and remove compute the old key from the stored record,
-//!   under a lock, so concurrent updates cannot orphan one;
-//! - commit, update and remove return only after a group-commit round made
-//!   the change durable (see `group_commit`);
+//!   envelope. Update and remove derive the old key from the stored envelope,
+//!   or from `Inflight` when a write to the same message is queued but not yet
+//!   applied; both are read and the new write queued under one lock, so
+//!   concurrent updates cannot orphan a due key;
+//! - commit, update and remove return only after a group-commit round applied
+//!   the change and made it durable; reads see applied changes only, so a
+//!   message whose commit has not returned is not found yet;
+//! - memory does not grow with the spool: only counters and the writes of
+//!   the current rounds are held;
 //! - `stats()` counts exactly the envelopes present and the sum of their
 //!   `size`, which the spool itself sets from the body.
 //!
@@ -27,11 +34,13 @@ use std::fs;
 use std::ops::Deref;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
+use serde::Deserialize;
+
 use crate::error::SpoolError;
-use crate::group_commit::{sync_dir, CommitStats, GroupCommit, Syncer};
+use crate::group_commit::{sync_dir, CommitStats, GroupCommit, Op, Syncer};
 use crate::id::{IdGenerator, MessageId};
 use crate::record::Envelope;
 
@@ -81,13 +90,34 @@ struct Inner {
     ids: IdGenerator,
     messages: AtomicU64,
     bytes: AtomicU64,
+    inflight: Mutex<Inflight>,
     group: Arc<GroupCommit>,
     flusher: Option<JoinHandle<()>>,
-    /// Serialises read-modify-write of stored envelopes (update, remove):
-    /// two unsynchronised updates of one message would both delete the same
-    /// old due key and leave one of their new keys orphaned. Held only while
-    /// applying to sled, never while waiting for durability.
-    rmw: Mutex<()>,
+}
+
+/// What a stored envelope implies for its due key and the byte count.
+#[derive(Clone, Copy)]
+struct Entry {
+    next_due_ms: u64,
+    size: u64,
+}
+
+/// The fields of a stored envelope that update and remove need; decoding
+/// only these skips building the rest.
+#[derive(Deserialize)]
+struct StoredEntry {
+    next_due_ms: u64,
+    size: u64,
+}
+
+/// Updates and removes queued but perhaps not yet applied to sled: message
+/// id -> (sequence number of its latest such write, entry after it or `None`
+/// if removed). Entries whose write has been applied are pruned, since sled
+/// then answers the same.
+#[derive(Default)]
+struct Inflight {
+    latest: HashMap<MessageId, (u64, Option<Entry>)>,
+    pruned_at: u64,
 }
 
 impl Drop for Inner {
@@ -103,7 +133,9 @@ impl Drop for Inner {
 
 impl fmt::Debug for Spool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Spool").field("stats", &self.stats()).finish()
+        f.debug_struct("Spool")
+            .field("stats", &self.stats())
+            .finish()
     }
 }
 
@@ -116,8 +148,9 @@ impl Spool {
     pub fn open(dir: &Path) -> Result<Spool, SpoolError> {
         let created_dir = !dir.exists();
         let fresh = !dir.join("db").exists();
-        fs::create_dir_all(dir)
-            .map_err(|e| SpoolError::io(format!("creating spool directory {}", dir.display()), e))?;
+        fs::create_dir_all(dir).map_err(|e| {
+            SpoolError::io(format!("creating spool directory {}", dir.display()), e)
+        })?;
         let db = sled::Config::new()
             .path(dir)
             // Our sync thread flushes whenever a writer waits; sled's own
@@ -146,9 +179,9 @@ impl Spool {
                 ids: IdGenerator::new(recovered.max_id),
                 messages: AtomicU64::new(recovered.messages),
                 bytes: AtomicU64::new(recovered.bytes),
+                inflight: Mutex::new(Inflight::default()),
                 group,
                 flusher: Some(flusher),
-                rmw: Mutex::new(()),
             }),
         })
     }
@@ -161,23 +194,27 @@ impl Spool {
     /// Stores the parts of one accepted message (one envelope per
     /// destination, each with its body) in one atomic batch; returns once
     /// durable. Ids must come from `next_id`. Each envelope's `size` is set to
-    /// its body's length.
+    /// its body's length. The write is queued on the first poll: dropping the
+    /// future after that does not cancel it, it only stops waiting for it
+    /// (the same holds for `update` and `remove`).
     pub async fn commit(&self, parts: Vec<(Envelope, Vec<u8>)>) -> Result<(), SpoolError> {
         self.inner.group.check()?;
-        let mut batch = sled::Batch::default();
         let messages = parts.len() as u64;
         let mut bytes = 0;
+        let mut ops: Vec<Op> = Vec::with_capacity(parts.len() * 3);
         for (mut env, body) in parts {
             env.size = body.len() as u64;
             bytes += env.size;
-            batch.insert(&due_key(env.next_due_ms, env.id)[..], &[][..]);
-            batch.insert(&key(ENVELOPE, env.id)[..], encode(&env)?);
-            batch.insert(&key(BODY, env.id)[..], body);
+            ops.push(insert(&due_key(env.next_due_ms, env.id), Vec::new()));
+            ops.push(insert(&key(ENVELOPE, env.id), encode(&env)?));
+            ops.push(insert(&key(BODY, env.id), body));
         }
-        self.inner.db.apply_batch(batch)?;
+        // Until this is applied, update and remove answer NotFound for these
+        // ids, so `Inflight` need not know them.
+        let seq = self.inner.group.enqueue(ops);
         self.inner.messages.fetch_add(messages, Ordering::Relaxed);
         self.inner.bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.inner.group.write_done().await
+        self.inner.group.wait_for(seq).await
     }
 
     /// The stored envelope, if any.
@@ -199,38 +236,78 @@ impl Spool {
     /// stored value (the body never changes).
     pub async fn update(&self, env: &Envelope) -> Result<(), SpoolError> {
         self.inner.group.check()?;
-        {
-            let _rmw = self.inner.rmw.lock().unwrap_or_else(PoisonError::into_inner);
-            let env_key = key(ENVELOPE, env.id);
-            let stored = self.envelope(env.id)?.ok_or(SpoolError::NotFound(env.id))?;
-            let mut env = env.clone();
-            env.size = stored.size;
-            let mut batch = sled::Batch::default();
-            if stored.next_due_ms != env.next_due_ms {
-                batch.remove(&due_key(stored.next_due_ms, env.id)[..]);
-                batch.insert(&due_key(env.next_due_ms, env.id)[..], &[][..]);
+        let id = env.id;
+        let seq = {
+            let mut inflight = self.inflight();
+            let old = self
+                .current(&mut inflight, id)?
+                .ok_or(SpoolError::NotFound(id))?;
+            let json = encode(&Envelope {
+                size: old.size,
+                ..env.clone()
+            })?;
+            let mut ops = Vec::with_capacity(3);
+            if old.next_due_ms != env.next_due_ms {
+                ops.push(remove(&due_key(old.next_due_ms, id)));
+                ops.push(insert(&due_key(env.next_due_ms, id), Vec::new()));
             }
-            batch.insert(&env_key[..], encode(&env)?);
-            self.inner.db.apply_batch(batch)?;
-        }
-        self.inner.group.write_done().await
+            ops.push(insert(&key(ENVELOPE, id), json));
+            let seq = self.inner.group.enqueue(ops);
+            let new = Entry {
+                next_due_ms: env.next_due_ms,
+                size: old.size,
+            };
+            inflight.latest.insert(id, (seq, Some(new)));
+            seq
+        };
+        self.inner.group.wait_for(seq).await
     }
 
     /// Deletes body, envelope and due key atomically; returns once durable.
     pub async fn remove(&self, id: MessageId) -> Result<(), SpoolError> {
         self.inner.group.check()?;
-        {
-            let _rmw = self.inner.rmw.lock().unwrap_or_else(PoisonError::into_inner);
-            let stored = self.envelope(id)?.ok_or(SpoolError::NotFound(id))?;
-            let mut batch = sled::Batch::default();
-            batch.remove(&key(BODY, id)[..]);
-            batch.remove(&key(ENVELOPE, id)[..]);
-            batch.remove(&due_key(stored.next_due_ms, id)[..]);
-            self.inner.db.apply_batch(batch)?;
+        let seq = {
+            let mut inflight = self.inflight();
+            let old = self
+                .current(&mut inflight, id)?
+                .ok_or(SpoolError::NotFound(id))?;
+            let seq = self.inner.group.enqueue([
+                remove(&key(BODY, id)),
+                remove(&key(ENVELOPE, id)),
+                remove(&due_key(old.next_due_ms, id)),
+            ]);
+            inflight.latest.insert(id, (seq, None));
             self.inner.messages.fetch_sub(1, Ordering::Relaxed);
-            self.inner.bytes.fetch_sub(stored.size, Ordering::Relaxed);
+            self.inner.bytes.fetch_sub(old.size, Ordering::Relaxed);
+            seq
+        };
+        self.inner.group.wait_for(seq).await
+    }
+
+    /// The latest state of `id` as far as writes go: the newest queued update
+    /// or remove if one is not yet applied, else what sled holds. Every write
+    /// numbered up to `applied()` is in sled, so after pruning, an id missing
+    /// from `inflight` has no unapplied write (the caller holds the lock that
+    /// adding one requires).
+    fn current(&self, inflight: &mut Inflight, id: MessageId) -> Result<Option<Entry>, SpoolError> {
+        let applied = self.inner.group.applied();
+        if applied > inflight.pruned_at {
+            inflight.latest.retain(|_, (seq, _)| *seq > applied);
+            inflight.pruned_at = applied;
         }
-        self.inner.group.write_done().await
+        if let Some(&(_, entry)) = inflight.latest.get(&id) {
+            return Ok(entry);
+        }
+        let key = key(ENVELOPE, id);
+        let Some(value) = self.inner.db.get(key)? else {
+            return Ok(None);
+        };
+        let stored: StoredEntry = serde_json::from_slice(&value)
+            .map_err(|e| corrupt(&key, format!("bad envelope JSON: {e}")))?;
+        Ok(Some(Entry {
+            next_due_ms: stored.next_due_ms,
+            size: stored.size,
+        }))
     }
 
     /// Up to `limit` `(due_ms, id)` with `due_ms <= t_ms`, earliest first
@@ -262,7 +339,8 @@ impl Spool {
             .collect()
     }
 
-    /// Messages and body bytes spooled now (exact; kept in memory).
+    /// Messages and body bytes spooled now, counting writes still waiting
+    /// for their sync round (exact; kept in memory).
     pub fn stats(&self) -> SpoolStats {
         SpoolStats {
             messages: self.inner.messages.load(Ordering::Relaxed),
@@ -284,6 +362,23 @@ impl Spool {
     pub async fn flush(&self) -> Result<(), SpoolError> {
         self.inner.group.flush().await
     }
+
+    // `Inflight` only changes by whole-entry inserts and `retain`, which
+    // cannot leave it half-updated, so a poisoned lock is still usable.
+    fn inflight(&self) -> MutexGuard<'_, Inflight> {
+        self.inner
+            .inflight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn insert(key: &[u8], value: Vec<u8>) -> Op {
+    (key.into(), Some(value.into()))
+}
+
+fn remove(key: &[u8]) -> Op {
+    (key.into(), None)
 }
 
 /// Sled reports a held lock as an `Io` error with this text (sled 0.34,
@@ -324,6 +419,7 @@ struct Recovered {
 }
 
 fn recover(db: &sled::Db) -> Result<Recovered, SpoolError> {
+    // id -> next_due_ms of every envelope; held only during recovery.
     let mut due_of: HashMap<MessageId, u64> = HashMap::new();
     let mut rec = Recovered {
         messages: 0,
@@ -419,7 +515,10 @@ fn parse_due_key(key: &[u8]) -> Result<(u64, MessageId), SpoolError> {
             u64::from_be_bytes(due.try_into().expect("8 bytes")),
             MessageId::from_be_bytes(id.try_into().expect("8 bytes")),
         )),
-        _ => Err(corrupt(key, "due key is not D + 8-byte time + 8-byte id".into())),
+        _ => Err(corrupt(
+            key,
+            "due key is not D + 8-byte time + 8-byte id".into(),
+        )),
     }
 }
 

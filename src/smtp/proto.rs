@@ -243,29 +243,6 @@ impl DataDecoder {
     }
 }
 
-/// Decodes RFC 3461 xtext (`+XX` hex escapes), used by ENVID and ORCPT. Returns `None` on
-/// malformed input.
-pub fn decode_xtext(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if b == b'+' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            let hex = std::str::from_utf8(hex).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else if (b'!'..=b'~').contains(&b) && b != b'=' {
-            out.push(b);
-            i += 1;
-        } else {
-            return None;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,13 +347,5 @@ mod tests {
         assert_eq!(find_line(&[b'a'; MAX_COMMAND_LINE]), Line::TooLong);
         assert_eq!(trim_line_end(b"NOOP\r\n"), b"NOOP");
         assert_eq!(trim_line_end(b"NOOP\n"), b"NOOP");
-    }
-
-    #[test]
-    fn xtext() {
-        assert_eq!(decode_xtext("abc+2Bdef").as_deref(), Some("abc+def"));
-        assert_eq!(decode_xtext("rfc822;a@b.c").as_deref(), Some("rfc822;a@b.c"));
-        assert_eq!(decode_xtext("bad+2"), None);
-        assert_eq!(decode_xtext("no space"), None);
     }
 }

@@ -67,7 +67,10 @@ impl Server {
             let reply = Reply::new(
                 421,
                 "4.7.0",
-                format!("{} Too many connections, try again later", self.config.hostname),
+                format!(
+                    "{} Too many connections, try again later",
+                    self.config.hostname
+                ),
             );
             let _ = stream.write_all(&reply.to_wire()).await;
             let _ = stream.shutdown().await;
@@ -98,7 +101,13 @@ impl Server {
     }
 
     async fn plain_session(&self, stream: TcpStream, peer: SocketAddr) -> io::Result<()> {
-        let mut session = Session::new(stream, self.config.clone(), self.shutdown.clone(), peer, None);
+        let mut session = Session::new(
+            stream,
+            self.config.clone(),
+            self.shutdown.clone(),
+            peer,
+            None,
+        );
         session.greet().await?;
         if session.run().await? != SessionEnd::StartTls {
             return Ok(());
@@ -115,7 +124,8 @@ impl Server {
         info: TlsInfo,
     ) -> io::Result<()> {
         state.set_tls(info);
-        let mut session = Session::resume(stream, self.config.clone(), self.shutdown.clone(), state);
+        let mut session =
+            Session::resume(stream, self.config.clone(), self.shutdown.clone(), state);
         // STARTTLS is not offered on a TLS session, so this cannot ask to upgrade again.
         session.run().await.map(drop)
     }

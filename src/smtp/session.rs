@@ -171,6 +171,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let flushed = self.flush().await;
         let end = result?;
         flushed?;
+        if end == SessionEnd::Closed {
+            // For TLS this sends close_notify (RFC 8446 6.1); for TCP it is the FIN.
+            let _ = self.stream.shutdown().await;
+        }
         Ok(end)
     }
 
@@ -191,12 +195,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                 }
                 Line::TooLong => {
-                    // Resynchronise on the next line end instead of guessing where the
-                    // command was meant to end.
-                    self.rbuf.clear();
-                    self.rpos = 0;
                     self.error(500, "5.5.6", "Line too long");
-                    if !self.skip_to_line_end().await? {
+                    if !self.discard_line().await? {
                         return Ok(SessionEnd::Closed);
                     }
                 }
@@ -205,18 +205,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         self.reply(421, "4.3.2", "Service shutting down, closing connection");
                         return Ok(SessionEnd::Closed);
                     }
-                    self.flush().await?;
-                    match self.read_command_input().await? {
-                        ReadOutcome::Data => {}
-                        ReadOutcome::Eof => return Ok(SessionEnd::Closed),
-                        ReadOutcome::Timeout => {
-                            self.reply(421, "4.4.2", "Timeout exceeded, closing connection");
-                            return Ok(SessionEnd::Closed);
-                        }
-                        ReadOutcome::Shutdown => {
-                            self.reply(421, "4.3.2", "Service shutting down, closing connection");
-                            return Ok(SessionEnd::Closed);
-                        }
+                    if !self.wait_for_command_input().await? {
+                        return Ok(SessionEnd::Closed);
                     }
                 }
             }
@@ -276,8 +266,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     fn parse_error(&mut self, err: ParseError) {
         match err {
-            ParseError::UnknownCommand => self.error(500, "5.5.2", "Syntax error, command unrecognized"),
-            ParseError::InvalidSenderAddress => self.error(501, "5.1.7", "Bad sender address syntax"),
+            ParseError::UnknownCommand => {
+                self.error(500, "5.5.2", "Syntax error, command unrecognized")
+            }
+            ParseError::InvalidSenderAddress => {
+                self.error(501, "5.1.7", "Bad sender address syntax")
+            }
             ParseError::InvalidRecipientAddress => {
                 self.error(501, "5.1.3", "Bad recipient address syntax")
             }
@@ -329,7 +323,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     fn auth_offered(&self) -> bool {
-        self.state.tls.is_some() && self.state.auth_user.is_none() && self.config.credentials.is_some()
+        self.state.tls.is_some()
+            && self.state.auth_user.is_none()
+            && self.config.credentials.is_some()
     }
 
     fn mail(&mut self, from: smtp_proto::MailFrom<String>) {
@@ -355,11 +351,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Err(reply) = self.config.policy.declared_size(from.size as u64) {
             return self.error_reply(reply);
         }
-        let env_id = match from.env_id.as_deref().map(proto::decode_xtext) {
-            Some(None) => return self.error(501, "5.5.4", "Malformed ENVID (xtext)"),
-            Some(Some(id)) => Some(id),
-            None => None,
-        };
+        // smtp-proto has already decoded the xtext; what it yields ends up in DSN headers,
+        // so anything that could break a header line is refused.
+        if from.env_id.as_deref().is_some_and(|id| !is_printable(id)) {
+            return self.error(501, "5.5.4", "ENVID must be printable ASCII");
+        }
+        let env_id = from.env_id;
         let ret = if from.flags & smtp_proto::MAIL_RET_FULL != 0 {
             Some(Ret::Full)
         } else if from.flags & smtp_proto::MAIL_RET_HDRS != 0 {
@@ -402,17 +399,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !tx.smtputf8 && !to.address.is_ascii() {
             return self.error(553, "5.6.7", "Non-ASCII recipient requires SMTPUTF8");
         }
-        let orcpt = match to.orcpt.as_deref().map(proto::decode_xtext) {
-            Some(None) => return self.error(501, "5.5.4", "Malformed ORCPT (xtext)"),
-            Some(Some(orcpt)) => Some(orcpt),
-            None => None,
-        };
+        // smtp-proto accepts only the rfc822 address type and strips it; it is kept in the
+        // stored form "rfc822;addr" that a DSN's Original-Recipient field needs.
+        if to.orcpt.as_deref().is_some_and(|o| !is_printable(o)) {
+            return self.error(501, "5.5.4", "ORCPT must be printable ASCII");
+        }
+        let orcpt = to.orcpt.map(|addr| format!("rfc822;{addr}"));
         let notify = if to.flags & smtp_proto::RCPT_NOTIFY_NEVER != 0 {
-            if to.flags & (smtp_proto::RCPT_NOTIFY_SUCCESS | smtp_proto::RCPT_NOTIFY_FAILURE | smtp_proto::RCPT_NOTIFY_DELAY) != 0 {
-                return self.error(501, "5.5.4", "NOTIFY=NEVER cannot be combined with other values");
+            if to.flags
+                & (smtp_proto::RCPT_NOTIFY_SUCCESS
+                    | smtp_proto::RCPT_NOTIFY_FAILURE
+                    | smtp_proto::RCPT_NOTIFY_DELAY)
+                != 0
+            {
+                return self.error(
+                    501,
+                    "5.5.4",
+                    "NOTIFY=NEVER cannot be combined with other values",
+                );
             }
-            Notify { success: false, failure: false, delay: false, never: true }
-        } else if to.flags & (smtp_proto::RCPT_NOTIFY_SUCCESS | smtp_proto::RCPT_NOTIFY_FAILURE | smtp_proto::RCPT_NOTIFY_DELAY) != 0 {
+            Notify {
+                success: false,
+                failure: false,
+                delay: false,
+                never: true,
+            }
+        } else if to.flags
+            & (smtp_proto::RCPT_NOTIFY_SUCCESS
+                | smtp_proto::RCPT_NOTIFY_FAILURE
+                | smtp_proto::RCPT_NOTIFY_DELAY)
+            != 0
+        {
             Notify {
                 success: to.flags & smtp_proto::RCPT_NOTIFY_SUCCESS != 0,
                 failure: to.flags & smtp_proto::RCPT_NOTIFY_FAILURE != 0,
@@ -423,9 +440,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Notify::default_rfc3461()
         };
         // Duplicates are acknowledged but kept once, so the recipient gets one copy.
-        let duplicate = tx.recipients.iter().any(|r| same_address(&r.address, &to.address));
+        let duplicate = tx
+            .recipients
+            .iter()
+            .any(|r| same_address(&r.address, &to.address));
         if !duplicate {
-            if let Err(reply) = self.config.policy.recipient(peer, authenticated, tx.recipients.len()) {
+            if let Err(reply) =
+                self.config
+                    .policy
+                    .recipient(peer, authenticated, tx.recipients.len())
+            {
                 return self.error_reply(reply);
             }
             let mut rcpt = Recipient::new(to.address);
@@ -526,12 +550,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let tx = self.state.tx.take().expect("checked above");
         let flags = chunks.check.finish();
-        self.finish_message(tx, chunks.content, chunks.size, flags).await;
+        self.finish_message(tx, chunks.content, chunks.size, flags)
+            .await;
         Ok(Next::Continue)
     }
 
     /// Decides on a complete message and, if it is acceptable, makes it durable.
-    async fn finish_message(&mut self, tx: Transaction, content: Vec<u8>, size: usize, flags: ContentFlags) {
+    async fn finish_message(
+        &mut self,
+        tx: Transaction,
+        content: Vec<u8>,
+        size: usize,
+        flags: ContentFlags,
+    ) {
         if size > self.config.limits.max_message_size as usize {
             return self.error_reply(policy::size_exceeded());
         }
@@ -548,7 +579,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 format!("Message refused: {what} in message data; lines must end with CRLF (RFC 5321 2.3.8)"),
             ));
         }
-        let protocol = match (self.state.esmtp, self.state.tls.is_some(), self.state.auth_user.is_some()) {
+        let protocol = match (
+            self.state.esmtp,
+            self.state.tls.is_some(),
+            self.state.auth_user.is_some(),
+        ) {
             (false, _, _) => "SMTP",
             (true, false, false) => "ESMTP",
             (true, true, false) => "ESMTPS",
@@ -579,7 +614,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Err(err) => {
                 warn!(peer = %self.state.peer, error = %err, "spool write failed");
-                self.reply(451, "4.3.0", "Temporary failure: could not queue message, try again later");
+                self.reply(
+                    451,
+                    "4.3.0",
+                    "Temporary failure: could not queue message, try again later",
+                );
             }
         }
     }
@@ -612,7 +651,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Ok(Next::Continue);
         };
         if self.state.tls.is_none() {
-            self.error(538, "5.7.11", "Encryption required for requested authentication mechanism");
+            self.error(
+                538,
+                "5.7.11",
+                "Encryption required for requested authentication mechanism",
+            );
             return Ok(Next::Continue);
         }
         if self.state.auth_user.is_some() {
@@ -626,8 +669,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let pair = if mechanism == smtp_proto::AUTH_PLAIN {
             let response = if initial.is_empty() {
                 match self.challenge("").await? {
-                    Some(r) => r,
-                    None => return Ok(Next::Continue),
+                    Challenge::Response(r) => r,
+                    Challenge::Failed => return Ok(Next::Continue),
+                    Challenge::Close => return Ok(Next::Close),
                 }
             } else {
                 initial
@@ -636,14 +680,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         } else if mechanism == smtp_proto::AUTH_LOGIN {
             let user = if initial.is_empty() {
                 match self.challenge("VXNlcm5hbWU6").await? {
-                    Some(r) => r,
-                    None => return Ok(Next::Continue),
+                    Challenge::Response(r) => r,
+                    Challenge::Failed => return Ok(Next::Continue),
+                    Challenge::Close => return Ok(Next::Close),
                 }
             } else {
                 initial
             };
-            let Some(password) = self.challenge("UGFzc3dvcmQ6").await? else {
-                return Ok(Next::Continue);
+            let password = match self.challenge("UGFzc3dvcmQ6").await? {
+                Challenge::Response(r) => r,
+                Challenge::Failed => return Ok(Next::Continue),
+                Challenge::Close => return Ok(Next::Close),
             };
             match (decode_b64(&user), decode_b64(&password)) {
                 (Some(u), Some(p)) => Some((u, p)),
@@ -673,50 +720,72 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(Next::Continue)
     }
 
-    /// Sends a `334` challenge and reads one response line. `None` when the client
-    /// cancelled with `*` or the exchange failed (a reply has been queued).
-    async fn challenge(&mut self, prompt: &'static str) -> io::Result<Option<String>> {
+    /// Sends a `334` challenge and reads one response line.
+    async fn challenge(&mut self, prompt: &'static str) -> io::Result<Challenge> {
         Reply::plain(334, vec![prompt.into()]).write_to(&mut self.wbuf);
         loop {
             match proto::find_line(&self.rbuf[self.rpos..]) {
                 Line::Complete(len) => {
-                    let line = proto::trim_line_end(&self.rbuf[self.rpos..self.rpos + len]).to_vec();
+                    let line =
+                        proto::trim_line_end(&self.rbuf[self.rpos..self.rpos + len]).to_vec();
                     self.rpos += len;
                     if line == b"*" {
                         self.error(501, "5.0.0", "Authentication cancelled");
-                        return Ok(None);
+                        return Ok(Challenge::Failed);
                     }
-                    return Ok(Some(String::from_utf8_lossy(&line).into_owned()));
+                    return Ok(Challenge::Response(
+                        String::from_utf8_lossy(&line).into_owned(),
+                    ));
                 }
                 Line::TooLong => {
-                    self.rbuf.clear();
-                    self.rpos = 0;
                     self.error(500, "5.5.6", "Authentication response too long");
-                    return Ok(None);
+                    return Ok(if self.discard_line().await? {
+                        Challenge::Failed
+                    } else {
+                        Challenge::Close
+                    });
                 }
                 Line::Incomplete => {
-                    self.flush().await?;
-                    if !matches!(self.read_command_input().await?, ReadOutcome::Data) {
-                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no AUTH response"));
+                    if !self.wait_for_command_input().await? {
+                        return Ok(Challenge::Close);
                     }
                 }
             }
         }
     }
 
-    /// Discards input up to and including the next LF; false on EOF or timeout.
-    async fn skip_to_line_end(&mut self) -> io::Result<bool> {
+    /// Discards input up to and including the next LF, reading as needed (an overlong
+    /// line is skipped whole, never reinterpreted from its middle). False when the
+    /// session must end.
+    async fn discard_line(&mut self) -> io::Result<bool> {
         loop {
-            self.flush().await?;
-            if !matches!(self.read_command_input().await?, ReadOutcome::Data) {
-                return Ok(false);
-            }
             if let Some(pos) = memchr::memchr(b'\n', &self.rbuf[self.rpos..]) {
                 self.rpos += pos + 1;
                 return Ok(true);
             }
             self.rbuf.clear();
             self.rpos = 0;
+            if !self.wait_for_command_input().await? {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Flushes pending replies and waits for more command input. False when the session
+    /// must end: EOF, or a timeout or shutdown (a 421 has then been queued).
+    async fn wait_for_command_input(&mut self) -> io::Result<bool> {
+        self.flush().await?;
+        match self.read_command_input().await? {
+            ReadOutcome::Data => Ok(true),
+            ReadOutcome::Eof => Ok(false),
+            ReadOutcome::Timeout => {
+                self.reply(421, "4.4.2", "Timeout exceeded, closing connection");
+                Ok(false)
+            }
+            ReadOutcome::Shutdown => {
+                self.reply(421, "4.3.2", "Service shutting down, closing connection");
+                Ok(false)
+            }
         }
     }
 
@@ -733,8 +802,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.error_reply(Reply::new(code, status, text));
     }
 
+    /// Only permanent (5xx) replies count: a 452 for recipients beyond the limit is the
+    /// normal way to tell a client to send the rest in another transaction.
     fn error_reply(&mut self, reply: Reply) {
-        self.state.errors += 1;
+        if reply.code >= 500 {
+            self.state.errors += 1;
+        }
         reply.write_to(&mut self.wbuf);
     }
 
@@ -793,6 +866,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 }
 
+/// The client's answer to an AUTH challenge.
+enum Challenge {
+    Response(String),
+    /// Cancelled or malformed: a reply has been queued, the session goes on.
+    Failed,
+    /// The session must end (a 421 may have been queued).
+    Close,
+}
+
 enum ReadOutcome {
     Data,
     Eof,
@@ -808,8 +890,15 @@ fn same_address(a: &str, b: &str) -> bool {
     }
 }
 
+/// Printable US-ASCII (RFC 3461 xtext decodes to this), so no CR, LF or other control.
+fn is_printable(text: &str) -> bool {
+    text.bytes().all(|b| (b' '..=b'~').contains(&b))
+}
+
 fn decode_b64(text: &str) -> Option<String> {
-    let bytes = base64::engine::general_purpose::STANDARD.decode(text.trim()).ok()?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .ok()?;
     String::from_utf8(bytes).ok()
 }
 

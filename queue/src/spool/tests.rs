@@ -48,7 +48,10 @@ fn body_for(id: MessageId, len: usize) -> Vec<u8> {
 async fn commit_one(spool: &Spool, due: u64, len: usize) -> MessageId {
     let id = spool.next_id();
     spool
-        .commit(vec![(envelope(id, id, "example.org", due), body_for(id, len))])
+        .commit(vec![(
+            envelope(id, id, "example.org", due),
+            body_for(id, len),
+        )])
         .await
         .unwrap();
     id
@@ -67,7 +70,12 @@ impl Spool {
     }
 
     fn raw_keys(&self) -> Vec<Vec<u8>> {
-        self.inner.db.iter().keys().map(|k| k.unwrap().to_vec()).collect()
+        self.inner
+            .db
+            .iter()
+            .keys()
+            .map(|k| k.unwrap().to_vec())
+            .collect()
     }
 }
 
@@ -91,17 +99,35 @@ async fn commit_then_reopen_is_identical() {
             ])
             .await
             .unwrap();
-        assert_eq!(spool.stats(), SpoolStats { messages: 2, bytes: 10_000 });
+        assert_eq!(
+            spool.stats(),
+            SpoolStats {
+                messages: 2,
+                bytes: 10_000
+            }
+        );
     }
     let spool = Spool::open(dir.path()).unwrap();
     // the spool owns `size`
-    let expect_a = Envelope { size: 5_000, ..env_a };
-    let expect_b = Envelope { size: 5_000, ..env_b };
+    let expect_a = Envelope {
+        size: 5_000,
+        ..env_a
+    };
+    let expect_b = Envelope {
+        size: 5_000,
+        ..env_b
+    };
     assert_eq!(spool.envelope(a).unwrap(), Some(expect_a.clone()));
     assert_eq!(spool.envelope(b).unwrap(), Some(expect_b.clone()));
     assert_eq!(&*spool.body(a).unwrap().unwrap(), &body_a[..]);
     assert_eq!(&*spool.body(b).unwrap().unwrap(), &body_b[..]);
-    assert_eq!(spool.stats(), SpoolStats { messages: 2, bytes: 10_000 });
+    assert_eq!(
+        spool.stats(),
+        SpoolStats {
+            messages: 2,
+            bytes: 10_000
+        }
+    );
     let listed = spool.list().unwrap();
     assert_eq!(listed, vec![expect_a, expect_b]);
     assert!(spool.envelope(spool.next_id()).unwrap().is_none());
@@ -119,9 +145,15 @@ async fn due_before_is_in_due_order_inclusive_and_limited() {
         spool.due_before(2_000, 10).unwrap(),
         vec![(1_000, early), (2_000, mid1), (2_000, mid2)]
     );
-    assert_eq!(spool.due_before(2_000, 2).unwrap(), vec![(1_000, early), (2_000, mid1)]);
+    assert_eq!(
+        spool.due_before(2_000, 2).unwrap(),
+        vec![(1_000, early), (2_000, mid1)]
+    );
     assert_eq!(spool.due_before(999, 10).unwrap(), vec![]);
-    assert_eq!(spool.due_before(u64::MAX, 10).unwrap().last(), Some(&(3_000, late)));
+    assert_eq!(
+        spool.due_before(u64::MAX, 10).unwrap().last(),
+        Some(&(3_000, late))
+    );
 }
 
 #[tokio::test]
@@ -141,13 +173,18 @@ async fn update_moves_the_due_key_and_keeps_size() {
     let stored = spool.envelope(id).unwrap().unwrap();
     assert_eq!(stored.attempts, 1);
     assert_eq!(stored.size, 300);
-    assert_eq!(stored.recipients[0].last_reply.as_deref(), Some("451 try later"));
+    assert_eq!(
+        stored.recipients[0].last_reply.as_deref(),
+        Some("451 try later")
+    );
     let due_keys = spool.raw_keys().into_iter().filter(|k| k[0] == DUE).count();
     assert_eq!(due_keys, 1);
     assert_eq!(spool.stats().bytes, 300);
 
     let missing = envelope(spool.next_id(), id, "example.org", 1);
-    assert!(matches!(spool.update(&missing).await, Err(SpoolError::NotFound(m)) if m == missing.id));
+    assert!(
+        matches!(spool.update(&missing).await, Err(SpoolError::NotFound(m)) if m == missing.id)
+    );
 }
 
 #[tokio::test]
@@ -156,17 +193,38 @@ async fn remove_deletes_all_keys_and_adjusts_stats() {
     let spool = Spool::open(dir.path()).unwrap();
     let keep = commit_one(&spool, 1_000, 700).await;
     let gone = commit_one(&spool, 2_000, 400).await;
-    assert_eq!(spool.stats(), SpoolStats { messages: 2, bytes: 1_100 });
+    assert_eq!(
+        spool.stats(),
+        SpoolStats {
+            messages: 2,
+            bytes: 1_100
+        }
+    );
     spool.remove(gone).await.unwrap();
-    assert_eq!(spool.stats(), SpoolStats { messages: 1, bytes: 700 });
+    assert_eq!(
+        spool.stats(),
+        SpoolStats {
+            messages: 1,
+            bytes: 700
+        }
+    );
     let gone_bytes = gone.to_be_bytes();
     assert!(!spool.raw_keys().iter().any(|k| k.ends_with(&gone_bytes)));
     assert_eq!(spool.raw_keys().len(), 3); // B, D, E of `keep`
     assert!(spool.body(gone).unwrap().is_none());
-    assert!(matches!(spool.remove(gone).await, Err(SpoolError::NotFound(_))));
+    assert!(matches!(
+        spool.remove(gone).await,
+        Err(SpoolError::NotFound(_))
+    ));
     drop(spool);
     let spool = Spool::open(dir.path()).unwrap();
-    assert_eq!(spool.stats(), SpoolStats { messages: 1, bytes: 700 });
+    assert_eq!(
+        spool.stats(),
+        SpoolStats {
+            messages: 1,
+            bytes: 700
+        }
+    );
     assert_eq!(spool.due_before(u64::MAX, 10).unwrap(), vec![(1_000, keep)]);
 }
 
@@ -198,7 +256,10 @@ async fn concurrent_commits_share_fsync_rounds() {
     let stats = spool.commit_stats();
     assert_eq!(stats.writes, WRITERS as u64);
     assert!(rounds >= 1);
-    assert!(rounds < WRITERS as u64, "{rounds} fsync rounds for {WRITERS} commits");
+    assert!(
+        rounds < WRITERS as u64,
+        "{rounds} fsync rounds for {WRITERS} commits"
+    );
     assert_eq!(spool.stats().messages, WRITERS as u64);
 }
 
@@ -231,7 +292,10 @@ fn second_open_in_process_is_in_use() {
     let dir = tempfile::tempdir().unwrap();
     let first = Spool::open(dir.path()).unwrap();
     let err = Spool::open(dir.path()).unwrap_err();
-    assert!(matches!(&err, SpoolError::InUse { path } if path == dir.path()), "{err:?}");
+    assert!(
+        matches!(&err, SpoolError::InUse { path } if path == dir.path()),
+        "{err:?}"
+    );
     assert_eq!(
         err.to_string(),
         format!(
@@ -261,8 +325,15 @@ fn open_from_another_process_is_in_use() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "child failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("probe: in use"), "child did not run the probe: {stdout}");
+    assert!(
+        out.status.success(),
+        "child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("probe: in use"),
+        "child did not run the probe: {stdout}"
+    );
 }
 
 /// Run by `open_from_another_process_is_in_use` in a child process.
@@ -280,13 +351,19 @@ fn probe_open_in_child_process() {
 #[tokio::test]
 async fn ids_stay_monotonic_across_reopen_when_clock_went_back() {
     let dir = tempfile::tempdir().unwrap();
-    let now_us = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64;
+    let now_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
     // As if the previous run's clock was an hour ahead of the current one.
     let future = id_at(now_us + 3_600_000_000, 7);
     {
         let spool = Spool::open(dir.path()).unwrap();
         spool
-            .commit(vec![(envelope(future, future, "example.org", 1), b"x".to_vec())])
+            .commit(vec![(
+                envelope(future, future, "example.org", 1),
+                b"x".to_vec(),
+            )])
             .await
             .unwrap();
     }
@@ -322,7 +399,13 @@ async fn recovery_repairs_orphans_and_missing_due_keys() {
     ];
     expected.sort();
     assert_eq!(spool.raw_keys(), expected);
-    assert_eq!(spool.stats(), SpoolStats { messages: 2, bytes: 150 });
+    assert_eq!(
+        spool.stats(),
+        SpoolStats {
+            messages: 2,
+            bytes: 150
+        }
+    );
     assert_eq!(
         spool.due_before(u64::MAX, 10).unwrap(),
         vec![(1_000, kept), (2_000, unindexed)]
@@ -364,7 +447,10 @@ async fn failed_sync_is_reported_and_poisons_the_spool() {
     // never durable again, even though later fsyncs might succeed
     fs::create_dir(dir.path().join("blobs")).unwrap();
     let second = spool.remove(id).await;
-    assert!(matches!(second, Err(SpoolError::NotDurable(_))), "{second:?}");
+    assert!(
+        matches!(second, Err(SpoolError::NotDurable(_))),
+        "{second:?}"
+    );
     assert!(spool.flush().await.is_err());
 }
 
@@ -377,7 +463,10 @@ async fn concurrent_updates_leave_exactly_one_due_key() {
     let tasks: Vec<_> = (0..32u64)
         .map(|i| {
             let spool = spool.clone();
-            let env = Envelope { next_due_ms: 100 + i, ..base.clone() };
+            let env = Envelope {
+                next_due_ms: 100 + i,
+                ..base.clone()
+            };
             tokio::spawn(async move { spool.update(&env).await.unwrap() })
         })
         .collect();
@@ -385,5 +474,45 @@ async fn concurrent_updates_leave_exactly_one_due_key() {
         task.await.unwrap();
     }
     let stored = spool.envelope(id).unwrap().unwrap();
-    assert_eq!(spool.due_before(u64::MAX, 100).unwrap(), vec![(stored.next_due_ms, id)]);
+    assert_eq!(
+        spool.due_before(u64::MAX, 100).unwrap(),
+        vec![(stored.next_due_ms, id)]
+    );
+    // all applied: the in-flight overlay empties instead of growing
+    let mut inflight = spool.inflight();
+    spool.current(&mut inflight, id).unwrap();
+    assert!(inflight.latest.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_update_and_remove_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let id = commit_one(&spool, 1, 100).await;
+        let env = Envelope {
+            next_due_ms: 1_000 + i,
+            ..spool.envelope(id).unwrap().unwrap()
+        };
+        let (a, b) = (spool.clone(), spool.clone());
+        tasks.push(tokio::spawn(async move {
+            match a.update(&env).await {
+                Ok(()) | Err(SpoolError::NotFound(_)) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }));
+        tasks.push(tokio::spawn(async move { b.remove(id).await.unwrap() }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(spool.raw_keys(), Vec::<Vec<u8>>::new());
+    assert_eq!(
+        spool.stats(),
+        SpoolStats {
+            messages: 0,
+            bytes: 0
+        }
+    );
 }

@@ -1,0 +1,223 @@
+//! The command line: check-config, hash-password, queue list / show.
+
+use crate::harness::*;
+use std::time::Duration;
+use tern_queue::Envelope;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_accepts_the_shipped_example() {
+    let out = run_tern(&["check-config", "--config", "config/tern.toml"], None).await;
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("config/tern.toml: ok"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_reports_every_error_with_its_key_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"
+[server]
+hostname = "bad_host"
+shutdown_grace = "soon"
+
+[[listeners]]
+address = "not-an-address"
+
+[[listeners]]
+address = "127.0.0.1:2525"
+mode = "lmtp"
+
+[relay]
+networks = ["10.0.0.0/33"]
+
+[[auth.users]]
+name = "alice"
+password = "hunter2"
+
+[limits]
+max_recipients = 0
+max_eror = 3
+
+[log]
+level = "verbose"
+"#,
+    )
+    .unwrap();
+    let out = run_tern(&["check-config", "--config", path.to_str().unwrap()], None).await;
+    assert_eq!(out.status.code(), Some(78), "EX_CONFIG: {}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let expected = [
+        "server.hostname: ",
+        "server.shutdown_grace: ",
+        "listeners[0].address: ",
+        "listeners[1].mode: ",
+        "relay.networks[0]: ",
+        "auth.users[0].password: ",
+        "limits.max_recipients: ",
+        "limits.max_eror: unknown key (did you mean `max_errors`?)",
+        "log.level: ",
+    ];
+    for want in expected {
+        assert!(
+            stderr.lines().any(|l| l.trim_start().starts_with(want)),
+            "missing {want:?} on a line of its own:\n{stderr}"
+        );
+    }
+    assert!(
+        stderr.contains(path.to_str().unwrap()),
+        "names the file:\n{stderr}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "nothing on stdout: {}",
+        describe(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_checks_tls_files_and_missing_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tls.toml");
+    std::fs::write(
+        &path,
+        "server.hostname = \"mx.test\"\n[[listeners]]\naddress = \"127.0.0.1:2525\"\n\
+         [tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n",
+    )
+    .unwrap();
+    let out = run_tern(&["check-config", "--config", path.to_str().unwrap()], None).await;
+    assert_eq!(out.status.code(), Some(78), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tls.cert") && stderr.contains("/nonexistent/cert.pem"),
+        "{stderr}"
+    );
+
+    let out = run_tern(
+        &["check-config", "--config", "/nonexistent/tern.toml"],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(78), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tern.toml: no such file"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_password_output_verifies() {
+    let out = run_tern(&["hash-password"], Some(b"correct horse\n")).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    let hash = stdout.trim_end_matches('\n');
+    assert_eq!(hash.lines().count(), 1, "one line: {stdout:?}");
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    assert!(
+        tern::auth::verify_password(hash, "correct horse"),
+        "the printed hash verifies"
+    );
+    assert!(
+        !tern::auth::verify_password(hash, "correct horse\n"),
+        "the newline is not part of it"
+    );
+    assert!(!tern::auth::verify_password(hash, "wrong"));
+    // The hash is accepted in a config file.
+    let text = format!(
+        "server.hostname = \"mx.test\"\n[[listeners]]\naddress = \"127.0.0.1:2525\"\n\
+         [[auth.users]]\nname = \"app\"\npassword_hash = \"{hash}\"\n"
+    );
+    tern::config::Config::parse(&text).expect("hash-password output is a valid password_hash");
+
+    let empty = run_tern(&["hash-password"], Some(b"\n")).await;
+    assert_eq!(
+        empty.status.code(),
+        Some(65),
+        "empty password refused: {}",
+        describe(&empty)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_show_prints_envelope_and_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_bin_config(dir.path(), port, &Options::default());
+    let cfg = config.to_str().unwrap();
+    let mut tern = TernProc::spawn(&config, port, &dir.path().join("tern.log"));
+    let mut c = tern.wait_ready(Duration::from_secs(30)).await;
+    c.ehlo().await;
+    let content = b"From: <a@client.test>\r\nSubject: show-me\r\n\r\nthe body text\r\n".to_vec();
+    c.expect("MAIL FROM:<a@client.test> ENVID=env-1", 250, "2.1.0")
+        .await;
+    c.expect("RCPT TO:<x@sink.test>", 250, "2.1.5").await;
+    c.expect("DATA", 354, "").await;
+    c.send(dot_stuff(&content)).await;
+    let id = c.reply().await.queued_id();
+    c.expect("QUIT", 221, "2.0.0").await;
+    send_signal(tern.pid(), "TERM");
+    let status = tern.wait_exit(Duration::from_secs(15)).await;
+    assert!(status.success(), "{status:?}");
+
+    let id_text = id.to_string();
+    let out = run_tern(&["queue", "show", &id_text, "--config", cfg], None).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    let (json, headers) = stdout
+        .split_once("\n\n")
+        .expect("envelope, blank line, headers");
+    let env: Envelope =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("envelope JSON ({e}): {json}"));
+    assert_eq!(env.id, id);
+    assert_eq!(env.sender, "a@client.test");
+    assert_eq!(env.env_id.as_deref(), Some("env-1"));
+    assert_eq!(env.recipients[0].address, "x@sink.test");
+    assert!(
+        headers.starts_with("Received: from client.test ([127.0.0.1])"),
+        "{headers:?}"
+    );
+    assert!(headers.contains("\r\nSubject: show-me\r\n"), "{headers:?}");
+    assert!(
+        !headers.contains("the body text"),
+        "headers only: {headers:?}"
+    );
+
+    // --body shows the whole stored message; ids are accepted in lowercase too.
+    let lower = id_text.to_ascii_lowercase();
+    let out = run_tern(&["queue", "show", &lower, "--body", "--config", cfg], None).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(out.stdout.ends_with(&content), "{}", describe(&out));
+
+    // The table lists it.
+    let out = run_tern(&["queue", "list", "--config", cfg], None).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&id_text) && l.contains("sink.test")),
+        "{table}"
+    );
+    assert!(table.contains("-- 1 messages"), "{table}");
+
+    // Bad and unknown ids.
+    let out = run_tern(&["queue", "show", "xyz", "--config", cfg], None).await;
+    assert_eq!(out.status.code(), Some(65), "{}", describe(&out));
+    let out = run_tern(
+        &["queue", "show", "0000000000000001", "--config", cfg],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(65), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no message 0000000000000001"),
+        "{}",
+        describe(&out)
+    );
+}

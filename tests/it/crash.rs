@@ -1,0 +1,278 @@
+//! Crash safety of the real binary: SIGKILL under concurrent load loses no acknowledged
+//! message and duplicates none; the restarted daemon recovers the spool, refuses to share
+//! it with `tern queue`, and stops cleanly on SIGTERM.
+
+use crate::harness::*;
+use std::collections::{HashMap, HashSet};
+use std::os::unix::process::ExitStatusExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tern_queue::{Envelope, MessageId, Spool};
+use tokio::net::TcpStream;
+
+const CLIENTS: usize = 16;
+const LOAD: Duration = Duration::from_millis(1500);
+const GRACE_SECS: u64 = 3;
+
+#[derive(Default)]
+struct Record {
+    /// marker -> (queue id, content as sent)
+    acked: HashMap<String, (MessageId, Vec<u8>)>,
+    /// Every marker whose content was (at least partly) sent.
+    sent: HashSet<String>,
+    /// Replies that should never happen to a well-formed message.
+    unexpected: Vec<String>,
+}
+
+fn load_message(marker: &str) -> Vec<u8> {
+    let mut m = format!(
+        "From: <load@client.test>\r\nTo: <rcpt@sink.test>\r\nSubject: {marker}\r\n\
+         Message-ID: <{marker}@client.test>\r\n\r\n"
+    );
+    let mut i = 0;
+    while m.len() < 5000 {
+        m.push_str(&format!(
+            "{marker} line {i:03} {}\r\n",
+            "abcdefghij".repeat(6)
+        ));
+        if i % 10 == 0 {
+            m.push_str(&format!(".{marker} line starting with a dot\r\n"));
+        }
+        i += 1;
+    }
+    m.push_str("end\r\n");
+    m.into_bytes()
+}
+
+/// Submits messages until `stop` or until the connection breaks (the kill).
+async fn load_client(
+    addr: std::net::SocketAddr,
+    n: usize,
+    stop: Arc<AtomicBool>,
+    record: Arc<Mutex<Record>>,
+) {
+    let mut seq = 0;
+    let step = Duration::from_secs(10);
+    while !stop.load(Ordering::SeqCst) {
+        let Ok(Ok(tcp)) = tokio::time::timeout(step, TcpStream::connect(addr)).await else {
+            return;
+        };
+        let _ = tcp.set_nodelay(true);
+        let mut c = Client::new(Box::new(tcp));
+        macro_rules! reply {
+            () => {
+                match tokio::time::timeout(step, c.try_reply()).await {
+                    Ok(Ok(Some(r))) => r,
+                    _ => return,
+                }
+            };
+        }
+        if reply!().code != 220 {
+            return;
+        }
+        if c.try_send(b"EHLO load.test\r\n").await.is_err() || reply!().code != 250 {
+            return;
+        }
+        // A few messages per connection, then a new connection: both paths get load.
+        for _ in 0..20 {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let marker = format!("crash-{n:02}-{seq:05}");
+            seq += 1;
+            let content = load_message(&marker);
+            let cmds =
+                format!("MAIL FROM:<load{n}@client.test>\r\nRCPT TO:<r{n}@sink.test>\r\nDATA\r\n");
+            if c.try_send(cmds.as_bytes()).await.is_err() {
+                return;
+            }
+            for want in [250, 250, 354] {
+                let r = reply!();
+                if r.code != want {
+                    record
+                        .lock()
+                        .unwrap()
+                        .unexpected
+                        .push(format!("{marker}: {:?}", r.lines));
+                    return;
+                }
+            }
+            record.lock().unwrap().sent.insert(marker.clone());
+            if c.try_send(&dot_stuff(&content)).await.is_err() {
+                return;
+            }
+            let r = reply!();
+            let queued = r.code == 250 && r.lines[0].starts_with("250 2.0.0 Ok: queued as ");
+            if !queued {
+                record
+                    .lock()
+                    .unwrap()
+                    .unexpected
+                    .push(format!("{marker}: {:?}", r.lines));
+                return;
+            }
+            let id = r.queued_id();
+            record.lock().unwrap().acked.insert(marker, (id, content));
+        }
+        let _ = c.try_send(b"QUIT\r\n").await;
+    }
+}
+
+fn subject_marker(body: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(body).ok()?;
+    let start = text.find("\r\nSubject: ")? + "\r\nSubject: ".len();
+    let end = start + text[start..].find("\r\n")?;
+    Some(text[start..end].to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_loses_no_acknowledged_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let opts = Options {
+        shutdown_grace: format!("{GRACE_SECS}s"),
+        log_level: "warn".to_string(),
+        ..Options::default()
+    };
+    let config = write_bin_config(dir.path(), port, &opts);
+    let config_arg = config.to_str().unwrap();
+
+    // 1. Load, then SIGKILL in the middle of it.
+    let mut tern = TernProc::spawn(&config, port, &dir.path().join("first.log"));
+    drop(tern.wait_ready(Duration::from_secs(30)).await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let record = Arc::new(Mutex::new(Record::default()));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|n| tokio::spawn(load_client(tern.addr, n, stop.clone(), record.clone())))
+        .collect();
+    tokio::time::sleep(LOAD).await; // the load phase's duration, not a synchronisation
+    tern.child.start_kill().expect("SIGKILL");
+    let status = tern.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.signal(), Some(9), "killed by SIGKILL: {status:?}");
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        tokio::time::timeout(Duration::from_secs(30), c)
+            .await
+            .expect("client notices the kill")
+            .expect("client task");
+    }
+    let record = std::mem::take(&mut *record.lock().unwrap());
+    assert!(
+        record.unexpected.is_empty(),
+        "unexpected replies under load: {:?}",
+        record.unexpected
+    );
+    assert!(
+        record.acked.len() >= CLIENTS,
+        "too little load to prove anything: {} acknowledged messages",
+        record.acked.len()
+    );
+    eprintln!(
+        "crash: {} messages acknowledged, {} sent before SIGKILL",
+        record.acked.len(),
+        record.sent.len()
+    );
+
+    // 2. Restart: recovery, and the spool is exclusively the daemon's.
+    let mut tern = TernProc::spawn(&config, port, &dir.path().join("second.log"));
+    let mut c = tern.wait_ready(Duration::from_secs(30)).await;
+    c.ehlo().await;
+    c.expect("QUIT", 221, "2.0.0").await;
+    let busy = run_tern(&["queue", "list", "--config", config_arg], None).await;
+    assert_eq!(
+        busy.status.code(),
+        Some(75),
+        "queue list on a live spool: {}",
+        describe(&busy)
+    );
+    let stderr = String::from_utf8_lossy(&busy.stderr);
+    assert!(
+        stderr.contains("in use"),
+        "the error says the spool is in use: {}",
+        describe(&busy)
+    );
+
+    // 3. SIGTERM: clean exit within the grace period.
+    send_signal(tern.pid(), "TERM");
+    let status = tern.wait_exit(Duration::from_secs(GRACE_SECS + 5)).await;
+    assert!(
+        status.success(),
+        "exit status after SIGTERM: {status:?}; log:\n{}",
+        tern.log_text()
+    );
+
+    // 4. The stopped spool, through the CLI and directly.
+    let listed = run_tern(&["queue", "list", "--json", "--config", config_arg], None).await;
+    assert!(listed.status.success(), "{}", describe(&listed));
+    let from_cli: Vec<Envelope> = serde_json::from_slice(&listed.stdout).unwrap_or_else(|e| {
+        panic!(
+            "queue list --json is not a JSON envelope array ({e}): {}",
+            describe(&listed)
+        )
+    });
+    let spool = Spool::open(&dir.path().join("spool")).expect("open the stopped spool");
+    let envelopes = sorted(spool.list().unwrap());
+    assert_eq!(
+        sorted(from_cli),
+        envelopes,
+        "the CLI lists exactly the spool's envelopes"
+    );
+    let stats = spool.stats();
+    assert_eq!(
+        stats.messages as usize,
+        envelopes.len(),
+        "stats count the listed envelopes"
+    );
+    let mut by_marker: HashMap<String, Vec<(Envelope, Vec<u8>)>> = HashMap::new();
+    let mut total = 0u64;
+    for env in &envelopes {
+        let body = spool
+            .body(env.id)
+            .unwrap()
+            .expect("every listed envelope has a body")
+            .to_vec();
+        assert_eq!(env.size, body.len() as u64, "{env:?}");
+        total += body.len() as u64;
+        let marker = subject_marker(&body)
+            .unwrap_or_else(|| panic!("no marker in {}", String::from_utf8_lossy(&body)));
+        assert!(
+            record.sent.contains(&marker),
+            "a message nobody sent: {marker}"
+        );
+        by_marker
+            .entry(marker)
+            .or_default()
+            .push((env.clone(), body));
+    }
+    assert_eq!(
+        stats.bytes as u64, total,
+        "stats bytes are the bodies' total"
+    );
+    for (marker, copies) in &by_marker {
+        assert_eq!(copies.len(), 1, "{marker} is stored {} times", copies.len());
+    }
+    let mut lost = Vec::new();
+    for (marker, (id, content)) in &record.acked {
+        let Some(copies) = by_marker.get(marker) else {
+            lost.push(marker.clone());
+            continue;
+        };
+        let (env, body) = &copies[0];
+        assert_eq!(env.id, *id, "{marker}: stored under the acknowledged id");
+        assert_eq!(env.queue_id, *id);
+        assert_eq!(env.recipients.len(), 1);
+        prepended(body, content, false);
+    }
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged messages lost after SIGKILL: {lost:?}",
+        lost.len()
+    );
+    eprintln!(
+        "crash: {} stored after recovery ({} acknowledged, {} in flight at the kill)",
+        envelopes.len(),
+        record.acked.len(),
+        envelopes.len() - record.acked.len()
+    );
+}

@@ -1,0 +1,16 @@
+//! Integration tests of tern: real sockets on 127.0.0.1, a real spool in a temp dir, real
+//! TLS, the in-process daemon and the real binary. One test binary (`cargo test --test it`).
+
+mod harness;
+
+mod bdat;
+mod cli;
+mod crash;
+mod dialogue;
+mod durability;
+mod fuzz;
+mod limits;
+mod python_client;
+mod shutdown;
+mod smuggling;
+mod tls_auth;
