@@ -32,6 +32,7 @@ fn envelope(id: MessageId) -> Envelope {
             protocol: "ESMTPS".into(),
         },
         held: false,
+        delay_notified: false,
     }
 }
 

@@ -1,5 +1,6 @@
-//! Process lifecycle: open the spool (which recovers it), bind the listeners, serve, and on
-//! SIGTERM/SIGINT drain: stop accepting, let sessions finish within the grace period, flush
+//! Process lifecycle: open the spool (which recovers it), start delivery (scheduler, router,
+//! connection pool, delivery log), bind the listeners, serve, and on SIGTERM/SIGINT drain:
+//! stop accepting, let sessions and delivery attempts finish within the grace period, flush
 //! the spool, return.
 //!
 //! [`Daemon::start`] is what tests use in-process (listeners may be bound to port 0; the
@@ -7,13 +8,23 @@
 
 use crate::auth::Credentials;
 use crate::config::Config;
+use crate::delivery::client::{load_roots, ClientSettings, SYSTEM_ROOTS};
+use crate::delivery::dkim::DkimSigners;
+use crate::delivery::dns::HickoryResolver;
+use crate::delivery::log::DeliveryLog;
+use crate::delivery::pool::Pool;
+use crate::delivery::route::Router;
+use crate::delivery::worker::Worker;
 use crate::ingest::Ingest;
 use crate::notify;
+use crate::outcome::Settler;
 use crate::policy::Policy;
+use crate::scheduler::Scheduler;
 use crate::smtp::server::{ConnectionLimits, Server};
 use crate::smtp::session::SessionConfig;
 use anyhow::Context;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tern_queue::Spool;
@@ -26,6 +37,9 @@ use tracing::{info, warn};
 /// A running tern: listeners bound and serving.
 pub struct Daemon {
     spool: Spool,
+    scheduler: Scheduler,
+    pool: Arc<Pool>,
+    delivery_log: DeliveryLog,
     smtp_addresses: Vec<SocketAddr>,
     shutdown: CancellationToken,
     listeners: TaskTracker,
@@ -48,6 +62,87 @@ impl Daemon {
         let stats = spool.stats();
         info!(messages = stats.messages, bytes = stats.bytes, path = %config.spool.path.display(), "spool open");
 
+        let shutdown = CancellationToken::new();
+        let dkim = Arc::new(DkimSigners::load(&config.dkim).map_err(|e| anyhow::anyhow!("{e}"))?);
+        let resolver = HickoryResolver::new(&config.delivery.nameservers)
+            .context("delivery.nameservers: cannot set up the DNS resolver")?;
+        let router = Arc::new(Router::new(
+            &config.routes,
+            config.delivery.tls,
+            Arc::new(resolver),
+        ));
+        let pool = Pool::new(
+            config.delivery.idle_timeout,
+            config.delivery.max_messages_per_connection,
+        );
+        pool.spawn_reaper(shutdown.clone());
+        let mut passwords = std::collections::HashMap::new();
+        for (i, route) in config.routes.iter().enumerate() {
+            if let Some(auth) = &route.auth {
+                let password = std::fs::read_to_string(&auth.password_file).with_context(|| {
+                    format!(
+                        "routes[{i}].auth.password_file: cannot read {}",
+                        auth.password_file.display()
+                    )
+                })?;
+                passwords.insert(
+                    auth.password_file.clone(),
+                    password.trim_end_matches(['\r', '\n']).to_string(),
+                );
+            }
+        }
+        // Verified TLS (routes with tls = "required") trusts the system's CA bundle.
+        let roots = load_roots(Path::new(SYSTEM_ROOTS)).unwrap_or_else(|err| {
+            warn!(path = SYSTEM_ROOTS, error = %err, "no CA bundle: required TLS will fail");
+            rustls::RootCertStore::empty()
+        });
+        let settings = ClientSettings::new(
+            config.server.hostname.clone(),
+            config.delivery.timeouts,
+            roots,
+        );
+        let worker = Arc::new(Worker::new(
+            router.clone(),
+            pool.clone(),
+            settings,
+            &config.delivery,
+            passwords,
+        ));
+        if let Some(dir) = config.delivery.log_path.as_deref().and_then(Path::parent) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("delivery.log_path: cannot create {}", dir.display()))?;
+        }
+        let delivery_log =
+            DeliveryLog::open(config.delivery.log_path.as_deref()).with_context(|| {
+                format!(
+                    "delivery.log_path: cannot open {:?}",
+                    config.delivery.log_path
+                )
+            })?;
+        let (new_mail, new_mail_rx) = tokio::sync::mpsc::unbounded_channel();
+        let ingest = Ingest::new(
+            spool.clone(),
+            config.server.hostname.clone(),
+            config.spool.max_age,
+        )
+        .with_dkim(dkim)
+        .with_scheduler(new_mail);
+        let settler = Arc::new(Settler::new(
+            spool.clone(),
+            ingest.clone(),
+            delivery_log.clone(),
+            config.delivery.clone(),
+            config.server.hostname.clone(),
+        ));
+        let scheduler = Scheduler::start(
+            spool.clone(),
+            router,
+            worker,
+            settler,
+            config.delivery.clone(),
+            new_mail_rx,
+        );
+
         let credentials = (!config.auth.users.is_empty())
             .then(|| Arc::new(Credentials::from_config(&config.auth)));
         let session_config = Arc::new(SessionConfig {
@@ -56,13 +151,8 @@ impl Daemon {
             policy: Policy::from_config(&config),
             credentials,
             starttls: tls.is_some(),
-            ingest: Ingest::new(
-                spool.clone(),
-                config.server.hostname.clone(),
-                config.spool.max_age,
-            ),
+            ingest,
         });
-        let shutdown = CancellationToken::new();
         let sessions = TaskTracker::new();
         let server = Arc::new(Server {
             config: session_config,
@@ -92,6 +182,9 @@ impl Daemon {
         listeners.close();
         Ok(Daemon {
             spool,
+            scheduler,
+            pool,
+            delivery_log,
             smtp_addresses,
             shutdown,
             listeners,
@@ -106,6 +199,10 @@ impl Daemon {
 
     pub fn spool(&self) -> &Spool {
         &self.spool
+    }
+
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
     }
 
     /// Stops accepting, waits up to the grace period for sessions, flushes the spool.
@@ -124,6 +221,11 @@ impl Daemon {
                 "grace period over, closing remaining sessions"
             );
         }
+        // Attempts in flight finish (their own timeouts bound them) or are abandoned: an
+        // abandoned attempt leaves its message pending in the spool, to be retried.
+        self.scheduler.shutdown(self.grace).await;
+        self.pool.close_all().await;
+        self.delivery_log.flush().await;
         self.spool.flush().await.context("final spool flush")?;
         info!("stopped");
         Ok(())

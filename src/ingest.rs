@@ -4,11 +4,17 @@
 //! submissions that lack them, splits the recipients by destination domain (one envelope per
 //! destination, so exactly one delivery worker ever owns an envelope), and commits all parts
 //! in one atomic, fsync'd spool write. [`Ingest::accept`] returns only once the message is
-//! durable: that is what allows the session to say 250.
+//! durable: that is what allows the session to say 250. Messages whose From domain has DKIM
+//! keys are signed here, once, so retries never sign again. Committed parts are handed to the
+//! scheduler.
 
+use crate::delivery::dkim::DkimSigners;
+use crate::scheduler::NewMessage;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tern_queue::{BodyType, Envelope, MessageId, Recipient, Ret, Source, Spool, SpoolError};
+use tokio::sync::mpsc;
 
 /// TLS parameters of the session, for the Received header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +44,8 @@ pub struct Ingest {
     spool: Spool,
     hostname: String,
     max_age: Duration,
+    dkim: Option<Arc<DkimSigners>>,
+    scheduler: Option<mpsc::UnboundedSender<Vec<NewMessage>>>,
 }
 
 impl Ingest {
@@ -46,7 +54,21 @@ impl Ingest {
             spool,
             hostname,
             max_age,
+            dkim: None,
+            scheduler: None,
         }
+    }
+
+    /// Signs accepted mail with these keys (when its From domain has any).
+    pub fn with_dkim(mut self, signers: Arc<DkimSigners>) -> Ingest {
+        self.dkim = (!signers.is_empty()).then_some(signers);
+        self
+    }
+
+    /// Hands every committed message to the scheduler through `tx`.
+    pub fn with_scheduler(mut self, tx: mpsc::UnboundedSender<Vec<NewMessage>>) -> Ingest {
+        self.scheduler = Some(tx);
+        self
     }
 
     pub fn spool(&self) -> &Spool {
@@ -82,9 +104,28 @@ impl Ingest {
                 head.push_str(&format!("Message-ID: <{}@{}>\r\n", queue_id, self.hostname));
             }
         }
-        let mut body = Vec::with_capacity(head.len() + sub.content.len());
+        let mut body = Vec::with_capacity(head.len() + sub.content.len() + 512);
         body.extend_from_slice(head.as_bytes());
         body.extend_from_slice(&sub.content);
+        if let Some(dkim) = &self.dkim {
+            // Signing is CPU work (RSA especially): keep it off the async workers.
+            let (dkim, message) = (dkim.clone(), body);
+            let (signature, message) = tokio::task::spawn_blocking(move || {
+                let signature = dkim.sign(&message);
+                (signature, message)
+            })
+            .await
+            .map_err(|e| SpoolError::Sled(format!("DKIM signing task failed: {e}")))?;
+            body = match signature {
+                Some(signature) => {
+                    let mut signed = Vec::with_capacity(signature.len() + message.len());
+                    signed.extend_from_slice(signature.as_bytes());
+                    signed.extend_from_slice(&message);
+                    signed
+                }
+                None => message,
+            };
+        }
 
         let expires_ms = now_ms.saturating_add(self.max_age.as_millis() as u64);
         let mut parts = Vec::with_capacity(groups.len());
@@ -115,10 +156,23 @@ impl Ingest {
                 attempts: 0,
                 source: sub.source.clone(),
                 held: false,
+                delay_notified: false,
             };
             parts.push((envelope, part_body));
         }
+        let new: Vec<NewMessage> = parts
+            .iter()
+            .map(|(env, _)| NewMessage {
+                id: env.id,
+                domain: env.destination.clone(),
+            })
+            .collect();
         self.spool.commit(parts).await?;
+        if let Some(tx) = &self.scheduler {
+            // Only fails when the scheduler is gone (shutdown): the mail is durable and the
+            // due loader picks it up at the next start.
+            let _ = tx.send(new);
+        }
         Ok(queue_id)
     }
 }

@@ -6,7 +6,11 @@
 //! - [`smtp`]: the SMTP server: sans-IO protocol pieces, listeners and the session state machine.
 //! - [`policy`]: relay access and per-message limits, answered as [`smtp::reply::Reply`] values.
 //! - [`ingest`]: the "cleanup" stage: trace headers, split by destination, durable commit.
-//! - [`daemon`]: process lifecycle: open spool, bind, sd_notify, signals, drain.
+//! - [`scheduler`]: ready queues per destination, due timers, workers, watchdog.
+//! - [`delivery`]: routing (static routes, MX), the outbound SMTP client and pool, DKIM,
+//!   one attempt of one envelope, the delivery log.
+//! - [`outcome`]: per-recipient results applied to the spool, retries, expiry, DSNs.
+//! - [`daemon`]: process lifecycle: open spool, start delivery, bind, sd_notify, signals, drain.
 //! - [`notify`]: the systemd notification protocol (READY=1, STOPPING=1).
 //!
 //! The durable spool is the separate crate `tern-queue`, the only code that touches sled.
@@ -14,7 +18,10 @@
 pub mod auth;
 pub mod config;
 pub mod daemon;
+pub mod delivery;
 pub mod ingest;
 pub mod notify;
+pub mod outcome;
 pub mod policy;
+pub mod scheduler;
 pub mod smtp;

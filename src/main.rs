@@ -1,5 +1,5 @@
 //! The `tern` command line: `serve`, `check-config`, `queue list|show` (offline, while the
-//! daemon is stopped), `hash-password`.
+//! daemon is stopped), `hash-password`, `dkim keygen`.
 //!
 //! Exit codes follow sysexits.h: 0 ok, 1 runtime failure, 64 usage, 65 bad input,
 //! 75 temporary (spool in use), 78 configuration error.
@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use tern::config::{Config, LogConfig, LogFormat};
+use tern::config::{Config, ConfigErrors, LogConfig, LogFormat};
 use tern_queue::{MessageId, Spool, SpoolError};
 
 const EX_DATAERR: u8 = 65;
@@ -45,6 +45,37 @@ enum Command {
     },
     /// Read a password from standard input and print its argon2id hash for `auth.users`.
     HashPassword,
+    /// DKIM signing keys.
+    Dkim {
+        #[command(subcommand)]
+        command: DkimCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DkimCommand {
+    /// Generate a signing key (PKCS#8 PEM, mode 0600; an existing file is never overwritten)
+    /// and print the DNS TXT record that publishes it.
+    Keygen {
+        #[arg(long)]
+        domain: String,
+        #[arg(long)]
+        selector: String,
+        #[arg(long, value_enum)]
+        algorithm: DkimKeyAlgorithm,
+        /// RSA key size: 2048, 3072, 4096 or 8192 (ignored for Ed25519).
+        #[arg(long, default_value_t = 2048)]
+        bits: usize,
+        /// Where to write the private key. Default `./DOMAIN.SELECTOR.pem`.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DkimKeyAlgorithm {
+    Ed25519,
+    Rsa,
 }
 
 #[derive(Subcommand)]
@@ -80,12 +111,32 @@ fn main() -> ExitCode {
         },
         Command::Queue { command } => queue(command),
         Command::HashPassword => hash_password(),
+        Command::Dkim {
+            command:
+                DkimCommand::Keygen {
+                    domain,
+                    selector,
+                    algorithm,
+                    bits,
+                    out,
+                },
+        } => dkim_keygen(&domain, &selector, algorithm, bits, out),
     }
 }
 
-/// Loads and fully checks a config (including TLS files); prints every error.
+/// Loads and fully checks a config (including TLS and DKIM key files); prints every error.
 fn load(path: &Path) -> Result<Config, ExitCode> {
-    let config = Config::load(path).and_then(|c| c.check_files().map(|()| c));
+    let config = Config::load(path).and_then(|c| {
+        let mut errors = c.check_files().err().map(|e| e.0).unwrap_or_default();
+        if let Err(e) = tern::delivery::dkim::DkimSigners::load(&c.dkim) {
+            errors.extend(e.0);
+        }
+        if errors.is_empty() {
+            Ok(c)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    });
     config.map_err(|errors| {
         eprintln!("{}: configuration errors:\n{errors}", path.display());
         ExitCode::from(EX_CONFIG)
@@ -238,5 +289,77 @@ fn hash_password() -> ExitCode {
         return ExitCode::from(EX_DATAERR);
     }
     println!("{}", tern::auth::hash_password(password));
+    ExitCode::SUCCESS
+}
+
+/// `tern dkim keygen`: the key goes to a new file readable only by its owner, the record to
+/// stdout (so it can be piped), everything else to stderr.
+fn dkim_keygen(
+    domain: &str,
+    selector: &str,
+    algorithm: DkimKeyAlgorithm,
+    bits: usize,
+    out: Option<PathBuf>,
+) -> ExitCode {
+    use std::os::unix::fs::OpenOptionsExt;
+    use tern::delivery::dkim::{generate_key, zone_record, KeyAlgorithm, KeyError};
+    const EX_USAGE: u8 = 64;
+
+    // Both names end up in a DNS name and in the default file name.
+    let dns_name = |name: &str| {
+        name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+    };
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    for (what, name) in [("domain", domain.as_str()), ("selector", selector)] {
+        if !dns_name(name) {
+            eprintln!("tern: invalid {what} {name:?}: letters, digits, '-' and '.' only");
+            return ExitCode::from(EX_USAGE);
+        }
+    }
+    let algorithm = match algorithm {
+        DkimKeyAlgorithm::Ed25519 => KeyAlgorithm::Ed25519,
+        DkimKeyAlgorithm::Rsa => KeyAlgorithm::Rsa { bits },
+    };
+    let key = match generate_key(algorithm) {
+        Ok(key) => key,
+        Err(err) => {
+            eprintln!("tern: {err}");
+            return match err {
+                KeyError::RsaKeySize(_) => ExitCode::from(EX_USAGE),
+                _ => ExitCode::FAILURE,
+            };
+        }
+    };
+    let path = out.unwrap_or_else(|| PathBuf::from(format!("{domain}.{selector}.pem")));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut file| {
+            file.write_all(key.private_key_pem.as_bytes())
+                .and_then(|()| file.sync_all())
+                .inspect_err(|_| {
+                    let _ = std::fs::remove_file(&path);
+                })
+        });
+    if let Err(err) = written {
+        let why = match err.kind() {
+            std::io::ErrorKind::AlreadyExists => "already exists, not overwritten".to_owned(),
+            _ => err.to_string(),
+        };
+        eprintln!("tern: {}: {why}", path.display());
+        return ExitCode::FAILURE;
+    }
+    eprintln!(
+        "tern: private key written to {} (mode 0600); publish this DNS record:",
+        path.display()
+    );
+    println!("{}", zone_record(&domain, selector, &key.txt_value));
     ExitCode::SUCCESS
 }

@@ -49,6 +49,9 @@ pub struct Envelope {
     /// Held messages stay spooled but are not attempted.
     #[serde(default)]
     pub held: bool,
+    /// A "delayed" DSN was sent for this envelope; at most one is.
+    #[serde(default)]
+    pub delay_notified: bool,
 }
 
 /// One recipient of an envelope.

@@ -16,8 +16,14 @@
 //! To add a section: a struct, a `compile_<section>(r: &mut TableReader) -> Section` function,
 //! and one line in [`compile_config`].
 
+mod delivery;
 mod reader;
 mod tls;
+
+pub use self::delivery::{
+    DeliveryConfig, DkimConfig, RouteAuth, SmtpTimeouts, TlsPolicy, DEFAULT_DKIM_HEADERS,
+    DEFAULT_DKIM_OVERSIGN,
+};
 
 use std::collections::HashMap;
 use std::fmt;
@@ -46,6 +52,9 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Static routes, domains unique.
     pub routes: Vec<RouteConfig>,
+    pub delivery: DeliveryConfig,
+    /// DKIM signing keys, `[[dkim]]`; several per domain allowed.
+    pub dkim: Vec<DkimConfig>,
     pub log: LogConfig,
 }
 
@@ -181,6 +190,10 @@ pub struct RouteConfig {
     /// `host:port` strings (host a DNS name, IPv4 address or `[IPv6]`), at least one, in order
     /// of preference.
     pub hosts: Vec<String>,
+    /// STARTTLS policy for this route; `None` means `delivery.tls`.
+    pub tls: Option<TlsPolicy>,
+    /// AUTH credentials for a smarthost (sent only over TLS).
+    pub auth: Option<RouteAuth>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -285,6 +298,12 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
         .into_iter()
         .flatten()
         .collect();
+    let delivery = r.section("delivery", delivery::compile_delivery);
+    let dkim = r
+        .tables("dkim", delivery::compile_dkim)
+        .into_iter()
+        .flatten()
+        .collect();
     let log = r.section("log", compile_log);
 
     Config {
@@ -297,6 +316,8 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
         spool,
         admin,
         routes,
+        delivery,
+        dkim,
         log,
     }
 }
@@ -489,6 +510,10 @@ fn compile_route(
         domain => check_dns_name(domain).map(|()| domain.to_ascii_lowercase()),
     });
     let hosts = r.require_list("hosts", host_port);
+    let tls = r.get("tls", delivery::tls_policy);
+    let auth = r
+        .optional_section("auth", delivery::compile_route_auth)
+        .flatten();
     let domain = domain?;
     if let Some(first) = domains.get(&domain) {
         let msg = format!("duplicate route for {domain:?} (already defined by {first})");
@@ -499,6 +524,8 @@ fn compile_route(
     Some(RouteConfig {
         domain,
         hosts: hosts?,
+        tls,
+        auth,
     })
 }
 
@@ -679,9 +706,13 @@ mod tests {
             config.routes,
             [RouteConfig {
                 domain: "sink.test".to_owned(),
-                hosts: vec!["127.0.0.1:2526".to_owned()]
+                hosts: vec!["127.0.0.1:2526".to_owned()],
+                tls: None,
+                auth: None,
             }]
         );
+        assert_eq!(config.delivery, DeliveryConfig::default());
+        assert!(config.dkim.is_empty());
         assert_eq!(config.log, LogConfig::default());
     }
 
@@ -946,5 +977,93 @@ mod tests {
         for bad in ["", "verbose", "info,", "=debug", "tern=loud"] {
             assert!(check_log_filter(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn delivery_sections_report_every_error_with_its_path() {
+        let text = r#"
+            [[listeners]]
+            address = "127.0.0.1:2525"
+            [server]
+            hostname = "mx.test"
+            [delivery]
+            retry_initial = "10m"
+            retry_max = "5m"
+            retry_factor = 0
+            delay_notice_after = "off"
+            tls = "sometimes"
+            nameservers = ["127.0.0.1:5353", "not-an-ip"]
+            log_path = "off"
+            [delivery.timeouts]
+            data_end = "0s"
+            [[routes]]
+            domain = "smarthost.test"
+            hosts = ["10.0.0.1:587"]
+            tls = "required"
+            [routes.auth]
+            username = "relay"
+            password = "secret"
+            [[dkim]]
+            domain = "example.com"
+            key = "/etc/tern/k.pem"
+            headers = ["subject"]
+        "#;
+        let errors = Config::parse(text).unwrap_err().0;
+        let expect = [
+            "delivery.retry_max: must not be shorter than retry_initial",
+            "delivery.retry_factor: must be between 1 and 10",
+            "delivery.tls: unknown TLS policy",
+            "delivery.nameservers[1]: invalid nameserver",
+            "delivery.timeouts.data_end:",
+            "routes[0].auth.password:",
+            "routes[0].auth.password_file:",
+            "dkim[0].selector:",
+        ];
+        for e in expect {
+            assert!(
+                errors.iter().any(|x| x.starts_with(e)),
+                "missing {e:?} in {errors:#?}"
+            );
+        }
+        assert_eq!(errors.len(), expect.len(), "{errors:#?}");
+    }
+
+    #[test]
+    fn delivery_sections_compile() {
+        let text = r#"
+            [[listeners]]
+            address = "127.0.0.1:2525"
+            [server]
+            hostname = "mx.test"
+            [delivery]
+            delay_notice_after = "off"
+            nameservers = ["127.0.0.1"]
+            log_path = "off"
+            [[routes]]
+            domain = "*"
+            hosts = ["smarthost.test:587"]
+            tls = "required"
+            [routes.auth]
+            username = "relay"
+            password_file = "/etc/tern/relay.pass"
+            [[dkim]]
+            domain = "Example.COM"
+            selector = "20240101"
+            key = "/etc/tern/k.pem"
+            headers = ["Subject"]
+        "#;
+        let config = Config::parse(text).unwrap();
+        assert_eq!(config.delivery.delay_notice_after, None);
+        assert_eq!(config.delivery.log_path, None);
+        assert_eq!(
+            config.delivery.nameservers,
+            ["127.0.0.1:53".parse().unwrap()]
+        );
+        assert_eq!(config.routes[0].tls, Some(TlsPolicy::Required));
+        assert_eq!(config.routes[0].auth.as_ref().unwrap().username, "relay");
+        let dkim = &config.dkim[0];
+        assert_eq!(dkim.domain, "example.com");
+        assert_eq!(dkim.headers, ["from", "subject"]);
+        assert_eq!(dkim.oversign.len(), DEFAULT_DKIM_OVERSIGN.len());
     }
 }

@@ -128,6 +128,12 @@ pub struct Options {
     pub limits: Vec<(String, String)>,
     pub shutdown_grace: String,
     pub log_level: String,
+    /// `[delivery]` keys as TOML literals; delivery starts suspended unless a test turns it on.
+    pub delivery: Vec<(String, String)>,
+    /// `[[routes]]`: (domain, host:port).
+    pub routes: Vec<(String, String)>,
+    /// `[[dkim]]` entries as raw TOML bodies.
+    pub dkim: Vec<String>,
 }
 
 impl Default for Options {
@@ -140,6 +146,9 @@ impl Default for Options {
             limits: Vec::new(),
             shutdown_grace: "3s".to_string(),
             log_level: "info".to_string(),
+            delivery: vec![("suspended".to_string(), "true".to_string())],
+            routes: vec![("sink.test".to_string(), "127.0.0.1:2526".to_string())],
+            dkim: Vec::new(),
         }
     }
 }
@@ -163,6 +172,33 @@ impl Options {
 
     pub fn auth(mut self) -> Self {
         self.auth = true;
+        self
+    }
+
+    /// Turns delivery on (it starts suspended in tests that only look at the spool).
+    pub fn deliver(mut self) -> Self {
+        self.delivery.retain(|(k, _)| k != "suspended");
+        self
+    }
+
+    /// Sets a `[delivery]` key; `value` is a TOML literal.
+    pub fn delivery(mut self, key: &str, value: impl ToString) -> Self {
+        self.delivery.retain(|(k, _)| k != key);
+        self.delivery.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Routes `domain` to `host_port` (replacing the default sink.test route on first use).
+    pub fn route(mut self, domain: &str, host_port: impl ToString) -> Self {
+        self.routes.retain(|(d, _)| d != domain && d != "sink.test");
+        self.routes
+            .push((domain.to_string(), host_port.to_string()));
+        self
+    }
+
+    /// Adds a `[[dkim]]` entry (the TOML lines of its body).
+    pub fn dkim(mut self, body: impl ToString) -> Self {
+        self.dkim.push(body.to_string());
         self
     }
 
@@ -222,11 +258,19 @@ impl Options {
         writeln!(t, "\n[spool]\npath = {:?}\n", spool.display().to_string()).unwrap();
         // Port 0: never collides with another test (nothing binds it today anyway).
         writeln!(t, "[admin]\naddress = \"127.0.0.1:0\"\n").unwrap();
-        writeln!(
-            t,
-            "[[routes]]\ndomain = \"sink.test\"\nhosts = [\"127.0.0.1:2526\"]\n"
-        )
-        .unwrap();
+        for (domain, host) in &self.routes {
+            writeln!(t, "[[routes]]\ndomain = {domain:?}\nhosts = [{host:?}]\n").unwrap();
+        }
+        writeln!(t, "[delivery]").unwrap();
+        let log = dir.join("delivery.log");
+        writeln!(t, "log_path = {:?}", log.display().to_string()).unwrap();
+        for (k, v) in &self.delivery {
+            writeln!(t, "{k} = {v}").unwrap();
+        }
+        for body in &self.dkim {
+            writeln!(t, "\n[[dkim]]\n{body}").unwrap();
+        }
+        writeln!(t).unwrap();
         writeln!(
             t,
             "[log]\nformat = \"text\"\nlevel = \"{}\"",

@@ -1,16 +1,21 @@
 //! Integration tests of tern: real sockets on 127.0.0.1, a real spool in a temp dir, real
 //! TLS, the in-process daemon and the real binary. One test binary (`cargo test --test it`).
 
+mod dns_server;
 mod harness;
+mod sink;
 
 mod bdat;
 mod cli;
+mod client;
 mod crash;
 mod dialogue;
+mod dkim;
 mod durability;
 mod fuzz;
 mod limits;
 mod python_client;
+mod routing;
 mod shutdown;
 mod smuggling;
 mod tls_auth;

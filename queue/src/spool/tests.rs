@@ -36,6 +36,7 @@ fn envelope(id: MessageId, queue_id: MessageId, destination: &str, due: u64) -> 
             protocol: "ESMTPS".into(),
         },
         held: false,
+        delay_notified: false,
     }
 }
 

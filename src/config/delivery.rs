@@ -1,0 +1,354 @@
+//! The outbound sections: `[delivery]` (scheduler, retries, SMTP client, DNS, delivery log),
+//! the per-route TLS policy and smarthost credentials, and `[[dkim]]` signing keys.
+//!
+//! Only syntax and ranges are checked here; DKIM key files are loaded and checked by
+//! `delivery::dkim` at start (and by `check-config`), like TLS files.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use toml::Value;
+
+use super::reader::{count, duration, nonzero, string, TableReader};
+use super::{check_dns_name, path};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryConfig {
+    /// Start with delivery suspended: mail is accepted and spooled, nothing is attempted.
+    /// Default false.
+    pub suspended: bool,
+    /// First retry delay after a temporary failure. Default 5m.
+    pub retry_initial: Duration,
+    /// Longest retry delay. Default 4h.
+    pub retry_max: Duration,
+    /// Each retry delay is the previous one times this, capped at `retry_max`. Default 2.
+    pub retry_factor: u32,
+    /// Send one "delayed" DSN (for recipients that asked with NOTIFY=DELAY, the default) once
+    /// a message has been undelivered this long. Default 4h; `"off"` disables.
+    pub delay_notice_after: Option<Duration>,
+    /// Concurrent outbound connections per destination (MX host set). Default 16.
+    pub max_connections_per_destination: usize,
+    /// Messages sent over one connection before it is closed. Default 100.
+    pub max_messages_per_connection: usize,
+    /// How long an idle outbound connection is kept for reuse. Default 30s.
+    pub idle_timeout: Duration,
+    /// Default STARTTLS policy for destinations without a route of their own. Default
+    /// opportunistic.
+    pub tls: TlsPolicy,
+    /// After a failed TLS handshake, how long a host is sent plain text (opportunistic TLS
+    /// only). Default 1h.
+    pub broken_tls_retry: Duration,
+    pub timeouts: SmtpTimeouts,
+    /// DNS servers (IP:port) for MX and address lookups. Default: empty, use /etc/resolv.conf.
+    pub nameservers: Vec<SocketAddr>,
+    /// One JSON line per delivery attempt. Default `./data/delivery.log`; `"off"` disables.
+    pub log_path: Option<PathBuf>,
+    /// A destination with ready mail and no finished attempt for this long is reported and
+    /// its workers restarted. Default 5m.
+    pub watchdog: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            suspended: false,
+            retry_initial: Duration::from_secs(5 * 60),
+            retry_max: Duration::from_secs(4 * 3600),
+            retry_factor: 2,
+            delay_notice_after: Some(Duration::from_secs(4 * 3600)),
+            max_connections_per_destination: 16,
+            max_messages_per_connection: 100,
+            idle_timeout: Duration::from_secs(30),
+            tls: TlsPolicy::Opportunistic,
+            broken_tls_retry: Duration::from_secs(3600),
+            timeouts: SmtpTimeouts::default(),
+            nameservers: Vec::new(),
+            log_path: Some(PathBuf::from("./data/delivery.log")),
+            watchdog: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+/// Client-side SMTP timeouts; the defaults are RFC 5321 4.5.3.2's minimums.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SmtpTimeouts {
+    /// TCP connect. Default 30s.
+    pub connect: Duration,
+    /// Waiting for the 220 greeting. Default 5m.
+    pub greeting: Duration,
+    /// EHLO/HELO, STARTTLS and AUTH replies, and the TLS handshake. Default 5m.
+    pub ehlo: Duration,
+    /// MAIL FROM reply. Default 5m.
+    pub mail: Duration,
+    /// Each RCPT TO reply. Default 5m.
+    pub rcpt: Duration,
+    /// The 354 reply to DATA. Default 2m.
+    pub data_init: Duration,
+    /// Writing each block of message data. Default 3m.
+    pub data_block: Duration,
+    /// The reply after the final dot. Default 10m.
+    pub data_end: Duration,
+}
+
+impl Default for SmtpTimeouts {
+    fn default() -> Self {
+        let m = |n: u64| Duration::from_secs(n * 60);
+        SmtpTimeouts {
+            connect: Duration::from_secs(30),
+            greeting: m(5),
+            ehlo: m(5),
+            mail: m(5),
+            rcpt: m(5),
+            data_init: m(2),
+            data_block: m(3),
+            data_end: m(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// `"opportunistic"`: STARTTLS when offered, certificate not verified (RFC 7435); on a
+    /// TLS failure, retry in plain text and remember the host for `broken_tls_retry`.
+    Opportunistic,
+    /// `"required"`: no delivery without STARTTLS and a certificate valid for the host name.
+    Required,
+    /// `"disabled"`: never STARTTLS.
+    Disabled,
+}
+
+/// Credentials for a smarthost route. The password must be stored in a form we can send, so
+/// it is read from a file (`password_file`) rather than written into the config.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RouteAuth {
+    pub username: String,
+    pub password_file: PathBuf,
+}
+
+impl fmt::Debug for RouteAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouteAuth")
+            .field("username", &self.username)
+            .field("password_file", &self.password_file)
+            .finish()
+    }
+}
+
+/// One DKIM signing key: mail whose From domain is `domain` is signed with it. Several
+/// entries for one domain give several signatures (e.g. RSA and Ed25519).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DkimConfig {
+    pub domain: String,
+    pub selector: String,
+    /// PEM private key: RSA (2048 bits or more) or Ed25519 (PKCS#8); the algorithm follows
+    /// the key.
+    pub key_path: PathBuf,
+    /// Header fields to sign, lowercase. `From` is always included.
+    pub headers: Vec<String>,
+    /// Header fields signed once more than they occur, so none can be added in transit.
+    pub oversign: Vec<String>,
+}
+
+/// Headers signed by default: the ones a reader sees or a filter judges.
+pub const DEFAULT_DKIM_HEADERS: &[&str] = &[
+    "from",
+    "to",
+    "cc",
+    "subject",
+    "date",
+    "message-id",
+    "reply-to",
+    "in-reply-to",
+    "references",
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
+];
+
+/// Over-signed by default (RFC 6376 8.15 / 5.4).
+pub const DEFAULT_DKIM_OVERSIGN: &[&str] = &["from", "subject", "to", "date", "list-unsubscribe"];
+
+pub(super) fn compile_delivery(r: &mut TableReader<'_>) -> DeliveryConfig {
+    let d = DeliveryConfig::default();
+    let positive_duration = |v: &Value| duration(v).and_then(nonzero);
+    let positive_count = |v: &Value| count(v).and_then(nonzero);
+    let retry_initial = r
+        .get("retry_initial", positive_duration)
+        .unwrap_or(d.retry_initial);
+    let retry_max = r.get("retry_max", positive_duration).unwrap_or(d.retry_max);
+    if retry_max < retry_initial {
+        r.error("retry_max", "must not be shorter than retry_initial");
+    }
+    let retry_factor = r
+        .get("retry_factor", |v| match count(v)? {
+            n @ 1..=10 => Ok(n as u32),
+            _ => Err("must be between 1 and 10".to_owned()),
+        })
+        .unwrap_or(d.retry_factor);
+    let delay_notice_after = r
+        .get("delay_notice_after", off_or(positive_duration))
+        .unwrap_or(d.delay_notice_after);
+    let timeouts = r.section("timeouts", compile_timeouts);
+    DeliveryConfig {
+        suspended: r
+            .get("suspended", |v| {
+                v.as_bool()
+                    .ok_or_else(|| "expected true or false".to_owned())
+            })
+            .unwrap_or(d.suspended),
+        retry_initial,
+        retry_max,
+        retry_factor,
+        delay_notice_after,
+        max_connections_per_destination: r
+            .get("max_connections_per_destination", positive_count)
+            .unwrap_or(d.max_connections_per_destination),
+        max_messages_per_connection: r
+            .get("max_messages_per_connection", positive_count)
+            .unwrap_or(d.max_messages_per_connection),
+        idle_timeout: r.get("idle_timeout", duration).unwrap_or(d.idle_timeout),
+        tls: r.get("tls", tls_policy).unwrap_or(d.tls),
+        broken_tls_retry: r
+            .get("broken_tls_retry", duration)
+            .unwrap_or(d.broken_tls_retry),
+        timeouts,
+        nameservers: r
+            .list("nameservers", |v| {
+                let s = string(v)?;
+                s.parse::<SocketAddr>()
+                    .or_else(|_| {
+                        s.parse::<std::net::IpAddr>()
+                            .map(|ip| SocketAddr::new(ip, 53))
+                    })
+                    .map_err(|_| format!("invalid nameserver {s:?} (expected IP or IP:port)"))
+            })
+            .unwrap_or(d.nameservers),
+        log_path: r.get("log_path", off_or(super::path)).unwrap_or(d.log_path),
+        watchdog: r.get("watchdog", positive_duration).unwrap_or(d.watchdog),
+    }
+}
+
+fn compile_timeouts(r: &mut TableReader<'_>) -> SmtpTimeouts {
+    let d = SmtpTimeouts::default();
+    let mut get = |key: &'static str, default: Duration| {
+        r.get(key, |v| duration(v).and_then(nonzero))
+            .unwrap_or(default)
+    };
+    SmtpTimeouts {
+        connect: get("connect", d.connect),
+        greeting: get("greeting", d.greeting),
+        ehlo: get("ehlo", d.ehlo),
+        mail: get("mail", d.mail),
+        rcpt: get("rcpt", d.rcpt),
+        data_init: get("data_init", d.data_init),
+        data_block: get("data_block", d.data_block),
+        data_end: get("data_end", d.data_end),
+    }
+}
+
+/// A converter that also accepts the string `"off"`, as `None`.
+fn off_or<T>(
+    convert: impl Fn(&Value) -> Result<T, String>,
+) -> impl Fn(&Value) -> Result<Option<T>, String> {
+    move |v| match v.as_str() {
+        Some("off") => Ok(None),
+        _ => convert(v).map(Some),
+    }
+}
+
+pub(super) fn tls_policy(v: &Value) -> Result<TlsPolicy, String> {
+    match string(v)? {
+        "opportunistic" => Ok(TlsPolicy::Opportunistic),
+        "required" => Ok(TlsPolicy::Required),
+        "disabled" => Ok(TlsPolicy::Disabled),
+        other => Err(format!(
+            "unknown TLS policy {other:?} (expected \"opportunistic\", \"required\" or \"disabled\")"
+        )),
+    }
+}
+
+pub(super) fn compile_route_auth(r: &mut TableReader<'_>) -> Option<RouteAuth> {
+    let username = r.require("username", |v| match string(v)? {
+        "" => Err("must not be empty".to_owned()),
+        u => Ok(u.to_owned()),
+    });
+    r.reject(
+        "password",
+        "write the password into a file readable only by tern and name it in password_file",
+    );
+    let password_file = r.require("password_file", path);
+    Some(RouteAuth {
+        username: username?,
+        password_file: password_file?,
+    })
+}
+
+pub(super) fn compile_dkim(r: &mut TableReader<'_>) -> Option<DkimConfig> {
+    let domain = r.require("domain", |v| {
+        let d = string(v)?;
+        check_dns_name(d).map(|()| d.to_ascii_lowercase())
+    });
+    // A selector is DNS labels too, but all-digit ones (dates like 20240101) are common.
+    let selector = r.require("selector", |v| {
+        let s = string(v)?;
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if s.split('.').all(label_ok) {
+            Ok(s.to_owned())
+        } else {
+            Err(format!(
+                "invalid selector {s:?}: dot-separated letters, digits and '-'"
+            ))
+        }
+    });
+    let key_path = r.require("key", path);
+    let header_name = |v: &Value| {
+        let h = string(v)?;
+        if h.is_empty() || !h.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+            return Err(format!("invalid header name {h:?}"));
+        }
+        Ok(h.to_ascii_lowercase())
+    };
+    let mut headers = r
+        .get("headers", |v| {
+            v.as_array()
+                .ok_or_else(|| "expected an array of header names".to_owned())?
+                .iter()
+                .map(header_name)
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap_or_else(|| DEFAULT_DKIM_HEADERS.iter().map(|h| h.to_string()).collect());
+    if !headers.iter().any(|h| h == "from") {
+        headers.insert(0, "from".to_owned());
+    }
+    let oversign = r
+        .get("oversign", |v| {
+            v.as_array()
+                .ok_or_else(|| "expected an array of header names".to_owned())?
+                .iter()
+                .map(header_name)
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap_or_else(|| {
+            DEFAULT_DKIM_OVERSIGN
+                .iter()
+                .map(|h| h.to_string())
+                .collect()
+        });
+    Some(DkimConfig {
+        domain: domain?,
+        selector: selector?,
+        key_path: key_path?,
+        headers,
+        oversign,
+    })
+}

@@ -1,0 +1,372 @@
+//! Where mail for a recipient domain goes: the static route for that exact domain, else the
+//! `"*"` route, else (for an address literal such as `[192.0.2.1]`) that address, else the
+//! domain's MX hosts (RFC 5321 5.1) through the [`Resolver`].
+//!
+//! Invariants:
+//! - A plan always has at least one hop; having none is a [`RouteError`].
+//! - Permanent errors come only from authoritative answers (null MX, NXDOMAIN, a host with no
+//!   address records). Anything that may heal is Temporary (4.4.3), so a DNS outage defers
+//!   mail and never bounces it.
+//! - The destination key depends only on where mail goes (the host set), never on the
+//!   recipient domain, so domains sharing MX hosts share one ready queue and its connection
+//!   limits.
+//! - Addresses are resolved per hop when connecting, not when planning: only the hops actually
+//!   tried cost a lookup, and each answer is as fresh as the resolver's cache allows.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use rand::seq::SliceRandom;
+use rand::Rng;
+
+use super::dns::{DnsError, MxHost, MxLookup, Resolver};
+use crate::config::{RouteAuth, RouteConfig, TlsPolicy};
+
+const SMTP_PORT: u16 = 25;
+
+/// One host to try.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hop {
+    /// Host name for TLS SNI/verification and logs, or an IP literal (unbracketed).
+    pub name: String,
+    /// 25 for MX hosts.
+    pub port: u16,
+}
+
+/// How to deliver to one recipient domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutePlan {
+    /// Destination key: domains whose mail goes to the same host set share one ready queue.
+    /// MX routing: `"mx:"` + the sorted, comma-joined MX host names (for an implicit MX or an
+    /// address literal, `"mx:"` + the domain); static routes: `"route:"` + the route's domain
+    /// (`"*"` included).
+    pub key: String,
+    /// Hosts in the order to try: MX preference ascending with equal preferences shuffled on
+    /// every plan (so connections spread), static route hosts in configured order.
+    pub hops: Vec<Hop>,
+    /// The route's TLS policy, or the default.
+    pub tls: TlsPolicy,
+    pub auth: Option<RouteAuth>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// Never deliverable: the reply to record in the DSN.
+    #[error("{status} {reason}")]
+    Permanent {
+        status: &'static str,
+        reason: String,
+    },
+    /// Retry later.
+    #[error("{status} {reason}")]
+    Temporary {
+        status: &'static str,
+        reason: String,
+    },
+}
+
+/// NXDOMAIN and "no addresses" are 5.1.2 (bad destination system address); everything else
+/// DNS can say is 4.4.3 (directory server failure).
+impl From<DnsError> for RouteError {
+    fn from(err: DnsError) -> Self {
+        match err {
+            DnsError::NxDomain(_) | DnsError::NoAddresses(_) => RouteError::Permanent {
+                status: "5.1.2",
+                reason: err.to_string(),
+            },
+            DnsError::Temporary(_) => RouteError::Temporary {
+                status: "4.4.3",
+                reason: err.to_string(),
+            },
+        }
+    }
+}
+
+fn null_mx() -> RouteError {
+    // RFC 7505 section 4.2's wording.
+    RouteError::Permanent {
+        status: "5.1.10",
+        reason: "Recipient address has null MX".to_owned(),
+    }
+}
+
+pub struct Router {
+    /// Static routes by domain, as finished plans: planning one is a clone.
+    routes: HashMap<String, RoutePlan>,
+    /// The `"*"` route.
+    wildcard: Option<RoutePlan>,
+    default_tls: TlsPolicy,
+    resolver: Arc<dyn Resolver>,
+}
+
+impl Router {
+    /// `routes` come from a compiled config: domains unique and lowercase, hosts valid
+    /// `host:port` strings.
+    pub fn new(
+        routes: &[RouteConfig],
+        default_tls: TlsPolicy,
+        resolver: Arc<dyn Resolver>,
+    ) -> Router {
+        let mut exact = HashMap::with_capacity(routes.len());
+        let mut wildcard = None;
+        for route in routes {
+            let plan = RoutePlan {
+                key: format!("route:{}", route.domain),
+                hops: route.hosts.iter().map(|h| static_hop(h)).collect(),
+                tls: route.tls.unwrap_or(default_tls),
+                auth: route.auth.clone(),
+            };
+            if route.domain == "*" {
+                wildcard = Some(plan);
+            } else {
+                exact.insert(route.domain.clone(), plan);
+            }
+        }
+        Router {
+            routes: exact,
+            wildcard,
+            default_tls,
+            resolver,
+        }
+    }
+
+    /// Plans delivery for one recipient domain (lowercase).
+    pub async fn plan(&self, domain: &str) -> Result<RoutePlan, RouteError> {
+        if let Some(plan) = self.routes.get(domain).or(self.wildcard.as_ref()) {
+            return Ok(plan.clone());
+        }
+        let (key, hops) = match address_literal(domain) {
+            Some(ip) => (format!("mx:{domain}"), vec![Hop::smtp(ip.to_string())]),
+            None => match self.resolver.mx(domain).await? {
+                MxLookup::Records(hosts) => mx_hops(hosts, &mut rand::thread_rng())?,
+                MxLookup::NullMx => return Err(null_mx()),
+                // RFC 5321 5.1: the domain itself is the implicit MX. If it has no addresses
+                // either, `addresses` reports that hop (and so the domain) as 5.1.2.
+                MxLookup::NoMx => (format!("mx:{domain}"), vec![Hop::smtp(domain.to_owned())]),
+            },
+        };
+        Ok(RoutePlan {
+            key,
+            hops,
+            tls: self.default_tls,
+            auth: None,
+        })
+    }
+
+    /// Addresses of one hop, resolved lazily at connect time (literal IPs returned directly).
+    ///
+    /// `Permanent` (5.1.2) means only that *this hop* is unusable (no such name, no address
+    /// records): the caller tries the next hop, and bounces only if every hop is permanently
+    /// unusable. `Temporary` (4.4.3) means DNS could not answer: defer unless another hop
+    /// delivers.
+    pub async fn addresses(&self, hop: &Hop) -> Result<Vec<SocketAddr>, RouteError> {
+        if let Ok(ip) = hop.name.parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, hop.port)]);
+        }
+        let ips = self.resolver.addresses(&hop.name).await?;
+        Ok(ips
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, hop.port))
+            .collect())
+    }
+
+    pub fn resolver(&self) -> &Arc<dyn Resolver> {
+        &self.resolver
+    }
+}
+
+impl Hop {
+    fn smtp(name: String) -> Hop {
+        Hop {
+            name,
+            port: SMTP_PORT,
+        }
+    }
+}
+
+/// A route's `host:port` (DNS name, IPv4 or `[IPv6]`, checked by the config compiler) as a
+/// hop; IP addresses lose their brackets so `addresses` recognises them without a query.
+fn static_hop(host_port: &str) -> Hop {
+    if let Ok(addr) = host_port.parse::<SocketAddr>() {
+        return Hop {
+            name: addr.ip().to_string(),
+            port: addr.port(),
+        };
+    }
+    let invalid = "route hosts are validated by the config compiler";
+    let (host, port) = host_port.rsplit_once(':').expect(invalid);
+    Hop {
+        name: host.to_ascii_lowercase(),
+        port: port.parse().expect(invalid),
+    }
+}
+
+/// The address of an RFC 5321 4.1.3 address literal: `[192.0.2.1]` or `[IPv6:2001:db8::1]`.
+fn address_literal(domain: &str) -> Option<IpAddr> {
+    let inner = domain.strip_prefix('[')?.strip_suffix(']')?;
+    match inner.split_at_checked(5) {
+        Some((tag, v6)) if tag.eq_ignore_ascii_case("IPv6:") => {
+            v6.parse::<Ipv6Addr>().ok().map(IpAddr::V6)
+        }
+        _ => inner.parse::<Ipv4Addr>().ok().map(IpAddr::V4),
+    }
+}
+
+/// The usable MX hosts in the order to try, and the destination key of their set. Works in
+/// place on the resolver's vector: the only new allocation is the key.
+fn mx_hops(mut hosts: Vec<MxHost>, rng: &mut impl Rng) -> Result<(String, Vec<Hop>), RouteError> {
+    // The root means "no service here", so it is dropped; if nothing else is left the domain
+    // has, in effect, a null MX.
+    hosts.retain(|h| h.name != ".");
+    if hosts.is_empty() {
+        return Err(null_mx());
+    }
+    // An IP address is not a valid MX exchange (RFC 5321 5.1); it is skipped when real host
+    // names exist, and otherwise used as given rather than bouncing mail over a fixable
+    // misconfiguration.
+    let is_ip = |h: &MxHost| h.name.parse::<IpAddr>().is_ok();
+    if hosts.iter().any(|h| !is_ip(h)) {
+        hosts.retain(|h| !is_ip(h));
+    }
+    // Sorted by name for the key; a host listed twice keeps its best preference.
+    hosts.sort_unstable_by(|a, b| a.name.cmp(&b.name).then(a.preference.cmp(&b.preference)));
+    hosts.dedup_by(|later, earlier| later.name == earlier.name);
+    let mut key = String::with_capacity(3 + hosts.iter().map(|h| h.name.len() + 1).sum::<usize>());
+    key.push_str("mx:");
+    for (i, host) in hosts.iter().enumerate() {
+        if i > 0 {
+            key.push(',');
+        }
+        key.push_str(&host.name);
+    }
+    hosts.sort_unstable_by_key(|h| h.preference);
+    for equal in hosts.chunk_by_mut(|a, b| a.preference == b.preference) {
+        equal.shuffle(rng);
+    }
+    let hops = hosts.into_iter().map(|h| Hop::smtp(h.name)).collect();
+    Ok((key, hops))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    fn hosts(list: &[(u16, &str)]) -> Vec<MxHost> {
+        list.iter()
+            .map(|&(preference, name)| MxHost {
+                preference,
+                name: name.to_owned(),
+            })
+            .collect()
+    }
+
+    fn names(hops: &[Hop]) -> Vec<&str> {
+        hops.iter().map(|h| h.name.as_str()).collect()
+    }
+
+    #[test]
+    fn mx_hops_follow_preference_and_the_key_is_the_sorted_set() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let (key, hops) = mx_hops(
+            hosts(&[(20, "b.test"), (10, "c.test"), (30, "a.test")]),
+            &mut rng,
+        )
+        .unwrap();
+        assert_eq!(key, "mx:a.test,b.test,c.test");
+        assert_eq!(names(&hops), ["c.test", "b.test", "a.test"]);
+        assert!(hops.iter().all(|h| h.port == 25));
+    }
+
+    #[test]
+    fn equal_preferences_are_shuffled_within_their_rank_only() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut firsts = std::collections::HashSet::new();
+        for _ in 0..64 {
+            let list = hosts(&[
+                (10, "a.test"),
+                (10, "b.test"),
+                (10, "c.test"),
+                (5, "z.test"),
+            ]);
+            let (key, hops) = mx_hops(list, &mut rng).unwrap();
+            assert_eq!(key, "mx:a.test,b.test,c.test,z.test");
+            assert_eq!(hops[0].name, "z.test");
+            firsts.insert(hops[1].name.clone());
+        }
+        assert_eq!(firsts.len(), 3);
+    }
+
+    #[test]
+    fn duplicate_hosts_keep_their_best_preference() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let list = hosts(&[(30, "a.test"), (20, "b.test"), (10, "a.test")]);
+        let (key, hops) = mx_hops(list, &mut rng).unwrap();
+        assert_eq!(key, "mx:a.test,b.test");
+        assert_eq!(names(&hops), ["a.test", "b.test"]);
+    }
+
+    #[test]
+    fn root_and_ip_exchanges_are_ignored_next_to_real_hosts() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let list = hosts(&[(0, "."), (5, "192.0.2.1"), (10, "mx.test")]);
+        let (key, hops) = mx_hops(list, &mut rng).unwrap();
+        assert_eq!(key, "mx:mx.test");
+        assert_eq!(names(&hops), ["mx.test"]);
+
+        let (key, hops) = mx_hops(hosts(&[(0, "."), (5, "192.0.2.1")]), &mut rng).unwrap();
+        assert_eq!(key, "mx:192.0.2.1");
+        assert_eq!(names(&hops), ["192.0.2.1"]);
+
+        assert_eq!(mx_hops(hosts(&[(10, ".")]), &mut rng), Err(null_mx()));
+    }
+
+    #[test]
+    fn static_hosts_parse_names_and_literals() {
+        let hop = |name: &str, port| Hop {
+            name: name.to_owned(),
+            port,
+        };
+        assert_eq!(
+            static_hop("Relay.Example.test:587"),
+            hop("relay.example.test", 587)
+        );
+        assert_eq!(static_hop("192.0.2.7:25"), hop("192.0.2.7", 25));
+        assert_eq!(static_hop("[2001:db8::1]:2525"), hop("2001:db8::1", 2525));
+    }
+
+    #[test]
+    fn address_literals() {
+        assert_eq!(
+            address_literal("[192.0.2.1]"),
+            Some(IpAddr::from([192, 0, 2, 1]))
+        );
+        assert_eq!(
+            address_literal("[IPv6:2001:db8::1]"),
+            Some("2001:db8::1".parse().unwrap())
+        );
+        assert_eq!(
+            address_literal("[ipv6:::1]"),
+            Some(IpAddr::from(Ipv6Addr::LOCALHOST))
+        );
+        assert_eq!(address_literal("[2001:db8::1]"), None);
+        assert_eq!(address_literal("example.test"), None);
+        assert_eq!(address_literal("[example.test]"), None);
+    }
+
+    #[test]
+    fn dns_errors_map_to_enhanced_status_codes() {
+        let status = |e: DnsError| match RouteError::from(e) {
+            RouteError::Permanent { status, .. } | RouteError::Temporary { status, .. } => status,
+        };
+        assert_eq!(status(DnsError::NxDomain("x.test".into())), "5.1.2");
+        assert_eq!(status(DnsError::NoAddresses("x.test".into())), "5.1.2");
+        assert_eq!(status(DnsError::Temporary("SERVFAIL".into())), "4.4.3");
+        assert_eq!(
+            RouteError::from(DnsError::NxDomain("x.test".into())).to_string(),
+            "5.1.2 x.test: no such domain"
+        );
+    }
+}

@@ -1,0 +1,289 @@
+//! One delivery attempt of one envelope: get a connection to one of the route's hosts
+//! (the worker's own, an idle pooled one, or a new one, trying hosts in order), run the
+//! transaction, and classify each pending recipient's result.
+//!
+//! Invariants:
+//! - Only pending recipients are attempted; the result has exactly one entry per pending
+//!   recipient, so the settler can account for every one.
+//! - A connection that failed mid-transaction is never reused; one that was reused and failed
+//!   before any recipient was accepted is replaced once, since idle connections are often
+//!   closed by the far end without notice.
+
+use crate::config::DeliveryConfig;
+use crate::delivery::client::{
+    self, AttemptError, BrokenTls, ClientSettings, Connection, OutboundMessage, RemoteReply, Target,
+};
+use crate::delivery::pool::Pool;
+use crate::delivery::route::{RouteError, RoutePlan, Router};
+use crate::ingest::TlsInfo;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tern_queue::{Envelope, Recipient, RecipientState};
+use tracing::debug;
+
+/// How a recipient's attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Delivered,
+    Permanent,
+    Temporary,
+}
+
+/// The result for one recipient: its index in `Envelope::recipients`, the verdict, the
+/// enhanced status code and the reply (remote or local) that explains it.
+#[derive(Debug, Clone)]
+pub struct RcptOutcome {
+    pub index: usize,
+    pub verdict: Verdict,
+    pub status: String,
+    pub reply: String,
+}
+
+/// What one attempt did, for the settler and the delivery log.
+#[derive(Debug, Clone, Default)]
+pub struct Attempt {
+    pub outcomes: Vec<RcptOutcome>,
+    pub host: Option<String>,
+    pub addr: Option<SocketAddr>,
+    pub source: Option<IpAddr>,
+    pub tls: Option<TlsInfo>,
+}
+
+pub struct Worker {
+    router: Arc<Router>,
+    pool: Arc<Pool>,
+    settings: ClientSettings,
+    broken_tls: BrokenTls,
+    max_messages_per_connection: usize,
+    /// Smarthost passwords, read from their files at start.
+    passwords: HashMap<PathBuf, String>,
+}
+
+impl Worker {
+    pub fn new(
+        router: Arc<Router>,
+        pool: Arc<Pool>,
+        settings: ClientSettings,
+        config: &DeliveryConfig,
+        passwords: HashMap<PathBuf, String>,
+    ) -> Worker {
+        Worker {
+            router,
+            pool,
+            settings,
+            broken_tls: BrokenTls::new(config.broken_tls_retry),
+            max_messages_per_connection: config.max_messages_per_connection,
+            passwords,
+        }
+    }
+
+    /// Attempts the pending recipients of `env` over `connection` (kept for the next
+    /// message when it is still usable).
+    pub async fn attempt(
+        &self,
+        env: &Envelope,
+        body: &[u8],
+        plan: &RoutePlan,
+        connection: &mut Option<Connection>,
+    ) -> Attempt {
+        let pending: Vec<(usize, Recipient)> = env
+            .recipients
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.state == RecipientState::Pending)
+            .map(|(i, r)| (i, r.clone()))
+            .collect();
+        if pending.is_empty() {
+            return Attempt::default();
+        }
+        let recipients: Vec<Recipient> = pending.iter().map(|(_, r)| r.clone()).collect();
+        let message = OutboundMessage {
+            sender: &env.sender,
+            recipients: &recipients,
+            env_id: env.env_id.as_deref(),
+            ret: env.ret,
+            body_type: env.body_type,
+            smtputf8: env.smtputf8,
+            body,
+        };
+
+        // A kept connection gets one chance; if it fails before anything was accepted, a
+        // fresh connection is tried once.
+        let mut reused = connection.is_some();
+        loop {
+            let conn = match connection.take() {
+                Some(conn) => conn,
+                None => match self.connect(plan).await {
+                    Ok(conn) => conn,
+                    Err(failure) => return failure.for_all(&pending),
+                },
+            };
+            let mut conn = conn;
+            let result = conn.send(&message).await;
+            let mut attempt = Attempt {
+                outcomes: Vec::new(),
+                host: Some(conn.host().to_string()),
+                addr: Some(conn.addr()),
+                source: conn.source(),
+                tls: conn.tls().cloned(),
+            };
+            match result {
+                Ok(replies) => {
+                    attempt.outcomes = pending
+                        .iter()
+                        .zip(replies)
+                        .map(|((index, _), r)| RcptOutcome {
+                            index: *index,
+                            verdict: verdict_of(r.reply.code),
+                            status: status_of(&r.reply),
+                            reply: r.reply.to_string(),
+                        })
+                        .collect();
+                    if conn.is_reusable() && conn.messages_sent() < self.max_messages_per_connection
+                    {
+                        *connection = Some(conn);
+                    } else {
+                        conn.quit().await;
+                    }
+                    return attempt;
+                }
+                Err(err) if reused && !err.is_permanent() => {
+                    debug!(host = conn.host(), error = %err, "reused connection failed; reconnecting");
+                    reused = false;
+                }
+                Err(err) => {
+                    let failure = Failure::from_attempt_error(&err);
+                    attempt.outcomes = failure.for_all(&pending).outcomes;
+                    return attempt;
+                }
+            }
+        }
+    }
+
+    /// Returns a worker's connection to the pool when the worker stops.
+    pub async fn park(&self, conn: Connection) {
+        self.pool.put(conn).await;
+    }
+
+    /// Connects to the first usable host of the plan: pooled connections first, then new
+    /// ones, hosts in plan order, each host's addresses in order.
+    async fn connect(&self, plan: &RoutePlan) -> Result<Connection, Failure> {
+        let password = plan.auth.as_ref().and_then(|a| {
+            self.passwords
+                .get(&a.password_file)
+                .map(|p| (a.username.as_str(), p.as_str()))
+        });
+        let mut last = Failure::temporary("4.4.4", "no route to any host".to_string());
+        for hop in &plan.hops {
+            let addrs = match self.router.addresses(hop).await {
+                Ok(addrs) => addrs,
+                Err(err) => {
+                    last = Failure::from_route_error(&err);
+                    continue;
+                }
+            };
+            for addr in addrs {
+                let target = Target {
+                    host: &hop.name,
+                    addr,
+                    source: None,
+                    tls: plan.tls,
+                    auth: password,
+                };
+                if let Some(conn) = self.pool.take(&target) {
+                    return Ok(conn);
+                }
+                match client::connect(&target, &self.settings, &self.broken_tls).await {
+                    Ok(conn) => return Ok(conn),
+                    Err(err) => {
+                        debug!(host = %hop.name, %addr, error = %err, "connect failed");
+                        let try_next = err.try_next_host();
+                        last = Failure::from_attempt_error(&err);
+                        if !try_next {
+                            return Err(last);
+                        }
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
+/// The reply's enhanced status, or the generic one of its class when the server gave none.
+fn status_of(reply: &RemoteReply) -> String {
+    reply.status.clone().unwrap_or_else(|| {
+        match reply.code / 100 {
+            2 => "2.0.0",
+            5 => "5.0.0",
+            _ => "4.0.0",
+        }
+        .to_string()
+    })
+}
+
+fn verdict_of(code: u16) -> Verdict {
+    match code {
+        200..=299 => Verdict::Delivered,
+        500..=599 => Verdict::Permanent,
+        _ => Verdict::Temporary,
+    }
+}
+
+/// A failure that applies to every pending recipient (no connection, or a lost one).
+#[derive(Debug, Clone)]
+pub struct Failure {
+    verdict: Verdict,
+    status: String,
+    reply: String,
+}
+
+impl Failure {
+    fn temporary(status: &str, reply: String) -> Failure {
+        Failure {
+            verdict: Verdict::Temporary,
+            status: status.to_string(),
+            reply,
+        }
+    }
+
+    pub fn from_route_error(err: &RouteError) -> Failure {
+        match err {
+            RouteError::Permanent { status, reason } => Failure {
+                verdict: Verdict::Permanent,
+                status: status.to_string(),
+                reply: reason.clone(),
+            },
+            RouteError::Temporary { status, reason } => Failure::temporary(status, reason.clone()),
+        }
+    }
+
+    fn from_attempt_error(err: &AttemptError) -> Failure {
+        Failure {
+            verdict: if err.is_permanent() {
+                Verdict::Permanent
+            } else {
+                Verdict::Temporary
+            },
+            status: err.status().to_string(),
+            reply: err.reply_text(),
+        }
+    }
+
+    pub fn for_all(&self, pending: &[(usize, Recipient)]) -> Attempt {
+        Attempt {
+            outcomes: pending
+                .iter()
+                .map(|(index, _)| RcptOutcome {
+                    index: *index,
+                    verdict: self.verdict,
+                    status: self.status.clone(),
+                    reply: self.reply.clone(),
+                })
+                .collect(),
+            ..Attempt::default()
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! What happens after an attempt: per-recipient results applied to the spool, retries,
+//! expiry and delivery status notifications.
+//!
+//! - [`retry`]: the retry schedule (pure functions of attempts and config).
+//! - [`dsn`]: RFC 3464 delivery status notifications.
+//! - [`Settler`]: applies one attempt's results to its envelope.
+//!
+//! Invariants:
+//! - Every recipient ends in exactly one of delivered, bounced or expired; a temporary
+//!   failure keeps it pending with a later due time until the message expires.
+//! - DSNs are committed to the spool (through ingest, like any mail) before the envelope that
+//!   caused them is updated or removed: a crash in between can repeat a DSN, never lose one.
+//! - Never a DSN for a message with a null sender.
+
+pub mod dsn;
+pub mod retry;
+
+use crate::config::DeliveryConfig;
+use crate::delivery::log::{AttemptOutcome, AttemptRecord, DeliveryLog};
+use crate::delivery::route::{RouteError, RoutePlan};
+use crate::delivery::worker::{Attempt, Failure, Verdict};
+use crate::ingest::{Ingest, Submission};
+use crate::scheduler::now_ms;
+use dsn::{Action, DsnRecipient, DsnRequest};
+use retry::Deferral;
+use std::time::{Duration, UNIX_EPOCH};
+use tern_queue::{BodyType, Envelope, MessageId, Recipient, RecipientState, Source, Spool};
+use tracing::{debug, info, warn};
+
+/// Enhanced status of a recipient that expired while still being retried (RFC 3463).
+const EXPIRED_STATUS: &str = "4.4.7";
+
+pub struct Settler {
+    spool: Spool,
+    ingest: Ingest,
+    log: DeliveryLog,
+    config: DeliveryConfig,
+    hostname: String,
+}
+
+/// One recipient's line in a DSN, owned while the DSN is built.
+struct Report {
+    index: usize,
+    action: Action,
+    status: String,
+    diagnostic: Option<String>,
+}
+
+impl Settler {
+    pub fn new(
+        spool: Spool,
+        ingest: Ingest,
+        log: DeliveryLog,
+        config: DeliveryConfig,
+        hostname: String,
+    ) -> Settler {
+        Settler {
+            spool,
+            ingest,
+            log,
+            config,
+            hostname,
+        }
+    }
+
+    /// A message whose domain could not be routed: every pending recipient gets the routing
+    /// error as its result.
+    pub async fn route_failed(&self, id: MessageId, err: &RouteError) {
+        let env = match self.spool.envelope(id) {
+            Ok(Some(env)) => env,
+            Ok(None) => return,
+            Err(e) => return warn!(%id, error = %e, "cannot read envelope"),
+        };
+        let body = match self.spool.body(id) {
+            Ok(Some(body)) => body,
+            Ok(None) => return warn!(%id, "envelope without body"),
+            Err(e) => return warn!(%id, error = %e, "cannot read body"),
+        };
+        let pending: Vec<(usize, Recipient)> = env
+            .recipients
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.state == RecipientState::Pending)
+            .map(|(i, r)| (i, r.clone()))
+            .collect();
+        let attempt = Failure::from_route_error(err).for_all(&pending);
+        self.apply(env, &body, &env_destination(err), attempt).await;
+    }
+
+    /// Applies an attempt's results: states, retry time or expiry, DSNs, log, spool write.
+    pub async fn settle(&self, env: Envelope, body: &[u8], plan: &RoutePlan, attempt: Attempt) {
+        self.apply(env, body, &plan.key, attempt).await;
+    }
+
+    async fn apply(&self, mut env: Envelope, body: &[u8], destination: &str, attempt: Attempt) {
+        if attempt.outcomes.is_empty() {
+            return;
+        }
+        let now = now_ms();
+        env.attempts += 1;
+        let mut reports = Vec::new();
+        for outcome in &attempt.outcomes {
+            let rcpt = &mut env.recipients[outcome.index];
+            rcpt.attempts += 1;
+            rcpt.last_reply = Some(outcome.reply.clone());
+            let (state, action) = match outcome.verdict {
+                Verdict::Delivered => (RecipientState::Delivered, Some(Action::Delivered)),
+                Verdict::Permanent => (RecipientState::Bounced, Some(Action::Failed)),
+                Verdict::Temporary => (RecipientState::Pending, None),
+            };
+            rcpt.state = state;
+            if let Some(action) = action {
+                reports.push(Report {
+                    index: outcome.index,
+                    action,
+                    status: outcome.status.clone(),
+                    diagnostic: Some(outcome.reply.clone()),
+                });
+            }
+        }
+
+        let pending: Vec<usize> = attempt
+            .outcomes
+            .iter()
+            .filter(|o| o.verdict == Verdict::Temporary)
+            .map(|o| o.index)
+            .collect();
+        let mut expired = false;
+        if !pending.is_empty() {
+            match retry::after_temporary_failure(&env, now, &self.config) {
+                Deferral::RetryAt(t) => env.next_due_ms = t,
+                Deferral::Expire => {
+                    expired = true;
+                    for &i in &pending {
+                        env.recipients[i].state = RecipientState::Expired;
+                        reports.push(Report {
+                            index: i,
+                            action: Action::Failed,
+                            status: EXPIRED_STATUS.to_string(),
+                            diagnostic: env.recipients[i].last_reply.clone(),
+                        });
+                    }
+                }
+            }
+            if !expired && retry::delay_notice_due(&env, env.delay_notified, now, &self.config) {
+                env.delay_notified = true;
+                for &i in &pending {
+                    let status = attempt
+                        .outcomes
+                        .iter()
+                        .find(|o| o.index == i)
+                        .map_or_else(|| "4.0.0".to_string(), |o| o.status.clone());
+                    reports.push(Report {
+                        index: i,
+                        action: Action::Delayed,
+                        status,
+                        diagnostic: env.recipients[i].last_reply.clone(),
+                    });
+                }
+            }
+        }
+
+        for outcome in &attempt.outcomes {
+            let rcpt = &env.recipients[outcome.index];
+            let result = match rcpt.state {
+                RecipientState::Delivered => AttemptOutcome::Delivered,
+                RecipientState::Bounced => AttemptOutcome::Bounced,
+                RecipientState::Expired => AttemptOutcome::Expired,
+                RecipientState::Pending => AttemptOutcome::Deferred,
+            };
+            self.log.record(&AttemptRecord {
+                ts: UNIX_EPOCH + Duration::from_millis(now),
+                id: env.id,
+                queue_id: env.queue_id,
+                recipient: &rcpt.address,
+                sender: &env.sender,
+                host: attempt.host.as_deref(),
+                ip: attempt.addr,
+                source_ip: attempt.source,
+                tls_version: attempt.tls.as_ref().map(|t| t.version.as_str()),
+                tls_cipher: attempt.tls.as_ref().map(|t| t.cipher.as_str()),
+                reply: &outcome.reply,
+                outcome: result,
+                attempt: rcpt.attempts,
+                delay_s: now.saturating_sub(env.created_ms) as f64 / 1000.0,
+                destination,
+            });
+        }
+
+        if let Err(err) = self
+            .send_dsns(&env, body, attempt.host.as_deref(), &reports)
+            .await
+        {
+            // The envelope is left as it was: the attempt is repeated later and the DSN with
+            // it, rather than reporting nothing.
+            warn!(id = %env.id, error = %err, "cannot queue DSN; outcome not recorded");
+            return;
+        }
+
+        let done = env
+            .recipients
+            .iter()
+            .all(|r| r.state != RecipientState::Pending);
+        let written = if done {
+            self.spool.remove(env.id).await
+        } else {
+            self.spool.update(&env).await
+        };
+        if let Err(err) = written {
+            warn!(id = %env.id, error = %err, "cannot record delivery outcome");
+        } else if done {
+            debug!(id = %env.id, "message done");
+        }
+    }
+
+    /// Queues the DSNs the reports call for: one per action (failed, delayed, delivered).
+    async fn send_dsns(
+        &self,
+        env: &Envelope,
+        body: &[u8],
+        remote: Option<&str>,
+        reports: &[Report],
+    ) -> Result<(), tern_queue::SpoolError> {
+        if env.sender.is_empty() || reports.is_empty() {
+            return Ok(());
+        }
+        let now = UNIX_EPOCH + Duration::from_millis(now_ms());
+        for action in [Action::Failed, Action::Delayed, Action::Delivered] {
+            let recipients: Vec<DsnRecipient<'_>> = reports
+                .iter()
+                .filter(|r| r.action == action)
+                .map(|r| {
+                    let rcpt = &env.recipients[r.index];
+                    DsnRecipient {
+                        address: &rcpt.address,
+                        orcpt: rcpt.orcpt.as_deref(),
+                        action,
+                        status: r.status.clone(),
+                        remote_mta: remote,
+                        diagnostic: r.diagnostic.as_deref(),
+                        last_attempt_ms: Some(now_ms()),
+                        will_retry_until_ms: (action == Action::Delayed).then_some(env.expires_ms),
+                    }
+                })
+                .collect();
+            if recipients.is_empty() {
+                continue;
+            }
+            let request = DsnRequest {
+                reporting_mta: &self.hostname,
+                envelope: env,
+                original: body,
+                recipients,
+                now,
+            };
+            let Some(message) = dsn::build(&request) else {
+                continue;
+            };
+            let id = self
+                .ingest
+                .accept(self.dsn_submission(env, message))
+                .await?;
+            info!(original = %env.id, dsn = %id, ?action, "DSN queued");
+        }
+        Ok(())
+    }
+
+    fn dsn_submission(&self, env: &Envelope, message: Vec<u8>) -> Submission {
+        Submission {
+            sender: String::new(),
+            recipients: vec![Recipient::new(env.sender.clone())],
+            env_id: None,
+            ret: None,
+            body_type: BodyType::EightBitMime,
+            smtputf8: env.smtputf8,
+            source: Source {
+                client_ip: "127.0.0.1".to_string(),
+                helo: self.hostname.clone(),
+                auth_user: None,
+                protocol: "local".to_string(),
+            },
+            tls: None,
+            content: message,
+        }
+    }
+}
+
+/// The destination named in the delivery log for mail that could not be routed.
+fn env_destination(err: &RouteError) -> String {
+    match err {
+        RouteError::Permanent { .. } => "unroutable".to_string(),
+        RouteError::Temporary { .. } => "routing-deferred".to_string(),
+    }
+}

@@ -1,0 +1,376 @@
+//! The scheduler: which message is attempted when, and by which worker.
+//!
+//! Mail reaches a [`ReadyQueue`] two ways: new mail straight from ingest ([`Scheduler::submit`]),
+//! and deferred mail from the spool's due index, loaded by the due loader only once it falls
+//! due within [`LOAD_HORIZON`] (invariant: memory holds only what is due soon). Each message is
+//! routed when it becomes ready; its ready queue is the route's destination key, so domains
+//! served by the same MX hosts share one queue and one set of connections.
+//!
+//! Each ready queue has at most `max_connections_per_destination` workers. A worker pops
+//! messages one by one and delivers them over one connection it keeps between messages, so a
+//! busy destination sees few, long-lived connections. A watchdog restarts the workers of a
+//! queue that has mail and made no progress for `delivery.watchdog`.
+//!
+//! Invariants:
+//! - A message id is in memory (`State::in_memory`) from the moment it is queued or loaded
+//!   until its outcome is written to the spool; the due loader skips such ids, so no message
+//!   is ever attempted twice at once.
+//! - Workers never touch sled directly: reads and writes go through the spool API.
+
+mod ready;
+
+pub use ready::ReadyQueue;
+
+use crate::config::DeliveryConfig;
+use crate::delivery::route::{RoutePlan, Router};
+use crate::delivery::worker::Worker;
+use crate::outcome::Settler;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tern_queue::{MessageId, Spool};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+/// Deferred mail is loaded into memory this long before it is due.
+pub const LOAD_HORIZON: Duration = Duration::from_secs(60);
+/// The due loader looks at the spool at least this often.
+const LOAD_INTERVAL: Duration = Duration::from_secs(5);
+/// At most this many messages are held in memory (ready, timed or in flight); beyond it the
+/// due loader waits, so a huge backlog due at once is worked through in slices.
+const MAX_IN_MEMORY: usize = 200_000;
+
+/// A message that was just committed: its id and recipient domain.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub id: MessageId,
+    pub domain: String,
+}
+
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    spool: Spool,
+    router: Arc<Router>,
+    worker: Arc<Worker>,
+    settler: Arc<Settler>,
+    config: DeliveryConfig,
+    state: Mutex<State>,
+    /// While set, nothing new is loaded or routed: mail stays in the spool.
+    suspended: AtomicBool,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    /// Wakes the due loader early (a timer earlier than its current sleep was added).
+    wake_loader: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct State {
+    queues: HashMap<String, ReadyQueue>,
+    in_memory: HashSet<MessageId>,
+    /// Messages loaded from the spool that are not due yet, by due time.
+    timers: BTreeSet<(u64, MessageId)>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Scheduler {
+    /// Starts the due loader, the new-mail intake and the watchdog.
+    pub fn start(
+        spool: Spool,
+        router: Arc<Router>,
+        worker: Arc<Worker>,
+        settler: Arc<Settler>,
+        config: DeliveryConfig,
+        new_mail: mpsc::UnboundedReceiver<Vec<NewMessage>>,
+    ) -> Scheduler {
+        let suspended = AtomicBool::new(config.suspended);
+        let inner = Arc::new(Inner {
+            spool,
+            router,
+            worker,
+            settler,
+            config,
+            state: Mutex::new(State::default()),
+            suspended,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            wake_loader: tokio::sync::Notify::new(),
+        });
+        let scheduler = Scheduler { inner };
+        let s = scheduler.clone();
+        scheduler
+            .inner
+            .tasks
+            .spawn(async move { s.intake(new_mail).await });
+        let s = scheduler.clone();
+        scheduler
+            .inner
+            .tasks
+            .spawn(async move { s.due_loader().await });
+        let s = scheduler.clone();
+        scheduler
+            .inner
+            .tasks
+            .spawn(async move { s.watchdog().await });
+        scheduler
+    }
+
+    /// Stops dispatching and waits (up to `grace`) for workers to finish their message.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.shutdown.cancel();
+        self.inner.tasks.close();
+        if tokio::time::timeout(grace, self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!("delivery workers still busy after the grace period");
+        }
+    }
+
+    /// Messages in memory: ready, waiting for their due time, or in flight.
+    pub fn in_memory(&self) -> usize {
+        self.state().in_memory.len()
+    }
+
+    /// Ready-queue depth per destination key.
+    pub fn queue_depths(&self) -> Vec<(String, usize)> {
+        self.state()
+            .queues
+            .iter()
+            .map(|(k, q)| (k.clone(), q.len()))
+            .collect()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn intake(&self, mut new_mail: mpsc::UnboundedReceiver<Vec<NewMessage>>) {
+        loop {
+            let batch = tokio::select! {
+                batch = new_mail.recv() => match batch { Some(b) => b, None => return },
+                _ = self.inner.shutdown.cancelled() => return,
+            };
+            if self.inner.suspended.load(Ordering::Relaxed) {
+                // Durable already; the due loader finds it once delivery resumes.
+                continue;
+            }
+            for msg in batch {
+                if self.state().in_memory.insert(msg.id) {
+                    self.route(msg.id, &msg.domain).await;
+                }
+            }
+        }
+    }
+
+    /// Routes a message that is in memory and due, and puts it on its ready queue. A routing
+    /// failure is an outcome like any other: the settler defers or bounces the message.
+    async fn route(&self, id: MessageId, domain: &str) {
+        match self.inner.router.plan(domain).await {
+            Ok(plan) => self.enqueue(id, plan),
+            Err(err) => {
+                debug!(%id, domain, error = %err, "routing failed");
+                let s = self.clone();
+                self.inner.tasks.spawn(async move {
+                    s.inner.settler.route_failed(id, &err).await;
+                    s.release(id);
+                });
+            }
+        }
+    }
+
+    fn enqueue(&self, id: MessageId, plan: RoutePlan) {
+        let mut state = self.state();
+        let key = plan.key.clone();
+        let queue = state
+            .queues
+            .entry(key.clone())
+            .or_insert_with(|| ReadyQueue::new(key.clone()));
+        queue.push(id, plan);
+        let spawn = queue.workers_wanted(self.inner.config.max_connections_per_destination);
+        for _ in 0..spawn {
+            queue.worker_started();
+        }
+        drop(state);
+        for _ in 0..spawn {
+            self.spawn_worker(key.clone());
+        }
+    }
+
+    fn spawn_worker(&self, key: String) {
+        let s = self.clone();
+        self.inner.tasks.spawn(async move { s.work(key).await });
+    }
+
+    /// One worker: delivers messages from one ready queue over one connection at a time.
+    async fn work(&self, key: String) {
+        let mut connection = None;
+        loop {
+            let next = {
+                let mut state = self.state();
+                let queue = state.queues.get_mut(&key);
+                match queue {
+                    Some(q) if !self.inner.shutdown.is_cancelled() => q.pop(),
+                    _ => None,
+                }
+            };
+            let Some((id, plan)) = next else { break };
+            match self.inner.spool.envelope(id) {
+                Ok(Some(envelope)) if !envelope.held => match self.inner.spool.body(id) {
+                    Ok(Some(body)) => {
+                        let attempt = self
+                            .inner
+                            .worker
+                            .attempt(&envelope, &body, &plan, &mut connection)
+                            .await;
+                        self.inner
+                            .settler
+                            .settle(envelope, &body, &plan, attempt)
+                            .await;
+                    }
+                    Ok(None) => warn!(%id, "envelope without body; skipped"),
+                    Err(err) => warn!(%id, error = %err, "cannot read body"),
+                },
+                Ok(_) => {} // removed or held meanwhile
+                Err(err) => warn!(%id, error = %err, "cannot read envelope"),
+            }
+            self.release(id);
+            if let Some(q) = self.state().queues.get_mut(&key) {
+                q.progressed();
+            }
+        }
+        if let Some(conn) = connection {
+            self.inner.worker.park(conn).await;
+        }
+        let mut state = self.state();
+        if let Some(q) = state.queues.get_mut(&key) {
+            q.worker_stopped();
+            if q.is_idle() {
+                state.queues.remove(&key);
+            }
+        }
+    }
+
+    /// The message's outcome is in the spool: it may be loaded again when next due.
+    fn release(&self, id: MessageId) {
+        self.state().in_memory.remove(&id);
+    }
+
+    /// Loads deferred mail that falls due within the horizon and releases timers when due.
+    async fn due_loader(&self) {
+        loop {
+            let now = now_ms();
+            self.load_due(now);
+            let due: Vec<MessageId> = {
+                let mut state = self.state();
+                let mut due = Vec::new();
+                while let Some(&(t, id)) = state.timers.first() {
+                    if t > now {
+                        break;
+                    }
+                    state.timers.pop_first();
+                    due.push(id);
+                }
+                due
+            };
+            for id in due {
+                match self.inner.spool.envelope(id) {
+                    Ok(Some(env)) if !env.held => self.route(id, &env.destination).await,
+                    Ok(_) => self.release(id),
+                    Err(err) => {
+                        warn!(%id, error = %err, "cannot read envelope");
+                        self.release(id);
+                    }
+                }
+            }
+            let next_timer = self.state().timers.first().map(|&(t, _)| t);
+            let sleep = next_timer
+                .map(|t| Duration::from_millis(t.saturating_sub(now_ms())))
+                .unwrap_or(LOAD_INTERVAL)
+                .min(LOAD_INTERVAL);
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                _ = self.inner.wake_loader.notified() => {}
+                _ = self.inner.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    fn load_due(&self, now: u64) {
+        if self.inner.suspended.load(Ordering::Relaxed) {
+            return;
+        }
+        let room = MAX_IN_MEMORY.saturating_sub(self.in_memory());
+        if room == 0 {
+            return;
+        }
+        let horizon = now + LOAD_HORIZON.as_millis() as u64;
+        // Ids already in memory are skipped, so ask for that many more than there is room.
+        let limit = room + self.in_memory();
+        let due = match self.inner.spool.due_before(horizon, limit) {
+            Ok(due) => due,
+            Err(err) => {
+                warn!(error = %err, "cannot read the due index");
+                return;
+            }
+        };
+        let mut state = self.state();
+        let mut loaded = 0;
+        for (t, id) in due {
+            if loaded == room {
+                break;
+            }
+            if state.in_memory.insert(id) {
+                state.timers.insert((t, id));
+                loaded += 1;
+            }
+        }
+        if loaded > 0 {
+            debug!(loaded, "deferred mail loaded");
+        }
+    }
+
+    /// Restarts workers of queues that have mail but made no progress for a while.
+    async fn watchdog(&self) {
+        let period = self.inner.config.watchdog;
+        let mut tick = tokio::time::interval((period / 4).max(Duration::from_millis(100)));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.inner.shutdown.cancelled() => return,
+            }
+            let stuck: Vec<String> = {
+                let state = self.state();
+                state
+                    .queues
+                    .values()
+                    .filter(|q| q.is_stuck(Instant::now(), period))
+                    .map(|q| q.key().to_string())
+                    .collect()
+            };
+            for key in stuck {
+                warn!(destination = %key, "no delivery progress; restarting a worker");
+                if let Some(q) = self.state().queues.get_mut(&key) {
+                    q.worker_started();
+                    q.progressed();
+                }
+                self.spawn_worker(key);
+            }
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! [`ReadyQueue`]: the in-memory FIFO of messages ready for one destination, with the count
+//! of workers serving it and when it last made progress (for the watchdog).
+
+use crate::delivery::route::RoutePlan;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+use tern_queue::MessageId;
+
+pub struct ReadyQueue {
+    key: String,
+    /// The most recent route plan for this destination; all its messages share the host set,
+    /// and a fresh plan carries a fresh order of equal-preference hosts.
+    plan: Option<RoutePlan>,
+    messages: VecDeque<MessageId>,
+    workers: usize,
+    last_progress: Instant,
+}
+
+impl ReadyQueue {
+    pub fn new(key: String) -> ReadyQueue {
+        ReadyQueue {
+            key,
+            plan: None,
+            messages: VecDeque::new(),
+            workers: 0,
+            last_progress: Instant::now(),
+        }
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    pub fn push(&mut self, id: MessageId, plan: RoutePlan) {
+        if self.messages.is_empty() && self.workers == 0 {
+            // The watchdog measures from when there was work to do.
+            self.last_progress = Instant::now();
+        }
+        self.plan = Some(plan);
+        self.messages.push_back(id);
+    }
+
+    pub fn pop(&mut self) -> Option<(MessageId, RoutePlan)> {
+        let id = self.messages.pop_front()?;
+        let plan = self.plan.clone()?;
+        Some((id, plan))
+    }
+
+    /// How many more workers to start: one per waiting message, up to `max` in all. Workers
+    /// are added as a backlog builds, so a trickle of mail keeps one connection.
+    pub fn workers_wanted(&self, max: usize) -> usize {
+        self.messages.len().min(max).saturating_sub(self.workers)
+    }
+
+    pub fn worker_started(&mut self) {
+        self.workers += 1;
+    }
+
+    pub fn worker_stopped(&mut self) {
+        self.workers = self.workers.saturating_sub(1);
+    }
+
+    pub fn progressed(&mut self) {
+        self.last_progress = Instant::now();
+    }
+
+    /// No mail and no workers: the queue can be dropped.
+    pub fn is_idle(&self) -> bool {
+        self.messages.is_empty() && self.workers == 0
+    }
+
+    /// Mail is waiting and either nobody serves it or nothing finished for `period`.
+    pub fn is_stuck(&self, now: Instant, period: Duration) -> bool {
+        !self.messages.is_empty()
+            && (self.workers == 0 || now.duration_since(self.last_progress) >= period)
+    }
+}

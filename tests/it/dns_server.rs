@@ -1,0 +1,281 @@
+//! A small authoritative DNS server for tests, on 127.0.0.1 (UDP, and TCP on the same port),
+//! answering from an in-memory [`Zone`] the test builds.
+//!
+//! Semantics: a name with records answers them (NOERROR with an empty answer and an SOA if
+//! none is of the type asked); a name without records that has names below it exists (an
+//! empty non-terminal: NOERROR, no data); any other name is NXDOMAIN. Negative answers carry
+//! an SOA whose TTL is the zone's negative TTL, so resolvers cache them predictably. UDP
+//! answers larger than the client's payload size are truncated (TC) so the client retries
+//! over TCP. Every query is counted per (name, type), so tests can observe caching.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hickory_resolver::proto::op::{Edns, Message, OpCode, ResponseCode};
+use hickory_resolver::proto::rr::rdata::{A, AAAA, MX, SOA};
+use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::task::JoinHandle;
+
+/// Records by lowercase name (no trailing dot), and names that misbehave.
+#[derive(Default)]
+pub struct Zone {
+    records: HashMap<String, Vec<(u32, RData)>>,
+    servfail: HashSet<String>,
+    silent: HashSet<String>,
+    /// TTL of records added from now on.
+    ttl: u32,
+}
+
+/// Record TTL unless the test sets one with [`Zone::ttl`].
+const DEFAULT_TTL: u32 = 300;
+/// TTL of SOA records in negative answers, and so of negative cache entries.
+const NEGATIVE_TTL: u32 = 300;
+/// Largest UDP answer without EDNS (RFC 1035 4.2.1).
+const CLASSIC_UDP_SIZE: usize = 512;
+
+impl Zone {
+    pub fn new() -> Zone {
+        Zone {
+            ttl: DEFAULT_TTL,
+            ..Zone::default()
+        }
+    }
+
+    /// Records added after this call get this TTL (seconds).
+    pub fn ttl(mut self, secs: u32) -> Zone {
+        self.ttl = secs;
+        self
+    }
+
+    pub fn mx(self, domain: &str, preference: u16, exchange: &str) -> Zone {
+        let exchange = Name::from_ascii(format!("{exchange}.")).expect("exchange name");
+        self.record(domain, RData::MX(MX::new(preference, exchange)))
+    }
+
+    /// RFC 7505: a single `0 .` record.
+    pub fn null_mx(self, domain: &str) -> Zone {
+        self.record(domain, RData::MX(MX::new(0, Name::root())))
+    }
+
+    pub fn a(self, host: &str, ip: &str) -> Zone {
+        self.record(host, RData::A(A(ip.parse().expect("IPv4 address"))))
+    }
+
+    pub fn aaaa(self, host: &str, ip: &str) -> Zone {
+        self.record(host, RData::AAAA(AAAA(ip.parse().expect("IPv6 address"))))
+    }
+
+    /// Every query for `name` answers SERVFAIL.
+    pub fn servfail(mut self, name: &str) -> Zone {
+        self.servfail.insert(name.to_ascii_lowercase());
+        self
+    }
+
+    /// Queries for `name` are never answered (the client times out).
+    pub fn silent(mut self, name: &str) -> Zone {
+        self.silent.insert(name.to_ascii_lowercase());
+        self
+    }
+
+    fn record(mut self, name: &str, data: RData) -> Zone {
+        let ttl = self.ttl;
+        self.records
+            .entry(name.to_ascii_lowercase())
+            .or_default()
+            .push((ttl, data));
+        self
+    }
+
+    /// The name has records, or names below it do.
+    fn exists(&self, name: &str) -> bool {
+        self.records.contains_key(name)
+            || self.records.keys().any(|k| {
+                k.len() > name.len() + 1
+                    && k.ends_with(name)
+                    && k.as_bytes()[k.len() - name.len() - 1] == b'.'
+            })
+    }
+}
+
+pub struct DnsServer {
+    pub addr: SocketAddr,
+    queries: Arc<Mutex<HashMap<(String, RecordType), usize>>>,
+    tcp_queries: Arc<AtomicUsize>,
+    tasks: [JoinHandle<()>; 2],
+}
+
+impl DnsServer {
+    pub async fn start(zone: Zone) -> DnsServer {
+        // UDP and TCP must share the port: the resolver is given one address for both.
+        let (udp, tcp) = loop {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind UDP");
+            let addr = udp.local_addr().expect("UDP address");
+            match TcpListener::bind(addr).await {
+                Ok(tcp) => break (udp, tcp),
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
+                Err(e) => panic!("bind TCP: {e}"),
+            }
+        };
+        let addr = udp.local_addr().expect("UDP address");
+        let zone = Arc::new(zone);
+        let queries = Arc::new(Mutex::new(HashMap::new()));
+        let tcp_queries = Arc::new(AtomicUsize::new(0));
+        let responder = Responder {
+            zone,
+            queries: queries.clone(),
+            tcp_queries: tcp_queries.clone(),
+        };
+        let udp_task = tokio::spawn(serve_udp(udp, responder.clone()));
+        let tcp_task = tokio::spawn(serve_tcp(tcp, responder));
+        DnsServer {
+            addr,
+            queries,
+            tcp_queries,
+            tasks: [udp_task, tcp_task],
+        }
+    }
+
+    /// Queries received so far for `name` (any case, no trailing dot) and `record_type`.
+    pub fn queries(&self, name: &str, record_type: RecordType) -> usize {
+        let queries = self.queries.lock().unwrap();
+        let key = (name.to_ascii_lowercase(), record_type);
+        queries.get(&key).copied().unwrap_or(0)
+    }
+
+    /// Queries received over TCP so far (any name and type).
+    pub fn tcp_queries(&self) -> usize {
+        self.tcp_queries.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Responder {
+    zone: Arc<Zone>,
+    queries: Arc<Mutex<HashMap<(String, RecordType), usize>>>,
+    tcp_queries: Arc<AtomicUsize>,
+}
+
+async fn serve_udp(socket: UdpSocket, responder: Responder) {
+    let mut buf = vec![0; 65535];
+    while let Ok((len, peer)) = socket.recv_from(&mut buf).await {
+        let Ok(request) = Message::from_vec(&buf[..len]) else {
+            continue;
+        };
+        let Some(mut response) = responder.answer(&request) else {
+            continue;
+        };
+        let limit = request
+            .edns
+            .as_ref()
+            .map_or(CLASSIC_UDP_SIZE, |e| usize::from(e.max_payload()))
+            .max(CLASSIC_UDP_SIZE);
+        let mut bytes = response.to_vec().expect("encode response");
+        if bytes.len() > limit {
+            response.answers.clear();
+            response.authorities.clear();
+            response.metadata.truncation = true;
+            bytes = response.to_vec().expect("encode truncated response");
+        }
+        let _ = socket.send_to(&bytes, peer).await;
+    }
+}
+
+async fn serve_tcp(listener: TcpListener, responder: Responder) {
+    while let Ok((stream, _)) = listener.accept().await {
+        tokio::spawn(serve_tcp_connection(stream, responder.clone()));
+    }
+}
+
+/// RFC 1035 4.2.2: each message is preceded by its length as two bytes.
+async fn serve_tcp_connection(mut stream: TcpStream, responder: Responder) -> io::Result<()> {
+    loop {
+        let len = stream.read_u16().await?;
+        let mut buf = vec![0; usize::from(len)];
+        stream.read_exact(&mut buf).await?;
+        let request = Message::from_vec(&buf).map_err(io::Error::other)?;
+        responder.tcp_queries.fetch_add(1, Ordering::Relaxed);
+        if let Some(response) = responder.answer(&request) {
+            let bytes = response.to_vec().map_err(io::Error::other)?;
+            stream.write_u16(bytes.len() as u16).await?;
+            stream.write_all(&bytes).await?;
+        }
+    }
+}
+
+impl Responder {
+    /// The response to one query, or `None` to stay silent.
+    fn answer(&self, request: &Message) -> Option<Message> {
+        let query = request.queries.first()?.clone();
+        let mut name = query.name().to_ascii().to_ascii_lowercase();
+        if name.ends_with('.') {
+            name.pop();
+        }
+        *self
+            .queries
+            .lock()
+            .unwrap()
+            .entry((name.clone(), query.query_type()))
+            .or_default() += 1;
+        let zone = &self.zone;
+        if zone.silent.contains(&name) {
+            return None;
+        }
+
+        let mut response = Message::response(request.metadata.id, OpCode::Query);
+        response.metadata.authoritative = true;
+        response.metadata.recursion_desired = request.metadata.recursion_desired;
+        if let Some(edns) = &request.edns {
+            let mut ours = Edns::new();
+            ours.set_max_payload(edns.max_payload());
+            response.set_edns(ours);
+        }
+        response.add_query(query.clone());
+        if zone.servfail.contains(&name) {
+            response.metadata.response_code = ResponseCode::ServFail;
+            return Some(response);
+        }
+        let answers: Vec<Record> = zone
+            .records
+            .get(&name)
+            .into_iter()
+            .flatten()
+            .filter(|(_, data)| data.record_type() == query.query_type())
+            .map(|(ttl, data)| Record::from_rdata(query.name().clone(), *ttl, data.clone()))
+            .collect();
+        if answers.is_empty() {
+            if !zone.exists(&name) {
+                response.metadata.response_code = ResponseCode::NXDomain;
+            }
+            let soa = SOA::new(
+                Name::from_ascii("ns.test.").unwrap(),
+                Name::from_ascii("hostmaster.test.").unwrap(),
+                1,
+                3600,
+                600,
+                86400,
+                NEGATIVE_TTL,
+            );
+            response.add_authority(Record::from_rdata(
+                query.name().clone(),
+                NEGATIVE_TTL,
+                RData::SOA(soa),
+            ));
+        } else {
+            response.add_answers(answers);
+        }
+        Some(response)
+    }
+}
