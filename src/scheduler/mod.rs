@@ -290,6 +290,16 @@ impl Scheduler {
             };
             for id in due {
                 match self.inner.spool.envelope(id) {
+                    // The index entry the timer came from may predate the last attempt's
+                    // outcome: the envelope's own due time decides.
+                    Ok(Some(env)) if env.next_due_ms > now => {
+                        let horizon = now + LOAD_HORIZON.as_millis() as u64;
+                        if env.next_due_ms <= horizon {
+                            self.state().timers.insert((env.next_due_ms, id));
+                        } else {
+                            self.release(id);
+                        }
+                    }
                     Ok(Some(env)) if !env.held => self.route(id, &env.destination).await,
                     Ok(_) => self.release(id),
                     Err(err) => {
@@ -345,30 +355,41 @@ impl Scheduler {
         }
     }
 
-    /// Restarts workers of queues that have mail but made no progress for a while.
+    /// Reports queues that have mail but made no progress for a while, and starts a worker
+    /// where the queue is below its worker limit (a queue with mail and no worker at all is
+    /// the case this exists for). The timer restarts after each report, so a slow destination
+    /// is reported once per period, and never gets more than its limit of workers.
     async fn watchdog(&self) {
         let period = self.inner.config.watchdog;
+        let max = self.inner.config.max_connections_per_destination;
         let mut tick = tokio::time::interval((period / 4).max(Duration::from_millis(100)));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = self.inner.shutdown.cancelled() => return,
             }
-            let stuck: Vec<String> = {
-                let state = self.state();
-                state
-                    .queues
-                    .values()
-                    .filter(|q| q.is_stuck(Instant::now(), period))
-                    .map(|q| q.key().to_string())
-                    .collect()
-            };
-            for key in stuck {
-                warn!(destination = %key, "no delivery progress; restarting a worker");
-                if let Some(q) = self.state().queues.get_mut(&key) {
-                    q.worker_started();
+            let mut restart = Vec::new();
+            {
+                let mut state = self.state();
+                let now = Instant::now();
+                for q in state.queues.values_mut() {
+                    if !q.is_stuck(now, period) {
+                        continue;
+                    }
+                    warn!(
+                        destination = %q.key(),
+                        waiting = q.len(),
+                        workers = q.workers(),
+                        "no delivery progress"
+                    );
                     q.progressed();
+                    if q.workers() < max {
+                        q.worker_started();
+                        restart.push(q.key().to_string());
+                    }
                 }
+            }
+            for key in restart {
                 self.spawn_worker(key);
             }
         }

@@ -60,6 +60,10 @@ impl ReadyQueue {
         self.messages.len().min(max).saturating_sub(self.workers)
     }
 
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
     pub fn worker_started(&mut self) {
         self.workers += 1;
     }
@@ -81,5 +85,60 @@ impl ReadyQueue {
     pub fn is_stuck(&self, now: Instant, period: Duration) -> bool {
         !self.messages.is_empty()
             && (self.workers == 0 || now.duration_since(self.last_progress) >= period)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TlsPolicy;
+    use tern_queue::IdGenerator;
+
+    fn plan() -> RoutePlan {
+        RoutePlan {
+            key: "route:sink.test".into(),
+            hops: Vec::new(),
+            tls: TlsPolicy::Opportunistic,
+            auth: None,
+        }
+    }
+
+    #[test]
+    fn workers_grow_with_the_backlog_up_to_the_limit() {
+        let ids = IdGenerator::new(None);
+        let mut q = ReadyQueue::new("k".into());
+        assert_eq!(q.workers_wanted(4), 0);
+        q.push(ids.next(), plan());
+        assert_eq!(q.workers_wanted(4), 1);
+        q.worker_started();
+        assert_eq!(q.workers_wanted(4), 0, "one message, one worker");
+        for _ in 0..10 {
+            q.push(ids.next(), plan());
+        }
+        assert_eq!(q.workers_wanted(4), 3, "capped at the limit");
+        let first = q.pop().unwrap().0;
+        assert!(q.pop().unwrap().0 > first, "FIFO");
+    }
+
+    #[test]
+    fn stuck_means_waiting_mail_and_no_worker_or_no_progress() {
+        let ids = IdGenerator::new(None);
+        let mut q = ReadyQueue::new("k".into());
+        let now = Instant::now();
+        let period = Duration::from_secs(60);
+        assert!(!q.is_stuck(now, period), "empty is never stuck");
+        q.push(ids.next(), plan());
+        assert!(q.is_stuck(now, period), "mail and no worker");
+        q.worker_started();
+        assert!(!q.is_stuck(now, period));
+        assert!(
+            q.is_stuck(Instant::now() + period, period),
+            "no progress for a period"
+        );
+        q.progressed();
+        assert!(!q.is_stuck(Instant::now(), period));
+        q.pop();
+        q.worker_stopped();
+        assert!(q.is_idle());
     }
 }

@@ -132,8 +132,12 @@ pub struct Options {
     pub delivery: Vec<(String, String)>,
     /// `[[routes]]`: (domain, host:port).
     pub routes: Vec<(String, String)>,
+    /// Extra keys of `[[routes]]` entries: (domain, `key = <TOML literal>`).
+    pub route_options: Vec<(String, String)>,
     /// `[[dkim]]` entries as raw TOML bodies.
     pub dkim: Vec<String>,
+    /// `[spool]` keys other than `path`, as TOML literals.
+    pub spool: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -148,7 +152,9 @@ impl Default for Options {
             log_level: "info".to_string(),
             delivery: vec![("suspended".to_string(), "true".to_string())],
             routes: vec![("sink.test".to_string(), "127.0.0.1:2526".to_string())],
+            route_options: Vec::new(),
             dkim: Vec::new(),
+            spool: Vec::new(),
         }
     }
 }
@@ -193,6 +199,21 @@ impl Options {
         self.routes.retain(|(d, _)| d != domain && d != "sink.test");
         self.routes
             .push((domain.to_string(), host_port.to_string()));
+        self
+    }
+
+    /// Sets another key of the route for `domain` (e.g. `tls`, `"\"required\""`); `value` is
+    /// a TOML literal.
+    pub fn route_option(mut self, domain: &str, key: &str, value: impl ToString) -> Self {
+        self.route_options
+            .push((domain.to_string(), format!("{key} = {}", value.to_string())));
+        self
+    }
+
+    /// Sets a `[spool]` key (`max_age`, ...); `value` is a TOML literal.
+    pub fn spool(mut self, key: &str, value: impl ToString) -> Self {
+        self.spool.retain(|(k, _)| k != key);
+        self.spool.push((key.to_string(), value.to_string()));
         self
     }
 
@@ -255,11 +276,19 @@ impl Options {
             writeln!(t, "{k} = {v}").unwrap();
         }
         let spool = dir.join("spool");
-        writeln!(t, "\n[spool]\npath = {:?}\n", spool.display().to_string()).unwrap();
+        writeln!(t, "\n[spool]\npath = {:?}", spool.display().to_string()).unwrap();
+        for (k, v) in &self.spool {
+            writeln!(t, "{k} = {v}").unwrap();
+        }
+        writeln!(t).unwrap();
         // Port 0: never collides with another test (nothing binds it today anyway).
         writeln!(t, "[admin]\naddress = \"127.0.0.1:0\"\n").unwrap();
         for (domain, host) in &self.routes {
-            writeln!(t, "[[routes]]\ndomain = {domain:?}\nhosts = [{host:?}]\n").unwrap();
+            writeln!(t, "[[routes]]\ndomain = {domain:?}\nhosts = [{host:?}]").unwrap();
+            for (_, line) in self.route_options.iter().filter(|(d, _)| d == domain) {
+                writeln!(t, "{line}").unwrap();
+            }
+            writeln!(t).unwrap();
         }
         writeln!(t, "[delivery]").unwrap();
         let log = dir.join("delivery.log");

@@ -9,6 +9,7 @@ mod bdat;
 mod cli;
 mod client;
 mod crash;
+mod delivery;
 mod dialogue;
 mod dkim;
 mod durability;

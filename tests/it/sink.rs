@@ -17,7 +17,8 @@
 //!   answering (while still reading), when the command of `phase` arrives (`Greeting`: instead
 //!   of the greeting; `DataEnd`: at the final dot); `.fault_first(n, ..)` only in the first
 //!   `n` sessions. `.broken_tls()` answers 220 to STARTTLS and then closes instead of a
-//!   handshake.
+//!   handshake. `.data_delay(d)` waits `d` before answering the final dot.
+//! - [`Sink::start_at`] binds an exact address, e.g. 127.0.5.1:25 for MX delivery.
 //!
 //! It records every transaction that reached the end of data as a [`ReceivedMessage`]
 //! (sender and parameters, accepted recipients and parameters, the content unstuffed, TLS,
@@ -108,6 +109,9 @@ pub struct SinkBehaviour {
     pub fault: Option<(SinkPhase, Fault)>,
     /// The fault applies to sessions with an index below this (all by default).
     pub fault_sessions: usize,
+    /// How long to wait before the reply after the final dot (the message is recorded when
+    /// the dot arrives, before the wait).
+    pub data_delay: Option<Duration>,
 }
 
 impl Default for SinkBehaviour {
@@ -128,6 +132,7 @@ impl Default for SinkBehaviour {
             data: Arc::new(|_| None),
             fault: None,
             fault_sessions: usize::MAX,
+            data_delay: None,
         }
     }
 }
@@ -212,6 +217,12 @@ impl SinkBehaviour {
     pub fn fault_first(mut self, sessions: usize, phase: SinkPhase, fault: Fault) -> Self {
         self.fault = Some((phase, fault));
         self.fault_sessions = sessions;
+        self
+    }
+
+    /// Waits `delay` before answering the final dot (a slow queue at the far end).
+    pub fn data_delay(mut self, delay: Duration) -> Self {
+        self.data_delay = Some(delay);
         self
     }
 }
@@ -308,10 +319,16 @@ impl Sink {
 
     /// Binds `ip`:0; `ip` must be a loopback address (tests talk to loopback only).
     pub async fn start_on(ip: IpAddr, behaviour: SinkBehaviour) -> Sink {
+        Sink::start_at(SocketAddr::new(ip, 0), behaviour).await
+    }
+
+    /// Binds exactly `addr` (e.g. 127.0.5.1:25 for MX delivery); loopback only.
+    pub async fn start_at(addr: SocketAddr, behaviour: SinkBehaviour) -> Sink {
+        let ip = addr.ip();
         assert!(ip.is_loopback(), "the sink binds loopback addresses only");
-        let listener = TcpListener::bind(SocketAddr::new(ip, 0))
+        let listener = TcpListener::bind(addr)
             .await
-            .unwrap_or_else(|e| panic!("sink bind {ip}: {e}"));
+            .unwrap_or_else(|e| panic!("sink bind {addr}: {e}"));
         let addr = listener.local_addr().unwrap();
         let records = Shared::default();
         let stop = CancellationToken::new();
@@ -472,6 +489,8 @@ struct Session {
     tls: bool,
     auth_user: Option<String>,
     tx: Option<Transaction>,
+    /// Set at the final dot when `data_delay` is configured; slept before the next flush.
+    delay: Option<Duration>,
 }
 
 impl Session {
@@ -496,6 +515,7 @@ impl Session {
             tls: false,
             auth_user: None,
             tx: None,
+            delay: None,
         }
     }
 
@@ -535,6 +555,9 @@ impl Session {
                 if !matches!(flow, Flow::Continue) {
                     break;
                 }
+            }
+            if let Some(delay) = self.delay.take() {
+                tokio::time::sleep(delay).await;
             }
             if self.flush().await.is_err() {
                 return;
@@ -820,6 +843,7 @@ impl Session {
             (self.b.data)(&message).unwrap_or_else(|| "250 2.0.0 Ok: queued".to_string());
         let reply = message.reply.clone();
         self.records.lock().unwrap().messages.push(message);
+        self.delay = self.b.data_delay;
         self.reply(&reply);
         Flow::Continue
     }
