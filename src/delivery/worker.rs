@@ -175,12 +175,14 @@ impl Worker {
                 .get(&a.password_file)
                 .map(|p| (a.username.as_str(), p.as_str()))
         });
-        let mut last = Failure::temporary("4.4.4", "no route to any host".to_string());
+        // The message bounces only if every host failed permanently: one host that is merely
+        // down (or a DNS lookup that timed out) makes the whole attempt temporary.
+        let mut failures = Failures::default();
         for hop in &plan.hops {
             let addrs = match self.router.addresses(hop).await {
                 Ok(addrs) => addrs,
                 Err(err) => {
-                    last = Failure::from_route_error(&err);
+                    failures.add(Failure::from_route_error(&err));
                     continue;
                 }
             };
@@ -200,15 +202,39 @@ impl Worker {
                     Err(err) => {
                         debug!(host = %hop.name, %addr, error = %err, "connect failed");
                         let try_next = err.try_next_host();
-                        last = Failure::from_attempt_error(&err);
+                        failures.add(Failure::from_attempt_error(&err));
                         if !try_next {
-                            return Err(last);
+                            return Err(failures.verdict());
                         }
                     }
                 }
             }
         }
-        Err(last)
+        Err(failures.verdict())
+    }
+}
+
+/// The failures of one connection round, across hosts.
+#[derive(Default)]
+struct Failures {
+    temporary: Option<Failure>,
+    permanent: Option<Failure>,
+}
+
+impl Failures {
+    fn add(&mut self, failure: Failure) {
+        let slot = match failure.verdict {
+            Verdict::Permanent => &mut self.permanent,
+            _ => &mut self.temporary,
+        };
+        *slot = Some(failure);
+    }
+
+    /// The last temporary failure if there was any, else the last permanent one.
+    fn verdict(self) -> Failure {
+        self.temporary.or(self.permanent).unwrap_or_else(|| {
+            Failure::temporary("4.4.4", "no host to deliver to".to_string())
+        })
     }
 }
 

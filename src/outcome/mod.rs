@@ -64,17 +64,26 @@ impl Settler {
     }
 
     /// A message whose domain could not be routed: every pending recipient gets the routing
-    /// error as its result.
-    pub async fn route_failed(&self, id: MessageId, err: &RouteError) {
+    /// error as its result. Returns the next due time, as [`Settler::settle`] does.
+    pub async fn route_failed(&self, id: MessageId, err: &RouteError) -> Option<u64> {
         let env = match self.spool.envelope(id) {
             Ok(Some(env)) => env,
-            Ok(None) => return,
-            Err(e) => return warn!(%id, error = %e, "cannot read envelope"),
+            Ok(None) => return None,
+            Err(e) => {
+                warn!(%id, error = %e, "cannot read envelope");
+                return None;
+            }
         };
         let body = match self.spool.body(id) {
             Ok(Some(body)) => body,
-            Ok(None) => return warn!(%id, "envelope without body"),
-            Err(e) => return warn!(%id, error = %e, "cannot read body"),
+            Ok(None) => {
+                warn!(%id, "envelope without body");
+                return None;
+            }
+            Err(e) => {
+                warn!(%id, error = %e, "cannot read body");
+                return None;
+            }
         };
         let pending: Vec<(usize, Recipient)> = env
             .recipients
@@ -84,17 +93,31 @@ impl Settler {
             .map(|(i, r)| (i, r.clone()))
             .collect();
         let attempt = Failure::from_route_error(err).for_all(&pending);
-        self.apply(env, &body, &env_destination(err), attempt).await;
+        self.apply(env, &body, &env_destination(err), attempt).await
     }
 
     /// Applies an attempt's results: states, retry time or expiry, DSNs, log, spool write.
-    pub async fn settle(&self, env: Envelope, body: &[u8], plan: &RoutePlan, attempt: Attempt) {
-        self.apply(env, body, &plan.key, attempt).await;
+    /// Returns the message's next due time if it is still pending, so the scheduler can keep
+    /// an imminent retry in memory.
+    pub async fn settle(
+        &self,
+        env: Envelope,
+        body: &[u8],
+        plan: &RoutePlan,
+        attempt: Attempt,
+    ) -> Option<u64> {
+        self.apply(env, body, &plan.key, attempt).await
     }
 
-    async fn apply(&self, mut env: Envelope, body: &[u8], destination: &str, attempt: Attempt) {
+    async fn apply(
+        &self,
+        mut env: Envelope,
+        body: &[u8],
+        destination: &str,
+        attempt: Attempt,
+    ) -> Option<u64> {
         if attempt.outcomes.is_empty() {
-            return;
+            return None;
         }
         let now = now_ms();
         env.attempts += 1;
@@ -194,7 +217,7 @@ impl Settler {
             // The envelope is left as it was: the attempt is repeated later and the DSN with
             // it, rather than reporting nothing.
             warn!(id = %env.id, error = %err, "cannot queue DSN; outcome not recorded");
-            return;
+            return None;
         }
 
         let done = env
@@ -206,10 +229,16 @@ impl Settler {
         } else {
             self.spool.update(&env).await
         };
-        if let Err(err) = written {
-            warn!(id = %env.id, error = %err, "cannot record delivery outcome");
-        } else if done {
-            debug!(id = %env.id, "message done");
+        match written {
+            Err(err) => {
+                warn!(id = %env.id, error = %err, "cannot record delivery outcome");
+                None
+            }
+            Ok(()) if done => {
+                debug!(id = %env.id, "message done");
+                None
+            }
+            Ok(()) => Some(env.next_due_ms),
         }
     }
 
@@ -271,8 +300,14 @@ impl Settler {
             recipients: vec![Recipient::new(env.sender.clone())],
             env_id: None,
             ret: None,
-            body_type: BodyType::EightBitMime,
-            smtputf8: env.smtputf8,
+            // A DSN about UTF-8 addresses is 8-bit content; it needs SMTPUTF8 itself only when
+            // it goes to a UTF-8 address.
+            body_type: if message.is_ascii() {
+                BodyType::SevenBit
+            } else {
+                BodyType::EightBitMime
+            },
+            smtputf8: !env.sender.is_ascii(),
             source: Source {
                 client_ip: "127.0.0.1".to_string(),
                 helo: self.hostname.clone(),

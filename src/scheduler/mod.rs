@@ -172,10 +172,17 @@ impl Scheduler {
             }
             for msg in batch {
                 if self.state().in_memory.insert(msg.id) {
-                    self.route(msg.id, &msg.domain).await;
+                    self.spawn_route(msg.id, msg.domain);
                 }
             }
         }
+    }
+
+    /// Routes on a task of its own: a DNS lookup that takes its full timeout must not hold up
+    /// mail for other domains.
+    fn spawn_route(&self, id: MessageId, domain: String) {
+        let s = self.clone();
+        self.inner.tasks.spawn(async move { s.route(id, &domain).await });
     }
 
     /// Routes a message that is in memory and due, and puts it on its ready queue. A routing
@@ -185,11 +192,8 @@ impl Scheduler {
             Ok(plan) => self.enqueue(id, plan),
             Err(err) => {
                 debug!(%id, domain, error = %err, "routing failed");
-                let s = self.clone();
-                self.inner.tasks.spawn(async move {
-                    s.inner.settler.route_failed(id, &err).await;
-                    s.release(id);
-                });
+                let next_due = self.inner.settler.route_failed(id, &err).await;
+                self.reschedule(id, next_due);
             }
         }
     }
@@ -223,13 +227,24 @@ impl Scheduler {
         loop {
             let next = {
                 let mut state = self.state();
-                let queue = state.queues.get_mut(&key);
-                match queue {
+                let next = match state.queues.get_mut(&key) {
                     Some(q) if !self.inner.shutdown.is_cancelled() => q.pop(),
                     _ => None,
+                };
+                if next.is_none() {
+                    // Stopping under the same lock as the empty pop: a message queued right
+                    // after sees this worker gone and starts a new one.
+                    if let Some(q) = state.queues.get_mut(&key) {
+                        q.worker_stopped();
+                        if q.is_idle() {
+                            state.queues.remove(&key);
+                        }
+                    }
                 }
+                next
             };
             let Some((id, plan)) = next else { break };
+            let mut next_due = None;
             match self.inner.spool.envelope(id) {
                 Ok(Some(envelope)) if !envelope.held => match self.inner.spool.body(id) {
                     Ok(Some(body)) => {
@@ -238,7 +253,8 @@ impl Scheduler {
                             .worker
                             .attempt(&envelope, &body, &plan, &mut connection)
                             .await;
-                        self.inner
+                        next_due = self
+                            .inner
                             .settler
                             .settle(envelope, &body, &plan, attempt)
                             .await;
@@ -249,7 +265,7 @@ impl Scheduler {
                 Ok(_) => {} // removed or held meanwhile
                 Err(err) => warn!(%id, error = %err, "cannot read envelope"),
             }
-            self.release(id);
+            self.reschedule(id, next_due);
             if let Some(q) = self.state().queues.get_mut(&key) {
                 q.progressed();
             }
@@ -257,12 +273,19 @@ impl Scheduler {
         if let Some(conn) = connection {
             self.inner.worker.park(conn).await;
         }
-        let mut state = self.state();
-        if let Some(q) = state.queues.get_mut(&key) {
-            q.worker_stopped();
-            if q.is_idle() {
-                state.queues.remove(&key);
+    }
+
+    /// After an attempt: a retry due within the horizon stays in memory on a timer (and the
+    /// loader is woken, as it may be sleeping past it); anything else leaves memory and is
+    /// found again in the spool's due index.
+    fn reschedule(&self, id: MessageId, next_due: Option<u64>) {
+        let horizon = now_ms() + LOAD_HORIZON.as_millis() as u64;
+        match next_due {
+            Some(due) if due <= horizon && !self.inner.shutdown.is_cancelled() => {
+                self.state().timers.insert((due, id));
+                self.inner.wake_loader.notify_one();
             }
+            _ => self.release(id),
         }
     }
 
@@ -300,7 +323,7 @@ impl Scheduler {
                             self.release(id);
                         }
                     }
-                    Ok(Some(env)) if !env.held => self.route(id, &env.destination).await,
+                    Ok(Some(env)) if !env.held => self.spawn_route(id, env.destination),
                     Ok(_) => self.release(id),
                     Err(err) => {
                         warn!(%id, error = %err, "cannot read envelope");

@@ -72,7 +72,8 @@ impl Relay {
     }
 
     /// Asserts that no DSN was ever queued: none reached the bounce sink and the log shows
-    /// no delivery attempt with the null sender. Meaningful once the spool is empty.
+    /// no delivery attempt from the null sender to [`SENDER`]. Meaningful once the spool is
+    /// empty.
     #[track_caller]
     pub fn assert_no_dsn(&self) {
         assert!(
@@ -87,7 +88,7 @@ impl Relay {
         let dsn_lines: Vec<Value> = self
             .log()
             .into_iter()
-            .filter(|l| l["sender"] == "")
+            .filter(|l| l["sender"] == "" && l["recipient"] == SENDER)
             .collect();
         assert!(dsn_lines.is_empty(), "DSN delivery logged: {dsn_lines:#?}");
     }
@@ -135,17 +136,17 @@ pub async fn send(server: &TestServer, mail: &str, rcpts: &[&str], content: &[u8
 }
 
 /// A reply closure that answers `reply` to the first `n` calls and accepts afterwards.
-pub fn first_n<T: ?Sized>(
+pub fn first_n<A: ?Sized>(
     n: usize,
     reply: &str,
 ) -> (
     Arc<AtomicUsize>,
-    impl Fn(&T) -> Option<String> + Send + Sync + 'static,
+    impl Fn(&A) -> Option<String> + Send + Sync + 'static,
 ) {
     let calls = Arc::new(AtomicUsize::new(0));
     let reply = reply.to_string();
     let counter = calls.clone();
-    (calls, move |_: &T| {
+    (calls, move |_: &A| {
         (counter.fetch_add(1, Ordering::SeqCst) < n).then(|| reply.clone())
     })
 }
@@ -234,6 +235,9 @@ pub struct Dsn {
     pub message_fields: Vec<(String, String)>,
     pub recipients: Vec<Vec<(String, String)>>,
     pub text: String,
+    /// The third part: its type and raw content.
+    pub original_type: String,
+    pub original: Vec<u8>,
 }
 
 impl Dsn {
@@ -306,6 +310,16 @@ pub fn parse_dsn(m: &ReceivedMessage) -> Dsn {
         .collect();
     assert!(groups.len() >= 2, "message and recipient groups: {text}");
     let message_fields = groups.remove(0);
+    let original_ct = part(2).content_type().expect("third part type");
+    let original_type = format!(
+        "{}/{}",
+        original_ct.ctype(),
+        original_ct.subtype().unwrap_or_default()
+    );
+    let original = match &part(2).body {
+        PartType::Message(inner) => inner.raw_message().to_vec(),
+        _ => part(2).contents().to_vec(),
+    };
     Dsn {
         subject: msg.subject().unwrap_or_default().to_string(),
         report_type,
@@ -313,6 +327,8 @@ pub fn parse_dsn(m: &ReceivedMessage) -> Dsn {
         message_fields,
         recipients: groups,
         text: part(0).text_contents().unwrap_or_default().to_string(),
+        original_type,
+        original,
     }
 }
 
@@ -372,6 +388,7 @@ async fn connections_are_reused_and_capped_per_destination() {
     const N: usize = 30;
     let r = relay(SinkBehaviour::default(), |o| {
         o.delivery("max_connections_per_destination", 2)
+            .delivery("max_messages_per_connection", 10)
     })
     .await;
     let mut c = r.server.connect().await;
@@ -411,6 +428,67 @@ async fn connections_are_reused_and_capped_per_destination() {
         sessions <= N / 5,
         "connections must be reused: {sessions} sessions for {N} messages"
     );
+    let mut per_session = vec![0usize; sessions];
+    for m in &msgs {
+        per_session[m.session] += 1;
+    }
+    assert!(
+        per_session.iter().all(|&n| n <= 10),
+        "max_messages_per_connection = 10: {per_session:?}"
+    );
+    for (i, log) in r.sink.session_logs().iter().enumerate() {
+        if per_session[i] == 10 {
+            assert!(log.quit, "a full connection is closed with QUIT: {log:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn only_pending_recipients_are_retried() {
+    let (_, later_once) = first_n::<str>(1, "451 4.2.1 Mailbox busy");
+    let r = relay(
+        SinkBehaviour::default().rcpt_reply(move |a| {
+            if a == "later@sink.test" {
+                later_once(a)
+            } else {
+                None
+            }
+        }),
+        |o| o.delivery("retry_initial", "\"1s\""),
+    )
+    .await;
+    let content = message("partial");
+    send(
+        &r.server,
+        &format!("<{SENDER}>"),
+        &["<now@sink.test>", "<later@sink.test>"],
+        &content,
+    )
+    .await;
+
+    let msgs = r.sink.wait_for_messages(2, T).await;
+    r.wait_spool_empty().await;
+    assert_eq!(msgs.len(), 2, "{msgs:#?}");
+    assert_eq!(msgs[0].rcpt_addresses(), ["now@sink.test"]);
+    assert_eq!(
+        msgs[1].rcpt_addresses(),
+        ["later@sink.test"],
+        "the retry is for the pending recipient only"
+    );
+    assert_eq!(msgs[0].data, msgs[1].data);
+    prepended(&msgs[1].data, &content, false);
+    let log = r.log();
+    assert_eq!(
+        outcomes(&lines_for(&log, "now@sink.test")),
+        [("delivered".into(), 1)],
+        "{log:#?}"
+    );
+    assert_eq!(
+        outcomes(&lines_for(&log, "later@sink.test")),
+        [("deferred".into(), 1), ("delivered".into(), 2)],
+        "{log:#?}"
+    );
+    r.assert_no_dsn();
 }
 
 #[tokio::test]
@@ -424,7 +502,7 @@ async fn per_recipient_results_and_a_failure_dsn() {
     let content = message("per-rcpt");
     let id = send(
         &r.server,
-        &format!("<{SENDER}> ENVID=env-77"),
+        &format!("<{SENDER}> ENVID=env-77 RET=FULL"),
         &[
             "<good@sink.test>",
             "<bad@sink.test> ORCPT=rfc822;orig-bad@sink.test",
@@ -462,6 +540,12 @@ async fn per_recipient_results_and_a_failure_dsn() {
         "{diag}"
     );
     assert!(dsn.text.contains("<bad@sink.test>"), "{}", dsn.text);
+    assert_eq!(dsn.original_type, "message/rfc822", "RET=FULL");
+    assert!(
+        dsn.original.ends_with(&content),
+        "the whole message is returned: {}",
+        String::from_utf8_lossy(&dsn.original)
+    );
     assert!(!dsn.text.contains("good@sink.test"), "{}", dsn.text);
 
     let log = r.log();
@@ -735,4 +819,34 @@ async fn stalled_data_end_times_out_and_is_retried() {
     let reply = lines[0]["reply"].as_str().unwrap();
     assert!(reply.contains("timed out"), "{reply}");
     r.assert_no_dsn();
+}
+
+#[tokio::test]
+async fn a_deferred_message_is_retried_when_due() {
+    let (_, reply) = first_n::<str>(1, "451 4.3.0 Try again later");
+    let r = relay(SinkBehaviour::default().rcpt_reply(reply), |o| {
+        o.delivery("retry_initial", "\"1s\"")
+    })
+    .await;
+    send(
+        &r.server,
+        &format!("<{SENDER}>"),
+        &["<soon@sink.test>"],
+        &message("retry-when-due"),
+    )
+    .await;
+    r.sink.wait_for_messages(1, T).await;
+    r.wait_spool_empty().await;
+    let log = r.log();
+    let lines = lines_for(&log, "soon@sink.test");
+    assert_eq!(
+        outcomes(&lines),
+        [("deferred".into(), 1), ("delivered".into(), 2)],
+        "{log:#?}"
+    );
+    let gap = lines[1]["delay_s"].as_f64().unwrap() - lines[0]["delay_s"].as_f64().unwrap();
+    assert!(
+        (0.9..2.5).contains(&gap),
+        "retry_initial = 1s, but the retry came {gap:.1} s after the deferral"
+    );
 }

@@ -115,6 +115,9 @@ pub fn b64(bytes: impl AsRef<[u8]>) -> String {
 // ---------------------------------------------------------------------------------------------
 // Configuration
 
+/// Where `sink.test` is routed unless a test routes it (or anything) itself.
+const DEFAULT_SINK_ROUTE: &str = "127.0.0.1:2526";
+
 #[derive(Clone, Debug)]
 pub struct Options {
     /// A `[tls]` section (STARTTLS offered on smtp listeners).
@@ -151,7 +154,7 @@ impl Default for Options {
             shutdown_grace: "3s".to_string(),
             log_level: "info".to_string(),
             delivery: vec![("suspended".to_string(), "true".to_string())],
-            routes: vec![("sink.test".to_string(), "127.0.0.1:2526".to_string())],
+            routes: vec![("sink.test".to_string(), DEFAULT_SINK_ROUTE.to_string())],
             route_options: Vec::new(),
             dkim: Vec::new(),
             spool: Vec::new(),
@@ -196,7 +199,8 @@ impl Options {
 
     /// Routes `domain` to `host_port` (replacing the default sink.test route on first use).
     pub fn route(mut self, domain: &str, host_port: impl ToString) -> Self {
-        self.routes.retain(|(d, _)| d != domain && d != "sink.test");
+        let default = ("sink.test".to_string(), DEFAULT_SINK_ROUTE.to_string());
+        self.routes.retain(|r| r.0 != domain && *r != default);
         self.routes
             .push((domain.to_string(), host_port.to_string()));
         self
