@@ -232,9 +232,9 @@ impl Failures {
 
     /// The last temporary failure if there was any, else the last permanent one.
     fn verdict(self) -> Failure {
-        self.temporary.or(self.permanent).unwrap_or_else(|| {
-            Failure::temporary("4.4.4", "no host to deliver to".to_string())
-        })
+        self.temporary
+            .or(self.permanent)
+            .unwrap_or_else(|| Failure::temporary("4.4.4", "no host to deliver to".to_string()))
     }
 }
 

@@ -182,7 +182,9 @@ impl Scheduler {
     /// mail for other domains.
     fn spawn_route(&self, id: MessageId, domain: String) {
         let s = self.clone();
-        self.inner.tasks.spawn(async move { s.route(id, &domain).await });
+        self.inner
+            .tasks
+            .spawn(async move { s.route(id, &domain).await });
     }
 
     /// Routes a message that is in memory and due, and puts it on its ready queue. A routing
