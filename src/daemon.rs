@@ -27,7 +27,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tern_queue::Spool;
+use tern_queue::{Spool, SpoolOptions};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -56,13 +56,31 @@ impl Daemon {
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .map(tokio_rustls::TlsAcceptor::from);
         let spool_path = config.spool.path.clone();
-        let spool = tokio::task::spawn_blocking(move || Spool::open(&spool_path))
-            .await?
-            .with_context(|| format!("spool.path: cannot open {}", config.spool.path.display()))?;
+        let spool_options = SpoolOptions {
+            cache_size: config.spool.cache_size,
+        };
+        let spool =
+            tokio::task::spawn_blocking(move || Spool::open_with(&spool_path, &spool_options))
+                .await?
+                .with_context(|| {
+                    format!("spool.path: cannot open {}", config.spool.path.display())
+                })?;
         let stats = spool.stats();
         info!(messages = stats.messages, bytes = stats.bytes, path = %config.spool.path.display(), "spool open");
 
         let shutdown = CancellationToken::new();
+        // Reads every body once, so it runs in the background (on blocking threads, in chunks)
+        // instead of delaying the start; it is safe alongside commits and deliveries, and stops
+        // at shutdown (the next start sweeps again).
+        let (sweeping, stop_sweep) = (spool.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                result = sweeping.sweep_orphans() => if let Err(err) = result {
+                    warn!(error = %err, "spool orphan sweep failed");
+                },
+                _ = stop_sweep.cancelled() => {}
+            }
+        });
         let dkim = Arc::new(DkimSigners::load(&config.dkim).map_err(|e| anyhow::anyhow!("{e}"))?);
         let resolver = HickoryResolver::new(&config.delivery.nameservers)
             .context("delivery.nameservers: cannot set up the DNS resolver")?;

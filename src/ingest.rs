@@ -108,14 +108,15 @@ impl Ingest {
         body.extend_from_slice(head.as_bytes());
         body.extend_from_slice(&sub.content);
         if let Some(dkim) = &self.dkim {
-            // Signing is CPU work (RSA especially): keep it off the async workers.
-            let (dkim, message) = (dkim.clone(), body);
-            let (signature, message) = tokio::task::spawn_blocking(move || {
-                let signature = dkim.sign(&message);
-                (signature, message)
-            })
-            .await
-            .map_err(|e| SpoolError::Sled(format!("DKIM signing task failed: {e}")))?;
+            let (signature, message) = if dkim.is_cheap() {
+                (dkim.sign(&body), body)
+            } else {
+                // An RSA signature takes about a millisecond: keep it off the async workers.
+                let (dkim, message) = (dkim.clone(), body);
+                tokio::task::spawn_blocking(move || (dkim.sign(&message), message))
+                    .await
+                    .map_err(|e| SpoolError::Sled(format!("DKIM signing task failed: {e}")))?
+            };
             body = match signature {
                 Some(signature) => {
                     let mut signed = Vec::with_capacity(signature.len() + message.len());

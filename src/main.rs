@@ -143,14 +143,24 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
     })
 }
 
-fn init_logging(log: &LogConfig) {
+/// Logs go to standard error through a writer thread, so a session never waits on the
+/// terminal or journal. The writer blocks rather than drops when it falls behind: a lost log
+/// line is worse than a slower accept. The returned guard flushes the rest when dropped.
+fn init_logging(log: &LogConfig) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(false);
     match log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+    guard
 }
 
 fn serve(path: &Path) -> ExitCode {
@@ -158,7 +168,7 @@ fn serve(path: &Path) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    init_logging(&config.log);
+    let _log_guard = init_logging(&config.log);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(err) => {

@@ -141,8 +141,7 @@ impl GroupCommit {
 
     /// Returns once every write queued so far is durable.
     pub(crate) async fn flush(&self) -> Result<(), SpoolError> {
-        let seq = self.lock_pending().written;
-        self.wait_for(seq).await
+        self.wait_for(self.written()).await
     }
 
     /// Asks the thread to finish: it runs a last round if writes are pending
@@ -159,6 +158,11 @@ impl GroupCommit {
             syncs: self.progress.borrow().rounds,
             last_batch: self.last_batch.load(Ordering::Relaxed),
         }
+    }
+
+    /// Sequence number of the latest queued write.
+    pub(crate) fn written(&self) -> u64 {
+        self.lock_pending().written
     }
 
     /// Sequence number up to which writes are visible in sled.

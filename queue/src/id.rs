@@ -84,8 +84,20 @@ impl Serialize for MessageId {
 
 impl<'de> Deserialize<'de> for MessageId {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(deserializer)?;
-        s.parse().map_err(serde::de::Error::custom)
+        // A visitor rather than `String::deserialize`: the hex digits are
+        // parsed where they lie, without allocating (recovery decodes two ids
+        // per envelope for every spooled message).
+        struct Hex;
+        impl serde::de::Visitor<'_> for Hex {
+            type Value = MessageId;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a message id of 16 hex digits")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<MessageId, E> {
+                s.parse().map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_str(Hex)
     }
 }
 

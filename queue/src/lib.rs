@@ -27,4 +27,4 @@ pub use error::SpoolError;
 pub use group_commit::CommitStats;
 pub use id::{IdGenerator, MessageId, ParseMessageIdError};
 pub use record::{BodyType, Envelope, Notify, Recipient, RecipientState, Ret, Source};
-pub use spool::{Body, Spool, SpoolStats};
+pub use spool::{Body, OrphanSweep, Spool, SpoolOptions, SpoolStats};

@@ -158,6 +158,8 @@ pub struct SpoolConfig {
     pub path: PathBuf,
     /// How long a message may stay undelivered before it expires (with a DSN). Default 5d.
     pub max_age: Duration,
+    /// Bytes of spool pages (sled's page cache) kept in memory. Default 128 MiB.
+    pub cache_size: u64,
 }
 
 impl Default for SpoolConfig {
@@ -165,6 +167,7 @@ impl Default for SpoolConfig {
         SpoolConfig {
             path: PathBuf::from("./data/spool"),
             max_age: Duration::from_secs(5 * 86_400),
+            cache_size: tern_queue::SpoolOptions::default().cache_size,
         }
     }
 }
@@ -485,6 +488,9 @@ fn compile_spool(r: &mut TableReader<'_>) -> SpoolConfig {
         max_age: r
             .get("max_age", |v| duration(v).and_then(nonzero))
             .unwrap_or(d.max_age),
+        cache_size: r
+            .get("cache_size", |v| size(v).and_then(nonzero))
+            .unwrap_or(d.cache_size),
     }
 }
 
@@ -725,6 +731,7 @@ mod tests {
         assert_eq!(config.limits.data_timeout, Duration::from_secs(600));
         assert_eq!(config.spool.path, Path::new("./data/spool"));
         assert_eq!(config.spool.max_age, Duration::from_secs(5 * 86_400));
+        assert_eq!(config.spool.cache_size, 128 << 20);
         assert_eq!(config.admin.address, "127.0.0.1:8025".parse().unwrap());
         assert!(config.relay.networks.is_empty());
         assert!(config.routes.is_empty());

@@ -105,6 +105,15 @@ impl DkimSigners {
         self.by_domain.is_empty()
     }
 
+    /// True when every key is Ed25519: signing then costs tens of microseconds, less than
+    /// handing the work to another thread, so callers may sign inline.
+    pub fn is_cheap(&self) -> bool {
+        self.by_domain
+            .values()
+            .flatten()
+            .all(|k| k.key.algorithm() == Algorithm::Ed25519Sha256)
+    }
+
     /// The DKIM-Signature header fields for `message` (headers and body, CRLF line ends), one
     /// per key of the domain of the first `From:` address, each folded and ending in CRLF, in
     /// configuration order; to be prepended to the message. `None` if the message has no

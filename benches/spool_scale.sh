@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# Start-up time and memory of tern with a large deferred spool.
+#
+#   benches/spool_scale.sh [spool_dir] [count] [body_size]
+#
+# Defaults: /tmp/tern-spool-scale-<count>, 1000000 messages, 5120-byte bodies. Run from
+# anywhere; it builds what it needs (`cargo build --release`, and the spool_fill example).
+#
+# 1. If spool_dir does not exist, fills it with `count` deferred messages
+#    (examples/spool_fill.rs: next attempt DUE_IN_S from now, default 2 days, so nothing
+#    falls due during the measurement; refill if the spool is older than that).
+# 2. Writes a config next to the spool: [spool] path, a listener on a free 127.0.0.1 port,
+#    delivery not suspended (the scheduler runs; nothing is due), delivery log off, and one
+#    route "*" -> a closed 127.0.0.1 port, so the test message is deferred and nothing
+#    leaves the host.
+# 3. Starts `tern serve` and measures from process start: the time until a connection gets
+#    the 220 greeting (connects are retried every 5 ms), and until one 5 KB message sent on
+#    that connection is accepted ("250 ... queued"); VmRSS/VmHWM (/proc/<pid>/status) at
+#    both points and the peak VmRSS during the next SETTLE_S seconds (default 20; background
+#    work such as the orphan-body sweep runs then).
+# 4. SIGTERMs tern and reports the shutdown time and the spool size on disk.
+#
+# Note: sled writes its page-table snapshot only when it opens a database, so the first start
+# after a fill replays the whole log; later starts replay only what was written since the
+# previous start. Run it twice to see both.
+#
+# Environment:
+#   TERN=path        tern binary (default: target/release/tern, built first)
+#   CACHE_SIZE=256MiB  write spool.cache_size into the config (default: not written: 128MiB)
+#   DUE_IN_S=172800  when filling: how far in the future messages are due
+#   WRITERS=256      when filling: concurrent commits
+#   SETTLE_S=20      how long to watch memory after the first accepted message
+#   DROP_CACHES=1    drop the kernel page cache before starting tern (root only): a cold start,
+#                    as after a reboot
+#   WARM=1           read the spool files once right before starting tern: a warm start, as when
+#                    tern restarts on a host that keeps the files cached (without either, the start
+#                    is as warm as the page cache happens to be, which varies between runs)
+set -euo pipefail
+
+COUNT=${2:-1000000}
+SPOOL=${1:-/tmp/tern-spool-scale-$COUNT}
+BODY=${3:-5120}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+
+if [[ -z ${TERN:-} ]]; then
+    (cd "$ROOT" && cargo build --release --bin tern --example spool_fill)
+    TERN=$ROOT/target/release/tern
+fi
+
+if [[ ! -e $SPOOL ]]; then
+    echo "== filling $SPOOL with $COUNT messages of $BODY bytes"
+    (cd "$ROOT" && cargo build --release --example spool_fill)
+    "$ROOT/target/release/examples/spool_fill" "$SPOOL" "$COUNT" "$BODY" \
+        "${WRITERS:-256}" "${DUE_IN_S:-172800}"
+fi
+echo "== spool on disk: $(du -sh "$SPOOL" | cut -f1) ($SPOOL)"
+
+if [[ ${WARM:-0} == 1 ]]; then
+    cat "$SPOOL"/db "$SPOOL"/snap.* >/dev/null 2>&1 || true
+    echo "== read the spool files into the page cache (warm start)"
+fi
+if [[ ${DROP_CACHES:-0} == 1 ]]; then
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    echo "== dropped the page cache (cold start)"
+fi
+
+exec python3 - "$TERN" "$SPOOL" "${CACHE_SIZE:-}" "${SETTLE_S:-20}" <<'PY'
+import os, re, shutil, signal, socket, subprocess, sys, tempfile, time
+
+tern, spool, cache_size, settle = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+smtp_port, admin_port, dead_port = free_port(), free_port(), free_port()
+workdir = tempfile.mkdtemp(prefix="tern-scale-")
+config = os.path.join(workdir, "tern.toml")
+with open(config, "w") as f:
+    f.write(f"""
+[server]
+hostname = "tern.localhost"
+shutdown_grace = "5s"
+[[listeners]]
+address = "127.0.0.1:{smtp_port}"
+[relay]
+networks = ["127.0.0.0/8"]
+[spool]
+path = "{spool}"
+{f'cache_size = "{cache_size}"' if cache_size else ''}
+[admin]
+address = "127.0.0.1:{admin_port}"
+[[routes]]
+domain = "*"
+hosts = ["127.0.0.1:{dead_port}"]
+[delivery]
+suspended = false
+log_path = "off"
+[log]
+level = "info"
+""")
+
+def status(pid):
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) // 1024
+    return out
+
+def mem(pid):
+    s = status(pid)
+    return f"VmRSS {s['VmRSS']} MB, VmHWM {s['VmHWM']} MB"
+
+log_path = os.path.join(workdir, "tern.log")
+log = open(log_path, "w")
+t0 = time.monotonic()
+proc = subprocess.Popen([tern, "serve", "--config", config], stdout=log, stderr=subprocess.STDOUT)
+elapsed = lambda: time.monotonic() - t0
+
+def fail(msg):
+    proc.kill()
+    sys.exit(f"{msg}\n--- tern log ({log_path}):\n" + open(log_path).read()[-4000:])
+
+while True:
+    if proc.poll() is not None:
+        fail(f"tern exited with {proc.returncode} before accepting connections")
+    try:
+        sock = socket.create_connection(("127.0.0.1", smtp_port), timeout=60)
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.005)
+reader = sock.makefile("rb")
+
+def reply():
+    while True:
+        line = reader.readline().decode()
+        if len(line) < 4 or line[3] != "-":
+            return line.strip()
+
+greeting = reply()
+t_220 = elapsed()
+if not greeting.startswith("220"):
+    fail(f"unexpected greeting {greeting!r}")
+mem_220 = mem(proc.pid)
+
+body = (b"From: <bench@example.com>\r\nTo: <someone@example.net>\r\nSubject: scale\r\n\r\n"
+        + b"x" * 70 + b"\r\n") * 1
+while len(body) < 5120:
+    body += b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod\r\n"
+for cmd, code in ((b"EHLO bench.test", "250"), (b"MAIL FROM:<bench@example.com>", "250"),
+                  (b"RCPT TO:<someone@example.net>", "250"), (b"DATA", "354")):
+    sock.sendall(cmd + b"\r\n")
+    r = reply()
+    if not r.startswith(code):
+        fail(f"{cmd!r}: {r!r}")
+sock.sendall(body + b".\r\n")
+accepted = reply()
+t_250 = elapsed()
+if not (accepted.startswith("250") and "queued" in accepted):
+    fail(f"message not accepted: {accepted!r}")
+mem_250 = mem(proc.pid)
+sock.sendall(b"QUIT\r\n")
+reply()
+sock.close()
+
+peak = 0
+end = time.monotonic() + settle
+while time.monotonic() < end and proc.poll() is None:
+    peak = max(peak, status(proc.pid)["VmRSS"])
+    time.sleep(0.2)
+mem_settled = mem(proc.pid)
+
+t_stop = time.monotonic()
+proc.send_signal(signal.SIGTERM)
+try:
+    proc.wait(timeout=120)
+except subprocess.TimeoutExpired:
+    fail("tern did not stop within 120 s of SIGTERM")
+t_stop = time.monotonic() - t_stop
+log.close()
+
+print(f"time to 220 greeting:        {t_220:7.2f} s   ({mem_220})")
+print(f"time to first 250 queued:    {t_250:7.2f} s   ({mem_250})   {accepted}")
+print(f"after {settle:.0f} s more:              peak VmRSS {peak} MB; now {mem_settled}")
+print(f"shutdown after SIGTERM:      {t_stop:7.2f} s   (exit {proc.returncode})")
+print("--- spool lines from the tern log:")
+for line in open(log_path):
+    if "spool" in line or "orphan" in line or "ERROR" in line or "WARN" in line:
+        print("  " + re.sub(r"\x1b\[[0-9;]*m", "", line.rstrip()))
+shutil.rmtree(workdir)  # kept when a step failed, for its tern.log
+PY
