@@ -246,8 +246,7 @@ impl Scheduler {
                 next
             };
             let Some((id, plan)) = next else { break };
-            let mut next_due = None;
-            match self.inner.spool.envelope(id) {
+            let attempted = match self.inner.spool.envelope(id) {
                 Ok(Some(envelope)) if !envelope.held => match self.inner.spool.body(id) {
                     Ok(Some(body)) => {
                         let attempt = self
@@ -255,19 +254,39 @@ impl Scheduler {
                             .worker
                             .attempt(&envelope, &body, &plan, &mut connection)
                             .await;
-                        next_due = self
-                            .inner
-                            .settler
-                            .settle(envelope, &body, &plan, attempt)
-                            .await;
+                        // The outcome is recorded on a task of its own, so this worker's
+                        // connection carries the next message while the spool write waits
+                        // for its fsync round. The id stays in memory until the write is
+                        // done, so the due loader cannot pick the message up meanwhile.
+                        let s = self.clone();
+                        self.inner.tasks.spawn(async move {
+                            let next_due = s
+                                .inner
+                                .settler
+                                .settle(envelope, &body, &plan, attempt)
+                                .await;
+                            s.reschedule(id, next_due);
+                        });
+                        true
                     }
-                    Ok(None) => warn!(%id, "envelope without body; skipped"),
-                    Err(err) => warn!(%id, error = %err, "cannot read body"),
+                    Ok(None) => {
+                        warn!(%id, "envelope without body; skipped");
+                        false
+                    }
+                    Err(err) => {
+                        warn!(%id, error = %err, "cannot read body");
+                        false
+                    }
                 },
-                Ok(_) => {} // removed or held meanwhile
-                Err(err) => warn!(%id, error = %err, "cannot read envelope"),
+                Ok(_) => false, // removed or held meanwhile
+                Err(err) => {
+                    warn!(%id, error = %err, "cannot read envelope");
+                    false
+                }
+            };
+            if !attempted {
+                self.release(id);
             }
-            self.reschedule(id, next_due);
             if let Some(q) = self.state().queues.get_mut(&key) {
                 q.progressed();
             }
