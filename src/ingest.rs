@@ -16,11 +16,30 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tern_queue::{BodyType, Envelope, MessageId, Recipient, Ret, Source, Spool, SpoolError};
 use tokio::sync::mpsc;
 
-/// TLS parameters of the session, for the Received header.
+/// TLS parameters of a connection, for Received headers and the delivery log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsInfo {
     pub version: String,
     pub cipher: String,
+}
+
+impl TlsInfo {
+    /// The negotiated version (e.g. `TLSv1.3`) and cipher suite of an inbound or outbound
+    /// rustls connection.
+    pub fn of<D>(conn: &rustls::ConnectionCommon<D>) -> TlsInfo {
+        TlsInfo {
+            version: conn
+                .protocol_version()
+                .and_then(|v| v.as_str())
+                .unwrap_or("TLS")
+                .replace('_', "."),
+            cipher: conn
+                .negotiated_cipher_suite()
+                .and_then(|c| c.suite().as_str())
+                .unwrap_or("unknown")
+                .to_string(),
+        }
+    }
 }
 
 /// One accepted SMTP transaction (or, later, an HTTP injection), ready for the spool.

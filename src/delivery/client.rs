@@ -32,7 +32,7 @@ use mail_send::{Credentials, SmtpClient};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{aws_lc_rs, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore};
 use smtp_proto::{EhloResponse, Response};
 use tern_queue::{BodyType, Recipient, Ret};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
@@ -623,7 +623,7 @@ async fn open(
                         },
                     }
                 })?;
-                tls = Some(tls_info(secured.stream.get_ref().1));
+                tls = Some(TlsInfo::of(secured.stream.get_ref().1));
                 let mut client = SmtpClient {
                     stream: BufWriter::new(Stream::Tls(Box::new(secured.stream))),
                     timeout: t.ehlo,
@@ -701,22 +701,6 @@ fn wrap_plain(plain: SmtpClient<TcpStream>) -> SmtpClient<Wire> {
     SmtpClient {
         stream: BufWriter::new(Stream::Plain(plain.stream)),
         timeout: plain.timeout,
-    }
-}
-
-/// Same form as the TLS details of inbound sessions (Received headers, delivery log).
-fn tls_info(conn: &ClientConnection) -> TlsInfo {
-    TlsInfo {
-        version: conn
-            .protocol_version()
-            .and_then(|v| v.as_str())
-            .unwrap_or("TLS")
-            .replace('_', "."),
-        cipher: conn
-            .negotiated_cipher_suite()
-            .and_then(|c| c.suite().as_str())
-            .unwrap_or("unknown")
-            .to_owned(),
     }
 }
 

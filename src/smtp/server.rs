@@ -141,19 +141,7 @@ impl Server {
         let tls = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
-        let (_, conn) = tls.get_ref();
-        let info = TlsInfo {
-            version: conn
-                .protocol_version()
-                .and_then(|v| v.as_str())
-                .unwrap_or("TLS")
-                .replace('_', "."),
-            cipher: conn
-                .negotiated_cipher_suite()
-                .and_then(|c| c.suite().as_str())
-                .unwrap_or("unknown")
-                .to_string(),
-        };
+        let info = TlsInfo::of(tls.get_ref().1);
         Ok((tls, info))
     }
 }
