@@ -42,6 +42,8 @@ const LOAD_INTERVAL: Duration = Duration::from_secs(5);
 /// At most this many messages are held in memory (ready, timed or in flight); beyond it the
 /// due loader waits, so a huge backlog due at once is worked through in slices.
 const MAX_IN_MEMORY: usize = 200_000;
+/// Messages being routed (DNS lookups) at the same time.
+const MAX_ROUTING: usize = 256;
 
 /// A message that was just committed: its id and recipient domain.
 #[derive(Debug, Clone)]
@@ -68,6 +70,8 @@ struct Inner {
     tasks: TaskTracker,
     /// Wakes the due loader early (a timer earlier than its current sleep was added).
     wake_loader: tokio::sync::Notify,
+    /// Bounds the routing tasks in flight.
+    routing: tokio::sync::Semaphore,
 }
 
 #[derive(Default)]
@@ -107,6 +111,7 @@ impl Scheduler {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             wake_loader: tokio::sync::Notify::new(),
+            routing: tokio::sync::Semaphore::new(MAX_ROUTING),
         });
         let scheduler = Scheduler { inner };
         let s = scheduler.clone();
@@ -180,11 +185,15 @@ impl Scheduler {
 
     /// Routes on a task of its own: a DNS lookup that takes its full timeout must not hold up
     /// mail for other domains.
+    /// At most [`MAX_ROUTING`] run at once, so a backlog that falls due together (after a
+    /// restart, say) does not fire a DNS query per message all at the same moment.
     fn spawn_route(&self, id: MessageId, domain: String) {
         let s = self.clone();
-        self.inner
-            .tasks
-            .spawn(async move { s.route(id, &domain).await });
+        self.inner.tasks.spawn(async move {
+            // The semaphore is never closed, so acquiring cannot fail.
+            let _slot = s.inner.routing.acquire().await;
+            s.route(id, &domain).await
+        });
     }
 
     /// Routes a message that is in memory and due, and puts it on its ready queue. A routing
