@@ -4,8 +4,10 @@
 //! the spool, return.
 //!
 //! [`Daemon::start`] is what tests use in-process (listeners may be bound to port 0; the
-//! real addresses are in [`Daemon::smtp_addresses`]); [`serve`] adds signals and sd_notify.
+//! real addresses are in [`Daemon::smtp_addresses`], the admin server's in
+//! [`Daemon::admin_address`]); [`serve`] adds signals and sd_notify.
 
+use crate::admin::metrics::Metrics;
 use crate::auth::Credentials;
 use crate::config::Config;
 use crate::delivery::client::{load_roots, ClientSettings, SYSTEM_ROOTS};
@@ -41,8 +43,13 @@ pub struct Daemon {
     pool: Arc<Pool>,
     delivery_log: DeliveryLog,
     smtp_addresses: Vec<SocketAddr>,
+    admin_address: SocketAddr,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     listeners: TaskTracker,
+    admin: tokio::task::JoinHandle<()>,
+    /// Stops the admin server; separate from `shutdown` so scrapes answer while draining.
+    stop_admin: CancellationToken,
     sessions: TaskTracker,
     grace: Duration,
 }
@@ -81,6 +88,7 @@ impl Daemon {
                 _ = stop_sweep.cancelled() => {}
             }
         });
+        let metrics = Arc::new(Metrics::new().with_routes(&config.routes));
         let dkim = Arc::new(DkimSigners::load(&config.dkim).map_err(|e| anyhow::anyhow!("{e}"))?);
         let resolver = HickoryResolver::new(&config.delivery.nameservers)
             .context("delivery.nameservers: cannot set up the DNS resolver")?;
@@ -151,6 +159,7 @@ impl Daemon {
             delivery_log.clone(),
             config.delivery.clone(),
             config.server.hostname.clone(),
+            metrics.clone(),
         ));
         let scheduler = Scheduler::start(
             spool.clone(),
@@ -158,6 +167,7 @@ impl Daemon {
             worker,
             settler,
             config.delivery.clone(),
+            metrics.clone(),
             new_mail_rx,
         );
 
@@ -170,6 +180,7 @@ impl Daemon {
             credentials,
             starttls: tls.is_some(),
             ingest,
+            metrics: metrics.clone(),
         });
         let sessions = TaskTracker::new();
         let server = Arc::new(Server {
@@ -191,6 +202,10 @@ impl Daemon {
             })?;
             bound.push((socket, listener.mode));
         }
+        let admin_socket = TcpListener::bind(config.admin.address)
+            .await
+            .with_context(|| format!("admin.address: cannot bind {}", config.admin.address))?;
+        let admin_address = admin_socket.local_addr()?;
         let listeners = TaskTracker::new();
         let mut smtp_addresses = Vec::new();
         for (socket, mode) in bound {
@@ -198,14 +213,25 @@ impl Daemon {
             listeners.spawn(server.clone().serve(socket, mode));
         }
         listeners.close();
+        let stop_admin = CancellationToken::new();
+        let admin = tokio::spawn(crate::admin::serve(
+            admin_socket,
+            metrics.clone(),
+            spool.clone(),
+            stop_admin.clone(),
+        ));
         Ok(Daemon {
             spool,
             scheduler,
             pool,
             delivery_log,
             smtp_addresses,
+            admin_address,
+            metrics,
             shutdown,
             listeners,
+            admin,
+            stop_admin,
             sessions,
             grace: config.server.shutdown_grace,
         })
@@ -213,6 +239,15 @@ impl Daemon {
 
     pub fn smtp_addresses(&self) -> &[SocketAddr] {
         &self.smtp_addresses
+    }
+
+    /// Where the admin HTTP server (`GET /metrics`) listens.
+    pub fn admin_address(&self) -> SocketAddr {
+        self.admin_address
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn spool(&self) -> &Spool {
@@ -245,6 +280,14 @@ impl Daemon {
         self.pool.close_all().await;
         self.delivery_log.flush().await;
         self.spool.flush().await.context("final spool flush")?;
+        // Scrapes answer while draining; the admin server stops last, within the grace period
+        // (its graceful shutdown waits for open HTTP connections).
+        self.stop_admin.cancel();
+        let mut admin = self.admin;
+        if tokio::time::timeout(self.grace, &mut admin).await.is_err() {
+            warn!("admin server still busy after the grace period, aborting it");
+            admin.abort();
+        }
         info!("stopped");
         Ok(())
     }

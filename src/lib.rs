@@ -10,11 +10,13 @@
 //! - [`delivery`]: routing (static routes, MX), the outbound SMTP client and pool, DKIM,
 //!   one attempt of one envelope, the delivery log.
 //! - [`outcome`]: per-recipient results applied to the spool, retries, expiry, DSNs.
+//! - [`admin`]: the admin HTTP server (so far only `GET /metrics`) and every Prometheus metric.
 //! - [`daemon`]: process lifecycle: open spool, start delivery, bind, sd_notify, signals, drain.
 //! - [`notify`]: the systemd notification protocol (READY=1, STOPPING=1).
 //!
 //! The durable spool is the separate crate `tern-queue`, the only code that touches sled.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod daemon;

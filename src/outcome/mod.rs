@@ -15,6 +15,7 @@
 pub mod dsn;
 pub mod retry;
 
+use crate::admin::metrics::Metrics;
 use crate::config::DeliveryConfig;
 use crate::delivery::log::{AttemptOutcome, AttemptRecord, DeliveryLog};
 use crate::delivery::route::{RouteError, RoutePlan};
@@ -23,6 +24,7 @@ use crate::ingest::{Ingest, Submission};
 use crate::scheduler::now_ms;
 use dsn::{Action, DsnRecipient, DsnRequest};
 use retry::Deferral;
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 use tern_queue::{BodyType, Envelope, MessageId, Recipient, RecipientState, Source, Spool};
 use tracing::{debug, info, warn};
@@ -36,6 +38,7 @@ pub struct Settler {
     log: DeliveryLog,
     config: DeliveryConfig,
     hostname: String,
+    metrics: Arc<Metrics>,
 }
 
 /// One recipient's line in a DSN, owned while the DSN is built.
@@ -53,6 +56,7 @@ impl Settler {
         log: DeliveryLog,
         config: DeliveryConfig,
         hostname: String,
+        metrics: Arc<Metrics>,
     ) -> Settler {
         Settler {
             spool,
@@ -60,6 +64,7 @@ impl Settler {
             log,
             config,
             hostname,
+            metrics,
         }
     }
 
@@ -191,6 +196,13 @@ impl Settler {
                 RecipientState::Expired => AttemptOutcome::Expired,
                 RecipientState::Pending => AttemptOutcome::Deferred,
             };
+            self.metrics.delivery(destination, result);
+            if result == AttemptOutcome::Delivered {
+                self.metrics.delivered(
+                    Duration::from_millis(now.saturating_sub(env.created_ms)),
+                    attempt.tls.is_some(),
+                );
+            }
             self.log.record(&AttemptRecord {
                 ts: UNIX_EPOCH + Duration::from_millis(now),
                 id: env.id,
@@ -290,6 +302,7 @@ impl Settler {
                 .accept(self.dsn_submission(env, message))
                 .await?;
             info!(original = %env.id, dsn = %id, ?action, "DSN queued");
+            self.metrics.dsn_sent(action);
         }
         Ok(())
     }

@@ -21,6 +21,7 @@ mod ready;
 
 pub use ready::ReadyQueue;
 
+use crate::admin::metrics::Metrics;
 use crate::config::DeliveryConfig;
 use crate::delivery::route::{RoutePlan, Router};
 use crate::delivery::worker::Worker;
@@ -63,6 +64,7 @@ struct Inner {
     worker: Arc<Worker>,
     settler: Arc<Settler>,
     config: DeliveryConfig,
+    metrics: Arc<Metrics>,
     state: Mutex<State>,
     /// While set, nothing new is loaded or routed: mail stays in the spool.
     suspended: AtomicBool,
@@ -97,6 +99,7 @@ impl Scheduler {
         worker: Arc<Worker>,
         settler: Arc<Settler>,
         config: DeliveryConfig,
+        metrics: Arc<Metrics>,
         new_mail: mpsc::UnboundedReceiver<Vec<NewMessage>>,
     ) -> Scheduler {
         let suspended = AtomicBool::new(config.suspended);
@@ -106,6 +109,7 @@ impl Scheduler {
             worker,
             settler,
             config,
+            metrics,
             state: Mutex::new(State::default()),
             suspended,
             shutdown: CancellationToken::new(),
@@ -258,11 +262,13 @@ impl Scheduler {
             let attempted = match self.inner.spool.envelope(id) {
                 Ok(Some(envelope)) if !envelope.held => match self.inner.spool.body(id) {
                     Ok(Some(body)) => {
+                        let started = Instant::now();
                         let attempt = self
                             .inner
                             .worker
                             .attempt(&envelope, &body, &plan, &mut connection)
                             .await;
+                        self.inner.metrics.delivery_attempt(started.elapsed());
                         // The outcome is recorded on a task of its own, so this worker's
                         // connection carries the next message while the spool write waits
                         // for its fsync round. The id stays in memory until the write is

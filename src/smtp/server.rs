@@ -62,8 +62,11 @@ impl Server {
     }
 
     async fn connection(&self, mut stream: TcpStream, peer: SocketAddr, mode: ListenerMode) {
+        let metrics = self.config.metrics.clone();
+        metrics.smtp_connection();
         let Some(_slot) = self.limits.admit(peer.ip()) else {
             debug!(%peer, "connection limit reached");
+            metrics.smtp_connection_rejected();
             let reply = Reply::new(
                 421,
                 "4.7.0",
@@ -76,6 +79,7 @@ impl Server {
             let _ = stream.shutdown().await;
             return;
         };
+        let _session = metrics.smtp_session();
         let result = match mode {
             ListenerMode::Smtp => self.plain_session(stream, peer).await,
             ListenerMode::ImplicitTls => match self.handshake(stream).await {

@@ -15,6 +15,7 @@
 
 use super::proto::{self, ContentCheck, ContentFlags, DataDecoder, Line};
 use super::reply::Reply;
+use crate::admin::metrics::{Metrics, Rejection};
 use crate::auth::Credentials;
 use crate::config::Limits;
 use crate::ingest::{Ingest, Submission, TlsInfo};
@@ -40,6 +41,7 @@ pub struct SessionConfig {
     /// Whether STARTTLS can be offered (a TLS acceptor exists).
     pub starttls: bool,
     pub ingest: Ingest,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Why [`Session::run`] returned.
@@ -349,6 +351,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return self.error(553, "5.6.7", "Non-ASCII sender requires SMTPUTF8");
         }
         if let Err(reply) = self.config.policy.declared_size(from.size as u64) {
+            self.config.metrics.message_rejected(Rejection::Size);
             return self.error_reply(reply);
         }
         // smtp-proto has already decoded the xtext; what it yields ends up in DSN headers,
@@ -450,6 +453,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     .policy
                     .recipient(peer, authenticated, tx.recipients.len())
             {
+                // The policy refuses with 452 for the recipient limit, else for relaying.
+                self.config.metrics.message_rejected(if reply.code == 452 {
+                    Rejection::Recipients
+                } else {
+                    Rejection::RelayDenied
+                });
                 return self.error_reply(reply);
             }
             let mut rcpt = Recipient::new(to.address);
@@ -539,6 +548,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if chunks.size > max {
                 // Fail early: the transaction is lost anyway, and the client can stop.
                 self.state.tx = None;
+                self.config.metrics.message_rejected(Rejection::Size);
                 self.error_reply(policy::size_exceeded());
                 return Ok(Next::Continue);
             }
@@ -564,6 +574,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         flags: ContentFlags,
     ) {
         if size > self.config.limits.max_message_size as usize {
+            self.config.metrics.message_rejected(Rejection::Size);
             return self.error_reply(policy::size_exceeded());
         }
         if !flags.is_clean() {
@@ -573,6 +584,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 _ => "NUL",
             };
             warn!(peer = %self.state.peer, what, "refused message with improper line ends");
+            self.config.metrics.message_rejected(Rejection::Smuggling);
             return self.error_reply(Reply::new(
                 550,
                 "5.6.0",
@@ -610,10 +622,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         match self.config.ingest.accept(submission).await {
             Ok(id) => {
                 info!(%id, peer = %self.state.peer, size, rcpts = rcpt_count, "queued");
+                self.config.metrics.message_received();
                 self.reply(250, "2.0.0", format!("Ok: queued as {id}"));
             }
             Err(err) => {
                 warn!(peer = %self.state.peer, error = %err, "spool write failed");
+                self.config.metrics.message_rejected(Rejection::SpoolError);
                 self.reply(
                     451,
                     "4.3.0",
@@ -715,6 +729,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.reply(235, "2.7.0", "Authentication successful");
         } else {
             warn!(peer = %self.state.peer, user, "authentication failed");
+            self.config.metrics.message_rejected(Rejection::AuthFailed);
             self.error(535, "5.7.8", "Authentication credentials invalid");
         }
         Ok(Next::Continue)

@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tern::admin::metrics::Metrics;
 use tern::auth::Credentials;
 use tern::config::Config;
 use tern::ingest::{Ingest, TlsInfo};
@@ -245,6 +246,7 @@ max_errors = 20
         credentials: Some(Arc::new(Credentials::from_config(&config.auth))),
         starttls: false,
         ingest: Ingest::new(spool, HOST.to_string(), config.spool.max_age),
+        metrics: Arc::new(Metrics::new()),
     })
 }
 

@@ -350,6 +350,11 @@ impl TestServer {
         self.daemon.as_ref().expect("running").spool()
     }
 
+    /// The admin HTTP server's address (`GET /metrics`).
+    pub fn admin(&self) -> SocketAddr {
+        self.daemon.as_ref().expect("running").admin_address()
+    }
+
     /// A plain connection, greeting checked.
     pub async fn connect(&self) -> Client {
         let mut c = Client::connect(self.smtp).await;

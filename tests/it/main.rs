@@ -18,6 +18,7 @@ mod dkim;
 mod durability;
 mod fuzz;
 mod limits;
+mod metrics;
 mod python_client;
 mod routing;
 mod shutdown;

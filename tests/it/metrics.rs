@@ -1,0 +1,155 @@
+//! `GET /metrics` on the admin server, scraped over real HTTP after real traffic: the
+//! counters match what happened exactly, and destinations are labelled by static route.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::delivery::{relay, SENDER, T};
+use crate::harness::*;
+use crate::sink::SinkBehaviour;
+
+/// One scrape: sample (`name{labels}` exactly as exposed) -> value.
+async fn scrape(admin: SocketAddr) -> HashMap<String, f64> {
+    let mut stream = TcpStream::connect(admin)
+        .await
+        .expect("admin server listening");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: tern\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(T, stream.read_to_end(&mut response))
+        .await
+        .expect("scrape answered in time")
+        .unwrap();
+    let response = String::from_utf8(response).expect("UTF-8 response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP head and body");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    body.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (sample, value) = l.rsplit_once(' ').expect("sample and value");
+            (sample.to_string(), value.parse().expect("numeric value"))
+        })
+        .collect()
+}
+
+#[track_caller]
+fn value(samples: &HashMap<String, f64>, sample: &str) -> f64 {
+    *samples
+        .get(sample)
+        .unwrap_or_else(|| panic!("no sample {sample} in {samples:#?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_happened() {
+    let r = relay(SinkBehaviour::default(), |o| {
+        o.limit("max_message_size", 10000)
+    })
+    .await;
+    let admin = r.server.admin();
+    assert_ne!(admin.port(), 0, "port 0 must be resolved");
+
+    let before = scrape(admin).await;
+    assert_eq!(value(&before, "tern_messages_received_total"), 0.0);
+    assert_eq!(
+        value(&before, "tern_messages_rejected_total{reason=\"size\"}"),
+        0.0
+    );
+
+    let mut c = r.server.connect().await;
+    c.ehlo().await;
+    for i in 0..3 {
+        c.submit(
+            SENDER,
+            &[&format!("rcpt{i}@sink.test")],
+            &message(&format!("metrics-{i}")),
+        )
+        .await;
+    }
+    // One message over the size limit: refused after DATA.
+    c.expect(&format!("MAIL FROM:<{SENDER}>"), 250, "2.1.0")
+        .await;
+    c.expect("RCPT TO:<big@sink.test>", 250, "2.1.5").await;
+    c.expect("DATA", 354, "").await;
+    let mut content = b"Subject: big\r\n\r\n".to_vec();
+    while content.len() <= 12000 {
+        content.extend_from_slice(&[b'x'; 70]);
+        content.extend_from_slice(b"\r\n");
+    }
+    c.send(dot_stuff(&content)).await;
+    c.reply().await.assert(552, "5.3.4");
+
+    r.sink.wait_for_messages(3, T).await;
+    r.wait_spool_empty().await;
+    // The session is still open: one connection, one session.
+    let m = scrape(admin).await;
+    assert_eq!(value(&m, "tern_smtp_connections_total"), 1.0);
+    assert_eq!(value(&m, "tern_smtp_connections_rejected_total"), 0.0);
+    assert_eq!(value(&m, "tern_smtp_sessions"), 1.0);
+    assert_eq!(value(&m, "tern_messages_received_total"), 3.0);
+    assert_eq!(
+        value(&m, "tern_messages_rejected_total{reason=\"size\"}"),
+        1.0
+    );
+    assert_eq!(
+        value(&m, "tern_messages_rejected_total{reason=\"relay_denied\"}"),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "tern_deliveries_total{destination=\"route:sink.test\",outcome=\"delivered\"}"
+        ),
+        3.0
+    );
+    let deliveries: f64 = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("tern_deliveries_total{"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(deliveries, 3.0, "nothing but the three deliveries: {m:#?}");
+    assert_eq!(value(&m, "tern_delivery_attempt_seconds_count"), 3.0);
+    assert_eq!(value(&m, "tern_delivery_latency_seconds_count"), 3.0);
+    assert_eq!(
+        value(&m, "tern_tls_deliveries_total"),
+        0.0,
+        "the sink has no TLS"
+    );
+    assert_eq!(value(&m, "tern_dsns_sent_total{action=\"failed\"}"), 0.0);
+    assert_eq!(value(&m, "tern_spool_messages"), 0.0);
+    assert_eq!(value(&m, "tern_spool_bytes"), 0.0);
+    // Three commits and three removals, at least; each round covers one or more writes.
+    let commits = value(&m, "tern_spool_commits_total");
+    let syncs = value(&m, "tern_spool_syncs_total");
+    assert!(commits >= 6.0, "{commits}");
+    assert!(
+        syncs >= 1.0 && syncs <= commits,
+        "{syncs} rounds for {commits}"
+    );
+
+    c.expect("QUIT", 221, "2.0.0").await;
+    drop(c);
+    let deadline = std::time::Instant::now() + T;
+    while value(&scrape(admin).await, "tern_smtp_sessions") != 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "session gauge back to 0"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    r.server.stop().await;
+    assert!(
+        TcpStream::connect(admin).await.is_err(),
+        "the admin server stops with the daemon"
+    );
+}
