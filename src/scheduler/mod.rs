@@ -239,6 +239,7 @@ impl Scheduler {
     /// One worker: delivers messages from one ready queue over one connection at a time.
     async fn work(&self, key: String) {
         let mut connection = None;
+        let mut settling: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let next = {
                 let mut state = self.state();
@@ -262,6 +263,11 @@ impl Scheduler {
             let attempted = match self.inner.spool.envelope(id) {
                 Ok(Some(envelope)) if !envelope.held => match self.inner.spool.body(id) {
                     Ok(Some(body)) => {
+                        // At most one outcome per worker is unrecorded while the next message
+                        // is sent: a crash repeats at most two deliveries per connection.
+                        if let Some(previous) = settling.take() {
+                            let _ = previous.await;
+                        }
                         let started = Instant::now();
                         let attempt = self
                             .inner
@@ -274,14 +280,14 @@ impl Scheduler {
                         // for its fsync round. The id stays in memory until the write is
                         // done, so the due loader cannot pick the message up meanwhile.
                         let s = self.clone();
-                        self.inner.tasks.spawn(async move {
+                        settling = Some(self.inner.tasks.spawn(async move {
                             let next_due = s
                                 .inner
                                 .settler
                                 .settle(envelope, &body, &plan, attempt)
                                 .await;
                             s.reschedule(id, next_due);
-                        });
+                        }));
                         true
                     }
                     Ok(None) => {

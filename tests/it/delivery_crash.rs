@@ -139,9 +139,12 @@ async fn sigkill_during_delivery_repeats_only_attempts_in_flight() {
     assert!(most <= 2, "a message arrived {most} times: {copies:?}");
     let duplicates: usize = copies.values().map(|c| c - 1).sum();
     eprintln!("delivery crash: {duplicates} duplicates");
+    // Per connection, one delivery may be in progress and the previous one's outcome may
+    // still be waiting for its fsync round (the scheduler pipelines at most one).
     assert!(
-        duplicates <= CONNECTIONS,
-        "{duplicates} duplicates, but at most {CONNECTIONS} attempts were in flight"
+        duplicates <= 2 * CONNECTIONS,
+        "{duplicates} duplicates, but at most {} deliveries were unrecorded",
+        2 * CONNECTIONS
     );
     assert!(bounces.messages().is_empty(), "no DSN");
 }
