@@ -62,6 +62,11 @@ const DUE: u8 = b'D';
 /// Bodies per chunk of `sweep_orphans` (about 5 MB of 5 KB bodies).
 const SWEEP_CHUNK: usize = 1024;
 
+/// How often, and how long apart, opening retries while the lock is held
+/// (about half a second in all).
+const OPEN_RETRIES: u32 = 25;
+const OPEN_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// How a spool is opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpoolOptions {
@@ -209,14 +214,26 @@ impl Spool {
             SpoolError::io(format!("creating spool directory {}", dir.display()), e)
         })?;
         let started = Instant::now();
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(options.cache_size)
             // Our sync thread flushes whenever a writer waits; sled's own
             // periodic flusher would only add redundant fsyncs.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| open_error(e, dir))?;
+            .flush_every_ms(None);
+        // After a `Spool` in this process is dropped, sled's IO threads can
+        // hold its file lock for a moment longer; a reopen right then would
+        // see "in use". Another process that really holds the spool still
+        // gets `InUse`, after this short wait.
+        let mut attempts = 0;
+        let db = loop {
+            match config.open().map_err(|e| open_error(e, dir)) {
+                Err(SpoolError::InUse { .. }) if attempts < OPEN_RETRIES => {
+                    attempts += 1;
+                    std::thread::sleep(OPEN_RETRY_PAUSE);
+                }
+                other => break other?,
+            }
+        };
         let sled_ms = started.elapsed().as_millis() as u64;
         let mut syncer = Syncer::open(dir)?;
         let recovered = recovery::recover(&db)?;
