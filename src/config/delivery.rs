@@ -319,31 +319,17 @@ pub(super) fn compile_dkim(r: &mut TableReader<'_>) -> Option<DkimConfig> {
         Ok(h.to_ascii_lowercase())
     };
     let mut headers = r
-        .get("headers", |v| {
-            v.as_array()
-                .ok_or_else(|| "expected an array of header names".to_owned())?
-                .iter()
-                .map(header_name)
-                .collect::<Result<Vec<_>, _>>()
-        })
+        .list("headers", header_name)
         .unwrap_or_else(|| DEFAULT_DKIM_HEADERS.iter().map(|h| h.to_string()).collect());
     if !headers.iter().any(|h| h == "from") {
         headers.insert(0, "from".to_owned());
     }
-    let oversign = r
-        .get("oversign", |v| {
-            v.as_array()
-                .ok_or_else(|| "expected an array of header names".to_owned())?
-                .iter()
-                .map(header_name)
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .unwrap_or_else(|| {
-            DEFAULT_DKIM_OVERSIGN
-                .iter()
-                .map(|h| h.to_string())
-                .collect()
-        });
+    let oversign = r.list("oversign", header_name).unwrap_or_else(|| {
+        DEFAULT_DKIM_OVERSIGN
+            .iter()
+            .map(|h| h.to_string())
+            .collect()
+    });
     Some(DkimConfig {
         domain: domain?,
         selector: selector?,

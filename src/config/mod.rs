@@ -1014,6 +1014,7 @@ mod tests {
             domain = "example.com"
             key = "/etc/tern/k.pem"
             headers = ["subject"]
+            oversign = ["subject", "bad:name"]
         "#;
         let errors = Config::parse(text).unwrap_err().0;
         let expect = [
@@ -1025,6 +1026,7 @@ mod tests {
             "routes[0].auth.password:",
             "routes[0].auth.password_file:",
             "dkim[0].selector:",
+            "dkim[0].oversign[1]: invalid header name",
         ];
         for e in expect {
             assert!(
