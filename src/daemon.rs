@@ -7,7 +7,9 @@
 //! real addresses are in [`Daemon::smtp_addresses`], the admin server's in
 //! [`Daemon::admin_address`]); [`serve`] adds signals and sd_notify.
 
+use crate::admin::auth::Token;
 use crate::admin::metrics::Metrics;
+use crate::admin::AdminState;
 use crate::auth::Credentials;
 use crate::config::Config;
 use crate::delivery::client::{load_roots, ClientSettings, SYSTEM_ROOTS};
@@ -179,7 +181,7 @@ impl Daemon {
             policy: Policy::from_config(&config),
             credentials,
             starttls: tls.is_some(),
-            ingest,
+            ingest: ingest.clone(),
             metrics: metrics.clone(),
         });
         let sessions = TaskTracker::new();
@@ -202,6 +204,12 @@ impl Daemon {
             })?;
             bound.push((socket, listener.mode));
         }
+        let token = config
+            .admin
+            .token_file
+            .as_deref()
+            .map(Token::load_or_create)
+            .transpose()?;
         let admin_socket = TcpListener::bind(config.admin.address)
             .await
             .with_context(|| format!("admin.address: cannot bind {}", config.admin.address))?;
@@ -216,8 +224,13 @@ impl Daemon {
         let stop_admin = CancellationToken::new();
         let admin = tokio::spawn(crate::admin::serve(
             admin_socket,
-            metrics.clone(),
-            spool.clone(),
+            AdminState {
+                metrics: metrics.clone(),
+                spool: spool.clone(),
+                scheduler: scheduler.clone(),
+                ingest,
+                token,
+            },
             stop_admin.clone(),
         ));
         Ok(Daemon {

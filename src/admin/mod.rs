@@ -1,15 +1,25 @@
-//! The admin HTTP server. So far it serves only `GET /metrics` (Prometheus text format);
-//! the admin API is later work.
+//! The admin HTTP server: `GET /metrics` (Prometheus text format, no token) and the admin API
+//! under `/api/v1` (bearer token, JSON in and out).
 //!
 //! - [`metrics`]: every metric tern exports, in one [`metrics::Metrics`] with its own registry.
+//! - [`auth`]: the API's bearer token and the middleware that checks it.
+//! - [`error`]: [`error::ApiError`], the JSON error answer, and [`error::ApiJson`], the JSON
+//!   body extractor that answers malformed input with 400.
+//!
+//! Invariant: every `/api/v1` route sits behind [`auth::require_token`].
 
+pub mod auth;
+pub mod error;
 pub mod metrics;
 
+use crate::ingest::Ingest;
+use crate::scheduler::Scheduler;
+use auth::Token;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::Router;
+use axum::{Json, Router};
 use metrics::Metrics;
 use std::sync::Arc;
 use tern_queue::Spool;
@@ -17,31 +27,38 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+/// What the admin handlers work on.
 #[derive(Clone)]
-struct AdminState {
-    metrics: Arc<Metrics>,
-    spool: Spool,
+pub struct AdminState {
+    pub metrics: Arc<Metrics>,
+    pub spool: Spool,
+    pub scheduler: Scheduler,
+    pub ingest: Ingest,
+    /// `None`: the API is disabled (no `admin.token_file`).
+    pub token: Option<Token>,
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` is cancelled.
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    spool: Spool,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
     let address = listener.local_addr().ok();
-    info!(address = ?address, "admin listening");
-    let app = Router::new()
-        .route("/metrics", get(scrape))
-        .with_state(AdminState { metrics, spool });
-    if let Err(err) = axum::serve(listener, app)
+    info!(address = ?address, api = state.token.is_some(), "admin listening");
+    if let Err(err) = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
     {
         warn!(error = %err, "admin server failed");
     }
     info!(address = ?address, "admin stopped");
+}
+
+fn router(state: AdminState) -> Router {
+    let api = Router::new().route("/status", get(status)).route_layer(
+        axum::middleware::from_fn_with_state(state.token.clone(), auth::require_token),
+    );
+    Router::new()
+        .route("/metrics", get(scrape))
+        .nest("/api/v1", api)
+        .with_state(state)
 }
 
 async fn scrape(State(state): State<AdminState>) -> impl IntoResponse {
@@ -53,4 +70,14 @@ async fn scrape(State(state): State<AdminState>) -> impl IntoResponse {
         )],
         text,
     )
+}
+
+/// `GET /api/v1/status`: version, spool totals and what the scheduler holds in memory.
+async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
+    let stats = state.spool.stats();
+    Json(serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "spool": { "messages": stats.messages, "bytes": stats.bytes },
+        "in_memory": state.scheduler.in_memory(),
+    }))
 }

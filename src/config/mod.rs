@@ -172,16 +172,21 @@ impl Default for SpoolConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     /// HTTP admin API and /metrics. Default 127.0.0.1:8025; never equal to a listener address.
     pub address: SocketAddr,
+    /// File holding the bearer token of the admin API (`/api/v1/...`); the daemon creates it
+    /// with a random token (mode 0600) when it does not exist. Unset: the API is disabled and
+    /// only `/metrics` is served. Default unset.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             address: SocketAddr::from(([127, 0, 0, 1], 8025)),
+            token_file: None,
         }
     }
 }
@@ -503,7 +508,11 @@ fn compile_admin(r: &mut TableReader<'_>, listeners: &HashMap<SocketAddr, String
         let msg = format!("{address} is already used by {listener}");
         r.error("address", msg);
     }
-    AdminConfig { address }
+    let token_file = r.get("token_file", path);
+    AdminConfig {
+        address,
+        token_file,
+    }
 }
 
 /// `domains` maps each (lowercased) domain seen so far to the key path that declared it.
@@ -707,7 +716,13 @@ mod tests {
         assert!(config.auth.users.is_empty());
         assert_eq!(config.limits, Limits::default());
         assert_eq!(config.spool, SpoolConfig::default());
-        assert_eq!(config.admin, AdminConfig::default());
+        assert_eq!(
+            config.admin,
+            AdminConfig {
+                token_file: Some("./data/admin.token".into()),
+                ..AdminConfig::default()
+            }
+        );
         assert_eq!(
             config.routes,
             [RouteConfig {

@@ -286,7 +286,13 @@ impl Options {
         }
         writeln!(t).unwrap();
         // Port 0: never collides with another test (nothing binds it today anyway).
-        writeln!(t, "[admin]\naddress = \"127.0.0.1:0\"\n").unwrap();
+        let token = dir.join("admin.token");
+        writeln!(
+            t,
+            "[admin]\naddress = \"127.0.0.1:0\"\ntoken_file = {:?}\n",
+            token.display().to_string()
+        )
+        .unwrap();
         for (domain, host) in &self.routes {
             writeln!(t, "[[routes]]\ndomain = {domain:?}\nhosts = [{host:?}]").unwrap();
             for (_, line) in self.route_options.iter().filter(|(d, _)| d == domain) {
@@ -312,6 +318,74 @@ impl Options {
         .unwrap();
         t
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP
+
+/// One HTTP/1.1 request over a fresh connection (`Connection: close`); returns the status code
+/// and the body. A JSON body is sent with its content type; a missing token sends no
+/// Authorization header.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: tern\r\nConnection: close\r\n");
+    if let Some(token) = token {
+        write!(request, "Authorization: Bearer {token}\r\n").unwrap();
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() || method != "GET" {
+        write!(
+            request,
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        )
+        .unwrap();
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .expect("admin server listening");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(IO_TIMEOUT, stream.read_to_end(&mut response))
+        .await
+        .expect("HTTP answered in time")
+        .unwrap();
+    let response = String::from_utf8(response).expect("UTF-8 response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP head and body");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line: {head}"));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).expect("chunk size");
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -353,6 +427,35 @@ impl TestServer {
     /// The admin HTTP server's address (`GET /metrics`).
     pub fn admin(&self) -> SocketAddr {
         self.daemon.as_ref().expect("running").admin_address()
+    }
+
+    /// The admin API's bearer token (the daemon created the file at start).
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("admin.token"))
+            .expect("admin token file")
+            .trim()
+            .to_string()
+    }
+
+    /// One admin API call with the right token: (status, body parsed as JSON).
+    pub async fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let body = body.map(|b| b.to_string());
+        let (status, text) = http(
+            self.admin(),
+            method,
+            path,
+            Some(&self.admin_token()),
+            body.as_deref(),
+        )
+        .await;
+        let json = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{method} {path}: body is not JSON ({e}): {text}"));
+        (status, json)
     }
 
     /// A plain connection, greeting checked.
