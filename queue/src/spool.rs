@@ -461,6 +461,27 @@ impl Spool {
             .collect()
     }
 
+    /// Envelopes in id order, starting after `after` (from the first if `None`). Reads
+    /// lazily: a caller that stops early (a page of a listing) reads no further. Not a
+    /// snapshot: writes made meanwhile may or may not show.
+    pub fn envelopes_after(
+        &self,
+        after: Option<MessageId>,
+    ) -> impl Iterator<Item = Result<Envelope, SpoolError>> + '_ {
+        use std::ops::Bound;
+        let from = match after {
+            Some(id) => Bound::Excluded(key(ENVELOPE, id).to_vec()),
+            None => Bound::Included(vec![ENVELOPE]),
+        };
+        self.inner
+            .db
+            .range::<Vec<u8>, _>((from, Bound::Excluded(vec![ENVELOPE + 1])))
+            .map(|item| {
+                let (key, value) = item?;
+                decode(&key, &value)
+            })
+    }
+
     /// Deletes every body that has no envelope, and logs (and counts) every
     /// envelope that has no body; returns once the deletions are durable.
     ///

@@ -131,7 +131,11 @@ async fn commit_then_reopen_is_identical() {
         }
     );
     let listed = spool.list().unwrap();
-    assert_eq!(listed, vec![expect_a, expect_b]);
+    assert_eq!(listed, vec![expect_a.clone(), expect_b.clone()]);
+    let paged: Vec<Envelope> = spool.envelopes_after(Some(a)).map(Result::unwrap).collect();
+    assert_eq!(paged, vec![expect_b]);
+    assert_eq!(spool.envelopes_after(None).count(), 2);
+    assert_eq!(spool.envelopes_after(Some(b)).count(), 0);
     assert!(spool.envelope(spool.next_id()).unwrap().is_none());
 }
 
