@@ -5,6 +5,7 @@ mod dns_server;
 mod harness;
 mod sink;
 
+mod admin_api;
 mod admin_auth;
 mod bdat;
 mod cli;
