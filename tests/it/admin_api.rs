@@ -336,12 +336,12 @@ async fn delete_removes_without_a_dsn() {
     .await;
     send_one(&r.server, "d@sink.test", "delete-me").await;
     let keep = send(&r.server, "<>", &["<k@sink.test>"], &message("keep")).await;
-    // The null sender is selected by "".
     let answer = post(&r.server, "/api/v1/queue/delete", json!({"sender": SENDER})).await;
     assert_eq!(answer, json!({"matched": 1, "affected": 1}));
     let left = r.server.envelopes();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].id, keep);
+    // The null sender is selected by "".
     let answer = post(&r.server, "/api/v1/queue/delete", json!({"sender": ""})).await;
     assert_eq!(answer["affected"], 1);
     r.wait_spool_empty().await;
@@ -369,17 +369,25 @@ async fn wait_in_flight(r: &Relay) {
 
 #[tokio::test]
 async fn delete_during_an_attempt_is_not_undone_by_its_outcome() {
-    // The sink answers the message 451 after 2 s: without the guard, the settle would write
-    // the deferral back (resurrecting the message) and deliver it on the retry.
+    // One recipient is refused at RCPT, the other deferred (451) 2 s after the content:
+    // without the guard the settle would send a DSN for the refused one (about a message
+    // the operator deleted) and try to write the deferral back.
     let (calls, reply) = first_n::<crate::sink::ReceivedMessage>(1, "451 4.3.0 Later");
     let r = relay(
         SinkBehaviour::default()
+            .rcpt_reply(|a| (a == "perm@sink.test").then(|| "550 5.1.1 No such user".into()))
             .data_delay(Duration::from_secs(2))
             .data_reply(reply),
         |o| o.delivery("retry_initial", "\"1s\""),
     )
     .await;
-    let id = send_one(&r.server, "race@sink.test", "race-delete").await;
+    let id = send(
+        &r.server,
+        &format!("<{SENDER}>"),
+        &["<perm@sink.test>", "<temp@sink.test>"],
+        &message("race-delete"),
+    )
+    .await;
     wait_in_flight(&r).await;
     let answer = post(
         &r.server,
@@ -396,7 +404,7 @@ async fn delete_during_an_attempt_is_not_undone_by_its_outcome() {
     assert_eq!(
         calls.load(std::sync::atomic::Ordering::SeqCst),
         1,
-        "no retry"
+        "not retried"
     );
     r.server.assert_spool_empty();
     r.assert_no_dsn();
