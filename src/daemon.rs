@@ -23,7 +23,7 @@ use crate::ingest::Ingest;
 use crate::notify;
 use crate::outcome::Settler;
 use crate::policy::Policy;
-use crate::scheduler::{Scheduler, Suspensions};
+use crate::scheduler::Scheduler;
 use crate::smtp::server::{ConnectionLimits, Server};
 use crate::smtp::session::SessionConfig;
 use anyhow::Context;
@@ -171,8 +171,8 @@ impl Daemon {
             config.delivery.clone(),
             metrics.clone(),
             new_mail_rx,
-            Suspensions::load(&spool).context("spool.path: cannot read the stored suspensions")?,
-        );
+        )
+        .context("spool.path: cannot read the stored suspensions")?;
 
         let credentials = (!config.auth.users.is_empty())
             .then(|| Arc::new(Credentials::from_config(&config.auth)));

@@ -121,7 +121,8 @@ pub fn now_ms() -> u64 {
 }
 
 impl Scheduler {
-    /// Starts the due loader, the new-mail intake and the watchdog.
+    /// Loads the stored suspensions and starts the due loader, the new-mail intake and the
+    /// watchdog.
     pub fn start(
         spool: Spool,
         router: Arc<Router>,
@@ -130,8 +131,8 @@ impl Scheduler {
         config: DeliveryConfig,
         metrics: Arc<Metrics>,
         new_mail: mpsc::UnboundedReceiver<Vec<NewMessage>>,
-        suspensions: Suspensions,
-    ) -> Scheduler {
+    ) -> Result<Scheduler, SpoolError> {
+        let suspensions = Suspensions::load(&spool)?;
         let suspended = AtomicBool::new(config.suspended);
         let inner = Arc::new(Inner {
             spool,
@@ -164,7 +165,7 @@ impl Scheduler {
             .inner
             .tasks
             .spawn(async move { s.watchdog().await });
-        scheduler
+        Ok(scheduler)
     }
 
     /// Stops dispatching and waits (up to `grace`) for workers to finish their message.
