@@ -89,7 +89,11 @@ async fn a_suspended_destination_gets_nothing_until_resumed_and_others_flow() {
     let msgs = r.sink.wait_for_messages(1, T).await;
     assert_eq!(msgs[0].rcpt_addresses(), ["a@sink.test"]);
     r.wait_spool_empty().await;
-    let log = r.log();
+    // The log is written by its own thread: wait for the line rather than race it.
+    let log = wait_log(r.server.dir.path(), "of the delivery", |l| {
+        l["recipient"] == "a@sink.test" && l["outcome"] == "delivered"
+    })
+    .await;
     assert_eq!(
         outcomes(&lines_for(&log, "a@sink.test")),
         [("delivered".into(), 1)],
