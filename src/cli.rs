@@ -212,7 +212,7 @@ pub fn render_summary(v: &Value) -> String {
             "{:<30}  {:>8}  {:>8}  {:>12}  {:>8}  {:>5}  {}",
             d["destination"].as_str().unwrap_or(""),
             d["messages"],
-            d["recipients"],
+            d["pending_recipients"],
             d["bytes"],
             oldest,
             d["held"],
@@ -223,7 +223,7 @@ pub fn render_summary(v: &Value) -> String {
     let _ = writeln!(
         out,
         "-- {} messages, {} pending recipients, {} bytes, {} held",
-        t["messages"], t["recipients"], t["bytes"], t["held"]
+        t["messages"], t["pending_recipients"], t["bytes"], t["held"]
     );
     out
 }

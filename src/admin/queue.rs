@@ -182,7 +182,7 @@ async fn summary(State(state): State<AdminState>) -> ApiResult {
             json!({
                 "destination": destination,
                 "messages": row.messages,
-                "recipients": row.recipients,
+                "pending_recipients": row.recipients,
                 "bytes": row.bytes,
                 "oldest_age_s": row.oldest_ms.map(|o| now.saturating_sub(o) / 1000),
                 "held": row.held,
@@ -195,7 +195,7 @@ async fn summary(State(state): State<AdminState>) -> ApiResult {
         "destinations": destinations,
         "totals": {
             "messages": totals.messages,
-            "recipients": totals.recipients,
+            "pending_recipients": totals.recipients,
             "bytes": totals.bytes,
             "held": totals.held,
         },
@@ -291,14 +291,12 @@ async fn show(
             .body(msg_id)
             .map_err(spool_error)?
             .ok_or_else(not_found)?;
-        out["body"] = match std::str::from_utf8(&body) {
-            Ok(text) => json!(text),
+        match std::str::from_utf8(&body) {
+            Ok(text) => out["body"] = json!(text),
             Err(_) => {
-                out["body_base64"] =
-                    json!(base64::engine::general_purpose::STANDARD.encode(&*body));
-                Value::Null
+                out["body_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(&*body))
             }
-        };
+        }
     }
     Ok(Json(out))
 }

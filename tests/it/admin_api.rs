@@ -67,7 +67,7 @@ async fn a_suspended_destination_gets_nothing_until_resumed_and_others_flow() {
     let row = &summary["destinations"][0];
     assert_eq!(row["destination"], "sink.test", "{summary}");
     assert_eq!(row["messages"], 1);
-    assert_eq!(row["recipients"], 1);
+    assert_eq!(row["pending_recipients"], 1);
     assert_eq!(row["suspended"]["reason"], "maintenance");
     assert_eq!(summary["totals"]["messages"], 1);
     assert_eq!(summary["suspended_all"], Value::Null);
