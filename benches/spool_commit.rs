@@ -33,6 +33,7 @@ fn envelope(id: MessageId) -> Envelope {
         },
         held: false,
         delay_notified: false,
+        parked: false,
     }
 }
 

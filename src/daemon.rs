@@ -171,7 +171,8 @@ impl Daemon {
             config.delivery.clone(),
             metrics.clone(),
             new_mail_rx,
-        );
+        )
+        .context("spool.path: cannot read the stored suspensions")?;
 
         let credentials = (!config.auth.users.is_empty())
             .then(|| Arc::new(Credentials::from_config(&config.auth)));

@@ -177,6 +177,7 @@ impl Ingest {
                 source: sub.source.clone(),
                 held: false,
                 delay_notified: false,
+                parked: false,
             };
             parts.push((envelope, part_body));
         }

@@ -11,7 +11,9 @@
 //! - [`delivery`]: routing (static routes, MX), the outbound SMTP client and pool, DKIM,
 //!   one attempt of one envelope, the delivery log.
 //! - [`outcome`]: per-recipient results applied to the spool, retries, expiry, DSNs.
-//! - [`admin`]: the admin HTTP server (so far only `GET /metrics`) and every Prometheus metric.
+//! - [`admin`]: the admin HTTP server (`GET /metrics`, the `/api/v1` admin API) and every
+//!   Prometheus metric.
+//! - [`cli`]: the admin API client and renderings behind `tern queue ...`.
 //! - [`daemon`]: process lifecycle: open spool, start delivery, bind, sd_notify, signals, drain.
 //! - [`notify`]: the systemd notification protocol (READY=1, STOPPING=1).
 //!
@@ -19,6 +21,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;

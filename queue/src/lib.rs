@@ -4,8 +4,9 @@
 //! Modules:
 //! - `id`: `MessageId`, time-ordered unique ids, and their generator;
 //! - `record`: `Envelope` and friends, stored as forward-compatible JSON;
-//! - `spool`: `Spool`, the store (bodies, envelopes, due-time index) and its
-//!   crash recovery;
+//! - `spool`: `Spool`, the store (bodies, envelopes, due-time index, and a
+//!   small generic key-value "meta" keyspace: `put_meta`, `get_meta`,
+//!   `remove_meta`, `scan_meta`) and its crash recovery;
 //! - `group_commit`: the sync thread that makes writes durable with real
 //!   fsyncs, sharing each round among all concurrent writers;
 //! - `error`: `SpoolError`.
@@ -15,7 +16,8 @@
 //! - an envelope and its due-index key change together in one atomic batch;
 //! - nothing is returned from `commit`, `update` or `remove` before the
 //!   change has been fsynced (sled's data file and any blob files); after a
-//!   failed fsync every later write fails instead of pretending.
+//!   failed fsync every later write fails instead of pretending; the same
+//!   holds for `put_meta` and `remove_meta`, which share the group commit.
 
 mod error;
 mod group_commit;

@@ -52,6 +52,11 @@ pub struct Envelope {
     /// A "delayed" DSN was sent for this envelope; at most one is.
     #[serde(default)]
     pub delay_notified: bool,
+    /// `next_due_ms` was set by a destination suspension, not by the retry
+    /// schedule: ending the suspension makes the message due at once. The
+    /// settler clears it when it records an attempt.
+    #[serde(default)]
+    pub parked: bool,
 }
 
 /// One recipient of an envelope.
@@ -169,7 +174,7 @@ mod tests {
         }"#;
         let env: Envelope = serde_json::from_str(json).unwrap();
         assert_eq!(env.body_type, BodyType::SevenBit);
-        assert!(!env.held && !env.smtputf8);
+        assert!(!env.held && !env.smtputf8 && !env.parked);
         assert_eq!(env.ret, None);
         let rcpt = &env.recipients[0];
         assert_eq!(rcpt.notify, Notify::default_rfc3461());

@@ -4,6 +4,11 @@
 //! - `B` + id            -> body bytes; written once at commit, never rewritten
 //! - `E` + id            -> envelope JSON (`record::Envelope`)
 //! - `D` + due_ms + id   -> empty; the due-time index
+//! - `M` + name (UTF-8)  -> value bytes; the meta keyspace: small durable
+//!   records that are not messages (destination suspensions now, traffic
+//!   shaping's warm-up counters later). Owners namespace their names with a
+//!   prefix (`suspend/...`); the spool never interprets them, and recovery and
+//!   the orphan sweep never look at them
 //!
 //! Invariants:
 //! - every change is applied within one sled `apply_batch` (`group_commit`
@@ -58,6 +63,7 @@ use crate::record::Envelope;
 const BODY: u8 = b'B';
 const ENVELOPE: u8 = b'E';
 const DUE: u8 = b'D';
+const META: u8 = b'M';
 
 /// Bodies per chunk of `sweep_orphans` (about 5 MB of 5 KB bodies).
 const SWEEP_CHUNK: usize = 1024;
@@ -391,6 +397,41 @@ impl Spool {
         }))
     }
 
+    /// Stores `value` under the meta name `name`, replacing any previous
+    /// value; returns once durable (it goes through group commit like every
+    /// other write).
+    pub async fn put_meta(&self, name: &str, value: Vec<u8>) -> Result<(), SpoolError> {
+        self.inner.group.check()?;
+        let seq = self.inner.group.enqueue([insert(&meta_key(name), value)]);
+        self.inner.group.wait_for(seq).await
+    }
+
+    /// The value stored under the meta name `name`, if any.
+    pub fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, SpoolError> {
+        Ok(self.inner.db.get(meta_key(name))?.map(|v| v.to_vec()))
+    }
+
+    /// Deletes the meta name `name` (absent is fine); returns once durable.
+    pub async fn remove_meta(&self, name: &str) -> Result<(), SpoolError> {
+        self.inner.group.check()?;
+        let seq = self.inner.group.enqueue([remove(&meta_key(name))]);
+        self.inner.group.wait_for(seq).await
+    }
+
+    /// Every meta record whose name starts with `prefix`, in name order.
+    pub fn scan_meta(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, SpoolError> {
+        self.inner
+            .db
+            .scan_prefix(meta_key(prefix))
+            .map(|item| {
+                let (key, value) = item?;
+                let name = std::str::from_utf8(&key[1..])
+                    .map_err(|_| corrupt(&key, "meta name is not UTF-8".into()))?;
+                Ok((name.to_string(), value.to_vec()))
+            })
+            .collect()
+    }
+
     /// Up to `limit` `(due_ms, id)` with `due_ms <= t_ms`, earliest first
     /// (ties in id order).
     pub fn due_before(&self, t_ms: u64, limit: usize) -> Result<Vec<(u64, MessageId)>, SpoolError> {
@@ -418,6 +459,27 @@ impl Spool {
                 decode(&key, &value)
             })
             .collect()
+    }
+
+    /// Envelopes in id order, starting after `after` (from the first if `None`). Reads
+    /// lazily: a caller that stops early (a page of a listing) reads no further. Not a
+    /// snapshot: writes made meanwhile may or may not show.
+    pub fn envelopes_after(
+        &self,
+        after: Option<MessageId>,
+    ) -> impl Iterator<Item = Result<Envelope, SpoolError>> + '_ {
+        use std::ops::Bound;
+        let from = match after {
+            Some(id) => Bound::Excluded(key(ENVELOPE, id).to_vec()),
+            None => Bound::Included(vec![ENVELOPE]),
+        };
+        self.inner
+            .db
+            .range::<Vec<u8>, _>((from, Bound::Excluded(vec![ENVELOPE + 1])))
+            .map(|item| {
+                let (key, value) = item?;
+                decode(&key, &value)
+            })
     }
 
     /// Deletes every body that has no envelope, and logs (and counts) every
@@ -582,6 +644,13 @@ fn key(prefix: u8, id: MessageId) -> [u8; 9] {
     let mut k = [0; 9];
     k[0] = prefix;
     k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn meta_key(name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + name.len());
+    k.push(META);
+    k.extend_from_slice(name.as_bytes());
     k
 }
 

@@ -69,6 +69,7 @@ fn outcome_label(outcome: AttemptOutcome) -> &'static str {
         AttemptOutcome::Deferred => "deferred",
         AttemptOutcome::Bounced => "bounced",
         AttemptOutcome::Expired => "expired",
+        AttemptOutcome::Deleted => "deleted",
     }
 }
 

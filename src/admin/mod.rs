@@ -5,12 +5,14 @@
 //! - [`auth`]: the API's bearer token and the middleware that checks it.
 //! - [`error`]: [`error::ApiError`], the JSON error answer, and [`error::ApiJson`], the JSON
 //!   body extractor that answers malformed input with 400.
+//! - [`queue`]: `/api/v1/queue/*`, the spool seen and managed by the operator.
 //!
 //! Invariant: every `/api/v1` route sits behind [`auth::require_token`].
 
 pub mod auth;
 pub mod error;
 pub mod metrics;
+pub mod queue;
 
 use crate::ingest::Ingest;
 use crate::scheduler::Scheduler;
@@ -52,9 +54,13 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
 }
 
 fn router(state: AdminState) -> Router {
-    let api = Router::new().route("/status", get(status)).route_layer(
-        axum::middleware::from_fn_with_state(state.token.clone(), auth::require_token),
-    );
+    let api = Router::new()
+        .route("/status", get(status))
+        .merge(queue::routes())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.token.clone(),
+            auth::require_token,
+        ));
     Router::new()
         .route("/metrics", get(scrape))
         .nest("/api/v1", api)

@@ -18,6 +18,12 @@
 
 mod delivery;
 mod reader;
+
+/// Parses a duration written as in the config file ("30s", "5m", "2h", "1d"); the admin API
+/// takes the same syntax.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    reader::duration(&toml::Value::String(s.to_string()))
+}
 mod tls;
 
 pub use self::delivery::{

@@ -39,6 +39,8 @@ pub enum AttemptOutcome {
     Bounced,
     /// Temporary failure past the message's lifetime.
     Expired,
+    /// Removed by the operator without a DSN (`POST /api/v1/queue/delete`); not an attempt.
+    Deleted,
 }
 
 /// One log line. Absent values are written as `null`, so every line has every key.

@@ -544,6 +544,7 @@ mod tests {
             },
             held: false,
             delay_notified: false,
+            parked: false,
         }
     }
 

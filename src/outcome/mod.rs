@@ -4,6 +4,8 @@
 //! - [`retry`]: the retry schedule (pure functions of attempts and config).
 //! - [`dsn`]: RFC 3464 delivery status notifications.
 //! - [`Settler`]: applies one attempt's results to its envelope.
+//! - [`operator`]: the operator's actions on a message (hold, release, retry now, bounce,
+//!   delete) and suspension parking, serialised with `Settler::apply` by per-message locks.
 //!
 //! Invariants:
 //! - Every recipient ends in exactly one of delivered, bounced or expired; a temporary
@@ -11,8 +13,11 @@
 //! - DSNs are committed to the spool (through ingest, like any mail) before the envelope that
 //!   caused them is updated or removed: a crash in between can repeat a DSN, never lose one.
 //! - Never a DSN for a message with a null sender.
+//! - An outcome is written only to the envelope still stored, under the message's lock: a
+//!   message deleted or bounced during its attempt stays gone and gets no second DSN.
 
 pub mod dsn;
+pub mod operator;
 pub mod retry;
 
 use crate::admin::metrics::Metrics;
@@ -39,6 +44,7 @@ pub struct Settler {
     config: DeliveryConfig,
     hostname: String,
     metrics: Arc<Metrics>,
+    locks: operator::MessageLocks,
 }
 
 /// One recipient's line in a DSN, owned while the DSN is built.
@@ -65,6 +71,7 @@ impl Settler {
             config,
             hostname,
             metrics,
+            locks: operator::MessageLocks::default(),
         }
     }
 
@@ -126,6 +133,8 @@ impl Settler {
         }
         let now = now_ms();
         env.attempts += 1;
+        // This attempt's outcome decides the next due time, not a past suspension.
+        env.parked = false;
         let mut reports = Vec::new();
         for outcome in &attempt.outcomes {
             let rcpt = &mut env.recipients[outcome.index];
@@ -222,6 +231,25 @@ impl Settler {
             });
         }
 
+        // From here on the stored envelope is what counts: the operator may have acted on the
+        // message while it was in flight (see `operator`).
+        let _guard = self.locks.lock(env.id).await;
+        match self.spool.envelope(env.id) {
+            Ok(Some(stored)) => {
+                if stored.held {
+                    env.held = true;
+                    env.next_due_ms = operator::NOT_DUE;
+                }
+            }
+            Ok(None) => {
+                info!(id = %env.id, "message removed by the operator during its attempt; outcome not recorded");
+                return None;
+            }
+            Err(err) => {
+                warn!(id = %env.id, error = %err, "cannot read envelope; outcome not recorded");
+                return None;
+            }
+        }
         if let Err(err) = self
             .send_dsns(&env, body, attempt.host.as_deref(), &reports)
             .await

@@ -106,6 +106,7 @@ mod tests {
             },
             held: false,
             delay_notified: false,
+            parked: false,
         }
     }
 

@@ -11,6 +11,17 @@
 //! busy destination sees few, long-lived connections. A watchdog restarts the workers of a
 //! queue that has mail and made no progress for `delivery.watchdog`.
 //!
+//! Suspensions ([`suspend`]): while all delivery is suspended nothing is loaded, routed or
+//! attempted, and mail stays in the spool's due index untouched. A message of a suspended
+//! destination that reaches routing or a worker is *parked* instead: its due time becomes the
+//! suspension's end ([`NOT_DUE`] if none) and it leaves memory, so it is neither attempted,
+//! nor counted as an attempt, nor reloaded until then. When the suspension ends (resumed, or
+//! its time ran out) the destination's parked messages are made due at once.
+//!
+//! Operator actions on messages ([`Operation`]) are carried out by the settler under the
+//! message's lock (see `outcome::operator`); the scheduler only pulls timers forward and
+//! wakes the due loader where they make mail due.
+//!
 //! Invariants:
 //! - A message id is in memory (`State::in_memory`) from the moment it is queued or loaded
 //!   until its outcome is written to the spool; the due loader skips such ids, so no message
@@ -18,20 +29,23 @@
 //! - Workers never touch sled directly: reads and writes go through the spool API.
 
 mod ready;
+pub mod suspend;
 
 pub use ready::ReadyQueue;
+pub use suspend::{Suspension, Suspensions};
 
 use crate::admin::metrics::Metrics;
 use crate::clock::now_ms;
 use crate::config::DeliveryConfig;
 use crate::delivery::route::{RoutePlan, Router};
 use crate::delivery::worker::Worker;
+use crate::outcome::operator::NOT_DUE;
 use crate::outcome::Settler;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
-use tern_queue::{MessageId, Spool};
+use tern_queue::{MessageId, Spool, SpoolError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -46,6 +60,19 @@ const LOAD_INTERVAL: Duration = Duration::from_secs(5);
 const MAX_IN_MEMORY: usize = 200_000;
 /// Messages being routed (DNS lookups) at the same time.
 const MAX_ROUTING: usize = 256;
+
+/// What an operator can do to a spooled message (see `outcome::operator`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// Make a deferred message due now.
+    Retry,
+    Hold,
+    Release,
+    /// Fail every pending recipient and send the DSN.
+    Bounce,
+    /// Remove without a DSN.
+    Delete,
+}
 
 /// A message that was just committed: its id and recipient domain.
 #[derive(Debug, Clone)]
@@ -67,8 +94,10 @@ struct Inner {
     config: DeliveryConfig,
     metrics: Arc<Metrics>,
     state: Mutex<State>,
-    /// While set, nothing new is loaded or routed: mail stays in the spool.
+    /// The `delivery.suspended` config flag, until an operator resumes all delivery. While
+    /// it (or a suspension of all delivery) is set, nothing is loaded, routed or attempted.
     suspended: AtomicBool,
+    suspensions: Suspensions,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     /// Wakes the due loader early (a timer earlier than its current sleep was added).
@@ -86,7 +115,8 @@ struct State {
 }
 
 impl Scheduler {
-    /// Starts the due loader, the new-mail intake and the watchdog.
+    /// Loads the stored suspensions and starts the due loader, the new-mail intake and the
+    /// watchdog.
     pub fn start(
         spool: Spool,
         router: Arc<Router>,
@@ -95,7 +125,8 @@ impl Scheduler {
         config: DeliveryConfig,
         metrics: Arc<Metrics>,
         new_mail: mpsc::UnboundedReceiver<Vec<NewMessage>>,
-    ) -> Scheduler {
+    ) -> Result<Scheduler, SpoolError> {
+        let suspensions = Suspensions::load(&spool)?;
         let suspended = AtomicBool::new(config.suspended);
         let inner = Arc::new(Inner {
             spool,
@@ -106,6 +137,7 @@ impl Scheduler {
             metrics,
             state: Mutex::new(State::default()),
             suspended,
+            suspensions,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             wake_loader: tokio::sync::Notify::new(),
@@ -127,7 +159,7 @@ impl Scheduler {
             .inner
             .tasks
             .spawn(async move { s.watchdog().await });
-        scheduler
+        Ok(scheduler)
     }
 
     /// Stops dispatching and waits (up to `grace`) for workers to finish their message.
@@ -169,7 +201,7 @@ impl Scheduler {
                 batch = new_mail.recv() => match batch { Some(b) => b, None => return },
                 _ = self.inner.shutdown.cancelled() => return,
             };
-            if self.inner.suspended.load(Ordering::Relaxed) {
+            if self.all_suspended() {
                 // Durable already; the due loader finds it once delivery resumes.
                 continue;
             }
@@ -197,6 +229,10 @@ impl Scheduler {
     /// Routes a message that is in memory and due, and puts it on its ready queue. A routing
     /// failure is an outcome like any other: the settler defers or bounces the message.
     async fn route(&self, id: MessageId, domain: &str) {
+        if self.hold_back(id, domain).await {
+            self.release(id);
+            return;
+        }
         match self.inner.router.plan(domain).await {
             Ok(plan) => self.enqueue(id, plan),
             Err(err) => {
@@ -254,8 +290,14 @@ impl Scheduler {
                 next
             };
             let Some((id, plan)) = next else { break };
-            let attempted = match self.inner.spool.envelope(id) {
-                Ok(Some(envelope)) if !envelope.held => match self.inner.spool.body(id) {
+            let mut stored = self.inner.spool.envelope(id);
+            if let Ok(Some(envelope)) = &stored {
+                if envelope.held || self.hold_back(id, &envelope.destination).await {
+                    stored = Ok(None);
+                }
+            }
+            let attempted = match stored {
+                Ok(Some(envelope)) => match self.inner.spool.body(id) {
                     Ok(Some(body)) => {
                         // At most one outcome per worker is unrecorded while the next message
                         // is sent: a crash repeats at most two deliveries per connection.
@@ -293,7 +335,7 @@ impl Scheduler {
                         false
                     }
                 },
-                Ok(_) => false, // removed or held meanwhile
+                Ok(None) => false, // removed, held or held back meanwhile
                 Err(err) => {
                     warn!(%id, error = %err, "cannot read envelope");
                     false
@@ -381,7 +423,13 @@ impl Scheduler {
     }
 
     fn load_due(&self, now: u64) {
-        if self.inner.suspended.load(Ordering::Relaxed) {
+        if self.inner.suspensions.any_expired(now) {
+            let s = self.clone();
+            self.inner
+                .tasks
+                .spawn(async move { s.end_expired_suspensions(now).await });
+        }
+        if self.all_suspended() {
             return;
         }
         let room = MAX_IN_MEMORY.saturating_sub(self.in_memory());
@@ -412,6 +460,177 @@ impl Scheduler {
         if loaded > 0 {
             debug!(loaded, "deferred mail loaded");
         }
+    }
+
+    /// Whether all delivery is suspended now (config flag or an operator's suspension).
+    fn all_suspended(&self) -> bool {
+        self.inner.suspended.load(Ordering::Relaxed)
+            || self.inner.suspensions.all(now_ms()).is_some()
+    }
+
+    /// Whether a message that is about to be routed or attempted must wait because of a
+    /// suspension. A suspended destination's message is parked (see the module doc); under
+    /// a suspension of all delivery it simply stays in the spool as it is.
+    async fn hold_back(&self, id: MessageId, domain: &str) -> bool {
+        if self.all_suspended() {
+            return true;
+        }
+        let Some(suspension) = self.inner.suspensions.of(domain, now_ms()) else {
+            return false;
+        };
+        let until = suspension.until_ms.unwrap_or(NOT_DUE);
+        if let Err(err) = self.inner.settler.park(id, until).await {
+            // Still not attempted; the due index brings it back and it is parked then.
+            warn!(%id, error = %err, "cannot park message of a suspended destination");
+        }
+        true
+    }
+
+    /// Suspends delivery to `destination` (a recipient domain), or all delivery, until
+    /// `until_ms` or until resumed. Replaces an earlier suspension of the same destination.
+    pub async fn suspend(
+        &self,
+        destination: Option<String>,
+        until_ms: Option<u64>,
+        reason: String,
+    ) -> Result<Suspension, SpoolError> {
+        let suspension = Suspension {
+            destination,
+            since_ms: now_ms(),
+            until_ms,
+            reason,
+        };
+        self.inner
+            .suspensions
+            .set(&self.inner.spool, suspension.clone())
+            .await?;
+        Ok(suspension)
+    }
+
+    /// Ends the suspension of `destination` (`None`: of all delivery, including the
+    /// `delivery.suspended` config flag); its parked mail is due at once. Returns whether
+    /// there was an active suspension.
+    pub async fn resume(&self, destination: Option<&str>) -> Result<bool, SpoolError> {
+        let now = now_ms();
+        let removed = self
+            .inner
+            .suspensions
+            .remove(&self.inner.spool, destination)
+            .await?;
+        let mut was_active = removed.is_some_and(|s| s.until_ms.is_none_or(|u| now < u));
+        match destination {
+            None => was_active |= self.inner.suspended.swap(false, Ordering::Relaxed),
+            Some(domain) => {
+                self.unpark(domain).await?;
+            }
+        }
+        self.inner.wake_loader.notify_one();
+        Ok(was_active)
+    }
+
+    /// Active suspensions; the config flag shows as a suspension of all delivery.
+    pub fn suspensions(&self) -> Vec<Suspension> {
+        let mut list = self.inner.suspensions.list(now_ms());
+        if self.inner.suspended.load(Ordering::Relaxed)
+            && list.first().is_none_or(|s| s.destination.is_some())
+        {
+            list.insert(
+                0,
+                Suspension {
+                    destination: None,
+                    since_ms: 0,
+                    until_ms: None,
+                    reason: "delivery.suspended is set in the configuration".to_string(),
+                },
+            );
+        }
+        list
+    }
+
+    async fn end_expired_suspensions(&self, now: u64) {
+        let expired = match self
+            .inner
+            .suspensions
+            .take_expired(&self.inner.spool, now)
+            .await
+        {
+            Ok(expired) => expired,
+            Err(err) => {
+                warn!(error = %err, "cannot remove ended suspensions");
+                return;
+            }
+        };
+        for suspension in expired {
+            debug!(destination = ?suspension.destination, "suspension ended");
+            if let Some(domain) = suspension.destination {
+                if let Err(err) = self.unpark(&domain).await {
+                    warn!(destination = %domain, error = %err, "cannot unpark mail");
+                }
+            }
+        }
+        self.inner.wake_loader.notify_one();
+    }
+
+    /// Makes the parked mail of `domain` due now. Scans the spool's envelopes (on a blocking
+    /// thread): suspensions end rarely, and parked mail is not indexed by destination.
+    async fn unpark(&self, domain: &str) -> Result<usize, SpoolError> {
+        let spool = self.inner.spool.clone();
+        let wanted = domain.to_string();
+        let ids = tokio::task::spawn_blocking(move || -> Result<Vec<MessageId>, SpoolError> {
+            Ok(spool
+                .list()?
+                .into_iter()
+                .filter(|env| env.parked && env.destination == wanted)
+                .map(|env| env.id)
+                .collect())
+        })
+        .await
+        .map_err(|e| SpoolError::Sled(format!("spool scan interrupted: {e}")))??;
+        let mut unparked = 0;
+        for id in ids {
+            if self.inner.settler.unpark(id).await? {
+                unparked += 1;
+            }
+        }
+        Ok(unparked)
+    }
+
+    /// Applies an operator's action to each message; returns how many it changed (messages
+    /// gone meanwhile, or already in the wanted state, do not count).
+    pub async fn operate(&self, op: Operation, ids: &[MessageId]) -> Result<usize, SpoolError> {
+        let settler = &self.inner.settler;
+        let mut changed = Vec::new();
+        for &id in ids {
+            let done = match op {
+                Operation::Retry => settler.retry_now(id).await?,
+                Operation::Hold => settler.hold(id).await?,
+                Operation::Release => settler.release(id).await?,
+                Operation::Bounce => settler.bounce(id).await?,
+                Operation::Delete => settler.delete(id).await?,
+            };
+            if done {
+                changed.push(id);
+            }
+        }
+        if matches!(op, Operation::Retry | Operation::Release) && !changed.is_empty() {
+            // A message waiting on a timer would otherwise wait for its old due time.
+            let now = now_ms();
+            let wanted: HashSet<MessageId> = changed.iter().copied().collect();
+            let mut state = self.state();
+            let moved: Vec<(u64, MessageId)> = state
+                .timers
+                .iter()
+                .filter(|(t, id)| *t > now && wanted.contains(id))
+                .copied()
+                .collect();
+            for entry in moved {
+                state.timers.remove(&entry);
+                state.timers.insert((now, entry.1));
+            }
+            drop(state);
+            self.inner.wake_loader.notify_one();
+        }
+        Ok(changed.len())
     }
 
     /// Reports queues that have mail but made no progress for a while, and starts a worker

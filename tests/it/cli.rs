@@ -221,3 +221,142 @@ async fn queue_show_prints_envelope_and_headers() {
         describe(&out)
     );
 }
+
+/// A config for the `tern` binary that points at the in-process daemon's admin API (and its
+/// spool, for the offline fallback once the daemon is stopped).
+fn cli_config(server: &TestServer) -> std::path::PathBuf {
+    let text = Options::default()
+        .config_text(server.dir.path(), "127.0.0.1:1", "127.0.0.1:0")
+        .replace(
+            "address = \"127.0.0.1:0\"\ntoken_file",
+            &format!("address = \"{}\"\ntoken_file", server.admin()),
+        );
+    assert!(text.contains(&server.admin().to_string()), "{text}");
+    let path = server.dir.path().join("cli.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn tern_ok(args: &[&str]) -> String {
+    let out = run_tern(args, None).await;
+    assert!(out.status.success(), "{args:?}: {}", describe(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_commands_drive_the_running_daemon_and_fall_back_offline() {
+    // Delivery is suspended by the config flag: the message stays put.
+    let mut server = TestServer::start(Options::default()).await;
+    let mut c = server.connect().await;
+    c.ehlo().await;
+    let id = c
+        .submit("a@client.test", &["x@sink.test"], &message("cli"))
+        .await;
+    let id_text = id.to_string();
+    let config = cli_config(&server);
+    let cfg = config.to_str().unwrap();
+
+    let summary = tern_ok(&["queue", "summary", "--config", cfg]).await;
+    assert!(summary.contains("ALL DELIVERY SUSPENDED"), "{summary}");
+    assert!(
+        summary
+            .lines()
+            .any(|l| l.starts_with("sink.test") && l.contains(" 1 ")),
+        "{summary}"
+    );
+
+    let listed: serde_json::Value =
+        serde_json::from_str(&tern_ok(&["queue", "list", "--json", "--config", cfg]).await)
+            .unwrap();
+    assert_eq!(listed["messages"][0]["id"], id_text, "{listed}");
+    let table = tern_ok(&["queue", "list", "--config", cfg]).await;
+    assert!(table.lines().any(|l| l.starts_with(&id_text)), "{table}");
+
+    let out = tern_ok(&[
+        "queue",
+        "suspend",
+        "Sink.Test",
+        "--duration",
+        "1h",
+        "--reason",
+        "cli",
+        "--config",
+        cfg,
+    ])
+    .await;
+    assert!(out.starts_with("suspended sink.test until"), "{out}");
+    let list: serde_json::Value =
+        serde_json::from_str(&tern_ok(&["queue", "suspensions", "--json", "--config", cfg]).await)
+            .unwrap();
+    let suspended: Vec<&str> = list["suspensions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["destination"].as_str())
+        .collect();
+    assert_eq!(suspended, ["sink.test"], "{list}");
+    let out = tern_ok(&["queue", "resume", "sink.test", "--config", cfg]).await;
+    assert_eq!(out, "resumed sink.test\n");
+    let out = tern_ok(&["queue", "resume", "sink.test", "--config", cfg]).await;
+    assert_eq!(out, "sink.test was not suspended\n");
+
+    let out = tern_ok(&["queue", "hold", &id_text, "--config", cfg]).await;
+    assert_eq!(out, "1 of 1 matching messages affected\n");
+    assert!(server.envelope(id).held);
+    let held: serde_json::Value = serde_json::from_str(
+        &tern_ok(&["queue", "list", "--held", "--json", "--config", cfg]).await,
+    )
+    .unwrap();
+    assert_eq!(held["messages"].as_array().unwrap().len(), 1, "{held}");
+    let out = tern_ok(&[
+        "queue",
+        "release",
+        "--destination",
+        "sink.test",
+        "--config",
+        cfg,
+    ])
+    .await;
+    assert_eq!(out, "1 of 1 matching messages affected\n");
+    assert!(!server.envelope(id).held);
+
+    // The API's errors, with its message.
+    let out = run_tern(&["queue", "hold", "--config", cfg], None).await;
+    assert_eq!(out.status.code(), Some(65), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("a selector is required"),
+        "{}",
+        describe(&out)
+    );
+    let out = run_tern(
+        &["queue", "show", "00063F0000000000", "--config", cfg],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(65), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not in the queue"),
+        "{}",
+        describe(&out)
+    );
+
+    // Stopped daemon: list and show read the spool; management needs the daemon.
+    tokio::time::timeout(Duration::from_secs(20), server.take_daemon().shutdown())
+        .await
+        .expect("shutdown in time")
+        .expect("clean shutdown");
+    let offline: Vec<Envelope> =
+        serde_json::from_str(&tern_ok(&["queue", "list", "--json", "--config", cfg]).await)
+            .unwrap();
+    assert_eq!(offline.len(), 1);
+    assert_eq!(offline[0].id, id);
+    let shown = tern_ok(&["queue", "show", &id_text, "--config", cfg]).await;
+    assert!(shown.contains("\"sender\": \"a@client.test\""), "{shown}");
+    let out = run_tern(&["queue", "hold", &id_text, "--config", cfg], None).await;
+    assert_eq!(out.status.code(), Some(75), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs the running daemon"),
+        "{}",
+        describe(&out)
+    );
+}

@@ -401,7 +401,22 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(opts: Options) -> TestServer {
-        let dir = tempfile::tempdir().unwrap();
+        TestServer::start_in(opts, tempfile::tempdir().unwrap()).await
+    }
+
+    /// Shuts the daemon down and starts a new one with `opts` on the same directory (spool,
+    /// admin token, delivery log), as a restart of the service would.
+    pub async fn restart(mut self, opts: Options) -> TestServer {
+        if let Some(d) = self.daemon.take() {
+            tokio::time::timeout(Duration::from_secs(20), d.shutdown())
+                .await
+                .expect("shutdown within 20 s")
+                .expect("clean shutdown");
+        }
+        TestServer::start_in(opts, self.dir).await
+    }
+
+    async fn start_in(opts: Options, dir: TempDir) -> TestServer {
         let text = opts.config_text(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
         let config = Config::parse(&text)
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n---\n{text}"));

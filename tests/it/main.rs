@@ -6,6 +6,7 @@ mod dsn;
 mod harness;
 mod sink;
 
+mod admin_api;
 mod admin_auth;
 mod bdat;
 mod cli;

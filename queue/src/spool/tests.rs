@@ -37,6 +37,7 @@ fn envelope(id: MessageId, queue_id: MessageId, destination: &str, due: u64) -> 
         },
         held: false,
         delay_notified: false,
+        parked: false,
     }
 }
 
@@ -130,8 +131,51 @@ async fn commit_then_reopen_is_identical() {
         }
     );
     let listed = spool.list().unwrap();
-    assert_eq!(listed, vec![expect_a, expect_b]);
+    assert_eq!(listed, vec![expect_a.clone(), expect_b.clone()]);
+    let paged: Vec<Envelope> = spool.envelopes_after(Some(a)).map(Result::unwrap).collect();
+    assert_eq!(paged, vec![expect_b]);
+    assert_eq!(spool.envelopes_after(None).count(), 2);
+    assert_eq!(spool.envelopes_after(Some(b)).count(), 0);
     assert!(spool.envelope(spool.next_id()).unwrap().is_none());
+}
+
+#[tokio::test]
+async fn meta_records_are_durable_scannable_and_apart_from_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let spool = Spool::open(dir.path()).unwrap();
+        commit_one(&spool, 1_000, 100).await;
+        spool
+            .put_meta("suspend/example.com", b"one".to_vec())
+            .await
+            .unwrap();
+        spool.put_meta("suspend/*", b"two".to_vec()).await.unwrap();
+        spool.put_meta("warmup/x", b"three".to_vec()).await.unwrap();
+        spool
+            .put_meta("suspend/example.com", b"replaced".to_vec())
+            .await
+            .unwrap();
+        spool.remove_meta("warmup/x").await.unwrap();
+        spool.remove_meta("never/there").await.unwrap();
+    }
+    // Reopened: recovery counts only the message, the meta records are intact.
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_eq!(spool.stats().messages, 1);
+    assert_eq!(spool.list().unwrap().len(), 1);
+    assert_eq!(
+        spool.get_meta("suspend/example.com").unwrap(),
+        Some(b"replaced".to_vec())
+    );
+    assert_eq!(spool.get_meta("warmup/x").unwrap(), None);
+    assert_eq!(
+        spool.scan_meta("suspend/").unwrap(),
+        vec![
+            ("suspend/*".to_string(), b"two".to_vec()),
+            ("suspend/example.com".to_string(), b"replaced".to_vec()),
+        ]
+    );
+    assert!(spool.scan_meta("warmup/").unwrap().is_empty());
+    assert_eq!(spool.sweep_orphans().await.unwrap().removed, 0);
 }
 
 #[tokio::test]
