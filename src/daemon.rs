@@ -272,6 +272,13 @@ impl Daemon {
         &self.scheduler
     }
 
+    /// Waits until every delivery-log line recorded so far is written to the file. The
+    /// settler records an attempt's lines before it writes the spool, so after a spool change
+    /// is seen, this makes that attempt's lines readable.
+    pub async fn flush_delivery_log(&self) {
+        self.delivery_log.flush().await;
+    }
+
     /// Stops accepting, waits up to the grace period for sessions, flushes the spool.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.shutdown.cancel();

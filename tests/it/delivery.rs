@@ -99,6 +99,8 @@ pub async fn wait_spool_empty(server: &TestServer) {
     loop {
         let envs = server.envelopes();
         if envs.is_empty() && server.message_count() == 0 {
+            // The last attempt's log lines were recorded before the spool emptied.
+            server.flush_delivery_log().await;
             return;
         }
         assert!(

@@ -444,6 +444,15 @@ impl TestServer {
         self.daemon.as_ref().expect("running").admin_address()
     }
 
+    /// Waits until the delivery-log lines recorded so far are in the file.
+    pub async fn flush_delivery_log(&self) {
+        self.daemon
+            .as_ref()
+            .expect("running")
+            .flush_delivery_log()
+            .await;
+    }
+
     /// The admin API's bearer token (the daemon created the file at start).
     pub fn admin_token(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("admin.token"))
