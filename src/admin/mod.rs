@@ -5,13 +5,18 @@
 //! - [`auth`]: the API's bearer token and the middleware that checks it.
 //! - [`error`]: [`error::ApiError`], the JSON error answer, and [`error::ApiJson`], the JSON
 //!   body extractor that answers malformed input with 400.
+//! - [`inject`]: `POST /api/v1/inject`, mail submitted over HTTP into the SMTP ingest path.
+//! - [`client`]: the blocking HTTP client the `tern` CLI uses to call the API.
 //!
 //! Invariant: every `/api/v1` route sits behind [`auth::require_token`].
 
 pub mod auth;
+pub mod client;
 pub mod error;
+pub mod inject;
 pub mod metrics;
 
+use crate::config::Limits;
 use crate::ingest::Ingest;
 use crate::scheduler::Scheduler;
 use auth::Token;
@@ -21,6 +26,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use metrics::Metrics;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use tern_queue::Spool;
 use tokio::net::TcpListener;
@@ -34,6 +40,8 @@ pub struct AdminState {
     pub spool: Spool,
     pub scheduler: Scheduler,
     pub ingest: Ingest,
+    /// Size and recipient limits, applied to injected mail as to SMTP mail.
+    pub limits: Limits,
     /// `None`: the API is disabled (no `admin.token_file`).
     pub token: Option<Token>,
 }
@@ -42,7 +50,9 @@ pub struct AdminState {
 pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
     let address = listener.local_addr().ok();
     info!(address = ?address, api = state.token.is_some(), "admin listening");
-    if let Err(err) = axum::serve(listener, router(state))
+    // The peer address goes into the Received header of injected mail.
+    let service = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    if let Err(err) = axum::serve(listener, service)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
     {
@@ -52,9 +62,13 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
 }
 
 fn router(state: AdminState) -> Router {
-    let api = Router::new().route("/status", get(status)).route_layer(
-        axum::middleware::from_fn_with_state(state.token.clone(), auth::require_token),
-    );
+    let api = Router::new()
+        .route("/status", get(status))
+        .merge(inject::routes())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.token.clone(),
+            auth::require_token,
+        ));
     Router::new()
         .route("/metrics", get(scrape))
         .nest("/api/v1", api)
