@@ -10,7 +10,8 @@
 //! - [`delivery`]: routing (static routes, MX), the outbound SMTP client and pool, DKIM,
 //!   one attempt of one envelope, the delivery log.
 //! - [`outcome`]: per-recipient results applied to the spool, retries, expiry, DSNs.
-//! - [`admin`]: the admin HTTP server (so far only `GET /metrics`) and every Prometheus metric.
+//! - [`admin`]: the admin HTTP server: `GET /metrics` (every Prometheus metric), the `/api/v1`
+//!   API behind a bearer token (HTTP injection) and its client for the CLI.
 //! - [`daemon`]: process lifecycle: open spool, start delivery, bind, sd_notify, signals, drain.
 //! - [`notify`]: the systemd notification protocol (READY=1, STOPPING=1).
 //!
