@@ -1,18 +1,17 @@
-//! The operator's side of the admin API: [`AdminClient`] (one blocking HTTP/1.1 request per
-//! call over a std `TcpStream`, bearer token from `admin.token_file`) and the human renderings
-//! of its answers that `tern queue ...` prints.
+//! The operator's side of the admin API: [`AdminClient`] (one blocking call per command over
+//! [`ApiClient`], bearer token from `admin.token_file`) and the human renderings of its
+//! answers that `tern queue ...` prints.
 //!
 //! Invariants: a daemon that cannot be reached is [`CallError::Unreachable`], distinct from an
 //! error the API answered, so the CLI can fall back to reading a stopped daemon's spool; the
 //! API's own error message is what the operator sees for the latter.
 
+use crate::admin::client::{address_of, ApiClient};
 use crate::clock::now_ms;
-use crate::config::Config;
+use crate::config::{AdminConfig, Config};
 use serde_json::Value;
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::net::TcpStream;
 use std::time::Duration;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -39,94 +38,49 @@ impl std::fmt::Display for CallError {
 }
 
 pub struct AdminClient {
-    address: SocketAddr,
-    token_file: Option<PathBuf>,
+    admin: AdminConfig,
 }
 
 impl AdminClient {
     pub fn new(config: &Config) -> AdminClient {
         AdminClient {
-            address: config.admin.address,
-            token_file: config.admin.token_file.clone(),
+            admin: config.admin.clone(),
         }
     }
 
-    /// One request; `body` is sent as JSON. Returns the answer's JSON.
+    /// One request to `/api/v1{path}`; `body` is sent as JSON. Returns the answer's JSON.
     pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, CallError> {
-        let mut stream =
-            TcpStream::connect_timeout(&self.address, CONNECT_TIMEOUT).map_err(|e| {
-                CallError::Unreachable(format!(
-                    "cannot reach the daemon's admin API at {} (admin.address): {e}",
-                    self.address
-                ))
-            })?;
-        let token_file = self.token_file.as_ref().ok_or_else(|| {
-            CallError::Other(
-                "admin.token_file is not set in the configuration: the admin API is disabled"
-                    .into(),
-            )
-        })?;
-        let token = std::fs::read_to_string(token_file).map_err(|e| {
-            CallError::Other(format!(
-                "admin.token_file: cannot read {}: {e}",
-                token_file.display()
+        let address = address_of(&self.admin);
+        let unreachable = |e: std::io::Error| {
+            CallError::Unreachable(format!(
+                "cannot reach the daemon's admin API at {address} (admin.address): {e}"
             ))
-        })?;
-        let body = body.map(Value::to_string).unwrap_or_default();
-        let request = format!(
-            "{method} /api/v1{path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\
-             Authorization: Bearer {}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\n\r\n{body}",
-            self.address,
-            token.trim(),
-            body.len()
-        );
-        let broken = |e: std::io::Error| CallError::Other(format!("admin API: {e}"));
-        stream
-            .set_read_timeout(Some(ANSWER_TIMEOUT))
-            .map_err(broken)?;
-        stream.write_all(request.as_bytes()).map_err(broken)?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).map_err(broken)?;
-        let (status, body) = parse_response(&response)
-            .ok_or_else(|| CallError::Other("admin API: malformed HTTP answer".into()))?;
-        let json: Value = serde_json::from_slice(&body).map_err(|e| {
-            CallError::Other(format!("admin API answered {status} without JSON: {e}"))
-        })?;
-        if (200..300).contains(&status) {
-            Ok(json)
+        };
+        let mut client = match ApiClient::from_config(&self.admin) {
+            Ok(client) => client.with_timeout(ANSWER_TIMEOUT),
+            // Without a token no call can succeed; but a daemon that is not running is still
+            // worth telling apart, for the commands that can read its spool instead.
+            Err(why) => {
+                return Err(
+                    match TcpStream::connect_timeout(&address, CONNECT_TIMEOUT) {
+                        Ok(_) => CallError::Other(why),
+                        Err(e) => unreachable(e),
+                    },
+                )
+            }
+        };
+        client.connect().map_err(unreachable)?;
+        let answer = client
+            .call(method, &format!("/api/v1{path}"), body)
+            .map_err(|e| CallError::Other(format!("admin API: {e}")))?;
+        if (200..300).contains(&answer.status) {
+            Ok(answer.body)
         } else {
-            let message = json["error"]
-                .as_str()
-                .map_or_else(|| json.to_string(), str::to_string);
-            Err(CallError::Api { status, message })
+            Err(CallError::Api {
+                status: answer.status,
+                message: answer.error(),
+            })
         }
-    }
-}
-
-/// Status code and body (de-chunked if need be) of an HTTP/1.1 answer.
-fn parse_response(raw: &[u8]) -> Option<(u16, Vec<u8>)> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&raw[..end]).ok()?;
-    let status = head.split(' ').nth(1)?.parse().ok()?;
-    let mut body = &raw[end + 4..];
-    if !head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        return Some((status, body.to_vec()));
-    }
-    let mut out = Vec::new();
-    loop {
-        let line_end = body.windows(2).position(|w| w == b"\r\n")?;
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&body[..line_end]).ok()?.trim(), 16).ok()?;
-        if size == 0 {
-            return Some((status, out));
-        }
-        let chunk = body.get(line_end + 2..line_end + 2 + size)?;
-        out.extend_from_slice(chunk);
-        body = body.get(line_end + 4 + size..)?;
     }
 }
 
@@ -344,13 +298,5 @@ mod tests {
     fn query_values_are_percent_encoded() {
         assert_eq!(query_value("a+b@x.test"), "a%2Bb%40x.test");
         assert_eq!(query_value(""), "");
-    }
-
-    #[test]
-    fn chunked_answers_are_joined() {
-        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n4\r\n\":1}\r\n0\r\n\r\n";
-        assert_eq!(parse_response(raw), Some((200, b"{\"a\":1}".to_vec())));
-        let plain = b"HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\n\r\n{}";
-        assert_eq!(parse_response(plain), Some((404, b"{}".to_vec())));
     }
 }

@@ -230,6 +230,7 @@ impl Daemon {
                 spool: spool.clone(),
                 scheduler: scheduler.clone(),
                 ingest,
+                limits: config.limits,
                 token,
             },
             stop_admin.clone(),

@@ -42,7 +42,7 @@ impl TlsInfo {
     }
 }
 
-/// One accepted SMTP transaction (or, later, an HTTP injection), ready for the spool.
+/// One accepted SMTP transaction or HTTP injection, ready for the spool.
 #[derive(Debug, Clone)]
 pub struct Submission {
     /// Reverse-path; empty for the null sender.
@@ -94,8 +94,19 @@ impl Ingest {
         &self.spool
     }
 
+    /// The name in our Received headers (`server.hostname`).
+    pub fn hostname(&self) -> &str {
+        &self.hostname
+    }
+
     /// Makes the submission durable and returns the queue id reported to the client.
     pub async fn accept(&self, sub: Submission) -> Result<MessageId, SpoolError> {
+        Ok(self.accept_parts(sub).await?[0])
+    }
+
+    /// Like [`Ingest::accept`], but returns the id of every part (one per destination
+    /// domain, in commit order); the first is the queue id.
+    pub async fn accept_parts(&self, sub: Submission) -> Result<Vec<MessageId>, SpoolError> {
         let now = crate::clock::now();
         let now_ms = unix_ms(now);
         let groups = split_by_destination(sub.recipients);
@@ -194,7 +205,7 @@ impl Ingest {
             // due loader picks it up at the next start.
             let _ = tx.send(new);
         }
-        Ok(queue_id)
+        Ok(ids)
     }
 }
 

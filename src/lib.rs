@@ -11,9 +11,9 @@
 //! - [`delivery`]: routing (static routes, MX), the outbound SMTP client and pool, DKIM,
 //!   one attempt of one envelope, the delivery log.
 //! - [`outcome`]: per-recipient results applied to the spool, retries, expiry, DSNs.
-//! - [`admin`]: the admin HTTP server (`GET /metrics`, the `/api/v1` admin API) and every
-//!   Prometheus metric.
-//! - [`cli`]: the admin API client and renderings behind `tern queue ...`.
+//! - [`admin`]: the admin HTTP server: `GET /metrics` (every Prometheus metric), the `/api/v1`
+//!   API behind a bearer token (queue management, HTTP injection) and its client for the CLI.
+//! - [`cli`]: the renderings behind `tern queue ...`.
 //! - [`daemon`]: process lifecycle: open spool, start delivery, bind, sd_notify, signals, drain.
 //! - [`notify`]: the systemd notification protocol (READY=1, STOPPING=1).
 //!

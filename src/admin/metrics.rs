@@ -63,6 +63,26 @@ impl Rejection {
     }
 }
 
+/// How a message came in: the `protocol` label of `tern_messages_received_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intake {
+    /// SMTP or ESMTP, with or without TLS and AUTH.
+    Smtp,
+    /// `POST /api/v1/inject` on the admin API.
+    Http,
+}
+
+impl Intake {
+    pub const ALL: [Intake; 2] = [Intake::Smtp, Intake::Http];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Intake::Smtp => "smtp",
+            Intake::Http => "http",
+        }
+    }
+}
+
 fn outcome_label(outcome: AttemptOutcome) -> &'static str {
     match outcome {
         AttemptOutcome::Delivered => "delivered",
@@ -90,7 +110,7 @@ pub struct Metrics {
     smtp_connections_rejected: IntCounter,
     smtp_sessions: IntGauge,
 
-    messages_received: IntCounter,
+    messages_received: IntCounterVec,
     messages_rejected: IntCounterVec,
 
     spool_messages: IntGauge,
@@ -149,9 +169,10 @@ impl Metrics {
                 "Inbound SMTP connections refused at the door (connection limits, 421).",
             ),
             smtp_sessions: gauge("tern_smtp_sessions", "Open inbound SMTP sessions."),
-            messages_received: counter(
+            messages_received: counter_vec(
                 "tern_messages_received_total",
-                "Messages accepted over SMTP (250 after DATA/BDAT LAST).",
+                "Messages accepted, by protocol: smtp (250 after DATA/BDAT LAST) or http (200 from POST /api/v1/inject).",
+                &["protocol"],
             ),
             messages_rejected: counter_vec(
                 "tern_messages_rejected_total",
@@ -209,6 +230,11 @@ impl Metrics {
                 .messages_rejected
                 .with_label_values(&[reason.as_str()]);
         }
+        for intake in Intake::ALL {
+            metrics
+                .messages_received
+                .with_label_values(&[intake.as_str()]);
+        }
         for action in [Action::Failed, Action::Delayed, Action::Delivered] {
             metrics.dsns_sent.with_label_values(&[action_label(action)]);
         }
@@ -238,8 +264,10 @@ impl Metrics {
         SessionGuard(self.smtp_sessions.clone())
     }
 
-    pub fn message_received(&self) {
-        self.messages_received.inc();
+    pub fn message_received(&self, intake: Intake) {
+        self.messages_received
+            .with_label_values(&[intake.as_str()])
+            .inc();
     }
 
     pub fn message_rejected(&self, reason: Rejection) {
@@ -344,5 +372,6 @@ mod tests {
         );
         assert!(!text.contains("mx:"));
         assert!(text.contains("tern_messages_rejected_total{reason=\"relay_denied\"} 0\n"));
+        assert!(text.contains("tern_messages_received_total{protocol=\"http\"} 0\n"));
     }
 }

@@ -6,14 +6,19 @@
 //! - [`error`]: [`error::ApiError`], the JSON error answer, and [`error::ApiJson`], the JSON
 //!   body extractor that answers malformed input with 400.
 //! - [`queue`]: `/api/v1/queue/*`, the spool seen and managed by the operator.
+//! - [`inject`]: `POST /api/v1/inject`, mail submitted over HTTP into the SMTP ingest path.
+//! - [`client`]: the blocking HTTP client the `tern` CLI uses to call the API.
 //!
 //! Invariant: every `/api/v1` route sits behind [`auth::require_token`].
 
 pub mod auth;
+pub mod client;
 pub mod error;
+pub mod inject;
 pub mod metrics;
 pub mod queue;
 
+use crate::config::Limits;
 use crate::ingest::Ingest;
 use crate::scheduler::Scheduler;
 use auth::Token;
@@ -23,6 +28,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use metrics::Metrics;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use tern_queue::Spool;
 use tokio::net::TcpListener;
@@ -36,6 +42,8 @@ pub struct AdminState {
     pub spool: Spool,
     pub scheduler: Scheduler,
     pub ingest: Ingest,
+    /// Size and recipient limits, applied to injected mail as to SMTP mail.
+    pub limits: Limits,
     /// `None`: the API is disabled (no `admin.token_file`).
     pub token: Option<Token>,
 }
@@ -44,7 +52,9 @@ pub struct AdminState {
 pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
     let address = listener.local_addr().ok();
     info!(address = ?address, api = state.token.is_some(), "admin listening");
-    if let Err(err) = axum::serve(listener, router(state))
+    // The peer address goes into the Received header of injected mail.
+    let service = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    if let Err(err) = axum::serve(listener, service)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
     {
@@ -57,6 +67,7 @@ fn router(state: AdminState) -> Router {
     let api = Router::new()
         .route("/status", get(status))
         .merge(queue::routes())
+        .merge(inject::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.token.clone(),
             auth::require_token,

@@ -15,7 +15,7 @@
 
 use super::proto::{self, ContentCheck, ContentFlags, DataDecoder, Line};
 use super::reply::Reply;
-use crate::admin::metrics::{Metrics, Rejection};
+use crate::admin::metrics::{Intake, Metrics, Rejection};
 use crate::auth::Credentials;
 use crate::config::Limits;
 use crate::ingest::{Ingest, Submission, TlsInfo};
@@ -622,7 +622,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         match self.config.ingest.accept(submission).await {
             Ok(id) => {
                 info!(%id, peer = %self.state.peer, size, rcpts = rcpt_count, "queued");
-                self.config.metrics.message_received();
+                self.config.metrics.message_received(Intake::Smtp);
                 self.reply(250, "2.0.0", format!("Ok: queued as {id}"));
             }
             Err(err) => {
@@ -898,7 +898,7 @@ enum ReadOutcome {
 }
 
 /// Local parts are compared exactly, domains case-insensitively (RFC 5321 2.4).
-fn same_address(a: &str, b: &str) -> bool {
+pub(crate) fn same_address(a: &str, b: &str) -> bool {
     match (a.rsplit_once('@'), b.rsplit_once('@')) {
         (Some((la, da)), Some((lb, db))) => la == lb && da.eq_ignore_ascii_case(db),
         _ => a == b,

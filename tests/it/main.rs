@@ -20,6 +20,7 @@ mod dialogue;
 mod dkim;
 mod durability;
 mod fuzz;
+mod inject;
 mod limits;
 mod metrics;
 mod python_client;

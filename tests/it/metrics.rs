@@ -59,7 +59,10 @@ async fn metrics_count_what_happened() {
     assert_ne!(admin.port(), 0, "port 0 must be resolved");
 
     let before = scrape(admin).await;
-    assert_eq!(value(&before, "tern_messages_received_total"), 0.0);
+    assert_eq!(
+        value(&before, "tern_messages_received_total{protocol=\"smtp\"}"),
+        0.0
+    );
     assert_eq!(
         value(&before, "tern_messages_rejected_total{reason=\"size\"}"),
         0.0
@@ -95,7 +98,10 @@ async fn metrics_count_what_happened() {
     assert_eq!(value(&m, "tern_smtp_connections_total"), 1.0);
     assert_eq!(value(&m, "tern_smtp_connections_rejected_total"), 0.0);
     assert_eq!(value(&m, "tern_smtp_sessions"), 1.0);
-    assert_eq!(value(&m, "tern_messages_received_total"), 3.0);
+    assert_eq!(
+        value(&m, "tern_messages_received_total{protocol=\"smtp\"}"),
+        3.0
+    );
     assert_eq!(
         value(&m, "tern_messages_rejected_total{reason=\"size\"}"),
         1.0
