@@ -62,7 +62,9 @@ fn router(state: AdminState) -> Router {
 }
 
 async fn scrape(State(state): State<AdminState>) -> impl IntoResponse {
-    let text = state.metrics.render(&state.spool);
+    let text = state
+        .metrics
+        .render(&state.spool, &state.scheduler.queue_depths());
     (
         [(
             header::CONTENT_TYPE,
