@@ -21,6 +21,7 @@ mod fuzz;
 mod limits;
 mod metrics;
 mod python_client;
+mod reload;
 mod routing;
 mod shutdown;
 mod smuggling;

@@ -12,7 +12,7 @@ use crate::harness::*;
 use crate::sink::SinkBehaviour;
 
 /// One scrape: sample (`name{labels}` exactly as exposed) -> value.
-async fn scrape(admin: SocketAddr) -> HashMap<String, f64> {
+pub async fn scrape(admin: SocketAddr) -> HashMap<String, f64> {
     let mut stream = TcpStream::connect(admin)
         .await
         .expect("admin server listening");
@@ -43,7 +43,7 @@ async fn scrape(admin: SocketAddr) -> HashMap<String, f64> {
 }
 
 #[track_caller]
-fn value(samples: &HashMap<String, f64>, sample: &str) -> f64 {
+pub fn value(samples: &HashMap<String, f64>, sample: &str) -> f64 {
     *samples
         .get(sample)
         .unwrap_or_else(|| panic!("no sample {sample} in {samples:#?}"))
