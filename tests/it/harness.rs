@@ -1011,10 +1011,13 @@ impl TernProc {
             .open(log)
             .unwrap();
         let err = out.try_clone().unwrap();
+        // A test that speaks sd_notify sets NOTIFY_SOCKET itself; no other test inherits one.
+        if !cmd.as_std().get_envs().any(|(k, _)| k == "NOTIFY_SOCKET") {
+            cmd.env_remove("NOTIFY_SOCKET");
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
-            .env_remove("NOTIFY_SOCKET")
             .env_remove("RUST_LOG")
             .kill_on_drop(true);
         let child = cmd.spawn().expect("spawn tern");

@@ -25,4 +25,5 @@ mod reload;
 mod routing;
 mod shutdown;
 mod smuggling;
+mod systemd;
 mod tls_auth;
