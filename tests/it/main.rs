@@ -19,6 +19,7 @@ mod dkim;
 mod durability;
 mod fuzz;
 mod limits;
+mod logs;
 mod metrics;
 mod python_client;
 mod reload;
