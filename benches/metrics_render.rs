@@ -2,6 +2,8 @@
 //! on its ready queue and one delivery counted, plus 1,000 MX destinations folded into
 //! "other": what `Metrics::render` does per scrape (ready-queue gauge rebuilt, spool figures
 //! read, text encoded). The body size is printed once.
+//!
+//! Measured (2-core dev machine, shared): 2.66 ms per scrape, 137,800 bytes, 2,124 lines.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use tern::admin::metrics::Metrics;
