@@ -5,13 +5,18 @@
 //!
 //! [`Daemon::start`] is what tests use in-process (listeners may be bound to port 0; the
 //! real addresses are in [`Daemon::smtp_addresses`], the admin server's in
-//! [`Daemon::admin_address`]); [`serve`] adds signals and sd_notify.
+//! [`Daemon::admin_address`]); [`serve`] adds signals, sd_notify and the systemd watchdog.
+//!
+//! [`Daemon::reload`] applies a new config to the running daemon (SIGHUP in [`serve`]): it
+//! validates everything that can fail first, then hands each part its new values (see
+//! [`crate::reload`] for which keys are live); a reload that fails changes nothing.
 
 use crate::admin::auth::Token;
 use crate::admin::metrics::Metrics;
+use crate::admin::metrics::ReloadResult;
 use crate::admin::AdminState;
 use crate::auth::Credentials;
-use crate::config::Config;
+use crate::config::{Config, ConfigErrors, Limits, RouteConfig};
 use crate::delivery::client::{load_roots, ClientSettings, SYSTEM_ROOTS};
 use crate::delivery::dkim::DkimSigners;
 use crate::delivery::dns::HickoryResolver;
@@ -20,28 +25,45 @@ use crate::delivery::pool::Pool;
 use crate::delivery::route::Router;
 use crate::delivery::worker::Worker;
 use crate::ingest::Ingest;
+use crate::live::Live;
 use crate::notify;
 use crate::outcome::Settler;
 use crate::policy::Policy;
+use crate::reload::{self, ReloadReport};
 use crate::scheduler::Scheduler;
 use crate::smtp::server::{ConnectionLimits, Server};
 use crate::smtp::session::SessionConfig;
 use anyhow::Context;
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tern_queue::{Spool, SpoolOptions};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
+
+/// Applies a reloaded `log.level` to the process's log filter (the subscriber is the
+/// binary's, not the daemon's); returns why it could not.
+pub type LogLevelReloader = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// A running tern: listeners bound and serving.
 pub struct Daemon {
+    /// The config in effect: the last one loaded, with restart keys from the first.
+    config: Mutex<Config>,
     spool: Spool,
     scheduler: Scheduler,
+    router: Arc<Router>,
+    worker: Arc<Worker>,
+    settler: Arc<Settler>,
+    ingest: Ingest,
+    server: Arc<Server>,
+    /// The limits HTTP injection applies (the admin server's copy).
+    admin_limits: Arc<Live<Limits>>,
+    log_level: Option<LogLevelReloader>,
     pool: Arc<Pool>,
     delivery_log: DeliveryLog,
     smtp_addresses: Vec<SocketAddr>,
@@ -91,7 +113,10 @@ impl Daemon {
             }
         });
         let metrics = Arc::new(Metrics::new().with_routes(&config.routes));
-        let dkim = Arc::new(DkimSigners::load(&config.dkim).map_err(|e| anyhow::anyhow!("{e}"))?);
+        metrics.observe_spool(&spool);
+        let dkim = DkimSigners::load(&config.dkim)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .with_metrics(metrics.clone());
         let resolver = HickoryResolver::new(&config.delivery.nameservers)
             .context("delivery.nameservers: cannot set up the DNS resolver")?;
         let router = Arc::new(Router::new(
@@ -104,21 +129,7 @@ impl Daemon {
             config.delivery.max_messages_per_connection,
         );
         pool.spawn_reaper(shutdown.clone());
-        let mut passwords = std::collections::HashMap::new();
-        for (i, route) in config.routes.iter().enumerate() {
-            if let Some(auth) = &route.auth {
-                let password = std::fs::read_to_string(&auth.password_file).with_context(|| {
-                    format!(
-                        "routes[{i}].auth.password_file: cannot read {}",
-                        auth.password_file.display()
-                    )
-                })?;
-                passwords.insert(
-                    auth.password_file.clone(),
-                    password.trim_end_matches(['\r', '\n']).to_string(),
-                );
-            }
-        }
+        let passwords = read_passwords(&config.routes).map_err(|e| anyhow::anyhow!("{e}"))?;
         // Verified TLS (routes with tls = "required") trusts the system's CA bundle.
         let roots = load_roots(Path::new(SYSTEM_ROOTS)).unwrap_or_else(|err| {
             warn!(path = SYSTEM_ROOTS, error = %err, "no CA bundle: required TLS will fail");
@@ -165,29 +176,19 @@ impl Daemon {
         ));
         let scheduler = Scheduler::start(
             spool.clone(),
-            router,
-            worker,
-            settler,
+            router.clone(),
+            worker.clone(),
+            settler.clone(),
             config.delivery.clone(),
             metrics.clone(),
             new_mail_rx,
         )
         .context("spool.path: cannot read the stored suspensions")?;
 
-        let credentials = (!config.auth.users.is_empty())
-            .then(|| Arc::new(Credentials::from_config(&config.auth)));
-        let session_config = Arc::new(SessionConfig {
-            hostname: config.server.hostname.clone(),
-            limits: config.limits,
-            policy: Policy::from_config(&config),
-            credentials,
-            starttls: tls.is_some(),
-            ingest: ingest.clone(),
-            metrics: metrics.clone(),
-        });
+        let session_config = session_config(&config, tls.is_some(), &ingest, &metrics);
         let sessions = TaskTracker::new();
         let server = Arc::new(Server {
-            config: session_config,
+            config: crate::live::Live::new(session_config),
             tls,
             limits: ConnectionLimits::new(
                 config.limits.max_connections,
@@ -223,21 +224,31 @@ impl Daemon {
         }
         listeners.close();
         let stop_admin = CancellationToken::new();
+        let admin_limits = Arc::new(Live::new(config.limits));
         let admin = tokio::spawn(crate::admin::serve(
             admin_socket,
             AdminState {
                 metrics: metrics.clone(),
                 spool: spool.clone(),
                 scheduler: scheduler.clone(),
-                ingest,
-                limits: config.limits,
+                ingest: ingest.clone(),
+                limits: admin_limits.clone(),
                 token,
             },
             stop_admin.clone(),
         ));
+        let grace = config.server.shutdown_grace;
         Ok(Daemon {
+            config: Mutex::new(config),
             spool,
             scheduler,
+            router,
+            worker,
+            settler,
+            ingest,
+            server,
+            admin_limits,
+            log_level: None,
             pool,
             delivery_log,
             smtp_addresses,
@@ -248,8 +259,106 @@ impl Daemon {
             admin,
             stop_admin,
             sessions,
-            grace: config.server.shutdown_grace,
+            grace,
         })
+    }
+
+    /// Makes [`Daemon::reload`] apply `log.level` through `reloader`.
+    pub fn with_log_level_reloader(mut self, reloader: LogLevelReloader) -> Daemon {
+        self.log_level = Some(reloader);
+        self
+    }
+
+    /// Applies `new` to the running daemon. Everything that can fail (DKIM keys, smarthost
+    /// password files) is checked first; on failure nothing changes, and the error names each
+    /// key at fault. Restart keys that changed are kept at their running value and listed in
+    /// the report (and logged). Counted in `tern_config_reloads_total`.
+    pub fn reload(&self, new: Config) -> Result<ReloadReport, ConfigErrors> {
+        let result = self.apply(new);
+        match &result {
+            Ok(report) => {
+                self.metrics.config_reload(ReloadResult::Ok);
+                for key in &report.restart_needed {
+                    warn!(key, "config reload: {key} changed but needs a restart; the running value is kept");
+                }
+                info!(
+                    restart_needed = report.restart_needed.len(),
+                    "config reloaded"
+                );
+            }
+            Err(errors) => {
+                self.metrics.config_reload(ReloadResult::Failed);
+                for e in &errors.0 {
+                    error!("config reload refused, running config kept: {e}");
+                }
+            }
+        }
+        result
+    }
+
+    /// [`Daemon::reload`] from a file: parse errors are refused like any other.
+    pub fn reload_file(&self, path: &Path) -> Result<ReloadReport, ConfigErrors> {
+        match Config::load(path) {
+            Ok(config) => self.reload(config),
+            Err(errors) => {
+                self.metrics.config_reload(ReloadResult::Failed);
+                for e in &errors.0 {
+                    error!(file = %path.display(), "config reload refused, running config kept: {e}");
+                }
+                Err(errors)
+            }
+        }
+    }
+
+    fn apply(&self, new: Config) -> Result<ReloadReport, ConfigErrors> {
+        // Validate everything first: after this point nothing can fail.
+        let mut errors = Vec::new();
+        let dkim = DkimSigners::load(&new.dkim)
+            .map_err(|e| errors.extend(e.0))
+            .ok();
+        let passwords = read_passwords(&new.routes)
+            .map_err(|e| errors.extend(e.0))
+            .ok();
+        let (Some(dkim), Some(passwords)) = (dkim, passwords) else {
+            return Err(ConfigErrors(errors));
+        };
+
+        let mut running = self.config.lock().unwrap_or_else(PoisonError::into_inner);
+        let (config, restart_needed) = reload::merge(&running, new);
+        self.router.set_routes(&config.routes, config.delivery.tls);
+        self.metrics.set_routes(&config.routes);
+        self.worker.reconfigure(&config.delivery, passwords);
+        self.pool.set_limits(
+            config.delivery.idle_timeout,
+            config.delivery.max_messages_per_connection,
+        );
+        self.settler.reconfigure(config.delivery.clone());
+        self.scheduler.reconfigure(config.delivery.clone());
+        self.ingest
+            .set_dkim(dkim.with_metrics(self.metrics.clone()));
+        let starttls = self.server.tls.is_some();
+        self.server.config.set(session_config(
+            &config,
+            starttls,
+            &self.ingest,
+            &self.metrics,
+        ));
+        self.server.limits.set(
+            config.limits.max_connections,
+            config.limits.max_connections_per_ip,
+        );
+        self.admin_limits.set(config.limits);
+        if config.log.level != running.log.level {
+            if let Some(set_level) = &self.log_level {
+                // The level was validated when the config compiled, so this should not fail;
+                // if it does, logging keeps its old level and says so.
+                if let Err(e) = set_level(&config.log.level) {
+                    warn!(error = %e, "log.level: cannot apply {:?}", config.log.level);
+                }
+            }
+        }
+        *running = config;
+        Ok(ReloadReport { restart_needed })
     }
 
     pub fn smtp_addresses(&self) -> &[SocketAddr] {
@@ -315,18 +424,111 @@ impl Daemon {
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT, with systemd notifications.
-pub async fn serve(config: Config) -> anyhow::Result<()> {
+/// What every session shares, built from a config.
+fn session_config(
+    config: &Config,
+    starttls: bool,
+    ingest: &Ingest,
+    metrics: &Arc<Metrics>,
+) -> SessionConfig {
+    SessionConfig {
+        hostname: config.server.hostname.clone(),
+        limits: config.limits,
+        policy: Policy::from_config(config),
+        credentials: (!config.auth.users.is_empty())
+            .then(|| Arc::new(Credentials::from_config(&config.auth))),
+        starttls,
+        ingest: ingest.clone(),
+        metrics: metrics.clone(),
+    }
+}
+
+/// Reads each smarthost's password file (`routes[i].auth.password_file`), trailing newline
+/// removed; every unreadable file is reported with its key path.
+fn read_passwords(routes: &[RouteConfig]) -> Result<HashMap<PathBuf, String>, ConfigErrors> {
+    let mut passwords = HashMap::new();
+    let mut errors = Vec::new();
+    for (i, route) in routes.iter().enumerate() {
+        if let Some(auth) = &route.auth {
+            match std::fs::read_to_string(&auth.password_file) {
+                Ok(password) => {
+                    passwords.insert(
+                        auth.password_file.clone(),
+                        password.trim_end_matches(['\r', '\n']).to_string(),
+                    );
+                }
+                Err(e) => errors.push(format!(
+                    "routes[{i}].auth.password_file: cannot read {}: {e}",
+                    auth.password_file.display()
+                )),
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(passwords)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT, with systemd notifications; SIGHUP reloads
+/// `config_path`.
+pub async fn serve(
+    config: Config,
+    config_path: &Path,
+    log_level: Option<LogLevelReloader>,
+) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let daemon = Daemon::start(config).await?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut daemon = Daemon::start(config).await?;
+    if let Some(reloader) = log_level {
+        daemon = daemon.with_log_level_reloader(reloader);
+    }
     if let Err(err) = notify::notify("READY=1") {
         warn!(error = %err, "sd_notify READY failed");
     }
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: draining"),
-        _ = int.recv() => info!("SIGINT: draining"),
+    let stop_watchdog = CancellationToken::new();
+    if let Some(interval) = notify::watchdog_interval() {
+        tokio::spawn(watchdog(
+            daemon.spool.clone(),
+            interval,
+            stop_watchdog.clone(),
+        ));
+    }
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: draining"); break }
+            _ = int.recv() => { info!("SIGINT: draining"); break }
+            _ = hup.recv() => {
+                info!(file = %config_path.display(), "SIGHUP: reloading the config");
+                let _ = notify::reloading();
+                // Errors are logged and counted by reload_file; the daemon keeps running.
+                let _ = daemon.reload_file(config_path);
+                let _ = notify::notify("READY=1");
+            }
+        }
     }
     let _ = notify::notify("STOPPING=1");
+    stop_watchdog.cancel();
     daemon.shutdown().await
+}
+
+/// Pings the systemd watchdog every `interval` (half of `WatchdogSec=`) while the process is
+/// healthy. It runs as a task on the main runtime, so a wedged runtime stops the pings; and it
+/// skips them while the spool cannot make writes durable (poisoned, or a sync round running
+/// longer than `interval`), so systemd restarts a tern that can no longer accept mail.
+async fn watchdog(spool: Spool, interval: Duration, stop: CancellationToken) {
+    loop {
+        match spool.health(interval) {
+            Ok(()) => {
+                let _ = notify::notify("WATCHDOG=1");
+            }
+            Err(reason) => error!(%reason, "unhealthy: not pinging the systemd watchdog"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
 }

@@ -9,6 +9,7 @@
 //! scheduler.
 
 use crate::delivery::dkim::DkimSigners;
+use crate::live::Live;
 use crate::scheduler::NewMessage;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -63,7 +64,8 @@ pub struct Ingest {
     spool: Spool,
     hostname: String,
     max_age: Duration,
-    dkim: Option<Arc<DkimSigners>>,
+    /// Shared by every clone, so a config reload (key rotation) reaches them all.
+    dkim: Arc<Live<DkimSigners>>,
     scheduler: Option<mpsc::UnboundedSender<Vec<NewMessage>>>,
 }
 
@@ -73,15 +75,21 @@ impl Ingest {
             spool,
             hostname,
             max_age,
-            dkim: None,
+            dkim: Arc::new(Live::new(DkimSigners::none())),
             scheduler: None,
         }
     }
 
     /// Signs accepted mail with these keys (when its From domain has any).
-    pub fn with_dkim(mut self, signers: Arc<DkimSigners>) -> Ingest {
-        self.dkim = (!signers.is_empty()).then_some(signers);
+    pub fn with_dkim(self, signers: DkimSigners) -> Ingest {
+        self.set_dkim(signers);
         self
+    }
+
+    /// Replaces the signing keys (config reload) for this ingest and every clone of it;
+    /// messages being signed finish with the keys they started with.
+    pub fn set_dkim(&self, signers: DkimSigners) {
+        self.dkim.set(signers);
     }
 
     /// Hands every committed message to the scheduler through `tx`.
@@ -137,7 +145,8 @@ impl Ingest {
         let mut body = Vec::with_capacity(head.len() + sub.content.len() + 512);
         body.extend_from_slice(head.as_bytes());
         body.extend_from_slice(&sub.content);
-        if let Some(dkim) = &self.dkim {
+        let dkim = self.dkim.get();
+        if !dkim.is_empty() {
             let (signature, message) = if dkim.is_cheap() {
                 (dkim.sign(&body), body)
             } else {

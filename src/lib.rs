@@ -15,7 +15,9 @@
 //!   API behind a bearer token (queue management, HTTP injection) and its client for the CLI.
 //! - [`cli`]: the renderings behind `tern queue ...`.
 //! - [`daemon`]: process lifecycle: open spool, start delivery, bind, sd_notify, signals, drain.
-//! - [`notify`]: the systemd notification protocol (READY=1, STOPPING=1).
+//! - [`notify`]: the systemd notification protocol (READY, RELOADING, STOPPING, WATCHDOG).
+//! - [`live`]: [`live::Live`], a value a config reload replaces (snapshot per use).
+//! - [`reload`]: what a SIGHUP changes live, what needs a restart, and the report.
 //!
 //! The durable spool is the separate crate `tern-queue`, the only code that touches sled.
 
@@ -27,8 +29,10 @@ pub mod config;
 pub mod daemon;
 pub mod delivery;
 pub mod ingest;
+pub mod live;
 pub mod notify;
 pub mod outcome;
 pub mod policy;
+pub mod reload;
 pub mod scheduler;
 pub mod smtp;

@@ -307,22 +307,39 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
 
 /// Logs go to standard error through a writer thread, so a session never waits on the
 /// terminal or journal. The writer blocks rather than drops when it falls behind: a lost log
-/// line is worse than a slower accept. The returned guard flushes the rest when dropped.
-fn init_logging(log: &LogConfig) -> tracing_appender::non_blocking::WorkerGuard {
+/// line is worse than a slower accept. The returned guard flushes the rest when dropped; the
+/// reloader applies a new `log.level` on SIGHUP (unless RUST_LOG overrides the config).
+fn init_logging(
+    log: &LogConfig,
+) -> (
+    tracing_appender::non_blocking::WorkerGuard,
+    Option<tern::daemon::LogLevelReloader>,
+) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{fmt, reload, EnvFilter};
+
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .finish(std::io::stderr());
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(false);
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let overridden = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| EnvFilter::new(&log.level));
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let layer = fmt::layer().with_writer(writer).with_ansi(false);
     match log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry.with(layer.json()).init(),
+        LogFormat::Text => registry.with(layer).init(),
     }
-    guard
+    let reloader: Option<tern::daemon::LogLevelReloader> = (!overridden).then(|| {
+        Box::new(move |level: &str| {
+            handle
+                .reload(EnvFilter::new(level))
+                .map_err(|e| e.to_string())
+        }) as tern::daemon::LogLevelReloader
+    });
+    (guard, reloader)
 }
 
 fn serve(path: &Path) -> ExitCode {
@@ -330,7 +347,7 @@ fn serve(path: &Path) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let _log_guard = init_logging(&config.log);
+    let (_log_guard, log_level) = init_logging(&config.log);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(err) => {
@@ -338,7 +355,7 @@ fn serve(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(tern::daemon::serve(config)) {
+    match runtime.block_on(tern::daemon::serve(config, path, log_level)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");

@@ -36,6 +36,11 @@
 //!   later successful fsync proves nothing about earlier writes;
 //! - waiters sleep on a `tokio::sync::watch` channel that the std thread
 //!   updates; nobody polls.
+//!
+//! For monitoring, without a metrics dependency: an optional observer
+//! (`Spool::on_round`) is called on the thread after every successful round
+//! with its size and duration, and `Spool::health` reports a poisoned spool
+//! or a round that has been running too long (a stuck disk).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -43,8 +48,10 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -60,6 +67,18 @@ pub struct CommitStats {
     /// Writes covered by the most recent round.
     pub last_batch: u64,
 }
+
+/// One successful round, as reported to the round observer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Round {
+    /// Writes merged into the round's batch.
+    pub writes: u64,
+    /// Applying the batch plus the flush and fsyncs.
+    pub took: Duration,
+}
+
+/// Called on the sync thread after each round; must be cheap and never block.
+pub(crate) type RoundObserver = Box<dyn Fn(Round) + Send + Sync>;
 
 /// What writers wait on.
 #[derive(Debug, Clone, Default)]
@@ -84,7 +103,6 @@ struct Pending {
 }
 
 /// State shared between the writers and the sync thread.
-#[derive(Debug)]
 pub(crate) struct GroupCommit {
     pending: Mutex<Pending>,
     wake: Condvar,
@@ -93,6 +111,21 @@ pub(crate) struct GroupCommit {
     /// Every write numbered up to this has been applied to sled (perhaps not
     /// yet durably).
     applied: AtomicU64,
+    /// Reference point for `round_started`.
+    epoch: Instant,
+    /// Nanoseconds after `epoch` at which the running round started, plus
+    /// one; 0 while no round runs.
+    round_started: AtomicU64,
+    observer: OnceLock<RoundObserver>,
+}
+
+impl std::fmt::Debug for GroupCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupCommit")
+            .field("progress", &*self.progress.borrow())
+            .field("applied", &self.applied)
+            .finish_non_exhaustive()
+    }
 }
 
 impl GroupCommit {
@@ -107,6 +140,9 @@ impl GroupCommit {
             progress: watch::Sender::new(Progress::default()),
             last_batch: AtomicU64::new(0),
             applied: AtomicU64::new(0),
+            epoch: Instant::now(),
+            round_started: AtomicU64::new(0),
+            observer: OnceLock::new(),
         });
         let thread_group = Arc::clone(&group);
         let handle = std::thread::Builder::new()
@@ -123,6 +159,33 @@ impl GroupCommit {
             Some(reason) => Err(SpoolError::NotDurable(reason.to_string())),
             None => Ok(()),
         }
+    }
+
+    /// Installs the round observer; false if one is already installed.
+    pub(crate) fn observe(&self, observer: RoundObserver) -> bool {
+        self.observer.set(observer).is_ok()
+    }
+
+    /// `Err` with the reason when the spool is poisoned, or when a round has
+    /// been running for longer than `stall` (the disk is not answering).
+    pub(crate) fn health(&self, stall: Duration) -> Result<(), String> {
+        if let Some(reason) = &self.progress.borrow().failed {
+            return Err(format!("spool writes failed: {reason}"));
+        }
+        let started = self.round_started.load(Ordering::Acquire);
+        if started != 0 {
+            let running = self
+                .epoch
+                .elapsed()
+                .saturating_sub(Duration::from_nanos(started - 1));
+            if running > stall {
+                return Err(format!(
+                    "a spool sync round has been running for {:.1} s",
+                    running.as_secs_f64()
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Queues one write's operations for the next round and returns the
@@ -230,16 +293,27 @@ impl GroupCommit {
                 }
                 (std::mem::take(&mut pending.ops), pending.written)
             };
+            let started = Instant::now();
+            let since_epoch = started.duration_since(self.epoch).as_nanos() as u64;
+            self.round_started.store(since_epoch + 1, Ordering::Release);
             let result = apply(db, ops).and_then(|()| {
                 self.applied.store(target, Ordering::Release);
                 syncer.sync(db)
             });
+            let took = started.elapsed();
+            self.round_started.store(0, Ordering::Release);
             if let Err(e) = result {
                 tracing::error!(error = %e, "spool sync failed; refusing further writes");
                 self.fail(e.to_string());
                 return;
             }
             self.last_batch.store(target - durable, Ordering::Relaxed);
+            if let Some(observe) = self.observer.get() {
+                observe(Round {
+                    writes: target - durable,
+                    took,
+                });
+            }
             durable = target;
             self.progress.send_modify(|p| {
                 p.durable = target;

@@ -26,7 +26,7 @@ mod record;
 mod spool;
 
 pub use error::SpoolError;
-pub use group_commit::CommitStats;
+pub use group_commit::{CommitStats, Round};
 pub use id::{IdGenerator, MessageId, ParseMessageIdError};
 pub use record::{BodyType, Envelope, Notify, Recipient, RecipientState, Ret, Source};
 pub use spool::{Body, OrphanSweep, Spool, SpoolOptions, SpoolStats};

@@ -56,7 +56,7 @@ use std::time::Instant;
 use serde::Deserialize;
 
 use crate::error::SpoolError;
-use crate::group_commit::{sync_dir, CommitStats, GroupCommit, Op, Syncer};
+use crate::group_commit::{sync_dir, CommitStats, GroupCommit, Op, Round, Syncer};
 use crate::id::{IdGenerator, MessageId};
 use crate::record::Envelope;
 
@@ -584,6 +584,20 @@ impl Spool {
     /// Group-commit counters since open.
     pub fn commit_stats(&self) -> CommitStats {
         self.inner.group.stats()
+    }
+
+    /// Calls `observer` on the sync thread after every successful group-commit
+    /// round (for metrics: batch size and duration). It must be cheap and never
+    /// block. One observer per spool: returns false if one is already set.
+    pub fn on_round(&self, observer: impl Fn(Round) + Send + Sync + 'static) -> bool {
+        self.inner.group.observe(Box::new(observer))
+    }
+
+    /// `Err` with the reason if writes can no longer become durable: the spool
+    /// is poisoned by a failed round, or a round has been running longer than
+    /// `stall`. Cheap; meant for health checks such as the systemd watchdog.
+    pub fn health(&self, stall: std::time::Duration) -> Result<(), String> {
+        self.inner.group.health(stall)
     }
 
     /// Returns once everything written so far is durable.

@@ -7,19 +7,27 @@
 //! are unbounded and never become label values).
 //!
 //! Spool figures are not pushed: [`Metrics::render`] reads [`Spool::stats`] and
-//! [`Spool::commit_stats`] at scrape time.
+//! [`Spool::commit_stats`] at scrape time, and the ready-queue depths it is given (keyed by
+//! destination key) are folded into bounded labels then. Group-commit rounds are observed on
+//! the spool's sync thread ([`Metrics::observe_spool`]). DKIM label values are signing
+//! domains, which only come from configured `[[dkim]]` keys.
+//!
+//! The set of static routes is replaced by a config reload ([`Metrics::set_routes`]); label
+//! values of routes that are gone stay in the output with their last values (a Prometheus
+//! counter must never vanish and come back), and new routes get label values from then on.
 
 use crate::config::RouteConfig;
 use crate::delivery::log::AttemptOutcome;
+use crate::live::Live;
 use crate::outcome::dsn::Action;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
-use std::collections::HashSet;
-use std::sync::Mutex;
-use std::time::Duration;
-use tern_queue::Spool;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tern_queue::{Round, Spool};
 
 /// Destination label for everything that is not a static route.
 const OTHER_DESTINATION: &str = "other";
@@ -39,16 +47,19 @@ pub enum Rejection {
     AuthFailed,
     /// The spool could not commit the message (451).
     SpoolError,
+    /// A command that does not parse: unknown verb, bad syntax or parameter, bad address.
+    Syntax,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 6] = [
+    pub const ALL: [Rejection; 7] = [
         Rejection::RelayDenied,
         Rejection::Size,
         Rejection::Recipients,
         Rejection::Smuggling,
         Rejection::AuthFailed,
         Rejection::SpoolError,
+        Rejection::Syntax,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -59,6 +70,7 @@ impl Rejection {
             Rejection::Smuggling => "smuggling",
             Rejection::AuthFailed => "auth_failed",
             Rejection::SpoolError => "spool_error",
+            Rejection::Syntax => "syntax",
         }
     }
 }
@@ -101,10 +113,26 @@ fn action_label(action: Action) -> &'static str {
     }
 }
 
+/// How a config reload ended, as a label value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadResult {
+    Ok,
+    Failed,
+}
+
+impl ReloadResult {
+    fn as_str(self) -> &'static str {
+        match self {
+            ReloadResult::Ok => "ok",
+            ReloadResult::Failed => "failed",
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     /// Static route keys (`route:<domain>`): the only destinations used as label values.
-    routes: HashSet<String>,
+    routes: Live<HashSet<String>>,
 
     smtp_connections: IntCounter,
     smtp_connections_rejected: IntCounter,
@@ -125,6 +153,16 @@ pub struct Metrics {
     delivery_latency_seconds: Histogram,
     dsns_sent: IntCounterVec,
     tls_deliveries: IntCounter,
+
+    ready_queue_depth: IntGaugeVec,
+    /// Serializes scrapes: `ready_queue_depth` is rebuilt by each one.
+    depth_sync: Mutex<()>,
+    spool_batch_writes: Histogram,
+    spool_round_seconds: Histogram,
+    dkim_signatures: IntCounterVec,
+    dkim_failures: IntCounterVec,
+    config_reloads: IntCounterVec,
+    config_last_reload: Gauge,
 }
 
 impl Default for Metrics {
@@ -159,7 +197,7 @@ impl Metrics {
             h
         };
         let metrics = Metrics {
-            routes: HashSet::new(),
+            routes: Live::new(HashSet::new()),
             smtp_connections: counter(
                 "tern_smtp_connections_total",
                 "Inbound SMTP connections accepted by a listener, including those refused at the limit.",
@@ -222,8 +260,61 @@ impl Metrics {
                 "tern_tls_deliveries_total",
                 "Delivered recipients whose attempt used TLS (share: this over deliveries{outcome=\"delivered\"}).",
             ),
+            ready_queue_depth: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "tern_ready_queue_depth",
+                        "Messages ready for delivery in memory, by destination (static route key or \"other\"), at scrape time.",
+                    ),
+                    &["destination"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique");
+                g
+            },
+            depth_sync: Mutex::new(()),
+            spool_batch_writes: histogram(
+                "tern_spool_commit_batch_writes",
+                "Writes (commit, update, remove) merged into one group-commit round.",
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0],
+            ),
+            spool_round_seconds: histogram(
+                "tern_spool_flush_seconds",
+                "Duration of one group-commit round: the merged batch, sled's flush and the fsyncs.",
+                vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+                ],
+            ),
+            dkim_signatures: counter_vec(
+                "tern_dkim_signatures_total",
+                "DKIM signatures made, by signing domain (a configured [[dkim]] domain) and algorithm.",
+                &["domain", "algorithm"],
+            ),
+            dkim_failures: counter_vec(
+                "tern_dkim_signing_failures_total",
+                "DKIM signatures that could not be made (the message went out without that signature).",
+                &["domain", "algorithm"],
+            ),
+            config_reloads: counter_vec(
+                "tern_config_reloads_total",
+                "Config reloads (SIGHUP) by result: ok (applied) or failed (old config kept).",
+                &["result"],
+            ),
+            config_last_reload: {
+                let g = Gauge::new(
+                    "tern_config_last_reload_success_timestamp_seconds",
+                    "Unix time of the last successful config load (start or reload).",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique");
+                g
+            },
             registry,
         };
+        for result in [ReloadResult::Ok, ReloadResult::Failed] {
+            metrics.config_reloads.with_label_values(&[result.as_str()]);
+        }
+        metrics.config_loaded();
         // Every fixed label value exists from the start, so rates work from the first scrape.
         for reason in Rejection::ALL {
             metrics
@@ -242,12 +333,69 @@ impl Metrics {
     }
 
     /// Makes the static routes' keys (`route:<domain>`) usable as destination labels.
-    pub fn with_routes(mut self, routes: &[RouteConfig]) -> Metrics {
-        self.routes = routes
-            .iter()
-            .map(|r| format!("route:{}", r.domain))
-            .collect();
+    pub fn with_routes(self, routes: &[RouteConfig]) -> Metrics {
+        self.set_routes(routes);
         self
+    }
+
+    /// Replaces the set of destination label values (config reload).
+    pub fn set_routes(&self, routes: &[RouteConfig]) {
+        self.routes.set(
+            routes
+                .iter()
+                .map(|r| format!("route:{}", r.domain))
+                .collect(),
+        );
+    }
+
+    /// Records group-commit rounds of `spool` (batch size and duration) from now on.
+    pub fn observe_spool(self: &Arc<Self>, spool: &Spool) {
+        let metrics = Arc::clone(self);
+        spool.on_round(move |round: Round| {
+            metrics.spool_batch_writes.observe(round.writes as f64);
+            metrics
+                .spool_round_seconds
+                .observe(round.took.as_secs_f64());
+        });
+    }
+
+    /// A config reload ended with `result`.
+    pub fn config_reload(&self, result: ReloadResult) {
+        self.config_reloads
+            .with_label_values(&[result.as_str()])
+            .inc();
+        if result == ReloadResult::Ok {
+            self.config_loaded();
+        }
+    }
+
+    fn config_loaded(&self) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.config_last_reload.set(now.as_secs_f64());
+    }
+
+    /// A DKIM signature made for `domain` (a configured signing domain).
+    pub fn dkim_signed(&self, domain: &str, algorithm: &str) {
+        self.dkim_signatures
+            .with_label_values(&[domain, algorithm])
+            .inc();
+    }
+
+    pub fn dkim_failed(&self, domain: &str, algorithm: &str) {
+        self.dkim_failures
+            .with_label_values(&[domain, algorithm])
+            .inc();
+    }
+
+    /// The bounded label for a destination key.
+    fn destination<'a>(&self, routes: &HashSet<String>, key: &'a str) -> &'a str {
+        if routes.contains(key) {
+            key
+        } else {
+            OTHER_DESTINATION
+        }
     }
 
     pub fn smtp_connection(&self) {
@@ -278,11 +426,8 @@ impl Metrics {
 
     /// One recipient's result; `destination` is the plan's destination key.
     pub fn delivery(&self, destination: &str, outcome: AttemptOutcome) {
-        let destination = if self.routes.contains(destination) {
-            destination
-        } else {
-            OTHER_DESTINATION
-        };
+        let routes = self.routes.get();
+        let destination = self.destination(&routes, destination);
         self.deliveries
             .with_label_values(&[destination, outcome_label(outcome)])
             .inc();
@@ -306,8 +451,31 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition format, with the spool's figures read now.
-    pub fn render(&self, spool: &Spool) -> String {
+    /// The text exposition format, with the spool's figures and the ready-queue depths
+    /// (`(destination key, depth)`, as [`crate::scheduler::Scheduler::queue_depths`] gives
+    /// them) read now. Every static route and "other" is exported, at 0 when it has no mail.
+    pub fn render(&self, spool: &Spool, depths: &[(String, usize)]) -> String {
+        // Held until encoded: another scrape's reset must not show up in this one.
+        let _one_at_a_time = self.depth_sync.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let routes = self.routes.get();
+            let mut by_label: HashMap<&str, i64> = routes
+                .iter()
+                .map(|r| (r.as_str(), 0))
+                .chain([(OTHER_DESTINATION, 0)])
+                .collect();
+            for (key, depth) in depths {
+                *by_label.entry(self.destination(&routes, key)).or_default() +=
+                    i64::try_from(*depth).unwrap_or(i64::MAX);
+            }
+            // Routes removed by a reload drop out of this gauge (it is a snapshot, not a count).
+            self.ready_queue_depth.reset();
+            for (label, depth) in by_label {
+                self.ready_queue_depth
+                    .with_label_values(&[label])
+                    .set(depth);
+            }
+        }
         {
             let _one_at_a_time = self.spool_sync.lock().unwrap_or_else(|e| e.into_inner());
             let stats = spool.stats();

@@ -20,6 +20,7 @@ pub mod queue;
 
 use crate::config::Limits;
 use crate::ingest::Ingest;
+use crate::live::Live;
 use crate::scheduler::Scheduler;
 use auth::Token;
 use axum::extract::State;
@@ -42,8 +43,9 @@ pub struct AdminState {
     pub spool: Spool,
     pub scheduler: Scheduler,
     pub ingest: Ingest,
-    /// Size and recipient limits, applied to injected mail as to SMTP mail.
-    pub limits: Limits,
+    /// Size and recipient limits, applied to injected mail as to SMTP mail; a config reload
+    /// replaces them.
+    pub limits: Arc<Live<Limits>>,
     /// `None`: the API is disabled (no `admin.token_file`).
     pub token: Option<Token>,
 }
@@ -79,7 +81,9 @@ fn router(state: AdminState) -> Router {
 }
 
 async fn scrape(State(state): State<AdminState>) -> impl IntoResponse {
-    let text = state.metrics.render(&state.spool);
+    let text = state
+        .metrics
+        .render(&state.spool, &state.scheduler.queue_depths());
     (
         [(
             header::CONTENT_TYPE,

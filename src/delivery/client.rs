@@ -161,7 +161,8 @@ impl ServerCertVerifier for AnyCertificate {
 /// Hosts whose TLS handshake failed recently: opportunistic TLS then goes plain text to them
 /// until the entry expires, instead of failing the handshake on every attempt.
 pub struct BrokenTls {
-    retry_after: Duration,
+    /// How long a host stays marked; a config reload may change it (for later marks).
+    retry_after: Mutex<Duration>,
     /// Lowercase host name -> when TLS may be tried again.
     until: Mutex<HashMap<String, Instant>>,
 }
@@ -170,7 +171,7 @@ impl BrokenTls {
     /// `retry_after`: how long a host stays marked (`broken_tls_retry` in the config).
     pub fn new(retry_after: Duration) -> BrokenTls {
         BrokenTls {
-            retry_after,
+            retry_after: Mutex::new(retry_after),
             until: Mutex::new(HashMap::new()),
         }
     }
@@ -182,12 +183,18 @@ impl BrokenTls {
             .is_some_and(|&t| Instant::now() < t)
     }
 
+    /// Applies a reloaded `broken_tls_retry`; hosts already marked keep their expiry.
+    pub fn set_retry_after(&self, retry_after: Duration) {
+        *self.retry_after.lock().unwrap_or_else(|e| e.into_inner()) = retry_after;
+    }
+
     pub fn mark(&self, host: &str) {
         let now = Instant::now();
+        let retry_after = *self.retry_after.lock().unwrap_or_else(|e| e.into_inner());
         let mut until = self.until.lock().unwrap_or_else(|e| e.into_inner());
         // Expired entries are dropped here, so the map only holds hosts currently broken.
         until.retain(|_, t| *t > now);
-        until.insert(host.to_ascii_lowercase(), now + self.retry_after);
+        until.insert(host.to_ascii_lowercase(), now + retry_after);
     }
 }
 

@@ -25,6 +25,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::signature::KeyPair as _;
@@ -37,6 +38,7 @@ use mail_parser::parsers::MessageStream;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::PrivateKeyDer;
 
+use crate::admin::metrics::Metrics;
 use crate::config::{ConfigErrors, DkimConfig};
 
 /// Smallest RSA key accepted: RFC 8301 3.2 forbids signing with less.
@@ -47,6 +49,8 @@ const RSA_MAX_BITS: usize = 8192;
 /// All configured signing keys, grouped by (lowercase) domain.
 pub struct DkimSigners {
     by_domain: HashMap<String, Vec<Key>>,
+    /// Counts signatures made and failed, when set.
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// One loaded key and what it signs.
@@ -95,10 +99,27 @@ impl DkimSigners {
             }
         }
         if errors.is_empty() {
-            Ok(DkimSigners { by_domain })
+            Ok(DkimSigners {
+                by_domain,
+                metrics: None,
+            })
         } else {
             Err(ConfigErrors(errors))
         }
+    }
+
+    /// No keys: nothing is signed.
+    pub fn none() -> DkimSigners {
+        DkimSigners {
+            by_domain: HashMap::new(),
+            metrics: None,
+        }
+    }
+
+    /// Counts every signature made (by domain and algorithm) and every failure in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> DkimSigners {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn is_empty(&self) -> bool {
@@ -140,16 +161,36 @@ impl DkimSigners {
                 .headers(h_template(&key.headers, &names))
                 .header_canonicalization(Canonicalization::Relaxed)
                 .body_canonicalization(Canonicalization::Relaxed);
+            let algorithm = algorithm_name(key.key.algorithm());
             match signer.sign(message) {
-                Ok(signature) => out.push_str(&signature.to_header()),
-                Err(e) => tracing::warn!(
-                    domain = %domain,
-                    selector = %key.selector,
-                    "DKIM signing failed: {e}"
-                ),
+                Ok(signature) => {
+                    out.push_str(&signature.to_header());
+                    if let Some(metrics) = &self.metrics {
+                        metrics.dkim_signed(&domain, algorithm);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        domain = %domain,
+                        selector = %key.selector,
+                        "DKIM signing failed: {e}"
+                    );
+                    if let Some(metrics) = &self.metrics {
+                        metrics.dkim_failed(&domain, algorithm);
+                    }
+                }
             }
         }
         (!out.is_empty()).then_some(out)
+    }
+}
+
+/// The `a=` algorithm name, as a metric label.
+fn algorithm_name(algorithm: Algorithm) -> &'static str {
+    match algorithm {
+        Algorithm::Ed25519Sha256 => "ed25519-sha256",
+        Algorithm::RsaSha256 => "rsa-sha256",
+        Algorithm::RsaSha1 => "rsa-sha1",
     }
 }
 

@@ -19,6 +19,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::client::{Connection, Target};
+use crate::live::Live;
 
 type Key = (Option<IpAddr>, SocketAddr);
 
@@ -28,8 +29,8 @@ struct Idle {
 }
 
 pub struct Pool {
-    idle_timeout: Duration,
-    max_messages_per_connection: usize,
+    /// `(idle_timeout, max_messages_per_connection)`; a config reload replaces them.
+    limits: Live<(Duration, usize)>,
     /// Per key, oldest first: reuse takes from the back (most recently used), which keeps
     /// the fewest connections warm and lets the rest age out.
     idle: Mutex<HashMap<Key, Vec<Idle>>>,
@@ -38,10 +39,14 @@ pub struct Pool {
 impl Pool {
     pub fn new(idle_timeout: Duration, max_messages_per_connection: usize) -> Arc<Pool> {
         Arc::new(Pool {
-            idle_timeout,
-            max_messages_per_connection,
+            limits: Live::new((idle_timeout, max_messages_per_connection)),
             idle: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Applies reloaded `delivery.idle_timeout` and `delivery.max_messages_per_connection`.
+    pub fn set_limits(&self, idle_timeout: Duration, max_messages_per_connection: usize) {
+        self.limits.set((idle_timeout, max_messages_per_connection));
     }
 
     /// The most recently used idle connection for `target` (its source and address) that
@@ -52,10 +57,11 @@ impl Pool {
         let key = (target.source, target.addr);
         let list = idle.get_mut(&key)?;
         let now = Instant::now();
+        let (idle_timeout, _) = *self.limits.get();
         // Everything older than the newest expired one has expired too.
         if let Some(last_expired) = list
             .iter()
-            .rposition(|i| now.duration_since(i.since) >= self.idle_timeout)
+            .rposition(|i| now.duration_since(i.since) >= idle_timeout)
         {
             list.drain(..=last_expired);
         }
@@ -77,7 +83,8 @@ impl Pool {
     /// Returns a connection after use. It is kept only if reusable and under the message
     /// limit; otherwise it is closed here (QUIT if it is still in step).
     pub async fn put(&self, conn: Connection) {
-        if !conn.is_reusable() || conn.messages_sent() >= self.max_messages_per_connection {
+        let (_, max_messages) = *self.limits.get();
+        if !conn.is_reusable() || conn.messages_sent() >= max_messages {
             conn.quit().await;
             return;
         }
@@ -124,15 +131,16 @@ impl Pool {
     /// Connections still idle then are left to [`Pool::close_all`].
     pub fn spawn_reaper(self: &Arc<Self>, shutdown: CancellationToken) -> JoinHandle<()> {
         let pool = Arc::clone(self);
-        // Checking twice per timeout closes a connection at most 1.5 timeouts after its use.
-        let period = (self.idle_timeout / 2).max(Duration::from_millis(10));
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
+                // Read each round, so a reloaded idle_timeout applies from the next one.
+                let (idle_timeout, _) = *pool.limits.get();
+                // Checking twice per timeout closes a connection at most 1.5 timeouts after
+                // its use.
+                let period = (idle_timeout / 2).max(Duration::from_millis(10));
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => pool.close_idle(pool.idle_timeout).await,
+                    _ = tokio::time::sleep(period) => pool.close_idle(idle_timeout).await,
                 }
             }
         })

@@ -12,6 +12,8 @@
 //!   limits.
 //! - Addresses are resolved per hop when connecting, not when planning: only the hops actually
 //!   tried cost a lookup, and each answer is as fresh as the resolver's cache allows.
+//! - A config reload replaces the static routes and the default TLS policy as one snapshot
+//!   ([`Router::set_routes`]); a plan already made keeps the route it was made with.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -22,6 +24,7 @@ use rand::Rng;
 
 use super::dns::{DnsError, MxHost, MxLookup, Resolver};
 use crate::config::{RouteAuth, RouteConfig, TlsPolicy};
+use crate::live::Live;
 
 const SMTP_PORT: u16 = 25;
 
@@ -92,22 +95,21 @@ fn null_mx() -> RouteError {
 }
 
 pub struct Router {
-    /// Static routes by domain, as finished plans: planning one is a clone.
-    routes: HashMap<String, RoutePlan>,
-    /// The `"*"` route.
-    wildcard: Option<RoutePlan>,
-    default_tls: TlsPolicy,
+    routes: Live<StaticRoutes>,
     resolver: Arc<dyn Resolver>,
 }
 
-impl Router {
-    /// `routes` come from a compiled config: domains unique and lowercase, hosts valid
-    /// `host:port` strings.
-    pub fn new(
-        routes: &[RouteConfig],
-        default_tls: TlsPolicy,
-        resolver: Arc<dyn Resolver>,
-    ) -> Router {
+/// The routing part of the config, compiled: what a reload swaps.
+struct StaticRoutes {
+    /// Static routes by domain, as finished plans: planning one is a clone.
+    exact: HashMap<String, RoutePlan>,
+    /// The `"*"` route.
+    wildcard: Option<RoutePlan>,
+    default_tls: TlsPolicy,
+}
+
+impl StaticRoutes {
+    fn compile(routes: &[RouteConfig], default_tls: TlsPolicy) -> StaticRoutes {
         let mut exact = HashMap::with_capacity(routes.len());
         let mut wildcard = None;
         for route in routes {
@@ -123,17 +125,38 @@ impl Router {
                 exact.insert(route.domain.clone(), plan);
             }
         }
-        Router {
-            routes: exact,
+        StaticRoutes {
+            exact,
             wildcard,
             default_tls,
+        }
+    }
+}
+
+impl Router {
+    /// `routes` come from a compiled config: domains unique and lowercase, hosts valid
+    /// `host:port` strings.
+    pub fn new(
+        routes: &[RouteConfig],
+        default_tls: TlsPolicy,
+        resolver: Arc<dyn Resolver>,
+    ) -> Router {
+        Router {
+            routes: Live::new(StaticRoutes::compile(routes, default_tls)),
             resolver,
         }
     }
 
+    /// Replaces the static routes and the default TLS policy (config reload); plans made
+    /// from now on use them.
+    pub fn set_routes(&self, routes: &[RouteConfig], default_tls: TlsPolicy) {
+        self.routes.set(StaticRoutes::compile(routes, default_tls));
+    }
+
     /// Plans delivery for one recipient domain (lowercase).
     pub async fn plan(&self, domain: &str) -> Result<RoutePlan, RouteError> {
-        if let Some(plan) = self.routes.get(domain).or(self.wildcard.as_ref()) {
+        let routes = self.routes.get();
+        if let Some(plan) = routes.exact.get(domain).or(routes.wildcard.as_ref()) {
             return Ok(plan.clone());
         }
         let (key, hops) = match address_literal(domain) {
@@ -149,7 +172,7 @@ impl Router {
         Ok(RoutePlan {
             key,
             hops,
-            tls: self.default_tls,
+            tls: routes.default_tls,
             auth: None,
         })
     }

@@ -8,6 +8,8 @@
 //! - A connection that failed mid-transaction is never reused; one that was reused and failed
 //!   before any recipient was accepted is replaced once, since idle connections are often
 //!   closed by the far end without notice.
+//! - An attempt takes one snapshot of the reloadable settings ([`AttemptSettings`]) and uses it
+//!   throughout; a config reload affects the next attempt.
 
 use crate::config::DeliveryConfig;
 use crate::delivery::client::{
@@ -16,6 +18,7 @@ use crate::delivery::client::{
 use crate::delivery::pool::Pool;
 use crate::delivery::route::{RouteError, RoutePlan, Router};
 use crate::ingest::TlsInfo;
+use crate::live::Live;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -54,11 +57,16 @@ pub struct Attempt {
 pub struct Worker {
     router: Arc<Router>,
     pool: Arc<Pool>,
-    settings: ClientSettings,
+    settings: Live<AttemptSettings>,
     broken_tls: BrokenTls,
-    max_messages_per_connection: usize,
-    /// Smarthost passwords, read from their files at start.
-    passwords: HashMap<PathBuf, String>,
+}
+
+/// What a config reload may change about attempts.
+pub struct AttemptSettings {
+    pub client: ClientSettings,
+    pub max_messages_per_connection: usize,
+    /// Smarthost passwords, read from their files at start (and at each reload).
+    pub passwords: HashMap<PathBuf, String>,
 }
 
 impl Worker {
@@ -72,11 +80,28 @@ impl Worker {
         Worker {
             router,
             pool,
-            settings,
+            settings: Live::new(AttemptSettings {
+                client: settings,
+                max_messages_per_connection: config.max_messages_per_connection,
+                passwords,
+            }),
             broken_tls: BrokenTls::new(config.broken_tls_retry),
+        }
+    }
+
+    /// Applies a reloaded `[delivery]` (timeouts, connection reuse, broken-TLS memory) and
+    /// re-read smarthost passwords; attempts already running finish with what they started
+    /// with.
+    pub fn reconfigure(&self, config: &DeliveryConfig, passwords: HashMap<PathBuf, String>) {
+        let current = self.settings.get();
+        let mut client = current.client.clone();
+        client.timeouts = config.timeouts;
+        self.settings.set(AttemptSettings {
+            client,
             max_messages_per_connection: config.max_messages_per_connection,
             passwords,
-        }
+        });
+        self.broken_tls.set_retry_after(config.broken_tls_retry);
     }
 
     /// Attempts the pending recipients of `env` over `connection` (kept for the next
@@ -109,13 +134,14 @@ impl Worker {
             body,
         };
 
+        let settings = self.settings.get();
         // A kept connection gets one chance; if it fails before anything was accepted, a
         // fresh connection is tried once.
         let mut reused = connection.is_some();
         loop {
             let conn = match connection.take() {
                 Some(conn) => conn,
-                None => match self.connect(plan).await {
+                None => match self.connect(plan, &settings).await {
                     Ok(conn) => conn,
                     Err(failure) => return failure.for_all(&pending),
                 },
@@ -141,7 +167,8 @@ impl Worker {
                             reply: r.reply.to_string(),
                         })
                         .collect();
-                    if conn.is_reusable() && conn.messages_sent() < self.max_messages_per_connection
+                    if conn.is_reusable()
+                        && conn.messages_sent() < settings.max_messages_per_connection
                     {
                         *connection = Some(conn);
                     } else {
@@ -169,9 +196,14 @@ impl Worker {
 
     /// Connects to the first usable host of the plan: pooled connections first, then new
     /// ones, hosts in plan order, each host's addresses in order.
-    async fn connect(&self, plan: &RoutePlan) -> Result<Connection, Failure> {
+    async fn connect(
+        &self,
+        plan: &RoutePlan,
+        settings: &AttemptSettings,
+    ) -> Result<Connection, Failure> {
         let password = plan.auth.as_ref().and_then(|a| {
-            self.passwords
+            settings
+                .passwords
                 .get(&a.password_file)
                 .map(|p| (a.username.as_str(), p.as_str()))
         });
@@ -197,7 +229,7 @@ impl Worker {
                 if let Some(conn) = self.pool.take(&target) {
                     return Ok(conn);
                 }
-                match client::connect(&target, &self.settings, &self.broken_tls).await {
+                match client::connect(&target, &settings.client, &self.broken_tls).await {
                     Ok(conn) => return Ok(conn),
                     Err(err) => {
                         debug!(host = %hop.name, %addr, error = %err, "connect failed");

@@ -27,6 +27,7 @@ use crate::delivery::log::{AttemptOutcome, AttemptRecord, DeliveryLog};
 use crate::delivery::route::{RouteError, RoutePlan};
 use crate::delivery::worker::{Attempt, Failure, Verdict};
 use crate::ingest::{Ingest, Submission};
+use crate::live::Live;
 use dsn::{Action, DsnRecipient, DsnRequest};
 use retry::Deferral;
 use std::sync::Arc;
@@ -41,7 +42,8 @@ pub struct Settler {
     spool: Spool,
     ingest: Ingest,
     log: DeliveryLog,
-    config: DeliveryConfig,
+    /// Retry schedule and delay notices; a config reload replaces it.
+    config: Live<DeliveryConfig>,
     hostname: String,
     metrics: Arc<Metrics>,
     locks: operator::MessageLocks,
@@ -68,11 +70,16 @@ impl Settler {
             spool,
             ingest,
             log,
-            config,
+            config: Live::new(config),
             hostname,
             metrics,
             locks: operator::MessageLocks::default(),
         }
+    }
+
+    /// Applies a reloaded `[delivery]` (retry schedule, delay notices) to later outcomes.
+    pub fn reconfigure(&self, config: DeliveryConfig) {
+        self.config.set(config);
     }
 
     /// A message whose domain could not be routed: every pending recipient gets the routing
@@ -164,7 +171,8 @@ impl Settler {
             .collect();
         let mut expired = false;
         if !pending.is_empty() {
-            match retry::after_temporary_failure(&env, now, &self.config) {
+            let config = self.config.get();
+            match retry::after_temporary_failure(&env, now, &config) {
                 Deferral::RetryAt(t) => env.next_due_ms = t,
                 Deferral::Expire => {
                     expired = true;
@@ -179,7 +187,7 @@ impl Settler {
                     }
                 }
             }
-            if !expired && retry::delay_notice_due(&env, env.delay_notified, now, &self.config) {
+            if !expired && retry::delay_notice_due(&env, env.delay_notified, now, &config) {
                 env.delay_notified = true;
                 for &i in &pending {
                     let status = attempt

@@ -27,6 +27,9 @@
 //!   until its outcome is written to the spool; the due loader skips such ids, so no message
 //!   is ever attempted twice at once.
 //! - Workers never touch sled directly: reads and writes go through the spool API.
+//! - `[delivery]` is a [`Live`] snapshot: a reload ([`Scheduler::reconfigure`]) changes the
+//!   worker limit for queues from their next enqueue and the watchdog period from its next
+//!   tick; workers already running are not stopped.
 
 mod ready;
 pub mod suspend;
@@ -39,6 +42,7 @@ use crate::clock::now_ms;
 use crate::config::DeliveryConfig;
 use crate::delivery::route::{RoutePlan, Router};
 use crate::delivery::worker::Worker;
+use crate::live::Live;
 use crate::outcome::operator::NOT_DUE;
 use crate::outcome::Settler;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -91,7 +95,7 @@ struct Inner {
     router: Arc<Router>,
     worker: Arc<Worker>,
     settler: Arc<Settler>,
-    config: DeliveryConfig,
+    config: Live<DeliveryConfig>,
     metrics: Arc<Metrics>,
     state: Mutex<State>,
     /// The `delivery.suspended` config flag, until an operator resumes all delivery. While
@@ -133,7 +137,7 @@ impl Scheduler {
             router,
             worker,
             settler,
-            config,
+            config: Live::new(config),
             metrics,
             state: Mutex::new(State::default()),
             suspended,
@@ -172,6 +176,12 @@ impl Scheduler {
         {
             warn!("delivery workers still busy after the grace period");
         }
+    }
+
+    /// Applies a reloaded `[delivery]`. `suspended` is not taken from it: whether delivery is
+    /// suspended is run-time state.
+    pub fn reconfigure(&self, config: DeliveryConfig) {
+        self.inner.config.set(config);
     }
 
     /// Messages in memory: ready, waiting for their due time, or in flight.
@@ -251,7 +261,8 @@ impl Scheduler {
             .entry(key.clone())
             .or_insert_with(|| ReadyQueue::new(key.clone()));
         queue.push(id, plan);
-        let spawn = queue.workers_wanted(self.inner.config.max_connections_per_destination);
+        let max = self.inner.config.get().max_connections_per_destination;
+        let spawn = queue.workers_wanted(max);
         for _ in 0..spawn {
             queue.worker_started();
         }
@@ -638,12 +649,12 @@ impl Scheduler {
     /// the case this exists for). The timer restarts after each report, so a slow destination
     /// is reported once per period, and never gets more than its limit of workers.
     async fn watchdog(&self) {
-        let period = self.inner.config.watchdog;
-        let max = self.inner.config.max_connections_per_destination;
-        let mut tick = tokio::time::interval((period / 4).max(Duration::from_millis(100)));
         loop {
+            // Read each round, so a reload applies from the next tick.
+            let config = self.inner.config.get();
+            let (period, max) = (config.watchdog, config.max_connections_per_destination);
             tokio::select! {
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep((period / 4).max(Duration::from_millis(100))) => {}
                 _ = self.inner.shutdown.cancelled() => return,
             }
             let mut restart = Vec::new();

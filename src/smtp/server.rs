@@ -4,14 +4,20 @@
 //! gets `421 4.7.0` and is disconnected before a session exists. On shutdown the accept
 //! loops stop, idle sessions are told `421 4.3.2`, and sessions inside a transaction may
 //! finish it; the [`TaskTracker`] lets the daemon wait for them within its grace period.
+//!
+//! A config reload swaps the [`SessionConfig`] and the connection limits: a connection takes
+//! one snapshot of the session config when it is accepted and keeps it to the end (across
+//! STARTTLS too), so open sessions are never disturbed; new connections get the new one.
 
 use super::reply::Reply;
 use super::session::{Session, SessionConfig, SessionEnd, SessionState};
 use crate::config::ListenerMode;
 use crate::ingest::TlsInfo;
+use crate::live::Live;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -26,7 +32,7 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Everything the accept loops share.
 pub struct Server {
-    pub config: Arc<SessionConfig>,
+    pub config: Live<SessionConfig>,
     pub tls: Option<TlsAcceptor>,
     pub limits: Arc<ConnectionLimits>,
     pub shutdown: CancellationToken,
@@ -62,7 +68,8 @@ impl Server {
     }
 
     async fn connection(&self, mut stream: TcpStream, peer: SocketAddr, mode: ListenerMode) {
-        let metrics = self.config.metrics.clone();
+        let config = self.config.get();
+        let metrics = config.metrics.clone();
         metrics.smtp_connection();
         let Some(_slot) = self.limits.admit(peer.ip()) else {
             debug!(%peer, "connection limit reached");
@@ -70,10 +77,7 @@ impl Server {
             let reply = Reply::new(
                 421,
                 "4.7.0",
-                format!(
-                    "{} Too many connections, try again later",
-                    self.config.hostname
-                ),
+                format!("{} Too many connections, try again later", config.hostname),
             );
             let _ = stream.write_all(&reply.to_wire()).await;
             let _ = stream.shutdown().await;
@@ -81,16 +85,11 @@ impl Server {
         };
         let _session = metrics.smtp_session();
         let result = match mode {
-            ListenerMode::Smtp => self.plain_session(stream, peer).await,
+            ListenerMode::Smtp => self.plain_session(stream, peer, config).await,
             ListenerMode::ImplicitTls => match self.handshake(stream).await {
                 Ok((tls_stream, info)) => {
-                    let mut session = Session::new(
-                        tls_stream,
-                        self.config.clone(),
-                        self.shutdown.clone(),
-                        peer,
-                        Some(info),
-                    );
+                    let mut session =
+                        Session::new(tls_stream, config, self.shutdown.clone(), peer, Some(info));
                     match session.greet().await {
                         Ok(()) => session.run().await.map(drop),
                         Err(e) => Err(e),
@@ -104,21 +103,20 @@ impl Server {
         }
     }
 
-    async fn plain_session(&self, stream: TcpStream, peer: SocketAddr) -> io::Result<()> {
-        let mut session = Session::new(
-            stream,
-            self.config.clone(),
-            self.shutdown.clone(),
-            peer,
-            None,
-        );
+    async fn plain_session(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        config: Arc<SessionConfig>,
+    ) -> io::Result<()> {
+        let mut session = Session::new(stream, config.clone(), self.shutdown.clone(), peer, None);
         session.greet().await?;
         if session.run().await? != SessionEnd::StartTls {
             return Ok(());
         }
         let (stream, state) = session.into_upgrade();
         let (tls_stream, info) = self.handshake(stream).await?;
-        self.resume_tls(tls_stream, state, info).await
+        self.resume_tls(tls_stream, state, info, config).await
     }
 
     async fn resume_tls<S: AsyncRead + AsyncWrite + Unpin>(
@@ -126,10 +124,10 @@ impl Server {
         stream: S,
         mut state: SessionState,
         info: TlsInfo,
+        config: Arc<SessionConfig>,
     ) -> io::Result<()> {
         state.set_tls(info);
-        let mut session =
-            Session::resume(stream, self.config.clone(), self.shutdown.clone(), state);
+        let mut session = Session::resume(stream, config, self.shutdown.clone(), state);
         // STARTTLS is not offered on a TLS session, so this cannot ask to upgrade again.
         session.run().await.map(drop)
     }
@@ -152,16 +150,19 @@ impl Server {
 
 /// Counts open connections, in total and per client IP.
 pub struct ConnectionLimits {
-    max_total: usize,
-    max_per_ip: usize,
+    /// `limits.max_connections`; a reload may change it (connections over a lowered limit
+    /// stay open, new ones wait until the count is under it).
+    max_total: AtomicUsize,
+    /// `limits.max_connections_per_ip`, likewise.
+    max_per_ip: AtomicUsize,
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
 }
 
 impl ConnectionLimits {
     pub fn new(max_total: usize, max_per_ip: usize) -> Arc<ConnectionLimits> {
         Arc::new(ConnectionLimits {
-            max_total,
-            max_per_ip,
+            max_total: AtomicUsize::new(max_total),
+            max_per_ip: AtomicUsize::new(max_per_ip),
             open: Mutex::new((0, HashMap::new())),
         })
     }
@@ -170,7 +171,9 @@ impl ConnectionLimits {
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionSlot> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let per_ip = open.1.get(&ip).copied().unwrap_or(0);
-        if open.0 >= self.max_total || per_ip >= self.max_per_ip {
+        if open.0 >= self.max_total.load(Ordering::Relaxed)
+            || per_ip >= self.max_per_ip.load(Ordering::Relaxed)
+        {
             return None;
         }
         open.0 += 1;
@@ -179,6 +182,12 @@ impl ConnectionLimits {
             limits: self.clone(),
             ip,
         })
+    }
+
+    /// Applies reloaded limits to connections admitted from now on.
+    pub fn set(&self, max_total: usize, max_per_ip: usize) {
+        self.max_total.store(max_total, Ordering::Relaxed);
+        self.max_per_ip.store(max_per_ip, Ordering::Relaxed);
     }
 
     pub fn open_connections(&self) -> usize {

@@ -267,6 +267,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     fn parse_error(&mut self, err: ParseError) {
+        self.config.metrics.message_rejected(Rejection::Syntax);
         match err {
             ParseError::UnknownCommand => {
                 self.error(500, "5.5.2", "Syntax error, command unrecognized")
@@ -294,6 +295,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     fn ehlo(&mut self, host: String, esmtp: bool) {
         if host.is_empty() || !host.bytes().all(|b| b.is_ascii_graphic()) {
+            self.config.metrics.message_rejected(Rejection::Syntax);
             self.error(501, "5.5.4", "Syntax: EHLO hostname");
             return;
         }
@@ -394,9 +396,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return self.error(503, "5.5.1", "Error: RCPT after BDAT");
         }
         let Some((local, domain)) = to.address.rsplit_once('@') else {
+            self.config.metrics.message_rejected(Rejection::Syntax);
             return self.error(501, "5.1.3", "Recipient address must have a domain");
         };
         if local.is_empty() || domain.is_empty() {
+            self.config.metrics.message_rejected(Rejection::Syntax);
             return self.error(501, "5.1.3", "Bad recipient address syntax");
         }
         if !tx.smtputf8 && !to.address.is_ascii() {

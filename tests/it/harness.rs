@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::{CertificateDer, ServerName};
 use tempfile::TempDir;
-use tern::config::Config;
+use tern::config::{Config, ConfigErrors};
 use tern::daemon::Daemon;
+use tern::reload::ReloadReport;
 use tern_queue::{Envelope, MessageId, Spool};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -436,7 +437,20 @@ impl TestServer {
     }
 
     pub fn spool(&self) -> &Spool {
-        self.daemon.as_ref().expect("running").spool()
+        self.daemon().spool()
+    }
+
+    pub fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().expect("running")
+    }
+
+    /// Reloads the running daemon with the config `opts` describes (files in the same
+    /// directory, listeners and admin still on port 0, so unchanged).
+    pub fn reload(&self, opts: &Options) -> Result<ReloadReport, ConfigErrors> {
+        let text = opts.config_text(self.dir.path(), "127.0.0.1:0", "127.0.0.1:0");
+        let config = Config::parse(&text)
+            .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n---\n{text}"));
+        self.daemon().reload(config)
     }
 
     /// The admin HTTP server's address (`GET /metrics`).
@@ -1021,10 +1035,13 @@ impl TernProc {
             .open(log)
             .unwrap();
         let err = out.try_clone().unwrap();
+        // A test that speaks sd_notify sets NOTIFY_SOCKET itself; no other test inherits one.
+        if !cmd.as_std().get_envs().any(|(k, _)| k == "NOTIFY_SOCKET") {
+            cmd.env_remove("NOTIFY_SOCKET");
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
-            .env_remove("NOTIFY_SOCKET")
             .env_remove("RUST_LOG")
             .kill_on_drop(true);
         let child = cmd.spawn().expect("spawn tern");

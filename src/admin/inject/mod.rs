@@ -20,6 +20,7 @@ pub mod compose;
 use super::error::ApiError;
 use super::metrics::{Intake, Rejection};
 use super::AdminState;
+use crate::config::Limits;
 use crate::ingest::Submission;
 use crate::smtp::proto::ContentCheck;
 use crate::smtp::session::same_address;
@@ -87,7 +88,9 @@ async fn inject(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Body,
 ) -> Result<Json<Injected>, ApiError> {
-    let max_size = state.limits.max_message_size;
+    // One snapshot for the whole request, even if a reload changes the limits meanwhile.
+    let limits = state.limits.get();
+    let max_size = limits.max_message_size;
     let bytes = match http_body_util::Limited::new(body, body_limit(max_size))
         .collect()
         .await
@@ -106,7 +109,7 @@ async fn inject(
     let request: InjectRequest = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON request: {e}")))?;
     drop(bytes);
-    let submission = submission(&state, request, peer)?;
+    let submission = submission(&state, &limits, request, peer)?;
     let size = submission.content.len();
     let recipients = submission.recipients.len();
     match state.ingest.accept_parts(submission).await {
@@ -141,10 +144,10 @@ fn too_large(max_size: u64) -> ApiError {
 /// [`Ingest`]: crate::ingest::Ingest
 fn submission(
     state: &AdminState,
+    limits: &Limits,
     request: InjectRequest,
     peer: SocketAddr,
 ) -> Result<Submission, ApiError> {
-    let limits = &state.limits;
     if !request.from.is_empty() {
         check_mailbox(&request.from)
             .map_err(|why| ApiError::bad_request(format!("from: {why} ({:?})", request.from)))?;

@@ -1,0 +1,125 @@
+//! What a config reload (SIGHUP) may change while tern runs, and what it reports.
+//!
+//! Live keys (applied to new sessions, new attempts and new routing decisions; sessions and
+//! attempts already running finish with the values they started with): `[[routes]]`,
+//! `[limits]` (session limits and both connection caps), `[relay]`, `[auth]`, `[[dkim]]` (keys
+//! re-read from disk: rotation), `[delivery]` except the keys below, and `log.level`.
+//!
+//! Restart keys ([`RESTART_KEYS`]): sockets, files and threads opened once at start. A changed
+//! value is reported ("needs a restart") and the running value is kept, so the effective
+//! config after a reload is the new file with these keys taken from the running one
+//! ([`merge`]).
+//!
+//! Invariant: a reload is all or nothing. The caller validates everything that can fail
+//! (parse, DKIM keys, smarthost password files) before anything is applied; a failed reload
+//! leaves the whole running config in place.
+
+use crate::config::Config;
+
+/// Every key that only takes effect at start, as written in the config file.
+pub const RESTART_KEYS: &[&str] = &[
+    "server.hostname",
+    "server.shutdown_grace",
+    "listeners",
+    "tls",
+    "spool.path",
+    "spool.max_age",
+    "spool.cache_size",
+    "admin.address",
+    "admin.token_file",
+    "delivery.suspended",
+    "delivery.nameservers",
+    "delivery.log_path",
+    "log.format",
+];
+
+/// What a successful reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Keys whose new value was ignored because it needs a restart (from [`RESTART_KEYS`]).
+    pub restart_needed: Vec<&'static str>,
+}
+
+/// The config to run after a reload: `new`, with every restart key set back to its `running`
+/// value; and the restart keys whose value differed.
+pub fn merge(running: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
+    let mut kept = Vec::new();
+    // Moves the running value into `new` when they differ, naming the key.
+    macro_rules! keep {
+        ($key:literal, $($field:tt)+) => {
+            if new.$($field)+ != running.$($field)+ {
+                new.$($field)+ = running.$($field)+.clone();
+                kept.push($key);
+            }
+        };
+    }
+    keep!("server.hostname", server.hostname);
+    keep!("server.shutdown_grace", server.shutdown_grace);
+    keep!("listeners", listeners);
+    keep!("tls", tls);
+    keep!("spool.path", spool.path);
+    keep!("spool.max_age", spool.max_age);
+    keep!("spool.cache_size", spool.cache_size);
+    keep!("admin.address", admin.address);
+    keep!("admin.token_file", admin.token_file);
+    keep!("delivery.suspended", delivery.suspended);
+    keep!("delivery.nameservers", delivery.nameservers);
+    keep!("delivery.log_path", delivery.log_path);
+    keep!("log.format", log.format);
+    (new, kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "[server]\nhostname = \"a.test\"\n\
+        [[listeners]]\naddress = \"127.0.0.1:2525\"\n\
+        [limits]\nmax_errors = 20\n";
+
+    #[test]
+    fn restart_keys_keep_the_running_value_and_are_named() {
+        let running = Config::parse(BASE).unwrap();
+        let new = Config::parse(
+            "[server]\nhostname = \"b.test\"\n\
+             [[listeners]]\naddress = \"127.0.0.1:2526\"\n\
+             [limits]\nmax_errors = 3\n\
+             [spool]\npath = \"/elsewhere\"\n\
+             [log]\nformat = \"json\"\nlevel = \"debug\"\n",
+        )
+        .unwrap();
+        let (effective, kept) = merge(&running, new);
+        assert_eq!(
+            kept,
+            ["server.hostname", "listeners", "spool.path", "log.format"]
+        );
+        assert_eq!(effective.server.hostname, "a.test");
+        assert_eq!(effective.listeners, running.listeners);
+        assert_eq!(effective.spool.path, running.spool.path);
+        assert_eq!(effective.log.format, running.log.format);
+        // Live keys take the new value.
+        assert_eq!(effective.limits.max_errors, 3);
+        assert_eq!(effective.log.level, "debug");
+    }
+
+    #[test]
+    fn an_unchanged_file_needs_no_restart() {
+        let running = Config::parse(BASE).unwrap();
+        let (effective, kept) = merge(&running, Config::parse(BASE).unwrap());
+        assert!(kept.is_empty(), "{kept:?}");
+        assert_eq!(effective, running);
+    }
+
+    #[test]
+    fn every_restart_key_is_checked() {
+        // The macro list and RESTART_KEYS must not drift apart.
+        let source = include_str!("reload.rs");
+        for key in RESTART_KEYS {
+            assert!(
+                source.contains(&format!("keep!(\"{key}\"")),
+                "{key} is in RESTART_KEYS but merge() does not check it"
+            );
+        }
+        assert_eq!(source.matches("    keep!(\"").count(), RESTART_KEYS.len());
+    }
+}
