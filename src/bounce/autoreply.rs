@@ -40,7 +40,11 @@ const SUBJECT_PREFIXES: &[&str] = &[
 
 /// Whether `message` is an automatic reply.
 pub fn is_autoreply(message: &Message<'_>) -> bool {
-    let header = |name: &str| message.header_raw(name).map(|v| v.trim().to_ascii_lowercase());
+    let header = |name: &str| {
+        message
+            .header_raw(name)
+            .map(|v| v.trim().to_ascii_lowercase())
+    };
     if header("Auto-Submitted").is_some_and(|v| v.starts_with("auto-replied")) {
         return true;
     }

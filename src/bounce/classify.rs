@@ -242,7 +242,9 @@ impl Classifier {
 
     /// The classifier for `config`: its rule file (if any) before the defaults. Errors name
     /// the key, the file and the rule index.
-    pub fn load(config: &crate::config::BounceConfig) -> Result<Classifier, crate::config::ConfigErrors> {
+    pub fn load(
+        config: &crate::config::BounceConfig,
+    ) -> Result<Classifier, crate::config::ConfigErrors> {
         let Some(path) = &config.rules else {
             return Ok(Classifier::defaults());
         };
@@ -253,7 +255,10 @@ impl Classifier {
             .map(Classifier::with_rules)
             .map_err(|errors| {
                 crate::config::ConfigErrors(
-                    errors.into_iter().map(|e| format!("{prefix}: {e}")).collect(),
+                    errors
+                        .into_iter()
+                        .map(|e| format!("{prefix}: {e}"))
+                        .collect(),
                 )
             })
     }
@@ -320,7 +325,10 @@ pub fn status_in(text: &str) -> Option<String> {
         if matches!(bytes[i], b'2' | b'4' | b'5') && standalone_start(bytes, i) {
             if let Some(len) = enhanced_len(&bytes[i..]) {
                 let end = i + len;
-                if !bytes.get(end).is_some_and(|b| b.is_ascii_digit() || (*b == b'.' && bytes.get(end + 1).is_some_and(u8::is_ascii_digit))) {
+                if !bytes.get(end).is_some_and(|b| {
+                    b.is_ascii_digit()
+                        || (*b == b'.' && bytes.get(end + 1).is_some_and(u8::is_ascii_digit))
+                }) {
                     let code = &text[i..end];
                     // "550 5.1.1" / "550-5.1.1": the reply's own status.
                     if i >= 4
@@ -375,8 +383,12 @@ pub fn basic_in(text: &str) -> Option<u16> {
         let ok = matches!(code[0], b'4' | b'5')
             && code[1..].iter().all(u8::is_ascii_digit)
             && standalone_start(bytes, i)
-            && bytes.get(i + 3).is_none_or(|b| matches!(b, b' ' | b'-' | b':'));
-        ok.then(|| (code[0] - b'0') as u16 * 100 + (code[1] - b'0') as u16 * 10 + (code[2] - b'0') as u16)
+            && bytes
+                .get(i + 3)
+                .is_none_or(|b| matches!(b, b' ' | b'-' | b':'));
+        ok.then(|| {
+            (code[0] - b'0') as u16 * 100 + (code[1] - b'0') as u16 * 10 + (code[2] - b'0') as u16
+        })
     })
 }
 
@@ -427,7 +439,7 @@ mod tests {
         let cases = [
             ("5.1.1", 550, InvalidRecipient),
             ("5.1.2", 550, DomainNotFound),
-            ("5.1.10", 550, DomainNotFound),
+            ("5.1.10", 550, InvalidRecipient),
             ("5.2.2", 552, MailboxFull),
             ("4.2.2", 452, MailboxFull),
             ("5.3.4", 552, MessageTooLarge),
@@ -447,7 +459,12 @@ mod tests {
 
     #[test]
     fn text_only_derives_the_status() {
-        let r = c().classify(None, None, "Sorry, no mailbox here by that name. (#5.1.1)", None);
+        let r = c().classify(
+            None,
+            None,
+            "Sorry, no mailbox here by that name. (#5.1.1)",
+            None,
+        );
         assert_eq!(r.status.as_deref(), Some("5.1.1"));
         assert_eq!(r.category, Category::InvalidRecipient);
         assert!(r.hard);
@@ -462,34 +479,79 @@ mod tests {
         assert_eq!(r.category, Category::Network);
 
         let r = c().classify(None, None, "no idea", None);
-        assert_eq!((r.status, r.category, r.hard), (None, Category::Other, false));
+        assert_eq!(
+            (r.status, r.category, r.hard),
+            (None, Category::Other, false)
+        );
     }
 
     #[test]
     fn text_overrides_generic_codes() {
         use Category::*;
         assert_eq!(cat(Some("5.0.0"), 550, "User unknown"), InvalidRecipient);
-        assert_eq!(cat(Some("5.5.0"), 550, "Requested action not taken: mailbox unavailable"), InvalidRecipient);
-        assert_eq!(cat(Some("5.7.1"), 554, "Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org"), SpamBlock);
-        assert_eq!(cat(Some("5.7.1"), 554, "<a@b.example>: Relay access denied"), RelayDenied);
-        assert_eq!(cat(Some("4.7.0"), 421, "Too many connections from your IP"), RateLimited);
+        assert_eq!(
+            cat(
+                Some("5.5.0"),
+                550,
+                "Requested action not taken: mailbox unavailable"
+            ),
+            InvalidRecipient
+        );
+        assert_eq!(
+            cat(
+                Some("5.7.1"),
+                554,
+                "Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org"
+            ),
+            SpamBlock
+        );
+        assert_eq!(
+            cat(Some("5.7.1"), 554, "<a@b.example>: Relay access denied"),
+            RelayDenied
+        );
+        assert_eq!(
+            cat(Some("4.7.0"), 421, "Too many connections from your IP"),
+            RateLimited
+        );
         assert_eq!(cat(Some("4.2.1"), 450, "The user you are trying to contact is receiving mail at a rate that prevents additional messages"), RateLimited);
-        assert_eq!(cat(Some("5.7.1"), 550, "Message rejected: DMARC policy"), AuthFailure);
-        assert_eq!(cat(None, 552, "Message size exceeds fixed maximum message size"), MessageTooLarge);
-        assert_eq!(cat(None, 554, "Message rejected as spam by Content Filtering"), Content);
+        assert_eq!(
+            cat(Some("5.7.1"), 550, "Message rejected: DMARC policy"),
+            AuthFailure
+        );
+        assert_eq!(
+            cat(Some("5.1.10"), 550, "Recipient address has null MX"),
+            DomainNotFound
+        );
+        assert_eq!(
+            cat(None, 552, "Message size exceeds fixed maximum message size"),
+            MessageTooLarge
+        );
+        assert_eq!(
+            cat(None, 554, "Message rejected as spam by Content Filtering"),
+            Content
+        );
     }
 
     #[test]
     fn specific_codes_beat_text() {
         // A 5.1.1 is a missing mailbox whatever words come with it.
-        assert_eq!(cat(Some("5.1.1"), 550, "blocked: user unknown"), Category::InvalidRecipient);
+        assert_eq!(
+            cat(Some("5.1.1"), 550, "blocked: user unknown"),
+            Category::InvalidRecipient
+        );
     }
 
     #[test]
     fn status_derivation() {
-        assert_eq!(status_in("host 10.4.5.6 said: 550 5.1.1 unknown").as_deref(), Some("5.1.1"));
+        assert_eq!(
+            status_in("host 10.4.5.6 said: 550 5.1.1 unknown").as_deref(),
+            Some("5.1.1")
+        );
         assert_eq!(status_in("host [10.4.5.6] refused"), None);
-        assert_eq!(status_in("x 4.7.0 then 550 5.7.1 y").as_deref(), Some("5.7.1"));
+        assert_eq!(
+            status_in("x 4.7.0 then 550 5.7.1 y").as_deref(),
+            Some("5.7.1")
+        );
         assert_eq!(basic_in("Remote host said: 554: delivery error"), Some(554));
         assert_eq!(basic_in("host [192.0.2.25]: 451-try later"), Some(451));
         assert_eq!(basic_in("port 25000 refused"), None);
@@ -500,7 +562,11 @@ mod tests {
     fn hard_means_the_address_is_bad() {
         let r = c().classify_reply(550, Some("5.1.1"), "user unknown");
         assert!(r.hard);
-        let r = c().classify_reply(450, Some("4.1.1"), "Recipient address rejected: unverified address");
+        let r = c().classify_reply(
+            450,
+            Some("4.1.1"),
+            "Recipient address rejected: unverified address",
+        );
         assert_eq!(r.category, Category::InvalidRecipient);
         assert!(!r.hard, "a 4xx is never a reason to suppress");
         let r = c().classify_reply(552, Some("5.2.2"), "mailbox full");
@@ -523,9 +589,21 @@ mod tests {
         )
         .unwrap();
         let c = Classifier::with_rules(rules);
-        assert_eq!(c.classify_reply(550, Some("5.1.1"), "user over QUOTA").category, Category::MailboxFull);
-        assert_eq!(c.classify_reply(550, Some("5.1.1"), "user unknown").category, Category::InvalidRecipient);
-        assert_eq!(c.classify_reply(550, Some("5.0.0"), "Refused, Reference code ABC-123").category, Category::SpamBlock);
+        assert_eq!(
+            c.classify_reply(550, Some("5.1.1"), "user over QUOTA")
+                .category,
+            Category::MailboxFull
+        );
+        assert_eq!(
+            c.classify_reply(550, Some("5.1.1"), "user unknown")
+                .category,
+            Category::InvalidRecipient
+        );
+        assert_eq!(
+            c.classify_reply(550, Some("5.0.0"), "Refused, Reference code ABC-123")
+                .category,
+            Category::SpamBlock
+        );
     }
 
     #[test]

@@ -72,7 +72,10 @@ mod tests {
              Diagnostic-Code: smtp; 550 5.1.1 user\n  unknown\n\n\nAction: failed\nnot a field\n",
         );
         assert_eq!(g.len(), 3);
-        assert_eq!(get(&g[1], "diagnostic-code"), Some("smtp; 550 5.1.1 user unknown"));
+        assert_eq!(
+            get(&g[1], "diagnostic-code"),
+            Some("smtp; 550 5.1.1 user unknown")
+        );
         assert_eq!(get(&g[2], "action"), Some("failed"));
         assert_eq!(get(&g[2], "missing"), None);
     }

@@ -40,7 +40,7 @@ use self::classify::{Category, Classifier};
 pub const MAX_INPUT: usize = 1 << 20;
 pub const MAX_RECIPIENTS: usize = 1000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Dsn,
@@ -221,7 +221,10 @@ fn arf(message: &Message<'_>) -> Option<Report> {
         .parts
         .iter()
         .find(|p| p.is_content_type("message", "feedback-report"))?;
-    let group = fields::groups(&part_text(report)).into_iter().next().unwrap_or_default();
+    let group = fields::groups(&part_text(report))
+        .into_iter()
+        .next()
+        .unwrap_or_default();
     let feedback_type = fields::get(&group, "feedback-type").map(|t| t.to_ascii_lowercase());
     let mut addresses: Vec<String> = fields::all(&group, "original-rcpt-to")
         .map(clean_address)
@@ -285,13 +288,13 @@ fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Rep
         ("message", "global-delivery-status"),
     ];
     let mut recipients = Vec::new();
-    for part in message.parts.iter().filter(|p| is_part_type(p, STATUS_TYPES)) {
+    for part in message
+        .parts
+        .iter()
+        .filter(|p| is_part_type(p, STATUS_TYPES))
+    {
         for group in fields::groups(&part_text(part)) {
-            let address = ["final-recipient", "x-actual-recipient", "original-recipient"]
-                .iter()
-                .find_map(|f| fields::get(&group, f))
-                .map(clean_address)
-                .filter(|a| !a.is_empty());
+            let address = recipient_address(&group);
             let Some(address) = address else { continue };
             if recipients.len() == MAX_RECIPIENTS {
                 break;
@@ -332,6 +335,28 @@ fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Rep
         kind: Kind::Dsn,
         recipients,
     })
+}
+
+/// The recipient a status group is about: the first of Final-Recipient, X-Actual-Recipient
+/// and Original-Recipient that is an internet address (a gateway's Final-Recipient may be an
+/// X.400 one), else whatever Final-Recipient says.
+fn recipient_address(group: &fields::Group) -> Option<String> {
+    const FIELDS: [&str; 3] = [
+        "final-recipient",
+        "x-actual-recipient",
+        "original-recipient",
+    ];
+    let internet = |value: &str| match value.split_once(';') {
+        Some((kind, _)) => kind.trim().eq_ignore_ascii_case("rfc822"),
+        None => true,
+    };
+    FIELDS
+        .iter()
+        .filter_map(|f| fields::get(group, f))
+        .find(|v| internet(v) && text::is_address(&clean_address(v)))
+        .or_else(|| FIELDS.iter().find_map(|f| fields::get(group, f)))
+        .map(clean_address)
+        .filter(|a| !a.is_empty())
 }
 
 /// A bounce known only from its text (no usable status part).
@@ -410,11 +435,20 @@ fn from_daemon(message: &Message<'_>) -> bool {
         .and_then(|a| a.address())
         .unwrap_or("")
         .to_ascii_lowercase();
-    let name = from.and_then(|a| a.name()).unwrap_or("").to_ascii_lowercase();
+    let name = from
+        .and_then(|a| a.name())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let local = address.split('@').next().unwrap_or("");
-    ["mailer-daemon", "mailer_daemon", "maildaemon", "postmaster", "mail-daemon"]
-        .iter()
-        .any(|d| local.contains(d))
+    [
+        "mailer-daemon",
+        "mailer_daemon",
+        "maildaemon",
+        "postmaster",
+        "mail-daemon",
+    ]
+    .iter()
+    .any(|d| local.contains(d))
         || name.contains("mail delivery")
         || name.contains("mailer-daemon")
         || message

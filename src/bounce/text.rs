@@ -30,38 +30,91 @@ enum Marker {
 /// Lowercase phrases that mark a bounce, with what they say about it.
 const MARKERS: &[(&str, Marker)] = &[
     // Exim, qmail, Postfix, Courier, generic preambles.
-    ("this message was created automatically by mail delivery software", Marker::Neutral),
+    (
+        "this message was created automatically by mail delivery software",
+        Marker::Neutral,
+    ),
     ("this is the qmail-send program", Marker::Neutral),
     ("this is the mail system at host", Marker::Neutral),
     ("this is a delivery status notification", Marker::Neutral),
-    ("this is an automatically generated delivery status notification", Marker::Neutral),
+    (
+        "this is an automatically generated delivery status notification",
+        Marker::Neutral,
+    ),
     ("the original message was received at", Marker::Neutral),
     // Failures.
-    ("could not be delivered to one or more of its", Marker::Failed),
+    (
+        "could not be delivered to one or more of its",
+        Marker::Failed,
+    ),
     ("i wasn't able to deliver your message", Marker::Failed),
-    ("the following addresses had permanent fatal errors", Marker::Failed),
-    ("delivery has failed to these recipients or groups", Marker::Failed),
-    ("the following recipient(s) could not be reached", Marker::Failed),
+    (
+        "the following addresses had permanent fatal errors",
+        Marker::Failed,
+    ),
+    (
+        "delivery has failed to these recipients or groups",
+        Marker::Failed,
+    ),
+    (
+        "the following recipient(s) could not be reached",
+        Marker::Failed,
+    ),
+    (
+        "the following recipient(s) cannot be reached",
+        Marker::Failed,
+    ),
+    (
+        "did not reach some or all of the intended recipients",
+        Marker::Failed,
+    ),
     ("your message wasn't delivered", Marker::Failed),
     ("your message couldn't be delivered", Marker::Failed),
     ("couldn't be delivered", Marker::Failed),
-    ("there was a problem delivering your message", Marker::Failed),
-    ("sorry, we were unable to deliver your message", Marker::Failed),
-    ("delivery to the following recipient failed permanently", Marker::Failed),
-    ("delivery to the following recipients failed", Marker::Failed),
-    ("your message to the following recipients cannot be delivered", Marker::Failed),
+    (
+        "there was a problem delivering your message",
+        Marker::Failed,
+    ),
+    (
+        "sorry, we were unable to deliver your message",
+        Marker::Failed,
+    ),
+    (
+        "delivery to the following recipient failed permanently",
+        Marker::Failed,
+    ),
+    (
+        "delivery to the following recipients failed",
+        Marker::Failed,
+    ),
+    (
+        "your message to the following recipients cannot be delivered",
+        Marker::Failed,
+    ),
     ("had the following undeliverable recipient", Marker::Failed),
     ("was not delivered to:", Marker::Failed),
     ("your message could not be delivered", Marker::Failed),
-    ("i'm sorry to have to inform you that your message could not", Marker::Failed),
+    (
+        "i'm sorry to have to inform you that your message could not",
+        Marker::Failed,
+    ),
     ("your message was not able to be delivered", Marker::Failed),
     ("message could not be delivered to", Marker::Failed),
     ("undeliverable mail", Marker::Failed),
     // Delays.
     ("has not yet been delivered", Marker::Delayed),
-    ("the following addresses had transient non-fatal errors", Marker::Delayed),
-    ("delivery is delayed to these recipients or groups", Marker::Delayed),
-    ("delivery to the following recipient has been delayed", Marker::Delayed),
+    (
+        "the following addresses had transient non-fatal errors",
+        Marker::Delayed,
+    ),
+    (
+        "delivery is delayed to these recipients or groups",
+        Marker::Delayed,
+    ),
+    (
+        "delivery to the following recipient has been delayed",
+        Marker::Delayed,
+    ),
     ("delivery has been delayed", Marker::Delayed),
     ("this is a warning only", Marker::Delayed),
     ("hasn't been delivered yet", Marker::Delayed),
@@ -92,29 +145,36 @@ pub struct TextBounce {
 
 /// Whether `body` contains a bounce marker at all (cheap; for the "is this a bounce" gate).
 pub fn has_marker(body: &str) -> bool {
-    let lower = truncate(body, MAX_SCAN).to_ascii_lowercase();
-    MARKERS.iter().any(|(m, _)| lower.contains(m))
+    let flat = flatten(truncate(body, MAX_SCAN));
+    MARKERS.iter().any(|(m, _)| flat.contains(m))
+}
+
+/// ASCII-lowercased with line breaks as spaces, so a phrase wrapped over two lines is found;
+/// byte offsets stay those of `body`.
+fn flatten(body: &str) -> String {
+    body.to_ascii_lowercase().replace('\n', " ")
 }
 
 /// The bounce `body` describes, or `None` without a marker.
 pub fn parse(body: &str) -> Option<TextBounce> {
     let body = truncate(body, MAX_SCAN);
-    // ASCII lowercasing keeps byte offsets, so positions found in `lower` index `body`.
-    let lower = body.to_ascii_lowercase();
+    let flat = flatten(body);
     let found: Vec<(usize, Marker)> = MARKERS
         .iter()
-        .filter_map(|(m, kind)| lower.find(m).map(|p| (p, *kind)))
+        .filter_map(|(m, kind)| flat.find(m).map(|p| (p, *kind)))
         .collect();
     let start = found.iter().map(|(p, _)| *p).min()?;
-    let start = lower[..start].rfind('\n').map_or(0, |p| p + 1);
+    let start = body[..start].rfind('\n').map_or(0, |p| p + 1);
     let delayed = found.iter().any(|(_, k)| *k == Marker::Delayed)
         && !found.iter().any(|(_, k)| *k == Marker::Failed);
-    let first_line_end = lower[start..].find('\n').map_or(lower.len(), |p| start + p);
+    let first_line_end = body[start..].find('\n').map_or(body.len(), |p| start + p);
     let end = END_MARKERS
         .iter()
-        .filter_map(|m| lower[first_line_end..].find(m).map(|p| first_line_end + p))
+        .filter_map(|m| flat[first_line_end..].find(m).map(|p| first_line_end + p))
         .min()
-        .map_or(lower.len(), |p| lower[..p].rfind('\n').map_or(p, |l| l.max(start)));
+        .map_or(body.len(), |p| {
+            body[..p].rfind('\n').map_or(p, |l| l.max(start))
+        });
     let section = &body[start..end];
     Some(TextBounce {
         delayed,
@@ -183,8 +243,9 @@ fn recipients(section: &str) -> Vec<(String, Option<String>)> {
                 continue;
             }
             for token in line.split(|c: char| c.is_whitespace() || c == ',') {
-                let token = token
-                    .trim_matches(|c: char| matches!(c, '<' | '>' | '(' | ')' | '.' | ':' | '"' | '\''));
+                let token = token.trim_matches(|c: char| {
+                    matches!(c, '<' | '>' | '(' | ')' | '.' | ':' | '"' | '\'')
+                });
                 if is_address(token) && !out.iter().any(|(a, _)| a == &normalize(token)) {
                     out.push((normalize(token), diagnostic.clone()));
                 }
@@ -216,10 +277,13 @@ fn address_line(line: &str) -> Option<(String, &str)> {
     if let Some(address) = first.strip_suffix(':') {
         return is_address(address).then(|| (normalize(address), rest.trim()));
     }
-    // "a@b<mailto:a@b>" and "a@b (a@b)" (Exchange): nothing else may follow.
+    // "a@b<mailto:a@b>", "a@b (a@b)" and "a@b on 11/27/2026 10:00 AM" (Exchange): nothing
+    // else may follow.
     let (address, tail) = first.split_once('<').unwrap_or((first, ""));
     let rest = rest.trim();
-    let plain = rest.is_empty() || (rest.starts_with('(') && rest.ends_with(')'));
+    let plain = rest.is_empty()
+        || (rest.starts_with('(') && rest.ends_with(')'))
+        || rest.starts_with("on ");
     (plain && (tail.is_empty() || tail.starts_with("mailto:")) && is_address(address))
         .then(|| (normalize(address), ""))
 }
@@ -275,7 +339,10 @@ fn diagnostic(lines: &[&str]) -> Option<String> {
         let mut text = text.to_owned();
         // Folded replies (Postfix) and multi-line replies (Exim) continue indented.
         for next in &lines[i + 1..] {
-            if next.trim().is_empty() || !next.starts_with([' ', '\t']) || text.len() > MAX_DIAGNOSTIC {
+            if next.trim().is_empty()
+                || !next.starts_with([' ', '\t'])
+                || text.len() > MAX_DIAGNOSTIC
+            {
                 break;
             }
             text.push(' ');
@@ -301,9 +368,20 @@ fn diagnostic(lines: &[&str]) -> Option<String> {
 fn is_label(line: &str) -> bool {
     let l = line.to_ascii_lowercase();
     ["because:", "diagnostic information for administrators:"].contains(&l.as_str())
-        || ["generating server:", "subject:", "date:", "sent:", "to:", "from:", ">>>", "<<<", "---", "==="]
-            .iter()
-            .any(|p| l.starts_with(p))
+        || [
+            "generating server:",
+            "subject:",
+            "date:",
+            "sent:",
+            "to:",
+            "from:",
+            ">>>",
+            "<<<",
+            "---",
+            "===",
+        ]
+        .iter()
+        .any(|p| l.starts_with(p))
 }
 
 /// Where an SMTP reply starts in `line` (`550 ...`, `said: 550-5.1.1 ...`, `'550 ...'`,
@@ -369,10 +447,9 @@ pub fn join_reply_lines(text: &str) -> String {
     while let Some(word) = words.next() {
         if !first {
             // A continuation line's own "550-5.1.1" / "550 5.1.1" prefix.
-            let code_word = word.len() == 4
-                && word.starts_with(basic)
-                && matches!(word.as_bytes()[3], b'-')
-                || word == basic;
+            let code_word =
+                word.len() == 4 && word.starts_with(basic) && matches!(word.as_bytes()[3], b'-')
+                    || word == basic;
             if code_word {
                 if enhanced.is_some() && words.peek() == enhanced.as_ref() {
                     words.next();
@@ -415,8 +492,14 @@ mod tests {
 
     #[test]
     fn address_lines() {
-        assert_eq!(address_line("<Bob@Example.NET>:").unwrap().0, "Bob@example.net");
-        assert_eq!(address_line("  bob@example.net").unwrap().0, "bob@example.net");
+        assert_eq!(
+            address_line("<Bob@Example.NET>:").unwrap().0,
+            "Bob@example.net"
+        );
+        assert_eq!(
+            address_line("  bob@example.net").unwrap().0,
+            "bob@example.net"
+        );
         assert_eq!(
             address_line("bob@example.net: 550 no").unwrap(),
             ("bob@example.net".to_owned(), "550 no")
@@ -429,7 +512,9 @@ mod tests {
     #[test]
     fn quoted_replies() {
         assert_eq!(
-            diagnostic(&["Remote Server returned '550 5.1.1 RESOLVER.ADR.RecipNotFound; not found'"]),
+            diagnostic(&[
+                "Remote Server returned '550 5.1.1 RESOLVER.ADR.RecipNotFound; not found'"
+            ]),
             Some("550 5.1.1 RESOLVER.ADR.RecipNotFound; not found".to_owned())
         );
         assert_eq!(
@@ -440,7 +525,9 @@ mod tests {
             diagnostic(&["    (reason: 550 5.1.1 <bob@example.net>... User unknown)"]),
             Some("550 5.1.1 <bob@example.net>... User unknown".to_owned())
         );
-        assert_eq!(diagnostic(&["192.0.2.1 does not like recipient.", "Giving up."]).as_deref(),
-            Some("192.0.2.1 does not like recipient. Giving up."));
+        assert_eq!(
+            diagnostic(&["192.0.2.1 does not like recipient.", "Giving up."]).as_deref(),
+            Some("192.0.2.1 does not like recipient. Giving up.")
+        );
     }
 }

@@ -70,7 +70,10 @@ fn compile_rule(r: &mut TableReader<'_>) -> Option<Rule> {
         || text.as_ref().is_some_and(|t| !t.is_empty())
         || regex.is_some();
     if !has_condition {
-        r.error("status", "a rule needs at least one of status, text or regex");
+        r.error(
+            "status",
+            "a rule needs at least one of status, text or regex",
+        );
         return None;
     }
     Some(Rule {
@@ -127,6 +130,9 @@ mod tests {
             "[[listeners]]\naddress = \"127.0.0.1:2525\"\n[bounce]\nrules = \"/etc/tern/rules.toml\"\n",
         )
         .unwrap();
-        assert_eq!(config.bounce.rules, Some(PathBuf::from("/etc/tern/rules.toml")));
+        assert_eq!(
+            config.bounce.rules,
+            Some(PathBuf::from("/etc/tern/rules.toml"))
+        );
     }
 }

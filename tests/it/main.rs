@@ -8,6 +8,7 @@ mod sink;
 
 mod admin_auth;
 mod bdat;
+mod bounce;
 mod cli;
 mod client;
 mod crash;
