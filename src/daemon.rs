@@ -92,6 +92,10 @@ impl Daemon {
         });
         let metrics = Arc::new(Metrics::new().with_routes(&config.routes));
         let dkim = Arc::new(DkimSigners::load(&config.dkim).map_err(|e| anyhow::anyhow!("{e}"))?);
+        let classifier = Arc::new(
+            crate::bounce::classify::Classifier::load(&config.bounce)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
         let resolver = HickoryResolver::new(&config.delivery.nameservers)
             .context("delivery.nameservers: cannot set up the DNS resolver")?;
         let router = Arc::new(Router::new(
@@ -162,6 +166,7 @@ impl Daemon {
             config.delivery.clone(),
             config.server.hostname.clone(),
             metrics.clone(),
+            classifier,
         ));
         let scheduler = Scheduler::start(
             spool.clone(),
