@@ -117,6 +117,10 @@ impl Daemon {
         let dkim = DkimSigners::load(&config.dkim)
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .with_metrics(metrics.clone());
+        let classifier = Arc::new(
+            crate::bounce::classify::Classifier::load(&config.bounce)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
         let resolver = HickoryResolver::new(&config.delivery.nameservers)
             .context("delivery.nameservers: cannot set up the DNS resolver")?;
         let router = Arc::new(Router::new(
@@ -173,6 +177,7 @@ impl Daemon {
             config.delivery.clone(),
             config.server.hostname.clone(),
             metrics.clone(),
+            classifier,
         ));
         let scheduler = Scheduler::start(
             spool.clone(),

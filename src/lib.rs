@@ -3,6 +3,7 @@
 //! Layout (see docs/ARCHITECTURE.md for the data flow and invariants):
 //! - [`config`]: TOML -> compiled [`config::Config`], every error with its key path.
 //! - [`auth`]: password hashing and verification for SMTP AUTH users.
+//! - [`bounce`]: bounce, complaint and auto-reply parsing and the one bounce taxonomy.
 //! - [`smtp`]: the SMTP server: sans-IO protocol pieces, listeners and the session state machine.
 //! - [`policy`]: relay access and per-message limits, answered as [`smtp::reply::Reply`] values.
 //! - [`ingest`]: the "cleanup" stage: trace headers, split by destination, durable commit.
@@ -23,6 +24,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod bounce;
 pub mod cli;
 pub mod clock;
 pub mod config;

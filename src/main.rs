@@ -1,10 +1,10 @@
 //! The `tern` command line: `serve`, `check-config`, `queue ...` (over the running daemon's
 //! admin API, see `tern::cli`; `list` and `show` read the spool directly when the daemon is
-//! stopped), `inject` (through the admin API), `hash-password`, `dkim keygen`.
+//! stopped), `inject` (through the admin API), `hash-password`, `dkim keygen`, `bounce parse`.
 //!
 //! Exit codes follow sysexits.h: 0 ok, 1 runtime failure, 64 usage, 65 bad input,
-//! 69 service unavailable (daemon not reachable), 75 temporary (spool in use, 5xx answer),
-//! 77 permission denied (wrong token), 78 configuration error.
+//! 66 unreadable input file, 69 service unavailable (daemon not reachable), 75 temporary
+//! (spool in use, 5xx answer), 77 permission denied (wrong token), 78 configuration error.
 
 use clap::{Parser, Subcommand};
 use std::io::{BufRead, Write};
@@ -59,6 +59,28 @@ enum Command {
     Dkim {
         #[command(subcommand)]
         command: DkimCommand,
+    },
+    /// Bounces, complaints and auto-replies.
+    Bounce {
+        #[command(subcommand)]
+        command: BounceCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BounceCommand {
+    /// Parse one raw message (a bounce, an ARF complaint, an auto-reply or anything else)
+    /// and print what it says per recipient. Needs no daemon and no spool.
+    Parse {
+        /// The message file, or `-` for standard input.
+        file: PathBuf,
+        /// One line of JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Use the `bounce.rules` of this config (before the shipped rules). Default: the
+        /// shipped rules only.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -283,6 +305,9 @@ fn main() -> ExitCode {
                     out,
                 },
         } => dkim_keygen(&domain, &selector, algorithm, bits, out),
+        Command::Bounce {
+            command: BounceCommand::Parse { file, json, config },
+        } => bounce_parse(&file, json, config.as_deref()),
     }
 }
 
@@ -291,6 +316,9 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
     let config = Config::load(path).and_then(|c| {
         let mut errors = c.check_files().err().map(|e| e.0).unwrap_or_default();
         if let Err(e) = tern::delivery::dkim::DkimSigners::load(&c.dkim) {
+            errors.extend(e.0);
+        }
+        if let Err(e) = tern::bounce::classify::Classifier::load(&c.bounce) {
             errors.extend(e.0);
         }
         if errors.is_empty() {
@@ -890,5 +918,64 @@ fn dkim_keygen(
         path.display()
     );
     println!("{}", zone_record(&domain, selector, &key.txt_value));
+    ExitCode::SUCCESS
+}
+
+/// `tern bounce parse`: the report as one JSON line, or a table of recipients.
+fn bounce_parse(file: &Path, json: bool, config: Option<&Path>) -> ExitCode {
+    use std::io::Read;
+    use tern::bounce::classify::Classifier;
+
+    let classifier = match config {
+        None => Classifier::defaults(),
+        Some(path) => match load(path).and_then(|c| {
+            // load() has already checked the rule file; this cannot fail but for a race.
+            Classifier::load(&c.bounce).map_err(|errors| {
+                eprintln!("{}: configuration errors:\n{errors}", path.display());
+                ExitCode::from(EX_CONFIG)
+            })
+        }) {
+            Ok(classifier) => classifier,
+            Err(code) => return code,
+        },
+    };
+    let mut raw = Vec::new();
+    let read = if file == Path::new("-") {
+        std::io::stdin().lock().read_to_end(&mut raw)
+    } else {
+        std::fs::File::open(file).and_then(|mut f| f.read_to_end(&mut raw))
+    };
+    if let Err(err) = read {
+        eprintln!("tern: cannot read {}: {err}", file.display());
+        return ExitCode::from(EX_NOINPUT);
+    }
+    let report = tern::bounce::parse(&raw, &classifier);
+    let mut out = std::io::stdout().lock();
+    if json {
+        let _ = serde_json::to_writer(&mut out, &report);
+        let _ = writeln!(out);
+        return ExitCode::SUCCESS;
+    }
+    let _ = writeln!(out, "kind: {}", report.kind.as_str());
+    if report.recipients.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    let _ = writeln!(
+        out,
+        "{:<40}  {:<9}  {:<7}  {:<17}  {:<4}  DIAGNOSTIC",
+        "RECIPIENT", "ACTION", "STATUS", "CATEGORY", "HARD"
+    );
+    for r in &report.recipients {
+        let _ = writeln!(
+            out,
+            "{:<40}  {:<9}  {:<7}  {:<17}  {:<4}  {}",
+            r.address,
+            r.action.as_str(),
+            r.status.as_deref().unwrap_or("-"),
+            r.category.as_str(),
+            if r.hard { "yes" } else { "no" },
+            r.diagnostic.as_deref().unwrap_or("")
+        );
+    }
     ExitCode::SUCCESS
 }

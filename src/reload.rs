@@ -31,6 +31,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "delivery.nameservers",
     "delivery.log_path",
     "log.format",
+    "bounce.rules",
 ];
 
 /// What a successful reload did.
@@ -66,6 +67,7 @@ pub fn merge(running: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
     keep!("delivery.nameservers", delivery.nameservers);
     keep!("delivery.log_path", delivery.log_path);
     keep!("log.format", log.format);
+    keep!("bounce.rules", bounce.rules);
     (new, kept)
 }
 

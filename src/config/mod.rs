@@ -16,6 +16,7 @@
 //! To add a section: a struct, a `compile_<section>(r: &mut TableReader) -> Section` function,
 //! and one line in [`compile_config`].
 
+mod bounce;
 mod delivery;
 mod reader;
 
@@ -26,6 +27,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 mod tls;
 
+pub use self::bounce::{compile_bounce_rules, BounceConfig};
 pub use self::delivery::{
     DeliveryConfig, DkimConfig, RouteAuth, SmtpTimeouts, TlsPolicy, DEFAULT_DKIM_HEADERS,
     DEFAULT_DKIM_OVERSIGN,
@@ -61,6 +63,7 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     /// DKIM signing keys, `[[dkim]]`; several per domain allowed.
     pub dkim: Vec<DkimConfig>,
+    pub bounce: BounceConfig,
     pub log: LogConfig,
 }
 
@@ -318,6 +321,7 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
         .into_iter()
         .flatten()
         .collect();
+    let bounce = r.section("bounce", bounce::compile_bounce);
     let log = r.section("log", compile_log);
 
     Config {
@@ -332,6 +336,7 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
         routes,
         delivery,
         dkim,
+        bounce,
         log,
     }
 }
@@ -740,6 +745,7 @@ mod tests {
         );
         assert_eq!(config.delivery, DeliveryConfig::default());
         assert!(config.dkim.is_empty());
+        assert_eq!(config.bounce, BounceConfig::default());
         assert_eq!(config.log, LogConfig::default());
     }
 

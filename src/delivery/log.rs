@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::bounce::classify::Category;
 use serde::{Serialize, Serializer};
 use tern_queue::MessageId;
 use tokio::sync::{mpsc, oneshot};
@@ -69,6 +70,9 @@ pub struct AttemptRecord<'a> {
     pub delay_s: f64,
     /// The destination (queue key) the attempt was made for.
     pub destination: &'a str,
+    /// Why it failed, for deferred, bounced and expired attempts (`crate::bounce::classify`,
+    /// the taxonomy bounces are parsed into); `null` when delivered.
+    pub category: Option<Category>,
 }
 
 /// Handle to the delivery log; clones share one writer.
@@ -314,6 +318,7 @@ mod tests {
             attempt,
             delay_s: 1.5,
             destination: "example.net",
+            category: (outcome != AttemptOutcome::Delivered).then_some(Category::MailboxFull),
         }
     }
 
@@ -360,6 +365,8 @@ mod tests {
         assert_eq!(first["attempt"], 1);
         assert_eq!(first["delay_s"], 1.5);
         assert_eq!(first["destination"], "example.net");
+        assert_eq!(first["category"], serde_json::Value::Null);
+        assert_eq!(lines[1]["category"], "mailbox_full");
         let outcomes: Vec<_> = lines
             .iter()
             .map(|l| l["outcome"].as_str().unwrap())

@@ -21,6 +21,7 @@ pub mod operator;
 pub mod retry;
 
 use crate::admin::metrics::Metrics;
+use crate::bounce::classify::{Category, Classifier};
 use crate::clock::now_ms;
 use crate::config::DeliveryConfig;
 use crate::delivery::log::{AttemptOutcome, AttemptRecord, DeliveryLog};
@@ -47,6 +48,7 @@ pub struct Settler {
     hostname: String,
     metrics: Arc<Metrics>,
     locks: operator::MessageLocks,
+    classifier: Arc<Classifier>,
 }
 
 /// One recipient's line in a DSN, owned while the DSN is built.
@@ -65,6 +67,7 @@ impl Settler {
         config: DeliveryConfig,
         hostname: String,
         metrics: Arc<Metrics>,
+        classifier: Arc<Classifier>,
     ) -> Settler {
         Settler {
             spool,
@@ -74,6 +77,7 @@ impl Settler {
             hostname,
             metrics,
             locks: operator::MessageLocks::default(),
+            classifier,
         }
     }
 
@@ -236,6 +240,7 @@ impl Settler {
                 attempt: rcpt.attempts,
                 delay_s: now.saturating_sub(env.created_ms) as f64 / 1000.0,
                 destination,
+                category: self.category(result, &outcome.status, &outcome.reply),
             });
         }
 
@@ -287,6 +292,26 @@ impl Settler {
                 None
             }
             Ok(()) => Some(env.next_due_ms),
+        }
+    }
+
+    /// The bounce category of a failed attempt for the delivery log; an expiry is `expired`
+    /// whatever the last reply said.
+    fn category(&self, result: AttemptOutcome, status: &str, reply: &str) -> Option<Category> {
+        match result {
+            AttemptOutcome::Delivered | AttemptOutcome::Deleted => None,
+            AttemptOutcome::Expired => Some(Category::Expired),
+            AttemptOutcome::Deferred | AttemptOutcome::Bounced => {
+                let basic = crate::bounce::classify::basic_in(reply.get(..4).unwrap_or(reply));
+                Some(
+                    match basic {
+                        Some(basic) => self.classifier.classify_reply(basic, Some(status), reply),
+                        // A local failure (no connection, DNS, TLS): no reply code.
+                        None => self.classifier.classify(Some(status), None, reply, None),
+                    }
+                    .category,
+                )
+            }
         }
     }
 

@@ -22,6 +22,7 @@
 
 use super::dsn::Action;
 use super::{Report, Settler};
+use crate::bounce::classify::Category;
 use crate::clock::now_ms;
 use crate::delivery::log::{AttemptOutcome, AttemptRecord};
 use std::hash::{Hash, Hasher};
@@ -237,6 +238,8 @@ impl Settler {
             attempt: rcpt.attempts,
             delay_s: now.saturating_sub(env.created_ms) as f64 / 1000.0,
             destination: &env.destination,
+            // The receiver said nothing: an operator's bounce is no evidence about the address.
+            category: (outcome == AttemptOutcome::Bounced).then_some(Category::Other),
         });
     }
 }

@@ -179,6 +179,7 @@ pub fn log_lines(dir: &Path) -> Vec<Value> {
                 "attempt",
                 "delay_s",
                 "destination",
+                "category",
             ] {
                 assert!(v.get(key).is_some(), "log line without {key:?}: {l}");
             }
@@ -524,9 +525,27 @@ async fn message_expires_with_a_dsn() {
     assert!(diag.contains("451 4.3.0 Mailbox busy"), "{dsn:#?}");
     assert_eq!(dsn.subject, "Undelivered Mail Returned to Sender");
     assert_eq!(r.bounces.messages().len(), 1, "one DSN");
+    // tern's own bounce parser reads tern's DSN back.
+    let report = tern::bounce::parse(
+        &dsns[0].data,
+        &tern::bounce::classify::Classifier::defaults(),
+    );
+    assert_eq!(
+        serde_json::to_value(&report).unwrap()["recipients"][0],
+        serde_json::json!({
+            "address": "late@sink.test",
+            "status": "4.4.7",
+            "action": "failed",
+            "diagnostic": "451 4.3.0 Mailbox busy",
+            "category": "expired",
+            "hard": false
+        }),
+        "{report:?}"
+    );
 
     let log = r.log();
     let lines = lines_for(&log, "late@sink.test");
+    assert_eq!(lines.last().unwrap()["category"], "expired", "{log:#?}");
     let outs = outcomes(&lines);
     assert!(outs.len() >= 2, "{log:#?}");
     let (last, before) = outs.split_last().unwrap();
@@ -586,6 +605,50 @@ async fn one_delay_notice_then_delivery() {
     assert_eq!(dsn.rcpt("Status"), Some("4.3.0"));
     assert_eq!(dsn.rcpt("Final-Recipient"), Some("rfc822; slow@sink.test"));
     assert!(dsn.rcpt("Will-Retry-Until").is_some(), "{dsn:#?}");
+}
+
+#[tokio::test]
+async fn failed_attempts_are_logged_with_their_bounce_category() {
+    let r = relay(
+        SinkBehaviour::default().rcpt_reply(|rcpt| {
+            if rcpt.contains("gone@") {
+                Some("550 5.1.1 <gone@sink.test>: Recipient address rejected: User unknown".into())
+            } else if rcpt.contains("full@") {
+                Some("452 4.2.2 Mailbox full, try later".into())
+            } else if rcpt.contains("listed@") {
+                Some("554 5.7.1 Client host blocked using zen.spamhaus.org".into())
+            } else {
+                None
+            }
+        }),
+        |o| o,
+    )
+    .await;
+    send(
+        &r.server,
+        &format!("<{SENDER}>"),
+        &[
+            "<gone@sink.test>",
+            "<full@sink.test>",
+            "<listed@sink.test>",
+            "<fine@sink.test>",
+        ],
+        &message("categories"),
+    )
+    .await;
+    let lines = wait_log(r.server.dir.path(), "for every recipient", |_| {
+        log_lines(r.server.dir.path()).len() >= 4
+    })
+    .await;
+    let category = |rcpt: &str| lines_for(&lines, rcpt)[0]["category"].clone();
+    assert_eq!(category("gone@sink.test"), "invalid_recipient");
+    assert_eq!(category("full@sink.test"), "mailbox_full");
+    assert_eq!(category("listed@sink.test"), "spam_block");
+    assert_eq!(category("fine@sink.test"), Value::Null);
+    assert_eq!(
+        lines_for(&lines, "full@sink.test")[0]["outcome"],
+        "deferred"
+    );
 }
 
 #[tokio::test]

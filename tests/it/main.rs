@@ -9,6 +9,7 @@ mod sink;
 mod admin_api;
 mod admin_auth;
 mod bdat;
+mod bounce;
 mod cli;
 mod client;
 mod crash;

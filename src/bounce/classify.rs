@@ -1,0 +1,624 @@
+//! The one bounce taxonomy: [`Category`], and the [`Classifier`] that maps an enhanced status
+//! code and a diagnostic text to a category, for parsed bounces and live SMTP replies alike.
+//!
+//! Rules are tried in order and the first that matches wins: an operator's rules (from
+//! `bounce.rules`) first, then the defaults shipped in `config/bounce-rules.toml` (embedded in
+//! the binary). The default file is ordered so that codes that name a cause (5.1.1, 5.2.2,
+//! 5.7.26, ...) decide first, then text patterns, then generic codes (5.7.1, 5.0.0, 4.x.x): a
+//! generic code says little, the text says more ("5.7.1 ... blocked using Spamhaus" is a spam
+//! block, "5.7.1 Relay access denied" a relay denial).
+//!
+//! `hard` means "this address is bad, stop sending to it": only invalid_recipient and
+//! domain_not_found with a permanent (5.x.x) status, and every complaint. A mailbox that is
+//! full, or a message refused for our reputation or content, is not the address's fault.
+//!
+//! | category | hard | sisimai | PowerMTA | Momentum |
+//! |---|---|---|---|---|
+//! | invalid_recipient | if 5.x.x | UserUnknown, Suspend, HasMoved | bad-mailbox, inactive-mailbox | 10 Invalid Recipient |
+//! | domain_not_found | if 5.x.x | HostUnknown | bad-domain | 21 DNS Failure |
+//! | mailbox_full | no | MailboxFull | quota-issues | 22 Mailbox Full |
+//! | message_too_large | no | MesgTooBig / EmailTooLarge | content-related | 23 Too Large |
+//! | network | no | NetworkError | bad-connection, no-answer-from-host | 24 Timeout |
+//! | spam_block | no | Blocked, BadReputation | spam-related | 51 Spam Block |
+//! | content | no | SpamDetected, VirusDetected, ContentError | content-related, virus-related | 52 Spam Content, 53 Prohibited Attachment |
+//! | policy | no | PolicyViolation, Rejected, RequirePTR, NotCompliantRFC | policy-related, invalid-sender | 50 Mail Block |
+//! | auth_failure | no | AuthFailure | policy-related | 50 Mail Block |
+//! | rate_limited | no | Speeding, TooManyConn, RateLimited | policy-related | 70 Transient Failure |
+//! | relay_denied | no | NoRelaying | relaying-issues | 54 Relay Denied |
+//! | expired | no | Expired | message-expired | 24 Timeout |
+//! | complaint | yes | Feedback | (feedback loop) | (FBL) |
+//! | auto_reply | no | Vacation | - | 60 Auto-Reply |
+//! | delivered | no | Delivered | - | - |
+//! | other | no | Undefined, SystemError, MailerError | other, protocol-errors, routing-errors | 1 Undetermined, 40 Generic Bounce |
+//!
+//! `docs/BOUNCES.md` has the same table with the reasoning.
+
+use regex::Regex;
+use serde::Serialize;
+use std::fmt;
+use std::str::FromStr;
+
+/// The default rules, compiled once per [`Classifier::defaults`].
+const DEFAULT_RULES: &str = include_str!("../../config/bounce-rules.toml");
+
+/// Diagnostic text beyond this many bytes is not searched: real replies are far shorter, and
+/// it bounds the work per recipient.
+const MAX_TEXT: usize = 4096;
+
+/// Why a message was not delivered (or, for complaints and auto-replies, what came back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Category {
+    InvalidRecipient,
+    MailboxFull,
+    DomainNotFound,
+    SpamBlock,
+    Policy,
+    Content,
+    RateLimited,
+    AuthFailure,
+    MessageTooLarge,
+    RelayDenied,
+    Network,
+    Expired,
+    Complaint,
+    AutoReply,
+    Delivered,
+    Other,
+}
+
+impl Category {
+    pub const ALL: [Category; 16] = [
+        Category::InvalidRecipient,
+        Category::MailboxFull,
+        Category::DomainNotFound,
+        Category::SpamBlock,
+        Category::Policy,
+        Category::Content,
+        Category::RateLimited,
+        Category::AuthFailure,
+        Category::MessageTooLarge,
+        Category::RelayDenied,
+        Category::Network,
+        Category::Expired,
+        Category::Complaint,
+        Category::AutoReply,
+        Category::Delivered,
+        Category::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Category::InvalidRecipient => "invalid_recipient",
+            Category::MailboxFull => "mailbox_full",
+            Category::DomainNotFound => "domain_not_found",
+            Category::SpamBlock => "spam_block",
+            Category::Policy => "policy",
+            Category::Content => "content",
+            Category::RateLimited => "rate_limited",
+            Category::AuthFailure => "auth_failure",
+            Category::MessageTooLarge => "message_too_large",
+            Category::RelayDenied => "relay_denied",
+            Category::Network => "network",
+            Category::Expired => "expired",
+            Category::Complaint => "complaint",
+            Category::AutoReply => "auto_reply",
+            Category::Delivered => "delivered",
+            Category::Other => "other",
+        }
+    }
+
+    /// Whether the address should not be mailed again (see the module table).
+    pub fn is_hard(self, status: Option<&str>) -> bool {
+        match self {
+            Category::InvalidRecipient | Category::DomainNotFound => {
+                status.is_some_and(|s| s.starts_with('5'))
+            }
+            Category::Complaint => true,
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Category {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Category {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Category, String> {
+        Category::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Category::ALL.iter().map(|c| c.as_str()).collect();
+                format!("unknown category {s:?} (one of {})", names.join(", "))
+            })
+    }
+}
+
+/// An enhanced status code pattern: up to three dot-separated components, each a number or
+/// `x` (any); a shorter pattern matches as a prefix: `5.1.1`, `x.1.1`, `5.7`, `4`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusPattern(Vec<Option<u16>>);
+
+impl FromStr for StatusPattern {
+    type Err = String;
+    fn from_str(s: &str) -> Result<StatusPattern, String> {
+        let parts: Vec<&str> = s.split('.').collect();
+        if parts.len() > 3 || parts.iter().any(|p| p.is_empty()) {
+            return Err(format!(
+                "invalid status pattern {s:?}: like \"5.1.1\", \"x.1.1\" or \"5.7\""
+            ));
+        }
+        parts
+            .iter()
+            .map(|p| match *p {
+                "x" | "X" => Ok(None),
+                n if n.len() <= 3 && n.bytes().all(|b| b.is_ascii_digit()) => {
+                    Ok(Some(n.parse().unwrap_or_default()))
+                }
+                _ => Err(format!(
+                    "invalid status pattern {s:?}: components are numbers or x"
+                )),
+            })
+            .collect::<Result<_, _>>()
+            .map(StatusPattern)
+    }
+}
+
+impl StatusPattern {
+    fn matches(&self, status: &str) -> bool {
+        let mut got = status.split('.');
+        self.0.iter().all(|want| {
+            let Some(part) = got.next().and_then(|p| p.parse::<u16>().ok()) else {
+                return false;
+            };
+            want.is_none_or(|w| w == part)
+        })
+    }
+}
+
+/// One rule: every condition given must hold (status, and text or regex); at least one is
+/// given (checked when the rule file is compiled).
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub category: Category,
+    /// The status must match one of these, if any are given.
+    pub status: Vec<StatusPattern>,
+    /// Lowercase substrings; the text must contain one of them, if any are given.
+    pub text: Vec<String>,
+    /// Case-insensitive; with `text` as well, either may match.
+    pub regex: Option<Regex>,
+}
+
+impl Rule {
+    fn matches(&self, status: Option<&str>, lower_text: &str) -> bool {
+        if !self.status.is_empty() {
+            let Some(status) = status else { return false };
+            if !self.status.iter().any(|p| p.matches(status)) {
+                return false;
+            }
+        }
+        if self.text.is_empty() && self.regex.is_none() {
+            return true;
+        }
+        self.text.iter().any(|t| lower_text.contains(t.as_str()))
+            || self.regex.as_ref().is_some_and(|r| r.is_match(lower_text))
+    }
+}
+
+/// The result of classifying one reply or one bounced recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Classification {
+    /// The enhanced status given, else derived from the text or the basic code; `None` only
+    /// when there was nothing to derive it from.
+    pub status: Option<String>,
+    pub category: Category,
+    pub hard: bool,
+}
+
+/// Ordered rules: operator rules, then the defaults.
+#[derive(Debug, Clone)]
+pub struct Classifier {
+    rules: Vec<Rule>,
+}
+
+impl Classifier {
+    /// The shipped rules only.
+    pub fn defaults() -> Classifier {
+        Classifier::with_rules(Vec::new())
+    }
+
+    /// `operator` rules, tried before the shipped ones.
+    pub fn with_rules(mut operator: Vec<Rule>) -> Classifier {
+        let defaults = crate::config::compile_bounce_rules(DEFAULT_RULES)
+            .expect("config/bounce-rules.toml compiles (unit-tested)");
+        operator.extend(defaults);
+        Classifier { rules: operator }
+    }
+
+    /// The classifier for `config`: its rule file (if any) before the defaults. Errors name
+    /// the key, the file and the rule index.
+    pub fn load(
+        config: &crate::config::BounceConfig,
+    ) -> Result<Classifier, crate::config::ConfigErrors> {
+        let Some(path) = &config.rules else {
+            return Ok(Classifier::defaults());
+        };
+        let prefix = format!("bounce.rules ({})", path.display());
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| crate::config::ConfigErrors(vec![format!("{prefix}: {e}")]))?;
+        crate::config::compile_bounce_rules(&text)
+            .map(Classifier::with_rules)
+            .map_err(|errors| {
+                crate::config::ConfigErrors(
+                    errors
+                        .into_iter()
+                        .map(|e| format!("{prefix}: {e}"))
+                        .collect(),
+                )
+            })
+    }
+
+    /// The category of `text` with enhanced status `status` (already derived).
+    pub fn category(&self, status: Option<&str>, text: &str) -> Category {
+        let text = truncate(text, MAX_TEXT).to_lowercase();
+        self.rules
+            .iter()
+            .find(|r| r.matches(status, &text))
+            .map_or(Category::Other, |r| r.category)
+    }
+
+    /// Classifies a failure: status from `enhanced`, else from `text`, else from `basic`
+    /// (its class with .0.0), else `fallback`.
+    pub fn classify(
+        &self,
+        enhanced: Option<&str>,
+        basic: Option<u16>,
+        text: &str,
+        fallback: Option<&str>,
+    ) -> Classification {
+        let status = enhanced
+            .filter(|s| is_enhanced(s))
+            .map(str::to_owned)
+            .or_else(|| status_in(text))
+            .or_else(|| basic.or_else(|| basic_in(text)).and_then(generic_status))
+            .or_else(|| fallback.map(str::to_owned));
+        let category = self.category(status.as_deref(), text);
+        Classification {
+            hard: category.is_hard(status.as_deref()),
+            status,
+            category,
+        }
+    }
+
+    /// Classifies a synchronous SMTP reply (as the delivery path sees it).
+    pub fn classify_reply(&self, basic: u16, enhanced: Option<&str>, text: &str) -> Classification {
+        self.classify(enhanced, Some(basic), text, None)
+    }
+}
+
+/// `x.y.z` with class 2, 4 or 5 and 1-3 digit subject and detail (RFC 3463).
+pub fn is_enhanced(s: &str) -> bool {
+    let mut parts = s.split('.');
+    let ok = |p: Option<&str>, max: usize| {
+        p.is_some_and(|p| !p.is_empty() && p.len() <= max && p.bytes().all(|b| b.is_ascii_digit()))
+    };
+    matches!(s.as_bytes().first(), Some(b'2' | b'4' | b'5'))
+        && ok(parts.next(), 1)
+        && ok(parts.next(), 3)
+        && ok(parts.next(), 3)
+        && parts.next().is_none()
+}
+
+/// The first enhanced status code in `text` that stands alone (not part of an IP address
+/// or version number): `550 5.1.1`, `(#5.1.1)`, `RESOLVER.ADR.RecipNotFound 5.1.1`. One
+/// right after a basic code of the same class is preferred.
+pub fn status_in(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut first = None;
+    let mut i = 0;
+    while i < bytes.len() {
+        if matches!(bytes[i], b'2' | b'4' | b'5') && standalone_start(bytes, i) {
+            if let Some(len) = enhanced_len(&bytes[i..]) {
+                let end = i + len;
+                if !bytes.get(end).is_some_and(|b| {
+                    b.is_ascii_digit()
+                        || (*b == b'.' && bytes.get(end + 1).is_some_and(u8::is_ascii_digit))
+                }) {
+                    let code = &text[i..end];
+                    // "550 5.1.1" / "550-5.1.1": the reply's own status.
+                    if i >= 4
+                        && matches!(bytes[i - 1], b' ' | b'-')
+                        && bytes[i - 4] == bytes[i]
+                        && bytes[i - 3..i - 1].iter().all(u8::is_ascii_digit)
+                    {
+                        return Some(code.to_owned());
+                    }
+                    first.get_or_insert_with(|| code.to_owned());
+                }
+                i = end;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    first
+}
+
+fn standalone_start(bytes: &[u8], i: usize) -> bool {
+    i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'.')
+}
+
+/// Length of an enhanced code at the start of `b`, if one is there.
+fn enhanced_len(b: &[u8]) -> Option<usize> {
+    let digits = |from: usize, max: usize| {
+        let n = b[from.min(b.len())..]
+            .iter()
+            .take_while(|c| c.is_ascii_digit())
+            .count();
+        (1..=max).contains(&n).then_some(n)
+    };
+    if b.get(1) != Some(&b'.') {
+        return None;
+    }
+    let subject = digits(2, 3)?;
+    let dot = 2 + subject;
+    if b.get(dot) != Some(&b'.') {
+        return None;
+    }
+    let detail = digits(dot + 1, 3)?;
+    Some(dot + 1 + detail)
+}
+
+/// The first basic reply code (4xx or 5xx) in `text` that stands alone and is followed by a
+/// space, `-` or `:` (or ends the text): `550 ...`, `Remote host said: 554: ...`, `#550`.
+pub fn basic_in(text: &str) -> Option<u16> {
+    let bytes = text.as_bytes();
+    (0..bytes.len().saturating_sub(2)).find_map(|i| {
+        let code = &bytes[i..i + 3];
+        let ok = matches!(code[0], b'4' | b'5')
+            && code[1..].iter().all(u8::is_ascii_digit)
+            && standalone_start(bytes, i)
+            && bytes
+                .get(i + 3)
+                .is_none_or(|b| matches!(b, b' ' | b'-' | b':'));
+        ok.then(|| {
+            (code[0] - b'0') as u16 * 100 + (code[1] - b'0') as u16 * 10 + (code[2] - b'0') as u16
+        })
+    })
+}
+
+/// `550` -> `5.0.0`, `421` -> `4.0.0`; other classes have no failure status.
+fn generic_status(basic: u16) -> Option<String> {
+    match basic / 100 {
+        2 => Some("2.0.0".to_owned()),
+        4 => Some("4.0.0".to_owned()),
+        5 => Some("5.0.0".to_owned()),
+        _ => None,
+    }
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+pub(crate) fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::compile_bounce_rules;
+
+    fn c() -> Classifier {
+        Classifier::defaults()
+    }
+
+    fn cat(enhanced: Option<&str>, basic: u16, text: &str) -> Category {
+        c().classify_reply(basic, enhanced, text).category
+    }
+
+    #[test]
+    fn default_rules_compile_and_reach_every_reply_category() {
+        let rules = compile_bounce_rules(DEFAULT_RULES).unwrap();
+        let used: std::collections::HashSet<Category> = rules.iter().map(|r| r.category).collect();
+        // Complaints and auto-replies are recognised by the parser, never from a reply;
+        // `other` is what no rule matched.
+        for c in Category::ALL {
+            let by_parser = [Category::Complaint, Category::AutoReply, Category::Other];
+            assert_eq!(used.contains(&c), !by_parser.contains(&c), "{c}");
+        }
+    }
+
+    #[test]
+    fn code_only() {
+        use Category::*;
+        let cases = [
+            ("5.1.1", 550, InvalidRecipient),
+            ("5.1.2", 550, DomainNotFound),
+            ("5.1.10", 550, InvalidRecipient),
+            ("5.2.2", 552, MailboxFull),
+            ("4.2.2", 452, MailboxFull),
+            ("5.3.4", 552, MessageTooLarge),
+            ("5.7.26", 550, AuthFailure),
+            ("5.7.23", 550, AuthFailure),
+            ("4.4.7", 450, Expired),
+            ("4.4.1", 421, Network),
+            ("5.7.1", 550, Policy),
+            ("4.7.0", 421, Policy),
+            ("5.5.0", 550, Other),
+            ("2.0.0", 250, Delivered),
+        ];
+        for (status, basic, want) in cases {
+            assert_eq!(cat(Some(status), basic, ""), want, "{status}");
+        }
+    }
+
+    #[test]
+    fn text_only_derives_the_status() {
+        let r = c().classify(
+            None,
+            None,
+            "Sorry, no mailbox here by that name. (#5.1.1)",
+            None,
+        );
+        assert_eq!(r.status.as_deref(), Some("5.1.1"));
+        assert_eq!(r.category, Category::InvalidRecipient);
+        assert!(r.hard);
+
+        let r = c().classify(None, None, "554 delivery error: mailbox is full", None);
+        assert_eq!(r.status.as_deref(), Some("5.0.0"));
+        assert_eq!(r.category, Category::MailboxFull);
+        assert!(!r.hard);
+
+        let r = c().classify(None, None, "connection timed out", Some("4.0.0"));
+        assert_eq!(r.status.as_deref(), Some("4.0.0"));
+        assert_eq!(r.category, Category::Network);
+
+        let r = c().classify(None, None, "no idea", None);
+        assert_eq!(
+            (r.status, r.category, r.hard),
+            (None, Category::Other, false)
+        );
+    }
+
+    #[test]
+    fn text_overrides_generic_codes() {
+        use Category::*;
+        assert_eq!(cat(Some("5.0.0"), 550, "User unknown"), InvalidRecipient);
+        assert_eq!(
+            cat(
+                Some("5.5.0"),
+                550,
+                "Requested action not taken: mailbox unavailable"
+            ),
+            InvalidRecipient
+        );
+        assert_eq!(
+            cat(
+                Some("5.7.1"),
+                554,
+                "Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org"
+            ),
+            SpamBlock
+        );
+        assert_eq!(
+            cat(Some("5.7.1"), 554, "<a@b.example>: Relay access denied"),
+            RelayDenied
+        );
+        assert_eq!(
+            cat(Some("4.7.0"), 421, "Too many connections from your IP"),
+            RateLimited
+        );
+        assert_eq!(cat(Some("4.2.1"), 450, "The user you are trying to contact is receiving mail at a rate that prevents additional messages"), RateLimited);
+        assert_eq!(
+            cat(Some("5.7.1"), 550, "Message rejected: DMARC policy"),
+            AuthFailure
+        );
+        assert_eq!(
+            cat(Some("5.1.10"), 550, "Recipient address has null MX"),
+            DomainNotFound
+        );
+        assert_eq!(
+            cat(None, 552, "Message size exceeds fixed maximum message size"),
+            MessageTooLarge
+        );
+        assert_eq!(
+            cat(None, 554, "Message rejected as spam by Content Filtering"),
+            Content
+        );
+    }
+
+    #[test]
+    fn specific_codes_beat_text() {
+        // A 5.1.1 is a missing mailbox whatever words come with it.
+        assert_eq!(
+            cat(Some("5.1.1"), 550, "blocked: user unknown"),
+            Category::InvalidRecipient
+        );
+    }
+
+    #[test]
+    fn status_derivation() {
+        assert_eq!(
+            status_in("host 10.4.5.6 said: 550 5.1.1 unknown").as_deref(),
+            Some("5.1.1")
+        );
+        assert_eq!(status_in("host [10.4.5.6] refused"), None);
+        assert_eq!(
+            status_in("x 4.7.0 then 550 5.7.1 y").as_deref(),
+            Some("5.7.1")
+        );
+        assert_eq!(basic_in("Remote host said: 554: delivery error"), Some(554));
+        assert_eq!(basic_in("host [192.0.2.25]: 451-try later"), Some(451));
+        assert_eq!(basic_in("port 25000 refused"), None);
+        assert!(is_enhanced("5.1.10") && !is_enhanced("6.1.1") && !is_enhanced("5.1"));
+    }
+
+    #[test]
+    fn hard_means_the_address_is_bad() {
+        let r = c().classify_reply(550, Some("5.1.1"), "user unknown");
+        assert!(r.hard);
+        let r = c().classify_reply(
+            450,
+            Some("4.1.1"),
+            "Recipient address rejected: unverified address",
+        );
+        assert_eq!(r.category, Category::InvalidRecipient);
+        assert!(!r.hard, "a 4xx is never a reason to suppress");
+        let r = c().classify_reply(552, Some("5.2.2"), "mailbox full");
+        assert!(!r.hard);
+    }
+
+    #[test]
+    fn operator_rules_come_before_the_defaults() {
+        let rules = compile_bounce_rules(
+            r#"
+            [[rule]]
+            category = "mailbox_full"
+            status = ["5.1.1"]
+            text = ["quota"]
+
+            [[rule]]
+            category = "spam_block"
+            regex = "ref(erence)? code [a-z]{3}-\\d+"
+            "#,
+        )
+        .unwrap();
+        let c = Classifier::with_rules(rules);
+        assert_eq!(
+            c.classify_reply(550, Some("5.1.1"), "user over QUOTA")
+                .category,
+            Category::MailboxFull
+        );
+        assert_eq!(
+            c.classify_reply(550, Some("5.1.1"), "user unknown")
+                .category,
+            Category::InvalidRecipient
+        );
+        assert_eq!(
+            c.classify_reply(550, Some("5.0.0"), "Refused, Reference code ABC-123")
+                .category,
+            Category::SpamBlock
+        );
+    }
+
+    #[test]
+    fn status_patterns() {
+        let p: StatusPattern = "x.1.1".parse().unwrap();
+        assert!(p.matches("5.1.1") && p.matches("4.1.1") && !p.matches("5.1.10"));
+        let p: StatusPattern = "5.7".parse().unwrap();
+        assert!(p.matches("5.7.26") && !p.matches("4.7.0"));
+        assert!("5.1.1.1".parse::<StatusPattern>().is_err());
+        assert!("5.a".parse::<StatusPattern>().is_err());
+    }
+}

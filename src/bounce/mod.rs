@@ -1,0 +1,485 @@
+//! Bounce, complaint and auto-reply parsing: one raw inbound message in, a [`Report`] out
+//! (what kind of message it is and, per recipient, what happened and why, classified by the
+//! one taxonomy in [`classify`]).
+//!
+//! - [`classify`]: the categories, the rules (shipped + operator) and the classifier, also
+//!   used for live SMTP replies on the delivery path.
+//! - [`fields`]: `Name: value` field groups (delivery-status and feedback-report bodies).
+//! - [`text`]: the human-readable text of bounces from MTAs that send no RFC 3464 DSN.
+//! - [`autoreply`]: vacation / out-of-office detection.
+//!
+//! Order of the checks, first match wins: an ARF feedback report (RFC 5965) -> kind `arf`;
+//! a delivery-status part (RFC 3464, `message/` or `text/delivery-status`) with recipient
+//! groups -> `dsn`; a bounce marker phrase in the text of a message from a mailer daemon (or
+//! with a bounce subject) -> `dsn`; an auto-reply -> `autoreply`; else `none`. So a bounce
+//! of an auto-reply is a bounce, and a vacation reply is never taken for one.
+//!
+//! Decisions (also in docs/BOUNCES.md): a complaint's recipients are the `Original-Rcpt-To`
+//! addresses (else the reported message's `To`), action `delivered`, diagnostic the feedback
+//! type, category `complaint`, hard. An auto-reply's one recipient is the responder (its
+//! `From`), action `delivered`, diagnostic its subject, category `auto_reply`, soft.
+//!
+//! Invariants: never panics on any input; work is bounded: at most [`MAX_INPUT`] bytes are
+//! parsed (line endings normalised to LF first, so LF, CRLF and CR-only inputs give the same
+//! report), at most [`MAX_RECIPIENTS`] recipients are reported.
+
+pub mod autoreply;
+pub mod classify;
+pub mod fields;
+pub mod text;
+
+use std::borrow::Cow;
+
+use mail_parser::{Message, MessageParser, MimeHeaders, PartType};
+use serde::Serialize;
+
+use self::classify::{Category, Classifier};
+
+/// Bytes of a message that are parsed; the rest (in practice: the tail of a returned
+/// original) is ignored. Everything a bounce says comes well before this.
+pub const MAX_INPUT: usize = 1 << 20;
+pub const MAX_RECIPIENTS: usize = 1000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Dsn,
+    Arf,
+    Autoreply,
+    None,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Dsn => "dsn",
+            Kind::Arf => "arf",
+            Kind::Autoreply => "autoreply",
+            Kind::None => "none",
+        }
+    }
+}
+
+/// RFC 3464 Action values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Failed,
+    Delayed,
+    Delivered,
+    Relayed,
+    Expanded,
+}
+
+impl Action {
+    fn parse(value: &str) -> Option<Action> {
+        let word = value.split_whitespace().next()?.to_ascii_lowercase();
+        Some(match word.as_str() {
+            "failed" => Action::Failed,
+            "delayed" => Action::Delayed,
+            "delivered" => Action::Delivered,
+            "relayed" => Action::Relayed,
+            "expanded" => Action::Expanded,
+            _ => return None,
+        })
+    }
+
+    /// The status to assume when a report gives none.
+    fn default_status(self) -> &'static str {
+        match self {
+            Action::Failed => "5.0.0",
+            Action::Delayed => "4.0.0",
+            _ => "2.0.0",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Failed => "failed",
+            Action::Delayed => "delayed",
+            Action::Delivered => "delivered",
+            Action::Relayed => "relayed",
+            Action::Expanded => "expanded",
+        }
+    }
+}
+
+/// What one message says; `recipients` is empty for kind `none`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Report {
+    pub kind: Kind,
+    pub recipients: Vec<BounceRecipient>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BounceRecipient {
+    /// Local part as given, domain lowercased, no `rfc822;` type, no angle brackets.
+    pub address: String,
+    /// The DSN's Original-Recipient, only when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub original_recipient: Option<String>,
+    /// Enhanced status (RFC 3463), given or derived; `null` for complaints and auto-replies.
+    pub status: Option<String>,
+    pub action: Action,
+    /// The remote server's text (or the feedback type / auto-reply subject).
+    pub diagnostic: Option<String>,
+    pub category: Category,
+    pub hard: bool,
+}
+
+impl Report {
+    fn none() -> Report {
+        Report {
+            kind: Kind::None,
+            recipients: Vec::new(),
+        }
+    }
+}
+
+/// Parses one raw message. Never fails: what is not understood is kind `none`.
+pub fn parse(raw: &[u8], classifier: &Classifier) -> Report {
+    let raw = &raw[..raw.len().min(MAX_INPUT)];
+    let normalized = normalize(raw);
+    let Some(message) = MessageParser::new().parse(&normalized[..]) else {
+        return Report::none();
+    };
+    let body = message.body_text(0).unwrap_or(Cow::Borrowed(""));
+    if let Some(report) = arf(&message) {
+        return report;
+    }
+    if let Some(report) = dsn(&message, &body, classifier) {
+        return report;
+    }
+    if looks_like_bounce(&message) && text::has_marker(&body) {
+        return text_bounce(&message, &body, classifier);
+    }
+    if !from_daemon(&message) && autoreply::is_autoreply(&message) {
+        return auto_reply(&message);
+    }
+    Report::none()
+}
+
+/// LF, CRLF and CR-only line endings all become LF.
+pub fn normalize(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        match raw[i] {
+            b'\r' => {
+                out.push(b'\n');
+                if raw.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
+}
+
+/// `rfc822; <Bob@Example.NET>` -> `Bob@example.net`.
+pub fn clean_address(value: &str) -> String {
+    let value = match value.split_once(';') {
+        Some((kind, rest)) if !kind.trim().contains(char::is_whitespace) => rest,
+        _ => value,
+    };
+    let value = value.trim();
+    let value = value
+        .strip_prefix('<')
+        .and_then(|v| v.strip_suffix('>'))
+        .unwrap_or(value)
+        .trim();
+    text::normalize(value)
+}
+
+/// `smtp; 550 5.1.1 ...` -> `550 5.1.1 ...`, multi-line prefixes dropped, spaces collapsed.
+fn clean_diagnostic(value: &str) -> Option<String> {
+    let value = match value.split_once(';') {
+        Some((kind, rest)) if kind.len() <= 24 && !kind.trim().contains(char::is_whitespace) => {
+            rest
+        }
+        _ => value,
+    };
+    let value = text::tidy(value);
+    (!value.is_empty()).then(|| text::join_reply_lines(&value))
+}
+
+fn part_text<'a>(part: &'a mail_parser::MessagePart<'a>) -> Cow<'a, str> {
+    String::from_utf8_lossy(part.contents())
+}
+
+fn is_part_type(part: &mail_parser::MessagePart<'_>, types: &[(&str, &str)]) -> bool {
+    types.iter().any(|(t, s)| part.is_content_type(t, s))
+}
+
+/// An RFC 5965 feedback report. Parsed here rather than with mail-auth's `Feedback`, which
+/// keeps only one `Original-Rcpt-To` and drops reports with feedback types it does not know
+/// (RFC 5965 allows new ones).
+fn arf(message: &Message<'_>) -> Option<Report> {
+    let report = message
+        .parts
+        .iter()
+        .find(|p| p.is_content_type("message", "feedback-report"))?;
+    let group = fields::groups(&part_text(report))
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let feedback_type = fields::get(&group, "feedback-type").map(|t| t.to_ascii_lowercase());
+    let mut addresses: Vec<String> = fields::all(&group, "original-rcpt-to")
+        .map(clean_address)
+        .filter(|a| !a.is_empty())
+        .collect();
+    if addresses.is_empty() {
+        addresses = reported_to(message);
+    }
+    addresses.dedup();
+    addresses.truncate(MAX_RECIPIENTS);
+    Some(Report {
+        kind: Kind::Arf,
+        recipients: addresses
+            .into_iter()
+            .map(|address| BounceRecipient {
+                address,
+                original_recipient: None,
+                status: None,
+                action: Action::Delivered,
+                diagnostic: feedback_type.clone(),
+                category: Category::Complaint,
+                hard: Category::Complaint.is_hard(None),
+            })
+            .collect(),
+    })
+}
+
+/// The `To` addresses of the message a feedback report is about (a `message/rfc822` or
+/// `text/rfc822-headers` part).
+fn reported_to(message: &Message<'_>) -> Vec<String> {
+    let to_of = |m: &Message<'_>| -> Vec<String> {
+        m.to()
+            .map(|to| {
+                to.iter()
+                    .filter_map(|a| a.address())
+                    .map(text::normalize)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for part in &message.parts {
+        match &part.body {
+            PartType::Message(inner) => return to_of(inner),
+            _ if part.is_content_type("text", "rfc822-headers") => {
+                let headers = part.contents();
+                if let Some(inner) = MessageParser::new().parse_headers(headers) {
+                    return to_of(&inner);
+                }
+            }
+            _ => {}
+        }
+    }
+    Vec::new()
+}
+
+/// An RFC 3464 DSN; `None` without a status part or without recipient groups in it.
+fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Report> {
+    const STATUS_TYPES: &[(&str, &str)] = &[
+        ("message", "delivery-status"),
+        ("text", "delivery-status"),
+        ("message", "global-delivery-status"),
+    ];
+    let mut recipients = Vec::new();
+    for part in message
+        .parts
+        .iter()
+        .filter(|p| is_part_type(p, STATUS_TYPES))
+    {
+        for group in fields::groups(&part_text(part)) {
+            let address = recipient_address(&group);
+            let Some(address) = address else { continue };
+            if recipients.len() == MAX_RECIPIENTS {
+                break;
+            }
+            let status = fields::get(&group, "status")
+                .and_then(|s| s.split_whitespace().next())
+                .filter(|s| classify::is_enhanced(s));
+            let action = fields::get(&group, "action")
+                .and_then(Action::parse)
+                .unwrap_or(match status.map(|s| s.as_bytes()[0]) {
+                    Some(b'2') => Action::Delivered,
+                    Some(b'4') => Action::Delayed,
+                    _ => Action::Failed,
+                });
+            let diagnostic = fields::get(&group, "diagnostic-code")
+                .and_then(clean_diagnostic)
+                .or_else(|| text::diagnostic_for(body, &address));
+            let c = classifier.classify(
+                status,
+                None,
+                diagnostic.as_deref().unwrap_or(""),
+                Some(action.default_status()),
+            );
+            recipients.push(BounceRecipient {
+                original_recipient: fields::get(&group, "original-recipient")
+                    .map(clean_address)
+                    .filter(|a| !a.is_empty()),
+                address,
+                status: c.status,
+                action,
+                diagnostic,
+                category: c.category,
+                hard: c.hard,
+            });
+        }
+    }
+    (!recipients.is_empty()).then_some(Report {
+        kind: Kind::Dsn,
+        recipients,
+    })
+}
+
+/// The recipient a status group is about: the first of Final-Recipient, X-Actual-Recipient
+/// and Original-Recipient that is an internet address (a gateway's Final-Recipient may be an
+/// X.400 one), else whatever Final-Recipient says.
+fn recipient_address(group: &fields::Group) -> Option<String> {
+    const FIELDS: [&str; 3] = [
+        "final-recipient",
+        "x-actual-recipient",
+        "original-recipient",
+    ];
+    let internet = |value: &str| match value.split_once(';') {
+        Some((kind, _)) => kind.trim().eq_ignore_ascii_case("rfc822"),
+        None => true,
+    };
+    FIELDS
+        .iter()
+        .filter_map(|f| fields::get(group, f))
+        .find(|v| internet(v) && text::is_address(&clean_address(v)))
+        .or_else(|| FIELDS.iter().find_map(|f| fields::get(group, f)))
+        .map(clean_address)
+        .filter(|a| !a.is_empty())
+}
+
+/// A bounce known only from its text (no usable status part).
+fn text_bounce(message: &Message<'_>, body: &str, classifier: &Classifier) -> Report {
+    let parsed = text::parse(body).unwrap_or_default();
+    let action = if parsed.delayed {
+        Action::Delayed
+    } else {
+        Action::Failed
+    };
+    let mut found = parsed.recipients;
+    if found.is_empty() {
+        // Exim names the failed addresses in a header field too.
+        if let Some(list) = message.header_raw("X-Failed-Recipients") {
+            found = list
+                .split(',')
+                .map(clean_address)
+                .filter(|a| text::is_address(a))
+                .map(|a| (a, None))
+                .take(MAX_RECIPIENTS)
+                .collect();
+        }
+    }
+    Report {
+        kind: Kind::Dsn,
+        recipients: found
+            .into_iter()
+            .map(|(address, diagnostic)| {
+                let c = classifier.classify(
+                    None,
+                    None,
+                    diagnostic.as_deref().unwrap_or(""),
+                    Some(action.default_status()),
+                );
+                BounceRecipient {
+                    address,
+                    original_recipient: None,
+                    status: c.status,
+                    action,
+                    diagnostic,
+                    category: c.category,
+                    hard: c.hard,
+                }
+            })
+            .collect(),
+    }
+}
+
+fn auto_reply(message: &Message<'_>) -> Report {
+    let responder = message
+        .from()
+        .and_then(|f| f.first())
+        .and_then(|a| a.address())
+        .map(text::normalize);
+    Report {
+        kind: Kind::Autoreply,
+        recipients: responder
+            .into_iter()
+            .map(|address| BounceRecipient {
+                address,
+                original_recipient: None,
+                status: None,
+                action: Action::Delivered,
+                diagnostic: message.subject().map(text::tidy),
+                category: Category::AutoReply,
+                hard: false,
+            })
+            .collect(),
+    }
+}
+
+/// From a mailer daemon or postmaster, or with a null return path.
+fn from_daemon(message: &Message<'_>) -> bool {
+    let from = message.from().and_then(|f| f.first());
+    let address = from
+        .and_then(|a| a.address())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let name = from
+        .and_then(|a| a.name())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let local = address.split('@').next().unwrap_or("");
+    [
+        "mailer-daemon",
+        "mailer_daemon",
+        "maildaemon",
+        "postmaster",
+        "mail-daemon",
+    ]
+    .iter()
+    .any(|d| local.contains(d))
+        || name.contains("mail delivery")
+        || name.contains("mailer-daemon")
+        || message
+            .header_raw("Return-Path")
+            .is_some_and(|r| r.trim() == "<>")
+}
+
+/// The sender or the header fields say "bounce", so bounce phrases in the text are trusted
+/// (a person quoting a bounce in a normal message is not one).
+fn looks_like_bounce(message: &Message<'_>) -> bool {
+    const SUBJECTS: &[&str] = &[
+        "undeliver",
+        "undelivered",
+        "delivery status notification",
+        "mail delivery failed",
+        "delivery failure",
+        "failure notice",
+        "returned mail",
+        "delivery failed",
+        "not delivered",
+        "message status - undeliverable",
+        "delivery has failed",
+        "nondeliverable",
+        "non remis",
+        "unzustellbar",
+        "delivery delayed",
+        "delayed mail",
+        "warning: could not send message",
+    ];
+    let subject = message.subject().unwrap_or("").to_lowercase();
+    from_daemon(message)
+        || SUBJECTS.iter().any(|s| subject.contains(s))
+        || message.header_raw("X-Failed-Recipients").is_some()
+}

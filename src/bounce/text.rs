@@ -1,0 +1,533 @@
+//! Human-readable bounces: the text part of non-RFC 3464 bounces (qmail, Exim, Sendmail,
+//! Exchange, Gmail, Yahoo, Domino, Courier, GroupWise, SendGrid-style) and the human part of
+//! DSNs whose status part lacks a diagnostic.
+//!
+//! How: find the first marker phrase (the section starts at its line), stop at the first
+//! "copy of the message" line after it, then split the section into blocks, one per address
+//! that stands on a line of its own (`<a@b>:`, `a@b`, `a@b: text`, `a@b (a@b)`); blocks for
+//! the same address are merged (Exchange names each address twice). With no such line, the
+//! addresses named in a "delivered to" sentence share the whole section (Gmail, Outlook.com).
+//! Each block's diagnostic is its quoted server reply if it has one, else its first lines.
+//!
+//! Bounded: at most [`MAX_SCAN`] bytes of text, [`MAX_RECIPIENTS`] addresses, and
+//! [`MAX_DIAGNOSTIC`] bytes per diagnostic; every step is linear in the text.
+
+use super::classify::truncate;
+
+/// Bytes of body text searched; markers and recipients sit near the top of a bounce.
+pub const MAX_SCAN: usize = 64 * 1024;
+pub const MAX_RECIPIENTS: usize = 500;
+pub const MAX_DIAGNOSTIC: usize = 1000;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Marker {
+    /// Says a bounce follows, not whether it is final.
+    Neutral,
+    Failed,
+    Delayed,
+}
+
+/// Lowercase phrases that mark a bounce, with what they say about it.
+const MARKERS: &[(&str, Marker)] = &[
+    // Exim, qmail, Postfix, Courier, generic preambles.
+    (
+        "this message was created automatically by mail delivery software",
+        Marker::Neutral,
+    ),
+    ("this is the qmail-send program", Marker::Neutral),
+    ("this is the mail system at host", Marker::Neutral),
+    ("this is a delivery status notification", Marker::Neutral),
+    (
+        "this is an automatically generated delivery status notification",
+        Marker::Neutral,
+    ),
+    ("the original message was received at", Marker::Neutral),
+    // Failures.
+    (
+        "could not be delivered to one or more of its",
+        Marker::Failed,
+    ),
+    ("i wasn't able to deliver your message", Marker::Failed),
+    (
+        "the following addresses had permanent fatal errors",
+        Marker::Failed,
+    ),
+    (
+        "delivery has failed to these recipients or groups",
+        Marker::Failed,
+    ),
+    (
+        "the following recipient(s) could not be reached",
+        Marker::Failed,
+    ),
+    (
+        "the following recipient(s) cannot be reached",
+        Marker::Failed,
+    ),
+    (
+        "did not reach some or all of the intended recipients",
+        Marker::Failed,
+    ),
+    ("your message wasn't delivered", Marker::Failed),
+    ("your message couldn't be delivered", Marker::Failed),
+    ("couldn't be delivered", Marker::Failed),
+    (
+        "there was a problem delivering your message",
+        Marker::Failed,
+    ),
+    (
+        "sorry, we were unable to deliver your message",
+        Marker::Failed,
+    ),
+    (
+        "delivery to the following recipient failed permanently",
+        Marker::Failed,
+    ),
+    (
+        "delivery to the following recipients failed",
+        Marker::Failed,
+    ),
+    (
+        "your message to the following recipients cannot be delivered",
+        Marker::Failed,
+    ),
+    ("had the following undeliverable recipient", Marker::Failed),
+    ("was not delivered to:", Marker::Failed),
+    ("your message could not be delivered", Marker::Failed),
+    (
+        "i'm sorry to have to inform you that your message could not",
+        Marker::Failed,
+    ),
+    ("your message was not able to be delivered", Marker::Failed),
+    ("message could not be delivered to", Marker::Failed),
+    ("undeliverable mail", Marker::Failed),
+    // Delays.
+    ("has not yet been delivered", Marker::Delayed),
+    (
+        "the following addresses had transient non-fatal errors",
+        Marker::Delayed,
+    ),
+    (
+        "delivery is delayed to these recipients or groups",
+        Marker::Delayed,
+    ),
+    (
+        "delivery to the following recipient has been delayed",
+        Marker::Delayed,
+    ),
+    ("delivery has been delayed", Marker::Delayed),
+    ("this is a warning only", Marker::Delayed),
+    ("hasn't been delivered yet", Marker::Delayed),
+];
+
+/// Lowercase phrases of the line where the bounce's own text ends and the returned message
+/// begins.
+const END_MARKERS: &[&str] = &[
+    "below this line is a copy of the message",
+    "this is a copy of the message",
+    "original message headers",
+    "----- original message -----",
+    "original message follows",
+    "--- original message",
+    "message headers follow",
+    "the header of the original message",
+    "undelivered message attached",
+];
+
+/// What the text of a bounce says.
+#[derive(Debug, Default)]
+pub struct TextBounce {
+    /// Only delay markers were found: the message is still being retried.
+    pub delayed: bool,
+    /// `(address with lowercase domain, diagnostic)` in order of first mention.
+    pub recipients: Vec<(String, Option<String>)>,
+}
+
+/// Whether `body` contains a bounce marker at all (cheap; for the "is this a bounce" gate).
+pub fn has_marker(body: &str) -> bool {
+    let flat = flatten(truncate(body, MAX_SCAN));
+    MARKERS.iter().any(|(m, _)| flat.contains(m))
+}
+
+/// ASCII-lowercased with line breaks as spaces, so a phrase wrapped over two lines is found;
+/// byte offsets stay those of `body`.
+fn flatten(body: &str) -> String {
+    body.to_ascii_lowercase().replace('\n', " ")
+}
+
+/// The bounce `body` describes, or `None` without a marker.
+pub fn parse(body: &str) -> Option<TextBounce> {
+    let body = truncate(body, MAX_SCAN);
+    let flat = flatten(body);
+    let found: Vec<(usize, Marker)> = MARKERS
+        .iter()
+        .filter_map(|(m, kind)| flat.find(m).map(|p| (p, *kind)))
+        .collect();
+    let start = found.iter().map(|(p, _)| *p).min()?;
+    let start = body[..start].rfind('\n').map_or(0, |p| p + 1);
+    let delayed = found.iter().any(|(_, k)| *k == Marker::Delayed)
+        && !found.iter().any(|(_, k)| *k == Marker::Failed);
+    let first_line_end = body[start..].find('\n').map_or(body.len(), |p| start + p);
+    let end = END_MARKERS
+        .iter()
+        .filter_map(|m| flat[first_line_end..].find(m).map(|p| first_line_end + p))
+        .min()
+        .map_or(body.len(), |p| {
+            body[..p].rfind('\n').map_or(p, |l| l.max(start))
+        });
+    let section = &body[start..end];
+    Some(TextBounce {
+        delayed,
+        recipients: recipients(section),
+    })
+}
+
+/// The diagnostic the text gives for `address`, for DSNs whose status part has none.
+pub fn diagnostic_for(body: &str, address: &str) -> Option<String> {
+    parse(body)?
+        .recipients
+        .into_iter()
+        .find(|(a, _)| a.eq_ignore_ascii_case(address))
+        .and_then(|(_, d)| d)
+}
+
+struct Block<'a> {
+    address: String,
+    lines: Vec<&'a str>,
+}
+
+fn recipients(section: &str) -> Vec<(String, Option<String>)> {
+    let mut blocks: Vec<Block<'_>> = Vec::new();
+    let mut current: Option<usize> = None;
+    // Inside a folded server reply (Postfix indents its continuation lines, which may start
+    // with "<address>:"): indented lines continue the reply, they name no new recipient.
+    let mut in_reply = false;
+    for line in section.split('\n') {
+        let continues = in_reply && line.starts_with([' ', '\t']) && !line.trim().is_empty();
+        in_reply = continues || (current.is_some() && reply_in(line).is_some());
+        if continues {
+            if let Some(i) = current {
+                blocks[i].lines.push(line);
+            }
+            continue;
+        }
+        if let Some((address, rest)) = address_line(line) {
+            in_reply = reply_in(rest).is_some();
+            let i = match blocks.iter().position(|b| b.address == address) {
+                Some(i) => i,
+                None if blocks.len() < MAX_RECIPIENTS => {
+                    blocks.push(Block {
+                        address,
+                        lines: Vec::new(),
+                    });
+                    blocks.len() - 1
+                }
+                None => continue,
+            };
+            if !rest.is_empty() {
+                blocks[i].lines.push(rest);
+            }
+            current = Some(i);
+        } else if let Some(i) = current {
+            blocks[i].lines.push(line);
+        }
+    }
+    if blocks.is_empty() {
+        // "Your message wasn't delivered to a@b because ...": the addresses in the sentences
+        // that talk about delivery share the whole section.
+        let lines: Vec<&str> = section.split('\n').collect();
+        let diagnostic = diagnostic(&lines);
+        let mut out: Vec<(String, Option<String>)> = Vec::new();
+        for line in &lines {
+            if !line.to_ascii_lowercase().contains("deliver") {
+                continue;
+            }
+            for token in line.split(|c: char| c.is_whitespace() || c == ',') {
+                let token = token.trim_matches(|c: char| {
+                    matches!(c, '<' | '>' | '(' | ')' | '.' | ':' | '"' | '\'')
+                });
+                if is_address(token) && !out.iter().any(|(a, _)| a == &normalize(token)) {
+                    out.push((normalize(token), diagnostic.clone()));
+                }
+            }
+        }
+        out.truncate(MAX_RECIPIENTS);
+        return out;
+    }
+    blocks
+        .into_iter()
+        .map(|b| {
+            let diagnostic = diagnostic(&b.lines);
+            (b.address, diagnostic)
+        })
+        .collect()
+}
+
+/// An address that stands on a line of its own, and the rest of the line after `:`.
+fn address_line(line: &str) -> Option<(String, &str)> {
+    let t = line.trim();
+    if let Some(inner) = t.strip_prefix('<') {
+        let end = inner.find('>')?;
+        let address = &inner[..end];
+        let rest = inner[end + 1..].trim_start();
+        let rest = rest.strip_prefix(':').unwrap_or(rest).trim();
+        return is_address(address).then(|| (normalize(address), rest));
+    }
+    let (first, rest) = t.split_once(char::is_whitespace).unwrap_or((t, ""));
+    if let Some(address) = first.strip_suffix(':') {
+        return is_address(address).then(|| (normalize(address), rest.trim()));
+    }
+    // "a@b<mailto:a@b>", "a@b (a@b)" and "a@b on 11/27/2026 10:00 AM" (Exchange): nothing
+    // else may follow.
+    let (address, tail) = first.split_once('<').unwrap_or((first, ""));
+    let rest = rest.trim();
+    let plain = rest.is_empty()
+        || (rest.starts_with('(') && rest.ends_with(')'))
+        || rest.starts_with("on ");
+    (plain && (tail.is_empty() || tail.starts_with("mailto:")) && is_address(address))
+        .then(|| (normalize(address), ""))
+}
+
+/// A plausible mailbox: `local@domain.tld`, no spaces or brackets, a dot in the domain.
+pub fn is_address(s: &str) -> bool {
+    let Some((local, domain)) = s.rsplit_once('@') else {
+        return false;
+    };
+    s.len() <= 254
+        && !local.is_empty()
+        && local
+            .chars()
+            .all(|c| !c.is_control() && !c.is_whitespace() && !"<>()[],;:\"\\".contains(c))
+        && domain.len() >= 3
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && domain
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '-' || c == '.')
+}
+
+/// Local part as given, domain lowercased.
+pub fn normalize(address: &str) -> String {
+    match address.rsplit_once('@') {
+        Some((local, domain)) => format!("{local}@{}", domain.to_lowercase()),
+        None => address.to_owned(),
+    }
+}
+
+/// The block's diagnostic: the server's reply if quoted, else its first lines of prose.
+fn diagnostic(lines: &[&str]) -> Option<String> {
+    // Gmail: "The response from the remote server was:" and the reply on the next lines.
+    if let Some(i) = lines.iter().position(|l| {
+        let l = l.to_ascii_lowercase();
+        l.contains("the response from the remote server was:") || l.contains("the response was:")
+    }) {
+        let reply: Vec<&str> = lines[i + 1..]
+            .iter()
+            .map(|l| l.trim())
+            .skip_while(|l| l.is_empty())
+            .take_while(|l| !l.is_empty())
+            .collect();
+        if !reply.is_empty() {
+            return Some(tidy(&join_reply_lines(&reply.join(" "))));
+        }
+    }
+    for (i, line) in lines.iter().enumerate() {
+        let Some((text, closer)) = reply_in(line) else {
+            continue;
+        };
+        let mut text = text.to_owned();
+        // Folded replies (Postfix) and multi-line replies (Exim) continue indented.
+        for next in &lines[i + 1..] {
+            if next.trim().is_empty()
+                || !next.starts_with([' ', '\t'])
+                || text.len() > MAX_DIAGNOSTIC
+            {
+                break;
+            }
+            text.push(' ');
+            text.push_str(next.trim());
+        }
+        let mut text = join_reply_lines(&text);
+        if let Some(closer) = closer {
+            let trimmed = text.trim_end().trim_end_matches(closer).trim_end();
+            text = trimmed.to_owned();
+        }
+        return Some(tidy(&text));
+    }
+    let prose: Vec<&str> = lines
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty() && !is_label(l))
+        .take(2)
+        .collect();
+    (!prose.is_empty()).then(|| tidy(&prose.join(" ")))
+}
+
+/// Lines that frame a diagnostic rather than say anything.
+fn is_label(line: &str) -> bool {
+    let l = line.to_ascii_lowercase();
+    ["because:", "diagnostic information for administrators:"].contains(&l.as_str())
+        || [
+            "generating server:",
+            "subject:",
+            "date:",
+            "sent:",
+            "to:",
+            "from:",
+            ">>>",
+            "<<<",
+            "---",
+            "===",
+        ]
+        .iter()
+        .any(|p| l.starts_with(p))
+}
+
+/// Where an SMTP reply starts in `line` (`550 ...`, `said: 550-5.1.1 ...`, `'550 ...'`,
+/// `#550 ...`, `(reason: 550 ...)`) and the closing character to strip if it was quoted.
+fn reply_in(line: &str) -> Option<(&str, Option<char>)> {
+    let t = line.trim();
+    // Sendmail's "(reason: 550 ...)": the parentheses are not part of the reply.
+    let t = t
+        .strip_prefix('(')
+        .and_then(|t| t.strip_suffix(')'))
+        .unwrap_or(t);
+    let b = t.as_bytes();
+    (0..b.len().saturating_sub(2)).find_map(|i| {
+        let code = &b[i..i + 3];
+        let is_code = matches!(code[0], b'4' | b'5')
+            && code[1..].iter().all(u8::is_ascii_digit)
+            && b.get(i + 3).is_none_or(|c| matches!(c, b' ' | b'-' | b':'));
+        if !is_code {
+            return None;
+        }
+        let before = t[..i].trim_end();
+        let opener = before.chars().last();
+        let ok = match opener {
+            None => true,
+            Some(c) => matches!(c, ':' | '\'' | '"' | '#' | '(' | '<'),
+        };
+        if !ok {
+            return None;
+        }
+        let closer = match opener {
+            Some('\'') => Some('\''),
+            Some('"') => Some('"'),
+            Some('#') => Some('#'),
+            Some('(') => Some(')'),
+            _ => None,
+        };
+        Some((&t[i..], closer))
+    })
+}
+
+/// `550-5.1.1 a 550-5.1.1 b 550 5.1.1 c` -> `550 5.1.1 a b c`: the repeated code prefixes of
+/// a multi-line reply dropped.
+pub fn join_reply_lines(text: &str) -> String {
+    let b = text.as_bytes();
+    let is_code = b.len() >= 4
+        && matches!(b[0], b'4' | b'5')
+        && b[1..3].iter().all(u8::is_ascii_digit)
+        && matches!(b[3], b' ' | b'-');
+    if !is_code {
+        return text.to_owned();
+    }
+    let basic = &text[..3];
+    let rest = &text[4..];
+    let enhanced = rest
+        .split_whitespace()
+        .next()
+        .filter(|w| super::classify::is_enhanced(w));
+    let mut out = String::with_capacity(text.len());
+    out.push_str(basic);
+    out.push(' ');
+    let mut words = rest.split_whitespace().peekable();
+    let mut first = true;
+    while let Some(word) = words.next() {
+        if !first {
+            // A continuation line's own "550-5.1.1" / "550 5.1.1" prefix.
+            let code_word =
+                word.len() == 4 && word.starts_with(basic) && matches!(word.as_bytes()[3], b'-')
+                    || word == basic;
+            if code_word {
+                if enhanced.is_some() && words.peek() == enhanced.as_ref() {
+                    words.next();
+                }
+                continue;
+            }
+            let glued = word.strip_prefix(basic).and_then(|w| w.strip_prefix('-'));
+            if let (Some(tail), Some(e)) = (glued, enhanced) {
+                if tail == e {
+                    continue;
+                }
+            }
+            out.push(' ');
+        }
+        out.push_str(word);
+        first = false;
+    }
+    out
+}
+
+/// Whitespace runs collapsed to one space, at most [`MAX_DIAGNOSTIC`] bytes.
+pub fn tidy(text: &str) -> String {
+    let joined = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    truncate(&joined, MAX_DIAGNOSTIC).to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_line_replies_are_joined() {
+        assert_eq!(
+            join_reply_lines("550-5.1.1 The account 550-5.1.1 does not 550 5.1.1 exist."),
+            "550 5.1.1 The account does not exist."
+        );
+        assert_eq!(join_reply_lines("421 try later"), "421 try later");
+        assert_eq!(join_reply_lines("no code"), "no code");
+    }
+
+    #[test]
+    fn address_lines() {
+        assert_eq!(
+            address_line("<Bob@Example.NET>:").unwrap().0,
+            "Bob@example.net"
+        );
+        assert_eq!(
+            address_line("  bob@example.net").unwrap().0,
+            "bob@example.net"
+        );
+        assert_eq!(
+            address_line("bob@example.net: 550 no").unwrap(),
+            ("bob@example.net".to_owned(), "550 no")
+        );
+        assert!(address_line("bob@example.net<mailto:bob@example.net>").is_some());
+        assert!(address_line("Please contact postmaster@example.net").is_none());
+        assert!(address_line("<<< 550 5.1.1 <bob@example.net>... User unknown").is_none());
+    }
+
+    #[test]
+    fn quoted_replies() {
+        assert_eq!(
+            diagnostic(&[
+                "Remote Server returned '550 5.1.1 RESOLVER.ADR.RecipNotFound; not found'"
+            ]),
+            Some("550 5.1.1 RESOLVER.ADR.RecipNotFound; not found".to_owned())
+        );
+        assert_eq!(
+            diagnostic(&["#550 5.1.1 RESOLVER.ADR.RecipNotFound; not found ##"]),
+            Some("550 5.1.1 RESOLVER.ADR.RecipNotFound; not found".to_owned())
+        );
+        assert_eq!(
+            diagnostic(&["    (reason: 550 5.1.1 <bob@example.net>... User unknown)"]),
+            Some("550 5.1.1 <bob@example.net>... User unknown".to_owned())
+        );
+        assert_eq!(
+            diagnostic(&["192.0.2.1 does not like recipient.", "Giving up."]).as_deref(),
+            Some("192.0.2.1 does not like recipient. Giving up.")
+        );
+    }
+}

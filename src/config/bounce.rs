@@ -1,0 +1,138 @@
+//! `[bounce]` (the operator's rule file) and the bounce rule file format itself, which the
+//! shipped defaults (`config/bounce-rules.toml`) and an operator's file share:
+//!
+//! ```toml
+//! [[rule]]
+//! category = "invalid_recipient"   # a bounce::Category name; required
+//! status = ["x.1.1", "5.1.10"]     # enhanced status patterns (x = any, prefix allowed)
+//! text = ["user unknown"]          # case-insensitive substrings of the diagnostic
+//! regex = "no (such|valid) user"   # case-insensitive regular expression
+//! ```
+//!
+//! A rule needs at least one of `status`, `text` or `regex`; with `status` and text
+//! conditions both must hold; `text` and `regex` together mean either. Errors are reported
+//! per rule as `rule[i].key: ...`.
+
+use std::path::PathBuf;
+
+use super::path;
+use super::reader::{self, string, TableReader};
+use crate::bounce::classify::{Category, Rule, StatusPattern};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BounceConfig {
+    /// Extra classification rules, tried before the shipped ones. Default: none. The file is
+    /// read and checked at start (and by `check-config`), like TLS and DKIM files.
+    pub rules: Option<PathBuf>,
+}
+
+pub(super) fn compile_bounce(r: &mut TableReader<'_>) -> BounceConfig {
+    BounceConfig {
+        rules: r.get("rules", path),
+    }
+}
+
+/// Compiles a rule file; `Err` holds every error, each with its `rule[i]` path.
+pub fn compile_bounce_rules(text: &str) -> Result<Vec<Rule>, Vec<String>> {
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| vec![super::syntax_error(text, &e)])?;
+    reader::compile(table, |r| {
+        r.tables("rule", compile_rule)
+            .into_iter()
+            .flatten()
+            .collect()
+    })
+}
+
+fn compile_rule(r: &mut TableReader<'_>) -> Option<Rule> {
+    // A present but invalid condition is reported by its own key; only a rule without any
+    // condition at all gets the "needs" error.
+    let present = ["status", "text", "regex"].map(|k| r.contains(k));
+    let category = r.require("category", |v| string(v)?.parse::<Category>());
+    let status = r.list("status", |v| string(v)?.parse::<StatusPattern>());
+    let text = r.list("text", |v| match string(v)? {
+        "" => Err("must not be empty".to_owned()),
+        t => Ok(t.to_lowercase()),
+    });
+    let regex = r.get("regex", |v| {
+        regex::RegexBuilder::new(string(v)?)
+            .case_insensitive(true)
+            .size_limit(1 << 20)
+            .build()
+            .map_err(|e| e.to_string().replace('\n', " "))
+    });
+    let refused = [status.is_none(), text.is_none(), regex.is_none()];
+    if present.iter().zip(refused).any(|(&p, r)| p && r) {
+        return None;
+    }
+    let has_condition = status.as_ref().is_some_and(|s| !s.is_empty())
+        || text.as_ref().is_some_and(|t| !t.is_empty())
+        || regex.is_some();
+    if !has_condition {
+        r.error(
+            "status",
+            "a rule needs at least one of status, text or regex",
+        );
+        return None;
+    }
+    Some(Rule {
+        category: category?,
+        status: status.unwrap_or_default(),
+        text: text.unwrap_or_default(),
+        regex,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_rule_error_names_its_index_and_key() {
+        let errors = compile_bounce_rules(
+            r#"
+            [[rule]]
+            category = "invalid_recipient"
+            status = ["x.1.1"]
+
+            [[rule]]
+            category = "bogus"
+            text = ["x"]
+
+            [[rule]]
+            category = "policy"
+
+            [[rule]]
+            category = "policy"
+            status = ["5.q"]
+            regex = "("
+            colour = "red"
+            "#,
+        )
+        .unwrap_err();
+        let expect = [
+            "rule[1].category: unknown category \"bogus\"",
+            "rule[2].status: a rule needs at least one of status, text or regex",
+            "rule[3].status[0]: invalid status pattern",
+            "rule[3].regex: ",
+            "rule[3].colour: unknown key",
+        ];
+        assert_eq!(errors.len(), expect.len(), "{errors:#?}");
+        for (got, want) in errors.iter().zip(expect) {
+            assert!(got.starts_with(want), "{got:?} should start with {want:?}");
+        }
+    }
+
+    #[test]
+    fn the_operator_file_is_a_config_key() {
+        let config = crate::config::Config::parse(
+            "[[listeners]]\naddress = \"127.0.0.1:2525\"\n[bounce]\nrules = \"/etc/tern/rules.toml\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.bounce.rules,
+            Some(PathBuf::from("/etc/tern/rules.toml"))
+        );
+    }
+}
