@@ -31,6 +31,7 @@ use crate::outcome::Settler;
 use crate::policy::Policy;
 use crate::reload::{self, ReloadReport};
 use crate::scheduler::Scheduler;
+use crate::sidecar::Sidecar;
 use crate::smtp::server::{ConnectionLimits, Server};
 use crate::smtp::session::SessionConfig;
 use anyhow::Context;
@@ -74,6 +75,9 @@ pub struct Daemon {
     admin: tokio::task::JoinHandle<()>,
     /// Stops the admin server; separate from `shutdown` so scrapes answer while draining.
     stop_admin: CancellationToken,
+    /// Ends the sidecar's bandit batches (a last batch is stored before the spool's flush).
+    stop_sidecar: CancellationToken,
+    sidecar_batches: tokio::task::JoinHandle<()>,
     sessions: TaskTracker,
     grace: Duration,
 }
@@ -163,13 +167,25 @@ impl Daemon {
                 )
             })?;
         let (new_mail, new_mail_rx) = tokio::sync::mpsc::unbounded_channel();
+        let sidecar = Arc::new(
+            Sidecar::new(
+                &config.sidecar,
+                &config.server.hostname,
+                spool.clone(),
+                metrics.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+        let stop_sidecar = CancellationToken::new();
+        let sidecar_batches = tokio::spawn(sidecar.clone().run_batches(stop_sidecar.clone()));
         let ingest = Ingest::new(
             spool.clone(),
             config.server.hostname.clone(),
             config.spool.max_age,
         )
         .with_dkim(dkim)
-        .with_scheduler(new_mail);
+        .with_scheduler(new_mail)
+        .with_sidecar(sidecar);
         let settler = Arc::new(Settler::new(
             spool.clone(),
             ingest.clone(),
@@ -263,6 +279,8 @@ impl Daemon {
             listeners,
             admin,
             stop_admin,
+            stop_sidecar,
+            sidecar_batches,
             sessions,
             grace,
         })
@@ -387,6 +405,13 @@ impl Daemon {
         &self.scheduler
     }
 
+    /// The pre-enqueue stage (campaigns, bandit state, tracked engagement).
+    pub fn sidecar(&self) -> &Arc<Sidecar> {
+        self.ingest
+            .sidecar()
+            .expect("the daemon always runs the sidecar stage")
+    }
+
     /// Waits until every delivery-log line recorded so far is written to the file. The
     /// settler records an attempt's lines before it writes the spool, so after a spool change
     /// is seen, this makes that attempt's lines readable.
@@ -415,6 +440,10 @@ impl Daemon {
         self.scheduler.shutdown(self.grace).await;
         self.pool.close_all().await;
         self.delivery_log.flush().await;
+        self.stop_sidecar.cancel();
+        if let Err(e) = self.sidecar_batches.await {
+            warn!(error = %e, "sidecar batch task failed");
+        }
         self.spool.flush().await.context("final spool flush")?;
         // Scrapes answer while draining; the admin server stops last, within the grace period
         // (its graceful shutdown waits for open HTTP connections).

@@ -1,6 +1,7 @@
 //! The "cleanup" stage between a finished SMTP transaction and the spool.
 //!
-//! It prepends the Received trace header, adds Date and Message-ID to authenticated
+//! A message with `X-Tern-*` control headers or a sidecar request first goes through the
+//! [`sidecar`] stage (one submission per recipient comes back); others skip it. Then it prepends the Received trace header, adds Date and Message-ID to authenticated
 //! submissions that lack them, splits the recipients by destination domain (one envelope per
 //! destination, so exactly one delivery worker ever owns an envelope), and commits all parts
 //! in one atomic, fsync'd spool write. [`Ingest::accept`] returns only once the message is
@@ -11,6 +12,7 @@
 use crate::delivery::dkim::DkimSigners;
 use crate::live::Live;
 use crate::scheduler::NewMessage;
+use crate::sidecar::{self, SendTime, Sidecar};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -57,6 +59,17 @@ pub struct Submission {
     pub tls: Option<TlsInfo>,
     /// The message as received: headers and body, CRLF line ends, no dot-stuffing.
     pub content: Vec<u8>,
+    /// The sidecar request of an HTTP injection (SMTP asks with `X-Tern-*` headers).
+    pub sidecar: Option<crate::sidecar::Request>,
+}
+
+/// What [`Ingest::accept_report`] committed.
+#[derive(Debug)]
+pub struct Accepted {
+    /// One id per spool part; the first is the queue id.
+    pub ids: Vec<MessageId>,
+    /// Per recipient, what the sidecar did (empty when the message took the plain path).
+    pub sidecar: Vec<crate::sidecar::Report>,
 }
 
 #[derive(Clone)]
@@ -67,6 +80,7 @@ pub struct Ingest {
     /// Shared by every clone, so a config reload (key rotation) reaches them all.
     dkim: Arc<Live<DkimSigners>>,
     scheduler: Option<mpsc::UnboundedSender<Vec<NewMessage>>>,
+    sidecar: Option<Arc<Sidecar>>,
 }
 
 impl Ingest {
@@ -77,7 +91,18 @@ impl Ingest {
             max_age,
             dkim: Arc::new(Live::new(DkimSigners::none())),
             scheduler: None,
+            sidecar: None,
         }
+    }
+
+    /// Runs the sidecar stage on messages that ask for it (control headers or a request).
+    pub fn with_sidecar(mut self, sidecar: Arc<Sidecar>) -> Ingest {
+        self.sidecar = Some(sidecar);
+        self
+    }
+
+    pub fn sidecar(&self) -> Option<&Arc<Sidecar>> {
+        self.sidecar.as_ref()
     }
 
     /// Signs accepted mail with these keys (when its From domain has any).
@@ -115,10 +140,68 @@ impl Ingest {
     /// Like [`Ingest::accept`], but returns the id of every part (one per destination
     /// domain, in commit order); the first is the queue id.
     pub async fn accept_parts(&self, sub: Submission) -> Result<Vec<MessageId>, SpoolError> {
+        Ok(self.accept_report(sub).await?.ids)
+    }
+
+    /// Like [`Ingest::accept_parts`], with the sidecar's per-recipient report. A message that
+    /// asks for the sidecar becomes one submission per recipient, all committed together
+    /// under one queue id.
+    pub async fn accept_report(&self, sub: Submission) -> Result<Accepted, SpoolError> {
         let now = crate::clock::now();
+        let mut ids = Vec::new();
+        let mut parts = Vec::new();
+        let mut reports = Vec::new();
+        match &self.sidecar {
+            Some(stage) if sidecar::wanted(&sub) => {
+                for prepared in stage.apply(sub).await {
+                    if let SendTime::Optimize { window, .. } = prepared.send_time {
+                        // The send-time model turns this into the recipients' not_before;
+                        // until it is wired in, the message is queued for now.
+                        tracing::debug!(
+                            window_s = window.as_secs(),
+                            "send-time optimisation requested"
+                        );
+                    }
+                    reports.extend(prepared.report);
+                    self.build_parts(prepared.submission, now, &mut ids, &mut parts)
+                        .await?;
+                }
+            }
+            _ => self.build_parts(sub, now, &mut ids, &mut parts).await?,
+        }
+        let new: Vec<NewMessage> = parts
+            .iter()
+            .map(|(env, _)| NewMessage {
+                id: env.id,
+                domain: env.destination.clone(),
+            })
+            .collect();
+        self.spool.commit(parts).await?;
+        if let Some(tx) = &self.scheduler {
+            // Only fails when the scheduler is gone (shutdown): the mail is durable and the
+            // due loader picks it up at the next start.
+            let _ = tx.send(new);
+        }
+        Ok(Accepted {
+            ids,
+            sidecar: reports,
+        })
+    }
+
+    /// The spool parts of one submission (Received header, Date/Message-ID, DKIM, one part
+    /// per destination domain), appended to `parts` with their ids; every part shares the
+    /// first id ever pushed to `ids` as its queue id.
+    async fn build_parts(
+        &self,
+        sub: Submission,
+        now: SystemTime,
+        ids: &mut Vec<MessageId>,
+        parts: &mut Vec<(Envelope, Vec<u8>)>,
+    ) -> Result<(), SpoolError> {
         let now_ms = unix_ms(now);
         let groups = split_by_destination(sub.recipients);
-        let ids: Vec<MessageId> = groups.iter().map(|_| self.spool.next_id()).collect();
+        let first = ids.len();
+        ids.extend(groups.iter().map(|_| self.spool.next_id()));
         let queue_id = ids[0];
 
         let only_rcpt = match groups.values().next() {
@@ -168,10 +251,11 @@ impl Ingest {
         }
 
         let expires_ms = now_ms.saturating_add(self.max_age.as_millis() as u64);
-        let mut parts = Vec::with_capacity(groups.len());
         let last = groups.len() - 1;
         let mut body = Some(body);
-        for (i, ((destination, recipients), id)) in groups.into_iter().zip(&ids).enumerate() {
+        for (i, ((destination, recipients), id)) in
+            groups.into_iter().zip(&ids[first..]).enumerate()
+        {
             // The last part takes the buffer itself; the others get their own copy, since
             // every envelope owns exactly one body.
             let part_body = if i == last {
@@ -201,20 +285,7 @@ impl Ingest {
             };
             parts.push((envelope, part_body));
         }
-        let new: Vec<NewMessage> = parts
-            .iter()
-            .map(|(env, _)| NewMessage {
-                id: env.id,
-                domain: env.destination.clone(),
-            })
-            .collect();
-        self.spool.commit(parts).await?;
-        if let Some(tx) = &self.scheduler {
-            // Only fails when the scheduler is gone (shutdown): the mail is durable and the
-            // due loader picks it up at the next start.
-            let _ = tx.send(new);
-        }
-        Ok(ids)
+        Ok(())
     }
 }
 

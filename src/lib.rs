@@ -7,6 +7,8 @@
 //! - [`smtp`]: the SMTP server: sans-IO protocol pieces, listeners and the session state machine.
 //! - [`policy`]: relay access and per-message limits, answered as [`smtp::reply::Reply`] values.
 //! - [`ingest`]: the "cleanup" stage: trace headers, split by destination, durable commit.
+//! - [`sidecar`]: the pre-enqueue stage ingest runs first: control headers, campaign templates,
+//!   generated slots, the variant bandit, tracking links.
 //! - [`clock`]: the one clock arrival, due, retry and expiry times are read from.
 //! - [`scheduler`]: ready queues per destination, due timers, workers, watchdog.
 //! - [`delivery`]: routing (static routes, MX), the outbound SMTP client and pool, DKIM,
@@ -37,4 +39,5 @@ pub mod outcome;
 pub mod policy;
 pub mod reload;
 pub mod scheduler;
+pub mod sidecar;
 pub mod smtp;

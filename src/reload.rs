@@ -32,6 +32,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "delivery.log_path",
     "log.format",
     "bounce.rules",
+    "sidecar",
 ];
 
 /// What a successful reload did.
@@ -68,6 +69,8 @@ pub fn merge(running: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
     keep!("delivery.log_path", delivery.log_path);
     keep!("log.format", log.format);
     keep!("bounce.rules", bounce.rules);
+    // The bandit's posteriors and the model client's breaker and cache live with the stage.
+    keep!("sidecar", sidecar);
     (new, kept)
 }
 

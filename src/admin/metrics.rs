@@ -163,6 +163,8 @@ pub struct Metrics {
     dkim_failures: IntCounterVec,
     config_reloads: IntCounterVec,
     config_last_reload: Gauge,
+    sidecar_content: IntCounterVec,
+    sidecar_engagements: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -229,6 +231,16 @@ impl Metrics {
             spool_syncs: counter(
                 "tern_spool_syncs_total",
                 "Spool group-commit rounds (each one merged batch and its fsyncs) since open.",
+            ),
+            sidecar_content: counter_vec(
+                "tern_sidecar_content_total",
+                "Sidecar results per recipient: model, cache or default content, or why the defaults rendered (disabled, breaker_open, timeout, connect, status, malformed, guardrail), or unknown_campaign / template_error (sent as submitted).",
+                &["result"],
+            ),
+            sidecar_engagements: counter_vec(
+                "tern_sidecar_engagements_total",
+                "Opens and clicks seen by the tracking endpoints, human or machine (prefetch, scanner).",
+                &["kind", "source"],
             ),
             spool_sync: Mutex::new(()),
             deliveries: counter_vec(
@@ -421,6 +433,20 @@ impl Metrics {
     pub fn message_rejected(&self, reason: Rejection) {
         self.messages_rejected
             .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    /// One sidecar result; `result` is one of the fixed codes named in the metric's help.
+    pub fn sidecar_content(&self, result: &'static str) {
+        self.sidecar_content.with_label_values(&[result]).inc();
+    }
+
+    /// One tracked open or click.
+    pub fn sidecar_engagement(&self, click: bool, machine: bool) {
+        let kind = if click { "click" } else { "open" };
+        let source = if machine { "machine" } else { "human" };
+        self.sidecar_engagements
+            .with_label_values(&[kind, source])
             .inc();
     }
 

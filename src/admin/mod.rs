@@ -9,6 +9,9 @@
 //! - [`inject`]: `POST /api/v1/inject`, mail submitted over HTTP into the SMTP ingest path.
 //! - [`client`]: the blocking HTTP client the `tern` CLI uses to call the API.
 //!
+//! The sidecar's tracking routes (`/t/o/{token}`, `/t/c/{token}`, see
+//! [`crate::sidecar::tracking`]) are served here too, outside `/api/v1`.
+//!
 //! Invariant: every `/api/v1` route sits behind [`auth::require_token`].
 
 pub mod auth;
@@ -74,10 +77,14 @@ fn router(state: AdminState) -> Router {
             state.token.clone(),
             auth::require_token,
         ));
-    Router::new()
+    let mut router = Router::new()
         .route("/metrics", get(scrape))
-        .nest("/api/v1", api)
-        .with_state(state)
+        .nest("/api/v1", api);
+    // Open (no token): recipients' mail clients fetch these; the signed token is the check.
+    if let Some(sidecar) = state.ingest.sidecar() {
+        router = router.merge(crate::sidecar::tracking::routes(sidecar.clone()));
+    }
+    router.with_state(state)
 }
 
 async fn scrape(State(state): State<AdminState>) -> impl IntoResponse {

@@ -19,6 +19,7 @@
 mod bounce;
 mod delivery;
 mod reader;
+mod sidecar;
 
 /// Parses a duration written as in the config file ("30s", "5m", "2h", "1d"); the admin API
 /// takes the same syntax.
@@ -31,6 +32,10 @@ pub use self::bounce::{compile_bounce_rules, BounceConfig};
 pub use self::delivery::{
     DeliveryConfig, DkimConfig, RouteAuth, SmtpTimeouts, TlsPolicy, DEFAULT_DKIM_HEADERS,
     DEFAULT_DKIM_OVERSIGN,
+};
+pub use self::sidecar::{
+    BanditConfig, CampaignConfig, ModelConfig, SidecarConfig, SlotConfig, TrackingConfig,
+    VariantConfig,
 };
 
 use std::collections::HashMap;
@@ -64,6 +69,8 @@ pub struct Config {
     /// DKIM signing keys, `[[dkim]]`; several per domain allowed.
     pub dkim: Vec<DkimConfig>,
     pub bounce: BounceConfig,
+    /// `[sidecar]`: campaigns, the content model, tracking, the variant bandit.
+    pub sidecar: SidecarConfig,
     pub log: LogConfig,
 }
 
@@ -322,6 +329,7 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
         .flatten()
         .collect();
     let bounce = r.section("bounce", bounce::compile_bounce);
+    let sidecar = r.section("sidecar", sidecar::compile_sidecar);
     let log = r.section("log", compile_log);
 
     Config {
@@ -337,6 +345,7 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
         delivery,
         dkim,
         bounce,
+        sidecar,
         log,
     }
 }

@@ -390,6 +390,7 @@ impl Settler {
             },
             tls: None,
             content: message,
+            sidecar: None,
         }
     }
 }

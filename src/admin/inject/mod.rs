@@ -62,6 +62,9 @@ struct InjectRequest {
     raw_base64: Option<String>,
     #[serde(default)]
     message: Option<compose::Structured>,
+    /// A campaign, send time and template data for the sidecar stage.
+    #[serde(default)]
+    sidecar: Option<crate::sidecar::Request>,
 }
 
 /// The 200 answer.
@@ -73,6 +76,9 @@ struct Injected {
     ids: Vec<MessageId>,
     /// Distinct recipients accepted.
     recipients: usize,
+    /// Per recipient, what the sidecar did (campaign, variant, content source, reason).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    sidecar: Vec<crate::sidecar::Report>,
 }
 
 /// Largest request body read: the message may grow by a third as base64 and more as JSON
@@ -112,14 +118,15 @@ async fn inject(
     let submission = submission(&state, &limits, request, peer)?;
     let size = submission.content.len();
     let recipients = submission.recipients.len();
-    match state.ingest.accept_parts(submission).await {
-        Ok(ids) => {
+    match state.ingest.accept_report(submission).await {
+        Ok(crate::ingest::Accepted { ids, sidecar }) => {
             info!(id = %ids[0], %peer, size, rcpts = recipients, "queued (http)");
             state.metrics.message_received(Intake::Http);
             Ok(Json(Injected {
                 id: ids[0],
                 ids,
                 recipients,
+                sidecar,
             }))
         }
         Err(err) => {
@@ -162,6 +169,9 @@ fn submission(
                 "envid: 1 to 100 printable ASCII characters",
             ));
         }
+    }
+    if let Some(sidecar) = &request.sidecar {
+        check_sidecar(state, sidecar)?;
     }
     let recipients = recipients(request.to)?;
     if recipients.is_empty() {
@@ -248,7 +258,29 @@ fn submission(
         },
         tls: None,
         content,
+        sidecar: request.sidecar,
     })
+}
+
+/// A named campaign must exist and a send time must parse: refused before anything is queued.
+fn check_sidecar(state: &AdminState, request: &crate::sidecar::Request) -> Result<(), ApiError> {
+    let stage = state
+        .ingest
+        .sidecar()
+        .ok_or_else(|| ApiError::bad_request("sidecar: the sidecar stage is not running"))?;
+    if let Some(name) = &request.campaign {
+        if !stage.has_campaign(name) {
+            return Err(ApiError::bad_request(format!(
+                "sidecar.campaign: unknown campaign {name:?} (campaigns are [[sidecar.campaigns]] in the config)"
+            )));
+        }
+    }
+    if let Some(text) = &request.send_time {
+        stage
+            .send_time(request.campaign.as_deref(), text)
+            .map_err(|e| ApiError::bad_request(format!("sidecar.send_time: {e}")))?;
+    }
+    Ok(())
 }
 
 /// The `to` value as recipients, duplicates (same local part, domain in any case) kept once.

@@ -1,0 +1,372 @@
+//! `[sidecar]`: the pre-enqueue stage's model client, tracking, bandit and campaigns.
+//!
+//! Templates are compiled here (minijinja syntax errors are config errors with their key
+//! path), so a message never meets a template that cannot render for syntax reasons.
+//! Every key has a default except a campaign's `name` and `text`; with no `[sidecar]` section
+//! the stage still strips `X-Tern-*` control headers but knows no campaign.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use toml::Value;
+
+use super::path;
+use super::reader::{count, duration, nonzero, string, TableReader};
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SidecarConfig {
+    /// `None`: no `[sidecar.model]`, slots always take their defaults.
+    pub model: Option<ModelConfig>,
+    /// `None`: no `[sidecar.tracking]`; a campaign with `tracking = true` is a config error.
+    pub tracking: Option<TrackingConfig>,
+    pub bandit: BanditConfig,
+    /// Names unique.
+    pub campaigns: Vec<CampaignConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// OpenAI-compatible API root, e.g. `http://127.0.0.1:8080/v1`; `/chat/completions` is
+    /// appended. Only `http://` (a local server or a TLS-terminating proxy).
+    pub base_url: String,
+    pub model: String,
+    /// Name of the environment variable holding the API key (sent as a bearer token).
+    pub api_key_env: Option<String>,
+    /// Default 1s.
+    pub connect_timeout: Duration,
+    /// The longest a message waits for generated text before its defaults render. Default 3s.
+    pub deadline: Duration,
+    /// Requests in flight at once. Default 8.
+    pub max_concurrency: usize,
+    /// Consecutive failures that open the circuit breaker. Default 5.
+    pub breaker_failures: u32,
+    /// How long an open breaker refuses calls before one is tried again. Default 30s.
+    pub breaker_cooldown: Duration,
+    /// Cached answers kept (keyed by the hash of every input). Default 10000; 0 = no cache.
+    pub cache_entries: usize,
+    /// Default 0.7.
+    pub temperature: f64,
+    /// Default 300.
+    pub max_tokens: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackingConfig {
+    /// Public base URL of the admin listener's `/t/` routes, e.g. `https://t.example.com`.
+    pub base_url: String,
+    /// File holding the token-signing key; created (random, mode 0600) at first start.
+    pub secret_file: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BanditConfig {
+    /// Share of sends given a uniformly random variant. Default 0.1.
+    pub exploration: f64,
+    /// Share of sends that get the campaign's own content (variant `holdout`). Default 0.05.
+    pub holdout: f64,
+    /// How often engagement is folded into the posteriors. Default 1h.
+    pub batch_interval: Duration,
+}
+
+impl Default for BanditConfig {
+    fn default() -> Self {
+        BanditConfig {
+            exploration: 0.1,
+            holdout: 0.05,
+            batch_interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CampaignConfig {
+    pub name: String,
+    /// minijinja template of the Subject. Default `"{{ slots.subject }}"`.
+    pub subject: String,
+    /// minijinja template of the text/plain part.
+    pub text: String,
+    /// minijinja template of the text/html part (auto-escaped). Optional.
+    pub html: Option<String>,
+    pub slots: Vec<SlotConfig>,
+    pub variants: Vec<VariantConfig>,
+    /// Recipient data fields the model may see. Default none.
+    pub model_fields: Vec<String>,
+    /// Rewrite links and add an open pixel. Default false.
+    pub tracking: bool,
+    /// Window for `X-Tern-Send-Time: optimize`. Default 24h.
+    pub send_window: Duration,
+    /// Local hours no send should land in, `[start, end)`, e.g. `[22, 7]`. Default none.
+    pub quiet_hours: Option<(u8, u8)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotConfig {
+    pub name: String,
+    /// What the model is asked to write; no prompt = the slot is never generated.
+    pub prompt: Option<String>,
+    /// Rendered whenever the model is off, fails or is late.
+    pub default: String,
+    /// Characters kept of generated text. Default 120.
+    pub max_chars: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VariantConfig {
+    pub id: String,
+    /// Replaces the campaign's `subject` template.
+    pub subject: Option<String>,
+    /// Replaces the campaign's `text` template.
+    pub text: Option<String>,
+}
+
+pub(super) fn compile_sidecar(r: &mut TableReader<'_>) -> SidecarConfig {
+    let model = r.optional_section("model", compile_model).flatten();
+    let tracking = r.optional_section("tracking", compile_tracking).flatten();
+    let bandit = r.section("bandit", compile_bandit);
+    let campaigns: Vec<CampaignConfig> = r
+        .tables("campaigns", compile_campaign)
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for c in &campaigns {
+        if !seen.insert(c.name.as_str()) {
+            r.error(
+                "campaigns",
+                format!("campaign name {:?} used twice", c.name),
+            );
+        }
+        if c.tracking && tracking.is_none() {
+            r.error(
+                "tracking",
+                format!(
+                    "campaign {:?} has tracking = true: [sidecar.tracking] (base_url, secret_file) is required",
+                    c.name
+                ),
+            );
+        }
+    }
+    SidecarConfig {
+        model,
+        tracking,
+        bandit,
+        campaigns,
+    }
+}
+
+fn compile_model(r: &mut TableReader<'_>) -> Option<ModelConfig> {
+    let base_url = r.require("base_url", |v| match string(v)? {
+        u if u.starts_with("http://") => Ok(u.trim_end_matches('/').to_owned()),
+        u => Err(format!(
+            "{u:?}: only http:// URLs (a local server, or a TLS-terminating proxy)"
+        )),
+    });
+    let model = r.require("model", |v| non_empty(v).map(str::to_owned));
+    let api_key_env = r.get("api_key_env", |v| non_empty(v).map(str::to_owned));
+    let connect_timeout = r
+        .get("connect_timeout", |v| duration(v).and_then(nonzero))
+        .unwrap_or(Duration::from_secs(1));
+    let deadline = r
+        .get("deadline", |v| duration(v).and_then(nonzero))
+        .unwrap_or(Duration::from_secs(3));
+    let max_concurrency = r
+        .get("max_concurrency", |v| count(v).and_then(nonzero))
+        .unwrap_or(8);
+    let breaker_failures = r
+        .get("breaker_failures", |v| {
+            count(v)
+                .and_then(nonzero)
+                .map(|n| n.min(u32::MAX as usize) as u32)
+        })
+        .unwrap_or(5);
+    let breaker_cooldown = r
+        .get("breaker_cooldown", duration)
+        .unwrap_or(Duration::from_secs(30));
+    let cache_entries = r.get("cache_entries", count).unwrap_or(10_000);
+    let temperature = r
+        .get("temperature", |v| {
+            match v.as_float().or(v.as_integer().map(|i| i as f64)) {
+                Some(t) if (0.0..=2.0).contains(&t) => Ok(t),
+                _ => Err("must be a number from 0 to 2".to_owned()),
+            }
+        })
+        .unwrap_or(0.7);
+    let max_tokens = r
+        .get("max_tokens", |v| {
+            count(v).and_then(nonzero).map(|n| n.min(100_000) as u32)
+        })
+        .unwrap_or(300);
+    Some(ModelConfig {
+        base_url: base_url?,
+        model: model?,
+        api_key_env,
+        connect_timeout,
+        deadline,
+        max_concurrency,
+        breaker_failures,
+        breaker_cooldown,
+        cache_entries,
+        temperature,
+        max_tokens,
+    })
+}
+
+fn compile_tracking(r: &mut TableReader<'_>) -> Option<TrackingConfig> {
+    let base_url = r.require("base_url", |v| match string(v)? {
+        u if u.starts_with("http://") || u.starts_with("https://") => {
+            Ok(u.trim_end_matches('/').to_owned())
+        }
+        u => Err(format!("{u:?}: expected an http:// or https:// URL")),
+    });
+    let secret_file = r.require("secret_file", path);
+    Some(TrackingConfig {
+        base_url: base_url?,
+        secret_file: secret_file?,
+    })
+}
+
+fn compile_bandit(r: &mut TableReader<'_>) -> BanditConfig {
+    let d = BanditConfig::default();
+    BanditConfig {
+        exploration: r.get("exploration", share).unwrap_or(d.exploration),
+        holdout: r.get("holdout", share).unwrap_or(d.holdout),
+        batch_interval: r
+            .get("batch_interval", |v| duration(v).and_then(nonzero))
+            .unwrap_or(d.batch_interval),
+    }
+}
+
+fn compile_campaign(r: &mut TableReader<'_>) -> Option<CampaignConfig> {
+    let name = r.require("name", |v| match string(v)? {
+        n if !n.is_empty()
+            && n.len() <= 64
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
+        {
+            Ok(n.to_owned())
+        }
+        n => Err(format!("{n:?}: 1 to 64 letters, digits, '-', '_' or '.'")),
+    });
+    let subject = r
+        .get("subject", template)
+        .unwrap_or_else(|| "{{ slots.subject }}".to_owned());
+    let text = r.require("text", template);
+    let html = r.get("html", template);
+    let slots: Vec<SlotConfig> = r
+        .tables("slots", compile_slot)
+        .into_iter()
+        .flatten()
+        .collect();
+    let variants: Vec<VariantConfig> = r
+        .tables("variants", compile_variant)
+        .into_iter()
+        .flatten()
+        .collect();
+    let model_fields = r
+        .list("model_fields", |v| non_empty(v).map(str::to_owned))
+        .unwrap_or_default();
+    let tracking = r.get("tracking", boolean).unwrap_or(false);
+    let send_window = r
+        .get("send_window", |v| duration(v).and_then(nonzero))
+        .unwrap_or(Duration::from_secs(86_400));
+    let quiet_hours = r.get("quiet_hours", |v| {
+        let hours = v.as_array().filter(|a| a.len() == 2).and_then(|a| {
+            let h = |x: &Value| x.as_integer().filter(|h| (0..24).contains(h));
+            Some((h(&a[0])? as u8, h(&a[1])? as u8))
+        });
+        hours.ok_or_else(|| "expected [start, end], hours 0 to 23".to_owned())
+    });
+    let mut slot_names = std::collections::HashSet::new();
+    for s in &slots {
+        if !slot_names.insert(s.name.as_str()) {
+            r.error("slots", format!("slot name {:?} used twice", s.name));
+        }
+    }
+    let mut variant_ids = std::collections::HashSet::new();
+    for v in &variants {
+        if !variant_ids.insert(v.id.as_str()) || v.id == "holdout" {
+            r.error(
+                "variants",
+                format!("variant id {:?} used twice (\"holdout\" is reserved)", v.id),
+            );
+        }
+    }
+    Some(CampaignConfig {
+        name: name?,
+        subject,
+        text: text?,
+        html,
+        slots,
+        variants,
+        model_fields,
+        tracking,
+        send_window,
+        quiet_hours,
+    })
+}
+
+fn compile_slot(r: &mut TableReader<'_>) -> Option<SlotConfig> {
+    let name = r.require("name", identifier);
+    let prompt = r.get("prompt", |v| non_empty(v).map(str::to_owned));
+    let default = r.require("default", |v| string(v).map(str::to_owned));
+    let max_chars = r
+        .get("max_chars", |v| count(v).and_then(nonzero))
+        .unwrap_or(120);
+    Some(SlotConfig {
+        name: name?,
+        prompt,
+        default: default?,
+        max_chars,
+    })
+}
+
+fn compile_variant(r: &mut TableReader<'_>) -> Option<VariantConfig> {
+    let id = r.require("id", identifier);
+    let subject = r.get("subject", template);
+    let text = r.get("text", template);
+    Some(VariantConfig {
+        id: id?,
+        subject,
+        text,
+    })
+}
+
+fn non_empty(v: &Value) -> Result<&str, String> {
+    match string(v)? {
+        "" => Err("must not be empty".to_owned()),
+        s => Ok(s),
+    }
+}
+
+fn identifier(v: &Value) -> Result<String, String> {
+    match string(v)? {
+        n if !n.is_empty()
+            && n.len() <= 32
+            && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') =>
+        {
+            Ok(n.to_owned())
+        }
+        n => Err(format!("{n:?}: 1 to 32 letters, digits or '_'")),
+    }
+}
+
+fn boolean(v: &Value) -> Result<bool, String> {
+    v.as_bool()
+        .ok_or_else(|| "expected true or false".to_owned())
+}
+
+fn share(v: &Value) -> Result<f64, String> {
+    match v.as_float() {
+        Some(x) if (0.0..=1.0).contains(&x) => Ok(x),
+        _ => Err("expected a number from 0.0 to 1.0".to_owned()),
+    }
+}
+
+/// A minijinja template, checked for syntax here.
+fn template(v: &Value) -> Result<String, String> {
+    let source = string(v)?;
+    let env = minijinja::Environment::new();
+    env.template_from_str(source)
+        .map_err(|e| format!("template error: {e}"))?;
+    Ok(source.to_owned())
+}

@@ -1,0 +1,726 @@
+//! The sidecar: the pre-enqueue stage that turns a campaign request into per-recipient mail.
+//!
+//! [`Sidecar::apply`] runs inside [`Ingest`](crate::ingest::Ingest) before the Received header
+//! and DKIM signing. It strips every `X-Tern-*` control header ([`control`]), and for a message
+//! that names a campaign (header `X-Tern-Campaign` or the `sidecar` field of
+//! `POST /api/v1/inject`) renders the campaign's minijinja templates once per recipient:
+//! the [`bandit`] picks the variant, the [`model`] fills the named slots (cleaned by
+//! [`guard`]) within the deadline, [`tracking`] rewrites links and adds the open pixel. The
+//! send-time request comes out typed ([`SendTime`]) for the scheduling code to turn into a
+//! `not_before`.
+//!
+//! Invariants: mail without control headers or a `sidecar` request never gets here (the
+//! ingest checks [`wanted`], a scan of the header section); the stage never fails a message:
+//! an unknown campaign, bad data, a template error, a model failure or a missed deadline all
+//! fall back (plain message or the slots' defaults) and say why; the message's own headers
+//! (From, To, List-Unsubscribe, List-Unsubscribe-Post, ...) are kept byte for byte, only
+//! Subject and the MIME body are replaced; generated text reaches only its slot.
+
+pub mod bandit;
+pub mod control;
+pub mod guard;
+pub mod model;
+pub mod tracking;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mail_builder::headers::text::Text;
+use mail_builder::headers::Header as _;
+use mail_builder::mime::MimePart;
+use rand::Rng as _;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tern_queue::{Recipient, Spool};
+use tracing::{info, warn};
+
+use crate::admin::metrics::Metrics;
+use crate::config::{BanditConfig, CampaignConfig, SidecarConfig};
+use crate::ingest::Submission;
+pub use control::SendTime;
+use model::{Failure, Model, SlotRequest};
+use tracking::{Claims, Tracker};
+
+/// The sidecar part of an HTTP injection (`"sidecar": {...}`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    pub campaign: Option<String>,
+    /// `now`, `optimize` or `optimize; window=12h`.
+    pub send_time: Option<String>,
+    /// Template data for every recipient.
+    #[serde(default)]
+    pub data: Map<String, Value>,
+    /// Template data per recipient address (merged over `data`).
+    #[serde(default)]
+    pub recipients: HashMap<String, Map<String, Value>>,
+}
+
+/// Whether `sub` needs the stage at all (the plain path's only cost is this header scan).
+pub fn wanted(sub: &Submission) -> bool {
+    sub.sidecar.is_some() || control::has_control_headers(&sub.content)
+}
+
+/// One message the stage produced, ready for the spool.
+#[derive(Debug)]
+pub struct Prepared {
+    pub submission: Submission,
+    pub send_time: SendTime,
+    /// `None` when no campaign applied.
+    pub report: Option<Report>,
+}
+
+/// What the stage did for one recipient (in the inject answer, the log and metrics).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Report {
+    pub recipient: String,
+    pub campaign: String,
+    /// The bandit's choice (`holdout` for the holdout share); `None` without variants.
+    pub variant: Option<String>,
+    /// `model`, `cache` or `default`.
+    pub content: &'static str,
+    /// Why the defaults rendered (a [`Failure`] code), or `None`.
+    pub reason: Option<&'static str>,
+}
+
+/// An open or a click, from the tracking endpoints (or, once wired, `POST /api/v1/events`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Engagement {
+    pub kind: EngagementKind,
+    pub campaign: String,
+    pub recipient: String,
+    pub variant: Option<String>,
+    pub message_id: String,
+    pub url: Option<String>,
+    pub at_ms: u64,
+    /// A prefetch or scanner, not a person: never counts as engagement.
+    pub machine: bool,
+    pub user_agent: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngagementKind {
+    Open,
+    Click,
+}
+
+/// Where engagement goes beyond the bandit (the event store implements it).
+pub trait EngagementSink: Send + Sync {
+    fn record(&self, event: Engagement);
+}
+
+/// The built-in sink: the most recent events in memory, for tests and until an event
+/// store is attached.
+#[derive(Default)]
+pub struct RecentEngagement {
+    events: Mutex<std::collections::VecDeque<Engagement>>,
+}
+
+impl RecentEngagement {
+    const KEEP: usize = 10_000;
+
+    pub fn events(&self) -> Vec<Engagement> {
+        self.events
+            .lock()
+            .expect("events lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+impl EngagementSink for RecentEngagement {
+    fn record(&self, event: Engagement) {
+        let mut events = self.events.lock().expect("events lock");
+        if events.len() == Self::KEEP {
+            events.pop_front();
+        }
+        events.push_back(event);
+    }
+}
+
+/// A campaign with its templates compiled.
+struct Campaign {
+    config: CampaignConfig,
+    env: minijinja::Environment<'static>,
+    variants: Vec<String>,
+}
+
+pub struct Sidecar {
+    campaigns: HashMap<String, Campaign>,
+    model: Option<Model>,
+    deadline: Duration,
+    tracker: Option<Tracker>,
+    bandit_config: BanditConfig,
+    bandits: Mutex<HashMap<String, bandit::Bandit>>,
+    sink: Arc<dyn EngagementSink>,
+    recent: Arc<RecentEngagement>,
+    hostname: String,
+    spool: Spool,
+    metrics: Arc<Metrics>,
+}
+
+/// Work a template render may do (minijinja fuel): far above any sane template, far below
+/// a runaway loop.
+const TEMPLATE_FUEL: u64 = 200_000;
+
+/// Spool meta names of the bandits' posteriors.
+const BANDIT_META: &str = "sidecar/bandit/";
+
+impl Sidecar {
+    /// Compiles the campaigns, loads the tracking key and the bandits' stored posteriors.
+    /// Errors name the config key.
+    pub fn new(
+        config: &SidecarConfig,
+        hostname: &str,
+        spool: Spool,
+        metrics: Arc<Metrics>,
+    ) -> Result<Sidecar, String> {
+        let mut campaigns = HashMap::new();
+        let mut bandits = HashMap::new();
+        for c in &config.campaigns {
+            let mut env = minijinja::Environment::new();
+            env.set_fuel(Some(TEMPLATE_FUEL));
+            env.set_auto_escape_callback(|name| {
+                if name.ends_with(".html") {
+                    minijinja::AutoEscape::Html
+                } else {
+                    minijinja::AutoEscape::None
+                }
+            });
+            let mut add = |name: String, source: &str| {
+                env.add_template_owned(name, source.to_owned())
+                    .map_err(|e| format!("sidecar.campaigns ({}): {e}", c.name))
+            };
+            add("subject".into(), &c.subject)?;
+            add("text".into(), &c.text)?;
+            if let Some(html) = &c.html {
+                add("body.html".into(), html)?;
+            }
+            for v in &c.variants {
+                if let Some(s) = &v.subject {
+                    add(format!("{}/subject", v.id), s)?;
+                }
+                if let Some(t) = &v.text {
+                    add(format!("{}/text", v.id), t)?;
+                }
+            }
+            let variants: Vec<String> = c.variants.iter().map(|v| v.id.clone()).collect();
+            if !variants.is_empty() {
+                let stored = spool
+                    .get_meta(&format!("{BANDIT_META}{}", c.name))
+                    .map_err(|e| format!("spool.path: cannot read the bandit state: {e}"))?
+                    .and_then(|b| serde_json::from_slice::<bandit::Bandit>(&b).ok());
+                let mut b = stored.unwrap_or_default();
+                b.ensure(&variants);
+                bandits.insert(c.name.clone(), b);
+            }
+            campaigns.insert(
+                c.name.clone(),
+                Campaign {
+                    config: c.clone(),
+                    env,
+                    variants,
+                },
+            );
+        }
+        let model = config.model.clone().map(Model::new).transpose()?;
+        let tracker = config
+            .tracking
+            .as_ref()
+            .map(|t| Tracker::load(&t.base_url, &t.secret_file))
+            .transpose()?;
+        let recent = Arc::new(RecentEngagement::default());
+        Ok(Sidecar {
+            campaigns,
+            deadline: config.model.as_ref().map_or(Duration::ZERO, |m| m.deadline),
+            model,
+            tracker,
+            bandit_config: config.bandit.clone(),
+            bandits: Mutex::new(bandits),
+            sink: recent.clone(),
+            recent,
+            hostname: hostname.to_owned(),
+            spool,
+            metrics,
+        })
+    }
+
+    /// Sends engagement to `sink` (the event store) instead of the built-in recent list.
+    pub fn set_sink(&mut self, sink: Arc<dyn EngagementSink>) {
+        self.sink = sink;
+    }
+
+    /// The built-in sink's events (empty once another sink is set).
+    pub fn recent_engagement(&self) -> Vec<Engagement> {
+        self.recent.events()
+    }
+
+    pub fn tracker(&self) -> Option<&Tracker> {
+        self.tracker.as_ref()
+    }
+
+    pub fn has_campaign(&self, name: &str) -> bool {
+        self.campaigns.contains_key(name)
+    }
+
+    /// The campaign's send-time request parsed (for the API's 400 before anything is queued).
+    pub fn send_time(&self, campaign: Option<&str>, text: &str) -> Result<SendTime, String> {
+        let c = campaign.and_then(|c| self.campaigns.get(c));
+        control::parse_send_time(
+            text,
+            c.map_or(Duration::from_secs(86_400), |c| c.config.send_window),
+            c.and_then(|c| c.config.quiet_hours),
+        )
+    }
+
+    /// Records an engagement: a human one rewards the variant it was sent as (in the pending
+    /// batch), then it goes to the sink.
+    pub fn engagement(&self, event: Engagement) {
+        self.metrics
+            .sidecar_engagement(event.kind == EngagementKind::Click, event.machine);
+        if !event.machine {
+            if let Some(variant) = &event.variant {
+                if let Some(b) = self
+                    .bandits
+                    .lock()
+                    .expect("bandit lock")
+                    .get_mut(&event.campaign)
+                {
+                    b.reward(variant, &event.message_id);
+                }
+            }
+        }
+        self.sink.record(event);
+    }
+
+    /// Folds pending sends and rewards into the posteriors and stores them in the spool.
+    pub async fn apply_bandit_batch(&self) {
+        let changed: Vec<(String, Vec<u8>)> = {
+            let mut bandits = self.bandits.lock().expect("bandit lock");
+            bandits
+                .iter_mut()
+                .filter_map(|(name, b)| {
+                    b.apply_batch()
+                        .then(|| (name.clone(), serde_json::to_vec(&*b).expect("serialize")))
+                })
+                .collect()
+        };
+        for (name, state) in changed {
+            if let Err(e) = self
+                .spool
+                .put_meta(&format!("{BANDIT_META}{name}"), state)
+                .await
+            {
+                warn!(campaign = %name, error = %e, "cannot store the bandit state");
+            }
+        }
+    }
+
+    /// Runs [`Sidecar::apply_bandit_batch`] every `sidecar.bandit.batch_interval` until the
+    /// token is cancelled (and once more then).
+    pub async fn run_batches(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(self.bandit_config.batch_interval);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.apply_bandit_batch().await,
+                _ = stop.cancelled() => break,
+            }
+        }
+        self.apply_bandit_batch().await;
+    }
+
+    /// The bandit's applied counts of a campaign (sends, rewards per variant).
+    pub fn bandit_arms(&self, campaign: &str) -> BTreeMap<String, bandit::Arm> {
+        self.bandits
+            .lock()
+            .expect("bandit lock")
+            .get(campaign)
+            .map(|b| b.arms.clone())
+            .unwrap_or_default()
+    }
+
+    /// The stage: see the module doc.
+    pub async fn apply(&self, mut sub: Submission) -> Vec<Prepared> {
+        let request = sub.sidecar.take().unwrap_or_default();
+        let (control, content) = control::strip(&sub.content);
+        sub.content = content;
+        let campaign_name = request.campaign.or(control.campaign);
+        let campaign = match campaign_name.as_deref() {
+            None => None,
+            Some(name) => match self.campaigns.get(name) {
+                Some(c) => Some(c),
+                None => {
+                    warn!(campaign = name, "unknown campaign: sent as a plain message");
+                    self.metrics.sidecar_content("unknown_campaign");
+                    None
+                }
+            },
+        };
+        let send_time = match request.send_time.or(control.send_time) {
+            None => SendTime::Now,
+            Some(text) => self
+                .send_time(campaign.map(|c| c.config.name.as_str()), &text)
+                .unwrap_or_else(|e| {
+                    warn!(error = %e, "invalid X-Tern-Send-Time: sending now");
+                    SendTime::Now
+                }),
+        };
+        let Some(campaign) = campaign else {
+            return vec![Prepared {
+                submission: sub,
+                send_time,
+                report: None,
+            }];
+        };
+        let mut common = request.data;
+        if let Some(data) = control.data {
+            match serde_json::from_str::<Map<String, Value>>(&data) {
+                Ok(d) => common.extend(d),
+                Err(e) => {
+                    warn!(campaign = %campaign.config.name, error = %e, "X-Tern-Data is not a JSON object: ignored")
+                }
+            }
+        }
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.deadline;
+
+        // Per recipient: data, variant, then all model calls at once under one deadline.
+        let recipients = std::mem::take(&mut sub.recipients);
+        let mut jobs = Vec::with_capacity(recipients.len());
+        for rcpt in recipients {
+            let mut data = common.clone();
+            if let Some(own) = request.recipients.get(&rcpt.address) {
+                data.extend(own.clone());
+            }
+            let variant = self.choose_variant(campaign);
+            jobs.push((rcpt, data, variant));
+        }
+        let generated =
+            futures_join(jobs.iter().map(|(_, data, variant)| {
+                self.generate(campaign, data, variant.as_deref(), deadline)
+            }))
+            .await;
+
+        let mut out = Vec::with_capacity(jobs.len());
+        for ((rcpt, data, variant), (slots, content, reason)) in jobs.into_iter().zip(generated) {
+            let report = Report {
+                recipient: rcpt.address.clone(),
+                campaign: campaign.config.name.clone(),
+                variant: variant.clone(),
+                content,
+                reason,
+            };
+            self.metrics.sidecar_content(reason.unwrap_or(content));
+            let mut one = sub.clone();
+            match self.render(
+                campaign,
+                &one.content,
+                &rcpt,
+                &data,
+                &slots,
+                variant.as_deref(),
+            ) {
+                Ok(message) => {
+                    one.content = message;
+                    one.body_type = if one.content.is_ascii() {
+                        tern_queue::BodyType::SevenBit
+                    } else {
+                        tern_queue::BodyType::EightBitMime
+                    };
+                }
+                Err(e) => {
+                    // The message as submitted (control headers stripped) still goes out.
+                    warn!(campaign = %campaign.config.name, error = %e, "template failed: sent as submitted");
+                    self.metrics.sidecar_content("template_error");
+                }
+            }
+            info!(
+                campaign = %report.campaign,
+                rcpt = %report.recipient,
+                variant = report.variant.as_deref().unwrap_or("-"),
+                content = report.content,
+                reason = report.reason.unwrap_or("-"),
+                waited_ms = started.elapsed().as_millis() as u64,
+                "sidecar rendered"
+            );
+            one.recipients = vec![rcpt];
+            out.push(Prepared {
+                submission: one,
+                send_time,
+                report: Some(report),
+            });
+        }
+        out
+    }
+
+    fn choose_variant(&self, campaign: &Campaign) -> Option<String> {
+        if campaign.variants.is_empty() {
+            return None;
+        }
+        let mut bandits = self.bandits.lock().expect("bandit lock");
+        let b = bandits.get_mut(&campaign.config.name)?;
+        Some(b.choose(
+            &campaign.variants,
+            self.bandit_config.exploration,
+            self.bandit_config.holdout,
+            &mut rand::thread_rng(),
+        ))
+    }
+
+    /// Slot texts (cleaned, or defaults), where they came from, and why defaults were used.
+    async fn generate(
+        &self,
+        campaign: &Campaign,
+        data: &Map<String, Value>,
+        variant: Option<&str>,
+        deadline: tokio::time::Instant,
+    ) -> (BTreeMap<String, String>, &'static str, Option<&'static str>) {
+        let slots = &campaign.config.slots;
+        let mut filled: BTreeMap<String, String> = slots
+            .iter()
+            .map(|s| (s.name.clone(), s.default.clone()))
+            .collect();
+        let requests: Vec<SlotRequest<'_>> = slots
+            .iter()
+            .filter_map(|s| {
+                Some(SlotRequest {
+                    name: &s.name,
+                    prompt: s.prompt.as_deref()?,
+                    max_chars: s.max_chars,
+                })
+            })
+            .collect();
+        if requests.is_empty() {
+            return (filled, "default", None);
+        }
+        let Some(model) = &self.model else {
+            return (filled, "default", Some(Failure::Disabled.as_str()));
+        };
+        // Only whitelisted fields, plus the campaign and variant for context.
+        let mut fields: BTreeMap<String, Value> = campaign
+            .config
+            .model_fields
+            .iter()
+            .filter_map(|f| Some((f.clone(), data.get(f)?.clone())))
+            .collect();
+        fields.insert("campaign".into(), campaign.config.name.clone().into());
+        if let Some(v) = variant {
+            fields.insert("variant".into(), v.into());
+        }
+        let answer = tokio::time::timeout_at(deadline, model.generate(&requests, &fields)).await;
+        let (answer, source) = match answer {
+            Err(_) => return (filled, "default", Some(Failure::Timeout.as_str())),
+            Ok(Err(failure)) => return (filled, "default", Some(failure.as_str())),
+            Ok(Ok(ok)) => ok,
+        };
+        let mut rejected = false;
+        for s in slots.iter().filter(|s| s.prompt.is_some()) {
+            match answer
+                .get(&s.name)
+                .and_then(|t| guard::clean(t, s.max_chars))
+            {
+                Some(text) => {
+                    filled.insert(s.name.clone(), text);
+                }
+                None => rejected = true,
+            }
+        }
+        let content = match source {
+            model::Source::Model => "model",
+            model::Source::Cache => "cache",
+        };
+        (filled, content, rejected.then_some("guardrail"))
+    }
+
+    /// The message for one recipient: the submitted headers minus Subject and MIME headers,
+    /// a Message-ID if missing, Subject, Feedback-ID (campaign and variant, for attribution)
+    /// and the rendered body.
+    fn render(
+        &self,
+        campaign: &Campaign,
+        submitted: &[u8],
+        rcpt: &Recipient,
+        data: &Map<String, Value>,
+        slots: &BTreeMap<String, String>,
+        variant: Option<&str>,
+    ) -> Result<Vec<u8>, String> {
+        let (mut head, message_id) = kept_headers(submitted);
+        let message_id = match message_id {
+            Some(id) => id,
+            None => {
+                let id = format!(
+                    "<{:016x}{:08x}.sc@{}>",
+                    crate::clock::now_ms(),
+                    rand::thread_rng().gen::<u32>(),
+                    self.hostname
+                );
+                head.extend_from_slice(format!("Message-ID: {id}\r\n").as_bytes());
+                id
+            }
+        };
+        let mut recipient = data.clone();
+        recipient.insert("address".into(), rcpt.address.clone().into());
+        let ctx: minijinja::Value = serde_json::from_value(serde_json::json!({
+            "recipient": recipient,
+            "data": data,
+            "slots": slots,
+            "campaign": campaign.config.name,
+            "variant": variant,
+        }))
+        .map_err(|e| format!("template data: {e}"))?;
+        let pick = |part: &str| match variant {
+            Some(v) if campaign.env.get_template(&format!("{v}/{part}")).is_ok() => {
+                format!("{v}/{part}")
+            }
+            _ => part.to_owned(),
+        };
+        let render = |name: &str| {
+            campaign
+                .env
+                .get_template(name)
+                .and_then(|t| t.render(&ctx))
+                .map_err(|e| format!("{name}: {e}"))
+        };
+        let subject = guard::header_text(&render(&pick("subject"))?);
+        let text = render(&pick("text"))?;
+        let html = match &campaign.config.html {
+            None => None,
+            Some(_) => {
+                let html = render("body.html")?;
+                Some(match (&self.tracker, campaign.config.tracking) {
+                    (Some(t), true) => t.rewrite_html(
+                        &html,
+                        &Claims {
+                            k: 'o',
+                            c: campaign.config.name.clone(),
+                            r: rcpt.address.clone(),
+                            v: variant.map(str::to_owned),
+                            m: message_id.clone(),
+                            u: None,
+                        },
+                    ),
+                    _ => html,
+                })
+            }
+        };
+        head.extend_from_slice(b"Subject: ");
+        Text::new(subject).write_header(&mut head, "Subject: ".len());
+        if let Some(v) = variant {
+            // Feedback-ID (Gmail's campaign attribution header): variant:campaign:tern.
+            head.extend_from_slice(
+                format!("Feedback-ID: {v}:{}:tern\r\n", campaign.config.name).as_bytes(),
+            );
+        }
+        head.extend_from_slice(b"MIME-Version: 1.0\r\n");
+        let text = crlf(&text);
+        let part = match html {
+            None => MimePart::new("text/plain", text),
+            Some(html) => MimePart::new(
+                "multipart/alternative",
+                vec![
+                    MimePart::new("text/plain", text),
+                    MimePart::new("text/html", crlf(&html)),
+                ],
+            ),
+        };
+        part.write_part(&mut head);
+        Ok(head)
+    }
+}
+
+/// Runs the futures concurrently and returns their outputs in order.
+async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut futures: Vec<_> = futures.map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, slot) in futures.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter()
+        .map(|o| o.expect("every future finished"))
+        .collect()
+}
+
+/// The header section of `message` without Subject, MIME-Version and Content-* (with their
+/// continuation lines), and the Message-ID if there is one.
+fn kept_headers(message: &[u8]) -> (Vec<u8>, Option<String>) {
+    let mut out = Vec::with_capacity(1024);
+    let mut message_id = None;
+    let mut keep = true;
+    for line in message.split_inclusive(|&b| b == b'\n') {
+        let bare = line.strip_suffix(b"\n").unwrap_or(line);
+        let bare = bare.strip_suffix(b"\r").unwrap_or(bare);
+        if bare.is_empty() {
+            break;
+        }
+        if !matches!(bare[0], b' ' | b'\t') {
+            let name_end = bare.iter().position(|&b| b == b':').unwrap_or(bare.len());
+            let name = String::from_utf8_lossy(&bare[..name_end])
+                .trim()
+                .to_ascii_lowercase();
+            keep = !(name == "subject" || name == "mime-version" || name.starts_with("content-"));
+            if name == "message-id" {
+                message_id = Some(
+                    String::from_utf8_lossy(&bare[name_end + 1..])
+                        .trim()
+                        .to_owned(),
+                );
+            }
+        }
+        if keep {
+            out.extend_from_slice(line);
+        }
+    }
+    (out, message_id)
+}
+
+/// CRLF line ends (templates are written with LF).
+fn crlf(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + text.len() / 32);
+    for line in text.split_inclusive('\n') {
+        let line = line
+            .strip_suffix('\n')
+            .map_or(line, |l| l.strip_suffix('\r').unwrap_or(l));
+        out.push_str(line);
+        out.push_str("\r\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_headers_drop_subject_and_mime_only() {
+        let msg = b"From: a@b\r\nSubject: old\r\n folded\r\nList-Unsubscribe: <https://u.test/x>\r\nList-Unsubscribe-Post: List-Unsubscribe=One-Click\r\nContent-Type: text/plain\r\nMessage-ID: <m@h>\r\n\r\nbody\r\n";
+        let (head, id) = kept_headers(msg);
+        assert_eq!(
+            String::from_utf8(head).unwrap(),
+            "From: a@b\r\nList-Unsubscribe: <https://u.test/x>\r\nList-Unsubscribe-Post: List-Unsubscribe=One-Click\r\nMessage-ID: <m@h>\r\n"
+        );
+        assert_eq!(id.as_deref(), Some("<m@h>"));
+    }
+
+    #[test]
+    fn crlf_line_ends() {
+        assert_eq!(crlf("a\nb\r\nc"), "a\r\nb\r\nc\r\n");
+    }
+}
