@@ -755,7 +755,66 @@ mod tests {
         assert_eq!(config.delivery, DeliveryConfig::default());
         assert!(config.dkim.is_empty());
         assert_eq!(config.bounce, BounceConfig::default());
+        let sidecar = &config.sidecar;
+        let model = sidecar.model.as_ref().unwrap();
+        assert_eq!(model.base_url, "http://127.0.0.1:8080/v1");
+        assert_eq!(model.model, "local");
+        assert_eq!(model.deadline, Duration::from_secs(2));
+        assert_eq!(model.api_key_env, None);
+        assert_eq!(
+            (
+                model.max_concurrency,
+                model.breaker_failures,
+                model.cache_entries
+            ),
+            (8, 5, 10_000)
+        );
+        assert_eq!(
+            sidecar.tracking,
+            Some(TrackingConfig {
+                base_url: "http://127.0.0.1:8025".to_owned(),
+                secret_file: "./data/tracking.key".into(),
+            })
+        );
+        assert_eq!(sidecar.bandit, BanditConfig::default());
+        let [winback] = &sidecar.campaigns[..] else {
+            panic!("one campaign: {:?}", sidecar.campaigns)
+        };
+        assert_eq!(winback.name, "winback");
+        assert!(winback.tracking);
+        assert_eq!(winback.quiet_hours, Some((22, 7)));
+        assert_eq!(winback.model_fields, ["first_name", "segment"]);
+        let slots: Vec<_> = winback
+            .slots
+            .iter()
+            .map(|s| (s.name.as_str(), s.max_chars))
+            .collect();
+        assert_eq!(slots, [("subject", 80), ("opening", 240)]);
+        let variants: Vec<_> = winback.variants.iter().map(|v| v.id.as_str()).collect();
+        assert_eq!(variants, ["plain", "question"]);
         assert_eq!(config.log, LogConfig::default());
+    }
+
+    #[test]
+    fn sidecar_errors_name_their_keys() {
+        let base = "[[listeners]]\naddress = \"127.0.0.1:2525\"\n";
+        let err = Config::parse(&format!(
+            "{base}[sidecar.model]\nbase_url = \"https://x.test\"\n\
+             [[sidecar.campaigns]]\nname = \"a\"\ntext = \"{{{{ x \"\n\
+             [[sidecar.campaigns.slots]]\nname = \"s\"\n\
+             [[sidecar.campaigns]]\nname = \"b\"\ntext = \"hi\"\ntracking = true\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "sidecar.model.base_url:",
+            "sidecar.model.model: missing",
+            "sidecar.campaigns[0].text: template error",
+            "sidecar.campaigns[0].slots[0].default: missing",
+            "sidecar.tracking: campaign \"b\" has tracking = true",
+        ] {
+            assert!(err.contains(key), "{key} not in:\n{err}");
+        }
     }
 
     #[test]
