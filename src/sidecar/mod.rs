@@ -80,7 +80,8 @@ pub struct Report {
     pub variant: Option<String>,
     /// `model`, `cache` or `default`.
     pub content: &'static str,
-    /// Why the defaults rendered (a [`Failure`] code), or `None`.
+    /// Why the defaults rendered (a [`Failure`] code), or `guardrail` when the guardrails
+    /// removed something from a generated slot (an emptied slot renders its default).
     pub reason: Option<&'static str>,
 }
 
@@ -517,23 +518,23 @@ impl Sidecar {
             Ok(Err(failure)) => return (filled, "default", Some(failure.as_str())),
             Ok(Ok(ok)) => ok,
         };
-        let mut rejected = false;
+        // Whether the guardrails removed anything from (or emptied) a generated slot.
+        let mut guarded = false;
         for s in slots.iter().filter(|s| s.prompt.is_some()) {
-            match answer
-                .get(&s.name)
-                .and_then(|t| guard::clean(t, s.max_chars))
-            {
+            let raw = answer.get(&s.name);
+            match raw.and_then(|t| guard::clean(t, s.max_chars)) {
                 Some(text) => {
+                    guarded |= raw.is_some_and(|r| r.trim() != text);
                     filled.insert(s.name.clone(), text);
                 }
-                None => rejected = true,
+                None => guarded = true,
             }
         }
         let content = match source {
             model::Source::Model => "model",
             model::Source::Cache => "cache",
         };
-        (filled, content, rejected.then_some("guardrail"))
+        (filled, content, guarded.then_some("guardrail"))
     }
 
     /// The message for one recipient: the submitted headers minus Subject and MIME headers,

@@ -51,7 +51,7 @@ fn run(cwd: &Path, args: &[&str]) -> Output {
 }
 
 /// `tern dkim keygen` into `dir`; returns the key file and the printed zone line.
-fn keygen(dir: &Path, selector: &str, algorithm_args: &[&str]) -> (PathBuf, String) {
+pub(crate) fn keygen(dir: &Path, selector: &str, algorithm_args: &[&str]) -> (PathBuf, String) {
     let path = dir.join(format!("{selector}.pem"));
     let mut args = vec![
         "dkim",
@@ -72,7 +72,7 @@ fn keygen(dir: &Path, selector: &str, algorithm_args: &[&str]) -> (PathBuf, Stri
     (path, lines[0].to_owned())
 }
 
-fn dkimpy_available() -> bool {
+pub(crate) fn dkimpy_available() -> bool {
     let probe = Command::new("python3")
         .args(["-c", "import dkim, nacl"])
         .stdin(Stdio::null())
@@ -88,7 +88,7 @@ fn dkimpy_available() -> bool {
 }
 
 /// dkimpy's verdict on `message`.
-fn dkimpy_verifies(dir: &Path, zone_line: &str, message: &[u8]) -> bool {
+pub(crate) fn dkimpy_verifies(dir: &Path, zone_line: &str, message: &[u8]) -> bool {
     let path = dir.join("message.eml");
     std::fs::write(&path, message).unwrap();
     let out = Command::new("python3")

@@ -29,6 +29,7 @@ mod python_client;
 mod reload;
 mod routing;
 mod shutdown;
+mod sidecar;
 mod smuggling;
 mod systemd;
 mod tls_auth;
