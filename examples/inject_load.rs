@@ -8,6 +8,9 @@
 //! are `r<i>@sink.test` (one domain, so one spool part per call). Run the daemon with
 //! `delivery.suspended = true` to measure ingest alone (see docs/ARCHITECTURE.md, "HTTP
 //! injection").
+//!
+//! With `INJECT_CAMPAIGN=<name>` in the environment every call asks the sidecar stage for that
+//! campaign (with `{"first_name": "Ann"}` as data), to compare with the plain path.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,13 +39,18 @@ fn main() {
         number(5, 5000),
     );
 
+    let campaign = std::env::var("INJECT_CAMPAIGN").ok();
     let next = Arc::new(AtomicUsize::new(0));
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(messages)));
     let started = Instant::now();
     let threads: Vec<_> = (0..clients)
         .map(|c| {
-            let (next, latencies, token) =
-                (next.clone(), latencies.clone(), token.trim().to_string());
+            let (next, latencies, token, campaign) = (
+                next.clone(),
+                latencies.clone(),
+                token.trim().to_string(),
+                campaign.clone(),
+            );
             std::thread::spawn(move || {
                 let mut client = ApiClient::new(target, token);
                 let mut mine = Vec::new();
@@ -64,9 +72,14 @@ fn main() {
                         raw.push_str(std::str::from_utf8(line).unwrap());
                         raw.push('\n');
                     }
-                    let body =
-                        serde_json::json!({"from": "load@client.test", "to": to, "raw": raw})
-                            .to_string();
+                    let mut body =
+                        serde_json::json!({"from": "load@client.test", "to": to, "raw": raw});
+                    if let Some(campaign) = &campaign {
+                        body["sidecar"] = serde_json::json!({
+                            "campaign": campaign, "data": {"first_name": "Ann"},
+                        });
+                    }
+                    let body = body.to_string();
                     let t = Instant::now();
                     let (status, answer) = client
                         .call_raw("POST", "/api/v1/inject", body.as_bytes())
