@@ -541,3 +541,29 @@ async fn tracking_links_are_signed_and_feed_the_bandit() {
     assert_eq!(arms[&variant].rewards, 1.0, "{arms:?}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn bad_control_headers_never_lose_the_message() {
+    let server = TestServer::start(Options::default().extra(SMTP_CAMPAIGN)).await;
+    let mut c = server.connect().await;
+    c.ehlo().await;
+    // An unknown campaign: sent as submitted, control headers removed.
+    let unknown = b"From: a@example.com\r\nSubject: keep me\r\nX-Tern-Campaign: nope\r\nX-Tern-Send-Time: someday\r\n\r\nbody\r\n";
+    let first = c.submit("a@example.com", &["x@sink.test"], unknown).await;
+    // A known campaign with data that is not JSON: rendered without it.
+    let bad_data = b"From: a@example.com\r\nSubject: s\r\nX-Tern-Campaign: hello\r\nX-Tern-Data: {not json\r\n\r\nbody\r\n";
+    let second = c.submit("a@example.com", &["y@sink.test"], bad_data).await;
+    let body = server.body(first);
+    let text = String::from_utf8_lossy(&body);
+    assert!(!text.to_ascii_lowercase().contains("x-tern-"), "{text}");
+    assert_eq!(header(&body, "Subject").as_deref(), Some("keep me"));
+    assert!(text.ends_with("\r\n\r\nbody\r\n"), "{text}");
+    let body = server.body(second);
+    assert_eq!(header(&body, "Subject").as_deref(), Some("Hi from hello"));
+    let (_, metrics) = http(server.admin(), "GET", "/metrics", None, None).await;
+    assert!(
+        metrics.contains("tern_sidecar_content_total{result=\"unknown_campaign\"} 1"),
+        "{metrics}"
+    );
+    server.stop().await;
+}
