@@ -508,6 +508,9 @@ pub async fn serve(
             _ = hup.recv() => {
                 info!(file = %config_path.display(), "SIGHUP: reloading the config");
                 let _ = notify::reloading();
+                // Log rotation: the delivery log follows its path to a new file (also when the
+                // config does not validate).
+                daemon.delivery_log.reopen();
                 // Errors are logged and counted by reload_file; the daemon keeps running.
                 let _ = daemon.reload_file(config_path);
                 let _ = notify::notify("READY=1");

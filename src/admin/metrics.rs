@@ -520,6 +520,41 @@ impl Drop for SessionGuard {
 mod tests {
     use super::*;
 
+    /// The shipped Grafana dashboard queries only metrics that exist (histogram series by
+    /// their family name).
+    #[test]
+    fn the_grafana_dashboard_uses_only_exported_metrics() {
+        // Vectors without children are not in a gather, so the names come from the
+        // definitions in this file.
+        let source = include_str!("metrics.rs");
+        let families: HashSet<&str> = source
+            .match_indices("\"tern_")
+            .filter_map(|(i, _)| source[i + 1..].split('"').next())
+            .filter(|name| name.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            .collect();
+        let dashboard = include_str!("../../contrib/grafana/tern-dashboard.json");
+        let mut used = 0;
+        for (i, _) in dashboard.match_indices("tern_") {
+            let name: String = dashboard[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if name == "tern_" || dashboard[..i].ends_with("\"uid\": \"") {
+                continue;
+            }
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| families.contains(f)))
+                .unwrap_or(&name);
+            assert!(
+                families.contains(family),
+                "dashboard uses unknown metric {name}"
+            );
+            used += 1;
+        }
+        assert!(used > 20, "the dashboard queries the metrics ({used} uses)");
+    }
+
     #[test]
     fn destinations_are_bounded() {
         let config = crate::config::Config::parse(
