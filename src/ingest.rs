@@ -96,7 +96,7 @@ impl Ingest {
 
     /// Makes the submission durable and returns the queue id reported to the client.
     pub async fn accept(&self, sub: Submission) -> Result<MessageId, SpoolError> {
-        let now = SystemTime::now();
+        let now = crate::clock::now();
         let now_ms = unix_ms(now);
         let groups = split_by_destination(sub.recipients);
         let ids: Vec<MessageId> = groups.iter().map(|_| self.spool.next_id()).collect();

@@ -6,6 +6,7 @@
 //! - [`smtp`]: the SMTP server: sans-IO protocol pieces, listeners and the session state machine.
 //! - [`policy`]: relay access and per-message limits, answered as [`smtp::reply::Reply`] values.
 //! - [`ingest`]: the "cleanup" stage: trace headers, split by destination, durable commit.
+//! - [`clock`]: the one clock arrival, due, retry and expiry times are read from.
 //! - [`scheduler`]: ready queues per destination, due timers, workers, watchdog.
 //! - [`delivery`]: routing (static routes, MX), the outbound SMTP client and pool, DKIM,
 //!   one attempt of one envelope, the delivery log.
@@ -18,6 +19,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod delivery;

@@ -16,12 +16,12 @@ pub mod dsn;
 pub mod retry;
 
 use crate::admin::metrics::Metrics;
+use crate::clock::now_ms;
 use crate::config::DeliveryConfig;
 use crate::delivery::log::{AttemptOutcome, AttemptRecord, DeliveryLog};
 use crate::delivery::route::{RouteError, RoutePlan};
 use crate::delivery::worker::{Attempt, Failure, Verdict};
 use crate::ingest::{Ingest, Submission};
-use crate::scheduler::now_ms;
 use dsn::{Action, DsnRecipient, DsnRequest};
 use retry::Deferral;
 use std::sync::Arc;

@@ -22,6 +22,7 @@ mod ready;
 pub use ready::ReadyQueue;
 
 use crate::admin::metrics::Metrics;
+use crate::clock::now_ms;
 use crate::config::DeliveryConfig;
 use crate::delivery::route::{RoutePlan, Router};
 use crate::delivery::worker::Worker;
@@ -29,7 +30,7 @@ use crate::outcome::Settler;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tern_queue::{MessageId, Spool};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -82,13 +83,6 @@ struct State {
     in_memory: HashSet<MessageId>,
     /// Messages loaded from the spool that are not due yet, by due time.
     timers: BTreeSet<(u64, MessageId)>,
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Scheduler {

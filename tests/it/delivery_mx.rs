@@ -9,7 +9,7 @@ use crate::dns_server::{DnsServer, Zone};
 use crate::harness::*;
 use crate::sink::{Sink, SinkBehaviour};
 use hickory_resolver::proto::rr::RecordType;
-use tern::scheduler::now_ms as scheduler_now_ms;
+use tern::clock::now_ms as scheduler_now_ms;
 
 struct MxRelay {
     server: TestServer,

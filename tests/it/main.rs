@@ -2,6 +2,7 @@
 //! TLS, the in-process daemon and the real binary. One test binary (`cargo test --test it`).
 
 mod dns_server;
+mod dsn;
 mod harness;
 mod sink;
 
