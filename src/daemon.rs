@@ -24,6 +24,7 @@ use crate::notify;
 use crate::outcome::Settler;
 use crate::policy::Policy;
 use crate::scheduler::Scheduler;
+use crate::shaping::Shaper;
 use crate::smtp::server::{ConnectionLimits, Server};
 use crate::smtp::session::SessionConfig;
 use anyhow::Context;
@@ -42,6 +43,7 @@ use tracing::{info, warn};
 pub struct Daemon {
     spool: Spool,
     scheduler: Scheduler,
+    shaper: Arc<Shaper>,
     pool: Arc<Pool>,
     delivery_log: DeliveryLog,
     smtp_addresses: Vec<SocketAddr>,
@@ -147,6 +149,12 @@ impl Daemon {
                     config.delivery.log_path
                 )
             })?;
+        let shaper = Shaper::new(
+            &config,
+            spool.clone(),
+            Arc::new(crate::shaping::limiter::Local),
+            metrics.clone(),
+        );
         let (new_mail, new_mail_rx) = tokio::sync::mpsc::unbounded_channel();
         let ingest = Ingest::new(
             spool.clone(),
@@ -154,6 +162,7 @@ impl Daemon {
             config.spool.max_age,
         )
         .with_dkim(dkim)
+        .with_pools(shaper.pools().clone())
         .with_scheduler(new_mail);
         let settler = Arc::new(Settler::new(
             spool.clone(),
@@ -168,6 +177,7 @@ impl Daemon {
             router,
             worker,
             settler,
+            shaper.clone(),
             config.delivery.clone(),
             metrics.clone(),
             new_mail_rx,
@@ -229,6 +239,7 @@ impl Daemon {
                 spool: spool.clone(),
                 scheduler: scheduler.clone(),
                 ingest,
+                shaper: shaper.clone(),
                 token,
             },
             stop_admin.clone(),
@@ -236,6 +247,7 @@ impl Daemon {
         Ok(Daemon {
             spool,
             scheduler,
+            shaper,
             pool,
             delivery_log,
             smtp_addresses,
@@ -291,6 +303,8 @@ impl Daemon {
         // abandoned attempt leaves its message pending in the spool, to be retried.
         self.scheduler.shutdown(self.grace).await;
         self.pool.close_all().await;
+        // Exact warm-up counts, so a restart neither loses nor gives back reservations.
+        self.shaper.flush().await;
         self.delivery_log.flush().await;
         self.spool.flush().await.context("final spool flush")?;
         // Scrapes answer while draining; the admin server stops last, within the grace period

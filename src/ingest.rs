@@ -10,6 +10,7 @@
 
 use crate::delivery::dkim::DkimSigners;
 use crate::scheduler::NewMessage;
+use crate::shaping::pools::{strip_pool_header, Pools};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -65,6 +66,7 @@ pub struct Ingest {
     max_age: Duration,
     dkim: Option<Arc<DkimSigners>>,
     scheduler: Option<mpsc::UnboundedSender<Vec<NewMessage>>>,
+    pools: Option<Arc<Pools>>,
 }
 
 impl Ingest {
@@ -75,6 +77,7 @@ impl Ingest {
             max_age,
             dkim: None,
             scheduler: None,
+            pools: None,
         }
     }
 
@@ -90,13 +93,25 @@ impl Ingest {
         self
     }
 
+    /// Chooses source-IP pools for accepted mail (`X-Tern-Pool`, sender domain).
+    pub fn with_pools(mut self, pools: Arc<Pools>) -> Ingest {
+        self.pools = Some(pools);
+        self
+    }
+
     pub fn spool(&self) -> &Spool {
         &self.spool
     }
 
     /// Makes the submission durable and returns the queue id reported to the client.
-    pub async fn accept(&self, sub: Submission) -> Result<MessageId, SpoolError> {
+    pub async fn accept(&self, mut sub: Submission) -> Result<MessageId, SpoolError> {
         let now = crate::clock::now();
+        // The control header never leaves tern, and is gone before DKIM signs the headers.
+        let pool_header = strip_pool_header(&mut sub.content);
+        let pool = self
+            .pools
+            .as_ref()
+            .and_then(|p| p.at_ingest(pool_header.as_deref(), &sub.sender));
         let now_ms = unix_ms(now);
         let groups = split_by_destination(sub.recipients);
         let ids: Vec<MessageId> = groups.iter().map(|_| self.spool.next_id()).collect();
@@ -178,6 +193,7 @@ impl Ingest {
                 held: false,
                 delay_notified: false,
                 parked: false,
+                pool: pool.clone(),
             };
             parts.push((envelope, part_body));
         }
@@ -186,6 +202,7 @@ impl Ingest {
             .map(|(env, _)| NewMessage {
                 id: env.id,
                 domain: env.destination.clone(),
+                pool: env.pool.clone(),
             })
             .collect();
         self.spool.commit(parts).await?;

@@ -28,4 +28,5 @@ pub mod notify;
 pub mod outcome;
 pub mod policy;
 pub mod scheduler;
+pub mod shaping;
 pub mod smtp;

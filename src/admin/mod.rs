@@ -6,14 +6,18 @@
 //! - [`error`]: [`error::ApiError`], the JSON error answer, and [`error::ApiJson`], the JSON
 //!   body extractor that answers malformed input with 400.
 //!
+//! - [`shaping`]: `GET /api/v1/shaping[/{bucket}]`, traffic-shaping state.
+//!
 //! Invariant: every `/api/v1` route sits behind [`auth::require_token`].
 
 pub mod auth;
 pub mod error;
 pub mod metrics;
+pub mod shaping;
 
 use crate::ingest::Ingest;
 use crate::scheduler::Scheduler;
+use crate::shaping::Shaper;
 use auth::Token;
 use axum::extract::State;
 use axum::http::header;
@@ -34,6 +38,7 @@ pub struct AdminState {
     pub spool: Spool,
     pub scheduler: Scheduler,
     pub ingest: Ingest,
+    pub shaper: Arc<Shaper>,
     /// `None`: the API is disabled (no `admin.token_file`).
     pub token: Option<Token>,
 }
@@ -52,7 +57,10 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
 }
 
 fn router(state: AdminState) -> Router {
-    let api = Router::new().route("/status", get(status)).route_layer(
+    let api = Router::new()
+        .route("/status", get(status))
+        .merge(shaping::routes())
+        .route_layer(
         axum::middleware::from_fn_with_state(state.token.clone(), auth::require_token),
     );
     Router::new()
