@@ -141,6 +141,8 @@ pub struct Options {
     pub dkim: Vec<String>,
     /// `[spool]` keys other than `path`, as TOML literals.
     pub spool: Vec<(String, String)>,
+    /// Raw TOML appended at the end (`[shaping]`, `[[pools]]`, ...).
+    pub extra: Vec<String>,
 }
 
 impl Default for Options {
@@ -158,6 +160,7 @@ impl Default for Options {
             route_options: Vec::new(),
             dkim: Vec::new(),
             spool: Vec::new(),
+            extra: Vec::new(),
         }
     }
 }
@@ -224,6 +227,12 @@ impl Options {
     /// Adds a `[[dkim]]` entry (the TOML lines of its body).
     pub fn dkim(mut self, body: impl ToString) -> Self {
         self.dkim.push(body.to_string());
+        self
+    }
+
+    /// Appends raw TOML (whole sections) to the config.
+    pub fn extra(mut self, toml: impl ToString) -> Self {
+        self.extra.push(toml.to_string());
         self
     }
 
@@ -316,6 +325,9 @@ impl Options {
             self.log_level
         )
         .unwrap();
+        for extra in &self.extra {
+            writeln!(t, "\n{extra}").unwrap();
+        }
         t
     }
 }
@@ -395,6 +407,8 @@ pub struct TestServer {
     daemon: Option<Daemon>,
     pub smtp: SocketAddr,
     pub smtps: Option<SocketAddr>,
+    /// The config the daemon runs with (restarts use it again).
+    pub config_text: String,
     /// Kept last so the spool directory outlives the daemon.
     pub dir: TempDir,
 }
@@ -416,8 +430,22 @@ impl TestServer {
             daemon: Some(daemon),
             smtp: addrs[0],
             smtps: addrs.get(1).copied(),
+            config_text: text,
             dir,
         }
+    }
+
+    /// A clean shutdown and a new daemon on the same spool and config (new ports).
+    pub async fn restart(&mut self) {
+        if let Some(d) = self.daemon.take() {
+            d.shutdown().await.expect("clean shutdown");
+        }
+        let config = Config::parse(&self.config_text).expect("config parsed before");
+        let daemon = Daemon::start(config).await.expect("daemon restarts");
+        let addrs = daemon.smtp_addresses().to_vec();
+        self.smtp = addrs[0];
+        self.smtps = addrs.get(1).copied();
+        self.daemon = Some(daemon);
     }
 
     pub fn spool(&self) -> &Spool {

@@ -23,6 +23,7 @@ mod limits;
 mod metrics;
 mod python_client;
 mod routing;
+mod shaping;
 mod shutdown;
 mod smuggling;
 mod tls_auth;
