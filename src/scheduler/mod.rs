@@ -286,9 +286,15 @@ impl Scheduler {
                             let _ = previous.await;
                         }
                         let outbound = match &lane {
-                            Some(lane) => {
-                                self.shape(&key, lane, &mut pair, &mut connection).await
-                            }
+                            // Shutdown does not wait for a shaping wait: the message stays
+                            // due in the spool.
+                            Some(lane) => tokio::select! {
+                                shaped = self.shape(&key, lane, &mut pair, &mut connection) => shaped,
+                                _ = self.inner.shutdown.cancelled() => {
+                                    self.release(id);
+                                    continue;
+                                }
+                            },
                             None => Ok(Outbound::default()),
                         };
                         let outbound = match outbound {
