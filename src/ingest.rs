@@ -6,7 +6,8 @@
 //! in one atomic, fsync'd spool write. [`Ingest::accept`] returns only once the message is
 //! durable: that is what allows the session to say 250. Messages whose From domain has DKIM
 //! keys are signed here, once, so retries never sign again. Committed parts are handed to the
-//! scheduler.
+//! scheduler. The `X-Tern-Pool` control header is removed before signing, and the source-IP
+//! pool (that header's or the sender domain's) is recorded in each envelope.
 
 use crate::delivery::dkim::DkimSigners;
 use crate::scheduler::NewMessage;

@@ -11,7 +11,10 @@
 //! - [`delivery`]: routing (static routes, MX), the outbound SMTP client and pool, DKIM,
 //!   one attempt of one envelope, the delivery log.
 //! - [`outcome`]: per-recipient results applied to the spool, retries, expiry, DSNs.
-//! - [`admin`]: the admin HTTP server (so far only `GET /metrics`) and every Prometheus metric.
+//! - [`shaping`]: traffic shaping: per-provider/destination limits, source-IP pools, warm-up,
+//!   adaptive backoff.
+//! - [`admin`]: the admin HTTP server (`GET /metrics`, the `/api/v1` API) and every Prometheus
+//!   metric.
 //! - [`daemon`]: process lifecycle: open spool, start delivery, bind, sd_notify, signals, drain.
 //! - [`notify`]: the systemd notification protocol (READY=1, STOPPING=1).
 //!

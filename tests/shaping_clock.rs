@@ -75,12 +75,19 @@ async fn configured_rate_holds_within_five_percent_per_minute() {
     tern::clock::follow_runtime_clock();
     let (stop, holder) = hold_clock();
     let sink = Sink::start(SinkBehaviour::default()).await;
-    let server = TestServer::start(Options::default().deliver().route("sink.test", sink.addr).extra(
-        "[shaping.default]\nrate = \"60/min\"\n",
-    ))
+    let server = TestServer::start(
+        Options::default()
+            .deliver()
+            .route("sink.test", sink.addr)
+            .extra("[shaping.default]\nrate = \"60/min\"\n"),
+    )
     .await;
     const MINUTES: usize = 3;
-    submit_many(&server, (0..70 * MINUTES).map(|i| format!("r{i}@sink.test"))).await;
+    submit_many(
+        &server,
+        (0..70 * MINUTES).map(|i| format!("r{i}@sink.test")),
+    )
+    .await;
     let mut per_minute = Vec::new();
     let mut before = 0;
     for minute in 0..MINUTES {

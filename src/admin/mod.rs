@@ -60,9 +60,10 @@ fn router(state: AdminState) -> Router {
     let api = Router::new()
         .route("/status", get(status))
         .merge(shaping::routes())
-        .route_layer(
-        axum::middleware::from_fn_with_state(state.token.clone(), auth::require_token),
-    );
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.token.clone(),
+            auth::require_token,
+        ));
     Router::new()
         .route("/metrics", get(scrape))
         .nest("/api/v1", api)

@@ -327,7 +327,9 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
     }
     let mut route_paths = HashMap::new();
     let routes = r
-        .tables("routes", |r| compile_route(r, &mut route_paths, &pool_names))
+        .tables("routes", |r| {
+            compile_route(r, &mut route_paths, &pool_names)
+        })
         .into_iter()
         .flatten()
         .collect();
@@ -564,7 +566,9 @@ fn compile_route(
         if pools.contains_key(name) {
             Ok(name.to_owned())
         } else {
-            Err(format!("unknown pool {name:?} (no [[pools]] entry has that name)"))
+            Err(format!(
+                "unknown pool {name:?} (no [[pools]] entry has that name)"
+            ))
         }
     });
     let domain = domain?;
@@ -775,6 +779,9 @@ mod tests {
         assert_eq!(config.delivery, DeliveryConfig::default());
         assert!(config.dkim.is_empty());
         assert_eq!(config.log, LogConfig::default());
+        assert_eq!(config.shaping, ShapingConfig::default());
+        assert_eq!(config.shaping.providers.len(), 4, "the built-in providers");
+        assert!(config.pools.is_empty());
     }
 
     #[test]

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use toml::Value;
 
-use super::reader::{count, duration, nonzero, string, TableReader};
 use super::check_dns_name;
+use super::reader::{count, duration, nonzero, string, TableReader};
 
 /// A message or connection rate, kept as events per second.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -207,8 +207,8 @@ pub struct PoolConfig {
 }
 
 fn builtin_providers() -> Vec<ProviderConfig> {
-    let p = |name: &str, mx: &[&str], domains: &[&str], conns, per_minute, per_conn| {
-        ProviderConfig {
+    let p =
+        |name: &str, mx: &[&str], domains: &[&str], conns, per_minute, per_conn| ProviderConfig {
             name: name.to_owned(),
             mx: mx.iter().map(|s| s.to_string()).collect(),
             domains: domains.iter().map(|s| s.to_string()).collect(),
@@ -218,8 +218,7 @@ fn builtin_providers() -> Vec<ProviderConfig> {
                 max_messages_per_connection: Some(per_conn),
                 connections_per_minute: None,
             },
-        }
-    };
+        };
     vec![
         p(
             "google",
@@ -324,7 +323,10 @@ pub(super) fn compile_shaping(r: &mut TableReader<'_>) -> ShapingConfig {
         .tables("providers", |r| {
             let name = r.require("name", |v| match string(v)? {
                 "" => Err("must not be empty".to_owned()),
-                n if n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') => {
+                n if n
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+                {
                     Ok(n.to_ascii_lowercase())
                 }
                 n => Err(format!("invalid name {n:?}: letters, digits, '-' and '_'")),
@@ -415,9 +417,7 @@ fn compile_adaptive(r: &mut TableReader<'_>) -> AdaptiveConfig {
         throttle_suspend: r
             .get("throttle_suspend", duration)
             .unwrap_or(d.throttle_suspend),
-        block_suspend: r
-            .get("block_suspend", duration)
-            .unwrap_or(d.block_suspend),
+        block_suspend: r.get("block_suspend", duration).unwrap_or(d.block_suspend),
         throttle_patterns: r.list("throttle_patterns", pattern).unwrap_or_default(),
         block_patterns: r.list("block_patterns", pattern).unwrap_or_default(),
     }
@@ -585,11 +585,18 @@ mod tests {
         assert_eq!(s.providers[0].name, "google");
         assert_eq!(s.providers[0].mx, [".google.com"]);
         assert_eq!(s.providers[0].limits.rate.unwrap().per_second, 10.0);
-        assert_eq!(s.providers.len(), 4, "google replaced, three built-ins added");
+        assert_eq!(
+            s.providers.len(),
+            4,
+            "google replaced, three built-ins added"
+        );
         assert_eq!(s.domains[0].domain, "example.com");
         assert_eq!(s.warmup.curve, [10, 20]);
         assert_eq!(s.warmup.when_capped, WhenCapped::Wait);
-        assert_eq!(c.pools[0].addresses[0].ehlo.as_deref(), Some("bulk.example.com"));
+        assert_eq!(
+            c.pools[0].addresses[0].ehlo.as_deref(),
+            Some("bulk.example.com")
+        );
         assert_eq!(
             c.pools[0].addresses[0].warmup_start,
             Some(jiff::civil::date(2025, 3, 1))
@@ -620,9 +627,18 @@ mod tests {
         let ConfigErrors(errors) = Config::parse(&text).unwrap_err();
         let has = |prefix: &str| errors.iter().any(|e| e.starts_with(prefix));
         assert!(has("shaping.default.rate: invalid rate"), "{errors:?}");
-        assert!(has("shaping.adaptive.decrease: must be between"), "{errors:?}");
+        assert!(
+            has("shaping.adaptive.decrease: must be between"),
+            "{errors:?}"
+        );
         assert!(has("shaping.warmup.time_zone: unknown IANA"), "{errors:?}");
-        assert!(has("pools[0].addresses[0].address: expected an IP"), "{errors:?}");
-        assert!(has("routes[0].pool: unknown pool \"missing\""), "{errors:?}");
+        assert!(
+            has("pools[0].addresses[0].address: expected an IP"),
+            "{errors:?}"
+        );
+        assert!(
+            has("routes[0].pool: unknown pool \"missing\""),
+            "{errors:?}"
+        );
     }
 }

@@ -220,10 +220,7 @@ impl Worker {
                 if let Some(conn) = self.pool.take(&target) {
                     return Ok(conn);
                 }
-                let ehlo = outbound
-                    .ehlo
-                    .as_deref()
-                    .unwrap_or(&self.settings.ehlo_name);
+                let ehlo = outbound.ehlo.as_deref().unwrap_or(&self.settings.ehlo_name);
                 match client::connect_as(&target, &self.settings, &self.broken_tls, ehlo).await {
                     Ok(mut conn) => {
                         if let Some(hold) = outbound.hold.take() {

@@ -29,11 +29,11 @@ use crate::delivery::route::{RoutePlan, Router};
 use crate::delivery::worker::{Outbound, Worker};
 use crate::outcome::Settler;
 use crate::shaping::{Admission, ConnSlot, Lane, Pair, Shaper};
-use tern_queue::Envelope;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
+use tern_queue::Envelope;
 use tern_queue::{MessageId, Spool};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -93,6 +93,8 @@ struct State {
 
 impl Scheduler {
     /// Starts the due loader, the new-mail intake and the watchdog.
+    // One argument per collaborator; wired once, by the daemon.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         spool: Spool,
         router: Arc<Router>,

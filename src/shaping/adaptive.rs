@@ -164,7 +164,10 @@ mod tests {
             c.classify("550 5.7.1 Service unavailable; listed by Spamhaus", "5.7.1"),
             Signal::Block
         );
-        assert_eq!(c.classify("550 5.1.1 no such user", "5.1.1"), Signal::Neutral);
+        assert_eq!(
+            c.classify("550 5.1.1 no such user", "5.1.1"),
+            Signal::Neutral
+        );
         assert_eq!(
             c.classify("550 5.7.1 try again later", "5.7.1"),
             Signal::Neutral,
@@ -180,7 +183,11 @@ mod tests {
         };
         let mut a = Aimd::new(10.0, Instant::now());
         assert_eq!(a.throttled(&config, Instant::now()), Some(5.0));
-        assert_eq!(a.throttled(&config, Instant::now()), None, "once per window");
+        assert_eq!(
+            a.throttled(&config, Instant::now()),
+            None,
+            "once per window"
+        );
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(a.succeeded(&config, Instant::now()), Some(5.5));
         assert_eq!(a.succeeded(&config, Instant::now()), None);

@@ -604,7 +604,13 @@ impl Shaper {
                     .as_mut()
                     .and_then(|a| a.succeeded(&self.adaptive, now))
                 {
-                    info!(source, bucket, old_per_minute = old.unwrap_or(0.0) * 60.0, new_per_minute = new * 60.0, "sustained success: rate raised");
+                    info!(
+                        source,
+                        bucket,
+                        old_per_minute = old.unwrap_or(0.0) * 60.0,
+                        new_per_minute = new * 60.0,
+                        "sustained success: rate raised"
+                    );
                     self.metrics
                         .shaping_rate(&pair.source.label, &pair.bucket.label, new * 60.0);
                 }

@@ -163,10 +163,17 @@ pub fn strip_pool_header(content: &mut Vec<u8>) -> Option<String> {
         if !(continuation && skipping) {
             skipping = false;
             if let Some(colon) = line.iter().position(|&b| b == b':') {
-                if line[..colon].trim_ascii().eq_ignore_ascii_case(POOL_HEADER.as_bytes()) {
+                if line[..colon]
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(POOL_HEADER.as_bytes())
+                {
                     skipping = true;
                     if value.is_none() {
-                        value = Some(String::from_utf8_lossy(&line[colon + 1..]).trim().to_owned());
+                        value = Some(
+                            String::from_utf8_lossy(&line[colon + 1..])
+                                .trim()
+                                .to_owned(),
+                        );
                     }
                 }
             }
@@ -189,8 +196,9 @@ mod tests {
 
     #[test]
     fn the_pool_header_is_removed_with_its_continuations() {
-        let mut m = b"From: a@b\r\nX-Tern-Pool: bulk\r\n  more\r\nSubject: hi\r\n\r\nX-Tern-Pool: body\r\n"
-            .to_vec();
+        let mut m =
+            b"From: a@b\r\nX-Tern-Pool: bulk\r\n  more\r\nSubject: hi\r\n\r\nX-Tern-Pool: body\r\n"
+                .to_vec();
         assert_eq!(strip_pool_header(&mut m).as_deref(), Some("bulk"));
         assert_eq!(
             m,

@@ -55,7 +55,11 @@ impl Calendar {
 
     /// (day index, cap) for an address that started on `start`; cap `None` once warm.
     pub fn cap(&self, start: Date, today: Date) -> (i64, Option<u64>) {
-        let day = start.until(today).map(|s| s.get_days() as i64).unwrap_or(0).max(0);
+        let day = start
+            .until(today)
+            .map(|s| s.get_days() as i64)
+            .unwrap_or(0)
+            .max(0);
         (day, self.curve.get(day as usize).copied())
     }
 }
@@ -210,8 +214,13 @@ mod tests {
     fn days_roll_over_at_local_midnight() {
         let cal = Calendar::new("Europe/Berlin", vec![10, 20]);
         // 2025-03-01 23:30 UTC is already March 2 in Berlin (UTC+1).
-        let ms = jiff::Timestamp::from_second(1_740_871_800).unwrap().as_millisecond() as u64;
-        assert_eq!(cal.date(ms), jiff::civil::date(2025, 3, 1).tomorrow().unwrap());
+        let ms = jiff::Timestamp::from_second(1_740_871_800)
+            .unwrap()
+            .as_millisecond() as u64;
+        assert_eq!(
+            cal.date(ms),
+            jiff::civil::date(2025, 3, 1).tomorrow().unwrap()
+        );
         let midnight = cal.next_midnight_ms(ms);
         assert_eq!(cal.date(midnight), jiff::civil::date(2025, 3, 3));
         assert_eq!(cal.date(midnight - 1), jiff::civil::date(2025, 3, 2));
@@ -246,6 +255,10 @@ mod tests {
             Take::CappedUntil(cal.next_midnight_ms(now))
         );
         assert!(clean.capped(now));
-        assert_eq!(clean.take(cal.next_midnight_ms(now)).await, Take::Sent, "a new day");
+        assert_eq!(
+            clean.take(cal.next_midnight_ms(now)).await,
+            Take::Sent,
+            "a new day"
+        );
     }
 }

@@ -73,7 +73,10 @@ async fn pools_bind_their_address_and_ehlo_name_and_the_pool_header_is_stripped(
         assert_eq!(m.client_ip, ip(addr), "{rcpt}");
         assert_eq!(m.helo, ehlo, "{rcpt}");
         let text = String::from_utf8_lossy(&m.data).to_ascii_lowercase();
-        assert!(!text.contains("x-tern-pool"), "{rcpt}: control header leaked");
+        assert!(
+            !text.contains("x-tern-pool"),
+            "{rcpt}: control header leaked"
+        );
     }
     // Pools do not share connections: two source addresses, two sessions at least.
     let ips: std::collections::BTreeSet<IpAddr> =
@@ -104,7 +107,11 @@ max_messages_per_connection = 5
     for i in 0..30 {
         let d = ["a.test", "b.test", "c.test"][i % 3];
         client
-            .submit("s@sender.test", &[&format!("r{i}@{d}")], b"Subject: cap\r\n\r\nx\r\n")
+            .submit(
+                "s@sender.test",
+                &[&format!("r{i}@{d}")],
+                b"Subject: cap\r\n\r\nx\r\n",
+            )
             .await;
     }
     sink.wait_for_messages(30, Duration::from_secs(30)).await;
@@ -116,10 +123,18 @@ max_messages_per_connection = 5
     // At most 5 messages per connection.
     let logs = sink.session_logs();
     for log in &logs {
-        let mails = log.commands.iter().filter(|c| c.line.starts_with("MAIL")).count();
+        let mails = log
+            .commands
+            .iter()
+            .filter(|c| c.line.starts_with("MAIL"))
+            .count();
         assert!(mails <= 5, "{mails} messages on one connection");
     }
-    assert!(logs.len() >= 6, "30 messages, 5 per connection: {}", logs.len());
+    assert!(
+        logs.len() >= 6,
+        "30 messages, 5 per connection: {}",
+        logs.len()
+    );
 
     let (status, body) = server.api("GET", "/api/v1/shaping/testprov", None).await;
     assert_eq!(status, 200, "{body}");
@@ -130,7 +145,11 @@ max_messages_per_connection = 5
     assert_eq!(pair["source"], "default");
     let (status, all) = server.api("GET", "/api/v1/shaping", None).await;
     assert_eq!(status, 200);
-    assert!(all["pairs"].as_array().unwrap().iter().any(|p| p["bucket"] == "testprov"));
+    assert!(all["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["bucket"] == "testprov"));
     let (status, missing) = server.api("GET", "/api/v1/shaping/nowhere", None).await;
     assert_eq!(status, 404);
     assert!(missing["error"].as_str().unwrap().contains("nowhere"));
