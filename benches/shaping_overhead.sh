@@ -3,6 +3,7 @@
 #
 # Usage (from the repo root; build first, `cargo build --release`, or pass another binary):
 #   benches/shaping_overhead.sh [rounds] [messages] [binary]     # defaults: 2, 20000, release
+# RELAY_BENCH_DIR overrides where relay-bench lives (default ../shared/bench).
 #
 # Alternates relay-bench runs (-c 20) of tern with config/tern.toml as it is (built-in
 # providers only; sink.test unshaped) and with 10,000 [[shaping.domains]] rules, one of them
@@ -10,10 +11,10 @@
 # bookkeeping, GCRA token and connection slot per message). Prints relay-bench's result lines.
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BENCH=$ROOT/../shared/bench
+BENCH=${RELAY_BENCH_DIR:-$ROOT/../shared/bench}
 ROUNDS=${1:-2}
 N=${2:-20000}
-BIN=${3:-$ROOT/target/release/tern}
+BIN=$(realpath "${3:-$ROOT/target/release/tern}")
 [ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 2; }
 WORK=$(mktemp -d /tmp/shaping-overhead.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
