@@ -31,6 +31,7 @@ use crate::outcome::Settler;
 use crate::policy::Policy;
 use crate::reload::{self, ReloadReport};
 use crate::scheduler::Scheduler;
+use crate::shaping::Shaper;
 use crate::smtp::server::{ConnectionLimits, Server};
 use crate::smtp::session::SessionConfig;
 use anyhow::Context;
@@ -64,6 +65,7 @@ pub struct Daemon {
     /// The limits HTTP injection applies (the admin server's copy).
     admin_limits: Arc<Live<Limits>>,
     log_level: Option<LogLevelReloader>,
+    shaper: Arc<Shaper>,
     pool: Arc<Pool>,
     delivery_log: DeliveryLog,
     smtp_addresses: Vec<SocketAddr>,
@@ -162,6 +164,12 @@ impl Daemon {
                     config.delivery.log_path
                 )
             })?;
+        let shaper = Shaper::new(
+            &config,
+            spool.clone(),
+            Arc::new(crate::shaping::limiter::Local),
+            metrics.clone(),
+        );
         let (new_mail, new_mail_rx) = tokio::sync::mpsc::unbounded_channel();
         let ingest = Ingest::new(
             spool.clone(),
@@ -169,6 +177,7 @@ impl Daemon {
             config.spool.max_age,
         )
         .with_dkim(dkim)
+        .with_pools(shaper.pools().clone())
         .with_scheduler(new_mail);
         let settler = Arc::new(Settler::new(
             spool.clone(),
@@ -184,6 +193,7 @@ impl Daemon {
             router.clone(),
             worker.clone(),
             settler.clone(),
+            shaper.clone(),
             config.delivery.clone(),
             metrics.clone(),
             new_mail_rx,
@@ -238,6 +248,7 @@ impl Daemon {
                 scheduler: scheduler.clone(),
                 ingest: ingest.clone(),
                 limits: admin_limits.clone(),
+                shaper: shaper.clone(),
                 token,
             },
             stop_admin.clone(),
@@ -254,6 +265,7 @@ impl Daemon {
             server,
             admin_limits,
             log_level: None,
+            shaper,
             pool,
             delivery_log,
             smtp_addresses,
@@ -414,6 +426,8 @@ impl Daemon {
         // abandoned attempt leaves its message pending in the spool, to be retried.
         self.scheduler.shutdown(self.grace).await;
         self.pool.close_all().await;
+        // Exact warm-up counts, so a restart neither loses nor gives back reservations.
+        self.shaper.flush().await;
         self.delivery_log.flush().await;
         self.spool.flush().await.context("final spool flush")?;
         // Scrapes answer while draining; the admin server stops last, within the grace period

@@ -6,11 +6,13 @@
 //! in one atomic, fsync'd spool write. [`Ingest::accept`] returns only once the message is
 //! durable: that is what allows the session to say 250. Messages whose From domain has DKIM
 //! keys are signed here, once, so retries never sign again. Committed parts are handed to the
-//! scheduler.
+//! scheduler. The `X-Tern-Pool` control header is removed before signing, and the source-IP
+//! pool (that header's or the sender domain's) is recorded in each envelope.
 
 use crate::delivery::dkim::DkimSigners;
 use crate::live::Live;
 use crate::scheduler::NewMessage;
+use crate::shaping::pools::{strip_pool_header, Pools};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -67,6 +69,7 @@ pub struct Ingest {
     /// Shared by every clone, so a config reload (key rotation) reaches them all.
     dkim: Arc<Live<DkimSigners>>,
     scheduler: Option<mpsc::UnboundedSender<Vec<NewMessage>>>,
+    pools: Option<Arc<Pools>>,
 }
 
 impl Ingest {
@@ -77,6 +80,7 @@ impl Ingest {
             max_age,
             dkim: Arc::new(Live::new(DkimSigners::none())),
             scheduler: None,
+            pools: None,
         }
     }
 
@@ -98,6 +102,12 @@ impl Ingest {
         self
     }
 
+    /// Chooses source-IP pools for accepted mail (`X-Tern-Pool`, sender domain).
+    pub fn with_pools(mut self, pools: Arc<Pools>) -> Ingest {
+        self.pools = Some(pools);
+        self
+    }
+
     pub fn spool(&self) -> &Spool {
         &self.spool
     }
@@ -114,8 +124,14 @@ impl Ingest {
 
     /// Like [`Ingest::accept`], but returns the id of every part (one per destination
     /// domain, in commit order); the first is the queue id.
-    pub async fn accept_parts(&self, sub: Submission) -> Result<Vec<MessageId>, SpoolError> {
+    pub async fn accept_parts(&self, mut sub: Submission) -> Result<Vec<MessageId>, SpoolError> {
         let now = crate::clock::now();
+        // The control header never leaves tern, and is gone before DKIM signs the headers.
+        let pool_header = strip_pool_header(&mut sub.content);
+        let pool = self
+            .pools
+            .as_ref()
+            .and_then(|p| p.at_ingest(pool_header.as_deref(), &sub.sender));
         let now_ms = unix_ms(now);
         let groups = split_by_destination(sub.recipients);
         let ids: Vec<MessageId> = groups.iter().map(|_| self.spool.next_id()).collect();
@@ -198,6 +214,7 @@ impl Ingest {
                 held: false,
                 delay_notified: false,
                 parked: false,
+                pool: pool.clone(),
             };
             parts.push((envelope, part_body));
         }
@@ -206,6 +223,7 @@ impl Ingest {
             .map(|(env, _)| NewMessage {
                 id: env.id,
                 domain: env.destination.clone(),
+                pool: env.pool.clone(),
             })
             .collect();
         self.spool.commit(parts).await?;

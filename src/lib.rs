@@ -12,6 +12,8 @@
 //! - [`delivery`]: routing (static routes, MX), the outbound SMTP client and pool, DKIM,
 //!   one attempt of one envelope, the delivery log.
 //! - [`outcome`]: per-recipient results applied to the spool, retries, expiry, DSNs.
+//! - [`shaping`]: traffic shaping: per-provider/destination limits, source-IP pools, warm-up,
+//!   adaptive backoff.
 //! - [`admin`]: the admin HTTP server: `GET /metrics` (every Prometheus metric), the `/api/v1`
 //!   API behind a bearer token (queue management, HTTP injection) and its client for the CLI.
 //! - [`cli`]: the renderings behind `tern queue ...`.
@@ -37,4 +39,5 @@ pub mod outcome;
 pub mod policy;
 pub mod reload;
 pub mod scheduler;
+pub mod shaping;
 pub mod smtp;

@@ -32,6 +32,8 @@ pub const RESTART_KEYS: &[&str] = &[
     "delivery.log_path",
     "log.format",
     "bounce.rules",
+    "shaping",
+    "pools",
 ];
 
 /// What a successful reload did.
@@ -68,6 +70,8 @@ pub fn merge(running: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
     keep!("delivery.log_path", delivery.log_path);
     keep!("log.format", log.format);
     keep!("bounce.rules", bounce.rules);
+    keep!("shaping", shaping);
+    keep!("pools", pools);
     (new, kept)
 }
 

@@ -57,6 +57,10 @@ pub struct Envelope {
     /// settler clears it when it records an attempt.
     #[serde(default)]
     pub parked: bool,
+    /// Source-IP pool chosen at ingest (control header or sender domain); `None`: the
+    /// route's pool or the default one, decided when routing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 /// One recipient of an envelope.

@@ -21,8 +21,8 @@ use crate::delivery::log::AttemptOutcome;
 use crate::live::Live;
 use crate::outcome::dsn::Action;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -163,6 +163,14 @@ pub struct Metrics {
     dkim_failures: IntCounterVec,
     config_reloads: IntCounterVec,
     config_last_reload: Gauge,
+    // Shaping: labels are a configured source address (or "default") and a provider name,
+    // static route key or "other".
+    shaping_rate: GaugeVec,
+    shaping_throttles: IntCounterVec,
+    shaping_blocked: IntGaugeVec,
+    warmup_sent: IntGaugeVec,
+    warmup_cap: IntGaugeVec,
+    shaping_wait_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -187,6 +195,18 @@ impl Metrics {
         };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique");
+            g
+        };
+        let gauge_vec = |name: &str, help: &str| {
+            let g = GaugeVec::new(Opts::new(name, help), &["source", "provider"])
+                .expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique");
+            g
+        };
+        let int_gauge_vec = |name: &str, help: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["source", "provider"])
+                .expect("valid metric");
             registry.register(Box::new(g.clone())).expect("unique");
             g
         };
@@ -309,6 +329,32 @@ impl Metrics {
                 registry.register(Box::new(g.clone())).expect("unique");
                 g
             },
+            shaping_rate: gauge_vec(
+                "tern_shaping_rate_per_minute",
+                "Current (adaptive) message rate per source and provider, messages per minute.",
+            ),
+            shaping_throttles: counter_vec(
+                "tern_shaping_throttles_total",
+                "Throttling replies (421, 4.7.x, provider wording) per source and provider.",
+                &["source", "provider"],
+            ),
+            shaping_blocked: int_gauge_vec(
+                "tern_shaping_blocked",
+                "1 while a source is suspended for a provider after a blocking reply (alert on it).",
+            ),
+            warmup_sent: int_gauge_vec(
+                "tern_warmup_sent_today",
+                "Messages sent today by a warming-up source to a provider.",
+            ),
+            warmup_cap: int_gauge_vec(
+                "tern_warmup_cap_today",
+                "Today's warm-up cap of a source for a provider (-1: warm, no cap).",
+            ),
+            shaping_wait_seconds: histogram(
+                "tern_shaping_wait_seconds",
+                "Time a delivery worker waited for shaping (rate, suspension, connection slot).",
+                vec![0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0],
+            ),
             registry,
         };
         for result in [ReloadResult::Ok, ReloadResult::Failed] {
@@ -431,6 +477,44 @@ impl Metrics {
         self.deliveries
             .with_label_values(&[destination, outcome_label(outcome)])
             .inc();
+    }
+
+    /// The label for destination key `key`: itself if it is a static route's, else "other".
+    pub fn destination_label<'a>(&self, key: &'a str) -> &'a str {
+        self.destination(&self.routes.get(), key)
+    }
+
+    pub fn shaping_rate(&self, source: &str, provider: &str, per_minute: f64) {
+        self.shaping_rate
+            .with_label_values(&[source, provider])
+            .set(per_minute);
+    }
+
+    pub fn shaping_throttle(&self, source: &str, provider: &str) {
+        self.shaping_throttles
+            .with_label_values(&[source, provider])
+            .inc();
+    }
+
+    pub fn shaping_blocked(&self, source: &str, provider: &str, blocked: bool) {
+        self.shaping_blocked
+            .with_label_values(&[source, provider])
+            .set(i64::from(blocked));
+    }
+
+    /// Warm-up progress; `cap` `None` once the source is warm.
+    pub fn warmup(&self, source: &str, provider: &str, sent: u64, cap: Option<u64>) {
+        let labels = [source, provider];
+        self.warmup_sent
+            .with_label_values(&labels)
+            .set(i64::try_from(sent).unwrap_or(i64::MAX));
+        self.warmup_cap
+            .with_label_values(&labels)
+            .set(cap.map_or(-1, |c| i64::try_from(c).unwrap_or(i64::MAX)));
+    }
+
+    pub fn shaping_wait(&self, waited: Duration) {
+        self.shaping_wait_seconds.observe(waited.as_secs_f64());
     }
 
     pub fn delivery_attempt(&self, took: Duration) {

@@ -9,6 +9,8 @@
 //! - [`inject`]: `POST /api/v1/inject`, mail submitted over HTTP into the SMTP ingest path.
 //! - [`client`]: the blocking HTTP client the `tern` CLI uses to call the API.
 //!
+//! - [`shaping`]: `GET /api/v1/shaping[/{bucket}]`, traffic-shaping state.
+//!
 //! Invariant: every `/api/v1` route sits behind [`auth::require_token`].
 
 pub mod auth;
@@ -17,11 +19,13 @@ pub mod error;
 pub mod inject;
 pub mod metrics;
 pub mod queue;
+pub mod shaping;
 
 use crate::config::Limits;
 use crate::ingest::Ingest;
 use crate::live::Live;
 use crate::scheduler::Scheduler;
+use crate::shaping::Shaper;
 use auth::Token;
 use axum::extract::State;
 use axum::http::header;
@@ -46,6 +50,7 @@ pub struct AdminState {
     /// Size and recipient limits, applied to injected mail as to SMTP mail; a config reload
     /// replaces them.
     pub limits: Arc<Live<Limits>>,
+    pub shaper: Arc<Shaper>,
     /// `None`: the API is disabled (no `admin.token_file`).
     pub token: Option<Token>,
 }
@@ -70,6 +75,7 @@ fn router(state: AdminState) -> Router {
         .route("/status", get(status))
         .merge(queue::routes())
         .merge(inject::routes())
+        .merge(shaping::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.token.clone(),
             auth::require_token,

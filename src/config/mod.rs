@@ -19,6 +19,7 @@
 mod bounce;
 mod delivery;
 mod reader;
+mod shaping;
 
 /// Parses a duration written as in the config file ("30s", "5m", "2h", "1d"); the admin API
 /// takes the same syntax.
@@ -31,6 +32,10 @@ pub use self::bounce::{compile_bounce_rules, BounceConfig};
 pub use self::delivery::{
     DeliveryConfig, DkimConfig, RouteAuth, SmtpTimeouts, TlsPolicy, DEFAULT_DKIM_HEADERS,
     DEFAULT_DKIM_OVERSIGN,
+};
+pub use self::shaping::{
+    AdaptiveConfig, DomainLimits, LimitsConfig, PoolAddress, PoolConfig, ProviderConfig, Rate,
+    ShapingConfig, WarmupConfig, WhenCapped,
 };
 
 use std::collections::HashMap;
@@ -65,6 +70,11 @@ pub struct Config {
     pub dkim: Vec<DkimConfig>,
     pub bounce: BounceConfig,
     pub log: LogConfig,
+    /// Traffic shaping: limits per destination and provider, adaptive backoff, warm-up.
+    pub shaping: ShapingConfig,
+    /// Source-IP pools, `[[pools]]`; names and addresses unique. Empty: connections are not
+    /// bound and use `server.hostname` in EHLO.
+    pub pools: Vec<PoolConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,6 +221,9 @@ pub struct RouteConfig {
     pub tls: Option<TlsPolicy>,
     /// AUTH credentials for a smarthost (sent only over TLS).
     pub auth: Option<RouteAuth>,
+    /// Source-IP pool for mail on this route (unless the message names one); a `[[pools]]`
+    /// name.
+    pub pool: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -309,9 +322,23 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
     let limits = r.section("limits", compile_limits);
     let spool = r.section("spool", compile_spool);
     let admin = r.section("admin", |r| compile_admin(r, &listener_paths));
+    let mut pool_names = HashMap::new();
+    let mut pool_addresses = HashMap::new();
+    let pools: Vec<PoolConfig> = r
+        .tables("pools", |r| {
+            shaping::compile_pool(r, &mut pool_names, &mut pool_addresses)
+        })
+        .into_iter()
+        .flatten()
+        .collect();
+    if pools.iter().filter(|p| p.default).count() > 1 {
+        r.error("pools", "at most one pool may have default = true");
+    }
     let mut route_paths = HashMap::new();
     let routes = r
-        .tables("routes", |r| compile_route(r, &mut route_paths))
+        .tables("routes", |r| {
+            compile_route(r, &mut route_paths, &pool_names)
+        })
         .into_iter()
         .flatten()
         .collect();
@@ -323,6 +350,7 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
         .collect();
     let bounce = r.section("bounce", bounce::compile_bounce);
     let log = r.section("log", compile_log);
+    let shaping = r.section("shaping", shaping::compile_shaping);
 
     Config {
         server,
@@ -338,6 +366,8 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
         dkim,
         bounce,
         log,
+        shaping,
+        pools,
     }
 }
 
@@ -527,9 +557,11 @@ fn compile_admin(r: &mut TableReader<'_>, listeners: &HashMap<SocketAddr, String
 }
 
 /// `domains` maps each (lowercased) domain seen so far to the key path that declared it.
+/// `pools` holds the `[[pools]]` names a route may refer to.
 fn compile_route(
     r: &mut TableReader<'_>,
     domains: &mut HashMap<String, String>,
+    pools: &HashMap<String, String>,
 ) -> Option<RouteConfig> {
     let domain = r.require("domain", |v| match string(v)? {
         "*" => Ok("*".to_owned()),
@@ -540,6 +572,16 @@ fn compile_route(
     let auth = r
         .optional_section("auth", delivery::compile_route_auth)
         .flatten();
+    let pool = r.get("pool", |v| {
+        let name = string(v)?;
+        if pools.contains_key(name) {
+            Ok(name.to_owned())
+        } else {
+            Err(format!(
+                "unknown pool {name:?} (no [[pools]] entry has that name)"
+            ))
+        }
+    });
     let domain = domain?;
     if let Some(first) = domains.get(&domain) {
         let msg = format!("duplicate route for {domain:?} (already defined by {first})");
@@ -552,6 +594,7 @@ fn compile_route(
         hosts: hosts?,
         tls,
         auth,
+        pool,
     })
 }
 
@@ -741,12 +784,16 @@ mod tests {
                 hosts: vec!["127.0.0.1:2526".to_owned()],
                 tls: None,
                 auth: None,
+                pool: None,
             }]
         );
         assert_eq!(config.delivery, DeliveryConfig::default());
         assert!(config.dkim.is_empty());
         assert_eq!(config.bounce, BounceConfig::default());
         assert_eq!(config.log, LogConfig::default());
+        assert_eq!(config.shaping, ShapingConfig::default());
+        assert_eq!(config.shaping.providers.len(), 4, "the built-in providers");
+        assert!(config.pools.is_empty());
     }
 
     #[test]

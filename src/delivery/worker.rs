@@ -54,6 +54,15 @@ pub struct Attempt {
     pub tls: Option<TlsInfo>,
 }
 
+/// Where new connections come from: the local address to bind, its EHLO name, and what a
+/// new connection holds for as long as it lives (a shaping connection slot).
+#[derive(Default)]
+pub struct Outbound {
+    pub source: Option<IpAddr>,
+    pub ehlo: Option<String>,
+    pub hold: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
 pub struct Worker {
     router: Arc<Router>,
     pool: Arc<Pool>,
@@ -112,6 +121,7 @@ impl Worker {
         body: &[u8],
         plan: &RoutePlan,
         connection: &mut Option<Connection>,
+        mut outbound: Outbound,
     ) -> Attempt {
         let pending: Vec<(usize, Recipient)> = env
             .recipients
@@ -141,7 +151,7 @@ impl Worker {
         loop {
             let conn = match connection.take() {
                 Some(conn) => conn,
-                None => match self.connect(plan, &settings).await {
+                None => match self.connect(plan, &settings, &mut outbound).await {
                     Ok(conn) => conn,
                     Err(failure) => return failure.for_all(&pending),
                 },
@@ -179,6 +189,10 @@ impl Worker {
                 Err(err) if reused && !err.is_permanent() => {
                     debug!(host = conn.host(), error = %err, "reused connection failed; reconnecting");
                     reused = false;
+                    // Its replacement takes over its shaping slot.
+                    if outbound.hold.is_none() {
+                        outbound.hold = conn.take_held();
+                    }
                 }
                 Err(err) => {
                     let failure = Failure::from_attempt_error(&err);
@@ -187,6 +201,11 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Closes idle pooled connections that `which` selects.
+    pub fn evict_idle(&self, which: impl Fn(&Connection) -> bool) {
+        self.pool.evict(which);
     }
 
     /// Returns a worker's connection to the pool when the worker stops.
@@ -200,6 +219,7 @@ impl Worker {
         &self,
         plan: &RoutePlan,
         settings: &AttemptSettings,
+        outbound: &mut Outbound,
     ) -> Result<Connection, Failure> {
         let password = plan.auth.as_ref().and_then(|a| {
             settings
@@ -222,15 +242,24 @@ impl Worker {
                 let target = Target {
                     host: &hop.name,
                     addr,
-                    source: None,
+                    source: outbound.source,
                     tls: plan.tls,
                     auth: password,
                 };
                 if let Some(conn) = self.pool.take(&target) {
                     return Ok(conn);
                 }
-                match client::connect(&target, &settings.client, &self.broken_tls).await {
-                    Ok(conn) => return Ok(conn),
+                let ehlo = outbound
+                    .ehlo
+                    .as_deref()
+                    .unwrap_or(&settings.client.ehlo_name);
+                match client::connect_as(&target, &settings.client, &self.broken_tls, ehlo).await {
+                    Ok(mut conn) => {
+                        if let Some(hold) = outbound.hold.take() {
+                            conn.hold(hold);
+                        }
+                        return Ok(conn);
+                    }
                     Err(err) => {
                         debug!(host = %hop.name, %addr, error = %err, "connect failed");
                         let try_next = err.try_next_host();

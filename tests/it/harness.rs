@@ -142,6 +142,8 @@ pub struct Options {
     pub dkim: Vec<String>,
     /// `[spool]` keys other than `path`, as TOML literals.
     pub spool: Vec<(String, String)>,
+    /// Raw TOML appended at the end (`[shaping]`, `[[pools]]`, ...).
+    pub extra: Vec<String>,
 }
 
 impl Default for Options {
@@ -159,6 +161,7 @@ impl Default for Options {
             route_options: Vec::new(),
             dkim: Vec::new(),
             spool: Vec::new(),
+            extra: Vec::new(),
         }
     }
 }
@@ -225,6 +228,12 @@ impl Options {
     /// Adds a `[[dkim]]` entry (the TOML lines of its body).
     pub fn dkim(mut self, body: impl ToString) -> Self {
         self.dkim.push(body.to_string());
+        self
+    }
+
+    /// Appends raw TOML (whole sections) to the config.
+    pub fn extra(mut self, toml: impl ToString) -> Self {
+        self.extra.push(toml.to_string());
         self
     }
 
@@ -317,6 +326,9 @@ impl Options {
             self.log_level
         )
         .unwrap();
+        for extra in &self.extra {
+            writeln!(t, "\n{extra}").unwrap();
+        }
         t
     }
 }
@@ -396,6 +408,7 @@ pub struct TestServer {
     daemon: Option<Daemon>,
     pub smtp: SocketAddr,
     pub smtps: Option<SocketAddr>,
+    /// The config the daemon runs with (restarts use it again).
     /// Kept last so the spool directory outlives the daemon.
     pub dir: TempDir,
 }
