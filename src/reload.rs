@@ -32,6 +32,12 @@ pub const RESTART_KEYS: &[&str] = &[
     "delivery.log_path",
     "log.format",
     "bounce.rules",
+    "bounce.domains",
+    "bounce.verp",
+    "bounce.verp_local",
+    "bounce.verp_key_file",
+    "suppression",
+    "webhooks",
 ];
 
 /// What a successful reload did.
@@ -68,6 +74,12 @@ pub fn merge(running: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
     keep!("delivery.log_path", delivery.log_path);
     keep!("log.format", log.format);
     keep!("bounce.rules", bounce.rules);
+    keep!("bounce.domains", bounce.domains);
+    keep!("bounce.verp", bounce.verp);
+    keep!("bounce.verp_local", bounce.verp_local);
+    keep!("bounce.verp_key_file", bounce.verp_key_file);
+    keep!("suppression", suppression);
+    keep!("webhooks", webhooks);
     (new, kept)
 }
 

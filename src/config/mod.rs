@@ -18,6 +18,7 @@
 
 mod bounce;
 mod delivery;
+mod events;
 mod reader;
 
 /// Parses a duration written as in the config file ("30s", "5m", "2h", "1d"); the admin API
@@ -32,6 +33,7 @@ pub use self::delivery::{
     DeliveryConfig, DkimConfig, RouteAuth, SmtpTimeouts, TlsPolicy, DEFAULT_DKIM_HEADERS,
     DEFAULT_DKIM_OVERSIGN,
 };
+pub use self::events::{SuppressionConfig, SuppressionMode, WebhookConfig, WebhookUrl};
 
 use std::collections::HashMap;
 use std::fmt;
@@ -64,6 +66,9 @@ pub struct Config {
     /// DKIM signing keys, `[[dkim]]`; several per domain allowed.
     pub dkim: Vec<DkimConfig>,
     pub bounce: BounceConfig,
+    pub suppression: SuppressionConfig,
+    /// Event webhooks, `[[webhooks]]`.
+    pub webhooks: Vec<WebhookConfig>,
     pub log: LogConfig,
 }
 
@@ -211,6 +216,8 @@ pub struct RouteConfig {
     pub tls: Option<TlsPolicy>,
     /// AUTH credentials for a smarthost (sent only over TLS).
     pub auth: Option<RouteAuth>,
+    /// VERP for mail on this route; `None` means `bounce.verp`.
+    pub verp: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -310,7 +317,7 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
     let spool = r.section("spool", compile_spool);
     let admin = r.section("admin", |r| compile_admin(r, &listener_paths));
     let mut route_paths = HashMap::new();
-    let routes = r
+    let routes: Vec<RouteConfig> = r
         .tables("routes", |r| compile_route(r, &mut route_paths))
         .into_iter()
         .flatten()
@@ -321,7 +328,14 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
         .into_iter()
         .flatten()
         .collect();
-    let bounce = r.section("bounce", bounce::compile_bounce);
+    let any_route_verp = routes.iter().any(|r| r.verp == Some(true));
+    let bounce = r.section("bounce", |r| bounce::compile_bounce(r, any_route_verp));
+    let suppression = r.section("suppression", events::compile_suppression);
+    let webhooks = r
+        .tables("webhooks", events::compile_webhook)
+        .into_iter()
+        .flatten()
+        .collect();
     let log = r.section("log", compile_log);
 
     Config {
@@ -337,6 +351,8 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
         delivery,
         dkim,
         bounce,
+        suppression,
+        webhooks,
         log,
     }
 }
@@ -540,6 +556,7 @@ fn compile_route(
     let auth = r
         .optional_section("auth", delivery::compile_route_auth)
         .flatten();
+    let verp = r.get("verp", bounce::boolean);
     let domain = domain?;
     if let Some(first) = domains.get(&domain) {
         let msg = format!("duplicate route for {domain:?} (already defined by {first})");
@@ -552,6 +569,7 @@ fn compile_route(
         hosts: hosts?,
         tls,
         auth,
+        verp,
     })
 }
 
@@ -741,11 +759,14 @@ mod tests {
                 hosts: vec!["127.0.0.1:2526".to_owned()],
                 tls: None,
                 auth: None,
+                verp: None,
             }]
         );
         assert_eq!(config.delivery, DeliveryConfig::default());
         assert!(config.dkim.is_empty());
         assert_eq!(config.bounce, BounceConfig::default());
+        assert_eq!(config.suppression, SuppressionConfig::default());
+        assert!(config.webhooks.is_empty());
         assert_eq!(config.log, LogConfig::default());
     }
 
