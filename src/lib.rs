@@ -38,3 +38,5 @@ pub mod policy;
 pub mod reload;
 pub mod scheduler;
 pub mod smtp;
+pub mod suppression;
+pub mod verp;
