@@ -30,6 +30,8 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod delivery;
+pub mod inbound;
+pub mod events;
 pub mod ingest;
 pub mod live;
 pub mod notify;
