@@ -48,7 +48,11 @@ pub struct Feedback {
 }
 
 impl Feedback {
-    pub fn new(suppressions: Suppressions, events: Events, bounce_domains: Vec<String>) -> Feedback {
+    pub fn new(
+        suppressions: Suppressions,
+        events: Events,
+        bounce_domains: Vec<String>,
+    ) -> Feedback {
         Feedback {
             suppressions,
             events,
@@ -182,8 +186,11 @@ impl Processor {
             Kind::Dsn | Kind::Arf => {
                 let complaint = report.kind == Kind::Arf;
                 // With VERP, the token says who it is about; the report says what happened.
-                let mut subjects: Vec<(String, Option<MessageId>, Option<&bounce::BounceRecipient>)> =
-                    Vec::new();
+                let mut subjects: Vec<(
+                    String,
+                    Option<MessageId>,
+                    Option<&bounce::BounceRecipient>,
+                )> = Vec::new();
                 if targets.is_empty() {
                     for r in &report.recipients {
                         subjects.push((r.address.to_lowercase(), None, Some(r)));
@@ -200,7 +207,9 @@ impl Processor {
                 }
                 for (address, id, r) in subjects {
                     let (kind, category, hard, failed) = match r {
-                        _ if complaint => (events::Kind::Complaint, Category::Complaint, true, true),
+                        _ if complaint => {
+                            (events::Kind::Complaint, Category::Complaint, true, true)
+                        }
                         Some(r) => match r.action {
                             Action::Failed => (events::Kind::Bounced, r.category, r.hard, true),
                             Action::Delayed => (events::Kind::Deferred, r.category, false, false),
@@ -208,7 +217,8 @@ impl Processor {
                         },
                         None => (events::Kind::Bounced, Category::Other, false, true),
                     };
-                    let mut e = Event::new(kind, &address, if complaint { "arf" } else { "bounce" });
+                    let mut e =
+                        Event::new(kind, &address, if complaint { "arf" } else { "bounce" });
                     e.id = id;
                     e.status = r.and_then(|r| r.status.clone());
                     e.category = Some(category);
@@ -221,7 +231,11 @@ impl Processor {
                         .suppressions
                         .entry_for(&address, category, hard, failed, source, now)
                     {
-                        let mut s = Event::new(events::Kind::Suppressed, &address, if complaint { "arf" } else { "bounce" });
+                        let mut s = Event::new(
+                            events::Kind::Suppressed,
+                            &address,
+                            if complaint { "arf" } else { "bounce" },
+                        );
                         s.id = id;
                         s.category = Some(category);
                         s.detail = Some(format!("added to the suppression list ({category})"));

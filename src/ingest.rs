@@ -19,9 +19,9 @@ use crate::delivery::dkim::DkimSigners;
 use crate::delivery::log::DeliveryLog;
 use crate::events::{Event, Events, Kind as EventKind};
 use crate::inbound::{encode_record, Feedback, InboundHead};
-use crate::suppression::Suppressions;
 use crate::live::Live;
 use crate::scheduler::NewMessage;
+use crate::suppression::Suppressions;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -151,7 +151,11 @@ impl Ingest {
             std::mem::take(&mut sub.recipients)
                 .into_iter()
                 .partition(|r| feedback.is_bounce_address(&r.address));
-        let source = if sub.source.protocol == "HTTP" { "http" } else { "smtp" };
+        let source = if sub.source.protocol == "HTTP" {
+            "http"
+        } else {
+            "smtp"
+        };
         let mut dropped = Vec::new();
         let rcpts: Vec<Recipient> = if feedback.suppressions.mode() == SuppressionMode::Drop {
             rcpts

@@ -7,6 +7,7 @@
 //!   body extractor that answers malformed input with 400.
 //! - [`queue`]: `/api/v1/queue/*`, the spool seen and managed by the operator.
 //! - [`inject`]: `POST /api/v1/inject`, mail submitted over HTTP into the SMTP ingest path.
+//! - [`suppression`]: `/api/v1/suppressions`, the suppression list (list, add, remove, CSV).
 //! - [`client`]: the blocking HTTP client the `tern` CLI uses to call the API.
 //!
 //! Invariant: every `/api/v1` route sits behind [`auth::require_token`].
@@ -17,6 +18,7 @@ pub mod error;
 pub mod inject;
 pub mod metrics;
 pub mod queue;
+pub mod suppression;
 
 use crate::config::Limits;
 use crate::ingest::Ingest;
@@ -70,6 +72,7 @@ fn router(state: AdminState) -> Router {
         .route("/status", get(status))
         .merge(queue::routes())
         .merge(inject::routes())
+        .merge(suppression::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.token.clone(),
             auth::require_token,

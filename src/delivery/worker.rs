@@ -19,6 +19,7 @@ use crate::delivery::pool::Pool;
 use crate::delivery::route::{RouteError, RoutePlan, Router};
 use crate::ingest::TlsInfo;
 use crate::live::Live;
+use crate::verp::Verp;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -59,6 +60,38 @@ pub struct Worker {
     pool: Arc<Pool>,
     settings: Live<AttemptSettings>,
     broken_tls: BrokenTls,
+    /// VERP senders and where they apply; `None`: never.
+    verp: Live<Option<VerpPolicy>>,
+}
+
+/// Which mail gets VERP senders: `bounce.verp`, overridden per static route (`routes[].verp`;
+/// a route's plan key is `route:<domain>`).
+#[derive(Clone, Debug)]
+pub struct VerpPolicy {
+    pub verp: Verp,
+    pub global: bool,
+    pub routes: HashMap<String, bool>,
+}
+
+impl VerpPolicy {
+    pub fn from_config(verp: Verp, config: &crate::config::Config) -> VerpPolicy {
+        VerpPolicy {
+            verp,
+            global: config.bounce.verp,
+            routes: config
+                .routes
+                .iter()
+                .filter_map(|r| Some((r.domain.clone(), r.verp?)))
+                .collect(),
+        }
+    }
+
+    fn applies(&self, plan_key: &str) -> bool {
+        plan_key
+            .strip_prefix("route:")
+            .and_then(|domain| self.routes.get(domain).copied())
+            .unwrap_or(self.global)
+    }
 }
 
 /// What a config reload may change about attempts.
@@ -86,7 +119,13 @@ impl Worker {
                 passwords,
             }),
             broken_tls: BrokenTls::new(config.broken_tls_retry),
+            verp: Live::new(None),
         }
+    }
+
+    /// Sets (or replaces, on reload: route overrides are live) the VERP policy.
+    pub fn set_verp(&self, policy: Option<VerpPolicy>) {
+        self.verp.set(policy);
     }
 
     /// Applies a reloaded `[delivery]` (timeouts, connection reuse, broken-TLS memory) and
@@ -123,9 +162,43 @@ impl Worker {
         if pending.is_empty() {
             return Attempt::default();
         }
+        // VERP: one transaction per recipient, each with its own sender, over the same
+        // connection while it stays usable. The null sender (DSNs) is never rewritten.
+        let verp = self.verp.get();
+        if let Some(policy) =
+            Option::as_ref(&verp).filter(|p| !env.sender.is_empty() && p.applies(&plan.key))
+        {
+            let mut total = Attempt::default();
+            for (index, rcpt) in pending {
+                let sender = policy.verp.sender(env.id, index as u16, &rcpt.address);
+                let one = self
+                    .attempt_as(env, body, plan, connection, &sender, vec![(index, rcpt)])
+                    .await;
+                total.outcomes.extend(one.outcomes);
+                total.host = one.host.or(total.host);
+                total.addr = one.addr.or(total.addr);
+                total.source = one.source.or(total.source);
+                total.tls = one.tls.or(total.tls);
+            }
+            return total;
+        }
+        self.attempt_as(env, body, plan, connection, &env.sender, pending)
+            .await
+    }
+
+    /// One transaction from `sender` to the `pending` recipients.
+    async fn attempt_as(
+        &self,
+        env: &Envelope,
+        body: &[u8],
+        plan: &RoutePlan,
+        connection: &mut Option<Connection>,
+        sender: &str,
+        pending: Vec<(usize, Recipient)>,
+    ) -> Attempt {
         let recipients: Vec<Recipient> = pending.iter().map(|(_, r)| r.clone()).collect();
         let message = OutboundMessage {
-            sender: &env.sender,
+            sender,
             recipients: &recipients,
             env_id: env.env_id.as_deref(),
             ret: env.ret,

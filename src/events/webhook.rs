@@ -53,7 +53,8 @@ pub async fn run(
         };
         let mut wait = config.interval;
         if !batch.is_empty() {
-            let mut body = Vec::with_capacity(batch.iter().map(|(_, e)| e.len() + 1).sum::<usize>() + 2);
+            let mut body =
+                Vec::with_capacity(batch.iter().map(|(_, e)| e.len() + 1).sum::<usize>() + 2);
             body.push(b'[');
             for (i, (_, e)) in batch.iter().enumerate() {
                 if i > 0 {
@@ -64,7 +65,11 @@ pub async fn run(
             body.push(b']');
             let t = crate::clock::now_ms() / 1000;
             let sig = signature(&secret, t, &body);
-            match tokio::time::timeout(REQUEST_TIMEOUT, post(&config, &sig, &body)).await {
+            let posted = tokio::select! {
+                posted = tokio::time::timeout(REQUEST_TIMEOUT, post(&config, &sig, &body)) => posted,
+                _ = shutdown.cancelled() => return,
+            };
+            match posted {
                 Ok(Ok(status)) if (200..300).contains(&status) => {
                     let seqs: Vec<u64> = batch.iter().map(|(s, _)| *s).collect();
                     if let Err(err) = events.spool.remove_events(&stream, &seqs).await {

@@ -28,9 +28,9 @@ use crate::bounce::classify::{Category, Classifier};
 use crate::clock::now_ms;
 use crate::config::DeliveryConfig;
 use crate::delivery::log::{AttemptOutcome, AttemptRecord, DeliveryLog};
-use crate::events::{Event, Kind as EventKind};
 use crate::delivery::route::{RouteError, RoutePlan};
 use crate::delivery::worker::{Attempt, Failure, Verdict};
+use crate::events::{Event, Kind as EventKind};
 use crate::ingest::{Ingest, Submission};
 use crate::live::Live;
 use dsn::{Action, DsnRecipient, DsnRequest};
@@ -349,7 +349,9 @@ impl Settler {
     /// whatever the last reply said.
     fn category(&self, result: AttemptOutcome, status: &str, reply: &str) -> Option<Category> {
         match result {
-            AttemptOutcome::Delivered | AttemptOutcome::Deleted | AttemptOutcome::Suppressed => None,
+            AttemptOutcome::Delivered | AttemptOutcome::Deleted | AttemptOutcome::Suppressed => {
+                None
+            }
             AttemptOutcome::Complaint => Some(Category::Complaint),
             AttemptOutcome::Expired => Some(Category::Expired),
             AttemptOutcome::Deferred | AttemptOutcome::Bounced => {
