@@ -142,6 +142,8 @@ pub struct Options {
     pub dkim: Vec<String>,
     /// `[spool]` keys other than `path`, as TOML literals.
     pub spool: Vec<(String, String)>,
+    /// Raw TOML appended at the end (whole sections: `[bounce]`, `[suppression]`, ...).
+    pub extra: Vec<String>,
 }
 
 impl Default for Options {
@@ -159,12 +161,19 @@ impl Default for Options {
             route_options: Vec::new(),
             dkim: Vec::new(),
             spool: Vec::new(),
+            extra: Vec::new(),
         }
     }
 }
 
 impl Options {
     /// Sets a `[limits]` key; `value` is a TOML literal (`10000`, `"2s"`).
+    /// Appends raw TOML sections to the config.
+    pub fn extra(mut self, toml: impl ToString) -> Self {
+        self.extra.push(toml.to_string());
+        self
+    }
+
     pub fn limit(mut self, key: &str, value: impl ToString) -> Self {
         self.limits.push((key.to_string(), value.to_string()));
         self
@@ -317,6 +326,9 @@ impl Options {
             self.log_level
         )
         .unwrap();
+        for extra in &self.extra {
+            writeln!(t, "\n{extra}").unwrap();
+        }
         t
     }
 }

@@ -30,5 +30,6 @@ mod reload;
 mod routing;
 mod shutdown;
 mod smuggling;
+mod suppression;
 mod systemd;
 mod tls_auth;
