@@ -390,3 +390,128 @@ async fn synchronous_hard_bounce_suppresses() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_add_list_remove_and_csv_round_trip() {
+    use crate::cli::{cli_config, tern_ok};
+    let server = TestServer::start(Options::default()).await;
+    let config = cli_config(&server);
+    let cfg = config.to_str().unwrap();
+
+    let out = tern_ok(&[
+        "suppression",
+        "add",
+        "A@x.test",
+        "--reason",
+        "complaint",
+        "--config",
+        cfg,
+    ])
+    .await;
+    assert_eq!(out, "suppressed a@x.test\n");
+    tern_ok(&[
+        "suppression",
+        "add",
+        "b@x.test",
+        "--expires-in",
+        "7d",
+        "--config",
+        cfg,
+    ])
+    .await;
+    let list = tern_ok(&["suppression", "list", "--config", cfg]).await;
+    assert!(
+        list.contains("a@x.test") && list.contains("complaint"),
+        "{list}"
+    );
+    assert!(
+        list.contains("b@x.test") && list.contains("manual"),
+        "{list}"
+    );
+    let page = tern_ok(&[
+        "suppression",
+        "list",
+        "--limit",
+        "1",
+        "--json",
+        "--config",
+        cfg,
+    ])
+    .await;
+    let page: Value = serde_json::from_str(&page).unwrap();
+    assert_eq!(page["entries"].as_array().unwrap().len(), 1);
+    assert_eq!(page["next"], "a@x.test");
+    let filtered = tern_ok(&[
+        "suppression",
+        "list",
+        "--reason",
+        "manual",
+        "--json",
+        "--config",
+        cfg,
+    ])
+    .await;
+    let filtered: Value = serde_json::from_str(&filtered).unwrap();
+    assert_eq!(filtered["entries"][0]["address"], "b@x.test");
+
+    // Export, clear, import the export: the same list.
+    let csv = tern_ok(&["suppression", "export", "--config", cfg]).await;
+    assert!(
+        csv.starts_with("address,reason,created_ms,expires_ms,source\n"),
+        "{csv}"
+    );
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    tern_ok(&["suppression", "remove", "a@x.test", "--config", cfg]).await;
+    tern_ok(&["suppression", "remove", "B@X.test", "--config", cfg]).await;
+    let empty = tern_ok(&["suppression", "export", "--config", cfg]).await;
+    assert_eq!(empty.lines().count(), 1, "{empty}");
+    let file = server.dir.path().join("list.csv");
+    std::fs::write(&file, &csv).unwrap();
+    let out = tern_ok(&[
+        "suppression",
+        "import",
+        file.to_str().unwrap(),
+        "--config",
+        cfg,
+    ])
+    .await;
+    assert_eq!(out, "imported 2\n");
+    assert_eq!(
+        tern_ok(&["suppression", "export", "--config", cfg]).await,
+        csv
+    );
+
+    // Errors: JSON with the right status, named; the CLI exits non-zero.
+    let (status, body) = server
+        .api(
+            "POST",
+            "/api/v1/suppressions",
+            Some(&json!({"address": "x", "reason": "bogus"})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().starts_with("address:"),
+        "{body}"
+    );
+    let (status, body) = server
+        .api("DELETE", "/api/v1/suppressions/none@x.test", None)
+        .await;
+    assert_eq!((status, body["error"].as_str().is_some()), (404, true));
+    std::fs::write(&file, "ok@x.test\nbad line\n").unwrap();
+    let (status, body) = http(
+        server.admin(),
+        "POST",
+        "/api/v1/suppressions/import",
+        Some(&server.admin_token()),
+        Some("ok@x.test\nbad line\n"),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("line 2"), "{body}");
+    assert_eq!(
+        server.spool().suppression("ok@x.test").unwrap(),
+        None,
+        "all or nothing"
+    );
+}
