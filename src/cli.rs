@@ -307,26 +307,6 @@ pub fn render_suspensions(v: &Value) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ages_show_two_units() {
-        assert_eq!(age(0), "0s");
-        assert_eq!(age(42), "42s");
-        assert_eq!(age(3_600 + 120 + 5), "1h2m");
-        assert_eq!(age(2 * 86_400 + 5), "2d");
-        assert_eq!(age(86_400 + 3_600), "1d1h");
-    }
-
-    #[test]
-    fn query_values_are_percent_encoded() {
-        assert_eq!(query_value("a+b@x.test"), "a%2Bb%40x.test");
-        assert_eq!(query_value(""), "");
-    }
-}
-
 /// `tern suppression list`: one line per entry, then the cursor of the next page if any.
 pub fn render_suppressions(v: &Value) -> String {
     let mut out = format!(
@@ -354,4 +334,24 @@ pub fn render_suppressions(v: &Value) -> String {
         out.push_str(&format!("more: --after {next}\n"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_show_two_units() {
+        assert_eq!(age(0), "0s");
+        assert_eq!(age(42), "42s");
+        assert_eq!(age(3_600 + 120 + 5), "1h2m");
+        assert_eq!(age(2 * 86_400 + 5), "2d");
+        assert_eq!(age(86_400 + 3_600), "1d1h");
+    }
+
+    #[test]
+    fn query_values_are_percent_encoded() {
+        assert_eq!(query_value("a+b@x.test"), "a%2Bb%40x.test");
+        assert_eq!(query_value(""), "");
+    }
 }

@@ -169,7 +169,7 @@ impl Processor {
             Kind::Autoreply => {
                 info!(queue_id = %head.queue_id, "auto-reply to a bounce address; dropped");
             }
-            Kind::None if !(null_sender && !targets.is_empty()) => {
+            Kind::None if !null_sender || targets.is_empty() => {
                 info!(queue_id = %head.queue_id, "mail to a bounce address that is no bounce; dropped");
             }
             Kind::None => {

@@ -4,7 +4,7 @@
 //! the receiver is down.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -100,7 +100,7 @@ fn options(dir: &Path, sink: SocketAddr, hook: SocketAddr, mode: &str) -> Option
         ))
 }
 
-fn path(p: &PathBuf) -> String {
+fn path(p: &Path) -> String {
     p.display().to_string()
 }
 
