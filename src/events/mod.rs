@@ -5,8 +5,9 @@
 //! crash or endpoint down, it is posted later (at least once; receivers deduplicate by
 //! `event_id`).
 //!
-//! Complaint and suppressed events also get a delivery log line here (the settler logs the
-//! delivery outcomes itself).
+//! Complaints, and recipients dropped at submission because they are suppressed, also get a
+//! delivery log line here (the settler logs the delivery outcomes itself; a refusal at RCPT
+//! has no message id and is logged as a tracing event).
 
 pub mod webhook;
 
@@ -104,9 +105,14 @@ impl Events {
             return;
         }
         for e in &events {
+            // A suppressed line is for mail refused or dropped at submission; an address
+            // added to the list is no mail outcome (the line of the bounce that added it is
+            // already there).
             let outcome = match e.event {
                 Kind::Complaint => AttemptOutcome::Complaint,
-                Kind::Suppressed => AttemptOutcome::Suppressed,
+                Kind::Suppressed if matches!(e.source, "smtp" | "http") => {
+                    AttemptOutcome::Suppressed
+                }
                 _ => continue,
             };
             let id = e.id.or(e.queue_id);
