@@ -418,3 +418,29 @@ impl Failure {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_route_override_beats_the_global_switch() {
+        let config = crate::config::Config::parse(
+            "[[listeners]]\naddress = \"127.0.0.1:2525\"\n\
+             [[routes]]\ndomain = \"on.test\"\nhosts = [\"127.0.0.1:25\"]\nverp = true\n\
+             [[routes]]\ndomain = \"off.test\"\nhosts = [\"127.0.0.1:25\"]\nverp = false\n\
+             [bounce]\ndomains = [\"b.test\"]\nverp_key_file = \"/k\"\n",
+        )
+        .unwrap();
+        let policy = VerpPolicy::from_config(Verp::new(&[7; 16], "bounces", "b.test"), &config);
+        assert!(policy.applies("route:on.test"));
+        assert!(!policy.applies("route:off.test"));
+        assert!(!policy.applies("mx:mx.example.test"), "bounce.verp is off");
+        let global = VerpPolicy {
+            global: true,
+            ..policy
+        };
+        assert!(!global.applies("route:off.test"));
+        assert!(global.applies("mx:mx.example.test"));
+    }
+}
