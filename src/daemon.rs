@@ -23,7 +23,9 @@ use crate::delivery::dns::HickoryResolver;
 use crate::delivery::log::DeliveryLog;
 use crate::delivery::pool::Pool;
 use crate::delivery::route::Router;
-use crate::delivery::worker::Worker;
+use crate::delivery::worker::{VerpPolicy, Worker};
+use crate::events::Events;
+use crate::inbound::Feedback;
 use crate::ingest::Ingest;
 use crate::live::Live;
 use crate::notify;
@@ -34,6 +36,8 @@ use crate::scheduler::Scheduler;
 use crate::shaping::Shaper;
 use crate::smtp::server::{ConnectionLimits, Server};
 use crate::smtp::session::SessionConfig;
+use crate::suppression::Suppressions;
+use crate::verp::Verp;
 use anyhow::Context;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -72,6 +76,10 @@ pub struct Daemon {
     admin_address: SocketAddr,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    /// The bounce processor and the webhook senders; they stop with `shutdown`.
+    feedback_tasks: TaskTracker,
+    /// The VERP key, read at start (`bounce.verp_key_file` is a restart key).
+    verp: Option<Verp>,
     listeners: TaskTracker,
     admin: tokio::task::JoinHandle<()>,
     /// Stops the admin server; separate from `shutdown` so scrapes answer while draining.
@@ -179,6 +187,42 @@ impl Daemon {
         .with_dkim(dkim)
         .with_pools(shaper.pools().clone())
         .with_scheduler(new_mail);
+        let events = Events::new(spool.clone(), config.webhooks.len(), delivery_log.clone());
+        let feedback = Feedback::new(
+            Suppressions::new(spool.clone(), config.suppression.clone()),
+            events.clone(),
+            config.bounce.domains.clone(),
+        );
+        let ingest = ingest.with_feedback(feedback.clone());
+        let verp = read_verp_key(&config)?;
+        worker.set_verp(verp.clone().map(|v| VerpPolicy::from_config(v, &config)));
+        let feedback_tasks = TaskTracker::new();
+        for (i, hook) in config.webhooks.iter().enumerate() {
+            let secret = std::fs::read(&hook.secret_file).with_context(|| {
+                format!(
+                    "webhooks[{i}].secret_file: cannot read {}",
+                    hook.secret_file.display()
+                )
+            })?;
+            let secret = secret.trim_ascii().to_vec();
+            feedback_tasks.spawn(crate::events::webhook::run(
+                events.clone(),
+                i,
+                hook.clone(),
+                secret,
+                shutdown.clone(),
+            ));
+        }
+        feedback_tasks.spawn(
+            crate::inbound::Processor {
+                spool: spool.clone(),
+                feedback,
+                classifier: classifier.clone(),
+                verp: verp.clone(),
+            }
+            .run(shutdown.clone()),
+        );
+        feedback_tasks.close();
         let settler = Arc::new(Settler::new(
             spool.clone(),
             ingest.clone(),
@@ -272,6 +316,8 @@ impl Daemon {
             admin_address,
             metrics,
             shutdown,
+            feedback_tasks,
+            verp,
             listeners,
             admin,
             stop_admin,
@@ -345,6 +391,11 @@ impl Daemon {
         self.router.set_routes(&config.routes, config.delivery.tls);
         self.metrics.set_routes(&config.routes);
         self.worker.reconfigure(&config.delivery, passwords);
+        self.worker.set_verp(
+            self.verp
+                .clone()
+                .map(|v| VerpPolicy::from_config(v, &config)),
+        );
         self.pool.set_limits(
             config.delivery.idle_timeout,
             config.delivery.max_messages_per_connection,
@@ -409,6 +460,7 @@ impl Daemon {
     /// Stops accepting, waits up to the grace period for sessions, flushes the spool.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
+        self.feedback_tasks.wait().await;
         self.listeners.wait().await;
         self.sessions.close();
         if tokio::time::timeout(self.grace, self.sessions.wait())
@@ -464,6 +516,27 @@ fn session_config(
 
 /// Reads each smarthost's password file (`routes[i].auth.password_file`), trailing newline
 /// removed; every unreadable file is reported with its key path.
+/// The VERP signer when `bounce.verp_key_file` is set (VERP on or not: the bounce processor
+/// verifies tokens of mail sent while it was on).
+fn read_verp_key(config: &Config) -> anyhow::Result<Option<Verp>> {
+    let Some(path) = &config.bounce.verp_key_file else {
+        return Ok(None);
+    };
+    let key = std::fs::read(path)
+        .with_context(|| format!("bounce.verp_key_file: cannot read {}", path.display()))?;
+    let key = key.trim_ascii();
+    if key.len() < 16 {
+        anyhow::bail!(
+            "bounce.verp_key_file: {} holds fewer than 16 bytes",
+            path.display()
+        );
+    }
+    let Some(domain) = config.bounce.domains.first() else {
+        anyhow::bail!("bounce.domains: VERP needs a bounce domain");
+    };
+    Ok(Some(Verp::new(key, &config.bounce.verp_local, domain)))
+}
+
 fn read_passwords(routes: &[RouteConfig]) -> Result<HashMap<PathBuf, String>, ConfigErrors> {
     let mut passwords = HashMap::new();
     let mut errors = Vec::new();

@@ -8,11 +8,22 @@
 //! keys are signed here, once, so retries never sign again. Committed parts are handed to the
 //! scheduler. The `X-Tern-Pool` control header is removed before signing, and the source-IP
 //! pool (that header's or the sender domain's) is recorded in each envelope.
+//!
+//! Recipients at a bounce domain are not delivered: they are committed, in the same batch,
+//! as one inbound record for the bounce processor (`crate::inbound`). With
+//! `suppression.mode = "drop"`, suppressed recipients are taken out here (a `suppressed`
+//! event each); a message left without recipients is committed as nothing at all but still
+//! gets its queue id.
 
+use crate::config::{SuppressionConfig, SuppressionMode};
 use crate::delivery::dkim::DkimSigners;
+use crate::delivery::log::DeliveryLog;
+use crate::events::{Event, Events, Kind as EventKind};
+use crate::inbound::{encode_record, Feedback, InboundHead};
 use crate::live::Live;
 use crate::scheduler::NewMessage;
 use crate::shaping::pools::{strip_pool_header, Pools};
+use crate::suppression::Suppressions;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -70,10 +81,16 @@ pub struct Ingest {
     dkim: Arc<Live<DkimSigners>>,
     scheduler: Option<mpsc::UnboundedSender<Vec<NewMessage>>>,
     pools: Option<Arc<Pools>>,
+    feedback: Feedback,
 }
 
 impl Ingest {
     pub fn new(spool: Spool, hostname: String, max_age: Duration) -> Ingest {
+        let feedback = Feedback::new(
+            Suppressions::new(spool.clone(), SuppressionConfig::default()),
+            Events::new(spool.clone(), 0, DeliveryLog::disabled()),
+            Vec::new(),
+        );
         Ingest {
             spool,
             hostname,
@@ -81,7 +98,19 @@ impl Ingest {
             dkim: Arc::new(Live::new(DkimSigners::none())),
             scheduler: None,
             pools: None,
+            feedback,
         }
+    }
+
+    /// Uses these bounce domains, suppression list and events (default: none, an empty list
+    /// in reject mode, events only logged).
+    pub fn with_feedback(mut self, feedback: Feedback) -> Ingest {
+        self.feedback = feedback;
+        self
+    }
+
+    pub fn feedback(&self) -> &Feedback {
+        &self.feedback
     }
 
     /// Signs accepted mail with these keys (when its From domain has any).
@@ -133,8 +162,36 @@ impl Ingest {
             .as_ref()
             .and_then(|p| p.at_ingest(pool_header.as_deref(), &sub.sender));
         let now_ms = unix_ms(now);
-        let groups = split_by_destination(sub.recipients);
-        let ids: Vec<MessageId> = groups.iter().map(|_| self.spool.next_id()).collect();
+        let feedback = &self.feedback;
+        let (bounce_rcpts, rcpts): (Vec<Recipient>, Vec<Recipient>) =
+            std::mem::take(&mut sub.recipients)
+                .into_iter()
+                .partition(|r| feedback.is_bounce_address(&r.address));
+        let source = if sub.source.protocol == "HTTP" {
+            "http"
+        } else {
+            "smtp"
+        };
+        let mut dropped = Vec::new();
+        let rcpts: Vec<Recipient> = if feedback.suppressions.mode() == SuppressionMode::Drop {
+            rcpts
+                .into_iter()
+                .filter(|r| match feedback.suppressions.check(&r.address) {
+                    Some(entry) => {
+                        dropped.push((r.address.clone(), entry.reason));
+                        false
+                    }
+                    None => true,
+                })
+                .collect()
+        } else {
+            rcpts
+        };
+        let groups = split_by_destination(rcpts);
+        let mut ids: Vec<MessageId> = groups.iter().map(|_| self.spool.next_id()).collect();
+        if ids.is_empty() {
+            ids.push(self.spool.next_id());
+        }
         let queue_id = ids[0];
 
         let only_rcpt = match groups.values().next() {
@@ -183,9 +240,19 @@ impl Ingest {
             };
         }
 
+        let inbound = if bounce_rcpts.is_empty() {
+            Vec::new()
+        } else {
+            let head = InboundHead {
+                sender: sub.sender.clone(),
+                recipients: bounce_rcpts.into_iter().map(|r| r.address).collect(),
+                queue_id,
+            };
+            vec![(self.spool.next_id(), encode_record(&head, &body))]
+        };
         let expires_ms = now_ms.saturating_add(self.max_age.as_millis() as u64);
         let mut parts = Vec::with_capacity(groups.len());
-        let last = groups.len() - 1;
+        let last = groups.len().saturating_sub(1);
         let mut body = Some(body);
         for (i, ((destination, recipients), id)) in groups.into_iter().zip(&ids).enumerate() {
             // The last part takes the buffer itself; the others get their own copy, since
@@ -226,7 +293,24 @@ impl Ingest {
                 pool: env.pool.clone(),
             })
             .collect();
-        self.spool.commit(parts).await?;
+        let woke = !inbound.is_empty();
+        self.spool.commit_with_inbound(parts, inbound).await?;
+        if woke {
+            feedback.inbound.notify_one();
+        }
+        if !dropped.is_empty() {
+            let events = dropped
+                .into_iter()
+                .map(|(address, reason)| {
+                    let mut e = Event::new(EventKind::Suppressed, &address, source);
+                    e.queue_id = Some(queue_id);
+                    e.sender = Some(sub.sender.clone());
+                    e.detail = Some(format!("dropped: suppressed ({reason})"));
+                    e
+                })
+                .collect();
+            feedback.events.emit(events).await;
+        }
         if let Some(tx) = &self.scheduler {
             // Only fails when the scheduler is gone (shutdown): the mail is durable and the
             // due loader picks it up at the next start.

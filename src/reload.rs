@@ -34,6 +34,12 @@ pub const RESTART_KEYS: &[&str] = &[
     "bounce.rules",
     "shaping",
     "pools",
+    "bounce.domains",
+    "bounce.verp",
+    "bounce.verp_local",
+    "bounce.verp_key_file",
+    "suppression",
+    "webhooks",
 ];
 
 /// What a successful reload did.
@@ -72,6 +78,12 @@ pub fn merge(running: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
     keep!("bounce.rules", bounce.rules);
     keep!("shaping", shaping);
     keep!("pools", pools);
+    keep!("bounce.domains", bounce.domains);
+    keep!("bounce.verp", bounce.verp);
+    keep!("bounce.verp_local", bounce.verp_local);
+    keep!("bounce.verp_key_file", bounce.verp_key_file);
+    keep!("suppression", suppression);
+    keep!("webhooks", webhooks);
     (new, kept)
 }
 

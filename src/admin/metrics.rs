@@ -49,10 +49,12 @@ pub enum Rejection {
     SpoolError,
     /// A command that does not parse: unknown verb, bad syntax or parameter, bad address.
     Syntax,
+    /// A recipient on the suppression list (reject mode).
+    Suppressed,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 7] = [
+    pub const ALL: [Rejection; 8] = [
         Rejection::RelayDenied,
         Rejection::Size,
         Rejection::Recipients,
@@ -60,6 +62,7 @@ impl Rejection {
         Rejection::AuthFailed,
         Rejection::SpoolError,
         Rejection::Syntax,
+        Rejection::Suppressed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -71,6 +74,7 @@ impl Rejection {
             Rejection::AuthFailed => "auth_failed",
             Rejection::SpoolError => "spool_error",
             Rejection::Syntax => "syntax",
+            Rejection::Suppressed => "suppressed",
         }
     }
 }
@@ -102,6 +106,8 @@ fn outcome_label(outcome: AttemptOutcome) -> &'static str {
         AttemptOutcome::Bounced => "bounced",
         AttemptOutcome::Expired => "expired",
         AttemptOutcome::Deleted => "deleted",
+        AttemptOutcome::Complaint => "complaint",
+        AttemptOutcome::Suppressed => "suppressed",
     }
 }
 

@@ -7,6 +7,7 @@
 //!   body extractor that answers malformed input with 400.
 //! - [`queue`]: `/api/v1/queue/*`, the spool seen and managed by the operator.
 //! - [`inject`]: `POST /api/v1/inject`, mail submitted over HTTP into the SMTP ingest path.
+//! - [`suppression`]: `/api/v1/suppressions`, the suppression list (list, add, remove, CSV).
 //! - [`client`]: the blocking HTTP client the `tern` CLI uses to call the API.
 //!
 //! - [`shaping`]: `GET /api/v1/shaping[/{bucket}]`, traffic-shaping state.
@@ -20,6 +21,7 @@ pub mod inject;
 pub mod metrics;
 pub mod queue;
 pub mod shaping;
+pub mod suppression;
 
 use crate::config::Limits;
 use crate::ingest::Ingest;
@@ -76,6 +78,7 @@ fn router(state: AdminState) -> Router {
         .merge(queue::routes())
         .merge(inject::routes())
         .merge(shaping::routes())
+        .merge(suppression::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.token.clone(),
             auth::require_token,

@@ -18,6 +18,7 @@
 
 mod bounce;
 mod delivery;
+mod events;
 mod reader;
 mod shaping;
 
@@ -33,6 +34,7 @@ pub use self::delivery::{
     DeliveryConfig, DkimConfig, RouteAuth, SmtpTimeouts, TlsPolicy, DEFAULT_DKIM_HEADERS,
     DEFAULT_DKIM_OVERSIGN,
 };
+pub use self::events::{SuppressionConfig, SuppressionMode, WebhookConfig, WebhookUrl};
 pub use self::shaping::{
     AdaptiveConfig, DomainLimits, LimitsConfig, PoolAddress, PoolConfig, ProviderConfig, Rate,
     ShapingConfig, WarmupConfig, WhenCapped,
@@ -69,6 +71,9 @@ pub struct Config {
     /// DKIM signing keys, `[[dkim]]`; several per domain allowed.
     pub dkim: Vec<DkimConfig>,
     pub bounce: BounceConfig,
+    pub suppression: SuppressionConfig,
+    /// Event webhooks, `[[webhooks]]`.
+    pub webhooks: Vec<WebhookConfig>,
     pub log: LogConfig,
     /// Traffic shaping: limits per destination and provider, adaptive backoff, warm-up.
     pub shaping: ShapingConfig,
@@ -224,6 +229,8 @@ pub struct RouteConfig {
     /// Source-IP pool for mail on this route (unless the message names one); a `[[pools]]`
     /// name.
     pub pool: Option<String>,
+    /// VERP for mail on this route; `None` means `bounce.verp`.
+    pub verp: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -335,7 +342,7 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
         r.error("pools", "at most one pool may have default = true");
     }
     let mut route_paths = HashMap::new();
-    let routes = r
+    let routes: Vec<RouteConfig> = r
         .tables("routes", |r| {
             compile_route(r, &mut route_paths, &pool_names)
         })
@@ -348,7 +355,14 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
         .into_iter()
         .flatten()
         .collect();
-    let bounce = r.section("bounce", bounce::compile_bounce);
+    let any_route_verp = routes.iter().any(|r| r.verp == Some(true));
+    let bounce = r.section("bounce", |r| bounce::compile_bounce(r, any_route_verp));
+    let suppression = r.section("suppression", events::compile_suppression);
+    let webhooks = r
+        .tables("webhooks", events::compile_webhook)
+        .into_iter()
+        .flatten()
+        .collect();
     let log = r.section("log", compile_log);
     let shaping = r.section("shaping", shaping::compile_shaping);
 
@@ -365,6 +379,8 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
         delivery,
         dkim,
         bounce,
+        suppression,
+        webhooks,
         log,
         shaping,
         pools,
@@ -582,6 +598,7 @@ fn compile_route(
             ))
         }
     });
+    let verp = r.get("verp", bounce::boolean);
     let domain = domain?;
     if let Some(first) = domains.get(&domain) {
         let msg = format!("duplicate route for {domain:?} (already defined by {first})");
@@ -595,6 +612,7 @@ fn compile_route(
         tls,
         auth,
         pool,
+        verp,
     })
 }
 
@@ -785,11 +803,14 @@ mod tests {
                 tls: None,
                 auth: None,
                 pool: None,
+                verp: None,
             }]
         );
         assert_eq!(config.delivery, DeliveryConfig::default());
         assert!(config.dkim.is_empty());
         assert_eq!(config.bounce, BounceConfig::default());
+        assert_eq!(config.suppression, SuppressionConfig::default());
+        assert!(config.webhooks.is_empty());
         assert_eq!(config.log, LogConfig::default());
         assert_eq!(config.shaping, ShapingConfig::default());
         assert_eq!(config.shaping.providers.len(), 4, "the built-in providers");

@@ -19,6 +19,7 @@ use crate::delivery::pool::Pool;
 use crate::delivery::route::{RouteError, RoutePlan, Router};
 use crate::ingest::TlsInfo;
 use crate::live::Live;
+use crate::verp::Verp;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -68,6 +69,38 @@ pub struct Worker {
     pool: Arc<Pool>,
     settings: Live<AttemptSettings>,
     broken_tls: BrokenTls,
+    /// VERP senders and where they apply; `None`: never.
+    verp: Live<Option<VerpPolicy>>,
+}
+
+/// Which mail gets VERP senders: `bounce.verp`, overridden per static route (`routes[].verp`;
+/// a route's plan key is `route:<domain>`).
+#[derive(Clone, Debug)]
+pub struct VerpPolicy {
+    pub verp: Verp,
+    pub global: bool,
+    pub routes: HashMap<String, bool>,
+}
+
+impl VerpPolicy {
+    pub fn from_config(verp: Verp, config: &crate::config::Config) -> VerpPolicy {
+        VerpPolicy {
+            verp,
+            global: config.bounce.verp,
+            routes: config
+                .routes
+                .iter()
+                .filter_map(|r| Some((r.domain.clone(), r.verp?)))
+                .collect(),
+        }
+    }
+
+    fn applies(&self, plan_key: &str) -> bool {
+        plan_key
+            .strip_prefix("route:")
+            .and_then(|domain| self.routes.get(domain).copied())
+            .unwrap_or(self.global)
+    }
 }
 
 /// What a config reload may change about attempts.
@@ -95,7 +128,13 @@ impl Worker {
                 passwords,
             }),
             broken_tls: BrokenTls::new(config.broken_tls_retry),
+            verp: Live::new(None),
         }
+    }
+
+    /// Sets (or replaces, on reload: route overrides are live) the VERP policy.
+    pub fn set_verp(&self, policy: Option<VerpPolicy>) {
+        self.verp.set(policy);
     }
 
     /// Applies a reloaded `[delivery]` (timeouts, connection reuse, broken-TLS memory) and
@@ -133,9 +172,62 @@ impl Worker {
         if pending.is_empty() {
             return Attempt::default();
         }
+        // VERP: one transaction per recipient, each with its own sender, over the same
+        // connection while it stays usable. The null sender (DSNs) is never rewritten.
+        let verp = self.verp.get();
+        if let Some(policy) =
+            Option::as_ref(&verp).filter(|p| !env.sender.is_empty() && p.applies(&plan.key))
+        {
+            let mut total = Attempt::default();
+            for (index, rcpt) in pending {
+                let sender = policy.verp.sender(env.id, index as u16, &rcpt.address);
+                let one = self
+                    .attempt_as(
+                        env,
+                        body,
+                        plan,
+                        connection,
+                        &mut outbound,
+                        &sender,
+                        vec![(index, rcpt)],
+                    )
+                    .await;
+                total.outcomes.extend(one.outcomes);
+                total.host = one.host.or(total.host);
+                total.addr = one.addr.or(total.addr);
+                total.source = one.source.or(total.source);
+                total.tls = one.tls.or(total.tls);
+            }
+            return total;
+        }
+        self.attempt_as(
+            env,
+            body,
+            plan,
+            connection,
+            &mut outbound,
+            &env.sender,
+            pending,
+        )
+        .await
+    }
+
+    /// One transaction from `sender` to the `pending` recipients.
+    // The attempt's parts, passed through from `attempt`.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt_as(
+        &self,
+        env: &Envelope,
+        body: &[u8],
+        plan: &RoutePlan,
+        connection: &mut Option<Connection>,
+        outbound: &mut Outbound,
+        sender: &str,
+        pending: Vec<(usize, Recipient)>,
+    ) -> Attempt {
         let recipients: Vec<Recipient> = pending.iter().map(|(_, r)| r.clone()).collect();
         let message = OutboundMessage {
-            sender: &env.sender,
+            sender,
             recipients: &recipients,
             env_id: env.env_id.as_deref(),
             ret: env.ret,
@@ -151,7 +243,7 @@ impl Worker {
         loop {
             let conn = match connection.take() {
                 Some(conn) => conn,
-                None => match self.connect(plan, &settings, &mut outbound).await {
+                None => match self.connect(plan, &settings, outbound).await {
                     Ok(conn) => conn,
                     Err(failure) => return failure.for_all(&pending),
                 },
@@ -372,5 +464,31 @@ impl Failure {
                 .collect(),
             ..Attempt::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_route_override_beats_the_global_switch() {
+        let config = crate::config::Config::parse(
+            "[[listeners]]\naddress = \"127.0.0.1:2525\"\n\
+             [[routes]]\ndomain = \"on.test\"\nhosts = [\"127.0.0.1:25\"]\nverp = true\n\
+             [[routes]]\ndomain = \"off.test\"\nhosts = [\"127.0.0.1:25\"]\nverp = false\n\
+             [bounce]\ndomains = [\"b.test\"]\nverp_key_file = \"/k\"\n",
+        )
+        .unwrap();
+        let policy = VerpPolicy::from_config(Verp::new(&[7; 16], "bounces", "b.test"), &config);
+        assert!(policy.applies("route:on.test"));
+        assert!(!policy.applies("route:off.test"));
+        assert!(!policy.applies("mx:mx.example.test"), "bounce.verp is off");
+        let global = VerpPolicy {
+            global: true,
+            ..policy
+        };
+        assert!(!global.applies("route:off.test"));
+        assert!(global.applies("mx:mx.example.test"));
     }
 }

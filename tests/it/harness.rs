@@ -142,7 +142,8 @@ pub struct Options {
     pub dkim: Vec<String>,
     /// `[spool]` keys other than `path`, as TOML literals.
     pub spool: Vec<(String, String)>,
-    /// Raw TOML appended at the end (`[shaping]`, `[[pools]]`, ...).
+    /// Raw TOML appended at the end (whole sections: `[shaping]`, `[[pools]]`, `[bounce]`,
+    /// `[suppression]`, ...).
     pub extra: Vec<String>,
 }
 

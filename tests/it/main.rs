@@ -31,5 +31,6 @@ mod routing;
 mod shaping;
 mod shutdown;
 mod smuggling;
+mod suppression;
 mod systemd;
 mod tls_auth;

@@ -229,6 +229,7 @@ async fn static_route_beats_mx_and_the_wildcard_catches_the_rest() {
             tls: Some(TlsPolicy::Required),
             auth: Some(auth.clone()),
             pool: None,
+            verp: None,
         },
         RouteConfig {
             domain: "*".to_owned(),
@@ -236,6 +237,7 @@ async fn static_route_beats_mx_and_the_wildcard_catches_the_rest() {
             tls: None,
             auth: None,
             pool: None,
+            verp: None,
         },
     ];
     let router = router(&server, &routes);
