@@ -34,6 +34,7 @@ fn envelope(id: MessageId) -> Envelope {
         held: false,
         delay_notified: false,
         parked: false,
+        not_before_ms: 0,
     }
 }
 

@@ -31,6 +31,7 @@ use crate::outcome::Settler;
 use crate::policy::Policy;
 use crate::reload::{self, ReloadReport};
 use crate::scheduler::Scheduler;
+use crate::sidecar::sendtime::SendTime;
 use crate::smtp::server::{ConnectionLimits, Server};
 use crate::smtp::session::SessionConfig;
 use anyhow::Context;
@@ -163,13 +164,16 @@ impl Daemon {
                 )
             })?;
         let (new_mail, new_mail_rx) = tokio::sync::mpsc::unbounded_channel();
+        let send_time = SendTime::new(spool.clone(), config.sendtime.clone());
+        tokio::spawn(send_time.clone().refit_loop(shutdown.clone()));
         let ingest = Ingest::new(
             spool.clone(),
             config.server.hostname.clone(),
             config.spool.max_age,
         )
         .with_dkim(dkim)
-        .with_scheduler(new_mail);
+        .with_scheduler(new_mail)
+        .with_send_time(send_time.clone());
         let settler = Arc::new(Settler::new(
             spool.clone(),
             ingest.clone(),
@@ -341,6 +345,9 @@ impl Daemon {
         self.scheduler.reconfigure(config.delivery.clone());
         self.ingest
             .set_dkim(dkim.with_metrics(self.metrics.clone()));
+        if let Some(send_time) = self.ingest.send_time() {
+            send_time.set_config(config.sendtime.clone());
+        }
         let starttls = self.server.tls.is_some();
         self.server.config.set(session_config(
             &config,

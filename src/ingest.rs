@@ -7,15 +7,22 @@
 //! durable: that is what allows the session to say 250. Messages whose From domain has DKIM
 //! keys are signed here, once, so retries never sign again. Committed parts are handed to the
 //! scheduler.
+//!
+//! Mail carrying `X-Tern-Send-Time: optimize` (the header is always removed) is split one part
+//! per recipient, each with the `not_before` the send-time model chose; the scheduler does not
+//! attempt a part before it.
 
 use crate::delivery::dkim::DkimSigners;
 use crate::live::Live;
 use crate::scheduler::NewMessage;
+use crate::sidecar;
+use crate::sidecar::sendtime::SendTime;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tern_queue::{BodyType, Envelope, MessageId, Recipient, Ret, Source, Spool, SpoolError};
 use tokio::sync::mpsc;
+use tracing::warn;
 
 /// TLS parameters of a connection, for Received headers and the delivery log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +74,7 @@ pub struct Ingest {
     /// Shared by every clone, so a config reload (key rotation) reaches them all.
     dkim: Arc<Live<DkimSigners>>,
     scheduler: Option<mpsc::UnboundedSender<Vec<NewMessage>>>,
+    send_time: Option<SendTime>,
 }
 
 impl Ingest {
@@ -77,7 +85,19 @@ impl Ingest {
             max_age,
             dkim: Arc::new(Live::new(DkimSigners::none())),
             scheduler: None,
+            send_time: None,
         }
+    }
+
+    /// Honours `X-Tern-Send-Time: optimize` with this model (without one the header is
+    /// still removed, and the mail goes at once).
+    pub fn with_send_time(mut self, send_time: SendTime) -> Ingest {
+        self.send_time = Some(send_time);
+        self
+    }
+
+    pub fn send_time(&self) -> Option<&SendTime> {
+        self.send_time.as_ref()
     }
 
     /// Signs accepted mail with these keys (when its From domain has any).
@@ -114,15 +134,27 @@ impl Ingest {
 
     /// Like [`Ingest::accept`], but returns the id of every part (one per destination
     /// domain, in commit order); the first is the queue id.
-    pub async fn accept_parts(&self, sub: Submission) -> Result<Vec<MessageId>, SpoolError> {
+    pub async fn accept_parts(&self, mut sub: Submission) -> Result<Vec<MessageId>, SpoolError> {
         let now = crate::clock::now();
         let now_ms = unix_ms(now);
-        let groups = split_by_destination(sub.recipients);
+        let groups = split_by_destination(std::mem::take(&mut sub.recipients));
+        // SIDECAR HOOK (issue 7 part B, interim): the send-time control header is read and
+        // removed here, before signing; the sidecar stage takes this over when it lands.
+        let optimize = sidecar::sendtime::hook::take_send_time_header(&mut sub.content);
+        let groups = match (&self.send_time, optimize) {
+            (Some(send_time), true) => plan_send_times(send_time, groups, now_ms).await,
+            _ => groups
+                .into_iter()
+                .map(|(domain, rcpts)| (domain, rcpts, 0))
+                .collect(),
+        };
         let ids: Vec<MessageId> = groups.iter().map(|_| self.spool.next_id()).collect();
         let queue_id = ids[0];
 
-        let only_rcpt = match groups.values().next() {
-            Some(rcpts) if groups.len() == 1 && rcpts.len() == 1 => Some(rcpts[0].address.as_str()),
+        let only_rcpt = match groups.first() {
+            Some((_, rcpts, _)) if groups.len() == 1 && rcpts.len() == 1 => {
+                Some(rcpts[0].address.as_str())
+            }
             _ => None,
         };
         let mut head = received_header(
@@ -171,7 +203,9 @@ impl Ingest {
         let mut parts = Vec::with_capacity(groups.len());
         let last = groups.len() - 1;
         let mut body = Some(body);
-        for (i, ((destination, recipients), id)) in groups.into_iter().zip(&ids).enumerate() {
+        for (i, ((destination, recipients, not_before_ms), id)) in
+            groups.into_iter().zip(&ids).enumerate()
+        {
             // The last part takes the buffer itself; the others get their own copy, since
             // every envelope owns exactly one body.
             let part_body = if i == last {
@@ -192,12 +226,14 @@ impl Ingest {
                 size: part_body.len() as u64,
                 created_ms: now_ms,
                 expires_ms,
-                next_due_ms: now_ms,
+                // A send time beyond expiry would never be attempted: expiry wins.
+                next_due_ms: now_ms.max(not_before_ms.min(expires_ms)),
                 attempts: 0,
                 source: sub.source.clone(),
                 held: false,
                 delay_notified: false,
                 parked: false,
+                not_before_ms,
             };
             parts.push((envelope, part_body));
         }
@@ -206,6 +242,7 @@ impl Ingest {
             .map(|(env, _)| NewMessage {
                 id: env.id,
                 domain: env.destination.clone(),
+                due_ms: env.next_due_ms,
             })
             .collect();
         self.spool.commit(parts).await?;
@@ -216,6 +253,30 @@ impl Ingest {
         }
         Ok(ids)
     }
+}
+
+/// One part per recipient, each with the send time the model chose (different recipients
+/// get different times, and an envelope has one due time). A model failure sends at once.
+async fn plan_send_times(
+    send_time: &SendTime,
+    groups: BTreeMap<String, Vec<Recipient>>,
+    now_ms: u64,
+) -> Vec<(String, Vec<Recipient>, u64)> {
+    let mut parts = Vec::new();
+    for (domain, rcpts) in groups {
+        for rcpt in rcpts {
+            let not_before = match send_time.plan(&rcpt.address, now_ms).await {
+                Ok((at, _)) if at > now_ms => at,
+                Ok(_) => 0,
+                Err(err) => {
+                    warn!(recipient = %rcpt.address, error = %err, "no send time planned; sent at once");
+                    0
+                }
+            };
+            parts.push((domain.clone(), vec![rcpt], not_before));
+        }
+    }
+    parts
 }
 
 /// Groups recipients by lowercase domain, in a stable order.

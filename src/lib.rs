@@ -14,6 +14,8 @@
 //! - [`outcome`]: per-recipient results applied to the spool, retries, expiry, DSNs.
 //! - [`admin`]: the admin HTTP server: `GET /metrics` (every Prometheus metric), the `/api/v1`
 //!   API behind a bearer token (queue management, HTTP injection) and its client for the CLI.
+//! - [`sidecar`]: pre-enqueue stages; today send-time optimisation (engagement events, the
+//!   per-recipient `not_before`, the engagement score, the simulator).
 //! - [`cli`]: the renderings behind `tern queue ...`.
 //! - [`daemon`]: process lifecycle: open spool, start delivery, bind, sd_notify, signals, drain.
 //! - [`notify`]: the systemd notification protocol (READY, RELOADING, STOPPING, WATCHDOG).
@@ -37,4 +39,5 @@ pub mod outcome;
 pub mod policy;
 pub mod reload;
 pub mod scheduler;
+pub mod sidecar;
 pub mod smtp;

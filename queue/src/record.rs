@@ -57,6 +57,11 @@ pub struct Envelope {
     /// settler clears it when it records an attempt.
     #[serde(default)]
     pub parked: bool,
+    /// Unix ms before which no attempt is made (0: none). Set at ingest by send-time
+    /// optimisation; `next_due_ms` starts at it, and operator actions that make mail due
+    /// "now" never move it earlier. Expiry still counts from `created_ms`.
+    #[serde(default)]
+    pub not_before_ms: u64,
 }
 
 /// One recipient of an envelope.

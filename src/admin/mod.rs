@@ -14,6 +14,7 @@
 pub mod auth;
 pub mod client;
 pub mod error;
+pub mod events;
 pub mod inject;
 pub mod metrics;
 pub mod queue;
@@ -70,6 +71,7 @@ fn router(state: AdminState) -> Router {
         .route("/status", get(status))
         .merge(queue::routes())
         .merge(inject::routes())
+        .merge(events::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.token.clone(),
             auth::require_token,

@@ -19,6 +19,7 @@
 mod bounce;
 mod delivery;
 mod reader;
+mod sendtime;
 
 /// Parses a duration written as in the config file ("30s", "5m", "2h", "1d"); the admin API
 /// takes the same syntax.
@@ -32,6 +33,7 @@ pub use self::delivery::{
     DeliveryConfig, DkimConfig, RouteAuth, SmtpTimeouts, TlsPolicy, DEFAULT_DKIM_HEADERS,
     DEFAULT_DKIM_OVERSIGN,
 };
+pub use self::sendtime::SendTimeConfig;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -64,6 +66,8 @@ pub struct Config {
     /// DKIM signing keys, `[[dkim]]`; several per domain allowed.
     pub dkim: Vec<DkimConfig>,
     pub bounce: BounceConfig,
+    /// `[sendtime]`: send-time optimisation for mail that asks for it.
+    pub sendtime: SendTimeConfig,
     pub log: LogConfig,
 }
 
@@ -322,6 +326,7 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
         .flatten()
         .collect();
     let bounce = r.section("bounce", bounce::compile_bounce);
+    let sendtime = r.section("sendtime", sendtime::compile_sendtime);
     let log = r.section("log", compile_log);
 
     Config {
@@ -337,6 +342,7 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
         delivery,
         dkim,
         bounce,
+        sendtime,
         log,
     }
 }

@@ -545,6 +545,7 @@ mod tests {
             held: false,
             delay_notified: false,
             parked: false,
+            not_before_ms: 0,
         }
     }
 
