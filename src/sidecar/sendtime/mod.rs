@@ -4,6 +4,7 @@
 //! - [`model`]: priors (global, empirical Bayes, k-means segments), the activity estimate
 //!   and the choice of a send time in a window.
 //! - [`hook`]: the `X-Tern-Send-Time` control header at ingest.
+//! - [`simulate`]: the seeded audience simulator behind `tern sidecar simulate`.
 //!
 //! [`SendTime`] is the service the daemon shares (ingest asks it for `not_before`, the
 //! events API feeds it). Profiles live in the spool's meta keyspace under
@@ -18,6 +19,7 @@
 pub mod hook;
 pub mod model;
 pub mod profile;
+pub mod simulate;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -30,8 +30,11 @@ const SEGMENTS: usize = 5;
 /// Recipients with at least this many (decayed) engagements shape the segments.
 const SEGMENT_MIN_ENGAGEMENTS: f64 = 3.0;
 const KMEANS_ROUNDS: usize = 20;
-/// Per-slot prior strength in exposure units, as a share of the fitted overall strength.
-const SLOT_STRENGTH_SHARE: f64 = 0.02;
+/// Prior strengths (pseudo-exposure) of the hour-of-day and hour-of-week levels, as shares
+/// of the fitted overall strength; chosen on the simulator (`tern sidecar simulate`), where
+/// results are flat from 0.5x to 5x these.
+const DAY_STRENGTH_SHARE: f64 = 0.02;
+const SLOT_STRENGTH_SHARE: f64 = 1.0;
 
 pub type Shape = [f64; SLOTS];
 
@@ -149,22 +152,39 @@ impl Priors {
     }
 
     /// The recipient's estimated activity per local hour-of-week slot (posterior mean).
+    ///
+    /// Two levels: first the hour of day (all seven days pooled, neighbouring hours
+    /// included, shrunk toward the segment's daily shape at the recipient's overall rate),
+    /// then each hour of the week shrunk toward that daily estimate times the segment's
+    /// weekday factor. A handful of opens says much about the hour of day and little about
+    /// the day, and this is what lets it.
     pub fn activity(&self, p: &Profile) -> Shape {
         if p.total_exposure() <= 0.0 && p.total_engagements() <= 0.0 {
             return self.global;
         }
         let own = self.smoothed_shape(p);
-        let prior_shape = self
+        let seg = self
             .segments
             .iter()
             .min_by(|a, b| distance(a, &own).total_cmp(&distance(b, &own)))
             .unwrap_or(&self.global);
         let r = self.overall_rate(p);
-        let beta = (self.strength * SLOT_STRENGTH_SHARE).max(0.05);
+        let (mut seg_day, mut eng_day, mut exp_day) = ([0.0; 24], [0.0; 24], [0.0; 24]);
+        for t in 0..SLOTS {
+            seg_day[t % 24] += seg[t] / 7.0;
+            for (d, w) in [(23, 0.5), (0, 1.0), (1, 0.5)] {
+                eng_day[(t + d) % 24] += w * p.engagements[t] as f64;
+                exp_day[(t + d) % 24] += w * p.exposure[t] as f64;
+            }
+        }
+        let b_day = DAY_STRENGTH_SHARE * self.strength;
+        let b_slot = SLOT_STRENGTH_SHARE * self.strength;
         let mut a = [0.0; SLOTS];
         for (t, x) in a.iter_mut().enumerate() {
-            *x = (p.engagements[t] as f64 + beta * r * prior_shape[t])
-                / (p.exposure[t] as f64 + beta);
+            let h = t % 24;
+            let daily = (eng_day[h] + b_day * r * seg_day[h]) / (exp_day[h] + b_day);
+            let prior = daily * seg[t] / seg_day[h].max(1e-9);
+            *x = (p.engagements[t] as f64 + b_slot * prior) / (p.exposure[t] as f64 + b_slot);
         }
         a
     }

@@ -23,6 +23,8 @@ pub const BURIAL_TAU_H: f64 = 6.0;
 /// Counts lose half their weight in this time (about 90 days).
 pub const HALF_LIFE_MS: u64 = 90 * 86_400_000;
 const HOUR_MS: i64 = 3_600_000;
+/// Opens this soon after a send are not taken as a sign of when the recipient reads.
+pub const MACHINE_SUSPECT_MS: u64 = 10 * 60_000;
 const VERSION: u8 = 1;
 
 /// Visibility of a message k hours after it was sent (the mid-hour value).
@@ -53,6 +55,8 @@ pub struct Profile {
     pub last_send_ms: u64,
     /// Machine opens seen (not decayed; never used by the model, reported only).
     pub machine_opens: u32,
+    /// The send at `last_send_ms` was engaged with already (its exposure is cut there).
+    pub last_send_engaged: bool,
 }
 
 impl Default for Profile {
@@ -67,6 +71,7 @@ impl Default for Profile {
             last_engaged_ms: 0,
             last_send_ms: 0,
             machine_opens: 0,
+            last_send_engaged: false,
         }
     }
 }
@@ -105,13 +110,39 @@ impl Profile {
         for k in 0..HORIZON_H {
             self.exposure[(s + k) % SLOTS] += w * visibility(k) as f32;
         }
-        self.last_send_ms = self.last_send_ms.max(t_ms);
+        if t_ms >= self.last_send_ms {
+            self.last_send_ms = t_ms;
+            self.last_send_engaged = false;
+        }
     }
 
     /// A human open or click at `t_ms`.
+    ///
+    /// The first engagement after the latest send ends that send's exposure: a message that
+    /// was opened cannot be opened for the first time later, so the hours after it must not
+    /// count as hours the recipient saw mail and ignored it. An open within
+    /// [`MACHINE_SUSPECT_MS`] of the send counts for the score but not for the hours: that
+    /// is when unflagged privacy-proxy prefetches land, and they say nothing about when the
+    /// recipient reads.
     pub fn record_engagement(&mut self, t_ms: u64) {
         let w = self.advance(t_ms);
-        self.engagements[hour_of_week(t_ms, self.offset())] += w;
+        let since_send = t_ms.checked_sub(self.last_send_ms);
+        let fresh_send = since_send.is_some_and(|d| d < HORIZON_H as u64 * HOUR_MS as u64)
+            && !self.last_send_engaged
+            && self.last_send_ms > 0;
+        if fresh_send {
+            self.last_send_engaged = true;
+            let s = hour_of_week(self.last_send_ms, self.offset());
+            let sw = decay(self.updated_ms - self.last_send_ms);
+            let opened_k = (since_send.unwrap_or(0) / HOUR_MS as u64) as usize;
+            for k in opened_k + 1..HORIZON_H {
+                let e = &mut self.exposure[(s + k) % SLOTS];
+                *e = (*e - sw * visibility(k) as f32).max(0.0);
+            }
+        }
+        if !since_send.is_some_and(|d| d < MACHINE_SUSPECT_MS) {
+            self.engagements[hour_of_week(t_ms, self.offset())] += w;
+        }
         self.engagement_total += w;
         self.last_engaged_ms = self.last_engaged_ms.max(t_ms);
     }
@@ -164,6 +195,7 @@ impl Profile {
         }
         out.extend_from_slice(&self.engagement_total.to_le_bytes());
         out.extend_from_slice(&self.machine_opens.to_le_bytes());
+        out.push(self.last_send_engaged as u8);
         for a in [&self.sends, &self.exposure, &self.engagements] {
             for x in a.iter() {
                 out.extend_from_slice(&x.to_le_bytes());
@@ -187,6 +219,7 @@ impl Profile {
             last_send_ms: u64::from_le_bytes(r.take()?),
             engagement_total: f32::from_le_bytes(r.take()?),
             machine_opens: u32::from_le_bytes(r.take()?),
+            last_send_engaged: r.take::<1>()?[0] == 1,
             ..Profile::default()
         };
         for a in [&mut p.sends, &mut p.exposure, &mut p.engagements] {
