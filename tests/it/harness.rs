@@ -142,6 +142,8 @@ pub struct Options {
     pub dkim: Vec<String>,
     /// `[spool]` keys other than `path`, as TOML literals.
     pub spool: Vec<(String, String)>,
+    /// `[sendtime]` keys as TOML literals.
+    pub sendtime: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -159,6 +161,7 @@ impl Default for Options {
             route_options: Vec::new(),
             dkim: Vec::new(),
             spool: Vec::new(),
+            sendtime: Vec::new(),
         }
     }
 }
@@ -212,6 +215,12 @@ impl Options {
     pub fn route_option(mut self, domain: &str, key: &str, value: impl ToString) -> Self {
         self.route_options
             .push((domain.to_string(), format!("{key} = {}", value.to_string())));
+        self
+    }
+
+    /// Sets a `[sendtime]` key; `value` is a TOML literal.
+    pub fn sendtime(mut self, key: &str, value: impl ToString) -> Self {
+        self.sendtime.push((key.to_string(), value.to_string()));
         self
     }
 
@@ -309,6 +318,12 @@ impl Options {
         }
         for body in &self.dkim {
             writeln!(t, "\n[[dkim]]\n{body}").unwrap();
+        }
+        if !self.sendtime.is_empty() {
+            writeln!(t, "\n[sendtime]").unwrap();
+            for (k, v) in &self.sendtime {
+                writeln!(t, "{k} = {v}").unwrap();
+            }
         }
         writeln!(t).unwrap();
         writeln!(
