@@ -752,7 +752,39 @@ mod tests {
         assert_eq!(config.delivery, DeliveryConfig::default());
         assert!(config.dkim.is_empty());
         assert_eq!(config.bounce, BounceConfig::default());
+        assert_eq!(
+            config.sendtime,
+            SendTimeConfig {
+                window: Duration::from_secs(86_400),
+                quiet_hours: Some((22, 7)),
+                control_share: 0.1,
+                refit_interval: Duration::from_secs(3600),
+                dormant_after: Duration::from_secs(180 * 86_400),
+            }
+        );
         assert_eq!(config.log, LogConfig::default());
+    }
+
+    #[test]
+    fn sendtime_errors_name_their_keys() {
+        let text = format!(
+            "{MINIMAL}\n[sendtime]\nwindow = \"8d\"\nquiet_hours = \"22-25\"\ncontrol_share = 1.5\nrefit_interval = \"0s\"\ndormant_after = 3\n"
+        );
+        let errors = errors(&text);
+        for key in [
+            "sendtime.window",
+            "sendtime.quiet_hours",
+            "sendtime.control_share",
+            "sendtime.refit_interval",
+            "sendtime.dormant_after",
+        ] {
+            assert!(
+                errors.iter().any(|e| e.starts_with(key)),
+                "{key}: {errors:?}"
+            );
+        }
+        let none = format!("{MINIMAL}\n[sendtime]\nquiet_hours = \"none\"\n");
+        assert_eq!(Config::parse(&none).unwrap().sendtime.quiet_hours, None);
     }
 
     #[test]
