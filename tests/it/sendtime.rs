@@ -206,3 +206,72 @@ async fn sidecar_simulate_prints_the_policy_table() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(2), "clap usage error");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_actions_never_move_mail_before_its_send_time() {
+    let server = TestServer::start(
+        Options::default()
+            .sendtime("control_share", "0.0")
+            .sendtime("quiet_hours", "\"none\""),
+    )
+    .await;
+    // Opened five hours after each send for eight weeks: the model holds new mail ~5 h.
+    let now = tern::clock::now_ms();
+    let week = 7 * DAY_MS;
+    let mut history = Vec::new();
+    for w in 1..=8 {
+        let sent = now - w * week;
+        history.push(json!({"type": "send", "recipient": "eve@sink.test", "time_ms": sent, "tz_offset_minutes": 0}));
+        history.push(json!({"type": "open", "recipient": "eve@sink.test", "time_ms": sent + 5 * 3_600_000 + 600_000}));
+    }
+    assert_eq!(events(&server, json!(history)).await.0, 200);
+    assert_eq!(
+        server.api("POST", "/api/v1/sendtime/refit", None).await.0,
+        200
+    );
+
+    let mut client = server.connect().await;
+    client.ehlo().await;
+    let id = client
+        .submit(
+            "a@example.test",
+            &["eve@sink.test"],
+            b"X-Tern-Send-Time: Optimize\r\nSubject: s\r\n\r\nb\r\n",
+        )
+        .await;
+    let env = server.envelope(id);
+    assert!(env.not_before_ms > now + 3 * 3_600_000, "{env:?}");
+    assert_eq!(env.next_due_ms, env.not_before_ms);
+    let select = json!({"id": id.to_string()});
+    let (status, body) = server
+        .api("POST", "/api/v1/queue/retry", Some(&select))
+        .await;
+    assert_eq!(
+        (status, body["affected"].as_u64()),
+        (200, Some(0)),
+        "{body}"
+    );
+    assert_eq!(server.envelope(id).next_due_ms, env.not_before_ms);
+    for action in ["hold", "release"] {
+        let (status, body) = server
+            .api("POST", &format!("/api/v1/queue/{action}"), Some(&select))
+            .await;
+        assert_eq!(
+            (status, body["affected"].as_u64()),
+            (200, Some(1)),
+            "{body}"
+        );
+    }
+    assert_eq!(server.envelope(id).next_due_ms, env.not_before_ms);
+
+    // Without the header the same recipient's mail is due at once.
+    let id = client
+        .submit(
+            "a@example.test",
+            &["eve@sink.test"],
+            b"Subject: s\r\n\r\nb\r\n",
+        )
+        .await;
+    let env = server.envelope(id);
+    assert_eq!((env.not_before_ms, env.next_due_ms), (0, env.created_ms));
+}

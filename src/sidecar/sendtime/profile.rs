@@ -140,7 +140,7 @@ impl Profile {
                 *e = (*e - sw * visibility(k) as f32).max(0.0);
             }
         }
-        if !since_send.is_some_and(|d| d < MACHINE_SUSPECT_MS) {
+        if since_send.is_none_or(|d| d >= MACHINE_SUSPECT_MS) {
             self.engagements[hour_of_week(t_ms, self.offset())] += w;
         }
         self.engagement_total += w;
