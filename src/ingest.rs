@@ -257,23 +257,38 @@ impl Ingest {
 
 /// One part per recipient, each with the send time the model chose (different recipients
 /// get different times, and an envelope has one due time). A model failure sends at once.
+/// Recipients are planned in parallel (each plan records the send durably, and the group
+/// commit merges those writes), in slices so a large message does not flood the spool.
 async fn plan_send_times(
     send_time: &SendTime,
     groups: BTreeMap<String, Vec<Recipient>>,
     now_ms: u64,
 ) -> Vec<(String, Vec<Recipient>, u64)> {
-    let mut parts = Vec::new();
-    for (domain, rcpts) in groups {
-        for rcpt in rcpts {
-            let not_before = match send_time.plan(&rcpt.address, now_ms).await {
-                Ok((at, _)) if at > now_ms => at,
-                Ok(_) => 0,
-                Err(err) => {
-                    warn!(recipient = %rcpt.address, error = %err, "no send time planned; sent at once");
-                    0
+    const SLICE: usize = 64;
+    let recipients: Vec<(String, Recipient)> = groups
+        .into_iter()
+        .flat_map(|(domain, rcpts)| rcpts.into_iter().map(move |r| (domain.clone(), r)))
+        .collect();
+    let mut parts = Vec::with_capacity(recipients.len());
+    for slice in recipients.chunks(SLICE) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, (_, rcpt)) in slice.iter().enumerate() {
+            let (send_time, address) = (send_time.clone(), rcpt.address.clone());
+            tasks.spawn(async move { (i, send_time.plan(&address, now_ms).await) });
+        }
+        let mut planned = vec![0; slice.len()];
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok((i, Ok((at, _)))) if at > now_ms => planned[i] = at,
+                Ok((_, Ok(_))) => {}
+                Ok((i, Err(err))) => {
+                    warn!(recipient = %slice[i].1.address, error = %err, "no send time planned; sent at once");
                 }
-            };
-            parts.push((domain.clone(), vec![rcpt], not_before));
+                Err(err) => warn!(error = %err, "send-time planning task failed; sent at once"),
+            }
+        }
+        for ((domain, rcpt), at) in slice.iter().zip(planned) {
+            parts.push((domain.clone(), vec![rcpt.clone()], at));
         }
     }
     parts

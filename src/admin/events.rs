@@ -120,15 +120,16 @@ async fn record(State(state): State<AdminState>, ApiJson(body): ApiJson<EventsBo
     }
     let (mut engagements, mut machine_opens, mut sends) = (0, 0, 0);
     for event in &events {
-        let engaged = send_time.record(event).await.map_err(internal)?;
         match event.kind {
             EventKind::Send => sends += 1,
-            _ if engaged => engagements += 1,
+            _ if SendTime::is_engagement(event) => engagements += 1,
             _ => machine_opens += 1,
         }
     }
+    let recorded = events.len();
+    send_time.record_batch(events).await.map_err(internal)?;
     Ok(Json(json!({
-        "recorded": events.len(),
+        "recorded": recorded,
         "engagements": engagements,
         "machine_opens": machine_opens,
         "sends": sends,

@@ -34,6 +34,8 @@ use profile::Profile;
 
 const META_PREFIX: &str = "sendtime/";
 const LOCK_STRIPES: usize = 64;
+/// Profile writes in flight at once for one batch of events or one message's recipients.
+const PARALLEL_WRITES: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -142,23 +144,47 @@ impl SendTime {
         Ok(())
     }
 
-    /// Records one event durably. Returns whether it counted as engagement.
-    pub async fn record(&self, event: &Event) -> Result<bool, SpoolError> {
-        let human = !event.machine || event.kind == EventKind::Click;
-        let engaged = human && event.kind != EventKind::Send;
-        self.update(&event.recipient, |p| {
-            if let Some(tz) = event.tz_offset_min {
-                p.tz_offset_min = Some(tz);
-            }
-            match event.kind {
-                EventKind::Send => p.record_send(event.time_ms),
-                _ if engaged => p.record_engagement(event.time_ms),
-                _ => p.machine_opens = p.machine_opens.saturating_add(1),
-            }
-            true
-        })
-        .await?;
-        Ok(engaged)
+    /// Whether `event` counts as human engagement (machine opens never do).
+    pub fn is_engagement(event: &Event) -> bool {
+        event.kind != EventKind::Send && !event.machine
+    }
+
+    /// Records events durably: one read-modify-write per recipient (their events applied in
+    /// order), recipients in parallel so the spool's group commit merges their writes.
+    pub async fn record_batch(&self, events: Vec<Event>) -> Result<(), SpoolError> {
+        let mut by_address: std::collections::HashMap<String, Vec<Event>> = Default::default();
+        for e in events {
+            by_address
+                .entry(e.recipient.to_ascii_lowercase())
+                .or_default()
+                .push(e);
+        }
+        let permits = Arc::new(tokio::sync::Semaphore::new(PARALLEL_WRITES));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (address, events) in by_address {
+            let (this, permits) = (self.clone(), permits.clone());
+            tasks.spawn(async move {
+                let _permit = permits.acquire().await;
+                this.update(&address, |p| {
+                    for e in &events {
+                        if let Some(tz) = e.tz_offset_min {
+                            p.tz_offset_min = Some(tz);
+                        }
+                        match e.kind {
+                            EventKind::Send => p.record_send(e.time_ms),
+                            _ if SendTime::is_engagement(e) => p.record_engagement(e.time_ms),
+                            _ => p.machine_opens = p.machine_opens.saturating_add(1),
+                        }
+                    }
+                    true
+                })
+                .await
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.map_err(|e| SpoolError::Sled(format!("event task failed: {e}")))??;
+        }
+        Ok(())
     }
 
     /// Chooses `address`'s send time for mail accepted at `now_ms` and records the planned
