@@ -1,5 +1,5 @@
 //! Engagement events and recipient engagement (`/api/v1/events`, `/api/v1/recipients`,
-//! `/api/v1/sendtime/refit`): the HTTP face of `sidecar::sendtime`.
+//! `/api/v1/sendtime/refit`, `/api/v1/sendtime/lift`): the HTTP face of `sidecar::sendtime`.
 //!
 //! `POST /api/v1/events` takes `{"events": [...]}`, each `{"type": "open"|"click"|"send",
 //! "recipient", "time_ms"?, "message_id"?, "machine"?, "tz_offset_minutes"?}`. The whole
@@ -35,6 +35,7 @@ pub fn routes() -> Router<AdminState> {
         .route("/recipients", get(dormant))
         .route("/recipients/{address}", get(recipient))
         .route("/sendtime/refit", post(refit))
+        .route("/sendtime/lift", get(lift))
 }
 
 type ApiResult = Result<Json<Value>, ApiError>;
@@ -218,4 +219,23 @@ async fn dormant(
 async fn refit(State(state): State<AdminState>) -> ApiResult {
     let n = send_time(&state)?.refit().await.map_err(internal)?;
     Ok(Json(json!({ "recipients": n })))
+}
+
+/// `GET /api/v1/sendtime/lift`: engagement of the control arm (sent at once) against the
+/// model's arm, as of the last refit.
+async fn lift(State(state): State<AdminState>) -> ApiResult {
+    let lift = send_time(&state)?.lift();
+    let arm = |i: usize| {
+        let rate = (lift.sends[i] > 0).then(|| lift.engaged[i] as f64 / lift.sends[i] as f64);
+        json!({"sends": lift.sends[i], "engaged": lift.engaged[i], "rate": rate})
+    };
+    let uplift = match (lift.sends, lift.engaged) {
+        ([cs, ms], [ce, me]) if cs > 0 && ms > 0 && ce > 0 => {
+            Some((me as f64 / ms as f64) / (ce as f64 / cs as f64) - 1.0)
+        }
+        _ => None,
+    };
+    Ok(Json(
+        json!({"control": arm(0), "model": arm(1), "uplift": uplift}),
+    ))
 }

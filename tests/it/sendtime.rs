@@ -275,3 +275,37 @@ async fn operator_actions_never_move_mail_before_its_send_time() {
     let env = server.envelope(id);
     assert_eq!((env.not_before_ms, env.next_due_ms), (0, env.created_ms));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_arm_is_counted_for_lift() {
+    let server = TestServer::start(Options::default().sendtime("control_share", "1.0")).await;
+    let mut client = server.connect().await;
+    client.ehlo().await;
+    let id = client
+        .submit(
+            "a@example.test",
+            &["cat@sink.test", "dan@sink.test"],
+            b"X-Tern-Send-Time: optimize\r\nSubject: s\r\n\r\nb\r\n",
+        )
+        .await;
+    // The control arm goes at once.
+    let env = server.envelope(id);
+    assert_eq!((env.not_before_ms, env.next_due_ms), (0, env.created_ms));
+    let (status, _) = events(
+        &server,
+        json!([{"type": "click", "recipient": "cat@sink.test"}]),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        server.api("POST", "/api/v1/sendtime/refit", None).await.0,
+        200
+    );
+    let (status, body) = server.api("GET", "/api/v1/sendtime/lift", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["control"]["sends"], 2);
+    assert_eq!(body["control"]["engaged"], 1);
+    assert_eq!(body["control"]["rate"], 0.5);
+    assert_eq!(body["model"]["sends"], 0);
+    assert_eq!(body["uplift"], Value::Null, "no model arm yet");
+}

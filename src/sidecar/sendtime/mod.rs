@@ -30,7 +30,7 @@ use tern_queue::{Spool, SpoolError};
 pub use crate::config::SendTimeConfig;
 use crate::live::Live;
 use model::{best_start, Priors, Window};
-use profile::Profile;
+use profile::{Arm, Profile};
 
 const META_PREFIX: &str = "sendtime/";
 const LOCK_STRIPES: usize = 64;
@@ -69,6 +69,14 @@ pub enum Reason {
     NoZone,
 }
 
+/// The send-time experiment, summed over every profile at the last refit: planned sends
+/// and those engaged with within 72 h, per arm (`[control, model]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lift {
+    pub sends: [u64; 2],
+    pub engaged: [u64; 2],
+}
+
 #[derive(Clone)]
 pub struct SendTime {
     inner: Arc<Inner>,
@@ -78,6 +86,7 @@ struct Inner {
     spool: Spool,
     config: Live<SendTimeConfig>,
     priors: Live<Priors>,
+    lift: Live<Lift>,
     locks: Vec<tokio::sync::Mutex<()>>,
 }
 
@@ -92,6 +101,7 @@ impl SendTime {
                 spool,
                 config: Live::new(config),
                 priors: Live::new(Priors::default()),
+                lift: Live::new(Lift::default()),
                 locks: (0..LOCK_STRIPES)
                     .map(|_| tokio::sync::Mutex::new(()))
                     .collect(),
@@ -215,8 +225,13 @@ impl SendTime {
                 (now_ms, Reason::NoZone)
             }
         };
+        let arm = if reason == Reason::Control {
+            Arm::Control
+        } else {
+            Arm::Model
+        };
         self.update(address, |p| {
-            p.record_send(at);
+            p.record_planned_send(at, arm);
             true
         })
         .await?;
@@ -227,19 +242,33 @@ impl SendTime {
     /// Returns how many recipients with history it saw.
     pub async fn refit(&self) -> Result<usize, SpoolError> {
         let spool = self.inner.spool.clone();
-        let priors = tokio::task::spawn_blocking(move || -> Result<Priors, SpoolError> {
+        let fitted = tokio::task::spawn_blocking(move || -> Result<(Priors, Lift), SpoolError> {
             let profiles: Vec<Profile> = spool
                 .scan_meta(META_PREFIX)?
                 .into_iter()
                 .filter_map(|(_, v)| Profile::decode(&v))
                 .collect();
-            Ok(Priors::fit(profiles.iter()))
+            let mut lift = Lift::default();
+            for p in &profiles {
+                for arm in 0..2 {
+                    lift.sends[arm] += p.arm_sends[arm] as u64;
+                    lift.engaged[arm] += p.arm_engaged[arm] as u64;
+                }
+            }
+            Ok((Priors::fit(profiles.iter()), lift))
         })
         .await
         .map_err(|e| SpoolError::Sled(format!("send-time refit task failed: {e}")))??;
+        let (priors, lift) = fitted;
         let n = priors.recipients;
         self.inner.priors.set(priors);
+        self.inner.lift.set(lift);
         Ok(n)
+    }
+
+    /// The control and model arms as of the last refit.
+    pub fn lift(&self) -> Arc<Lift> {
+        self.inner.lift.get()
     }
 
     /// Refits now and then every `sendtime.refit_interval` until `stop`.

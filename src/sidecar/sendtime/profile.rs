@@ -57,6 +57,18 @@ pub struct Profile {
     pub machine_opens: u32,
     /// The send at `last_send_ms` was engaged with already (its exposure is cut there).
     pub last_send_engaged: bool,
+    /// Which arm the latest planned send was in, for lift measurement.
+    pub last_send_arm: Option<Arm>,
+    /// Planned sends and those engaged with (within 72 h), per arm: `[control, model]`.
+    pub arm_sends: [u32; 2],
+    pub arm_engaged: [u32; 2],
+}
+
+/// The two arms of the send-time experiment: sent at once (control) or when the model chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arm {
+    Control = 0,
+    Model = 1,
 }
 
 impl Default for Profile {
@@ -72,6 +84,9 @@ impl Default for Profile {
             last_send_ms: 0,
             machine_opens: 0,
             last_send_engaged: false,
+            last_send_arm: None,
+            arm_sends: [0; 2],
+            arm_engaged: [0; 2],
         }
     }
 }
@@ -113,6 +128,16 @@ impl Profile {
         if t_ms >= self.last_send_ms {
             self.last_send_ms = t_ms;
             self.last_send_engaged = false;
+            self.last_send_arm = None;
+        }
+    }
+
+    /// A send tern planned itself at `t_ms`, in `arm` of the experiment.
+    pub fn record_planned_send(&mut self, t_ms: u64, arm: Arm) {
+        self.record_send(t_ms);
+        self.arm_sends[arm as usize] = self.arm_sends[arm as usize].saturating_add(1);
+        if self.last_send_ms == t_ms {
+            self.last_send_arm = Some(arm);
         }
     }
 
@@ -132,6 +157,9 @@ impl Profile {
             && self.last_send_ms > 0;
         if fresh_send {
             self.last_send_engaged = true;
+            if let Some(arm) = self.last_send_arm {
+                self.arm_engaged[arm as usize] = self.arm_engaged[arm as usize].saturating_add(1);
+            }
             let s = hour_of_week(self.last_send_ms, self.offset());
             let sw = decay(self.updated_ms - self.last_send_ms);
             let opened_k = (since_send.unwrap_or(0) / HOUR_MS as u64) as usize;
@@ -196,6 +224,10 @@ impl Profile {
         out.extend_from_slice(&self.engagement_total.to_le_bytes());
         out.extend_from_slice(&self.machine_opens.to_le_bytes());
         out.push(self.last_send_engaged as u8);
+        out.push(self.last_send_arm.map_or(0, |a| a as u8 + 1));
+        for v in self.arm_sends.iter().chain(&self.arm_engaged) {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
         for a in [&self.sends, &self.exposure, &self.engagements] {
             for x in a.iter() {
                 out.extend_from_slice(&x.to_le_bytes());
@@ -220,8 +252,19 @@ impl Profile {
             engagement_total: f32::from_le_bytes(r.take()?),
             machine_opens: u32::from_le_bytes(r.take()?),
             last_send_engaged: r.take::<1>()?[0] == 1,
+            last_send_arm: match r.take::<1>()?[0] {
+                1 => Some(Arm::Control),
+                2 => Some(Arm::Model),
+                _ => None,
+            },
             ..Profile::default()
         };
+        for v in p.arm_sends.iter_mut() {
+            *v = u32::from_le_bytes(r.take()?);
+        }
+        for v in p.arm_engaged.iter_mut() {
+            *v = u32::from_le_bytes(r.take()?);
+        }
         for a in [&mut p.sends, &mut p.exposure, &mut p.engagements] {
             for x in a.iter_mut() {
                 *x = f32::from_le_bytes(r.take()?);
@@ -270,6 +313,13 @@ mod tests {
         assert!((p.total_engagements() - 1.0).abs() < 1e-3);
         let back = Profile::decode(&p.encode()).unwrap();
         assert_eq!(back, p);
+        // Arms: an engagement after a planned send is credited to its arm, once.
+        p.record_planned_send(2_000 + HALF_LIFE_MS, Arm::Control);
+        p.record_engagement(2_000 + HALF_LIFE_MS + 3_600_000);
+        p.record_engagement(2_000 + HALF_LIFE_MS + 7_200_000);
+        p.record_planned_send(3_000 + HALF_LIFE_MS + 7_200_000, Arm::Model);
+        assert_eq!((p.arm_sends, p.arm_engaged), ([1, 1], [1, 0]));
+        assert_eq!(Profile::decode(&p.encode()).unwrap(), p);
         assert_eq!(Profile::decode(&[9, 1, 2]), None);
         assert_eq!(Profile::decode(&p.encode()[..100]), None);
     }
