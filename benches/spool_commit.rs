@@ -35,6 +35,7 @@ fn envelope(id: MessageId) -> Envelope {
         delay_notified: false,
         parked: false,
         pool: None,
+        not_before_ms: 0,
     }
 }
 

@@ -63,6 +63,7 @@ fn envelope(id: MessageId, n: u64, due_in_ms: u64) -> Envelope {
         delay_notified: false,
         parked: false,
         pool: None,
+        not_before_ms: 0,
     }
 }
 

@@ -34,6 +34,7 @@ use crate::policy::Policy;
 use crate::reload::{self, ReloadReport};
 use crate::scheduler::Scheduler;
 use crate::shaping::Shaper;
+use crate::sidecar::sendtime::SendTime;
 use crate::smtp::server::{ConnectionLimits, Server};
 use crate::smtp::session::SessionConfig;
 use crate::suppression::Suppressions;
@@ -179,6 +180,8 @@ impl Daemon {
             metrics.clone(),
         );
         let (new_mail, new_mail_rx) = tokio::sync::mpsc::unbounded_channel();
+        let send_time = SendTime::new(spool.clone(), config.sendtime.clone());
+        tokio::spawn(send_time.clone().refit_loop(shutdown.clone()));
         let ingest = Ingest::new(
             spool.clone(),
             config.server.hostname.clone(),
@@ -186,7 +189,8 @@ impl Daemon {
         )
         .with_dkim(dkim)
         .with_pools(shaper.pools().clone())
-        .with_scheduler(new_mail);
+        .with_scheduler(new_mail)
+        .with_send_time(send_time.clone());
         let events = Events::new(spool.clone(), config.webhooks.len(), delivery_log.clone());
         let feedback = Feedback::new(
             Suppressions::new(spool.clone(), config.suppression.clone()),
@@ -404,6 +408,9 @@ impl Daemon {
         self.scheduler.reconfigure(config.delivery.clone());
         self.ingest
             .set_dkim(dkim.with_metrics(self.metrics.clone()));
+        if let Some(send_time) = self.ingest.send_time() {
+            send_time.set_config(config.sendtime.clone());
+        }
         let starttls = self.server.tls.is_some();
         self.server.config.set(session_config(
             &config,

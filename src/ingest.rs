@@ -14,6 +14,10 @@
 //! `suppression.mode = "drop"`, suppressed recipients are taken out here (a `suppressed`
 //! event each); a message left without recipients is committed as nothing at all but still
 //! gets its queue id.
+//!
+//! Mail carrying `X-Tern-Send-Time: optimize` (the header is always removed) is split one part
+//! per recipient, each with the `not_before` the send-time model chose; the scheduler does not
+//! attempt a part before it.
 
 use crate::config::{SuppressionConfig, SuppressionMode};
 use crate::delivery::dkim::DkimSigners;
@@ -23,12 +27,15 @@ use crate::inbound::{encode_record, Feedback, InboundHead};
 use crate::live::Live;
 use crate::scheduler::NewMessage;
 use crate::shaping::pools::{strip_pool_header, Pools};
+use crate::sidecar;
+use crate::sidecar::sendtime::SendTime;
 use crate::suppression::Suppressions;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tern_queue::{BodyType, Envelope, MessageId, Recipient, Ret, Source, Spool, SpoolError};
 use tokio::sync::mpsc;
+use tracing::warn;
 
 /// TLS parameters of a connection, for Received headers and the delivery log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +89,7 @@ pub struct Ingest {
     scheduler: Option<mpsc::UnboundedSender<Vec<NewMessage>>>,
     pools: Option<Arc<Pools>>,
     feedback: Feedback,
+    send_time: Option<SendTime>,
 }
 
 impl Ingest {
@@ -99,6 +107,7 @@ impl Ingest {
             scheduler: None,
             pools: None,
             feedback,
+            send_time: None,
         }
     }
 
@@ -111,6 +120,17 @@ impl Ingest {
 
     pub fn feedback(&self) -> &Feedback {
         &self.feedback
+    }
+
+    /// Honours `X-Tern-Send-Time: optimize` with this model (without one the header is
+    /// still removed, and the mail goes at once).
+    pub fn with_send_time(mut self, send_time: SendTime) -> Ingest {
+        self.send_time = Some(send_time);
+        self
+    }
+
+    pub fn send_time(&self) -> Option<&SendTime> {
+        self.send_time.as_ref()
     }
 
     /// Signs accepted mail with these keys (when its From domain has any).
@@ -188,14 +208,26 @@ impl Ingest {
             rcpts
         };
         let groups = split_by_destination(rcpts);
+        // SIDECAR HOOK (issue 7 part B, interim): the send-time control header is read and
+        // removed here, before signing; the sidecar stage takes this over when it lands.
+        let optimize = sidecar::sendtime::hook::take_send_time_header(&mut sub.content);
+        let groups = match (&self.send_time, optimize) {
+            (Some(send_time), true) => plan_send_times(send_time, groups, now_ms).await,
+            _ => groups
+                .into_iter()
+                .map(|(domain, rcpts)| (domain, rcpts, 0))
+                .collect(),
+        };
         let mut ids: Vec<MessageId> = groups.iter().map(|_| self.spool.next_id()).collect();
         if ids.is_empty() {
             ids.push(self.spool.next_id());
         }
         let queue_id = ids[0];
 
-        let only_rcpt = match groups.values().next() {
-            Some(rcpts) if groups.len() == 1 && rcpts.len() == 1 => Some(rcpts[0].address.as_str()),
+        let only_rcpt = match groups.first() {
+            Some((_, rcpts, _)) if groups.len() == 1 && rcpts.len() == 1 => {
+                Some(rcpts[0].address.as_str())
+            }
             _ => None,
         };
         let mut head = received_header(
@@ -254,7 +286,9 @@ impl Ingest {
         let mut parts = Vec::with_capacity(groups.len());
         let last = groups.len().saturating_sub(1);
         let mut body = Some(body);
-        for (i, ((destination, recipients), id)) in groups.into_iter().zip(&ids).enumerate() {
+        for (i, ((destination, recipients, not_before_ms), id)) in
+            groups.into_iter().zip(&ids).enumerate()
+        {
             // The last part takes the buffer itself; the others get their own copy, since
             // every envelope owns exactly one body.
             let part_body = if i == last {
@@ -275,13 +309,15 @@ impl Ingest {
                 size: part_body.len() as u64,
                 created_ms: now_ms,
                 expires_ms,
-                next_due_ms: now_ms,
+                // A send time beyond expiry would never be attempted: expiry wins.
+                next_due_ms: now_ms.max(not_before_ms.min(expires_ms)),
                 attempts: 0,
                 source: sub.source.clone(),
                 held: false,
                 delay_notified: false,
                 parked: false,
                 pool: pool.clone(),
+                not_before_ms,
             };
             parts.push((envelope, part_body));
         }
@@ -291,6 +327,7 @@ impl Ingest {
                 id: env.id,
                 domain: env.destination.clone(),
                 pool: env.pool.clone(),
+                due_ms: env.next_due_ms,
             })
             .collect();
         let woke = !inbound.is_empty();
@@ -318,6 +355,45 @@ impl Ingest {
         }
         Ok(ids)
     }
+}
+
+/// One part per recipient, each with the send time the model chose (different recipients
+/// get different times, and an envelope has one due time). A model failure sends at once.
+/// Recipients are planned in parallel (each plan records the send durably, and the group
+/// commit merges those writes), in slices so a large message does not flood the spool.
+async fn plan_send_times(
+    send_time: &SendTime,
+    groups: BTreeMap<String, Vec<Recipient>>,
+    now_ms: u64,
+) -> Vec<(String, Vec<Recipient>, u64)> {
+    const SLICE: usize = 64;
+    let recipients: Vec<(String, Recipient)> = groups
+        .into_iter()
+        .flat_map(|(domain, rcpts)| rcpts.into_iter().map(move |r| (domain.clone(), r)))
+        .collect();
+    let mut parts = Vec::with_capacity(recipients.len());
+    for slice in recipients.chunks(SLICE) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, (_, rcpt)) in slice.iter().enumerate() {
+            let (send_time, address) = (send_time.clone(), rcpt.address.clone());
+            tasks.spawn(async move { (i, send_time.plan(&address, now_ms).await) });
+        }
+        let mut planned = vec![0; slice.len()];
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok((i, Ok((at, _)))) if at > now_ms => planned[i] = at,
+                Ok((_, Ok(_))) => {}
+                Ok((i, Err(err))) => {
+                    warn!(recipient = %slice[i].1.address, error = %err, "no send time planned; sent at once");
+                }
+                Err(err) => warn!(error = %err, "send-time planning task failed; sent at once"),
+            }
+        }
+        for ((domain, rcpt), at) in slice.iter().zip(planned) {
+            parts.push((domain.clone(), vec![rcpt.clone()], at));
+        }
+    }
+    parts
 }
 
 /// Groups recipients by lowercase domain, in a stable order.

@@ -16,6 +16,8 @@
 //!   adaptive backoff.
 //! - [`admin`]: the admin HTTP server: `GET /metrics` (every Prometheus metric), the `/api/v1`
 //!   API behind a bearer token (queue management, HTTP injection) and its client for the CLI.
+//! - [`sidecar`]: pre-enqueue stages; today send-time optimisation (engagement events, the
+//!   per-recipient `not_before`, the engagement score, the simulator).
 //! - [`cli`]: the renderings behind `tern queue ...`.
 //! - [`daemon`]: process lifecycle: open spool, start delivery, bind, sd_notify, signals, drain.
 //! - [`notify`]: the systemd notification protocol (READY, RELOADING, STOPPING, WATCHDOG).
@@ -42,6 +44,7 @@ pub mod policy;
 pub mod reload;
 pub mod scheduler;
 pub mod shaping;
+pub mod sidecar;
 pub mod smtp;
 pub mod suppression;
 pub mod verp;

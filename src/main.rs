@@ -1,6 +1,7 @@
 //! The `tern` command line: `serve`, `check-config`, `queue ...` (over the running daemon's
 //! admin API, see `tern::cli`; `list` and `show` read the spool directly when the daemon is
-//! stopped), `inject` (through the admin API), `hash-password`, `dkim keygen`, `bounce parse`.
+//! stopped), `inject` (through the admin API), `hash-password`, `dkim keygen`, `bounce parse`,
+//! `sidecar simulate`.
 //!
 //! Exit codes follow sysexits.h: 0 ok, 1 runtime failure, 64 usage, 65 bad input,
 //! 66 unreadable input file, 69 service unavailable (daemon not reachable), 75 temporary
@@ -70,6 +71,11 @@ enum Command {
         #[command(subcommand)]
         command: SuppressionCommand,
     },
+    /// The pre-enqueue sidecar.
+    Sidecar {
+        #[command(subcommand)]
+        command: SidecarCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -120,6 +126,18 @@ enum SuppressionCommand {
     Export {
         #[command(flatten)]
         common: Common,
+    },
+}
+
+#[derive(Subcommand)]
+enum SidecarCommand {
+    /// Evaluate send-time policies on a seeded simulated audience and print the expected
+    /// human open rate of each, per history bucket. Needs no daemon and no spool.
+    Simulate {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(100..=1_000_000))]
+        users: u64,
     },
 }
 
@@ -365,6 +383,15 @@ fn main() -> ExitCode {
             command: BounceCommand::Parse { file, json, config },
         } => bounce_parse(&file, json, config.as_deref()),
         Command::Suppression { command } => suppression(command),
+        Command::Sidecar {
+            command: SidecarCommand::Simulate { seed, users },
+        } => {
+            print!(
+                "{}",
+                tern::sidecar::sendtime::simulate::run(seed, users as usize)
+            );
+            ExitCode::SUCCESS
+        }
     }
 }
 

@@ -17,6 +17,7 @@
 pub mod auth;
 pub mod client;
 pub mod error;
+pub mod events;
 pub mod inject;
 pub mod metrics;
 pub mod queue;
@@ -79,6 +80,7 @@ fn router(state: AdminState) -> Router {
         .merge(inject::routes())
         .merge(shaping::routes())
         .merge(suppression::routes())
+        .merge(events::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.token.clone(),
             auth::require_token,

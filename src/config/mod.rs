@@ -20,6 +20,7 @@ mod bounce;
 mod delivery;
 mod events;
 mod reader;
+mod sendtime;
 mod shaping;
 
 /// Parses a duration written as in the config file ("30s", "5m", "2h", "1d"); the admin API
@@ -35,6 +36,7 @@ pub use self::delivery::{
     DEFAULT_DKIM_OVERSIGN,
 };
 pub use self::events::{SuppressionConfig, SuppressionMode, WebhookConfig, WebhookUrl};
+pub use self::sendtime::SendTimeConfig;
 pub use self::shaping::{
     AdaptiveConfig, DomainLimits, LimitsConfig, PoolAddress, PoolConfig, ProviderConfig, Rate,
     ShapingConfig, WarmupConfig, WhenCapped,
@@ -74,6 +76,8 @@ pub struct Config {
     pub suppression: SuppressionConfig,
     /// Event webhooks, `[[webhooks]]`.
     pub webhooks: Vec<WebhookConfig>,
+    /// `[sendtime]`: send-time optimisation for mail that asks for it.
+    pub sendtime: SendTimeConfig,
     pub log: LogConfig,
     /// Traffic shaping: limits per destination and provider, adaptive backoff, warm-up.
     pub shaping: ShapingConfig,
@@ -363,6 +367,7 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
         .into_iter()
         .flatten()
         .collect();
+    let sendtime = r.section("sendtime", sendtime::compile_sendtime);
     let log = r.section("log", compile_log);
     let shaping = r.section("shaping", shaping::compile_shaping);
 
@@ -381,6 +386,7 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
         bounce,
         suppression,
         webhooks,
+        sendtime,
         log,
         shaping,
         pools,
@@ -811,10 +817,42 @@ mod tests {
         assert_eq!(config.bounce, BounceConfig::default());
         assert_eq!(config.suppression, SuppressionConfig::default());
         assert!(config.webhooks.is_empty());
+        assert_eq!(
+            config.sendtime,
+            SendTimeConfig {
+                window: Duration::from_secs(86_400),
+                quiet_hours: Some((22, 7)),
+                control_share: 0.1,
+                refit_interval: Duration::from_secs(3600),
+                dormant_after: Duration::from_secs(180 * 86_400),
+            }
+        );
         assert_eq!(config.log, LogConfig::default());
         assert_eq!(config.shaping, ShapingConfig::default());
         assert_eq!(config.shaping.providers.len(), 4, "the built-in providers");
         assert!(config.pools.is_empty());
+    }
+
+    #[test]
+    fn sendtime_errors_name_their_keys() {
+        let text = format!(
+            "{MINIMAL}\n[sendtime]\nwindow = \"8d\"\nquiet_hours = \"22-25\"\ncontrol_share = 1.5\nrefit_interval = \"0s\"\ndormant_after = 3\n"
+        );
+        let errors = errors(&text);
+        for key in [
+            "sendtime.window",
+            "sendtime.quiet_hours",
+            "sendtime.control_share",
+            "sendtime.refit_interval",
+            "sendtime.dormant_after",
+        ] {
+            assert!(
+                errors.iter().any(|e| e.starts_with(key)),
+                "{key}: {errors:?}"
+            );
+        }
+        let none = format!("{MINIMAL}\n[sendtime]\nquiet_hours = \"none\"\n");
+        assert_eq!(Config::parse(&none).unwrap().sendtime.quiet_hours, None);
     }
 
     #[test]

@@ -546,6 +546,7 @@ mod tests {
             delay_notified: false,
             parked: false,
             pool: None,
+            not_before_ms: 0,
         }
     }
 

@@ -80,13 +80,15 @@ pub enum Operation {
     Delete,
 }
 
-/// A message that was just committed: its id and recipient domain.
+/// A message that was just committed: its id, recipient domain and first due time.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
     pub id: MessageId,
     pub domain: String,
     /// The source-IP pool recorded at ingest, if any.
     pub pool: Option<String>,
+    /// Its `next_due_ms`: later than now when it is held until a `not_before` time.
+    pub due_ms: u64,
 }
 
 #[derive(Clone)]
@@ -224,7 +226,13 @@ impl Scheduler {
                 // Durable already; the due loader finds it once delivery resumes.
                 continue;
             }
+            let now = now_ms();
             for msg in batch {
+                if msg.due_ms > now {
+                    // Scheduled for later (send-time optimisation): it waits in the spool's
+                    // due index like deferred mail, and the loader takes it in when due.
+                    continue;
+                }
                 if self.state().in_memory.insert(msg.id) {
                     self.spawn_route(msg.id, msg.domain, msg.pool);
                 }
@@ -327,7 +335,11 @@ impl Scheduler {
             let Some((id, plan)) = next else { break };
             let mut stored = self.inner.spool.envelope(id);
             if let Ok(Some(envelope)) = &stored {
-                if envelope.held || self.hold_back(id, &envelope.destination).await {
+                // Not before its scheduled time, whichever path brought it here.
+                if envelope.held
+                    || envelope.not_before_ms > now_ms()
+                    || self.hold_back(id, &envelope.destination).await
+                {
                     stored = Ok(None);
                 }
             }

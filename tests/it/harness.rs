@@ -145,6 +145,8 @@ pub struct Options {
     /// Raw TOML appended at the end (whole sections: `[shaping]`, `[[pools]]`, `[bounce]`,
     /// `[suppression]`, ...).
     pub extra: Vec<String>,
+    /// `[sendtime]` keys as TOML literals.
+    pub sendtime: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -163,6 +165,7 @@ impl Default for Options {
             dkim: Vec::new(),
             spool: Vec::new(),
             extra: Vec::new(),
+            sendtime: Vec::new(),
         }
     }
 }
@@ -216,6 +219,12 @@ impl Options {
     pub fn route_option(mut self, domain: &str, key: &str, value: impl ToString) -> Self {
         self.route_options
             .push((domain.to_string(), format!("{key} = {}", value.to_string())));
+        self
+    }
+
+    /// Sets a `[sendtime]` key; `value` is a TOML literal.
+    pub fn sendtime(mut self, key: &str, value: impl ToString) -> Self {
+        self.sendtime.push((key.to_string(), value.to_string()));
         self
     }
 
@@ -319,6 +328,12 @@ impl Options {
         }
         for body in &self.dkim {
             writeln!(t, "\n[[dkim]]\n{body}").unwrap();
+        }
+        if !self.sendtime.is_empty() {
+            writeln!(t, "\n[sendtime]").unwrap();
+            for (k, v) in &self.sendtime {
+                writeln!(t, "{k} = {v}").unwrap();
+            }
         }
         writeln!(t).unwrap();
         writeln!(

@@ -28,6 +28,7 @@ mod metrics;
 mod python_client;
 mod reload;
 mod routing;
+mod sendtime;
 mod shaping;
 mod shutdown;
 mod smuggling;

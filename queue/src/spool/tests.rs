@@ -39,6 +39,7 @@ fn envelope(id: MessageId, queue_id: MessageId, destination: &str, due: u64) -> 
         delay_notified: false,
         parked: false,
         pool: None,
+        not_before_ms: 0,
     }
 }
 

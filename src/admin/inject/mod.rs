@@ -14,7 +14,7 @@
 //! the config key it is about. Recipients over the limit refuse the whole call with 400
 //! (SMTP answers 452 per excess recipient; an HTTP call cannot be half-accepted).
 
-mod address;
+pub(crate) mod address;
 pub mod compose;
 
 use super::error::ApiError;
