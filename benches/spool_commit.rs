@@ -34,6 +34,8 @@ fn envelope(id: MessageId) -> Envelope {
         held: false,
         delay_notified: false,
         parked: false,
+        pool: None,
+        not_before_ms: 0,
     }
 }
 

@@ -62,6 +62,8 @@ fn envelope(id: MessageId, n: u64, due_in_ms: u64) -> Envelope {
         held: false,
         delay_notified: false,
         parked: false,
+        pool: None,
+        not_before_ms: 0,
     }
 }
 

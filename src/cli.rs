@@ -48,6 +48,32 @@ impl AdminClient {
         }
     }
 
+    /// One request to `/api/v1{path}` with a raw body (CSV import); returns the raw answer
+    /// (CSV export), or the API's error.
+    pub fn call_raw(&self, method: &str, path: &str, body: &[u8]) -> Result<Vec<u8>, CallError> {
+        let address = address_of(&self.admin);
+        let mut client = ApiClient::from_config(&self.admin)
+            .map_err(CallError::Other)?
+            .with_timeout(ANSWER_TIMEOUT);
+        client.connect().map_err(|e| {
+            CallError::Unreachable(format!(
+                "cannot reach the daemon's admin API at {address} (admin.address): {e}"
+            ))
+        })?;
+        let (status, answer) = client
+            .call_raw(method, &format!("/api/v1{path}"), body)
+            .map_err(|e| CallError::Other(format!("admin API: {e}")))?;
+        if (200..300).contains(&status) {
+            Ok(answer)
+        } else {
+            let message = serde_json::from_slice::<Value>(&answer)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| String::from_utf8_lossy(&answer).into_owned());
+            Err(CallError::Api { status, message })
+        }
+    }
+
     /// One request to `/api/v1{path}`; `body` is sent as JSON. Returns the answer's JSON.
     pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, CallError> {
         let address = address_of(&self.admin);
@@ -277,6 +303,35 @@ pub fn render_suspensions(v: &Value) -> String {
             s["destination"].as_str().unwrap_or("(all delivery)"),
             suspension_text(s)
         );
+    }
+    out
+}
+
+/// `tern suppression list`: one line per entry, then the cursor of the next page if any.
+pub fn render_suppressions(v: &Value) -> String {
+    let mut out = format!(
+        "{:<40} {:<18} {:<24} {}\n",
+        "ADDRESS", "REASON", "EXPIRES", "SOURCE"
+    );
+    for e in v["entries"].as_array().into_iter().flatten() {
+        let expires = e["expires_ms"]
+            .as_u64()
+            .map(|t| {
+                crate::ingest::rfc5322_date(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(t),
+                )
+            })
+            .unwrap_or_else(|| "never".into());
+        out.push_str(&format!(
+            "{:<40} {:<18} {:<24} {}\n",
+            e["address"].as_str().unwrap_or(""),
+            e["reason"].as_str().unwrap_or(""),
+            expires,
+            e["source"].as_str().unwrap_or("-"),
+        ));
+    }
+    if let Some(next) = v["next"].as_str() {
+        out.push_str(&format!("more: --after {next}\n"));
     }
     out
 }

@@ -23,7 +23,9 @@ use crate::delivery::dns::HickoryResolver;
 use crate::delivery::log::DeliveryLog;
 use crate::delivery::pool::Pool;
 use crate::delivery::route::Router;
-use crate::delivery::worker::Worker;
+use crate::delivery::worker::{VerpPolicy, Worker};
+use crate::events::Events;
+use crate::inbound::Feedback;
 use crate::ingest::Ingest;
 use crate::live::Live;
 use crate::notify;
@@ -31,9 +33,13 @@ use crate::outcome::Settler;
 use crate::policy::Policy;
 use crate::reload::{self, ReloadReport};
 use crate::scheduler::Scheduler;
+use crate::shaping::Shaper;
+use crate::sidecar::sendtime::SendTime;
 use crate::sidecar::Sidecar;
 use crate::smtp::server::{ConnectionLimits, Server};
 use crate::smtp::session::SessionConfig;
+use crate::suppression::Suppressions;
+use crate::verp::Verp;
 use anyhow::Context;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -65,12 +71,17 @@ pub struct Daemon {
     /// The limits HTTP injection applies (the admin server's copy).
     admin_limits: Arc<Live<Limits>>,
     log_level: Option<LogLevelReloader>,
+    shaper: Arc<Shaper>,
     pool: Arc<Pool>,
     delivery_log: DeliveryLog,
     smtp_addresses: Vec<SocketAddr>,
     admin_address: SocketAddr,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    /// The bounce processor and the webhook senders; they stop with `shutdown`.
+    feedback_tasks: TaskTracker,
+    /// The VERP key, read at start (`bounce.verp_key_file` is a restart key).
+    verp: Option<Verp>,
     listeners: TaskTracker,
     admin: tokio::task::JoinHandle<()>,
     /// Stops the admin server; separate from `shutdown` so scrapes answer while draining.
@@ -166,7 +177,15 @@ impl Daemon {
                     config.delivery.log_path
                 )
             })?;
+        let shaper = Shaper::new(
+            &config,
+            spool.clone(),
+            Arc::new(crate::shaping::limiter::Local),
+            metrics.clone(),
+        );
         let (new_mail, new_mail_rx) = tokio::sync::mpsc::unbounded_channel();
+        let send_time = SendTime::new(spool.clone(), config.sendtime.clone());
+        tokio::spawn(send_time.clone().refit_loop(shutdown.clone()));
         let sidecar = Arc::new(
             Sidecar::new(
                 &config.sidecar,
@@ -184,8 +203,46 @@ impl Daemon {
             config.spool.max_age,
         )
         .with_dkim(dkim)
+        .with_pools(shaper.pools().clone())
         .with_scheduler(new_mail)
+        .with_send_time(send_time.clone())
         .with_sidecar(sidecar);
+        let events = Events::new(spool.clone(), config.webhooks.len(), delivery_log.clone());
+        let feedback = Feedback::new(
+            Suppressions::new(spool.clone(), config.suppression.clone()),
+            events.clone(),
+            config.bounce.domains.clone(),
+        );
+        let ingest = ingest.with_feedback(feedback.clone());
+        let verp = read_verp_key(&config)?;
+        worker.set_verp(verp.clone().map(|v| VerpPolicy::from_config(v, &config)));
+        let feedback_tasks = TaskTracker::new();
+        for (i, hook) in config.webhooks.iter().enumerate() {
+            let secret = std::fs::read(&hook.secret_file).with_context(|| {
+                format!(
+                    "webhooks[{i}].secret_file: cannot read {}",
+                    hook.secret_file.display()
+                )
+            })?;
+            let secret = secret.trim_ascii().to_vec();
+            feedback_tasks.spawn(crate::events::webhook::run(
+                events.clone(),
+                i,
+                hook.clone(),
+                secret,
+                shutdown.clone(),
+            ));
+        }
+        feedback_tasks.spawn(
+            crate::inbound::Processor {
+                spool: spool.clone(),
+                feedback,
+                classifier: classifier.clone(),
+                verp: verp.clone(),
+            }
+            .run(shutdown.clone()),
+        );
+        feedback_tasks.close();
         let settler = Arc::new(Settler::new(
             spool.clone(),
             ingest.clone(),
@@ -200,6 +257,7 @@ impl Daemon {
             router.clone(),
             worker.clone(),
             settler.clone(),
+            shaper.clone(),
             config.delivery.clone(),
             metrics.clone(),
             new_mail_rx,
@@ -254,6 +312,7 @@ impl Daemon {
                 scheduler: scheduler.clone(),
                 ingest: ingest.clone(),
                 limits: admin_limits.clone(),
+                shaper: shaper.clone(),
                 token,
             },
             stop_admin.clone(),
@@ -270,12 +329,15 @@ impl Daemon {
             server,
             admin_limits,
             log_level: None,
+            shaper,
             pool,
             delivery_log,
             smtp_addresses,
             admin_address,
             metrics,
             shutdown,
+            feedback_tasks,
+            verp,
             listeners,
             admin,
             stop_admin,
@@ -351,6 +413,11 @@ impl Daemon {
         self.router.set_routes(&config.routes, config.delivery.tls);
         self.metrics.set_routes(&config.routes);
         self.worker.reconfigure(&config.delivery, passwords);
+        self.worker.set_verp(
+            self.verp
+                .clone()
+                .map(|v| VerpPolicy::from_config(v, &config)),
+        );
         self.pool.set_limits(
             config.delivery.idle_timeout,
             config.delivery.max_messages_per_connection,
@@ -359,6 +426,9 @@ impl Daemon {
         self.scheduler.reconfigure(config.delivery.clone());
         self.ingest
             .set_dkim(dkim.with_metrics(self.metrics.clone()));
+        if let Some(send_time) = self.ingest.send_time() {
+            send_time.set_config(config.sendtime.clone());
+        }
         let starttls = self.server.tls.is_some();
         self.server.config.set(session_config(
             &config,
@@ -422,6 +492,7 @@ impl Daemon {
     /// Stops accepting, waits up to the grace period for sessions, flushes the spool.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
+        self.feedback_tasks.wait().await;
         self.listeners.wait().await;
         self.sessions.close();
         if tokio::time::timeout(self.grace, self.sessions.wait())
@@ -439,6 +510,8 @@ impl Daemon {
         // abandoned attempt leaves its message pending in the spool, to be retried.
         self.scheduler.shutdown(self.grace).await;
         self.pool.close_all().await;
+        // Exact warm-up counts, so a restart neither loses nor gives back reservations.
+        self.shaper.flush().await;
         self.delivery_log.flush().await;
         self.stop_sidecar.cancel();
         if let Err(e) = self.sidecar_batches.await {
@@ -479,6 +552,27 @@ fn session_config(
 
 /// Reads each smarthost's password file (`routes[i].auth.password_file`), trailing newline
 /// removed; every unreadable file is reported with its key path.
+/// The VERP signer when `bounce.verp_key_file` is set (VERP on or not: the bounce processor
+/// verifies tokens of mail sent while it was on).
+fn read_verp_key(config: &Config) -> anyhow::Result<Option<Verp>> {
+    let Some(path) = &config.bounce.verp_key_file else {
+        return Ok(None);
+    };
+    let key = std::fs::read(path)
+        .with_context(|| format!("bounce.verp_key_file: cannot read {}", path.display()))?;
+    let key = key.trim_ascii();
+    if key.len() < 16 {
+        anyhow::bail!(
+            "bounce.verp_key_file: {} holds fewer than 16 bytes",
+            path.display()
+        );
+    }
+    let Some(domain) = config.bounce.domains.first() else {
+        anyhow::bail!("bounce.domains: VERP needs a bounce domain");
+    };
+    Ok(Some(Verp::new(key, &config.bounce.verp_local, domain)))
+}
+
 fn read_passwords(routes: &[RouteConfig]) -> Result<HashMap<PathBuf, String>, ConfigErrors> {
     let mut passwords = HashMap::new();
     let mut errors = Vec::new();
@@ -537,6 +631,9 @@ pub async fn serve(
             _ = hup.recv() => {
                 info!(file = %config_path.display(), "SIGHUP: reloading the config");
                 let _ = notify::reloading();
+                // Log rotation: the delivery log follows its path to a new file (also when the
+                // config does not validate).
+                daemon.delivery_log.reopen();
                 // Errors are logged and counted by reload_file; the daemon keeps running.
                 let _ = daemon.reload_file(config_path);
                 let _ = notify::notify("READY=1");

@@ -7,17 +7,36 @@
 //! in one atomic, fsync'd spool write. [`Ingest::accept`] returns only once the message is
 //! durable: that is what allows the session to say 250. Messages whose From domain has DKIM
 //! keys are signed here, once, so retries never sign again. Committed parts are handed to the
-//! scheduler.
+//! scheduler. The `X-Tern-Pool` control header is removed before signing, and the source-IP
+//! pool (that header's or the sender domain's) is recorded in each envelope.
+//!
+//! Recipients at a bounce domain are not delivered: they are committed, in the same batch,
+//! as one inbound record for the bounce processor (`crate::inbound`). With
+//! `suppression.mode = "drop"`, suppressed recipients are taken out here (a `suppressed`
+//! event each); a message left without recipients is committed as nothing at all but still
+//! gets its queue id.
+//!
+//! Mail carrying `X-Tern-Send-Time: optimize` (the header is always removed) is split one part
+//! per recipient, each with the `not_before` the send-time model chose; the scheduler does not
+//! attempt a part before it.
 
+use crate::config::{SuppressionConfig, SuppressionMode};
 use crate::delivery::dkim::DkimSigners;
+use crate::delivery::log::DeliveryLog;
+use crate::events::{Event, Events, Kind as EventKind};
+use crate::inbound::{encode_record, Feedback, InboundHead};
 use crate::live::Live;
 use crate::scheduler::NewMessage;
+use crate::shaping::pools::{strip_pool_header, Pools};
+use crate::sidecar::sendtime::SendTime as SendTimeModel;
 use crate::sidecar::{self, SendTime, Sidecar};
+use crate::suppression::Suppressions;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tern_queue::{BodyType, Envelope, MessageId, Recipient, Ret, Source, Spool, SpoolError};
 use tokio::sync::mpsc;
+use tracing::warn;
 
 /// TLS parameters of a connection, for Received headers and the delivery log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +82,17 @@ pub struct Submission {
     pub sidecar: Option<crate::sidecar::Request>,
 }
 
+/// What one acceptance commits: the parts of every submission the sidecar made of it, in one
+/// spool batch.
+#[derive(Default)]
+struct Batch {
+    ids: Vec<MessageId>,
+    parts: Vec<(Envelope, Vec<u8>)>,
+    inbound: Vec<(MessageId, Vec<u8>)>,
+    /// Recipients dropped as suppressed: address, reason, protocol (for their events).
+    dropped: Vec<(String, String, &'static str)>,
+}
+
 /// What [`Ingest::accept_report`] committed.
 #[derive(Debug)]
 pub struct Accepted {
@@ -80,19 +110,52 @@ pub struct Ingest {
     /// Shared by every clone, so a config reload (key rotation) reaches them all.
     dkim: Arc<Live<DkimSigners>>,
     scheduler: Option<mpsc::UnboundedSender<Vec<NewMessage>>>,
+    pools: Option<Arc<Pools>>,
+    feedback: Feedback,
+    send_time: Option<SendTimeModel>,
     sidecar: Option<Arc<Sidecar>>,
 }
 
 impl Ingest {
     pub fn new(spool: Spool, hostname: String, max_age: Duration) -> Ingest {
+        let feedback = Feedback::new(
+            Suppressions::new(spool.clone(), SuppressionConfig::default()),
+            Events::new(spool.clone(), 0, DeliveryLog::disabled()),
+            Vec::new(),
+        );
         Ingest {
             spool,
             hostname,
             max_age,
             dkim: Arc::new(Live::new(DkimSigners::none())),
             scheduler: None,
+            pools: None,
+            feedback,
+            send_time: None,
             sidecar: None,
         }
+    }
+
+    /// Uses these bounce domains, suppression list and events (default: none, an empty list
+    /// in reject mode, events only logged).
+    pub fn with_feedback(mut self, feedback: Feedback) -> Ingest {
+        self.feedback = feedback;
+        self
+    }
+
+    pub fn feedback(&self) -> &Feedback {
+        &self.feedback
+    }
+
+    /// Honours `X-Tern-Send-Time: optimize` with this model (without one the header is
+    /// still removed, and the mail goes at once).
+    pub fn with_send_time(mut self, send_time: SendTimeModel) -> Ingest {
+        self.send_time = Some(send_time);
+        self
+    }
+
+    pub fn send_time(&self) -> Option<&SendTimeModel> {
+        self.send_time.as_ref()
     }
 
     /// Runs the sidecar stage on messages that ask for it (control headers or a request).
@@ -123,6 +186,12 @@ impl Ingest {
         self
     }
 
+    /// Chooses source-IP pools for accepted mail (`X-Tern-Pool`, sender domain).
+    pub fn with_pools(mut self, pools: Arc<Pools>) -> Ingest {
+        self.pools = Some(pools);
+        self
+    }
+
     pub fn spool(&self) -> &Spool {
         &self.spool
     }
@@ -146,66 +215,138 @@ impl Ingest {
     /// Like [`Ingest::accept_parts`], with the sidecar's per-recipient report. A message that
     /// asks for the sidecar becomes one submission per recipient, all committed together
     /// under one queue id.
-    pub async fn accept_report(&self, sub: Submission) -> Result<Accepted, SpoolError> {
+    pub async fn accept_report(&self, mut sub: Submission) -> Result<Accepted, SpoolError> {
         let now = crate::clock::now();
-        let mut ids = Vec::new();
-        let mut parts = Vec::new();
+        // Read before the sidecar stage, which strips every X-Tern-* header; gone before DKIM
+        // signs the headers either way.
+        let pool_header = strip_pool_header(&mut sub.content);
+        let pool = self
+            .pools
+            .as_ref()
+            .and_then(|p| p.at_ingest(pool_header.as_deref(), &sub.sender));
+        let sender = sub.sender.clone();
+        let mut batch = Batch::default();
         let mut reports = Vec::new();
         match &self.sidecar {
             Some(stage) if sidecar::wanted(&sub) => {
                 for prepared in stage.apply(sub).await {
-                    if let SendTime::Optimize { window, .. } = prepared.send_time {
-                        // The send-time model turns this into the recipients' not_before;
-                        // until it is wired in, the message is queued for now.
-                        tracing::debug!(
-                            window_s = window.as_secs(),
-                            "send-time optimisation requested"
-                        );
-                    }
                     reports.extend(prepared.report);
-                    self.build_parts(prepared.submission, now, &mut ids, &mut parts)
+                    let optimize = matches!(prepared.send_time, SendTime::Optimize { .. });
+                    self.build_parts(prepared.submission, now, &pool, optimize, &mut batch)
                         .await?;
                 }
             }
-            _ => self.build_parts(sub, now, &mut ids, &mut parts).await?,
+            _ => {
+                // Without a sidecar stage the send-time header is still honoured and removed.
+                let optimize = sidecar::sendtime::hook::take_send_time_header(&mut sub.content);
+                self.build_parts(sub, now, &pool, optimize, &mut batch)
+                    .await?;
+            }
         }
-        let new: Vec<NewMessage> = parts
+        let new: Vec<NewMessage> = batch
+            .parts
             .iter()
             .map(|(env, _)| NewMessage {
                 id: env.id,
                 domain: env.destination.clone(),
+                pool: env.pool.clone(),
+                due_ms: env.next_due_ms,
             })
             .collect();
-        self.spool.commit(parts).await?;
+        let feedback = &self.feedback;
+        let woke = !batch.inbound.is_empty();
+        self.spool
+            .commit_with_inbound(batch.parts, batch.inbound)
+            .await?;
+        if woke {
+            feedback.inbound.notify_one();
+        }
+        if !batch.dropped.is_empty() {
+            let queue_id = batch.ids[0];
+            let events = batch
+                .dropped
+                .into_iter()
+                .map(|(address, reason, source)| {
+                    let mut e = Event::new(EventKind::Suppressed, &address, source);
+                    e.queue_id = Some(queue_id);
+                    e.sender = Some(sender.clone());
+                    e.detail = Some(format!("dropped: suppressed ({reason})"));
+                    e
+                })
+                .collect();
+            feedback.events.emit(events).await;
+        }
         if let Some(tx) = &self.scheduler {
             // Only fails when the scheduler is gone (shutdown): the mail is durable and the
             // due loader picks it up at the next start.
             let _ = tx.send(new);
         }
         Ok(Accepted {
-            ids,
+            ids: batch.ids,
             sidecar: reports,
         })
     }
 
     /// The spool parts of one submission (Received header, Date/Message-ID, DKIM, one part
-    /// per destination domain), appended to `parts` with their ids; every part shares the
-    /// first id ever pushed to `ids` as its queue id.
+    /// per destination domain, bounce-domain recipients as an inbound record, suppressed
+    /// recipients dropped in drop mode, send times planned when `optimize`), added to
+    /// `batch`; every part shares the first id ever pushed to `batch.ids` as its queue id.
     async fn build_parts(
         &self,
-        sub: Submission,
+        mut sub: Submission,
         now: SystemTime,
-        ids: &mut Vec<MessageId>,
-        parts: &mut Vec<(Envelope, Vec<u8>)>,
+        pool: &Option<String>,
+        optimize: bool,
+        batch: &mut Batch,
     ) -> Result<(), SpoolError> {
         let now_ms = unix_ms(now);
-        let groups = split_by_destination(sub.recipients);
-        let first = ids.len();
-        ids.extend(groups.iter().map(|_| self.spool.next_id()));
-        let queue_id = ids[0];
+        let feedback = &self.feedback;
+        let (bounce_rcpts, rcpts): (Vec<Recipient>, Vec<Recipient>) =
+            std::mem::take(&mut sub.recipients)
+                .into_iter()
+                .partition(|r| feedback.is_bounce_address(&r.address));
+        let source = if sub.source.protocol == "HTTP" {
+            "http"
+        } else {
+            "smtp"
+        };
+        let rcpts: Vec<Recipient> = if feedback.suppressions.mode() == SuppressionMode::Drop {
+            rcpts
+                .into_iter()
+                .filter(|r| match feedback.suppressions.check(&r.address) {
+                    Some(entry) => {
+                        batch
+                            .dropped
+                            .push((r.address.clone(), entry.reason, source));
+                        false
+                    }
+                    None => true,
+                })
+                .collect()
+        } else {
+            rcpts
+        };
+        let groups = split_by_destination(rcpts);
+        let groups = match (&self.send_time, optimize) {
+            (Some(send_time), true) => plan_send_times(send_time, groups, now_ms).await,
+            _ => groups
+                .into_iter()
+                .map(|(domain, rcpts)| (domain, rcpts, 0))
+                .collect(),
+        };
+        let first = batch.ids.len();
+        batch
+            .ids
+            .extend(groups.iter().map(|_| self.spool.next_id()));
+        if batch.ids.is_empty() {
+            batch.ids.push(self.spool.next_id());
+        }
+        let queue_id = batch.ids[0];
 
-        let only_rcpt = match groups.values().next() {
-            Some(rcpts) if groups.len() == 1 && rcpts.len() == 1 => Some(rcpts[0].address.as_str()),
+        let only_rcpt = match groups.first() {
+            Some((_, rcpts, _)) if groups.len() == 1 && rcpts.len() == 1 => {
+                Some(rcpts[0].address.as_str())
+            }
             _ => None,
         };
         let mut head = received_header(
@@ -250,11 +391,21 @@ impl Ingest {
             };
         }
 
+        if !bounce_rcpts.is_empty() {
+            let head = InboundHead {
+                sender: sub.sender.clone(),
+                recipients: bounce_rcpts.into_iter().map(|r| r.address).collect(),
+                queue_id,
+            };
+            batch
+                .inbound
+                .push((self.spool.next_id(), encode_record(&head, &body)));
+        }
         let expires_ms = now_ms.saturating_add(self.max_age.as_millis() as u64);
-        let last = groups.len() - 1;
+        let last = groups.len().saturating_sub(1);
         let mut body = Some(body);
-        for (i, ((destination, recipients), id)) in
-            groups.into_iter().zip(&ids[first..]).enumerate()
+        for (i, ((destination, recipients, not_before_ms), id)) in
+            groups.into_iter().zip(&batch.ids[first..]).enumerate()
         {
             // The last part takes the buffer itself; the others get their own copy, since
             // every envelope owns exactly one body.
@@ -276,17 +427,59 @@ impl Ingest {
                 size: part_body.len() as u64,
                 created_ms: now_ms,
                 expires_ms,
-                next_due_ms: now_ms,
+                // A send time beyond expiry would never be attempted: expiry wins.
+                next_due_ms: now_ms.max(not_before_ms.min(expires_ms)),
                 attempts: 0,
                 source: sub.source.clone(),
                 held: false,
                 delay_notified: false,
                 parked: false,
+                pool: pool.clone(),
+                not_before_ms,
             };
-            parts.push((envelope, part_body));
+            batch.parts.push((envelope, part_body));
         }
         Ok(())
     }
+}
+
+/// One part per recipient, each with the send time the model chose (different recipients
+/// get different times, and an envelope has one due time). A model failure sends at once.
+/// Recipients are planned in parallel (each plan records the send durably, and the group
+/// commit merges those writes), in slices so a large message does not flood the spool.
+async fn plan_send_times(
+    send_time: &SendTimeModel,
+    groups: BTreeMap<String, Vec<Recipient>>,
+    now_ms: u64,
+) -> Vec<(String, Vec<Recipient>, u64)> {
+    const SLICE: usize = 64;
+    let recipients: Vec<(String, Recipient)> = groups
+        .into_iter()
+        .flat_map(|(domain, rcpts)| rcpts.into_iter().map(move |r| (domain.clone(), r)))
+        .collect();
+    let mut parts = Vec::with_capacity(recipients.len());
+    for slice in recipients.chunks(SLICE) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, (_, rcpt)) in slice.iter().enumerate() {
+            let (send_time, address) = (send_time.clone(), rcpt.address.clone());
+            tasks.spawn(async move { (i, send_time.plan(&address, now_ms).await) });
+        }
+        let mut planned = vec![0; slice.len()];
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok((i, Ok((at, _)))) if at > now_ms => planned[i] = at,
+                Ok((_, Ok(_))) => {}
+                Ok((i, Err(err))) => {
+                    warn!(recipient = %slice[i].1.address, error = %err, "no send time planned; sent at once");
+                }
+                Err(err) => warn!(error = %err, "send-time planning task failed; sent at once"),
+            }
+        }
+        for ((domain, rcpt), at) in slice.iter().zip(planned) {
+            parts.push((domain.clone(), vec![rcpt.clone()], at));
+        }
+    }
+    parts
 }
 
 /// Groups recipients by lowercase domain, in a stable order.

@@ -14,8 +14,12 @@
 //! - [`delivery`]: routing (static routes, MX), the outbound SMTP client and pool, DKIM,
 //!   one attempt of one envelope, the delivery log.
 //! - [`outcome`]: per-recipient results applied to the spool, retries, expiry, DSNs.
+//! - [`shaping`]: traffic shaping: per-provider/destination limits, source-IP pools, warm-up,
+//!   adaptive backoff.
 //! - [`admin`]: the admin HTTP server: `GET /metrics` (every Prometheus metric), the `/api/v1`
 //!   API behind a bearer token (queue management, HTTP injection) and its client for the CLI.
+//! - [`sidecar`]: pre-enqueue stages; today send-time optimisation (engagement events, the
+//!   per-recipient `not_before`, the engagement score, the simulator).
 //! - [`cli`]: the renderings behind `tern queue ...`.
 //! - [`daemon`]: process lifecycle: open spool, start delivery, bind, sd_notify, signals, drain.
 //! - [`notify`]: the systemd notification protocol (READY, RELOADING, STOPPING, WATCHDOG).
@@ -32,6 +36,8 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod delivery;
+pub mod events;
+pub mod inbound;
 pub mod ingest;
 pub mod live;
 pub mod notify;
@@ -39,5 +45,8 @@ pub mod outcome;
 pub mod policy;
 pub mod reload;
 pub mod scheduler;
+pub mod shaping;
 pub mod sidecar;
 pub mod smtp;
+pub mod suppression;
+pub mod verp;

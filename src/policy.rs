@@ -2,9 +2,13 @@
 //!
 //! Every decision is a [`Reply`] for the client, never an error: `Ok(())` means go on.
 //! Relay is allowed for authenticated sessions and for clients inside a configured relay
-//! network; everyone else gets 554 5.7.1 at RCPT time, before any data is read.
+//! network; everyone else gets 554 5.7.1 at RCPT time, before any data is read (the bounce
+//! domains excepted: the session lets anyone mail them). A recipient on the suppression
+//! list gets 550 5.7.1 in reject mode ([`suppressed`]).
 
-use crate::config::Config;
+use crate::config::{Config, SuppressionMode};
+use crate::events::{Event, Kind};
+use crate::inbound::Feedback;
 use crate::smtp::reply::Reply;
 use ipnet::IpNet;
 use std::net::IpAddr;
@@ -53,6 +57,20 @@ impl Policy {
         }
         Ok(())
     }
+}
+
+/// In `suppression.mode = "reject"`: the refusal for a suppressed `address`, with a
+/// `suppressed` event (emitted in the background; `source` is `smtp` or `http`). In drop
+/// mode ingest drops the recipient instead, so this answers `None`.
+pub fn suppressed(feedback: &Feedback, address: &str, source: &'static str) -> Option<Reply> {
+    if feedback.suppressions.mode() != SuppressionMode::Reject {
+        return None;
+    }
+    let entry = feedback.suppressions.check(address)?;
+    let mut event = Event::new(Kind::Suppressed, address, source);
+    event.detail = Some(format!("rejected: suppressed ({})", entry.reason));
+    feedback.events.emit_later(vec![event]);
+    Some(Reply::new(550, "5.7.1", "Recipient suppressed"))
 }
 
 /// The reply for a message over the size limit, declared or actual.

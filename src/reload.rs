@@ -32,6 +32,14 @@ pub const RESTART_KEYS: &[&str] = &[
     "delivery.log_path",
     "log.format",
     "bounce.rules",
+    "shaping",
+    "pools",
+    "bounce.domains",
+    "bounce.verp",
+    "bounce.verp_local",
+    "bounce.verp_key_file",
+    "suppression",
+    "webhooks",
     "sidecar",
 ];
 
@@ -69,6 +77,14 @@ pub fn merge(running: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
     keep!("delivery.log_path", delivery.log_path);
     keep!("log.format", log.format);
     keep!("bounce.rules", bounce.rules);
+    keep!("shaping", shaping);
+    keep!("pools", pools);
+    keep!("bounce.domains", bounce.domains);
+    keep!("bounce.verp", bounce.verp);
+    keep!("bounce.verp_local", bounce.verp_local);
+    keep!("bounce.verp_key_file", bounce.verp_key_file);
+    keep!("suppression", suppression);
+    keep!("webhooks", webhooks);
     // The bandit's posteriors and the model client's breaker and cache live with the stage.
     keep!("sidecar", sidecar);
     (new, kept)

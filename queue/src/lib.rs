@@ -4,7 +4,8 @@
 //! Modules:
 //! - `id`: `MessageId`, time-ordered unique ids, and their generator;
 //! - `record`: `Envelope` and friends, stored as forward-compatible JSON;
-//! - `spool`: `Spool`, the store (bodies, envelopes, due-time index, and a
+//! - `spool`: `Spool`, the store (bodies, envelopes, due-time index, the
+//!   suppression list, inbound bounce mail, event outboxes, and a
 //!   small generic key-value "meta" keyspace: `put_meta`, `get_meta`,
 //!   `remove_meta`, `scan_meta`) and its crash recovery;
 //! - `group_commit`: the sync thread that makes writes durable with real

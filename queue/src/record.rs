@@ -57,6 +57,15 @@ pub struct Envelope {
     /// settler clears it when it records an attempt.
     #[serde(default)]
     pub parked: bool,
+    /// Source-IP pool chosen at ingest (control header or sender domain); `None`: the
+    /// route's pool or the default one, decided when routing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Unix ms before which no attempt is made (0: none). Set at ingest by send-time
+    /// optimisation; `next_due_ms` starts at it, and operator actions that make mail due
+    /// "now" never move it earlier. Expiry still counts from `created_ms`.
+    #[serde(default)]
+    pub not_before_ms: u64,
 }
 
 /// One recipient of an envelope.

@@ -9,6 +9,8 @@
 //!   shaping's warm-up counters later). Owners namespace their names with a
 //!   prefix (`suspend/...`); the spool never interprets them, and recovery and
 //!   the orphan sweep never look at them
+//! - `S`, `I`, `V`: the suppression list, inbound bounce mail and event
+//!   outboxes (see `keyspaces`)
 //!
 //! Invariants:
 //! - every change is applied within one sled `apply_batch` (`group_commit`
@@ -285,10 +287,18 @@ impl Spool {
     /// future after that does not cancel it, it only stops waiting for it
     /// (the same holds for `update` and `remove`).
     pub async fn commit(&self, parts: Vec<(Envelope, Vec<u8>)>) -> Result<(), SpoolError> {
+        self.commit_inner(parts, Vec::new()).await
+    }
+
+    async fn commit_inner(
+        &self,
+        parts: Vec<(Envelope, Vec<u8>)>,
+        mut ops: Vec<Op>,
+    ) -> Result<(), SpoolError> {
         self.inner.group.check()?;
         let messages = parts.len() as u64;
         let mut bytes = 0;
-        let mut ops: Vec<Op> = Vec::with_capacity(parts.len() * 3);
+        ops.reserve(parts.len() * 3);
         for (mut env, body) in parts {
             env.size = body.len() as u64;
             bytes += env.size;
@@ -722,6 +732,7 @@ fn corrupt(key: &[u8], reason: String) -> SpoolError {
     SpoolError::Corrupt { key: name, reason }
 }
 
+mod keyspaces;
 mod recovery;
 #[cfg(test)]
 mod tests;

@@ -21,8 +21,8 @@ use crate::delivery::log::AttemptOutcome;
 use crate::live::Live;
 use crate::outcome::dsn::Action;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -49,10 +49,12 @@ pub enum Rejection {
     SpoolError,
     /// A command that does not parse: unknown verb, bad syntax or parameter, bad address.
     Syntax,
+    /// A recipient on the suppression list (reject mode).
+    Suppressed,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 7] = [
+    pub const ALL: [Rejection; 8] = [
         Rejection::RelayDenied,
         Rejection::Size,
         Rejection::Recipients,
@@ -60,6 +62,7 @@ impl Rejection {
         Rejection::AuthFailed,
         Rejection::SpoolError,
         Rejection::Syntax,
+        Rejection::Suppressed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -71,6 +74,7 @@ impl Rejection {
             Rejection::AuthFailed => "auth_failed",
             Rejection::SpoolError => "spool_error",
             Rejection::Syntax => "syntax",
+            Rejection::Suppressed => "suppressed",
         }
     }
 }
@@ -102,6 +106,8 @@ fn outcome_label(outcome: AttemptOutcome) -> &'static str {
         AttemptOutcome::Bounced => "bounced",
         AttemptOutcome::Expired => "expired",
         AttemptOutcome::Deleted => "deleted",
+        AttemptOutcome::Complaint => "complaint",
+        AttemptOutcome::Suppressed => "suppressed",
     }
 }
 
@@ -163,6 +169,14 @@ pub struct Metrics {
     dkim_failures: IntCounterVec,
     config_reloads: IntCounterVec,
     config_last_reload: Gauge,
+    // Shaping: labels are a configured source address (or "default") and a provider name,
+    // static route key or "other".
+    shaping_rate: GaugeVec,
+    shaping_throttles: IntCounterVec,
+    shaping_blocked: IntGaugeVec,
+    warmup_sent: IntGaugeVec,
+    warmup_cap: IntGaugeVec,
+    shaping_wait_seconds: Histogram,
     sidecar_content: IntCounterVec,
     sidecar_engagements: IntCounterVec,
 }
@@ -189,6 +203,18 @@ impl Metrics {
         };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique");
+            g
+        };
+        let gauge_vec = |name: &str, help: &str| {
+            let g = GaugeVec::new(Opts::new(name, help), &["source", "provider"])
+                .expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique");
+            g
+        };
+        let int_gauge_vec = |name: &str, help: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["source", "provider"])
+                .expect("valid metric");
             registry.register(Box::new(g.clone())).expect("unique");
             g
         };
@@ -321,6 +347,32 @@ impl Metrics {
                 registry.register(Box::new(g.clone())).expect("unique");
                 g
             },
+            shaping_rate: gauge_vec(
+                "tern_shaping_rate_per_minute",
+                "Current (adaptive) message rate per source and provider, messages per minute.",
+            ),
+            shaping_throttles: counter_vec(
+                "tern_shaping_throttles_total",
+                "Throttling replies (421, 4.7.x, provider wording) per source and provider.",
+                &["source", "provider"],
+            ),
+            shaping_blocked: int_gauge_vec(
+                "tern_shaping_blocked",
+                "1 while a source is suspended for a provider after a blocking reply (alert on it).",
+            ),
+            warmup_sent: int_gauge_vec(
+                "tern_warmup_sent_today",
+                "Messages sent today by a warming-up source to a provider.",
+            ),
+            warmup_cap: int_gauge_vec(
+                "tern_warmup_cap_today",
+                "Today's warm-up cap of a source for a provider (-1: warm, no cap).",
+            ),
+            shaping_wait_seconds: histogram(
+                "tern_shaping_wait_seconds",
+                "Time a delivery worker waited for shaping (rate, suspension, connection slot).",
+                vec![0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0],
+            ),
             registry,
         };
         for result in [ReloadResult::Ok, ReloadResult::Failed] {
@@ -459,6 +511,44 @@ impl Metrics {
             .inc();
     }
 
+    /// The label for destination key `key`: itself if it is a static route's, else "other".
+    pub fn destination_label<'a>(&self, key: &'a str) -> &'a str {
+        self.destination(&self.routes.get(), key)
+    }
+
+    pub fn shaping_rate(&self, source: &str, provider: &str, per_minute: f64) {
+        self.shaping_rate
+            .with_label_values(&[source, provider])
+            .set(per_minute);
+    }
+
+    pub fn shaping_throttle(&self, source: &str, provider: &str) {
+        self.shaping_throttles
+            .with_label_values(&[source, provider])
+            .inc();
+    }
+
+    pub fn shaping_blocked(&self, source: &str, provider: &str, blocked: bool) {
+        self.shaping_blocked
+            .with_label_values(&[source, provider])
+            .set(i64::from(blocked));
+    }
+
+    /// Warm-up progress; `cap` `None` once the source is warm.
+    pub fn warmup(&self, source: &str, provider: &str, sent: u64, cap: Option<u64>) {
+        let labels = [source, provider];
+        self.warmup_sent
+            .with_label_values(&labels)
+            .set(i64::try_from(sent).unwrap_or(i64::MAX));
+        self.warmup_cap
+            .with_label_values(&labels)
+            .set(cap.map_or(-1, |c| i64::try_from(c).unwrap_or(i64::MAX)));
+    }
+
+    pub fn shaping_wait(&self, waited: Duration) {
+        self.shaping_wait_seconds.observe(waited.as_secs_f64());
+    }
+
     pub fn delivery_attempt(&self, took: Duration) {
         self.delivery_attempt_seconds.observe(took.as_secs_f64());
     }
@@ -545,6 +635,41 @@ impl Drop for SessionGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The shipped Grafana dashboard queries only metrics that exist (histogram series by
+    /// their family name).
+    #[test]
+    fn the_grafana_dashboard_uses_only_exported_metrics() {
+        // Vectors without children are not in a gather, so the names come from the
+        // definitions in this file.
+        let source = include_str!("metrics.rs");
+        let families: HashSet<&str> = source
+            .match_indices("\"tern_")
+            .filter_map(|(i, _)| source[i + 1..].split('"').next())
+            .filter(|name| name.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            .collect();
+        let dashboard = include_str!("../../contrib/grafana/tern-dashboard.json");
+        let mut used = 0;
+        for (i, _) in dashboard.match_indices("tern_") {
+            let name: String = dashboard[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if name == "tern_" || dashboard[..i].ends_with("\"uid\": \"") {
+                continue;
+            }
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| families.contains(f)))
+                .unwrap_or(&name);
+            assert!(
+                families.contains(family),
+                "dashboard uses unknown metric {name}"
+            );
+            used += 1;
+        }
+        assert!(used > 20, "the dashboard queries the metrics ({used} uses)");
+    }
 
     #[test]
     fn destinations_are_bounded() {

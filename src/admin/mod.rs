@@ -7,7 +7,10 @@
 //!   body extractor that answers malformed input with 400.
 //! - [`queue`]: `/api/v1/queue/*`, the spool seen and managed by the operator.
 //! - [`inject`]: `POST /api/v1/inject`, mail submitted over HTTP into the SMTP ingest path.
+//! - [`suppression`]: `/api/v1/suppressions`, the suppression list (list, add, remove, CSV).
 //! - [`client`]: the blocking HTTP client the `tern` CLI uses to call the API.
+//! - [`shaping`]: `GET /api/v1/shaping[/{bucket}]`, traffic-shaping state.
+//! - [`events`]: `POST /api/v1/events` (engagement), recipients' engagement and send-time lift.
 //!
 //! The sidecar's tracking routes (`/t/o/{token}`, `/t/c/{token}`, see
 //! [`crate::sidecar::tracking`]) are served here too, outside `/api/v1`.
@@ -17,14 +20,18 @@
 pub mod auth;
 pub mod client;
 pub mod error;
+pub mod events;
 pub mod inject;
 pub mod metrics;
 pub mod queue;
+pub mod shaping;
+pub mod suppression;
 
 use crate::config::Limits;
 use crate::ingest::Ingest;
 use crate::live::Live;
 use crate::scheduler::Scheduler;
+use crate::shaping::Shaper;
 use auth::Token;
 use axum::extract::State;
 use axum::http::header;
@@ -49,6 +56,7 @@ pub struct AdminState {
     /// Size and recipient limits, applied to injected mail as to SMTP mail; a config reload
     /// replaces them.
     pub limits: Arc<Live<Limits>>,
+    pub shaper: Arc<Shaper>,
     /// `None`: the API is disabled (no `admin.token_file`).
     pub token: Option<Token>,
 }
@@ -73,6 +81,9 @@ fn router(state: AdminState) -> Router {
         .route("/status", get(status))
         .merge(queue::routes())
         .merge(inject::routes())
+        .merge(shaping::routes())
+        .merge(suppression::routes())
+        .merge(events::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.token.clone(),
             auth::require_token,

@@ -1,4 +1,5 @@
-//! `[bounce]` (the operator's rule file) and the bounce rule file format itself, which the
+//! `[bounce]` (the operator's rule file, bounce domains, VERP) and the bounce rule file
+//! format itself, which the
 //! shipped defaults (`config/bounce-rules.toml`) and an operator's file share:
 //!
 //! ```toml
@@ -15,20 +16,87 @@
 
 use std::path::PathBuf;
 
-use super::path;
 use super::reader::{self, string, TableReader};
+use super::{check_dns_name, path};
 use crate::bounce::classify::{Category, Rule, StatusPattern};
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BounceConfig {
     /// Extra classification rules, tried before the shipped ones. Default: none. The file is
     /// read and checked at start (and by `check-config`), like TLS and DKIM files.
     pub rules: Option<PathBuf>,
+    /// Return-path domains (lowercase): RCPT to them is accepted from anyone, without relay
+    /// permission, and such mail goes to bounce processing, never to delivery. Default none.
+    pub domains: Vec<String>,
+    /// VERP for all outgoing mail (a route's `verp` overrides it). Default false.
+    pub verp: bool,
+    /// Local part before the `+token` of VERP senders. Default `"bounces"`.
+    pub verp_local: String,
+    /// File holding the HMAC key that signs VERP tokens (at least 16 bytes; surrounding
+    /// whitespace ignored). Required when VERP is on anywhere.
+    pub verp_key_file: Option<PathBuf>,
 }
 
-pub(super) fn compile_bounce(r: &mut TableReader<'_>) -> BounceConfig {
+impl Default for BounceConfig {
+    fn default() -> Self {
+        BounceConfig {
+            rules: None,
+            domains: Vec::new(),
+            verp: false,
+            verp_local: "bounces".to_owned(),
+            verp_key_file: None,
+        }
+    }
+}
+
+pub(super) fn boolean(v: &toml::Value) -> Result<bool, String> {
+    v.as_bool()
+        .ok_or_else(|| "expected true or false".to_owned())
+}
+
+/// `any_route_verp`: whether some `[[routes]]` entry turns VERP on, which needs the same keys.
+pub(super) fn compile_bounce(r: &mut TableReader<'_>, any_route_verp: bool) -> BounceConfig {
+    let d = BounceConfig::default();
+    let rules = r.get("rules", path);
+    let domains = r
+        .list("domains", |v| {
+            let name = string(v)?;
+            check_dns_name(name).map(|()| name.to_ascii_lowercase())
+        })
+        .unwrap_or_default();
+    let verp = r.get("verp", boolean).unwrap_or(d.verp);
+    let verp_local = r
+        .get("verp_local", |v| {
+            let local = string(v)?;
+            let atext = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*-/=?^_`{|}~.".contains(c);
+            if local.is_empty() || local.len() > 24 || !local.chars().all(atext) {
+                Err("must be 1-24 characters of a plain local part, without '+'".to_owned())
+            } else {
+                Ok(local.to_owned())
+            }
+        })
+        .unwrap_or(d.verp_local);
+    let verp_key_file = r.get("verp_key_file", path);
+    if verp || any_route_verp {
+        if domains.is_empty() {
+            r.error(
+                "domains",
+                "VERP (bounce.verp or a route's verp) needs a bounce domain",
+            );
+        }
+        if verp_key_file.is_none() {
+            r.error(
+                "verp_key_file",
+                "VERP (bounce.verp or a route's verp) needs a key file",
+            );
+        }
+    }
     BounceConfig {
-        rules: r.get("rules", path),
+        rules,
+        domains,
+        verp,
+        verp_local,
+        verp_key_file,
     }
 }
 
@@ -134,5 +202,26 @@ mod tests {
             config.bounce.rules,
             Some(PathBuf::from("/etc/tern/rules.toml"))
         );
+    }
+
+    #[test]
+    fn verp_needs_a_domain_and_a_key() {
+        let err = crate::config::Config::parse(
+            "[[listeners]]\naddress = \"127.0.0.1:2525\"\n[bounce]\nverp = true\nverp_local = \"a+b\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.0,
+            [
+                "bounce.verp_local: must be 1-24 characters of a plain local part, without '+'",
+                "bounce.domains: VERP (bounce.verp or a route's verp) needs a bounce domain",
+                "bounce.verp_key_file: VERP (bounce.verp or a route's verp) needs a key file",
+            ]
+        );
+        let routed = crate::config::Config::parse(
+            "[[listeners]]\naddress = \"127.0.0.1:2525\"\n[[routes]]\ndomain = \"a.test\"\nhosts = [\"127.0.0.1:25\"]\nverp = true\n",
+        )
+        .unwrap_err();
+        assert_eq!(routed.0.len(), 2, "{routed:?}");
     }
 }

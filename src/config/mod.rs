@@ -18,7 +18,10 @@
 
 mod bounce;
 mod delivery;
+mod events;
 mod reader;
+mod sendtime;
+mod shaping;
 mod sidecar;
 
 /// Parses a duration written as in the config file ("30s", "5m", "2h", "1d"); the admin API
@@ -32,6 +35,12 @@ pub use self::bounce::{compile_bounce_rules, BounceConfig};
 pub use self::delivery::{
     DeliveryConfig, DkimConfig, RouteAuth, SmtpTimeouts, TlsPolicy, DEFAULT_DKIM_HEADERS,
     DEFAULT_DKIM_OVERSIGN,
+};
+pub use self::events::{SuppressionConfig, SuppressionMode, WebhookConfig, WebhookUrl};
+pub use self::sendtime::SendTimeConfig;
+pub use self::shaping::{
+    AdaptiveConfig, DomainLimits, LimitsConfig, PoolAddress, PoolConfig, ProviderConfig, Rate,
+    ShapingConfig, WarmupConfig, WhenCapped,
 };
 pub use self::sidecar::{
     BanditConfig, CampaignConfig, ModelConfig, SidecarConfig, SlotConfig, TrackingConfig,
@@ -69,9 +78,19 @@ pub struct Config {
     /// DKIM signing keys, `[[dkim]]`; several per domain allowed.
     pub dkim: Vec<DkimConfig>,
     pub bounce: BounceConfig,
+    pub suppression: SuppressionConfig,
+    /// Event webhooks, `[[webhooks]]`.
+    pub webhooks: Vec<WebhookConfig>,
+    /// `[sendtime]`: send-time optimisation for mail that asks for it.
+    pub sendtime: SendTimeConfig,
     /// `[sidecar]`: campaigns, the content model, tracking, the variant bandit.
     pub sidecar: SidecarConfig,
     pub log: LogConfig,
+    /// Traffic shaping: limits per destination and provider, adaptive backoff, warm-up.
+    pub shaping: ShapingConfig,
+    /// Source-IP pools, `[[pools]]`; names and addresses unique. Empty: connections are not
+    /// bound and use `server.hostname` in EHLO.
+    pub pools: Vec<PoolConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,6 +237,11 @@ pub struct RouteConfig {
     pub tls: Option<TlsPolicy>,
     /// AUTH credentials for a smarthost (sent only over TLS).
     pub auth: Option<RouteAuth>,
+    /// Source-IP pool for mail on this route (unless the message names one); a `[[pools]]`
+    /// name.
+    pub pool: Option<String>,
+    /// VERP for mail on this route; `None` means `bounce.verp`.
+    pub verp: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -316,9 +340,23 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
     let limits = r.section("limits", compile_limits);
     let spool = r.section("spool", compile_spool);
     let admin = r.section("admin", |r| compile_admin(r, &listener_paths));
+    let mut pool_names = HashMap::new();
+    let mut pool_addresses = HashMap::new();
+    let pools: Vec<PoolConfig> = r
+        .tables("pools", |r| {
+            shaping::compile_pool(r, &mut pool_names, &mut pool_addresses)
+        })
+        .into_iter()
+        .flatten()
+        .collect();
+    if pools.iter().filter(|p| p.default).count() > 1 {
+        r.error("pools", "at most one pool may have default = true");
+    }
     let mut route_paths = HashMap::new();
-    let routes = r
-        .tables("routes", |r| compile_route(r, &mut route_paths))
+    let routes: Vec<RouteConfig> = r
+        .tables("routes", |r| {
+            compile_route(r, &mut route_paths, &pool_names)
+        })
         .into_iter()
         .flatten()
         .collect();
@@ -328,9 +366,18 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
         .into_iter()
         .flatten()
         .collect();
-    let bounce = r.section("bounce", bounce::compile_bounce);
+    let any_route_verp = routes.iter().any(|r| r.verp == Some(true));
+    let bounce = r.section("bounce", |r| bounce::compile_bounce(r, any_route_verp));
+    let suppression = r.section("suppression", events::compile_suppression);
+    let webhooks = r
+        .tables("webhooks", events::compile_webhook)
+        .into_iter()
+        .flatten()
+        .collect();
+    let sendtime = r.section("sendtime", sendtime::compile_sendtime);
     let sidecar = r.section("sidecar", sidecar::compile_sidecar);
     let log = r.section("log", compile_log);
+    let shaping = r.section("shaping", shaping::compile_shaping);
 
     Config {
         server,
@@ -345,8 +392,13 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
         delivery,
         dkim,
         bounce,
+        suppression,
+        webhooks,
+        sendtime,
         sidecar,
         log,
+        shaping,
+        pools,
     }
 }
 
@@ -536,9 +588,11 @@ fn compile_admin(r: &mut TableReader<'_>, listeners: &HashMap<SocketAddr, String
 }
 
 /// `domains` maps each (lowercased) domain seen so far to the key path that declared it.
+/// `pools` holds the `[[pools]]` names a route may refer to.
 fn compile_route(
     r: &mut TableReader<'_>,
     domains: &mut HashMap<String, String>,
+    pools: &HashMap<String, String>,
 ) -> Option<RouteConfig> {
     let domain = r.require("domain", |v| match string(v)? {
         "*" => Ok("*".to_owned()),
@@ -549,6 +603,17 @@ fn compile_route(
     let auth = r
         .optional_section("auth", delivery::compile_route_auth)
         .flatten();
+    let pool = r.get("pool", |v| {
+        let name = string(v)?;
+        if pools.contains_key(name) {
+            Ok(name.to_owned())
+        } else {
+            Err(format!(
+                "unknown pool {name:?} (no [[pools]] entry has that name)"
+            ))
+        }
+    });
+    let verp = r.get("verp", bounce::boolean);
     let domain = domain?;
     if let Some(first) = domains.get(&domain) {
         let msg = format!("duplicate route for {domain:?} (already defined by {first})");
@@ -561,6 +626,8 @@ fn compile_route(
         hosts: hosts?,
         tls,
         auth,
+        pool,
+        verp,
     })
 }
 
@@ -750,11 +817,25 @@ mod tests {
                 hosts: vec!["127.0.0.1:2526".to_owned()],
                 tls: None,
                 auth: None,
+                pool: None,
+                verp: None,
             }]
         );
         assert_eq!(config.delivery, DeliveryConfig::default());
         assert!(config.dkim.is_empty());
         assert_eq!(config.bounce, BounceConfig::default());
+        assert_eq!(config.suppression, SuppressionConfig::default());
+        assert!(config.webhooks.is_empty());
+        assert_eq!(
+            config.sendtime,
+            SendTimeConfig {
+                window: Duration::from_secs(86_400),
+                quiet_hours: Some((22, 7)),
+                control_share: 0.1,
+                refit_interval: Duration::from_secs(3600),
+                dormant_after: Duration::from_secs(180 * 86_400),
+            }
+        );
         let sidecar = &config.sidecar;
         let model = sidecar.model.as_ref().unwrap();
         assert_eq!(model.base_url, "http://127.0.0.1:8080/v1");
@@ -793,6 +874,31 @@ mod tests {
         let variants: Vec<_> = winback.variants.iter().map(|v| v.id.as_str()).collect();
         assert_eq!(variants, ["plain", "question"]);
         assert_eq!(config.log, LogConfig::default());
+        assert_eq!(config.shaping, ShapingConfig::default());
+        assert_eq!(config.shaping.providers.len(), 4, "the built-in providers");
+        assert!(config.pools.is_empty());
+    }
+
+    #[test]
+    fn sendtime_errors_name_their_keys() {
+        let text = format!(
+            "{MINIMAL}\n[sendtime]\nwindow = \"8d\"\nquiet_hours = \"22-25\"\ncontrol_share = 1.5\nrefit_interval = \"0s\"\ndormant_after = 3\n"
+        );
+        let errors = errors(&text);
+        for key in [
+            "sendtime.window",
+            "sendtime.quiet_hours",
+            "sendtime.control_share",
+            "sendtime.refit_interval",
+            "sendtime.dormant_after",
+        ] {
+            assert!(
+                errors.iter().any(|e| e.starts_with(key)),
+                "{key}: {errors:?}"
+            );
+        }
+        let none = format!("{MINIMAL}\n[sendtime]\nquiet_hours = \"none\"\n");
+        assert_eq!(Config::parse(&none).unwrap().sendtime.quiet_hours, None);
     }
 
     #[test]

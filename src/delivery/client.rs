@@ -544,6 +544,9 @@ pub struct Connection {
     capabilities: Capabilities,
     messages_sent: usize,
     reusable: bool,
+    /// Held for as long as the connection lives (a shaping connection slot), idle in the pool
+    /// included.
+    hold: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 /// Opens a connection to `target`. Under `TlsPolicy::Opportunistic`, a failed TLS handshake
@@ -553,6 +556,16 @@ pub async fn connect(
     settings: &ClientSettings,
     broken: &BrokenTls,
 ) -> Result<Connection, AttemptError> {
+    connect_as(target, settings, broken, &settings.ehlo_name).await
+}
+
+/// [`connect`] with another EHLO name (the one of a pool's source address).
+pub async fn connect_as(
+    target: &Target<'_>,
+    settings: &ClientSettings,
+    broken: &BrokenTls,
+    ehlo_name: &str,
+) -> Result<Connection, AttemptError> {
     if target.auth.is_some() && target.tls == TlsPolicy::Disabled {
         return Err(AttemptError::AuthWithoutTls);
     }
@@ -561,10 +574,10 @@ pub async fn connect(
         TlsPolicy::Required => true,
         TlsPolicy::Opportunistic => !broken.is_broken(target.host),
     };
-    match open(target, settings, try_tls).await {
+    match open(target, settings, try_tls, ehlo_name).await {
         Err(AttemptError::Tls { .. }) if target.tls == TlsPolicy::Opportunistic => {
             broken.mark(target.host);
-            open(target, settings, false).await
+            open(target, settings, false, ehlo_name).await
         }
         result => result,
     }
@@ -574,6 +587,7 @@ async fn open(
     target: &Target<'_>,
     settings: &ClientSettings,
     try_tls: bool,
+    ehlo_name: &str,
 ) -> Result<Connection, AttemptError> {
     let t = &settings.timeouts;
     let tcp = tokio::time::timeout(t.connect, tcp_connect(target.addr, target.source))
@@ -602,7 +616,7 @@ async fn open(
             reply: greeting.into(),
         });
     }
-    let mut ehlo = hello(&mut plain, &settings.ehlo_name, t.ehlo).await?;
+    let mut ehlo = hello(&mut plain, ehlo_name, t.ehlo).await?;
     let mut capabilities = ehlo
         .as_ref()
         .map(Capabilities::from_ehlo)
@@ -636,7 +650,7 @@ async fn open(
                     timeout: t.ehlo,
                 };
                 // RFC 3207 4.2: forget what was learnt before TLS and ask again.
-                ehlo = hello(&mut client, &settings.ehlo_name, t.ehlo).await?;
+                ehlo = hello(&mut client, ehlo_name, t.ehlo).await?;
                 capabilities = ehlo
                     .as_ref()
                     .map(Capabilities::from_ehlo)
@@ -669,6 +683,7 @@ async fn open(
         capabilities,
         messages_sent: 0,
         reusable: true,
+        hold: None,
     };
     if let Some((user, password)) = target.auth {
         if conn.tls.is_none() {
@@ -769,6 +784,19 @@ impl Connection {
 
     pub fn source(&self) -> Option<IpAddr> {
         self.source
+    }
+
+    /// Keeps `value` until the connection is dropped.
+    pub fn hold(&mut self, value: Box<dyn std::any::Any + Send + Sync>) {
+        self.hold = Some(value);
+    }
+
+    pub fn held(&self) -> Option<&(dyn std::any::Any + Send + Sync)> {
+        self.hold.as_deref()
+    }
+
+    pub fn take_held(&mut self) -> Option<Box<dyn std::any::Any + Send + Sync>> {
+        self.hold.take()
     }
 
     pub fn capabilities(&self) -> &Capabilities {

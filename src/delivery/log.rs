@@ -42,6 +42,10 @@ pub enum AttemptOutcome {
     Expired,
     /// Removed by the operator without a DSN (`POST /api/v1/queue/delete`); not an attempt.
     Deleted,
+    /// A complaint (ARF report) about mail to this recipient came back; not an attempt.
+    Complaint,
+    /// Refused or dropped because the recipient is on the suppression list; not an attempt.
+    Suppressed,
 }
 
 /// One log line. Absent values are written as `null`, so every line has every key.
@@ -124,6 +128,11 @@ impl DeliveryLog {
         Ok(DeliveryLog {
             shared: Some(shared),
         })
+    }
+
+    /// A log that writes nothing.
+    pub fn disabled() -> DeliveryLog {
+        DeliveryLog { shared: None }
     }
 
     /// Queues one line for `rec`. Never blocks: with the writer behind, the line is dropped

@@ -117,6 +117,25 @@ impl Pool {
         quit_all(expired).await;
     }
 
+    /// Takes every idle connection `which` selects out of the pool and QUITs them on a task
+    /// of their own (a shaping cap needs their places back).
+    pub fn evict(&self, which: impl Fn(&Connection) -> bool) {
+        let mut evicted = Vec::new();
+        {
+            let mut idle = self.lock();
+            for list in idle.values_mut() {
+                let (out, keep): (Vec<Idle>, Vec<Idle>) =
+                    list.drain(..).partition(|i| which(&i.conn));
+                *list = keep;
+                evicted.extend(out.into_iter().map(|i| i.conn));
+            }
+            idle.retain(|_, list| !list.is_empty());
+        }
+        if !evicted.is_empty() {
+            tokio::spawn(quit_all(evicted));
+        }
+    }
+
     /// QUITs every idle connection (shutdown).
     pub async fn close_all(&self) {
         let all: Vec<Connection> = self

@@ -19,6 +19,7 @@ use crate::delivery::pool::Pool;
 use crate::delivery::route::{RouteError, RoutePlan, Router};
 use crate::ingest::TlsInfo;
 use crate::live::Live;
+use crate::verp::Verp;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -54,11 +55,52 @@ pub struct Attempt {
     pub tls: Option<TlsInfo>,
 }
 
+/// Where new connections come from: the local address to bind, its EHLO name, and what a
+/// new connection holds for as long as it lives (a shaping connection slot).
+#[derive(Default)]
+pub struct Outbound {
+    pub source: Option<IpAddr>,
+    pub ehlo: Option<String>,
+    pub hold: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
 pub struct Worker {
     router: Arc<Router>,
     pool: Arc<Pool>,
     settings: Live<AttemptSettings>,
     broken_tls: BrokenTls,
+    /// VERP senders and where they apply; `None`: never.
+    verp: Live<Option<VerpPolicy>>,
+}
+
+/// Which mail gets VERP senders: `bounce.verp`, overridden per static route (`routes[].verp`;
+/// a route's plan key is `route:<domain>`).
+#[derive(Clone, Debug)]
+pub struct VerpPolicy {
+    pub verp: Verp,
+    pub global: bool,
+    pub routes: HashMap<String, bool>,
+}
+
+impl VerpPolicy {
+    pub fn from_config(verp: Verp, config: &crate::config::Config) -> VerpPolicy {
+        VerpPolicy {
+            verp,
+            global: config.bounce.verp,
+            routes: config
+                .routes
+                .iter()
+                .filter_map(|r| Some((r.domain.clone(), r.verp?)))
+                .collect(),
+        }
+    }
+
+    fn applies(&self, plan_key: &str) -> bool {
+        plan_key
+            .strip_prefix("route:")
+            .and_then(|domain| self.routes.get(domain).copied())
+            .unwrap_or(self.global)
+    }
 }
 
 /// What a config reload may change about attempts.
@@ -86,7 +128,13 @@ impl Worker {
                 passwords,
             }),
             broken_tls: BrokenTls::new(config.broken_tls_retry),
+            verp: Live::new(None),
         }
+    }
+
+    /// Sets (or replaces, on reload: route overrides are live) the VERP policy.
+    pub fn set_verp(&self, policy: Option<VerpPolicy>) {
+        self.verp.set(policy);
     }
 
     /// Applies a reloaded `[delivery]` (timeouts, connection reuse, broken-TLS memory) and
@@ -112,6 +160,7 @@ impl Worker {
         body: &[u8],
         plan: &RoutePlan,
         connection: &mut Option<Connection>,
+        mut outbound: Outbound,
     ) -> Attempt {
         let pending: Vec<(usize, Recipient)> = env
             .recipients
@@ -123,9 +172,62 @@ impl Worker {
         if pending.is_empty() {
             return Attempt::default();
         }
+        // VERP: one transaction per recipient, each with its own sender, over the same
+        // connection while it stays usable. The null sender (DSNs) is never rewritten.
+        let verp = self.verp.get();
+        if let Some(policy) =
+            Option::as_ref(&verp).filter(|p| !env.sender.is_empty() && p.applies(&plan.key))
+        {
+            let mut total = Attempt::default();
+            for (index, rcpt) in pending {
+                let sender = policy.verp.sender(env.id, index as u16, &rcpt.address);
+                let one = self
+                    .attempt_as(
+                        env,
+                        body,
+                        plan,
+                        connection,
+                        &mut outbound,
+                        &sender,
+                        vec![(index, rcpt)],
+                    )
+                    .await;
+                total.outcomes.extend(one.outcomes);
+                total.host = one.host.or(total.host);
+                total.addr = one.addr.or(total.addr);
+                total.source = one.source.or(total.source);
+                total.tls = one.tls.or(total.tls);
+            }
+            return total;
+        }
+        self.attempt_as(
+            env,
+            body,
+            plan,
+            connection,
+            &mut outbound,
+            &env.sender,
+            pending,
+        )
+        .await
+    }
+
+    /// One transaction from `sender` to the `pending` recipients.
+    // The attempt's parts, passed through from `attempt`.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt_as(
+        &self,
+        env: &Envelope,
+        body: &[u8],
+        plan: &RoutePlan,
+        connection: &mut Option<Connection>,
+        outbound: &mut Outbound,
+        sender: &str,
+        pending: Vec<(usize, Recipient)>,
+    ) -> Attempt {
         let recipients: Vec<Recipient> = pending.iter().map(|(_, r)| r.clone()).collect();
         let message = OutboundMessage {
-            sender: &env.sender,
+            sender,
             recipients: &recipients,
             env_id: env.env_id.as_deref(),
             ret: env.ret,
@@ -141,7 +243,7 @@ impl Worker {
         loop {
             let conn = match connection.take() {
                 Some(conn) => conn,
-                None => match self.connect(plan, &settings).await {
+                None => match self.connect(plan, &settings, outbound).await {
                     Ok(conn) => conn,
                     Err(failure) => return failure.for_all(&pending),
                 },
@@ -179,6 +281,10 @@ impl Worker {
                 Err(err) if reused && !err.is_permanent() => {
                     debug!(host = conn.host(), error = %err, "reused connection failed; reconnecting");
                     reused = false;
+                    // Its replacement takes over its shaping slot.
+                    if outbound.hold.is_none() {
+                        outbound.hold = conn.take_held();
+                    }
                 }
                 Err(err) => {
                     let failure = Failure::from_attempt_error(&err);
@@ -187,6 +293,11 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Closes idle pooled connections that `which` selects.
+    pub fn evict_idle(&self, which: impl Fn(&Connection) -> bool) {
+        self.pool.evict(which);
     }
 
     /// Returns a worker's connection to the pool when the worker stops.
@@ -200,6 +311,7 @@ impl Worker {
         &self,
         plan: &RoutePlan,
         settings: &AttemptSettings,
+        outbound: &mut Outbound,
     ) -> Result<Connection, Failure> {
         let password = plan.auth.as_ref().and_then(|a| {
             settings
@@ -222,15 +334,24 @@ impl Worker {
                 let target = Target {
                     host: &hop.name,
                     addr,
-                    source: None,
+                    source: outbound.source,
                     tls: plan.tls,
                     auth: password,
                 };
                 if let Some(conn) = self.pool.take(&target) {
                     return Ok(conn);
                 }
-                match client::connect(&target, &settings.client, &self.broken_tls).await {
-                    Ok(conn) => return Ok(conn),
+                let ehlo = outbound
+                    .ehlo
+                    .as_deref()
+                    .unwrap_or(&settings.client.ehlo_name);
+                match client::connect_as(&target, &settings.client, &self.broken_tls, ehlo).await {
+                    Ok(mut conn) => {
+                        if let Some(hold) = outbound.hold.take() {
+                            conn.hold(hold);
+                        }
+                        return Ok(conn);
+                    }
                     Err(err) => {
                         debug!(host = %hop.name, %addr, error = %err, "connect failed");
                         let try_next = err.try_next_host();
@@ -343,5 +464,31 @@ impl Failure {
                 .collect(),
             ..Attempt::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_route_override_beats_the_global_switch() {
+        let config = crate::config::Config::parse(
+            "[[listeners]]\naddress = \"127.0.0.1:2525\"\n\
+             [[routes]]\ndomain = \"on.test\"\nhosts = [\"127.0.0.1:25\"]\nverp = true\n\
+             [[routes]]\ndomain = \"off.test\"\nhosts = [\"127.0.0.1:25\"]\nverp = false\n\
+             [bounce]\ndomains = [\"b.test\"]\nverp_key_file = \"/k\"\n",
+        )
+        .unwrap();
+        let policy = VerpPolicy::from_config(Verp::new(&[7; 16], "bounces", "b.test"), &config);
+        assert!(policy.applies("route:on.test"));
+        assert!(!policy.applies("route:off.test"));
+        assert!(!policy.applies("mx:mx.example.test"), "bounce.verp is off");
+        let global = VerpPolicy {
+            global: true,
+            ..policy
+        };
+        assert!(!global.applies("route:off.test"));
+        assert!(global.applies("mx:mx.example.test"));
     }
 }

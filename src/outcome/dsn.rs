@@ -545,6 +545,8 @@ mod tests {
             held: false,
             delay_notified: false,
             parked: false,
+            pool: None,
+            not_before_ms: 0,
         }
     }
 

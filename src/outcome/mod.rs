@@ -15,6 +15,9 @@
 //! - Never a DSN for a message with a null sender.
 //! - An outcome is written only to the envelope still stored, under the message's lock: a
 //!   message deleted or bounced during its attempt stays gone and gets no second DSN.
+//! - Each outcome is an event (`crate::events`), queued before the spool write like the
+//!   DSNs; a permanent failure classified hard (or of a soft suppression category) adds the
+//!   recipient to the suppression list first.
 
 pub mod dsn;
 pub mod operator;
@@ -27,6 +30,7 @@ use crate::config::DeliveryConfig;
 use crate::delivery::log::{AttemptOutcome, AttemptRecord, DeliveryLog};
 use crate::delivery::route::{RouteError, RoutePlan};
 use crate::delivery::worker::{Attempt, Failure, Verdict};
+use crate::events::{Event, Kind as EventKind};
 use crate::ingest::{Ingest, Submission};
 use crate::live::Live;
 use dsn::{Action, DsnRecipient, DsnRequest};
@@ -209,6 +213,9 @@ impl Settler {
             }
         }
 
+        let feedback = self.ingest.feedback();
+        let mut events = Vec::with_capacity(attempt.outcomes.len());
+        let mut suppress = Vec::new();
         for outcome in &attempt.outcomes {
             let rcpt = &env.recipients[outcome.index];
             let result = match rcpt.state {
@@ -224,6 +231,7 @@ impl Settler {
                     attempt.tls.is_some(),
                 );
             }
+            let category = self.category(result, &outcome.status, &outcome.reply);
             self.log.record(&AttemptRecord {
                 ts: UNIX_EPOCH + Duration::from_millis(now),
                 id: env.id,
@@ -240,8 +248,39 @@ impl Settler {
                 attempt: rcpt.attempts,
                 delay_s: now.saturating_sub(env.created_ms) as f64 / 1000.0,
                 destination,
-                category: self.category(result, &outcome.status, &outcome.reply),
+                category,
             });
+            let mut event = Event::new(event_kind(result), &rcpt.address, "delivery");
+            event.id = Some(env.id);
+            event.queue_id = Some(env.queue_id);
+            event.sender = Some(env.sender.clone());
+            event.status = Some(outcome.status.clone());
+            event.category = category;
+            event.detail = Some(outcome.reply.clone());
+            if result == AttemptOutcome::Bounced {
+                // A synchronous 5xx classified hard (e.g. 5.1.1 user unknown) suppresses the
+                // address, as an asynchronous bounce would.
+                let category = category.unwrap_or(Category::Other);
+                let hard = category.is_hard(Some(&outcome.status));
+                event.hard = Some(hard);
+                let source = Some(env.queue_id.to_string());
+                if let Some(entry) = feedback.suppressions.entry_for(
+                    &rcpt.address,
+                    category,
+                    hard,
+                    true,
+                    source,
+                    now,
+                ) {
+                    let mut s = Event::new(EventKind::Suppressed, &rcpt.address, "delivery");
+                    s.id = Some(env.id);
+                    s.queue_id = Some(env.queue_id);
+                    s.category = Some(category);
+                    s.detail = Some(format!("added to the suppression list ({category})"));
+                    suppress.push((entry, s));
+                }
+            }
+            events.push(event);
         }
 
         // From here on the stored envelope is what counts: the operator may have acted on the
@@ -273,6 +312,17 @@ impl Settler {
             return None;
         }
 
+        // Before the spool write: a crash after it would otherwise lose them; a crash before
+        // it repeats the attempt and its events (at least once).
+        if !suppress.is_empty() {
+            let (entries, added): (Vec<_>, Vec<_>) = suppress.into_iter().unzip();
+            match feedback.suppressions.add(entries).await {
+                Ok(()) => events.extend(added),
+                Err(err) => warn!(id = %env.id, error = %err, "cannot update the suppression list"),
+            }
+        }
+        feedback.events.emit(events).await;
+
         let done = env
             .recipients
             .iter()
@@ -299,7 +349,10 @@ impl Settler {
     /// whatever the last reply said.
     fn category(&self, result: AttemptOutcome, status: &str, reply: &str) -> Option<Category> {
         match result {
-            AttemptOutcome::Delivered | AttemptOutcome::Deleted => None,
+            AttemptOutcome::Delivered | AttemptOutcome::Deleted | AttemptOutcome::Suppressed => {
+                None
+            }
+            AttemptOutcome::Complaint => Some(Category::Complaint),
             AttemptOutcome::Expired => Some(Category::Expired),
             AttemptOutcome::Deferred | AttemptOutcome::Bounced => {
                 let basic = crate::bounce::classify::basic_in(reply.get(..4).unwrap_or(reply));
@@ -396,6 +449,17 @@ impl Settler {
 }
 
 /// The destination named in the delivery log for mail that could not be routed.
+fn event_kind(result: AttemptOutcome) -> EventKind {
+    match result {
+        AttemptOutcome::Delivered => EventKind::Delivered,
+        AttemptOutcome::Deferred => EventKind::Deferred,
+        AttemptOutcome::Expired => EventKind::Expired,
+        AttemptOutcome::Complaint => EventKind::Complaint,
+        AttemptOutcome::Suppressed => EventKind::Suppressed,
+        AttemptOutcome::Bounced | AttemptOutcome::Deleted => EventKind::Bounced,
+    }
+}
+
 fn env_destination(err: &RouteError) -> String {
     match err {
         RouteError::Permanent { .. } => "unroutable".to_string(),

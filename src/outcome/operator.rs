@@ -83,7 +83,7 @@ impl Settler {
         .await
     }
 
-    /// Releases a held message; it is due at once.
+    /// Releases a held message; it is due at once (not before its `not_before_ms`).
     pub async fn release(&self, id: MessageId) -> Result<bool, SpoolError> {
         let now = now_ms();
         self.modify(id, |env| {
@@ -91,20 +91,23 @@ impl Settler {
                 return false;
             }
             env.held = false;
-            env.next_due_ms = now;
+            env.next_due_ms = now.max(env.not_before_ms);
             true
         })
         .await
     }
 
     /// Makes a deferred (or parked) message due now. Held mail stays held: release it.
+    /// A message scheduled for later (`not_before_ms`) stays scheduled: "retry" is about
+    /// failed attempts, and sending before the chosen time would defeat the schedule.
     pub async fn retry_now(&self, id: MessageId) -> Result<bool, SpoolError> {
         let now = now_ms();
         self.modify(id, |env| {
-            if env.held || env.next_due_ms <= now {
+            let due = now.max(env.not_before_ms);
+            if env.held || env.next_due_ms <= due {
                 return false;
             }
-            env.next_due_ms = now;
+            env.next_due_ms = due;
             env.parked = false;
             true
         })
@@ -133,7 +136,7 @@ impl Settler {
                 return false;
             }
             env.parked = false;
-            env.next_due_ms = now;
+            env.next_due_ms = now.max(env.not_before_ms);
             true
         })
         .await

@@ -40,16 +40,18 @@ pub use suspend::{Suspension, Suspensions};
 use crate::admin::metrics::Metrics;
 use crate::clock::now_ms;
 use crate::config::DeliveryConfig;
+use crate::delivery::client::Connection;
 use crate::delivery::route::{RoutePlan, Router};
-use crate::delivery::worker::Worker;
+use crate::delivery::worker::{Outbound, Worker};
 use crate::live::Live;
 use crate::outcome::operator::NOT_DUE;
 use crate::outcome::Settler;
+use crate::shaping::{Admission, ConnSlot, Lane, Pair, Shaper};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
-use tern_queue::{MessageId, Spool, SpoolError};
+use tern_queue::{Envelope, MessageId, Spool, SpoolError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -78,11 +80,15 @@ pub enum Operation {
     Delete,
 }
 
-/// A message that was just committed: its id and recipient domain.
+/// A message that was just committed: its id, recipient domain and first due time.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
     pub id: MessageId,
     pub domain: String,
+    /// The source-IP pool recorded at ingest, if any.
+    pub pool: Option<String>,
+    /// Its `next_due_ms`: later than now when it is held until a `not_before` time.
+    pub due_ms: u64,
 }
 
 #[derive(Clone)]
@@ -95,6 +101,7 @@ struct Inner {
     router: Arc<Router>,
     worker: Arc<Worker>,
     settler: Arc<Settler>,
+    shaper: Arc<Shaper>,
     config: Live<DeliveryConfig>,
     metrics: Arc<Metrics>,
     state: Mutex<State>,
@@ -121,11 +128,14 @@ struct State {
 impl Scheduler {
     /// Loads the stored suspensions and starts the due loader, the new-mail intake and the
     /// watchdog.
+    // One argument per collaborator; wired once, by the daemon.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         spool: Spool,
         router: Arc<Router>,
         worker: Arc<Worker>,
         settler: Arc<Settler>,
+        shaper: Arc<Shaper>,
         config: DeliveryConfig,
         metrics: Arc<Metrics>,
         new_mail: mpsc::UnboundedReceiver<Vec<NewMessage>>,
@@ -137,6 +147,7 @@ impl Scheduler {
             router,
             worker,
             settler,
+            shaper,
             config: Live::new(config),
             metrics,
             state: Mutex::new(State::default()),
@@ -215,9 +226,15 @@ impl Scheduler {
                 // Durable already; the due loader finds it once delivery resumes.
                 continue;
             }
+            let now = now_ms();
             for msg in batch {
+                if msg.due_ms > now {
+                    // Scheduled for later (send-time optimisation): it waits in the spool's
+                    // due index like deferred mail, and the loader takes it in when due.
+                    continue;
+                }
                 if self.state().in_memory.insert(msg.id) {
-                    self.spawn_route(msg.id, msg.domain);
+                    self.spawn_route(msg.id, msg.domain, msg.pool);
                 }
             }
         }
@@ -227,24 +244,36 @@ impl Scheduler {
     /// mail for other domains.
     /// At most [`MAX_ROUTING`] run at once, so a backlog that falls due together (after a
     /// restart, say) does not fire a DNS query per message all at the same moment.
-    fn spawn_route(&self, id: MessageId, domain: String) {
+    fn spawn_route(&self, id: MessageId, domain: String, pool: Option<String>) {
         let s = self.clone();
         self.inner.tasks.spawn(async move {
             // The semaphore is never closed, so acquiring cannot fail.
             let _slot = s.inner.routing.acquire().await;
-            s.route(id, &domain).await
+            s.route(id, &domain, pool.as_deref()).await
         });
     }
 
     /// Routes a message that is in memory and due, and puts it on its ready queue. A routing
     /// failure is an outcome like any other: the settler defers or bounces the message.
-    async fn route(&self, id: MessageId, domain: &str) {
+    /// The ready queue is the destination key, prefixed by the source-IP pool when pools are
+    /// configured, so pools never share connections.
+    async fn route(&self, id: MessageId, domain: &str, pool: Option<&str>) {
         if self.hold_back(id, domain).await {
             self.release(id);
             return;
         }
         match self.inner.router.plan(domain).await {
-            Ok(plan) => self.enqueue(id, plan),
+            Ok(plan) => {
+                let shaper = &self.inner.shaper;
+                let pool = shaper.pools().resolve(pool, domain);
+                let lane = shaper.lane(&pool, domain, &plan);
+                let key = if shaper.pools().configured() {
+                    format!("{}/{}", pool.name, plan.key)
+                } else {
+                    plan.key.clone()
+                };
+                self.enqueue(id, plan, key, lane)
+            }
             Err(err) => {
                 debug!(%id, domain, error = %err, "routing failed");
                 let next_due = self.inner.settler.route_failed(id, &err).await;
@@ -253,13 +282,13 @@ impl Scheduler {
         }
     }
 
-    fn enqueue(&self, id: MessageId, plan: RoutePlan) {
+    fn enqueue(&self, id: MessageId, plan: RoutePlan, key: String, lane: Arc<Lane>) {
         let mut state = self.state();
-        let key = plan.key.clone();
         let queue = state
             .queues
             .entry(key.clone())
             .or_insert_with(|| ReadyQueue::new(key.clone()));
+        queue.lane = Some(lane);
         queue.push(id, plan);
         let max = self.inner.config.get().max_connections_per_destination;
         let spawn = queue.workers_wanted(max);
@@ -279,6 +308,9 @@ impl Scheduler {
 
     /// One worker: delivers messages from one ready queue over one connection at a time.
     async fn work(&self, key: String) {
+        let lane = self.state().queues.get(&key).and_then(|q| q.lane.clone());
+        // The shaping pair (source, bucket) the current connection belongs to.
+        let mut pair: Option<Arc<Pair>> = None;
         let mut connection = None;
         let mut settling: Option<tokio::task::JoinHandle<()>> = None;
         loop {
@@ -303,7 +335,11 @@ impl Scheduler {
             let Some((id, plan)) = next else { break };
             let mut stored = self.inner.spool.envelope(id);
             if let Ok(Some(envelope)) = &stored {
-                if envelope.held || self.hold_back(id, &envelope.destination).await {
+                // Not before its scheduled time, whichever path brought it here.
+                if envelope.held
+                    || envelope.not_before_ms > now_ms()
+                    || self.hold_back(id, &envelope.destination).await
+                {
                     stored = Ok(None);
                 }
             }
@@ -315,13 +351,48 @@ impl Scheduler {
                         if let Some(previous) = settling.take() {
                             let _ = previous.await;
                         }
+                        let outbound = match &lane {
+                            // Shutdown does not wait for a shaping wait: the message stays
+                            // due in the spool.
+                            Some(lane) => tokio::select! {
+                                shaped = self.shape(&key, lane, &mut pair, &mut connection) => shaped,
+                                _ = self.inner.shutdown.cancelled() => {
+                                    self.release(id);
+                                    continue;
+                                }
+                            },
+                            None => Ok(Outbound::default()),
+                        };
+                        let outbound = match outbound {
+                            Ok(outbound) => outbound,
+                            Err(due) => {
+                                self.put_back(envelope, due).await;
+                                if let Some(q) = self.state().queues.get_mut(&key) {
+                                    q.progressed();
+                                }
+                                continue;
+                            }
+                        };
                         let started = Instant::now();
-                        let attempt = self
+                        let mut attempt = self
                             .inner
                             .worker
-                            .attempt(&envelope, &body, &plan, &mut connection)
+                            .attempt(&envelope, &body, &plan, &mut connection, outbound)
                             .await;
                         self.inner.metrics.delivery_attempt(started.elapsed());
+                        if let Some(pair) = &pair {
+                            self.inner.shaper.observe(pair, &mut attempt);
+                            let max = pair.max_messages_per_connection();
+                            if connection
+                                .as_ref()
+                                .zip(max)
+                                .is_some_and(|(c, max)| c.messages_sent() >= max)
+                            {
+                                if let Some(conn) = connection.take() {
+                                    conn.quit().await;
+                                }
+                            }
+                        }
                         // The outcome is recorded on a task of its own, so this worker's
                         // connection carries the next message while the spool write waits
                         // for its fsync round. The id stays in memory until the write is
@@ -361,6 +432,84 @@ impl Scheduler {
         }
         if let Some(conn) = connection {
             self.inner.worker.park(conn).await;
+        }
+    }
+
+    /// Shaping before one message: picks the pair for a new connection, waits for its rate
+    /// and suspension, and for a connection slot when a connection must be opened. `Err` is
+    /// the due time to put the message back on (a long wait, or a warm-up cap).
+    async fn shape(
+        &self,
+        key: &str,
+        lane: &Lane,
+        pair: &mut Option<Arc<Pair>>,
+        connection: &mut Option<Connection>,
+    ) -> Result<Outbound, u64> {
+        let shaper = &self.inner.shaper;
+        loop {
+            let p = match pair {
+                Some(p) if connection.is_some() => p.clone(),
+                _ => {
+                    let p = lane.choose();
+                    *pair = Some(p.clone());
+                    p
+                }
+            };
+            self.shaping_wait(key, true);
+            let admission = shaper.admit(lane, &p).await;
+            self.shaping_wait(key, false);
+            match admission {
+                Admission::Go => {}
+                Admission::SwitchTo(other) => {
+                    if let Some(conn) = connection.take() {
+                        self.inner.worker.park(conn).await;
+                    }
+                    *pair = Some(other.0);
+                    continue;
+                }
+                Admission::Later(due) => return Err(due),
+            }
+            let hold: Option<Box<dyn std::any::Any + Send + Sync>> = if connection.is_none() {
+                self.shaping_wait(key, true);
+                let worker = &self.inner.worker;
+                let slot = shaper
+                    .open_slot(&p, |pair| {
+                        worker.evict_idle(|c| {
+                            c.held()
+                                .and_then(|h| h.downcast_ref::<ConnSlot>())
+                                .is_some_and(|s| Arc::ptr_eq(s.pair(), pair))
+                        })
+                    })
+                    .await;
+                self.shaping_wait(key, false);
+                Some(Box::new(slot))
+            } else {
+                None
+            };
+            return Ok(Outbound {
+                source: p.source.ip,
+                ehlo: p.source.ehlo.clone(),
+                hold,
+            });
+        }
+    }
+
+    fn shaping_wait(&self, key: &str, waiting: bool) {
+        if let Some(q) = self.state().queues.get_mut(key) {
+            q.shaping_wait(waiting);
+        }
+    }
+
+    /// Puts a message that shaping holds back on a due time; not an attempt.
+    async fn put_back(&self, mut envelope: Envelope, due: u64) {
+        let id = envelope.id;
+        envelope.next_due_ms = due;
+        match self.inner.spool.update(&envelope).await {
+            Ok(()) => self.reschedule(id, Some(due)),
+            Err(err) => {
+                warn!(%id, error = %err, "cannot put back a message held by shaping");
+                self.release(id);
+            }
         }
     }
 
@@ -412,7 +561,7 @@ impl Scheduler {
                             self.release(id);
                         }
                     }
-                    Ok(Some(env)) if !env.held => self.spawn_route(id, env.destination),
+                    Ok(Some(env)) if !env.held => self.spawn_route(id, env.destination, env.pool),
                     Ok(_) => self.release(id),
                     Err(err) => {
                         warn!(%id, error = %err, "cannot read envelope");

@@ -2,7 +2,9 @@
 //! of workers serving it and when it last made progress (for the watchdog).
 
 use crate::delivery::route::RoutePlan;
+use crate::shaping::Lane;
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tern_queue::MessageId;
 
@@ -14,6 +16,11 @@ pub struct ReadyQueue {
     messages: VecDeque<MessageId>,
     workers: usize,
     last_progress: Instant,
+    /// The shaping lane (pool, bucket) of this queue's mail.
+    pub lane: Option<Arc<Lane>>,
+    /// Workers now waiting for shaping (rate, suspension, connection slot): a queue slow only
+    /// because of them is not stuck.
+    shaping_waits: usize,
 }
 
 impl ReadyQueue {
@@ -24,6 +31,8 @@ impl ReadyQueue {
             messages: VecDeque::new(),
             workers: 0,
             last_progress: Instant::now(),
+            lane: None,
+            shaping_waits: 0,
         }
     }
 
@@ -72,6 +81,15 @@ impl ReadyQueue {
         self.workers = self.workers.saturating_sub(1);
     }
 
+    pub fn shaping_wait(&mut self, waiting: bool) {
+        if waiting {
+            self.shaping_waits += 1;
+        } else {
+            self.shaping_waits = self.shaping_waits.saturating_sub(1);
+            self.last_progress = Instant::now();
+        }
+    }
+
     pub fn progressed(&mut self) {
         self.last_progress = Instant::now();
     }
@@ -81,10 +99,13 @@ impl ReadyQueue {
         self.messages.is_empty() && self.workers == 0
     }
 
-    /// Mail is waiting and either nobody serves it or nothing finished for `period`.
+    /// Mail is waiting and either nobody serves it or nothing finished for `period` while
+    /// some worker was not waiting for shaping.
     pub fn is_stuck(&self, now: Instant, period: Duration) -> bool {
         !self.messages.is_empty()
-            && (self.workers == 0 || now.duration_since(self.last_progress) >= period)
+            && (self.workers == 0
+                || (now.duration_since(self.last_progress) >= period
+                    && self.shaping_waits < self.workers))
     }
 }
 

@@ -6,7 +6,8 @@
 //! `POST /api/v1/inject`) renders the campaign's minijinja templates once per recipient:
 //! the [`bandit`] picks the variant, the [`model`] fills the named slots (cleaned by
 //! [`guard`]) within the deadline, [`tracking`] rewrites links and adds the open pixel. The
-//! send-time request comes out typed ([`SendTime`]) for the scheduling code to turn into a
+//! send-time request comes out typed ([`SendTime`]); [`sendtime`] (engagement events, the
+//! per-recipient send-time model, the simulator) turns `Optimize` into each recipient's
 //! `not_before`.
 //!
 //! Invariants: mail without control headers or a `sidecar` request never gets here (the
@@ -20,6 +21,7 @@ pub mod bandit;
 pub mod control;
 pub mod guard;
 pub mod model;
+pub mod sendtime;
 pub mod tracking;
 
 use std::collections::{BTreeMap, HashMap};

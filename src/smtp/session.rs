@@ -452,10 +452,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .iter()
             .any(|r| same_address(&r.address, &to.address));
         if !duplicate {
-            if let Err(reply) =
-                self.config
-                    .policy
-                    .recipient(peer, authenticated, tx.recipients.len())
+            // Bounce domains take mail from anyone: that is where bounces come back.
+            let feedback = self.config.ingest.feedback();
+            let relay_ok = authenticated || feedback.is_bounce_address(&to.address);
+            if let Err(reply) = self
+                .config
+                .policy
+                .recipient(peer, relay_ok, tx.recipients.len())
             {
                 // The policy refuses with 452 for the recipient limit, else for relaying.
                 self.config.metrics.message_rejected(if reply.code == 452 {
@@ -463,6 +466,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 } else {
                     Rejection::RelayDenied
                 });
+                return self.error_reply(reply);
+            }
+            if let Some(reply) = crate::policy::suppressed(feedback, &to.address, "smtp") {
+                self.config.metrics.message_rejected(Rejection::Suppressed);
                 return self.error_reply(reply);
             }
             let mut rcpt = Recipient::new(to.address);

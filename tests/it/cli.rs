@@ -224,7 +224,7 @@ async fn queue_show_prints_envelope_and_headers() {
 
 /// A config for the `tern` binary that points at the in-process daemon's admin API (and its
 /// spool, for the offline fallback once the daemon is stopped).
-fn cli_config(server: &TestServer) -> std::path::PathBuf {
+pub(crate) fn cli_config(server: &TestServer) -> std::path::PathBuf {
     let text = Options::default()
         .config_text(server.dir.path(), "127.0.0.1:1", "127.0.0.1:0")
         .replace(
@@ -237,7 +237,7 @@ fn cli_config(server: &TestServer) -> std::path::PathBuf {
     path
 }
 
-async fn tern_ok(args: &[&str]) -> String {
+pub(crate) async fn tern_ok(args: &[&str]) -> String {
     let out = run_tern(args, None).await;
     assert!(out.status.success(), "{args:?}: {}", describe(&out));
     String::from_utf8(out.stdout).unwrap()

@@ -142,8 +142,11 @@ pub struct Options {
     pub dkim: Vec<String>,
     /// `[spool]` keys other than `path`, as TOML literals.
     pub spool: Vec<(String, String)>,
-    /// Raw TOML appended at the end (e.g. `[sidecar...]` sections).
+    /// Raw TOML appended at the end (whole sections: `[shaping]`, `[[pools]]`, `[bounce]`,
+    /// `[suppression]`, ...).
     pub extra: Vec<String>,
+    /// `[sendtime]` keys as TOML literals.
+    pub sendtime: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -162,6 +165,7 @@ impl Default for Options {
             dkim: Vec::new(),
             spool: Vec::new(),
             extra: Vec::new(),
+            sendtime: Vec::new(),
         }
     }
 }
@@ -218,6 +222,12 @@ impl Options {
         self
     }
 
+    /// Sets a `[sendtime]` key; `value` is a TOML literal.
+    pub fn sendtime(mut self, key: &str, value: impl ToString) -> Self {
+        self.sendtime.push((key.to_string(), value.to_string()));
+        self
+    }
+
     /// Sets a `[spool]` key (`max_age`, ...); `value` is a TOML literal.
     pub fn spool(mut self, key: &str, value: impl ToString) -> Self {
         self.spool.retain(|(k, _)| k != key);
@@ -231,7 +241,7 @@ impl Options {
         self
     }
 
-    /// Appends raw TOML (whole tables) to the config.
+    /// Appends raw TOML (whole sections) to the config.
     pub fn extra(mut self, toml: impl ToString) -> Self {
         self.extra.push(toml.to_string());
         self
@@ -318,6 +328,12 @@ impl Options {
         }
         for body in &self.dkim {
             writeln!(t, "\n[[dkim]]\n{body}").unwrap();
+        }
+        if !self.sendtime.is_empty() {
+            writeln!(t, "\n[sendtime]").unwrap();
+            for (k, v) in &self.sendtime {
+                writeln!(t, "{k} = {v}").unwrap();
+            }
         }
         writeln!(t).unwrap();
         writeln!(
@@ -408,6 +424,7 @@ pub struct TestServer {
     daemon: Option<Daemon>,
     pub smtp: SocketAddr,
     pub smtps: Option<SocketAddr>,
+    /// The config the daemon runs with (restarts use it again).
     /// Kept last so the spool directory outlives the daemon.
     pub dir: TempDir,
 }

@@ -247,6 +247,16 @@ async fn sighup_reloads_the_file_and_survives_a_broken_one() {
     })
     .await;
 
+    // Log rotation: the file is moved away, SIGHUP makes tern write to a new one by name.
+    let log = dir.path().join("delivery.log");
+    let log_has = |path: &std::path::Path, what: &str| {
+        std::fs::read_to_string(path).is_ok_and(|text| text.contains(what))
+    };
+    wait_for("the first delivery logged", T, || {
+        log_has(&log, "one@sink.test")
+    })
+    .await;
+    std::fs::rename(&log, dir.path().join("delivery.log.1")).unwrap();
     write_bin_config(
         dir.path(),
         port,
@@ -262,7 +272,15 @@ async fn sighup_reloads_the_file_and_survives_a_broken_one() {
         second.messages().len() == 1
     })
     .await;
+    wait_for("the second delivery logged in a new file", T, || {
+        log_has(&log, "two@sink.test")
+    })
+    .await;
+    assert!(!log_has(&log, "one@sink.test"), "the new file starts empty");
+    assert!(log_has(&dir.path().join("delivery.log.1"), "one@sink.test"));
 
+    // A broken config still rotates the log.
+    std::fs::rename(&log, dir.path().join("delivery.log.2")).unwrap();
     std::fs::write(&config, "[[listeners]]\naddress = \"nonsense\"\n").unwrap();
     send_signal(tern.pid(), "HUP");
     wait_for("the refusal in the log", T, || {
@@ -282,6 +300,10 @@ async fn sighup_reloads_the_file_and_survives_a_broken_one() {
     })
     .await;
     assert_eq!(first.messages().len(), 1);
+    wait_for("the third delivery logged in a new file", T, || {
+        log_has(&log, "three@sink.test")
+    })
+    .await;
 
     send_signal(tern.pid(), "TERM");
     let status = tern.wait_exit(Duration::from_secs(20)).await;

@@ -228,12 +228,16 @@ async fn static_route_beats_mx_and_the_wildcard_catches_the_rest() {
             ],
             tls: Some(TlsPolicy::Required),
             auth: Some(auth.clone()),
+            pool: None,
+            verp: None,
         },
         RouteConfig {
             domain: "*".to_owned(),
             hosts: vec!["smarthost.test:587".to_owned()],
             tls: None,
             auth: None,
+            pool: None,
+            verp: None,
         },
     ];
     let router = router(&server, &routes);

@@ -38,6 +38,8 @@ fn envelope(id: MessageId, queue_id: MessageId, destination: &str, due: u64) -> 
         held: false,
         delay_notified: false,
         parked: false,
+        pool: None,
+        not_before_ms: 0,
     }
 }
 

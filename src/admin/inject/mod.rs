@@ -14,7 +14,7 @@
 //! the config key it is about. Recipients over the limit refuse the whole call with 400
 //! (SMTP answers 452 per excess recipient; an HTTP call cannot be half-accepted).
 
-mod address;
+pub(crate) mod address;
 pub mod compose;
 
 use super::error::ApiError;
@@ -186,6 +186,23 @@ fn submission(
             recipients.len(),
             limits.max_recipients
         )));
+    }
+    // Reject mode refuses the whole call, naming every suppressed recipient, so the app can
+    // drop them and call again (an HTTP call cannot be half-accepted). Drop mode: ingest
+    // drops them.
+    let refused: Vec<String> = recipients
+        .iter()
+        .filter(|r| {
+            crate::policy::suppressed(state.ingest.feedback(), &r.address, "http").is_some()
+        })
+        .map(|r| r.address.clone())
+        .collect();
+    if !refused.is_empty() {
+        state.metrics.message_rejected(Rejection::Suppressed);
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("to: recipient suppressed: {}", refused.join(", ")),
+        ));
     }
 
     let (field, content) = match (request.raw, request.raw_base64, request.message) {

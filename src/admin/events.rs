@@ -1,0 +1,241 @@
+//! Engagement events and recipient engagement (`/api/v1/events`, `/api/v1/recipients`,
+//! `/api/v1/sendtime/refit`, `/api/v1/sendtime/lift`): the HTTP face of `sidecar::sendtime`.
+//!
+//! `POST /api/v1/events` takes `{"events": [...]}`, each `{"type": "open"|"click"|"send",
+//! "recipient", "time_ms"?, "message_id"?, "machine"?, "tz_offset_minutes"?}`. The whole
+//! call is checked before anything is recorded, so a 400 (naming `events[i].field`) records
+//! nothing; after that each event is recorded durably before the 200. Machine opens are
+//! counted per recipient but never learnt from.
+
+use super::error::{ApiError, ApiJson};
+use super::inject::address::check_mailbox;
+use super::AdminState;
+use crate::clock::now_ms;
+use crate::config::parse_duration;
+use crate::sidecar::sendtime::profile::Profile;
+use crate::sidecar::sendtime::{Event, EventKind, SendTime};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// Events per call; more is a 400 (send them in batches).
+const MAX_EVENTS: usize = 10_000;
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 10_000;
+/// Events further in the future than this are refused (a clock or unit mistake: seconds
+/// given for milliseconds, say).
+const MAX_FUTURE_MS: u64 = 3_600_000;
+
+pub fn routes() -> Router<AdminState> {
+    Router::new()
+        .route("/events", post(record))
+        .route("/recipients", get(dormant))
+        .route("/recipients/{address}", get(recipient))
+        .route("/sendtime/refit", post(refit))
+        .route("/sendtime/lift", get(lift))
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsBody {
+    events: Vec<EventBody>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventBody {
+    #[serde(rename = "type")]
+    kind: EventKind,
+    recipient: String,
+    time_ms: Option<u64>,
+    /// The sender's id of the message engaged with: checked, not used by the model (which
+    /// learns per recipient and hour).
+    message_id: Option<String>,
+    #[serde(default)]
+    machine: bool,
+    tz_offset_minutes: Option<i32>,
+}
+
+fn send_time(state: &AdminState) -> Result<&SendTime, ApiError> {
+    state
+        .ingest
+        .send_time()
+        .ok_or_else(|| ApiError::unavailable("send-time optimisation is not running"))
+}
+
+fn internal(err: impl std::fmt::Display) -> ApiError {
+    ApiError::internal(format!("spool: {err}"))
+}
+
+async fn record(State(state): State<AdminState>, ApiJson(body): ApiJson<EventsBody>) -> ApiResult {
+    let send_time = send_time(&state)?;
+    if body.events.len() > MAX_EVENTS {
+        return Err(ApiError::bad_request(format!(
+            "events: {} events; at most {MAX_EVENTS} per call",
+            body.events.len()
+        )));
+    }
+    let now = now_ms();
+    let mut events = Vec::with_capacity(body.events.len());
+    for (i, e) in body.events.into_iter().enumerate() {
+        check_mailbox(&e.recipient)
+            .map_err(|why| ApiError::bad_request(format!("events[{i}].recipient: {why}")))?;
+        let time_ms = e.time_ms.unwrap_or(now);
+        if time_ms == 0 || time_ms > now + MAX_FUTURE_MS {
+            return Err(ApiError::bad_request(format!(
+                "events[{i}].time_ms: {time_ms} is not a unix time in milliseconds up to now"
+            )));
+        }
+        if let Some(tz) = e.tz_offset_minutes {
+            if !(-14 * 60..=14 * 60).contains(&tz) {
+                return Err(ApiError::bad_request(format!(
+                    "events[{i}].tz_offset_minutes: {tz} is outside -840..=840"
+                )));
+            }
+        }
+        if e.message_id
+            .as_deref()
+            .is_some_and(|id| id.is_empty() || id.len() > 998)
+        {
+            return Err(ApiError::bad_request(format!(
+                "events[{i}].message_id: must be 1 to 998 characters"
+            )));
+        }
+        if e.machine && e.kind != EventKind::Open {
+            return Err(ApiError::bad_request(format!(
+                "events[{i}].machine: only an open can be a machine open"
+            )));
+        }
+        events.push(Event {
+            kind: e.kind,
+            recipient: e.recipient,
+            time_ms,
+            machine: e.machine,
+            tz_offset_min: e.tz_offset_minutes,
+        });
+    }
+    let (mut engagements, mut machine_opens, mut sends) = (0, 0, 0);
+    for event in &events {
+        match event.kind {
+            EventKind::Send => sends += 1,
+            _ if SendTime::is_engagement(event) => engagements += 1,
+            _ => machine_opens += 1,
+        }
+    }
+    let recorded = events.len();
+    send_time.record_batch(events).await.map_err(internal)?;
+    Ok(Json(json!({
+        "recorded": recorded,
+        "engagements": engagements,
+        "machine_opens": machine_opens,
+        "sends": sends,
+    })))
+}
+
+fn summary(address: &str, p: &Profile, now: u64, dormant_after_ms: u64) -> Value {
+    let since = if p.last_engaged_ms > 0 {
+        p.last_engaged_ms
+    } else {
+        p.last_send_ms
+    };
+    json!({
+        "address": address,
+        "score": (p.score(now) * 10.0).round() / 10.0,
+        "engagements": p.total_engagements(),
+        "sends": p.total_sends(),
+        "machine_opens": p.machine_opens,
+        "last_engaged_ms": (p.last_engaged_ms > 0).then_some(p.last_engaged_ms),
+        "last_send_ms": (p.last_send_ms > 0).then_some(p.last_send_ms),
+        "tz_offset_minutes": p.tz_offset_min,
+        "dormant": since + dormant_after_ms < now,
+    })
+}
+
+async fn recipient(State(state): State<AdminState>, Path(address): Path<String>) -> ApiResult {
+    let send_time = send_time(&state)?;
+    check_mailbox(&address).map_err(|why| ApiError::bad_request(format!("address: {why}")))?;
+    let profile = send_time
+        .profile(&address)
+        .map_err(internal)?
+        .ok_or_else(|| ApiError::not_found(format!("no engagement recorded for {address}")))?;
+    let dormant_after = send_time.config().dormant_after.as_millis() as u64;
+    Ok(Json(summary(
+        &address.to_ascii_lowercase(),
+        &profile,
+        now_ms(),
+        dormant_after,
+    )))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DormantParams {
+    /// Overrides `sendtime.dormant_after` ("180d").
+    dormant_after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/recipients?dormant_after=180d&limit=100`: dormant recipients.
+async fn dormant(
+    State(state): State<AdminState>,
+    params: Result<Query<DormantParams>, QueryRejection>,
+) -> ApiResult {
+    let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let send_time = send_time(&state)?.clone();
+    let after = match &params.dormant_after {
+        Some(s) => {
+            parse_duration(s).map_err(|e| ApiError::bad_request(format!("dormant_after: {e}")))?
+        }
+        None => send_time.config().dormant_after,
+    };
+    let limit = params.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(ApiError::bad_request(format!(
+            "limit: must be 1..={MAX_LIMIT}"
+        )));
+    }
+    let now = now_ms();
+    let after_ms = after.as_millis() as u64;
+    let found = tokio::task::spawn_blocking(move || send_time.dormant(after, now, limit))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    let recipients: Vec<Value> = found
+        .iter()
+        .map(|(a, p)| summary(a, p, now, after_ms))
+        .collect();
+    Ok(Json(json!({
+        "dormant_after_ms": after_ms,
+        "recipients": recipients,
+    })))
+}
+
+/// Refits the priors now instead of at the next `sendtime.refit_interval`.
+async fn refit(State(state): State<AdminState>) -> ApiResult {
+    let n = send_time(&state)?.refit().await.map_err(internal)?;
+    Ok(Json(json!({ "recipients": n })))
+}
+
+/// `GET /api/v1/sendtime/lift`: engagement of the control arm (sent at once) against the
+/// model's arm, as of the last refit.
+async fn lift(State(state): State<AdminState>) -> ApiResult {
+    let lift = send_time(&state)?.lift();
+    let arm = |i: usize| {
+        let rate = (lift.sends[i] > 0).then(|| lift.engaged[i] as f64 / lift.sends[i] as f64);
+        json!({"sends": lift.sends[i], "engaged": lift.engaged[i], "rate": rate})
+    };
+    let uplift = match (lift.sends, lift.engaged) {
+        ([cs, ms], [ce, me]) if cs > 0 && ms > 0 && ce > 0 => {
+            Some((me as f64 / ms as f64) / (ce as f64 / cs as f64) - 1.0)
+        }
+        _ => None,
+    };
+    Ok(Json(
+        json!({"control": arm(0), "model": arm(1), "uplift": uplift}),
+    ))
+}

@@ -1,0 +1,188 @@
+//! `/api/v1/suppressions`: the suppression list seen and edited by the operator.
+//!
+//! - `GET /suppressions?after=&limit=&reason=&contains=`: active entries in address order,
+//!   `{"entries": [...], "next": cursor|null}` (pass `next` as `after` for the next page);
+//! - `GET /suppressions/{address}`: one entry, 404 if the address is not suppressed;
+//! - `POST /suppressions` `{"address", "reason"?, "expires_in"?}`: adds (or replaces) one;
+//!   `reason` is a bounce category or `manual` (the default), `expires_in` a duration;
+//! - `DELETE /suppressions/{address}`: removes one (404 if absent);
+//! - `POST /suppressions/import` (CSV body, see `crate::suppression`): adds them all in one
+//!   write, or none (400 naming the first bad line);
+//! - `GET /suppressions/export`: every active entry as CSV.
+
+use super::error::{ApiError, ApiJson};
+use super::AdminState;
+use crate::config::parse_duration;
+use crate::suppression::{self, Entry};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 10_000;
+/// Entries per read while exporting.
+const EXPORT_PAGE: usize = 10_000;
+
+pub fn routes() -> Router<AdminState> {
+    Router::new()
+        .route("/suppressions", get(list).post(add))
+        .route("/suppressions/import", post(import))
+        .route("/suppressions/export", get(export))
+        .route("/suppressions/{address}", get(show).delete(remove))
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    after: Option<String>,
+    limit: Option<usize>,
+    reason: Option<String>,
+    contains: Option<String>,
+}
+
+fn spool_error(e: tern_queue::SpoolError) -> ApiError {
+    ApiError::unavailable(format!("spool: {e}"))
+}
+
+fn list_of(state: &AdminState) -> suppression::Suppressions {
+    state.ingest.feedback().suppressions.clone()
+}
+
+async fn list(
+    State(state): State<AdminState>,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> ApiResult {
+    let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = params.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {MAX_LIMIT}"
+        )));
+    }
+    if let Some(reason) = params
+        .reason
+        .as_deref()
+        .filter(|r| !suppression::valid_reason(r))
+    {
+        return Err(ApiError::bad_request(format!(
+            "reason: unknown reason {reason:?} (a bounce category or \"manual\")"
+        )));
+    }
+    let list = list_of(&state);
+    let (entries, next) = tokio::task::spawn_blocking(move || {
+        list.list(
+            params.after.as_deref(),
+            limit,
+            params.reason.as_deref(),
+            params.contains.as_deref(),
+        )
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(spool_error)?;
+    Ok(Json(json!({"entries": entries, "next": next})))
+}
+
+async fn show(State(state): State<AdminState>, Path(address): Path<String>) -> ApiResult {
+    match list_of(&state).check(&address) {
+        Some(entry) => Ok(Json(json!(entry))),
+        None => Err(ApiError::not_found(format!("{address} is not suppressed"))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddRequest {
+    address: String,
+    reason: Option<String>,
+    expires_in: Option<String>,
+}
+
+async fn add(State(state): State<AdminState>, ApiJson(req): ApiJson<AddRequest>) -> ApiResult {
+    let address = suppression::normalize(&req.address);
+    match address.rsplit_once('@') {
+        Some((l, d)) if !l.is_empty() && !d.is_empty() => {}
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "address: {:?} is not an address",
+                req.address
+            )))
+        }
+    }
+    let reason = req.reason.unwrap_or_else(|| "manual".to_owned());
+    if !suppression::valid_reason(&reason) {
+        return Err(ApiError::bad_request(format!(
+            "reason: unknown reason {reason:?} (a bounce category or \"manual\")"
+        )));
+    }
+    let now = crate::clock::now_ms();
+    let expires_ms = req
+        .expires_in
+        .map(|d| {
+            parse_duration(&d)
+                .map(|d| now.saturating_add(d.as_millis() as u64))
+                .map_err(|e| ApiError::bad_request(format!("expires_in: {e}")))
+        })
+        .transpose()?;
+    let entry = Entry {
+        address,
+        reason,
+        created_ms: now,
+        expires_ms,
+        source: None,
+    };
+    list_of(&state)
+        .add(vec![entry.clone()])
+        .await
+        .map_err(spool_error)?;
+    Ok(Json(json!(entry)))
+}
+
+async fn remove(State(state): State<AdminState>, Path(address): Path<String>) -> ApiResult {
+    let removed = list_of(&state)
+        .remove(std::slice::from_ref(&address))
+        .await
+        .map_err(spool_error)?;
+    if removed == 0 {
+        return Err(ApiError::not_found(format!("{address} is not suppressed")));
+    }
+    Ok(Json(json!({"removed": removed})))
+}
+
+async fn import(State(state): State<AdminState>, body: String) -> ApiResult {
+    let entries = suppression::parse_csv(&body, crate::clock::now_ms())
+        .map_err(|e| ApiError::bad_request(format!("CSV: {e}")))?;
+    let n = entries.len();
+    list_of(&state).add(entries).await.map_err(spool_error)?;
+    Ok(Json(json!({"imported": n})))
+}
+
+async fn export(State(state): State<AdminState>) -> Result<impl IntoResponse, ApiError> {
+    let list = list_of(&state);
+    let csv = tokio::task::spawn_blocking(move || {
+        let mut out = format!("{}\n", suppression::CSV_HEADER);
+        let mut after: Option<String> = None;
+        loop {
+            let (entries, next) = list.list(after.as_deref(), EXPORT_PAGE, None, None)?;
+            for e in &entries {
+                out.push_str(&suppression::to_csv_line(e));
+                out.push('\n');
+            }
+            match next {
+                Some(n) => after = Some(n),
+                None => return Ok(out),
+            }
+        }
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(spool_error)?;
+    Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], csv))
+}

@@ -1,0 +1,186 @@
+//! `[suppression]` (what happens to mail for a suppressed address, when soft entries expire)
+//! and `[[webhooks]]` (where events are posted).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::path;
+use super::reader::{count, duration, nonzero, string, TableReader};
+use crate::bounce::classify::Category;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SuppressionConfig {
+    /// What a suppressed recipient gets. Default `reject`.
+    pub mode: SuppressionMode,
+    /// Failed (5xx) bounces of these categories suppress the address for `soft_expiry` only;
+    /// hard ones (invalid recipient, domain not found with a 5.x.x status, complaints) suppress
+    /// it until removed. Default `["mailbox_full"]`.
+    pub soft_categories: Vec<Category>,
+    /// How long a soft entry lasts. Default 7 days.
+    pub soft_expiry: Duration,
+}
+
+impl Default for SuppressionConfig {
+    fn default() -> Self {
+        SuppressionConfig {
+            mode: SuppressionMode::Reject,
+            soft_categories: vec![Category::MailboxFull],
+            soft_expiry: Duration::from_secs(7 * 86_400),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SuppressionMode {
+    /// `"reject"`: 550 5.7.1 at RCPT; HTTP injection answers 422 naming the recipients.
+    Reject,
+    /// `"drop"`: accepted, never delivered, a `suppressed` event per recipient.
+    Drop,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookConfig {
+    pub url: WebhookUrl,
+    /// File holding the HMAC-SHA256 secret of the `X-Tern-Signature` header. Required.
+    pub secret_file: PathBuf,
+    /// Events per POST at most. Default 100.
+    pub batch_size: usize,
+    /// How long a batch waits for more events before it is posted. Default 1s.
+    pub interval: Duration,
+}
+
+/// An `http://host[:port]/path` URL (plain HTTP only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookUrl {
+    /// `host` or `host:port`, as the Host header wants it.
+    pub authority: String,
+    pub host: String,
+    pub port: u16,
+    /// Starts with `/`.
+    pub path: String,
+}
+
+impl std::fmt::Display for WebhookUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "http://{}{}", self.authority, self.path)
+    }
+}
+
+impl std::str::FromStr for WebhookUrl {
+    type Err = String;
+    fn from_str(url: &str) -> Result<WebhookUrl, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or("only http:// URLs are supported")?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| format!("invalid port {p:?}"))?,
+            ),
+            _ => (authority, 80),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty()
+            || path
+                .chars()
+                .any(|c| c.is_ascii_whitespace() || c.is_control())
+        {
+            return Err(format!("invalid URL {url:?}"));
+        }
+        Ok(WebhookUrl {
+            authority: authority.to_owned(),
+            host: host.to_owned(),
+            port,
+            path: path.to_owned(),
+        })
+    }
+}
+
+pub(super) fn compile_suppression(r: &mut TableReader<'_>) -> SuppressionConfig {
+    let d = SuppressionConfig::default();
+    SuppressionConfig {
+        mode: r
+            .get("mode", |v| match string(v)? {
+                "reject" => Ok(SuppressionMode::Reject),
+                "drop" => Ok(SuppressionMode::Drop),
+                other => Err(format!(
+                    "unknown mode {other:?} (expected \"reject\" or \"drop\")"
+                )),
+            })
+            .unwrap_or(d.mode),
+        soft_categories: r
+            .list("soft_categories", |v| string(v)?.parse::<Category>())
+            .unwrap_or(d.soft_categories),
+        soft_expiry: r
+            .get("soft_expiry", |v| duration(v).and_then(nonzero))
+            .unwrap_or(d.soft_expiry),
+    }
+}
+
+pub(super) fn compile_webhook(r: &mut TableReader<'_>) -> Option<WebhookConfig> {
+    let url = r.require("url", |v| string(v)?.parse::<WebhookUrl>());
+    let secret_file = r.require("secret_file", path);
+    let batch_size = r
+        .get("batch_size", |v| count(v).and_then(nonzero))
+        .unwrap_or(100);
+    let interval = r
+        .get("interval", duration)
+        .unwrap_or(Duration::from_secs(1));
+    Some(WebhookConfig {
+        url: url?,
+        secret_file: secret_file?,
+        batch_size,
+        interval,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn suppression_and_webhooks() {
+        let config = Config::parse(
+            "[[listeners]]\naddress = \"127.0.0.1:2525\"\n\
+             [suppression]\nmode = \"drop\"\nsoft_categories = [\"mailbox_full\", \"spam_block\"]\nsoft_expiry = \"2d\"\n\
+             [[webhooks]]\nurl = \"http://127.0.0.1:9000/hook\"\nsecret_file = \"/etc/tern/hook.secret\"\nbatch_size = 5\ninterval = \"200ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.suppression.mode, SuppressionMode::Drop);
+        assert_eq!(
+            config.suppression.soft_categories,
+            [Category::MailboxFull, Category::SpamBlock]
+        );
+        assert_eq!(
+            config.suppression.soft_expiry,
+            Duration::from_secs(2 * 86_400)
+        );
+        let hook = &config.webhooks[0];
+        assert_eq!(hook.url.to_string(), "http://127.0.0.1:9000/hook");
+        assert_eq!((hook.url.host.as_str(), hook.url.port), ("127.0.0.1", 9000));
+        assert_eq!(
+            (hook.batch_size, hook.interval),
+            (5, Duration::from_millis(200))
+        );
+
+        let err = Config::parse(
+            "[[listeners]]\naddress = \"127.0.0.1:2525\"\n\
+             [suppression]\nmode = \"bin\"\n[[webhooks]]\nurl = \"https://x.test/\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.0,
+            [
+                "suppression.mode: unknown mode \"bin\" (expected \"reject\" or \"drop\")",
+                "webhooks[0].url: only http:// URLs are supported",
+                "webhooks[0].secret_file: missing required key",
+            ]
+        );
+    }
+}

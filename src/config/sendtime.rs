@@ -1,0 +1,81 @@
+//! `[sendtime]`: send-time optimisation (see `sidecar::sendtime`).
+
+use std::time::Duration;
+
+use super::reader::{duration, nonzero, string, TableReader};
+use toml::Value;
+
+/// `[sendtime]` in the config; see `config/tern.toml`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SendTimeConfig {
+    /// How far ahead a send may be moved (`sendtime.window`).
+    pub window: Duration,
+    /// Local hours `from..to` in which no send starts (`sendtime.quiet_hours`).
+    pub quiet_hours: Option<(u8, u8)>,
+    /// Share of optimised recipients sent at once as a control group (`sendtime.control_share`).
+    pub control_share: f64,
+    /// How often the priors are refitted from all profiles (`sendtime.refit_interval`).
+    pub refit_interval: Duration,
+    /// Recipients without a human engagement for this long are dormant
+    /// (`sendtime.dormant_after`).
+    pub dormant_after: Duration,
+}
+
+impl Default for SendTimeConfig {
+    fn default() -> Self {
+        SendTimeConfig {
+            window: Duration::from_secs(24 * 3600),
+            quiet_hours: Some((22, 7)),
+            control_share: 0.1,
+            refit_interval: Duration::from_secs(3600),
+            dormant_after: Duration::from_secs(180 * 86_400),
+        }
+    }
+}
+
+pub(super) fn compile_sendtime(r: &mut TableReader<'_>) -> SendTimeConfig {
+    let d = SendTimeConfig::default();
+    SendTimeConfig {
+        window: r
+            .get("window", |v| {
+                duration(v).and_then(nonzero).and_then(|w| {
+                    if w > Duration::from_secs(7 * 86_400) {
+                        Err("at most 7d: the model sees one week".to_string())
+                    } else {
+                        Ok(w)
+                    }
+                })
+            })
+            .unwrap_or(d.window),
+        quiet_hours: r.get("quiet_hours", quiet_hours).unwrap_or(d.quiet_hours),
+        control_share: r
+            .get("control_share", |v| match v {
+                Value::Float(f) if (0.0..=1.0).contains(f) => Ok(*f),
+                Value::Integer(i) if (0..=1).contains(i) => Ok(*i as f64),
+                _ => Err("expected a number from 0 to 1".to_string()),
+            })
+            .unwrap_or(d.control_share),
+        refit_interval: r
+            .get("refit_interval", |v| duration(v).and_then(nonzero))
+            .unwrap_or(d.refit_interval),
+        dormant_after: r
+            .get("dormant_after", |v| duration(v).and_then(nonzero))
+            .unwrap_or(d.dormant_after),
+    }
+}
+
+/// "22-7" (local hours from..to, wrapping past midnight) or "none".
+fn quiet_hours(v: &Value) -> Result<Option<(u8, u8)>, String> {
+    let s = string(v)?;
+    if s == "none" {
+        return Ok(None);
+    }
+    let bad =
+        || format!("expected \"FROM-TO\" hours 0-23 (e.g. \"22-7\") or \"none\", found {s:?}");
+    let (from, to) = s.split_once('-').ok_or_else(bad)?;
+    let hour = |h: &str| h.trim().parse::<u8>().ok().filter(|h| *h < 24);
+    match (hour(from), hour(to)) {
+        (Some(f), Some(t)) if f != t => Ok(Some((f, t))),
+        _ => Err(bad()),
+    }
+}

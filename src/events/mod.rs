@@ -1,0 +1,166 @@
+//! Events for upstream apps: every recipient outcome (delivered, deferred, bounced, expired,
+//! complaint, suppressed) as a JSON object, queued durably in one spool outbox per webhook
+//! (`Spool::push_events`) and posted from there by [`webhook`] senders, which remove events
+//! only once the endpoint answered 2xx. So an event is emitted once it is in the outbox:
+//! crash or endpoint down, it is posted later (at least once; receivers deduplicate by
+//! `event_id`).
+//!
+//! Complaints, and recipients dropped at submission because they are suppressed, also get a
+//! delivery log line here (the settler logs the delivery outcomes itself; a refusal at RCPT
+//! has no message id and is logged as a tracing event).
+
+pub mod webhook;
+
+use crate::bounce::classify::Category;
+use crate::delivery::log::{AttemptOutcome, AttemptRecord, DeliveryLog};
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+use tern_queue::{MessageId, Spool};
+use tokio::sync::Notify;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Delivered,
+    Deferred,
+    Bounced,
+    Expired,
+    Complaint,
+    Suppressed,
+}
+
+/// One event, as posted.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub event: Kind,
+    /// Unix ms.
+    pub ts: u64,
+    pub recipient: String,
+    /// The queue id (and envelope id) the event is about, when known.
+    pub queue_id: Option<MessageId>,
+    pub id: Option<MessageId>,
+    pub sender: Option<String>,
+    /// Enhanced status code, when there is one.
+    pub status: Option<String>,
+    pub category: Option<Category>,
+    /// Whether the failure means the address should not be mailed again.
+    pub hard: Option<bool>,
+    /// Remote reply, bounce diagnostic, complaint feedback type or suppression reason.
+    pub detail: Option<String>,
+    /// Where it was learnt: `delivery` (an attempt), `bounce` (an asynchronous bounce),
+    /// `arf`, `smtp` or `http` (refused or dropped at submission).
+    pub source: &'static str,
+}
+
+impl Event {
+    pub fn new(event: Kind, recipient: &str, source: &'static str) -> Event {
+        Event {
+            event,
+            ts: crate::clock::now_ms(),
+            recipient: recipient.to_owned(),
+            queue_id: None,
+            id: None,
+            sender: None,
+            status: None,
+            category: None,
+            hard: None,
+            detail: None,
+            source,
+        }
+    }
+}
+
+/// Where events go: the outbox of each webhook, and the delivery log.
+#[derive(Clone)]
+pub struct Events {
+    spool: Spool,
+    /// One outbox stream per webhook (`webhook/<index>`).
+    streams: Arc<Vec<String>>,
+    log: DeliveryLog,
+    /// Wakes the webhook senders when events were queued.
+    queued: Arc<Notify>,
+}
+
+impl Events {
+    /// Events for `webhooks` outboxes (none: only the delivery log).
+    pub fn new(spool: Spool, webhooks: usize, log: DeliveryLog) -> Events {
+        Events {
+            spool,
+            streams: Arc::new((0..webhooks).map(stream_name).collect()),
+            log,
+            queued: Arc::new(Notify::new()),
+        }
+    }
+
+    pub(crate) fn queued(&self) -> Arc<Notify> {
+        self.queued.clone()
+    }
+
+    /// Queues `events` in every outbox (durably) and writes the log lines of complaint and
+    /// suppressed events. A spool failure is logged: events are a report of outcomes that
+    /// already happened, and must not undo them.
+    pub async fn emit(&self, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        for e in &events {
+            // A suppressed line is for mail refused or dropped at submission; an address
+            // added to the list is no mail outcome (the line of the bounce that added it is
+            // already there).
+            let outcome = match e.event {
+                Kind::Complaint => AttemptOutcome::Complaint,
+                Kind::Suppressed if matches!(e.source, "smtp" | "http") => {
+                    AttemptOutcome::Suppressed
+                }
+                _ => continue,
+            };
+            let id = e.id.or(e.queue_id);
+            if let Some(id) = id {
+                self.log.record(&AttemptRecord {
+                    ts: UNIX_EPOCH + Duration::from_millis(e.ts),
+                    id,
+                    queue_id: e.queue_id.unwrap_or(id),
+                    recipient: &e.recipient,
+                    sender: e.sender.as_deref().unwrap_or(""),
+                    host: None,
+                    ip: None,
+                    source_ip: None,
+                    tls_version: None,
+                    tls_cipher: None,
+                    reply: e.detail.as_deref().unwrap_or(""),
+                    outcome,
+                    attempt: 0,
+                    delay_s: 0.0,
+                    destination: e.source,
+                    category: e.category,
+                });
+            } else {
+                tracing::info!(event = ?e.event, recipient = %e.recipient, source = e.source, detail = ?e.detail, "event");
+            }
+        }
+        if self.streams.is_empty() {
+            return;
+        }
+        let encoded: Vec<Vec<u8>> = events
+            .iter()
+            .map(|e| serde_json::to_vec(e).unwrap_or_default())
+            .collect();
+        for stream in self.streams.iter() {
+            if let Err(err) = self.spool.push_events(stream, encoded.clone()).await {
+                tracing::warn!(error = %err, stream, "cannot queue events");
+            }
+        }
+        self.queued.notify_waiters();
+    }
+
+    /// Emits on a task of its own, for callers that cannot wait (an SMTP RCPT reply).
+    pub fn emit_later(&self, events: Vec<Event>) {
+        let this = self.clone();
+        tokio::spawn(async move { this.emit(events).await });
+    }
+}
+
+pub(crate) fn stream_name(index: usize) -> String {
+    format!("webhook/{index}")
+}

@@ -1,0 +1,156 @@
+//! One sender per `[[webhooks]]` entry: takes up to `batch_size` events from its outbox,
+//! POSTs them as one JSON array with `X-Tern-Signature: t=<unix s>,v1=<hex HMAC-SHA256 of
+//! "<t>.<body>">`, and removes them once the endpoint answered 2xx; anything else (refused
+//! connection, timeout, non-2xx) is retried with exponential backoff (1 s doubling to 5 min)
+//! with the same events. Plain `http://` only for now: there is no TLS client here.
+//!
+//! The HTTP client is minimal on purpose: one request per connection (`Connection: close`),
+//! only the status line of the answer is read.
+
+use super::Events;
+use crate::config::WebhookConfig;
+use aws_lc_rs::hmac;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The signature header value for `body` at unix time `t`.
+pub fn signature(secret: &[u8], t: u64, body: &[u8]) -> String {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
+    let mut ctx = hmac::Context::with_key(&key);
+    ctx.update(t.to_string().as_bytes());
+    ctx.update(b".");
+    ctx.update(body);
+    let tag = ctx.sign();
+    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("t={t},v1={hex}")
+}
+
+/// Runs the sender of webhook `index` until `shutdown`.
+pub async fn run(
+    events: Events,
+    index: usize,
+    config: WebhookConfig,
+    secret: Vec<u8>,
+    shutdown: CancellationToken,
+) {
+    let stream = super::stream_name(index);
+    let queued = events.queued();
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let batch = match events.spool.events(&stream, config.batch_size) {
+            Ok(batch) => batch,
+            Err(err) => {
+                warn!(error = %err, webhook = %config.url, "cannot read the event outbox");
+                Vec::new()
+            }
+        };
+        let mut wait = config.interval;
+        if !batch.is_empty() {
+            let mut body =
+                Vec::with_capacity(batch.iter().map(|(_, e)| e.len() + 1).sum::<usize>() + 2);
+            body.push(b'[');
+            for (i, (_, e)) in batch.iter().enumerate() {
+                if i > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(e);
+            }
+            body.push(b']');
+            let t = crate::clock::now_ms() / 1000;
+            let sig = signature(&secret, t, &body);
+            let posted = tokio::select! {
+                posted = tokio::time::timeout(REQUEST_TIMEOUT, post(&config, &sig, &body)) => posted,
+                _ = shutdown.cancelled() => return,
+            };
+            match posted {
+                Ok(Ok(status)) if (200..300).contains(&status) => {
+                    let seqs: Vec<u64> = batch.iter().map(|(s, _)| *s).collect();
+                    if let Err(err) = events.spool.remove_events(&stream, &seqs).await {
+                        warn!(error = %err, "cannot remove posted events");
+                    }
+                    debug!(webhook = %config.url, events = seqs.len(), "events posted");
+                    backoff = FIRST_BACKOFF;
+                    // A full batch: more may be waiting.
+                    if seqs.len() == config.batch_size {
+                        continue;
+                    }
+                }
+                outcome => {
+                    let why = match outcome {
+                        Ok(Ok(status)) => format!("status {status}"),
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => "timed out".to_owned(),
+                    };
+                    warn!(webhook = %config.url, error = %why, retry_in = ?backoff, "webhook post failed");
+                    wait = backoff;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => continue,
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
+        }
+        // Events queued while the batch was read are found on the next pass at the latest.
+        tokio::select! {
+            _ = queued.notified() => {
+                // Gather what arrives within the interval into one batch.
+                tokio::select! {
+                    _ = tokio::time::sleep(config.interval) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn post(config: &WebhookConfig, sig: &str, body: &[u8]) -> std::io::Result<u16> {
+    let url = &config.url;
+    let mut conn = TcpStream::connect((url.host.as_str(), url.port)).await?;
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nUser-Agent: tern\r\nX-Tern-Signature: {sig}\r\nConnection: close\r\n\r\n",
+        url.path,
+        url.authority,
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await?;
+    conn.write_all(body).await?;
+    conn.flush().await?;
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 256];
+    while !buf.contains(&b'\n') && buf.len() < 4096 {
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let line = String::from_utf8_lossy(&buf);
+    line.split_whitespace()
+        .nth(1)
+        .filter(|_| line.starts_with("HTTP/1."))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no HTTP status line in the answer"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn signature_is_hmac_sha256_of_t_dot_body() {
+        // Checked against: printf '1700000000.[]' | openssl dgst -sha256 -hmac secret
+        let sig = super::signature(b"secret", 1_700_000_000, b"[]");
+        assert_eq!(
+            sig,
+            "t=1700000000,v1=74f76d8933679a54d6be8c7560a5233b124658241ca5a3b0f09af80d3ea60d78"
+        );
+    }
+}

@@ -1,0 +1,250 @@
+//! Inbound bounce mail: what arrives for the bounce domains (`bounce.domains`).
+//!
+//! Ingest commits such recipients not as deliverable envelopes but as inbound records in
+//! the spool (`Spool::commit_with_inbound`, in the same atomic batch as the message's other
+//! parts, before the 250). The [`Processor`] task reads them, parses the message with
+//! `crate::bounce`, applies the result (suppression list, events) and only then removes the
+//! record: a crash mid-way re-processes it (suppression and events are idempotent enough:
+//! an entry is rewritten, an event may repeat). Nothing is ever delivered or bounced from
+//! here (no backscatter).
+//!
+//! Trust: a recipient in our VERP form is trusted only if its token verifies
+//! (`crate::verp`); a forged or altered one makes the whole message ignored. A verified
+//! token names the recipient even when the body is unreadable: a null-sender message of kind
+//! `none` then counts as a bounce of category `other`, soft. Mail to a plain bounce address
+//! (no token) is trusted as far as its parsed report goes. A message that parses as neither
+//! bounce nor complaint (and has a sender, i.e. is no bounce) is dropped with a log line;
+//! auto-replies are dropped too.
+//!
+//! [`Feedback`] bundles the handles the submission paths and the settler share: the
+//! suppression list, the events, the bounce domains and the processor's wake-up.
+
+use crate::bounce::classify::{Category, Classifier};
+use crate::bounce::{self, Action, Kind};
+use crate::events::{self, Event, Events};
+use crate::suppression::Suppressions;
+use crate::verp::Verp;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+use tern_queue::{MessageId, Spool};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Records are looked for at least this often (besides the wake-up after each commit).
+const POLL: Duration = Duration::from_secs(5);
+
+/// Shared by ingest (and through it the SMTP session and HTTP injection), the settler and
+/// the admin API.
+#[derive(Clone)]
+pub struct Feedback {
+    pub suppressions: Suppressions,
+    pub events: Events,
+    /// Lowercase.
+    pub bounce_domains: Arc<Vec<String>>,
+    /// Wakes the processor after a commit with inbound records.
+    pub inbound: Arc<Notify>,
+}
+
+impl Feedback {
+    pub fn new(
+        suppressions: Suppressions,
+        events: Events,
+        bounce_domains: Vec<String>,
+    ) -> Feedback {
+        Feedback {
+            suppressions,
+            events,
+            bounce_domains: Arc::new(bounce_domains),
+            inbound: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Whether `address` is at one of the bounce domains.
+    pub fn is_bounce_address(&self, address: &str) -> bool {
+        address.rsplit_once('@').is_some_and(|(_, d)| {
+            self.bounce_domains
+                .iter()
+                .any(|b| b.eq_ignore_ascii_case(d))
+        })
+    }
+}
+
+/// The head of an inbound record; the record is this JSON, a newline, and the message.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InboundHead {
+    pub sender: String,
+    pub recipients: Vec<String>,
+    pub queue_id: MessageId,
+}
+
+pub fn encode_record(head: &InboundHead, message: &[u8]) -> Vec<u8> {
+    let mut out = serde_json::to_vec(head).unwrap_or_default();
+    out.push(b'\n');
+    out.extend_from_slice(message);
+    out
+}
+
+pub struct Processor {
+    pub spool: Spool,
+    pub feedback: Feedback,
+    pub classifier: Arc<Classifier>,
+    pub verp: Option<Verp>,
+}
+
+impl Processor {
+    /// Processes inbound records until `shutdown`; those left over from a previous run first.
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            let batch = match self.spool.inbound(64) {
+                Ok(batch) => batch,
+                Err(err) => {
+                    warn!(error = %err, "cannot read inbound bounce mail");
+                    Vec::new()
+                }
+            };
+            let full = batch.len() == 64;
+            for (id, record) in batch {
+                self.process(id, &record).await;
+                if let Err(err) = self.spool.remove_inbound(id).await {
+                    warn!(%id, error = %err, "cannot remove processed bounce mail");
+                }
+            }
+            if full {
+                continue;
+            }
+            tokio::select! {
+                _ = self.feedback.inbound.notified() => {}
+                _ = tokio::time::sleep(POLL) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn process(&self, id: MessageId, record: &[u8]) {
+        let split = record.iter().position(|&b| b == b'\n');
+        let head = split.and_then(|i| serde_json::from_slice::<InboundHead>(&record[..i]).ok());
+        let (Some(head), Some(i)) = (head, split) else {
+            warn!(%id, "inbound record without a readable head; dropped");
+            return;
+        };
+        let message = &record[i + 1..];
+        let (events, entries) = self.evaluate(&head, message);
+        let list = &self.feedback.suppressions;
+        if !entries.is_empty() {
+            if let Err(err) = list.add(entries).await {
+                warn!(%id, error = %err, "cannot update the suppression list");
+            }
+        }
+        self.feedback.events.emit(events).await;
+    }
+
+    /// What one inbound message means: the events to emit and the suppression entries to add.
+    pub fn evaluate(
+        &self,
+        head: &InboundHead,
+        message: &[u8],
+    ) -> (Vec<Event>, Vec<crate::suppression::Entry>) {
+        let mut targets = Vec::new();
+        for rcpt in &head.recipients {
+            if let Some(verp) = &self.verp {
+                if verp.looks_like_verp(rcpt) {
+                    match verp.target(rcpt) {
+                        Some(target) => targets.push(target),
+                        None => {
+                            warn!(queue_id = %head.queue_id, recipient = %rcpt, "forged or altered VERP address; message ignored");
+                            return (Vec::new(), Vec::new());
+                        }
+                    }
+                }
+            }
+        }
+        let report = bounce::parse(message, &self.classifier);
+        let now = crate::clock::now_ms();
+        let mut events = Vec::new();
+        let mut entries = Vec::new();
+        let null_sender = head.sender.is_empty();
+        match report.kind {
+            Kind::Autoreply => {
+                info!(queue_id = %head.queue_id, "auto-reply to a bounce address; dropped");
+            }
+            Kind::None if !null_sender || targets.is_empty() => {
+                info!(queue_id = %head.queue_id, "mail to a bounce address that is no bounce; dropped");
+            }
+            Kind::None => {
+                // Unreadable, but a verified VERP address names message and recipient.
+                for t in &targets {
+                    let mut e = Event::new(events::Kind::Bounced, &t.recipient, "bounce");
+                    e.id = Some(t.id);
+                    e.category = Some(Category::Other);
+                    e.hard = Some(false);
+                    e.detail = Some("unreadable bounce to a VERP address".into());
+                    events.push(e);
+                }
+            }
+            Kind::Dsn | Kind::Arf => {
+                let complaint = report.kind == Kind::Arf;
+                // With VERP, the token says who it is about; the report says what happened.
+                let mut subjects: Vec<(
+                    String,
+                    Option<MessageId>,
+                    Option<&bounce::BounceRecipient>,
+                )> = Vec::new();
+                if targets.is_empty() {
+                    for r in &report.recipients {
+                        subjects.push((r.address.to_lowercase(), None, Some(r)));
+                    }
+                } else {
+                    for t in &targets {
+                        let r = report
+                            .recipients
+                            .iter()
+                            .find(|r| r.address.eq_ignore_ascii_case(&t.recipient))
+                            .or_else(|| report.recipients.first());
+                        subjects.push((t.recipient.clone(), Some(t.id), r));
+                    }
+                }
+                for (address, id, r) in subjects {
+                    let (kind, category, hard, failed) = match r {
+                        _ if complaint => {
+                            (events::Kind::Complaint, Category::Complaint, true, true)
+                        }
+                        Some(r) => match r.action {
+                            Action::Failed => (events::Kind::Bounced, r.category, r.hard, true),
+                            Action::Delayed => (events::Kind::Deferred, r.category, false, false),
+                            _ => continue,
+                        },
+                        None => (events::Kind::Bounced, Category::Other, false, true),
+                    };
+                    let mut e =
+                        Event::new(kind, &address, if complaint { "arf" } else { "bounce" });
+                    e.id = id;
+                    e.status = r.and_then(|r| r.status.clone());
+                    e.category = Some(category);
+                    e.hard = Some(hard);
+                    e.detail = r.and_then(|r| r.diagnostic.clone());
+                    events.push(e);
+                    let source = id.map(|i| i.to_string());
+                    if let Some(entry) = self
+                        .feedback
+                        .suppressions
+                        .entry_for(&address, category, hard, failed, source, now)
+                    {
+                        let mut s = Event::new(
+                            events::Kind::Suppressed,
+                            &address,
+                            if complaint { "arf" } else { "bounce" },
+                        );
+                        s.id = id;
+                        s.category = Some(category);
+                        s.detail = Some(format!("added to the suppression list ({category})"));
+                        events.push(s);
+                        entries.push(entry);
+                    }
+                }
+            }
+        }
+        (events, entries)
+    }
+}

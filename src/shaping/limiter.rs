@@ -1,0 +1,159 @@
+//! The counters a cluster of nodes would have to share: message and new-connection rate
+//! tokens (GCRA) and open-connection counts, per (source address, bucket).
+//!
+//! [`Backend`] is the one interface a shared store would implement; [`Local`] keeps
+//! everything in this process. Limits are passed in on every call rather than stored, so an
+//! adaptive rate change needs no call of its own.
+//!
+//! Time is tokio's ([`TokioClock`]), so tests on tokio's paused clock drive the limiters.
+
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+/// governor's clock reading tokio's time, as the distance from a process-wide anchor
+/// (governor implements `Reference` for `Duration`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokioClock;
+
+impl Clock for TokioClock {
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        static ANCHOR: OnceLock<tokio::time::Instant> = OnceLock::new();
+        let anchor = *ANCHOR.get_or_init(tokio::time::Instant::now);
+        tokio::time::Instant::now().saturating_duration_since(anchor)
+    }
+}
+
+type Gcra = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
+
+/// Creates the counters of one (source, bucket) pair.
+pub trait Backend: Send + Sync {
+    /// `key` names the pair uniquely and stably ("<source>|<bucket>"), for a shared store.
+    fn pair(&self, key: &str) -> Box<dyn PairCounters>;
+}
+
+/// One pair's shared counters.
+pub trait PairCounters: Send + Sync {
+    /// Takes a message token at `per_second`; `Err` is how long until one is free.
+    fn take_message(&self, per_second: f64) -> Result<(), Duration>;
+    /// Takes a new-connection token at `per_minute`.
+    fn take_connection(&self, per_minute: u32) -> Result<(), Duration>;
+    /// Counts one more open connection unless `cap` are open already.
+    fn try_open(&self, cap: Option<usize>) -> bool;
+    /// One connection counted by `try_open` closed.
+    fn close(&self);
+    fn open_connections(&self) -> usize;
+}
+
+/// Everything in this process.
+pub struct Local;
+
+impl Backend for Local {
+    fn pair(&self, _key: &str) -> Box<dyn PairCounters> {
+        Box::new(LocalPair::default())
+    }
+}
+
+#[derive(Default)]
+struct LocalPair {
+    /// The limiter and the rate it was built for; rebuilt when the rate changes.
+    messages: Mutex<Option<(f64, Gcra)>>,
+    connections: Mutex<Option<(u32, Gcra)>>,
+    open: AtomicUsize,
+}
+
+/// A GCRA limiter for `per_second` with a burst of one: events are spread evenly.
+fn gcra(per_second: f64) -> Gcra {
+    let period = Duration::from_secs_f64(1.0 / per_second.max(1e-6));
+    let quota = Quota::with_period(period.max(Duration::from_nanos(1)))
+        .expect("a positive period")
+        .allow_burst(NonZeroU32::MIN);
+    RateLimiter::direct_with_clock(quota, TokioClock)
+}
+
+fn take(slot: &Mutex<Option<(f64, Gcra)>>, per_second: f64) -> Result<(), Duration> {
+    let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+    if slot.as_ref().is_none_or(|(r, _)| *r != per_second) {
+        *slot = Some((per_second, gcra(per_second)));
+    }
+    let (_, limiter) = slot.as_ref().expect("set above");
+    limiter
+        .check()
+        .map_err(|not_until| not_until.wait_time_from(TokioClock.now()))
+}
+
+impl PairCounters for LocalPair {
+    fn take_message(&self, per_second: f64) -> Result<(), Duration> {
+        take(&self.messages, per_second)
+    }
+
+    fn take_connection(&self, per_minute: u32) -> Result<(), Duration> {
+        let mut slot = self
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if slot.as_ref().is_none_or(|(r, _)| *r != per_minute) {
+            *slot = Some((per_minute, gcra(f64::from(per_minute) / 60.0)));
+        }
+        let (_, limiter) = slot.as_ref().expect("set above");
+        limiter
+            .check()
+            .map_err(|not_until| not_until.wait_time_from(TokioClock.now()))
+    }
+
+    fn try_open(&self, cap: Option<usize>) -> bool {
+        let cap = cap.unwrap_or(usize::MAX);
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn close(&self) {
+        let _ = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn gcra_spaces_messages_evenly_on_tokio_time() {
+        let pair = Local.pair("a|b");
+        assert!(pair.take_message(2.0).is_ok());
+        let wait = pair.take_message(2.0).unwrap_err();
+        assert!(wait > Duration::from_millis(450) && wait <= Duration::from_millis(500));
+        tokio::time::advance(wait).await;
+        assert!(pair.take_message(2.0).is_ok());
+        // A rate change takes effect at once.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(pair.take_message(100.0).is_ok());
+    }
+
+    #[test]
+    fn connection_counts_respect_the_cap() {
+        let pair = Local.pair("a|b");
+        assert!(pair.try_open(Some(2)));
+        assert!(pair.try_open(Some(2)));
+        assert!(!pair.try_open(Some(2)));
+        pair.close();
+        assert_eq!(pair.open_connections(), 1);
+        assert!(pair.try_open(Some(2)));
+        assert!(pair.try_open(None));
+    }
+}

@@ -1,0 +1,668 @@
+//! Traffic shaping: how fast, how wide and from which address mail leaves for each
+//! destination.
+//!
+//! - A **bucket** is what limits apply to: a provider (`[[shaping.providers]]`, matched by MX
+//!   host suffix or by recipient domain; built-in: google, microsoft, yahoo, apple, see
+//!   `config/tern.toml` for their limits) or, for everything else, the destination key of the
+//!   route plan (the MX host set or static route). So all domains hosted by one provider share
+//!   its limits. A bucket's limits are the provider's (or, for a non-provider destination, the
+//!   `[[shaping.domains]]` rule of the first domain seen routing there) over
+//!   `[shaping.default]`.
+//! - A **pair** is (source address, bucket): the unit of every limit: open connections (cap),
+//!   new connections per minute, messages per time (GCRA through [`limiter`], burst 1), messages
+//!   per connection, the adaptive rate ([`adaptive`]), suspension, warm-up ([`warmup`]). The
+//!   global and per-source connection caps apply on top.
+//! - A **lane** is (pool, bucket): the pairs one ready queue may use ([`pools`]).
+//!
+//! The scheduler's worker asks [`Shaper::admit`] before each message (it waits there with
+//! `tokio::time::sleep`, or is told to put the message back on a due time when the wait is
+//! long: mail is never bounced for shaping), opens connections only with a [`ConnSlot`] from
+//! [`Shaper::open_slot`] (the slot lives inside the connection, also while it idles in the
+//! pool), and reports every attempt to [`Shaper::observe`].
+//!
+//! Invariants:
+//! - A pair's open connections never exceed its cap: a slot is taken before connecting and
+//!   released only when the connection is dropped.
+//! - Blocking replies never bounce mail: their permanent outcomes are made temporary, so the
+//!   message is retried once the suspension ends (possibly from another address).
+//! - State that a cluster would share sits behind [`limiter::Backend`]; warm-up counters are
+//!   in the spool.
+
+pub mod adaptive;
+pub mod limiter;
+pub mod pools;
+pub mod warmup;
+
+use crate::admin::metrics::Metrics;
+use crate::clock::now_ms;
+use crate::config::{AdaptiveConfig, Config, LimitsConfig, ProviderConfig, WhenCapped};
+use crate::delivery::route::RoutePlan;
+use crate::delivery::worker::{Attempt, Verdict};
+use adaptive::{Aimd, Classifier, Signal};
+use limiter::{Backend, PairCounters};
+use pools::{Pool, Pools, Source};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use tern_queue::Spool;
+use tokio::time::Instant;
+use tracing::{info, warn};
+use warmup::{Calendar, Take, WarmCounter, WarmState};
+
+/// Waits longer than this put the message back on a due time instead of holding a worker.
+pub const LONG_WAIT: Duration = Duration::from_secs(60);
+
+/// The limits of one bucket.
+#[derive(Debug)]
+pub struct Bucket {
+    pub name: String,
+    /// Metrics label: the provider name, a static route key, or "other".
+    pub label: String,
+    pub provider: bool,
+    pub limits: LimitsConfig,
+}
+
+/// A connection cap shared by many pairs (global, per source).
+#[derive(Default)]
+struct Cap {
+    open: AtomicUsize,
+    cap: Option<usize>,
+}
+
+impl Cap {
+    fn try_open(&self) -> bool {
+        let cap = self.cap.unwrap_or(usize::MAX);
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn close(&self) {
+        let _ = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+}
+
+/// The caps above pairs and the wake-up for workers waiting for a slot.
+struct Gates {
+    global: Cap,
+    per_source: HashMap<String, Cap>,
+    freed: tokio::sync::Notify,
+}
+
+impl Gates {
+    fn source(&self, label: &str) -> Option<&Cap> {
+        self.per_source.get(label)
+    }
+}
+
+#[derive(Default)]
+struct PairState {
+    aimd: Option<Aimd>,
+    suspended_until: Option<Instant>,
+    suspended_until_ms: Option<u64>,
+    blocked: bool,
+    /// The last reply that changed the rate or suspended the pair, and when (unix ms).
+    trigger: Option<(String, u64)>,
+    throttles: u64,
+}
+
+/// One (source, bucket).
+pub struct Pair {
+    pub source: Arc<Source>,
+    pub bucket: Arc<Bucket>,
+    counters: Box<dyn PairCounters>,
+    warm: Option<WarmCounter>,
+    gates: Arc<Gates>,
+    state: Mutex<PairState>,
+}
+
+impl Pair {
+    fn state(&self) -> MutexGuard<'_, PairState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Messages allowed over one connection.
+    pub fn max_messages_per_connection(&self) -> Option<usize> {
+        self.bucket.limits.max_messages_per_connection
+    }
+
+    fn suspended(&self, now: Instant) -> Option<Instant> {
+        self.state().suspended_until.filter(|&t| t > now)
+    }
+
+    fn capped(&self, now_ms: u64) -> bool {
+        self.warm.as_ref().is_some_and(|w| w.capped(now_ms))
+    }
+
+    fn try_open(&self) -> bool {
+        if !self.gates.global.try_open() {
+            return false;
+        }
+        if let Some(cap) = self.gates.source(&self.source.label) {
+            if !cap.try_open() {
+                self.gates.global.close();
+                return false;
+            }
+        }
+        if !self.counters.try_open(self.bucket.limits.max_connections) {
+            self.close_gates();
+            return false;
+        }
+        true
+    }
+
+    fn close_gates(&self) {
+        if let Some(cap) = self.gates.source(&self.source.label) {
+            cap.close();
+        }
+        self.gates.global.close();
+    }
+}
+
+/// A counted open connection of a pair; dropping it (with the connection) frees the place.
+pub struct ConnSlot {
+    pair: Arc<Pair>,
+}
+
+impl ConnSlot {
+    pub fn pair(&self) -> &Arc<Pair> {
+        &self.pair
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.pair.counters.close();
+        self.pair.close_gates();
+        self.pair.gates.freed.notify_waiters();
+    }
+}
+
+/// The pairs one ready queue may use: its pool's sources for its bucket.
+pub struct Lane {
+    pub pool: Arc<Pool>,
+    pub bucket: Arc<Bucket>,
+    pairs: Vec<Arc<Pair>>,
+}
+
+impl Lane {
+    /// The pair for a new connection: not suspended, not capped by warm-up, fewest open
+    /// connections; else the first (whose admission then waits or defers).
+    pub fn choose(&self) -> Arc<Pair> {
+        let (now, ms) = (Instant::now(), now_ms());
+        self.pairs
+            .iter()
+            .filter(|p| p.suspended(now).is_none() && !p.capped(ms))
+            .min_by_key(|p| p.counters.open_connections())
+            .unwrap_or(&self.pairs[0])
+            .clone()
+    }
+
+    /// Another pair of the pool that is neither capped nor suspended (warm-up overflow).
+    fn overflow_from(&self, capped: &Pair) -> Option<Arc<Pair>> {
+        let (now, ms) = (Instant::now(), now_ms());
+        self.pairs
+            .iter()
+            .filter(|p| !std::ptr::eq(p.as_ref(), capped))
+            .filter(|p| p.suspended(now).is_none() && !p.capped(ms))
+            .min_by_key(|p| p.counters.open_connections())
+            .cloned()
+    }
+}
+
+/// What the worker does with the message in hand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Send it now.
+    Go,
+    /// Send it from this other pair (warm-up overflow): a new connection.
+    SwitchTo(PairHandle),
+    /// Put it back; due at this time (unix ms). Not an attempt.
+    Later(u64),
+}
+
+/// An `Arc<Pair>` that compares by identity (for [`Admission`]).
+#[derive(Clone)]
+pub struct PairHandle(pub Arc<Pair>);
+
+impl PartialEq for PairHandle {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+impl Eq for PairHandle {}
+impl std::fmt::Debug for PairHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}|{}", self.0.source.label, self.0.bucket.name)
+    }
+}
+
+/// What the API shows of one pair: "why is this destination slow".
+#[derive(Debug, Clone, Serialize)]
+pub struct PairView {
+    pub bucket: String,
+    pub provider: bool,
+    pub source: String,
+    pub configured_rate_per_minute: Option<f64>,
+    pub current_rate_per_minute: Option<f64>,
+    pub connections: usize,
+    pub max_connections: Option<usize>,
+    pub max_messages_per_connection: Option<usize>,
+    pub connections_per_minute: Option<u32>,
+    /// RFC 3339.
+    pub suspended_until: Option<String>,
+    pub blocked: bool,
+    /// The reply that last cut the rate or suspended the pair.
+    pub trigger_reply: Option<String>,
+    pub trigger_at: Option<String>,
+    pub throttles: u64,
+    pub warmup: Option<WarmState>,
+}
+
+pub struct Shaper {
+    pools: Arc<Pools>,
+    providers: Vec<ProviderConfig>,
+    default: LimitsConfig,
+    domains: HashMap<String, LimitsConfig>,
+    adaptive: AdaptiveConfig,
+    classifier: Classifier,
+    when_capped: WhenCapped,
+    calendar: Arc<Calendar>,
+    spool: Spool,
+    backend: Arc<dyn Backend>,
+    metrics: Arc<Metrics>,
+    gates: Arc<Gates>,
+    buckets: Mutex<HashMap<String, Arc<Bucket>>>,
+    lanes: Mutex<HashMap<(String, String), Arc<Lane>>>,
+    /// Every pair created, by "source|bucket".
+    pairs: Mutex<HashMap<String, Arc<Pair>>>,
+}
+
+fn rfc3339(ms: u64) -> String {
+    jiff::Timestamp::from_millisecond(ms as i64)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+impl Shaper {
+    pub fn new(
+        config: &Config,
+        spool: Spool,
+        backend: Arc<dyn Backend>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Shaper> {
+        let s = &config.shaping;
+        let pools = Arc::new(Pools::new(&config.pools, &config.routes));
+        let per_source = pools
+            .all_sources()
+            .iter()
+            .map(|src| {
+                let cap = Cap {
+                    cap: s.max_connections_per_source,
+                    ..Cap::default()
+                };
+                (src.label.clone(), cap)
+            })
+            .collect();
+        Arc::new(Shaper {
+            pools,
+            providers: s.providers.clone(),
+            default: s.default,
+            domains: s
+                .domains
+                .iter()
+                .map(|d| (d.domain.clone(), d.limits))
+                .collect(),
+            adaptive: s.adaptive.clone(),
+            classifier: Classifier::new(&s.adaptive),
+            when_capped: s.warmup.when_capped,
+            calendar: Arc::new(Calendar::new(&s.warmup.time_zone, s.warmup.curve.clone())),
+            spool,
+            backend,
+            metrics,
+            gates: Arc::new(Gates {
+                global: Cap {
+                    cap: s.max_connections,
+                    ..Cap::default()
+                },
+                per_source,
+                freed: tokio::sync::Notify::new(),
+            }),
+            buckets: Mutex::new(HashMap::new()),
+            lanes: Mutex::new(HashMap::new()),
+            pairs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn pools(&self) -> &Arc<Pools> {
+        &self.pools
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The provider whose domains hold `domain` or whose MX patterns match a hop of `plan`.
+    fn provider(&self, domain: &str, plan: &RoutePlan) -> Option<&ProviderConfig> {
+        self.providers.iter().find(|p| {
+            p.domains.iter().any(|d| d == domain)
+                || plan.hops.iter().any(|h| {
+                    let host = h.name.to_ascii_lowercase();
+                    p.mx.iter().any(|suffix| host.ends_with(suffix.as_str()))
+                })
+        })
+    }
+
+    /// The lane for mail to `domain` (routed by `plan`) from `pool`.
+    pub fn lane(&self, pool: &Arc<Pool>, domain: &str, plan: &RoutePlan) -> Arc<Lane> {
+        let provider = self.provider(domain, plan);
+        let name = provider.map_or_else(|| plan.key.clone(), |p| p.name.clone());
+        let key = (pool.name.clone(), name.clone());
+        if let Some(lane) = Self::lock(&self.lanes).get(&key) {
+            return lane.clone();
+        }
+        let bucket = Self::lock(&self.buckets)
+            .entry(name.clone())
+            .or_insert_with(|| {
+                let (limits, label) = match provider {
+                    Some(p) => (p.limits.over(&self.default), p.name.clone()),
+                    None => (
+                        self.domains
+                            .get(domain)
+                            .map_or(self.default, |l| l.over(&self.default)),
+                        self.metrics.destination_label(&name).to_owned(),
+                    ),
+                };
+                Arc::new(Bucket {
+                    name: name.clone(),
+                    label,
+                    provider: provider.is_some(),
+                    limits,
+                })
+            })
+            .clone();
+        let pairs = pool
+            .sources
+            .iter()
+            .map(|source| self.pair(source, &bucket))
+            .collect();
+        let lane = Arc::new(Lane {
+            pool: pool.clone(),
+            bucket,
+            pairs,
+        });
+        Self::lock(&self.lanes).entry(key).or_insert(lane).clone()
+    }
+
+    fn pair(&self, source: &Arc<Source>, bucket: &Arc<Bucket>) -> Arc<Pair> {
+        let key = format!("{}|{}", source.label, bucket.name);
+        let mut pairs = Self::lock(&self.pairs);
+        if let Some(p) = pairs.get(&key) {
+            return p.clone();
+        }
+        // Warm-up applies to providers: that is where reputation is judged per address.
+        let warm = match (source.warmup_start, bucket.provider) {
+            (Some(start), true) => Some(WarmCounter::load(
+                self.spool.clone(),
+                self.calendar.clone(),
+                &source.label,
+                &bucket.name,
+                start,
+                now_ms(),
+            )),
+            _ => None,
+        };
+        let rate = bucket.limits.rate.map(|r| r.per_second);
+        if let Some(rate) = rate {
+            self.metrics
+                .shaping_rate(&source.label, &bucket.label, rate * 60.0);
+        }
+        let pair = Arc::new(Pair {
+            source: source.clone(),
+            bucket: bucket.clone(),
+            counters: self.backend.pair(&key),
+            warm,
+            gates: self.gates.clone(),
+            state: Mutex::new(PairState {
+                aimd: rate.map(|r| Aimd::new(r, Instant::now())),
+                ..PairState::default()
+            }),
+        });
+        pairs.insert(key, pair.clone());
+        pair
+    }
+
+    /// Waits until `pair` may send one more message, or says to switch pairs or put the
+    /// message back. Waits count as "shaping wait" in the metrics.
+    pub async fn admit(&self, lane: &Lane, pair: &Arc<Pair>) -> Admission {
+        let started = Instant::now();
+        let admission = self.admit_inner(lane, pair).await;
+        self.metrics.shaping_wait(started.elapsed());
+        admission
+    }
+
+    async fn admit_inner(&self, lane: &Lane, pair: &Arc<Pair>) -> Admission {
+        loop {
+            let now = Instant::now();
+            if let Some(until) = pair.suspended(now) {
+                // Another address of the pool may still send (a block is per address).
+                if let Some(p) = lane.overflow_from(pair) {
+                    return Admission::SwitchTo(PairHandle(p));
+                }
+                let wait = until - now;
+                if wait > LONG_WAIT {
+                    return Admission::Later(now_ms() + wait.as_millis() as u64);
+                }
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            if pair.capped(now_ms()) {
+                if let Some(p) = self.overflow(lane, pair) {
+                    return Admission::SwitchTo(PairHandle(p));
+                }
+            }
+            let rate = pair.state().aimd.as_ref().map(|a| a.current);
+            if let Some(rate) = rate {
+                if let Err(wait) = pair.counters.take_message(rate) {
+                    if wait > LONG_WAIT {
+                        return Admission::Later(now_ms() + wait.as_millis() as u64);
+                    }
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+            }
+            if let Some(warm) = &pair.warm {
+                let ms = now_ms();
+                let taken = warm.take(ms).await;
+                let state = warm.state(ms);
+                self.metrics.warmup(
+                    &pair.source.label,
+                    &pair.bucket.label,
+                    state.sent_today,
+                    state.cap,
+                );
+                if let Take::CappedUntil(until) = taken {
+                    if let Some(p) = self.overflow(lane, pair) {
+                        return Admission::SwitchTo(PairHandle(p));
+                    }
+                    return Admission::Later(until);
+                }
+            }
+            return Admission::Go;
+        }
+    }
+
+    fn overflow(&self, lane: &Lane, capped: &Pair) -> Option<Arc<Pair>> {
+        match self.when_capped {
+            WhenCapped::Overflow => lane.overflow_from(capped),
+            WhenCapped::Wait => None,
+        }
+    }
+
+    /// A counted place for one new connection of `pair`; waits for one. `evict` closes idle
+    /// pooled connections of the pair, whose places would otherwise stay taken until they
+    /// time out.
+    pub async fn open_slot(&self, pair: &Arc<Pair>, evict: impl Fn(&Arc<Pair>)) -> ConnSlot {
+        let started = Instant::now();
+        let mut evicted = false;
+        loop {
+            let freed = self.gates.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if pair.try_open() {
+                let slot = ConnSlot { pair: pair.clone() };
+                if let Some(per_minute) = pair.bucket.limits.connections_per_minute {
+                    while let Err(wait) = pair.counters.take_connection(per_minute) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                self.metrics.shaping_wait(started.elapsed());
+                return slot;
+            }
+            if !evicted {
+                evicted = true;
+                evict(pair);
+                continue;
+            }
+            // A periodic look as well: a cap shared with other pairs may free up without this
+            // pair's idle connections being the reason.
+            let _ = tokio::time::timeout(Duration::from_secs(1), freed).await;
+            evicted = false;
+        }
+    }
+
+    /// Reads the replies of an attempt: adapts the rate, suspends on throttling or blocks
+    /// (and then makes permanent outcomes temporary: a block is about us, not the message).
+    pub fn observe(&self, pair: &Pair, attempt: &mut Attempt) {
+        let mut worst = (Signal::Neutral, None);
+        let mut delivered = false;
+        for o in &attempt.outcomes {
+            delivered |= o.verdict == Verdict::Delivered;
+            let signal = self.classifier.classify(&o.reply, &o.status);
+            if signal > worst.0 {
+                worst = (signal, Some(o.reply.clone()));
+            }
+        }
+        let now = Instant::now();
+        let (source, bucket) = (&pair.source.label, &pair.bucket.name);
+        let mut state = pair.state();
+        match worst {
+            (Signal::Block, Some(reply)) => {
+                let until = now + self.adaptive.block_suspend;
+                let until_ms = now_ms() + self.adaptive.block_suspend.as_millis() as u64;
+                warn!(source, bucket, %reply, until = %rfc3339(until_ms), "blocked: pair suspended");
+                state.suspended_until = Some(until);
+                state.suspended_until_ms = Some(until_ms);
+                state.blocked = true;
+                state.trigger = Some((reply, now_ms()));
+                self.metrics
+                    .shaping_blocked(&pair.source.label, &pair.bucket.label, true);
+                for o in &mut attempt.outcomes {
+                    if o.verdict == Verdict::Permanent {
+                        o.verdict = Verdict::Temporary;
+                    }
+                }
+            }
+            (Signal::Throttle, Some(reply)) => {
+                state.throttles += 1;
+                self.metrics
+                    .shaping_throttle(&pair.source.label, &pair.bucket.label);
+                let old = state.aimd.as_ref().map(|a| a.current);
+                let new = state
+                    .aimd
+                    .as_mut()
+                    .and_then(|a| a.throttled(&self.adaptive, now));
+                if let (Some(old), Some(new)) = (old, new) {
+                    info!(source, bucket, old_per_minute = old * 60.0, new_per_minute = new * 60.0, %reply, "throttled: rate cut");
+                    self.metrics
+                        .shaping_rate(&pair.source.label, &pair.bucket.label, new * 60.0);
+                    state.trigger = Some((reply.clone(), now_ms()));
+                }
+                if !self.adaptive.throttle_suspend.is_zero() {
+                    let until_ms = now_ms() + self.adaptive.throttle_suspend.as_millis() as u64;
+                    info!(source, bucket, %reply, until = %rfc3339(until_ms), "throttled: pair suspended");
+                    state.suspended_until = Some(now + self.adaptive.throttle_suspend);
+                    state.suspended_until_ms = Some(until_ms);
+                    state.trigger = Some((reply, now_ms()));
+                }
+            }
+            _ if delivered => {
+                if state.blocked && state.suspended_until.is_none_or(|t| t <= now) {
+                    state.blocked = false;
+                    self.metrics
+                        .shaping_blocked(&pair.source.label, &pair.bucket.label, false);
+                }
+                let old = state.aimd.as_ref().map(|a| a.current);
+                if let Some(new) = state
+                    .aimd
+                    .as_mut()
+                    .and_then(|a| a.succeeded(&self.adaptive, now))
+                {
+                    info!(
+                        source,
+                        bucket,
+                        old_per_minute = old.unwrap_or(0.0) * 60.0,
+                        new_per_minute = new * 60.0,
+                        "sustained success: rate raised"
+                    );
+                    self.metrics
+                        .shaping_rate(&pair.source.label, &pair.bucket.label, new * 60.0);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Every pair that has seen traffic, or only those of one bucket.
+    pub fn views(&self, bucket: Option<&str>) -> Vec<PairView> {
+        let now = Instant::now();
+        let ms = now_ms();
+        let mut views: Vec<PairView> = Self::lock(&self.pairs)
+            .values()
+            .filter(|p| bucket.is_none_or(|b| p.bucket.name == b))
+            .map(|p| {
+                let state = p.state();
+                let suspended = state.suspended_until.is_some_and(|t| t > now);
+                let l = &p.bucket.limits;
+                PairView {
+                    bucket: p.bucket.name.clone(),
+                    provider: p.bucket.provider,
+                    source: p.source.label.clone(),
+                    configured_rate_per_minute: l.rate.map(|r| r.per_minute_value()),
+                    current_rate_per_minute: state.aimd.as_ref().map(|a| a.current * 60.0),
+                    connections: p.counters.open_connections(),
+                    max_connections: l.max_connections,
+                    max_messages_per_connection: l.max_messages_per_connection,
+                    connections_per_minute: l.connections_per_minute,
+                    suspended_until: suspended
+                        .then_some(state.suspended_until_ms)
+                        .flatten()
+                        .map(rfc3339),
+                    blocked: state.blocked && suspended,
+                    trigger_reply: state.trigger.as_ref().map(|t| t.0.clone()),
+                    trigger_at: state.trigger.as_ref().map(|t| rfc3339(t.1)),
+                    throttles: state.throttles,
+                    warmup: p.warm.as_ref().map(|w| w.state(ms)),
+                }
+            })
+            .collect();
+        views.sort_by(|a, b| (&a.bucket, &a.source).cmp(&(&b.bucket, &b.source)));
+        views
+    }
+
+    /// Writes exact warm-up counts (clean shutdown).
+    pub async fn flush(&self) {
+        let pairs: Vec<Arc<Pair>> = Self::lock(&self.pairs).values().cloned().collect();
+        for p in pairs {
+            if let Some(w) = &p.warm {
+                w.flush().await;
+            }
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! Send-time optimisation: engagement events in, a per-recipient `not_before` out.
+//!
+//! - [`profile`]: one recipient's decayed hour-of-week counts (the event store's record).
+//! - [`model`]: priors (global, empirical Bayes, k-means segments), the activity estimate
+//!   and the choice of a send time in a window.
+//! - [`hook`]: the `X-Tern-Send-Time` control header at ingest.
+//! - [`simulate`]: the seeded audience simulator behind `tern sidecar simulate`.
+//!
+//! [`SendTime`] is the service the daemon shares (ingest asks it for `not_before`, the
+//! events API feeds it). Profiles live in the spool's meta keyspace under
+//! `sendtime/<address>` (lowercased), about 2 KB each, updated in place per event; raw events
+//! are not kept. The priors are refitted from all profiles at start and every
+//! `sendtime.refit_interval` and kept in memory.
+//!
+//! Invariants: machine opens never change a profile; a profile is read-modified-written
+//! under its address's lock, so concurrent events for one recipient are all counted; a
+//! failure to plan never refuses mail (the caller sends it at once).
+
+pub mod hook;
+pub mod model;
+pub mod profile;
+pub mod simulate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tern_queue::{Spool, SpoolError};
+
+pub use crate::config::SendTimeConfig;
+use crate::live::Live;
+use model::{best_start, Priors, Window};
+use profile::{Arm, Profile};
+
+const META_PREFIX: &str = "sendtime/";
+const LOCK_STRIPES: usize = 64;
+/// Profile writes in flight at once for one batch of events or one message's recipients.
+const PARALLEL_WRITES: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Open,
+    Click,
+    /// A message reached the recipient at `time_ms` (for mail tern did not schedule itself).
+    Send,
+}
+
+/// One engagement event, as the events API takes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub kind: EventKind,
+    pub recipient: String,
+    pub time_ms: u64,
+    /// An automatic open (e.g. Apple Mail Privacy Protection prefetch): counted, never learnt.
+    pub machine: bool,
+    pub tz_offset_min: Option<i32>,
+}
+
+/// Why a recipient got the `not_before` they got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Chosen by the model (possibly "now" if now is best).
+    Model,
+    /// In the control share: sent at once so lift can be measured.
+    Control,
+    /// No time zone known and no history: sent at once.
+    NoZone,
+}
+
+/// The send-time experiment, summed over every profile at the last refit: planned sends
+/// and those engaged with within 72 h, per arm (`[control, model]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lift {
+    pub sends: [u64; 2],
+    pub engaged: [u64; 2],
+}
+
+#[derive(Clone)]
+pub struct SendTime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    spool: Spool,
+    config: Live<SendTimeConfig>,
+    priors: Live<Priors>,
+    lift: Live<Lift>,
+    locks: Vec<tokio::sync::Mutex<()>>,
+}
+
+fn meta_name(address: &str) -> String {
+    format!("{META_PREFIX}{}", address.to_ascii_lowercase())
+}
+
+impl SendTime {
+    pub fn new(spool: Spool, config: SendTimeConfig) -> SendTime {
+        SendTime {
+            inner: Arc::new(Inner {
+                spool,
+                config: Live::new(config),
+                priors: Live::new(Priors::default()),
+                lift: Live::new(Lift::default()),
+                locks: (0..LOCK_STRIPES)
+                    .map(|_| tokio::sync::Mutex::new(()))
+                    .collect(),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> Arc<SendTimeConfig> {
+        self.inner.config.get()
+    }
+
+    /// A config reload: new windows, shares and periods apply to the next decision.
+    pub fn set_config(&self, config: SendTimeConfig) {
+        self.inner.config.set(config);
+    }
+
+    pub fn priors(&self) -> Arc<Priors> {
+        self.inner.priors.get()
+    }
+
+    fn lock(&self, address: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        address.to_ascii_lowercase().hash(&mut h);
+        &self.inner.locks[h.finish() as usize % LOCK_STRIPES]
+    }
+
+    /// The stored profile; `None` if there is none (or it is of an unreadable version).
+    pub fn profile(&self, address: &str) -> Result<Option<Profile>, SpoolError> {
+        Ok(self
+            .inner
+            .spool
+            .get_meta(&meta_name(address))?
+            .and_then(|b| Profile::decode(&b)))
+    }
+
+    async fn update(
+        &self,
+        address: &str,
+        change: impl FnOnce(&mut Profile) -> bool,
+    ) -> Result<(), SpoolError> {
+        let _guard = self.lock(address).lock().await;
+        let mut p = self.profile(address)?.unwrap_or_default();
+        if change(&mut p) {
+            self.inner
+                .spool
+                .put_meta(&meta_name(address), p.encode())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Whether `event` counts as human engagement (machine opens never do).
+    pub fn is_engagement(event: &Event) -> bool {
+        event.kind != EventKind::Send && !event.machine
+    }
+
+    /// Records events durably: one read-modify-write per recipient (their events applied in
+    /// order), recipients in parallel so the spool's group commit merges their writes.
+    pub async fn record_batch(&self, events: Vec<Event>) -> Result<(), SpoolError> {
+        let mut by_address: std::collections::HashMap<String, Vec<Event>> = Default::default();
+        for e in events {
+            by_address
+                .entry(e.recipient.to_ascii_lowercase())
+                .or_default()
+                .push(e);
+        }
+        let permits = Arc::new(tokio::sync::Semaphore::new(PARALLEL_WRITES));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (address, events) in by_address {
+            let (this, permits) = (self.clone(), permits.clone());
+            tasks.spawn(async move {
+                let _permit = permits.acquire().await;
+                this.update(&address, |p| {
+                    for e in &events {
+                        if let Some(tz) = e.tz_offset_min {
+                            p.tz_offset_min = Some(tz);
+                        }
+                        match e.kind {
+                            EventKind::Send => p.record_send(e.time_ms),
+                            _ if SendTime::is_engagement(e) => p.record_engagement(e.time_ms),
+                            _ => p.machine_opens = p.machine_opens.saturating_add(1),
+                        }
+                    }
+                    true
+                })
+                .await
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.map_err(|e| SpoolError::Sled(format!("event task failed: {e}")))??;
+        }
+        Ok(())
+    }
+
+    /// Chooses `address`'s send time for mail accepted at `now_ms` and records the planned
+    /// send in the profile. The result is a unix ms, `now_ms` for "at once".
+    pub async fn plan(&self, address: &str, now_ms: u64) -> Result<(u64, Reason), SpoolError> {
+        let config = self.config();
+        let profile = self.profile(address)?.unwrap_or_default();
+        let (at, reason) = {
+            let mut rng = rand::thread_rng();
+            if rng.gen::<f64>() < config.control_share {
+                (now_ms, Reason::Control)
+            } else if let Some(offset) = profile.tz_offset_min {
+                let window = Window {
+                    len_ms: config.window.as_millis() as u64,
+                    quiet: config.quiet_hours,
+                };
+                let activity = self.priors().activity(&profile);
+                let start = best_start(&activity, offset, now_ms, window);
+                // Spread sends over the hour: a whole audience landing at :00 is a burst the
+                // receiving side defers.
+                let at = if start > now_ms {
+                    start + rng.gen_range(0..60) * 60_000
+                } else {
+                    now_ms
+                };
+                (at, Reason::Model)
+            } else {
+                (now_ms, Reason::NoZone)
+            }
+        };
+        let arm = if reason == Reason::Control {
+            Arm::Control
+        } else {
+            Arm::Model
+        };
+        self.update(address, |p| {
+            p.record_planned_send(at, arm);
+            true
+        })
+        .await?;
+        Ok((at, reason))
+    }
+
+    /// Refits the priors from every profile (on a blocking thread: it reads them all).
+    /// Returns how many recipients with history it saw.
+    pub async fn refit(&self) -> Result<usize, SpoolError> {
+        let spool = self.inner.spool.clone();
+        let fitted = tokio::task::spawn_blocking(move || -> Result<(Priors, Lift), SpoolError> {
+            let profiles: Vec<Profile> = spool
+                .scan_meta(META_PREFIX)?
+                .into_iter()
+                .filter_map(|(_, v)| Profile::decode(&v))
+                .collect();
+            let mut lift = Lift::default();
+            for p in &profiles {
+                for arm in 0..2 {
+                    lift.sends[arm] += p.arm_sends[arm] as u64;
+                    lift.engaged[arm] += p.arm_engaged[arm] as u64;
+                }
+            }
+            Ok((Priors::fit(profiles.iter()), lift))
+        })
+        .await
+        .map_err(|e| SpoolError::Sled(format!("send-time refit task failed: {e}")))??;
+        let (priors, lift) = fitted;
+        let n = priors.recipients;
+        self.inner.priors.set(priors);
+        self.inner.lift.set(lift);
+        Ok(n)
+    }
+
+    /// The control and model arms as of the last refit.
+    pub fn lift(&self) -> Arc<Lift> {
+        self.inner.lift.get()
+    }
+
+    /// Refits now and then every `sendtime.refit_interval` until `stop`.
+    pub async fn refit_loop(self, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            if let Err(err) = self.refit().await {
+                tracing::warn!(error = %err, "send-time priors not refitted");
+            }
+            let every = self.config().refit_interval;
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Recipients whose last human engagement (or, never engaged, whose first record) is
+    /// older than `dormant_after` at `now_ms`, at most `limit`, in address order.
+    pub fn dormant(
+        &self,
+        dormant_after: Duration,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(String, Profile)>, SpoolError> {
+        let cutoff = now_ms.saturating_sub(dormant_after.as_millis() as u64);
+        Ok(self
+            .inner
+            .spool
+            .scan_meta(META_PREFIX)?
+            .into_iter()
+            .filter_map(|(name, v)| {
+                let p = Profile::decode(&v)?;
+                let since = if p.last_engaged_ms > 0 {
+                    p.last_engaged_ms
+                } else {
+                    p.last_send_ms
+                };
+                (since < cutoff).then(|| (name[META_PREFIX.len()..].to_string(), p))
+            })
+            .take(limit)
+            .collect())
+    }
+}

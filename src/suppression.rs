@@ -1,0 +1,358 @@
+//! The suppression list: addresses tern does not mail, stored in the spool's own keyspace
+//! (`Spool::put_suppressions` and friends, group-committed), keyed by the lowercase address.
+//!
+//! Entries come from hard bounces (synchronous 5xx classified hard, asynchronous DSNs),
+//! complaints (ARF), soft failed bounces of `suppression.soft_categories` (with an expiry),
+//! and the operator (API, CLI, CSV import). Policy asks [`Suppressions::check`] at RCPT and
+//! at HTTP injection. An expired entry is treated as absent; it stays stored until it is
+//! replaced or removed (the list API does not show it).
+//!
+//! CSV form (import and export): `address,reason,created_ms,expires_ms,source` with a header
+//! line; `expires_ms` and `source` may be empty.
+
+use crate::bounce::classify::Category;
+use crate::config::{SuppressionConfig, SuppressionMode};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use tern_queue::{Spool, SpoolError};
+
+/// One suppressed address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Lowercase.
+    pub address: String,
+    /// A bounce category name (`invalid_recipient`, `complaint`, ...) or `manual`.
+    pub reason: String,
+    /// Unix ms.
+    pub created_ms: u64,
+    /// Unix ms after which the entry no longer applies; `None`: until removed.
+    #[serde(default)]
+    pub expires_ms: Option<u64>,
+    /// The queue id of the message whose bounce or complaint added it, if any.
+    #[serde(default)]
+    pub source: Option<String>,
+}
+
+impl Entry {
+    pub fn active(&self, now_ms: u64) -> bool {
+        self.expires_ms.is_none_or(|t| now_ms < t)
+    }
+}
+
+pub const CSV_HEADER: &str = "address,reason,created_ms,expires_ms,source";
+
+#[derive(Clone)]
+pub struct Suppressions {
+    spool: Spool,
+    config: Arc<SuppressionConfig>,
+}
+
+impl Suppressions {
+    pub fn new(spool: Spool, config: SuppressionConfig) -> Suppressions {
+        Suppressions {
+            spool,
+            config: Arc::new(config),
+        }
+    }
+
+    pub fn mode(&self) -> SuppressionMode {
+        self.config.mode
+    }
+
+    /// The active entry for `address`, if any. A read error counts as "not suppressed"
+    /// (logged): mail is never refused because the list could not be read.
+    pub fn check(&self, address: &str) -> Option<Entry> {
+        let key = normalize(address);
+        match self.spool.suppression(&key) {
+            Ok(Some(bytes)) => serde_json::from_slice::<Entry>(&bytes)
+                .ok()
+                .filter(|e| e.active(crate::clock::now_ms())),
+            Ok(None) => None,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the suppression list");
+                None
+            }
+        }
+    }
+
+    /// Adds (or replaces) entries; one durable write.
+    pub async fn add(&self, entries: Vec<Entry>) -> Result<(), SpoolError> {
+        let records = entries
+            .into_iter()
+            .map(|mut e| {
+                e.address = normalize(&e.address);
+                let json = serde_json::to_vec(&e).unwrap_or_default();
+                (e.address, json)
+            })
+            .collect();
+        self.spool.put_suppressions(records).await
+    }
+
+    /// Removes entries; returns how many of them existed.
+    pub async fn remove(&self, addresses: &[String]) -> Result<usize, SpoolError> {
+        let keys: Vec<String> = addresses.iter().map(|a| normalize(a)).collect();
+        let mut present = 0;
+        for k in &keys {
+            if self.spool.suppression(k)?.is_some() {
+                present += 1;
+            }
+        }
+        self.spool.remove_suppressions(&keys).await?;
+        Ok(present)
+    }
+
+    /// Active entries after the address `after`, in address order, matching `reason` and the
+    /// address substring `contains` when given; at most `limit`. Returns the entries and the
+    /// cursor for the next page (`None` at the end).
+    pub fn list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        reason: Option<&str>,
+        contains: Option<&str>,
+    ) -> Result<(Vec<Entry>, Option<String>), SpoolError> {
+        const CHUNK: usize = 1024;
+        let now = crate::clock::now_ms();
+        let contains = contains.map(str::to_lowercase);
+        let mut cursor = after.map(normalize);
+        let mut out = Vec::new();
+        loop {
+            let chunk = self.spool.suppressions_after(cursor.as_deref(), CHUNK)?;
+            let end = chunk.len() < CHUNK;
+            for (address, bytes) in chunk {
+                cursor = Some(address);
+                let Ok(entry) = serde_json::from_slice::<Entry>(&bytes) else {
+                    continue;
+                };
+                if entry.active(now)
+                    && reason.is_none_or(|r| entry.reason == r)
+                    && contains
+                        .as_deref()
+                        .is_none_or(|c| entry.address.contains(c))
+                {
+                    out.push(entry);
+                    if out.len() == limit {
+                        return Ok((out, cursor));
+                    }
+                }
+            }
+            if end {
+                return Ok((out, None));
+            }
+        }
+    }
+
+    /// The entry a bounce or complaint adds, if it adds one: hard results until removed,
+    /// failed results of a soft category for `soft_expiry`.
+    pub fn entry_for(
+        &self,
+        address: &str,
+        category: Category,
+        hard: bool,
+        failed: bool,
+        source: Option<String>,
+        now_ms: u64,
+    ) -> Option<Entry> {
+        let expires_ms = if hard {
+            None
+        } else if failed && self.config.soft_categories.contains(&category) {
+            Some(now_ms.saturating_add(self.config.soft_expiry.as_millis() as u64))
+        } else {
+            return None;
+        };
+        Some(Entry {
+            address: normalize(address),
+            reason: category.as_str().to_owned(),
+            created_ms: now_ms,
+            expires_ms,
+            source,
+        })
+    }
+}
+
+/// Addresses are compared lowercase: local parts are case-insensitive at every mailbox
+/// provider that matters, and a list that misses `Jane@` after suppressing `jane@` is worse.
+pub fn normalize(address: &str) -> String {
+    address.trim().trim_matches(['<', '>']).to_lowercase()
+}
+
+/// Whether `reason` may label an entry: a bounce category or `manual`.
+pub fn valid_reason(reason: &str) -> bool {
+    reason == "manual" || reason.parse::<Category>().is_ok()
+}
+
+pub fn to_csv_line(e: &Entry) -> String {
+    format!(
+        "{},{},{},{},{}",
+        csv_field(&e.address),
+        csv_field(&e.reason),
+        e.created_ms,
+        e.expires_ms.map(|t| t.to_string()).unwrap_or_default(),
+        csv_field(e.source.as_deref().unwrap_or("")),
+    )
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+/// Parses CSV in the export form (header optional; only `address` is required per line:
+/// `reason` defaults to `manual`, `created_ms` to `now_ms`). Errors name the line.
+pub fn parse_csv(text: &str, now_ms: u64) -> Result<Vec<Entry>, String> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() || (n == 0 && line.starts_with("address")) {
+            continue;
+        }
+        let fields = split_csv(line).map_err(|e| format!("line {}: {e}", n + 1))?;
+        let field = |i: usize| fields.get(i).map(|s| s.trim()).filter(|s| !s.is_empty());
+        let address = field(0).ok_or(format!("line {}: missing address", n + 1))?;
+        if !address.contains('@') {
+            return Err(format!("line {}: {address:?} is not an address", n + 1));
+        }
+        let reason = field(1).unwrap_or("manual");
+        if !valid_reason(reason) {
+            return Err(format!("line {}: unknown reason {reason:?}", n + 1));
+        }
+        let number = |i: usize, name: &str| -> Result<Option<u64>, String> {
+            field(i)
+                .map(|v| {
+                    v.parse::<u64>()
+                        .map_err(|_| format!("line {}: {name} {v:?} is not a number", n + 1))
+                })
+                .transpose()
+        };
+        out.push(Entry {
+            address: normalize(address),
+            reason: reason.to_owned(),
+            created_ms: number(2, "created_ms")?.unwrap_or(now_ms),
+            expires_ms: number(3, "expires_ms")?,
+            source: field(4).map(str::to_owned),
+        });
+    }
+    Ok(out)
+}
+
+fn split_csv(line: &str) -> Result<Vec<String>, String> {
+    let mut fields = Vec::new();
+    let mut cur = String::new();
+    let mut chars = line.chars().peekable();
+    let mut quoted = false;
+    while let Some(c) = chars.next() {
+        match (quoted, c) {
+            (true, '"') if chars.peek() == Some(&'"') => {
+                cur.push('"');
+                chars.next();
+            }
+            (true, '"') => quoted = false,
+            (false, '"') if cur.is_empty() => quoted = true,
+            (false, ',') => fields.push(std::mem::take(&mut cur)),
+            (_, c) => cur.push(c),
+        }
+    }
+    if quoted {
+        return Err("unterminated quote".into());
+    }
+    fields.push(cur);
+    Ok(fields)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn csv_round_trip() {
+        let entries = vec![
+            Entry {
+                address: "a@x.test".into(),
+                reason: "complaint".into(),
+                created_ms: 5,
+                expires_ms: None,
+                source: Some("0006A1B2C3D4E5F6".into()),
+            },
+            Entry {
+                address: "\"odd,local\"@x.test".into(),
+                reason: "mailbox_full".into(),
+                created_ms: 6,
+                expires_ms: Some(99),
+                source: None,
+            },
+        ];
+        let mut text = format!("{CSV_HEADER}\n");
+        for e in &entries {
+            text.push_str(&to_csv_line(e));
+            text.push('\n');
+        }
+        assert_eq!(parse_csv(&text, 0).unwrap(), entries);
+        assert_eq!(
+            parse_csv("B@X.test\n", 7).unwrap()[0],
+            Entry {
+                address: "b@x.test".into(),
+                reason: "manual".into(),
+                created_ms: 7,
+                expires_ms: None,
+                source: None
+            }
+        );
+        assert_eq!(
+            parse_csv("a@x.test,bogus\n", 0).unwrap_err(),
+            "line 1: unknown reason \"bogus\""
+        );
+    }
+
+    #[tokio::test]
+    async fn soft_entries_expire_hard_ones_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let list = Suppressions::new(
+            spool,
+            SuppressionConfig {
+                soft_expiry: Duration::from_secs(60),
+                ..SuppressionConfig::default()
+            },
+        );
+        let now = crate::clock::now_ms();
+        let soft = list
+            .entry_for(
+                "Full@X.test",
+                Category::MailboxFull,
+                false,
+                true,
+                None,
+                now - 61_000,
+            )
+            .unwrap();
+        assert_eq!(soft.expires_ms, Some(now - 1_000));
+        let hard = list
+            .entry_for(
+                "gone@x.test",
+                Category::InvalidRecipient,
+                true,
+                true,
+                None,
+                now,
+            )
+            .unwrap();
+        assert!(list
+            .entry_for("x@x.test", Category::SpamBlock, false, true, None, now)
+            .is_none());
+        list.add(vec![soft.clone(), hard.clone()]).await.unwrap();
+        assert_eq!(list.check("full@x.test"), None, "expired");
+        assert_eq!(list.check("GONE@x.test"), Some(hard.clone()));
+        let fresh = list
+            .entry_for("full@x.test", Category::MailboxFull, false, true, None, now)
+            .unwrap();
+        assert!(fresh.active(now + 59_000) && !fresh.active(now + 60_000));
+        let (page, next) = list.list(None, 10, None, None).unwrap();
+        assert_eq!((page, next), (vec![hard], None));
+        assert_eq!(list.remove(&["gone@x.test".into()]).await.unwrap(), 1);
+        assert_eq!(list.check("gone@x.test"), None);
+    }
+}

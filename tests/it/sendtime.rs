@@ -1,0 +1,311 @@
+//! Send-time optimisation through the admin API and the CLI: engagement events recorded,
+//! machine opens counted but never learnt from, every bad input a 400 JSON error that
+//! records nothing, the engagement score and the dormant query, and the simulator.
+//! (Held mail and `not_before` on the paused clock: tests/sendtime_clock.rs.)
+
+use crate::harness::*;
+use serde_json::{json, Value};
+
+const DAY_MS: u64 = 86_400_000;
+
+async fn events(server: &TestServer, events: Value) -> (u16, Value) {
+    server
+        .api("POST", "/api/v1/events", Some(&json!({ "events": events })))
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_recorded_and_machine_opens_are_not_learnt() {
+    let server = TestServer::start(Options::default()).await;
+    let now = tern::clock::now_ms();
+    let (status, body) = events(
+        &server,
+        json!([
+            {"type": "send", "recipient": "Ann@Example.test", "time_ms": now - 3 * 3_600_000, "tz_offset_minutes": 60},
+            {"type": "open", "recipient": "ann@example.test", "time_ms": now - 3_600_000, "message_id": "<a@b>"},
+            {"type": "click", "recipient": "ann@example.test", "time_ms": now - 3_000_000},
+        ]),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"recorded": 3, "engagements": 2, "machine_opens": 0, "sends": 1})
+    );
+    let (status, before) = server
+        .api("GET", "/api/v1/recipients/ann@example.test", None)
+        .await;
+    assert_eq!(status, 200, "{before}");
+    assert_eq!(before["address"], "ann@example.test");
+    assert_eq!(before["tz_offset_minutes"], 60);
+    assert!(before["score"].as_f64().unwrap() > 0.0, "{before}");
+    assert_eq!(before["dormant"], false);
+
+    // A machine open changes nothing the model or the score uses.
+    let (status, body) = events(
+        &server,
+        json!([{"type": "open", "recipient": "ann@example.test", "machine": true}]),
+    )
+    .await;
+    assert_eq!((status, body["machine_opens"].as_u64()), (200, Some(1)));
+    let (_, after) = server
+        .api("GET", "/api/v1/recipients/ann@example.test", None)
+        .await;
+    assert_eq!(after["machine_opens"], 1);
+    for field in ["engagements", "sends", "score", "last_engaged_ms"] {
+        assert_eq!(after[field], before[field], "{field}");
+    }
+    let profile = server
+        .daemon()
+        .spool()
+        .get_meta("sendtime/ann@example.test")
+        .unwrap()
+        .expect("the profile is in the spool's meta keyspace");
+    assert!(profile.len() < 2100, "compact: {} bytes", profile.len());
+
+    let (status, body) = server
+        .api("GET", "/api/v1/recipients/nobody@example.test", None)
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body["error"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_events_are_refused_with_400_and_record_nothing() {
+    let server = TestServer::start(Options::default()).await;
+    let now = tern::clock::now_ms();
+    let good = json!({"type": "open", "recipient": "bob@example.test", "time_ms": now});
+    let cases = [
+        (json!({"type": "open"}), "recipient"),
+        (
+            json!({"type": "glance", "recipient": "bob@example.test"}),
+            "glance",
+        ),
+        (
+            json!({"type": "open", "recipient": "not an address"}),
+            "events[1].recipient",
+        ),
+        (
+            json!({"type": "click", "recipient": "bob@example.test", "machine": true}),
+            "events[1].machine",
+        ),
+        (
+            json!({"type": "open", "recipient": "bob@example.test", "time_ms": now + 2 * DAY_MS}),
+            "events[1].time_ms",
+        ),
+        (
+            json!({"type": "open", "recipient": "bob@example.test", "tz_offset_minutes": 2000}),
+            "events[1].tz_offset_minutes",
+        ),
+        (
+            json!({"type": "open", "recipient": "bob@example.test", "message_id": ""}),
+            "events[1].message_id",
+        ),
+        (
+            json!({"type": "open", "recipient": "bob@example.test", "colour": "red"}),
+            "colour",
+        ),
+    ];
+    for (bad, needle) in cases {
+        let (status, body) = events(&server, json!([good.clone(), bad.clone()])).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains(needle), "{bad}: {error}");
+    }
+    let (status, body) = http(
+        server.admin(),
+        "POST",
+        "/api/v1/events",
+        Some(&server.admin_token()),
+        Some("{not json"),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(serde_json::from_str::<Value>(&body).unwrap()["error"].is_string());
+    // The valid event before each bad one was not recorded either.
+    let (status, _) = server
+        .api("GET", "/api/v1/recipients/bob@example.test", None)
+        .await;
+    assert_eq!(status, 404);
+    // The API needs its token.
+    let (status, _) = http(server.admin(), "POST", "/api/v1/events", None, Some("{}")).await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dormant_recipients_are_listed() {
+    let server = TestServer::start(Options::default()).await;
+    let now = tern::clock::now_ms();
+    let (status, body) = events(
+        &server,
+        json!([
+            {"type": "open", "recipient": "old@example.test", "time_ms": now - 200 * DAY_MS},
+            {"type": "send", "recipient": "never@example.test", "time_ms": now - 100 * DAY_MS},
+            {"type": "open", "recipient": "fresh@example.test", "time_ms": now - DAY_MS},
+        ]),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = server.api("GET", "/api/v1/recipients", None).await;
+    assert_eq!(status, 200, "{body}");
+    let names: Vec<&str> = body["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["old@example.test"], "default: 180 days");
+    let (_, body) = server
+        .api("GET", "/api/v1/recipients?dormant_after=90d", None)
+        .await;
+    let names: Vec<&str> = body["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["never@example.test", "old@example.test"]);
+    assert_eq!(body["recipients"][1]["dormant"], true);
+    let (status, body) = server
+        .api("GET", "/api/v1/recipients?dormant_after=soon", None)
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("dormant_after"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_simulate_prints_the_policy_table() {
+    let out = tokio::process::Command::new(tern_bin())
+        .args(["sidecar", "simulate", "--seed", "3", "--users", "400"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    for word in [
+        "send-now",
+        "global-best",
+        "mode-hour",
+        "tern",
+        "oracle",
+        "15+",
+        "all",
+    ] {
+        assert!(text.contains(word), "{word}: {text}");
+    }
+    let again = tokio::process::Command::new(tern_bin())
+        .args(["sidecar", "simulate", "--seed", "3", "--users", "400"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8(again.stdout).unwrap(), text, "seeded");
+    let bad = tokio::process::Command::new(tern_bin())
+        .args(["sidecar", "simulate", "--users", "5"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2), "clap usage error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_actions_never_move_mail_before_its_send_time() {
+    let server = TestServer::start(
+        Options::default()
+            .sendtime("control_share", "0.0")
+            .sendtime("quiet_hours", "\"none\""),
+    )
+    .await;
+    // Opened five hours after each send for eight weeks: the model holds new mail ~5 h.
+    let now = tern::clock::now_ms();
+    let week = 7 * DAY_MS;
+    let mut history = Vec::new();
+    for w in 1..=8 {
+        let sent = now - w * week;
+        history.push(json!({"type": "send", "recipient": "eve@sink.test", "time_ms": sent, "tz_offset_minutes": 0}));
+        history.push(json!({"type": "open", "recipient": "eve@sink.test", "time_ms": sent + 5 * 3_600_000 + 600_000}));
+    }
+    assert_eq!(events(&server, json!(history)).await.0, 200);
+    assert_eq!(
+        server.api("POST", "/api/v1/sendtime/refit", None).await.0,
+        200
+    );
+
+    let mut client = server.connect().await;
+    client.ehlo().await;
+    let id = client
+        .submit(
+            "a@example.test",
+            &["eve@sink.test"],
+            b"X-Tern-Send-Time: Optimize\r\nSubject: s\r\n\r\nb\r\n",
+        )
+        .await;
+    let env = server.envelope(id);
+    assert!(env.not_before_ms > now + 3 * 3_600_000, "{env:?}");
+    assert_eq!(env.next_due_ms, env.not_before_ms);
+    let select = json!({"id": id.to_string()});
+    let (status, body) = server
+        .api("POST", "/api/v1/queue/retry", Some(&select))
+        .await;
+    assert_eq!(
+        (status, body["affected"].as_u64()),
+        (200, Some(0)),
+        "{body}"
+    );
+    assert_eq!(server.envelope(id).next_due_ms, env.not_before_ms);
+    for action in ["hold", "release"] {
+        let (status, body) = server
+            .api("POST", &format!("/api/v1/queue/{action}"), Some(&select))
+            .await;
+        assert_eq!(
+            (status, body["affected"].as_u64()),
+            (200, Some(1)),
+            "{body}"
+        );
+    }
+    assert_eq!(server.envelope(id).next_due_ms, env.not_before_ms);
+
+    // Without the header the same recipient's mail is due at once.
+    let id = client
+        .submit(
+            "a@example.test",
+            &["eve@sink.test"],
+            b"Subject: s\r\n\r\nb\r\n",
+        )
+        .await;
+    let env = server.envelope(id);
+    assert_eq!((env.not_before_ms, env.next_due_ms), (0, env.created_ms));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_arm_is_counted_for_lift() {
+    let server = TestServer::start(Options::default().sendtime("control_share", "1.0")).await;
+    let mut client = server.connect().await;
+    client.ehlo().await;
+    let id = client
+        .submit(
+            "a@example.test",
+            &["cat@sink.test", "dan@sink.test"],
+            b"X-Tern-Send-Time: optimize\r\nSubject: s\r\n\r\nb\r\n",
+        )
+        .await;
+    // The control arm goes at once.
+    let env = server.envelope(id);
+    assert_eq!((env.not_before_ms, env.next_due_ms), (0, env.created_ms));
+    let (status, _) = events(
+        &server,
+        json!([{"type": "click", "recipient": "cat@sink.test"}]),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        server.api("POST", "/api/v1/sendtime/refit", None).await.0,
+        200
+    );
+    let (status, body) = server.api("GET", "/api/v1/sendtime/lift", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["control"]["sends"], 2);
+    assert_eq!(body["control"]["engaged"], 1);
+    assert_eq!(body["control"]["rate"], 0.5);
+    assert_eq!(body["model"]["sends"], 0);
+    assert_eq!(body["uplift"], Value::Null, "no model arm yet");
+}

@@ -1,0 +1,525 @@
+//! Issue 6, second half, end to end: VERP senders, inbound bounces over SMTP from an
+//! unauthorised client, the suppression list (API, CLI, reject and drop modes), ARF
+//! complaints, forged VERP tokens, and signed webhook events that survive a restart while
+//! the receiver is down.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::hmac;
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpSocket};
+
+use crate::harness::*;
+use crate::sink::{Sink, SinkBehaviour};
+
+const T: Duration = Duration::from_secs(20);
+const SECRET: &str = "webhook-secret-for-tests";
+const BOUNCE_DOMAIN: &str = "bounce.test";
+
+type Posts = Arc<Mutex<Vec<Value>>>;
+
+/// A webhook receiver on `addr` (port 0: any): keeps the events of every post whose
+/// signature verifies; a post with a bad signature fails the test.
+async fn receiver(addr: SocketAddr) -> (SocketAddr, Posts, tokio::task::JoinHandle<()>) {
+    let posts: Posts = Arc::default();
+    let kept = posts.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+            let kept = kept.clone();
+            async move {
+                let sig = headers["x-tern-signature"].to_str().unwrap().to_owned();
+                let (t, v1) = sig.split_once(",v1=").unwrap();
+                let t = t.strip_prefix("t=").unwrap();
+                let key = hmac::Key::new(hmac::HMAC_SHA256, SECRET.as_bytes());
+                let mut signed = format!("{t}.").into_bytes();
+                signed.extend_from_slice(&body);
+                let want: String = hmac::sign(&key, &signed)
+                    .as_ref()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                assert_eq!(v1, want, "bad webhook signature");
+                let events: Vec<Value> = serde_json::from_slice(&body).unwrap();
+                kept.lock().unwrap().extend(events);
+                StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (addr, posts, task)
+}
+
+async fn wait_events(posts: &Posts, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + T;
+    loop {
+        let events = posts.lock().unwrap().clone();
+        if done(&events) {
+            return events;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} within {T:?}: {events:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn has(events: &[Value], event: &str, recipient: &str) -> bool {
+    events
+        .iter()
+        .any(|e| e["event"] == event && e["recipient"] == recipient)
+}
+
+/// Key files in `dir` and the options: relay only from 127.0.0.1 (so 127.0.0.2 is an
+/// unauthorised client), VERP on, the webhook at `hook`.
+fn options(dir: &Path, sink: SocketAddr, hook: SocketAddr, mode: &str) -> Options {
+    let verp_key = dir.join("verp.key");
+    let secret = dir.join("hook.secret");
+    std::fs::write(&verp_key, "verp-key-of-enough-bytes\n").unwrap();
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    Options::default()
+        .deliver()
+        .relay(&["127.0.0.1/32"])
+        .route("sink.test", sink)
+        .extra(format!(
+            "[bounce]\ndomains = [\"{BOUNCE_DOMAIN}\"]\nverp = true\nverp_key_file = {:?}\n\n\
+             [suppression]\nmode = \"{mode}\"\n\n\
+             [[webhooks]]\nurl = \"http://{hook}/hook\"\nsecret_file = {:?}\nbatch_size = 10\ninterval = \"50ms\"\n",
+            path(&verp_key),
+            path(&secret),
+        ))
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// An SMTP client connected from 127.0.0.2: outside the relay network.
+async fn outsider(server: &TestServer) -> Client {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let stream = socket.connect(server.smtp).await.unwrap();
+    let mut c = Client::new(Box::new(stream));
+    c.expect_greeting().await;
+    c.ehlo().await;
+    c
+}
+
+fn dsn(to: &str, failed: &str) -> Vec<u8> {
+    format!(
+        "From: Mail Delivery System <MAILER-DAEMON@sink.test>\r\n\
+         To: {to}\r\n\
+         Subject: Undelivered Mail Returned to Sender\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: multipart/report; report-type=delivery-status; boundary=\"b1\"\r\n\
+         \r\n\
+         --b1\r\n\
+         Content-Type: text/plain\r\n\
+         \r\n\
+         Your message could not be delivered.\r\n\
+         --b1\r\n\
+         Content-Type: message/delivery-status\r\n\
+         \r\n\
+         Reporting-MTA: dns; sink.test\r\n\
+         \r\n\
+         Final-Recipient: rfc822; {failed}\r\n\
+         Action: failed\r\n\
+         Status: 5.1.1\r\n\
+         Diagnostic-Code: smtp; 550 5.1.1 <{failed}>: Recipient address rejected: User unknown\r\n\
+         \r\n\
+         --b1--\r\n"
+    )
+    .into_bytes()
+}
+
+async fn inject(server: &TestServer, to: &[&str]) -> (u16, Value) {
+    server
+        .api(
+            "POST",
+            "/api/v1/inject",
+            Some(&json!({
+                "from": "app@sender.test",
+                "to": to,
+                "message": {"from": "app@sender.test", "subject": "hello", "text": "hi"},
+            })),
+        )
+        .await
+}
+
+async fn wait_suppressed(server: &TestServer, address: &str) -> Value {
+    let deadline = Instant::now() + T;
+    loop {
+        let (status, body) = server
+            .api("GET", &format!("/api/v1/suppressions/{address}"), None)
+            .await;
+        if status == 200 {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{address} not suppressed within {T:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the bounce processor has taken every inbound record.
+async fn wait_inbound_processed(server: &TestServer) {
+    let deadline = Instant::now() + T;
+    while !server.spool().inbound(1).unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "inbound mail not processed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verp_bounce_suppresses_then_reject_mode_refuses() {
+    let keys = tempfile::tempdir().unwrap();
+    let sink = Sink::start(SinkBehaviour::default()).await;
+    let (hook, posts, _receiver) = receiver("127.0.0.1:0".parse().unwrap()).await;
+    let server = TestServer::start(options(keys.path(), sink.addr, hook, "reject")).await;
+
+    // Out with a VERP sender naming the recipient.
+    let (status, answer) = inject(&server, &["User@sink.test"]).await;
+    assert_eq!(status, 200, "{answer}");
+    let sent = sink.wait_for_messages(1, T).await;
+    let verp = sent[0].mail_from.clone();
+    assert!(
+        verp.starts_with("bounces+") && verp.ends_with("+user=sink.test@bounce.test"),
+        "{verp}"
+    );
+
+    // The bounce comes back from a client that may not relay: the bounce domain takes it.
+    let mut c = outsider(&server).await;
+    c.expect("MAIL FROM:<>", 250, "2.1.0").await;
+    c.expect("RCPT TO:<someone@elsewhere.test>", 554, "5.7.1")
+        .await;
+    c.expect(&format!("RCPT TO:<{verp}>"), 250, "2.1.5").await;
+    c.expect("DATA", 354, "").await;
+    // The body names another address: the verified VERP token decides whom it is about.
+    c.send(dot_stuff(&dsn(&verp, "unrelated@sink.test"))).await;
+    c.reply().await.assert(250, "2.0.0");
+
+    let entry = wait_suppressed(&server, "user@sink.test").await;
+    assert_eq!(entry["reason"], "invalid_recipient", "{entry}");
+    assert_eq!(entry["expires_ms"], Value::Null);
+    assert_eq!(entry["source"].as_str().unwrap().len(), 16, "{entry}");
+    wait_inbound_processed(&server).await;
+    assert_eq!(
+        server.spool().suppression("unrelated@sink.test").unwrap(),
+        None
+    );
+    // Nothing was delivered or bounced because of the bounce (no backscatter).
+    assert_eq!(sink.messages().len(), 1);
+    assert_eq!(server.message_count(), 0);
+
+    // Reject mode: 550 5.7.1 at RCPT, other recipients unaffected; 422 over HTTP.
+    let mut c = server.connect().await;
+    c.ehlo().await;
+    c.expect("MAIL FROM:<app@sender.test>", 250, "2.1.0").await;
+    c.expect("RCPT TO:<USER@sink.test>", 550, "5.7.1").await;
+    c.expect("RCPT TO:<fine@sink.test>", 250, "2.1.5").await;
+    let (status, answer) = inject(&server, &["fine@sink.test", "user@sink.test"]).await;
+    assert_eq!(status, 422, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("user@sink.test"),
+        "{answer}"
+    );
+
+    let events = wait_events(&posts, "delivered, bounced and suppressed events", |e| {
+        has(e, "delivered", "User@sink.test")
+            && has(e, "bounced", "user@sink.test")
+            && e.iter()
+                .filter(|e| e["event"] == "suppressed" && e["recipient"] == "user@sink.test")
+                .count()
+                >= 2
+    })
+    .await;
+    let bounced = events.iter().find(|e| e["event"] == "bounced").unwrap();
+    assert_eq!(bounced["category"], "invalid_recipient");
+    assert_eq!(bounced["hard"], true);
+    assert_eq!(bounced["source"], "bounce");
+    assert_eq!(bounced["status"], "5.1.1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_tokens_non_bounces_and_complaints() {
+    let keys = tempfile::tempdir().unwrap();
+    let sink = Sink::start(SinkBehaviour::default()).await;
+    let (hook, posts, _receiver) = receiver("127.0.0.1:0".parse().unwrap()).await;
+    let server = TestServer::start(options(keys.path(), sink.addr, hook, "reject")).await;
+
+    // A token in the right shape that we never signed.
+    let forged = "bounces+aaaaaaaaaaaaaaaaaaaaaaaaaaaaa+victim=sink.test@bounce.test";
+    let mut c = outsider(&server).await;
+    c.submit("", &[forged], &dsn(forged, "victim@sink.test"))
+        .await;
+    // Not a bounce at all, to the plain bounce address.
+    c.submit(
+        "someone@elsewhere.test",
+        &["bounces@bounce.test"],
+        b"From: someone@elsewhere.test\r\nSubject: hello\r\n\r\nUser unknown? No, just saying hi.\r\n",
+    )
+    .await;
+    // An ARF complaint (Yahoo's form, from the corpus).
+    let arf = std::fs::read("tests/bounces/arf-yahoo-to-from-original.eml").unwrap();
+    let arf = String::from_utf8(arf)
+        .unwrap()
+        .replace("\r\n", "\n")
+        .replace('\n', "\r\n");
+    c.submit("", &["bounces@bounce.test"], arf.as_bytes()).await;
+
+    let entry = wait_suppressed(&server, "reader.one@yahoo.com").await;
+    assert_eq!(entry["reason"], "complaint", "{entry}");
+    wait_inbound_processed(&server).await;
+    assert_eq!(
+        server.spool().suppression("victim@sink.test").unwrap(),
+        None
+    );
+    let (_, list) = server.api("GET", "/api/v1/suppressions", None).await;
+    assert_eq!(list["entries"].as_array().unwrap().len(), 1, "{list}");
+
+    let events = wait_events(&posts, "the complaint event", |e| {
+        has(e, "complaint", "reader.one@yahoo.com")
+    })
+    .await;
+    assert!(
+        !events.iter().any(|e| e["recipient"] == "victim@sink.test"),
+        "{events:#?}"
+    );
+    assert_eq!(sink.messages().len(), 0, "nothing delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_mode_events_survive_a_restart_while_the_receiver_is_down() {
+    let keys = tempfile::tempdir().unwrap();
+    let sink = Sink::start(SinkBehaviour::default()).await;
+    // A port nobody listens on, for now.
+    let hook = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let opts = || options(keys.path(), sink.addr, hook, "drop");
+    let server = TestServer::start(opts()).await;
+    let (status, _) = server
+        .api(
+            "POST",
+            "/api/v1/suppressions",
+            Some(&json!({"address": "Gone@sink.test"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    let (status, answer) = inject(&server, &["gone@sink.test", "ok@sink.test"]).await;
+    assert_eq!(status, 200, "{answer}");
+    let got = sink.wait_for_messages(1, T).await;
+    assert_eq!(got[0].rcpt_addresses(), ["ok@sink.test"]);
+    // Over SMTP too: accepted at RCPT, never delivered.
+    let mut c = server.connect().await;
+    c.ehlo().await;
+    c.submit(
+        "app@sender.test",
+        &["gone@sink.test"],
+        b"Subject: x\r\n\r\nx\r\n",
+    )
+    .await;
+
+    // Wait until the events are queued (delivered, and two suppressed), then restart.
+    let deadline = Instant::now() + T;
+    while server.spool().events("webhook/0", 100).unwrap().len() < 3 {
+        assert!(Instant::now() < deadline, "events not queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let server = server.restart(opts()).await;
+    let (_, posts, _receiver) = receiver(hook).await;
+    let events = wait_events(&posts, "the queued events after the restart", |e| {
+        has(e, "delivered", "ok@sink.test")
+            && e.iter()
+                .filter(|e| e["event"] == "suppressed" && e["recipient"] == "gone@sink.test")
+                .count()
+                == 2
+    })
+    .await;
+    let sources: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "suppressed")
+        .map(|e| e["source"].as_str().unwrap())
+        .collect();
+    assert!(
+        sources.contains(&"http") && sources.contains(&"smtp"),
+        "{sources:?}"
+    );
+    // Posted events leave the outbox.
+    let deadline = Instant::now() + T;
+    while !server.spool().events("webhook/0", 1).unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "outbox not emptied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sink.messages().len(), 1, "gone@ never delivered");
+    server.flush_delivery_log().await;
+    let log = std::fs::read_to_string(server.dir.path().join("delivery.log")).unwrap();
+    let dropped: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"outcome\":\"suppressed\""))
+        .collect();
+    assert_eq!(dropped.len(), 2, "{log}");
+    assert!(
+        dropped.iter().all(|l| l.contains("gone@sink.test")),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronous_hard_bounce_suppresses() {
+    let keys = tempfile::tempdir().unwrap();
+    let sink = Sink::start(SinkBehaviour::default().rcpt_reply(|a| {
+        a.starts_with("nobody@")
+            .then(|| "550 5.1.1 <nobody@sink.test>: User unknown".to_owned())
+    }))
+    .await;
+    let (hook, posts, _receiver) = receiver("127.0.0.1:0".parse().unwrap()).await;
+    let server = TestServer::start(options(keys.path(), sink.addr, hook, "reject")).await;
+    let (status, _) = inject(&server, &["nobody@sink.test"]).await;
+    assert_eq!(status, 200);
+    let entry = wait_suppressed(&server, "nobody@sink.test").await;
+    assert_eq!(entry["reason"], "invalid_recipient");
+    wait_events(&posts, "the bounced event", |e| {
+        has(e, "bounced", "nobody@sink.test")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_add_list_remove_and_csv_round_trip() {
+    use crate::cli::{cli_config, tern_ok};
+    let server = TestServer::start(Options::default()).await;
+    let config = cli_config(&server);
+    let cfg = config.to_str().unwrap();
+
+    let out = tern_ok(&[
+        "suppression",
+        "add",
+        "A@x.test",
+        "--reason",
+        "complaint",
+        "--config",
+        cfg,
+    ])
+    .await;
+    assert_eq!(out, "suppressed a@x.test\n");
+    tern_ok(&[
+        "suppression",
+        "add",
+        "b@x.test",
+        "--expires-in",
+        "7d",
+        "--config",
+        cfg,
+    ])
+    .await;
+    let list = tern_ok(&["suppression", "list", "--config", cfg]).await;
+    assert!(
+        list.contains("a@x.test") && list.contains("complaint"),
+        "{list}"
+    );
+    assert!(
+        list.contains("b@x.test") && list.contains("manual"),
+        "{list}"
+    );
+    let page = tern_ok(&[
+        "suppression",
+        "list",
+        "--limit",
+        "1",
+        "--json",
+        "--config",
+        cfg,
+    ])
+    .await;
+    let page: Value = serde_json::from_str(&page).unwrap();
+    assert_eq!(page["entries"].as_array().unwrap().len(), 1);
+    assert_eq!(page["next"], "a@x.test");
+    let filtered = tern_ok(&[
+        "suppression",
+        "list",
+        "--reason",
+        "manual",
+        "--json",
+        "--config",
+        cfg,
+    ])
+    .await;
+    let filtered: Value = serde_json::from_str(&filtered).unwrap();
+    assert_eq!(filtered["entries"][0]["address"], "b@x.test");
+
+    // Export, clear, import the export: the same list.
+    let csv = tern_ok(&["suppression", "export", "--config", cfg]).await;
+    assert!(
+        csv.starts_with("address,reason,created_ms,expires_ms,source\n"),
+        "{csv}"
+    );
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    tern_ok(&["suppression", "remove", "a@x.test", "--config", cfg]).await;
+    tern_ok(&["suppression", "remove", "B@X.test", "--config", cfg]).await;
+    let empty = tern_ok(&["suppression", "export", "--config", cfg]).await;
+    assert_eq!(empty.lines().count(), 1, "{empty}");
+    let file = server.dir.path().join("list.csv");
+    std::fs::write(&file, &csv).unwrap();
+    let out = tern_ok(&[
+        "suppression",
+        "import",
+        file.to_str().unwrap(),
+        "--config",
+        cfg,
+    ])
+    .await;
+    assert_eq!(out, "imported 2\n");
+    assert_eq!(
+        tern_ok(&["suppression", "export", "--config", cfg]).await,
+        csv
+    );
+
+    // Errors: JSON with the right status, named; the CLI exits non-zero.
+    let (status, body) = server
+        .api(
+            "POST",
+            "/api/v1/suppressions",
+            Some(&json!({"address": "x", "reason": "bogus"})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().starts_with("address:"),
+        "{body}"
+    );
+    let (status, body) = server
+        .api("DELETE", "/api/v1/suppressions/none@x.test", None)
+        .await;
+    assert_eq!((status, body["error"].as_str().is_some()), (404, true));
+    std::fs::write(&file, "ok@x.test\nbad line\n").unwrap();
+    let (status, body) = http(
+        server.admin(),
+        "POST",
+        "/api/v1/suppressions/import",
+        Some(&server.admin_token()),
+        Some("ok@x.test\nbad line\n"),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("line 2"), "{body}");
+    assert_eq!(
+        server.spool().suppression("ok@x.test").unwrap(),
+        None,
+        "all or nothing"
+    );
+}
