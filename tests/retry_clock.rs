@@ -16,12 +16,15 @@
 mod dsn;
 #[path = "it/harness.rs"]
 mod harness;
+#[path = "it/paused_clock.rs"]
+mod paused_clock;
 #[path = "it/sink.rs"]
 mod sink;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use harness::{Options, TestServer};
+use paused_clock::{attempts_seen, hold_clock, pause_real, until};
 use sink::{Sink, SinkBehaviour};
 use tern::clock::now_ms;
 
@@ -33,44 +36,15 @@ const RETRY_MAX_MS: u64 = 240 * MINUTE_MS;
 const MAX_AGE_MS: u64 = 5 * 24 * 60 * MINUTE_MS;
 const DELAY_NOTICE_MS: u64 = 240 * MINUTE_MS;
 
-/// Waits in real time, off the runtime's thread, until `done` holds; panics after 20 s.
-async fn until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(Instant::now() < deadline, "waited 20 s (real) for {what}");
-        pause_real(Duration::from_millis(2)).await;
-    }
-}
-
-/// Lets real time pass (for the daemon's I/O and fsyncs) without moving the virtual clock.
-async fn pause_real(d: Duration) {
-    tokio::task::spawn_blocking(move || std::thread::sleep(d))
-        .await
-        .unwrap();
-}
-
 async fn advance_ms(ms: u64) {
     tokio::time::advance(Duration::from_millis(ms)).await;
-}
-
-/// RCPT commands for `address` the sink has seen: one per delivery attempt.
-fn attempts_seen(sink: &Sink, address: &str) -> usize {
-    let needle = format!("RCPT TO:<{address}>");
-    sink.session_logs()
-        .iter()
-        .flat_map(|s| s.commands.iter())
-        .filter(|c| c.line.starts_with(&needle))
-        .count()
 }
 
 #[tokio::test(start_paused = true)]
 async fn retries_follow_the_schedule_until_expiry_with_one_delay_notice() {
     tern::clock::follow_runtime_clock();
     // Held until the end of the test: no auto-advance while it runs (see the module doc).
-    let (stop_holding, hold) = std::sync::mpsc::channel::<()>();
-    let holder = tokio::task::spawn_blocking(move || {
-        let _ = hold.recv();
-    });
+    let (stop_holding, holder) = hold_clock();
 
     const RCPT: &str = "late@sink.test";
     let sink =

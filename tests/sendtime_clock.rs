@@ -9,12 +9,15 @@
 
 #[path = "it/harness.rs"]
 mod harness;
+#[path = "it/paused_clock.rs"]
+mod paused_clock;
 #[path = "it/sink.rs"]
 mod sink;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use harness::{Options, TestServer};
+use paused_clock::{attempts_seen, hold_clock, pause_real, until};
 use serde_json::json;
 use sink::{Sink, SinkBehaviour};
 use tern::clock::now_ms;
@@ -22,20 +25,6 @@ use tern::clock::now_ms;
 const HOUR_MS: u64 = 3_600_000;
 const WEEK_MS: u64 = 7 * 24 * HOUR_MS;
 const MAX_AGE_MS: u64 = 12 * HOUR_MS;
-
-async fn until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(Instant::now() < deadline, "waited 20 s (real) for {what}");
-        pause_real(Duration::from_millis(2)).await;
-    }
-}
-
-async fn pause_real(d: Duration) {
-    tokio::task::spawn_blocking(move || std::thread::sleep(d))
-        .await
-        .unwrap();
-}
 
 async fn advance_to(t_ms: u64) {
     let now = now_ms();
@@ -46,22 +35,10 @@ async fn advance_to(t_ms: u64) {
     pause_real(Duration::from_millis(50)).await;
 }
 
-fn attempts_seen(sink: &Sink, address: &str) -> usize {
-    let needle = format!("RCPT TO:<{address}>");
-    sink.session_logs()
-        .iter()
-        .flat_map(|s| s.commands.iter())
-        .filter(|c| c.line.starts_with(&needle))
-        .count()
-}
-
 #[tokio::test(start_paused = true)]
 async fn held_until_not_before_across_a_restart_and_expiry_still_holds() {
     tern::clock::follow_runtime_clock();
-    let (stop_holding, hold) = std::sync::mpsc::channel::<()>();
-    let holder = tokio::task::spawn_blocking(move || {
-        let _ = hold.recv();
-    });
+    let (stop_holding, holder) = hold_clock();
 
     let sink = Sink::start(SinkBehaviour::default()).await;
     let slow =

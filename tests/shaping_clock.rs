@@ -6,6 +6,8 @@
 
 #[path = "it/harness.rs"]
 mod harness;
+#[path = "it/paused_clock.rs"]
+mod paused_clock;
 #[path = "it/sink.rs"]
 mod sink;
 
@@ -13,15 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use harness::{Options, TestServer};
+use paused_clock::{hold_clock, pause_real};
 use sink::{Sink, SinkBehaviour};
 use tern::clock::now_ms;
-
-/// Lets real time pass (daemon I/O, fsyncs) without moving the virtual clock.
-async fn pause_real(d: Duration) {
-    tokio::task::spawn_blocking(move || std::thread::sleep(d))
-        .await
-        .unwrap();
-}
 
 /// Waits in real time until `done`; false after `limit`.
 async fn until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
@@ -49,15 +45,6 @@ async fn settle(sink: &Sink) {
             (last, quiet) = (n, 0);
         }
     }
-}
-
-/// Keeps tokio from auto-advancing while the daemon waits on real I/O (see retry_clock.rs).
-fn hold_clock() -> (std::sync::mpsc::Sender<()>, tokio::task::JoinHandle<()>) {
-    let (stop, hold) = std::sync::mpsc::channel::<()>();
-    let holder = tokio::task::spawn_blocking(move || {
-        let _ = hold.recv();
-    });
-    (stop, holder)
 }
 
 async fn submit_many(server: &TestServer, rcpts: impl Iterator<Item = String>) {

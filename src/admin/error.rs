@@ -40,6 +40,17 @@ impl ApiError {
     }
 }
 
+/// The page size of a listing: `requested`, or `default` when absent; 400 unless within
+/// 1..=`max`.
+pub fn page_limit(requested: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError> {
+    match requested.unwrap_or(default) {
+        limit @ 1.. if limit <= max => Ok(limit),
+        _ => Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {max}"
+        ))),
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Json(serde_json::json!({ "error": self.message }));

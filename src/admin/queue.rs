@@ -10,7 +10,7 @@
 //! Invariants: every answer is JSON, errors `{"error": "..."}` (400 for malformed or unknown
 //! input, 404 for an unknown message); reads that scan the spool run on blocking threads.
 
-use super::error::{ApiError, ApiJson};
+use super::error::{page_limit, ApiError, ApiJson};
 use super::AdminState;
 use crate::clock::now_ms;
 use crate::config::parse_duration;
@@ -226,12 +226,7 @@ async fn list(
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> ApiResult {
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let limit = params.limit.unwrap_or(DEFAULT_LIMIT);
-    if limit == 0 || limit > MAX_LIMIT {
-        return Err(ApiError::bad_request(format!(
-            "limit must be between 1 and {MAX_LIMIT}"
-        )));
-    }
+    let limit = page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let after = params.after.as_deref().map(parse_id).transpose()?;
     let filter = Filter {
         destination: params.destination.map(|d| d.to_ascii_lowercase()),

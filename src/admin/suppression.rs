@@ -10,7 +10,7 @@
 //!   write, or none (400 naming the first bad line);
 //! - `GET /suppressions/export`: every active entry as CSV.
 
-use super::error::{ApiError, ApiJson};
+use super::error::{page_limit, ApiError, ApiJson};
 use super::AdminState;
 use crate::config::parse_duration;
 use crate::suppression::{self, Entry};
@@ -60,12 +60,7 @@ async fn list(
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> ApiResult {
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let limit = params.limit.unwrap_or(DEFAULT_LIMIT);
-    if limit == 0 || limit > MAX_LIMIT {
-        return Err(ApiError::bad_request(format!(
-            "limit must be between 1 and {MAX_LIMIT}"
-        )));
-    }
+    let limit = page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     if let Some(reason) = params
         .reason
         .as_deref()

@@ -109,23 +109,31 @@ impl PairCounters for LocalPair {
     }
 
     fn try_open(&self, cap: Option<usize>) -> bool {
-        let cap = cap.unwrap_or(usize::MAX);
-        self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < cap).then_some(n + 1)
-            })
-            .is_ok()
+        take_slot(&self.open, cap)
     }
 
     fn close(&self) {
-        let _ = self
-            .open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        give_slot(&self.open);
     }
 
     fn open_connections(&self) -> usize {
         self.open.load(Ordering::Acquire)
     }
+}
+
+/// Counts one more open connection in `open` unless that would exceed `cap` (`None`:
+/// unlimited); false when full.
+pub(super) fn take_slot(open: &AtomicUsize, cap: Option<usize>) -> bool {
+    let cap = cap.unwrap_or(usize::MAX);
+    open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+        (n < cap).then_some(n + 1)
+    })
+    .is_ok()
+}
+
+/// Counts one connection less in `open` (never below zero).
+pub(super) fn give_slot(open: &AtomicUsize) {
+    let _ = open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
 }
 
 #[cfg(test)]

@@ -43,7 +43,7 @@ use limiter::{Backend, PairCounters};
 use pools::{Pool, Pools, Source};
 use serde::Serialize;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tern_queue::Spool;
@@ -73,18 +73,11 @@ struct Cap {
 
 impl Cap {
     fn try_open(&self) -> bool {
-        let cap = self.cap.unwrap_or(usize::MAX);
-        self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < cap).then_some(n + 1)
-            })
-            .is_ok()
+        limiter::take_slot(&self.open, self.cap)
     }
 
     fn close(&self) {
-        let _ = self
-            .open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        limiter::give_slot(&self.open);
     }
 }
 
