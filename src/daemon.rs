@@ -112,7 +112,8 @@ impl Daemon {
                     format!("spool.path: cannot open {}", config.spool.path.display())
                 })?;
         let stats = spool.stats();
-        info!(messages = stats.messages, bytes = stats.bytes, path = %config.spool.path.display(), "spool open");
+        info!(messages = stats.messages, bytes = stats.bytes, path = %config.spool.path.display(),
+            after_clean_close = spool.opened_after_clean_close(), "spool open");
 
         let shutdown = CancellationToken::new();
         // Reads every body once, so it runs in the background (on blocking threads, in chunks)

@@ -116,6 +116,14 @@ impl IdGenerator {
         }
     }
 
+    /// The largest id handed out (or the floor it started from), if any.
+    pub(crate) fn last(&self) -> Option<MessageId> {
+        match self.last.load(Ordering::Relaxed) {
+            0 => None,
+            last => Some(MessageId(last)),
+        }
+    }
+
     /// The next id for the current wall-clock time.
     pub fn next(&self) -> MessageId {
         // A clock before 1970 is a broken host; treating it as 0 still yields

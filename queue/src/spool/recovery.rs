@@ -101,10 +101,7 @@ pub(super) fn recover(db: &sled::Db) -> Result<Recovered, SpoolError> {
         }
     }
     // One seek to the last body, instead of reading them all.
-    if let Some(item) = db.scan_prefix([BODY]).next_back() {
-        let (key, _) = item?;
-        rec.max_id = rec.max_id.max(Some(parse_id_key(&key)?));
-    }
+    rec.max_id = rec.max_id.max(last_id(db, BODY)?);
 
     // Merge the due keys, sorted by id, with the envelopes: each envelope
     // needs exactly the key `D + next_due_ms + id`.
@@ -145,6 +142,19 @@ pub(super) fn recover(db: &sled::Db) -> Result<Recovered, SpoolError> {
         tracing::warn!(repairs, "spool recovery repaired the index");
     }
     Ok(rec)
+}
+
+/// The largest id among the bodies and envelopes present: one seek to the
+/// last of each, instead of reading them all.
+pub(super) fn last_key_id(db: &sled::Db) -> Result<Option<MessageId>, SpoolError> {
+    Ok(last_id(db, BODY)?.max(last_id(db, ENVELOPE)?))
+}
+
+fn last_id(db: &sled::Db, prefix: u8) -> Result<Option<MessageId>, SpoolError> {
+    match db.scan_prefix([prefix]).next_back() {
+        Some(item) => Ok(Some(parse_id_key(&item?.0)?)),
+        None => Ok(None),
+    }
 }
 
 /// Splits the keys under `prefix` into up to `RECOVERY_RANGES` ranges of
