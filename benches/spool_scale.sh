@@ -20,9 +20,10 @@
 #    work such as the orphan-body sweep runs then).
 # 4. SIGTERMs tern and reports the shutdown time and the spool size on disk.
 #
-# Note: sled writes its page-table snapshot only when it opens a database, so the first start
-# after a fill replays the whole log; later starts replay only what was written since the
-# previous start. Run it twice to see both.
+# Note: a clean close (spool_fill's, and tern's on SIGTERM) leaves a record that lets the next
+# open skip the recovery scan, and a sled snapshot so it skips the log replay (the start logs
+# after_clean_close=true). To measure the start after a crash, SIGKILL a running tern on the
+# spool first (then the open scans every envelope and due key).
 #
 # Environment:
 #   TERN=path        tern binary (default: target/release/tern, built first)

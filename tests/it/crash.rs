@@ -1,6 +1,7 @@
 //! Crash safety of the real binary: SIGKILL under concurrent load loses no acknowledged
 //! message and duplicates none; the restarted daemon recovers the spool, refuses to share
-//! it with `tern queue`, and stops cleanly on SIGTERM.
+//! it with `tern queue`, and stops cleanly on SIGTERM, leaving a clean-close record whose
+//! counters match the envelopes.
 
 use crate::harness::*;
 use std::collections::{HashMap, HashSet};
@@ -202,7 +203,18 @@ async fn sigkill_under_load_loses_no_acknowledged_message() {
         tern.log_text()
     );
 
-    // 4. The stopped spool, through the CLI and directly.
+    // A clean stop leaves the clean-close record, so the next open trusts the counters
+    // instead of scanning (step 4 checks them against the envelopes).
+    {
+        let spool = Spool::open(&dir.path().join("spool")).expect("open the stopped spool");
+        assert!(
+            spool.opened_after_clean_close(),
+            "SIGTERM closes the spool cleanly; log:\n{}",
+            tern.log_text()
+        );
+    }
+
+    // 4. The stopped spool, through the CLI and directly (after the CLI's clean close).
     let listed = run_tern(&["queue", "list", "--json", "--config", config_arg], None).await;
     assert!(listed.status.success(), "{}", describe(&listed));
     let from_cli: Vec<Envelope> = serde_json::from_slice(&listed.stdout).unwrap_or_else(|e| {
@@ -212,6 +224,10 @@ async fn sigkill_under_load_loses_no_acknowledged_message() {
         )
     });
     let spool = Spool::open(&dir.path().join("spool")).expect("open the stopped spool");
+    assert!(
+        spool.opened_after_clean_close(),
+        "the CLI closes the spool cleanly"
+    );
     let envelopes = sorted(spool.list().unwrap());
     assert_eq!(
         sorted(from_cli),
