@@ -29,7 +29,7 @@ use tern_queue::{Spool, SpoolError};
 
 pub use crate::config::SendTimeConfig;
 use crate::live::Live;
-use model::{best_start, Priors, Window};
+use model::{choose, Priors, Window};
 use profile::{Arm, Profile};
 
 const META_PREFIX: &str = "sendtime/";
@@ -206,23 +206,20 @@ impl SendTime {
             let mut rng = rand::thread_rng();
             if rng.gen::<f64>() < config.control_share {
                 (now_ms, Reason::Control)
-            } else if let Some(offset) = profile.tz_offset_min {
+            } else {
                 let window = Window {
                     len_ms: config.window.as_millis() as u64,
                     quiet: config.quiet_hours,
                 };
-                let activity = self.priors().activity(&profile);
-                let start = best_start(&activity, offset, now_ms, window);
-                // Spread sends over the hour: a whole audience landing at :00 is a burst the
-                // receiving side defers.
-                let at = if start > now_ms {
-                    start + rng.gen_range(0..60) * 60_000
-                } else {
-                    now_ms
-                };
-                (at, Reason::Model)
-            } else {
-                (now_ms, Reason::NoZone)
+                match choose(&self.priors(), &profile, now_ms, window) {
+                    // Spread sends over the hour: a whole audience landing at :00 is a burst
+                    // the receiving side defers.
+                    Some(start) if start > now_ms => {
+                        (start + rng.gen_range(0..60) * 60_000, Reason::Model)
+                    }
+                    Some(_) => (now_ms, Reason::Model),
+                    None => (now_ms, Reason::NoZone),
+                }
             }
         };
         let arm = if reason == Reason::Control {

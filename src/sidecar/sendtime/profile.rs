@@ -146,20 +146,24 @@ impl Profile {
     /// The first engagement after the latest send ends that send's exposure: a message that
     /// was opened cannot be opened for the first time later, so the hours after it must not
     /// count as hours the recipient saw mail and ignored it. An open within
-    /// [`MACHINE_SUSPECT_MS`] of the send counts for the score but not for the hours: that
-    /// is when unflagged privacy-proxy prefetches land, and they say nothing about when the
-    /// recipient reads.
+    /// [`MACHINE_SUSPECT_MS`] of the send counts for the score and the experiment's arm but
+    /// neither for the hours nor as the send's first open: that is when unflagged
+    /// privacy-proxy prefetches land, and they say nothing about when the recipient reads
+    /// (nor that the recipient has seen the message).
     pub fn record_engagement(&mut self, t_ms: u64) {
         let w = self.advance(t_ms);
         let since_send = t_ms.checked_sub(self.last_send_ms);
-        let fresh_send = since_send.is_some_and(|d| d < HORIZON_H as u64 * HOUR_MS as u64)
-            && !self.last_send_engaged
+        let in_horizon = since_send.is_some_and(|d| d < HORIZON_H as u64 * HOUR_MS as u64)
             && self.last_send_ms > 0;
-        if fresh_send {
-            self.last_send_engaged = true;
-            if let Some(arm) = self.last_send_arm {
+        let suspect = since_send.is_some_and(|d| d < MACHINE_SUSPECT_MS);
+        if in_horizon {
+            // The experiment credits the first engagement of any kind, once.
+            if let Some(arm) = self.last_send_arm.take() {
                 self.arm_engaged[arm as usize] = self.arm_engaged[arm as usize].saturating_add(1);
             }
+        }
+        if in_horizon && !suspect && !self.last_send_engaged {
+            self.last_send_engaged = true;
             let s = hour_of_week(self.last_send_ms, self.offset());
             let sw = decay(self.updated_ms - self.last_send_ms);
             let opened_k = (since_send.unwrap_or(0) / HOUR_MS as u64) as usize;
@@ -168,7 +172,7 @@ impl Profile {
                 *e = (*e - sw * visibility(k) as f32).max(0.0);
             }
         }
-        if since_send.is_none_or(|d| d >= MACHINE_SUSPECT_MS) {
+        if !suspect {
             self.engagements[hour_of_week(t_ms, self.offset())] += w;
         }
         self.engagement_total += w;
