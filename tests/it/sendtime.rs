@@ -309,3 +309,61 @@ async fn the_control_arm_is_counted_for_lift() {
     assert_eq!(body["model"]["sends"], 0);
     assert_eq!(body["uplift"], Value::Null, "no model arm yet");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaigns_send_window_and_quiet_hours_bound_the_planned_time() {
+    const HOUR_MS: u64 = 3_600_000;
+    let now = tern::clock::now_ms();
+    // The recipient is in UTC+2; quiet hours cover their local hours 4 and 5 after now's,
+    // the last two whole hours of the campaign's 6 h window.
+    let offset_h = 2;
+    let local_hour = |t: u64| ((t / HOUR_MS + offset_h) % 24) as u8;
+    let quiet = ((local_hour(now) + 4) % 24, (local_hour(now) + 6) % 24);
+    let campaign = format!(
+        "[[sidecar.campaigns]]\nname = \"timed\"\nsubject = \"Hi\"\ntext = \"Hello\\n\"\n\
+         send_window = \"6h\"\nquiet_hours = [{}, {}]\n",
+        quiet.0, quiet.1
+    );
+    let server = TestServer::start(
+        Options::default()
+            .sendtime("control_share", "0.0")
+            .sendtime("quiet_hours", "\"none\"")
+            .extra(campaign),
+    )
+    .await;
+    // Opened ten hours after each send for eight weeks: left alone, the model would hold
+    // new mail about ten hours, past this campaign's window.
+    let mut history = Vec::new();
+    for w in 1..=8 {
+        let sent = now - w * 7 * DAY_MS;
+        history.push(json!({"type": "send", "recipient": "fay@sink.test", "time_ms": sent, "tz_offset_minutes": offset_h * 60}));
+        history.push(json!({"type": "open", "recipient": "fay@sink.test", "time_ms": sent + 10 * HOUR_MS + 600_000}));
+    }
+    assert_eq!(events(&server, json!(history)).await.0, 200);
+    assert_eq!(
+        server.api("POST", "/api/v1/sendtime/refit", None).await.0,
+        200
+    );
+    let (status, answer) = server
+        .api(
+            "POST",
+            "/api/v1/inject",
+            Some(&json!({
+                "from": "news@example.com",
+                "to": ["fay@sink.test"],
+                "raw": "From: news@example.com\nSubject: x\n\nx\n",
+                "sidecar": {"campaign": "timed", "send_time": "optimize"},
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let env = &server.envelopes()[0];
+    let at = env.not_before_ms;
+    assert!(at > now + HOUR_MS, "held toward the active hours: {env:?}");
+    assert!(at < now + 6 * HOUR_MS, "inside the 6 h window: {env:?}");
+    let h = local_hour(at);
+    assert!(
+        h != quiet.0 && h != (quiet.0 + 1) % 24,
+        "local hour {h} is quiet ({quiet:?}): {env:?}"
+    );
+}

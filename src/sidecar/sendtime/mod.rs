@@ -197,9 +197,23 @@ impl SendTime {
         Ok(())
     }
 
-    /// Chooses `address`'s send time for mail accepted at `now_ms` and records the planned
-    /// send in the profile. The result is a unix ms, `now_ms` for "at once".
-    pub async fn plan(&self, address: &str, now_ms: u64) -> Result<(u64, Reason), SpoolError> {
+    /// The window of `[sendtime]`: `window` long, minus `quiet_hours`.
+    pub fn default_window(&self) -> Window {
+        let config = self.config();
+        Window {
+            len_ms: config.window.as_millis() as u64,
+            quiet: config.quiet_hours,
+        }
+    }
+
+    /// Chooses `address`'s send time in `window` for mail accepted at `now_ms` and records
+    /// the planned send in the profile. The result is a unix ms, `now_ms` for "at once".
+    pub async fn plan(
+        &self,
+        address: &str,
+        now_ms: u64,
+        window: Window,
+    ) -> Result<(u64, Reason), SpoolError> {
         let config = self.config();
         let profile = self.profile(address)?.unwrap_or_default();
         let (at, reason) = {
@@ -207,15 +221,15 @@ impl SendTime {
             if rng.gen::<f64>() < config.control_share {
                 (now_ms, Reason::Control)
             } else {
-                let window = Window {
-                    len_ms: config.window.as_millis() as u64,
-                    quiet: config.quiet_hours,
-                };
                 match choose(&self.priors(), &profile, now_ms, window) {
-                    // Spread sends over the hour: a whole audience landing at :00 is a burst
-                    // the receiving side defers.
+                    // Spread sends over the hour (a whole audience landing at :00 is a burst
+                    // the receiving side defers), but never past the window's end.
                     Some(start) if start > now_ms => {
-                        (start + rng.gen_range(0..60) * 60_000, Reason::Model)
+                        let room = (now_ms + window.len_ms - start).min(3_600_000) / 60_000;
+                        (
+                            start + rng.gen_range(0..room.max(1)) * 60_000,
+                            Reason::Model,
+                        )
                     }
                     Some(_) => (now_ms, Reason::Model),
                     None => (now_ms, Reason::NoZone),
@@ -282,6 +296,17 @@ impl SendTime {
         }
     }
 
+    /// Records one event in the background (for callers that cannot wait, like the tracking
+    /// endpoints); a failure is logged.
+    fn record_later(&self, event: Event) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(err) = this.record_batch(vec![event]).await {
+                tracing::warn!(error = %err, "engagement event not recorded");
+            }
+        });
+    }
+
     /// Recipients whose last human engagement (or, never engaged, whose first record) is
     /// older than `dormant_after` at `now_ms`, at most `limit`, in address order.
     pub fn dormant(
@@ -307,5 +332,22 @@ impl SendTime {
             })
             .take(limit)
             .collect())
+    }
+}
+
+/// Built-in tracking's opens and clicks land in the same profiles as `POST /api/v1/events`
+/// (a machine open is counted there and never learnt from, like any other).
+impl crate::sidecar::EngagementSink for SendTime {
+    fn record(&self, e: crate::sidecar::Engagement) {
+        self.record_later(Event {
+            kind: match e.kind {
+                crate::sidecar::EngagementKind::Open => EventKind::Open,
+                crate::sidecar::EngagementKind::Click => EventKind::Click,
+            },
+            recipient: e.recipient,
+            time_ms: e.at_ms,
+            machine: e.machine,
+            tz_offset_min: None,
+        });
     }
 }
