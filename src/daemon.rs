@@ -184,7 +184,11 @@ impl Daemon {
             metrics.clone(),
         );
         let (new_mail, new_mail_rx) = tokio::sync::mpsc::unbounded_channel();
-        let send_time = SendTime::new(spool.clone(), config.sendtime.clone());
+        let send_time = SendTime::new(
+            spool.clone(),
+            config.sendtime.clone(),
+            Suppressions::new(spool.clone(), config.suppression.clone()),
+        );
         tokio::spawn(send_time.clone().refit_loop(shutdown.clone()));
         let mut sidecar = Sidecar::new(
             &config.sidecar,

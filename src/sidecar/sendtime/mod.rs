@@ -29,6 +29,7 @@ use tern_queue::{Spool, SpoolError};
 
 pub use crate::config::SendTimeConfig;
 use crate::live::Live;
+use crate::suppression::{Entry, Suppressions, SUNSET_REASON};
 use model::{choose, Priors, Window};
 use profile::{Arm, Profile};
 
@@ -84,6 +85,8 @@ pub struct SendTime {
 
 struct Inner {
     spool: Spool,
+    /// Where the sunset policy suppresses dormant recipients.
+    suppressions: Suppressions,
     config: Live<SendTimeConfig>,
     priors: Live<Priors>,
     lift: Live<Lift>,
@@ -95,10 +98,11 @@ fn meta_name(address: &str) -> String {
 }
 
 impl SendTime {
-    pub fn new(spool: Spool, config: SendTimeConfig) -> SendTime {
+    pub fn new(spool: Spool, config: SendTimeConfig, suppressions: Suppressions) -> SendTime {
         SendTime {
             inner: Arc::new(Inner {
                 spool,
+                suppressions,
                 config: Live::new(config),
                 priors: Live::new(Priors::default()),
                 lift: Live::new(Lift::default()),
@@ -249,16 +253,28 @@ impl SendTime {
         Ok((at, reason))
     }
 
-    /// Refits the priors from every profile (on a blocking thread: it reads them all).
-    /// Returns how many recipients with history it saw.
+    /// Refits the priors from every profile (on a blocking thread: it reads them all) and,
+    /// with `sendtime.sunset_after` set, suppresses the recipients dormant for longer
+    /// ([`SendTime::sunset`]). Returns how many recipients with history it saw.
     pub async fn refit(&self) -> Result<usize, SpoolError> {
         let spool = self.inner.spool.clone();
-        let fitted = tokio::task::spawn_blocking(move || -> Result<(Priors, Lift), SpoolError> {
-            let profiles: Vec<Profile> = spool
-                .scan_meta(META_PREFIX)?
-                .into_iter()
-                .filter_map(|(_, v)| Profile::decode(&v))
-                .collect();
+        let sunset_cutoff = self
+            .config()
+            .sunset_after
+            .map(|after| crate::clock::now_ms().saturating_sub(after.as_millis() as u64));
+        type Fitted = (Priors, Lift, Vec<String>);
+        let fitted = tokio::task::spawn_blocking(move || -> Result<Fitted, SpoolError> {
+            let mut dormant = Vec::new();
+            let mut profiles = Vec::new();
+            for (name, v) in spool.scan_meta(META_PREFIX)? {
+                let Some(p) = Profile::decode(&v) else {
+                    continue;
+                };
+                if sunset_cutoff.is_some_and(|cutoff| p.dormant_since() < cutoff) {
+                    dormant.push(name[META_PREFIX.len()..].to_string());
+                }
+                profiles.push(p);
+            }
             let mut lift = Lift::default();
             for p in &profiles {
                 for arm in 0..2 {
@@ -266,15 +282,42 @@ impl SendTime {
                     lift.engaged[arm] += p.arm_engaged[arm] as u64;
                 }
             }
-            Ok((Priors::fit(profiles.iter()), lift))
+            Ok((Priors::fit(profiles.iter()), lift, dormant))
         })
         .await
         .map_err(|e| SpoolError::Sled(format!("send-time refit task failed: {e}")))??;
-        let (priors, lift) = fitted;
+        let (priors, lift, dormant) = fitted;
         let n = priors.recipients;
         self.inner.priors.set(priors);
         self.inner.lift.set(lift);
+        self.sunset(dormant).await?;
         Ok(n)
+    }
+
+    /// The sunset policy: suppresses `dormant` recipients with reason `sunset` (until an
+    /// operator removes the entry), so the suppression policy (reject or drop) stops
+    /// mailing them. A recipient already suppressed keeps their entry (a complaint stays a
+    /// complaint). Returns how many were added.
+    async fn sunset(&self, dormant: Vec<String>) -> Result<usize, SpoolError> {
+        let suppressions = &self.inner.suppressions;
+        let now = crate::clock::now_ms();
+        let entries: Vec<Entry> = dormant
+            .into_iter()
+            .filter(|address| suppressions.check(address).is_none())
+            .map(|address| Entry {
+                address,
+                reason: SUNSET_REASON.to_owned(),
+                created_ms: now,
+                expires_ms: None,
+                source: None,
+            })
+            .collect();
+        let added = entries.len();
+        if added > 0 {
+            suppressions.add(entries).await?;
+            tracing::info!(recipients = added, "sunset: dormant recipients suppressed");
+        }
+        Ok(added)
     }
 
     /// The control and model arms as of the last refit.
@@ -323,12 +366,7 @@ impl SendTime {
             .into_iter()
             .filter_map(|(name, v)| {
                 let p = Profile::decode(&v)?;
-                let since = if p.last_engaged_ms > 0 {
-                    p.last_engaged_ms
-                } else {
-                    p.last_send_ms
-                };
-                (since < cutoff).then(|| (name[META_PREFIX.len()..].to_string(), p))
+                (p.dormant_since() < cutoff).then(|| (name[META_PREFIX.len()..].to_string(), p))
             })
             .take(limit)
             .collect())

@@ -13,6 +13,7 @@
 //!   as much as in-order ones.
 //! - Machine opens never reach a profile (the caller filters them).
 //! - The encoding is versioned ([`VERSION`]); an unknown version reads as "no history".
+//!   Version 1 (without `first_ms`) still reads, with the last send standing in for it.
 
 /// Hour-of-week slots.
 pub const SLOTS: usize = 168;
@@ -25,7 +26,7 @@ pub const HALF_LIFE_MS: u64 = 90 * 86_400_000;
 const HOUR_MS: i64 = 3_600_000;
 /// Opens this soon after a send are not taken as a sign of when the recipient reads.
 pub const MACHINE_SUSPECT_MS: u64 = 10 * 60_000;
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 /// Visibility of a message k hours after it was sent (the mid-hour value).
 pub fn visibility(k: usize) -> f64 {
@@ -46,6 +47,9 @@ pub struct Profile {
     pub tz_offset_min: Option<i32>,
     /// Unix ms the counts are decayed to.
     pub updated_ms: u64,
+    /// Unix ms of the earliest event recorded (when a never-engaged recipient's dormancy
+    /// starts); 0 without any.
+    pub first_ms: u64,
     pub sends: [f32; SLOTS],
     pub exposure: [f32; SLOTS],
     pub engagements: [f32; SLOTS],
@@ -76,6 +80,7 @@ impl Default for Profile {
         Profile {
             tz_offset_min: None,
             updated_ms: 0,
+            first_ms: 0,
             sends: [0.0; SLOTS],
             exposure: [0.0; SLOTS],
             engagements: [0.0; SLOTS],
@@ -103,6 +108,9 @@ impl Profile {
     /// Decays the counts to `t_ms` if it is later; returns the weight an event at `t_ms`
     /// gets (1, or less for an event older than the counts).
     fn advance(&mut self, t_ms: u64) -> f32 {
+        if self.first_ms == 0 || t_ms < self.first_ms {
+            self.first_ms = t_ms;
+        }
         if t_ms <= self.updated_ms {
             return decay(self.updated_ms - t_ms);
         }
@@ -196,6 +204,17 @@ impl Profile {
         self.updated_ms > 0
     }
 
+    /// When the recipient's current dormancy started: their last human engagement, or,
+    /// never engaged, their first record (mail they never engaged with does not make them
+    /// less dormant).
+    pub fn dormant_since(&self) -> u64 {
+        if self.last_engaged_ms > 0 {
+            self.last_engaged_ms
+        } else {
+            self.first_ms
+        }
+    }
+
     /// Engagement score in [0, 100] at `now_ms`: frequency (decayed engagements, saturating)
     /// times recency (halved every 30 days since the last human engagement). 0 without any.
     pub fn score(&self, now_ms: u64) -> f64 {
@@ -237,13 +256,15 @@ impl Profile {
                 out.extend_from_slice(&x.to_le_bytes());
             }
         }
+        out.extend_from_slice(&self.first_ms.to_le_bytes());
         out
     }
 
     /// `None` for bytes this version cannot read (treated as no history by the store).
     pub fn decode(bytes: &[u8]) -> Option<Profile> {
         let mut r = Reader(bytes);
-        if r.take::<1>()?[0] != VERSION {
+        let version = r.take::<1>()?[0];
+        if version != 1 && version != VERSION {
             return None;
         }
         let has_tz = r.take::<1>()?[0] == 1;
@@ -274,6 +295,11 @@ impl Profile {
                 *x = f32::from_le_bytes(r.take()?);
             }
         }
+        p.first_ms = if version == 1 {
+            p.last_send_ms
+        } else {
+            u64::from_le_bytes(r.take()?)
+        };
         r.0.is_empty().then_some(p)
     }
 }
@@ -325,6 +351,14 @@ mod tests {
         assert_eq!((p.arm_sends, p.arm_engaged), ([1, 1], [1, 0]));
         assert_eq!(Profile::decode(&p.encode()).unwrap(), p);
         assert_eq!(Profile::decode(&[9, 1, 2]), None);
+        assert_eq!(p.first_ms, 1_000);
+        // A version-1 record (no first_ms) still reads.
+        let mut v1 = p.encode();
+        v1.truncate(v1.len() - 8);
+        v1[0] = 1;
+        let old = Profile::decode(&v1).unwrap();
+        assert_eq!(old.first_ms, p.last_send_ms);
+        assert_eq!(old.sends, p.sends);
         assert_eq!(Profile::decode(&p.encode()[..100]), None);
     }
 
