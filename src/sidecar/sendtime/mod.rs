@@ -7,7 +7,8 @@
 //! - [`simulate`]: the seeded audience simulator behind `tern sidecar simulate`.
 //!
 //! [`SendTime`] is the service the daemon shares (ingest asks it for `not_before`, the
-//! events API feeds it). Profiles live in the spool's meta keyspace under
+//! events API and the tracking endpoints feed it, and its refit applies the sunset policy:
+//! recipients dormant beyond `sendtime.sunset_after` join the suppression list). Profiles live in the spool's meta keyspace under
 //! `sendtime/<address>` (lowercased), about 2 KB each, updated in place per event; raw events
 //! are not kept. The priors are refitted from all profiles at start and every
 //! `sendtime.refit_interval` and kept in memory.
