@@ -185,17 +185,21 @@ impl Daemon {
             metrics.clone(),
         );
         let (new_mail, new_mail_rx) = tokio::sync::mpsc::unbounded_channel();
-        let send_time = SendTime::new(spool.clone(), config.sendtime.clone());
-        tokio::spawn(send_time.clone().refit_loop(shutdown.clone()));
-        let sidecar = Arc::new(
-            Sidecar::new(
-                &config.sidecar,
-                &config.server.hostname,
-                spool.clone(),
-                metrics.clone(),
-            )
-            .map_err(|e| anyhow::anyhow!("{e}"))?,
+        let send_time = SendTime::new(
+            spool.clone(),
+            config.sendtime.clone(),
+            Suppressions::new(spool.clone(), config.suppression.clone()),
         );
+        tokio::spawn(send_time.clone().refit_loop(shutdown.clone()));
+        let mut sidecar = Sidecar::new(
+            &config.sidecar,
+            &config.server.hostname,
+            spool.clone(),
+            metrics.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        sidecar.set_sink(Arc::new(send_time.clone()));
+        let sidecar = Arc::new(sidecar);
         let stop_sidecar = CancellationToken::new();
         let sidecar_batches = tokio::spawn(sidecar.clone().run_batches(stop_sidecar.clone()));
         let ingest = Ingest::new(

@@ -17,8 +17,9 @@
 //! gets its queue id.
 //!
 //! Mail carrying `X-Tern-Send-Time: optimize` (the header is always removed) is split one part
-//! per recipient, each with the `not_before` the send-time model chose; the scheduler does not
-//! attempt a part before it.
+//! per recipient, each with the `not_before` the send-time model chose inside the window (the
+//! campaign's `send_window` and `quiet_hours` when a campaign applied, else the header's
+//! window and `[sendtime]`); the scheduler does not attempt a part before it.
 
 use crate::config::{SuppressionConfig, SuppressionMode};
 use crate::delivery::dkim::DkimSigners;
@@ -28,6 +29,7 @@ use crate::inbound::{encode_record, Feedback, InboundHead};
 use crate::live::Live;
 use crate::scheduler::NewMessage;
 use crate::shaping::pools::{strip_pool_header, Pools};
+use crate::sidecar::sendtime::model::Window;
 use crate::sidecar::sendtime::SendTime as SendTimeModel;
 use crate::sidecar::{self, SendTime, Sidecar};
 use crate::suppression::Suppressions;
@@ -230,16 +232,21 @@ impl Ingest {
         match &self.sidecar {
             Some(stage) if sidecar::wanted(&sub) => {
                 for prepared in stage.apply(sub).await {
+                    let window = self.send_window(prepared.send_time, prepared.report.is_some());
                     reports.extend(prepared.report);
-                    let optimize = matches!(prepared.send_time, SendTime::Optimize { .. });
-                    self.build_parts(prepared.submission, now, &pool, optimize, &mut batch)
+                    self.build_parts(prepared.submission, now, &pool, window, &mut batch)
                         .await?;
                 }
             }
             _ => {
                 // Without a sidecar stage the send-time header is still honoured and removed.
                 let optimize = sidecar::sendtime::hook::take_send_time_header(&mut sub.content);
-                self.build_parts(sub, now, &pool, optimize, &mut batch)
+                let window = self
+                    .send_time
+                    .as_ref()
+                    .filter(|_| optimize)
+                    .map(|m| m.default_window());
+                self.build_parts(sub, now, &pool, window, &mut batch)
                     .await?;
             }
         }
@@ -287,16 +294,38 @@ impl Ingest {
         })
     }
 
+    /// The window a sidecar-prepared message is planned in: `None` unless it asked to be
+    /// optimised (and the model runs). A campaign's `send_window` and `quiet_hours` apply as
+    /// configured; without a campaign the header's window with `sendtime.quiet_hours`.
+    fn send_window(&self, send_time: SendTime, campaign: bool) -> Option<Window> {
+        let SendTime::Optimize {
+            window,
+            quiet_hours,
+        } = send_time
+        else {
+            return None;
+        };
+        let model = self.send_time.as_ref()?;
+        Some(Window {
+            len_ms: window.as_millis() as u64,
+            quiet: if campaign {
+                quiet_hours
+            } else {
+                model.default_window().quiet
+            },
+        })
+    }
+
     /// The spool parts of one submission (Received header, Date/Message-ID, DKIM, one part
     /// per destination domain, bounce-domain recipients as an inbound record, suppressed
-    /// recipients dropped in drop mode, send times planned when `optimize`), added to
+    /// recipients dropped in drop mode, send times planned in `window` when given), added to
     /// `batch`; every part shares the first id ever pushed to `batch.ids` as its queue id.
     async fn build_parts(
         &self,
         mut sub: Submission,
         now: SystemTime,
         pool: &Option<String>,
-        optimize: bool,
+        window: Option<Window>,
         batch: &mut Batch,
     ) -> Result<(), SpoolError> {
         let now_ms = unix_ms(now);
@@ -327,8 +356,10 @@ impl Ingest {
             rcpts
         };
         let groups = split_by_destination(rcpts);
-        let groups = match (&self.send_time, optimize) {
-            (Some(send_time), true) => plan_send_times(send_time, groups, now_ms).await,
+        let groups = match (&self.send_time, window) {
+            (Some(send_time), Some(window)) => {
+                plan_send_times(send_time, groups, now_ms, window).await
+            }
             _ => groups
                 .into_iter()
                 .map(|(domain, rcpts)| (domain, rcpts, 0))
@@ -451,6 +482,7 @@ async fn plan_send_times(
     send_time: &SendTimeModel,
     groups: BTreeMap<String, Vec<Recipient>>,
     now_ms: u64,
+    window: Window,
 ) -> Vec<(String, Vec<Recipient>, u64)> {
     const SLICE: usize = 64;
     let recipients: Vec<(String, Recipient)> = groups
@@ -462,7 +494,7 @@ async fn plan_send_times(
         let mut tasks = tokio::task::JoinSet::new();
         for (i, (_, rcpt)) in slice.iter().enumerate() {
             let (send_time, address) = (send_time.clone(), rcpt.address.clone());
-            tasks.spawn(async move { (i, send_time.plan(&address, now_ms).await) });
+            tasks.spawn(async move { (i, send_time.plan(&address, now_ms, window).await) });
         }
         let mut planned = vec![0; slice.len()];
         while let Some(done) = tasks.join_next().await {

@@ -3,7 +3,8 @@
 //!
 //! Entries come from hard bounces (synchronous 5xx classified hard, asynchronous DSNs),
 //! complaints (ARF), soft failed bounces of `suppression.soft_categories` (with an expiry),
-//! and the operator (API, CLI, CSV import). Policy asks [`Suppressions::check`] at RCPT and
+//! the send-time sunset policy (reason `sunset`: recipients dormant beyond
+//! `sendtime.sunset_after`), and the operator (API, CLI, CSV import). Policy asks [`Suppressions::check`] at RCPT and
 //! at HTTP injection. An expired entry is treated as absent; it stays stored until it is
 //! replaced or removed (the list API does not show it).
 //!
@@ -176,9 +177,12 @@ pub fn normalize(address: &str) -> String {
     address.trim().trim_matches(['<', '>']).to_lowercase()
 }
 
-/// Whether `reason` may label an entry: a bounce category or `manual`.
+/// The reason of entries the send-time sunset policy adds (recipients dormant too long).
+pub const SUNSET_REASON: &str = "sunset";
+
+/// Whether `reason` may label an entry: a bounce category, `manual` or `sunset`.
 pub fn valid_reason(reason: &str) -> bool {
-    reason == "manual" || reason.parse::<Category>().is_ok()
+    reason == "manual" || reason == SUNSET_REASON || reason.parse::<Category>().is_ok()
 }
 
 pub fn to_csv_line(e: &Entry) -> String {

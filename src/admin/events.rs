@@ -138,11 +138,7 @@ async fn record(State(state): State<AdminState>, ApiJson(body): ApiJson<EventsBo
 }
 
 fn summary(address: &str, p: &Profile, now: u64, dormant_after_ms: u64) -> Value {
-    let since = if p.last_engaged_ms > 0 {
-        p.last_engaged_ms
-    } else {
-        p.last_send_ms
-    };
+    let since = p.dormant_since();
     json!({
         "address": address,
         "score": (p.score(now) * 10.0).round() / 10.0,

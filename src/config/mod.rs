@@ -834,6 +834,7 @@ mod tests {
                 control_share: 0.1,
                 refit_interval: Duration::from_secs(3600),
                 dormant_after: Duration::from_secs(180 * 86_400),
+                sunset_after: Some(Duration::from_secs(365 * 86_400)),
             }
         );
         let sidecar = &config.sidecar;
@@ -882,7 +883,7 @@ mod tests {
     #[test]
     fn sendtime_errors_name_their_keys() {
         let text = format!(
-            "{MINIMAL}\n[sendtime]\nwindow = \"8d\"\nquiet_hours = \"22-25\"\ncontrol_share = 1.5\nrefit_interval = \"0s\"\ndormant_after = 3\n"
+            "{MINIMAL}\n[sendtime]\nwindow = \"8d\"\nquiet_hours = \"22-25\"\ncontrol_share = 1.5\nrefit_interval = \"0s\"\ndormant_after = 3\nsunset_after = \"0s\"\n"
         );
         let errors = errors(&text);
         for key in [
@@ -891,14 +892,17 @@ mod tests {
             "sendtime.control_share",
             "sendtime.refit_interval",
             "sendtime.dormant_after",
+            "sendtime.sunset_after",
         ] {
             assert!(
                 errors.iter().any(|e| e.starts_with(key)),
                 "{key}: {errors:?}"
             );
         }
-        let none = format!("{MINIMAL}\n[sendtime]\nquiet_hours = \"none\"\n");
-        assert_eq!(Config::parse(&none).unwrap().sendtime.quiet_hours, None);
+        let none =
+            format!("{MINIMAL}\n[sendtime]\nquiet_hours = \"none\"\nsunset_after = \"none\"\n");
+        let parsed = Config::parse(&none).unwrap().sendtime;
+        assert_eq!((parsed.quiet_hours, parsed.sunset_after), (None, None));
     }
 
     #[test]

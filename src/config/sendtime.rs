@@ -19,6 +19,9 @@ pub struct SendTimeConfig {
     /// Recipients without a human engagement for this long are dormant
     /// (`sendtime.dormant_after`).
     pub dormant_after: Duration,
+    /// Recipients dormant for longer than this are suppressed with reason `sunset`
+    /// (`sendtime.sunset_after`); `None`: no sunset policy.
+    pub sunset_after: Option<Duration>,
 }
 
 impl Default for SendTimeConfig {
@@ -29,6 +32,7 @@ impl Default for SendTimeConfig {
             control_share: 0.1,
             refit_interval: Duration::from_secs(3600),
             dormant_after: Duration::from_secs(180 * 86_400),
+            sunset_after: None,
         }
     }
 }
@@ -61,6 +65,12 @@ pub(super) fn compile_sendtime(r: &mut TableReader<'_>) -> SendTimeConfig {
         dormant_after: r
             .get("dormant_after", |v| duration(v).and_then(nonzero))
             .unwrap_or(d.dormant_after),
+        sunset_after: r
+            .get("sunset_after", |v| match v {
+                Value::String(s) if s == "none" => Ok(None),
+                _ => duration(v).and_then(nonzero).map(Some),
+            })
+            .unwrap_or(d.sunset_after),
     }
 }
 

@@ -87,7 +87,8 @@ pub struct Report {
     pub reason: Option<&'static str>,
 }
 
-/// An open or a click, from the tracking endpoints (or, once wired, `POST /api/v1/events`).
+/// An open or a click from the tracking endpoints (`POST /api/v1/events` feeds the event
+/// store directly).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Engagement {
     pub kind: EngagementKind,
@@ -109,13 +110,13 @@ pub enum EngagementKind {
     Click,
 }
 
-/// Where engagement goes beyond the bandit (the event store implements it).
+/// Where engagement goes beyond the bandit and the recent list (the send-time event store
+/// implements it, so tracked opens and clicks shape profiles and scores).
 pub trait EngagementSink: Send + Sync {
     fn record(&self, event: Engagement);
 }
 
-/// The built-in sink: the most recent events in memory, for tests and until an event
-/// store is attached.
+/// The most recent events in memory (for operators' and tests' inspection).
 #[derive(Default)]
 pub struct RecentEngagement {
     events: Mutex<std::collections::VecDeque<Engagement>>,
@@ -158,8 +159,8 @@ pub struct Sidecar {
     tracker: Option<Tracker>,
     bandit_config: BanditConfig,
     bandits: Mutex<HashMap<String, bandit::Bandit>>,
-    sink: Arc<dyn EngagementSink>,
-    recent: Arc<RecentEngagement>,
+    sink: Option<Arc<dyn EngagementSink>>,
+    recent: RecentEngagement,
     hostname: String,
     spool: Spool,
     metrics: Arc<Metrics>,
@@ -235,7 +236,6 @@ impl Sidecar {
             .as_ref()
             .map(|t| Tracker::load(&t.base_url, &t.secret_file))
             .transpose()?;
-        let recent = Arc::new(RecentEngagement::default());
         Ok(Sidecar {
             campaigns,
             deadline: config.model.as_ref().map_or(Duration::ZERO, |m| m.deadline),
@@ -243,20 +243,20 @@ impl Sidecar {
             tracker,
             bandit_config: config.bandit.clone(),
             bandits: Mutex::new(bandits),
-            sink: recent.clone(),
-            recent,
+            sink: None,
+            recent: RecentEngagement::default(),
             hostname: hostname.to_owned(),
             spool,
             metrics,
         })
     }
 
-    /// Sends engagement to `sink` (the event store) instead of the built-in recent list.
+    /// Sends engagement to `sink` (the event store) as well as the recent list.
     pub fn set_sink(&mut self, sink: Arc<dyn EngagementSink>) {
-        self.sink = sink;
+        self.sink = Some(sink);
     }
 
-    /// The built-in sink's events (empty once another sink is set).
+    /// The most recent engagement events (at most 10,000).
     pub fn recent_engagement(&self) -> Vec<Engagement> {
         self.recent.events()
     }
@@ -280,7 +280,7 @@ impl Sidecar {
     }
 
     /// Records an engagement: a human one rewards the variant it was sent as (in the pending
-    /// batch), then it goes to the sink.
+    /// batch), then it goes to the recent list and the sink.
     pub fn engagement(&self, event: Engagement) {
         self.metrics
             .sidecar_engagement(event.kind == EngagementKind::Click, event.machine);
@@ -296,7 +296,10 @@ impl Sidecar {
                 }
             }
         }
-        self.sink.record(event);
+        self.recent.record(event.clone());
+        if let Some(sink) = &self.sink {
+            sink.record(event);
+        }
     }
 
     /// Folds pending sends and rewards into the posteriors and stores them in the spool.

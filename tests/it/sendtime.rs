@@ -1,9 +1,11 @@
 //! Send-time optimisation through the admin API and the CLI: engagement events recorded,
 //! machine opens counted but never learnt from, every bad input a 400 JSON error that
-//! records nothing, the engagement score and the dormant query, and the simulator.
+//! records nothing, the engagement score and the dormant query, the sunset policy (dormant
+//! recipients suppressed, so their mail is refused), campaign windows, and the simulator.
 //! (Held mail and `not_before` on the paused clock: tests/sendtime_clock.rs.)
 
 use crate::harness::*;
+use crate::sink::{Sink, SinkBehaviour};
 use serde_json::{json, Value};
 
 const DAY_MS: u64 = 86_400_000;
@@ -308,4 +310,149 @@ async fn the_control_arm_is_counted_for_lift() {
     assert_eq!(body["control"]["rate"], 0.5);
     assert_eq!(body["model"]["sends"], 0);
     assert_eq!(body["uplift"], Value::Null, "no model arm yet");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaigns_send_window_and_quiet_hours_bound_the_planned_time() {
+    const HOUR_MS: u64 = 3_600_000;
+    let now = tern::clock::now_ms();
+    // The recipient is in UTC+2; quiet hours cover their local hours 4 and 5 after now's,
+    // the last two whole hours of the campaign's 6 h window.
+    let offset_h = 2;
+    let local_hour = |t: u64| ((t / HOUR_MS + offset_h) % 24) as u8;
+    let quiet = ((local_hour(now) + 4) % 24, (local_hour(now) + 6) % 24);
+    let campaign = format!(
+        "[[sidecar.campaigns]]\nname = \"timed\"\nsubject = \"Hi\"\ntext = \"Hello\\n\"\n\
+         send_window = \"6h\"\nquiet_hours = [{}, {}]\n",
+        quiet.0, quiet.1
+    );
+    let server = TestServer::start(
+        Options::default()
+            .sendtime("control_share", "0.0")
+            .sendtime("quiet_hours", "\"none\"")
+            .extra(campaign),
+    )
+    .await;
+    // Opened ten hours after each send for eight weeks: left alone, the model would hold
+    // new mail about ten hours, past this campaign's window.
+    let mut history = Vec::new();
+    for w in 1..=8 {
+        let sent = now - w * 7 * DAY_MS;
+        history.push(json!({"type": "send", "recipient": "fay@sink.test", "time_ms": sent, "tz_offset_minutes": offset_h * 60}));
+        history.push(json!({"type": "open", "recipient": "fay@sink.test", "time_ms": sent + 10 * HOUR_MS + 600_000}));
+    }
+    assert_eq!(events(&server, json!(history)).await.0, 200);
+    assert_eq!(
+        server.api("POST", "/api/v1/sendtime/refit", None).await.0,
+        200
+    );
+    let (status, answer) = server
+        .api(
+            "POST",
+            "/api/v1/inject",
+            Some(&json!({
+                "from": "news@example.com",
+                "to": ["fay@sink.test"],
+                "raw": "From: news@example.com\nSubject: x\n\nx\n",
+                "sidecar": {"campaign": "timed", "send_time": "optimize"},
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let env = &server.envelopes()[0];
+    let at = env.not_before_ms;
+    assert!(at > now + HOUR_MS, "held toward the active hours: {env:?}");
+    assert!(at < now + 6 * HOUR_MS, "inside the 6 h window: {env:?}");
+    let h = local_hour(at);
+    assert!(
+        h != quiet.0 && h != (quiet.0 + 1) % 24,
+        "local hour {h} is quiet ({quiet:?}): {env:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sunset_policy_suppresses_dormant_recipients_and_their_mail_is_refused() {
+    let sink = Sink::start(SinkBehaviour::default()).await;
+    let server = TestServer::start(
+        Options::default()
+            .deliver()
+            .route("sink.test", sink.addr)
+            .sendtime("sunset_after", "\"30d\""),
+    )
+    .await;
+    let now = tern::clock::now_ms();
+    let (status, body) = events(
+        &server,
+        json!([
+            // Mailed for two months, never engaged: the recent send does not make them less
+            // dormant.
+            {"type": "send", "recipient": "never@sink.test", "time_ms": now - 60 * DAY_MS},
+            {"type": "send", "recipient": "never@sink.test", "time_ms": now - 2 * DAY_MS},
+            // Engaged once, 89 days ago.
+            {"type": "send", "recipient": "lapsed@sink.test", "time_ms": now - 90 * DAY_MS},
+            {"type": "open", "recipient": "lapsed@sink.test", "time_ms": now - 89 * DAY_MS},
+            // Engaged yesterday.
+            {"type": "send", "recipient": "fresh@sink.test", "time_ms": now - 60 * DAY_MS},
+            {"type": "click", "recipient": "fresh@sink.test", "time_ms": now - DAY_MS},
+        ]),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    // An operator's entry is kept as it is.
+    let (status, body) = server
+        .api(
+            "POST",
+            "/api/v1/suppressions",
+            Some(&json!({"address": "lapsed@sink.test", "reason": "manual"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        server.api("POST", "/api/v1/sendtime/refit", None).await.0,
+        200
+    );
+
+    let (status, entry) = server
+        .api("GET", "/api/v1/suppressions/never@sink.test", None)
+        .await;
+    assert_eq!(status, 200, "{entry}");
+    assert_eq!(entry["reason"], "sunset", "{entry}");
+    assert_eq!(entry["expires_ms"], Value::Null, "{entry}");
+    let (_, entry) = server
+        .api("GET", "/api/v1/suppressions/lapsed@sink.test", None)
+        .await;
+    assert_eq!(entry["reason"], "manual", "{entry}");
+    let (status, body) = server
+        .api("GET", "/api/v1/suppressions/fresh@sink.test", None)
+        .await;
+    assert_eq!(status, 404, "{body}");
+    let (_, listed) = server
+        .api("GET", "/api/v1/suppressions?reason=sunset", None)
+        .await;
+    assert_eq!(
+        listed["entries"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+
+    // The suppression policy (reject, the default) refuses the dormant recipient's mail;
+    // the engaged one's is delivered.
+    let mut c = server.connect().await;
+    c.ehlo().await;
+    c.expect("MAIL FROM:<news@example.test>", 250, "2.1.0")
+        .await;
+    c.expect("RCPT TO:<never@sink.test>", 550, "5.7.1").await;
+    c.expect("RCPT TO:<fresh@sink.test>", 250, "2.1.5").await;
+    c.expect("DATA", 354, "").await;
+    c.send("Subject: back\r\n\r\nhello\r\n.\r\n").await;
+    c.reply().await.assert(250, "2.0.0");
+    let delivered = sink
+        .wait_for_messages(1, std::time::Duration::from_secs(20))
+        .await;
+    let rcpts: Vec<&str> = delivered[0]
+        .rcpts
+        .iter()
+        .map(|r| r.address.as_str())
+        .collect();
+    assert_eq!(rcpts, ["fresh@sink.test"]);
 }

@@ -444,8 +444,24 @@ async fn get(addr: SocketAddr, path: &str, user_agent: &str) -> (u16, String) {
     (status, text)
 }
 
+/// ann@sink.test's engagement summary once `ready` holds (within five seconds).
+async fn recipient_when(server: &TestServer, ready: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        let (status, body) = server
+            .api("GET", "/api/v1/recipients/ann@sink.test", None)
+            .await;
+        if status == 200 && ready(&body) {
+            return body;
+        }
+        last = body;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the profile never got there: {last}");
+}
+
 #[tokio::test]
-async fn tracking_links_are_signed_and_feed_the_bandit() {
+async fn tracking_links_are_signed_and_feed_the_bandit_and_the_profile() {
     let keys = tempfile::tempdir().unwrap();
     let server = TestServer::start(Options::default().extra(tracking_config(keys.path()))).await;
     let (status, answer) = server
@@ -500,11 +516,22 @@ async fn tracking_links_are_signed_and_feed_the_bandit() {
         text.contains("\r\nlocation: https://shop.test/sale?x=1&y=2\r\n"),
         "{text}"
     );
-    // An Apple MPP prefetch, then a human open.
+    // The click reached the engagement store the events API feeds (recorded in the
+    // background: polled).
+    let profile = recipient_when(&server, |p| p["engagements"].as_f64() >= Some(1.0)).await;
+    assert!(profile["score"].as_f64().unwrap() > 0.0, "{profile}");
+    assert_eq!(profile["machine_opens"], 0);
+    // An Apple MPP prefetch: counted, not learnt.
     let (status, text) = get(server.admin(), &format!("/t/o/{open}"), "Mozilla/5.0").await;
     assert_eq!(status, 200, "{text}");
     assert!(text.contains("content-type: image/gif"), "{text}");
+    let after = recipient_when(&server, |p| p["machine_opens"] == 1).await;
+    for field in ["engagements", "score", "last_engaged_ms"] {
+        assert_eq!(after[field], profile[field], "{field}: {after}");
+    }
+    // A human open is learnt.
     get(server.admin(), &format!("/t/o/{open}"), iphone).await;
+    recipient_when(&server, |p| p["engagements"].as_f64() >= Some(2.0)).await;
 
     let events = server.daemon().sidecar().recent_engagement();
     let seen: Vec<(&str, bool)> = events

@@ -7,7 +7,8 @@
 //! - [`simulate`]: the seeded audience simulator behind `tern sidecar simulate`.
 //!
 //! [`SendTime`] is the service the daemon shares (ingest asks it for `not_before`, the
-//! events API feeds it). Profiles live in the spool's meta keyspace under
+//! events API and the tracking endpoints feed it, and its refit applies the sunset policy:
+//! recipients dormant beyond `sendtime.sunset_after` join the suppression list). Profiles live in the spool's meta keyspace under
 //! `sendtime/<address>` (lowercased), about 2 KB each, updated in place per event; raw events
 //! are not kept. The priors are refitted from all profiles at start and every
 //! `sendtime.refit_interval` and kept in memory.
@@ -29,7 +30,8 @@ use tern_queue::{Spool, SpoolError};
 
 pub use crate::config::SendTimeConfig;
 use crate::live::Live;
-use model::{best_start, Priors, Window};
+use crate::suppression::{Entry, Suppressions, SUNSET_REASON};
+use model::{choose, Priors, Window};
 use profile::{Arm, Profile};
 
 const META_PREFIX: &str = "sendtime/";
@@ -84,6 +86,8 @@ pub struct SendTime {
 
 struct Inner {
     spool: Spool,
+    /// Where the sunset policy suppresses dormant recipients.
+    suppressions: Suppressions,
     config: Live<SendTimeConfig>,
     priors: Live<Priors>,
     lift: Live<Lift>,
@@ -95,10 +99,11 @@ fn meta_name(address: &str) -> String {
 }
 
 impl SendTime {
-    pub fn new(spool: Spool, config: SendTimeConfig) -> SendTime {
+    pub fn new(spool: Spool, config: SendTimeConfig, suppressions: Suppressions) -> SendTime {
         SendTime {
             inner: Arc::new(Inner {
                 spool,
+                suppressions,
                 config: Live::new(config),
                 priors: Live::new(Priors::default()),
                 lift: Live::new(Lift::default()),
@@ -197,32 +202,43 @@ impl SendTime {
         Ok(())
     }
 
-    /// Chooses `address`'s send time for mail accepted at `now_ms` and records the planned
-    /// send in the profile. The result is a unix ms, `now_ms` for "at once".
-    pub async fn plan(&self, address: &str, now_ms: u64) -> Result<(u64, Reason), SpoolError> {
+    /// The window of `[sendtime]`: `window` long, minus `quiet_hours`.
+    pub fn default_window(&self) -> Window {
+        let config = self.config();
+        Window {
+            len_ms: config.window.as_millis() as u64,
+            quiet: config.quiet_hours,
+        }
+    }
+
+    /// Chooses `address`'s send time in `window` for mail accepted at `now_ms` and records
+    /// the planned send in the profile. The result is a unix ms, `now_ms` for "at once".
+    pub async fn plan(
+        &self,
+        address: &str,
+        now_ms: u64,
+        window: Window,
+    ) -> Result<(u64, Reason), SpoolError> {
         let config = self.config();
         let profile = self.profile(address)?.unwrap_or_default();
         let (at, reason) = {
             let mut rng = rand::thread_rng();
             if rng.gen::<f64>() < config.control_share {
                 (now_ms, Reason::Control)
-            } else if let Some(offset) = profile.tz_offset_min {
-                let window = Window {
-                    len_ms: config.window.as_millis() as u64,
-                    quiet: config.quiet_hours,
-                };
-                let activity = self.priors().activity(&profile);
-                let start = best_start(&activity, offset, now_ms, window);
-                // Spread sends over the hour: a whole audience landing at :00 is a burst the
-                // receiving side defers.
-                let at = if start > now_ms {
-                    start + rng.gen_range(0..60) * 60_000
-                } else {
-                    now_ms
-                };
-                (at, Reason::Model)
             } else {
-                (now_ms, Reason::NoZone)
+                match choose(&self.priors(), &profile, now_ms, window) {
+                    // Spread sends over the hour (a whole audience landing at :00 is a burst
+                    // the receiving side defers), but never past the window's end.
+                    Some(start) if start > now_ms => {
+                        let room = (now_ms + window.len_ms - start).min(3_600_000) / 60_000;
+                        (
+                            start + rng.gen_range(0..room.max(1)) * 60_000,
+                            Reason::Model,
+                        )
+                    }
+                    Some(_) => (now_ms, Reason::Model),
+                    None => (now_ms, Reason::NoZone),
+                }
             }
         };
         let arm = if reason == Reason::Control {
@@ -238,16 +254,28 @@ impl SendTime {
         Ok((at, reason))
     }
 
-    /// Refits the priors from every profile (on a blocking thread: it reads them all).
-    /// Returns how many recipients with history it saw.
+    /// Refits the priors from every profile (on a blocking thread: it reads them all) and,
+    /// with `sendtime.sunset_after` set, suppresses the recipients dormant for longer
+    /// ([`SendTime::sunset`]). Returns how many recipients with history it saw.
     pub async fn refit(&self) -> Result<usize, SpoolError> {
         let spool = self.inner.spool.clone();
-        let fitted = tokio::task::spawn_blocking(move || -> Result<(Priors, Lift), SpoolError> {
-            let profiles: Vec<Profile> = spool
-                .scan_meta(META_PREFIX)?
-                .into_iter()
-                .filter_map(|(_, v)| Profile::decode(&v))
-                .collect();
+        let sunset_cutoff = self
+            .config()
+            .sunset_after
+            .map(|after| crate::clock::now_ms().saturating_sub(after.as_millis() as u64));
+        type Fitted = (Priors, Lift, Vec<String>);
+        let fitted = tokio::task::spawn_blocking(move || -> Result<Fitted, SpoolError> {
+            let mut dormant = Vec::new();
+            let mut profiles = Vec::new();
+            for (name, v) in spool.scan_meta(META_PREFIX)? {
+                let Some(p) = Profile::decode(&v) else {
+                    continue;
+                };
+                if sunset_cutoff.is_some_and(|cutoff| p.dormant_since() < cutoff) {
+                    dormant.push(name[META_PREFIX.len()..].to_string());
+                }
+                profiles.push(p);
+            }
             let mut lift = Lift::default();
             for p in &profiles {
                 for arm in 0..2 {
@@ -255,15 +283,42 @@ impl SendTime {
                     lift.engaged[arm] += p.arm_engaged[arm] as u64;
                 }
             }
-            Ok((Priors::fit(profiles.iter()), lift))
+            Ok((Priors::fit(profiles.iter()), lift, dormant))
         })
         .await
         .map_err(|e| SpoolError::Sled(format!("send-time refit task failed: {e}")))??;
-        let (priors, lift) = fitted;
+        let (priors, lift, dormant) = fitted;
         let n = priors.recipients;
         self.inner.priors.set(priors);
         self.inner.lift.set(lift);
+        self.sunset(dormant).await?;
         Ok(n)
+    }
+
+    /// The sunset policy: suppresses `dormant` recipients with reason `sunset` (until an
+    /// operator removes the entry), so the suppression policy (reject or drop) stops
+    /// mailing them. A recipient already suppressed keeps their entry (a complaint stays a
+    /// complaint). Returns how many were added.
+    async fn sunset(&self, dormant: Vec<String>) -> Result<usize, SpoolError> {
+        let suppressions = &self.inner.suppressions;
+        let now = crate::clock::now_ms();
+        let entries: Vec<Entry> = dormant
+            .into_iter()
+            .filter(|address| suppressions.check(address).is_none())
+            .map(|address| Entry {
+                address,
+                reason: SUNSET_REASON.to_owned(),
+                created_ms: now,
+                expires_ms: None,
+                source: None,
+            })
+            .collect();
+        let added = entries.len();
+        if added > 0 {
+            suppressions.add(entries).await?;
+            tracing::info!(recipients = added, "sunset: dormant recipients suppressed");
+        }
+        Ok(added)
     }
 
     /// The control and model arms as of the last refit.
@@ -285,6 +340,17 @@ impl SendTime {
         }
     }
 
+    /// Records one event in the background (for callers that cannot wait, like the tracking
+    /// endpoints); a failure is logged.
+    fn record_later(&self, event: Event) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(err) = this.record_batch(vec![event]).await {
+                tracing::warn!(error = %err, "engagement event not recorded");
+            }
+        });
+    }
+
     /// Recipients whose last human engagement (or, never engaged, whose first record) is
     /// older than `dormant_after` at `now_ms`, at most `limit`, in address order.
     pub fn dormant(
@@ -301,14 +367,26 @@ impl SendTime {
             .into_iter()
             .filter_map(|(name, v)| {
                 let p = Profile::decode(&v)?;
-                let since = if p.last_engaged_ms > 0 {
-                    p.last_engaged_ms
-                } else {
-                    p.last_send_ms
-                };
-                (since < cutoff).then(|| (name[META_PREFIX.len()..].to_string(), p))
+                (p.dormant_since() < cutoff).then(|| (name[META_PREFIX.len()..].to_string(), p))
             })
             .take(limit)
             .collect())
+    }
+}
+
+/// Built-in tracking's opens and clicks land in the same profiles as `POST /api/v1/events`
+/// (a machine open is counted there and never learnt from, like any other).
+impl crate::sidecar::EngagementSink for SendTime {
+    fn record(&self, e: crate::sidecar::Engagement) {
+        self.record_later(Event {
+            kind: match e.kind {
+                crate::sidecar::EngagementKind::Open => EventKind::Open,
+                crate::sidecar::EngagementKind::Click => EventKind::Click,
+            },
+            recipient: e.recipient,
+            time_ms: e.at_ms,
+            machine: e.machine,
+            tz_offset_min: None,
+        });
     }
 }

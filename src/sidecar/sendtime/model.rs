@@ -9,32 +9,42 @@
 //! active hours is still near the top of the inbox when they look.
 //!
 //! Shrinkage (hierarchical, Gamma-Poisson):
-//! - global prior: every recipient's counts pooled into one activity shape, and a mean
-//!   rate and prior strength fitted by empirical Bayes (method of moments over recipients'
-//!   overall rates, binomial noise removed);
-//! - segment prior: k-means (k ≤ 5) over recipients' smoothed hour-of-week shapes; a
-//!   recipient's prior is the shape of their nearest segment scaled by their own shrunken
-//!   overall rate;
-//! - posterior mean per slot: (engagements[t] + β·prior[t]) / (exposure[t] + β).
+//! - global prior: every recipient's counts pooled by day type (weekday, weekend) and hour
+//!   of day into one activity shape, and a mean rate and prior strength fitted by empirical
+//!   Bayes (method of moments over recipients' overall rates, binomial noise removed). Pooling
+//!   across days matters: per hour-of-week ratios inherit the sender's confounded schedule
+//!   (the hours just after a habitual send slot look busier than they are);
+//! - segment prior: k-means (k ≤ 8) over recipients' shapes (pooled the same way); a
+//!   recipient's prior is the mix of segments weighted by how well each explains their
+//!   engagements (Poisson likelihood times the segment's share), scaled by their own shrunken
+//!   overall rate, so one or two opens do not commit them to one segment;
+//! - posterior mean, in two levels: the hour of day, then the hour of week (see
+//!   [`Priors::activity`]).
 //!
 //! Recipients without history get the global shape; without a known time zone as well they
-//! are sent at once (the shape is in local time and would be guessed). The choice uses the
-//! posterior mean (deterministic, so repeatable); minute jitter and the control share are
-//! applied by the caller.
+//! are sent at once (the shape is in local time and would be guessed); with history but no
+//! zone their own UTC-hour data places the send ([`choose`]). The choice uses the posterior
+//! mean (deterministic, so repeatable, and what maximises the expected open rate); minute
+//! jitter and the control share are applied by the caller.
 
 use super::profile::{hour_of_week, visibility, Profile, HORIZON_H, SLOTS};
 
 const HOUR_MS: u64 = 3_600_000;
-/// Segments for k-means (fewer when there are few recipients with history).
-const SEGMENTS: usize = 5;
-/// Recipients with at least this many (decayed) engagements shape the segments.
-const SEGMENT_MIN_ENGAGEMENTS: f64 = 3.0;
+/// Segments for k-means (fewer when there are few recipients with history: at least 20
+/// recipients per segment).
+const SEGMENTS: usize = 8;
+/// Recipients with at least this many (decayed) engagements shape the segments: fewer make
+/// noisy shapes that pull the centroids toward noise (on the simulator, 6 beats 3 by 1-2
+/// points of the oracle's gap; the count of segments matters less with soft mixing).
+const SEGMENT_MIN_ENGAGEMENTS: f64 = 6.0;
 const KMEANS_ROUNDS: usize = 20;
 /// Prior strengths (pseudo-exposure) of the hour-of-day and hour-of-week levels, as shares
-/// of the fitted overall strength; chosen on the simulator (`tern sidecar simulate`), where
-/// results are flat from 0.5x to 5x these.
-const DAY_STRENGTH_SHARE: f64 = 0.02;
-const SLOT_STRENGTH_SHARE: f64 = 1.0;
+/// of the fitted overall strength; chosen on the simulator (`tern sidecar simulate`, seeds
+/// 1-3: within a point of the best share of the oracle's gap from 0.5x to 2x these). A strong
+/// hour-of-week level means a recipient's own opens move their hour of day but hardly their
+/// day of week: a few dozen sends cannot tell Tuesday 20:00 from Wednesday 20:00.
+const DAY_STRENGTH_SHARE: f64 = 1.0;
+const SLOT_STRENGTH_SHARE: f64 = 5.0;
 
 pub type Shape = [f64; SLOTS];
 
@@ -43,8 +53,9 @@ pub type Shape = [f64; SLOTS];
 pub struct Priors {
     /// Pooled activity shape (mean 1 over the week).
     pub global: Shape,
-    /// k-means centroids of recipients' shapes (mean 1 each); empty without enough history.
-    pub segments: Vec<Shape>,
+    /// k-means centroids of recipients' shapes (mean 1 each) with the share of recipients
+    /// nearest each; empty without enough history.
+    pub segments: Vec<(f64, Shape)>,
     /// Engagements per unit of exposure, pooled.
     pub mean_rate: f64,
     /// Gamma prior strength on a recipient's overall rate, in exposure units (empirical Bayes).
@@ -76,6 +87,21 @@ fn normalise(mut s: Shape) -> Shape {
     s
 }
 
+/// Day type (0 weekday, 1 weekend) and hour of day of a slot.
+fn day_type_hour(t: usize) -> (usize, usize) {
+    (usize::from(t / 24 >= 5), t % 24)
+}
+
+/// Per-slot counts summed by day type and hour of day.
+fn by_day_type<T: Copy + Into<f64>>(counts: &[T; SLOTS]) -> [[f64; 24]; 2] {
+    let mut out = [[0.0; 24]; 2];
+    for (t, &c) in counts.iter().enumerate() {
+        let (kind, h) = day_type_hour(t);
+        out[kind][h] += c.into();
+    }
+    out
+}
+
 fn distance(a: &Shape, b: &Shape) -> f64 {
     a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
 }
@@ -92,9 +118,13 @@ impl Priors {
             if e <= 0.0 {
                 continue;
             }
-            for t in 0..SLOTS {
-                eng[t] += p.engagements[t] as f64;
-                exp[t] += p.exposure[t] as f64;
+            // The shapes are in local time: a profile kept in UTC hours (no zone known)
+            // would blur them. Its rate still informs the empirical Bayes fit.
+            if p.tz_offset_min.is_some() {
+                for t in 0..SLOTS {
+                    eng[t] += p.engagements[t] as f64;
+                    exp[t] += p.exposure[t] as f64;
+                }
             }
             let r = p.total_engagements() / e;
             n += 1;
@@ -107,10 +137,15 @@ impl Priors {
         }
         let pooled_rate = eng.iter().sum::<f64>() / exp.iter().sum::<f64>().max(1e-9);
         let mean_rate = pooled_rate.max(1e-6);
+        // Pooled by day type (weekdays, weekend) and hour of day: per-slot ratios carry the
+        // confounded send schedule (hours just after the sender's habitual slot look busier
+        // than they are), and pooling across days averages that out.
+        let (eng_h, exp_h) = (by_day_type(&eng), by_day_type(&exp));
         let mut global = [0.0; SLOTS];
-        for t in 0..SLOTS {
-            // One pseudo unit of exposure at the pooled rate keeps empty slots finite.
-            global[t] = (eng[t] + mean_rate) / (exp[t] + 1.0);
+        for (t, g) in global.iter_mut().enumerate() {
+            let (kind, h) = day_type_hour(t);
+            // One pseudo unit of exposure at the pooled rate keeps empty hours finite.
+            *g = (eng_h[kind][h] + mean_rate) / (exp_h[kind][h] + 1.0);
         }
         let global = normalise(global);
         // Method of moments: the spread of observed rates is the prior's variance plus the
@@ -128,7 +163,9 @@ impl Priors {
             recipients: n,
         };
         let shapes: Vec<Shape> = profiles
-            .filter(|p| p.total_engagements() >= SEGMENT_MIN_ENGAGEMENTS)
+            .filter(|p| {
+                p.total_engagements() >= SEGMENT_MIN_ENGAGEMENTS && p.tz_offset_min.is_some()
+            })
             .map(|p| priors.smoothed_shape(p))
             .collect();
         priors.segments = kmeans(&shapes, SEGMENTS.min(shapes.len() / 20));
@@ -144,11 +181,46 @@ impl Priors {
     /// picking the segment).
     fn smoothed_shape(&self, p: &Profile) -> Shape {
         let r = self.overall_rate(p);
+        let (eng_h, exp_h) = (by_day_type(&p.engagements), by_day_type(&p.exposure));
         let mut s = [0.0; SLOTS];
         for (t, x) in s.iter_mut().enumerate() {
-            *x = (p.engagements[t] as f64 + r * self.global[t]) / (p.exposure[t] as f64 + 1.0);
+            let (kind, h) = day_type_hour(t);
+            *x = (eng_h[kind][h] + r * self.global[t]) / (exp_h[kind][h] + 1.0);
         }
         normalise(s)
+    }
+
+    /// The recipient's prior shape: the segments mixed by how likely each makes the
+    /// recipient's engagements given their exposure (Poisson, at their overall rate `r`),
+    /// times each segment's share. Few engagements leave it near the population mix rather
+    /// than betting on the one segment a single open happens to be nearest.
+    fn segment_prior(&self, p: &Profile, r: f64) -> Shape {
+        if self.segments.is_empty() {
+            return self.global;
+        }
+        let log_lik: Vec<f64> = self
+            .segments
+            .iter()
+            .map(|(share, seg)| {
+                share.ln()
+                    + (0..SLOTS)
+                        .map(|t| {
+                            p.engagements[t] as f64 * seg[t].max(1e-9).ln()
+                                - r * seg[t] * p.exposure[t] as f64
+                        })
+                        .sum::<f64>()
+            })
+            .collect();
+        let top = log_lik.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let weights: Vec<f64> = log_lik.iter().map(|l| (l - top).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let mut mix = [0.0; SLOTS];
+        for (w, (_, seg)) in weights.iter().zip(&self.segments) {
+            mix.iter_mut()
+                .zip(seg)
+                .for_each(|(m, x)| *m += w / total * x);
+        }
+        mix
     }
 
     /// The recipient's estimated activity per local hour-of-week slot (posterior mean).
@@ -162,13 +234,8 @@ impl Priors {
         if p.total_exposure() <= 0.0 && p.total_engagements() <= 0.0 {
             return self.global;
         }
-        let own = self.smoothed_shape(p);
-        let seg = self
-            .segments
-            .iter()
-            .min_by(|a, b| distance(a, &own).total_cmp(&distance(b, &own)))
-            .unwrap_or(&self.global);
         let r = self.overall_rate(p);
+        let seg = &self.segment_prior(p, r);
         let (mut seg_day, mut eng_day, mut exp_day) = ([0.0; 24], [0.0; 24], [0.0; 24]);
         for t in 0..SLOTS {
             seg_day[t % 24] += seg[t] / 7.0;
@@ -242,8 +309,21 @@ pub fn best_start(activity: &Shape, offset_min: i32, now_ms: u64, window: Window
     best.map_or(now_ms, |(_, t)| t)
 }
 
+/// The send time for `p` inside `window` from `now_ms`, or `None` (send now) when there is
+/// nothing to choose by: no time zone and no history. Without a zone but with history the
+/// profile's slots are UTC hours, so its own data still places the send.
+pub fn choose(priors: &Priors, p: &Profile, now_ms: u64, window: Window) -> Option<u64> {
+    let offset = match p.tz_offset_min {
+        Some(offset) => offset,
+        None if p.has_history() => 0,
+        None => return None,
+    };
+    Some(best_start(&priors.activity(p), offset, now_ms, window))
+}
+
 /// k-means++ seeded deterministically (the farthest-point rule), then Lloyd rounds.
-fn kmeans(points: &[Shape], k: usize) -> Vec<Shape> {
+/// Returns each centroid with the share of points nearest it.
+fn kmeans(points: &[Shape], k: usize) -> Vec<(f64, Shape)> {
     if k == 0 || points.is_empty() {
         return Vec::new();
     }
@@ -261,9 +341,10 @@ fn kmeans(points: &[Shape], k: usize) -> Vec<Shape> {
         }
         centroids.push(c);
     }
-    for _ in 0..KMEANS_ROUNDS {
+    let mut counts = vec![0usize; k];
+    for round in 0..=KMEANS_ROUNDS {
         let mut sums = vec![[0.0; SLOTS]; k];
-        let mut counts = vec![0usize; k];
+        counts = vec![0usize; k];
         for p in points {
             let j = (0..k)
                 .min_by(|&a, &b| distance(p, &centroids[a]).total_cmp(&distance(p, &centroids[b])))
@@ -271,13 +352,21 @@ fn kmeans(points: &[Shape], k: usize) -> Vec<Shape> {
             counts[j] += 1;
             sums[j].iter_mut().zip(p).for_each(|(s, x)| *s += x);
         }
+        if round == KMEANS_ROUNDS {
+            break;
+        }
         for j in 0..k {
             if counts[j] > 0 {
                 centroids[j] = normalise(sums[j]);
             }
         }
     }
-    centroids
+    counts
+        .iter()
+        .zip(centroids)
+        .filter(|(&n, _)| n > 0)
+        .map(|(&n, c)| (n as f64 / points.len() as f64, c))
+        .collect()
 }
 
 #[cfg(test)]
@@ -360,8 +449,9 @@ mod tests {
         assert_eq!(c.len(), 2);
         let peaks: Vec<usize> = c
             .iter()
-            .map(|s| (0..SLOTS).max_by(|&x, &y| s[x].total_cmp(&s[y])).unwrap())
+            .map(|(_, s)| (0..SLOTS).max_by(|&x, &y| s[x].total_cmp(&s[y])).unwrap())
             .collect();
         assert!(peaks.contains(&10) && peaks.contains(&100), "{peaks:?}");
+        assert_eq!(c.iter().map(|(share, _)| share).sum::<f64>(), 1.0);
     }
 }

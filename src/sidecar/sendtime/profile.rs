@@ -13,6 +13,7 @@
 //!   as much as in-order ones.
 //! - Machine opens never reach a profile (the caller filters them).
 //! - The encoding is versioned ([`VERSION`]); an unknown version reads as "no history".
+//!   Version 1 (without `first_ms`) still reads, with the last send standing in for it.
 
 /// Hour-of-week slots.
 pub const SLOTS: usize = 168;
@@ -25,7 +26,7 @@ pub const HALF_LIFE_MS: u64 = 90 * 86_400_000;
 const HOUR_MS: i64 = 3_600_000;
 /// Opens this soon after a send are not taken as a sign of when the recipient reads.
 pub const MACHINE_SUSPECT_MS: u64 = 10 * 60_000;
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 /// Visibility of a message k hours after it was sent (the mid-hour value).
 pub fn visibility(k: usize) -> f64 {
@@ -46,6 +47,9 @@ pub struct Profile {
     pub tz_offset_min: Option<i32>,
     /// Unix ms the counts are decayed to.
     pub updated_ms: u64,
+    /// Unix ms of the earliest event recorded (when a never-engaged recipient's dormancy
+    /// starts); 0 without any.
+    pub first_ms: u64,
     pub sends: [f32; SLOTS],
     pub exposure: [f32; SLOTS],
     pub engagements: [f32; SLOTS],
@@ -76,6 +80,7 @@ impl Default for Profile {
         Profile {
             tz_offset_min: None,
             updated_ms: 0,
+            first_ms: 0,
             sends: [0.0; SLOTS],
             exposure: [0.0; SLOTS],
             engagements: [0.0; SLOTS],
@@ -103,6 +108,9 @@ impl Profile {
     /// Decays the counts to `t_ms` if it is later; returns the weight an event at `t_ms`
     /// gets (1, or less for an event older than the counts).
     fn advance(&mut self, t_ms: u64) -> f32 {
+        if self.first_ms == 0 || t_ms < self.first_ms {
+            self.first_ms = t_ms;
+        }
         if t_ms <= self.updated_ms {
             return decay(self.updated_ms - t_ms);
         }
@@ -146,20 +154,24 @@ impl Profile {
     /// The first engagement after the latest send ends that send's exposure: a message that
     /// was opened cannot be opened for the first time later, so the hours after it must not
     /// count as hours the recipient saw mail and ignored it. An open within
-    /// [`MACHINE_SUSPECT_MS`] of the send counts for the score but not for the hours: that
-    /// is when unflagged privacy-proxy prefetches land, and they say nothing about when the
-    /// recipient reads.
+    /// [`MACHINE_SUSPECT_MS`] of the send counts for the score and the experiment's arm but
+    /// neither for the hours nor as the send's first open: that is when unflagged
+    /// privacy-proxy prefetches land, and they say nothing about when the recipient reads
+    /// (nor that the recipient has seen the message).
     pub fn record_engagement(&mut self, t_ms: u64) {
         let w = self.advance(t_ms);
         let since_send = t_ms.checked_sub(self.last_send_ms);
-        let fresh_send = since_send.is_some_and(|d| d < HORIZON_H as u64 * HOUR_MS as u64)
-            && !self.last_send_engaged
+        let in_horizon = since_send.is_some_and(|d| d < HORIZON_H as u64 * HOUR_MS as u64)
             && self.last_send_ms > 0;
-        if fresh_send {
-            self.last_send_engaged = true;
-            if let Some(arm) = self.last_send_arm {
+        let suspect = since_send.is_some_and(|d| d < MACHINE_SUSPECT_MS);
+        if in_horizon {
+            // The experiment credits the first engagement of any kind, once.
+            if let Some(arm) = self.last_send_arm.take() {
                 self.arm_engaged[arm as usize] = self.arm_engaged[arm as usize].saturating_add(1);
             }
+        }
+        if in_horizon && !suspect && !self.last_send_engaged {
+            self.last_send_engaged = true;
             let s = hour_of_week(self.last_send_ms, self.offset());
             let sw = decay(self.updated_ms - self.last_send_ms);
             let opened_k = (since_send.unwrap_or(0) / HOUR_MS as u64) as usize;
@@ -168,7 +180,7 @@ impl Profile {
                 *e = (*e - sw * visibility(k) as f32).max(0.0);
             }
         }
-        if since_send.is_none_or(|d| d >= MACHINE_SUSPECT_MS) {
+        if !suspect {
             self.engagements[hour_of_week(t_ms, self.offset())] += w;
         }
         self.engagement_total += w;
@@ -190,6 +202,17 @@ impl Profile {
     /// Whether anything was ever recorded.
     pub fn has_history(&self) -> bool {
         self.updated_ms > 0
+    }
+
+    /// When the recipient's current dormancy started: their last human engagement, or,
+    /// never engaged, their first record (mail they never engaged with does not make them
+    /// less dormant).
+    pub fn dormant_since(&self) -> u64 {
+        if self.last_engaged_ms > 0 {
+            self.last_engaged_ms
+        } else {
+            self.first_ms
+        }
     }
 
     /// Engagement score in [0, 100] at `now_ms`: frequency (decayed engagements, saturating)
@@ -233,13 +256,15 @@ impl Profile {
                 out.extend_from_slice(&x.to_le_bytes());
             }
         }
+        out.extend_from_slice(&self.first_ms.to_le_bytes());
         out
     }
 
     /// `None` for bytes this version cannot read (treated as no history by the store).
     pub fn decode(bytes: &[u8]) -> Option<Profile> {
         let mut r = Reader(bytes);
-        if r.take::<1>()?[0] != VERSION {
+        let version = r.take::<1>()?[0];
+        if version != 1 && version != VERSION {
             return None;
         }
         let has_tz = r.take::<1>()?[0] == 1;
@@ -270,6 +295,11 @@ impl Profile {
                 *x = f32::from_le_bytes(r.take()?);
             }
         }
+        p.first_ms = if version == 1 {
+            p.last_send_ms
+        } else {
+            u64::from_le_bytes(r.take()?)
+        };
         r.0.is_empty().then_some(p)
     }
 }
@@ -321,6 +351,14 @@ mod tests {
         assert_eq!((p.arm_sends, p.arm_engaged), ([1, 1], [1, 0]));
         assert_eq!(Profile::decode(&p.encode()).unwrap(), p);
         assert_eq!(Profile::decode(&[9, 1, 2]), None);
+        assert_eq!(p.first_ms, 1_000);
+        // A version-1 record (no first_ms) still reads.
+        let mut v1 = p.encode();
+        v1.truncate(v1.len() - 8);
+        v1[0] = 1;
+        let old = Profile::decode(&v1).unwrap();
+        assert_eq!(old.first_ms, p.last_send_ms);
+        assert_eq!(old.sends, p.sends);
         assert_eq!(Profile::decode(&p.encode()[..100]), None);
     }
 
