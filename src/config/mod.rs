@@ -834,7 +834,7 @@ mod tests {
                 control_share: 0.1,
                 refit_interval: Duration::from_secs(3600),
                 dormant_after: Duration::from_secs(180 * 86_400),
-                sunset_after: Some(Duration::from_secs(365 * 86_400)),
+                sunset_after: None,
             }
         );
         let sidecar = &config.sidecar;
