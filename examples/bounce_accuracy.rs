@@ -128,7 +128,11 @@ fn main() -> ExitCode {
     let mut families: BTreeMap<String, Tally> = BTreeMap::new();
     let mut failures = Vec::new();
     for eml in &names {
-        let name = eml.file_stem().unwrap_or_default().to_string_lossy().to_string();
+        let name = eml
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
         let expect_path = eml.with_file_name(format!("{name}.expect.json"));
         let expect: Expect = match read_expect(&expect_path) {
             Ok(e) => e,
@@ -194,7 +198,11 @@ fn score(expect: &Expect, report: &bounce::Report) -> (Tally, Vec<String>) {
     };
     let mut problems = Vec::new();
     if t.kind_right == 0 {
-        problems.push(format!("kind {} (want {})", report.kind.as_str(), expect.kind));
+        problems.push(format!(
+            "kind {} (want {})",
+            report.kind.as_str(),
+            expect.kind
+        ));
     }
     // Each reported recipient paired with the index of the expected one it matches.
     let mut used = vec![false; expect.recipients];

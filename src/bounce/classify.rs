@@ -301,6 +301,22 @@ impl Classifier {
     }
 }
 
+/// The status a report gives, unless it is only a class (`5.0.0`) and `diagnostic` holds a
+/// more specific code of the same class: Courier and Google write `Status: 5.0.0` beside
+/// `550 5.1.1 ... User unknown`, and the reply says what happened.
+pub fn specific_status(given: Option<&str>, diagnostic: &str) -> Option<String> {
+    let given = given.filter(|s| is_enhanced(s))?;
+    let generic = |s: &str| s.ends_with(".0.0");
+    if generic(given) {
+        if let Some(found) = status_in(diagnostic) {
+            if found.as_bytes()[0] == given.as_bytes()[0] && !generic(&found) {
+                return Some(found);
+            }
+        }
+    }
+    Some(given.to_owned())
+}
+
 /// `x.y.z` with class 2, 4 or 5 and 1-3 digit subject and detail (RFC 3463).
 pub fn is_enhanced(s: &str) -> bool {
     let mut parts = s.split('.');

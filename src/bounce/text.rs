@@ -101,6 +101,19 @@ const MARKERS: &[(&str, Marker)] = &[
     ("your message was not able to be delivered", Marker::Failed),
     ("message could not be delivered to", Marker::Failed),
     ("undeliverable mail", Marker::Failed),
+    // Exim variants ("A message that you sent could not be delivered to all of its
+    // recipients", "The following address(es) failed:").
+    ("that you sent could not be delivered", Marker::Failed),
+    ("the following address(es) failed", Marker::Failed),
+    // Exchange 5.5/2000/2003: "Your message ... did not reach the following recipient(s):".
+    ("did not reach the following recipient", Marker::Failed),
+    // OpenSMTPD.
+    (
+        "an error has occurred while attempting to deliver a message",
+        Marker::Failed,
+    ),
+    // Lotus Notes / Domino SMTP MTA: "------- Failure Reasons --------".
+    ("------- failure reasons", Marker::Failed),
     // Delays.
     ("has not yet been delivered", Marker::Delayed),
     (
@@ -132,6 +145,8 @@ const END_MARKERS: &[&str] = &[
     "message headers follow",
     "the header of the original message",
     "undelivered message attached",
+    "below is a copy of the original message",
+    "------- returned message",
 ];
 
 /// What the text of a bounce says.
@@ -141,6 +156,9 @@ pub struct TextBounce {
     pub delayed: bool,
     /// `(address with lowercase domain, diagnostic)` in order of first mention.
     pub recipients: Vec<(String, Option<String>)>,
+    /// The diagnostic of the whole section, for a bounce that names its one recipient in a
+    /// header only (Exim's `X-Failed-Recipients` beside a bare local part in the text).
+    pub diagnostic: Option<String>,
 }
 
 /// Whether `body` contains a bounce marker at all (cheap; for the "is this a bounce" gate).
@@ -176,9 +194,15 @@ pub fn parse(body: &str) -> Option<TextBounce> {
             body[..p].rfind('\n').map_or(p, |l| l.max(start))
         });
     let section = &body[start..end];
+    let lines: Vec<&str> = section.split('\n').skip(1).collect();
     Some(TextBounce {
         delayed,
         recipients: recipients(section),
+        diagnostic: lines
+            .iter()
+            .any(|l| reply_in(l).is_some())
+            .then(|| diagnostic(&lines))
+            .flatten(),
     })
 }
 
@@ -275,6 +299,11 @@ fn address_line(line: &str) -> Option<(String, &str)> {
     }
     let (first, rest) = t.split_once(char::is_whitespace).unwrap_or((t, ""));
     if let Some(address) = first.strip_suffix(':') {
+        // GMX and 1&1 quote it: `"a@b":`.
+        let address = address
+            .strip_prefix('"')
+            .and_then(|a| a.strip_suffix('"'))
+            .unwrap_or(address);
         return is_address(address).then(|| (normalize(address), rest.trim()));
     }
     // "a@b<mailto:a@b>", "a@b (a@b)" and "a@b on 11/27/2026 10:00 AM" (Exchange): nothing
@@ -354,6 +383,14 @@ fn diagnostic(lines: &[&str]) -> Option<String> {
             text = trimmed.to_owned();
         }
         return Some(tidy(&text));
+    }
+    // GMX: the reply without its basic code, "5.1.1 <a@b>... User Unknown".
+    if let Some(line) = lines.iter().map(|l| l.trim()).find(|l| {
+        l.split_whitespace()
+            .next()
+            .is_some_and(super::classify::is_enhanced)
+    }) {
+        return Some(tidy(line));
     }
     let prose: Vec<&str> = lines
         .iter()
@@ -505,6 +542,10 @@ mod tests {
             ("bob@example.net".to_owned(), "550 no")
         );
         assert!(address_line("bob@example.net<mailto:bob@example.net>").is_some());
+        assert_eq!(
+            address_line("\"bob@example.net\":").unwrap().0,
+            "bob@example.net"
+        );
         assert!(address_line("Please contact postmaster@example.net").is_none());
         assert!(address_line("<<< 550 5.1.1 <bob@example.net>... User unknown").is_none());
     }
