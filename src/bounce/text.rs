@@ -101,6 +101,11 @@ const MARKERS: &[(&str, Marker)] = &[
     ("your message was not able to be delivered", Marker::Failed),
     ("message could not be delivered to", Marker::Failed),
     ("undeliverable mail", Marker::Failed),
+    // Amazon SES and WorkMail.
+    (
+        "an error occurred while trying to deliver the mail to the following recipients",
+        Marker::Failed,
+    ),
     // Exim variants ("A message that you sent could not be delivered to all of its
     // recipients", "The following address(es) failed:").
     ("that you sent could not be delivered", Marker::Failed),
@@ -224,10 +229,16 @@ fn recipients(section: &str) -> Vec<(String, Option<String>)> {
     let mut blocks: Vec<Block<'_>> = Vec::new();
     let mut current: Option<usize> = None;
     // Inside a folded server reply (Postfix indents its continuation lines, which may start
-    // with "<address>:"): indented lines continue the reply, they name no new recipient.
+    // with "<address>:"): lines indented deeper than the block's address line continue the
+    // reply, they name no new recipient. Exim indents every address line by two spaces.
     let mut in_reply = false;
+    let mut address_indent = 0;
     for line in section.split('\n') {
-        let continues = in_reply && line.starts_with([' ', '\t']) && !line.trim().is_empty();
+        let indent = line.len() - line.trim_start().len();
+        let continues = in_reply
+            && indent > address_indent
+            && line.starts_with([' ', '\t'])
+            && !line.trim().is_empty();
         in_reply = continues || (current.is_some() && reply_in(line).is_some());
         if continues {
             if let Some(i) = current {
@@ -237,6 +248,7 @@ fn recipients(section: &str) -> Vec<(String, Option<String>)> {
         }
         if let Some((address, rest)) = address_line(line) {
             in_reply = reply_in(rest).is_some();
+            address_indent = indent;
             let i = match blocks.iter().position(|b| b.address == address) {
                 Some(i) => i,
                 None if blocks.len() < MAX_RECIPIENTS => {
@@ -290,6 +302,8 @@ fn recipients(section: &str) -> Vec<(String, Option<String>)> {
 /// An address that stands on a line of its own, and the rest of the line after `:`.
 fn address_line(line: &str) -> Option<(String, &str)> {
     let t = line.trim();
+    // Active!Hunter and some Sendmail builds: ">>> a@b <a@b>" under the failure heading.
+    let t = t.strip_prefix(">>> ").unwrap_or(t);
     if let Some(inner) = t.strip_prefix('<') {
         let end = inner.find('>')?;
         let address = &inner[..end];
@@ -306,12 +320,13 @@ fn address_line(line: &str) -> Option<(String, &str)> {
             .unwrap_or(address);
         return is_address(address).then(|| (normalize(address), rest.trim()));
     }
-    // "a@b<mailto:a@b>", "a@b (a@b)" and "a@b on 11/27/2026 10:00 AM" (Exchange): nothing
-    // else may follow.
+    // "a@b<mailto:a@b>", "a@b (a@b)", "a@b <a@b>" and "a@b on 11/27/2026 10:00 AM"
+    // (Exchange): nothing else may follow.
     let (address, tail) = first.split_once('<').unwrap_or((first, ""));
     let rest = rest.trim();
     let plain = rest.is_empty()
         || (rest.starts_with('(') && rest.ends_with(')'))
+        || (rest.starts_with('<') && rest.ends_with('>') && !rest[1..].contains('<'))
         || rest.starts_with("on ");
     (plain && (tail.is_empty() || tail.starts_with("mailto:")) && is_address(address))
         .then(|| (normalize(address), ""))
@@ -443,7 +458,8 @@ fn reply_in(line: &str) -> Option<(&str, Option<char>)> {
         let opener = before.chars().last();
         let ok = match opener {
             None => true,
-            Some(c) => matches!(c, ':' | '\'' | '"' | '#' | '(' | '<'),
+            // `;`: a DSN field quoted in the text, "Diagnostic-Code: smtp; 550 ...".
+            Some(c) => matches!(c, ':' | ';' | '\'' | '"' | '#' | '(' | '<'),
         };
         if !ok {
             return None;
@@ -547,6 +563,13 @@ mod tests {
             "bob@example.net"
         );
         assert!(address_line("Please contact postmaster@example.net").is_none());
+        assert_eq!(
+            address_line(">>> bob@example.net <bob@example.net>")
+                .unwrap()
+                .0,
+            "bob@example.net"
+        );
+        assert!(address_line(">>> RCPT TO:<bob@example.net>").is_none());
         assert!(address_line("<<< 550 5.1.1 <bob@example.net>... User unknown").is_none());
     }
 
