@@ -344,7 +344,13 @@ fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Rep
                 });
             let diagnostic = fields::get(&group, "diagnostic-code")
                 .and_then(clean_diagnostic)
-                .or_else(|| text::diagnostic_for(body, &address));
+                .or_else(|| text::diagnostic_for(body, &address))
+                .or_else(|| {
+                    // A text about one recipient that names it otherwise (a file path).
+                    text::parse(body)
+                        .filter(|t| t.recipients.len() <= 1)
+                        .and_then(|t| t.diagnostic)
+                });
             let text = diagnostic.as_deref().unwrap_or("");
             let status = classify::specific_status(status, text);
             let c =
@@ -412,9 +418,9 @@ fn text_bounce(message: &Message<'_>, body: &str, classifier: &Classifier) -> Re
             .into_iter()
             .map(|a| (a, None))
             .collect();
-        if let [(_, diagnostic)] = found.as_mut_slice() {
-            diagnostic.clone_from(&parsed.diagnostic);
-        }
+    }
+    if let [(_, diagnostic @ None)] = found.as_mut_slice() {
+        diagnostic.clone_from(&parsed.diagnostic);
     }
     Report {
         kind: Kind::Dsn,

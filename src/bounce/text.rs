@@ -161,8 +161,9 @@ pub struct TextBounce {
     pub delayed: bool,
     /// `(address with lowercase domain, diagnostic)` in order of first mention.
     pub recipients: Vec<(String, Option<String>)>,
-    /// The diagnostic of the whole section, for a bounce that names its one recipient in a
-    /// header only (Exim's `X-Failed-Recipients` beside a bare local part in the text).
+    /// The diagnostic of the whole section, for a bounce about one recipient whose own block
+    /// says nothing (Exim's bare local part or file path, Lotus's reason line above the
+    /// address).
     pub diagnostic: Option<String>,
 }
 
@@ -199,15 +200,22 @@ pub fn parse(body: &str) -> Option<TextBounce> {
             body[..p].rfind('\n').map_or(p, |l| l.max(start))
         });
     let section = &body[start..end];
-    let lines: Vec<&str> = section.split('\n').skip(1).collect();
+    // The section diagnostic reads what follows the last marker phrase (the preamble says
+    // nothing about the failure).
+    let flat_section = &flat[start..end];
+    let after_markers = MARKERS
+        .iter()
+        .filter_map(|(m, _)| flat_section.rfind(m).map(|p| p + m.len()))
+        .max()
+        .unwrap_or(0);
+    let after_markers = section[after_markers..]
+        .find('\n')
+        .map_or(section.len(), |p| after_markers + p);
+    let tail: Vec<&str> = section[after_markers..].split('\n').collect();
     Some(TextBounce {
         delayed,
         recipients: recipients(section),
-        diagnostic: lines
-            .iter()
-            .any(|l| reply_in(l).is_some())
-            .then(|| diagnostic(&lines))
-            .flatten(),
+        diagnostic: section_diagnostic(&tail),
     })
 }
 
@@ -412,6 +420,21 @@ fn diagnostic(lines: &[&str]) -> Option<String> {
         .map(|l| l.trim())
         .filter(|l| !l.is_empty() && !is_label(l))
         .take(2)
+        .collect();
+    (!prose.is_empty()).then(|| tidy(&prose.join(" ")))
+}
+
+/// What the lines after the marker phrases say: the quoted reply if there is one, else their
+/// first lines of prose (a Lotus reason line, Exim's "mailbox is full" after a file path).
+fn section_diagnostic(lines: &[&str]) -> Option<String> {
+    if lines.iter().any(|l| reply_in(l).is_some()) {
+        return diagnostic(lines);
+    }
+    let prose: Vec<&str> = lines
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty() && !is_label(l))
+        .take(4)
         .collect();
     (!prose.is_empty()).then(|| tidy(&prose.join(" ")))
 }
