@@ -211,6 +211,11 @@ impl Processor {
                             (events::Kind::Complaint, Category::Complaint, true, true)
                         }
                         Some(r) => match r.action {
+                            // A report that the message's lifetime ran out (4.4.7) is an
+                            // expiry, like one tern's own queue reports.
+                            Action::Failed if r.category == Category::Expired => {
+                                (events::Kind::Expired, r.category, r.hard, true)
+                            }
                             Action::Failed => (events::Kind::Bounced, r.category, r.hard, true),
                             Action::Delayed => (events::Kind::Deferred, r.category, false, false),
                             _ => continue,

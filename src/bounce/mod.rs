@@ -335,13 +335,6 @@ fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Rep
             let status = fields::get(&group, "status")
                 .and_then(|s| s.split_whitespace().next())
                 .filter(|s| classify::is_enhanced(s));
-            let action = fields::get(&group, "action")
-                .and_then(Action::parse)
-                .unwrap_or(match status.map(|s| s.as_bytes()[0]) {
-                    Some(b'2') => Action::Delivered,
-                    Some(b'4') => Action::Delayed,
-                    _ => Action::Failed,
-                });
             let diagnostic = fields::get(&group, "diagnostic-code")
                 .and_then(clean_diagnostic)
                 .or_else(|| text::diagnostic_for(body, &address))
@@ -352,6 +345,9 @@ fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Rep
                         .and_then(|t| t.diagnostic)
                 });
             let text = diagnostic.as_deref().unwrap_or("");
+            let action = fields::get(&group, "action")
+                .and_then(Action::parse)
+                .unwrap_or_else(|| implied_action(status, text));
             let status = classify::specific_status(status, text);
             let c =
                 classifier.classify(status.as_deref(), None, text, Some(action.default_status()));
@@ -385,6 +381,19 @@ fn is_recipient_group(group: &fields::Group) -> bool {
     RECIPIENT_FIELDS
         .iter()
         .any(|f| fields::get(group, f).is_some())
+}
+
+/// The action of a status group that has no Action field (Exchange leaves it out of some
+/// NDRs): a 2.x.x status was delivered; a 4.x.x one is a delay unless it is x.4.7 ("delivery
+/// time expired", final by definition) or the server's reply was permanent (`550 4.4.7
+/// QUEUE.Expired`); anything else failed.
+fn implied_action(status: Option<&str>, diagnostic: &str) -> Action {
+    let permanent_reply = classify::basic_in(diagnostic).is_some_and(|code| code >= 500);
+    match status.map(|s| (s.as_bytes()[0], s)) {
+        Some((b'2', _)) => Action::Delivered,
+        Some((b'4', s)) if !s.ends_with(".4.7") && !permanent_reply => Action::Delayed,
+        _ => Action::Failed,
+    }
 }
 
 /// The recipient a status group is about: the first of Final-Recipient, X-Actual-Recipient

@@ -523,3 +523,36 @@ async fn cli_add_list_remove_and_csv_round_trip() {
         "all or nothing"
     );
 }
+
+/// An Office 365 NDR saying the message's lifetime ran out (4.4.7, final) is reported as an
+/// `expired` event with category `expired`, not as a delay or a plain bounce.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_ndr_is_an_expired_event() {
+    let keys = tempfile::tempdir().unwrap();
+    let sink = Sink::start(SinkBehaviour::default()).await;
+    let (hook, posts, _receiver) = receiver("127.0.0.1:0".parse().unwrap()).await;
+    let server = TestServer::start(options(keys.path(), sink.addr, hook, "reject")).await;
+
+    let mut c = outsider(&server).await;
+    for sample in ["office365-expired-4.4.7", "dsn-no-action-4.4.7"] {
+        let ndr = std::fs::read_to_string(format!("tests/bounces/{sample}.eml"))
+            .unwrap()
+            .replace('\n', "\r\n");
+        c.submit("", &["bounces@bounce.test"], ndr.as_bytes()).await;
+    }
+    let events = wait_events(&posts, "two expired events", |e| {
+        has(e, "expired", "ines.alvarez@contoso-mail.example")
+            && has(e, "expired", "j.okafor@contoso-mail.example")
+    })
+    .await;
+    for e in events.iter().filter(|e| e["event"] == "expired") {
+        assert_eq!(e["category"], "expired", "{e}");
+        assert_eq!(e["status"], "4.4.7", "{e}");
+    }
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["event"] == "deferred" || e["event"] == "bounced"),
+        "{events:#?}"
+    );
+}
