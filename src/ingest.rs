@@ -20,6 +20,7 @@
 //! per recipient, each with the `not_before` the send-time model chose; the scheduler does not
 //! attempt a part before it.
 
+use crate::admin::metrics::SuppressedAction;
 use crate::config::{SuppressionConfig, SuppressionMode};
 use crate::delivery::dkim::DkimSigners;
 use crate::delivery::log::DeliveryLog;
@@ -315,6 +316,7 @@ impl Ingest {
                 .into_iter()
                 .filter(|r| match feedback.suppressions.check(&r.address) {
                     Some(entry) => {
+                        feedback.metrics.suppressed(SuppressedAction::Drop);
                         batch
                             .dropped
                             .push((r.address.clone(), entry.reason, source));

@@ -8,6 +8,7 @@
 //! only the status line of the answer is read.
 
 use super::Events;
+use crate::admin::metrics::WebhookResult;
 use crate::config::WebhookConfig;
 use aws_lc_rs::hmac;
 use std::time::Duration;
@@ -71,9 +72,14 @@ pub async fn run(
             };
             match posted {
                 Ok(Ok(status)) if (200..300).contains(&status) => {
+                    events.metrics().webhook_post(index, WebhookResult::Ok);
                     let seqs: Vec<u64> = batch.iter().map(|(s, _)| *s).collect();
-                    if let Err(err) = events.spool.remove_events(&stream, &seqs).await {
-                        warn!(error = %err, "cannot remove posted events");
+                    match events.spool.remove_events(&stream, &seqs).await {
+                        Ok(()) => events.metrics().webhook_backlog_moved(
+                            index,
+                            -i64::try_from(seqs.len()).unwrap_or(i64::MAX),
+                        ),
+                        Err(err) => warn!(error = %err, "cannot remove posted events"),
                     }
                     debug!(webhook = %config.url, events = seqs.len(), "events posted");
                     backoff = FIRST_BACKOFF;
@@ -83,11 +89,12 @@ pub async fn run(
                     }
                 }
                 outcome => {
-                    let why = match outcome {
-                        Ok(Ok(status)) => format!("status {status}"),
-                        Ok(Err(e)) => e.to_string(),
-                        Err(_) => "timed out".to_owned(),
+                    let (result, why) = match outcome {
+                        Ok(Ok(status)) => (WebhookResult::Status, format!("status {status}")),
+                        Ok(Err(e)) => (WebhookResult::Error, e.to_string()),
+                        Err(_) => (WebhookResult::Timeout, "timed out".to_owned()),
                     };
+                    events.metrics().webhook_post(index, result);
                     warn!(webhook = %config.url, error = %why, retry_in = ?backoff, "webhook post failed");
                     wait = backoff;
                     backoff = (backoff * 2).min(MAX_BACKOFF);

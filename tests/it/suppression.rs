@@ -556,3 +556,109 @@ async fn expired_ndr_is_an_expired_event() {
         "{events:#?}"
     );
 }
+
+/// The feedback metrics after real traffic: inbound reports by kind and category, list
+/// changes by reason and the list size, recipients dropped in drop mode, webhook posts and
+/// the outbox backlog draining to zero. The suppression list already holds an entry when the
+/// daemon starts (the size gauge counts it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_metrics_count_what_happened() {
+    let keys = tempfile::tempdir().unwrap();
+    let sink = Sink::start(SinkBehaviour::default()).await;
+    let (hook, posts, _receiver) = receiver("127.0.0.1:0".parse().unwrap()).await;
+    let server = TestServer::start(options(keys.path(), sink.addr, hook, "drop")).await;
+    let (status, body) = server
+        .api(
+            "POST",
+            "/api/v1/suppressions",
+            Some(&json!({"address": "early@sink.test"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // Restart on the same spool: the size gauge starts from what is stored.
+    let server = server
+        .restart(options(keys.path(), sink.addr, hook, "drop"))
+        .await;
+    let admin = server.admin();
+    let m = crate::metrics::scrape(admin).await;
+    assert_eq!(crate::metrics::value(&m, "tern_suppression_entries"), 1.0);
+    assert_eq!(
+        crate::metrics::value(&m, "tern_webhook_backlog{webhook=\"0\"}"),
+        0.0
+    );
+
+    let mut c = outsider(&server).await;
+    c.submit(
+        "",
+        &["bounces@bounce.test"],
+        &dsn("bounces@bounce.test", "gone@sink.test"),
+    )
+    .await;
+    for sample in ["arf-yahoo-to-from-original", "autoreply-rfc3834"] {
+        let raw = std::fs::read_to_string(format!("tests/bounces/{sample}.eml"))
+            .unwrap()
+            .replace('\n', "\r\n");
+        c.submit("", &["bounces@bounce.test"], raw.as_bytes()).await;
+    }
+    wait_suppressed(&server, "reader.one@yahoo.com").await;
+    wait_suppressed(&server, "gone@sink.test").await;
+    wait_inbound_processed(&server).await;
+    let (status, body) = server
+        .api("DELETE", "/api/v1/suppressions/early@sink.test", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // Drop mode: accepted, the suppressed recipient dropped.
+    let (status, body) = inject(&server, &["gone@sink.test", "fine@sink.test"]).await;
+    assert_eq!(status, 200, "{body}");
+    wait_events(&posts, "the dropped recipient's event", |e| {
+        has(e, "suppressed", "gone@sink.test") && has(e, "delivered", "fine@sink.test")
+    })
+    .await;
+
+    let deadline = Instant::now() + T;
+    let m = loop {
+        let m = crate::metrics::scrape(admin).await;
+        if crate::metrics::value(&m, "tern_webhook_backlog{webhook=\"0\"}") == 0.0 {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "backlog never drained: {m:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let v = |s: &str| crate::metrics::value(&m, s);
+    assert_eq!(
+        v("tern_inbound_reports_total{category=\"invalid_recipient\",kind=\"dsn\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("tern_inbound_reports_total{category=\"complaint\",kind=\"arf\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("tern_inbound_reports_total{category=\"auto_reply\",kind=\"autoreply\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("tern_suppression_changes_total{change=\"add\",reason=\"invalid_recipient\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("tern_suppression_changes_total{change=\"add\",reason=\"complaint\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("tern_suppression_changes_total{change=\"remove\",reason=\"manual\"}"),
+        1.0
+    );
+    // early@ removed; gone@ and the complainer added.
+    assert_eq!(v("tern_suppression_entries"), 2.0);
+    assert_eq!(v("tern_suppressed_recipients_total{action=\"drop\"}"), 1.0);
+    assert_eq!(
+        v("tern_suppressed_recipients_total{action=\"reject\"}"),
+        0.0
+    );
+    assert!(v("tern_webhook_posts_total{result=\"ok\",webhook=\"0\"}") >= 1.0);
+    assert_eq!(
+        v("tern_webhook_posts_total{result=\"error\",webhook=\"0\"}"),
+        0.0
+    );
+}
