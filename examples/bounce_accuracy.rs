@@ -16,7 +16,8 @@
 //! Expected recipients not matched are false negatives. A matched recipient's status is right
 //! when it equals the expected one; an expected pseudo-code (sisimai invents `x.0.9xx`,
 //! `x.9.xxx` when a message has no code, and `x.0.0` says only the class) is scored on the
-//! class digit alone. The family of `lhost-postfix-07` is `postfix` (prefixes `lhost-`,
+//! class digit alone. `status` in the table is over the recipients found; the summary line
+//! also gives it over every expected recipient that has a status. The family of `lhost-postfix-07` is `postfix` (prefixes `lhost-`,
 //! `email-` and the number dropped).
 
 use std::collections::BTreeMap;
@@ -46,6 +47,8 @@ struct Tally {
     status_scored: usize,
     status_exact: usize,
     status_right: usize,
+    /// Expected recipients with a status, found or not.
+    status_expected: usize,
 }
 
 impl Tally {
@@ -58,6 +61,7 @@ impl Tally {
         self.status_scored += o.status_scored;
         self.status_exact += o.status_exact;
         self.status_right += o.status_right;
+        self.status_expected += o.status_expected;
     }
 
     fn ratio(a: usize, b: usize) -> String {
@@ -167,14 +171,16 @@ fn main() -> ExitCode {
     println!("{}", total.row("TOTAL"));
     println!(
         "recipients: {} expected, {} reported right, {} wrong, {} missed; status right {}/{} \
-         ({} exact)",
+         found ({} exact), {}/{} of all expected recipients with a status",
         total.tp + total.fn_,
         total.tp,
         total.fp,
         total.fn_,
         total.status_right,
         total.status_scored,
-        total.status_exact
+        total.status_exact,
+        total.status_right,
+        total.status_expected,
     );
     if show_failures {
         println!("\nfailures ({}):", failures.len());
@@ -227,6 +233,12 @@ fn score(expect: &Expect, report: &bounce::Report) -> (Tally, Vec<String>) {
         }
     }
     t.fn_ = used.iter().filter(|u| !**u).count();
+    t.status_expected = expect
+        .statuses
+        .iter()
+        .take(expect.recipients)
+        .filter(|s| !s.is_empty())
+        .count();
     for (i, _) in used.iter().enumerate().filter(|(_, u)| !**u) {
         let what = expect.addresses.get(i).map(String::as_str).unwrap_or("?");
         problems.push(format!("missed {what}"));
