@@ -662,3 +662,71 @@ async fn feedback_metrics_count_what_happened() {
         0.0
     );
 }
+
+/// The CSV export of a list larger than one read page is streamed (chunked, no
+/// Content-Length) and complete: the header, then every entry once, in address order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csv_export_streams_every_page() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start(Options::default()).await;
+    const N: usize = 21_000; // three pages of 10 000
+    let mut csv = String::from("address,reason,created_ms,expires_ms,source\n");
+    for i in 0..N {
+        csv.push_str(&format!("u{i:05}@bulk.test,manual,1700000000000,,\n"));
+    }
+    let (status, body) = http(
+        server.admin(),
+        "POST",
+        "/api/v1/suppressions/import",
+        Some(&server.admin_token()),
+        Some(&csv),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    let mut stream = tokio::net::TcpStream::connect(server.admin())
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /api/v1/suppressions/export HTTP/1.1\r\nHost: tern\r\n\
+                 Authorization: Bearer {}\r\nConnection: close\r\n\r\n",
+                server.admin_token()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(T, stream.read_to_end(&mut raw))
+        .await
+        .expect("export answered in time")
+        .unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let (head, _) = raw.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    assert!(!head.contains("content-length"), "{head}");
+    assert!(head.contains("content-type: text/csv"), "{head}");
+
+    let (status, exported) = http(
+        server.admin(),
+        "GET",
+        "/api/v1/suppressions/export",
+        Some(&server.admin_token()),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let lines: Vec<&str> = exported.lines().collect();
+    assert_eq!(lines[0], "address,reason,created_ms,expires_ms,source");
+    assert_eq!(lines.len(), N + 1);
+    for (i, line) in lines[1..].iter().enumerate() {
+        assert!(
+            line.starts_with(&format!("u{i:05}@bulk.test,manual,")),
+            "line {i}: {line}"
+        );
+    }
+}
