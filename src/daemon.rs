@@ -227,10 +227,13 @@ impl Daemon {
                 )
             })?;
             let secret = secret.trim_ascii().to_vec();
+            let tls = crate::events::webhook::connector(hook)
+                .map_err(|e| anyhow::anyhow!("webhooks[{i}].ca_file: {e}"))?;
             feedback_tasks.spawn(crate::events::webhook::run(
                 events.clone(),
                 i,
                 hook.clone(),
+                tls,
                 secret,
                 shutdown.clone(),
             ));

@@ -26,6 +26,17 @@ type Posts = Arc<Mutex<Vec<Value>>>;
 /// A webhook receiver on `addr` (port 0: any): keeps the events of every post whose
 /// signature verifies; a post with a bad signature fails the test.
 async fn receiver(addr: SocketAddr) -> (SocketAddr, Posts, tokio::task::JoinHandle<()>) {
+    let (app, posts) = hook_app();
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (addr, posts, task)
+}
+
+/// The receiver's app: `POST /hook` checks the signature and keeps the events.
+fn hook_app() -> (axum::Router, Posts) {
     let posts: Posts = Arc::default();
     let kept = posts.clone();
     let app = axum::Router::new().route(
@@ -51,12 +62,61 @@ async fn receiver(addr: SocketAddr) -> (SocketAddr, Posts, tokio::task::JoinHand
             }
         }),
     );
-    let listener = TcpListener::bind(addr).await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    (app, posts)
+}
+
+/// The same receiver behind TLS on 127.0.0.1, with the harness's "localhost" certificate
+/// (signed by the harness test CA).
+async fn tls_receiver() -> (SocketAddr, Posts, tokio::task::JoinHandle<()>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let cert = test_cert();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from_pem_slice(cert.leaf_pem.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    let listener = TlsListener {
+        tcp: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+    };
+    let addr = listener.tcp.local_addr().unwrap();
+    let (app, posts) = hook_app();
     let task = tokio::spawn(async move {
         axum::serve(listener, app).await.unwrap();
     });
     (addr, posts, task)
+}
+
+struct TlsListener {
+    tcp: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                continue;
+            };
+            // A client that rejects our certificate fails its handshake: wait for the next.
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
 }
 
 async fn wait_events(posts: &Posts, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
@@ -728,5 +788,62 @@ async fn csv_export_streams_every_page() {
             line.starts_with(&format!("u{i:05}@bulk.test,manual,")),
             "line {i}: {line}"
         );
+    }
+}
+
+/// `https://` webhooks: with `ca_file` naming the receiver's private CA the events arrive over
+/// TLS; without it the certificate does not verify against the public roots, every post fails
+/// (counted as `error`) and the events wait in that webhook's outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_webhook_verifies_the_receiver_against_its_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start(SinkBehaviour::default()).await;
+    let (hook, posts, _receiver) = tls_receiver().await;
+    let secret = dir.path().join("hook.secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let (_, _, ca) = write_cert_files(dir.path());
+    let port = hook.port();
+    let server = TestServer::start(
+        Options::default()
+            .deliver()
+            .relay(&["127.0.0.1/32"])
+            .route("sink.test", sink.addr)
+            .extra(format!(
+                "[[webhooks]]\nurl = \"https://localhost:{port}/hook\"\nsecret_file = {:?}\n\
+                 ca_file = {:?}\ninterval = \"50ms\"\n\n\
+                 [[webhooks]]\nurl = \"https://localhost:{port}/hook\"\nsecret_file = {:?}\n\
+                 interval = \"50ms\"\n",
+                path(&secret),
+                path(&ca),
+                path(&secret),
+            )),
+    )
+    .await;
+    let (status, body) = inject(&server, &["reader@sink.test"]).await;
+    assert_eq!(status, 200, "{body}");
+    let events = wait_events(&posts, "the delivered event over TLS", |e| {
+        has(e, "delivered", "reader@sink.test")
+    })
+    .await;
+    assert_eq!(
+        events.iter().filter(|e| e["event"] == "delivered").count(),
+        1,
+        "only the webhook that trusts the CA posts: {events:#?}"
+    );
+    let deadline = Instant::now() + T;
+    loop {
+        let m = crate::metrics::scrape(server.admin()).await;
+        let v = |s: &str| crate::metrics::value(&m, s);
+        if v("tern_webhook_posts_total{result=\"error\",webhook=\"1\"}") >= 1.0 {
+            assert!(v("tern_webhook_posts_total{result=\"ok\",webhook=\"0\"}") >= 1.0);
+            assert_eq!(
+                v("tern_webhook_posts_total{result=\"ok\",webhook=\"1\"}"),
+                0.0
+            );
+            assert!(v("tern_webhook_backlog{webhook=\"1\"}") >= 1.0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no failed post for webhooks[1]");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
