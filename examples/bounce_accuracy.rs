@@ -16,7 +16,8 @@
 //! Expected recipients not matched are false negatives. A matched recipient's status is right
 //! when it equals the expected one; an expected pseudo-code (sisimai invents `x.0.9xx`,
 //! `x.9.xxx` when a message has no code, and `x.0.0` says only the class) is scored on the
-//! class digit alone. `status` in the table is over the recipients found; the summary line
+//! class digit alone (files holding several messages, like mbox files, are stored one message
+//! per file as `NAME-28a`, `NAME-28b`). `status` in the table is over the recipients found; the summary line
 //! also gives it over every expected recipient that has a status. The family of `lhost-postfix-07` is `postfix` (prefixes `lhost-`,
 //! `email-` and the number dropped).
 
@@ -104,8 +105,15 @@ fn family(name: &str) -> String {
         .strip_prefix("lhost-")
         .or_else(|| name.strip_prefix("email-"))
         .unwrap_or(name);
+    // `-07`, or `-28a` / `-28b` for the messages of one mbox file stored one per file.
+    let numbered = |n: &str| {
+        let digits = n.trim_end_matches(|c: char| c.is_ascii_lowercase());
+        !digits.is_empty()
+            && digits.len() + 1 >= n.len()
+            && digits.chars().all(|c| c.is_ascii_digit())
+    };
     match base.rsplit_once('-') {
-        Some((f, n)) if n.chars().all(|c| c.is_ascii_digit()) => f.to_string(),
+        Some((f, n)) if numbered(n) => f.to_string(),
         _ => base.to_string(),
     }
 }
