@@ -212,12 +212,14 @@ impl Daemon {
         .with_scheduler(new_mail)
         .with_send_time(send_time.clone())
         .with_sidecar(sidecar);
-        let events = Events::new(spool.clone(), config.webhooks.len(), delivery_log.clone());
-        let feedback = Feedback::new(
-            Suppressions::new(spool.clone(), config.suppression.clone()),
-            events.clone(),
-            config.bounce.domains.clone(),
-        );
+        let events = Events::new(spool.clone(), config.webhooks.len(), delivery_log.clone())
+            .with_metrics(metrics.clone())
+            .context("cannot count the webhook outboxes")?;
+        let suppressions = Suppressions::new(spool.clone(), config.suppression.clone())
+            .with_metrics(metrics.clone())
+            .context("cannot count the suppression list")?;
+        let feedback = Feedback::new(suppressions, events.clone(), config.bounce.domains.clone())
+            .with_metrics(metrics.clone());
         let ingest = ingest.with_feedback(feedback.clone());
         let verp = read_verp_key(&config)?;
         worker.set_verp(verp.clone().map(|v| VerpPolicy::from_config(v, &config)));
@@ -230,10 +232,13 @@ impl Daemon {
                 )
             })?;
             let secret = secret.trim_ascii().to_vec();
+            let tls = crate::events::webhook::connector(hook)
+                .map_err(|e| anyhow::anyhow!("webhooks[{i}].ca_file: {e}"))?;
             feedback_tasks.spawn(crate::events::webhook::run(
                 events.clone(),
                 i,
                 hook.clone(),
+                tls,
                 secret,
                 shutdown.clone(),
             ));

@@ -19,6 +19,7 @@
 //! [`Feedback`] bundles the handles the submission paths and the settler share: the
 //! suppression list, the events, the bounce domains and the processor's wake-up.
 
+use crate::admin::metrics::Metrics;
 use crate::bounce::classify::{Category, Classifier};
 use crate::bounce::{self, Action, Kind};
 use crate::events::{self, Event, Events};
@@ -41,6 +42,8 @@ const POLL: Duration = Duration::from_secs(5);
 pub struct Feedback {
     pub suppressions: Suppressions,
     pub events: Events,
+    /// Suppressed recipients and processed inbound reports are counted here.
+    pub metrics: Arc<Metrics>,
     /// Lowercase.
     pub bounce_domains: Arc<Vec<String>>,
     /// Wakes the processor after a commit with inbound records.
@@ -56,9 +59,16 @@ impl Feedback {
         Feedback {
             suppressions,
             events,
+            metrics: Arc::new(Metrics::new()),
             bounce_domains: Arc::new(bounce_domains),
             inbound: Arc::new(Notify::new()),
         }
+    }
+
+    /// Counts into `metrics` (the daemon's; a new value otherwise).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Feedback {
+        self.metrics = metrics;
+        self
     }
 
     /// Whether `address` is at one of the bounce domains.
@@ -161,6 +171,15 @@ impl Processor {
             }
         }
         let report = bounce::parse(message, &self.classifier);
+        let kind = report.kind.as_str();
+        if report.recipients.is_empty() {
+            self.feedback.metrics.inbound_report(kind, "none");
+        }
+        for r in &report.recipients {
+            self.feedback
+                .metrics
+                .inbound_report(kind, r.category.as_str());
+        }
         let now = crate::clock::now_ms();
         let mut events = Vec::new();
         let mut entries = Vec::new();
@@ -211,6 +230,11 @@ impl Processor {
                             (events::Kind::Complaint, Category::Complaint, true, true)
                         }
                         Some(r) => match r.action {
+                            // A report that the message's lifetime ran out (4.4.7) is an
+                            // expiry, like one tern's own queue reports.
+                            Action::Failed if r.category == Category::Expired => {
+                                (events::Kind::Expired, r.category, r.hard, true)
+                            }
                             Action::Failed => (events::Kind::Bounced, r.category, r.hard, true),
                             Action::Delayed => (events::Kind::Deferred, r.category, false, false),
                             _ => continue,

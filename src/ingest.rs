@@ -21,6 +21,7 @@
 //! campaign's `send_window` and `quiet_hours` when a campaign applied, else the header's
 //! window and `[sendtime]`); the scheduler does not attempt a part before it.
 
+use crate::admin::metrics::SuppressedAction;
 use crate::config::{SuppressionConfig, SuppressionMode};
 use crate::delivery::dkim::DkimSigners;
 use crate::delivery::log::DeliveryLog;
@@ -344,6 +345,7 @@ impl Ingest {
                 .into_iter()
                 .filter(|r| match feedback.suppressions.check(&r.address) {
                     Some(entry) => {
+                        feedback.metrics.suppressed(SuppressedAction::Drop);
                         batch
                             .dropped
                             .push((r.address.clone(), entry.reason, source));

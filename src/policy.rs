@@ -6,6 +6,7 @@
 //! domains excepted: the session lets anyone mail them). A recipient on the suppression
 //! list gets 550 5.7.1 in reject mode ([`suppressed`]).
 
+use crate::admin::metrics::SuppressedAction;
 use crate::config::{Config, SuppressionMode};
 use crate::events::{Event, Kind};
 use crate::inbound::Feedback;
@@ -67,6 +68,7 @@ pub fn suppressed(feedback: &Feedback, address: &str, source: &'static str) -> O
         return None;
     }
     let entry = feedback.suppressions.check(address)?;
+    feedback.metrics.suppressed(SuppressedAction::Reject);
     let mut event = Event::new(Kind::Suppressed, address, source);
     event.detail = Some(format!("rejected: suppressed ({})", entry.reason));
     feedback.events.emit_later(vec![event]);

@@ -11,6 +11,7 @@
 //! CSV form (import and export): `address,reason,created_ms,expires_ms,source` with a header
 //! line; `expires_ms` and `source` may be empty.
 
+use crate::admin::metrics::Metrics;
 use crate::bounce::classify::Category;
 use crate::config::{SuppressionConfig, SuppressionMode};
 use serde::{Deserialize, Serialize};
@@ -46,6 +47,8 @@ pub const CSV_HEADER: &str = "address,reason,created_ms,expires_ms,source";
 pub struct Suppressions {
     spool: Spool,
     config: Arc<SuppressionConfig>,
+    /// Counts additions and removals (`tern_suppression_*`).
+    metrics: Arc<Metrics>,
 }
 
 impl Suppressions {
@@ -53,7 +56,15 @@ impl Suppressions {
         Suppressions {
             spool,
             config: Arc::new(config),
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    /// Reports to `metrics`, whose size gauge starts at the stored count (a scan, once).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Result<Suppressions, SpoolError> {
+        metrics.set_suppression_entries(self.spool.count_suppressions()?);
+        self.metrics = metrics;
+        Ok(self)
     }
 
     pub fn mode(&self) -> SuppressionMode {
@@ -78,28 +89,48 @@ impl Suppressions {
 
     /// Adds (or replaces) entries; one durable write.
     pub async fn add(&self, entries: Vec<Entry>) -> Result<(), SpoolError> {
-        let records = entries
-            .into_iter()
-            .map(|mut e| {
-                e.address = normalize(&e.address);
-                let json = serde_json::to_vec(&e).unwrap_or_default();
-                (e.address, json)
-            })
-            .collect();
-        self.spool.put_suppressions(records).await
+        // Addresses not on the list yet, by reason: what the size gauge grows by.
+        let mut new: Vec<(String, u64)> = Vec::new();
+        let mut records = Vec::with_capacity(entries.len());
+        for mut e in entries {
+            e.address = normalize(&e.address);
+            let fresh = self.spool.suppression(&e.address)?.is_none()
+                && !records.iter().any(|(a, _)| a == &e.address);
+            if fresh {
+                match new.iter_mut().find(|(r, _)| r == &e.reason) {
+                    Some((_, n)) => *n += 1,
+                    None => new.push((e.reason.clone(), 1)),
+                }
+            }
+            let json = serde_json::to_vec(&e).unwrap_or_default();
+            records.push((e.address, json));
+        }
+        self.spool.put_suppressions(records).await?;
+        for (reason, n) in new {
+            self.metrics.suppression_added(&reason, n);
+        }
+        Ok(())
     }
 
     /// Removes entries; returns how many of them existed.
     pub async fn remove(&self, addresses: &[String]) -> Result<usize, SpoolError> {
         let keys: Vec<String> = addresses.iter().map(|a| normalize(a)).collect();
-        let mut present = 0;
+        let mut reasons = Vec::new();
         for k in &keys {
-            if self.spool.suppression(k)?.is_some() {
-                present += 1;
+            if let Some(bytes) = self.spool.suppression(k)? {
+                let reason = serde_json::from_slice::<Entry>(&bytes)
+                    .map(|e| e.reason)
+                    .ok()
+                    .filter(|r| valid_reason(r))
+                    .unwrap_or_else(|| "manual".to_owned());
+                reasons.push(reason);
             }
         }
         self.spool.remove_suppressions(&keys).await?;
-        Ok(present)
+        for reason in &reasons {
+            self.metrics.suppression_removed(reason);
+        }
+        Ok(reasons.len())
     }
 
     /// Active entries after the address `after`, in address order, matching `reason` and the

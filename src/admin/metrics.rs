@@ -12,6 +12,12 @@
 //! the spool's sync thread ([`Metrics::observe_spool`]). DKIM label values are signing
 //! domains, which only come from configured `[[dkim]]` keys.
 //!
+//! Bounce processing and feedback: suppression-list reasons are bounce categories or
+//! `manual`, inbound report kinds and categories are enums, and a webhook's label is its
+//! index in the config (`webhooks[i]`). The suppression list size and the webhook backlogs
+//! are gauges counted once at start ([`Metrics::set_suppression_entries`],
+//! [`Metrics::set_webhook_backlog`]) and moved by every change after that.
+//!
 //! The set of static routes is replaced by a config reload ([`Metrics::set_routes`]); label
 //! values of routes that are gone stay in the output with their last values (a Prometheus
 //! counter must never vanish and come back), and new routes get label values from then on.
@@ -179,6 +185,60 @@ pub struct Metrics {
     shaping_wait_seconds: Histogram,
     sidecar_content: IntCounterVec,
     sidecar_engagements: IntCounterVec,
+    suppression_entries: IntGauge,
+    suppression_changes: IntCounterVec,
+    suppressed_recipients: IntCounterVec,
+    inbound_reports: IntCounterVec,
+    webhook_posts: IntCounterVec,
+    webhook_backlog: IntGaugeVec,
+}
+
+/// What happened to a recipient on the suppression list: refused (`suppression.mode =
+/// "reject"`, 550 5.7.1) or accepted and dropped (`"drop"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SuppressedAction {
+    Reject,
+    Drop,
+}
+
+impl SuppressedAction {
+    fn as_str(self) -> &'static str {
+        match self {
+            SuppressedAction::Reject => "reject",
+            SuppressedAction::Drop => "drop",
+        }
+    }
+}
+
+/// How one webhook post ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookResult {
+    /// 2xx: the batch was removed from the outbox.
+    Ok,
+    /// Any other HTTP status.
+    Status,
+    /// Connection or protocol error.
+    Error,
+    /// No answer within the request timeout.
+    Timeout,
+}
+
+impl WebhookResult {
+    const ALL: [WebhookResult; 4] = [
+        WebhookResult::Ok,
+        WebhookResult::Status,
+        WebhookResult::Error,
+        WebhookResult::Timeout,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            WebhookResult::Ok => "ok",
+            WebhookResult::Status => "status",
+            WebhookResult::Error => "error",
+            WebhookResult::Timeout => "timeout",
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -368,6 +428,42 @@ impl Metrics {
                 "tern_warmup_cap_today",
                 "Today's warm-up cap of a source for a provider (-1: warm, no cap).",
             ),
+            suppression_entries: gauge(
+                "tern_suppression_entries",
+                "Entries stored in the suppression list (expired soft entries count until replaced or removed).",
+            ),
+            suppression_changes: counter_vec(
+                "tern_suppression_changes_total",
+                "Suppression list entries added (new addresses) and removed, by reason (a bounce category or manual).",
+                &["change", "reason"],
+            ),
+            suppressed_recipients: counter_vec(
+                "tern_suppressed_recipients_total",
+                "Recipients on the suppression list at submission, by action: reject (550 5.7.1) or drop.",
+                &["action"],
+            ),
+            inbound_reports: counter_vec(
+                "tern_inbound_reports_total",
+                "Recipients reported by processed inbound mail to the bounce domains, by kind (dsn, arf, autoreply, none) and category (none: a message naming no recipient).",
+                &["kind", "category"],
+            ),
+            webhook_posts: counter_vec(
+                "tern_webhook_posts_total",
+                "Event batches posted to a webhook (its index in the config), by result: ok (2xx), status, error, timeout.",
+                &["webhook", "result"],
+            ),
+            webhook_backlog: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "tern_webhook_backlog",
+                        "Events waiting in a webhook's outbox (its index in the config).",
+                    ),
+                    &["webhook"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique");
+                g
+            },
             shaping_wait_seconds: histogram(
                 "tern_shaping_wait_seconds",
                 "Time a delivery worker waited for shaping (rate, suspension, connection slot).",
@@ -393,7 +489,74 @@ impl Metrics {
         for action in [Action::Failed, Action::Delayed, Action::Delivered] {
             metrics.dsns_sent.with_label_values(&[action_label(action)]);
         }
+        for action in [SuppressedAction::Reject, SuppressedAction::Drop] {
+            metrics
+                .suppressed_recipients
+                .with_label_values(&[action.as_str()]);
+        }
         metrics
+    }
+
+    /// The suppression list's size as counted at start.
+    pub fn set_suppression_entries(&self, entries: u64) {
+        self.suppression_entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+    }
+
+    /// `added` new entries with `reason` (replacing an entry adds none).
+    pub fn suppression_added(&self, reason: &str, added: u64) {
+        self.suppression_changes
+            .with_label_values(&["add", reason])
+            .inc_by(added);
+        self.suppression_entries
+            .add(i64::try_from(added).unwrap_or(i64::MAX));
+    }
+
+    pub fn suppression_removed(&self, reason: &str) {
+        self.suppression_changes
+            .with_label_values(&["remove", reason])
+            .inc();
+        self.suppression_entries.dec();
+    }
+
+    pub fn suppressed(&self, action: SuppressedAction) {
+        self.suppressed_recipients
+            .with_label_values(&[action.as_str()])
+            .inc();
+    }
+
+    /// One recipient of a processed inbound message (`category` `none` for a message that
+    /// names nobody).
+    pub fn inbound_report(&self, kind: &str, category: &str) {
+        self.inbound_reports
+            .with_label_values(&[kind, category])
+            .inc();
+    }
+
+    /// Webhook `index`'s outbox holds `events` (counted at start); every result label exists
+    /// from then on.
+    pub fn set_webhook_backlog(&self, index: usize, events: u64) {
+        let label = index.to_string();
+        self.webhook_backlog
+            .with_label_values(&[&label])
+            .set(i64::try_from(events).unwrap_or(i64::MAX));
+        for result in WebhookResult::ALL {
+            self.webhook_posts
+                .with_label_values(&[&label, result.as_str()]);
+        }
+    }
+
+    /// `events` were queued in (positive) or removed from (negative) webhook `index`'s outbox.
+    pub fn webhook_backlog_moved(&self, index: usize, events: i64) {
+        self.webhook_backlog
+            .with_label_values(&[&index.to_string()])
+            .add(events);
+    }
+
+    pub fn webhook_post(&self, index: usize, result: WebhookResult) {
+        self.webhook_posts
+            .with_label_values(&[&index.to_string(), result.as_str()])
+            .inc();
     }
 
     /// Makes the static routes' keys (`route:<domain>`) usable as destination labels.

@@ -8,25 +8,32 @@
 //! - `DELETE /suppressions/{address}`: removes one (404 if absent);
 //! - `POST /suppressions/import` (CSV body, see `crate::suppression`): adds them all in one
 //!   write, or none (400 naming the first bad line);
-//! - `GET /suppressions/export`: every active entry as CSV.
+//! - `GET /suppressions/export`: every active entry as CSV, streamed (chunked) page by page:
+//!   memory stays bounded by [`EXPORT_PAGE`] entries and [`EXPORT_PAGES_AHEAD`] pages for
+//!   any list size. A read error before the first page is a JSON 500; after it, the body
+//!   ends early (the client sees a truncated chunked body, not a complete-looking CSV).
 
 use super::error::{page_limit, ApiError, ApiJson};
 use super::AdminState;
 use crate::config::parse_duration;
 use crate::suppression::{self, Entry};
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 10_000;
-/// Entries per read while exporting.
+/// Entries per read (and per body chunk) while exporting.
 const EXPORT_PAGE: usize = 10_000;
+/// Pages read ahead of a slow client.
+const EXPORT_PAGES_AHEAD: usize = 2;
 
 pub fn routes() -> Router<AdminState> {
     Router::new()
@@ -161,23 +168,53 @@ async fn import(State(state): State<AdminState>, body: String) -> ApiResult {
 
 async fn export(State(state): State<AdminState>) -> Result<impl IntoResponse, ApiError> {
     let list = list_of(&state);
-    let csv = tokio::task::spawn_blocking(move || {
-        let mut out = format!("{}\n", suppression::CSV_HEADER);
-        let mut after: Option<String> = None;
-        loop {
-            let (entries, next) = list.list(after.as_deref(), EXPORT_PAGE, None, None)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(EXPORT_PAGES_AHEAD);
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    tokio::task::spawn_blocking(move || {
+        let page = |after: Option<&str>| {
+            let (entries, next) = list.list(after, EXPORT_PAGE, None, None)?;
+            let mut chunk = String::with_capacity(entries.len() * 64);
             for e in &entries {
-                out.push_str(&suppression::to_csv_line(e));
-                out.push('\n');
+                chunk.push_str(&suppression::to_csv_line(e));
+                chunk.push('\n');
             }
-            match next {
-                Some(n) => after = Some(n),
-                None => return Ok(out),
+            Ok::<_, tern_queue::SpoolError>((chunk, next))
+        };
+        let (first, mut after) = match page(None) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = first_tx.send(Err(e));
+                return;
+            }
+        };
+        let _ = first_tx.send(Ok(format!("{}\n{first}", suppression::CSV_HEADER)));
+        while let Some(cursor) = after {
+            let chunk = match page(Some(&cursor)) {
+                Ok((chunk, next)) => {
+                    after = next;
+                    Ok(Bytes::from(chunk))
+                }
+                Err(e) => {
+                    after = None;
+                    Err(std::io::Error::other(e.to_string()))
+                }
+            };
+            // A client that went away ends the export.
+            if tx.blocking_send(chunk).is_err() {
+                return;
             }
         }
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?
-    .map_err(spool_error)?;
-    Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], csv))
+    });
+    let first = first_rx
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(spool_error)?;
+    let rest = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    let body = futures_util::stream::once(async move { Ok(Bytes::from(first)) }).chain(rest);
+    Ok((
+        [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+        Body::from_stream(body),
+    ))
 }

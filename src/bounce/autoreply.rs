@@ -8,7 +8,7 @@
 use mail_parser::Message;
 
 /// Lowercase subject prefixes of common responders (Outlook in several languages, Gmail,
-/// Apple Mail, Zimbra and others).
+/// Apple Mail, Zimbra, Lotus Notes and others).
 const SUBJECT_PREFIXES: &[&str] = &[
     "out of office",
     "automatic reply",
@@ -36,6 +36,8 @@ const SUBJECT_PREFIXES: &[&str] = &[
     "on vacation",
     "i am out of the office",
     "away from my mail",
+    // Lotus Notes: "AUTO: Jane Doe is out of the office (returning 05/01/2010)".
+    "auto:",
 ];
 
 /// Whether `message` is an automatic reply.

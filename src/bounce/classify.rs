@@ -301,6 +301,22 @@ impl Classifier {
     }
 }
 
+/// The status a report gives, unless it is only a class (`5.0.0`) and `diagnostic` holds a
+/// more specific code of the same class: Courier and Google write `Status: 5.0.0` beside
+/// `550 5.1.1 ... User unknown`, and the reply says what happened.
+pub fn specific_status(given: Option<&str>, diagnostic: &str) -> Option<String> {
+    let given = given.filter(|s| is_enhanced(s))?;
+    let generic = |s: &str| s.ends_with(".0.0");
+    if generic(given) {
+        if let Some(found) = status_in(diagnostic) {
+            if found.as_bytes()[0] == given.as_bytes()[0] && !generic(&found) {
+                return Some(found);
+            }
+        }
+    }
+    Some(given.to_owned())
+}
+
 /// `x.y.z` with class 2, 4 or 5 and 1-3 digit subject and detail (RFC 3463).
 pub fn is_enhanced(s: &str) -> bool {
     let mut parts = s.split('.');
@@ -316,7 +332,7 @@ pub fn is_enhanced(s: &str) -> bool {
 
 /// The first enhanced status code in `text` that stands alone (not part of an IP address
 /// or version number): `550 5.1.1`, `(#5.1.1)`, `RESOLVER.ADR.RecipNotFound 5.1.1`. One
-/// right after a basic code of the same class is preferred.
+/// right after a basic code of the same class (`550 5.1.1`, `550-'5.2.2`) is preferred.
 pub fn status_in(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
     let mut first = None;
@@ -330,11 +346,14 @@ pub fn status_in(text: &str) -> Option<String> {
                         || (*b == b'.' && bytes.get(end + 1).is_some_and(u8::is_ascii_digit))
                 }) {
                     let code = &text[i..end];
-                    // "550 5.1.1" / "550-5.1.1": the reply's own status.
-                    if i >= 4
-                        && matches!(bytes[i - 1], b' ' | b'-')
-                        && bytes[i - 4] == bytes[i]
-                        && bytes[i - 3..i - 1].iter().all(u8::is_ascii_digit)
+                    // "550 5.1.1" / "550-5.1.1" / "550-'5.2.2" (a reply quoted inside a
+                    // relay's own message): the reply's own status.
+                    let quote = usize::from(i >= 1 && matches!(bytes[i - 1], b'\'' | b'"'));
+                    let at = i - quote;
+                    if at >= 4
+                        && matches!(bytes[at - 1], b' ' | b'-')
+                        && bytes[at - 4] == bytes[i]
+                        && bytes[at - 3..at - 1].iter().all(u8::is_ascii_digit)
                     {
                         return Some(code.to_owned());
                     }
@@ -557,6 +576,19 @@ mod tests {
         assert_eq!(
             status_in("x 4.7.0 then 550 5.7.1 y").as_deref(),
             Some("5.7.1")
+        );
+        assert_eq!(
+            status_in("5.1.0 - Unknown address error 550-'5.2.2 <a@b.test>... Mailbox Full'")
+                .as_deref(),
+            Some("5.2.2")
+        );
+        assert_eq!(
+            specific_status(Some("5.0.0"), "550 5.1.1 <a@b.test>: unknown").as_deref(),
+            Some("5.1.1")
+        );
+        assert_eq!(
+            specific_status(Some("5.0.0"), "421 4.4.2 timed out").as_deref(),
+            Some("5.0.0")
         );
         assert_eq!(basic_in("Remote host said: 554: delivery error"), Some(554));
         assert_eq!(basic_in("host [192.0.2.25]: 451-try later"), Some(451));

@@ -8,7 +8,8 @@
 //! - [`text`]: the human-readable text of bounces from MTAs that send no RFC 3464 DSN.
 //! - [`autoreply`]: vacation / out-of-office detection.
 //!
-//! Order of the checks, first match wins: an ARF feedback report (RFC 5965) -> kind `arf`;
+//! Order of the checks, first match wins: an ARF feedback report (RFC 5965, or Microsoft's
+//! older JMRP form) -> kind `arf`;
 //! a delivery-status part (RFC 3464, `message/` or `text/delivery-status`) with recipient
 //! groups -> `dsn`; a bounce marker phrase in the text of a message from a mailer daemon (or
 //! with a bounce subject) -> `dsn`; an auto-reply -> `autoreply`; else `none`. So a bounce
@@ -153,7 +154,8 @@ pub fn parse(raw: &[u8], classifier: &Classifier) -> Report {
     if looks_like_bounce(&message) && text::has_marker(&body) {
         return text_bounce(&message, &body, classifier);
     }
-    if !from_daemon(&message) && autoreply::is_autoreply(&message) {
+    // RFC 3834 asks responders for a null return path too, so only the sender decides here.
+    if !daemon_sender(&message) && autoreply::is_autoreply(&message) {
         return auto_reply(&message);
     }
     Report::none()
@@ -217,10 +219,13 @@ fn is_part_type(part: &mail_parser::MessagePart<'_>, types: &[(&str, &str)]) -> 
 /// keeps only one `Original-Rcpt-To` and drops reports with feedback types it does not know
 /// (RFC 5965 allows new ones).
 fn arf(message: &Message<'_>) -> Option<Report> {
-    let report = message
+    let Some(report) = message
         .parts
         .iter()
-        .find(|p| p.is_content_type("message", "feedback-report"))?;
+        .find(|p| p.is_content_type("message", "feedback-report"))
+    else {
+        return jmrp(message);
+    };
     let group = fields::groups(&part_text(report))
         .into_iter()
         .next()
@@ -234,8 +239,12 @@ fn arf(message: &Message<'_>) -> Option<Report> {
         addresses = reported_to(message);
     }
     addresses.dedup();
+    Some(complaint(addresses, feedback_type))
+}
+
+fn complaint(mut addresses: Vec<String>, feedback_type: Option<String>) -> Report {
     addresses.truncate(MAX_RECIPIENTS);
-    Some(Report {
+    Report {
         kind: Kind::Arf,
         recipients: addresses
             .into_iter()
@@ -249,7 +258,21 @@ fn arf(message: &Message<'_>) -> Option<Report> {
                 hard: Category::Complaint.is_hard(None),
             })
             .collect(),
-    })
+    }
+}
+
+/// Microsoft's JMRP complaint (Outlook.com / Hotmail feedback loop), which predates ARF: a
+/// plain multipart message whose attached `message/rfc822` is the reported one, carrying
+/// the complaining mailbox in `X-HmXmrOriginalRecipient`.
+fn jmrp(message: &Message<'_>) -> Option<Report> {
+    let address = message.parts.iter().find_map(|part| match &part.body {
+        PartType::Message(inner) => inner
+            .header_raw("X-HmXmrOriginalRecipient")
+            .map(clean_address)
+            .filter(|a| text::is_address(a)),
+        _ => None,
+    })?;
+    Some(complaint(vec![address], Some("abuse".to_owned())))
 }
 
 /// The `To` addresses of the message a feedback report is about (a `message/rfc822` or
@@ -294,7 +317,17 @@ fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Rep
         .filter(|p| is_part_type(p, STATUS_TYPES))
     {
         for group in fields::groups(&part_text(part)) {
-            let address = recipient_address(&group);
+            if !is_recipient_group(&group) {
+                continue;
+            }
+            // A group whose recipient is no internet address (a gateway's X.400 name, a
+            // local delivery's file path) is about the next address of X-Failed-Recipients
+            // not reported yet, if the bounce has one; it never reports a non-address.
+            let address = recipient_address(&group).or_else(|| {
+                failed_recipients(message)
+                    .into_iter()
+                    .find(|a| !recipients.iter().any(|r: &BounceRecipient| &r.address == a))
+            });
             let Some(address) = address else { continue };
             if recipients.len() == MAX_RECIPIENTS {
                 break;
@@ -302,22 +335,22 @@ fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Rep
             let status = fields::get(&group, "status")
                 .and_then(|s| s.split_whitespace().next())
                 .filter(|s| classify::is_enhanced(s));
-            let action = fields::get(&group, "action")
-                .and_then(Action::parse)
-                .unwrap_or(match status.map(|s| s.as_bytes()[0]) {
-                    Some(b'2') => Action::Delivered,
-                    Some(b'4') => Action::Delayed,
-                    _ => Action::Failed,
-                });
             let diagnostic = fields::get(&group, "diagnostic-code")
                 .and_then(clean_diagnostic)
-                .or_else(|| text::diagnostic_for(body, &address));
-            let c = classifier.classify(
-                status,
-                None,
-                diagnostic.as_deref().unwrap_or(""),
-                Some(action.default_status()),
-            );
+                .or_else(|| text::diagnostic_for(body, &address))
+                .or_else(|| {
+                    // A text about one recipient that names it otherwise (a file path).
+                    text::parse(body)
+                        .filter(|t| t.recipients.len() <= 1)
+                        .and_then(|t| t.diagnostic)
+                });
+            let text = diagnostic.as_deref().unwrap_or("");
+            let action = fields::get(&group, "action")
+                .and_then(Action::parse)
+                .unwrap_or_else(|| implied_action(status, text));
+            let status = classify::specific_status(status, text);
+            let c =
+                classifier.classify(status.as_deref(), None, text, Some(action.default_status()));
             recipients.push(BounceRecipient {
                 original_recipient: fields::get(&group, "original-recipient")
                     .map(clean_address)
@@ -337,26 +370,45 @@ fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Rep
     })
 }
 
+const RECIPIENT_FIELDS: [&str; 3] = [
+    "final-recipient",
+    "x-actual-recipient",
+    "original-recipient",
+];
+
+/// A per-recipient group (not the per-message one, which has no recipient field).
+fn is_recipient_group(group: &fields::Group) -> bool {
+    RECIPIENT_FIELDS
+        .iter()
+        .any(|f| fields::get(group, f).is_some())
+}
+
+/// The action of a status group that has no Action field (Exchange leaves it out of some
+/// NDRs): a 2.x.x status was delivered; a 4.x.x one is a delay unless it is x.4.7 ("delivery
+/// time expired", final by definition) or the server's reply was permanent (`550 4.4.7
+/// QUEUE.Expired`); anything else failed.
+fn implied_action(status: Option<&str>, diagnostic: &str) -> Action {
+    let permanent_reply = classify::basic_in(diagnostic).is_some_and(|code| code >= 500);
+    match status.map(|s| (s.as_bytes()[0], s)) {
+        Some((b'2', _)) => Action::Delivered,
+        Some((b'4', s)) if !s.ends_with(".4.7") && !permanent_reply => Action::Delayed,
+        _ => Action::Failed,
+    }
+}
+
 /// The recipient a status group is about: the first of Final-Recipient, X-Actual-Recipient
 /// and Original-Recipient that is an internet address (a gateway's Final-Recipient may be an
-/// X.400 one), else whatever Final-Recipient says.
+/// X.400 one).
 fn recipient_address(group: &fields::Group) -> Option<String> {
-    const FIELDS: [&str; 3] = [
-        "final-recipient",
-        "x-actual-recipient",
-        "original-recipient",
-    ];
     let internet = |value: &str| match value.split_once(';') {
         Some((kind, _)) => kind.trim().eq_ignore_ascii_case("rfc822"),
         None => true,
     };
-    FIELDS
+    RECIPIENT_FIELDS
         .iter()
         .filter_map(|f| fields::get(group, f))
         .find(|v| internet(v) && text::is_address(&clean_address(v)))
-        .or_else(|| FIELDS.iter().find_map(|f| fields::get(group, f)))
         .map(clean_address)
-        .filter(|a| !a.is_empty())
 }
 
 /// A bounce known only from its text (no usable status part).
@@ -369,16 +421,15 @@ fn text_bounce(message: &Message<'_>, body: &str, classifier: &Classifier) -> Re
     };
     let mut found = parsed.recipients;
     if found.is_empty() {
-        // Exim names the failed addresses in a header field too.
-        if let Some(list) = message.header_raw("X-Failed-Recipients") {
-            found = list
-                .split(',')
-                .map(clean_address)
-                .filter(|a| text::is_address(a))
-                .map(|a| (a, None))
-                .take(MAX_RECIPIENTS)
-                .collect();
-        }
+        // Exim names the failed addresses in a header field too; with one of them, the
+        // text's one reply is about it.
+        found = failed_recipients(message)
+            .into_iter()
+            .map(|a| (a, None))
+            .collect();
+    }
+    if let [(_, diagnostic @ None)] = found.as_mut_slice() {
+        diagnostic.clone_from(&parsed.diagnostic);
     }
     Report {
         kind: Kind::Dsn,
@@ -403,6 +454,20 @@ fn text_bounce(message: &Message<'_>, body: &str, classifier: &Classifier) -> Re
             })
             .collect(),
     }
+}
+
+/// The addresses of Exim's `X-Failed-Recipients` header field.
+fn failed_recipients(message: &Message<'_>) -> Vec<String> {
+    message
+        .header_raw("X-Failed-Recipients")
+        .map(|list| {
+            list.split(',')
+                .map(clean_address)
+                .filter(|a| text::is_address(a))
+                .take(MAX_RECIPIENTS)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn auto_reply(message: &Message<'_>) -> Report {
@@ -430,6 +495,14 @@ fn auto_reply(message: &Message<'_>) -> Report {
 
 /// From a mailer daemon or postmaster, or with a null return path.
 fn from_daemon(message: &Message<'_>) -> bool {
+    daemon_sender(message)
+        || message
+            .header_raw("Return-Path")
+            .is_some_and(|r| r.trim() == "<>")
+}
+
+/// The `From` is a mailer daemon or postmaster.
+fn daemon_sender(message: &Message<'_>) -> bool {
     let from = message.from().and_then(|f| f.first());
     let address = from
         .and_then(|a| a.address())
@@ -451,9 +524,6 @@ fn from_daemon(message: &Message<'_>) -> bool {
     .any(|d| local.contains(d))
         || name.contains("mail delivery")
         || name.contains("mailer-daemon")
-        || message
-            .header_raw("Return-Path")
-            .is_some_and(|r| r.trim() == "<>")
 }
 
 /// The sender or the header fields say "bounce", so bounce phrases in the text are trusted

@@ -101,6 +101,24 @@ const MARKERS: &[(&str, Marker)] = &[
     ("your message was not able to be delivered", Marker::Failed),
     ("message could not be delivered to", Marker::Failed),
     ("undeliverable mail", Marker::Failed),
+    // Amazon SES and WorkMail.
+    (
+        "an error occurred while trying to deliver the mail to the following recipients",
+        Marker::Failed,
+    ),
+    // Exim variants ("A message that you sent could not be delivered to all of its
+    // recipients", "The following address(es) failed:").
+    ("that you sent could not be delivered", Marker::Failed),
+    ("the following address(es) failed", Marker::Failed),
+    // Exchange 5.5/2000/2003: "Your message ... did not reach the following recipient(s):".
+    ("did not reach the following recipient", Marker::Failed),
+    // OpenSMTPD.
+    (
+        "an error has occurred while attempting to deliver a message",
+        Marker::Failed,
+    ),
+    // Lotus Notes / Domino SMTP MTA: "------- Failure Reasons --------".
+    ("------- failure reasons", Marker::Failed),
     // Delays.
     ("has not yet been delivered", Marker::Delayed),
     (
@@ -132,6 +150,8 @@ const END_MARKERS: &[&str] = &[
     "message headers follow",
     "the header of the original message",
     "undelivered message attached",
+    "below is a copy of the original message",
+    "------- returned message",
 ];
 
 /// What the text of a bounce says.
@@ -141,6 +161,10 @@ pub struct TextBounce {
     pub delayed: bool,
     /// `(address with lowercase domain, diagnostic)` in order of first mention.
     pub recipients: Vec<(String, Option<String>)>,
+    /// The diagnostic of the whole section, for a bounce about one recipient whose own block
+    /// says nothing (Exim's bare local part or file path, Lotus's reason line above the
+    /// address).
+    pub diagnostic: Option<String>,
 }
 
 /// Whether `body` contains a bounce marker at all (cheap; for the "is this a bounce" gate).
@@ -176,9 +200,22 @@ pub fn parse(body: &str) -> Option<TextBounce> {
             body[..p].rfind('\n').map_or(p, |l| l.max(start))
         });
     let section = &body[start..end];
+    // The section diagnostic reads what follows the last marker phrase (the preamble says
+    // nothing about the failure).
+    let flat_section = &flat[start..end];
+    let after_markers = MARKERS
+        .iter()
+        .filter_map(|(m, _)| flat_section.rfind(m).map(|p| p + m.len()))
+        .max()
+        .unwrap_or(0);
+    let after_markers = section[after_markers..]
+        .find('\n')
+        .map_or(section.len(), |p| after_markers + p);
+    let tail: Vec<&str> = section[after_markers..].split('\n').collect();
     Some(TextBounce {
         delayed,
         recipients: recipients(section),
+        diagnostic: section_diagnostic(&tail),
     })
 }
 
@@ -200,10 +237,16 @@ fn recipients(section: &str) -> Vec<(String, Option<String>)> {
     let mut blocks: Vec<Block<'_>> = Vec::new();
     let mut current: Option<usize> = None;
     // Inside a folded server reply (Postfix indents its continuation lines, which may start
-    // with "<address>:"): indented lines continue the reply, they name no new recipient.
+    // with "<address>:"): lines indented deeper than the block's address line continue the
+    // reply, they name no new recipient. Exim indents every address line by two spaces.
     let mut in_reply = false;
+    let mut address_indent = 0;
     for line in section.split('\n') {
-        let continues = in_reply && line.starts_with([' ', '\t']) && !line.trim().is_empty();
+        let indent = line.len() - line.trim_start().len();
+        let continues = in_reply
+            && indent > address_indent
+            && line.starts_with([' ', '\t'])
+            && !line.trim().is_empty();
         in_reply = continues || (current.is_some() && reply_in(line).is_some());
         if continues {
             if let Some(i) = current {
@@ -213,6 +256,7 @@ fn recipients(section: &str) -> Vec<(String, Option<String>)> {
         }
         if let Some((address, rest)) = address_line(line) {
             in_reply = reply_in(rest).is_some();
+            address_indent = indent;
             let i = match blocks.iter().position(|b| b.address == address) {
                 Some(i) => i,
                 None if blocks.len() < MAX_RECIPIENTS => {
@@ -266,6 +310,8 @@ fn recipients(section: &str) -> Vec<(String, Option<String>)> {
 /// An address that stands on a line of its own, and the rest of the line after `:`.
 fn address_line(line: &str) -> Option<(String, &str)> {
     let t = line.trim();
+    // Active!Hunter and some Sendmail builds: ">>> a@b <a@b>" under the failure heading.
+    let t = t.strip_prefix(">>> ").unwrap_or(t);
     if let Some(inner) = t.strip_prefix('<') {
         let end = inner.find('>')?;
         let address = &inner[..end];
@@ -275,14 +321,20 @@ fn address_line(line: &str) -> Option<(String, &str)> {
     }
     let (first, rest) = t.split_once(char::is_whitespace).unwrap_or((t, ""));
     if let Some(address) = first.strip_suffix(':') {
+        // GMX and 1&1 quote it: `"a@b":`.
+        let address = address
+            .strip_prefix('"')
+            .and_then(|a| a.strip_suffix('"'))
+            .unwrap_or(address);
         return is_address(address).then(|| (normalize(address), rest.trim()));
     }
-    // "a@b<mailto:a@b>", "a@b (a@b)" and "a@b on 11/27/2026 10:00 AM" (Exchange): nothing
-    // else may follow.
+    // "a@b<mailto:a@b>", "a@b (a@b)", "a@b <a@b>" and "a@b on 11/27/2026 10:00 AM"
+    // (Exchange): nothing else may follow.
     let (address, tail) = first.split_once('<').unwrap_or((first, ""));
     let rest = rest.trim();
     let plain = rest.is_empty()
         || (rest.starts_with('(') && rest.ends_with(')'))
+        || (rest.starts_with('<') && rest.ends_with('>') && !rest[1..].contains('<'))
         || rest.starts_with("on ");
     (plain && (tail.is_empty() || tail.starts_with("mailto:")) && is_address(address))
         .then(|| (normalize(address), ""))
@@ -355,11 +407,34 @@ fn diagnostic(lines: &[&str]) -> Option<String> {
         }
         return Some(tidy(&text));
     }
+    // GMX: the reply without its basic code, "5.1.1 <a@b>... User Unknown".
+    if let Some(line) = lines.iter().map(|l| l.trim()).find(|l| {
+        l.split_whitespace()
+            .next()
+            .is_some_and(super::classify::is_enhanced)
+    }) {
+        return Some(tidy(line));
+    }
     let prose: Vec<&str> = lines
         .iter()
         .map(|l| l.trim())
         .filter(|l| !l.is_empty() && !is_label(l))
         .take(2)
+        .collect();
+    (!prose.is_empty()).then(|| tidy(&prose.join(" ")))
+}
+
+/// What the lines after the marker phrases say: the quoted reply if there is one, else their
+/// first lines of prose (a Lotus reason line, Exim's "mailbox is full" after a file path).
+fn section_diagnostic(lines: &[&str]) -> Option<String> {
+    if lines.iter().any(|l| reply_in(l).is_some()) {
+        return diagnostic(lines);
+    }
+    let prose: Vec<&str> = lines
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty() && !is_label(l))
+        .take(4)
         .collect();
     (!prose.is_empty()).then(|| tidy(&prose.join(" ")))
 }
@@ -406,7 +481,8 @@ fn reply_in(line: &str) -> Option<(&str, Option<char>)> {
         let opener = before.chars().last();
         let ok = match opener {
             None => true,
-            Some(c) => matches!(c, ':' | '\'' | '"' | '#' | '(' | '<'),
+            // `;`: a DSN field quoted in the text, "Diagnostic-Code: smtp; 550 ...".
+            Some(c) => matches!(c, ':' | ';' | '\'' | '"' | '#' | '(' | '<'),
         };
         if !ok {
             return None;
@@ -505,7 +581,18 @@ mod tests {
             ("bob@example.net".to_owned(), "550 no")
         );
         assert!(address_line("bob@example.net<mailto:bob@example.net>").is_some());
+        assert_eq!(
+            address_line("\"bob@example.net\":").unwrap().0,
+            "bob@example.net"
+        );
         assert!(address_line("Please contact postmaster@example.net").is_none());
+        assert_eq!(
+            address_line(">>> bob@example.net <bob@example.net>")
+                .unwrap()
+                .0,
+            "bob@example.net"
+        );
+        assert!(address_line(">>> RCPT TO:<bob@example.net>").is_none());
         assert!(address_line("<<< 550 5.1.1 <bob@example.net>... User unknown").is_none());
     }
 

@@ -41,6 +41,9 @@ pub enum SuppressionMode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebhookConfig {
     pub url: WebhookUrl,
+    /// PEM bundle of CAs trusted for an `https://` URL besides the public (webpki) roots: a
+    /// private CA. Optional.
+    pub ca_file: Option<PathBuf>,
     /// File holding the HMAC-SHA256 secret of the `X-Tern-Signature` header. Required.
     pub secret_file: PathBuf,
     /// Events per POST at most. Default 100.
@@ -49,9 +52,11 @@ pub struct WebhookConfig {
     pub interval: Duration,
 }
 
-/// An `http://host[:port]/path` URL (plain HTTP only).
+/// An `http://` or `https://host[:port]/path` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebhookUrl {
+    /// `https://`: TLS, the server's certificate verified for `host`.
+    pub tls: bool,
     /// `host` or `host:port`, as the Host header wants it.
     pub authority: String,
     pub host: String,
@@ -62,16 +67,19 @@ pub struct WebhookUrl {
 
 impl std::fmt::Display for WebhookUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "http://{}{}", self.authority, self.path)
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.authority, self.path)
     }
 }
 
 impl std::str::FromStr for WebhookUrl {
     type Err = String;
     fn from_str(url: &str) -> Result<WebhookUrl, String> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or("only http:// URLs are supported")?;
+        let (tls, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+            (Some(rest), _) => (false, rest),
+            (_, Some(rest)) => (true, rest),
+            _ => return Err("only http:// and https:// URLs are supported".to_owned()),
+        };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -82,7 +90,7 @@ impl std::str::FromStr for WebhookUrl {
                 p.parse::<u16>()
                     .map_err(|_| format!("invalid port {p:?}"))?,
             ),
-            _ => (authority, 80),
+            _ => (authority, if tls { 443 } else { 80 }),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty()
@@ -93,6 +101,7 @@ impl std::str::FromStr for WebhookUrl {
             return Err(format!("invalid URL {url:?}"));
         }
         Ok(WebhookUrl {
+            tls,
             authority: authority.to_owned(),
             host: host.to_owned(),
             port,
@@ -125,6 +134,10 @@ pub(super) fn compile_suppression(r: &mut TableReader<'_>) -> SuppressionConfig 
 pub(super) fn compile_webhook(r: &mut TableReader<'_>) -> Option<WebhookConfig> {
     let url = r.require("url", |v| string(v)?.parse::<WebhookUrl>());
     let secret_file = r.require("secret_file", path);
+    let ca_file = r.get("ca_file", path);
+    if ca_file.is_some() && url.as_ref().is_some_and(|u| !u.tls) {
+        r.error("ca_file", "only for an https:// url");
+    }
     let batch_size = r
         .get("batch_size", |v| count(v).and_then(nonzero))
         .unwrap_or(100);
@@ -133,6 +146,7 @@ pub(super) fn compile_webhook(r: &mut TableReader<'_>) -> Option<WebhookConfig> 
         .unwrap_or(Duration::from_secs(1));
     Some(WebhookConfig {
         url: url?,
+        ca_file,
         secret_file: secret_file?,
         batch_size,
         interval,
@@ -171,16 +185,35 @@ mod tests {
 
         let err = Config::parse(
             "[[listeners]]\naddress = \"127.0.0.1:2525\"\n\
-             [suppression]\nmode = \"bin\"\n[[webhooks]]\nurl = \"https://x.test/\"\n",
+             [suppression]\nmode = \"bin\"\n[[webhooks]]\nurl = \"ftp://x.test/\"\n\
+             [[webhooks]]\nurl = \"http://x.test/\"\nsecret_file = \"/s\"\nca_file = \"/ca.pem\"\n",
         )
         .unwrap_err();
         assert_eq!(
             err.0,
             [
                 "suppression.mode: unknown mode \"bin\" (expected \"reject\" or \"drop\")",
-                "webhooks[0].url: only http:// URLs are supported",
+                "webhooks[0].url: only http:// and https:// URLs are supported",
                 "webhooks[0].secret_file: missing required key",
+                "webhooks[1].ca_file: only for an https:// url",
             ]
+        );
+
+        let config = Config::parse(
+            "[[listeners]]\naddress = \"127.0.0.1:2525\"\n\
+             [[webhooks]]\nurl = \"https://hooks.example.com/tern\"\nsecret_file = \"/s\"\nca_file = \"/etc/tern/hooks-ca.pem\"\n",
+        )
+        .unwrap();
+        let hook = &config.webhooks[0];
+        assert!(hook.url.tls);
+        assert_eq!(
+            (hook.url.host.as_str(), hook.url.port),
+            ("hooks.example.com", 443)
+        );
+        assert_eq!(hook.url.to_string(), "https://hooks.example.com/tern");
+        assert_eq!(
+            hook.ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/tern/hooks-ca.pem"))
         );
     }
 }

@@ -11,12 +11,13 @@
 
 pub mod webhook;
 
+use crate::admin::metrics::Metrics;
 use crate::bounce::classify::Category;
 use crate::delivery::log::{AttemptOutcome, AttemptRecord, DeliveryLog};
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
-use tern_queue::{MessageId, Spool};
+use tern_queue::{MessageId, Spool, SpoolError};
 use tokio::sync::Notify;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -80,6 +81,8 @@ pub struct Events {
     log: DeliveryLog,
     /// Wakes the webhook senders when events were queued.
     queued: Arc<Notify>,
+    /// The outboxes' backlog gauges and the posts' results.
+    metrics: Arc<Metrics>,
 }
 
 impl Events {
@@ -90,7 +93,22 @@ impl Events {
             streams: Arc::new((0..webhooks).map(stream_name).collect()),
             log,
             queued: Arc::new(Notify::new()),
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    /// Reports to `metrics`, whose backlog gauges start at the stored counts (a scan of each
+    /// outbox, once).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Result<Events, SpoolError> {
+        for (i, stream) in self.streams.iter().enumerate() {
+            metrics.set_webhook_backlog(i, self.spool.count_events(stream)?);
+        }
+        self.metrics = metrics;
+        Ok(self)
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub(crate) fn queued(&self) -> Arc<Notify> {
@@ -146,9 +164,12 @@ impl Events {
             .iter()
             .map(|e| serde_json::to_vec(e).unwrap_or_default())
             .collect();
-        for stream in self.streams.iter() {
-            if let Err(err) = self.spool.push_events(stream, encoded.clone()).await {
-                tracing::warn!(error = %err, stream, "cannot queue events");
+        for (i, stream) in self.streams.iter().enumerate() {
+            match self.spool.push_events(stream, encoded.clone()).await {
+                Ok(()) => self
+                    .metrics
+                    .webhook_backlog_moved(i, i64::try_from(encoded.len()).unwrap_or(i64::MAX)),
+                Err(err) => tracing::warn!(error = %err, stream, "cannot queue events"),
             }
         }
         self.queued.notify_waiters();

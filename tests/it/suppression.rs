@@ -26,6 +26,17 @@ type Posts = Arc<Mutex<Vec<Value>>>;
 /// A webhook receiver on `addr` (port 0: any): keeps the events of every post whose
 /// signature verifies; a post with a bad signature fails the test.
 async fn receiver(addr: SocketAddr) -> (SocketAddr, Posts, tokio::task::JoinHandle<()>) {
+    let (app, posts) = hook_app();
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (addr, posts, task)
+}
+
+/// The receiver's app: `POST /hook` checks the signature and keeps the events.
+fn hook_app() -> (axum::Router, Posts) {
     let posts: Posts = Arc::default();
     let kept = posts.clone();
     let app = axum::Router::new().route(
@@ -51,12 +62,61 @@ async fn receiver(addr: SocketAddr) -> (SocketAddr, Posts, tokio::task::JoinHand
             }
         }),
     );
-    let listener = TcpListener::bind(addr).await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    (app, posts)
+}
+
+/// The same receiver behind TLS on 127.0.0.1, with the harness's "localhost" certificate
+/// (signed by the harness test CA).
+async fn tls_receiver() -> (SocketAddr, Posts, tokio::task::JoinHandle<()>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let cert = test_cert();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from_pem_slice(cert.leaf_pem.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    let listener = TlsListener {
+        tcp: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+    };
+    let addr = listener.tcp.local_addr().unwrap();
+    let (app, posts) = hook_app();
     let task = tokio::spawn(async move {
         axum::serve(listener, app).await.unwrap();
     });
     (addr, posts, task)
+}
+
+struct TlsListener {
+    tcp: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                continue;
+            };
+            // A client that rejects our certificate fails its handshake: wait for the next.
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
 }
 
 async fn wait_events(posts: &Posts, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
@@ -522,4 +582,268 @@ async fn cli_add_list_remove_and_csv_round_trip() {
         None,
         "all or nothing"
     );
+}
+
+/// An Office 365 NDR saying the message's lifetime ran out (4.4.7, final) is reported as an
+/// `expired` event with category `expired`, not as a delay or a plain bounce.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_ndr_is_an_expired_event() {
+    let keys = tempfile::tempdir().unwrap();
+    let sink = Sink::start(SinkBehaviour::default()).await;
+    let (hook, posts, _receiver) = receiver("127.0.0.1:0".parse().unwrap()).await;
+    let server = TestServer::start(options(keys.path(), sink.addr, hook, "reject")).await;
+
+    let mut c = outsider(&server).await;
+    for sample in ["office365-expired-4.4.7", "dsn-no-action-4.4.7"] {
+        let ndr = std::fs::read_to_string(format!("tests/bounces/{sample}.eml"))
+            .unwrap()
+            .replace('\n', "\r\n");
+        c.submit("", &["bounces@bounce.test"], ndr.as_bytes()).await;
+    }
+    let events = wait_events(&posts, "two expired events", |e| {
+        has(e, "expired", "ines.alvarez@contoso-mail.example")
+            && has(e, "expired", "j.okafor@contoso-mail.example")
+    })
+    .await;
+    for e in events.iter().filter(|e| e["event"] == "expired") {
+        assert_eq!(e["category"], "expired", "{e}");
+        assert_eq!(e["status"], "4.4.7", "{e}");
+    }
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["event"] == "deferred" || e["event"] == "bounced"),
+        "{events:#?}"
+    );
+}
+
+/// The feedback metrics after real traffic: inbound reports by kind and category, list
+/// changes by reason and the list size, recipients dropped in drop mode, webhook posts and
+/// the outbox backlog draining to zero. The suppression list already holds an entry when the
+/// daemon starts (the size gauge counts it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_metrics_count_what_happened() {
+    let keys = tempfile::tempdir().unwrap();
+    let sink = Sink::start(SinkBehaviour::default()).await;
+    let (hook, posts, _receiver) = receiver("127.0.0.1:0".parse().unwrap()).await;
+    let server = TestServer::start(options(keys.path(), sink.addr, hook, "drop")).await;
+    let (status, body) = server
+        .api(
+            "POST",
+            "/api/v1/suppressions",
+            Some(&json!({"address": "early@sink.test"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // Restart on the same spool: the size gauge starts from what is stored.
+    let server = server
+        .restart(options(keys.path(), sink.addr, hook, "drop"))
+        .await;
+    let admin = server.admin();
+    let m = crate::metrics::scrape(admin).await;
+    assert_eq!(crate::metrics::value(&m, "tern_suppression_entries"), 1.0);
+    assert_eq!(
+        crate::metrics::value(&m, "tern_webhook_backlog{webhook=\"0\"}"),
+        0.0
+    );
+
+    let mut c = outsider(&server).await;
+    c.submit(
+        "",
+        &["bounces@bounce.test"],
+        &dsn("bounces@bounce.test", "gone@sink.test"),
+    )
+    .await;
+    for sample in ["arf-yahoo-to-from-original", "autoreply-rfc3834"] {
+        let raw = std::fs::read_to_string(format!("tests/bounces/{sample}.eml"))
+            .unwrap()
+            .replace('\n', "\r\n");
+        c.submit("", &["bounces@bounce.test"], raw.as_bytes()).await;
+    }
+    wait_suppressed(&server, "reader.one@yahoo.com").await;
+    wait_suppressed(&server, "gone@sink.test").await;
+    wait_inbound_processed(&server).await;
+    let (status, body) = server
+        .api("DELETE", "/api/v1/suppressions/early@sink.test", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // Drop mode: accepted, the suppressed recipient dropped.
+    let (status, body) = inject(&server, &["gone@sink.test", "fine@sink.test"]).await;
+    assert_eq!(status, 200, "{body}");
+    wait_events(&posts, "the dropped recipient's event", |e| {
+        has(e, "suppressed", "gone@sink.test") && has(e, "delivered", "fine@sink.test")
+    })
+    .await;
+
+    let deadline = Instant::now() + T;
+    let m = loop {
+        let m = crate::metrics::scrape(admin).await;
+        if crate::metrics::value(&m, "tern_webhook_backlog{webhook=\"0\"}") == 0.0 {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "backlog never drained: {m:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let v = |s: &str| crate::metrics::value(&m, s);
+    assert_eq!(
+        v("tern_inbound_reports_total{category=\"invalid_recipient\",kind=\"dsn\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("tern_inbound_reports_total{category=\"complaint\",kind=\"arf\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("tern_inbound_reports_total{category=\"auto_reply\",kind=\"autoreply\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("tern_suppression_changes_total{change=\"add\",reason=\"invalid_recipient\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("tern_suppression_changes_total{change=\"add\",reason=\"complaint\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("tern_suppression_changes_total{change=\"remove\",reason=\"manual\"}"),
+        1.0
+    );
+    // early@ removed; gone@ and the complainer added.
+    assert_eq!(v("tern_suppression_entries"), 2.0);
+    assert_eq!(v("tern_suppressed_recipients_total{action=\"drop\"}"), 1.0);
+    assert_eq!(
+        v("tern_suppressed_recipients_total{action=\"reject\"}"),
+        0.0
+    );
+    assert!(v("tern_webhook_posts_total{result=\"ok\",webhook=\"0\"}") >= 1.0);
+    assert_eq!(
+        v("tern_webhook_posts_total{result=\"error\",webhook=\"0\"}"),
+        0.0
+    );
+}
+
+/// The CSV export of a list larger than one read page is streamed (chunked, no
+/// Content-Length) and complete: the header, then every entry once, in address order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csv_export_streams_every_page() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start(Options::default()).await;
+    const N: usize = 21_000; // three pages of 10 000
+    let mut csv = String::from("address,reason,created_ms,expires_ms,source\n");
+    for i in 0..N {
+        csv.push_str(&format!("u{i:05}@bulk.test,manual,1700000000000,,\n"));
+    }
+    let (status, body) = http(
+        server.admin(),
+        "POST",
+        "/api/v1/suppressions/import",
+        Some(&server.admin_token()),
+        Some(&csv),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    let mut stream = tokio::net::TcpStream::connect(server.admin())
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /api/v1/suppressions/export HTTP/1.1\r\nHost: tern\r\n\
+                 Authorization: Bearer {}\r\nConnection: close\r\n\r\n",
+                server.admin_token()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(T, stream.read_to_end(&mut raw))
+        .await
+        .expect("export answered in time")
+        .unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let (head, _) = raw.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    assert!(!head.contains("content-length"), "{head}");
+    assert!(head.contains("content-type: text/csv"), "{head}");
+
+    let (status, exported) = http(
+        server.admin(),
+        "GET",
+        "/api/v1/suppressions/export",
+        Some(&server.admin_token()),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let lines: Vec<&str> = exported.lines().collect();
+    assert_eq!(lines[0], "address,reason,created_ms,expires_ms,source");
+    assert_eq!(lines.len(), N + 1);
+    for (i, line) in lines[1..].iter().enumerate() {
+        assert!(
+            line.starts_with(&format!("u{i:05}@bulk.test,manual,")),
+            "line {i}: {line}"
+        );
+    }
+}
+
+/// `https://` webhooks: with `ca_file` naming the receiver's private CA the events arrive over
+/// TLS; without it the certificate does not verify against the public roots, every post fails
+/// (counted as `error`) and the events wait in that webhook's outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_webhook_verifies_the_receiver_against_its_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start(SinkBehaviour::default()).await;
+    let (hook, posts, _receiver) = tls_receiver().await;
+    let secret = dir.path().join("hook.secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let (_, _, ca) = write_cert_files(dir.path());
+    let port = hook.port();
+    let server = TestServer::start(
+        Options::default()
+            .deliver()
+            .relay(&["127.0.0.1/32"])
+            .route("sink.test", sink.addr)
+            .extra(format!(
+                "[[webhooks]]\nurl = \"https://localhost:{port}/hook\"\nsecret_file = {:?}\n\
+                 ca_file = {:?}\ninterval = \"50ms\"\n\n\
+                 [[webhooks]]\nurl = \"https://localhost:{port}/hook\"\nsecret_file = {:?}\n\
+                 interval = \"50ms\"\n",
+                path(&secret),
+                path(&ca),
+                path(&secret),
+            )),
+    )
+    .await;
+    let (status, body) = inject(&server, &["reader@sink.test"]).await;
+    assert_eq!(status, 200, "{body}");
+    let events = wait_events(&posts, "the delivered event over TLS", |e| {
+        has(e, "delivered", "reader@sink.test")
+    })
+    .await;
+    assert_eq!(
+        events.iter().filter(|e| e["event"] == "delivered").count(),
+        1,
+        "only the webhook that trusts the CA posts: {events:#?}"
+    );
+    let deadline = Instant::now() + T;
+    loop {
+        let m = crate::metrics::scrape(server.admin()).await;
+        let v = |s: &str| crate::metrics::value(&m, s);
+        if v("tern_webhook_posts_total{result=\"error\",webhook=\"1\"}") >= 1.0 {
+            assert!(v("tern_webhook_posts_total{result=\"ok\",webhook=\"0\"}") >= 1.0);
+            assert_eq!(
+                v("tern_webhook_posts_total{result=\"ok\",webhook=\"1\"}"),
+                0.0
+            );
+            assert!(v("tern_webhook_backlog{webhook=\"1\"}") >= 1.0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no failed post for webhooks[1]");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -118,6 +118,18 @@ impl Spool {
             .collect()
     }
 
+    /// How many suppression entries are stored. A scan of the keyspace: for a
+    /// count at start, not for every request.
+    pub fn count_suppressions(&self) -> Result<u64, SpoolError> {
+        count(self.inner.db.scan_prefix([SUPPRESSION]))
+    }
+
+    /// How many events wait in the outbox `stream`. A scan, like
+    /// [`Spool::count_suppressions`].
+    pub fn count_events(&self, stream: &str) -> Result<u64, SpoolError> {
+        count(self.inner.db.scan_prefix(event_key(stream, [])))
+    }
+
     /// Appends events to the outbox `stream`, in order; returns once durable.
     pub async fn push_events(&self, stream: &str, events: Vec<Vec<u8>>) -> Result<(), SpoolError> {
         let ops = events
@@ -164,6 +176,15 @@ impl Spool {
         let seq = self.inner.group.enqueue(ops);
         self.inner.group.wait_for(seq).await
     }
+}
+
+fn count(iter: sled::Iter) -> Result<u64, SpoolError> {
+    let mut n = 0;
+    for item in iter.keys() {
+        item?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 fn text_key(prefix: u8, text: &str) -> Vec<u8> {
