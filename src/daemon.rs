@@ -213,11 +213,18 @@ impl Daemon {
         .with_send_time(send_time.clone())
         .with_sidecar(sidecar);
         let events = Events::new(spool.clone(), config.webhooks.len(), delivery_log.clone())
-            .with_metrics(metrics.clone())
-            .context("cannot count the webhook outboxes")?;
+            .with_metrics(metrics.clone());
         let suppressions = Suppressions::new(spool.clone(), config.suppression.clone())
-            .with_metrics(metrics.clone())
-            .context("cannot count the suppression list")?;
+            .with_metrics(metrics.clone());
+        let (counting, counted) = (events.clone(), suppressions.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Err(err) = counting.count_backlogs() {
+                warn!(error = %err, "cannot count the webhook outboxes for metrics");
+            }
+            if let Err(err) = counted.count_entries() {
+                warn!(error = %err, "cannot count the suppression list for metrics");
+            }
+        });
         let feedback = Feedback::new(suppressions, events.clone(), config.bounce.domains.clone())
             .with_metrics(metrics.clone());
         let ingest = ingest.with_feedback(feedback.clone());

@@ -60,11 +60,20 @@ impl Suppressions {
         }
     }
 
-    /// Reports to `metrics`, whose size gauge starts at the stored count (a scan, once).
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Result<Suppressions, SpoolError> {
-        metrics.set_suppression_entries(self.spool.count_suppressions()?);
+    /// Reports to `metrics`; the size gauge moves with every change from now on and gets the
+    /// stored count from [`Suppressions::count_entries`].
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Suppressions {
         self.metrics = metrics;
-        Ok(self)
+        self
+    }
+
+    /// Adds the list's size at start to the size gauge: a scan, run in the background so a
+    /// list of millions does not delay start-up. Blocking. Entries added or removed during the
+    /// scan may be counted twice or not at all until the next restart.
+    pub fn count_entries(&self) -> Result<(), SpoolError> {
+        self.metrics
+            .suppression_counted(self.spool.count_suppressions()?);
+        Ok(())
     }
 
     pub fn mode(&self) -> SuppressionMode {

@@ -15,8 +15,8 @@
 //! Bounce processing and feedback: suppression-list reasons are bounce categories or
 //! `manual`, inbound report kinds and categories are enums, and a webhook's label is its
 //! index in the config (`webhooks[i]`). The suppression list size and the webhook backlogs
-//! are gauges counted once at start ([`Metrics::set_suppression_entries`],
-//! [`Metrics::set_webhook_backlog`]) and moved by every change after that.
+//! are gauges moved by every change since start, plus what a background scan at start counted
+//! ([`Metrics::suppression_counted`], [`Metrics::webhook_backlog_moved`]).
 //!
 //! The set of static routes is replaced by a config reload ([`Metrics::set_routes`]); label
 //! values of routes that are gone stay in the output with their last values (a Prometheus
@@ -497,10 +497,11 @@ impl Metrics {
         metrics
     }
 
-    /// The suppression list's size as counted at start.
-    pub fn set_suppression_entries(&self, entries: u64) {
+    /// The suppression list's size as counted by the start-up scan, added to the changes
+    /// made since start.
+    pub fn suppression_counted(&self, entries: u64) {
         self.suppression_entries
-            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+            .add(i64::try_from(entries).unwrap_or(i64::MAX));
     }
 
     /// `added` new entries with `reason` (replacing an entry adds none).
@@ -533,13 +534,10 @@ impl Metrics {
             .inc();
     }
 
-    /// Webhook `index`'s outbox holds `events` (counted at start); every result label exists
-    /// from then on.
-    pub fn set_webhook_backlog(&self, index: usize, events: u64) {
+    /// Webhook `index` exists: its backlog gauge and every result label show from now on.
+    pub fn webhook_registered(&self, index: usize) {
         let label = index.to_string();
-        self.webhook_backlog
-            .with_label_values(&[&label])
-            .set(i64::try_from(events).unwrap_or(i64::MAX));
+        self.webhook_backlog.with_label_values(&[&label]);
         for result in WebhookResult::ALL {
             self.webhook_posts
                 .with_label_values(&[&label, result.as_str()]);

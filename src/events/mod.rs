@@ -97,14 +97,27 @@ impl Events {
         }
     }
 
-    /// Reports to `metrics`, whose backlog gauges start at the stored counts (a scan of each
-    /// outbox, once).
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Result<Events, SpoolError> {
-        for (i, stream) in self.streams.iter().enumerate() {
-            metrics.set_webhook_backlog(i, self.spool.count_events(stream)?);
+    /// Reports to `metrics`; the backlog gauges move with every change from now on and get
+    /// the stored counts from [`Events::count_backlogs`].
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Events {
+        for i in 0..self.streams.len() {
+            metrics.webhook_registered(i);
         }
         self.metrics = metrics;
-        Ok(self)
+        self
+    }
+
+    /// Adds what each outbox held at start to its backlog gauge: a scan of each outbox, run in
+    /// the background so a large backlog (a receiver down for a day) does not delay start-up.
+    /// Blocking. Events queued or posted during the scan may be counted twice or not at all
+    /// until the next restart; the gauge is a guide, the outbox is the truth.
+    pub fn count_backlogs(&self) -> Result<(), SpoolError> {
+        for (i, stream) in self.streams.iter().enumerate() {
+            let stored = self.spool.count_events(stream)?;
+            self.metrics
+                .webhook_backlog_moved(i, i64::try_from(stored).unwrap_or(i64::MAX));
+        }
+        Ok(())
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {

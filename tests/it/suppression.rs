@@ -635,13 +635,23 @@ async fn feedback_metrics_count_what_happened() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    // Restart on the same spool: the size gauge starts from what is stored.
+    // Restart on the same spool: the size gauge gets what is stored from a background count.
     let server = server
         .restart(options(keys.path(), sink.addr, hook, "drop"))
         .await;
     let admin = server.admin();
-    let m = crate::metrics::scrape(admin).await;
-    assert_eq!(crate::metrics::value(&m, "tern_suppression_entries"), 1.0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let m = crate::metrics::scrape(admin).await;
+        if crate::metrics::value(&m, "tern_suppression_entries") == 1.0 {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stored entry is never counted: {m:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(
         crate::metrics::value(&m, "tern_webhook_backlog{webhook=\"0\"}"),
         0.0
