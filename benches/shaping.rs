@@ -9,7 +9,7 @@ use tern::admin::metrics::Metrics;
 use tern::config::{Config, TlsPolicy};
 use tern::delivery::route::{Hop, RoutePlan};
 use tern::delivery::worker::{Attempt, RcptOutcome, Verdict};
-use tern::shaping::limiter::Local;
+use tern::shaping::limiter::Backend;
 use tern::shaping::Shaper;
 
 const DESTINATIONS: usize = 10_000;
@@ -38,7 +38,7 @@ fn shaping(c: &mut Criterion) {
     let config = Config::parse(&text).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let spool = tern_queue::Spool::open(dir.path()).unwrap();
-    let shaper = Shaper::new(&config, spool, Arc::new(Local), Arc::new(Metrics::new()));
+    let shaper = Shaper::new(&config, spool, Backend::Local, Arc::new(Metrics::new()));
     let pool = shaper.pools().resolve(None, "d0.test");
     let plans: Vec<RoutePlan> = (0..DESTINATIONS).map(plan).collect();
     let lanes: Vec<_> = (0..DESTINATIONS)

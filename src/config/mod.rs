@@ -40,7 +40,7 @@ pub use self::events::{SuppressionConfig, SuppressionMode, WebhookConfig, Webhoo
 pub use self::sendtime::SendTimeConfig;
 pub use self::shaping::{
     AdaptiveConfig, DomainLimits, LimitsConfig, PoolAddress, PoolConfig, ProviderConfig, Rate,
-    ShapingConfig, WarmupConfig, WhenCapped,
+    ShapingConfig, SharedConfig, WarmupConfig, WhenCapped,
 };
 pub use self::sidecar::{
     BanditConfig, CampaignConfig, ModelConfig, SidecarConfig, SlotConfig, TrackingConfig,
