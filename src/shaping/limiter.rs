@@ -8,13 +8,13 @@
 //!
 //! Time is tokio's ([`TokioClock`]), so tests on tokio's paused clock drive the limiters.
 
+use super::shared::{SharedPair, SharedStore};
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use super::shared::{SharedPair, SharedStore};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 

@@ -39,19 +39,28 @@ use tracing::{info, warn};
 /// How long a connection lease lives in the store without renewal (its node died).
 pub const LEASE_TTL: Duration = Duration::from_secs(30);
 
-/// GCRA, burst 1, `n` tokens at once: granted (0) when the arrival time is not in the future,
-/// which then moves `n` intervals past now; else the wait in microseconds.
+/// GCRA, burst 1, `n` tokens at once: granted (0) when the theoretical arrival time (TAT) is
+/// at most ARGV[3] microseconds ahead, which then moves `n` intervals on from
+/// max(TAT, now); else the wait in microseconds. The small tolerance absorbs the timer and
+/// network lateness of a waiting caller, so a busy pair keeps to the grid instead of losing
+/// that lateness on every token; the long-run rate still never exceeds one per interval.
 const GCRA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
+local tolerance = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat > now then return tat - now end
-redis.call('SET', KEYS[1], string.format('%.0f', now + n * interval),
+if tat - now > tolerance then return tat - now - tolerance end
+redis.call('SET', KEYS[1], string.format('%.0f', math.max(tat, now) + n * interval),
   'PX', math.ceil(n * interval / 1000) + 1000)
 return 0
 ";
+
+/// The GCRA tolerance: a quarter of the interval, at most 5 ms.
+fn tolerance(interval: Duration) -> Duration {
+    (interval / 4).min(Duration::from_millis(5))
+}
 
 /// A connection lease: expired leases are dropped, then one is added unless the set (plus
 /// ARGV[3] connections the caller holds outside it) is at the cap.
@@ -201,8 +210,7 @@ impl SharedStore {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()?;
-        match tokio::time::timeout(self.config.timeout, invocation.invoke_async(&mut conn)).await
-        {
+        match tokio::time::timeout(self.config.timeout, invocation.invoke_async(&mut conn)).await {
             Ok(Ok(value)) => Some(value),
             Ok(Err(err)) => {
                 self.fall_back(&err.to_string());
@@ -219,7 +227,10 @@ impl SharedStore {
     async fn gcra(&self, key: &str, interval: Duration, n: u32) -> Option<Option<Duration>> {
         let micros = interval.as_micros().max(1) as u64;
         let mut inv = scripts().gcra.prepare_invoke();
-        inv.key(key).arg(micros).arg(n);
+        inv.key(key)
+            .arg(micros)
+            .arg(n)
+            .arg(tolerance(interval).as_micros() as u64);
         let wait: u64 = self.eval(&inv).await?;
         Some((wait > 0).then(|| Duration::from_micros(wait)))
     }
@@ -266,11 +277,9 @@ impl SharedStore {
                 .clone();
             if let Some(mut conn) = conn {
                 let zrem = redis::cmd("ZREM").arg(&key).arg(&id).to_owned();
-                let done = tokio::time::timeout(
-                    store.config.timeout,
-                    zrem.query_async::<()>(&mut conn),
-                )
-                .await;
+                let done =
+                    tokio::time::timeout(store.config.timeout, zrem.query_async::<()>(&mut conn))
+                        .await;
                 match done {
                     Ok(Ok(())) => {}
                     Ok(Err(err)) => store.fall_back(&err.to_string()),
@@ -298,7 +307,13 @@ impl SharedStore {
     }
 
     /// Reserves up to `block` of `cap` warm-up messages of counter `name` on `date`.
-    pub async fn reserve_warmup(&self, name: &str, date: &str, cap: u64, block: u64) -> Option<u64> {
+    pub async fn reserve_warmup(
+        &self,
+        name: &str,
+        date: &str,
+        cap: u64,
+        block: u64,
+    ) -> Option<u64> {
         let key = self.key("warm", &format!("{name}:{date}"));
         let mut inv = scripts().warm.prepare_invoke();
         inv.key(key).arg(cap).arg(block);
@@ -386,11 +401,12 @@ impl SharedPair {
             let mut batch = lock(&self.batch);
             if let Some(b) = batch.as_mut() {
                 if b.interval == interval && b.left > 0 && now < b.paid_until {
-                    if now < b.next {
-                        return Err(b.next - now);
+                    if b.next > now + tolerance(interval) {
+                        return Err(b.next - now - tolerance(interval));
                     }
                     b.left -= 1;
-                    b.next = now + interval;
+                    // On the grid the store paid for; the batch's end bounds any catch-up.
+                    b.next += interval;
                     return Ok(());
                 }
             }

@@ -16,9 +16,9 @@
 //! node may send its share of the cap, `cap / node_count` (at least 1), counting what it
 //! already sent today.
 
+use super::shared::SharedStore;
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
-use super::shared::SharedStore;
 use std::sync::Arc;
 use tern_queue::Spool;
 use tracing::warn;

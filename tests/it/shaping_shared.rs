@@ -161,6 +161,7 @@ async fn two_nodes_share_one_rate_limit() {
     let got = sink.wait_for_messages(80, Duration::from_secs(30)).await;
     let all: Vec<&ReceivedMessage> = got.iter().collect();
     let together = rate(&all);
+    eprintln!("two nodes sharing 20/s: {together:.2}/s");
     assert!(
         (19.0..=21.0).contains(&together),
         "two nodes together at {together:.2}/s, not the shared 20/s"
@@ -198,7 +199,9 @@ async fn a_shared_connection_cap_holds_across_nodes() {
 async fn warm_up_caps_are_shared_by_the_cluster() {
     let redis = RedisServer::start().await;
     let sink = Sink::start(SinkBehaviour::default()).await;
-    let today = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC).date();
+    let today = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .date();
     let warm = format!(
         r#"
 [shaping.warmup]
@@ -246,6 +249,7 @@ async fn a_lost_store_falls_back_to_a_share_and_recovers() {
         let mine = from(&got, sender);
         assert_eq!(mine.len(), 30, "{sender}: nothing lost");
         let r = rate(&mine);
+        eprintln!("{sender} on fallback (share 10/s): {r:.2}/s");
         assert!(
             (9.5..=10.5).contains(&r),
             "{sender}: {r:.2}/s, not the node's share of 20/s (10/s)"
