@@ -75,13 +75,19 @@ redis.call('PEXPIRE', KEYS[1], ttl * 2)
 return 1
 ";
 
-/// Renews leases: KEYS[i] holds lease ARGV[i + 1]; ARGV[1] is the TTL in ms.
+/// Renews leases: KEYS[i] holds lease ARGV[i + 2]; ARGV[1] is the TTL in ms. ARGV[2] '1':
+/// only leases still in the set (a lease given back meanwhile stays gone); '0' after an
+/// outage: every lease this node holds is counted again, expired or not.
 const RENEW: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, now + ttl, ARGV[i + 1])
+  if ARGV[2] == '1' then
+    redis.call('ZADD', key, 'XX', now + ttl, ARGV[i + 2])
+  else
+    redis.call('ZADD', key, now + ttl, ARGV[i + 2])
+  end
   redis.call('PEXPIRE', key, ttl * 2)
 end
 return #KEYS
@@ -289,8 +295,8 @@ impl SharedStore {
         });
     }
 
-    /// Renews every lease this node holds.
-    async fn renew(&self) {
+    /// Renews every lease this node holds; `existing`: only those still in the store.
+    async fn renew(&self, existing: bool) {
         let leases: Vec<(String, String)> = lock(&self.leases)
             .iter()
             .map(|(id, key)| (id.clone(), key.clone()))
@@ -299,7 +305,9 @@ impl SharedStore {
             return;
         }
         let mut invocation = scripts().renew.prepare_invoke();
-        invocation.arg(LEASE_TTL.as_millis() as u64);
+        invocation
+            .arg(LEASE_TTL.as_millis() as u64)
+            .arg(if existing { "1" } else { "0" });
         for (id, key) in &leases {
             invocation.key(key).arg(id);
         }
@@ -334,10 +342,10 @@ async fn maintain(store: Weak<SharedStore>) {
             return;
         };
         if store.is_up() {
-            store.renew().await;
+            store.renew(true).await;
         } else if store.reconnect().await.is_ok() {
             // Leases taken before the outage may have expired meanwhile: count them again.
-            store.renew().await;
+            store.renew(false).await;
         }
     }
 }
