@@ -441,7 +441,8 @@ fn compile_shared(r: &mut TableReader<'_>) -> Option<SharedConfig> {
     let url = r.get("shared", |v| {
         let url = string(v)?;
         if !url.starts_with("redis://") {
-            return Err(format!("expected a redis:// URL, got {url:?}"));
+            // Not echoed: the URL may carry a password.
+            return Err("expected a redis:// URL".to_owned());
         }
         redis::Client::open(url).map_err(|e| format!("invalid Redis URL: {e}"))?;
         Ok(url.to_owned())

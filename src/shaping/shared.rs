@@ -158,11 +158,16 @@ impl SharedStore {
         store.metrics.shared_store().up.set(0);
         if let Err(err) = store.reconnect().await {
             store.metrics.shared_store().fallbacks.inc();
-            warn!(url = %store.config.url, error = %err, node_count = store.config.node_count,
+            warn!(url = %store.url_for_logs(), error = %err, node_count = store.config.node_count,
                 "shared shaping store unreachable: local limits divided by shaping.node_count");
         }
         tokio::spawn(maintain(Arc::downgrade(&store)));
         store
+    }
+
+    /// The URL without its password (logs must not carry it).
+    fn url_for_logs(&self) -> String {
+        redacted(&self.config.url)
     }
 
     pub fn is_up(&self) -> bool {
@@ -191,7 +196,7 @@ impl SharedStore {
         *self.conn.write().unwrap_or_else(PoisonError::into_inner) = Some(conn);
         self.up.store(true, Ordering::Release);
         self.metrics.shared_store().up.set(1);
-        info!(url = %self.config.url, "shared shaping store up: cluster-wide limits");
+        info!(url = %self.url_for_logs(), "shared shaping store up: cluster-wide limits");
         Ok(())
     }
 
@@ -201,7 +206,7 @@ impl SharedStore {
             let m = self.metrics.shared_store();
             m.up.set(0);
             m.fallbacks.inc();
-            warn!(url = %self.config.url, error = why, node_count = self.config.node_count,
+            warn!(url = %self.url_for_logs(), error = why, node_count = self.config.node_count,
                 "shared shaping store lost: local limits divided by shaping.node_count");
         }
     }
@@ -326,6 +331,16 @@ impl SharedStore {
         let mut inv = scripts().warm.prepare_invoke();
         inv.key(key).arg(cap).arg(block);
         self.eval(&inv).await
+    }
+}
+
+/// `url` with the user-info part ("user:password@") replaced by "***@".
+fn redacted(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let host_start = rest.find('/').unwrap_or(rest.len());
+    match rest[..host_start].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_owned(),
     }
 }
 
@@ -496,5 +511,35 @@ impl SharedPair {
 
     pub fn open_connections(&self) -> usize {
         lock(&self.held).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logged_urls_carry_no_password() {
+        assert_eq!(
+            redacted("redis://user:secret@10.0.0.5:6379/2"),
+            "redis://***@10.0.0.5:6379/2"
+        );
+        assert_eq!(redacted("redis://:secret@h"), "redis://***@h");
+        assert_eq!(redacted("redis://h:6379/0"), "redis://h:6379/0");
+    }
+
+    #[test]
+    fn batches_cover_about_50_ms_and_the_tolerance_stays_small() {
+        assert_eq!(batch_size(20.0), 1);
+        assert_eq!(batch_size(200.0), 10);
+        assert_eq!(batch_size(100_000.0), 32);
+        assert_eq!(
+            tolerance(Duration::from_millis(50)),
+            Duration::from_millis(5)
+        );
+        assert_eq!(
+            tolerance(Duration::from_millis(8)),
+            Duration::from_millis(2)
+        );
     }
 }
