@@ -8,7 +8,9 @@
 # Alternates relay-bench runs (-c 20) of tern with config/tern.toml as it is (built-in
 # providers only; sink.test unshaped) and with 10,000 [[shaping.domains]] rules, one of them
 # for sink.test (a rate and connection cap high enough not to bind: what is measured is the
-# bookkeeping, GCRA token and connection slot per message). Prints relay-bench's result lines.
+# bookkeeping, GCRA token and connection slot per message). With redis-server on PATH, a third
+# run per round: the 10,000 rules with the cluster store (`shaping.shared`) on a redis-server
+# started here on a free loopback port. Prints relay-bench's result lines.
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH=${RELAY_BENCH_DIR:-$ROOT/../shared/bench}
@@ -17,7 +19,8 @@ N=${2:-20000}
 BIN=$(realpath "${3:-$ROOT/target/release/tern}")
 [ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 2; }
 WORK=$(mktemp -d /tmp/shaping-overhead.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
+REDIS_PID=
+trap '[ -n "$REDIS_PID" ] && kill "$REDIS_PID"; rm -rf "$WORK"' EXIT
 
 cp "$ROOT/config/tern.toml" "$WORK/plain.toml"
 {
@@ -27,6 +30,13 @@ cp "$ROOT/config/tern.toml" "$WORK/plain.toml"
     printf '\n[[shaping.domains]]\ndomain = "d%d.test"\nrate = "600/min"\nmax_connections = 4\n' "$i"
   done
 } > "$WORK/shaped.toml"
+
+if command -v redis-server >/dev/null 2>&1; then
+  RPORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  redis-server --port "$RPORT" --save "" --appendonly no --bind 127.0.0.1 > "$WORK/redis.log" 2>&1 &
+  REDIS_PID=$!
+  sed "s|^\[shaping\]\$|[shaping]\nshared = \"redis://127.0.0.1:$RPORT\"|" "$WORK/shaped.toml" > "$WORK/shared.toml"
+fi
 
 run() { # label config
   rm -rf "$WORK/run"; mkdir -p "$WORK/run"
@@ -40,4 +50,5 @@ run() { # label config
 for r in $(seq "$ROUNDS"); do
   run "plain-r$r" "$WORK/plain.toml"
   run "shaped10k-r$r" "$WORK/shaped.toml"
+  [ -n "$REDIS_PID" ] && run "shared10k-r$r" "$WORK/shared.toml"
 done

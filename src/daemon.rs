@@ -33,6 +33,8 @@ use crate::outcome::Settler;
 use crate::policy::Policy;
 use crate::reload::{self, ReloadReport};
 use crate::scheduler::Scheduler;
+use crate::shaping::limiter::Backend;
+use crate::shaping::shared::SharedStore;
 use crate::shaping::Shaper;
 use crate::sidecar::sendtime::SendTime;
 use crate::sidecar::Sidecar;
@@ -178,12 +180,11 @@ impl Daemon {
                     config.delivery.log_path
                 )
             })?;
-        let shaper = Shaper::new(
-            &config,
-            spool.clone(),
-            Arc::new(crate::shaping::limiter::Local),
-            metrics.clone(),
-        );
+        let backend = match &config.shaping.shared {
+            Some(shared) => Backend::Shared(SharedStore::connect(shared, metrics.clone()).await),
+            None => Backend::Local,
+        };
+        let shaper = Shaper::new(&config, spool.clone(), backend, metrics.clone());
         let (new_mail, new_mail_rx) = tokio::sync::mpsc::unbounded_channel();
         let send_time = SendTime::new(
             spool.clone(),

@@ -83,6 +83,9 @@ pub struct Submission {
     pub content: Vec<u8>,
     /// The sidecar request of an HTTP injection (SMTP asks with `X-Tern-*` headers).
     pub sidecar: Option<crate::sidecar::Request>,
+    /// The source-IP pool an HTTP injection asked for (checked against the configured pools
+    /// by the API); it wins over `X-Tern-Pool` and the sender domain.
+    pub pool: Option<String>,
 }
 
 /// What one acceptance commits: the parts of every submission the sidecar made of it, in one
@@ -223,10 +226,11 @@ impl Ingest {
         // Read before the sidecar stage, which strips every X-Tern-* header; gone before DKIM
         // signs the headers either way.
         let pool_header = strip_pool_header(&mut sub.content);
-        let pool = self
-            .pools
-            .as_ref()
-            .and_then(|p| p.at_ingest(pool_header.as_deref(), &sub.sender));
+        let pool = sub.pool.take().or_else(|| {
+            self.pools
+                .as_ref()
+                .and_then(|p| p.at_ingest(pool_header.as_deref(), &sub.sender))
+        });
         let sender = sub.sender.clone();
         let mut batch = Batch::default();
         let mut reports = Vec::new();

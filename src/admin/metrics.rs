@@ -31,7 +31,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tern_queue::{Round, Spool};
 
@@ -183,6 +183,8 @@ pub struct Metrics {
     warmup_sent: IntGaugeVec,
     warmup_cap: IntGaugeVec,
     shaping_wait_seconds: Histogram,
+    /// Registered only by a node with `shaping.shared` (a 0 would read as an outage elsewhere).
+    shared_store: OnceLock<SharedStoreMetrics>,
     sidecar_content: IntCounterVec,
     sidecar_engagements: IntCounterVec,
     suppression_entries: IntGauge,
@@ -239,6 +241,12 @@ impl WebhookResult {
             WebhookResult::Timeout => "timeout",
         }
     }
+}
+
+/// See [`Metrics::shared_store`].
+pub struct SharedStoreMetrics {
+    pub up: IntGauge,
+    pub fallbacks: IntCounter,
 }
 
 impl Default for Metrics {
@@ -464,6 +472,7 @@ impl Metrics {
                 registry.register(Box::new(g.clone())).expect("unique");
                 g
             },
+            shared_store: OnceLock::new(),
             shaping_wait_seconds: histogram(
                 "tern_shaping_wait_seconds",
                 "Time a delivery worker waited for shaping (rate, suspension, connection slot).",
@@ -693,6 +702,30 @@ impl Metrics {
         self.shaping_blocked
             .with_label_values(&[source, provider])
             .set(i64::from(blocked));
+    }
+
+    /// The shared shaping store's health: `tern_shaping_shared_backend_up` and
+    /// `tern_shaping_shared_fallbacks_total`, registered on first use.
+    pub fn shared_store(&self) -> &SharedStoreMetrics {
+        self.shared_store.get_or_init(|| {
+            let up = IntGauge::new(
+                "tern_shaping_shared_backend_up",
+                "1 while the shared shaping store (shaping.shared) answers; 0 while this node keeps local limits divided by shaping.node_count.",
+            )
+            .expect("valid metric");
+            let fallbacks = IntCounter::new(
+                "tern_shaping_shared_fallbacks_total",
+                "Times this node lost the shared shaping store and fell back to local limits.",
+            )
+            .expect("valid metric");
+            self.registry
+                .register(Box::new(up.clone()))
+                .expect("unique");
+            self.registry
+                .register(Box::new(fallbacks.clone()))
+                .expect("unique");
+            SharedStoreMetrics { up, fallbacks }
+        })
     }
 
     /// Warm-up progress; `cap` `None` once the source is warm.

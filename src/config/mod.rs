@@ -40,7 +40,7 @@ pub use self::events::{SuppressionConfig, SuppressionMode, WebhookConfig, Webhoo
 pub use self::sendtime::SendTimeConfig;
 pub use self::shaping::{
     AdaptiveConfig, DomainLimits, LimitsConfig, PoolAddress, PoolConfig, ProviderConfig, Rate,
-    ShapingConfig, WarmupConfig, WhenCapped,
+    ShapingConfig, SharedConfig, WarmupConfig, WhenCapped,
 };
 pub use self::sidecar::{
     BanditConfig, CampaignConfig, ModelConfig, SidecarConfig, SlotConfig, TrackingConfig,
@@ -877,7 +877,35 @@ mod tests {
         assert_eq!(config.log, LogConfig::default());
         assert_eq!(config.shaping, ShapingConfig::default());
         assert_eq!(config.shaping.providers.len(), 4, "the built-in providers");
+        assert_eq!(config.shaping.shared, None, "local limits unless asked");
         assert!(config.pools.is_empty());
+    }
+
+    #[test]
+    fn example_config_cluster_keys_parse_as_documented() {
+        let mut text = include_str!("../../config/tern.toml").to_owned();
+        for key in [
+            "shared",
+            "node_count",
+            "shared_prefix",
+            "shared_timeout",
+            "shared_retry",
+        ] {
+            let commented = format!("\n# {key} = ");
+            assert!(text.contains(&commented), "{key} is documented");
+            text = text.replace(&commented, &format!("\n{key} = "));
+        }
+        let shared = Config::parse(&text).unwrap().shaping.shared.unwrap();
+        assert_eq!(
+            shared,
+            SharedConfig {
+                url: "redis://127.0.0.1:6379/0".into(),
+                node_count: 2,
+                prefix: "tern".into(),
+                timeout: Duration::from_millis(250),
+                retry: Duration::from_secs(5),
+            }
+        );
     }
 
     #[test]

@@ -167,6 +167,25 @@ pub struct ShapingConfig {
     pub domains: Vec<DomainLimits>,
     pub adaptive: AdaptiveConfig,
     pub warmup: WarmupConfig,
+    /// The cluster store (`shaping.shared`); `None`: every limit is this node's alone.
+    pub shared: Option<SharedConfig>,
+}
+
+/// A Redis server shared by the nodes of one cluster: pair rates, connection counts and
+/// warm-up counters are counted there, so the cluster keeps one limit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedConfig {
+    /// `redis://[user:password@]host[:port][/db]`.
+    pub url: String,
+    /// Nodes in the cluster: while the store is unreachable each node keeps 1/node_count of
+    /// every shared limit. Default 1.
+    pub node_count: u32,
+    /// Prefix of every key, so several clusters can use one Redis. Default "tern".
+    pub prefix: String,
+    /// Longest wait for one store operation (or a connect) before falling back. Default 250ms.
+    pub timeout: Duration,
+    /// How often a node that fell back tries the store again. Default 5s.
+    pub retry: Duration,
 }
 
 impl Default for ShapingConfig {
@@ -179,6 +198,7 @@ impl Default for ShapingConfig {
             domains: Vec::new(),
             adaptive: AdaptiveConfig::default(),
             warmup: WarmupConfig::default(),
+            shared: None,
         }
     }
 }
@@ -390,6 +410,7 @@ pub(super) fn compile_shaping(r: &mut TableReader<'_>) -> ShapingConfig {
         .collect();
     let adaptive = r.section("adaptive", compile_adaptive);
     let warmup = r.section("warmup", compile_warmup);
+    let shared = compile_shared(r);
     ShapingConfig {
         max_connections,
         max_connections_per_source,
@@ -398,7 +419,55 @@ pub(super) fn compile_shaping(r: &mut TableReader<'_>) -> ShapingConfig {
         domains,
         adaptive,
         warmup,
+        shared,
     }
+}
+
+/// `shaping.shared` and the keys that only mean something with it.
+fn compile_shared(r: &mut TableReader<'_>) -> Option<SharedConfig> {
+    const WITH_SHARED: [&str; 4] = [
+        "node_count",
+        "shared_prefix",
+        "shared_timeout",
+        "shared_retry",
+    ];
+    if !r.contains("shared") {
+        for key in WITH_SHARED {
+            if r.contains(key) {
+                r.error(key, "only meaningful with shaping.shared (a redis:// URL)");
+            }
+        }
+    }
+    let url = r.get("shared", |v| {
+        let url = string(v)?;
+        if !url.starts_with("redis://") {
+            // Not echoed: the URL may carry a password.
+            return Err("expected a redis:// URL".to_owned());
+        }
+        redis::Client::open(url).map_err(|e| format!("invalid Redis URL: {e}"))?;
+        Ok(url.to_owned())
+    });
+    let node_count = r.get("node_count", |v| {
+        let n = count(v).and_then(nonzero)?;
+        u32::try_from(n).map_err(|_| "too large".to_owned())
+    });
+    let prefix = r.get("shared_prefix", |v| match string(v)? {
+        "" => Err("must not be empty".to_owned()),
+        p if p.bytes().all(|b| b.is_ascii_graphic()) => Ok(p.to_owned()),
+        p => Err(format!(
+            "invalid prefix {p:?}: printable ASCII without spaces"
+        )),
+    });
+    let timeout = r.get("shared_timeout", |v| duration(v).and_then(nonzero));
+    let retry = r.get("shared_retry", |v| duration(v).and_then(nonzero));
+    let url = url?;
+    Some(SharedConfig {
+        url,
+        node_count: node_count.unwrap_or(1),
+        prefix: prefix.unwrap_or_else(|| "tern".to_owned()),
+        timeout: timeout.unwrap_or(Duration::from_millis(250)),
+        retry: retry.unwrap_or(Duration::from_secs(5)),
+    })
 }
 
 fn compile_adaptive(r: &mut TableReader<'_>) -> AdaptiveConfig {
@@ -639,6 +708,63 @@ mod tests {
         assert!(
             has("routes[0].pool: unknown pool \"missing\""),
             "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn the_shared_store_compiles_and_its_errors_name_their_keys() {
+        let c = Config::parse(&format!(
+            "{BASE}
+            [shaping]
+            shared = \"redis://127.0.0.1:6380/2\"
+            node_count = 3
+            shared_prefix = \"eu1\"
+            shared_timeout = \"100ms\"
+            shared_retry = \"2s\"
+            "
+        ))
+        .unwrap();
+        assert_eq!(
+            c.shaping.shared,
+            Some(SharedConfig {
+                url: "redis://127.0.0.1:6380/2".into(),
+                node_count: 3,
+                prefix: "eu1".into(),
+                timeout: Duration::from_millis(100),
+                retry: Duration::from_secs(2),
+            })
+        );
+        let defaults = Config::parse(&format!(
+            "{BASE}\n[shaping]\nshared = \"redis://localhost\"\n"
+        ))
+        .unwrap();
+        let d = defaults.shaping.shared.unwrap();
+        assert_eq!((d.node_count, d.prefix.as_str()), (1, "tern"));
+
+        let errors = |body: &str| {
+            Config::parse(&format!("{BASE}\n[shaping]\n{body}\n"))
+                .unwrap_err()
+                .0
+        };
+        let e = errors("shared = \"http://x\"");
+        assert!(
+            e[0].starts_with("shaping.shared: expected a redis:// URL"),
+            "{e:?}"
+        );
+        let e = errors("node_count = 2");
+        assert!(
+            e[0].starts_with("shaping.node_count: only meaningful with shaping.shared"),
+            "{e:?}"
+        );
+        let e = errors("shared = \"redis://h\"\nnode_count = 0\nshared_prefix = \"a b\"");
+        assert!(
+            e.iter().any(|e| e.starts_with("shaping.node_count:")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|e| e.starts_with("shaping.shared_prefix: invalid prefix")),
+            "{e:?}"
         );
     }
 }

@@ -444,6 +444,7 @@ impl Settler {
             tls: None,
             content: message,
             sidecar: None,
+            pool: None,
         }
     }
 }

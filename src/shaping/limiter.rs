@@ -1,19 +1,21 @@
-//! The counters a cluster of nodes would have to share: message and new-connection rate
-//! tokens (GCRA) and open-connection counts, per (source address, bucket).
+//! The counters a cluster of nodes shares: message and new-connection rate tokens (GCRA) and
+//! open-connection counts, per (source address, bucket).
 //!
-//! [`Backend`] is the one interface a shared store would implement; [`Local`] keeps
-//! everything in this process. Limits are passed in on every call rather than stored, so an
-//! adaptive rate change needs no call of its own.
+//! [`Backend`] says where they are kept: [`Backend::Local`] in this process ([`LocalPair`]),
+//! [`Backend::Shared`] in the cluster store ([`super::shared`], with local fallback). The
+//! shaper calls one [`Counters`] per pair and does not care which. Limits are passed in on
+//! every call rather than stored, so an adaptive rate change needs no call of its own.
 //!
 //! Time is tokio's ([`TokioClock`]), so tests on tokio's paused clock drive the limiters.
 
+use super::shared::{SharedPair, SharedStore};
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 /// governor's clock reading tokio's time, as the distance from a process-wide anchor
@@ -33,36 +35,84 @@ impl Clock for TokioClock {
 
 type Gcra = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
 
-/// Creates the counters of one (source, bucket) pair.
-pub trait Backend: Send + Sync {
-    /// `key` names the pair uniquely and stably ("<source>|<bucket>"), for a shared store.
-    fn pair(&self, key: &str) -> Box<dyn PairCounters>;
+/// Where pairs' counters are kept.
+#[derive(Clone)]
+pub enum Backend {
+    /// In this process: no store, no network on the path.
+    Local,
+    /// In the cluster store (`shaping.shared`).
+    Shared(Arc<SharedStore>),
 }
 
-/// One pair's shared counters.
-pub trait PairCounters: Send + Sync {
-    /// Takes a message token at `per_second`; `Err` is how long until one is free.
-    fn take_message(&self, per_second: f64) -> Result<(), Duration>;
-    /// Takes a new-connection token at `per_minute`.
-    fn take_connection(&self, per_minute: u32) -> Result<(), Duration>;
-    /// Counts one more open connection unless `cap` are open already.
-    fn try_open(&self, cap: Option<usize>) -> bool;
-    /// One connection counted by `try_open` closed.
-    fn close(&self);
-    fn open_connections(&self) -> usize;
-}
+impl Backend {
+    /// The counters of one pair; `key` names it uniquely and stably ("<source>|<bucket>").
+    pub fn pair(&self, key: &str) -> Counters {
+        match self {
+            Backend::Local => Counters::Local(LocalPair::default()),
+            Backend::Shared(store) => Counters::Shared(SharedPair::new(store.clone(), key)),
+        }
+    }
 
-/// Everything in this process.
-pub struct Local;
-
-impl Backend for Local {
-    fn pair(&self, _key: &str) -> Box<dyn PairCounters> {
-        Box::new(LocalPair::default())
+    /// The cluster store, if any (warm-up counters use it too).
+    pub fn store(&self) -> Option<&Arc<SharedStore>> {
+        match self {
+            Backend::Local => None,
+            Backend::Shared(store) => Some(store),
+        }
     }
 }
 
+/// One pair's counters.
+pub enum Counters {
+    Local(LocalPair),
+    Shared(SharedPair),
+}
+
+impl Counters {
+    /// Takes a message token at `per_second`; `Err` is how long until one is free.
+    pub async fn take_message(&self, per_second: f64) -> Result<(), Duration> {
+        match self {
+            Counters::Local(l) => l.take_message(per_second),
+            Counters::Shared(s) => s.take_message(per_second).await,
+        }
+    }
+
+    /// Takes a new-connection token at `per_minute`.
+    pub async fn take_connection(&self, per_minute: u32) -> Result<(), Duration> {
+        match self {
+            Counters::Local(l) => l.take_connection(per_minute),
+            Counters::Shared(s) => s.take_connection(per_minute).await,
+        }
+    }
+
+    /// Counts one more open connection unless `cap` are open already.
+    pub async fn try_open(&self, cap: Option<usize>) -> bool {
+        match self {
+            Counters::Local(l) => l.try_open(cap),
+            Counters::Shared(s) => s.try_open(cap).await,
+        }
+    }
+
+    /// One connection counted by `try_open` closed.
+    pub fn close(&self) {
+        match self {
+            Counters::Local(l) => l.close(),
+            Counters::Shared(s) => s.close(),
+        }
+    }
+
+    /// This node's open connections of the pair.
+    pub fn open_connections(&self) -> usize {
+        match self {
+            Counters::Local(l) => l.open_connections(),
+            Counters::Shared(s) => s.open_connections(),
+        }
+    }
+}
+
+/// A pair's counters in this process (also a shared pair's fallback rate limiters).
 #[derive(Default)]
-struct LocalPair {
+pub struct LocalPair {
     /// The limiter and the rate it was built for; rebuilt when the rate changes.
     messages: Mutex<Option<(f64, Gcra)>>,
     connections: Mutex<Option<(u32, Gcra)>>,
@@ -89,12 +139,12 @@ fn take(slot: &Mutex<Option<(f64, Gcra)>>, per_second: f64) -> Result<(), Durati
         .map_err(|not_until| not_until.wait_time_from(TokioClock.now()))
 }
 
-impl PairCounters for LocalPair {
-    fn take_message(&self, per_second: f64) -> Result<(), Duration> {
+impl LocalPair {
+    pub fn take_message(&self, per_second: f64) -> Result<(), Duration> {
         take(&self.messages, per_second)
     }
 
-    fn take_connection(&self, per_minute: u32) -> Result<(), Duration> {
+    pub fn take_connection(&self, per_minute: u32) -> Result<(), Duration> {
         let mut slot = self
             .connections
             .lock()
@@ -108,15 +158,15 @@ impl PairCounters for LocalPair {
             .map_err(|not_until| not_until.wait_time_from(TokioClock.now()))
     }
 
-    fn try_open(&self, cap: Option<usize>) -> bool {
+    pub fn try_open(&self, cap: Option<usize>) -> bool {
         take_slot(&self.open, cap)
     }
 
-    fn close(&self) {
+    pub fn close(&self) {
         give_slot(&self.open);
     }
 
-    fn open_connections(&self) -> usize {
+    pub fn open_connections(&self) -> usize {
         self.open.load(Ordering::Acquire)
     }
 }
@@ -142,7 +192,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn gcra_spaces_messages_evenly_on_tokio_time() {
-        let pair = Local.pair("a|b");
+        let pair = LocalPair::default();
         assert!(pair.take_message(2.0).is_ok());
         let wait = pair.take_message(2.0).unwrap_err();
         assert!(wait > Duration::from_millis(450) && wait <= Duration::from_millis(500));
@@ -155,7 +205,7 @@ mod tests {
 
     #[test]
     fn connection_counts_respect_the_cap() {
-        let pair = Local.pair("a|b");
+        let pair = LocalPair::default();
         assert!(pair.try_open(Some(2)));
         assert!(pair.try_open(Some(2)));
         assert!(!pair.try_open(Some(2)));

@@ -25,12 +25,15 @@
 //!   released only when the connection is dropped.
 //! - Blocking replies never bounce mail: their permanent outcomes are made temporary, so the
 //!   message is retried once the suspension ends (possibly from another address).
-//! - State that a cluster would share sits behind [`limiter::Backend`]; warm-up counters are
-//!   in the spool.
+//! - State a cluster shares (rates, connection counts, warm-up counts) sits behind
+//!   [`limiter::Backend`]: local, or the cluster store ([`shared`], `shaping.shared`) with a
+//!   fallback to local limits divided by `shaping.node_count`. Warm-up counters are also in
+//!   the spool. Adaptive rates, suspensions and the global and per-source caps are per node.
 
 pub mod adaptive;
 pub mod limiter;
 pub mod pools;
+pub mod shared;
 pub mod warmup;
 
 use crate::admin::metrics::Metrics;
@@ -39,7 +42,7 @@ use crate::config::{AdaptiveConfig, Config, LimitsConfig, ProviderConfig, WhenCa
 use crate::delivery::route::RoutePlan;
 use crate::delivery::worker::{Attempt, Verdict};
 use adaptive::{Aimd, Classifier, Signal};
-use limiter::{Backend, PairCounters};
+use limiter::{Backend, Counters};
 use pools::{Pool, Pools, Source};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -109,7 +112,7 @@ struct PairState {
 pub struct Pair {
     pub source: Arc<Source>,
     pub bucket: Arc<Bucket>,
-    counters: Box<dyn PairCounters>,
+    counters: Counters,
     warm: Option<WarmCounter>,
     gates: Arc<Gates>,
     state: Mutex<PairState>,
@@ -133,7 +136,7 @@ impl Pair {
         self.warm.as_ref().is_some_and(|w| w.capped(now_ms))
     }
 
-    fn try_open(&self) -> bool {
+    async fn try_open(&self) -> bool {
         if !self.gates.global.try_open() {
             return false;
         }
@@ -143,7 +146,11 @@ impl Pair {
                 return false;
             }
         }
-        if !self.counters.try_open(self.bucket.limits.max_connections) {
+        if !self
+            .counters
+            .try_open(self.bucket.limits.max_connections)
+            .await
+        {
             self.close_gates();
             return false;
         }
@@ -268,7 +275,7 @@ pub struct Shaper {
     when_capped: WhenCapped,
     calendar: Arc<Calendar>,
     spool: Spool,
-    backend: Arc<dyn Backend>,
+    backend: Backend,
     metrics: Arc<Metrics>,
     gates: Arc<Gates>,
     buckets: Mutex<HashMap<String, Arc<Bucket>>>,
@@ -287,7 +294,7 @@ impl Shaper {
     pub fn new(
         config: &Config,
         spool: Spool,
-        backend: Arc<dyn Backend>,
+        backend: Backend,
         metrics: Arc<Metrics>,
     ) -> Arc<Shaper> {
         let s = &config.shaping;
@@ -408,6 +415,7 @@ impl Shaper {
                 &bucket.name,
                 start,
                 now_ms(),
+                self.backend.store().cloned(),
             )),
             _ => None,
         };
@@ -462,7 +470,7 @@ impl Shaper {
             }
             let rate = pair.state().aimd.as_ref().map(|a| a.current);
             if let Some(rate) = rate {
-                if let Err(wait) = pair.counters.take_message(rate) {
+                if let Err(wait) = pair.counters.take_message(rate).await {
                     if wait > LONG_WAIT {
                         return Admission::Later(now_ms() + wait.as_millis() as u64);
                     }
@@ -508,10 +516,10 @@ impl Shaper {
             let freed = self.gates.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if pair.try_open() {
+            if pair.try_open().await {
                 let slot = ConnSlot { pair: pair.clone() };
                 if let Some(per_minute) = pair.bucket.limits.connections_per_minute {
-                    while let Err(wait) = pair.counters.take_connection(per_minute) {
+                    while let Err(wait) = pair.counters.take_connection(per_minute).await {
                         tokio::time::sleep(wait).await;
                     }
                 }

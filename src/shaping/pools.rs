@@ -1,6 +1,7 @@
 //! Source-IP pools: which local addresses (and EHLO names) a message is sent from.
 //!
 //! The pool is chosen per message, first match wins:
+//! 0. the `pool` field of an HTTP injection (`POST /api/v1/inject`; an unknown name is a 400);
 //! 1. the control header `X-Tern-Pool: <name>` (removed at ingest, before DKIM signing, so it
 //!    never leaves tern). An unknown name is logged and ignored: the message falls back to the
 //!    rules below rather than being refused, since a typo in one header must not stop a
@@ -99,6 +100,21 @@ impl Pools {
             default,
             configured: !config.is_empty(),
         }
+    }
+
+    /// Whether `name` is a configured pool.
+    pub fn contains(&self, name: &str) -> bool {
+        self.pools.contains_key(name)
+    }
+
+    /// The configured pools' names, sorted ("none" without `[[pools]]`).
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.pools.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        if names.is_empty() {
+            names.push("none");
+        }
+        names
     }
 
     /// Whether `[[pools]]` exist (ready queues are then keyed by pool too).

@@ -9,7 +9,14 @@
 //! in blocks: "reserved up to N" is durable before message N is sent, so after a crash the
 //! counter resumes from the reservation (never over the cap, possibly a little under); a clean
 //! shutdown ([`WarmCounter::flush`]) writes the exact count.
+//!
+//! With the cluster store ([`super::shared`]) the cap is the cluster's: each message also
+//! needs a place reserved (in blocks) in the store's counter for the day, and the local
+//! count (still persisted) is this node's part of it. While the store is unreachable this
+//! node may send its share of the cap, `cap / node_count` (at least 1), counting what it
+//! already sent today.
 
+use super::shared::SharedStore;
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use std::sync::Arc;
@@ -80,10 +87,15 @@ pub struct WarmState {
     pub sent_today: u64,
 }
 
+#[derive(Default)]
 struct Count {
     date: Date,
     sent: u64,
     reserved: u64,
+    /// Places reserved in the cluster store and not used yet.
+    remote_left: u64,
+    /// The cluster store said today's cap is used up.
+    cluster_capped: bool,
 }
 
 /// The counter of one (source, provider).
@@ -92,6 +104,7 @@ pub struct WarmCounter {
     start: Date,
     calendar: Arc<Calendar>,
     spool: Spool,
+    shared: Option<Arc<SharedStore>>,
     count: tokio::sync::Mutex<Count>,
 }
 
@@ -104,6 +117,7 @@ impl WarmCounter {
         provider: &str,
         start: Date,
         now_ms: u64,
+        shared: Option<Arc<SharedStore>>,
     ) -> WarmCounter {
         let name = format!("warmup/{source}/{provider}");
         let today = calendar.date(now_ms);
@@ -127,10 +141,12 @@ impl WarmCounter {
             start,
             calendar,
             spool,
+            shared,
             count: tokio::sync::Mutex::new(Count {
                 date: today,
                 sent,
                 reserved: sent,
+                ..Count::default()
             }),
         }
     }
@@ -142,16 +158,37 @@ impl WarmCounter {
         if count.date != today {
             *count = Count {
                 date: today,
-                sent: 0,
-                reserved: 0,
+                ..Count::default()
             };
         }
         let (_, cap) = self.calendar.cap(self.start, today);
         let Some(cap) = cap else {
             return Take::Sent;
         };
-        if count.sent >= cap {
-            return Take::CappedUntil(self.calendar.next_midnight_ms(now_ms));
+        let capped = Take::CappedUntil(self.calendar.next_midnight_ms(now_ms));
+        let mut limit = cap;
+        if let Some(store) = &self.shared {
+            if count.remote_left == 0 && !count.cluster_capped {
+                let date = today.to_string();
+                if let Some(got) = store
+                    .reserve_warmup(&self.name, &date, cap, block(cap))
+                    .await
+                {
+                    count.remote_left = got;
+                    count.cluster_capped = got == 0;
+                }
+            }
+            if count.cluster_capped {
+                return capped;
+            }
+            if count.remote_left > 0 {
+                count.remote_left -= 1;
+            } else {
+                limit = self.share(cap);
+            }
+        }
+        if count.sent >= limit {
+            return capped;
         }
         if count.sent >= count.reserved {
             let reserved = (count.sent + block(cap)).min(cap);
@@ -174,7 +211,21 @@ impl WarmCounter {
         };
         let today = self.calendar.date(now_ms);
         let (_, cap) = self.calendar.cap(self.start, today);
-        count.date == today && cap.is_some_and(|cap| count.sent >= cap)
+        count.date == today
+            && count.remote_left == 0
+            && cap.is_some_and(|cap| {
+                count.cluster_capped
+                    || count.sent >= self.shared.as_ref().map_or(cap, |_| self.share(cap))
+            })
+    }
+
+    /// What this node may send of `cap` today without asking the store: all of it while the
+    /// store is up (which then counts), its share while the store is unreachable.
+    fn share(&self, cap: u64) -> u64 {
+        match &self.shared {
+            Some(store) if !store.is_up() => (cap / u64::from(store.node_count())).max(1),
+            _ => cap,
+        }
     }
 
     pub fn state(&self, now_ms: u64) -> WarmState {
@@ -237,15 +288,15 @@ mod tests {
         let cal = Arc::new(Calendar::new("UTC", vec![50]));
         let now = crate::clock::now_ms();
         let start = cal.date(now);
-        let counter = WarmCounter::load(spool.clone(), cal.clone(), "s", "p", start, now);
+        let counter = WarmCounter::load(spool.clone(), cal.clone(), "s", "p", start, now, None);
         for _ in 0..7 {
             assert_eq!(counter.take(now).await, Take::Sent);
         }
         // A crash: the reservation (one block of 5, then another) is what a restart sees.
-        let crashed = WarmCounter::load(spool.clone(), cal.clone(), "s", "p", start, now);
+        let crashed = WarmCounter::load(spool.clone(), cal.clone(), "s", "p", start, now, None);
         assert_eq!(crashed.state(now).sent_today, 10);
         counter.flush().await;
-        let clean = WarmCounter::load(spool.clone(), cal.clone(), "s", "p", start, now);
+        let clean = WarmCounter::load(spool.clone(), cal.clone(), "s", "p", start, now, None);
         assert_eq!(clean.state(now).sent_today, 7);
         for _ in 7..50 {
             assert_eq!(clean.take(now).await, Take::Sent);

@@ -630,6 +630,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             tls: self.state.tls.clone(),
             content,
             sidecar: None,
+            pool: None,
         };
         match self.config.ingest.accept(submission).await {
             Ok(id) => {

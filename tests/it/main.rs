@@ -30,6 +30,7 @@ mod reload;
 mod routing;
 mod sendtime;
 mod shaping;
+mod shaping_shared;
 mod shutdown;
 mod sidecar;
 mod smuggling;

@@ -4,6 +4,7 @@
 
 use crate::harness::{Options, TestServer};
 use crate::sink::{Sink, SinkBehaviour};
+use serde_json::json;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -82,6 +83,86 @@ async fn pools_bind_their_address_and_ehlo_name_and_the_pool_header_is_stripped(
     let ips: std::collections::BTreeSet<IpAddr> =
         sink.session_logs().iter().map(|s| s.client_ip).collect();
     assert_eq!(ips, [ip("127.0.0.2"), ip("127.0.0.3")].into());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_inject_api_chooses_the_pool_ahead_of_the_header() {
+    let sink = Sink::start(SinkBehaviour::default()).await;
+    let server = TestServer::start(
+        Options::default()
+            .deliver()
+            .route("sink.test", sink.addr)
+            .extra(POOLS),
+    )
+    .await;
+    // The field wins over the header (which is still stripped) and over the sender domain.
+    let (status, answer) = server
+        .api(
+            "POST",
+            "/api/v1/inject",
+            Some(&json!({
+                "from": "a@news.sender.test",
+                "to": ["api@sink.test"],
+                "pool": "main",
+                "raw": "X-Tern-Pool: bulk\nSubject: by api\n\nhi\n",
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = server
+        .api(
+            "POST",
+            "/api/v1/inject",
+            Some(&json!({
+                "from": "b@sender.test",
+                "to": ["api2@sink.test"],
+                "pool": "bulk",
+                "raw": "Subject: by api\n\nhi\n",
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    // An unknown pool refuses the call, naming the field; nothing is queued.
+    let (status, answer) = server
+        .api(
+            "POST",
+            "/api/v1/inject",
+            Some(&json!({
+                "from": "c@sender.test",
+                "to": ["never@sink.test"],
+                "pool": "nope",
+                "raw": "Subject: x\n\nhi\n",
+            })),
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    let error = answer["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("pool:") && error.contains("nope") && error.contains("bulk, main"),
+        "{error}"
+    );
+
+    let got = sink.wait_for_messages(2, Duration::from_secs(20)).await;
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    for (rcpt, addr, ehlo) in [
+        ("api@sink.test", "127.0.0.2", "main2.tern.test"),
+        ("api2@sink.test", "127.0.0.3", "bulk3.tern.test"),
+    ] {
+        let m = got
+            .iter()
+            .find(|m| m.rcpt_addresses() == [rcpt])
+            .unwrap_or_else(|| panic!("{rcpt} not delivered"));
+        assert_eq!(m.client_ip, ip(addr), "{rcpt}");
+        assert_eq!(m.helo, ehlo, "{rcpt}");
+        let text = String::from_utf8_lossy(&m.data).to_ascii_lowercase();
+        assert!(
+            !text.contains("x-tern-pool"),
+            "{rcpt}: control header leaked"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.messages().len(), 2, "the refused call queued nothing");
     server.stop().await;
 }
 

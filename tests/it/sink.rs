@@ -251,6 +251,8 @@ pub struct ReceivedMessage {
     pub auth_user: Option<String>,
     /// The reply the sink gave after the data.
     pub reply: String,
+    /// When the data was complete (for rate measurements).
+    pub received_at: Instant,
 }
 
 impl ReceivedMessage {
@@ -838,6 +840,7 @@ impl Session {
             helo: self.helo.clone().unwrap_or_default(),
             auth_user: self.auth_user.clone(),
             reply: String::new(),
+            received_at: Instant::now(),
         };
         message.reply =
             (self.b.data)(&message).unwrap_or_else(|| "250 2.0.0 Ok: queued".to_string());

@@ -12,7 +12,9 @@
 //! spool failure is 503, never 200. Bare LF line ends (JSON clients send `\n`) become CRLF;
 //! a bare CR or a NUL is refused with 400, as SMTP refuses it. Every 4xx names the field or
 //! the config key it is about. Recipients over the limit refuse the whole call with 400
-//! (SMTP answers 452 per excess recipient; an HTTP call cannot be half-accepted).
+//! (SMTP answers 452 per excess recipient; an HTTP call cannot be half-accepted). An optional
+//! `pool` names the source-IP pool (`[[pools]]`), ahead of `X-Tern-Pool` and the sender
+//! domain; an unknown name is a 400 (unlike the header, the caller sees the answer).
 
 pub(crate) mod address;
 pub mod compose;
@@ -65,6 +67,10 @@ struct InjectRequest {
     /// A campaign, send time and template data for the sidecar stage.
     #[serde(default)]
     sidecar: Option<crate::sidecar::Request>,
+    /// A configured source-IP pool (`[[pools]]`); wins over `X-Tern-Pool` and the sender
+    /// domain.
+    #[serde(default)]
+    pool: Option<String>,
 }
 
 /// The 200 answer.
@@ -173,6 +179,15 @@ fn submission(
     if let Some(sidecar) = &request.sidecar {
         check_sidecar(state, sidecar)?;
     }
+    if let Some(pool) = &request.pool {
+        let pools = state.shaper.pools();
+        if !pools.contains(pool) {
+            return Err(ApiError::bad_request(format!(
+                "pool: unknown pool {pool:?} (configured: {})",
+                pools.names().join(", ")
+            )));
+        }
+    }
     let recipients = recipients(request.to)?;
     if recipients.is_empty() {
         return Err(ApiError::bad_request(
@@ -276,6 +291,7 @@ fn submission(
         tls: None,
         content,
         sidecar: request.sidecar,
+        pool: request.pool,
     })
 }
 
