@@ -9,7 +9,7 @@
 //!   `[[shaping.domains]]` rule of the first domain seen routing there) over
 //!   `[shaping.default]`.
 //! - A **pair** is (source address, bucket): the unit of every limit: open connections (cap),
-//!   new connections per minute, messages per time (GCRA through [`limiter`], burst 1), messages
+//!   new connections per minute, messages per time (GCRA through [`limiter`], burst: what 2.5 ms of the rate earns, at least 1), messages
 //!   per connection, the adaptive rate ([`adaptive`]), suspension, warm-up ([`warmup`]). The
 //!   global and per-source connection caps apply on top.
 //! - A **lane** is (pool, bucket): the pairs one ready queue may use ([`pools`]).

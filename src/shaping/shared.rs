@@ -4,7 +4,7 @@
 //!
 //! What is shared, each by one Lua script (atomic in Redis, timed by Redis `TIME`, so the
 //! nodes' clocks do not matter):
-//! - message and new-connection rates: GCRA with burst 1, the same rule as the local limiter
+//! - message and new-connection rates: GCRA with burst 1 (the local limiter allows what 2.5 ms of the rate earns)
 //!   (`<prefix>:rate:<pair>`, `<prefix>:connrate:<pair>` hold the theoretical arrival time).
 //!   A node takes message tokens in small batches (about 50 ms of the rate, at most 32) and
 //!   spaces them locally, so a busy pair costs a round trip per batch, not per message;
@@ -24,7 +24,7 @@
 //! - Tokens and leases a node already holds stay valid through an outage: they were counted
 //!   in the store when taken.
 
-use super::limiter::LocalPair;
+use super::limiter::{LocalPair, BURST_WINDOW};
 use crate::admin::metrics::Metrics;
 use crate::config::SharedConfig;
 use redis::aio::MultiplexedConnection;
@@ -57,9 +57,10 @@ redis.call('SET', KEYS[1], string.format('%.0f', math.max(tat, now) + n * interv
 return 0
 ";
 
-/// The GCRA tolerance: a quarter of the interval, at most 5 ms.
+/// The GCRA tolerance: a quarter of the interval, at most 5 ms, and never under the local
+/// limiter's burst window: a shorter wait costs a whole timer tick (see `limiter::BURST_WINDOW`).
 fn tolerance(interval: Duration) -> Duration {
-    (interval / 4).min(Duration::from_millis(5))
+    (interval / 4).clamp(BURST_WINDOW, Duration::from_millis(5))
 }
 
 /// A connection lease: expired leases are dropped, then one is added unless the set (plus
@@ -538,8 +539,9 @@ mod tests {
             Duration::from_millis(5)
         );
         assert_eq!(
-            tolerance(Duration::from_millis(8)),
-            Duration::from_millis(2)
+            tolerance(Duration::from_millis(12)),
+            Duration::from_millis(3)
         );
+        assert_eq!(tolerance(Duration::from_micros(60)), BURST_WINDOW);
     }
 }
