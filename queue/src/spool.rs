@@ -54,7 +54,7 @@ use std::collections::HashMap;
 use std::fmt::{self, Write as _};
 use std::fs;
 use std::ops::Deref;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -163,8 +163,6 @@ struct Inner {
     inflight: Mutex<Inflight>,
     group: Arc<GroupCommit>,
     flusher: Option<JoinHandle<()>>,
-    dir: PathBuf,
-    cache_size: u64,
     after_clean_close: bool,
     /// Last, so that it drops after `db`.
     checkpoint: Checkpoint,
@@ -213,8 +211,8 @@ impl Drop for Inner {
             bytes: self.bytes.load(Ordering::Relaxed),
             max_id: self.ids.last(),
         };
-        match clean_close::write(&self.db, &self.dir, &state) {
-            Ok(()) => self.checkpoint.arm(&self.dir, self.cache_size),
+        match clean_close::write(&self.db, self.checkpoint.dir(), &state) {
+            Ok(()) => self.checkpoint.arm(),
             Err(e) => {
                 tracing::warn!(error = %e, "spool: could not record the clean close; the next open scans")
             }
@@ -313,10 +311,8 @@ impl Spool {
                 inflight: Mutex::new(Inflight::default()),
                 group,
                 flusher: Some(flusher),
-                dir: dir.to_path_buf(),
-                cache_size: options.cache_size,
                 after_clean_close,
-                checkpoint: Checkpoint::default(),
+                checkpoint: Checkpoint::new(dir, options.cache_size),
             }),
         })
     }

@@ -115,7 +115,7 @@ impl Counters {
 pub struct LocalPair {
     /// The limiter and the rate it was built for; rebuilt when the rate changes.
     messages: Mutex<Option<(f64, Gcra)>>,
-    connections: Mutex<Option<(u32, Gcra)>>,
+    connections: Mutex<Option<(f64, Gcra)>>,
     open: AtomicUsize,
 }
 
@@ -154,17 +154,7 @@ impl LocalPair {
     }
 
     pub fn take_connection(&self, per_minute: u32) -> Result<(), Duration> {
-        let mut slot = self
-            .connections
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if slot.as_ref().is_none_or(|(r, _)| *r != per_minute) {
-            *slot = Some((per_minute, gcra(f64::from(per_minute) / 60.0)));
-        }
-        let (_, limiter) = slot.as_ref().expect("set above");
-        limiter
-            .check()
-            .map_err(|not_until| not_until.wait_time_from(TokioClock.now()))
+        take(&self.connections, f64::from(per_minute) / 60.0)
     }
 
     pub fn try_open(&self, cap: Option<usize>) -> bool {

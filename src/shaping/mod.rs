@@ -344,10 +344,6 @@ impl Shaper {
         &self.pools
     }
 
-    fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-        m.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// The provider whose domains hold `domain` or whose MX patterns match a hop of `plan`.
     fn provider(&self, domain: &str, plan: &RoutePlan) -> Option<&ProviderConfig> {
         self.providers.iter().find(|p| {
@@ -364,10 +360,10 @@ impl Shaper {
         let provider = self.provider(domain, plan);
         let name = provider.map_or_else(|| plan.key.clone(), |p| p.name.clone());
         let key = (pool.name.clone(), name.clone());
-        if let Some(lane) = Self::lock(&self.lanes).get(&key) {
+        if let Some(lane) = lock(&self.lanes).get(&key) {
             return lane.clone();
         }
-        let bucket = Self::lock(&self.buckets)
+        let bucket = lock(&self.buckets)
             .entry(name.clone())
             .or_insert_with(|| {
                 let (limits, label) = match provider {
@@ -397,12 +393,12 @@ impl Shaper {
             bucket,
             pairs,
         });
-        Self::lock(&self.lanes).entry(key).or_insert(lane).clone()
+        lock(&self.lanes).entry(key).or_insert(lane).clone()
     }
 
     fn pair(&self, source: &Arc<Source>, bucket: &Arc<Bucket>) -> Arc<Pair> {
         let key = format!("{}|{}", source.label, bucket.name);
-        let mut pairs = Self::lock(&self.pairs);
+        let mut pairs = lock(&self.pairs);
         if let Some(p) = pairs.get(&key) {
             return p.clone();
         }
@@ -624,7 +620,7 @@ impl Shaper {
     pub fn views(&self, bucket: Option<&str>) -> Vec<PairView> {
         let now = Instant::now();
         let ms = now_ms();
-        let mut views: Vec<PairView> = Self::lock(&self.pairs)
+        let mut views: Vec<PairView> = lock(&self.pairs)
             .values()
             .filter(|p| bucket.is_none_or(|b| p.bucket.name == b))
             .map(|p| {
@@ -659,11 +655,17 @@ impl Shaper {
 
     /// Writes exact warm-up counts (clean shutdown).
     pub async fn flush(&self) {
-        let pairs: Vec<Arc<Pair>> = Self::lock(&self.pairs).values().cloned().collect();
+        let pairs: Vec<Arc<Pair>> = lock(&self.pairs).values().cloned().collect();
         for p in pairs {
             if let Some(w) = &p.warm {
                 w.flush().await;
             }
         }
     }
+}
+
+/// Locks `m`; shaping's maps and counters stay usable even if a holder panicked (every update
+/// is a whole insert or a counter step).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -25,13 +25,14 @@
 //!   in the store when taken.
 
 use super::limiter::{LocalPair, BURST_WINDOW};
+use super::lock;
 use crate::admin::metrics::Metrics;
 use crate::config::SharedConfig;
 use redis::aio::MultiplexedConnection;
 use redis::{FromRedisValue, Script, ScriptInvocation};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -120,10 +121,6 @@ fn scripts() -> &'static Scripts {
         renew: Script::new(RENEW),
         warm: Script::new(WARM),
     })
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// One node's handle on the cluster store, and its health.

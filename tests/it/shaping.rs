@@ -86,6 +86,22 @@ async fn pools_bind_their_address_and_ehlo_name_and_the_pool_header_is_stripped(
     server.stop().await;
 }
 
+async fn inject_with_pool(
+    server: &TestServer,
+    from: &str,
+    to: &str,
+    pool: &str,
+    raw: &str,
+) -> (u16, serde_json::Value) {
+    server
+        .api(
+            "POST",
+            "/api/v1/inject",
+            Some(&json!({"from": from, "to": [to], "pool": pool, "raw": raw})),
+        )
+        .await
+}
+
 #[tokio::test]
 async fn the_inject_api_chooses_the_pool_ahead_of_the_header() {
     let sink = Sink::start(SinkBehaviour::default()).await;
@@ -97,45 +113,33 @@ async fn the_inject_api_chooses_the_pool_ahead_of_the_header() {
     )
     .await;
     // The field wins over the header (which is still stripped) and over the sender domain.
-    let (status, answer) = server
-        .api(
-            "POST",
-            "/api/v1/inject",
-            Some(&json!({
-                "from": "a@news.sender.test",
-                "to": ["api@sink.test"],
-                "pool": "main",
-                "raw": "X-Tern-Pool: bulk\nSubject: by api\n\nhi\n",
-            })),
-        )
-        .await;
+    let (status, answer) = inject_with_pool(
+        &server,
+        "a@news.sender.test",
+        "api@sink.test",
+        "main",
+        "X-Tern-Pool: bulk\nSubject: by api\n\nhi\n",
+    )
+    .await;
     assert_eq!(status, 200, "{answer}");
-    let (status, answer) = server
-        .api(
-            "POST",
-            "/api/v1/inject",
-            Some(&json!({
-                "from": "b@sender.test",
-                "to": ["api2@sink.test"],
-                "pool": "bulk",
-                "raw": "Subject: by api\n\nhi\n",
-            })),
-        )
-        .await;
+    let (status, answer) = inject_with_pool(
+        &server,
+        "b@sender.test",
+        "api2@sink.test",
+        "bulk",
+        "Subject: by api\n\nhi\n",
+    )
+    .await;
     assert_eq!(status, 200, "{answer}");
     // An unknown pool refuses the call, naming the field; nothing is queued.
-    let (status, answer) = server
-        .api(
-            "POST",
-            "/api/v1/inject",
-            Some(&json!({
-                "from": "c@sender.test",
-                "to": ["never@sink.test"],
-                "pool": "nope",
-                "raw": "Subject: x\n\nhi\n",
-            })),
-        )
-        .await;
+    let (status, answer) = inject_with_pool(
+        &server,
+        "c@sender.test",
+        "never@sink.test",
+        "nope",
+        "Subject: x\n\nhi\n",
+    )
+    .await;
     assert_eq!(status, 400, "{answer}");
     let error = answer["error"].as_str().unwrap();
     assert!(

@@ -82,24 +82,38 @@ pub(super) fn write(db: &sled::Db, dir: &Path, state: &Recovered) -> Result<(), 
 /// so sled writes its snapshot; armed only after the record was written.
 /// It must be the last field of the spool's state, so it drops after the
 /// `sled::Db`.
-#[derive(Default)]
 pub(super) struct Checkpoint {
-    armed: Option<(PathBuf, u64)>,
+    dir: PathBuf,
+    cache_size: u64,
+    armed: bool,
 }
 
 impl Checkpoint {
-    pub(super) fn arm(&mut self, dir: &Path, cache_size: u64) {
-        self.armed = Some((dir.to_path_buf(), cache_size));
+    pub(super) fn new(dir: &Path, cache_size: u64) -> Checkpoint {
+        Checkpoint {
+            dir: dir.to_path_buf(),
+            cache_size,
+            armed: false,
+        }
+    }
+
+    /// The spool's directory.
+    pub(super) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(super) fn arm(&mut self) {
+        self.armed = true;
     }
 }
 
 impl Drop for Checkpoint {
     fn drop(&mut self) {
-        let Some((dir, cache_size)) = self.armed.take() else {
+        if !self.armed {
             return;
-        };
-        let started = Instant::now();
-        match super::open_sled(&dir, cache_size) {
+        }
+        let (dir, started) = (&self.dir, Instant::now());
+        match super::open_sled(dir, self.cache_size) {
             Ok(db) => {
                 drop(db);
                 tracing::info!(
