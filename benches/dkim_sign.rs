@@ -4,7 +4,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::hint::black_box;
 use tern::config::{DkimConfig, DEFAULT_DKIM_HEADERS, DEFAULT_DKIM_OVERSIGN};
-use tern::delivery::dkim::{generate_key, DkimSigners, KeyAlgorithm};
+use tern::dkim::{generate_key, DkimSigners, KeyAlgorithm};
 
 fn message() -> Vec<u8> {
     let mut msg = b"From: Sender <sender@bench.test>\r\nTo: rcpt@sink.test\r\n\

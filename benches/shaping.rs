@@ -7,14 +7,14 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::fmt::Write;
 use std::sync::Arc;
-use tern::admin::metrics::Metrics;
 use tern::config::SharedConfig;
 use tern::config::{Config, TlsPolicy};
-use tern::delivery::route::{Hop, RoutePlan};
 use tern::delivery::worker::{Attempt, RcptOutcome, Verdict};
+use tern::routing::route::{Hop, RoutePlan};
 use tern::shaping::limiter::Backend;
 use tern::shaping::shared::SharedStore;
 use tern::shaping::Shaper;
+use tern::telemetry::Metrics;
 
 const DESTINATIONS: usize = 10_000;
 

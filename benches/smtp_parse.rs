@@ -2,7 +2,7 @@
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::hint::black_box;
-use tern::smtp::proto::{find_line, DataDecoder, Line};
+use tern::rfc5321::proto::{find_line, DataDecoder, Line};
 
 /// A typical pipelined submission's command lines.
 const COMMANDS: &[u8] = b"EHLO client.example.com\r\n\

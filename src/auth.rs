@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::Argon2;
 use rand::rngs::OsRng;
 
 use crate::config::AuthConfig;
@@ -39,25 +39,6 @@ pub fn verify_password(phc: &str, password: &str) -> bool {
             .verify_password(password.as_bytes(), &hash)
             .is_ok()
     })
-}
-
-/// Validates a configured hash up front, so a typo fails at startup rather than at every login.
-pub(crate) fn check_hash(phc: &str) -> Result<(), String> {
-    let hash = PasswordHash::new(phc).map_err(|e| format!("not a PHC hash string ({e})"))?;
-    Algorithm::try_from(hash.algorithm).map_err(|_| {
-        format!(
-            "algorithm {:?} is not argon2id, argon2i or argon2d",
-            hash.algorithm.as_str()
-        )
-    })?;
-    if let Some(version) = hash.version {
-        Version::try_from(version).map_err(|e| format!("invalid argon2 version ({e})"))?;
-    }
-    Params::try_from(&hash).map_err(|e| format!("invalid argon2 parameters ({e})"))?;
-    if hash.salt.is_none() || hash.hash.is_none() {
-        return Err("missing salt or hash output".to_owned());
-    }
-    Ok(())
 }
 
 /// The configured users: name -> PHC hash. Names are case-sensitive, as SASL PLAIN/LOGIN send them.
@@ -109,6 +90,7 @@ impl fmt::Debug for Credentials {
 mod tests {
     use super::*;
     use crate::config::AuthUser;
+    use argon2::{Algorithm, Params, Version};
 
     /// Cheap parameters (m=8 KiB, t=1), so tests that only need *a* valid hash stay fast.
     fn cheap_hash(password: &str) -> String {
@@ -124,7 +106,7 @@ mod tests {
     fn hash_and_verify_round_trip() {
         let phc = hash_password("correct horse");
         assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
-        check_hash(&phc).unwrap();
+        crate::config::check_password_hash(&phc).unwrap();
         assert!(verify_password(&phc, "correct horse"));
         assert!(!verify_password(&phc, "correct horse "));
         assert!(!verify_password("not a hash", "correct horse"));
@@ -145,12 +127,14 @@ mod tests {
 
     #[test]
     fn check_hash_refuses_non_argon2() {
-        assert!(check_hash("hunter2")
+        assert!(crate::config::check_password_hash("hunter2")
             .unwrap_err()
             .starts_with("not a PHC hash string"));
         let scrypt = "$scrypt$ln=16,r=8,p=1$aM15713r3Xsvxbi31lqr1Q$nFNh2CVHVjNldFVKDHDlm4CbdRSCdEBsjjJxD+iCs5E";
-        assert!(check_hash(scrypt).unwrap_err().contains("not argon2id"));
-        assert!(check_hash(&cheap_hash("x")).is_ok());
+        assert!(crate::config::check_password_hash(scrypt)
+            .unwrap_err()
+            .contains("not argon2id"));
+        assert!(crate::config::check_password_hash(&cheap_hash("x")).is_ok());
     }
 
     #[test]

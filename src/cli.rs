@@ -317,7 +317,7 @@ pub fn render_suppressions(v: &Value) -> String {
         let expires = e["expires_ms"]
             .as_u64()
             .map(|t| {
-                crate::ingest::rfc5322_date(
+                crate::message::rfc5322_date(
                     std::time::UNIX_EPOCH + std::time::Duration::from_millis(t),
                 )
             })

@@ -12,35 +12,38 @@
 //! [`crate::reload`] for which keys are live); a reload that fails changes nothing.
 
 use crate::admin::auth::Token;
-use crate::admin::metrics::Metrics;
-use crate::admin::metrics::ReloadResult;
 use crate::admin::AdminState;
 use crate::auth::Credentials;
 use crate::config::{Config, ConfigErrors, Limits, RouteConfig};
-use crate::delivery::client::{load_roots, ClientSettings, SYSTEM_ROOTS};
-use crate::delivery::dkim::DkimSigners;
-use crate::delivery::dns::HickoryResolver;
-use crate::delivery::log::DeliveryLog;
+use crate::delivery::client::ClientSettings;
 use crate::delivery::pool::Pool;
-use crate::delivery::route::Router;
 use crate::delivery::worker::{VerpPolicy, Worker};
+use crate::dkim::DkimSigners;
+use crate::enqueue::Enqueue;
 use crate::events::Events;
-use crate::inbound::Feedback;
-use crate::ingest::Ingest;
+use crate::feedback::Feedback;
+use crate::intake::Intake;
 use crate::live::Live;
+use crate::maillog::DeliveryLog;
+use crate::message::Stage;
 use crate::notify;
 use crate::outcome::Settler;
 use crate::policy::Policy;
 use crate::reload::{self, ReloadReport};
+use crate::routing::dns::HickoryResolver;
+use crate::routing::route::Router;
 use crate::scheduler::Scheduler;
+use crate::sendtime::SendTime;
 use crate::shaping::limiter::Backend;
 use crate::shaping::shared::SharedStore;
 use crate::shaping::Shaper;
-use crate::sidecar::sendtime::SendTime;
 use crate::sidecar::Sidecar;
 use crate::smtp::server::{ConnectionLimits, Server};
 use crate::smtp::session::SessionConfig;
 use crate::suppression::Suppressions;
+use crate::telemetry::Metrics;
+use crate::telemetry::ReloadResult;
+use crate::tls::{load_roots, SYSTEM_ROOTS};
 use crate::verp::Verp;
 use anyhow::Context;
 use std::collections::HashMap;
@@ -68,7 +71,11 @@ pub struct Daemon {
     router: Arc<Router>,
     worker: Arc<Worker>,
     settler: Arc<Settler>,
-    ingest: Ingest,
+    enqueue: Enqueue,
+    intake: Intake,
+    feedback: Feedback,
+    sidecar: Arc<Sidecar>,
+    send_time: SendTime,
     server: Arc<Server>,
     /// The limits HTTP injection applies (the admin server's copy).
     admin_limits: Arc<Live<Limits>>,
@@ -130,7 +137,8 @@ impl Daemon {
                 _ = stop_sweep.cancelled() => {}
             }
         });
-        let metrics = Arc::new(Metrics::new().with_routes(&config.routes));
+        let metrics =
+            Arc::new(Metrics::new().with_routes(config.routes.iter().map(|r| r.domain.as_str())));
         metrics.observe_spool(&spool);
         let dkim = DkimSigners::load(&config.dkim)
             .map_err(|e| anyhow::anyhow!("{e}"))?
@@ -186,11 +194,24 @@ impl Daemon {
         };
         let shaper = Shaper::new(&config, spool.clone(), backend, metrics.clone());
         let (new_mail, new_mail_rx) = tokio::sync::mpsc::unbounded_channel();
-        let send_time = SendTime::new(
+        let events = Events::new(
             spool.clone(),
-            config.sendtime.clone(),
-            Suppressions::new(spool.clone(), config.suppression.clone()),
+            config.webhooks.len(),
+            delivery_log.clone(),
+            metrics.clone(),
         );
+        let suppressions =
+            Suppressions::new(spool.clone(), config.suppression.clone(), metrics.clone());
+        let (counting, counted) = (events.clone(), suppressions.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Err(err) = counting.count_backlogs() {
+                warn!(error = %err, "cannot count the webhook outboxes for metrics");
+            }
+            if let Err(err) = counted.count_entries() {
+                warn!(error = %err, "cannot count the suppression list for metrics");
+            }
+        });
+        let send_time = SendTime::new(spool.clone(), config.sendtime.clone(), suppressions.clone());
         tokio::spawn(send_time.clone().refit_loop(shutdown.clone()));
         let mut sidecar = Sidecar::new(
             &config.sidecar,
@@ -203,32 +224,24 @@ impl Daemon {
         let sidecar = Arc::new(sidecar);
         let stop_sidecar = CancellationToken::new();
         let sidecar_batches = tokio::spawn(sidecar.clone().run_batches(stop_sidecar.clone()));
-        let ingest = Ingest::new(
+        let feedback = Feedback::new(
+            suppressions,
+            events.clone(),
+            config.bounce.domains.clone(),
+            metrics.clone(),
+        );
+        let enqueue = Enqueue::new(
             spool.clone(),
             config.server.hostname.clone(),
             config.spool.max_age,
-        )
-        .with_dkim(dkim)
-        .with_pools(shaper.pools().clone())
-        .with_scheduler(new_mail)
-        .with_send_time(send_time.clone())
-        .with_sidecar(sidecar);
-        let events = Events::new(spool.clone(), config.webhooks.len(), delivery_log.clone())
-            .with_metrics(metrics.clone());
-        let suppressions = Suppressions::new(spool.clone(), config.suppression.clone())
-            .with_metrics(metrics.clone());
-        let (counting, counted) = (events.clone(), suppressions.clone());
-        tokio::task::spawn_blocking(move || {
-            if let Err(err) = counting.count_backlogs() {
-                warn!(error = %err, "cannot count the webhook outboxes for metrics");
-            }
-            if let Err(err) = counted.count_entries() {
-                warn!(error = %err, "cannot count the suppression list for metrics");
-            }
-        });
-        let feedback = Feedback::new(suppressions, events.clone(), config.bounce.domains.clone())
-            .with_metrics(metrics.clone());
-        let ingest = ingest.with_feedback(feedback.clone());
+            dkim,
+            shaper.pools().clone(),
+            feedback.clone(),
+            new_mail,
+            Arc::new(send_time.clone()),
+        );
+        let stages: Vec<Arc<dyn Stage>> = vec![sidecar.clone(), Arc::new(send_time.clone())];
+        let intake = Intake::new(stages, enqueue.clone());
         let verp = read_verp_key(&config)?;
         worker.set_verp(verp.clone().map(|v| VerpPolicy::from_config(v, &config)));
         let feedback_tasks = TaskTracker::new();
@@ -252,9 +265,9 @@ impl Daemon {
             ));
         }
         feedback_tasks.spawn(
-            crate::inbound::Processor {
+            crate::feedback::Processor {
                 spool: spool.clone(),
-                feedback,
+                feedback: feedback.clone(),
                 classifier: classifier.clone(),
                 verp: verp.clone(),
             }
@@ -263,7 +276,8 @@ impl Daemon {
         feedback_tasks.close();
         let settler = Arc::new(Settler::new(
             spool.clone(),
-            ingest.clone(),
+            enqueue.clone(),
+            feedback.clone(),
             delivery_log.clone(),
             config.delivery.clone(),
             config.server.hostname.clone(),
@@ -282,7 +296,7 @@ impl Daemon {
         )
         .context("spool.path: cannot read the stored suspensions")?;
 
-        let session_config = session_config(&config, tls.is_some(), &ingest, &metrics);
+        let session_config = session_config(&config, tls.is_some(), &intake, &feedback, &metrics);
         let sessions = TaskTracker::new();
         let server = Arc::new(Server {
             config: crate::live::Live::new(session_config),
@@ -328,7 +342,11 @@ impl Daemon {
                 metrics: metrics.clone(),
                 spool: spool.clone(),
                 scheduler: scheduler.clone(),
-                ingest: ingest.clone(),
+                intake: intake.clone(),
+                feedback: feedback.clone(),
+                hostname: config.server.hostname.clone(),
+                sidecar: sidecar.clone(),
+                send_time: send_time.clone(),
                 limits: admin_limits.clone(),
                 shaper: shaper.clone(),
                 token,
@@ -343,7 +361,11 @@ impl Daemon {
             router,
             worker,
             settler,
-            ingest,
+            enqueue,
+            intake,
+            feedback,
+            sidecar,
+            send_time,
             server,
             admin_limits,
             log_level: None,
@@ -429,7 +451,8 @@ impl Daemon {
         let mut running = self.config.lock().unwrap_or_else(PoisonError::into_inner);
         let (config, restart_needed) = reload::merge(&running, new);
         self.router.set_routes(&config.routes, config.delivery.tls);
-        self.metrics.set_routes(&config.routes);
+        self.metrics
+            .set_routes(config.routes.iter().map(|r| r.domain.as_str()));
         self.worker.reconfigure(&config.delivery, passwords);
         self.worker.set_verp(
             self.verp
@@ -442,16 +465,15 @@ impl Daemon {
         );
         self.settler.reconfigure(config.delivery.clone());
         self.scheduler.reconfigure(config.delivery.clone());
-        self.ingest
+        self.enqueue
             .set_dkim(dkim.with_metrics(self.metrics.clone()));
-        if let Some(send_time) = self.ingest.send_time() {
-            send_time.set_config(config.sendtime.clone());
-        }
+        self.send_time.set_config(config.sendtime.clone());
         let starttls = self.server.tls.is_some();
         self.server.config.set(session_config(
             &config,
             starttls,
-            &self.ingest,
+            &self.intake,
+            &self.feedback,
             &self.metrics,
         ));
         self.server.limits.set(
@@ -495,9 +517,7 @@ impl Daemon {
 
     /// The pre-enqueue stage (campaigns, bandit state, tracked engagement).
     pub fn sidecar(&self) -> &Arc<Sidecar> {
-        self.ingest
-            .sidecar()
-            .expect("the daemon always runs the sidecar stage")
+        &self.sidecar
     }
 
     /// Waits until every delivery-log line recorded so far is written to the file. The
@@ -553,7 +573,8 @@ impl Daemon {
 fn session_config(
     config: &Config,
     starttls: bool,
-    ingest: &Ingest,
+    intake: &Intake,
+    feedback: &Feedback,
     metrics: &Arc<Metrics>,
 ) -> SessionConfig {
     SessionConfig {
@@ -563,7 +584,8 @@ fn session_config(
         credentials: (!config.auth.users.is_empty())
             .then(|| Arc::new(Credentials::from_config(&config.auth))),
         starttls,
-        ingest: ingest.clone(),
+        intake: intake.clone(),
+        feedback: feedback.clone(),
         metrics: metrics.clone(),
     }
 }

@@ -391,10 +391,7 @@ fn main() -> ExitCode {
         Command::Sidecar {
             command: SidecarCommand::Simulate { seed, users },
         } => {
-            print!(
-                "{}",
-                tern::sidecar::sendtime::simulate::run(seed, users as usize)
-            );
+            print!("{}", tern::sendtime::simulate::run(seed, users as usize));
             ExitCode::SUCCESS
         }
     }
@@ -525,7 +522,7 @@ fn suppression(command: SuppressionCommand) -> ExitCode {
 fn load(path: &Path) -> Result<Config, ExitCode> {
     let config = Config::load(path).and_then(|c| {
         let mut errors = c.check_files().err().map(|e| e.0).unwrap_or_default();
-        if let Err(e) = tern::delivery::dkim::DkimSigners::load(&c.dkim) {
+        if let Err(e) = tern::dkim::DkimSigners::load(&c.dkim) {
             errors.extend(e.0);
         }
         if let Err(e) = tern::bounce::classify::Classifier::load(&c.bounce) {
@@ -788,7 +785,7 @@ fn render_done(v: &serde_json::Value) -> String {
         match s["until_ms"].as_u64() {
             Some(until) => format!(
                 "suspended {what} until {}\n",
-                tern::ingest::rfc5322_date(
+                tern::message::rfc5322_date(
                     std::time::UNIX_EPOCH + std::time::Duration::from_millis(until),
                 )
             ),
@@ -844,7 +841,7 @@ fn offline_list(
             "ID", "SIZE", "DESTINATION", "CREATED", "RCPTS", "ATTEMPTS"
         );
         for env in &envelopes {
-            let created = tern::ingest::rfc5322_date(
+            let created = tern::message::rfc5322_date(
                 std::time::UNIX_EPOCH + std::time::Duration::from_millis(env.created_ms),
             );
             let sender = if env.sender.is_empty() {
@@ -1069,7 +1066,7 @@ fn dkim_keygen(
     out: Option<PathBuf>,
 ) -> ExitCode {
     use std::os::unix::fs::OpenOptionsExt;
-    use tern::delivery::dkim::{generate_key, zone_record, KeyAlgorithm, KeyError};
+    use tern::dkim::{generate_key, zone_record, KeyAlgorithm, KeyError};
     const EX_USAGE: u8 = 64;
 
     // Both names end up in a DNS name and in the default file name.

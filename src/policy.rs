@@ -6,11 +6,11 @@
 //! domains excepted: the session lets anyone mail them). A recipient on the suppression
 //! list gets 550 5.7.1 in reject mode ([`suppressed`]).
 
-use crate::admin::metrics::SuppressedAction;
 use crate::config::{Config, SuppressionMode};
 use crate::events::{Event, Kind};
-use crate::inbound::Feedback;
-use crate::smtp::reply::Reply;
+use crate::feedback::Feedback;
+use crate::rfc5321::reply::Reply;
+use crate::telemetry::SuppressedAction;
 use ipnet::IpNet;
 use std::net::IpAddr;
 

@@ -11,9 +11,9 @@
 //! CSV form (import and export): `address,reason,created_ms,expires_ms,source` with a header
 //! line; `expires_ms` and `source` may be empty.
 
-use crate::admin::metrics::Metrics;
-use crate::bounce::classify::Category;
 use crate::config::{SuppressionConfig, SuppressionMode};
+use crate::taxonomy::Category;
+use crate::telemetry::Metrics;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use tern_queue::{Spool, SpoolError};
@@ -52,19 +52,14 @@ pub struct Suppressions {
 }
 
 impl Suppressions {
-    pub fn new(spool: Spool, config: SuppressionConfig) -> Suppressions {
+    /// The list in `spool`, reported to `metrics`: the size gauge moves with every change
+    /// from now on and gets the stored count from [`Suppressions::count_entries`].
+    pub fn new(spool: Spool, config: SuppressionConfig, metrics: Arc<Metrics>) -> Suppressions {
         Suppressions {
             spool,
             config: Arc::new(config),
-            metrics: Arc::new(Metrics::new()),
+            metrics,
         }
-    }
-
-    /// Reports to `metrics`; the size gauge moves with every change from now on and gets the
-    /// stored count from [`Suppressions::count_entries`].
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Suppressions {
-        self.metrics = metrics;
-        self
     }
 
     /// Adds the list's size at start to the size gauge: a scan, run in the background so a
@@ -361,6 +356,7 @@ mod tests {
                 soft_expiry: Duration::from_secs(60),
                 ..SuppressionConfig::default()
             },
+            Arc::new(Metrics::new()),
         );
         let now = crate::clock::now_ms();
         let soft = list

@@ -142,7 +142,7 @@ async fn retries_follow_the_schedule_until_expiry_with_one_delay_notice() {
     assert_eq!(failure.field("Reporting-MTA"), Some("dns; tern.test"));
     assert_eq!(
         failure.field("Arrival-Date").map(str::to_owned),
-        Some(tern::ingest::rfc5322_date(
+        Some(tern::message::rfc5322_date(
             std::time::UNIX_EPOCH + Duration::from_millis(created)
         ))
     );

@@ -1,5 +1,5 @@
 //! Engagement events and recipient engagement (`/api/v1/events`, `/api/v1/recipients`,
-//! `/api/v1/sendtime/refit`, `/api/v1/sendtime/lift`): the HTTP face of `sidecar::sendtime`.
+//! `/api/v1/sendtime/refit`, `/api/v1/sendtime/lift`): the HTTP face of `crate::sendtime`.
 //!
 //! `POST /api/v1/events` takes `{"events": [...]}`, each `{"type": "open"|"click"|"send",
 //! "recipient", "time_ms"?, "message_id"?, "machine"?, "tz_offset_minutes"?}`. The whole
@@ -12,8 +12,8 @@ use super::inject::address::check_mailbox;
 use super::AdminState;
 use crate::clock::now_ms;
 use crate::config::parse_duration;
-use crate::sidecar::sendtime::profile::Profile;
-use crate::sidecar::sendtime::{Event, EventKind, SendTime};
+use crate::sendtime::profile::Profile;
+use crate::sendtime::{Event, EventKind, SendTime};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
@@ -61,19 +61,12 @@ struct EventBody {
     tz_offset_minutes: Option<i32>,
 }
 
-fn send_time(state: &AdminState) -> Result<&SendTime, ApiError> {
-    state
-        .ingest
-        .send_time()
-        .ok_or_else(|| ApiError::unavailable("send-time optimisation is not running"))
-}
-
 fn internal(err: impl std::fmt::Display) -> ApiError {
     ApiError::internal(format!("spool: {err}"))
 }
 
 async fn record(State(state): State<AdminState>, ApiJson(body): ApiJson<EventsBody>) -> ApiResult {
-    let send_time = send_time(&state)?;
+    let send_time = &state.send_time;
     if body.events.len() > MAX_EVENTS {
         return Err(ApiError::bad_request(format!(
             "events: {} events; at most {MAX_EVENTS} per call",
@@ -153,7 +146,7 @@ fn summary(address: &str, p: &Profile, now: u64, dormant_after_ms: u64) -> Value
 }
 
 async fn recipient(State(state): State<AdminState>, Path(address): Path<String>) -> ApiResult {
-    let send_time = send_time(&state)?;
+    let send_time = &state.send_time;
     check_mailbox(&address).map_err(|why| ApiError::bad_request(format!("address: {why}")))?;
     let profile = send_time
         .profile(&address)
@@ -182,7 +175,7 @@ async fn dormant(
     params: Result<Query<DormantParams>, QueryRejection>,
 ) -> ApiResult {
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let send_time = send_time(&state)?.clone();
+    let send_time = state.send_time.clone();
     let after = match &params.dormant_after {
         Some(s) => {
             parse_duration(s).map_err(|e| ApiError::bad_request(format!("dormant_after: {e}")))?
@@ -213,14 +206,14 @@ async fn dormant(
 
 /// Refits the priors now instead of at the next `sendtime.refit_interval`.
 async fn refit(State(state): State<AdminState>) -> ApiResult {
-    let n = send_time(&state)?.refit().await.map_err(internal)?;
+    let n = state.send_time.refit().await.map_err(internal)?;
     Ok(Json(json!({ "recipients": n })))
 }
 
 /// `GET /api/v1/sendtime/lift`: engagement of the control arm (sent at once) against the
 /// model's arm, as of the last refit.
 async fn lift(State(state): State<AdminState>) -> ApiResult {
-    let lift = send_time(&state)?.lift();
+    let lift = state.send_time.lift();
     let arm = |i: usize| {
         let rate = (lift.sends[i] > 0).then(|| lift.engaged[i] as f64 / lift.sends[i] as f64);
         json!({"sends": lift.sends[i], "engaged": lift.engaged[i], "rate": rate})

@@ -1,7 +1,6 @@
 //! The admin HTTP server: `GET /metrics` (Prometheus text format, no token) and the admin API
 //! under `/api/v1` (bearer token, JSON in and out).
 //!
-//! - [`metrics`]: every metric tern exports, in one [`metrics::Metrics`] with its own registry.
 //! - [`auth`]: the API's bearer token and the middleware that checks it.
 //! - [`error`]: [`error::ApiError`], the JSON error answer, and [`error::ApiJson`], the JSON
 //!   body extractor that answers malformed input with 400.
@@ -22,23 +21,26 @@ pub mod client;
 pub mod error;
 pub mod events;
 pub mod inject;
-pub mod metrics;
 pub mod queue;
 pub mod shaping;
 pub mod suppression;
+pub mod tracking;
 
 use crate::config::Limits;
-use crate::ingest::Ingest;
+use crate::feedback::Feedback;
+use crate::intake::Intake;
 use crate::live::Live;
 use crate::scheduler::Scheduler;
+use crate::sendtime::SendTime;
 use crate::shaping::Shaper;
+use crate::sidecar::Sidecar;
+use crate::telemetry::Metrics;
 use auth::Token;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
-use metrics::Metrics;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tern_queue::Spool;
@@ -52,7 +54,16 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub spool: Spool,
     pub scheduler: Scheduler,
-    pub ingest: Ingest,
+    /// Where injected mail goes (the same stages and enqueue as SMTP mail).
+    pub intake: Intake,
+    /// The suppression list and events (checked at injection, managed by the API).
+    pub feedback: Feedback,
+    /// `server.hostname`, for the Message-ID of composed mail.
+    pub hostname: String,
+    /// The campaign stage (its campaigns are checked at injection; tracking endpoints).
+    pub sidecar: Arc<Sidecar>,
+    /// The send-time model (events API, recipients, refit, lift).
+    pub send_time: SendTime,
     /// Size and recipient limits, applied to injected mail as to SMTP mail; a config reload
     /// replaces them.
     pub limits: Arc<Live<Limits>>,
@@ -92,9 +103,7 @@ fn router(state: AdminState) -> Router {
         .route("/metrics", get(scrape))
         .nest("/api/v1", api);
     // Open (no token): recipients' mail clients fetch these; the signed token is the check.
-    if let Some(sidecar) = state.ingest.sidecar() {
-        router = router.merge(crate::sidecar::tracking::routes(sidecar.clone()));
-    }
+    router = router.merge(tracking::routes(state.sidecar.clone()));
     router.with_state(state)
 }
 

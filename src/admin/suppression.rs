@@ -59,7 +59,7 @@ fn spool_error(e: tern_queue::SpoolError) -> ApiError {
 }
 
 fn list_of(state: &AdminState) -> suppression::Suppressions {
-    state.ingest.feedback().suppressions.clone()
+    state.feedback.suppressions.clone()
 }
 
 async fn list(

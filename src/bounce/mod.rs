@@ -34,7 +34,8 @@ use std::borrow::Cow;
 use mail_parser::{Message, MessageParser, MimeHeaders, PartType};
 use serde::Serialize;
 
-use self::classify::{Category, Classifier};
+use self::classify::Classifier;
+use crate::taxonomy::Category;
 
 /// Bytes of a message that are parsed; the rest (in practice: the tail of a returned
 /// original) is ignored. Everything a bounce says comes well before this.

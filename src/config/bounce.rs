@@ -18,7 +18,7 @@ use std::path::PathBuf;
 
 use super::reader::{self, string, TableReader};
 use super::{check_dns_name, path};
-use crate::bounce::classify::{Category, Rule, StatusPattern};
+use crate::taxonomy::{Category, Rule, StatusPattern};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BounceConfig {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::path;
 use super::reader::{count, duration, nonzero, string, TableReader};
-use crate::bounce::classify::Category;
+use crate::taxonomy::Category;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SuppressionConfig {

@@ -497,6 +497,26 @@ fn compile_auth(r: &mut TableReader<'_>) -> AuthConfig {
     AuthConfig { users }
 }
 
+/// Validates a configured hash up front, so a typo fails at startup rather than at every login.
+pub fn check_password_hash(phc: &str) -> Result<(), String> {
+    let hash =
+        argon2::PasswordHash::new(phc).map_err(|e| format!("not a PHC hash string ({e})"))?;
+    argon2::Algorithm::try_from(hash.algorithm).map_err(|_| {
+        format!(
+            "algorithm {:?} is not argon2id, argon2i or argon2d",
+            hash.algorithm.as_str()
+        )
+    })?;
+    if let Some(version) = hash.version {
+        argon2::Version::try_from(version).map_err(|e| format!("invalid argon2 version ({e})"))?;
+    }
+    argon2::Params::try_from(&hash).map_err(|e| format!("invalid argon2 parameters ({e})"))?;
+    if hash.salt.is_none() || hash.hash.is_none() {
+        return Err("missing salt or hash output".to_owned());
+    }
+    Ok(())
+}
+
 fn compile_user(r: &mut TableReader<'_>, names: &mut HashMap<String, String>) -> Option<AuthUser> {
     let name = r.require("name", |v| match string(v)? {
         "" => Err("must not be empty".to_owned()),
@@ -510,7 +530,7 @@ fn compile_user(r: &mut TableReader<'_>, names: &mut HashMap<String, String>) ->
     // With a plaintext password present, "password_hash missing" would only repeat the point.
     let hash_converter = |v: &Value| {
         let phc = string(v)?;
-        crate::auth::check_hash(phc)?;
+        check_password_hash(phc)?;
         Ok(phc.to_owned())
     };
     let password_hash = if plaintext {

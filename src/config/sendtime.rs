@@ -1,4 +1,4 @@
-//! `[sendtime]`: send-time optimisation (see `sidecar::sendtime`).
+//! `[sendtime]`: send-time optimisation (see `crate::sendtime`).
 
 use std::time::Duration;
 

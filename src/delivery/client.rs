@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
@@ -41,10 +41,9 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{SmtpTimeouts, TlsPolicy};
-use crate::ingest::TlsInfo;
+use crate::tls::TlsInfo;
 
 /// The usual system bundle of trusted CAs (Debian/Ubuntu/Alpine path), for [`load_roots`].
-pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// QUIT is a courtesy: never wait long for it.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -52,24 +51,6 @@ const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The body must flow at least this fast: writing it may take one `data_block` timeout per
 /// started MiB (RFC 5321's per-block timeout, with mail-send writing the body in one call).
 const BODY_BYTES_PER_BLOCK: usize = 1 << 20;
-
-/// Loads a PEM bundle of trusted CAs (e.g. [`SYSTEM_ROOTS`]) for `TlsPolicy::Required`.
-pub fn load_roots(path: &Path) -> io::Result<RootCertStore> {
-    let pem = std::fs::read(path)?;
-    let mut roots = RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        // A bundle may hold certificates webpki cannot use; one bad entry must not cost the
-        // others.
-        let _ = roots.add(cert?);
-    }
-    if roots.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("no usable CA certificate in {}", path.display()),
-        ));
-    }
-    Ok(roots)
-}
 
 /// What every outbound connection shares: our EHLO name, the timeouts and the TLS client
 /// configurations (built once, so TLS sessions can be resumed across connections).

@@ -16,9 +16,9 @@ use crate::delivery::client::{
     self, AttemptError, BrokenTls, ClientSettings, Connection, OutboundMessage, RemoteReply, Target,
 };
 use crate::delivery::pool::Pool;
-use crate::delivery::route::{RouteError, RoutePlan, Router};
-use crate::ingest::TlsInfo;
 use crate::live::Live;
+use crate::routing::route::{RouteError, RoutePlan, Router};
+use crate::tls::TlsInfo;
 use crate::verp::Verp;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

@@ -11,9 +11,9 @@
 
 pub mod webhook;
 
-use crate::admin::metrics::Metrics;
-use crate::bounce::classify::Category;
-use crate::delivery::log::{AttemptOutcome, AttemptRecord, DeliveryLog};
+use crate::maillog::{AttemptOutcome, AttemptRecord, DeliveryLog};
+use crate::taxonomy::Category;
+use crate::telemetry::Metrics;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -86,25 +86,20 @@ pub struct Events {
 }
 
 impl Events {
-    /// Events for `webhooks` outboxes (none: only the delivery log).
-    pub fn new(spool: Spool, webhooks: usize, log: DeliveryLog) -> Events {
+    /// Events for `webhooks` outboxes (none: only the delivery log), reported to `metrics`:
+    /// the backlog gauges move with every change from now on and get the stored counts from
+    /// [`Events::count_backlogs`].
+    pub fn new(spool: Spool, webhooks: usize, log: DeliveryLog, metrics: Arc<Metrics>) -> Events {
+        for i in 0..webhooks {
+            metrics.webhook_registered(i);
+        }
         Events {
             spool,
             streams: Arc::new((0..webhooks).map(stream_name).collect()),
             log,
             queued: Arc::new(Notify::new()),
-            metrics: Arc::new(Metrics::new()),
+            metrics,
         }
-    }
-
-    /// Reports to `metrics`; the backlog gauges move with every change from now on and get
-    /// the stored counts from [`Events::count_backlogs`].
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Events {
-        for i in 0..self.streams.len() {
-            metrics.webhook_registered(i);
-        }
-        self.metrics = metrics;
-        self
     }
 
     /// Adds what each outbox held at start to its backlog gauge: a scan of each outbox, run in

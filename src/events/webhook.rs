@@ -12,8 +12,8 @@
 //! only the status line of the answer is read.
 
 use super::Events;
-use crate::admin::metrics::WebhookResult;
 use crate::config::WebhookConfig;
+use crate::telemetry::WebhookResult;
 use aws_lc_rs::hmac;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
@@ -54,7 +54,7 @@ pub fn connector(config: &WebhookConfig) -> Result<Option<TlsConnector>, String>
         let _ = roots.add(cert.clone());
     }
     if let Some(path) = &config.ca_file {
-        let private = crate::delivery::client::load_roots(path)
+        let private = crate::tls::load_roots(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         roots.extend(private.roots);
     }

@@ -30,7 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use memchr::memmem;
 use tern_queue::{Envelope, Notify, Ret};
 
-use crate::ingest::rfc5322_date;
+use crate::message::rfc5322_date;
 
 /// Lines are folded before this many columns where a space allows (RFC 5322 §2.1.1's SHOULD).
 const WRAP: usize = 78;
@@ -44,6 +44,16 @@ pub enum Action {
     Delivered,
     Delayed,
     Failed,
+}
+
+impl From<Action> for crate::telemetry::DsnAction {
+    fn from(action: Action) -> Self {
+        match action {
+            Action::Delivered => crate::telemetry::DsnAction::Delivered,
+            Action::Delayed => crate::telemetry::DsnAction::Delayed,
+            Action::Failed => crate::telemetry::DsnAction::Failed,
+        }
+    }
 }
 
 impl Action {

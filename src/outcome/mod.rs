@@ -23,16 +23,19 @@ pub mod dsn;
 pub mod operator;
 pub mod retry;
 
-use crate::admin::metrics::Metrics;
-use crate::bounce::classify::{Category, Classifier};
+use crate::bounce::classify::Classifier;
 use crate::clock::now_ms;
 use crate::config::DeliveryConfig;
-use crate::delivery::log::{AttemptOutcome, AttemptRecord, DeliveryLog};
-use crate::delivery::route::{RouteError, RoutePlan};
 use crate::delivery::worker::{Attempt, Failure, Verdict};
+use crate::enqueue::Enqueue;
 use crate::events::{Event, Kind as EventKind};
-use crate::ingest::{Ingest, Submission};
+use crate::feedback::Feedback;
 use crate::live::Live;
+use crate::maillog::{AttemptOutcome, AttemptRecord, DeliveryLog};
+use crate::message::Submission;
+use crate::routing::route::{RouteError, RoutePlan};
+use crate::taxonomy::Category;
+use crate::telemetry::Metrics;
 use dsn::{Action, DsnRecipient, DsnRequest};
 use retry::Deferral;
 use std::sync::Arc;
@@ -45,7 +48,10 @@ const EXPIRED_STATUS: &str = "4.4.7";
 
 pub struct Settler {
     spool: Spool,
-    ingest: Ingest,
+    /// DSNs are committed through it, like any mail.
+    enqueue: Enqueue,
+    /// Hard bounces suppress; outcomes become events.
+    feedback: Feedback,
     log: DeliveryLog,
     /// Retry schedule and delay notices; a config reload replaces it.
     config: Live<DeliveryConfig>,
@@ -64,9 +70,11 @@ struct Report {
 }
 
 impl Settler {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         spool: Spool,
-        ingest: Ingest,
+        enqueue: Enqueue,
+        feedback: Feedback,
         log: DeliveryLog,
         config: DeliveryConfig,
         hostname: String,
@@ -75,7 +83,8 @@ impl Settler {
     ) -> Settler {
         Settler {
             spool,
-            ingest,
+            enqueue,
+            feedback,
             log,
             config: Live::new(config),
             hostname,
@@ -213,7 +222,7 @@ impl Settler {
             }
         }
 
-        let feedback = self.ingest.feedback();
+        let feedback = &self.feedback;
         let mut events = Vec::with_capacity(attempt.outcomes.len());
         let mut suppress = Vec::new();
         for outcome in &attempt.outcomes {
@@ -224,7 +233,7 @@ impl Settler {
                 RecipientState::Expired => AttemptOutcome::Expired,
                 RecipientState::Pending => AttemptOutcome::Deferred,
             };
-            self.metrics.delivery(destination, result);
+            self.metrics.delivery(destination, result.into());
             if result == AttemptOutcome::Delivered {
                 self.metrics.delivered(
                     Duration::from_millis(now.saturating_sub(env.created_ms)),
@@ -412,11 +421,11 @@ impl Settler {
                 continue;
             };
             let id = self
-                .ingest
+                .enqueue
                 .accept(self.dsn_submission(env, message))
                 .await?;
             info!(original = %env.id, dsn = %id, ?action, "DSN queued");
-            self.metrics.dsn_sent(action);
+            self.metrics.dsn_sent(action.into());
         }
         Ok(())
     }

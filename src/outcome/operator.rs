@@ -22,9 +22,9 @@
 
 use super::dsn::Action;
 use super::{Report, Settler};
-use crate::bounce::classify::Category;
 use crate::clock::now_ms;
-use crate::delivery::log::{AttemptOutcome, AttemptRecord};
+use crate::maillog::{AttemptOutcome, AttemptRecord};
+use crate::taxonomy::Category;
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, UNIX_EPOCH};
 use tern_queue::{Envelope, MessageId, RecipientState, SpoolError};
@@ -224,7 +224,7 @@ impl Settler {
     ) {
         let now = now_ms();
         let rcpt = &env.recipients[index];
-        self.metrics.delivery(&env.destination, outcome);
+        self.metrics.delivery(&env.destination, outcome.into());
         self.log.record(&AttemptRecord {
             ts: UNIX_EPOCH + Duration::from_millis(now),
             id: env.id,

@@ -37,16 +37,17 @@ pub mod suspend;
 pub use ready::ReadyQueue;
 pub use suspend::{Suspension, Suspensions};
 
-use crate::admin::metrics::Metrics;
 use crate::clock::now_ms;
 use crate::config::DeliveryConfig;
 use crate::delivery::client::Connection;
-use crate::delivery::route::{RoutePlan, Router};
 use crate::delivery::worker::{Outbound, Worker};
+use crate::enqueue::NewMessage;
 use crate::live::Live;
 use crate::outcome::operator::NOT_DUE;
 use crate::outcome::Settler;
+use crate::routing::route::{RoutePlan, Router};
 use crate::shaping::{Admission, ConnSlot, Lane, Pair, Shaper};
+use crate::telemetry::Metrics;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -78,17 +79,6 @@ pub enum Operation {
     Bounce,
     /// Remove without a DSN.
     Delete,
-}
-
-/// A message that was just committed: its id, recipient domain and first due time.
-#[derive(Debug, Clone)]
-pub struct NewMessage {
-    pub id: MessageId,
-    pub domain: String,
-    /// The source-IP pool recorded at ingest, if any.
-    pub pool: Option<String>,
-    /// Its `next_due_ms`: later than now when it is held until a `not_before` time.
-    pub due_ms: u64,
 }
 
 #[derive(Clone)]

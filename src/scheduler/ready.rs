@@ -1,7 +1,7 @@
 //! [`ReadyQueue`]: the in-memory FIFO of messages ready for one destination, with the count
 //! of workers serving it and when it last made progress (for the watchdog).
 
-use crate::delivery::route::RoutePlan;
+use crate::routing::route::RoutePlan;
 use crate::shaping::Lane;
 use std::collections::VecDeque;
 use std::sync::Arc;

@@ -36,11 +36,11 @@ pub mod pools;
 pub mod shared;
 pub mod warmup;
 
-use crate::admin::metrics::Metrics;
 use crate::clock::now_ms;
 use crate::config::{AdaptiveConfig, Config, LimitsConfig, ProviderConfig, WhenCapped};
-use crate::delivery::route::RoutePlan;
 use crate::delivery::worker::{Attempt, Verdict};
+use crate::routing::route::RoutePlan;
+use crate::telemetry::Metrics;
 use adaptive::{Aimd, Classifier, Signal};
 use limiter::{Backend, Counters};
 use pools::{Pool, Pools, Source};

@@ -26,8 +26,8 @@
 
 use super::limiter::{LocalPair, BURST_WINDOW};
 use super::lock;
-use crate::admin::metrics::Metrics;
 use crate::config::SharedConfig;
+use crate::telemetry::Metrics;
 use redis::aio::MultiplexedConnection;
 use redis::{FromRedisValue, Script, ScriptInvocation};
 use std::collections::HashMap;

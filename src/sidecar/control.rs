@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use crate::message::SendAt;
+
 /// The control headers' values, unfolded; `None` where absent.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Control {
@@ -105,28 +107,16 @@ fn split_header(line: &[u8]) -> (String, String) {
     }
 }
 
-/// When the message should be sent: the typed request part B's send-time code consumes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SendTime {
-    /// Enqueue for delivery now (the default).
-    Now,
-    /// Pick a time inside `window` from now, avoiding local `quiet_hours` `[start, end)`.
-    Optimize {
-        window: Duration,
-        quiet_hours: Option<(u8, u8)>,
-    },
-}
-
 /// Parses `now`, `optimize` or `optimize; window=12h` (the header and the API share it);
 /// `default_window` and `quiet_hours` come from the campaign.
 pub fn parse_send_time(
     text: &str,
     default_window: Duration,
     quiet_hours: Option<(u8, u8)>,
-) -> Result<SendTime, String> {
+) -> Result<SendAt, String> {
     let mut parts = text.split(';').map(str::trim);
     match parts.next().map(str::to_ascii_lowercase).as_deref() {
-        Some("now") if parts.next().is_none() => Ok(SendTime::Now),
+        Some("now") if parts.next().is_none() => Ok(SendAt::Now),
         Some("optimize") => {
             let mut window = default_window;
             for p in parts {
@@ -137,7 +127,7 @@ pub fn parse_send_time(
                     _ => return Err(format!("unknown send-time option {p:?}")),
                 }
             }
-            Ok(SendTime::Optimize {
+            Ok(SendAt::Optimize {
                 window,
                 quiet_hours,
             })
@@ -186,10 +176,10 @@ mod tests {
     #[test]
     fn send_time_forms() {
         let day = Duration::from_secs(86_400);
-        assert_eq!(parse_send_time("now", day, None), Ok(SendTime::Now));
+        assert_eq!(parse_send_time("now", day, None), Ok(SendAt::Now));
         assert_eq!(
             parse_send_time("Optimize; window=12h", day, Some((22, 7))),
-            Ok(SendTime::Optimize {
+            Ok(SendAt::Optimize {
                 window: Duration::from_secs(12 * 3600),
                 quiet_hours: Some((22, 7))
             })

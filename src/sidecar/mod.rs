@@ -1,12 +1,12 @@
 //! The sidecar: the pre-enqueue stage that turns a campaign request into per-recipient mail.
 //!
-//! [`Sidecar::apply`] runs inside [`Ingest`](crate::ingest::Ingest) before the Received header
+//! [`Sidecar::apply`] runs inside [`Ingest`](crate::enqueue::Ingest) before the Received header
 //! and DKIM signing. It strips every `X-Tern-*` control header ([`control`]), and for a message
 //! that names a campaign (header `X-Tern-Campaign` or the `sidecar` field of
 //! `POST /api/v1/inject`) renders the campaign's minijinja templates once per recipient:
 //! the [`bandit`] picks the variant, the [`model`] fills the named slots (cleaned by
 //! [`guard`]) within the deadline, [`tracking`] rewrites links and adds the open pixel. The
-//! send-time request comes out typed ([`SendTime`]); [`sendtime`] (engagement events, the
+//! send-time request comes out typed ([`SendAt`](crate::message::SendAt)); [`crate::sendtime`] (engagement events, the
 //! per-recipient send-time model, the simulator) turns `Optimize` into each recipient's
 //! `not_before`.
 //!
@@ -21,7 +21,6 @@ pub mod bandit;
 pub mod control;
 pub mod guard;
 pub mod model;
-pub mod sendtime;
 pub mod tracking;
 
 use std::collections::{BTreeMap, HashMap};
@@ -37,54 +36,15 @@ use serde_json::{Map, Value};
 use tern_queue::{Recipient, Spool};
 use tracing::{info, warn};
 
-use crate::admin::metrics::Metrics;
 use crate::config::{BanditConfig, CampaignConfig, SidecarConfig};
-use crate::ingest::Submission;
-pub use control::SendTime;
+use crate::message::{CampaignReport, Prepared, SendAt, Stage, StageFuture, Submission};
+use crate::telemetry::Metrics;
 use model::{Failure, Model, SlotRequest};
 use tracking::{Claims, Tracker};
-
-/// The sidecar part of an HTTP injection (`"sidecar": {...}`).
-#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Request {
-    pub campaign: Option<String>,
-    /// `now`, `optimize` or `optimize; window=12h`.
-    pub send_time: Option<String>,
-    /// Template data for every recipient.
-    #[serde(default)]
-    pub data: Map<String, Value>,
-    /// Template data per recipient address (merged over `data`).
-    #[serde(default)]
-    pub recipients: HashMap<String, Map<String, Value>>,
-}
 
 /// Whether `sub` needs the stage at all (the plain path's only cost is this header scan).
 pub fn wanted(sub: &Submission) -> bool {
     sub.sidecar.is_some() || control::has_control_headers(&sub.content)
-}
-
-/// One message the stage produced, ready for the spool.
-#[derive(Debug)]
-pub struct Prepared {
-    pub submission: Submission,
-    pub send_time: SendTime,
-    /// `None` when no campaign applied.
-    pub report: Option<Report>,
-}
-
-/// What the stage did for one recipient (in the inject answer, the log and metrics).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Report {
-    pub recipient: String,
-    pub campaign: String,
-    /// The bandit's choice (`holdout` for the holdout share); `None` without variants.
-    pub variant: Option<String>,
-    /// `model`, `cache` or `default`.
-    pub content: &'static str,
-    /// Why the defaults rendered (a [`Failure`] code), or `guardrail` when the guardrails
-    /// removed something from a generated slot (an emptied slot renders its default).
-    pub reason: Option<&'static str>,
 }
 
 /// An open or a click from the tracking endpoints (`POST /api/v1/events` feeds the event
@@ -270,7 +230,7 @@ impl Sidecar {
     }
 
     /// The campaign's send-time request parsed (for the API's 400 before anything is queued).
-    pub fn send_time(&self, campaign: Option<&str>, text: &str) -> Result<SendTime, String> {
+    pub fn send_time(&self, campaign: Option<&str>, text: &str) -> Result<SendAt, String> {
         let c = campaign.and_then(|c| self.campaigns.get(c));
         control::parse_send_time(
             text,
@@ -367,18 +327,19 @@ impl Sidecar {
             },
         };
         let send_time = match request.send_time.or(control.send_time) {
-            None => SendTime::Now,
+            None => SendAt::Now,
             Some(text) => self
                 .send_time(campaign.map(|c| c.config.name.as_str()), &text)
                 .unwrap_or_else(|e| {
                     warn!(error = %e, "invalid X-Tern-Send-Time: sending now");
-                    SendTime::Now
+                    SendAt::Now
                 }),
         };
         let Some(campaign) = campaign else {
             return vec![Prepared {
                 submission: sub,
-                send_time,
+                send_at: Some(send_time),
+                window: None,
                 report: None,
             }];
         };
@@ -413,7 +374,7 @@ impl Sidecar {
 
         let mut out = Vec::with_capacity(jobs.len());
         for ((rcpt, data, variant), (slots, content, reason)) in jobs.into_iter().zip(generated) {
-            let report = Report {
+            let report = CampaignReport {
                 recipient: rcpt.address.clone(),
                 campaign: campaign.config.name.clone(),
                 variant: variant.clone(),
@@ -456,7 +417,8 @@ impl Sidecar {
             one.recipients = vec![rcpt];
             out.push(Prepared {
                 submission: one,
-                send_time,
+                send_at: Some(send_time),
+                window: None,
                 report: Some(report),
             });
         }
@@ -708,6 +670,19 @@ fn crlf(text: &str) -> String {
         out.push_str("\r\n");
     }
     out
+}
+
+/// The sidecar as the first pre-enqueue stage: mail that does not ask for it
+/// ([`wanted`]) passes unchanged.
+impl Stage for Sidecar {
+    fn apply(&self, message: Prepared) -> StageFuture<'_> {
+        Box::pin(async move {
+            if message.send_at.is_some() || !wanted(&message.submission) {
+                return vec![message];
+            }
+            Sidecar::apply(self, message.submission).await
+        })
+    }
 }
 
 #[cfg(test)]

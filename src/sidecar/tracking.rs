@@ -1,5 +1,7 @@
-//! Built-in engagement tracking: signed tokens, link rewriting, the open pixel and the click
-//! redirect (`GET /t/o/{token}`, `GET /t/c/{token}` on the admin listener, no bearer token).
+//! Built-in engagement tracking: signed tokens, link rewriting, and recording the opens and
+//! clicks a token vouches for ([`Sidecar::track_open`], [`Sidecar::track_click`]); the HTTP
+//! endpoints that call them (`GET /t/o/{token}`, `GET /t/c/{token}`, no bearer token) are
+//! [`crate::admin::tracking`]'s.
 //!
 //! A token is `base64url(JSON claims) "." base64url(HMAC-SHA256(key, claims)[..16])`. The
 //! claims name the campaign, recipient, variant and Message-ID, and for a click the target
@@ -15,16 +17,10 @@
 //! Barracuda, Proofpoint, Mimecast). With a reverse proxy in front, the first
 //! `X-Forwarded-For` address is used when the connection comes from a loopback address.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::LazyLock;
 
-use axum::extract::{ConnectInfo, Path as UrlPath, State};
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine as _;
 use regex::Regex;
@@ -166,62 +162,28 @@ impl Tracker {
     }
 }
 
-/// The tracking routes (outside the token-protected API).
-pub fn routes<S: Clone + Send + Sync + 'static>(sidecar: Arc<Sidecar>) -> Router<S> {
-    Router::new()
-        .route("/t/o/{token}", get(open))
-        .route("/t/c/{token}", get(click))
-        .with_state(sidecar)
-}
+impl Sidecar {
+    /// Records the open a valid open token vouches for; `None` (nothing recorded) for an
+    /// unsigned, altered or foreign token.
+    pub fn track_open(&self, token: &str, user_agent: Option<String>, ip: IpAddr) -> Option<()> {
+        let claims = checked(self, token, 'o')?;
+        self.engagement(engagement(EngagementKind::Open, claims, user_agent, ip));
+        Some(())
+    }
 
-/// A transparent 1x1 GIF.
-const PIXEL: &[u8] = &[
-    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00,
-    0xff, 0xff, 0xff, 0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00,
-    0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x01, 0x44, 0x00, 0x3b,
-];
-
-async fn open(
-    State(sidecar): State<Arc<Sidecar>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    UrlPath(token): UrlPath<String>,
-) -> Response {
-    let Some(claims) = checked(&sidecar, &token, 'o') else {
-        return not_found();
-    };
-    sidecar.engagement(engagement(EngagementKind::Open, claims, peer, &headers));
-    (
-        [
-            (header::CONTENT_TYPE, "image/gif"),
-            (header::CACHE_CONTROL, "no-store, max-age=0"),
-        ],
-        PIXEL,
-    )
-        .into_response()
-}
-
-async fn click(
-    State(sidecar): State<Arc<Sidecar>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    UrlPath(token): UrlPath<String>,
-) -> Response {
-    let Some(claims) = checked(&sidecar, &token, 'c') else {
-        return not_found();
-    };
-    let Some(url) = claims.u.clone() else {
-        return not_found();
-    };
-    sidecar.engagement(engagement(EngagementKind::Click, claims, peer, &headers));
-    (
-        StatusCode::FOUND,
-        [
-            (header::LOCATION, url),
-            (header::CACHE_CONTROL, "no-store".to_owned()),
-        ],
-    )
-        .into_response()
+    /// Records the click a valid click token vouches for and returns its target URL (only
+    /// ever one our own rendering signed); `None` records nothing.
+    pub fn track_click(
+        &self,
+        token: &str,
+        user_agent: Option<String>,
+        ip: IpAddr,
+    ) -> Option<String> {
+        let claims = checked(self, token, 'c')?;
+        let url = claims.u.clone()?;
+        self.engagement(engagement(EngagementKind::Click, claims, user_agent, ip));
+        Some(url)
+    }
 }
 
 fn checked(sidecar: &Sidecar, token: &str, kind: char) -> Option<Claims> {
@@ -235,22 +197,12 @@ fn is_web_url(u: &str) -> bool {
     u.starts_with("https://") || u.starts_with("http://")
 }
 
-fn not_found() -> Response {
-    crate::admin::error::ApiError::new(StatusCode::NOT_FOUND, "unknown or invalid token")
-        .into_response()
-}
-
 fn engagement(
     kind: EngagementKind,
     claims: Claims,
-    peer: SocketAddr,
-    headers: &HeaderMap,
+    user_agent: Option<String>,
+    ip: IpAddr,
 ) -> Engagement {
-    let user_agent = headers
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let ip = client_ip(peer, headers);
     Engagement {
         kind,
         machine: is_machine(user_agent.as_deref(), ip),
@@ -262,21 +214,6 @@ fn engagement(
         at_ms: crate::clock::now_ms(),
         user_agent,
     }
-}
-
-/// The peer, or the first `X-Forwarded-For` address when the peer is a local proxy.
-fn client_ip(peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
-    if peer.ip().is_loopback() {
-        let forwarded = headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-            .and_then(|v| v.trim().parse().ok());
-        if let Some(ip) = forwarded {
-            return ip;
-        }
-    }
-    peer.ip()
 }
 
 /// The machine-open heuristics of the module doc.

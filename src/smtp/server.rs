@@ -9,11 +9,11 @@
 //! one snapshot of the session config when it is accepted and keeps it to the end (across
 //! STARTTLS too), so open sessions are never disturbed; new connections get the new one.
 
-use super::reply::Reply;
 use super::session::{Session, SessionConfig, SessionEnd, SessionState};
 use crate::config::ListenerMode;
-use crate::ingest::TlsInfo;
 use crate::live::Live;
+use crate::rfc5321::reply::Reply;
+use crate::tls::TlsInfo;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};

@@ -3,23 +3,26 @@
 //! The session reads into one buffer, answers every complete command in it (PIPELINING),
 //! and flushes its replies only when it would otherwise block on reading. DATA and BDAT
 //! content goes through [`DataDecoder`] / [`ContentCheck`], and a message is handed to
-//! [`Ingest`] only when complete, clean and within limits.
+//! [`Intake`] only when complete, clean and within limits.
 //!
 //! Invariants:
-//! - `250 ... queued as` is written only after [`Ingest::accept`] returned, i.e. after the
+//! - `250 ... queued as` is written only after [`Intake::accept`] returned, i.e. after the
 //!   spool's fsync.
 //! - Bytes pipelined after STARTTLS are discarded, never carried into the TLS session
 //!   (CVE-2011-0411 class command injection).
 //! - AUTH is refused on a connection without TLS; passwords never cross in clear.
 //! - Every reply but the greeting and EHLO carries an enhanced status code.
 
-use super::proto::{self, ContentCheck, ContentFlags, DataDecoder, Line};
-use super::reply::Reply;
-use crate::admin::metrics::{Intake, Metrics, Rejection};
 use crate::auth::Credentials;
 use crate::config::Limits;
-use crate::ingest::{Ingest, Submission, TlsInfo};
+use crate::feedback::Feedback;
+use crate::intake::Intake;
+use crate::message::{same_address, Submission};
 use crate::policy::{self, Policy};
+use crate::rfc5321::proto::{self, ContentCheck, ContentFlags, DataDecoder, Line};
+use crate::rfc5321::reply::Reply;
+use crate::telemetry::{Metrics, Protocol, Rejection};
+use crate::tls::TlsInfo;
 use base64::Engine;
 use smtp_proto::{Error as ParseError, Request};
 use std::borrow::Cow;
@@ -40,7 +43,10 @@ pub struct SessionConfig {
     pub credentials: Option<Arc<Credentials>>,
     /// Whether STARTTLS can be offered (a TLS acceptor exists).
     pub starttls: bool,
-    pub ingest: Ingest,
+    /// Where finished transactions go.
+    pub intake: Intake,
+    /// Bounce domains (RCPT from anyone) and the suppression list.
+    pub feedback: Feedback,
     pub metrics: Arc<Metrics>,
 }
 
@@ -453,7 +459,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .any(|r| same_address(&r.address, &to.address));
         if !duplicate {
             // Bounce domains take mail from anyone: that is where bounces come back.
-            let feedback = self.config.ingest.feedback();
+            let feedback = &self.config.feedback;
             let relay_ok = authenticated || feedback.is_bounce_address(&to.address);
             if let Err(reply) = self
                 .config
@@ -632,10 +638,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             sidecar: None,
             pool: None,
         };
-        match self.config.ingest.accept(submission).await {
+        match self.config.intake.accept(submission).await {
             Ok(id) => {
                 info!(%id, peer = %self.state.peer, size, rcpts = rcpt_count, "queued");
-                self.config.metrics.message_received(Intake::Smtp);
+                self.config.metrics.message_received(Protocol::Smtp);
                 self.reply(250, "2.0.0", format!("Ok: queued as {id}"));
             }
             Err(err) => {
@@ -910,14 +916,6 @@ enum ReadOutcome {
     Shutdown,
 }
 
-/// Local parts are compared exactly, domains case-insensitively (RFC 5321 2.4).
-pub(crate) fn same_address(a: &str, b: &str) -> bool {
-    match (a.rsplit_once('@'), b.rsplit_once('@')) {
-        (Some((la, da)), Some((lb, db))) => la == lb && da.eq_ignore_ascii_case(db),
-        _ => a == b,
-    }
-}
-
 /// Printable US-ASCII (RFC 3461 xtext decodes to this), so no CR, LF or other control.
 fn is_printable(text: &str) -> bool {
     text.bytes().all(|b| (b' '..=b'~').contains(&b))
@@ -960,11 +958,5 @@ mod tests {
         assert_eq!(decode_plain(&b64(b"other\0app\0secret")), None);
         assert_eq!(decode_plain(&b64(b"appsecret")), None);
         assert_eq!(decode_plain("!!!"), None);
-    }
-
-    #[test]
-    fn address_comparison() {
-        assert!(same_address("a@X.test", "a@x.TEST"));
-        assert!(!same_address("A@x.test", "a@x.test"));
     }
 }

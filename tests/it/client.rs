@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use rustls::RootCertStore;
 use tern::config::{SmtpTimeouts, TlsPolicy};
 use tern::delivery::client::{
-    connect, load_roots, AttemptError, BrokenTls, ClientSettings, Connection, OutboundMessage,
-    Phase, RcptResult, Target,
+    connect, AttemptError, BrokenTls, ClientSettings, Connection, OutboundMessage, Phase,
+    RcptResult, Target,
 };
 use tern::delivery::pool::Pool;
+use tern::tls::load_roots;
 use tern_queue::{BodyType, Notify, Recipient, Ret};
 use tokio_util::sync::CancellationToken;
 

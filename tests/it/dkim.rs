@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use tern::config::{DkimConfig, DEFAULT_DKIM_HEADERS, DEFAULT_DKIM_OVERSIGN};
-use tern::delivery::dkim::DkimSigners;
+use tern::dkim::DkimSigners;
 
 /// Verifies the first DKIM signature of the message in file argv[2] with dkimpy, answering
 /// the key lookup from the zone line in argv[1] (its quoted strings concatenated, as DNS

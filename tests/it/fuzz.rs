@@ -8,13 +8,23 @@ use rand::{Rng, SeedableRng};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tern::admin::metrics::Metrics;
 use tern::auth::Credentials;
 use tern::config::Config;
-use tern::ingest::{Ingest, TlsInfo};
+use tern::dkim::DkimSigners;
+use tern::enqueue::Enqueue;
+use tern::events::Events;
+use tern::feedback::Feedback;
+use tern::intake::Intake;
+use tern::maillog::DeliveryLog;
+use tern::message::Stage;
 use tern::policy::Policy;
-use tern::smtp::proto::{ContentCheck, DataDecoder};
+use tern::rfc5321::proto::{ContentCheck, DataDecoder};
+use tern::sendtime::SendTime;
+use tern::shaping::pools::Pools;
 use tern::smtp::session::{Session, SessionConfig};
+use tern::suppression::Suppressions;
+use tern::telemetry::Metrics;
+use tern::tls::TlsInfo;
 use tern_queue::Spool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -239,15 +249,42 @@ max_errors = 20
         cheap_hash()
     );
     let config = Config::parse(&text).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let (intake, feedback) = intake(spool, &config, &metrics);
     Arc::new(SessionConfig {
         hostname: HOST.to_string(),
         limits: config.limits,
         policy: Policy::from_config(&config),
         credentials: Some(Arc::new(Credentials::from_config(&config.auth))),
         starttls: false,
-        ingest: Ingest::new(spool, HOST.to_string(), config.spool.max_age),
-        metrics: Arc::new(Metrics::new()),
+        intake,
+        feedback,
+        metrics,
     })
+}
+
+/// The enqueue path the daemon builds, from real parts on `spool`, with no DKIM keys, no
+/// bounce domains, no webhooks and the send-time stage as the only pre-enqueue stage;
+/// committed mail is announced on a channel nobody reads.
+fn intake(spool: Spool, config: &Config, metrics: &Arc<Metrics>) -> (Intake, Feedback) {
+    let suppressions =
+        Suppressions::new(spool.clone(), config.suppression.clone(), metrics.clone());
+    let events = Events::new(spool.clone(), 0, DeliveryLog::disabled(), metrics.clone());
+    let feedback = Feedback::new(suppressions.clone(), events, Vec::new(), metrics.clone());
+    let send_time = SendTime::new(spool.clone(), config.sendtime.clone(), suppressions);
+    let (scheduler, _) = tokio::sync::mpsc::unbounded_channel();
+    let enqueue = Enqueue::new(
+        spool,
+        HOST.to_string(),
+        config.spool.max_age,
+        DkimSigners::none(),
+        Arc::new(Pools::new(&config.pools, &config.routes)),
+        feedback.clone(),
+        scheduler,
+        Arc::new(send_time.clone()),
+    );
+    let stages: Vec<Arc<dyn Stage>> = vec![Arc::new(send_time)];
+    (Intake::new(stages, enqueue), feedback)
 }
 
 /// Runs one session over a duplex pipe: writes `input` in `chunks`, closes the write half,

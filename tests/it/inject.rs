@@ -11,7 +11,7 @@ use std::time::Duration;
 use mail_parser::{MessageParser, MimeHeaders};
 use serde_json::{json, Value};
 use tern::admin::client::ApiClient;
-use tern::delivery::dkim::{generate_key, KeyAlgorithm};
+use tern::dkim::{generate_key, KeyAlgorithm};
 use tern_queue::{MessageId, Spool};
 
 use crate::delivery::{relay, wait_spool_empty, SENDER, T};

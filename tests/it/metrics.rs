@@ -167,8 +167,7 @@ async fn metrics_count_what_happened() {
 async fn queue_depth_dkim_group_commit_and_syntax_metrics() {
     let keys = tempfile::tempdir().unwrap();
     let key = keys.path().join("example.com.pem");
-    let generated =
-        tern::delivery::dkim::generate_key(tern::delivery::dkim::KeyAlgorithm::Ed25519).unwrap();
+    let generated = tern::dkim::generate_key(tern::dkim::KeyAlgorithm::Ed25519).unwrap();
     std::fs::write(&key, generated.private_key_pem).unwrap();
     // One connection to the sink, each message held 2 s in DATA: the rest wait in memory.
     let r = relay(

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use tern::delivery::dkim::{generate_key, KeyAlgorithm};
+use tern::dkim::{generate_key, KeyAlgorithm};
 
 use crate::delivery::{relay, wait_for, SENDER, T};
 use crate::harness::*;

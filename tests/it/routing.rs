@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use hickory_resolver::proto::rr::RecordType;
 use tern::config::{RouteAuth, RouteConfig, TlsPolicy};
-use tern::delivery::dns::HickoryResolver;
-use tern::delivery::route::{Hop, RouteError, RoutePlan, Router};
+use tern::routing::dns::HickoryResolver;
+use tern::routing::route::{Hop, RouteError, RoutePlan, Router};
 
 use crate::dns_server::{DnsServer, Zone};
 

@@ -4,7 +4,7 @@
 //! and `orcpt`) and the message, either raw (`raw`, or `raw_base64` for 8-bit bodies) or
 //! structured (`message`, built by [`compose`]). It is checked with the policy of an
 //! authenticated SMTP submission (`limits.max_message_size`, `limits.max_recipients`, address
-//! syntax, no bare CR or NUL) and handed to the same [`Ingest`](crate::ingest::Ingest) as SMTP
+//! syntax, no bare CR or NUL) and handed to the same [`Intake`](crate::intake::Intake) as SMTP
 //! mail: Received header, Date/Message-ID when missing, DKIM, split by domain, one durable
 //! commit, scheduler.
 //!
@@ -20,12 +20,11 @@ pub(crate) mod address;
 pub mod compose;
 
 use super::error::ApiError;
-use super::metrics::{Intake, Rejection};
 use super::AdminState;
 use crate::config::Limits;
-use crate::ingest::Submission;
-use crate::smtp::proto::ContentCheck;
-use crate::smtp::session::same_address;
+use crate::message::{same_address, CampaignReport, CampaignRequest, Submission};
+use crate::rfc5321::proto::ContentCheck;
+use crate::telemetry::{Protocol, Rejection};
 use address::check_mailbox;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
@@ -66,7 +65,7 @@ struct InjectRequest {
     message: Option<compose::Structured>,
     /// A campaign, send time and template data for the sidecar stage.
     #[serde(default)]
-    sidecar: Option<crate::sidecar::Request>,
+    sidecar: Option<CampaignRequest>,
     /// A configured source-IP pool (`[[pools]]`); wins over `X-Tern-Pool` and the sender
     /// domain.
     #[serde(default)]
@@ -84,7 +83,7 @@ struct Injected {
     recipients: usize,
     /// Per recipient, what the sidecar did (campaign, variant, content source, reason).
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    sidecar: Vec<crate::sidecar::Report>,
+    sidecar: Vec<CampaignReport>,
 }
 
 /// Largest request body read: the message may grow by a third as base64 and more as JSON
@@ -124,10 +123,10 @@ async fn inject(
     let submission = submission(&state, &limits, request, peer)?;
     let size = submission.content.len();
     let recipients = submission.recipients.len();
-    match state.ingest.accept_report(submission).await {
-        Ok(crate::ingest::Accepted { ids, sidecar }) => {
+    match state.intake.accept_report(submission).await {
+        Ok(crate::enqueue::Accepted { ids, sidecar }) => {
             info!(id = %ids[0], %peer, size, rcpts = recipients, "queued (http)");
-            state.metrics.message_received(Intake::Http);
+            state.metrics.message_received(Protocol::Http);
             Ok(Json(Injected {
                 id: ids[0],
                 ids,
@@ -152,9 +151,9 @@ fn too_large(max_size: u64) -> ApiError {
     )
 }
 
-/// Checks the request against the submission policy and builds what [`Ingest`] takes.
+/// Checks the request against the submission policy and builds what [`Intake`] takes.
 ///
-/// [`Ingest`]: crate::ingest::Ingest
+/// [`Intake`]: crate::intake::Intake
 fn submission(
     state: &AdminState,
     limits: &Limits,
@@ -207,9 +206,7 @@ fn submission(
     // drops them.
     let refused: Vec<String> = recipients
         .iter()
-        .filter(|r| {
-            crate::policy::suppressed(state.ingest.feedback(), &r.address, "http").is_some()
-        })
+        .filter(|r| crate::policy::suppressed(&state.feedback, &r.address, "http").is_some())
         .map(|r| r.address.clone())
         .collect();
     if !refused.is_empty() {
@@ -234,7 +231,7 @@ fn submission(
         }
         (None, None, Some(message)) => (
             "message",
-            compose::build(message, &request.from, state.ingest.hostname())
+            compose::build(message, &request.from, &state.hostname)
                 .map_err(ApiError::bad_request)?,
         ),
         (None, None, None) => {
@@ -296,11 +293,8 @@ fn submission(
 }
 
 /// A named campaign must exist and a send time must parse: refused before anything is queued.
-fn check_sidecar(state: &AdminState, request: &crate::sidecar::Request) -> Result<(), ApiError> {
-    let stage = state
-        .ingest
-        .sidecar()
-        .ok_or_else(|| ApiError::bad_request("sidecar: the sidecar stage is not running"))?;
+fn check_sidecar(state: &AdminState, request: &CampaignRequest) -> Result<(), ApiError> {
+    let stage = &state.sidecar;
     if let Some(name) = &request.campaign {
         if !stage.has_campaign(name) {
             return Err(ApiError::bad_request(format!(

@@ -1,8 +1,6 @@
-//! The `X-Tern-Send-Time` control header, read and removed at ingest.
-//!
-//! INTERIM HOOK (issue 7 part B): until the sidecar stage parses control headers for every
-//! sidecar option, ingest calls [`take_send_time_header`] itself. The header never leaves
-//! tern: it is removed before DKIM signing and delivery whatever its value.
+//! The `X-Tern-Send-Time` control header, read and removed by the send-time stage when the
+//! sidecar did not already take it. The header never leaves tern: it is removed before DKIM
+//! signing and delivery whatever its value.
 
 /// Removes every `X-Tern-Send-Time` header (with its folded lines) from the header block of
 /// `content` and says whether one asked for `optimize`.

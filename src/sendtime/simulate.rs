@@ -27,8 +27,9 @@ use std::fmt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::model::{choose, Priors, Window};
+use super::model::{choose, Priors};
 use super::profile::{hour_of_week, Profile, HORIZON_H, SLOTS};
+use crate::message::SendWindow;
 
 const HOUR_MS: u64 = 3_600_000;
 const DAY_MS: u64 = 24 * HOUR_MS;
@@ -382,7 +383,7 @@ pub fn run(seed: u64, users: usize) -> Report {
         })
         .collect();
     let priors = Priors::fit(profiles.iter());
-    let window = Window {
+    let window = SendWindow {
         len_ms: WINDOW_H as u64 * HOUR_MS,
         quiet: None,
     };

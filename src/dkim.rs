@@ -38,8 +38,8 @@ use mail_parser::parsers::MessageStream;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::PrivateKeyDer;
 
-use crate::admin::metrics::Metrics;
 use crate::config::{ConfigErrors, DkimConfig};
+use crate::telemetry::Metrics;
 
 /// Smallest RSA key accepted: RFC 8301 3.2 forbids signing with less.
 const RSA_MIN_BITS: usize = 2048;

@@ -29,9 +29,11 @@ use rand::Rng;
 use tern_queue::{Spool, SpoolError};
 
 pub use crate::config::SendTimeConfig;
+use crate::enqueue::SendPlanner;
 use crate::live::Live;
+use crate::message::{Prepared, SendAt, SendWindow, Stage, StageFuture};
 use crate::suppression::{Entry, Suppressions, SUNSET_REASON};
-use model::{choose, Priors, Window};
+use model::{choose, Priors};
 use profile::{Arm, Profile};
 
 const META_PREFIX: &str = "sendtime/";
@@ -203,9 +205,9 @@ impl SendTime {
     }
 
     /// The window of `[sendtime]`: `window` long, minus `quiet_hours`.
-    pub fn default_window(&self) -> Window {
+    pub fn default_window(&self) -> SendWindow {
         let config = self.config();
-        Window {
+        SendWindow {
             len_ms: config.window.as_millis() as u64,
             quiet: config.quiet_hours,
         }
@@ -217,7 +219,7 @@ impl SendTime {
         &self,
         address: &str,
         now_ms: u64,
-        window: Window,
+        window: SendWindow,
     ) -> Result<(u64, Reason), SpoolError> {
         let config = self.config();
         let profile = self.profile(address)?.unwrap_or_default();
@@ -371,6 +373,48 @@ impl SendTime {
             })
             .take(limit)
             .collect())
+    }
+}
+
+/// The send-time stage, after the sidecar: a message the sidecar prepared keeps the send time
+/// it parsed (with its campaign's quiet hours, or `sendtime.quiet_hours` without a campaign);
+/// any other has its `X-Tern-Send-Time` header taken out here and, for `optimize`, gets the
+/// configured default window. [`crate::enqueue`] then plans each recipient in the window.
+impl Stage for SendTime {
+    fn apply(&self, mut message: Prepared) -> StageFuture<'_> {
+        message.window = match message.send_at {
+            Some(SendAt::Now) => None,
+            Some(SendAt::Optimize {
+                window,
+                quiet_hours,
+            }) => Some(SendWindow {
+                len_ms: window.as_millis() as u64,
+                quiet: if message.report.is_some() {
+                    quiet_hours
+                } else {
+                    self.default_window().quiet
+                },
+            }),
+            None => hook::take_send_time_header(&mut message.submission.content)
+                .then(|| self.default_window()),
+        };
+        Box::pin(std::future::ready(vec![message]))
+    }
+}
+
+impl SendPlanner for SendTime {
+    fn plan<'a>(
+        &'a self,
+        address: &'a str,
+        now_ms: u64,
+        window: SendWindow,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, String>> + Send + 'a>> {
+        Box::pin(async move {
+            SendTime::plan(self, address, now_ms, window)
+                .await
+                .map(|(at, _)| at)
+                .map_err(|e| e.to_string())
+        })
     }
 }
 

@@ -28,6 +28,7 @@
 //! jitter and the control share are applied by the caller.
 
 use super::profile::{hour_of_week, visibility, Profile, HORIZON_H, SLOTS};
+use crate::message::SendWindow;
 
 const HOUR_MS: u64 = 3_600_000;
 /// Segments for k-means (fewer when there are few recipients with history: at least 20
@@ -267,14 +268,6 @@ pub fn send_value(activity: &Shape, t_ms: u64, offset_min: i32) -> f64 {
         .sum()
 }
 
-/// Where and when a send may go: `[now, now + window)`, never starting in a quiet hour
-/// (local hour of day `from..to`, wrapping past midnight when `from > to`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Window {
-    pub len_ms: u64,
-    pub quiet: Option<(u8, u8)>,
-}
-
 fn quiet_at(quiet: Option<(u8, u8)>, t_ms: u64, offset_min: i32) -> bool {
     let Some((from, to)) = quiet else {
         return false;
@@ -289,7 +282,7 @@ fn quiet_at(quiet: Option<(u8, u8)>, t_ms: u64, offset_min: i32) -> bool {
 
 /// The best start inside the window: now or a whole hour after it (the caller adds the
 /// minute jitter). Ties keep the earlier time; if every candidate is quiet, now.
-pub fn best_start(activity: &Shape, offset_min: i32, now_ms: u64, window: Window) -> u64 {
+pub fn best_start(activity: &Shape, offset_min: i32, now_ms: u64, window: SendWindow) -> u64 {
     let first_hour = now_ms.div_ceil(HOUR_MS) * HOUR_MS;
     let candidates = std::iter::once(now_ms).chain(
         (0..)
@@ -312,7 +305,7 @@ pub fn best_start(activity: &Shape, offset_min: i32, now_ms: u64, window: Window
 /// The send time for `p` inside `window` from `now_ms`, or `None` (send now) when there is
 /// nothing to choose by: no time zone and no history. Without a zone but with history the
 /// profile's slots are UTC hours, so its own data still places the send.
-pub fn choose(priors: &Priors, p: &Profile, now_ms: u64, window: Window) -> Option<u64> {
+pub fn choose(priors: &Priors, p: &Profile, now_ms: u64, window: SendWindow) -> Option<u64> {
     let offset = match p.tz_offset_min {
         Some(offset) => offset,
         None if p.has_history() => 0,
@@ -396,14 +389,14 @@ mod tests {
         let a = priors.activity(&profiles[0]);
         // Monday 08:00 of a later week, a 24 h window.
         let now = MONDAY_MS + 20 * 7 * 86_400_000 + 8 * HOUR_MS;
-        let window = Window {
+        let window = SendWindow {
             len_ms: 24 * HOUR_MS,
             quiet: None,
         };
         let t = best_start(&a, 0, now, window);
         assert_eq!((t - now) / HOUR_MS, 12, "sent at 20:00, not at 08:00");
         // Quiet 19-21 local: the best allowed start is before it.
-        let quiet = Window {
+        let quiet = SendWindow {
             quiet: Some((19, 21)),
             ..window
         };
@@ -423,7 +416,7 @@ mod tests {
         let profiles: Vec<Profile> = (0..50).map(|_| evening_reader(10)).collect();
         let priors = Priors::fit(profiles.iter());
         let now = MONDAY_MS + 8 * HOUR_MS;
-        let window = Window {
+        let window = SendWindow {
             len_ms: 24 * HOUR_MS,
             quiet: None,
         };

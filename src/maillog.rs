@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::bounce::classify::Category;
+use crate::taxonomy::Category;
 use serde::{Serialize, Serializer};
 use tern_queue::MessageId;
 use tokio::sync::{mpsc, oneshot};
@@ -46,6 +46,21 @@ pub enum AttemptOutcome {
     Complaint,
     /// Refused or dropped because the recipient is on the suppression list; not an attempt.
     Suppressed,
+}
+
+impl From<AttemptOutcome> for crate::telemetry::Outcome {
+    fn from(outcome: AttemptOutcome) -> Self {
+        use crate::telemetry::Outcome;
+        match outcome {
+            AttemptOutcome::Delivered => Outcome::Delivered,
+            AttemptOutcome::Deferred => Outcome::Deferred,
+            AttemptOutcome::Bounced => Outcome::Bounced,
+            AttemptOutcome::Expired => Outcome::Expired,
+            AttemptOutcome::Deleted => Outcome::Deleted,
+            AttemptOutcome::Complaint => Outcome::Complaint,
+            AttemptOutcome::Suppressed => Outcome::Suppressed,
+        }
+    }
 }
 
 /// One log line. Absent values are written as `null`, so every line has every key.

@@ -21,11 +21,10 @@
 //! The set of static routes is replaced by a config reload ([`Metrics::set_routes`]); label
 //! values of routes that are gone stay in the output with their last values (a Prometheus
 //! counter must never vanish and come back), and new routes get label values from then on.
+//!
+//! Floor 0: this module imports nothing of the crate. Its label values are its own enums
+//! ([`Outcome`], [`DsnAction`], ...); domain types convert into them at the call site.
 
-use crate::config::RouteConfig;
-use crate::delivery::log::AttemptOutcome;
-use crate::live::Live;
-use crate::outcome::dsn::Action;
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -87,41 +86,80 @@ impl Rejection {
 
 /// How a message came in: the `protocol` label of `tern_messages_received_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Intake {
+pub enum Protocol {
     /// SMTP or ESMTP, with or without TLS and AUTH.
     Smtp,
     /// `POST /api/v1/inject` on the admin API.
     Http,
 }
 
-impl Intake {
-    pub const ALL: [Intake; 2] = [Intake::Smtp, Intake::Http];
+impl Protocol {
+    pub const ALL: [Protocol; 2] = [Protocol::Smtp, Protocol::Http];
 
     pub fn as_str(self) -> &'static str {
         match self {
-            Intake::Smtp => "smtp",
-            Intake::Http => "http",
+            Protocol::Smtp => "smtp",
+            Protocol::Http => "http",
         }
     }
 }
 
-fn outcome_label(outcome: AttemptOutcome) -> &'static str {
+/// What became of a recipient, as the `outcome` label of `tern_deliveries_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    Deferred,
+    Bounced,
+    Expired,
+    Deleted,
+    Complaint,
+    Suppressed,
+}
+
+fn outcome_label(outcome: Outcome) -> &'static str {
     match outcome {
-        AttemptOutcome::Delivered => "delivered",
-        AttemptOutcome::Deferred => "deferred",
-        AttemptOutcome::Bounced => "bounced",
-        AttemptOutcome::Expired => "expired",
-        AttemptOutcome::Deleted => "deleted",
-        AttemptOutcome::Complaint => "complaint",
-        AttemptOutcome::Suppressed => "suppressed",
+        Outcome::Delivered => "delivered",
+        Outcome::Deferred => "deferred",
+        Outcome::Bounced => "bounced",
+        Outcome::Expired => "expired",
+        Outcome::Deleted => "deleted",
+        Outcome::Complaint => "complaint",
+        Outcome::Suppressed => "suppressed",
     }
 }
 
-fn action_label(action: Action) -> &'static str {
+/// The action of a sent DSN (RFC 3464 `Action:`), as a label value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DsnAction {
+    Failed,
+    Delayed,
+    Delivered,
+}
+
+fn action_label(action: DsnAction) -> &'static str {
     match action {
-        Action::Failed => "failed",
-        Action::Delayed => "delayed",
-        Action::Delivered => "delivered",
+        DsnAction::Failed => "failed",
+        DsnAction::Delayed => "delayed",
+        DsnAction::Delivered => "delivered",
+    }
+}
+
+/// The static route keys a reload replaces; readers take one snapshot per use.
+struct RouteKeys(std::sync::RwLock<Arc<HashSet<String>>>);
+
+impl RouteKeys {
+    fn get(&self) -> Arc<HashSet<String>> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set(&self, keys: HashSet<String>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
     }
 }
 
@@ -144,7 +182,7 @@ impl ReloadResult {
 pub struct Metrics {
     registry: Registry,
     /// Static route keys (`route:<domain>`): the only destinations used as label values.
-    routes: Live<HashSet<String>>,
+    routes: RouteKeys,
 
     smtp_connections: IntCounter,
     smtp_connections_rejected: IntCounter,
@@ -293,7 +331,7 @@ impl Metrics {
             h
         };
         let metrics = Metrics {
-            routes: Live::new(HashSet::new()),
+            routes: RouteKeys(std::sync::RwLock::new(Arc::new(HashSet::new()))),
             smtp_connections: counter(
                 "tern_smtp_connections_total",
                 "Inbound SMTP connections accepted by a listener, including those refused at the limit.",
@@ -490,12 +528,12 @@ impl Metrics {
                 .messages_rejected
                 .with_label_values(&[reason.as_str()]);
         }
-        for intake in Intake::ALL {
+        for intake in Protocol::ALL {
             metrics
                 .messages_received
                 .with_label_values(&[intake.as_str()]);
         }
-        for action in [Action::Failed, Action::Delayed, Action::Delivered] {
+        for action in [DsnAction::Failed, DsnAction::Delayed, DsnAction::Delivered] {
             metrics.dsns_sent.with_label_values(&[action_label(action)]);
         }
         for action in [SuppressedAction::Reject, SuppressedAction::Drop] {
@@ -567,17 +605,18 @@ impl Metrics {
     }
 
     /// Makes the static routes' keys (`route:<domain>`) usable as destination labels.
-    pub fn with_routes(self, routes: &[RouteConfig]) -> Metrics {
-        self.set_routes(routes);
+    pub fn with_routes<'a>(self, route_domains: impl IntoIterator<Item = &'a str>) -> Metrics {
+        self.set_routes(route_domains);
         self
     }
 
-    /// Replaces the set of destination label values (config reload).
-    pub fn set_routes(&self, routes: &[RouteConfig]) {
+    /// Replaces the set of destination label values (config reload): the domains of the
+    /// static routes.
+    pub fn set_routes<'a>(&self, route_domains: impl IntoIterator<Item = &'a str>) {
         self.routes.set(
-            routes
-                .iter()
-                .map(|r| format!("route:{}", r.domain))
+            route_domains
+                .into_iter()
+                .map(|domain| format!("route:{domain}"))
                 .collect(),
         );
     }
@@ -646,7 +685,7 @@ impl Metrics {
         SessionGuard(self.smtp_sessions.clone())
     }
 
-    pub fn message_received(&self, intake: Intake) {
+    pub fn message_received(&self, intake: Protocol) {
         self.messages_received
             .with_label_values(&[intake.as_str()])
             .inc();
@@ -673,7 +712,7 @@ impl Metrics {
     }
 
     /// One recipient's result; `destination` is the plan's destination key.
-    pub fn delivery(&self, destination: &str, outcome: AttemptOutcome) {
+    pub fn delivery(&self, destination: &str, outcome: Outcome) {
         let routes = self.routes.get();
         let destination = self.destination(&routes, destination);
         self.deliveries
@@ -755,14 +794,14 @@ impl Metrics {
         }
     }
 
-    pub fn dsn_sent(&self, action: Action) {
+    pub fn dsn_sent(&self, action: DsnAction) {
         self.dsns_sent
             .with_label_values(&[action_label(action)])
             .inc();
     }
 
     /// The text exposition format, with the spool's figures and the ready-queue depths
-    /// (`(destination key, depth)`, as [`crate::scheduler::Scheduler::queue_depths`] gives
+    /// (`(destination key, depth)`, as the scheduler gives
     /// them) read now. Every static route and "other" is exported, at 0 when it has no mail.
     pub fn render(&self, spool: &Spool, depths: &[(String, usize)]) -> String {
         // Held until encoded: another scrape's reset must not show up in this one.
@@ -836,13 +875,13 @@ mod tests {
     fn the_grafana_dashboard_uses_only_exported_metrics() {
         // Vectors without children are not in a gather, so the names come from the
         // definitions in this file.
-        let source = include_str!("metrics.rs");
+        let source = include_str!("telemetry.rs");
         let families: HashSet<&str> = source
             .match_indices("\"tern_")
             .filter_map(|(i, _)| source[i + 1..].split('"').next())
             .filter(|name| name.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
             .collect();
-        let dashboard = include_str!("../../contrib/grafana/tern-dashboard.json");
+        let dashboard = include_str!("../contrib/grafana/tern-dashboard.json");
         let mut used = 0;
         for (i, _) in dashboard.match_indices("tern_") {
             let name: String = dashboard[i..]
@@ -867,15 +906,10 @@ mod tests {
 
     #[test]
     fn destinations_are_bounded() {
-        let config = crate::config::Config::parse(
-            "[[listeners]]\naddress = \"127.0.0.1:2525\"\n\n\
-             [[routes]]\ndomain = \"sink.test\"\nhosts = [\"127.0.0.1:25\"]\n",
-        )
-        .unwrap();
-        let metrics = Metrics::new().with_routes(&config.routes);
-        metrics.delivery("route:sink.test", AttemptOutcome::Delivered);
-        metrics.delivery("mx:a.test,b.test", AttemptOutcome::Deferred);
-        metrics.delivery("mx:c.test", AttemptOutcome::Deferred);
+        let metrics = Metrics::new().with_routes(["sink.test"]);
+        metrics.delivery("route:sink.test", Outcome::Delivered);
+        metrics.delivery("mx:a.test,b.test", Outcome::Deferred);
+        metrics.delivery("mx:c.test", Outcome::Deferred);
         let text = metrics.encode();
         assert!(text.contains(
             "tern_deliveries_total{destination=\"route:sink.test\",outcome=\"delivered\"} 1\n"

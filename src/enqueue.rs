@@ -1,91 +1,68 @@
-//! The "cleanup" stage between a finished SMTP transaction and the spool.
+//! Enqueue, the "cleanup" stage (floor 4): everything between a message the pre-enqueue
+//! stages have finished with and the spool. Every path into the queue ends here: SMTP and
+//! HTTP submissions (through [`crate::intake`]) and the DSNs the settler writes (as Postfix's
+//! bounce goes through cleanup).
 //!
-//! A message with `X-Tern-*` control headers or a sidecar request first goes through the
-//! [`sidecar`] stage (one submission per recipient comes back); others skip it. Then it prepends the Received trace header, adds Date and Message-ID to authenticated
+//! It prepends the Received trace header, adds Date and Message-ID to authenticated
 //! submissions that lack them, splits the recipients by destination domain (one envelope per
 //! destination, so exactly one delivery worker ever owns an envelope), and commits all parts
-//! in one atomic, fsync'd spool write. [`Ingest::accept`] returns only once the message is
+//! in one atomic, fsync'd spool write. [`Enqueue::commit`] returns only once the message is
 //! durable: that is what allows the session to say 250. Messages whose From domain has DKIM
 //! keys are signed here, once, so retries never sign again. Committed parts are handed to the
-//! scheduler. The `X-Tern-Pool` control header is removed before signing, and the source-IP
-//! pool (that header's or the sender domain's) is recorded in each envelope.
+//! scheduler. The source-IP pool (the request's, the `X-Tern-Pool` header's or the sender
+//! domain's, [`Enqueue::choose_pool`]) is recorded in each envelope.
 //!
 //! Recipients at a bounce domain are not delivered: they are committed, in the same batch,
-//! as one inbound record for the bounce processor (`crate::inbound`). With
+//! as one inbound record for the bounce processor ([`crate::feedback`]). With
 //! `suppression.mode = "drop"`, suppressed recipients are taken out here (a `suppressed`
 //! event each); a message left without recipients is committed as nothing at all but still
 //! gets its queue id.
 //!
-//! Mail carrying `X-Tern-Send-Time: optimize` (the header is always removed) is split one part
-//! per recipient, each with the `not_before` the send-time model chose inside the window (the
-//! campaign's `send_window` and `quiet_hours` when a campaign applied, else the header's
-//! window and `[sendtime]`); the scheduler does not attempt a part before it.
+//! A message with a send window (set by the send-time stage) is split one part per
+//! recipient, each with the `not_before` the [`SendPlanner`] chose inside the window; the
+//! scheduler does not attempt a part before it.
+//!
+//! Every collaborator is a required constructor argument: there is no partly wired enqueue.
 
-use crate::admin::metrics::SuppressedAction;
-use crate::config::{SuppressionConfig, SuppressionMode};
-use crate::delivery::dkim::DkimSigners;
-use crate::delivery::log::DeliveryLog;
-use crate::events::{Event, Events, Kind as EventKind};
-use crate::inbound::{encode_record, Feedback, InboundHead};
+use crate::config::SuppressionMode;
+use crate::dkim::DkimSigners;
+use crate::events::{Event, Kind as EventKind};
+use crate::feedback::{encode_record, Feedback, InboundHead};
 use crate::live::Live;
-use crate::scheduler::NewMessage;
+use crate::message::{rfc5322_date, CampaignReport, Prepared, SendWindow, Submission};
 use crate::shaping::pools::{strip_pool_header, Pools};
-use crate::sidecar::sendtime::model::Window;
-use crate::sidecar::sendtime::SendTime as SendTimeModel;
-use crate::sidecar::{self, SendTime, Sidecar};
-use crate::suppression::Suppressions;
+use crate::telemetry::SuppressedAction;
+use crate::tls::TlsInfo;
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tern_queue::{BodyType, Envelope, MessageId, Recipient, Ret, Source, Spool, SpoolError};
+use tern_queue::{Envelope, MessageId, Recipient, Source, Spool, SpoolError};
 use tokio::sync::mpsc;
 use tracing::warn;
 
-/// TLS parameters of a connection, for Received headers and the delivery log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsInfo {
-    pub version: String,
-    pub cipher: String,
-}
-
-impl TlsInfo {
-    /// The negotiated version (e.g. `TLSv1.3`) and cipher suite of an inbound or outbound
-    /// rustls connection.
-    pub fn of<D>(conn: &rustls::ConnectionCommon<D>) -> TlsInfo {
-        TlsInfo {
-            version: conn
-                .protocol_version()
-                .and_then(|v| v.as_str())
-                .unwrap_or("TLS")
-                .replace('_', "."),
-            cipher: conn
-                .negotiated_cipher_suite()
-                .and_then(|c| c.suite().as_str())
-                .unwrap_or("unknown")
-                .to_string(),
-        }
-    }
-}
-
-/// One accepted SMTP transaction or HTTP injection, ready for the spool.
+/// A message that was just committed: its id, recipient domain and first due time.
 #[derive(Debug, Clone)]
-pub struct Submission {
-    /// Reverse-path; empty for the null sender.
-    pub sender: String,
-    pub recipients: Vec<Recipient>,
-    pub env_id: Option<String>,
-    pub ret: Option<Ret>,
-    pub body_type: BodyType,
-    pub smtputf8: bool,
-    pub source: Source,
-    pub tls: Option<TlsInfo>,
-    /// The message as received: headers and body, CRLF line ends, no dot-stuffing.
-    pub content: Vec<u8>,
-    /// The sidecar request of an HTTP injection (SMTP asks with `X-Tern-*` headers).
-    pub sidecar: Option<crate::sidecar::Request>,
-    /// The source-IP pool an HTTP injection asked for (checked against the configured pools
-    /// by the API); it wins over `X-Tern-Pool` and the sender domain.
+pub struct NewMessage {
+    pub id: MessageId,
+    pub domain: String,
+    /// The source-IP pool recorded at ingest, if any.
     pub pool: Option<String>,
+    /// Its `next_due_ms`: later than now when it is held until a `not_before` time.
+    pub due_ms: u64,
+}
+
+/// Chooses each recipient's send time inside a window (the send-time model implements it).
+pub trait SendPlanner: Send + Sync {
+    /// The send time (Unix ms) for `address`, for mail accepted at `now_ms`; an error sends at
+    /// once.
+    fn plan<'a>(
+        &'a self,
+        address: &'a str,
+        now_ms: u64,
+        window: SendWindow,
+    ) -> Pin<Box<dyn Future<Output = Result<u64, String>> + Send + 'a>>;
 }
 
 /// What one acceptance commits: the parts of every submission the sidecar made of it, in one
@@ -99,161 +76,103 @@ struct Batch {
     dropped: Vec<(String, String, &'static str)>,
 }
 
-/// What [`Ingest::accept_report`] committed.
+/// What [`Enqueue::commit`] committed.
 #[derive(Debug)]
 pub struct Accepted {
     /// One id per spool part; the first is the queue id.
     pub ids: Vec<MessageId>,
     /// Per recipient, what the sidecar did (empty when the message took the plain path).
-    pub sidecar: Vec<crate::sidecar::Report>,
+    pub sidecar: Vec<CampaignReport>,
 }
 
 #[derive(Clone)]
-pub struct Ingest {
+pub struct Enqueue {
     spool: Spool,
     hostname: String,
     max_age: Duration,
     /// Shared by every clone, so a config reload (key rotation) reaches them all.
     dkim: Arc<Live<DkimSigners>>,
-    scheduler: Option<mpsc::UnboundedSender<Vec<NewMessage>>>,
-    pools: Option<Arc<Pools>>,
+    pools: Arc<Pools>,
     feedback: Feedback,
-    send_time: Option<SendTimeModel>,
-    sidecar: Option<Arc<Sidecar>>,
+    scheduler: mpsc::UnboundedSender<Vec<NewMessage>>,
+    planner: Arc<dyn SendPlanner>,
 }
 
-impl Ingest {
-    pub fn new(spool: Spool, hostname: String, max_age: Duration) -> Ingest {
-        let feedback = Feedback::new(
-            Suppressions::new(spool.clone(), SuppressionConfig::default()),
-            Events::new(spool.clone(), 0, DeliveryLog::disabled()),
-            Vec::new(),
-        );
-        Ingest {
+impl Enqueue {
+    /// `hostname` names us in Received headers (`server.hostname`); `max_age` is the lifetime
+    /// of a message (`spool.max_age`); committed parts go to `scheduler` (a closed channel is
+    /// fine: the due loader finds the mail at the next start).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        spool: Spool,
+        hostname: String,
+        max_age: Duration,
+        dkim: DkimSigners,
+        pools: Arc<Pools>,
+        feedback: Feedback,
+        scheduler: mpsc::UnboundedSender<Vec<NewMessage>>,
+        planner: Arc<dyn SendPlanner>,
+    ) -> Enqueue {
+        Enqueue {
             spool,
             hostname,
             max_age,
-            dkim: Arc::new(Live::new(DkimSigners::none())),
-            scheduler: None,
-            pools: None,
+            dkim: Arc::new(Live::new(dkim)),
+            pools,
             feedback,
-            send_time: None,
-            sidecar: None,
+            scheduler,
+            planner,
         }
     }
 
-    /// Uses these bounce domains, suppression list and events (default: none, an empty list
-    /// in reject mode, events only logged).
-    pub fn with_feedback(mut self, feedback: Feedback) -> Ingest {
-        self.feedback = feedback;
-        self
-    }
-
-    pub fn feedback(&self) -> &Feedback {
-        &self.feedback
-    }
-
-    /// Honours `X-Tern-Send-Time: optimize` with this model (without one the header is
-    /// still removed, and the mail goes at once).
-    pub fn with_send_time(mut self, send_time: SendTimeModel) -> Ingest {
-        self.send_time = Some(send_time);
-        self
-    }
-
-    pub fn send_time(&self) -> Option<&SendTimeModel> {
-        self.send_time.as_ref()
-    }
-
-    /// Runs the sidecar stage on messages that ask for it (control headers or a request).
-    pub fn with_sidecar(mut self, sidecar: Arc<Sidecar>) -> Ingest {
-        self.sidecar = Some(sidecar);
-        self
-    }
-
-    pub fn sidecar(&self) -> Option<&Arc<Sidecar>> {
-        self.sidecar.as_ref()
-    }
-
-    /// Signs accepted mail with these keys (when its From domain has any).
-    pub fn with_dkim(self, signers: DkimSigners) -> Ingest {
-        self.set_dkim(signers);
-        self
-    }
-
-    /// Replaces the signing keys (config reload) for this ingest and every clone of it;
+    /// Replaces the signing keys (config reload) for this enqueue and every clone of it;
     /// messages being signed finish with the keys they started with.
     pub fn set_dkim(&self, signers: DkimSigners) {
         self.dkim.set(signers);
     }
 
-    /// Hands every committed message to the scheduler through `tx`.
-    pub fn with_scheduler(mut self, tx: mpsc::UnboundedSender<Vec<NewMessage>>) -> Ingest {
-        self.scheduler = Some(tx);
-        self
+    /// The source-IP pool of a message: `requested` (an HTTP injection's, checked by the API),
+    /// else the `X-Tern-Pool` header's (taken out of `content` here, before any stage strips
+    /// control headers and before DKIM signs), else the sender domain's.
+    pub fn choose_pool(
+        &self,
+        requested: Option<String>,
+        content: &mut Vec<u8>,
+        sender: &str,
+    ) -> Option<String> {
+        let header = strip_pool_header(content);
+        requested.or_else(|| self.pools.at_ingest(header.as_deref(), sender))
     }
 
-    /// Chooses source-IP pools for accepted mail (`X-Tern-Pool`, sender domain).
-    pub fn with_pools(mut self, pools: Arc<Pools>) -> Ingest {
-        self.pools = Some(pools);
-        self
+    /// Commits one message that needs no pre-enqueue stage (a DSN): its pool chosen as
+    /// [`Enqueue::choose_pool`] does, sent at once. Returns the queue id.
+    pub async fn accept(&self, mut sub: Submission) -> Result<MessageId, SpoolError> {
+        let pool = self.choose_pool(sub.pool.take(), &mut sub.content, &sub.sender);
+        Ok(self.commit(vec![Prepared::new(sub)], pool).await?.ids[0])
     }
 
-    pub fn spool(&self) -> &Spool {
-        &self.spool
-    }
-
-    /// The name in our Received headers (`server.hostname`).
-    pub fn hostname(&self) -> &str {
-        &self.hostname
-    }
-
-    /// Makes the submission durable and returns the queue id reported to the client.
-    pub async fn accept(&self, sub: Submission) -> Result<MessageId, SpoolError> {
-        Ok(self.accept_parts(sub).await?[0])
-    }
-
-    /// Like [`Ingest::accept`], but returns the id of every part (one per destination
-    /// domain, in commit order); the first is the queue id.
-    pub async fn accept_parts(&self, sub: Submission) -> Result<Vec<MessageId>, SpoolError> {
-        Ok(self.accept_report(sub).await?.ids)
-    }
-
-    /// Like [`Ingest::accept_parts`], with the sidecar's per-recipient report. A message that
-    /// asks for the sidecar becomes one submission per recipient, all committed together
-    /// under one queue id.
-    pub async fn accept_report(&self, mut sub: Submission) -> Result<Accepted, SpoolError> {
+    /// Makes every message the stages prepared from one submission durable in one spool
+    /// batch under one queue id (the first of the returned ids), then hands the parts to the
+    /// scheduler.
+    pub async fn commit(
+        &self,
+        prepared: Vec<Prepared>,
+        pool: Option<String>,
+    ) -> Result<Accepted, SpoolError> {
         let now = crate::clock::now();
-        // Read before the sidecar stage, which strips every X-Tern-* header; gone before DKIM
-        // signs the headers either way.
-        let pool_header = strip_pool_header(&mut sub.content);
-        let pool = sub.pool.take().or_else(|| {
-            self.pools
-                .as_ref()
-                .and_then(|p| p.at_ingest(pool_header.as_deref(), &sub.sender))
-        });
-        let sender = sub.sender.clone();
+        let sender = prepared
+            .first()
+            .map(|p| p.submission.sender.clone())
+            .unwrap_or_default();
         let mut batch = Batch::default();
         let mut reports = Vec::new();
-        match &self.sidecar {
-            Some(stage) if sidecar::wanted(&sub) => {
-                for prepared in stage.apply(sub).await {
-                    let window = self.send_window(prepared.send_time, prepared.report.is_some());
-                    reports.extend(prepared.report);
-                    self.build_parts(prepared.submission, now, &pool, window, &mut batch)
-                        .await?;
-                }
-            }
-            _ => {
-                // Without a sidecar stage the send-time header is still honoured and removed.
-                let optimize = sidecar::sendtime::hook::take_send_time_header(&mut sub.content);
-                let window = self
-                    .send_time
-                    .as_ref()
-                    .filter(|_| optimize)
-                    .map(|m| m.default_window());
-                self.build_parts(sub, now, &pool, window, &mut batch)
-                    .await?;
-            }
+        for message in prepared {
+            reports.extend(message.report);
+            self.build_parts(message.submission, now, &pool, message.window, &mut batch)
+                .await?;
+        }
+        if batch.ids.is_empty() {
+            batch.ids.push(self.spool.next_id());
         }
         let new: Vec<NewMessage> = batch
             .parts
@@ -288,36 +207,12 @@ impl Ingest {
                 .collect();
             feedback.events.emit(events).await;
         }
-        if let Some(tx) = &self.scheduler {
-            // Only fails when the scheduler is gone (shutdown): the mail is durable and the
-            // due loader picks it up at the next start.
-            let _ = tx.send(new);
-        }
+        // Only fails when the scheduler is gone (shutdown): the mail is durable and the
+        // due loader picks it up at the next start.
+        let _ = self.scheduler.send(new);
         Ok(Accepted {
             ids: batch.ids,
             sidecar: reports,
-        })
-    }
-
-    /// The window a sidecar-prepared message is planned in: `None` unless it asked to be
-    /// optimised (and the model runs). A campaign's `send_window` and `quiet_hours` apply as
-    /// configured; without a campaign the header's window with `sendtime.quiet_hours`.
-    fn send_window(&self, send_time: SendTime, campaign: bool) -> Option<Window> {
-        let SendTime::Optimize {
-            window,
-            quiet_hours,
-        } = send_time
-        else {
-            return None;
-        };
-        let model = self.send_time.as_ref()?;
-        Some(Window {
-            len_ms: window.as_millis() as u64,
-            quiet: if campaign {
-                quiet_hours
-            } else {
-                model.default_window().quiet
-            },
         })
     }
 
@@ -330,7 +225,7 @@ impl Ingest {
         mut sub: Submission,
         now: SystemTime,
         pool: &Option<String>,
-        window: Option<Window>,
+        window: Option<SendWindow>,
         batch: &mut Batch,
     ) -> Result<(), SpoolError> {
         let now_ms = unix_ms(now);
@@ -362,11 +257,9 @@ impl Ingest {
             rcpts
         };
         let groups = split_by_destination(rcpts);
-        let groups = match (&self.send_time, window) {
-            (Some(send_time), Some(window)) => {
-                plan_send_times(send_time, groups, now_ms, window).await
-            }
-            _ => groups
+        let groups = match window {
+            Some(window) => plan_send_times(&self.planner, groups, now_ms, window).await,
+            None => groups
                 .into_iter()
                 .map(|(domain, rcpts)| (domain, rcpts, 0))
                 .collect(),
@@ -485,10 +378,10 @@ impl Ingest {
 /// Recipients are planned in parallel (each plan records the send durably, and the group
 /// commit merges those writes), in slices so a large message does not flood the spool.
 async fn plan_send_times(
-    send_time: &SendTimeModel,
+    planner: &Arc<dyn SendPlanner>,
     groups: BTreeMap<String, Vec<Recipient>>,
     now_ms: u64,
-    window: Window,
+    window: SendWindow,
 ) -> Vec<(String, Vec<Recipient>, u64)> {
     const SLICE: usize = 64;
     let recipients: Vec<(String, Recipient)> = groups
@@ -499,13 +392,13 @@ async fn plan_send_times(
     for slice in recipients.chunks(SLICE) {
         let mut tasks = tokio::task::JoinSet::new();
         for (i, (_, rcpt)) in slice.iter().enumerate() {
-            let (send_time, address) = (send_time.clone(), rcpt.address.clone());
-            tasks.spawn(async move { (i, send_time.plan(&address, now_ms, window).await) });
+            let (planner, address) = (planner.clone(), rcpt.address.clone());
+            tasks.spawn(async move { (i, planner.plan(&address, now_ms, window).await) });
         }
         let mut planned = vec![0; slice.len()];
         while let Some(done) = tasks.join_next().await {
             match done {
-                Ok((i, Ok((at, _)))) if at > now_ms => planned[i] = at,
+                Ok((i, Ok(at))) if at > now_ms => planned[i] = at,
                 Ok((_, Ok(_))) => {}
                 Ok((i, Err(err))) => {
                     warn!(recipient = %slice[i].1.address, error = %err, "no send time planned; sent at once");
@@ -590,58 +483,9 @@ fn header_presence(content: &[u8]) -> HeaderPresence {
     present
 }
 
-/// RFC 5322 date-time in UTC, e.g. `Fri, 27 Nov 2026 20:13:09 +0000`.
-pub fn rfc5322_date(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (year, month, day) = civil_from_days(days);
-    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    format!(
-        "{}, {} {} {} {:02}:{:02}:{:02} +0000",
-        WEEKDAYS[days.rem_euclid(7) as usize],
-        day,
-        MONTHS[(month - 1) as usize],
-        year,
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
-/// Proleptic Gregorian (year, month, day) for a count of days since 1970-01-01
-/// (the well-known era-based conversion).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dates() {
-        let t = UNIX_EPOCH + Duration::from_secs(1_795_810_389); // 2026-11-27 20:13:09 UTC
-        assert_eq!(rfc5322_date(t), "Fri, 27 Nov 2026 20:13:09 +0000");
-        assert_eq!(rfc5322_date(UNIX_EPOCH), "Thu, 1 Jan 1970 00:00:00 +0000");
-        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
-        assert_eq!(rfc5322_date(leap), "Tue, 29 Feb 2000 00:00:00 +0000");
-    }
 
     #[test]
     fn header_presence_stops_at_body() {

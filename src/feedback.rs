@@ -19,11 +19,12 @@
 //! [`Feedback`] bundles the handles the submission paths and the settler share: the
 //! suppression list, the events, the bounce domains and the processor's wake-up.
 
-use crate::admin::metrics::Metrics;
-use crate::bounce::classify::{Category, Classifier};
+use crate::bounce::classify::Classifier;
 use crate::bounce::{self, Action, Kind};
 use crate::events::{self, Event, Events};
 use crate::suppression::Suppressions;
+use crate::taxonomy::Category;
+use crate::telemetry::Metrics;
 use crate::verp::Verp;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -55,20 +56,15 @@ impl Feedback {
         suppressions: Suppressions,
         events: Events,
         bounce_domains: Vec<String>,
+        metrics: Arc<Metrics>,
     ) -> Feedback {
         Feedback {
             suppressions,
             events,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             bounce_domains: Arc::new(bounce_domains),
             inbound: Arc::new(Notify::new()),
         }
-    }
-
-    /// Counts into `metrics` (the daemon's; a new value otherwise).
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Feedback {
-        self.metrics = metrics;
-        self
     }
 
     /// Whether `address` is at one of the bounce domains.

@@ -1,0 +1,61 @@
+//! Intake (floor 5): what SMTP sessions and HTTP injection hand a finished submission to. It
+//! chooses the source-IP pool (before any stage strips control headers), runs the ordered
+//! pre-enqueue [`Stage`]s (the sidecar, then send time), and commits what they produced
+//! through [`Enqueue`] as one message under one queue id.
+//!
+//! Invariant: [`Intake::accept_report`] returns only once everything is durable (the
+//! session's `250` waits for it); a stage never fails a message, only the spool can.
+
+use std::sync::Arc;
+
+use tern_queue::{MessageId, SpoolError};
+
+use crate::enqueue::{Accepted, Enqueue};
+use crate::message::{Prepared, Stage, Submission};
+
+#[derive(Clone)]
+pub struct Intake {
+    stages: Arc<[Arc<dyn Stage>]>,
+    enqueue: Enqueue,
+}
+
+impl Intake {
+    /// `stages` run in this order on every submission (and on every message an earlier stage
+    /// made of it).
+    pub fn new(stages: Vec<Arc<dyn Stage>>, enqueue: Enqueue) -> Intake {
+        Intake {
+            stages: stages.into(),
+            enqueue,
+        }
+    }
+
+    /// Makes the submission durable and returns the queue id reported to the client.
+    pub async fn accept(&self, sub: Submission) -> Result<MessageId, SpoolError> {
+        Ok(self.accept_parts(sub).await?[0])
+    }
+
+    /// Like [`Intake::accept`], but returns the id of every part (one per destination
+    /// domain, in commit order); the first is the queue id.
+    pub async fn accept_parts(&self, sub: Submission) -> Result<Vec<MessageId>, SpoolError> {
+        Ok(self.accept_report(sub).await?.ids)
+    }
+
+    /// Like [`Intake::accept_parts`], with the sidecar's per-recipient report. A message that
+    /// asks for the sidecar becomes one submission per recipient, all committed together
+    /// under one queue id.
+    pub async fn accept_report(&self, mut sub: Submission) -> Result<Accepted, SpoolError> {
+        let requested = sub.pool.take();
+        let pool = self
+            .enqueue
+            .choose_pool(requested, &mut sub.content, &sub.sender);
+        let mut messages = vec![Prepared::new(sub)];
+        for stage in self.stages.iter() {
+            let mut next = Vec::with_capacity(messages.len());
+            for message in messages {
+                next.extend(stage.apply(message).await);
+            }
+            messages = next;
+        }
+        self.enqueue.commit(messages, pool).await
+    }
+}

@@ -1,0 +1,187 @@
+//! A message on its way in (floor 1): what every intake path hands on and every pre-enqueue
+//! stage transforms. It owns the values, not the work: [`Submission`] (one SMTP transaction or
+//! HTTP injection), the campaign request and report of the sidecar, the send-time request and
+//! window, the [`Stage`] trait the pre-enqueue stages implement, the RFC 5322 date and the
+//! RFC 5321 address comparison. Imports only leaves (the spool crate, [`crate::tls`]).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tern_queue::{BodyType, Recipient, Ret, Source};
+
+/// One accepted SMTP transaction or HTTP injection, ready for the spool.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    /// Reverse-path; empty for the null sender.
+    pub sender: String,
+    pub recipients: Vec<Recipient>,
+    pub env_id: Option<String>,
+    pub ret: Option<Ret>,
+    pub body_type: BodyType,
+    pub smtputf8: bool,
+    pub source: Source,
+    pub tls: Option<crate::tls::TlsInfo>,
+    /// The message as received: headers and body, CRLF line ends, no dot-stuffing.
+    pub content: Vec<u8>,
+    /// The sidecar request of an HTTP injection (SMTP asks with `X-Tern-*` headers).
+    pub sidecar: Option<CampaignRequest>,
+    /// The source-IP pool an HTTP injection asked for (checked against the configured pools
+    /// by the API); it wins over `X-Tern-Pool` and the sender domain.
+    pub pool: Option<String>,
+}
+
+/// The sidecar part of an HTTP injection (`"sidecar": {...}`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CampaignRequest {
+    pub campaign: Option<String>,
+    /// `now`, `optimize` or `optimize; window=12h`.
+    pub send_time: Option<String>,
+    /// Template data for every recipient.
+    #[serde(default)]
+    pub data: Map<String, Value>,
+    /// Template data per recipient address (merged over `data`).
+    #[serde(default)]
+    pub recipients: HashMap<String, Map<String, Value>>,
+}
+
+/// When the message should be sent: the typed request of `X-Tern-Send-Time` or the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendAt {
+    /// Enqueue for delivery now (the default).
+    Now,
+    /// Pick a time inside `window` from now, avoiding local `quiet_hours` `[start, end)`.
+    Optimize {
+        window: Duration,
+        quiet_hours: Option<(u8, u8)>,
+    },
+}
+
+/// Where and when a send may go: `[now, now + window)`, never starting in a quiet hour
+/// (local hour of day `from..to`, wrapping past midnight when `from > to`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendWindow {
+    pub len_ms: u64,
+    pub quiet: Option<(u8, u8)>,
+}
+
+/// One message on its way through the pre-enqueue stages, and what they decided for it.
+#[derive(Debug)]
+pub struct Prepared {
+    pub submission: Submission,
+    /// What a stage decided about the send time; `None` until one did.
+    pub send_at: Option<SendAt>,
+    /// The window the send time of each recipient is planned in (`None`: at once); the
+    /// send-time stage sets it.
+    pub window: Option<SendWindow>,
+    /// `None` when no campaign applied.
+    pub report: Option<CampaignReport>,
+}
+
+/// What the stage did for one recipient (in the inject answer, the log and metrics).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CampaignReport {
+    pub recipient: String,
+    pub campaign: String,
+    /// The bandit's choice (`holdout` for the holdout share); `None` without variants.
+    pub variant: Option<String>,
+    /// `model`, `cache` or `default`.
+    pub content: &'static str,
+    /// Why the defaults rendered (a failure code of the model client), or `guardrail` when the guardrails
+    /// removed something from a generated slot (an emptied slot renders its default).
+    pub reason: Option<&'static str>,
+}
+
+/// A boxed future, for the object-safe [`Stage`] trait.
+pub type StageFuture<'a> = Pin<Box<dyn Future<Output = Vec<Prepared>> + Send + 'a>>;
+
+/// One pre-enqueue stage (the sidecar, send time). The intake runs its stages in order, each
+/// on every message the one before produced; a stage passes on what it does not want
+/// unchanged. A stage never fails a message: whatever goes wrong falls back and says why.
+pub trait Stage: Send + Sync {
+    fn apply(&self, message: Prepared) -> StageFuture<'_>;
+}
+
+impl Prepared {
+    /// A submission no stage has looked at yet.
+    pub fn new(submission: Submission) -> Prepared {
+        Prepared {
+            submission,
+            send_at: None,
+            window: None,
+            report: None,
+        }
+    }
+}
+
+/// Local parts are compared exactly, domains case-insensitively (RFC 5321 2.4).
+pub fn same_address(a: &str, b: &str) -> bool {
+    match (a.rsplit_once('@'), b.rsplit_once('@')) {
+        (Some((la, da)), Some((lb, db))) => la == lb && da.eq_ignore_ascii_case(db),
+        _ => a == b,
+    }
+}
+
+/// RFC 5322 date-time in UTC, e.g. `Fri, 27 Nov 2026 20:13:09 +0000`.
+pub fn rfc5322_date(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (year, month, day) = civil_from_days(days);
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{}, {} {} {} {:02}:{:02}:{:02} +0000",
+        WEEKDAYS[days.rem_euclid(7) as usize],
+        day,
+        MONTHS[(month - 1) as usize],
+        year,
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Proleptic Gregorian (year, month, day) for a count of days since 1970-01-01
+/// (the well-known era-based conversion).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_810_389); // 2026-11-27 20:13:09 UTC
+        assert_eq!(rfc5322_date(t), "Fri, 27 Nov 2026 20:13:09 +0000");
+        assert_eq!(rfc5322_date(UNIX_EPOCH), "Thu, 1 Jan 1970 00:00:00 +0000");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc5322_date(leap), "Tue, 29 Feb 2000 00:00:00 +0000");
+    }
+
+    #[test]
+    fn same_address_compares_domains_without_case() {
+        assert!(same_address("a@X.test", "a@x.TEST"));
+        assert!(!same_address("A@x.test", "a@x.test"));
+    }
+}
