@@ -7,7 +7,7 @@ use std::path::Path;
 
 use rustls::RootCertStore;
 
-/// The system CA bundle (Debian's path).
+/// The usual system bundle of trusted CAs (Debian/Ubuntu/Alpine path), for [`load_roots`].
 pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// TLS parameters of a connection, for Received headers and the delivery log.

@@ -43,8 +43,6 @@ use tokio_rustls::TlsConnector;
 use crate::config::{SmtpTimeouts, TlsPolicy};
 use crate::tls::TlsInfo;
 
-/// The usual system bundle of trusted CAs (Debian/Ubuntu/Alpine path), for [`load_roots`].
-
 /// QUIT is a courtesy: never wait long for it.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
 
