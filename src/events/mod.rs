@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 use tern_queue::{MessageId, Spool, SpoolError};
 use tokio::sync::Notify;
+use tokio_util::task::TaskTracker;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -83,13 +84,22 @@ pub struct Events {
     queued: Arc<Notify>,
     /// The outboxes' backlog gauges and the posts' results.
     metrics: Arc<Metrics>,
+    /// Where [`Events::emit_later`] runs, so shutdown waits for it before the last flush.
+    tasks: TaskTracker,
 }
 
 impl Events {
     /// Events for `webhooks` outboxes (none: only the delivery log), reported to `metrics`:
     /// the backlog gauges move with every change from now on and get the stored counts from
     /// [`Events::count_backlogs`].
-    pub fn new(spool: Spool, webhooks: usize, log: DeliveryLog, metrics: Arc<Metrics>) -> Events {
+    /// `tasks` is the daemon's tracker of background work (shutdown waits for it).
+    pub fn new(
+        spool: Spool,
+        webhooks: usize,
+        log: DeliveryLog,
+        metrics: Arc<Metrics>,
+        tasks: TaskTracker,
+    ) -> Events {
         for i in 0..webhooks {
             metrics.webhook_registered(i);
         }
@@ -99,6 +109,7 @@ impl Events {
             log,
             queued: Arc::new(Notify::new()),
             metrics,
+            tasks,
         }
     }
 
@@ -183,10 +194,12 @@ impl Events {
         self.queued.notify_waiters();
     }
 
-    /// Emits on a task of its own, for callers that cannot wait (an SMTP RCPT reply).
+    /// Emits on a task of its own, for callers that cannot wait (an SMTP RCPT reply). The
+    /// task belongs to the daemon's tracker: shutdown waits for it before the spool's last
+    /// flush, so an event emitted just before SIGTERM is in its outbox after the restart.
     pub fn emit_later(&self, events: Vec<Event>) {
         let this = self.clone();
-        tokio::spawn(async move { this.emit(events).await });
+        self.tasks.spawn(async move { this.emit(events).await });
     }
 }
 

@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use rand::Rng;
 use tern_queue::{Spool, SpoolError};
+use tokio_util::task::TaskTracker;
 
 pub use crate::config::SendTimeConfig;
 use crate::enqueue::SendPlanner;
@@ -94,6 +95,8 @@ struct Inner {
     priors: Live<Priors>,
     lift: Live<Lift>,
     locks: Vec<tokio::sync::Mutex<()>>,
+    /// Where events recorded in the background run (shutdown waits for them).
+    tasks: TaskTracker,
 }
 
 fn meta_name(address: &str) -> String {
@@ -101,7 +104,14 @@ fn meta_name(address: &str) -> String {
 }
 
 impl SendTime {
-    pub fn new(spool: Spool, config: SendTimeConfig, suppressions: Suppressions) -> SendTime {
+    /// `suppressions` is the daemon's list (sunset suppressions are counted in its metrics);
+    /// `tasks` the daemon's tracker of background work.
+    pub fn new(
+        spool: Spool,
+        config: SendTimeConfig,
+        suppressions: Suppressions,
+        tasks: TaskTracker,
+    ) -> SendTime {
         SendTime {
             inner: Arc::new(Inner {
                 spool,
@@ -112,6 +122,7 @@ impl SendTime {
                 locks: (0..LOCK_STRIPES)
                     .map(|_| tokio::sync::Mutex::new(()))
                     .collect(),
+                tasks,
             }),
         }
     }
@@ -346,7 +357,7 @@ impl SendTime {
     /// endpoints); a failure is logged.
     fn record_later(&self, event: Event) {
         let this = self.clone();
-        tokio::spawn(async move {
+        self.inner.tasks.spawn(async move {
             if let Err(err) = this.record_batch(vec![event]).await {
                 tracing::warn!(error = %err, "engagement event not recorded");
             }

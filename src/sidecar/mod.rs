@@ -119,7 +119,7 @@ pub struct Sidecar {
     tracker: Option<Tracker>,
     bandit_config: BanditConfig,
     bandits: Mutex<HashMap<String, bandit::Bandit>>,
-    sink: Option<Arc<dyn EngagementSink>>,
+    sink: Arc<dyn EngagementSink>,
     recent: RecentEngagement,
     hostname: String,
     spool: Spool,
@@ -135,12 +135,14 @@ const BANDIT_META: &str = "sidecar/bandit/";
 
 impl Sidecar {
     /// Compiles the campaigns, loads the tracking key and the bandits' stored posteriors.
-    /// Errors name the config key.
+    /// Tracked engagement goes to `sink` (the send-time event store) as well as the recent
+    /// list. Errors name the config key.
     pub fn new(
         config: &SidecarConfig,
         hostname: &str,
         spool: Spool,
         metrics: Arc<Metrics>,
+        sink: Arc<dyn EngagementSink>,
     ) -> Result<Sidecar, String> {
         let mut campaigns = HashMap::new();
         let mut bandits = HashMap::new();
@@ -203,17 +205,12 @@ impl Sidecar {
             tracker,
             bandit_config: config.bandit.clone(),
             bandits: Mutex::new(bandits),
-            sink: None,
+            sink,
             recent: RecentEngagement::default(),
             hostname: hostname.to_owned(),
             spool,
             metrics,
         })
-    }
-
-    /// Sends engagement to `sink` (the event store) as well as the recent list.
-    pub fn set_sink(&mut self, sink: Arc<dyn EngagementSink>) {
-        self.sink = Some(sink);
     }
 
     /// The most recent engagement events (at most 10,000).
@@ -257,9 +254,7 @@ impl Sidecar {
             }
         }
         self.recent.record(event.clone());
-        if let Some(sink) = &self.sink {
-            sink.record(event);
-        }
+        self.sink.record(event);
     }
 
     /// Folds pending sends and rewards into the posteriors and stores them in the spool.

@@ -28,6 +28,7 @@ use tern::tls::TlsInfo;
 use tern_queue::Spool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 const CASES: usize = 2000;
 const PARALLEL: usize = 8;
@@ -269,9 +270,20 @@ max_errors = 20
 fn intake(spool: Spool, config: &Config, metrics: &Arc<Metrics>) -> (Intake, Feedback) {
     let suppressions =
         Suppressions::new(spool.clone(), config.suppression.clone(), metrics.clone());
-    let events = Events::new(spool.clone(), 0, DeliveryLog::disabled(), metrics.clone());
+    let events = Events::new(
+        spool.clone(),
+        0,
+        DeliveryLog::disabled(),
+        metrics.clone(),
+        TaskTracker::new(),
+    );
     let feedback = Feedback::new(suppressions.clone(), events, Vec::new(), metrics.clone());
-    let send_time = SendTime::new(spool.clone(), config.sendtime.clone(), suppressions);
+    let send_time = SendTime::new(
+        spool.clone(),
+        config.sendtime.clone(),
+        suppressions,
+        TaskTracker::new(),
+    );
     let (scheduler, _) = tokio::sync::mpsc::unbounded_channel();
     let enqueue = Enqueue::new(
         spool,

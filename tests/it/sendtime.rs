@@ -370,6 +370,51 @@ async fn a_campaigns_send_window_and_quiet_hours_bound_the_planned_time() {
     );
 }
 
+/// Sunset suppressions go through the daemon's one suppression list, so they are counted in
+/// the registry `/metrics` exposes (the send-time service once built a list of its own with
+/// a private registry, and `reason="sunset"` stayed 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sunset_suppressions_are_counted_in_the_daemons_metrics() {
+    let server = TestServer::start(Options::default().sendtime("sunset_after", "\"30d\"")).await;
+    let now = tern::clock::now_ms();
+    let (status, body) = events(
+        &server,
+        json!([
+            {"type": "send", "recipient": "dormant1@example.test", "time_ms": now - 60 * DAY_MS},
+            {"type": "send", "recipient": "dormant2@example.test", "time_ms": now - 45 * DAY_MS},
+            {"type": "send", "recipient": "awake@example.test", "time_ms": now - 60 * DAY_MS},
+            {"type": "open", "recipient": "awake@example.test", "time_ms": now - DAY_MS},
+        ]),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let before = crate::metrics::scrape(server.admin()).await;
+    assert_eq!(
+        before
+            .get("tern_suppression_changes_total{change=\"add\",reason=\"sunset\"}")
+            .copied()
+            .unwrap_or(0.0),
+        0.0
+    );
+    assert_eq!(
+        server.api("POST", "/api/v1/sendtime/refit", None).await.0,
+        200
+    );
+    let after = crate::metrics::scrape(server.admin()).await;
+    assert_eq!(
+        crate::metrics::value(
+            &after,
+            "tern_suppression_changes_total{change=\"add\",reason=\"sunset\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        crate::metrics::value(&after, "tern_suppression_entries")
+            - crate::metrics::value(&before, "tern_suppression_entries"),
+        2.0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sunset_policy_suppresses_dormant_recipients_and_their_mail_is_refused() {
     let sink = Sink::start(SinkBehaviour::default()).await;

@@ -102,3 +102,87 @@ async fn shutdown_grace_period_bounds_the_wait() {
         "waited for the session: {took:?}"
     );
 }
+
+/// An event emitted on a background task right before SIGTERM (the `suppressed` event of a
+/// refused RCPT, which the session does not wait for) is in its webhook outbox after the
+/// restart: shutdown waits for every task before the spool's last flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_emitted_just_before_sigterm_is_in_the_outbox_after_restart() {
+    use std::sync::Arc;
+    use tern::config::SuppressionConfig;
+    use tern::suppression::{Entry, Suppressions};
+    use tern::telemetry::Metrics;
+    use tern_queue::Spool;
+
+    const ROUNDS: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("hook.secret");
+    std::fs::write(&secret, "secret-of-the-test-webhook\n").unwrap();
+    // Nothing listens there: every post fails and the events stay in the outbox.
+    let closed = free_port();
+    let opts = Options::default().extra(format!(
+        "[[webhooks]]\nurl = \"http://127.0.0.1:{closed}/hook\"\nsecret_file = {:?}\n",
+        secret.display().to_string()
+    ));
+    let spool_dir = dir.path().join("spool");
+    let suppressed: Vec<String> = (0..ROUNDS).map(|i| format!("gone{i}@sink.test")).collect();
+    {
+        // The suppression list lives in the spool: filled before the daemon opens it.
+        let spool = Spool::open(&spool_dir).unwrap();
+        let list = Suppressions::new(
+            spool,
+            SuppressionConfig::default(),
+            Arc::new(Metrics::new()),
+        );
+        let now = tern::clock::now_ms();
+        list.add(
+            suppressed
+                .iter()
+                .map(|address| Entry {
+                    address: address.clone(),
+                    reason: "manual".into(),
+                    created_ms: now,
+                    expires_ms: None,
+                    source: None,
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+    }
+    for (round, address) in suppressed.iter().enumerate() {
+        let port = free_port();
+        let config = write_bin_config(dir.path(), port, &opts);
+        let log = dir.path().join(format!("tern-{round}.log"));
+        let mut tern = TernProc::spawn(&config, port, &log);
+        let mut c = tern.wait_ready(Duration::from_secs(30)).await;
+        c.ehlo().await;
+        c.expect("MAIL FROM:<app@sender.test>", 250, "2.1.0").await;
+        // Refused as suppressed (reject mode); the event is emitted on a task of its own.
+        c.expect(&format!("RCPT TO:<{address}>"), 550, "5.7.1")
+            .await;
+        send_signal(tern.pid(), "TERM");
+        let status = tern.wait_exit(Duration::from_secs(15)).await;
+        assert!(status.success(), "{status:?}; log:\n{}", tern.log_text());
+        let spool = Spool::open(&spool_dir).unwrap();
+        let queued: Vec<serde_json::Value> = spool
+            .events("webhook/0", 1000)
+            .unwrap()
+            .into_iter()
+            .flat_map(|(_, batch)| {
+                let v: serde_json::Value = serde_json::from_slice(&batch).unwrap();
+                match v {
+                    serde_json::Value::Array(events) => events,
+                    one => vec![one],
+                }
+            })
+            .collect();
+        assert!(
+            queued
+                .iter()
+                .any(|e| e["event"] == "suppressed" && e["recipient"] == address.as_str()),
+            "round {round}: the suppressed event of {address} is not in the outbox: {queued:?}\n{}",
+            tern.log_text()
+        );
+    }
+}

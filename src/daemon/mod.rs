@@ -1,49 +1,50 @@
-//! Process lifecycle: open the spool (which recovers it), start delivery (scheduler, router,
-//! connection pool, delivery log), bind the listeners, serve, and on SIGTERM/SIGINT drain:
-//! stop accepting, let sessions and delivery attempts finish within the grace period, flush
-//! the spool, return.
+//! Process lifecycle: the daemon as a composition of subsystems, each with a start, a
+//! `reconfigure` (SIGHUP) and a `shutdown` that waits for every task it started.
+//!
+//! Start: open the spool (which recovers it), then the subsystems in dependency order —
+//! feedback (suppression list, events, webhooks, bounce processor), intake (sidecar, send
+//! time, enqueue), delivery (routing, pool, worker, shaping, settler, scheduler), the SMTP
+//! [`listeners`] and the [`admin`] server. Every socket is bound before anything is served,
+//! so a bad address fails the start cleanly.
+//!
+//! Shutdown (SIGTERM/SIGINT in [`serve`]): stop accepting, let feedback tasks end, sessions
+//! finish within the grace period, delivery attempts finish, the sidecar store its last
+//! batch, the admin server stop; then every background task of the [`Background`] tracker
+//! (events emitted later, engagement recorded later, the orphan sweep, the refit loop, the
+//! pool reaper) is waited for before the delivery log and the spool get their final flush.
+//! No task the daemon starts is detached.
 //!
 //! [`Daemon::start`] is what tests use in-process (listeners may be bound to port 0; the
 //! real addresses are in [`Daemon::smtp_addresses`], the admin server's in
 //! [`Daemon::admin_address`]); [`serve`] adds signals, sd_notify and the systemd watchdog.
 //!
 //! [`Daemon::reload`] applies a new config to the running daemon (SIGHUP in [`serve`]): it
-//! validates everything that can fail first, then hands each part its new values (see
+//! validates everything that can fail first, then hands each subsystem its new values (see
 //! [`crate::reload`] for which keys are live); a reload that fails changes nothing.
 
-use crate::admin::auth::Token;
-use crate::admin::AdminState;
+mod admin;
+mod delivery;
+mod feedback;
+mod intake;
+mod listeners;
+
 use crate::auth::Credentials;
-use crate::config::{Config, ConfigErrors, Limits, RouteConfig};
-use crate::delivery::client::ClientSettings;
-use crate::delivery::pool::Pool;
-use crate::delivery::worker::{VerpPolicy, Worker};
+use crate::bounce::classify::Classifier;
+use crate::config::{Config, ConfigErrors, RouteConfig};
 use crate::dkim::DkimSigners;
-use crate::enqueue::Enqueue;
-use crate::events::Events;
 use crate::feedback::Feedback;
 use crate::intake::Intake;
-use crate::live::Live;
 use crate::maillog::DeliveryLog;
-use crate::message::Stage;
 use crate::notify;
-use crate::outcome::Settler;
 use crate::policy::Policy;
 use crate::reload::{self, ReloadReport};
-use crate::routing::dns::HickoryResolver;
-use crate::routing::route::Router;
 use crate::scheduler::Scheduler;
-use crate::sendtime::SendTime;
 use crate::shaping::limiter::Backend;
 use crate::shaping::shared::SharedStore;
 use crate::shaping::Shaper;
 use crate::sidecar::Sidecar;
-use crate::smtp::server::{ConnectionLimits, Server};
 use crate::smtp::session::SessionConfig;
-use crate::suppression::Suppressions;
-use crate::telemetry::Metrics;
-use crate::telemetry::ReloadResult;
-use crate::tls::{load_roots, SYSTEM_ROOTS};
+use crate::telemetry::{Metrics, ReloadResult};
 use crate::verp::Verp;
 use anyhow::Context;
 use std::collections::HashMap;
@@ -52,53 +53,69 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tern_queue::{Spool, SpoolOptions};
-use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use self::admin::Admin;
+use self::delivery::{Delivery, DeliveryParts};
+use self::feedback::FeedbackSystem;
+use self::intake::{IntakeParts, IntakeSystem};
+use self::listeners::Listeners;
+
 /// Applies a reloaded `log.level` to the process's log filter (the subscriber is the
 /// binary's, not the daemon's); returns why it could not.
 pub type LogLevelReloader = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Work that runs beside the subsystems: every task is tracked, and `stop` asks the
+/// long-running ones to end. Shutdown waits for all of them before the spool's last flush.
+#[derive(Clone)]
+pub struct Background {
+    pub tasks: TaskTracker,
+    pub stop: CancellationToken,
+}
+
+/// A config that passed validation, with what was loaded from the files it names.
+pub struct Reloaded {
+    pub config: Config,
+    /// The new signing keys, taken once by the subsystem that signs.
+    dkim: Mutex<Option<DkimSigners>>,
+    pub passwords: HashMap<PathBuf, String>,
+}
+
+impl Reloaded {
+    fn take_dkim(&self) -> Option<DkimSigners> {
+        self.dkim
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
+/// One part of the running daemon.
+trait Subsystem {
+    /// Applies a validated config (only the keys that reload live; see [`crate::reload`]).
+    /// Cannot fail: everything that could was checked before.
+    fn reconfigure(&self, reloaded: &Reloaded);
+
+    /// Stops and waits for every task it started (at most about `grace` for work in flight).
+    async fn shutdown(self, grace: Duration);
+}
 
 /// A running tern: listeners bound and serving.
 pub struct Daemon {
     /// The config in effect: the last one loaded, with restart keys from the first.
     config: Mutex<Config>,
     spool: Spool,
-    scheduler: Scheduler,
-    router: Arc<Router>,
-    worker: Arc<Worker>,
-    settler: Arc<Settler>,
-    enqueue: Enqueue,
-    intake: Intake,
-    feedback: Feedback,
-    sidecar: Arc<Sidecar>,
-    send_time: SendTime,
-    server: Arc<Server>,
-    /// The limits HTTP injection applies (the admin server's copy).
-    admin_limits: Arc<Live<Limits>>,
-    log_level: Option<LogLevelReloader>,
-    shaper: Arc<Shaper>,
-    pool: Arc<Pool>,
-    delivery_log: DeliveryLog,
-    smtp_addresses: Vec<SocketAddr>,
-    admin_address: SocketAddr,
     metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-    /// The bounce processor and the webhook senders; they stop with `shutdown`.
-    feedback_tasks: TaskTracker,
-    /// The VERP key, read at start (`bounce.verp_key_file` is a restart key).
-    verp: Option<Verp>,
-    listeners: TaskTracker,
-    admin: tokio::task::JoinHandle<()>,
-    /// Stops the admin server; separate from `shutdown` so scrapes answer while draining.
-    stop_admin: CancellationToken,
-    /// Ends the sidecar's bandit batches (a last batch is stored before the spool's flush).
-    stop_sidecar: CancellationToken,
-    sidecar_batches: tokio::task::JoinHandle<()>,
-    sessions: TaskTracker,
+    background: Background,
+    feedback: FeedbackSystem,
+    intake: IntakeSystem,
+    delivery: Delivery,
+    listeners: Listeners,
+    admin: Admin,
+    log_level: Option<LogLevelReloader>,
     grace: Duration,
 }
 
@@ -106,10 +123,6 @@ impl Daemon {
     /// Opens the spool, binds every listener and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         config.check_files().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let tls = config
-            .tls_server_config()
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .map(tokio_rustls::TlsAcceptor::from);
         let spool_path = config.spool.path.clone();
         let spool_options = SpoolOptions {
             cache_size: config.spool.cache_size,
@@ -124,12 +137,15 @@ impl Daemon {
         info!(messages = stats.messages, bytes = stats.bytes, path = %config.spool.path.display(),
             after_clean_close = spool.opened_after_clean_close(), "spool open");
 
-        let shutdown = CancellationToken::new();
+        let bg = Background {
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
+        };
         // Reads every body once, so it runs in the background (on blocking threads, in chunks)
         // instead of delaying the start; it is safe alongside commits and deliveries, and stops
         // at shutdown (the next start sweeps again).
-        let (sweeping, stop_sweep) = (spool.clone(), shutdown.clone());
-        tokio::spawn(async move {
+        let (sweeping, stop_sweep) = (spool.clone(), bg.stop.clone());
+        bg.tasks.spawn(async move {
             tokio::select! {
                 result = sweeping.sweep_orphans() => if let Err(err) = result {
                     warn!(error = %err, "spool orphan sweep failed");
@@ -143,247 +159,104 @@ impl Daemon {
         let dkim = DkimSigners::load(&config.dkim)
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .with_metrics(metrics.clone());
-        let classifier = Arc::new(
-            crate::bounce::classify::Classifier::load(&config.bounce)
-                .map_err(|e| anyhow::anyhow!("{e}"))?,
-        );
-        let resolver = HickoryResolver::new(&config.delivery.nameservers)
-            .context("delivery.nameservers: cannot set up the DNS resolver")?;
-        let router = Arc::new(Router::new(
-            &config.routes,
-            config.delivery.tls,
-            Arc::new(resolver),
-        ));
-        let pool = Pool::new(
-            config.delivery.idle_timeout,
-            config.delivery.max_messages_per_connection,
-        );
-        pool.spawn_reaper(shutdown.clone());
+        let classifier =
+            Arc::new(Classifier::load(&config.bounce).map_err(|e| anyhow::anyhow!("{e}"))?);
         let passwords = read_passwords(&config.routes).map_err(|e| anyhow::anyhow!("{e}"))?;
-        // Verified TLS (routes with tls = "required") trusts the system's CA bundle.
-        let roots = load_roots(Path::new(SYSTEM_ROOTS)).unwrap_or_else(|err| {
-            warn!(path = SYSTEM_ROOTS, error = %err, "no CA bundle: required TLS will fail");
-            rustls::RootCertStore::empty()
-        });
-        let settings = ClientSettings::new(
-            config.server.hostname.clone(),
-            config.delivery.timeouts,
-            roots,
-        );
-        let worker = Arc::new(Worker::new(
-            router.clone(),
-            pool.clone(),
-            settings,
-            &config.delivery,
-            passwords,
-        ));
         if let Some(dir) = config.delivery.log_path.as_deref().and_then(Path::parent) {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("delivery.log_path: cannot create {}", dir.display()))?;
         }
-        let delivery_log =
-            DeliveryLog::open(config.delivery.log_path.as_deref()).with_context(|| {
-                format!(
-                    "delivery.log_path: cannot open {:?}",
-                    config.delivery.log_path
-                )
-            })?;
+        let log = DeliveryLog::open(config.delivery.log_path.as_deref()).with_context(|| {
+            format!(
+                "delivery.log_path: cannot open {:?}",
+                config.delivery.log_path
+            )
+        })?;
+        let verp = read_verp_key(&config)?;
         let backend = match &config.shaping.shared {
             Some(shared) => Backend::Shared(SharedStore::connect(shared, metrics.clone()).await),
             None => Backend::Local,
         };
         let shaper = Shaper::new(&config, spool.clone(), backend, metrics.clone());
-        let (new_mail, new_mail_rx) = tokio::sync::mpsc::unbounded_channel();
-        let events = Events::new(
-            spool.clone(),
-            config.webhooks.len(),
-            delivery_log.clone(),
-            metrics.clone(),
-        );
-        let suppressions =
-            Suppressions::new(spool.clone(), config.suppression.clone(), metrics.clone());
-        let (counting, counted) = (events.clone(), suppressions.clone());
-        tokio::task::spawn_blocking(move || {
-            if let Err(err) = counting.count_backlogs() {
-                warn!(error = %err, "cannot count the webhook outboxes for metrics");
-            }
-            if let Err(err) = counted.count_entries() {
-                warn!(error = %err, "cannot count the suppression list for metrics");
-            }
-        });
-        let send_time = SendTime::new(spool.clone(), config.sendtime.clone(), suppressions.clone());
-        tokio::spawn(send_time.clone().refit_loop(shutdown.clone()));
-        let mut sidecar = Sidecar::new(
-            &config.sidecar,
-            &config.server.hostname,
-            spool.clone(),
-            metrics.clone(),
-        )
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-        sidecar.set_sink(Arc::new(send_time.clone()));
-        let sidecar = Arc::new(sidecar);
-        let stop_sidecar = CancellationToken::new();
-        let sidecar_batches = tokio::spawn(sidecar.clone().run_batches(stop_sidecar.clone()));
-        let feedback = Feedback::new(
-            suppressions,
-            events.clone(),
-            config.bounce.domains.clone(),
-            metrics.clone(),
-        );
-        let enqueue = Enqueue::new(
-            spool.clone(),
-            config.server.hostname.clone(),
-            config.spool.max_age,
-            dkim,
-            shaper.pools().clone(),
-            feedback.clone(),
-            new_mail,
-            Arc::new(send_time.clone()),
-        );
-        let stages: Vec<Arc<dyn Stage>> = vec![sidecar.clone(), Arc::new(send_time.clone())];
-        let intake = Intake::new(stages, enqueue.clone());
-        let verp = read_verp_key(&config)?;
-        worker.set_verp(verp.clone().map(|v| VerpPolicy::from_config(v, &config)));
-        let feedback_tasks = TaskTracker::new();
-        for (i, hook) in config.webhooks.iter().enumerate() {
-            let secret = std::fs::read(&hook.secret_file).with_context(|| {
-                format!(
-                    "webhooks[{i}].secret_file: cannot read {}",
-                    hook.secret_file.display()
-                )
-            })?;
-            let secret = secret.trim_ascii().to_vec();
-            let tls = crate::events::webhook::connector(hook)
-                .map_err(|e| anyhow::anyhow!("webhooks[{i}].ca_file: {e}"))?;
-            feedback_tasks.spawn(crate::events::webhook::run(
-                events.clone(),
-                i,
-                hook.clone(),
-                tls,
-                secret,
-                shutdown.clone(),
-            ));
-        }
-        feedback_tasks.spawn(
-            crate::feedback::Processor {
-                spool: spool.clone(),
-                feedback: feedback.clone(),
-                classifier: classifier.clone(),
-                verp: verp.clone(),
-            }
-            .run(shutdown.clone()),
-        );
-        feedback_tasks.close();
-        let settler = Arc::new(Settler::new(
-            spool.clone(),
-            enqueue.clone(),
-            feedback.clone(),
-            delivery_log.clone(),
-            config.delivery.clone(),
-            config.server.hostname.clone(),
-            metrics.clone(),
-            classifier,
-        ));
-        let scheduler = Scheduler::start(
-            spool.clone(),
-            router.clone(),
-            worker.clone(),
-            settler.clone(),
-            shaper.clone(),
-            config.delivery.clone(),
-            metrics.clone(),
-            new_mail_rx,
-        )
-        .context("spool.path: cannot read the stored suspensions")?;
 
-        let session_config = session_config(&config, tls.is_some(), &intake, &feedback, &metrics);
-        let sessions = TaskTracker::new();
-        let server = Arc::new(Server {
-            config: crate::live::Live::new(session_config),
-            tls,
-            limits: ConnectionLimits::new(
-                config.limits.max_connections,
-                config.limits.max_connections_per_ip,
-            ),
-            shutdown: shutdown.clone(),
-            sessions: sessions.clone(),
-        });
+        let feedback = FeedbackSystem::start(
+            &config,
+            &spool,
+            &log,
+            &metrics,
+            classifier.clone(),
+            verp.clone(),
+            &bg,
+        )?;
+        let (new_mail, new_mail_rx) = tokio::sync::mpsc::unbounded_channel();
+        let intake = IntakeSystem::start(
+            &config,
+            IntakeParts {
+                spool: spool.clone(),
+                metrics: metrics.clone(),
+                dkim,
+                pools: shaper.pools().clone(),
+                feedback: feedback.feedback.clone(),
+                new_mail,
+            },
+            &bg,
+        )?;
+        let delivery = Delivery::start(
+            &config,
+            DeliveryParts {
+                spool: spool.clone(),
+                metrics: metrics.clone(),
+                log,
+                shaper,
+                enqueue: intake.enqueue.clone(),
+                feedback: feedback.feedback.clone(),
+                classifier,
+                verp,
+                passwords,
+                new_mail: new_mail_rx,
+            },
+            &bg,
+        )?;
 
         // Bind everything before serving anything, so a bad address fails the start cleanly.
-        let mut bound = Vec::new();
-        for (i, listener) in config.listeners.iter().enumerate() {
-            let socket = TcpListener::bind(listener.address).await.with_context(|| {
-                format!("listeners[{i}].address: cannot bind {}", listener.address)
-            })?;
-            bound.push((socket, listener.mode));
-        }
-        let token = config
-            .admin
-            .token_file
-            .as_deref()
-            .map(Token::load_or_create)
-            .transpose()?;
-        let admin_socket = TcpListener::bind(config.admin.address)
-            .await
-            .with_context(|| format!("admin.address: cannot bind {}", config.admin.address))?;
-        let admin_address = admin_socket.local_addr()?;
-        let listeners = TaskTracker::new();
-        let mut smtp_addresses = Vec::new();
-        for (socket, mode) in bound {
-            smtp_addresses.push(socket.local_addr()?);
-            listeners.spawn(server.clone().serve(socket, mode));
-        }
-        listeners.close();
-        let stop_admin = CancellationToken::new();
-        let admin_limits = Arc::new(Live::new(config.limits));
-        let admin = tokio::spawn(crate::admin::serve(
+        let bound = Listeners::bind(&config).await?;
+        let (admin_socket, token) = Admin::bind(&config).await?;
+        let listeners = Listeners::start(
+            &config,
+            bound,
+            intake.intake.clone(),
+            feedback.feedback.clone(),
+            metrics.clone(),
+            &bg,
+        )?;
+        let admin = Admin::start(
             admin_socket,
-            AdminState {
+            crate::admin::AdminState {
                 metrics: metrics.clone(),
                 spool: spool.clone(),
-                scheduler: scheduler.clone(),
-                intake: intake.clone(),
-                feedback: feedback.clone(),
+                scheduler: delivery.scheduler.clone(),
+                intake: intake.intake.clone(),
+                feedback: feedback.feedback.clone(),
                 hostname: config.server.hostname.clone(),
-                sidecar: sidecar.clone(),
-                send_time: send_time.clone(),
-                limits: admin_limits.clone(),
-                shaper: shaper.clone(),
+                sidecar: intake.sidecar.clone(),
+                send_time: intake.send_time.clone(),
+                limits: Arc::new(crate::live::Live::new(config.limits)),
+                shaper: delivery.shaper.clone(),
                 token,
             },
-            stop_admin.clone(),
-        ));
+        )?;
         let grace = config.server.shutdown_grace;
         Ok(Daemon {
             config: Mutex::new(config),
             spool,
-            scheduler,
-            router,
-            worker,
-            settler,
-            enqueue,
-            intake,
-            feedback,
-            sidecar,
-            send_time,
-            server,
-            admin_limits,
-            log_level: None,
-            shaper,
-            pool,
-            delivery_log,
-            smtp_addresses,
-            admin_address,
             metrics,
-            shutdown,
-            feedback_tasks,
-            verp,
+            background: bg,
+            feedback,
+            intake,
+            delivery,
             listeners,
             admin,
-            stop_admin,
-            stop_sidecar,
-            sidecar_batches,
-            sessions,
+            log_level: None,
             grace,
         })
     }
@@ -450,37 +323,19 @@ impl Daemon {
 
         let mut running = self.config.lock().unwrap_or_else(PoisonError::into_inner);
         let (config, restart_needed) = reload::merge(&running, new);
-        self.router.set_routes(&config.routes, config.delivery.tls);
+        let reloaded = Reloaded {
+            config,
+            dkim: Mutex::new(Some(dkim)),
+            passwords,
+        };
         self.metrics
-            .set_routes(config.routes.iter().map(|r| r.domain.as_str()));
-        self.worker.reconfigure(&config.delivery, passwords);
-        self.worker.set_verp(
-            self.verp
-                .clone()
-                .map(|v| VerpPolicy::from_config(v, &config)),
-        );
-        self.pool.set_limits(
-            config.delivery.idle_timeout,
-            config.delivery.max_messages_per_connection,
-        );
-        self.settler.reconfigure(config.delivery.clone());
-        self.scheduler.reconfigure(config.delivery.clone());
-        self.enqueue
-            .set_dkim(dkim.with_metrics(self.metrics.clone()));
-        self.send_time.set_config(config.sendtime.clone());
-        let starttls = self.server.tls.is_some();
-        self.server.config.set(session_config(
-            &config,
-            starttls,
-            &self.intake,
-            &self.feedback,
-            &self.metrics,
-        ));
-        self.server.limits.set(
-            config.limits.max_connections,
-            config.limits.max_connections_per_ip,
-        );
-        self.admin_limits.set(config.limits);
+            .set_routes(reloaded.config.routes.iter().map(|r| r.domain.as_str()));
+        self.feedback.reconfigure(&reloaded);
+        self.intake.reconfigure(&reloaded);
+        self.delivery.reconfigure(&reloaded);
+        self.listeners.reconfigure(&reloaded);
+        self.admin.reconfigure(&reloaded);
+        let config = reloaded.config;
         if config.log.level != running.log.level {
             if let Some(set_level) = &self.log_level {
                 // The level was validated when the config compiled, so this should not fail;
@@ -495,12 +350,12 @@ impl Daemon {
     }
 
     pub fn smtp_addresses(&self) -> &[SocketAddr] {
-        &self.smtp_addresses
+        self.listeners.addresses()
     }
 
     /// Where the admin HTTP server (`GET /metrics`) listens.
     pub fn admin_address(&self) -> SocketAddr {
-        self.admin_address
+        self.admin.address()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -512,58 +367,51 @@ impl Daemon {
     }
 
     pub fn scheduler(&self) -> &Scheduler {
-        &self.scheduler
+        &self.delivery.scheduler
     }
 
-    /// The pre-enqueue stage (campaigns, bandit state, tracked engagement).
+    /// The pre-enqueue campaign stage (campaigns, bandit state, tracked engagement).
     pub fn sidecar(&self) -> &Arc<Sidecar> {
-        &self.sidecar
+        &self.intake.sidecar
+    }
+
+    /// The suppression list and events, as the sessions, the settler and the API use them.
+    pub fn feedback(&self) -> &Feedback {
+        &self.feedback.feedback
     }
 
     /// Waits until every delivery-log line recorded so far is written to the file. The
     /// settler records an attempt's lines before it writes the spool, so after a spool change
     /// is seen, this makes that attempt's lines readable.
     pub async fn flush_delivery_log(&self) {
-        self.delivery_log.flush().await;
+        self.delivery.log.flush().await;
     }
 
-    /// Stops accepting, waits up to the grace period for sessions, flushes the spool.
+    /// Stops accepting, lets every subsystem drain within the grace period, waits for every
+    /// background task, then flushes the delivery log and the spool.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        self.feedback_tasks.wait().await;
-        self.listeners.wait().await;
-        self.sessions.close();
-        if tokio::time::timeout(self.grace, self.sessions.wait())
+        let grace = self.grace;
+        self.background.stop.cancel();
+        self.feedback.shutdown(grace).await;
+        self.listeners.shutdown(grace).await;
+        let log = self.delivery.log.clone();
+        self.delivery.shutdown(grace).await;
+        self.intake.shutdown(grace).await;
+        // Scrapes and API calls answered while the rest drained; the admin server stops
+        // before the background tasks are waited for, so none can start after the wait.
+        self.admin.shutdown(grace).await;
+        self.background.tasks.close();
+        if tokio::time::timeout(grace, self.background.tasks.wait())
             .await
             .is_err()
         {
-            // Sessions still open have not been told 250 for any unfinished message, so
-            // dropping them loses nothing that was accepted.
             warn!(
-                remaining = self.sessions.len(),
-                "grace period over, closing remaining sessions"
+                remaining = self.background.tasks.len(),
+                "background tasks still running after the grace period"
             );
         }
-        // Attempts in flight finish (their own timeouts bound them) or are abandoned: an
-        // abandoned attempt leaves its message pending in the spool, to be retried.
-        self.scheduler.shutdown(self.grace).await;
-        self.pool.close_all().await;
-        // Exact warm-up counts, so a restart neither loses nor gives back reservations.
-        self.shaper.flush().await;
-        self.delivery_log.flush().await;
-        self.stop_sidecar.cancel();
-        if let Err(e) = self.sidecar_batches.await {
-            warn!(error = %e, "sidecar batch task failed");
-        }
+        log.flush().await;
         self.spool.flush().await.context("final spool flush")?;
-        // Scrapes answer while draining; the admin server stops last, within the grace period
-        // (its graceful shutdown waits for open HTTP connections).
-        self.stop_admin.cancel();
-        let mut admin = self.admin;
-        if tokio::time::timeout(self.grace, &mut admin).await.is_err() {
-            warn!("admin server still busy after the grace period, aborting it");
-            admin.abort();
-        }
         info!("stopped");
         Ok(())
     }
@@ -657,13 +505,13 @@ pub async fn serve(
         warn!(error = %err, "sd_notify READY failed");
     }
     let stop_watchdog = CancellationToken::new();
-    if let Some(interval) = notify::watchdog_interval() {
+    let pinging = notify::watchdog_interval().map(|interval| {
         tokio::spawn(watchdog(
             daemon.spool.clone(),
             interval,
             stop_watchdog.clone(),
-        ));
-    }
+        ))
+    });
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: draining"); break }
@@ -673,7 +521,7 @@ pub async fn serve(
                 let _ = notify::reloading();
                 // Log rotation: the delivery log follows its path to a new file (also when the
                 // config does not validate).
-                daemon.delivery_log.reopen();
+                daemon.delivery.log.reopen();
                 // Errors are logged and counted by reload_file; the daemon keeps running.
                 let _ = daemon.reload_file(config_path);
                 let _ = notify::notify("READY=1");
@@ -682,6 +530,9 @@ pub async fn serve(
     }
     let _ = notify::notify("STOPPING=1");
     stop_watchdog.cancel();
+    if let Some(pinging) = pinging {
+        let _ = pinging.await;
+    }
     daemon.shutdown().await
 }
 

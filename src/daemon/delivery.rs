@@ -1,0 +1,165 @@
+//! The delivery subsystem: routing, the outbound connection pool, the delivery worker,
+//! shaping, the settler and the scheduler that drives them.
+//!
+//! Started after intake and feedback (the settler commits DSNs through the enqueue and
+//! reports outcomes to feedback). Shutdown lets attempts in flight finish within the grace
+//! period (an abandoned attempt leaves its message pending in the spool), QUITs idle
+//! connections, stores exact warm-up counts and flushes the delivery log.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tern_queue::Spool;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tracing::warn;
+
+use super::{Background, Reloaded, Subsystem};
+use crate::bounce::classify::Classifier;
+use crate::config::Config;
+use crate::delivery::client::ClientSettings;
+use crate::delivery::pool::Pool;
+use crate::delivery::worker::{VerpPolicy, Worker};
+use crate::enqueue::{Enqueue, NewMessage};
+use crate::feedback::Feedback;
+use crate::maillog::DeliveryLog;
+use crate::outcome::Settler;
+use crate::routing::dns::HickoryResolver;
+use crate::routing::route::Router;
+use crate::scheduler::Scheduler;
+use crate::shaping::Shaper;
+use crate::telemetry::Metrics;
+use crate::tls::{load_roots, SYSTEM_ROOTS};
+use crate::verp::Verp;
+
+pub struct Delivery {
+    pub router: Arc<Router>,
+    pub pool: Arc<Pool>,
+    pub worker: Arc<Worker>,
+    pub settler: Arc<Settler>,
+    pub scheduler: Scheduler,
+    pub shaper: Arc<Shaper>,
+    pub log: DeliveryLog,
+    /// The VERP key read at start (`bounce.verp_key_file` is a restart key).
+    verp: Option<Verp>,
+}
+
+/// What the delivery subsystem is built from.
+pub struct DeliveryParts {
+    pub spool: Spool,
+    pub metrics: Arc<Metrics>,
+    pub log: DeliveryLog,
+    pub shaper: Arc<Shaper>,
+    pub enqueue: Enqueue,
+    pub feedback: Feedback,
+    pub classifier: Arc<Classifier>,
+    pub verp: Option<Verp>,
+    pub passwords: HashMap<PathBuf, String>,
+    pub new_mail: UnboundedReceiver<Vec<NewMessage>>,
+}
+
+impl Delivery {
+    pub fn start(config: &Config, parts: DeliveryParts, bg: &Background) -> anyhow::Result<Self> {
+        let resolver = HickoryResolver::new(&config.delivery.nameservers)
+            .context("delivery.nameservers: cannot set up the DNS resolver")?;
+        let router = Arc::new(Router::new(
+            &config.routes,
+            config.delivery.tls,
+            Arc::new(resolver),
+        ));
+        let pool = Pool::new(
+            config.delivery.idle_timeout,
+            config.delivery.max_messages_per_connection,
+        );
+        let reaper = pool.spawn_reaper(bg.stop.clone());
+        bg.tasks.spawn(async move {
+            let _ = reaper.await;
+        });
+        // Verified TLS (routes with tls = "required") trusts the system's CA bundle.
+        let roots = load_roots(Path::new(SYSTEM_ROOTS)).unwrap_or_else(|err| {
+            warn!(path = SYSTEM_ROOTS, error = %err, "no CA bundle: required TLS will fail");
+            rustls::RootCertStore::empty()
+        });
+        let settings = ClientSettings::new(
+            config.server.hostname.clone(),
+            config.delivery.timeouts,
+            roots,
+        );
+        let worker = Arc::new(Worker::new(
+            router.clone(),
+            pool.clone(),
+            settings,
+            &config.delivery,
+            parts.passwords,
+        ));
+        worker.set_verp(
+            parts
+                .verp
+                .clone()
+                .map(|v| VerpPolicy::from_config(v, config)),
+        );
+        let settler = Arc::new(Settler::new(
+            parts.spool.clone(),
+            parts.enqueue,
+            parts.feedback,
+            parts.log.clone(),
+            config.delivery.clone(),
+            config.server.hostname.clone(),
+            parts.metrics.clone(),
+            parts.classifier,
+        ));
+        let scheduler = Scheduler::start(
+            parts.spool,
+            router.clone(),
+            worker.clone(),
+            settler.clone(),
+            parts.shaper.clone(),
+            config.delivery.clone(),
+            parts.metrics,
+            parts.new_mail,
+        )
+        .context("spool.path: cannot read the stored suspensions")?;
+        Ok(Delivery {
+            router,
+            pool,
+            worker,
+            settler,
+            scheduler,
+            shaper: parts.shaper,
+            log: parts.log,
+            verp: parts.verp,
+        })
+    }
+}
+
+impl Subsystem for Delivery {
+    fn reconfigure(&self, reloaded: &Reloaded) {
+        let config = &reloaded.config;
+        self.router.set_routes(&config.routes, config.delivery.tls);
+        self.worker
+            .reconfigure(&config.delivery, reloaded.passwords.clone());
+        self.worker.set_verp(
+            self.verp
+                .clone()
+                .map(|v| VerpPolicy::from_config(v, config)),
+        );
+        self.pool.set_limits(
+            config.delivery.idle_timeout,
+            config.delivery.max_messages_per_connection,
+        );
+        self.settler.reconfigure(config.delivery.clone());
+        self.scheduler.reconfigure(config.delivery.clone());
+    }
+
+    async fn shutdown(self, grace: Duration) {
+        // Attempts in flight finish (their own timeouts bound them) or are abandoned: an
+        // abandoned attempt leaves its message pending in the spool, to be retried.
+        self.scheduler.shutdown(grace).await;
+        self.pool.close_all().await;
+        // Exact warm-up counts, so a restart neither loses nor gives back reservations.
+        self.shaper.flush().await;
+        self.log.flush().await;
+    }
+}

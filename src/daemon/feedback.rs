@@ -1,0 +1,110 @@
+//! The feedback subsystem: the suppression list, events and their webhook senders, and the
+//! bounce processor that turns mail to the bounce domains into suppressions and events.
+//!
+//! Its tasks stop with the daemon's stop token; shutdown waits for them (a webhook batch in
+//! flight ends, an inbound record being processed is finished or left for the next start).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tern_queue::Spool;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+
+use super::{Background, Reloaded, Subsystem};
+use crate::bounce::classify::Classifier;
+use crate::config::Config;
+use crate::events::Events;
+use crate::feedback::{Feedback, Processor};
+use crate::maillog::DeliveryLog;
+use crate::suppression::Suppressions;
+use crate::telemetry::Metrics;
+use crate::verp::Verp;
+
+pub struct FeedbackSystem {
+    pub feedback: Feedback,
+    /// The webhook senders and the bounce processor.
+    tasks: TaskTracker,
+}
+
+impl FeedbackSystem {
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        config: &Config,
+        spool: &Spool,
+        log: &DeliveryLog,
+        metrics: &Arc<Metrics>,
+        classifier: Arc<Classifier>,
+        verp: Option<Verp>,
+        bg: &Background,
+    ) -> anyhow::Result<Self> {
+        let events = Events::new(
+            spool.clone(),
+            config.webhooks.len(),
+            log.clone(),
+            metrics.clone(),
+            bg.tasks.clone(),
+        );
+        let suppressions =
+            Suppressions::new(spool.clone(), config.suppression.clone(), metrics.clone());
+        // A scan of every outbox and of the whole list: in the background, so a large backlog
+        // or list does not delay the start.
+        let (counting, counted) = (events.clone(), suppressions.clone());
+        bg.tasks.spawn_blocking(move || {
+            if let Err(err) = counting.count_backlogs() {
+                warn!(error = %err, "cannot count the webhook outboxes for metrics");
+            }
+            if let Err(err) = counted.count_entries() {
+                warn!(error = %err, "cannot count the suppression list for metrics");
+            }
+        });
+        let feedback = Feedback::new(
+            suppressions,
+            events.clone(),
+            config.bounce.domains.clone(),
+            metrics.clone(),
+        );
+        let tasks = TaskTracker::new();
+        for (i, hook) in config.webhooks.iter().enumerate() {
+            let secret = std::fs::read(&hook.secret_file).with_context(|| {
+                format!(
+                    "webhooks[{i}].secret_file: cannot read {}",
+                    hook.secret_file.display()
+                )
+            })?;
+            let secret = secret.trim_ascii().to_vec();
+            let tls = crate::events::webhook::connector(hook)
+                .map_err(|e| anyhow::anyhow!("webhooks[{i}].ca_file: {e}"))?;
+            tasks.spawn(crate::events::webhook::run(
+                events.clone(),
+                i,
+                hook.clone(),
+                tls,
+                secret,
+                bg.stop.clone(),
+            ));
+        }
+        tasks.spawn(
+            Processor {
+                spool: spool.clone(),
+                feedback: feedback.clone(),
+                classifier,
+                verp,
+            }
+            .run(bg.stop.clone()),
+        );
+        tasks.close();
+        Ok(FeedbackSystem { feedback, tasks })
+    }
+}
+
+impl Subsystem for FeedbackSystem {
+    /// Webhooks, bounce domains and the suppression mode are restart keys: nothing here
+    /// changes live.
+    fn reconfigure(&self, _reloaded: &Reloaded) {}
+
+    async fn shutdown(self, _grace: Duration) {
+        self.tasks.wait().await;
+    }
+}
