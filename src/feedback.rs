@@ -20,7 +20,7 @@
 //! suppression list, the events, the bounce domains and the processor's wake-up.
 
 use crate::bounce::classify::Classifier;
-use crate::bounce::{self, Action, Kind};
+use crate::bounce::{self, Kind, ReportedAction};
 use crate::events::{self, Event, Events};
 use crate::suppression::Suppressions;
 use crate::taxonomy::Category;
@@ -228,11 +228,15 @@ impl Processor {
                         Some(r) => match r.action {
                             // A report that the message's lifetime ran out (4.4.7) is an
                             // expiry, like one tern's own queue reports.
-                            Action::Failed if r.category == Category::Expired => {
+                            ReportedAction::Failed if r.category == Category::Expired => {
                                 (events::Kind::Expired, r.category, r.hard, true)
                             }
-                            Action::Failed => (events::Kind::Bounced, r.category, r.hard, true),
-                            Action::Delayed => (events::Kind::Deferred, r.category, false, false),
+                            ReportedAction::Failed => {
+                                (events::Kind::Bounced, r.category, r.hard, true)
+                            }
+                            ReportedAction::Delayed => {
+                                (events::Kind::Deferred, r.category, false, false)
+                            }
                             _ => continue,
                         },
                         None => (events::Kind::Bounced, Category::Other, false, true),

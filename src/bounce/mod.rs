@@ -62,10 +62,11 @@ impl Kind {
     }
 }
 
-/// RFC 3464 Action values.
+/// The RFC 3464 `Action` of a recipient in a report that came back (the DSNs tern writes use
+/// [`crate::outcome::dsn::Action`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Action {
+pub enum ReportedAction {
     Failed,
     Delayed,
     Delivered,
@@ -73,15 +74,15 @@ pub enum Action {
     Expanded,
 }
 
-impl Action {
-    fn parse(value: &str) -> Option<Action> {
+impl ReportedAction {
+    fn parse(value: &str) -> Option<ReportedAction> {
         let word = value.split_whitespace().next()?.to_ascii_lowercase();
         Some(match word.as_str() {
-            "failed" => Action::Failed,
-            "delayed" => Action::Delayed,
-            "delivered" => Action::Delivered,
-            "relayed" => Action::Relayed,
-            "expanded" => Action::Expanded,
+            "failed" => ReportedAction::Failed,
+            "delayed" => ReportedAction::Delayed,
+            "delivered" => ReportedAction::Delivered,
+            "relayed" => ReportedAction::Relayed,
+            "expanded" => ReportedAction::Expanded,
             _ => return None,
         })
     }
@@ -89,19 +90,19 @@ impl Action {
     /// The status to assume when a report gives none.
     fn default_status(self) -> &'static str {
         match self {
-            Action::Failed => "5.0.0",
-            Action::Delayed => "4.0.0",
+            ReportedAction::Failed => "5.0.0",
+            ReportedAction::Delayed => "4.0.0",
             _ => "2.0.0",
         }
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
-            Action::Failed => "failed",
-            Action::Delayed => "delayed",
-            Action::Delivered => "delivered",
-            Action::Relayed => "relayed",
-            Action::Expanded => "expanded",
+            ReportedAction::Failed => "failed",
+            ReportedAction::Delayed => "delayed",
+            ReportedAction::Delivered => "delivered",
+            ReportedAction::Relayed => "relayed",
+            ReportedAction::Expanded => "expanded",
         }
     }
 }
@@ -122,7 +123,7 @@ pub struct BounceRecipient {
     pub original_recipient: Option<String>,
     /// Enhanced status (RFC 3463), given or derived; `null` for complaints and auto-replies.
     pub status: Option<String>,
-    pub action: Action,
+    pub action: ReportedAction,
     /// The remote server's text (or the feedback type / auto-reply subject).
     pub diagnostic: Option<String>,
     pub category: Category,
@@ -253,7 +254,7 @@ fn complaint(mut addresses: Vec<String>, feedback_type: Option<String>) -> Repor
                 address,
                 original_recipient: None,
                 status: None,
-                action: Action::Delivered,
+                action: ReportedAction::Delivered,
                 diagnostic: feedback_type.clone(),
                 category: Category::Complaint,
                 hard: Category::Complaint.is_hard(None),
@@ -347,7 +348,7 @@ fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Rep
                 });
             let text = diagnostic.as_deref().unwrap_or("");
             let action = fields::get(&group, "action")
-                .and_then(Action::parse)
+                .and_then(ReportedAction::parse)
                 .unwrap_or_else(|| implied_action(status, text));
             let status = classify::specific_status(status, text);
             let c =
@@ -388,12 +389,12 @@ fn is_recipient_group(group: &fields::Group) -> bool {
 /// NDRs): a 2.x.x status was delivered; a 4.x.x one is a delay unless it is x.4.7 ("delivery
 /// time expired", final by definition) or the server's reply was permanent (`550 4.4.7
 /// QUEUE.Expired`); anything else failed.
-fn implied_action(status: Option<&str>, diagnostic: &str) -> Action {
+fn implied_action(status: Option<&str>, diagnostic: &str) -> ReportedAction {
     let permanent_reply = classify::basic_in(diagnostic).is_some_and(|code| code >= 500);
     match status.map(|s| (s.as_bytes()[0], s)) {
-        Some((b'2', _)) => Action::Delivered,
-        Some((b'4', s)) if !s.ends_with(".4.7") && !permanent_reply => Action::Delayed,
-        _ => Action::Failed,
+        Some((b'2', _)) => ReportedAction::Delivered,
+        Some((b'4', s)) if !s.ends_with(".4.7") && !permanent_reply => ReportedAction::Delayed,
+        _ => ReportedAction::Failed,
     }
 }
 
@@ -416,9 +417,9 @@ fn recipient_address(group: &fields::Group) -> Option<String> {
 fn text_bounce(message: &Message<'_>, body: &str, classifier: &Classifier) -> Report {
     let parsed = text::parse(body).unwrap_or_default();
     let action = if parsed.delayed {
-        Action::Delayed
+        ReportedAction::Delayed
     } else {
-        Action::Failed
+        ReportedAction::Failed
     };
     let mut found = parsed.recipients;
     if found.is_empty() {
@@ -485,7 +486,7 @@ fn auto_reply(message: &Message<'_>) -> Report {
                 address,
                 original_recipient: None,
                 status: None,
-                action: Action::Delivered,
+                action: ReportedAction::Delivered,
                 diagnostic: message.subject().map(text::tidy),
                 category: Category::AutoReply,
                 hard: false,
