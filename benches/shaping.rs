@@ -59,7 +59,12 @@ fn shaping(c: &mut Criterion) {
         timeout: std::time::Duration::from_millis(250),
         retry: std::time::Duration::from_secs(5),
     };
-    let store = rt.block_on(SharedStore::connect(&shared, Arc::new(Metrics::new())));
+    let store = rt.block_on(SharedStore::connect(
+        &shared,
+        Arc::new(Metrics::new()),
+        tokio_util::task::TaskTracker::new(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
     assert!(store.is_up(), "the bench's redis-server answers");
     let backend = Backend::Shared(store);
     admit_and_observe(c, &rt, backend.clone(), ", shared store");

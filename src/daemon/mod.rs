@@ -174,7 +174,10 @@ impl Daemon {
         })?;
         let verp = read_verp_key(&config)?;
         let backend = match &config.shaping.shared {
-            Some(shared) => Backend::Shared(SharedStore::connect(shared, metrics.clone()).await),
+            Some(shared) => Backend::Shared(
+                SharedStore::connect(shared, metrics.clone(), bg.tasks.clone(), bg.stop.clone())
+                    .await,
+            ),
             None => Backend::Local,
         };
         let shaper = Shaper::new(&config, spool.clone(), backend, metrics.clone());

@@ -35,6 +35,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::Duration;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 /// How long a connection lease lives in the store without renewal (its node died).
@@ -136,12 +138,21 @@ pub struct SharedStore {
     /// This node's lease ids are "<node>:<n>".
     node: u64,
     next_lease: AtomicU64,
+    /// The daemon's tracker of background work: lease renewal and lease releases run on it,
+    /// so shutdown waits for them.
+    tasks: TaskTracker,
 }
 
 impl SharedStore {
     /// Connects (waiting at most `shaping.shared_timeout`; a node that cannot reach the store
-    /// starts on fallback limits) and starts the task that renews leases and reconnects.
-    pub async fn connect(config: &SharedConfig, metrics: Arc<Metrics>) -> Arc<SharedStore> {
+    /// starts on fallback limits) and starts the task that renews leases and reconnects, on
+    /// `tasks`, until `stop`.
+    pub async fn connect(
+        config: &SharedConfig,
+        metrics: Arc<Metrics>,
+        tasks: TaskTracker,
+        stop: CancellationToken,
+    ) -> Arc<SharedStore> {
         let store = Arc::new(SharedStore {
             // The config reader opened this URL once already.
             client: redis::Client::open(config.url.as_str()).expect("checked shaping.shared"),
@@ -152,6 +163,7 @@ impl SharedStore {
             leases: Mutex::new(HashMap::new()),
             node: rand::random(),
             next_lease: AtomicU64::new(0),
+            tasks,
         });
         store.metrics.shared_store().up.set(0);
         if let Err(err) = store.reconnect().await {
@@ -159,7 +171,7 @@ impl SharedStore {
             warn!(url = %store.url_for_logs(), error = %err, node_count = store.config.node_count,
                 "shared shaping store unreachable: local limits divided by shaping.node_count");
         }
-        tokio::spawn(maintain(Arc::downgrade(&store)));
+        store.tasks.spawn(maintain(Arc::downgrade(&store), stop));
         store
     }
 
@@ -271,11 +283,11 @@ impl SharedStore {
         let Some(key) = lock(&self.leases).remove(&id) else {
             return;
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        if tokio::runtime::Handle::try_current().is_err() {
             return; // no runtime left: the lease expires
-        };
+        }
         let store = self.clone();
-        runtime.spawn(async move {
+        self.tasks.spawn(async move {
             if !store.is_up() {
                 return; // it expires
             }
@@ -342,15 +354,18 @@ fn redacted(url: &str) -> String {
     }
 }
 
-/// Renews leases while up; reconnects while down. Ends with the store.
-async fn maintain(store: Weak<SharedStore>) {
+/// Renews leases while up; reconnects while down. Ends with the store or at `stop`.
+async fn maintain(store: Weak<SharedStore>, stop: CancellationToken) {
     loop {
         let pause = match store.upgrade() {
             Some(s) if s.is_up() => LEASE_TTL / 3,
             Some(s) => s.config.retry,
             None => return,
         };
-        tokio::time::sleep(pause).await;
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.cancelled() => return,
+        }
         let Some(store) = store.upgrade() else {
             return;
         };
