@@ -47,7 +47,7 @@ use tracing::warn;
 pub struct NewMessage {
     pub id: MessageId,
     pub domain: String,
-    /// The source-IP pool recorded at ingest, if any.
+    /// The source-IP pool recorded at enqueue, if any.
     pub pool: Option<String>,
     /// Its `next_due_ms`: later than now when it is held until a `not_before` time.
     pub due_ms: u64,

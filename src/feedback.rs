@@ -37,7 +37,7 @@ use tracing::{info, warn};
 /// Records are looked for at least this often (besides the wake-up after each commit).
 const POLL: Duration = Duration::from_secs(5);
 
-/// Shared by ingest (and through it the SMTP session and HTTP injection), the settler and
+/// Shared by the enqueue, the SMTP session, HTTP injection, the settler and
 /// the admin API.
 #[derive(Clone)]
 pub struct Feedback {

@@ -62,7 +62,7 @@ impl Policy {
 
 /// In `suppression.mode = "reject"`: the refusal for a suppressed `address`, with a
 /// `suppressed` event (emitted in the background; `source` is `smtp` or `http`). In drop
-/// mode ingest drops the recipient instead, so this answers `None`.
+/// mode the enqueue drops the recipient instead, so this answers `None`.
 pub fn suppressed(feedback: &Feedback, address: &str, source: &'static str) -> Option<Reply> {
     if feedback.suppressions.mode() != SuppressionMode::Reject {
         return None;

@@ -5,7 +5,7 @@
 //! - [`error`]: [`error::ApiError`], the JSON error answer, and [`error::ApiJson`], the JSON
 //!   body extractor that answers malformed input with 400.
 //! - [`queue`]: `/api/v1/queue/*`, the spool seen and managed by the operator.
-//! - [`inject`]: `POST /api/v1/inject`, mail submitted over HTTP into the SMTP ingest path.
+//! - [`inject`]: `POST /api/v1/inject`, mail submitted over HTTP into the same intake as SMTP.
 //! - [`suppression`]: `/api/v1/suppressions`, the suppression list (list, add, remove, CSV).
 //! - [`client`]: the blocking HTTP client the `tern` CLI uses to call the API.
 //! - [`shaping`]: `GET /api/v1/shaping[/{bucket}]`, traffic-shaping state.

@@ -3,10 +3,10 @@
 //! - [`profile`]: one recipient's decayed hour-of-week counts (the event store's record).
 //! - [`model`]: priors (global, empirical Bayes, k-means segments), the activity estimate
 //!   and the choice of a send time in a window.
-//! - [`hook`]: the `X-Tern-Send-Time` control header at ingest.
+//! - [`hook`]: the `X-Tern-Send-Time` control header, for the send-time stage.
 //! - [`simulate`]: the seeded audience simulator behind `tern sidecar simulate`.
 //!
-//! [`SendTime`] is the service the daemon shares (ingest asks it for `not_before`, the
+//! [`SendTime`] is the service the daemon shares (it is the send-time stage and the enqueue's `SendPlanner`, the
 //! events API and the tracking endpoints feed it, and its refit applies the sunset policy:
 //! recipients dormant beyond `sendtime.sunset_after` join the suppression list). Profiles live in the spool's meta keyspace under
 //! `sendtime/<address>` (lowercased), about 2 KB each, updated in place per event; raw events

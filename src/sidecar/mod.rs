@@ -1,6 +1,6 @@
 //! The sidecar: the pre-enqueue stage that turns a campaign request into per-recipient mail.
 //!
-//! [`Sidecar::apply`] runs inside [`Ingest`](crate::enqueue::Ingest) before the Received header
+//! [`Sidecar::apply`] is the first stage [`crate::intake`] runs, before the Received header
 //! and DKIM signing. It strips every `X-Tern-*` control header ([`control`]), and for a message
 //! that names a campaign (header `X-Tern-Campaign` or the `sidecar` field of
 //! `POST /api/v1/inject`) renders the campaign's minijinja templates once per recipient:
@@ -11,7 +11,7 @@
 //! `not_before`.
 //!
 //! Invariants: mail without control headers or a `sidecar` request never gets here (the
-//! ingest checks [`wanted`], a scan of the header section); the stage never fails a message:
+//! stage checks [`wanted`], a scan of the header section); the stage never fails a message:
 //! an unknown campaign, bad data, a template error, a model failure or a missed deadline all
 //! fall back (plain message or the slots' defaults) and say why; the message's own headers
 //! (From, To, List-Unsubscribe, List-Unsubscribe-Post, ...) are kept byte for byte, only

@@ -6,7 +6,7 @@
 //! A token is `base64url(JSON claims) "." base64url(HMAC-SHA256(key, claims)[..16])`. The
 //! claims name the campaign, recipient, variant and Message-ID, and for a click the target
 //! URL. Invariants: an unsigned or altered token is refused (404) and records nothing; the
-//! redirect only goes to a URL that our ingest put into a signed token, and those come only
+//! redirect only goes to a URL that our own rendering put into a signed token, and those come only
 //! from the rendered template's `href`s (generated text cannot contain URLs, see
 //! [`super::guard`]); the open pixel never fails for a valid token.
 //!

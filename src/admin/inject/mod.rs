@@ -202,7 +202,7 @@ fn submission(
         )));
     }
     // Reject mode refuses the whole call, naming every suppressed recipient, so the app can
-    // drop them and call again (an HTTP call cannot be half-accepted). Drop mode: ingest
+    // drop them and call again (an HTTP call cannot be half-accepted). Drop mode: enqueue
     // drops them.
     let refused: Vec<String> = recipients
         .iter()
