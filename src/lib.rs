@@ -9,7 +9,7 @@
 //! - 1, values: [`message`] (Submission, the Stage trait, dates, addresses), [`tls`],
 //!   [`taxonomy`] (bounce categories and rules).
 //! - 2: [`config`].
-//! - 3, domain: [`auth`], [`verp`], [`bounce`], [`dkim`], [`maillog`], [`routing`],
+//! - 3, domain: [`auth`], [`verp`], [`origin`], [`bounce`], [`dkim`], [`maillog`], [`routing`],
 //!   [`suppression`], [`events`].
 //! - 4, services: [`delivery`], [`shaping`], [`feedback`], [`sidecar`], [`sendtime`],
 //!   [`enqueue`], [`outcome`].
@@ -34,6 +34,7 @@ pub mod bounce;
 pub mod dkim;
 pub mod events;
 pub mod maillog;
+pub mod origin;
 pub mod routing;
 pub mod suppression;
 pub mod verp;

@@ -27,6 +27,7 @@ const FLOORS: &[(&str, u8)] = &[
     // 3: domain
     ("auth", 3),
     ("verp", 3),
+    ("origin", 3),
     ("bounce", 3),
     ("dkim", 3),
     ("maillog", 3),
