@@ -879,3 +879,105 @@ impl Scheduler {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_700_000_000_000;
+    const WINDOW_MS: u64 = 60_000;
+
+    fn id(n: u64) -> MessageId {
+        format!("{n:016X}").parse().unwrap()
+    }
+
+    #[test]
+    fn load_window_reaches_a_minute_ahead_and_fills_memory_up_to_the_cap() {
+        assert_eq!(MAX_IN_MEMORY, 200_000);
+        assert_eq!(
+            LoadWindow::at(NOW, 0),
+            Some(LoadWindow {
+                horizon: NOW + WINDOW_MS,
+                room: 200_000,
+                limit: 200_000,
+            })
+        );
+        // Nearly full: room for the rest only, but the read asks past the ids in memory.
+        assert_eq!(
+            LoadWindow::at(NOW, 199_990),
+            Some(LoadWindow {
+                horizon: NOW + WINDOW_MS,
+                room: 10,
+                limit: 200_000,
+            })
+        );
+        assert_eq!(LoadWindow::at(NOW, 200_000), None, "full: nothing loaded");
+        assert_eq!(LoadWindow::at(NOW, 200_001), None);
+    }
+
+    #[test]
+    fn only_what_falls_due_within_the_window_waits_in_memory() {
+        assert!(due_soon(NOW - 1, NOW), "overdue");
+        assert!(due_soon(NOW + WINDOW_MS, NOW), "the window's end is inside");
+        assert!(
+            !due_soon(NOW + WINDOW_MS + 1, NOW),
+            "later: left in the spool"
+        );
+    }
+
+    #[test]
+    fn admit_takes_in_at_most_the_room_and_leaves_the_rest_for_the_next_pass() {
+        let mut state = State::default();
+        state.in_memory.insert(id(2)); // in flight: skipped, not counted
+        let due = vec![
+            (NOW, id(1)),
+            (NOW, id(2)),
+            (NOW + 10, id(3)),
+            (NOW + 20, id(4)),
+        ];
+        assert_eq!(state.admit(due.clone(), 2), 2);
+        assert_eq!(
+            state.timers.iter().copied().collect::<Vec<_>>(),
+            [(NOW, id(1)), (NOW + 10, id(3))],
+            "the earliest two, on timers for their due time"
+        );
+        assert!(
+            !state.in_memory.contains(&id(4)),
+            "beyond the room: not loaded"
+        );
+
+        // The next pass reads the index again: what is in memory is skipped, the rest loads.
+        assert_eq!(state.admit(due, 2), 1);
+        assert!(state.in_memory.contains(&id(4)));
+        assert!(state.timers.contains(&(NOW + 20, id(4))));
+        assert!(!state.timers.iter().any(|&(_, i)| i == id(2)));
+        assert_eq!(state.admit(Vec::new(), 5), 0);
+    }
+
+    #[test]
+    fn take_due_releases_only_timers_due_by_now_earliest_first() {
+        let mut state = State::default();
+        for (t, n) in [(NOW + 1, 3), (NOW, 2), (NOW - 5, 1), (NOW + WINDOW_MS, 4)] {
+            state.timers.insert((t, id(n)));
+        }
+        assert_eq!(state.take_due(NOW), [id(1), id(2)]);
+        assert_eq!(state.take_due(NOW), [], "taken once");
+        assert_eq!(
+            state.timers.iter().copied().collect::<Vec<_>>(),
+            [(NOW + 1, id(3)), (NOW + WINDOW_MS, id(4))]
+        );
+        assert_eq!(state.take_due(NOW + WINDOW_MS), [id(3), id(4)]);
+        assert!(state.timers.is_empty());
+    }
+
+    #[test]
+    fn one_ready_queue_per_destination_and_pool() {
+        assert_eq!(queue_key(None, "mx:a.example"), "mx:a.example");
+        assert_eq!(queue_key(Some("bulk"), "mx:a.example"), "bulk/mx:a.example");
+        assert_ne!(
+            queue_key(Some("bulk"), "mx:a.example"),
+            queue_key(Some("transactional"), "mx:a.example"),
+            "pools never share a queue"
+        );
+    }
+}
