@@ -178,8 +178,12 @@ impl Suppressions {
         }
     }
 
-    /// The entry a bounce or complaint adds, if it adds one: hard results until removed,
-    /// failed results of a soft category for `soft_expiry`.
+    /// The policy that decides which bounces add an entry (see [`entry_for`]).
+    pub fn config(&self) -> &SuppressionConfig {
+        &self.config
+    }
+
+    /// The entry a bounce or complaint adds under this list's policy ([`entry_for`]).
     pub fn entry_for(
         &self,
         address: &str,
@@ -189,21 +193,43 @@ impl Suppressions {
         source: Option<String>,
         now_ms: u64,
     ) -> Option<Entry> {
-        let expires_ms = if hard {
-            None
-        } else if failed && self.config.soft_categories.contains(&category) {
-            Some(now_ms.saturating_add(self.config.soft_expiry.as_millis() as u64))
-        } else {
-            return None;
-        };
-        Some(Entry {
-            address: normalize(address),
-            reason: category.as_str().to_owned(),
-            created_ms: now_ms,
-            expires_ms,
+        entry_for(
+            &self.config,
+            address,
+            category,
+            hard,
+            failed,
             source,
-        })
+            now_ms,
+        )
     }
+}
+
+/// The entry a bounce or complaint adds under `config`, if it adds one: hard results until
+/// removed, failed results of a soft category for `soft_expiry`. Pure: nothing is stored.
+pub fn entry_for(
+    config: &SuppressionConfig,
+    address: &str,
+    category: Category,
+    hard: bool,
+    failed: bool,
+    source: Option<String>,
+    now_ms: u64,
+) -> Option<Entry> {
+    let expires_ms = if hard {
+        None
+    } else if failed && config.soft_categories.contains(&category) {
+        Some(now_ms.saturating_add(config.soft_expiry.as_millis() as u64))
+    } else {
+        return None;
+    };
+    Some(Entry {
+        address: normalize(address),
+        reason: category.as_str().to_owned(),
+        created_ms: now_ms,
+        expires_ms,
+        source,
+    })
 }
 
 /// Addresses are compared lowercase: local parts are case-insensitive at every mailbox

@@ -220,6 +220,12 @@ pub fn build(req: &DsnRequest<'_>) -> Option<Vec<u8>> {
     Some(msg)
 }
 
+/// Whether `address`'s NOTIFY asks for a DSN reporting `action`: the filter [`build`]
+/// applies, for callers that plan DSNs before building them.
+pub fn wanted(env: &Envelope, address: &str, action: Action) -> bool {
+    action.wanted_by(&notify_of(env, address))
+}
+
 /// The recipient's NOTIFY. One the envelope does not list gets the RFC 3461 default, so that
 /// a caller's mistake errs towards telling the sender.
 fn notify_of(env: &Envelope, address: &str) -> Notify {

@@ -3,7 +3,11 @@
 //!
 //! - [`retry`]: the retry schedule (pure functions of attempts and config).
 //! - [`dsn`]: RFC 3464 delivery status notifications.
-//! - [`Settler`]: applies one attempt's results to its envelope.
+//! - [`transition`]: what one attempt's results change (states, retry or expiry, delay
+//!   notice, DSNs, suppressions), as a plain value; pure.
+//! - [`Settler`]: applies one attempt's results to its envelope: the transition, then the
+//!   recording of what happened (log lines, metrics, events, suppressions), then the commit
+//!   (DSNs, then the spool write).
 //! - [`operator`]: the operator's actions on a message (hold, release, retry now, bounce,
 //!   delete) and suspension parking, serialised with `Settler::apply` by per-message locks.
 //!
@@ -15,13 +19,16 @@
 //! - Never a DSN for a message with a null sender.
 //! - An outcome is written only to the envelope still stored, under the message's lock: a
 //!   message deleted or bounced during its attempt stays gone and gets no second DSN.
-//! - Each outcome is an event (`crate::events`), queued before the spool write like the
-//!   DSNs; a permanent failure classified hard (or of a soft suppression category) adds the
-//!   recipient to the suppression list first.
+//! - Each outcome is an event (`crate::events`), emitted once the DSNs are queued and before
+//!   the spool write; a permanent failure classified hard (or of a soft suppression
+//!   category) adds the recipient to the suppression list first.
+//! - An attempt's delivery-log lines and metrics are recorded before its envelope is
+//!   re-read, so they are written even when its outcome is not.
 
 pub mod dsn;
 pub mod operator;
 pub mod retry;
+pub mod transition;
 
 use crate::bounce::classify::Classifier;
 use crate::clock::now_ms;
@@ -34,17 +41,15 @@ use crate::live::Live;
 use crate::maillog::{AttemptOutcome, AttemptRecord, DeliveryLog};
 use crate::message::Submission;
 use crate::routing::route::{RouteError, RoutePlan};
+use crate::suppression::Entry;
 use crate::taxonomy::Category;
 use crate::telemetry::Metrics;
 use dsn::{Action, DsnRecipient, DsnRequest};
-use retry::Deferral;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 use tern_queue::{BodyType, Envelope, MessageId, Recipient, RecipientState, Source, Spool};
 use tracing::{debug, info, warn};
-
-/// Enhanced status of a recipient that expired while still being retried (RFC 3463).
-const EXPIRED_STATUS: &str = "4.4.7";
+use transition::{Classified, Dsn, Transition};
 
 pub struct Settler {
     spool: Spool,
@@ -61,12 +66,11 @@ pub struct Settler {
     classifier: Arc<Classifier>,
 }
 
-/// One recipient's line in a DSN, owned while the DSN is built.
-struct Report {
-    index: usize,
-    action: Action,
-    status: String,
-    diagnostic: Option<String>,
+/// What an attempt publishes once its DSNs are durable: one event per result, and the
+/// suppression entries its bounces add, each with its event.
+struct Publication {
+    events: Vec<Event>,
+    suppress: Vec<(Entry, Event)>,
 }
 
 impl Settler {
@@ -145,9 +149,12 @@ impl Settler {
         self.apply(env, body, &plan.key, attempt).await
     }
 
+    /// The three steps of an attempt's outcome: the pure transition
+    /// ([`transition::settle`]), the recording of what happened ([`Settler::record`]) and the
+    /// commit ([`Settler::commit`]).
     async fn apply(
         &self,
-        mut env: Envelope,
+        env: Envelope,
         body: &[u8],
         destination: &str,
         attempt: Attempt,
@@ -156,83 +163,43 @@ impl Settler {
             return None;
         }
         let now = now_ms();
-        env.attempts += 1;
-        // This attempt's outcome decides the next due time, not a past suspension.
-        env.parked = false;
-        let mut reports = Vec::new();
-        for outcome in &attempt.outcomes {
-            let rcpt = &mut env.recipients[outcome.index];
-            rcpt.attempts += 1;
-            rcpt.last_reply = Some(outcome.reply.clone());
-            let (state, action) = match outcome.verdict {
-                Verdict::Delivered => (RecipientState::Delivered, Some(Action::Delivered)),
-                Verdict::Permanent => (RecipientState::Bounced, Some(Action::Failed)),
-                Verdict::Temporary => (RecipientState::Pending, None),
-            };
-            rcpt.state = state;
-            if let Some(action) = action {
-                reports.push(Report {
-                    index: outcome.index,
-                    action,
-                    status: outcome.status.clone(),
-                    diagnostic: Some(outcome.reply.clone()),
-                });
-            }
-        }
-
-        let pending: Vec<usize> = attempt
+        let classified: Vec<Classified<'_>> = attempt
             .outcomes
             .iter()
-            .filter(|o| o.verdict == Verdict::Temporary)
-            .map(|o| o.index)
+            .map(|outcome| Classified {
+                outcome,
+                category: (outcome.verdict != Verdict::Delivered)
+                    .then(|| self.classify(&outcome.status, &outcome.reply)),
+            })
             .collect();
-        let mut expired = false;
-        if !pending.is_empty() {
-            let config = self.config.get();
-            match retry::after_temporary_failure(&env, now, &config) {
-                Deferral::RetryAt(t) => env.next_due_ms = t,
-                Deferral::Expire => {
-                    expired = true;
-                    for &i in &pending {
-                        env.recipients[i].state = RecipientState::Expired;
-                        reports.push(Report {
-                            index: i,
-                            action: Action::Failed,
-                            status: EXPIRED_STATUS.to_string(),
-                            diagnostic: env.recipients[i].last_reply.clone(),
-                        });
-                    }
-                }
-            }
-            if !expired && retry::delay_notice_due(&env, env.delay_notified, now, &config) {
-                env.delay_notified = true;
-                for &i in &pending {
-                    let status = attempt
-                        .outcomes
-                        .iter()
-                        .find(|o| o.index == i)
-                        .map_or_else(|| "4.0.0".to_string(), |o| o.status.clone());
-                    reports.push(Report {
-                        index: i,
-                        action: Action::Delayed,
-                        status,
-                        diagnostic: env.recipients[i].last_reply.clone(),
-                    });
-                }
-            }
-        }
+        let transition = transition::settle(
+            env,
+            &classified,
+            &self.config.get(),
+            self.feedback.suppressions.config(),
+            now,
+        );
+        let publication = self.record(&transition, &attempt, destination);
+        self.commit(transition, body, attempt.host.as_deref(), publication)
+            .await
+    }
 
-        let feedback = &self.feedback;
-        let mut events = Vec::with_capacity(attempt.outcomes.len());
+    /// Records what the attempt did: metrics and delivery-log lines at once (they happened,
+    /// whatever becomes of the spool write), and returns the events and suppression entries
+    /// to publish once the DSNs are durable.
+    fn record(
+        &self,
+        transition: &Transition<'_>,
+        attempt: &Attempt,
+        destination: &str,
+    ) -> Publication {
+        let env = &transition.envelope;
+        let now = transition.now;
+        let mut events = Vec::with_capacity(transition.results.len());
         let mut suppress = Vec::new();
-        for outcome in &attempt.outcomes {
-            let rcpt = &env.recipients[outcome.index];
-            let result = match rcpt.state {
-                RecipientState::Delivered => AttemptOutcome::Delivered,
-                RecipientState::Bounced => AttemptOutcome::Bounced,
-                RecipientState::Expired => AttemptOutcome::Expired,
-                RecipientState::Pending => AttemptOutcome::Deferred,
-            };
+        for settled in &transition.results {
+            let rcpt = &env.recipients[settled.index];
+            let result = settled.result;
             self.metrics.delivery(destination, result.into());
             if result == AttemptOutcome::Delivered {
                 self.metrics.delivered(
@@ -240,7 +207,6 @@ impl Settler {
                     attempt.tls.is_some(),
                 );
             }
-            let category = self.category(result, &outcome.status, &outcome.reply);
             self.log.record(&AttemptRecord {
                 ts: UNIX_EPOCH + Duration::from_millis(now),
                 id: env.id,
@@ -252,46 +218,71 @@ impl Settler {
                 source_ip: attempt.source,
                 tls_version: attempt.tls.as_ref().map(|t| t.version.as_str()),
                 tls_cipher: attempt.tls.as_ref().map(|t| t.cipher.as_str()),
-                reply: &outcome.reply,
+                reply: settled.reply,
                 outcome: result,
                 attempt: rcpt.attempts,
                 delay_s: now.saturating_sub(env.created_ms) as f64 / 1000.0,
                 destination,
-                category,
+                category: settled.category,
             });
             let mut event = Event::new(event_kind(result), &rcpt.address, "delivery");
             event.id = Some(env.id);
             event.queue_id = Some(env.queue_id);
             event.sender = Some(env.sender.clone());
-            event.status = Some(outcome.status.clone());
-            event.category = category;
-            event.detail = Some(outcome.reply.clone());
-            if result == AttemptOutcome::Bounced {
-                // A synchronous 5xx classified hard (e.g. 5.1.1 user unknown) suppresses the
-                // address, as an asynchronous bounce would.
-                let category = category.unwrap_or(Category::Other);
-                let hard = category.is_hard(Some(&outcome.status));
-                event.hard = Some(hard);
-                let source = Some(env.queue_id.to_string());
-                if let Some(entry) = feedback.suppressions.entry_for(
-                    &rcpt.address,
-                    category,
-                    hard,
-                    true,
-                    source,
-                    now,
-                ) {
+            event.status = Some(settled.status.to_string());
+            event.category = settled.category;
+            event.detail = Some(settled.reply.to_string());
+            if let Some(bounce) = &settled.bounce {
+                event.hard = Some(bounce.hard);
+                if let Some(entry) = &bounce.suppress {
+                    let category = bounce.category;
                     let mut s = Event::new(EventKind::Suppressed, &rcpt.address, "delivery");
                     s.id = Some(env.id);
                     s.queue_id = Some(env.queue_id);
                     s.category = Some(category);
                     s.detail = Some(format!("added to the suppression list ({category})"));
-                    suppress.push((entry, s));
+                    suppress.push((entry.clone(), s));
                 }
             }
             events.push(event);
         }
+        Publication { events, suppress }
+    }
 
+    /// Adds the suppression entries, then emits the events (a suppression's event only if
+    /// it was stored).
+    async fn publish(&self, id: MessageId, publication: Publication) {
+        let Publication {
+            mut events,
+            suppress,
+        } = publication;
+        let feedback = &self.feedback;
+        if !suppress.is_empty() {
+            let (entries, added): (Vec<_>, Vec<_>) = suppress.into_iter().unzip();
+            match feedback.suppressions.add(entries).await {
+                Ok(()) => events.extend(added),
+                Err(err) => warn!(%id, error = %err, "cannot update the suppression list"),
+            }
+        }
+        feedback.events.emit(events).await;
+    }
+
+    /// Commits the transition under the message's lock: DSNs first, then the events and
+    /// suppressions, then the envelope's update or removal. Returns the next due time if the
+    /// message is still pending.
+    async fn commit(
+        &self,
+        transition: Transition<'_>,
+        body: &[u8],
+        remote: Option<&str>,
+        publication: Publication,
+    ) -> Option<u64> {
+        let Transition {
+            envelope: mut env,
+            dsns,
+            done,
+            ..
+        } = transition;
         // From here on the stored envelope is what counts: the operator may have acted on the
         // message while it was in flight (see `operator`).
         let _guard = self.locks.lock(env.id).await;
@@ -311,10 +302,7 @@ impl Settler {
                 return None;
             }
         }
-        if let Err(err) = self
-            .send_dsns(&env, body, attempt.host.as_deref(), &reports)
-            .await
-        {
+        if let Err(err) = self.send_dsns(&env, body, remote, &dsns).await {
             // The envelope is left as it was: the attempt is repeated later and the DSN with
             // it, rather than reporting nothing.
             warn!(id = %env.id, error = %err, "cannot queue DSN; outcome not recorded");
@@ -323,19 +311,8 @@ impl Settler {
 
         // Before the spool write: a crash after it would otherwise lose them; a crash before
         // it repeats the attempt and its events (at least once).
-        if !suppress.is_empty() {
-            let (entries, added): (Vec<_>, Vec<_>) = suppress.into_iter().unzip();
-            match feedback.suppressions.add(entries).await {
-                Ok(()) => events.extend(added),
-                Err(err) => warn!(id = %env.id, error = %err, "cannot update the suppression list"),
-            }
-        }
-        feedback.events.emit(events).await;
+        self.publish(env.id, publication).await;
 
-        let done = env
-            .recipients
-            .iter()
-            .all(|r| r.state != RecipientState::Pending);
         let written = if done {
             self.spool.remove(env.id).await
         } else {
@@ -354,45 +331,36 @@ impl Settler {
         }
     }
 
-    /// The bounce category of a failed attempt for the delivery log; an expiry is `expired`
-    /// whatever the last reply said.
-    fn category(&self, result: AttemptOutcome, status: &str, reply: &str) -> Option<Category> {
-        match result {
-            AttemptOutcome::Delivered | AttemptOutcome::Deleted | AttemptOutcome::Suppressed => {
-                None
-            }
-            AttemptOutcome::Complaint => Some(Category::Complaint),
-            AttemptOutcome::Expired => Some(Category::Expired),
-            AttemptOutcome::Deferred | AttemptOutcome::Bounced => {
-                let basic = crate::bounce::classify::basic_in(reply.get(..4).unwrap_or(reply));
-                Some(
-                    match basic {
-                        Some(basic) => self.classifier.classify_reply(basic, Some(status), reply),
-                        // A local failure (no connection, DNS, TLS): no reply code.
-                        None => self.classifier.classify(Some(status), None, reply, None),
-                    }
-                    .category,
-                )
-            }
+    /// The bounce category of a failed attempt's reply, for the log, the event and the
+    /// suppression list.
+    fn classify(&self, status: &str, reply: &str) -> Category {
+        let basic = crate::bounce::classify::basic_in(reply.get(..4).unwrap_or(reply));
+        match basic {
+            Some(basic) => self.classifier.classify_reply(basic, Some(status), reply),
+            // A local failure (no connection, DNS, TLS): no reply code.
+            None => self.classifier.classify(Some(status), None, reply, None),
         }
+        .category
     }
 
-    /// Queues the DSNs the reports call for: one per action (failed, delayed, delivered).
+    /// Queues the planned DSNs ([`transition::dsns`]) in order, each committed to the spool
+    /// before the next.
     async fn send_dsns(
         &self,
         env: &Envelope,
         body: &[u8],
         remote: Option<&str>,
-        reports: &[Report],
+        dsns: &[Dsn],
     ) -> Result<(), tern_queue::SpoolError> {
-        if env.sender.is_empty() || reports.is_empty() {
+        if dsns.is_empty() {
             return Ok(());
         }
         let now = UNIX_EPOCH + Duration::from_millis(now_ms());
-        for action in [Action::Failed, Action::Delayed, Action::Delivered] {
-            let recipients: Vec<DsnRecipient<'_>> = reports
+        for planned in dsns {
+            let action = planned.action;
+            let recipients: Vec<DsnRecipient<'_>> = planned
+                .reports
                 .iter()
-                .filter(|r| r.action == action)
                 .map(|r| {
                     let rcpt = &env.recipients[r.index];
                     DsnRecipient {
@@ -407,9 +375,6 @@ impl Settler {
                     }
                 })
                 .collect();
-            if recipients.is_empty() {
-                continue;
-            }
             let request = DsnRequest {
                 reporting_mta: &self.hostname,
                 envelope: env,
@@ -458,7 +423,7 @@ impl Settler {
     }
 }
 
-/// The destination named in the delivery log for mail that could not be routed.
+/// The event an attempt's result is published as.
 fn event_kind(result: AttemptOutcome) -> EventKind {
     match result {
         AttemptOutcome::Delivered => EventKind::Delivered,
@@ -470,6 +435,7 @@ fn event_kind(result: AttemptOutcome) -> EventKind {
     }
 }
 
+/// The destination named in the delivery log for mail that could not be routed.
 fn env_destination(err: &RouteError) -> String {
     match err {
         RouteError::Permanent { .. } => "unroutable".to_string(),

@@ -21,7 +21,8 @@
 //! and a message past its lifetime then expires at its first temporary failure.
 
 use super::dsn::Action;
-use super::{Report, Settler};
+use super::transition::{self, Report};
+use super::Settler;
 use crate::clock::now_ms;
 use crate::maillog::{AttemptOutcome, AttemptRecord};
 use crate::taxonomy::Category;
@@ -169,10 +170,12 @@ impl Settler {
         for report in &reports {
             self.record_operator_action(&env, report.index, AttemptOutcome::Bounced, &reply);
         }
+        let bounced = reports.len();
         // DSN first: a crash before the removal repeats the bounce, never loses it.
-        self.send_dsns(&env, &body, None, &reports).await?;
+        let dsns = transition::dsns(&env, reports);
+        self.send_dsns(&env, &body, None, &dsns).await?;
         self.spool.remove(id).await?;
-        info!(%id, recipients = reports.len(), "bounced by the administrator");
+        info!(%id, recipients = bounced, "bounced by the administrator");
         Ok(true)
     }
 

@@ -1,10 +1,13 @@
 //! The scheduler: which message is attempted when, and by which worker.
 //!
-//! Mail reaches a [`ReadyQueue`] two ways: new mail straight from ingest ([`Scheduler::submit`]),
-//! and deferred mail from the spool's due index, loaded by the due loader only once it falls
-//! due within [`LOAD_HORIZON`] (invariant: memory holds only what is due soon). Each message is
-//! routed when it becomes ready; its ready queue is the route's destination key, so domains
-//! served by the same MX hosts share one queue and one set of connections.
+//! Mail reaches a [`ReadyQueue`] two ways: new mail straight from ingest (the channel given to
+//! [`Scheduler::start`]), and deferred mail from the spool's due index, loaded by the due
+//! loader only once it falls due within [`LOAD_HORIZON`] (invariant: memory holds only what is
+//! due soon), and never more than `MAX_IN_MEMORY` messages at once: what does not fit waits
+//! in the spool for a later pass. The window arithmetic (`LoadWindow`, `State::admit`,
+//! `State::take_due`) is pure; the loader adds the spool read. Each message is routed when it
+//! becomes ready; its ready queue is the route's destination key, so domains served by the
+//! same MX hosts share one queue and one set of connections.
 //!
 //! Each ready queue has at most `max_connections_per_destination` workers. A worker pops
 //! messages one by one and delivers them over one connection it keeps between messages, so a
@@ -113,6 +116,88 @@ struct State {
     in_memory: HashSet<MessageId>,
     /// Messages loaded from the spool that are not due yet, by due time.
     timers: BTreeSet<(u64, MessageId)>,
+}
+
+impl State {
+    /// Takes in entries of the due index, earliest first, up to `room` of them: each goes
+    /// into memory on a timer for its due time. An id already in memory is skipped and not
+    /// counted; entries beyond `room` stay in the spool for a later pass. Returns how many
+    /// were taken in.
+    fn admit(&mut self, due: Vec<(u64, MessageId)>, room: usize) -> usize {
+        let mut loaded = 0;
+        for (t, id) in due {
+            if loaded == room {
+                break;
+            }
+            if self.in_memory.insert(id) {
+                self.timers.insert((t, id));
+                loaded += 1;
+            }
+        }
+        loaded
+    }
+
+    /// Removes the timers due at `now` and returns their ids, earliest first; later ones
+    /// keep waiting.
+    fn take_due(&mut self, now: u64) -> Vec<MessageId> {
+        let mut due = Vec::new();
+        while let Some(&(t, id)) = self.timers.first() {
+            if t > now {
+                break;
+            }
+            self.timers.pop_first();
+            due.push(id);
+        }
+        due
+    }
+}
+
+/// One pass of the due loader: it reads the due index up to `horizon` ([`LOAD_HORIZON`]
+/// ahead), at most `limit` entries, and takes in at most `room` of them, so memory never
+/// holds more than [`MAX_IN_MEMORY`] messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LoadWindow {
+    horizon: u64,
+    room: usize,
+    /// Ids already in memory are skipped, so the read asks for that many more than there is
+    /// room.
+    limit: usize,
+}
+
+impl LoadWindow {
+    /// The window at `now` with `in_memory` messages in memory; `None` when memory is full
+    /// and the pass loads nothing.
+    fn at(now: u64, in_memory: usize) -> Option<LoadWindow> {
+        let room = MAX_IN_MEMORY.saturating_sub(in_memory);
+        if room == 0 {
+            return None;
+        }
+        Some(LoadWindow {
+            horizon: horizon(now),
+            room,
+            limit: room + in_memory,
+        })
+    }
+}
+
+/// The latest due time loaded (or kept) in memory at `now`.
+fn horizon(now: u64) -> u64 {
+    now + LOAD_HORIZON.as_millis() as u64
+}
+
+/// Whether a message due at `due` is close enough at `now` to wait in memory on a timer
+/// rather than in the spool's due index.
+fn due_soon(due: u64, now: u64) -> bool {
+    due <= horizon(now)
+}
+
+/// The ready queue of a route plan: its destination key, prefixed by the source-IP pool's
+/// name when pools are configured (`pool`), so pools never share connections.
+fn queue_key(pool: Option<&str>, plan_key: &str) -> String {
+    match pool {
+        Some(pool) => format!("{pool}/{plan_key}"),
+        None => plan_key.to_string(),
+    }
 }
 
 impl Scheduler {
@@ -257,11 +342,8 @@ impl Scheduler {
                 let shaper = &self.inner.shaper;
                 let pool = shaper.pools().resolve(pool, domain);
                 let lane = shaper.lane(&pool, domain, &plan);
-                let key = if shaper.pools().configured() {
-                    format!("{}/{}", pool.name, plan.key)
-                } else {
-                    plan.key.clone()
-                };
+                let configured = shaper.pools().configured();
+                let key = queue_key(configured.then_some(pool.name.as_str()), &plan.key);
                 self.enqueue(id, plan, key, lane)
             }
             Err(err) => {
@@ -507,9 +589,9 @@ impl Scheduler {
     /// loader is woken, as it may be sleeping past it); anything else leaves memory and is
     /// found again in the spool's due index.
     fn reschedule(&self, id: MessageId, next_due: Option<u64>) {
-        let horizon = now_ms() + LOAD_HORIZON.as_millis() as u64;
+        let now = now_ms();
         match next_due {
-            Some(due) if due <= horizon && !self.inner.shutdown.is_cancelled() => {
+            Some(due) if due_soon(due, now) && !self.inner.shutdown.is_cancelled() => {
                 self.state().timers.insert((due, id));
                 self.inner.wake_loader.notify_one();
             }
@@ -527,25 +609,13 @@ impl Scheduler {
         loop {
             let now = now_ms();
             self.load_due(now);
-            let due: Vec<MessageId> = {
-                let mut state = self.state();
-                let mut due = Vec::new();
-                while let Some(&(t, id)) = state.timers.first() {
-                    if t > now {
-                        break;
-                    }
-                    state.timers.pop_first();
-                    due.push(id);
-                }
-                due
-            };
+            let due = self.state().take_due(now);
             for id in due {
                 match self.inner.spool.envelope(id) {
                     // The index entry the timer came from may predate the last attempt's
                     // outcome: the envelope's own due time decides.
                     Ok(Some(env)) if env.next_due_ms > now => {
-                        let horizon = now + LOAD_HORIZON.as_millis() as u64;
-                        if env.next_due_ms <= horizon {
+                        if due_soon(env.next_due_ms, now) {
                             self.state().timers.insert((env.next_due_ms, id));
                         } else {
                             self.release(id);
@@ -582,31 +652,17 @@ impl Scheduler {
         if self.all_suspended() {
             return;
         }
-        let room = MAX_IN_MEMORY.saturating_sub(self.in_memory());
-        if room == 0 {
+        let Some(window) = LoadWindow::at(now, self.in_memory()) else {
             return;
-        }
-        let horizon = now + LOAD_HORIZON.as_millis() as u64;
-        // Ids already in memory are skipped, so ask for that many more than there is room.
-        let limit = room + self.in_memory();
-        let due = match self.inner.spool.due_before(horizon, limit) {
+        };
+        let due = match self.inner.spool.due_before(window.horizon, window.limit) {
             Ok(due) => due,
             Err(err) => {
                 warn!(error = %err, "cannot read the due index");
                 return;
             }
         };
-        let mut state = self.state();
-        let mut loaded = 0;
-        for (t, id) in due {
-            if loaded == room {
-                break;
-            }
-            if state.in_memory.insert(id) {
-                state.timers.insert((t, id));
-                loaded += 1;
-            }
-        }
+        let loaded = self.state().admit(due, window.room);
         if loaded > 0 {
             debug!(loaded, "deferred mail loaded");
         }
@@ -821,5 +877,107 @@ impl Scheduler {
                 self.spawn_worker(key);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_700_000_000_000;
+    const WINDOW_MS: u64 = 60_000;
+
+    fn id(n: u64) -> MessageId {
+        format!("{n:016X}").parse().unwrap()
+    }
+
+    #[test]
+    fn load_window_reaches_a_minute_ahead_and_fills_memory_up_to_the_cap() {
+        assert_eq!(MAX_IN_MEMORY, 200_000);
+        assert_eq!(
+            LoadWindow::at(NOW, 0),
+            Some(LoadWindow {
+                horizon: NOW + WINDOW_MS,
+                room: 200_000,
+                limit: 200_000,
+            })
+        );
+        // Nearly full: room for the rest only, but the read asks past the ids in memory.
+        assert_eq!(
+            LoadWindow::at(NOW, 199_990),
+            Some(LoadWindow {
+                horizon: NOW + WINDOW_MS,
+                room: 10,
+                limit: 200_000,
+            })
+        );
+        assert_eq!(LoadWindow::at(NOW, 200_000), None, "full: nothing loaded");
+        assert_eq!(LoadWindow::at(NOW, 200_001), None);
+    }
+
+    #[test]
+    fn only_what_falls_due_within_the_window_waits_in_memory() {
+        assert!(due_soon(NOW - 1, NOW), "overdue");
+        assert!(due_soon(NOW + WINDOW_MS, NOW), "the window's end is inside");
+        assert!(
+            !due_soon(NOW + WINDOW_MS + 1, NOW),
+            "later: left in the spool"
+        );
+    }
+
+    #[test]
+    fn admit_takes_in_at_most_the_room_and_leaves_the_rest_for_the_next_pass() {
+        let mut state = State::default();
+        state.in_memory.insert(id(2)); // in flight: skipped, not counted
+        let due = vec![
+            (NOW, id(1)),
+            (NOW, id(2)),
+            (NOW + 10, id(3)),
+            (NOW + 20, id(4)),
+        ];
+        assert_eq!(state.admit(due.clone(), 2), 2);
+        assert_eq!(
+            state.timers.iter().copied().collect::<Vec<_>>(),
+            [(NOW, id(1)), (NOW + 10, id(3))],
+            "the earliest two, on timers for their due time"
+        );
+        assert!(
+            !state.in_memory.contains(&id(4)),
+            "beyond the room: not loaded"
+        );
+
+        // The next pass reads the index again: what is in memory is skipped, the rest loads.
+        assert_eq!(state.admit(due, 2), 1);
+        assert!(state.in_memory.contains(&id(4)));
+        assert!(state.timers.contains(&(NOW + 20, id(4))));
+        assert!(!state.timers.iter().any(|&(_, i)| i == id(2)));
+        assert_eq!(state.admit(Vec::new(), 5), 0);
+    }
+
+    #[test]
+    fn take_due_releases_only_timers_due_by_now_earliest_first() {
+        let mut state = State::default();
+        for (t, n) in [(NOW + 1, 3), (NOW, 2), (NOW - 5, 1), (NOW + WINDOW_MS, 4)] {
+            state.timers.insert((t, id(n)));
+        }
+        assert_eq!(state.take_due(NOW), [id(1), id(2)]);
+        assert_eq!(state.take_due(NOW), [], "taken once");
+        assert_eq!(
+            state.timers.iter().copied().collect::<Vec<_>>(),
+            [(NOW + 1, id(3)), (NOW + WINDOW_MS, id(4))]
+        );
+        assert_eq!(state.take_due(NOW + WINDOW_MS), [id(3), id(4)]);
+        assert!(state.timers.is_empty());
+    }
+
+    #[test]
+    fn one_ready_queue_per_destination_and_pool() {
+        assert_eq!(queue_key(None, "mx:a.example"), "mx:a.example");
+        assert_eq!(queue_key(Some("bulk"), "mx:a.example"), "bulk/mx:a.example");
+        assert_ne!(
+            queue_key(Some("bulk"), "mx:a.example"),
+            queue_key(Some("transactional"), "mx:a.example"),
+            "pools never share a queue"
+        );
     }
 }

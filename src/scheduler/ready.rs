@@ -1,5 +1,10 @@
 //! [`ReadyQueue`]: the in-memory FIFO of messages ready for one destination, with the count
 //! of workers serving it and when it last made progress (for the watchdog).
+//!
+//! Invariants: messages leave in the order they came; each leaves with the destination's
+//! most recent route plan; the watchdog's clock restarts when mail reaches an idle queue (no
+//! mail, no worker), not on every push; the worker and shaping-wait counts never go below
+//! zero.
 
 use crate::routing::route::RoutePlan;
 use crate::shaping::Lane;
@@ -158,6 +163,106 @@ mod tests {
         );
         q.progressed();
         assert!(!q.is_stuck(Instant::now(), period));
+        q.pop();
+        q.worker_stopped();
+        assert!(q.is_idle());
+    }
+
+    fn plan_for(key: &str) -> RoutePlan {
+        RoutePlan {
+            key: key.into(),
+            ..plan()
+        }
+    }
+
+    #[test]
+    fn pop_is_fifo_and_every_message_gets_the_latest_plan() {
+        let ids = IdGenerator::new(None);
+        let mut q = ReadyQueue::new("mx:sink.test".into());
+        assert_eq!(q.key(), "mx:sink.test");
+        assert!(q.is_empty() && q.pop().is_none());
+        let pushed: Vec<MessageId> = (0..5).map(|_| ids.next()).collect();
+        for (i, &id) in pushed.iter().enumerate() {
+            q.push(id, plan_for(&format!("plan-{i}")));
+        }
+        assert_eq!(q.len(), 5);
+        let mut popped = Vec::new();
+        while let Some((id, plan)) = q.pop() {
+            assert_eq!(plan.key, "plan-4", "a fresh plan replaces the older ones");
+            popped.push(id);
+        }
+        assert_eq!(popped, pushed, "first in, first out");
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn watchdog_clock_starts_when_mail_arrives_at_an_idle_queue() {
+        let ids = IdGenerator::new(None);
+        let period = Duration::from_secs(60);
+
+        let mut idle = ReadyQueue::new("k".into());
+        let before = Instant::now();
+        std::thread::sleep(Duration::from_millis(2));
+        idle.push(ids.next(), plan());
+        idle.worker_started();
+        assert!(
+            !idle.is_stuck(before + period, period),
+            "measured from the push, not from the queue's creation"
+        );
+
+        // A push to a queue that has a worker is no progress.
+        let mut busy = ReadyQueue::new("k".into());
+        busy.worker_started();
+        let before = Instant::now();
+        std::thread::sleep(Duration::from_millis(2));
+        busy.push(ids.next(), plan());
+        assert!(busy.is_stuck(before + period, period));
+    }
+
+    #[test]
+    fn workers_waiting_for_shaping_are_not_stuck() {
+        let ids = IdGenerator::new(None);
+        let period = Duration::from_secs(60);
+        let mut q = ReadyQueue::new("k".into());
+        q.push(ids.next(), plan());
+        q.worker_started();
+        q.worker_started();
+        q.shaping_wait(true);
+        assert!(
+            q.is_stuck(Instant::now() + period, period),
+            "one of two workers is free"
+        );
+        q.shaping_wait(true);
+        assert!(
+            !q.is_stuck(Instant::now() + period, period),
+            "every worker waits for shaping"
+        );
+        let waited = Instant::now();
+        std::thread::sleep(Duration::from_millis(2));
+        q.shaping_wait(false);
+        assert!(
+            !q.is_stuck(waited + period, period),
+            "the end of a wait is progress"
+        );
+    }
+
+    #[test]
+    fn counters_never_go_below_zero() {
+        let ids = IdGenerator::new(None);
+        let period = Duration::from_secs(60);
+        let mut q = ReadyQueue::new("k".into());
+        q.worker_stopped();
+        q.shaping_wait(false);
+        assert_eq!(q.workers(), 0);
+        assert_eq!(q.workers_wanted(4), 0, "no mail, no new worker");
+        q.push(ids.next(), plan());
+        q.worker_started();
+        assert_eq!(q.workers(), 1, "no debt left from the extra stop");
+        q.shaping_wait(true);
+        assert!(
+            !q.is_stuck(Instant::now() + period, period),
+            "the one worker waits for shaping: no debt left from the extra end of a wait"
+        );
         q.pop();
         q.worker_stopped();
         assert!(q.is_idle());
