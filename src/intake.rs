@@ -3,8 +3,9 @@
 //! pre-enqueue [`Stage`]s (the sidecar, then send time), and commits what they produced
 //! through [`Enqueue`] as one message under one queue id.
 //!
-//! Invariant: [`Intake::accept_report`] returns only once everything is durable (the
-//! session's `250` waits for it); a stage never fails a message, only the spool can.
+//! Invariants: [`Intake::accept_report`] returns only once everything is durable (the
+//! session's `250` waits for it); a stage never fails a message, only the spool can; only
+//! trusted submissions ([`Submission::trusted`]) go through the stages.
 
 use std::sync::Arc;
 
@@ -48,8 +49,11 @@ impl Intake {
         let pool = self
             .enqueue
             .choose_pool(requested, &mut sub.content, &sub.sender);
+        // Untrusted mail (anyone's, to the bounce domains) skips every stage: no campaign
+        // rendering, no send-time planning or engagement records for it.
+        let stages: &[Arc<dyn Stage>] = if sub.trusted { &self.stages } else { &[] };
         let mut messages = vec![Prepared::new(sub)];
-        for stage in self.stages.iter() {
+        for stage in stages {
             let mut next = Vec::with_capacity(messages.len());
             for message in messages {
                 next.extend(stage.apply(message).await);

@@ -32,6 +32,10 @@ pub struct Submission {
     /// The source-IP pool an HTTP injection asked for (checked against the configured pools
     /// by the API); it wins over `X-Tern-Pool` and the sender domain.
     pub pool: Option<String>,
+    /// Whether it comes from a client tern serves (a relay network, an authenticated
+    /// session, the inject API, tern's own DSNs) rather than from anyone on the internet (mail
+    /// to the bounce domains). Only trusted submissions go through the pre-enqueue stages.
+    pub trusted: bool,
 }
 
 /// The sidecar part of an HTTP injection (`"sidecar": {...}`).

@@ -419,6 +419,7 @@ impl Settler {
             content: message,
             sidecar: None,
             pool: None,
+            trusted: true,
         }
     }
 }

@@ -637,6 +637,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             content,
             sidecar: None,
             pool: None,
+            // Anyone may mail the bounce domains; only clients tern serves get the stages.
+            trusted: self.state.auth_user.is_some()
+                || self.config.policy.in_relay_network(self.state.peer.ip()),
         };
         match self.config.intake.accept(submission).await {
             Ok(id) => {

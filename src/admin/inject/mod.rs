@@ -289,6 +289,7 @@ fn submission(
         content,
         sidecar: request.sidecar,
         pool: request.pool,
+        trusted: true,
     })
 }
 
