@@ -16,7 +16,7 @@ use crate::admin::AdminState;
 use crate::auth::Credentials;
 use crate::config::{Config, ConfigErrors, Limits, RouteConfig};
 use crate::delivery::client::ClientSettings;
-use crate::delivery::pool::Pool;
+use crate::delivery::pool::ConnectionPool;
 use crate::delivery::worker::{VerpPolicy, Worker};
 use crate::dkim::DkimSigners;
 use crate::enqueue::Enqueue;
@@ -81,7 +81,7 @@ pub struct Daemon {
     admin_limits: Arc<Live<Limits>>,
     log_level: Option<LogLevelReloader>,
     shaper: Arc<Shaper>,
-    pool: Arc<Pool>,
+    pool: Arc<ConnectionPool>,
     delivery_log: DeliveryLog,
     smtp_addresses: Vec<SocketAddr>,
     admin_address: SocketAddr,
@@ -154,7 +154,7 @@ impl Daemon {
             config.delivery.tls,
             Arc::new(resolver),
         ));
-        let pool = Pool::new(
+        let pool = ConnectionPool::new(
             config.delivery.idle_timeout,
             config.delivery.max_messages_per_connection,
         );

@@ -15,7 +15,7 @@ use crate::config::DeliveryConfig;
 use crate::delivery::client::{
     self, AttemptError, BrokenTls, ClientSettings, Connection, OutboundMessage, RemoteReply, Target,
 };
-use crate::delivery::pool::Pool;
+use crate::delivery::pool::ConnectionPool;
 use crate::live::Live;
 use crate::routing::route::{RouteError, RoutePlan, Router};
 use crate::tls::TlsInfo;
@@ -66,7 +66,7 @@ pub struct Outbound {
 
 pub struct Worker {
     router: Arc<Router>,
-    pool: Arc<Pool>,
+    pool: Arc<ConnectionPool>,
     settings: Live<AttemptSettings>,
     broken_tls: BrokenTls,
     /// VERP senders and where they apply; `None`: never.
@@ -114,7 +114,7 @@ pub struct AttemptSettings {
 impl Worker {
     pub fn new(
         router: Arc<Router>,
-        pool: Arc<Pool>,
+        pool: Arc<ConnectionPool>,
         settings: ClientSettings,
         config: &DeliveryConfig,
         passwords: HashMap<PathBuf, String>,
