@@ -13,7 +13,8 @@
 
 use crate::config::DeliveryConfig;
 use crate::delivery::client::{
-    self, AttemptError, BrokenTls, ClientSettings, Connection, OutboundMessage, RemoteReply, Target,
+    self, AttemptError, BrokenTls, ClientSettings, Connection, Lease, OutboundMessage, RemoteReply,
+    Target,
 };
 use crate::delivery::pool::ConnectionPool;
 use crate::live::Live;
@@ -55,13 +56,13 @@ pub struct Attempt {
     pub tls: Option<TlsInfo>,
 }
 
-/// Where new connections come from: the local address to bind, its EHLO name, and what a
-/// new connection holds for as long as it lives (a shaping connection slot).
+/// Where new connections come from: the local address to bind, its EHLO name, and the lease
+/// a new connection holds for as long as it lives (a shaping connection slot).
 #[derive(Default)]
 pub struct Outbound {
     pub source: Option<IpAddr>,
     pub ehlo: Option<String>,
-    pub hold: Option<Box<dyn std::any::Any + Send + Sync>>,
+    pub lease: Option<Box<dyn Lease>>,
 }
 
 pub struct Worker {
@@ -282,8 +283,8 @@ impl Worker {
                     debug!(host = conn.host(), error = %err, "reused connection failed; reconnecting");
                     reused = false;
                     // Its replacement takes over its shaping slot.
-                    if outbound.hold.is_none() {
-                        outbound.hold = conn.take_held();
+                    if outbound.lease.is_none() {
+                        outbound.lease = conn.take_lease();
                     }
                 }
                 Err(err) => {
@@ -347,8 +348,8 @@ impl Worker {
                     .unwrap_or(&settings.client.ehlo_name);
                 match client::connect_as(&target, &settings.client, &self.broken_tls, ehlo).await {
                     Ok(mut conn) => {
-                        if let Some(hold) = outbound.hold.take() {
-                            conn.hold(hold);
+                        if let Some(lease) = outbound.lease.take() {
+                            conn.set_lease(lease);
                         }
                         return Ok(conn);
                     }

@@ -39,14 +39,14 @@ pub use suspend::{Suspension, Suspensions};
 
 use crate::clock::now_ms;
 use crate::config::DeliveryConfig;
-use crate::delivery::client::Connection;
+use crate::delivery::client::{Connection, Lease};
 use crate::delivery::worker::{Outbound, Worker};
 use crate::enqueue::NewMessage;
 use crate::live::Live;
 use crate::outcome::operator::NOT_DUE;
 use crate::outcome::Settler;
 use crate::routing::route::{RoutePlan, Router};
-use crate::shaping::{Admission, ConnSlot, Lane, Pair, Shaper};
+use crate::shaping::{Admission, Lane, Pair, Shaper};
 use crate::telemetry::Metrics;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -459,16 +459,12 @@ impl Scheduler {
                 }
                 Admission::Later(due) => return Err(due),
             }
-            let hold: Option<Box<dyn std::any::Any + Send + Sync>> = if connection.is_none() {
+            let lease: Option<Box<dyn Lease>> = if connection.is_none() {
                 self.shaping_wait(key, true);
                 let worker = &self.inner.worker;
                 let slot = shaper
                     .open_slot(&p, |pair| {
-                        worker.evict_idle(|c| {
-                            c.held()
-                                .and_then(|h| h.downcast_ref::<ConnSlot>())
-                                .is_some_and(|s| Arc::ptr_eq(s.pair(), pair))
-                        })
+                        worker.evict_idle(|c| c.lease().is_some_and(|l| l.group() == pair.key()))
                     })
                     .await;
                 self.shaping_wait(key, false);
@@ -479,7 +475,7 @@ impl Scheduler {
             return Ok(Outbound {
                 source: p.source.ip,
                 ehlo: p.source.ehlo.clone(),
-                hold,
+                lease,
             });
         }
     }
