@@ -389,6 +389,77 @@ mod tests {
         );
     }
 
+    /// The wording traffic shaping recognised with its own patterns before it read the
+    /// category: still throttling and blocks, whatever the (4xx or 5xx) code.
+    #[test]
+    fn provider_throttle_and_block_wording_is_rate_limited_and_spam_block() {
+        let throttle = [
+            "rate limit",
+            "too many connections",
+            "too many messages",
+            "try again later",
+            "temporarily deferred",
+            "temporarily rate limited",
+            "unusual rate",
+            "4.7.28",
+            "4.7.650",
+            "[TS01]",
+            "[TS02]",
+            "throttl",
+        ];
+        let block = [
+            "spamhaus",
+            "blocked",
+            "blacklist",
+            "blocklist",
+            "poor reputation",
+            "bad reputation",
+            "banned",
+            "5.7.606",
+            "5.7.511",
+            "S3150",
+        ];
+        let replies = [
+            (451, "4.0.0"),
+            (450, "4.7.1"),
+            (421, "4.3.0"),
+            (554, "5.7.1"),
+        ];
+        for (phrases, want) in [
+            (&throttle[..], Category::RateLimited),
+            (&block[..], Category::SpamBlock),
+        ] {
+            for phrase in phrases {
+                for (code, status) in replies {
+                    let reply = format!("{code} {status} Mail from 192.0.2.1: {phrase}");
+                    assert_eq!(cat(Some(status), code, &reply), want, "{reply}");
+                }
+            }
+        }
+        // A 421 that names no cause closes the channel on our traffic.
+        assert_eq!(
+            cat(Some("4.3.0"), 421, "421 4.3.0 closing"),
+            Category::RateLimited
+        );
+        assert_eq!(
+            cat(Some("4.4.2"), 421, "421 4.4.2 Connection timed out"),
+            Category::Network
+        );
+        // Vague "later" wording with a named cause is that cause.
+        assert_eq!(
+            cat(Some("4.7.1"), 450, "450 4.7.1 Greylisted, try again later"),
+            Category::Policy
+        );
+        assert_eq!(
+            cat(
+                Some("4.2.2"),
+                452,
+                "452 4.2.2 Mailbox full, try again later"
+            ),
+            Category::MailboxFull
+        );
+    }
+
     #[test]
     fn specific_codes_beat_text() {
         // A 5.1.1 is a missing mailbox whatever words come with it.
