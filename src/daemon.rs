@@ -144,7 +144,7 @@ impl Daemon {
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .with_metrics(metrics.clone());
         let classifier = Arc::new(
-            crate::bounce::classify::Classifier::load(&config.bounce)
+            crate::bounce::classify::Classifier::load(&config)
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
         );
         let resolver = HickoryResolver::new(&config.delivery.nameservers)
@@ -176,6 +176,7 @@ impl Daemon {
             settings,
             &config.delivery,
             passwords,
+            classifier.clone(),
         ));
         if let Some(dir) = config.delivery.log_path.as_deref().and_then(Path::parent) {
             std::fs::create_dir_all(dir)

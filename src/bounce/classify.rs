@@ -1,12 +1,16 @@
 //! The one bounce taxonomy: [`Category`], and the [`Classifier`] that maps an enhanced status
 //! code and a diagnostic text to a category, for parsed bounces and live SMTP replies alike.
+//! It is the only reader of reply wording: the delivery worker classifies each failed
+//! recipient's reply once ([`Classifier::classify_attempt`]), and traffic shaping, the
+//! delivery log, events and suppression all use that category.
 //!
 //! Rules are tried in order and the first that matches wins: an operator's rules (from
-//! `bounce.rules`) first, then the defaults shipped in `config/bounce-rules.toml` (embedded in
-//! the binary). The default file is ordered so that codes that name a cause (5.1.1, 5.2.2,
-//! 5.7.26, ...) decide first, then text patterns, then generic codes (5.7.1, 5.0.0, 4.x.x): a
-//! generic code says little, the text says more ("5.7.1 ... blocked using Spamhaus" is a spam
-//! block, "5.7.1 Relay access denied" a relay denial).
+//! `bounce.rules`) first, then those `shaping.adaptive.throttle_patterns` / `block_patterns`
+//! make (rate_limited / spam_block), then the defaults shipped in `config/bounce-rules.toml`
+//! (embedded in the binary). The default file is ordered so that codes that name a cause
+//! (5.1.1, 5.2.2, 5.7.26, ...) decide first, then text patterns, then generic codes (a bare
+//! live 421, 5.7.1, 5.0.0, 4.x.x): a generic code says little, the text says more ("5.7.1 ...
+//! blocked using Spamhaus" is a spam block, "5.7.1 Relay access denied" a relay denial).
 //!
 //! `hard` means "this address is bad, stop sending to it": only invalid_recipient and
 //! domain_not_found with a permanent (5.x.x) status, and every complaint. A mailbox that is
@@ -72,27 +76,28 @@ impl Classifier {
         Classifier { rules: operator }
     }
 
-    /// The classifier for `config`: its rule file (if any) before the defaults. Errors name
-    /// the key, the file and the rule index.
-    pub fn load(
-        config: &crate::config::BounceConfig,
-    ) -> Result<Classifier, crate::config::ConfigErrors> {
-        let Some(path) = &config.rules else {
-            return Ok(Classifier::defaults());
+    /// The classifier for `config`: `bounce.rules` (if any), then the rules of
+    /// `shaping.adaptive.throttle_patterns` / `block_patterns`, before the defaults. Errors
+    /// name the key, the file and the rule index.
+    pub fn load(config: &crate::config::Config) -> Result<Classifier, crate::config::ConfigErrors> {
+        let mut rules = match &config.bounce.rules {
+            None => Vec::new(),
+            Some(path) => {
+                let prefix = format!("bounce.rules ({})", path.display());
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| crate::config::ConfigErrors(vec![format!("{prefix}: {e}")]))?;
+                crate::config::compile_bounce_rules(&text).map_err(|errors| {
+                    crate::config::ConfigErrors(
+                        errors
+                            .into_iter()
+                            .map(|e| format!("{prefix}: {e}"))
+                            .collect(),
+                    )
+                })?
+            }
         };
-        let prefix = format!("bounce.rules ({})", path.display());
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| crate::config::ConfigErrors(vec![format!("{prefix}: {e}")]))?;
-        crate::config::compile_bounce_rules(&text)
-            .map(Classifier::with_rules)
-            .map_err(|errors| {
-                crate::config::ConfigErrors(
-                    errors
-                        .into_iter()
-                        .map(|e| format!("{prefix}: {e}"))
-                        .collect(),
-                )
-            })
+        rules.extend(config.shaping.adaptive.classification_rules());
+        Ok(Classifier::with_rules(rules))
     }
 
     /// The category of `text` with enhanced status `status` (already derived).
@@ -130,6 +135,16 @@ impl Classifier {
     /// Classifies a synchronous SMTP reply (as the delivery path sees it).
     pub fn classify_reply(&self, basic: u16, enhanced: Option<&str>, text: &str) -> Classification {
         self.classify(enhanced, Some(basic), text, None)
+    }
+
+    /// Classifies one recipient's failed delivery attempt: `reply` is the remote reply as one
+    /// line ("451 4.7.0 Try again later", its code first) or the text of a local failure (no
+    /// connection, DNS, TLS: no code), `status` the enhanced status the attempt gave it.
+    pub fn classify_attempt(&self, status: &str, reply: &str) -> Classification {
+        match basic_in(reply.get(..4).unwrap_or(reply)) {
+            Some(basic) => self.classify_reply(basic, Some(status), reply),
+            None => self.classify(Some(status), None, reply, None),
+        }
     }
 }
 

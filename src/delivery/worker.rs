@@ -5,12 +5,16 @@
 //! Invariants:
 //! - Only pending recipients are attempted; the result has exactly one entry per pending
 //!   recipient, so the settler can account for every one.
+//! - Each failed result is classified here, once, by the bounce taxonomy
+//!   ([`RcptOutcome::category`]; a delivery is `delivered`): shaping, the delivery log, events
+//!   and suppression all read that one category.
 //! - A connection that failed mid-transaction is never reused; one that was reused and failed
 //!   before any recipient was accepted is replaced once, since idle connections are often
 //!   closed by the far end without notice.
 //! - An attempt takes one snapshot of the reloadable settings ([`AttemptSettings`]) and uses it
 //!   throughout; a config reload affects the next attempt.
 
+use crate::bounce::classify::Classifier;
 use crate::config::DeliveryConfig;
 use crate::delivery::client::{
     self, AttemptError, BrokenTls, ClientSettings, Connection, Lease, OutboundMessage, RemoteReply,
@@ -19,6 +23,7 @@ use crate::delivery::client::{
 use crate::delivery::pool::ConnectionPool;
 use crate::live::Live;
 use crate::routing::route::{RouteError, RoutePlan, Router};
+use crate::taxonomy::Category;
 use crate::tls::TlsInfo;
 use crate::verp::Verp;
 use std::collections::HashMap;
@@ -37,13 +42,35 @@ pub enum Verdict {
 }
 
 /// The result for one recipient: its index in `Envelope::recipients`, the verdict, the
-/// enhanced status code and the reply (remote or local) that explains it.
+/// enhanced status code and the reply (remote or local) that explains it, and its category.
 #[derive(Debug, Clone)]
 pub struct RcptOutcome {
     pub index: usize,
     pub verdict: Verdict,
     pub status: String,
     pub reply: String,
+    /// The bounce category of `reply` with `status` ([`Classifier::classify_attempt`]);
+    /// `delivered` for a delivery, without consulting the rules.
+    pub category: Category,
+}
+
+impl RcptOutcome {
+    /// Recipient `index`'s result from a remote reply, classified.
+    pub fn of_reply(index: usize, reply: &RemoteReply, classifier: &Classifier) -> RcptOutcome {
+        let (verdict, status) = (verdict_of(reply.code), status_of(reply));
+        let reply = reply.to_string();
+        let category = match verdict {
+            Verdict::Delivered => Category::Delivered,
+            _ => classifier.classify_attempt(&status, &reply).category,
+        };
+        RcptOutcome {
+            index,
+            verdict,
+            status,
+            reply,
+            category,
+        }
+    }
 }
 
 /// What one attempt did, for the settler and the delivery log.
@@ -68,6 +95,9 @@ pub struct Outbound {
 pub struct Worker {
     router: Arc<Router>,
     pool: Arc<ConnectionPool>,
+    /// Classifies every failed recipient's reply (`bounce.rules` and the shaping patterns
+    /// over the shipped rules; a restart key, so never replaced).
+    classifier: Arc<Classifier>,
     settings: Live<AttemptSettings>,
     broken_tls: BrokenTls,
     /// VERP senders and where they apply; `None`: never.
@@ -119,10 +149,12 @@ impl Worker {
         settings: ClientSettings,
         config: &DeliveryConfig,
         passwords: HashMap<PathBuf, String>,
+        classifier: Arc<Classifier>,
     ) -> Worker {
         Worker {
             router,
             pool,
+            classifier,
             settings: Live::new(AttemptSettings {
                 client: settings,
                 max_messages_per_connection: config.max_messages_per_connection,
@@ -246,7 +278,7 @@ impl Worker {
                 Some(conn) => conn,
                 None => match self.connect(plan, &settings, outbound).await {
                     Ok(conn) => conn,
-                    Err(failure) => return failure.for_all(&pending),
+                    Err(failure) => return failure.for_all(&pending, &self.classifier),
                 },
             };
             let mut conn = conn;
@@ -263,11 +295,8 @@ impl Worker {
                     attempt.outcomes = pending
                         .iter()
                         .zip(replies)
-                        .map(|((index, _), r)| RcptOutcome {
-                            index: *index,
-                            verdict: verdict_of(r.reply.code),
-                            status: status_of(&r.reply),
-                            reply: r.reply.to_string(),
+                        .map(|((index, _), r)| {
+                            RcptOutcome::of_reply(*index, &r.reply, &self.classifier)
                         })
                         .collect();
                     if conn.is_reusable()
@@ -289,7 +318,7 @@ impl Worker {
                 }
                 Err(err) => {
                     let failure = Failure::from_attempt_error(&err);
-                    attempt.outcomes = failure.for_all(&pending).outcomes;
+                    attempt.outcomes = failure.for_all(&pending, &self.classifier).outcomes;
                     return attempt;
                 }
             }
@@ -452,7 +481,11 @@ impl Failure {
         }
     }
 
-    pub fn for_all(&self, pending: &[(usize, Recipient)]) -> Attempt {
+    /// The failure as every pending recipient's result, classified once.
+    pub fn for_all(&self, pending: &[(usize, Recipient)], classifier: &Classifier) -> Attempt {
+        let category = classifier
+            .classify_attempt(&self.status, &self.reply)
+            .category;
         Attempt {
             outcomes: pending
                 .iter()
@@ -461,6 +494,7 @@ impl Failure {
                     verdict: self.verdict,
                     status: self.status.clone(),
                     reply: self.reply.clone(),
+                    category,
                 })
                 .collect(),
             ..Attempt::default()

@@ -18,6 +18,9 @@
 //! - Each outcome is an event (`crate::events`), queued before the spool write like the
 //!   DSNs; a permanent failure classified hard (or of a soft suppression category) adds the
 //!   recipient to the suppression list first.
+//! - A result's category is the one the delivery worker gave it (`RcptOutcome::category`, the
+//!   same that shaping read): the settler never classifies a reply again. It classifies only
+//!   routing failures, which have no attempt.
 
 pub mod dsn;
 pub mod operator;
@@ -26,7 +29,7 @@ pub mod retry;
 use crate::bounce::classify::Classifier;
 use crate::clock::now_ms;
 use crate::config::DeliveryConfig;
-use crate::delivery::worker::{Attempt, Failure, Verdict};
+use crate::delivery::worker::{Attempt, Failure, RcptOutcome, Verdict};
 use crate::enqueue::Enqueue;
 use crate::events::{Event, Kind as EventKind};
 use crate::feedback::Feedback;
@@ -58,6 +61,7 @@ pub struct Settler {
     hostname: String,
     metrics: Arc<Metrics>,
     locks: operator::MessageLocks,
+    /// For routing failures only: attempts arrive classified.
     classifier: Arc<Classifier>,
 }
 
@@ -128,7 +132,7 @@ impl Settler {
             .filter(|(_, r)| r.state == RecipientState::Pending)
             .map(|(i, r)| (i, r.clone()))
             .collect();
-        let attempt = Failure::from_route_error(err).for_all(&pending);
+        let attempt = Failure::from_route_error(err).for_all(&pending, &self.classifier);
         self.apply(env, &body, &env_destination(err), attempt).await
     }
 
@@ -240,7 +244,7 @@ impl Settler {
                     attempt.tls.is_some(),
                 );
             }
-            let category = self.category(result, &outcome.status, &outcome.reply);
+            let category = logged_category(result, outcome);
             self.log.record(&AttemptRecord {
                 ts: UNIX_EPOCH + Duration::from_millis(now),
                 id: env.id,
@@ -354,29 +358,6 @@ impl Settler {
         }
     }
 
-    /// The bounce category of a failed attempt for the delivery log; an expiry is `expired`
-    /// whatever the last reply said.
-    fn category(&self, result: AttemptOutcome, status: &str, reply: &str) -> Option<Category> {
-        match result {
-            AttemptOutcome::Delivered | AttemptOutcome::Deleted | AttemptOutcome::Suppressed => {
-                None
-            }
-            AttemptOutcome::Complaint => Some(Category::Complaint),
-            AttemptOutcome::Expired => Some(Category::Expired),
-            AttemptOutcome::Deferred | AttemptOutcome::Bounced => {
-                let basic = crate::bounce::classify::basic_in(reply.get(..4).unwrap_or(reply));
-                Some(
-                    match basic {
-                        Some(basic) => self.classifier.classify_reply(basic, Some(status), reply),
-                        // A local failure (no connection, DNS, TLS): no reply code.
-                        None => self.classifier.classify(Some(status), None, reply, None),
-                    }
-                    .category,
-                )
-            }
-        }
-    }
-
     /// Queues the DSNs the reports call for: one per action (failed, delayed, delivered).
     async fn send_dsns(
         &self,
@@ -458,7 +439,18 @@ impl Settler {
     }
 }
 
-/// The destination named in the delivery log for mail that could not be routed.
+/// The bounce category of a recipient's result for the delivery log, events and suppression:
+/// the one its outcome carries for a failure; an expiry is `expired` whatever the last reply
+/// said; a delivery has none.
+pub(crate) fn logged_category(result: AttemptOutcome, outcome: &RcptOutcome) -> Option<Category> {
+    match result {
+        AttemptOutcome::Delivered | AttemptOutcome::Deleted | AttemptOutcome::Suppressed => None,
+        AttemptOutcome::Complaint => Some(Category::Complaint),
+        AttemptOutcome::Expired => Some(Category::Expired),
+        AttemptOutcome::Deferred | AttemptOutcome::Bounced => Some(outcome.category),
+    }
+}
+
 fn event_kind(result: AttemptOutcome) -> EventKind {
     match result {
         AttemptOutcome::Delivered => EventKind::Delivered,
@@ -470,6 +462,7 @@ fn event_kind(result: AttemptOutcome) -> EventKind {
     }
 }
 
+/// The destination named in the delivery log for mail that could not be routed.
 fn env_destination(err: &RouteError) -> String {
     match err {
         RouteError::Permanent { .. } => "unroutable".to_string(),

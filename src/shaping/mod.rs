@@ -43,7 +43,7 @@ use crate::delivery::client::Lease;
 use crate::delivery::worker::{Attempt, Verdict};
 use crate::routing::route::RoutePlan;
 use crate::telemetry::Metrics;
-use adaptive::{Aimd, Classifier, Signal};
+use adaptive::{Aimd, Signal};
 use limiter::{Backend, Counters};
 use pools::{Pool, Pools, Source};
 use serde::Serialize;
@@ -287,7 +287,6 @@ pub struct Shaper {
     default: LimitsConfig,
     domains: HashMap<String, LimitsConfig>,
     adaptive: AdaptiveConfig,
-    classifier: Classifier,
     when_capped: WhenCapped,
     calendar: Arc<Calendar>,
     spool: Spool,
@@ -336,7 +335,6 @@ impl Shaper {
                 .map(|d| (d.domain.clone(), d.limits))
                 .collect(),
             adaptive: s.adaptive.clone(),
-            classifier: Classifier::new(&s.adaptive),
             when_capped: s.warmup.when_capped,
             calendar: Arc::new(Calendar::new(&s.warmup.time_zone, s.warmup.curve.clone())),
             spool,
@@ -551,14 +549,15 @@ impl Shaper {
         }
     }
 
-    /// Reads the replies of an attempt: adapts the rate, suspends on throttling or blocks
-    /// (and then makes permanent outcomes temporary: a block is about us, not the message).
+    /// Reads the results of an attempt by their categories ([`adaptive::signal`]): adapts
+    /// the rate, suspends on throttling or blocks (and then makes permanent outcomes
+    /// temporary: a block is about us, not the message).
     pub fn observe(&self, pair: &Pair, attempt: &mut Attempt) {
         let mut worst = (Signal::Neutral, None);
         let mut delivered = false;
         for o in &attempt.outcomes {
             delivered |= o.verdict == Verdict::Delivered;
-            let signal = self.classifier.classify(&o.reply, &o.status);
+            let signal = adaptive::signal(o.verdict, o.category);
             if signal > worst.0 {
                 worst = (signal, Some(o.reply.clone()));
             }
