@@ -14,6 +14,7 @@ use tern::routing::route::{Hop, RoutePlan};
 use tern::shaping::limiter::Backend;
 use tern::shaping::shared::SharedStore;
 use tern::shaping::Shaper;
+use tern::taxonomy::Category;
 use tern::telemetry::Metrics;
 
 const DESTINATIONS: usize = 10_000;
@@ -159,6 +160,7 @@ fn admit_and_observe(
                             verdict: Verdict::Delivered,
                             status: "2.0.0".into(),
                             reply: "250 2.0.0 Ok".into(),
+                            category: Category::Delivered,
                         }],
                         ..Attempt::default()
                     };

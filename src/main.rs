@@ -525,7 +525,7 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
         if let Err(e) = tern::dkim::DkimSigners::load(&c.dkim) {
             errors.extend(e.0);
         }
-        if let Err(e) = tern::bounce::classify::Classifier::load(&c.bounce) {
+        if let Err(e) = tern::bounce::classify::Classifier::load(&c) {
             errors.extend(e.0);
         }
         if errors.is_empty() {
@@ -1137,7 +1137,7 @@ fn bounce_parse(file: &Path, json: bool, config: Option<&Path>) -> ExitCode {
         None => Classifier::defaults(),
         Some(path) => match load(path).and_then(|c| {
             // load() has already checked the rule file; this cannot fail but for a race.
-            Classifier::load(&c.bounce).map_err(|errors| {
+            Classifier::load(&c).map_err(|errors| {
                 eprintln!("{}: configuration errors:\n{errors}", path.display());
                 ExitCode::from(EX_CONFIG)
             })

@@ -1,12 +1,16 @@
 //! The one bounce taxonomy: [`Category`], and the [`Classifier`] that maps an enhanced status
 //! code and a diagnostic text to a category, for parsed bounces and live SMTP replies alike.
+//! It is the only reader of reply wording: the delivery worker classifies each failed
+//! recipient's reply once ([`Classifier::classify_attempt`]), and traffic shaping, the
+//! delivery log, events and suppression all use that category.
 //!
 //! Rules are tried in order and the first that matches wins: an operator's rules (from
-//! `bounce.rules`) first, then the defaults shipped in `config/bounce-rules.toml` (embedded in
-//! the binary). The default file is ordered so that codes that name a cause (5.1.1, 5.2.2,
-//! 5.7.26, ...) decide first, then text patterns, then generic codes (5.7.1, 5.0.0, 4.x.x): a
-//! generic code says little, the text says more ("5.7.1 ... blocked using Spamhaus" is a spam
-//! block, "5.7.1 Relay access denied" a relay denial).
+//! `bounce.rules`) first, then those `shaping.adaptive.throttle_patterns` / `block_patterns`
+//! make (rate_limited / spam_block), then the defaults shipped in `config/bounce-rules.toml`
+//! (embedded in the binary). The default file is ordered so that codes that name a cause
+//! (5.1.1, 5.2.2, 5.7.26, ...) decide first, then text patterns, then generic codes (a bare
+//! live 421, 5.7.1, 5.0.0, 4.x.x): a generic code says little, the text says more ("5.7.1 ...
+//! blocked using Spamhaus" is a spam block, "5.7.1 Relay access denied" a relay denial).
 //!
 //! `hard` means "this address is bad, stop sending to it": only invalid_recipient and
 //! domain_not_found with a permanent (5.x.x) status, and every complaint. A mailbox that is
@@ -72,27 +76,28 @@ impl Classifier {
         Classifier { rules: operator }
     }
 
-    /// The classifier for `config`: its rule file (if any) before the defaults. Errors name
-    /// the key, the file and the rule index.
-    pub fn load(
-        config: &crate::config::BounceConfig,
-    ) -> Result<Classifier, crate::config::ConfigErrors> {
-        let Some(path) = &config.rules else {
-            return Ok(Classifier::defaults());
+    /// The classifier for `config`: `bounce.rules` (if any), then the rules of
+    /// `shaping.adaptive.throttle_patterns` / `block_patterns`, before the defaults. Errors
+    /// name the key, the file and the rule index.
+    pub fn load(config: &crate::config::Config) -> Result<Classifier, crate::config::ConfigErrors> {
+        let mut rules = match &config.bounce.rules {
+            None => Vec::new(),
+            Some(path) => {
+                let prefix = format!("bounce.rules ({})", path.display());
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| crate::config::ConfigErrors(vec![format!("{prefix}: {e}")]))?;
+                crate::config::compile_bounce_rules(&text).map_err(|errors| {
+                    crate::config::ConfigErrors(
+                        errors
+                            .into_iter()
+                            .map(|e| format!("{prefix}: {e}"))
+                            .collect(),
+                    )
+                })?
+            }
         };
-        let prefix = format!("bounce.rules ({})", path.display());
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| crate::config::ConfigErrors(vec![format!("{prefix}: {e}")]))?;
-        crate::config::compile_bounce_rules(&text)
-            .map(Classifier::with_rules)
-            .map_err(|errors| {
-                crate::config::ConfigErrors(
-                    errors
-                        .into_iter()
-                        .map(|e| format!("{prefix}: {e}"))
-                        .collect(),
-                )
-            })
+        rules.extend(config.shaping.adaptive.classification_rules());
+        Ok(Classifier::with_rules(rules))
     }
 
     /// The category of `text` with enhanced status `status` (already derived).
@@ -130,6 +135,16 @@ impl Classifier {
     /// Classifies a synchronous SMTP reply (as the delivery path sees it).
     pub fn classify_reply(&self, basic: u16, enhanced: Option<&str>, text: &str) -> Classification {
         self.classify(enhanced, Some(basic), text, None)
+    }
+
+    /// Classifies one recipient's failed delivery attempt: `reply` is the remote reply as one
+    /// line ("451 4.7.0 Try again later", its code first) or the text of a local failure (no
+    /// connection, DNS, TLS: no code), `status` the enhanced status the attempt gave it.
+    pub fn classify_attempt(&self, status: &str, reply: &str) -> Classification {
+        match basic_in(reply.get(..4).unwrap_or(reply)) {
+            Some(basic) => self.classify_reply(basic, Some(status), reply),
+            None => self.classify(Some(status), None, reply, None),
+        }
     }
 }
 
@@ -386,6 +401,77 @@ mod tests {
         assert_eq!(
             cat(None, 554, "Message rejected as spam by Content Filtering"),
             Content
+        );
+    }
+
+    /// The wording traffic shaping recognised with its own patterns before it read the
+    /// category: still throttling and blocks, whatever the (4xx or 5xx) code.
+    #[test]
+    fn provider_throttle_and_block_wording_is_rate_limited_and_spam_block() {
+        let throttle = [
+            "rate limit",
+            "too many connections",
+            "too many messages",
+            "try again later",
+            "temporarily deferred",
+            "temporarily rate limited",
+            "unusual rate",
+            "4.7.28",
+            "4.7.650",
+            "[TS01]",
+            "[TS02]",
+            "throttl",
+        ];
+        let block = [
+            "spamhaus",
+            "blocked",
+            "blacklist",
+            "blocklist",
+            "poor reputation",
+            "bad reputation",
+            "banned",
+            "5.7.606",
+            "5.7.511",
+            "S3150",
+        ];
+        let replies = [
+            (451, "4.0.0"),
+            (450, "4.7.1"),
+            (421, "4.3.0"),
+            (554, "5.7.1"),
+        ];
+        for (phrases, want) in [
+            (&throttle[..], Category::RateLimited),
+            (&block[..], Category::SpamBlock),
+        ] {
+            for phrase in phrases {
+                for (code, status) in replies {
+                    let reply = format!("{code} {status} Mail from 192.0.2.1: {phrase}");
+                    assert_eq!(cat(Some(status), code, &reply), want, "{reply}");
+                }
+            }
+        }
+        // A 421 that names no cause closes the channel on our traffic.
+        assert_eq!(
+            cat(Some("4.3.0"), 421, "421 4.3.0 closing"),
+            Category::RateLimited
+        );
+        assert_eq!(
+            cat(Some("4.4.2"), 421, "421 4.4.2 Connection timed out"),
+            Category::Network
+        );
+        // Vague "later" wording with a named cause is that cause.
+        assert_eq!(
+            cat(Some("4.7.1"), 450, "450 4.7.1 Greylisted, try again later"),
+            Category::Policy
+        );
+        assert_eq!(
+            cat(
+                Some("4.2.2"),
+                452,
+                "452 4.2.2 Mailbox full, try again later"
+            ),
+            Category::MailboxFull
         );
     }
 

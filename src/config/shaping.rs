@@ -3,7 +3,9 @@
 //! and `[[pools]]` (source-IP pools).
 //!
 //! Only syntax, ranges and cross-references are checked here; what the values mean at run time
-//! is `crate::shaping`'s business. Built-in provider definitions (Gmail, Microsoft, Yahoo/AOL,
+//! is `crate::shaping`'s business, except `shaping.adaptive.throttle_patterns` /
+//! `block_patterns`: they are bounce classification rules
+//! ([`AdaptiveConfig::classification_rules`]), since shaping reads replies by their category. Built-in provider definitions (Gmail, Microsoft, Yahoo/AOL,
 //! Apple) are added here unless `shaping.builtin_providers = false`; a configured provider of
 //! the same name replaces the built-in one.
 
@@ -15,6 +17,7 @@ use toml::Value;
 
 use super::check_dns_name;
 use super::reader::{count, duration, nonzero, string, TableReader};
+use crate::taxonomy::{Category, Rule};
 
 /// A message or connection rate, kept as events per second.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -98,11 +101,39 @@ pub struct AdaptiveConfig {
     pub throttle_suspend: Duration,
     /// A blocking reply suspends the pair this long. Default 1h.
     pub block_suspend: Duration,
-    /// Extra text patterns (case-insensitive substrings) that mark a 4xx reply as throttling,
-    /// added to the built-in ones.
+    /// Lowercase substrings that make a 4xx reply `rate_limited` (throttling): shorthand for
+    /// an operator classification rule, see [`AdaptiveConfig::classification_rules`].
     pub throttle_patterns: Vec<String>,
-    /// Extra patterns that mark a reply as a reputation block, added to the built-in ones.
+    /// Lowercase substrings that make a 4xx or 5xx reply `spam_block` (a reputation block).
     pub block_patterns: Vec<String>,
+}
+
+impl AdaptiveConfig {
+    /// `throttle_patterns` and `block_patterns` as bounce classification rules, tried after
+    /// `bounce.rules` and before the shipped ones: shaping reads a reply through its category
+    /// (rate_limited throttles, spam_block blocks), so these are classification, like every
+    /// other reply wording.
+    pub fn classification_rules(&self) -> Vec<Rule> {
+        let rule = |category, classes: &[&str], text: &[String]| Rule {
+            category,
+            status: classes
+                .iter()
+                .map(|c| c.parse().expect("a reply class is a status pattern"))
+                .collect(),
+            text: text.to_vec(),
+            regex: None,
+        };
+        let mut rules = Vec::new();
+        // A block outranks a throttle, as a suspension outranks a rate cut. An empty text
+        // list would match every reply of the class.
+        if !self.block_patterns.is_empty() {
+            rules.push(rule(Category::SpamBlock, &["4", "5"], &self.block_patterns));
+        }
+        if !self.throttle_patterns.is_empty() {
+            rules.push(rule(Category::RateLimited, &["4"], &self.throttle_patterns));
+        }
+        rules
+    }
 }
 
 impl Default for AdaptiveConfig {
@@ -671,6 +702,33 @@ mod tests {
             Some(jiff::civil::date(2025, 3, 1))
         );
         assert_eq!(c.routes[0].pool.as_deref(), Some("bulk"));
+    }
+
+    #[test]
+    fn adaptive_patterns_are_classification_rules() {
+        let c = Config::parse(&format!(
+            "{BASE}
+            [shaping.adaptive]
+            throttle_patterns = [\"Pace Yourself\"]
+            block_patterns = [\"go away\"]
+            "
+        ))
+        .unwrap();
+        let rules = c.shaping.adaptive.classification_rules();
+        let [block, throttle] = &rules[..] else {
+            panic!("{rules:?}")
+        };
+        assert_eq!(throttle.category, Category::RateLimited);
+        assert!(throttle.matches(Some("4.3.0"), "451 4.3.0 please pace yourself"));
+        assert!(
+            !throttle.matches(Some("5.3.0"), "550 5.3.0 please pace yourself"),
+            "a 5xx is refused mail, not throttling"
+        );
+        assert_eq!(block.category, Category::SpamBlock);
+        assert!(block.matches(Some("5.7.1"), "554 5.7.1 go away"));
+        assert!(block.matches(Some("4.7.1"), "451 4.7.1 go away"));
+        assert!(!block.matches(Some("2.0.0"), "250 2.0.0 ok, go away"));
+        assert!(AdaptiveConfig::default().classification_rules().is_empty());
     }
 
     #[test]

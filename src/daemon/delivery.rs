@@ -20,7 +20,7 @@ use super::{Background, Reloaded, Subsystem};
 use crate::bounce::classify::Classifier;
 use crate::config::Config;
 use crate::delivery::client::ClientSettings;
-use crate::delivery::pool::Pool;
+use crate::delivery::pool::ConnectionPool;
 use crate::delivery::worker::{VerpPolicy, Worker};
 use crate::enqueue::{Enqueue, NewMessage};
 use crate::feedback::Feedback;
@@ -36,7 +36,7 @@ use crate::verp::Verp;
 
 pub struct Delivery {
     pub router: Arc<Router>,
-    pub pool: Arc<Pool>,
+    pub pool: Arc<ConnectionPool>,
     pub worker: Arc<Worker>,
     pub settler: Arc<Settler>,
     pub scheduler: Scheduler,
@@ -69,7 +69,7 @@ impl Delivery {
             config.delivery.tls,
             Arc::new(resolver),
         ));
-        let pool = Pool::new(
+        let pool = ConnectionPool::new(
             config.delivery.idle_timeout,
             config.delivery.max_messages_per_connection,
         );
@@ -93,6 +93,7 @@ impl Delivery {
             settings,
             &config.delivery,
             parts.passwords,
+            parts.classifier.clone(),
         ));
         worker.set_verp(
             parts

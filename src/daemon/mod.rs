@@ -159,8 +159,7 @@ impl Daemon {
         let dkim = DkimSigners::load(&config.dkim)
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .with_metrics(metrics.clone());
-        let classifier =
-            Arc::new(Classifier::load(&config.bounce).map_err(|e| anyhow::anyhow!("{e}"))?);
+        let classifier = Arc::new(Classifier::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?);
         let passwords = read_passwords(&config.routes).map_err(|e| anyhow::anyhow!("{e}"))?;
         if let Some(dir) = config.delivery.log_path.as_deref().and_then(Path::parent) {
             std::fs::create_dir_all(dir)

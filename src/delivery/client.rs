@@ -17,6 +17,9 @@
 //! - Credentials are sent only over TLS.
 //! - Rejections by the server are [`RemoteReply`] values per recipient; [`AttemptError`] is
 //!   for failures of the connection as a whole.
+//! - A connection's [`Lease`] (a place under a connection cap, given by the caller) lives
+//!   exactly as long as the connection, idle in the pool included, unless it is taken over by
+//!   a replacement connection ([`Connection::take_lease`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -508,6 +511,16 @@ impl AsyncWrite for Stream {
 /// or a body into few segments (and TLS records) instead of one per piece.
 type Wire = BufWriter<Stream>;
 
+/// What a connection holds for as long as it lives, idle in the pool included, and drops
+/// with it: a place under a connection cap (shaping's connection slot). Delivery only
+/// carries it; what it counts against is its giver's business.
+pub trait Lease: Send + Sync {
+    /// The group of connections the lease counts against (shaping: its pair,
+    /// `source|bucket`): idle connections whose leases name a group that needs its places
+    /// back can be evicted.
+    fn group(&self) -> &str;
+}
+
 /// One open SMTP connection, after greeting, EHLO, STARTTLS and AUTH.
 pub struct Connection {
     client: SmtpClient<Wire>,
@@ -525,7 +538,7 @@ pub struct Connection {
     reusable: bool,
     /// Held for as long as the connection lives (a shaping connection slot), idle in the pool
     /// included.
-    hold: Option<Box<dyn std::any::Any + Send + Sync>>,
+    lease: Option<Box<dyn Lease>>,
 }
 
 /// Opens a connection to `target`. Under `TlsPolicy::Opportunistic`, a failed TLS handshake
@@ -662,7 +675,7 @@ async fn open(
         capabilities,
         messages_sent: 0,
         reusable: true,
-        hold: None,
+        lease: None,
     };
     if let Some((user, password)) = target.auth {
         if conn.tls.is_none() {
@@ -765,17 +778,18 @@ impl Connection {
         self.source
     }
 
-    /// Keeps `value` until the connection is dropped.
-    pub fn hold(&mut self, value: Box<dyn std::any::Any + Send + Sync>) {
-        self.hold = Some(value);
+    /// Keeps `lease` until the connection is dropped.
+    pub fn set_lease(&mut self, lease: Box<dyn Lease>) {
+        self.lease = Some(lease);
     }
 
-    pub fn held(&self) -> Option<&(dyn std::any::Any + Send + Sync)> {
-        self.hold.as_deref()
+    pub fn lease(&self) -> Option<&dyn Lease> {
+        self.lease.as_deref()
     }
 
-    pub fn take_held(&mut self) -> Option<Box<dyn std::any::Any + Send + Sync>> {
-        self.hold.take()
+    /// Takes the lease away (for a connection that replaces this one).
+    pub fn take_lease(&mut self) -> Option<Box<dyn Lease>> {
+        self.lease.take()
     }
 
     pub fn capabilities(&self) -> &Capabilities {

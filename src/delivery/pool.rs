@@ -28,7 +28,9 @@ struct Idle {
     since: Instant,
 }
 
-pub struct Pool {
+/// The idle outbound SMTP connections, shared by every delivery worker. (A source-IP pool is
+/// `crate::shaping::pools::Pool`; this is not one.)
+pub struct ConnectionPool {
     /// `(idle_timeout, max_messages_per_connection)`; a config reload replaces them.
     limits: Live<(Duration, usize)>,
     /// Per key, oldest first: reuse takes from the back (most recently used), which keeps
@@ -36,9 +38,9 @@ pub struct Pool {
     idle: Mutex<HashMap<Key, Vec<Idle>>>,
 }
 
-impl Pool {
-    pub fn new(idle_timeout: Duration, max_messages_per_connection: usize) -> Arc<Pool> {
-        Arc::new(Pool {
+impl ConnectionPool {
+    pub fn new(idle_timeout: Duration, max_messages_per_connection: usize) -> Arc<ConnectionPool> {
+        Arc::new(ConnectionPool {
             limits: Live::new((idle_timeout, max_messages_per_connection)),
             idle: Mutex::new(HashMap::new()),
         })
@@ -147,7 +149,7 @@ impl Pool {
     }
 
     /// A task that QUITs connections idle longer than `idle_timeout`, until `shutdown`.
-    /// Connections still idle then are left to [`Pool::close_all`].
+    /// Connections still idle then are left to [`ConnectionPool::close_all`].
     pub fn spawn_reaper(self: &Arc<Self>, shutdown: CancellationToken) -> JoinHandle<()> {
         let pool = Arc::clone(self);
         tokio::spawn(async move {

@@ -5,19 +5,25 @@
 //! Invariants:
 //! - Only pending recipients are attempted; the result has exactly one entry per pending
 //!   recipient, so the settler can account for every one.
+//! - Each failed result is classified here, once, by the bounce taxonomy
+//!   ([`RcptOutcome::category`]; a delivery is `delivered`): shaping, the delivery log, events
+//!   and suppression all read that one category.
 //! - A connection that failed mid-transaction is never reused; one that was reused and failed
 //!   before any recipient was accepted is replaced once, since idle connections are often
 //!   closed by the far end without notice.
 //! - An attempt takes one snapshot of the reloadable settings ([`AttemptSettings`]) and uses it
 //!   throughout; a config reload affects the next attempt.
 
+use crate::bounce::classify::Classifier;
 use crate::config::DeliveryConfig;
 use crate::delivery::client::{
-    self, AttemptError, BrokenTls, ClientSettings, Connection, OutboundMessage, RemoteReply, Target,
+    self, AttemptError, BrokenTls, ClientSettings, Connection, Lease, OutboundMessage, RemoteReply,
+    Target,
 };
-use crate::delivery::pool::Pool;
+use crate::delivery::pool::ConnectionPool;
 use crate::live::Live;
 use crate::routing::route::{RouteError, RoutePlan, Router};
+use crate::taxonomy::Category;
 use crate::tls::TlsInfo;
 use crate::verp::Verp;
 use std::collections::HashMap;
@@ -36,13 +42,35 @@ pub enum Verdict {
 }
 
 /// The result for one recipient: its index in `Envelope::recipients`, the verdict, the
-/// enhanced status code and the reply (remote or local) that explains it.
+/// enhanced status code and the reply (remote or local) that explains it, and its category.
 #[derive(Debug, Clone)]
 pub struct RcptOutcome {
     pub index: usize,
     pub verdict: Verdict,
     pub status: String,
     pub reply: String,
+    /// The bounce category of `reply` with `status` ([`Classifier::classify_attempt`]);
+    /// `delivered` for a delivery, without consulting the rules.
+    pub category: Category,
+}
+
+impl RcptOutcome {
+    /// Recipient `index`'s result from a remote reply, classified.
+    pub fn of_reply(index: usize, reply: &RemoteReply, classifier: &Classifier) -> RcptOutcome {
+        let (verdict, status) = (verdict_of(reply.code), status_of(reply));
+        let reply = reply.to_string();
+        let category = match verdict {
+            Verdict::Delivered => Category::Delivered,
+            _ => classifier.classify_attempt(&status, &reply).category,
+        };
+        RcptOutcome {
+            index,
+            verdict,
+            status,
+            reply,
+            category,
+        }
+    }
 }
 
 /// What one attempt did, for the settler and the delivery log.
@@ -55,18 +83,21 @@ pub struct Attempt {
     pub tls: Option<TlsInfo>,
 }
 
-/// Where new connections come from: the local address to bind, its EHLO name, and what a
-/// new connection holds for as long as it lives (a shaping connection slot).
+/// Where new connections come from: the local address to bind, its EHLO name, and the lease
+/// a new connection holds for as long as it lives (a shaping connection slot).
 #[derive(Default)]
 pub struct Outbound {
     pub source: Option<IpAddr>,
     pub ehlo: Option<String>,
-    pub hold: Option<Box<dyn std::any::Any + Send + Sync>>,
+    pub lease: Option<Box<dyn Lease>>,
 }
 
 pub struct Worker {
     router: Arc<Router>,
-    pool: Arc<Pool>,
+    pool: Arc<ConnectionPool>,
+    /// Classifies every failed recipient's reply (`bounce.rules` and the shaping patterns
+    /// over the shipped rules; a restart key, so never replaced).
+    classifier: Arc<Classifier>,
     settings: Live<AttemptSettings>,
     broken_tls: BrokenTls,
     /// VERP senders and where they apply; `None`: never.
@@ -114,14 +145,16 @@ pub struct AttemptSettings {
 impl Worker {
     pub fn new(
         router: Arc<Router>,
-        pool: Arc<Pool>,
+        pool: Arc<ConnectionPool>,
         settings: ClientSettings,
         config: &DeliveryConfig,
         passwords: HashMap<PathBuf, String>,
+        classifier: Arc<Classifier>,
     ) -> Worker {
         Worker {
             router,
             pool,
+            classifier,
             settings: Live::new(AttemptSettings {
                 client: settings,
                 max_messages_per_connection: config.max_messages_per_connection,
@@ -245,7 +278,7 @@ impl Worker {
                 Some(conn) => conn,
                 None => match self.connect(plan, &settings, outbound).await {
                     Ok(conn) => conn,
-                    Err(failure) => return failure.for_all(&pending),
+                    Err(failure) => return failure.for_all(&pending, &self.classifier),
                 },
             };
             let mut conn = conn;
@@ -262,11 +295,8 @@ impl Worker {
                     attempt.outcomes = pending
                         .iter()
                         .zip(replies)
-                        .map(|((index, _), r)| RcptOutcome {
-                            index: *index,
-                            verdict: verdict_of(r.reply.code),
-                            status: status_of(&r.reply),
-                            reply: r.reply.to_string(),
+                        .map(|((index, _), r)| {
+                            RcptOutcome::of_reply(*index, &r.reply, &self.classifier)
                         })
                         .collect();
                     if conn.is_reusable()
@@ -282,13 +312,13 @@ impl Worker {
                     debug!(host = conn.host(), error = %err, "reused connection failed; reconnecting");
                     reused = false;
                     // Its replacement takes over its shaping slot.
-                    if outbound.hold.is_none() {
-                        outbound.hold = conn.take_held();
+                    if outbound.lease.is_none() {
+                        outbound.lease = conn.take_lease();
                     }
                 }
                 Err(err) => {
                     let failure = Failure::from_attempt_error(&err);
-                    attempt.outcomes = failure.for_all(&pending).outcomes;
+                    attempt.outcomes = failure.for_all(&pending, &self.classifier).outcomes;
                     return attempt;
                 }
             }
@@ -347,8 +377,8 @@ impl Worker {
                     .unwrap_or(&settings.client.ehlo_name);
                 match client::connect_as(&target, &settings.client, &self.broken_tls, ehlo).await {
                     Ok(mut conn) => {
-                        if let Some(hold) = outbound.hold.take() {
-                            conn.hold(hold);
+                        if let Some(lease) = outbound.lease.take() {
+                            conn.set_lease(lease);
                         }
                         return Ok(conn);
                     }
@@ -451,7 +481,11 @@ impl Failure {
         }
     }
 
-    pub fn for_all(&self, pending: &[(usize, Recipient)]) -> Attempt {
+    /// The failure as every pending recipient's result, classified once.
+    pub fn for_all(&self, pending: &[(usize, Recipient)], classifier: &Classifier) -> Attempt {
+        let category = classifier
+            .classify_attempt(&self.status, &self.reply)
+            .category;
         Attempt {
             outcomes: pending
                 .iter()
@@ -460,6 +494,7 @@ impl Failure {
                     verdict: self.verdict,
                     status: self.status.clone(),
                     reply: self.reply.clone(),
+                    category,
                 })
                 .collect(),
             ..Attempt::default()

@@ -24,6 +24,9 @@
 //!   category) adds the recipient to the suppression list first.
 //! - An attempt's delivery-log lines and metrics are recorded before its envelope is
 //!   re-read, so they are written even when its outcome is not.
+//! - A result's category is the one the delivery worker gave it (`RcptOutcome::category`, the
+//!   same that shaping read): the settler never classifies a reply again. Routing failures,
+//!   which have no attempt, are classified where their results are made.
 
 pub mod dsn;
 pub mod operator;
@@ -42,7 +45,6 @@ use crate::maillog::{AttemptOutcome, AttemptRecord, DeliveryLog};
 use crate::message::Submission;
 use crate::routing::route::{RouteError, RoutePlan};
 use crate::suppression::Entry;
-use crate::taxonomy::Category;
 use crate::telemetry::Metrics;
 use dsn::{Action, DsnRecipient, DsnRequest};
 use std::sync::Arc;
@@ -63,6 +65,7 @@ pub struct Settler {
     hostname: String,
     metrics: Arc<Metrics>,
     locks: operator::MessageLocks,
+    /// For routing failures only: attempts arrive classified.
     classifier: Arc<Classifier>,
 }
 
@@ -132,7 +135,7 @@ impl Settler {
             .filter(|(_, r)| r.state == RecipientState::Pending)
             .map(|(i, r)| (i, r.clone()))
             .collect();
-        let attempt = Failure::from_route_error(err).for_all(&pending);
+        let attempt = Failure::from_route_error(err).for_all(&pending, &self.classifier);
         self.apply(env, &body, &env_destination(err), attempt).await
     }
 
@@ -168,8 +171,7 @@ impl Settler {
             .iter()
             .map(|outcome| Classified {
                 outcome,
-                category: (outcome.verdict != Verdict::Delivered)
-                    .then(|| self.classify(&outcome.status, &outcome.reply)),
+                category: (outcome.verdict != Verdict::Delivered).then_some(outcome.category),
             })
             .collect();
         let transition = transition::settle(
@@ -329,18 +331,6 @@ impl Settler {
             }
             Ok(()) => Some(env.next_due_ms),
         }
-    }
-
-    /// The bounce category of a failed attempt's reply, for the log, the event and the
-    /// suppression list.
-    fn classify(&self, status: &str, reply: &str) -> Category {
-        let basic = crate::bounce::classify::basic_in(reply.get(..4).unwrap_or(reply));
-        match basic {
-            Some(basic) => self.classifier.classify_reply(basic, Some(status), reply),
-            // A local failure (no connection, DNS, TLS): no reply code.
-            None => self.classifier.classify(Some(status), None, reply, None),
-        }
-        .category
     }
 
     /// Queues the planned DSNs ([`transition::dsns`]) in order, each committed to the spool

@@ -301,6 +301,12 @@ mod tests {
             verdict,
             status: status.into(),
             reply: reply.into(),
+            // What the worker's classification gives these replies (see `classified`).
+            category: match status {
+                "4.2.2" => Category::MailboxFull,
+                "5.1.1" => Category::InvalidRecipient,
+                _ => Category::Other,
+            },
         }
     }
 

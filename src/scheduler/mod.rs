@@ -42,14 +42,14 @@ pub use suspend::{Suspension, Suspensions};
 
 use crate::clock::now_ms;
 use crate::config::DeliveryConfig;
-use crate::delivery::client::Connection;
+use crate::delivery::client::{Connection, Lease};
 use crate::delivery::worker::{Outbound, Worker};
 use crate::enqueue::NewMessage;
 use crate::live::Live;
 use crate::outcome::operator::NOT_DUE;
 use crate::outcome::Settler;
 use crate::routing::route::{RoutePlan, Router};
-use crate::shaping::{Admission, ConnSlot, Lane, Pair, Shaper};
+use crate::shaping::{Admission, Lane, Pair, Shaper};
 use crate::telemetry::Metrics;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -541,16 +541,12 @@ impl Scheduler {
                 }
                 Admission::Later(due) => return Err(due),
             }
-            let hold: Option<Box<dyn std::any::Any + Send + Sync>> = if connection.is_none() {
+            let lease: Option<Box<dyn Lease>> = if connection.is_none() {
                 self.shaping_wait(key, true);
                 let worker = &self.inner.worker;
                 let slot = shaper
                     .open_slot(&p, |pair| {
-                        worker.evict_idle(|c| {
-                            c.held()
-                                .and_then(|h| h.downcast_ref::<ConnSlot>())
-                                .is_some_and(|s| Arc::ptr_eq(s.pair(), pair))
-                        })
+                        worker.evict_idle(|c| c.lease().is_some_and(|l| l.group() == pair.key()))
                     })
                     .await;
                 self.shaping_wait(key, false);
@@ -561,7 +557,7 @@ impl Scheduler {
             return Ok(Outbound {
                 source: p.source.ip,
                 ehlo: p.source.ehlo.clone(),
-                hold,
+                lease,
             });
         }
     }
@@ -979,5 +975,156 @@ mod tests {
             queue_key(Some("transactional"), "mx:a.example"),
             "pools never share a queue"
         );
+    }
+}
+
+#[cfg(test)]
+mod classification_tests {
+    //! The scheduler hands each attempt to shaping, then to the settler: both must read one
+    //! classification of each reply.
+
+    use crate::bounce::classify::Classifier;
+    use crate::config::{Config, TlsPolicy};
+    use crate::delivery::client::RemoteReply;
+    use crate::delivery::worker::{Attempt, RcptOutcome, Verdict};
+    use crate::routing::route::{Hop, RoutePlan};
+    use crate::shaping::limiter::Backend;
+    use crate::shaping::{PairView, Shaper};
+    use crate::taxonomy::Category;
+    use crate::telemetry::Metrics;
+    use std::sync::Arc;
+
+    fn reply(code: u16, status: &str, text: &str) -> RemoteReply {
+        RemoteReply {
+            code,
+            status: Some(status.into()),
+            text: text.into(),
+        }
+    }
+
+    /// Local-only shaping over `config`; its spool lives as long as the directory.
+    fn shaper(config: &Config) -> (Arc<Shaper>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = tern_queue::Spool::open(dir.path()).unwrap();
+        let shaper = Shaper::new(config, spool, Backend::Local, Arc::new(Metrics::new()));
+        (shaper, dir)
+    }
+
+    fn config(extra: &str) -> Config {
+        Config::parse(&format!(
+            "[[listeners]]\naddress = \"127.0.0.1:2525\"\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    /// One recipient's `reply` on a fresh pair (to `domain`), as the scheduler runs it:
+    /// classified by the worker, observed by shaping, logged by the settler. Returns what
+    /// shaping then shows for the pair and the category the settler logs.
+    fn run(
+        shaper: &Shaper,
+        classifier: &Classifier,
+        domain: &str,
+        reply: &RemoteReply,
+    ) -> (PairView, Option<Category>) {
+        let host = format!("mx.{domain}");
+        let plan = RoutePlan {
+            key: format!("mx:{host}"),
+            hops: vec![Hop {
+                name: host,
+                port: 25,
+            }],
+            tls: TlsPolicy::Opportunistic,
+            auth: None,
+        };
+        let pool = shaper.pools().resolve(None, domain);
+        let pair = shaper.lane(&pool, domain, &plan).choose();
+        let mut attempt = Attempt {
+            outcomes: vec![RcptOutcome::of_reply(0, reply, classifier)],
+            ..Attempt::default()
+        };
+        shaper.observe(&pair, &mut attempt);
+        let outcome = &attempt.outcomes[0];
+        // What the settler hands its transition (which logs it unless the message expired).
+        let logged = (outcome.verdict != Verdict::Delivered).then_some(outcome.category);
+        let view = shaper.views(Some(&plan.key)).remove(0);
+        (view, logged)
+    }
+
+    #[test]
+    fn shaping_and_the_settler_read_one_classification_of_a_reply() {
+        let (shaper, _dir) = shaper(&config(""));
+        let classifier = Classifier::defaults();
+        let cases = [
+            (
+                reply(451, "4.7.0", "Too many messages, try again later"),
+                Category::RateLimited,
+            ),
+            (reply(421, "4.3.0", "closing"), Category::RateLimited),
+            (
+                reply(554, "5.7.1", "Client host blocked using zen.spamhaus.org"),
+                Category::SpamBlock,
+            ),
+            (
+                reply(550, "5.1.1", "User unknown"),
+                Category::InvalidRecipient,
+            ),
+            (reply(452, "4.2.2", "Mailbox full"), Category::MailboxFull),
+            (
+                reply(550, "5.7.1", "try again later"),
+                Category::RateLimited,
+            ),
+        ];
+        for (i, (reply, want)) in cases.iter().enumerate() {
+            let (view, logged) = run(&shaper, &classifier, &format!("d{i}.test"), reply);
+            // What the settler alone computed before the worker classified.
+            let fresh = classifier
+                .classify_reply(reply.code, reply.status.as_deref(), &reply.to_string())
+                .category;
+            assert_eq!((logged, fresh), (Some(*want), *want), "{reply}");
+            let temporary = reply.code < 500;
+            assert_eq!(
+                view.throttles > 0,
+                *want == Category::RateLimited && temporary,
+                "{reply}: {view:?}"
+            );
+            assert_eq!(view.blocked, *want == Category::SpamBlock, "{reply}");
+        }
+    }
+
+    #[test]
+    fn an_operator_rule_decides_whether_shaping_throttles() {
+        let custom = reply(451, "4.3.0", "Please pace yourself, friend");
+        let (shaper, _dir) = shaper(&config("[shaping.default]\nrate = \"600/min\"\n"));
+
+        let (view, logged) = run(&shaper, &Classifier::defaults(), "plain.test", &custom);
+        assert_eq!((view.throttles, logged), (0, Some(Category::Other)));
+        assert_eq!(view.current_rate_per_minute, Some(600.0));
+
+        // `bounce.rules`: the operator classifies the wording rate_limited.
+        let dir = tempfile::tempdir().unwrap();
+        let rules = dir.path().join("rules.toml");
+        std::fs::write(
+            &rules,
+            "[[rule]]\ncategory = \"rate_limited\"\ntext = [\"pace yourself\"]\n",
+        )
+        .unwrap();
+        let with_rules = config(&format!(
+            "[bounce]\nrules = {:?}\n",
+            rules.to_str().unwrap()
+        ));
+        let classifier = Classifier::load(&with_rules).unwrap();
+        let (view, logged) = run(&shaper, &classifier, "ruled.test", &custom);
+        assert_eq!((view.throttles, logged), (1, Some(Category::RateLimited)));
+        assert_eq!(view.current_rate_per_minute, Some(300.0), "the rate is cut");
+        assert_eq!(
+            view.trigger_reply.as_deref(),
+            Some("451 4.3.0 Please pace yourself, friend")
+        );
+
+        // `shaping.adaptive.throttle_patterns`: the same, as shorthand.
+        let patterns = config("[shaping.adaptive]\nthrottle_patterns = [\"Pace Yourself\"]\n");
+        let classifier = Classifier::load(&patterns).unwrap();
+        let (view, logged) = run(&shaper, &classifier, "patterned.test", &custom);
+        assert_eq!((view.throttles, logged), (1, Some(Category::RateLimited)));
     }
 }

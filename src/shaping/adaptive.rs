@@ -1,46 +1,20 @@
-//! Reading remote replies for shaping, and the AIMD rate that follows from them.
+//! What a recipient's result says about our sending rate, and the AIMD rate that follows.
 //!
-//! A reply is *throttling* when it is 421, has an enhanced status 4.7.x, or is a 4xx whose
-//! text contains a throttling pattern; it is a *block* when a 4xx/5xx text contains a block
-//! pattern (reputation and blocklist rejections). Patterns are case-insensitive substrings:
-//! the built-in ones below, plus `shaping.adaptive.throttle_patterns` / `block_patterns`.
+//! Shaping reads no reply text: it takes the bounce category the delivery worker gave the
+//! result (`RcptOutcome::category`, the same the delivery log and suppression use), so which
+//! wording throttles or blocks is decided by the classification rules (`config/bounce-rules.toml`,
+//! `bounce.rules`, and `shaping.adaptive.throttle_patterns` / `block_patterns`). A temporary
+//! `rate_limited` failure is *throttling*; a `spam_block` failure, temporary or permanent, is a
+//! *block* ([`signal`]).
 //!
 //! [`Aimd`] is pure (time is passed in): a throttle multiplies the rate by `decrease` (at most
 //! once per window, never below `floor` times the configured rate); each full window without
 //! throttling adds `increase` times the configured rate, up to the configured rate.
 
 use crate::config::AdaptiveConfig;
+use crate::delivery::worker::Verdict;
+use crate::taxonomy::Category;
 use tokio::time::Instant;
-
-/// Big providers' wording for "slow down" (Gmail 4.7.28, Yahoo TS0x, Microsoft 4.7.650...).
-const THROTTLE_PATTERNS: &[&str] = &[
-    "rate limit",
-    "too many connections",
-    "too many messages",
-    "try again later",
-    "temporarily deferred",
-    "temporarily rate limited",
-    "unusual rate",
-    "4.7.28",
-    "4.7.650",
-    "[ts01]",
-    "[ts02]",
-    "throttl",
-];
-
-/// Reputation blocks and blocklists.
-const BLOCK_PATTERNS: &[&str] = &[
-    "spamhaus",
-    "blocked",
-    "blacklist",
-    "blocklist",
-    "poor reputation",
-    "bad reputation",
-    "banned",
-    "5.7.606",
-    "5.7.511",
-    "s3150",
-];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Signal {
@@ -50,47 +24,14 @@ pub enum Signal {
     Block,
 }
 
-pub struct Classifier {
-    throttle: Vec<String>,
-    block: Vec<String>,
-}
-
-impl Classifier {
-    pub fn new(config: &AdaptiveConfig) -> Classifier {
-        let with = |builtin: &[&str], extra: &[String]| {
-            builtin
-                .iter()
-                .map(|s| s.to_string())
-                .chain(extra.iter().cloned())
-                .collect()
-        };
-        Classifier {
-            throttle: with(THROTTLE_PATTERNS, &config.throttle_patterns),
-            block: with(BLOCK_PATTERNS, &config.block_patterns),
-        }
-    }
-
-    /// `reply` is the remote reply as text ("421 4.7.0 Try again later"), `status` its
-    /// enhanced status code.
-    pub fn classify(&self, reply: &str, status: &str) -> Signal {
-        let code = reply.get(..3).and_then(|c| c.parse::<u16>().ok());
-        let Some(code @ 400..=599) = code else {
-            return Signal::Neutral;
-        };
-        let text = reply.to_ascii_lowercase();
-        if self.block.iter().any(|p| text.contains(p.as_str())) {
-            return Signal::Block;
-        }
-        if code >= 500 {
-            return Signal::Neutral;
-        }
-        if code == 421
-            || status.starts_with("4.7.")
-            || self.throttle.iter().any(|p| text.contains(p.as_str()))
-        {
-            return Signal::Throttle;
-        }
-        Signal::Neutral
+/// The signal of one recipient's result. A permanent `rate_limited` failure refused the
+/// message; it does not ask us to slow down.
+pub fn signal(verdict: Verdict, category: Category) -> Signal {
+    match (verdict, category) {
+        (Verdict::Delivered, _) => Signal::Neutral,
+        (_, Category::SpamBlock) => Signal::Block,
+        (Verdict::Temporary, Category::RateLimited) => Signal::Throttle,
+        _ => Signal::Neutral,
     }
 }
 
@@ -141,35 +82,51 @@ impl Aimd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delivery::client::RemoteReply;
+    use crate::delivery::worker::RcptOutcome;
     use std::time::Duration;
 
+    /// The replies shaping's own patterns used to classify, now read through the bounce
+    /// taxonomy (an operator pattern included): the same signals.
     #[test]
     fn replies_are_classified() {
-        let c = Classifier::new(&AdaptiveConfig {
-            throttle_patterns: vec!["slow down please".into()],
-            ..AdaptiveConfig::default()
-        });
-        assert_eq!(c.classify("250 2.0.0 Ok", "2.0.0"), Signal::Neutral);
-        assert_eq!(c.classify("421 4.3.0 closing", "4.3.0"), Signal::Throttle);
+        let c = crate::bounce::classify::Classifier::with_rules(
+            AdaptiveConfig {
+                throttle_patterns: vec!["slow down please".into()],
+                ..AdaptiveConfig::default()
+            }
+            .classification_rules(),
+        );
+        // As the delivery worker sees and classifies it.
+        let classify = |reply: &str, status: &str| {
+            let (code, rest) = reply.split_once(' ').unwrap();
+            let text = rest.strip_prefix(status).unwrap().trim_start();
+            let reply = RemoteReply {
+                code: code.parse().unwrap(),
+                status: Some(status.into()),
+                text: text.into(),
+            };
+            let o = RcptOutcome::of_reply(0, &reply, &c);
+            signal(o.verdict, o.category)
+        };
+        assert_eq!(classify("250 2.0.0 Ok", "2.0.0"), Signal::Neutral);
+        assert_eq!(classify("421 4.3.0 closing", "4.3.0"), Signal::Throttle);
         assert_eq!(
-            c.classify("450 4.7.28 unusual rate of mail", "4.7.28"),
+            classify("450 4.7.28 unusual rate of mail", "4.7.28"),
             Signal::Throttle
         );
         assert_eq!(
-            c.classify("451 4.3.0 Please SLOW DOWN PLEASE", "4.3.0"),
+            classify("451 4.3.0 Please SLOW DOWN PLEASE", "4.3.0"),
             Signal::Throttle
         );
-        assert_eq!(c.classify("451 4.3.0 disk full", "4.3.0"), Signal::Neutral);
+        assert_eq!(classify("451 4.3.0 disk full", "4.3.0"), Signal::Neutral);
         assert_eq!(
-            c.classify("550 5.7.1 Service unavailable; listed by Spamhaus", "5.7.1"),
+            classify("550 5.7.1 Service unavailable; listed by Spamhaus", "5.7.1"),
             Signal::Block
         );
+        assert_eq!(classify("550 5.1.1 no such user", "5.1.1"), Signal::Neutral);
         assert_eq!(
-            c.classify("550 5.1.1 no such user", "5.1.1"),
-            Signal::Neutral
-        );
-        assert_eq!(
-            c.classify("550 5.7.1 try again later", "5.7.1"),
+            classify("550 5.7.1 try again later", "5.7.1"),
             Signal::Neutral,
             "throttling wording on a 5xx is not throttling"
         );

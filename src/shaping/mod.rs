@@ -17,8 +17,9 @@
 //! The scheduler's worker asks [`Shaper::admit`] before each message (it waits there with
 //! `tokio::time::sleep`, or is told to put the message back on a due time when the wait is
 //! long: mail is never bounced for shaping), opens connections only with a [`ConnSlot`] from
-//! [`Shaper::open_slot`] (the slot lives inside the connection, also while it idles in the
-//! pool), and reports every attempt to [`Shaper::observe`].
+//! [`Shaper::open_slot`] (the slot is the connection's delivery [`Lease`], so it lives inside
+//! the connection, also while it idles in the pool), and reports every attempt to
+//! [`Shaper::observe`].
 //!
 //! Invariants:
 //! - A pair's open connections never exceed its cap: a slot is taken before connecting and
@@ -38,10 +39,11 @@ pub mod warmup;
 
 use crate::clock::now_ms;
 use crate::config::{AdaptiveConfig, Config, LimitsConfig, ProviderConfig, WhenCapped};
+use crate::delivery::client::Lease;
 use crate::delivery::worker::{Attempt, Verdict};
 use crate::routing::route::RoutePlan;
 use crate::telemetry::Metrics;
-use adaptive::{Aimd, Classifier, Signal};
+use adaptive::{Aimd, Signal};
 use limiter::{Backend, Counters};
 use pools::{Pool, Pools, Source};
 use serde::Serialize;
@@ -110,6 +112,8 @@ struct PairState {
 
 /// One (source, bucket).
 pub struct Pair {
+    /// `source|bucket`: the key of its counters, and the group its connections' leases name.
+    key: String,
     pub source: Arc<Source>,
     pub bucket: Arc<Bucket>,
     counters: Counters,
@@ -121,6 +125,11 @@ pub struct Pair {
 impl Pair {
     fn state(&self) -> MutexGuard<'_, PairState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `source|bucket`, unique per pair: the [`Lease::group`] of its connection slots.
+    pub fn key(&self) -> &str {
+        &self.key
     }
 
     /// Messages allowed over one connection.
@@ -166,6 +175,7 @@ impl Pair {
 }
 
 /// A counted open connection of a pair; dropping it (with the connection) frees the place.
+/// The connection carries it as its [`Lease`], whose group is the pair's key.
 pub struct ConnSlot {
     pair: Arc<Pair>,
 }
@@ -173,6 +183,12 @@ pub struct ConnSlot {
 impl ConnSlot {
     pub fn pair(&self) -> &Arc<Pair> {
         &self.pair
+    }
+}
+
+impl Lease for ConnSlot {
+    fn group(&self) -> &str {
+        self.pair.key()
     }
 }
 
@@ -271,7 +287,6 @@ pub struct Shaper {
     default: LimitsConfig,
     domains: HashMap<String, LimitsConfig>,
     adaptive: AdaptiveConfig,
-    classifier: Classifier,
     when_capped: WhenCapped,
     calendar: Arc<Calendar>,
     spool: Spool,
@@ -320,7 +335,6 @@ impl Shaper {
                 .map(|d| (d.domain.clone(), d.limits))
                 .collect(),
             adaptive: s.adaptive.clone(),
-            classifier: Classifier::new(&s.adaptive),
             when_capped: s.warmup.when_capped,
             calendar: Arc::new(Calendar::new(&s.warmup.time_zone, s.warmup.curve.clone())),
             spool,
@@ -421,6 +435,7 @@ impl Shaper {
                 .shaping_rate(&source.label, &bucket.label, rate * 60.0);
         }
         let pair = Arc::new(Pair {
+            key: key.clone(),
             source: source.clone(),
             bucket: bucket.clone(),
             counters: self.backend.pair(&key),
@@ -534,14 +549,15 @@ impl Shaper {
         }
     }
 
-    /// Reads the replies of an attempt: adapts the rate, suspends on throttling or blocks
-    /// (and then makes permanent outcomes temporary: a block is about us, not the message).
+    /// Reads the results of an attempt by their categories ([`adaptive::signal`]): adapts
+    /// the rate, suspends on throttling or blocks (and then makes permanent outcomes
+    /// temporary: a block is about us, not the message).
     pub fn observe(&self, pair: &Pair, attempt: &mut Attempt) {
         let mut worst = (Signal::Neutral, None);
         let mut delivered = false;
         for o in &attempt.outcomes {
             delivered |= o.verdict == Verdict::Delivered;
-            let signal = self.classifier.classify(&o.reply, &o.status);
+            let signal = adaptive::signal(o.verdict, o.category);
             if signal > worst.0 {
                 worst = (signal, Some(o.reply.clone()));
             }
@@ -668,4 +684,53 @@ impl Shaper {
 /// is a whole insert or a counter step).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TlsPolicy;
+    use crate::routing::route::Hop;
+
+    fn plan(host: &str) -> RoutePlan {
+        RoutePlan {
+            key: format!("mx:{host}"),
+            hops: vec![Hop {
+                name: host.to_owned(),
+                port: 25,
+            }],
+            tls: TlsPolicy::Opportunistic,
+            auth: None,
+        }
+    }
+
+    /// A local-only shaper for `extra` config; the spool lives as long as the directory.
+    fn shaper(extra: &str) -> (Arc<Shaper>, tempfile::TempDir) {
+        let config = Config::parse(&format!(
+            "[[listeners]]\naddress = \"127.0.0.1:2525\"\n{extra}"
+        ))
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let shaper = Shaper::new(&config, spool, Backend::Local, Arc::new(Metrics::new()));
+        (shaper, dir)
+    }
+
+    #[tokio::test]
+    async fn a_connection_slot_is_a_lease_naming_its_pair() {
+        let (shaper, _dir) = shaper("");
+        let pool = shaper.pools().resolve(None, "a.test");
+        let a = shaper.lane(&pool, "a.test", &plan("mx.a.test")).choose();
+        let b = shaper.lane(&pool, "b.test", &plan("mx.b.test")).choose();
+        let slot: Box<dyn Lease> = Box::new(shaper.open_slot(&a, |_| {}).await);
+        assert_eq!(slot.group(), a.key());
+        assert_ne!(slot.group(), b.key());
+        assert_eq!(a.counters.open_connections(), 1);
+        drop(slot);
+        assert_eq!(
+            a.counters.open_connections(),
+            0,
+            "dropping the lease frees the place"
+        );
+    }
 }

@@ -11,7 +11,7 @@ use tern::delivery::client::{
     connect, AttemptError, BrokenTls, ClientSettings, Connection, OutboundMessage, Phase,
     RcptResult, Target,
 };
-use tern::delivery::pool::Pool;
+use tern::delivery::pool::ConnectionPool;
 use tern::tls::load_roots;
 use tern_queue::{BodyType, Notify, Recipient, Ret};
 use tokio_util::sync::CancellationToken;
@@ -517,7 +517,7 @@ async fn stall_after_data_times_out_in_time() {
     assert!(!conn.is_reusable());
     assert!(!err.try_next_host(), "the server may have the message");
     assert_eq!(err.status(), "4.4.2");
-    let pool = Pool::new(WAIT, 10);
+    let pool = ConnectionPool::new(WAIT, 10);
     pool.put(conn).await;
     assert_eq!(pool.idle_count(), 0, "a timed-out connection is not kept");
 }
@@ -700,7 +700,7 @@ async fn auth_without_tls_is_refused_locally() {
 #[tokio::test]
 async fn pool_reuses_a_connection() {
     let sink = Sink::start(SinkBehaviour::default().starttls(SinkCert::SelfSigned)).await;
-    let pool = Pool::new(WAIT, 100);
+    let pool = ConnectionPool::new(WAIT, 100);
     let t = target(&sink, TlsPolicy::Opportunistic);
     let broken = BrokenTls::new(WAIT);
     let list = rcpts(&["b@example.net"]);
@@ -738,7 +738,7 @@ async fn pool_reuses_a_connection() {
 #[tokio::test]
 async fn pool_keys_on_the_source_address() {
     let sink = Sink::start(SinkBehaviour::default()).await;
-    let pool = Pool::new(WAIT, 100);
+    let pool = ConnectionPool::new(WAIT, 100);
     let from2 = Target {
         source: Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))),
         ..target(&sink, TlsPolicy::Disabled)
@@ -756,7 +756,7 @@ async fn pool_keys_on_the_source_address() {
 #[tokio::test]
 async fn pool_closes_after_max_messages() {
     let sink = Sink::start(SinkBehaviour::default()).await;
-    let pool = Pool::new(WAIT, 2);
+    let pool = ConnectionPool::new(WAIT, 2);
     let t = target(&sink, TlsPolicy::Disabled);
     let list = rcpts(&["b@example.net"]);
     let mut conn = connect(&t, &settings(), &BrokenTls::new(WAIT))
@@ -778,14 +778,14 @@ async fn pool_expires_idle_connections() {
     let t = target(&sink, TlsPolicy::Disabled);
 
     // take() skips what has been idle too long.
-    let pool = Pool::new(Duration::from_millis(100), 100);
+    let pool = ConnectionPool::new(Duration::from_millis(100), 100);
     pool.put(open(&sink, TlsPolicy::Disabled).await).await;
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(pool.take(&t).is_none());
     assert_eq!(pool.idle_count(), 0);
 
     // The reaper QUITs it without anyone asking.
-    let pool = Pool::new(Duration::from_millis(200), 100);
+    let pool = ConnectionPool::new(Duration::from_millis(200), 100);
     let stop = CancellationToken::new();
     let reaper = pool.spawn_reaper(stop.clone());
     pool.put(open(&sink, TlsPolicy::Disabled).await).await;
@@ -799,7 +799,7 @@ async fn pool_expires_idle_connections() {
     // A connection the server closed while idle is not handed out.
     let sink = Sink::start(SinkBehaviour::default()).await;
     let t = target(&sink, TlsPolicy::Disabled);
-    let pool = Pool::new(WAIT, 100);
+    let pool = ConnectionPool::new(WAIT, 100);
     pool.put(open(&sink, TlsPolicy::Disabled).await).await;
     drop(sink); // ends its sessions
     tokio::time::sleep(Duration::from_millis(100)).await;
