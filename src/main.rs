@@ -920,7 +920,7 @@ fn inject(args: InjectArgs) -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    let mut client = match tern::admin::client::ApiClient::from_config(&config.admin) {
+    let mut client = match tern::cli::client::ApiClient::from_config(&config.admin) {
         Ok(client) => client,
         Err(err) => {
             eprintln!("tern: {err}");

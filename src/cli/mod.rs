@@ -6,9 +6,11 @@
 //! error the API answered, so the CLI can fall back to reading a stopped daemon's spool; the
 //! API's own error message is what the operator sees for the latter.
 
-use crate::admin::client::{address_of, ApiClient};
+pub mod client;
+
 use crate::clock::now_ms;
 use crate::config::{AdminConfig, Config};
+use client::{address_of, ApiClient};
 use serde_json::Value;
 use std::fmt::Write as _;
 use std::net::TcpStream;
