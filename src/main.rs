@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use tern::cli::CallError;
+use tern::cli::client::CallError;
 use tern::config::{Config, ConfigErrors, LogConfig, LogFormat};
 use tern_queue::{MessageId, Spool, SpoolError};
 
@@ -398,7 +398,8 @@ fn main() -> ExitCode {
 }
 
 fn suppression(command: SuppressionCommand) -> ExitCode {
-    use tern::cli::{query_value, render_suppressions};
+    use tern::cli::client::query_value;
+    use tern::cli::suppression::render_suppressions;
     use SuppressionCommand as S;
     let common = match &command {
         S::List { common, .. }
@@ -411,7 +412,7 @@ fn suppression(command: SuppressionCommand) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let client = tern::cli::AdminClient::new(&config);
+    let client = tern::cli::client::AdminClient::new(&config);
     let json = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
     let result: Result<String, CallError> = match &command {
         S::List {
@@ -615,7 +616,8 @@ fn open_spool(config: &Path) -> Result<Spool, ExitCode> {
 }
 
 fn queue(command: QueueCommand) -> ExitCode {
-    use tern::cli::{query_value, render_list, render_message, render_summary, render_suspensions};
+    use tern::cli::client::query_value;
+    use tern::cli::queue::{render_list, render_message, render_summary, render_suspensions};
     use QueueCommand as Q;
     let (common, request, render): (&Common, Request, Render) = match &command {
         Q::Summary { common } => (common, Request::get("/queue/summary"), render_summary),
@@ -703,7 +705,7 @@ fn queue(command: QueueCommand) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let client = tern::cli::AdminClient::new(&config);
+    let client = tern::cli::client::AdminClient::new(&config);
     match client.call(request.method, &request.path, request.body.as_ref()) {
         Ok(answer) => {
             if common.json {
