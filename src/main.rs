@@ -1,31 +1,22 @@
 //! The `tern` command line: `serve`, `check-config`, `queue ...` (over the running daemon's
 //! admin API, see `tern::cli`; `list` and `show` read the spool directly when the daemon is
 //! stopped), `inject` (through the admin API), `hash-password`, `dkim keygen`, `bounce parse`,
-//! `sidecar simulate`.
-//!
-//! Exit codes follow sysexits.h: 0 ok, 1 runtime failure, 64 usage, 65 bad input,
-//! 66 unreadable input file, 69 service unavailable (daemon not reachable), 75 temporary
-//! (spool in use, 5xx answer), 77 permission denied (wrong token), 78 configuration error.
+//! `sidecar simulate`. Exit codes: see `tern::cli`.
 
 use clap::{Parser, Subcommand};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use tern::cli::check_config::load;
 use tern::cli::client::CallError;
-use tern::config::{Config, ConfigErrors, LogConfig, LogFormat};
+use tern::cli::{EX_CONFIG, EX_DATAERR, EX_NOINPUT, EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE};
+use tern::config::{Config, LogConfig, LogFormat};
 use tern_queue::{MessageId, Spool, SpoolError};
 
 // glibc's malloc was about 7% of the daemon's CPU end to end (perf, relay-bench): every
 // message allocates buffers and small objects on several threads.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-const EX_DATAERR: u8 = 65;
-const EX_NOINPUT: u8 = 66;
-const EX_UNAVAILABLE: u8 = 69;
-const EX_TEMPFAIL: u8 = 75;
-const EX_NOPERM: u8 = 77;
-const EX_CONFIG: u8 = 78;
 
 #[derive(Parser)]
 #[command(
@@ -364,13 +355,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => serve(&config),
-        Command::CheckConfig { config } => match load(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
+        Command::CheckConfig { config } => tern::cli::check_config::run(&config),
         Command::Queue { command } => queue(command),
         Command::Inject(args) => inject(args),
         Command::HashPassword => hash_password(),
@@ -517,28 +502,6 @@ fn suppression(command: SuppressionCommand) -> ExitCode {
             ExitCode::from(EX_UNAVAILABLE)
         }
     }
-}
-
-/// Loads and fully checks a config (including TLS and DKIM key files); prints every error.
-fn load(path: &Path) -> Result<Config, ExitCode> {
-    let config = Config::load(path).and_then(|c| {
-        let mut errors = c.check_files().err().map(|e| e.0).unwrap_or_default();
-        if let Err(e) = tern::dkim::DkimSigners::load(&c.dkim) {
-            errors.extend(e.0);
-        }
-        if let Err(e) = tern::bounce::classify::Classifier::load(&c.bounce) {
-            errors.extend(e.0);
-        }
-        if errors.is_empty() {
-            Ok(c)
-        } else {
-            Err(ConfigErrors(errors))
-        }
-    });
-    config.map_err(|errors| {
-        eprintln!("{}: configuration errors:\n{errors}", path.display());
-        ExitCode::from(EX_CONFIG)
-    })
 }
 
 /// Logs go to standard error through a writer thread, so a session never waits on the
@@ -1068,8 +1031,8 @@ fn dkim_keygen(
     out: Option<PathBuf>,
 ) -> ExitCode {
     use std::os::unix::fs::OpenOptionsExt;
+    use tern::cli::EX_USAGE;
     use tern::dkim::{generate_key, zone_record, KeyAlgorithm, KeyError};
-    const EX_USAGE: u8 = 64;
 
     // Both names end up in a DNS name and in the default file name.
     let dns_name = |name: &str| {

@@ -1,9 +1,25 @@
 //! The `tern` command line below its argument parsing (`src/main.rs`).
 //!
+//! - [`check_config`]: `tern check-config`, and the config check every command runs first.
 //! - [`client`]: the blocking HTTP client of the admin API.
 //! - [`queue`]: `tern queue ...`.
 //! - [`suppression`]: `tern suppression ...`.
+//!
+//! Exit codes follow sysexits.h: 0 ok, 1 runtime failure, 64 usage, 65 bad input,
+//! 66 unreadable input file, 69 service unavailable (daemon not reachable), 75 temporary
+//! (spool in use, 5xx answer), 77 permission denied (wrong token), 78 configuration error.
+//! Usage errors clap finds itself exit with 2.
 
+pub mod check_config;
 pub mod client;
 pub mod queue;
 pub mod suppression;
+
+// sysexits.h
+pub const EX_USAGE: u8 = 64;
+pub const EX_DATAERR: u8 = 65;
+pub const EX_NOINPUT: u8 = 66;
+pub const EX_UNAVAILABLE: u8 = 69;
+pub const EX_TEMPFAIL: u8 = 75;
+pub const EX_NOPERM: u8 = 77;
+pub const EX_CONFIG: u8 = 78;
