@@ -2,7 +2,7 @@
 //!
 //! - [`check_config`]: `tern check-config`, and the config check every command runs first.
 //! - [`client`]: the blocking HTTP client of the admin API.
-//! - [`queue`]: `tern queue ...`.
+//! - [`queue`]: `tern queue ...`, the queue of a running daemon or the spool of a stopped one.
 //! - [`suppression`]: `tern suppression ...`.
 //!
 //! Exit codes follow sysexits.h: 0 ok, 1 runtime failure, 64 usage, 65 bad input,
@@ -15,6 +15,8 @@ pub mod client;
 pub mod queue;
 pub mod suppression;
 
+use std::path::PathBuf;
+
 // sysexits.h
 pub const EX_USAGE: u8 = 64;
 pub const EX_DATAERR: u8 = 65;
@@ -23,3 +25,13 @@ pub const EX_UNAVAILABLE: u8 = 69;
 pub const EX_TEMPFAIL: u8 = 75;
 pub const EX_NOPERM: u8 = 77;
 pub const EX_CONFIG: u8 = 78;
+
+// The options of every command that calls the admin API.
+#[derive(clap::Args)]
+pub struct Common {
+    #[arg(long, short, default_value = "config/tern.toml")]
+    pub config: PathBuf,
+    /// Print the admin API's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
