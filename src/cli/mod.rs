@@ -3,7 +3,7 @@
 //! - [`check_config`]: `tern check-config`, and the config check every command runs first.
 //! - [`client`]: the blocking HTTP client of the admin API.
 //! - [`queue`]: `tern queue ...`, the queue of a running daemon or the spool of a stopped one.
-//! - [`suppression`]: `tern suppression ...`.
+//! - [`suppression`]: `tern suppression ...`, the suppression list of a running daemon.
 //!
 //! Exit codes follow sysexits.h: 0 ok, 1 runtime failure, 64 usage, 65 bad input,
 //! 66 unreadable input file, 69 service unavailable (daemon not reachable), 75 temporary
@@ -30,8 +30,8 @@ pub const EX_CONFIG: u8 = 78;
 #[derive(clap::Args)]
 pub struct Common {
     #[arg(long, short, default_value = "config/tern.toml")]
-    pub config: PathBuf,
+    config: PathBuf,
     /// Print the admin API's JSON instead of a table.
     #[arg(long)]
-    pub json: bool,
+    json: bool,
 }
