@@ -2,6 +2,7 @@
 //!
 //! - [`check_config`]: `tern check-config`, and the config check every command runs first.
 //! - [`client`]: the blocking HTTP client of the admin API.
+//! - [`inject`]: `tern inject`, one message through a running daemon's admin API.
 //! - [`queue`]: `tern queue ...`, the queue of a running daemon or the spool of a stopped one.
 //! - [`suppression`]: `tern suppression ...`, the suppression list of a running daemon.
 //!
@@ -12,6 +13,7 @@
 
 pub mod check_config;
 pub mod client;
+pub mod inject;
 pub mod queue;
 pub mod suppression;
 
