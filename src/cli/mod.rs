@@ -1,9 +1,13 @@
 //! The `tern` command line below its argument parsing (`src/main.rs`).
 //!
+//! - [`bounce`]: `tern bounce parse`, what one raw message says per recipient.
 //! - [`check_config`]: `tern check-config`, and the config check every command runs first.
 //! - [`client`]: the blocking HTTP client of the admin API.
+//! - [`dkim`]: `tern dkim keygen`, a signing key and its DNS record.
+//! - [`hash_password`]: `tern hash-password`, an `auth.users` hash.
 //! - [`inject`]: `tern inject`, one message through a running daemon's admin API.
 //! - [`queue`]: `tern queue ...`, the queue of a running daemon or the spool of a stopped one.
+//! - [`sidecar`]: `tern sidecar simulate`, send-time policies on a simulated audience.
 //! - [`suppression`]: `tern suppression ...`, the suppression list of a running daemon.
 //!
 //! Exit codes follow sysexits.h: 0 ok, 1 runtime failure, 64 usage, 65 bad input,
@@ -11,10 +15,14 @@
 //! (spool in use, 5xx answer), 77 permission denied (wrong token), 78 configuration error.
 //! Usage errors clap finds itself exit with 2.
 
+pub mod bounce;
 pub mod check_config;
 pub mod client;
+pub mod dkim;
+pub mod hash_password;
 pub mod inject;
 pub mod queue;
+pub mod sidecar;
 pub mod suppression;
 
 use std::path::PathBuf;
