@@ -1,12 +1,10 @@
-//! The `tern` command line: `serve`, `check-config`, `queue ...` (over the running daemon's
-//! admin API, see `tern::cli`; `list` and `show` read the spool directly when the daemon is
-//! stopped), `inject` (through the admin API), `hash-password`, `dkim keygen`, `bounce parse`,
-//! `sidecar simulate`. Exit codes: see `tern::cli`.
+//! The `tern` binary: the top-level clap `Command` enum (each subcommand group's own arguments
+//! live in `tern::cli`, with its code), logging setup, the global allocator, and the dispatch
+//! to `tern::cli`. Exit codes: see `tern::cli`.
 
 use clap::{Parser, Subcommand};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use tern::cli::check_config::load;
 use tern::config::{LogConfig, LogFormat};
 
 // glibc's malloc was about 7% of the daemon's CPU end to end (perf, relay-bench): every
@@ -73,7 +71,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config } => serve(&config),
+        Command::Serve { config } => tern::cli::serve::run(&config, init_logging),
         Command::CheckConfig { config } => tern::cli::check_config::run(&config),
         Command::Queue { command } => tern::cli::queue::run(command),
         Command::Inject(args) => tern::cli::inject::run(args),
@@ -120,27 +118,4 @@ fn init_logging(
         }) as tern::daemon::LogLevelReloader
     });
     (guard, reloader)
-}
-
-fn serve(path: &Path) -> ExitCode {
-    let config = match load(path) {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
-    let (_log_guard, log_level) = init_logging(&config.log);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("tern: cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(tern::daemon::serve(config, path, log_level)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!("{err:#}");
-            eprintln!("tern: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
 }

@@ -1,4 +1,4 @@
-//! `tern check-config`, and [`load`]: the full check of a config file (its keys, the TLS and
+//! `tern check-config`, and `load`: the full check of a config file (its keys, the TLS and
 //! DKIM key files, the bounce rules) that every command reading a config runs first.
 
 use super::EX_CONFIG;
@@ -20,7 +20,7 @@ pub fn run(path: &Path) -> ExitCode {
 }
 
 /// Loads and fully checks a config (including TLS and DKIM key files); prints every error.
-pub fn load(path: &Path) -> Result<Config, ExitCode> {
+pub(super) fn load(path: &Path) -> Result<Config, ExitCode> {
     let config = Config::load(path).and_then(|c| {
         let mut errors = c.check_files().err().map(|e| e.0).unwrap_or_default();
         if let Err(e) = DkimSigners::load(&c.dkim) {

@@ -48,6 +48,8 @@ pub enum SuppressionCommand {
     },
     /// Add the entries of a CSV file (address[,reason,created_ms,expires_ms,source]); "-" is
     /// standard input.
+    // The help text's brackets are not a rustdoc link.
+    #[allow(rustdoc::broken_intra_doc_links)]
     Import {
         file: PathBuf,
         #[command(flatten)]
