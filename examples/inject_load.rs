@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tern::admin::client::ApiClient;
+use tern::cli::client::ApiClient;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

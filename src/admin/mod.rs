@@ -7,7 +7,6 @@
 //! - [`queue`]: `/api/v1/queue/*`, the spool seen and managed by the operator.
 //! - [`inject`]: `POST /api/v1/inject`, mail submitted over HTTP into the same intake as SMTP.
 //! - [`suppression`]: `/api/v1/suppressions`, the suppression list (list, add, remove, CSV).
-//! - [`client`]: the blocking HTTP client the `tern` CLI uses to call the API.
 //! - [`shaping`]: `GET /api/v1/shaping[/{bucket}]`, traffic-shaping state.
 //! - [`events`]: `POST /api/v1/events` (engagement), recipients' engagement and send-time lift.
 //!
@@ -17,7 +16,6 @@
 //! Invariant: every `/api/v1` route sits behind [`auth::require_token`].
 
 pub mod auth;
-pub mod client;
 pub mod error;
 pub mod events;
 pub mod inject;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use mail_parser::{MessageParser, MimeHeaders};
 use serde_json::{json, Value};
-use tern::admin::client::ApiClient;
+use tern::cli::client::ApiClient;
 use tern::dkim::{generate_key, KeyAlgorithm};
 use tern_queue::{MessageId, Spool};
 

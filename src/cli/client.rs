@@ -1,12 +1,22 @@
-//! [`ApiClient`]: the blocking HTTP/1.1 client of the admin API, for the `tern` CLI commands
-//! that talk to a running daemon (and for load tools). Plain std sockets: one keep-alive
-//! connection, JSON request bodies, the bearer token from `admin.token_file`.
+//! The blocking HTTP/1.1 client of the admin API, for the `tern` commands that talk to a
+//! running daemon (and for load tools and tests).
 //!
-//! Invariant: every response is read exactly to its end (Content-Length or chunked), so the
+//! - [`ApiClient`]: the transport. Plain std sockets: one keep-alive connection, JSON request
+//!   bodies, the bearer token from `admin.token_file`.
+//! - [`AdminClient`]: one call per CLI command over a fresh [`ApiClient`], its failures sorted
+//!   into [`CallError`].
+//! - [`query_value`]: percent-encoding for the query strings the commands build.
+//!
+//! Invariants: every response is read exactly to its end (Content-Length or chunked), so the
 //! same connection can carry the next request. A failed request drops the connection and is
-//! never retried: an injection may have been spooled even if its answer was lost.
+//! never retried: an injection may have been spooled even if its answer was lost. A daemon
+//! that cannot be reached is [`CallError::Unreachable`], distinct from an error the API
+//! answered, so the CLI can fall back to reading a stopped daemon's spool; the API's own error
+//! message is what the operator sees for the latter.
 
-use crate::config::AdminConfig;
+use crate::config::{AdminConfig, Config};
+use serde_json::Value;
+use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::time::Duration;
@@ -15,6 +25,9 @@ use std::time::Duration;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest wait for each read or write, unless [`ApiClient::with_timeout`] says otherwise.
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// [`AdminClient`]'s wait for each read or write: bouncing or deleting many messages takes a
+/// while, one fsync round per message.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub struct ApiClient {
     addr: SocketAddr,
@@ -142,6 +155,113 @@ impl ApiClient {
     }
 }
 
+/// Why an [`AdminClient`] call failed.
+#[derive(Debug)]
+pub enum CallError {
+    /// Nothing listens on `admin.address`: the daemon is not running (or elsewhere).
+    Unreachable(String),
+    /// The API answered with an error status and message.
+    Api { status: u16, message: String },
+    /// Anything else: no token file, a broken answer.
+    Other(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Unreachable(m) | CallError::Other(m) => f.write_str(m),
+            CallError::Api { status, message } => write!(f, "{message} (HTTP {status})"),
+        }
+    }
+}
+
+/// The CLI's client: one blocking call per command, the token read afresh each time.
+pub struct AdminClient {
+    admin: AdminConfig,
+}
+
+impl AdminClient {
+    pub fn new(config: &Config) -> AdminClient {
+        AdminClient {
+            admin: config.admin.clone(),
+        }
+    }
+
+    /// One request to `/api/v1{path}` with a raw body (CSV import); returns the raw answer
+    /// (CSV export), or the API's error.
+    pub fn call_raw(&self, method: &str, path: &str, body: &[u8]) -> Result<Vec<u8>, CallError> {
+        let address = address_of(&self.admin);
+        let mut client = ApiClient::from_config(&self.admin)
+            .map_err(CallError::Other)?
+            .with_timeout(ANSWER_TIMEOUT);
+        client.connect().map_err(|e| {
+            CallError::Unreachable(format!(
+                "cannot reach the daemon's admin API at {address} (admin.address): {e}"
+            ))
+        })?;
+        let (status, answer) = client
+            .call_raw(method, &format!("/api/v1{path}"), body)
+            .map_err(|e| CallError::Other(format!("admin API: {e}")))?;
+        if (200..300).contains(&status) {
+            Ok(answer)
+        } else {
+            let message = serde_json::from_slice::<Value>(&answer)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| String::from_utf8_lossy(&answer).into_owned());
+            Err(CallError::Api { status, message })
+        }
+    }
+
+    /// One request to `/api/v1{path}`; `body` is sent as JSON. Returns the answer's JSON.
+    pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, CallError> {
+        let address = address_of(&self.admin);
+        let unreachable = |e: std::io::Error| {
+            CallError::Unreachable(format!(
+                "cannot reach the daemon's admin API at {address} (admin.address): {e}"
+            ))
+        };
+        let mut client = match ApiClient::from_config(&self.admin) {
+            Ok(client) => client.with_timeout(ANSWER_TIMEOUT),
+            // Without a token no call can succeed; but a daemon that is not running is still
+            // worth telling apart, for the commands that can read its spool instead.
+            Err(why) => {
+                return Err(
+                    match TcpStream::connect_timeout(&address, CONNECT_TIMEOUT) {
+                        Ok(_) => CallError::Other(why),
+                        Err(e) => unreachable(e),
+                    },
+                )
+            }
+        };
+        client.connect().map_err(unreachable)?;
+        let answer = client
+            .call(method, &format!("/api/v1{path}"), body)
+            .map_err(|e| CallError::Other(format!("admin API: {e}")))?;
+        if (200..300).contains(&answer.status) {
+            Ok(answer.body)
+        } else {
+            Err(CallError::Api {
+                status: answer.status,
+                message: answer.error(),
+            })
+        }
+    }
+}
+
+/// Percent-encodes a query value (everything but RFC 3986 unreserved characters).
+pub fn query_value(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
 /// Where the daemon configured by `admin` answers: its admin address, with an unspecified
 /// address (0.0.0.0, ::) meaning loopback.
 pub fn address_of(admin: &AdminConfig) -> SocketAddr {
@@ -219,4 +339,15 @@ fn read_response(conn: &mut BufReader<TcpStream>) -> io::Result<(u16, Vec<u8>)> 
         conn.read_to_end(&mut body)?;
     }
     Ok((status, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_percent_encoded() {
+        assert_eq!(query_value("a+b@x.test"), "a%2Bb%40x.test");
+        assert_eq!(query_value(""), "");
+    }
 }

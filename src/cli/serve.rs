@@ -1,0 +1,37 @@
+//! `tern serve`: the daemon in the foreground, from the config check to the exit code.
+
+use super::check_config::load;
+use crate::config::LogConfig;
+use crate::daemon::LogLevelReloader;
+use std::path::Path;
+use std::process::ExitCode;
+
+/// `tern serve`: loads and checks the config at `path`, then starts logging with
+/// `init_logging` (the binary's: it installs the process-wide subscriber; its guard lives until
+/// the daemon has stopped, so the last lines are written), then runs the daemon on a
+/// multi-thread runtime until it stops.
+pub fn run<G>(
+    path: &Path,
+    init_logging: impl FnOnce(&LogConfig) -> (G, Option<LogLevelReloader>),
+) -> ExitCode {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let (_log_guard, log_level) = init_logging(&config.log);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("tern: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(crate::daemon::serve(config, path, log_level)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("tern: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

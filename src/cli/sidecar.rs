@@ -1,0 +1,26 @@
+//! `tern sidecar ...`: `simulate`, the send-time policies evaluated on a seeded simulated
+//! audience ([`crate::sendtime::simulate`]); no daemon, no spool.
+
+use clap::Subcommand;
+use std::process::ExitCode;
+
+#[derive(Subcommand)]
+pub enum SidecarCommand {
+    /// Evaluate send-time policies on a seeded simulated audience and print the expected
+    /// human open rate of each, per history bucket. Needs no daemon and no spool.
+    Simulate {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(100..=1_000_000))]
+        users: u64,
+    },
+}
+
+pub fn run(command: SidecarCommand) -> ExitCode {
+    match command {
+        SidecarCommand::Simulate { seed, users } => {
+            print!("{}", crate::sendtime::simulate::run(seed, users as usize));
+            ExitCode::SUCCESS
+        }
+    }
+}
