@@ -72,11 +72,9 @@ impl Delivery {
         let pool = ConnectionPool::new(
             config.delivery.idle_timeout,
             config.delivery.max_messages_per_connection,
+            bg.tasks.clone(),
         );
-        let reaper = pool.spawn_reaper(bg.stop.clone());
-        bg.tasks.spawn(async move {
-            let _ = reaper.await;
-        });
+        pool.spawn_reaper(bg.stop.clone());
         // Verified TLS (routes with tls = "required") trusts the system's CA bundle.
         let roots = load_roots(Path::new(SYSTEM_ROOTS)).unwrap_or_else(|err| {
             warn!(path = SYSTEM_ROOTS, error = %err, "no CA bundle: required TLS will fail");

@@ -15,8 +15,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::client::{Connection, Target};
 use crate::live::Live;
@@ -36,13 +37,21 @@ pub struct ConnectionPool {
     /// Per key, oldest first: reuse takes from the back (most recently used), which keeps
     /// the fewest connections warm and lets the rest age out.
     idle: Mutex<HashMap<Key, Vec<Idle>>>,
+    /// Where evicted connections are QUIT in the background (shutdown waits for them).
+    tasks: TaskTracker,
 }
 
 impl ConnectionPool {
-    pub fn new(idle_timeout: Duration, max_messages_per_connection: usize) -> Arc<ConnectionPool> {
+    /// `tasks` runs the QUITs of evicted connections (the daemon's tracker of background work).
+    pub fn new(
+        idle_timeout: Duration,
+        max_messages_per_connection: usize,
+        tasks: TaskTracker,
+    ) -> Arc<ConnectionPool> {
         Arc::new(ConnectionPool {
             limits: Live::new((idle_timeout, max_messages_per_connection)),
             idle: Mutex::new(HashMap::new()),
+            tasks,
         })
     }
 
@@ -134,7 +143,7 @@ impl ConnectionPool {
             idle.retain(|_, list| !list.is_empty());
         }
         if !evicted.is_empty() {
-            tokio::spawn(quit_all(evicted));
+            self.tasks.spawn(quit_all(evicted));
         }
     }
 
@@ -148,11 +157,12 @@ impl ConnectionPool {
         quit_all(all).await;
     }
 
-    /// A task that QUITs connections idle longer than `idle_timeout`, until `shutdown`.
-    /// Connections still idle then are left to [`ConnectionPool::close_all`].
-    pub fn spawn_reaper(self: &Arc<Self>, shutdown: CancellationToken) -> JoinHandle<()> {
+    /// A task that QUITs connections idle longer than `idle_timeout`, until `shutdown`, on
+    /// the pool's tracker. Connections still idle then are left to
+    /// [`ConnectionPool::close_all`].
+    pub fn spawn_reaper(self: &Arc<Self>, shutdown: CancellationToken) {
         let pool = Arc::clone(self);
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             loop {
                 // Read each round, so a reloaded idle_timeout applies from the next one.
                 let (idle_timeout, _) = *pool.limits.get();
@@ -164,7 +174,7 @@ impl ConnectionPool {
                     _ = tokio::time::sleep(period) => pool.close_idle(idle_timeout).await,
                 }
             }
-        })
+        });
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<Idle>>> {

@@ -517,7 +517,7 @@ async fn stall_after_data_times_out_in_time() {
     assert!(!conn.is_reusable());
     assert!(!err.try_next_host(), "the server may have the message");
     assert_eq!(err.status(), "4.4.2");
-    let pool = ConnectionPool::new(WAIT, 10);
+    let pool = ConnectionPool::new(WAIT, 10, tokio_util::task::TaskTracker::new());
     pool.put(conn).await;
     assert_eq!(pool.idle_count(), 0, "a timed-out connection is not kept");
 }
@@ -700,7 +700,7 @@ async fn auth_without_tls_is_refused_locally() {
 #[tokio::test]
 async fn pool_reuses_a_connection() {
     let sink = Sink::start(SinkBehaviour::default().starttls(SinkCert::SelfSigned)).await;
-    let pool = ConnectionPool::new(WAIT, 100);
+    let pool = ConnectionPool::new(WAIT, 100, tokio_util::task::TaskTracker::new());
     let t = target(&sink, TlsPolicy::Opportunistic);
     let broken = BrokenTls::new(WAIT);
     let list = rcpts(&["b@example.net"]);
@@ -738,7 +738,7 @@ async fn pool_reuses_a_connection() {
 #[tokio::test]
 async fn pool_keys_on_the_source_address() {
     let sink = Sink::start(SinkBehaviour::default()).await;
-    let pool = ConnectionPool::new(WAIT, 100);
+    let pool = ConnectionPool::new(WAIT, 100, tokio_util::task::TaskTracker::new());
     let from2 = Target {
         source: Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))),
         ..target(&sink, TlsPolicy::Disabled)
@@ -756,7 +756,7 @@ async fn pool_keys_on_the_source_address() {
 #[tokio::test]
 async fn pool_closes_after_max_messages() {
     let sink = Sink::start(SinkBehaviour::default()).await;
-    let pool = ConnectionPool::new(WAIT, 2);
+    let pool = ConnectionPool::new(WAIT, 2, tokio_util::task::TaskTracker::new());
     let t = target(&sink, TlsPolicy::Disabled);
     let list = rcpts(&["b@example.net"]);
     let mut conn = connect(&t, &settings(), &BrokenTls::new(WAIT))
@@ -778,28 +778,36 @@ async fn pool_expires_idle_connections() {
     let t = target(&sink, TlsPolicy::Disabled);
 
     // take() skips what has been idle too long.
-    let pool = ConnectionPool::new(Duration::from_millis(100), 100);
+    let pool = ConnectionPool::new(
+        Duration::from_millis(100),
+        100,
+        tokio_util::task::TaskTracker::new(),
+    );
     pool.put(open(&sink, TlsPolicy::Disabled).await).await;
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(pool.take(&t).is_none());
     assert_eq!(pool.idle_count(), 0);
 
     // The reaper QUITs it without anyone asking.
-    let pool = ConnectionPool::new(Duration::from_millis(200), 100);
+    let tasks = tokio_util::task::TaskTracker::new();
+    let pool = ConnectionPool::new(Duration::from_millis(200), 100, tasks.clone());
     let stop = CancellationToken::new();
-    let reaper = pool.spawn_reaper(stop.clone());
+    pool.spawn_reaper(stop.clone());
     pool.put(open(&sink, TlsPolicy::Disabled).await).await;
     assert_eq!(pool.idle_count(), 1);
     sink.wait_until("QUIT by the reaper", WAIT, |s| s.session_log(1).quit)
         .await;
     assert_eq!(pool.idle_count(), 0);
     stop.cancel();
-    reaper.await.unwrap();
+    tasks.close();
+    tokio::time::timeout(WAIT, tasks.wait())
+        .await
+        .expect("the reaper ends at stop");
 
     // A connection the server closed while idle is not handed out.
     let sink = Sink::start(SinkBehaviour::default()).await;
     let t = target(&sink, TlsPolicy::Disabled);
-    let pool = ConnectionPool::new(WAIT, 100);
+    let pool = ConnectionPool::new(WAIT, 100, tokio_util::task::TaskTracker::new());
     pool.put(open(&sink, TlsPolicy::Disabled).await).await;
     drop(sink); // ends its sessions
     tokio::time::sleep(Duration::from_millis(100)).await;
