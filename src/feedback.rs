@@ -8,13 +8,19 @@
 //! an entry is rewritten, an event may repeat). Nothing is ever delivered or bounced from
 //! here (no backscatter).
 //!
-//! Trust: a recipient in our VERP form is trusted only if its token verifies
-//! (`crate::verp`); a forged or altered one makes the whole message ignored. A verified
-//! token names the recipient even when the body is unreadable: a null-sender message of kind
-//! `none` then counts as a bounce of category `other`, soft. Mail to a plain bounce address
-//! (no token) is trusted as far as its parsed report goes. A message that parses as neither
-//! bounce nor complaint (and has a sender, i.e. is no bounce) is dropped with a log line;
-//! auto-replies are dropped too.
+//! Trust: anyone on the internet can mail the bounce domains, so nothing a report says is
+//! believed unless it is tied to mail tern sent. A recipient in our VERP form is trusted only
+//! if its token verifies (`crate::verp`); a forged or altered one makes the whole message
+//! ignored. A verified token names the recipient even when the body is unreadable: a
+//! null-sender message of kind `none` then counts as a bounce of category `other`, soft.
+//! Without VERP, each address a DSN or ARF report names counts only when it passes the
+//! mailbox syntax check and the returned copy carries an `X-Tern-Id` (`crate::origin`) that
+//! binds that address to a message sent within `bounce.trust_window`; at most
+//! `limits.max_recipients` addresses of one report are looked at. Untied addresses are
+//! counted (`tern_inbound_reports_total{trusted="false"}`) and change nothing. Addresses at
+//! the bounce domains are never suppressed. A message that parses as neither bounce nor
+//! complaint (and has a sender, i.e. is no bounce) is dropped with a log line; auto-replies
+//! are dropped too. Parsing runs on a blocking thread.
 //!
 //! [`Feedback`] bundles the handles the submission paths and the settler share: the
 //! suppression list, the events, the bounce domains and the processor's wake-up.
@@ -22,6 +28,7 @@
 use crate::bounce::classify::Classifier;
 use crate::bounce::{self, Kind, ReportedAction};
 use crate::events::{self, Event, Events};
+use crate::origin::Origin;
 use crate::suppression::Suppressions;
 use crate::taxonomy::Category;
 use crate::telemetry::Metrics;
@@ -92,11 +99,18 @@ pub fn encode_record(head: &InboundHead, message: &[u8]) -> Vec<u8> {
     out
 }
 
+#[derive(Clone)]
 pub struct Processor {
     pub spool: Spool,
     pub feedback: Feedback,
     pub classifier: Arc<Classifier>,
     pub verp: Option<Verp>,
+    /// Checks the `X-Tern-Id` of returned copies.
+    pub origin: Origin,
+    /// `bounce.trust_window`, in days.
+    pub trust_window_days: u64,
+    /// `limits.max_recipients`: a report naming more is looked at only that far.
+    pub max_recipients: usize,
 }
 
 impl Processor {
@@ -135,8 +149,17 @@ impl Processor {
             warn!(%id, "inbound record without a readable head; dropped");
             return;
         };
-        let message = &record[i + 1..];
-        let (events, entries) = self.evaluate(&head, message);
+        // Parsing is CPU work on untrusted input: on a blocking thread, off the async workers.
+        let this = self.clone();
+        let message = record[i + 1..].to_vec();
+        let evaluated = tokio::task::spawn_blocking(move || this.evaluate(&head, &message)).await;
+        let (events, entries) = match evaluated {
+            Ok(result) => result,
+            Err(err) => {
+                warn!(%id, error = %err, "bounce evaluation failed; dropped");
+                return;
+            }
+        };
         let list = &self.feedback.suppressions;
         if !entries.is_empty() {
             if let Err(err) = list.add(entries).await {
@@ -147,6 +170,9 @@ impl Processor {
     }
 
     /// What one inbound message means: the events to emit and the suppression entries to add.
+    /// Only recipients tied to mail tern sent count (a verified VERP token, or an
+    /// `X-Tern-Id` in the returned copy that binds the recipient); the rest are counted as
+    /// untrusted and change nothing.
     pub fn evaluate(
         &self,
         head: &InboundHead,
@@ -168,13 +194,9 @@ impl Processor {
         }
         let report = bounce::parse(message, &self.classifier);
         let kind = report.kind.as_str();
+        let metrics = &self.feedback.metrics;
         if report.recipients.is_empty() {
-            self.feedback.metrics.inbound_report(kind, "none");
-        }
-        for r in &report.recipients {
-            self.feedback
-                .metrics
-                .inbound_report(kind, r.category.as_str());
+            metrics.inbound_report(kind, "none", !targets.is_empty());
         }
         let now = crate::clock::now_ms();
         let mut events = Vec::new();
@@ -182,6 +204,9 @@ impl Processor {
         let null_sender = head.sender.is_empty();
         match report.kind {
             Kind::Autoreply => {
+                for r in &report.recipients {
+                    metrics.inbound_report(kind, r.category.as_str(), false);
+                }
                 info!(queue_id = %head.queue_id, "auto-reply to a bounce address; dropped");
             }
             Kind::None if !null_sender || targets.is_empty() => {
@@ -200,17 +225,40 @@ impl Processor {
             }
             Kind::Dsn | Kind::Arf => {
                 let complaint = report.kind == Kind::Arf;
+                let source = if complaint { "arf" } else { "bounce" };
                 // With VERP, the token says who it is about; the report says what happened.
+                // Without, each address the report names must be tied to mail we sent by the
+                // X-Tern-Id of the returned copy; at most `max_recipients` are looked at.
                 let mut subjects: Vec<(
                     String,
                     Option<MessageId>,
                     Option<&bounce::BounceRecipient>,
                 )> = Vec::new();
                 if targets.is_empty() {
-                    for r in &report.recipients {
-                        subjects.push((r.address.to_lowercase(), None, Some(r)));
+                    let mut untrusted = 0usize;
+                    for r in report.recipients.iter().take(self.max_recipients) {
+                        let address = r.address.to_lowercase();
+                        let tied = crate::rfc5321::address::check_mailbox(&address)
+                            .ok()
+                            .and_then(|()| {
+                                self.origin
+                                    .tie(message, &address, now, self.trust_window_days)
+                            });
+                        metrics.inbound_report(kind, r.category.as_str(), tied.is_some());
+                        match tied {
+                            Some(id) => subjects.push((address, Some(id), Some(r))),
+                            None => untrusted += 1,
+                        }
+                    }
+                    untrusted += report.recipients.len().saturating_sub(self.max_recipients);
+                    if untrusted > 0 {
+                        warn!(queue_id = %head.queue_id, kind, untrusted,
+                            "report names recipients not tied to mail we sent; ignored for them");
                     }
                 } else {
+                    for r in &report.recipients {
+                        metrics.inbound_report(kind, r.category.as_str(), true);
+                    }
                     for t in &targets {
                         let r = report
                             .recipients
@@ -241,25 +289,28 @@ impl Processor {
                         },
                         None => (events::Kind::Bounced, Category::Other, false, true),
                     };
-                    let mut e =
-                        Event::new(kind, &address, if complaint { "arf" } else { "bounce" });
+                    let mut e = Event::new(kind, &address, source);
                     e.id = id;
                     e.status = r.and_then(|r| r.status.clone());
                     e.category = Some(category);
                     e.hard = Some(hard);
                     e.detail = r.and_then(|r| r.diagnostic.clone());
                     events.push(e);
-                    let source = id.map(|i| i.to_string());
-                    if let Some(entry) = self
-                        .feedback
-                        .suppressions
-                        .entry_for(&address, category, hard, failed, source, now)
-                    {
-                        let mut s = Event::new(
-                            events::Kind::Suppressed,
-                            &address,
-                            if complaint { "arf" } else { "bounce" },
-                        );
+                    // The bounce domains themselves are never suppressed: that would switch
+                    // bounce intake off.
+                    if self.feedback.is_bounce_address(&address) {
+                        continue;
+                    }
+                    let entry_source = id.map(|i| i.to_string());
+                    if let Some(entry) = self.feedback.suppressions.entry_for(
+                        &address,
+                        category,
+                        hard,
+                        failed,
+                        entry_source,
+                        now,
+                    ) {
+                        let mut s = Event::new(events::Kind::Suppressed, &address, source);
                         s.id = id;
                         s.category = Some(category);
                         s.detail = Some(format!("added to the suppression list ({category})"));

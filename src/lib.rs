@@ -5,7 +5,8 @@
 //! what each module owns and where new code goes.
 //!
 //! - 0, leaves: [`telemetry`] (every Prometheus metric), [`clock`], [`live`], [`notify`],
-//!   [`rfc5321`] (SMTP replies and sans-IO framing); the spool crate `tern-queue`.
+//!   [`rfc5321`] (SMTP replies and sans-IO framing), [`secret_file`]; the spool crate
+//!   `tern-queue`.
 //! - 1, values: [`message`] (Submission, the Stage trait, dates, addresses), [`tls`],
 //!   [`taxonomy`] (bounce categories and rules).
 //! - 2: [`config`].
@@ -21,6 +22,7 @@ pub mod clock;
 pub mod live;
 pub mod notify;
 pub mod rfc5321;
+pub mod secret_file;
 pub mod telemetry;
 
 pub mod message;

@@ -130,6 +130,37 @@ pub fn same_address(a: &str, b: &str) -> bool {
     }
 }
 
+/// What the header section of a message measures: its length in bytes (up to and including
+/// the empty line that ends it, or all of `content` without one) and how many `Received`
+/// fields it has. One pass, linear in the header section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderStats {
+    pub len: usize,
+    pub received: usize,
+}
+
+/// Measures the header section of `content` (CRLF or LF line ends).
+pub fn header_stats(content: &[u8]) -> HeaderStats {
+    let mut pos = 0;
+    let mut received = 0;
+    while pos < content.len() {
+        let end = memchr::memchr(b'\n', &content[pos..]).map_or(content.len(), |i| pos + i + 1);
+        let line = &content[pos..end];
+        if line == b"\r\n" || line == b"\n" {
+            return HeaderStats { len: end, received };
+        }
+        const NAME: &[u8] = b"received:";
+        if line.len() >= NAME.len() && line[..NAME.len()].eq_ignore_ascii_case(NAME) {
+            received += 1;
+        }
+        pos = end;
+    }
+    HeaderStats {
+        len: content.len(),
+        received,
+    }
+}
+
 /// RFC 5322 date-time in UTC, e.g. `Fri, 27 Nov 2026 20:13:09 +0000`.
 pub fn rfc5322_date(t: SystemTime) -> String {
     let secs = t
@@ -181,6 +212,19 @@ mod tests {
         assert_eq!(rfc5322_date(UNIX_EPOCH), "Thu, 1 Jan 1970 00:00:00 +0000");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(rfc5322_date(leap), "Tue, 29 Feb 2000 00:00:00 +0000");
+    }
+
+    #[test]
+    fn header_stats_measure_only_the_header_section() {
+        let msg =
+            b"Received: a\r\nRECEIVED: b\r\n\tfolded\r\nSubject: x\r\n\r\nReceived: in body\r\n";
+        let stats = header_stats(msg);
+        assert_eq!(stats.received, 2);
+        assert_eq!(
+            &msg[..stats.len],
+            &msg[..msg.len() - "Received: in body\r\n".len()]
+        );
+        assert_eq!(header_stats(b"Subject: no body").len, 16);
     }
 
     #[test]

@@ -75,6 +75,17 @@ pub fn suppressed(feedback: &Feedback, address: &str, source: &'static str) -> O
     Some(Reply::new(550, "5.7.1", "Recipient suppressed"))
 }
 
+/// The refusal of a header section over `limits.max_header_size`.
+pub fn header_size_exceeded() -> Reply {
+    Reply::new(552, "5.3.4", "Message header size exceeds fixed limit")
+}
+
+/// The refusal of a message with more `Received` headers than `limits.max_hops` (RFC 5321
+/// 6.3: a loop).
+pub fn too_many_hops() -> Reply {
+    Reply::new(554, "5.4.6", "Too many hops: mail loop detected")
+}
+
 /// The reply for a message over the size limit, declared or actual.
 pub fn size_exceeded() -> Reply {
     Reply::new(

@@ -38,6 +38,8 @@ pub const RESTART_KEYS: &[&str] = &[
     "bounce.verp",
     "bounce.verp_local",
     "bounce.verp_key_file",
+    "bounce.origin_key_file",
+    "bounce.trust_window",
     "suppression",
     "webhooks",
     "sidecar",
@@ -83,6 +85,8 @@ pub fn merge(running: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
     keep!("bounce.verp", bounce.verp);
     keep!("bounce.verp_local", bounce.verp_local);
     keep!("bounce.verp_key_file", bounce.verp_key_file);
+    keep!("bounce.origin_key_file", bounce.origin_key_file);
+    keep!("bounce.trust_window", bounce.trust_window);
     keep!("suppression", suppression);
     keep!("webhooks", webhooks);
     // The bandit's posteriors and the model client's breaker and cache live with the stage.

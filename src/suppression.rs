@@ -257,11 +257,30 @@ pub fn to_csv_line(e: &Entry) -> String {
     )
 }
 
+/// One CSV cell. A cell a spreadsheet would run as a formula (it begins with `=`, `+`, `-`,
+/// `@`, a tab or a CR) gets a leading `'` (OWASP's CSV-injection advice), which
+/// [`parse_csv`] takes off again, so an export imports back unchanged.
 fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
+    let s = if s.starts_with(FORMULA_STARTS) {
+        format!("'{s}")
     } else {
         s.to_owned()
+    };
+    if s.contains([',', '"', '\n', '\r', '\t']) || s.starts_with('\'') {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s
+    }
+}
+
+/// What a spreadsheet takes for the start of a formula.
+const FORMULA_STARTS: [char; 6] = ['=', '+', '-', '@', '\t', '\r'];
+
+/// A cell as exported, without the `'` that [`csv_field`] put before a formula start.
+fn uncell(s: &str) -> &str {
+    match s.strip_prefix('\'') {
+        Some(rest) if rest.starts_with(FORMULA_STARTS) => rest,
+        _ => s,
     }
 }
 
@@ -275,7 +294,12 @@ pub fn parse_csv(text: &str, now_ms: u64) -> Result<Vec<Entry>, String> {
             continue;
         }
         let fields = split_csv(line).map_err(|e| format!("line {}: {e}", n + 1))?;
-        let field = |i: usize| fields.get(i).map(|s| s.trim()).filter(|s| !s.is_empty());
+        let field = |i: usize| {
+            fields
+                .get(i)
+                .map(|s| uncell(s.trim()))
+                .filter(|s| !s.is_empty())
+        };
         let address = field(0).ok_or(format!("line {}: missing address", n + 1))?;
         if !address.contains('@') {
             return Err(format!("line {}: {address:?} is not an address", n + 1));
@@ -330,6 +354,28 @@ fn split_csv(line: &str) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formula_cells_are_defused_on_export_and_restored_on_import() {
+        let e = Entry {
+            address: "=cmd|' /c calc'!a0@x.test".into(),
+            reason: "manual".into(),
+            created_ms: 1,
+            expires_ms: None,
+            source: Some("@SUM(1+1)".into()),
+        };
+        let line = to_csv_line(&e);
+        assert!(line.starts_with("\"'=cmd"), "{line}");
+        assert!(!line.contains(",@SUM"), "{line}");
+        let back = parse_csv(&line, 0).unwrap();
+        assert_eq!(back[0].address, e.address);
+        assert_eq!(back[0].source, e.source);
+        for start in ["+", "-", "@"] {
+            let cell = csv_field(&format!("{start}1"));
+            assert!(cell.starts_with('\'') || cell.starts_with("\"'"), "{cell}");
+        }
+        assert_eq!(csv_field("plain@x.test"), "plain@x.test");
+    }
     use std::time::Duration;
 
     #[test]

@@ -56,10 +56,14 @@ pub enum Rejection {
     Syntax,
     /// A recipient on the suppression list (reject mode).
     Suppressed,
+    /// A header section over `limits.max_header_size` (552 5.3.4).
+    HeaderSize,
+    /// More `Received` headers than `limits.max_hops`: a mail loop (554 5.4.6).
+    Loop,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 8] = [
+    pub const ALL: [Rejection; 10] = [
         Rejection::RelayDenied,
         Rejection::Size,
         Rejection::Recipients,
@@ -68,6 +72,8 @@ impl Rejection {
         Rejection::SpoolError,
         Rejection::Syntax,
         Rejection::Suppressed,
+        Rejection::HeaderSize,
+        Rejection::Loop,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -80,6 +86,8 @@ impl Rejection {
             Rejection::SpoolError => "spool_error",
             Rejection::Syntax => "syntax",
             Rejection::Suppressed => "suppressed",
+            Rejection::HeaderSize => "header_size",
+            Rejection::Loop => "loop",
         }
     }
 }
@@ -490,8 +498,8 @@ impl Metrics {
             ),
             inbound_reports: counter_vec(
                 "tern_inbound_reports_total",
-                "Recipients reported by processed inbound mail to the bounce domains, by kind (dsn, arf, autoreply, none) and category (none: a message naming no recipient).",
-                &["kind", "category"],
+                "Recipients reported by processed inbound mail to the bounce domains, by kind (dsn, arf, autoreply, none), category (none: a message naming no recipient) and trusted (true: tied to mail tern sent by a VERP token or an X-Tern-Id, so it changed state; false: counted only).",
+                &["kind", "category", "trusted"],
             ),
             webhook_posts: counter_vec(
                 "tern_webhook_posts_total",
@@ -575,9 +583,10 @@ impl Metrics {
 
     /// One recipient of a processed inbound message (`category` `none` for a message that
     /// names nobody).
-    pub fn inbound_report(&self, kind: &str, category: &str) {
+    pub fn inbound_report(&self, kind: &str, category: &str, trusted: bool) {
+        let trusted = if trusted { "true" } else { "false" };
         self.inbound_reports
-            .with_label_values(&[kind, category])
+            .with_label_values(&[kind, category, trusted])
             .inc();
     }
 

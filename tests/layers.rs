@@ -18,6 +18,7 @@ const FLOORS: &[(&str, u8)] = &[
     ("live", 0),
     ("notify", 0),
     ("rfc5321", 0),
+    ("secret_file", 0),
     // 1: values every layer passes around
     ("message", 1),
     ("tls", 1),

@@ -8,10 +8,10 @@
 //! counted per recipient but never learnt from.
 
 use super::error::{ApiError, ApiJson};
-use super::inject::address::check_mailbox;
 use super::AdminState;
 use crate::clock::now_ms;
 use crate::config::parse_duration;
+use crate::rfc5321::address::check_mailbox;
 use crate::sendtime::profile::Profile;
 use crate::sendtime::{Event, EventKind, SendTime};
 use axum::extract::rejection::QueryRejection;

@@ -15,6 +15,7 @@
 //! per rule as `rule[i].key: ...`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use super::reader::{self, string, TableReader};
 use super::{check_dns_name, path};
@@ -35,6 +36,13 @@ pub struct BounceConfig {
     /// File holding the HMAC key that signs VERP tokens (at least 16 bytes; surrounding
     /// whitespace ignored). Required when VERP is on anywhere.
     pub verp_key_file: Option<PathBuf>,
+    /// The key that signs the `X-Tern-Id` of outgoing mail (`crate::origin`); at least 16
+    /// bytes. Default: `origin.key` beside the spool directory, created (32 random bytes,
+    /// mode 0600) at the first start.
+    pub origin_key_file: Option<PathBuf>,
+    /// How long after sending a returned copy of a message may still tie a bounce or a
+    /// complaint to it. Default 30 days.
+    pub trust_window: Duration,
 }
 
 impl Default for BounceConfig {
@@ -45,6 +53,8 @@ impl Default for BounceConfig {
             verp: false,
             verp_local: "bounces".to_owned(),
             verp_key_file: None,
+            origin_key_file: None,
+            trust_window: Duration::from_secs(30 * 86_400),
         }
     }
 }
@@ -77,6 +87,17 @@ pub(super) fn compile_bounce(r: &mut TableReader<'_>, any_route_verp: bool) -> B
         })
         .unwrap_or(d.verp_local);
     let verp_key_file = r.get("verp_key_file", path);
+    let origin_key_file = r.get("origin_key_file", path);
+    let trust_window = r
+        .get("trust_window", |v| {
+            let window = reader::duration(v)?;
+            if window < Duration::from_secs(86_400) || window > Duration::from_secs(365 * 86_400) {
+                Err("must be between 1d and 365d".to_owned())
+            } else {
+                Ok(window)
+            }
+        })
+        .unwrap_or(d.trust_window);
     if verp || any_route_verp {
         if domains.is_empty() {
             r.error(
@@ -97,6 +118,8 @@ pub(super) fn compile_bounce(r: &mut TableReader<'_>, any_route_verp: bool) -> B
         verp,
         verp_local,
         verp_key_file,
+        origin_key_file,
+        trust_window,
     }
 }
 

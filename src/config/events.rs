@@ -72,6 +72,16 @@ impl std::fmt::Display for WebhookUrl {
     }
 }
 
+impl WebhookUrl {
+    /// The URL for logs: scheme and authority only. Webhook paths often carry the
+    /// receiver's secret (Slack-style hook URLs), so a log line never shows them.
+    pub fn redacted(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        let path = if self.path == "/" { "/" } else { "/..." };
+        format!("{scheme}://{}{path}", self.authority)
+    }
+}
+
 impl std::str::FromStr for WebhookUrl {
     type Err = String;
     fn from_str(url: &str) -> Result<WebhookUrl, String> {

@@ -171,6 +171,14 @@ pub struct Limits {
     pub data_timeout: Duration,
     /// Protocol errors in one session before `421 4.7.0` and disconnect. Default 20.
     pub max_errors: usize,
+    /// Bytes of a message's header section (up to the empty line); a larger one is refused
+    /// with `552 5.3.4` (SMTP) or 413 (HTTP) and nothing is spooled. Default 1 MiB (Postfix's
+    /// header_size_limit is 100 KB).
+    pub max_header_size: u64,
+    /// `Received` headers a message may carry on leaving tern (its own included); a message
+    /// that would exceed it is a mail loop, refused at the end of DATA with `554 5.4.6`.
+    /// Default 50 (Postfix's hopcount_limit).
+    pub max_hops: usize,
 }
 
 impl Default for Limits {
@@ -183,6 +191,8 @@ impl Default for Limits {
             command_timeout: Duration::from_secs(5 * 60),
             data_timeout: Duration::from_secs(10 * 60),
             max_errors: 20,
+            max_header_size: 1 << 20,
+            max_hops: 50,
         }
     }
 }
@@ -575,6 +585,10 @@ fn compile_limits(r: &mut TableReader<'_>) -> Limits {
             .get("data_timeout", positive_duration)
             .unwrap_or(d.data_timeout),
         max_errors: r.get("max_errors", positive_count).unwrap_or(d.max_errors),
+        max_header_size: r
+            .get("max_header_size", |v| size(v).and_then(nonzero))
+            .unwrap_or(d.max_header_size),
+        max_hops: r.get("max_hops", positive_count).unwrap_or(d.max_hops),
     }
 }
 

@@ -25,6 +25,7 @@ use crate::delivery::worker::{VerpPolicy, Worker};
 use crate::enqueue::{Enqueue, NewMessage};
 use crate::feedback::Feedback;
 use crate::maillog::DeliveryLog;
+use crate::origin::Origin;
 use crate::outcome::Settler;
 use crate::routing::dns::HickoryResolver;
 use crate::routing::route::Router;
@@ -56,6 +57,7 @@ pub struct DeliveryParts {
     pub feedback: Feedback,
     pub classifier: Arc<Classifier>,
     pub verp: Option<Verp>,
+    pub origin: Origin,
     pub passwords: HashMap<PathBuf, String>,
     pub new_mail: UnboundedReceiver<Vec<NewMessage>>,
 }
@@ -92,6 +94,7 @@ impl Delivery {
             &config.delivery,
             parts.passwords,
             parts.classifier.clone(),
+            parts.origin,
         ));
         worker.set_verp(
             parts

@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::events::Events;
 use crate::feedback::{Feedback, Processor};
 use crate::maillog::DeliveryLog;
+use crate::origin::Origin;
 use crate::suppression::Suppressions;
 use crate::telemetry::Metrics;
 use crate::verp::Verp;
@@ -37,6 +38,7 @@ impl FeedbackSystem {
         metrics: &Arc<Metrics>,
         classifier: Arc<Classifier>,
         verp: Option<Verp>,
+        origin: Origin,
         bg: &Background,
     ) -> anyhow::Result<Self> {
         let events = Events::new(
@@ -91,6 +93,9 @@ impl FeedbackSystem {
                 feedback: feedback.clone(),
                 classifier,
                 verp,
+                origin,
+                trust_window_days: config.bounce.trust_window.as_secs() / 86_400,
+                max_recipients: config.limits.max_recipients,
             }
             .run(bg.stop.clone()),
         );

@@ -36,6 +36,7 @@ use crate::feedback::Feedback;
 use crate::intake::Intake;
 use crate::maillog::DeliveryLog;
 use crate::notify;
+use crate::origin::Origin;
 use crate::policy::Policy;
 use crate::reload::{self, ReloadReport};
 use crate::scheduler::Scheduler;
@@ -172,6 +173,7 @@ impl Daemon {
             )
         })?;
         let verp = read_verp_key(&config)?;
+        let origin = read_origin_key(&config)?;
         let backend = match &config.shaping.shared {
             Some(shared) => Backend::Shared(
                 SharedStore::connect(shared, metrics.clone(), bg.tasks.clone(), bg.stop.clone())
@@ -188,6 +190,7 @@ impl Daemon {
             &metrics,
             classifier.clone(),
             verp.clone(),
+            origin.clone(),
             &bg,
         )?;
         let (new_mail, new_mail_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -214,6 +217,7 @@ impl Daemon {
                 feedback: feedback.feedback.clone(),
                 classifier,
                 verp,
+                origin,
                 passwords,
                 new_mail: new_mail_rx,
             },
@@ -461,6 +465,24 @@ fn read_verp_key(config: &Config) -> anyhow::Result<Option<Verp>> {
         anyhow::bail!("bounce.domains: VERP needs a bounce domain");
     };
     Ok(Some(Verp::new(key, &config.bounce.verp_local, domain)))
+}
+
+/// The key of the `X-Tern-Id` header (`bounce.origin_key_file`, by default `origin.key`
+/// beside the spool directory), created at the first start.
+fn read_origin_key(config: &Config) -> anyhow::Result<Origin> {
+    let path = match &config.bounce.origin_key_file {
+        Some(path) => path.clone(),
+        None => config
+            .spool
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .join("origin.key"),
+    };
+    let secret = crate::secret_file::read_or_create(&path, "bounce.origin_key_file", 32)
+        .map_err(anyhow::Error::msg)?;
+    Ok(Origin::new(secret.as_bytes()))
 }
 
 fn read_passwords(routes: &[RouteConfig]) -> Result<HashMap<PathBuf, String>, ConfigErrors> {

@@ -759,6 +759,16 @@ pub struct OutboundMessage<'a> {
     pub smtputf8: bool,
     /// Headers and body with CRLF line ends, not dot-stuffed.
     pub body: &'a [u8],
+    /// Header lines added on the wire before `body` (the `X-Tern-Id` of this transaction),
+    /// CRLF-terminated, none starting with a dot; not part of the stored message.
+    pub prefix: &'a [u8],
+}
+
+impl OutboundMessage<'_> {
+    /// The size of the content as sent (prefix and body), for SIZE and the data timeout.
+    pub fn size(&self) -> usize {
+        self.prefix.len() + self.body.len()
+    }
 }
 
 impl Connection {
@@ -851,7 +861,7 @@ impl Connection {
             );
             return Ok(all(msg, &reply));
         }
-        if let Some(max) = caps.size.filter(|&max| max > 0 && msg.body.len() > max) {
+        if let Some(max) = caps.size.filter(|&max| max > 0 && msg.size() > max) {
             // RFC 1870: the server announced it would refuse this anyway.
             let reply = RemoteReply::local(
                 552,
@@ -985,8 +995,8 @@ impl Connection {
             return Ok(Outcome::refused(zip(msg, rcpt_replies), false, true));
         }
         let t = self.timeouts;
-        let blocks = msg.body.len().div_ceil(BODY_BYTES_PER_BLOCK).max(1) as u32;
-        tokio::time::timeout(t.data_block * blocks, self.write_body(msg.body))
+        let blocks = msg.size().div_ceil(BODY_BYTES_PER_BLOCK).max(1) as u32;
+        tokio::time::timeout(t.data_block * blocks, self.write_body(msg.prefix, msg.body))
             .await
             .map_err(|_| AttemptError::Timeout { phase: Phase::Body })?
             .map_err(|e| AttemptError::Lost {
@@ -1013,8 +1023,12 @@ impl Connection {
         })
     }
 
-    /// Writes the content, dot-stuffed, and the final dot.
-    async fn write_body(&mut self, body: &[u8]) -> io::Result<()> {
+    /// Writes the content (the prefix's header lines, then the body), dot-stuffed, and the
+    /// final dot.
+    async fn write_body(&mut self, prefix: &[u8], body: &[u8]) -> io::Result<()> {
+        // Header lines of our own, never starting with a dot: nothing to stuff. The body then
+        // starts at a line start, as the content would.
+        self.client.stream.write_all(prefix).await?;
         // mail-send stuffs a dot only after CR or LF: a dot that starts the content is ours
         // to double.
         if body.first() == Some(&b'.') {
@@ -1030,7 +1044,7 @@ impl Connection {
         let caps = &self.capabilities;
         let mut cmd = format!("MAIL FROM:<{}>", msg.sender);
         if caps.size.is_some() {
-            cmd.push_str(&format!(" SIZE={}", msg.body.len()));
+            cmd.push_str(&format!(" SIZE={}", msg.size()));
         }
         // Without 8BITMIME the content goes as it is (as most MTAs do) rather than being
         // converted or refused.

@@ -11,6 +11,8 @@
 //! - A connection that failed mid-transaction is never reused; one that was reused and failed
 //!   before any recipient was accepted is replaced once, since idle connections are often
 //!   closed by the far end without notice.
+//! - Every transaction carries an `X-Tern-Id` header (added on the wire, not stored) that
+//!   ties a returned copy to its recipients ([`crate::origin`]).
 //! - An attempt takes one snapshot of the reloadable settings ([`AttemptSettings`]) and uses it
 //!   throughout; a config reload affects the next attempt.
 
@@ -22,6 +24,7 @@ use crate::delivery::client::{
 };
 use crate::delivery::pool::ConnectionPool;
 use crate::live::Live;
+use crate::origin::Origin;
 use crate::routing::route::{RouteError, RoutePlan, Router};
 use crate::taxonomy::Category;
 use crate::tls::TlsInfo;
@@ -102,6 +105,8 @@ pub struct Worker {
     broken_tls: BrokenTls,
     /// VERP senders and where they apply; `None`: never.
     verp: Live<Option<VerpPolicy>>,
+    /// Signs the `X-Tern-Id` each transaction carries (`crate::origin`).
+    origin: Origin,
 }
 
 /// Which mail gets VERP senders: `bounce.verp`, overridden per static route (`routes[].verp`;
@@ -150,6 +155,7 @@ impl Worker {
         config: &DeliveryConfig,
         passwords: HashMap<PathBuf, String>,
         classifier: Arc<Classifier>,
+        origin: Origin,
     ) -> Worker {
         Worker {
             router,
@@ -162,6 +168,7 @@ impl Worker {
             }),
             broken_tls: BrokenTls::new(config.broken_tls_retry),
             verp: Live::new(None),
+            origin,
         }
     }
 
@@ -259,6 +266,12 @@ impl Worker {
         pending: Vec<(usize, Recipient)>,
     ) -> Attempt {
         let recipients: Vec<Recipient> = pending.iter().map(|(_, r)| r.clone()).collect();
+        // Ties a returned copy (a bounce, a complaint) to this transaction's recipients.
+        let prefix = self.origin.header(
+            env.id,
+            crate::clock::now_ms(),
+            recipients.iter().map(|r| r.address.as_str()),
+        );
         let message = OutboundMessage {
             sender,
             recipients: &recipients,
@@ -267,6 +280,7 @@ impl Worker {
             body_type: env.body_type,
             smtputf8: env.smtputf8,
             body,
+            prefix: prefix.as_bytes(),
         };
 
         let settings = self.settings.get();

@@ -82,7 +82,7 @@ pub async fn run(
         let batch = match events.spool.events(&stream, config.batch_size) {
             Ok(batch) => batch,
             Err(err) => {
-                warn!(error = %err, webhook = %config.url, "cannot read the event outbox");
+                warn!(error = %err, webhook = %config.url.redacted(), "cannot read the event outbox");
                 Vec::new()
             }
         };
@@ -115,7 +115,7 @@ pub async fn run(
                         ),
                         Err(err) => warn!(error = %err, "cannot remove posted events"),
                     }
-                    debug!(webhook = %config.url, events = seqs.len(), "events posted");
+                    debug!(webhook = %config.url.redacted(), events = seqs.len(), "events posted");
                     backoff = FIRST_BACKOFF;
                     // A full batch: more may be waiting.
                     if seqs.len() == config.batch_size {
@@ -129,7 +129,7 @@ pub async fn run(
                         Err(_) => (WebhookResult::Timeout, "timed out".to_owned()),
                     };
                     events.metrics().webhook_post(index, result);
-                    warn!(webhook = %config.url, error = %why, retry_in = ?backoff, "webhook post failed");
+                    warn!(webhook = %config.url.redacted(), error = %why, retry_in = ?backoff, "webhook post failed");
                     wait = backoff;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     tokio::select! {

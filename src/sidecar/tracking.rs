@@ -54,42 +54,8 @@ impl Tracker {
     /// Reads the signing key from `secret_file`, creating it (32 random bytes, hex, mode
     /// 0600) when it does not exist.
     pub fn load(base_url: &str, secret_file: &Path) -> Result<Tracker, String> {
-        let what = |e: std::io::Error| {
-            format!(
-                "sidecar.tracking.secret_file: {}: {e}",
-                secret_file.display()
-            )
-        };
-        let secret = match std::fs::read_to_string(secret_file) {
-            Ok(s) => s.trim().to_owned(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                use rand::RngCore as _;
-                use std::io::Write as _;
-                use std::os::unix::fs::OpenOptionsExt as _;
-                let mut bytes = [0u8; 32];
-                rand::rngs::OsRng.fill_bytes(&mut bytes);
-                let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-                if let Some(dir) = secret_file.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir).map_err(what)?;
-                }
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(secret_file)
-                    .map_err(what)?;
-                f.write_all(hex.as_bytes()).map_err(what)?;
-                f.sync_all().map_err(what)?;
-                hex
-            }
-            Err(e) => return Err(what(e)),
-        };
-        if secret.len() < 32 {
-            return Err(format!(
-                "sidecar.tracking.secret_file: {}: the key must be at least 32 characters",
-                secret_file.display()
-            ));
-        }
+        let secret =
+            crate::secret_file::read_or_create(secret_file, "sidecar.tracking.secret_file", 32)?;
         Ok(Tracker::new(base_url, secret.as_bytes()))
     }
 

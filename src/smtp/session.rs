@@ -594,6 +594,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.config.metrics.message_rejected(Rejection::Size);
             return self.error_reply(policy::size_exceeded());
         }
+        let headers = crate::message::header_stats(&content);
+        if headers.len as u64 > self.config.limits.max_header_size {
+            self.config.metrics.message_rejected(Rejection::HeaderSize);
+            return self.error_reply(policy::header_size_exceeded());
+        }
+        // With the Received header tern adds, the copy it sends on would exceed the limit.
+        if headers.received >= self.config.limits.max_hops {
+            warn!(peer = %self.state.peer, hops = headers.received, "refused a looping message");
+            self.config.metrics.message_rejected(Rejection::Loop);
+            return self.error_reply(policy::too_many_hops());
+        }
         if !flags.is_clean() {
             let what = match (flags.bare_cr, flags.bare_lf, flags.nul) {
                 (_, true, _) => "bare LF",

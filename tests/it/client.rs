@@ -76,6 +76,7 @@ fn message<'a>(recipients: &'a [Recipient], body: &'a [u8]) -> OutboundMessage<'
         body_type: BodyType::SevenBit,
         smtputf8: false,
         body,
+        prefix: b"",
     }
 }
 

@@ -958,7 +958,31 @@ pub async fn tls_connect(
 /// is byte-identical to `sent` and that the block is a Received header plus (only when
 /// `added_ok`) Date / Message-ID lines. Returns the prepended block as text.
 #[track_caller]
+/// `data` without the `X-Tern-Id` line tern puts first on every message it sends (added on
+/// the wire, never stored); `data` unchanged when it has none (a stored body).
+pub fn without_origin(data: &[u8]) -> &[u8] {
+    const NAME: &[u8] = b"X-Tern-Id: ";
+    if !data.starts_with(NAME) {
+        return data;
+    }
+    let end = data
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .expect("X-Tern-Id line ends with CRLF");
+    let value = &data[NAME.len()..end];
+    assert!(
+        !value.is_empty()
+            && value
+                .iter()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+        "X-Tern-Id is lowercase base32: {:?}",
+        String::from_utf8_lossy(value)
+    );
+    &data[end + 2..]
+}
+
 pub fn prepended<'a>(body: &'a [u8], sent: &[u8], added_ok: bool) -> &'a str {
+    let body = without_origin(body);
     assert!(
         body.len() >= sent.len() && body.ends_with(sent),
         "stored body must end with the message exactly as sent\n--- stored:\n{}\n--- sent:\n{}",

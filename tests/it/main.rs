@@ -3,6 +3,7 @@
 
 mod dns_server;
 mod dsn;
+mod edge;
 mod harness;
 mod sink;
 

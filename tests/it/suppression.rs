@@ -331,33 +331,54 @@ async fn forged_tokens_non_bounces_and_complaints() {
         b"From: someone@elsewhere.test\r\nSubject: hello\r\n\r\nUser unknown? No, just saying hi.\r\n",
     )
     .await;
-    // An ARF complaint (Yahoo's form, from the corpus).
+    // An ARF complaint (Yahoo's form, from the corpus) about mail we never sent: it names
+    // an address, but nothing ties it to us, so it changes nothing.
     let arf = std::fs::read("tests/bounces/arf-yahoo-to-from-original.eml").unwrap();
     let arf = String::from_utf8(arf)
         .unwrap()
         .replace("\r\n", "\n")
         .replace('\n', "\r\n");
     c.submit("", &["bounces@bounce.test"], arf.as_bytes()).await;
-
-    let entry = wait_suppressed(&server, "reader.one@yahoo.com").await;
-    assert_eq!(entry["reason"], "complaint", "{entry}");
     wait_inbound_processed(&server).await;
+    assert_eq!(
+        server.spool().suppression("reader.one@yahoo.com").unwrap(),
+        None
+    );
     assert_eq!(
         server.spool().suppression("victim@sink.test").unwrap(),
         None
     );
     let (_, list) = server.api("GET", "/api/v1/suppressions", None).await;
-    assert_eq!(list["entries"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["entries"].as_array().unwrap().len(), 0, "{list}");
 
+    // A complaint that returns a message we sent (its X-Tern-Id binds the recipient) counts.
+    let (status, answer) = inject(&server, &["reader@sink.test"]).await;
+    assert_eq!(status, 200, "{answer}");
+    let delivered = sink.wait_for_messages(1, T).await.remove(0);
+    c.submit(
+        "",
+        &["bounces@bounce.test"],
+        &crate::edge::arf_about(&delivered.data, "reader@sink.test"),
+    )
+    .await;
+    let entry = wait_suppressed(&server, "reader@sink.test").await;
+    assert_eq!(entry["reason"], "complaint", "{entry}");
     let events = wait_events(&posts, "the complaint event", |e| {
-        has(e, "complaint", "reader.one@yahoo.com")
+        has(e, "complaint", "reader@sink.test")
     })
     .await;
     assert!(
-        !events.iter().any(|e| e["recipient"] == "victim@sink.test"),
+        !events
+            .iter()
+            .any(|e| e["recipient"] == "victim@sink.test"
+                || e["recipient"] == "reader.one@yahoo.com"),
         "{events:#?}"
     );
-    assert_eq!(sink.messages().len(), 0, "nothing delivered");
+    assert_eq!(
+        sink.messages().len(),
+        1,
+        "only the message complained about"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -591,14 +612,28 @@ async fn expired_ndr_is_an_expired_event() {
     let keys = tempfile::tempdir().unwrap();
     let sink = Sink::start(SinkBehaviour::default()).await;
     let (hook, posts, _receiver) = receiver("127.0.0.1:0".parse().unwrap()).await;
-    let server = TestServer::start(options(keys.path(), sink.addr, hook, "reject")).await;
+    let server = TestServer::start(
+        options(keys.path(), sink.addr, hook, "reject").route("contoso-mail.example", sink.addr),
+    )
+    .await;
 
+    // The two recipients got mail from us; their NDRs return its headers (X-Tern-Id included).
     let mut c = outsider(&server).await;
-    for sample in ["office365-expired-4.4.7", "dsn-no-action-4.4.7"] {
+    for (n, (sample, rcpt)) in [
+        ("office365-expired-4.4.7", "ines.alvarez@contoso-mail.example"),
+        ("dsn-no-action-4.4.7", "j.okafor@contoso-mail.example"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (status, answer) = inject(&server, &[rcpt]).await;
+        assert_eq!(status, 200, "{answer}");
+        let delivered = sink.wait_for_messages(n + 1, T).await.remove(n);
         let ndr = std::fs::read_to_string(format!("tests/bounces/{sample}.eml"))
             .unwrap()
             .replace('\n', "\r\n");
-        c.submit("", &["bounces@bounce.test"], ndr.as_bytes()).await;
+        let ndr = crate::edge::returning_id_of(ndr.as_bytes(), &delivered.data);
+        c.submit("", &["bounces@bounce.test"], &ndr).await;
     }
     let events = wait_events(&posts, "two expired events", |e| {
         has(e, "expired", "ines.alvarez@contoso-mail.example")
@@ -657,20 +692,45 @@ async fn feedback_metrics_count_what_happened() {
         0.0
     );
 
+    // Reports tied to mail we sent (their returned copies carry its X-Tern-Id) ...
+    let (status, body) = inject(&server, &["gone@sink.test"]).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = inject(&server, &["reader@sink.test"]).await;
+    assert_eq!(status, 200, "{body}");
+    let delivered = sink.wait_for_messages(2, T).await;
+    let copy = |to: &str| {
+        delivered
+            .iter()
+            .find(|m| m.rcpt_addresses() == [to])
+            .unwrap()
+            .data
+            .clone()
+    };
     let mut c = outsider(&server).await;
     c.submit(
         "",
         &["bounces@bounce.test"],
-        &dsn("bounces@bounce.test", "gone@sink.test"),
+        &crate::edge::dsn_returning(
+            "bounces@bounce.test",
+            "gone@sink.test",
+            &copy("gone@sink.test"),
+        ),
     )
     .await;
+    c.submit(
+        "",
+        &["bounces@bounce.test"],
+        &crate::edge::arf_about(&copy("reader@sink.test"), "reader@sink.test"),
+    )
+    .await;
+    // ... and two that are not: a complaint about mail we never sent, and an auto-reply.
     for sample in ["arf-yahoo-to-from-original", "autoreply-rfc3834"] {
         let raw = std::fs::read_to_string(format!("tests/bounces/{sample}.eml"))
             .unwrap()
             .replace('\n', "\r\n");
         c.submit("", &["bounces@bounce.test"], raw.as_bytes()).await;
     }
-    wait_suppressed(&server, "reader.one@yahoo.com").await;
+    wait_suppressed(&server, "reader@sink.test").await;
     wait_suppressed(&server, "gone@sink.test").await;
     wait_inbound_processed(&server).await;
     let (status, body) = server
@@ -696,15 +756,19 @@ async fn feedback_metrics_count_what_happened() {
     };
     let v = |s: &str| crate::metrics::value(&m, s);
     assert_eq!(
-        v("tern_inbound_reports_total{category=\"invalid_recipient\",kind=\"dsn\"}"),
+        v("tern_inbound_reports_total{category=\"invalid_recipient\",kind=\"dsn\",trusted=\"true\"}"),
         1.0
     );
     assert_eq!(
-        v("tern_inbound_reports_total{category=\"complaint\",kind=\"arf\"}"),
+        v("tern_inbound_reports_total{category=\"complaint\",kind=\"arf\",trusted=\"true\"}"),
         1.0
     );
     assert_eq!(
-        v("tern_inbound_reports_total{category=\"auto_reply\",kind=\"autoreply\"}"),
+        v("tern_inbound_reports_total{category=\"complaint\",kind=\"arf\",trusted=\"false\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("tern_inbound_reports_total{category=\"auto_reply\",kind=\"autoreply\",trusted=\"false\"}"),
         1.0
     );
     assert_eq!(

@@ -6,7 +6,7 @@
 //! `message.attachments[0].content_base64`), and caller-supplied header fields can neither
 //! inject lines (CR/LF refused) nor duplicate the fields the builder writes itself.
 
-use super::address::check_mailbox;
+use crate::rfc5321::address::check_mailbox;
 use base64::Engine as _;
 use mail_builder::headers::address::Address;
 use mail_builder::headers::raw::Raw;

@@ -16,16 +16,15 @@
 //! `pool` names the source-IP pool (`[[pools]]`), ahead of `X-Tern-Pool` and the sender
 //! domain; an unknown name is a 400 (unlike the header, the caller sees the answer).
 
-pub(crate) mod address;
 pub mod compose;
 
 use super::error::ApiError;
 use super::AdminState;
 use crate::config::Limits;
 use crate::message::{same_address, CampaignReport, CampaignRequest, Submission};
+use crate::rfc5321::address::check_mailbox;
 use crate::rfc5321::proto::ContentCheck;
 use crate::telemetry::{Protocol, Rejection};
-use address::check_mailbox;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
@@ -252,6 +251,24 @@ fn submission(
     if content.len() as u64 > limits.max_message_size {
         state.metrics.message_rejected(Rejection::Size);
         return Err(too_large(limits.max_message_size));
+    }
+    let headers = crate::message::header_stats(&content);
+    if headers.len as u64 > limits.max_header_size {
+        state.metrics.message_rejected(Rejection::HeaderSize);
+        return Err(ApiError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{field}: the header section is larger than limits.max_header_size ({} bytes)",
+                limits.max_header_size
+            ),
+        ));
+    }
+    if headers.received >= limits.max_hops {
+        state.metrics.message_rejected(Rejection::Loop);
+        return Err(ApiError::bad_request(format!(
+            "{field}: too many Received headers: with ours the message would exceed limits.max_hops ({})",
+            limits.max_hops
+        )));
     }
     let mut check = ContentCheck::default();
     check.scan(&content);

@@ -1,4 +1,5 @@
-//! Mailbox syntax for addresses that arrive over HTTP, where no SMTP parser has seen them:
+//! Mailbox syntax for addresses no SMTP parser has seen (HTTP injection, addresses named in
+//! bounce and complaint reports):
 //! RFC 5321 4.1.2 `Local-part "@" ( Domain / address-literal )`, with RFC 6531's UTF-8
 //! allowed in atoms and domain labels, and the RFC 5321 4.5.3.1 length limits.
 //!

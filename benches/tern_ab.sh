@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# tern_ab.sh -- two tern binaries (say, before and after a change) alternating on this machine,
+# end to end and with Ed25519 DKIM, so a shared, noisy machine affects both alike.
+#
+# Usage (from the repo root; build both first):
+#   benches/tern_ab.sh OLD_BIN NEW_BIN [rounds]      # default 3 rounds
+#
+# Per round and per binary, ../shared/bench/relay-bench (20,000 x 5 KB, loopback only):
+# end to end at 20 and 50 sessions, then DKIM-signed at 20 and 50 sessions, each run from an
+# empty spool in a temp dir, on config/tern.toml. Prints relay-bench's result lines, labelled
+# old-... / new-...
+set -u
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BENCH=$ROOT/../shared/bench
+OLD=${1:?old binary}
+NEW=${2:?new binary}
+ROUNDS=${3:-3}
+WORK=$(mktemp -d /tmp/tern-ab.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+
+"$NEW" dkim keygen --domain bench.test --selector s1 --algorithm ed25519 --out "$WORK/dkim.pem" >/dev/null 2>&1
+{ cat "$ROOT/config/tern.toml"; printf '\n[[dkim]]\ndomain = "bench.test"\nselector = "s1"\nkey = "%s"\n' "$WORK/dkim.pem"; } > "$WORK/dkim.toml"
+
+run() { # label binary config relay-bench-args...
+  local label=$1 bin=$2 cfg=$3; shift 3
+  rm -rf "$WORK/run"; mkdir -p "$WORK/run"
+  (cd "$WORK/run" && exec "$bin" serve --config "$cfg" > "$WORK/tern.log" 2>&1) &
+  local pid=$!
+  for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/2525) 2>/dev/null && break; sleep 0.1; done
+  "$BENCH/relay-bench" -n 20000 -T 120 -L "$label" "$@" 127.0.0.1:2525 2>&1 | grep "^relay-bench: target"
+  kill -TERM "$pid"; wait "$pid"
+  sleep 2
+}
+
+for r in $(seq "$ROUNDS"); do
+  for c in 20 50; do
+    run "old-c$c-r$r" "$OLD" "$ROOT/config/tern.toml" -c "$c"
+    run "new-c$c-r$r" "$NEW" "$ROOT/config/tern.toml" -c "$c"
+  done
+  for c in 20 50; do
+    run "old-dkim-c$c-r$r" "$OLD" "$WORK/dkim.toml" -c "$c"
+    run "new-dkim-c$c-r$r" "$NEW" "$WORK/dkim.toml" -c "$c"
+  done
+done
