@@ -20,16 +20,19 @@ fn signers(algorithm: KeyAlgorithm, dir: &std::path::Path) -> DkimSigners {
     let key = generate_key(algorithm).expect("key");
     let path = dir.join("key.pem");
     std::fs::write(&path, key.private_key_pem).expect("write key");
-    DkimSigners::load(&[DkimConfig {
-        domain: "bench.test".into(),
-        selector: "s1".into(),
-        key_path: path,
-        headers: DEFAULT_DKIM_HEADERS.iter().map(|h| h.to_string()).collect(),
-        oversign: DEFAULT_DKIM_OVERSIGN
-            .iter()
-            .map(|h| h.to_string())
-            .collect(),
-    }])
+    DkimSigners::load(
+        &[DkimConfig {
+            domain: "bench.test".into(),
+            selector: "s1".into(),
+            key_path: path,
+            headers: DEFAULT_DKIM_HEADERS.iter().map(|h| h.to_string()).collect(),
+            oversign: DEFAULT_DKIM_OVERSIGN
+                .iter()
+                .map(|h| h.to_string())
+                .collect(),
+        }],
+        std::sync::Arc::new(tern::telemetry::Metrics::new()),
+    )
     .expect("load")
 }
 

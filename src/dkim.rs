@@ -49,8 +49,8 @@ const RSA_MAX_BITS: usize = 8192;
 /// All configured signing keys, grouped by (lowercase) domain.
 pub struct DkimSigners {
     by_domain: HashMap<String, Vec<Key>>,
-    /// Counts signatures made and failed, when set.
-    metrics: Option<Arc<Metrics>>,
+    /// Counts signatures made and failed (`tern_dkim_*`).
+    metrics: Arc<Metrics>,
 }
 
 /// One loaded key and what it signs.
@@ -80,8 +80,11 @@ impl fmt::Debug for DkimSigners {
 impl DkimSigners {
     /// Loads and checks every key; all failures are reported at once, each naming its config
     /// key and file, e.g. `dkim[1].key: /etc/tern/a.pem: RSA key of 1024 bits, at least 2048
-    /// required`.
-    pub fn load(configs: &[DkimConfig]) -> Result<DkimSigners, ConfigErrors> {
+    /// required`. Every signature made and every failure is counted in `metrics`.
+    pub fn load(
+        configs: &[DkimConfig],
+        metrics: Arc<Metrics>,
+    ) -> Result<DkimSigners, ConfigErrors> {
         let mut by_domain: HashMap<String, Vec<Key>> = HashMap::new();
         let mut errors = Vec::new();
         for (i, config) in configs.iter().enumerate() {
@@ -99,27 +102,18 @@ impl DkimSigners {
             }
         }
         if errors.is_empty() {
-            Ok(DkimSigners {
-                by_domain,
-                metrics: None,
-            })
+            Ok(DkimSigners { by_domain, metrics })
         } else {
             Err(ConfigErrors(errors))
         }
     }
 
     /// No keys: nothing is signed.
-    pub fn none() -> DkimSigners {
+    pub fn none(metrics: Arc<Metrics>) -> DkimSigners {
         DkimSigners {
             by_domain: HashMap::new(),
-            metrics: None,
+            metrics,
         }
-    }
-
-    /// Counts every signature made (by domain and algorithm) and every failure in `metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> DkimSigners {
-        self.metrics = Some(metrics);
-        self
     }
 
     pub fn is_empty(&self) -> bool {
@@ -165,9 +159,7 @@ impl DkimSigners {
             match signer.sign(message) {
                 Ok(signature) => {
                     out.push_str(&signature.to_header());
-                    if let Some(metrics) = &self.metrics {
-                        metrics.dkim_signed(&domain, algorithm);
-                    }
+                    self.metrics.dkim_signed(&domain, algorithm);
                 }
                 Err(e) => {
                     tracing::warn!(
@@ -175,9 +167,7 @@ impl DkimSigners {
                         selector = %key.selector,
                         "DKIM signing failed: {e}"
                     );
-                    if let Some(metrics) = &self.metrics {
-                        metrics.dkim_failed(&domain, algorithm);
-                    }
+                    self.metrics.dkim_failed(&domain, algorithm);
                 }
             }
         }
@@ -685,7 +675,9 @@ XER3AaeTErl9zbKhONXJAkBPGwxNsKShTtYzzonmEiIWYKVKJimpfAtjaWOAan4N
             config("example.com", "c", good),
             config("example.com", "d", weak.clone()),
         ];
-        let errors = DkimSigners::load(&configs).unwrap_err().0;
+        let errors = DkimSigners::load(&configs, Arc::new(Metrics::new()))
+            .unwrap_err()
+            .0;
         assert_eq!(
             errors,
             [
@@ -775,19 +767,22 @@ XER3AaeTErl9zbKhONXJAkBPGwxNsKShTtYzzonmEiIWYKVKJimpfAtjaWOAan4N
             "-----BEGIN RSA PRIVATE KEY-----\n{}\n-----END RSA PRIVATE KEY-----\n",
             BASE64.encode(pkcs1)
         );
-        let signers = DkimSigners::load(&[
-            config(
-                "example.com",
-                "rsa",
-                write(dir.path(), "rsa.pem", &rsa_key().private_key_pem),
-            ),
-            config(
-                "example.com",
-                "ed",
-                write(dir.path(), "ed.pem", &ed.private_key_pem),
-            ),
-            config("other.test", "x", write(dir.path(), "x.pem", &pkcs1_pem)),
-        ])
+        let signers = DkimSigners::load(
+            &[
+                config(
+                    "example.com",
+                    "rsa",
+                    write(dir.path(), "rsa.pem", &rsa_key().private_key_pem),
+                ),
+                config(
+                    "example.com",
+                    "ed",
+                    write(dir.path(), "ed.pem", &ed.private_key_pem),
+                ),
+                config("other.test", "x", write(dir.path(), "x.pem", &pkcs1_pem)),
+            ],
+            Arc::new(Metrics::new()),
+        )
         .unwrap();
         assert!(!signers.is_empty());
         assert_eq!(
@@ -846,11 +841,14 @@ XER3AaeTErl9zbKhONXJAkBPGwxNsKShTtYzzonmEiIWYKVKJimpfAtjaWOAan4N
     #[test]
     fn no_signature_without_a_from_address_of_a_configured_domain() {
         let dir = tempfile::tempdir().unwrap();
-        let signers = DkimSigners::load(&[config(
-            "example.com",
-            "rsa",
-            write(dir.path(), "rsa.pem", &rsa_key().private_key_pem),
-        )])
+        let signers = DkimSigners::load(
+            &[config(
+                "example.com",
+                "rsa",
+                write(dir.path(), "rsa.pem", &rsa_key().private_key_pem),
+            )],
+            Arc::new(Metrics::new()),
+        )
         .unwrap();
         let elsewhere = MESSAGE.replace("alice@Example.COM", "alice@example.org");
         assert_eq!(signers.sign(elsewhere.as_bytes()), None);
@@ -861,7 +859,7 @@ XER3AaeTErl9zbKhONXJAkBPGwxNsKShTtYzzonmEiIWYKVKJimpfAtjaWOAan4N
         let unparsable = MESSAGE.replace("<alice@Example.COM>", "nobody");
         assert_eq!(signers.sign(unparsable.as_bytes()), None);
 
-        let empty = DkimSigners::load(&[]).unwrap();
+        let empty = DkimSigners::load(&[], Arc::new(Metrics::new())).unwrap();
         assert!(empty.is_empty());
         assert_eq!(empty.sign(MESSAGE.as_bytes()), None);
     }
@@ -881,7 +879,7 @@ XER3AaeTErl9zbKhONXJAkBPGwxNsKShTtYzzonmEiIWYKVKJimpfAtjaWOAan4N
         cfg.oversign = ["from", "subject", "to", "list-unsubscribe"]
             .map(String::from)
             .to_vec();
-        let signers = DkimSigners::load(&[cfg]).unwrap();
+        let signers = DkimSigners::load(&[cfg], Arc::new(Metrics::new())).unwrap();
         let records = Records::new(&[("ed._domainkey.example.com.", &ed.txt_value)]);
 
         let two_to = MESSAGE.replace(
@@ -937,7 +935,7 @@ XER3AaeTErl9zbKhONXJAkBPGwxNsKShTtYzzonmEiIWYKVKJimpfAtjaWOAan4N
         // The control: without over-signing, the same addition goes unnoticed.
         let mut cfg = config("example.com", "ed", dir.path().join("ed.pem"));
         cfg.oversign.clear();
-        let plain = DkimSigners::load(&[cfg]).unwrap();
+        let plain = DkimSigners::load(&[cfg], Arc::new(Metrics::new())).unwrap();
         let message = String::from_utf8(signed(&plain, MESSAGE)).unwrap();
         let added = format!("Subject: act now\r\n{message}");
         assert_eq!(verify(added.as_bytes(), &records).await, [DkimResult::Pass]);

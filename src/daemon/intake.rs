@@ -29,7 +29,6 @@ pub struct IntakeSystem {
     pub enqueue: Enqueue,
     pub sidecar: Arc<Sidecar>,
     pub send_time: SendTime,
-    metrics: Arc<Metrics>,
     /// Ends the sidecar's bandit batches (a last batch is stored then).
     stop_batches: CancellationToken,
     batches: tokio::task::JoinHandle<()>,
@@ -85,7 +84,6 @@ impl IntakeSystem {
             enqueue,
             sidecar,
             send_time,
-            metrics: parts.metrics,
             stop_batches,
             batches,
         })
@@ -95,8 +93,7 @@ impl IntakeSystem {
 impl Subsystem for IntakeSystem {
     fn reconfigure(&self, reloaded: &Reloaded) {
         if let Some(dkim) = reloaded.take_dkim() {
-            self.enqueue
-                .set_dkim(dkim.with_metrics(self.metrics.clone()));
+            self.enqueue.set_dkim(dkim);
         }
         self.send_time.set_config(reloaded.config.sendtime.clone());
     }

@@ -157,9 +157,8 @@ impl Daemon {
         let metrics =
             Arc::new(Metrics::new().with_routes(config.routes.iter().map(|r| r.domain.as_str())));
         metrics.observe_spool(&spool);
-        let dkim = DkimSigners::load(&config.dkim)
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .with_metrics(metrics.clone());
+        let dkim =
+            DkimSigners::load(&config.dkim, metrics.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let classifier = Arc::new(Classifier::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?);
         let passwords = read_passwords(&config.routes).map_err(|e| anyhow::anyhow!("{e}"))?;
         if let Some(dir) = config.delivery.log_path.as_deref().and_then(Path::parent) {
@@ -317,7 +316,7 @@ impl Daemon {
     fn apply(&self, new: Config) -> Result<ReloadReport, ConfigErrors> {
         // Validate everything first: after this point nothing can fail.
         let mut errors = Vec::new();
-        let dkim = DkimSigners::load(&new.dkim)
+        let dkim = DkimSigners::load(&new.dkim, self.metrics.clone())
             .map_err(|e| errors.extend(e.0))
             .ok();
         let passwords = read_passwords(&new.routes)

@@ -184,7 +184,11 @@ fn dkimpy_verifies_rsa_and_ed25519_signatures() {
     };
     // Each key on its own, because dkimpy's `verify` checks only the topmost signature.
     for (selector, path, record) in [("rsa", rsa_path, rsa_record), ("ed", ed_path, ed_record)] {
-        let signers = DkimSigners::load(&[config(selector, path)]).expect("generated key loads");
+        let signers = DkimSigners::load(
+            &[config(selector, path)],
+            std::sync::Arc::new(tern::telemetry::Metrics::new()),
+        )
+        .expect("generated key loads");
         let header = signers.sign(MESSAGE.as_bytes()).expect("signed");
         let signed = format!("{header}{MESSAGE}");
         if !dkimpy_available() {

@@ -289,7 +289,7 @@ fn intake(spool: Spool, config: &Config, metrics: &Arc<Metrics>) -> (Intake, Fee
         spool,
         HOST.to_string(),
         config.spool.max_age,
-        DkimSigners::none(),
+        DkimSigners::none(metrics.clone()),
         Arc::new(Pools::new(&config.pools, &config.routes)),
         feedback.clone(),
         scheduler,
