@@ -11,7 +11,8 @@
 //! ([`merge`]).
 //!
 //! Invariant: a reload is all or nothing. The caller validates everything that can fail
-//! (parse, DKIM keys, smarthost password files) before anything is applied; a failed reload
+//! (parse, DKIM keys, smarthost password files, the modes of secret files) before anything
+//! is applied; a failed reload
 //! leaves the whole running config in place.
 
 use crate::config::Config;

@@ -8,8 +8,8 @@
 //!
 //! Invariant: a `Config` value only exists if the whole file compiled without a single error, so
 //! the rest of the program never re-validates it. Files named by the config (TLS certificate and
-//! key) are checked separately by [`Config::check_files`], because a config can be valid on a
-//! machine other than the one it will run on.
+//! key, the modes of every secret file) are checked separately by [`Config::check_files`],
+//! because a config can be valid on a machine other than the one it will run on.
 //!
 //! Relative paths are resolved against the working directory, not the config file's directory.
 //!
@@ -20,6 +20,7 @@ mod bounce;
 mod delivery;
 mod events;
 mod reader;
+mod secrets;
 mod sendtime;
 mod shaping;
 mod sidecar;

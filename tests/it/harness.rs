@@ -84,9 +84,28 @@ pub fn write_cert_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         dir.join("ca.pem"),
     );
     std::fs::write(&c, &cert.leaf_pem).unwrap();
-    std::fs::write(&k, &cert.key_pem).unwrap();
+    write_secret(&k, &cert.key_pem);
     std::fs::write(&a, &cert.ca_pem).unwrap();
     (c, k, a)
+}
+
+/// Writes a secret file (a key, token or password) readable by its owner only, mode 0600, as
+/// tern requires of every secret file it is given (it refuses group- or world-readable ones);
+/// an existing file is replaced.
+pub fn write_secret(path: &Path, contents: impl AsRef<[u8]>) {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // `mode` applies only to a file it creates.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .unwrap();
+    file.write_all(contents.as_ref()).unwrap();
 }
 
 /// An argon2id PHC hash of [`PASSWORD`] with the smallest parameters argon2 allows, so that
