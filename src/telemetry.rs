@@ -233,6 +233,8 @@ pub struct Metrics {
     shared_store: OnceLock<SharedStoreMetrics>,
     sidecar_content: IntCounterVec,
     sidecar_engagements: IntCounterVec,
+    admin_connections: IntGauge,
+    admin_refused: IntCounterVec,
     suppression_entries: IntGauge,
     suppression_changes: IntCounterVec,
     suppressed_recipients: IntCounterVec,
@@ -285,6 +287,34 @@ impl WebhookResult {
             WebhookResult::Status => "status",
             WebhookResult::Error => "error",
             WebhookResult::Timeout => "timeout",
+        }
+    }
+}
+
+/// Why the admin listener turned a client away: the `reason` label of
+/// `tern_admin_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminRefusal {
+    /// Over `admin.max_connections`: answered 503 and closed.
+    Connections,
+    /// No whole request head within `admin.header_timeout`: closed.
+    HeaderTimeout,
+    /// A request body over its limit: 413.
+    BodySize,
+}
+
+impl AdminRefusal {
+    const ALL: [AdminRefusal; 3] = [
+        AdminRefusal::Connections,
+        AdminRefusal::HeaderTimeout,
+        AdminRefusal::BodySize,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            AdminRefusal::Connections => "connections",
+            AdminRefusal::HeaderTimeout => "header_timeout",
+            AdminRefusal::BodySize => "body_size",
         }
     }
 }
@@ -381,6 +411,15 @@ impl Metrics {
                 "tern_sidecar_engagements_total",
                 "Opens and clicks seen by the tracking endpoints, human or machine (prefetch, scanner).",
                 &["kind", "source"],
+            ),
+            admin_connections: gauge(
+                "tern_admin_connections",
+                "Connections open on the admin listener (API, /metrics, tracking endpoints).",
+            ),
+            admin_refused: counter_vec(
+                "tern_admin_refused_total",
+                "Clients the admin listener turned away: connections (over admin.max_connections, 503), header_timeout (no request head within admin.header_timeout, closed), body_size (413).",
+                &["reason"],
             ),
             spool_sync: Mutex::new(()),
             deliveries: counter_vec(
@@ -548,6 +587,9 @@ impl Metrics {
             metrics
                 .suppressed_recipients
                 .with_label_values(&[action.as_str()]);
+        }
+        for reason in AdminRefusal::ALL {
+            metrics.admin_refused.with_label_values(&[reason.as_str()]);
         }
         metrics
     }
@@ -717,6 +759,21 @@ impl Metrics {
         let source = if machine { "machine" } else { "human" };
         self.sidecar_engagements
             .with_label_values(&[kind, source])
+            .inc();
+    }
+
+    /// A connection opened (`true`) or closed on the admin listener.
+    pub fn admin_connection(&self, opened: bool) {
+        if opened {
+            self.admin_connections.inc();
+        } else {
+            self.admin_connections.dec();
+        }
+    }
+
+    pub fn admin_refused(&self, reason: AdminRefusal) {
+        self.admin_refused
+            .with_label_values(&[reason.as_str()])
             .inc();
     }
 

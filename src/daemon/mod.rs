@@ -247,6 +247,7 @@ impl Daemon {
                 sidecar: intake.sidecar.clone(),
                 send_time: intake.send_time.clone(),
                 limits: Arc::new(crate::live::Live::new(config.limits)),
+                edge: Arc::new(crate::live::Live::new(config.admin.clone())),
                 shaper: delivery.shaper.clone(),
                 token,
             },

@@ -166,6 +166,8 @@ pub struct Options {
     pub extra: Vec<String>,
     /// `[sendtime]` keys as TOML literals.
     pub sendtime: Vec<(String, String)>,
+    /// `[admin]` keys other than `address` and `token_file`, as TOML literals.
+    pub admin: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -185,6 +187,7 @@ impl Default for Options {
             spool: Vec::new(),
             extra: Vec::new(),
             sendtime: Vec::new(),
+            admin: Vec::new(),
         }
     }
 }
@@ -244,6 +247,13 @@ impl Options {
     /// Sets a `[sendtime]` key; `value` is a TOML literal.
     pub fn sendtime(mut self, key: &str, value: impl ToString) -> Self {
         self.sendtime.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Sets an `[admin]` key (`header_timeout`, ...); `value` is a TOML literal.
+    pub fn admin(mut self, key: &str, value: impl ToString) -> Self {
+        self.admin.retain(|(k, _)| k != key);
+        self.admin.push((key.to_string(), value.to_string()));
         self
     }
 
@@ -328,10 +338,14 @@ impl Options {
         let token = dir.join("admin.token");
         writeln!(
             t,
-            "[admin]\naddress = \"127.0.0.1:0\"\ntoken_file = {:?}\n",
+            "[admin]\naddress = \"127.0.0.1:0\"\ntoken_file = {:?}",
             token.display().to_string()
         )
         .unwrap();
+        for (k, v) in &self.admin {
+            writeln!(t, "{k} = {v}").unwrap();
+        }
+        writeln!(t).unwrap();
         for (domain, host) in &self.routes {
             writeln!(t, "[[routes]]\ndomain = {domain:?}\nhosts = [{host:?}]").unwrap();
             for (_, line) in self.route_options.iter().filter(|(d, _)| d == domain) {

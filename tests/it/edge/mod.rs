@@ -4,6 +4,7 @@
 
 mod feedback;
 mod files;
+mod http;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
