@@ -100,7 +100,7 @@ fn router(state: AdminState) -> Router {
         .route("/metrics", get(scrape))
         .nest("/api/v1", api);
     // Open (no token): recipients' mail clients fetch these; the signed token is the check.
-    router = router.merge(tracking::routes(state.sidecar.clone()));
+    router = router.merge(tracking::routes(state.sidecar.clone(), state.edge.clone()));
     router
         // Bodies are held to admin.max_body_size by cap_body instead of axum's fixed 2 MB.
         .layer(DefaultBodyLimit::disable())

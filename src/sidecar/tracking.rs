@@ -14,8 +14,9 @@
 //! `Mozilla/5.0` (what Apple Mail Privacy Protection's prefetch proxy sends), when it comes
 //! from Apple's 17.0.0.0/8 network (MPP prefetch egress), when the User-Agent is missing, or
 //! when it names a known scanner or prefetcher (bot, crawler, spider, preview, scanner,
-//! Barracuda, Proofpoint, Mimecast). With a reverse proxy in front, the first
-//! `X-Forwarded-For` address is used when the connection comes from a loopback address.
+//! Barracuda, Proofpoint, Mimecast). The address is the one [`crate::admin::tracking`]
+//! believes: the peer's, or behind `admin.trusted_proxies` the one the proxy appended to
+//! `X-Forwarded-For`.
 
 use std::net::IpAddr;
 use std::path::Path;

@@ -199,3 +199,138 @@ async fn an_oversized_request_body_is_refused_before_it_is_read() {
     );
     server.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The public tracking endpoints
+
+/// A tracking campaign (one link, one variant, so every send is variant `a`) whose signing
+/// key tern creates in `keys`.
+fn tracking(keys: &std::path::Path) -> Options {
+    Options::default().extra(format!(
+        "[sidecar.tracking]\nbase_url = \"http://t.tern.test\"\nsecret_file = {:?}\n\n\
+         [sidecar.bandit]\nexploration = 0.0\nholdout = 0.0\n\n\
+         [[sidecar.campaigns]]\nname = \"promo\"\nsubject = \"Promo\"\n\
+         text = \"See https://shop.test/sale\\n\"\n\
+         html = \"<html><body><a href=\\\"https://shop.test/sale\\\">Sale</a></body></html>\"\n\
+         tracking = true\n\n\
+         [[sidecar.campaigns.variants]]\nid = \"a\"\n",
+        keys.join("tracking.key").display().to_string()
+    ))
+}
+
+/// Sends one campaign message to `to` over the API; its open and click tokens.
+async fn tracked(server: &TestServer, to: &str) -> (String, String) {
+    let (status, answer) = server
+        .api(
+            "POST",
+            "/api/v1/inject",
+            Some(&serde_json::json!({
+                "from": "news@tern.test",
+                "to": [to],
+                "raw": "From: news@tern.test\nSubject: x\n\nx\n",
+                "sidecar": {"campaign": "promo"},
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let id = answer["id"].as_str().unwrap().parse().unwrap();
+    let body = server.body(id);
+    let message = mail_parser::MessageParser::default().parse(&body).unwrap();
+    let html = message.body_html(0).unwrap().into_owned();
+    let token = |kind: &str| {
+        html.split(&format!("http://t.tern.test/t/{kind}/"))
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .unwrap_or_else(|| panic!("no {kind} link in {html}"))
+            .to_owned()
+    };
+    (token("o"), token("c"))
+}
+
+/// `GET path` from the loopback address `from`, with `headers` (lines without CRLF); the
+/// status code.
+async fn get_from(server: &TestServer, from: &str, path: &str, headers: &[&str]) -> u16 {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut stream = socket.connect(server.admin()).await.unwrap();
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: t.tern.test\r\nConnection: close\r\n");
+    for h in headers {
+        request.push_str(h);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let answer = until_closed(&mut stream).await;
+    answer
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP answer: {answer:?}"))
+}
+
+const IPHONE: &str =
+    "User-Agent: Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15";
+
+/// (kind, machine) of each engagement recorded so far, in order.
+fn engagements(server: &TestServer) -> Vec<(&'static str, bool)> {
+    server
+        .daemon()
+        .sidecar()
+        .recent_engagement()
+        .iter()
+        .map(|e| {
+            let kind = match e.kind {
+                tern::sidecar::EngagementKind::Open => "open",
+                tern::sidecar::EngagementKind::Click => "click",
+            };
+            (kind, e.machine)
+        })
+        .collect()
+}
+
+/// A client that is not a configured proxy claims, in `X-Forwarded-For`, to be Apple's
+/// prefetch proxy (17.0.0.0/8): the header is ignored and its human open counts as human.
+/// Through the configured proxy the header is believed, but only the address the proxy
+/// appended: what the client wrote in front of it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_x_forwarded_for_from_an_untrusted_peer_is_ignored() {
+    let keys = tempfile::tempdir().unwrap();
+    let server =
+        TestServer::start(tracking(keys.path()).admin("trusted_proxies", "[\"127.0.0.1\"]")).await;
+    let (open, click) = tracked(&server, "ann@sink.test").await;
+
+    // 127.0.0.2 is no proxy of ours (before, any loopback peer was believed).
+    let forged = "X-Forwarded-For: 17.58.1.2";
+    let status = get_from(
+        &server,
+        "127.0.0.2",
+        &format!("/t/o/{open}"),
+        &[IPHONE, forged],
+    )
+    .await;
+    assert_eq!(status, 200);
+    // The proxy at 127.0.0.1 got the request from Apple's network: a machine click.
+    let status = get_from(
+        &server,
+        "127.0.0.1",
+        &format!("/t/c/{click}"),
+        &[IPHONE, forged],
+    )
+    .await;
+    assert_eq!(status, 302);
+    // The proxy got it from 198.51.100.7, which wrote an Apple address in front.
+    let appended = "X-Forwarded-For: 17.58.1.2, 198.51.100.7";
+    let status = get_from(
+        &server,
+        "127.0.0.1",
+        &format!("/t/c/{click}"),
+        &[IPHONE, appended],
+    )
+    .await;
+    assert_eq!(status, 302);
+
+    assert_eq!(
+        engagements(&server),
+        [("open", false), ("click", true), ("click", false)]
+    );
+    server.stop().await;
+}
