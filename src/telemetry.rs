@@ -235,6 +235,8 @@ pub struct Metrics {
     sidecar_engagements: IntCounterVec,
     admin_connections: IntGauge,
     admin_refused: IntCounterVec,
+    tracking_ignored: IntCounterVec,
+    tracking_replay_evictions: IntCounter,
     suppression_entries: IntGauge,
     suppression_changes: IntCounterVec,
     suppressed_recipients: IntCounterVec,
@@ -315,6 +317,34 @@ impl AdminRefusal {
             AdminRefusal::Connections => "connections",
             AdminRefusal::HeaderTimeout => "header_timeout",
             AdminRefusal::BodySize => "body_size",
+        }
+    }
+}
+
+/// Why a tracking hit (`/t/o/`, `/t/c/`) recorded nothing: the `reason` label of
+/// `tern_tracking_ignored_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackingIgnored {
+    /// Unsigned, altered, of the wrong kind, or tracking is off: 404.
+    Invalid,
+    /// Signed, but issued longer ago than `sidecar.tracking.max_age`: 404.
+    Expired,
+    /// The same message, recipient, kind and source counted already: served, not counted.
+    Replay,
+}
+
+impl TrackingIgnored {
+    const ALL: [TrackingIgnored; 3] = [
+        TrackingIgnored::Invalid,
+        TrackingIgnored::Expired,
+        TrackingIgnored::Replay,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            TrackingIgnored::Invalid => "invalid",
+            TrackingIgnored::Expired => "expired",
+            TrackingIgnored::Replay => "replay",
         }
     }
 }
@@ -409,7 +439,7 @@ impl Metrics {
             ),
             sidecar_engagements: counter_vec(
                 "tern_sidecar_engagements_total",
-                "Opens and clicks seen by the tracking endpoints, human or machine (prefetch, scanner).",
+                "Opens and clicks counted by the tracking endpoints, human or machine (prefetch, scanner): the first hit of each message, recipient, kind and source (replays are in tern_tracking_ignored_total).",
                 &["kind", "source"],
             ),
             admin_connections: gauge(
@@ -420,6 +450,15 @@ impl Metrics {
                 "tern_admin_refused_total",
                 "Clients the admin listener turned away: connections (over admin.max_connections, 503), header_timeout (no request head within admin.header_timeout, closed), body_size (413).",
                 &["reason"],
+            ),
+            tracking_ignored: counter_vec(
+                "tern_tracking_ignored_total",
+                "Tracking hits that recorded nothing: invalid (404), expired (older than sidecar.tracking.max_age, 404), replay (counted already; served).",
+                &["reason"],
+            ),
+            tracking_replay_evictions: counter(
+                "tern_tracking_replay_evictions_total",
+                "Remembered opens and clicks forgotten before their tokens expired, to stay within sidecar.tracking.replay_entries (a replay of those counts again).",
             ),
             spool_sync: Mutex::new(()),
             deliveries: counter_vec(
@@ -591,6 +630,11 @@ impl Metrics {
         for reason in AdminRefusal::ALL {
             metrics.admin_refused.with_label_values(&[reason.as_str()]);
         }
+        for reason in TrackingIgnored::ALL {
+            metrics
+                .tracking_ignored
+                .with_label_values(&[reason.as_str()]);
+        }
         metrics
     }
 
@@ -760,6 +804,17 @@ impl Metrics {
         self.sidecar_engagements
             .with_label_values(&[kind, source])
             .inc();
+    }
+
+    pub fn tracking_ignored(&self, reason: TrackingIgnored) {
+        self.tracking_ignored
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    /// `entries` remembered tracking hits forgotten early (the replay memory was full).
+    pub fn tracking_replay_evicted(&self, entries: u64) {
+        self.tracking_replay_evictions.inc_by(entries);
     }
 
     /// A connection opened (`true`) or closed on the admin listener.

@@ -921,6 +921,8 @@ mod tests {
             Some(TrackingConfig {
                 base_url: "http://127.0.0.1:8025".to_owned(),
                 secret_file: "./data/tracking.key".into(),
+                max_age: TrackingConfig::DEFAULT_MAX_AGE,
+                replay_entries: TrackingConfig::DEFAULT_REPLAY_ENTRIES,
             })
         );
         assert_eq!(sidecar.bandit, BanditConfig::default());
@@ -1009,6 +1011,18 @@ mod tests {
         ))
         .unwrap_err()
         .to_string();
+        let tracking = Config::parse(&format!(
+            "{base}[sidecar.tracking]\nbase_url = \"https://t.x.test\"\nsecret_file = \"k\"\n\
+             max_age = \"0s\"\nreplay_entries = -1\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "sidecar.tracking.max_age: ",
+            "sidecar.tracking.replay_entries: ",
+        ] {
+            assert!(tracking.contains(key), "{key} not in:\n{tracking}");
+        }
         for key in [
             "sidecar.model.base_url:",
             "sidecar.model.model: missing",

@@ -250,9 +250,13 @@ async fn tracked(server: &TestServer, to: &str) -> (String, String) {
 /// `GET path` from the loopback address `from`, with `headers` (lines without CRLF); the
 /// status code.
 async fn get_from(server: &TestServer, from: &str, path: &str, headers: &[&str]) -> u16 {
+    get_at(server.admin(), from, path, headers).await
+}
+
+async fn get_at(admin: std::net::SocketAddr, from: &str, path: &str, headers: &[&str]) -> u16 {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
-    let mut stream = socket.connect(server.admin()).await.unwrap();
+    let mut stream = socket.connect(admin).await.unwrap();
     let mut request = format!("GET {path} HTTP/1.1\r\nHost: t.tern.test\r\nConnection: close\r\n");
     for h in headers {
         request.push_str(h);
@@ -332,5 +336,102 @@ async fn a_forged_x_forwarded_for_from_an_untrusted_peer_is_ignored() {
         engagements(&server),
         [("open", false), ("click", true), ("click", false)]
     );
+    server.stop().await;
+}
+
+/// A recipient's (or a scanner's, or an attacker's) client fetching the same pixel and link
+/// again and again: every fetch is served, but each (message, recipient, kind, human or
+/// machine) counts once, for the bandit, the recent list, the metrics and the profile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_click_counts_once() {
+    let keys = tempfile::tempdir().unwrap();
+    let server = TestServer::start(tracking(keys.path())).await;
+    let (open, click) = tracked(&server, "ann@sink.test").await;
+    let prefetch = "User-Agent: Mozilla/5.0";
+    for _ in 0..5 {
+        let status = get_from(&server, "127.0.0.1", &format!("/t/c/{click}"), &[IPHONE]).await;
+        assert_eq!(status, 302, "every replay is still redirected");
+    }
+    for headers in [[prefetch]; 3].iter().chain(&[[IPHONE]; 2]) {
+        let status = get_from(&server, "127.0.0.1", &format!("/t/o/{open}"), headers).await;
+        assert_eq!(status, 200, "every replay still gets the pixel");
+    }
+    assert_eq!(
+        engagements(&server),
+        [("click", false), ("open", true), ("open", false)]
+    );
+    for (labels, want) in [
+        ("kind=\"click\",source=\"human\"", 1.0),
+        ("kind=\"open\",source=\"machine\"", 1.0),
+        ("kind=\"open\",source=\"human\"", 1.0),
+    ] {
+        let name = format!("tern_sidecar_engagements_total{{{labels}}}");
+        assert_eq!(sample(&server, &name).await, want, "{name}");
+    }
+    assert_eq!(
+        sample(&server, "tern_tracking_ignored_total{reason=\"replay\"}").await,
+        7.0
+    );
+    let sidecar = server.daemon().sidecar().clone();
+    sidecar.apply_bandit_batch().await;
+    assert_eq!(sidecar.bandit_arms("promo")["a"].rewards, 1.0);
+    drop(sidecar);
+
+    // The profile, once every pending write is done (shutdown waits for them): one human
+    // click and one human open learnt, one machine open counted.
+    let server = server.restart(tracking(keys.path())).await;
+    let (status, profile) = server
+        .api("GET", "/api/v1/recipients/ann@sink.test", None)
+        .await;
+    assert_eq!(status, 200, "{profile}");
+    assert_eq!(profile["machine_opens"], 1, "{profile}");
+    let engaged = profile["engagements"].as_f64().unwrap();
+    assert!((1.5..2.5).contains(&engaged), "{profile}");
+    server.stop().await;
+}
+
+/// A token older than `sidecar.tracking.max_age` (a link in a years-old mail, or one
+/// harvested and replayed later), or one signed before tokens carried their issue time:
+/// 404, nothing recorded, no redirect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_tracking_token_records_nothing() {
+    use tern::sidecar::tracking::Tracker;
+    let keys = tempfile::tempdir().unwrap();
+    let server = TestServer::start(tracking(keys.path())).await;
+    let (open, click) = tracked(&server, "ann@sink.test").await;
+    // The same key, as another node sharing it (or tern itself, long ago) would sign.
+    let secret = std::fs::read_to_string(keys.path().join("tracking.key")).unwrap();
+    let tracker = Tracker::new(
+        "http://t.tern.test",
+        secret.trim().as_bytes(),
+        Duration::from_secs(90 * 86_400),
+    );
+    let aged = |token: &str| {
+        let mut claims = tracker.verify(token).expect("tern signed it");
+        claims.t -= 91 * 86_400;
+        tracker.sign(&claims)
+    };
+    let legacy = |token: &str| {
+        let mut claims = tracker.verify(token).expect("tern signed it");
+        claims.t = 0;
+        tracker.sign(&claims)
+    };
+    for path in [
+        format!("/t/o/{}", aged(&open)),
+        format!("/t/c/{}", aged(&click)),
+        format!("/t/o/{}", legacy(&open)),
+    ] {
+        let status = get_from(&server, "127.0.0.1", &path, &[IPHONE]).await;
+        assert_eq!(status, 404, "{path}");
+    }
+    assert!(engagements(&server).is_empty());
+    assert_eq!(
+        sample(&server, "tern_tracking_ignored_total{reason=\"expired\"}").await,
+        3.0
+    );
+    // The token as sent, within its age: served and counted.
+    let status = get_from(&server, "127.0.0.1", &format!("/t/o/{open}"), &[IPHONE]).await;
+    assert_eq!(status, 200);
+    assert_eq!(engagements(&server), [("open", false)]);
     server.stop().await;
 }
