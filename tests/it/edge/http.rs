@@ -435,3 +435,42 @@ async fn an_expired_tracking_token_records_nothing() {
     assert_eq!(engagements(&server), [("open", false)]);
     server.stop().await;
 }
+
+/// A burst of valid hits for one recipient (ten messages opened at once): the profile is
+/// read, changed and written once per batch, not once per hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_tracking_hits_is_written_in_batches() {
+    let keys = tempfile::tempdir().unwrap();
+    let server = TestServer::start(tracking(keys.path())).await;
+    let mut opens = Vec::new();
+    for _ in 0..10 {
+        opens.push(tracked(&server, "ann@sink.test").await.0);
+    }
+    let before = server.spool().commit_stats().writes;
+    let mut hits = tokio::task::JoinSet::new();
+    for open in opens {
+        let admin = server.admin();
+        hits.spawn(
+            async move { get_at(admin, "127.0.0.1", &format!("/t/o/{open}"), &[IPHONE]).await },
+        );
+    }
+    while let Some(status) = hits.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    // Every hit reaches the profile...
+    let deadline = Instant::now() + T;
+    loop {
+        let (_, profile) = server
+            .api("GET", "/api/v1/recipients/ann@sink.test", None)
+            .await;
+        if profile["engagements"].as_f64().is_some_and(|e| e > 9.5) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "hits not recorded: {profile}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...in one write (two if the burst straddled a batch), where there were ten.
+    let writes = server.spool().commit_stats().writes - before;
+    assert!((1..=2).contains(&writes), "{writes} profile writes");
+    server.stop().await;
+}
