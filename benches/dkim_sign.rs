@@ -19,7 +19,16 @@ Subject: bench\r\nDate: Fri, 27 Nov 2026 20:00:00 +0000\r\nMessage-ID: <1@bench.
 fn signers(algorithm: KeyAlgorithm, dir: &std::path::Path) -> DkimSigners {
     let key = generate_key(algorithm).expect("key");
     let path = dir.join("key.pem");
-    std::fs::write(&path, key.private_key_pem).expect("write key");
+    // Owner-only, as tern requires of a key file it is configured with.
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(key.private_key_pem.as_bytes()))
+        .expect("write key");
     DkimSigners::load(
         &[DkimConfig {
             domain: "bench.test".into(),

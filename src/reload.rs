@@ -11,7 +11,8 @@
 //! ([`merge`]).
 //!
 //! Invariant: a reload is all or nothing. The caller validates everything that can fail
-//! (parse, DKIM keys, smarthost password files) before anything is applied; a failed reload
+//! (parse, DKIM keys, smarthost password files, the modes of secret files) before anything
+//! is applied; a failed reload
 //! leaves the whole running config in place.
 
 use crate::config::Config;
@@ -27,6 +28,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "spool.cache_size",
     "admin.address",
     "admin.token_file",
+    "admin.max_connections",
     "delivery.suspended",
     "delivery.nameservers",
     "delivery.log_path",
@@ -74,6 +76,8 @@ pub fn merge(running: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
     keep!("spool.cache_size", spool.cache_size);
     keep!("admin.address", admin.address);
     keep!("admin.token_file", admin.token_file);
+    // The connection slots are counted from the first value.
+    keep!("admin.max_connections", admin.max_connections);
     keep!("delivery.suspended", delivery.suspended);
     keep!("delivery.nameservers", delivery.nameservers);
     keep!("delivery.log_path", delivery.log_path);

@@ -233,6 +233,10 @@ pub struct Metrics {
     shared_store: OnceLock<SharedStoreMetrics>,
     sidecar_content: IntCounterVec,
     sidecar_engagements: IntCounterVec,
+    admin_connections: IntGauge,
+    admin_refused: IntCounterVec,
+    tracking_ignored: IntCounterVec,
+    tracking_replay_evictions: IntCounter,
     suppression_entries: IntGauge,
     suppression_changes: IntCounterVec,
     suppressed_recipients: IntCounterVec,
@@ -285,6 +289,62 @@ impl WebhookResult {
             WebhookResult::Status => "status",
             WebhookResult::Error => "error",
             WebhookResult::Timeout => "timeout",
+        }
+    }
+}
+
+/// Why the admin listener turned a client away: the `reason` label of
+/// `tern_admin_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminRefusal {
+    /// Over `admin.max_connections`: answered 503 and closed.
+    Connections,
+    /// No whole request head within `admin.header_timeout`: closed.
+    HeaderTimeout,
+    /// A request body over its limit: 413.
+    BodySize,
+}
+
+impl AdminRefusal {
+    const ALL: [AdminRefusal; 3] = [
+        AdminRefusal::Connections,
+        AdminRefusal::HeaderTimeout,
+        AdminRefusal::BodySize,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            AdminRefusal::Connections => "connections",
+            AdminRefusal::HeaderTimeout => "header_timeout",
+            AdminRefusal::BodySize => "body_size",
+        }
+    }
+}
+
+/// Why a tracking hit (`/t/o/`, `/t/c/`) recorded nothing: the `reason` label of
+/// `tern_tracking_ignored_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackingIgnored {
+    /// Unsigned, altered, of the wrong kind, or tracking is off: 404.
+    Invalid,
+    /// Signed, but issued longer ago than `sidecar.tracking.max_age`: 404.
+    Expired,
+    /// The same message, recipient, kind and source counted already: served, not counted.
+    Replay,
+}
+
+impl TrackingIgnored {
+    const ALL: [TrackingIgnored; 3] = [
+        TrackingIgnored::Invalid,
+        TrackingIgnored::Expired,
+        TrackingIgnored::Replay,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            TrackingIgnored::Invalid => "invalid",
+            TrackingIgnored::Expired => "expired",
+            TrackingIgnored::Replay => "replay",
         }
     }
 }
@@ -379,8 +439,26 @@ impl Metrics {
             ),
             sidecar_engagements: counter_vec(
                 "tern_sidecar_engagements_total",
-                "Opens and clicks seen by the tracking endpoints, human or machine (prefetch, scanner).",
+                "Opens and clicks counted by the tracking endpoints, human or machine (prefetch, scanner): the first hit of each message, recipient, kind and source (replays are in tern_tracking_ignored_total).",
                 &["kind", "source"],
+            ),
+            admin_connections: gauge(
+                "tern_admin_connections",
+                "Connections open on the admin listener (API, /metrics, tracking endpoints).",
+            ),
+            admin_refused: counter_vec(
+                "tern_admin_refused_total",
+                "Clients the admin listener turned away: connections (over admin.max_connections, 503), header_timeout (no request head within admin.header_timeout, closed), body_size (413).",
+                &["reason"],
+            ),
+            tracking_ignored: counter_vec(
+                "tern_tracking_ignored_total",
+                "Tracking hits that recorded nothing: invalid (404), expired (older than sidecar.tracking.max_age, 404), replay (counted already; served).",
+                &["reason"],
+            ),
+            tracking_replay_evictions: counter(
+                "tern_tracking_replay_evictions_total",
+                "Remembered opens and clicks forgotten before their tokens expired, to stay within sidecar.tracking.replay_entries (a replay of those counts again).",
             ),
             spool_sync: Mutex::new(()),
             deliveries: counter_vec(
@@ -548,6 +626,14 @@ impl Metrics {
             metrics
                 .suppressed_recipients
                 .with_label_values(&[action.as_str()]);
+        }
+        for reason in AdminRefusal::ALL {
+            metrics.admin_refused.with_label_values(&[reason.as_str()]);
+        }
+        for reason in TrackingIgnored::ALL {
+            metrics
+                .tracking_ignored
+                .with_label_values(&[reason.as_str()]);
         }
         metrics
     }
@@ -717,6 +803,32 @@ impl Metrics {
         let source = if machine { "machine" } else { "human" };
         self.sidecar_engagements
             .with_label_values(&[kind, source])
+            .inc();
+    }
+
+    pub fn tracking_ignored(&self, reason: TrackingIgnored) {
+        self.tracking_ignored
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    /// `entries` remembered tracking hits forgotten early (the replay memory was full).
+    pub fn tracking_replay_evicted(&self, entries: u64) {
+        self.tracking_replay_evictions.inc_by(entries);
+    }
+
+    /// A connection opened (`true`) or closed on the admin listener.
+    pub fn admin_connection(&self, opened: bool) {
+        if opened {
+            self.admin_connections.inc();
+        } else {
+            self.admin_connections.dec();
+        }
+    }
+
+    pub fn admin_refused(&self, reason: AdminRefusal) {
+        self.admin_refused
+            .with_label_values(&[reason.as_str()])
             .inc();
     }
 

@@ -59,7 +59,8 @@ impl IntoResponse for ApiError {
 }
 
 /// A JSON request body; a body that is not valid JSON for `T` is answered with 400 and
-/// serde's message (axum's own extractor would answer 415/422 in plain text).
+/// serde's message (axum's own extractor would answer 415/422 in plain text), one over
+/// `admin.max_body_size` with 413.
 pub struct ApiJson<T>(pub T);
 
 impl<T, S> axum::extract::FromRequest<S> for ApiJson<T>
@@ -72,6 +73,14 @@ where
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(value)) => Ok(ApiJson(value)),
+            // A chunked body that grew past the listener's cap (a declared one never gets
+            // here): 413, naming the key, not a 400 about JSON.
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body larger than admin.max_body_size allows",
+                ))
+            }
             Err(rejection) => Err(ApiError::bad_request(rejection.body_text())),
         }
     }

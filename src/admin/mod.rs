@@ -9,22 +9,25 @@
 //! - [`suppression`]: `/api/v1/suppressions`, the suppression list (list, add, remove, CSV).
 //! - [`shaping`]: `GET /api/v1/shaping[/{bucket}]`, traffic-shaping state.
 //! - [`events`]: `POST /api/v1/events` (engagement), recipients' engagement and send-time lift.
+//! - [`listener`]: the door: connection cap, request-head timeout, body-size caps.
 //!
 //! The sidecar's tracking routes (`/t/o/{token}`, `/t/c/{token}`, see
 //! [`crate::sidecar::tracking`]) are served here too, outside `/api/v1`.
 //!
-//! Invariant: every `/api/v1` route sits behind [`auth::require_token`].
+//! Invariants: every `/api/v1` route sits behind [`auth::require_token`]; every request,
+//! whatever its route (or none), passes [`listener::cap_body`] first.
 
 pub mod auth;
 pub mod error;
 pub mod events;
 pub mod inject;
+pub mod listener;
 pub mod queue;
 pub mod shaping;
 pub mod suppression;
 pub mod tracking;
 
-use crate::config::Limits;
+use crate::config::{AdminConfig, Limits};
 use crate::feedback::Feedback;
 use crate::intake::Intake;
 use crate::live::Live;
@@ -34,17 +37,16 @@ use crate::shaping::Shaper;
 use crate::sidecar::Sidecar;
 use crate::telemetry::Metrics;
 use auth::Token;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use tern_queue::Spool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 /// What the admin handlers work on.
 #[derive(Clone)]
@@ -65,24 +67,21 @@ pub struct AdminState {
     /// Size and recipient limits, applied to injected mail as to SMTP mail; a config reload
     /// replaces them.
     pub limits: Arc<Live<Limits>>,
+    /// `[admin]`: the listener's limits and trusted proxies; a config reload replaces them
+    /// (the connection cap and the address stay as at start).
+    pub edge: Arc<Live<AdminConfig>>,
     pub shaper: Arc<Shaper>,
     /// `None`: the API is disabled (no `admin.token_file`).
     pub token: Option<Token>,
 }
 
-/// Serves the admin endpoints on `listener` until `shutdown` is cancelled.
+/// Serves the admin endpoints on `listener` until `shutdown` is cancelled (and every
+/// connection has ended), under the limits of [`listener`].
 pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
     let address = listener.local_addr().ok();
     info!(address = ?address, api = state.token.is_some(), "admin listening");
-    // The peer address goes into the Received header of injected mail.
-    let service = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    if let Err(err) = axum::serve(listener, service)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
-        warn!(error = %err, "admin server failed");
-    }
-    info!(address = ?address, "admin stopped");
+    let (edge, metrics) = (state.edge.clone(), state.metrics.clone());
+    listener::serve(listener, router(state), edge, metrics, shutdown).await;
 }
 
 fn router(state: AdminState) -> Router {
@@ -101,8 +100,15 @@ fn router(state: AdminState) -> Router {
         .route("/metrics", get(scrape))
         .nest("/api/v1", api);
     // Open (no token): recipients' mail clients fetch these; the signed token is the check.
-    router = router.merge(tracking::routes(state.sidecar.clone()));
-    router.with_state(state)
+    router = router.merge(tracking::routes(state.sidecar.clone(), state.edge.clone()));
+    router
+        // Bodies are held to admin.max_body_size by cap_body instead of axum's fixed 2 MB.
+        .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            listener::cap_body,
+        ))
+        .with_state(state)
 }
 
 async fn scrape(State(state): State<AdminState>) -> impl IntoResponse {

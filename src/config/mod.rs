@@ -8,8 +8,8 @@
 //!
 //! Invariant: a `Config` value only exists if the whole file compiled without a single error, so
 //! the rest of the program never re-validates it. Files named by the config (TLS certificate and
-//! key) are checked separately by [`Config::check_files`], because a config can be valid on a
-//! machine other than the one it will run on.
+//! key, the modes of every secret file) are checked separately by [`Config::check_files`],
+//! because a config can be valid on a machine other than the one it will run on.
 //!
 //! Relative paths are resolved against the working directory, not the config file's directory.
 //!
@@ -20,6 +20,7 @@ mod bounce;
 mod delivery;
 mod events;
 mod reader;
+mod secrets;
 mod sendtime;
 mod shaping;
 mod sidecar;
@@ -225,6 +226,18 @@ pub struct AdminConfig {
     /// with a random token (mode 0600) when it does not exist. Unset: the API is disabled and
     /// only `/metrics` is served. Default unset.
     pub token_file: Option<PathBuf>,
+    /// How long a client has to send a whole request head, and how long a kept-alive
+    /// connection may wait idle for its next one, before it is closed. Default 10s.
+    pub header_timeout: Duration,
+    /// Connections open at once; one more is answered 503 and closed. Default 1024.
+    pub max_connections: usize,
+    /// Bytes of a request body, for every route but `POST /api/v1/inject` (whose limit
+    /// follows `limits.max_message_size`); a larger one is refused with 413, before it is
+    /// read when its Content-Length says so. Default 2 MiB.
+    pub max_body_size: u64,
+    /// Peers whose `X-Forwarded-For` is believed (reverse proxies in front of the tracking
+    /// endpoints). Default none: the peer address is the client.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 impl Default for AdminConfig {
@@ -232,6 +245,10 @@ impl Default for AdminConfig {
         AdminConfig {
             address: SocketAddr::from(([127, 0, 0, 1], 8025)),
             token_file: None,
+            header_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+            max_body_size: 2 << 20,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -484,17 +501,22 @@ fn compile_listener(
 }
 
 fn compile_relay(r: &mut TableReader<'_>) -> RelayConfig {
-    let networks = r
-        .list("networks", |v| {
-            let s = string(v)?;
-            // trunc: "10.1.2.3/8" means the network 10.0.0.0/8; keep it canonical for display.
-            s.parse::<IpNet>()
-                .map(|net| net.trunc())
-                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| format!("invalid CIDR {s:?} (expected e.g. \"10.0.0.0/8\", \"::1/128\" or a plain address)"))
-        })
-        .unwrap_or_default();
+    let networks = r.list("networks", network).unwrap_or_default();
     RelayConfig { networks }
+}
+
+/// A network in CIDR notation, or a plain address (that one host).
+fn network(v: &Value) -> Result<IpNet, String> {
+    let s = string(v)?;
+    // trunc: "10.1.2.3/8" means the network 10.0.0.0/8; keep it canonical for display.
+    s.parse::<IpNet>()
+        .map(|net| net.trunc())
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| {
+            format!(
+                "invalid CIDR {s:?} (expected e.g. \"10.0.0.0/8\", \"::1/128\" or a plain address)"
+            )
+        })
 }
 
 fn compile_auth(r: &mut TableReader<'_>) -> AuthConfig {
@@ -607,9 +629,8 @@ fn compile_spool(r: &mut TableReader<'_>) -> SpoolConfig {
 
 /// `listeners` maps listener addresses to their key paths: the admin API cannot share one.
 fn compile_admin(r: &mut TableReader<'_>, listeners: &HashMap<SocketAddr, String>) -> AdminConfig {
-    let address = r
-        .get("address", socket_addr)
-        .unwrap_or(AdminConfig::default().address);
+    let d = AdminConfig::default();
+    let address = r.get("address", socket_addr).unwrap_or(d.address);
     if let Some(listener) = listeners.get(&address) {
         let msg = format!("{address} is already used by {listener}");
         r.error("address", msg);
@@ -618,6 +639,16 @@ fn compile_admin(r: &mut TableReader<'_>, listeners: &HashMap<SocketAddr, String
     AdminConfig {
         address,
         token_file,
+        header_timeout: r
+            .get("header_timeout", |v| duration(v).and_then(nonzero))
+            .unwrap_or(d.header_timeout),
+        max_connections: r
+            .get("max_connections", |v| count(v).and_then(nonzero))
+            .unwrap_or(d.max_connections),
+        max_body_size: r
+            .get("max_body_size", |v| size(v).and_then(nonzero))
+            .unwrap_or(d.max_body_size),
+        trusted_proxies: r.list("trusted_proxies", network).unwrap_or_default(),
     }
 }
 
@@ -890,6 +921,8 @@ mod tests {
             Some(TrackingConfig {
                 base_url: "http://127.0.0.1:8025".to_owned(),
                 secret_file: "./data/tracking.key".into(),
+                max_age: TrackingConfig::DEFAULT_MAX_AGE,
+                replay_entries: TrackingConfig::DEFAULT_REPLAY_ENTRIES,
             })
         );
         assert_eq!(sidecar.bandit, BanditConfig::default());
@@ -978,6 +1011,18 @@ mod tests {
         ))
         .unwrap_err()
         .to_string();
+        let tracking = Config::parse(&format!(
+            "{base}[sidecar.tracking]\nbase_url = \"https://t.x.test\"\nsecret_file = \"k\"\n\
+             max_age = \"0s\"\nreplay_entries = -1\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "sidecar.tracking.max_age: ",
+            "sidecar.tracking.replay_entries: ",
+        ] {
+            assert!(tracking.contains(key), "{key} not in:\n{tracking}");
+        }
         for key in [
             "sidecar.model.base_url:",
             "sidecar.model.model: missing",
@@ -1211,6 +1256,43 @@ mod tests {
             .map(ToString::to_string)
             .collect();
         assert_eq!(nets, ["192.0.2.7/32", "2001:db8::1/128", "10.0.0.0/8"]);
+    }
+
+    #[test]
+    fn admin_edge_keys_compile_and_errors_name_them() {
+        let config = Config::parse(&format!(
+            "{MINIMAL}\n[admin]\nheader_timeout = \"3s\"\nmax_connections = 50\n\
+             max_body_size = \"64KiB\"\ntrusted_proxies = [\"10.0.0.1\", \"fd00::/8\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(config.admin.header_timeout, Duration::from_secs(3));
+        assert_eq!(config.admin.max_connections, 50);
+        assert_eq!(config.admin.max_body_size, 64 << 10);
+        let proxies: Vec<String> = config
+            .admin
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(proxies, ["10.0.0.1/32", "fd00::/8"]);
+        let errors = errors(&format!(
+            "{MINIMAL}\n[admin]\nheader_timeout = \"0s\"\nmax_connections = 0\n\
+             max_body_size = \"lots\"\ntrusted_proxies = [\"proxy.local\"]\n"
+        ));
+        let keys: Vec<&str> = errors
+            .iter()
+            .map(|e| e.split(": ").next().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "admin.header_timeout",
+                "admin.max_connections",
+                "admin.max_body_size",
+                "admin.trusted_proxies[0]"
+            ],
+            "{errors:?}"
+        );
     }
 
     #[test]

@@ -56,6 +56,18 @@ pub struct TrackingConfig {
     pub base_url: String,
     /// File holding the token-signing key; created (random, mode 0600) at first start.
     pub secret_file: PathBuf,
+    /// How long after it was issued (the message rendered) a token is honoured; an older one
+    /// is a 404 that records nothing. Default 90 days.
+    pub max_age: Duration,
+    /// Opens and clicks remembered so a replayed token counts once; when full, those of the
+    /// oldest issue hour are forgotten first (counted). Default 1,000,000 (about 32 MB at
+    /// most).
+    pub replay_entries: usize,
+}
+
+impl TrackingConfig {
+    pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(90 * 86_400);
+    pub const DEFAULT_REPLAY_ENTRIES: usize = 1_000_000;
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -219,9 +231,17 @@ fn compile_tracking(r: &mut TableReader<'_>) -> Option<TrackingConfig> {
         u => Err(format!("{u:?}: expected an http:// or https:// URL")),
     });
     let secret_file = r.require("secret_file", path);
+    let max_age = r
+        .get("max_age", |v| duration(v).and_then(nonzero))
+        .unwrap_or(TrackingConfig::DEFAULT_MAX_AGE);
+    let replay_entries = r
+        .get("replay_entries", |v| count(v).and_then(nonzero))
+        .unwrap_or(TrackingConfig::DEFAULT_REPLAY_ENTRIES);
     Some(TrackingConfig {
         base_url: base_url?,
         secret_file: secret_file?,
+        max_age,
+        replay_entries,
     })
 }
 

@@ -18,8 +18,22 @@ use super::{describe_io, Config, ConfigErrors};
 impl Config {
     /// Checks the files the config names (TLS certificate and key): they exist, parse, and the
     /// key is usable by rustls and belongs to the certificate. Run by `check-config` and at startup.
+    /// Every secret file's mode is checked too ([`Config::check_secret_files`]); all errors
+    /// are reported together.
     pub fn check_files(&self) -> Result<(), ConfigErrors> {
-        self.tls_server_config().map(drop)
+        let mut errors = self
+            .check_secret_files()
+            .err()
+            .map(|e| e.0)
+            .unwrap_or_default();
+        if let Err(e) = self.tls_server_config() {
+            errors.extend(e.0);
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
 
     /// The rustls server config (aws-lc-rs, TLS 1.2 and 1.3) for STARTTLS and `smtps`
@@ -102,6 +116,20 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
 mod tests {
     use super::*;
 
+    /// Writes `content` readable by the owner only (as a key file must be; the certificate
+    /// too, as tests swap the two).
+    fn write_private(path: &Path, content: &str) {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .unwrap();
+        f.write_all(content.as_bytes()).unwrap();
+    }
+
     fn config_with_tls(cert: &Path, key: &Path) -> Config {
         let text = format!(
             "server.hostname = \"mx.test\"\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[tls]\ncert = {:?}\nkey = {:?}\n",
@@ -142,8 +170,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let generated = rcgen::generate_simple_self_signed(vec!["mx.test".to_owned()]).unwrap();
         let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-        std::fs::write(&cert, generated.cert.pem()).unwrap();
-        std::fs::write(&key, generated.key_pair.serialize_pem()).unwrap();
+        write_private(&cert, &generated.cert.pem());
+        write_private(&key, &generated.key_pair.serialize_pem());
 
         let config = config_with_tls(&cert, &key);
         config.check_files().unwrap();
@@ -163,7 +191,7 @@ mod tests {
 
         let other = rcgen::generate_simple_self_signed(vec!["other.test".to_owned()]).unwrap();
         let other_key = dir.path().join("other-key.pem");
-        std::fs::write(&other_key, other.key_pair.serialize_pem()).unwrap();
+        write_private(&other_key, &other.key_pair.serialize_pem());
         let errors = config_with_tls(&cert, &other_key)
             .check_files()
             .unwrap_err();

@@ -17,13 +17,15 @@ use tracing::warn;
 use super::{Reloaded, Subsystem};
 use crate::admin::auth::Token;
 use crate::admin::AdminState;
-use crate::config::{Config, Limits};
+use crate::config::{AdminConfig, Config, Limits};
 use crate::live::Live;
 
 pub struct Admin {
     address: SocketAddr,
     /// The limits HTTP injection applies (a reload replaces them).
     limits: Arc<Live<Limits>>,
+    /// `[admin]` as the listener reads it (a reload replaces it).
+    edge: Arc<Live<AdminConfig>>,
     stop: CancellationToken,
     server: tokio::task::JoinHandle<()>,
 }
@@ -47,11 +49,13 @@ impl Admin {
     pub fn start(socket: TcpListener, state: AdminState) -> anyhow::Result<Self> {
         let address = socket.local_addr()?;
         let limits = state.limits.clone();
+        let edge = state.edge.clone();
         let stop = CancellationToken::new();
         let server = tokio::spawn(crate::admin::serve(socket, state, stop.clone()));
         Ok(Admin {
             address,
             limits,
+            edge,
             stop,
             server,
         })
@@ -65,6 +69,7 @@ impl Admin {
 impl Subsystem for Admin {
     fn reconfigure(&self, reloaded: &Reloaded) {
         self.limits.set(reloaded.config.limits);
+        self.edge.set(reloaded.config.admin.clone());
     }
 
     async fn shutdown(self, grace: Duration) {

@@ -246,6 +246,7 @@ impl Daemon {
                 sidecar: intake.sidecar.clone(),
                 send_time: intake.send_time.clone(),
                 limits: Arc::new(crate::live::Live::new(config.limits)),
+                edge: Arc::new(crate::live::Live::new(config.admin.clone())),
                 shaper: delivery.shaper.clone(),
                 token,
             },
@@ -314,15 +315,20 @@ impl Daemon {
     }
 
     fn apply(&self, new: Config) -> Result<ReloadReport, ConfigErrors> {
-        // Validate everything first: after this point nothing can fail.
-        let mut errors = Vec::new();
+        // Validate everything first: after this point nothing can fail. DKIM keys and
+        // smarthost passwords are re-read, so their modes are checked again too.
+        let mut errors = new
+            .check_secret_files()
+            .err()
+            .map(|e| e.0)
+            .unwrap_or_default();
         let dkim = DkimSigners::load(&new.dkim, self.metrics.clone())
             .map_err(|e| errors.extend(e.0))
             .ok();
         let passwords = read_passwords(&new.routes)
             .map_err(|e| errors.extend(e.0))
             .ok();
-        let (Some(dkim), Some(passwords)) = (dkim, passwords) else {
+        let (Some(dkim), Some(passwords), true) = (dkim, passwords, errors.is_empty()) else {
             return Err(ConfigErrors(errors));
         };
 
@@ -469,18 +475,9 @@ fn read_verp_key(config: &Config) -> anyhow::Result<Option<Verp>> {
 /// The key of the `X-Tern-Id` header (`bounce.origin_key_file`, by default `origin.key`
 /// beside the spool directory), created at the first start.
 fn read_origin_key(config: &Config) -> anyhow::Result<Origin> {
-    let path = match &config.bounce.origin_key_file {
-        Some(path) => path.clone(),
-        None => config
-            .spool
-            .path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .join("origin.key"),
-    };
-    let secret = crate::secret_file::read_or_create(&path, "bounce.origin_key_file", 32)
-        .map_err(anyhow::Error::msg)?;
+    let secret =
+        crate::secret_file::read_or_create(&config.origin_key_path(), "bounce.origin_key_file", 32)
+            .map_err(anyhow::Error::msg)?;
     Ok(Origin::new(secret.as_bytes()))
 }
 

@@ -13,9 +13,18 @@
 //! are not kept. The priors are refitted from all profiles at start and every
 //! `sendtime.refit_interval` and kept in memory.
 //!
+//! Tracked opens and clicks (the sidecar's tracking endpoints, through [`EngagementSink`])
+//! are written in batches: they wait up to [`FLUSH_AFTER`] (or until [`MAX_PENDING`] are
+//! waiting) and then go to [`SendTime::record_batch`] together, one read-modify-write per
+//! recipient however many hits that recipient had, so a burst of hits costs one background
+//! task and one write per recipient instead of one of each per hit.
+//!
 //! Invariants: machine opens never change a profile; a profile is read-modified-written
 //! under its address's lock, so concurrent events for one recipient are all counted; a
-//! failure to plan never refuses mail (the caller sends it at once).
+//! failure to plan never refuses mail (the caller sends it at once); every pending event is
+//! written by a task on the daemon's tracker (shutdown waits for it).
+//!
+//! [`EngagementSink`]: crate::sidecar::EngagementSink
 
 pub mod hook;
 pub mod model;
@@ -41,6 +50,10 @@ const META_PREFIX: &str = "sendtime/";
 const LOCK_STRIPES: usize = 64;
 /// Profile writes in flight at once for one batch of events or one message's recipients.
 const PARALLEL_WRITES: usize = 64;
+/// How long a tracked event waits for others to share its batch.
+pub const FLUSH_AFTER: Duration = Duration::from_millis(500);
+/// Tracked events waiting at most; one more starts a batch at once.
+pub const MAX_PENDING: usize = 10_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -97,6 +110,15 @@ struct Inner {
     locks: Vec<tokio::sync::Mutex<()>>,
     /// Where events recorded in the background run (shutdown waits for them).
     tasks: TaskTracker,
+    /// Tracked events not yet written (see the module doc).
+    pending: std::sync::Mutex<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    events: Vec<Event>,
+    /// A task will take `events` after [`FLUSH_AFTER`].
+    flush_scheduled: bool,
 }
 
 fn meta_name(address: &str) -> String {
@@ -123,6 +145,7 @@ impl SendTime {
                     .map(|_| tokio::sync::Mutex::new(()))
                     .collect(),
                 tasks,
+                pending: Default::default(),
             }),
         }
     }
@@ -354,14 +377,43 @@ impl SendTime {
     }
 
     /// Records one event in the background (for callers that cannot wait, like the tracking
-    /// endpoints); a failure is logged.
+    /// endpoints), in the next batch (see the module doc); a failure is logged.
     fn record_later(&self, event: Event) {
-        let this = self.clone();
-        self.inner.tasks.spawn(async move {
-            if let Err(err) = this.record_batch(vec![event]).await {
-                tracing::warn!(error = %err, "engagement event not recorded");
+        let (full, schedule) = {
+            let mut pending = self.inner.pending.lock().expect("pending lock");
+            pending.events.push(event);
+            if pending.events.len() >= MAX_PENDING {
+                (Some(std::mem::take(&mut pending.events)), false)
+            } else {
+                (None, !std::mem::replace(&mut pending.flush_scheduled, true))
             }
-        });
+        };
+        let this = self.clone();
+        if let Some(batch) = full {
+            self.inner
+                .tasks
+                .spawn(async move { this.write_pending(batch).await });
+        } else if schedule {
+            self.inner.tasks.spawn(async move {
+                tokio::time::sleep(FLUSH_AFTER).await;
+                let batch = {
+                    let mut pending = this.inner.pending.lock().expect("pending lock");
+                    pending.flush_scheduled = false;
+                    std::mem::take(&mut pending.events)
+                };
+                this.write_pending(batch).await;
+            });
+        }
+    }
+
+    async fn write_pending(&self, batch: Vec<Event>) {
+        if batch.is_empty() {
+            return;
+        }
+        let events = batch.len();
+        if let Err(err) = self.record_batch(batch).await {
+            tracing::warn!(error = %err, events, "engagement events not recorded");
+        }
     }
 
     /// Recipients whose last human engagement (or, never engaged, whose first record) is
@@ -443,5 +495,61 @@ impl crate::sidecar::EngagementSink for SendTime {
             machine: e.machine,
             tz_offset_min: None,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sidecar::{Engagement, EngagementKind, EngagementSink as _};
+
+    fn machine_open(recipient: &str) -> Engagement {
+        Engagement {
+            kind: EngagementKind::Open,
+            campaign: "c".into(),
+            recipient: recipient.into(),
+            variant: None,
+            message_id: "<1@h>".into(),
+            url: None,
+            at_ms: 1_700_000_000_000,
+            machine: true,
+            user_agent: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn tracked_hits_are_written_once_per_recipient_per_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let suppressions = Suppressions::new(
+            spool.clone(),
+            Default::default(),
+            Arc::new(crate::telemetry::Metrics::new()),
+        );
+        let tasks = TaskTracker::new();
+        let send_time = SendTime::new(
+            spool.clone(),
+            Default::default(),
+            suppressions,
+            tasks.clone(),
+        );
+        let before = spool.commit_stats().writes;
+        let recipients = ["a@x.test", "b@x.test", "c@x.test", "d@x.test"];
+        for _ in 0..10 {
+            for r in recipients {
+                send_time.record(machine_open(r));
+            }
+        }
+        tasks.close();
+        tasks.wait().await;
+        // Forty hits: one batch, one write per recipient, every hit counted.
+        assert_eq!(spool.commit_stats().writes - before, 4);
+        for r in recipients {
+            assert_eq!(
+                send_time.profile(r).unwrap().unwrap().machine_opens,
+                10,
+                "{r}"
+            );
+        }
     }
 }

@@ -40,7 +40,7 @@ use crate::config::{BanditConfig, CampaignConfig, SidecarConfig};
 use crate::message::{CampaignReport, Prepared, SendAt, Stage, StageFuture, Submission};
 use crate::telemetry::Metrics;
 use model::{Failure, Model, SlotRequest};
-use tracking::{Claims, Tracker};
+use tracking::{Claims, Replays, Tracker};
 
 /// Whether `sub` needs the stage at all (the plain path's only cost is this header scan).
 pub fn wanted(sub: &Submission) -> bool {
@@ -117,6 +117,8 @@ pub struct Sidecar {
     model: Option<Model>,
     deadline: Duration,
     tracker: Option<Tracker>,
+    /// Tracking hits counted already (a replay is served, not counted).
+    replays: Mutex<Replays>,
     bandit_config: BanditConfig,
     bandits: Mutex<HashMap<String, bandit::Bandit>>,
     sink: Arc<dyn EngagementSink>,
@@ -193,16 +195,14 @@ impl Sidecar {
             );
         }
         let model = config.model.clone().map(Model::new).transpose()?;
-        let tracker = config
-            .tracking
-            .as_ref()
-            .map(|t| Tracker::load(&t.base_url, &t.secret_file))
-            .transpose()?;
+        let tracker = config.tracking.as_ref().map(Tracker::load).transpose()?;
+        let replays = Replays::new(config.tracking.as_ref().map_or(1, |t| t.replay_entries));
         Ok(Sidecar {
             campaigns,
             deadline: config.model.as_ref().map_or(Duration::ZERO, |m| m.deadline),
             model,
             tracker,
+            replays: Mutex::new(replays),
             bandit_config: config.bandit.clone(),
             bandits: Mutex::new(bandits),
             sink,
@@ -564,6 +564,7 @@ impl Sidecar {
                             v: variant.map(str::to_owned),
                             m: message_id.clone(),
                             u: None,
+                            t: crate::clock::now_ms() / 1000,
                         },
                     ),
                     _ => html,

@@ -84,9 +84,28 @@ pub fn write_cert_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         dir.join("ca.pem"),
     );
     std::fs::write(&c, &cert.leaf_pem).unwrap();
-    std::fs::write(&k, &cert.key_pem).unwrap();
+    write_secret(&k, &cert.key_pem);
     std::fs::write(&a, &cert.ca_pem).unwrap();
     (c, k, a)
+}
+
+/// Writes a secret file (a key, token or password) readable by its owner only, mode 0600, as
+/// tern requires of every secret file it is given (it refuses group- or world-readable ones);
+/// an existing file is replaced.
+pub fn write_secret(path: &Path, contents: impl AsRef<[u8]>) {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // `mode` applies only to a file it creates.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .unwrap();
+    file.write_all(contents.as_ref()).unwrap();
 }
 
 /// An argon2id PHC hash of [`PASSWORD`] with the smallest parameters argon2 allows, so that
@@ -147,6 +166,8 @@ pub struct Options {
     pub extra: Vec<String>,
     /// `[sendtime]` keys as TOML literals.
     pub sendtime: Vec<(String, String)>,
+    /// `[admin]` keys other than `address` and `token_file`, as TOML literals.
+    pub admin: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -166,6 +187,7 @@ impl Default for Options {
             spool: Vec::new(),
             extra: Vec::new(),
             sendtime: Vec::new(),
+            admin: Vec::new(),
         }
     }
 }
@@ -225,6 +247,13 @@ impl Options {
     /// Sets a `[sendtime]` key; `value` is a TOML literal.
     pub fn sendtime(mut self, key: &str, value: impl ToString) -> Self {
         self.sendtime.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Sets an `[admin]` key (`header_timeout`, ...); `value` is a TOML literal.
+    pub fn admin(mut self, key: &str, value: impl ToString) -> Self {
+        self.admin.retain(|(k, _)| k != key);
+        self.admin.push((key.to_string(), value.to_string()));
         self
     }
 
@@ -309,10 +338,14 @@ impl Options {
         let token = dir.join("admin.token");
         writeln!(
             t,
-            "[admin]\naddress = \"127.0.0.1:0\"\ntoken_file = {:?}\n",
+            "[admin]\naddress = \"127.0.0.1:0\"\ntoken_file = {:?}",
             token.display().to_string()
         )
         .unwrap();
+        for (k, v) in &self.admin {
+            writeln!(t, "{k} = {v}").unwrap();
+        }
+        writeln!(t).unwrap();
         for (domain, host) in &self.routes {
             writeln!(t, "[[routes]]\ndomain = {domain:?}\nhosts = [{host:?}]").unwrap();
             for (_, line) in self.route_options.iter().filter(|(d, _)| d == domain) {

@@ -32,7 +32,7 @@ async fn raw_and_structured_mail_is_delivered_split_by_domain() {
     let keys = tempfile::tempdir().unwrap();
     let key_path = keys.path().join("ed.pem");
     let key = generate_key(KeyAlgorithm::Ed25519).unwrap();
-    std::fs::write(&key_path, key.private_key_pem).unwrap();
+    write_secret(&key_path, key.private_key_pem);
     let other = Sink::start(SinkBehaviour::default()).await;
     let r = relay(SinkBehaviour::default(), |o| {
         o.route("other.test", other.addr).dkim(format!(

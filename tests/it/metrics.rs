@@ -168,7 +168,7 @@ async fn queue_depth_dkim_group_commit_and_syntax_metrics() {
     let keys = tempfile::tempdir().unwrap();
     let key = keys.path().join("example.com.pem");
     let generated = tern::dkim::generate_key(tern::dkim::KeyAlgorithm::Ed25519).unwrap();
-    std::fs::write(&key, generated.private_key_pem).unwrap();
+    write_secret(&key, generated.private_key_pem);
     // One connection to the sink, each message held 2 s in DATA: the rest wait in memory.
     let r = relay(
         SinkBehaviour::default().data_delay(std::time::Duration::from_secs(2)),

@@ -91,7 +91,7 @@ async fn reload_applies_to_new_mail_without_dropping_an_open_session() {
 
 fn write_key(path: &std::path::Path, algorithm: KeyAlgorithm) {
     let key = generate_key(algorithm).unwrap();
-    std::fs::write(path, key.private_key_pem).unwrap();
+    write_secret(path, key.private_key_pem);
 }
 
 /// The DKIM-Signature algorithm (`a=`) of a spooled message.

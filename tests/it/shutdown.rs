@@ -117,7 +117,7 @@ async fn an_event_emitted_just_before_sigterm_is_in_the_outbox_after_restart() {
     const ROUNDS: usize = 3;
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("hook.secret");
-    std::fs::write(&secret, "secret-of-the-test-webhook\n").unwrap();
+    write_secret(&secret, "secret-of-the-test-webhook\n");
     // Nothing listens there: every post fails and the events stay in the outbox.
     let closed = free_port();
     let opts = Options::default().extra(format!(

@@ -145,8 +145,8 @@ fn has(events: &[Value], event: &str, recipient: &str) -> bool {
 fn options(dir: &Path, sink: SocketAddr, hook: SocketAddr, mode: &str) -> Options {
     let verp_key = dir.join("verp.key");
     let secret = dir.join("hook.secret");
-    std::fs::write(&verp_key, "verp-key-of-enough-bytes\n").unwrap();
-    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    write_secret(&verp_key, "verp-key-of-enough-bytes\n");
+    write_secret(&secret, format!("{SECRET}\n"));
     Options::default()
         .deliver()
         .relay(&["127.0.0.1/32"])
@@ -877,7 +877,7 @@ async fn https_webhook_verifies_the_receiver_against_its_ca_file() {
     let sink = Sink::start(SinkBehaviour::default()).await;
     let (hook, posts, _receiver) = tls_receiver().await;
     let secret = dir.path().join("hook.secret");
-    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    write_secret(&secret, format!("{SECRET}\n"));
     let (_, _, ca) = write_cert_files(dir.path());
     let port = hook.port();
     let server = TestServer::start(

@@ -88,9 +88,8 @@ struct Injected {
 /// Largest request body read: the message may grow by a third as base64 and more as JSON
 /// escapes, so twice the message limit plus room for the envelope. The message itself is
 /// held to `limits.max_message_size` after decoding.
-fn body_limit(max_message_size: u64) -> usize {
-    usize::try_from(max_message_size.saturating_mul(2).saturating_add(1 << 20))
-        .unwrap_or(usize::MAX)
+pub(super) fn body_limit(max_message_size: u64) -> u64 {
+    max_message_size.saturating_mul(2).saturating_add(1 << 20)
 }
 
 async fn inject(
@@ -101,9 +100,12 @@ async fn inject(
     // One snapshot for the whole request, even if a reload changes the limits meanwhile.
     let limits = state.limits.get();
     let max_size = limits.max_message_size;
-    let bytes = match http_body_util::Limited::new(body, body_limit(max_size))
-        .collect()
-        .await
+    let bytes = match http_body_util::Limited::new(
+        body,
+        usize::try_from(body_limit(max_size)).unwrap_or(usize::MAX),
+    )
+    .collect()
+    .await
     {
         Ok(collected) => collected.to_bytes(),
         Err(err) if err.is::<http_body_util::LengthLimitError>() => {
@@ -143,7 +145,7 @@ async fn inject(
     }
 }
 
-fn too_large(max_size: u64) -> ApiError {
+pub(super) fn too_large(max_size: u64) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         format!("message larger than limits.max_message_size ({max_size} bytes)"),

@@ -12,7 +12,7 @@ async fn a_webhook_url_secret_never_reaches_the_log() {
     const SECRET_PATH: &str = "hooks/T0SECRET/B0SECRET/s3cr3tTokenOfTheReceiver";
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("hook.secret");
-    std::fs::write(&secret, "signing-secret-of-the-test\n").unwrap();
+    write_secret(&secret, "signing-secret-of-the-test\n");
     let (hook_port, sink_port) = (free_port(), free_port());
     let opts = Options::default()
         .deliver()

@@ -4,6 +4,8 @@
 
 mod content;
 mod feedback;
+mod files;
+mod http;
 mod logs;
 
 use std::net::SocketAddr;
