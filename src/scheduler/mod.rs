@@ -1032,6 +1032,7 @@ mod classification_tests {
             hops: vec![Hop {
                 name: host,
                 port: 25,
+                static_route: false,
             }],
             tls: TlsPolicy::Opportunistic,
             auth: None,
