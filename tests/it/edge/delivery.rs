@@ -162,3 +162,69 @@ async fn an_mx_pointing_at_our_own_listener_is_never_connected() {
         .expect("shutdown in time")
         .expect("clean shutdown");
 }
+
+/// A smarthost route with credentials and opportunistic TLS (the default). Opportunistic TLS
+/// takes any certificate, so whoever sits in the path (or answers for the smarthost's
+/// address) can present a self-signed one and read the password from AUTH. The credentials
+/// now go only over TLS whose certificate verified: here the attempt is deferred (4.7.10)
+/// and no AUTH ever reaches the impostor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smarthost_password_never_sent_over_unverified_tls() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let impostor = Sink::start(
+        SinkBehaviour::default()
+            .starttls(crate::sink::SinkCert::SelfSigned)
+            .auth(USER, PASSWORD),
+    )
+    .await;
+    let secrets = tempfile::tempdir().unwrap();
+    let password_file = secrets.path().join("smarthost.pass");
+    std::fs::write(&password_file, PASSWORD).unwrap();
+    std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let bounces = Sink::start(SinkBehaviour::default()).await;
+    let server = TestServer::start(
+        Options::default()
+            .deliver()
+            .route("sender.test", bounces.addr)
+            .route("smart.test", impostor.addr)
+            .route_option(
+                "smart.test",
+                "auth",
+                format!(
+                    "{{ username = \"{USER}\", password_file = {:?} }}",
+                    password_file.display().to_string()
+                ),
+            ),
+    )
+    .await;
+    let mut c = server.connect().await;
+    c.ehlo().await;
+    c.submit(SENDER, &["u@smart.test"], &message("smarthost-auth"))
+        .await;
+
+    let line = first_line(&server, "u@smart.test").await;
+    assert_eq!(line["outcome"], "deferred", "{line}");
+    assert!(
+        line["reply"]
+            .as_str()
+            .unwrap()
+            .starts_with("refusing to send credentials: the certificate of"),
+        "{line}"
+    );
+    assert!(impostor.sessions() >= 1, "the smarthost was tried");
+    impostor
+        .wait_until("closed sessions", T, |s| {
+            (0..s.sessions()).all(|i| s.session_log(i).closed)
+        })
+        .await;
+    for log in impostor.session_logs() {
+        assert!(log.tls, "STARTTLS was taken");
+        assert!(
+            !log.has_verb("AUTH") && log.auth_user.is_none(),
+            "credentials reached the impostor: {:?}",
+            log.verbs()
+        );
+    }
+    assert!(impostor.messages().is_empty());
+}
