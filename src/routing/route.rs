@@ -18,12 +18,15 @@
 //!   operator's choice and are not checked.
 //! - [`Router::static_plan`] answers without DNS: static routes and address literals never
 //!   wait behind lookups of other domains.
+//! - A plan's MX lookup takes at most [`PLAN_TIMEOUT`], whatever the resolver does; running
+//!   out is Temporary (4.4.3).
 //! - A config reload replaces the static routes and the default TLS policy as one snapshot
 //!   ([`Router::set_routes`]); a plan already made keeps the route it was made with.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -34,6 +37,11 @@ use crate::config::{RouteAuth, RouteConfig, TlsPolicy};
 use crate::live::Live;
 
 const SMTP_PORT: u16 = 25;
+
+/// The longest an MX lookup may take before the plan fails (temporarily). The resolver's own
+/// timeouts end a lookup sooner against one dead server; this bounds the rest (several
+/// servers, slow answers that each arrive just in time).
+pub const PLAN_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// One host to try.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,7 +204,16 @@ impl Router {
         if let Some(plan) = self.static_plan(domain) {
             return Ok(plan);
         }
-        let (key, hops) = match self.resolver.mx(domain).await? {
+        let lookup = tokio::time::timeout(PLAN_TIMEOUT, self.resolver.mx(domain))
+            .await
+            .map_err(|_| RouteError::Temporary {
+                status: "4.4.3",
+                reason: format!(
+                    "{domain}: DNS lookup timed out after {} s",
+                    PLAN_TIMEOUT.as_secs()
+                ),
+            })?;
+        let (key, hops) = match lookup? {
             MxLookup::Records(hosts) => mx_hops(hosts, &mut rand::thread_rng())?,
             MxLookup::NullMx => return Err(null_mx()),
             // RFC 5321 5.1: the domain itself is the implicit MX. If it has no addresses
@@ -450,6 +467,63 @@ mod tests {
         assert_eq!(address_literal("[2001:db8::1]"), None);
         assert_eq!(address_literal("example.test"), None);
         assert_eq!(address_literal("[example.test]"), None);
+    }
+
+    /// A resolver whose name servers never answer.
+    struct Silent;
+
+    impl Resolver for Silent {
+        fn mx<'a>(&'a self, _: &'a str) -> crate::routing::dns::DnsFuture<'a, MxLookup> {
+            Box::pin(std::future::pending())
+        }
+        fn addresses<'a>(&'a self, _: &'a str) -> crate::routing::dns::DnsFuture<'a, Vec<IpAddr>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    fn silent_router(routes: &[RouteConfig]) -> Router {
+        Router::new(
+            routes,
+            TlsPolicy::Opportunistic,
+            Arc::new(Silent),
+            AddressGuard::default(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lookup_that_never_ends_fails_temporarily_after_the_plan_timeout() {
+        let router = silent_router(&[]);
+        let started = tokio::time::Instant::now();
+        let err = router.plan("dead.test").await.unwrap_err();
+        assert_eq!(started.elapsed(), PLAN_TIMEOUT, "on the paused clock");
+        assert_eq!(
+            err,
+            RouteError::Temporary {
+                status: "4.4.3",
+                reason: "dead.test: DNS lookup timed out after 15 s".into()
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn static_routes_and_address_literals_never_ask_dns() {
+        let route = RouteConfig {
+            domain: "lab.test".into(),
+            hosts: vec!["relay.lab.test:2525".into()],
+            tls: None,
+            auth: None,
+            pool: None,
+            verp: None,
+        };
+        let router = silent_router(&[route]);
+        let started = tokio::time::Instant::now();
+        assert_eq!(router.plan("lab.test").await.unwrap().key, "route:lab.test");
+        assert_eq!(
+            router.static_plan("[192.0.2.1]").unwrap().hops[0].name,
+            "192.0.2.1"
+        );
+        assert!(router.static_plan("other.test").is_none());
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
     #[test]

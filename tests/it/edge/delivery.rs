@@ -228,3 +228,76 @@ async fn smarthost_password_never_sent_over_unverified_tls() {
     }
     assert!(impostor.messages().is_empty());
 }
+
+/// A burst of mail for a domain whose name servers never answer (anyone can sign up with
+/// such a domain). Each MX lookup waits out the resolver's timeout; before, they took every
+/// routing slot, and mail for other domains queued behind them for rounds of that timeout.
+/// Now one domain's lookups hold at most a few slots, its waiting mail is deferred with the
+/// first failure, and a static route needs no lookup at all: mail for an MX domain and for a
+/// routed domain, sent after the burst, is delivered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_dns_zone_does_not_stall_other_domains() {
+    // Eight rounds of the old scheduler's 256 routing slots, each waiting out the resolver's
+    // timeout, before it got to the mail sent after them (it took longer than `T`).
+    const DEAD: usize = 2000;
+    const SESSIONS: usize = 8;
+    let live = mx_sink("127.0.31.5").await;
+    let lab = Sink::start(SinkBehaviour::default()).await;
+    let bounces = Sink::start(SinkBehaviour::default()).await;
+    let dns = DnsServer::start(
+        Zone::new()
+            .silent("dead.test")
+            .mx("live.test", 10, "mx.live.test")
+            .a("mx.live.test", "127.0.31.5"),
+    )
+    .await;
+    let server = TestServer::start(
+        Options::default()
+            .deliver()
+            .route("sender.test", bounces.addr)
+            .route("lab.test", lab.addr)
+            .delivery("nameservers", format!("[\"{}\"]", dns.addr))
+            // live.test's MX sink is on loopback.
+            .delivery("allow_local_mx", true),
+    )
+    .await;
+
+    let senders: Vec<_> = (0..SESSIONS)
+        .map(|s| {
+            let smtp = server.smtp;
+            tokio::spawn(async move {
+                let mut c = Client::connect(smtp).await;
+                c.expect_greeting().await;
+                c.ehlo().await;
+                for i in 0..DEAD / SESSIONS {
+                    c.submit(
+                        SENDER,
+                        &[&format!("u{s}-{i}@dead.test")],
+                        &message("dead-zone"),
+                    )
+                    .await;
+                }
+                c.expect("QUIT", 221, "").await;
+            })
+        })
+        .collect();
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    crate::delivery::wait_for("an MX query for dead.test", T, || {
+        dns.queries("dead.test", hickory_resolver::proto::rr::RecordType::MX) >= 1
+    })
+    .await;
+
+    let mut c = server.connect().await;
+    c.ehlo().await;
+    c.submit(SENDER, &["u@live.test"], &message("live-mx"))
+        .await;
+    c.submit(SENDER, &["u@lab.test"], &message("static-route"))
+        .await;
+    c.expect("QUIT", 221, "").await;
+    let by_mx = live.wait_for_messages(1, T).await;
+    assert_eq!(by_mx[0].rcpt_addresses(), ["u@live.test"]);
+    let by_route = lab.wait_for_messages(1, T).await;
+    assert_eq!(by_route[0].rcpt_addresses(), ["u@lab.test"]);
+}
