@@ -25,6 +25,7 @@ fn plan(i: usize) -> RoutePlan {
         hops: vec![Hop {
             name: format!("mx.d{i}.test"),
             port: 25,
+            static_route: false,
         }],
         tls: TlsPolicy::Opportunistic,
         auth: None,

@@ -43,6 +43,10 @@ pub struct DeliveryConfig {
     pub timeouts: SmtpTimeouts,
     /// DNS servers (IP:port) for MX and address lookups. Default: empty, use /etc/resolv.conf.
     pub nameservers: Vec<SocketAddr>,
+    /// Deliver to loopback, unspecified, link-local and multicast addresses even when the
+    /// recipient's domain (MX, A/AAAA, an address literal) named them; tern's own listeners
+    /// stay refused. For tests and labs only. Default false.
+    pub allow_local_mx: bool,
     /// One JSON line per delivery attempt. Default `./data/delivery.log`; `"off"` disables.
     pub log_path: Option<PathBuf>,
     /// A destination with ready mail and no finished attempt for this long is reported and
@@ -65,6 +69,7 @@ impl Default for DeliveryConfig {
             broken_tls_retry: Duration::from_secs(3600),
             timeouts: SmtpTimeouts::default(),
             nameservers: Vec::new(),
+            allow_local_mx: false,
             log_path: Some(PathBuf::from("./data/delivery.log")),
             watchdog: Duration::from_secs(5 * 60),
         }
@@ -227,6 +232,12 @@ pub(super) fn compile_delivery(r: &mut TableReader<'_>) -> DeliveryConfig {
                     .map_err(|_| format!("invalid nameserver {s:?} (expected IP or IP:port)"))
             })
             .unwrap_or(d.nameservers),
+        allow_local_mx: r
+            .get("allow_local_mx", |v| {
+                v.as_bool()
+                    .ok_or_else(|| "expected true or false".to_owned())
+            })
+            .unwrap_or(d.allow_local_mx),
         log_path: r.get("log_path", off_or(super::path)).unwrap_or(d.log_path),
         watchdog: r.get("watchdog", positive_duration).unwrap_or(d.watchdog),
     }

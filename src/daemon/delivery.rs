@@ -28,6 +28,7 @@ use crate::maillog::DeliveryLog;
 use crate::origin::Origin;
 use crate::outcome::Settler;
 use crate::routing::dns::HickoryResolver;
+use crate::routing::guard::AddressGuard;
 use crate::routing::route::Router;
 use crate::scheduler::Scheduler;
 use crate::shaping::Shaper;
@@ -45,6 +46,8 @@ pub struct Delivery {
     pub log: DeliveryLog,
     /// The VERP key read at start (`bounce.verp_key_file` is a restart key).
     verp: Option<Verp>,
+    /// The SMTP listeners' addresses (a restart key): never a delivery destination.
+    listeners: Vec<std::net::SocketAddr>,
 }
 
 /// What the delivery subsystem is built from.
@@ -60,6 +63,8 @@ pub struct DeliveryParts {
     pub origin: Origin,
     pub passwords: HashMap<PathBuf, String>,
     pub new_mail: UnboundedReceiver<Vec<NewMessage>>,
+    /// The bound SMTP listener addresses.
+    pub listeners: Vec<std::net::SocketAddr>,
 }
 
 impl Delivery {
@@ -70,6 +75,7 @@ impl Delivery {
             &config.routes,
             config.delivery.tls,
             Arc::new(resolver),
+            AddressGuard::new(config.delivery.allow_local_mx, &parts.listeners),
         ));
         let pool = ConnectionPool::new(
             config.delivery.idle_timeout,
@@ -132,6 +138,7 @@ impl Delivery {
             shaper: parts.shaper,
             log: parts.log,
             verp: parts.verp,
+            listeners: parts.listeners,
         })
     }
 }
@@ -140,6 +147,10 @@ impl Subsystem for Delivery {
     fn reconfigure(&self, reloaded: &Reloaded) {
         let config = &reloaded.config;
         self.router.set_routes(&config.routes, config.delivery.tls);
+        self.router.set_guard(AddressGuard::new(
+            config.delivery.allow_local_mx,
+            &self.listeners,
+        ));
         self.worker
             .reconfigure(&config.delivery, reloaded.passwords.clone());
         self.worker.set_verp(

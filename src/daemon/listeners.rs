@@ -25,6 +25,16 @@ use crate::telemetry::Metrics;
 /// Sockets bound and not yet served.
 pub struct Bound(Vec<(TcpListener, ListenerMode)>);
 
+impl Bound {
+    /// The bound addresses (port 0 resolved): delivery never connects to them.
+    pub fn addresses(&self) -> std::io::Result<Vec<SocketAddr>> {
+        self.0
+            .iter()
+            .map(|(socket, _)| socket.local_addr())
+            .collect()
+    }
+}
+
 pub struct Listeners {
     server: Arc<Server>,
     intake: Intake,

@@ -205,6 +205,9 @@ impl Daemon {
             },
             &bg,
         )?;
+        // Bind everything before serving anything, so a bad address fails the start cleanly;
+        // the SMTP listeners before delivery starts, which never connects to them.
+        let bound = Listeners::bind(&config).await?;
         let delivery = Delivery::start(
             &config,
             DeliveryParts {
@@ -219,12 +222,13 @@ impl Daemon {
                 origin,
                 passwords,
                 new_mail: new_mail_rx,
+                listeners: bound
+                    .addresses()
+                    .context("listeners: cannot read the bound addresses")?,
             },
             &bg,
         )?;
 
-        // Bind everything before serving anything, so a bad address fails the start cleanly.
-        let bound = Listeners::bind(&config).await?;
         let (admin_socket, token) = Admin::bind(&config).await?;
         let listeners = Listeners::start(
             &config,

@@ -14,7 +14,10 @@
 //! - A connection is reusable only after a clean end of a transaction (or a successful RSET).
 //!   A timeout, an I/O error, an unexpected reply state or a `send` future dropped halfway
 //!   makes it unusable for good.
-//! - Credentials are sent only over TLS.
+//! - Credentials are sent only over TLS whose certificate verified for the host name: under
+//!   `Required` the handshake verifies it; under `Opportunistic` (any certificate, so a
+//!   man in the middle can present its own) the certificate is checked against the same roots
+//!   after the handshake, and AUTH is refused locally when it does not verify.
 //! - Rejections by the server are [`RemoteReply`] values per recipient; [`AttemptError`] is
 //!   for failures of the connection as a whole.
 //! - A connection's [`Lease`] (a place under a connection cap, given by the caller) lives
@@ -33,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use mail_send::{Credentials, SmtpClient};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{aws_lc_rs, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore};
@@ -63,11 +67,19 @@ pub struct ClientSettings {
     opportunistic: TlsConnector,
     /// Required: the certificate must chain to `roots` and be valid for the host name.
     verified: TlsConnector,
+    /// The same check, run after an opportunistic handshake before credentials are sent;
+    /// `None` without roots (nothing verifies then).
+    verifier: Option<Arc<WebPkiServerVerifier>>,
 }
 
 impl ClientSettings {
     pub fn new(ehlo_name: String, timeouts: SmtpTimeouts, roots: RootCertStore) -> ClientSettings {
         let provider = Arc::new(aws_lc_rs::default_provider());
+        let roots = Arc::new(roots);
+        // Fails only without any root: then no certificate verifies.
+        let verifier = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .ok();
         // The aws-lc-rs provider supports both TLS 1.2 and 1.3, so these cannot fail.
         let verified = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -85,7 +97,24 @@ impl ClientSettings {
             timeouts,
             opportunistic: TlsConnector::from(Arc::new(opportunistic)),
             verified: TlsConnector::from(Arc::new(verified)),
+            verifier,
         }
+    }
+
+    /// Whether the certificate `tls` got from the server chains to our roots and is valid
+    /// for `host`; `Err` says why not. The handshake already proved the server holds the
+    /// certificate's key.
+    fn verify_peer(&self, tls: &rustls::ClientConnection, host: &str) -> Result<(), String> {
+        let verifier = self.verifier.as_ref().ok_or("no trusted roots")?;
+        let (end_entity, intermediates) = tls
+            .peer_certificates()
+            .and_then(|chain| chain.split_first())
+            .ok_or("no certificate")?;
+        let name = ServerName::try_from(host).map_err(|e| e.to_string())?;
+        verifier
+            .verify_server_cert(end_entity, intermediates, &name, &[], UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -356,6 +385,10 @@ pub enum AttemptError {
     NoAuth,
     #[error("refusing to send credentials without TLS")]
     AuthWithoutTls,
+    /// Opportunistic TLS whose certificate did not verify: anyone in the path could have
+    /// presented it, so the credentials stay here.
+    #[error("refusing to send credentials: the certificate of {host} did not verify ({detail})")]
+    AuthUnverifiedTls { host: String, detail: String },
     #[error("protocol error in {phase}: {detail}")]
     Protocol { phase: Phase, detail: String },
 }
@@ -414,7 +447,7 @@ impl AttemptError {
             AttemptError::NoStartTls => "4.7.4",
             AttemptError::NoAuth => "4.7.0",
             // X.7.10: encryption needed (RFC 5248 registry, from RFC 4954).
-            AttemptError::AuthWithoutTls => "4.7.10",
+            AttemptError::AuthWithoutTls | AttemptError::AuthUnverifiedTls { .. } => "4.7.10",
             // X.5.0: other protocol status.
             AttemptError::Protocol { .. } => "4.5.0",
         }
@@ -615,6 +648,8 @@ async fn open(
         .unwrap_or_default();
 
     let mut tls = None;
+    // Whether the certificate verified for the host name; checked only where it matters.
+    let mut verified = Err("no TLS".to_owned());
     let stream =
         if try_tls && capabilities.starttls {
             plain.timeout = t.ehlo;
@@ -636,7 +671,13 @@ async fn open(
                         },
                     }
                 })?;
-                tls = Some(TlsInfo::of(secured.stream.get_ref().1));
+                let session = secured.stream.get_ref().1;
+                tls = Some(TlsInfo::of(session));
+                verified = match target.tls {
+                    TlsPolicy::Required => Ok(()),
+                    _ if target.auth.is_some() => settings.verify_peer(session, target.host),
+                    _ => Err("not checked".to_owned()),
+                };
                 let mut client = SmtpClient {
                     stream: BufWriter::new(Stream::Tls(Box::new(secured.stream))),
                     timeout: t.ehlo,
@@ -680,6 +721,12 @@ async fn open(
     if let Some((user, password)) = target.auth {
         if conn.tls.is_none() {
             return Err(AttemptError::AuthWithoutTls);
+        }
+        if let Err(detail) = verified {
+            return Err(AttemptError::AuthUnverifiedTls {
+                host: target.host.to_owned(),
+                detail,
+            });
         }
         let Some(mut ehlo) = ehlo.filter(|_| capabilities.auth) else {
             return Err(AttemptError::NoAuth);

@@ -4,6 +4,9 @@
 //! - [`dns`]: the [`dns::Resolver`] boundary (MX and address lookups) and its hickory
 //!   implementation.
 //! - [`route`]: static routes and MX resolution -> an ordered list of next hops per domain.
+//! - [`guard`]: the addresses mail is never sent to when the recipient's domain chose the
+//!   host (loopback, link-local, ..., tern's own listeners).
 
 pub mod dns;
+pub mod guard;
 pub mod route;

@@ -12,21 +12,36 @@
 //!   limits.
 //! - Addresses are resolved per hop when connecting, not when planning: only the hops actually
 //!   tried cost a lookup, and each answer is as fresh as the resolver's cache allows.
+//! - Addresses of hops the recipient's domain chose (MX, implicit MX, address literal) pass
+//!   the [`AddressGuard`]: a refused address is never returned, and a hop left without one is
+//!   a Temporary (4.4.4) failure naming the address and why. Static route hops are the
+//!   operator's choice and are not checked.
+//! - [`Router::static_plan`] answers without DNS: static routes and address literals never
+//!   wait behind lookups of other domains.
+//! - A plan's MX lookup takes at most [`PLAN_TIMEOUT`], whatever the resolver does; running
+//!   out is Temporary (4.4.3).
 //! - A config reload replaces the static routes and the default TLS policy as one snapshot
 //!   ([`Router::set_routes`]); a plan already made keeps the route it was made with.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rand::seq::SliceRandom;
 use rand::Rng;
 
 use super::dns::{DnsError, MxHost, MxLookup, Resolver};
+use super::guard::AddressGuard;
 use crate::config::{RouteAuth, RouteConfig, TlsPolicy};
 use crate::live::Live;
 
 const SMTP_PORT: u16 = 25;
+
+/// The longest an MX lookup may take before the plan fails (temporarily). The resolver's own
+/// timeouts end a lookup sooner against one dead server; this bounds the rest (several
+/// servers, slow answers that each arrive just in time).
+pub const PLAN_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// One host to try.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +50,10 @@ pub struct Hop {
     pub name: String,
     /// 25 for MX hosts.
     pub port: u16,
+    /// Named by the operator (a static route): its addresses are used whatever they are.
+    /// Otherwise the recipient's domain chose it, and its addresses pass the
+    /// [`AddressGuard`].
+    pub static_route: bool,
 }
 
 /// How to deliver to one recipient domain.
@@ -97,6 +116,7 @@ fn null_mx() -> RouteError {
 pub struct Router {
     routes: Live<StaticRoutes>,
     resolver: Arc<dyn Resolver>,
+    guard: Live<AddressGuard>,
 }
 
 /// The routing part of the config, compiled: what a reload swaps.
@@ -136,14 +156,18 @@ impl StaticRoutes {
 impl Router {
     /// `routes` come from a compiled config: domains unique and lowercase, hosts valid
     /// `host:port` strings.
+    /// `guard`: the addresses mail is never sent to when the recipient's domain chose the
+    /// host.
     pub fn new(
         routes: &[RouteConfig],
         default_tls: TlsPolicy,
         resolver: Arc<dyn Resolver>,
+        guard: AddressGuard,
     ) -> Router {
         Router {
             routes: Live::new(StaticRoutes::compile(routes, default_tls)),
             resolver,
+            guard: Live::new(guard),
         }
     }
 
@@ -153,26 +177,53 @@ impl Router {
         self.routes.set(StaticRoutes::compile(routes, default_tls));
     }
 
-    /// Plans delivery for one recipient domain (lowercase).
-    pub async fn plan(&self, domain: &str) -> Result<RoutePlan, RouteError> {
+    /// Replaces the address guard (config reload: `delivery.allow_local_mx`); lookups from
+    /// now on use it.
+    pub fn set_guard(&self, guard: AddressGuard) {
+        self.guard.set(guard);
+    }
+
+    /// The plan for `domain` when it needs no DNS: a static route (or the `"*"` route), or an
+    /// address literal. `None`: the domain's MX records decide ([`Router::plan`]).
+    pub fn static_plan(&self, domain: &str) -> Option<RoutePlan> {
         let routes = self.routes.get();
         if let Some(plan) = routes.exact.get(domain).or(routes.wildcard.as_ref()) {
-            return Ok(plan.clone());
+            return Some(plan.clone());
         }
-        let (key, hops) = match address_literal(domain) {
-            Some(ip) => (format!("mx:{domain}"), vec![Hop::smtp(ip.to_string())]),
-            None => match self.resolver.mx(domain).await? {
-                MxLookup::Records(hosts) => mx_hops(hosts, &mut rand::thread_rng())?,
-                MxLookup::NullMx => return Err(null_mx()),
-                // RFC 5321 5.1: the domain itself is the implicit MX. If it has no addresses
-                // either, `addresses` reports that hop (and so the domain) as 5.1.2.
-                MxLookup::NoMx => (format!("mx:{domain}"), vec![Hop::smtp(domain.to_owned())]),
-            },
+        let ip = address_literal(domain)?;
+        Some(RoutePlan {
+            key: format!("mx:{domain}"),
+            hops: vec![Hop::smtp(ip.to_string())],
+            tls: routes.default_tls,
+            auth: None,
+        })
+    }
+
+    /// Plans delivery for one recipient domain (lowercase).
+    pub async fn plan(&self, domain: &str) -> Result<RoutePlan, RouteError> {
+        if let Some(plan) = self.static_plan(domain) {
+            return Ok(plan);
+        }
+        let lookup = tokio::time::timeout(PLAN_TIMEOUT, self.resolver.mx(domain))
+            .await
+            .map_err(|_| RouteError::Temporary {
+                status: "4.4.3",
+                reason: format!(
+                    "{domain}: DNS lookup timed out after {} s",
+                    PLAN_TIMEOUT.as_secs()
+                ),
+            })?;
+        let (key, hops) = match lookup? {
+            MxLookup::Records(hosts) => mx_hops(hosts, &mut rand::thread_rng())?,
+            MxLookup::NullMx => return Err(null_mx()),
+            // RFC 5321 5.1: the domain itself is the implicit MX. If it has no addresses
+            // either, `addresses` reports that hop (and so the domain) as 5.1.2.
+            MxLookup::NoMx => (format!("mx:{domain}"), vec![Hop::smtp(domain.to_owned())]),
         };
         Ok(RoutePlan {
             key,
             hops,
-            tls: routes.default_tls,
+            tls: self.routes.get().default_tls,
             auth: None,
         })
     }
@@ -182,16 +233,23 @@ impl Router {
     /// `Permanent` (5.1.2) means only that *this hop* is unusable (no such name, no address
     /// records): the caller tries the next hop, and bounces only if every hop is permanently
     /// unusable. `Temporary` (4.4.3) means DNS could not answer: defer unless another hop
-    /// delivers.
+    /// delivers. `Temporary` (4.4.4) also means every address of a hop the recipient's domain
+    /// chose is one the [`AddressGuard`] refuses; refused addresses are left out otherwise.
     pub async fn addresses(&self, hop: &Hop) -> Result<Vec<SocketAddr>, RouteError> {
-        if let Ok(ip) = hop.name.parse::<IpAddr>() {
-            return Ok(vec![SocketAddr::new(ip, hop.port)]);
+        let addrs: Vec<SocketAddr> = match hop.name.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, hop.port)],
+            Err(_) => self
+                .resolver
+                .addresses(&hop.name)
+                .await?
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, hop.port))
+                .collect(),
+        };
+        if hop.static_route {
+            return Ok(addrs);
         }
-        let ips = self.resolver.addresses(&hop.name).await?;
-        Ok(ips
-            .into_iter()
-            .map(|ip| SocketAddr::new(ip, hop.port))
-            .collect())
+        guarded(&hop.name, addrs, &self.guard.get())
     }
 
     pub fn resolver(&self) -> &Arc<dyn Resolver> {
@@ -199,11 +257,40 @@ impl Router {
     }
 }
 
+/// The addresses of `host` the guard lets through; none left is a temporary failure that
+/// names the first refused address and why.
+fn guarded(
+    host: &str,
+    mut addrs: Vec<SocketAddr>,
+    guard: &AddressGuard,
+) -> Result<Vec<SocketAddr>, RouteError> {
+    let mut refused = None;
+    addrs.retain(|&addr| match guard.check(addr) {
+        Some(why) => {
+            refused.get_or_insert((addr, why));
+            false
+        }
+        None => true,
+    });
+    match refused {
+        Some((addr, why)) if addrs.is_empty() => Err(RouteError::Temporary {
+            status: "4.4.4",
+            reason: format!(
+                "{host}: not delivering to {} ({why}) found through the recipient's domain",
+                addr.ip()
+            ),
+        }),
+        _ => Ok(addrs),
+    }
+}
+
 impl Hop {
+    /// A host the recipient's domain chose (MX, implicit MX, address literal).
     fn smtp(name: String) -> Hop {
         Hop {
             name,
             port: SMTP_PORT,
+            static_route: false,
         }
     }
 }
@@ -215,6 +302,7 @@ fn static_hop(host_port: &str) -> Hop {
         return Hop {
             name: addr.ip().to_string(),
             port: addr.port(),
+            static_route: true,
         };
     }
     let invalid = "route hosts are validated by the config compiler";
@@ -222,6 +310,7 @@ fn static_hop(host_port: &str) -> Hop {
     Hop {
         name: host.to_ascii_lowercase(),
         port: port.parse().expect(invalid),
+        static_route: true,
     }
 }
 
@@ -351,6 +440,7 @@ mod tests {
         let hop = |name: &str, port| Hop {
             name: name.to_owned(),
             port,
+            static_route: true,
         };
         assert_eq!(
             static_hop("Relay.Example.test:587"),
@@ -377,6 +467,63 @@ mod tests {
         assert_eq!(address_literal("[2001:db8::1]"), None);
         assert_eq!(address_literal("example.test"), None);
         assert_eq!(address_literal("[example.test]"), None);
+    }
+
+    /// A resolver whose name servers never answer.
+    struct Silent;
+
+    impl Resolver for Silent {
+        fn mx<'a>(&'a self, _: &'a str) -> crate::routing::dns::DnsFuture<'a, MxLookup> {
+            Box::pin(std::future::pending())
+        }
+        fn addresses<'a>(&'a self, _: &'a str) -> crate::routing::dns::DnsFuture<'a, Vec<IpAddr>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    fn silent_router(routes: &[RouteConfig]) -> Router {
+        Router::new(
+            routes,
+            TlsPolicy::Opportunistic,
+            Arc::new(Silent),
+            AddressGuard::default(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lookup_that_never_ends_fails_temporarily_after_the_plan_timeout() {
+        let router = silent_router(&[]);
+        let started = tokio::time::Instant::now();
+        let err = router.plan("dead.test").await.unwrap_err();
+        assert_eq!(started.elapsed(), PLAN_TIMEOUT, "on the paused clock");
+        assert_eq!(
+            err,
+            RouteError::Temporary {
+                status: "4.4.3",
+                reason: "dead.test: DNS lookup timed out after 15 s".into()
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn static_routes_and_address_literals_never_ask_dns() {
+        let route = RouteConfig {
+            domain: "lab.test".into(),
+            hosts: vec!["relay.lab.test:2525".into()],
+            tls: None,
+            auth: None,
+            pool: None,
+            verp: None,
+        };
+        let router = silent_router(&[route]);
+        let started = tokio::time::Instant::now();
+        assert_eq!(router.plan("lab.test").await.unwrap().key, "route:lab.test");
+        assert_eq!(
+            router.static_plan("[192.0.2.1]").unwrap().hops[0].name,
+            "192.0.2.1"
+        );
+        assert!(router.static_plan("other.test").is_none());
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
     #[test]

@@ -9,6 +9,13 @@
 //! becomes ready; its ready queue is the route's destination key, so domains served by the
 //! same MX hosts share one queue and one set of connections.
 //!
+//! Routing needs an MX lookup unless a static route (or an address literal) answers; static
+//! plans never wait for DNS or for a routing slot. Lookups run at most [`MAX_ROUTING`] at
+//! once, and at most [`MAX_ROUTING_PER_DOMAIN`] of one recipient domain ([`lookups`]), so a
+//! slow or dead domain holds a few routing slots, never all of them; while its mail waits, a
+//! temporary failure of its lookup is remembered for [`LOOKUP_FAILURE_MEMORY`] and that mail
+//! is deferred at once.
+//!
 //! Each ready queue has at most `max_connections_per_destination` workers. A worker pops
 //! messages one by one and delivers them over one connection it keeps between messages, so a
 //! busy destination sees few, long-lived connections. A watchdog restarts the workers of a
@@ -34,6 +41,7 @@
 //!   worker limit for queues from their next enqueue and the watchdog period from its next
 //!   tick; workers already running are not stopped.
 
+mod lookups;
 mod ready;
 pub mod suspend;
 
@@ -48,7 +56,7 @@ use crate::enqueue::NewMessage;
 use crate::live::Live;
 use crate::outcome::operator::NOT_DUE;
 use crate::outcome::Settler;
-use crate::routing::route::{RoutePlan, Router};
+use crate::routing::route::{RouteError, RoutePlan, Router};
 use crate::shaping::{Admission, Lane, Pair, Shaper};
 use crate::telemetry::Metrics;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -70,6 +78,11 @@ const LOAD_INTERVAL: Duration = Duration::from_secs(5);
 const MAX_IN_MEMORY: usize = 200_000;
 /// Messages being routed (DNS lookups) at the same time.
 const MAX_ROUTING: usize = 256;
+/// Lookups of one recipient domain at the same time: a domain whose name servers hang holds
+/// at most this many of the [`MAX_ROUTING`] slots.
+const MAX_ROUTING_PER_DOMAIN: usize = 4;
+/// How long a temporary lookup failure of a domain answers for its other waiting mail.
+const LOOKUP_FAILURE_MEMORY: Duration = Duration::from_secs(30);
 
 /// What an operator can do to a spooled message (see `outcome::operator`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,8 +119,10 @@ struct Inner {
     tasks: TaskTracker,
     /// Wakes the due loader early (a timer earlier than its current sleep was added).
     wake_loader: tokio::sync::Notify,
-    /// Bounds the routing tasks in flight.
+    /// Bounds the MX lookups in flight.
     routing: tokio::sync::Semaphore,
+    /// Bounds them per recipient domain.
+    lookups: Arc<lookups::DomainLookups>,
 }
 
 #[derive(Default)]
@@ -232,6 +247,7 @@ impl Scheduler {
             tasks: TaskTracker::new(),
             wake_loader: tokio::sync::Notify::new(),
             routing: tokio::sync::Semaphore::new(MAX_ROUTING),
+            lookups: lookups::DomainLookups::new(MAX_ROUTING_PER_DOMAIN, LOOKUP_FAILURE_MEMORY),
         });
         let scheduler = Scheduler { inner };
         let s = scheduler.clone();
@@ -317,15 +333,33 @@ impl Scheduler {
 
     /// Routes on a task of its own: a DNS lookup that takes its full timeout must not hold up
     /// mail for other domains.
-    /// At most [`MAX_ROUTING`] run at once, so a backlog that falls due together (after a
-    /// restart, say) does not fire a DNS query per message all at the same moment.
     fn spawn_route(&self, id: MessageId, domain: String, pool: Option<String>) {
         let s = self.clone();
-        self.inner.tasks.spawn(async move {
-            // The semaphore is never closed, so acquiring cannot fail.
-            let _slot = s.inner.routing.acquire().await;
-            s.route(id, &domain, pool.as_deref()).await
-        });
+        self.inner
+            .tasks
+            .spawn(async move { s.route(id, &domain, pool.as_deref()).await });
+    }
+
+    /// The route plan of `domain`: a static one at once, else an MX lookup within the
+    /// routing limits. At most [`MAX_ROUTING`] lookups run at once, so a backlog that falls
+    /// due together (after a restart, say) does not fire a DNS query per message all at the
+    /// same moment, and at most [`MAX_ROUTING_PER_DOMAIN`] of them are for one domain.
+    async fn plan(&self, domain: &str) -> Result<RoutePlan, RouteError> {
+        let router = &self.inner.router;
+        if let Some(plan) = router.static_plan(domain) {
+            return Ok(plan);
+        }
+        let slot = self.inner.lookups.acquire(domain).await;
+        if let Some(err) = slot.recent_failure(tokio::time::Instant::now()) {
+            return Err(err);
+        }
+        // The semaphore is never closed, so acquiring cannot fail.
+        let _routing = self.inner.routing.acquire().await;
+        let plan = router.plan(domain).await;
+        if let Err(err @ RouteError::Temporary { .. }) = &plan {
+            slot.failed(err, tokio::time::Instant::now());
+        }
+        plan
     }
 
     /// Routes a message that is in memory and due, and puts it on its ready queue. A routing
@@ -337,7 +371,7 @@ impl Scheduler {
             self.release(id);
             return;
         }
-        match self.inner.router.plan(domain).await {
+        match self.plan(domain).await {
             Ok(plan) => {
                 let shaper = &self.inner.shaper;
                 let pool = shaper.pools().resolve(pool, domain);
@@ -1032,6 +1066,7 @@ mod classification_tests {
             hops: vec![Hop {
                 name: host,
                 port: 25,
+                static_route: false,
             }],
             tls: TlsPolicy::Opportunistic,
             auth: None,

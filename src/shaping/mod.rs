@@ -698,6 +698,7 @@ mod tests {
             hops: vec![Hop {
                 name: host.to_owned(),
                 port: 25,
+                static_route: false,
             }],
             tls: TlsPolicy::Opportunistic,
             auth: None,

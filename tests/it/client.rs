@@ -633,10 +633,11 @@ async fn connection_refused() {
 }
 
 #[tokio::test]
-async fn auth_over_tls() {
+async fn auth_over_verified_tls() {
+    // Opportunistic TLS, and the certificate verifies: credentials may go.
     let sink = Sink::start(
         SinkBehaviour::default()
-            .starttls(SinkCert::SelfSigned)
+            .starttls(SinkCert::TestCa)
             .auth(USER, PASSWORD),
     )
     .await;
@@ -644,7 +645,8 @@ async fn auth_over_tls() {
         auth: Some((USER, PASSWORD)),
         ..target(&sink, TlsPolicy::Opportunistic)
     };
-    let mut conn = connect(&t, &settings(), &BrokenTls::new(WAIT))
+    let settings = settings_trusting_test_ca();
+    let mut conn = connect(&t, &settings, &BrokenTls::new(WAIT))
         .await
         .expect("AUTH over TLS");
     let list = rcpts(&["b@example.net"]);
@@ -657,7 +659,7 @@ async fn auth_over_tls() {
         auth: Some((USER, "wrong")),
         ..t
     };
-    let err = connect(&wrong, &settings(), &BrokenTls::new(WAIT))
+    let err = connect(&wrong, &settings, &BrokenTls::new(WAIT))
         .await
         .err()
         .unwrap();
@@ -666,6 +668,70 @@ async fn auth_over_tls() {
         "{err:?}"
     );
     assert!(!err.is_permanent(), "our credentials are ours to fix");
+}
+
+#[tokio::test]
+async fn auth_over_unverified_tls_is_refused_locally() {
+    // Opportunistic TLS takes any certificate, so a man in the middle can present its own:
+    // a self-signed one (or one for another name) never gets the credentials.
+    let sink = Sink::start(
+        SinkBehaviour::default()
+            .starttls(SinkCert::SelfSigned)
+            .auth(USER, PASSWORD),
+    )
+    .await;
+    let t = Target {
+        auth: Some((USER, PASSWORD)),
+        ..target(&sink, TlsPolicy::Opportunistic)
+    };
+    // Whether or not some CA is trusted, a self-signed certificate does not verify.
+    for settings in [settings_trusting_test_ca(), settings()] {
+        let err = connect(&t, &settings, &BrokenTls::new(WAIT))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&err, AttemptError::AuthUnverifiedTls { host, .. } if host == "localhost"),
+            "{err:?}"
+        );
+        assert_eq!(err.status(), "4.7.10");
+        assert!(!err.is_permanent());
+    }
+    // The harness CA's certificate is for "localhost", not for this name.
+    let trusted = Sink::start(
+        SinkBehaviour::default()
+            .starttls(SinkCert::TestCa)
+            .auth(USER, PASSWORD),
+    )
+    .await;
+    let other_name = Target {
+        host: "smarthost.test",
+        auth: Some((USER, PASSWORD)),
+        ..target(&trusted, TlsPolicy::Opportunistic)
+    };
+    let err = connect(
+        &other_name,
+        &settings_trusting_test_ca(),
+        &BrokenTls::new(WAIT),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(
+        matches!(err, AttemptError::AuthUnverifiedTls { .. }),
+        "{err:?}"
+    );
+    for sink in [&sink, &trusted] {
+        sink.wait_until("closed sessions", WAIT, |s| {
+            (0..s.sessions()).all(|i| s.session_log(i).closed)
+        })
+        .await;
+        for i in 0..sink.sessions() {
+            let log = sink.session_log(i);
+            assert!(log.tls, "TLS was up");
+            assert!(!log.has_verb("AUTH"), "credentials sent: {:?}", log.verbs());
+        }
+    }
 }
 
 #[tokio::test]

@@ -12,24 +12,41 @@ use std::time::{Duration, Instant};
 use hickory_resolver::proto::rr::RecordType;
 use tern::config::{RouteAuth, RouteConfig, TlsPolicy};
 use tern::routing::dns::HickoryResolver;
+use tern::routing::guard::AddressGuard;
 use tern::routing::route::{Hop, RouteError, RoutePlan, Router};
 
 use crate::dns_server::{DnsServer, Zone};
 
+/// A router over the test DNS server; its MX hosts live on loopback, so local addresses are
+/// allowed (`delivery.allow_local_mx`).
 fn router(server: &DnsServer, routes: &[RouteConfig]) -> Router {
     let resolver = HickoryResolver::new(&[server.addr]).expect("resolver");
-    Router::new(routes, TlsPolicy::Opportunistic, Arc::new(resolver))
+    Router::new(
+        routes,
+        TlsPolicy::Opportunistic,
+        Arc::new(resolver),
+        AddressGuard::new(true, &[]),
+    )
 }
 
+/// A hop of a static route.
 fn hop(name: &str, port: u16) -> Hop {
     Hop {
         name: name.to_owned(),
         port,
+        static_route: true,
     }
 }
 
+/// Hops the recipient's domain chose.
 fn mx_hops(names: &[&str]) -> Vec<Hop> {
-    names.iter().map(|n| hop(n, 25)).collect()
+    names
+        .iter()
+        .map(|n| Hop {
+            static_route: false,
+            ..hop(n, 25)
+        })
+        .collect()
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -117,7 +134,7 @@ async fn equal_preferences_are_shuffled_on_every_plan() {
     for _ in 0..50 {
         let plan = router.plan("shuffle.test").await.unwrap();
         assert_eq!(plan.key, "mx:a.shuffle.test,b.shuffle.test,c.shuffle.test");
-        assert_eq!(plan.hops[2], hop("c.shuffle.test", 25));
+        assert_eq!(plan.hops[2], mx_hops(&["c.shuffle.test"])[0]);
         orders.insert(plan.hops[0].name.clone());
     }
     assert_eq!(orders.len(), 2, "both orders of the preference-10 hosts");
@@ -313,7 +330,7 @@ async fn answers_are_cached_for_their_ttl() {
     )
     .await;
     let router = router(&server, &[]);
-    let hop = hop("mx.long.test", 25);
+    let hop = mx_hops(&["mx.long.test"]).remove(0);
     for _ in 0..3 {
         router.plan("short.test").await.unwrap();
         router.plan("long.test").await.unwrap();

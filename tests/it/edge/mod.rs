@@ -3,6 +3,7 @@
 //! 127.0.0.2; everything stays on loopback.
 
 mod content;
+mod delivery;
 mod feedback;
 mod files;
 mod http;
