@@ -620,7 +620,10 @@ async fn expired_ndr_is_an_expired_event() {
     // The two recipients got mail from us; their NDRs return its headers (X-Tern-Id included).
     let mut c = outsider(&server).await;
     for (n, (sample, rcpt)) in [
-        ("office365-expired-4.4.7", "ines.alvarez@contoso-mail.example"),
+        (
+            "office365-expired-4.4.7",
+            "ines.alvarez@contoso-mail.example",
+        ),
         ("dsn-no-action-4.4.7", "j.okafor@contoso-mail.example"),
     ]
     .into_iter()

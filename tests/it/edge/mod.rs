@@ -156,10 +156,13 @@ pub fn returning_id_of(report: &[u8], delivered: &[u8]) -> Vec<u8> {
     let id_line = &delivered[..id_line_end];
     assert!(id_line.starts_with(b"X-Tern-Id: "), "no X-Tern-Id first");
     let lower = report.to_ascii_lowercase();
-    let part = ["content-type: text/rfc822-headers", "content-type: message/rfc822"]
-        .iter()
-        .find_map(|p| lower.windows(p.len()).position(|w| w == p.as_bytes()))
-        .expect("the report returns the original headers");
+    let part = [
+        "content-type: text/rfc822-headers",
+        "content-type: message/rfc822",
+    ]
+    .iter()
+    .find_map(|p| lower.windows(p.len()).position(|w| w == p.as_bytes()))
+    .expect("the report returns the original headers");
     let body = part
         + report[part..]
             .windows(4)
