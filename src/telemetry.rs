@@ -92,6 +92,42 @@ impl Rejection {
     }
 }
 
+/// Why the server ended an SMTP session (the client did not quit): the `reason` label of
+/// `tern_smtp_disconnects_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disconnect {
+    /// No command within `limits.command_timeout`.
+    CommandTimeout,
+    /// No content within `limits.data_timeout`, or a BDAT transaction idle that long.
+    DataTimeout,
+    /// The client did not take a reply within `limits.command_timeout`.
+    WriteTimeout,
+    /// The session lasted `limits.session_timeout`.
+    SessionTimeout,
+    /// Message content slower than `limits.min_data_rate`.
+    TooSlow,
+}
+
+impl Disconnect {
+    pub const ALL: [Disconnect; 5] = [
+        Disconnect::CommandTimeout,
+        Disconnect::DataTimeout,
+        Disconnect::WriteTimeout,
+        Disconnect::SessionTimeout,
+        Disconnect::TooSlow,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Disconnect::CommandTimeout => "command_timeout",
+            Disconnect::DataTimeout => "data_timeout",
+            Disconnect::WriteTimeout => "write_timeout",
+            Disconnect::SessionTimeout => "session_timeout",
+            Disconnect::TooSlow => "too_slow",
+        }
+    }
+}
+
 /// How a message came in: the `protocol` label of `tern_messages_received_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -195,6 +231,7 @@ pub struct Metrics {
     smtp_connections: IntCounter,
     smtp_connections_rejected: IntCounter,
     smtp_sessions: IntGauge,
+    smtp_disconnects: IntCounterVec,
 
     messages_received: IntCounterVec,
     messages_rejected: IntCounterVec,
@@ -349,6 +386,11 @@ impl Metrics {
                 "Inbound SMTP connections refused at the door (connection limits, 421).",
             ),
             smtp_sessions: gauge("tern_smtp_sessions", "Open inbound SMTP sessions."),
+            smtp_disconnects: counter_vec(
+                "tern_smtp_disconnects_total",
+                "SMTP sessions the server ended with 421 4.4.2, by reason: command_timeout, data_timeout (also an idle BDAT transaction), write_timeout (the client took no reply), session_timeout, too_slow (under limits.min_data_rate).",
+                &["reason"],
+            ),
             messages_received: counter_vec(
                 "tern_messages_received_total",
                 "Messages accepted, by protocol: smtp (250 after DATA/BDAT LAST) or http (200 from POST /api/v1/inject).",
@@ -536,6 +578,11 @@ impl Metrics {
                 .messages_rejected
                 .with_label_values(&[reason.as_str()]);
         }
+        for reason in Disconnect::ALL {
+            metrics
+                .smtp_disconnects
+                .with_label_values(&[reason.as_str()]);
+        }
         for intake in Protocol::ALL {
             metrics
                 .messages_received
@@ -692,6 +739,13 @@ impl Metrics {
     pub fn smtp_session(&self) -> SessionGuard {
         self.smtp_sessions.inc();
         SessionGuard(self.smtp_sessions.clone())
+    }
+
+    /// The server ended a session (421 4.4.2) for `reason`.
+    pub fn smtp_disconnect(&self, reason: Disconnect) {
+        self.smtp_disconnects
+            .with_label_values(&[reason.as_str()])
+            .inc();
     }
 
     pub fn message_received(&self, intake: Protocol) {

@@ -179,6 +179,15 @@ pub struct Limits {
     /// that would exceed it is a mail loop, refused at the end of DATA with `554 5.4.6`.
     /// Default 50 (Postfix's hopcount_limit).
     pub max_hops: usize,
+    /// The longest a session may last, whatever it does; then `421 4.4.2` and close (a
+    /// message in progress is not spooled). Default 30m.
+    pub session_timeout: Duration,
+    /// Bytes per second a client must average during DATA and a BDAT transaction, measured
+    /// over each `min_data_rate_window`; a slower one gets `421 4.4.2` and is dropped.
+    /// Default 1024.
+    pub min_data_rate: u64,
+    /// The window `min_data_rate` is averaged over. Default 1m.
+    pub min_data_rate_window: Duration,
 }
 
 impl Default for Limits {
@@ -193,6 +202,9 @@ impl Default for Limits {
             max_errors: 20,
             max_header_size: 1 << 20,
             max_hops: 50,
+            session_timeout: Duration::from_secs(30 * 60),
+            min_data_rate: 1024,
+            min_data_rate_window: Duration::from_secs(60),
         }
     }
 }
@@ -589,6 +601,15 @@ fn compile_limits(r: &mut TableReader<'_>) -> Limits {
             .get("max_header_size", |v| size(v).and_then(nonzero))
             .unwrap_or(d.max_header_size),
         max_hops: r.get("max_hops", positive_count).unwrap_or(d.max_hops),
+        session_timeout: r
+            .get("session_timeout", positive_duration)
+            .unwrap_or(d.session_timeout),
+        min_data_rate: r
+            .get("min_data_rate", |v| size(v).and_then(nonzero))
+            .unwrap_or(d.min_data_rate),
+        min_data_rate_window: r
+            .get("min_data_rate_window", positive_duration)
+            .unwrap_or(d.min_data_rate_window),
     }
 }
 
@@ -1009,6 +1030,38 @@ mod tests {
                 level: "info".to_owned()
             }
         );
+    }
+
+    #[test]
+    fn edge_limits_parse_and_refuse_nonsense() {
+        let config = Config::parse(&format!(
+            "{MINIMAL}\n[limits]\nsession_timeout = \"2m\"\nmin_data_rate = \"2KiB\"\n\
+             min_data_rate_window = \"5s\"\n"
+        ))
+        .unwrap();
+        let l = config.limits;
+        assert_eq!(l.session_timeout, Duration::from_secs(120));
+        assert_eq!(
+            (l.min_data_rate, l.min_data_rate_window),
+            (2048, Duration::from_secs(5))
+        );
+        let d = Limits::default();
+        assert_eq!(d.session_timeout, Duration::from_secs(1800));
+
+        let errors = errors(&format!(
+            "{MINIMAL}\n[limits]\nsession_timeout = \"0s\"\nmin_data_rate = 0\n"
+        ));
+        let expected = [
+            "limits.session_timeout: must be greater than 0",
+            "limits.min_data_rate: must be greater than 0",
+        ];
+        for want in expected {
+            assert!(
+                errors.iter().any(|e| e.starts_with(want)),
+                "missing {want:?} in {errors:#?}"
+            );
+        }
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //!
 //! - [`session`]: one state machine per connection, generic over the byte stream, one method
 //!   per verb.
-//! - [`server`]: listeners, connection limits, TLS acceptors, graceful shutdown.
+//! - [`server`]: listeners, connection limits at the door, TLS acceptors, graceful shutdown.
+//! - [`deadline`]: which deadline bounds a session's next read (pure).
 
+pub mod deadline;
 pub mod server;
 pub mod session;

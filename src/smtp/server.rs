@@ -1,7 +1,8 @@
 //! SMTP listeners: accept loop, connection limits, TLS handshakes, graceful shutdown.
 //!
 //! Connection limits are enforced at the door: over the total or per-IP limit a client
-//! gets `421 4.7.0` and is disconnected before a session exists. On shutdown the accept
+//! gets `421 4.7.0` and is disconnected before a session exists (that reply too is written
+//! within `limits.command_timeout`). On shutdown the accept
 //! loops stop, idle sessions are told `421 4.3.2`, and sessions inside a transaction may
 //! finish it; the [`TaskTracker`] lets the daemon wait for them within its grace period.
 //!
@@ -79,8 +80,12 @@ impl Server {
                 "4.7.0",
                 format!("{} Too many connections, try again later", config.hostname),
             );
-            let _ = stream.write_all(&reply.to_wire()).await;
-            let _ = stream.shutdown().await;
+            // The reply fits any socket buffer; the bound is for a peer whose window is closed.
+            let bye = async {
+                stream.write_all(&reply.to_wire()).await?;
+                stream.shutdown().await
+            };
+            let _ = tokio::time::timeout(config.limits.command_timeout, bye).await;
             return;
         };
         let _session = metrics.smtp_session();

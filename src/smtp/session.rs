@@ -5,14 +5,23 @@
 //! content goes through [`DataDecoder`] / [`ContentCheck`], and a message is handed to
 //! [`Intake`] only when complete, clean and within limits.
 //!
+//! Every read waits for a deadline ([`super::deadline`]): the command or data timeout, the
+//! session's own deadline (`limits.session_timeout`), the minimum data rate while content
+//! arrives, and for an open BDAT transaction `data_timeout` since its last chunk. Every write
+//! waits at most `limits.command_timeout`: a client that does not read its replies is
+//! dropped like one that does not send.
+//!
 //! Invariants:
 //! - `250 ... queued as` is written only after [`Intake::accept`] returned, i.e. after the
 //!   spool's fsync.
+//! - A message whose client was dropped (timeout, too slow, session deadline) is never
+//!   handed to [`Intake`].
 //! - Bytes pipelined after STARTTLS are discarded, never carried into the TLS session
 //!   (CVE-2011-0411 class command injection).
 //! - AUTH is refused on a connection without TLS; passwords never cross in clear.
 //! - Every reply but the greeting and EHLO carries an enhanced status code.
 
+use super::deadline::{self, DataRate, Expiry};
 use crate::auth::Credentials;
 use crate::config::Limits;
 use crate::feedback::Feedback;
@@ -21,7 +30,7 @@ use crate::message::{same_address, Submission};
 use crate::policy::{self, Policy};
 use crate::rfc5321::proto::{self, ContentCheck, ContentFlags, DataDecoder, Line};
 use crate::rfc5321::reply::Reply;
-use crate::telemetry::{Metrics, Protocol, Rejection};
+use crate::telemetry::{Disconnect, Metrics, Protocol, Rejection};
 use crate::tls::TlsInfo;
 use base64::Engine;
 use smtp_proto::{Error as ParseError, Request};
@@ -29,9 +38,9 @@ use std::borrow::Cow;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 use tern_queue::{BodyType, Notify, Recipient, Ret, Source};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -69,6 +78,8 @@ pub struct SessionState {
     auth_user: Option<String>,
     tx: Option<Transaction>,
     errors: usize,
+    /// When the session ends whatever it is doing (`limits.session_timeout` after accept).
+    deadline: Instant,
 }
 
 impl SessionState {
@@ -94,6 +105,10 @@ struct Chunks {
     content: Vec<u8>,
     size: usize,
     check: ContentCheck,
+    /// The data rate since the first chunk, command waits between chunks included.
+    rate: DataRate,
+    /// When the last chunk was complete.
+    last: Instant,
 }
 
 /// What to do after one command.
@@ -132,6 +147,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             auth_user: None,
             tx: None,
             errors: 0,
+            deadline: Instant::now() + config.limits.session_timeout,
         };
         Session::resume(stream, config, shutdown, state)
     }
@@ -180,8 +196,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let end = result?;
         flushed?;
         if end == SessionEnd::Closed {
-            // For TLS this sends close_notify (RFC 8446 6.1); for TCP it is the FIN.
-            let _ = self.stream.shutdown().await;
+            // For TLS this sends close_notify (RFC 8446 6.1); for TCP it is the FIN. A client
+            // that reads nothing must not hold the session here either.
+            let timeout = self.config.limits.command_timeout;
+            let _ = tokio::time::timeout(timeout, self.stream.shutdown()).await;
         }
         Ok(end)
     }
@@ -505,16 +523,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.reply(354, "2.0.0", "End data with <CR><LF>.<CR><LF>");
         self.flush().await?;
 
-        let max = self.config.limits.max_message_size as usize;
+        let limits = self.config.limits;
+        let max = limits.max_message_size as usize;
         let mut decoder = DataDecoder::new(max);
         let mut content = Vec::with_capacity(READ_CHUNK.min(max));
+        let mut rate = DataRate::new(Instant::now(), &limits);
         let end = loop {
             let (used, end) = decoder.feed(&self.rbuf[self.rpos..], &mut content);
             self.rpos += used;
             if let Some(end) = end {
                 break end;
             }
-            if !self.read_data_input().await? {
+            if !self.read_data_input(&mut rate).await? {
                 return Ok(Next::Close);
             }
         };
@@ -524,7 +544,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn bdat(&mut self, chunk_size: usize, is_last: bool) -> io::Result<Next> {
-        let max = self.config.limits.max_message_size as usize;
+        let limits = self.config.limits;
+        let max = limits.max_message_size as usize;
+        let now = Instant::now();
         // RFC 3030: the chunk is read whatever the verdict, or the session loses sync.
         let refusal = match &self.state.tx {
             None => Some(Reply::new(503, "5.5.1", "Error: need MAIL command")),
@@ -539,11 +561,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 content: Vec::new(),
                 size: 0,
                 check: ContentCheck::default(),
+                rate: DataRate::new(now, &limits),
+                last: now,
             },
         };
         let mut left = chunk_size;
         while left > 0 {
-            if self.rpos == self.rbuf.len() && !self.read_data_input().await? {
+            if self.rpos == self.rbuf.len() && !self.read_data_input(&mut chunks.rate).await? {
                 return Ok(Next::Close);
             }
             let take = left.min(self.rbuf.len() - self.rpos);
@@ -561,6 +585,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.error_reply(reply);
             return Ok(Next::Continue);
         }
+        chunks.last = Instant::now();
         if !is_last {
             if chunks.size > max {
                 // Fail early: the transaction is lost anyway, and the client can stop.
@@ -820,14 +845,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// Flushes pending replies and waits for more command input. False when the session
-    /// must end: EOF, or a timeout or shutdown (a 421 has then been queued).
+    /// must end: EOF, or a deadline or shutdown (a 421 has then been queued).
     async fn wait_for_command_input(&mut self) -> io::Result<bool> {
         self.flush().await?;
         match self.read_command_input().await? {
             ReadOutcome::Data => Ok(true),
             ReadOutcome::Eof => Ok(false),
-            ReadOutcome::Timeout => {
-                self.reply(421, "4.4.2", "Timeout exceeded, closing connection");
+            ReadOutcome::Expired(why) => {
+                self.drop_client(why);
                 Ok(false)
             }
             ReadOutcome::Shutdown => {
@@ -859,13 +884,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         reply.write_to(&mut self.wbuf);
     }
 
+    /// Queues the 421 that ends the session for `why`, and counts it.
+    fn drop_client(&mut self, why: Disconnect) {
+        let text = match why {
+            Disconnect::SessionTimeout => "Session time limit exceeded, closing connection",
+            Disconnect::TooSlow => "Data rate too low, closing connection",
+            _ => "Timeout exceeded, closing connection",
+        };
+        debug!(peer = %self.state.peer, reason = why.as_str(), "dropping the client");
+        self.config.metrics.smtp_disconnect(why);
+        self.reply(421, "4.4.2", text);
+    }
+
+    /// Writes the queued replies, within `limits.command_timeout`: a client that does not
+    /// read them is dropped (the error ends the session). The queue is emptied either way,
+    /// so nothing waits on that client twice.
     async fn flush(&mut self) -> io::Result<()> {
-        if !self.wbuf.is_empty() {
-            self.stream.write_all(&self.wbuf).await?;
-            self.stream.flush().await?;
-            self.wbuf.clear();
+        if self.wbuf.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let (stream, wbuf) = (&mut self.stream, &self.wbuf);
+        let write = async move {
+            stream.write_all(wbuf).await?;
+            stream.flush().await
+        };
+        let written = tokio::time::timeout(self.config.limits.command_timeout, write).await;
+        self.wbuf.clear();
+        match written {
+            Ok(result) => result,
+            Err(_) => {
+                debug!(peer = %self.state.peer, "the client took no reply within the command timeout");
+                self.config
+                    .metrics
+                    .smtp_disconnect(Disconnect::WriteTimeout);
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client took no reply within the command timeout",
+                ))
+            }
+        }
     }
 
     /// Makes room and reads more bytes; 0 means EOF.
@@ -881,35 +938,77 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.stream.read_buf(&mut self.rbuf).await
     }
 
-    /// Reads while waiting for a command: bounded by the command timeout and interrupted
-    /// by shutdown unless a transaction is in progress.
+    /// Reads while waiting for a command, until the deadline [`deadline::for_command`]
+    /// gives; interrupted by shutdown unless a transaction is in progress.
     async fn read_command_input(&mut self) -> io::Result<ReadOutcome> {
-        let timeout = self.config.limits.command_timeout;
-        let in_tx = self.state.tx.is_some();
-        let shutdown = self.shutdown.clone();
-        tokio::select! {
-            read = tokio::time::timeout(timeout, self.read_some()) => match read {
-                Ok(Ok(0)) => Ok(ReadOutcome::Eof),
-                Ok(Ok(_)) => Ok(ReadOutcome::Data),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Ok(ReadOutcome::Timeout),
-            },
-            _ = shutdown.cancelled(), if !in_tx => Ok(ReadOutcome::Shutdown),
+        let limits = self.config.limits;
+        loop {
+            let now = Instant::now();
+            let bdat = self.state.tx.as_ref().and_then(|tx| tx.bdat.as_ref());
+            let bdat = bdat.map(|chunks| (chunks.last, &chunks.rate));
+            let (deadline, expiry) = deadline::for_command(now, &limits, self.state.deadline, bdat);
+            let in_tx = self.state.tx.is_some();
+            let shutdown = self.shutdown.clone();
+            // A deadline already passed fires without reading: a busy client meets it too.
+            if deadline > now {
+                tokio::select! {
+                    read = tokio::time::timeout_at(deadline, self.read_some()) => match read {
+                        Ok(Ok(0)) => return Ok(ReadOutcome::Eof),
+                        Ok(Ok(_)) => return Ok(ReadOutcome::Data),
+                        Ok(Err(e)) => return Err(e),
+                        Err(_) => {}
+                    },
+                    _ = shutdown.cancelled(), if !in_tx => return Ok(ReadOutcome::Shutdown),
+                }
+            }
+            let why = match expiry {
+                Expiry::Command => Disconnect::CommandTimeout,
+                Expiry::Data | Expiry::BdatIdle => Disconnect::DataTimeout,
+                Expiry::Session => Disconnect::SessionTimeout,
+                Expiry::RateWindow => {
+                    // Only returned while BDAT chunks are held, and nothing took them since.
+                    let chunks = self.state.tx.as_mut().and_then(|tx| tx.bdat.as_mut());
+                    let slow = chunks.is_some_and(|c| !c.rate.record(Instant::now(), 0));
+                    if !slow {
+                        continue;
+                    }
+                    Disconnect::TooSlow
+                }
+            };
+            return Ok(ReadOutcome::Expired(why));
         }
     }
 
-    /// Reads message content; false (after queueing a 421 on timeout) when the session
-    /// must end.
-    async fn read_data_input(&mut self) -> io::Result<bool> {
-        let timeout: Duration = self.config.limits.data_timeout;
-        match tokio::time::timeout(timeout, self.read_some()).await {
-            Ok(Ok(0)) => Ok(false),
-            Ok(Ok(_)) => Ok(true),
-            Ok(Err(e)) => Err(e),
-            Err(_) => {
-                self.reply(421, "4.4.2", "Timeout exceeded, closing connection");
-                Ok(false)
+    /// Reads message content, counting it in `rate`, until the deadline
+    /// [`deadline::for_data`] gives. False (after queueing a 421 if the server ends it) when
+    /// the session must end.
+    async fn read_data_input(&mut self, rate: &mut DataRate) -> io::Result<bool> {
+        let limits = self.config.limits;
+        loop {
+            let now = Instant::now();
+            let (deadline, expiry) = deadline::for_data(now, &limits, self.state.deadline, rate);
+            if deadline > now {
+                match tokio::time::timeout_at(deadline, self.read_some()).await {
+                    Ok(Ok(0)) => return Ok(false),
+                    Ok(Ok(n)) => {
+                        if rate.record(Instant::now(), n) {
+                            return Ok(true);
+                        }
+                        self.drop_client(Disconnect::TooSlow);
+                        return Ok(false);
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {}
+                }
             }
+            let why = match expiry {
+                Expiry::Session => Disconnect::SessionTimeout,
+                Expiry::RateWindow if rate.record(Instant::now(), 0) => continue,
+                Expiry::RateWindow => Disconnect::TooSlow,
+                Expiry::Command | Expiry::Data | Expiry::BdatIdle => Disconnect::DataTimeout,
+            };
+            self.drop_client(why);
+            return Ok(false);
         }
     }
 }
@@ -926,7 +1025,8 @@ enum Challenge {
 enum ReadOutcome {
     Data,
     Eof,
-    Timeout,
+    /// A deadline passed: the session ends for this reason.
+    Expired(Disconnect),
     Shutdown,
 }
 

@@ -3,6 +3,7 @@
 //! 127.0.0.2; everything stays on loopback.
 
 mod feedback;
+mod smtp;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -1,0 +1,245 @@
+//! The SMTP listener and its sessions, attacked: clients that hold connections (never read,
+//! never leave, trickle data). Clients outside the relay networks connect from 127.0.0.2 and
+//! 127.0.0.3; 127.0.0.1 is the relay network.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpSocket, TcpStream};
+
+use super::*;
+
+/// Relays for 127.0.0.1 only, with `limits` set.
+fn options(limits: &[(&str, &str)]) -> Options {
+    limits
+        .iter()
+        .fold(Options::default().relay(&["127.0.0.1/32"]), |o, (k, v)| {
+            o.limit(k, v)
+        })
+}
+
+/// A TCP connection from `ip` (a 127.0.0.0/8 address), nothing read yet.
+async fn tcp_from(ip: &str, smtp: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    tokio::time::timeout(T, socket.connect(smtp))
+        .await
+        .expect("connect in time")
+        .unwrap()
+}
+
+/// An SMTP client from `ip`, greeting and EHLO done.
+async fn client_from(ip: &str, smtp: SocketAddr) -> Client {
+    let mut c = Client::new(Box::new(tcp_from(ip, smtp).await));
+    c.expect_greeting().await;
+    c.ehlo().await;
+    c
+}
+
+/// Waits until the metric `name` is `want` (a gauge moved by sessions ending, say).
+async fn wait_sample(server: &TestServer, name: &str, want: f64) {
+    let deadline = Instant::now() + T;
+    loop {
+        let got = sample(server, name).await;
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} is {got}, not {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Content of exactly `len` bytes: a header, then CRLF lines of at most 100 bytes.
+fn content(len: usize) -> Vec<u8> {
+    let mut out = b"Subject: big\r\n\r\n".to_vec();
+    while out.len() < len {
+        let line = (len - out.len()).min(100) - 2;
+        out.extend(std::iter::repeat_n(b'x', line));
+        out.extend_from_slice(b"\r\n");
+    }
+    assert_eq!(out.len(), len);
+    out
+}
+
+/// Issue 13: the server wrote replies with no time limit, so a client that sends commands
+/// and never reads the replies held its session (and a connection slot) forever once the
+/// socket buffers were full. Now a write waits at most `command_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_dropped_within_command_timeout() {
+    let server = TestServer::start(options(&[("command_timeout", "\"1s\"")])).await;
+    let socket = TcpSocket::new_v4().unwrap();
+    // A small receive window, so the server's replies back up soon.
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut stream = socket.connect(server.smtp).await.unwrap();
+    // EHLO: about 20 bytes of replies per byte sent; none is ever read.
+    let burst = "EHLO flood.test\r\n".repeat(500);
+    let writer = tokio::spawn(async move {
+        let mut sent = 0usize;
+        while stream.write_all(burst.as_bytes()).await.is_ok() {
+            sent += burst.len();
+        }
+        sent
+    });
+    // The writer blocks once both directions are full, and fails when the server drops it.
+    let sent = tokio::time::timeout(T, writer)
+        .await
+        .expect("the server dropped a client that never reads")
+        .unwrap();
+    assert!(sent > 0);
+    wait_sample(&server, "tern_smtp_sessions", 0.0).await;
+    assert_eq!(
+        sample(
+            &server,
+            "tern_smtp_disconnects_total{reason=\"write_timeout\"}"
+        )
+        .await,
+        1.0
+    );
+    // Everyone else is served as before.
+    let mut c = client_from("127.0.0.3", server.smtp).await;
+    c.expect("NOOP", 250, "2.0.0").await;
+    server.stop().await;
+}
+
+/// Issue 13: a session had no limit on its length; a client answering within
+/// `command_timeout` could keep it (and its slot) for ever. Now it ends after
+/// `session_timeout` with 421 4.4.2, however busy it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_kept_alive_past_session_timeout_gets_421() {
+    let server = TestServer::start(options(&[
+        ("session_timeout", "\"2s\""),
+        ("command_timeout", "\"30s\""),
+    ]))
+    .await;
+    let start = Instant::now();
+    let mut c = client_from("127.0.0.2", server.smtp).await;
+    let mut noops = 0;
+    let bye = loop {
+        // A NOOP every 100 ms: never idle for long.
+        match tokio::time::timeout(Duration::from_millis(100), c.try_reply()).await {
+            Err(_) => {
+                let r = c.cmd("NOOP").await;
+                if r.code != 250 {
+                    break r;
+                }
+                noops += 1;
+            }
+            Ok(Ok(Some(r))) => break r,
+            Ok(other) => panic!("connection ended without a reply: {other:?}"),
+        }
+        assert!(start.elapsed() < T, "the session outlived session_timeout");
+    };
+    bye.assert(421, "4.4.2");
+    assert!(
+        start.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(noops > 5, "the client kept the session busy: {noops} NOOPs");
+    assert!(c.replies_until_close().await.is_empty());
+    assert_eq!(
+        sample(
+            &server,
+            "tern_smtp_disconnects_total{reason=\"session_timeout\"}"
+        )
+        .await,
+        1.0
+    );
+    server.stop().await;
+}
+
+/// Issue 13: message content had only a timeout between two reads (`data_timeout`, 10
+/// minutes), so a client sending a byte every few minutes held a session for days. Now a
+/// client under `min_data_rate` over a window is dropped, and nothing it sent is spooled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_trickling_data_below_the_minimum_rate_is_dropped_and_nothing_is_spooled() {
+    let server = TestServer::start(options(&[
+        ("min_data_rate", "1000"),
+        ("min_data_rate_window", "\"1s\""),
+    ]))
+    .await;
+    let mut c = server.connect().await;
+    c.ehlo().await;
+    c.expect("MAIL FROM:<a@client.test>", 250, "2.1.0").await;
+    c.expect("RCPT TO:<x@sink.test>", 250, "2.1.5").await;
+    c.expect("DATA", 354, "").await;
+    c.send("Subject: slow\r\n\r\n").await;
+    let start = Instant::now();
+    // 10 bytes every 100 ms: 100 bytes per second, a tenth of the minimum.
+    let bye = loop {
+        if c.try_send(b"01234567\r\n").await.is_err() {
+            break c.reply().await;
+        }
+        match tokio::time::timeout(Duration::from_millis(100), c.try_reply()).await {
+            Err(_) => {}
+            Ok(Ok(Some(r))) => break r,
+            Ok(other) => panic!("connection ended without a reply: {other:?}"),
+        }
+        assert!(start.elapsed() < T, "the slow client was never dropped");
+    };
+    bye.assert(421, "4.4.2");
+    assert!(bye.lines[0].contains("rate"), "{:?}", bye.lines);
+    assert!(c.replies_until_close().await.is_empty());
+    server.assert_spool_empty();
+    assert_eq!(
+        sample(&server, "tern_smtp_disconnects_total{reason=\"too_slow\"}").await,
+        1.0
+    );
+    // A client at full speed is not affected, even over several windows' worth of data.
+    let mut c = server.connect().await;
+    c.ehlo().await;
+    let id = c
+        .submit("a@client.test", &["x@sink.test"], &content(200_000))
+        .await;
+    assert_eq!(server.envelope(id).recipients.len(), 1);
+    server.stop().await;
+}
+
+/// Issue 13: between BDAT chunks the session waited for commands, each within
+/// `command_timeout`, so a client sending NOOP now and then kept its half-received message
+/// in memory for ever. Now a BDAT transaction without a chunk for `data_timeout` ends the
+/// session with 421 4.4.2 and its buffer is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_bdat_transaction_loses_its_buffer_after_data_timeout() {
+    let server = TestServer::start(options(&[
+        ("data_timeout", "\"1s\""),
+        ("command_timeout", "\"30s\""),
+    ]))
+    .await;
+    let mut c = server.connect().await;
+    c.ehlo().await;
+    c.expect("MAIL FROM:<a@client.test>", 250, "2.1.0").await;
+    c.expect("RCPT TO:<x@sink.test>", 250, "2.1.5").await;
+    c.send(b"BDAT 20000\r\n").await;
+    c.send(content(20_000)).await;
+    c.reply().await.assert(250, "2.0.0");
+    let start = Instant::now();
+    // A NOOP every 100 ms: the session is busy, the transaction idle.
+    let bye = loop {
+        match tokio::time::timeout(Duration::from_millis(100), c.try_reply()).await {
+            Err(_) => {
+                let r = c.cmd("NOOP").await;
+                if r.code != 250 {
+                    break r;
+                }
+            }
+            Ok(Ok(Some(r))) => break r,
+            Ok(other) => panic!("connection ended without a reply: {other:?}"),
+        }
+        assert!(start.elapsed() < T, "the idle transaction was never ended");
+    };
+    bye.assert(421, "4.4.2");
+    assert!(c.replies_until_close().await.is_empty());
+    server.assert_spool_empty();
+    assert_eq!(
+        sample(
+            &server,
+            "tern_smtp_disconnects_total{reason=\"data_timeout\"}"
+        )
+        .await,
+        1.0
+    );
+    server.stop().await;
+}
