@@ -60,10 +60,12 @@ pub enum Rejection {
     HeaderSize,
     /// More `Received` headers than `limits.max_hops`: a mail loop (554 5.4.6).
     Loop,
+    /// A connection over `limits.max_connection_rate_per_ip` (421 4.7.0 at the door).
+    ConnectionRate,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 10] = [
+    pub const ALL: [Rejection; 11] = [
         Rejection::RelayDenied,
         Rejection::Size,
         Rejection::Recipients,
@@ -74,6 +76,7 @@ impl Rejection {
         Rejection::Suppressed,
         Rejection::HeaderSize,
         Rejection::Loop,
+        Rejection::ConnectionRate,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -88,6 +91,7 @@ impl Rejection {
             Rejection::Suppressed => "suppressed",
             Rejection::HeaderSize => "header_size",
             Rejection::Loop => "loop",
+            Rejection::ConnectionRate => "connection_rate",
         }
     }
 }
@@ -124,6 +128,23 @@ impl Disconnect {
             Disconnect::WriteTimeout => "write_timeout",
             Disconnect::SessionTimeout => "session_timeout",
             Disconnect::TooSlow => "too_slow",
+        }
+    }
+}
+
+/// A table of per-client state at the SMTP edge, as the `table` label of
+/// `tern_smtp_client_evictions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientTable {
+    ConnectionRate,
+}
+
+impl ClientTable {
+    pub const ALL: [ClientTable; 1] = [ClientTable::ConnectionRate];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientTable::ConnectionRate => "connection_rate",
         }
     }
 }
@@ -232,6 +253,7 @@ pub struct Metrics {
     smtp_connections_rejected: IntCounter,
     smtp_sessions: IntGauge,
     smtp_disconnects: IntCounterVec,
+    smtp_client_evictions: IntCounterVec,
 
     messages_received: IntCounterVec,
     messages_rejected: IntCounterVec,
@@ -391,6 +413,11 @@ impl Metrics {
                 "SMTP sessions the server ended with 421 4.4.2, by reason: command_timeout, data_timeout (also an idle BDAT transaction), write_timeout (the client took no reply), session_timeout, too_slow (under limits.min_data_rate).",
                 &["reason"],
             ),
+            smtp_client_evictions: counter_vec(
+                "tern_smtp_client_evictions_total",
+                "Live per-client entries dropped because their table was full (65,536 clients), by table: connection_rate.",
+                &["table"],
+            ),
             messages_received: counter_vec(
                 "tern_messages_received_total",
                 "Messages accepted, by protocol: smtp (250 after DATA/BDAT LAST) or http (200 from POST /api/v1/inject).",
@@ -398,7 +425,7 @@ impl Metrics {
             ),
             messages_rejected: counter_vec(
                 "tern_messages_rejected_total",
-                "Inbound refusals by reason (recipients for relay_denied/recipients, attempts for auth_failed).",
+                "Inbound refusals by reason (recipients for relay_denied/recipients, attempts for auth_failed, connections for connection_rate).",
                 &["reason"],
             ),
             spool_messages: gauge(
@@ -583,6 +610,11 @@ impl Metrics {
                 .smtp_disconnects
                 .with_label_values(&[reason.as_str()]);
         }
+        for table in ClientTable::ALL {
+            metrics
+                .smtp_client_evictions
+                .with_label_values(&[table.as_str()]);
+        }
         for intake in Protocol::ALL {
             metrics
                 .messages_received
@@ -746,6 +778,20 @@ impl Metrics {
         self.smtp_disconnects
             .with_label_values(&[reason.as_str()])
             .inc();
+    }
+
+    /// A live entry of a full per-client table was dropped to make room.
+    pub fn smtp_client_evicted(&self, table: ClientTable) {
+        self.smtp_client_evictions
+            .with_label_values(&[table.as_str()])
+            .inc();
+    }
+
+    /// Live entries dropped from `table` so far.
+    pub fn smtp_client_evictions(&self, table: ClientTable) -> u64 {
+        self.smtp_client_evictions
+            .with_label_values(&[table.as_str()])
+            .get()
     }
 
     pub fn message_received(&self, intake: Protocol) {

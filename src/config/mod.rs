@@ -188,6 +188,30 @@ pub struct Limits {
     pub min_data_rate: u64,
     /// The window `min_data_rate` is averaged over. Default 1m.
     pub min_data_rate_window: Duration,
+    /// IPv6 clients are counted per network of this prefix length (one subscriber usually
+    /// holds a whole /64), for the per-IP connection cap and every per-client rate; IPv4
+    /// clients per address. 1 to 128, default 64.
+    pub ipv6_prefix: u8,
+    /// New connections per client outside the relay networks (Postfix's anvil
+    /// `smtpd_client_connection_rate_limit`); over it, `421 4.7.0` at the door.
+    /// Default 100 per 10 s.
+    pub max_connection_rate_per_ip: WindowRate,
+}
+
+/// A number of events per window, written `"100/10s"`: a burst of `count` at once, and then
+/// `count` per `window`, spread evenly (GCRA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowRate {
+    /// At least 1.
+    pub count: u32,
+    /// Greater than zero.
+    pub window: Duration,
+}
+
+impl fmt::Display for WindowRate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{:?}", self.count, self.window)
+    }
 }
 
 impl Default for Limits {
@@ -205,6 +229,11 @@ impl Default for Limits {
             session_timeout: Duration::from_secs(30 * 60),
             min_data_rate: 1024,
             min_data_rate_window: Duration::from_secs(60),
+            ipv6_prefix: 64,
+            max_connection_rate_per_ip: WindowRate {
+                count: 100,
+                window: Duration::from_secs(10),
+            },
         }
     }
 }
@@ -610,7 +639,30 @@ fn compile_limits(r: &mut TableReader<'_>) -> Limits {
         min_data_rate_window: r
             .get("min_data_rate_window", positive_duration)
             .unwrap_or(d.min_data_rate_window),
+        ipv6_prefix: r
+            .get("ipv6_prefix", |v| match count(v)? {
+                n @ 1..=128 => Ok(n as u8),
+                n => Err(format!("must be between 1 and 128, found {n}")),
+            })
+            .unwrap_or(d.ipv6_prefix),
+        max_connection_rate_per_ip: r
+            .get("max_connection_rate_per_ip", window_rate)
+            .unwrap_or(d.max_connection_rate_per_ip),
     }
+}
+
+/// `"100/10s"`: a count, `/`, and a duration.
+fn window_rate(v: &Value) -> Result<WindowRate, String> {
+    let s = string(v)?;
+    let invalid =
+        || format!("invalid rate {s:?} (expected a count, '/', and a duration, e.g. \"100/10s\")");
+    let (count, window) = s.split_once('/').ok_or_else(invalid)?;
+    let count: u32 = count.trim().parse().map_err(|_| invalid())?;
+    let window = duration(&Value::String(window.trim().to_owned())).map_err(|_| invalid())?;
+    if count == 0 || window.is_zero() {
+        return Err(format!("{s:?}: count and duration must be greater than 0"));
+    }
+    Ok(WindowRate { count, window })
 }
 
 fn compile_spool(r: &mut TableReader<'_>) -> SpoolConfig {
@@ -1036,7 +1088,8 @@ mod tests {
     fn edge_limits_parse_and_refuse_nonsense() {
         let config = Config::parse(&format!(
             "{MINIMAL}\n[limits]\nsession_timeout = \"2m\"\nmin_data_rate = \"2KiB\"\n\
-             min_data_rate_window = \"5s\"\n"
+             min_data_rate_window = \"5s\"\nipv6_prefix = 48\n\
+             max_connection_rate_per_ip = \"20/1m\"\n"
         ))
         .unwrap();
         let l = config.limits;
@@ -1045,15 +1098,27 @@ mod tests {
             (l.min_data_rate, l.min_data_rate_window),
             (2048, Duration::from_secs(5))
         );
+        assert_eq!(l.ipv6_prefix, 48);
+        assert_eq!(
+            l.max_connection_rate_per_ip,
+            WindowRate {
+                count: 20,
+                window: Duration::from_secs(60)
+            }
+        );
         let d = Limits::default();
         assert_eq!(d.session_timeout, Duration::from_secs(1800));
+        assert_eq!(d.max_connection_rate_per_ip.to_string(), "100/10s");
 
         let errors = errors(&format!(
-            "{MINIMAL}\n[limits]\nsession_timeout = \"0s\"\nmin_data_rate = 0\n"
+            "{MINIMAL}\n[limits]\nipv6_prefix = 0\nmax_connection_rate_per_ip = \"100\"\n\
+             session_timeout = \"0s\"\nmin_data_rate = 0\n"
         ));
         let expected = [
             "limits.session_timeout: must be greater than 0",
             "limits.min_data_rate: must be greater than 0",
+            "limits.ipv6_prefix: must be between 1 and 128, found 0",
+            "limits.max_connection_rate_per_ip: invalid rate \"100\" (expected a count, '/', and a duration",
         ];
         for want in expected {
             assert!(

@@ -19,7 +19,8 @@ use crate::config::{Config, ListenerMode};
 use crate::feedback::Feedback;
 use crate::intake::Intake;
 use crate::live::Live;
-use crate::smtp::server::{ConnectionLimits, Server};
+use crate::smtp::server::Server;
+use crate::smtp::session::Shared;
 use crate::telemetry::Metrics;
 
 /// Sockets bound and not yet served.
@@ -30,6 +31,9 @@ pub struct Listeners {
     intake: Intake,
     feedback: Feedback,
     metrics: Arc<Metrics>,
+    /// Per-client accounting: kept across
+    /// reloads, which rebuild the session config around them.
+    shared: Shared,
     addresses: Vec<SocketAddr>,
     accepting: TaskTracker,
     sessions: TaskTracker,
@@ -61,6 +65,7 @@ impl Listeners {
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .map(tokio_rustls::TlsAcceptor::from);
         let sessions = TaskTracker::new();
+        let shared = Shared::new(metrics.clone());
         let server = Arc::new(Server {
             config: Live::new(session_config(
                 config,
@@ -68,12 +73,9 @@ impl Listeners {
                 &intake,
                 &feedback,
                 &metrics,
+                &shared,
             )),
             tls,
-            limits: ConnectionLimits::new(
-                config.limits.max_connections,
-                config.limits.max_connections_per_ip,
-            ),
             shutdown: bg.stop.clone(),
             sessions: sessions.clone(),
         });
@@ -89,6 +91,7 @@ impl Listeners {
             intake,
             feedback,
             metrics,
+            shared,
             addresses,
             accepting,
             sessions,
@@ -109,11 +112,8 @@ impl Subsystem for Listeners {
             &self.intake,
             &self.feedback,
             &self.metrics,
+            &self.shared,
         ));
-        self.server.limits.set(
-            config.limits.max_connections,
-            config.limits.max_connections_per_ip,
-        );
     }
 
     async fn shutdown(self, grace: Duration) {

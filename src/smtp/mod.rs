@@ -3,8 +3,10 @@
 //! - [`session`]: one state machine per connection, generic over the byte stream, one method
 //!   per verb.
 //! - [`server`]: listeners, connection limits at the door, TLS acceptors, graceful shutdown.
+//! - [`anvil`]: per-client accounting (connections, connection rate), IPv6 grouped by prefix.
 //! - [`deadline`]: which deadline bounds a session's next read (pure).
 
+pub mod anvil;
 pub mod deadline;
 pub mod server;
 pub mod session;

@@ -21,6 +21,7 @@
 //! - AUTH is refused on a connection without TLS; passwords never cross in clear.
 //! - Every reply but the greeting and EHLO carries an enhanced status code.
 
+use super::anvil::Anvil;
 use super::deadline::{self, DataRate, Expiry};
 use crate::auth::Credentials;
 use crate::config::Limits;
@@ -57,6 +58,24 @@ pub struct SessionConfig {
     /// Bounce domains (RCPT from anyone) and the suppression list.
     pub feedback: Feedback,
     pub metrics: Arc<Metrics>,
+    /// State every session shares and a reload keeps.
+    pub shared: Shared,
+}
+
+/// What the sessions of a daemon share beyond their config, kept across reloads (the
+/// limits they apply are each session's config snapshot).
+#[derive(Clone)]
+pub struct Shared {
+    /// Per-client accounting: connection caps and rate.
+    pub anvil: Arc<Anvil>,
+}
+
+impl Shared {
+    pub fn new(metrics: Arc<Metrics>) -> Shared {
+        Shared {
+            anvil: Anvil::new(metrics),
+        }
+    }
 }
 
 /// Why [`Session::run`] returned.

@@ -1,6 +1,6 @@
 //! The SMTP listener and its sessions, attacked: clients that hold connections (never read,
-//! never leave, trickle data). Clients outside the relay networks connect from 127.0.0.2 and
-//! 127.0.0.3; 127.0.0.1 is the relay network.
+//! never leave, trickle data) and floods of connections. Clients outside the relay networks
+//! connect from 127.0.0.2 and 127.0.0.3; 127.0.0.1 is the relay network.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -194,6 +194,44 @@ async fn a_client_trickling_data_below_the_minimum_rate_is_dropped_and_nothing_i
         .submit("a@client.test", &["x@sink.test"], &content(200_000))
         .await;
     assert_eq!(server.envelope(id).recipients.len(), 1);
+    server.stop().await;
+}
+
+/// Issue 13: nothing limited how fast one client opened connections; Postfix's anvil does.
+/// Now a client outside the relay networks gets 421 4.7.0 at the door over
+/// `max_connection_rate_per_ip`; other clients and the relay networks are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_flood_from_one_client_gets_421() {
+    let server = TestServer::start(options(&[("max_connection_rate_per_ip", "\"5/1m\"")])).await;
+    for _ in 0..5 {
+        let mut c = client_from("127.0.0.2", server.smtp).await;
+        c.expect("QUIT", 221, "2.0.0").await;
+    }
+    let mut refused = Client::new(Box::new(tcp_from("127.0.0.2", server.smtp).await));
+    let replies = refused.replies_until_close().await;
+    assert_eq!(
+        replies.len(),
+        1,
+        "one reply, then the door closes: {replies:?}"
+    );
+    replies[0].assert(421, "4.7.0");
+    assert!(replies[0].lines[0].contains(HOST), "{:?}", replies[0].lines);
+    // Another client is its own count.
+    let mut other = client_from("127.0.0.3", server.smtp).await;
+    other.expect("NOOP", 250, "2.0.0").await;
+    // The relay network (upstream applications) is exempt.
+    for _ in 0..10 {
+        let mut c = client_from("127.0.0.1", server.smtp).await;
+        c.expect("QUIT", 221, "2.0.0").await;
+    }
+    assert_eq!(
+        sample(
+            &server,
+            "tern_messages_rejected_total{reason=\"connection_rate\"}"
+        )
+        .await,
+        1.0
+    );
     server.stop().await;
 }
 
