@@ -62,10 +62,12 @@ pub enum Rejection {
     Loop,
     /// A connection over `limits.max_connection_rate_per_ip` (421 4.7.0 at the door).
     ConnectionRate,
+    /// AUTH from a client or for a user with too many recent failures (454 4.7.0).
+    AuthThrottled,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 11] = [
+    pub const ALL: [Rejection; 12] = [
         Rejection::RelayDenied,
         Rejection::Size,
         Rejection::Recipients,
@@ -77,6 +79,7 @@ impl Rejection {
         Rejection::HeaderSize,
         Rejection::Loop,
         Rejection::ConnectionRate,
+        Rejection::AuthThrottled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -92,6 +95,7 @@ impl Rejection {
             Rejection::HeaderSize => "header_size",
             Rejection::Loop => "loop",
             Rejection::ConnectionRate => "connection_rate",
+            Rejection::AuthThrottled => "auth_throttled",
         }
     }
 }
@@ -137,14 +141,22 @@ impl Disconnect {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientTable {
     ConnectionRate,
+    AuthClient,
+    AuthUser,
 }
 
 impl ClientTable {
-    pub const ALL: [ClientTable; 1] = [ClientTable::ConnectionRate];
+    pub const ALL: [ClientTable; 3] = [
+        ClientTable::ConnectionRate,
+        ClientTable::AuthClient,
+        ClientTable::AuthUser,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             ClientTable::ConnectionRate => "connection_rate",
+            ClientTable::AuthClient => "auth_client",
+            ClientTable::AuthUser => "auth_user",
         }
     }
 }
@@ -415,7 +427,7 @@ impl Metrics {
             ),
             smtp_client_evictions: counter_vec(
                 "tern_smtp_client_evictions_total",
-                "Live per-client entries dropped because their table was full (65,536 clients), by table: connection_rate.",
+                "Live per-client entries dropped because their table was full (65,536 clients), by table: connection_rate, auth_client, auth_user.",
                 &["table"],
             ),
             messages_received: counter_vec(
@@ -425,7 +437,7 @@ impl Metrics {
             ),
             messages_rejected: counter_vec(
                 "tern_messages_rejected_total",
-                "Inbound refusals by reason (recipients for relay_denied/recipients, attempts for auth_failed, connections for connection_rate).",
+                "Inbound refusals by reason (recipients for relay_denied/recipients, attempts for auth_failed/auth_throttled, connections for connection_rate).",
                 &["reason"],
             ),
             spool_messages: gauge(

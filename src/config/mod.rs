@@ -196,6 +196,15 @@ pub struct Limits {
     /// `smtpd_client_connection_rate_limit`); over it, `421 4.7.0` at the door.
     /// Default 100 per 10 s.
     pub max_connection_rate_per_ip: WindowRate,
+    /// Failed AUTH attempts per client, and per user name, before further attempts get
+    /// `454 4.7.0` until `auth_lockout` has passed since the last failure. Default 5.
+    pub max_auth_failures: usize,
+    /// The wait before answering a failed AUTH; it doubles with each failure of the client
+    /// or the user (at most `command_timeout`). Default 1s.
+    pub auth_failure_delay: Duration,
+    /// How long failures are remembered, and so how long a client or user stays refused.
+    /// Default 15m.
+    pub auth_lockout: Duration,
 }
 
 /// A number of events per window, written `"100/10s"`: a burst of `count` at once, and then
@@ -234,6 +243,9 @@ impl Default for Limits {
                 count: 100,
                 window: Duration::from_secs(10),
             },
+            max_auth_failures: 5,
+            auth_failure_delay: Duration::from_secs(1),
+            auth_lockout: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -648,6 +660,15 @@ fn compile_limits(r: &mut TableReader<'_>) -> Limits {
         max_connection_rate_per_ip: r
             .get("max_connection_rate_per_ip", window_rate)
             .unwrap_or(d.max_connection_rate_per_ip),
+        max_auth_failures: r
+            .get("max_auth_failures", positive_count)
+            .unwrap_or(d.max_auth_failures),
+        auth_failure_delay: r
+            .get("auth_failure_delay", duration)
+            .unwrap_or(d.auth_failure_delay),
+        auth_lockout: r
+            .get("auth_lockout", positive_duration)
+            .unwrap_or(d.auth_lockout),
     }
 }
 
@@ -1089,7 +1110,8 @@ mod tests {
         let config = Config::parse(&format!(
             "{MINIMAL}\n[limits]\nsession_timeout = \"2m\"\nmin_data_rate = \"2KiB\"\n\
              min_data_rate_window = \"5s\"\nipv6_prefix = 48\n\
-             max_connection_rate_per_ip = \"20/1m\"\n"
+             max_connection_rate_per_ip = \"20/1m\"\nmax_auth_failures = 3\n\
+             auth_failure_delay = \"0s\"\nauth_lockout = \"1h\"\n"
         ))
         .unwrap();
         let l = config.limits;
@@ -1106,6 +1128,9 @@ mod tests {
                 window: Duration::from_secs(60)
             }
         );
+        assert_eq!(l.max_auth_failures, 3);
+        assert_eq!(l.auth_failure_delay, Duration::ZERO, "no delay is allowed");
+        assert_eq!(l.auth_lockout, Duration::from_secs(3600));
         let d = Limits::default();
         assert_eq!(d.session_timeout, Duration::from_secs(1800));
         assert_eq!(d.max_connection_rate_per_ip.to_string(), "100/10s");

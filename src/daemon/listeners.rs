@@ -31,8 +31,8 @@ pub struct Listeners {
     intake: Intake,
     feedback: Feedback,
     metrics: Arc<Metrics>,
-    /// Per-client accounting: kept across
-    /// reloads, which rebuild the session config around them.
+    /// Per-client accounting and the password checks: kept across reloads, which rebuild the
+    /// session config around them.
     shared: Shared,
     addresses: Vec<SocketAddr>,
     accepting: TaskTracker,
@@ -65,7 +65,9 @@ impl Listeners {
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .map(tokio_rustls::TlsAcceptor::from);
         let sessions = TaskTracker::new();
-        let shared = Shared::new(metrics.clone());
+        // One argon2 check per core at a time (each holds 19 MiB with the default cost).
+        let verifications = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let shared = Shared::new(metrics.clone(), verifications);
         let server = Arc::new(Server {
             config: Live::new(session_config(
                 config,

@@ -1,15 +1,19 @@
 //! Per-client accounting at the SMTP edge, after Postfix's anvil: open connections (in total
-//! and per client) and the connection rate per client.
+//! and per client), the connection rate per client, and AUTH failures per client and per user
+//! name.
 //!
 //! A client is its address, with IPv6 grouped by `limits.ipv6_prefix` ([`client_key`]): one
 //! subscriber holds a whole /64, so counting single IPv6 addresses would count nothing.
 //! Rates are GCRA ([`gcra`]): a burst of `count`, then `count` per `window`, spread evenly;
 //! a refused event does not count, so a client that keeps knocking still gets the steady rate.
+//! AUTH failures are counted before the password is checked ([`Anvil::auth_attempt`]), so
+//! parallel attempts cannot run past the limit while their verifications are queued.
 //!
 //! Invariants:
 //! - Every table is bounded: entries that carry no state any more (a rate whose burst is
-//!   whole again) are swept at most once a second; a table full of live entries (65,536
-//!   clients) drops one to make room and counts it (`tern_smtp_client_evictions_total`). The open-connection counts hold one entry per
+//!   whole again, failures older than `limits.auth_lockout`) are swept at most once a
+//!   second; a table full of live entries (65,536 clients) drops one to make room and counts
+//!   it (`tern_smtp_client_evictions_total`). The open-connection counts hold one entry per
 //!   client with a connection open, so at most `limits.max_connections`.
 //! - The limits are the caller's snapshot (a session's config): a reload changes them for
 //!   new decisions and keeps the state.
@@ -29,6 +33,8 @@ const TABLE_CAP: usize = 65_536;
 /// Tables smaller than this are not swept (a sweep would free next to nothing).
 const SWEEP_MIN: usize = 1024;
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// User names longer than this are counted by their first this many bytes.
+const MAX_USER_KEY: usize = 256;
 
 /// The address a client is counted under: IPv4 (IPv4-mapped IPv6 too) as it is, IPv6 masked
 /// to its first `ipv6_prefix` bits.
@@ -52,6 +58,34 @@ pub fn gcra(tat: Option<Instant>, now: Instant, rate: WindowRate) -> Option<Inst
     let interval = rate.window / rate.count;
     let next = tat.map_or(now, |t| t.max(now)) + interval;
     (next.saturating_duration_since(now) <= rate.window).then_some(next)
+}
+
+/// The wait before answering the `failures`-th failed AUTH: `auth_failure_delay` doubled
+/// for each earlier failure, at most `command_timeout` (a client waits no longer for a reply).
+pub fn failure_delay(failures: u32, limits: &Limits) -> Duration {
+    let doublings = failures.saturating_sub(1).min(31);
+    limits
+        .auth_failure_delay
+        .saturating_mul(1 << doublings)
+        .min(limits.command_timeout)
+}
+
+/// Recent AUTH failures of one client or one user name.
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    count: u32,
+    last: Instant,
+}
+
+impl Failures {
+    /// Failures that still count at `now` (all of them are forgotten `lockout` after the last).
+    fn current(&self, now: Instant, lockout: Duration) -> u32 {
+        if now.saturating_duration_since(self.last) >= lockout {
+            0
+        } else {
+            self.count
+        }
+    }
 }
 
 /// A map of per-client state, bounded as the module docs say.
@@ -113,10 +147,16 @@ struct Connections {
     rate: Table<IpAddr, Instant>,
 }
 
+struct Auth {
+    clients: Table<IpAddr, Failures>,
+    users: Table<String, Failures>,
+}
+
 /// The per-client state shared by every session of the daemon; it outlives config reloads.
 pub struct Anvil {
     metrics: Arc<Metrics>,
     connections: Mutex<Connections>,
+    auth: Mutex<Auth>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -135,6 +175,10 @@ impl Anvil {
                 total: 0,
                 open: HashMap::new(),
                 rate: Table::new(ClientTable::ConnectionRate, cap),
+            }),
+            auth: Mutex::new(Auth {
+                clients: Table::new(ClientTable::AuthClient, cap),
+                users: Table::new(ClientTable::AuthUser, cap),
             }),
         })
     }
@@ -177,6 +221,90 @@ impl Anvil {
     pub fn open_connections(&self) -> usize {
         lock(&self.connections).total
     }
+
+    /// Whether `ip` has used up its AUTH failures (before it names a user).
+    pub fn auth_locked(&self, ip: IpAddr, limits: &Limits, now: Instant) -> bool {
+        let key = client_key(ip, limits.ipv6_prefix);
+        let auth = lock(&self.auth);
+        auth.clients.map.get(&key).is_some_and(|f| {
+            f.current(now, limits.auth_lockout) as usize >= limits.max_auth_failures
+        })
+    }
+
+    /// Starts one AUTH attempt of `user` from `ip`: `None` if the client or the user has
+    /// used up its failures (answer 454 without checking the password), else the attempt is
+    /// counted as a failure until [`Anvil::auth_succeeded`] takes it back, and the number of
+    /// failures (this one included) that the delay of a failure is reckoned from.
+    pub fn auth_attempt(
+        &self,
+        ip: IpAddr,
+        user: &str,
+        limits: &Limits,
+        now: Instant,
+    ) -> Option<u32> {
+        let client = client_key(ip, limits.ipv6_prefix);
+        let user = user_key(user);
+        let (max, lockout) = (limits.max_auth_failures, limits.auth_lockout);
+        let mut auth = lock(&self.auth);
+        let by_client = auth
+            .clients
+            .map
+            .get(&client)
+            .map_or(0, |f| f.current(now, lockout));
+        let by_user = auth
+            .users
+            .map
+            .get(user)
+            .map_or(0, |f| f.current(now, lockout));
+        if by_client as usize >= max || by_user as usize >= max {
+            return None;
+        }
+        let stale = |f: &Failures| f.current(now, lockout) == 0;
+        auth.clients.make_room(&client, now, stale, &self.metrics);
+        auth.clients.map.insert(
+            client,
+            Failures {
+                count: by_client + 1,
+                last: now,
+            },
+        );
+        let user = user.to_owned();
+        auth.users.make_room(&user, now, stale, &self.metrics);
+        auth.users.map.insert(
+            user,
+            Failures {
+                count: by_user + 1,
+                last: now,
+            },
+        );
+        Some(by_client.max(by_user) + 1)
+    }
+
+    /// The attempt [`Anvil::auth_attempt`] counted succeeded: it is no failure. Earlier
+    /// failures stay counted (a guesser with one valid account does not wipe its slate).
+    pub fn auth_succeeded(&self, ip: IpAddr, user: &str, limits: &Limits) {
+        let client = client_key(ip, limits.ipv6_prefix);
+        let mut auth = lock(&self.auth);
+        if let Some(f) = auth.clients.map.get_mut(&client) {
+            f.count = f.count.saturating_sub(1);
+        }
+        if let Some(f) = auth.users.map.get_mut(user_key(user)) {
+            f.count = f.count.saturating_sub(1);
+        }
+    }
+}
+
+/// The key of a user name: its first [`MAX_USER_KEY`] bytes (on a character boundary), so
+/// a client cannot make the table hold long strings.
+fn user_key(user: &str) -> &str {
+    if user.len() <= MAX_USER_KEY {
+        return user;
+    }
+    let mut end = MAX_USER_KEY;
+    while !user.is_char_boundary(end) {
+        end -= 1;
+    }
+    &user[..end]
 }
 
 /// One open connection, counted until dropped.
@@ -340,6 +468,59 @@ mod tests {
     }
 
     #[test]
+    fn auth_failures_lock_the_client_and_the_user_for_a_while() {
+        let anvil = Anvil::new(Arc::new(Metrics::new()));
+        let mut l = limits();
+        l.max_auth_failures = 3;
+        l.auth_lockout = Duration::from_secs(600);
+        let (guesser, t0) = (ip("192.0.2.1"), Instant::now());
+        assert!(!anvil.auth_locked(guesser, &l, t0));
+        assert_eq!(anvil.auth_attempt(guesser, "alice", &l, t0), Some(1));
+        assert_eq!(anvil.auth_attempt(guesser, "bob", &l, t0), Some(2));
+        assert_eq!(anvil.auth_attempt(guesser, "carol", &l, t0), Some(3));
+        assert!(anvil.auth_locked(guesser, &l, t0));
+        assert_eq!(anvil.auth_attempt(guesser, "dave", &l, t0), None);
+        // Refused attempts do not extend the lock: it ends lockout after the last failure.
+        let later = t0 + Duration::from_secs(600);
+        assert!(!anvil.auth_locked(guesser, &l, later));
+        assert_eq!(anvil.auth_attempt(guesser, "dave", &l, later), Some(1));
+
+        // The user is locked whatever client asks: guesses spread over many addresses.
+        for i in 1..=3u8 {
+            let c = IpAddr::from([198, 51, 100, i]);
+            assert!(anvil.auth_attempt(c, "erin", &l, t0).is_some());
+        }
+        assert_eq!(anvil.auth_attempt(ip("203.0.113.9"), "erin", &l, t0), None);
+    }
+
+    #[test]
+    fn a_success_takes_back_only_its_own_attempt() {
+        let anvil = Anvil::new(Arc::new(Metrics::new()));
+        let mut l = limits();
+        l.max_auth_failures = 3;
+        let (c, t0) = (ip("192.0.2.1"), Instant::now());
+        assert_eq!(anvil.auth_attempt(c, "alice", &l, t0), Some(1));
+        assert_eq!(anvil.auth_attempt(c, "alice", &l, t0), Some(2));
+        anvil.auth_succeeded(c, "alice", &l);
+        // Two attempts in flight at once count as two until they end.
+        assert_eq!(anvil.auth_attempt(c, "alice", &l, t0), Some(2));
+        assert_eq!(anvil.auth_attempt(c, "alice", &l, t0), Some(3));
+        assert_eq!(anvil.auth_attempt(c, "alice", &l, t0), None);
+    }
+
+    #[test]
+    fn failure_delays_double_up_to_the_command_timeout() {
+        let mut l = limits();
+        l.auth_failure_delay = Duration::from_secs(1);
+        l.command_timeout = Duration::from_secs(300);
+        let delays: Vec<u64> = (1..=10).map(|n| failure_delay(n, &l).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]);
+        assert_eq!(failure_delay(u32::MAX, &l), Duration::from_secs(300));
+        l.auth_failure_delay = Duration::ZERO;
+        assert_eq!(failure_delay(5, &l), Duration::ZERO);
+    }
+
+    #[test]
     fn full_tables_sweep_stale_entries_then_evict_and_count() {
         let metrics = Arc::new(Metrics::new());
         let anvil = Anvil::with_cap(metrics.clone(), 4);
@@ -365,5 +546,8 @@ mod tests {
         drop(anvil.admit(ip("192.0.2.201"), &l, false, later).unwrap());
         assert_eq!(table_len(), 1);
         assert_eq!(evicted(&metrics), 1, "stale entries are swept, not evicted");
+
+        assert_eq!(user_key(&"é".repeat(200)).len(), 256);
+        assert_eq!(user_key("alice"), "alice");
     }
 }

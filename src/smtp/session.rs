@@ -21,9 +21,9 @@
 //! - AUTH is refused on a connection without TLS; passwords never cross in clear.
 //! - Every reply but the greeting and EHLO carries an enhanced status code.
 
-use super::anvil::Anvil;
+use super::anvil::{self, Anvil};
 use super::deadline::{self, DataRate, Expiry};
-use crate::auth::Credentials;
+use crate::auth::{Credentials, Verifier};
 use crate::config::Limits;
 use crate::feedback::Feedback;
 use crate::intake::Intake;
@@ -66,14 +66,18 @@ pub struct SessionConfig {
 /// limits they apply are each session's config snapshot).
 #[derive(Clone)]
 pub struct Shared {
-    /// Per-client accounting: connection caps and rate.
+    /// Per-client accounting: connection caps and rate, AUTH failures.
     pub anvil: Arc<Anvil>,
+    /// Password checks, a capped number at a time.
+    pub verifier: Arc<Verifier>,
 }
 
 impl Shared {
-    pub fn new(metrics: Arc<Metrics>) -> Shared {
+    /// `verifications`: how many argon2 checks may run at once.
+    pub fn new(metrics: Arc<Metrics>, verifications: usize) -> Shared {
         Shared {
             anvil: Anvil::new(metrics),
+            verifier: Arc::new(Verifier::new(verifications)),
         }
     }
 }
@@ -757,6 +761,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.error(503, "5.5.1", "Error: AUTH in a mail transaction");
             return Ok(Next::Continue);
         }
+        let limits = self.config.limits;
+        let client = self.state.peer.ip();
+        let anvil = self.config.shared.anvil.clone();
+        // A locked client is refused before it sends a password.
+        if anvil.auth_locked(client, &limits, Instant::now()) {
+            return Ok(self.auth_throttled(None));
+        }
         let pair = if mechanism == smtp_proto::AUTH_PLAIN {
             let response = if initial.is_empty() {
                 match self.challenge("").await? {
@@ -795,21 +806,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.error(501, "5.5.2", "Malformed authentication response");
             return Ok(Next::Continue);
         };
-        // Password hashing is deliberately slow: keep it off the async workers.
-        let check_user = user.clone();
-        let ok = tokio::task::spawn_blocking(move || credentials.verify(&check_user, &password))
-            .await
-            .unwrap_or(false);
-        if ok {
+        // Counted as a failure before the (queued, slow) check, so parallel attempts cannot
+        // run past the limit.
+        let Some(failures) = anvil.auth_attempt(client, &user, &limits, Instant::now()) else {
+            return Ok(self.auth_throttled(Some(&user)));
+        };
+        let verifier = self.config.shared.verifier.clone();
+        if verifier.verify(credentials, user.clone(), password).await {
+            anvil.auth_succeeded(client, &user, &limits);
             info!(peer = %self.state.peer, user, "authenticated");
             self.state.auth_user = Some(user);
             self.reply(235, "2.7.0", "Authentication successful");
         } else {
-            warn!(peer = %self.state.peer, user, "authentication failed");
+            warn!(peer = %self.state.peer, user, failures, "authentication failed");
             self.config.metrics.message_rejected(Rejection::AuthFailed);
+            // Each failure of this client or user makes the next answer slower.
+            let delay = anvil::failure_delay(failures, &limits);
+            if !delay.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = self.shutdown.cancelled() => {}
+                }
+            }
             self.error(535, "5.7.8", "Authentication credentials invalid");
         }
         Ok(Next::Continue)
+    }
+
+    /// The answer to AUTH from a client, or for a user, with too many recent failures.
+    fn auth_throttled(&mut self, user: Option<&str>) -> Next {
+        warn!(peer = %self.state.peer, user, "authentication refused: too many failures");
+        self.config
+            .metrics
+            .message_rejected(Rejection::AuthThrottled);
+        self.reply(
+            454,
+            "4.7.0",
+            "Too many authentication failures, try again later",
+        );
+        Next::Continue
     }
 
     /// Sends a `334` challenge and reads one response line.

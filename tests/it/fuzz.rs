@@ -260,7 +260,7 @@ max_errors = 20
         starttls: false,
         intake,
         feedback,
-        shared: Shared::new(metrics.clone()),
+        shared: Shared::new(metrics.clone(), 2),
         metrics,
     })
 }

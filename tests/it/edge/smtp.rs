@@ -1,6 +1,7 @@
 //! The SMTP listener and its sessions, attacked: clients that hold connections (never read,
-//! never leave, trickle data) and floods of connections. Clients outside the relay networks
-//! connect from 127.0.0.2 and 127.0.0.3; 127.0.0.1 is the relay network.
+//! never leave, trickle data), floods (connections, password guesses) and many clients
+//! sending at once. Clients outside the relay networks connect from
+//! 127.0.0.2 and 127.0.0.3; 127.0.0.1 is the relay network.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -231,6 +232,77 @@ async fn connection_flood_from_one_client_gets_421() {
         )
         .await,
         1.0
+    );
+    server.stop().await;
+}
+
+/// Issue 13: AUTH answered every guess at once and forever, and each guess ran argon2 on a
+/// blocking thread. Now failures of a client and of a user name are answered ever slower,
+/// and past `max_auth_failures` refused with 454 4.7.0 (without checking the password) for
+/// `auth_lockout`, even with the right password and from another address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_guessing_is_slowed_then_refused() {
+    let server = TestServer::start(
+        options(&[
+            ("max_auth_failures", "3"),
+            ("auth_failure_delay", "\"200ms\""),
+            ("auth_lockout", "\"1h\""),
+        ])
+        .tls()
+        .auth(),
+    )
+    .await;
+    let tls_client = |ip: &'static str| {
+        let smtp = server.smtp;
+        async move {
+            let c = client_from(ip, smtp).await;
+            let mut c = c.starttls().await;
+            c.ehlo().await;
+            c
+        }
+    };
+    let mut guesser = tls_client("127.0.0.2").await;
+    for (guess, delay_ms) in [("a", 200), ("b", 400), ("c", 800)] {
+        let start = Instant::now();
+        guesser.auth_plain(USER, guess).await.assert(535, "5.7.8");
+        assert!(
+            start.elapsed() >= Duration::from_millis(delay_ms),
+            "failure answered after {:?}, before {delay_ms} ms",
+            start.elapsed()
+        );
+    }
+    // Locked: even the right password is refused, at once.
+    guesser
+        .auth_plain(USER, PASSWORD)
+        .await
+        .assert(454, "4.7.0");
+    guesser.expect("AUTH LOGIN", 454, "4.7.0").await;
+    // The user is locked from anywhere: guesses spread over many addresses get no further.
+    let mut elsewhere = tls_client("127.0.0.3").await;
+    elsewhere
+        .auth_plain(USER, PASSWORD)
+        .await
+        .assert(454, "4.7.0");
+    // That address itself is not locked: another user name is checked (and wrong).
+    elsewhere
+        .auth_plain("nobody", "x")
+        .await
+        .assert(535, "5.7.8");
+    assert_eq!(
+        sample(
+            &server,
+            "tern_messages_rejected_total{reason=\"auth_throttled\"}"
+        )
+        .await,
+        3.0
+    );
+    assert_eq!(
+        sample(
+            &server,
+            "tern_messages_rejected_total{reason=\"auth_failed\"}"
+        )
+        .await,
+        4.0
     );
     server.stop().await;
 }
