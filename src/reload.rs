@@ -3,9 +3,10 @@
 //! Live keys (applied to new sessions, new attempts and new routing decisions; sessions and
 //! attempts already running finish with the values they started with): `[[routes]]`,
 //! `[limits]` (session limits and timeouts, the connection caps and rates, `ipv6_prefix`, the
-//! AUTH throttle: the SMTP edge keeps its per-client state and applies the new values to its
-//! next decisions), `[relay]`, `[auth]`, `[[dkim]]` (keys re-read from disk: rotation),
-//! `[delivery]` except the keys below, and `log.level`.
+//! AUTH throttle, `max_inflight_bytes`: the SMTP edge keeps its per-client state and the bytes
+//! it holds, and applies the new values to its next decisions), `[relay]`, `[auth]`,
+//! `[[dkim]]` (keys re-read from disk: rotation), `[delivery]` except the keys below, and
+//! `log.level`.
 //!
 //! Restart keys ([`RESTART_KEYS`]): sockets, files and threads opened once at start. A changed
 //! value is reported ("needs a restart") and the running value is kept, so the effective
@@ -112,7 +113,7 @@ mod tests {
             "[server]\nhostname = \"b.test\"\n\
              [[listeners]]\naddress = \"127.0.0.1:2526\"\n\
              [limits]\nmax_errors = 3\nmax_connection_rate_per_ip = \"5/1s\"\n\
-             session_timeout = \"1m\"\n\
+             session_timeout = \"1m\"\nmax_inflight_bytes = \"1GiB\"\n\
              [spool]\npath = \"/elsewhere\"\n\
              [log]\nformat = \"json\"\nlevel = \"debug\"\n",
         )
@@ -130,6 +131,7 @@ mod tests {
         assert_eq!(effective.limits.max_errors, 3);
         assert_eq!(effective.limits.max_connection_rate_per_ip.count, 5);
         assert_eq!(effective.limits.session_timeout, Duration::from_secs(60));
+        assert_eq!(effective.limits.max_inflight_bytes, 1 << 30);
         assert_eq!(effective.log.level, "debug");
     }
 

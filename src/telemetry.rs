@@ -64,10 +64,12 @@ pub enum Rejection {
     ConnectionRate,
     /// AUTH from a client or for a user with too many recent failures (454 4.7.0).
     AuthThrottled,
+    /// DATA/BDAT while `limits.max_inflight_bytes` is spent (452 4.3.1).
+    Inflight,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 12] = [
+    pub const ALL: [Rejection; 13] = [
         Rejection::RelayDenied,
         Rejection::Size,
         Rejection::Recipients,
@@ -80,6 +82,7 @@ impl Rejection {
         Rejection::Loop,
         Rejection::ConnectionRate,
         Rejection::AuthThrottled,
+        Rejection::Inflight,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -96,6 +99,7 @@ impl Rejection {
             Rejection::Loop => "loop",
             Rejection::ConnectionRate => "connection_rate",
             Rejection::AuthThrottled => "auth_throttled",
+            Rejection::Inflight => "inflight_bytes",
         }
     }
 }
@@ -265,6 +269,7 @@ pub struct Metrics {
     smtp_connections_rejected: IntCounter,
     smtp_sessions: IntGauge,
     smtp_disconnects: IntCounterVec,
+    smtp_inflight_bytes: IntGauge,
     smtp_client_evictions: IntCounterVec,
 
     messages_received: IntCounterVec,
@@ -424,6 +429,10 @@ impl Metrics {
                 "tern_smtp_disconnects_total",
                 "SMTP sessions the server ended with 421 4.4.2, by reason: command_timeout, data_timeout (also an idle BDAT transaction), write_timeout (the client took no reply), session_timeout, too_slow (under limits.min_data_rate).",
                 &["reason"],
+            ),
+            smtp_inflight_bytes: gauge(
+                "tern_smtp_inflight_bytes",
+                "Bytes SMTP sessions hold for messages in progress (limited by limits.max_inflight_bytes).",
             ),
             smtp_client_evictions: counter_vec(
                 "tern_smtp_client_evictions_total",
@@ -790,6 +799,11 @@ impl Metrics {
         self.smtp_disconnects
             .with_label_values(&[reason.as_str()])
             .inc();
+    }
+
+    /// Bytes reserved (positive) or released (negative) for messages in progress.
+    pub fn smtp_inflight_moved(&self, bytes: i64) {
+        self.smtp_inflight_bytes.add(bytes);
     }
 
     /// A live entry of a full per-client table was dropped to make room.

@@ -205,6 +205,10 @@ pub struct Limits {
     /// How long failures are remembered, and so how long a client or user stays refused.
     /// Default 15m.
     pub auth_lockout: Duration,
+    /// Bytes all sessions together may buffer for messages in progress; when spent, a new
+    /// DATA/BDAT gets `452 4.3.1` and a message that would grow past it is refused with it.
+    /// At least `max_message_size`. Default 256 MiB.
+    pub max_inflight_bytes: u64,
 }
 
 /// A number of events per window, written `"100/10s"`: a burst of `count` at once, and then
@@ -246,6 +250,7 @@ impl Default for Limits {
             max_auth_failures: 5,
             auth_failure_delay: Duration::from_secs(1),
             auth_lockout: Duration::from_secs(15 * 60),
+            max_inflight_bytes: 256 << 20,
         }
     }
 }
@@ -618,7 +623,7 @@ fn compile_limits(r: &mut TableReader<'_>) -> Limits {
     let d = Limits::default();
     let positive_count = |v: &Value| count(v).and_then(nonzero);
     let positive_duration = |v: &Value| duration(v).and_then(nonzero);
-    Limits {
+    let limits = Limits {
         max_message_size: r
             .get("max_message_size", |v| size(v).and_then(nonzero))
             .unwrap_or(d.max_message_size),
@@ -669,7 +674,21 @@ fn compile_limits(r: &mut TableReader<'_>) -> Limits {
         auth_lockout: r
             .get("auth_lockout", positive_duration)
             .unwrap_or(d.auth_lockout),
+        max_inflight_bytes: r
+            .get("max_inflight_bytes", |v| size(v).and_then(nonzero))
+            .unwrap_or(d.max_inflight_bytes),
+    };
+    // A message the budget can never hold would be refused however idle the server is.
+    if limits.max_inflight_bytes < limits.max_message_size {
+        r.error(
+            "max_inflight_bytes",
+            format!(
+                "must be at least limits.max_message_size ({} bytes), found {} bytes",
+                limits.max_message_size, limits.max_inflight_bytes
+            ),
+        );
     }
+    limits
 }
 
 /// `"100/10s"`: a count, `/`, and a duration.
@@ -1111,7 +1130,8 @@ mod tests {
             "{MINIMAL}\n[limits]\nsession_timeout = \"2m\"\nmin_data_rate = \"2KiB\"\n\
              min_data_rate_window = \"5s\"\nipv6_prefix = 48\n\
              max_connection_rate_per_ip = \"20/1m\"\nmax_auth_failures = 3\n\
-             auth_failure_delay = \"0s\"\nauth_lockout = \"1h\"\n"
+             auth_failure_delay = \"0s\"\nauth_lockout = \"1h\"\n\
+             max_inflight_bytes = \"64MiB\"\n"
         ))
         .unwrap();
         let l = config.limits;
@@ -1131,19 +1151,23 @@ mod tests {
         assert_eq!(l.max_auth_failures, 3);
         assert_eq!(l.auth_failure_delay, Duration::ZERO, "no delay is allowed");
         assert_eq!(l.auth_lockout, Duration::from_secs(3600));
+        assert_eq!(l.max_inflight_bytes, 64 << 20);
         let d = Limits::default();
         assert_eq!(d.session_timeout, Duration::from_secs(1800));
         assert_eq!(d.max_connection_rate_per_ip.to_string(), "100/10s");
+        assert_eq!(d.max_inflight_bytes, 256 << 20);
 
         let errors = errors(&format!(
             "{MINIMAL}\n[limits]\nipv6_prefix = 0\nmax_connection_rate_per_ip = \"100\"\n\
-             session_timeout = \"0s\"\nmin_data_rate = 0\n"
+             session_timeout = \"0s\"\n\
+             max_message_size = \"10MiB\"\nmax_inflight_bytes = \"1MiB\"\nmin_data_rate = 0\n"
         ));
         let expected = [
             "limits.session_timeout: must be greater than 0",
             "limits.min_data_rate: must be greater than 0",
             "limits.ipv6_prefix: must be between 1 and 128, found 0",
             "limits.max_connection_rate_per_ip: invalid rate \"100\" (expected a count, '/', and a duration",
+            "limits.max_inflight_bytes: must be at least limits.max_message_size (10485760 bytes), found 1048576 bytes",
         ];
         for want in expected {
             assert!(

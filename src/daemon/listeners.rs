@@ -31,8 +31,8 @@ pub struct Listeners {
     intake: Intake,
     feedback: Feedback,
     metrics: Arc<Metrics>,
-    /// Per-client accounting and the password checks: kept across reloads, which rebuild the
-    /// session config around them.
+    /// Per-client accounting, the inflight budget and the password checks: kept across
+    /// reloads, which rebuild the session config around them.
     shared: Shared,
     addresses: Vec<SocketAddr>,
     accepting: TaskTracker,

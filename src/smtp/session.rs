@@ -9,19 +9,21 @@
 //! session's own deadline (`limits.session_timeout`), the minimum data rate while content
 //! arrives, and for an open BDAT transaction `data_timeout` since its last chunk. Every write
 //! waits at most `limits.command_timeout`: a client that does not read its replies is
-//! dropped like one that does not send.
+//! dropped like one that does not send. Message buffers grow only within a reservation of the
+//! global [`Budget`]; when it is spent, DATA/BDAT gets `452 4.3.1`.
 //!
 //! Invariants:
 //! - `250 ... queued as` is written only after [`Intake::accept`] returned, i.e. after the
 //!   spool's fsync.
-//! - A message whose client was dropped (timeout, too slow, session deadline) is never
-//!   handed to [`Intake`].
+//! - A message whose client was dropped (timeout, too slow, session deadline) or that did not
+//!   fit the budget is never handed to [`Intake`].
 //! - Bytes pipelined after STARTTLS are discarded, never carried into the TLS session
 //!   (CVE-2011-0411 class command injection).
 //! - AUTH is refused on a connection without TLS; passwords never cross in clear.
 //! - Every reply but the greeting and EHLO carries an enhanced status code.
 
 use super::anvil::{self, Anvil};
+use super::budget::{self, Budget, Reservation};
 use super::deadline::{self, DataRate, Expiry};
 use crate::auth::{Credentials, Verifier};
 use crate::config::Limits;
@@ -68,6 +70,8 @@ pub struct SessionConfig {
 pub struct Shared {
     /// Per-client accounting: connection caps and rate, AUTH failures.
     pub anvil: Arc<Anvil>,
+    /// Bytes buffered for messages in progress, all sessions together.
+    pub inflight: Arc<Budget>,
     /// Password checks, a capped number at a time.
     pub verifier: Arc<Verifier>,
 }
@@ -76,7 +80,8 @@ impl Shared {
     /// `verifications`: how many argon2 checks may run at once.
     pub fn new(metrics: Arc<Metrics>, verifications: usize) -> Shared {
         Shared {
-            anvil: Anvil::new(metrics),
+            anvil: Anvil::new(metrics.clone()),
+            inflight: Budget::new(metrics),
             verifier: Arc::new(Verifier::new(verifications)),
         }
     }
@@ -128,6 +133,8 @@ struct Chunks {
     content: Vec<u8>,
     size: usize,
     check: ContentCheck,
+    /// What `content` may take of the inflight budget.
+    held: Reservation,
     /// The data rate since the first chunk, command waits between chunks included.
     rate: DataRate,
     /// When the last chunk was complete.
@@ -543,16 +550,46 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Some(_) => {}
         }
+        let limits = self.config.limits;
+        let max = limits.max_message_size as usize;
+        let initial = READ_CHUNK.min(max);
+        // Refused before the 354, so the transaction stays and DATA may be tried again.
+        let Some(held) = self
+            .config
+            .shared
+            .inflight
+            .reserve(initial, limits.max_inflight_bytes)
+        else {
+            self.config.metrics.message_rejected(Rejection::Inflight);
+            self.error_reply(policy::too_much_in_flight());
+            return Ok(Next::Continue);
+        };
         self.reply(354, "2.0.0", "End data with <CR><LF>.<CR><LF>");
         self.flush().await?;
 
-        let limits = self.config.limits;
-        let max = limits.max_message_size as usize;
         let mut decoder = DataDecoder::new(max);
-        let mut content = Vec::with_capacity(READ_CHUNK.min(max));
+        let mut content = Vec::with_capacity(initial);
+        // `None` once the budget could not spare more: the rest is read and discarded.
+        let mut held = Some(held);
+        let mut discarded = Vec::new();
         let mut rate = DataRate::new(Instant::now(), &limits);
         let end = loop {
-            let (used, end) = decoder.feed(&self.rbuf[self.rpos..], &mut content);
+            let input = &self.rbuf[self.rpos..];
+            if let Some(reservation) = held.as_mut() {
+                let budget_max = limits.max_inflight_bytes;
+                if !budget::make_room(&mut content, reservation, input.len(), max, budget_max) {
+                    // Memory first, then the reservation that counted it.
+                    content = Vec::new();
+                    held = None;
+                }
+            }
+            let out = if held.is_some() {
+                &mut content
+            } else {
+                discarded.clear();
+                &mut discarded
+            };
+            let (used, end) = decoder.feed(input, out);
             self.rpos += used;
             if let Some(end) = end {
                 break end;
@@ -562,7 +599,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         };
         let tx = self.state.tx.take().expect("checked above");
-        self.finish_message(tx, content, end.size, end.flags).await;
+        let Some(held) = held else {
+            // Too large is final; out of budget is for now.
+            let reply = if end.size > max {
+                self.config.metrics.message_rejected(Rejection::Size);
+                policy::size_exceeded()
+            } else {
+                warn!(peer = %self.state.peer, "refused a message: inflight budget spent");
+                self.config.metrics.message_rejected(Rejection::Inflight);
+                policy::too_much_in_flight()
+            };
+            self.error_reply(reply);
+            return Ok(Next::Continue);
+        };
+        self.finish_message(tx, content, end.size, end.flags, held)
+            .await;
         Ok(Next::Continue)
     }
 
@@ -571,43 +622,82 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let max = limits.max_message_size as usize;
         let now = Instant::now();
         // RFC 3030: the chunk is read whatever the verdict, or the session loses sync.
-        let refusal = match &self.state.tx {
+        let mut refusal = match &self.state.tx {
             None => Some(Reply::new(503, "5.5.1", "Error: need MAIL command")),
             Some(tx) if tx.recipients.is_empty() => {
                 Some(Reply::new(554, "5.5.1", "Error: no valid recipients"))
             }
             Some(_) => None,
         };
+        // `None` while refused: the chunk is read and discarded.
         let mut chunks = match self.state.tx.as_mut().and_then(|tx| tx.bdat.take()) {
-            Some(chunks) => chunks,
-            None => Chunks {
-                content: Vec::new(),
-                size: 0,
-                check: ContentCheck::default(),
-                rate: DataRate::new(now, &limits),
-                last: now,
-            },
+            Some(chunks) => Some(chunks),
+            None if refusal.is_none() => {
+                let initial = READ_CHUNK.min(max).min(chunk_size.max(1));
+                match self
+                    .config
+                    .shared
+                    .inflight
+                    .reserve(initial, limits.max_inflight_bytes)
+                {
+                    Some(held) => Some(Chunks {
+                        content: Vec::with_capacity(initial),
+                        size: 0,
+                        check: ContentCheck::default(),
+                        held,
+                        rate: DataRate::new(now, &limits),
+                        last: now,
+                    }),
+                    None => {
+                        refusal = Some(policy::too_much_in_flight());
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let mut rate = match &chunks {
+            Some(chunks) => chunks.rate.clone(),
+            None => DataRate::new(now, &limits),
         };
         let mut left = chunk_size;
         while left > 0 {
-            if self.rpos == self.rbuf.len() && !self.read_data_input(&mut chunks.rate).await? {
+            if self.rpos == self.rbuf.len() && !self.read_data_input(&mut rate).await? {
                 return Ok(Next::Close);
             }
             let take = left.min(self.rbuf.len() - self.rpos);
             let bytes = &self.rbuf[self.rpos..self.rpos + take];
-            if refusal.is_none() {
-                chunks.check.scan(bytes);
-                let room = max.saturating_sub(chunks.content.len());
-                chunks.content.extend_from_slice(&bytes[..take.min(room)]);
-                chunks.size += take;
+            let mut spent = false;
+            if let Some(c) = chunks.as_mut() {
+                let store = take.min(max.saturating_sub(c.content.len()));
+                let budget_max = limits.max_inflight_bytes;
+                if budget::make_room(&mut c.content, &mut c.held, store, max, budget_max) {
+                    c.check.scan(bytes);
+                    c.content.extend_from_slice(&bytes[..store]);
+                    c.size += take;
+                } else {
+                    spent = true;
+                }
+            }
+            if spent {
+                // The transaction is lost: its buffer goes back now, not after the chunk.
+                chunks = None;
+                refusal = Some(policy::too_much_in_flight());
             }
             self.rpos += take;
             left -= take;
         }
         if let Some(reply) = refusal {
+            if reply.code == 452 {
+                warn!(peer = %self.state.peer, "refused a BDAT chunk: inflight budget spent");
+                self.config.metrics.message_rejected(Rejection::Inflight);
+                self.state.tx = None;
+            }
             self.error_reply(reply);
             return Ok(Next::Continue);
         }
+        let mut chunks = chunks.expect("a chunk that is not refused has a buffer");
+        chunks.rate = rate;
         chunks.last = Instant::now();
         if !is_last {
             if chunks.size > max {
@@ -625,18 +715,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let tx = self.state.tx.take().expect("checked above");
         let flags = chunks.check.finish();
-        self.finish_message(tx, chunks.content, chunks.size, flags)
+        self.finish_message(tx, chunks.content, chunks.size, flags, chunks.held)
             .await;
         Ok(Next::Continue)
     }
 
-    /// Decides on a complete message and, if it is acceptable, makes it durable.
+    /// Decides on a complete message and, if it is acceptable, makes it durable. `_held` is
+    /// the budget `content` takes, given back once the spool has it or it is refused.
     async fn finish_message(
         &mut self,
         tx: Transaction,
         content: Vec<u8>,
         size: usize,
         flags: ContentFlags,
+        _held: Reservation,
     ) {
         if size > self.config.limits.max_message_size as usize {
             self.config.metrics.message_rejected(Rejection::Size);

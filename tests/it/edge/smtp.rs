@@ -51,6 +51,24 @@ async fn wait_sample(server: &TestServer, name: &str, want: f64) {
     }
 }
 
+/// The bytes sessions hold for messages in progress, once they stop changing for a moment
+/// (the server has read what was sent), checked against the budget every time.
+async fn inflight_settled(server: &TestServer, budget: f64) -> f64 {
+    let mut last = -1.0;
+    loop {
+        let now = sample(server, "tern_smtp_inflight_bytes").await;
+        assert!(
+            now <= budget,
+            "{now} bytes buffered, over the budget {budget}"
+        );
+        if now == last {
+            return now;
+        }
+        last = now;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Content of exactly `len` bytes: a header, then CRLF lines of at most 100 bytes.
 fn content(len: usize) -> Vec<u8> {
     let mut out = b"Subject: big\r\n\r\n".to_vec();
@@ -307,6 +325,79 @@ async fn password_guessing_is_slowed_then_refused() {
     server.stop().await;
 }
 
+/// Issue 13: every session buffered its message in memory without a global limit, so many
+/// clients sending large messages at once grew memory until the kernel killed the daemon
+/// (with everything in it). Now the buffers of all sessions stay within
+/// `max_inflight_bytes`: when it is spent, DATA and BDAT get 452 4.3.1, a message that would
+/// grow past it is refused with 452 4.3.1, and the messages that fit are accepted whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_sessions_sending_data_at_once_get_452_not_oom() {
+    const BUDGET: f64 = 131_072.0;
+    let server = TestServer::start(options(&[
+        ("max_message_size", "\"128KiB\""),
+        ("max_inflight_bytes", "\"128KiB\""),
+    ]))
+    .await;
+    let ready = || async {
+        let mut c = server.connect().await;
+        c.ehlo().await;
+        c.expect("MAIL FROM:<a@client.test>", 250, "2.1.0").await;
+        c.expect("RCPT TO:<x@sink.test>", 250, "2.1.5").await;
+        c
+    };
+    // A buffer doubles as it grows, within the budget: A's 100,000 bytes hold all 128 KiB.
+    let big = content(100_000);
+    let mut a = ready().await;
+    a.expect("DATA", 354, "").await;
+    a.send(&big).await;
+    assert_eq!(inflight_settled(&server, BUDGET).await, BUDGET);
+    // The budget is spent: DATA and BDAT are refused, the BDAT chunk is read and dropped.
+    let mut b = ready().await;
+    b.expect("DATA", 452, "4.3.1").await;
+    b.send(b"BDAT 5000\r\n").await;
+    b.send(vec![b'y'; 5000]).await;
+    b.reply().await.assert(452, "4.3.1");
+    b.expect("NOOP", 250, "2.0.0").await;
+    // A's message was within the budget and is accepted whole.
+    a.send(b".\r\n").await;
+    let a_id = a.reply().await.queued_id();
+    prepended(&server.body(a_id), &big, false);
+    assert_eq!(inflight_settled(&server, BUDGET).await, 0.0);
+
+    // Two at once: C and D hold 64 KiB each; D's next bytes find no room and D's message is
+    // refused, C's is accepted.
+    let (mut c, mut d) = (ready().await, ready().await);
+    let half = content(60_000);
+    c.expect("DATA", 354, "").await;
+    d.expect("DATA", 354, "").await;
+    c.send(&half).await;
+    d.send(&half).await;
+    assert_eq!(inflight_settled(&server, BUDGET).await, BUDGET);
+    d.send(content(10_000)).await;
+    d.send(b".\r\n").await;
+    d.reply().await.assert(452, "4.3.1");
+    c.send(b".\r\n").await;
+    let c_id = c.reply().await.queued_id();
+    prepended(&server.body(c_id), &half, false);
+    assert_eq!(server.envelopes().len(), 2, "A and C only");
+
+    // Memory given back: B's transaction goes through now.
+    assert_eq!(inflight_settled(&server, BUDGET).await, 0.0);
+    let mut b = ready().await;
+    b.expect("DATA", 354, "").await;
+    b.send(dot_stuff(&message("b"))).await;
+    b.reply().await.queued_id();
+    assert_eq!(
+        sample(
+            &server,
+            "tern_messages_rejected_total{reason=\"inflight_bytes\"}"
+        )
+        .await,
+        3.0
+    );
+    server.stop().await;
+}
+
 /// Issue 13: between BDAT chunks the session waited for commands, each within
 /// `command_timeout`, so a client sending NOOP now and then kept its half-received message
 /// in memory for ever. Now a BDAT transaction without a chunk for `data_timeout` ends the
@@ -325,6 +416,7 @@ async fn an_idle_bdat_transaction_loses_its_buffer_after_data_timeout() {
     c.send(b"BDAT 20000\r\n").await;
     c.send(content(20_000)).await;
     c.reply().await.assert(250, "2.0.0");
+    assert!(sample(&server, "tern_smtp_inflight_bytes").await >= 20_000.0);
     let start = Instant::now();
     // A NOOP every 100 ms: the session is busy, the transaction idle.
     let bye = loop {
@@ -342,6 +434,7 @@ async fn an_idle_bdat_transaction_loses_its_buffer_after_data_timeout() {
     };
     bye.assert(421, "4.4.2");
     assert!(c.replies_until_close().await.is_empty());
+    wait_sample(&server, "tern_smtp_inflight_bytes", 0.0).await;
     server.assert_spool_empty();
     assert_eq!(
         sample(
