@@ -5,7 +5,8 @@
 //! network; everyone else gets 554 5.7.1 at RCPT time, before any data is read (the bounce
 //! domains excepted: the session lets anyone mail them). A recipient on the suppression
 //! list gets 550 5.7.1 in reject mode ([`suppressed`]). The refusals of the SMTP edge's own
-//! limits are here too ([`too_much_in_flight`]), so SMTP and the tests speak one wording.
+//! limits are here too ([`too_much_in_flight`], [`bounce_rate_exceeded`]), so SMTP and the
+//! tests speak one wording.
 
 use crate::config::{Config, SuppressionMode};
 use crate::events::{Event, Kind};
@@ -95,6 +96,16 @@ pub fn too_much_in_flight() -> Reply {
         452,
         "4.3.1",
         "Insufficient system resources: too much mail in transit, try again later",
+    )
+}
+
+/// The refusal of one more message to the bounce domains from a client over
+/// `limits.max_bounce_rate_per_ip`.
+pub fn bounce_rate_exceeded() -> Reply {
+    Reply::new(
+        450,
+        "4.7.1",
+        "Too much mail to this domain from your address, try again later",
     )
 }
 

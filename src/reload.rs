@@ -3,10 +3,10 @@
 //! Live keys (applied to new sessions, new attempts and new routing decisions; sessions and
 //! attempts already running finish with the values they started with): `[[routes]]`,
 //! `[limits]` (session limits and timeouts, the connection caps and rates, `ipv6_prefix`, the
-//! AUTH throttle, `max_inflight_bytes`: the SMTP edge keeps its per-client state and the bytes
-//! it holds, and applies the new values to its next decisions), `[relay]`, `[auth]`,
-//! `[[dkim]]` (keys re-read from disk: rotation), `[delivery]` except the keys below, and
-//! `log.level`.
+//! AUTH throttle, `max_inflight_bytes`, the bounce-mail rate: the SMTP edge keeps its
+//! per-client state and the bytes it holds, and applies the new values to its next
+//! decisions), `[relay]`, `[auth]`, `[[dkim]]` (keys re-read from disk: rotation),
+//! `[delivery]` except the keys below, and `log.level`.
 //!
 //! Restart keys ([`RESTART_KEYS`]): sockets, files and threads opened once at start. A changed
 //! value is reported ("needs a restart") and the running value is kept, so the effective

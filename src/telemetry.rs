@@ -64,12 +64,14 @@ pub enum Rejection {
     ConnectionRate,
     /// AUTH from a client or for a user with too many recent failures (454 4.7.0).
     AuthThrottled,
+    /// Mail to a bounce domain over `limits.max_bounce_rate_per_ip` (450 4.7.1).
+    BounceRate,
     /// DATA/BDAT while `limits.max_inflight_bytes` is spent (452 4.3.1).
     Inflight,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 13] = [
+    pub const ALL: [Rejection; 14] = [
         Rejection::RelayDenied,
         Rejection::Size,
         Rejection::Recipients,
@@ -82,6 +84,7 @@ impl Rejection {
         Rejection::Loop,
         Rejection::ConnectionRate,
         Rejection::AuthThrottled,
+        Rejection::BounceRate,
         Rejection::Inflight,
     ];
 
@@ -99,6 +102,7 @@ impl Rejection {
             Rejection::Loop => "loop",
             Rejection::ConnectionRate => "connection_rate",
             Rejection::AuthThrottled => "auth_throttled",
+            Rejection::BounceRate => "bounce_rate",
             Rejection::Inflight => "inflight_bytes",
         }
     }
@@ -145,13 +149,15 @@ impl Disconnect {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientTable {
     ConnectionRate,
+    BounceRate,
     AuthClient,
     AuthUser,
 }
 
 impl ClientTable {
-    pub const ALL: [ClientTable; 3] = [
+    pub const ALL: [ClientTable; 4] = [
         ClientTable::ConnectionRate,
+        ClientTable::BounceRate,
         ClientTable::AuthClient,
         ClientTable::AuthUser,
     ];
@@ -159,6 +165,7 @@ impl ClientTable {
     pub fn as_str(self) -> &'static str {
         match self {
             ClientTable::ConnectionRate => "connection_rate",
+            ClientTable::BounceRate => "bounce_rate",
             ClientTable::AuthClient => "auth_client",
             ClientTable::AuthUser => "auth_user",
         }
@@ -436,7 +443,7 @@ impl Metrics {
             ),
             smtp_client_evictions: counter_vec(
                 "tern_smtp_client_evictions_total",
-                "Live per-client entries dropped because their table was full (65,536 clients), by table: connection_rate, auth_client, auth_user.",
+                "Live per-client entries dropped because their table was full (65,536 clients), by table: connection_rate, bounce_rate, auth_client, auth_user.",
                 &["table"],
             ),
             messages_received: counter_vec(
@@ -446,7 +453,7 @@ impl Metrics {
             ),
             messages_rejected: counter_vec(
                 "tern_messages_rejected_total",
-                "Inbound refusals by reason (recipients for relay_denied/recipients, attempts for auth_failed/auth_throttled, connections for connection_rate).",
+                "Inbound refusals by reason (recipients for relay_denied/recipients/bounce_rate, attempts for auth_failed/auth_throttled, connections for connection_rate).",
                 &["reason"],
             ),
             spool_messages: gauge(

@@ -209,6 +209,9 @@ pub struct Limits {
     /// DATA/BDAT gets `452 4.3.1` and a message that would grow past it is refused with it.
     /// At least `max_message_size`. Default 256 MiB.
     pub max_inflight_bytes: u64,
+    /// Messages to the bounce domains per client outside the relay networks (and not
+    /// authenticated); over it, `450 4.7.1` at RCPT. Default 60 per minute.
+    pub max_bounce_rate_per_ip: WindowRate,
 }
 
 /// A number of events per window, written `"100/10s"`: a burst of `count` at once, and then
@@ -251,6 +254,10 @@ impl Default for Limits {
             auth_failure_delay: Duration::from_secs(1),
             auth_lockout: Duration::from_secs(15 * 60),
             max_inflight_bytes: 256 << 20,
+            max_bounce_rate_per_ip: WindowRate {
+                count: 60,
+                window: Duration::from_secs(60),
+            },
         }
     }
 }
@@ -677,6 +684,9 @@ fn compile_limits(r: &mut TableReader<'_>) -> Limits {
         max_inflight_bytes: r
             .get("max_inflight_bytes", |v| size(v).and_then(nonzero))
             .unwrap_or(d.max_inflight_bytes),
+        max_bounce_rate_per_ip: r
+            .get("max_bounce_rate_per_ip", window_rate)
+            .unwrap_or(d.max_bounce_rate_per_ip),
     };
     // A message the budget can never hold would be refused however idle the server is.
     if limits.max_inflight_bytes < limits.max_message_size {
@@ -1131,7 +1141,7 @@ mod tests {
              min_data_rate_window = \"5s\"\nipv6_prefix = 48\n\
              max_connection_rate_per_ip = \"20/1m\"\nmax_auth_failures = 3\n\
              auth_failure_delay = \"0s\"\nauth_lockout = \"1h\"\n\
-             max_inflight_bytes = \"64MiB\"\n"
+             max_inflight_bytes = \"64MiB\"\nmax_bounce_rate_per_ip = \"10/1s\"\n"
         ))
         .unwrap();
         let l = config.limits;
@@ -1152,6 +1162,13 @@ mod tests {
         assert_eq!(l.auth_failure_delay, Duration::ZERO, "no delay is allowed");
         assert_eq!(l.auth_lockout, Duration::from_secs(3600));
         assert_eq!(l.max_inflight_bytes, 64 << 20);
+        assert_eq!(
+            l.max_bounce_rate_per_ip,
+            WindowRate {
+                count: 10,
+                window: Duration::from_secs(1)
+            }
+        );
         let d = Limits::default();
         assert_eq!(d.session_timeout, Duration::from_secs(1800));
         assert_eq!(d.max_connection_rate_per_ip.to_string(), "100/10s");
@@ -1159,7 +1176,7 @@ mod tests {
 
         let errors = errors(&format!(
             "{MINIMAL}\n[limits]\nipv6_prefix = 0\nmax_connection_rate_per_ip = \"100\"\n\
-             session_timeout = \"0s\"\n\
+             max_bounce_rate_per_ip = \"0/1m\"\nsession_timeout = \"0s\"\n\
              max_message_size = \"10MiB\"\nmax_inflight_bytes = \"1MiB\"\nmin_data_rate = 0\n"
         ));
         let expected = [
@@ -1167,6 +1184,7 @@ mod tests {
             "limits.min_data_rate: must be greater than 0",
             "limits.ipv6_prefix: must be between 1 and 128, found 0",
             "limits.max_connection_rate_per_ip: invalid rate \"100\" (expected a count, '/', and a duration",
+            "limits.max_bounce_rate_per_ip: \"0/1m\": count and duration must be greater than 0",
             "limits.max_inflight_bytes: must be at least limits.max_message_size (10485760 bytes), found 1048576 bytes",
         ];
         for want in expected {

@@ -1,6 +1,6 @@
 //! Per-client accounting at the SMTP edge, after Postfix's anvil: open connections (in total
-//! and per client), the connection rate per client, and AUTH failures per client and per user
-//! name.
+//! and per client), the connection rate per client, the rate of mail to the bounce domains
+//! per client, and AUTH failures per client and per user name.
 //!
 //! A client is its address, with IPv6 grouped by `limits.ipv6_prefix` ([`client_key`]): one
 //! subscriber holds a whole /64, so counting single IPv6 addresses would count nothing.
@@ -156,6 +156,7 @@ struct Auth {
 pub struct Anvil {
     metrics: Arc<Metrics>,
     connections: Mutex<Connections>,
+    bounce: Mutex<Table<IpAddr, Instant>>,
     auth: Mutex<Auth>,
 }
 
@@ -176,6 +177,7 @@ impl Anvil {
                 open: HashMap::new(),
                 rate: Table::new(ClientTable::ConnectionRate, cap),
             }),
+            bounce: Mutex::new(Table::new(ClientTable::BounceRate, cap)),
             auth: Mutex::new(Auth {
                 clients: Table::new(ClientTable::AuthClient, cap),
                 users: Table::new(ClientTable::AuthUser, cap),
@@ -220,6 +222,20 @@ impl Anvil {
 
     pub fn open_connections(&self) -> usize {
         lock(&self.connections).total
+    }
+
+    /// Whether one more message from `ip` to the bounce domains fits
+    /// `limits.max_bounce_rate_per_ip` (and counts it if so).
+    pub fn bounce_mail(&self, ip: IpAddr, limits: &Limits, now: Instant) -> bool {
+        let key = client_key(ip, limits.ipv6_prefix);
+        let mut table = lock(&self.bounce);
+        let tat = table.map.get(&key).copied();
+        let Some(tat) = gcra(tat, now, limits.max_bounce_rate_per_ip) else {
+            return false;
+        };
+        table.make_room(&key, now, |t| *t <= now, &self.metrics);
+        table.map.insert(key, tat);
+        true
     }
 
     /// Whether `ip` has used up its AUTH failures (before it names a user).
@@ -465,6 +481,19 @@ mod tests {
             drop(anvil.admit(c, &l, true, t0).expect("exempt from the rate"));
         }
         assert_eq!(anvil.open_connections(), 0);
+    }
+
+    #[test]
+    fn bounce_mail_rate_per_client() {
+        let anvil = Anvil::new(Arc::new(Metrics::new()));
+        let mut l = limits();
+        l.max_bounce_rate_per_ip = rate(2, 60);
+        let t0 = Instant::now();
+        assert!(anvil.bounce_mail(ip("192.0.2.1"), &l, t0));
+        assert!(anvil.bounce_mail(ip("192.0.2.1"), &l, t0));
+        assert!(!anvil.bounce_mail(ip("192.0.2.1"), &l, t0));
+        assert!(anvil.bounce_mail(ip("192.0.2.2"), &l, t0));
+        assert!(anvil.bounce_mail(ip("192.0.2.1"), &l, t0 + Duration::from_secs(30)));
     }
 
     #[test]

@@ -68,7 +68,7 @@ pub struct SessionConfig {
 /// limits they apply are each session's config snapshot).
 #[derive(Clone)]
 pub struct Shared {
-    /// Per-client accounting: connection caps and rate, AUTH failures.
+    /// Per-client accounting: connection caps and rate, bounce-mail rate, AUTH failures.
     pub anvil: Arc<Anvil>,
     /// Bytes buffered for messages in progress, all sessions together.
     pub inflight: Arc<Budget>,
@@ -127,6 +127,8 @@ struct Transaction {
     recipients: Vec<Recipient>,
     /// Content collected by BDAT chunks so far.
     bdat: Option<Chunks>,
+    /// Whether this transaction was counted against `limits.max_bounce_rate_per_ip`.
+    bounce_counted: bool,
 }
 
 struct Chunks {
@@ -436,6 +438,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             ret,
             recipients: Vec::new(),
             bdat: None,
+            bounce_counted: false,
         });
         self.reply(250, "2.1.0", "Ok");
     }
@@ -508,12 +511,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !duplicate {
             // Bounce domains take mail from anyone: that is where bounces come back.
             let feedback = &self.config.feedback;
-            let relay_ok = authenticated || feedback.is_bounce_address(&to.address);
-            if let Err(reply) = self
-                .config
-                .policy
-                .recipient(peer, relay_ok, tx.recipients.len())
-            {
+            let bounce = feedback.is_bounce_address(&to.address);
+            let relay_ok = authenticated || bounce;
+            let rules = &self.config.policy;
+            if let Err(reply) = rules.recipient(peer, relay_ok, tx.recipients.len()) {
                 // The policy refuses with 452 for the recipient limit, else for relaying.
                 self.config.metrics.message_rejected(if reply.code == 452 {
                     Rejection::Recipients
@@ -521,6 +522,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     Rejection::RelayDenied
                 });
                 return self.error_reply(reply);
+            }
+            // ... but not as fast as they like: once per transaction, clients tern does
+            // not serve are held to a rate (mail from the relay networks is tern's own).
+            if bounce && !tx.bounce_counted && !authenticated && !rules.in_relay_network(peer) {
+                let (anvil, limits) = (&self.config.shared.anvil, &self.config.limits);
+                if !anvil.bounce_mail(peer, limits, Instant::now()) {
+                    self.config.metrics.message_rejected(Rejection::BounceRate);
+                    return self.error_reply(policy::bounce_rate_exceeded());
+                }
+                tx.bounce_counted = true;
             }
             if let Some(reply) = crate::policy::suppressed(feedback, &to.address, "smtp") {
                 self.config.metrics.message_rejected(Rejection::Suppressed);

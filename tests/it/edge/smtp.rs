@@ -1,6 +1,6 @@
 //! The SMTP listener and its sessions, attacked: clients that hold connections (never read,
-//! never leave, trickle data), floods (connections, password guesses) and many clients
-//! sending at once. Clients outside the relay networks connect from
+//! never leave, trickle data), floods (connections, password guesses, bounce-domain mail)
+//! and many clients sending at once. Clients outside the relay networks connect from
 //! 127.0.0.2 and 127.0.0.3; 127.0.0.1 is the relay network.
 
 use std::net::SocketAddr;
@@ -10,6 +10,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::*;
+
+const BOUNCE: &str = "bounce.example.com";
 
 /// Relays for 127.0.0.1 only, with `limits` set.
 fn options(limits: &[(&str, &str)]) -> Options {
@@ -440,6 +442,46 @@ async fn an_idle_bdat_transaction_loses_its_buffer_after_data_timeout() {
         sample(
             &server,
             "tern_smtp_disconnects_total{reason=\"data_timeout\"}"
+        )
+        .await,
+        1.0
+    );
+    server.stop().await;
+}
+
+/// Issue 13: the bounce domains take mail from anyone, with no limit: one client could fill
+/// the spool and keep the bounce processor busy. Now messages to the bounce domains are
+/// limited per client (`max_bounce_rate_per_ip`, counted once per message), answered
+/// 450 4.7.1 at RCPT; other clients and the relay networks are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounce_domain_flood_from_one_client_gets_450() {
+    let server = TestServer::start(
+        options(&[("max_bounce_rate_per_ip", "\"3/1m\"")])
+            .extra(format!("[bounce]\ndomains = [\"{BOUNCE}\"]\n")),
+    )
+    .await;
+    let (one, two) = (format!("a@{BOUNCE}"), format!("b@{BOUNCE}"));
+    let report = message("report");
+    let mut flood = client_from("127.0.0.2", server.smtp).await;
+    for _ in 0..3 {
+        // Two bounce addresses, one message: counted once.
+        flood.submit("", &[&one, &two], &report).await;
+    }
+    flood.expect("MAIL FROM:<>", 250, "2.1.0").await;
+    flood
+        .expect(&format!("RCPT TO:<{one}>"), 450, "4.7.1")
+        .await;
+    flood.expect("RSET", 250, "2.0.0").await;
+    let mut other = client_from("127.0.0.3", server.smtp).await;
+    other.submit("", &[&one], &report).await;
+    let mut relay = client_from("127.0.0.1", server.smtp).await;
+    for _ in 0..5 {
+        relay.submit("", &[&one], &report).await;
+    }
+    assert_eq!(
+        sample(
+            &server,
+            "tern_messages_rejected_total{reason=\"bounce_rate\"}"
         )
         .await,
         1.0
