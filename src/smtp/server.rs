@@ -48,8 +48,11 @@ impl Server {
         info!(address = ?local, ?mode, "listening");
         loop {
             let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
+                // Shutdown first: once it is signalled, a connection waiting in the backlog is
+                // never taken (an unbiased select picks either when both are ready).
+                biased;
                 _ = self.shutdown.cancelled() => break,
+                accepted = listener.accept() => accepted,
             };
             let (stream, peer) = match accepted {
                 Ok(pair) => pair,
