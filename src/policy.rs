@@ -4,7 +4,9 @@
 //! Relay is allowed for authenticated sessions and for clients inside a configured relay
 //! network; everyone else gets 554 5.7.1 at RCPT time, before any data is read (the bounce
 //! domains excepted: the session lets anyone mail them). A recipient on the suppression
-//! list gets 550 5.7.1 in reject mode ([`suppressed`]).
+//! list gets 550 5.7.1 in reject mode ([`suppressed`]). The refusals of the SMTP edge's own
+//! limits are here too ([`too_much_in_flight`], [`bounce_rate_exceeded`]), so SMTP and the
+//! tests speak one wording.
 
 use crate::config::{Config, SuppressionMode};
 use crate::events::{Event, Kind};
@@ -84,6 +86,27 @@ pub fn header_size_exceeded() -> Reply {
 /// 6.3: a loop).
 pub fn too_many_hops() -> Reply {
     Reply::new(554, "5.4.6", "Too many hops: mail loop detected")
+}
+
+/// The refusal of DATA/BDAT while the bytes buffered by all sessions are at
+/// `limits.max_inflight_bytes` (or of a message that would take them past it): the client
+/// tries again later.
+pub fn too_much_in_flight() -> Reply {
+    Reply::new(
+        452,
+        "4.3.1",
+        "Insufficient system resources: too much mail in transit, try again later",
+    )
+}
+
+/// The refusal of one more message to the bounce domains from a client over
+/// `limits.max_bounce_rate_per_ip`.
+pub fn bounce_rate_exceeded() -> Reply {
+    Reply::new(
+        450,
+        "4.7.1",
+        "Too much mail to this domain from your address, try again later",
+    )
 }
 
 /// The reply for a message over the size limit, declared or actual.

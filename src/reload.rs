@@ -2,8 +2,11 @@
 //!
 //! Live keys (applied to new sessions, new attempts and new routing decisions; sessions and
 //! attempts already running finish with the values they started with): `[[routes]]`,
-//! `[limits]` (session limits and both connection caps), `[relay]`, `[auth]`, `[[dkim]]` (keys
-//! re-read from disk: rotation), `[delivery]` except the keys below, and `log.level`.
+//! `[limits]` (session limits and timeouts, the connection caps and rates, `ipv6_prefix`, the
+//! AUTH throttle, `max_inflight_bytes`, the bounce-mail rate: the SMTP edge keeps its
+//! per-client state and the bytes it holds, and applies the new values to its next
+//! decisions), `[relay]`, `[auth]`, `[[dkim]]` (keys re-read from disk: rotation),
+//! `[delivery]` except the keys below, and `log.level`.
 //!
 //! Restart keys ([`RESTART_KEYS`]): sockets, files and threads opened once at start. A changed
 //! value is reported ("needs a restart") and the running value is kept, so the effective
@@ -101,6 +104,7 @@ pub fn merge(running: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const BASE: &str = "[server]\nhostname = \"a.test\"\n\
         [[listeners]]\naddress = \"127.0.0.1:2525\"\n\
@@ -112,7 +116,8 @@ mod tests {
         let new = Config::parse(
             "[server]\nhostname = \"b.test\"\n\
              [[listeners]]\naddress = \"127.0.0.1:2526\"\n\
-             [limits]\nmax_errors = 3\n\
+             [limits]\nmax_errors = 3\nmax_connection_rate_per_ip = \"5/1s\"\n\
+             session_timeout = \"1m\"\nmax_inflight_bytes = \"1GiB\"\n\
              [spool]\npath = \"/elsewhere\"\n\
              [log]\nformat = \"json\"\nlevel = \"debug\"\n",
         )
@@ -128,6 +133,9 @@ mod tests {
         assert_eq!(effective.log.format, running.log.format);
         // Live keys take the new value.
         assert_eq!(effective.limits.max_errors, 3);
+        assert_eq!(effective.limits.max_connection_rate_per_ip.count, 5);
+        assert_eq!(effective.limits.session_timeout, Duration::from_secs(60));
+        assert_eq!(effective.limits.max_inflight_bytes, 1 << 30);
         assert_eq!(effective.log.level, "debug");
     }
 

@@ -60,10 +60,18 @@ pub enum Rejection {
     HeaderSize,
     /// More `Received` headers than `limits.max_hops`: a mail loop (554 5.4.6).
     Loop,
+    /// A connection over `limits.max_connection_rate_per_ip` (421 4.7.0 at the door).
+    ConnectionRate,
+    /// AUTH from a client or for a user with too many recent failures (454 4.7.0).
+    AuthThrottled,
+    /// Mail to a bounce domain over `limits.max_bounce_rate_per_ip` (450 4.7.1).
+    BounceRate,
+    /// DATA/BDAT while `limits.max_inflight_bytes` is spent (452 4.3.1).
+    Inflight,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 10] = [
+    pub const ALL: [Rejection; 14] = [
         Rejection::RelayDenied,
         Rejection::Size,
         Rejection::Recipients,
@@ -74,6 +82,10 @@ impl Rejection {
         Rejection::Suppressed,
         Rejection::HeaderSize,
         Rejection::Loop,
+        Rejection::ConnectionRate,
+        Rejection::AuthThrottled,
+        Rejection::BounceRate,
+        Rejection::Inflight,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -88,6 +100,74 @@ impl Rejection {
             Rejection::Suppressed => "suppressed",
             Rejection::HeaderSize => "header_size",
             Rejection::Loop => "loop",
+            Rejection::ConnectionRate => "connection_rate",
+            Rejection::AuthThrottled => "auth_throttled",
+            Rejection::BounceRate => "bounce_rate",
+            Rejection::Inflight => "inflight_bytes",
+        }
+    }
+}
+
+/// Why the server ended an SMTP session (the client did not quit): the `reason` label of
+/// `tern_smtp_disconnects_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disconnect {
+    /// No command within `limits.command_timeout`.
+    CommandTimeout,
+    /// No content within `limits.data_timeout`, or a BDAT transaction idle that long.
+    DataTimeout,
+    /// The client did not take a reply within `limits.command_timeout`.
+    WriteTimeout,
+    /// The session lasted `limits.session_timeout`.
+    SessionTimeout,
+    /// Message content slower than `limits.min_data_rate`.
+    TooSlow,
+}
+
+impl Disconnect {
+    pub const ALL: [Disconnect; 5] = [
+        Disconnect::CommandTimeout,
+        Disconnect::DataTimeout,
+        Disconnect::WriteTimeout,
+        Disconnect::SessionTimeout,
+        Disconnect::TooSlow,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Disconnect::CommandTimeout => "command_timeout",
+            Disconnect::DataTimeout => "data_timeout",
+            Disconnect::WriteTimeout => "write_timeout",
+            Disconnect::SessionTimeout => "session_timeout",
+            Disconnect::TooSlow => "too_slow",
+        }
+    }
+}
+
+/// A table of per-client state at the SMTP edge, as the `table` label of
+/// `tern_smtp_client_evictions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientTable {
+    ConnectionRate,
+    BounceRate,
+    AuthClient,
+    AuthUser,
+}
+
+impl ClientTable {
+    pub const ALL: [ClientTable; 4] = [
+        ClientTable::ConnectionRate,
+        ClientTable::BounceRate,
+        ClientTable::AuthClient,
+        ClientTable::AuthUser,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientTable::ConnectionRate => "connection_rate",
+            ClientTable::BounceRate => "bounce_rate",
+            ClientTable::AuthClient => "auth_client",
+            ClientTable::AuthUser => "auth_user",
         }
     }
 }
@@ -195,6 +275,9 @@ pub struct Metrics {
     smtp_connections: IntCounter,
     smtp_connections_rejected: IntCounter,
     smtp_sessions: IntGauge,
+    smtp_disconnects: IntCounterVec,
+    smtp_inflight_bytes: IntGauge,
+    smtp_client_evictions: IntCounterVec,
 
     messages_received: IntCounterVec,
     messages_rejected: IntCounterVec,
@@ -409,6 +492,20 @@ impl Metrics {
                 "Inbound SMTP connections refused at the door (connection limits, 421).",
             ),
             smtp_sessions: gauge("tern_smtp_sessions", "Open inbound SMTP sessions."),
+            smtp_disconnects: counter_vec(
+                "tern_smtp_disconnects_total",
+                "SMTP sessions the server ended with 421 4.4.2, by reason: command_timeout, data_timeout (also an idle BDAT transaction), write_timeout (the client took no reply), session_timeout, too_slow (under limits.min_data_rate).",
+                &["reason"],
+            ),
+            smtp_inflight_bytes: gauge(
+                "tern_smtp_inflight_bytes",
+                "Bytes SMTP sessions hold for messages in progress (limited by limits.max_inflight_bytes).",
+            ),
+            smtp_client_evictions: counter_vec(
+                "tern_smtp_client_evictions_total",
+                "Live per-client entries dropped because their table was full (65,536 clients), by table: connection_rate, bounce_rate, auth_client, auth_user.",
+                &["table"],
+            ),
             messages_received: counter_vec(
                 "tern_messages_received_total",
                 "Messages accepted, by protocol: smtp (250 after DATA/BDAT LAST) or http (200 from POST /api/v1/inject).",
@@ -416,7 +513,7 @@ impl Metrics {
             ),
             messages_rejected: counter_vec(
                 "tern_messages_rejected_total",
-                "Inbound refusals by reason (recipients for relay_denied/recipients, attempts for auth_failed).",
+                "Inbound refusals by reason (recipients for relay_denied/recipients/bounce_rate, attempts for auth_failed/auth_throttled, connections for connection_rate).",
                 &["reason"],
             ),
             spool_messages: gauge(
@@ -614,6 +711,16 @@ impl Metrics {
                 .messages_rejected
                 .with_label_values(&[reason.as_str()]);
         }
+        for reason in Disconnect::ALL {
+            metrics
+                .smtp_disconnects
+                .with_label_values(&[reason.as_str()]);
+        }
+        for table in ClientTable::ALL {
+            metrics
+                .smtp_client_evictions
+                .with_label_values(&[table.as_str()]);
+        }
         for intake in Protocol::ALL {
             metrics
                 .messages_received
@@ -778,6 +885,32 @@ impl Metrics {
     pub fn smtp_session(&self) -> SessionGuard {
         self.smtp_sessions.inc();
         SessionGuard(self.smtp_sessions.clone())
+    }
+
+    /// The server ended a session (421 4.4.2) for `reason`.
+    pub fn smtp_disconnect(&self, reason: Disconnect) {
+        self.smtp_disconnects
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    /// Bytes reserved (positive) or released (negative) for messages in progress.
+    pub fn smtp_inflight_moved(&self, bytes: i64) {
+        self.smtp_inflight_bytes.add(bytes);
+    }
+
+    /// A live entry of a full per-client table was dropped to make room.
+    pub fn smtp_client_evicted(&self, table: ClientTable) {
+        self.smtp_client_evictions
+            .with_label_values(&[table.as_str()])
+            .inc();
+    }
+
+    /// Live entries dropped from `table` so far.
+    pub fn smtp_client_evictions(&self, table: ClientTable) -> u64 {
+        self.smtp_client_evictions
+            .with_label_values(&[table.as_str()])
+            .get()
     }
 
     pub fn message_received(&self, intake: Protocol) {

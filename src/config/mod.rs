@@ -180,6 +180,55 @@ pub struct Limits {
     /// that would exceed it is a mail loop, refused at the end of DATA with `554 5.4.6`.
     /// Default 50 (Postfix's hopcount_limit).
     pub max_hops: usize,
+    /// The longest a session may last, whatever it does; then `421 4.4.2` and close (a
+    /// message in progress is not spooled). Default 30m.
+    pub session_timeout: Duration,
+    /// Bytes per second a client must average during DATA and a BDAT transaction, measured
+    /// over each `min_data_rate_window`; a slower one gets `421 4.4.2` and is dropped.
+    /// Default 1024.
+    pub min_data_rate: u64,
+    /// The window `min_data_rate` is averaged over. Default 1m.
+    pub min_data_rate_window: Duration,
+    /// IPv6 clients are counted per network of this prefix length (one subscriber usually
+    /// holds a whole /64), for the per-IP connection cap and every per-client rate; IPv4
+    /// clients per address. 1 to 128, default 64.
+    pub ipv6_prefix: u8,
+    /// New connections per client outside the relay networks (Postfix's anvil
+    /// `smtpd_client_connection_rate_limit`); over it, `421 4.7.0` at the door.
+    /// Default 100 per 10 s.
+    pub max_connection_rate_per_ip: WindowRate,
+    /// Failed AUTH attempts per client, and per user name, before further attempts get
+    /// `454 4.7.0` until `auth_lockout` has passed since the last failure. Default 5.
+    pub max_auth_failures: usize,
+    /// The wait before answering a failed AUTH; it doubles with each failure of the client
+    /// or the user (at most `command_timeout`). Default 1s.
+    pub auth_failure_delay: Duration,
+    /// How long failures are remembered, and so how long a client or user stays refused.
+    /// Default 15m.
+    pub auth_lockout: Duration,
+    /// Bytes all sessions together may buffer for messages in progress; when spent, a new
+    /// DATA/BDAT gets `452 4.3.1` and a message that would grow past it is refused with it.
+    /// At least `max_message_size`. Default 256 MiB.
+    pub max_inflight_bytes: u64,
+    /// Messages to the bounce domains per client outside the relay networks (and not
+    /// authenticated); over it, `450 4.7.1` at RCPT. Default 60 per minute.
+    pub max_bounce_rate_per_ip: WindowRate,
+}
+
+/// A number of events per window, written `"100/10s"`: a burst of `count` at once, and then
+/// `count` per `window`, spread evenly (GCRA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowRate {
+    /// At least 1.
+    pub count: u32,
+    /// Greater than zero.
+    pub window: Duration,
+}
+
+impl fmt::Display for WindowRate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{:?}", self.count, self.window)
+    }
 }
 
 impl Default for Limits {
@@ -194,6 +243,22 @@ impl Default for Limits {
             max_errors: 20,
             max_header_size: 1 << 20,
             max_hops: 50,
+            session_timeout: Duration::from_secs(30 * 60),
+            min_data_rate: 1024,
+            min_data_rate_window: Duration::from_secs(60),
+            ipv6_prefix: 64,
+            max_connection_rate_per_ip: WindowRate {
+                count: 100,
+                window: Duration::from_secs(10),
+            },
+            max_auth_failures: 5,
+            auth_failure_delay: Duration::from_secs(1),
+            auth_lockout: Duration::from_secs(15 * 60),
+            max_inflight_bytes: 256 << 20,
+            max_bounce_rate_per_ip: WindowRate {
+                count: 60,
+                window: Duration::from_secs(60),
+            },
         }
     }
 }
@@ -587,7 +652,7 @@ fn compile_limits(r: &mut TableReader<'_>) -> Limits {
     let d = Limits::default();
     let positive_count = |v: &Value| count(v).and_then(nonzero);
     let positive_duration = |v: &Value| duration(v).and_then(nonzero);
-    Limits {
+    let limits = Limits {
         max_message_size: r
             .get("max_message_size", |v| size(v).and_then(nonzero))
             .unwrap_or(d.max_message_size),
@@ -611,7 +676,65 @@ fn compile_limits(r: &mut TableReader<'_>) -> Limits {
             .get("max_header_size", |v| size(v).and_then(nonzero))
             .unwrap_or(d.max_header_size),
         max_hops: r.get("max_hops", positive_count).unwrap_or(d.max_hops),
+        session_timeout: r
+            .get("session_timeout", positive_duration)
+            .unwrap_or(d.session_timeout),
+        min_data_rate: r
+            .get("min_data_rate", |v| size(v).and_then(nonzero))
+            .unwrap_or(d.min_data_rate),
+        min_data_rate_window: r
+            .get("min_data_rate_window", positive_duration)
+            .unwrap_or(d.min_data_rate_window),
+        ipv6_prefix: r
+            .get("ipv6_prefix", |v| match count(v)? {
+                n @ 1..=128 => Ok(n as u8),
+                n => Err(format!("must be between 1 and 128, found {n}")),
+            })
+            .unwrap_or(d.ipv6_prefix),
+        max_connection_rate_per_ip: r
+            .get("max_connection_rate_per_ip", window_rate)
+            .unwrap_or(d.max_connection_rate_per_ip),
+        max_auth_failures: r
+            .get("max_auth_failures", positive_count)
+            .unwrap_or(d.max_auth_failures),
+        auth_failure_delay: r
+            .get("auth_failure_delay", duration)
+            .unwrap_or(d.auth_failure_delay),
+        auth_lockout: r
+            .get("auth_lockout", positive_duration)
+            .unwrap_or(d.auth_lockout),
+        max_inflight_bytes: r
+            .get("max_inflight_bytes", |v| size(v).and_then(nonzero))
+            .unwrap_or(d.max_inflight_bytes),
+        max_bounce_rate_per_ip: r
+            .get("max_bounce_rate_per_ip", window_rate)
+            .unwrap_or(d.max_bounce_rate_per_ip),
+    };
+    // A message the budget can never hold would be refused however idle the server is.
+    if limits.max_inflight_bytes < limits.max_message_size {
+        r.error(
+            "max_inflight_bytes",
+            format!(
+                "must be at least limits.max_message_size ({} bytes), found {} bytes",
+                limits.max_message_size, limits.max_inflight_bytes
+            ),
+        );
     }
+    limits
+}
+
+/// `"100/10s"`: a count, `/`, and a duration.
+fn window_rate(v: &Value) -> Result<WindowRate, String> {
+    let s = string(v)?;
+    let invalid =
+        || format!("invalid rate {s:?} (expected a count, '/', and a duration, e.g. \"100/10s\")");
+    let (count, window) = s.split_once('/').ok_or_else(invalid)?;
+    let count: u32 = count.trim().parse().map_err(|_| invalid())?;
+    let window = duration(&Value::String(window.trim().to_owned())).map_err(|_| invalid())?;
+    if count == 0 || window.is_zero() {
+        return Err(format!("{s:?}: count and duration must be greater than 0"));
+    }
+    Ok(WindowRate { count, window })
 }
 
 fn compile_spool(r: &mut TableReader<'_>) -> SpoolConfig {
@@ -1054,6 +1177,68 @@ mod tests {
                 level: "info".to_owned()
             }
         );
+    }
+
+    #[test]
+    fn edge_limits_parse_and_refuse_nonsense() {
+        let config = Config::parse(&format!(
+            "{MINIMAL}\n[limits]\nsession_timeout = \"2m\"\nmin_data_rate = \"2KiB\"\n\
+             min_data_rate_window = \"5s\"\nipv6_prefix = 48\n\
+             max_connection_rate_per_ip = \"20/1m\"\nmax_auth_failures = 3\n\
+             auth_failure_delay = \"0s\"\nauth_lockout = \"1h\"\n\
+             max_inflight_bytes = \"64MiB\"\nmax_bounce_rate_per_ip = \"10/1s\"\n"
+        ))
+        .unwrap();
+        let l = config.limits;
+        assert_eq!(l.session_timeout, Duration::from_secs(120));
+        assert_eq!(
+            (l.min_data_rate, l.min_data_rate_window),
+            (2048, Duration::from_secs(5))
+        );
+        assert_eq!(l.ipv6_prefix, 48);
+        assert_eq!(
+            l.max_connection_rate_per_ip,
+            WindowRate {
+                count: 20,
+                window: Duration::from_secs(60)
+            }
+        );
+        assert_eq!(l.max_auth_failures, 3);
+        assert_eq!(l.auth_failure_delay, Duration::ZERO, "no delay is allowed");
+        assert_eq!(l.auth_lockout, Duration::from_secs(3600));
+        assert_eq!(l.max_inflight_bytes, 64 << 20);
+        assert_eq!(
+            l.max_bounce_rate_per_ip,
+            WindowRate {
+                count: 10,
+                window: Duration::from_secs(1)
+            }
+        );
+        let d = Limits::default();
+        assert_eq!(d.session_timeout, Duration::from_secs(1800));
+        assert_eq!(d.max_connection_rate_per_ip.to_string(), "100/10s");
+        assert_eq!(d.max_inflight_bytes, 256 << 20);
+
+        let errors = errors(&format!(
+            "{MINIMAL}\n[limits]\nipv6_prefix = 0\nmax_connection_rate_per_ip = \"100\"\n\
+             max_bounce_rate_per_ip = \"0/1m\"\nsession_timeout = \"0s\"\n\
+             max_message_size = \"10MiB\"\nmax_inflight_bytes = \"1MiB\"\nmin_data_rate = 0\n"
+        ));
+        let expected = [
+            "limits.session_timeout: must be greater than 0",
+            "limits.min_data_rate: must be greater than 0",
+            "limits.ipv6_prefix: must be between 1 and 128, found 0",
+            "limits.max_connection_rate_per_ip: invalid rate \"100\" (expected a count, '/', and a duration",
+            "limits.max_bounce_rate_per_ip: \"0/1m\": count and duration must be greater than 0",
+            "limits.max_inflight_bytes: must be at least limits.max_message_size (10485760 bytes), found 1048576 bytes",
+        ];
+        for want in expected {
+            assert!(
+                errors.iter().any(|e| e.starts_with(want)),
+                "missing {want:?} in {errors:#?}"
+            );
+        }
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
     }
 
     #[test]

@@ -19,7 +19,8 @@ use crate::config::{Config, ListenerMode};
 use crate::feedback::Feedback;
 use crate::intake::Intake;
 use crate::live::Live;
-use crate::smtp::server::{ConnectionLimits, Server};
+use crate::smtp::server::Server;
+use crate::smtp::session::Shared;
 use crate::telemetry::Metrics;
 
 /// Sockets bound and not yet served.
@@ -40,6 +41,9 @@ pub struct Listeners {
     intake: Intake,
     feedback: Feedback,
     metrics: Arc<Metrics>,
+    /// Per-client accounting, the inflight budget and the password checks: kept across
+    /// reloads, which rebuild the session config around them.
+    shared: Shared,
     addresses: Vec<SocketAddr>,
     accepting: TaskTracker,
     sessions: TaskTracker,
@@ -71,6 +75,9 @@ impl Listeners {
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .map(tokio_rustls::TlsAcceptor::from);
         let sessions = TaskTracker::new();
+        // One argon2 check per core at a time (each holds 19 MiB with the default cost).
+        let verifications = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let shared = Shared::new(metrics.clone(), verifications);
         let server = Arc::new(Server {
             config: Live::new(session_config(
                 config,
@@ -78,12 +85,9 @@ impl Listeners {
                 &intake,
                 &feedback,
                 &metrics,
+                &shared,
             )),
             tls,
-            limits: ConnectionLimits::new(
-                config.limits.max_connections,
-                config.limits.max_connections_per_ip,
-            ),
             shutdown: bg.stop.clone(),
             sessions: sessions.clone(),
         });
@@ -99,6 +103,7 @@ impl Listeners {
             intake,
             feedback,
             metrics,
+            shared,
             addresses,
             accepting,
             sessions,
@@ -119,11 +124,8 @@ impl Subsystem for Listeners {
             &self.intake,
             &self.feedback,
             &self.metrics,
+            &self.shared,
         ));
-        self.server.limits.set(
-            config.limits.max_connections,
-            config.limits.max_connections_per_ip,
-        );
     }
 
     async fn shutdown(self, grace: Duration) {

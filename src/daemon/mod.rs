@@ -44,7 +44,7 @@ use crate::shaping::limiter::Backend;
 use crate::shaping::shared::SharedStore;
 use crate::shaping::Shaper;
 use crate::sidecar::Sidecar;
-use crate::smtp::session::SessionConfig;
+use crate::smtp::session::{SessionConfig, Shared};
 use crate::telemetry::{Metrics, ReloadResult};
 use crate::verp::Verp;
 use anyhow::Context;
@@ -439,6 +439,7 @@ fn session_config(
     intake: &Intake,
     feedback: &Feedback,
     metrics: &Arc<Metrics>,
+    shared: &Shared,
 ) -> SessionConfig {
     SessionConfig {
         hostname: config.server.hostname.clone(),
@@ -450,6 +451,7 @@ fn session_config(
         intake: intake.clone(),
         feedback: feedback.clone(),
         metrics: metrics.clone(),
+        shared: shared.clone(),
     }
 }
 

@@ -5,15 +5,27 @@
 //! content goes through [`DataDecoder`] / [`ContentCheck`], and a message is handed to
 //! [`Intake`] only when complete, clean and within limits.
 //!
+//! Every read waits for a deadline ([`super::deadline`]): the command or data timeout, the
+//! session's own deadline (`limits.session_timeout`), the minimum data rate while content
+//! arrives, and for an open BDAT transaction `data_timeout` since its last chunk. Every write
+//! waits at most `limits.command_timeout`: a client that does not read its replies is
+//! dropped like one that does not send. Message buffers grow only within a reservation of the
+//! global [`Budget`]; when it is spent, DATA/BDAT gets `452 4.3.1`.
+//!
 //! Invariants:
 //! - `250 ... queued as` is written only after [`Intake::accept`] returned, i.e. after the
 //!   spool's fsync.
+//! - A message whose client was dropped (timeout, too slow, session deadline) or that did not
+//!   fit the budget is never handed to [`Intake`].
 //! - Bytes pipelined after STARTTLS are discarded, never carried into the TLS session
 //!   (CVE-2011-0411 class command injection).
 //! - AUTH is refused on a connection without TLS; passwords never cross in clear.
 //! - Every reply but the greeting and EHLO carries an enhanced status code.
 
-use crate::auth::Credentials;
+use super::anvil::{self, Anvil};
+use super::budget::{self, Budget, Reservation};
+use super::deadline::{self, DataRate, Expiry};
+use crate::auth::{Credentials, Verifier};
 use crate::config::Limits;
 use crate::feedback::Feedback;
 use crate::intake::Intake;
@@ -21,7 +33,7 @@ use crate::message::{same_address, Submission};
 use crate::policy::{self, Policy};
 use crate::rfc5321::proto::{self, ContentCheck, ContentFlags, DataDecoder, Line};
 use crate::rfc5321::reply::Reply;
-use crate::telemetry::{Metrics, Protocol, Rejection};
+use crate::telemetry::{Disconnect, Metrics, Protocol, Rejection};
 use crate::tls::TlsInfo;
 use base64::Engine;
 use smtp_proto::{Error as ParseError, Request};
@@ -29,9 +41,9 @@ use std::borrow::Cow;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 use tern_queue::{BodyType, Notify, Recipient, Ret, Source};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -48,6 +60,31 @@ pub struct SessionConfig {
     /// Bounce domains (RCPT from anyone) and the suppression list.
     pub feedback: Feedback,
     pub metrics: Arc<Metrics>,
+    /// State every session shares and a reload keeps.
+    pub shared: Shared,
+}
+
+/// What the sessions of a daemon share beyond their config, kept across reloads (the
+/// limits they apply are each session's config snapshot).
+#[derive(Clone)]
+pub struct Shared {
+    /// Per-client accounting: connection caps and rate, bounce-mail rate, AUTH failures.
+    pub anvil: Arc<Anvil>,
+    /// Bytes buffered for messages in progress, all sessions together.
+    pub inflight: Arc<Budget>,
+    /// Password checks, a capped number at a time.
+    pub verifier: Arc<Verifier>,
+}
+
+impl Shared {
+    /// `verifications`: how many argon2 checks may run at once.
+    pub fn new(metrics: Arc<Metrics>, verifications: usize) -> Shared {
+        Shared {
+            anvil: Anvil::new(metrics.clone()),
+            inflight: Budget::new(metrics),
+            verifier: Arc::new(Verifier::new(verifications)),
+        }
+    }
 }
 
 /// Why [`Session::run`] returned.
@@ -69,6 +106,8 @@ pub struct SessionState {
     auth_user: Option<String>,
     tx: Option<Transaction>,
     errors: usize,
+    /// When the session ends whatever it is doing (`limits.session_timeout` after accept).
+    deadline: Instant,
 }
 
 impl SessionState {
@@ -88,12 +127,20 @@ struct Transaction {
     recipients: Vec<Recipient>,
     /// Content collected by BDAT chunks so far.
     bdat: Option<Chunks>,
+    /// Whether this transaction was counted against `limits.max_bounce_rate_per_ip`.
+    bounce_counted: bool,
 }
 
 struct Chunks {
     content: Vec<u8>,
     size: usize,
     check: ContentCheck,
+    /// What `content` may take of the inflight budget.
+    held: Reservation,
+    /// The data rate since the first chunk, command waits between chunks included.
+    rate: DataRate,
+    /// When the last chunk was complete.
+    last: Instant,
 }
 
 /// What to do after one command.
@@ -132,6 +179,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             auth_user: None,
             tx: None,
             errors: 0,
+            deadline: Instant::now() + config.limits.session_timeout,
         };
         Session::resume(stream, config, shutdown, state)
     }
@@ -180,8 +228,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let end = result?;
         flushed?;
         if end == SessionEnd::Closed {
-            // For TLS this sends close_notify (RFC 8446 6.1); for TCP it is the FIN.
-            let _ = self.stream.shutdown().await;
+            // For TLS this sends close_notify (RFC 8446 6.1); for TCP it is the FIN. A client
+            // that reads nothing must not hold the session here either.
+            let timeout = self.config.limits.command_timeout;
+            let _ = tokio::time::timeout(timeout, self.stream.shutdown()).await;
         }
         Ok(end)
     }
@@ -388,6 +438,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             ret,
             recipients: Vec::new(),
             bdat: None,
+            bounce_counted: false,
         });
         self.reply(250, "2.1.0", "Ok");
     }
@@ -460,12 +511,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !duplicate {
             // Bounce domains take mail from anyone: that is where bounces come back.
             let feedback = &self.config.feedback;
-            let relay_ok = authenticated || feedback.is_bounce_address(&to.address);
-            if let Err(reply) = self
-                .config
-                .policy
-                .recipient(peer, relay_ok, tx.recipients.len())
-            {
+            let bounce = feedback.is_bounce_address(&to.address);
+            let relay_ok = authenticated || bounce;
+            let rules = &self.config.policy;
+            if let Err(reply) = rules.recipient(peer, relay_ok, tx.recipients.len()) {
                 // The policy refuses with 452 for the recipient limit, else for relaying.
                 self.config.metrics.message_rejected(if reply.code == 452 {
                     Rejection::Recipients
@@ -473,6 +522,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     Rejection::RelayDenied
                 });
                 return self.error_reply(reply);
+            }
+            // ... but not as fast as they like: once per transaction, clients tern does
+            // not serve are held to a rate (mail from the relay networks is tern's own).
+            if bounce && !tx.bounce_counted && !authenticated && !rules.in_relay_network(peer) {
+                let (anvil, limits) = (&self.config.shared.anvil, &self.config.limits);
+                if !anvil.bounce_mail(peer, limits, Instant::now()) {
+                    self.config.metrics.message_rejected(Rejection::BounceRate);
+                    return self.error_reply(policy::bounce_rate_exceeded());
+                }
+                tx.bounce_counted = true;
             }
             if let Some(reply) = crate::policy::suppressed(feedback, &to.address, "smtp") {
                 self.config.metrics.message_rejected(Rejection::Suppressed);
@@ -502,65 +561,155 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Some(_) => {}
         }
+        let limits = self.config.limits;
+        let max = limits.max_message_size as usize;
+        let initial = READ_CHUNK.min(max);
+        // Refused before the 354, so the transaction stays and DATA may be tried again.
+        let Some(held) = self
+            .config
+            .shared
+            .inflight
+            .reserve(initial, limits.max_inflight_bytes)
+        else {
+            self.config.metrics.message_rejected(Rejection::Inflight);
+            self.error_reply(policy::too_much_in_flight());
+            return Ok(Next::Continue);
+        };
         self.reply(354, "2.0.0", "End data with <CR><LF>.<CR><LF>");
         self.flush().await?;
 
-        let max = self.config.limits.max_message_size as usize;
         let mut decoder = DataDecoder::new(max);
-        let mut content = Vec::with_capacity(READ_CHUNK.min(max));
+        let mut content = Vec::with_capacity(initial);
+        // `None` once the budget could not spare more: the rest is read and discarded.
+        let mut held = Some(held);
+        let mut discarded = Vec::new();
+        let mut rate = DataRate::new(Instant::now(), &limits);
         let end = loop {
-            let (used, end) = decoder.feed(&self.rbuf[self.rpos..], &mut content);
+            let input = &self.rbuf[self.rpos..];
+            if let Some(reservation) = held.as_mut() {
+                let budget_max = limits.max_inflight_bytes;
+                if !budget::make_room(&mut content, reservation, input.len(), max, budget_max) {
+                    // Memory first, then the reservation that counted it.
+                    content = Vec::new();
+                    held = None;
+                }
+            }
+            let out = if held.is_some() {
+                &mut content
+            } else {
+                discarded.clear();
+                &mut discarded
+            };
+            let (used, end) = decoder.feed(input, out);
             self.rpos += used;
             if let Some(end) = end {
                 break end;
             }
-            if !self.read_data_input().await? {
+            if !self.read_data_input(&mut rate).await? {
                 return Ok(Next::Close);
             }
         };
         let tx = self.state.tx.take().expect("checked above");
-        self.finish_message(tx, content, end.size, end.flags).await;
+        let Some(held) = held else {
+            // Too large is final; out of budget is for now.
+            let reply = if end.size > max {
+                self.config.metrics.message_rejected(Rejection::Size);
+                policy::size_exceeded()
+            } else {
+                warn!(peer = %self.state.peer, "refused a message: inflight budget spent");
+                self.config.metrics.message_rejected(Rejection::Inflight);
+                policy::too_much_in_flight()
+            };
+            self.error_reply(reply);
+            return Ok(Next::Continue);
+        };
+        self.finish_message(tx, content, end.size, end.flags, held)
+            .await;
         Ok(Next::Continue)
     }
 
     async fn bdat(&mut self, chunk_size: usize, is_last: bool) -> io::Result<Next> {
-        let max = self.config.limits.max_message_size as usize;
+        let limits = self.config.limits;
+        let max = limits.max_message_size as usize;
+        let now = Instant::now();
         // RFC 3030: the chunk is read whatever the verdict, or the session loses sync.
-        let refusal = match &self.state.tx {
+        let mut refusal = match &self.state.tx {
             None => Some(Reply::new(503, "5.5.1", "Error: need MAIL command")),
             Some(tx) if tx.recipients.is_empty() => {
                 Some(Reply::new(554, "5.5.1", "Error: no valid recipients"))
             }
             Some(_) => None,
         };
+        // `None` while refused: the chunk is read and discarded.
         let mut chunks = match self.state.tx.as_mut().and_then(|tx| tx.bdat.take()) {
-            Some(chunks) => chunks,
-            None => Chunks {
-                content: Vec::new(),
-                size: 0,
-                check: ContentCheck::default(),
-            },
+            Some(chunks) => Some(chunks),
+            None if refusal.is_none() => {
+                let initial = READ_CHUNK.min(max).min(chunk_size.max(1));
+                match self
+                    .config
+                    .shared
+                    .inflight
+                    .reserve(initial, limits.max_inflight_bytes)
+                {
+                    Some(held) => Some(Chunks {
+                        content: Vec::with_capacity(initial),
+                        size: 0,
+                        check: ContentCheck::default(),
+                        held,
+                        rate: DataRate::new(now, &limits),
+                        last: now,
+                    }),
+                    None => {
+                        refusal = Some(policy::too_much_in_flight());
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let mut rate = match &chunks {
+            Some(chunks) => chunks.rate.clone(),
+            None => DataRate::new(now, &limits),
         };
         let mut left = chunk_size;
         while left > 0 {
-            if self.rpos == self.rbuf.len() && !self.read_data_input().await? {
+            if self.rpos == self.rbuf.len() && !self.read_data_input(&mut rate).await? {
                 return Ok(Next::Close);
             }
             let take = left.min(self.rbuf.len() - self.rpos);
             let bytes = &self.rbuf[self.rpos..self.rpos + take];
-            if refusal.is_none() {
-                chunks.check.scan(bytes);
-                let room = max.saturating_sub(chunks.content.len());
-                chunks.content.extend_from_slice(&bytes[..take.min(room)]);
-                chunks.size += take;
+            let mut spent = false;
+            if let Some(c) = chunks.as_mut() {
+                let store = take.min(max.saturating_sub(c.content.len()));
+                let budget_max = limits.max_inflight_bytes;
+                if budget::make_room(&mut c.content, &mut c.held, store, max, budget_max) {
+                    c.check.scan(bytes);
+                    c.content.extend_from_slice(&bytes[..store]);
+                    c.size += take;
+                } else {
+                    spent = true;
+                }
+            }
+            if spent {
+                // The transaction is lost: its buffer goes back now, not after the chunk.
+                chunks = None;
+                refusal = Some(policy::too_much_in_flight());
             }
             self.rpos += take;
             left -= take;
         }
         if let Some(reply) = refusal {
+            if reply.code == 452 {
+                warn!(peer = %self.state.peer, "refused a BDAT chunk: inflight budget spent");
+                self.config.metrics.message_rejected(Rejection::Inflight);
+                self.state.tx = None;
+            }
             self.error_reply(reply);
             return Ok(Next::Continue);
         }
+        let mut chunks = chunks.expect("a chunk that is not refused has a buffer");
+        chunks.rate = rate;
+        chunks.last = Instant::now();
         if !is_last {
             if chunks.size > max {
                 // Fail early: the transaction is lost anyway, and the client can stop.
@@ -577,18 +726,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let tx = self.state.tx.take().expect("checked above");
         let flags = chunks.check.finish();
-        self.finish_message(tx, chunks.content, chunks.size, flags)
+        self.finish_message(tx, chunks.content, chunks.size, flags, chunks.held)
             .await;
         Ok(Next::Continue)
     }
 
-    /// Decides on a complete message and, if it is acceptable, makes it durable.
+    /// Decides on a complete message and, if it is acceptable, makes it durable. `_held` is
+    /// the budget `content` takes, given back once the spool has it or it is refused.
     async fn finish_message(
         &mut self,
         tx: Transaction,
         content: Vec<u8>,
         size: usize,
         flags: ContentFlags,
+        _held: Reservation,
     ) {
         if size > self.config.limits.max_message_size as usize {
             self.config.metrics.message_rejected(Rejection::Size);
@@ -713,6 +864,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.error(503, "5.5.1", "Error: AUTH in a mail transaction");
             return Ok(Next::Continue);
         }
+        let limits = self.config.limits;
+        let client = self.state.peer.ip();
+        let anvil = self.config.shared.anvil.clone();
+        // A locked client is refused before it sends a password.
+        if anvil.auth_locked(client, &limits, Instant::now()) {
+            return Ok(self.auth_throttled(None));
+        }
         let pair = if mechanism == smtp_proto::AUTH_PLAIN {
             let response = if initial.is_empty() {
                 match self.challenge("").await? {
@@ -751,21 +909,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.error(501, "5.5.2", "Malformed authentication response");
             return Ok(Next::Continue);
         };
-        // Password hashing is deliberately slow: keep it off the async workers.
-        let check_user = user.clone();
-        let ok = tokio::task::spawn_blocking(move || credentials.verify(&check_user, &password))
-            .await
-            .unwrap_or(false);
-        if ok {
+        // Counted as a failure before the (queued, slow) check, so parallel attempts cannot
+        // run past the limit.
+        let Some(failures) = anvil.auth_attempt(client, &user, &limits, Instant::now()) else {
+            return Ok(self.auth_throttled(Some(&user)));
+        };
+        let verifier = self.config.shared.verifier.clone();
+        if verifier.verify(credentials, user.clone(), password).await {
+            anvil.auth_succeeded(client, &user, &limits);
             info!(peer = %self.state.peer, user, "authenticated");
             self.state.auth_user = Some(user);
             self.reply(235, "2.7.0", "Authentication successful");
         } else {
-            warn!(peer = %self.state.peer, user, "authentication failed");
+            warn!(peer = %self.state.peer, user, failures, "authentication failed");
             self.config.metrics.message_rejected(Rejection::AuthFailed);
+            // Each failure of this client or user makes the next answer slower.
+            let delay = anvil::failure_delay(failures, &limits);
+            if !delay.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = self.shutdown.cancelled() => {}
+                }
+            }
             self.error(535, "5.7.8", "Authentication credentials invalid");
         }
         Ok(Next::Continue)
+    }
+
+    /// The answer to AUTH from a client, or for a user, with too many recent failures.
+    fn auth_throttled(&mut self, user: Option<&str>) -> Next {
+        warn!(peer = %self.state.peer, user, "authentication refused: too many failures");
+        self.config
+            .metrics
+            .message_rejected(Rejection::AuthThrottled);
+        self.reply(
+            454,
+            "4.7.0",
+            "Too many authentication failures, try again later",
+        );
+        Next::Continue
     }
 
     /// Sends a `334` challenge and reads one response line.
@@ -820,14 +1002,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// Flushes pending replies and waits for more command input. False when the session
-    /// must end: EOF, or a timeout or shutdown (a 421 has then been queued).
+    /// must end: EOF, or a deadline or shutdown (a 421 has then been queued).
     async fn wait_for_command_input(&mut self) -> io::Result<bool> {
         self.flush().await?;
         match self.read_command_input().await? {
             ReadOutcome::Data => Ok(true),
             ReadOutcome::Eof => Ok(false),
-            ReadOutcome::Timeout => {
-                self.reply(421, "4.4.2", "Timeout exceeded, closing connection");
+            ReadOutcome::Expired(why) => {
+                self.drop_client(why);
                 Ok(false)
             }
             ReadOutcome::Shutdown => {
@@ -859,13 +1041,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         reply.write_to(&mut self.wbuf);
     }
 
+    /// Queues the 421 that ends the session for `why`, and counts it.
+    fn drop_client(&mut self, why: Disconnect) {
+        let text = match why {
+            Disconnect::SessionTimeout => "Session time limit exceeded, closing connection",
+            Disconnect::TooSlow => "Data rate too low, closing connection",
+            _ => "Timeout exceeded, closing connection",
+        };
+        debug!(peer = %self.state.peer, reason = why.as_str(), "dropping the client");
+        self.config.metrics.smtp_disconnect(why);
+        self.reply(421, "4.4.2", text);
+    }
+
+    /// Writes the queued replies, within `limits.command_timeout`: a client that does not
+    /// read them is dropped (the error ends the session). The queue is emptied either way,
+    /// so nothing waits on that client twice.
     async fn flush(&mut self) -> io::Result<()> {
-        if !self.wbuf.is_empty() {
-            self.stream.write_all(&self.wbuf).await?;
-            self.stream.flush().await?;
-            self.wbuf.clear();
+        if self.wbuf.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let (stream, wbuf) = (&mut self.stream, &self.wbuf);
+        let write = async move {
+            stream.write_all(wbuf).await?;
+            stream.flush().await
+        };
+        let written = tokio::time::timeout(self.config.limits.command_timeout, write).await;
+        self.wbuf.clear();
+        match written {
+            Ok(result) => result,
+            Err(_) => {
+                debug!(peer = %self.state.peer, "the client took no reply within the command timeout");
+                self.config
+                    .metrics
+                    .smtp_disconnect(Disconnect::WriteTimeout);
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client took no reply within the command timeout",
+                ))
+            }
+        }
     }
 
     /// Makes room and reads more bytes; 0 means EOF.
@@ -881,35 +1095,77 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.stream.read_buf(&mut self.rbuf).await
     }
 
-    /// Reads while waiting for a command: bounded by the command timeout and interrupted
-    /// by shutdown unless a transaction is in progress.
+    /// Reads while waiting for a command, until the deadline [`deadline::for_command`]
+    /// gives; interrupted by shutdown unless a transaction is in progress.
     async fn read_command_input(&mut self) -> io::Result<ReadOutcome> {
-        let timeout = self.config.limits.command_timeout;
-        let in_tx = self.state.tx.is_some();
-        let shutdown = self.shutdown.clone();
-        tokio::select! {
-            read = tokio::time::timeout(timeout, self.read_some()) => match read {
-                Ok(Ok(0)) => Ok(ReadOutcome::Eof),
-                Ok(Ok(_)) => Ok(ReadOutcome::Data),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Ok(ReadOutcome::Timeout),
-            },
-            _ = shutdown.cancelled(), if !in_tx => Ok(ReadOutcome::Shutdown),
+        let limits = self.config.limits;
+        loop {
+            let now = Instant::now();
+            let bdat = self.state.tx.as_ref().and_then(|tx| tx.bdat.as_ref());
+            let bdat = bdat.map(|chunks| (chunks.last, &chunks.rate));
+            let (deadline, expiry) = deadline::for_command(now, &limits, self.state.deadline, bdat);
+            let in_tx = self.state.tx.is_some();
+            let shutdown = self.shutdown.clone();
+            // A deadline already passed fires without reading: a busy client meets it too.
+            if deadline > now {
+                tokio::select! {
+                    read = tokio::time::timeout_at(deadline, self.read_some()) => match read {
+                        Ok(Ok(0)) => return Ok(ReadOutcome::Eof),
+                        Ok(Ok(_)) => return Ok(ReadOutcome::Data),
+                        Ok(Err(e)) => return Err(e),
+                        Err(_) => {}
+                    },
+                    _ = shutdown.cancelled(), if !in_tx => return Ok(ReadOutcome::Shutdown),
+                }
+            }
+            let why = match expiry {
+                Expiry::Command => Disconnect::CommandTimeout,
+                Expiry::Data | Expiry::BdatIdle => Disconnect::DataTimeout,
+                Expiry::Session => Disconnect::SessionTimeout,
+                Expiry::RateWindow => {
+                    // Only returned while BDAT chunks are held, and nothing took them since.
+                    let chunks = self.state.tx.as_mut().and_then(|tx| tx.bdat.as_mut());
+                    let slow = chunks.is_some_and(|c| !c.rate.record(Instant::now(), 0));
+                    if !slow {
+                        continue;
+                    }
+                    Disconnect::TooSlow
+                }
+            };
+            return Ok(ReadOutcome::Expired(why));
         }
     }
 
-    /// Reads message content; false (after queueing a 421 on timeout) when the session
-    /// must end.
-    async fn read_data_input(&mut self) -> io::Result<bool> {
-        let timeout: Duration = self.config.limits.data_timeout;
-        match tokio::time::timeout(timeout, self.read_some()).await {
-            Ok(Ok(0)) => Ok(false),
-            Ok(Ok(_)) => Ok(true),
-            Ok(Err(e)) => Err(e),
-            Err(_) => {
-                self.reply(421, "4.4.2", "Timeout exceeded, closing connection");
-                Ok(false)
+    /// Reads message content, counting it in `rate`, until the deadline
+    /// [`deadline::for_data`] gives. False (after queueing a 421 if the server ends it) when
+    /// the session must end.
+    async fn read_data_input(&mut self, rate: &mut DataRate) -> io::Result<bool> {
+        let limits = self.config.limits;
+        loop {
+            let now = Instant::now();
+            let (deadline, expiry) = deadline::for_data(now, &limits, self.state.deadline, rate);
+            if deadline > now {
+                match tokio::time::timeout_at(deadline, self.read_some()).await {
+                    Ok(Ok(0)) => return Ok(false),
+                    Ok(Ok(n)) => {
+                        if rate.record(Instant::now(), n) {
+                            return Ok(true);
+                        }
+                        self.drop_client(Disconnect::TooSlow);
+                        return Ok(false);
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {}
+                }
             }
+            let why = match expiry {
+                Expiry::Session => Disconnect::SessionTimeout,
+                Expiry::RateWindow if rate.record(Instant::now(), 0) => continue,
+                Expiry::RateWindow => Disconnect::TooSlow,
+                Expiry::Command | Expiry::Data | Expiry::BdatIdle => Disconnect::DataTimeout,
+            };
+            self.drop_client(why);
+            return Ok(false);
         }
     }
 }
@@ -926,7 +1182,8 @@ enum Challenge {
 enum ReadOutcome {
     Data,
     Eof,
-    Timeout,
+    /// A deadline passed: the session ends for this reason.
+    Expired(Disconnect),
     Shutdown,
 }
 

@@ -21,7 +21,7 @@ use tern::policy::Policy;
 use tern::rfc5321::proto::{ContentCheck, DataDecoder};
 use tern::sendtime::SendTime;
 use tern::shaping::pools::Pools;
-use tern::smtp::session::{Session, SessionConfig};
+use tern::smtp::session::{Session, SessionConfig, Shared};
 use tern::suppression::Suppressions;
 use tern::telemetry::Metrics;
 use tern::tls::TlsInfo;
@@ -260,6 +260,7 @@ max_errors = 20
         starttls: false,
         intake,
         feedback,
+        shared: Shared::new(metrics.clone(), 2),
         metrics,
     })
 }

@@ -8,6 +8,7 @@ mod feedback;
 mod files;
 mod http;
 mod logs;
+mod smtp;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
