@@ -173,8 +173,8 @@ impl Spool {
             return Ok(());
         }
         self.inner.group.check()?;
-        let seq = self.inner.group.enqueue(ops);
-        self.inner.group.wait_for(seq).await
+        let ticket = self.inner.group.enqueue(ops, super::Delta::default(), None);
+        self.inner.group.wait_for(ticket).await
     }
 }
 

@@ -3,6 +3,7 @@
 //! 127.0.0.2; everything stays on loopback.
 
 mod delivery;
+mod disk;
 mod feedback;
 
 use std::net::SocketAddr;
