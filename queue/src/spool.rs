@@ -854,6 +854,7 @@ fn corrupt(key: &[u8], reason: String) -> SpoolError {
 
 mod clean_close;
 mod keyspaces;
+pub use keyspaces::InboundBatch;
 mod recovery;
 #[cfg(test)]
 mod tests;

@@ -908,3 +908,47 @@ async fn parallel_recovery_repairs_every_range() {
         }
     );
 }
+
+/// Inbound records are whole messages: a batch is bounded by bytes as well as by count, so a
+/// burst of large ones never loads more than one of them beyond the bound.
+#[tokio::test]
+async fn inbound_batches_are_bounded_by_bytes_and_by_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    let sizes = [300, 300, 500, 100, 100, 100, 100];
+    let mut ids = Vec::new();
+    for size in sizes {
+        let id = spool.next_id();
+        spool
+            .commit_with_inbound(Vec::new(), vec![(id, vec![b'm'; size])])
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    let ids_of = |batch: &InboundBatch| batch.records.iter().map(|r| r.0).collect::<Vec<_>>();
+
+    let batch = spool.inbound_batch(10, 700).unwrap();
+    assert_eq!(
+        ids_of(&batch),
+        ids[..2],
+        "600 bytes; the 500 would pass 700"
+    );
+    assert!(batch.more);
+    assert_eq!(batch.records[0].1.len(), 300);
+
+    // The first record always comes, however large: progress is never stuck.
+    let batch = spool.inbound_batch(10, 10).unwrap();
+    assert_eq!(ids_of(&batch), ids[..1]);
+    assert!(batch.more);
+
+    let batch = spool.inbound_batch(3, usize::MAX).unwrap();
+    assert_eq!(ids_of(&batch), ids[..3], "the count bounds it too");
+    assert!(batch.more);
+
+    for id in &ids[..3] {
+        spool.remove_inbound(*id).await.unwrap();
+    }
+    let batch = spool.inbound_batch(10, 1000).unwrap();
+    assert_eq!(ids_of(&batch), ids[3..]);
+    assert!(!batch.more, "nothing left over");
+}
