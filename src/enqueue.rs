@@ -125,6 +125,12 @@ impl Enqueue {
         }
     }
 
+    /// `Err(SpoolError::Full)` when a message of `size` bytes would be refused for space now
+    /// (the spool keeps `spool.min_free_space` free).
+    pub fn room_for(&self, size: u64) -> Result<(), SpoolError> {
+        self.spool.room_for(size)
+    }
+
     /// Replaces the signing keys (config reload) for this enqueue and every clone of it;
     /// messages being signed finish with the keys they started with.
     pub fn set_dkim(&self, signers: DkimSigners) {

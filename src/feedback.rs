@@ -20,7 +20,9 @@
 //! counted (`tern_inbound_reports_total{trusted="false"}`) and change nothing. Addresses at
 //! the bounce domains are never suppressed. A message that parses as neither bounce nor
 //! complaint (and has a sender, i.e. is no bounce) is dropped with a log line; auto-replies
-//! are dropped too. Parsing runs on a blocking thread.
+//! are dropped too. Parsing runs on a blocking thread. Records are loaded in batches bounded
+//! by bytes as well as by count ([`INBOUND_BATCH_BYTES`]): each is a whole message, up to
+//! `limits.max_message_size`, so a count alone would let a burst of large ones fill memory.
 //!
 //! [`Feedback`] bundles the handles the submission paths and the settler share: the
 //! suppression list, the events, the bounce domains and the processor's wake-up.
@@ -36,13 +38,18 @@ use crate::verp::Verp;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
-use tern_queue::{MessageId, Spool};
+use tern_queue::{InboundBatch, MessageId, Spool};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// Records are looked for at least this often (besides the wake-up after each commit).
 const POLL: Duration = Duration::from_secs(5);
+/// Inbound records loaded at once: at most this many...
+const INBOUND_BATCH: usize = 64;
+/// ...and at most this many bytes beyond the first record (which may be as large as a
+/// message may be).
+pub const INBOUND_BATCH_BYTES: usize = 4 << 20;
 
 /// Shared by the enqueue, the SMTP session, HTTP injection, the settler and
 /// the admin API.
@@ -117,15 +124,15 @@ impl Processor {
     /// Processes inbound records until `shutdown`; those left over from a previous run first.
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
-            let batch = match self.spool.inbound(64) {
+            let batch = match self.spool.inbound_batch(INBOUND_BATCH, INBOUND_BATCH_BYTES) {
                 Ok(batch) => batch,
                 Err(err) => {
                     warn!(error = %err, "cannot read inbound bounce mail");
-                    Vec::new()
+                    InboundBatch::default()
                 }
             };
-            let full = batch.len() == 64;
-            for (id, record) in batch {
+            let full = batch.more;
+            for (id, record) in batch.records {
                 self.process(id, &record).await;
                 if let Err(err) = self.spool.remove_inbound(id).await {
                     warn!(%id, error = %err, "cannot remove processed bounce mail");

@@ -30,6 +30,12 @@ impl Intake {
         }
     }
 
+    /// `Err(SpoolError::Full)` when a message of `size` bytes would be refused for space now:
+    /// a session can say so at MAIL FROM, before the client sends the content.
+    pub fn room_for(&self, size: u64) -> Result<(), SpoolError> {
+        self.enqueue.room_for(size)
+    }
+
     /// Makes the submission durable and returns the queue id reported to the client.
     pub async fn accept(&self, sub: Submission) -> Result<MessageId, SpoolError> {
         Ok(self.accept_parts(sub).await?[0])

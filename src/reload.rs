@@ -6,7 +6,8 @@
 //! AUTH throttle, `max_inflight_bytes`, the bounce-mail rate: the SMTP edge keeps its
 //! per-client state and the bytes it holds, and applies the new values to its next
 //! decisions), `[relay]`, `[auth]`, `[[dkim]]` (keys re-read from disk: rotation),
-//! `[delivery]` except the keys below, and `log.level`.
+//! `[delivery]` except the keys below, `spool.min_free_space` (writes from then on), and
+//! `log.level`.
 //!
 //! Restart keys ([`RESTART_KEYS`]): sockets, files and threads opened once at start. A changed
 //! value is reported ("needs a restart") and the running value is kept, so the effective

@@ -52,6 +52,9 @@ pub enum Rejection {
     AuthFailed,
     /// The spool could not commit the message (451).
     SpoolError,
+    /// The spool's file system lacks the free space `spool.min_free_space` keeps
+    /// (452 4.3.1, HTTP 507).
+    SpoolFull,
     /// A command that does not parse: unknown verb, bad syntax or parameter, bad address.
     Syntax,
     /// A recipient on the suppression list (reject mode).
@@ -71,13 +74,14 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 14] = [
+    pub const ALL: [Rejection; 15] = [
         Rejection::RelayDenied,
         Rejection::Size,
         Rejection::Recipients,
         Rejection::Smuggling,
         Rejection::AuthFailed,
         Rejection::SpoolError,
+        Rejection::SpoolFull,
         Rejection::Syntax,
         Rejection::Suppressed,
         Rejection::HeaderSize,
@@ -96,6 +100,7 @@ impl Rejection {
             Rejection::Smuggling => "smuggling",
             Rejection::AuthFailed => "auth_failed",
             Rejection::SpoolError => "spool_error",
+            Rejection::SpoolFull => "spool_full",
             Rejection::Syntax => "syntax",
             Rejection::Suppressed => "suppressed",
             Rejection::HeaderSize => "header_size",
@@ -284,6 +289,7 @@ pub struct Metrics {
 
     spool_messages: IntGauge,
     spool_bytes: IntGauge,
+    spool_free_bytes: IntGauge,
     spool_commits: IntCounter,
     spool_syncs: IntCounter,
     /// Serializes the scrape-time copy of the spool's counters into ours.
@@ -521,6 +527,10 @@ impl Metrics {
                 "Envelopes in the spool (one per message and destination domain).",
             ),
             spool_bytes: gauge("tern_spool_bytes", "Body bytes in the spool."),
+            spool_free_bytes: gauge(
+                "tern_spool_free_bytes",
+                "Free bytes on the spool's file system (new mail is refused below spool.min_free_space).",
+            ),
             spool_commits: counter(
                 "tern_spool_commits_total",
                 "Spool writes (commit, update, remove) since the spool was opened.",
@@ -1086,6 +1096,10 @@ impl Metrics {
                 .set(i64::try_from(stats.messages).unwrap_or(i64::MAX));
             self.spool_bytes
                 .set(i64::try_from(stats.bytes).unwrap_or(i64::MAX));
+            if let Some(free) = spool.free_space() {
+                self.spool_free_bytes
+                    .set(i64::try_from(free).unwrap_or(i64::MAX));
+            }
             let commits = spool.commit_stats();
             catch_up(&self.spool_commits, commits.writes);
             catch_up(&self.spool_syncs, commits.syncs);

@@ -36,6 +36,12 @@ pub enum SpoolError {
     #[error("message {0} is not in the spool")]
     NotFound(MessageId),
 
+    /// The spool's file system has too little free space for this write
+    /// (`SpoolOptions::min_free_space`); nothing of it was written. Not a
+    /// failure of the spool: writes succeed again once space is freed.
+    #[error("not enough free space for the spool ({0}); writes resume once space is freed")]
+    Full(String),
+
     /// A flush or fsync failed. After that the kernel may have dropped dirty
     /// pages, so no later write can be called durable: the spool refuses
     /// further writes until the process restarts and recovers from disk.

@@ -21,19 +21,36 @@
 //! 4. fdatasyncs sled's data file `<spool>/db` through a handle of our own
 //!    (fsync applies to the inode, whichever descriptor is used).
 //!
-//! Protocol: a writer queues its operations and gets a sequence number
-//! (`written += 1`), then waits until `durable >= seq`. The thread takes the
-//! queue and the current `written`, runs a round and publishes
-//! `durable = written`. Writers arriving during a round are queued for the
-//! next one, which is how N concurrent commits share one batch and one fsync.
+//! Protocol: a writer queues its operations and gets a [`Ticket`]: a
+//! sequence number (`written += 1`) and a cell the thread fills if the write
+//! is refused. It waits until `resolved >= seq`, then the cell says whether
+//! it was refused. The thread takes the queue and the current `written`,
+//! runs a round and publishes `resolved = written`. Writers arriving during a
+//! round are queued for the next one, which is how N concurrent commits share
+//! one batch and one fsync.
+//!
+//! Free space ([`Space`]): sled 0.34 cannot survive running out of space (a
+//! failed write leaves its log waiting forever: even dropping the database
+//! hangs), so it is never allowed to get there. A commit is refused up front
+//! (`SpoolError::Full`) when the file system has less than `min_free` left
+//! besides twice the commit's size, and a whole round is refused, before
+//! anything of it reaches sled, when less than half of `min_free` would be
+//! left besides twice the round's size: the other half is for delivery
+//! outcomes and sled's own files. Nothing refused was applied, so a refusal is
+//! not a failure: the writers are told, their counter changes undone, and the
+//! next round runs as usual once space is back. Recovery needs nothing else.
 //!
 //! Invariants:
 //! - queued operations are applied in queue order, and one write's operations
 //!   never straddle two rounds, so each write is atomic;
-//! - `durable` only advances after a round fully succeeded;
+//! - `resolved` only advances after a round fully succeeded or was refused
+//!   as a whole (refused writes had their cells filled first, so no writer of
+//!   a refused round ever sees success);
 //! - a failed round poisons the spool for good (`SpoolError::NotDurable`):
 //!   after an fsync error the kernel may have dropped the dirty pages, so a
 //!   later successful fsync proves nothing about earlier writes;
+//! - the message and byte counters move when a write is queued and move back
+//!   when it is refused; they are exact for everything queued and not refused;
 //! - waiters sleep on a `tokio::sync::watch` channel that the std thread
 //!   updates; nobody polls.
 //!
@@ -43,11 +60,12 @@
 //! or a round that has been running too long (a stuck disk).
 
 use std::collections::HashMap;
-use std::ffi::OsString;
+use std::ffi::{CString, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -83,8 +101,9 @@ pub(crate) type RoundObserver = Box<dyn Fn(Round) + Send + Sync>;
 /// What writers wait on.
 #[derive(Debug, Clone, Default)]
 struct Progress {
-    /// Every write with a sequence number `<=` this is durable.
-    durable: u64,
+    /// Every write with a sequence number `<=` this is durable, or was
+    /// refused (its ticket says so).
+    resolved: u64,
     rounds: u64,
     /// Set once, on the first failed round; never cleared.
     failed: Option<Arc<str>>,
@@ -93,13 +112,150 @@ struct Progress {
 /// One sled operation: `Some(value)` inserts, `None` removes.
 pub(crate) type Op = (sled::IVec, Option<sled::IVec>);
 
+/// How a write changes the message and byte counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Delta {
+    pub(crate) messages: i64,
+    pub(crate) bytes: i64,
+}
+
+/// Filled by the sync thread if the write was refused (why).
+pub(crate) type Refusal = Arc<OnceLock<Arc<str>>>;
+
+/// A queued write: its sequence number and what the thread tells it.
+pub(crate) struct Ticket {
+    seq: u64,
+    refused: Refusal,
+}
+
+impl Ticket {
+    pub(crate) fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// What a later write computed from this one's result depends on.
+    pub(crate) fn refusal(&self) -> Refusal {
+        self.refused.clone()
+    }
+}
+
+/// A write waiting for its round.
+#[derive(Debug)]
+struct Queued {
+    ops: Vec<Op>,
+    refused: Refusal,
+    delta: Delta,
+    /// An earlier write whose result this one was computed from (an update
+    /// of a message whose previous update is still queued): refused with it.
+    after: Option<Refusal>,
+}
+
 #[derive(Debug, Default)]
 struct Pending {
-    /// Operations queued since the last round took the queue, in write order.
-    ops: Vec<Op>,
+    /// The writes queued since the last round took the queue, in order.
+    writes: Vec<Queued>,
     /// Sequence number of the latest queued write.
     written: u64,
     closing: bool,
+}
+
+/// The free space the spool keeps: `min_free` bytes on its file system for
+/// new mail, half of that for everything else (see the module doc).
+#[derive(Debug)]
+pub(crate) struct Space {
+    dir: PathBuf,
+    min_free: AtomicU64,
+}
+
+/// Inodes a round must leave free (sled's blob files each take one).
+const MIN_FREE_INODES: u64 = 64;
+
+impl Space {
+    pub(crate) fn new(dir: &Path, min_free: u64) -> Space {
+        Space {
+            dir: dir.to_path_buf(),
+            min_free: AtomicU64::new(min_free),
+        }
+    }
+
+    pub(crate) fn set_min_free(&self, min_free: u64) {
+        self.min_free.store(min_free, Ordering::Relaxed);
+    }
+
+    /// Bytes available to tern on the spool's file system, and inodes
+    /// (`None` where the file system has no inode limit); `None` if it
+    /// cannot be read, in which case nothing is refused for space.
+    pub(crate) fn free(&self) -> Option<(u64, Option<u64>)> {
+        let path = CString::new(self.dir.as_os_str().as_bytes()).ok()?;
+        // SAFETY: statvfs only writes into the struct we pass; a zeroed
+        // statvfs is a valid value of that plain C struct.
+        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+            return None;
+        }
+        let bytes = (stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64);
+        // btrfs and others report no inode counts at all.
+        let inodes = (stat.f_files != 0).then_some(stat.f_favail as u64);
+        Some((bytes, inodes))
+    }
+
+    /// `Err` (why) unless writing `bytes` leaves `keep` bytes free.
+    fn fits(&self, bytes: u64, keep: u64) -> Result<(), String> {
+        let Some((free, inodes)) = self.free() else {
+            return Ok(());
+        };
+        // sled writes a value to its log (or a blob file) and the pages that
+        // point to it: twice the size is a safe estimate.
+        let needed = keep.saturating_add(bytes.saturating_mul(2));
+        if free < needed {
+            return Err(format!(
+                "{} MiB free in {}, {} MiB needed",
+                free >> 20,
+                self.dir.display(),
+                needed.div_ceil(1 << 20)
+            ));
+        }
+        if inodes.is_some_and(|i| i < MIN_FREE_INODES) {
+            return Err(format!("no free inodes in {}", self.dir.display()));
+        }
+        Ok(())
+    }
+
+    /// Whether a new message of `bytes` may be committed.
+    pub(crate) fn admit(&self, bytes: u64) -> Result<(), SpoolError> {
+        self.fits(bytes, self.min_free.load(Ordering::Relaxed))
+            .map_err(SpoolError::Full)
+    }
+
+    /// Whether a round of `bytes` may be applied.
+    fn round_fits(&self, bytes: u64) -> Result<(), String> {
+        self.fits(bytes, self.min_free.load(Ordering::Relaxed) / 2)
+    }
+}
+
+/// Message count and body bytes, for `Spool::stats`.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    messages: AtomicI64,
+    bytes: AtomicI64,
+}
+
+impl Tally {
+    fn add(&self, delta: Delta) {
+        self.messages.fetch_add(delta.messages, Ordering::Relaxed);
+        self.bytes.fetch_add(delta.bytes, Ordering::Relaxed);
+    }
+
+    fn undo(&self, delta: Delta) {
+        self.messages.fetch_sub(delta.messages, Ordering::Relaxed);
+        self.bytes.fetch_sub(delta.bytes, Ordering::Relaxed);
+    }
+
+    /// (messages, bytes) now.
+    pub(crate) fn get(&self) -> (u64, u64) {
+        let get = |a: &AtomicI64| u64::try_from(a.load(Ordering::Relaxed)).unwrap_or(0);
+        (get(&self.messages), get(&self.bytes))
+    }
 }
 
 /// State shared between the writers and the sync thread.
@@ -117,6 +273,8 @@ pub(crate) struct GroupCommit {
     /// one; 0 while no round runs.
     round_started: AtomicU64,
     observer: OnceLock<RoundObserver>,
+    space: Space,
+    tally: Tally,
 }
 
 impl std::fmt::Debug for GroupCommit {
@@ -130,20 +288,14 @@ impl std::fmt::Debug for GroupCommit {
 
 impl GroupCommit {
     /// Starts the sync thread. It owns `syncer` and a handle on the database.
+    /// `messages` and `bytes` are what the spool holds now.
     pub(crate) fn start(
         db: sled::Db,
         syncer: Syncer,
+        space: Space,
+        (messages, bytes): (u64, u64),
     ) -> Result<(Arc<GroupCommit>, JoinHandle<()>), SpoolError> {
-        let group = Arc::new(GroupCommit {
-            pending: Mutex::new(Pending::default()),
-            wake: Condvar::new(),
-            progress: watch::Sender::new(Progress::default()),
-            last_batch: AtomicU64::new(0),
-            applied: AtomicU64::new(0),
-            epoch: Instant::now(),
-            round_started: AtomicU64::new(0),
-            observer: OnceLock::new(),
-        });
+        let group = Arc::new(GroupCommit::new(space, (messages, bytes)));
         let thread_group = Arc::clone(&group);
         let handle = std::thread::Builder::new()
             .name("tern-spool-sync".into())
@@ -159,6 +311,16 @@ impl GroupCommit {
             Some(reason) => Err(SpoolError::NotDurable(reason.to_string())),
             None => Ok(()),
         }
+    }
+
+    /// The free space the spool keeps.
+    pub(crate) fn space(&self) -> &Space {
+        &self.space
+    }
+
+    /// Messages and body bytes, counting writes queued and not refused.
+    pub(crate) fn tally(&self) -> (u64, u64) {
+        self.tally.get()
     }
 
     /// Installs the round observer; false if one is already installed.
@@ -188,23 +350,39 @@ impl GroupCommit {
         Ok(())
     }
 
-    /// Queues one write's operations for the next round and returns the
-    /// write's sequence number, to pass to `wait_for`. Callers that must order
-    /// writes against their own state call this while holding their lock.
-    pub(crate) fn enqueue(&self, ops: impl IntoIterator<Item = Op>) -> u64 {
+    /// Queues one write's operations for the next round, with how it changes
+    /// the counters (applied now, undone if the write is refused) and the
+    /// earlier write it was computed from, if any (`after`: it is refused if
+    /// that one is), and returns its ticket, to pass to `wait_for`. Callers
+    /// that must order writes against their own state call this while holding
+    /// their lock.
+    pub(crate) fn enqueue(
+        &self,
+        ops: impl IntoIterator<Item = Op>,
+        delta: Delta,
+        after: Option<Refusal>,
+    ) -> Ticket {
+        let refused = Refusal::default();
         let seq = {
             let mut pending = self.lock_pending();
-            pending.ops.extend(ops);
+            pending.writes.push(Queued {
+                ops: ops.into_iter().collect(),
+                refused: refused.clone(),
+                delta,
+                after,
+            });
+            self.tally.add(delta);
             pending.written += 1;
             pending.written
         };
         self.wake.notify_one();
-        seq
+        Ticket { seq, refused }
     }
 
-    /// Returns once every write queued so far is durable.
+    /// Returns once every write queued so far is durable or refused (its
+    /// writer told).
     pub(crate) async fn flush(&self) -> Result<(), SpoolError> {
-        self.wait_for(self.written()).await
+        self.wait_resolved(self.written()).await
     }
 
     /// Asks the thread to finish: it runs a last round if writes are pending
@@ -237,14 +415,23 @@ impl GroupCommit {
         self.progress.borrow().rounds
     }
 
-    /// Returns once the write numbered `seq` is durable, or the error that
-    /// prevented it.
-    pub(crate) async fn wait_for(&self, seq: u64) -> Result<(), SpoolError> {
+    /// Returns once the write of `ticket` is durable, or the error that
+    /// prevented it (refused: nothing of it was applied).
+    pub(crate) async fn wait_for(&self, ticket: Ticket) -> Result<(), SpoolError> {
+        self.wait_resolved(ticket.seq).await?;
+        match ticket.refused.get() {
+            Some(why) => Err(SpoolError::Full(why.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// Returns once the writes numbered up to `seq` are durable or refused.
+    async fn wait_resolved(&self, seq: u64) -> Result<(), SpoolError> {
         let mut rx = self.progress.subscribe();
         loop {
             {
                 let progress = rx.borrow_and_update();
-                if progress.durable >= seq {
+                if progress.resolved >= seq {
                     return Ok(());
                 }
                 if let Some(reason) = &progress.failed {
@@ -278,21 +465,30 @@ impl GroupCommit {
     fn run(&self, db: &sled::Db, mut syncer: Syncer) {
         // Without this, a panic in a round would leave writers waiting forever.
         let _on_panic = FailOnPanic(self);
-        let mut durable = 0;
+        let mut resolved = 0;
         loop {
-            let (ops, target) = {
+            let (writes, target) = {
                 let mut pending = self.lock_pending();
-                while pending.written == durable && !pending.closing {
+                while pending.written == resolved && !pending.closing {
                     pending = self
                         .wake
                         .wait(pending)
                         .unwrap_or_else(PoisonError::into_inner);
                 }
-                if pending.written == durable {
+                if pending.written == resolved {
                     return; // closing, nothing left to sync
                 }
-                (std::mem::take(&mut pending.ops), pending.written)
+                (std::mem::take(&mut pending.writes), pending.written)
             };
+            // Refused writes never reach sled; each writer is told before
+            // `resolved` says its round is over.
+            let ops = self.admit_round(writes);
+            if ops.is_empty() {
+                self.applied.store(target, Ordering::Release);
+                resolved = target;
+                self.progress.send_modify(|p| p.resolved = target);
+                continue;
+            }
             let started = Instant::now();
             let since_epoch = started.duration_since(self.epoch).as_nanos() as u64;
             self.round_started.store(since_epoch + 1, Ordering::Release);
@@ -307,19 +503,75 @@ impl GroupCommit {
                 self.fail(e.to_string());
                 return;
             }
-            self.last_batch.store(target - durable, Ordering::Relaxed);
+            self.last_batch.store(target - resolved, Ordering::Relaxed);
             if let Some(observe) = self.observer.get() {
                 observe(Round {
-                    writes: target - durable,
+                    writes: target - resolved,
                     took,
                 });
             }
-            durable = target;
+            resolved = target;
             self.progress.send_modify(|p| {
-                p.durable = target;
+                p.resolved = target;
                 p.rounds += 1;
             });
         }
+    }
+}
+
+impl GroupCommit {
+    /// The shared state, before the sync thread starts.
+    fn new(space: Space, (messages, bytes): (u64, u64)) -> GroupCommit {
+        let tally = Tally::default();
+        tally.add(Delta {
+            messages: i64::try_from(messages).unwrap_or(i64::MAX),
+            bytes: i64::try_from(bytes).unwrap_or(i64::MAX),
+        });
+        GroupCommit {
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+            progress: watch::Sender::new(Progress::default()),
+            last_batch: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            epoch: Instant::now(),
+            round_started: AtomicU64::new(0),
+            observer: OnceLock::new(),
+            space,
+            tally,
+        }
+    }
+
+    /// The operations of the writes that may be applied: all of them if the
+    /// file system has room for the round, minus those computed from a write
+    /// that was refused; none otherwise. Refused writes are told why and their
+    /// counter changes undone.
+    fn admit_round(&self, writes: Vec<Queued>) -> Vec<Op> {
+        let bytes: u64 = writes
+            .iter()
+            .flat_map(|w| &w.ops)
+            .map(|(k, v)| (k.len() + v.as_ref().map_or(0, |v| v.len())) as u64)
+            .sum();
+        let refuse = |write: &Queued, why: Arc<str>| {
+            let _ = write.refused.set(why);
+            self.tally.undo(write.delta);
+        };
+        if let Err(why) = self.space.round_fits(bytes) {
+            tracing::warn!(reason = %why, writes = writes.len(), "spool full: writes refused");
+            let why: Arc<str> = why.into();
+            for write in &writes {
+                refuse(write, why.clone());
+            }
+            return Vec::new();
+        }
+        let mut ops = Vec::with_capacity(writes.iter().map(|w| w.ops.len()).sum());
+        for write in writes {
+            // In queue order, so a chain of dependent writes is refused whole.
+            match write.after.as_ref().and_then(|a| a.get()) {
+                Some(why) => refuse(&write, why.clone()),
+                None => ops.extend(write.ops),
+            }
+        }
+        ops
     }
 }
 
@@ -440,6 +692,67 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    fn write(ops: usize, delta: Delta, after: Option<&Refusal>) -> (Queued, Refusal) {
+        let refused = Refusal::default();
+        let op: Op = (
+            sled::IVec::from(&b"k"[..]),
+            Some(sled::IVec::from(&b"v"[..])),
+        );
+        let queued = Queued {
+            ops: vec![op; ops],
+            refused: refused.clone(),
+            delta,
+            after: after.cloned(),
+        };
+        (queued, refused)
+    }
+
+    #[test]
+    fn a_round_without_room_is_refused_whole_and_its_counts_undone() {
+        let dir = tempfile::tempdir().unwrap();
+        let group = GroupCommit::new(Space::new(dir.path(), u64::MAX / 4), (5, 500));
+        let commit = Delta {
+            messages: 1,
+            bytes: 100,
+        };
+        group.tally.add(commit);
+        let (a, a_refused) = write(3, commit, None);
+        let (b, b_refused) = write(1, Delta::default(), None);
+        assert!(group.admit_round(vec![a, b]).is_empty(), "nothing applied");
+        let why = a_refused.get().expect("told");
+        assert!(why.contains("MiB free in"), "{why}");
+        assert!(b_refused.get().is_some());
+        assert_eq!(group.tally(), (5, 500), "the queued commit is uncounted");
+
+        group.space.set_min_free(0);
+        let (c, c_refused) = write(2, Delta::default(), None);
+        assert_eq!(group.admit_round(vec![c]).len(), 2);
+        assert!(c_refused.get().is_none());
+    }
+
+    #[test]
+    fn writes_computed_from_a_refused_write_are_refused_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let group = GroupCommit::new(Space::new(dir.path(), 0), (0, 0));
+        // An update refused in an earlier round, and a chain queued after it.
+        let earlier = Refusal::default();
+        earlier.set("no room".into()).unwrap();
+        let remove = Delta {
+            messages: -1,
+            bytes: -70,
+        };
+        group.tally.add(remove);
+        let (second, second_refused) = write(2, remove, Some(&earlier));
+        let (third, third_refused) = write(1, Delta::default(), Some(&second_refused));
+        let (other, other_refused) = write(4, Delta::default(), None);
+        let ops = group.admit_round(vec![second, third, other]);
+        assert_eq!(ops.len(), 4, "only the independent write goes ahead");
+        assert_eq!(second_refused.get().map(|r| &**r), Some("no room"));
+        assert_eq!(third_refused.get().map(|r| &**r), Some("no room"));
+        assert!(other_refused.get().is_none());
+        assert_eq!(group.tally(), (0, 0), "the refused remove is counted back");
+    }
 
     #[test]
     fn blob_bookkeeping_follows_length_and_deletion() {

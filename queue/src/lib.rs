@@ -18,7 +18,11 @@
 //! - nothing is returned from `commit`, `update` or `remove` before the
 //!   change has been fsynced (sled's data file and any blob files); after a
 //!   failed fsync every later write fails instead of pretending; the same
-//!   holds for `put_meta` and `remove_meta`, which share the group commit.
+//!   holds for `put_meta` and `remove_meta`, which share the group commit;
+//! - the spool's file system never runs full under it: a write that would
+//!   leave less than `SpoolOptions::min_free_space` (half of it for writes
+//!   other than commits) is refused with `SpoolError::Full` before anything
+//!   of it is written, and writes succeed again once space is back.
 
 mod error;
 mod group_commit;
@@ -30,4 +34,4 @@ pub use error::SpoolError;
 pub use group_commit::{CommitStats, Round};
 pub use id::{IdGenerator, MessageId, ParseMessageIdError};
 pub use record::{BodyType, Envelope, Notify, Recipient, RecipientState, Ret, Source};
-pub use spool::{Body, OrphanSweep, Spool, SpoolOptions, SpoolStats};
+pub use spool::{Body, InboundBatch, OrphanSweep, Spool, SpoolOptions, SpoolStats};

@@ -30,7 +30,12 @@
 //! - memory does not grow with the spool: only counters and the writes of
 //!   the current rounds are held;
 //! - `stats()` counts exactly the envelopes present and the sum of their
-//!   `size`, which the spool itself sets from the body.
+//!   `size`, which the spool itself sets from the body;
+//! - the spool never lets its file system run full: a commit is refused
+//!   (`SpoolError::Full`, nothing written) when less than
+//!   `SpoolOptions::min_free_space` would be left, every other write when
+//!   less than half of it would be (see `group_commit`); writes succeed again
+//!   by themselves once space is freed.
 //!
 //! Opening after a clean close (the last handle dropped with every write
 //! durable) takes the counters from the record that close left and skips
@@ -55,7 +60,6 @@ use std::fmt::{self, Write as _};
 use std::fs;
 use std::ops::Deref;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -63,7 +67,9 @@ use std::time::Instant;
 use serde::Deserialize;
 
 use crate::error::SpoolError;
-use crate::group_commit::{sync_dir, CommitStats, GroupCommit, Op, Round, Syncer};
+use crate::group_commit::{
+    sync_dir, CommitStats, Delta, GroupCommit, Op, Refusal, Round, Space, Syncer,
+};
 use crate::id::{IdGenerator, MessageId};
 use crate::record::Envelope;
 use clean_close::Checkpoint;
@@ -95,12 +101,17 @@ pub struct SpoolOptions {
     /// most 540 MB while `sweep_orphans` reads every body; with 256 MiB, 510
     /// and 720 MB.
     pub cache_size: u64,
+    /// Free bytes the spool's file system must keep: a commit that would
+    /// leave less (twice its size counted) is refused with
+    /// `SpoolError::Full`; other writes may use half of it. Default 256 MiB.
+    pub min_free_space: u64,
 }
 
 impl Default for SpoolOptions {
     fn default() -> Self {
         SpoolOptions {
             cache_size: 128 << 20,
+            min_free_space: 256 << 20,
         }
     }
 }
@@ -158,8 +169,6 @@ pub struct Spool {
 struct Inner {
     db: sled::Db,
     ids: IdGenerator,
-    messages: AtomicU64,
-    bytes: AtomicU64,
     inflight: Mutex<Inflight>,
     group: Arc<GroupCommit>,
     flusher: Option<JoinHandle<()>>,
@@ -185,11 +194,12 @@ struct StoredEntry {
 
 /// Updates and removes queued but perhaps not yet applied to sled: message
 /// id -> (sequence number of its latest such write, entry after it or `None`
-/// if removed). Entries whose write has been applied are pruned, since sled
-/// then answers the same.
+/// if removed, and what says whether that write was refused). Entries whose
+/// write has been applied (or refused) are pruned, since sled then answers
+/// the same.
 #[derive(Default)]
 struct Inflight {
-    latest: HashMap<MessageId, (u64, Option<Entry>)>,
+    latest: HashMap<MessageId, (u64, Option<Entry>, Refusal)>,
     pruned_at: u64,
 }
 
@@ -206,9 +216,10 @@ impl Drop for Inner {
         if self.group.check().is_err() {
             return;
         }
+        let (messages, bytes) = self.group.tally();
         let state = Recovered {
-            messages: self.messages.load(Ordering::Relaxed),
-            bytes: self.bytes.load(Ordering::Relaxed),
+            messages,
+            bytes,
             max_id: self.ids.last(),
         };
         match clean_close::write(&self.db, self.checkpoint.dir(), &state) {
@@ -301,13 +312,16 @@ impl Spool {
             total_ms = started.elapsed().as_millis() as u64,
             "spool opened"
         );
-        let (group, flusher) = GroupCommit::start(db.clone(), syncer)?;
+        let (group, flusher) = GroupCommit::start(
+            db.clone(),
+            syncer,
+            Space::new(dir, options.min_free_space),
+            (recovered.messages, recovered.bytes),
+        )?;
         Ok(Spool {
             inner: Arc::new(Inner {
                 db,
                 ids: IdGenerator::new(recovered.max_id),
-                messages: AtomicU64::new(recovered.messages),
-                bytes: AtomicU64::new(recovered.bytes),
                 inflight: Mutex::new(Inflight::default()),
                 group,
                 flusher: Some(flusher),
@@ -332,7 +346,8 @@ impl Spool {
     /// Stores the parts of one accepted message (one envelope per
     /// destination, each with its body) in one atomic batch; returns once
     /// durable. Ids must come from `next_id`. Each envelope's `size` is set to
-    /// its body's length. The write is queued on the first poll: dropping the
+    /// its body's length. `SpoolError::Full` when the file system lacks the
+    /// room (nothing is written then). The write is queued on the first poll: dropping the
     /// future after that does not cancel it, it only stops waiting for it
     /// (the same holds for `update` and `remove`).
     pub async fn commit(&self, parts: Vec<(Envelope, Vec<u8>)>) -> Result<(), SpoolError> {
@@ -355,12 +370,22 @@ impl Spool {
             ops.push(insert(&key(ENVELOPE, env.id), encode(&env)?));
             ops.push(insert(&key(BODY, env.id), body));
         }
+        let size: u64 = ops
+            .iter()
+            .map(|(k, v)| (k.len() + v.as_ref().map_or(0, |v| v.len())) as u64)
+            .sum();
+        self.inner.group.space().admit(size)?;
         // Until this is applied, update and remove answer NotFound for these
         // ids, so `Inflight` need not know them.
-        let seq = self.inner.group.enqueue(ops);
-        self.inner.messages.fetch_add(messages, Ordering::Relaxed);
-        self.inner.bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.inner.group.wait_for(seq).await
+        let ticket = self.inner.group.enqueue(
+            ops,
+            Delta {
+                messages: messages as i64,
+                bytes: bytes as i64,
+            },
+            None,
+        );
+        self.inner.group.wait_for(ticket).await
     }
 
     /// The stored envelope, if any.
@@ -383,11 +408,10 @@ impl Spool {
     pub async fn update(&self, env: &Envelope) -> Result<(), SpoolError> {
         self.inner.group.check()?;
         let id = env.id;
-        let seq = {
+        let ticket = {
             let mut inflight = self.inflight();
-            let old = self
-                .current(&mut inflight, id)?
-                .ok_or(SpoolError::NotFound(id))?;
+            let (old, after) = self.current(&mut inflight, id)?;
+            let old = old.ok_or(SpoolError::NotFound(id))?;
             let json = encode(&Envelope {
                 size: old.size,
                 ..env.clone()
@@ -398,62 +422,86 @@ impl Spool {
                 ops.push(insert(&due_key(env.next_due_ms, id), Vec::new()));
             }
             ops.push(insert(&key(ENVELOPE, id), json));
-            let seq = self.inner.group.enqueue(ops);
+            let ticket = self.inner.group.enqueue(ops, Delta::default(), after);
             let new = Entry {
                 next_due_ms: env.next_due_ms,
                 size: old.size,
             };
-            inflight.latest.insert(id, (seq, Some(new)));
-            seq
+            inflight
+                .latest
+                .insert(id, (ticket.seq(), Some(new), ticket.refusal()));
+            ticket
         };
-        self.inner.group.wait_for(seq).await
+        self.inner.group.wait_for(ticket).await
     }
 
     /// Deletes body, envelope and due key atomically; returns once durable.
     pub async fn remove(&self, id: MessageId) -> Result<(), SpoolError> {
         self.inner.group.check()?;
-        let seq = {
+        let ticket = {
             let mut inflight = self.inflight();
-            let old = self
-                .current(&mut inflight, id)?
-                .ok_or(SpoolError::NotFound(id))?;
-            let seq = self.inner.group.enqueue([
-                remove(&key(BODY, id)),
-                remove(&key(ENVELOPE, id)),
-                remove(&due_key(old.next_due_ms, id)),
-            ]);
-            inflight.latest.insert(id, (seq, None));
-            self.inner.messages.fetch_sub(1, Ordering::Relaxed);
-            self.inner.bytes.fetch_sub(old.size, Ordering::Relaxed);
-            seq
+            let (old, after) = self.current(&mut inflight, id)?;
+            let old = old.ok_or(SpoolError::NotFound(id))?;
+            let ticket = self.inner.group.enqueue(
+                [
+                    remove(&key(BODY, id)),
+                    remove(&key(ENVELOPE, id)),
+                    remove(&due_key(old.next_due_ms, id)),
+                ],
+                Delta {
+                    messages: -1,
+                    bytes: -(old.size as i64),
+                },
+                after,
+            );
+            inflight
+                .latest
+                .insert(id, (ticket.seq(), None, ticket.refusal()));
+            ticket
         };
-        self.inner.group.wait_for(seq).await
+        self.inner.group.wait_for(ticket).await
     }
 
     /// The latest state of `id` as far as writes go: the newest queued update
-    /// or remove if one is not yet applied, else what sled holds. Every write
-    /// numbered up to `applied()` is in sled, so after pruning, an id missing
-    /// from `inflight` has no unapplied write (the caller holds the lock that
-    /// adding one requires).
-    fn current(&self, inflight: &mut Inflight, id: MessageId) -> Result<Option<Entry>, SpoolError> {
+    /// or remove if one is not yet applied (and not refused), else what sled
+    /// holds; with that queued write's refusal cell, which a write computed
+    /// from it must depend on. Every write numbered up to `applied()` is in
+    /// sled or was refused, so after pruning, an id missing from `inflight`
+    /// has no unapplied write (the caller holds the lock that adding one
+    /// requires).
+    fn current(
+        &self,
+        inflight: &mut Inflight,
+        id: MessageId,
+    ) -> Result<(Option<Entry>, Option<Refusal>), SpoolError> {
         let applied = self.inner.group.applied();
         if applied > inflight.pruned_at {
-            inflight.latest.retain(|_, (seq, _)| *seq > applied);
+            inflight.latest.retain(|_, (seq, _, _)| *seq > applied);
             inflight.pruned_at = applied;
         }
-        if let Some(&(_, entry)) = inflight.latest.get(&id) {
-            return Ok(entry);
+        match inflight.latest.get(&id) {
+            Some((_, entry, refused)) if refused.get().is_none() => {
+                return Ok((*entry, Some(refused.clone())));
+            }
+            // Refused: sled has the truth.
+            Some(_) => {
+                inflight.latest.remove(&id);
+            }
+            None => {}
         }
         let key = key(ENVELOPE, id);
         let Some(value) = self.inner.db.get(key)? else {
-            return Ok(None);
+            return Ok((None, None));
         };
         let stored: StoredEntry = serde_json::from_slice(&value)
             .map_err(|e| corrupt(&key, format!("bad envelope JSON: {e}")))?;
-        Ok(Some(Entry {
-            next_due_ms: stored.next_due_ms,
-            size: stored.size,
-        }))
+        Ok((
+            Some(Entry {
+                next_due_ms: stored.next_due_ms,
+                size: stored.size,
+            }),
+            None,
+        ))
     }
 
     /// Stores `value` under the meta name `name`, replacing any previous
@@ -461,8 +509,11 @@ impl Spool {
     /// other write).
     pub async fn put_meta(&self, name: &str, value: Vec<u8>) -> Result<(), SpoolError> {
         self.inner.group.check()?;
-        let seq = self.inner.group.enqueue([insert(&meta_key(name), value)]);
-        self.inner.group.wait_for(seq).await
+        let ticket =
+            self.inner
+                .group
+                .enqueue([insert(&meta_key(name), value)], Delta::default(), None);
+        self.inner.group.wait_for(ticket).await
     }
 
     /// The value stored under the meta name `name`, if any.
@@ -473,8 +524,11 @@ impl Spool {
     /// Deletes the meta name `name` (absent is fine); returns once durable.
     pub async fn remove_meta(&self, name: &str) -> Result<(), SpoolError> {
         self.inner.group.check()?;
-        let seq = self.inner.group.enqueue([remove(&meta_key(name))]);
-        self.inner.group.wait_for(seq).await
+        let ticket = self
+            .inner
+            .group
+            .enqueue([remove(&meta_key(name))], Delta::default(), None);
+        self.inner.group.wait_for(ticket).await
     }
 
     /// Every meta record whose name starts with `prefix`, in name order.
@@ -602,7 +656,7 @@ impl Spool {
         report: &mut OrphanSweep,
     ) -> Result<(), SpoolError> {
         let group = &self.inner.group;
-        group.wait_for(group.written()).await?;
+        group.flush().await?;
         let db = &self.inner.db;
         let mut ops = Vec::new();
         for &id in &chunk.body_only {
@@ -620,8 +674,8 @@ impl Spool {
         }
         if !ops.is_empty() {
             report.removed += ops.len() as u64;
-            let seq = group.enqueue(ops);
-            group.wait_for(seq).await?;
+            let ticket = group.enqueue(ops, Delta::default(), None);
+            group.wait_for(ticket).await?;
         }
         Ok(())
     }
@@ -629,10 +683,27 @@ impl Spool {
     /// Messages and body bytes spooled now, counting writes still waiting
     /// for their sync round (exact; kept in memory).
     pub fn stats(&self) -> SpoolStats {
-        SpoolStats {
-            messages: self.inner.messages.load(Ordering::Relaxed),
-            bytes: self.inner.bytes.load(Ordering::Relaxed),
-        }
+        let (messages, bytes) = self.inner.group.tally();
+        SpoolStats { messages, bytes }
+    }
+
+    /// Free bytes on the spool's file system now; `None` if it cannot be
+    /// read.
+    pub fn free_space(&self) -> Option<u64> {
+        self.inner.group.space().free().map(|(bytes, _)| bytes)
+    }
+
+    /// Replaces `SpoolOptions::min_free_space` (a config reload); writes from
+    /// now on are measured against it.
+    pub fn set_min_free_space(&self, bytes: u64) {
+        self.inner.group.space().set_min_free(bytes);
+    }
+
+    /// `Err(SpoolError::Full)` if a message of `size` bytes would be refused
+    /// for space now (an SMTP server asks at MAIL FROM).
+    pub fn room_for(&self, size: u64) -> Result<(), SpoolError> {
+        self.inner.group.check()?;
+        self.inner.group.space().admit(size)
     }
 
     /// Completed sync rounds (flush + fsyncs) since open.
@@ -783,6 +854,7 @@ fn corrupt(key: &[u8], reason: String) -> SpoolError {
 
 mod clean_close;
 mod keyspaces;
+pub use keyspaces::InboundBatch;
 mod recovery;
 #[cfg(test)]
 mod tests;

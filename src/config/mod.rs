@@ -271,6 +271,9 @@ pub struct SpoolConfig {
     pub max_age: Duration,
     /// Bytes of spool pages (sled's page cache) kept in memory. Default 128 MiB.
     pub cache_size: u64,
+    /// Free bytes the spool's file system keeps: new mail that would leave less is refused
+    /// (SMTP `452 4.3.1`, HTTP 507); delivery outcomes may use half of it. Default 256 MiB.
+    pub min_free_space: u64,
 }
 
 impl Default for SpoolConfig {
@@ -279,6 +282,7 @@ impl Default for SpoolConfig {
             path: PathBuf::from("./data/spool"),
             max_age: Duration::from_secs(5 * 86_400),
             cache_size: tern_queue::SpoolOptions::default().cache_size,
+            min_free_space: tern_queue::SpoolOptions::default().min_free_space,
         }
     }
 }
@@ -747,6 +751,7 @@ fn compile_spool(r: &mut TableReader<'_>) -> SpoolConfig {
         cache_size: r
             .get("cache_size", |v| size(v).and_then(nonzero))
             .unwrap_or(d.cache_size),
+        min_free_space: r.get("min_free_space", size).unwrap_or(d.min_free_space),
     }
 }
 

@@ -127,6 +127,7 @@ impl Daemon {
         let spool_path = config.spool.path.clone();
         let spool_options = SpoolOptions {
             cache_size: config.spool.cache_size,
+            min_free_space: config.spool.min_free_space,
         };
         let spool =
             tokio::task::spawn_blocking(move || Spool::open_with(&spool_path, &spool_options))
@@ -345,6 +346,8 @@ impl Daemon {
         };
         self.metrics
             .set_routes(reloaded.config.routes.iter().map(|r| r.domain.as_str()));
+        self.spool
+            .set_min_free_space(reloaded.config.spool.min_free_space);
         self.feedback.reconfigure(&reloaded);
         self.intake.reconfigure(&reloaded);
         self.delivery.reconfigure(&reloaded);

@@ -41,7 +41,7 @@ use std::borrow::Cow;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tern_queue::{BodyType, Notify, Recipient, Ret, Source};
+use tern_queue::{BodyType, Notify, Recipient, Ret, Source, SpoolError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -411,6 +411,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Err(reply) = self.config.policy.declared_size(from.size as u64) {
             self.config.metrics.message_rejected(Rejection::Size);
             return self.error_reply(reply);
+        }
+        // RFC 5321 4.5.3.1.10: say so before the client sends the content.
+        if let Err(SpoolError::Full(why)) = self.config.intake.room_for(from.size as u64) {
+            debug!(peer = %self.state.peer, %why, "spool full at MAIL FROM");
+            self.config.metrics.message_rejected(Rejection::SpoolFull);
+            return self.reply(452, "4.3.1", "Insufficient system storage, try again later");
         }
         // smtp-proto has already decoded the xtext; what it yields ends up in DSN headers,
         // so anything that could break a header line is refused.
@@ -808,6 +814,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 info!(%id, peer = %self.state.peer, size, rcpts = rcpt_count, "queued");
                 self.config.metrics.message_received(Protocol::Smtp);
                 self.reply(250, "2.0.0", format!("Ok: queued as {id}"));
+            }
+            Err(SpoolError::Full(why)) => {
+                warn!(peer = %self.state.peer, %why, "spool full: message refused");
+                self.config.metrics.message_rejected(Rejection::SpoolFull);
+                self.reply(452, "4.3.1", "Insufficient system storage, try again later");
             }
             Err(err) => {
                 warn!(peer = %self.state.peer, error = %err, "spool write failed");

@@ -236,7 +236,13 @@ async fn wait_suppressed(server: &TestServer, address: &str) -> Value {
 /// Waits until the bounce processor has taken every inbound record.
 async fn wait_inbound_processed(server: &TestServer) {
     let deadline = Instant::now() + T;
-    while !server.spool().inbound(1).unwrap().is_empty() {
+    while !server
+        .spool()
+        .inbound_batch(1, 0)
+        .unwrap()
+        .records
+        .is_empty()
+    {
         assert!(Instant::now() < deadline, "inbound mail not processed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -20,6 +20,14 @@ use super::{insert, key, remove, Spool, SpoolError};
 use crate::id::MessageId;
 use crate::record::Envelope;
 
+/// A batch of inbound records, oldest first.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct InboundBatch {
+    pub records: Vec<(MessageId, Vec<u8>)>,
+    /// More records were left for the next batch.
+    pub more: bool,
+}
+
 const SUPPRESSION: u8 = b'S';
 const INBOUND: u8 = b'I';
 const EVENTS: u8 = b'V';
@@ -41,17 +49,27 @@ impl Spool {
         .await
     }
 
-    /// Up to `limit` inbound records, oldest first.
-    pub fn inbound(&self, limit: usize) -> Result<Vec<(MessageId, Vec<u8>)>, SpoolError> {
-        self.inner
-            .db
-            .scan_prefix([INBOUND])
-            .take(limit)
-            .map(|item| {
-                let (k, v) = item?;
-                Ok((super::parse_id_key(&k)?, v.to_vec()))
-            })
-            .collect()
+    /// The oldest inbound records, at most `max_count` of them and, beyond
+    /// the first, at most `max_bytes` in all: a record is a whole message, so
+    /// a count alone would let a few large ones fill memory.
+    pub fn inbound_batch(
+        &self,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<InboundBatch, SpoolError> {
+        let mut batch = InboundBatch::default();
+        let mut bytes = 0;
+        for item in self.inner.db.scan_prefix([INBOUND]) {
+            let (k, v) = item?;
+            let over = bytes + v.len() > max_bytes && !batch.records.is_empty();
+            if batch.records.len() == max_count || over {
+                batch.more = true;
+                break;
+            }
+            bytes += v.len();
+            batch.records.push((super::parse_id_key(&k)?, v.to_vec()));
+        }
+        Ok(batch)
     }
 
     /// Deletes an inbound record (absent is fine); returns once durable.
@@ -173,8 +191,8 @@ impl Spool {
             return Ok(());
         }
         self.inner.group.check()?;
-        let seq = self.inner.group.enqueue(ops);
-        self.inner.group.wait_for(seq).await
+        let ticket = self.inner.group.enqueue(ops, super::Delta::default(), None);
+        self.inner.group.wait_for(ticket).await
     }
 }
 
@@ -253,13 +271,20 @@ mod tests {
         let spool = Spool::open(dir.path()).unwrap();
         assert_eq!(spool.events("w0", 10).unwrap()[0].1, b"e2");
         assert_eq!(spool.events("w1", 10).unwrap().len(), 1);
-        assert_eq!(spool.inbound(10).unwrap(), [(id, b"bounce".to_vec())]);
+        assert_eq!(
+            spool.inbound_batch(10, usize::MAX).unwrap().records,
+            [(id, b"bounce".to_vec())]
+        );
         assert_eq!(
             spool.stats().messages,
             0,
             "inbound records are not messages"
         );
         spool.remove_inbound(id).await.unwrap();
-        assert!(spool.inbound(10).unwrap().is_empty());
+        assert!(spool
+            .inbound_batch(10, usize::MAX)
+            .unwrap()
+            .records
+            .is_empty());
     }
 }

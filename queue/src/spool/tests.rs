@@ -535,6 +535,76 @@ async fn failed_sync_is_reported_and_poisons_the_spool() {
     assert!(spool.stats().messages >= 1);
 }
 
+/// The file system fills up (here: the spool is told to keep more free space
+/// than there is). Writes are refused, nothing of them is written, the spool
+/// is not poisoned, and everything works again once space is back.
+#[tokio::test]
+async fn without_room_writes_are_refused_and_the_spool_carries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    let kept = commit_one(&spool, 1, 1000).await;
+    assert!(spool.free_space().is_some_and(|free| free > 0));
+    assert!(spool.room_for(1000).is_ok());
+
+    spool.set_min_free_space(u64::MAX / 4);
+    assert!(matches!(spool.room_for(10), Err(SpoolError::Full(_))));
+    let refused = spool.next_id();
+    let commit = spool
+        .commit(vec![(
+            envelope(refused, refused, "example.org", 1),
+            b"x".to_vec(),
+        )])
+        .await;
+    assert!(matches!(commit, Err(SpoolError::Full(_))), "{commit:?}");
+    // Writes that are not new mail may use half the reserve: still too little.
+    let meta = spool.put_meta("note", b"v".to_vec()).await;
+    assert!(matches!(meta, Err(SpoolError::Full(_))), "{meta:?}");
+    let mut moved = spool.envelope(kept).unwrap().unwrap();
+    moved.next_due_ms = 99;
+    assert!(matches!(
+        spool.update(&moved).await,
+        Err(SpoolError::Full(_))
+    ));
+    assert!(matches!(spool.remove(kept).await, Err(SpoolError::Full(_))));
+    assert_eq!(
+        spool.stats(),
+        SpoolStats {
+            messages: 1,
+            bytes: 1000
+        }
+    );
+    assert!(spool.envelope(refused).unwrap().is_none());
+    assert_eq!(spool.envelope(kept).unwrap().unwrap().next_due_ms, 1);
+    assert_eq!(spool.due_before(u64::MAX, 10).unwrap(), [(1, kept)]);
+    assert!(
+        spool.health(std::time::Duration::from_secs(5)).is_ok(),
+        "not poisoned"
+    );
+    spool.flush().await.unwrap();
+
+    spool.set_min_free_space(0);
+    let after = commit_one(&spool, 5, 10).await;
+    spool.update(&moved).await.unwrap();
+    assert_eq!(
+        spool.due_before(u64::MAX, 10).unwrap(),
+        [(5, after), (99, kept)]
+    );
+    spool.remove(kept).await.unwrap();
+    spool.put_meta("note", b"v".to_vec()).await.unwrap();
+    assert_eq!(
+        spool.stats(),
+        SpoolStats {
+            messages: 1,
+            bytes: 10
+        }
+    );
+    drop(spool);
+    let spool = Spool::open(dir.path()).unwrap();
+    assert!(spool.opened_after_clean_close(), "a refusal is no failure");
+    assert_eq!(spool.list().unwrap().len(), 1);
+    assert_eq!(spool.get_meta("note").unwrap().as_deref(), Some(&b"v"[..]));
+}
+
 #[tokio::test]
 async fn clean_close_skips_the_scan_and_agrees_with_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -792,6 +862,7 @@ async fn open_with_a_small_cache_works() {
     let dir = tempfile::tempdir().unwrap();
     let options = SpoolOptions {
         cache_size: 1 << 20,
+        ..SpoolOptions::default()
     };
     let id;
     {
@@ -836,4 +907,48 @@ async fn parallel_recovery_repairs_every_range() {
             bytes: (0..300).map(|i| 10 + i).sum()
         }
     );
+}
+
+/// Inbound records are whole messages: a batch is bounded by bytes as well as by count, so a
+/// burst of large ones never loads more than one of them beyond the bound.
+#[tokio::test]
+async fn inbound_batches_are_bounded_by_bytes_and_by_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    let sizes = [300, 300, 500, 100, 100, 100, 100];
+    let mut ids = Vec::new();
+    for size in sizes {
+        let id = spool.next_id();
+        spool
+            .commit_with_inbound(Vec::new(), vec![(id, vec![b'm'; size])])
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    let ids_of = |batch: &InboundBatch| batch.records.iter().map(|r| r.0).collect::<Vec<_>>();
+
+    let batch = spool.inbound_batch(10, 700).unwrap();
+    assert_eq!(
+        ids_of(&batch),
+        ids[..2],
+        "600 bytes; the 500 would pass 700"
+    );
+    assert!(batch.more);
+    assert_eq!(batch.records[0].1.len(), 300);
+
+    // The first record always comes, however large: progress is never stuck.
+    let batch = spool.inbound_batch(10, 10).unwrap();
+    assert_eq!(ids_of(&batch), ids[..1]);
+    assert!(batch.more);
+
+    let batch = spool.inbound_batch(3, usize::MAX).unwrap();
+    assert_eq!(ids_of(&batch), ids[..3], "the count bounds it too");
+    assert!(batch.more);
+
+    for id in &ids[..3] {
+        spool.remove_inbound(*id).await.unwrap();
+    }
+    let batch = spool.inbound_batch(10, 1000).unwrap();
+    assert_eq!(ids_of(&batch), ids[3..]);
+    assert!(!batch.more, "nothing left over");
 }

@@ -135,6 +135,14 @@ async fn inject(
                 sidecar,
             }))
         }
+        Err(tern_queue::SpoolError::Full(why)) => {
+            warn!(%peer, %why, "spool full: message refused (http)");
+            state.metrics.message_rejected(Rejection::SpoolFull);
+            Err(ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "insufficient storage: the spool's disk is full; try again later",
+            ))
+        }
         Err(err) => {
             warn!(%peer, error = %err, "spool write failed (http)");
             state.metrics.message_rejected(Rejection::SpoolError);

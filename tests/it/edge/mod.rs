@@ -4,6 +4,7 @@
 
 mod content;
 mod delivery;
+mod disk;
 mod feedback;
 mod files;
 mod http;
@@ -111,7 +112,13 @@ pub fn arf_about(original: &[u8], recipient: &str) -> Vec<u8> {
 /// Waits until the bounce processor has taken every inbound record.
 pub async fn wait_inbound_processed(server: &TestServer) {
     let deadline = Instant::now() + T;
-    while !server.spool().inbound(1).unwrap().is_empty() {
+    while !server
+        .spool()
+        .inbound_batch(1, 0)
+        .unwrap()
+        .records
+        .is_empty()
+    {
         assert!(Instant::now() < deadline, "inbound mail not processed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
