@@ -331,6 +331,7 @@ pub struct Metrics {
     suppressed_recipients: IntCounterVec,
     inbound_reports: IntCounterVec,
     webhook_posts: IntCounterVec,
+    state_evictions: IntCounterVec,
     webhook_backlog: IntGaugeVec,
 }
 
@@ -347,6 +348,38 @@ impl SuppressedAction {
         match self {
             SuppressedAction::Reject => "reject",
             SuppressedAction::Drop => "drop",
+        }
+    }
+}
+
+/// A bounded map of state kept per destination, host or client: the `map` label of
+/// `tern_state_evictions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateMap {
+    /// Shaping state of destinations (buckets, their lanes and pairs) idle for longest.
+    ShapingDestinations,
+    /// Hosts remembered as having broken TLS, soonest to expire first.
+    BrokenTlsHosts,
+    /// Idle outbound connections kept for reuse, oldest first.
+    IdleConnections,
+    /// Events dropped from a webhook outbox over its `max_backlog`, oldest first.
+    WebhookEvents,
+}
+
+impl StateMap {
+    const ALL: [StateMap; 4] = [
+        StateMap::ShapingDestinations,
+        StateMap::BrokenTlsHosts,
+        StateMap::IdleConnections,
+        StateMap::WebhookEvents,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            StateMap::ShapingDestinations => "shaping_destinations",
+            StateMap::BrokenTlsHosts => "broken_tls_hosts",
+            StateMap::IdleConnections => "idle_connections",
+            StateMap::WebhookEvents => "webhook_events",
         }
     }
 }
@@ -686,6 +719,11 @@ impl Metrics {
                 "Recipients reported by processed inbound mail to the bounce domains, by kind (dsn, arf, autoreply, none), category (none: a message naming no recipient) and trusted (true: tied to mail tern sent by a VERP token or an X-Tern-Id, so it changed state; false: counted only).",
                 &["kind", "category", "trusted"],
             ),
+            state_evictions: counter_vec(
+                "tern_state_evictions_total",
+                "Entries dropped from a bounded map to stay within its bound, by map: shaping_destinations (idle destinations' shaping state), broken_tls_hosts, idle_connections (QUIT), webhook_events (oldest events of an outbox over max_backlog).",
+                &["map"],
+            ),
             webhook_posts: counter_vec(
                 "tern_webhook_posts_total",
                 "Event batches posted to a webhook (its index in the config), by result: ok (2xx), status, error, timeout.",
@@ -735,6 +773,9 @@ impl Metrics {
             metrics
                 .messages_received
                 .with_label_values(&[intake.as_str()]);
+        }
+        for map in StateMap::ALL {
+            metrics.state_evictions.with_label_values(&[map.as_str()]);
         }
         for action in [DsnAction::Failed, DsnAction::Delayed, DsnAction::Delivered] {
             metrics.dsns_sent.with_label_values(&[action_label(action)]);
@@ -808,6 +849,20 @@ impl Metrics {
         self.webhook_backlog
             .with_label_values(&[&index.to_string()])
             .add(events);
+    }
+
+    /// `entries` were dropped from `map` to keep it within its bound.
+    pub fn state_evicted(&self, map: StateMap, entries: u64) {
+        self.state_evictions
+            .with_label_values(&[map.as_str()])
+            .inc_by(entries);
+    }
+
+    /// Evictions from `map` so far.
+    pub fn state_evictions(&self, map: StateMap) -> u64 {
+        self.state_evictions
+            .with_label_values(&[map.as_str()])
+            .get()
     }
 
     pub fn webhook_post(&self, index: usize, result: WebhookResult) {

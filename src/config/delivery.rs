@@ -34,6 +34,9 @@ pub struct DeliveryConfig {
     pub max_messages_per_connection: usize,
     /// How long an idle outbound connection is kept for reuse. Default 30s.
     pub idle_timeout: Duration,
+    /// Idle outbound connections kept for reuse at most, all destinations together; putting
+    /// one more closes the one idle longest. Default 1000.
+    pub max_idle_connections: usize,
     /// Default STARTTLS policy for destinations without a route of their own. Default
     /// opportunistic.
     pub tls: TlsPolicy,
@@ -65,6 +68,7 @@ impl Default for DeliveryConfig {
             max_connections_per_destination: 16,
             max_messages_per_connection: 100,
             idle_timeout: Duration::from_secs(30),
+            max_idle_connections: 1000,
             tls: TlsPolicy::Opportunistic,
             broken_tls_retry: Duration::from_secs(3600),
             timeouts: SmtpTimeouts::default(),
@@ -216,6 +220,9 @@ pub(super) fn compile_delivery(r: &mut TableReader<'_>) -> DeliveryConfig {
             .get("max_messages_per_connection", positive_count)
             .unwrap_or(d.max_messages_per_connection),
         idle_timeout: r.get("idle_timeout", duration).unwrap_or(d.idle_timeout),
+        max_idle_connections: r
+            .get("max_idle_connections", count)
+            .unwrap_or(d.max_idle_connections),
         tls: r.get("tls", tls_policy).unwrap_or(d.tls),
         broken_tls_retry: r
             .get("broken_tls_retry", duration)

@@ -50,6 +50,9 @@ pub struct WebhookConfig {
     pub batch_size: usize,
     /// How long a batch waits for more events before it is posted. Default 1s.
     pub interval: Duration,
+    /// Events the outbox holds at most while the endpoint does not take them; past it the
+    /// oldest are dropped (counted). Default 1,000,000.
+    pub max_backlog: usize,
 }
 
 /// An `http://` or `https://host[:port]/path` URL.
@@ -154,12 +157,16 @@ pub(super) fn compile_webhook(r: &mut TableReader<'_>) -> Option<WebhookConfig> 
     let interval = r
         .get("interval", duration)
         .unwrap_or(Duration::from_secs(1));
+    let max_backlog = r
+        .get("max_backlog", |v| count(v).and_then(nonzero))
+        .unwrap_or(1_000_000);
     Some(WebhookConfig {
         url: url?,
         ca_file,
         secret_file: secret_file?,
         batch_size,
         interval,
+        max_backlog,
     })
 }
 
@@ -173,7 +180,7 @@ mod tests {
         let config = Config::parse(
             "[[listeners]]\naddress = \"127.0.0.1:2525\"\n\
              [suppression]\nmode = \"drop\"\nsoft_categories = [\"mailbox_full\", \"spam_block\"]\nsoft_expiry = \"2d\"\n\
-             [[webhooks]]\nurl = \"http://127.0.0.1:9000/hook\"\nsecret_file = \"/etc/tern/hook.secret\"\nbatch_size = 5\ninterval = \"200ms\"\n",
+             [[webhooks]]\nurl = \"http://127.0.0.1:9000/hook\"\nsecret_file = \"/etc/tern/hook.secret\"\nbatch_size = 5\ninterval = \"200ms\"\nmax_backlog = 7\n",
         )
         .unwrap();
         assert_eq!(config.suppression.mode, SuppressionMode::Drop);
@@ -189,8 +196,8 @@ mod tests {
         assert_eq!(hook.url.to_string(), "http://127.0.0.1:9000/hook");
         assert_eq!((hook.url.host.as_str(), hook.url.port), ("127.0.0.1", 9000));
         assert_eq!(
-            (hook.batch_size, hook.interval),
-            (5, Duration::from_millis(200))
+            (hook.batch_size, hook.interval, hook.max_backlog),
+            (5, Duration::from_millis(200), 7)
         );
 
         let err = Config::parse(

@@ -190,6 +190,9 @@ pub struct ShapingConfig {
     pub max_connections: Option<usize>,
     /// Outbound connections per source address. Default unlimited.
     pub max_connections_per_source: Option<usize>,
+    /// Destinations (buckets) whose shaping state is kept; beyond it the state of those idle
+    /// longest (no mail waiting, no connection, not suspended) is forgotten. Default 50,000.
+    pub max_destinations: usize,
     /// Limits of every destination that is neither a provider nor has a domain rule, and the
     /// base that provider and domain limits inherit from.
     pub default: LimitsConfig,
@@ -224,6 +227,7 @@ impl Default for ShapingConfig {
         ShapingConfig {
             max_connections: None,
             max_connections_per_source: None,
+            max_destinations: 50_000,
             default: LimitsConfig::default(),
             providers: builtin_providers(),
             domains: Vec::new(),
@@ -362,6 +366,9 @@ pub(super) fn compile_shaping(r: &mut TableReader<'_>) -> ShapingConfig {
     let positive = |v: &Value| count(v).and_then(nonzero);
     let max_connections = r.get("max_connections", positive);
     let max_connections_per_source = r.get("max_connections_per_source", positive);
+    let max_destinations = r
+        .get("max_destinations", positive)
+        .unwrap_or(d.max_destinations);
     let builtin = r
         .get("builtin_providers", |v| {
             v.as_bool()
@@ -445,6 +452,7 @@ pub(super) fn compile_shaping(r: &mut TableReader<'_>) -> ShapingConfig {
     ShapingConfig {
         max_connections,
         max_connections_per_source,
+        max_destinations,
         default,
         providers,
         domains,

@@ -20,7 +20,7 @@ use super::{Background, Reloaded, Subsystem};
 use crate::bounce::classify::Classifier;
 use crate::config::Config;
 use crate::delivery::client::ClientSettings;
-use crate::delivery::pool::ConnectionPool;
+use crate::delivery::pool::{ConnectionPool, PoolLimits};
 use crate::delivery::worker::{VerpPolicy, Worker};
 use crate::enqueue::{Enqueue, NewMessage};
 use crate::feedback::Feedback;
@@ -78,9 +78,9 @@ impl Delivery {
             AddressGuard::new(config.delivery.allow_local_mx, &parts.listeners),
         ));
         let pool = ConnectionPool::new(
-            config.delivery.idle_timeout,
-            config.delivery.max_messages_per_connection,
+            pool_limits(&config.delivery),
             bg.tasks.clone(),
+            parts.metrics.clone(),
         );
         pool.spawn_reaper(bg.stop.clone());
         // Verified TLS (routes with tls = "required") trusts the system's CA bundle.
@@ -101,6 +101,7 @@ impl Delivery {
             parts.passwords,
             parts.classifier.clone(),
             parts.origin,
+            parts.metrics.clone(),
         ));
         worker.set_verp(
             parts
@@ -143,6 +144,15 @@ impl Delivery {
     }
 }
 
+/// The connection pool's part of `[delivery]`.
+fn pool_limits(config: &crate::config::DeliveryConfig) -> PoolLimits {
+    PoolLimits {
+        idle_timeout: config.idle_timeout,
+        max_messages_per_connection: config.max_messages_per_connection,
+        max_idle: config.max_idle_connections,
+    }
+}
+
 impl Subsystem for Delivery {
     fn reconfigure(&self, reloaded: &Reloaded) {
         let config = &reloaded.config;
@@ -158,10 +168,7 @@ impl Subsystem for Delivery {
                 .clone()
                 .map(|v| VerpPolicy::from_config(v, config)),
         );
-        self.pool.set_limits(
-            config.delivery.idle_timeout,
-            config.delivery.max_messages_per_connection,
-        );
+        self.pool.set_limits(pool_limits(&config.delivery));
         self.settler.reconfigure(config.delivery.clone());
         self.scheduler.reconfigure(config.delivery.clone());
     }

@@ -48,6 +48,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{SmtpTimeouts, TlsPolicy};
+use crate::telemetry::{Metrics, StateMap};
 use crate::tls::TlsInfo;
 
 /// QUIT is a courtesy: never wait long for it.
@@ -171,20 +172,39 @@ impl ServerCertVerifier for AnyCertificate {
 
 /// Hosts whose TLS handshake failed recently: opportunistic TLS then goes plain text to them
 /// until the entry expires, instead of failing the handshake on every attempt.
+///
+/// Bounded: anyone can publish MX hosts whose TLS breaks, so at most [`MAX_BROKEN_TLS_HOSTS`]
+/// are remembered; past that, expired entries go, then the ones expiring soonest (counted in
+/// `tern_state_evictions_total{map="broken_tls_hosts"}`). A host forgotten early only costs a
+/// handshake attempt again.
 pub struct BrokenTls {
     /// How long a host stays marked; a config reload may change it (for later marks).
     retry_after: Mutex<Duration>,
     /// Lowercase host name -> when TLS may be tried again.
     until: Mutex<HashMap<String, Instant>>,
+    metrics: Arc<Metrics>,
 }
+
+/// Hosts [`BrokenTls`] remembers at most.
+pub const MAX_BROKEN_TLS_HOSTS: usize = 10_000;
 
 impl BrokenTls {
     /// `retry_after`: how long a host stays marked (`broken_tls_retry` in the config).
-    pub fn new(retry_after: Duration) -> BrokenTls {
+    pub fn new(retry_after: Duration, metrics: Arc<Metrics>) -> BrokenTls {
         BrokenTls {
             retry_after: Mutex::new(retry_after),
             until: Mutex::new(HashMap::new()),
+            metrics,
         }
+    }
+
+    /// Hosts remembered now (expired ones included until room is needed).
+    pub fn len(&self) -> usize {
+        self.until.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     pub fn is_broken(&self, host: &str) -> bool {
@@ -202,10 +222,23 @@ impl BrokenTls {
     pub fn mark(&self, host: &str) {
         let now = Instant::now();
         let retry_after = *self.retry_after.lock().unwrap_or_else(|e| e.into_inner());
+        let host = host.to_ascii_lowercase();
         let mut until = self.until.lock().unwrap_or_else(|e| e.into_inner());
-        // Expired entries are dropped here, so the map only holds hosts currently broken.
-        until.retain(|_, t| *t > now);
-        until.insert(host.to_ascii_lowercase(), now + retry_after);
+        if until.len() >= MAX_BROKEN_TLS_HOSTS && !until.contains_key(&host) {
+            // Only when full: marking stays O(1) otherwise.
+            until.retain(|_, t| *t > now);
+            if until.len() >= MAX_BROKEN_TLS_HOSTS {
+                let soonest = until
+                    .iter()
+                    .min_by_key(|(_, t)| **t)
+                    .map(|(h, _)| h.clone());
+                if let Some(soonest) = soonest {
+                    until.remove(&soonest);
+                    self.metrics.state_evicted(StateMap::BrokenTlsHosts, 1);
+                }
+            }
+        }
+        until.insert(host, now + retry_after);
     }
 }
 
@@ -1257,11 +1290,35 @@ mod tests {
 
     #[test]
     fn broken_tls_expires() {
-        let broken = BrokenTls::new(Duration::from_millis(30));
+        let broken = BrokenTls::new(Duration::from_millis(30), Arc::new(Metrics::new()));
         assert!(!broken.is_broken("mx.example"));
         broken.mark("MX.example");
         assert!(broken.is_broken("mx.EXAMPLE"));
         std::thread::sleep(Duration::from_millis(40));
         assert!(!broken.is_broken("mx.example"));
+    }
+
+    /// MX hosts with broken TLS, as many as anyone cares to publish: the memory of them stays
+    /// within its bound, the hosts expiring soonest go first, and each is counted.
+    #[test]
+    fn broken_tls_hosts_past_the_bound_evict_the_soonest_to_expire() {
+        let metrics = Arc::new(Metrics::new());
+        let broken = BrokenTls::new(Duration::from_secs(3600), metrics.clone());
+        broken.mark("first.test");
+        broken.set_retry_after(Duration::from_secs(7200));
+        for i in 1..MAX_BROKEN_TLS_HOSTS + 50 {
+            broken.mark(&format!("mx{i}.test"));
+        }
+        assert_eq!(broken.len(), MAX_BROKEN_TLS_HOSTS);
+        assert_eq!(metrics.state_evictions(StateMap::BrokenTlsHosts), 50);
+        assert!(
+            !broken.is_broken("first.test"),
+            "the one expiring soonest went first"
+        );
+        let newest = format!("mx{}.test", MAX_BROKEN_TLS_HOSTS + 49);
+        assert!(broken.is_broken(&newest));
+        // Marking a host already known again evicts nothing.
+        broken.mark(&newest);
+        assert_eq!(metrics.state_evictions(StateMap::BrokenTlsHosts), 50);
     }
 }

@@ -9,6 +9,9 @@
 //! - Nothing idle longer than `idle_timeout` is handed out, nor a connection the server has
 //!   spoken on (or closed) while it was idle.
 //! - The pool holds no lock across an await: connections leaving it are closed outside it.
+//! - At most `delivery.max_idle_connections` connections idle at once, whatever the number
+//!   of destinations: putting one more QUITs the one idle longest (counted in
+//!   `tern_state_evictions_total{map="idle_connections"}`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -21,6 +24,16 @@ use tokio_util::task::TaskTracker;
 
 use super::client::{Connection, Target};
 use crate::live::Live;
+use crate::telemetry::{Metrics, StateMap};
+
+/// What a config reload may change.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolLimits {
+    pub idle_timeout: Duration,
+    pub max_messages_per_connection: usize,
+    /// Idle connections kept at most (each is a socket, and a shaping slot while it idles).
+    pub max_idle: usize,
+}
 
 type Key = (Option<IpAddr>, SocketAddr);
 
@@ -32,32 +45,35 @@ struct Idle {
 /// The idle outbound SMTP connections, shared by every delivery worker. (A source-IP pool is
 /// `crate::shaping::pools::Pool`; this is not one.)
 pub struct ConnectionPool {
-    /// `(idle_timeout, max_messages_per_connection)`; a config reload replaces them.
-    limits: Live<(Duration, usize)>,
+    /// A config reload replaces them.
+    limits: Live<PoolLimits>,
     /// Per key, oldest first: reuse takes from the back (most recently used), which keeps
     /// the fewest connections warm and lets the rest age out.
     idle: Mutex<HashMap<Key, Vec<Idle>>>,
     /// Where evicted connections are QUIT in the background (shutdown waits for them).
     tasks: TaskTracker,
+    metrics: Arc<Metrics>,
 }
 
 impl ConnectionPool {
     /// `tasks` runs the QUITs of evicted connections (the daemon's tracker of background work).
     pub fn new(
-        idle_timeout: Duration,
-        max_messages_per_connection: usize,
+        limits: PoolLimits,
         tasks: TaskTracker,
+        metrics: Arc<Metrics>,
     ) -> Arc<ConnectionPool> {
         Arc::new(ConnectionPool {
-            limits: Live::new((idle_timeout, max_messages_per_connection)),
+            limits: Live::new(limits),
             idle: Mutex::new(HashMap::new()),
             tasks,
+            metrics,
         })
     }
 
-    /// Applies reloaded `delivery.idle_timeout` and `delivery.max_messages_per_connection`.
-    pub fn set_limits(&self, idle_timeout: Duration, max_messages_per_connection: usize) {
-        self.limits.set((idle_timeout, max_messages_per_connection));
+    /// Applies reloaded `delivery.idle_timeout`, `delivery.max_messages_per_connection` and
+    /// `delivery.max_idle_connections` (a lower bound applies at the next put).
+    pub fn set_limits(&self, limits: PoolLimits) {
+        self.limits.set(limits);
     }
 
     /// The most recently used idle connection for `target` (its source and address) that
@@ -68,7 +84,7 @@ impl ConnectionPool {
         let key = (target.source, target.addr);
         let list = idle.get_mut(&key)?;
         let now = Instant::now();
-        let (idle_timeout, _) = *self.limits.get();
+        let idle_timeout = self.limits.get().idle_timeout;
         // Everything older than the newest expired one has expired too.
         if let Some(last_expired) = list
             .iter()
@@ -94,16 +110,31 @@ impl ConnectionPool {
     /// Returns a connection after use. It is kept only if reusable and under the message
     /// limit; otherwise it is closed here (QUIT if it is still in step).
     pub async fn put(&self, conn: Connection) {
-        let (_, max_messages) = *self.limits.get();
-        if !conn.is_reusable() || conn.messages_sent() >= max_messages {
+        let limits = *self.limits.get();
+        if !conn.is_reusable() || conn.messages_sent() >= limits.max_messages_per_connection {
             conn.quit().await;
             return;
         }
         let key = (conn.source(), conn.addr());
-        self.lock().entry(key).or_default().push(Idle {
-            conn,
-            since: Instant::now(),
-        });
+        let evicted = {
+            let mut idle = self.lock();
+            idle.entry(key).or_default().push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+            let mut total: usize = idle.values().map(Vec::len).sum();
+            let mut evicted = Vec::new();
+            while total > limits.max_idle {
+                evicted.extend(take_oldest(&mut idle));
+                total -= 1;
+            }
+            evicted
+        };
+        if !evicted.is_empty() {
+            self.metrics
+                .state_evicted(StateMap::IdleConnections, evicted.len() as u64);
+            self.tasks.spawn(quit_all(evicted));
+        }
     }
 
     pub fn idle_count(&self) -> usize {
@@ -165,7 +196,7 @@ impl ConnectionPool {
         self.tasks.spawn(async move {
             loop {
                 // Read each round, so a reloaded idle_timeout applies from the next one.
-                let (idle_timeout, _) = *pool.limits.get();
+                let idle_timeout = pool.limits.get().idle_timeout;
                 // Checking twice per timeout closes a connection at most 1.5 timeouts after
                 // its use.
                 let period = (idle_timeout / 2).max(Duration::from_millis(10));
@@ -181,6 +212,21 @@ impl ConnectionPool {
         // The map stays consistent even if a holder panicked: every change is one call.
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Takes the connection idle longest out of `idle` (each list is oldest first).
+fn take_oldest(idle: &mut HashMap<Key, Vec<Idle>>) -> Option<Connection> {
+    let key = *idle
+        .iter()
+        .filter_map(|(key, list)| Some((key, list.first()?.since)))
+        .min_by_key(|(_, since)| *since)?
+        .0;
+    let list = idle.get_mut(&key)?;
+    let oldest = list.remove(0);
+    if list.is_empty() {
+        idle.remove(&key);
+    }
+    Some(oldest.conn)
 }
 
 /// QUITs concurrently: each QUIT may wait for its short timeout.

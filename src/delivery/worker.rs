@@ -27,6 +27,7 @@ use crate::live::Live;
 use crate::origin::Origin;
 use crate::routing::route::{RouteError, RoutePlan, Router};
 use crate::taxonomy::Category;
+use crate::telemetry::Metrics;
 use crate::tls::TlsInfo;
 use crate::verp::Verp;
 use std::collections::HashMap;
@@ -148,6 +149,8 @@ pub struct AttemptSettings {
 }
 
 impl Worker {
+    // One argument per collaborator; wired once, by the daemon.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         router: Arc<Router>,
         pool: Arc<ConnectionPool>,
@@ -156,6 +159,7 @@ impl Worker {
         passwords: HashMap<PathBuf, String>,
         classifier: Arc<Classifier>,
         origin: Origin,
+        metrics: Arc<Metrics>,
     ) -> Worker {
         Worker {
             router,
@@ -166,7 +170,7 @@ impl Worker {
                 max_messages_per_connection: config.max_messages_per_connection,
                 passwords,
             }),
-            broken_tls: BrokenTls::new(config.broken_tls_retry),
+            broken_tls: BrokenTls::new(config.broken_tls_retry, metrics),
             verp: Live::new(None),
             origin,
         }

@@ -5,6 +5,13 @@
 //! crash or endpoint down, it is posted later (at least once; receivers deduplicate by
 //! `event_id`).
 //!
+//! Bounded: an outbox holds at most its webhook's `max_backlog` events; past it the webhook's
+//! sender (the one task that removes from that outbox, so the count stays exact) drops the
+//! oldest, logs it and counts them in `tern_state_evictions_total{map="webhook_events"}`. An
+//! endpoint that is down for good cannot fill the spool's disk. The count starts from a scan
+//! of each outbox made in the background at start ([`Events::count_backlogs`]); events in an
+//! outbox before the scan finished are only bounded from then on.
+//!
 //! Complaints, and recipients dropped at submission because they are suppressed, also get a
 //! delivery log line here (the settler logs the delivery outcomes itself; a refusal at RCPT
 //! has no message id and is logged as a tracing event).
@@ -15,6 +22,7 @@ use crate::maillog::{AttemptOutcome, AttemptRecord, DeliveryLog};
 use crate::taxonomy::Category;
 use crate::telemetry::Metrics;
 use serde::Serialize;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 use tern_queue::{MessageId, Spool, SpoolError};
@@ -79,6 +87,8 @@ pub struct Events {
     spool: Spool,
     /// One outbox stream per webhook (`webhook/<index>`).
     streams: Arc<Vec<String>>,
+    /// Events in each outbox (as far as counted: see the module doc).
+    backlogs: Arc<Vec<AtomicI64>>,
     log: DeliveryLog,
     /// Wakes the webhook senders when events were queued.
     queued: Arc<Notify>,
@@ -106,6 +116,7 @@ impl Events {
         Events {
             spool,
             streams: Arc::new((0..webhooks).map(stream_name).collect()),
+            backlogs: Arc::new((0..webhooks).map(|_| AtomicI64::new(0)).collect()),
             log,
             queued: Arc::new(Notify::new()),
             metrics,
@@ -120,14 +131,25 @@ impl Events {
     pub fn count_backlogs(&self) -> Result<(), SpoolError> {
         for (i, stream) in self.streams.iter().enumerate() {
             let stored = self.spool.count_events(stream)?;
-            self.metrics
-                .webhook_backlog_moved(i, i64::try_from(stored).unwrap_or(i64::MAX));
+            self.backlog_moved(i, i64::try_from(stored).unwrap_or(i64::MAX));
         }
         Ok(())
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Events counted in webhook `index`'s outbox.
+    pub(crate) fn backlog(&self, index: usize) -> i64 {
+        self.backlogs[index].load(Ordering::Relaxed)
+    }
+
+    /// `events` were queued in (positive) or removed from (negative) webhook `index`'s
+    /// outbox: its count and its gauge.
+    pub(crate) fn backlog_moved(&self, index: usize, events: i64) {
+        self.backlogs[index].fetch_add(events, Ordering::Relaxed);
+        self.metrics.webhook_backlog_moved(index, events);
     }
 
     pub(crate) fn queued(&self) -> Arc<Notify> {
@@ -185,9 +207,7 @@ impl Events {
             .collect();
         for (i, stream) in self.streams.iter().enumerate() {
             match self.spool.push_events(stream, encoded.clone()).await {
-                Ok(()) => self
-                    .metrics
-                    .webhook_backlog_moved(i, i64::try_from(encoded.len()).unwrap_or(i64::MAX)),
+                Ok(()) => self.backlog_moved(i, i64::try_from(encoded.len()).unwrap_or(i64::MAX)),
                 Err(err) => tracing::warn!(error = %err, stream, "cannot queue events"),
             }
         }

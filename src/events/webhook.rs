@@ -4,6 +4,10 @@
 //! connection, timeout, non-2xx) is retried with exponential backoff (1 s doubling to 5 min)
 //! with the same events.
 //!
+//! The sender is the only task that removes events from its outbox: the posted ones, and the
+//! oldest ones once the outbox holds more than `max_backlog` (checked before each batch and,
+//! while it backs off, whenever events are queued), so its count stays exact.
+//!
 //! `https://` URLs: TLS with the certificate verified for the URL's host against the public
 //! (webpki) roots plus the webhook's `ca_file`, if any (a private CA); a certificate that does
 //! not verify fails the post like a refused connection (retried, logged).
@@ -13,7 +17,7 @@
 
 use super::Events;
 use crate::config::WebhookConfig;
-use crate::telemetry::WebhookResult;
+use crate::telemetry::{StateMap, WebhookResult};
 use aws_lc_rs::hmac;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
@@ -28,6 +32,8 @@ use tracing::{debug, warn};
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Events dropped from an outbox over its bound per spool write.
+const TRIM_CHUNK: usize = 10_000;
 
 /// The signature header value for `body` at unix time `t`.
 pub fn signature(secret: &[u8], t: u64, body: &[u8]) -> String {
@@ -79,6 +85,7 @@ pub async fn run(
     let queued = events.queued();
     let mut backoff = FIRST_BACKOFF;
     loop {
+        trim(&events, index, &stream, &config).await;
         let batch = match events.spool.events(&stream, config.batch_size) {
             Ok(batch) => batch,
             Err(err) => {
@@ -86,7 +93,6 @@ pub async fn run(
                 Vec::new()
             }
         };
-        let mut wait = config.interval;
         if !batch.is_empty() {
             let mut body =
                 Vec::with_capacity(batch.iter().map(|(_, e)| e.len() + 1).sum::<usize>() + 2);
@@ -109,10 +115,8 @@ pub async fn run(
                     events.metrics().webhook_post(index, WebhookResult::Ok);
                     let seqs: Vec<u64> = batch.iter().map(|(s, _)| *s).collect();
                     match events.spool.remove_events(&stream, &seqs).await {
-                        Ok(()) => events.metrics().webhook_backlog_moved(
-                            index,
-                            -i64::try_from(seqs.len()).unwrap_or(i64::MAX),
-                        ),
+                        Ok(()) => events
+                            .backlog_moved(index, -i64::try_from(seqs.len()).unwrap_or(i64::MAX)),
                         Err(err) => warn!(error = %err, "cannot remove posted events"),
                     }
                     debug!(webhook = %config.url.redacted(), events = seqs.len(), "events posted");
@@ -130,12 +134,17 @@ pub async fn run(
                     };
                     events.metrics().webhook_post(index, result);
                     warn!(webhook = %config.url.redacted(), error = %why, retry_in = ?backoff, "webhook post failed");
-                    wait = backoff;
+                    let until = tokio::time::Instant::now() + backoff;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => continue,
-                        _ = shutdown.cancelled() => return,
+                    // Events keep coming while the endpoint is away: keep the outbox bounded.
+                    loop {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(until) => break,
+                            _ = queued.notified() => trim(&events, index, &stream, &config).await,
+                            _ = shutdown.cancelled() => return,
+                        }
                     }
+                    continue;
                 }
             }
         }
@@ -148,9 +157,40 @@ pub async fn run(
                     _ = shutdown.cancelled() => return,
                 }
             }
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(config.interval) => {}
             _ = shutdown.cancelled() => return,
         }
+    }
+}
+
+/// Drops the oldest events of the outbox while it holds more than `max_backlog`.
+async fn trim(events: &Events, index: usize, stream: &str, config: &WebhookConfig) {
+    let max = i64::try_from(config.max_backlog).unwrap_or(i64::MAX);
+    loop {
+        let over = events.backlog(index) - max;
+        if over <= 0 {
+            return;
+        }
+        let oldest = match events.spool.events(stream, (over as usize).min(TRIM_CHUNK)) {
+            Ok(oldest) if !oldest.is_empty() => oldest,
+            Ok(_) => return,
+            Err(err) => {
+                warn!(error = %err, webhook = %config.url.redacted(), "cannot read the event outbox");
+                return;
+            }
+        };
+        let seqs: Vec<u64> = oldest.iter().map(|(s, _)| *s).collect();
+        if let Err(err) = events.spool.remove_events(stream, &seqs).await {
+            warn!(error = %err, webhook = %config.url.redacted(), "cannot drop events over max_backlog");
+            return;
+        }
+        let dropped = seqs.len() as u64;
+        events.backlog_moved(index, -(dropped as i64));
+        events
+            .metrics()
+            .state_evicted(StateMap::WebhookEvents, dropped);
+        warn!(webhook = %config.url.redacted(), dropped, max_backlog = config.max_backlog,
+            "webhook outbox over max_backlog: oldest events dropped");
     }
 }
 

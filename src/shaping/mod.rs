@@ -26,6 +26,13 @@
 //!   released only when the connection is dropped.
 //! - Blocking replies never bounce mail: their permanent outcomes are made temporary, so the
 //!   message is retried once the suspension ends (possibly from another address).
+//! - Memory is bounded: past `shaping.max_destinations` buckets, the state of the
+//!   non-provider buckets idle longest is forgotten (their lanes, pairs and limits; a later
+//!   message starts from the configured limits again), counted in
+//!   `tern_state_evictions_total{map="shaping_destinations"}`. Only a bucket at rest goes: no
+//!   ready queue or worker holds its lanes, no pair has an open connection (idle pooled ones
+//!   included) or a suspension running. Lanes are created and evicted under one lock, so a
+//!   bucket is never half forgotten while a new lane for it is made.
 //! - State a cluster shares (rates, connection counts, warm-up counts) sits behind
 //!   [`limiter::Backend`]: local, or the cluster store ([`shared`], `shaping.shared`) with a
 //!   fallback to local limits divided by `shaping.node_count`. Warm-up counters are also in
@@ -42,13 +49,13 @@ use crate::config::{AdaptiveConfig, Config, LimitsConfig, ProviderConfig, WhenCa
 use crate::delivery::client::Lease;
 use crate::delivery::worker::{Attempt, Verdict};
 use crate::routing::route::RoutePlan;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, StateMap};
 use adaptive::{Aimd, Signal};
 use limiter::{Backend, Counters};
 use pools::{Pool, Pools, Source};
 use serde::Serialize;
-use std::collections::HashMap;
-use std::sync::atomic::AtomicUsize;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tern_queue::Spool;
@@ -67,6 +74,9 @@ pub struct Bucket {
     pub label: String,
     pub provider: bool,
     pub limits: LimitsConfig,
+    /// When mail was last routed to it, on the shaper's use counter: the least recently
+    /// used go first.
+    last_used: AtomicU64,
 }
 
 /// A connection cap shared by many pairs (global, per source).
@@ -139,6 +149,12 @@ impl Pair {
 
     fn suspended(&self, now: Instant) -> Option<Instant> {
         self.state().suspended_until.filter(|&t| t > now)
+    }
+
+    /// Nothing of it would be lost by forgetting it: no open connection (idle pooled ones
+    /// hold theirs) and no suspension running.
+    fn at_rest(&self, now: Instant) -> bool {
+        self.counters.open_connections() == 0 && self.suspended(now).is_none()
     }
 
     fn capped(&self, now_ms: u64) -> bool {
@@ -294,9 +310,17 @@ pub struct Shaper {
     metrics: Arc<Metrics>,
     gates: Arc<Gates>,
     buckets: Mutex<HashMap<String, Arc<Bucket>>>,
+    /// Locked first when more than one of these maps is (making and forgetting lanes).
     lanes: Mutex<HashMap<(String, String), Arc<Lane>>>,
-    /// Every pair created, by "source|bucket".
+    /// Every pair created (and not forgotten), by "source|bucket".
     pairs: Mutex<HashMap<String, Arc<Pair>>>,
+    /// `shaping.max_destinations`: buckets kept before idle ones are forgotten.
+    max_destinations: usize,
+    /// The bucket count at which the next sweep runs: a sweep that could not forget enough
+    /// (everything in use) is not repeated for every new destination.
+    sweep_at: AtomicUsize,
+    /// Counts routing decisions: the clock of `Bucket::last_used`.
+    uses: AtomicU64,
 }
 
 fn rfc3339(ms: u64) -> String {
@@ -351,6 +375,9 @@ impl Shaper {
             buckets: Mutex::new(HashMap::new()),
             lanes: Mutex::new(HashMap::new()),
             pairs: Mutex::new(HashMap::new()),
+            max_destinations: s.max_destinations,
+            sweep_at: AtomicUsize::new(s.max_destinations + 1),
+            uses: AtomicU64::new(0),
         })
     }
 
@@ -374,7 +401,10 @@ impl Shaper {
         let provider = self.provider(domain, plan);
         let name = provider.map_or_else(|| plan.key.clone(), |p| p.name.clone());
         let key = (pool.name.clone(), name.clone());
-        if let Some(lane) = lock(&self.lanes).get(&key) {
+        // Held while a lane is made, so a sweep never forgets its bucket meanwhile.
+        let mut lanes = lock(&self.lanes);
+        if let Some(lane) = lanes.get(&key) {
+            self.touch(&lane.bucket);
             return lane.clone();
         }
         let bucket = lock(&self.buckets)
@@ -394,9 +424,11 @@ impl Shaper {
                     label,
                     provider: provider.is_some(),
                     limits,
+                    last_used: AtomicU64::new(0),
                 })
             })
             .clone();
+        self.touch(&bucket);
         let pairs = pool
             .sources
             .iter()
@@ -407,7 +439,72 @@ impl Shaper {
             bucket,
             pairs,
         });
-        lock(&self.lanes).entry(key).or_insert(lane).clone()
+        lanes.insert(key, lane.clone());
+        self.sweep(&mut lanes);
+        lane
+    }
+
+    fn touch(&self, bucket: &Bucket) {
+        let now = self.uses.fetch_add(1, Ordering::Relaxed);
+        bucket.last_used.store(now, Ordering::Relaxed);
+    }
+
+    /// Forgets the buckets idle longest, with their lanes and pairs, once there are more than
+    /// `max_destinations`: down to nine tenths of it, so sweeps are rare. Called with the
+    /// lanes locked.
+    fn sweep(&self, lanes: &mut HashMap<(String, String), Arc<Lane>>) {
+        let mut buckets = lock(&self.buckets);
+        if buckets.len() < self.sweep_at.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut pairs = lock(&self.pairs);
+        let now = Instant::now();
+        // A bucket is busy if a queue or worker holds one of its lanes (the map holds each
+        // lane once) or one of its pairs is not at rest.
+        let busy: HashSet<&str> = lanes
+            .values()
+            .filter(|lane| Arc::strong_count(lane) > 1)
+            .map(|lane| lane.bucket.name.as_str())
+            .chain(
+                pairs
+                    .values()
+                    .filter(|pair| !pair.at_rest(now))
+                    .map(|pair| pair.bucket.name.as_str()),
+            )
+            .collect();
+        let idle = buckets
+            .values()
+            .filter(|b| !b.provider && !busy.contains(b.name.as_str()))
+            .map(|b| (b.last_used.load(Ordering::Relaxed), b.name.clone()));
+        let excess = buckets.len().saturating_sub(self.max_destinations * 9 / 10);
+        let forget: HashSet<String> = least_recently_used(idle, excess).into_iter().collect();
+        drop(busy);
+        lanes.retain(|_, lane| !forget.contains(&lane.bucket.name));
+        // What something still holds stays (and keeps its bucket); the next lane reuses it.
+        pairs.retain(|_, pair| {
+            !(forget.contains(&pair.bucket.name) && Arc::strong_count(pair) == 1)
+        });
+        let before = buckets.len();
+        buckets.retain(|name, bucket| !(forget.contains(name) && Arc::strong_count(bucket) == 1));
+        let forgotten = before - buckets.len();
+        self.metrics
+            .state_evicted(StateMap::ShapingDestinations, forgotten as u64);
+        self.sweep_at.store(
+            (buckets.len() + self.max_destinations / 10 + 1).max(self.max_destinations + 1),
+            Ordering::Relaxed,
+        );
+        if forgotten > 0 {
+            info!(
+                forgotten,
+                kept = buckets.len(),
+                "shaping state of idle destinations forgotten"
+            );
+        }
+    }
+
+    /// Destinations whose shaping state is kept now.
+    pub fn destinations(&self) -> usize {
+        lock(&self.buckets).len()
     }
 
     fn pair(&self, source: &Arc<Source>, bucket: &Arc<Bucket>) -> Arc<Pair> {
@@ -680,6 +777,20 @@ impl Shaper {
     }
 }
 
+/// The `count` names used longest ago (smallest `last_used` first); ties in name order, so
+/// the choice does not depend on map order.
+fn least_recently_used(
+    candidates: impl Iterator<Item = (u64, String)>,
+    count: usize,
+) -> Vec<String> {
+    let mut candidates: Vec<(u64, String)> = candidates.collect();
+    if count < candidates.len() {
+        candidates.select_nth_unstable(count);
+        candidates.truncate(count);
+    }
+    candidates.into_iter().map(|(_, name)| name).collect()
+}
+
 /// Locks `m`; shaping's maps and counters stay usable even if a holder panicked (every update
 /// is a whole insert or a counter step).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -733,5 +844,56 @@ mod tests {
             0,
             "dropping the lease frees the place"
         );
+    }
+    /// Mail to ever new domains (one MX host set each) past `shaping.max_destinations`: the
+    /// state of the destinations idle longest is forgotten, so the maps stay bounded, and
+    /// each forgotten one is counted. Destinations in use, suspended or with a connection
+    /// open, and providers, are kept.
+    #[tokio::test]
+    async fn destinations_past_the_bound_forget_the_idle_ones_longest_unused() {
+        let (shaper, _dir) = shaper("[shaping]\nmax_destinations = 10\n");
+        let pool = shaper.pools().resolve(None, "x.test");
+        let lane = |i: usize| {
+            let host = format!("mx.d{i}.test");
+            shaper.lane(&pool, &format!("d{i}.test"), &plan(&host))
+        };
+        // Held by a ready queue, a suspended pair, an open connection, a provider.
+        let queued = lane(0);
+        let suspended = lane(1).choose();
+        suspended.state().suspended_until = Some(Instant::now() + Duration::from_secs(600));
+        let connected = shaper.open_slot(&lane(2).choose(), |_| {}).await;
+        let gmail = shaper.lane(&pool, "gmail.com", &plan("gmail-smtp-in.l.google.com"));
+        for i in 3..40 {
+            lane(i);
+            assert!(shaper.destinations() <= 10, "{}", shaper.destinations());
+            assert!(lock(&shaper.lanes).len() <= 10);
+            assert!(lock(&shaper.pairs).len() <= 10);
+        }
+        let kept: HashSet<String> = lock(&shaper.buckets).keys().cloned().collect();
+        for name in [
+            "mx:mx.d0.test",
+            "mx:mx.d1.test",
+            "mx:mx.d2.test",
+            "google",
+            "mx:mx.d39.test",
+        ] {
+            assert!(kept.contains(name), "{name} forgotten: {kept:?}");
+        }
+        assert!(
+            !kept.contains("mx:mx.d3.test"),
+            "the one idle longest stays: {kept:?}"
+        );
+        let forgotten = 41 - kept.len() as u64; // 40 destinations and the provider
+        assert_eq!(
+            shaper
+                .metrics
+                .state_evictions(StateMap::ShapingDestinations),
+            forgotten
+        );
+        // A forgotten destination comes back with its configured limits.
+        let again = lane(3);
+        assert_eq!(again.bucket.name, "mx:mx.d3.test");
+        assert!(again.pairs[0].at_rest(Instant::now()));
+        drop((queued, connected, gmail));
     }
 }

@@ -11,7 +11,8 @@ use tern::delivery::client::{
     connect, AttemptError, BrokenTls, ClientSettings, Connection, OutboundMessage, Phase,
     RcptResult, Target,
 };
-use tern::delivery::pool::ConnectionPool;
+use tern::delivery::pool::{ConnectionPool, PoolLimits};
+use tern::telemetry::StateMap;
 use tern::tls::load_roots;
 use tern_queue::{BodyType, Notify, Recipient, Ret};
 use tokio_util::sync::CancellationToken;
@@ -33,6 +34,24 @@ fn timeouts() -> SmtpTimeouts {
         data_block: s,
         data_end: s,
     }
+}
+
+fn metrics() -> std::sync::Arc<tern::telemetry::Metrics> {
+    std::sync::Arc::new(tern::telemetry::Metrics::new())
+}
+
+/// Pool limits with room for plenty of idle connections.
+fn limits(idle_timeout: Duration, max_messages_per_connection: usize) -> PoolLimits {
+    PoolLimits {
+        idle_timeout,
+        max_messages_per_connection,
+        max_idle: 100,
+    }
+}
+
+/// A fresh broken-TLS memory (hosts stay marked for `WAIT`).
+fn broken() -> BrokenTls {
+    BrokenTls::new(WAIT, metrics())
 }
 
 fn settings() -> ClientSettings {
@@ -81,7 +100,7 @@ fn message<'a>(recipients: &'a [Recipient], body: &'a [u8]) -> OutboundMessage<'
 }
 
 async fn open(sink: &Sink, tls: TlsPolicy) -> Connection {
-    connect(&target(sink, tls), &settings(), &BrokenTls::new(WAIT))
+    connect(&target(sink, tls), &settings(), &broken())
         .await
         .expect("connect")
 }
@@ -309,7 +328,7 @@ async fn opportunistic_tls_with_a_self_signed_certificate() {
 #[tokio::test]
 async fn broken_tls_falls_back_to_plain_and_is_remembered() {
     let sink = Sink::start(SinkBehaviour::default().broken_tls()).await;
-    let broken = BrokenTls::new(Duration::from_secs(60));
+    let broken = BrokenTls::new(Duration::from_secs(60), metrics());
     let t = target(&sink, TlsPolicy::Opportunistic);
     let mut conn = connect(&t, &settings(), &broken)
         .await
@@ -340,14 +359,10 @@ async fn broken_tls_falls_back_to_plain_and_is_remembered() {
 #[tokio::test]
 async fn required_tls_without_starttls_fails() {
     let sink = Sink::start(SinkBehaviour::default()).await;
-    let err = connect(
-        &target(&sink, TlsPolicy::Required),
-        &settings(),
-        &BrokenTls::new(WAIT),
-    )
-    .await
-    .err()
-    .expect("no STARTTLS");
+    let err = connect(&target(&sink, TlsPolicy::Required), &settings(), &broken())
+        .await
+        .err()
+        .expect("no STARTTLS");
     assert_eq!(err, AttemptError::NoStartTls);
     assert_eq!(err.status(), "4.7.4");
     assert!(!err.is_permanent());
@@ -357,7 +372,7 @@ async fn required_tls_without_starttls_fails() {
 #[tokio::test]
 async fn required_tls_verifies_the_certificate() {
     let sink = Sink::start(SinkBehaviour::default().starttls(SinkCert::TestCa)).await;
-    let broken = BrokenTls::new(WAIT);
+    let broken = broken();
     let t = target(&sink, TlsPolicy::Required);
     let mut conn = connect(&t, &settings_trusting_test_ca(), &broken)
         .await
@@ -494,13 +509,9 @@ async fn stall_after_data_times_out_in_time() {
     let sink = Sink::start(SinkBehaviour::default().fault(SinkPhase::DataEnd, Fault::Stall)).await;
     let mut s = settings();
     s.timeouts.data_end = Duration::from_millis(300);
-    let mut conn = connect(
-        &target(&sink, TlsPolicy::Disabled),
-        &s,
-        &BrokenTls::new(WAIT),
-    )
-    .await
-    .unwrap();
+    let mut conn = connect(&target(&sink, TlsPolicy::Disabled), &s, &broken())
+        .await
+        .unwrap();
     let list = rcpts(&["b@example.net"]);
     let started = Instant::now();
     let err = conn.send(&message(&list, BODY)).await.unwrap_err();
@@ -518,7 +529,11 @@ async fn stall_after_data_times_out_in_time() {
     assert!(!conn.is_reusable());
     assert!(!err.try_next_host(), "the server may have the message");
     assert_eq!(err.status(), "4.4.2");
-    let pool = ConnectionPool::new(WAIT, 10, tokio_util::task::TaskTracker::new());
+    let pool = ConnectionPool::new(
+        limits(WAIT, 10),
+        tokio_util::task::TaskTracker::new(),
+        metrics(),
+    );
     pool.put(conn).await;
     assert_eq!(pool.idle_count(), 0, "a timed-out connection is not kept");
 }
@@ -528,14 +543,10 @@ async fn stall_and_drop_in_other_phases() {
     let mut s = settings();
     s.timeouts.greeting = Duration::from_millis(200);
     let sink = Sink::start(SinkBehaviour::default().fault(SinkPhase::Greeting, Fault::Stall)).await;
-    let err = connect(
-        &target(&sink, TlsPolicy::Disabled),
-        &s,
-        &BrokenTls::new(WAIT),
-    )
-    .await
-    .err()
-    .unwrap();
+    let err = connect(&target(&sink, TlsPolicy::Disabled), &s, &broken())
+        .await
+        .err()
+        .unwrap();
     assert_eq!(
         err,
         AttemptError::Timeout {
@@ -565,14 +576,10 @@ async fn stall_and_drop_in_other_phases() {
 #[tokio::test]
 async fn greeting_and_ehlo_refusals() {
     let sink = Sink::start(SinkBehaviour::default().greeting("554 5.7.1 No service")).await;
-    let err = connect(
-        &target(&sink, TlsPolicy::Disabled),
-        &settings(),
-        &BrokenTls::new(WAIT),
-    )
-    .await
-    .err()
-    .unwrap();
+    let err = connect(&target(&sink, TlsPolicy::Disabled), &settings(), &broken())
+        .await
+        .err()
+        .unwrap();
     assert!(
         matches!(
             &err,
@@ -588,14 +595,10 @@ async fn greeting_and_ehlo_refusals() {
     assert_eq!(err.status(), "5.7.1");
 
     let sink = Sink::start(SinkBehaviour::default().greeting("421 busy")).await;
-    let err = connect(
-        &target(&sink, TlsPolicy::Disabled),
-        &settings(),
-        &BrokenTls::new(WAIT),
-    )
-    .await
-    .err()
-    .unwrap();
+    let err = connect(&target(&sink, TlsPolicy::Disabled), &settings(), &broken())
+        .await
+        .err()
+        .unwrap();
     assert!(!err.is_permanent());
     assert_eq!(err.status(), "4.0.0");
 
@@ -623,10 +626,7 @@ async fn connection_refused() {
         tls: TlsPolicy::Opportunistic,
         auth: None,
     };
-    let err = connect(&t, &settings(), &BrokenTls::new(WAIT))
-        .await
-        .err()
-        .unwrap();
+    let err = connect(&t, &settings(), &broken()).await.err().unwrap();
     assert!(matches!(err, AttemptError::Connect { .. }), "{err:?}");
     assert_eq!(err.status(), "4.4.1");
     assert!(!err.is_permanent() && err.try_next_host());
@@ -646,7 +646,7 @@ async fn auth_over_verified_tls() {
         ..target(&sink, TlsPolicy::Opportunistic)
     };
     let settings = settings_trusting_test_ca();
-    let mut conn = connect(&t, &settings, &BrokenTls::new(WAIT))
+    let mut conn = connect(&t, &settings, &broken())
         .await
         .expect("AUTH over TLS");
     let list = rcpts(&["b@example.net"]);
@@ -659,10 +659,7 @@ async fn auth_over_verified_tls() {
         auth: Some((USER, "wrong")),
         ..t
     };
-    let err = connect(&wrong, &settings, &BrokenTls::new(WAIT))
-        .await
-        .err()
-        .unwrap();
+    let err = connect(&wrong, &settings, &broken()).await.err().unwrap();
     assert!(
         matches!(&err, AttemptError::Refused { phase: Phase::Auth, reply } if reply.code == 535),
         "{err:?}"
@@ -686,10 +683,7 @@ async fn auth_over_unverified_tls_is_refused_locally() {
     };
     // Whether or not some CA is trusted, a self-signed certificate does not verify.
     for settings in [settings_trusting_test_ca(), settings()] {
-        let err = connect(&t, &settings, &BrokenTls::new(WAIT))
-            .await
-            .err()
-            .unwrap();
+        let err = connect(&t, &settings, &broken()).await.err().unwrap();
         assert!(
             matches!(&err, AttemptError::AuthUnverifiedTls { host, .. } if host == "localhost"),
             "{err:?}"
@@ -709,14 +703,10 @@ async fn auth_over_unverified_tls_is_refused_locally() {
         auth: Some((USER, PASSWORD)),
         ..target(&trusted, TlsPolicy::Opportunistic)
     };
-    let err = connect(
-        &other_name,
-        &settings_trusting_test_ca(),
-        &BrokenTls::new(WAIT),
-    )
-    .await
-    .err()
-    .unwrap();
+    let err = connect(&other_name, &settings_trusting_test_ca(), &broken())
+        .await
+        .err()
+        .unwrap();
     assert!(
         matches!(err, AttemptError::AuthUnverifiedTls { .. }),
         "{err:?}"
@@ -741,10 +731,7 @@ async fn auth_without_tls_is_refused_locally() {
         auth: Some((USER, PASSWORD)),
         ..target(&sink, TlsPolicy::Opportunistic)
     };
-    let err = connect(&t, &settings(), &BrokenTls::new(WAIT))
-        .await
-        .err()
-        .unwrap();
+    let err = connect(&t, &settings(), &broken()).await.err().unwrap();
     assert_eq!(err, AttemptError::AuthWithoutTls);
     assert_eq!(err.status(), "4.7.10");
     sink.wait_until("closed session", WAIT, |s| s.session_log(0).closed)
@@ -756,7 +743,7 @@ async fn auth_without_tls_is_refused_locally() {
         tls: TlsPolicy::Disabled,
         ..t
     };
-    let err = connect(&disabled, &settings(), &BrokenTls::new(WAIT))
+    let err = connect(&disabled, &settings(), &broken())
         .await
         .err()
         .unwrap();
@@ -767,9 +754,13 @@ async fn auth_without_tls_is_refused_locally() {
 #[tokio::test]
 async fn pool_reuses_a_connection() {
     let sink = Sink::start(SinkBehaviour::default().starttls(SinkCert::SelfSigned)).await;
-    let pool = ConnectionPool::new(WAIT, 100, tokio_util::task::TaskTracker::new());
+    let pool = ConnectionPool::new(
+        limits(WAIT, 100),
+        tokio_util::task::TaskTracker::new(),
+        metrics(),
+    );
     let t = target(&sink, TlsPolicy::Opportunistic);
-    let broken = BrokenTls::new(WAIT);
+    let broken = broken();
     let list = rcpts(&["b@example.net"]);
 
     assert!(pool.take(&t).is_none());
@@ -805,14 +796,16 @@ async fn pool_reuses_a_connection() {
 #[tokio::test]
 async fn pool_keys_on_the_source_address() {
     let sink = Sink::start(SinkBehaviour::default()).await;
-    let pool = ConnectionPool::new(WAIT, 100, tokio_util::task::TaskTracker::new());
+    let pool = ConnectionPool::new(
+        limits(WAIT, 100),
+        tokio_util::task::TaskTracker::new(),
+        metrics(),
+    );
     let from2 = Target {
         source: Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))),
         ..target(&sink, TlsPolicy::Disabled)
     };
-    let conn = connect(&from2, &settings(), &BrokenTls::new(WAIT))
-        .await
-        .unwrap();
+    let conn = connect(&from2, &settings(), &broken()).await.unwrap();
     assert_eq!(conn.source(), from2.source);
     pool.put(conn).await;
     assert_eq!(sink.session_log(0).client_ip, from2.source.unwrap());
@@ -820,15 +813,59 @@ async fn pool_keys_on_the_source_address() {
     assert!(pool.take(&from2).is_some());
 }
 
+/// Connections to ever more destinations (here: from distinct source addresses) idle in the
+/// pool past `delivery.max_idle_connections`: the pool stays within it, QUITs the connections
+/// idle longest and counts each.
+#[tokio::test]
+async fn idle_connections_past_the_bound_quit_the_ones_idle_longest() {
+    let sink = Sink::start(SinkBehaviour::default()).await;
+    let metrics = metrics();
+    let tasks = tokio_util::task::TaskTracker::new();
+    let pool = ConnectionPool::new(
+        PoolLimits {
+            max_idle: 2,
+            ..limits(WAIT, 100)
+        },
+        tasks.clone(),
+        metrics.clone(),
+    );
+    for n in 2..7u8 {
+        let from = Target {
+            source: Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, n))),
+            ..target(&sink, TlsPolicy::Disabled)
+        };
+        let conn = connect(&from, &settings(), &broken()).await.unwrap();
+        pool.put(conn).await;
+        assert!(pool.idle_count() <= 2, "{}", pool.idle_count());
+    }
+    assert_eq!(pool.idle_count(), 2);
+    assert_eq!(metrics.state_evictions(StateMap::IdleConnections), 3);
+    // The first three were QUIT; the last two wait for a message.
+    sink.wait_until("QUIT of the evicted", WAIT, |s| {
+        (0..3).all(|i| s.session_log(i).quit)
+    })
+    .await;
+    assert!(!sink.session_log(3).quit && !sink.session_log(4).quit);
+    let newest = Target {
+        source: Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6))),
+        ..target(&sink, TlsPolicy::Disabled)
+    };
+    assert!(pool.take(&newest).is_some());
+    tasks.close();
+    tokio::time::timeout(WAIT, tasks.wait()).await.unwrap();
+}
+
 #[tokio::test]
 async fn pool_closes_after_max_messages() {
     let sink = Sink::start(SinkBehaviour::default()).await;
-    let pool = ConnectionPool::new(WAIT, 2, tokio_util::task::TaskTracker::new());
+    let pool = ConnectionPool::new(
+        limits(WAIT, 2),
+        tokio_util::task::TaskTracker::new(),
+        metrics(),
+    );
     let t = target(&sink, TlsPolicy::Disabled);
     let list = rcpts(&["b@example.net"]);
-    let mut conn = connect(&t, &settings(), &BrokenTls::new(WAIT))
-        .await
-        .unwrap();
+    let mut conn = connect(&t, &settings(), &broken()).await.unwrap();
     conn.send(&message(&list, BODY)).await.unwrap();
     pool.put(conn).await;
     let mut conn = pool.take(&t).unwrap();
@@ -846,9 +883,9 @@ async fn pool_expires_idle_connections() {
 
     // take() skips what has been idle too long.
     let pool = ConnectionPool::new(
-        Duration::from_millis(100),
-        100,
+        limits(Duration::from_millis(100), 100),
         tokio_util::task::TaskTracker::new(),
+        metrics(),
     );
     pool.put(open(&sink, TlsPolicy::Disabled).await).await;
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -857,7 +894,11 @@ async fn pool_expires_idle_connections() {
 
     // The reaper QUITs it without anyone asking.
     let tasks = tokio_util::task::TaskTracker::new();
-    let pool = ConnectionPool::new(Duration::from_millis(200), 100, tasks.clone());
+    let pool = ConnectionPool::new(
+        limits(Duration::from_millis(200), 100),
+        tasks.clone(),
+        metrics(),
+    );
     let stop = CancellationToken::new();
     pool.spawn_reaper(stop.clone());
     pool.put(open(&sink, TlsPolicy::Disabled).await).await;
@@ -874,7 +915,11 @@ async fn pool_expires_idle_connections() {
     // A connection the server closed while idle is not handed out.
     let sink = Sink::start(SinkBehaviour::default()).await;
     let t = target(&sink, TlsPolicy::Disabled);
-    let pool = ConnectionPool::new(WAIT, 100, tokio_util::task::TaskTracker::new());
+    let pool = ConnectionPool::new(
+        limits(WAIT, 100),
+        tokio_util::task::TaskTracker::new(),
+        metrics(),
+    );
     pool.put(open(&sink, TlsPolicy::Disabled).await).await;
     drop(sink); // ends its sessions
     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -18,14 +18,14 @@ use crate::harness::*;
 use crate::sink::{Sink, SinkBehaviour};
 
 const T: Duration = Duration::from_secs(20);
-const SECRET: &str = "webhook-secret-for-tests";
+pub const SECRET: &str = "webhook-secret-for-tests";
 const BOUNCE_DOMAIN: &str = "bounce.test";
 
-type Posts = Arc<Mutex<Vec<Value>>>;
+pub type Posts = Arc<Mutex<Vec<Value>>>;
 
 /// A webhook receiver on `addr` (port 0: any): keeps the events of every post whose
 /// signature verifies; a post with a bad signature fails the test.
-async fn receiver(addr: SocketAddr) -> (SocketAddr, Posts, tokio::task::JoinHandle<()>) {
+pub async fn receiver(addr: SocketAddr) -> (SocketAddr, Posts, tokio::task::JoinHandle<()>) {
     let (app, posts) = hook_app();
     let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -196,3 +196,81 @@ async fn disk_full_answers_452_and_recovers() {
     check(&server);
     server.stop().await;
 }
+
+/// A webhook endpoint that is gone for good while mail flows: every outcome queues an event
+/// in its outbox in the spool, so before, the outbox grew until the disk was full. Now it
+/// holds at most `max_backlog` events: the oldest are dropped and counted, and when the
+/// endpoint comes back it gets the newest ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_webhook_endpoint_cannot_fill_the_spool() {
+    const MAX: usize = 5;
+    const SENT: usize = 12;
+    let sink = crate::sink::Sink::start(crate::sink::SinkBehaviour::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("hook.secret");
+    std::fs::write(&secret, crate::suppression::SECRET).unwrap();
+    // Nothing listens there until the end.
+    let hook: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let server = TestServer::start(
+        Options::default()
+            .deliver()
+            .route("sink.test", sink.addr)
+            // One connection: outcomes, and so events, in the order sent.
+            .delivery("max_connections_per_destination", 1)
+            .extra(format!(
+                "[[webhooks]]\nurl = \"http://{hook}/hook\"\nsecret_file = {:?}\n\
+                 batch_size = 100\ninterval = \"20ms\"\nmax_backlog = {MAX}\n",
+                secret.display().to_string()
+            )),
+    )
+    .await;
+    let mut c = server.connect().await;
+    c.ehlo().await;
+    for n in 0..SENT {
+        c.submit(SENDER, &[&format!("u{n}@sink.test")], &message("hook"))
+            .await;
+    }
+    c.expect("QUIT", 221, "").await;
+    sink.wait_for_messages(SENT, T).await;
+
+    // Every delivery made an event; the outbox keeps the last MAX of them.
+    let evicted = || {
+        sample(
+            &server,
+            "tern_state_evictions_total{map=\"webhook_events\"}",
+        )
+    };
+    let deadline = Instant::now() + T;
+    loop {
+        let stored = server.spool().count_events("webhook/0").unwrap();
+        if stored == MAX as u64 && evicted().await == (SENT - MAX) as f64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "outbox holds {stored} events, {} evicted",
+            evicted().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The endpoint comes back: it gets the newest events, the dropped ones never.
+    let (_, posts, _task) = crate::suppression::receiver(hook).await;
+    let deadline = Instant::now() + T;
+    while posts.lock().unwrap().len() < MAX {
+        assert!(Instant::now() < deadline, "events not posted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut got: Vec<String> = posts
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| e["recipient"].as_str().unwrap().to_string())
+        .collect();
+    got.sort();
+    let mut newest: Vec<String> = (SENT - MAX..SENT)
+        .map(|n| format!("u{n}@sink.test"))
+        .collect();
+    newest.sort();
+    assert_eq!(got, newest);
+}
