@@ -53,21 +53,24 @@ async fn wait_sample(server: &TestServer, name: &str, want: f64) {
     }
 }
 
-/// The bytes sessions hold for messages in progress, once they stop changing for a moment
-/// (the server has read what was sent), checked against the budget every time.
-async fn inflight_settled(server: &TestServer, budget: f64) -> f64 {
-    let mut last = -1.0;
+/// Waits until the bytes sessions hold for messages in progress are `want` (the server has
+/// read what was sent, or given it back), checking every sample against the budget.
+async fn inflight_reaches(server: &TestServer, want: f64, budget: f64) {
+    let deadline = Instant::now() + T;
     loop {
         let now = sample(server, "tern_smtp_inflight_bytes").await;
         assert!(
             now <= budget,
             "{now} bytes buffered, over the budget {budget}"
         );
-        if now == last {
-            return now;
+        if now == want {
+            return;
         }
-        last = now;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            Instant::now() < deadline,
+            "{now} bytes buffered, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -352,7 +355,7 @@ async fn many_sessions_sending_data_at_once_get_452_not_oom() {
     let mut a = ready().await;
     a.expect("DATA", 354, "").await;
     a.send(&big).await;
-    assert_eq!(inflight_settled(&server, BUDGET).await, BUDGET);
+    inflight_reaches(&server, BUDGET, BUDGET).await;
     // The budget is spent: DATA and BDAT are refused, the BDAT chunk is read and dropped.
     let mut b = ready().await;
     b.expect("DATA", 452, "4.3.1").await;
@@ -364,7 +367,7 @@ async fn many_sessions_sending_data_at_once_get_452_not_oom() {
     a.send(b".\r\n").await;
     let a_id = a.reply().await.queued_id();
     prepended(&server.body(a_id), &big, false);
-    assert_eq!(inflight_settled(&server, BUDGET).await, 0.0);
+    inflight_reaches(&server, 0.0, BUDGET).await;
 
     // Two at once: C and D hold 64 KiB each; D's next bytes find no room and D's message is
     // refused, C's is accepted.
@@ -374,7 +377,7 @@ async fn many_sessions_sending_data_at_once_get_452_not_oom() {
     d.expect("DATA", 354, "").await;
     c.send(&half).await;
     d.send(&half).await;
-    assert_eq!(inflight_settled(&server, BUDGET).await, BUDGET);
+    inflight_reaches(&server, BUDGET, BUDGET).await;
     d.send(content(10_000)).await;
     d.send(b".\r\n").await;
     d.reply().await.assert(452, "4.3.1");
@@ -384,7 +387,7 @@ async fn many_sessions_sending_data_at_once_get_452_not_oom() {
     assert_eq!(server.envelopes().len(), 2, "A and C only");
 
     // Memory given back: B's transaction goes through now.
-    assert_eq!(inflight_settled(&server, BUDGET).await, 0.0);
+    inflight_reaches(&server, 0.0, BUDGET).await;
     let mut b = ready().await;
     b.expect("DATA", 354, "").await;
     b.send(dot_stuff(&message("b"))).await;
