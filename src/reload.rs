@@ -3,8 +3,10 @@
 //! Live keys (applied to new sessions, new attempts and new routing decisions; sessions and
 //! attempts already running finish with the values they started with): `[[routes]]`,
 //! `[limits]` (session limits and both connection caps), `[relay]`, `[auth]`, `[[dkim]]` (keys
-//! re-read from disk: rotation), `[delivery]` except the keys below, `spool.min_free_space`
-//! (writes from then on), and `log.level`.
+//! re-read from disk: rotation), `[delivery]` except the keys below (so
+//! `delivery.allow_local_mx` from the next connection, `delivery.max_idle_connections` from the
+//! next idle connection), `spool.min_free_space` (writes from then on), and `log.level`.
+//! `shaping.max_destinations` and `webhooks[].max_backlog` restart with their sections.
 //!
 //! Restart keys ([`RESTART_KEYS`]): sockets, files and threads opened once at start. A changed
 //! value is reported ("needs a restart") and the running value is kept, so the effective
