@@ -6,8 +6,10 @@
 //! AUTH throttle, `max_inflight_bytes`, the bounce-mail rate: the SMTP edge keeps its
 //! per-client state and the bytes it holds, and applies the new values to its next
 //! decisions), `[relay]`, `[auth]`, `[[dkim]]` (keys re-read from disk: rotation),
-//! `[delivery]` except the keys below, `spool.min_free_space` (writes from then on), and
-//! `log.level`.
+//! `[delivery]` except the keys below (so `delivery.allow_local_mx` from the next connection,
+//! `delivery.max_idle_connections` from the next idle connection), `spool.min_free_space`
+//! (writes from then on), and `log.level`. `shaping.max_destinations` and
+//! `webhooks[].max_backlog` restart with their sections.
 //!
 //! Restart keys ([`RESTART_KEYS`]): sockets, files and threads opened once at start. A changed
 //! value is reported ("needs a restart") and the running value is kept, so the effective

@@ -33,9 +33,10 @@
 //! failed write leaves its log waiting forever: even dropping the database
 //! hangs), so it is never allowed to get there. A commit is refused up front
 //! (`SpoolError::Full`) when the file system has less than `min_free` left
-//! besides twice the commit's size, and a whole round is refused, before
+//! besides twice the commit's size (by a reading at most 100 ms old; a refusal
+//! is checked against a new one), and a whole round is refused, before
 //! anything of it reaches sled, when less than half of `min_free` would be
-//! left besides twice the round's size: the other half is for delivery
+//! left besides twice the round's size (always a new reading): the other half is for delivery
 //! outcomes and sled's own files. Nothing refused was applied, so a refusal is
 //! not a failure: the writers are told, their counter changes undone, and the
 //! next round runs as usual once space is back. Recovery needs nothing else.
@@ -165,16 +166,26 @@ struct Pending {
 pub(crate) struct Space {
     dir: PathBuf,
     min_free: AtomicU64,
+    /// The last reading and when it was taken: commits are admitted against a reading up to
+    /// [`FRESH`] old (one statvfs per round instead of per message); the round itself always
+    /// reads anew, which is what keeps sled from running out of space.
+    last: Mutex<Option<(Instant, Reading)>>,
 }
+
+/// Free bytes and inodes (`None`: not counted) of a file system; `None`: unreadable.
+type Reading = Option<(u64, Option<u64>)>;
 
 /// Inodes a round must leave free (sled's blob files each take one).
 const MIN_FREE_INODES: u64 = 64;
+/// How old a reading commits may be admitted against.
+const FRESH: Duration = Duration::from_millis(100);
 
 impl Space {
     pub(crate) fn new(dir: &Path, min_free: u64) -> Space {
         Space {
             dir: dir.to_path_buf(),
             min_free: AtomicU64::new(min_free),
+            last: Mutex::new(None),
         }
     }
 
@@ -185,23 +196,24 @@ impl Space {
     /// Bytes available to tern on the spool's file system, and inodes
     /// (`None` where the file system has no inode limit); `None` if it
     /// cannot be read, in which case nothing is refused for space.
-    pub(crate) fn free(&self) -> Option<(u64, Option<u64>)> {
-        let path = CString::new(self.dir.as_os_str().as_bytes()).ok()?;
-        // SAFETY: statvfs only writes into the struct we pass; a zeroed
-        // statvfs is a valid value of that plain C struct.
-        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
-            return None;
-        }
-        let bytes = (stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64);
-        // btrfs and others report no inode counts at all.
-        let inodes = (stat.f_files != 0).then_some(stat.f_favail as u64);
-        Some((bytes, inodes))
+    pub(crate) fn free(&self) -> Reading {
+        let reading = statvfs(&self.dir);
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some((Instant::now(), reading));
+        reading
     }
 
-    /// `Err` (why) unless writing `bytes` leaves `keep` bytes free.
-    fn fits(&self, bytes: u64, keep: u64) -> Result<(), String> {
-        let Some((free, inodes)) = self.free() else {
+    /// The last reading if it is recent, else a new one.
+    fn recent(&self) -> Reading {
+        let last = *self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        match last {
+            Some((at, reading)) if at.elapsed() < FRESH => reading,
+            _ => self.free(),
+        }
+    }
+
+    /// `Err` (why) unless writing `bytes` leaves `keep` bytes free, by `reading`.
+    fn fits(&self, reading: Reading, bytes: u64, keep: u64) -> Result<(), String> {
+        let Some((free, inodes)) = reading else {
             return Ok(());
         };
         // sled writes a value to its log (or a blob file) and the pages that
@@ -221,16 +233,36 @@ impl Space {
         Ok(())
     }
 
-    /// Whether a new message of `bytes` may be committed.
+    /// Whether a new message of `bytes` may be committed. A refusal is checked against a
+    /// new reading, so freed space counts at once.
     pub(crate) fn admit(&self, bytes: u64) -> Result<(), SpoolError> {
-        self.fits(bytes, self.min_free.load(Ordering::Relaxed))
+        let keep = self.min_free.load(Ordering::Relaxed);
+        self.fits(self.recent(), bytes, keep)
+            .or_else(|_| self.fits(self.free(), bytes, keep))
             .map_err(SpoolError::Full)
     }
 
-    /// Whether a round of `bytes` may be applied.
+    /// Whether a round of `bytes` may be applied, by a new reading.
     fn round_fits(&self, bytes: u64) -> Result<(), String> {
-        self.fits(bytes, self.min_free.load(Ordering::Relaxed) / 2)
+        let keep = self.min_free.load(Ordering::Relaxed) / 2;
+        self.fits(self.free(), bytes, keep)
     }
+}
+
+/// Bytes available to unprivileged users on the file system of `dir`, and inodes (`None`
+/// where the file system counts none); `None` if it cannot be read.
+fn statvfs(dir: &Path) -> Reading {
+    let path = CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs only writes into the struct we pass; a zeroed statvfs is a valid
+    // value of that plain C struct.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    let bytes = (stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64);
+    // btrfs and others report no inode counts at all.
+    let inodes = (stat.f_files != 0).then_some(stat.f_favail as u64);
+    Some((bytes, inodes))
 }
 
 /// Message count and body bytes, for `Spool::stats`.
