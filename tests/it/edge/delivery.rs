@@ -180,7 +180,7 @@ async fn smarthost_password_never_sent_over_unverified_tls() {
     .await;
     let secrets = tempfile::tempdir().unwrap();
     let password_file = secrets.path().join("smarthost.pass");
-    std::fs::write(&password_file, PASSWORD).unwrap();
+    write_secret(&password_file, PASSWORD);
     std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let bounces = Sink::start(SinkBehaviour::default()).await;
     let server = TestServer::start(

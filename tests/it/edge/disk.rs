@@ -208,7 +208,7 @@ async fn a_dead_webhook_endpoint_cannot_fill_the_spool() {
     let sink = crate::sink::Sink::start(crate::sink::SinkBehaviour::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("hook.secret");
-    std::fs::write(&secret, crate::suppression::SECRET).unwrap();
+    write_secret(&secret, crate::suppression::SECRET);
     // Nothing listens there until the end.
     let hook: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let server = TestServer::start(
