@@ -175,31 +175,10 @@ async fn outsider(server: &TestServer) -> Client {
     c
 }
 
+/// A DSN saying `failed` is unknown, returning no headers (with VERP, the address it was
+/// sent to says whom it is about).
 fn dsn(to: &str, failed: &str) -> Vec<u8> {
-    format!(
-        "From: Mail Delivery System <MAILER-DAEMON@sink.test>\r\n\
-         To: {to}\r\n\
-         Subject: Undelivered Mail Returned to Sender\r\n\
-         MIME-Version: 1.0\r\n\
-         Content-Type: multipart/report; report-type=delivery-status; boundary=\"b1\"\r\n\
-         \r\n\
-         --b1\r\n\
-         Content-Type: text/plain\r\n\
-         \r\n\
-         Your message could not be delivered.\r\n\
-         --b1\r\n\
-         Content-Type: message/delivery-status\r\n\
-         \r\n\
-         Reporting-MTA: dns; sink.test\r\n\
-         \r\n\
-         Final-Recipient: rfc822; {failed}\r\n\
-         Action: failed\r\n\
-         Status: 5.1.1\r\n\
-         Diagnostic-Code: smtp; 550 5.1.1 <{failed}>: Recipient address rejected: User unknown\r\n\
-         \r\n\
-         --b1--\r\n"
-    )
-    .into_bytes()
+    crate::edge::dsn_returning(to, failed, b"")
 }
 
 async fn inject(server: &TestServer, to: &[&str]) -> (u16, Value) {
