@@ -36,6 +36,7 @@ fn envelope(id: MessageId) -> Envelope {
         parked: false,
         pool: None,
         not_before_ms: 0,
+        body_id: None,
     }
 }
 

@@ -64,6 +64,7 @@ fn envelope(id: MessageId, n: u64, due_in_ms: u64) -> Envelope {
         parked: false,
         pool: None,
         not_before_ms: 0,
+        body_id: None,
     }
 }
 

@@ -38,7 +38,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tern_queue::{Envelope, MessageId, Recipient, Source, Spool, SpoolError};
+use tern_queue::{Envelope, MessageId, Recipient, Shared, Source, Spool, SpoolError};
 use tokio::sync::mpsc;
 use tracing::warn;
 
@@ -70,7 +70,8 @@ pub trait SendPlanner: Send + Sync {
 #[derive(Default)]
 struct Batch {
     ids: Vec<MessageId>,
-    parts: Vec<(Envelope, Vec<u8>)>,
+    /// One entry per submission: its parts share its body (stored once).
+    parts: Vec<Shared>,
     inbound: Vec<(MessageId, Vec<u8>)>,
     /// Recipients dropped as suppressed: address, reason, protocol (for their events).
     dropped: Vec<(String, String, &'static str)>,
@@ -173,7 +174,7 @@ impl Enqueue {
         let mut batch = Batch::default();
         let mut reports = Vec::new();
         for message in prepared {
-            reports.extend(message.report);
+            reports.extend(message.reports);
             self.build_parts(message.submission, now, &pool, message.window, &mut batch)
                 .await?;
         }
@@ -183,7 +184,8 @@ impl Enqueue {
         let new: Vec<NewMessage> = batch
             .parts
             .iter()
-            .map(|(env, _)| NewMessage {
+            .flat_map(|shared| &shared.envelopes)
+            .map(|env| NewMessage {
                 id: env.id,
                 domain: env.destination.clone(),
                 pool: env.pool.clone(),
@@ -193,7 +195,7 @@ impl Enqueue {
         let feedback = &self.feedback;
         let woke = !batch.inbound.is_empty();
         self.spool
-            .commit_with_inbound(batch.parts, batch.inbound)
+            .commit_shared_with_inbound(batch.parts, batch.inbound)
             .await?;
         if woke {
             feedback.inbound.notify_one();
@@ -338,18 +340,13 @@ impl Enqueue {
                 .push((self.spool.next_id(), encode_record(&head, &body)));
         }
         let expires_ms = now_ms.saturating_add(self.max_age.as_millis() as u64);
-        let last = groups.len().saturating_sub(1);
-        let mut body = Some(body);
-        for (i, ((destination, recipients, not_before_ms), id)) in
-            groups.into_iter().zip(&batch.ids[first..]).enumerate()
+        let size = body.len() as u64;
+        // Every part (per destination, or per recipient with a send time) has the same
+        // bytes: the spool stores them once for all of them.
+        let mut envelopes = Vec::with_capacity(groups.len());
+        for ((destination, recipients, not_before_ms), id) in
+            groups.into_iter().zip(&batch.ids[first..])
         {
-            // The last part takes the buffer itself; the others get their own copy, since
-            // every envelope owns exactly one body.
-            let part_body = if i == last {
-                body.take().unwrap_or_default()
-            } else {
-                body.clone().unwrap_or_default()
-            };
             let envelope = Envelope {
                 id: *id,
                 queue_id,
@@ -360,7 +357,7 @@ impl Enqueue {
                 ret: sub.ret,
                 body_type: sub.body_type,
                 smtputf8: sub.smtputf8,
-                size: part_body.len() as u64,
+                size,
                 created_ms: now_ms,
                 expires_ms,
                 // A send time beyond expiry would never be attempted: expiry wins.
@@ -372,8 +369,12 @@ impl Enqueue {
                 parked: false,
                 pool: pool.clone(),
                 not_before_ms,
+                body_id: None,
             };
-            batch.parts.push((envelope, part_body));
+            envelopes.push(envelope);
+        }
+        if !envelopes.is_empty() {
+            batch.parts.push(Shared { envelopes, body });
         }
         Ok(())
     }

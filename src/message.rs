@@ -82,8 +82,8 @@ pub struct Prepared {
     /// The window the send time of each recipient is planned in (`None`: at once); the
     /// send-time stage sets it.
     pub window: Option<SendWindow>,
-    /// `None` when no campaign applied.
-    pub report: Option<CampaignReport>,
+    /// What the campaign did for each recipient; empty when no campaign applied.
+    pub reports: Vec<CampaignReport>,
 }
 
 /// What the stage did for one recipient (in the inject answer, the log and metrics).
@@ -117,7 +117,7 @@ impl Prepared {
             submission,
             send_at: None,
             window: None,
-            report: None,
+            reports: Vec::new(),
         }
     }
 }

@@ -146,9 +146,10 @@ struct Queued {
     ops: Vec<Op>,
     refused: Refusal,
     delta: Delta,
-    /// An earlier write whose result this one was computed from (an update
-    /// of a message whose previous update is still queued): refused with it.
-    after: Option<Refusal>,
+    /// Earlier writes whose results this one was computed from (an update
+    /// of a message whose previous update is still queued; a remove that
+    /// also counts down a shared body's references): refused with any of them.
+    after: Vec<Refusal>,
 }
 
 #[derive(Debug, Default)]
@@ -384,15 +385,15 @@ impl GroupCommit {
 
     /// Queues one write's operations for the next round, with how it changes
     /// the counters (applied now, undone if the write is refused) and the
-    /// earlier write it was computed from, if any (`after`: it is refused if
-    /// that one is), and returns its ticket, to pass to `wait_for`. Callers
+    /// earlier writes it was computed from, if any (`after`: it is refused if
+    /// any of them is), and returns its ticket, to pass to `wait_for`. Callers
     /// that must order writes against their own state call this while holding
     /// their lock.
     pub(crate) fn enqueue(
         &self,
         ops: impl IntoIterator<Item = Op>,
         delta: Delta,
-        after: Option<Refusal>,
+        after: impl IntoIterator<Item = Refusal>,
     ) -> Ticket {
         let refused = Refusal::default();
         let seq = {
@@ -401,7 +402,7 @@ impl GroupCommit {
                 ops: ops.into_iter().collect(),
                 refused: refused.clone(),
                 delta,
-                after,
+                after: after.into_iter().collect(),
             });
             self.tally.add(delta);
             pending.written += 1;
@@ -598,7 +599,7 @@ impl GroupCommit {
         let mut ops = Vec::with_capacity(writes.iter().map(|w| w.ops.len()).sum());
         for write in writes {
             // In queue order, so a chain of dependent writes is refused whole.
-            match write.after.as_ref().and_then(|a| a.get()) {
+            match write.after.iter().find_map(|a| a.get()) {
                 Some(why) => refuse(&write, why.clone()),
                 None => ops.extend(write.ops),
             }
@@ -735,7 +736,7 @@ mod tests {
             ops: vec![op; ops],
             refused: refused.clone(),
             delta,
-            after: after.cloned(),
+            after: after.into_iter().cloned().collect(),
         };
         (queued, refused)
     }

@@ -13,7 +13,8 @@
 //! - `error`: `SpoolError`.
 //!
 //! Invariants the rest of tern relies on:
-//! - a body is written once, at commit, and never rewritten;
+//! - a body is written once, at commit, and never rewritten; parts of one
+//!   message may share it, and it is deleted with the last of them;
 //! - an envelope and its due-index key change together in one atomic batch;
 //! - nothing is returned from `commit`, `update` or `remove` before the
 //!   change has been fsynced (sled's data file and any blob files); after a
@@ -34,4 +35,4 @@ pub use error::SpoolError;
 pub use group_commit::{CommitStats, Round};
 pub use id::{IdGenerator, MessageId, ParseMessageIdError};
 pub use record::{BodyType, Envelope, Notify, Recipient, RecipientState, Ret, Source};
-pub use spool::{Body, InboundBatch, OrphanSweep, Spool, SpoolOptions, SpoolStats};
+pub use spool::{Body, InboundBatch, OrphanSweep, Shared, Spool, SpoolOptions, SpoolStats};

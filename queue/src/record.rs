@@ -6,8 +6,10 @@
 //! records and new fields can be added without a migration. Unknown fields are
 //! ignored for the same reason (an older tern reading newer records).
 //!
-//! One accepted message becomes one `Envelope` per destination domain; all
-//! parts share `queue_id`, and the first part has `id == queue_id`.
+//! One accepted message becomes one `Envelope` per destination domain (or per
+//! recipient, when each has its own send time); all parts share `queue_id`, and
+//! the first part has `id == queue_id`. Parts with the same content share one
+//! stored body (`body_id`).
 
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +68,18 @@ pub struct Envelope {
     /// "now" never move it earlier. Expiry still counts from `created_ms`.
     #[serde(default)]
     pub not_before_ms: u64,
+    /// Where the body is stored when several parts of one message share it (the id of
+    /// the part it was committed under); `None`: under this envelope's own id. The spool
+    /// sets it at commit and keeps it on update; callers leave it `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_id: Option<MessageId>,
+}
+
+impl Envelope {
+    /// The id the body is stored under.
+    pub fn body_key_id(&self) -> MessageId {
+        self.body_id.unwrap_or(self.id)
+    }
 }
 
 /// One recipient of an envelope.

@@ -1,7 +1,11 @@
 //! `Spool`: the durable message store, on one sled tree.
 //!
 //! Key layout (all ids big-endian, so key order is time order):
-//! - `B` + id            -> body bytes; written once at commit, never rewritten
+//! - `B` + id            -> body bytes; written once at commit, never rewritten.
+//!   Parts of one message committed together share one body, stored under the
+//!   first part's id (`Envelope::body_id` names it in every sharing envelope)
+//! - `R` + id            -> u64 BE: how many envelopes share the body `B` + id;
+//!   present only for shared bodies
 //! - `E` + id            -> envelope JSON (`record::Envelope`)
 //! - `D` + due_ms + id   -> empty; the due-time index
 //! - `M` + name (UTF-8)  -> value bytes; the meta keyspace: small durable
@@ -15,6 +19,11 @@
 //!   (see `clean_close`)
 //!
 //! Invariants:
+//! - a shared body lives exactly as long as an envelope that names it: its
+//!   `R` count is the number of such envelopes, written with them at commit;
+//!   each remove counts it down in the same batch that deletes the envelope,
+//!   and the one that takes it to zero deletes the body and the count. Removes
+//!   of envelopes sharing a body are ordered like updates (`Inflight::refs`);
 //! - every change is applied within one sled `apply_batch` (`group_commit`
 //!   merges concurrent writes into one batch per round), so an envelope and
 //!   its due key (and, at commit, its body) appear, move and disappear
@@ -30,7 +39,8 @@
 //! - memory does not grow with the spool: only counters and the writes of
 //!   the current rounds are held;
 //! - `stats()` counts exactly the envelopes present and the sum of their
-//!   `size`, which the spool itself sets from the body;
+//!   `size`, which the spool itself sets from the body (a shared body counts
+//!   once per envelope: `bytes` is what delivery will send, not disk use);
 //! - the spool never lets its file system run full: a commit is refused
 //!   (`SpoolError::Full`, nothing written) when less than
 //!   `SpoolOptions::min_free_space` would be left, every other write when
@@ -79,6 +89,7 @@ const BODY: u8 = b'B';
 const ENVELOPE: u8 = b'E';
 const DUE: u8 = b'D';
 const META: u8 = b'M';
+const REFS: u8 = b'R';
 
 /// Bodies per chunk of `sweep_orphans` (about 5 MB of 5 KB bodies).
 const SWEEP_CHUNK: usize = 1024;
@@ -129,6 +140,13 @@ pub struct OrphanSweep {
     pub missing_bodies: u64,
 }
 
+/// Envelopes committed with one body they share (see `Spool::commit_shared`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shared {
+    pub envelopes: Vec<Envelope>,
+    pub body: Vec<u8>,
+}
+
 /// Message count and body bytes currently spooled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpoolStats {
@@ -177,11 +195,13 @@ struct Inner {
     checkpoint: Checkpoint,
 }
 
-/// What a stored envelope implies for its due key and the byte count.
+/// What a stored envelope implies for its due key, the byte count and its
+/// body's key.
 #[derive(Clone, Copy)]
 struct Entry {
     next_due_ms: u64,
     size: u64,
+    body_id: Option<MessageId>,
 }
 
 /// The fields of a stored envelope that update and remove need; decoding
@@ -190,6 +210,8 @@ struct Entry {
 struct StoredEntry {
     next_due_ms: u64,
     size: u64,
+    #[serde(default)]
+    body_id: Option<MessageId>,
 }
 
 /// Updates and removes queued but perhaps not yet applied to sled: message
@@ -197,9 +219,14 @@ struct StoredEntry {
 /// if removed, and what says whether that write was refused). Entries whose
 /// write has been applied (or refused) are pruned, since sled then answers
 /// the same.
+///
+/// `refs` does the same for the reference counts of shared bodies: body id ->
+/// (sequence number of the latest queued write of its count, the count after
+/// it, its refusal).
 #[derive(Default)]
 struct Inflight {
     latest: HashMap<MessageId, (u64, Option<Entry>, Refusal)>,
+    refs: HashMap<MessageId, (u64, u64, Refusal)>,
     pruned_at: u64,
 }
 
@@ -351,24 +378,47 @@ impl Spool {
     /// future after that does not cancel it, it only stops waiting for it
     /// (the same holds for `update` and `remove`).
     pub async fn commit(&self, parts: Vec<(Envelope, Vec<u8>)>) -> Result<(), SpoolError> {
+        let shared = parts
+            .into_iter()
+            .map(|(envelope, body)| Shared {
+                envelopes: vec![envelope],
+                body,
+            })
+            .collect();
+        self.commit_inner(shared, Vec::new()).await
+    }
+
+    /// Like `commit`, for parts that share bodies: each `Shared` stores its
+    /// body once, under its first envelope's id, however many envelopes it
+    /// has (one message to a thousand domains holds one copy of its body, on
+    /// disk and in the batch).
+    pub async fn commit_shared(&self, parts: Vec<Shared>) -> Result<(), SpoolError> {
         self.commit_inner(parts, Vec::new()).await
     }
 
-    async fn commit_inner(
-        &self,
-        parts: Vec<(Envelope, Vec<u8>)>,
-        mut ops: Vec<Op>,
-    ) -> Result<(), SpoolError> {
+    async fn commit_inner(&self, parts: Vec<Shared>, mut ops: Vec<Op>) -> Result<(), SpoolError> {
         self.inner.group.check()?;
-        let messages = parts.len() as u64;
-        let mut bytes = 0;
-        ops.reserve(parts.len() * 3);
-        for (mut env, body) in parts {
-            env.size = body.len() as u64;
-            bytes += env.size;
-            ops.push(insert(&due_key(env.next_due_ms, env.id), Vec::new()));
-            ops.push(insert(&key(ENVELOPE, env.id), encode(&env)?));
-            ops.push(insert(&key(BODY, env.id), body));
+        let mut messages: u64 = 0;
+        let mut bytes: u64 = 0;
+        ops.reserve(parts.iter().map(|p| p.envelopes.len() * 2 + 2).sum());
+        for Shared { envelopes, body } in parts {
+            let Some(first) = envelopes.first().map(|e| e.id) else {
+                continue;
+            };
+            let sharers = envelopes.len() as u64;
+            let shared = sharers > 1;
+            for mut env in envelopes {
+                env.size = body.len() as u64;
+                env.body_id = shared.then_some(first);
+                messages += 1;
+                bytes += env.size;
+                ops.push(insert(&due_key(env.next_due_ms, env.id), Vec::new()));
+                ops.push(insert(&key(ENVELOPE, env.id), encode(&env)?));
+            }
+            if shared {
+                ops.push(insert(&key(REFS, first), sharers.to_be_bytes().to_vec()));
+            }
+            ops.push(insert(&key(BODY, first), body));
         }
         let size: u64 = ops
             .iter()
@@ -397,9 +447,21 @@ impl Spool {
         }
     }
 
-    /// The stored body, if any. Read from sled on each call (not cached here).
+    /// The body of message `id`, if any, wherever it is stored (its own or
+    /// a shared one). Read from sled on each call (not cached here).
     pub fn body(&self, id: MessageId) -> Result<Option<Body>, SpoolError> {
-        Ok(self.inner.db.get(key(BODY, id))?.map(Body))
+        if let Some(body) = self.inner.db.get(key(BODY, id))? {
+            return Ok(Some(Body(body)));
+        }
+        match self.envelope(id)? {
+            Some(env) if env.body_id.is_some_and(|b| b != id) => self.body_of(&env),
+            _ => Ok(None),
+        }
+    }
+
+    /// The body of `env` (one read, for a caller that holds the envelope).
+    pub fn body_of(&self, env: &Envelope) -> Result<Option<Body>, SpoolError> {
+        Ok(self.inner.db.get(key(BODY, env.body_key_id()))?.map(Body))
     }
 
     /// Rewrites the envelope `env.id` and moves its due key to
@@ -414,6 +476,7 @@ impl Spool {
             let old = old.ok_or(SpoolError::NotFound(id))?;
             let json = encode(&Envelope {
                 size: old.size,
+                body_id: old.body_id,
                 ..env.clone()
             })?;
             let mut ops = Vec::with_capacity(3);
@@ -426,6 +489,7 @@ impl Spool {
             let new = Entry {
                 next_due_ms: env.next_due_ms,
                 size: old.size,
+                body_id: old.body_id,
             };
             inflight
                 .latest
@@ -435,31 +499,94 @@ impl Spool {
         self.inner.group.wait_for(ticket).await
     }
 
-    /// Deletes body, envelope and due key atomically; returns once durable.
+    /// Deletes envelope, due key and body atomically (a shared body only
+    /// with the last envelope that names it); returns once durable.
     pub async fn remove(&self, id: MessageId) -> Result<(), SpoolError> {
         self.inner.group.check()?;
         let ticket = {
             let mut inflight = self.inflight();
             let (old, after) = self.current(&mut inflight, id)?;
             let old = old.ok_or(SpoolError::NotFound(id))?;
+            let mut ops = vec![
+                remove(&key(ENVELOPE, id)),
+                remove(&due_key(old.next_due_ms, id)),
+            ];
+            let mut depends = Vec::from_iter(after);
+            let mut refs = None;
+            match old.body_id {
+                None => ops.push(remove(&key(BODY, id))),
+                Some(body) => {
+                    let (count, after) = self.references(&mut inflight, body)?;
+                    depends.extend(after);
+                    let left = count.saturating_sub(1);
+                    if left == 0 {
+                        ops.push(remove(&key(BODY, body)));
+                        ops.push(remove(&key(REFS, body)));
+                    } else {
+                        ops.push(insert(&key(REFS, body), left.to_be_bytes().to_vec()));
+                    }
+                    refs = Some((body, left));
+                }
+            }
             let ticket = self.inner.group.enqueue(
-                [
-                    remove(&key(BODY, id)),
-                    remove(&key(ENVELOPE, id)),
-                    remove(&due_key(old.next_due_ms, id)),
-                ],
+                ops,
                 Delta {
                     messages: -1,
                     bytes: -(old.size as i64),
                 },
-                after,
+                depends,
             );
             inflight
                 .latest
                 .insert(id, (ticket.seq(), None, ticket.refusal()));
+            if let Some((body, left)) = refs {
+                inflight
+                    .refs
+                    .insert(body, (ticket.seq(), left, ticket.refusal()));
+            }
             ticket
         };
         self.inner.group.wait_for(ticket).await
+    }
+
+    /// How many envelopes share the body `body` as far as writes go (the
+    /// newest queued count if not yet applied, else sled's), with that
+    /// queued write's refusal cell. A missing count (a damaged spool) counts
+    /// as one, so the body goes with the envelope being removed.
+    fn references(
+        &self,
+        inflight: &mut Inflight,
+        body: MessageId,
+    ) -> Result<(u64, Option<Refusal>), SpoolError> {
+        self.prune(inflight);
+        match inflight.refs.get(&body) {
+            Some((_, count, refused)) if refused.get().is_none() => {
+                return Ok((*count, Some(refused.clone())));
+            }
+            Some(_) => {
+                inflight.refs.remove(&body);
+            }
+            None => {}
+        }
+        let key = key(REFS, body);
+        Ok(match self.inner.db.get(key)? {
+            Some(value) => match <[u8; 8]>::try_from(&value[..]) {
+                Ok(bytes) => (u64::from_be_bytes(bytes), None),
+                Err(_) => return Err(corrupt(&key, "reference count is not 8 bytes".into())),
+            },
+            None => (1, None),
+        })
+    }
+
+    /// Forgets inflight writes that sled has applied (or refused): sled
+    /// answers the same for them now.
+    fn prune(&self, inflight: &mut Inflight) {
+        let applied = self.inner.group.applied();
+        if applied > inflight.pruned_at {
+            inflight.latest.retain(|_, (seq, _, _)| *seq > applied);
+            inflight.refs.retain(|_, (seq, _, _)| *seq > applied);
+            inflight.pruned_at = applied;
+        }
     }
 
     /// The latest state of `id` as far as writes go: the newest queued update
@@ -474,11 +601,7 @@ impl Spool {
         inflight: &mut Inflight,
         id: MessageId,
     ) -> Result<(Option<Entry>, Option<Refusal>), SpoolError> {
-        let applied = self.inner.group.applied();
-        if applied > inflight.pruned_at {
-            inflight.latest.retain(|_, (seq, _, _)| *seq > applied);
-            inflight.pruned_at = applied;
-        }
+        self.prune(inflight);
         match inflight.latest.get(&id) {
             Some((_, entry, refused)) if refused.get().is_none() => {
                 return Ok((*entry, Some(refused.clone())));
@@ -499,6 +622,7 @@ impl Spool {
             Some(Entry {
                 next_due_ms: stored.next_due_ms,
                 size: stored.size,
+                body_id: stored.body_id,
             }),
             None,
         ))
@@ -660,13 +784,22 @@ impl Spool {
         let db = &self.inner.db;
         let mut ops = Vec::new();
         for &id in &chunk.body_only {
-            if !db.contains_key(key(ENVELOPE, id))? && db.contains_key(key(BODY, id))? {
+            // A shared body outlives the envelope it was committed under
+            // while its count says other envelopes name it.
+            if !db.contains_key(key(ENVELOPE, id))?
+                && !db.contains_key(key(REFS, id))?
+                && db.contains_key(key(BODY, id))?
+            {
                 tracing::warn!(%id, "spool: removing body without envelope");
                 ops.push(remove(&key(BODY, id)));
             }
         }
         for &id in &chunk.envelope_only {
-            if db.contains_key(key(ENVELOPE, id))? && !db.contains_key(key(BODY, id))? {
+            let body_id = match self.envelope(id)? {
+                Some(env) => env.body_key_id(),
+                None => continue,
+            };
+            if !db.contains_key(key(BODY, body_id))? {
                 // Left in place: delivery will find no body and handle it.
                 tracing::error!(%id, "spool: envelope has no body");
                 report.missing_bodies += 1;

@@ -117,7 +117,7 @@ impl Settler {
                 return None;
             }
         };
-        let body = match self.spool.body(id) {
+        let body = match self.spool.body_of(&env) {
             Ok(Some(body)) => body,
             Ok(None) => {
                 warn!(%id, "envelope without body");

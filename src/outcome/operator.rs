@@ -151,7 +151,7 @@ impl Settler {
         let Some(mut env) = self.spool.envelope(id)? else {
             return Ok(false);
         };
-        let body = self.spool.body(id)?.ok_or(SpoolError::NotFound(id))?;
+        let body = self.spool.body_of(&env)?.ok_or(SpoolError::NotFound(id))?;
         let reply = format!("{OPERATOR_BOUNCE_STATUS} {OPERATOR_BOUNCE_TEXT}");
         let mut reports = Vec::new();
         for (index, rcpt) in env.recipients.iter_mut().enumerate() {

@@ -109,6 +109,7 @@ mod tests {
             parked: false,
             pool: None,
             not_before_ms: 0,
+            body_id: None,
         }
     }
 

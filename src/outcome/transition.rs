@@ -292,6 +292,7 @@ mod tests {
             parked: false,
             pool: None,
             not_before_ms: 0,
+            body_id: None,
         }
     }
 

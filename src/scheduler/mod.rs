@@ -450,7 +450,7 @@ impl Scheduler {
                 }
             }
             let attempted = match stored {
-                Ok(Some(envelope)) => match self.inner.spool.body(id) {
+                Ok(Some(envelope)) => match self.inner.spool.body_of(&envelope) {
                     Ok(Some(body)) => {
                         // At most one outcome per worker is unrecorded while the next message
                         // is sent: a crash repeats at most two deliveries per connection.

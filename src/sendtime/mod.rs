@@ -452,7 +452,7 @@ impl Stage for SendTime {
                 quiet_hours,
             }) => Some(SendWindow {
                 len_ms: window.as_millis() as u64,
-                quiet: if message.report.is_some() {
+                quiet: if !message.reports.is_empty() {
                     quiet_hours
                 } else {
                     self.default_window().quiet

@@ -335,7 +335,7 @@ impl Sidecar {
                 submission: sub,
                 send_at: Some(send_time),
                 window: None,
-                report: None,
+                reports: Vec::new(),
             }];
         };
         let mut common = request.data;
@@ -367,7 +367,14 @@ impl Sidecar {
             }))
             .await;
 
-        let mut out = Vec::with_capacity(jobs.len());
+        // The submitted content is not copied per recipient: a rendered message keeps only
+        // its headers (read once here), and the recipients whose template failed share one
+        // message with the content as submitted.
+        let submitted = std::mem::take(&mut sub.content);
+        let kept = kept_headers(&submitted);
+        let mut as_submitted = Vec::new();
+        let mut as_submitted_reports = Vec::new();
+        let mut out = Vec::with_capacity(jobs.len() + 1);
         for ((rcpt, data, variant), (slots, content, reason)) in jobs.into_iter().zip(generated) {
             let report = CampaignReport {
                 recipient: rcpt.address.clone(),
@@ -378,14 +385,7 @@ impl Sidecar {
             };
             self.metrics.sidecar_content(reason.unwrap_or(content));
             let mut one = sub.clone();
-            match self.render(
-                campaign,
-                &one.content,
-                &rcpt,
-                &data,
-                &slots,
-                variant.as_deref(),
-            ) {
+            match self.render(campaign, &kept, &rcpt, &data, &slots, variant.as_deref()) {
                 Ok(message) => {
                     one.content = message;
                     one.body_type = if one.content.is_ascii() {
@@ -398,6 +398,9 @@ impl Sidecar {
                     // The message as submitted (control headers stripped) still goes out.
                     warn!(campaign = %campaign.config.name, error = %e, "template failed: sent as submitted");
                     self.metrics.sidecar_content("template_error");
+                    as_submitted.push(rcpt);
+                    as_submitted_reports.push(report);
+                    continue;
                 }
             }
             info!(
@@ -414,7 +417,17 @@ impl Sidecar {
                 submission: one,
                 send_at: Some(send_time),
                 window: None,
-                report: Some(report),
+                reports: vec![report],
+            });
+        }
+        if !as_submitted.is_empty() {
+            sub.content = submitted;
+            sub.recipients = as_submitted;
+            out.push(Prepared {
+                submission: sub,
+                send_at: Some(send_time),
+                window: None,
+                reports: as_submitted_reports,
             });
         }
         out
@@ -505,14 +518,14 @@ impl Sidecar {
     fn render(
         &self,
         campaign: &Campaign,
-        submitted: &[u8],
+        (kept_head, kept_message_id): &(Vec<u8>, Option<String>),
         rcpt: &Recipient,
         data: &Map<String, Value>,
         slots: &BTreeMap<String, String>,
         variant: Option<&str>,
     ) -> Result<Vec<u8>, String> {
-        let (mut head, message_id) = kept_headers(submitted);
-        let message_id = match message_id {
+        let mut head = kept_head.clone();
+        let message_id = match kept_message_id.clone() {
             Some(id) => id,
             None => {
                 let id = format!(

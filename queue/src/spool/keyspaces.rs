@@ -39,6 +39,23 @@ impl Spool {
         parts: Vec<(Envelope, Vec<u8>)>,
         inbound: Vec<(MessageId, Vec<u8>)>,
     ) -> Result<(), SpoolError> {
+        let shared = parts
+            .into_iter()
+            .map(|(envelope, body)| super::Shared {
+                envelopes: vec![envelope],
+                body,
+            })
+            .collect();
+        self.commit_shared_with_inbound(shared, inbound).await
+    }
+
+    /// `commit_shared` with inbound records in the same batch (see
+    /// `commit_with_inbound`).
+    pub async fn commit_shared_with_inbound(
+        &self,
+        parts: Vec<super::Shared>,
+        inbound: Vec<(MessageId, Vec<u8>)>,
+    ) -> Result<(), SpoolError> {
         self.commit_inner(
             parts,
             inbound

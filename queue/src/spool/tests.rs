@@ -40,6 +40,7 @@ fn envelope(id: MessageId, queue_id: MessageId, destination: &str, due: u64) -> 
         parked: false,
         pool: None,
         not_before_ms: 0,
+        body_id: None,
     }
 }
 
@@ -951,4 +952,120 @@ async fn inbound_batches_are_bounded_by_bytes_and_by_count() {
     let batch = spool.inbound_batch(10, 1000).unwrap();
     assert_eq!(ids_of(&batch), ids[3..]);
     assert!(!batch.more, "nothing left over");
+}
+
+/// Commits one message as `parts` envelopes (one per destination) sharing one
+/// body; returns their ids, the first being the queue id.
+async fn commit_shared_parts(spool: &Spool, parts: usize, len: usize) -> (Vec<MessageId>, Vec<u8>) {
+    let ids: Vec<MessageId> = (0..parts).map(|_| spool.next_id()).collect();
+    let body = body_for(ids[0], len);
+    let envelopes = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| envelope(id, ids[0], &format!("d{i}.example"), 1))
+        .collect();
+    spool
+        .commit_shared(vec![Shared {
+            envelopes,
+            body: body.clone(),
+        }])
+        .await
+        .unwrap();
+    (ids, body)
+}
+
+fn count_keys(spool: &Spool, prefix: u8) -> usize {
+    spool.raw_keys().iter().filter(|k| k[0] == prefix).count()
+}
+
+#[tokio::test]
+async fn a_shared_body_is_stored_once_and_goes_with_its_last_envelope() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    let (ids, body) = commit_shared_parts(&spool, 5, 10_000).await;
+    assert_eq!(
+        count_keys(&spool, BODY),
+        1,
+        "one stored body for five parts"
+    );
+    assert_eq!(count_keys(&spool, ENVELOPE), 5);
+    for &id in &ids {
+        let env = spool.envelope(id).unwrap().unwrap();
+        assert_eq!(env.body_id, Some(ids[0]));
+        assert_eq!(env.size, body.len() as u64);
+        assert_eq!(&*spool.body(id).unwrap().unwrap(), &body[..], "{id}");
+        assert_eq!(&*spool.body_of(&env).unwrap().unwrap(), &body[..]);
+    }
+    // `bytes` counts what delivery will send: the body once per part.
+    assert_eq!(spool.stats().bytes, 5 * body.len() as u64);
+
+    // The part the body was stored under goes first: the others still read it.
+    spool.remove(ids[0]).await.unwrap();
+    for &id in &ids[1..4] {
+        spool.remove(id).await.unwrap();
+    }
+    assert_eq!(&*spool.body(ids[4]).unwrap().unwrap(), &body[..]);
+    assert_eq!(count_keys(&spool, BODY), 1);
+    spool.remove(ids[4]).await.unwrap();
+    assert_eq!(spool.raw_keys(), Vec::<Vec<u8>>::new());
+    assert_eq!(
+        spool.stats(),
+        SpoolStats {
+            messages: 0,
+            bytes: 0
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_removes_and_updates_of_sharing_parts_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (ids, _) = commit_shared_parts(&spool, 8, 500).await;
+        for id in ids {
+            let env = Envelope {
+                next_due_ms: 5_000,
+                ..spool.envelope(id).unwrap().unwrap()
+            };
+            let (a, b) = (spool.clone(), spool.clone());
+            tasks.push(tokio::spawn(async move {
+                match a.update(&env).await {
+                    Ok(()) | Err(SpoolError::NotFound(_)) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }));
+            tasks.push(tokio::spawn(async move { b.remove(id).await.unwrap() }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(spool.raw_keys(), Vec::<Vec<u8>>::new());
+    assert_eq!(spool.stats().messages, 0);
+}
+
+#[tokio::test]
+async fn a_shared_body_survives_a_crash_and_the_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ids, body) = {
+        let spool = Spool::open(dir.path()).unwrap();
+        let (ids, body) = commit_shared_parts(&spool, 3, 2_000).await;
+        spool.remove(ids[0]).await.unwrap();
+        (ids, body)
+    };
+    as_if_crashed(dir.path());
+    let spool = Spool::open(dir.path()).unwrap();
+    assert!(!spool.opened_after_clean_close());
+    assert_eq!(spool.stats().messages, 2);
+    // The body's own envelope is gone but two parts name it: not an orphan,
+    // and neither part is reported without a body.
+    let sweep = spool.sweep_orphans().await.unwrap();
+    assert_eq!((sweep.removed, sweep.missing_bodies), (0, 0), "{sweep:?}");
+    for &id in &ids[1..] {
+        assert_eq!(&*spool.body(id).unwrap().unwrap(), &body[..]);
+        spool.remove(id).await.unwrap();
+    }
+    assert_eq!(spool.raw_keys(), Vec::<Vec<u8>>::new());
 }

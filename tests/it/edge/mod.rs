@@ -9,6 +9,7 @@ mod feedback;
 mod files;
 mod http;
 mod logs;
+mod memory;
 mod smtp;
 
 use std::net::SocketAddr;
