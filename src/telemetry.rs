@@ -423,14 +423,17 @@ pub enum AdminRefusal {
     Connections,
     /// No whole request head within `admin.header_timeout`: closed.
     HeaderTimeout,
+    /// An answer that made no progress for `admin.write_timeout` (the client does not read): closed.
+    WriteTimeout,
     /// A request body over its limit: 413.
     BodySize,
 }
 
 impl AdminRefusal {
-    const ALL: [AdminRefusal; 3] = [
+    const ALL: [AdminRefusal; 4] = [
         AdminRefusal::Connections,
         AdminRefusal::HeaderTimeout,
+        AdminRefusal::WriteTimeout,
         AdminRefusal::BodySize,
     ];
 
@@ -438,6 +441,7 @@ impl AdminRefusal {
         match self {
             AdminRefusal::Connections => "connections",
             AdminRefusal::HeaderTimeout => "header_timeout",
+            AdminRefusal::WriteTimeout => "write_timeout",
             AdminRefusal::BodySize => "body_size",
         }
     }

@@ -7,6 +7,8 @@
 //! - A request head must arrive whole within `admin.header_timeout`, which is also how long
 //!   a kept-alive connection may wait idle for its next request; then the connection is
 //!   closed (a slow loris holds a slot for that long at most).
+//! - A write of an answer that makes no progress for `admin.write_timeout` (a client that
+//!   asks and never reads, so the socket's send buffer stays full) closes the connection.
 //! - A request body over its limit ([`body_limit`]) is refused with 413 naming the config key:
 //!   before a byte of it is read when its Content-Length declares it, when it grows past the
 //!   limit otherwise. (Inject refusals are message size refusals, counted as such.)
@@ -29,6 +31,7 @@ use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
@@ -81,11 +84,14 @@ pub async fn serve(
             let _ = stream.try_write(BUSY);
             continue;
         };
-        let header_timeout = config.get().header_timeout;
+        let timeouts = Timeouts {
+            header: config.get().header_timeout,
+            write: config.get().write_timeout,
+        };
         let (app, metrics, stop) = (app.clone(), metrics.clone(), shutdown.clone());
         connections.spawn(async move {
             metrics.admin_connection(true);
-            connection(stream, peer, app, header_timeout, &metrics, stop).await;
+            connection(stream, peer, app, timeouts, &metrics, stop).await;
             metrics.admin_connection(false);
             drop(slot);
         });
@@ -95,12 +101,19 @@ pub async fn serve(
     info!(address = ?address, "admin stopped");
 }
 
+/// `admin.header_timeout` and `admin.write_timeout`, as they were when a connection came.
+#[derive(Clone, Copy)]
+struct Timeouts {
+    header: Duration,
+    write: Duration,
+}
+
 /// Serves one connection (HTTP/1.1, keep-alive) until the client or the server ends it.
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     app: Router,
-    header_timeout: Duration,
+    timeouts: Timeouts,
     metrics: &Metrics,
     stop: CancellationToken,
 ) {
@@ -113,8 +126,12 @@ async fn connection(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+        .header_read_timeout(timeouts.header);
+    // hyper has no write timeout of its own: a write pending longer than this fails, and
+    // the connection ends with that error.
+    let mut stream = TimeoutStream::new(stream);
+    stream.set_write_timeout(Some(timeouts.write));
+    let conn = builder.serve_connection(TokioIo::new(Box::pin(stream)), service);
     let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
@@ -127,10 +144,26 @@ async fn connection(
         if err.is_timeout() {
             metrics.admin_refused(AdminRefusal::HeaderTimeout);
             debug!(%peer, "admin connection closed: no request head within admin.header_timeout");
+        } else if write_timed_out(&err) {
+            metrics.admin_refused(AdminRefusal::WriteTimeout);
+            debug!(%peer, "admin connection closed: an answer made no progress within admin.write_timeout");
         } else {
             debug!(%peer, error = %err, "admin connection ended with an error");
         }
     }
+}
+
+/// Whether hyper ended a connection because a write timed out (an I/O error of kind
+/// `TimedOut` somewhere in its source chain).
+fn write_timed_out(err: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::TimedOut;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// The largest body of a request to `path`: `admin.max_body_size`, except for the inject

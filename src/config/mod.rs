@@ -298,6 +298,9 @@ pub struct AdminConfig {
     /// How long a client has to send a whole request head, and how long a kept-alive
     /// connection may wait idle for its next one, before it is closed. Default 10s.
     pub header_timeout: Duration,
+    /// How long a write of an answer may make no progress (a client that does not read
+    /// what it asked for) before the connection is closed. Default 30s.
+    pub write_timeout: Duration,
     /// Connections open at once; one more is answered 503 and closed. Default 1024.
     pub max_connections: usize,
     /// Bytes of a request body, for every route but `POST /api/v1/inject` (whose limit
@@ -315,6 +318,7 @@ impl Default for AdminConfig {
             address: SocketAddr::from(([127, 0, 0, 1], 8025)),
             token_file: None,
             header_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
             max_connections: 1024,
             max_body_size: 2 << 20,
             trusted_proxies: Vec::new(),
@@ -770,6 +774,9 @@ fn compile_admin(r: &mut TableReader<'_>, listeners: &HashMap<SocketAddr, String
         header_timeout: r
             .get("header_timeout", |v| duration(v).and_then(nonzero))
             .unwrap_or(d.header_timeout),
+        write_timeout: r
+            .get("write_timeout", |v| duration(v).and_then(nonzero))
+            .unwrap_or(d.write_timeout),
         max_connections: r
             .get("max_connections", |v| count(v).and_then(nonzero))
             .unwrap_or(d.max_connections),
@@ -1451,11 +1458,12 @@ mod tests {
     #[test]
     fn admin_edge_keys_compile_and_errors_name_them() {
         let config = Config::parse(&format!(
-            "{MINIMAL}\n[admin]\nheader_timeout = \"3s\"\nmax_connections = 50\n\
+            "{MINIMAL}\n[admin]\nheader_timeout = \"3s\"\nwrite_timeout = \"7s\"\nmax_connections = 50\n\
              max_body_size = \"64KiB\"\ntrusted_proxies = [\"10.0.0.1\", \"fd00::/8\"]\n"
         ))
         .unwrap();
         assert_eq!(config.admin.header_timeout, Duration::from_secs(3));
+        assert_eq!(config.admin.write_timeout, Duration::from_secs(7));
         assert_eq!(config.admin.max_connections, 50);
         assert_eq!(config.admin.max_body_size, 64 << 10);
         let proxies: Vec<String> = config
@@ -1466,7 +1474,7 @@ mod tests {
             .collect();
         assert_eq!(proxies, ["10.0.0.1/32", "fd00::/8"]);
         let errors = errors(&format!(
-            "{MINIMAL}\n[admin]\nheader_timeout = \"0s\"\nmax_connections = 0\n\
+            "{MINIMAL}\n[admin]\nheader_timeout = \"0s\"\nwrite_timeout = \"never\"\nmax_connections = 0\n\
              max_body_size = \"lots\"\ntrusted_proxies = [\"proxy.local\"]\n"
         ));
         let keys: Vec<&str> = errors
@@ -1477,6 +1485,7 @@ mod tests {
             keys,
             [
                 "admin.header_timeout",
+                "admin.write_timeout",
                 "admin.max_connections",
                 "admin.max_body_size",
                 "admin.trusted_proxies[0]"

@@ -127,6 +127,54 @@ async fn a_connection_flood_on_the_admin_listener_is_capped() {
     server.stop().await;
 }
 
+/// A client that pipelines requests and never reads the answers (so the server's writes
+/// stall on a full socket buffer) is cut off after `admin.write_timeout`, counted, and its
+/// slot goes to the next client. Before, hyper waited on the write forever and, with the
+/// connection cap, one such client locked everybody out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_answers_is_cut_off() {
+    let server = TestServer::start(
+        Options::default()
+            .admin("max_connections", 1)
+            .admin("write_timeout", "\"1s\"")
+            .admin("header_timeout", "\"60s\""),
+    )
+    .await;
+    // A small receive window, so the server's answers back up soon.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut reader_that_never_reads = socket.connect(server.admin()).await.unwrap();
+    let one = "GET /metrics HTTP/1.1\r\nHost: tern\r\n\r\n";
+    // Far more answer bytes (each /metrics is tens of KiB) than any socket buffers hold.
+    let requests = one.repeat(2000);
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        reader_that_never_reads.write_all(requests.as_bytes()),
+    )
+    .await;
+
+    // While it holds the only slot, others are turned away; once it is cut off, served.
+    let started = Instant::now();
+    let answer = loop {
+        let answer = exchange(&server, "GET /metrics HTTP/1.1", b"").await;
+        if answer.starts_with("HTTP/1.1 200 ") {
+            break answer;
+        }
+        assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+        assert!(
+            started.elapsed() < T,
+            "the client that never reads kept its slot"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        answer.contains("tern_admin_refused_total{reason=\"write_timeout\"} 1\n"),
+        "{answer}"
+    );
+    drop(reader_that_never_reads);
+    server.stop().await;
+}
+
 /// A body declared larger than its route allows is refused with 413 before a byte of it is
 /// sent, whether or not the caller holds the token; one that grows past the limit without
 /// declaring it is refused when it does; the inject route's limit follows the message size.
