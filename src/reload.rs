@@ -48,6 +48,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "bounce.verp_key_file",
     "bounce.origin_key_file",
     "bounce.trust_window",
+    "bounce.feedback_loops",
     "suppression",
     "webhooks",
     "sidecar",
@@ -97,6 +98,7 @@ pub fn merge(running: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
     keep!("bounce.verp_key_file", bounce.verp_key_file);
     keep!("bounce.origin_key_file", bounce.origin_key_file);
     keep!("bounce.trust_window", bounce.trust_window);
+    keep!("bounce.feedback_loops", bounce.feedback_loops);
     keep!("suppression", suppression);
     keep!("webhooks", webhooks);
     // The bandit's posteriors and the model client's breaker and cache live with the stage.

@@ -43,6 +43,10 @@ pub struct BounceConfig {
     /// How long after sending a returned copy of a message may still tie a bounce or a
     /// complaint to it. Default 30 days.
     pub trust_window: Duration,
+    /// Feedback-loop domains (lowercase): a complaint (ARF) DKIM-signed by one of them, or a
+    /// subdomain, is believed for the addresses it names even when it cannot be tied to
+    /// mail tern sent (providers that redact the returned copy). Default none.
+    pub feedback_loops: Vec<String>,
 }
 
 impl Default for BounceConfig {
@@ -55,6 +59,7 @@ impl Default for BounceConfig {
             verp_key_file: None,
             origin_key_file: None,
             trust_window: Duration::from_secs(30 * 86_400),
+            feedback_loops: Vec::new(),
         }
     }
 }
@@ -98,6 +103,12 @@ pub(super) fn compile_bounce(r: &mut TableReader<'_>, any_route_verp: bool) -> B
             }
         })
         .unwrap_or(d.trust_window);
+    let feedback_loops = r
+        .list("feedback_loops", |v| {
+            let name = string(v)?.trim_end_matches('.');
+            check_dns_name(name).map(|()| name.to_ascii_lowercase())
+        })
+        .unwrap_or_default();
     if verp || any_route_verp {
         if domains.is_empty() {
             r.error(
@@ -120,6 +131,7 @@ pub(super) fn compile_bounce(r: &mut TableReader<'_>, any_route_verp: bool) -> B
         verp_key_file,
         origin_key_file,
         trust_window,
+        feedback_loops,
     }
 }
 

@@ -1456,6 +1456,26 @@ mod tests {
     }
 
     #[test]
+    fn feedback_loop_domains_compile_and_errors_name_them() {
+        let config = Config::parse(&format!(
+            "{MINIMAL}\n[bounce]\nfeedback_loops = [\"FBL.Yahoo.com.\", \"jmrp.example\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            config.bounce.feedback_loops,
+            ["fbl.yahoo.com", "jmrp.example"]
+        );
+        let errors = errors(&format!(
+            "{MINIMAL}\n[bounce]\nfeedback_loops = [\"ok.example\", \"not a domain\"]\n"
+        ));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("bounce.feedback_loops[1]: "),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
     fn admin_edge_keys_compile_and_errors_name_them() {
         let config = Config::parse(&format!(
             "{MINIMAL}\n[admin]\nheader_timeout = \"3s\"\nwrite_timeout = \"7s\"\nmax_connections = 50\n\

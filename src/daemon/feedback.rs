@@ -16,6 +16,7 @@ use super::{Background, Reloaded, Subsystem};
 use crate::bounce::classify::Classifier;
 use crate::config::Config;
 use crate::events::Events;
+use crate::feedback::loops::FeedbackLoops;
 use crate::feedback::{Feedback, Processor};
 use crate::maillog::DeliveryLog;
 use crate::origin::Origin;
@@ -96,6 +97,13 @@ impl FeedbackSystem {
                 origin,
                 trust_window_days: config.bounce.trust_window.as_secs() / 86_400,
                 max_recipients: config.limits.max_recipients,
+                feedback_loops: FeedbackLoops::new(
+                    &config.bounce.feedback_loops,
+                    &config.delivery.nameservers,
+                )
+                .map_err(anyhow::Error::msg)?
+                .map(Arc::new),
+                hostname: config.server.hostname.to_ascii_lowercase(),
             }
             .run(bg.stop.clone()),
         );

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hickory_resolver::proto::op::{Edns, Message, OpCode, ResponseCode};
-use hickory_resolver::proto::rr::rdata::{A, AAAA, MX, SOA};
+use hickory_resolver::proto::rr::rdata::{A, AAAA, MX, SOA, TXT};
 use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -68,6 +68,16 @@ impl Zone {
 
     pub fn aaaa(self, host: &str, ip: &str) -> Zone {
         self.record(host, RData::AAAA(AAAA(ip.parse().expect("IPv6 address"))))
+    }
+
+    /// A TXT record, split into character-strings of at most 255 bytes (as a DKIM key is).
+    pub fn txt(self, name: &str, value: &str) -> Zone {
+        let strings = value
+            .as_bytes()
+            .chunks(255)
+            .map(|c| String::from_utf8(c.to_vec()).expect("ASCII TXT value"))
+            .collect();
+        self.record(name, RData::TXT(TXT::new(strings)))
     }
 
     /// Every query for `name` answers SERVFAIL.

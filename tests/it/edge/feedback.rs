@@ -270,3 +270,140 @@ async fn control_headers_from_outside_never_reach_the_sidecar() {
         1.0
     );
 }
+
+/// A complaint report signed (DKIM) by `domain` with a freshly made key under selector `s1`;
+/// returns the signed message and the key's TXT record value.
+struct Signer {
+    signers: tern::dkim::DkimSigners,
+    txt: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Signer {
+    fn new(domain: &str) -> Signer {
+        use std::os::unix::fs::PermissionsExt as _;
+        let key = tern::dkim::generate_key(tern::dkim::KeyAlgorithm::Ed25519).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let key_path = dir.path().join("key.pem");
+        std::fs::write(&key_path, &key.private_key_pem).unwrap();
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let names = |list: &[&str]| list.iter().map(|h| h.to_string()).collect();
+        let config = tern::config::DkimConfig {
+            domain: domain.into(),
+            selector: "s1".into(),
+            key_path,
+            headers: names(tern::config::DEFAULT_DKIM_HEADERS),
+            oversign: names(tern::config::DEFAULT_DKIM_OVERSIGN),
+        };
+        let signers = tern::dkim::DkimSigners::load(
+            &[config],
+            std::sync::Arc::new(tern::telemetry::Metrics::new()),
+        )
+        .unwrap();
+        Signer {
+            signers,
+            txt: key.txt_value,
+            _dir: dir,
+        }
+    }
+
+    /// `report` with its From set to `fbl@<domain>`, signed.
+    fn sign(&self, domain: &str, report: &[u8]) -> Vec<u8> {
+        let text = String::from_utf8_lossy(report).into_owned();
+        let (first, rest) = text.split_once("\r\n").unwrap();
+        assert!(first.starts_with("From:"), "{first}");
+        let message = format!("From: Feedback Loop <fbl@{domain}>\r\n{rest}");
+        let header = self.signers.sign(message.as_bytes()).expect("signed");
+        [header.as_bytes(), message.as_bytes()].concat()
+    }
+}
+
+/// Providers that redact the returned copy send complaints that cannot be tied to mail
+/// tern sent; `bounce.feedback_loops` names the providers whose DKIM-signed complaints are
+/// believed anyway. Played as an attacker: a complaint signed by the attacker's own domain,
+/// one whose body was altered after a provider signed it, a DSN (not a complaint) signed by
+/// the provider, and a signed complaint about tern's own addresses change nothing. The real
+/// complaint suppresses its recipient (before, nothing untied was ever believed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_configured_feedback_loop_vouches_for_the_complaints_it_signs() {
+    use crate::dns_server::{DnsServer, Zone};
+    const PROVIDER: &str = "fbl.provider.test";
+    const ATTACKER: &str = "attacker.test";
+    let provider = Signer::new(PROVIDER);
+    let attacker = Signer::new(ATTACKER);
+    let dns = DnsServer::start(
+        Zone::new()
+            .txt(&format!("s1._domainkey.{PROVIDER}"), &provider.txt)
+            .txt(&format!("s1._domainkey.{ATTACKER}"), &attacker.txt),
+    )
+    .await;
+    let sink = Sink::start(SinkBehaviour::default()).await;
+    let server = TestServer::start(
+        options(sink.addr, "feedback_loops = [\"provider.test\"]\n")
+            .delivery("nameservers", format!("[\"{}\"]", dns.addr)),
+    )
+    .await;
+    let to = bounce_address();
+    let mut c = outsider(server.smtp).await;
+    // The returned copy is redacted: no X-Tern-Id, nothing to tie it to mail we sent.
+    let redacted = b"From: news@sender.test\r\nTo: redacted\r\nSubject: deals\r\n\r\nBuy.\r\n";
+    c.submit(
+        "",
+        &[&to],
+        &attacker.sign(ATTACKER, &arf_about(redacted, "victim1@sink.test")),
+    )
+    .await;
+    let altered = provider
+        .sign(PROVIDER, &arf_about(redacted, "someone@sink.test"))
+        .to_vec();
+    let altered = String::from_utf8(altered)
+        .unwrap()
+        .replace("someone@sink.test", "victim2@sink.test");
+    c.submit("", &[&to], altered.as_bytes()).await;
+    let dsn = dsn_returning(&to, "victim3@sink.test", redacted);
+    // dsn_returning's From is the MAILER-DAEMON; sign it as the provider.
+    c.submit("", &[&to], &provider.sign(PROVIDER, &dsn)).await;
+    for own in [to.clone(), format!("postmaster@{HOST}")] {
+        c.submit(
+            "",
+            &[&to],
+            &provider.sign(PROVIDER, &arf_about(redacted, &own)),
+        )
+        .await;
+    }
+    c.submit(
+        "",
+        &[&to],
+        &provider.sign(PROVIDER, &arf_about(redacted, "reader@sink.test")),
+    )
+    .await;
+    wait_inbound_processed(&server).await;
+
+    let entry = wait_suppressed(&server, "reader@sink.test").await;
+    assert_eq!(entry["reason"], "complaint", "{entry}");
+    assert_eq!(entry["source"], "feedback loop provider.test", "{entry}");
+    let (_, list) = server.api("GET", "/api/v1/suppressions", None).await;
+    let listed: Vec<&str> = list["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["reader@sink.test"], "{list}");
+    assert_eq!(
+        sample(
+            &server,
+            "tern_inbound_reports_total{category=\"complaint\",kind=\"arf\",trusted=\"false\"}"
+        )
+        .await,
+        2.0
+    );
+    assert_eq!(
+        sample(
+            &server,
+            "tern_inbound_reports_total{category=\"invalid_recipient\",kind=\"dsn\",trusted=\"false\"}"
+        )
+        .await,
+        1.0
+    );
+}

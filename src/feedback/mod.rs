@@ -16,9 +16,12 @@
 //! Without VERP, each address a DSN or ARF report names counts only when it passes the
 //! mailbox syntax check and the returned copy carries an `X-Tern-Id` (`crate::origin`) that
 //! binds that address to a message sent within `bounce.trust_window`; at most
-//! `limits.max_recipients` addresses of one report are looked at. Untied addresses are
-//! counted (`tern_inbound_reports_total{trusted="false"}`) and change nothing. Addresses at
-//! the bounce domains are never suppressed. A message that parses as neither bounce nor
+//! `limits.max_recipients` addresses of one report are looked at. A complaint (ARF) is
+//! also believed, for the addresses it names, when it is DKIM-signed by one of the
+//! feedback-loop domains the operator configured (`bounce.feedback_loops`, see [`loops`]):
+//! providers that redact the returned copy still count. Untied addresses are counted
+//! (`tern_inbound_reports_total{trusted="false"}`) and change nothing. Addresses at the
+//! bounce domains or at the server's own host name are never suppressed. A message that parses as neither bounce nor
 //! complaint (and has a sender, i.e. is no bounce) is dropped with a log line; auto-replies
 //! are dropped too. Parsing runs on a blocking thread. Records are loaded in batches bounded
 //! by bytes as well as by count ([`INBOUND_BATCH_BYTES`]): each is a whole message, up to
@@ -26,6 +29,8 @@
 //!
 //! [`Feedback`] bundles the handles the submission paths and the settler share: the
 //! suppression list, the events, the bounce domains and the processor's wake-up.
+
+pub mod loops;
 
 use crate::bounce::classify::Classifier;
 use crate::bounce::{self, Kind, ReportedAction};
@@ -35,6 +40,7 @@ use crate::suppression::Suppressions;
 use crate::taxonomy::Category;
 use crate::telemetry::Metrics;
 use crate::verp::Verp;
+use loops::FeedbackLoops;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,9 +124,22 @@ pub struct Processor {
     pub trust_window_days: u64,
     /// `limits.max_recipients`: a report naming more is looked at only that far.
     pub max_recipients: usize,
+    /// `bounce.feedback_loops`, when set: complaints these domains DKIM-sign are believed.
+    pub feedback_loops: Option<Arc<FeedbackLoops>>,
+    /// `server.hostname` (lowercase): its addresses are never suppressed, like the bounce
+    /// domains'.
+    pub hostname: String,
 }
 
 impl Processor {
+    /// Whether `address` is one of tern's own: at a bounce domain or at `server.hostname`.
+    fn is_own_address(&self, address: &str) -> bool {
+        self.feedback.is_bounce_address(address)
+            || address
+                .rsplit_once('@')
+                .is_some_and(|(_, d)| d.eq_ignore_ascii_case(&self.hostname))
+    }
+
     /// Processes inbound records until `shutdown`; those left over from a previous run first.
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
@@ -156,10 +175,18 @@ impl Processor {
             warn!(%id, "inbound record without a readable head; dropped");
             return;
         };
+        let message = record[i + 1..].to_vec();
+        // Who signed it matters only for complaints, and only when feedback loops are set.
+        let feedback_loop = match &self.feedback_loops {
+            Some(loops) if loops.may_vouch(&message) => loops.verified_source(&message).await,
+            _ => None,
+        };
         // Parsing is CPU work on untrusted input: on a blocking thread, off the async workers.
         let this = self.clone();
-        let message = record[i + 1..].to_vec();
-        let evaluated = tokio::task::spawn_blocking(move || this.evaluate(&head, &message)).await;
+        let evaluated = tokio::task::spawn_blocking(move || {
+            this.evaluate(&head, &message, feedback_loop.as_deref())
+        })
+        .await;
         let (events, entries) = match evaluated {
             Ok(result) => result,
             Err(err) => {
@@ -178,12 +205,14 @@ impl Processor {
 
     /// What one inbound message means: the events to emit and the suppression entries to add.
     /// Only recipients tied to mail tern sent count (a verified VERP token, or an
-    /// `X-Tern-Id` in the returned copy that binds the recipient); the rest are counted as
-    /// untrusted and change nothing.
+    /// `X-Tern-Id` in the returned copy that binds the recipient), and those a complaint
+    /// names when `feedback_loop` (the configured domain whose DKIM signature on the message
+    /// verified) is set; the rest are counted as untrusted and change nothing.
     pub fn evaluate(
         &self,
         head: &InboundHead,
         message: &[u8],
+        feedback_loop: Option<&str>,
     ) -> (Vec<Event>, Vec<crate::suppression::Entry>) {
         let mut targets = Vec::new();
         for rcpt in &head.recipients {
@@ -235,7 +264,9 @@ impl Processor {
                 let source = if complaint { "arf" } else { "bounce" };
                 // With VERP, the token says who it is about; the report says what happened.
                 // Without, each address the report names must be tied to mail we sent by the
-                // X-Tern-Id of the returned copy; at most `max_recipients` are looked at.
+                // X-Tern-Id of the returned copy, or the report be a complaint signed by a
+                // configured feedback loop; at most `max_recipients` are looked at.
+                let vouched = if complaint { feedback_loop } else { None };
                 let mut subjects: Vec<(
                     String,
                     Option<MessageId>,
@@ -245,16 +276,19 @@ impl Processor {
                     let mut untrusted = 0usize;
                     for r in report.recipients.iter().take(self.max_recipients) {
                         let address = r.address.to_lowercase();
-                        let tied = crate::rfc5321::address::check_mailbox(&address)
-                            .ok()
-                            .and_then(|()| {
+                        let valid = crate::rfc5321::address::check_mailbox(&address).is_ok();
+                        let tied = valid
+                            .then(|| {
                                 self.origin
                                     .tie(message, &address, now, self.trust_window_days)
-                            });
-                        metrics.inbound_report(kind, r.category.as_str(), tied.is_some());
-                        match tied {
-                            Some(id) => subjects.push((address, Some(id), Some(r))),
-                            None => untrusted += 1,
+                            })
+                            .flatten();
+                        let trusted = tied.is_some() || (valid && vouched.is_some());
+                        metrics.inbound_report(kind, r.category.as_str(), trusted);
+                        if trusted {
+                            subjects.push((address, tied, Some(r)));
+                        } else {
+                            untrusted += 1;
                         }
                     }
                     untrusted += report.recipients.len().saturating_sub(self.max_recipients);
@@ -303,12 +337,16 @@ impl Processor {
                     e.hard = Some(hard);
                     e.detail = r.and_then(|r| r.diagnostic.clone());
                     events.push(e);
-                    // The bounce domains themselves are never suppressed: that would switch
-                    // bounce intake off.
-                    if self.feedback.is_bounce_address(&address) {
+                    // The bounce domains themselves are never suppressed (that would switch
+                    // bounce intake off), nor the server's own addresses.
+                    if self.is_own_address(&address) {
                         continue;
                     }
-                    let entry_source = id.map(|i| i.to_string());
+                    let entry_source = match (id, vouched) {
+                        (Some(id), _) => Some(id.to_string()),
+                        (None, Some(domain)) => Some(format!("feedback loop {domain}")),
+                        (None, None) => None,
+                    };
                     if let Some(entry) = self.feedback.suppressions.entry_for(
                         &address,
                         category,
