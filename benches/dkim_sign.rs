@@ -39,6 +39,8 @@ fn signers(algorithm: KeyAlgorithm, dir: &std::path::Path) -> DkimSigners {
                 .iter()
                 .map(|h| h.to_string())
                 .collect(),
+            active_from: None,
+            retire_after: None,
         }],
         std::sync::Arc::new(tern::telemetry::Metrics::new()),
     )

@@ -25,7 +25,7 @@ fn render(c: &mut Criterion) {
     let mut depths = Vec::new();
     for i in 0..ROUTES {
         let key = format!("route:d{i}.test");
-        metrics.delivery(&key, Outcome::Delivered);
+        metrics.delivery(&metrics.label(&key, None), Outcome::Delivered);
         depths.push((key, i % 17));
         depths.push((format!("mx:mx{i}.example"), 1));
     }

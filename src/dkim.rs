@@ -4,7 +4,10 @@
 //! What this module owns:
 //! - [`DkimSigners`]: every `[[dkim]]` key, loaded and checked once at start and grouped by
 //!   domain. A message is signed with every key of the domain of its first `From:` address
-//!   (so RSA and Ed25519 keys of one domain give two signatures), and by nothing else.
+//!   that is within its rotation window (`active_from` .. `retire_after`; so RSA and Ed25519
+//!   keys of one domain give two signatures), and by nothing else.
+//! - [`check_published`]: whether each key's public half is what DNS publishes at
+//!   `selector._domainkey.domain` (`tern dkim check`, and the daemon at start and daily).
 //! - [`generate_key`], [`txt_value`], [`zone_record`]: new keys as PKCS#8 PEM, and the
 //!   `v=DKIM1` record that publishes the public half of any loadable key.
 //!
@@ -57,6 +60,9 @@ pub struct DkimSigners {
 struct Key {
     selector: String,
     key: DkimKey,
+    /// Unix seconds `[active_from, retire_after)` in which it signs (rotation).
+    active_from: Option<u64>,
+    retire_after: Option<u64>,
     /// Header names to sign, lowercase, each once, with whether it is over-signed.
     headers: Vec<(String, bool)>,
 }
@@ -96,6 +102,8 @@ impl DkimSigners {
                     .push(Key {
                         selector: config.selector.clone(),
                         key,
+                        active_from: config.active_from,
+                        retire_after: config.retire_after,
                         headers: header_plan(&config.headers, &config.oversign),
                     }),
                 Err(e) => errors.push(format!("dkim[{i}].key: {}: {e}", path.display())),
@@ -147,8 +155,14 @@ impl DkimSigners {
         }
         let domain = address_domain(from?)?;
         let keys = self.by_domain.get(&domain)?;
+        let now = crate::clock::now_ms() / 1000;
         let mut out = String::new();
-        for key in keys {
+        // Rotation: only keys within their window sign (the next one from its active_from,
+        // the old one until its retire_after).
+        let active = keys.iter().filter(|k| {
+            k.active_from.is_none_or(|t| t <= now) && k.retire_after.is_none_or(|t| now < t)
+        });
+        for key in active {
             let signer = DkimSigner::from_key(Borrowed(&key.key))
                 .domain(domain.as_str())
                 .selector(key.selector.as_str())
@@ -173,6 +187,114 @@ impl DkimSigners {
         }
         (!out.is_empty()).then_some(out)
     }
+}
+
+/// What DNS publishes for one key, compared with the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Published {
+    /// A `v=DKIM1` record whose `p=` is this key's public key.
+    Matches,
+    /// A record is there, with another key (or none).
+    Differs,
+    /// No TXT record at the name.
+    Missing,
+    /// The lookup failed, or the key file could not be read: unknown.
+    Unknown(String),
+}
+
+/// Where a key is in its rotation at the time of the check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotation {
+    /// Before `active_from`: publish it now, it signs from then on.
+    Pending,
+    Active,
+    /// After `retire_after`: keep it published for a while (mail signed with it is still
+    /// in transit and in mailboxes that verify again), then remove it.
+    Retired,
+}
+
+/// The check of one `[[dkim]]` key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyCheck {
+    pub domain: String,
+    pub selector: String,
+    pub rotation: Rotation,
+    pub published: Published,
+}
+
+impl KeyCheck {
+    /// A pending or active key must be published with its own public key; a retired one
+    /// may be gone, but a different key under its selector is a mistake.
+    pub fn ok(&self) -> bool {
+        matches!(
+            (&self.published, self.rotation),
+            (Published::Matches, _) | (Published::Missing, Rotation::Retired)
+        )
+    }
+}
+
+/// Checks every key of `configs` against DNS at `selector._domainkey.domain`, through
+/// `lookup` (the TXT records of a name, `Ok(None)` when there are none). `now` in unix
+/// seconds places each key in its rotation.
+pub async fn check_published<F, Fut>(configs: &[DkimConfig], now: u64, lookup: F) -> Vec<KeyCheck>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<Vec<String>>, String>>,
+{
+    let mut out = Vec::with_capacity(configs.len());
+    for config in configs {
+        let rotation = if config.active_from.is_some_and(|t| now < t) {
+            Rotation::Pending
+        } else if config.retire_after.is_some_and(|t| now >= t) {
+            Rotation::Retired
+        } else {
+            Rotation::Active
+        };
+        let expected = std::fs::read(&config.key_path)
+            .map_err(|e| format!("{}: {e}", config.key_path.display()))
+            .and_then(|pem| txt_value(&pem).map_err(|e| e.to_string()))
+            .map(|txt| dkim_tag(&txt, "p").unwrap_or_default());
+        let published = match expected {
+            Err(why) => Published::Unknown(why),
+            Ok(expected) => {
+                let name = format!("{}._domainkey.{}", config.selector, config.domain);
+                match lookup(name).await {
+                    Err(why) => Published::Unknown(why),
+                    Ok(None) => Published::Missing,
+                    Ok(Some(records)) => {
+                        let keys: Vec<String> = records
+                            .iter()
+                            .filter(|r| r.contains("p="))
+                            .filter_map(|r| dkim_tag(r, "p"))
+                            .collect();
+                        if keys.is_empty() {
+                            Published::Missing
+                        } else if keys.contains(&expected) {
+                            Published::Matches
+                        } else {
+                            Published::Differs
+                        }
+                    }
+                }
+            }
+        };
+        out.push(KeyCheck {
+            domain: config.domain.clone(),
+            selector: config.selector.clone(),
+            rotation,
+            published,
+        });
+    }
+    out
+}
+
+/// The value of tag `name` of a DKIM key record (`v=DKIM1; k=rsa; p=...`), whitespace
+/// removed (a record split into strings may carry some).
+fn dkim_tag(record: &str, name: &str) -> Option<String> {
+    record.split(';').find_map(|tag| {
+        let (k, v) = tag.split_once('=')?;
+        (k.trim() == name).then(|| v.chars().filter(|c| !c.is_whitespace()).collect())
+    })
 }
 
 /// The `a=` algorithm name, as a metric label.
@@ -577,6 +699,8 @@ XER3AaeTErl9zbKhONXJAkBPGwxNsKShTtYzzonmEiIWYKVKJimpfAtjaWOAan4N
                 .iter()
                 .map(|h| h.to_string())
                 .collect(),
+            active_from: None,
+            retire_after: None,
         }
     }
 
@@ -836,6 +960,33 @@ XER3AaeTErl9zbKhONXJAkBPGwxNsKShTtYzzonmEiIWYKVKJimpfAtjaWOAan4N
             results.iter().all(|r| *r != DkimResult::Pass),
             "{results:?}"
         );
+    }
+
+    #[test]
+    fn only_keys_within_their_rotation_window_sign() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = crate::clock::now_ms() / 1000;
+        let key = |selector: &str, from: Option<u64>, until: Option<u64>| {
+            let ed = generate_key(KeyAlgorithm::Ed25519).unwrap();
+            let path = write(dir.path(), &format!("{selector}.pem"), &ed.private_key_pem);
+            DkimConfig {
+                active_from: from,
+                retire_after: until,
+                ..config("example.com", selector, path)
+            }
+        };
+        let signers = DkimSigners::load(
+            &[
+                key("old", None, Some(now - 60)),
+                key("current", Some(now - 3600), Some(now + 3600)),
+                key("next", Some(now + 3600), None),
+            ],
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let headers = signers.sign(MESSAGE.as_bytes()).unwrap();
+        assert_eq!(headers.matches("DKIM-Signature:").count(), 1, "{headers}");
+        assert!(headers.contains("s=current;"), "{headers}");
     }
 
     #[test]

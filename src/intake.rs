@@ -1,6 +1,6 @@
 //! Intake (floor 5): what SMTP sessions and HTTP injection hand a finished submission to. It
 //! chooses the source-IP pool (before any stage strips control headers), runs the ordered
-//! pre-enqueue [`Stage`]s (the sidecar, then send time), and commits what they produced
+//! pre-enqueue [`Stage`]s (the sidecar, the unsubscribe stage, then send time), and commits what they produced
 //! through [`Enqueue`] as one message under one queue id.
 //!
 //! Invariants: [`Intake::accept_report`] returns only once everything is durable (the

@@ -36,6 +36,54 @@ pub struct Submission {
     /// session, the inject API, tern's own DSNs) rather than from anyone on the internet (mail
     /// to the bounce domains). Only trusted submissions go through the pre-enqueue stages.
     pub trusted: bool,
+    /// One-click unsubscribe asked for (the inject API's `unsubscribe`, `X-Tern-Unsubscribe`
+    /// or the campaign's setting); the unsubscribe stage acts on it.
+    pub unsubscribe: Option<OneClick>,
+}
+
+/// A request for one-click unsubscribe headers (RFC 8058): `one-click` or
+/// `one-click; list=NAME`. The list names the sender identity an unsubscribe applies to
+/// (a newsletter, a stream); without one, the campaign's name or the sender's domain.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OneClick {
+    pub list: Option<String>,
+}
+
+impl OneClick {
+    /// Parses `one-click[; list=NAME]` (case-insensitive keyword; a list name is 1-64
+    /// characters of letters, digits, `.`, `_` and `-`).
+    pub fn parse(value: &str) -> Result<OneClick, String> {
+        let mut parts = value.split(';').map(str::trim);
+        if !parts
+            .next()
+            .is_some_and(|k| k.eq_ignore_ascii_case("one-click"))
+        {
+            return Err(format!(
+                "expected \"one-click\" or \"one-click; list=NAME\", got {value:?}"
+            ));
+        }
+        let mut list = None;
+        for param in parts.filter(|p| !p.is_empty()) {
+            match param.split_once('=') {
+                Some((k, v)) if k.trim().eq_ignore_ascii_case("list") => {
+                    let v = v.trim();
+                    if v.is_empty()
+                        || v.len() > 64
+                        || !v
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                    {
+                        return Err(format!(
+                            "list name {v:?}: 1-64 letters, digits, '.', '_' or '-'"
+                        ));
+                    }
+                    list = Some(v.to_ascii_lowercase());
+                }
+                _ => return Err(format!("unknown parameter {param:?} (only list=NAME)")),
+            }
+        }
+        Ok(OneClick { list })
+    }
 }
 
 /// The sidecar part of an HTTP injection (`"sidecar": {...}`).
@@ -204,6 +252,27 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_click_requests_parse_and_bad_ones_say_why() {
+        assert_eq!(OneClick::parse("one-click"), Ok(OneClick { list: None }));
+        assert_eq!(
+            OneClick::parse(" One-Click ; list=News_Letter "),
+            Ok(OneClick {
+                list: Some("news_letter".into())
+            })
+        );
+        assert!(OneClick::parse("yes").unwrap_err().contains("one-click"));
+        assert!(OneClick::parse("one-click; list=")
+            .unwrap_err()
+            .contains("list name"));
+        assert!(OneClick::parse("one-click; list=a b")
+            .unwrap_err()
+            .contains("list name"));
+        assert!(OneClick::parse("one-click; scope=x")
+            .unwrap_err()
+            .contains("unknown parameter"));
+    }
 
     #[test]
     fn dates() {

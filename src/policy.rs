@@ -77,6 +77,28 @@ pub fn suppressed(feedback: &Feedback, address: &str, source: &'static str) -> O
     Some(Reply::new(550, "5.7.1", "Recipient suppressed"))
 }
 
+/// Like [`suppressed`], for mail of list `list` (one-click unsubscribe): an entry for all
+/// mail or one for that list refuses it.
+pub fn suppressed_for_list(
+    feedback: &Feedback,
+    address: &str,
+    list: &str,
+    source: &'static str,
+) -> Option<Reply> {
+    if feedback.suppressions.mode() != SuppressionMode::Reject {
+        return None;
+    }
+    let entry = feedback.suppressions.check_scoped(address, list)?;
+    feedback.metrics.suppressed(SuppressedAction::Reject);
+    let mut event = Event::new(Kind::Suppressed, address, source);
+    event.detail = Some(format!(
+        "rejected: suppressed for list {list} ({})",
+        entry.reason
+    ));
+    feedback.events.emit_later(vec![event]);
+    Some(Reply::new(550, "5.7.1", "Recipient suppressed"))
+}
+
 /// The refusal of a header section over `limits.max_header_size`.
 pub fn header_size_exceeded() -> Reply {
     Reply::new(552, "5.3.4", "Message header size exceeds fixed limit")

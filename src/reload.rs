@@ -50,6 +50,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "bounce.trust_window",
     "bounce.feedback_loops",
     "suppression",
+    "unsubscribe",
     "webhooks",
     "sidecar",
 ];
@@ -100,6 +101,7 @@ pub fn merge(running: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
     keep!("bounce.trust_window", bounce.trust_window);
     keep!("bounce.feedback_loops", bounce.feedback_loops);
     keep!("suppression", suppression);
+    keep!("unsubscribe", unsubscribe);
     keep!("webhooks", webhooks);
     // The bandit's posteriors and the model client's breaker and cache live with the stage.
     keep!("sidecar", sidecar);

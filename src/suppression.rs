@@ -8,8 +8,14 @@
 //! at HTTP injection. An expired entry is treated as absent; it stays stored until it is
 //! replaced or removed (the list API does not show it).
 //!
-//! CSV form (import and export): `address,reason,created_ms,expires_ms,source` with a header
-//! line; `expires_ms` and `source` may be empty.
+//! Scope: an entry without a scope applies to all mail (checked at RCPT); a scoped entry
+//! (reason `unsubscribe` with `unsubscribe.scope = "list"`) applies only to mail of that
+//! list (sender identity), checked where the list is known ([`Suppressions::check_scoped`]).
+//! Its key is the address, [`SCOPE_SEPARATOR`] and the scope, so a point lookup finds
+//! either kind and the list scan shows both.
+//!
+//! CSV form (import and export): `address,reason,created_ms,expires_ms,source,scope` with a
+//! header line; `expires_ms`, `source` and `scope` may be empty (and `scope` absent).
 
 use crate::config::{SuppressionConfig, SuppressionMode};
 use crate::taxonomy::Category;
@@ -33,15 +39,36 @@ pub struct Entry {
     /// The queue id of the message whose bounce or complaint added it, if any.
     #[serde(default)]
     pub source: Option<String>,
+    /// The list (sender identity) it applies to; `None`: all mail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+}
+
+/// Between the address and the scope in a scoped entry's key: a control character, which no
+/// address that passes the mailbox check contains.
+pub const SCOPE_SEPARATOR: char = '\u{1f}';
+
+/// The key of the entry for `address` (normalized) in `scope`.
+pub fn key_for(address: &str, scope: Option<&str>) -> String {
+    let address = normalize(address);
+    match scope {
+        Some(scope) => format!("{address}{SCOPE_SEPARATOR}{}", scope.to_ascii_lowercase()),
+        None => address,
+    }
 }
 
 impl Entry {
+    /// Its key in the list.
+    pub fn key(&self) -> String {
+        key_for(&self.address, self.scope.as_deref())
+    }
+
     pub fn active(&self, now_ms: u64) -> bool {
         self.expires_ms.is_none_or(|t| now_ms < t)
     }
 }
 
-pub const CSV_HEADER: &str = "address,reason,created_ms,expires_ms,source";
+pub const CSV_HEADER: &str = "address,reason,created_ms,expires_ms,source,scope";
 
 #[derive(Clone)]
 pub struct Suppressions {
@@ -78,8 +105,18 @@ impl Suppressions {
     /// The active entry for `address`, if any. A read error counts as "not suppressed"
     /// (logged): mail is never refused because the list could not be read.
     pub fn check(&self, address: &str) -> Option<Entry> {
-        let key = normalize(address);
-        match self.spool.suppression(&key) {
+        self.check_key(&normalize(address))
+    }
+
+    /// The active entry that keeps mail of list `scope` from `address`: one for all mail, or
+    /// one for that list.
+    pub fn check_scoped(&self, address: &str, scope: &str) -> Option<Entry> {
+        self.check(address)
+            .or_else(|| self.check_key(&key_for(address, Some(scope))))
+    }
+
+    fn check_key(&self, key: &str) -> Option<Entry> {
+        match self.spool.suppression(key) {
             Ok(Some(bytes)) => serde_json::from_slice::<Entry>(&bytes)
                 .ok()
                 .filter(|e| e.active(crate::clock::now_ms())),
@@ -98,8 +135,9 @@ impl Suppressions {
         let mut records = Vec::with_capacity(entries.len());
         for mut e in entries {
             e.address = normalize(&e.address);
-            let fresh = self.spool.suppression(&e.address)?.is_none()
-                && !records.iter().any(|(a, _)| a == &e.address);
+            let key = e.key();
+            let fresh =
+                self.spool.suppression(&key)?.is_none() && !records.iter().any(|(k, _)| k == &key);
             if fresh {
                 match new.iter_mut().find(|(r, _)| r == &e.reason) {
                     Some((_, n)) => *n += 1,
@@ -107,7 +145,7 @@ impl Suppressions {
                 }
             }
             let json = serde_json::to_vec(&e).unwrap_or_default();
-            records.push((e.address, json));
+            records.push((key, json));
         }
         self.spool.put_suppressions(records).await?;
         for (reason, n) in new {
@@ -116,9 +154,10 @@ impl Suppressions {
         Ok(())
     }
 
-    /// Removes entries; returns how many of them existed.
-    pub async fn remove(&self, addresses: &[String]) -> Result<usize, SpoolError> {
-        let keys: Vec<String> = addresses.iter().map(|a| normalize(a)).collect();
+    /// Removes entries by key (an address for an entry without scope, [`key_for`] for a
+    /// scoped one); returns how many of them existed.
+    pub async fn remove(&self, keys: &[String]) -> Result<usize, SpoolError> {
+        let keys: Vec<String> = keys.iter().map(|k| normalize(k)).collect();
         let mut reasons = Vec::new();
         for k in &keys {
             if let Some(bytes) = self.spool.suppression(k)? {
@@ -229,6 +268,7 @@ pub fn entry_for(
         created_ms: now_ms,
         expires_ms,
         source,
+        scope: None,
     })
 }
 
@@ -241,19 +281,27 @@ pub fn normalize(address: &str) -> String {
 /// The reason of entries the send-time sunset policy adds (recipients dormant too long).
 pub const SUNSET_REASON: &str = "sunset";
 
-/// Whether `reason` may label an entry: a bounce category, `manual` or `sunset`.
+/// The reason of entries a one-click (or mailto) unsubscribe adds.
+pub const UNSUBSCRIBE_REASON: &str = "unsubscribe";
+
+/// Whether `reason` may label an entry: a bounce category, `manual`, `sunset` or
+/// `unsubscribe`.
 pub fn valid_reason(reason: &str) -> bool {
-    reason == "manual" || reason == SUNSET_REASON || reason.parse::<Category>().is_ok()
+    reason == "manual"
+        || reason == SUNSET_REASON
+        || reason == UNSUBSCRIBE_REASON
+        || reason.parse::<Category>().is_ok()
 }
 
 pub fn to_csv_line(e: &Entry) -> String {
     format!(
-        "{},{},{},{},{}",
+        "{},{},{},{},{},{}",
         csv_field(&e.address),
         csv_field(&e.reason),
         e.created_ms,
         e.expires_ms.map(|t| t.to_string()).unwrap_or_default(),
         csv_field(e.source.as_deref().unwrap_or("")),
+        csv_field(e.scope.as_deref().unwrap_or("")),
     )
 }
 
@@ -322,6 +370,7 @@ pub fn parse_csv(text: &str, now_ms: u64) -> Result<Vec<Entry>, String> {
             created_ms: number(2, "created_ms")?.unwrap_or(now_ms),
             expires_ms: number(3, "expires_ms")?,
             source: field(4).map(str::to_owned),
+            scope: field(5).map(str::to_ascii_lowercase),
         });
     }
     Ok(out)
@@ -363,6 +412,7 @@ mod tests {
             created_ms: 1,
             expires_ms: None,
             source: Some("@SUM(1+1)".into()),
+            scope: None,
         };
         let line = to_csv_line(&e);
         assert!(line.starts_with("\"'=cmd"), "{line}");
@@ -387,6 +437,7 @@ mod tests {
                 created_ms: 5,
                 expires_ms: None,
                 source: Some("0006A1B2C3D4E5F6".into()),
+                scope: None,
             },
             Entry {
                 address: "\"odd,local\"@x.test".into(),
@@ -394,6 +445,7 @@ mod tests {
                 created_ms: 6,
                 expires_ms: Some(99),
                 source: None,
+                scope: None,
             },
         ];
         let mut text = format!("{CSV_HEADER}\n");
@@ -409,7 +461,8 @@ mod tests {
                 reason: "manual".into(),
                 created_ms: 7,
                 expires_ms: None,
-                source: None
+                source: None,
+                scope: None,
             }
         );
         assert_eq!(

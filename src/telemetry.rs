@@ -29,6 +29,7 @@ use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -256,6 +257,74 @@ impl RouteKeys {
     }
 }
 
+/// A shaping provider as the metrics see it: a destination is the provider's when the
+/// recipient domain is one of `domains` or an MX host name ends with one of `mx_suffixes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderLabel {
+    pub name: String,
+    /// Lowercase, e.g. `.google.com`.
+    pub mx_suffixes: Vec<String>,
+    /// Lowercase recipient domains, e.g. `gmail.com`.
+    pub domains: Vec<String>,
+}
+
+/// Delivered recipients and trusted complaints per (destination label, sender identity) in
+/// hourly buckets over the last day: the complaint rate Gmail and Yahoo hold bulk senders to
+/// (0.3%). Bounded: labels are providers, static routes and `other`; identities are the
+/// configured signing domains and `other`.
+#[derive(Default)]
+struct ComplaintWindow {
+    /// (label, identity) -> one bucket per hour of the day.
+    counts: HashMap<(String, String), [HourBucket; 24]>,
+}
+
+/// (hour since the epoch, delivered, complaints).
+type HourBucket = (u64, u64, u64);
+
+impl ComplaintWindow {
+    fn add(&mut self, label: &str, identity: &str, hour: u64, delivered: u64, complaints: u64) {
+        let buckets = self
+            .counts
+            .entry((label.to_owned(), identity.to_owned()))
+            .or_insert([(0, 0, 0); 24]);
+        let bucket = &mut buckets[(hour % 24) as usize];
+        if bucket.0 != hour {
+            *bucket = (hour, 0, 0);
+        }
+        bucket.1 += delivered;
+        bucket.2 += complaints;
+    }
+
+    /// (label, identity, complaints / delivered over the 24 hours up to `hour`); a key with
+    /// complaints but no deliveries counts its complaints over one delivery.
+    fn rates(&self, hour: u64) -> Vec<(&str, &str, f64)> {
+        self.counts
+            .iter()
+            .map(|((label, identity), buckets)| {
+                let (delivered, complaints) = buckets
+                    .iter()
+                    .filter(|b| b.0 + 24 > hour && b.0 <= hour)
+                    .fold((0, 0), |(d, c), b| (d + b.1, c + b.2));
+                let rate = complaints as f64 / delivered.max(1) as f64;
+                (label.as_str(), identity.as_str(), rate)
+            })
+            .collect()
+    }
+}
+
+fn lock_window(window: &Mutex<ComplaintWindow>) -> std::sync::MutexGuard<'_, ComplaintWindow> {
+    window
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Hours since the epoch, now.
+fn hour_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 3600)
+}
+
 /// How a config reload ended, as a label value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReloadResult {
@@ -274,8 +343,16 @@ impl ReloadResult {
 
 pub struct Metrics {
     registry: Registry,
-    /// Static route keys (`route:<domain>`): the only destinations used as label values.
+    /// Static route keys (`route:<domain>`): destinations used as label values as they are.
     routes: RouteKeys,
+    /// Shaping providers: the other destinations used as label values (by provider name).
+    providers: std::sync::RwLock<Arc<Vec<ProviderLabel>>>,
+    /// Sender identities (lowercase domains) used as label values; the rest is `other`.
+    identities: std::sync::RwLock<Arc<HashSet<String>>>,
+    complaint_window: Mutex<ComplaintWindow>,
+    complaint_rate: GaugeVec,
+    delivery_failures: IntCounterVec,
+    provider_feedback: IntCounterVec,
 
     smtp_connections: IntCounter,
     smtp_connections_rejected: IntCounter,
@@ -299,7 +376,7 @@ pub struct Metrics {
     delivery_attempt_seconds: Histogram,
     delivery_latency_seconds: Histogram,
     dsns_sent: IntCounterVec,
-    tls_deliveries: IntCounter,
+    tls_deliveries: IntCounterVec,
 
     ready_queue_depth: IntGaugeVec,
     /// Serializes scrapes: `ready_queue_depth` is rebuilt by each one.
@@ -308,6 +385,7 @@ pub struct Metrics {
     spool_round_seconds: Histogram,
     dkim_signatures: IntCounterVec,
     dkim_failures: IntCounterVec,
+    dkim_published: IntGaugeVec,
     config_reloads: IntCounterVec,
     config_last_reload: Gauge,
     // Shaping: labels are a configured source address (or "default") and a provider name,
@@ -526,6 +604,31 @@ impl Metrics {
         };
         let metrics = Metrics {
             routes: RouteKeys(std::sync::RwLock::new(Arc::new(HashSet::new()))),
+            providers: std::sync::RwLock::new(Arc::new(Vec::new())),
+            identities: std::sync::RwLock::new(Arc::new(HashSet::new())),
+            complaint_window: Mutex::new(ComplaintWindow::default()),
+            complaint_rate: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "tern_complaint_rate",
+                        "Trusted complaints over delivered recipients in the last 24 hours, by destination (provider, static route or \"other\") and sender identity (a signing domain or \"other\"); Gmail and Yahoo want it under 0.003.",
+                    ),
+                    &["destination", "sender"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique");
+                g
+            },
+            delivery_failures: counter_vec(
+                "tern_delivery_failures_total",
+                "Recipients deferred, bounced or expired, by destination (provider, static route or \"other\"), outcome and category.",
+                &["destination", "outcome", "category"],
+            ),
+            provider_feedback: counter_vec(
+                "tern_provider_feedback_total",
+                "Trusted asynchronous bounces and complaints, by destination (the provider of the recipient's domain, or \"other\") and kind (bounce, complaint).",
+                &["destination", "kind"],
+            ),
             smtp_connections: counter(
                 "tern_smtp_connections_total",
                 "Inbound SMTP connections accepted by a listener, including those refused at the limit.",
@@ -607,7 +710,7 @@ impl Metrics {
             spool_sync: Mutex::new(()),
             deliveries: counter_vec(
                 "tern_deliveries_total",
-                "Recipient results of delivery attempts, by destination (static route key or \"other\") and outcome.",
+                "Recipient results of delivery attempts, by destination (provider, static route key or \"other\") and outcome.",
                 &["destination", "outcome"],
             ),
             delivery_attempt_seconds: histogram(
@@ -630,15 +733,16 @@ impl Metrics {
                 "Delivery status notifications queued, by action.",
                 &["action"],
             ),
-            tls_deliveries: counter(
+            tls_deliveries: counter_vec(
                 "tern_tls_deliveries_total",
-                "Delivered recipients whose attempt used TLS (share: this over deliveries{outcome=\"delivered\"}).",
+                "Delivered recipients whose attempt used TLS, by destination (share: this over deliveries{outcome=\"delivered\"}).",
+                &["destination"],
             ),
             ready_queue_depth: {
                 let g = IntGaugeVec::new(
                     Opts::new(
                         "tern_ready_queue_depth",
-                        "Messages ready for delivery in memory, by destination (static route key or \"other\"), at scrape time.",
+                        "Messages ready for delivery in memory, by destination (provider, static route key or \"other\"), at scrape time.",
                     ),
                     &["destination"],
                 )
@@ -669,6 +773,18 @@ impl Metrics {
                 "DKIM signatures that could not be made (the message went out without that signature).",
                 &["domain", "algorithm"],
             ),
+            dkim_published: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "tern_dkim_key_published",
+                        "1 when DNS publishes the configured key at SELECTOR._domainkey.DOMAIN (checked at start and daily; a retired key may be gone), 0 when it is missing or another key (alert on 0).",
+                    ),
+                    &["domain", "selector"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique");
+                g
+            },
             config_reloads: counter_vec(
                 "tern_config_reloads_total",
                 "Config reloads (SIGHUP) by result: ok (applied) or failed (old config kept).",
@@ -927,18 +1043,98 @@ impl Metrics {
             .inc();
     }
 
+    /// The result of the DNS check of one configured key (domain and selector come from
+    /// `[[dkim]]`, a bounded set).
+    pub fn dkim_key_published(&self, domain: &str, selector: &str, ok: bool) {
+        self.dkim_published
+            .with_label_values(&[domain, selector])
+            .set(i64::from(ok));
+    }
+
     pub fn dkim_failed(&self, domain: &str, algorithm: &str) {
         self.dkim_failures
             .with_label_values(&[domain, algorithm])
             .inc();
     }
 
-    /// The bounded label for a destination key.
-    fn destination<'a>(&self, routes: &HashSet<String>, key: &'a str) -> &'a str {
+    /// The bounded label for destination key `key` (`route:<domain>` or `mx:<hosts>`) of
+    /// mail to recipient `domain` when known: a static route's key as it is, the name of the
+    /// shaping provider the domain or an MX host belongs to, else `other`.
+    fn destination<'a>(
+        &self,
+        routes: &HashSet<String>,
+        key: &'a str,
+        domain: Option<&str>,
+    ) -> Cow<'a, str> {
         if routes.contains(key) {
-            key
+            return Cow::Borrowed(key);
+        }
+        let providers = self
+            .providers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let hosts = key.strip_prefix("mx:").unwrap_or("");
+        let matches = |p: &ProviderLabel| {
+            domain.is_some_and(|d| p.domains.iter().any(|x| x.eq_ignore_ascii_case(d)))
+                || hosts.split(',').filter(|h| !h.is_empty()).any(|h| {
+                    let h = h.trim_end_matches('.');
+                    p.domains.iter().any(|x| x.eq_ignore_ascii_case(h))
+                        || p.mx_suffixes.iter().any(|s| {
+                            h.len() >= s.len() && h[h.len() - s.len()..].eq_ignore_ascii_case(s)
+                        })
+                })
+        };
+        match providers.iter().find(|p| matches(p)) {
+            Some(p) => Cow::Owned(p.name.clone()),
+            None => Cow::Borrowed(OTHER_DESTINATION),
+        }
+    }
+
+    /// The label of destination key `key` for mail to recipient `domain` (see
+    /// [`Metrics::delivery`]).
+    pub fn label<'a>(&self, key: &'a str, domain: Option<&str>) -> Cow<'a, str> {
+        self.destination(&self.routes.get(), key, domain)
+    }
+
+    /// The shaping providers whose names label destinations from now on (configured and
+    /// built-in; a provider name never collides with a `route:` key).
+    pub fn set_providers(&self, providers: Vec<ProviderLabel>) {
+        *self
+            .providers
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(providers);
+    }
+
+    /// The sender identities (signing domains) that label the complaint rate; other senders
+    /// are `other`.
+    pub fn set_sender_identities<'a>(&self, domains: impl IntoIterator<Item = &'a str>) {
+        *self
+            .identities
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(
+            domains
+                .into_iter()
+                .map(|d| d.to_ascii_lowercase())
+                .collect(),
+        );
+    }
+
+    /// The identity label of a sender address or domain.
+    fn identity(&self, sender: &str) -> String {
+        let domain = sender
+            .rsplit_once('@')
+            .map_or(sender, |(_, d)| d)
+            .to_ascii_lowercase();
+        let known = self
+            .identities
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&domain);
+        if known {
+            domain
         } else {
-            OTHER_DESTINATION
+            OTHER_DESTINATION.to_owned()
         }
     }
 
@@ -1034,18 +1230,39 @@ impl Metrics {
             .inc();
     }
 
-    /// One recipient's result; `destination` is the plan's destination key.
-    pub fn delivery(&self, destination: &str, outcome: Outcome) {
-        let routes = self.routes.get();
-        let destination = self.destination(&routes, destination);
+    /// One recipient's result; `label` is what [`Metrics::label`] made of the destination.
+    pub fn delivery(&self, label: &str, outcome: Outcome) {
         self.deliveries
-            .with_label_values(&[destination, outcome_label(outcome)])
+            .with_label_values(&[label, outcome_label(outcome)])
             .inc();
     }
 
-    /// The label for destination key `key`: itself if it is a static route's, else "other".
-    pub fn destination_label<'a>(&self, key: &'a str) -> &'a str {
-        self.destination(&self.routes.get(), key)
+    /// A recipient deferred, bounced or expired, with the category of its reply.
+    pub fn delivery_failure(&self, label: &str, outcome: Outcome, category: &str) {
+        self.delivery_failures
+            .with_label_values(&[label, outcome_label(outcome), category])
+            .inc();
+    }
+
+    /// A trusted asynchronous bounce (`complaint` false) or complaint about a recipient at
+    /// `domain`; a complaint also counts against `sender` (the sending domain of the
+    /// complained-about message, when known) in the complaint rate.
+    pub fn provider_feedback(&self, domain: &str, complaint: bool, sender: Option<&str>) {
+        let label = self.destination(&self.routes.get(), "", Some(domain));
+        let kind = if complaint { "complaint" } else { "bounce" };
+        self.provider_feedback
+            .with_label_values(&[label.as_ref(), kind])
+            .inc();
+        if complaint {
+            let identity = self.identity(sender.unwrap_or(""));
+            lock_window(&self.complaint_window).add(&label, &identity, hour_now(), 0, 1);
+        }
+    }
+
+    /// The label for destination key `key`: itself if it is a static route's, else "other"
+    /// (shaping names provider buckets itself).
+    pub fn destination_label<'a>(&self, key: &'a str) -> Cow<'a, str> {
+        self.destination(&self.routes.get(), key, None)
     }
 
     pub fn shaping_rate(&self, source: &str, provider: &str, per_minute: f64) {
@@ -1109,12 +1326,16 @@ impl Metrics {
         self.delivery_attempt_seconds.observe(took.as_secs_f64());
     }
 
-    /// A delivered recipient: `latency` from acceptance, `tls` whether the attempt used TLS.
-    pub fn delivered(&self, latency: Duration, tls: bool) {
+    /// A delivered recipient: `latency` from acceptance, `tls` whether the attempt used TLS,
+    /// `label` the destination's, `sender` the envelope sender (its domain is the identity
+    /// of the complaint rate).
+    pub fn delivered(&self, latency: Duration, tls: bool, label: &str, sender: &str) {
         self.delivery_latency_seconds.observe(latency.as_secs_f64());
         if tls {
-            self.tls_deliveries.inc();
+            self.tls_deliveries.with_label_values(&[label]).inc();
         }
+        let identity = self.identity(sender);
+        lock_window(&self.complaint_window).add(label, &identity, hour_now(), 1, 0);
     }
 
     pub fn dsn_sent(&self, action: DsnAction) {
@@ -1131,21 +1352,37 @@ impl Metrics {
         let _one_at_a_time = self.depth_sync.lock().unwrap_or_else(|e| e.into_inner());
         {
             let routes = self.routes.get();
-            let mut by_label: HashMap<&str, i64> = routes
+            let providers = self
+                .providers
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            let mut by_label: HashMap<Cow<'_, str>, i64> = routes
                 .iter()
-                .map(|r| (r.as_str(), 0))
-                .chain([(OTHER_DESTINATION, 0)])
+                .map(|r| Cow::Borrowed(r.as_str()))
+                .chain(providers.iter().map(|p| Cow::Borrowed(p.name.as_str())))
+                .chain([Cow::Borrowed(OTHER_DESTINATION)])
+                .map(|label| (label, 0))
                 .collect();
             for (key, depth) in depths {
-                *by_label.entry(self.destination(&routes, key)).or_default() +=
-                    i64::try_from(*depth).unwrap_or(i64::MAX);
+                *by_label
+                    .entry(self.destination(&routes, key, None))
+                    .or_default() += i64::try_from(*depth).unwrap_or(i64::MAX);
             }
             // Routes removed by a reload drop out of this gauge (it is a snapshot, not a count).
             self.ready_queue_depth.reset();
             for (label, depth) in by_label {
                 self.ready_queue_depth
-                    .with_label_values(&[label])
+                    .with_label_values(&[label.as_ref()])
                     .set(depth);
+            }
+        }
+        {
+            let window = lock_window(&self.complaint_window);
+            for (label, identity, rate) in window.rates(hour_now()) {
+                self.complaint_rate
+                    .with_label_values(&[label, identity])
+                    .set(rate);
             }
         }
         {
@@ -1200,6 +1437,18 @@ mod tests {
     /// their family name).
     #[test]
     fn the_grafana_dashboard_uses_only_exported_metrics() {
+        let used = metrics_used(include_str!("../contrib/grafana/tern-dashboard.json"));
+        assert!(used > 20, "the dashboard queries the metrics ({used} uses)");
+    }
+
+    #[test]
+    fn the_alert_rules_use_only_exported_metrics() {
+        let used = metrics_used(include_str!("../contrib/prometheus/bulk-sender.rules.yml"));
+        assert!(used >= 2, "the rules query the metrics ({used} uses)");
+    }
+
+    /// How many metric references `text` makes; panics on one this file does not define.
+    fn metrics_used(text: &str) -> usize {
         // Vectors without children are not in a gather, so the names come from the
         // definitions in this file.
         let source = include_str!("telemetry.rs");
@@ -1208,35 +1457,36 @@ mod tests {
             .filter_map(|(i, _)| source[i + 1..].split('"').next())
             .filter(|name| name.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
             .collect();
-        let dashboard = include_str!("../contrib/grafana/tern-dashboard.json");
         let mut used = 0;
-        for (i, _) in dashboard.match_indices("tern_") {
-            let name: String = dashboard[i..]
+        for (i, _) in text.match_indices("tern_") {
+            let name: String = text[i..]
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect();
-            if name == "tern_" || dashboard[..i].ends_with("\"uid\": \"") {
+            if name == "tern_" || text[..i].ends_with("\"uid\": \"") || name.starts_with("tern-") {
                 continue;
             }
             let family = ["_bucket", "_sum", "_count"]
                 .iter()
                 .find_map(|s| name.strip_suffix(s).filter(|f| families.contains(f)))
                 .unwrap_or(&name);
-            assert!(
-                families.contains(family),
-                "dashboard uses unknown metric {name}"
-            );
+            assert!(families.contains(family), "unknown metric {name}");
             used += 1;
         }
-        assert!(used > 20, "the dashboard queries the metrics ({used} uses)");
+        used
     }
 
     #[test]
     fn destinations_are_bounded() {
         let metrics = Metrics::new().with_routes(["sink.test"]);
-        metrics.delivery("route:sink.test", Outcome::Delivered);
-        metrics.delivery("mx:a.test,b.test", Outcome::Deferred);
-        metrics.delivery("mx:c.test", Outcome::Deferred);
+        for key in ["route:sink.test", "mx:a.test,b.test", "mx:c.test"] {
+            let outcome = if key.starts_with("route:") {
+                Outcome::Delivered
+            } else {
+                Outcome::Deferred
+            };
+            metrics.delivery(&metrics.label(key, None), outcome);
+        }
         let text = metrics.encode();
         assert!(text.contains(
             "tern_deliveries_total{destination=\"route:sink.test\",outcome=\"delivered\"} 1\n"
@@ -1247,5 +1497,87 @@ mod tests {
         assert!(!text.contains("mx:"));
         assert!(text.contains("tern_messages_rejected_total{reason=\"relay_denied\"} 0\n"));
         assert!(text.contains("tern_messages_received_total{protocol=\"http\"} 0\n"));
+    }
+
+    fn google() -> ProviderLabel {
+        ProviderLabel {
+            name: "google".into(),
+            mx_suffixes: vec![".google.com".into()],
+            domains: vec!["gmail.com".into()],
+        }
+    }
+
+    #[test]
+    fn providers_label_their_destinations_by_mx_host_or_recipient_domain() {
+        let metrics = Metrics::new().with_routes(["sink.test"]);
+        metrics.set_providers(vec![google()]);
+        assert_eq!(
+            metrics.label("mx:alt1.gmail-smtp-in.l.GOOGLE.com,x.test", None),
+            "google"
+        );
+        assert_eq!(
+            metrics.label("mx:mx.example.com", Some("gmail.com")),
+            "google"
+        );
+        assert_eq!(metrics.label("mx:gmail.com", None), "google");
+        assert_eq!(metrics.label("mx:google.com.evil.test", None), "other");
+        assert_eq!(metrics.label("mx:notgoogle.com", None), "other");
+        assert_eq!(
+            metrics.label("route:sink.test", Some("gmail.com")),
+            "route:sink.test"
+        );
+        // Every provider is exported in the depth gauge, at 0 without mail.
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let text = metrics.render(&spool, &[("mx:gmail-smtp-in.l.google.com".into(), 3)]);
+        assert!(
+            text.contains("tern_ready_queue_depth{destination=\"google\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tern_ready_queue_depth{destination=\"other\"} 0\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_complaint_rate_is_complaints_over_deliveries_of_the_last_day() {
+        let metrics = Metrics::new();
+        metrics.set_providers(vec![google()]);
+        metrics.set_sender_identities(["news.example"]);
+        for _ in 0..1000 {
+            metrics.delivered(Duration::ZERO, true, "google", "app@news.example");
+        }
+        metrics.delivered(Duration::ZERO, false, "google", "app@unsigned.example");
+        for _ in 0..4 {
+            metrics.provider_feedback("gmail.com", true, Some("news.example"));
+        }
+        metrics.provider_feedback("gmail.com", false, None);
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let text = metrics.render(&spool, &[]);
+        assert!(
+            text.contains(
+                "tern_complaint_rate{destination=\"google\",sender=\"news.example\"} 0.004\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("tern_complaint_rate{destination=\"google\",sender=\"other\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("tern_tls_deliveries_total{destination=\"google\"} 1000\n"));
+        assert!(text.contains(
+            "tern_provider_feedback_total{destination=\"google\",kind=\"complaint\"} 4\n"
+        ));
+        assert!(text
+            .contains("tern_provider_feedback_total{destination=\"google\",kind=\"bounce\"} 1\n"));
+        // Buckets older than a day fall out of the window.
+        let mut window = ComplaintWindow::default();
+        window.add("google", "x", 100, 10, 5);
+        window.add("google", "x", 110, 990, 0);
+        assert_eq!(window.rates(110), vec![("google", "x", 0.005)]);
+        assert_eq!(window.rates(123), vec![("google", "x", 0.005)]);
+        assert_eq!(window.rates(124), vec![("google", "x", 0.0)]);
     }
 }

@@ -41,6 +41,7 @@ const FLOORS: &[(&str, u8)] = &[
     ("feedback", 4),
     ("sidecar", 4),
     ("sendtime", 4),
+    ("unsubscribe", 4),
     ("enqueue", 4),
     ("outcome", 4),
     // 5

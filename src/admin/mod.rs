@@ -26,6 +26,7 @@ pub mod queue;
 pub mod shaping;
 pub mod suppression;
 pub mod tracking;
+pub mod unsubscribe;
 
 use crate::config::{AdminConfig, Limits};
 use crate::feedback::Feedback;
@@ -36,6 +37,7 @@ use crate::sendtime::SendTime;
 use crate::shaping::Shaper;
 use crate::sidecar::Sidecar;
 use crate::telemetry::Metrics;
+use crate::unsubscribe::Unsubscriber;
 use auth::Token;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header;
@@ -62,6 +64,8 @@ pub struct AdminState {
     pub hostname: String,
     /// The campaign stage (its campaigns are checked at injection; tracking endpoints).
     pub sidecar: Arc<Sidecar>,
+    /// One-click unsubscribe (the public `/u/` route; scoped checks at injection).
+    pub unsubscriber: Arc<Unsubscriber>,
     /// The send-time model (events API, recipients, refit, lift).
     pub send_time: SendTime,
     /// Size and recipient limits, applied to injected mail as to SMTP mail; a config reload
@@ -101,6 +105,7 @@ fn router(state: AdminState) -> Router {
         .nest("/api/v1", api);
     // Open (no token): recipients' mail clients fetch these; the signed token is the check.
     router = router.merge(tracking::routes(state.sidecar.clone(), state.edge.clone()));
+    router = router.merge(unsubscribe::routes(state.unsubscriber.clone()));
     router
         // Bodies are held to admin.max_body_size by cap_body instead of axum's fixed 2 MB.
         .layer(DefaultBodyLimit::disable())

@@ -2,10 +2,12 @@
 //!
 //! - `GET /suppressions?after=&limit=&reason=&contains=`: active entries in address order,
 //!   `{"entries": [...], "next": cursor|null}` (pass `next` as `after` for the next page);
-//! - `GET /suppressions/{address}`: one entry, 404 if the address is not suppressed;
-//! - `POST /suppressions` `{"address", "reason"?, "expires_in"?}`: adds (or replaces) one;
-//!   `reason` is a bounce category or `manual` (the default), `expires_in` a duration;
-//! - `DELETE /suppressions/{address}`: removes one (404 if absent);
+//! - `GET /suppressions/{address}[?scope=LIST]`: one entry, 404 if the address is not
+//!   suppressed (for all mail, or with `scope` for that list's mail);
+//! - `POST /suppressions` `{"address", "reason"?, "expires_in"?, "scope"?}`: adds (or
+//!   replaces) one; `reason` is a bounce category, `manual` (the default), `sunset` or
+//!   `unsubscribe`, `expires_in` a duration, `scope` a list name (only that list's mail);
+//! - `DELETE /suppressions/{address}[?scope=LIST]`: removes one (404 if absent);
 //! - `POST /suppressions/import` (CSV body, see `crate::suppression`): adds them all in one
 //!   write, or none (400 naming the first bad line);
 //! - `GET /suppressions/export`: every active entry as CSV, streamed (chunked) page by page:
@@ -92,8 +94,18 @@ async fn list(
     Ok(Json(json!({"entries": entries, "next": next})))
 }
 
-async fn show(State(state): State<AdminState>, Path(address): Path<String>) -> ApiResult {
-    match list_of(&state).check(&address) {
+async fn show(
+    State(state): State<AdminState>,
+    Path(address): Path<String>,
+    params: Result<Query<ScopeParam>, QueryRejection>,
+) -> ApiResult {
+    let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let list = list_of(&state);
+    let found = match params.scope.as_deref() {
+        Some(scope) => list.check_scoped(&address, scope),
+        None => list.check(&address),
+    };
+    match found {
         Some(entry) => Ok(Json(json!(entry))),
         None => Err(ApiError::not_found(format!("{address} is not suppressed"))),
     }
@@ -105,6 +117,14 @@ struct AddRequest {
     address: String,
     reason: Option<String>,
     expires_in: Option<String>,
+    scope: Option<String>,
+}
+
+/// `?scope=LIST` of one entry's routes.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScopeParam {
+    scope: Option<String>,
 }
 
 async fn add(State(state): State<AdminState>, ApiJson(req): ApiJson<AddRequest>) -> ApiResult {
@@ -121,8 +141,12 @@ async fn add(State(state): State<AdminState>, ApiJson(req): ApiJson<AddRequest>)
     let reason = req.reason.unwrap_or_else(|| "manual".to_owned());
     if !suppression::valid_reason(&reason) {
         return Err(ApiError::bad_request(format!(
-            "reason: unknown reason {reason:?} (a bounce category or \"manual\")"
+            "reason: unknown reason {reason:?} (a bounce category, \"manual\", \"sunset\" or \"unsubscribe\")"
         )));
+    }
+    if let Some(scope) = &req.scope {
+        crate::message::OneClick::parse(&format!("one-click; list={scope}"))
+            .map_err(|e| ApiError::bad_request(format!("scope: {e}")))?;
     }
     let now = crate::clock::now_ms();
     let expires_ms = req
@@ -139,6 +163,7 @@ async fn add(State(state): State<AdminState>, ApiJson(req): ApiJson<AddRequest>)
         created_ms: now,
         expires_ms,
         source: None,
+        scope: req.scope.map(|s| s.to_ascii_lowercase()),
     };
     list_of(&state)
         .add(vec![entry.clone()])
@@ -147,9 +172,15 @@ async fn add(State(state): State<AdminState>, ApiJson(req): ApiJson<AddRequest>)
     Ok(Json(json!(entry)))
 }
 
-async fn remove(State(state): State<AdminState>, Path(address): Path<String>) -> ApiResult {
+async fn remove(
+    State(state): State<AdminState>,
+    Path(address): Path<String>,
+    params: Result<Query<ScopeParam>, QueryRejection>,
+) -> ApiResult {
+    let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let key = suppression::key_for(&address, params.scope.as_deref());
     let removed = list_of(&state)
-        .remove(std::slice::from_ref(&address))
+        .remove(std::slice::from_ref(&key))
         .await
         .map_err(spool_error)?;
     if removed == 0 {

@@ -1,8 +1,9 @@
 //! `tern dkim ...`: `keygen`, a new signing key written to a file of its own (never over an
-//! existing one) and the DNS TXT record that publishes it.
+//! existing one) and the DNS TXT record that publishes it; `check`, whether DNS publishes
+//! each configured key (through the configured resolver, `delivery.nameservers`).
 
 use super::EX_USAGE;
-use crate::dkim::{generate_key, zone_record, KeyAlgorithm, KeyError};
+use crate::dkim::{generate_key, zone_record, KeyAlgorithm, KeyError, Published, Rotation};
 use clap::Subcommand;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -27,6 +28,17 @@ pub enum DkimCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Look up each configured key's DNS record (`SELECTOR._domainkey.DOMAIN`) and compare it
+    /// with the private key; exits 1 when a pending or active key is missing or differs (or
+    /// a retired one's selector publishes another key).
+    Check {
+        /// Only the keys of this domain.
+        #[arg(long)]
+        domain: Option<String>,
+        /// The daemon's config file.
+        #[arg(long, short, default_value = "config/tern.toml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -44,6 +56,85 @@ pub fn run(command: DkimCommand) -> ExitCode {
             bits,
             out,
         } => keygen(&domain, &selector, algorithm, bits, out),
+        DkimCommand::Check { domain, config } => check(&config, domain.as_deref()),
+    }
+}
+
+/// `tern dkim check`: one line per key, `DOMAIN SELECTOR ROTATION RESULT`.
+fn check(path: &std::path::Path, domain: Option<&str>) -> ExitCode {
+    let config = match super::check_config::load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let keys: Vec<_> = config
+        .dkim
+        .iter()
+        .filter(|k| domain.is_none_or(|d| k.domain.eq_ignore_ascii_case(d.trim_end_matches('.'))))
+        .cloned()
+        .collect();
+    if keys.is_empty() {
+        eprintln!(
+            "tern: no [[dkim]] keys{}",
+            domain.map(|d| format!(" for {d}")).unwrap_or_default()
+        );
+        return ExitCode::from(EX_USAGE);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("tern: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let checks = runtime.block_on(async {
+        let resolver = crate::routing::dns::HickoryResolver::new(&config.delivery.nameservers)
+            .map_err(|e| format!("delivery.nameservers: {e}"))?;
+        let now = crate::clock::now_ms() / 1000;
+        Ok::<_, String>(
+            crate::dkim::check_published(&keys, now, |name| {
+                let resolver = &resolver;
+                async move { resolver.txt(&name).await }
+            })
+            .await,
+        )
+    });
+    let checks = match checks {
+        Ok(checks) => checks,
+        Err(err) => {
+            eprintln!("tern: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let width = checks
+        .iter()
+        .map(|c| c.domain.len() + c.selector.len() + 1)
+        .max()
+        .unwrap_or(0);
+    for c in &checks {
+        let rotation = match c.rotation {
+            Rotation::Pending => "pending",
+            Rotation::Active => "active",
+            Rotation::Retired => "retired",
+        };
+        let result = match &c.published {
+            Published::Matches => "published".to_owned(),
+            Published::Differs => "MISMATCH: DNS publishes another key".to_owned(),
+            Published::Missing if c.rotation == Rotation::Retired => {
+                "not published (fine: retired)".to_owned()
+            }
+            Published::Missing => "MISSING: no DKIM record".to_owned(),
+            Published::Unknown(why) => format!("UNKNOWN: {why}"),
+        };
+        let name = format!("{}/{}", c.domain, c.selector);
+        println!("{name:<width$}  {rotation:<7}  {result}");
+    }
+    if checks.iter().all(|c| c.ok()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

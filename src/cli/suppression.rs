@@ -46,7 +46,7 @@ pub enum SuppressionCommand {
         #[command(flatten)]
         common: Common,
     },
-    /// Add the entries of a CSV file (address[,reason,created_ms,expires_ms,source]); "-" is
+    /// Add the entries of a CSV file (address[,reason,created_ms,expires_ms,source,scope]); "-" is
     /// standard input.
     // The help text's brackets are not a rustdoc link.
     #[allow(rustdoc::broken_intra_doc_links)]

@@ -50,6 +50,9 @@ pub struct DeliveryConfig {
     /// recipient's domain (MX, A/AAAA, an address literal) named them; tern's own listeners
     /// stay refused. For tests and labs only. Default false.
     pub allow_local_mx: bool,
+    /// Check at start and daily that DNS publishes every `[[dkim]]` key
+    /// (`tern_dkim_key_published`). Default true.
+    pub check_dkim_records: bool,
     /// One JSON line per delivery attempt. Default `./data/delivery.log`; `"off"` disables.
     pub log_path: Option<PathBuf>,
     /// A destination with ready mail and no finished attempt for this long is reported and
@@ -74,6 +77,7 @@ impl Default for DeliveryConfig {
             timeouts: SmtpTimeouts::default(),
             nameservers: Vec::new(),
             allow_local_mx: false,
+            check_dkim_records: true,
             log_path: Some(PathBuf::from("./data/delivery.log")),
             watchdog: Duration::from_secs(5 * 60),
         }
@@ -158,6 +162,30 @@ pub struct DkimConfig {
     pub headers: Vec<String>,
     /// Header fields signed once more than they occur, so none can be added in transit.
     pub oversign: Vec<String>,
+    /// Key rotation: the key signs from this time on (unix seconds); `None`: from the start.
+    pub active_from: Option<u64>,
+    /// Key rotation: the key signs until this time (unix seconds); `None`: for good.
+    pub retire_after: Option<u64>,
+}
+
+impl DkimConfig {
+    /// Whether the key signs at `now` (unix seconds): within `[active_from, retire_after)`.
+    pub fn active_at(&self, now: u64) -> bool {
+        self.active_from.is_none_or(|t| t <= now) && self.retire_after.is_none_or(|t| now < t)
+    }
+}
+
+/// An RFC 3339 time with an offset (a TOML datetime or a string), as unix seconds.
+fn timestamp(v: &Value) -> Result<u64, String> {
+    let text = match v {
+        Value::Datetime(d) => d.to_string(),
+        Value::String(s) => s.clone(),
+        _ => return Err("expected an RFC 3339 time, e.g. 2027-01-15T00:00:00Z".to_owned()),
+    };
+    let t: jiff::Timestamp = text
+        .parse()
+        .map_err(|e| format!("{text:?}: expected an RFC 3339 time with an offset ({e})"))?;
+    u64::try_from(t.as_second()).map_err(|_| format!("{text:?}: before 1970"))
 }
 
 /// Headers signed by default: the ones a reader sees or a filter judges.
@@ -179,7 +207,14 @@ pub const DEFAULT_DKIM_HEADERS: &[&str] = &[
 ];
 
 /// Over-signed by default (RFC 6376 8.15 / 5.4).
-pub const DEFAULT_DKIM_OVERSIGN: &[&str] = &["from", "subject", "to", "date", "list-unsubscribe"];
+pub const DEFAULT_DKIM_OVERSIGN: &[&str] = &[
+    "from",
+    "subject",
+    "to",
+    "date",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
+];
 
 pub(super) fn compile_delivery(r: &mut TableReader<'_>) -> DeliveryConfig {
     let d = DeliveryConfig::default();
@@ -245,6 +280,9 @@ pub(super) fn compile_delivery(r: &mut TableReader<'_>) -> DeliveryConfig {
                     .ok_or_else(|| "expected true or false".to_owned())
             })
             .unwrap_or(d.allow_local_mx),
+        check_dkim_records: r
+            .get("check_dkim_records", super::bounce::boolean)
+            .unwrap_or(d.check_dkim_records),
         log_path: r.get("log_path", off_or(super::path)).unwrap_or(d.log_path),
         watchdog: r.get("watchdog", positive_duration).unwrap_or(d.watchdog),
     }
@@ -348,11 +386,20 @@ pub(super) fn compile_dkim(r: &mut TableReader<'_>) -> Option<DkimConfig> {
             .map(|h| h.to_string())
             .collect()
     });
+    let active_from = r.get("active_from", timestamp);
+    let retire_after = r.get("retire_after", timestamp);
+    if let (Some(from), Some(until)) = (active_from, retire_after) {
+        if until <= from {
+            r.error("retire_after", "must be later than active_from");
+        }
+    }
     Some(DkimConfig {
         domain: domain?,
         selector: selector?,
         key_path: key_path?,
         headers,
         oversign,
+        active_from,
+        retire_after,
     })
 }

@@ -38,6 +38,67 @@ pub enum SuppressionMode {
     Drop,
 }
 
+/// `[unsubscribe]`: one-click unsubscribe (RFC 8058) for mail that asks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnsubscribeConfig {
+    /// Public base URL of the admin listener's `/u/` route; default
+    /// `sidecar.tracking.base_url`. Without either, only the `mailto:` form is offered (and
+    /// only with a bounce domain), and no List-Unsubscribe-Post.
+    pub base_url: Option<String>,
+    /// The token-signing key; default `unsubscribe.key` beside the spool directory, created
+    /// (random, mode 0600) at the first start.
+    pub key_file: Option<PathBuf>,
+    /// What an unsubscribe suppresses. Default `list`.
+    pub scope: UnsubscribeScope,
+    /// How long a token is honoured after the message was sent. Default 365 days.
+    pub max_age: Duration,
+}
+
+impl Default for UnsubscribeConfig {
+    fn default() -> Self {
+        UnsubscribeConfig {
+            base_url: None,
+            key_file: None,
+            scope: UnsubscribeScope::List,
+            max_age: Duration::from_secs(365 * 86_400),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnsubscribeScope {
+    /// `"list"`: the recipient gets no more mail of that list (sender identity); other mail
+    /// (receipts, other lists) still goes.
+    List,
+    /// `"global"`: the recipient gets no more mail at all (a plain suppression entry).
+    Global,
+}
+
+pub(super) fn compile_unsubscribe(r: &mut TableReader<'_>) -> UnsubscribeConfig {
+    let d = UnsubscribeConfig::default();
+    UnsubscribeConfig {
+        base_url: r.get("base_url", |v| match string(v)? {
+            u if u.starts_with("http://") || u.starts_with("https://") => {
+                Ok(u.trim_end_matches('/').to_owned())
+            }
+            u => Err(format!("{u:?}: expected an http:// or https:// URL")),
+        }),
+        key_file: r.get("key_file", path),
+        scope: r
+            .get("scope", |v| match string(v)? {
+                "list" => Ok(UnsubscribeScope::List),
+                "global" => Ok(UnsubscribeScope::Global),
+                other => Err(format!(
+                    "unknown scope {other:?} (expected \"list\" or \"global\")"
+                )),
+            })
+            .unwrap_or(d.scope),
+        max_age: r
+            .get("max_age", |v| duration(v).and_then(nonzero))
+            .unwrap_or(d.max_age),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebhookConfig {
     pub url: WebhookUrl,

@@ -37,7 +37,10 @@ pub use self::delivery::{
     DeliveryConfig, DkimConfig, RouteAuth, SmtpTimeouts, TlsPolicy, DEFAULT_DKIM_HEADERS,
     DEFAULT_DKIM_OVERSIGN,
 };
-pub use self::events::{SuppressionConfig, SuppressionMode, WebhookConfig, WebhookUrl};
+pub use self::events::{
+    SuppressionConfig, SuppressionMode, UnsubscribeConfig, UnsubscribeScope, WebhookConfig,
+    WebhookUrl,
+};
 pub use self::sendtime::SendTimeConfig;
 pub use self::shaping::{
     AdaptiveConfig, DomainLimits, LimitsConfig, PoolAddress, PoolConfig, ProviderConfig, Rate,
@@ -80,6 +83,8 @@ pub struct Config {
     pub dkim: Vec<DkimConfig>,
     pub bounce: BounceConfig,
     pub suppression: SuppressionConfig,
+    /// `[unsubscribe]`: one-click unsubscribe links.
+    pub unsubscribe: UnsubscribeConfig,
     /// Event webhooks, `[[webhooks]]`.
     pub webhooks: Vec<WebhookConfig>,
     /// `[sendtime]`: send-time optimisation for mail that asks for it.
@@ -469,6 +474,7 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
     let any_route_verp = routes.iter().any(|r| r.verp == Some(true));
     let bounce = r.section("bounce", |r| bounce::compile_bounce(r, any_route_verp));
     let suppression = r.section("suppression", events::compile_suppression);
+    let unsubscribe = r.section("unsubscribe", events::compile_unsubscribe);
     let webhooks = r
         .tables("webhooks", events::compile_webhook)
         .into_iter()
@@ -493,6 +499,7 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
         dkim,
         bounce,
         suppression,
+        unsubscribe,
         webhooks,
         sendtime,
         sidecar,
@@ -1453,6 +1460,31 @@ mod tests {
             .map(ToString::to_string)
             .collect();
         assert_eq!(nets, ["192.0.2.7/32", "2001:db8::1/128", "10.0.0.0/8"]);
+    }
+
+    #[test]
+    fn dkim_rotation_times_compile_and_errors_name_them() {
+        let key = "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey = \"/k.pem\"\n";
+        let config = Config::parse(&format!(
+            "{MINIMAL}\n{key}active_from = 2027-01-01T00:00:00Z\nretire_after = \"2027-02-01T00:00:00+01:00\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.dkim[0].active_from, Some(1_798_761_600));
+        assert_eq!(config.dkim[0].retire_after, Some(1_801_436_400));
+        assert!(config.dkim[0].active_at(1_798_761_600));
+        assert!(!config.dkim[0].active_at(1_801_436_400));
+        let errors = errors(&format!(
+            "{MINIMAL}\n{key}active_from = \"tomorrow\"\n\n{key}active_from = 2027-02-01T00:00:00Z\nretire_after = 2027-01-01T00:00:00Z\n"
+        ));
+        let keys: Vec<&str> = errors
+            .iter()
+            .map(|e| e.split(": ").next().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            ["dkim[0].active_from", "dkim[1].retire_after"],
+            "{errors:?}"
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ impl Config {
             add("bounce.verp_key_file".into(), verp);
         }
         add("bounce.origin_key_file".into(), &self.origin_key_path());
+        add("unsubscribe.key_file".into(), &self.unsubscribe_key_path());
         if let Some(tracking) = &self.sidecar.tracking {
             add("sidecar.tracking.secret_file".into(), &tracking.secret_file);
         }
@@ -47,17 +48,29 @@ impl Config {
         files
     }
 
+    /// `unsubscribe.key_file`, or its default: `unsubscribe.key` beside the spool directory.
+    pub fn unsubscribe_key_path(&self) -> PathBuf {
+        match &self.unsubscribe.key_file {
+            Some(path) => path.clone(),
+            None => self.beside_spool("unsubscribe.key"),
+        }
+    }
+
+    /// `name` in the directory that holds the spool directory.
+    fn beside_spool(&self, name: &str) -> PathBuf {
+        self.spool
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .join(name)
+    }
+
     /// `bounce.origin_key_file`, or its default: `origin.key` beside the spool directory.
     pub fn origin_key_path(&self) -> PathBuf {
         match &self.bounce.origin_key_file {
             Some(path) => path.clone(),
-            None => self
-                .spool
-                .path
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."))
-                .join("origin.key"),
+            None => self.beside_spool("origin.key"),
         }
     }
 
@@ -109,6 +122,8 @@ mod tests {
             domains = ["bounce.example.com"]
             verp_key_file = {verp:?}
             origin_key_file = {origin:?}
+            [unsubscribe]
+            key_file = {unsubscribe:?}
             [sidecar.tracking]
             base_url = "https://t.example.com"
             secret_file = {tracking:?}
@@ -131,6 +146,7 @@ mod tests {
             token = file("admin.token"),
             verp = file("verp.key"),
             origin = file("origin.key"),
+            unsubscribe = file("unsubscribe.key"),
             tracking = file("tracking.key"),
             webhook = file("webhook.key"),
             password = file("relay.pass"),
@@ -143,6 +159,7 @@ mod tests {
             "admin.token_file",
             "bounce.verp_key_file",
             "bounce.origin_key_file",
+            "unsubscribe.key_file",
             "sidecar.tracking.secret_file",
             "webhooks[0].secret_file",
             "routes[0].auth.password_file",

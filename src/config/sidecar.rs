@@ -105,6 +105,9 @@ pub struct CampaignConfig {
     pub model_fields: Vec<String>,
     /// Rewrite links and add an open pixel. Default false.
     pub tracking: bool,
+    /// One-click unsubscribe headers on every message (list: the campaign's name unless the
+    /// message names one). Default false.
+    pub unsubscribe: bool,
     /// Window for `X-Tern-Send-Time: optimize`. Default 24h.
     pub send_window: Duration,
     /// Local hours no send should land in, `[start, end)`, e.g. `[22, 7]`. Default none.
@@ -286,6 +289,7 @@ fn compile_campaign(r: &mut TableReader<'_>) -> Option<CampaignConfig> {
         .list("model_fields", |v| non_empty(v).map(str::to_owned))
         .unwrap_or_default();
     let tracking = r.get("tracking", boolean).unwrap_or(false);
+    let unsubscribe = r.get("unsubscribe", boolean).unwrap_or(false);
     let send_window = r
         .get("send_window", |v| duration(v).and_then(nonzero))
         .unwrap_or(Duration::from_secs(86_400));
@@ -320,6 +324,7 @@ fn compile_campaign(r: &mut TableReader<'_>) -> Option<CampaignConfig> {
         variants,
         model_fields,
         tracking,
+        unsubscribe,
         send_window,
         quiet_hours,
     })

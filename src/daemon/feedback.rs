@@ -22,10 +22,13 @@ use crate::maillog::DeliveryLog;
 use crate::origin::Origin;
 use crate::suppression::Suppressions;
 use crate::telemetry::Metrics;
+use crate::unsubscribe::Unsubscriber;
 use crate::verp::Verp;
 
 pub struct FeedbackSystem {
     pub feedback: Feedback,
+    /// One-click unsubscribe: tokens, headers, and what using one does.
+    pub unsubscriber: Arc<Unsubscriber>,
     /// The webhook senders and the bounce processor.
     tasks: TaskTracker,
 }
@@ -68,6 +71,25 @@ impl FeedbackSystem {
             config.bounce.domains.clone(),
             metrics.clone(),
         );
+        let secret = crate::secret_file::read_or_create(
+            &config.unsubscribe_key_path(),
+            "unsubscribe.key_file",
+            32,
+        )
+        .map_err(anyhow::Error::msg)?;
+        let base_url = config
+            .unsubscribe
+            .base_url
+            .clone()
+            .or_else(|| config.sidecar.tracking.as_ref().map(|t| t.base_url.clone()));
+        let unsubscriber = Arc::new(Unsubscriber::new(
+            &config.unsubscribe,
+            base_url,
+            secret.as_bytes(),
+            &config.bounce.domains,
+            feedback.suppressions.clone(),
+            feedback.events.clone(),
+        ));
         let tasks = TaskTracker::new();
         for (i, hook) in config.webhooks.iter().enumerate() {
             let secret = std::fs::read(&hook.secret_file).with_context(|| {
@@ -104,11 +126,16 @@ impl FeedbackSystem {
                 .map_err(anyhow::Error::msg)?
                 .map(Arc::new),
                 hostname: config.server.hostname.to_ascii_lowercase(),
+                unsubscriber: Some(unsubscriber.clone()),
             }
             .run(bg.stop.clone()),
         );
         tasks.close();
-        Ok(FeedbackSystem { feedback, tasks })
+        Ok(FeedbackSystem {
+            feedback,
+            unsubscriber,
+            tasks,
+        })
     }
 }
 

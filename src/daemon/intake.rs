@@ -23,6 +23,7 @@ use crate::sendtime::SendTime;
 use crate::shaping::pools::Pools;
 use crate::sidecar::Sidecar;
 use crate::telemetry::Metrics;
+use crate::unsubscribe::{Unsubscribe, Unsubscriber};
 
 pub struct IntakeSystem {
     pub intake: Intake,
@@ -41,6 +42,7 @@ pub struct IntakeParts {
     pub dkim: DkimSigners,
     pub pools: Arc<Pools>,
     pub feedback: Feedback,
+    pub unsubscriber: Arc<Unsubscriber>,
     pub new_mail: UnboundedSender<Vec<NewMessage>>,
 }
 
@@ -77,8 +79,13 @@ impl IntakeSystem {
             Arc::new(send_time.clone()),
         );
         // The order is the pipeline: the sidecar renders campaigns (and parses their send
-        // time), then the send-time stage sets the window the enqueue plans in.
-        let stages: Vec<Arc<dyn Stage>> = vec![sidecar.clone(), Arc::new(send_time.clone())];
+        // time and unsubscribe request), the unsubscribe stage gives each recipient its own
+        // List-Unsubscribe, then the send-time stage sets the window the enqueue plans in.
+        let stages: Vec<Arc<dyn Stage>> = vec![
+            sidecar.clone(),
+            Arc::new(Unsubscribe(Some(parts.unsubscriber.clone()))),
+            Arc::new(send_time.clone()),
+        ];
         Ok(IntakeSystem {
             intake: Intake::new(stages, enqueue.clone()),
             enqueue,

@@ -158,6 +158,9 @@ impl Daemon {
         let metrics =
             Arc::new(Metrics::new().with_routes(config.routes.iter().map(|r| r.domain.as_str())));
         metrics.observe_spool(&spool);
+        metrics.set_providers(provider_labels(&config));
+        spawn_dkim_check(&config, metrics.clone(), &bg);
+        metrics.set_sender_identities(config.dkim.iter().map(|d| d.domain.as_str()));
         let dkim =
             DkimSigners::load(&config.dkim, metrics.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let classifier = Arc::new(Classifier::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?);
@@ -202,6 +205,7 @@ impl Daemon {
                 dkim,
                 pools: shaper.pools().clone(),
                 feedback: feedback.feedback.clone(),
+                unsubscriber: feedback.unsubscriber.clone(),
                 new_mail,
             },
             &bg,
@@ -249,6 +253,7 @@ impl Daemon {
                 feedback: feedback.feedback.clone(),
                 hostname: config.server.hostname.clone(),
                 sidecar: intake.sidecar.clone(),
+                unsubscriber: feedback.unsubscriber.clone(),
                 send_time: intake.send_time.clone(),
                 limits: Arc::new(crate::live::Live::new(config.limits)),
                 edge: Arc::new(crate::live::Live::new(config.admin.clone())),
@@ -346,6 +351,8 @@ impl Daemon {
         };
         self.metrics
             .set_routes(reloaded.config.routes.iter().map(|r| r.domain.as_str()));
+        self.metrics
+            .set_sender_identities(reloaded.config.dkim.iter().map(|d| d.domain.as_str()));
         self.spool
             .set_min_free_space(reloaded.config.spool.min_free_space);
         self.feedback.reconfigure(&reloaded);
@@ -479,6 +486,63 @@ fn read_verp_key(config: &Config) -> anyhow::Result<Option<Verp>> {
         anyhow::bail!("bounce.domains: VERP needs a bounce domain");
     };
     Ok(Some(Verp::new(key, &config.bounce.verp_local, domain)))
+}
+
+/// How often the daemon checks that DNS publishes its DKIM keys.
+const DKIM_CHECK_EVERY: Duration = Duration::from_secs(86_400);
+
+/// Checks at start and then daily that DNS publishes each `[[dkim]]` key of the start
+/// config (`tern_dkim_key_published`); a key that is not is logged as an error: receivers
+/// fail its signatures.
+fn spawn_dkim_check(config: &Config, metrics: Arc<Metrics>, bg: &Background) {
+    if config.dkim.is_empty() || !config.delivery.check_dkim_records {
+        return;
+    }
+    let keys = config.dkim.clone();
+    let nameservers = config.delivery.nameservers.clone();
+    let stop = bg.stop.clone();
+    bg.tasks.spawn(async move {
+        let resolver = match crate::routing::dns::HickoryResolver::new(&nameservers) {
+            Ok(resolver) => resolver,
+            Err(err) => {
+                warn!(error = %err, "no resolver for the DKIM key check");
+                return;
+            }
+        };
+        loop {
+            let now = crate::clock::now_ms() / 1000;
+            let checks = crate::dkim::check_published(&keys, now, |name| {
+                let resolver = &resolver;
+                async move { resolver.txt(&name).await }
+            })
+            .await;
+            for check in &checks {
+                metrics.dkim_key_published(&check.domain, &check.selector, check.ok());
+                if !check.ok() {
+                    tracing::error!(domain = %check.domain, selector = %check.selector,
+                        result = ?check.published, "DKIM key not published as configured (tern dkim check)");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(DKIM_CHECK_EVERY) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    });
+}
+
+/// The shaping providers (configured and built-in) as destination labels of the metrics.
+fn provider_labels(config: &Config) -> Vec<crate::telemetry::ProviderLabel> {
+    config
+        .shaping
+        .providers
+        .iter()
+        .map(|p| crate::telemetry::ProviderLabel {
+            name: p.name.clone(),
+            mx_suffixes: p.mx.iter().map(|s| s.to_ascii_lowercase()).collect(),
+            domains: p.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
+        })
+        .collect()
 }
 
 /// The key of the `X-Tern-Id` header (`bounce.origin_key_file`, by default `origin.key`

@@ -38,6 +38,8 @@ pub enum Kind {
     Expired,
     Complaint,
     Suppressed,
+    /// The recipient used a one-click (or mailto) unsubscribe link.
+    Unsubscribed,
 }
 
 /// One event, as posted.
@@ -59,7 +61,8 @@ pub struct Event {
     /// Remote reply, bounce diagnostic, complaint feedback type or suppression reason.
     pub detail: Option<String>,
     /// Where it was learnt: `delivery` (an attempt), `bounce` (an asynchronous bounce),
-    /// `arf`, `smtp` or `http` (refused or dropped at submission).
+    /// `arf`, `smtp` or `http` (refused or dropped at submission), `unsubscribe` (the
+    /// one-click URL) or `mailto` (an unsubscribe mail).
     pub source: &'static str,
 }
 

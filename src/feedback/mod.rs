@@ -39,6 +39,7 @@ use crate::origin::Origin;
 use crate::suppression::Suppressions;
 use crate::taxonomy::Category;
 use crate::telemetry::Metrics;
+use crate::unsubscribe::{Unsubscriber, MAILTO_LOCAL};
 use crate::verp::Verp;
 use loops::FeedbackLoops;
 use serde::{Deserialize, Serialize};
@@ -97,6 +98,27 @@ impl Feedback {
     }
 }
 
+/// The domain of the `From:` of the copy a report returns (the first `From:` line after
+/// the report's own header section): the sending identity a complaint counts against.
+fn returned_sender_domain(message: &[u8]) -> Option<String> {
+    let body_start = memchr::memmem::find(message, b"\r\n\r\n")
+        .map(|i| i + 4)
+        .or_else(|| memchr::memmem::find(message, b"\n\n").map(|i| i + 2))?;
+    let body = &message[body_start..];
+    for line in body.split(|&b| b == b'\n') {
+        if line.len() > 5 && line[..5].eq_ignore_ascii_case(b"from:") {
+            let text = String::from_utf8_lossy(&line[5..]);
+            let (_, domain) = text.rsplit_once('@')?;
+            let domain: String = domain
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '-')
+                .collect();
+            return (!domain.is_empty()).then(|| domain.to_ascii_lowercase());
+        }
+    }
+    None
+}
+
 /// The head of an inbound record; the record is this JSON, a newline, and the message.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct InboundHead {
@@ -129,6 +151,9 @@ pub struct Processor {
     /// `server.hostname` (lowercase): its addresses are never suppressed, like the bounce
     /// domains'.
     pub hostname: String,
+    /// Reads unsubscribe mail (to `unsubscribe@` the first bounce domain, the `mailto:` of
+    /// List-Unsubscribe).
+    pub unsubscriber: Option<Arc<Unsubscriber>>,
 }
 
 impl Processor {
@@ -176,6 +201,17 @@ impl Processor {
             return;
         };
         let message = record[i + 1..].to_vec();
+        if let Some(unsubscriber) = &self.unsubscriber {
+            let to_unsubscribe = head.recipients.iter().any(|r| {
+                r.rsplit_once('@').is_some_and(|(local, _)| {
+                    local.eq_ignore_ascii_case(MAILTO_LOCAL) && self.feedback.is_bounce_address(r)
+                })
+            });
+            if to_unsubscribe {
+                self.process_unsubscribe(unsubscriber, id, &message).await;
+                return;
+            }
+        }
         // Who signed it matters only for complaints, and only when feedback loops are set.
         let feedback_loop = match &self.feedback_loops {
             Some(loops) if loops.may_vouch(&message) => loops.verified_source(&message).await,
@@ -201,6 +237,26 @@ impl Processor {
             }
         }
         self.feedback.events.emit(events).await;
+    }
+
+    /// An unsubscribe mail: the token in its Subject (as the List-Unsubscribe `mailto:`
+    /// put it there) names recipient and list; without a valid one it is dropped.
+    async fn process_unsubscribe(
+        &self,
+        unsubscriber: &Unsubscriber,
+        id: MessageId,
+        message: &[u8],
+    ) {
+        let parsed = mail_parser::MessageParser::default().parse_headers(message);
+        let subject = parsed.as_ref().and_then(|m| m.subject()).unwrap_or("");
+        match unsubscriber.verify_subject(subject, crate::clock::now_ms() / 1000) {
+            Some(claims) => {
+                if let Err(err) = unsubscriber.unsubscribe(&claims, "mailto").await {
+                    warn!(%id, error = %err, "cannot record an unsubscribe");
+                }
+            }
+            None => info!(%id, "unsubscribe mail without a valid token; dropped"),
+        }
     }
 
     /// What one inbound message means: the events to emit and the suppression entries to add.
@@ -330,6 +386,11 @@ impl Processor {
                         },
                         None => (events::Kind::Bounced, Category::Other, false, true),
                     };
+                    if failed && matches!(kind, events::Kind::Bounced | events::Kind::Complaint) {
+                        let domain = address.rsplit_once('@').map_or("", |(_, d)| d);
+                        let sender = complaint.then(|| returned_sender_domain(message)).flatten();
+                        metrics.provider_feedback(domain, complaint, sender.as_deref());
+                    }
                     let mut e = Event::new(kind, &address, source);
                     e.id = id;
                     e.status = r.and_then(|r| r.status.clone());

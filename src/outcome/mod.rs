@@ -199,15 +199,23 @@ impl Settler {
         let now = transition.now;
         let mut events = Vec::with_capacity(transition.results.len());
         let mut suppress = Vec::new();
+        // One label per envelope: its provider, static route or "other".
+        let label = self.metrics.label(destination, Some(&env.destination));
         for settled in &transition.results {
             let rcpt = &env.recipients[settled.index];
             let result = settled.result;
-            self.metrics.delivery(destination, result.into());
+            self.metrics.delivery(&label, result.into());
             if result == AttemptOutcome::Delivered {
                 self.metrics.delivered(
                     Duration::from_millis(now.saturating_sub(env.created_ms)),
                     attempt.tls.is_some(),
+                    &label,
+                    &env.sender,
                 );
+            } else {
+                let category = settled.category.map_or("other", |c| c.as_str());
+                self.metrics
+                    .delivery_failure(&label, result.into(), category);
             }
             self.log.record(&AttemptRecord {
                 ts: UNIX_EPOCH + Duration::from_millis(now),
@@ -408,6 +416,7 @@ impl Settler {
             tls: None,
             content: message,
             sidecar: None,
+            unsubscribe: None,
             pool: None,
             trusted: true,
         }

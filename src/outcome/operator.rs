@@ -227,7 +227,8 @@ impl Settler {
     ) {
         let now = now_ms();
         let rcpt = &env.recipients[index];
-        self.metrics.delivery(&env.destination, outcome.into());
+        let label = self.metrics.label(&env.destination, Some(&env.destination));
+        self.metrics.delivery(&label, outcome.into());
         self.log.record(&AttemptRecord {
             ts: UNIX_EPOCH + Duration::from_millis(now),
             id: env.id,

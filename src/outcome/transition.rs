@@ -578,6 +578,7 @@ mod tests {
                 created_ms: 7 * MIN,
                 expires_ms: None,
                 source: Some(queue_id),
+                scope: None,
             })
         );
         let other = t.results[1].bounce.as_ref().unwrap();

@@ -113,6 +113,30 @@ impl HickoryResolver {
         Ok(HickoryResolver { inner })
     }
 
+    /// The TXT records of `name`, each record's character-strings joined; `Ok(None)` when
+    /// the name or its TXT records do not exist; `Err` on a temporary failure.
+    pub async fn txt(&self, name: &str) -> Result<Option<Vec<String>>, String> {
+        let name = fqdn(name).map_err(|e| e.to_string())?;
+        match self.records(&name, RecordType::TXT).await {
+            Ok(answers) => Ok(Some(
+                answers
+                    .iter()
+                    .filter_map(|data| match data {
+                        RData::TXT(txt) => Some(
+                            txt.txt_data
+                                .iter()
+                                .map(|part| String::from_utf8_lossy(part))
+                                .collect::<String>(),
+                        ),
+                        _ => None,
+                    })
+                    .collect(),
+            )),
+            Err(Failure::NoData | Failure::NxDomain) => Ok(None),
+            Err(Failure::Temporary(why)) => Err(why),
+        }
+    }
+
     async fn records(&self, name: &Name, record_type: RecordType) -> Result<Vec<RData>, Failure> {
         match self.inner.lookup(name.clone(), record_type).await {
             Ok(lookup) => Ok(Message::from(lookup)

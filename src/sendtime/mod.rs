@@ -347,6 +347,7 @@ impl SendTime {
                 created_ms: now,
                 expires_ms: None,
                 source: None,
+                scope: None,
             })
             .collect();
         let added = entries.len();

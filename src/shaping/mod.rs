@@ -416,7 +416,7 @@ impl Shaper {
                         self.domains
                             .get(domain)
                             .map_or(self.default, |l| l.over(&self.default)),
-                        self.metrics.destination_label(&name).to_owned(),
+                        self.metrics.destination_label(&name).into_owned(),
                     ),
                 };
                 Arc::new(Bucket {

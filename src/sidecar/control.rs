@@ -1,7 +1,8 @@
 //! Control headers: how an SMTP client asks for the sidecar, and their removal.
 //!
-//! `X-Tern-Campaign: NAME`, `X-Tern-Send-Time: now | optimize[; window=12h]` and
-//! `X-Tern-Data: {json object}` (data for every recipient of the message). Every header whose
+//! `X-Tern-Campaign: NAME`, `X-Tern-Send-Time: now | optimize[; window=12h]`,
+//! `X-Tern-Data: {json object}` (data for every recipient of the message) and
+//! `X-Tern-Unsubscribe: one-click[; list=NAME]` (one-click unsubscribe headers). Every header whose
 //! name starts with `X-Tern-` is removed, known or not, so no control header (or a typo of
 //! one) ever reaches DKIM signing or a receiver. Only the header section is looked at.
 
@@ -15,6 +16,7 @@ pub struct Control {
     pub campaign: Option<String>,
     pub send_time: Option<String>,
     pub data: Option<String>,
+    pub unsubscribe: Option<String>,
 }
 
 /// The prefix every control header has (compared without case).
@@ -28,9 +30,19 @@ pub fn has_control_headers(content: &[u8]) -> bool {
 /// Removes every `X-Tern-*` header (with its folded continuation lines) and returns the
 /// known ones' values.
 pub fn strip(content: &[u8]) -> (Control, Vec<u8>) {
-    // campaign, send-time, data
-    let mut values: [Option<String>; 3] = [None, None, None];
-    let mut out = Vec::with_capacity(content.len());
+    scan(content, true)
+}
+
+/// The known control headers' values, without copying the message.
+pub fn read(content: &[u8]) -> Control {
+    scan(content, false).0
+}
+
+/// [`strip`], building the stripped copy only when `copy`.
+fn scan(content: &[u8], copy: bool) -> (Control, Vec<u8>) {
+    // campaign, send-time, data, unsubscribe
+    let mut values: [Option<String>; 4] = [None, None, None, None];
+    let mut out = Vec::with_capacity(if copy { content.len() } else { 0 });
     let mut end = 0;
     let mut dropping = false;
     // Which of `values` a folded continuation line belongs to.
@@ -46,6 +58,7 @@ pub fn strip(content: &[u8]) -> (Control, Vec<u8>) {
                     "x-tern-campaign" => Some(0),
                     "x-tern-send-time" => Some(1),
                     "x-tern-data" => Some(2),
+                    "x-tern-unsubscribe" => Some(3),
                     _ => None,
                 };
                 if let Some(i) = current {
@@ -56,18 +69,21 @@ pub fn strip(content: &[u8]) -> (Control, Vec<u8>) {
             v.push(' ');
             v.push_str(String::from_utf8_lossy(line.trim_ascii()).as_ref());
         }
-        if !dropping {
+        if copy && !dropping {
             out.extend_from_slice(&content[end..next]);
         }
         end = next;
     }
-    out.extend_from_slice(&content[end..]);
-    let [campaign, send_time, data] = values;
+    if copy {
+        out.extend_from_slice(&content[end..]);
+    }
+    let [campaign, send_time, data, unsubscribe] = values;
     (
         Control {
             campaign,
             send_time,
             data,
+            unsubscribe,
         },
         out,
     )

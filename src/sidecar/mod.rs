@@ -37,7 +37,7 @@ use tern_queue::{Recipient, Spool};
 use tracing::{info, warn};
 
 use crate::config::{BanditConfig, CampaignConfig, SidecarConfig};
-use crate::message::{CampaignReport, Prepared, SendAt, Stage, StageFuture, Submission};
+use crate::message::{CampaignReport, OneClick, Prepared, SendAt, Stage, StageFuture, Submission};
 use crate::telemetry::Metrics;
 use model::{Failure, Model, SlotRequest};
 use tracking::{Claims, Replays, Tracker};
@@ -305,10 +305,45 @@ impl Sidecar {
     }
 
     /// The stage: see the module doc.
+    /// Whether campaign `name` asks for one-click unsubscribe headers.
+    pub fn campaign_unsubscribes(&self, name: &str) -> bool {
+        self.campaigns
+            .get(name)
+            .is_some_and(|c| c.config.unsubscribe)
+    }
+
+    /// The list a one-click unsubscribe of this mail would apply to, when it asks for one:
+    /// `one_click` (the API field or header), or `campaign` when that campaign asks.
+    pub fn unsubscribe_list(
+        &self,
+        one_click: Option<&OneClick>,
+        campaign: Option<&str>,
+        sender: &str,
+    ) -> Option<String> {
+        let asks = one_click.is_some() || campaign.is_some_and(|c| self.campaign_unsubscribes(c));
+        asks.then(|| {
+            crate::unsubscribe::list_name(
+                one_click.and_then(|o| o.list.as_deref()),
+                campaign,
+                sender,
+            )
+        })
+    }
+
     pub async fn apply(&self, mut sub: Submission) -> Vec<Prepared> {
         let request = sub.sidecar.take().unwrap_or_default();
         let (control, content) = control::strip(&sub.content);
         sub.content = content;
+        if sub.unsubscribe.is_none() {
+            if let Some(value) = &control.unsubscribe {
+                match OneClick::parse(value) {
+                    Ok(one_click) => sub.unsubscribe = Some(one_click),
+                    Err(e) => {
+                        warn!(error = %e, "invalid X-Tern-Unsubscribe: no unsubscribe headers")
+                    }
+                }
+            }
+        }
         let campaign_name = request.campaign.or(control.campaign);
         let campaign = match campaign_name.as_deref() {
             None => None,
@@ -330,6 +365,11 @@ impl Sidecar {
                     SendAt::Now
                 }),
         };
+        if let Some(c) = campaign {
+            if c.config.unsubscribe && sub.unsubscribe.is_none() {
+                sub.unsubscribe = Some(OneClick::default());
+            }
+        }
         let Some(campaign) = campaign else {
             return vec![Prepared {
                 submission: sub,

@@ -29,10 +29,11 @@ use crate::auth::{Credentials, Verifier};
 use crate::config::Limits;
 use crate::feedback::Feedback;
 use crate::intake::Intake;
-use crate::message::{same_address, Submission};
+use crate::message::{same_address, OneClick, Submission};
 use crate::policy::{self, Policy};
 use crate::rfc5321::proto::{self, ContentCheck, ContentFlags, DataDecoder, Line};
 use crate::rfc5321::reply::Reply;
+use crate::sidecar::control;
 use crate::telemetry::{Disconnect, Metrics, Protocol, Rejection};
 use crate::tls::TlsInfo;
 use base64::Engine;
@@ -737,6 +738,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(Next::Continue)
     }
 
+    /// A message that asks for one-click unsubscribe (`X-Tern-Unsubscribe`) belongs to a
+    /// list; in reject mode, when every recipient unsubscribed from it (or is suppressed for
+    /// all mail), the refusal for the whole message. When only some did, the unsubscribe
+    /// stage drops those (after DATA, SMTP cannot refuse single recipients).
+    fn unsubscribed_from_list(&self, tx: &Transaction, content: &[u8]) -> Option<Reply> {
+        let trusted = self.state.auth_user.is_some()
+            || self.config.policy.in_relay_network(self.state.peer.ip());
+        if !trusted || tx.recipients.is_empty() || !control::has_control_headers(content) {
+            return None;
+        }
+        let control = control::read(content);
+        let one_click = OneClick::parse(control.unsubscribe.as_deref()?).ok()?;
+        let list = crate::unsubscribe::list_name(
+            one_click.list.as_deref(),
+            control.campaign.as_deref(),
+            &tx.sender,
+        );
+        let feedback = &self.config.feedback;
+        let all = tx.recipients.iter().all(|r| {
+            feedback
+                .suppressions
+                .check_scoped(&r.address, &list)
+                .is_some()
+        });
+        if !all {
+            return None;
+        }
+        // Each refused recipient gets its event, as at RCPT.
+        let mut reply = None;
+        for r in &tx.recipients {
+            reply = policy::suppressed_for_list(feedback, &r.address, &list, "smtp");
+        }
+        reply
+    }
+
     /// Decides on a complete message and, if it is acceptable, makes it durable. `_held` is
     /// the budget `content` takes, given back once the spool has it or it is refused.
     async fn finish_message(
@@ -776,6 +812,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 format!("Message refused: {what} in message data; lines must end with CRLF (RFC 5321 2.3.8)"),
             ));
         }
+        if let Some(reply) = self.unsubscribed_from_list(&tx, &content) {
+            self.config.metrics.message_rejected(Rejection::Suppressed);
+            return self.error_reply(reply);
+        }
         let protocol = match (
             self.state.esmtp,
             self.state.tls.is_some(),
@@ -805,6 +845,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             content,
             sidecar: None,
             pool: None,
+            unsubscribe: None,
             // Anyone may mail the bounce domains; only clients tern serves get the stages.
             trusted: self.state.auth_user.is_some()
                 || self.config.policy.in_relay_network(self.state.peer.ip()),

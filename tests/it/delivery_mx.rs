@@ -292,3 +292,62 @@ async fn a_refusing_mx_and_one_without_address_defer_rather_than_bounce() {
     .await;
     assert!(r.bounces.messages().is_empty(), "no DSN for a deferral");
 }
+
+/// Metrics name the receiver: mail to a domain whose MX is under a built-in provider's
+/// suffix (`.google.com`) is labelled `google`, other MX mail `other` (before, every MX
+/// destination was `other`, so an operator could not tell Gmail from the rest).
+#[tokio::test]
+async fn metrics_label_mx_destinations_by_provider() {
+    let google = mx_sink("127.0.8.10", SinkBehaviour::default()).await;
+    // Unknown users at plain.test are refused for good: a bounce, by category.
+    let refusing = SinkBehaviour {
+        rcpt: std::sync::Arc::new(|to: &str| {
+            to.starts_with("gone@")
+                .then(|| "550 5.1.1 no such user".to_owned())
+        }),
+        ..SinkBehaviour::default()
+    };
+    let plain = mx_sink("127.0.8.11", refusing).await;
+    let r = mx_relay(
+        Zone::new()
+            .mx("inbox.test", 10, "alt1.gmail-smtp-in.l.google.com")
+            .a("alt1.gmail-smtp-in.l.google.com", "127.0.8.10")
+            .mx("plain.test", 10, "mx.plain.test")
+            .a("mx.plain.test", "127.0.8.11"),
+    )
+    .await;
+    send_to(&r, "a@inbox.test", "to-google").await;
+    send_to(&r, "b@plain.test", "to-plain").await;
+    send_to(&r, "gone@plain.test", "to-nobody").await;
+    google.wait_for_messages(1, T).await;
+    plain.wait_for_messages(1, T).await;
+    wait_spool_empty(&r.server).await;
+    let metrics = crate::metrics::scrape(r.server.admin()).await;
+    let sample = |name: &str| metrics.get(name).copied().unwrap_or(0.0);
+    assert_eq!(
+        sample("tern_deliveries_total{destination=\"google\",outcome=\"delivered\"}"),
+        1.0,
+        "{metrics:?}"
+    );
+    assert_eq!(
+        sample("tern_deliveries_total{destination=\"other\",outcome=\"delivered\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            "tern_delivery_failures_total{category=\"invalid_recipient\",destination=\"other\",outcome=\"bounced\"}"
+        ),
+        1.0,
+        "{metrics:?}"
+    );
+    // Every provider has its queue-depth series, at 0 here.
+    for provider in ["google", "microsoft", "yahoo", "apple"] {
+        assert!(
+            metrics.contains_key(&format!(
+                "tern_ready_queue_depth{{destination=\"{provider}\"}}"
+            )),
+            "{provider}: {metrics:?}"
+        );
+    }
+    r.server.stop().await;
+}

@@ -181,6 +181,8 @@ fn dkimpy_verifies_rsa_and_ed25519_signatures() {
             .iter()
             .map(|h| h.to_string())
             .collect(),
+        active_from: None,
+        retire_after: None,
     };
     // Each key on its own, because dkimpy's `verify` checks only the topmost signature.
     for (selector, path, record) in [("rsa", rsa_path, rsa_record), ("ed", ed_path, ed_record)] {
@@ -217,4 +219,153 @@ fn dkimpy_verifies_rsa_and_ed25519_signatures() {
             "{selector}: unsigned header added"
         );
     }
+}
+
+/// `tern dkim check` against a loopback DNS server: a key published as configured passes; a
+/// selector publishing another key, and a pending key not yet published, fail the check (exit
+/// 1, each named); a retired key that is gone is fine.
+// Two workers: the DNS server answers while this thread waits for the command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dkim_check_compares_each_key_with_its_dns_record() {
+    use crate::dns_server::{DnsServer, Zone};
+    let dir = tempfile::tempdir().unwrap();
+    let ed = ["--algorithm", "ed25519"];
+    let keys: Vec<PathBuf> = ["s1", "s2", "s3", "s4", "other"]
+        .iter()
+        .map(|s| keygen(dir.path(), s, &ed).0)
+        .collect();
+    let value = |p: &Path| tern::dkim::txt_value(&std::fs::read(p).unwrap()).unwrap();
+    let dns = DnsServer::start(
+        Zone::new()
+            .txt("s1._domainkey.example.com", &value(&keys[0]))
+            .txt("s2._domainkey.example.com", &value(&keys[4])),
+    )
+    .await;
+    let entry = |i: usize, extra: &str| {
+        format!(
+            "[[dkim]]\ndomain = \"example.com\"\nselector = \"s{}\"\nkey = {:?}\n{extra}\n",
+            i + 1,
+            keys[i].display().to_string()
+        )
+    };
+    let base = format!(
+        "[[listeners]]\naddress = \"127.0.0.1:2525\"\n[spool]\npath = {:?}\n\
+         [delivery]\nnameservers = [\"{}\"]\n",
+        dir.path().join("spool").display().to_string(),
+        dns.addr
+    );
+    let write = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let good = write("good.toml", format!("{base}{}", entry(0, "")));
+    let out = run(
+        dir.path(),
+        &["dkim", "check", "--config", good.to_str().unwrap()],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        stdout.contains("example.com/s1  active   published"),
+        "{stdout}"
+    );
+
+    let mixed = write(
+        "mixed.toml",
+        format!(
+            "{base}{}{}{}{}",
+            entry(0, ""),
+            entry(1, ""),
+            entry(2, "retire_after = 2020-01-01T00:00:00Z"),
+            entry(3, "active_from = \"2999-01-01T00:00:00Z\""),
+        ),
+    );
+    let out = run(
+        dir.path(),
+        &["dkim", "check", "--config", mixed.to_str().unwrap()],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let line = |selector: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("example.com/{selector} ")))
+            .unwrap_or_else(|| panic!("no line for {selector}: {stdout}"))
+            .to_owned()
+    };
+    assert!(line("s1").ends_with("published"), "{stdout}");
+    assert!(line("s2").contains("MISMATCH"), "{stdout}");
+    assert!(
+        line("s3").contains("retired") && line("s3").contains("fine"),
+        "{stdout}"
+    );
+    assert!(
+        line("s4").contains("pending") && line("s4").contains("MISSING"),
+        "{stdout}"
+    );
+
+    let out = run(
+        dir.path(),
+        &[
+            "dkim",
+            "check",
+            "--domain",
+            "other.test",
+            "--config",
+            mixed.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(64), "{}", describe(&out));
+}
+
+/// The daemon checks its keys' records at start: `tern_dkim_key_published` is 1 for a key
+/// DNS publishes and 0 for one whose selector publishes another key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_reports_which_dkim_keys_dns_publishes() {
+    use crate::dns_server::{DnsServer, Zone};
+    let dir = tempfile::tempdir().unwrap();
+    let ed = ["--algorithm", "ed25519"];
+    let (good, _) = keygen(dir.path(), "s1", &ed);
+    let (bad, _) = keygen(dir.path(), "s2", &ed);
+    let (other, _) = keygen(dir.path(), "other", &ed);
+    let value = |p: &Path| tern::dkim::txt_value(&std::fs::read(p).unwrap()).unwrap();
+    let dns = DnsServer::start(
+        Zone::new()
+            .txt("s1._domainkey.example.com", &value(&good))
+            .txt("s2._domainkey.example.com", &value(&other)),
+    )
+    .await;
+    let entry = |selector: &str, key: &Path| {
+        format!(
+            "domain = \"example.com\"\nselector = \"{selector}\"\nkey = {:?}",
+            key.display().to_string()
+        )
+    };
+    use crate::harness::{Options, TestServer};
+    let server = TestServer::start(
+        Options::default()
+            .delivery("check_dkim_records", true)
+            .delivery("nameservers", format!("[\"{}\"]", dns.addr))
+            .dkim(entry("s1", &good))
+            .dkim(entry("s2", &bad)),
+    )
+    .await;
+    let name =
+        |s: &str| format!("tern_dkim_key_published{{domain=\"example.com\",selector=\"{s}\"}}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let metrics = loop {
+        let metrics = crate::metrics::scrape(server.admin()).await;
+        if metrics.contains_key(&name("s1")) && metrics.contains_key(&name("s2")) {
+            break metrics;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no check: {metrics:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(metrics[&name("s1")], 1.0);
+    assert_eq!(metrics[&name("s2")], 0.0);
+    server.stop().await;
 }

@@ -180,7 +180,11 @@ impl Default for Options {
             limits: Vec::new(),
             shutdown_grace: "3s".to_string(),
             log_level: "info".to_string(),
-            delivery: vec![("suspended".to_string(), "true".to_string())],
+            // No DNS beyond loopback: the DKIM record check would ask the system resolver.
+            delivery: vec![
+                ("suspended".to_string(), "true".to_string()),
+                ("check_dkim_records".to_string(), "false".to_string()),
+            ],
             routes: vec![("sink.test".to_string(), DEFAULT_SINK_ROUTE.to_string())],
             route_options: Vec::new(),
             dkim: Vec::new(),

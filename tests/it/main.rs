@@ -38,3 +38,4 @@ mod smuggling;
 mod suppression;
 mod systemd;
 mod tls_auth;
+mod unsubscribe;

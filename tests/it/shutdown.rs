@@ -144,6 +144,7 @@ async fn an_event_emitted_just_before_sigterm_is_in_the_outbox_after_restart() {
                     created_ms: now,
                     expires_ms: None,
                     source: None,
+                    scope: None,
                 })
                 .collect(),
         )

@@ -531,7 +531,7 @@ async fn cli_add_list_remove_and_csv_round_trip() {
     // Export, clear, import the export: the same list.
     let csv = tern_ok(&["suppression", "export", "--config", cfg]).await;
     assert!(
-        csv.starts_with("address,reason,created_ms,expires_ms,source\n"),
+        csv.starts_with("address,reason,created_ms,expires_ms,source,scope\n"),
         "{csv}"
     );
     assert_eq!(csv.lines().count(), 3, "{csv}");
@@ -843,7 +843,10 @@ async fn csv_export_streams_every_page() {
     .await;
     assert_eq!(status, 200);
     let lines: Vec<&str> = exported.lines().collect();
-    assert_eq!(lines[0], "address,reason,created_ms,expires_ms,source");
+    assert_eq!(
+        lines[0],
+        "address,reason,created_ms,expires_ms,source,scope"
+    );
     assert_eq!(lines.len(), N + 1);
     for (i, line) in lines[1..].iter().enumerate() {
         assert!(

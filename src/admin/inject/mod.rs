@@ -69,6 +69,10 @@ struct InjectRequest {
     /// domain.
     #[serde(default)]
     pool: Option<String>,
+    /// `"one-click"` or `"one-click; list=NAME"`: List-Unsubscribe headers per recipient
+    /// (RFC 8058), like `X-Tern-Unsubscribe`.
+    #[serde(default)]
+    unsubscribe: Option<String>,
 }
 
 /// The 200 answer.
@@ -213,9 +217,29 @@ fn submission(
     // Reject mode refuses the whole call, naming every suppressed recipient, so the app can
     // drop them and call again (an HTTP call cannot be half-accepted). Drop mode: enqueue
     // drops them.
+    let unsubscribe = match &request.unsubscribe {
+        Some(value) => Some(
+            crate::message::OneClick::parse(value)
+                .map_err(|e| ApiError::bad_request(format!("unsubscribe: {e}")))?,
+        ),
+        None => None,
+    };
+    // Mail that asks for one-click unsubscribe belongs to a list: an unsubscribe from that
+    // list refuses it too.
+    let list = state.sidecar.unsubscribe_list(
+        unsubscribe.as_ref(),
+        request.sidecar.as_ref().and_then(|s| s.campaign.as_deref()),
+        &request.from,
+    );
     let refused: Vec<String> = recipients
         .iter()
-        .filter(|r| crate::policy::suppressed(&state.feedback, &r.address, "http").is_some())
+        .filter(|r| match &list {
+            Some(list) => {
+                crate::policy::suppressed_for_list(&state.feedback, &r.address, list, "http")
+                    .is_some()
+            }
+            None => crate::policy::suppressed(&state.feedback, &r.address, "http").is_some(),
+        })
         .map(|r| r.address.clone())
         .collect();
     if !refused.is_empty() {
@@ -316,6 +340,7 @@ fn submission(
         content,
         sidecar: request.sidecar,
         pool: request.pool,
+        unsubscribe,
         trusted: true,
     })
 }

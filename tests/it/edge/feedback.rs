@@ -294,6 +294,8 @@ impl Signer {
             key_path,
             headers: names(tern::config::DEFAULT_DKIM_HEADERS),
             oversign: names(tern::config::DEFAULT_DKIM_OVERSIGN),
+            active_from: None,
+            retire_after: None,
         };
         let signers = tern::dkim::DkimSigners::load(
             &[config],
