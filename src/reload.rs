@@ -38,6 +38,9 @@ pub const RESTART_KEYS: &[&str] = &[
     "delivery.suspended",
     "delivery.nameservers",
     "delivery.log_path",
+    "delivery.mta_sts",
+    "delivery.ca_file",
+    "delivery.check_dkim_records",
     "log.format",
     "bounce.rules",
     "shaping",
@@ -89,6 +92,9 @@ pub fn merge(running: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
     keep!("delivery.suspended", delivery.suspended);
     keep!("delivery.nameservers", delivery.nameservers);
     keep!("delivery.log_path", delivery.log_path);
+    keep!("delivery.mta_sts", delivery.mta_sts);
+    keep!("delivery.ca_file", delivery.ca_file);
+    keep!("delivery.check_dkim_records", delivery.check_dkim_records);
     keep!("log.format", log.format);
     keep!("bounce.rules", bounce.rules);
     keep!("shaping", shaping);

@@ -96,7 +96,7 @@ fn check(path: &std::path::Path, domain: Option<&str>) -> ExitCode {
         Ok::<_, String>(
             crate::dkim::check_published(&keys, now, |name| {
                 let resolver = &resolver;
-                async move { resolver.txt(&name).await }
+                async move { resolver.txt_records(&name).await }
             })
             .await,
         )

@@ -50,6 +50,11 @@ pub struct DeliveryConfig {
     /// recipient's domain (MX, A/AAAA, an address literal) named them; tern's own listeners
     /// stay refused. For tests and labs only. Default false.
     pub allow_local_mx: bool,
+    /// Apply receivers' MTA-STS policies (RFC 8461) to MX-routed mail. Default true.
+    pub mta_sts: bool,
+    /// Extra trusted CAs (PEM) for verified TLS: `tls = "required"` routes, MTA-STS
+    /// enforcement and policy fetches, besides the system bundle. Default none.
+    pub ca_file: Option<PathBuf>,
     /// Check at start and daily that DNS publishes every `[[dkim]]` key
     /// (`tern_dkim_key_published`). Default true.
     pub check_dkim_records: bool,
@@ -77,6 +82,8 @@ impl Default for DeliveryConfig {
             timeouts: SmtpTimeouts::default(),
             nameservers: Vec::new(),
             allow_local_mx: false,
+            mta_sts: true,
+            ca_file: None,
             check_dkim_records: true,
             log_path: Some(PathBuf::from("./data/delivery.log")),
             watchdog: Duration::from_secs(5 * 60),
@@ -280,6 +287,10 @@ pub(super) fn compile_delivery(r: &mut TableReader<'_>) -> DeliveryConfig {
                     .ok_or_else(|| "expected true or false".to_owned())
             })
             .unwrap_or(d.allow_local_mx),
+        mta_sts: r
+            .get("mta_sts", super::bounce::boolean)
+            .unwrap_or(d.mta_sts),
+        ca_file: r.get("ca_file", super::path),
         check_dkim_records: r
             .get("check_dkim_records", super::bounce::boolean)
             .unwrap_or(d.check_dkim_records),

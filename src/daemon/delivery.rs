@@ -30,6 +30,7 @@ use crate::outcome::Settler;
 use crate::routing::dns::HickoryResolver;
 use crate::routing::guard::AddressGuard;
 use crate::routing::route::Router;
+use crate::routing::sts::Sts;
 use crate::scheduler::Scheduler;
 use crate::shaping::Shaper;
 use crate::telemetry::Metrics;
@@ -71,23 +72,42 @@ impl Delivery {
     pub fn start(config: &Config, parts: DeliveryParts, bg: &Background) -> anyhow::Result<Self> {
         let resolver = HickoryResolver::new(&config.delivery.nameservers)
             .context("delivery.nameservers: cannot set up the DNS resolver")?;
-        let router = Arc::new(Router::new(
+        let resolver: Arc<dyn crate::routing::dns::Resolver> = Arc::new(resolver);
+        let extra_roots = match &config.delivery.ca_file {
+            Some(path) => Some(
+                load_roots(path)
+                    .with_context(|| format!("delivery.ca_file: cannot read {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let mut router = Router::new(
             &config.routes,
             config.delivery.tls,
-            Arc::new(resolver),
+            resolver.clone(),
             AddressGuard::new(config.delivery.allow_local_mx, &parts.listeners),
-        ));
+        );
+        if config.delivery.mta_sts {
+            router = router.with_sts(Arc::new(Sts::new(
+                resolver,
+                sts_connector(extra_roots.as_ref()),
+            )));
+        }
+        let router = Arc::new(router);
         let pool = ConnectionPool::new(
             pool_limits(&config.delivery),
             bg.tasks.clone(),
             parts.metrics.clone(),
         );
         pool.spawn_reaper(bg.stop.clone());
-        // Verified TLS (routes with tls = "required") trusts the system's CA bundle.
-        let roots = load_roots(Path::new(SYSTEM_ROOTS)).unwrap_or_else(|err| {
+        // Verified TLS (routes with tls = "required", MTA-STS enforce) trusts the system's CA
+        // bundle and delivery.ca_file.
+        let mut roots = load_roots(Path::new(SYSTEM_ROOTS)).unwrap_or_else(|err| {
             warn!(path = SYSTEM_ROOTS, error = %err, "no CA bundle: required TLS will fail");
             rustls::RootCertStore::empty()
         });
+        if let Some(extra) = &extra_roots {
+            roots.roots.extend(extra.roots.iter().cloned());
+        }
         let settings = ClientSettings::new(
             config.server.hostname.clone(),
             config.delivery.timeouts,
@@ -145,6 +165,26 @@ impl Delivery {
 }
 
 /// The connection pool's part of `[delivery]`.
+/// The TLS client of MTA-STS policy fetches: the public web PKI roots (policy hosts are
+/// ordinary HTTPS servers), plus `delivery.ca_file`.
+fn sts_connector(extra: Option<&rustls::RootCertStore>) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in webpki_root_certs::TLS_SERVER_ROOT_CERTS {
+        // A root webpki cannot use is skipped; the others still count.
+        let _ = roots.add(cert.clone());
+    }
+    if let Some(extra) = extra {
+        roots.roots.extend(extra.roots.iter().cloned());
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("aws-lc-rs supports the default TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(tls))
+}
+
 fn pool_limits(config: &crate::config::DeliveryConfig) -> PoolLimits {
     PoolLimits {
         idle_timeout: config.idle_timeout,

@@ -513,7 +513,7 @@ fn spawn_dkim_check(config: &Config, metrics: Arc<Metrics>, bg: &Background) {
             let now = crate::clock::now_ms() / 1000;
             let checks = crate::dkim::check_published(&keys, now, |name| {
                 let resolver = &resolver;
-                async move { resolver.txt(&name).await }
+                async move { resolver.txt_records(&name).await }
             })
             .await;
             for check in &checks {

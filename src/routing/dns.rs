@@ -60,12 +60,19 @@ pub enum DnsError {
 
 pub type DnsFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, DnsError>> + Send + 'a>>;
 
+/// TXT records of a name (`Ok(None)`: none), or why the lookup failed for now.
+pub type TxtFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Option<Vec<String>>, String>> + Send + 'a>>;
+
 /// MX and address lookups. Boxed futures keep the trait object-safe, so the router holds an
 /// `Arc<dyn Resolver>` and tests can swap the implementation.
 pub trait Resolver: Send + Sync + 'static {
     fn mx<'a>(&'a self, domain: &'a str) -> DnsFuture<'a, MxLookup>;
     /// A and AAAA records, IPv4 first. An IP literal is returned as is, without a query.
     fn addresses<'a>(&'a self, host: &'a str) -> DnsFuture<'a, Vec<IpAddr>>;
+    /// The TXT records of `name` (each record's strings joined); `Ok(None)` when there are
+    /// none; `Err` (a reason) on a temporary failure.
+    fn txt<'a>(&'a self, name: &'a str) -> TxtFuture<'a>;
 }
 
 /// Entries in hickory's response cache; one entry is one (name, type) answer.
@@ -115,7 +122,7 @@ impl HickoryResolver {
 
     /// The TXT records of `name`, each record's character-strings joined; `Ok(None)` when
     /// the name or its TXT records do not exist; `Err` on a temporary failure.
-    pub async fn txt(&self, name: &str) -> Result<Option<Vec<String>>, String> {
+    pub async fn txt_records(&self, name: &str) -> Result<Option<Vec<String>>, String> {
         let name = fqdn(name).map_err(|e| e.to_string())?;
         match self.records(&name, RecordType::TXT).await {
             Ok(answers) => Ok(Some(
@@ -150,6 +157,10 @@ impl HickoryResolver {
 }
 
 impl Resolver for HickoryResolver {
+    fn txt<'a>(&'a self, name: &'a str) -> TxtFuture<'a> {
+        Box::pin(self.txt_records(name))
+    }
+
     fn mx<'a>(&'a self, domain: &'a str) -> DnsFuture<'a, MxLookup> {
         Box::pin(async move {
             let name = fqdn(domain)?;

@@ -10,3 +10,4 @@
 pub mod dns;
 pub mod guard;
 pub mod route;
+pub mod sts;

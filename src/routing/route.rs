@@ -24,6 +24,8 @@
 //!   ([`Router::set_routes`]); a plan already made keeps the route it was made with.
 
 use std::collections::HashMap;
+
+use super::sts::{Mode as StsMode, Policy, Sts};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -117,6 +119,8 @@ pub struct Router {
     routes: Live<StaticRoutes>,
     resolver: Arc<dyn Resolver>,
     guard: Live<AddressGuard>,
+    /// MTA-STS policies of MX-routed domains (`delivery.mta_sts`); `None`: not applied.
+    sts: Option<Arc<Sts>>,
 }
 
 /// The routing part of the config, compiled: what a reload swaps.
@@ -168,7 +172,14 @@ impl Router {
             routes: Live::new(StaticRoutes::compile(routes, default_tls)),
             resolver,
             guard: Live::new(guard),
+            sts: None,
         }
+    }
+
+    /// Applies MTA-STS policies (through `sts`) to MX-routed plans from now on.
+    pub fn with_sts(mut self, sts: Arc<Sts>) -> Router {
+        self.sts = Some(sts);
+        self
     }
 
     /// Replaces the static routes and the default TLS policy (config reload); plans made
@@ -220,12 +231,18 @@ impl Router {
             // either, `addresses` reports that hop (and so the domain) as 5.1.2.
             MxLookup::NoMx => (format!("mx:{domain}"), vec![Hop::smtp(domain.to_owned())]),
         };
-        Ok(RoutePlan {
+        let mut plan = RoutePlan {
             key,
             hops,
             tls: self.routes.get().default_tls,
             auth: None,
-        })
+        };
+        if let Some(sts) = &self.sts {
+            if let Some(policy) = sts.policy(domain).await {
+                apply_sts(domain, &policy, &mut plan)?;
+            }
+        }
+        Ok(plan)
     }
 
     /// Addresses of one hop, resolved lazily at connect time (literal IPs returned directly).
@@ -255,6 +272,23 @@ impl Router {
     pub fn resolver(&self) -> &Arc<dyn Resolver> {
         &self.resolver
     }
+}
+
+/// An `enforce` MTA-STS policy on an MX plan: only the MX hosts it names, each over TLS with a
+/// verified certificate; none left defers (4.7.5). Other modes change nothing.
+fn apply_sts(domain: &str, policy: &Policy, plan: &mut RoutePlan) -> Result<(), RouteError> {
+    if policy.mode != StsMode::Enforce {
+        return Ok(());
+    }
+    plan.hops.retain(|hop| policy.allows(&hop.name));
+    if plan.hops.is_empty() {
+        return Err(RouteError::Temporary {
+            status: "4.7.5",
+            reason: format!("{domain}: no MX host matches its MTA-STS policy (mode enforce)"),
+        });
+    }
+    plan.tls = TlsPolicy::Required;
+    Ok(())
 }
 
 /// The addresses of `host` the guard lets through; none left is a temporary failure that
@@ -479,6 +513,9 @@ mod tests {
         fn addresses<'a>(&'a self, _: &'a str) -> crate::routing::dns::DnsFuture<'a, Vec<IpAddr>> {
             Box::pin(std::future::pending())
         }
+        fn txt<'a>(&'a self, _: &'a str) -> crate::routing::dns::TxtFuture<'a> {
+            Box::pin(std::future::pending())
+        }
     }
 
     fn silent_router(routes: &[RouteConfig]) -> Router {
@@ -488,6 +525,36 @@ mod tests {
             Arc::new(Silent),
             AddressGuard::default(),
         )
+    }
+
+    #[test]
+    fn an_enforced_mta_sts_policy_keeps_its_mx_hosts_and_requires_verified_tls() {
+        let plan = |hosts: &[&str]| RoutePlan {
+            key: "mx:x".into(),
+            hops: hosts.iter().map(|h| Hop::smtp(h.to_string())).collect(),
+            tls: TlsPolicy::Opportunistic,
+            auth: None,
+        };
+        let policy = |mode| Policy {
+            mode,
+            mx: vec!["*.example.net".into()],
+            max_age: 60,
+        };
+        let mut p = plan(&["mx1.example.net", "rogue.example.org", "mx2.example.net"]);
+        apply_sts("example.net", &policy(StsMode::Enforce), &mut p).unwrap();
+        let names: Vec<&str> = p.hops.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names, ["mx1.example.net", "mx2.example.net"]);
+        assert_eq!(p.tls, TlsPolicy::Required);
+
+        let mut p = plan(&["rogue.example.org"]);
+        match apply_sts("example.net", &policy(StsMode::Enforce), &mut p) {
+            Err(RouteError::Temporary { status, .. }) => assert_eq!(status, "4.7.5"),
+            other => panic!("{other:?}"),
+        }
+        let mut p = plan(&["rogue.example.org"]);
+        apply_sts("example.net", &policy(StsMode::Testing), &mut p).unwrap();
+        assert_eq!(p.hops.len(), 1);
+        assert_eq!(p.tls, TlsPolicy::Opportunistic);
     }
 
     #[tokio::test(start_paused = true)]

@@ -32,7 +32,8 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(15);
 // ---------------------------------------------------------------------------------------------
 // Certificates and password hashes
 
-/// A throwaway CA and a leaf certificate for "localhost" signed by it.
+/// A throwaway CA and a leaf certificate for "localhost" (and the MTA-STS test domains'
+/// hosts: `*.sts.test`, `*.mismatch.test`, `*.testing.test`) signed by it.
 pub struct TestCert {
     pub ca_der: CertificateDer<'static>,
     pub ca_pem: String,
@@ -57,8 +58,17 @@ pub fn test_cert() -> &'static TestCert {
         let ca = ca_params.self_signed(&ca_key).expect("CA cert");
 
         let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
-        let mut leaf_params =
-            rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("leaf params");
+        let mut leaf_params = rcgen::CertificateParams::new(
+            [
+                "localhost",
+                "*.sts.test",
+                "*.mismatch.test",
+                "*.testing.test",
+            ]
+            .map(str::to_string)
+            .to_vec(),
+        )
+        .expect("leaf params");
         leaf_params
             .distinguished_name
             .push(rcgen::DnType::CommonName, "localhost");
@@ -184,6 +194,7 @@ impl Default for Options {
             delivery: vec![
                 ("suspended".to_string(), "true".to_string()),
                 ("check_dkim_records".to_string(), "false".to_string()),
+                ("mta_sts".to_string(), "false".to_string()),
             ],
             routes: vec![("sink.test".to_string(), DEFAULT_SINK_ROUTE.to_string())],
             route_options: Vec::new(),

@@ -26,6 +26,7 @@ mod inject;
 mod limits;
 mod logs;
 mod metrics;
+mod mta_sts;
 mod python_client;
 mod reload;
 mod routing;

@@ -866,7 +866,7 @@ fn path_and_params(arg: &str, keyword: &str) -> Option<(String, Vec<String>)> {
     ))
 }
 
-fn server_config(cert: SinkCert) -> Arc<rustls::ServerConfig> {
+pub(crate) fn server_config(cert: SinkCert) -> Arc<rustls::ServerConfig> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let (cert_pem, key_pem) = match cert {

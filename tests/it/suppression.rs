@@ -93,9 +93,9 @@ async fn tls_receiver() -> (SocketAddr, Posts, tokio::task::JoinHandle<()>) {
     (addr, posts, task)
 }
 
-struct TlsListener {
-    tcp: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+pub(crate) struct TlsListener {
+    pub(crate) tcp: TcpListener,
+    pub(crate) acceptor: tokio_rustls::TlsAcceptor,
 }
 
 impl axum::serve::Listener for TlsListener {

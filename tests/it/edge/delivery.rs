@@ -98,6 +98,11 @@ async fn an_mx_pointing_at_loopback_is_never_connected() {
         0,
         "address literal on loopback contacted"
     );
+    // The delivered message leaves the spool just after its log line: wait for that.
+    let deadline = std::time::Instant::now() + T;
+    while server.message_count() != 3 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert_eq!(
         server.message_count(),
         3,
