@@ -4,7 +4,8 @@
 #
 # Needs: strace (fsync-before-250 proof), python3 (smtplib client tests), systemd-analyze
 # (unit file check), redis-server (cluster shaping tests start their own), dkimpy + pynacl
-# (independent DKIM verification, Ed25519 included).
+# (independent DKIM verification, Ed25519 included), jsonschema (TLS-RPT reports checked
+# against the RFC 8460 format).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,9 +25,9 @@ if [ ${#need[@]} -gt 0 ]; then
   "${sudo[@]}" apt-get install -y -qq "${need[@]}"
 fi
 
-if ! python3 -c 'import dkim, nacl' 2>/dev/null; then
-  python3 -m pip install --quiet dkimpy pynacl 2>/dev/null \
-    || python3 -m pip install --quiet --break-system-packages dkimpy pynacl
+if ! python3 -c 'import dkim, nacl, jsonschema' 2>/dev/null; then
+  python3 -m pip install --quiet dkimpy pynacl jsonschema 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages dkimpy pynacl jsonschema
 fi
 
 exec cargo test --workspace "$@"

@@ -48,6 +48,7 @@ pub mod outcome;
 pub mod sendtime;
 pub mod shaping;
 pub mod sidecar;
+pub mod tlsrpt;
 pub mod unsubscribe;
 
 pub mod intake;

@@ -42,6 +42,7 @@ const FLOORS: &[(&str, u8)] = &[
     ("sidecar", 4),
     ("sendtime", 4),
     ("unsubscribe", 4),
+    ("tlsrpt", 4),
     ("enqueue", 4),
     ("outcome", 4),
     // 5

@@ -25,6 +25,7 @@ pub mod listener;
 pub mod queue;
 pub mod shaping;
 pub mod suppression;
+pub mod tls_reports;
 pub mod tracking;
 pub mod unsubscribe;
 
@@ -66,6 +67,8 @@ pub struct AdminState {
     pub sidecar: Arc<Sidecar>,
     /// One-click unsubscribe (the public `/u/` route; scoped checks at injection).
     pub unsubscriber: Arc<Unsubscriber>,
+    /// TLS-RPT report mails (`None` with MTA-STS off).
+    pub tls_reporting: Option<Arc<crate::tlsrpt::TlsReporting>>,
     /// The send-time model (events API, recipients, refit, lift).
     pub send_time: SendTime,
     /// Size and recipient limits, applied to injected mail as to SMTP mail; a config reload
@@ -96,6 +99,7 @@ fn router(state: AdminState) -> Router {
         .merge(shaping::routes())
         .merge(suppression::routes())
         .merge(events::routes())
+        .merge(tls_reports::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.token.clone(),
             auth::require_token,

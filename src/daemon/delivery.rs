@@ -35,6 +35,7 @@ use crate::scheduler::Scheduler;
 use crate::shaping::Shaper;
 use crate::telemetry::Metrics;
 use crate::tls::{load_roots, SYSTEM_ROOTS};
+use crate::tlsrpt::{TlsReporting, TlsReports};
 use crate::verp::Verp;
 
 pub struct Delivery {
@@ -49,6 +50,8 @@ pub struct Delivery {
     verp: Option<Verp>,
     /// The SMTP listeners' addresses (a restart key): never a delivery destination.
     listeners: Vec<std::net::SocketAddr>,
+    /// TLS-RPT counts and report mails (with MTA-STS on).
+    pub tls_reporting: Option<Arc<TlsReporting>>,
 }
 
 /// What the delivery subsystem is built from.
@@ -86,10 +89,16 @@ impl Delivery {
             resolver.clone(),
             AddressGuard::new(config.delivery.allow_local_mx, &parts.listeners),
         );
+        let mut tls_reporting = None;
         if config.delivery.mta_sts {
             router = router.with_sts(Arc::new(Sts::new(
-                resolver,
+                resolver.clone(),
                 sts_connector(extra_roots.as_ref()),
+            )));
+            tls_reporting = Some(Arc::new(TlsReporting::new(
+                Arc::new(TlsReports::default()),
+                resolver,
+                config.server.hostname.clone(),
             )));
         }
         let router = Arc::new(router);
@@ -113,7 +122,7 @@ impl Delivery {
             config.delivery.timeouts,
             roots,
         );
-        let worker = Arc::new(Worker::new(
+        let mut worker = Worker::new(
             router.clone(),
             pool.clone(),
             settings,
@@ -122,7 +131,27 @@ impl Delivery {
             parts.classifier.clone(),
             parts.origin,
             parts.metrics.clone(),
-        ));
+        );
+        if let Some(reporting) = &tls_reporting {
+            worker = worker.with_tls_reports(reporting.reports.clone());
+            // Daily, just after midnight UTC: the reports of the days that ended.
+            let (reporting, enqueue, stop) =
+                (reporting.clone(), parts.enqueue.clone(), bg.stop.clone());
+            bg.tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(TlsReporting::until_next_run()) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    for report in reporting.due(false).await {
+                        if let Err(err) = enqueue.accept(report).await {
+                            warn!(error = %err, "cannot queue a TLS report");
+                        }
+                    }
+                }
+            });
+        }
+        let worker = Arc::new(worker);
         worker.set_verp(
             parts
                 .verp
@@ -160,6 +189,7 @@ impl Delivery {
             log: parts.log,
             verp: parts.verp,
             listeners: parts.listeners,
+            tls_reporting,
         })
     }
 }

@@ -254,6 +254,7 @@ impl Daemon {
                 hostname: config.server.hostname.clone(),
                 sidecar: intake.sidecar.clone(),
                 unsubscriber: feedback.unsubscriber.clone(),
+                tls_reporting: delivery.tls_reporting.clone(),
                 send_time: intake.send_time.clone(),
                 limits: Arc::new(crate::live::Live::new(config.limits)),
                 edge: Arc::new(crate::live::Live::new(config.admin.clone())),

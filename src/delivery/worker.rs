@@ -26,9 +26,11 @@ use crate::delivery::pool::ConnectionPool;
 use crate::live::Live;
 use crate::origin::Origin;
 use crate::routing::route::{RouteError, RoutePlan, Router};
+use crate::routing::sts::Mode as StsMode;
 use crate::taxonomy::Category;
 use crate::telemetry::Metrics;
 use crate::tls::TlsInfo;
+use crate::tlsrpt::TlsReports;
 use crate::verp::Verp;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -108,6 +110,8 @@ pub struct Worker {
     verp: Live<Option<VerpPolicy>>,
     /// Signs the `X-Tern-Id` each transaction carries (`crate::origin`).
     origin: Origin,
+    /// TLS sessions with MX hosts of domains with an MTA-STS policy, for TLS-RPT.
+    tls_reports: Option<Arc<TlsReports>>,
 }
 
 /// Which mail gets VERP senders: `bounce.verp`, overridden per static route (`routes[].verp`;
@@ -173,7 +177,14 @@ impl Worker {
             broken_tls: BrokenTls::new(config.broken_tls_retry, metrics),
             verp: Live::new(None),
             origin,
+            tls_reports: None,
         }
+    }
+
+    /// Counts TLS sessions with MTA-STS domains' MX hosts in `reports` (TLS-RPT).
+    pub fn with_tls_reports(mut self, reports: Arc<TlsReports>) -> Worker {
+        self.tls_reports = Some(reports);
+        self
     }
 
     /// Sets (or replaces, on reload: route overrides are live) the VERP policy.
@@ -294,7 +305,10 @@ impl Worker {
         loop {
             let conn = match connection.take() {
                 Some(conn) => conn,
-                None => match self.connect(plan, &settings, outbound).await {
+                None => match self
+                    .connect(plan, &settings, outbound, &env.destination)
+                    .await
+                {
                     Ok(conn) => conn,
                     Err(failure) => return failure.for_all(&pending, &self.classifier),
                 },
@@ -360,7 +374,14 @@ impl Worker {
         plan: &RoutePlan,
         settings: &AttemptSettings,
         outbound: &mut Outbound,
+        domain: &str,
     ) -> Result<Connection, Failure> {
+        // TLS-RPT counts sessions with the MX hosts of domains that have a policy.
+        let reported = self
+            .tls_reports
+            .as_ref()
+            .and_then(|r| Some((r, self.router.cached_sts_policy(domain)?)))
+            .filter(|(_, p)| p.mode != StsMode::None);
         let password = plan.auth.as_ref().and_then(|a| {
             settings
                 .passwords
@@ -393,7 +414,34 @@ impl Worker {
                     .ehlo
                     .as_deref()
                     .unwrap_or(&settings.client.ehlo_name);
-                match client::connect_as(&target, &settings.client, &self.broken_tls, ehlo).await {
+                let connected =
+                    client::connect_as(&target, &settings.client, &self.broken_tls, ehlo).await;
+                if let Some((reports, policy)) = &reported {
+                    match &connected {
+                        Ok(conn) if conn.tls().is_some() => {
+                            reports.success(domain, policy, &hop.name)
+                        }
+                        Ok(_) => reports.failure(
+                            domain,
+                            policy,
+                            "starttls-not-supported",
+                            &hop.name,
+                            &addr.ip().to_string(),
+                        ),
+                        Err(err) => {
+                            if let Some(result_type) = tls_result_type(err) {
+                                reports.failure(
+                                    domain,
+                                    policy,
+                                    result_type,
+                                    &hop.name,
+                                    &addr.ip().to_string(),
+                                );
+                            }
+                        }
+                    }
+                }
+                match connected {
                     Ok(mut conn) => {
                         if let Some(lease) = outbound.lease.take() {
                             conn.set_lease(lease);
@@ -412,6 +460,23 @@ impl Worker {
             }
         }
         Err(failures.verdict())
+    }
+}
+
+/// The RFC 8460 result type of a failed connection, when the failure is about TLS.
+fn tls_result_type(err: &AttemptError) -> Option<&'static str> {
+    match err {
+        AttemptError::NoStartTls => Some("starttls-not-supported"),
+        AttemptError::Tls { detail } => Some(if detail.contains("NotValidForName") {
+            "certificate-host-mismatch"
+        } else if detail.contains("Expired") {
+            "certificate-expired"
+        } else if detail.contains("UnknownIssuer") {
+            "certificate-not-trusted"
+        } else {
+            "validation-failure"
+        }),
+        _ => None,
     }
 }
 

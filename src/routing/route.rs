@@ -176,6 +176,11 @@ impl Router {
         }
     }
 
+    /// The MTA-STS policy of `domain` if one is cached (no network).
+    pub fn cached_sts_policy(&self, domain: &str) -> Option<Arc<Policy>> {
+        self.sts.as_ref()?.cached(domain)
+    }
+
     /// Applies MTA-STS policies (through `sts`) to MX-routed plans from now on.
     pub fn with_sts(mut self, sts: Arc<Sts>) -> Router {
         self.sts = Some(sts);

@@ -221,6 +221,16 @@ impl Sts {
         }
     }
 
+    /// The cached, unexpired policy of `domain`, without any lookup.
+    pub fn cached(&self, domain: &str) -> Option<Arc<Policy>> {
+        match self.lock().get(domain) {
+            Some(Cached::Policy {
+                policy, expires, ..
+            }) if *expires > Instant::now() => Some(policy.clone()),
+            _ => None,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Cached>> {
         self.cache
             .lock()

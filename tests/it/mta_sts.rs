@@ -3,7 +3,8 @@
 //! serves the policies, and sinks on port 25 of loopback addresses play the MX hosts. With
 //! `mode: enforce`, mail goes only over TLS whose certificate verifies for the MX name, and is
 //! deferred (4.7.5) otherwise; `mode: testing` delivers anyway. The policy is fetched once
-//! and then served from the cache.
+//! and then served from the cache. TLS-RPT (RFC 8460): the failed sessions are reported by
+//! mail to the domain's `rua`, as a report that validates against the RFC's format.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -103,7 +104,13 @@ async fn enforce_delivers_only_over_verified_tls_and_testing_delivers_anyway() {
             .mx(domain, 10, &format!("mx.{domain}"))
             .a(&format!("mx.{domain}"), mx_ip);
     }
+    // mismatch.test asks for TLS reports by mail.
+    zone = zone.txt(
+        "_smtp._tls.mismatch.test",
+        "v=TLSRPTv1; rua=mailto:tlsrpt@reports.test",
+    );
     let dns = DnsServer::start(zone).await;
+    let reports = Sink::start(SinkBehaviour::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let (_, _, ca) = write_cert_files(dir.path());
     let bounces = Sink::start(SinkBehaviour::default()).await;
@@ -111,6 +118,7 @@ async fn enforce_delivers_only_over_verified_tls_and_testing_delivers_anyway() {
         Options::default()
             .deliver()
             .route("sender.test", bounces.addr)
+            .route("reports.test", reports.addr)
             .delivery("nameservers", format!("[\"{}\"]", dns.addr))
             .delivery("allow_local_mx", true)
             .delivery("mta_sts", true)

@@ -1,0 +1,352 @@
+//! SMTP TLS Reporting (RFC 8460): what tern's TLS sessions with the MX hosts of domains that
+//! publish an MTA-STS policy looked like, reported to those domains.
+//!
+//! The delivery worker records each new connection to such a domain's MX hosts
+//! ([`TlsReports::success`], [`TlsReports::failure`] with an RFC 8460 result type); counts are
+//! kept per policy domain per UTC day, in memory (a restart loses the day's counts so far).
+//! [`TlsReports::reports`] (daily after midnight UTC, or now through the admin API) looks up
+//! `_smtp._tls.<domain>` (`v=TLSRPTv1; rua=mailto:...`), and builds each day's report mail as
+//! RFC 8460 3 says: a gzipped JSON attachment (`application/tlsrpt+gzip`) in a
+//! `multipart/report; report-type="tlsrpt"` message with `TLS-Report-Domain` and
+//! `TLS-Report-Submitter` headers, from `postmaster@<hostname>`. `https:` rua endpoints are
+//! not posted to yet.
+//!
+//! Invariants: at most [`MAX_DOMAINS`] domains are counted per day (the rest are not
+//! reported, and logged once); a day is reported once, then forgotten.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+use tern_queue::{BodyType, Recipient, Source};
+use tracing::info;
+
+use crate::message::Submission;
+use crate::routing::dns::Resolver;
+use crate::routing::sts::Policy;
+
+/// Policy domains counted per day.
+pub const MAX_DOMAINS: usize = 50_000;
+
+/// One domain's day.
+#[derive(Debug, Clone, Default)]
+struct DomainDay {
+    policy: Option<Arc<Policy>>,
+    /// MX host names seen.
+    mx: std::collections::BTreeSet<String>,
+    successes: u64,
+    /// (result type, receiving MX host, receiving IP) -> sessions.
+    failures: BTreeMap<(String, String, String), u64>,
+}
+
+/// The counts of the days not reported yet.
+#[derive(Default)]
+pub struct TlsReports {
+    days: Mutex<HashMap<(String, u64), DomainDay>>,
+}
+
+fn today() -> u64 {
+    crate::clock::now_ms() / 86_400_000
+}
+
+impl TlsReports {
+    fn with_day(&self, domain: &str, policy: &Arc<Policy>, f: impl FnOnce(&mut DomainDay)) {
+        let mut days = self.days.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (domain.to_ascii_lowercase(), today());
+        if !days.contains_key(&key) && days.len() >= MAX_DOMAINS {
+            return;
+        }
+        let day = days.entry(key).or_default();
+        day.policy = Some(policy.clone());
+        f(day);
+    }
+
+    /// A TLS session with `mx` (an MX host of `domain`, under `policy`) that met the policy.
+    pub fn success(&self, domain: &str, policy: &Arc<Policy>, mx: &str) {
+        self.with_day(domain, policy, |d| {
+            d.mx.insert(mx.to_ascii_lowercase());
+            d.successes += 1;
+        });
+    }
+
+    /// A session with `mx` at `ip` that failed as `result_type` (RFC 8460 4.3).
+    pub fn failure(
+        &self,
+        domain: &str,
+        policy: &Arc<Policy>,
+        result_type: &str,
+        mx: &str,
+        ip: &str,
+    ) {
+        self.with_day(domain, policy, |d| {
+            d.mx.insert(mx.to_ascii_lowercase());
+            *d.failures
+                .entry((
+                    result_type.to_owned(),
+                    mx.to_ascii_lowercase(),
+                    ip.to_owned(),
+                ))
+                .or_default() += 1;
+        });
+    }
+
+    /// Takes the days to report: those before today, or all with `include_today`.
+    fn take(&self, include_today: bool) -> Vec<(String, u64, DomainDay)> {
+        let mut days = self.days.lock().unwrap_or_else(|e| e.into_inner());
+        let now = today();
+        let keys: Vec<(String, u64)> = days
+            .keys()
+            .filter(|(_, day)| include_today || *day < now)
+            .cloned()
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| days.remove(&k).map(|d| (k.0, k.1, d)))
+            .collect()
+    }
+
+    /// The report mails of the days before today (all of them with `include_today`) for
+    /// every domain that asks for reports by mail, ready to enqueue; the days are forgotten.
+    pub async fn reports(
+        &self,
+        include_today: bool,
+        resolver: &dyn Resolver,
+        hostname: &str,
+    ) -> Vec<Submission> {
+        let mut out = Vec::new();
+        for (domain, day, data) in self.take(include_today) {
+            let rua = match resolver.txt(&format!("_smtp._tls.{domain}")).await {
+                Ok(Some(records)) => records.iter().flat_map(|r| rua(r)).collect::<Vec<_>>(),
+                _ => Vec::new(),
+            };
+            let mailto: Vec<String> = rua
+                .iter()
+                .filter_map(|u| u.strip_prefix("mailto:"))
+                .map(|a| a.split('?').next().unwrap_or(a).to_owned())
+                .collect();
+            if mailto.is_empty() {
+                continue;
+            }
+            let report = report_json(&domain, day, &data, hostname);
+            let message = report_message(&domain, day, &report, hostname);
+            let submission = Submission {
+                sender: format!("postmaster@{hostname}"),
+                recipients: mailto.iter().map(|a| Recipient::new(a.clone())).collect(),
+                env_id: None,
+                ret: None,
+                body_type: BodyType::SevenBit,
+                smtputf8: false,
+                source: Source {
+                    client_ip: "127.0.0.1".into(),
+                    helo: hostname.to_owned(),
+                    auth_user: None,
+                    protocol: "local".into(),
+                },
+                tls: None,
+                content: message,
+                sidecar: None,
+                pool: None,
+                trusted: false,
+                unsubscribe: None,
+            };
+            info!(domain, rua = ?mailto, "TLS report ready");
+            out.push(submission);
+        }
+        out
+    }
+}
+
+/// The counts with what turning them into report mails takes: the resolver for the
+/// `_smtp._tls` records and our host name (organization and submitter).
+pub struct TlsReporting {
+    pub reports: Arc<TlsReports>,
+    resolver: Arc<dyn Resolver>,
+    hostname: String,
+}
+
+impl TlsReporting {
+    pub fn new(reports: Arc<TlsReports>, resolver: Arc<dyn Resolver>, hostname: String) -> Self {
+        TlsReporting {
+            reports,
+            resolver,
+            hostname,
+        }
+    }
+
+    /// The report mails due: see [`TlsReports::reports`].
+    pub async fn due(&self, include_today: bool) -> Vec<Submission> {
+        self.reports
+            .reports(include_today, &*self.resolver, &self.hostname)
+            .await
+    }
+
+    /// How long until the next daily run: 5 minutes past the next UTC midnight.
+    pub fn until_next_run() -> std::time::Duration {
+        let now_ms = crate::clock::now_ms();
+        let next = (now_ms / 86_400_000 + 1) * 86_400_000 + 300_000;
+        std::time::Duration::from_millis(next - now_ms)
+    }
+}
+
+/// The `rua` URIs of a `_smtp._tls` TXT record (`v=TLSRPTv1; rua=mailto:a@b.example,...`).
+pub fn rua(record: &str) -> Vec<String> {
+    let mut fields = record.split(';').map(str::trim);
+    if fields.next() != Some("v=TLSRPTv1") {
+        return Vec::new();
+    }
+    fields
+        .filter_map(|f| f.strip_prefix("rua="))
+        .flat_map(|list| list.split(','))
+        .map(|u| u.trim().to_owned())
+        .filter(|u| u.starts_with("mailto:") || u.starts_with("https:"))
+        .collect()
+}
+
+fn day_bounds(day: u64) -> (String, String) {
+    let start = jiff::Timestamp::from_second((day * 86_400) as i64).unwrap_or_default();
+    let end = jiff::Timestamp::from_second((day * 86_400 + 86_399) as i64).unwrap_or_default();
+    (
+        start.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        end.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+    )
+}
+
+/// The report (RFC 8460 4.4) of one policy domain's day.
+fn report_json(domain: &str, day: u64, data: &DomainDay, hostname: &str) -> Value {
+    let (start, end) = day_bounds(day);
+    let policy = data.policy.as_deref();
+    let mut policy_string = Vec::new();
+    if let Some(p) = policy {
+        policy_string.push("version: STSv1".to_owned());
+        policy_string.push(format!("mode: {}", p.mode.as_str()));
+        policy_string.extend(p.mx.iter().map(|m| format!("mx: {m}")));
+        policy_string.push(format!("max_age: {}", p.max_age));
+    }
+    let failed: u64 = data.failures.values().sum();
+    let details: Vec<Value> = data
+        .failures
+        .iter()
+        .map(|((result_type, mx, ip), n)| {
+            json!({
+                "result-type": result_type,
+                "receiving-mx-hostname": mx,
+                "receiving-ip": ip,
+                "failed-session-count": n,
+            })
+        })
+        .collect();
+    json!({
+        "organization-name": hostname,
+        "date-range": {"start-datetime": start, "end-datetime": end},
+        "contact-info": format!("postmaster@{hostname}"),
+        "report-id": format!("{start}_{domain}@{hostname}"),
+        "policies": [{
+            "policy": {
+                "policy-type": if policy.is_some() { "sts" } else { "no-policy-found" },
+                "policy-string": policy_string,
+                "policy-domain": domain,
+                "mx-host": data.mx.iter().collect::<Vec<_>>(),
+            },
+            "summary": {
+                "total-successful-session-count": data.successes,
+                "total-failure-session-count": failed,
+            },
+            "failure-details": details,
+        }],
+    })
+}
+
+/// The report mail (RFC 8460 3): the JSON gzipped as an attachment named
+/// `submitter!policy-domain!begin!end.json.gz`.
+fn report_message(domain: &str, day: u64, report: &Value, hostname: &str) -> Vec<u8> {
+    let json = serde_json::to_vec(report).unwrap_or_default();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let _ = gz.write_all(&json);
+    let gz = gz.finish().unwrap_or_default();
+    let encoded = base64::engine::general_purpose::STANDARD.encode(&gz);
+    let wrapped: Vec<&str> = encoded
+        .as_bytes()
+        .chunks(76)
+        .map(|c| std::str::from_utf8(c).unwrap_or(""))
+        .collect();
+    let begin = day * 86_400;
+    let name = format!("{hostname}!{domain}!{begin}!{}.json.gz", begin + 86_399);
+    let boundary = format!("tlsrpt-{begin}-{}", domain.len());
+    let date = crate::message::rfc5322_date(std::time::SystemTime::now());
+    format!(
+        "From: TLS reporting <postmaster@{hostname}>\r\n\
+         Date: {date}\r\n\
+         Subject: Report Domain: {domain} Submitter: {hostname} Report-ID: <{day}.{domain}@{hostname}>\r\n\
+         TLS-Report-Domain: {domain}\r\n\
+         TLS-Report-Submitter: {hostname}\r\n\
+         Message-ID: <tlsrpt.{day}.{domain}@{hostname}>\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: multipart/report; report-type=\"tlsrpt\"; boundary=\"{boundary}\"\r\n\
+         \r\n\
+         --{boundary}\r\n\
+         Content-Type: text/plain; charset=us-ascii\r\n\
+         \r\n\
+         This is an aggregate TLS report from {hostname} (RFC 8460).\r\n\
+         \r\n\
+         --{boundary}\r\n\
+         Content-Type: application/tlsrpt+gzip\r\n\
+         Content-Transfer-Encoding: base64\r\n\
+         Content-Disposition: attachment; filename=\"{name}\"\r\n\
+         \r\n\
+         {}\r\n\
+         --{boundary}--\r\n",
+        wrapped.join("\r\n")
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::sts::Mode;
+
+    #[test]
+    fn rua_lists_mailto_and_https_uris_of_tlsrptv1_records_only() {
+        assert_eq!(
+            rua("v=TLSRPTv1; rua=mailto:tls@x.test,https://r.x.test/v1"),
+            ["mailto:tls@x.test", "https://r.x.test/v1"]
+        );
+        assert!(rua("v=spf1 -all").is_empty());
+        assert!(rua("v=TLSRPTv1; rua=ftp://x").is_empty());
+    }
+
+    #[test]
+    fn the_report_counts_sessions_per_failure_and_names_the_policy() {
+        let reports = TlsReports::default();
+        let policy = Arc::new(Policy {
+            mode: Mode::Enforce,
+            mx: vec!["mx.x.test".into()],
+            max_age: 86400,
+        });
+        reports.success("x.test", &policy, "mx.x.test");
+        for _ in 0..2 {
+            reports.failure(
+                "x.test",
+                &policy,
+                "certificate-not-trusted",
+                "mx.x.test",
+                "192.0.2.1",
+            );
+        }
+        let taken = reports.take(true);
+        assert_eq!(taken.len(), 1);
+        let (domain, day, data) = &taken[0];
+        let report = report_json(domain, *day, data, "tern.test");
+        let p = &report["policies"][0];
+        assert_eq!(p["policy"]["policy-type"], "sts");
+        assert_eq!(p["policy"]["policy-string"][1], "mode: enforce");
+        assert_eq!(p["summary"]["total-successful-session-count"], 1);
+        assert_eq!(p["summary"]["total-failure-session-count"], 2);
+        assert_eq!(
+            p["failure-details"][0]["result-type"],
+            "certificate-not-trusted"
+        );
+        assert!(reports.take(true).is_empty(), "a day is reported once");
+    }
+}
