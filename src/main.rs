@@ -27,13 +27,16 @@ struct Cli {
 enum Command {
     /// Run the daemon.
     Serve {
-        #[arg(long, short, default_value = "config/tern.toml")]
-        config: PathBuf,
+        #[arg(long, short, value_name = "FILE", help = tern::cli::CONFIG_HELP)]
+        config: Option<PathBuf>,
     },
     /// Validate a configuration file without binding ports or opening the spool.
     CheckConfig {
-        #[arg(long, short, default_value = "config/tern.toml")]
-        config: PathBuf,
+        #[arg(long, short, value_name = "FILE", help = tern::cli::CONFIG_HELP)]
+        config: Option<PathBuf>,
+        /// The config file to check (the same as --config).
+        #[arg(value_name = "FILE", conflicts_with = "config")]
+        file: Option<PathBuf>,
     },
     /// Inspect and manage the queue (running daemon; list and show also on a stopped one).
     Queue {
@@ -71,8 +74,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config } => tern::cli::serve::run(&config, init_logging),
-        Command::CheckConfig { config } => tern::cli::check_config::run(&config),
+        Command::Serve { config } => tern::cli::serve::run(config.as_deref(), init_logging),
+        Command::CheckConfig { config, file } => {
+            tern::cli::check_config::run(config.or(file).as_deref())
+        }
         Command::Queue { command } => tern::cli::queue::run(command),
         Command::Inject(args) => tern::cli::inject::run(args),
         Command::HashPassword => tern::cli::hash_password::run(),

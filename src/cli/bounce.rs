@@ -1,7 +1,7 @@
 //! `tern bounce ...`: `parse`, one raw message (bounce, ARF complaint, auto-reply, anything)
 //! read with the bounce parser and printed per recipient; no daemon, no spool.
 
-use super::check_config::load;
+use super::check_config::load_file;
 use super::{EX_CONFIG, EX_NOINPUT};
 use crate::bounce::classify::Classifier;
 use clap::Subcommand;
@@ -36,7 +36,7 @@ pub fn run(command: BounceCommand) -> ExitCode {
 fn parse(file: &Path, json: bool, config: Option<&Path>) -> ExitCode {
     let classifier = match config {
         None => Classifier::defaults(),
-        Some(path) => match load(path).and_then(|c| {
+        Some(path) => match load_file(path).and_then(|c| {
             // load() has already checked the rule file; this cannot fail but for a race.
             Classifier::load(&c).map_err(|errors| {
                 eprintln!("{}: configuration errors:\n{errors}", path.display());

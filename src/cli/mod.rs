@@ -43,11 +43,15 @@ const EX_TEMPFAIL: u8 = 75;
 const EX_NOPERM: u8 = 77;
 const EX_CONFIG: u8 = 78;
 
+/// Help text of every `--config` option.
+pub const CONFIG_HELP: &str = "Config file [default: $TERN_CONFIG, else /etc/tern/tern.toml, \
+else ./config/tern.toml]; relative paths in it resolve against its directory";
+
 // The options of the queue and suppression commands: the daemon's config and --json.
 #[derive(clap::Args)]
 pub struct Common {
-    #[arg(long, short, default_value = "config/tern.toml")]
-    config: PathBuf,
+    #[arg(long, short, value_name = "FILE", help = CONFIG_HELP)]
+    config: Option<PathBuf>,
     /// Print the admin API's JSON instead of a table.
     #[arg(long)]
     json: bool,

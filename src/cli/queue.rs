@@ -229,7 +229,7 @@ pub fn run(command: QueueCommand) -> ExitCode {
             render_done,
         ),
     };
-    let config = match load(&common.config) {
+    let config = match load(common.config.as_deref()) {
         Ok(config) => config,
         Err(code) => return code,
     };
@@ -253,8 +253,14 @@ pub fn run(command: QueueCommand) -> ExitCode {
                 sender,
                 held,
                 ..
-            } => offline_list(&common.config, common.json, destination, sender, held),
-            Q::Show { id, common, body } => offline_show(&common.config, id, body),
+            } => offline_list(
+                common.config.as_deref(),
+                common.json,
+                destination,
+                sender,
+                held,
+            ),
+            Q::Show { id, common, body } => offline_show(common.config.as_deref(), id, body),
             _ => {
                 eprintln!("tern: {why}");
                 eprintln!("tern: this command needs the running daemon");
@@ -333,7 +339,7 @@ fn render_done(v: &serde_json::Value) -> String {
 
 /// `tern queue list` on the spool of a stopped daemon.
 fn offline_list(
-    config: &Path,
+    config: Option<&Path>,
     json: bool,
     destination: Option<String>,
     sender: Option<String>,
@@ -398,7 +404,7 @@ fn offline_list(
 }
 
 /// `tern queue show` on the spool of a stopped daemon.
-fn offline_show(config: &Path, id: String, body: bool) -> ExitCode {
+fn offline_show(config: Option<&Path>, id: String, body: bool) -> ExitCode {
     let Ok(id) = id.parse::<MessageId>() else {
         eprintln!("tern: {id:?} is not a message id (16 hex digits)");
         return ExitCode::from(EX_DATAERR);
@@ -432,7 +438,7 @@ fn offline_show(config: &Path, id: String, body: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn open_spool(config: &Path) -> Result<Spool, ExitCode> {
+fn open_spool(config: Option<&Path>) -> Result<Spool, ExitCode> {
     let config = load(config)?;
     Spool::open(&config.spool.path).map_err(|err| {
         eprintln!("tern: {err}");

@@ -72,7 +72,7 @@ pub fn run(command: SuppressionCommand) -> ExitCode {
         | S::Import { common, .. }
         | S::Export { common } => common,
     };
-    let config = match load(&common.config) {
+    let config = match load(common.config.as_deref()) {
         Ok(config) => config,
         Err(code) => return code,
     };

@@ -11,7 +11,9 @@
 //! key, the modes of every secret file) are checked separately by [`Config::check_files`],
 //! because a config can be valid on a machine other than the one it will run on.
 //!
-//! Relative paths are resolved against the working directory, not the config file's directory.
+//! Relative paths (given or defaulted) are resolved against the config file's directory by
+//! [`Config::load`] ([`paths`], which also finds the file: `--config`, `TERN_CONFIG`,
+//! `/etc/tern/tern.toml`, `./config/tern.toml`); [`Config::parse`] leaves them as written.
 //!
 //! To add a section: a struct, a `compile_<section>(r: &mut TableReader) -> Section` function,
 //! and one line in [`compile_config`].
@@ -19,6 +21,7 @@
 mod bounce;
 mod delivery;
 mod events;
+pub mod paths;
 mod reader;
 mod secrets;
 mod sendtime;
@@ -378,11 +381,14 @@ impl fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 impl Config {
-    /// Reads and compiles a config file. A read error names the file; compile errors name keys.
+    /// Reads and compiles a config file, relative paths resolved against its directory. A
+    /// read error names the file; compile errors name keys.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigErrors(vec![format!("{}: {}", path.display(), describe_io(&e))]))?;
-        Config::parse(&text)
+        let mut config = Config::parse(&text)?;
+        config.rebase(&paths::base_dir(path));
+        Ok(config)
     }
 
     /// Compiles config text; a TOML syntax error is reported alone, with line and column.
@@ -995,11 +1001,19 @@ mod tests {
         );
         assert!(config.auth.users.is_empty());
         assert_eq!(config.limits, Limits::default());
-        assert_eq!(config.spool, SpoolConfig::default());
+        // The example keeps its files in ../data (the repository's data/, since paths resolve
+        // against the config's directory); everything else is at its default.
+        assert_eq!(
+            config.spool,
+            SpoolConfig {
+                path: "../data/spool".into(),
+                ..SpoolConfig::default()
+            }
+        );
         assert_eq!(
             config.admin,
             AdminConfig {
-                token_file: Some("./data/admin.token".into()),
+                token_file: Some("../data/admin.token".into()),
                 ..AdminConfig::default()
             }
         );
@@ -1014,7 +1028,13 @@ mod tests {
                 verp: None,
             }]
         );
-        assert_eq!(config.delivery, DeliveryConfig::default());
+        assert_eq!(
+            config.delivery,
+            DeliveryConfig {
+                log_path: Some("../data/delivery.log".into()),
+                ..DeliveryConfig::default()
+            }
+        );
         assert!(config.dkim.is_empty());
         assert_eq!(config.bounce, BounceConfig::default());
         assert_eq!(config.suppression, SuppressionConfig::default());
@@ -1048,7 +1068,7 @@ mod tests {
             sidecar.tracking,
             Some(TrackingConfig {
                 base_url: "http://127.0.0.1:8025".to_owned(),
-                secret_file: "./data/tracking.key".into(),
+                secret_file: "../data/tracking.key".into(),
                 max_age: TrackingConfig::DEFAULT_MAX_AGE,
                 replay_entries: TrackingConfig::DEFAULT_REPLAY_ENTRIES,
             })

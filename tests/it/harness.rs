@@ -1134,6 +1134,10 @@ impl TernProc {
             .stderr(Stdio::from(err))
             .env_remove("RUST_LOG")
             .kill_on_drop(true);
+        // The config is named on the command line; a developer's TERN_CONFIG must not leak in.
+        if !cmd.as_std().get_envs().any(|(k, _)| k == "TERN_CONFIG") {
+            cmd.env_remove("TERN_CONFIG");
+        }
         let child = cmd.spawn().expect("spawn tern");
         TernProc {
             child,
@@ -1200,11 +1204,25 @@ pub fn send_signal(pid: u32, signal: &str) {
     assert!(status.success(), "kill -{signal} {pid} failed");
 }
 
-/// Runs `tern ARGS...` to completion (stdin from `input`).
+/// Runs `tern ARGS...` to completion (stdin from `input`) in the repository's directory.
 pub async fn run_tern(args: &[&str], input: Option<&[u8]>) -> std::process::Output {
+    run_tern_in(manifest_dir(), None, args, input).await
+}
+
+/// Runs `tern ARGS...` in `cwd`, with `TERN_CONFIG` set to `config` (or unset).
+pub async fn run_tern_in(
+    cwd: &Path,
+    config: Option<&Path>,
+    args: &[&str],
+    input: Option<&[u8]>,
+) -> std::process::Output {
     let mut cmd = Command::new(tern_bin());
+    match config {
+        Some(path) => cmd.env("TERN_CONFIG", path),
+        None => cmd.env_remove("TERN_CONFIG"),
+    };
     cmd.args(args)
-        .current_dir(manifest_dir())
+        .current_dir(cwd)
         .env_remove("RUST_LOG")
         .stdin(if input.is_some() {
             Stdio::piped()

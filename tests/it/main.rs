@@ -13,6 +13,7 @@ mod bdat;
 mod bounce;
 mod cli;
 mod client;
+mod config_lookup;
 mod crash;
 mod delivery;
 mod delivery_crash;
