@@ -277,6 +277,7 @@ pub struct Metrics {
     /// Static route keys (`route:<domain>`): the only destinations used as label values.
     routes: RouteKeys,
 
+    ready: IntGauge,
     smtp_connections: IntCounter,
     smtp_connections_rejected: IntCounter,
     smtp_sessions: IntGauge,
@@ -522,6 +523,10 @@ impl Metrics {
         };
         let metrics = Metrics {
             routes: RouteKeys(std::sync::RwLock::new(Arc::new(HashSet::new()))),
+            ready: gauge(
+                "tern_ready",
+                "1 while GET /readyz answers 200 (spool healthy, every listener accepting, not draining); set at each check and scrape.",
+            ),
             smtp_connections: counter(
                 "tern_smtp_connections_total",
                 "Inbound SMTP connections accepted by a listener, including those refused at the limit.",
@@ -1095,6 +1100,11 @@ impl Metrics {
         self.warmup_cap
             .with_label_values(&labels)
             .set(cap.map_or(-1, |c| i64::try_from(c).unwrap_or(i64::MAX)));
+    }
+
+    /// The verdict of the last readiness check (`/readyz`, or a scrape).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
     }
 
     pub fn shaping_wait(&self, waited: Duration) {

@@ -23,6 +23,7 @@ mod dialogue;
 mod dkim;
 mod durability;
 mod fuzz;
+mod health;
 mod inject;
 mod limits;
 mod logs;
