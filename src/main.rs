@@ -64,6 +64,11 @@ enum Command {
         #[command(subcommand)]
         command: tern::cli::suppression::SuppressionCommand,
     },
+    /// Scoped admin API tokens (`[[admin.tokens]]`).
+    Token {
+        #[command(subcommand)]
+        command: tern::cli::token::TokenCommand,
+    },
     /// The pre-enqueue sidecar.
     Sidecar {
         #[command(subcommand)]
@@ -85,6 +90,7 @@ fn main() -> ExitCode {
         Command::Bounce { command } => tern::cli::bounce::run(command),
         Command::Suppression { command } => tern::cli::suppression::run(command),
         Command::Sidecar { command } => tern::cli::sidecar::run(command),
+        Command::Token { command } => tern::cli::token::run(command),
     }
 }
 

@@ -1,7 +1,8 @@
 //! The admin HTTP server: `GET /metrics` (Prometheus text format), `GET /healthz` and
 //! `GET /readyz` (no token) and the admin API under `/api/v1` (bearer token, JSON in and out).
 //!
-//! - [`auth`]: the API's bearer token and the middleware that checks it.
+//! - [`auth`]: the API's bearer tokens, their scopes, and the middleware that checks them and
+//!   writes the audit log.
 //! - [`health`]: `GET /healthz` and `GET /readyz` (no token), for load balancers.
 //! - [`error`]: [`error::ApiError`], the JSON error answer, and [`error::ApiJson`], the JSON
 //!   body extractor that answers malformed input with 400.
@@ -97,7 +98,7 @@ fn router(state: AdminState) -> Router {
         .merge(suppression::routes())
         .merge(events::routes())
         .route_layer(axum::middleware::from_fn_with_state(
-            state.token.clone(),
+            state.clone(),
             auth::require_token,
         ));
     let mut router = Router::new()

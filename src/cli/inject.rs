@@ -157,7 +157,7 @@ pub fn run(args: InjectArgs) -> ExitCode {
         answer.error()
     );
     ExitCode::from(match answer.status {
-        401 => EX_NOPERM,
+        401 | 403 => EX_NOPERM,
         400..=499 => EX_DATAERR,
         _ => EX_TEMPFAIL,
     })

@@ -15,10 +15,12 @@
 //! - [`serve`]: `tern serve`, the daemon (logging set up by the binary).
 //! - [`sidecar`]: `tern sidecar simulate`, send-time policies on a simulated audience.
 //! - [`suppression`]: `tern suppression ...`, the suppression list of a running daemon.
+//! - [`token`]: `tern token new`, a scoped admin API token and its config entry.
 //!
 //! Exit codes follow sysexits.h: 0 ok, 1 runtime failure, 64 usage, 65 bad input,
 //! 66 unreadable input file, 69 service unavailable (daemon not reachable), 75 temporary
-//! (spool in use, 5xx answer), 77 permission denied (wrong token), 78 configuration error.
+//! (spool in use, 5xx answer), 77 permission denied (wrong token, or a token
+//! without the call's scope), 78 configuration error.
 //! Usage errors clap finds itself exit with 2.
 
 pub mod bounce;
@@ -31,6 +33,7 @@ pub mod queue;
 pub mod serve;
 pub mod sidecar;
 pub mod suppression;
+pub mod token;
 
 use std::path::PathBuf;
 

@@ -269,7 +269,9 @@ pub fn run(command: QueueCommand) -> ExitCode {
         },
         Err(err @ CallError::Api { status, .. }) => {
             eprintln!("tern: {err}");
-            if (400..500).contains(&status) {
+            if status == 401 || status == 403 {
+                ExitCode::from(super::EX_NOPERM)
+            } else if (400..500).contains(&status) {
                 ExitCode::from(EX_DATAERR)
             } else {
                 ExitCode::FAILURE

@@ -172,6 +172,10 @@ pub fn run(command: SuppressionCommand) -> ExitCode {
             eprintln!("tern: {err}");
             ExitCode::from(EX_TEMPFAIL)
         }
+        Err(err @ CallError::Api { status, .. }) if status == 401 || status == 403 => {
+            eprintln!("tern: {err}");
+            ExitCode::from(super::EX_NOPERM)
+        }
         Err(err @ CallError::Api { status, .. }) if (400..500).contains(&status) => {
             eprintln!("tern: {err}");
             ExitCode::from(EX_DATAERR)

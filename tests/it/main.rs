@@ -9,6 +9,7 @@ mod sink;
 
 mod admin_api;
 mod admin_auth;
+mod admin_scopes;
 mod bdat;
 mod bounce;
 mod cli;
