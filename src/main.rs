@@ -1,80 +1,15 @@
-//! The `tern` binary: the top-level clap `Command` enum (each subcommand group's own arguments
-//! live in `tern::cli`, with its code), logging setup, the global allocator, and the dispatch
-//! to `tern::cli`. Exit codes: see `tern::cli`.
+//! The `tern` binary: logging setup, the global allocator, and the dispatch of the command
+//! line (`tern::cli::Cli`) to `tern::cli`. Exit codes: see `tern::cli`.
 
-use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use clap::Parser;
 use std::process::ExitCode;
+use tern::cli::{Cli, Command};
 use tern::config::{LogConfig, LogFormat};
 
 // glibc's malloc was about 7% of the daemon's CPU end to end (perf, relay-bench): every
 // message allocates buffers and small objects on several threads.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-#[derive(Parser)]
-#[command(
-    name = "tern",
-    version,
-    about = "tern mail transfer and delivery engine"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the daemon.
-    Serve {
-        #[arg(long, short, value_name = "FILE", help = tern::cli::CONFIG_HELP)]
-        config: Option<PathBuf>,
-    },
-    /// Validate a configuration file without binding ports or opening the spool.
-    CheckConfig {
-        #[arg(long, short, value_name = "FILE", help = tern::cli::CONFIG_HELP)]
-        config: Option<PathBuf>,
-        /// The config file to check (the same as --config).
-        #[arg(value_name = "FILE", conflicts_with = "config")]
-        file: Option<PathBuf>,
-    },
-    /// Inspect and manage the queue (running daemon; list and show also on a stopped one).
-    Queue {
-        #[command(subcommand)]
-        command: tern::cli::queue::QueueCommand,
-    },
-    /// Submit a message through a running daemon's admin API (POST /api/v1/inject): a raw
-    /// message from FILE or standard input, or one built from --subject/--text/--html/--attach.
-    /// Prints the queue id (or, with --json, the API's answer).
-    Inject(tern::cli::inject::InjectArgs),
-    /// Read a password from standard input and print its argon2id hash for `auth.users`.
-    HashPassword,
-    /// DKIM signing keys.
-    Dkim {
-        #[command(subcommand)]
-        command: tern::cli::dkim::DkimCommand,
-    },
-    /// Bounces, complaints and auto-replies.
-    Bounce {
-        #[command(subcommand)]
-        command: tern::cli::bounce::BounceCommand,
-    },
-    /// The suppression list of a running daemon (over the admin API).
-    Suppression {
-        #[command(subcommand)]
-        command: tern::cli::suppression::SuppressionCommand,
-    },
-    /// Scoped admin API tokens (`[[admin.tokens]]`).
-    Token {
-        #[command(subcommand)]
-        command: tern::cli::token::TokenCommand,
-    },
-    /// The pre-enqueue sidecar.
-    Sidecar {
-        #[command(subcommand)]
-        command: tern::cli::sidecar::SidecarCommand,
-    },
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -91,6 +26,8 @@ fn main() -> ExitCode {
         Command::Suppression { command } => tern::cli::suppression::run(command),
         Command::Sidecar { command } => tern::cli::sidecar::run(command),
         Command::Token { command } => tern::cli::token::run(command),
+        Command::Completions { shell } => tern::cli::docs::completions(shell),
+        Command::Man { dir } => tern::cli::docs::man(&dir),
     }
 }
 

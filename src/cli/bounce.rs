@@ -2,6 +2,7 @@
 //! read with the bounce parser and printed per recipient; no daemon, no spool.
 
 use super::check_config::load_file;
+use super::table::{Align::Left, Table};
 use super::{EX_CONFIG, EX_NOINPUT};
 use crate::bounce::classify::Classifier;
 use clap::Subcommand;
@@ -68,22 +69,24 @@ fn parse(file: &Path, json: bool, config: Option<&Path>) -> ExitCode {
     if report.recipients.is_empty() {
         return ExitCode::SUCCESS;
     }
-    let _ = writeln!(
-        out,
-        "{:<40}  {:<9}  {:<7}  {:<17}  {:<4}  DIAGNOSTIC",
-        "RECIPIENT", "ACTION", "STATUS", "CATEGORY", "HARD"
-    );
+    let mut table = Table::new(&[
+        ("RECIPIENT", Left),
+        ("ACTION", Left),
+        ("STATUS", Left),
+        ("CATEGORY", Left),
+        ("HARD", Left),
+        ("DIAGNOSTIC", Left),
+    ]);
     for r in &report.recipients {
-        let _ = writeln!(
-            out,
-            "{:<40}  {:<9}  {:<7}  {:<17}  {:<4}  {}",
-            r.address,
+        table.row([
+            r.address.as_str(),
             r.action.as_str(),
             r.status.as_deref().unwrap_or("-"),
             r.category.as_str(),
             if r.hard { "yes" } else { "no" },
-            r.diagnostic.as_deref().unwrap_or("")
-        );
+            r.diagnostic.as_deref().unwrap_or(""),
+        ]);
     }
+    let _ = write!(out, "{}", table.render());
     ExitCode::SUCCESS
 }

@@ -14,10 +14,13 @@ pub enum DkimCommand {
     /// Generate a signing key (PKCS#8 PEM, mode 0600; an existing file is never overwritten)
     /// and print the DNS TXT record that publishes it.
     Keygen {
+        /// The signing domain (d=), e.g. example.com.
         #[arg(long)]
         domain: String,
+        /// The selector (s=): the key's DNS name is SELECTOR._domainkey.DOMAIN.
         #[arg(long)]
         selector: String,
+        /// ed25519 (small, fast; not every verifier has it) or rsa.
         #[arg(long, value_enum)]
         algorithm: DkimKeyAlgorithm,
         /// RSA key size: 2048, 3072, 4096 or 8192 (ignored for Ed25519).

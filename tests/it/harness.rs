@@ -1095,6 +1095,20 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Gives the admin listener of a config from [`write_bin_config`] a fixed free port (port 0
+/// serves a daemon, but a CLI reading the config needs the real one); returns it.
+pub fn pin_admin_port(config: &Path) -> u16 {
+    let port = free_port();
+    let text = std::fs::read_to_string(config).unwrap();
+    let pinned = text.replace(
+        "[admin]\naddress = \"127.0.0.1:0\"",
+        &format!("[admin]\naddress = \"127.0.0.1:{port}\""),
+    );
+    assert_ne!(pinned, text, "the config has an [admin] address on port 0");
+    std::fs::write(config, pinned).unwrap();
+    port
+}
+
 /// Writes `tern.toml` for a binary on `127.0.0.1:port` into `dir`.
 pub fn write_bin_config(dir: &Path, port: u16, opts: &Options) -> PathBuf {
     let text = opts.config_text(dir, &format!("127.0.0.1:{port}"), "127.0.0.1:0");
