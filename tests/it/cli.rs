@@ -513,3 +513,35 @@ async fn completions_for_each_shell_and_man_pages_for_every_command() {
         "the --config help is in the page"
     );
 }
+
+/// The Debian package's default config (`debian/tern.toml`, installed as /etc/tern/tern.toml)
+/// is valid, listens on loopback only and keeps its state where the unit may write.
+#[tokio::test]
+async fn the_packaged_default_config_is_valid_and_loopback_only() {
+    let path = manifest_dir().join("debian/tern.toml");
+    let out = run_tern(&["check-config", path.to_str().unwrap()], None).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let config = tern::config::Config::load(&path).unwrap();
+    assert!(!config.listeners.is_empty());
+    for listener in &config.listeners {
+        assert!(
+            listener.address.ip().is_loopback(),
+            "{:?}",
+            listener.address
+        );
+    }
+    assert!(config.admin.address.ip().is_loopback());
+    assert!(config.spool.path.starts_with("/var/lib/tern"));
+    assert!(config
+        .admin
+        .token_file
+        .as_ref()
+        .unwrap()
+        .starts_with("/var/lib/tern"));
+    assert!(config
+        .delivery
+        .log_path
+        .as_ref()
+        .unwrap()
+        .starts_with("/var/log/tern"));
+}
