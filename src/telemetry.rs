@@ -1203,9 +1203,9 @@ mod tests {
     use super::*;
 
     /// The shipped Grafana dashboard queries only metrics that exist (histogram series by
-    /// their family name).
+    /// their family name), and every metric family has a panel.
     #[test]
-    fn the_grafana_dashboard_uses_only_exported_metrics() {
+    fn the_grafana_dashboard_uses_only_exported_metrics_and_every_one() {
         // Vectors without children are not in a gather, so the names come from the
         // definitions in this file.
         let source = include_str!("telemetry.rs");
@@ -1213,9 +1213,11 @@ mod tests {
             .match_indices("\"tern_")
             .filter_map(|(i, _)| source[i + 1..].split('"').next())
             .filter(|name| name.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            .filter(|name| !name.ends_with('_'))
             .collect();
         let dashboard = include_str!("../contrib/grafana/tern-dashboard.json");
         let mut used = 0;
+        let mut seen = HashSet::new();
         for (i, _) in dashboard.match_indices("tern_") {
             let name: String = dashboard[i..]
                 .chars()
@@ -1232,9 +1234,16 @@ mod tests {
                 families.contains(family),
                 "dashboard uses unknown metric {name}"
             );
+            seen.insert(family.to_owned());
             used += 1;
         }
         assert!(used > 20, "the dashboard queries the metrics ({used} uses)");
+        let mut missing: Vec<&&str> = families
+            .iter()
+            .filter(|f| !seen.contains(**f))
+            .collect();
+        missing.sort();
+        assert!(missing.is_empty(), "metrics without a panel: {missing:?}");
     }
 
     #[test]
