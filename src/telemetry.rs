@@ -1238,10 +1238,7 @@ mod tests {
             used += 1;
         }
         assert!(used > 20, "the dashboard queries the metrics ({used} uses)");
-        let mut missing: Vec<&&str> = families
-            .iter()
-            .filter(|f| !seen.contains(**f))
-            .collect();
+        let mut missing: Vec<&&str> = families.iter().filter(|f| !seen.contains(**f)).collect();
         missing.sort();
         assert!(missing.is_empty(), "metrics without a panel: {missing:?}");
     }
