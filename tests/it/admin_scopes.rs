@@ -323,3 +323,29 @@ async fn token_new_entry_works_and_mutating_calls_are_audit_logged_by_name() {
         audit[1]
     );
 }
+
+/// `[[admin.tokens]]` reloads live: a token added by a reload gets in at once (no restart
+/// needed), and one removed by the next reload is refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_added_and_revoked_by_a_reload() {
+    let server = TestServer::start(Options::default()).await;
+    let admin = server.admin();
+    let (status, _) = http(admin, "GET", "/api/v1/status", Some(READ), None).await;
+    assert_eq!(status, 401, "not configured yet");
+    let report = server
+        .reload(&Options::default().extra(token_entry("viewer", READ, &["read"])))
+        .expect("valid reload");
+    assert!(
+        !report.restart_needed.iter().any(|k| k.starts_with("admin")),
+        "{report:?}"
+    );
+    let (status, text) = http(admin, "GET", "/api/v1/status", Some(READ), None).await;
+    assert_eq!(status, 200, "{text}");
+    server.reload(&Options::default()).expect("valid reload");
+    let (status, _) = http(admin, "GET", "/api/v1/status", Some(READ), None).await;
+    assert_eq!(status, 401, "revoked");
+    // The token file's token was never affected.
+    let (status, _) = server.api("GET", "/api/v1/status", None).await;
+    assert_eq!(status, 200);
+    server.stop().await;
+}
