@@ -27,8 +27,11 @@ sed 's/^suspended = false/suspended = true/' "$ROOT/config/tern.toml" > "$WORK/s
 
 run_tern() { # label config timeout relay-bench-args...
   local label=$1 cfg=$2 t=$3; shift 3
-  rm -rf "$WORK/run"; mkdir -p "$WORK/run"
-  (cd "$WORK/run" && exec "$BIN" serve --config "$cfg" > "$WORK/tern.log" 2>&1) &
+  rm -rf "$WORK/run"; mkdir -p "$WORK/run/config"
+  # Paths in a config resolve against its directory: config/tern.toml keeps its files in
+  # ../data, so a copy in run/config/ puts them (the spool) in the empty run/data.
+  cp "$cfg" "$WORK/run/config/tern.toml"
+  (cd "$WORK/run" && exec "$BIN" serve --config "$WORK/run/config/tern.toml" > "$WORK/tern.log" 2>&1) &
   local pid=$!
   for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/2525) 2>/dev/null && break; sleep 0.1; done
   "$BENCH/relay-bench" -n 20000 -T "$t" -L "$label" "$@" 127.0.0.1:2525 2>&1 | grep "^relay-bench: target"

@@ -39,8 +39,11 @@ if command -v redis-server >/dev/null 2>&1; then
 fi
 
 run() { # label config
-  rm -rf "$WORK/run"; mkdir -p "$WORK/run"
-  (cd "$WORK/run" && exec "$BIN" serve --config "$2" > "$WORK/tern.log" 2>&1) &
+  rm -rf "$WORK/run"; mkdir -p "$WORK/run/config"
+  # Paths in a config resolve against its directory: config/tern.toml keeps its files in
+  # ../data, so a copy in run/config/ puts them (the spool) in the empty run/data.
+  cp "$2" "$WORK/run/config/tern.toml"
+  (cd "$WORK/run" && exec "$BIN" serve --config "$WORK/run/config/tern.toml" > "$WORK/tern.log" 2>&1) &
   local pid=$!
   for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/2525) 2>/dev/null && break; sleep 0.1; done
   "$BENCH/relay-bench" -n "$N" -T 300 -L "$1" -c 20 127.0.0.1:2525 2>&1 | grep "^relay-bench: target"

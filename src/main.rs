@@ -1,10 +1,9 @@
-//! The `tern` binary: the top-level clap `Command` enum (each subcommand group's own arguments
-//! live in `tern::cli`, with its code), logging setup, the global allocator, and the dispatch
-//! to `tern::cli`. Exit codes: see `tern::cli`.
+//! The `tern` binary: logging setup, the global allocator, and the dispatch of the command
+//! line (`tern::cli::Cli`) to `tern::cli`. Exit codes: see `tern::cli`.
 
-use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use clap::Parser;
 use std::process::ExitCode;
+use tern::cli::{Cli, Command};
 use tern::config::{LogConfig, LogFormat};
 
 // glibc's malloc was about 7% of the daemon's CPU end to end (perf, relay-bench): every
@@ -12,67 +11,13 @@ use tern::config::{LogConfig, LogFormat};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[derive(Parser)]
-#[command(
-    name = "tern",
-    version,
-    about = "tern mail transfer and delivery engine"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the daemon.
-    Serve {
-        #[arg(long, short, default_value = "config/tern.toml")]
-        config: PathBuf,
-    },
-    /// Validate a configuration file without binding ports or opening the spool.
-    CheckConfig {
-        #[arg(long, short, default_value = "config/tern.toml")]
-        config: PathBuf,
-    },
-    /// Inspect and manage the queue (running daemon; list and show also on a stopped one).
-    Queue {
-        #[command(subcommand)]
-        command: tern::cli::queue::QueueCommand,
-    },
-    /// Submit a message through a running daemon's admin API (POST /api/v1/inject): a raw
-    /// message from FILE or standard input, or one built from --subject/--text/--html/--attach.
-    /// Prints the queue id (or, with --json, the API's answer).
-    Inject(tern::cli::inject::InjectArgs),
-    /// Read a password from standard input and print its argon2id hash for `auth.users`.
-    HashPassword,
-    /// DKIM signing keys.
-    Dkim {
-        #[command(subcommand)]
-        command: tern::cli::dkim::DkimCommand,
-    },
-    /// Bounces, complaints and auto-replies.
-    Bounce {
-        #[command(subcommand)]
-        command: tern::cli::bounce::BounceCommand,
-    },
-    /// The suppression list of a running daemon (over the admin API).
-    Suppression {
-        #[command(subcommand)]
-        command: tern::cli::suppression::SuppressionCommand,
-    },
-    /// The pre-enqueue sidecar.
-    Sidecar {
-        #[command(subcommand)]
-        command: tern::cli::sidecar::SidecarCommand,
-    },
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config } => tern::cli::serve::run(&config, init_logging),
-        Command::CheckConfig { config } => tern::cli::check_config::run(&config),
+        Command::Serve { config } => tern::cli::serve::run(config.as_deref(), init_logging),
+        Command::CheckConfig { config, file } => {
+            tern::cli::check_config::run(config.or(file).as_deref())
+        }
         Command::Queue { command } => tern::cli::queue::run(command),
         Command::Inject(args) => tern::cli::inject::run(args),
         Command::HashPassword => tern::cli::hash_password::run(),
@@ -80,6 +25,9 @@ fn main() -> ExitCode {
         Command::Bounce { command } => tern::cli::bounce::run(command),
         Command::Suppression { command } => tern::cli::suppression::run(command),
         Command::Sidecar { command } => tern::cli::sidecar::run(command),
+        Command::Token { command } => tern::cli::token::run(command),
+        Command::Completions { shell } => tern::cli::docs::completions(shell),
+        Command::Man { dir } => tern::cli::docs::man(&dir),
     }
 }
 

@@ -354,6 +354,7 @@ pub struct Metrics {
     delivery_failures: IntCounterVec,
     provider_feedback: IntCounterVec,
 
+    ready: IntGauge,
     smtp_connections: IntCounter,
     smtp_connections_rejected: IntCounter,
     smtp_sessions: IntGauge,
@@ -628,6 +629,10 @@ impl Metrics {
                 "tern_provider_feedback_total",
                 "Trusted asynchronous bounces and complaints, by destination (the provider of the recipient's domain, or \"other\") and kind (bounce, complaint).",
                 &["destination", "kind"],
+            ),
+            ready: gauge(
+                "tern_ready",
+                "1 while GET /readyz answers 200 (spool healthy, every listener accepting, not draining); set at each check and scrape.",
             ),
             smtp_connections: counter(
                 "tern_smtp_connections_total",
@@ -1318,6 +1323,11 @@ impl Metrics {
             .set(cap.map_or(-1, |c| i64::try_from(c).unwrap_or(i64::MAX)));
     }
 
+    /// The verdict of the last readiness check (`/readyz`, or a scrape).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
     pub fn shaping_wait(&self, waited: Duration) {
         self.shaping_wait_seconds.observe(waited.as_secs_f64());
     }
@@ -1434,30 +1444,50 @@ mod tests {
     use super::*;
 
     /// The shipped Grafana dashboard queries only metrics that exist (histogram series by
-    /// their family name).
+    /// their family name), and every metric family has a panel.
     #[test]
-    fn the_grafana_dashboard_uses_only_exported_metrics() {
-        let used = metrics_used(include_str!("../contrib/grafana/tern-dashboard.json"));
+    fn the_grafana_dashboard_uses_only_exported_metrics_and_every_one() {
+        let (used, seen) = metrics_used(include_str!("../contrib/grafana/tern-dashboard.json"));
         assert!(used > 20, "the dashboard queries the metrics ({used} uses)");
+        let mut missing: Vec<&str> = families()
+            .into_iter()
+            .filter(|f| !seen.contains(*f))
+            .collect();
+        missing.sort();
+        assert!(missing.is_empty(), "metrics without a panel: {missing:?}");
     }
 
     #[test]
     fn the_alert_rules_use_only_exported_metrics() {
-        let used = metrics_used(include_str!("../contrib/prometheus/bulk-sender.rules.yml"));
-        assert!(used >= 2, "the rules query the metrics ({used} uses)");
+        let (used, seen) = metrics_used(include_str!("../contrib/prometheus/tern-alerts.yml"));
+        assert!(used >= 10, "the rules query the metrics ({used} uses)");
+        for family in [
+            "tern_complaint_rate",
+            "tern_dkim_key_published",
+            "tern_ready",
+        ] {
+            assert!(seen.contains(family), "no alert on {family}");
+        }
     }
 
-    /// How many metric references `text` makes; panics on one this file does not define.
-    fn metrics_used(text: &str) -> usize {
-        // Vectors without children are not in a gather, so the names come from the
-        // definitions in this file.
+    /// Every metric family this file defines. Vectors without children are not in a gather,
+    /// so the names come from the definitions in this file.
+    fn families() -> HashSet<&'static str> {
         let source = include_str!("telemetry.rs");
-        let families: HashSet<&str> = source
+        source
             .match_indices("\"tern_")
             .filter_map(|(i, _)| source[i + 1..].split('"').next())
             .filter(|name| name.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
-            .collect();
+            .filter(|name| !name.ends_with('_'))
+            .collect()
+    }
+
+    /// How many metric references `text` makes, and the families it uses; panics on a name
+    /// this file does not define.
+    fn metrics_used(text: &str) -> (usize, HashSet<String>) {
+        let families = families();
         let mut used = 0;
+        let mut seen = HashSet::new();
         for (i, _) in text.match_indices("tern_") {
             let name: String = text[i..]
                 .chars()
@@ -1471,9 +1501,10 @@ mod tests {
                 .find_map(|s| name.strip_suffix(s).filter(|f| families.contains(f)))
                 .unwrap_or(&name);
             assert!(families.contains(family), "unknown metric {name}");
+            seen.insert(family.to_owned());
             used += 1;
         }
-        used
+        (used, seen)
     }
 
     #[test]

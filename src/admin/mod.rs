@@ -1,7 +1,9 @@
-//! The admin HTTP server: `GET /metrics` (Prometheus text format, no token) and the admin API
-//! under `/api/v1` (bearer token, JSON in and out).
+//! The admin HTTP server: `GET /metrics` (Prometheus text format), `GET /healthz` and
+//! `GET /readyz` (no token) and the admin API under `/api/v1` (bearer token, JSON in and out).
 //!
-//! - [`auth`]: the API's bearer token and the middleware that checks it.
+//! - [`auth`]: the API's bearer tokens, their scopes, and the middleware that checks them and
+//!   writes the audit log.
+//! - [`health`]: `GET /healthz` and `GET /readyz` (no token), for load balancers.
 //! - [`error`]: [`error::ApiError`], the JSON error answer, and [`error::ApiJson`], the JSON
 //!   body extractor that answers malformed input with 400.
 //! - [`queue`]: `/api/v1/queue/*`, the spool seen and managed by the operator.
@@ -20,6 +22,7 @@
 pub mod auth;
 pub mod error;
 pub mod events;
+pub mod health;
 pub mod inject;
 pub mod listener;
 pub mod queue;
@@ -80,6 +83,8 @@ pub struct AdminState {
     pub shaper: Arc<Shaper>,
     /// `None`: the API is disabled (no `admin.token_file`).
     pub token: Option<Token>,
+    /// What `/readyz` checks.
+    pub readiness: health::Readiness,
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` is cancelled (and every
@@ -101,11 +106,13 @@ fn router(state: AdminState) -> Router {
         .merge(events::routes())
         .merge(tls_reports::routes())
         .route_layer(axum::middleware::from_fn_with_state(
-            state.token.clone(),
+            state.clone(),
             auth::require_token,
         ));
     let mut router = Router::new()
         .route("/metrics", get(scrape))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(readyz))
         .nest("/api/v1", api);
     // Open (no token): recipients' mail clients fetch these; the signed token is the check.
     router = router.merge(tracking::routes(state.sidecar.clone(), state.edge.clone()));
@@ -120,7 +127,13 @@ fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
+async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
+    health::readyz(State(state.readiness)).await
+}
+
 async fn scrape(State(state): State<AdminState>) -> impl IntoResponse {
+    // Refreshes tern_ready; the verdict itself is /readyz's business.
+    let _ = state.readiness.check();
     let text = state
         .metrics
         .render(&state.spool, &state.scheduler.queue_depths());

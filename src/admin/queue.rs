@@ -129,7 +129,20 @@ fn message_json(env: &Envelope, now: u64) -> Value {
     })
 }
 
-/// `GET /queue/summary`: per destination (recipient domain) and in total.
+/// Upper bounds (minutes) of the age histogram's buckets, like Postfix's qshape: a message
+/// is counted in the first bucket its age is below; one more bucket holds the older ones.
+pub const AGE_BUCKETS_MINUTES: [u64; 9] = [5, 10, 20, 40, 80, 160, 320, 640, 1280];
+
+/// The histogram bucket of a message `age_ms` old.
+fn age_bucket(age_ms: u64) -> usize {
+    AGE_BUCKETS_MINUTES
+        .iter()
+        .position(|&m| age_ms < m * 60_000)
+        .unwrap_or(AGE_BUCKETS_MINUTES.len())
+}
+
+/// `GET /queue/summary`: per destination (recipient domain) and in total, with the age
+/// histogram of its messages.
 async fn summary(State(state): State<AdminState>) -> ApiResult {
     #[derive(Default)]
     struct Row {
@@ -138,8 +151,10 @@ async fn summary(State(state): State<AdminState>) -> ApiResult {
         bytes: u64,
         oldest_ms: Option<u64>,
         held: u64,
+        ages: [u64; AGE_BUCKETS_MINUTES.len() + 1],
     }
-    let rows = scan(&state.spool, |spool| {
+    let now = now_ms();
+    let rows = scan(&state.spool, move |spool| {
         let mut rows: BTreeMap<String, Row> = BTreeMap::new();
         for env in spool.envelopes_after(None) {
             let env = env?;
@@ -156,11 +171,11 @@ async fn summary(State(state): State<AdminState>) -> ApiResult {
                     .map_or(env.created_ms, |o| o.min(env.created_ms)),
             );
             row.held += u64::from(env.held);
+            row.ages[age_bucket(now.saturating_sub(env.created_ms))] += 1;
         }
         Ok(rows)
     })
     .await?;
-    let now = now_ms();
     let suspensions = state.scheduler.suspensions();
     let mut by_destination: BTreeMap<String, (Option<Row>, Option<&Suspension>)> = rows
         .into_iter()
@@ -180,6 +195,9 @@ async fn summary(State(state): State<AdminState>) -> ApiResult {
             totals.recipients += row.recipients;
             totals.bytes += row.bytes;
             totals.held += row.held;
+            for (total, n) in totals.ages.iter_mut().zip(row.ages) {
+                *total += n;
+            }
             json!({
                 "destination": destination,
                 "messages": row.messages,
@@ -188,6 +206,7 @@ async fn summary(State(state): State<AdminState>) -> ApiResult {
                 "oldest_age_s": row.oldest_ms.map(|o| now.saturating_sub(o) / 1000),
                 "held": row.held,
                 "suspended": suspended.map(suspension_json),
+                "age_histogram": row.ages,
             })
         })
         .collect();
@@ -199,7 +218,9 @@ async fn summary(State(state): State<AdminState>) -> ApiResult {
             "pending_recipients": totals.recipients,
             "bytes": totals.bytes,
             "held": totals.held,
+            "age_histogram": totals.ages,
         },
+        "age_buckets_minutes": AGE_BUCKETS_MINUTES,
         "suspended_all": all.map(suspension_json),
     })))
 }
@@ -489,4 +510,20 @@ async fn operate(
         "queue action by the administrator"
     );
     Ok(Json(json!({ "matched": ids.len(), "affected": affected })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_fall_in_the_first_bucket_they_are_below() {
+        let minute = 60_000;
+        assert_eq!(age_bucket(0), 0);
+        assert_eq!(age_bucket(5 * minute - 1), 0);
+        assert_eq!(age_bucket(5 * minute), 1);
+        assert_eq!(age_bucket(1279 * minute), 8);
+        assert_eq!(age_bucket(1280 * minute), 9);
+        assert_eq!(age_bucket(u64::MAX), AGE_BUCKETS_MINUTES.len());
+    }
 }

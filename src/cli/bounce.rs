@@ -1,7 +1,8 @@
 //! `tern bounce ...`: `parse`, one raw message (bounce, ARF complaint, auto-reply, anything)
 //! read with the bounce parser and printed per recipient; no daemon, no spool.
 
-use super::check_config::load;
+use super::check_config::load_file;
+use super::table::{Align::Left, Table};
 use super::{EX_CONFIG, EX_NOINPUT};
 use crate::bounce::classify::Classifier;
 use clap::Subcommand;
@@ -36,7 +37,7 @@ pub fn run(command: BounceCommand) -> ExitCode {
 fn parse(file: &Path, json: bool, config: Option<&Path>) -> ExitCode {
     let classifier = match config {
         None => Classifier::defaults(),
-        Some(path) => match load(path).and_then(|c| {
+        Some(path) => match load_file(path).and_then(|c| {
             // load() has already checked the rule file; this cannot fail but for a race.
             Classifier::load(&c).map_err(|errors| {
                 eprintln!("{}: configuration errors:\n{errors}", path.display());
@@ -68,22 +69,24 @@ fn parse(file: &Path, json: bool, config: Option<&Path>) -> ExitCode {
     if report.recipients.is_empty() {
         return ExitCode::SUCCESS;
     }
-    let _ = writeln!(
-        out,
-        "{:<40}  {:<9}  {:<7}  {:<17}  {:<4}  DIAGNOSTIC",
-        "RECIPIENT", "ACTION", "STATUS", "CATEGORY", "HARD"
-    );
+    let mut table = Table::new(&[
+        ("RECIPIENT", Left),
+        ("ACTION", Left),
+        ("STATUS", Left),
+        ("CATEGORY", Left),
+        ("HARD", Left),
+        ("DIAGNOSTIC", Left),
+    ]);
     for r in &report.recipients {
-        let _ = writeln!(
-            out,
-            "{:<40}  {:<9}  {:<7}  {:<17}  {:<4}  {}",
-            r.address,
+        table.row([
+            r.address.as_str(),
             r.action.as_str(),
             r.status.as_deref().unwrap_or("-"),
             r.category.as_str(),
             if r.hard { "yes" } else { "no" },
-            r.diagnostic.as_deref().unwrap_or("")
-        );
+            r.diagnostic.as_deref().unwrap_or(""),
+        ]);
     }
+    let _ = write!(out, "{}", table.render());
     ExitCode::SUCCESS
 }

@@ -2,7 +2,7 @@
 //! running daemon (and for load tools and tests).
 //!
 //! - [`ApiClient`]: the transport. Plain std sockets: one keep-alive connection, JSON request
-//!   bodies, the bearer token from `admin.token_file`.
+//!   bodies, the bearer token from `TERN_TOKEN` or `admin.token_file`.
 //! - [`AdminClient`]: one call per CLI command over a fresh [`ApiClient`], its failures sorted
 //!   into [`CallError`].
 //! - [`query_value`]: percent-encoding for the query strings the commands build.
@@ -70,8 +70,15 @@ impl ApiClient {
     }
 
     /// A client for the daemon configured by `admin`: its address (an unspecified address
-    /// means loopback) and the token in its token file. Errors name the config key.
+    /// means loopback) and the token in `TERN_TOKEN` when set (a scoped `[[admin.tokens]]`
+    /// secret), else the one in its token file. Errors name the config key.
     pub fn from_config(admin: &AdminConfig) -> Result<ApiClient, String> {
+        if let Some(token) = std::env::var("TERN_TOKEN")
+            .ok()
+            .filter(|t| !t.trim().is_empty())
+        {
+            return Ok(ApiClient::new(address_of(admin), token.trim()));
+        }
         let path = admin
             .token_file
             .as_deref()

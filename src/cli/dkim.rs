@@ -15,10 +15,13 @@ pub enum DkimCommand {
     /// Generate a signing key (PKCS#8 PEM, mode 0600; an existing file is never overwritten)
     /// and print the DNS TXT record that publishes it.
     Keygen {
+        /// The signing domain (d=), e.g. example.com.
         #[arg(long)]
         domain: String,
+        /// The selector (s=): the key's DNS name is SELECTOR._domainkey.DOMAIN.
         #[arg(long)]
         selector: String,
+        /// ed25519 (small, fast; not every verifier has it) or rsa.
         #[arg(long, value_enum)]
         algorithm: DkimKeyAlgorithm,
         /// RSA key size: 2048, 3072, 4096 or 8192 (ignored for Ed25519).
@@ -35,9 +38,10 @@ pub enum DkimCommand {
         /// Only the keys of this domain.
         #[arg(long)]
         domain: Option<String>,
-        /// The daemon's config file.
-        #[arg(long, short, default_value = "config/tern.toml")]
-        config: PathBuf,
+        /// The daemon's config file. Default: $TERN_CONFIG, /etc/tern/tern.toml, then
+        /// ./config/tern.toml.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -56,12 +60,12 @@ pub fn run(command: DkimCommand) -> ExitCode {
             bits,
             out,
         } => keygen(&domain, &selector, algorithm, bits, out),
-        DkimCommand::Check { domain, config } => check(&config, domain.as_deref()),
+        DkimCommand::Check { domain, config } => check(config.as_deref(), domain.as_deref()),
     }
 }
 
 /// `tern dkim check`: one line per key, `DOMAIN SELECTOR ROTATION RESULT`.
-fn check(path: &std::path::Path, domain: Option<&str>) -> ExitCode {
+fn check(path: Option<&std::path::Path>, domain: Option<&str>) -> ExitCode {
     let config = match super::check_config::load(path) {
         Ok(config) => config,
         Err(code) => return code,

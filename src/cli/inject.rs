@@ -9,9 +9,9 @@ use std::process::ExitCode;
 
 #[derive(clap::Args)]
 pub struct InjectArgs {
-    /// The daemon's config: `admin.address` and `admin.token_file` are read from it.
-    #[arg(long, short, default_value = "config/tern.toml")]
-    config: PathBuf,
+    /// The daemon's config (`admin.address` and `admin.token_file` are read from it).
+    #[arg(long, short, value_name = "FILE", help = super::CONFIG_HELP)]
+    config: Option<PathBuf>,
     /// Envelope sender; "" for the null sender.
     #[arg(long)]
     from: String,
@@ -50,10 +50,16 @@ pub fn run(args: InjectArgs) -> ExitCode {
             ExitCode::from(EX_NOINPUT)
         })
     };
-    let config = match Config::load(&args.config) {
+    // Only the admin keys are needed, so the config is not checked in full (its TLS and
+    // DKIM key files may be readable by the service's user only).
+    let path = match super::check_config::locate(args.config.as_deref()) {
+        Ok(path) => path,
+        Err(code) => return code,
+    };
+    let config = match Config::load(&path) {
         Ok(config) => config,
         Err(errors) => {
-            eprintln!("{}: configuration errors:\n{errors}", args.config.display());
+            eprintln!("{}: configuration errors:\n{errors}", path.display());
             return ExitCode::from(EX_CONFIG);
         }
     };
@@ -151,7 +157,7 @@ pub fn run(args: InjectArgs) -> ExitCode {
         answer.error()
     );
     ExitCode::from(match answer.status {
-        401 => EX_NOPERM,
+        401 | 403 => EX_NOPERM,
         400..=499 => EX_DATAERR,
         _ => EX_TEMPFAIL,
     })

@@ -3,6 +3,7 @@
 
 use super::check_config::load;
 use super::client::{query_value, AdminClient, CallError};
+use super::table::{Align, Align::Left, Align::Right, Table};
 use super::{Common, EX_DATAERR, EX_TEMPFAIL};
 use crate::clock::now_ms;
 use clap::Subcommand;
@@ -44,18 +45,22 @@ pub enum QueueCommand {
     /// Show one message: its envelope and its headers (or, with --body, all of it); from the
     /// running daemon, or from the spool of a stopped one.
     Show {
+        /// The message id (as `tern queue list` prints it).
         id: String,
         #[command(flatten)]
         common: Common,
+        /// Print the whole message, not only its envelope and headers.
         #[arg(long)]
         body: bool,
     },
     /// Suspend delivery to DESTINATION (a recipient domain), or all delivery without one.
     Suspend {
+        /// The recipient domain; without it, all delivery.
         destination: Option<String>,
         /// How long, e.g. "30m", "2h"; default until resumed.
         #[arg(long)]
         duration: Option<String>,
+        /// Why, shown by `tern queue summary` and `suspensions`.
         #[arg(long)]
         reason: Option<String>,
         #[command(flatten)]
@@ -63,6 +68,7 @@ pub enum QueueCommand {
     },
     /// Resume delivery to DESTINATION, or all delivery without one.
     Resume {
+        /// The recipient domain; without it, all delivery.
         destination: Option<String>,
         #[command(flatten)]
         common: Common,
@@ -114,6 +120,7 @@ pub enum QueueCommand {
 pub struct Select {
     /// Message ids.
     ids: Vec<String>,
+    /// Messages to this destination (recipient domain).
     #[arg(long)]
     destination: Option<String>,
     /// Exact sender address, any case; "" for the null sender.
@@ -229,7 +236,7 @@ pub fn run(command: QueueCommand) -> ExitCode {
             render_done,
         ),
     };
-    let config = match load(&common.config) {
+    let config = match load(common.config.as_deref()) {
         Ok(config) => config,
         Err(code) => return code,
     };
@@ -253,8 +260,14 @@ pub fn run(command: QueueCommand) -> ExitCode {
                 sender,
                 held,
                 ..
-            } => offline_list(&common.config, common.json, destination, sender, held),
-            Q::Show { id, common, body } => offline_show(&common.config, id, body),
+            } => offline_list(
+                common.config.as_deref(),
+                common.json,
+                destination,
+                sender,
+                held,
+            ),
+            Q::Show { id, common, body } => offline_show(common.config.as_deref(), id, body),
             _ => {
                 eprintln!("tern: {why}");
                 eprintln!("tern: this command needs the running daemon");
@@ -263,7 +276,9 @@ pub fn run(command: QueueCommand) -> ExitCode {
         },
         Err(err @ CallError::Api { status, .. }) => {
             eprintln!("tern: {err}");
-            if (400..500).contains(&status) {
+            if status == 401 || status == 403 {
+                ExitCode::from(super::EX_NOPERM)
+            } else if (400..500).contains(&status) {
                 ExitCode::from(EX_DATAERR)
             } else {
                 ExitCode::FAILURE
@@ -333,7 +348,7 @@ fn render_done(v: &serde_json::Value) -> String {
 
 /// `tern queue list` on the spool of a stopped daemon.
 fn offline_list(
-    config: &Path,
+    config: Option<&Path>,
     json: bool,
     destination: Option<String>,
     sender: Option<String>,
@@ -365,11 +380,15 @@ fn offline_list(
         let _ = serde_json::to_writer_pretty(&mut out, &envelopes);
         let _ = writeln!(out);
     } else {
-        let _ = writeln!(
-            out,
-            "{:<16}  {:>9}  {:<24}  {:<30}  {:>5}  {:>8}  SENDER",
-            "ID", "SIZE", "DESTINATION", "CREATED", "RCPTS", "ATTEMPTS"
-        );
+        let mut table = Table::new(&[
+            ("ID", Left),
+            ("SIZE", Right),
+            ("DESTINATION", Left),
+            ("CREATED", Left),
+            ("RCPTS", Right),
+            ("ATTEMPTS", Right),
+            ("SENDER", Left),
+        ]);
         for env in &envelopes {
             let created = crate::message::rfc5322_date(
                 std::time::UNIX_EPOCH + std::time::Duration::from_millis(env.created_ms),
@@ -379,18 +398,17 @@ fn offline_list(
             } else {
                 &env.sender
             };
-            let _ = writeln!(
-                out,
-                "{:<16}  {:>9}  {:<24}  {:<30}  {:>5}  {:>8}  {}",
+            table.row([
                 env.id.to_string(),
-                env.size,
-                env.destination,
+                env.size.to_string(),
+                env.destination.clone(),
                 created,
-                env.recipients.len(),
-                env.attempts,
-                sender
-            );
+                env.recipients.len().to_string(),
+                env.attempts.to_string(),
+                sender.to_owned(),
+            ]);
         }
+        let _ = write!(out, "{}", table.render());
         let stats = spool.stats();
         let _ = writeln!(out, "-- {} messages, {} bytes", stats.messages, stats.bytes);
     }
@@ -398,7 +416,7 @@ fn offline_list(
 }
 
 /// `tern queue show` on the spool of a stopped daemon.
-fn offline_show(config: &Path, id: String, body: bool) -> ExitCode {
+fn offline_show(config: Option<&Path>, id: String, body: bool) -> ExitCode {
     let Ok(id) = id.parse::<MessageId>() else {
         eprintln!("tern: {id:?} is not a message id (16 hex digits)");
         return ExitCode::from(EX_DATAERR);
@@ -432,7 +450,7 @@ fn offline_show(config: &Path, id: String, body: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn open_spool(config: &Path) -> Result<Spool, ExitCode> {
+fn open_spool(config: Option<&Path>) -> Result<Spool, ExitCode> {
     let config = load(config)?;
     Spool::open(&config.spool.path).map_err(|err| {
         eprintln!("tern: {err}");
@@ -488,7 +506,9 @@ fn sender_text(v: &Value) -> &str {
     }
 }
 
-/// `GET /queue/summary` as a table.
+/// `GET /queue/summary` as a table, then the age histogram (messages per destination by age
+/// in minutes, like Postfix's qshape: `T` the total, each column up to its bound, the last
+/// one older).
 fn render_summary(v: &Value) -> String {
     let mut out = String::new();
     if !v["suspended_all"].is_null() {
@@ -498,57 +518,98 @@ fn render_summary(v: &Value) -> String {
             suspension_text(&v["suspended_all"])
         );
     }
-    let _ = writeln!(
-        out,
-        "{:<30}  {:>8}  {:>8}  {:>12}  {:>8}  {:>5}  SUSPENDED",
-        "DESTINATION", "MESSAGES", "RCPTS", "BYTES", "OLDEST", "HELD"
-    );
-    for d in v["destinations"].as_array().into_iter().flatten() {
-        let oldest = d["oldest_age_s"].as_u64().map_or("-".into(), age);
-        let _ = writeln!(
-            out,
-            "{:<30}  {:>8}  {:>8}  {:>12}  {:>8}  {:>5}  {}",
-            d["destination"].as_str().unwrap_or(""),
-            d["messages"],
-            d["pending_recipients"],
-            d["bytes"],
-            oldest,
-            d["held"],
-            suspension_text(&d["suspended"])
-        );
+    let mut table = Table::new(&[
+        ("DESTINATION", Left),
+        ("MESSAGES", Right),
+        ("RCPTS", Right),
+        ("BYTES", Right),
+        ("OLDEST", Right),
+        ("HELD", Right),
+        ("SUSPENDED", Left),
+    ]);
+    let destinations = v["destinations"].as_array().map_or(&[][..], Vec::as_slice);
+    for d in destinations {
+        table.row([
+            d["destination"].as_str().unwrap_or("").to_owned(),
+            d["messages"].to_string(),
+            d["pending_recipients"].to_string(),
+            d["bytes"].to_string(),
+            d["oldest_age_s"].as_u64().map_or("-".into(), age),
+            d["held"].to_string(),
+            suspension_text(&d["suspended"]),
+        ]);
     }
+    out.push_str(&table.render());
     let t = &v["totals"];
     let _ = writeln!(
         out,
         "-- {} messages, {} pending recipients, {} bytes, {} held",
         t["messages"], t["pending_recipients"], t["bytes"], t["held"]
     );
+    let Some(bounds) = v["age_buckets_minutes"].as_array() else {
+        return out;
+    };
+    // Header: "T 5 10 ... 1280 1280+" minutes.
+    let mut columns: Vec<String> = vec!["AGE (minutes)".into(), "T".into()];
+    columns.extend(bounds.iter().map(Value::to_string));
+    if let Some(last) = bounds.last() {
+        columns.push(format!("{last}+"));
+    }
+    let spec: Vec<(&str, Align)> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.as_str(), if i == 0 { Left } else { Right }))
+        .collect();
+    let mut histogram = Table::new(&spec);
+    let row = |name: &str, counts: &Value| -> Vec<String> {
+        let counts: Vec<u64> = counts
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_u64)
+            .collect();
+        let mut cells = vec![name.to_owned(), counts.iter().sum::<u64>().to_string()];
+        cells.extend(counts.iter().map(u64::to_string));
+        cells
+    };
+    histogram.row(row("TOTAL", &t["age_histogram"]));
+    for d in destinations {
+        histogram.row(row(
+            d["destination"].as_str().unwrap_or(""),
+            &d["age_histogram"],
+        ));
+    }
+    out.push('\n');
+    out.push_str(&histogram.render());
     out
 }
 
 /// `GET /queue/messages` as a table.
 fn render_list(v: &Value) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<16}  {:>9}  {:<24}  {:>8}  {:>5}  {:>8}  {:<10}  SENDER",
-        "ID", "SIZE", "DESTINATION", "AGE", "RCPTS", "ATTEMPTS", "STATE"
-    );
+    let mut table = Table::new(&[
+        ("ID", Left),
+        ("SIZE", Right),
+        ("DESTINATION", Left),
+        ("AGE", Right),
+        ("RCPTS", Right),
+        ("ATTEMPTS", Right),
+        ("STATE", Left),
+        ("SENDER", Left),
+    ]);
     let messages = v["messages"].as_array().map_or(&[][..], Vec::as_slice);
     for m in messages {
-        let _ = writeln!(
-            out,
-            "{:<16}  {:>9}  {:<24}  {:>8}  {:>5}  {:>8}  {:<10}  {}",
-            m["id"].as_str().unwrap_or(""),
-            m["size"],
-            m["destination"].as_str().unwrap_or(""),
+        table.row([
+            m["id"].as_str().unwrap_or("").to_owned(),
+            m["size"].to_string(),
+            m["destination"].as_str().unwrap_or("").to_owned(),
             age(m["age_s"].as_u64().unwrap_or(0)),
-            m["recipients"].as_array().map_or(0, Vec::len),
-            m["attempts"],
-            message_state(m),
-            sender_text(&m["sender"])
-        );
+            m["recipients"].as_array().map_or(0, Vec::len).to_string(),
+            m["attempts"].to_string(),
+            message_state(m).to_owned(),
+            sender_text(&m["sender"]).to_owned(),
+        ]);
     }
+    let mut out = table.render();
     let _ = write!(out, "-- {} messages", messages.len());
     match v["next"].as_str() {
         Some(next) => {
@@ -618,16 +679,17 @@ fn render_suspensions(v: &Value) -> String {
     if list.is_empty() {
         return "no suspensions\n".into();
     }
-    let mut out = String::new();
+    let mut table = Table::new(&[("DESTINATION", Left), ("SUSPENDED", Left)]);
     for s in list {
-        let _ = writeln!(
-            out,
-            "{:<30}  {}",
-            s["destination"].as_str().unwrap_or("(all delivery)"),
-            suspension_text(s)
-        );
+        table.row([
+            s["destination"]
+                .as_str()
+                .unwrap_or("(all delivery)")
+                .to_owned(),
+            suspension_text(s),
+        ]);
     }
-    out
+    table.render()
 }
 
 #[cfg(test)]

@@ -9,8 +9,10 @@ pub enum SidecarCommand {
     /// Evaluate send-time policies on a seeded simulated audience and print the expected
     /// human open rate of each, per history bucket. Needs no daemon and no spool.
     Simulate {
+        /// Seed of the simulated audience: the same seed gives the same numbers.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Simulated recipients (100 to 1,000,000).
         #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(100..=1_000_000))]
         users: u64,
     },

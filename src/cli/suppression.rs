@@ -3,6 +3,7 @@
 
 use super::check_config::load;
 use super::client::{query_value, AdminClient, CallError};
+use super::table::{Align::Left, Table};
 use super::{Common, EX_DATAERR, EX_NOINPUT, EX_TEMPFAIL, EX_UNAVAILABLE};
 use clap::Subcommand;
 use serde_json::Value;
@@ -30,6 +31,7 @@ pub enum SuppressionCommand {
     },
     /// Suppress an address.
     Add {
+        /// The address to suppress.
         address: String,
         /// A bounce category or "manual" (the default).
         #[arg(long)]
@@ -42,6 +44,7 @@ pub enum SuppressionCommand {
     },
     /// Stop suppressing an address.
     Remove {
+        /// The address to stop suppressing.
         address: String,
         #[command(flatten)]
         common: Common,
@@ -51,6 +54,7 @@ pub enum SuppressionCommand {
     // The help text's brackets are not a rustdoc link.
     #[allow(rustdoc::broken_intra_doc_links)]
     Import {
+        /// The CSV file, or "-" for standard input.
         file: PathBuf,
         #[command(flatten)]
         common: Common,
@@ -72,7 +76,7 @@ pub fn run(command: SuppressionCommand) -> ExitCode {
         | S::Import { common, .. }
         | S::Export { common } => common,
     };
-    let config = match load(&common.config) {
+    let config = match load(common.config.as_deref()) {
         Ok(config) => config,
         Err(code) => return code,
     };
@@ -172,6 +176,10 @@ pub fn run(command: SuppressionCommand) -> ExitCode {
             eprintln!("tern: {err}");
             ExitCode::from(EX_TEMPFAIL)
         }
+        Err(err @ CallError::Api { status, .. }) if status == 401 || status == 403 => {
+            eprintln!("tern: {err}");
+            ExitCode::from(super::EX_NOPERM)
+        }
         Err(err @ CallError::Api { status, .. }) if (400..500).contains(&status) => {
             eprintln!("tern: {err}");
             ExitCode::from(EX_DATAERR)
@@ -185,10 +193,12 @@ pub fn run(command: SuppressionCommand) -> ExitCode {
 
 /// `tern suppression list`: one line per entry, then the cursor of the next page if any.
 fn render_suppressions(v: &Value) -> String {
-    let mut out = format!(
-        "{:<40} {:<18} {:<24} {}\n",
-        "ADDRESS", "REASON", "EXPIRES", "SOURCE"
-    );
+    let mut table = Table::new(&[
+        ("ADDRESS", Left),
+        ("REASON", Left),
+        ("EXPIRES", Left),
+        ("SOURCE", Left),
+    ]);
     for e in v["entries"].as_array().into_iter().flatten() {
         let expires = e["expires_ms"]
             .as_u64()
@@ -198,14 +208,14 @@ fn render_suppressions(v: &Value) -> String {
                 )
             })
             .unwrap_or_else(|| "never".into());
-        out.push_str(&format!(
-            "{:<40} {:<18} {:<24} {}\n",
+        table.row([
             e["address"].as_str().unwrap_or(""),
             e["reason"].as_str().unwrap_or(""),
-            expires,
+            &expires,
             e["source"].as_str().unwrap_or("-"),
-        ));
+        ]);
     }
+    let mut out = table.render();
     if let Some(next) = v["next"].as_str() {
         out.push_str(&format!("more: --after {next}\n"));
     }

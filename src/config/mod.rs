@@ -11,7 +11,9 @@
 //! key, the modes of every secret file) are checked separately by [`Config::check_files`],
 //! because a config can be valid on a machine other than the one it will run on.
 //!
-//! Relative paths are resolved against the working directory, not the config file's directory.
+//! Relative paths (given or defaulted) are resolved against the config file's directory by
+//! [`Config::load`] ([`paths`], which also finds the file: `--config`, `TERN_CONFIG`,
+//! `/etc/tern/tern.toml`, `./config/tern.toml`); [`Config::parse`] leaves them as written.
 //!
 //! To add a section: a struct, a `compile_<section>(r: &mut TableReader) -> Section` function,
 //! and one line in [`compile_config`].
@@ -19,6 +21,7 @@
 mod bounce;
 mod delivery;
 mod events;
+pub mod paths;
 mod reader;
 mod secrets;
 mod sendtime;
@@ -315,6 +318,68 @@ pub struct AdminConfig {
     /// Peers whose `X-Forwarded-For` is believed (reverse proxies in front of the tracking
     /// endpoints). Default none: the peer address is the client.
     pub trusted_proxies: Vec<IpNet>,
+    /// `[[admin.tokens]]`: named API tokens with scopes, beside the full-rights token of
+    /// `token_file`. Reloaded live. Default none.
+    pub tokens: Vec<AdminToken>,
+}
+
+/// One `[[admin.tokens]]` entry: who (`name`, written to the audit log), how it is recognised
+/// (the SHA-256 of the secret; the secret itself is never stored) and what it may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminToken {
+    pub name: String,
+    /// SHA-256 of the bearer secret (`secret_sha256 = "<64 hex>"`, as `tern token new` prints).
+    pub secret_sha256: [u8; 32],
+    pub scopes: Vec<Scope>,
+}
+
+/// What an admin API token may do. `Admin` is every right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// Every `GET`: status, queue, shaping, suppressions, recipients.
+    Read,
+    /// `POST /api/v1/inject`.
+    Inject,
+    /// Queue actions: suspend, resume, flush, hold, release, bounce, delete.
+    Queue,
+    /// Suppression list changes: add, remove, import.
+    Suppression,
+    /// Campaign and engagement writes: events, send-time refits.
+    Campaigns,
+    /// Everything, including what no other scope names.
+    Admin,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 6] = [
+        Scope::Read,
+        Scope::Inject,
+        Scope::Queue,
+        Scope::Suppression,
+        Scope::Campaigns,
+        Scope::Admin,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Inject => "inject",
+            Scope::Queue => "queue",
+            Scope::Suppression => "suppression",
+            Scope::Campaigns => "campaigns",
+            Scope::Admin => "admin",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl Default for AdminConfig {
@@ -327,6 +392,7 @@ impl Default for AdminConfig {
             max_connections: 1024,
             max_body_size: 2 << 20,
             trusted_proxies: Vec::new(),
+            tokens: Vec::new(),
         }
     }
 }
@@ -387,11 +453,14 @@ impl fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 impl Config {
-    /// Reads and compiles a config file. A read error names the file; compile errors name keys.
+    /// Reads and compiles a config file, relative paths resolved against its directory. A
+    /// read error names the file; compile errors name keys.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigErrors(vec![format!("{}: {}", path.display(), describe_io(&e))]))?;
-        Config::parse(&text)
+        let mut config = Config::parse(&text)?;
+        config.rebase(&paths::base_dir(path));
+        Ok(config)
     }
 
     /// Compiles config text; a TOML syntax error is reported alone, with line and column.
@@ -791,7 +860,70 @@ fn compile_admin(r: &mut TableReader<'_>, listeners: &HashMap<SocketAddr, String
             .get("max_body_size", |v| size(v).and_then(nonzero))
             .unwrap_or(d.max_body_size),
         trusted_proxies: r.list("trusted_proxies", network).unwrap_or_default(),
+        tokens: compile_admin_tokens(r),
     }
+}
+
+/// `[[admin.tokens]]`: names and secrets unique, at least one scope each.
+fn compile_admin_tokens(r: &mut TableReader<'_>) -> Vec<AdminToken> {
+    let mut names: HashMap<String, String> = HashMap::new();
+    let mut secrets: HashMap<[u8; 32], String> = HashMap::new();
+    let tokens = r.tables("tokens", |r| {
+        let name = r.require("name", |v| {
+            let name = string(v)?;
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(format!(
+                    "{name:?}: 1 to 64 characters of letters, digits, '-', '_' and '.'"
+                ));
+            }
+            Ok(name.to_owned())
+        });
+        let secret = r.require("secret_sha256", |v| {
+            let hex = string(v)?;
+            let bytes = data_encoding::HEXLOWER_PERMISSIVE
+                .decode(hex.as_bytes())
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok());
+            bytes.ok_or_else(|| {
+                "expected the SHA-256 of the secret as 64 hex digits (`tern token new` prints it)"
+                    .to_owned()
+            })
+        });
+        let scopes = r.require_list("scopes", |v| {
+            let name = string(v)?;
+            Scope::parse(name).ok_or_else(|| {
+                let known: Vec<_> = Scope::ALL.iter().map(|s| s.name()).collect();
+                format!("unknown scope {name:?} (one of {})", known.join(", "))
+            })
+        });
+        if let Some(name) = &name {
+            if let Some(first) = names.get(name) {
+                let msg = format!("duplicate token name {name:?} (already used by {first})");
+                r.error("name", msg);
+            } else {
+                names.insert(name.clone(), r.path_of("name"));
+            }
+        }
+        if let Some(secret) = &secret {
+            if let Some(first) = secrets.get(secret) {
+                let msg = format!("the same secret as {first}");
+                r.error("secret_sha256", msg);
+            } else {
+                secrets.insert(*secret, r.path_of("secret_sha256"));
+            }
+        }
+        Some(AdminToken {
+            name: name?,
+            secret_sha256: secret?,
+            scopes: scopes?,
+        })
+    });
+    tokens.into_iter().flatten().collect()
 }
 
 /// `domains` maps each (lowercased) domain seen so far to the key path that declared it.
@@ -1009,11 +1141,19 @@ mod tests {
         );
         assert!(config.auth.users.is_empty());
         assert_eq!(config.limits, Limits::default());
-        assert_eq!(config.spool, SpoolConfig::default());
+        // The example keeps its files in ../data (the repository's data/, since paths resolve
+        // against the config's directory); everything else is at its default.
+        assert_eq!(
+            config.spool,
+            SpoolConfig {
+                path: "../data/spool".into(),
+                ..SpoolConfig::default()
+            }
+        );
         assert_eq!(
             config.admin,
             AdminConfig {
-                token_file: Some("./data/admin.token".into()),
+                token_file: Some("../data/admin.token".into()),
                 ..AdminConfig::default()
             }
         );
@@ -1028,7 +1168,13 @@ mod tests {
                 verp: None,
             }]
         );
-        assert_eq!(config.delivery, DeliveryConfig::default());
+        assert_eq!(
+            config.delivery,
+            DeliveryConfig {
+                log_path: Some("../data/delivery.log".into()),
+                ..DeliveryConfig::default()
+            }
+        );
         assert!(config.dkim.is_empty());
         assert_eq!(config.bounce, BounceConfig::default());
         assert_eq!(config.suppression, SuppressionConfig::default());
@@ -1062,7 +1208,7 @@ mod tests {
             sidecar.tracking,
             Some(TrackingConfig {
                 base_url: "http://127.0.0.1:8025".to_owned(),
-                secret_file: "./data/tracking.key".into(),
+                secret_file: "../data/tracking.key".into(),
                 max_age: TrackingConfig::DEFAULT_MAX_AGE,
                 replay_entries: TrackingConfig::DEFAULT_REPLAY_ENTRIES,
             })
@@ -1541,6 +1687,47 @@ mod tests {
                 "admin.max_connections",
                 "admin.max_body_size",
                 "admin.trusted_proxies[0]"
+            ],
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn admin_tokens_compile_and_errors_name_each_entry() {
+        let hash = "ab".repeat(32);
+        let config = Config::parse(&format!(
+            "{MINIMAL}\n[[admin.tokens]]\nname = \"app\"\nsecret_sha256 = \"{hash}\"\n\
+             scopes = [\"inject\", \"read\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            config.admin.tokens,
+            [AdminToken {
+                name: "app".into(),
+                secret_sha256: [0xab; 32],
+                scopes: vec![Scope::Inject, Scope::Read],
+            }]
+        );
+        let errors = errors(&format!(
+            "{MINIMAL}\n[[admin.tokens]]\nname = \"app\"\nsecret_sha256 = \"{hash}\"\n\
+             scopes = [\"inject\"]\n\
+             [[admin.tokens]]\nname = \"app\"\nsecret_sha256 = \"{hash}\"\n\
+             scopes = [\"root\"]\n\
+             [[admin.tokens]]\nname = \"a b\"\nsecret_sha256 = \"plain-secret\"\nscopes = []\n"
+        ));
+        let keys: Vec<&str> = errors
+            .iter()
+            .map(|e| e.split(": ").next().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "admin.tokens[1].scopes[0]",
+                "admin.tokens[1].name",
+                "admin.tokens[1].secret_sha256",
+                "admin.tokens[2].name",
+                "admin.tokens[2].secret_sha256",
+                "admin.tokens[2].scopes",
             ],
             "{errors:?}"
         );

@@ -113,6 +113,11 @@ impl Listeners {
     pub fn addresses(&self) -> &[SocketAddr] {
         &self.addresses
     }
+
+    /// The accept loops, one per listener while it accepts (for `/readyz`).
+    pub fn accepting(&self) -> TaskTracker {
+        self.accepting.clone()
+    }
 }
 
 impl Subsystem for Listeners {

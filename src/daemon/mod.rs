@@ -260,6 +260,13 @@ impl Daemon {
                 edge: Arc::new(crate::live::Live::new(config.admin.clone())),
                 shaper: delivery.shaper.clone(),
                 token,
+                readiness: crate::admin::health::Readiness::new(
+                    spool.clone(),
+                    bg.stop.clone(),
+                    listeners.accepting(),
+                    listeners.addresses().len(),
+                    metrics.clone(),
+                ),
             },
         )?;
         let grace = config.server.shutdown_grace;

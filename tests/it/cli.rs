@@ -360,3 +360,188 @@ async fn queue_commands_drive_the_running_daemon_and_fall_back_offline() {
         describe(&out)
     );
 }
+
+/// `tern queue summary` against a running daemon: columns line up under their headers however
+/// long a destination's name is, and the age histogram (qshape) counts every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_summary_columns_align_with_long_destinations_and_show_the_age_histogram() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_bin_config(dir.path(), port, &Options::default());
+    pin_admin_port(&config);
+    let mut tern = TernProc::spawn(&config, port, &dir.path().join("tern.log"));
+    let mut c = tern.wait_ready(Duration::from_secs(30)).await;
+    c.ehlo().await;
+    let long = "a-destination-with-a-rather-long-name.mail.example-provider.test";
+    for (i, rcpt) in [
+        format!("x@{long}"),
+        format!("y@{long}"),
+        "z@sink.test".to_owned(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        c.submit("a@client.test", &[rcpt], &message(&format!("m{i}")))
+            .await;
+    }
+    let cfg = config.to_str().unwrap();
+    let out = run_tern(&["queue", "summary", "--config", cfg], None).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    // Tests start the daemon with delivery suspended: that comes first.
+    assert!(lines[0].starts_with("ALL DELIVERY SUSPENDED"), "{text}");
+    lines.remove(0);
+    let header = lines[0];
+    assert!(header.starts_with("DESTINATION"), "{text}");
+    let rows: Vec<&str> = lines[1..3].to_vec();
+    assert!(
+        rows[0].starts_with(long) && rows[1].starts_with("sink.test"),
+        "{text}"
+    );
+    // Every number ends exactly under the end of its (right-aligned) header.
+    for column in ["MESSAGES", "RCPTS", "BYTES", "OLDEST", "HELD"] {
+        let end = header.find(column).unwrap() + column.len();
+        for row in &rows {
+            let bytes = row.as_bytes();
+            assert!(
+                bytes[end - 1] != b' ' && bytes.get(end).is_none_or(|&b| b == b' '),
+                "{column} misaligned:\n{text}"
+            );
+        }
+    }
+    let start = header.find("SUSPENDED").unwrap();
+    for row in &rows {
+        assert_eq!(&row[start..], "-", "{text}");
+    }
+    // The histogram: T, then one column per age bound (minutes), all fresh mail under 5.
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("AGE (minutes)"))
+        .unwrap_or_else(|| panic!("no histogram:\n{text}"));
+    let cells = |line: &str| -> Vec<String> {
+        line.split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        cells(lines[at]),
+        [
+            "AGE (minutes)",
+            "T",
+            "5",
+            "10",
+            "20",
+            "40",
+            "80",
+            "160",
+            "320",
+            "640",
+            "1280",
+            "1280+"
+        ],
+        "{text}"
+    );
+    assert_eq!(
+        cells(lines[at + 1]),
+        ["TOTAL", "3", "3", "0", "0", "0", "0", "0", "0", "0", "0", "0"],
+        "{text}"
+    );
+    assert_eq!(cells(lines[at + 2])[..3], [long, "2", "2"], "{text}");
+    let t_end = lines[at].find(" T").unwrap() + 2;
+    for line in &lines[at + 1..] {
+        assert_ne!(line.as_bytes()[t_end - 1], b' ', "T misaligned:\n{text}");
+    }
+    drop(c);
+    send_signal(tern.pid(), "TERM");
+    assert!(tern.wait_exit(Duration::from_secs(20)).await.success());
+}
+
+/// Shell completions and man pages come from the same argument definitions: each shell's
+/// script names the subcommands (bash's parses), and `tern man` writes a page per command.
+#[tokio::test]
+async fn completions_for_each_shell_and_man_pages_for_every_command() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run_tern(&["completions", shell], None).await;
+        assert!(out.status.success(), "{shell}: {}", describe(&out));
+        let script = String::from_utf8(out.stdout).unwrap();
+        for word in ["queue", "suppression", "check-config", "destination"] {
+            assert!(script.contains(word), "{shell} script lacks {word}");
+        }
+        if shell == "bash" {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("tern.bash");
+            std::fs::write(&path, &script).unwrap();
+            let check = std::process::Command::new("bash")
+                .arg("-n")
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(check.status.success(), "bash -n: {check:?}");
+        }
+    }
+    let out = run_tern(&["completions", "tcsh-like"], None).await;
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "unknown shell: {}",
+        describe(&out)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let man = dir.path().join("man1");
+    let out = run_tern(&["man", man.to_str().unwrap()], None).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    for page in [
+        "tern.1",
+        "tern-queue.1",
+        "tern-queue-summary.1",
+        "tern-token-new.1",
+    ] {
+        let text =
+            std::fs::read_to_string(man.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH"),
+            "{page}: {text}"
+        );
+    }
+    let summary = std::fs::read_to_string(man.join("tern-queue-summary.1")).unwrap();
+    assert!(
+        summary.contains("TERN_CONFIG"),
+        "the --config help is in the page"
+    );
+}
+
+/// The Debian package's default config (`debian/tern.toml`, installed as /etc/tern/tern.toml)
+/// is valid, listens on loopback only and keeps its state where the unit may write.
+#[tokio::test]
+async fn the_packaged_default_config_is_valid_and_loopback_only() {
+    let path = manifest_dir().join("debian/tern.toml");
+    let out = run_tern(&["check-config", path.to_str().unwrap()], None).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let config = tern::config::Config::load(&path).unwrap();
+    assert!(!config.listeners.is_empty());
+    for listener in &config.listeners {
+        assert!(
+            listener.address.ip().is_loopback(),
+            "{:?}",
+            listener.address
+        );
+    }
+    assert!(config.admin.address.ip().is_loopback());
+    assert!(config.spool.path.starts_with("/var/lib/tern"));
+    assert!(config
+        .admin
+        .token_file
+        .as_ref()
+        .unwrap()
+        .starts_with("/var/lib/tern"));
+    assert!(config
+        .delivery
+        .log_path
+        .as_ref()
+        .unwrap()
+        .starts_with("/var/log/tern"));
+}

@@ -1110,6 +1110,20 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Gives the admin listener of a config from [`write_bin_config`] a fixed free port (port 0
+/// serves a daemon, but a CLI reading the config needs the real one); returns it.
+pub fn pin_admin_port(config: &Path) -> u16 {
+    let port = free_port();
+    let text = std::fs::read_to_string(config).unwrap();
+    let pinned = text.replace(
+        "[admin]\naddress = \"127.0.0.1:0\"",
+        &format!("[admin]\naddress = \"127.0.0.1:{port}\""),
+    );
+    assert_ne!(pinned, text, "the config has an [admin] address on port 0");
+    std::fs::write(config, pinned).unwrap();
+    port
+}
+
 /// Writes `tern.toml` for a binary on `127.0.0.1:port` into `dir`.
 pub fn write_bin_config(dir: &Path, port: u16, opts: &Options) -> PathBuf {
     let text = opts.config_text(dir, &format!("127.0.0.1:{port}"), "127.0.0.1:0");
@@ -1149,6 +1163,10 @@ impl TernProc {
             .stderr(Stdio::from(err))
             .env_remove("RUST_LOG")
             .kill_on_drop(true);
+        // The config is named on the command line; a developer's TERN_CONFIG must not leak in.
+        if !cmd.as_std().get_envs().any(|(k, _)| k == "TERN_CONFIG") {
+            cmd.env_remove("TERN_CONFIG");
+        }
         let child = cmd.spawn().expect("spawn tern");
         TernProc {
             child,
@@ -1215,11 +1233,25 @@ pub fn send_signal(pid: u32, signal: &str) {
     assert!(status.success(), "kill -{signal} {pid} failed");
 }
 
-/// Runs `tern ARGS...` to completion (stdin from `input`).
+/// Runs `tern ARGS...` to completion (stdin from `input`) in the repository's directory.
 pub async fn run_tern(args: &[&str], input: Option<&[u8]>) -> std::process::Output {
+    run_tern_in(manifest_dir(), None, args, input).await
+}
+
+/// Runs `tern ARGS...` in `cwd`, with `TERN_CONFIG` set to `config` (or unset).
+pub async fn run_tern_in(
+    cwd: &Path,
+    config: Option<&Path>,
+    args: &[&str],
+    input: Option<&[u8]>,
+) -> std::process::Output {
     let mut cmd = Command::new(tern_bin());
+    match config {
+        Some(path) => cmd.env("TERN_CONFIG", path),
+        None => cmd.env_remove("TERN_CONFIG"),
+    };
     cmd.args(args)
-        .current_dir(manifest_dir())
+        .current_dir(cwd)
         .env_remove("RUST_LOG")
         .stdin(if input.is_some() {
             Stdio::piped()

@@ -145,7 +145,7 @@ async fn unit_file_verifies_against_the_built_binary() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tern.service");
     let bin = tern_bin();
-    std::fs::write(&path, unit.replace("/usr/local/bin/tern", bin)).unwrap();
+    std::fs::write(&path, unit.replace("/usr/bin/tern", bin)).unwrap();
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&path)
