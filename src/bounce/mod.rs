@@ -7,6 +7,7 @@
 //! - [`fields`]: `Name: value` field groups (delivery-status and feedback-report bodies).
 //! - [`text`]: the human-readable text of bounces from MTAs that send no RFC 3464 DSN.
 //! - [`autoreply`]: vacation / out-of-office detection.
+//! - [`reason`]: the reason in sisimai's vocabulary, derived from the category.
 //!
 //! Order of the checks, first match wins: an ARF feedback report (RFC 5965, or Microsoft's
 //! older JMRP form) -> kind `arf`;
@@ -27,6 +28,7 @@
 pub mod autoreply;
 pub mod classify;
 pub mod fields;
+pub mod reason;
 pub mod text;
 
 use std::borrow::Cow;
@@ -35,6 +37,7 @@ use mail_parser::{Message, MessageParser, MimeHeaders, PartType};
 use serde::Serialize;
 
 use self::classify::Classifier;
+use self::reason::Reason;
 use crate::taxonomy::Category;
 
 /// Bytes of a message that are parsed; the rest (in practice: the tail of a returned
@@ -127,6 +130,8 @@ pub struct BounceRecipient {
     /// The remote server's text (or the feedback type / auto-reply subject).
     pub diagnostic: Option<String>,
     pub category: Category,
+    /// The reason in sisimai's vocabulary, refined from `category` (docs/BOUNCES.md).
+    pub reason: Reason,
     pub hard: bool,
 }
 
@@ -257,6 +262,7 @@ fn complaint(mut addresses: Vec<String>, feedback_type: Option<String>) -> Repor
                 action: ReportedAction::Delivered,
                 diagnostic: feedback_type.clone(),
                 category: Category::Complaint,
+                reason: Reason::Feedback,
                 hard: Category::Complaint.is_hard(None),
             })
             .collect(),
@@ -353,7 +359,9 @@ fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Rep
             let status = classify::specific_status(status, text);
             let c =
                 classifier.classify(status.as_deref(), None, text, Some(action.default_status()));
+            let reason = reason::reason(c.category, c.status.as_deref(), text);
             recipients.push(BounceRecipient {
+                reason,
                 original_recipient: fields::get(&group, "original-recipient")
                     .map(clean_address)
                     .filter(|a| !a.is_empty()),
@@ -444,6 +452,11 @@ fn text_bounce(message: &Message<'_>, body: &str, classifier: &Classifier) -> Re
                     diagnostic.as_deref().unwrap_or(""),
                     Some(action.default_status()),
                 );
+                let reason = reason::reason(
+                    c.category,
+                    c.status.as_deref(),
+                    diagnostic.as_deref().unwrap_or(""),
+                );
                 BounceRecipient {
                     address,
                     original_recipient: None,
@@ -451,6 +464,7 @@ fn text_bounce(message: &Message<'_>, body: &str, classifier: &Classifier) -> Re
                     action,
                     diagnostic,
                     category: c.category,
+                    reason,
                     hard: c.hard,
                 }
             })
@@ -489,6 +503,7 @@ fn auto_reply(message: &Message<'_>) -> Report {
                 action: ReportedAction::Delivered,
                 diagnostic: message.subject().map(text::tidy),
                 category: Category::AutoReply,
+                reason: Reason::Vacation,
                 hard: false,
             })
             .collect(),
