@@ -158,8 +158,18 @@ pub fn parse(raw: &[u8], classifier: &Classifier) -> Report {
     if let Some(report) = dsn(&message, &body, classifier) {
         return report;
     }
-    if looks_like_bounce(&message) && text::has_marker(&body) {
-        return text_bounce(&message, &body, classifier);
+    if looks_like_bounce(&message) {
+        if text::has_marker(&body) {
+            return text_bounce(&message, &body, classifier, false);
+        }
+        // No marker phrase: a notice whose recipients stand next to a failure cue, unless
+        // it is a person's auto-reply.
+        if daemon_sender(&message) || !autoreply::is_autoreply(&message) {
+            let report = text_bounce(&message, &body, classifier, true);
+            if !report.recipients.is_empty() {
+                return report;
+            }
+        }
     }
     // RFC 3834 asks responders for a null return path too, so only the sender decides here.
     if !daemon_sender(&message) && autoreply::is_autoreply(&message) {
@@ -421,9 +431,22 @@ fn recipient_address(group: &fields::Group) -> Option<String> {
         .map(clean_address)
 }
 
-/// A bounce known only from its text (no usable status part).
-fn text_bounce(message: &Message<'_>, body: &str, classifier: &Classifier) -> Report {
-    let parsed = text::parse(body).unwrap_or_default();
+/// A bounce known only from its text (no usable status part). `unmarked`: the text has no
+/// marker phrase, so only recipients next to a failure cue count (the caller drops a report
+/// without recipients then).
+fn text_bounce(
+    message: &Message<'_>,
+    body: &str,
+    classifier: &Classifier,
+    unmarked: bool,
+) -> Report {
+    let always = own_addresses(message, ALWAYS_OWN);
+    let weak = own_addresses(message, &["To", "Cc", "Delivered-To"]);
+    let exclude = text::Exclude {
+        always: &always,
+        weak: &weak,
+    };
+    let parsed = text::parse_with(body, &exclude, unmarked).unwrap_or_default();
     let action = if parsed.delayed {
         ReportedAction::Delayed
     } else {
@@ -436,6 +459,30 @@ fn text_bounce(message: &Message<'_>, body: &str, classifier: &Classifier) -> Re
         found = failed_recipients(message)
             .into_iter()
             .map(|a| (a, None))
+            .collect();
+    }
+    // X-Failed-Recipients (Exim) is authoritative: text recipients it does not name are
+    // addresses quoted in the text.
+    let failed = failed_recipients(message);
+    if !failed.is_empty() && !found.is_empty() {
+        let named: Vec<_> = found
+            .iter()
+            .filter(|(a, _)| failed.iter().any(|f| f.eq_ignore_ascii_case(a)))
+            .cloned()
+            .collect();
+        found = if named.is_empty() {
+            failed.into_iter().map(|a| (a, None)).collect()
+        } else {
+            named
+        };
+    }
+    if found.is_empty() && (!unmarked || text::has_failure_cue(body)) {
+        // A notice that names nobody (a Google Groups or mail.ru notice, an old Sendmail
+        // transcript about the host only): the one recipient of the returned message.
+        found = returned_recipient(message, body)
+            .filter(|a| !exclude.any(a))
+            .map(|a| (a, None))
+            .into_iter()
             .collect();
     }
     if let [(_, diagnostic @ None)] = found.as_mut_slice() {
@@ -470,6 +517,71 @@ fn text_bounce(message: &Message<'_>, body: &str, classifier: &Classifier) -> Re
             })
             .collect(),
     }
+}
+
+/// Header fields whose addresses are never a failed recipient of the bounce's report.
+const ALWAYS_OWN: &[&str] = &[
+    "From",
+    "Return-Path",
+    "Sender",
+    "Reply-To",
+    "Errors-To",
+    "List-Post",
+    "List-Help",
+    "List-Unsubscribe",
+    "List-Subscribe",
+    "List-Owner",
+];
+
+/// The bounce's own addresses in the header fields `names` (for List-* fields, their
+/// `mailto:` URIs).
+fn own_addresses(message: &Message<'_>, names: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    for name in names {
+        let Some(value) = message.header_raw(*name) else {
+            continue;
+        };
+        for token in value.split(|c: char| c.is_whitespace() || matches!(c, ',' | '<' | '>')) {
+            let token = token.strip_prefix("mailto:").unwrap_or(token);
+            let token = token.split('?').next().unwrap_or(token).trim_matches('"');
+            if text::is_address(token) {
+                out.push(text::normalize(token));
+            }
+        }
+        if out.len() > 64 {
+            break;
+        }
+    }
+    out
+}
+
+/// The one recipient of the returned message (its `To`, from an attached `message/rfc822`
+/// or `text/rfc822-headers` part, else from the header block quoted in the text); `None`
+/// when it has several or none.
+fn returned_recipient(message: &Message<'_>, body: &str) -> Option<String> {
+    let one = |list: Vec<String>| (list.len() == 1).then(|| list.into_iter().next()).flatten();
+    let to_of = |m: &Message<'_>| -> Vec<String> {
+        m.to()
+            .map(|to| {
+                to.iter()
+                    .filter_map(|a| a.address())
+                    .filter(|a| text::is_address(a))
+                    .map(text::normalize)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for part in &message.parts {
+        match &part.body {
+            PartType::Message(inner) => return one(to_of(inner)),
+            _ if part.is_content_type("text", "rfc822-headers") => {
+                let inner = MessageParser::new().parse_headers(part.contents())?;
+                return one(to_of(&inner));
+            }
+            _ => {}
+        }
+    }
+    one(text::returned_to(body))
 }
 
 /// The addresses of Exim's `X-Failed-Recipients` header field.
@@ -564,6 +676,12 @@ fn looks_like_bounce(message: &Message<'_>) -> bool {
         "delivery delayed",
         "delayed mail",
         "warning: could not send message",
+        "returned mail",
+        "mail error",
+        "error notification",
+        "メールエラー",
+        "エラーメール",
+        "不達",
     ];
     let subject = message.subject().unwrap_or("").to_lowercase();
     from_daemon(message)

@@ -152,6 +152,13 @@ const END_MARKERS: &[&str] = &[
     "undelivered message attached",
     "below is a copy of the original message",
     "------- returned message",
+    "unsent message follows",
+    "message headers follow",
+    "-------original message",
+    "--- original message follows",
+    "headers of the original message",
+    "the original message was:",
+    "original message header",
 ];
 
 /// What the text of a bounce says.
@@ -181,24 +188,49 @@ fn flatten(body: &str) -> String {
 
 /// The bounce `body` describes, or `None` without a marker.
 pub fn parse(body: &str) -> Option<TextBounce> {
+    parse_with(body, &Exclude::default(), false)
+}
+
+/// Addresses that are never recipients of a notice: `always` (the bounce's From, Return-Path,
+/// Sender and list addresses) and `weak` (its To and Cc), which an address line of its own
+/// (`<a@b>:`) may still name (anonymised samples give sender and recipient one address).
+#[derive(Default)]
+pub struct Exclude<'a> {
+    pub always: &'a [String],
+    pub weak: &'a [String],
+}
+
+impl Exclude<'_> {
+    fn strong(&self, address: &str) -> bool {
+        self.always.iter().any(|e| e.eq_ignore_ascii_case(address))
+    }
+
+    pub fn any(&self, address: &str) -> bool {
+        self.strong(address) || self.weak.iter().any(|e| e.eq_ignore_ascii_case(address))
+    }
+}
+
+/// Like [`parse`], but addresses in `exclude` (the bounce's own From, To, Return-Path and
+/// list addresses) are never recipients, and with `unmarked` a notice without a marker
+/// phrase is read too: its region is the whole text up to the returned message, and only
+/// addresses next to a failure cue count (see [`sentence_recipients`]).
+pub fn parse_with(body: &str, exclude: &Exclude<'_>, unmarked: bool) -> Option<TextBounce> {
     let body = truncate(body, MAX_SCAN);
     let flat = flatten(body);
     let found: Vec<(usize, Marker)> = MARKERS
         .iter()
         .filter_map(|(m, kind)| flat.find(m).map(|p| (p, *kind)))
         .collect();
-    let start = found.iter().map(|(p, _)| *p).min()?;
+    let start = match found.iter().map(|(p, _)| *p).min() {
+        Some(start) => start,
+        None if unmarked => 0,
+        None => return None,
+    };
     let start = body[..start].rfind('\n').map_or(0, |p| p + 1);
     let delayed = found.iter().any(|(_, k)| *k == Marker::Delayed)
         && !found.iter().any(|(_, k)| *k == Marker::Failed);
     let first_line_end = body[start..].find('\n').map_or(body.len(), |p| start + p);
-    let end = END_MARKERS
-        .iter()
-        .filter_map(|m| flat[first_line_end..].find(m).map(|p| first_line_end + p))
-        .min()
-        .map_or(body.len(), |p| {
-            body[..p].rfind('\n').map_or(p, |l| l.max(start))
-        });
+    let end = region_end(body, &flat, start, first_line_end);
     let section = &body[start..end];
     // The section diagnostic reads what follows the last marker phrase (the preamble says
     // nothing about the failure).
@@ -212,11 +244,32 @@ pub fn parse(body: &str) -> Option<TextBounce> {
         .find('\n')
         .map_or(section.len(), |p| after_markers + p);
     let tail: Vec<&str> = section[after_markers..].split('\n').collect();
+    let recipients = recipients(section, found.is_empty(), exclude);
     Some(TextBounce {
         delayed,
-        recipients: recipients(section),
+        recipients,
         diagnostic: section_diagnostic(&tail),
     })
+}
+
+/// Where the failure report region ends: at the first end marker ("copy of the message",
+/// "original message follows", ...) after its first line, or at the first line of a
+/// returned header block (`Received:` or `Return-Path:` at the start of a line), whichever
+/// comes first.
+fn region_end(body: &str, flat: &str, start: usize, first_line_end: usize) -> usize {
+    let marker = END_MARKERS
+        .iter()
+        .filter_map(|m| flat[first_line_end..].find(m).map(|p| first_line_end + p))
+        .min()
+        .map(|p| body[..p].rfind('\n').map_or(p, |l| l.max(start)));
+    let headers = ["\nReceived: ", "\nReturn-Path: ", "\nReceived:\t"]
+        .iter()
+        .filter_map(|h| body[first_line_end..].find(h).map(|p| first_line_end + p))
+        .min();
+    match (marker, headers) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b).unwrap_or(body.len()),
+    }
 }
 
 /// The diagnostic the text gives for `address`, for DSNs whose status part has none.
@@ -233,7 +286,11 @@ struct Block<'a> {
     lines: Vec<&'a str>,
 }
 
-fn recipients(section: &str) -> Vec<(String, Option<String>)> {
+fn recipients(
+    section: &str,
+    unmarked: bool,
+    exclude: &Exclude<'_>,
+) -> Vec<(String, Option<String>)> {
     let mut blocks: Vec<Block<'_>> = Vec::new();
     let mut current: Option<usize> = None;
     // Inside a folded server reply (Postfix indents its continuation lines, which may start
@@ -254,7 +311,7 @@ fn recipients(section: &str) -> Vec<(String, Option<String>)> {
             }
             continue;
         }
-        if let Some((address, rest)) = address_line(line) {
+        if let Some((address, rest)) = address_line(line).filter(|(a, _)| !exclude.strong(a)) {
             in_reply = reply_in(rest).is_some();
             address_indent = indent;
             let i = match blocks.iter().position(|b| b.address == address) {
@@ -277,25 +334,8 @@ fn recipients(section: &str) -> Vec<(String, Option<String>)> {
         }
     }
     if blocks.is_empty() {
-        // "Your message wasn't delivered to a@b because ...": the addresses in the sentences
-        // that talk about delivery share the whole section.
-        let lines: Vec<&str> = section.split('\n').collect();
-        let diagnostic = diagnostic(&lines);
-        let mut out: Vec<(String, Option<String>)> = Vec::new();
-        for line in &lines {
-            if !line.to_ascii_lowercase().contains("deliver") {
-                continue;
-            }
-            for token in line.split(|c: char| c.is_whitespace() || c == ',') {
-                let token = token.trim_matches(|c: char| {
-                    matches!(c, '<' | '>' | '(' | ')' | '.' | ':' | '"' | '\'')
-                });
-                if is_address(token) && !out.iter().any(|(a, _)| a == &normalize(token)) {
-                    out.push((normalize(token), diagnostic.clone()));
-                }
-            }
-        }
-        out.truncate(MAX_RECIPIENTS);
+        let mut out = sentence_recipients(section, unmarked);
+        out.retain(|(a, _)| !exclude.any(a));
         return out;
     }
     blocks
@@ -305,6 +345,147 @@ fn recipients(section: &str) -> Vec<(String, Option<String>)> {
             (b.address, diagnostic)
         })
         .collect()
+}
+
+/// Lowercase words that say a delivery failed, near an address that is then a recipient.
+const FAILURE_CUES: &[&str] = &[
+    "unknown",
+    "not exist",
+    "no such",
+    "invalid",
+    "not found",
+    "rejected",
+    "refused",
+    "denied",
+    "full",
+    "quota",
+    "failed",
+    "failure",
+    "unable",
+    "could not",
+    "couldn't",
+    "cannot",
+    "can't",
+    "undeliverable",
+    "not deliver",
+    "error",
+    "disabled",
+    "not allowed",
+    "rcpt to",
+    "not reach",
+    "bounce",
+];
+
+/// Whether the failure report region of `body` says something failed (a cue word or an
+/// SMTP reply), for notices that name no recipient.
+pub fn has_failure_cue(body: &str) -> bool {
+    let body = truncate(body, MAX_SCAN);
+    let flat = flatten(body);
+    let first_line_end = body.find('\n').unwrap_or(body.len());
+    let region = &body[..region_end(body, &flat, 0, first_line_end)];
+    let lower = &flat[..region.len()];
+    FAILURE_CUES.iter().any(|c| lower.contains(c))
+        || region.split('\n').any(|l| reply_in(l).is_some())
+}
+
+/// The addresses of the first `To:` line of the header block quoted after the failure
+/// report region (the returned message's headers, when it is not attached as a part).
+pub fn returned_to(body: &str) -> Vec<String> {
+    let body = truncate(body, MAX_SCAN);
+    let flat = flatten(body);
+    let first_line_end = body.find('\n').unwrap_or(body.len());
+    let end = region_end(body, &flat, 0, first_line_end);
+    let Some(line) = body[end..]
+        .split('\n')
+        .find(|l| l.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("to:")))
+    else {
+        return Vec::new();
+    };
+    line[3..]
+        .split(|c: char| c.is_whitespace() || matches!(c, ',' | '<' | '>'))
+        .map(|t| t.trim_matches('"'))
+        .filter(|t| is_address(t))
+        .map(normalize)
+        .collect()
+}
+
+/// Lowercase words of a line that names an address to write to, not one that failed.
+const CONTACT_CUES: &[&str] = &[
+    "contact",
+    "please send",
+    "send a message to",
+    "write to",
+    "postmaster for",
+    "report this",
+    "mailto:postmaster",
+    "envelope-from",
+    "return-path",
+    "from:",
+    "sender",
+];
+
+/// Recipients of a section without address lines: each address in a line that talks about
+/// a delivery ("Your message wasn't delivered to a@b because ...") or has a failure cue
+/// ("Unknown user: a@b", "a@b ... user unknown"), or is followed by an SMTP reply within two
+/// lines (a quoted transcript: "RCPT TO:<a@b>" then "550 5.1.1 ..."). Its diagnostic is the
+/// nearest reply on that line or the next three, else the section's. Without a marker phrase
+/// (`unmarked`) a line about delivery needs a failure cue as well.
+fn sentence_recipients(section: &str, unmarked: bool) -> Vec<(String, Option<String>)> {
+    let lines: Vec<&str> = section.split('\n').collect();
+    let whole = diagnostic(&lines);
+    let mut out: Vec<(String, Option<String>)> = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if !line.contains('@') {
+            continue;
+        }
+        let lower = line.to_ascii_lowercase();
+        if CONTACT_CUES.iter().any(|c| lower.contains(c)) && !lower.contains("rcpt to") {
+            continue;
+        }
+        // A header's continuation (`\tfor <a@b>; date` of a Received field).
+        let trimmed = lower.trim_start();
+        if ["for ", "by ", "received:", "(envelope-from", "id "]
+            .iter()
+            .any(|p| trimmed.starts_with(p))
+        {
+            continue;
+        }
+        let near = &lines[i + 1..lines.len().min(i + 3)];
+        let cue = FAILURE_CUES.iter().any(|c| lower.contains(c));
+        let reply_near = reply_in(line).is_some() || near.iter().any(|l| reply_in(l).is_some());
+        let talks = lower.contains("deliver") && (!unmarked || cue || reply_near);
+        if !(talks || cue || reply_near) {
+            continue;
+        }
+        let own = lines[i..lines.len().min(i + 4)]
+            .iter()
+            .position(|l| reply_in(l).is_some())
+            .and_then(|k| diagnostic(&lines[i + k..lines.len().min(i + k + 4)]));
+        for token in line.split(|c: char| c.is_whitespace() || c == ',') {
+            let token = token.trim_matches(|c: char| {
+                matches!(
+                    c,
+                    '<' | '>' | '(' | ')' | '.' | ':' | '"' | '\'' | '[' | ']'
+                )
+            });
+            // "RCPT TO:<a@b>" splits as one token.
+            let token = token
+                .rsplit_once(":<")
+                .map_or(token, |(_, a)| a)
+                .trim_start_matches("TO:")
+                .trim_start_matches("to:");
+            let token = token.strip_prefix("mailto:").unwrap_or(token);
+            // A file path that ends in an address is no recipient.
+            let plain = !token.contains('/') && !token.starts_with('|');
+            if plain && is_address(token) && !out.iter().any(|(a, _)| a == &normalize(token)) {
+                out.push((normalize(token), own.clone().or_else(|| whole.clone())));
+            }
+            if out.len() == MAX_RECIPIENTS {
+                return out;
+            }
+        }
+    }
+    out
 }
 
 /// An address that stands on a line of its own, and the rest of the line after `:`.
