@@ -8,6 +8,7 @@
 //! - [`text`]: the human-readable text of bounces from MTAs that send no RFC 3464 DSN.
 //! - [`autoreply`]: vacation / out-of-office detection.
 //! - [`reason`]: the reason in sisimai's vocabulary, derived from the category.
+//! - [`ses`]: Amazon SES JSON notifications (bare, in an SNS envelope, or as a mail body).
 //!
 //! Order of the checks, first match wins: an ARF feedback report (RFC 5965, or Microsoft's
 //! older JMRP form) -> kind `arf`;
@@ -29,6 +30,7 @@ pub mod autoreply;
 pub mod classify;
 pub mod fields;
 pub mod reason;
+pub mod ses;
 pub mod text;
 
 use std::borrow::Cow;
@@ -78,7 +80,7 @@ pub enum ReportedAction {
 }
 
 impl ReportedAction {
-    fn parse(value: &str) -> Option<ReportedAction> {
+    pub(crate) fn parse(value: &str) -> Option<ReportedAction> {
         let word = value.split_whitespace().next()?.to_ascii_lowercase();
         Some(match word.as_str() {
             "failed" => ReportedAction::Failed,
@@ -91,7 +93,7 @@ impl ReportedAction {
     }
 
     /// The status to assume when a report gives none.
-    fn default_status(self) -> &'static str {
+    pub(crate) fn default_status(self) -> &'static str {
         match self {
             ReportedAction::Failed => "5.0.0",
             ReportedAction::Delayed => "4.0.0",
@@ -147,6 +149,10 @@ impl Report {
 /// Parses one raw message. Never fails: what is not understood is kind `none`.
 pub fn parse(raw: &[u8], classifier: &Classifier) -> Report {
     let raw = &raw[..raw.len().min(MAX_INPUT)];
+    // An Amazon SES notification posted as JSON rather than mailed.
+    if raw.trim_ascii_start().starts_with(b"{") {
+        return ses::parse(&String::from_utf8_lossy(raw), classifier).unwrap_or_else(Report::none);
+    }
     let normalized = normalize(raw);
     let Some(message) = MessageParser::new().parse(&normalized[..]) else {
         return Report::none();
@@ -156,6 +162,9 @@ pub fn parse(raw: &[u8], classifier: &Classifier) -> Report {
         return report;
     }
     if let Some(report) = dsn(&message, &body, classifier) {
+        return report;
+    }
+    if let Some(report) = ses::parse(&body, classifier).filter(|r| !r.recipients.is_empty()) {
         return report;
     }
     if looks_like_bounce(&message) {
@@ -213,7 +222,7 @@ pub fn clean_address(value: &str) -> String {
 }
 
 /// `smtp; 550 5.1.1 ...` -> `550 5.1.1 ...`, multi-line prefixes dropped, spaces collapsed.
-fn clean_diagnostic(value: &str) -> Option<String> {
+pub(crate) fn clean_diagnostic(value: &str) -> Option<String> {
     let value = match value.split_once(';') {
         Some((kind, rest)) if kind.len() <= 24 && !kind.trim().contains(char::is_whitespace) => {
             rest
@@ -259,7 +268,7 @@ fn arf(message: &Message<'_>) -> Option<Report> {
     Some(complaint(addresses, feedback_type))
 }
 
-fn complaint(mut addresses: Vec<String>, feedback_type: Option<String>) -> Report {
+pub(crate) fn complaint(mut addresses: Vec<String>, feedback_type: Option<String>) -> Report {
     addresses.truncate(MAX_RECIPIENTS);
     Report {
         kind: Kind::Arf,
