@@ -378,7 +378,11 @@ fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Rep
             let status = classify::specific_status(status, text);
             let c =
                 classifier.classify(status.as_deref(), None, text, Some(action.default_status()));
-            let reason = reason::reason(c.category, c.status.as_deref(), text);
+            let context = reason::Context {
+                failed: action == ReportedAction::Failed,
+                phase: text::smtp_phase(body),
+            };
+            let reason = reason::reason_in(c.category, c.status.as_deref(), text, context);
             recipients.push(BounceRecipient {
                 reason,
                 original_recipient: fields::get(&group, "original-recipient")
@@ -497,6 +501,7 @@ fn text_bounce(
     if let [(_, diagnostic @ None)] = found.as_mut_slice() {
         diagnostic.clone_from(&parsed.diagnostic);
     }
+    let phase = text::smtp_phase(body);
     Report {
         kind: Kind::Dsn,
         recipients: found
@@ -508,10 +513,14 @@ fn text_bounce(
                     diagnostic.as_deref().unwrap_or(""),
                     Some(action.default_status()),
                 );
-                let reason = reason::reason(
+                let reason = reason::reason_in(
                     c.category,
                     c.status.as_deref(),
                     diagnostic.as_deref().unwrap_or(""),
+                    reason::Context {
+                        failed: action == ReportedAction::Failed,
+                        phase,
+                    },
                 );
                 BounceRecipient {
                     address,

@@ -132,6 +132,15 @@ type Refinement = (Reason, &'static [&'static str], &'static [&'static str]);
 
 const INVALID_RECIPIENT: &[Refinement] = &[
     (
+        Reason::Filtered,
+        &[],
+        &[
+            "recipient preferences",
+            "filtered",
+            "refused by the recipient's filter",
+        ],
+    ),
+    (
         Reason::HasMoved,
         &["x.1.6"],
         &["has moved", "moved to", "no longer at this address"],
@@ -153,6 +162,8 @@ const INVALID_RECIPIENT: &[Refinement] = &[
             "frozen",
         ],
     ),
+    // x.2.1 "mailbox disabled, not accepting messages": a filter or a closed mailbox.
+    (Reason::Filtered, &["x.2.1"], &[]),
 ];
 
 const POLICY: &[Refinement] = &[
@@ -203,8 +214,10 @@ const POLICY: &[Refinement] = &[
     ),
     (
         Reason::SecurityError,
-        &["x.7.0"],
+        &["x.7.0", "x.7.6", "x.7.9"],
         &[
+            "access denied",
+            "not authorized",
             "authentication required",
             "must issue a starttls",
             "tls required",
@@ -253,6 +266,31 @@ const MESSAGE_TOO_LARGE: &[Refinement] = &[(
     &["exceeds the size limit of the mailbox", "exceedlimit"],
 )];
 
+const DOMAIN_NOT_FOUND: &[Refinement] = &[
+    (
+        Reason::NotAccept,
+        &["x.1.10"],
+        &[
+            "doesn't receive email",
+            "does not accept mail",
+            "no mx record",
+            "null mx",
+            "couldn't find a mail exchanger",
+        ],
+    ),
+    (
+        Reason::NetworkError,
+        &[],
+        &[
+            "name server reply",
+            "try again",
+            "servfail",
+            "dns error",
+            "lookup failed",
+        ],
+    ),
+];
+
 const NETWORK: &[Refinement] = &[(
     Reason::FailedStartTls,
     &[],
@@ -260,6 +298,19 @@ const NETWORK: &[Refinement] = &[(
 )];
 
 const OTHER: &[Refinement] = &[
+    (
+        Reason::Suspend,
+        &[],
+        &[
+            "frozen",
+            "account is locked",
+            "suspend",
+            "disabled",
+            "deactivated",
+            "inactive",
+        ],
+    ),
+    (Reason::OnHold, &[], &["on hold"]),
     (
         Reason::SystemFull,
         &["x.3.1"],
@@ -313,6 +364,69 @@ const OTHER: &[Refinement] = &[
     ),
 ];
 
+/// The SMTP command a reply answered, as the notice tells (Postfix's "in reply to end of
+/// DATA command", Exim's "after RCPT TO:", a Sendmail transcript's `>>> DATA`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Mail,
+    Rcpt,
+    Data,
+}
+
+/// What the report says around one recipient's diagnostic.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Context {
+    /// The report's action is `failed` (a final notice).
+    pub failed: bool,
+    pub phase: Option<Phase>,
+}
+
+/// Lowercase phrases of a final notice about a message that was retried until it gave up.
+const GAVE_UP: &[&str] = &[
+    "retry timeout exceeded",
+    "failing for a long time",
+    "will be retried",
+    "could not be delivered for",
+    "cannot send message for",
+    "too long in the queue",
+    "giving up",
+    "delivery time expired",
+    "message expired",
+    "timed out",
+    "timeout",
+];
+
+/// The reason with what the report says around the diagnostic (see [`Context`]): before the
+/// refinements of [`reason`], an unknown or refusing recipient at DATA is `filtered` (the
+/// address was accepted, the recipient's filter refused the message, as sisimai counts it);
+/// a refusal at MAIL FROM is `rejected`; a final notice whose error was a temporary one
+/// (a timeout, retries given up) is `expired`.
+pub fn reason_in(
+    category: Category,
+    status: Option<&str>,
+    diagnostic: &str,
+    context: Context,
+) -> Reason {
+    let text = truncate(diagnostic, MAX_TEXT).to_ascii_lowercase();
+    match (category, context.phase) {
+        (Category::InvalidRecipient, Some(Phase::Data)) => return Reason::Filtered,
+        (Category::InvalidRecipient | Category::Policy, Some(Phase::Mail)) => {
+            return Reason::Rejected
+        }
+        _ => {}
+    }
+    let temporary = status.is_some_and(|s| s.starts_with('4'));
+    let gave_up = GAVE_UP.iter().any(|p| text.contains(p));
+    if matches!(
+        category,
+        Category::Network | Category::Other | Category::Expired
+    ) && ((context.failed && temporary) || gave_up)
+    {
+        return Reason::Expired;
+    }
+    reason(category, status, diagnostic)
+}
+
 /// The reason for a recipient of `category` with `status` and `diagnostic`.
 pub fn reason(category: Category, status: Option<&str>, diagnostic: &str) -> Reason {
     let refinements: &[Refinement] = match category {
@@ -323,6 +437,7 @@ pub fn reason(category: Category, status: Option<&str>, diagnostic: &str) -> Rea
         Category::RateLimited => RATE_LIMITED,
         Category::MessageTooLarge => MESSAGE_TOO_LARGE,
         Category::Network => NETWORK,
+        Category::DomainNotFound => DOMAIN_NOT_FOUND,
         Category::Other => OTHER,
         _ => &[],
     };

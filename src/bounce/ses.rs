@@ -88,7 +88,15 @@ pub fn parse(text: &str, classifier: &Classifier) -> Option<Report> {
                     let text = diagnostic.as_deref().unwrap_or("");
                     let c = classifier.classify(status, None, text, Some(action.default_status()));
                     Some(BounceRecipient {
-                        reason: reason::reason(c.category, c.status.as_deref(), text),
+                        reason: reason::reason_in(
+                            c.category,
+                            c.status.as_deref(),
+                            text,
+                            reason::Context {
+                                failed: action == ReportedAction::Failed,
+                                phase: None,
+                            },
+                        ),
                         address,
                         original_recipient: None,
                         status: c.status,

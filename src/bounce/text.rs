@@ -409,6 +409,72 @@ pub fn returned_to(body: &str) -> Vec<String> {
         .collect()
 }
 
+/// The SMTP command the failing reply answered, as the failure report region tells: the
+/// first of Postfix's "(in reply to ... command)", Exim's "after RCPT TO:" / "after MAIL
+/// FROM:" / "after end of data", or an "SMTP command" heading and the command under it.
+pub fn smtp_phase(body: &str) -> Option<super::reason::Phase> {
+    use super::reason::Phase;
+    let body = truncate(body, MAX_SCAN);
+    let flat = flatten(body);
+    let first_line_end = body.find('\n').unwrap_or(body.len());
+    let end = region_end(body, &flat, 0, first_line_end);
+    let flat = &flat[..end];
+    const SAID: &[(&str, Phase)] = &[
+        ("in reply to end of data command", Phase::Data),
+        ("in reply to data command", Phase::Data),
+        ("after end of data", Phase::Data),
+        ("after data", Phase::Data),
+        ("in reply to rcpt to command", Phase::Rcpt),
+        ("after rcpt to", Phase::Rcpt),
+        ("in reply to mail from command", Phase::Mail),
+        ("after mail from", Phase::Mail),
+    ];
+    if let Some((_, phase)) = SAID
+        .iter()
+        .filter_map(|(p, phase)| flat.find(p).map(|at| (at, *phase)))
+        .min_by_key(|(at, _)| *at)
+    {
+        return Some(phase);
+    }
+    // m-FILTER and others: a "SMTP command" heading and the command on the next line. (A
+    // Sendmail transcript's `>>> DATA` is no evidence: with pipelining, RCPT replies come
+    // after it.)
+    let lines: Vec<&str> = body[..end].split('\n').collect();
+    let heading = lines
+        .iter()
+        .position(|l| l.to_ascii_lowercase().trim_matches('-').trim() == "smtp command")?;
+    let command = lines[heading + 1..]
+        .iter()
+        .map(|l| l.trim())
+        .find(|l| !l.is_empty())?
+        .to_ascii_lowercase();
+    if command == "data" {
+        Some(Phase::Data)
+    } else if command.starts_with("rcpt to") {
+        Some(Phase::Rcpt)
+    } else if command.starts_with("mail from") {
+        Some(Phase::Mail)
+    } else {
+        None
+    }
+}
+
+/// The [`FAILURE_CUES`] that say what failed, not only that something did.
+const SPECIFIC_CUES: &[&str] = &[
+    "unknown",
+    "not exist",
+    "no such",
+    "invalid",
+    "not found",
+    "rejected",
+    "refused",
+    "denied",
+    "full",
+    "quota",
+    "disabled",
+    "not allowed",
+];
+
 /// Lowercase words of a line that names an address to write to, not one that failed.
 const CONTACT_CUES: &[&str] = &[
     "contact",
@@ -457,10 +523,24 @@ fn sentence_recipients(section: &str, unmarked: bool) -> Vec<(String, Option<Str
         if !(talks || cue || reply_near) {
             continue;
         }
+        // The nearest reply; else this line if it says what failed ("Unknown user: a@b"),
+        // else the prose under it ("There was an error delivering your mail to <a@b>." and
+        // the cause on the next lines).
+        let specific = SPECIFIC_CUES.iter().any(|c| lower.contains(c));
         let own = lines[i..lines.len().min(i + 4)]
             .iter()
             .position(|l| reply_in(l).is_some())
-            .and_then(|k| diagnostic(&lines[i + k..lines.len().min(i + k + 4)]));
+            .and_then(|k| diagnostic(&lines[i + k..lines.len().min(i + k + 4)]))
+            .or_else(|| {
+                let from = if specific { i } else { i + 1 };
+                let below: Vec<&str> = lines[from..lines.len().min(i + 5)]
+                    .iter()
+                    .map(|l| l.trim())
+                    .skip_while(|l| l.is_empty())
+                    .take_while(|l| !l.is_empty())
+                    .collect();
+                (!below.is_empty()).then(|| tidy(&below.join(" ")))
+            });
         for token in line.split(|c: char| c.is_whitespace() || c == ',') {
             let token = token.trim_matches(|c: char| {
                 matches!(
