@@ -377,7 +377,7 @@ fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Rep
                 .unwrap_or_else(|| implied_action(status, text));
             let status = classify::specific_status(status, text);
             let c =
-                classifier.classify(status.as_deref(), None, text, Some(action.default_status()));
+                classifier.classify_notice(status.as_deref(), text, Some(action.default_status()));
             let context = reason::Context {
                 failed: action == ReportedAction::Failed,
                 phase: text::smtp_phase(body),
@@ -507,8 +507,7 @@ fn text_bounce(
         recipients: found
             .into_iter()
             .map(|(address, diagnostic)| {
-                let c = classifier.classify(
-                    None,
+                let c = classifier.classify_notice(
                     None,
                     diagnostic.as_deref().unwrap_or(""),
                     Some(action.default_status()),

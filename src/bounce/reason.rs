@@ -162,8 +162,6 @@ const INVALID_RECIPIENT: &[Refinement] = &[
             "frozen",
         ],
     ),
-    // x.2.1 "mailbox disabled, not accepting messages": a filter or a closed mailbox.
-    (Reason::Filtered, &["x.2.1"], &[]),
 ];
 
 const POLICY: &[Refinement] = &[

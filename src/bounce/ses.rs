@@ -86,7 +86,7 @@ pub fn parse(text: &str, classifier: &Classifier) -> Option<Report> {
                         });
                     let status = r.get("status").and_then(Value::as_str);
                     let text = diagnostic.as_deref().unwrap_or("");
-                    let c = classifier.classify(status, None, text, Some(action.default_status()));
+                    let c = classifier.classify_notice(status, text, Some(action.default_status()));
                     Some(BounceRecipient {
                         reason: reason::reason_in(
                             c.category,

@@ -420,13 +420,13 @@ pub fn smtp_phase(body: &str) -> Option<super::reason::Phase> {
     let end = region_end(body, &flat, 0, first_line_end);
     let flat = &flat[..end];
     const SAID: &[(&str, Phase)] = &[
-        ("in reply to end of data command", Phase::Data),
-        ("in reply to data command", Phase::Data),
+        ("in reply to end of data", Phase::Data),
+        ("in reply to data", Phase::Data),
         ("after end of data", Phase::Data),
         ("after data", Phase::Data),
-        ("in reply to rcpt to command", Phase::Rcpt),
+        ("in reply to rcpt to", Phase::Rcpt),
         ("after rcpt to", Phase::Rcpt),
-        ("in reply to mail from command", Phase::Mail),
+        ("in reply to mail from", Phase::Mail),
         ("after mail from", Phase::Mail),
     ];
     if let Some((_, phase)) = SAID
@@ -436,10 +436,28 @@ pub fn smtp_phase(body: &str) -> Option<super::reason::Phase> {
     {
         return Some(phase);
     }
-    // m-FILTER and others: a "SMTP command" heading and the command on the next line. (A
-    // Sendmail transcript's `>>> DATA` is no evidence: with pipelining, RCPT replies come
-    // after it.)
     let lines: Vec<&str> = body[..end].split('\n').collect();
+    // A transcript's `>>> DATA` answered by a failure: the message was refused after the
+    // recipients were accepted. With pipelining, RCPT replies come after `>>> DATA` too,
+    // then followed by DATA's own "503 Need RCPT": those are RCPT-phase replies.
+    if let Some(at) = lines
+        .iter()
+        .position(|l| l.trim().eq_ignore_ascii_case(">>> data"))
+    {
+        let after = &lines[at + 1..lines.len().min(at + 8)];
+        let answered = after.first().is_some_and(|l| {
+            let t = l.trim();
+            t.starts_with("<<< 4") || t.starts_with("<<< 5")
+        });
+        let need_rcpt = after.iter().any(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("need rcpt") || l.trim().starts_with("<<< 503")
+        });
+        if answered {
+            return Some(if need_rcpt { Phase::Rcpt } else { Phase::Data });
+        }
+    }
+    // m-FILTER and others: a "SMTP command" heading and the command on the next line.
     let heading = lines
         .iter()
         .position(|l| l.to_ascii_lowercase().trim_matches('-').trim() == "smtp command")?;
