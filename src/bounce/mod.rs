@@ -137,6 +137,14 @@ pub struct BounceRecipient {
     pub hard: bool,
 }
 
+impl BounceRecipient {
+    /// The address the sender used: the DSN's Original-Recipient when it has one (before
+    /// forwarding or alias expansion), else `address`. What a suppression is about.
+    pub fn sent_to(&self) -> &str {
+        self.original_recipient.as_deref().unwrap_or(&self.address)
+    }
+}
+
 impl Report {
     fn none() -> Report {
         Report {

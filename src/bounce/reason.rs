@@ -390,15 +390,17 @@ const GAVE_UP: &[&str] = &[
     "giving up",
     "delivery time expired",
     "message expired",
-    "timed out",
-    "timeout",
 ];
+
+/// Lowercase phrases of a timeout: in a final notice, retries that ran out of time.
+const TIMED_OUT: &[&str] = &["timed out", "timeout"];
 
 /// The reason with what the report says around the diagnostic (see [`Context`]): before the
 /// refinements of [`reason`], an unknown or refusing recipient at DATA is `filtered` (the
 /// address was accepted, the recipient's filter refused the message, as sisimai counts it);
-/// a refusal at MAIL FROM is `rejected`; a final notice whose error was a temporary one
-/// (a timeout, retries given up) is `expired`.
+/// a permanent refusal at MAIL FROM is `rejected`; a final notice whose error was a
+/// temporary one (a 4.x.x status, a timeout) and any notice that says retries were given up
+/// is `expired`.
 pub fn reason_in(
     category: Category,
     status: Option<&str>,
@@ -408,17 +410,20 @@ pub fn reason_in(
     let text = truncate(diagnostic, MAX_TEXT).to_ascii_lowercase();
     match (category, context.phase) {
         (Category::InvalidRecipient, Some(Phase::Data)) => return Reason::Filtered,
-        (Category::InvalidRecipient | Category::Policy, Some(Phase::Mail)) => {
+        (Category::InvalidRecipient | Category::Policy, Some(Phase::Mail))
+            if !status.is_some_and(|s| s.starts_with('4')) =>
+        {
             return Reason::Rejected
         }
         _ => {}
     }
     let temporary = status.is_some_and(|s| s.starts_with('4'));
     let gave_up = GAVE_UP.iter().any(|p| text.contains(p));
+    let timed_out = TIMED_OUT.iter().any(|p| text.contains(p));
     if matches!(
         category,
         Category::Network | Category::Other | Category::Expired
-    ) && ((context.failed && temporary) || gave_up)
+    ) && ((context.failed && (temporary || timed_out)) || gave_up)
     {
         return Reason::Expired;
     }

@@ -298,8 +298,24 @@ fn recipients(
     // reply, they name no new recipient. Exim indents every address line by two spaces.
     let mut in_reply = false;
     let mut address_indent = 0;
+    // Postfix folds "<final@b> (expanded from" / "    <alias@a>): reply": the address the
+    // sender used is the alias, and it is the one reported.
+    let mut expanded = false;
     for line in section.split('\n') {
         let indent = line.len() - line.trim_start().len();
+        if std::mem::take(&mut expanded) && indent > 0 {
+            if let (Some(i), Some((original, rest))) = (current, address_line(line)) {
+                if !blocks.iter().any(|b| b.address == original) {
+                    blocks[i].address = original;
+                }
+                let rest = rest.trim_start_matches([')', ':']).trim();
+                if !rest.is_empty() {
+                    blocks[i].lines.push(rest);
+                }
+                in_reply = reply_in(rest).is_some();
+                continue;
+            }
+        }
         let continues = in_reply
             && indent > address_indent
             && line.starts_with([' ', '\t'])
@@ -312,6 +328,11 @@ fn recipients(
             continue;
         }
         if let Some((address, rest)) = address_line(line).filter(|(a, _)| !exclude.strong(a)) {
+            let (address, rest) = match expanded_from(rest) {
+                Some((original, after)) => (original, after),
+                None => (address, rest),
+            };
+            expanded = rest.to_ascii_lowercase().ends_with("(expanded from");
             in_reply = reply_in(rest).is_some();
             address_indent = indent;
             let i = match blocks.iter().position(|b| b.address == address) {
@@ -584,6 +605,15 @@ fn sentence_recipients(section: &str, unmarked: bool) -> Vec<(String, Option<Str
         }
     }
     out
+}
+
+/// `(expanded from <alias@a>): rest` -> the alias and the rest.
+fn expanded_from(rest: &str) -> Option<(String, &str)> {
+    let inner = rest.strip_prefix("(expanded from <")?;
+    let (address, after) = inner.split_once(">)")?;
+    let after = after.trim_start();
+    let after = after.strip_prefix(':').unwrap_or(after).trim();
+    is_address(address).then(|| (normalize(address), after))
 }
 
 /// An address that stands on a line of its own, and the rest of the line after `:`.
