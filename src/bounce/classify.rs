@@ -331,6 +331,32 @@ pub(crate) fn truncate(s: &str, max: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notices_without_a_code_get_the_status_of_their_category() {
+        let c = Classifier::defaults();
+        let got = |text: &str, fallback| c.classify_notice(None, text, Some(fallback)).status;
+        assert_eq!(got("User unknown", "5.0.0").as_deref(), Some("5.1.1"));
+        assert_eq!(got("550 mailbox full", "5.0.0").as_deref(), Some("5.2.2"));
+        assert_eq!(got("Host not found", "5.0.0").as_deref(), Some("5.1.2"));
+        assert_eq!(
+            got("Connection timed out", "4.0.0").as_deref(),
+            Some("4.4.1")
+        );
+        // A code in the text or given wins; an unclassified text keeps its class.
+        assert_eq!(
+            got("550 5.7.1 User unknown", "5.0.0").as_deref(),
+            Some("5.7.1")
+        );
+        assert_eq!(
+            c.classify_notice(Some("5.0.0"), "User unknown", None)
+                .status
+                .as_deref(),
+            Some("5.0.0")
+        );
+        assert_eq!(got("something odd", "5.0.0").as_deref(), Some("5.0.0"));
+        assert_eq!(inferred_status(Category::Delivered, "2.0.0"), None);
+    }
     use crate::config::compile_bounce_rules;
 
     fn c() -> Classifier {

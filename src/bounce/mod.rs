@@ -346,6 +346,8 @@ fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Rep
         ("message", "global-delivery-status"),
     ];
     let mut recipients = Vec::new();
+    // The SMTP phase the text tells, read once for all groups.
+    let mut phase: Option<Option<reason::Phase>> = None;
     for part in message
         .parts
         .iter()
@@ -388,7 +390,7 @@ fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Rep
                 classifier.classify_notice(status.as_deref(), text, Some(action.default_status()));
             let context = reason::Context {
                 failed: action == ReportedAction::Failed,
-                phase: text::smtp_phase(body),
+                phase: *phase.get_or_insert_with(|| text::smtp_phase(body)),
             };
             let reason = reason::reason_in(c.category, c.status.as_deref(), text, context);
             recipients.push(BounceRecipient {

@@ -512,4 +512,68 @@ mod tests {
             assert_eq!(serde_json::to_value(r).unwrap(), name);
         }
     }
+
+    #[test]
+    fn the_context_refines_within_the_category() {
+        let failed = |phase| Context {
+            failed: true,
+            phase,
+        };
+        assert_eq!(
+            reason_in(
+                Category::InvalidRecipient,
+                Some("5.0.0"),
+                "550 Unknown user a@b.example",
+                failed(Some(Phase::Data))
+            ),
+            Reason::Filtered
+        );
+        assert_eq!(
+            reason_in(
+                Category::Policy,
+                Some("5.7.0"),
+                "550 5.7.0 refused",
+                failed(Some(Phase::Mail))
+            ),
+            Reason::Rejected
+        );
+        // Greylisting at MAIL FROM is temporary, no rejection of the sender.
+        assert_eq!(
+            reason_in(
+                Category::Policy,
+                Some("4.7.1"),
+                "451 4.7.1 Greylisting",
+                failed(Some(Phase::Mail))
+            ),
+            Reason::PolicyViolation
+        );
+        assert_eq!(
+            reason_in(
+                Category::Network,
+                Some("4.4.1"),
+                "connect to x: Connection timed out",
+                failed(None)
+            ),
+            Reason::Expired
+        );
+        // The same timeout in a delay notice is still a network error.
+        assert_eq!(
+            reason_in(
+                Category::Network,
+                Some("4.4.1"),
+                "connect to x: Connection timed out",
+                Context::default()
+            ),
+            Reason::NetworkError
+        );
+        assert_eq!(
+            reason_in(
+                Category::DomainNotFound,
+                Some("5.1.2"),
+                "No MX record found for domain=x.example",
+                failed(None)
+            ),
+            Reason::NotAccept
+        );
+    }
 }

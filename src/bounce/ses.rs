@@ -152,3 +152,27 @@ pub fn parse(text: &str, classifier: &Classifier) -> Option<Report> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sns_envelope_wrapped_mail_json_and_other_text() {
+        let classifier = Classifier::defaults();
+        let inner = r#"{"notificationType":"Bounce","bounce":{"bounceType":"Transient","bouncedRecipients":[{"emailAddress":"a@b.example"}]}}"#;
+        let envelope = serde_json::json!({"Type": "Notification", "Message": inner}).to_string();
+        let report = parse(&envelope, &classifier).unwrap();
+        assert_eq!(report.kind, Kind::Dsn);
+        assert_eq!(report.recipients[0].address, "a@b.example");
+        assert_eq!(report.recipients[0].action, ReportedAction::Delayed);
+        assert_eq!(report.recipients[0].status.as_deref(), Some("4.0.0"));
+        // A mail body that wrapped the JSON inside a string.
+        let wrapped = "{\"notificationType\":\"Complaint\",\"complaint\":{\"complainedRecip\nients\":[{\"emailAddress\":\"c@d.example\"}]}}\n\n--\nfooter";
+        let report = parse(wrapped, &classifier).unwrap();
+        assert_eq!(report.kind, Kind::Arf);
+        assert_eq!(report.recipients[0].address, "c@d.example");
+        assert!(parse("not json", &classifier).is_none());
+        assert!(parse(r#"{"Type":"SubscriptionConfirmation"}"#, &classifier).is_none());
+    }
+}

@@ -35,6 +35,8 @@ const MARKERS: &[(&str, Marker)] = &[
         Marker::Neutral,
     ),
     ("this is the qmail-send program", Marker::Neutral),
+    // Postfix before it wrote DSNs: "<a@b>: host ... said: 550 ..." paragraphs follow.
+    ("this is the postfix program at host", Marker::Neutral),
     ("this is the mail system at host", Marker::Neutral),
     ("this is a delivery status notification", Marker::Neutral),
     (
@@ -439,7 +441,8 @@ pub fn smtp_phase(body: &str) -> Option<super::reason::Phase> {
     let flat = flatten(body);
     let first_line_end = body.find('\n').unwrap_or(body.len());
     let end = region_end(body, &flat, 0, first_line_end);
-    let flat = &flat[..end];
+    // Folded lines ("in reply to end of\n    DATA command") read as one run of words.
+    let flat = flat[..end].split_whitespace().collect::<Vec<_>>().join(" ");
     const SAID: &[(&str, Phase)] = &[
         ("in reply to end of data", Phase::Data),
         ("in reply to data", Phase::Data),
@@ -571,8 +574,10 @@ fn sentence_recipients(section: &str, unmarked: bool) -> Vec<(String, Option<Str
             .position(|l| reply_in(l).is_some())
             .and_then(|k| diagnostic(&lines[i + k..lines.len().min(i + k + 4)]))
             .or_else(|| {
-                let from = if specific { i } else { i + 1 };
-                let below: Vec<&str> = lines[from..lines.len().min(i + 5)]
+                if specific {
+                    return Some(tidy(line));
+                }
+                let below: Vec<&str> = lines[i + 1..lines.len().min(i + 5)]
                     .iter()
                     .map(|l| l.trim())
                     .skip_while(|l| l.is_empty())
@@ -790,6 +795,8 @@ fn reply_in(line: &str) -> Option<(&str, Option<char>)> {
         let opener = before.chars().last();
         let ok = match opener {
             None => true,
+            // A transcript's "Received >>> 550 ...": the arrow is no part of the reply.
+            Some('>') => before.ends_with(">>>"),
             // `;`: a DSN field quoted in the text, "Diagnostic-Code: smtp; 550 ...".
             Some(c) => matches!(c, ':' | ';' | '\'' | '"' | '#' | '(' | '<'),
         };
@@ -924,6 +931,89 @@ mod tests {
         assert_eq!(
             diagnostic(&["192.0.2.1 does not like recipient.", "Giving up."]).as_deref(),
             Some("192.0.2.1 does not like recipient. Giving up.")
+        );
+    }
+
+    #[test]
+    fn sentence_recipients_need_a_cue_and_skip_contact_lines() {
+        let section = "Unknown user: rosa@prairie.example\n\
+                       Please contact postmaster@prairie.example for help.\n\
+                       We wrote to dora@prairie.example yesterday.\n\
+                       \tfor <hugo@prairie.example>; Wed, 4 Mar 2026\n\
+                       Failed to read /home/x/.cat/eve@prairie.example: no such file\n";
+        let found = sentence_recipients(section, true);
+        assert_eq!(
+            found,
+            vec![(
+                "rosa@prairie.example".to_owned(),
+                Some("Unknown user: rosa@prairie.example".to_owned())
+            )]
+        );
+        // A transcript: the reply under the RCPT line is the diagnostic.
+        let found = sentence_recipients(
+            "Sent <<< RCPT TO:<kenji@gate.example>\nReceived >>> 550 5.1.1 unknown\n",
+            true,
+        );
+        assert_eq!(found[0].0, "kenji@gate.example");
+        assert_eq!(found[0].1.as_deref(), Some("550 5.1.1 unknown"));
+    }
+
+    #[test]
+    fn the_region_ends_at_the_returned_headers_and_excluded_addresses_are_dropped() {
+        let body = "There was an error delivering your mail to <a@x.example>.\n\nReceived: from \
+                    y\nTo: <b@x.example>\n";
+        let own = ["a@x.example".to_owned()];
+        let exclude = Exclude {
+            always: &own,
+            weak: &[],
+        };
+        let parsed = parse_with(body, &exclude, true).unwrap();
+        assert!(parsed.recipients.is_empty(), "{:?}", parsed.recipients);
+        assert_eq!(returned_to(body), vec!["b@x.example".to_owned()]);
+        assert!(has_failure_cue(body));
+        assert!(!has_failure_cue("Hello, see you at noon.\n"));
+    }
+
+    #[test]
+    fn smtp_phase_from_postfix_exim_and_transcripts() {
+        use crate::bounce::reason::Phase;
+        assert_eq!(
+            smtp_phase("<a@b.example>: host x said: 550 no (in reply to end of\n    DATA command)"),
+            Some(Phase::Data)
+        );
+        assert_eq!(
+            smtp_phase("SMTP error from remote mail server after RCPT TO:<a@b.example>:\n550 no"),
+            Some(Phase::Rcpt)
+        );
+        assert_eq!(
+            smtp_phase(">>> DATA\n<<< 550 Unknown user a@b.example\n554 5.0.0 Service unavailable"),
+            Some(Phase::Data)
+        );
+        // Pipelined RCPT replies after DATA, then DATA's own 503.
+        assert_eq!(
+            smtp_phase(
+                ">>> DATA\n<<< 550 5.1.1 <a@b.example>... User Unknown\n<<< 503 5.0.0 Need RCPT"
+            ),
+            Some(Phase::Rcpt)
+        );
+        assert_eq!(
+            smtp_phase("-------server message\n550 unknown user\n\n-------SMTP command\nDATA\n"),
+            Some(Phase::Data)
+        );
+        assert_eq!(smtp_phase("550 unknown user\n"), None);
+    }
+
+    #[test]
+    fn postfix_expanded_from_reports_the_alias() {
+        let section = "<final@relay.example> (expanded from\n    <alias@harbor.example>): host x \
+                       said:\n    552 5.2.2 Mailbox full\n";
+        let found = recipients(section, false, &Exclude::default());
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].0, "alias@harbor.example");
+        assert_eq!(found[0].1.as_deref(), Some("552 5.2.2 Mailbox full"));
+        assert_eq!(
+            expanded_from("(expanded from <a@b.example>): 550 no"),
+            Some(("a@b.example".to_owned(), "550 no"))
         );
     }
 }

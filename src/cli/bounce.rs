@@ -70,17 +70,18 @@ fn parse(file: &Path, json: bool, config: Option<&Path>) -> ExitCode {
     }
     let _ = writeln!(
         out,
-        "{:<40}  {:<9}  {:<7}  {:<17}  {:<4}  DIAGNOSTIC",
-        "RECIPIENT", "ACTION", "STATUS", "CATEGORY", "HARD"
+        "{:<40}  {:<9}  {:<7}  {:<17}  {:<15}  {:<4}  DIAGNOSTIC",
+        "RECIPIENT", "ACTION", "STATUS", "CATEGORY", "REASON", "HARD"
     );
     for r in &report.recipients {
         let _ = writeln!(
             out,
-            "{:<40}  {:<9}  {:<7}  {:<17}  {:<4}  {}",
+            "{:<40}  {:<9}  {:<7}  {:<17}  {:<15}  {:<4}  {}",
             r.address,
             r.action.as_str(),
             r.status.as_deref().unwrap_or("-"),
             r.category.as_str(),
+            r.reason.as_str(),
             if r.hard { "yes" } else { "no" },
             r.diagnostic.as_deref().unwrap_or("")
         );
