@@ -657,8 +657,11 @@ fn from_daemon(message: &Message<'_>) -> bool {
             .is_some_and(|r| r.trim() == "<>")
 }
 
-/// The `From` is a mailer daemon or postmaster.
+/// The `From` is a mailer daemon or postmaster, or the null address (`From: <>`).
 fn daemon_sender(message: &Message<'_>) -> bool {
+    if message.header_raw("From").is_some_and(|f| f.trim() == "<>") {
+        return true;
+    }
     let from = message.from().and_then(|f| f.first());
     let address = from
         .and_then(|a| a.address())

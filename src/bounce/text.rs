@@ -318,6 +318,13 @@ fn recipients(
                 continue;
             }
         }
+        // "a@b" then "    (expanded from: <alias@a>)" on a line of its own (Sendmail).
+        if let (Some(i), Some((original, _))) = (current, expanded_from(line.trim())) {
+            if !blocks.iter().any(|b| b.address == original) {
+                blocks[i].address = original;
+            }
+            continue;
+        }
         let continues = in_reply
             && indent > address_indent
             && line.starts_with([' ', '\t'])
@@ -376,12 +383,14 @@ const FAILURE_CUES: &[&str] = &[
     "not exist",
     "no such",
     "invalid",
+    "not a valid",
     "not found",
     "rejected",
     "refused",
     "denied",
     "full",
     "quota",
+    "exceeds",
     "failed",
     "failure",
     "unable",
@@ -507,12 +516,14 @@ const SPECIFIC_CUES: &[&str] = &[
     "not exist",
     "no such",
     "invalid",
+    "not a valid",
     "not found",
     "rejected",
     "refused",
     "denied",
     "full",
     "quota",
+    "exceeds",
     "disabled",
     "not allowed",
 ];
@@ -614,7 +625,9 @@ fn sentence_recipients(section: &str, unmarked: bool) -> Vec<(String, Option<Str
 
 /// `(expanded from <alias@a>): rest` -> the alias and the rest.
 fn expanded_from(rest: &str) -> Option<(String, &str)> {
-    let inner = rest.strip_prefix("(expanded from <")?;
+    let inner = rest
+        .strip_prefix("(expanded from <")
+        .or_else(|| rest.strip_prefix("(expanded from: <"))?;
     let (address, after) = inner.split_once(">)")?;
     let after = after.trim_start();
     let after = after.strip_prefix(':').unwrap_or(after).trim();
