@@ -6,9 +6,10 @@
 //! ```
 //!
 //! DIR holds `NAME.eml` and `NAME.expect.json` pairs:
-//! `{"kind": "dsn|arf|autoreply", "recipients": N, "statuses": ["5.1.1", ...],
-//!   "addresses": ["bob@example.net", ...]}` (`statuses` one per expected recipient, empty
-//! strings for complaints and auto-replies; `addresses` optional).
+//! `{"kind": "dsn|arf|autoreply|none", "recipients": N, "statuses": ["5.1.1", ...],
+//!   "reasons": ["userunknown", ...], "addresses": ["bob@example.net", ...]}` (`statuses` and
+//! `reasons` one per expected recipient, empty strings for complaints and auto-replies;
+//! `reasons` (sisimai's reason names) and `addresses` optional; unknown keys are ignored).
 //!
 //! Scoring, per message: with `addresses`, a reported recipient is a true positive when it
 //! matches an expected address (case-insensitively, each expected address used once), else a
@@ -17,9 +18,12 @@
 //! when it equals the expected one; an expected pseudo-code (sisimai invents `x.0.9xx`,
 //! `x.9.xxx` when a message has no code, and `x.0.0` says only the class) is scored on the
 //! class digit alone (files holding several messages, like mbox files, are stored one message
-//! per file as `NAME-28a`, `NAME-28b`). `status` in the table is over the recipients found; the summary line
-//! also gives it over every expected recipient that has a status. The family of `lhost-postfix-07` is `postfix` (prefixes `lhost-`,
-//! `email-` and the number dropped).
+//! per file as `NAME-28a`, `NAME-28b`). Columns: `prec`/`recall` of recipients, `status`
+//! (class-aware as above) and `strict` (equal strings) over the recipients found, `reason`
+//! agreement with the expected reasons, `kind` right, `fp` false positives. The summary lines
+//! give the totals with their counts: recipients expected, reported right, wrong and missed,
+//! and status right over every expected recipient that has one. The family of
+//! `lhost-postfix-07` is `postfix` (prefixes `lhost-`, `email-` and the number dropped).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
