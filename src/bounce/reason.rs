@@ -210,6 +210,8 @@ const POLICY: &[Refinement] = &[
             "multiple",
         ],
     ),
+    // "Message not accepted for policy reasons" (5.7.9 at Yahoo): a policy, not security.
+    (Reason::PolicyViolation, &[], &["policy"]),
     (
         Reason::SecurityError,
         &["x.7.0", "x.7.6", "x.7.9"],
@@ -410,10 +412,16 @@ pub fn reason_in(
     let text = truncate(diagnostic, MAX_TEXT).to_ascii_lowercase();
     match (category, context.phase) {
         (Category::InvalidRecipient, Some(Phase::Data)) => return Reason::Filtered,
+        // Unless the text names a finer cause (a PTR record, a security requirement).
         (Category::InvalidRecipient | Category::Policy, Some(Phase::Mail))
             if !status.is_some_and(|s| s.starts_with('4')) =>
         {
-            return Reason::Rejected
+            let refined = reason(category, status, diagnostic);
+            return if refined == default_for(category) {
+                Reason::Rejected
+            } else {
+                refined
+            };
         }
         _ => {}
     }
@@ -531,11 +539,21 @@ mod tests {
         assert_eq!(
             reason_in(
                 Category::Policy,
-                Some("5.7.0"),
-                "550 5.7.0 refused",
+                Some("5.7.1"),
+                "550 5.7.1 refused",
                 failed(Some(Phase::Mail))
             ),
             Reason::Rejected
+        );
+        // At MAIL FROM too, a finer cause the text names wins.
+        assert_eq!(
+            reason_in(
+                Category::Policy,
+                Some("5.7.1"),
+                "554 5.7.1 Reverse DNS failed",
+                failed(Some(Phase::Mail))
+            ),
+            Reason::RequirePtr
         );
         // Greylisting at MAIL FROM is temporary, no rejection of the sender.
         assert_eq!(
