@@ -508,8 +508,16 @@ fn text_bounce(
             .into_iter()
             .collect();
     }
-    if let [(_, diagnostic @ None)] = found.as_mut_slice() {
-        diagnostic.clone_from(&parsed.diagnostic);
+    // One recipient whose own lines hold no reply, in a notice that quotes one elsewhere
+    // ("Could not be delivered because of 550 5.1.1 User unknown" above "The following
+    // recipients were affected:"): the notice's reply is about it.
+    let has_code = |d: &str| classify::basic_in(d).is_some() || classify::status_in(d).is_some();
+    if let [(_, diagnostic)] = found.as_mut_slice() {
+        let own_code = diagnostic.as_deref().is_some_and(has_code);
+        let section_code = parsed.diagnostic.as_deref().is_some_and(has_code);
+        if diagnostic.is_none() || (!own_code && section_code) {
+            diagnostic.clone_from(&parsed.diagnostic);
+        }
     }
     let phase = text::smtp_phase(body);
     Report {
