@@ -6,9 +6,10 @@
 //! ```
 //!
 //! DIR holds `NAME.eml` and `NAME.expect.json` pairs:
-//! `{"kind": "dsn|arf|autoreply", "recipients": N, "statuses": ["5.1.1", ...],
-//!   "addresses": ["bob@example.net", ...]}` (`statuses` one per expected recipient, empty
-//! strings for complaints and auto-replies; `addresses` optional).
+//! `{"kind": "dsn|arf|autoreply|none", "recipients": N, "statuses": ["5.1.1", ...],
+//!   "reasons": ["userunknown", ...], "addresses": ["bob@example.net", ...]}` (`statuses` and
+//! `reasons` one per expected recipient, empty strings for complaints and auto-replies;
+//! `reasons` (sisimai's reason names) and `addresses` optional; unknown keys are ignored).
 //!
 //! Scoring, per message: with `addresses`, a reported recipient is a true positive when it
 //! matches an expected address (case-insensitively, each expected address used once), else a
@@ -17,9 +18,12 @@
 //! when it equals the expected one; an expected pseudo-code (sisimai invents `x.0.9xx`,
 //! `x.9.xxx` when a message has no code, and `x.0.0` says only the class) is scored on the
 //! class digit alone (files holding several messages, like mbox files, are stored one message
-//! per file as `NAME-28a`, `NAME-28b`). `status` in the table is over the recipients found; the summary line
-//! also gives it over every expected recipient that has a status. The family of `lhost-postfix-07` is `postfix` (prefixes `lhost-`,
-//! `email-` and the number dropped).
+//! per file as `NAME-28a`, `NAME-28b`). Columns: `prec`/`recall` of recipients, `status`
+//! (class-aware as above) and `strict` (equal strings) over the recipients found, `reason`
+//! agreement with the expected reasons, `kind` right, `fp` false positives. The summary lines
+//! give the totals with their counts: recipients expected, reported right, wrong and missed,
+//! and status right over every expected recipient that has one. The family of
+//! `lhost-postfix-07` is `postfix` (prefixes `lhost-`, `email-` and the number dropped).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,6 +40,9 @@ struct Expect {
     statuses: Vec<String>,
     #[serde(default)]
     addresses: Vec<String>,
+    /// sisimai's reason per expected recipient (optional).
+    #[serde(default)]
+    reasons: Vec<String>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -50,6 +57,8 @@ struct Tally {
     status_right: usize,
     /// Expected recipients with a status, found or not.
     status_expected: usize,
+    reason_scored: usize,
+    reason_right: usize,
 }
 
 impl Tally {
@@ -63,6 +72,8 @@ impl Tally {
         self.status_exact += o.status_exact;
         self.status_right += o.status_right;
         self.status_expected += o.status_expected;
+        self.reason_scored += o.reason_scored;
+        self.reason_right += o.reason_right;
     }
 
     fn ratio(a: usize, b: usize) -> String {
@@ -75,12 +86,13 @@ impl Tally {
 
     fn row(&self, name: &str) -> String {
         format!(
-            "{name:<22} {:>4} {:>6} {:>6} {:>6} {:>7} {:>7} {:>6}",
+            "{name:<22} {:>4} {:>6} {:>6} {:>6} {:>7} {:>6} {:>7} {:>6}",
             self.messages,
             Self::ratio(self.tp, self.tp + self.fp),
             Self::ratio(self.tp, self.tp + self.fn_),
             Self::ratio(self.status_right, self.status_scored),
             Self::ratio(self.status_exact, self.status_scored),
+            Self::ratio(self.reason_right, self.reason_scored),
             Self::ratio(self.kind_right, self.messages),
             self.fp,
         )
@@ -169,14 +181,28 @@ fn main() -> ExitCode {
     }
     let mut total = Tally::default();
     println!(
-        "{:<22} {:>4} {:>6} {:>6} {:>6} {:>7} {:>7} {:>6}",
-        "family", "msgs", "prec", "recall", "status", "exact", "kind", "fp"
+        "{:<22} {:>4} {:>6} {:>6} {:>6} {:>7} {:>6} {:>7} {:>6}",
+        "family", "msgs", "prec", "recall", "status", "strict", "reason", "kind", "fp"
     );
     for (name, t) in &families {
         println!("{}", t.row(name));
         total.add(t);
     }
     println!("{}", total.row("TOTAL"));
+    println!(
+        "TOTAL: {} messages, precision {}, recall {}, status {} ({}/{} found recipients), \
+         strict status {}, reason {} ({}/{})",
+        total.messages,
+        Tally::ratio(total.tp, total.tp + total.fp),
+        Tally::ratio(total.tp, total.tp + total.fn_),
+        Tally::ratio(total.status_right, total.status_scored),
+        total.status_right,
+        total.status_scored,
+        Tally::ratio(total.status_exact, total.status_scored),
+        Tally::ratio(total.reason_right, total.reason_scored),
+        total.reason_right,
+        total.reason_scored,
+    );
     println!(
         "recipients: {} expected, {} reported right, {} wrong, {} missed; status right {}/{} \
          found ({} exact), {}/{} of all expected recipients with a status",
@@ -251,6 +277,7 @@ fn score(expect: &Expect, report: &bounce::Report) -> (Tally, Vec<String>) {
         let what = expect.addresses.get(i).map(String::as_str).unwrap_or("?");
         problems.push(format!("missed {what}"));
     }
+    let pairs_for_reason = pairs.clone();
     for (i, r) in pairs {
         let want = expect.statuses.get(i).map(String::as_str).unwrap_or("");
         if want.is_empty() {
@@ -264,6 +291,23 @@ fn score(expect: &Expect, report: &bounce::Report) -> (Tally, Vec<String>) {
         t.status_right += usize::from(right);
         if !right {
             problems.push(format!("{} status {got} (want {want})", r.address));
+        }
+    }
+    for (i, r) in &pairs_for_reason {
+        let Some(want) = expect.reasons.get(*i).filter(|w| !w.is_empty()) else {
+            continue;
+        };
+        t.reason_scored += 1;
+        if r.reason.as_str() == want {
+            t.reason_right += 1;
+        } else {
+            problems.push(format!(
+                "{} reason {} (want {want}; {} {})",
+                r.address,
+                r.reason.as_str(),
+                r.category.as_str(),
+                r.diagnostic.as_deref().unwrap_or("-")
+            ));
         }
     }
     (t, problems)

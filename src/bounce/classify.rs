@@ -148,6 +148,54 @@ impl Classifier {
     }
 }
 
+impl Classifier {
+    /// Classifies one recipient of a returned notice: as [`Classifier::classify`], then, when
+    /// the notice gave no enhanced status and its text holds none (the status is only the
+    /// class of a basic reply code or of the action), the status is inferred from the
+    /// category by [`inferred_status`].
+    pub fn classify_notice(
+        &self,
+        enhanced: Option<&str>,
+        text: &str,
+        fallback: Option<&str>,
+    ) -> Classification {
+        let mut c = self.classify(enhanced, None, text, fallback);
+        let specific = enhanced.is_some_and(is_enhanced) || status_in(text).is_some();
+        if !specific {
+            if let Some(inferred) = c
+                .status
+                .as_deref()
+                .and_then(|s| inferred_status(c.category, s))
+            {
+                c.hard = c.category.is_hard(Some(&inferred));
+                c.status = Some(inferred);
+            }
+        }
+        c
+    }
+}
+
+/// The status of a notice without an RFC 3463 code, from the class it has (of the reply
+/// code, else of the action) and the category of its text: the table in docs/BOUNCES.md
+/// ("Status inference"). `None`: keep the class-only status.
+pub fn inferred_status(category: Category, class_status: &str) -> Option<String> {
+    let class = class_status.chars().next()?;
+    if class == '2' {
+        return None;
+    }
+    let detail = match category {
+        Category::InvalidRecipient => "1.1",
+        Category::DomainNotFound => "1.2",
+        Category::MailboxFull => "2.2",
+        Category::MessageTooLarge => "3.4",
+        Category::Expired => "4.7",
+        Category::RelayDenied | Category::SpamBlock | Category::AuthFailure => "7.1",
+        Category::Network if class == '4' => "4.1",
+        _ => return None,
+    };
+    Some(format!("{class}.{detail}"))
+}
+
 /// The status a report gives, unless it is only a class (`5.0.0`) and `diagnostic` holds a
 /// more specific code of the same class: Courier and Google write `Status: 5.0.0` beside
 /// `550 5.1.1 ... User unknown`, and the reply says what happened.
@@ -283,6 +331,32 @@ pub(crate) fn truncate(s: &str, max: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notices_without_a_code_get_the_status_of_their_category() {
+        let c = Classifier::defaults();
+        let got = |text: &str, fallback| c.classify_notice(None, text, Some(fallback)).status;
+        assert_eq!(got("User unknown", "5.0.0").as_deref(), Some("5.1.1"));
+        assert_eq!(got("550 mailbox full", "5.0.0").as_deref(), Some("5.2.2"));
+        assert_eq!(got("Host not found", "5.0.0").as_deref(), Some("5.1.2"));
+        assert_eq!(
+            got("Connection timed out", "4.0.0").as_deref(),
+            Some("4.4.1")
+        );
+        // A code in the text or given wins; an unclassified text keeps its class.
+        assert_eq!(
+            got("550 5.7.1 User unknown", "5.0.0").as_deref(),
+            Some("5.7.1")
+        );
+        assert_eq!(
+            c.classify_notice(Some("5.0.0"), "User unknown", None)
+                .status
+                .as_deref(),
+            Some("5.0.0")
+        );
+        assert_eq!(got("something odd", "5.0.0").as_deref(), Some("5.0.0"));
+        assert_eq!(inferred_status(Category::Delivered, "2.0.0"), None);
+    }
     use crate::config::compile_bounce_rules;
 
     fn c() -> Classifier {

@@ -7,6 +7,8 @@
 //! - [`fields`]: `Name: value` field groups (delivery-status and feedback-report bodies).
 //! - [`text`]: the human-readable text of bounces from MTAs that send no RFC 3464 DSN.
 //! - [`autoreply`]: vacation / out-of-office detection.
+//! - [`reason`]: the reason in sisimai's vocabulary, derived from the category.
+//! - [`ses`]: Amazon SES JSON notifications (bare, in an SNS envelope, or as a mail body).
 //!
 //! Order of the checks, first match wins: an ARF feedback report (RFC 5965, or Microsoft's
 //! older JMRP form) -> kind `arf`;
@@ -27,6 +29,8 @@
 pub mod autoreply;
 pub mod classify;
 pub mod fields;
+pub mod reason;
+pub mod ses;
 pub mod text;
 
 use std::borrow::Cow;
@@ -35,6 +39,7 @@ use mail_parser::{Message, MessageParser, MimeHeaders, PartType};
 use serde::Serialize;
 
 use self::classify::Classifier;
+use self::reason::Reason;
 use crate::taxonomy::Category;
 
 /// Bytes of a message that are parsed; the rest (in practice: the tail of a returned
@@ -75,7 +80,7 @@ pub enum ReportedAction {
 }
 
 impl ReportedAction {
-    fn parse(value: &str) -> Option<ReportedAction> {
+    pub(crate) fn parse(value: &str) -> Option<ReportedAction> {
         let word = value.split_whitespace().next()?.to_ascii_lowercase();
         Some(match word.as_str() {
             "failed" => ReportedAction::Failed,
@@ -88,7 +93,7 @@ impl ReportedAction {
     }
 
     /// The status to assume when a report gives none.
-    fn default_status(self) -> &'static str {
+    pub(crate) fn default_status(self) -> &'static str {
         match self {
             ReportedAction::Failed => "5.0.0",
             ReportedAction::Delayed => "4.0.0",
@@ -127,7 +132,17 @@ pub struct BounceRecipient {
     /// The remote server's text (or the feedback type / auto-reply subject).
     pub diagnostic: Option<String>,
     pub category: Category,
+    /// The reason in sisimai's vocabulary, refined from `category` (docs/BOUNCES.md).
+    pub reason: Reason,
     pub hard: bool,
+}
+
+impl BounceRecipient {
+    /// The address the sender used: the DSN's Original-Recipient when it has one (before
+    /// forwarding or alias expansion), else `address`. What a suppression is about.
+    pub fn sent_to(&self) -> &str {
+        self.original_recipient.as_deref().unwrap_or(&self.address)
+    }
 }
 
 impl Report {
@@ -142,6 +157,10 @@ impl Report {
 /// Parses one raw message. Never fails: what is not understood is kind `none`.
 pub fn parse(raw: &[u8], classifier: &Classifier) -> Report {
     let raw = &raw[..raw.len().min(MAX_INPUT)];
+    // An Amazon SES notification posted as JSON rather than mailed.
+    if raw.trim_ascii_start().starts_with(b"{") {
+        return ses::parse(&String::from_utf8_lossy(raw), classifier).unwrap_or_else(Report::none);
+    }
     let normalized = normalize(raw);
     let Some(message) = MessageParser::new().parse(&normalized[..]) else {
         return Report::none();
@@ -153,8 +172,21 @@ pub fn parse(raw: &[u8], classifier: &Classifier) -> Report {
     if let Some(report) = dsn(&message, &body, classifier) {
         return report;
     }
-    if looks_like_bounce(&message) && text::has_marker(&body) {
-        return text_bounce(&message, &body, classifier);
+    if let Some(report) = ses::parse(&body, classifier).filter(|r| !r.recipients.is_empty()) {
+        return report;
+    }
+    if looks_like_bounce(&message) {
+        if text::has_marker(&body) {
+            return text_bounce(&message, &body, classifier, false);
+        }
+        // No marker phrase: a notice whose recipients stand next to a failure cue, unless
+        // it is a person's auto-reply.
+        if daemon_sender(&message) || !autoreply::is_autoreply(&message) {
+            let report = text_bounce(&message, &body, classifier, true);
+            if !report.recipients.is_empty() {
+                return report;
+            }
+        }
     }
     // RFC 3834 asks responders for a null return path too, so only the sender decides here.
     if !daemon_sender(&message) && autoreply::is_autoreply(&message) {
@@ -198,7 +230,7 @@ pub fn clean_address(value: &str) -> String {
 }
 
 /// `smtp; 550 5.1.1 ...` -> `550 5.1.1 ...`, multi-line prefixes dropped, spaces collapsed.
-fn clean_diagnostic(value: &str) -> Option<String> {
+pub(crate) fn clean_diagnostic(value: &str) -> Option<String> {
     let value = match value.split_once(';') {
         Some((kind, rest)) if kind.len() <= 24 && !kind.trim().contains(char::is_whitespace) => {
             rest
@@ -244,7 +276,7 @@ fn arf(message: &Message<'_>) -> Option<Report> {
     Some(complaint(addresses, feedback_type))
 }
 
-fn complaint(mut addresses: Vec<String>, feedback_type: Option<String>) -> Report {
+pub(crate) fn complaint(mut addresses: Vec<String>, feedback_type: Option<String>) -> Report {
     addresses.truncate(MAX_RECIPIENTS);
     Report {
         kind: Kind::Arf,
@@ -257,6 +289,7 @@ fn complaint(mut addresses: Vec<String>, feedback_type: Option<String>) -> Repor
                 action: ReportedAction::Delivered,
                 diagnostic: feedback_type.clone(),
                 category: Category::Complaint,
+                reason: Reason::Feedback,
                 hard: Category::Complaint.is_hard(None),
             })
             .collect(),
@@ -313,6 +346,8 @@ fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Rep
         ("message", "global-delivery-status"),
     ];
     let mut recipients = Vec::new();
+    // The SMTP phase the text tells, read once for all groups.
+    let mut phase: Option<Option<reason::Phase>> = None;
     for part in message
         .parts
         .iter()
@@ -352,8 +387,14 @@ fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Rep
                 .unwrap_or_else(|| implied_action(status, text));
             let status = classify::specific_status(status, text);
             let c =
-                classifier.classify(status.as_deref(), None, text, Some(action.default_status()));
+                classifier.classify_notice(status.as_deref(), text, Some(action.default_status()));
+            let context = reason::Context {
+                failed: action == ReportedAction::Failed,
+                phase: *phase.get_or_insert_with(|| text::smtp_phase(body)),
+            };
+            let reason = reason::reason_in(c.category, c.status.as_deref(), text, context);
             recipients.push(BounceRecipient {
+                reason,
                 original_recipient: fields::get(&group, "original-recipient")
                     .map(clean_address)
                     .filter(|a| !a.is_empty()),
@@ -413,9 +454,22 @@ fn recipient_address(group: &fields::Group) -> Option<String> {
         .map(clean_address)
 }
 
-/// A bounce known only from its text (no usable status part).
-fn text_bounce(message: &Message<'_>, body: &str, classifier: &Classifier) -> Report {
-    let parsed = text::parse(body).unwrap_or_default();
+/// A bounce known only from its text (no usable status part). `unmarked`: the text has no
+/// marker phrase, so only recipients next to a failure cue count (the caller drops a report
+/// without recipients then).
+fn text_bounce(
+    message: &Message<'_>,
+    body: &str,
+    classifier: &Classifier,
+    unmarked: bool,
+) -> Report {
+    let always = own_addresses(message, ALWAYS_OWN);
+    let weak = own_addresses(message, &["To", "Cc", "Delivered-To"]);
+    let exclude = text::Exclude {
+        always: &always,
+        weak: &weak,
+    };
+    let parsed = text::parse_with(body, &exclude, unmarked).unwrap_or_default();
     let action = if parsed.delayed {
         ReportedAction::Delayed
     } else {
@@ -430,19 +484,60 @@ fn text_bounce(message: &Message<'_>, body: &str, classifier: &Classifier) -> Re
             .map(|a| (a, None))
             .collect();
     }
-    if let [(_, diagnostic @ None)] = found.as_mut_slice() {
-        diagnostic.clone_from(&parsed.diagnostic);
+    // X-Failed-Recipients (Exim) is authoritative: text recipients it does not name are
+    // addresses quoted in the text.
+    let failed = failed_recipients(message);
+    if !failed.is_empty() && !found.is_empty() {
+        let named: Vec<_> = found
+            .iter()
+            .filter(|(a, _)| failed.iter().any(|f| f.eq_ignore_ascii_case(a)))
+            .cloned()
+            .collect();
+        found = if named.is_empty() {
+            failed.into_iter().map(|a| (a, None)).collect()
+        } else {
+            named
+        };
     }
+    if found.is_empty() && (!unmarked || text::has_failure_cue(body)) {
+        // A notice that names nobody (a Google Groups or mail.ru notice, an old Sendmail
+        // transcript about the host only): the one recipient of the returned message.
+        found = returned_recipient(message, body)
+            .filter(|a| !exclude.any(a))
+            .map(|a| (a, None))
+            .into_iter()
+            .collect();
+    }
+    // One recipient whose own lines hold no reply, in a notice that quotes one elsewhere
+    // ("Could not be delivered because of 550 5.1.1 User unknown" above "The following
+    // recipients were affected:"): the notice's reply is about it.
+    let has_code = |d: &str| classify::basic_in(d).is_some() || classify::status_in(d).is_some();
+    if let [(_, diagnostic)] = found.as_mut_slice() {
+        let own_code = diagnostic.as_deref().is_some_and(has_code);
+        let section_code = parsed.diagnostic.as_deref().is_some_and(has_code);
+        if diagnostic.is_none() || (!own_code && section_code) {
+            diagnostic.clone_from(&parsed.diagnostic);
+        }
+    }
+    let phase = text::smtp_phase(body);
     Report {
         kind: Kind::Dsn,
         recipients: found
             .into_iter()
             .map(|(address, diagnostic)| {
-                let c = classifier.classify(
-                    None,
+                let c = classifier.classify_notice(
                     None,
                     diagnostic.as_deref().unwrap_or(""),
                     Some(action.default_status()),
+                );
+                let reason = reason::reason_in(
+                    c.category,
+                    c.status.as_deref(),
+                    diagnostic.as_deref().unwrap_or(""),
+                    reason::Context {
+                        failed: action == ReportedAction::Failed,
+                        phase,
+                    },
                 );
                 BounceRecipient {
                     address,
@@ -451,11 +546,77 @@ fn text_bounce(message: &Message<'_>, body: &str, classifier: &Classifier) -> Re
                     action,
                     diagnostic,
                     category: c.category,
+                    reason,
                     hard: c.hard,
                 }
             })
             .collect(),
     }
+}
+
+/// Header fields whose addresses are never a failed recipient of the bounce's report.
+const ALWAYS_OWN: &[&str] = &[
+    "From",
+    "Return-Path",
+    "Sender",
+    "Reply-To",
+    "Errors-To",
+    "List-Post",
+    "List-Help",
+    "List-Unsubscribe",
+    "List-Subscribe",
+    "List-Owner",
+];
+
+/// The bounce's own addresses in the header fields `names` (for List-* fields, their
+/// `mailto:` URIs).
+fn own_addresses(message: &Message<'_>, names: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    for name in names {
+        let Some(value) = message.header_raw(*name) else {
+            continue;
+        };
+        for token in value.split(|c: char| c.is_whitespace() || matches!(c, ',' | '<' | '>')) {
+            let token = token.strip_prefix("mailto:").unwrap_or(token);
+            let token = token.split('?').next().unwrap_or(token).trim_matches('"');
+            if text::is_address(token) {
+                out.push(text::normalize(token));
+            }
+        }
+        if out.len() > 64 {
+            break;
+        }
+    }
+    out
+}
+
+/// The one recipient of the returned message (its `To`, from an attached `message/rfc822`
+/// or `text/rfc822-headers` part, else from the header block quoted in the text); `None`
+/// when it has several or none.
+fn returned_recipient(message: &Message<'_>, body: &str) -> Option<String> {
+    let one = |list: Vec<String>| (list.len() == 1).then(|| list.into_iter().next()).flatten();
+    let to_of = |m: &Message<'_>| -> Vec<String> {
+        m.to()
+            .map(|to| {
+                to.iter()
+                    .filter_map(|a| a.address())
+                    .filter(|a| text::is_address(a))
+                    .map(text::normalize)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for part in &message.parts {
+        match &part.body {
+            PartType::Message(inner) => return one(to_of(inner)),
+            _ if part.is_content_type("text", "rfc822-headers") => {
+                let inner = MessageParser::new().parse_headers(part.contents())?;
+                return one(to_of(&inner));
+            }
+            _ => {}
+        }
+    }
+    one(text::returned_to(body))
 }
 
 /// The addresses of Exim's `X-Failed-Recipients` header field.
@@ -489,6 +650,7 @@ fn auto_reply(message: &Message<'_>) -> Report {
                 action: ReportedAction::Delivered,
                 diagnostic: message.subject().map(text::tidy),
                 category: Category::AutoReply,
+                reason: Reason::Vacation,
                 hard: false,
             })
             .collect(),
@@ -503,8 +665,11 @@ fn from_daemon(message: &Message<'_>) -> bool {
             .is_some_and(|r| r.trim() == "<>")
 }
 
-/// The `From` is a mailer daemon or postmaster.
+/// The `From` is a mailer daemon or postmaster, or the null address (`From: <>`).
 fn daemon_sender(message: &Message<'_>) -> bool {
+    if message.header_raw("From").is_some_and(|f| f.trim() == "<>") {
+        return true;
+    }
     let from = message.from().and_then(|f| f.first());
     let address = from
         .and_then(|a| a.address())
@@ -549,6 +714,12 @@ fn looks_like_bounce(message: &Message<'_>) -> bool {
         "delivery delayed",
         "delayed mail",
         "warning: could not send message",
+        "returned mail",
+        "mail error",
+        "error notification",
+        "メールエラー",
+        "エラーメール",
+        "不達",
     ];
     let subject = message.subject().unwrap_or("").to_lowercase();
     from_daemon(message)

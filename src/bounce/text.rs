@@ -35,6 +35,8 @@ const MARKERS: &[(&str, Marker)] = &[
         Marker::Neutral,
     ),
     ("this is the qmail-send program", Marker::Neutral),
+    // Postfix before it wrote DSNs: "<a@b>: host ... said: 550 ..." paragraphs follow.
+    ("this is the postfix program at host", Marker::Neutral),
     ("this is the mail system at host", Marker::Neutral),
     ("this is a delivery status notification", Marker::Neutral),
     (
@@ -152,6 +154,13 @@ const END_MARKERS: &[&str] = &[
     "undelivered message attached",
     "below is a copy of the original message",
     "------- returned message",
+    "unsent message follows",
+    "message headers follow",
+    "-------original message",
+    "--- original message follows",
+    "headers of the original message",
+    "the original message was:",
+    "original message header",
 ];
 
 /// What the text of a bounce says.
@@ -181,24 +190,49 @@ fn flatten(body: &str) -> String {
 
 /// The bounce `body` describes, or `None` without a marker.
 pub fn parse(body: &str) -> Option<TextBounce> {
+    parse_with(body, &Exclude::default(), false)
+}
+
+/// Addresses that are never recipients of a notice: `always` (the bounce's From, Return-Path,
+/// Sender and list addresses) and `weak` (its To and Cc), which an address line of its own
+/// (`<a@b>:`) may still name (anonymised samples give sender and recipient one address).
+#[derive(Default)]
+pub struct Exclude<'a> {
+    pub always: &'a [String],
+    pub weak: &'a [String],
+}
+
+impl Exclude<'_> {
+    fn strong(&self, address: &str) -> bool {
+        self.always.iter().any(|e| e.eq_ignore_ascii_case(address))
+    }
+
+    pub fn any(&self, address: &str) -> bool {
+        self.strong(address) || self.weak.iter().any(|e| e.eq_ignore_ascii_case(address))
+    }
+}
+
+/// Like [`parse`], but addresses in `exclude` (the bounce's own From, To, Return-Path and
+/// list addresses) are never recipients, and with `unmarked` a notice without a marker
+/// phrase is read too: its region is the whole text up to the returned message, and only
+/// addresses next to a failure cue count (see [`sentence_recipients`]).
+pub fn parse_with(body: &str, exclude: &Exclude<'_>, unmarked: bool) -> Option<TextBounce> {
     let body = truncate(body, MAX_SCAN);
     let flat = flatten(body);
     let found: Vec<(usize, Marker)> = MARKERS
         .iter()
         .filter_map(|(m, kind)| flat.find(m).map(|p| (p, *kind)))
         .collect();
-    let start = found.iter().map(|(p, _)| *p).min()?;
+    let start = match found.iter().map(|(p, _)| *p).min() {
+        Some(start) => start,
+        None if unmarked => 0,
+        None => return None,
+    };
     let start = body[..start].rfind('\n').map_or(0, |p| p + 1);
     let delayed = found.iter().any(|(_, k)| *k == Marker::Delayed)
         && !found.iter().any(|(_, k)| *k == Marker::Failed);
     let first_line_end = body[start..].find('\n').map_or(body.len(), |p| start + p);
-    let end = END_MARKERS
-        .iter()
-        .filter_map(|m| flat[first_line_end..].find(m).map(|p| first_line_end + p))
-        .min()
-        .map_or(body.len(), |p| {
-            body[..p].rfind('\n').map_or(p, |l| l.max(start))
-        });
+    let end = region_end(body, &flat, start, first_line_end);
     let section = &body[start..end];
     // The section diagnostic reads what follows the last marker phrase (the preamble says
     // nothing about the failure).
@@ -212,11 +246,32 @@ pub fn parse(body: &str) -> Option<TextBounce> {
         .find('\n')
         .map_or(section.len(), |p| after_markers + p);
     let tail: Vec<&str> = section[after_markers..].split('\n').collect();
+    let recipients = recipients(section, found.is_empty(), exclude);
     Some(TextBounce {
         delayed,
-        recipients: recipients(section),
+        recipients,
         diagnostic: section_diagnostic(&tail),
     })
+}
+
+/// Where the failure report region ends: at the first end marker ("copy of the message",
+/// "original message follows", ...) after its first line, or at the first line of a
+/// returned header block (`Received:` or `Return-Path:` at the start of a line), whichever
+/// comes first.
+fn region_end(body: &str, flat: &str, start: usize, first_line_end: usize) -> usize {
+    let marker = END_MARKERS
+        .iter()
+        .filter_map(|m| flat[first_line_end..].find(m).map(|p| first_line_end + p))
+        .min()
+        .map(|p| body[..p].rfind('\n').map_or(p, |l| l.max(start)));
+    let headers = ["\nReceived: ", "\nReturn-Path: ", "\nReceived:\t"]
+        .iter()
+        .filter_map(|h| body[first_line_end..].find(h).map(|p| first_line_end + p))
+        .min();
+    match (marker, headers) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b).unwrap_or(body.len()),
+    }
 }
 
 /// The diagnostic the text gives for `address`, for DSNs whose status part has none.
@@ -233,7 +288,11 @@ struct Block<'a> {
     lines: Vec<&'a str>,
 }
 
-fn recipients(section: &str) -> Vec<(String, Option<String>)> {
+fn recipients(
+    section: &str,
+    unmarked: bool,
+    exclude: &Exclude<'_>,
+) -> Vec<(String, Option<String>)> {
     let mut blocks: Vec<Block<'_>> = Vec::new();
     let mut current: Option<usize> = None;
     // Inside a folded server reply (Postfix indents its continuation lines, which may start
@@ -241,8 +300,31 @@ fn recipients(section: &str) -> Vec<(String, Option<String>)> {
     // reply, they name no new recipient. Exim indents every address line by two spaces.
     let mut in_reply = false;
     let mut address_indent = 0;
+    // Postfix folds "<final@b> (expanded from" / "    <alias@a>): reply": the address the
+    // sender used is the alias, and it is the one reported.
+    let mut expanded = false;
     for line in section.split('\n') {
         let indent = line.len() - line.trim_start().len();
+        if std::mem::take(&mut expanded) && indent > 0 {
+            if let (Some(i), Some((original, rest))) = (current, address_line(line)) {
+                if !blocks.iter().any(|b| b.address == original) {
+                    blocks[i].address = original;
+                }
+                let rest = rest.trim_start_matches([')', ':']).trim();
+                if !rest.is_empty() {
+                    blocks[i].lines.push(rest);
+                }
+                in_reply = reply_in(rest).is_some();
+                continue;
+            }
+        }
+        // "a@b" then "    (expanded from: <alias@a>)" on a line of its own (Sendmail).
+        if let (Some(i), Some((original, _))) = (current, expanded_from(line.trim())) {
+            if !blocks.iter().any(|b| b.address == original) {
+                blocks[i].address = original;
+            }
+            continue;
+        }
         let continues = in_reply
             && indent > address_indent
             && line.starts_with([' ', '\t'])
@@ -254,7 +336,12 @@ fn recipients(section: &str) -> Vec<(String, Option<String>)> {
             }
             continue;
         }
-        if let Some((address, rest)) = address_line(line) {
+        if let Some((address, rest)) = address_line(line).filter(|(a, _)| !exclude.strong(a)) {
+            let (address, rest) = match expanded_from(rest) {
+                Some((original, after)) => (original, after),
+                None => (address, rest),
+            };
+            expanded = rest.to_ascii_lowercase().ends_with("(expanded from");
             in_reply = reply_in(rest).is_some();
             address_indent = indent;
             let i = match blocks.iter().position(|b| b.address == address) {
@@ -277,25 +364,8 @@ fn recipients(section: &str) -> Vec<(String, Option<String>)> {
         }
     }
     if blocks.is_empty() {
-        // "Your message wasn't delivered to a@b because ...": the addresses in the sentences
-        // that talk about delivery share the whole section.
-        let lines: Vec<&str> = section.split('\n').collect();
-        let diagnostic = diagnostic(&lines);
-        let mut out: Vec<(String, Option<String>)> = Vec::new();
-        for line in &lines {
-            if !line.to_ascii_lowercase().contains("deliver") {
-                continue;
-            }
-            for token in line.split(|c: char| c.is_whitespace() || c == ',') {
-                let token = token.trim_matches(|c: char| {
-                    matches!(c, '<' | '>' | '(' | ')' | '.' | ':' | '"' | '\'')
-                });
-                if is_address(token) && !out.iter().any(|(a, _)| a == &normalize(token)) {
-                    out.push((normalize(token), diagnostic.clone()));
-                }
-            }
-        }
-        out.truncate(MAX_RECIPIENTS);
+        let mut out = sentence_recipients(section, unmarked);
+        out.retain(|(a, _)| !exclude.any(a));
         return out;
     }
     blocks
@@ -305,6 +375,263 @@ fn recipients(section: &str) -> Vec<(String, Option<String>)> {
             (b.address, diagnostic)
         })
         .collect()
+}
+
+/// Lowercase words that say a delivery failed, near an address that is then a recipient.
+const FAILURE_CUES: &[&str] = &[
+    "unknown",
+    "not exist",
+    "no such",
+    "invalid",
+    "not a valid",
+    "not found",
+    "rejected",
+    "refused",
+    "denied",
+    "full",
+    "quota",
+    "exceeds",
+    "failed",
+    "failure",
+    "unable",
+    "could not",
+    "couldn't",
+    "cannot",
+    "can't",
+    "undeliverable",
+    "not deliver",
+    "error",
+    "disabled",
+    "not allowed",
+    "rcpt to",
+    "not reach",
+    "bounce",
+];
+
+/// Whether the failure report region of `body` says something failed (a cue word or an
+/// SMTP reply), for notices that name no recipient.
+pub fn has_failure_cue(body: &str) -> bool {
+    let body = truncate(body, MAX_SCAN);
+    let flat = flatten(body);
+    let first_line_end = body.find('\n').unwrap_or(body.len());
+    let region = &body[..region_end(body, &flat, 0, first_line_end)];
+    let lower = &flat[..region.len()];
+    FAILURE_CUES.iter().any(|c| lower.contains(c))
+        || region.split('\n').any(|l| reply_in(l).is_some())
+}
+
+/// The addresses of the first `To:` line of the header block quoted after the failure
+/// report region (the returned message's headers, when it is not attached as a part).
+pub fn returned_to(body: &str) -> Vec<String> {
+    let body = truncate(body, MAX_SCAN);
+    let flat = flatten(body);
+    let first_line_end = body.find('\n').unwrap_or(body.len());
+    let end = region_end(body, &flat, 0, first_line_end);
+    let Some(line) = body[end..]
+        .split('\n')
+        .find(|l| l.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("to:")))
+    else {
+        return Vec::new();
+    };
+    line[3..]
+        .split(|c: char| c.is_whitespace() || matches!(c, ',' | '<' | '>'))
+        .map(|t| t.trim_matches('"'))
+        .filter(|t| is_address(t))
+        .map(normalize)
+        .collect()
+}
+
+/// The SMTP command the failing reply answered, as the failure report region tells: the
+/// first of Postfix's "(in reply to ... command)", Exim's "after RCPT TO:" / "after MAIL
+/// FROM:" / "after end of data", or an "SMTP command" heading and the command under it.
+pub fn smtp_phase(body: &str) -> Option<super::reason::Phase> {
+    use super::reason::Phase;
+    let body = truncate(body, MAX_SCAN);
+    let flat = flatten(body);
+    let first_line_end = body.find('\n').unwrap_or(body.len());
+    let end = region_end(body, &flat, 0, first_line_end);
+    // Folded lines ("in reply to end of\n    DATA command") read as one run of words.
+    let flat = flat[..end].split_whitespace().collect::<Vec<_>>().join(" ");
+    const SAID: &[(&str, Phase)] = &[
+        ("in reply to end of data", Phase::Data),
+        ("in reply to data", Phase::Data),
+        ("after end of data", Phase::Data),
+        ("after data", Phase::Data),
+        ("in reply to rcpt to", Phase::Rcpt),
+        ("after rcpt to", Phase::Rcpt),
+        ("in reply to mail from", Phase::Mail),
+        ("after mail from", Phase::Mail),
+    ];
+    if let Some((_, phase)) = SAID
+        .iter()
+        .filter_map(|(p, phase)| flat.find(p).map(|at| (at, *phase)))
+        .min_by_key(|(at, _)| *at)
+    {
+        return Some(phase);
+    }
+    let lines: Vec<&str> = body[..end].split('\n').collect();
+    // A transcript's `>>> DATA` answered by a failure: the message was refused after the
+    // recipients were accepted. With pipelining, RCPT replies come after `>>> DATA` too,
+    // then followed by DATA's own "503 Need RCPT": those are RCPT-phase replies.
+    if let Some(at) = lines
+        .iter()
+        .position(|l| l.trim().eq_ignore_ascii_case(">>> data"))
+    {
+        let after = &lines[at + 1..lines.len().min(at + 8)];
+        let answered = after.first().is_some_and(|l| {
+            let t = l.trim();
+            t.starts_with("<<< 4") || t.starts_with("<<< 5")
+        });
+        let need_rcpt = after.iter().any(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("need rcpt") || l.trim().starts_with("<<< 503")
+        });
+        if answered {
+            return Some(if need_rcpt { Phase::Rcpt } else { Phase::Data });
+        }
+    }
+    // m-FILTER and others: a "SMTP command" heading and the command on the next line.
+    let heading = lines
+        .iter()
+        .position(|l| l.to_ascii_lowercase().trim_matches('-').trim() == "smtp command")?;
+    let command = lines[heading + 1..]
+        .iter()
+        .map(|l| l.trim())
+        .find(|l| !l.is_empty())?
+        .to_ascii_lowercase();
+    if command == "data" {
+        Some(Phase::Data)
+    } else if command.starts_with("rcpt to") {
+        Some(Phase::Rcpt)
+    } else if command.starts_with("mail from") {
+        Some(Phase::Mail)
+    } else {
+        None
+    }
+}
+
+/// The [`FAILURE_CUES`] that say what failed, not only that something did.
+const SPECIFIC_CUES: &[&str] = &[
+    "unknown",
+    "not exist",
+    "no such",
+    "invalid",
+    "not a valid",
+    "not found",
+    "rejected",
+    "refused",
+    "denied",
+    "full",
+    "quota",
+    "exceeds",
+    "disabled",
+    "not allowed",
+];
+
+/// Lowercase words of a line that names an address to write to, not one that failed.
+const CONTACT_CUES: &[&str] = &[
+    "contact",
+    "please send",
+    "send a message to",
+    "write to",
+    "postmaster for",
+    "report this",
+    "mailto:postmaster",
+    "envelope-from",
+    "return-path",
+    "from:",
+    "sender",
+];
+
+/// Recipients of a section without address lines: each address in a line that talks about
+/// a delivery ("Your message wasn't delivered to a@b because ...") or has a failure cue
+/// ("Unknown user: a@b", "a@b ... user unknown"), or is followed by an SMTP reply within two
+/// lines (a quoted transcript: "RCPT TO:<a@b>" then "550 5.1.1 ..."). Its diagnostic is the
+/// nearest reply on that line or the next three, else the section's. Without a marker phrase
+/// (`unmarked`) a line about delivery needs a failure cue as well.
+fn sentence_recipients(section: &str, unmarked: bool) -> Vec<(String, Option<String>)> {
+    let lines: Vec<&str> = section.split('\n').collect();
+    let whole = diagnostic(&lines);
+    let mut out: Vec<(String, Option<String>)> = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if !line.contains('@') {
+            continue;
+        }
+        let lower = line.to_ascii_lowercase();
+        if CONTACT_CUES.iter().any(|c| lower.contains(c)) && !lower.contains("rcpt to") {
+            continue;
+        }
+        // A header's continuation (`\tfor <a@b>; date` of a Received field).
+        let trimmed = lower.trim_start();
+        if ["for ", "by ", "received:", "(envelope-from", "id "]
+            .iter()
+            .any(|p| trimmed.starts_with(p))
+        {
+            continue;
+        }
+        let near = &lines[i + 1..lines.len().min(i + 3)];
+        let cue = FAILURE_CUES.iter().any(|c| lower.contains(c));
+        let reply_near = reply_in(line).is_some() || near.iter().any(|l| reply_in(l).is_some());
+        let talks = lower.contains("deliver") && (!unmarked || cue || reply_near);
+        if !(talks || cue || reply_near) {
+            continue;
+        }
+        // The nearest reply; else this line if it says what failed ("Unknown user: a@b"),
+        // else the prose under it ("There was an error delivering your mail to <a@b>." and
+        // the cause on the next lines).
+        let specific = SPECIFIC_CUES.iter().any(|c| lower.contains(c));
+        let own = lines[i..lines.len().min(i + 4)]
+            .iter()
+            .position(|l| reply_in(l).is_some())
+            .and_then(|k| diagnostic(&lines[i + k..lines.len().min(i + k + 4)]))
+            .or_else(|| {
+                if specific {
+                    return Some(tidy(line));
+                }
+                let below: Vec<&str> = lines[i + 1..lines.len().min(i + 5)]
+                    .iter()
+                    .map(|l| l.trim())
+                    .skip_while(|l| l.is_empty())
+                    .take_while(|l| !l.is_empty())
+                    .collect();
+                (!below.is_empty()).then(|| tidy(&below.join(" ")))
+            });
+        for token in line.split(|c: char| c.is_whitespace() || c == ',') {
+            let token = token.trim_matches(|c: char| {
+                matches!(
+                    c,
+                    '<' | '>' | '(' | ')' | '.' | ':' | '"' | '\'' | '[' | ']'
+                )
+            });
+            // "RCPT TO:<a@b>" splits as one token.
+            let token = token
+                .rsplit_once(":<")
+                .map_or(token, |(_, a)| a)
+                .trim_start_matches("TO:")
+                .trim_start_matches("to:");
+            let token = token.strip_prefix("mailto:").unwrap_or(token);
+            // A file path that ends in an address is no recipient.
+            let plain = !token.contains('/') && !token.starts_with('|');
+            if plain && is_address(token) && !out.iter().any(|(a, _)| a == &normalize(token)) {
+                out.push((normalize(token), own.clone().or_else(|| whole.clone())));
+            }
+            if out.len() == MAX_RECIPIENTS {
+                return out;
+            }
+        }
+    }
+    out
+}
+
+/// `(expanded from <alias@a>): rest` -> the alias and the rest.
+fn expanded_from(rest: &str) -> Option<(String, &str)> {
+    let inner = rest
+        .strip_prefix("(expanded from <")
+        .or_else(|| rest.strip_prefix("(expanded from: <"))?;
+    let (address, after) = inner.split_once(">)")?;
+    let after = after.trim_start();
+    let after = after.strip_prefix(':').unwrap_or(after).trim();
+    is_address(address).then(|| (normalize(address), after))
 }
 
 /// An address that stands on a line of its own, and the rest of the line after `:`.
@@ -481,6 +808,8 @@ fn reply_in(line: &str) -> Option<(&str, Option<char>)> {
         let opener = before.chars().last();
         let ok = match opener {
             None => true,
+            // A transcript's "Received >>> 550 ...": the arrow is no part of the reply.
+            Some('>') => before.ends_with(">>>"),
             // `;`: a DSN field quoted in the text, "Diagnostic-Code: smtp; 550 ...".
             Some(c) => matches!(c, ':' | ';' | '\'' | '"' | '#' | '(' | '<'),
         };
@@ -615,6 +944,89 @@ mod tests {
         assert_eq!(
             diagnostic(&["192.0.2.1 does not like recipient.", "Giving up."]).as_deref(),
             Some("192.0.2.1 does not like recipient. Giving up.")
+        );
+    }
+
+    #[test]
+    fn sentence_recipients_need_a_cue_and_skip_contact_lines() {
+        let section = "Unknown user: rosa@prairie.example\n\
+                       Please contact postmaster@prairie.example for help.\n\
+                       We wrote to dora@prairie.example yesterday.\n\
+                       \tfor <hugo@prairie.example>; Wed, 4 Mar 2026\n\
+                       Failed to read /home/x/.cat/eve@prairie.example: no such file\n";
+        let found = sentence_recipients(section, true);
+        assert_eq!(
+            found,
+            vec![(
+                "rosa@prairie.example".to_owned(),
+                Some("Unknown user: rosa@prairie.example".to_owned())
+            )]
+        );
+        // A transcript: the reply under the RCPT line is the diagnostic.
+        let found = sentence_recipients(
+            "Sent <<< RCPT TO:<kenji@gate.example>\nReceived >>> 550 5.1.1 unknown\n",
+            true,
+        );
+        assert_eq!(found[0].0, "kenji@gate.example");
+        assert_eq!(found[0].1.as_deref(), Some("550 5.1.1 unknown"));
+    }
+
+    #[test]
+    fn the_region_ends_at_the_returned_headers_and_excluded_addresses_are_dropped() {
+        let body = "There was an error delivering your mail to <a@x.example>.\n\nReceived: from \
+                    y\nTo: <b@x.example>\n";
+        let own = ["a@x.example".to_owned()];
+        let exclude = Exclude {
+            always: &own,
+            weak: &[],
+        };
+        let parsed = parse_with(body, &exclude, true).unwrap();
+        assert!(parsed.recipients.is_empty(), "{:?}", parsed.recipients);
+        assert_eq!(returned_to(body), vec!["b@x.example".to_owned()]);
+        assert!(has_failure_cue(body));
+        assert!(!has_failure_cue("Hello, see you at noon.\n"));
+    }
+
+    #[test]
+    fn smtp_phase_from_postfix_exim_and_transcripts() {
+        use crate::bounce::reason::Phase;
+        assert_eq!(
+            smtp_phase("<a@b.example>: host x said: 550 no (in reply to end of\n    DATA command)"),
+            Some(Phase::Data)
+        );
+        assert_eq!(
+            smtp_phase("SMTP error from remote mail server after RCPT TO:<a@b.example>:\n550 no"),
+            Some(Phase::Rcpt)
+        );
+        assert_eq!(
+            smtp_phase(">>> DATA\n<<< 550 Unknown user a@b.example\n554 5.0.0 Service unavailable"),
+            Some(Phase::Data)
+        );
+        // Pipelined RCPT replies after DATA, then DATA's own 503.
+        assert_eq!(
+            smtp_phase(
+                ">>> DATA\n<<< 550 5.1.1 <a@b.example>... User Unknown\n<<< 503 5.0.0 Need RCPT"
+            ),
+            Some(Phase::Rcpt)
+        );
+        assert_eq!(
+            smtp_phase("-------server message\n550 unknown user\n\n-------SMTP command\nDATA\n"),
+            Some(Phase::Data)
+        );
+        assert_eq!(smtp_phase("550 unknown user\n"), None);
+    }
+
+    #[test]
+    fn postfix_expanded_from_reports_the_alias() {
+        let section = "<final@relay.example> (expanded from\n    <alias@harbor.example>): host x \
+                       said:\n    552 5.2.2 Mailbox full\n";
+        let found = recipients(section, false, &Exclude::default());
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].0, "alias@harbor.example");
+        assert_eq!(found[0].1.as_deref(), Some("552 5.2.2 Mailbox full"));
+        assert_eq!(
+            expanded_from("(expanded from <a@b.example>): 550 no"),
+            Some(("a@b.example".to_owned(), "550 no"))
         );
     }
 }

@@ -74,6 +74,7 @@ fn parse(file: &Path, json: bool, config: Option<&Path>) -> ExitCode {
         ("ACTION", Left),
         ("STATUS", Left),
         ("CATEGORY", Left),
+        ("REASON", Left),
         ("HARD", Left),
         ("DIAGNOSTIC", Left),
     ]);
@@ -83,6 +84,7 @@ fn parse(file: &Path, json: bool, config: Option<&Path>) -> ExitCode {
             r.action.as_str(),
             r.status.as_deref().unwrap_or("-"),
             r.category.as_str(),
+            r.reason.as_str(),
             if r.hard { "yes" } else { "no" },
             r.diagnostic.as_deref().unwrap_or(""),
         ]);

@@ -331,7 +331,8 @@ impl Processor {
                 if targets.is_empty() {
                     let mut untrusted = 0usize;
                     for r in report.recipients.iter().take(self.max_recipients) {
-                        let address = r.address.to_lowercase();
+                        // The address we sent to, not where it was forwarded.
+                        let address = r.sent_to().to_lowercase();
                         let valid = crate::rfc5321::address::check_mailbox(&address).is_ok();
                         let tied = valid
                             .then(|| {
@@ -360,7 +361,10 @@ impl Processor {
                         let r = report
                             .recipients
                             .iter()
-                            .find(|r| r.address.eq_ignore_ascii_case(&t.recipient))
+                            .find(|r| {
+                                r.address.eq_ignore_ascii_case(&t.recipient)
+                                    || r.sent_to().eq_ignore_ascii_case(&t.recipient)
+                            })
                             .or_else(|| report.recipients.first());
                         subjects.push((t.recipient.clone(), Some(t.id), r));
                     }

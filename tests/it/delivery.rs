@@ -542,6 +542,7 @@ async fn message_expires_with_a_dsn() {
             "action": "failed",
             "diagnostic": "451 4.3.0 Mailbox busy",
             "category": "expired",
+            "reason": "expired",
             "hard": false
         }),
         "{report:?}"
