@@ -8,8 +8,9 @@
 //! `_smtp._tls.<domain>` (`v=TLSRPTv1; rua=mailto:...`), and builds each day's report mail as
 //! RFC 8460 3 says: a gzipped JSON attachment (`application/tlsrpt+gzip`) in a
 //! `multipart/report; report-type="tlsrpt"` message with `TLS-Report-Domain` and
-//! `TLS-Report-Submitter` headers, from `postmaster@<hostname>`. `https:` rua endpoints are
-//! not posted to yet.
+//! `TLS-Report-Submitter` headers, from `postmaster@<hostname>`; `https:` rua endpoints get
+//! the gzipped JSON as `POST` with `Content-Type: application/tlsrpt+gzip` (certificate
+//! verified; a failed post is logged, not retried).
 //!
 //! Invariants: at most [`MAX_DOMAINS`] domains are counted per day (the rest are not
 //! reported, and logged once); a day is reported once, then forgotten.
@@ -21,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use base64::Engine as _;
 use serde_json::{json, Value};
 use tern_queue::{BodyType, Recipient, Source};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::message::Submission;
 use crate::routing::dns::Resolver;
@@ -29,6 +30,8 @@ use crate::routing::sts::Policy;
 
 /// Policy domains counted per day.
 pub const MAX_DOMAINS: usize = 50_000;
+/// One report POST, connect to answer.
+pub const POST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// One domain's day.
 #[derive(Debug, Clone, Default)]
@@ -113,8 +116,8 @@ impl TlsReports {
         include_today: bool,
         resolver: &dyn Resolver,
         hostname: &str,
-    ) -> Vec<Submission> {
-        let mut out = Vec::new();
+    ) -> Reports {
+        let mut out = Reports::default();
         for (domain, day, data) in self.take(include_today) {
             let rua = match resolver.txt(&format!("_smtp._tls.{domain}")).await {
                 Ok(Some(records)) => records.iter().flat_map(|r| rua(r)).collect::<Vec<_>>(),
@@ -125,10 +128,21 @@ impl TlsReports {
                 .filter_map(|u| u.strip_prefix("mailto:"))
                 .map(|a| a.split('?').next().unwrap_or(a).to_owned())
                 .collect();
-            if mailto.is_empty() {
+            let https: Vec<String> = rua
+                .iter()
+                .filter(|u| u.starts_with("https://"))
+                .cloned()
+                .collect();
+            if mailto.is_empty() && https.is_empty() {
                 continue;
             }
             let report = report_json(&domain, day, &data, hostname);
+            for url in https {
+                out.posts.push((url, gzip(&report)));
+            }
+            if mailto.is_empty() {
+                continue;
+            }
             let message = report_message(&domain, day, &report, hostname);
             let submission = Submission {
                 sender: format!("postmaster@{hostname}"),
@@ -151,10 +165,24 @@ impl TlsReports {
                 unsubscribe: None,
             };
             info!(domain, rua = ?mailto, "TLS report ready");
-            out.push(submission);
+            out.mails.push(submission);
         }
         out
     }
+}
+
+/// The reports due: mails to enqueue, and (URL, gzipped JSON) pairs to POST.
+#[derive(Default)]
+pub struct Reports {
+    pub mails: Vec<Submission>,
+    pub posts: Vec<(String, Vec<u8>)>,
+}
+
+fn gzip(report: &Value) -> Vec<u8> {
+    let json = serde_json::to_vec(report).unwrap_or_default();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let _ = gz.write_all(&json);
+    gz.finish().unwrap_or_default()
 }
 
 /// The counts with what turning them into report mails takes: the resolver for the
@@ -163,22 +191,93 @@ pub struct TlsReporting {
     pub reports: Arc<TlsReports>,
     resolver: Arc<dyn Resolver>,
     hostname: String,
+    /// Verifies `https:` report endpoints (web PKI roots and `delivery.ca_file`).
+    tls: tokio_rustls::TlsConnector,
 }
 
 impl TlsReporting {
-    pub fn new(reports: Arc<TlsReports>, resolver: Arc<dyn Resolver>, hostname: String) -> Self {
+    pub fn new(
+        reports: Arc<TlsReports>,
+        resolver: Arc<dyn Resolver>,
+        hostname: String,
+        tls: tokio_rustls::TlsConnector,
+    ) -> Self {
         TlsReporting {
             reports,
             resolver,
             hostname,
+            tls,
         }
     }
 
-    /// The report mails due: see [`TlsReports::reports`].
+    /// Posts the reports due to their `https:` endpoints (each within [`POST_TIMEOUT`];
+    /// a failure is logged, the report is not retried) and returns the report mails to
+    /// enqueue: see [`TlsReports::reports`].
     pub async fn due(&self, include_today: bool) -> Vec<Submission> {
-        self.reports
+        let reports = self
+            .reports
             .reports(include_today, &*self.resolver, &self.hostname)
+            .await;
+        for (url, body) in reports.posts {
+            match tokio::time::timeout(POST_TIMEOUT, self.post(&url, body)).await {
+                Ok(Ok(status)) if (200..300).contains(&status) => {
+                    info!(url, status, "TLS report posted")
+                }
+                Ok(Ok(status)) => warn!(url, status, "TLS report refused"),
+                Ok(Err(err)) => warn!(url, error = %err, "cannot post a TLS report"),
+                Err(_) => warn!(url, "posting a TLS report timed out"),
+            }
+        }
+        reports.mails
+    }
+
+    /// `POST url` with `Content-Type: application/tlsrpt+gzip` (RFC 8460 3); the status.
+    async fn post(&self, url: &str, body: Vec<u8>) -> Result<u16, String> {
+        let uri: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+        let host = uri
+            .host()
+            .ok_or_else(|| format!("{url}: no host"))?
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(443);
+        let ip = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip,
+            Err(_) => *self
+                .resolver
+                .addresses(&host)
+                .await
+                .map_err(|e| format!("{host}: {e}"))?
+                .first()
+                .ok_or_else(|| format!("{host}: no address"))?,
+        };
+        let tcp = tokio::net::TcpStream::connect((ip, port))
             .await
+            .map_err(|e| format!("{host}: {e}"))?;
+        let name =
+            rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+        let tls = self
+            .tls
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("{host}: TLS: {e}"))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .map_err(|e| format!("{host}: {e}"))?;
+        let driver = tokio::spawn(connection);
+        let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        let request = hyper::Request::post(path)
+            .header(hyper::header::HOST, &host)
+            .header(hyper::header::CONTENT_TYPE, "application/tlsrpt+gzip")
+            .header(hyper::header::USER_AGENT, "tern")
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let result = sender
+            .send_request(request)
+            .await
+            .map(|r| r.status().as_u16())
+            .map_err(|e| format!("{host}: {e}"));
+        driver.abort();
+        result
     }
 
     /// How long until the next daily run: 5 minutes past the next UTC midnight.
@@ -260,11 +359,7 @@ fn report_json(domain: &str, day: u64, data: &DomainDay, hostname: &str) -> Valu
 /// The report mail (RFC 8460 3): the JSON gzipped as an attachment named
 /// `submitter!policy-domain!begin!end.json.gz`.
 fn report_message(domain: &str, day: u64, report: &Value, hostname: &str) -> Vec<u8> {
-    let json = serde_json::to_vec(report).unwrap_or_default();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    let _ = gz.write_all(&json);
-    let gz = gz.finish().unwrap_or_default();
-    let encoded = base64::engine::general_purpose::STANDARD.encode(&gz);
+    let encoded = base64::engine::general_purpose::STANDARD.encode(gzip(report));
     let wrapped: Vec<&str> = encoded
         .as_bytes()
         .chunks(76)

@@ -99,6 +99,7 @@ impl Delivery {
                 Arc::new(TlsReports::default()),
                 resolver,
                 config.server.hostname.clone(),
+                sts_connector(extra_roots.as_ref()),
             )));
         }
         let router = Arc::new(router);

@@ -4,7 +4,8 @@
 //! `mode: enforce`, mail goes only over TLS whose certificate verifies for the MX name, and is
 //! deferred (4.7.5) otherwise; `mode: testing` delivers anyway. The policy is fetched once
 //! and then served from the cache. TLS-RPT (RFC 8460): the failed sessions are reported by
-//! mail to the domain's `rua`, as a report that validates against the RFC's format.
+//! mail and by HTTPS POST to the domain's `rua`, as a report that validates against the RFC's
+//! format.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,12 +21,36 @@ use crate::suppression::TlsListener;
 const T: std::time::Duration = std::time::Duration::from_secs(20);
 const POLICY_HOST_IP: &str = "127.0.8.20";
 
+/// TLS reports POSTed to the policy server: (Content-Type, body).
+type Posted = Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// The HTTPS server of every test domain's policy (one address, the Host header decides),
-/// counting fetches per host.
-async fn policy_server(policies: HashMap<&'static str, &'static str>) -> Arc<AtomicUsize> {
+/// counting fetches per host; it also takes TLS reports at `POST /tlsrpt`.
+async fn policy_server(
+    policies: HashMap<&'static str, &'static str>,
+) -> (Arc<AtomicUsize>, Posted) {
     let fetches = Arc::new(AtomicUsize::new(0));
     let counted = fetches.clone();
-    let app = axum::Router::new().route(
+    let posted: Posted = Arc::default();
+    let kept = posted.clone();
+    let reports = axum::Router::new().route(
+        "/tlsrpt",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let kept = kept.clone();
+                async move {
+                    let content_type = headers
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    kept.lock().unwrap().push((content_type, body.to_vec()));
+                    axum::http::StatusCode::OK
+                }
+            },
+        ),
+    );
+    let app = axum::Router::new().merge(reports).route(
         "/.well-known/mta-sts.txt",
         axum::routing::get(move |headers: axum::http::HeaderMap| {
             let counted = counted.clone();
@@ -62,7 +87,7 @@ async fn policy_server(policies: HashMap<&'static str, &'static str>) -> Arc<Ato
     tokio::spawn(async move {
         axum::serve(listener, app).await.unwrap();
     });
-    fetches
+    (fetches, posted)
 }
 
 async fn mx_sink(ip: &str, cert: SinkCert) -> Sink {
@@ -72,7 +97,7 @@ async fn mx_sink(ip: &str, cert: SinkCert) -> Sink {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enforce_delivers_only_over_verified_tls_and_testing_delivers_anyway() {
-    let fetches = policy_server(HashMap::from([
+    let (fetches, posted) = policy_server(HashMap::from([
         (
             "mta-sts.sts.test",
             "version: STSv1\nmode: enforce\nmx: *.sts.test\nmax_age: 86400\n",
@@ -107,7 +132,7 @@ async fn enforce_delivers_only_over_verified_tls_and_testing_delivers_anyway() {
     // mismatch.test asks for TLS reports by mail.
     zone = zone.txt(
         "_smtp._tls.mismatch.test",
-        "v=TLSRPTv1; rua=mailto:tlsrpt@reports.test",
+        "v=TLSRPTv1; rua=mailto:tlsrpt@reports.test,https://mta-sts.mismatch.test/tlsrpt",
     );
     let dns = DnsServer::start(zone).await;
     let reports = Sink::start(SinkBehaviour::default()).await;
@@ -186,5 +211,109 @@ async fn enforce_delivers_only_over_verified_tls_and_testing_delivers_anyway() {
         before,
         "served from the cache"
     );
+
+    // TLS-RPT: the day's report for mismatch.test, now instead of after midnight, by mail and
+    // by HTTPS POST (only mismatch.test publishes _smtp._tls).
+    let (status, body) = server.api("POST", "/api/v1/tls-reports/send", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["queued"], 1, "one report mail: {body}");
+    let got = reports.wait_for_messages(1, T).await;
+    assert_eq!(got[0].rcpt_addresses(), ["tlsrpt@reports.test"]);
+    let report = tls_report(&got[0].data);
+    assert_valid_tls_report(&report);
+    let policy = &report["policies"][0];
+    assert_eq!(policy["policy"]["policy-domain"], "mismatch.test");
+    assert_eq!(policy["policy"]["policy-type"], "sts");
+    assert_eq!(policy["policy"]["policy-string"][1], "mode: enforce");
+    assert_eq!(policy["summary"]["total-successful-session-count"], 0);
+    let failures = policy["summary"]["total-failure-session-count"]
+        .as_u64()
+        .unwrap();
+    assert!(failures >= 1, "{report}");
+    assert_eq!(
+        policy["failure-details"][0]["result-type"], "certificate-not-trusted",
+        "{report}"
+    );
+    assert_eq!(policy["failure-details"][0]["receiving-ip"], "127.0.8.22");
+    assert_eq!(
+        policy["failure-details"][0]["receiving-mx-hostname"],
+        "mx.mismatch.test"
+    );
+    // The same report POSTed to the https: endpoint, gzipped.
+    let (content_type, body) = posted
+        .lock()
+        .unwrap()
+        .first()
+        .cloned()
+        .expect("a report POST");
+    assert_eq!(content_type, "application/tlsrpt+gzip");
+    let mut json = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(body.as_slice()),
+        &mut json,
+    )
+    .expect("gzip");
+    let posted_report: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(posted_report, report, "the same report both ways");
+    // Reported once: nothing is left to send.
+    let (_, body) = server.api("POST", "/api/v1/tls-reports/send", None).await;
+    assert_eq!(body["queued"], 0, "{body}");
     server.stop().await;
+}
+
+/// The JSON of the gzipped `application/tlsrpt+gzip` part of a report mail.
+fn tls_report(mail: &[u8]) -> serde_json::Value {
+    use mail_parser::MimeHeaders as _;
+    use std::io::Read as _;
+    let text = String::from_utf8_lossy(mail);
+    assert!(
+        text.contains("report-type=\"tlsrpt\"")
+            && text.contains("TLS-Report-Domain: mismatch.test"),
+        "{text}"
+    );
+    let message = mail_parser::MessageParser::default()
+        .parse(mail)
+        .expect("MIME");
+    let part = message
+        .attachments()
+        .find(|a| {
+            a.content_type()
+                .is_some_and(|c| c.subtype() == Some("tlsrpt+gzip"))
+        })
+        .expect("an application/tlsrpt+gzip part");
+    let mut json = Vec::new();
+    flate2::read::GzDecoder::new(part.contents())
+        .read_to_end(&mut json)
+        .expect("gzip");
+    serde_json::from_slice(&json).expect("JSON")
+}
+
+/// Validates `report` against the RFC 8460 report format (tests/data/tlsrpt-schema.json)
+/// with Python's jsonschema, an independent validator.
+fn assert_valid_tls_report(report: &serde_json::Value) {
+    use std::io::Write as _;
+    let schema = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/tlsrpt-schema.json");
+    let mut child = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import json,sys,jsonschema; jsonschema.validate(json.load(sys.stdin), json.load(open(sys.argv[1]))); print('valid')",
+            schema,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(report.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.starts_with(b"valid"),
+        "not a valid RFC 8460 report: {}\n{report}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
