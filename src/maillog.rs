@@ -80,6 +80,9 @@ pub struct AttemptRecord<'a> {
     pub source_ip: Option<IpAddr>,
     pub tls_version: Option<&'a str>,
     pub tls_cipher: Option<&'a str>,
+    /// The TLS policy the attempt was under (`mta-sts-enforce`, `mta-sts-testing`,
+    /// `required`, `opportunistic`, `disabled`); `null` for lines of no attempt.
+    pub tls_policy: Option<&'a str>,
     /// The remote reply, or the local error text.
     pub reply: &'a str,
     pub outcome: AttemptOutcome,
@@ -337,6 +340,7 @@ mod tests {
             source_ip: Some("198.51.100.1".parse().unwrap()),
             tls_version: Some("TLSv1.3"),
             tls_cipher: Some("TLS13_AES_256_GCM_SHA384"),
+            tls_policy: Some("opportunistic"),
             reply: "250 2.0.0 Ok\r\nwith \"quotes\"",
             outcome,
             attempt,

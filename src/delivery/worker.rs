@@ -17,7 +17,7 @@
 //!   throughout; a config reload affects the next attempt.
 
 use crate::bounce::classify::Classifier;
-use crate::config::DeliveryConfig;
+use crate::config::{DeliveryConfig, TlsPolicy};
 use crate::delivery::client::{
     self, AttemptError, BrokenTls, ClientSettings, Connection, Lease, OutboundMessage, RemoteReply,
     Target,
@@ -87,6 +87,9 @@ pub struct Attempt {
     pub addr: Option<SocketAddr>,
     pub source: Option<IpAddr>,
     pub tls: Option<TlsInfo>,
+    /// The TLS policy the attempt was under: `mta-sts-enforce`, `mta-sts-testing`, or the
+    /// route's `required`, `opportunistic`, `disabled`.
+    pub tls_policy: Option<&'static str>,
 }
 
 /// Where new connections come from: the local address to bind, its EHLO name, and the lease
@@ -215,6 +218,34 @@ impl Worker {
         body: &[u8],
         plan: &RoutePlan,
         connection: &mut Option<Connection>,
+        outbound: Outbound,
+    ) -> Attempt {
+        let mut attempt = self
+            .attempt_all(env, body, plan, connection, outbound)
+            .await;
+        attempt.tls_policy = Some(self.tls_policy(plan, &env.destination));
+        attempt
+    }
+
+    /// The TLS policy of an attempt to `domain` under `plan`, for the delivery log.
+    fn tls_policy(&self, plan: &RoutePlan, domain: &str) -> &'static str {
+        match self.router.cached_sts_policy(domain).map(|p| p.mode) {
+            Some(StsMode::Enforce) if plan.tls == TlsPolicy::Required => "mta-sts-enforce",
+            Some(StsMode::Testing) => "mta-sts-testing",
+            _ => match plan.tls {
+                TlsPolicy::Required => "required",
+                TlsPolicy::Opportunistic => "opportunistic",
+                TlsPolicy::Disabled => "disabled",
+            },
+        }
+    }
+
+    async fn attempt_all(
+        &self,
+        env: &Envelope,
+        body: &[u8],
+        plan: &RoutePlan,
+        connection: &mut Option<Connection>,
         mut outbound: Outbound,
     ) -> Attempt {
         let pending: Vec<(usize, Recipient)> = env
@@ -321,6 +352,7 @@ impl Worker {
                 addr: Some(conn.addr()),
                 source: conn.source(),
                 tls: conn.tls().cloned(),
+                tls_policy: None,
             };
             match result {
                 Ok(replies) => {

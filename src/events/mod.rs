@@ -190,6 +190,7 @@ impl Events {
                     source_ip: None,
                     tls_version: None,
                     tls_cipher: None,
+                    tls_policy: None,
                     reply: e.detail.as_deref().unwrap_or(""),
                     outcome,
                     attempt: 0,

@@ -228,6 +228,7 @@ impl Settler {
                 source_ip: attempt.source,
                 tls_version: attempt.tls.as_ref().map(|t| t.version.as_str()),
                 tls_cipher: attempt.tls.as_ref().map(|t| t.cipher.as_str()),
+                tls_policy: attempt.tls_policy,
                 reply: settled.reply,
                 outcome: result,
                 attempt: rcpt.attempts,

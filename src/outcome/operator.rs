@@ -240,6 +240,7 @@ impl Settler {
             source_ip: None,
             tls_version: None,
             tls_cipher: None,
+            tls_policy: None,
             reply,
             outcome,
             attempt: rcpt.attempts,

@@ -174,6 +174,7 @@ pub fn log_lines(dir: &Path) -> Vec<Value> {
                 "source_ip",
                 "tls_version",
                 "tls_cipher",
+                "tls_policy",
                 "reply",
                 "outcome",
                 "attempt",

@@ -194,6 +194,18 @@ async fn enforce_delivers_only_over_verified_tls_and_testing_delivers_anyway() {
         mismatch.messages().is_empty(),
         "nothing sent without verified TLS"
     );
+    // The delivery log says which policy each attempt was under.
+    assert_eq!(line["tls_policy"], "mta-sts-enforce", "{line}");
+    for (rcpt, policy) in [
+        ("b@testing.test", "mta-sts-testing"),
+        ("a@sts.test", "mta-sts-enforce"),
+    ] {
+        let log = wait_log(server.dir.path(), rcpt, |l| {
+            l["recipient"] == rcpt && l["outcome"] == "delivered"
+        })
+        .await;
+        assert_eq!(lines_for(&log, rcpt)[0]["tls_policy"], policy, "{rcpt}");
+    }
 
     // Each policy was fetched once: later plans use the cache.
     let before = fetches.load(Ordering::SeqCst);
