@@ -239,31 +239,10 @@ impl TlsReporting {
             .ok_or_else(|| format!("{url}: no host"))?
             .to_owned();
         let port = uri.port_u16().unwrap_or(443);
-        let ip = match host.parse::<std::net::IpAddr>() {
-            Ok(ip) => ip,
-            Err(_) => *self
-                .resolver
-                .addresses(&host)
-                .await
-                .map_err(|e| format!("{host}: {e}"))?
-                .first()
-                .ok_or_else(|| format!("{host}: no address"))?,
-        };
-        let tcp = tokio::net::TcpStream::connect((ip, port))
-            .await
-            .map_err(|e| format!("{host}: {e}"))?;
-        let name =
-            rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
-        let tls = self
-            .tls
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("{host}: TLS: {e}"))?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                .await
-                .map_err(|e| format!("{host}: {e}"))?;
-        let driver = tokio::spawn(connection);
+        let ip = host.parse::<std::net::IpAddr>().ok();
+        let (mut sender, driver) =
+            crate::routing::sts::https_connection(&*self.resolver, &self.tls, &host, ip, port)
+                .await?;
         let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
         let request = hyper::Request::post(path)
             .header(hyper::header::HOST, &host)

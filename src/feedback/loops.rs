@@ -15,7 +15,7 @@
 
 use std::net::SocketAddr;
 
-use mail_auth::hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+use mail_auth::hickory_resolver::config::ResolverOpts;
 use mail_auth::{AuthenticatedMessage, DkimResult, MessageAuthenticator};
 
 /// The configured feedback-loop domains and a resolver to check their signatures.
@@ -38,18 +38,8 @@ impl FeedbackLoops {
         let authenticator = if nameservers.is_empty() {
             MessageAuthenticator::new_system_conf()
         } else {
-            let servers = nameservers
-                .iter()
-                .map(|addr| {
-                    let mut server = NameServerConfig::udp_and_tcp(addr.ip());
-                    for connection in &mut server.connections {
-                        connection.port = addr.port();
-                    }
-                    server
-                })
-                .collect();
             MessageAuthenticator::new(
-                ResolverConfig::from_name_servers(servers),
+                crate::routing::dns::resolver_config(nameservers),
                 ResolverOpts::default(),
             )
         }

@@ -82,6 +82,22 @@ const CACHE_SIZE: u64 = 16 * 1024;
 const TIMEOUT: Duration = Duration::from_secs(5);
 const TRIES: usize = 2;
 
+/// Exactly `nameservers`, each over UDP and TCP on its own port (`delivery.nameservers`);
+/// also what other DNS clients of the config (mail-auth's) are built on.
+pub fn resolver_config(nameservers: &[SocketAddr]) -> ResolverConfig {
+    let servers = nameservers
+        .iter()
+        .map(|addr| {
+            let mut server = NameServerConfig::udp_and_tcp(addr.ip());
+            for connection in &mut server.connections {
+                connection.port = addr.port();
+            }
+            server
+        })
+        .collect();
+    ResolverConfig::from_name_servers(servers)
+}
+
 /// [`Resolver`] over hickory's Tokio resolver (UDP, TCP on truncation, TTL-honouring cache).
 pub struct HickoryResolver {
     inner: TokioResolver,
@@ -96,17 +112,7 @@ impl HickoryResolver {
         let mut builder = if nameservers.is_empty() {
             TokioResolver::builder(provider).map_err(io::Error::other)?
         } else {
-            let servers = nameservers
-                .iter()
-                .map(|addr| {
-                    let mut server = NameServerConfig::udp_and_tcp(addr.ip());
-                    for connection in &mut server.connections {
-                        connection.port = addr.port();
-                    }
-                    server
-                })
-                .collect();
-            TokioResolver::builder_with_config(ResolverConfig::from_name_servers(servers), provider)
+            TokioResolver::builder_with_config(resolver_config(nameservers), provider)
         };
         let options = builder.options_mut();
         options.cache_size = CACHE_SIZE;

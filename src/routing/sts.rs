@@ -288,26 +288,8 @@ impl Sts {
     /// `GET https://mta-sts.<domain>/.well-known/mta-sts.txt`: 200, text/plain, no redirect.
     async fn fetch(&self, domain: &str) -> Result<Policy, String> {
         let host = format!("mta-sts.{domain}");
-        let addrs = self
-            .resolver
-            .addresses(&host)
-            .await
-            .map_err(|e| format!("{host}: {e}"))?;
-        let ip = addrs.first().ok_or_else(|| format!("{host}: no address"))?;
-        let tcp = TcpStream::connect((*ip, self.port))
-            .await
-            .map_err(|e| format!("{host}: {e}"))?;
-        let name = ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
-        let tls = self
-            .tls
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("{host}: TLS: {e}"))?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                .await
-                .map_err(|e| format!("{host}: {e}"))?;
-        let driver = tokio::spawn(connection);
+        let (mut sender, driver) =
+            https_connection(&*self.resolver, &self.tls, &host, None, self.port).await?;
         let request = hyper::Request::get("/.well-known/mta-sts.txt")
             .header(hyper::header::HOST, &host)
             .header(hyper::header::USER_AGENT, "tern")
@@ -344,6 +326,51 @@ impl Sts {
         driver.abort();
         result
     }
+}
+
+/// An HTTP/1.1 connection over verified TLS to `host` (at `ip`, else its first address) on
+/// `port`: the request sender and the task driving the connection (abort it when done).
+/// Shared by policy fetches and TLS-RPT report posts.
+pub async fn https_connection<B>(
+    resolver: &dyn Resolver,
+    tls: &TlsConnector,
+    host: &str,
+    ip: Option<std::net::IpAddr>,
+    port: u16,
+) -> Result<
+    (
+        hyper::client::conn::http1::SendRequest<B>,
+        tokio::task::JoinHandle<hyper::Result<()>>,
+    ),
+    String,
+>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let ip = match ip {
+        Some(ip) => ip,
+        None => *resolver
+            .addresses(host)
+            .await
+            .map_err(|e| format!("{host}: {e}"))?
+            .first()
+            .ok_or_else(|| format!("{host}: no address"))?,
+    };
+    let tcp = TcpStream::connect((ip, port))
+        .await
+        .map_err(|e| format!("{host}: {e}"))?;
+    let name = ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
+    let tls = tls
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("{host}: TLS: {e}"))?;
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("{host}: {e}"))?;
+    Ok((sender, tokio::spawn(connection)))
 }
 
 enum Refresh {

@@ -119,7 +119,11 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
-async fn wait_events(posts: &Posts, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+pub(crate) async fn wait_events(
+    posts: &Posts,
+    what: &str,
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
     let deadline = Instant::now() + T;
     loop {
         let events = posts.lock().unwrap().clone();

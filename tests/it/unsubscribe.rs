@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use crate::dkim::{dkimpy_available, dkimpy_verifies, keygen};
 use crate::harness::*;
 use crate::sink::{ReceivedMessage, Sink, SinkBehaviour};
-use crate::suppression::{receiver, Posts, SECRET};
+use crate::suppression::{receiver, wait_events, SECRET};
 
 const T: Duration = Duration::from_secs(20);
 const BOUNCE: &str = "bounce.example.com";
@@ -77,21 +77,6 @@ fn uris(value: &str) -> (String, String) {
         path.expect("an http URI"),
         mailto_token.expect("a mailto URI"),
     )
-}
-
-async fn wait_events(posts: &Posts, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-    let deadline = Instant::now() + T;
-    loop {
-        let events = posts.lock().unwrap().clone();
-        if done(&events) {
-            return events;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {what} within {T:?}: {events:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn unsubscribed(events: &[Value], who: &str) -> usize {
