@@ -22,8 +22,11 @@
 #
 # Note: a clean close (spool_fill's, and tern's on SIGTERM) leaves a record that lets the next
 # open skip the recovery scan, and a sled snapshot so it skips the log replay (the start logs
-# after_clean_close=true). To measure the start after a crash, SIGKILL a running tern on the
-# spool first (then the open scans every envelope and due key).
+# after_clean_close=true). CRASH=1 measures the start after a crash instead: it starts tern
+# once, SIGKILLs it as soon as it greets, then measures the next start, whose open finds no
+# record and recovers: the daemon takes mail at once and scans every envelope and due key in
+# the background; the report says when that scan ended ("spool recovery done") and the peak
+# VmRSS until then.
 #
 # Environment:
 #   TERN=path        tern binary (default: target/release/tern, built first)
@@ -31,8 +34,9 @@
 #   DUE_IN_S=172800  when filling: how far in the future messages are due
 #   WRITERS=256      when filling: concurrent commits
 #   SETTLE_S=20      how long to watch memory after the first accepted message
+#   CRASH=1          SIGKILL a first tern on the spool, then measure the start after that crash
 #   DROP_CACHES=1    drop the kernel page cache before starting tern (root only): a cold start,
-#                    as after a reboot
+#                    as after a reboot (after the crash, with CRASH=1)
 #   WARM=1           read the spool files once right before starting tern: a warm start, as when
 #                    tern restarts on a host that keeps the files cached (without either, the start
 #                    is as warm as the page cache happens to be, which varies between runs)
@@ -60,16 +64,11 @@ if [[ ${WARM:-0} == 1 ]]; then
     cat "$SPOOL"/db "$SPOOL"/snap.* >/dev/null 2>&1 || true
     echo "== read the spool files into the page cache (warm start)"
 fi
-if [[ ${DROP_CACHES:-0} == 1 ]]; then
-    sync
-    echo 3 >/proc/sys/vm/drop_caches
-    echo "== dropped the page cache (cold start)"
-fi
-
-exec python3 - "$TERN" "$SPOOL" "${CACHE_SIZE:-}" "${SETTLE_S:-20}" <<'PY'
+exec python3 - "$TERN" "$SPOOL" "${CACHE_SIZE:-}" "${SETTLE_S:-20}" "${CRASH:-0}" "${DROP_CACHES:-0}" <<'PY'
 import os, re, shutil, signal, socket, subprocess, sys, tempfile, time
 
 tern, spool, cache_size, settle = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+crash, drop_caches = sys.argv[5] == "1", sys.argv[6] == "1"
 
 def free_port():
     s = socket.socket()
@@ -117,6 +116,27 @@ def status(pid):
 def mem(pid):
     s = status(pid)
     return f"VmRSS {s['VmRSS']} MB, VmHWM {s['VmHWM']} MB"
+
+if crash:
+    first = subprocess.Popen([tern, "serve", "--config", config],
+                             stdout=open(os.path.join(workdir, "crashed.log"), "w"),
+                             stderr=subprocess.STDOUT)
+    while True:
+        if first.poll() is not None:
+            sys.exit(f"the tern to crash exited with {first.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", smtp_port), timeout=600).recv(100)
+            break
+        except ConnectionRefusedError:
+            time.sleep(0.05)
+    first.kill()
+    first.wait()
+    print("== SIGKILLed a running tern on the spool (the next start recovers)")
+if drop_caches:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+    print("== dropped the page cache (cold start)")
 
 log_path = os.path.join(workdir, "tern.log")
 log = open(log_path, "w")
@@ -172,8 +192,14 @@ sock.close()
 
 peak = 0
 end = time.monotonic() + settle
-while time.monotonic() < end and proc.poll() is None:
+recovered_at = None
+# Watches at least `settle` seconds, and with a crash until the recovery scan has ended.
+while proc.poll() is None and (time.monotonic() < end or (crash and recovered_at is None)):
     peak = max(peak, status(proc.pid)["VmRSS"])
+    if recovered_at is None and "spool recovery done" in open(log_path).read():
+        recovered_at = elapsed()
+    if elapsed() > 900:
+        fail("recovery did not end within 900 s")
     time.sleep(0.2)
 mem_settled = mem(proc.pid)
 
@@ -188,6 +214,8 @@ log.close()
 
 print(f"time to 220 greeting:        {t_220:7.2f} s   ({mem_220})")
 print(f"time to first 250 queued:    {t_250:7.2f} s   ({mem_250})   {accepted}")
+if recovered_at is not None:
+    print(f"recovery scan over after:    {recovered_at:7.2f} s   (from process start)")
 print(f"after {settle:.0f} s more:              peak VmRSS {peak} MB; now {mem_settled}")
 print(f"shutdown after SIGTERM:      {t_stop:7.2f} s   (exit {proc.returncode})")
 print("--- spool lines from the tern log:")

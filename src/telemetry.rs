@@ -366,6 +366,7 @@ pub struct Metrics {
     messages_rejected: IntCounterVec,
 
     spool_messages: IntGauge,
+    spool_recovering: IntGauge,
     spool_bytes: IntGauge,
     spool_free_bytes: IntGauge,
     spool_commits: IntCounter,
@@ -670,6 +671,10 @@ impl Metrics {
             spool_messages: gauge(
                 "tern_spool_messages",
                 "Envelopes in the spool (one per message and destination domain).",
+            ),
+            spool_recovering: gauge(
+                "tern_spool_recovering",
+                "1 while the spool's crash-recovery scan runs in the background (mail is taken meanwhile; tern_spool_messages and tern_spool_bytes are estimates until it ends), else 0.",
             ),
             spool_bytes: gauge("tern_spool_bytes", "Body bytes in the spool."),
             spool_free_bytes: gauge(
@@ -1398,6 +1403,10 @@ impl Metrics {
         {
             let _one_at_a_time = self.spool_sync.lock().unwrap_or_else(|e| e.into_inner());
             let stats = spool.stats();
+            self.spool_recovering.set(i64::from(matches!(
+                spool.recovery(),
+                tern_queue::RecoveryStatus::Running { .. }
+            )));
             self.spool_messages
                 .set(i64::try_from(stats.messages).unwrap_or(i64::MAX));
             self.spool_bytes

@@ -356,6 +356,35 @@ impl GroupCommit {
         self.tally.get()
     }
 
+    /// The counters as they stand, negative when removes of messages that a
+    /// running recovery has not counted yet outweigh new commits.
+    pub(crate) fn tally_signed(&self) -> (i64, i64) {
+        (
+            self.tally.messages.load(Ordering::Relaxed),
+            self.tally.bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Adds what recovery counted: the messages and bytes present at open.
+    pub(crate) fn add_recovered(&self, messages: u64, bytes: u64) {
+        self.tally.add(Delta {
+            messages: i64::try_from(messages).unwrap_or(i64::MAX),
+            bytes: i64::try_from(bytes).unwrap_or(i64::MAX),
+        });
+    }
+
+    /// Blocks until every write queued so far has been applied to sled (or
+    /// refused); for an open that waits for recovery's repairs, where no
+    /// async runtime may be at hand. Polls: it runs once, briefly.
+    pub(crate) fn wait_applied_blocking(&self) -> Result<(), SpoolError> {
+        let target = self.written();
+        while self.applied() < target {
+            self.check()?;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
     /// Installs the round observer; false if one is already installed.
     pub(crate) fn observe(&self, observer: RoundObserver) -> bool {
         self.observer.set(observer).is_ok()

@@ -50,20 +50,25 @@
 //! Opening after a clean close (the last handle dropped with every write
 //! durable) takes the counters from the record that close left and skips
 //! both the scan and sled's log replay (`clean_close`): about a second for a
-//! million messages. After a crash, opening runs recovery
-//! (`recovery::recover`): it rebuilds the counters, seeds the id generator
-//! with the largest id present, deletes due keys that do not match their
-//! envelope and re-creates missing ones (a message without one would never
-//! be attempted). It reads the envelopes and the due index, never the
-//! bodies: per million messages 6-9 s on 2 cores, plus sled's replay of its
-//! log (measured, benches/spool_scale.sh). Bodies without an envelope cannot
-//! arise from normal operation (a message's keys are written and removed in
-//! one batch); `sweep_orphans` finds and deletes them, meant to run in the
-//! background after open since it reads every body.
+//! million messages. After a crash, opening runs recovery (`recovery`): a
+//! scan that counts the messages and bytes present, and deletes due keys that
+//! do not match their envelope and re-creates missing ones (a message without
+//! one would never be attempted). The id generator is seeded from the last
+//! body and envelope keys (two seeks). With
+//! `SpoolOptions::recover_in_background` (the daemon) open returns at once and
+//! the scan runs beside live writes, counting exactly (see `recovery`); until
+//! it ends `stats()` is an estimate and `recovery()` says `Running`.
+//! Otherwise open waits for it. It reads the envelopes and the due index,
+//! never the bodies: per million messages 6-9 s on 2 cores, plus sled's
+//! replay of its log (measured, benches/spool_scale.sh). Bodies without an
+//! envelope cannot arise from normal operation (a message's keys are written
+//! and removed in one batch); `sweep_orphans` finds and deletes them, meant to
+//! run in the background after open (and after recovery) since it reads every
+//! body.
 //!
 //! Memory: sled's page cache (`SpoolOptions::cache_size`), plus sled's page
-//! table, about 110 MB per million messages; recovery holds 16 bytes per
-//! message while it runs and frees them.
+//! table, about 110 MB per million messages; recovery holds nothing per
+//! message (16 bytes per old message removed while it runs).
 
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
@@ -83,7 +88,8 @@ use crate::group_commit::{
 use crate::id::{IdGenerator, MessageId};
 use crate::record::Envelope;
 use clean_close::Checkpoint;
-use recovery::Recovered;
+pub use recovery::RecoveryStatus;
+use recovery::{Recovered, Recovery, Suspect};
 
 const BODY: u8 = b'B';
 const ENVELOPE: u8 = b'E';
@@ -116,6 +122,11 @@ pub struct SpoolOptions {
     /// leave less (twice its size counted) is refused with
     /// `SpoolError::Full`; other writes may use half of it. Default 256 MiB.
     pub min_free_space: u64,
+    /// After a crash, return from open at once and run recovery's scan on
+    /// background threads (the daemon: it takes mail while recovering; see
+    /// `Spool::recovery`). Default false: open waits for the scan and fails
+    /// if an envelope is unreadable (the CLI, tests).
+    pub recover_in_background: bool,
 }
 
 impl Default for SpoolOptions {
@@ -123,6 +134,7 @@ impl Default for SpoolOptions {
         SpoolOptions {
             cache_size: 128 << 20,
             min_free_space: 256 << 20,
+            recover_in_background: false,
         }
     }
 }
@@ -187,10 +199,13 @@ pub struct Spool {
 struct Inner {
     db: sled::Db,
     ids: IdGenerator,
-    inflight: Mutex<Inflight>,
+    inflight: Arc<Mutex<Inflight>>,
     group: Arc<GroupCommit>,
     flusher: Option<JoinHandle<()>>,
     after_clean_close: bool,
+    recovery: Arc<Recovery>,
+    /// The background recovery scan, if one was started.
+    recovering: Option<JoinHandle<()>>,
     /// Last, so that it drops after `db`.
     checkpoint: Checkpoint,
 }
@@ -230,8 +245,27 @@ struct Inflight {
     pruned_at: u64,
 }
 
+impl Inflight {
+    /// Forgets writes that sled has applied (or refused), all those numbered
+    /// up to `applied`: sled answers the same for them now.
+    fn prune(&mut self, applied: u64) {
+        if applied > self.pruned_at {
+            self.latest.retain(|_, (seq, _, _)| *seq > applied);
+            self.refs.retain(|_, (seq, _, _)| *seq > applied);
+            self.pruned_at = applied;
+        }
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
+        // The scan may still queue repairs: stop it before the sync thread.
+        self.recovery.request_stop();
+        if let Some(handle) = self.recovering.take() {
+            if handle.join().is_err() {
+                tracing::error!("spool recovery thread panicked");
+            }
+        }
         self.group.close();
         if let Some(handle) = self.flusher.take() {
             if handle.join().is_err() {
@@ -241,6 +275,10 @@ impl Drop for Inner {
         // Every write is durable now, unless a round failed: only then may
         // the next open trust the counters instead of scanning.
         if self.group.check().is_err() {
+            return;
+        }
+        // Nor while recovery had not finished counting.
+        if !matches!(self.recovery.status(), RecoveryStatus::Done { .. }) {
             return;
         }
         let (messages, bytes) = self.group.tally();
@@ -312,16 +350,24 @@ impl Spool {
         let db = open_sled(dir, options.cache_size)?;
         let sled_ms = started.elapsed().as_millis() as u64;
         let mut syncer = Syncer::open(dir)?;
-        let (recovered, after_clean_close) = match clean_close::take(&db)? {
+        let (recovered, recovery, after_clean_close) = match clean_close::take(&db)? {
             Some(mut recovered) => {
                 // Ids written without the generator (none in normal
                 // operation) must not be handed out again either.
                 recovered.max_id = recovered.max_id.max(recovery::last_key_id(&db)?);
-                (recovered, true)
+                (recovered, Recovery::finished(), true)
             }
-            None => (recovery::recover(&db)?, false),
+            // A crash (or a new spool): the counters come from the scan below.
+            None => {
+                let recovery = Recovery::prepare(&db)?;
+                let recovered = Recovered {
+                    messages: 0,
+                    bytes: 0,
+                    max_id: recovery.boundary(),
+                };
+                (recovered, recovery, false)
+            }
         };
-        let recovery_ms = started.elapsed().as_millis() as u64 - sled_ms;
         // Makes the clean-close record's removal durable before any write, or
         // recovery's repairs, and any blobs a crashed previous run had not
         // synced yet.
@@ -329,33 +375,76 @@ impl Spool {
         if fresh {
             sync_new_spool(dir, created_dir)?;
         }
-        tracing::info!(
-            path = %dir.display(),
-            messages = recovered.messages,
-            bytes = recovered.bytes,
-            after_clean_close,
-            sled_ms,
-            recovery_ms,
-            total_ms = started.elapsed().as_millis() as u64,
-            "spool opened"
-        );
         let (group, flusher) = GroupCommit::start(
             db.clone(),
             syncer,
             Space::new(dir, options.min_free_space),
             (recovered.messages, recovered.bytes),
         )?;
+        let recovery = Arc::new(recovery);
+        let inflight = Arc::new(Mutex::new(Inflight::default()));
+        let mut recovering = None;
+        if !recovery.is_over() {
+            let scan = RecoveryScan {
+                db: db.clone(),
+                group: Arc::clone(&group),
+                inflight: Arc::clone(&inflight),
+                recovery: Arc::clone(&recovery),
+            };
+            if options.recover_in_background {
+                recovering = Some(
+                    std::thread::Builder::new()
+                        .name("tern-spool-recovery".into())
+                        .spawn(move || {
+                            // Errors are logged and kept in the status.
+                            let _ = scan.run(false, started);
+                        })
+                        .map_err(|e| SpoolError::io("starting the spool recovery thread", e))?,
+                );
+            } else if let Err(e) = scan.run(true, started) {
+                // Release sled's lock before reporting: the sync thread holds a handle.
+                group.close();
+                if flusher.join().is_err() {
+                    tracing::error!("spool sync thread panicked");
+                }
+                return Err(e);
+            }
+        }
+        tracing::info!(
+            path = %dir.display(),
+            messages = recovered.messages,
+            bytes = recovered.bytes,
+            after_clean_close,
+            recovering = recovering.is_some(),
+            sled_ms,
+            total_ms = started.elapsed().as_millis() as u64,
+            "spool opened"
+        );
         Ok(Spool {
             inner: Arc::new(Inner {
                 db,
                 ids: IdGenerator::new(recovered.max_id),
-                inflight: Mutex::new(Inflight::default()),
+                inflight,
                 group,
                 flusher: Some(flusher),
                 after_clean_close,
+                recovery,
+                recovering,
                 checkpoint: Checkpoint::new(dir, options.cache_size),
             }),
         })
+    }
+
+    /// Where crash recovery stands: `Done` after a clean close or once the
+    /// scan finished (the counters are exact), `Running` while a background
+    /// scan runs (`stats()` is an estimate that grows to the truth).
+    pub fn recovery(&self) -> RecoveryStatus {
+        self.inner.recovery.status()
+    }
+
+    /// Returns once crash recovery's scan is over (at once if none runs).
+    pub async fn recovered(&self) {
+        self.inner.recovery.wait().await
     }
 
     /// Whether the last process to use this spool closed it cleanly, so open
@@ -507,6 +596,7 @@ impl Spool {
             let mut inflight = self.inflight();
             let (old, after) = self.current(&mut inflight, id)?;
             let old = old.ok_or(SpoolError::NotFound(id))?;
+            self.inner.recovery.note_remove(id, old.size);
             let mut ops = vec![
                 remove(&key(ENVELOPE, id)),
                 remove(&due_key(old.next_due_ms, id)),
@@ -581,12 +671,7 @@ impl Spool {
     /// Forgets inflight writes that sled has applied (or refused): sled
     /// answers the same for them now.
     fn prune(&self, inflight: &mut Inflight) {
-        let applied = self.inner.group.applied();
-        if applied > inflight.pruned_at {
-            inflight.latest.retain(|_, (seq, _, _)| *seq > applied);
-            inflight.refs.retain(|_, (seq, _, _)| *seq > applied);
-            inflight.pruned_at = applied;
-        }
+        inflight.prune(self.inner.group.applied());
     }
 
     /// The latest state of `id` as far as writes go: the newest queued update
@@ -732,6 +817,9 @@ impl Spool {
     /// every write queued when it was found has been applied (the ids of new
     /// commits are all greater than any body present at open).
     pub async fn sweep_orphans(&self) -> Result<OrphanSweep, SpoolError> {
+        // Not beside recovery's scan: both read the whole spool, one at a
+        // time is faster and lighter.
+        self.recovered().await;
         self.sweep_orphans_in_chunks(SWEEP_CHUNK).await
     }
 
@@ -815,9 +903,21 @@ impl Spool {
 
     /// Messages and body bytes spooled now, counting writes still waiting
     /// for their sync round (exact; kept in memory).
+    ///
+    /// While a background recovery runs (`recovery()` is `Running`), this is
+    /// what the scan has counted so far plus everything written since open.
     pub fn stats(&self) -> SpoolStats {
-        let (messages, bytes) = self.inner.group.tally();
-        SpoolStats { messages, bytes }
+        if self.inner.recovery.is_over() {
+            let (messages, bytes) = self.inner.group.tally();
+            return SpoolStats { messages, bytes };
+        }
+        let (messages, bytes) = self.inner.group.tally_signed();
+        let (scanned, scanned_bytes) = self.inner.recovery.counted();
+        let add = |a: i64, b: u64| u64::try_from(a.saturating_add(b as i64)).unwrap_or(0);
+        SpoolStats {
+            messages: add(messages, scanned),
+            bytes: add(bytes, scanned_bytes),
+        }
     }
 
     /// Free bytes on the spool's file system now; `None` if it cannot be
@@ -871,10 +971,101 @@ impl Spool {
     // `Inflight` only changes by whole-entry inserts and `retain`, which
     // cannot leave it half-updated, so a poisoned lock is still usable.
     fn inflight(&self) -> MutexGuard<'_, Inflight> {
-        self.inner
-            .inflight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        lock_inflight(&self.inner.inflight)
+    }
+}
+
+fn lock_inflight(inflight: &Mutex<Inflight>) -> MutexGuard<'_, Inflight> {
+    inflight.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What the recovery scan needs of the spool: reads, and writes through the
+/// group commit ordered by the inflight lock. Not a `Spool`: the spool's
+/// drop waits for this thread.
+struct RecoveryScan {
+    db: sled::Db,
+    group: Arc<GroupCommit>,
+    inflight: Arc<Mutex<Inflight>>,
+    recovery: Arc<Recovery>,
+}
+
+impl RecoveryScan {
+    /// Scans, adds what it counted to the tally, and marks recovery over.
+    /// `strict`: fail on an unreadable envelope (and wait until the repairs
+    /// are applied, for an open that waits).
+    fn run(self, strict: bool, opened: Instant) -> Result<(), SpoolError> {
+        let started = Instant::now();
+        let result = self
+            .recovery
+            .run(&self.db, strict, &|suspect| self.repair_due(suspect));
+        match result {
+            Ok((messages, bytes)) => {
+                self.group.add_recovered(messages, bytes);
+                self.recovery.finish(Ok(()));
+                if strict {
+                    self.group.wait_applied_blocking()?;
+                }
+                let status = self.recovery.status();
+                tracing::info!(
+                    messages,
+                    bytes,
+                    ?status,
+                    scan_ms = started.elapsed().as_millis() as u64,
+                    since_open_ms = opened.elapsed().as_millis() as u64,
+                    "spool recovery done"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "spool recovery failed; counters are estimates until the next start");
+                self.recovery.finish(Err(e.to_string()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Re-checks a due-index entry the scan found wrong, under the inflight
+    /// lock, and queues the fix; whether it queued one. An id with a queued
+    /// write is left alone: update and remove keep its keys consistent.
+    fn repair_due(&self, suspect: Suspect) -> Result<bool, SpoolError> {
+        let mut inflight = lock_inflight(&self.inflight);
+        inflight.prune(self.group.applied());
+        let id = match suspect {
+            Suspect::MissingDue { id } | Suspect::StaleDue { id, .. } => id,
+        };
+        if inflight.latest.contains_key(&id) {
+            return Ok(false);
+        }
+        let stored_due = match self.db.get(key(ENVELOPE, id))? {
+            Some(value) => match serde_json::from_slice::<recovery::RecoveryEntry>(&value) {
+                Ok(env) => Some(env.next_due_ms),
+                // Unreadable (counted as corrupt): its keys stay as they are,
+                // for delivery to find and report.
+                Err(_) => return Ok(false),
+            },
+            None => None,
+        };
+        let op = match suspect {
+            Suspect::MissingDue { id } => match stored_due {
+                Some(due) if !self.db.contains_key(due_key(due, id))? => {
+                    tracing::warn!(%id, due, "spool recovery: re-creating missing due-index entry");
+                    insert(&due_key(due, id), Vec::new())
+                }
+                _ => return Ok(false),
+            },
+            Suspect::StaleDue { id, due } => match stored_due {
+                Some(stored) if stored == due => return Ok(false),
+                _ if !self.db.contains_key(due_key(due, id))? => return Ok(false),
+                _ => {
+                    tracing::warn!(%id, due, "spool recovery: removing stale due-index entry");
+                    remove(&due_key(due, id))
+                }
+            },
+        };
+        // Not waited for: a repair lost in a crash is found again by the next
+        // recovery.
+        self.group.enqueue([op], Delta::default(), None);
+        Ok(true)
     }
 }
 

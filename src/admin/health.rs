@@ -84,7 +84,17 @@ pub async fn healthz() -> impl IntoResponse {
 /// `GET /readyz`: 200 `{"ready": true}` or 503 `{"ready": false, "reason": ...}`.
 pub async fn readyz(State(readiness): State<Readiness>) -> impl IntoResponse {
     match readiness.check() {
-        Ok(()) => (StatusCode::OK, Json(serde_json::json!({ "ready": true }))),
+        // Ready while crash recovery still counts the spool: taking mail then is the point.
+        Ok(()) => (
+            StatusCode::OK,
+            Json(serde_json::json!({
+                "ready": true,
+                "recovering": matches!(
+                    readiness.spool.recovery(),
+                    tern_queue::RecoveryStatus::Running { .. }
+                ),
+            })),
+        ),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({ "ready": false, "reason": reason })),

@@ -146,12 +146,31 @@ async fn scrape(State(state): State<AdminState>) -> impl IntoResponse {
     )
 }
 
+/// Crash recovery's state for the API: `{"state": "done"|"running"|"failed", ...}`; while
+/// it runs, the spool totals are estimates.
+pub(crate) fn recovery_json(status: &tern_queue::RecoveryStatus) -> serde_json::Value {
+    use tern_queue::RecoveryStatus;
+    match status {
+        RecoveryStatus::Done { repairs, corrupt } => {
+            serde_json::json!({ "state": "done", "repairs": repairs, "corrupt": corrupt })
+        }
+        RecoveryStatus::Running { scanned } => {
+            serde_json::json!({ "state": "running", "scanned": scanned })
+        }
+        RecoveryStatus::Failed(error) => serde_json::json!({ "state": "failed", "error": error }),
+    }
+}
+
 /// `GET /api/v1/status`: version, spool totals and what the scheduler holds in memory.
 async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
     let stats = state.spool.stats();
     Json(serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
-        "spool": { "messages": stats.messages, "bytes": stats.bytes },
+        "spool": {
+            "messages": stats.messages,
+            "bytes": stats.bytes,
+            "recovery": recovery_json(&state.spool.recovery()),
+        },
         "in_memory": state.scheduler.in_memory(),
     }))
 }

@@ -128,6 +128,10 @@ impl Daemon {
         let spool_options = SpoolOptions {
             cache_size: config.spool.cache_size,
             min_free_space: config.spool.min_free_space,
+            // After a crash, take mail at once and count the spool behind (see
+            // tern_queue's recovery module): a 1M-message spool would otherwise refuse
+            // mail for the ~10 s of the scan.
+            recover_in_background: true,
         };
         let spool =
             tokio::task::spawn_blocking(move || Spool::open_with(&spool_path, &spool_options))
@@ -137,7 +141,8 @@ impl Daemon {
                 })?;
         let stats = spool.stats();
         info!(messages = stats.messages, bytes = stats.bytes, path = %config.spool.path.display(),
-            after_clean_close = spool.opened_after_clean_close(), "spool open");
+            after_clean_close = spool.opened_after_clean_close(), recovery = ?spool.recovery(),
+            "spool open");
 
         let bg = Background {
             tasks: TaskTracker::new(),

@@ -292,3 +292,129 @@ async fn sigkill_under_load_loses_no_acknowledged_message() {
         envelopes.len() - record.acked.len()
     );
 }
+
+/// A deferred envelope for `n`, due in two days (nothing falls due during the test).
+fn deferred(id: MessageId, n: u64) -> Envelope {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let address = format!("user{n}@customer{}.test", n % 50);
+    Envelope {
+        id,
+        queue_id: id,
+        sender: "bounces@mailer.test".into(),
+        destination: format!("customer{}.test", n % 50),
+        recipients: vec![tern_queue::Recipient {
+            orcpt: Some(format!("rfc822;{address}")),
+            address,
+            notify: tern_queue::Notify::default_rfc3461(),
+            state: tern_queue::RecipientState::Pending,
+            last_reply: None,
+            attempts: 1,
+        }],
+        env_id: None,
+        ret: None,
+        body_type: tern_queue::BodyType::SevenBit,
+        smtputf8: false,
+        size: 0,
+        created_ms: now,
+        expires_ms: now + 5 * 86_400_000,
+        next_due_ms: now + 2 * 86_400_000 + n,
+        attempts: 1,
+        source: tern_queue::Source {
+            client_ip: "127.0.0.1".into(),
+            helo: "app.test".into(),
+            auth_user: None,
+            protocol: "ESMTP".into(),
+        },
+        held: false,
+        delay_notified: false,
+        parked: false,
+        pool: None,
+        not_before_ms: 0,
+        body_id: None,
+    }
+}
+
+/// After a crash the daemon takes mail before recovery has counted the spool: the open does
+/// not wait for the scan (the log says `recovering=true`), a message is accepted, the scan
+/// ends in the background, and its count is exact: after SIGTERM the clean-close record's
+/// counters (trusted by the next open) equal the envelopes present. How fast the first
+/// message comes with a million messages is benches/spool_scale.sh's business.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_mail_is_taken_while_recovery_counts_in_the_background() {
+    const OLD: u64 = 20_000;
+    let dir = tempfile::tempdir().unwrap();
+    let spool_dir = dir.path().join("spool");
+    {
+        let spool = Spool::open(&spool_dir).unwrap();
+        for chunk in (0..OLD).collect::<Vec<_>>().chunks(1_000) {
+            let parts = chunk
+                .iter()
+                .map(|&n| {
+                    let id = spool.next_id();
+                    (
+                        deferred(id, n),
+                        format!("Subject: old {n}\r\n\r\nbody {n}\r\n").into_bytes(),
+                    )
+                })
+                .collect();
+            spool.commit(parts).await.unwrap();
+        }
+    }
+    let port = free_port();
+    let opts = Options {
+        log_level: "info".to_string(),
+        ..Options::default()
+    };
+    let config = write_bin_config(dir.path(), port, &opts);
+
+    // A clean open removes the clean-close record; SIGKILL then leaves none: a crash.
+    let mut tern = TernProc::spawn(&config, port, &dir.path().join("first.log"));
+    drop(tern.wait_ready(Duration::from_secs(30)).await);
+    tern.child.start_kill().expect("SIGKILL");
+    assert_eq!(
+        tern.wait_exit(Duration::from_secs(10)).await.signal(),
+        Some(9)
+    );
+
+    let mut tern = TernProc::spawn(&config, port, &dir.path().join("second.log"));
+    let mut c = tern.wait_ready(Duration::from_secs(30)).await;
+    c.ehlo().await;
+    c.expect("MAIL FROM:<app@client.test>", 250, "2.1.0").await;
+    c.expect("RCPT TO:<new@sink.test>", 250, "2.1.5").await;
+    c.expect("DATA", 354, "").await;
+    c.expect("Subject: new\r\n\r\nafter the crash\r\n.", 250, "2.0.0")
+        .await;
+    c.expect("QUIT", 221, "2.0.0").await;
+    let opened = tern
+        .log_text()
+        .lines()
+        .find(|l| l.contains("spool opened"))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no 'spool opened' line; log:\n{}", tern.log_text()));
+    assert!(opened.contains("recovering=true"), "{opened}");
+    assert!(opened.contains("after_clean_close=false"), "{opened}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !tern.log_text().contains("spool recovery done") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "recovery did not finish; log:\n{}",
+            tern.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    send_signal(tern.pid(), "TERM");
+    assert!(tern.wait_exit(Duration::from_secs(20)).await.success());
+
+    let spool = Spool::open(&spool_dir).unwrap();
+    assert!(spool.opened_after_clean_close(), "{}", tern.log_text());
+    let envelopes = spool.list().unwrap();
+    assert!(envelopes.len() as u64 > OLD, "the new message is there too");
+    assert_eq!(spool.stats().messages, envelopes.len() as u64);
+    assert_eq!(
+        spool.stats().bytes,
+        envelopes.iter().map(|e| e.size).sum::<u64>()
+    );
+}

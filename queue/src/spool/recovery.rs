@@ -1,22 +1,46 @@
-//! Recovery at open, and the chunked scan behind `Spool::sweep_orphans`.
+//! Recovery after a crash, and the chunked scan behind `Spool::sweep_orphans`.
 //!
-//! Recovery reads the envelopes (`E`) and the due index (`D`), never the
-//! bodies: the bodies are most of the spool's bytes (5 GB for a million 5 KB
+//! After a crash the spool opens at once and takes new mail while this scan
+//! runs on its own threads (`Spool::open_with` with
+//! `SpoolOptions::recover_in_background`; otherwise open waits for it). The
+//! scan counts the messages and bytes present at open and checks the due
+//! index; nothing else waits for it: the scheduler reads the due index
+//! directly, and the index is consistent because every change was one atomic
+//! batch (the check and its repairs are a defence against damage, not part
+//! of normal operation).
+//!
+//! It reads the envelopes (`E`) and the due index (`D`), never the bodies:
+//! the bodies are most of the spool's bytes (5 GB for a million 5 KB
 //! messages) and only the orphan sweep needs to look at them. It decodes only
-//! the four envelope fields it needs.
+//! the fields it needs.
+//!
+//! Counting beside live writes: ids up to `boundary` (the largest key id at
+//! open) belong to the scan, larger ones are new commits that the group
+//! commit's tally counts as they come. A remove of an old message also moves
+//! the tally (down), so the scan must count every old message present *at
+//! open*, including those removed before it reached them. Each envelope range
+//! has a cursor (the last id counted, advanced under `Recovery::state`'s lock);
+//! a remove of an old id the scan has not passed yet is noted with its size
+//! (`Recovery::note_remove`), and if the scan then never sees that id it is
+//! added at the end. When the scan finishes, what it counted is added to the
+//! tally and from then on the tally alone is exact.
+//!
+//! Repairs go through the group commit under the spool's inflight lock, and
+//! only for ids without a queued write, so they cannot race an update or a
+//! remove (`Spool::repair_due`).
 //!
 //! Cost: sled keeps each leaf as a base page plus delta fragments scattered
 //! over its log, so a scan is mostly small random reads (cold: about 1.2
 //! million reads per million messages). Both prefixes are therefore split
 //! into key ranges that `RECOVERY_THREADS` threads scan concurrently, which
 //! keeps several reads in flight on a cold cache and uses every core on a
-//! warm one. Memory: 16 bytes per envelope and per due key while it runs
-//! (vectors sorted by id, merged at the end), all freed before `open`
-//! returns; and sled's pages, see `touch`.
+//! warm one. Memory: nothing per message, except the old ids removed while
+//! the scan runs (16 bytes each); and sled's pages, see `touch`.
 
+use std::collections::HashMap;
 use std::ops::Bound;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde::Deserialize;
 
@@ -31,7 +55,17 @@ const RECOVERY_THREADS: usize = 8;
 /// messages (ids and due times cluster) does not leave the others idle.
 const RECOVERY_RANGES: u64 = 64;
 
-/// What recovery learned.
+/// Tests slow the envelope scan down by this much per key, so that live
+/// writes interleave with it.
+#[cfg(test)]
+pub(super) static SCAN_PAUSE_US: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+/// Tests read how many removes recovery had to add back (removed before the
+/// scan reached them).
+#[cfg(test)]
+pub(super) static UNSEEN_REMOVES: AtomicUsize = AtomicUsize::new(0);
+
+/// What an open knows, or recovery learned.
 pub(super) struct Recovered {
     pub(super) messages: u64,
     pub(super) bytes: u64,
@@ -43,105 +77,361 @@ pub(super) struct Recovered {
 
 /// The fields of a stored envelope recovery needs. Unknown fields are
 /// skipped without being built, which makes this several times cheaper than
-/// decoding a whole `Envelope`; a record that is not JSON, or lacks one of
-/// these, still fails the open. Other damage shows when the envelope is read.
+/// decoding a whole `Envelope`.
 #[derive(Deserialize)]
-struct RecoveryEntry {
+pub(super) struct RecoveryEntry {
     id: MessageId,
-    queue_id: MessageId,
     size: u64,
-    next_due_ms: u64,
+    pub(super) next_due_ms: u64,
 }
 
 type KeyRange = (Bound<Vec<u8>>, Bound<Vec<u8>>);
 
-/// What one thread found in one key range.
-enum Part {
-    Envelopes {
-        /// (id, next_due_ms), in id order.
-        due_of: Vec<(MessageId, u64)>,
-        messages: u64,
-        bytes: u64,
-        max_id: Option<MessageId>,
-    },
-    /// (id, due) of each due key.
-    Dues(Vec<(MessageId, u64)>),
+/// An index entry the scan found wrong; `Spool::repair_due` re-checks it
+/// against the current state before changing anything.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Suspect {
+    /// The envelope `id` (due at `due` when read) may lack its due key.
+    MissingDue { id: MessageId },
+    /// The due key `due` + `id` may not match the envelope `id`.
+    StaleDue { id: MessageId, due: u64 },
 }
 
-pub(super) fn recover(db: &sled::Db) -> Result<Recovered, SpoolError> {
-    let jobs: Vec<(u8, KeyRange)> = split(db, ENVELOPE)?
-        .into_iter()
-        .map(|range| (ENVELOPE, range))
-        .chain(split(db, DUE)?.into_iter().map(|range| (DUE, range)))
-        .collect();
-    let parts = scan_parallel(db, &jobs)?;
+/// Where recovery stands, for `Spool::recovery`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecoveryStatus {
+    /// Opened after a clean close, or recovery finished: the counters are exact.
+    Done {
+        /// Index entries recovery repaired (0 after a clean close).
+        repairs: u64,
+        /// Envelopes recovery could not read (logged with their keys); they
+        /// are not counted.
+        corrupt: u64,
+    },
+    /// The scan is running: `stats()` counts what it has seen so far plus
+    /// everything written since open.
+    Running {
+        /// Messages present at open counted so far.
+        scanned: u64,
+    },
+    /// The scan stopped on an error (logged); counters stay approximate until
+    /// the next start.
+    Failed(String),
+}
 
-    let mut rec = Recovered {
-        messages: 0,
-        bytes: 0,
-        max_id: None,
-    };
-    // Envelope parts come first and in key order, so this is in id order.
-    let mut due_of: Vec<(MessageId, u64)> = Vec::new();
-    let mut dues: Vec<(MessageId, u64)> = Vec::new();
-    for part in parts {
-        match part {
-            Part::Envelopes {
-                due_of: part,
-                messages,
-                bytes,
-                max_id,
-            } => {
-                rec.messages += messages;
-                rec.bytes += bytes;
-                rec.max_id = rec.max_id.max(max_id);
-                due_of.extend(part);
-            }
-            Part::Dues(part) => dues.extend(part),
-        }
-    }
-    // One seek to the last body, instead of reading them all.
-    rec.max_id = rec.max_id.max(last_id(db, BODY)?);
+/// The state shared between the spool's writers and the recovery scan.
+pub(super) struct Recovery {
+    /// Ids up to this may have been present at open; the scan counts only them.
+    boundary: Option<MessageId>,
+    /// The first id of each envelope range, ascending (`state.cursors` has one
+    /// cursor per range).
+    starts: Vec<u64>,
+    ranges: Vec<(u8, KeyRange)>,
+    state: Mutex<ScanState>,
+    stop: AtomicBool,
+    done: tokio::sync::watch::Sender<bool>,
+}
 
-    // Merge the due keys, sorted by id, with the envelopes: each envelope
-    // needs exactly the key `D + next_due_ms + id`.
-    dues.sort_unstable();
-    let mut repair = sled::Batch::default();
-    let mut repairs = 0u64;
-    let mut stale = |id: MessageId, due: u64, repair: &mut sled::Batch| {
-        tracing::warn!(%id, due, "spool recovery: removing stale due-index entry");
-        repair.remove(&due_key(due, id)[..]);
-        repairs += 1;
-    };
-    let mut keys = dues.iter().copied().peekable();
-    let mut missing = Vec::new();
-    for &(id, due) in &due_of {
-        let mut indexed = false;
-        while let Some((key_id, key_due)) = keys.next_if(|&(key_id, _)| key_id <= id) {
-            if key_id == id && key_due == due {
-                indexed = true;
-            } else {
-                stale(key_id, key_due, &mut repair);
+struct ScanState {
+    /// Per envelope range: the last id counted; `u64::MAX` once the range is
+    /// done. `None`: not started.
+    cursors: Vec<Option<u64>>,
+    /// Old ids removed before the scan passed them: size, and whether the
+    /// scan saw (and so counted) them anyway.
+    removed: HashMap<MessageId, (u64, bool)>,
+    messages: u64,
+    bytes: u64,
+    repairs: u64,
+    corrupt: u64,
+    finished: Option<Result<(), String>>,
+}
+
+impl Recovery {
+    /// Prepares a scan of the spool as it is now: splits both keyspaces into
+    /// ranges (a few seeks, no scan).
+    pub(super) fn prepare(db: &sled::Db) -> Result<Recovery, SpoolError> {
+        let boundary = last_key_id(db)?;
+        let (envelope_ranges, starts) = split(db, ENVELOPE)?;
+        let (due_ranges, _) = split(db, DUE)?;
+        let cursors = vec![None; envelope_ranges.len()];
+        let ranges = envelope_ranges
+            .into_iter()
+            .map(|r| (ENVELOPE, r))
+            .chain(due_ranges.into_iter().map(|r| (DUE, r)))
+            .collect();
+        Ok(Recovery {
+            boundary,
+            starts,
+            ranges,
+            state: Mutex::new(ScanState {
+                cursors,
+                removed: HashMap::new(),
+                messages: 0,
+                bytes: 0,
+                repairs: 0,
+                corrupt: 0,
+                finished: None,
+            }),
+            stop: AtomicBool::new(false),
+            done: tokio::sync::watch::Sender::new(false),
+        })
+    }
+
+    /// A recovery that has nothing to do (a clean close, a new spool).
+    pub(super) fn finished() -> Recovery {
+        Recovery {
+            boundary: None,
+            starts: Vec::new(),
+            ranges: Vec::new(),
+            state: Mutex::new(ScanState {
+                cursors: Vec::new(),
+                removed: HashMap::new(),
+                messages: 0,
+                bytes: 0,
+                repairs: 0,
+                corrupt: 0,
+                finished: Some(Ok(())),
+            }),
+            stop: AtomicBool::new(false),
+            done: tokio::sync::watch::Sender::new(true),
+        }
+    }
+
+    pub(super) fn boundary(&self) -> Option<MessageId> {
+        self.boundary
+    }
+
+    fn state(&self) -> MutexGuard<'_, ScanState> {
+        // Whole-field updates only: a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Called by `Spool::remove` (under its inflight lock) before it queues the
+    /// remove of `id`, whose envelope holds `size` bytes.
+    pub(super) fn note_remove(&self, id: MessageId, size: u64) {
+        if self.boundary.is_none_or(|b| id > b) {
+            return;
+        }
+        let mut state = self.state();
+        if state.finished.is_some() {
+            return;
+        }
+        let raw = u64::from_be_bytes(id.to_be_bytes());
+        let range = self
+            .starts
+            .partition_point(|&start| start <= raw)
+            .saturating_sub(1);
+        let passed = state
+            .cursors
+            .get(range)
+            .copied()
+            .flatten()
+            .is_some_and(|c| c >= raw);
+        if !passed {
+            state.removed.entry(id).or_insert((size, false));
+        }
+    }
+
+    /// Whether the scan is over (successfully or not).
+    pub(super) fn is_over(&self) -> bool {
+        *self.done.borrow()
+    }
+
+    pub(super) fn request_stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Returns once the scan is over.
+    pub(super) async fn wait(&self) {
+        let mut done = self.done.subscribe();
+        // Err only if the sender is gone, which it is not while `self` lives.
+        let _ = done.wait_for(|d| *d).await;
+    }
+
+    /// Messages and bytes counted so far (for approximate stats while it runs).
+    pub(super) fn counted(&self) -> (u64, u64) {
+        let state = self.state();
+        (state.messages, state.bytes)
+    }
+
+    pub(super) fn status(&self) -> RecoveryStatus {
+        let state = self.state();
+        match &state.finished {
+            None => RecoveryStatus::Running {
+                scanned: state.messages,
+            },
+            Some(Ok(())) => RecoveryStatus::Done {
+                repairs: state.repairs,
+                corrupt: state.corrupt,
+            },
+            Some(Err(e)) => RecoveryStatus::Failed(e.clone()),
+        }
+    }
+
+    /// Runs the scan: `RECOVERY_THREADS` threads over every range. `repair`
+    /// re-checks and fixes a suspect index entry, returning whether it changed
+    /// anything. `strict`: stop at the first unreadable envelope and return its
+    /// error (an open that waits for recovery fails with it); otherwise log it,
+    /// count it and go on. On success returns the messages and bytes present
+    /// at open; the caller adds them to the tally and then calls `finish`.
+    pub(super) fn run(
+        &self,
+        db: &sled::Db,
+        strict: bool,
+        repair: &(dyn Fn(Suspect) -> Result<bool, SpoolError> + Sync),
+    ) -> Result<(u64, u64), SpoolError> {
+        let next = AtomicUsize::new(0);
+        let first_error: Mutex<Option<(usize, SpoolError)>> = Mutex::new(None);
+        let jobs = &self.ranges;
+        std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..RECOVERY_THREADS.min(jobs.len()))
+                .map(|_| {
+                    scope.spawn(|| loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some((prefix, range)) = jobs.get(i) else {
+                            break;
+                        };
+                        let result = match *prefix {
+                            ENVELOPE => self.scan_envelopes(db, i, range.clone(), strict, repair),
+                            _ => self.scan_dues(db, range.clone(), repair),
+                        };
+                        if let Err(e) = result {
+                            let mut first =
+                                first_error.lock().unwrap_or_else(PoisonError::into_inner);
+                            if first.as_ref().is_none_or(|(j, _)| i < *j) {
+                                *first = Some((i, e));
+                            }
+                            // The caller reports the first error; no need to go on.
+                            next.store(jobs.len(), Ordering::Relaxed);
+                        }
+                    })
+                })
+                .collect();
+            // Joined here rather than by the scope: that also waits for the
+            // threads' thread-local destructors, and sled's epoch garbage they may
+            // run can hold the last handle on its files (and so the lock that a
+            // reopen needs).
+            for thread in threads {
+                if let Err(panic) = thread.join() {
+                    std::panic::resume_unwind(panic);
+                }
+            }
+        });
+        if let Some((_, e)) = first_error
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            return Err(e);
+        }
+        if self.stop.load(Ordering::Relaxed) {
+            return Err(SpoolError::Sled(
+                "recovery stopped: the spool is closing".into(),
+            ));
+        }
+        let mut state = self.state();
+        let (mut messages, mut bytes) = (state.messages, state.bytes);
+        for &(size, seen) in state.removed.values() {
+            if !seen {
+                messages += 1;
+                bytes += size;
             }
         }
-        if !indexed {
-            missing.push((id, due));
+        #[cfg(test)]
+        UNSEEN_REMOVES.fetch_add(
+            state.removed.values().filter(|(_, seen)| !seen).count(),
+            Ordering::Relaxed,
+        );
+        state.removed = HashMap::new();
+        Ok((messages, bytes))
+    }
+
+    /// Marks the scan over; from now on removes are not noted.
+    pub(super) fn finish(&self, result: Result<(), String>) {
+        self.state().finished = Some(result);
+        self.done.send_replace(true);
+    }
+
+    fn scan_envelopes(
+        &self,
+        db: &sled::Db,
+        range_index: usize,
+        range: KeyRange,
+        strict: bool,
+        repair: &(dyn Fn(Suspect) -> Result<bool, SpoolError> + Sync),
+    ) -> Result<(), SpoolError> {
+        for item in db.range(range) {
+            if self.stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let (key, value) = item?;
+            touch(db, &key)?;
+            #[cfg(test)]
+            std::thread::sleep(std::time::Duration::from_micros(
+                SCAN_PAUSE_US.load(Ordering::Relaxed),
+            ));
+            let id = parse_id_key(&key)?;
+            if self.boundary.is_none_or(|b| id > b) {
+                // New mail, written consistently and counted by the tally; and
+                // every later key in this range is newer still.
+                break;
+            }
+            let entry = serde_json::from_slice::<RecoveryEntry>(&value)
+                .map_err(|e| corrupt(&key, format!("bad envelope JSON: {e}")))
+                .and_then(|env| match env.id == id {
+                    true => Ok(env),
+                    false => Err(corrupt(&key, format!("envelope carries id {}", env.id))),
+                });
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) if strict => return Err(e),
+                Err(e) => {
+                    tracing::error!(error = %e, "spool recovery: unreadable envelope, not counted");
+                    self.state().corrupt += 1;
+                    continue;
+                }
+            };
+            {
+                let mut state = self.state();
+                if let Some((_, seen)) = state.removed.get_mut(&id) {
+                    *seen = true;
+                }
+                state.cursors[range_index] = Some(u64::from_be_bytes(id.to_be_bytes()));
+                state.messages += 1;
+                state.bytes += entry.size;
+            }
+            if !db.contains_key(due_key(entry.next_due_ms, id))?
+                && repair(Suspect::MissingDue { id })?
+            {
+                self.state().repairs += 1;
+            }
         }
+        self.state().cursors[range_index] = Some(u64::MAX);
+        Ok(())
     }
-    for (id, due) in keys {
-        stale(id, due, &mut repair);
+
+    fn scan_dues(
+        &self,
+        db: &sled::Db,
+        range: KeyRange,
+        repair: &(dyn Fn(Suspect) -> Result<bool, SpoolError> + Sync),
+    ) -> Result<(), SpoolError> {
+        for item in db.range(range) {
+            if self.stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let (key, _) = item?;
+            let (due, id) = parse_due_key(&key)?;
+            let matches = match db.get(super::key(ENVELOPE, id))? {
+                Some(value) => serde_json::from_slice::<RecoveryEntry>(&value)
+                    .is_ok_and(|env| env.next_due_ms == due),
+                None => false,
+            };
+            if !matches && repair(Suspect::StaleDue { id, due })? {
+                self.state().repairs += 1;
+            }
+        }
+        Ok(())
     }
-    for (id, due) in missing {
-        tracing::warn!(%id, due, "spool recovery: re-creating missing due-index entry");
-        repair.insert(&due_key(due, id)[..], &[][..]);
-        repairs += 1;
-    }
-    drop((due_of, dues));
-    if repairs > 0 {
-        db.apply_batch(repair)?;
-        tracing::warn!(repairs, "spool recovery repaired the index");
-    }
-    Ok(rec)
 }
 
 /// The largest id among the bodies and envelopes present: one seek to the
@@ -159,8 +449,9 @@ fn last_id(db: &sled::Db, prefix: u8) -> Result<Option<MessageId>, SpoolError> {
 
 /// Splits the keys under `prefix` into up to `RECOVERY_RANGES` ranges of
 /// equal width in the 8 bytes after the prefix (the id of `E`, the due time
-/// of `D`), between the first and the last key present.
-fn split(db: &sled::Db, prefix: u8) -> Result<Vec<KeyRange>, SpoolError> {
+/// of `D`), between the first and the last key present; with the first
+/// 8-byte value of each range (0 for the first).
+fn split(db: &sled::Db, prefix: u8) -> Result<(Vec<KeyRange>, Vec<u64>), SpoolError> {
     let word = |key: &[u8]| -> Result<u64, SpoolError> {
         key.get(1..9)
             .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
@@ -170,7 +461,7 @@ fn split(db: &sled::Db, prefix: u8) -> Result<Vec<KeyRange>, SpoolError> {
         db.scan_prefix([prefix]).next().transpose()?,
         db.scan_prefix([prefix]).next_back().transpose()?,
     ) else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     };
     let (lo, hi) = (word(&first.0)?, word(&last.0)?);
     let bound = |x: u64| {
@@ -180,7 +471,7 @@ fn split(db: &sled::Db, prefix: u8) -> Result<Vec<KeyRange>, SpoolError> {
     };
     let n = RECOVERY_RANGES.min((hi - lo).saturating_add(1));
     let cut = |i: u64| lo + ((u128::from(hi - lo) * u128::from(i)) / u128::from(n)) as u64;
-    Ok((0..n)
+    let ranges = (0..n)
         .map(|i| {
             let start = match i {
                 0 => Bound::Included(vec![prefix]),
@@ -192,55 +483,9 @@ fn split(db: &sled::Db, prefix: u8) -> Result<Vec<KeyRange>, SpoolError> {
             };
             (start, end)
         })
-        .collect())
-}
-
-/// Scans every job's range on `RECOVERY_THREADS` threads; returns the parts
-/// in job order, or the error of the first failing job in that order.
-fn scan_parallel(db: &sled::Db, jobs: &[(u8, KeyRange)]) -> Result<Vec<Part>, SpoolError> {
-    let next = AtomicUsize::new(0);
-    let results: Vec<Mutex<Option<Result<Part, SpoolError>>>> =
-        jobs.iter().map(|_| Mutex::new(None)).collect();
-    std::thread::scope(|scope| {
-        let threads: Vec<_> = (0..RECOVERY_THREADS.min(jobs.len()))
-            .map(|_| {
-                scope.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((prefix, range)) = jobs.get(i) else {
-                        break;
-                    };
-                    let part = match *prefix {
-                        ENVELOPE => scan_envelopes(db, range.clone()),
-                        _ => scan_dues(db, range.clone()),
-                    };
-                    let failed = part.is_err();
-                    *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(part);
-                    if failed {
-                        // The caller reports the first error; no need to go on.
-                        next.store(jobs.len(), Ordering::Relaxed);
-                    }
-                })
-            })
-            .collect();
-        // Joined here rather than by the scope: that also waits for the
-        // threads' thread-local destructors, and sled's epoch garbage they may
-        // run can hold the last handle on its files (and so the lock that a
-        // reopen needs).
-        for thread in threads {
-            if let Err(panic) = thread.join() {
-                std::panic::resume_unwind(panic);
-            }
-        }
-    });
-    let mut parts = Vec::with_capacity(jobs.len());
-    for result in results {
-        match result.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            Some(part) => parts.push(part?),
-            // skipped after an earlier job failed; that error comes first
-            None => continue,
-        }
-    }
-    Ok(parts)
+        .collect();
+    let starts = (0..n).map(|i| if i == 0 { 0 } else { cut(i) }).collect();
+    Ok((ranges, starts))
 }
 
 /// Looks `key` up again right after a scan read it, to keep sled's memory
@@ -259,40 +504,6 @@ fn scan_parallel(db: &sled::Db, jobs: &[(u8, KeyRange)]) -> Result<Vec<Part>, Sp
 fn touch(db: &sled::Db, key: &[u8]) -> Result<(), SpoolError> {
     db.contains_key(key)?;
     Ok(())
-}
-
-fn scan_envelopes(db: &sled::Db, range: KeyRange) -> Result<Part, SpoolError> {
-    let (mut due_of, mut messages, mut bytes, mut max_id) = (Vec::new(), 0, 0, None);
-    for item in db.range(range) {
-        let (key, value) = item?;
-        touch(db, &key)?;
-        let id = parse_id_key(&key)?;
-        let env: RecoveryEntry = serde_json::from_slice(&value)
-            .map_err(|e| corrupt(&key, format!("bad envelope JSON: {e}")))?;
-        if env.id != id {
-            return Err(corrupt(&key, format!("envelope carries id {}", env.id)));
-        }
-        messages += 1;
-        bytes += env.size;
-        max_id = max_id.max(Some(id.max(env.queue_id)));
-        due_of.push((id, env.next_due_ms));
-    }
-    Ok(Part::Envelopes {
-        due_of,
-        messages,
-        bytes,
-        max_id,
-    })
-}
-
-fn scan_dues(db: &sled::Db, range: KeyRange) -> Result<Part, SpoolError> {
-    let mut dues = Vec::new();
-    for item in db.range(range) {
-        let (key, _) = item?;
-        let (due, id) = parse_due_key(&key)?;
-        dues.push((id, due));
-    }
-    Ok(Part::Dues(dues))
 }
 
 /// One step of the orphan sweep: ids of bodies and envelopes that did not
