@@ -7,6 +7,10 @@
 //! from writing the final `.` to reading the 250 (the durable-accept latency) and the whole
 //! transaction from connect. With `keep` a session reuses its connection (RSET-free: one
 //! MAIL transaction after another), otherwise it QUITs after each message like smtp-source.
+//!
+//! Recipients: `rcpt@sink.test` by default; with `RCPT_DOMAIN=single.bench.test` all go to
+//! `uN@single.bench.test`, and with `RCPT_DOMAINS=10000` each message goes to `uN@dK.bench.test`
+//! for a random K below that count (benches/many_domains.sh).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -84,6 +88,20 @@ async fn main() -> std::io::Result<()> {
     let sessions: usize = args.get(2).map_or(20, |s| s.parse().expect("sessions"));
     let size: usize = args.get(3).map_or(5120, |s| s.parse().expect("size"));
     let keep = args.get(4).is_some_and(|s| s == "keep");
+    let spread: Option<usize> = std::env::var("RCPT_DOMAINS")
+        .ok()
+        .map(|s| s.parse().expect("RCPT_DOMAINS: a number"));
+    let single = std::env::var("RCPT_DOMAIN").ok();
+    let recipient = Arc::new(move |n: usize| -> String {
+        match (spread, &single) {
+            (Some(domains), _) => {
+                let k = rand::Rng::gen_range(&mut rand::thread_rng(), 0..domains);
+                format!("RCPT TO:<u{n}@d{k}.bench.test>\r\n")
+            }
+            (None, Some(domain)) => format!("RCPT TO:<u{n}@{domain}>\r\n"),
+            (None, None) => "RCPT TO:<rcpt@sink.test>\r\n".to_owned(),
+        }
+    });
 
     let mut body = b"From: load@bench.test\r\nTo: rcpt@sink.test\r\nSubject: load\r\n\r\n".to_vec();
     while body.len() < size {
@@ -97,19 +115,23 @@ async fn main() -> std::io::Result<()> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..sessions {
-        let (body, next) = (body.clone(), next.clone());
+        let (body, next, recipient) = (body.clone(), next.clone(), recipient.clone());
         tasks.push(tokio::spawn(async move {
             let mut accept = Vec::new();
             let mut whole = Vec::new();
             let mut conn: Option<Conn> = None;
-            while next.fetch_add(1, Ordering::Relaxed) < total {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    break;
+                }
                 let t0 = Instant::now();
                 let mut c = match conn.take() {
                     Some(c) => c,
                     None => Conn::open(target).await?,
                 };
                 c.send(b"MAIL FROM:<load@bench.test>\r\n", 250).await?;
-                c.send(b"RCPT TO:<rcpt@sink.test>\r\n", 250).await?;
+                c.send(recipient(n).as_bytes(), 250).await?;
                 c.send(b"DATA\r\n", 354).await?;
                 let t_data = Instant::now();
                 c.send(&body, 250).await?;

@@ -157,6 +157,17 @@ impl DnsServer {
         queries.get(&key).copied().unwrap_or(0)
     }
 
+    /// Queries received so far, by record type (benches/many_domains.sh reports them).
+    pub fn queries_by_type(&self) -> Vec<(RecordType, usize)> {
+        let mut by_type: HashMap<RecordType, usize> = HashMap::new();
+        for ((_, record_type), n) in self.queries.lock().unwrap().iter() {
+            *by_type.entry(*record_type).or_default() += n;
+        }
+        let mut by_type: Vec<_> = by_type.into_iter().collect();
+        by_type.sort_by_key(|(t, _)| u16::from(*t));
+        by_type
+    }
+
     /// Queries received over TCP so far (any name and type).
     pub fn tcp_queries(&self) -> usize {
         self.tcp_queries.load(Ordering::Relaxed)

@@ -51,6 +51,12 @@ use crate::id::MessageId;
 /// Threads that scan during recovery. More than cores on purpose: on a cold
 /// cache they mostly wait for the disk.
 const RECOVERY_THREADS: usize = 8;
+/// Threads of a background scan: fewer, since the disk and the cores are
+/// shared with the mail taken meanwhile (the deadline I/O scheduler serves
+/// reads before writes, so many scan reads in flight delay a commit's fsync).
+const BACKGROUND_THREADS: usize = 4;
+/// The nice value of background scan threads: live mail first.
+const BACKGROUND_NICE: i32 = 10;
 /// Key ranges per prefix; many more than threads, so that a range dense in
 /// messages (ids and due times cluster) does not leave the others idle.
 const RECOVERY_RANGES: u64 = 64;
@@ -283,10 +289,18 @@ impl Recovery {
         let next = AtomicUsize::new(0);
         let first_error: Mutex<Option<(usize, SpoolError)>> = Mutex::new(None);
         let jobs = &self.ranges;
+        let threads = if strict {
+            RECOVERY_THREADS
+        } else {
+            BACKGROUND_THREADS
+        };
         std::thread::scope(|scope| {
-            let threads: Vec<_> = (0..RECOVERY_THREADS.min(jobs.len()))
+            let threads: Vec<_> = (0..threads.min(jobs.len()))
                 .map(|_| {
                     scope.spawn(|| loop {
+                        if !strict {
+                            yield_to_live_work();
+                        }
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some((prefix, range)) = jobs.get(i) else {
                             break;
@@ -431,6 +445,19 @@ impl Recovery {
             }
         }
         Ok(())
+    }
+}
+
+/// Lowers the calling thread's CPU and I/O priority (best effort, Linux): a
+/// background scan must not slow the mail taken beside it. Called on every
+/// job; cheap (two syscalls).
+fn yield_to_live_work() {
+    // SAFETY: plain syscalls on the calling thread's own id; failures are ignored.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, BACKGROUND_NICE);
+        // ioprio_set(IOPRIO_WHO_PROCESS, tid, best-effort class 2, lowest level 7).
+        libc::syscall(libc::SYS_ioprio_set, 1, tid, (2 << 13) | 7);
     }
 }
 
