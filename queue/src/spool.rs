@@ -820,14 +820,34 @@ impl Spool {
         // Not beside recovery's scan: both read the whole spool, one at a
         // time is faster and lighter.
         self.recovered().await;
-        self.sweep_orphans_in_chunks(SWEEP_CHUNK).await
+        self.sweep_orphans_in_chunks(SWEEP_CHUNK, || true).await
     }
 
-    async fn sweep_orphans_in_chunks(&self, chunk_len: usize) -> Result<OrphanSweep, SpoolError> {
+    /// `sweep_orphans` that asks `go_on` before each chunk and ends early when
+    /// it says no (a daemon stopping: the next start sweeps again). Unlike
+    /// dropping the future, this returns only once no chunk is running, so
+    /// no blocking thread still holds sled (the clean close after it needs
+    /// sled's lock). Does not wait for recovery: the caller does.
+    pub async fn sweep_orphans_while(
+        &self,
+        go_on: impl Fn() -> bool,
+    ) -> Result<OrphanSweep, SpoolError> {
+        self.sweep_orphans_in_chunks(SWEEP_CHUNK, go_on).await
+    }
+
+    async fn sweep_orphans_in_chunks(
+        &self,
+        chunk_len: usize,
+        go_on: impl Fn() -> bool,
+    ) -> Result<OrphanSweep, SpoolError> {
         let started = Instant::now();
         let mut report = OrphanSweep::default();
         let mut after = None;
         loop {
+            if !go_on() {
+                tracing::info!(bodies = report.bodies, "spool orphan sweep stopped");
+                return Ok(report);
+            }
             let db = self.inner.db.clone();
             let chunk =
                 tokio::task::spawn_blocking(move || recovery::sweep_chunk(&db, after, chunk_len))

@@ -153,11 +153,18 @@ impl Daemon {
         // at shutdown (the next start sweeps again).
         let (sweeping, stop_sweep) = (spool.clone(), bg.stop.clone());
         bg.tasks.spawn(async move {
+            // After crash recovery's scan (both read the whole spool). Stopped between chunks,
+            // never dropped mid-chunk: a chunk left running on a blocking thread would hold
+            // sled past shutdown, and the clean close's checkpoint needs sled's lock.
             tokio::select! {
-                result = sweeping.sweep_orphans() => if let Err(err) = result {
-                    warn!(error = %err, "spool orphan sweep failed");
-                },
-                _ = stop_sweep.cancelled() => {}
+                _ = sweeping.recovered() => {}
+                _ = stop_sweep.cancelled() => return,
+            }
+            if let Err(err) = sweeping
+                .sweep_orphans_while(|| !stop_sweep.is_cancelled())
+                .await
+            {
+                warn!(error = %err, "spool orphan sweep failed");
             }
         });
         let metrics =

@@ -784,7 +784,7 @@ async fn sweep_works_across_chunks_and_reports_envelopes_without_body() {
     spool.raw_insert(&key(BODY, last), b"orphan");
     orphans.push(last);
 
-    let report = spool.sweep_orphans_in_chunks(2).await.unwrap();
+    let report = spool.sweep_orphans_in_chunks(2, || true).await.unwrap();
     assert_eq!(
         report,
         OrphanSweep {
@@ -804,7 +804,7 @@ async fn sweep_works_across_chunks_and_reports_envelopes_without_body() {
     drop(spool);
     let spool = Spool::open(dir.path()).unwrap();
     assert_eq!(
-        spool.sweep_orphans_in_chunks(2).await.unwrap(),
+        spool.sweep_orphans_in_chunks(2, || true).await.unwrap(),
         OrphanSweep {
             bodies: 5,
             removed: 0,
@@ -842,7 +842,11 @@ async fn sweep_never_removes_bodies_of_concurrent_commits() {
     let mut removed = 0;
     let mut rounds = 0;
     while !writers.iter().all(|w| w.is_finished()) || rounds == 0 {
-        removed += spool.sweep_orphans_in_chunks(3).await.unwrap().removed;
+        removed += spool
+            .sweep_orphans_in_chunks(3, || true)
+            .await
+            .unwrap()
+            .removed;
         rounds += 1;
     }
     assert_eq!(removed, 0);
@@ -1243,4 +1247,33 @@ async fn background_recovery_reports_an_unreadable_envelope_and_goes_on() {
             bytes: 40
         }
     );
+}
+
+/// A sweep asked to stop ends between chunks, having looked at only what it got to; a later
+/// sweep finishes the job.
+#[tokio::test]
+async fn a_stopped_sweep_ends_between_chunks_and_the_next_one_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    let mut orphans = Vec::new();
+    for _ in 0..6 {
+        commit_one(&spool, 1_000, 10).await;
+        let id = spool.next_id();
+        spool.raw_insert(&key(BODY, id), b"orphan");
+        orphans.push(id);
+    }
+    let chunks = std::sync::atomic::AtomicUsize::new(0);
+    let partial = spool
+        .sweep_orphans_in_chunks(2, || {
+            chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 2
+        })
+        .await
+        .unwrap();
+    assert_eq!(partial.bodies, 4, "two chunks of two bodies");
+    assert!(spool.body(orphans[5]).unwrap().is_some(), "not reached yet");
+    let rest = spool.sweep_orphans_while(|| true).await.unwrap();
+    assert_eq!(partial.removed + rest.removed, 6);
+    for id in orphans {
+        assert!(spool.body(id).unwrap().is_none(), "{id}");
+    }
 }
