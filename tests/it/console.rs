@@ -63,10 +63,10 @@ fn refusing_sink() -> SinkBehaviour {
 
 /// A daemon with three messages deferred to sink.test, one bounced recipient, a suppressed
 /// address and a hostile one; returns once the API shows the deferrals and the bounce.
-async fn queued_relay() -> Relay {
+async fn queued_relay(extra: &str) -> Relay {
     // Deferred mail waits an hour: only a flush makes it due sooner.
     let r = relay(refusing_sink(), |o| {
-        options(o).delivery("retry_initial", "\"1h\"")
+        options(o).delivery("retry_initial", "\"1h\"").extra(extra)
     })
     .await;
     for i in 0..3 {
@@ -332,7 +332,7 @@ async fn login_is_required_and_a_wrong_token_gets_nothing() {
 
 #[tokio::test]
 async fn read_only_sees_every_page_but_may_not_act_and_csrf_is_required() {
-    let r = queued_relay().await;
+    let r = queued_relay("").await;
     let addr = r.server.admin();
     let viewer = login(addr, READ).await;
     for path in [
@@ -379,7 +379,7 @@ async fn read_only_sees_every_page_but_may_not_act_and_csrf_is_required() {
 
 #[tokio::test]
 async fn actions_ask_for_confirmation_then_do_what_the_api_does() {
-    let r = queued_relay().await;
+    let r = queued_relay("").await;
     let addr = r.server.admin();
     let token = r.server.admin_token();
     let s = login(addr, OPS).await;
@@ -573,7 +573,40 @@ async fn every_page_in_chromium_matches_the_api_without_errors() {
     use std::sync::{Arc, Mutex};
 
     let path = chromium();
-    let r = queued_relay().await;
+    // sink.test is a provider's with a rate (cut by the 451s, which read as throttling) and
+    // a warm-up cap (its source address started warming up today); one campaign, two variants.
+    let today = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC).date();
+    let r = queued_relay(&format!(
+        r#"
+[[shaping.providers]]
+name = "testprov"
+domains = ["sink.test"]
+rate = "120/min"
+max_connections = 2
+
+[shaping.warmup]
+curve = [50, 100]
+
+[[pools]]
+name = "main"
+[[pools.addresses]]
+address = "127.0.0.1"
+warmup_start = "{today}"
+
+[[sidecar.campaigns]]
+name = "spring"
+subject = "Spring"
+text = "Hello"
+
+[[sidecar.campaigns.variants]]
+id = "a"
+
+[[sidecar.campaigns.variants]]
+id = "b"
+subject = "Spring B"
+"#
+    ))
+    .await;
     let addr = r.server.admin();
     let token = r.server.admin_token();
     let login_token = token.clone();
@@ -722,10 +755,14 @@ async fn every_page_in_chromium_matches_the_api_without_errors() {
             assert_eq!(lines, json!(4), "{name}");
         }
 
-        // Shaping.
+        // Shaping: sink.test's pair has its rate cut and its warm-up day, and says so.
         visit("/console/shaping", "shaping");
         let pairs = api("/api/v1/shaping");
         let pairs = pairs["pairs"].as_array().unwrap();
+        let testprov = pairs.iter().find(|p| p["bucket"] == "testprov").expect("testprov pair");
+        let why = testprov["why"].to_string();
+        assert!(why.contains("Warm-up day 0") || why.contains("Warm-up day 1"), "{why}");
+        assert!(why.contains("Rate cut by adaptive shaping"), "{why}");
         assert_eq!(
             eval("document.querySelectorAll('#pairs tr[data-bucket]').length"),
             json!(pairs.len())
@@ -764,10 +801,26 @@ async fn every_page_in_chromium_matches_the_api_without_errors() {
         );
         assert!(text("#events tr.event td.recipient") == "perm@sink.test");
 
-        // Campaigns (none configured here: the page says so).
+        // Campaigns: each variant's figures as the API has them.
         visit("/console/campaigns", "campaigns");
-        assert_eq!(api("/api/v1/campaigns")["campaigns"], json!([]));
-        assert!(text("#no-campaigns").starts_with("No campaign"));
+        let campaigns = api("/api/v1/campaigns");
+        assert_eq!(campaigns["campaigns"][0]["name"], "spring", "{campaigns}");
+        let variants = campaigns["campaigns"][0]["variants"].as_array().unwrap();
+        assert_eq!(variants.len(), 2, "{campaigns}");
+        for v in variants {
+            let id = v["id"].as_str().unwrap();
+            let cell = |class: &str| -> f64 {
+                text(&format!("section[data-campaign='spring'] tr[data-variant='{id}'] td.{class}"))
+                    .parse()
+                    .unwrap()
+            };
+            assert_eq!(cell("sends"), v["sends"].as_f64().unwrap());
+            assert_eq!(cell("rewards"), v["rewards"].as_f64().unwrap());
+        }
+        assert_eq!(
+            eval("document.querySelectorAll(\"section[data-campaign='spring'] svg rect.bar\").length"),
+            json!(2)
+        );
 
         // An action through the browser: hold sink.test, confirm, done.
         visit("/console/queue", "queue-before-hold");
