@@ -29,11 +29,11 @@ use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use serde::Serialize;
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use serde::Serialize;
 use tern_queue::{Round, Spool};
 
 /// Destination label for everything that is not a static route.
@@ -271,8 +271,10 @@ struct RateWindow {
 impl RateWindow {
     fn add(&mut self, label: &str, minute: u64, outcome: Outcome) {
         if !self.by_label.contains_key(label) {
-            self.by_label
-                .insert(label.to_owned(), [RateMinute::default(); RATE_MINUTES as usize]);
+            self.by_label.insert(
+                label.to_owned(),
+                [RateMinute::default(); RATE_MINUTES as usize],
+            );
         }
         let slots = self.by_label.get_mut(label).expect("inserted above");
         let slot = &mut slots[(minute % RATE_MINUTES) as usize];

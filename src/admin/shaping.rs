@@ -97,7 +97,10 @@ pub fn why_slow(view: &PairView) -> Vec<String> {
             )),
         }
     }
-    match (view.current_rate_per_minute, view.configured_rate_per_minute) {
+    match (
+        view.current_rate_per_minute,
+        view.configured_rate_per_minute,
+    ) {
         (Some(current), Some(configured)) if current < configured * 0.999 => why.push(format!(
             "Rate cut by adaptive shaping to {} (configured {}){after}.",
             per_minute(current),
@@ -177,7 +180,10 @@ mod tests {
         assert!(why[0].starts_with("Blocked"), "{why:?}");
         assert!(why[0].contains("421 4.7.0 blocked"), "{why:?}");
         assert!(why[0].contains("2026-12-07T15:00:00Z"), "{why:?}");
-        assert!(why[1].contains("150/min") && why[1].contains("600/min"), "{why:?}");
+        assert!(
+            why[1].contains("150/min") && why[1].contains("600/min"),
+            "{why:?}"
+        );
         assert!(why[2].starts_with("3 throttling"), "{why:?}");
     }
 
@@ -195,7 +201,10 @@ mod tests {
             ..view()
         };
         let why = why_slow(&v);
-        assert!(why[0].contains("day 3") && why[0].contains("used up"), "{why:?}");
+        assert!(
+            why[0].contains("day 3") && why[0].contains("used up"),
+            "{why:?}"
+        );
         assert_eq!(why[1], "Rate limited to 60/min by configuration.");
         assert!(why[2].starts_with("All 2 connections"), "{why:?}");
     }

@@ -149,9 +149,10 @@ impl Events {
             .recent
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for e in events.iter().filter(|e| {
-            matches!(e.event, Kind::Bounced | Kind::Expired | Kind::Complaint)
-        }) {
+        for e in events
+            .iter()
+            .filter(|e| matches!(e.event, Kind::Bounced | Kind::Expired | Kind::Complaint))
+        {
             if recent.len() == RECENT_FAILURES {
                 recent.pop_front();
             }

@@ -22,7 +22,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 fn now_ms() -> u64 {
     // The spool's clock (Unix ms), for comparing with envelopes' due times.
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 use tern::admin::auth::Token;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -85,7 +88,10 @@ async fn queued_relay(extra: &str) -> Relay {
         &message("console bounce"),
     )
     .await;
-    for (address, reason) in [("blocked@example.test", "manual"), (HOSTILE_ADDRESS, "manual")] {
+    for (address, reason) in [
+        ("blocked@example.test", "manual"),
+        (HOSTILE_ADDRESS, "manual"),
+    ] {
         let (status, body) = r
             .server
             .api(
@@ -207,7 +213,14 @@ async fn call(
     let response = String::from_utf8(response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
     let mut lines = head.lines();
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
@@ -255,9 +268,25 @@ async fn act(
 ) -> (Answer, Answer) {
     let mut form = vec![("csrf", csrf)];
     form.extend_from_slice(fields);
-    let ask = call(addr, "POST", "/console/action", Some(session), &[], Some(&form)).await;
+    let ask = call(
+        addr,
+        "POST",
+        "/console/action",
+        Some(session),
+        &[],
+        Some(&form),
+    )
+    .await;
     form.push(("confirm", "yes"));
-    let done = call(addr, "POST", "/console/action", Some(session), &[], Some(&form)).await;
+    let done = call(
+        addr,
+        "POST",
+        "/console/action",
+        Some(session),
+        &[],
+        Some(&form),
+    )
+    .await;
     (ask, done)
 }
 
@@ -284,16 +313,35 @@ async fn login_is_required_and_a_wrong_token_gets_nothing() {
         let a = call(addr, "GET", path, Some("0123abcd"), &[], None).await;
         assert_eq!(a.status, 303, "{path}");
     }
-    let a = call(addr, "POST", "/console/action", None, &[], Some(&[("action", "hold")])).await;
+    let a = call(
+        addr,
+        "POST",
+        "/console/action",
+        None,
+        &[],
+        Some(&[("action", "hold")]),
+    )
+    .await;
     assert_eq!(a.status, 303);
     let form = call(addr, "GET", "/console/login", None, &[], None).await;
     assert_eq!(form.status, 200);
     assert!(form.body.contains("name=\"token\""), "{}", form.body);
     let csp = form.header("content-security-policy").unwrap();
-    assert!(csp.contains("default-src 'none'") && !csp.contains("script-src"), "{csp}");
+    assert!(
+        csp.contains("default-src 'none'") && !csp.contains("script-src"),
+        "{csp}"
+    );
 
     for wrong in ["", "not-a-token", &format!("{READ}x"), &READ[1..]] {
-        let a = call(addr, "POST", "/console/login", None, &[], Some(&[("token", wrong)])).await;
+        let a = call(
+            addr,
+            "POST",
+            "/console/login",
+            None,
+            &[],
+            Some(&[("token", wrong)]),
+        )
+        .await;
         assert_eq!(a.status, 401, "{wrong:?}");
         assert!(a.session().is_none(), "{wrong:?}");
         assert!(a.body.contains("not valid"), "{}", a.body);
@@ -309,11 +357,19 @@ async fn login_is_required_and_a_wrong_token_gets_nothing() {
     )
     .await;
     let cookie = a.header("set-cookie").unwrap().to_owned();
-    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/console", "Max-Age=43200"] {
+    for attribute in [
+        "HttpOnly",
+        "SameSite=Strict",
+        "Path=/console",
+        "Max-Age=43200",
+    ] {
         assert!(cookie.contains(attribute), "{cookie}");
     }
     assert!(!cookie.contains("Secure"), "plain HTTP: {cookie}");
-    assert!(!cookie.contains(&r.server.admin_token()), "the token is not in the cookie");
+    assert!(
+        !cookie.contains(&r.server.admin_token()),
+        "the token is not in the cookie"
+    );
     let s = a.session().unwrap();
     let overview = page(addr, &s, "/console/").await;
     assert!(overview.body.contains("token_file"), "{}", overview.body);
@@ -345,30 +401,53 @@ async fn read_only_sees_every_page_but_may_not_act_and_csrf_is_required() {
         "/console/campaigns",
     ] {
         let a = page(addr, &viewer, path).await;
-        assert!(a.body.contains("viewer"), "{path}: the token's name is shown");
+        assert!(
+            a.body.contains("viewer"),
+            "{path}: the token's name is shown"
+        );
     }
     let csrf = page(addr, &viewer, "/console/queue").await.csrf();
     for action in ["hold", "suspend", "flush", "release", "resume"] {
-        let (ask, done) = act(addr, &viewer, &csrf, &[("action", action), ("destination", "sink.test")]).await;
+        let (ask, done) = act(
+            addr,
+            &viewer,
+            &csrf,
+            &[("action", action), ("destination", "sink.test")],
+        )
+        .await;
         assert_eq!(ask.status, 403, "{action}: {}", ask.body);
         assert!(ask.body.contains("queue"), "names the scope: {}", ask.body);
         assert_eq!(done.status, 403, "{action}");
     }
-    let (ask, _) = act(addr, &viewer, &csrf, &[("action", "suppress"), ("address", "x@y.test")]).await;
+    let (ask, _) = act(
+        addr,
+        &viewer,
+        &csrf,
+        &[("action", "suppress"), ("address", "x@y.test")],
+    )
+    .await;
     assert_eq!(ask.status, 403);
     let summary = api(addr, &r.server.admin_token(), "/api/v1/queue/summary").await;
     assert_eq!(summary["totals"]["held"], 0, "nothing was held: {summary}");
-    assert!(api(addr, &r.server.admin_token(), "/api/v1/queue/suspensions").await["suspensions"]
-        .as_array()
-        .unwrap()
-        .is_empty());
+    assert!(
+        api(addr, &r.server.admin_token(), "/api/v1/queue/suspensions").await["suspensions"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 
     // The ops token may act, but not without its session's CSRF token, nor with another's.
     let ops = login(addr, OPS).await;
     let ops_csrf = page(addr, &ops, "/console/queue").await.csrf();
     assert_ne!(ops_csrf, csrf);
     for bad in ["", "0000", csrf.as_str()] {
-        let (ask, done) = act(addr, &ops, bad, &[("action", "hold"), ("destination", "sink.test")]).await;
+        let (ask, done) = act(
+            addr,
+            &ops,
+            bad,
+            &[("action", "hold"), ("destination", "sink.test")],
+        )
+        .await;
         assert_eq!(ask.status, 403, "csrf {bad:?}");
         assert!(ask.body.contains("CSRF"), "{}", ask.body);
         assert_eq!(done.status, 403);
@@ -391,24 +470,56 @@ async fn actions_ask_for_confirmation_then_do_what_the_api_does() {
     // Flush: the deferred messages (due in an hour) are tried again at once.
     let waiting = r.server.envelopes();
     assert!(
-        waiting.iter().all(|e| e.attempts == 1 && e.next_due_ms > now_ms() + 1_800_000),
+        waiting
+            .iter()
+            .all(|e| e.attempts == 1 && e.next_due_ms > now_ms() + 1_800_000),
         "{waiting:?}"
     );
-    let (ask, done) = act(addr, &s, &csrf, &[("action", "flush"), ("destination", "sink.test")]).await;
-    assert!(ask.body.contains("retry every queued message now?"), "{}", ask.body);
-    assert!(done.body.contains("Retrying now 3 of 3 messages of sink.test."), "{}", done.body);
+    let (ask, done) = act(
+        addr,
+        &s,
+        &csrf,
+        &[("action", "flush"), ("destination", "sink.test")],
+    )
+    .await;
+    assert!(
+        ask.body.contains("retry every queued message now?"),
+        "{}",
+        ask.body
+    );
+    assert!(
+        done.body
+            .contains("Retrying now 3 of 3 messages of sink.test."),
+        "{}",
+        done.body
+    );
     wait_for("the flushed messages' second attempt", T, || {
         r.server.envelopes().iter().all(|e| e.attempts == 2)
     })
     .await;
 
     // Hold: the first post only asks.
-    let (ask, done) = act(addr, &s, &csrf, &[("action", "hold"), ("destination", "sink.test")]).await;
+    let (ask, done) = act(
+        addr,
+        &s,
+        &csrf,
+        &[("action", "hold"), ("destination", "sink.test")],
+    )
+    .await;
     assert_eq!(ask.status, 200);
-    assert!(ask.body.contains("Hold every queued message of destination sink.test?"), "{}", ask.body);
+    assert!(
+        ask.body
+            .contains("Hold every queued message of destination sink.test?"),
+        "{}",
+        ask.body
+    );
     assert!(ask.body.contains("name=\"confirm\" value=\"yes\""));
     assert_eq!(done.status, 200, "{}", done.body);
-    assert!(done.body.contains("Held 3 of 3 messages of sink.test."), "{}", done.body);
+    assert!(
+        done.body.contains("Held 3 of 3 messages of sink.test."),
+        "{}",
+        done.body
+    );
     assert_eq!(summary().await["totals"]["held"], 3);
 
     // Release all (no destination).
@@ -422,49 +533,126 @@ async fn actions_ask_for_confirmation_then_do_what_the_api_does() {
         addr,
         &s,
         &csrf,
-        &[("action", "suspend"), ("destination", "sink.test"), ("reason", HOSTILE_REASON)],
+        &[
+            ("action", "suspend"),
+            ("destination", "sink.test"),
+            ("reason", HOSTILE_REASON),
+        ],
     )
     .await;
-    assert!(ask.body.contains("Suspend delivery to destination sink.test?"), "{}", ask.body);
+    assert!(
+        ask.body
+            .contains("Suspend delivery to destination sink.test?"),
+        "{}",
+        ask.body
+    );
     assert!(done.body.contains("suspended"), "{}", done.body);
     let suspensions = api(addr, &token, "/api/v1/queue/suspensions").await;
     assert_eq!(suspensions["suspensions"][0]["destination"], "sink.test");
     assert_eq!(suspensions["suspensions"][0]["reason"], HOSTILE_REASON);
     let queue = page(addr, &s, "/console/queue").await;
-    assert!(!queue.body.contains("<img src=x"), "unescaped reason:\n{}", queue.body);
-    assert!(queue.body.contains("&lt;img src=x onerror="), "{}", queue.body);
-    let (_, done) = act(addr, &s, &csrf, &[("action", "resume"), ("destination", "sink.test")]).await;
-    assert!(done.body.contains("Delivery to sink.test is resumed."), "{}", done.body);
-    assert!(api(addr, &token, "/api/v1/queue/suspensions").await["suspensions"]
-        .as_array()
-        .unwrap()
-        .is_empty());
+    assert!(
+        !queue.body.contains("<img src=x"),
+        "unescaped reason:\n{}",
+        queue.body
+    );
+    assert!(
+        queue.body.contains("&lt;img src=x onerror="),
+        "{}",
+        queue.body
+    );
+    let (_, done) = act(
+        addr,
+        &s,
+        &csrf,
+        &[("action", "resume"), ("destination", "sink.test")],
+    )
+    .await;
+    assert!(
+        done.body.contains("Delivery to sink.test is resumed."),
+        "{}",
+        done.body
+    );
+    assert!(
+        api(addr, &token, "/api/v1/queue/suspensions").await["suspensions"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
     // Suspend all, resume all.
     let (_, done) = act(addr, &s, &csrf, &[("action", "suspend")]).await;
-    assert!(done.body.contains("every destination is suspended"), "{}", done.body);
+    assert!(
+        done.body.contains("every destination is suspended"),
+        "{}",
+        done.body
+    );
     assert!(!api(addr, &token, "/api/v1/queue/summary").await["suspended_all"].is_null());
     let (_, done) = act(addr, &s, &csrf, &[("action", "resume")]).await;
     assert!(done.body.contains("resumed"), "{}", done.body);
     assert!(api(addr, &token, "/api/v1/queue/summary").await["suspended_all"].is_null());
 
     // Suppressions: add, find, remove; the hostile entry is shown as text.
-    let (ask, done) = act(addr, &s, &csrf, &[("action", "suppress"), ("address", "New@Example.test"), ("reason", "manual")]).await;
-    assert!(ask.body.contains("Suppress New@Example.test?"), "{}", ask.body);
-    assert!(done.body.contains("new@example.test is suppressed"), "{}", done.body);
-    let (status, _) = r.server.api("GET", "/api/v1/suppressions/new@example.test", None).await;
+    let (ask, done) = act(
+        addr,
+        &s,
+        &csrf,
+        &[
+            ("action", "suppress"),
+            ("address", "New@Example.test"),
+            ("reason", "manual"),
+        ],
+    )
+    .await;
+    assert!(
+        ask.body.contains("Suppress New@Example.test?"),
+        "{}",
+        ask.body
+    );
+    assert!(
+        done.body.contains("new@example.test is suppressed"),
+        "{}",
+        done.body
+    );
+    let (status, _) = r
+        .server
+        .api("GET", "/api/v1/suppressions/new@example.test", None)
+        .await;
     assert_eq!(status, 200);
     let found = page(addr, &s, "/console/suppressions?contains=example.test").await;
     assert!(found.body.contains("new@example.test") && found.body.contains("blocked@example.test"));
     assert!(!found.body.contains("evil.test"), "the search filters");
     let all = page(addr, &s, "/console/suppressions").await;
-    assert!(!all.body.contains("<script>document"), "unescaped:\n{}", all.body);
-    assert!(all.body.contains("&lt;script&gt;document.title="), "{}", all.body);
-    let (_, done) = act(addr, &s, &csrf, &[("action", "unsuppress"), ("address", "new@example.test")]).await;
+    assert!(
+        !all.body.contains("<script>document"),
+        "unescaped:\n{}",
+        all.body
+    );
+    assert!(
+        all.body.contains("&lt;script&gt;document.title="),
+        "{}",
+        all.body
+    );
+    let (_, done) = act(
+        addr,
+        &s,
+        &csrf,
+        &[("action", "unsuppress"), ("address", "new@example.test")],
+    )
+    .await;
     assert!(done.body.contains("no longer suppressed"), "{}", done.body);
-    let (status, _) = r.server.api("GET", "/api/v1/suppressions/new@example.test", None).await;
+    let (status, _) = r
+        .server
+        .api("GET", "/api/v1/suppressions/new@example.test", None)
+        .await;
     assert_eq!(status, 404);
     // A refused API call shows the API's reason.
-    let (_, done) = act(addr, &s, &csrf, &[("action", "suppress"), ("address", "not-an-address")]).await;
+    let (_, done) = act(
+        addr,
+        &s,
+        &csrf,
+        &[("action", "suppress"), ("address", "not-an-address")],
+    )
+    .await;
     assert_eq!(done.status, 400);
     assert!(done.body.contains("is not an address"), "{}", done.body);
 }
@@ -473,7 +661,9 @@ async fn actions_ask_for_confirmation_then_do_what_the_api_does() {
 async fn suppression_pages_follow_the_api_cursor() {
     let r = relay(SinkBehaviour::default(), options).await;
     let addr = r.server.admin();
-    let csv: String = (0..7).map(|i| format!("page{i}@list.test,manual\n")).collect();
+    let csv: String = (0..7)
+        .map(|i| format!("page{i}@list.test,manual\n"))
+        .collect();
     let (status, body) = http(
         addr,
         "POST",
@@ -502,7 +692,11 @@ async fn suppression_pages_follow_the_api_cursor() {
             None => break,
         }
     }
-    assert_eq!(seen, (0..7).collect::<Vec<_>>(), "every entry once, in order");
+    assert_eq!(
+        seen,
+        (0..7).collect::<Vec<_>>(),
+        "every entry once, in order"
+    );
 }
 
 #[tokio::test]
@@ -512,10 +706,26 @@ async fn logout_and_a_removed_token_end_the_session() {
     let s = login(addr, OPS).await;
     let csrf = page(addr, &s, "/console/").await.csrf();
     // Logout needs the CSRF token too (a cross-site form cannot log the operator out).
-    let a = call(addr, "POST", "/console/logout", Some(&s), &[], Some(&[("csrf", "x")])).await;
+    let a = call(
+        addr,
+        "POST",
+        "/console/logout",
+        Some(&s),
+        &[],
+        Some(&[("csrf", "x")]),
+    )
+    .await;
     assert_eq!(a.status, 403);
     page(addr, &s, "/console/").await;
-    let a = call(addr, "POST", "/console/logout", Some(&s), &[], Some(&[("csrf", &csrf)])).await;
+    let a = call(
+        addr,
+        "POST",
+        "/console/logout",
+        Some(&s),
+        &[],
+        Some(&[("csrf", &csrf)]),
+    )
+    .await;
     assert_eq!(a.status, 303);
     assert!(a.header("set-cookie").unwrap().contains("Max-Age=0"));
     let a = call(addr, "GET", "/console/", Some(&s), &[], None).await;
@@ -575,7 +785,9 @@ async fn every_page_in_chromium_matches_the_api_without_errors() {
     let path = chromium();
     // sink.test is a provider's with a rate (cut by the 451s, which read as throttling) and
     // a warm-up cap (its source address started warming up today); one campaign, two variants.
-    let today = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC).date();
+    let today = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .date();
     let r = queued_relay(&format!(
         r#"
 [[shaping.providers]]
@@ -667,7 +879,8 @@ subject = "Spring B"
         };
         let number = |selector: &str| -> u64 {
             let t = text(selector);
-            t.parse().unwrap_or_else(|_| panic!("{selector}: {t:?} is not a number"))
+            t.parse()
+                .unwrap_or_else(|_| panic!("{selector}: {t:?} is not a number"))
         };
         // By JSON text: arrays come back from the DevTools protocol as references otherwise.
         let eval = |js: &str| -> Value {
@@ -689,14 +902,25 @@ subject = "Spring B"
                 .unwrap();
             assert!(png.starts_with(b"\x89PNG"), "{shot}");
             std::fs::write(shots.join(format!("{shot}.png")), png).unwrap();
-            assert_eq!(eval("document.querySelectorAll('script').length"), json!(0), "{path}");
+            assert_eq!(
+                eval("document.querySelectorAll('script').length"),
+                json!(0),
+                "{path}"
+            );
             assert_ne!(eval("document.title"), json!("pwned"), "{path}");
         };
 
         // Login through the form.
         visit("/console/", "login");
-        assert!(tab.get_url().ends_with("/console/login"), "{}", tab.get_url());
-        tab.wait_for_element("input[name=token]").unwrap().click().unwrap();
+        assert!(
+            tab.get_url().ends_with("/console/login"),
+            "{}",
+            tab.get_url()
+        );
+        tab.wait_for_element("input[name=token]")
+            .unwrap()
+            .click()
+            .unwrap();
         tab.type_str(&login_token).unwrap();
         tab.wait_for_element("#login").unwrap().click().unwrap();
         tab.wait_until_navigated().unwrap();
@@ -707,9 +931,18 @@ subject = "Spring B"
         let status = api("/api/v1/status");
         let summary = api("/api/v1/queue/summary");
         let bounces = api("/api/v1/bounces");
-        assert_eq!(number("#spool-messages"), status["spool"]["messages"].as_u64().unwrap());
-        assert_eq!(number("#spool-bytes"), status["spool"]["bytes"].as_u64().unwrap());
-        assert_eq!(number("#queue-messages"), summary["totals"]["messages"].as_u64().unwrap());
+        assert_eq!(
+            number("#spool-messages"),
+            status["spool"]["messages"].as_u64().unwrap()
+        );
+        assert_eq!(
+            number("#spool-bytes"),
+            status["spool"]["bytes"].as_u64().unwrap()
+        );
+        assert_eq!(
+            number("#queue-messages"),
+            summary["totals"]["messages"].as_u64().unwrap()
+        );
         assert_eq!(number("#queue-messages"), 3);
         assert_eq!(
             number("#pending-recipients"),
@@ -722,19 +955,31 @@ subject = "Spring B"
 
         // Queue.
         visit("/console/queue", "queue");
-        assert_eq!(number("#total-messages"), summary["totals"]["messages"].as_u64().unwrap());
-        assert_eq!(number("#total-bytes"), summary["totals"]["bytes"].as_u64().unwrap());
+        assert_eq!(
+            number("#total-messages"),
+            summary["totals"]["messages"].as_u64().unwrap()
+        );
+        assert_eq!(
+            number("#total-bytes"),
+            summary["totals"]["bytes"].as_u64().unwrap()
+        );
         let row = &summary["destinations"][0];
         assert_eq!(row["destination"], "sink.test");
         let cell = |class: &str| number(&format!("tr[data-destination='sink.test'] td.{class}"));
         assert_eq!(cell("messages"), row["messages"].as_u64().unwrap());
-        assert_eq!(cell("recipients"), row["pending_recipients"].as_u64().unwrap());
+        assert_eq!(
+            cell("recipients"),
+            row["pending_recipients"].as_u64().unwrap()
+        );
         assert_eq!(cell("bytes"), row["bytes"].as_u64().unwrap());
         let ages = eval(
             "[...document.querySelectorAll(\"tr[data-destination='sink.test'] td.age\")].map(e => Number(e.textContent))",
         );
         assert_eq!(ages, row["age_histogram"], "the age histogram");
-        assert_eq!(eval("document.querySelectorAll('svg.chart rect.bar').length"), json!(10));
+        assert_eq!(
+            eval("document.querySelectorAll('svg.chart rect.bar').length"),
+            json!(10)
+        );
 
         // Rates.
         visit("/console/rates", "rates");
@@ -747,7 +992,11 @@ subject = "Spring B"
                 let shown = number(&format!(
                     "section[data-label='{name}'] td[data-outcome='{outcome}']"
                 ));
-                assert_eq!(shown, label["totals"][outcome].as_u64().unwrap(), "{name} {outcome}");
+                assert_eq!(
+                    shown,
+                    label["totals"][outcome].as_u64().unwrap(),
+                    "{name} {outcome}"
+                );
             }
             let lines = eval(&format!(
                 "document.querySelectorAll(\"section[data-label='{name}'] svg polyline\").length"
@@ -759,9 +1008,15 @@ subject = "Spring B"
         visit("/console/shaping", "shaping");
         let pairs = api("/api/v1/shaping");
         let pairs = pairs["pairs"].as_array().unwrap();
-        let testprov = pairs.iter().find(|p| p["bucket"] == "testprov").expect("testprov pair");
+        let testprov = pairs
+            .iter()
+            .find(|p| p["bucket"] == "testprov")
+            .expect("testprov pair");
         let why = testprov["why"].to_string();
-        assert!(why.contains("Warm-up day 0") || why.contains("Warm-up day 1"), "{why}");
+        assert!(
+            why.contains("Warm-up day 0") || why.contains("Warm-up day 1"),
+            "{why}"
+        );
         assert!(why.contains("Rate cut by adaptive shaping"), "{why}");
         assert_eq!(
             eval("document.querySelectorAll('#pairs tr[data-bucket]').length"),
@@ -779,7 +1034,10 @@ subject = "Spring B"
         // Suppressions: the hostile address is text, nothing ran.
         visit("/console/suppressions", "suppressions");
         let list = api("/api/v1/suppressions");
-        assert_eq!(number("#page-count"), list["entries"].as_array().unwrap().len() as u64);
+        assert_eq!(
+            number("#page-count"),
+            list["entries"].as_array().unwrap().len() as u64
+        );
         let shown = eval("[...document.querySelectorAll('td.address')].map(e => e.textContent)");
         let listed: Vec<Value> = list["entries"]
             .as_array()
@@ -794,7 +1052,10 @@ subject = "Spring B"
         visit("/console/bounces", "bounces");
         let bounces = api("/api/v1/bounces");
         assert_eq!(number("#bounced"), bounces["bounced"].as_u64().unwrap());
-        assert_eq!(number("#complaints"), bounces["complaints"].as_u64().unwrap());
+        assert_eq!(
+            number("#complaints"),
+            bounces["complaints"].as_u64().unwrap()
+        );
         assert_eq!(
             eval("document.querySelectorAll('#events tr.event').length"),
             json!(bounces["events"].as_array().unwrap().len())
@@ -810,9 +1071,11 @@ subject = "Spring B"
         for v in variants {
             let id = v["id"].as_str().unwrap();
             let cell = |class: &str| -> f64 {
-                text(&format!("section[data-campaign='spring'] tr[data-variant='{id}'] td.{class}"))
-                    .parse()
-                    .unwrap()
+                text(&format!(
+                    "section[data-campaign='spring'] tr[data-variant='{id}'] td.{class}"
+                ))
+                .parse()
+                .unwrap()
             };
             assert_eq!(cell("sends"), v["sends"].as_f64().unwrap());
             assert_eq!(cell("rewards"), v["rewards"].as_f64().unwrap());
@@ -836,7 +1099,11 @@ subject = "Spring B"
                 .unwrap(),
         )
         .unwrap();
-        assert_eq!(api("/api/v1/queue/summary")["totals"]["held"], 0, "not before confirming");
+        assert_eq!(
+            api("/api/v1/queue/summary")["totals"]["held"],
+            0,
+            "not before confirming"
+        );
         tab.wait_for_element("#confirm").unwrap().click().unwrap();
         tab.wait_until_navigated().unwrap();
         tab.wait_for_element("#message").unwrap();
@@ -849,7 +1116,17 @@ subject = "Spring B"
         assert!(errors.is_empty(), "console errors: {errors:#?}");
     });
     browse.await.unwrap();
-    for shot in ["login", "overview", "queue", "rates", "shaping", "suppressions", "bounces", "campaigns", "confirm"] {
+    for shot in [
+        "login",
+        "overview",
+        "queue",
+        "rates",
+        "shaping",
+        "suppressions",
+        "bounces",
+        "campaigns",
+        "confirm",
+    ] {
         let meta = std::fs::metadata(screenshot_dir().join(format!("{shot}.png"))).unwrap();
         assert!(meta.len() > 1000, "{shot}.png");
     }

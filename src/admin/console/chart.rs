@@ -125,7 +125,11 @@ pub fn bar_chart(title: &str, bars: &[(String, f64, String)]) -> String {
     );
     for (i, (label, value, text)) in bars.iter().enumerate() {
         let top = TOP + row * i as f64;
-        let value = if value.is_finite() { value.max(0.0) } else { 0.0 };
+        let value = if value.is_finite() {
+            value.max(0.0)
+        } else {
+            0.0
+        };
         let w = plot_w * value / max;
         let colour = COLOURS[i % COLOURS.len()];
         let _ = write!(
@@ -159,7 +163,10 @@ mod tests {
             "<",
         );
         assert!(!svg.contains("<script>"), "{svg}");
-        assert!(svg.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), "{svg}");
+        assert!(
+            svg.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+            "{svg}"
+        );
         assert!(svg.contains("&quot;&gt;&lt;script&gt;"), "{svg}");
         assert!(svg.contains("a&amp;b"), "{svg}");
         let bars = bar_chart("t", &[("<b>".into(), 1.0, "<i>".into())]);
@@ -178,8 +185,14 @@ mod tests {
             "",
         );
         // 0 sits on the axis (y = 178), the maximum at the top (y = 22), 2 half way.
-        assert!(svg.contains("points=\"44.0,178.0 338.0,22.0 632.0,100.0\""), "{svg}");
-        assert!(svg.contains(">4</text>"), "the axis names the maximum: {svg}");
+        assert!(
+            svg.contains("points=\"44.0,178.0 338.0,22.0 632.0,100.0\""),
+            "{svg}"
+        );
+        assert!(
+            svg.contains(">4</text>"),
+            "the axis names the maximum: {svg}"
+        );
         let bars = bar_chart(
             "t",
             &[

@@ -59,7 +59,10 @@ const TEMPLATES: [(&str, &str); 11] = [
     ("queue.html", include_str!("templates/queue.html")),
     ("rates.html", include_str!("templates/rates.html")),
     ("shaping.html", include_str!("templates/shaping.html")),
-    ("suppressions.html", include_str!("templates/suppressions.html")),
+    (
+        "suppressions.html",
+        include_str!("templates/suppressions.html"),
+    ),
     ("bounces.html", include_str!("templates/bounces.html")),
     ("campaigns.html", include_str!("templates/campaigns.html")),
     ("confirm.html", include_str!("templates/confirm.html")),
@@ -88,7 +91,10 @@ pub fn routes(admin: AdminState) -> Router<AdminState> {
         env: Arc::new(environment()),
     };
     Router::new()
-        .route("/console", get(|| async { Redirect::permanent("/console/") }))
+        .route(
+            "/console",
+            get(|| async { Redirect::permanent("/console/") }),
+        )
         .route("/console/", get(overview))
         .route("/console/login", get(login_form).post(login))
         .route("/console/logout", post(logout))
@@ -242,7 +248,11 @@ impl Console {
                 .into_response(),
             Err(err) => {
                 tracing::error!(template = name, error = %err, "console page failed to render");
-                (StatusCode::INTERNAL_SERVER_ERROR, "console page failed to render").into_response()
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "console page failed to render",
+                )
+                    .into_response()
             }
         }
     }
@@ -267,7 +277,13 @@ impl Console {
     }
 
     fn api_error(&self, viewer: &Viewer, err: ApiError, back: &str) -> Response {
-        self.message(err.status, "Not done", Some(viewer), &err.message, Some(back))
+        self.message(
+            err.status,
+            "Not done",
+            Some(viewer),
+            &err.message,
+            Some(back),
+        )
     }
 }
 
@@ -308,13 +324,7 @@ async fn login_form(State(c): State<Console>, headers: HeaderMap) -> Response {
     if !c.api_enabled() {
         return disabled(&c);
     }
-    c.render(
-        StatusCode::OK,
-        "login.html",
-        "Log in",
-        None,
-        context! {},
-    )
+    c.render(StatusCode::OK, "login.html", "Log in", None, context! {})
 }
 
 fn disabled(c: &Console) -> Response {
@@ -386,11 +396,7 @@ async fn login(
         "{COOKIE}={id}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
         SESSION_TTL.as_secs()
     );
-    (
-        [(header::SET_COOKIE, cookie)],
-        Redirect::to("/console/"),
-    )
-        .into_response()
+    ([(header::SET_COOKIE, cookie)], Redirect::to("/console/")).into_response()
 }
 
 #[derive(Deserialize)]
@@ -551,7 +557,10 @@ async fn rates_page(State(c): State<Console>, headers: HeaderMap) -> Response {
                     .map(|ms| ms_time(ms)[11..16].to_owned())
                     .unwrap_or_default()
             };
-            let last = label["series"].as_array().map_or(0, Vec::len).saturating_sub(1);
+            let last = label["series"]
+                .as_array()
+                .map_or(0, Vec::len)
+                .saturating_sub(1);
             let name = label["label"].as_str().unwrap_or_default();
             let svg = chart::line_chart(
                 &format!("Outcomes per minute: {name}"),
@@ -770,9 +779,9 @@ fn some(text: &str) -> Option<String> {
 
 fn describe(form: &ActionForm) -> Option<ActionKind> {
     let dest = some(&form.destination);
-    let target = dest
-        .as_deref()
-        .map_or("every destination".to_owned(), |d| format!("destination {d}"));
+    let target = dest.as_deref().map_or("every destination".to_owned(), |d| {
+        format!("destination {d}")
+    });
     let queue = |path: &str, what: String| ActionKind {
         method: Method::POST,
         api_path: format!("/queue/{path}"),
@@ -842,11 +851,7 @@ async fn action(
         );
     }
     let Some(kind) = describe(&form) else {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            "Unknown action.",
-            "/console/",
-        );
+        return refuse(StatusCode::BAD_REQUEST, "Unknown action.", "/console/");
     };
     let scope = required_scope(&kind.method, &kind.api_path);
     if !viewer.principal.may(scope) {
@@ -858,10 +863,7 @@ async fn action(
         return refuse(StatusCode::FORBIDDEN, &why, kind.back);
     }
     if form.confirm != "yes" {
-        let mut fields = vec![
-            ("csrf", form.csrf.clone()),
-            ("action", form.action.clone()),
-        ];
+        let mut fields = vec![("csrf", form.csrf.clone()), ("action", form.action.clone())];
         for (name, value) in [
             ("destination", &form.destination),
             ("reason", &form.reason),
@@ -889,7 +891,13 @@ async fn action(
     };
     tracing::info!(target: "tern::audit", token = %viewer.principal.name, method = "POST", path = %audit_path, api = %format!("{} /api/v1{}", kind.method, kind.api_path), status = status.as_u16(), "console action");
     match result {
-        Ok(done) => c.message(StatusCode::OK, "Done", Some(&viewer), &done, Some(kind.back)),
+        Ok(done) => c.message(
+            StatusCode::OK,
+            "Done",
+            Some(&viewer),
+            &done,
+            Some(kind.back),
+        ),
         Err(e) => c.api_error(&viewer, e, kind.back),
     }
 }
@@ -991,7 +999,10 @@ mod tests {
             })
             .unwrap();
         assert!(!html.contains("<script>"), "{html}");
-        assert!(html.contains("&lt;script&gt;alert(1)&lt;&#x2f;script&gt;"), "{html}");
+        assert!(
+            html.contains("&lt;script&gt;alert(1)&lt;&#x2f;script&gt;"),
+            "{html}"
+        );
         assert!(html.contains("&lt;b&gt;host"), "{html}");
     }
 
@@ -1021,7 +1032,11 @@ mod tests {
             ("unsuppress", Scope::Suppression),
         ] {
             let kind = describe(&form(action)).unwrap();
-            assert_eq!(required_scope(&kind.method, &kind.api_path), scope, "{action}");
+            assert_eq!(
+                required_scope(&kind.method, &kind.api_path),
+                scope,
+                "{action}"
+            );
         }
         assert!(describe(&form("delete")).is_none());
         assert_eq!(

@@ -82,8 +82,7 @@ impl Sessions {
         let session = open.get(id)?.clone();
         let valid = session.expires_ms > now_ms
             && current(&session.token).is_some_and(|f| {
-                aws_lc_rs::constant_time::verify_slices_are_equal(&f, &session.fingerprint)
-                    .is_ok()
+                aws_lc_rs::constant_time::verify_slices_are_equal(&f, &session.fingerprint).is_ok()
             });
         if !valid {
             open.remove(id);
@@ -113,7 +112,7 @@ pub fn csrf_matches(expected: &str, presented: &str) -> bool {
 }
 
 /// The session id in a `Cookie` header's value, if any.
-pub fn cookie_value<'a>(header: &'a str) -> Option<&'a str> {
+pub fn cookie_value(header: &str) -> Option<&str> {
     header.split(';').find_map(|pair| {
         let (name, value) = pair.trim().split_once('=')?;
         (name == COOKIE && !value.is_empty()).then_some(value)
