@@ -1132,3 +1132,107 @@ subject = "Spring B"
     }
     drop(r);
 }
+
+/// The real binary's log: logins (refused ones too), confirmed actions and refused actions
+/// are audit lines with the token's name; looking is not logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_logins_and_actions_are_audit_logged_by_token_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_bin_config(dir.path(), port, &options(Options::default()));
+    let admin_port = pin_admin_port(&config);
+    let mut tern = TernProc::spawn(&config, port, &dir.path().join("tern.log"));
+    let c = tern.wait_ready(Duration::from_secs(30)).await;
+    let addr: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+
+    let refused = call(
+        addr,
+        "POST",
+        "/console/login",
+        None,
+        &[],
+        Some(&[("token", "guess")]),
+    )
+    .await;
+    assert_eq!(refused.status, 401);
+    let ops = login(addr, OPS).await;
+    let csrf = page(addr, &ops, "/console/queue").await.csrf();
+    let (_, done) = act(
+        addr,
+        &ops,
+        &csrf,
+        &[("action", "hold"), ("destination", "sink.test")],
+    )
+    .await;
+    assert_eq!(done.status, 200, "{}", done.body);
+    let viewer = login(addr, READ).await;
+    let csrf = page(addr, &viewer, "/console/queue").await.csrf();
+    let (ask, _) = act(addr, &viewer, &csrf, &[("action", "release")]).await;
+    assert_eq!(ask.status, 403);
+
+    send_signal(tern.pid(), "TERM");
+    assert!(tern.wait_exit(Duration::from_secs(20)).await.success());
+    drop(c);
+    let log = tern.log_text();
+    let audit: Vec<&str> = log.lines().filter(|l| l.contains("tern::audit")).collect();
+    let has = |parts: &[&str]| audit.iter().any(|l| parts.iter().all(|p| l.contains(p)));
+    assert!(
+        has(&["console login refused", "token=-", "status=401"]),
+        "{audit:#?}"
+    );
+    assert!(
+        has(&["console login", "token=ops", "status=303"]),
+        "{audit:#?}"
+    );
+    assert!(
+        has(&[
+            "console action",
+            "token=ops",
+            "path=/console/action/hold",
+            "api=\"POST /api/v1/queue/hold\"",
+            "status=200"
+        ]),
+        "{audit:#?}"
+    );
+    assert!(
+        has(&[
+            "console action refused",
+            "token=viewer",
+            "path=/console/action/release",
+            "status=403"
+        ]),
+        "{audit:#?}"
+    );
+    // The pages are reads and the confirmation step changes nothing: no more lines than
+    // the two logins refused and made, the ops action, the viewer's login and its two
+    // refused posts (the ask and the confirmed one).
+    assert_eq!(audit.len(), 6, "{audit:#?}");
+}
+
+#[tokio::test]
+async fn the_report_routes_need_a_token_and_check_their_parameters() {
+    let r = relay(SinkBehaviour::default(), options).await;
+    let addr = r.server.admin();
+    for path in ["/api/v1/rates", "/api/v1/bounces", "/api/v1/campaigns"] {
+        let (status, _) = http(addr, "GET", path, None, None).await;
+        assert_eq!(status, 401, "{path}");
+        let (status, body) = http(addr, "GET", path, Some(READ), None).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    for (query, field) in [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("since=1", "since"),
+    ] {
+        let (status, body) = http(
+            addr,
+            "GET",
+            &format!("/api/v1/bounces?{query}"),
+            Some(READ),
+            None,
+        )
+        .await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body.contains(field), "{query}: {body}");
+    }
+}

@@ -373,7 +373,7 @@ async fn login(
     let presented = presented.trim();
     let edge = c.admin.edge.get();
     let Some(principal) = identify(c.admin.token.as_ref(), &edge.tokens, presented) else {
-        tracing::warn!(target: "tern::audit", token = "-", method = "POST", path = "/console/login", status = 401, "console login refused: unknown token");
+        tracing::warn!(target: "tern::audit", token = %"-", method = %"POST", path = %"/console/login", status = 401, "console login refused: unknown token");
         return c.render(
             StatusCode::UNAUTHORIZED,
             "login.html",
@@ -385,7 +385,7 @@ async fn login(
     let id = c
         .sessions
         .open(&principal.name, sha256(presented), now_ms());
-    tracing::info!(target: "tern::audit", token = %principal.name, method = "POST", path = "/console/login", status = 303, "console login");
+    tracing::info!(target: "tern::audit", token = %principal.name, method = %"POST", path = %"/console/login", status = 303, "console login");
     let peer = connect.map(|Extension(ConnectInfo(p))| p);
     let secure = if over_tls(&c, &headers, peer) {
         "; Secure"
@@ -422,7 +422,7 @@ async fn logout(
         );
     }
     c.sessions.close(&viewer.id);
-    tracing::info!(target: "tern::audit", token = %viewer.principal.name, method = "POST", path = "/console/logout", status = 303, "console logout");
+    tracing::info!(target: "tern::audit", token = %viewer.principal.name, method = %"POST", path = %"/console/logout", status = 303, "console logout");
     (
         [(
             header::SET_COOKIE,
@@ -840,7 +840,7 @@ async fn action(
     };
     let audit_path = format!("/console/action/{}", form.action);
     let refuse = |status: StatusCode, why: &str, back: &str| {
-        tracing::warn!(target: "tern::audit", token = %viewer.principal.name, method = "POST", path = %audit_path, status = status.as_u16(), "console action refused: {why}");
+        tracing::warn!(target: "tern::audit", token = %viewer.principal.name, method = %"POST", path = %audit_path, status = status.as_u16(), reason = %why, "console action refused");
         c.message(status, "Refused", Some(&viewer), why, Some(back))
     };
     if !session::csrf_matches(&viewer.session.csrf, &form.csrf) {
@@ -889,7 +889,7 @@ async fn action(
         Ok(_) => StatusCode::OK,
         Err(e) => e.status,
     };
-    tracing::info!(target: "tern::audit", token = %viewer.principal.name, method = "POST", path = %audit_path, api = %format!("{} /api/v1{}", kind.method, kind.api_path), status = status.as_u16(), "console action");
+    tracing::info!(target: "tern::audit", token = %viewer.principal.name, method = %"POST", path = %audit_path, api = ?format!("{} /api/v1{}", kind.method, kind.api_path), status = status.as_u16(), "console action");
     match result {
         Ok(done) => c.message(
             StatusCode::OK,
