@@ -546,6 +546,15 @@ async fn actions_ask_for_confirmation_then_do_what_the_api_does() {
         "{}",
         ask.body
     );
+    // The confirmation asks for the reason and the duration, the given reason filled in.
+    assert!(
+        ask.body
+            .contains("name=\"reason\" value=\"&lt;img src=x onerror=")
+            && ask.body.contains("name=\"duration\""),
+        "{}",
+        ask.body
+    );
+    assert!(!ask.body.contains("<img src=x"), "{}", ask.body);
     assert!(done.body.contains("suspended"), "{}", done.body);
     let suspensions = api(addr, &token, "/api/v1/queue/suspensions").await;
     assert_eq!(suspensions["suspensions"][0]["destination"], "sink.test");

@@ -554,7 +554,7 @@ async fn rates_page(State(c): State<Console>, headers: HeaderMap) -> Response {
             let minute = |i: usize| {
                 label["series"][i]["ts_ms"]
                     .as_i64()
-                    .map(|ms| ms_time(ms)[11..16].to_owned())
+                    .map(|ms| ms_time(ms).get(11..16).unwrap_or_default().to_owned())
                     .unwrap_or_default()
             };
             let last = label["series"]
@@ -864,6 +864,8 @@ async fn action(
     }
     if form.confirm != "yes" {
         let mut fields = vec![("csrf", form.csrf.clone()), ("action", form.action.clone())];
+        // A suspension's reason and duration are asked for on the confirmation page itself.
+        let suspend = form.action == "suspend";
         for (name, value) in [
             ("destination", &form.destination),
             ("reason", &form.reason),
@@ -872,7 +874,7 @@ async fn action(
             ("scope", &form.scope),
             ("expires_in", &form.expires_in),
         ] {
-            if !value.is_empty() {
+            if !value.is_empty() && !(suspend && matches!(name, "reason" | "duration")) {
                 fields.push((name, value.clone()));
             }
         }
@@ -881,7 +883,14 @@ async fn action(
             "confirm.html",
             "Confirm",
             Some(&viewer),
-            context! { what => kind.what, fields => fields, back => kind.back },
+            context! {
+                what => kind.what,
+                fields => fields,
+                back => kind.back,
+                suspend => suspend,
+                reason => form.reason,
+                duration => form.duration,
+            },
         );
     }
     let result = run(&c.admin, &form).await;
