@@ -874,7 +874,8 @@ async fn action(
             ("scope", &form.scope),
             ("expires_in", &form.expires_in),
         ] {
-            if !value.is_empty() && !(suspend && matches!(name, "reason" | "duration")) {
+            let asked = suspend && matches!(name, "reason" | "duration");
+            if !value.is_empty() && !asked {
                 fields.push((name, value.clone()));
             }
         }
