@@ -814,6 +814,11 @@ name = "main"
 address = "127.0.0.1"
 warmup_start = "{today}"
 
+[sidecar.bandit]
+exploration = 0.5
+holdout = 0.0
+batch_interval = "1s"
+
 [[sidecar.campaigns]]
 name = "spring"
 subject = "Spring"
@@ -828,8 +833,41 @@ subject = "Spring B"
 "#
     ))
     .await;
+    // Four campaign mails (delivered: sender.test's sink accepts), counted by the bandit at its
+    // next batch; the queue keeps only the three deferred ones.
+    for i in 0..4 {
+        let content = format!(
+            "From: shop@sender.test\r\nTo: c{i}@sender.test\r\nSubject: s\r\nX-Tern-Campaign: spring\r\n\r\nbody\r\n"
+        );
+        send(
+            &r.server,
+            &format!("<{SENDER}>"),
+            &[&format!("<c{i}@sender.test>")],
+            content.as_bytes(),
+        )
+        .await;
+    }
     let addr = r.server.admin();
     let token = r.server.admin_token();
+    let deadline = Instant::now() + T;
+    loop {
+        let campaigns = api(addr, &token, "/api/v1/campaigns").await;
+        let sends: f64 = campaigns["campaigns"][0]["variants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["sends"].as_f64().unwrap())
+            .sum();
+        if sends == 4.0 && r.server.message_count() == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{campaigns}, {} messages",
+            r.server.message_count()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let login_token = token.clone();
     let shots = screenshot_dir();
     let runtime = tokio::runtime::Handle::current();
@@ -1087,6 +1125,17 @@ subject = "Spring B"
                 .unwrap()
             };
             assert_eq!(cell("sends"), v["sends"].as_f64().unwrap());
+            assert_eq!(
+                text(&format!(
+                    "section[data-campaign='spring'] tr[data-variant='{id}'] td.rate"
+                )),
+                if v["sends"].as_f64().unwrap() > 0.0 {
+                    "0.0 %"
+                } else {
+                    "–"
+                },
+                "no engagement yet: a rate of 0 once sent"
+            );
             assert_eq!(cell("rewards"), v["rewards"].as_f64().unwrap());
         }
         assert_eq!(
