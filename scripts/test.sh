@@ -5,7 +5,8 @@
 # Needs: strace (fsync-before-250 proof), python3 (smtplib client tests), systemd-analyze
 # (unit file check), redis-server (cluster shaping tests start their own), dkimpy + pynacl
 # (independent DKIM verification, Ed25519 included), jsonschema (TLS-RPT reports checked
-# against the RFC 8460 format).
+# against the RFC 8460 format), chromium (the web console's test drives headless Chromium over
+# the DevTools protocol; it fails, not skips, without it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,7 @@ command -v strace >/dev/null 2>&1 || need+=(strace)
 command -v python3 >/dev/null 2>&1 || need+=(python3 python3-pip)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=()
   if [ "$(id -u)" -ne 0 ]; then

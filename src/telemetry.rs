@@ -29,6 +29,7 @@ use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use serde::Serialize;
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -222,6 +223,105 @@ fn outcome_label(outcome: Outcome) -> &'static str {
     }
 }
 
+impl Outcome {
+    /// Every outcome, in the order of [`RateMinute::counts`].
+    pub const ALL: [Outcome; 7] = [
+        Outcome::Delivered,
+        Outcome::Deferred,
+        Outcome::Bounced,
+        Outcome::Expired,
+        Outcome::Deleted,
+        Outcome::Complaint,
+        Outcome::Suppressed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        outcome_label(self)
+    }
+
+    fn index(self) -> usize {
+        Outcome::ALL
+            .iter()
+            .position(|&o| o == self)
+            .unwrap_or_default()
+    }
+}
+
+/// Minutes of recipient outcomes kept per destination label (the console's rate charts).
+pub const RATE_MINUTES: u64 = 60;
+
+/// One minute of recipient outcomes of one destination label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct RateMinute {
+    /// Minutes since the epoch.
+    pub minute: u64,
+    /// Per outcome, in the order of [`Outcome::ALL`].
+    pub counts: [u64; 7],
+}
+
+/// Recipient outcomes per destination label (provider, static route or `other`) per minute
+/// over the last [`RATE_MINUTES`]: what `tern_deliveries_total` counts, kept as a short
+/// history for the console (Prometheus keeps the long one). Bounded: labels are bounded
+/// (see [`ComplaintWindow`]), each keeps one slot per minute.
+#[derive(Default)]
+struct RateWindow {
+    by_label: HashMap<String, [RateMinute; RATE_MINUTES as usize]>,
+}
+
+impl RateWindow {
+    fn add(&mut self, label: &str, minute: u64, outcome: Outcome) {
+        if !self.by_label.contains_key(label) {
+            self.by_label.insert(
+                label.to_owned(),
+                [RateMinute::default(); RATE_MINUTES as usize],
+            );
+        }
+        let slots = self.by_label.get_mut(label).expect("inserted above");
+        let slot = &mut slots[(minute % RATE_MINUTES) as usize];
+        if slot.minute != minute {
+            *slot = RateMinute {
+                minute,
+                counts: [0; 7],
+            };
+        }
+        slot.counts[outcome.index()] += 1;
+    }
+
+    /// Per label (in name order), the [`RATE_MINUTES`] minutes up to `minute`, oldest first,
+    /// minutes without outcomes at zero.
+    fn history(&self, minute: u64) -> Vec<(String, Vec<RateMinute>)> {
+        let mut out: Vec<(String, Vec<RateMinute>)> = self
+            .by_label
+            .iter()
+            .map(|(label, slots)| {
+                let series = (minute + 1 - RATE_MINUTES.min(minute + 1)..=minute)
+                    .map(|m| {
+                        let slot = slots[(m % RATE_MINUTES) as usize];
+                        if slot.minute == m {
+                            slot
+                        } else {
+                            RateMinute {
+                                minute: m,
+                                counts: [0; 7],
+                            }
+                        }
+                    })
+                    .collect();
+                (label.clone(), series)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}
+
+/// Minutes since the epoch, now.
+fn minute_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 60)
+}
+
 /// The action of a sent DSN (RFC 3464 `Action:`), as a label value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DsnAction {
@@ -350,6 +450,7 @@ pub struct Metrics {
     /// Sender identities (lowercase domains) used as label values; the rest is `other`.
     identities: std::sync::RwLock<Arc<HashSet<String>>>,
     complaint_window: Mutex<ComplaintWindow>,
+    rate_window: Mutex<RateWindow>,
     complaint_rate: GaugeVec,
     delivery_failures: IntCounterVec,
     provider_feedback: IntCounterVec,
@@ -609,6 +710,7 @@ impl Metrics {
             providers: std::sync::RwLock::new(Arc::new(Vec::new())),
             identities: std::sync::RwLock::new(Arc::new(HashSet::new())),
             complaint_window: Mutex::new(ComplaintWindow::default()),
+            rate_window: Mutex::new(RateWindow::default()),
             complaint_rate: {
                 let g = GaugeVec::new(
                     Opts::new(
@@ -1245,6 +1347,19 @@ impl Metrics {
         self.deliveries
             .with_label_values(&[label, outcome_label(outcome)])
             .inc();
+        self.rate_window
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .add(label, minute_now(), outcome);
+    }
+
+    /// The recipient outcomes of the last [`RATE_MINUTES`] minutes per destination label
+    /// (labels in name order, minutes oldest first).
+    pub fn rate_history(&self) -> Vec<(String, Vec<RateMinute>)> {
+        self.rate_window
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .history(minute_now())
     }
 
     /// A recipient deferred, bounced or expired, with the category of its reply.
@@ -1451,6 +1566,33 @@ impl Drop for SessionGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rate_window_keeps_an_hour_per_label_and_forgets_older_minutes() {
+        let mut w = RateWindow::default();
+        w.add("google", 1000, Outcome::Delivered);
+        w.add("google", 1000, Outcome::Delivered);
+        w.add("google", 1030, Outcome::Deferred);
+        w.add("other", 1059, Outcome::Bounced);
+        let h = w.history(1059);
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[0].0, "google");
+        let google = &h[0].1;
+        assert_eq!(google.len(), RATE_MINUTES as usize);
+        assert_eq!(google[0].minute, 1000);
+        assert_eq!(google[0].counts[Outcome::Delivered.index()], 2);
+        assert_eq!(google[30].counts[Outcome::Deferred.index()], 1);
+        assert_eq!(h[1].1[59].counts[Outcome::Bounced.index()], 1);
+        // An hour on, minute 1000's slot is reused and the old count is gone.
+        w.add("google", 1060, Outcome::Delivered);
+        let google = &w.history(1060)[0].1;
+        assert_eq!(google[0].minute, 1001);
+        assert_eq!(google[59].counts[Outcome::Delivered.index()], 1);
+        let total: u64 = google.iter().map(|m| m.counts.iter().sum::<u64>()).sum();
+        assert_eq!(total, 2, "{google:?}");
+        // Early clock (tests, a bad clock): no underflow.
+        assert_eq!(w.history(3)[0].1.len(), 4);
+    }
 
     /// The shipped Grafana dashboard queries only metrics that exist (histogram series by
     /// their family name), and every metric family has a panel.

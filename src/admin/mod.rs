@@ -11,21 +11,27 @@
 //! - [`suppression`]: `/api/v1/suppressions`, the suppression list (list, add, remove, CSV).
 //! - [`shaping`]: `GET /api/v1/shaping[/{bucket}]`, traffic-shaping state.
 //! - [`events`]: `POST /api/v1/events` (engagement), recipients' engagement and send-time lift.
+//! - [`reports`]: `GET /api/v1/rates`, `/bounces`, `/campaigns`: what the node did lately.
+//! - [`console`]: the web console at `/console/` (token login, session cookie; HTML pages
+//!   rendering the same values as the API routes, and the queue and suppression actions).
 //! - [`listener`]: the door: connection cap, request-head timeout, body-size caps.
 //!
 //! The sidecar's tracking routes (`/t/o/{token}`, `/t/c/{token}`, see
 //! [`crate::sidecar::tracking`]) are served here too, outside `/api/v1`.
 //!
 //! Invariants: every `/api/v1` route sits behind [`auth::require_token`]; every request,
-//! whatever its route (or none), passes [`listener::cap_body`] first.
+//! whatever its route (or none), passes [`listener::cap_body`] first; every `/console/` page
+//! but the login page needs a console session ([`console::session`]).
 
 pub mod auth;
+pub mod console;
 pub mod error;
 pub mod events;
 pub mod health;
 pub mod inject;
 pub mod listener;
 pub mod queue;
+pub mod reports;
 pub mod shaping;
 pub mod suppression;
 pub mod tls_reports;
@@ -105,6 +111,7 @@ fn router(state: AdminState) -> Router {
         .merge(suppression::routes())
         .merge(events::routes())
         .merge(tls_reports::routes())
+        .merge(reports::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,
@@ -113,7 +120,8 @@ fn router(state: AdminState) -> Router {
         .route("/metrics", get(scrape))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(readyz))
-        .nest("/api/v1", api);
+        .nest("/api/v1", api)
+        .merge(console::routes(state.clone()));
     // Open (no token): recipients' mail clients fetch these; the signed token is the check.
     router = router.merge(tracking::routes(state.sidecar.clone(), state.edge.clone()));
     router = router.merge(unsubscribe::routes(state.unsubscriber.clone()));
@@ -163,8 +171,13 @@ pub(crate) fn recovery_json(status: &tern_queue::RecoveryStatus) -> serde_json::
 
 /// `GET /api/v1/status`: version, spool totals and what the scheduler holds in memory.
 async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
+    Json(status_report(&state))
+}
+
+/// The answer of `GET /api/v1/status` (the console's overview shows the same).
+pub fn status_report(state: &AdminState) -> serde_json::Value {
     let stats = state.spool.stats();
-    Json(serde_json::json!({
+    serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "spool": {
             "messages": stats.messages,
@@ -172,5 +185,5 @@ async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
             "recovery": recovery_json(&state.spool.recovery()),
         },
         "in_memory": state.scheduler.in_memory(),
-    }))
+    })
 }

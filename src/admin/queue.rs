@@ -144,6 +144,11 @@ fn age_bucket(age_ms: u64) -> usize {
 /// `GET /queue/summary`: per destination (recipient domain) and in total, with the age
 /// histogram of its messages.
 async fn summary(State(state): State<AdminState>) -> ApiResult {
+    Ok(Json(summary_report(&state).await?))
+}
+
+/// The answer of `GET /queue/summary` (the console's queue page renders the same value).
+pub async fn summary_report(state: &AdminState) -> Result<Value, ApiError> {
     #[derive(Default)]
     struct Row {
         messages: u64,
@@ -211,7 +216,7 @@ async fn summary(State(state): State<AdminState>) -> ApiResult {
         })
         .collect();
     let all = suspensions.iter().find(|s| s.destination.is_none());
-    Ok(Json(json!({
+    Ok(json!({
         "destinations": destinations,
         "totals": {
             "messages": totals.messages,
@@ -222,7 +227,7 @@ async fn summary(State(state): State<AdminState>) -> ApiResult {
         },
         "age_buckets_minutes": AGE_BUCKETS_MINUTES,
         "suspended_all": all.map(suspension_json),
-    })))
+    }))
 }
 
 #[derive(Deserialize)]
@@ -329,12 +334,12 @@ async fn suspensions(State(state): State<AdminState>) -> Json<Value> {
     Json(json!({ "suspensions": list }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct SuspendRequest {
-    destination: Option<String>,
-    duration: Option<String>,
-    reason: Option<String>,
+pub struct SuspendRequest {
+    pub destination: Option<String>,
+    pub duration: Option<String>,
+    pub reason: Option<String>,
 }
 
 /// A recipient domain as the spool writes it (lowercase); refuses what cannot be one.
@@ -350,7 +355,7 @@ fn destination(text: &str) -> Result<String, ApiError> {
 
 /// `POST /queue/suspend {"destination"?, "duration"?, "reason"?}`: no destination suspends
 /// all delivery; no duration lasts until resumed.
-async fn suspend(
+pub async fn suspend(
     State(state): State<AdminState>,
     ApiJson(req): ApiJson<SuspendRequest>,
 ) -> ApiResult {
@@ -375,15 +380,15 @@ async fn suspend(
     Ok(Json(json!({ "suspended": suspension_json(&s) })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct ResumeRequest {
-    destination: Option<String>,
+pub struct ResumeRequest {
+    pub destination: Option<String>,
 }
 
 /// `POST /queue/resume {"destination"?}`: no destination resumes all delivery (including the
 /// `delivery.suspended` config flag). Answers whether a suspension was in force.
-async fn resume(
+pub async fn resume(
     State(state): State<AdminState>,
     ApiJson(req): ApiJson<ResumeRequest>,
 ) -> ApiResult {
@@ -398,16 +403,16 @@ async fn resume(
 
 /// Which messages an action applies to. Criteria combine (all must hold); at least one is
 /// required, and `all` only where the action is harmless to apply to everything.
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct Selector {
-    id: Option<String>,
-    ids: Option<Vec<String>>,
-    destination: Option<String>,
+pub struct Selector {
+    pub id: Option<String>,
+    pub ids: Option<Vec<String>>,
+    pub destination: Option<String>,
     /// Exact address, compared without regard to case; "" is the null sender.
-    sender: Option<String>,
+    pub sender: Option<String>,
     #[serde(default)]
-    all: bool,
+    pub all: bool,
 }
 
 struct Filter {
@@ -442,7 +447,7 @@ fn op_name(op: Operation) -> &'static str {
 /// `POST /queue/{retry,hold,release,bounce,delete}` with a [`Selector`]: answers
 /// `{"matched": n, "affected": m}` (matched messages that the action changed; e.g. a retry
 /// of a message already due, or a hold of a held one, does not count).
-async fn operate(
+pub async fn operate(
     State(state): State<AdminState>,
     ApiJson(sel): ApiJson<Selector>,
     op: Operation,

@@ -47,13 +47,13 @@ pub fn routes() -> Router<AdminState> {
 
 type ApiResult = Result<Json<Value>, ApiError>;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct ListParams {
-    after: Option<String>,
-    limit: Option<usize>,
-    reason: Option<String>,
-    contains: Option<String>,
+pub struct ListParams {
+    pub after: Option<String>,
+    pub limit: Option<usize>,
+    pub reason: Option<String>,
+    pub contains: Option<String>,
 }
 
 fn spool_error(e: tern_queue::SpoolError) -> ApiError {
@@ -69,6 +69,11 @@ async fn list(
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> ApiResult {
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    Ok(Json(list_report(&state, params).await?))
+}
+
+/// The answer of `GET /suppressions` (the console's suppression page renders the same value).
+pub async fn list_report(state: &AdminState, params: ListParams) -> Result<Value, ApiError> {
     let limit = page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     if let Some(reason) = params
         .reason
@@ -79,7 +84,7 @@ async fn list(
             "reason: unknown reason {reason:?} (a bounce category or \"manual\")"
         )));
     }
-    let list = list_of(&state);
+    let list = list_of(state);
     let (entries, next) = tokio::task::spawn_blocking(move || {
         list.list(
             params.after.as_deref(),
@@ -91,7 +96,7 @@ async fn list(
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?
     .map_err(spool_error)?;
-    Ok(Json(json!({"entries": entries, "next": next})))
+    Ok(json!({"entries": entries, "next": next}))
 }
 
 async fn show(
@@ -111,13 +116,13 @@ async fn show(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct AddRequest {
-    address: String,
-    reason: Option<String>,
-    expires_in: Option<String>,
-    scope: Option<String>,
+pub struct AddRequest {
+    pub address: String,
+    pub reason: Option<String>,
+    pub expires_in: Option<String>,
+    pub scope: Option<String>,
 }
 
 /// `?scope=LIST` of one entry's routes.
@@ -127,7 +132,7 @@ struct ScopeParam {
     scope: Option<String>,
 }
 
-async fn add(State(state): State<AdminState>, ApiJson(req): ApiJson<AddRequest>) -> ApiResult {
+pub async fn add(State(state): State<AdminState>, ApiJson(req): ApiJson<AddRequest>) -> ApiResult {
     let address = suppression::normalize(&req.address);
     match address.rsplit_once('@') {
         Some((l, d)) if !l.is_empty() && !d.is_empty() => {}
@@ -178,15 +183,26 @@ async fn remove(
     params: Result<Query<ScopeParam>, QueryRejection>,
 ) -> ApiResult {
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let key = suppression::key_for(&address, params.scope.as_deref());
-    let removed = list_of(&state)
+    Ok(Json(
+        remove_entry(&state, &address, params.scope.as_deref()).await?,
+    ))
+}
+
+/// `DELETE /suppressions/{address}[?scope=LIST]` (the console's remove button too).
+pub async fn remove_entry(
+    state: &AdminState,
+    address: &str,
+    scope: Option<&str>,
+) -> Result<Value, ApiError> {
+    let key = suppression::key_for(address, scope);
+    let removed = list_of(state)
         .remove(std::slice::from_ref(&key))
         .await
         .map_err(spool_error)?;
     if removed == 0 {
         return Err(ApiError::not_found(format!("{address} is not suppressed")));
     }
-    Ok(Json(json!({"removed": removed})))
+    Ok(json!({"removed": removed}))
 }
 
 async fn import(State(state): State<AdminState>, body: String) -> ApiResult {

@@ -22,8 +22,9 @@ use crate::maillog::{AttemptOutcome, AttemptRecord, DeliveryLog};
 use crate::taxonomy::Category;
 use crate::telemetry::Metrics;
 use serde::Serialize;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 use tern_queue::{MessageId, Spool, SpoolError};
 use tokio::sync::Notify;
@@ -99,7 +100,12 @@ pub struct Events {
     metrics: Arc<Metrics>,
     /// Where [`Events::emit_later`] runs, so shutdown waits for it before the last flush.
     tasks: TaskTracker,
+    /// The latest bounces, expiries and complaints, newest last (the console's list).
+    recent: Arc<Mutex<VecDeque<Event>>>,
 }
+
+/// Bounces, expiries and complaints kept in memory for [`Events::recent_failures`].
+pub const RECENT_FAILURES: usize = 1000;
 
 impl Events {
     /// Events for `webhooks` outboxes (none: only the delivery log), reported to `metrics`:
@@ -124,6 +130,33 @@ impl Events {
             queued: Arc::new(Notify::new()),
             metrics,
             tasks,
+            recent: Arc::new(Mutex::new(VecDeque::with_capacity(RECENT_FAILURES))),
+        }
+    }
+
+    /// The latest bounces, expiries and complaints (at most [`RECENT_FAILURES`]), newest
+    /// first; in memory only (the delivery log and the webhooks have them all).
+    pub fn recent_failures(&self) -> Vec<Event> {
+        let recent = self
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        recent.iter().rev().cloned().collect()
+    }
+
+    fn remember_failures(&self, events: &[Event]) {
+        let mut recent = self
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for e in events
+            .iter()
+            .filter(|e| matches!(e.event, Kind::Bounced | Kind::Expired | Kind::Complaint))
+        {
+            if recent.len() == RECENT_FAILURES {
+                recent.pop_front();
+            }
+            recent.push_back(e.clone());
         }
     }
 
@@ -166,6 +199,7 @@ impl Events {
         if events.is_empty() {
             return;
         }
+        self.remember_failures(&events);
         for e in &events {
             // A suppressed line is for mail refused or dropped at submission; an address
             // added to the list is no mail outcome (the line of the bounce that added it is

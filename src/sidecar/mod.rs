@@ -294,6 +294,17 @@ impl Sidecar {
         self.apply_bandit_batch().await;
     }
 
+    /// Every configured campaign (name order) with its variant ids (config order).
+    pub fn campaigns(&self) -> Vec<(String, Vec<String>)> {
+        let mut out: Vec<(String, Vec<String>)> = self
+            .campaigns
+            .iter()
+            .map(|(name, c)| (name.clone(), c.variants.clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// The bandit's applied counts of a campaign (sends, rewards per variant).
     pub fn bandit_arms(&self, campaign: &str) -> BTreeMap<String, bandit::Arm> {
         self.bandits

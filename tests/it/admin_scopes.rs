@@ -79,7 +79,7 @@ fn the_route_list_covers_every_documented_mutating_call() {
         for (i, _) in docs.match_indices(&format!("{method} /api/v1/")) {
             let path: String = docs[i + method.len() + 1..]
                 .chars()
-                .take_while(|c| !matches!(c, ' ' | '`' | '|' | ')' | ',' | ':' | '\n'))
+                .take_while(|c| !matches!(c, ' ' | '`' | '|' | ')' | ',' | ':' | '"' | '\n'))
                 .collect();
             // "POST /api/v1/queue/{retry,hold,...}" (cut at its comma) and ".../queue/*" sum up
             // rows listed one by one elsewhere.

@@ -15,6 +15,7 @@ mod bounce;
 mod cli;
 mod client;
 mod config_lookup;
+mod console;
 mod crash;
 mod delivery;
 mod delivery_crash;
