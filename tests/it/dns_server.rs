@@ -158,6 +158,7 @@ impl DnsServer {
     }
 
     /// Queries received so far, by record type (benches/many_domains.sh reports them).
+    #[allow(dead_code)] // used by examples/bench_dns.rs, which includes this file
     pub fn queries_by_type(&self) -> Vec<(RecordType, usize)> {
         let mut by_type: HashMap<RecordType, usize> = HashMap::new();
         for ((_, record_type), n) in self.queries.lock().unwrap().iter() {
