@@ -16,6 +16,7 @@ mod cli;
 mod client;
 mod config_lookup;
 mod crash;
+mod dane;
 mod delivery;
 mod delivery_crash;
 mod delivery_mx;

@@ -1,0 +1,367 @@
+//! DANE for SMTP (RFC 7672) end to end: the loopback DNS server plays a DNSSEC-signed root
+//! (its key is the daemon's `delivery.dnssec_trust_anchor`), with TLSA records for MX hosts,
+//! an unsigned zone below an insecure delegation and a name whose signatures are broken.
+//! Sinks on port 25 of loopback addresses play the MX hosts, each with a certificate made
+//! here. What must hold: a DANE-EE or DANE-TA match delivers over TLS (`tls_policy` "dane");
+//! a certificate that matches no TLSA record is deferred and nothing is sent; TLSA records in
+//! an unsigned zone change nothing; a bogus MX answer defers; DANE wins over an MTA-STS
+//! policy; the TLS report names the TLSA records and counts the failure. Route levels
+//! (`tls = "encrypt" | "none" | "verify" | "dane-only"`) replace what would be discovered.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use crate::delivery::{lines_for, send, wait_log, SENDER};
+use crate::dns_server::{DnsServer, Zone};
+use crate::harness::*;
+use crate::mta_sts::{assert_valid_tls_report, policy_server_at, tls_report};
+use crate::sink::{Sink, SinkBehaviour, SinkCert};
+
+const T: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// A certificate chain (PEM, end entity first) and key, leaked for [`SinkCert::Pem`], with
+/// the DER of the end entity's SubjectPublicKeyInfo and of the issuer.
+struct Made {
+    sink: SinkCert,
+    spki: Vec<u8>,
+    ca_der: Option<Vec<u8>>,
+}
+
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+/// A self-signed certificate for `name`.
+fn self_signed(name: &str) -> Made {
+    let c = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+    Made {
+        sink: SinkCert::Pem(leak(c.cert.pem()), leak(c.key_pair.serialize_pem())),
+        spki: c.key_pair.public_key_der(),
+        ca_der: None,
+    }
+}
+
+/// A CA of our own and a certificate for `name` it issued; the sink presents both.
+fn ca_issued(name: &str) -> Made {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "DANE test TA");
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf = params.signed_by(&key, &ca, &ca_key).unwrap();
+    Made {
+        sink: SinkCert::Pem(
+            leak(format!("{}{}", leaf.pem(), ca.pem())),
+            leak(key.serialize_pem()),
+        ),
+        spki: key.public_key_der(),
+        ca_der: Some(ca.der().to_vec()),
+    }
+}
+
+fn sha256(data: &[u8]) -> Vec<u8> {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data)
+        .as_ref()
+        .to_vec()
+}
+
+async fn mx_sink(ip: &str, behaviour: SinkBehaviour) -> Sink {
+    let addr: SocketAddr = format!("{ip}:25").parse().unwrap();
+    Sink::start_at(addr, behaviour).await
+}
+
+/// `domain`'s MX `mx.<domain>` at `ip`.
+fn mx(zone: Zone, domain: &str, ip: &str) -> Zone {
+    zone.mx(domain, 10, &format!("mx.{domain}"))
+        .a(&format!("mx.{domain}"), ip)
+}
+
+fn tlsa_name(domain: &str) -> String {
+    format!("_25._tcp.mx.{domain}")
+}
+
+/// A daemon delivering through `dns` with `zone`'s key as trust anchor.
+async fn daemon(dns: &DnsServer, anchor: &str, options: Options) -> TestServer {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let anchor_path = dir.join("root.key");
+    std::fs::write(&anchor_path, anchor).unwrap();
+    TestServer::start(
+        options
+            .deliver()
+            .delivery("nameservers", format!("[\"{}\"]", dns.addr))
+            .delivery("allow_local_mx", true)
+            .delivery(
+                "dnssec_trust_anchor",
+                format!("{:?}", anchor_path.display().to_string()),
+            ),
+    )
+    .await
+}
+
+async fn wait_outcome(server: &TestServer, rcpt: &str, outcome: &str) -> serde_json::Value {
+    let log = wait_log(server.dir.path(), rcpt, |l| {
+        l["recipient"] == rcpt && l["outcome"] == outcome
+    })
+    .await;
+    lines_for(&log, rcpt)[0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tlsa_records_decide_the_certificate_and_bogus_answers_defer() {
+    let ee = self_signed("mx.ee.test");
+    let other = self_signed("mx.eebad.test");
+    let ta = ca_issued("mx.ta.test");
+    let unsigned = self_signed("mx.plain.test");
+    let both = self_signed("mx.stsdane.test");
+    let bogus = self_signed("mx.bogus.test");
+
+    let ee_sink = mx_sink("127.0.9.1", SinkBehaviour::default().starttls(ee.sink)).await;
+    let eebad_sink = mx_sink("127.0.9.2", SinkBehaviour::default().starttls(other.sink)).await;
+    let ta_sink = mx_sink("127.0.9.3", SinkBehaviour::default().starttls(ta.sink)).await;
+    let plain_sink = mx_sink(
+        "127.0.9.4",
+        SinkBehaviour::default().starttls(unsigned.sink),
+    )
+    .await;
+    let bogus_sink = mx_sink("127.0.9.5", SinkBehaviour::default().starttls(bogus.sink)).await;
+    let both_sink = mx_sink("127.0.9.6", SinkBehaviour::default().starttls(both.sink)).await;
+    // stsdane.test also publishes an enforced MTA-STS policy, which the self-signed
+    // certificate of its MX could never meet: only DANE delivers there.
+    let (fetches, _) = policy_server_at(
+        "127.0.9.20",
+        HashMap::from([(
+            "mta-sts.stsdane.test",
+            "version: STSv1\nmode: enforce\nmx: mx.stsdane.test\nmax_age: 86400\n",
+        )]),
+    )
+    .await;
+
+    let mut zone = Zone::new().signed();
+    zone = mx(zone, "ee.test", "127.0.9.1").tlsa(&tlsa_name("ee.test"), 3, 1, 1, &sha256(&ee.spki));
+    // eebad.test's TLSA record names ee.test's key, not the one its MX presents.
+    zone = mx(zone, "eebad.test", "127.0.9.2")
+        .tlsa(&tlsa_name("eebad.test"), 3, 1, 1, &sha256(&ee.spki))
+        .txt(
+            "_smtp._tls.eebad.test",
+            "v=TLSRPTv1; rua=mailto:tlsrpt@reports.test",
+        );
+    // DANE-TA: the issuer, by its full certificate's SHA-256.
+    let ca_der = ta.ca_der.clone().unwrap();
+    zone = mx(zone, "ta.test", "127.0.9.3").tlsa(&tlsa_name("ta.test"), 2, 0, 1, &sha256(&ca_der));
+    // plain.test is unsigned: its TLSA record (which its MX would not match) is ignored.
+    zone = mx(zone, "plain.test", "127.0.9.4")
+        .tlsa(&tlsa_name("plain.test"), 3, 1, 1, &sha256(&ee.spki))
+        .insecure("plain.test");
+    // bogus.test's MX answer carries a broken signature.
+    zone = mx(zone, "bogus.test", "127.0.9.5")
+        .tlsa(&tlsa_name("bogus.test"), 3, 1, 1, &sha256(&bogus.spki))
+        .tamper("bogus.test");
+    zone = mx(zone, "stsdane.test", "127.0.9.6")
+        .tlsa(&tlsa_name("stsdane.test"), 3, 1, 1, &sha256(&both.spki))
+        .txt("_mta-sts.stsdane.test", "v=STSv1; id=1;")
+        .a("mta-sts.stsdane.test", "127.0.9.20");
+    // Where reports and bounces go (static routes, no DNS).
+    let anchor = zone.trust_anchor();
+    let dns = DnsServer::start(zone).await;
+    let reports = Sink::start(SinkBehaviour::default()).await;
+    let bounces = Sink::start(SinkBehaviour::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _, ca) = write_cert_files(dir.path());
+    let server = daemon(
+        &dns,
+        &anchor,
+        Options::default()
+            .route("sender.test", bounces.addr)
+            .route("reports.test", reports.addr)
+            .delivery("dane", true)
+            .delivery("mta_sts", true)
+            .delivery("ca_file", format!("{:?}", ca.display().to_string())),
+    )
+    .await;
+
+    for (rcpt, subject) in [
+        ("a@ee.test", "ee"),
+        ("b@eebad.test", "eebad"),
+        ("c@ta.test", "ta"),
+        ("d@plain.test", "plain"),
+        ("e@bogus.test", "bogus"),
+        ("f@stsdane.test", "stsdane"),
+    ] {
+        send(
+            &server,
+            &format!("<{SENDER}>"),
+            &[&format!("<{rcpt}>")],
+            &message(subject),
+        )
+        .await;
+    }
+
+    // DANE-EE match: delivered over TLS under "dane".
+    assert!(ee_sink.wait_for_messages(1, T).await[0].tls);
+    assert_eq!(
+        wait_outcome(&server, "a@ee.test", "delivered").await["tls_policy"],
+        "dane"
+    );
+    // DANE-TA match: delivered over TLS under "dane".
+    assert!(ta_sink.wait_for_messages(1, T).await[0].tls);
+    assert_eq!(
+        wait_outcome(&server, "c@ta.test", "delivered").await["tls_policy"],
+        "dane"
+    );
+    // Unsigned zone: its TLSA record is not looked at; opportunistic TLS delivers.
+    plain_sink.wait_for_messages(1, T).await;
+    assert_eq!(
+        wait_outcome(&server, "d@plain.test", "delivered").await["tls_policy"],
+        "opportunistic"
+    );
+    // DANE before MTA-STS: the enforced policy would have refused the self-signed
+    // certificate; the TLSA record accepts it.
+    assert!(both_sink.wait_for_messages(1, T).await[0].tls);
+    let line = wait_outcome(&server, "f@stsdane.test", "delivered").await;
+    assert_eq!(line["tls_policy"], "dane", "{line}");
+    // DANE-EE mismatch: deferred, never sent.
+    let line = wait_outcome(&server, "b@eebad.test", "deferred").await;
+    assert_eq!(line["tls_policy"], "dane", "{line}");
+    let reply = line["reply"].as_str().unwrap();
+    assert!(
+        reply.contains("certificate matches no TLSA record"),
+        "{line}"
+    );
+    assert!(
+        eebad_sink.messages().is_empty(),
+        "nothing sent on a mismatch"
+    );
+    // Bogus MX answer: deferred (4.7.5), never sent.
+    let line = wait_outcome(&server, "e@bogus.test", "deferred").await;
+    assert!(line["reply"].as_str().unwrap().contains("DNSSEC"), "{line}");
+    assert!(
+        bogus_sink.messages().is_empty(),
+        "nothing sent on a bogus answer"
+    );
+    let _ = fetches;
+
+    // TLS-RPT: eebad.test's report names the TLSA record and counts the failed session.
+    let (status, body) = server.api("POST", "/api/v1/tls-reports/send", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["queued"], 1, "{body}");
+    let got = reports.wait_for_messages(1, T).await;
+    let report = tls_report(&got[0].data, "eebad.test");
+    assert_valid_tls_report(&report);
+    let policy = &report["policies"][0];
+    assert_eq!(policy["policy"]["policy-type"], "tlsa", "{report}");
+    let record = format!("3 1 1 {}", hex(&sha256(&ee.spki)));
+    assert_eq!(
+        policy["policy"]["policy-string"][0],
+        record.as_str(),
+        "{report}"
+    );
+    assert_eq!(policy["policy"]["mx-host"][0], "mx.eebad.test");
+    assert!(
+        policy["summary"]["total-failure-session-count"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+    assert_eq!(
+        policy["failure-details"][0]["result-type"], "tlsa-invalid",
+        "{report}"
+    );
+    assert_eq!(policy["failure-details"][0]["receiving-ip"], "127.0.9.2");
+    server.stop().await;
+}
+
+fn hex(data: &[u8]) -> String {
+    data.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_tls_levels_replace_the_discovered_policy() {
+    let cert = self_signed("mx.x.test");
+    let no_tls = mx_sink("127.0.9.11", SinkBehaviour::default()).await;
+    let offers_tls = mx_sink("127.0.9.12", SinkBehaviour::default().starttls(cert.sink)).await;
+    let untrusted = mx_sink("127.0.9.13", SinkBehaviour::default().starttls(cert.sink)).await;
+    let no_tlsa = mx_sink("127.0.9.14", SinkBehaviour::default().starttls(cert.sink)).await;
+    let mut zone = Zone::new().signed();
+    for (domain, ip) in [
+        ("encrypt.test", "127.0.9.11"),
+        ("none.test", "127.0.9.12"),
+        ("verify.test", "127.0.9.13"),
+        ("daneonly.test", "127.0.9.14"),
+    ] {
+        zone = mx(zone, domain, ip);
+    }
+    // daneonly.test is signed, but its MX host has no TLSA record.
+    zone = zone
+        .insecure("encrypt.test")
+        .insecure("none.test")
+        .insecure("verify.test");
+    let anchor = zone.trust_anchor();
+    let dns = DnsServer::start(zone).await;
+    let bounces = Sink::start(SinkBehaviour::default()).await;
+    let level = |options: Options, domain: &str, tls: &str| {
+        // A route without hosts: MX routing under its level.
+        options
+            .route(domain, "")
+            .route_option(domain, "tls", format!("{tls:?}"))
+    };
+    let mut options = Options::default().route("sender.test", bounces.addr);
+    for (domain, tls) in [
+        ("encrypt.test", "encrypt"),
+        ("none.test", "none"),
+        ("verify.test", "verify"),
+        ("daneonly.test", "dane-only"),
+    ] {
+        options = level(options, domain, tls);
+    }
+    let server = daemon(&dns, &anchor, options).await;
+    for rcpt in [
+        "a@encrypt.test",
+        "b@none.test",
+        "c@verify.test",
+        "d@daneonly.test",
+    ] {
+        send(
+            &server,
+            &format!("<{SENDER}>"),
+            &[&format!("<{rcpt}>")],
+            &message(rcpt),
+        )
+        .await;
+    }
+    // none: sent in the clear although STARTTLS is offered.
+    let got = offers_tls.wait_for_messages(1, T).await;
+    assert!(!got[0].tls, "tls = none never starts TLS");
+    assert_eq!(
+        wait_outcome(&server, "b@none.test", "delivered").await["tls_policy"],
+        "disabled"
+    );
+    // encrypt: no STARTTLS offered, so nothing is sent.
+    let line = wait_outcome(&server, "a@encrypt.test", "deferred").await;
+    assert_eq!(line["tls_policy"], "encrypt", "{line}");
+    assert!(no_tls.messages().is_empty());
+    // verify: the certificate does not chain to a trusted root.
+    let line = wait_outcome(&server, "c@verify.test", "deferred").await;
+    assert_eq!(line["tls_policy"], "required", "{line}");
+    assert!(untrusted.messages().is_empty());
+    // dane-only: a signed MX without TLSA records is not delivered to.
+    let line = wait_outcome(&server, "d@daneonly.test", "deferred").await;
+    assert_eq!(line["tls_policy"], "dane-only", "{line}");
+    assert!(
+        line["reply"]
+            .as_str()
+            .unwrap()
+            .contains("no usable DNSSEC-signed TLSA"),
+        "{line}"
+    );
+    assert!(no_tlsa.messages().is_empty());
+    server.stop().await;
+}
