@@ -117,6 +117,8 @@ pub struct Worker {
     origin: Origin,
     /// TLS sessions with MX hosts of domains with an MTA-STS policy, for TLS-RPT.
     tls_reports: Option<Arc<TlsReports>>,
+    /// `tern_tls_policy_sessions_total`.
+    metrics: Arc<Metrics>,
 }
 
 /// Which mail gets VERP senders: `bounce.verp`, overridden per static route (`routes[].verp`;
@@ -179,7 +181,8 @@ impl Worker {
                 max_messages_per_connection: config.max_messages_per_connection,
                 passwords,
             }),
-            broken_tls: BrokenTls::new(config.broken_tls_retry, metrics),
+            broken_tls: BrokenTls::new(config.broken_tls_retry, metrics.clone()),
+            metrics,
             verp: Live::new(None),
             origin,
             tls_reports: None,
@@ -429,6 +432,11 @@ impl Worker {
                 _ => None,
             };
             let report = |result: Result<(), (&str, &str)>| {
+                let label = match result {
+                    Ok(()) => "ok",
+                    Err((result_type, _)) => result_type,
+                };
+                self.metrics.tls_policy_session(plan.tls_label, label);
                 if let (Some(reports), Some(policy)) = (&self.tls_reports, &report_policy) {
                     match result {
                         Ok(()) => reports.success(domain, policy, &hop.name),
@@ -483,7 +491,8 @@ impl Worker {
                     Ok(_) if tls != TlsPolicy::Disabled => {
                         report(Err(("starttls-not-supported", &ip)))
                     }
-                    Ok(_) => {}
+                    // Plain text as asked: nothing to report, only to count.
+                    Ok(_) => self.metrics.tls_policy_session(plan.tls_label, "ok"),
                     Err(err) => {
                         if let Some(result_type) = tls_result_type(err) {
                             report(Err((result_type, &ip)));
@@ -556,9 +565,9 @@ fn dane_target<'p>(plan: &'p RoutePlan, host: &str) -> DaneTarget<'p> {
 fn certificate_result_type(detail: &str) -> &'static str {
     if detail.contains(crate::delivery::dane::NO_MATCH) {
         "tlsa-invalid"
-    } else if detail.contains("NotValidForName") {
+    } else if detail.contains("NotValidForName") || detail.contains("not valid for name") {
         "certificate-host-mismatch"
-    } else if detail.contains("Expired") {
+    } else if detail.contains("Expired") || detail.contains("expired") {
         "certificate-expired"
     } else if detail.contains("UnknownIssuer") {
         "certificate-not-trusted"

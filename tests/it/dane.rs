@@ -25,6 +25,7 @@ struct Made {
     sink: SinkCert,
     spki: Vec<u8>,
     ca_der: Option<Vec<u8>>,
+    ca_spki: Option<Vec<u8>>,
 }
 
 fn leak(s: String) -> &'static str {
@@ -38,6 +39,7 @@ fn self_signed(name: &str) -> Made {
         sink: SinkCert::Pem(leak(c.cert.pem()), leak(c.key_pair.serialize_pem())),
         spki: c.key_pair.public_key_der(),
         ca_der: None,
+        ca_spki: None,
     }
 }
 
@@ -65,7 +67,14 @@ fn ca_issued(name: &str) -> Made {
         ),
         spki: key.public_key_der(),
         ca_der: Some(ca.der().to_vec()),
+        ca_spki: Some(ca_key.public_key_der()),
     }
+}
+
+fn sha512(data: &[u8]) -> Vec<u8> {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA512, data)
+        .as_ref()
+        .to_vec()
 }
 
 fn sha256(data: &[u8]) -> Vec<u8> {
@@ -117,12 +126,15 @@ async fn wait_outcome(server: &TestServer, rcpt: &str, outcome: &str) -> serde_j
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tlsa_records_decide_the_certificate_and_bogus_answers_defer() {
-    let ee = self_signed("mx.ee.test");
+    // DANE-EE checks no name: this certificate names some other host.
+    let ee = self_signed("not-the-mx.example");
     let other = self_signed("mx.eebad.test");
     let ta = ca_issued("mx.ta.test");
     let unsigned = self_signed("mx.plain.test");
     let both = self_signed("mx.stsdane.test");
     let bogus = self_signed("mx.bogus.test");
+    // DANE-TA checks the name: this chain is anchored right, but for another host.
+    let ta_wrong_name = ca_issued("elsewhere.example");
 
     let ee_sink = mx_sink("127.0.9.1", SinkBehaviour::default().starttls(ee.sink)).await;
     let eebad_sink = mx_sink("127.0.9.2", SinkBehaviour::default().starttls(other.sink)).await;
@@ -134,6 +146,11 @@ async fn tlsa_records_decide_the_certificate_and_bogus_answers_defer() {
     .await;
     let bogus_sink = mx_sink("127.0.9.5", SinkBehaviour::default().starttls(bogus.sink)).await;
     let both_sink = mx_sink("127.0.9.6", SinkBehaviour::default().starttls(both.sink)).await;
+    let wrong_name_sink = mx_sink(
+        "127.0.9.7",
+        SinkBehaviour::default().starttls(ta_wrong_name.sink),
+    )
+    .await;
     // stsdane.test also publishes an enforced MTA-STS policy, which the self-signed
     // certificate of its MX could never meet: only DANE delivers there.
     let (fetches, _) = policy_server_at(
@@ -157,6 +174,14 @@ async fn tlsa_records_decide_the_certificate_and_bogus_answers_defer() {
     // DANE-TA: the issuer, by its full certificate's SHA-256.
     let ca_der = ta.ca_der.clone().unwrap();
     zone = mx(zone, "ta.test", "127.0.9.3").tlsa(&tlsa_name("ta.test"), 2, 0, 1, &sha256(&ca_der));
+    // (This one by the issuer's public key and SHA-512.)
+    zone = mx(zone, "tawrong.test", "127.0.9.7").tlsa(
+        &tlsa_name("tawrong.test"),
+        2,
+        1,
+        2,
+        &sha512(&ta_wrong_name.ca_spki.clone().unwrap()),
+    );
     // plain.test is unsigned: its TLSA record (which its MX would not match) is ignored.
     zone = mx(zone, "plain.test", "127.0.9.4")
         .tlsa(&tlsa_name("plain.test"), 3, 1, 1, &sha256(&ee.spki))
@@ -195,6 +220,7 @@ async fn tlsa_records_decide_the_certificate_and_bogus_answers_defer() {
         ("d@plain.test", "plain"),
         ("e@bogus.test", "bogus"),
         ("f@stsdane.test", "stsdane"),
+        ("g@tawrong.test", "tawrong"),
     ] {
         send(
             &server,
@@ -247,7 +273,34 @@ async fn tlsa_records_decide_the_certificate_and_bogus_answers_defer() {
         bogus_sink.messages().is_empty(),
         "nothing sent on a bogus answer"
     );
-    let _ = fetches;
+    // DANE-TA with the right anchor but a certificate for another name: deferred.
+    let line = wait_outcome(&server, "g@tawrong.test", "deferred").await;
+    assert_eq!(line["tls_policy"], "dane", "{line}");
+    // The anchor matched (2 1 2); the name did not.
+    assert!(
+        line["reply"]
+            .as_str()
+            .unwrap()
+            .contains("certificate not valid for name \"mx.tawrong.test\""),
+        "{line}"
+    );
+    assert!(
+        wrong_name_sink.messages().is_empty(),
+        "nothing sent to the wrong name"
+    );
+    // The MTA-STS policy of stsdane.test was never needed.
+    assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // Metrics count sessions by policy and result.
+    let metrics = crate::metrics::scrape(server.admin()).await;
+    let sample = |name: &str| metrics.get(name).copied().unwrap_or(0.0);
+    assert!(
+        sample("tern_tls_policy_sessions_total{policy=\"dane\",result=\"ok\"}") >= 3.0,
+        "{metrics:?}"
+    );
+    assert!(
+        sample("tern_tls_policy_sessions_total{policy=\"dane\",result=\"tlsa-invalid\"}") >= 1.0,
+        "{metrics:?}"
+    );
 
     // TLS-RPT: eebad.test's report names the TLSA record and counts the failed session.
     let (status, body) = server.api("POST", "/api/v1/tls-reports/send", None).await;
