@@ -16,6 +16,7 @@ use crate::dns_server::{DnsServer, Zone};
 use crate::harness::*;
 use crate::mta_sts::{assert_valid_tls_report, policy_server_at, tls_report};
 use crate::sink::{Sink, SinkBehaviour, SinkCert};
+use hickory_resolver::proto::rr::RecordType;
 
 const T: std::time::Duration = std::time::Duration::from_secs(20);
 
@@ -146,6 +147,7 @@ async fn tlsa_records_decide_the_certificate_and_bogus_answers_defer() {
     .await;
     let bogus_sink = mx_sink("127.0.9.5", SinkBehaviour::default().starttls(bogus.sink)).await;
     let both_sink = mx_sink("127.0.9.6", SinkBehaviour::default().starttls(both.sink)).await;
+    let host_bogus_sink = mx_sink("127.0.9.8", SinkBehaviour::default().starttls(ee.sink)).await;
     let wrong_name_sink = mx_sink(
         "127.0.9.7",
         SinkBehaviour::default().starttls(ta_wrong_name.sink),
@@ -182,6 +184,14 @@ async fn tlsa_records_decide_the_certificate_and_bogus_answers_defer() {
         2,
         &sha512(&ta_wrong_name.ca_spki.clone().unwrap()),
     );
+    // hostbogus.test's MX answer is fine, its MX host's TLSA answer is not.
+    zone = mx(zone, "hostbogus.test", "127.0.9.8")
+        .tlsa(&tlsa_name("hostbogus.test"), 3, 1, 1, &sha256(&ee.spki))
+        .tamper(&tlsa_name("hostbogus.test"))
+        .txt(
+            "_smtp._tls.hostbogus.test",
+            "v=TLSRPTv1; rua=mailto:tlsrpt@reports.test",
+        );
     // plain.test is unsigned: its TLSA record (which its MX would not match) is ignored.
     zone = mx(zone, "plain.test", "127.0.9.4")
         .tlsa(&tlsa_name("plain.test"), 3, 1, 1, &sha256(&ee.spki))
@@ -221,6 +231,7 @@ async fn tlsa_records_decide_the_certificate_and_bogus_answers_defer() {
         ("e@bogus.test", "bogus"),
         ("f@stsdane.test", "stsdane"),
         ("g@tawrong.test", "tawrong"),
+        ("h@hostbogus.test", "hostbogus"),
     ] {
         send(
             &server,
@@ -273,6 +284,35 @@ async fn tlsa_records_decide_the_certificate_and_bogus_answers_defer() {
         bogus_sink.messages().is_empty(),
         "nothing sent on a bogus answer"
     );
+    // A bogus TLSA answer: the host is not used (and would have matched).
+    let line = wait_outcome(&server, "h@hostbogus.test", "deferred").await;
+    assert!(
+        line["reply"]
+            .as_str()
+            .unwrap()
+            .contains("failed DNSSEC validation"),
+        "{line}"
+    );
+    assert!(
+        host_bogus_sink.messages().is_empty(),
+        "nothing sent on a bogus TLSA answer"
+    );
+    // Cached: another message to ee.test asks DNS for nothing new.
+    let tlsa_queries = dns.queries(&tlsa_name("ee.test"), RecordType::TLSA);
+    assert_eq!(tlsa_queries, 1, "one TLSA query so far");
+    send(
+        &server,
+        &format!("<{SENDER}>"),
+        &["<a2@ee.test>"],
+        &message("again"),
+    )
+    .await;
+    ee_sink.wait_for_messages(2, T).await;
+    assert_eq!(
+        dns.queries(&tlsa_name("ee.test"), RecordType::TLSA),
+        1,
+        "served from the cache"
+    );
     // DANE-TA with the right anchor but a certificate for another name: deferred.
     let line = wait_outcome(&server, "g@tawrong.test", "deferred").await;
     assert_eq!(line["tls_policy"], "dane", "{line}");
@@ -305,9 +345,26 @@ async fn tlsa_records_decide_the_certificate_and_bogus_answers_defer() {
     // TLS-RPT: eebad.test's report names the TLSA record and counts the failed session.
     let (status, body) = server.api("POST", "/api/v1/tls-reports/send", None).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["queued"], 1, "{body}");
-    let got = reports.wait_for_messages(1, T).await;
-    let report = tls_report(&got[0].data, "eebad.test");
+    assert_eq!(body["queued"], 2, "{body}");
+    let got = reports.wait_for_messages(2, T).await;
+    let about = |domain: &str| {
+        got.iter()
+            .find(|m| {
+                String::from_utf8_lossy(&m.data)
+                    .contains(&format!("TLS-Report-Domain: {domain}\r\n"))
+            })
+            .unwrap_or_else(|| panic!("a report about {domain}"))
+    };
+    // The bogus TLSA answer is reported as dnssec-invalid.
+    let bogus_report = tls_report(&about("hostbogus.test").data, "hostbogus.test");
+    assert_valid_tls_report(&bogus_report);
+    let policy = &bogus_report["policies"][0];
+    assert_eq!(policy["policy"]["policy-type"], "tlsa", "{bogus_report}");
+    assert_eq!(
+        policy["failure-details"][0]["result-type"], "dnssec-invalid",
+        "{bogus_report}"
+    );
+    let report = tls_report(&about("eebad.test").data, "eebad.test");
     assert_valid_tls_report(&report);
     let policy = &report["policies"][0];
     assert_eq!(policy["policy"]["policy-type"], "tlsa", "{report}");
