@@ -166,3 +166,57 @@ pub fn matches(record: &TlsaRecord, cert: &CertificateDer<'_>) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(selector: u8, matching: u8, data: Vec<u8>) -> TlsaRecord {
+        TlsaRecord {
+            usage: 3,
+            selector,
+            matching,
+            data,
+        }
+    }
+
+    #[test]
+    fn records_match_by_selector_and_matching_type_only() {
+        let made = rcgen::generate_simple_self_signed(vec!["mx.test".to_owned()]).unwrap();
+        let cert = made.cert.der().clone();
+        // rcgen's own encoding of the public key, not webpki's parse of the certificate.
+        let spki = made.key_pair.public_key_der();
+        let sha256 = |d: &[u8]| {
+            ::aws_lc_rs::digest::digest(&::aws_lc_rs::digest::SHA256, d)
+                .as_ref()
+                .to_vec()
+        };
+        let sha512 = |d: &[u8]| {
+            ::aws_lc_rs::digest::digest(&::aws_lc_rs::digest::SHA512, d)
+                .as_ref()
+                .to_vec()
+        };
+        assert!(matches(&record(0, 0, cert.to_vec()), &cert));
+        assert!(matches(&record(0, 1, sha256(&cert)), &cert));
+        assert!(matches(&record(1, 0, spki.clone()), &cert));
+        assert!(matches(&record(1, 1, sha256(&spki)), &cert));
+        assert!(matches(&record(1, 2, sha512(&spki)), &cert));
+        // The right digest under the wrong selector or type, or one byte off: no match.
+        assert!(!matches(&record(0, 1, sha256(&spki)), &cert));
+        assert!(!matches(&record(1, 2, sha256(&spki)), &cert));
+        let mut off = sha256(&spki);
+        off[31] ^= 1;
+        assert!(!matches(&record(1, 1, off), &cert));
+        assert!(
+            !matches(&record(2, 1, sha256(&spki)), &cert),
+            "unknown selector"
+        );
+        assert!(
+            !matches(&record(1, 3, sha256(&spki)), &cert),
+            "unknown matching type"
+        );
+        // Not a certificate: nothing matches its "public key".
+        let junk = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]);
+        assert!(!matches(&record(1, 0, Vec::new()), &junk));
+    }
+}

@@ -147,6 +147,7 @@ async fn tlsa_records_decide_the_certificate_and_bogus_answers_defer() {
     .await;
     let bogus_sink = mx_sink("127.0.9.5", SinkBehaviour::default().starttls(bogus.sink)).await;
     let both_sink = mx_sink("127.0.9.6", SinkBehaviour::default().starttls(both.sink)).await;
+    let overridden_sink = mx_sink("127.0.9.9", SinkBehaviour::default().starttls(other.sink)).await;
     let host_bogus_sink = mx_sink("127.0.9.8", SinkBehaviour::default().starttls(ee.sink)).await;
     let wrong_name_sink = mx_sink(
         "127.0.9.7",
@@ -184,6 +185,14 @@ async fn tlsa_records_decide_the_certificate_and_bogus_answers_defer() {
         2,
         &sha512(&ta_wrong_name.ca_spki.clone().unwrap()),
     );
+    // overridden.test's TLSA record does not match either, but a route says "may".
+    zone = mx(zone, "overridden.test", "127.0.9.9").tlsa(
+        &tlsa_name("overridden.test"),
+        3,
+        1,
+        1,
+        &sha256(&ee.spki),
+    );
     // hostbogus.test's MX answer is fine, its MX host's TLSA answer is not.
     zone = mx(zone, "hostbogus.test", "127.0.9.8")
         .tlsa(&tlsa_name("hostbogus.test"), 3, 1, 1, &sha256(&ee.spki))
@@ -217,6 +226,8 @@ async fn tlsa_records_decide_the_certificate_and_bogus_answers_defer() {
         Options::default()
             .route("sender.test", bounces.addr)
             .route("reports.test", reports.addr)
+            .route("overridden.test", "")
+            .route_option("overridden.test", "tls", "\"may\"")
             .delivery("dane", true)
             .delivery("mta_sts", true)
             .delivery("ca_file", format!("{:?}", ca.display().to_string())),
@@ -232,6 +243,7 @@ async fn tlsa_records_decide_the_certificate_and_bogus_answers_defer() {
         ("f@stsdane.test", "stsdane"),
         ("g@tawrong.test", "tawrong"),
         ("h@hostbogus.test", "hostbogus"),
+        ("i@overridden.test", "overridden"),
     ] {
         send(
             &server,
@@ -284,6 +296,10 @@ async fn tlsa_records_decide_the_certificate_and_bogus_answers_defer() {
         bogus_sink.messages().is_empty(),
         "nothing sent on a bogus answer"
     );
+    // A route's level replaces DANE: delivered although no TLSA record matches.
+    overridden_sink.wait_for_messages(1, T).await;
+    let line = wait_outcome(&server, "i@overridden.test", "delivered").await;
+    assert_eq!(line["tls_policy"], "opportunistic", "{line}");
     // A bogus TLSA answer: the host is not used (and would have matched).
     let line = wait_outcome(&server, "h@hostbogus.test", "deferred").await;
     assert!(
@@ -400,6 +416,7 @@ async fn route_tls_levels_replace_the_discovered_policy() {
     let offers_tls = mx_sink("127.0.9.12", SinkBehaviour::default().starttls(cert.sink)).await;
     let untrusted = mx_sink("127.0.9.13", SinkBehaviour::default().starttls(cert.sink)).await;
     let no_tlsa = mx_sink("127.0.9.14", SinkBehaviour::default().starttls(cert.sink)).await;
+    let static_dane = mx_sink("127.0.9.15", SinkBehaviour::default().starttls(cert.sink)).await;
     let mut zone = Zone::new().signed();
     for (domain, ip) in [
         ("encrypt.test", "127.0.9.11"),
@@ -409,6 +426,15 @@ async fn route_tls_levels_replace_the_discovered_policy() {
     ] {
         zone = mx(zone, domain, ip);
     }
+    // A static route's host under "dane": its TLSA record names another key.
+    let elsewhere = self_signed("relay.example");
+    zone = zone.a("relay.ds.test", "127.0.9.15").tlsa(
+        "_25._tcp.relay.ds.test",
+        3,
+        1,
+        1,
+        &sha256(&elsewhere.spki),
+    );
     // daneonly.test is signed, but its MX host has no TLSA record.
     zone = zone
         .insecure("encrypt.test")
@@ -432,8 +458,12 @@ async fn route_tls_levels_replace_the_discovered_policy() {
     ] {
         options = level(options, domain, tls);
     }
+    options = options
+        .route("ds.test", "relay.ds.test:25")
+        .route_option("ds.test", "tls", "\"dane\"");
     let server = daemon(&dns, &anchor, options).await;
     for rcpt in [
+        "e@ds.test",
         "a@encrypt.test",
         "b@none.test",
         "c@verify.test",
@@ -473,5 +503,23 @@ async fn route_tls_levels_replace_the_discovered_policy() {
         "{line}"
     );
     assert!(no_tlsa.messages().is_empty());
+    // dane on a static route: the named host's TLSA record decides.
+    let line = wait_outcome(&server, "e@ds.test", "deferred").await;
+    assert_eq!(line["tls_policy"], "dane", "{line}");
+    assert!(
+        line["reply"]
+            .as_str()
+            .unwrap()
+            .contains("certificate matches no TLSA record"),
+        "{line}"
+    );
+    assert!(static_dane.messages().is_empty());
+    let metrics = crate::metrics::scrape(server.admin()).await;
+    assert!(
+        metrics
+            .get("tern_tls_policy_sessions_total{policy=\"dane-only\",result=\"dane-required\"}")
+            .is_some_and(|n| *n >= 1.0),
+        "{metrics:?}"
+    );
     server.stop().await;
 }
