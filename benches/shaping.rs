@@ -29,6 +29,8 @@ fn plan(i: usize) -> RoutePlan {
         }],
         tls: TlsPolicy::Opportunistic,
         auth: None,
+        tls_label: "opportunistic",
+        dane: None,
     }
 }
 

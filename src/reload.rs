@@ -39,6 +39,8 @@ pub const RESTART_KEYS: &[&str] = &[
     "delivery.nameservers",
     "delivery.log_path",
     "delivery.mta_sts",
+    "delivery.dane",
+    "delivery.dnssec_trust_anchor",
     "delivery.ca_file",
     "delivery.check_dkim_records",
     "log.format",
@@ -93,6 +95,8 @@ pub fn merge(running: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
     keep!("delivery.nameservers", delivery.nameservers);
     keep!("delivery.log_path", delivery.log_path);
     keep!("delivery.mta_sts", delivery.mta_sts);
+    keep!("delivery.dane", delivery.dane);
+    keep!("delivery.dnssec_trust_anchor", delivery.dnssec_trust_anchor);
     keep!("delivery.ca_file", delivery.ca_file);
     keep!("delivery.check_dkim_records", delivery.check_dkim_records);
     keep!("log.format", log.format);

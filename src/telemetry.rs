@@ -480,6 +480,7 @@ pub struct Metrics {
     delivery_latency_seconds: Histogram,
     dsns_sent: IntCounterVec,
     tls_deliveries: IntCounterVec,
+    tls_policy_sessions: IntCounterVec,
 
     ready_queue_depth: IntGaugeVec,
     /// Serializes scrapes: `ready_queue_depth` is rebuilt by each one.
@@ -849,6 +850,11 @@ impl Metrics {
                 "tern_tls_deliveries_total",
                 "Delivered recipients whose attempt used TLS, by destination (share: this over deliveries{outcome=\"delivered\"}).",
                 &["destination"],
+            ),
+            tls_policy_sessions: counter_vec(
+                "tern_tls_policy_sessions_total",
+                "New outbound connections by the TLS policy they were under (dane, dane-only, mta-sts-enforce, mta-sts-testing, or a level: required, encrypt, opportunistic, disabled) and result (ok, or the RFC 8460 failure type: tlsa-invalid, dnssec-invalid, dane-required, certificate-not-trusted, starttls-not-supported, ...).",
+                &["policy", "result"],
             ),
             ready_queue_depth: {
                 let g = IntGaugeVec::new(
@@ -1454,6 +1460,15 @@ impl Metrics {
 
     pub fn delivery_attempt(&self, took: Duration) {
         self.delivery_attempt_seconds.observe(took.as_secs_f64());
+    }
+
+    /// A new outbound connection under TLS policy `policy` (a `RoutePlan::tls_label`) that
+    /// met it (`result` "ok") or failed with an RFC 8460 result type. Both label sets are
+    /// small and fixed.
+    pub fn tls_policy_session(&self, policy: &str, result: &str) {
+        self.tls_policy_sessions
+            .with_label_values(&[policy, result])
+            .inc();
     }
 
     /// A delivered recipient: `latency` from acceptance, `tls` whether the attempt used TLS,

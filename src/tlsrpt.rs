@@ -1,9 +1,11 @@
 //! SMTP TLS Reporting (RFC 8460): what tern's TLS sessions with the MX hosts of domains that
-//! publish an MTA-STS policy looked like, reported to those domains.
+//! publish an MTA-STS policy or DANE TLSA records looked like, reported to those domains.
 //!
 //! The delivery worker records each new connection to such a domain's MX hosts
-//! ([`TlsReports::success`], [`TlsReports::failure`] with an RFC 8460 result type); counts are
-//! kept per policy domain per UTC day, in memory (a restart loses the day's counts so far).
+//! ([`TlsReports::success`], [`TlsReports::failure`] with an RFC 8460 result type) under the
+//! policy it was made under ([`ReportPolicy`]: the domain's MTA-STS policy, `sts`, or one MX
+//! host's TLSA records, `tlsa`); counts are kept per policy domain per UTC day, per policy, in
+//! memory (a restart loses the day's counts so far).
 //! [`TlsReports::reports`] (daily after midnight UTC, or now through the admin API) looks up
 //! `_smtp._tls.<domain>` (`v=TLSRPTv1; rua=mailto:...`), and builds each day's report mail as
 //! RFC 8460 3 says: a gzipped JSON attachment (`application/tlsrpt+gzip`) in a
@@ -25,6 +27,7 @@ use tern_queue::{BodyType, Recipient, Source};
 use tracing::{info, warn};
 
 use crate::message::Submission;
+use crate::routing::dane::TlsaSet;
 use crate::routing::dns::Resolver;
 use crate::routing::sts::Policy;
 
@@ -33,10 +36,35 @@ pub const MAX_DOMAINS: usize = 50_000;
 /// One report POST, connect to answer.
 pub const POST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// One domain's day.
+/// The policy a session was made under (RFC 8460 4.4 `policy-type`).
+#[derive(Debug, Clone)]
+pub enum ReportPolicy {
+    /// The domain's MTA-STS policy: `sts`.
+    Sts(Arc<Policy>),
+    /// DANE: the TLSA records of `mx` (empty when they could not be validated): `tlsa`.
+    Tlsa { mx: String, records: Arc<TlsaSet> },
+}
+
+impl ReportPolicy {
+    /// One report entry per MTA-STS policy, one per MX host's TLSA RRset.
+    fn key(&self) -> String {
+        match self {
+            ReportPolicy::Sts(_) => "sts".to_owned(),
+            ReportPolicy::Tlsa { mx, .. } => format!("tlsa:{}", mx.to_ascii_lowercase()),
+        }
+    }
+}
+
+/// One domain's day: its policies' counts.
 #[derive(Debug, Clone, Default)]
 struct DomainDay {
-    policy: Option<Arc<Policy>>,
+    policies: BTreeMap<String, PolicyDay>,
+}
+
+/// One policy's day.
+#[derive(Debug, Clone)]
+struct PolicyDay {
+    policy: ReportPolicy,
     /// MX host names seen.
     mx: std::collections::BTreeSet<String>,
     successes: u64,
@@ -55,19 +83,30 @@ fn today() -> u64 {
 }
 
 impl TlsReports {
-    fn with_day(&self, domain: &str, policy: &Arc<Policy>, f: impl FnOnce(&mut DomainDay)) {
+    fn with_day(&self, domain: &str, policy: &ReportPolicy, f: impl FnOnce(&mut PolicyDay)) {
         let mut days = self.days.lock().unwrap_or_else(|e| e.into_inner());
         let key = (domain.to_ascii_lowercase(), today());
         if !days.contains_key(&key) && days.len() >= MAX_DOMAINS {
             return;
         }
-        let day = days.entry(key).or_default();
-        day.policy = Some(policy.clone());
+        let day = days
+            .entry(key)
+            .or_default()
+            .policies
+            .entry(policy.key())
+            .or_insert_with(|| PolicyDay {
+                policy: policy.clone(),
+                mx: Default::default(),
+                successes: 0,
+                failures: BTreeMap::new(),
+            });
+        // The latest policy (an MTA-STS policy may have been refreshed) is reported.
+        day.policy = policy.clone();
         f(day);
     }
 
     /// A TLS session with `mx` (an MX host of `domain`, under `policy`) that met the policy.
-    pub fn success(&self, domain: &str, policy: &Arc<Policy>, mx: &str) {
+    pub fn success(&self, domain: &str, policy: &ReportPolicy, mx: &str) {
         self.with_day(domain, policy, |d| {
             d.mx.insert(mx.to_ascii_lowercase());
             d.successes += 1;
@@ -78,7 +117,7 @@ impl TlsReports {
     pub fn failure(
         &self,
         domain: &str,
-        policy: &Arc<Policy>,
+        policy: &ReportPolicy,
         result_type: &str,
         mx: &str,
         ip: &str,
@@ -293,45 +332,62 @@ fn day_bounds(day: u64) -> (String, String) {
 /// The report (RFC 8460 4.4) of one policy domain's day.
 fn report_json(domain: &str, day: u64, data: &DomainDay, hostname: &str) -> Value {
     let (start, end) = day_bounds(day);
-    let policy = data.policy.as_deref();
-    let mut policy_string = Vec::new();
-    if let Some(p) = policy {
-        policy_string.push("version: STSv1".to_owned());
-        policy_string.push(format!("mode: {}", p.mode.as_str()));
-        policy_string.extend(p.mx.iter().map(|m| format!("mx: {m}")));
-        policy_string.push(format!("max_age: {}", p.max_age));
-    }
-    let failed: u64 = data.failures.values().sum();
-    let details: Vec<Value> = data
-        .failures
-        .iter()
-        .map(|((result_type, mx, ip), n)| {
-            json!({
-                "result-type": result_type,
-                "receiving-mx-hostname": mx,
-                "receiving-ip": ip,
-                "failed-session-count": n,
-            })
-        })
+    let policies: Vec<Value> = data
+        .policies
+        .values()
+        .map(|p| policy_json(domain, p))
         .collect();
     json!({
         "organization-name": hostname,
         "date-range": {"start-datetime": start, "end-datetime": end},
         "contact-info": format!("postmaster@{hostname}"),
         "report-id": format!("{start}_{domain}@{hostname}"),
-        "policies": [{
-            "policy": {
-                "policy-type": if policy.is_some() { "sts" } else { "no-policy-found" },
-                "policy-string": policy_string,
-                "policy-domain": domain,
-                "mx-host": data.mx.iter().collect::<Vec<_>>(),
-            },
-            "summary": {
-                "total-successful-session-count": data.successes,
-                "total-failure-session-count": failed,
-            },
-            "failure-details": details,
-        }],
+        "policies": policies,
+    })
+}
+
+fn policy_json(domain: &str, data: &PolicyDay) -> Value {
+    let (policy_type, policy_string) = match &data.policy {
+        ReportPolicy::Sts(p) => {
+            let mut lines = vec![
+                "version: STSv1".to_owned(),
+                format!("mode: {}", p.mode.as_str()),
+            ];
+            lines.extend(p.mx.iter().map(|m| format!("mx: {m}")));
+            lines.push(format!("max_age: {}", p.max_age));
+            ("sts", lines)
+        }
+        ReportPolicy::Tlsa { records, .. } => ("tlsa", records.text.clone()),
+    };
+    let failed: u64 = data.failures.values().sum();
+    let details: Vec<Value> = data
+        .failures
+        .iter()
+        .map(|((result_type, mx, ip), n)| {
+            let mut detail = json!({
+                "result-type": result_type,
+                "receiving-mx-hostname": mx,
+                "failed-session-count": n,
+            });
+            // No address when the host was not connected to (a DANE lookup that failed).
+            if !ip.is_empty() {
+                detail["receiving-ip"] = json!(ip);
+            }
+            detail
+        })
+        .collect();
+    json!({
+        "policy": {
+            "policy-type": policy_type,
+            "policy-string": policy_string,
+            "policy-domain": domain,
+            "mx-host": data.mx.iter().collect::<Vec<_>>(),
+        },
+        "summary": {
+            "total-successful-session-count": data.successes,
+            "total-failure-session-count": failed,
+        },
+        "failure-details": details,
     })
 }
 
@@ -393,11 +449,11 @@ mod tests {
     #[test]
     fn the_report_counts_sessions_per_failure_and_names_the_policy() {
         let reports = TlsReports::default();
-        let policy = Arc::new(Policy {
+        let policy = ReportPolicy::Sts(Arc::new(Policy {
             mode: Mode::Enforce,
             mx: vec!["mx.x.test".into()],
             max_age: 86400,
-        });
+        }));
         reports.success("x.test", &policy, "mx.x.test");
         for _ in 0..2 {
             reports.failure(
@@ -422,5 +478,38 @@ mod tests {
             "certificate-not-trusted"
         );
         assert!(reports.take(true).is_empty(), "a day is reported once");
+    }
+
+    #[test]
+    fn dane_sessions_are_reported_per_mx_host_under_its_tlsa_records() {
+        let reports = TlsReports::default();
+        let tlsa = |mx: &str, text: &str| ReportPolicy::Tlsa {
+            mx: mx.into(),
+            records: Arc::new(TlsaSet {
+                usable: Vec::new(),
+                text: vec![text.into()],
+            }),
+        };
+        reports.success("d.test", &tlsa("mx1.d.test", "3 1 1 aa"), "mx1.d.test");
+        reports.failure(
+            "d.test",
+            &tlsa("mx2.d.test", "3 1 1 bb"),
+            "tlsa-invalid",
+            "mx2.d.test",
+            "192.0.2.2",
+        );
+        let taken = reports.take(true);
+        let (domain, day, data) = &taken[0];
+        let report = report_json(domain, *day, data, "tern.test");
+        let policies = report["policies"].as_array().unwrap();
+        assert_eq!(policies.len(), 2, "one entry per MX host's TLSA RRset");
+        assert_eq!(policies[0]["policy"]["policy-type"], "tlsa");
+        assert_eq!(policies[0]["policy"]["policy-string"][0], "3 1 1 aa");
+        assert_eq!(policies[0]["summary"]["total-successful-session-count"], 1);
+        assert_eq!(policies[1]["policy"]["mx-host"][0], "mx2.d.test");
+        assert_eq!(
+            policies[1]["failure-details"][0]["result-type"],
+            "tlsa-invalid"
+        );
     }
 }

@@ -52,6 +52,13 @@ pub struct DeliveryConfig {
     pub allow_local_mx: bool,
     /// Apply receivers' MTA-STS policies (RFC 8461) to MX-routed mail. Default true.
     pub mta_sts: bool,
+    /// DANE (RFC 7672) for MX-routed mail: a DNSSEC-validating resolver looks up TLSA
+    /// records of MX hosts whose MX answer is secure. Default false (it needs a resolver path
+    /// that passes DNSSEC records; see OPERATIONS).
+    pub dane: bool,
+    /// DNSKEY records (zone-file form) to validate DNSSEC from instead of the root KSKs.
+    /// Default none (the built-in root anchors).
+    pub dnssec_trust_anchor: Option<PathBuf>,
     /// Extra trusted CAs (PEM) for verified TLS: `tls = "required"` routes, MTA-STS
     /// enforcement and policy fetches, besides the system bundle. Default none.
     pub ca_file: Option<PathBuf>,
@@ -83,6 +90,8 @@ impl Default for DeliveryConfig {
             nameservers: Vec::new(),
             allow_local_mx: false,
             mta_sts: true,
+            dane: false,
+            dnssec_trust_anchor: None,
             ca_file: None,
             check_dkim_records: true,
             log_path: Some(PathBuf::from("./data/delivery.log")),
@@ -128,15 +137,52 @@ impl Default for SmtpTimeouts {
     }
 }
 
+/// A TLS security level, named as Postfix's `smtp_tls_security_level` names them (the older
+/// tern names are accepted too). `delivery.tls` is the level of mail no receiver policy
+/// covers; a route's `tls` replaces whatever would have been discovered (DANE, MTA-STS).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsPolicy {
-    /// `"opportunistic"`: STARTTLS when offered, certificate not verified (RFC 7435); on a
-    /// TLS failure, retry in plain text and remember the host for `broken_tls_retry`.
+    /// `"may"` (or `"opportunistic"`): STARTTLS when offered, certificate not verified
+    /// (RFC 7435); on a TLS failure, retry in plain text and remember the host for
+    /// `broken_tls_retry`.
     Opportunistic,
-    /// `"required"`: no delivery without STARTTLS and a certificate valid for the host name.
+    /// `"verify"`, `"secure"` (or `"required"`): no delivery without STARTTLS and a
+    /// certificate valid for the host name.
     Required,
-    /// `"disabled"`: never STARTTLS.
+    /// `"none"` (or `"disabled"`): never STARTTLS.
     Disabled,
+    /// `"encrypt"`: no delivery without STARTTLS; the certificate is not verified.
+    Encrypt,
+    /// `"dane"`: DANE (RFC 7672) where the MX answer and the host's TLSA records are
+    /// DNSSEC-secure, otherwise `may`.
+    Dane,
+    /// `"dane-only"`: DANE or nothing: a host without secure usable TLSA records is not used.
+    DaneOnly,
+    /// `"mta-sts"`: the domain's MTA-STS policy (RFC 8461), otherwise `may`; no DANE.
+    MtaSts,
+}
+
+impl TlsPolicy {
+    /// The level's name in the config, the delivery log (`tls_policy`) and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsPolicy::Opportunistic => "opportunistic",
+            TlsPolicy::Required => "required",
+            TlsPolicy::Disabled => "disabled",
+            TlsPolicy::Encrypt => "encrypt",
+            TlsPolicy::Dane => "dane",
+            TlsPolicy::DaneOnly => "dane-only",
+            TlsPolicy::MtaSts => "mta-sts",
+        }
+    }
+
+    /// Whether a session without STARTTLS is refused.
+    pub fn mandatory(self) -> bool {
+        matches!(
+            self,
+            TlsPolicy::Required | TlsPolicy::Encrypt | TlsPolicy::Dane | TlsPolicy::DaneOnly
+        )
+    }
 }
 
 /// Credentials for a smarthost route. The password must be stored in a form we can send, so
@@ -265,7 +311,7 @@ pub(super) fn compile_delivery(r: &mut TableReader<'_>) -> DeliveryConfig {
         max_idle_connections: r
             .get("max_idle_connections", count)
             .unwrap_or(d.max_idle_connections),
-        tls: r.get("tls", tls_policy).unwrap_or(d.tls),
+        tls: r.get("tls", default_tls_policy).unwrap_or(d.tls),
         broken_tls_retry: r
             .get("broken_tls_retry", duration)
             .unwrap_or(d.broken_tls_retry),
@@ -290,6 +336,8 @@ pub(super) fn compile_delivery(r: &mut TableReader<'_>) -> DeliveryConfig {
         mta_sts: r
             .get("mta_sts", super::bounce::boolean)
             .unwrap_or(d.mta_sts),
+        dane: r.get("dane", super::bounce::boolean).unwrap_or(d.dane),
+        dnssec_trust_anchor: r.get("dnssec_trust_anchor", super::path),
         ca_file: r.get("ca_file", super::path),
         check_dkim_records: r
             .get("check_dkim_records", super::bounce::boolean)
@@ -327,14 +375,30 @@ fn off_or<T>(
     }
 }
 
+/// Any level, for a route's `tls`.
 pub(super) fn tls_policy(v: &Value) -> Result<TlsPolicy, String> {
     match string(v)? {
-        "opportunistic" => Ok(TlsPolicy::Opportunistic),
-        "required" => Ok(TlsPolicy::Required),
-        "disabled" => Ok(TlsPolicy::Disabled),
+        "may" | "opportunistic" => Ok(TlsPolicy::Opportunistic),
+        "verify" | "secure" | "required" => Ok(TlsPolicy::Required),
+        "none" | "disabled" => Ok(TlsPolicy::Disabled),
+        "encrypt" => Ok(TlsPolicy::Encrypt),
+        "dane" => Ok(TlsPolicy::Dane),
+        "dane-only" => Ok(TlsPolicy::DaneOnly),
+        "mta-sts" => Ok(TlsPolicy::MtaSts),
         other => Err(format!(
-            "unknown TLS policy {other:?} (expected \"opportunistic\", \"required\" or \"disabled\")"
+            "unknown TLS policy {other:?} (expected a level: \"none\", \"may\", \"encrypt\", \"dane\", \"dane-only\", \"mta-sts\", \"verify\" or \"secure\")"
         )),
+    }
+}
+
+/// `delivery.tls`: the level of mail no receiver policy covers. DANE and MTA-STS are
+/// switched on with `delivery.dane` / `delivery.mta_sts`, so they are not levels here.
+fn default_tls_policy(v: &Value) -> Result<TlsPolicy, String> {
+    match tls_policy(v)? {
+        TlsPolicy::Dane | TlsPolicy::DaneOnly | TlsPolicy::MtaSts => Err(
+            "DANE and MTA-STS are switched on with delivery.dane and delivery.mta_sts; use them on a route's tls".to_owned(),
+        ),
+        level => Ok(level),
     }
 }
 

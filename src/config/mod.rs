@@ -401,10 +401,11 @@ impl Default for AdminConfig {
 pub struct RouteConfig {
     /// Lowercase domain, or `"*"` for every domain without a route of its own.
     pub domain: String,
-    /// `host:port` strings (host a DNS name, IPv4 address or `[IPv6]`), at least one, in order
-    /// of preference.
+    /// `host:port` strings (host a DNS name, IPv4 address or `[IPv6]`) in order of
+    /// preference. Empty: a policy route, whose mail is MX-routed under its `tls`.
     pub hosts: Vec<String>,
-    /// STARTTLS policy for this route; `None` means `delivery.tls`.
+    /// TLS level for this route, replacing what would have been discovered (DANE, MTA-STS)
+    /// and `delivery.tls`; `None` means the discovered policy, else `delivery.tls`.
     pub tls: Option<TlsPolicy>,
     /// AUTH credentials for a smarthost (sent only over TLS).
     pub auth: Option<RouteAuth>,
@@ -937,8 +938,31 @@ fn compile_route(
         "*" => Ok("*".to_owned()),
         domain => check_dns_name(domain).map(|()| domain.to_ascii_lowercase()),
     });
-    let hosts = r.require_list("hosts", host_port);
+    // Without `hosts` the route is a policy route: MX routing as usual, with its `tls`.
+    let hosts = if r.contains("hosts") {
+        r.require_list("hosts", host_port)
+    } else {
+        Some(Vec::new())
+    };
     let tls = r.get("tls", delivery::tls_policy);
+    let policy_route = hosts.as_ref().is_some_and(|h| h.is_empty());
+    if policy_route && tls.is_none() {
+        r.error(
+            "hosts",
+            "missing required key (a route without hosts only sets tls, so it needs tls)",
+        );
+    }
+    if !policy_route && tls == Some(TlsPolicy::MtaSts) {
+        r.error(
+            "tls",
+            "mta-sts applies to MX routing: use it on a route without hosts",
+        );
+    }
+    for key in ["auth", "pool", "verp"] {
+        if policy_route && r.contains(key) {
+            r.error(key, "only for a route with hosts");
+        }
+    }
     let auth = r
         .optional_section("auth", delivery::compile_route_auth)
         .flatten();
@@ -952,7 +976,8 @@ fn compile_route(
             ))
         }
     });
-    let verp = r.get("verp", bounce::boolean);
+    // (Refused above on a policy route, so it asks nothing of the bounce section.)
+    let verp = r.get("verp", bounce::boolean).filter(|_| !policy_route);
     let domain = domain?;
     if let Some(first) = domains.get(&domain) {
         let msg = format!("duplicate route for {domain:?} (already defined by {first})");
@@ -1771,6 +1796,87 @@ mod tests {
         for bad in ["", "verbose", "info,", "=debug", "tern=loud"] {
             assert!(check_log_filter(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn tls_levels_take_postfix_names_and_policy_routes_need_tls() {
+        let text = r#"
+            [[listeners]]
+            address = "127.0.0.1:2525"
+            [server]
+            hostname = "mx.test"
+            [delivery]
+            dane = true
+            dnssec_trust_anchor = "/etc/tern/root.key"
+            tls = "encrypt"
+            [[routes]]
+            domain = "a.test"
+            tls = "dane-only"
+            [[routes]]
+            domain = "b.test"
+            hosts = ["relay.b.test:25"]
+            tls = "verify"
+            [[routes]]
+            domain = "c.test"
+            tls = "none"
+        "#;
+        let config = Config::parse(text).unwrap();
+        assert!(config.delivery.dane);
+        assert_eq!(config.delivery.tls, TlsPolicy::Encrypt);
+        assert_eq!(
+            config.delivery.dnssec_trust_anchor.as_deref(),
+            Some(Path::new("/etc/tern/root.key"))
+        );
+        let levels: Vec<_> = config.routes.iter().map(|r| r.tls).collect();
+        assert_eq!(
+            levels,
+            [
+                Some(TlsPolicy::DaneOnly),
+                Some(TlsPolicy::Required),
+                Some(TlsPolicy::Disabled)
+            ]
+        );
+        assert!(config.routes[0].hosts.is_empty(), "a policy route");
+
+        let bad = r#"
+            [[listeners]]
+            address = "127.0.0.1:2525"
+            [server]
+            hostname = "mx.test"
+            [delivery]
+            tls = "dane"
+            dane = "yes"
+            [[routes]]
+            domain = "a.test"
+            [[routes]]
+            domain = "b.test"
+            hosts = ["relay.b.test:25"]
+            tls = "mta-sts"
+            [[routes]]
+            domain = "c.test"
+            tls = "sometimes"
+            [[routes]]
+            domain = "d.test"
+            tls = "may"
+            verp = true
+        "#;
+        let errors = Config::parse(bad).unwrap_err().0;
+        let expect = [
+            "delivery.tls: DANE and MTA-STS are switched on with delivery.dane",
+            "delivery.dane: expected true or false",
+            "routes[0].hosts: missing required key (a route without hosts only sets tls",
+            "routes[1].tls: mta-sts applies to MX routing",
+            "routes[2].tls: unknown TLS policy \"sometimes\"",
+            "routes[2].hosts: missing required key",
+            "routes[3].verp: only for a route with hosts",
+        ];
+        for e in expect {
+            assert!(
+                errors.iter().any(|x| x.starts_with(e)),
+                "missing {e:?} in {errors:#?}"
+            );
+        }
+        assert_eq!(errors.len(), expect.len(), "{errors:#?}");
     }
 
     #[test]

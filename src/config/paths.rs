@@ -73,6 +73,7 @@ impl Config {
         fix(&mut self.spool.path);
         fix_opt(&mut self.admin.token_file);
         fix_opt(&mut self.delivery.log_path);
+        fix_opt(&mut self.delivery.dnssec_trust_anchor);
         for route in &mut self.routes {
             if let Some(auth) = &mut route.auth {
                 fix(&mut auth.password_file);

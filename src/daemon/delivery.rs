@@ -89,12 +89,23 @@ impl Delivery {
             resolver.clone(),
             AddressGuard::new(config.delivery.allow_local_mx, &parts.listeners),
         );
+        // The validating resolver serves routes with tls = "dane"/"dane-only" whatever
+        // delivery.dane says; delivery.dane turns DANE on for all other MX-routed mail.
+        let trust_anchor = config.delivery.dnssec_trust_anchor.as_deref();
+        let dane = crate::routing::dane::Dane::new(&config.delivery.nameservers, trust_anchor)
+            .map_err(|e| match trust_anchor {
+                Some(_) => anyhow::anyhow!("delivery.dnssec_trust_anchor: {e}"),
+                None => anyhow::anyhow!("delivery.dane: cannot set up the DNSSEC resolver: {e}"),
+            })?;
+        router = router.with_dane(Arc::new(dane), config.delivery.dane);
         let mut tls_reporting = None;
         if config.delivery.mta_sts {
             router = router.with_sts(Arc::new(Sts::new(
                 resolver.clone(),
                 sts_connector(extra_roots.as_ref()),
             )));
+        }
+        if config.delivery.mta_sts || config.delivery.dane {
             tls_reporting = Some(Arc::new(TlsReporting::new(
                 Arc::new(TlsReports::default()),
                 resolver,

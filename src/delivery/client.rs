@@ -242,6 +242,17 @@ impl BrokenTls {
     }
 }
 
+/// What a connection's TLS must satisfy beyond its [`Target::tls`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TlsChecks<'a> {
+    /// DANE (`Target::tls` is `Dane`/`DaneOnly`): the certificate must match these records;
+    /// with none usable, any certificate will do, but TLS is still mandatory.
+    pub tlsa: Option<&'a Arc<crate::routing::dane::TlsaSet>>,
+    /// Check the certificate against the roots after the handshake without enforcing it
+    /// (MTA-STS `testing`): the result is [`Connection::peer_check`].
+    pub report_peer: bool,
+}
+
 /// Where and how to connect.
 #[derive(Debug, Clone, Copy)]
 pub struct Target<'a> {
@@ -605,6 +616,9 @@ pub struct Connection {
     /// Held for as long as the connection lives (a shaping connection slot), idle in the pool
     /// included.
     lease: Option<Box<dyn Lease>>,
+    /// The certificate check asked for by [`TlsChecks::report_peer`]: `Ok`, or why it
+    /// failed; `None` when not asked or not over TLS.
+    peer_check: Option<Result<(), String>>,
 }
 
 /// Opens a connection to `target`. Under `TlsPolicy::Opportunistic`, a failed TLS handshake
@@ -617,25 +631,40 @@ pub async fn connect(
     connect_as(target, settings, broken, &settings.ehlo_name).await
 }
 
-/// [`connect`] with another EHLO name (the one of a pool's source address).
+/// [`connect_checked`] without extra checks.
 pub async fn connect_as(
     target: &Target<'_>,
     settings: &ClientSettings,
     broken: &BrokenTls,
     ehlo_name: &str,
 ) -> Result<Connection, AttemptError> {
+    connect_checked(target, settings, broken, ehlo_name, TlsChecks::default()).await
+}
+
+/// [`connect`] with another EHLO name (the one of a pool's source address) and the TLS
+/// checks of the target's policy (DANE records, a reported certificate check).
+pub async fn connect_checked(
+    target: &Target<'_>,
+    settings: &ClientSettings,
+    broken: &BrokenTls,
+    ehlo_name: &str,
+    checks: TlsChecks<'_>,
+) -> Result<Connection, AttemptError> {
     if target.auth.is_some() && target.tls == TlsPolicy::Disabled {
         return Err(AttemptError::AuthWithoutTls);
     }
+    // Only `may` (and `mta-sts` without an enforced policy, which is `may`) falls back to
+    // plain text; every other level with TLS makes it mandatory.
+    let fallback = matches!(target.tls, TlsPolicy::Opportunistic | TlsPolicy::MtaSts);
     let try_tls = match target.tls {
         TlsPolicy::Disabled => false,
-        TlsPolicy::Required => true,
-        TlsPolicy::Opportunistic => !broken.is_broken(target.host),
+        _ if fallback => !broken.is_broken(target.host),
+        _ => true,
     };
-    match open(target, settings, try_tls, ehlo_name).await {
-        Err(AttemptError::Tls { .. }) if target.tls == TlsPolicy::Opportunistic => {
+    match open(target, settings, try_tls, ehlo_name, checks).await {
+        Err(AttemptError::Tls { .. }) if fallback => {
             broken.mark(target.host);
-            open(target, settings, false, ehlo_name).await
+            open(target, settings, false, ehlo_name, checks).await
         }
         result => result,
     }
@@ -646,6 +675,7 @@ async fn open(
     settings: &ClientSettings,
     try_tls: bool,
     ehlo_name: &str,
+    checks: TlsChecks<'_>,
 ) -> Result<Connection, AttemptError> {
     let t = &settings.timeouts;
     let tcp = tokio::time::timeout(t.connect, tcp_connect(target.addr, target.source))
@@ -681,8 +711,15 @@ async fn open(
         .unwrap_or_default();
 
     let mut tls = None;
+    let mut peer_check = None;
     // Whether the certificate verified for the host name; checked only where it matters.
     let mut verified = Err("no TLS".to_owned());
+    // DANE with usable records: the certificate must match one (`delivery::dane`).
+    let dane = checks
+        .tlsa
+        .filter(|set| !set.usable.is_empty())
+        .filter(|_| matches!(target.tls, TlsPolicy::Dane | TlsPolicy::DaneOnly));
+    let dane_connector = dane.map(|set| super::dane::connector(set.clone()));
     let stream =
         if try_tls && capabilities.starttls {
             plain.timeout = t.ehlo;
@@ -691,8 +728,9 @@ async fn open(
                 .await
                 .map_err(|e| wire_error(Phase::StartTls, e))?;
             if reply.code == 220 {
-                let connector = match target.tls {
-                    TlsPolicy::Required => &settings.verified,
+                let connector = match (&dane_connector, target.tls) {
+                    (Some(dane), _) => dane,
+                    (None, TlsPolicy::Required) => &settings.verified,
                     _ => &settings.opportunistic,
                 };
                 // `into_tls` bounds the handshake with `plain.timeout` (the EHLO timeout).
@@ -708,9 +746,15 @@ async fn open(
                 tls = Some(TlsInfo::of(session));
                 verified = match target.tls {
                     TlsPolicy::Required => Ok(()),
-                    _ if target.auth.is_some() => settings.verify_peer(session, target.host),
+                    _ if dane.is_some() => Ok(()),
+                    _ if target.auth.is_some() || checks.report_peer => {
+                        settings.verify_peer(session, target.host)
+                    }
                     _ => Err("not checked".to_owned()),
                 };
+                if checks.report_peer {
+                    peer_check = Some(verified.clone());
+                }
                 let mut client = SmtpClient {
                     stream: BufWriter::new(Stream::Tls(Box::new(secured.stream))),
                     timeout: t.ehlo,
@@ -722,7 +766,7 @@ async fn open(
                     .map(Capabilities::from_ehlo)
                     .unwrap_or_default();
                 client
-            } else if target.tls == TlsPolicy::Required {
+            } else if target.tls.mandatory() {
                 return Err(AttemptError::Refused {
                     phase: Phase::StartTls,
                     reply: reply.into(),
@@ -731,7 +775,7 @@ async fn open(
                 // Opportunistic: a refused STARTTLS leaves the session as it was, in plain text.
                 wrap_plain(plain)
             }
-        } else if target.tls == TlsPolicy::Required {
+        } else if target.tls.mandatory() {
             return Err(AttemptError::NoStartTls);
         } else {
             wrap_plain(plain)
@@ -750,6 +794,7 @@ async fn open(
         messages_sent: 0,
         reusable: true,
         lease: None,
+        peer_check,
     };
     if let Some((user, password)) = target.auth {
         if conn.tls.is_none() {
@@ -854,6 +899,11 @@ impl OutboundMessage<'_> {
 impl Connection {
     pub fn tls(&self) -> Option<&TlsInfo> {
         self.tls.as_ref()
+    }
+
+    /// The reported certificate check ([`TlsChecks::report_peer`]), if one was made.
+    pub fn peer_check(&self) -> Option<&Result<(), String>> {
+        self.peer_check.as_ref()
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -20,17 +20,18 @@ use crate::bounce::classify::Classifier;
 use crate::config::{DeliveryConfig, TlsPolicy};
 use crate::delivery::client::{
     self, AttemptError, BrokenTls, ClientSettings, Connection, Lease, OutboundMessage, RemoteReply,
-    Target,
+    Target, TlsChecks,
 };
 use crate::delivery::pool::ConnectionPool;
 use crate::live::Live;
 use crate::origin::Origin;
+use crate::routing::dane::{DaneHost, TlsaSet};
 use crate::routing::route::{RouteError, RoutePlan, Router};
 use crate::routing::sts::Mode as StsMode;
 use crate::taxonomy::Category;
 use crate::telemetry::Metrics;
 use crate::tls::TlsInfo;
-use crate::tlsrpt::TlsReports;
+use crate::tlsrpt::{ReportPolicy, TlsReports};
 use crate::verp::Verp;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -87,8 +88,9 @@ pub struct Attempt {
     pub addr: Option<SocketAddr>,
     pub source: Option<IpAddr>,
     pub tls: Option<TlsInfo>,
-    /// The TLS policy the attempt was under: `mta-sts-enforce`, `mta-sts-testing`, or the
-    /// route's `required`, `opportunistic`, `disabled`.
+    /// The TLS policy the attempt was under ([`RoutePlan::tls_label`]): `dane`, `dane-only`,
+    /// `mta-sts-enforce`, `mta-sts-testing`, or a level (`required`, `encrypt`,
+    /// `opportunistic`, `disabled`, ...).
     pub tls_policy: Option<&'static str>,
 }
 
@@ -115,6 +117,8 @@ pub struct Worker {
     origin: Origin,
     /// TLS sessions with MX hosts of domains with an MTA-STS policy, for TLS-RPT.
     tls_reports: Option<Arc<TlsReports>>,
+    /// `tern_tls_policy_sessions_total`.
+    metrics: Arc<Metrics>,
 }
 
 /// Which mail gets VERP senders: `bounce.verp`, overridden per static route (`routes[].verp`;
@@ -177,7 +181,8 @@ impl Worker {
                 max_messages_per_connection: config.max_messages_per_connection,
                 passwords,
             }),
-            broken_tls: BrokenTls::new(config.broken_tls_retry, metrics),
+            broken_tls: BrokenTls::new(config.broken_tls_retry, metrics.clone()),
+            metrics,
             verp: Live::new(None),
             origin,
             tls_reports: None,
@@ -223,21 +228,8 @@ impl Worker {
         let mut attempt = self
             .attempt_all(env, body, plan, connection, outbound)
             .await;
-        attempt.tls_policy = Some(self.tls_policy(plan, &env.destination));
+        attempt.tls_policy = Some(plan.tls_label);
         attempt
-    }
-
-    /// The TLS policy of an attempt to `domain` under `plan`, for the delivery log.
-    fn tls_policy(&self, plan: &RoutePlan, domain: &str) -> &'static str {
-        match self.router.cached_sts_policy(domain).map(|p| p.mode) {
-            Some(StsMode::Enforce) if plan.tls == TlsPolicy::Required => "mta-sts-enforce",
-            Some(StsMode::Testing) => "mta-sts-testing",
-            _ => match plan.tls {
-                TlsPolicy::Required => "required",
-                TlsPolicy::Opportunistic => "opportunistic",
-                TlsPolicy::Disabled => "disabled",
-            },
-        }
     }
 
     async fn attempt_all(
@@ -408,12 +400,17 @@ impl Worker {
         outbound: &mut Outbound,
         domain: &str,
     ) -> Result<Connection, Failure> {
-        // TLS-RPT counts sessions with the MX hosts of domains that have a policy.
-        let reported = self
+        // TLS-RPT counts sessions with the MX hosts of domains that have a policy: their
+        // TLSA records under DANE, else their MTA-STS policy.
+        let sts = self
             .tls_reports
             .as_ref()
-            .and_then(|r| Some((r, self.router.cached_sts_policy(domain)?)))
-            .filter(|(_, p)| p.mode != StsMode::None);
+            .filter(|_| plan.dane.is_none())
+            .and_then(|_| self.router.cached_sts_policy(domain))
+            .filter(|p| p.mode != StsMode::None);
+        // MTA-STS `testing`: the certificate is checked and the result reported, not enforced.
+        let report_peer = sts.as_ref().is_some_and(|p| p.mode == StsMode::Testing)
+            && plan.tls != TlsPolicy::Required;
         let password = plan.auth.as_ref().and_then(|a| {
             settings
                 .passwords
@@ -424,6 +421,36 @@ impl Worker {
         // down (or a DNS lookup that timed out) makes the whole attempt temporary.
         let mut failures = Failures::default();
         for hop in &plan.hops {
+            // What DANE makes of this host: its TLSA records, or a reason not to use it.
+            let (tls, tlsa, refused) = dane_target(plan, &hop.name);
+            let report_policy = match (&self.tls_reports, plan.dane.is_some(), &sts) {
+                (Some(_), true, _) => Some(ReportPolicy::Tlsa {
+                    mx: hop.name.clone(),
+                    records: tlsa.cloned().unwrap_or_default(),
+                }),
+                (Some(_), false, Some(policy)) => Some(ReportPolicy::Sts(policy.clone())),
+                _ => None,
+            };
+            let report = |result: Result<(), (&str, &str)>| {
+                let label = match result {
+                    Ok(()) => "ok",
+                    Err((result_type, _)) => result_type,
+                };
+                self.metrics.tls_policy_session(plan.tls_label, label);
+                if let (Some(reports), Some(policy)) = (&self.tls_reports, &report_policy) {
+                    match result {
+                        Ok(()) => reports.success(domain, policy, &hop.name),
+                        Err((result_type, ip)) => {
+                            reports.failure(domain, policy, result_type, &hop.name, ip)
+                        }
+                    }
+                }
+            };
+            if let Some((result_type, reason)) = refused {
+                report(Err((result_type, "")));
+                failures.add(Failure::temporary("4.7.5", reason));
+                continue;
+            }
             let addrs = match self.router.addresses(hop).await {
                 Ok(addrs) => addrs,
                 Err(err) => {
@@ -436,7 +463,7 @@ impl Worker {
                     host: &hop.name,
                     addr,
                     source: outbound.source,
-                    tls: plan.tls,
+                    tls,
                     auth: password,
                 };
                 if let Some(conn) = self.pool.take(&target) {
@@ -446,30 +473,29 @@ impl Worker {
                     .ehlo
                     .as_deref()
                     .unwrap_or(&settings.client.ehlo_name);
-                let connected =
-                    client::connect_as(&target, &settings.client, &self.broken_tls, ehlo).await;
-                if let Some((reports, policy)) = &reported {
-                    match &connected {
-                        Ok(conn) if conn.tls().is_some() => {
-                            reports.success(domain, policy, &hop.name)
-                        }
-                        Ok(_) => reports.failure(
-                            domain,
-                            policy,
-                            "starttls-not-supported",
-                            &hop.name,
-                            &addr.ip().to_string(),
-                        ),
-                        Err(err) => {
-                            if let Some(result_type) = tls_result_type(err) {
-                                reports.failure(
-                                    domain,
-                                    policy,
-                                    result_type,
-                                    &hop.name,
-                                    &addr.ip().to_string(),
-                                );
-                            }
+                let checks = TlsChecks { tlsa, report_peer };
+                let connected = client::connect_checked(
+                    &target,
+                    &settings.client,
+                    &self.broken_tls,
+                    ehlo,
+                    checks,
+                )
+                .await;
+                let ip = addr.ip().to_string();
+                match &connected {
+                    Ok(conn) if conn.tls().is_some() => match conn.peer_check() {
+                        Some(Err(detail)) => report(Err((certificate_result_type(detail), &ip))),
+                        _ => report(Ok(())),
+                    },
+                    Ok(_) if tls != TlsPolicy::Disabled => {
+                        report(Err(("starttls-not-supported", &ip)))
+                    }
+                    // Plain text as asked: nothing to report, only to count.
+                    Ok(_) => self.metrics.tls_policy_session(plan.tls_label, "ok"),
+                    Err(err) => {
+                        if let Some(result_type) = tls_result_type(err) {
+                            report(Err((result_type, &ip)));
                         }
                     }
                 }
@@ -495,19 +521,66 @@ impl Worker {
     }
 }
 
+/// A host's TLS level, its TLSA records, and why DANE refuses it (result type, reason).
+type DaneTarget<'p> = (
+    TlsPolicy,
+    Option<&'p Arc<TlsaSet>>,
+    Option<(&'static str, String)>,
+);
+
+/// The TLS level of a connection to `host` under `plan`, its TLSA records under DANE, and
+/// (RFC 8460 result type, deferral reason) when DANE says the host must not be used: its
+/// DNSSEC answers were bogus (`dnssec-invalid`), or `dane-only` found no usable TLSA
+/// records (`dane-required`).
+fn dane_target<'p>(plan: &'p RoutePlan, host: &str) -> DaneTarget<'p> {
+    let only = plan.tls == TlsPolicy::DaneOnly;
+    match (plan.tls, plan.dane_host(host)) {
+        (_, Some(DaneHost::Bogus(why))) => (
+            plan.tls,
+            None,
+            Some((
+                "dnssec-invalid",
+                format!("{host}: not used, its DANE lookups failed DNSSEC validation: {why}"),
+            )),
+        ),
+        (TlsPolicy::Dane | TlsPolicy::DaneOnly, Some(DaneHost::Tlsa(set)))
+            if !only || !set.usable.is_empty() =>
+        {
+            (plan.tls, Some(set), None)
+        }
+        (TlsPolicy::DaneOnly, _) => (
+            plan.tls,
+            None,
+            Some((
+                "dane-required",
+                format!("{host}: dane-only, but the host has no usable DNSSEC-signed TLSA records"),
+            )),
+        ),
+        (TlsPolicy::Dane, None) => (TlsPolicy::Opportunistic, None, None),
+        (tls, _) => (tls, None, None),
+    }
+}
+
+/// The RFC 8460 result type of a certificate check's failure (rustls's error text).
+fn certificate_result_type(detail: &str) -> &'static str {
+    if detail.contains(crate::delivery::dane::NO_MATCH) {
+        "tlsa-invalid"
+    } else if detail.contains("NotValidForName") || detail.contains("not valid for name") {
+        "certificate-host-mismatch"
+    } else if detail.contains("Expired") || detail.contains("expired") {
+        "certificate-expired"
+    } else if detail.contains("UnknownIssuer") {
+        "certificate-not-trusted"
+    } else {
+        "validation-failure"
+    }
+}
+
 /// The RFC 8460 result type of a failed connection, when the failure is about TLS.
 fn tls_result_type(err: &AttemptError) -> Option<&'static str> {
     match err {
         AttemptError::NoStartTls => Some("starttls-not-supported"),
-        AttemptError::Tls { detail } => Some(if detail.contains("NotValidForName") {
-            "certificate-host-mismatch"
-        } else if detail.contains("Expired") {
-            "certificate-expired"
-        } else if detail.contains("UnknownIssuer") {
-            "certificate-not-trusted"
-        } else {
-            "validation-failure"
-        }),
+        AttemptError::Tls { detail } => Some(certificate_result_type(detail)),
         _ => None,
     }
 }

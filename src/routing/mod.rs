@@ -7,6 +7,7 @@
 //! - [`guard`]: the addresses mail is never sent to when the recipient's domain chose the
 //!   host (loopback, link-local, ..., tern's own listeners).
 
+pub mod dane;
 pub mod dns;
 pub mod guard;
 pub mod route;

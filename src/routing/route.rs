@@ -25,6 +25,7 @@
 
 use std::collections::HashMap;
 
+use super::dane::{Dane, DaneHost, Security};
 use super::sts::{Mode as StsMode, Policy, Sts};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -69,9 +70,25 @@ pub struct RoutePlan {
     /// Hosts in the order to try: MX preference ascending with equal preferences shuffled on
     /// every plan (so connections spread), static route hosts in configured order.
     pub hops: Vec<Hop>,
-    /// The route's TLS policy, or the default.
+    /// The TLS level: the route's, else the one discovered (DANE, MTA-STS enforce ->
+    /// `Required`), else `delivery.tls`. Under `Dane`/`DaneOnly`, [`RoutePlan::dane`] says
+    /// what each host requires.
     pub tls: TlsPolicy,
     pub auth: Option<RouteAuth>,
+    /// What the delivery log (`tls_policy`) and metrics call the level and where it came
+    /// from: `dane`, `mta-sts-enforce`, `mta-sts-testing`, or the level's name
+    /// ([`TlsPolicy::name`]).
+    pub tls_label: &'static str,
+    /// DANE: what each host (by hop name) requires; a host not in it has no TLSA records
+    /// (insecure, or none) and is sent `may` under `Dane`.
+    pub dane: Option<Arc<HashMap<String, DaneHost>>>,
+}
+
+impl RoutePlan {
+    /// What DANE requires of `host` under this plan; `None`: nothing.
+    pub fn dane_host(&self, host: &str) -> Option<&DaneHost> {
+        self.dane.as_ref()?.get(host)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -121,15 +138,26 @@ pub struct Router {
     guard: Live<AddressGuard>,
     /// MTA-STS policies of MX-routed domains (`delivery.mta_sts`); `None`: not applied.
     sts: Option<Arc<Sts>>,
+    /// The DNSSEC-validating lookups for DANE; `None`: no DANE, whatever a route says.
+    dane: Option<Arc<Dane>>,
+    /// Discover DANE for MX-routed mail without a route level (`delivery.dane`).
+    dane_default: bool,
 }
 
 /// The routing part of the config, compiled: what a reload swaps.
 struct StaticRoutes {
-    /// Static routes by domain, as finished plans: planning one is a clone.
-    exact: HashMap<String, RoutePlan>,
+    /// Routes by domain: static ones as finished plans (planning one is a clone), policy
+    /// routes (no hosts) as their TLS level.
+    exact: HashMap<String, Entry>,
     /// The `"*"` route.
-    wildcard: Option<RoutePlan>,
+    wildcard: Option<Entry>,
     default_tls: TlsPolicy,
+}
+
+enum Entry {
+    Static(RoutePlan),
+    /// MX routing under this level.
+    Level(TlsPolicy),
 }
 
 impl StaticRoutes {
@@ -137,16 +165,23 @@ impl StaticRoutes {
         let mut exact = HashMap::with_capacity(routes.len());
         let mut wildcard = None;
         for route in routes {
-            let plan = RoutePlan {
-                key: format!("route:{}", route.domain),
-                hops: route.hosts.iter().map(|h| static_hop(h)).collect(),
-                tls: route.tls.unwrap_or(default_tls),
-                auth: route.auth.clone(),
+            let entry = if route.hosts.is_empty() {
+                Entry::Level(route.tls.unwrap_or(default_tls))
+            } else {
+                let tls = route.tls.unwrap_or(default_tls);
+                Entry::Static(RoutePlan {
+                    key: format!("route:{}", route.domain),
+                    hops: route.hosts.iter().map(|h| static_hop(h)).collect(),
+                    tls,
+                    auth: route.auth.clone(),
+                    tls_label: tls.name(),
+                    dane: None,
+                })
             };
             if route.domain == "*" {
-                wildcard = Some(plan);
+                wildcard = Some(entry);
             } else {
-                exact.insert(route.domain.clone(), plan);
+                exact.insert(route.domain.clone(), entry);
             }
         }
         StaticRoutes {
@@ -154,6 +189,10 @@ impl StaticRoutes {
             wildcard,
             default_tls,
         }
+    }
+
+    fn entry(&self, domain: &str) -> Option<&Entry> {
+        self.exact.get(domain).or(self.wildcard.as_ref())
     }
 }
 
@@ -173,7 +212,17 @@ impl Router {
             resolver,
             guard: Live::new(guard),
             sts: None,
+            dane: None,
+            dane_default: false,
         }
+    }
+
+    /// DANE lookups through `dane`: for every MX-routed domain when `by_default`
+    /// (`delivery.dane`), and for routes whose level is `dane` or `dane-only` in any case.
+    pub fn with_dane(mut self, dane: Arc<Dane>, by_default: bool) -> Router {
+        self.dane = Some(dane);
+        self.dane_default = by_default;
+        self
     }
 
     /// The MTA-STS policy of `domain` if one is cached (no network).
@@ -201,17 +250,29 @@ impl Router {
 
     /// The plan for `domain` when it needs no DNS: a static route (or the `"*"` route), or an
     /// address literal. `None`: the domain's MX records decide ([`Router::plan`]).
+    /// A static route under `dane`/`dane-only` needs TLSA lookups, so it is planned by
+    /// [`Router::plan`] too.
     pub fn static_plan(&self, domain: &str) -> Option<RoutePlan> {
         let routes = self.routes.get();
-        if let Some(plan) = routes.exact.get(domain).or(routes.wildcard.as_ref()) {
-            return Some(plan.clone());
+        match routes.entry(domain) {
+            Some(Entry::Static(plan)) if needs_dane(plan.tls) => return None,
+            Some(Entry::Static(plan)) => return Some(plan.clone()),
+            Some(Entry::Level(_)) => return None,
+            None => {}
         }
         let ip = address_literal(domain)?;
+        let tls = match routes.default_tls {
+            // An address literal has no DNS name to hang TLSA or an MTA-STS policy on.
+            TlsPolicy::Dane | TlsPolicy::MtaSts => TlsPolicy::Opportunistic,
+            tls => tls,
+        };
         Some(RoutePlan {
             key: format!("mx:{domain}"),
             hops: vec![Hop::smtp(ip.to_string())],
-            tls: routes.default_tls,
+            tls,
             auth: None,
+            tls_label: tls.name(),
+            dane: None,
         })
     }
 
@@ -220,6 +281,16 @@ impl Router {
         if let Some(plan) = self.static_plan(domain) {
             return Ok(plan);
         }
+        let level = match self.routes.get().entry(domain) {
+            Some(Entry::Static(plan)) => {
+                // dane / dane-only on a static route: TLSA records of its hosts.
+                let mut plan = plan.clone();
+                self.apply_dane(domain, &mut plan).await?;
+                return Ok(plan);
+            }
+            Some(Entry::Level(level)) => Some(*level),
+            None => None,
+        };
         let lookup = tokio::time::timeout(PLAN_TIMEOUT, self.resolver.mx(domain))
             .await
             .map_err(|_| RouteError::Temporary {
@@ -236,18 +307,105 @@ impl Router {
             // either, `addresses` reports that hop (and so the domain) as 5.1.2.
             MxLookup::NoMx => (format!("mx:{domain}"), vec![Hop::smtp(domain.to_owned())]),
         };
+        let default_tls = self.routes.get().default_tls;
         let mut plan = RoutePlan {
             key,
             hops,
-            tls: self.routes.get().default_tls,
+            tls: level.unwrap_or(default_tls),
             auth: None,
+            tls_label: level.unwrap_or(default_tls).name(),
+            dane: None,
         };
-        if let Some(sts) = &self.sts {
-            if let Some(policy) = sts.policy(domain).await {
-                apply_sts(domain, &policy, &mut plan)?;
+        match level {
+            // The route's level replaces discovery.
+            Some(TlsPolicy::Dane | TlsPolicy::DaneOnly) => {
+                self.apply_dane(domain, &mut plan).await?;
+            }
+            Some(TlsPolicy::MtaSts) => {
+                plan.tls = TlsPolicy::Opportunistic;
+                self.apply_sts(domain, &mut plan).await?;
+            }
+            Some(_) => {}
+            None => {
+                // DANE takes precedence over MTA-STS (RFC 8461 2): only a domain without
+                // usable DANE gets its MTA-STS policy applied.
+                if self.dane_default && self.dane.is_some() {
+                    plan.tls = TlsPolicy::Dane;
+                    self.apply_dane(domain, &mut plan).await?;
+                    if plan.dane.is_none() {
+                        plan.tls = default_tls;
+                        plan.tls_label = default_tls.name();
+                    }
+                }
+                if plan.dane.is_none() {
+                    self.apply_sts(domain, &mut plan).await?;
+                }
             }
         }
         Ok(plan)
+    }
+
+    async fn apply_sts(&self, domain: &str, plan: &mut RoutePlan) -> Result<(), RouteError> {
+        if let Some(sts) = &self.sts {
+            if let Some(policy) = sts.policy(domain).await {
+                apply_sts(domain, &policy, plan)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// DANE for a plan under `Dane` or `DaneOnly`: when the MX answer is secure (or, on a
+    /// static route, for the named hosts), each host's TLSA verdict goes into `plan.dane`.
+    /// No host with TLSA records leaves `plan.dane` `None` under `Dane` (the plan is then
+    /// `may`); under `DaneOnly` the worker refuses every host without usable records
+    /// (4.7.5, TLS-RPT `dane-required`). A bogus MX answer defers the domain (4.7.5).
+    async fn apply_dane(&self, domain: &str, plan: &mut RoutePlan) -> Result<(), RouteError> {
+        let only = plan.tls == TlsPolicy::DaneOnly;
+        let refused = |reason: String| RouteError::Temporary {
+            status: "4.7.5",
+            reason,
+        };
+        let Some(dane) = &self.dane else {
+            return if only {
+                Err(refused(format!(
+                    "{domain}: dane-only, but DANE is not available"
+                )))
+            } else {
+                plan.tls = TlsPolicy::Opportunistic;
+                Ok(())
+            };
+        };
+        let static_route = plan.hops.iter().all(|h| h.static_route);
+        if !static_route {
+            match dane.mx_security(domain).await {
+                Security::Secure => {}
+                Security::Insecure if only => {
+                    return Err(refused(format!(
+                        "{domain}: dane-only, but the MX records are not DNSSEC-signed"
+                    )))
+                }
+                Security::Insecure => {
+                    plan.tls = TlsPolicy::Opportunistic;
+                    return Ok(());
+                }
+                Security::Bogus(why) => {
+                    return Err(refused(format!("{domain}: MX records: {why}")));
+                }
+            }
+        }
+        let mut hosts = HashMap::new();
+        for hop in &plan.hops {
+            if let Some(verdict) = dane.host(&hop.name, hop.port).await {
+                hosts.insert(hop.name.clone(), verdict);
+            }
+        }
+        if hosts.is_empty() && !only {
+            plan.tls = TlsPolicy::Opportunistic;
+            return Ok(());
+        }
+        plan.tls_label = if only { "dane-only" } else { "dane" };
+        plan.dane = Some(Arc::new(hosts));
+        Ok(())
     }
 
     /// Addresses of one hop, resolved lazily at connect time (literal IPs returned directly).
@@ -282,6 +440,9 @@ impl Router {
 /// An `enforce` MTA-STS policy on an MX plan: only the MX hosts it names, each over TLS with a
 /// verified certificate; none left defers (4.7.5). Other modes change nothing.
 fn apply_sts(domain: &str, policy: &Policy, plan: &mut RoutePlan) -> Result<(), RouteError> {
+    if policy.mode == StsMode::Testing {
+        plan.tls_label = "mta-sts-testing";
+    }
     if policy.mode != StsMode::Enforce {
         return Ok(());
     }
@@ -293,7 +454,12 @@ fn apply_sts(domain: &str, policy: &Policy, plan: &mut RoutePlan) -> Result<(), 
         });
     }
     plan.tls = TlsPolicy::Required;
+    plan.tls_label = "mta-sts-enforce";
     Ok(())
+}
+
+fn needs_dane(tls: TlsPolicy) -> bool {
+    matches!(tls, TlsPolicy::Dane | TlsPolicy::DaneOnly)
 }
 
 /// The addresses of `host` the guard lets through; none left is a temporary failure that
@@ -539,6 +705,8 @@ mod tests {
             hops: hosts.iter().map(|h| Hop::smtp(h.to_string())).collect(),
             tls: TlsPolicy::Opportunistic,
             auth: None,
+            tls_label: "opportunistic",
+            dane: None,
         };
         let policy = |mode| Policy {
             mode,

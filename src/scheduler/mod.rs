@@ -1070,6 +1070,8 @@ mod classification_tests {
             }],
             tls: TlsPolicy::Opportunistic,
             auth: None,
+            tls_label: "opportunistic",
+            dane: None,
         };
         let pool = shaper.pools().resolve(None, domain);
         let pair = shaper.lane(&pool, domain, &plan).choose();

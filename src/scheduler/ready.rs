@@ -125,6 +125,8 @@ mod tests {
             key: "route:sink.test".into(),
             hops: Vec::new(),
             tls: TlsPolicy::Opportunistic,
+            tls_label: "opportunistic",
+            dane: None,
             auth: None,
         }
     }

@@ -813,6 +813,8 @@ mod tests {
             }],
             tls: TlsPolicy::Opportunistic,
             auth: None,
+            tls_label: "opportunistic",
+            dane: None,
         }
     }
 

@@ -7,6 +7,15 @@
 //! an SOA whose TTL is the zone's negative TTL, so resolvers cache them predictably. UDP
 //! answers larger than the client's payload size are truncated (TC) so the client retries
 //! over TCP. Every query is counted per (name, type), so tests can observe caching.
+//!
+//! DNSSEC ([`Zone::signed`]): the server then plays a signed root zone holding every name,
+//! with a key of its own that the test trusts ([`Zone::trust_anchor`], for
+//! `delivery.dnssec_trust_anchor`). Answers carry RRSIGs made as they are sent; a name
+//! without the type asked gets a NODATA answer with an NSEC record at the name itself
+//! (minimal, "white lie" denial: never NXDOMAIN). [`Zone::insecure`] delegates a zone to an
+//! unsigned child: its NS answers name a server, a DS query gets a signed NSEC proving there
+//! is no DS, and its own records go out unsigned. [`Zone::tamper`] corrupts the signatures of
+//! one name's records, which a validator must find bogus.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -14,9 +23,13 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use hickory_resolver::proto::dnssec::crypto::EcdsaSigningKey;
+use hickory_resolver::proto::dnssec::rdata::{DNSSECRData, DNSKEY, NSEC, RRSIG};
+use hickory_resolver::proto::dnssec::{Algorithm, DnssecSigner, SigningKey};
 use hickory_resolver::proto::op::{Edns, Message, OpCode, ResponseCode};
-use hickory_resolver::proto::rr::rdata::{A, AAAA, MX, SOA, TXT};
-use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
+use hickory_resolver::proto::rr::rdata::tlsa::{CertUsage, Matching, Selector};
+use hickory_resolver::proto::rr::rdata::{A, AAAA, MX, NS, SOA, TLSA, TXT};
+use hickory_resolver::proto::rr::{DNSClass, Name, RData, Record, RecordSet, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
@@ -29,6 +42,12 @@ pub struct Zone {
     silent: HashSet<String>,
     /// TTL of records added from now on.
     ttl: u32,
+    /// DNSSEC: the root's key; `None`: nothing is signed.
+    signer: Option<Arc<DnssecSigner>>,
+    /// Zones delegated without DS (unsigned, provably insecure).
+    insecure: HashSet<String>,
+    /// Names whose RRSIGs are corrupted.
+    tampered: HashSet<String>,
 }
 
 /// Record TTL unless the test sets one with [`Zone::ttl`].
@@ -78,6 +97,57 @@ impl Zone {
             .map(|c| String::from_utf8(c.to_vec()).expect("ASCII TXT value"))
             .collect();
         self.record(name, RData::TXT(TXT::new(strings)))
+    }
+
+    /// A TLSA record (RFC 6698): usage, selector, matching type and the association data.
+    pub fn tlsa(self, name: &str, usage: u8, selector: u8, matching: u8, data: &[u8]) -> Zone {
+        let tlsa = TLSA::new(
+            CertUsage::from(usage),
+            Selector::from(selector),
+            Matching::from(matching),
+            data.to_vec(),
+        );
+        self.record(name, RData::TLSA(tlsa))
+    }
+
+    /// Signs everything as a root zone with a new ECDSA P-256 key (see the module doc).
+    pub fn signed(mut self) -> Zone {
+        let pkcs8 = EcdsaSigningKey::generate_pkcs8(Algorithm::ECDSAP256SHA256).expect("key");
+        let key = EcdsaSigningKey::from_pkcs8(&pkcs8, Algorithm::ECDSAP256SHA256).expect("key");
+        let dnskey = DNSKEY::from_key(&key.to_public_key().expect("public key"));
+        self.signer = Some(Arc::new(DnssecSigner::new(
+            dnskey,
+            Box::new(key),
+            Name::root(),
+            std::time::Duration::from_secs(7 * 86400),
+        )));
+        self
+    }
+
+    /// The signing key as a trust anchor file's content (zone-file DNSKEY line).
+    pub fn trust_anchor(&self) -> String {
+        let signer = self.signer.as_ref().expect("a signed zone");
+        format!(". 3600 IN DNSKEY {}\n", signer.dnskey())
+    }
+
+    /// `zone` (and every name below it) is delegated without DS: unsigned and insecure.
+    pub fn insecure(mut self, zone: &str) -> Zone {
+        self.insecure.insert(zone.to_ascii_lowercase());
+        self
+    }
+
+    /// The RRSIGs of `name`'s records do not verify.
+    pub fn tamper(mut self, name: &str) -> Zone {
+        self.tampered.insert(name.to_ascii_lowercase());
+        self
+    }
+
+    /// The insecure zone `name` is in (or is), if any.
+    fn insecure_zone(&self, name: &str) -> Option<&str> {
+        self.insecure
+            .iter()
+            .find(|z| name == z.as_str() || name.ends_with(&format!(".{z}")))
+            .map(String::as_str)
     }
 
     /// Every query for `name` answers SERVFAIL.
@@ -269,6 +339,10 @@ impl Responder {
             response.metadata.response_code = ResponseCode::ServFail;
             return Some(response);
         }
+        if let Some(signer) = &zone.signer {
+            self.answer_signed(signer, &name, &query, &mut response);
+            return Some(response);
+        }
         let answers: Vec<Record> = zone
             .records
             .get(&name)
@@ -299,5 +373,110 @@ impl Responder {
             response.add_answers(answers);
         }
         Some(response)
+    }
+}
+
+impl Responder {
+    /// The answer of the signed root (see the module doc).
+    fn answer_signed(
+        &self,
+        signer: &DnssecSigner,
+        name: &str,
+        query: &hickory_resolver::proto::op::Query,
+        response: &mut Message,
+    ) {
+        let zone = &self.zone;
+        let qname = query.name().clone();
+        let qtype = query.query_type();
+        let root = Name::root();
+        let sign = |records: Vec<Record>| -> Vec<Record> {
+            let first = &records[0];
+            let mut set = RecordSet::with_ttl(first.name.clone(), first.record_type(), first.ttl);
+            for r in &records {
+                set.insert(r.clone(), 0);
+            }
+            let inception = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+            let mut rrsig = RRSIG::from_rrset(&set, DNSClass::IN, inception, signer).expect("sign");
+            if zone.tampered.contains(name) {
+                let mut sig = rrsig.sig().to_vec();
+                sig[0] ^= 0xff;
+                rrsig = RRSIG::from_sig(rrsig.input().clone(), sig);
+            }
+            let mut out = records.clone();
+            out.push(Record::from_rdata(
+                first.name.clone(),
+                first.ttl,
+                RData::DNSSEC(DNSSECRData::RRSIG(rrsig)),
+            ));
+            out
+        };
+        let soa = |owner: Name| {
+            let soa = SOA::new(
+                Name::from_ascii("ns.test.").unwrap(),
+                Name::from_ascii("hostmaster.test.").unwrap(),
+                1,
+                3600,
+                600,
+                86400,
+                NEGATIVE_TTL,
+            );
+            Record::from_rdata(owner, NEGATIVE_TTL, RData::SOA(soa))
+        };
+        // The delegation of an insecure zone, as its (signed) parent tells it.
+        if zone.insecure.contains(name) && qtype == RecordType::NS {
+            let ns = Name::from_ascii(format!("ns.{name}.")).unwrap();
+            response.add_answer(Record::from_rdata(qname, DEFAULT_TTL, RData::NS(NS(ns))));
+            return;
+        }
+        if zone.insecure.contains(name) && qtype == RecordType::DS {
+            let next = Name::from_ascii(format!("0.{name}.")).unwrap();
+            let nsec = NSEC::new(next, [RecordType::NS, RecordType::RRSIG, RecordType::NSEC]);
+            let nsec =
+                Record::from_rdata(qname, NEGATIVE_TTL, RData::DNSSEC(DNSSECRData::NSEC(nsec)));
+            response.add_authorities(sign(vec![nsec]));
+            response.add_authorities(sign(vec![soa(root)]));
+            return;
+        }
+        let present: Vec<(u32, RData)> = zone.records.get(name).cloned().unwrap_or_default();
+        let answers: Vec<Record> = if qtype == RecordType::DNSKEY && query.name().is_root() {
+            vec![Record::from_rdata(
+                root.clone(),
+                DEFAULT_TTL,
+                RData::DNSSEC(DNSSECRData::DNSKEY(signer.to_dnskey())),
+            )]
+        } else {
+            present
+                .iter()
+                .filter(|(_, data)| data.record_type() == qtype)
+                .map(|(ttl, data)| Record::from_rdata(qname.clone(), *ttl, data.clone()))
+                .collect()
+        };
+        if let Some(apex) = zone.insecure_zone(name) {
+            // Below an insecure delegation: plain answers, the child's SOA.
+            if answers.is_empty() {
+                if !zone.exists(name) {
+                    response.metadata.response_code = ResponseCode::NXDomain;
+                }
+                let apex = Name::from_ascii(format!("{apex}.")).unwrap();
+                response.add_authority(soa(apex));
+            } else {
+                response.add_answers(answers);
+            }
+            return;
+        }
+        if !answers.is_empty() {
+            response.add_answers(sign(answers));
+            return;
+        }
+        // NODATA with an NSEC at the name itself listing what is there.
+        let mut types: Vec<RecordType> = present.iter().map(|(_, d)| d.record_type()).collect();
+        if query.name().is_root() {
+            types.extend([RecordType::SOA, RecordType::DNSKEY]);
+        }
+        let next = Name::from_ascii(format!("0.{}", qname.to_ascii())).unwrap();
+        let nsec = NSEC::new_cover_self(next, types);
+        let nsec = Record::from_rdata(qname, NEGATIVE_TTL, RData::DNSSEC(DNSSECRData::NSEC(nsec)));
+        response.add_authorities(sign(vec![nsec]));
+        response.add_authorities(sign(vec![soa(root)]));
     }
 }

@@ -242,7 +242,8 @@ impl Options {
         self
     }
 
-    /// Routes `domain` to `host_port` (replacing the default sink.test route on first use).
+    /// Routes `domain` to `host_port` (replacing the default sink.test route on first use);
+    /// an empty `host_port` makes it a route without hosts (MX routing, its `tls` level).
     pub fn route(mut self, domain: &str, host_port: impl ToString) -> Self {
         let default = ("sink.test".to_string(), DEFAULT_SINK_ROUTE.to_string());
         self.routes.retain(|r| r.0 != domain && *r != default);
@@ -366,7 +367,11 @@ impl Options {
         }
         writeln!(t).unwrap();
         for (domain, host) in &self.routes {
-            writeln!(t, "[[routes]]\ndomain = {domain:?}\nhosts = [{host:?}]").unwrap();
+            writeln!(t, "[[routes]]\ndomain = {domain:?}").unwrap();
+            // An empty host: a policy route (no hosts, MX routing).
+            if !host.is_empty() {
+                writeln!(t, "hosts = [{host:?}]").unwrap();
+            }
             for (_, line) in self.route_options.iter().filter(|(d, _)| d == domain) {
                 writeln!(t, "{line}").unwrap();
             }

@@ -17,6 +17,7 @@ mod client;
 mod config_lookup;
 mod console;
 mod crash;
+mod dane;
 mod delivery;
 mod delivery_crash;
 mod delivery_mx;

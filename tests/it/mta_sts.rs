@@ -29,6 +29,14 @@ type Posted = Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
 async fn policy_server(
     policies: HashMap<&'static str, &'static str>,
 ) -> (Arc<AtomicUsize>, Posted) {
+    policy_server_at(POLICY_HOST_IP, policies).await
+}
+
+/// [`policy_server`] on port 443 of `ip` (a loopback address no other test uses).
+pub(crate) async fn policy_server_at(
+    ip: &str,
+    policies: HashMap<&'static str, &'static str>,
+) -> (Arc<AtomicUsize>, Posted) {
     let fetches = Arc::new(AtomicUsize::new(0));
     let counted = fetches.clone();
     let posted: Posted = Arc::default();
@@ -77,7 +85,7 @@ async fn policy_server(
             }
         }),
     );
-    let addr: SocketAddr = format!("{POLICY_HOST_IP}:443").parse().unwrap();
+    let addr: SocketAddr = format!("{ip}:443").parse().unwrap();
     let listener = TlsListener {
         tcp: tokio::net::TcpListener::bind(addr)
             .await
@@ -129,11 +137,16 @@ async fn enforce_delivers_only_over_verified_tls_and_testing_delivers_anyway() {
             .mx(domain, 10, &format!("mx.{domain}"))
             .a(&format!("mx.{domain}"), mx_ip);
     }
-    // mismatch.test asks for TLS reports by mail.
-    zone = zone.txt(
-        "_smtp._tls.mismatch.test",
-        "v=TLSRPTv1; rua=mailto:tlsrpt@reports.test,https://mta-sts.mismatch.test/tlsrpt",
-    );
+    // mismatch.test asks for TLS reports by mail and HTTPS, testing.test by mail.
+    zone = zone
+        .txt(
+            "_smtp._tls.mismatch.test",
+            "v=TLSRPTv1; rua=mailto:tlsrpt@reports.test,https://mta-sts.mismatch.test/tlsrpt",
+        )
+        .txt(
+            "_smtp._tls.testing.test",
+            "v=TLSRPTv1; rua=mailto:tlsrpt@reports.test",
+        );
     let dns = DnsServer::start(zone).await;
     let reports = Sink::start(SinkBehaviour::default()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -224,14 +237,42 @@ async fn enforce_delivers_only_over_verified_tls_and_testing_delivers_anyway() {
         "served from the cache"
     );
 
-    // TLS-RPT: the day's report for mismatch.test, now instead of after midnight, by mail and
-    // by HTTPS POST (only mismatch.test publishes _smtp._tls).
+    // TLS-RPT: the day's reports for mismatch.test and testing.test, now instead of after
+    // midnight, by mail (both) and by HTTPS POST (mismatch.test).
     let (status, body) = server.api("POST", "/api/v1/tls-reports/send", None).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["queued"], 1, "one report mail: {body}");
-    let got = reports.wait_for_messages(1, T).await;
-    assert_eq!(got[0].rcpt_addresses(), ["tlsrpt@reports.test"]);
-    let report = tls_report(&got[0].data);
+    assert_eq!(body["queued"], 2, "one report mail per domain: {body}");
+    let got = reports.wait_for_messages(2, T).await;
+    let about = |domain: &str| {
+        got.iter()
+            .find(|m| {
+                String::from_utf8_lossy(&m.data)
+                    .contains(&format!("TLS-Report-Domain: {domain}\r\n"))
+            })
+            .unwrap_or_else(|| panic!("a report about {domain}"))
+    };
+    assert_eq!(
+        about("mismatch.test").rcpt_addresses(),
+        ["tlsrpt@reports.test"]
+    );
+    // Testing mode verified the certificate without enforcing it: delivered, and the
+    // untrusted certificate is counted.
+    let testing_report = tls_report(&about("testing.test").data, "testing.test");
+    assert_valid_tls_report(&testing_report);
+    let policy = &testing_report["policies"][0];
+    assert_eq!(policy["policy"]["policy-type"], "sts");
+    assert_eq!(policy["policy"]["policy-string"][1], "mode: testing");
+    assert_eq!(policy["summary"]["total-successful-session-count"], 0);
+    assert_eq!(
+        policy["summary"]["total-failure-session-count"], 1,
+        "{testing_report}"
+    );
+    assert_eq!(
+        policy["failure-details"][0]["result-type"], "certificate-not-trusted",
+        "{testing_report}"
+    );
+    assert_eq!(policy["failure-details"][0]["receiving-ip"], "127.0.8.23");
+    let report = tls_report(&about("mismatch.test").data, "mismatch.test");
     assert_valid_tls_report(&report);
     let policy = &report["policies"][0];
     assert_eq!(policy["policy"]["policy-domain"], "mismatch.test");
@@ -273,14 +314,14 @@ async fn enforce_delivers_only_over_verified_tls_and_testing_delivers_anyway() {
     server.stop().await;
 }
 
-/// The JSON of the gzipped `application/tlsrpt+gzip` part of a report mail.
-fn tls_report(mail: &[u8]) -> serde_json::Value {
+/// The JSON of the gzipped `application/tlsrpt+gzip` part of a report mail about `domain`.
+pub(crate) fn tls_report(mail: &[u8], domain: &str) -> serde_json::Value {
     use mail_parser::MimeHeaders as _;
     use std::io::Read as _;
     let text = String::from_utf8_lossy(mail);
     assert!(
         text.contains("report-type=\"tlsrpt\"")
-            && text.contains("TLS-Report-Domain: mismatch.test"),
+            && text.contains(&format!("TLS-Report-Domain: {domain}\r\n")),
         "{text}"
     );
     let message = mail_parser::MessageParser::default()
@@ -302,7 +343,7 @@ fn tls_report(mail: &[u8]) -> serde_json::Value {
 
 /// Validates `report` against the RFC 8460 report format (tests/data/tlsrpt-schema.json)
 /// with Python's jsonschema, an independent validator.
-fn assert_valid_tls_report(report: &serde_json::Value) {
+pub(crate) fn assert_valid_tls_report(report: &serde_json::Value) {
     use std::io::Write as _;
     let schema = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/tlsrpt-schema.json");
     let mut child = std::process::Command::new("python3")

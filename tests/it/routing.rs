@@ -101,6 +101,8 @@ async fn mx_hosts_in_preference_order_with_addresses_resolved_per_hop() {
             key: "mx:mx1.example.test,mx2.example.test,mx3.example.test".to_owned(),
             hops: mx_hops(&["mx1.example.test", "mx2.example.test", "mx3.example.test"]),
             tls: TlsPolicy::Opportunistic,
+            tls_label: "opportunistic",
+            dane: None,
             auth: None,
         }
     );
@@ -270,6 +272,8 @@ async fn static_route_beats_mx_and_the_wildcard_catches_the_rest() {
                 hop("::1", 27)
             ],
             tls: TlsPolicy::Required,
+            tls_label: "required",
+            dane: None,
             auth: Some(auth),
         }
     );
@@ -289,6 +293,8 @@ async fn static_route_beats_mx_and_the_wildcard_catches_the_rest() {
             key: "route:*".to_owned(),
             hops: vec![hop("smarthost.test", 587)],
             tls: TlsPolicy::Opportunistic,
+            tls_label: "opportunistic",
+            dane: None,
             auth: None,
         }
     );

@@ -79,6 +79,8 @@ pub enum SinkCert {
     TestCa,
     /// "localhost", self-signed: no root store trusts it.
     SelfSigned,
+    /// A chain (PEM, end entity first) and its key (PEM), made by the test.
+    Pem(&'static str, &'static str),
 }
 
 type AddrReply = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
@@ -879,8 +881,11 @@ pub(crate) fn server_config(cert: SinkCert) -> Arc<rustls::ServerConfig> {
                 .expect("self-signed cert");
             (c.cert.pem(), c.key_pair.serialize_pem())
         }
+        SinkCert::Pem(chain, key) => (chain.to_owned(), key.to_owned()),
     };
-    let certs = vec![CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()];
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .map(|c| c.unwrap())
+        .collect();
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
