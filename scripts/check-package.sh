@@ -63,7 +63,7 @@ for _ in $(seq 100); do
   sleep 0.2
 done
 [ "$(curl -sS http://127.0.0.1:8025/healthz)" = '{"alive":true}' ] || { cat "$log"; fail "/healthz"; }
-[ "$(curl -sS http://127.0.0.1:8025/readyz)" = '{"ready":true}' ] || { cat "$log"; fail "/readyz"; }
+[ "$(curl -sS http://127.0.0.1:8025/readyz)" = '{"ready":true,"recovering":false}' ] || { cat "$log"; fail "/readyz"; }
 
 cd "$work"
 env -u TERN_CONFIG tern queue suspend --reason "package check" >/dev/null

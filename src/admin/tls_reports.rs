@@ -19,7 +19,7 @@ async fn send(State(state): State<AdminState>) -> Result<Json<Value>, ApiError> 
     let Some(reporting) = &state.tls_reporting else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            "TLS reporting is off (delivery.mta_sts = false)",
+            "TLS reporting is off (delivery.mta_sts and delivery.dane are both false)",
         ));
     };
     let mut ids = Vec::new();

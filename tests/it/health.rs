@@ -11,7 +11,11 @@ async fn health_and_readiness_without_a_token_and_503_while_draining() {
     let (status, body) = http(admin, "GET", "/healthz", None, None).await;
     assert_eq!((status, body.as_str()), (200, r#"{"alive":true}"#));
     let (status, body) = http(admin, "GET", "/readyz", None, None).await;
-    assert_eq!((status, body.as_str()), (200, r#"{"ready":true}"#));
+    // A fresh spool has nothing to recover.
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"{"ready":true,"recovering":false}"#)
+    );
     let (_, metrics) = http(admin, "GET", "/metrics", None, None).await;
     assert!(metrics.contains("\ntern_ready 1\n"), "{metrics}");
     // The API still wants its token: the health routes opened nothing else.
