@@ -137,6 +137,8 @@ fn main() -> ExitCode {
         return ExitCode::from(64);
     };
     let show_failures = args.iter().any(|a| a == "--failures");
+    let show_confusion = args.iter().any(|a| a == "--confusion");
+    let mut confusion: BTreeMap<(String, String), usize> = BTreeMap::new();
     let mut names: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -173,7 +175,7 @@ fn main() -> ExitCode {
             }
         };
         let report = bounce::parse(&raw, &classifier);
-        let (tally, problems) = score(&expect, &report);
+        let (tally, problems) = score(&expect, &report, &mut confusion);
         families.entry(family(&name)).or_default().add(&tally);
         if !problems.is_empty() {
             failures.push(format!("{name}: {}", problems.join("; ")));
@@ -216,6 +218,14 @@ fn main() -> ExitCode {
         total.status_right,
         total.status_expected,
     );
+    if show_confusion {
+        println!("\nreason confusion (expected -> tern: count), disagreements only:");
+        let mut rows: Vec<_> = confusion.iter().filter(|((w, g), _)| w != g).collect();
+        rows.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        for ((want, got), n) in rows {
+            println!("  {want:<16} -> {got:<16} {n}");
+        }
+    }
     if show_failures {
         println!("\nfailures ({}):", failures.len());
         for f in &failures {
@@ -230,7 +240,11 @@ fn read_expect(path: &Path) -> Result<Expect, String> {
     serde_json::from_str(&text).map_err(|e| e.to_string())
 }
 
-fn score(expect: &Expect, report: &bounce::Report) -> (Tally, Vec<String>) {
+fn score(
+    expect: &Expect,
+    report: &bounce::Report,
+    confusion: &mut BTreeMap<(String, String), usize>,
+) -> (Tally, Vec<String>) {
     let mut t = Tally {
         messages: 1,
         kind_right: usize::from(report.kind.as_str() == expect.kind),
@@ -298,6 +312,9 @@ fn score(expect: &Expect, report: &bounce::Report) -> (Tally, Vec<String>) {
             continue;
         };
         t.reason_scored += 1;
+        *confusion
+            .entry((want.clone(), r.reason.as_str().to_owned()))
+            .or_default() += 1;
         if r.reason.as_str() == want {
             t.reason_right += 1;
         } else {
