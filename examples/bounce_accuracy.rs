@@ -18,7 +18,10 @@
 //! when it equals the expected one; an expected pseudo-code (sisimai invents `x.0.9xx`,
 //! `x.9.xxx` when a message has no code, and `x.0.0` says only the class) is scored on the
 //! class digit alone (files holding several messages, like mbox files, are stored one message
-//! per file as `NAME-28a`, `NAME-28b`). Columns: `prec`/`recall` of recipients, `status`
+//! per file as `NAME-28a`, `NAME-28b`). So `status` is "exact where the answer is a real
+//! RFC 3463 code, the class where it is a placeholder"; `strict` compares strings, so a
+//! placeholder can never match (tern does not emit codes RFC 3463 does not define); a last
+//! line gives the exact share over the real codes alone. Columns: `prec`/`recall` of recipients, `status`
 //! (class-aware as above) and `strict` (equal strings) over the recipients found, `reason`
 //! agreement with the expected reasons, `kind` right, `fp` false positives. The summary lines
 //! give the totals with their counts: recipients expected, reported right, wrong and missed,
@@ -55,6 +58,10 @@ struct Tally {
     status_scored: usize,
     status_exact: usize,
     status_right: usize,
+    /// Found recipients whose expected status is a real RFC 3463 code (not a placeholder),
+    /// and those of them given exactly that code.
+    status_real: usize,
+    status_real_exact: usize,
     /// Expected recipients with a status, found or not.
     status_expected: usize,
     reason_scored: usize,
@@ -71,6 +78,8 @@ impl Tally {
         self.status_scored += o.status_scored;
         self.status_exact += o.status_exact;
         self.status_right += o.status_right;
+        self.status_real += o.status_real;
+        self.status_real_exact += o.status_real_exact;
         self.status_expected += o.status_expected;
         self.reason_scored += o.reason_scored;
         self.reason_right += o.reason_right;
@@ -218,6 +227,12 @@ fn main() -> ExitCode {
         total.status_right,
         total.status_expected,
     );
+    println!(
+        "status where the expected one is a real RFC 3463 code: {}/{} exact ({})",
+        total.status_real_exact,
+        total.status_real,
+        Tally::ratio(total.status_real_exact, total.status_real),
+    );
     if show_confusion {
         println!("\nreason confusion (expected -> tern: count), disagreements only:");
         let mut rows: Vec<_> = confusion.iter().filter(|((w, g), _)| w != g).collect();
@@ -302,6 +317,10 @@ fn score(
         let exact = got == want;
         let right = exact || (pseudo(want) && got.get(..1) == want.get(..1));
         t.status_exact += usize::from(exact);
+        if !pseudo(want) {
+            t.status_real += 1;
+            t.status_real_exact += usize::from(exact);
+        }
         t.status_right += usize::from(right);
         if !right {
             problems.push(format!("{} status {got} (want {want})", r.address));

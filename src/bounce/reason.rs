@@ -2,15 +2,16 @@
 //! `mailboxfull`, `blocked`, ...), next to tern's own [`Category`], so that tern's output can
 //! be compared with other parsers' and read by tools that speak those names.
 //!
-//! The reason is derived from the category, never the other way round: each category has one
-//! default reason, and a few phrases or status codes within it name a finer one (a disabled
-//! account is `suspend`, not `userunknown`; a sender refused at MAIL FROM is `rejected`, not
-//! `policyviolation`). So the reason never contradicts the category, and operator rules that
-//! move a reply to another category move its reason too. The table is in docs/BOUNCES.md
-//! ("Reasons"); this file is its implementation.
+//! The category stays tern's own and alone decides suppression; the reason is a second
+//! reading in the shared vocabulary, from wording that names one reason, the RFC 3463
+//! meaning of a given code, the SMTP command the reply answered, and last the category
+//! (its default and finer phrases). Where the vocabularies cut differently the reason
+//! follows sisimai's cut: a "User unknown" after DATA is invalid_recipient (hard) and
+//! `filtered`. The order is in [`reason_in`]; the tables are in docs/BOUNCES.md
+//! ("Reasons"); this file is their implementation.
 //!
-//! Invariant: a pure function of (category, status, diagnostic); bounded work (the text is
-//! cut to [`MAX_TEXT`] bytes and matched against fixed phrase lists).
+//! Invariant: a pure function of (category, status, diagnostic, context); bounded work (the
+//! text is cut to [`MAX_TEXT`] bytes and matched against fixed phrase lists).
 
 use serde::Serialize;
 
