@@ -18,7 +18,10 @@
 //! when it equals the expected one; an expected pseudo-code (sisimai invents `x.0.9xx`,
 //! `x.9.xxx` when a message has no code, and `x.0.0` says only the class) is scored on the
 //! class digit alone (files holding several messages, like mbox files, are stored one message
-//! per file as `NAME-28a`, `NAME-28b`). Columns: `prec`/`recall` of recipients, `status`
+//! per file as `NAME-28a`, `NAME-28b`). So `status` is "exact where the answer is a real
+//! RFC 3463 code, the class where it is a placeholder"; `strict` compares strings, so a
+//! placeholder can never match (tern does not emit codes RFC 3463 does not define); a last
+//! line gives the exact share over the real codes alone. Columns: `prec`/`recall` of recipients, `status`
 //! (class-aware as above) and `strict` (equal strings) over the recipients found, `reason`
 //! agreement with the expected reasons, `kind` right, `fp` false positives. The summary lines
 //! give the totals with their counts: recipients expected, reported right, wrong and missed,
@@ -55,6 +58,10 @@ struct Tally {
     status_scored: usize,
     status_exact: usize,
     status_right: usize,
+    /// Found recipients whose expected status is a real RFC 3463 code (not a placeholder),
+    /// and those of them given exactly that code.
+    status_real: usize,
+    status_real_exact: usize,
     /// Expected recipients with a status, found or not.
     status_expected: usize,
     reason_scored: usize,
@@ -71,6 +78,8 @@ impl Tally {
         self.status_scored += o.status_scored;
         self.status_exact += o.status_exact;
         self.status_right += o.status_right;
+        self.status_real += o.status_real;
+        self.status_real_exact += o.status_real_exact;
         self.status_expected += o.status_expected;
         self.reason_scored += o.reason_scored;
         self.reason_right += o.reason_right;
@@ -137,6 +146,8 @@ fn main() -> ExitCode {
         return ExitCode::from(64);
     };
     let show_failures = args.iter().any(|a| a == "--failures");
+    let show_confusion = args.iter().any(|a| a == "--confusion");
+    let mut confusion: BTreeMap<(String, String), usize> = BTreeMap::new();
     let mut names: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -173,7 +184,7 @@ fn main() -> ExitCode {
             }
         };
         let report = bounce::parse(&raw, &classifier);
-        let (tally, problems) = score(&expect, &report);
+        let (tally, problems) = score(&expect, &report, &mut confusion);
         families.entry(family(&name)).or_default().add(&tally);
         if !problems.is_empty() {
             failures.push(format!("{name}: {}", problems.join("; ")));
@@ -216,6 +227,20 @@ fn main() -> ExitCode {
         total.status_right,
         total.status_expected,
     );
+    println!(
+        "status where the expected one is a real RFC 3463 code: {}/{} exact ({})",
+        total.status_real_exact,
+        total.status_real,
+        Tally::ratio(total.status_real_exact, total.status_real),
+    );
+    if show_confusion {
+        println!("\nreason confusion (expected -> tern: count), disagreements only:");
+        let mut rows: Vec<_> = confusion.iter().filter(|((w, g), _)| w != g).collect();
+        rows.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        for ((want, got), n) in rows {
+            println!("  {want:<16} -> {got:<16} {n}");
+        }
+    }
     if show_failures {
         println!("\nfailures ({}):", failures.len());
         for f in &failures {
@@ -230,7 +255,11 @@ fn read_expect(path: &Path) -> Result<Expect, String> {
     serde_json::from_str(&text).map_err(|e| e.to_string())
 }
 
-fn score(expect: &Expect, report: &bounce::Report) -> (Tally, Vec<String>) {
+fn score(
+    expect: &Expect,
+    report: &bounce::Report,
+    confusion: &mut BTreeMap<(String, String), usize>,
+) -> (Tally, Vec<String>) {
     let mut t = Tally {
         messages: 1,
         kind_right: usize::from(report.kind.as_str() == expect.kind),
@@ -288,6 +317,10 @@ fn score(expect: &Expect, report: &bounce::Report) -> (Tally, Vec<String>) {
         let exact = got == want;
         let right = exact || (pseudo(want) && got.get(..1) == want.get(..1));
         t.status_exact += usize::from(exact);
+        if !pseudo(want) {
+            t.status_real += 1;
+            t.status_real_exact += usize::from(exact);
+        }
         t.status_right += usize::from(right);
         if !right {
             problems.push(format!("{} status {got} (want {want})", r.address));
@@ -298,6 +331,9 @@ fn score(expect: &Expect, report: &bounce::Report) -> (Tally, Vec<String>) {
             continue;
         };
         t.reason_scored += 1;
+        *confusion
+            .entry((want.clone(), r.reason.as_str().to_owned()))
+            .or_default() += 1;
         if r.reason.as_str() == want {
             t.reason_right += 1;
         } else {

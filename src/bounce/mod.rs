@@ -391,8 +391,24 @@ fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Rep
             let context = reason::Context {
                 failed: action == ReportedAction::Failed,
                 phase: *phase.get_or_insert_with(|| text::smtp_phase(body)),
+                explicit_status: status.is_some() || classify::status_in(text).is_some(),
+                local_program: fields::get(&group, "diagnostic-code").is_some_and(|d| {
+                    d.trim_start()
+                        .get(..6)
+                        .is_some_and(|t| t.eq_ignore_ascii_case("x-unix"))
+                }),
             };
-            let reason = reason::reason_in(c.category, c.status.as_deref(), text, context);
+            // The Status field's comment ("5.2.1 (mailbox disabled, not accepting messages)")
+            // is the reporting MTA's reading of the reply: words for the reason too.
+            let comment = fields::get(&group, "status")
+                .and_then(|s| s.split_once(char::is_whitespace))
+                .map(|(_, c)| c.trim())
+                .filter(|c| !c.is_empty());
+            let worded = match comment {
+                Some(comment) => Cow::Owned(format!("{text} {comment}")),
+                None => Cow::Borrowed(text),
+            };
+            let reason = reason::reason_in(c.category, c.status.as_deref(), &worded, context);
             recipients.push(BounceRecipient {
                 reason,
                 original_recipient: fields::get(&group, "original-recipient")
@@ -520,11 +536,15 @@ fn text_bounce(
         }
     }
     let phase = text::smtp_phase(body);
+    let group_notice = list_refusal(body);
     Report {
         kind: Kind::Dsn,
         recipients: found
             .into_iter()
             .map(|(address, diagnostic)| {
+                if group_notice {
+                    return list_refused(address, diagnostic, action);
+                }
                 let c = classifier.classify_notice(
                     None,
                     diagnostic.as_deref().unwrap_or(""),
@@ -537,6 +557,10 @@ fn text_bounce(
                     reason::Context {
                         failed: action == ReportedAction::Failed,
                         phase,
+                        explicit_status: diagnostic
+                            .as_deref()
+                            .is_some_and(|d| classify::status_in(d).is_some()),
+                        local_program: false,
                     },
                 );
                 BounceRecipient {
@@ -551,6 +575,38 @@ fn text_bounce(
                 }
             })
             .collect(),
+    }
+}
+
+/// A mailing list service's own notice that it did not take a post (Google Groups: "the
+/// group you tried to contact may not exist, or you may not have permission to post", in
+/// the sender's language, always with a link to the Groups help pages).
+fn list_refusal(body: &str) -> bool {
+    let head = classify::truncate(body, 8 * 1024);
+    head.contains("groups.google.com/")
+}
+
+/// A recipient of a [`list_refusal`]: the list refused the sender's post. Category policy
+/// (soft: the list exists or not, the sender may not post; no mailbox to suppress), reason
+/// `rejected`, status the class of a permanent refusal by policy.
+fn list_refused(
+    address: String,
+    diagnostic: Option<String>,
+    action: ReportedAction,
+) -> BounceRecipient {
+    BounceRecipient {
+        address,
+        original_recipient: None,
+        status: Some(if action == ReportedAction::Delayed {
+            "4.0.0".to_owned()
+        } else {
+            "5.0.0".to_owned()
+        }),
+        action,
+        diagnostic,
+        category: Category::Policy,
+        reason: Reason::Rejected,
+        hard: false,
     }
 }
 

@@ -2,15 +2,16 @@
 //! `mailboxfull`, `blocked`, ...), next to tern's own [`Category`], so that tern's output can
 //! be compared with other parsers' and read by tools that speak those names.
 //!
-//! The reason is derived from the category, never the other way round: each category has one
-//! default reason, and a few phrases or status codes within it name a finer one (a disabled
-//! account is `suspend`, not `userunknown`; a sender refused at MAIL FROM is `rejected`, not
-//! `policyviolation`). So the reason never contradicts the category, and operator rules that
-//! move a reply to another category move its reason too. The table is in docs/BOUNCES.md
-//! ("Reasons"); this file is its implementation.
+//! The category stays tern's own and alone decides suppression; the reason is a second
+//! reading in the shared vocabulary, from wording that names one reason, the RFC 3463
+//! meaning of a given code, the SMTP command the reply answered, and last the category
+//! (its default and finer phrases). Where the vocabularies cut differently the reason
+//! follows sisimai's cut: a "User unknown" after DATA is invalid_recipient (hard) and
+//! `filtered`. The order is in [`reason_in`]; the tables are in docs/BOUNCES.md
+//! ("Reasons"); this file is their implementation.
 //!
-//! Invariant: a pure function of (category, status, diagnostic); bounded work (the text is
-//! cut to [`MAX_TEXT`] bytes and matched against fixed phrase lists).
+//! Invariant: a pure function of (category, status, diagnostic, context); bounded work (the
+//! text is cut to [`MAX_TEXT`] bytes and matched against fixed phrase lists).
 
 use serde::Serialize;
 
@@ -350,11 +351,14 @@ const OTHER: &[Refinement] = &[
     ),
     (
         Reason::SystemError,
-        &["x.3", "x.0.0"],
+        &["x.3"],
         &[
             "system error",
             "internal error",
             "server error",
+            "service unavailable",
+            "currently unavailable",
+            "transaction failed",
             "temporary failure",
             "local error",
             "configuration error",
@@ -368,6 +372,8 @@ const OTHER: &[Refinement] = &[
 /// DATA command", Exim's "after RCPT TO:", a Sendmail transcript's `>>> DATA`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
+    /// The greeting or HELO/EHLO: the client host itself was refused.
+    Helo,
     Mail,
     Rcpt,
     Data,
@@ -379,7 +385,437 @@ pub struct Context {
     /// The report's action is `failed` (a final notice).
     pub failed: bool,
     pub phase: Option<Phase>,
+    /// The status was given by the notice (a `Status:` field or a code in the reply), not
+    /// inferred from the class and the category.
+    pub explicit_status: bool,
+    /// The diagnostic came from a local delivery program (`Diagnostic-Code: X-Unix; 75`).
+    pub local_program: bool,
 }
+
+/// The reason an RFC 3463 code (with the IANA registry's later codes) means on its own, by
+/// the standard meaning of its subject and detail: `x.1.1` bad destination mailbox ->
+/// `userunknown`, `x.2.2` mailbox full -> `mailboxfull`, `x.7.13` user account disabled ->
+/// `suspend`. `None` for a code that names no cause (`x.0.0`, `x.5.0`, ...). The inverse of
+/// the inference table of `classify::inferred_status` (docs/BOUNCES.md "Status inference").
+pub fn status_reason(status: &str) -> Option<Reason> {
+    let mut parts = status.split('.');
+    let class = parts.next()?;
+    let subject: u16 = parts.next()?.parse().ok()?;
+    let detail: u16 = parts.next()?.parse().ok()?;
+    let temporary = class == "4";
+    Some(match (subject, detail) {
+        (1, 0 | 1 | 3) => Reason::UserUnknown,
+        (1, 2) => Reason::HostUnknown,
+        (1, 4) => Reason::Filtered,
+        (1, 6) => Reason::HasMoved,
+        (1, 7 | 8) => Reason::Rejected,
+        (1, 9) => Reason::SystemError,
+        (1, 10) => Reason::NotAccept,
+        // Mailbox disabled, not accepting messages: the mailbox refused this message.
+        (2, 0 | 1 | 4) => Reason::Filtered,
+        (2, 2) => Reason::MailboxFull,
+        (2, 3) => Reason::ExceedLimit,
+        (3, 0 | 3 | 5) => Reason::SystemError,
+        (3, 1) => Reason::SystemFull,
+        (3, 2) => Reason::NotAccept,
+        (3, 4) => Reason::MesgTooBig,
+        (4, 1) if temporary => Reason::Expired,
+        (4, 0 | 1 | 2 | 6 | 8) => Reason::NetworkError,
+        (4, 3) => Reason::SystemError,
+        (4, 4) if temporary => Reason::NetworkError,
+        (4, 4) => Reason::HostUnknown,
+        (4, 5) => Reason::SystemFull,
+        (4, 7) => Reason::Expired,
+        (5, 2 | 6) => Reason::SyntaxError,
+        (5, 3) => Reason::TooManyConn,
+        (5, 4 | 5) => Reason::SystemError,
+        (6, _) => Reason::ContentError,
+        (7, 1 | 2) if temporary => Reason::Blocked,
+        (7, 0..=12 | 14 | 15 | 19) => Reason::SecurityError,
+        (7, 13) => Reason::Suspend,
+        (7, 16) => Reason::MesgTooBig,
+        (7, 17 | 18) => Reason::HasMoved,
+        (7, 20..=24 | 26 | 29) => Reason::AuthFailure,
+        (7, 25) => Reason::RequirePtr,
+        (7, 27) => Reason::NotAccept,
+        (7, 28) => Reason::SpamDetected,
+        (7, 30) => Reason::FailedStartTls,
+        _ => return None,
+    })
+}
+
+/// Codes whose meaning is too broad to decide a reason when the text says more (a `5.7.1`
+/// is any refusal; a `5.1.1` beside "mailbox full" wording is the mailbox's state).
+fn vague(reason: Reason) -> bool {
+    matches!(
+        reason,
+        Reason::SystemError
+            | Reason::SecurityError
+            | Reason::Expired
+            | Reason::NetworkError
+            | Reason::HostUnknown
+            | Reason::UserUnknown
+            | Reason::Filtered
+    )
+}
+
+/// Wording that names a reason whatever the category and the code, tried in order before
+/// them (lowercase). Only phrases that say one thing: "blocked" alone is not here (a
+/// blocked account is `suspend`, a blocked IP `blocked`), "quota" alone neither (a relay
+/// quota is a block).
+const WORDING: &[(Reason, &[&str])] = &[
+    (
+        Reason::MailerError,
+        &[
+            "procmail:",
+            "mailer error",
+            "command died with",
+            "pipe to |",
+        ],
+    ),
+    (
+        Reason::MailboxFull,
+        &[
+            "mailbox is full",
+            "mailbox full",
+            "over quota",
+            "overquota",
+            "quota exceeded",
+            "exceeded quota",
+            "exceeds quota",
+            "quota full",
+            "mailbox exceeds",
+            "mailbox has exceeded",
+            "mailbox size limit",
+            "mailbox exceeded",
+            "mailbox exceeded the local limit",
+            "exceeded the local limit",
+            "full mailbox",
+            "mailfolder is full",
+            "insufficient storage",
+            "disk quota",
+            "diskspace quota",
+            "not enough space",
+            "not enough storage space",
+            "does not have enough space",
+        ],
+    ),
+    (
+        Reason::ContentError,
+        &["headers too large", "header too large", "too many headers"],
+    ),
+    (
+        Reason::MesgTooBig,
+        &[
+            "message size exceeds",
+            "max message size",
+            "maximum message size",
+            "message is too large",
+            "message too large",
+            "message too big",
+            "size limit exceeded",
+        ],
+    ),
+    (
+        Reason::Suspend,
+        &[
+            "account has been disabled",
+            "account is disabled",
+            "account disabled",
+            "disabled recipient",
+            "mailbox disabled",
+            "mailbox is disabled",
+            "account has been suspended",
+            "account is suspended",
+            "account suspended",
+            "temporary locked",
+            "temporarily locked",
+            "account is locked",
+            "account is blocked",
+            "recipient account is blocked",
+            "account has been discontinued",
+            "disabled or discontinued",
+            "account is frozen",
+        ],
+    ),
+    (
+        Reason::HasMoved,
+        &["has moved", "no longer at this address"],
+    ),
+    (
+        Reason::NoRelaying,
+        &[
+            "relay access denied",
+            "relaying denied",
+            "not configured to relay",
+            "relay not permitted",
+            "not permitted to relay",
+            "unable to relay",
+            "relaying not allowed",
+            "relay denied",
+            "we do not relay",
+            "no relaying",
+            "relay prohibited",
+            "as a relay",
+            "allowed rcpthosts",
+            // Amazon SES: the sending identity is not verified for the region.
+            "email address is not verified",
+        ],
+    ),
+    (
+        Reason::SecurityError,
+        &[
+            "smtp authentication",
+            "unauthenticated sender",
+            "authentication is required",
+            "must issue a starttls",
+        ],
+    ),
+    (
+        Reason::VirusDetected,
+        &["virus", "malware", "infected", "trojan"],
+    ),
+    (Reason::BadReputation, &["reputation"]),
+    (
+        Reason::Filtered,
+        &["recipient preferences", "refused by the recipient's filter"],
+    ),
+    (
+        Reason::SpamDetected,
+        &[
+            "scored as spam",
+            "considered spam",
+            "detected as spam",
+            "spam classification",
+            "appears to be spam",
+            "spam-like",
+            "antispam",
+            "anti-spam",
+            "bulk email",
+            "spam message",
+            "spam content",
+            "content rejected",
+            "blacklisted url",
+            "uribl",
+            "surbl",
+            // Orange: "Mail rejete. Mail rejected. OFR_506" (its code for spam).
+            "ofr_506",
+        ],
+    ),
+    (
+        Reason::FailedStartTls,
+        &[
+            "does not support tls",
+            "starttls",
+            "tls negotiation",
+            "tls handshake",
+        ],
+    ),
+    (
+        Reason::SystemFull,
+        &[
+            "insufficient disk space",
+            "disk full",
+            "system full",
+            "out of disk",
+        ],
+    ),
+    (
+        Reason::AuthFailure,
+        &[
+            "spf",
+            "dkim",
+            "dmarc",
+            "sender policy framework",
+            "authentication information",
+        ],
+    ),
+    (
+        Reason::RequirePtr,
+        &[
+            "reverse dns",
+            "ptr record",
+            "rdns",
+            "reverse lookup",
+            "no ptr",
+            "ip name lookup failed",
+            "unverifyable sending ip",
+            "unverifiable sending ip",
+            "mismatches client ip",
+            "cannot find your hostname",
+            "cannot resolve your",
+        ],
+    ),
+    (
+        Reason::NotCompliantRfc,
+        &[
+            "rfc 5322",
+            "rfc5322",
+            "rfc 2822",
+            "rfc2822",
+            "not rfc compliant",
+            "duplicate header",
+        ],
+    ),
+    (
+        Reason::PolicyViolation,
+        &[
+            "presents a potential security",
+            "policy reasons",
+            "greylist",
+            "graylist",
+        ],
+    ),
+    (
+        Reason::Rejected,
+        &[
+            "permission to post",
+            "unroutable sender",
+            "unrouteable sender",
+            "purported responsible address",
+            "all recipient addresses rejected",
+            "sender address rejected",
+            "sender verify failed",
+            "domain of sender address",
+            "from: domain is invalid",
+        ],
+    ),
+    (
+        Reason::NotAccept,
+        &[
+            "no smtp service",
+            "does not accept mail",
+            "not accepting network messages",
+            "null mx",
+            "doesn't receive email",
+        ],
+    ),
+    (
+        Reason::HostUnknown,
+        &[
+            "domain is not reachable",
+            "domain may not exist",
+            "name or service not known",
+        ],
+    ),
+    (
+        Reason::Blocked,
+        &[
+            "blacklisted",
+            "blocklisted",
+            "spamhaus",
+            "spamcop",
+            "dnsbl",
+            "blocked using",
+            "client host rejected",
+            "client host blocked",
+            "smtp server of your isp",
+            "unwanted messages",
+            "not accepting connections",
+            "invalid ip for sending",
+            "service refuse",
+        ],
+    ),
+    // Any other mention of spam: the message was taken for it (a blocked host said so above).
+    (Reason::SpamDetected, &["spam"]),
+    (
+        Reason::TooManyConn,
+        &[
+            "connection rate",
+            "too many connections",
+            "too many concurrent",
+            "too many sessions",
+        ],
+    ),
+    (
+        Reason::Speeding,
+        &[
+            "receiving mail at a rate",
+            "too many recipients this hour",
+            "sending rate",
+        ],
+    ),
+    (
+        Reason::UserUnknown,
+        &[
+            "recipient address rejected: access denied",
+            "user unknown",
+            "unknown user",
+            "no such user",
+            "user not exist",
+            "user doesn't exist",
+            "user does not exist",
+            "no such mailbox",
+            "mailbox not found",
+            "recipient not found",
+            "unknown recipient",
+            "invalid recipient",
+            "doesn't have a",
+            "address does not exist",
+            "account that you tried to reach does not exist",
+            "not a known user",
+            "no mail box available",
+            "no account by that name",
+            "bad_recipient",
+            "not an active address",
+            "nonexistent user",
+            "non-existent user",
+            "unknown mailbox",
+            "invalid mailbox",
+        ],
+    ),
+];
+
+/// The first [`WORDING`] entry with a phrase in `text` (lowercase), in one pass over the
+/// text: the phrases of each entry are one alternative of a [`regex::RegexSet`], compiled
+/// once (a phrase-by-phrase search costs a scan per phrase, about 200 of them).
+fn worded(text: &str) -> Option<Reason> {
+    static SET: std::sync::LazyLock<regex::RegexSet> = std::sync::LazyLock::new(|| {
+        regex::RegexSet::new(WORDING.iter().map(|(_, phrases)| {
+            phrases
+                .iter()
+                .map(|p| regex::escape(p))
+                .collect::<Vec<_>>()
+                .join("|")
+        }))
+        .expect("escaped literal phrases compile")
+    });
+    SET.matches(text)
+        .into_iter()
+        .next()
+        .map(|index| WORDING[index].0)
+}
+
+/// A receiving system's own statement that its directory has no such recipient (not a
+/// relayed reply), which is about the address whatever SMTP command the notice names.
+const DIRECTORY: &[&str] = &[
+    "recipient name is not recognized",
+    "not listed in domino directory",
+    "not listed in public name",
+    "unknown user:",
+    "invalid final delivery userid",
+    "address couldn't be found",
+    "account that you tried to reach does not exist",
+    "doesn't have a",
+    "invalid recipient",
+    "no such user here",
+    "rcpt to response",
+    "recipientnotfound",
+    "mailbox unavailable",
+];
+
+/// Wording of a network failure that a final notice names before its giving up.
+const NETWORK_WORDING: &[&str] = &[
+    "lost connection",
+    "host name lookup failure",
+    "name server",
+    "mail loop",
+    "routing loop",
+    "hop count",
+    "maximum allowed times",
+    "establish an smtp connection",
+    "network error",
+];
 
 /// Lowercase phrases of a final notice about a message that was retried until it gave up.
 const GAVE_UP: &[&str] = &[
@@ -389,33 +825,88 @@ const GAVE_UP: &[&str] = &[
     "could not be delivered for",
     "cannot send message for",
     "too long in the queue",
+    "in the queue too long",
     "giving up",
     "delivery time expired",
     "message expired",
+    "envelope expired",
+    "did not accept our requests to connect",
 ];
 
 /// Lowercase phrases of a timeout: in a final notice, retries that ran out of time.
 const TIMED_OUT: &[&str] = &["timed out", "timeout"];
 
-/// The reason with what the report says around the diagnostic (see [`Context`]): before the
-/// refinements of [`reason`], an unknown or refusing recipient at DATA is `filtered` (the
-/// address was accepted, the recipient's filter refused the message, as sisimai counts it);
-/// a permanent refusal at MAIL FROM is `rejected`; a final notice whose error was a
-/// temporary one (a 4.x.x status, a timeout) and any notice that says retries were given up
-/// is `expired`.
+/// The reason of one recipient, from its category, its status, its diagnostic and what the
+/// report says around it (see [`Context`]). In order, first answer wins:
+///
+/// 1. the category's own reason for complaints, auto-replies and deliveries; a local
+///    delivery program's failure is `mailererror`;
+/// 2. wording that names a reason (the [`WORDING`] table), whatever the category;
+/// 3. an unknown recipient (by wording or category): `userunknown` when the code says the
+///    mailbox is bad (x.1.1) or the reply answered RCPT TO; `rejected` when it answered
+///    MAIL FROM; else `filtered` (the recipient was refused after it was accepted, or by a
+///    mailbox state: x.2.x, DATA, or a notice that does not say);
+/// 4. a given code whose meaning names a cause ([`status_reason`], unless [`vague`]);
+/// 5. a client refused at HELO is `blocked`; a permanent refusal at MAIL FROM `rejected`;
+/// 6. for network, other and expired failures: `networkerror` wording, else `expired` when
+///    the notice gave up on retries or is final about a temporary error;
+/// 7. the category's refinements ([`reason`]); for `other`, a vague given code's reason.
 pub fn reason_in(
     category: Category,
     status: Option<&str>,
     diagnostic: &str,
     context: Context,
 ) -> Reason {
+    if matches!(
+        category,
+        Category::Complaint | Category::AutoReply | Category::Delivered
+    ) {
+        return default_for(category);
+    }
     let text = truncate(diagnostic, MAX_TEXT).to_ascii_lowercase();
+    let given = status.filter(|_| context.explicit_status);
+    let named = given.and_then(status_reason);
+    let temporary = status.is_some_and(|s| s.starts_with('4'));
+    let worded = worded(&text);
+    let unknown_user = match worded {
+        Some(Reason::UserUnknown) => true,
+        // A message over the mailbox's own limit (x.2.3) rather than the system's.
+        Some(Reason::MesgTooBig) if named == Some(Reason::ExceedLimit) => {
+            return Reason::ExceedLimit;
+        }
+        Some(r) => return r,
+        None if context.local_program && context.failed => return Reason::MailerError,
+        None => {
+            category == Category::InvalidRecipient
+                && (named == Some(Reason::UserUnknown)
+                    || reason(category, status, diagnostic) == Reason::UserUnknown)
+        }
+    };
+    if unknown_user {
+        return match (named, context.phase) {
+            (Some(Reason::UserUnknown), _) | (_, Some(Phase::Rcpt)) => Reason::UserUnknown,
+            (_, Some(Phase::Mail)) if !temporary => Reason::Rejected,
+            (Some(Reason::HostUnknown), _) => Reason::HostUnknown,
+            // The receiving system's own directory lookup said so (an Exchange, Domino or
+            // IMail notice, Gmail's "address couldn't be found"), whatever the command.
+            _ if DIRECTORY.iter().any(|p| text.contains(p)) => Reason::UserUnknown,
+            (_, Some(Phase::Data)) | (Some(Reason::Filtered), None) => Reason::Filtered,
+            // No command known: a reply that names the recipient in angle brackets answered
+            // its RCPT TO; else it is sisimai's reading of a reply that may have come after
+            // DATA.
+            (_, None) if !names_recipient(&text) => Reason::Filtered,
+            _ => Reason::UserUnknown,
+        };
+    }
+    if let Some(named) = named.filter(|r| !vague(*r)) {
+        return named;
+    }
     match (category, context.phase) {
-        (Category::InvalidRecipient, Some(Phase::Data)) => return Reason::Filtered,
+        (Category::Policy | Category::SpamBlock | Category::Other, Some(Phase::Helo)) => {
+            return Reason::Blocked;
+        }
         // Unless the text names a finer cause (a PTR record, a security requirement).
-        (Category::InvalidRecipient | Category::Policy, Some(Phase::Mail))
-            if !status.is_some_and(|s| s.starts_with('4')) =>
-        {
+        (Category::InvalidRecipient | Category::Policy, Some(Phase::Mail)) if !temporary => {
             let refined = reason(category, status, diagnostic);
             return if refined == default_for(category) {
                 Reason::Rejected
@@ -425,17 +916,51 @@ pub fn reason_in(
         }
         _ => {}
     }
-    let temporary = status.is_some_and(|s| s.starts_with('4'));
-    let gave_up = GAVE_UP.iter().any(|p| text.contains(p));
-    let timed_out = TIMED_OUT.iter().any(|p| text.contains(p));
     if matches!(
         category,
         Category::Network | Category::Other | Category::Expired
-    ) && ((context.failed && (temporary || timed_out)) || gave_up)
-    {
-        return Reason::Expired;
+    ) {
+        if NETWORK_WORDING.iter().any(|p| text.contains(p)) {
+            return Reason::NetworkError;
+        }
+        let gave_up = GAVE_UP.iter().any(|p| text.contains(p)) || retried(&text);
+        let timed_out = TIMED_OUT.iter().any(|p| text.contains(p));
+        if (context.failed && (temporary || timed_out)) || gave_up {
+            return Reason::Expired;
+        }
     }
-    reason(category, status, diagnostic)
+    let refined = reason(category, status, diagnostic);
+    match (category, named) {
+        (Category::Other, Some(named)) if refined == Reason::Undefined => named,
+        // RFC 5321's 502-504 say the command or its parameter was not understood.
+        (Category::Other, _)
+            if refined == Reason::Undefined
+                && super::classify::basic_in(&text).is_some_and(|c| (502..=504).contains(&c)) =>
+        {
+            Reason::SyntaxError
+        }
+        _ => refined,
+    }
+}
+
+/// A reply that starts with its code and quotes an address in angle brackets right after
+/// it (`550 <a@b.example>: User unknown`, `550 5.1.1 <a@b.example>...`).
+fn names_recipient(text: &str) -> bool {
+    let head = text.get(..text.len().min(64)).unwrap_or(text);
+    super::classify::basic_in(head).is_some()
+        && head
+            .split_once('<')
+            .is_some_and(|(_, rest)| rest.split('>').next().is_some_and(|a| a.contains('@')))
+}
+
+/// "failed 20 attempts", "after 5 attempts": a count of delivery attempts.
+fn retried(text: &str) -> bool {
+    text.match_indices(" attempts").any(|(at, _)| {
+        text[..at]
+            .rsplit(' ')
+            .next()
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    })
 }
 
 /// The reason for a recipient of `category` with `status` and `diagnostic`.
@@ -526,6 +1051,8 @@ mod tests {
         let failed = |phase| Context {
             failed: true,
             phase,
+            explicit_status: true,
+            local_program: false,
         };
         assert_eq!(
             reason_in(
@@ -593,5 +1120,200 @@ mod tests {
             ),
             Reason::NotAccept
         );
+    }
+
+    fn given(phase: Option<Phase>) -> Context {
+        Context {
+            failed: true,
+            phase,
+            explicit_status: true,
+            local_program: false,
+        }
+    }
+
+    #[test]
+    fn status_codes_mean_their_rfc_3463_reason() {
+        for (code, want) in [
+            ("5.1.1", Some(Reason::UserUnknown)),
+            ("5.1.2", Some(Reason::HostUnknown)),
+            ("5.2.1", Some(Reason::Filtered)),
+            ("5.2.2", Some(Reason::MailboxFull)),
+            ("5.2.3", Some(Reason::ExceedLimit)),
+            ("5.3.1", Some(Reason::SystemFull)),
+            ("5.3.2", Some(Reason::NotAccept)),
+            ("5.3.4", Some(Reason::MesgTooBig)),
+            ("4.4.1", Some(Reason::Expired)),
+            ("5.4.4", Some(Reason::HostUnknown)),
+            ("4.4.4", Some(Reason::NetworkError)),
+            ("4.4.5", Some(Reason::SystemFull)),
+            ("5.4.7", Some(Reason::Expired)),
+            ("5.6.0", Some(Reason::ContentError)),
+            ("4.7.1", Some(Reason::Blocked)),
+            ("5.7.1", Some(Reason::SecurityError)),
+            ("5.7.13", Some(Reason::Suspend)),
+            ("5.7.26", Some(Reason::AuthFailure)),
+            ("5.7.25", Some(Reason::RequirePtr)),
+            ("5.7.27", Some(Reason::NotAccept)),
+            ("5.0.0", None),
+            ("5.5.0", None),
+            ("nonsense", None),
+        ] {
+            assert_eq!(status_reason(code), want, "{code}");
+        }
+        // A code that names a cause decides when the wording does not.
+        assert_eq!(
+            reason_in(
+                Category::Other,
+                Some("5.3.2"),
+                "521 System not ready",
+                given(None)
+            ),
+            Reason::NotAccept
+        );
+        assert_eq!(
+            reason_in(
+                Category::Other,
+                Some("5.0.0"),
+                "503 Bad sequence",
+                given(None)
+            ),
+            Reason::SyntaxError
+        );
+    }
+
+    #[test]
+    fn wording_names_the_reason_whatever_the_category() {
+        // A mailbox over quota with a 5.1.1 code is full, not unknown.
+        assert_eq!(
+            reason_in(
+                Category::InvalidRecipient,
+                Some("5.1.1"),
+                "552 sorry, mailbox a@b.example is over quota temporarily (#5.1.1)",
+                given(None)
+            ),
+            Reason::MailboxFull
+        );
+        assert_eq!(
+            reason_in(
+                Category::Content,
+                Some("5.6.0"),
+                "554 5.6.0 This message has been scored as spam",
+                given(Some(Phase::Data))
+            ),
+            Reason::SpamDetected
+        );
+        assert_eq!(
+            reason_in(
+                Category::Network,
+                Some("5.0.0"),
+                "500 Remote server does not support TLS",
+                given(None)
+            ),
+            Reason::FailedStartTls
+        );
+        assert_eq!(
+            reason_in(
+                Category::Other,
+                Some("5.0.0"),
+                "553 sorry, that domain isn't in my list of allowed rcpthosts",
+                given(None)
+            ),
+            Reason::NoRelaying
+        );
+        // A disabled account is suspended, whatever code it came with.
+        assert_eq!(
+            reason_in(
+                Category::Policy,
+                Some("5.7.13"),
+                "525 5.7.13 Disabled recipient address",
+                given(Some(Phase::Rcpt))
+            ),
+            Reason::Suspend
+        );
+        // A local delivery program's exit code.
+        let local = Context {
+            local_program: true,
+            ..given(None)
+        };
+        assert_eq!(
+            reason_in(Category::Other, Some("5.0.0"), "75", local),
+            Reason::MailerError
+        );
+    }
+
+    #[test]
+    fn an_unknown_user_is_userunknown_or_filtered_by_the_command_and_the_code() {
+        let unknown =
+            |status, text, phase| reason_in(Category::InvalidRecipient, status, text, given(phase));
+        // The code says the mailbox is bad: userunknown even after DATA.
+        assert_eq!(
+            unknown(Some("5.1.1"), "550 5.1.1 User unknown", Some(Phase::Data)),
+            Reason::UserUnknown
+        );
+        assert_eq!(
+            unknown(Some("5.0.0"), "550 User unknown", Some(Phase::Rcpt)),
+            Reason::UserUnknown
+        );
+        assert_eq!(
+            unknown(Some("5.0.0"), "550 User unknown", Some(Phase::Data)),
+            Reason::Filtered
+        );
+        // x.2.1 (mailbox disabled) with no command: the mailbox refused this message.
+        assert_eq!(
+            unknown(Some("5.2.1"), "550 5.2.1 User unknown", None),
+            Reason::Filtered
+        );
+        // No command: a reply naming the address answered its RCPT TO.
+        assert_eq!(
+            unknown(Some("5.0.0"), "550 <a@b.example>: User unknown", None),
+            Reason::UserUnknown
+        );
+        assert_eq!(
+            unknown(Some("5.0.0"), "550 : User unknown", None),
+            Reason::Filtered
+        );
+        // The receiving system's own directory lookup.
+        assert_eq!(
+            unknown(
+                None,
+                "The recipient name is not recognized",
+                Some(Phase::Data)
+            ),
+            Reason::UserUnknown
+        );
+        // Unknown-user wording in another category counts too.
+        assert_eq!(
+            reason_in(
+                Category::Other,
+                Some("5.0.0"),
+                "550 <a@b.example>... User not exist",
+                given(Some(Phase::Rcpt))
+            ),
+            Reason::UserUnknown
+        );
+    }
+
+    #[test]
+    fn final_notices_expire_unless_the_network_is_named() {
+        let failed = given(None);
+        assert_eq!(
+            reason_in(
+                Category::Other,
+                Some("5.0.0"),
+                "Delivery failed 20 attempts: a@b.example",
+                failed
+            ),
+            Reason::Expired
+        );
+        assert_eq!(
+            reason_in(
+                Category::Network,
+                Some("4.4.1"),
+                "Host name lookup failure; message could not be delivered for 8 hours",
+                failed
+            ),
+            Reason::NetworkError
+        );
+        assert!(retried("failed 20 attempts") && !retried("several attempts"));
     }
 }

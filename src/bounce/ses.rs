@@ -14,7 +14,7 @@
 
 use serde_json::Value;
 
-use super::classify::Classifier;
+use super::classify::{self, Classifier};
 use super::reason::{self, Reason};
 use super::{clean_diagnostic, BounceRecipient, Kind, Report, ReportedAction, MAX_RECIPIENTS};
 use crate::taxonomy::Category;
@@ -95,6 +95,9 @@ pub fn parse(text: &str, classifier: &Classifier) -> Option<Report> {
                             reason::Context {
                                 failed: action == ReportedAction::Failed,
                                 phase: None,
+                                explicit_status: status.is_some_and(classify::is_enhanced)
+                                    || classify::status_in(text).is_some(),
+                                local_program: false,
                             },
                         ),
                         address,

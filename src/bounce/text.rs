@@ -461,6 +461,13 @@ pub fn smtp_phase(body: &str) -> Option<super::reason::Phase> {
         ("after rcpt to", Phase::Rcpt),
         ("in reply to mail from", Phase::Mail),
         ("after mail from", Phase::Mail),
+        // qmail: "192.0.2.1 does not like recipient.", "most progress was RCPT TO response".
+        ("does not like recipient", Phase::Rcpt),
+        ("rcpt to response", Phase::Rcpt),
+        ("in reply to helo", Phase::Helo),
+        ("in reply to ehlo", Phase::Helo),
+        ("after helo", Phase::Helo),
+        ("after ehlo", Phase::Helo),
     ];
     if let Some((_, phase)) = SAID
         .iter()
@@ -484,10 +491,40 @@ pub fn smtp_phase(body: &str) -> Option<super::reason::Phase> {
         });
         let need_rcpt = after.iter().any(|l| {
             let l = l.to_ascii_lowercase();
-            l.contains("need rcpt") || l.trim().starts_with("<<< 503")
+            l.contains("need rcpt")
+                || l.contains("no valid recipients")
+                || l.trim().starts_with("<<< 503")
         });
         if answered {
             return Some(if need_rcpt { Phase::Rcpt } else { Phase::Data });
+        }
+    }
+    // Otherwise the command a transcript sent last before its first failure reply.
+    let failure = lines.iter().position(|l| {
+        let t = l.trim();
+        t.starts_with("<<< 4") || t.starts_with("<<< 5")
+    });
+    if let Some(failure) = failure {
+        let command = lines[..failure]
+            .iter()
+            .rev()
+            .find_map(|l| l.trim().strip_prefix(">>> "))
+            .map(str::to_ascii_lowercase);
+        let phase = command.as_deref().and_then(|c| {
+            if c.starts_with("rcpt") {
+                Some(Phase::Rcpt)
+            } else if c.starts_with("mail") {
+                Some(Phase::Mail)
+            } else if c.starts_with("helo") || c.starts_with("ehlo") {
+                Some(Phase::Helo)
+            } else if c.starts_with("data") {
+                Some(Phase::Data)
+            } else {
+                None
+            }
+        });
+        if phase.is_some() {
+            return phase;
         }
     }
     // m-FILTER and others: a "SMTP command" heading and the command on the next line.
@@ -1014,6 +1051,29 @@ mod tests {
             Some(Phase::Data)
         );
         assert_eq!(smtp_phase("550 unknown user\n"), None);
+        // Sendmail after DATA: the RCPT reply, then "no valid recipients" for DATA.
+        assert_eq!(
+            smtp_phase(">>> DATA\n<<< 550 Unknown user a@b.example\n<<< 554 5.5.1 Error: no valid recipients"),
+            Some(Phase::Rcpt)
+        );
+        // The command before the first failure reply of a transcript.
+        assert_eq!(
+            smtp_phase(
+                ">>> MAIL From:<s@x.example>\n<<< 250 ok\n>>> RCPT To:<a@b.example>\n<<< 550 no"
+            ),
+            Some(Phase::Rcpt)
+        );
+        assert_eq!(
+            smtp_phase(">>> EHLO x.example\n<<< 554 go away"),
+            Some(Phase::Helo)
+        );
+        // qmail's own wording.
+        assert_eq!(
+            smtp_phase(
+                "<a@b.example>:\n192.0.2.1 does not like recipient.\nRemote host said: 550 no"
+            ),
+            Some(Phase::Rcpt)
+        );
     }
 
     #[test]
