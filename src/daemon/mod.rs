@@ -186,6 +186,12 @@ impl Daemon {
         };
         let shaper = Shaper::new(&config, spool.clone(), backend, metrics.clone());
 
+        let cluster = config
+            .cluster
+            .as_ref()
+            .map(|c| crate::cluster::Store::new(c).map(Arc::new))
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
         let feedback = FeedbackSystem::start(
             &config,
             &spool,
@@ -194,6 +200,7 @@ impl Daemon {
             classifier.clone(),
             verp.clone(),
             origin.clone(),
+            cluster.clone(),
             &bg,
         )?;
         let (new_mail, new_mail_rx) = tokio::sync::mpsc::unbounded_channel();

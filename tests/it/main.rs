@@ -5,6 +5,7 @@ mod dns_server;
 mod dsn;
 mod edge;
 mod harness;
+mod redis_server;
 mod sink;
 
 mod admin_api;
@@ -14,6 +15,7 @@ mod bdat;
 mod bounce;
 mod cli;
 mod client;
+mod cluster;
 mod config_lookup;
 mod crash;
 mod delivery;
