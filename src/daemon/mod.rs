@@ -214,6 +214,7 @@ impl Daemon {
                 feedback: feedback.feedback.clone(),
                 unsubscriber: feedback.unsubscriber.clone(),
                 new_mail,
+                cluster: cluster.clone(),
             },
             &bg,
         )?;

@@ -380,3 +380,119 @@ async fn a_fleet_node_never_generates_its_own_keys() {
         "no key was created"
     );
 }
+
+/// A fleet node with tracking and the `promo` campaign (variants a and b).
+fn campaign_node(redis: &RedisServer, sink: &Sink, keys: &Path, name: &str) -> Options {
+    let tracking = keys.join("tracking.key");
+    if !tracking.exists() {
+        write_secret(&tracking, "fleet-tracking-key-0123456789abcdef\n");
+    }
+    let mut options = node_options(redis, sink, keys, name, "reject");
+    options.extra.push(crate::sidecar::tracking_config(keys));
+    options
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engagement_and_bandit_counts_are_the_fleets() {
+    let redis = RedisServer::start().await;
+    let sink = sink().await;
+    let keys = tempfile::tempdir().unwrap();
+    let a = TestServer::start(campaign_node(&redis, &sink, keys.path(), "a")).await;
+    let b = TestServer::start(campaign_node(&redis, &sink, keys.path(), "b")).await;
+    let (status, answer) = a
+        .api(
+            "POST",
+            "/api/v1/inject",
+            Some(&json!({
+                "from": "news@a.test",
+                "to": ["ann@a.test"],
+                "raw": "From: news@a.test\nSubject: x\n\nx\n",
+                "sidecar": {"campaign": "promo"},
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let variant = answer["sidecar"][0]["variant"].as_str().unwrap().to_owned();
+    let message = sink.wait_for_messages(1, T).await.remove(0);
+    let parsed = mail_parser::MessageParser::default()
+        .parse(&message.data)
+        .unwrap();
+    let html = parsed.body_html(0).unwrap().into_owned();
+    let click = html
+        .split("http://t.example.com/t/c/")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap_or_else(|| panic!("no click link in {html}"))
+        .to_owned();
+
+    // Minted on A, clicked through B: B knows the key and counts it.
+    let iphone = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15";
+    let (status, text) = crate::sidecar::get(b.admin(), &format!("/t/c/{click}"), iphone).await;
+    assert_eq!(status, 302, "{text}");
+    // The one profile: A, which never saw the click, reads it.
+    wait_until("A sees the engagement B recorded", || async {
+        let (status, p) = a.api("GET", "/api/v1/recipients/ann@a.test", None).await;
+        status == 200 && p["engagements"].as_f64() >= Some(1.0)
+    })
+    .await;
+    let mut conn = redis_conn(&redis).await;
+    let bytes: i64 = redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg("{fleet}:prof:ann@a.test")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    eprintln!("one recipient's engagement profile in Redis: {bytes} bytes (MEMORY USAGE)");
+    assert!((100..8192).contains(&bytes), "{bytes} bytes");
+
+    // The send was counted on A, the reward on B; after each node's batch both hold the sum.
+    for _ in 0..2 {
+        a.daemon().sidecar().apply_bandit_batch().await;
+        b.daemon().sidecar().apply_bandit_batch().await;
+    }
+    let (on_a, on_b) = (
+        a.daemon().sidecar().bandit_arms("promo"),
+        b.daemon().sidecar().bandit_arms("promo"),
+    );
+    assert_eq!(on_a, on_b, "both nodes hold the fleet's counts");
+    assert_eq!(
+        (on_a[&variant].sends, on_a[&variant].rewards),
+        (1.0, 1.0),
+        "{on_a:?}"
+    );
+
+    // One refit at a time: while another holds the lease, A's refit waits for it.
+    let _: () = redis::cmd("SET")
+        .arg("{fleet}:lease:refit")
+        .arg("someone-else")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let admin = a.admin();
+    let token = a.admin_token();
+    let refit = tokio::spawn(async move {
+        crate::harness::http(admin, "POST", "/api/v1/sendtime/refit", Some(&token), None).await
+    });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        !refit.is_finished(),
+        "refit ran while another node held the lease"
+    );
+    let _: () = redis::cmd("DEL")
+        .arg("{fleet}:lease:refit")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (status, text) = tokio::time::timeout(T, refit).await.unwrap().unwrap();
+    assert_eq!(status, 200, "{text}");
+    let held: Option<String> = redis::cmd("GET")
+        .arg("{fleet}:lease:refit")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(held, None, "the lease is given back");
+    a.stop().await;
+    b.stop().await;
+}
