@@ -238,6 +238,7 @@ impl Daemon {
                 listeners: bound
                     .addresses()
                     .context("listeners: cannot read the bound addresses")?,
+                cluster: cluster.clone(),
             },
             &bg,
         )?;

@@ -496,3 +496,62 @@ async fn engagement_and_bandit_counts_are_the_fleets() {
     a.stop().await;
     b.stop().await;
 }
+
+/// The destinations `server` has suspended now (`*` for all delivery).
+async fn suspended(server: &TestServer) -> Vec<String> {
+    let (status, body) = server.api("GET", "/api/v1/queue/suspensions", None).await;
+    assert_eq!(status, 200, "{body}");
+    body["suspensions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{body}"))
+        .iter()
+        .map(|s| s["destination"].as_str().unwrap_or("*").to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspension_is_the_fleets() {
+    let redis = RedisServer::start().await;
+    let sink = sink().await;
+    let keys = tempfile::tempdir().unwrap();
+    let a = TestServer::start(node_options(&redis, &sink, keys.path(), "a", "reject")).await;
+    let b = TestServer::start(node_options(&redis, &sink, keys.path(), "b", "reject")).await;
+    let (status, body) = a
+        .api(
+            "POST",
+            "/api/v1/queue/suspend",
+            Some(&json!({"destination": "a.test", "reason": "provider asked"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    wait_until("B suspends a.test too", || async {
+        suspended(&b).await == ["a.test"]
+    })
+    .await;
+    // B holds its mail for a.test back ...
+    submit(&b, "held@a.test").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        sink.messages().is_empty(),
+        "B delivered to a suspended domain"
+    );
+    // ... until an operator resumes on B, which resumes on A too.
+    let (status, body) = b
+        .api(
+            "POST",
+            "/api/v1/queue/resume",
+            Some(&json!({"destination": "a.test"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["resumed"], true);
+    sink.wait_for_messages(1, T).await;
+    wait_until("A resumes a.test", || async {
+        suspended(&a).await.is_empty()
+    })
+    .await;
+    // And gone on B, where it was resumed.
+    assert!(suspended(&b).await.is_empty());
+    a.stop().await;
+    b.stop().await;
+}
