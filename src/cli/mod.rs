@@ -30,6 +30,7 @@ pub mod check_config;
 pub mod client;
 pub mod dkim;
 pub mod docs;
+pub mod drain;
 pub mod hash_password;
 pub mod inject;
 pub mod queue;

@@ -24,6 +24,7 @@ mod delivery_mx;
 mod delivery_tls;
 mod dialogue;
 mod dkim;
+mod drain;
 mod durability;
 mod fuzz;
 mod health;
