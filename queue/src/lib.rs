@@ -35,4 +35,6 @@ pub use error::SpoolError;
 pub use group_commit::{CommitStats, Round};
 pub use id::{IdGenerator, MessageId, ParseMessageIdError};
 pub use record::{BodyType, Envelope, Notify, Recipient, RecipientState, Ret, Source};
-pub use spool::{Body, InboundBatch, OrphanSweep, Shared, Spool, SpoolOptions, SpoolStats};
+pub use spool::{
+    restore, Body, Copied, InboundBatch, OrphanSweep, Shared, Spool, SpoolOptions, SpoolStats,
+};

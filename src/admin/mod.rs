@@ -27,6 +27,7 @@ pub mod inject;
 pub mod listener;
 pub mod queue;
 pub mod shaping;
+pub mod spool;
 pub mod suppression;
 pub mod tls_reports;
 pub mod tracking;
@@ -105,6 +106,7 @@ fn router(state: AdminState) -> Router {
         .merge(suppression::routes())
         .merge(events::routes())
         .merge(tls_reports::routes())
+        .merge(spool::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,

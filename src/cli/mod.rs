@@ -36,6 +36,7 @@ pub mod inject;
 pub mod queue;
 pub mod serve;
 pub mod sidecar;
+pub mod spool;
 pub mod suppression;
 pub mod table;
 pub mod token;
@@ -89,6 +90,11 @@ pub enum Command {
     Bounce {
         #[command(subcommand)]
         command: crate::cli::bounce::BounceCommand,
+    },
+    /// Consistent copies of the spool: backup (running or stopped daemon) and restore.
+    Spool {
+        #[command(subcommand)]
+        command: crate::cli::spool::SpoolCommand,
     },
     /// The suppression list of a running daemon (over the admin API).
     Suppression {
