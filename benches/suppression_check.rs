@@ -38,7 +38,7 @@ async fn fill(list: &Suppressions) {
 fn percentiles(list: &Suppressions) -> (f64, f64, f64) {
     let mut samples = Vec::with_capacity(200_000);
     for n in 0..200_000usize {
-        let address = if n % 2 == 0 {
+        let address = if n.is_multiple_of(2) {
             format!("user{}@d{}.test", n % ENTRIES, (n % ENTRIES) % 1000)
         } else {
             format!("nobody{n}@d{}.test", n % 1000)
@@ -59,7 +59,7 @@ fn bench_list(c: &mut Criterion, list: &Suppressions, what: &str) {
         |b| {
             b.iter(|| {
                 n += 1;
-                let address = if n % 2 == 0 {
+                let address = if n.is_multiple_of(2) {
                     format!("user{}@d{}.test", n % ENTRIES, (n % ENTRIES) % 1000)
                 } else {
                     format!("nobody{n}@d{}.test", n % 1000)

@@ -26,6 +26,8 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 /// How the store is reached: one server, or a Redis Cluster found from one of its nodes.
+// One per node, made once: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Client {
     Single(redis::Client),
     Cluster(redis::cluster::ClusterClient),

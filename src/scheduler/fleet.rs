@@ -69,7 +69,7 @@ impl FleetSuspensions {
             else {
                 return true;
             };
-            let mut cmd = match &suspension {
+            let cmd = match &suspension {
                 Some(s) => {
                     let mut c = redis::cmd("HSET");
                     c.arg(self.key())
@@ -83,7 +83,7 @@ impl FleetSuspensions {
                     c
                 }
             };
-            if self.store.query::<i64>(&mut cmd).await.is_err() {
+            if self.store.query::<i64>(&cmd).await.is_err() {
                 return false;
             }
             self.unsent

@@ -130,8 +130,11 @@ pub struct Sidecar {
     cluster: Option<Arc<crate::cluster::Store>>,
     /// Per campaign, batches the fleet's store has not confirmed yet, oldest first, each with
     /// the id that makes adding it idempotent.
-    unsent: Mutex<HashMap<String, Vec<(String, BTreeMap<String, bandit::Arm>)>>>,
+    unsent: Mutex<HashMap<String, Vec<UnsentBatch>>>,
 }
+
+/// A bandit batch the fleet's store has not confirmed: its id and its counts per arm.
+type UnsentBatch = (String, BTreeMap<String, bandit::Arm>);
 
 /// Adds a bandit batch to a campaign's shared counts once (KEYS[2] marks the batch id done
 /// for a day), then returns the counts. ARGV: field, delta pairs.

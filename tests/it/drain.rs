@@ -14,17 +14,21 @@ const MESSAGES: usize = 10_000;
 /// A deferred message: attempted `attempts` times, next try in 10 minutes.
 fn deferred(spool: &Spool, i: usize, now: u64) -> (Envelope, Vec<u8>) {
     let id = spool.next_id();
-    let destination = if i % 10 == 0 { "b.test" } else { "a.test" };
+    let destination = if i.is_multiple_of(10) {
+        "b.test"
+    } else {
+        "a.test"
+    };
     let mut first = Recipient::new(format!("r{i}@{destination}"));
     first.orcpt = Some(format!("rfc822;orig{i}@{destination}"));
     first.notify = Notify {
-        success: i % 2 == 0,
+        success: i.is_multiple_of(2),
         failure: true,
-        delay: i % 3 == 0,
+        delay: i.is_multiple_of(3),
         never: false,
     };
     let mut recipients = vec![first];
-    if i % 7 == 0 {
+    if i.is_multiple_of(7) {
         let mut second = Recipient::new(format!("s{i}@{destination}"));
         second.notify = Notify {
             success: false,
@@ -38,20 +42,20 @@ fn deferred(spool: &Spool, i: usize, now: u64) -> (Envelope, Vec<u8>) {
     let env = Envelope {
         id,
         queue_id: id,
-        sender: if i % 11 == 0 {
+        sender: if i.is_multiple_of(11) {
             String::new()
         } else {
             format!("app{i}@sender.test")
         },
         destination: destination.into(),
         recipients,
-        env_id: (i % 2 == 1).then(|| format!("env-{i}")),
+        env_id: (!i.is_multiple_of(2)).then(|| format!("env-{i}")),
         ret: match i % 3 {
             0 => Some(Ret::Full),
             1 => Some(Ret::Headers),
             _ => None,
         },
-        body_type: if i % 5 == 0 {
+        body_type: if i.is_multiple_of(5) {
             BodyType::EightBitMime
         } else {
             BodyType::SevenBit
