@@ -4,9 +4,11 @@
 //! - `{p}:sup`: a hash, entry key ([`crate::suppression::key_for`]) -> entry JSON: the list;
 //! - `{p}:sup:log`: a stream of every change (field `op`: an [`Op`] as JSON), capped near
 //!   [`LOG_LEN`] entries: what a node follows to keep its copy current;
-//! - `{p}:sup:hw`: a hash, node name -> the outbox sequence number of the last change of that
-//!   node applied: a replayed change (the node crashed between Redis's answer and removing
-//!   the outbox record, or the answer was lost) is skipped, so nothing is applied twice;
+//! - `{p}:sup:hw`: a hash, writer -> the outbox sequence number of the last change of that
+//!   writer applied: a replayed change (the node crashed between Redis's answer and removing
+//!   the outbox record, or the answer was lost) is skipped, so nothing is applied twice. A
+//!   writer is the node's name and its spool's random id ([`WRITER`], made once), so two
+//!   nodes misconfigured with one name still never hide each other's changes;
 //! - `{p}:sup:epoch`: a random value set when the list is first written; a different (or
 //!   missing) one means Redis lost its data (restarted without persistence, flushed).
 //!
@@ -46,6 +48,8 @@ const PAGE: usize = 1000;
 const BLOCK: Duration = Duration::from_millis(500);
 /// The spool meta names of the copy's state: the stream position and the epoch it follows.
 const POSITION: &str = "cluster/suppressions/position";
+/// The spool's random id as a writer of the fleet's list (see the module doc).
+const WRITER: &str = "cluster/suppressions/writer";
 const EPOCH: &str = "cluster/suppressions/epoch";
 
 /// KEYS: list hash, stream, high-water hash. ARGV: node, stream cap, then per change its
@@ -91,6 +95,18 @@ async fn push_loop(
     stop: CancellationToken,
 ) {
     let retry = store.config().retry;
+    let writer = loop {
+        match writer_id(&list).await {
+            Ok(id) => break format!("{}/{id}", store.node()),
+            Err(err) => {
+                warn!(error = %err, "cannot read or store the spool's writer id");
+                sleep_or_stop(retry, &stop).await;
+                if stop.is_cancelled() {
+                    return;
+                }
+            }
+        }
+    };
     while !stop.is_cancelled() {
         let batch = match list.spool().events(OUTBOX, PUSH_BATCH) {
             Ok(batch) => batch,
@@ -108,7 +124,7 @@ async fn push_loop(
             }
             continue;
         }
-        match push(&store, &batch).await {
+        match push(&store, &writer, &batch).await {
             Ok(applied) => {
                 debug!(sent = batch.len(), applied, "suppression changes pushed");
                 let seqs: Vec<u64> = batch.iter().map(|(seq, _)| *seq).collect();
@@ -126,14 +142,14 @@ async fn push_loop(
 }
 
 /// One [`PUSH`] call for `batch` (outbox records); how many were new to Redis.
-async fn push(store: &Store, batch: &[(u64, Vec<u8>)]) -> Result<u64, String> {
+async fn push(store: &Store, writer: &str, batch: &[(u64, Vec<u8>)]) -> Result<u64, String> {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(PUSH)
         .arg(3)
         .arg(store.key("sup"))
         .arg(store.key("sup:log"))
         .arg(store.key("sup:hw"))
-        .arg(store.node())
+        .arg(writer)
         .arg(LOG_LEN);
     for (seq, record) in batch {
         let Ok(op) = serde_json::from_slice::<Op>(record) else {
@@ -223,6 +239,19 @@ async fn follow_once(store: &Store, list: &Suppressions, conn: &mut Conn) -> Res
         debug!(n, "suppression changes applied from the fleet");
     }
     Ok(())
+}
+
+/// The spool's writer id, made (random) and stored the first time.
+async fn writer_id(list: &Suppressions) -> Result<String, String> {
+    if let Some(id) = meta(list, WRITER)? {
+        return Ok(id);
+    }
+    let id = format!("{:016x}", rand::random::<u64>());
+    list.spool()
+        .put_meta(WRITER, id.clone().into_bytes())
+        .await
+        .map_err(|e| format!("spool: {e}"))?;
+    Ok(id)
 }
 
 fn position(list: &Suppressions) -> Result<Option<String>, String> {

@@ -31,13 +31,25 @@ fn fleet_keys(keys: &Path) -> String {
 }
 
 fn node_options(redis: &RedisServer, sink: &Sink, keys: &Path, name: &str, mode: &str) -> Options {
+    node_options_with(redis, sink, keys, name, mode, "")
+}
+
+/// [`node_options`] with more `[cluster]` keys.
+fn node_options_with(
+    redis: &RedisServer,
+    sink: &Sink,
+    keys: &Path,
+    name: &str,
+    mode: &str,
+    cluster: &str,
+) -> Options {
     Options::default()
         .deliver()
         .delivery("idle_timeout", "\"1s\"")
         .route("a.test", sink.addr)
         .extra(format!(
             "{}\n[suppression]\nmode = \"{mode}\"\n\n[cluster]\nurl = \"{}\"\nnode = \"{name}\"\n\
-             prefix = \"fleet\"\ntimeout = \"200ms\"\nretry = \"100ms\"\n",
+             prefix = \"fleet\"\ntimeout = \"200ms\"\nretry = \"100ms\"\n{cluster}\n",
             fleet_keys(keys),
             redis.url()
         ))
@@ -552,6 +564,74 @@ async fn a_suspension_is_the_fleets() {
     .await;
     // And gone on B, where it was resumed.
     assert!(suspended(&b).await.is_empty());
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_password_comes_from_its_file_and_a_wrong_one_costs_no_mail() {
+    let mut redis = RedisServer::not_started();
+    redis.require_password("fleet-redis-password");
+    redis.restart().await;
+    let sink = sink().await;
+    let keys = tempfile::tempdir().unwrap();
+    let good = keys.path().join("redis.pass");
+    let bad = keys.path().join("wrong.pass");
+    write_secret(&good, "fleet-redis-password\n");
+    write_secret(&bad, "not-the-password\n");
+    let with = |file: &Path| format!("password_file = {:?}", file.display().to_string());
+    let a = TestServer::start(node_options_with(
+        &redis,
+        &sink,
+        keys.path(),
+        "a",
+        "reject",
+        &with(&good),
+    ))
+    .await;
+    let b = TestServer::start(node_options_with(
+        &redis,
+        &sink,
+        keys.path(),
+        "b",
+        "reject",
+        &with(&bad),
+    ))
+    .await;
+    suppress(&a, "pw@a.test").await;
+    suppress(&b, "stuck@a.test").await;
+    let conn = redis::Client::open(format!(
+        "redis://:fleet-redis-password@127.0.0.1:{}",
+        redis.port
+    ))
+    .unwrap()
+    .get_multiplexed_async_connection()
+    .await
+    .unwrap();
+    let keys_in = |conn: &redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("HKEYS")
+                .arg("{fleet}:sup")
+                .query_async::<BTreeSet<String>>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    wait_until("A's entry reaches Redis with the password", || async {
+        keys_in(&conn).await.contains("pw@a.test")
+    })
+    .await;
+    // B, refused by Redis, still takes and delivers mail on its own copy; its change waits.
+    assert_eq!(rcpt_code(&b, "stuck@a.test").await, 550);
+    submit(&b, "fine@a.test").await;
+    sink.wait_for_messages(1, T).await;
+    assert!(!keys_in(&conn).await.contains("stuck@a.test"));
+    assert_eq!(
+        b.spool().events("cluster/suppressions", 10).unwrap().len(),
+        1,
+        "B's change waits in its outbox"
+    );
     a.stop().await;
     b.stop().await;
 }

@@ -12,6 +12,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// With a directory: AOF persistence there (appendfsync everysec), kept across restarts.
     dir: Option<PathBuf>,
+    /// The password clients must give (AUTH), if any.
+    password: Option<String>,
 }
 
 impl RedisServer {
@@ -32,12 +34,18 @@ impl RedisServer {
             port,
             child: None,
             dir: None,
+            password: None,
         }
     }
 
     /// From now on (re)started with its data in an append-only file in `dir`.
     pub fn persistent(&mut self, dir: &Path) {
         self.dir = Some(dir.to_path_buf());
+    }
+
+    /// From now on (re)started asking clients for `password`.
+    pub fn require_password(&mut self, password: &str) {
+        self.password = Some(password.to_owned());
     }
 
     /// From now on (re)started without persistence: a restart begins empty.
@@ -72,6 +80,10 @@ impl RedisServer {
                 ],
                 None => vec!["--appendonly".to_owned(), "no".to_owned()],
             })
+            .args(match &self.password {
+                Some(p) => vec!["--requirepass".to_owned(), p.clone()],
+                None => Vec::new(),
+            })
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -85,10 +97,11 @@ impl RedisServer {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await {
+                // With a password, PING before AUTH answers -NOAUTH: up all the same.
                 let mut buf = [0u8; 7];
                 if s.write_all(b"PING\r\n").await.is_ok()
                     && s.read_exact(&mut buf).await.is_ok()
-                    && &buf == b"+PONG\r\n"
+                    && (&buf == b"+PONG\r\n" || buf.starts_with(b"-NOAUTH"))
                 {
                     return;
                 }
