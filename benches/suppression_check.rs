@@ -97,6 +97,7 @@ fn suppression(c: &mut Criterion) {
         url: format!("redis://127.0.0.1:{}", redis.port),
         redis_cluster: false,
         password_file: None,
+        ca_file: None,
         node: "bench".into(),
         prefix: "bench".into(),
         timeout: std::time::Duration::from_millis(250),

@@ -84,10 +84,26 @@ pub fn read_password(path: &std::path::Path) -> Result<String, String> {
         .map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
-/// A client for `url` with the password from `password_file` (errors name `key`).
+/// The TLS roots of a `rediss://` store: the PEM bundle in `ca_file`, else the system's.
+fn certificates(
+    ca_file: Option<&std::path::Path>,
+) -> Result<Option<redis::TlsCertificates>, String> {
+    let Some(path) = ca_file else {
+        return Ok(None);
+    };
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok(Some(redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    }))
+}
+
+/// A client for `url` with the password from `password_file` and, for `rediss://`, the CAs
+/// in `ca_file` (errors name `key`).
 pub fn single_client(
     url: &str,
     password_file: Option<&std::path::Path>,
+    ca_file: Option<&std::path::Path>,
     key: &str,
 ) -> Result<redis::Client, String> {
     let mut info = redis::IntoConnectionInfo::into_connection_info(url)
@@ -97,7 +113,11 @@ pub fn single_client(
         let settings = info.redis_settings().clone().set_password(password);
         info = info.set_redis_settings(settings);
     }
-    redis::Client::open(info).map_err(|e| format!("{key}: {e}"))
+    match certificates(ca_file).map_err(|e| format!("{key}: {e}"))? {
+        Some(certs) => redis::Client::build_with_tls(info, certs),
+        None => redis::Client::open(info),
+    }
+    .map_err(|e| format!("{key}: {e}"))
 }
 
 impl Store {
@@ -113,11 +133,17 @@ impl Store {
                     read_password(path).map_err(|e| format!("cluster.password_file: {e}"))?;
                 builder = builder.password(password);
             }
+            if let Some(certs) = certificates(config.ca_file.as_deref())
+                .map_err(|e| format!("cluster.ca_file: {e}"))?
+            {
+                builder = builder.certs(certs);
+            }
             Client::Cluster(builder.build().map_err(|e| format!("cluster.url: {e}"))?)
         } else {
             Client::Single(single_client(
                 &config.url,
                 config.password_file.as_deref(),
+                config.ca_file.as_deref(),
                 "cluster.url",
             )?)
         };

@@ -22,6 +22,9 @@ pub struct ClusterConfig {
     pub redis_cluster: bool,
     /// File with the Redis password (AUTH), mode 0600. Optional (the URL must not carry one).
     pub password_file: Option<PathBuf>,
+    /// PEM bundle of the CAs a `rediss://` server's certificate must chain to, instead of the
+    /// system's roots (a private CA). Optional; only with `rediss://`.
+    pub ca_file: Option<PathBuf>,
     /// This node's name in the fleet (log lines, the origin of each shared write, leases).
     /// Default `server.hostname`. Unique per node.
     pub node: String,
@@ -49,6 +52,10 @@ pub(super) fn compile_cluster(r: &mut TableReader<'_>, hostname: &str) -> Option
     });
     let redis_cluster = r.get("redis_cluster", boolean).unwrap_or(false);
     let password_file = r.get("password_file", path);
+    let ca_file = r.get("ca_file", path);
+    if ca_file.is_some() && url.as_ref().is_some_and(|u| !u.starts_with("rediss://")) {
+        r.error("ca_file", "only meaningful with a rediss:// URL");
+    }
     let node = r
         .get("node", |v| {
             let node = string(v)?;
@@ -84,6 +91,7 @@ pub(super) fn compile_cluster(r: &mut TableReader<'_>, hostname: &str) -> Option
         url: url?,
         redis_cluster,
         password_file,
+        ca_file,
         node,
         prefix,
         timeout,

@@ -561,10 +561,16 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
         .optional_section("cluster", |r| cluster::compile_cluster(r, &server.hostname))
         .flatten();
     // The fleet's Redis also carries the shaping limits unless shaping names its own.
-    let cluster_store = cluster
-        .as_ref()
-        .filter(|c| !c.redis_cluster)
-        .map(|c| (c.url.clone(), c.password_file.clone(), c.prefix.clone()));
+    let cluster_store =
+        cluster
+            .as_ref()
+            .filter(|c| !c.redis_cluster)
+            .map(|c| shaping::ClusterStore {
+                url: c.url.clone(),
+                password_file: c.password_file.clone(),
+                ca_file: c.ca_file.clone(),
+                prefix: c.prefix.clone(),
+            });
     let shaping = r.section("shaping", |r| shaping::compile_shaping(r, cluster_store));
 
     Config {
@@ -1270,6 +1276,7 @@ mod tests {
             SharedConfig {
                 url: "redis://127.0.0.1:6379/0".into(),
                 password_file: None,
+                ca_file: None,
                 node_count: 2,
                 prefix: "tern".into(),
                 timeout: Duration::from_millis(250),
@@ -1290,6 +1297,7 @@ mod tests {
             "url",
             "redis_cluster",
             "password_file",
+            "ca_file",
             "node",
             "prefix",
             "timeout",
@@ -1305,9 +1313,10 @@ mod tests {
         assert_eq!(
             cluster,
             ClusterConfig {
-                url: "redis://10.0.0.5:6379/0".into(),
+                url: "rediss://10.0.0.5:6380/0".into(),
                 redis_cluster: false,
                 password_file: Some(PathBuf::from("/etc/tern/redis.pass")),
+                ca_file: Some(PathBuf::from("/etc/tern/redis-ca.pem")),
                 node: "mx1".into(),
                 prefix: "tern".into(),
                 timeout: Duration::from_millis(250),
@@ -1318,6 +1327,7 @@ mod tests {
         let shared = config.shaping.shared.unwrap();
         assert_eq!(shared.url, cluster.url);
         assert_eq!(shared.password_file, cluster.password_file);
+        assert_eq!(shared.ca_file, cluster.ca_file);
     }
 
     #[test]
@@ -1344,6 +1354,11 @@ mod tests {
         );
         let e = errors(
             "url = \"rediss://h:6380\"\nnode = \"a b\"\nprefix = \"{x}\"\ntimeout = \"0s\"\nretry = 3\nredis_cluster = \"yes\"\n",
+        );
+        let e2 = errors("url = \"redis://h\"\nca_file = \"/ca.pem\"\n");
+        assert_eq!(
+            e2,
+            ["cluster.ca_file: only meaningful with a rediss:// URL"]
         );
         for key in ["node", "prefix", "timeout", "retry", "redis_cluster"] {
             assert!(

@@ -94,9 +94,11 @@ impl Config {
         fix_opt(&mut self.unsubscribe.key_file);
         if let Some(cluster) = &mut self.cluster {
             fix_opt(&mut cluster.password_file);
+            fix_opt(&mut cluster.ca_file);
         }
         if let Some(shared) = &mut self.shaping.shared {
             fix_opt(&mut shared.password_file);
+            fix_opt(&mut shared.ca_file);
         }
     }
 }

@@ -213,6 +213,8 @@ pub struct SharedConfig {
     pub url: String,
     /// The password, from a file (`cluster.password_file` when the store is the cluster's).
     pub password_file: Option<std::path::PathBuf>,
+    /// CAs for a `rediss://` store (`cluster.ca_file` when the store is the cluster's).
+    pub ca_file: Option<std::path::PathBuf>,
     /// Nodes in the cluster: while the store is unreachable each node keeps 1/node_count of
     /// every shared limit. Default 1.
     pub node_count: u32,
@@ -363,8 +365,13 @@ fn compile_limits(r: &mut TableReader<'_>) -> LimitsConfig {
     }
 }
 
-/// The `[cluster]` Redis as shaping's default store: URL, password file, key prefix.
-pub(super) type ClusterStore = (String, Option<std::path::PathBuf>, String);
+/// The `[cluster]` Redis as shaping's default store.
+pub(super) struct ClusterStore {
+    pub url: String,
+    pub password_file: Option<std::path::PathBuf>,
+    pub ca_file: Option<std::path::PathBuf>,
+    pub prefix: String,
+}
 
 pub(super) fn compile_shaping(
     r: &mut TableReader<'_>,
@@ -489,11 +496,11 @@ fn compile_shared(
             }
         }
     }
-    let (default_url, password_file, default_prefix) = match cluster_store {
-        Some((url, password_file, prefix)) if !r.contains("shared") => {
-            (Some(url), password_file, Some(prefix))
+    let (default_url, password_file, ca_file, default_prefix) = match cluster_store {
+        Some(c) if !r.contains("shared") => {
+            (Some(c.url), c.password_file, c.ca_file, Some(c.prefix))
         }
-        _ => (None, None, None),
+        _ => (None, None, None, None),
     };
     let url = r.get("shared", |v| {
         let url = string(v)?;
@@ -521,6 +528,7 @@ fn compile_shared(
     Some(SharedConfig {
         url,
         password_file,
+        ca_file,
         node_count: node_count.unwrap_or(1),
         prefix: prefix
             .or(default_prefix)
@@ -816,6 +824,7 @@ mod tests {
             Some(SharedConfig {
                 url: "redis://127.0.0.1:6380/2".into(),
                 password_file: None,
+                ca_file: None,
                 node_count: 3,
                 prefix: "eu1".into(),
                 timeout: Duration::from_millis(100),

@@ -158,6 +158,7 @@ impl SharedStore {
         let client = crate::cluster::single_client(
             &config.url,
             config.password_file.as_deref(),
+            config.ca_file.as_deref(),
             "shaping.shared",
         )
         .or_else(|e| {

@@ -635,3 +635,42 @@ async fn the_password_comes_from_its_file_and_a_wrong_one_costs_no_mail() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_over_rediss_with_its_own_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    let mut redis = RedisServer::not_started();
+    redis.tls(certs.path());
+    redis.restart().await;
+    let sink = sink().await;
+    let keys = tempfile::tempdir().unwrap();
+    let ca = format!(
+        "ca_file = {:?}",
+        certs.path().join("ca.pem").display().to_string()
+    );
+    let a = TestServer::start(node_options_with(
+        &redis,
+        &sink,
+        keys.path(),
+        "a",
+        "reject",
+        &ca,
+    ))
+    .await;
+    let b = TestServer::start(node_options_with(
+        &redis,
+        &sink,
+        keys.path(),
+        "b",
+        "reject",
+        &ca,
+    ))
+    .await;
+    suppress(&a, "tls@a.test").await;
+    wait_until("B refuses what A suppressed, over TLS", || async {
+        rcpt_code(&b, "tls@a.test").await == 550
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}

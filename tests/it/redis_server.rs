@@ -14,6 +14,8 @@ pub struct RedisServer {
     dir: Option<PathBuf>,
     /// The password clients must give (AUTH), if any.
     password: Option<String>,
+    /// TLS only (certificate, key, CA files), if set.
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 impl RedisServer {
@@ -35,12 +37,19 @@ impl RedisServer {
             child: None,
             dir: None,
             password: None,
+            tls: None,
         }
     }
 
     /// From now on (re)started with its data in an append-only file in `dir`.
     pub fn persistent(&mut self, dir: &Path) {
         self.dir = Some(dir.to_path_buf());
+    }
+
+    /// From now on (re)started on TLS only (the harness's "localhost" certificate, files in
+    /// `dir`): its URL is `rediss://localhost:PORT`.
+    pub fn tls(&mut self, dir: &Path) {
+        self.tls = Some(crate::harness::write_cert_files(dir));
     }
 
     /// From now on (re)started asking clients for `password`.
@@ -61,13 +70,36 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match self.tls {
+            Some(_) => format!("rediss://localhost:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// (Re)starts the server on its port and waits until it answers PING.
     pub async fn restart(&mut self) {
+        let port = self.port.to_string();
+        let ports: Vec<String> = match &self.tls {
+            Some((cert, key, ca)) => [
+                "--port",
+                "0",
+                "--tls-port",
+                &port,
+                "--tls-cert-file",
+                &cert.display().to_string(),
+                "--tls-key-file",
+                &key.display().to_string(),
+                "--tls-ca-cert-file",
+                &ca.display().to_string(),
+                "--tls-auth-clients",
+                "no",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            None => vec!["--port".to_owned(), port.clone()],
+        };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+            .args(&ports)
             .args(["--save", "", "--bind", "127.0.0.1"])
             .args(match &self.dir {
                 Some(dir) => vec![
@@ -97,6 +129,9 @@ impl RedisServer {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await {
+                if self.tls.is_some() {
+                    return; // listening; the nodes' TLS handshakes are the test
+                }
                 // With a password, PING before AUTH answers -NOAUTH: up all the same.
                 let mut buf = [0u8; 7];
                 if s.write_all(b"PING\r\n").await.is_ok()
