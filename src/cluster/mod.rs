@@ -140,6 +140,11 @@ impl Store {
             }
             Client::Cluster(builder.build().map_err(|e| format!("cluster.url: {e}"))?)
         } else {
+            // Read here first so an unreadable file is reported under its own key.
+            if let Some(path) = &config.password_file {
+                read_password(path).map_err(|e| format!("cluster.password_file: {e}"))?;
+            }
+            certificates(config.ca_file.as_deref()).map_err(|e| format!("cluster.ca_file: {e}"))?;
             Client::Single(single_client(
                 &config.url,
                 config.password_file.as_deref(),
@@ -259,5 +264,30 @@ impl Store {
             warn!(node = %self.config.node, error,
                 "fleet store (cluster.url) unreachable: checks use this node's copy, changes wait in its outbox");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreadable_files_are_reported_under_their_own_keys() {
+        let config = |password: Option<&str>, ca: Option<&str>| ClusterConfig {
+            url: "rediss://127.0.0.1:1".into(),
+            redis_cluster: false,
+            password_file: password.map(Into::into),
+            ca_file: ca.map(Into::into),
+            node: "n".into(),
+            prefix: "p".into(),
+            timeout: Duration::from_millis(10),
+            retry: Duration::from_millis(10),
+        };
+        let err = |c: ClusterConfig| Store::new(&c).err().expect("refused");
+        assert!(err(config(Some("/nonexistent/pass"), None)).starts_with("cluster.password_file: "));
+        assert!(err(config(None, Some("/nonexistent/ca.pem"))).starts_with("cluster.ca_file: "));
+        let store = Store::new(&config(None, None)).unwrap();
+        assert_eq!(store.key("sup"), "{p}:sup");
+        assert!(!store.is_up());
     }
 }
