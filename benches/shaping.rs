@@ -58,6 +58,8 @@ fn shaping(c: &mut Criterion) {
     };
     let shared = SharedConfig {
         url: format!("redis://127.0.0.1:{}", redis.port),
+        password_file: None,
+        ca_file: None,
         node_count: 2,
         prefix: "bench".into(),
         timeout: std::time::Duration::from_millis(250),

@@ -166,6 +166,18 @@ impl Enqueue {
         prepared: Vec<Prepared>,
         pool: Option<String>,
     ) -> Result<Accepted, SpoolError> {
+        self.commit_traced(prepared, pool, None).await
+    }
+
+    /// [`Enqueue::commit`] of mail another tern node relayed with its `trace`: the message
+    /// keeps its creation and expiry times, its attempt count and its next due time (not
+    /// before now), and is not DKIM-signed again (the first node signed it).
+    pub async fn commit_traced(
+        &self,
+        prepared: Vec<Prepared>,
+        pool: Option<String>,
+        trace: Option<crate::message::RelayTrace>,
+    ) -> Result<Accepted, SpoolError> {
         let now = crate::clock::now();
         let sender = prepared
             .first()
@@ -175,8 +187,15 @@ impl Enqueue {
         let mut reports = Vec::new();
         for message in prepared {
             reports.extend(message.reports);
-            self.build_parts(message.submission, now, &pool, message.window, &mut batch)
-                .await?;
+            self.build_parts(
+                message.submission,
+                now,
+                &pool,
+                message.window,
+                trace,
+                &mut batch,
+            )
+            .await?;
         }
         if batch.ids.is_empty() {
             batch.ids.push(self.spool.next_id());
@@ -234,6 +253,7 @@ impl Enqueue {
         now: SystemTime,
         pool: &Option<String>,
         window: Option<SendWindow>,
+        trace: Option<crate::message::RelayTrace>,
         batch: &mut Batch,
     ) -> Result<(), SpoolError> {
         let now_ms = unix_ms(now);
@@ -308,7 +328,7 @@ impl Enqueue {
         body.extend_from_slice(head.as_bytes());
         body.extend_from_slice(&sub.content);
         let dkim = self.dkim.get();
-        if !dkim.is_empty() {
+        if !dkim.is_empty() && trace.is_none() {
             let (signature, message) = if dkim.is_cheap() {
                 (dkim.sign(&body), body)
             } else {
@@ -339,7 +359,15 @@ impl Enqueue {
                 .inbound
                 .push((self.spool.next_id(), encode_record(&head, &body)));
         }
-        let expires_ms = now_ms.saturating_add(self.max_age.as_millis() as u64);
+        let (created_ms, expires_ms, attempts, due_ms) = match trace {
+            Some(t) => (t.created_ms.min(now_ms), t.expires_ms, t.attempts, t.due_ms),
+            None => (
+                now_ms,
+                now_ms.saturating_add(self.max_age.as_millis() as u64),
+                0,
+                now_ms,
+            ),
+        };
         let size = body.len() as u64;
         // Every part (per destination, or per recipient with a send time) has the same
         // bytes: the spool stores them once for all of them.
@@ -347,6 +375,7 @@ impl Enqueue {
         for ((destination, recipients, not_before_ms), id) in
             groups.into_iter().zip(&batch.ids[first..])
         {
+            let not_before_ms = not_before_ms.max(trace.map_or(0, |t| t.not_before_ms));
             let envelope = Envelope {
                 id: *id,
                 queue_id,
@@ -358,11 +387,11 @@ impl Enqueue {
                 body_type: sub.body_type,
                 smtputf8: sub.smtputf8,
                 size,
-                created_ms: now_ms,
+                created_ms,
                 expires_ms,
                 // A send time beyond expiry would never be attempted: expiry wins.
-                next_due_ms: now_ms.max(not_before_ms.min(expires_ms)),
-                attempts: 0,
+                next_due_ms: now_ms.max(due_ms).max(not_before_ms.min(expires_ms)),
+                attempts,
                 source: sub.source.clone(),
                 held: false,
                 delay_notified: false,

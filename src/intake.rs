@@ -51,6 +51,11 @@ impl Intake {
     /// asks for the sidecar becomes one submission per recipient, all committed together
     /// under one queue id.
     pub async fn accept_report(&self, mut sub: Submission) -> Result<Accepted, SpoolError> {
+        // Another tern node's trace (`tern queue drain`): always taken out, kept only from a
+        // trusted client (relay network, AUTH, the API), never from anyone on the internet.
+        let trace = crate::message::take_header(&mut sub.content, crate::message::RELAY_HEADER)
+            .filter(|_| sub.trusted)
+            .and_then(|v| crate::message::RelayTrace::parse(&v));
         let requested = sub.pool.take();
         let pool = self
             .enqueue
@@ -66,6 +71,6 @@ impl Intake {
             }
             messages = next;
         }
-        self.enqueue.commit(messages, pool).await
+        self.enqueue.commit_traced(messages, pool, trace).await
     }
 }

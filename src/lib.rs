@@ -11,7 +11,7 @@
 //!   [`taxonomy`] (bounce categories and rules).
 //! - 2: [`config`].
 //! - 3, domain: [`auth`], [`verp`], [`origin`], [`bounce`], [`dkim`], [`maillog`], [`routing`],
-//!   [`suppression`], [`events`].
+//!   [`suppression`], [`cluster`] (the fleet's Redis), [`events`].
 //! - 4, services: [`delivery`], [`shaping`], [`feedback`], [`sidecar`], [`sendtime`],
 //!   [`enqueue`], [`outcome`].
 //! - 5: [`intake`], [`scheduler`], [`policy`].
@@ -33,6 +33,7 @@ pub mod config;
 
 pub mod auth;
 pub mod bounce;
+pub mod cluster;
 pub mod dkim;
 pub mod events;
 pub mod maillog;

@@ -24,6 +24,7 @@ fn main() -> ExitCode {
         Command::Dkim { command } => tern::cli::dkim::run(command),
         Command::Bounce { command } => tern::cli::bounce::run(command),
         Command::Suppression { command } => tern::cli::suppression::run(command),
+        Command::Spool { command } => tern::cli::spool::run(command),
         Command::Sidecar { command } => tern::cli::sidecar::run(command),
         Command::Token { command } => tern::cli::token::run(command),
         Command::Completions { shell } => tern::cli::docs::completions(shell),

@@ -302,3 +302,140 @@ mod tests {
         assert!(!same_address("A@x.test", "a@x.test"));
     }
 }
+
+/// The trace header a tern node adds when it hands its queued mail to another (`tern queue
+/// drain`): the envelope's life so far, which the receiving tern keeps instead of starting
+/// the message anew. Honoured only from a trusted client (a relay network or AUTH), and
+/// always removed before anything else sees the message.
+pub const RELAY_HEADER: &str = "X-Tern-Relayed";
+
+/// What [`RELAY_HEADER`] carries: `created=MS; expires=MS; attempts=N; due=MS;
+/// not-before=MS` (unix ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayTrace {
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    pub attempts: u32,
+    /// When the next attempt was due on the sending node.
+    pub due_ms: u64,
+    pub not_before_ms: u64,
+}
+
+impl RelayTrace {
+    /// The header line, CRLF-terminated.
+    pub fn header(&self) -> String {
+        format!(
+            "{RELAY_HEADER}: created={}; expires={}; attempts={}; due={}; not-before={}\r\n",
+            self.created_ms, self.expires_ms, self.attempts, self.due_ms, self.not_before_ms
+        )
+    }
+
+    /// Parses a header value; `None` unless every field is there and makes sense.
+    pub fn parse(value: &str) -> Option<RelayTrace> {
+        let mut fields = std::collections::HashMap::new();
+        for part in value.split(';') {
+            let (k, v) = part.split_once('=')?;
+            fields.insert(k.trim().to_ascii_lowercase(), v.trim().parse::<u64>().ok()?);
+        }
+        let trace = RelayTrace {
+            created_ms: *fields.get("created")?,
+            expires_ms: *fields.get("expires")?,
+            attempts: u32::try_from(*fields.get("attempts")?).ok()?,
+            due_ms: *fields.get("due")?,
+            not_before_ms: *fields.get("not-before")?,
+        };
+        (trace.created_ms <= trace.expires_ms).then_some(trace)
+    }
+}
+
+/// Removes every `name` header field (with its continuation lines) from the header section
+/// of `content`; returns the first one's value.
+pub fn take_header(content: &mut Vec<u8>, name: &str) -> Option<String> {
+    let header_end = memchr::memmem::find(content, b"\r\n\r\n").map(|i| i + 2);
+    let limit = header_end.unwrap_or(content.len());
+    let mut value: Option<String> = None;
+    let mut found = false;
+    let mut out = Vec::with_capacity(content.len());
+    let mut pos = 0;
+    let mut skipping = false;
+    while pos < limit {
+        let end = memchr::memmem::find(&content[pos..limit], b"\r\n")
+            .map(|i| pos + i + 2)
+            .unwrap_or(limit);
+        let line = &content[pos..end];
+        let continuation = matches!(line.first(), Some(b' ' | b'\t'));
+        if continuation && skipping {
+            if let Some(v) = value.as_mut().filter(|_| found) {
+                v.push(' ');
+                v.push_str(String::from_utf8_lossy(line).trim());
+            }
+        } else {
+            skipping = false;
+            found = false;
+            if let Some(colon) = line.iter().position(|&b| b == b':') {
+                if line[..colon]
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(name.as_bytes())
+                {
+                    skipping = true;
+                    if value.is_none() {
+                        found = true;
+                        value = Some(
+                            String::from_utf8_lossy(&line[colon + 1..])
+                                .trim()
+                                .to_owned(),
+                        );
+                    }
+                }
+            }
+        }
+        if !skipping {
+            out.extend_from_slice(line);
+        }
+        pos = end;
+    }
+    if value.is_some() {
+        out.extend_from_slice(&content[limit..]);
+        *content = out;
+    }
+    value
+}
+
+#[cfg(test)]
+mod relay_tests {
+    use super::*;
+
+    #[test]
+    fn the_relay_trace_round_trips_and_is_taken_out() {
+        let trace = RelayTrace {
+            created_ms: 1_700_000_000_000,
+            expires_ms: 1_700_432_000_000,
+            attempts: 3,
+            due_ms: 1_700_000_600_000,
+            not_before_ms: 0,
+        };
+        let mut content = format!(
+            "Received: x\r\n{}Subject: s\r\nx-tern-relayed: created=1; expires=2;\r\n attempts=1; due=1; not-before=0\r\n\r\nX-Tern-Relayed: body\r\n",
+            trace.header()
+        )
+        .into_bytes();
+        let value = take_header(&mut content, RELAY_HEADER).unwrap();
+        assert_eq!(RelayTrace::parse(&value), Some(trace));
+        assert_eq!(
+            content, b"Received: x\r\nSubject: s\r\n\r\nX-Tern-Relayed: body\r\n",
+            "every field removed, the body untouched"
+        );
+        for bad in [
+            "created=1; expires=2; attempts=1; due=1",
+            "created=3; expires=2; attempts=1; due=1; not-before=0",
+            "created=x; expires=2; attempts=1; due=1; not-before=0",
+            "created=1; expires=2; attempts=99999999999; due=1; not-before=0",
+            "",
+        ] {
+            assert_eq!(RelayTrace::parse(bad), None, "{bad}");
+        }
+        let mut plain = b"Subject: s\r\n\r\nbody\r\n".to_vec();
+        assert_eq!(take_header(&mut plain, RELAY_HEADER), None);
+        assert_eq!(plain, b"Subject: s\r\n\r\nbody\r\n");
+    }
+}

@@ -58,6 +58,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "unsubscribe",
     "webhooks",
     "sidecar",
+    "cluster",
 ];
 
 /// What a successful reload did.
@@ -115,6 +116,8 @@ pub fn merge(running: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
     keep!("webhooks", webhooks);
     // The bandit's posteriors and the model client's breaker and cache live with the stage.
     keep!("sidecar", sidecar);
+    // The connection to the fleet's Redis and the replication tasks are opened once.
+    keep!("cluster", cluster);
     (new, kept)
 }
 

@@ -16,6 +16,14 @@
 //!
 //! CSV form (import and export): `address,reason,created_ms,expires_ms,source,scope` with a
 //! header line; `expires_ms`, `source` and `scope` may be empty (and `scope` absent).
+//!
+//! Replicated (`[cluster]`, [`Suppressions::replicated`]): the list in the spool is this
+//! node's copy of the fleet's shared list, still the only thing checks read. Every change
+//! made here is written together with an [`Op`] in the outbox stream [`OUTBOX`] (one atomic
+//! spool write), which `crate::cluster` pushes to Redis in order and removes once Redis has
+//! it; changes other nodes made come back through [`Suppressions::apply`], which writes the
+//! local copy only. A change is therefore never lost to an outage (the outbox waits) and
+//! never applied twice in Redis (each op carries its outbox sequence number).
 
 use crate::config::{SuppressionConfig, SuppressionMode};
 use crate::taxonomy::Category;
@@ -70,12 +78,38 @@ impl Entry {
 
 pub const CSV_HEADER: &str = "address,reason,created_ms,expires_ms,source,scope";
 
+/// One change of the list, as the outbox and the fleet's stream carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    /// Stores (or replaces) the entry.
+    Put(Entry),
+    /// Removes the entry with this key ([`key_for`]).
+    Del(String),
+}
+
+impl Op {
+    /// The key of the entry it changes.
+    pub fn key(&self) -> String {
+        match self {
+            Op::Put(e) => e.key(),
+            Op::Del(k) => k.clone(),
+        }
+    }
+}
+
+/// The spool's outbox stream of changes made on this node, waiting for the fleet's store.
+pub const OUTBOX: &str = "cluster/suppressions";
+
 #[derive(Clone)]
 pub struct Suppressions {
     spool: Spool,
     config: Arc<SuppressionConfig>,
     /// Counts additions and removals (`tern_suppression_*`).
     metrics: Arc<Metrics>,
+    /// Set when the list is the local copy of a fleet's list: each change also goes into the
+    /// outbox [`OUTBOX`], and this wakes its pusher.
+    outbox: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Suppressions {
@@ -86,7 +120,28 @@ impl Suppressions {
             spool,
             config: Arc::new(config),
             metrics,
+            outbox: None,
         }
+    }
+
+    /// Like [`Suppressions::new`], for a node of a fleet: every change made through
+    /// [`Suppressions::add`] and [`Suppressions::remove`] is also queued in the outbox, in the
+    /// same spool write, and `pushed` is notified (the fleet's pusher waits on it).
+    pub fn replicated(
+        spool: Spool,
+        config: SuppressionConfig,
+        metrics: Arc<Metrics>,
+        pushed: Arc<tokio::sync::Notify>,
+    ) -> Suppressions {
+        Suppressions {
+            outbox: Some(pushed),
+            ..Suppressions::new(spool, config, metrics)
+        }
+    }
+
+    /// The spool that holds the list (and the outbox).
+    pub fn spool(&self) -> &Spool {
+        &self.spool
     }
 
     /// Adds the list's size at start to the size gauge: a scan, run in the background so a
@@ -136,8 +191,8 @@ impl Suppressions {
         for mut e in entries {
             e.address = normalize(&e.address);
             let key = e.key();
-            let fresh =
-                self.spool.suppression(&key)?.is_none() && !records.iter().any(|(k, _)| k == &key);
+            let fresh = self.spool.suppression(&key)?.is_none()
+                && !records.iter().any(|(k, _, _)| k == &key);
             if fresh {
                 match new.iter_mut().find(|(r, _)| r == &e.reason) {
                     Some((_, n)) => *n += 1,
@@ -145,13 +200,93 @@ impl Suppressions {
                 }
             }
             let json = serde_json::to_vec(&e).unwrap_or_default();
-            records.push((key, json));
+            records.push((key, json, e));
         }
-        self.spool.put_suppressions(records).await?;
+        let outbox: Vec<Vec<u8>> = match &self.outbox {
+            Some(_) => records
+                .iter()
+                .map(|(_, _, e)| serde_json::to_vec(&Op::Put(e.clone())).unwrap_or_default())
+                .collect(),
+            None => Vec::new(),
+        };
+        let puts = records.into_iter().map(|(k, json, _)| (k, json)).collect();
+        self.write(puts, &[], outbox).await?;
         for (reason, n) in new {
             self.metrics.suppression_added(&reason, n);
         }
         Ok(())
+    }
+
+    /// One spool write of local changes, with their outbox records when replicated.
+    async fn write(
+        &self,
+        puts: Vec<(String, Vec<u8>)>,
+        removes: &[String],
+        outbox: Vec<Vec<u8>>,
+    ) -> Result<(), SpoolError> {
+        match &self.outbox {
+            Some(pushed) => {
+                self.spool
+                    .change_suppressions(puts, removes, Some((OUTBOX, outbox)), Vec::new())
+                    .await?;
+                pushed.notify_one();
+                Ok(())
+            }
+            None => {
+                if !puts.is_empty() {
+                    self.spool.put_suppressions(puts).await?;
+                }
+                if !removes.is_empty() {
+                    self.spool.remove_suppressions(removes).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Applies changes that came from the fleet's store to this node's copy, in order, with
+    /// `meta` (the stream position they bring the copy to) in the same write; nothing goes
+    /// to the outbox. Applying a change twice leaves the same list.
+    pub async fn apply(
+        &self,
+        ops: Vec<Op>,
+        meta: Vec<(String, Vec<u8>)>,
+    ) -> Result<(), SpoolError> {
+        // Only the last change of each key counts within one write.
+        let mut last: std::collections::HashMap<String, Op> = std::collections::HashMap::new();
+        for op in ops {
+            let mut op = op;
+            if let Op::Put(e) = &mut op {
+                e.address = normalize(&e.address);
+            }
+            last.insert(op.key(), op);
+        }
+        let mut puts = Vec::new();
+        let mut removes = Vec::new();
+        for (key, op) in last {
+            let existing = self.spool.suppression(&key)?;
+            match op {
+                Op::Put(e) => {
+                    let json = serde_json::to_vec(&e).unwrap_or_default();
+                    if existing.as_deref() == Some(&json[..]) {
+                        continue;
+                    }
+                    if existing.is_none() {
+                        self.metrics.suppression_added(&e.reason, 1);
+                    }
+                    puts.push((key, json));
+                }
+                Op::Del(_) => {
+                    if let Some(bytes) = existing {
+                        self.metrics.suppression_removed(&reason_of(&bytes));
+                        removes.push(key);
+                    }
+                }
+            }
+        }
+        self.spool
+            .change_suppressions(puts, &removes, None, meta)
+            .await
     }
 
     /// Removes entries by key (an address for an entry without scope, [`key_for`] for a
@@ -161,15 +296,18 @@ impl Suppressions {
         let mut reasons = Vec::new();
         for k in &keys {
             if let Some(bytes) = self.spool.suppression(k)? {
-                let reason = serde_json::from_slice::<Entry>(&bytes)
-                    .map(|e| e.reason)
-                    .ok()
-                    .filter(|r| valid_reason(r))
-                    .unwrap_or_else(|| "manual".to_owned());
-                reasons.push(reason);
+                reasons.push(reason_of(&bytes));
             }
         }
-        self.spool.remove_suppressions(&keys).await?;
+        let outbox = match &self.outbox {
+            // Every key, present here or not: another node's copy may still hold it.
+            Some(_) => keys
+                .iter()
+                .map(|k| serde_json::to_vec(&Op::Del(k.clone())).unwrap_or_default())
+                .collect(),
+            None => Vec::new(),
+        };
+        self.write(Vec::new(), &keys, outbox).await?;
         for reason in &reasons {
             self.metrics.suppression_removed(reason);
         }
@@ -270,6 +408,15 @@ pub fn entry_for(
         source,
         scope: None,
     })
+}
+
+/// The reason of a stored entry, for the metrics (`manual` when unreadable).
+fn reason_of(bytes: &[u8]) -> String {
+    serde_json::from_slice::<Entry>(bytes)
+        .map(|e| e.reason)
+        .ok()
+        .filter(|r| valid_reason(r))
+        .unwrap_or_else(|| "manual".to_owned())
 }
 
 /// Addresses are compared lowercase: local parts are case-insensitive at every mailbox

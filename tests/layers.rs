@@ -34,6 +34,7 @@ const FLOORS: &[(&str, u8)] = &[
     ("maillog", 3),
     ("routing", 3),
     ("suppression", 3),
+    ("cluster", 3),
     ("events", 3),
     // 4: services
     ("delivery", 4),

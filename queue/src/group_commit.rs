@@ -308,6 +308,9 @@ pub(crate) struct GroupCommit {
     observer: OnceLock<RoundObserver>,
     space: Space,
     tally: Tally,
+    /// Held by the sync thread while it applies and syncs a round, and by a backup for the
+    /// whole copy: a backup sees the spool between two rounds, never inside one.
+    pub(crate) quiet: Mutex<()>,
 }
 
 impl std::fmt::Debug for GroupCommit {
@@ -554,10 +557,13 @@ impl GroupCommit {
             let started = Instant::now();
             let since_epoch = started.duration_since(self.epoch).as_nanos() as u64;
             self.round_started.store(since_epoch + 1, Ordering::Release);
-            let result = apply(db, ops).and_then(|()| {
-                self.applied.store(target, Ordering::Release);
-                syncer.sync(db)
-            });
+            let result = {
+                let _quiet = self.quiet.lock().unwrap_or_else(PoisonError::into_inner);
+                apply(db, ops).and_then(|()| {
+                    self.applied.store(target, Ordering::Release);
+                    syncer.sync(db)
+                })
+            };
             let took = started.elapsed();
             self.round_started.store(0, Ordering::Release);
             if let Err(e) = result {
@@ -600,6 +606,7 @@ impl GroupCommit {
             observer: OnceLock::new(),
             space,
             tally,
+            quiet: Mutex::new(()),
         }
     }
 

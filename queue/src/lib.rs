@@ -36,5 +36,6 @@ pub use group_commit::{CommitStats, Round};
 pub use id::{IdGenerator, MessageId, ParseMessageIdError};
 pub use record::{BodyType, Envelope, Notify, Recipient, RecipientState, Ret, Source};
 pub use spool::{
-    Body, InboundBatch, OrphanSweep, RecoveryStatus, Shared, Spool, SpoolOptions, SpoolStats,
+    restore, Body, Copied, InboundBatch, OrphanSweep, RecoveryStatus, Shared, Spool, SpoolOptions,
+    SpoolStats,
 };

@@ -1196,7 +1196,9 @@ fn corrupt(key: &[u8], reason: String) -> SpoolError {
     SpoolError::Corrupt { key: name, reason }
 }
 
+mod backup;
 mod clean_close;
+pub use backup::{restore, Copied};
 mod keyspaces;
 pub use keyspaces::InboundBatch;
 mod recovery;

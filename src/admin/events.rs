@@ -150,6 +150,7 @@ async fn recipient(State(state): State<AdminState>, Path(address): Path<String>)
     check_mailbox(&address).map_err(|why| ApiError::bad_request(format!("address: {why}")))?;
     let profile = send_time
         .profile(&address)
+        .await
         .map_err(internal)?
         .ok_or_else(|| ApiError::not_found(format!("no engagement recorded for {address}")))?;
     let dormant_after = send_time.config().dormant_after.as_millis() as u64;

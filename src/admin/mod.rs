@@ -33,6 +33,7 @@ pub mod listener;
 pub mod queue;
 pub mod reports;
 pub mod shaping;
+pub mod spool;
 pub mod suppression;
 pub mod tls_reports;
 pub mod tracking;
@@ -112,6 +113,7 @@ fn router(state: AdminState) -> Router {
         .merge(events::routes())
         .merge(tls_reports::routes())
         .merge(reports::routes())
+        .merge(spool::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,

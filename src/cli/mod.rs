@@ -30,11 +30,13 @@ pub mod check_config;
 pub mod client;
 pub mod dkim;
 pub mod docs;
+pub mod drain;
 pub mod hash_password;
 pub mod inject;
 pub mod queue;
 pub mod serve;
 pub mod sidecar;
+pub mod spool;
 pub mod suppression;
 pub mod table;
 pub mod token;
@@ -88,6 +90,11 @@ pub enum Command {
     Bounce {
         #[command(subcommand)]
         command: crate::cli::bounce::BounceCommand,
+    },
+    /// Consistent copies of the spool: backup (running or stopped daemon) and restore.
+    Spool {
+        #[command(subcommand)]
+        command: crate::cli::spool::SpoolCommand,
     },
     /// The suppression list of a running daemon (over the admin API).
     Suppression {

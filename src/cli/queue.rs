@@ -78,6 +78,22 @@ pub enum QueueCommand {
         #[command(flatten)]
         common: Common,
     },
+    /// Relay the queue of this (stopped) node to another tern node over SMTP, keeping each
+    /// message's envelope, DSN parameters, attempts and expiry; a message is removed here
+    /// only after the peer accepted it. For decommissioning a node (docs/OPERATIONS.md).
+    Drain {
+        /// The peer's SMTP listener, IP:PORT; its relay networks (or AUTH) must allow us.
+        #[arg(long, value_name = "HOST:PORT")]
+        to: String,
+        /// Only mail for this destination (recipient domain).
+        #[arg(long)]
+        destination: Option<String>,
+        /// SMTP connections used at once.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Retry the selected deferred messages now.
     Flush {
         #[command(flatten)]
@@ -154,6 +170,7 @@ impl Select {
 /// and `show` read the spool instead when the daemon is not running.
 pub fn run(command: QueueCommand) -> ExitCode {
     use QueueCommand as Q;
+
     let (common, request, render): (&Common, Request, Render) = match &command {
         Q::Summary { common } => (common, Request::get("/queue/summary"), render_summary),
         Q::List {
@@ -210,6 +227,20 @@ pub fn run(command: QueueCommand) -> ExitCode {
             Request::get("/queue/suspensions"),
             render_suspensions,
         ),
+        // Not an API call: it reads the spool of the stopped daemon.
+        Q::Drain {
+            to,
+            destination,
+            connections,
+            common,
+        } => {
+            return super::drain::run(
+                common.config.as_deref(),
+                to,
+                destination.as_deref(),
+                *connections,
+            )
+        }
         Q::Flush { select, common } => (
             common,
             Request::post("/queue/retry", select.to_json()),

@@ -19,6 +19,7 @@
 //! and one line in [`compile_config`].
 
 mod bounce;
+mod cluster;
 mod delivery;
 mod events;
 pub mod paths;
@@ -36,6 +37,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 mod tls;
 
 pub use self::bounce::{compile_bounce_rules, BounceConfig};
+pub use self::cluster::ClusterConfig;
 pub use self::delivery::{
     DeliveryConfig, DkimConfig, RouteAuth, SmtpTimeouts, TlsPolicy, DEFAULT_DKIM_HEADERS,
     DEFAULT_DKIM_OVERSIGN,
@@ -100,6 +102,9 @@ pub struct Config {
     /// Source-IP pools, `[[pools]]`; names and addresses unique. Empty: connections are not
     /// bound and use `server.hostname` in EHLO.
     pub pools: Vec<PoolConfig>,
+    /// `[cluster]`: the Redis a fleet of nodes shares (suppressions, engagement, bandit
+    /// counts, operator actions). `None`: this node is alone.
+    pub cluster: Option<ClusterConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -553,7 +558,21 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
     let sendtime = r.section("sendtime", sendtime::compile_sendtime);
     let sidecar = r.section("sidecar", sidecar::compile_sidecar);
     let log = r.section("log", compile_log);
-    let shaping = r.section("shaping", shaping::compile_shaping);
+    let cluster = r
+        .optional_section("cluster", |r| cluster::compile_cluster(r, &server.hostname))
+        .flatten();
+    // The fleet's Redis also carries the shaping limits unless shaping names its own.
+    let cluster_store =
+        cluster
+            .as_ref()
+            .filter(|c| !c.redis_cluster)
+            .map(|c| shaping::ClusterStore {
+                url: c.url.clone(),
+                password_file: c.password_file.clone(),
+                ca_file: c.ca_file.clone(),
+                prefix: c.prefix.clone(),
+            });
+    let shaping = r.section("shaping", |r| shaping::compile_shaping(r, cluster_store));
 
     Config {
         server,
@@ -576,6 +595,7 @@ fn compile_config(r: &mut TableReader<'_>) -> Config {
         log,
         shaping,
         pools,
+        cluster,
     }
 }
 
@@ -1280,11 +1300,107 @@ mod tests {
             shared,
             SharedConfig {
                 url: "redis://127.0.0.1:6379/0".into(),
+                password_file: None,
+                ca_file: None,
                 node_count: 2,
                 prefix: "tern".into(),
                 timeout: Duration::from_millis(250),
                 retry: Duration::from_secs(5),
             }
+        );
+    }
+
+    #[test]
+    fn example_config_fleet_keys_parse_as_documented() {
+        let mut text = include_str!("../../config/tern.toml").to_owned();
+        assert!(text.contains("\n# [cluster]\n"), "[cluster] is documented");
+        let at = text.find("\n# [cluster]\n").unwrap();
+        let mut section = text
+            .split_off(at)
+            .replacen("\n# [cluster]\n", "\n[cluster]\n", 1);
+        for key in [
+            "url",
+            "redis_cluster",
+            "password_file",
+            "ca_file",
+            "node",
+            "prefix",
+            "timeout",
+            "retry",
+        ] {
+            let commented = format!("\n# {key} = ");
+            assert!(section.contains(&commented), "cluster.{key} is documented");
+            section = section.replacen(&commented, &format!("\n{key} = "), 1);
+        }
+        text.push_str(&section);
+        let config = Config::parse(&text).unwrap();
+        let cluster = config.cluster.clone().unwrap();
+        assert_eq!(
+            cluster,
+            ClusterConfig {
+                url: "rediss://10.0.0.5:6380/0".into(),
+                redis_cluster: false,
+                password_file: Some(PathBuf::from("/etc/tern/redis.pass")),
+                ca_file: Some(PathBuf::from("/etc/tern/redis-ca.pem")),
+                node: "mx1".into(),
+                prefix: "tern".into(),
+                timeout: Duration::from_millis(250),
+                retry: Duration::from_secs(1),
+            }
+        );
+        // shaping.shared defaults to the fleet's Redis.
+        let shared = config.shaping.shared.unwrap();
+        assert_eq!(shared.url, cluster.url);
+        assert_eq!(shared.password_file, cluster.password_file);
+        assert_eq!(shared.ca_file, cluster.ca_file);
+    }
+
+    #[test]
+    fn cluster_errors_name_their_keys() {
+        let errors = |body: &str| {
+            Config::parse(&format!("{MINIMAL}\n[cluster]\n{body}"))
+                .unwrap_err()
+                .0
+        };
+        assert_eq!(
+            errors("node = \"a\"\n"),
+            ["cluster.url: missing required key"]
+        );
+        let e = errors("url = \"http://x\"\n");
+        assert_eq!(e, ["cluster.url: expected a redis:// or rediss:// URL"]);
+        let e = errors("url = \"redis://:secret@h\"\n");
+        assert!(
+            e[0].starts_with("cluster.url: the URL must not carry a password"),
+            "{e:?}"
+        );
+        assert!(
+            !e[0].contains("secret"),
+            "the password is not echoed: {e:?}"
+        );
+        let e = errors(
+            "url = \"rediss://h:6380\"\nnode = \"a b\"\nprefix = \"{x}\"\ntimeout = \"0s\"\nretry = 3\nredis_cluster = \"yes\"\n",
+        );
+        let e2 = errors("url = \"redis://h\"\nca_file = \"/ca.pem\"\n");
+        assert_eq!(
+            e2,
+            ["cluster.ca_file: only meaningful with a rediss:// URL"]
+        );
+        for key in ["node", "prefix", "timeout", "retry", "redis_cluster"] {
+            assert!(
+                e.iter().any(|e| e.starts_with(&format!("cluster.{key}: "))),
+                "{key}: {e:?}"
+            );
+        }
+        // With a Redis Cluster, shaping keeps its own store (or none).
+        let c = Config::parse(&format!(
+            "{MINIMAL}\n[cluster]\nurl = \"redis://h\"\nredis_cluster = true\n"
+        ))
+        .unwrap();
+        assert_eq!(c.shaping.shared, None);
+        assert_eq!(
+            c.cluster.unwrap().node,
+            c.server.hostname,
+            "node defaults to the hostname"
         );
     }
 

@@ -92,6 +92,15 @@ impl Config {
         if let Some(tracking) = &mut self.sidecar.tracking {
             fix(&mut tracking.secret_file);
         }
+        fix_opt(&mut self.unsubscribe.key_file);
+        if let Some(cluster) = &mut self.cluster {
+            fix_opt(&mut cluster.password_file);
+            fix_opt(&mut cluster.ca_file);
+        }
+        if let Some(shared) = &mut self.shaping.shared {
+            fix_opt(&mut shared.password_file);
+            fix_opt(&mut shared.ca_file);
+        }
     }
 }
 

@@ -45,6 +45,9 @@ impl Config {
         for (i, dkim) in self.dkim.iter().enumerate() {
             add(format!("dkim[{i}].key"), &dkim.key_path);
         }
+        if let Some(password) = self.cluster.as_ref().and_then(|c| c.password_file.as_ref()) {
+            add("cluster.password_file".into(), password);
+        }
         files
     }
 
@@ -74,15 +77,43 @@ impl Config {
         }
     }
 
+    /// The keys tern creates at the first start when their file does not exist: the
+    /// `X-Tern-Id` key, the unsubscribe key and the tracking key. In a fleet (`[cluster]`)
+    /// every node must sign and check with the same ones, so none may be created by a node.
+    pub fn generated_keys(&self) -> Vec<(&'static str, PathBuf)> {
+        let mut keys = vec![
+            ("bounce.origin_key_file", self.origin_key_path()),
+            ("unsubscribe.key_file", self.unsubscribe_key_path()),
+        ];
+        if let Some(tracking) = &self.sidecar.tracking {
+            keys.push(("sidecar.tracking.secret_file", tracking.secret_file.clone()));
+        }
+        keys
+    }
+
     /// Refuses every secret file that other users can read or change, each error naming
     /// its key, its path and the `chmod 600` that fixes it. Files that do not exist pass
-    /// (tern creates its own; a missing one that must exist is reported where it is read).
+    /// (tern creates its own; a missing one that must exist is reported where it is read),
+    /// except with `[cluster]`: then a key this node would generate is refused, because a
+    /// key of its own would make its links, tokens and ids fail on every other node.
     pub fn check_secret_files(&self) -> Result<(), ConfigErrors> {
-        let errors: Vec<String> = self
+        let mut errors: Vec<String> = self
             .secret_files()
             .iter()
             .filter_map(|(key, path)| crate::secret_file::check_private(path, key).err())
             .collect();
+        if self.cluster.is_some() {
+            for (key, path) in self.generated_keys() {
+                if !path.exists() {
+                    errors.push(format!(
+                        "{key}: {}: no such file; with [cluster] every node must use the same \
+                         key, so this node will not generate its own: copy the file from \
+                         another node (or create it once and install it on every node)",
+                        path.display()
+                    ));
+                }
+            }
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -176,6 +207,50 @@ mod tests {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
         assert_eq!(config.check_secret_files(), Ok(()));
+    }
+
+    #[test]
+    fn in_a_cluster_a_node_never_generates_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = |cluster: bool| {
+            format!(
+                "server.hostname = \"mx.example.com\"\n[[listeners]]\naddress = \"127.0.0.1:2525\"\n\
+                 [spool]\npath = {spool:?}\n[sidecar.tracking]\nbase_url = \"https://t.example.com\"\n\
+                 secret_file = {tracking:?}\n{cluster}",
+                spool = dir.path().join("spool").display().to_string(),
+                tracking = dir.path().join("tracking.key").display().to_string(),
+                cluster = if cluster {
+                    "[cluster]\nurl = \"redis://127.0.0.1:1\"\n"
+                } else {
+                    ""
+                },
+            )
+        };
+        // Alone, a missing key is created at start: nothing to refuse.
+        assert_eq!(
+            Config::parse(&text(false)).unwrap().check_secret_files(),
+            Ok(())
+        );
+        let fleet = Config::parse(&text(true)).unwrap();
+        let errors = fleet.check_secret_files().unwrap_err().0;
+        let keys: Vec<&str> = errors
+            .iter()
+            .map(|e| e.split(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "bounce.origin_key_file",
+                "unsubscribe.key_file",
+                "sidecar.tracking.secret_file"
+            ]
+        );
+        assert!(errors[0].contains("[cluster]"), "{}", errors[0]);
+        for (_, path) in fleet.generated_keys() {
+            std::fs::write(&path, "0123456789abcdef0123456789abcdef\n").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        assert_eq!(fleet.check_secret_files(), Ok(()));
     }
 
     #[test]

@@ -211,6 +211,10 @@ pub struct ShapingConfig {
 pub struct SharedConfig {
     /// `redis://[user:password@]host[:port][/db]`.
     pub url: String,
+    /// The password, from a file (`cluster.password_file` when the store is the cluster's).
+    pub password_file: Option<std::path::PathBuf>,
+    /// CAs for a `rediss://` store (`cluster.ca_file` when the store is the cluster's).
+    pub ca_file: Option<std::path::PathBuf>,
     /// Nodes in the cluster: while the store is unreachable each node keeps 1/node_count of
     /// every shared limit. Default 1.
     pub node_count: u32,
@@ -361,7 +365,18 @@ fn compile_limits(r: &mut TableReader<'_>) -> LimitsConfig {
     }
 }
 
-pub(super) fn compile_shaping(r: &mut TableReader<'_>) -> ShapingConfig {
+/// The `[cluster]` Redis as shaping's default store.
+pub(super) struct ClusterStore {
+    pub url: String,
+    pub password_file: Option<std::path::PathBuf>,
+    pub ca_file: Option<std::path::PathBuf>,
+    pub prefix: String,
+}
+
+pub(super) fn compile_shaping(
+    r: &mut TableReader<'_>,
+    cluster_store: Option<ClusterStore>,
+) -> ShapingConfig {
     let d = ShapingConfig::default();
     let positive = |v: &Value| count(v).and_then(nonzero);
     let max_connections = r.get("max_connections", positive);
@@ -448,7 +463,7 @@ pub(super) fn compile_shaping(r: &mut TableReader<'_>) -> ShapingConfig {
         .collect();
     let adaptive = r.section("adaptive", compile_adaptive);
     let warmup = r.section("warmup", compile_warmup);
-    let shared = compile_shared(r);
+    let shared = compile_shared(r, cluster_store);
     ShapingConfig {
         max_connections,
         max_connections_per_source,
@@ -463,20 +478,30 @@ pub(super) fn compile_shaping(r: &mut TableReader<'_>) -> ShapingConfig {
 }
 
 /// `shaping.shared` and the keys that only mean something with it.
-fn compile_shared(r: &mut TableReader<'_>) -> Option<SharedConfig> {
+/// `cluster_store`: the `[cluster]` Redis (URL, password file, prefix), the default store.
+fn compile_shared(
+    r: &mut TableReader<'_>,
+    cluster_store: Option<ClusterStore>,
+) -> Option<SharedConfig> {
     const WITH_SHARED: [&str; 4] = [
         "node_count",
         "shared_prefix",
         "shared_timeout",
         "shared_retry",
     ];
-    if !r.contains("shared") {
+    if !r.contains("shared") && cluster_store.is_none() {
         for key in WITH_SHARED {
             if r.contains(key) {
                 r.error(key, "only meaningful with shaping.shared (a redis:// URL)");
             }
         }
     }
+    let (default_url, password_file, ca_file, default_prefix) = match cluster_store {
+        Some(c) if !r.contains("shared") => {
+            (Some(c.url), c.password_file, c.ca_file, Some(c.prefix))
+        }
+        _ => (None, None, None, None),
+    };
     let url = r.get("shared", |v| {
         let url = string(v)?;
         if !url.starts_with("redis://") {
@@ -499,11 +524,15 @@ fn compile_shared(r: &mut TableReader<'_>) -> Option<SharedConfig> {
     });
     let timeout = r.get("shared_timeout", |v| duration(v).and_then(nonzero));
     let retry = r.get("shared_retry", |v| duration(v).and_then(nonzero));
-    let url = url?;
+    let url = url.or(default_url)?;
     Some(SharedConfig {
         url,
+        password_file,
+        ca_file,
         node_count: node_count.unwrap_or(1),
-        prefix: prefix.unwrap_or_else(|| "tern".to_owned()),
+        prefix: prefix
+            .or(default_prefix)
+            .unwrap_or_else(|| "tern".to_owned()),
         timeout: timeout.unwrap_or(Duration::from_millis(250)),
         retry: retry.unwrap_or(Duration::from_secs(5)),
     })
@@ -794,6 +823,8 @@ mod tests {
             c.shaping.shared,
             Some(SharedConfig {
                 url: "redis://127.0.0.1:6380/2".into(),
+                password_file: None,
+                ca_file: None,
                 node_count: 3,
                 prefix: "eu1".into(),
                 timeout: Duration::from_millis(100),

@@ -69,6 +69,8 @@ pub struct DeliveryParts {
     pub new_mail: UnboundedReceiver<Vec<NewMessage>>,
     /// The bound SMTP listener addresses.
     pub listeners: Vec<std::net::SocketAddr>,
+    /// The fleet's store (`[cluster]`): suspensions are the fleet's.
+    pub cluster: Option<Arc<crate::cluster::Store>>,
 }
 
 impl Delivery {
@@ -189,6 +191,7 @@ impl Delivery {
             config.delivery.clone(),
             parts.metrics,
             parts.new_mail,
+            parts.cluster,
         )
         .context("spool.path: cannot read the stored suspensions")?;
         Ok(Delivery {

@@ -43,6 +43,7 @@ impl FeedbackSystem {
         classifier: Arc<Classifier>,
         verp: Option<Verp>,
         origin: Origin,
+        cluster: Option<Arc<crate::cluster::Store>>,
         bg: &Background,
     ) -> anyhow::Result<Self> {
         let events = Events::new(
@@ -52,8 +53,27 @@ impl FeedbackSystem {
             metrics.clone(),
             bg.tasks.clone(),
         );
-        let suppressions =
-            Suppressions::new(spool.clone(), config.suppression.clone(), metrics.clone());
+        let suppressions = match cluster {
+            // The fleet's list: this node's copy, its outbox pushed, the fleet's stream followed.
+            Some(store) => {
+                let pushed = Arc::new(tokio::sync::Notify::new());
+                let list = Suppressions::replicated(
+                    spool.clone(),
+                    config.suppression.clone(),
+                    metrics.clone(),
+                    pushed.clone(),
+                );
+                crate::cluster::suppression::start(
+                    store,
+                    list.clone(),
+                    pushed,
+                    &bg.tasks,
+                    bg.stop.clone(),
+                );
+                list
+            }
+            None => Suppressions::new(spool.clone(), config.suppression.clone(), metrics.clone()),
+        };
         // A scan of every outbox and of the whole list: in the background, so a large backlog
         // or list does not delay the start.
         let (counting, counted) = (events.clone(), suppressions.clone());

@@ -44,6 +44,8 @@ pub struct IntakeParts {
     pub feedback: Feedback,
     pub unsubscriber: Arc<Unsubscriber>,
     pub new_mail: UnboundedSender<Vec<NewMessage>>,
+    /// The fleet's store (`[cluster]`): engagement profiles and bandit counts are shared.
+    pub cluster: Option<Arc<crate::cluster::Store>>,
 }
 
 impl IntakeSystem {
@@ -53,6 +55,7 @@ impl IntakeSystem {
             config.sendtime.clone(),
             parts.feedback.suppressions.clone(),
             bg.tasks.clone(),
+            parts.cluster.clone(),
         );
         bg.tasks
             .spawn(send_time.clone().refit_loop(bg.stop.clone()));
@@ -63,6 +66,7 @@ impl IntakeSystem {
                 parts.spool.clone(),
                 parts.metrics.clone(),
                 Arc::new(send_time.clone()),
+                parts.cluster.clone(),
             )
             .map_err(|e| anyhow::anyhow!("{e}"))?,
         );

@@ -198,6 +198,12 @@ impl Daemon {
         };
         let shaper = Shaper::new(&config, spool.clone(), backend, metrics.clone());
 
+        let cluster = config
+            .cluster
+            .as_ref()
+            .map(|c| crate::cluster::Store::new(c).map(Arc::new))
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
         let feedback = FeedbackSystem::start(
             &config,
             &spool,
@@ -206,6 +212,7 @@ impl Daemon {
             classifier.clone(),
             verp.clone(),
             origin.clone(),
+            cluster.clone(),
             &bg,
         )?;
         let (new_mail, new_mail_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -219,6 +226,7 @@ impl Daemon {
                 feedback: feedback.feedback.clone(),
                 unsubscriber: feedback.unsubscriber.clone(),
                 new_mail,
+                cluster: cluster.clone(),
             },
             &bg,
         )?;
@@ -242,6 +250,7 @@ impl Daemon {
                 listeners: bound
                     .addresses()
                     .context("listeners: cannot read the bound addresses")?,
+                cluster: cluster.clone(),
             },
             &bg,
         )?;

@@ -41,6 +41,7 @@
 //!   worker limit for queues from their next enqueue and the watchdog period from its next
 //!   tick; workers already running are not stopped.
 
+pub mod fleet;
 mod lookups;
 mod ready;
 pub mod suspend;
@@ -123,6 +124,8 @@ struct Inner {
     routing: tokio::sync::Semaphore,
     /// Bounds them per recipient domain.
     lookups: Arc<lookups::DomainLookups>,
+    /// The fleet's suspensions (`[cluster]`): suspends and resumes made here go there too.
+    fleet: Option<Arc<fleet::FleetSuspensions>>,
 }
 
 #[derive(Default)]
@@ -229,6 +232,7 @@ impl Scheduler {
         config: DeliveryConfig,
         metrics: Arc<Metrics>,
         new_mail: mpsc::UnboundedReceiver<Vec<NewMessage>>,
+        cluster: Option<Arc<crate::cluster::Store>>,
     ) -> Result<Scheduler, SpoolError> {
         let suspensions = Suspensions::load(&spool)?;
         let suspended = AtomicBool::new(config.suspended);
@@ -248,6 +252,7 @@ impl Scheduler {
             wake_loader: tokio::sync::Notify::new(),
             routing: tokio::sync::Semaphore::new(MAX_ROUTING),
             lookups: lookups::DomainLookups::new(MAX_ROUTING_PER_DOMAIN, LOOKUP_FAILURE_MEMORY),
+            fleet: cluster.map(|store| Arc::new(fleet::FleetSuspensions::new(store))),
         });
         let scheduler = Scheduler { inner };
         let s = scheduler.clone();
@@ -265,6 +270,13 @@ impl Scheduler {
             .inner
             .tasks
             .spawn(async move { s.watchdog().await });
+        if let Some(fleet) = scheduler.inner.fleet.clone() {
+            let s = scheduler.clone();
+            scheduler
+                .inner
+                .tasks
+                .spawn(async move { s.follow_fleet(fleet).await });
+        }
         Ok(scheduler)
     }
 
@@ -740,6 +752,11 @@ impl Scheduler {
             .suspensions
             .set(&self.inner.spool, suspension.clone())
             .await?;
+        if let Some(fleet) = &self.inner.fleet {
+            fleet
+                .publish(suspension.destination.as_deref(), Some(&suspension))
+                .await;
+        }
         Ok(suspension)
     }
 
@@ -747,6 +764,15 @@ impl Scheduler {
     /// `delivery.suspended` config flag); its parked mail is due at once. Returns whether
     /// there was an active suspension.
     pub async fn resume(&self, destination: Option<&str>) -> Result<bool, SpoolError> {
+        let was_active = self.resume_local(destination).await?;
+        if let Some(fleet) = &self.inner.fleet {
+            fleet.publish(destination, None).await;
+        }
+        Ok(was_active)
+    }
+
+    /// [`Scheduler::resume`] on this node only.
+    async fn resume_local(&self, destination: Option<&str>) -> Result<bool, SpoolError> {
         let now = now_ms();
         let removed = self
             .inner

@@ -112,7 +112,28 @@ struct Inner {
     tasks: TaskTracker,
     /// Tracked events not yet written (see the module doc).
     pending: std::sync::Mutex<Pending>,
+    /// The fleet's store (`[cluster]`): profiles live there, one per recipient for the whole
+    /// fleet; this node's spool holds only what it recorded while the store was away.
+    cluster: Option<Arc<crate::cluster::Store>>,
 }
+
+/// Compare-and-set of one profile: KEYS[1] is replaced by ARGV[2] only if it still holds
+/// ARGV[1] ('' for absent); 1 if replaced. Profiles change by read-modify-write in Rust
+/// (decay, hour-of-week buckets), so concurrent writers on several nodes retry.
+const PROFILE_CAS: &str = r"
+local cur = redis.call('GET', KEYS[1]) or ''
+if cur ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+";
+
+/// Attempts of one compare-and-set before the change goes to the local profile.
+const CAS_ATTEMPTS: usize = 16;
+/// The refit lease: one node of a fleet refits at a time; a node that died holding it frees
+/// it after this long.
+const REFIT_LEASE: Duration = Duration::from_secs(600);
+/// Profiles per page of a fleet refit's scan.
+const SCAN_PAGE: usize = 1000;
 
 #[derive(Default)]
 struct Pending {
@@ -125,6 +146,23 @@ fn meta_name(address: &str) -> String {
     format!("{META_PREFIX}{}", address.to_ascii_lowercase())
 }
 
+/// The fleet store's key of `address`'s profile.
+fn profile_key(store: &crate::cluster::Store, address: &str) -> String {
+    store.key(&format!("prof:{}", address.to_ascii_lowercase()))
+}
+
+/// `s` with the characters a Redis glob pattern treats specially escaped.
+fn redis_glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 impl SendTime {
     /// `suppressions` is the daemon's list (sunset suppressions are counted in its metrics);
     /// `tasks` the daemon's tracker of background work.
@@ -133,6 +171,7 @@ impl SendTime {
         config: SendTimeConfig,
         suppressions: Suppressions,
         tasks: TaskTracker,
+        cluster: Option<Arc<crate::cluster::Store>>,
     ) -> SendTime {
         SendTime {
             inner: Arc::new(Inner {
@@ -146,6 +185,7 @@ impl SendTime {
                     .collect(),
                 tasks,
                 pending: Default::default(),
+                cluster,
             }),
         }
     }
@@ -170,8 +210,21 @@ impl SendTime {
         &self.inner.locks[h.finish() as usize % LOCK_STRIPES]
     }
 
-    /// The stored profile; `None` if there is none (or it is of an unreadable version).
-    pub fn profile(&self, address: &str) -> Result<Option<Profile>, SpoolError> {
+    /// The stored profile; `None` if there is none (or it is of an unreadable version). In a
+    /// fleet, the shared one (this node's own while the store is away).
+    pub async fn profile(&self, address: &str) -> Result<Option<Profile>, SpoolError> {
+        if let Some(store) = &self.inner.cluster {
+            if let Ok(bytes) = store
+                .query::<Option<Vec<u8>>>(redis::cmd("GET").arg(profile_key(store, address)))
+                .await
+            {
+                return Ok(bytes.and_then(|b| Profile::decode(&b)));
+            }
+        }
+        self.local_profile(address)
+    }
+
+    fn local_profile(&self, address: &str) -> Result<Option<Profile>, SpoolError> {
         Ok(self
             .inner
             .spool
@@ -182,10 +235,15 @@ impl SendTime {
     async fn update(
         &self,
         address: &str,
-        change: impl FnOnce(&mut Profile) -> bool,
+        change: impl Fn(&mut Profile) -> bool,
     ) -> Result<(), SpoolError> {
         let _guard = self.lock(address).lock().await;
-        let mut p = self.profile(address)?.unwrap_or_default();
+        if let Some(store) = &self.inner.cluster {
+            if self.update_shared(store, address, &change).await {
+                return Ok(());
+            }
+        }
+        let mut p = self.local_profile(address)?.unwrap_or_default();
         if change(&mut p) {
             self.inner
                 .spool
@@ -193,6 +251,50 @@ impl SendTime {
                 .await?;
         }
         Ok(())
+    }
+
+    /// The change applied to the fleet's profile by compare-and-set; false if the store did
+    /// not take it (unreachable, or too contended), and the caller keeps it locally.
+    async fn update_shared(
+        &self,
+        store: &crate::cluster::Store,
+        address: &str,
+        change: &impl Fn(&mut Profile) -> bool,
+    ) -> bool {
+        let key = profile_key(store, address);
+        for _ in 0..CAS_ATTEMPTS {
+            let Ok(old) = store
+                .query::<Option<Vec<u8>>>(redis::cmd("GET").arg(&key))
+                .await
+            else {
+                return false;
+            };
+            let old = old.unwrap_or_default();
+            let mut p = Profile::decode(&old).unwrap_or_default();
+            if !change(&mut p) {
+                return true;
+            }
+            match store
+                .query::<i64>(
+                    redis::cmd("EVAL")
+                        .arg(PROFILE_CAS)
+                        .arg(1)
+                        .arg(&key)
+                        .arg(old)
+                        .arg(p.encode()),
+                )
+                .await
+            {
+                Ok(1) => return true,
+                Ok(_) => continue,
+                Err(_) => return false,
+            }
+        }
+        tracing::warn!(
+            address,
+            "engagement profile too contended in the fleet store"
+        );
+        false
     }
 
     /// Whether `event` counts as human engagement (machine opens never do).
@@ -256,7 +358,7 @@ impl SendTime {
         window: SendWindow,
     ) -> Result<(u64, Reason), SpoolError> {
         let config = self.config();
-        let profile = self.profile(address)?.unwrap_or_default();
+        let profile = self.profile(address).await?.unwrap_or_default();
         let (at, reason) = {
             let mut rng = rand::thread_rng();
             if rng.gen::<f64>() < config.control_share {
@@ -294,6 +396,14 @@ impl SendTime {
     /// with `sendtime.sunset_after` set, suppresses the recipients dormant for longer
     /// ([`SendTime::sunset`]). Returns how many recipients with history it saw.
     pub async fn refit(&self) -> Result<usize, SpoolError> {
+        if let Some(store) = self.inner.cluster.clone() {
+            match self.refit_shared(&store).await {
+                Ok(n) => return Ok(n),
+                Err(e) => {
+                    tracing::warn!(error = %e, "send-time refit from the fleet store failed: refitting from this node's profiles");
+                }
+            }
+        }
         let spool = self.inner.spool.clone();
         let sunset_cutoff = self
             .config()
@@ -328,6 +438,99 @@ impl SendTime {
         self.inner.priors.set(priors);
         self.inner.lift.set(lift);
         self.sunset(dormant).await?;
+        Ok(n)
+    }
+
+    /// The refit of a fleet node: under the fleet's refit lease (one node at a time; a node
+    /// that finds it taken waits for it), from every shared profile, read page by page
+    /// (SCAN + MGET). The fit itself runs on a blocking thread.
+    async fn refit_shared(&self, store: &crate::cluster::Store) -> Result<usize, String> {
+        let lease = store.key("lease:refit");
+        let holder = format!("{}:{:016x}", store.node(), rand::random::<u64>());
+        loop {
+            let taken: Option<String> = store
+                .query(
+                    redis::cmd("SET")
+                        .arg(&lease)
+                        .arg(&holder)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(REFIT_LEASE.as_millis() as u64),
+                )
+                .await?;
+            if taken.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let result = self.refit_from_store(store).await;
+        // Given back only if still ours (it may have expired and gone to another node).
+        let _ = store
+            .query::<i64>(
+                redis::cmd("EVAL")
+                    .arg("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
+                    .arg(1)
+                    .arg(&lease)
+                    .arg(&holder),
+            )
+            .await;
+        result
+    }
+
+    async fn refit_from_store(&self, store: &crate::cluster::Store) -> Result<usize, String> {
+        let sunset_cutoff = self
+            .config()
+            .sunset_after
+            .map(|after| crate::clock::now_ms().saturating_sub(after.as_millis() as u64));
+        let prefix = profile_key(store, "");
+        let mut cursor = 0u64;
+        let mut dormant = Vec::new();
+        let mut profiles = Vec::new();
+        loop {
+            let (next, keys): (u64, Vec<String>) = store
+                .query(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(format!("{}*", redis_glob_escape(&prefix)))
+                        .arg("COUNT")
+                        .arg(SCAN_PAGE),
+                )
+                .await?;
+            if !keys.is_empty() {
+                let values: Vec<Option<Vec<u8>>> =
+                    store.query(redis::cmd("MGET").arg(&keys)).await?;
+                for (key, value) in keys.iter().zip(values) {
+                    let Some(p) = value.and_then(|v| Profile::decode(&v)) else {
+                        continue;
+                    };
+                    if sunset_cutoff.is_some_and(|cutoff| p.dormant_since() < cutoff) {
+                        dormant.push(key[prefix.len()..].to_string());
+                    }
+                    profiles.push(p);
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let (priors, lift) = tokio::task::spawn_blocking(move || {
+            let mut lift = Lift::default();
+            for p in &profiles {
+                for arm in 0..2 {
+                    lift.sends[arm] += p.arm_sends[arm] as u64;
+                    lift.engaged[arm] += p.arm_engaged[arm] as u64;
+                }
+            }
+            (Priors::fit(profiles.iter()), lift)
+        })
+        .await
+        .map_err(|e| format!("send-time refit task failed: {e}"))?;
+        let n = priors.recipients;
+        self.inner.priors.set(priors);
+        self.inner.lift.set(lift);
+        self.sunset(dormant).await.map_err(|e| e.to_string())?;
         Ok(n)
     }
 
@@ -533,6 +736,7 @@ mod tests {
             Default::default(),
             suppressions,
             tasks.clone(),
+            None,
         );
         let before = spool.commit_stats().writes;
         let recipients = ["a@x.test", "b@x.test", "c@x.test", "d@x.test"];
@@ -547,7 +751,7 @@ mod tests {
         assert_eq!(spool.commit_stats().writes - before, 4);
         for r in recipients {
             assert_eq!(
-                send_time.profile(r).unwrap().unwrap().machine_opens,
+                send_time.profile(r).await.unwrap().unwrap().machine_opens,
                 10,
                 "{r}"
             );

@@ -153,9 +153,21 @@ impl SharedStore {
         tasks: TaskTracker,
         stop: CancellationToken,
     ) -> Arc<SharedStore> {
+        // The config reader checked the URL, and the start the password file; should the file
+        // have gone since, the store refuses us and this node keeps its share of the limits.
+        let client = crate::cluster::single_client(
+            &config.url,
+            config.password_file.as_deref(),
+            config.ca_file.as_deref(),
+            "shaping.shared",
+        )
+        .or_else(|e| {
+            warn!(error = %e, "shaping.shared: connecting without the password");
+            redis::Client::open(config.url.as_str()).map_err(|e| e.to_string())
+        })
+        .expect("checked shaping.shared");
         let store = Arc::new(SharedStore {
-            // The config reader opened this URL once already.
-            client: redis::Client::open(config.url.as_str()).expect("checked shaping.shared"),
+            client,
             conn: RwLock::new(None),
             up: AtomicBool::new(false),
             config: config.clone(),

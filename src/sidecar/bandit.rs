@@ -88,6 +88,31 @@ impl Bandit {
         }
     }
 
+    /// Takes the pending batch (sends and rewards per arm) without applying it: a fleet adds
+    /// it to the shared counts and then [`Bandit::set_arms`] to their totals.
+    pub fn take_batch(&mut self) -> BTreeMap<String, Arm> {
+        self.rewarded.clear();
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Adds `batch` (from [`Bandit::take_batch`]) to the posteriors.
+    pub fn add(&mut self, batch: &BTreeMap<String, Arm>) {
+        for (v, p) in batch {
+            let arm = self.arms.entry(v.clone()).or_default();
+            arm.sends += p.sends;
+            arm.rewards += p.rewards;
+        }
+    }
+
+    /// Replaces the posteriors of the arms in `totals` (the fleet's shared counts).
+    pub fn set_arms(&mut self, totals: BTreeMap<String, Arm>) {
+        for (v, arm) in totals {
+            if let Some(mine) = self.arms.get_mut(&v) {
+                *mine = arm;
+            }
+        }
+    }
+
     /// Folds the pending batch into the posteriors; returns whether anything changed.
     pub fn apply_batch(&mut self) -> bool {
         let changed = !self.pending.is_empty();

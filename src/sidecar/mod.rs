@@ -126,7 +126,24 @@ pub struct Sidecar {
     hostname: String,
     spool: Spool,
     metrics: Arc<Metrics>,
+    /// The fleet's store (`[cluster]`): bandit counts are shared there.
+    cluster: Option<Arc<crate::cluster::Store>>,
+    /// Per campaign, batches the fleet's store has not confirmed yet, oldest first, each with
+    /// the id that makes adding it idempotent.
+    unsent: Mutex<HashMap<String, Vec<UnsentBatch>>>,
 }
+
+/// A bandit batch the fleet's store has not confirmed: its id and its counts per arm.
+type UnsentBatch = (String, BTreeMap<String, bandit::Arm>);
+
+/// Adds a bandit batch to a campaign's shared counts once (KEYS[2] marks the batch id done
+/// for a day), then returns the counts. ARGV: field, delta pairs.
+const SHARED_BATCH: &str = r"
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', 86400) then
+  for i = 1, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+return redis.call('HGETALL', KEYS[1])
+";
 
 /// Work a template render may do (minijinja fuel): far above any sane template, far below
 /// a runaway loop.
@@ -145,6 +162,7 @@ impl Sidecar {
         spool: Spool,
         metrics: Arc<Metrics>,
         sink: Arc<dyn EngagementSink>,
+        cluster: Option<Arc<crate::cluster::Store>>,
     ) -> Result<Sidecar, String> {
         let mut campaigns = HashMap::new();
         let mut bandits = HashMap::new();
@@ -210,6 +228,8 @@ impl Sidecar {
             hostname: hostname.to_owned(),
             spool,
             metrics,
+            cluster,
+            unsent: Mutex::new(HashMap::new()),
         })
     }
 
@@ -257,8 +277,14 @@ impl Sidecar {
         self.sink.record(event);
     }
 
-    /// Folds pending sends and rewards into the posteriors and stores them in the spool.
+    /// Folds pending sends and rewards into the posteriors and stores them in the spool. In
+    /// a fleet the batch is added to the shared counts instead (HINCRBYFLOAT, one hash per
+    /// campaign) and the posteriors become the fleet's totals; a batch Redis did not take
+    /// counts here at once and is added there with the next batch that gets through.
     pub async fn apply_bandit_batch(&self) {
+        if let Some(store) = &self.cluster {
+            return self.apply_shared_batch(store).await;
+        }
         let changed: Vec<(String, Vec<u8>)> = {
             let mut bandits = self.bandits.lock().expect("bandit lock");
             bandits
@@ -270,6 +296,107 @@ impl Sidecar {
                 .collect()
         };
         for (name, state) in changed {
+            if let Err(e) = self
+                .spool
+                .put_meta(&format!("{BANDIT_META}{name}"), state)
+                .await
+            {
+                warn!(campaign = %name, error = %e, "cannot store the bandit state");
+            }
+        }
+    }
+
+    async fn apply_shared_batch(&self, store: &crate::cluster::Store) {
+        let names: Vec<String> = {
+            let mut bandits = self.bandits.lock().expect("bandit lock");
+            let mut unsent = self.unsent.lock().expect("bandit lock");
+            for (name, b) in bandits.iter_mut() {
+                let batch = b.take_batch();
+                if !batch.is_empty() {
+                    let id = format!("{}:{:016x}", store.node(), rand::random::<u64>());
+                    unsent.entry(name.clone()).or_default().push((id, batch));
+                }
+            }
+            bandits.keys().cloned().collect()
+        };
+        for name in names {
+            let key = store.key(&format!("bandit:{name}"));
+            let waiting = self
+                .unsent
+                .lock()
+                .expect("bandit lock")
+                .get(&name)
+                .cloned()
+                .unwrap_or_default();
+            // The oldest batch first; with none waiting, only the totals are read.
+            let mut totals = None;
+            let mut failed = None;
+            for (id, batch) in waiting
+                .iter()
+                .map(|(i, b)| (Some(i), b))
+                .chain(waiting.is_empty().then_some((None, &BTreeMap::new())))
+            {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(SHARED_BATCH)
+                    .arg(2)
+                    .arg(&key)
+                    .arg(store.key(&format!("bandit:done:{}", id.map_or("-", |s| s))));
+                for (v, arm) in batch {
+                    cmd.arg(format!("{v}:sends")).arg(arm.sends);
+                    cmd.arg(format!("{v}:rewards")).arg(arm.rewards);
+                }
+                match store.query::<HashMap<String, f64>>(&cmd).await {
+                    Ok(t) => {
+                        totals = Some(t);
+                        if let Some(id) = id {
+                            if let Some(w) = self.unsent.lock().expect("bandit lock").get_mut(&name)
+                            {
+                                w.retain(|(i, _)| i != id);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            let state = {
+                let mut bandits = self.bandits.lock().expect("bandit lock");
+                let Some(b) = bandits.get_mut(&name) else {
+                    continue;
+                };
+                if let Some(totals) = totals {
+                    let mut arms: BTreeMap<String, bandit::Arm> = BTreeMap::new();
+                    for (field, value) in totals {
+                        if let Some((v, what)) = field.rsplit_once(':') {
+                            let arm = arms.entry(v.to_owned()).or_default();
+                            match what {
+                                "sends" => arm.sends = value,
+                                "rewards" => arm.rewards = value,
+                                _ => {}
+                            }
+                        }
+                    }
+                    b.set_arms(arms);
+                }
+                if let Some(e) = failed {
+                    // Counted here now, so this node's choices move; the fleet's counts
+                    // get the batches when the store answers again (then replace these).
+                    warn!(campaign = %name, error = %e, "bandit counts not shared yet");
+                    for (_, batch) in self
+                        .unsent
+                        .lock()
+                        .expect("bandit lock")
+                        .get(&name)
+                        .into_iter()
+                        .flatten()
+                    {
+                        b.add(batch);
+                    }
+                }
+                serde_json::to_vec(&*b).expect("serialize")
+            };
             if let Err(e) = self
                 .spool
                 .put_meta(&format!("{BANDIT_META}{name}"), state)

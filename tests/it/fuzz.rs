@@ -284,6 +284,7 @@ fn intake(spool: Spool, config: &Config, metrics: &Arc<Metrics>) -> (Intake, Fee
         config.sendtime.clone(),
         suppressions,
         TaskTracker::new(),
+        None,
     );
     let (scheduler, _) = tokio::sync::mpsc::unbounded_channel();
     let enqueue = Enqueue::new(

@@ -403,7 +403,7 @@ async fn control_headers_are_stripped_before_dkim_and_the_signature_verifies() {
 }
 
 /// The tracking campaign: an HTML part with one link, two variants.
-fn tracking_config(dir: &std::path::Path) -> String {
+pub(crate) fn tracking_config(dir: &std::path::Path) -> String {
     format!(
         r#"[sidecar.tracking]
 base_url = "http://t.example.com"
@@ -432,7 +432,7 @@ subject = "Promo B"
 }
 
 /// GET with a User-Agent; returns the status and the raw response head.
-async fn get(addr: SocketAddr, path: &str, user_agent: &str) -> (u16, String) {
+pub(crate) async fn get(addr: SocketAddr, path: &str, user_agent: &str) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: t\r\nUser-Agent: {user_agent}\r\nConnection: close\r\n\r\n"

@@ -116,6 +116,37 @@ impl Spool {
         self.write(ops).await
     }
 
+    /// One atomic durable write of suppression changes: entries stored (or
+    /// replaced), entries deleted, records appended to the outbox `stream`
+    /// (as [`Spool::push_events`] does, in order), and meta records stored.
+    /// A replicated list writes its change and the record that carries it
+    /// elsewhere in one batch, so a crash loses or repeats neither alone.
+    pub async fn change_suppressions(
+        &self,
+        puts: Vec<(String, Vec<u8>)>,
+        removes: &[String],
+        outbox: Option<(&str, Vec<Vec<u8>>)>,
+        meta: Vec<(String, Vec<u8>)>,
+    ) -> Result<(), SpoolError> {
+        let mut ops: Vec<super::Op> = puts
+            .into_iter()
+            .map(|(address, value)| insert(&text_key(SUPPRESSION, &address), value))
+            .collect();
+        ops.extend(removes.iter().map(|a| remove(&text_key(SUPPRESSION, a))));
+        if let Some((stream, records)) = outbox {
+            ops.extend(
+                records
+                    .into_iter()
+                    .map(|e| insert(&event_key(stream, self.next_id().to_be_bytes()), e)),
+            );
+        }
+        ops.extend(
+            meta.into_iter()
+                .map(|(name, value)| insert(&super::meta_key(&name), value)),
+        );
+        self.write(ops).await
+    }
+
     /// The suppression entry of `address`, if any.
     pub fn suppression(&self, address: &str) -> Result<Option<Vec<u8>>, SpoolError> {
         Ok(self
@@ -256,6 +287,34 @@ mod tests {
         assert_eq!(page, [("b@x.test".to_string(), b"2".to_vec())]);
         spool
             .remove_suppressions(&["b@x.test".into()])
+            .await
+            .unwrap();
+        spool
+            .change_suppressions(
+                vec![("d@x.test".into(), b"4".to_vec())],
+                &["c@x.test".into()],
+                Some(("out", vec![b"o1".to_vec(), b"o2".to_vec()])),
+                vec![("pos".into(), b"7".to_vec())],
+            )
+            .await
+            .unwrap();
+        assert_eq!(spool.suppression("c@x.test").unwrap(), None);
+        assert_eq!(spool.suppression("d@x.test").unwrap(), Some(b"4".to_vec()));
+        let out = spool.events("out", 10).unwrap();
+        assert_eq!(out.len(), 2);
+        assert!(out[0].0 < out[1].0 && out[0].1 == b"o1");
+        assert_eq!(spool.get_meta("pos").unwrap(), Some(b"7".to_vec()));
+        spool
+            .change_suppressions(
+                vec![("c@x.test".into(), b"3".to_vec())],
+                &["d@x.test".into()],
+                None,
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        spool
+            .remove_events("out", &[out[0].0, out[1].0])
             .await
             .unwrap();
         assert_eq!(spool.suppression("b@x.test").unwrap(), None);

@@ -1,0 +1,161 @@
+//! A real `redis-server` for the tests that need one (shaping.shared, [cluster]): a child
+//! process on a free 127.0.0.1 port, killed when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A `redis-server` child process on 127.0.0.1 (no persistence unless [`RedisServer::persistent`]).
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    /// With a directory: AOF persistence there (appendfsync everysec), kept across restarts.
+    dir: Option<PathBuf>,
+    /// The password clients must give (AUTH), if any.
+    password: Option<String>,
+    /// TLS only (certificate, key, CA files), if set.
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        let mut server = RedisServer::not_started();
+        server.restart().await;
+        server
+    }
+
+    /// A free port where a server can be started later.
+    pub fn not_started() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        RedisServer {
+            port,
+            child: None,
+            dir: None,
+            password: None,
+            tls: None,
+        }
+    }
+
+    /// From now on (re)started with its data in an append-only file in `dir`.
+    pub fn persistent(&mut self, dir: &Path) {
+        self.dir = Some(dir.to_path_buf());
+    }
+
+    /// From now on (re)started on TLS only (the harness's "localhost" certificate, files in
+    /// `dir`): its URL is `rediss://localhost:PORT`.
+    pub fn tls(&mut self, dir: &Path) {
+        self.tls = Some(crate::harness::write_cert_files(dir));
+    }
+
+    /// From now on (re)started asking clients for `password`.
+    pub fn require_password(&mut self, password: &str) {
+        self.password = Some(password.to_owned());
+    }
+
+    /// From now on (re)started without persistence: a restart begins empty.
+    pub fn volatile(&mut self) {
+        self.dir = None;
+    }
+
+    /// SIGSTOP / SIGCONT: a server that accepts connections but never answers.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let status = Command::new("kill").args([signal, &pid]).status().unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
+    pub fn url(&self) -> String {
+        match self.tls {
+            Some(_) => format!("rediss://localhost:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// (Re)starts the server on its port and waits until it answers PING.
+    pub async fn restart(&mut self) {
+        let port = self.port.to_string();
+        let ports: Vec<String> = match &self.tls {
+            Some((cert, key, ca)) => [
+                "--port",
+                "0",
+                "--tls-port",
+                &port,
+                "--tls-cert-file",
+                &cert.display().to_string(),
+                "--tls-key-file",
+                &key.display().to_string(),
+                "--tls-ca-cert-file",
+                &ca.display().to_string(),
+                "--tls-auth-clients",
+                "no",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            None => vec!["--port".to_owned(), port.clone()],
+        };
+        let child = Command::new("redis-server")
+            .args(&ports)
+            .args(["--save", "", "--bind", "127.0.0.1"])
+            .args(match &self.dir {
+                Some(dir) => vec![
+                    "--appendonly".to_owned(),
+                    "yes".to_owned(),
+                    "--appendfsync".to_owned(),
+                    "everysec".to_owned(),
+                    "--dir".to_owned(),
+                    dir.display().to_string(),
+                ],
+                None => vec!["--appendonly".to_owned(), "no".to_owned()],
+            })
+            .args(match &self.password {
+                Some(p) => vec!["--requirepass".to_owned(), p.clone()],
+                None => Vec::new(),
+            })
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run redis-server ({e}): these tests need it on PATH \
+                     (apt-get install -y redis-server; .ci/run installs it)"
+                )
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await {
+                if self.tls.is_some() {
+                    return; // listening; the nodes' TLS handshakes are the test
+                }
+                // With a password, PING before AUTH answers -NOAUTH: up all the same.
+                let mut buf = [0u8; 7];
+                if s.write_all(b"PING\r\n").await.is_ok()
+                    && s.read_exact(&mut buf).await.is_ok()
+                    && (&buf == b"+PONG\r\n" || buf.starts_with(b"-NOAUTH"))
+                {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
