@@ -91,6 +91,9 @@ impl Config {
         if let Some(tracking) = &mut self.sidecar.tracking {
             fix(&mut tracking.secret_file);
         }
+        if let Some(model) = &mut self.sidecar.model {
+            fix_opt(&mut model.ca_file);
+        }
     }
 }
 
