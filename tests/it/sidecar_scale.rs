@@ -37,6 +37,8 @@ pub struct FakeModel {
     pub http2_requests: AtomicUsize,
     /// Requests whose model input carried anything but campaign, variant and segment.
     pub leaked_fields: AtomicUsize,
+    /// The next this many calls are answered 503.
+    pub fail_next: AtomicUsize,
 }
 
 /// Starts the fake model on 127.0.0.1: answers each call after `delay`, allows `allowed`
@@ -113,7 +115,16 @@ async fn answer(
     state.calls.fetch_add(1, Ordering::SeqCst);
     let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     state.max_in_flight.fetch_max(now, Ordering::SeqCst);
-    let response = if !ok_path {
+    let fail = state
+        .fail_next
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    let response = if fail {
+        Response::builder()
+            .status(503)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    } else if !ok_path {
         Response::builder()
             .status(404)
             .body(Full::new(Bytes::new()))
@@ -171,7 +182,7 @@ base_url = "{base_url}"
 model = "fake"
 ca_file = "{ca}"
 max_concurrency = 16
-deadline = "3s"
+{deadline}
 {extra_model}
 
 [[sidecar.campaigns]]
@@ -195,7 +206,12 @@ id = "b"
 [[sidecar.campaigns.variants]]
 id = "c"
 "#,
-        ca = ca.display()
+        ca = ca.display(),
+        deadline = if extra_model.contains("deadline") {
+            ""
+        } else {
+            "deadline = \"3s\""
+        },
     );
     let config = tern::config::Config::parse(&text).unwrap_or_else(|e| panic!("{e}"));
     let spool = Spool::open(&dir.join("spool")).unwrap();
@@ -385,4 +401,185 @@ async fn a_campaign_burst_is_generated_per_variant_and_segment_not_per_recipient
     let again = burst(&sidecar, 2_000, 100, 32).await;
     assert_eq!(model.calls.load(Ordering::SeqCst), calls);
     assert_eq!(again.generated, again.recipients);
+}
+
+/// A loopback HTTP CONNECT proxy; counts the tunnels it opened.
+async fn connect_proxy() -> (Arc<AtomicUsize>, SocketAddr) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tunnels = Arc::new(AtomicUsize::new(0));
+    let counted = tunnels.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head);
+                let target = head
+                    .strip_prefix("CONNECT ")
+                    .and_then(|r| r.split_whitespace().next())
+                    .unwrap_or_default()
+                    .replace("localhost", "127.0.0.1");
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(&target).await else {
+                    let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                    return;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    (tunnels, addr)
+}
+
+fn reports(prepared: &[tern::message::Prepared]) -> Vec<(String, Option<String>)> {
+    prepared
+        .iter()
+        .flat_map(|p| &p.reports)
+        .map(|r| (r.content.to_owned(), r.reason.map(str::to_owned)))
+        .collect()
+}
+
+#[tokio::test]
+async fn http1_connections_are_kept_alive_through_a_connect_proxy_and_failures_retried_in_time() {
+    let (model, addr) = fake_model(Duration::from_millis(10), 16, &[b"http/1.1"]).await;
+    let (tunnels, proxy) = connect_proxy().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (sidecar, metrics) = sidecar(
+        dir.path(),
+        &format!("https://localhost:{}/v1", addr.port()),
+        &format!("proxy = \"http://{proxy}\"\nretries = 2"),
+        "model_fields = [\"first_name\"]\n",
+    );
+    // One recipient per message, one after the other: each its own call on one connection.
+    for i in 0..5 {
+        let out = sidecar.apply(submission(i, 1, |_| Map::new())).await;
+        assert_eq!(reports(&out), [("model".to_owned(), None)]);
+    }
+    assert_eq!(model.calls.load(Ordering::SeqCst), 5);
+    assert_eq!(
+        model.http2_requests.load(Ordering::SeqCst),
+        0,
+        "http/1.1 only"
+    );
+    assert_eq!(model.connections.load(Ordering::SeqCst), 1, "kept alive");
+    assert_eq!(tunnels.load(Ordering::SeqCst), 1, "through the proxy");
+    assert_eq!(
+        model.leaked_fields.load(Ordering::SeqCst),
+        5,
+        "first_name is sent"
+    );
+
+    // Two 503s, then an answer: retried within the 3 s deadline.
+    model.fail_next.store(2, Ordering::SeqCst);
+    let out = sidecar.apply(submission(10, 1, |_| Map::new())).await;
+    assert_eq!(reports(&out), [("model".to_owned(), None)]);
+    assert_eq!(model.calls.load(Ordering::SeqCst), 8);
+    // Three 503s are more than retries = 2: the defaults, with the reason.
+    model.fail_next.store(3, Ordering::SeqCst);
+    let out = sidecar.apply(submission(11, 1, |_| Map::new())).await;
+    assert_eq!(
+        reports(&out),
+        [("default".to_owned(), Some("status".to_owned()))]
+    );
+    assert_eq!(model.calls.load(Ordering::SeqCst), 11);
+    let text = metrics.render(&Spool::open(&dir.path().join("spool2")).unwrap(), &[]);
+    assert!(
+        text.contains("tern_sidecar_model_requests_total{outcome=\"status\"} 5"),
+        "{text}"
+    );
+    assert!(text.contains("tern_sidecar_model_requests_total{outcome=\"ok\"} 6"));
+}
+
+#[tokio::test]
+async fn retries_never_outlast_the_deadline() {
+    // Every answer is an immediate 503: attempts at 0, 100, 300 and 700 ms; the next would
+    // start at 1,500 ms, past the 1 s deadline, so there is none, whatever `retries` says.
+    let (model, addr) = fake_model(Duration::from_millis(600), 16, &[b"h2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (sidecar, _) = sidecar(
+        dir.path(),
+        &format!("https://localhost:{}/v1", addr.port()),
+        "retries = 10\ndeadline = \"1s\"",
+        "model_fields = [\"first_name\"]\n",
+    );
+    model.fail_next.store(100, Ordering::SeqCst);
+    let started = Instant::now();
+    let out = sidecar.apply(submission(0, 1, |_| Map::new())).await;
+    let took = started.elapsed();
+    assert_eq!(reports(&out)[0].0, "default");
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    let calls = model.calls.load(Ordering::SeqCst);
+    assert!((3..=4).contains(&calls), "{calls} calls");
+}
+
+#[tokio::test]
+async fn per_recipient_generation_stays_within_its_budget_then_uses_the_shared_text() {
+    let (model, addr) = fake_model(Duration::from_millis(10), 16, &[b"h2", b"http/1.1"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (sidecar, _) = sidecar(
+        dir.path(),
+        &format!("https://localhost:{}/v1", addr.port()),
+        "",
+        "model_fields = [\"first_name\"]\nrecipient_calls_per_hour = 3\n",
+    );
+    let out = sidecar.apply(submission(0, 12, |_| Map::new())).await;
+    let contents: Vec<String> = reports(&out).into_iter().map(|r| r.0).collect();
+    let own = contents.iter().filter(|c| *c == "model").count();
+    let shared = contents.iter().filter(|c| *c == "shared").count();
+    assert_eq!((own, shared), (3, 9), "{contents:?}");
+    // The model saw first_name in the 3 own calls only; the shared ones are per key.
+    assert_eq!(model.leaked_fields.load(Ordering::SeqCst), 3);
+    assert!(model.calls.load(Ordering::SeqCst) <= 3 + 16);
+}
+
+#[tokio::test]
+async fn recipient_data_cannot_multiply_model_calls_past_max_segments() {
+    let (model, addr) = fake_model(Duration::from_millis(10), 16, &[b"h2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (sidecar, _) = sidecar(
+        dir.path(),
+        &format!("https://localhost:{}/v1", addr.port()),
+        "",
+        "max_segments = 2\n",
+    );
+    // 1,000 recipients, each its own segment value (and one of 10 kB).
+    let out = sidecar
+        .apply(submission(0, 1000, |i| {
+            let mut m = Map::new();
+            let value = if i == 999 {
+                "x".repeat(10_000)
+            } else {
+                format!("u{i}")
+            };
+            m.insert("segment".into(), value.into());
+            m
+        }))
+        .await;
+    let all = reports(&out);
+    let limited = all
+        .iter()
+        .filter(|r| r.1.as_deref() == Some("segment_limit"))
+        .count();
+    let generated = all.iter().filter(|r| r.0 == "shared").count();
+    assert_eq!(all.len(), 1000);
+    assert_eq!(limited + generated, 1000, "{all:?}");
+    assert!(generated <= 2 && generated >= 1, "{generated}");
+    // Two segments, three variants and the holdout at most.
+    assert!(model.calls.load(Ordering::SeqCst) <= 8);
 }
