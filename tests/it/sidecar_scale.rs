@@ -579,7 +579,7 @@ async fn recipient_data_cannot_multiply_model_calls_past_max_segments() {
     let generated = all.iter().filter(|r| r.0 == "shared").count();
     assert_eq!(all.len(), 1000);
     assert_eq!(limited + generated, 1000, "{all:?}");
-    assert!(generated <= 2 && generated >= 1, "{generated}");
+    assert_eq!(generated, 2, "the two segments admitted first");
     // Two segments, three variants and the holdout at most.
     assert!(model.calls.load(Ordering::SeqCst) <= 8);
 }
