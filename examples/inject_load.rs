@@ -41,7 +41,9 @@ fn main() {
         number(5, 5000),
     );
 
-    let campaign = std::env::var("INJECT_CAMPAIGN").ok();
+    let campaign = std::env::var("INJECT_CAMPAIGN")
+        .ok()
+        .filter(|c| !c.is_empty());
     let next = Arc::new(AtomicUsize::new(0));
     let contents = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(messages)));
