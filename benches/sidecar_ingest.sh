@@ -11,10 +11,12 @@
 # The model is examples/fake_model.rs on 127.0.0.1:18443 over HTTPS (its own CA in
 # sidecar.model.ca_file): every answer after 1 s, 16 calls at once. The campaign is
 # config/tern.toml's "winback" (two generated slots, 2 variants and the holdout,
-# segment_field = "segment"); inject_load gives each call the segment s<call % 4>, so the
-# model is asked about 21 times per run (12 for s0-s3, 9 for the configured segments at
-# start) and every later message renders the shared text. It
-# prints inject_load's lines (plain-..., sidecar-...) with the sidecar's content counts.
+# segment_field = "segment"); inject_load gives each call the segment s<call % 4>. With
+# COLD=1 the campaign's `segments` stay config/tern.toml's (others), so the first messages
+# of each s<i> wait for the model (about 1 s, every client stalled); by default the campaign
+# names segments s0-s3 and they are generated at start, ahead of need (the run starts 2 s
+# after the daemon). Either way every message renders the shared text. It prints
+# inject_load's lines (plain-..., sidecar-...) with the sidecar's content counts.
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 REL=$ROOT/target/${PROFILE:-release}
@@ -33,6 +35,9 @@ for _ in $(seq 50); do [ -s "$WORK/model-ca.pem" ] && break; sleep 0.1; done
 sed -e 's/^suspended = false/suspended = true/' \
     -e 's|^base_url = "http://127.0.0.1:8080/v1"|base_url = "https://localhost:18443/v1"\nca_file = "'"$WORK"'/model-ca.pem"\nmax_concurrency = 16|' \
     "$ROOT/config/tern.toml" > "$WORK/tern.toml"
+if [ "${COLD:-0}" != 1 ]; then
+  sed -i 's/^segments = \["new", "lapsed", "vip"\]/segments = ["s0", "s1", "s2", "s3"]/' "$WORK/tern.toml"
+fi
 
 run() { # label [campaign]
   local label=$1 campaign=${2:-}
@@ -40,8 +45,8 @@ run() { # label [campaign]
   cp "$WORK/tern.toml" "$WORK/run/config/tern.toml"
   (cd "$WORK/run" && exec "$REL/tern" serve --config "$WORK/run/config/tern.toml" > "$WORK/tern-$label.log" 2>&1) &
   local pid=$!
-  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/8025) 2>/dev/null && break; sleep 0.1; done
-  sleep 0.5
+  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/8025) 2>/dev/null && [ -s "$WORK/run/data/admin.token" ] && break; sleep 0.1; done
+  sleep 2
   echo -n "$label: "
   INJECT_CAMPAIGN=$campaign "$REL/examples/inject_load" 127.0.0.1:8025 "$WORK/run/data/admin.token" "$CALLS" 20 "$RCPTS" 5000 2>&1 | tr '\n' ' '
   echo
