@@ -10,7 +10,9 @@
 //! injection").
 //!
 //! With `INJECT_CAMPAIGN=<name>` in the environment every call asks the sidecar stage for that
-//! campaign (with `{"first_name": "Ann"}` as data), to compare with the plain path.
+//! campaign (with `{"first_name": "Ann", "segment": "s<call % 4>"}` as data), to compare with
+//! the plain path; the line then also counts the recipients by the sidecar's `content`
+//! (shared/model/cache = generated text, default = the slots' defaults).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,12 +41,16 @@ fn main() {
         number(5, 5000),
     );
 
-    let campaign = std::env::var("INJECT_CAMPAIGN").ok();
+    let campaign = std::env::var("INJECT_CAMPAIGN")
+        .ok()
+        .filter(|c| !c.is_empty());
     let next = Arc::new(AtomicUsize::new(0));
+    let contents = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(messages)));
     let started = Instant::now();
     let threads: Vec<_> = (0..clients)
         .map(|c| {
+            let contents = contents.clone();
             let (next, latencies, token, campaign) = (
                 next.clone(),
                 latencies.clone(),
@@ -76,7 +82,8 @@ fn main() {
                         serde_json::json!({"from": "load@client.test", "to": to, "raw": raw});
                     if let Some(campaign) = &campaign {
                         body["sidecar"] = serde_json::json!({
-                            "campaign": campaign, "data": {"first_name": "Ann"},
+                            "campaign": campaign,
+                            "data": {"first_name": "Ann", "segment": format!("s{}", n % 4)},
                         });
                     }
                     let body = body.to_string();
@@ -86,6 +93,15 @@ fn main() {
                         .expect("an answer");
                     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
                     mine.push(t.elapsed());
+                    if campaign.is_some() {
+                        let answer: serde_json::Value =
+                            serde_json::from_slice(&answer).expect("JSON answer");
+                        let mut contents = contents.lock().unwrap();
+                        for r in answer["sidecar"].as_array().into_iter().flatten() {
+                            let c = r["content"].as_str().unwrap_or("?").to_owned();
+                            *contents.entry(c).or_insert(0usize) += 1;
+                        }
+                    }
                 }
                 latencies.lock().unwrap().extend(mine);
             })
@@ -111,4 +127,7 @@ fn main() {
         pct(0.99).as_secs_f64() * 1e3,
         latencies.last().unwrap().as_secs_f64() * 1e3,
     );
+    if campaign.is_some() {
+        println!("sidecar content: {:?}", contents.lock().unwrap());
+    }
 }

@@ -504,6 +504,10 @@ pub struct Metrics {
     shared_store: OnceLock<SharedStoreMetrics>,
     sidecar_content: IntCounterVec,
     sidecar_engagements: IntCounterVec,
+    sidecar_model_requests: IntCounterVec,
+    sidecar_model_tokens: IntCounterVec,
+    sidecar_model_seconds: Histogram,
+    sidecar_generations: IntCounterVec,
     admin_connections: IntGauge,
     admin_refused: IntCounterVec,
     tracking_ignored: IntCounterVec,
@@ -794,13 +798,33 @@ impl Metrics {
             ),
             sidecar_content: counter_vec(
                 "tern_sidecar_content_total",
-                "Sidecar results per recipient: model, cache or default content, or why the defaults rendered (disabled, breaker_open, timeout, connect, status, malformed, guardrail), or unknown_campaign / template_error (sent as submitted).",
+                "Sidecar results per recipient: model, cache, shared (generated once per campaign, variant and segment) or default content, or why the defaults rendered (disabled, breaker_open, timeout, connect, status, malformed, guardrail, segment_limit), or unknown_campaign / template_error (sent as submitted).",
                 &["result"],
             ),
             sidecar_engagements: counter_vec(
                 "tern_sidecar_engagements_total",
                 "Opens and clicks counted by the tracking endpoints, human or machine (prefetch, scanner): the first hit of each message, recipient, kind and source (replays are in tern_tracking_ignored_total).",
                 &["kind", "source"],
+            ),
+            sidecar_model_requests: counter_vec(
+                "tern_sidecar_model_requests_total",
+                "HTTP requests to the content model (each attempt, retries included), by outcome: ok, connect, timeout, status (not 200), malformed (not the JSON asked for).",
+                &["outcome"],
+            ),
+            sidecar_model_tokens: counter_vec(
+                "tern_sidecar_model_tokens_total",
+                "Tokens the content model reported in its answers' usage field, by kind (prompt, completion).",
+                &["kind"],
+            ),
+            sidecar_model_seconds: histogram(
+                "tern_sidecar_model_request_seconds",
+                "Latency of one HTTP request to the content model (connection included when a new one was needed), any outcome.",
+                vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0],
+            ),
+            sidecar_generations: counter_vec(
+                "tern_sidecar_generations_total",
+                "Slot generations by scope (coarse: once per campaign, variant and segment, shared by its recipients; recipient: one recipient's own) and result (model, failed, over_budget: a recipient generation refused by the campaign's calls per hour, the coarse text used instead).",
+                &["scope", "result"],
             ),
             admin_connections: gauge(
                 "tern_admin_connections",
@@ -1311,6 +1335,31 @@ impl Metrics {
     /// One sidecar result; `result` is one of the fixed codes named in the metric's help.
     pub fn sidecar_content(&self, result: &'static str) {
         self.sidecar_content.with_label_values(&[result]).inc();
+    }
+
+    /// One HTTP request to the content model: its outcome code and how long it took.
+    pub fn sidecar_model_request(&self, outcome: &'static str, took: std::time::Duration) {
+        self.sidecar_model_requests
+            .with_label_values(&[outcome])
+            .inc();
+        self.sidecar_model_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Token usage the model reported for one answer.
+    pub fn sidecar_model_tokens(&self, prompt: u64, completion: u64) {
+        self.sidecar_model_tokens
+            .with_label_values(&["prompt"])
+            .inc_by(prompt);
+        self.sidecar_model_tokens
+            .with_label_values(&["completion"])
+            .inc_by(completion);
+    }
+
+    /// One slot generation (`scope` coarse or recipient; `result` a fixed code in the help).
+    pub fn sidecar_generation(&self, scope: &'static str, result: &'static str) {
+        self.sidecar_generations
+            .with_label_values(&[scope, result])
+            .inc();
     }
 
     /// One tracked open or click.

@@ -1265,7 +1265,21 @@ mod tests {
         assert_eq!(winback.name, "winback");
         assert!(winback.tracking);
         assert_eq!(winback.quiet_hours, Some((22, 7)));
-        assert_eq!(winback.model_fields, ["first_name", "segment"]);
+        assert!(winback.model_fields.is_empty(), "shared generation");
+        assert_eq!(winback.segment_field.as_deref(), Some("segment"));
+        assert_eq!(winback.segments, ["new", "lapsed", "vip"]);
+        assert_eq!(
+            (winback.max_segments, winback.recipient_calls_per_hour),
+            (64, 10_000)
+        );
+        assert_eq!(
+            (model.proxy.as_deref(), model.ca_file.as_deref()),
+            (None, None)
+        );
+        assert_eq!(
+            (model.rate_per_second, model.retries, model.generate_timeout),
+            (None, 2, Duration::from_secs(30))
+        );
         let slots: Vec<_> = winback
             .slots
             .iter()
@@ -1433,7 +1447,7 @@ mod tests {
     fn sidecar_errors_name_their_keys() {
         let base = "[[listeners]]\naddress = \"127.0.0.1:2525\"\n";
         let err = Config::parse(&format!(
-            "{base}[sidecar.model]\nbase_url = \"https://x.test\"\n\
+            "{base}[sidecar.model]\nbase_url = \"ftp://x.test\"\n\
              [[sidecar.campaigns]]\nname = \"a\"\ntext = \"{{{{ x \"\n\
              [[sidecar.campaigns.slots]]\nname = \"s\"\n\
              [[sidecar.campaigns]]\nname = \"b\"\ntext = \"hi\"\ntracking = true\n"
@@ -1461,6 +1475,60 @@ mod tests {
         ] {
             assert!(err.contains(key), "{key} not in:\n{err}");
         }
+    }
+
+    #[test]
+    fn sidecar_model_transport_and_generation_keys_are_checked() {
+        let base = "[[listeners]]\naddress = \"127.0.0.1:2525\"\n";
+        let ok = Config::parse(&format!(
+            "{base}[sidecar.model]\nbase_url = \"https://api.x.test/v1/\"\nmodel = \"m\"\n\
+             proxy = \"http://127.0.0.1:3128\"\nca_file = \"/etc/ca.pem\"\n\
+             rate_per_second = 2.5\nretries = 0\ngenerate_timeout = \"10s\"\n\
+             [[sidecar.campaigns]]\nname = \"a\"\ntext = \"hi\"\nsegment_field = \"tier\"\n\
+             segments = [\"gold\", \"\"]\nmax_segments = 2\nrecipient_calls_per_hour = 0\n"
+        ))
+        .unwrap();
+        let model = ok.sidecar.model.unwrap();
+        assert_eq!(model.base_url, "https://api.x.test/v1");
+        assert_eq!(model.proxy.as_deref(), Some("http://127.0.0.1:3128"));
+        assert_eq!(model.ca_file.as_deref(), Some(Path::new("/etc/ca.pem")));
+        assert_eq!(model.rate_per_second, Some(2.5));
+        assert_eq!(
+            (model.retries, model.generate_timeout),
+            (0, Duration::from_secs(10))
+        );
+        let c = &ok.sidecar.campaigns[0];
+        assert_eq!(c.segment_field.as_deref(), Some("tier"));
+        assert_eq!(c.segments, ["gold", ""]);
+        assert_eq!((c.max_segments, c.recipient_calls_per_hour), (2, 0));
+
+        let err = Config::parse(&format!(
+            "{base}[sidecar.model]\nbase_url = \"http://x.test\"\nmodel = \"m\"\n\
+             proxy = \"https://p.test:3128\"\nca_file = \"/etc/ca.pem\"\n\
+             rate_per_second = 0\nretries = 11\ngenerate_timeout = \"0s\"\n\
+             [[sidecar.campaigns]]\nname = \"a\"\ntext = \"hi\"\nsegments = [\"x\"]\n\
+             [[sidecar.campaigns]]\nname = \"b\"\ntext = \"hi\"\nsegment_field = \"t\"\n\
+             segments = [\"x\", \"y\"]\nmax_segments = 1\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "sidecar.model.proxy: ",
+            "sidecar.model.ca_file: only for an https:// base_url",
+            "sidecar.model.rate_per_second: ",
+            "sidecar.model.retries: at most 10",
+            "sidecar.model.generate_timeout: ",
+            "sidecar.campaigns[0].segments: needs segment_field",
+            "sidecar.campaigns[1].segments: 2 values, more than max_segments (1)",
+        ] {
+            assert!(err.contains(key), "{key} not in:\n{err}");
+        }
+        let no_host = Config::parse(&format!(
+            "{base}[sidecar.model]\nbase_url = \"https://\"\nmodel = \"m\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(no_host.contains("sidecar.model.base_url: "), "{no_host}");
     }
 
     #[test]

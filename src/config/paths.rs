@@ -101,6 +101,9 @@ impl Config {
             fix_opt(&mut shared.password_file);
             fix_opt(&mut shared.ca_file);
         }
+        if let Some(model) = &mut self.sidecar.model {
+            fix_opt(&mut model.ca_file);
+        }
     }
 }
 

@@ -26,9 +26,22 @@ pub struct SidecarConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
-    /// OpenAI-compatible API root, e.g. `http://127.0.0.1:8080/v1`; `/chat/completions` is
-    /// appended. Only `http://` (a local server or a TLS-terminating proxy).
+    /// OpenAI-compatible API root, e.g. `https://api.example.com/v1` or
+    /// `http://127.0.0.1:8080/v1`; `/chat/completions` is appended.
     pub base_url: String,
+    /// `http://host:port` of an HTTP CONNECT proxy every model connection goes through.
+    pub proxy: Option<String>,
+    /// Extra CA certificates (PEM) trusted for an `https://` base_url, beside the public roots.
+    pub ca_file: Option<PathBuf>,
+    /// Requests started per second at most (GCRA; bursts up to one second's worth). Default
+    /// none (only `max_concurrency` limits).
+    pub rate_per_second: Option<f64>,
+    /// Further attempts after a connection failure, a 429 or a 5xx, each only if it can start
+    /// before the call's deadline. Default 2.
+    pub retries: u32,
+    /// How long a shared (per campaign, variant, segment) generation may take, retries
+    /// included; messages wait only their own `deadline` for it. Default 30s.
+    pub generate_timeout: Duration,
     pub model: String,
     /// Name of the environment variable holding the API key (sent as a bearer token).
     pub api_key_env: Option<String>,
@@ -48,6 +61,30 @@ pub struct ModelConfig {
     pub temperature: f64,
     /// Default 300.
     pub max_tokens: u32,
+}
+
+impl ModelConfig {
+    /// A configuration with every optional key at its default (tests, examples).
+    pub fn new(base_url: &str, model: &str) -> ModelConfig {
+        ModelConfig {
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            model: model.to_owned(),
+            proxy: None,
+            ca_file: None,
+            rate_per_second: None,
+            retries: 2,
+            generate_timeout: Duration::from_secs(30),
+            api_key_env: None,
+            connect_timeout: Duration::from_secs(1),
+            deadline: Duration::from_secs(3),
+            max_concurrency: 8,
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(30),
+            cache_entries: 10_000,
+            temperature: 0.7,
+            max_tokens: 300,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,8 +138,21 @@ pub struct CampaignConfig {
     pub html: Option<String>,
     pub slots: Vec<SlotConfig>,
     pub variants: Vec<VariantConfig>,
-    /// Recipient data fields the model may see. Default none.
+    /// Recipient data fields the model may see. Default none. Non-empty asks for
+    /// per-recipient generation (within `recipient_calls_per_hour`); empty: the slots are
+    /// generated once per (variant, segment) and shared.
     pub model_fields: Vec<String>,
+    /// The recipient data field whose value is the coarse generation key (the segment).
+    /// Default none: one generation per variant.
+    pub segment_field: Option<String>,
+    /// Segment values generated at start, before any message needs them. Default none.
+    pub segments: Vec<String>,
+    /// Distinct segment values generated at most; recipients of further values get the
+    /// defaults. Default 64.
+    pub max_segments: usize,
+    /// Per-recipient model calls per hour at most (with `model_fields`); beyond it the coarse
+    /// text is used. Default 10000.
+    pub recipient_calls_per_hour: u32,
     /// Rewrite links and add an open pixel. Default false.
     pub tracking: bool,
     /// One-click unsubscribe headers on every message (list: the campaign's name unless the
@@ -170,12 +220,40 @@ pub(super) fn compile_sidecar(r: &mut TableReader<'_>) -> SidecarConfig {
 }
 
 fn compile_model(r: &mut TableReader<'_>) -> Option<ModelConfig> {
-    let base_url = r.require("base_url", |v| match string(v)? {
-        u if u.starts_with("http://") => Ok(u.trim_end_matches('/').to_owned()),
-        u => Err(format!(
-            "{u:?}: only http:// URLs (a local server, or a TLS-terminating proxy)"
-        )),
+    let base_url = r.require("base_url", |v| {
+        let u = string(v)?;
+        http_url(u, &["http", "https"])?;
+        Ok(u.trim_end_matches('/').to_owned())
     });
+    let proxy = r.get("proxy", |v| {
+        let u = string(v)?;
+        http_url(u, &["http"])?;
+        Ok(u.trim_end_matches('/').to_owned())
+    });
+    let ca_file = r.get("ca_file", path);
+    if ca_file.is_some() && base_url.as_ref().is_some_and(|u| u.starts_with("http://")) {
+        r.error("ca_file", "only for an https:// base_url");
+    }
+    let rate_per_second = r.get("rate_per_second", |v| {
+        match v.as_float().or(v.as_integer().map(|i| i as f64)) {
+            Some(x) if x > 0.0 && x <= 1_000_000.0 => Ok(x),
+            _ => Err("must be a number above 0 (at most 1000000)".to_owned()),
+        }
+    });
+    let retries = r
+        .get("retries", |v| {
+            count(v).and_then(|n| {
+                if n <= 10 {
+                    Ok(n as u32)
+                } else {
+                    Err("at most 10".to_owned())
+                }
+            })
+        })
+        .unwrap_or(2);
+    let generate_timeout = r
+        .get("generate_timeout", |v| duration(v).and_then(nonzero))
+        .unwrap_or(Duration::from_secs(30));
     let model = r.require("model", |v| non_empty(v).map(str::to_owned));
     let api_key_env = r.get("api_key_env", |v| non_empty(v).map(str::to_owned));
     let connect_timeout = r
@@ -214,6 +292,11 @@ fn compile_model(r: &mut TableReader<'_>) -> Option<ModelConfig> {
     Some(ModelConfig {
         base_url: base_url?,
         model: model?,
+        proxy,
+        ca_file,
+        rate_per_second,
+        retries,
+        generate_timeout,
         api_key_env,
         connect_timeout,
         deadline,
@@ -288,6 +371,33 @@ fn compile_campaign(r: &mut TableReader<'_>) -> Option<CampaignConfig> {
     let model_fields = r
         .list("model_fields", |v| non_empty(v).map(str::to_owned))
         .unwrap_or_default();
+    let segment_field = r.get("segment_field", |v| non_empty(v).map(str::to_owned));
+    let segments = r
+        .list("segments", |v| string(v).map(str::to_owned))
+        .unwrap_or_default();
+    let max_segments = r
+        .get("max_segments", |v| count(v).and_then(nonzero))
+        .unwrap_or(64);
+    if !segments.is_empty() && segment_field.is_none() {
+        r.error(
+            "segments",
+            "needs segment_field (the data field they are values of)",
+        );
+    }
+    if segments.len() > max_segments {
+        r.error(
+            "segments",
+            format!(
+                "{} values, more than max_segments ({max_segments})",
+                segments.len()
+            ),
+        );
+    }
+    let recipient_calls_per_hour = r
+        .get("recipient_calls_per_hour", |v| {
+            count(v).map(|n| n.min(u32::MAX as usize) as u32)
+        })
+        .unwrap_or(10_000);
     let tracking = r.get("tracking", boolean).unwrap_or(false);
     let unsubscribe = r.get("unsubscribe", boolean).unwrap_or(false);
     let send_window = r
@@ -323,6 +433,10 @@ fn compile_campaign(r: &mut TableReader<'_>) -> Option<CampaignConfig> {
         slots,
         variants,
         model_fields,
+        segment_field,
+        segments,
+        max_segments,
+        recipient_calls_per_hour,
         tracking,
         unsubscribe,
         send_window,
@@ -354,6 +468,22 @@ fn compile_variant(r: &mut TableReader<'_>) -> Option<VariantConfig> {
         subject,
         text,
     })
+}
+
+/// `u` is an absolute URL with one of `schemes` and a host.
+fn http_url(u: &str, schemes: &[&str]) -> Result<(), String> {
+    let uri: hyper::Uri = u.parse().map_err(|e| format!("{u:?}: not a URL ({e})"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some(s), Some(h)) if schemes.contains(&s) && !h.is_empty() => Ok(()),
+        _ => Err(format!(
+            "{u:?}: expected a {} URL with a host",
+            schemes
+                .iter()
+                .map(|s| format!("{s}://"))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        )),
+    }
 }
 
 fn non_empty(v: &Value) -> Result<&str, String> {

@@ -4,8 +4,9 @@
 //! and DKIM signing. It strips every `X-Tern-*` control header ([`control`]), and for a message
 //! that names a campaign (header `X-Tern-Campaign` or the `sidecar` field of
 //! `POST /api/v1/inject`) renders the campaign's minijinja templates once per recipient:
-//! the [`bandit`] picks the variant, the [`model`] fills the named slots (cleaned by
-//! [`guard`]) within the deadline, [`tracking`] rewrites links and adds the open pixel. The
+//! the [`bandit`] picks the variant, [`generate`] gets the named slots from the [`model`]
+//! (once per campaign, variant and segment, shared; cleaned by [`guard`]) within the
+//! deadline, [`tracking`] rewrites links and adds the open pixel. The
 //! send-time request comes out typed ([`SendAt`](crate::message::SendAt)); [`crate::sendtime`] (engagement events, the
 //! per-recipient send-time model, the simulator) turns `Optimize` into each recipient's
 //! `not_before`.
@@ -19,6 +20,7 @@
 
 pub mod bandit;
 pub mod control;
+pub mod generate;
 pub mod guard;
 pub mod model;
 pub mod tracking;
@@ -39,7 +41,8 @@ use tracing::{info, warn};
 use crate::config::{BanditConfig, CampaignConfig, SidecarConfig};
 use crate::message::{CampaignReport, OneClick, Prepared, SendAt, Stage, StageFuture, Submission};
 use crate::telemetry::Metrics;
-use model::{Failure, Model, SlotRequest};
+use generate::{Generated, Generator, Want};
+use model::Model;
 use tracking::{Claims, Replays, Tracker};
 
 /// Whether `sub` needs the stage at all (the plain path's only cost is this header scan).
@@ -107,14 +110,14 @@ impl EngagementSink for RecentEngagement {
 
 /// A campaign with its templates compiled.
 struct Campaign {
-    config: CampaignConfig,
+    config: Arc<CampaignConfig>,
     env: minijinja::Environment<'static>,
     variants: Vec<String>,
 }
 
 pub struct Sidecar {
     campaigns: HashMap<String, Campaign>,
-    model: Option<Model>,
+    generator: Generator,
     deadline: Duration,
     tracker: Option<Tracker>,
     /// Tracking hits counted already (a replay is served, not counted).
@@ -206,19 +209,32 @@ impl Sidecar {
             campaigns.insert(
                 c.name.clone(),
                 Campaign {
-                    config: c.clone(),
+                    config: Arc::new(c.clone()),
                     env,
                     variants,
                 },
             );
         }
-        let model = config.model.clone().map(Model::new).transpose()?;
+        let model = config
+            .model
+            .clone()
+            .map(|m| Model::new(m, metrics.clone()).map(Arc::new))
+            .transpose()?;
+        let generator = Generator::new(model, metrics.clone());
+        // Configured segments are generated now, ahead of the campaign's first message.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            for c in campaigns.values() {
+                for segment in &c.config.segments {
+                    generator.prefetch(&c.config, config.bandit.holdout > 0.0, segment);
+                }
+            }
+        }
         let tracker = config.tracking.as_ref().map(Tracker::load).transpose()?;
         let replays = Replays::new(config.tracking.as_ref().map_or(1, |t| t.replay_entries));
         Ok(Sidecar {
             campaigns,
             deadline: config.model.as_ref().map_or(Duration::ZERO, |m| m.deadline),
-            model,
+            generator,
             tracker,
             replays: Mutex::new(replays),
             bandit_config: config.bandit.clone(),
@@ -539,11 +555,7 @@ impl Sidecar {
             let variant = self.choose_variant(campaign);
             jobs.push((rcpt, data, variant));
         }
-        let generated =
-            futures_join(jobs.iter().map(|(_, data, variant)| {
-                self.generate(campaign, data, variant.as_deref(), deadline)
-            }))
-            .await;
+        let generated = self.generate_all(campaign, &jobs, deadline).await;
 
         // The submitted content is not copied per recipient: a rendered message keeps only
         // its headers (read once here), and the recipients whose template failed share one
@@ -553,7 +565,15 @@ impl Sidecar {
         let mut as_submitted = Vec::new();
         let mut as_submitted_reports = Vec::new();
         let mut out = Vec::with_capacity(jobs.len() + 1);
-        for ((rcpt, data, variant), (slots, content, reason)) in jobs.into_iter().zip(generated) {
+        for ((rcpt, data, variant), generated) in jobs.into_iter().zip(generated) {
+            // Rendering a large submission is CPU work: let the model's connections and
+            // other sessions run between recipients.
+            tokio::task::consume_budget().await;
+            let Generated {
+                slots,
+                content,
+                reason,
+            } = generated;
             let report = CampaignReport {
                 recipient: rcpt.address.clone(),
                 campaign: campaign.config.name.clone(),
@@ -625,69 +645,47 @@ impl Sidecar {
         ))
     }
 
-    /// Slot texts (cleaned, or defaults), where they came from, and why defaults were used.
-    async fn generate(
+    /// Slot texts for every job, in order: each distinct shared (campaign, variant,
+    /// segment) key is waited for once, per-recipient generations run side by side, all
+    /// under one deadline. A shared segment seen here starts the generation of every variant.
+    async fn generate_all(
         &self,
         campaign: &Campaign,
-        data: &Map<String, Value>,
-        variant: Option<&str>,
+        jobs: &[(Recipient, Map<String, Value>, Option<String>)],
         deadline: tokio::time::Instant,
-    ) -> (BTreeMap<String, String>, &'static str, Option<&'static str>) {
-        let slots = &campaign.config.slots;
-        let mut filled: BTreeMap<String, String> = slots
+    ) -> Vec<Generated> {
+        let mut distinct: HashMap<Want, usize> = HashMap::new();
+        let mut wants = Vec::new();
+        let index: Vec<usize> = jobs
             .iter()
-            .map(|s| (s.name.clone(), s.default.clone()))
-            .collect();
-        let requests: Vec<SlotRequest<'_>> = slots
-            .iter()
-            .filter_map(|s| {
-                Some(SlotRequest {
-                    name: &s.name,
-                    prompt: s.prompt.as_deref()?,
-                    max_chars: s.max_chars,
+            .map(|(_, data, variant)| {
+                let want = Generator::want(&campaign.config, variant.as_deref(), data);
+                let next = wants.len();
+                *distinct.entry(want.clone()).or_insert_with(|| {
+                    wants.push(want);
+                    next
                 })
             })
             .collect();
-        if requests.is_empty() {
-            return (filled, "default", None);
-        }
-        let Some(model) = &self.model else {
-            return (filled, "default", Some(Failure::Disabled.as_str()));
-        };
-        // Only whitelisted fields, plus the campaign and variant for context.
-        let mut fields: BTreeMap<String, Value> = campaign
-            .config
-            .model_fields
+        // Per-recipient campaigns generate their coarse text only when over budget.
+        let segments: std::collections::HashSet<&str> = wants
             .iter()
-            .filter_map(|f| Some((f.clone(), data.get(f)?.clone())))
+            .filter_map(|w| match w {
+                Want::Coarse { segment, .. } => Some(segment.as_str()),
+                Want::Recipient { .. } => None,
+            })
             .collect();
-        fields.insert("campaign".into(), campaign.config.name.clone().into());
-        if let Some(v) = variant {
-            fields.insert("variant".into(), v.into());
+        for segment in segments {
+            self.generator
+                .prefetch(&campaign.config, self.bandit_config.holdout > 0.0, segment);
         }
-        let answer = tokio::time::timeout_at(deadline, model.generate(&requests, &fields)).await;
-        let (answer, source) = match answer {
-            Err(_) => return (filled, "default", Some(Failure::Timeout.as_str())),
-            Ok(Err(failure)) => return (filled, "default", Some(failure.as_str())),
-            Ok(Ok(ok)) => ok,
-        };
-        // Whether the guardrails removed anything from (or emptied) a generated slot.
-        let mut guarded = false;
-        for s in slots.iter().filter(|s| s.prompt.is_some()) {
-            let raw = answer.get(&s.name);
-            match raw.and_then(|t| guard::clean(t, s.max_chars)) {
-                Some(text) => {
-                    guarded |= raw.is_some_and(|r| r.trim() != text);
-                    filled.insert(s.name.clone(), text);
-                }
-                None => guarded = true,
-            }
-        }
-        let content = match source {
-            model::Source::Model => "model",
-            model::Source::Cache => "cache",
-        };
-        (filled, content, guarded.then_some("guardrail"))
+        let resolved = futures_join(
+            wants
+                .iter()
+                .map(|w| self.generator.resolve(&campaign.config, w, deadline)),
+        )
+        .await;
+        index.into_iter().map(|i| resolved[i].clone()).collect()
     }
 
     /// The message for one recipient: the submitted headers minus Subject and MIME headers,

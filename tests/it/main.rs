@@ -43,6 +43,7 @@ mod shaping;
 mod shaping_shared;
 mod shutdown;
 mod sidecar;
+mod sidecar_scale;
 mod smuggling;
 mod suppression;
 mod systemd;

@@ -206,7 +206,9 @@ async fn model_fills_slots_within_guardrails_and_sees_only_whitelisted_fields() 
 #[tokio::test]
 async fn failures_render_the_defaults_and_say_why_and_the_breaker_opens() {
     let (mock, model) = Mock::start(Mode::Content("this is not json".into())).await;
-    let server = TestServer::start(Options::default().extra(campaign(model, "3s", ""))).await;
+    // No retries: each failure is one call (retries are tests/it/sidecar_scale.rs's).
+    let server =
+        TestServer::start(Options::default().extra(campaign(model, "3s", "retries = 0"))).await;
     let inject = |to: &'static str, name: &'static str| {
         let server = &server;
         async move {
