@@ -349,8 +349,18 @@ impl RelayTrace {
 }
 
 /// Removes every `name` header field (with its continuation lines) from the header section
-/// of `content`; returns the first one's value.
+/// of `content`; returns the first one's value, unfolded.
 pub fn take_header(content: &mut Vec<u8>, name: &str) -> Option<String> {
+    remove_header(content, name, true)
+}
+
+/// As [`take_header`], but the value is the first field's first line only (its continuation
+/// lines are removed and not read): for fields whose value is one token.
+pub fn take_header_first_line(content: &mut Vec<u8>, name: &str) -> Option<String> {
+    remove_header(content, name, false)
+}
+
+fn remove_header(content: &mut Vec<u8>, name: &str, unfold: bool) -> Option<String> {
     let header_end = memchr::memmem::find(content, b"\r\n\r\n").map(|i| i + 2);
     let limit = header_end.unwrap_or(content.len());
     let mut value: Option<String> = None;
@@ -365,7 +375,7 @@ pub fn take_header(content: &mut Vec<u8>, name: &str) -> Option<String> {
         let line = &content[pos..end];
         let continuation = matches!(line.first(), Some(b' ' | b'\t'));
         if continuation && skipping {
-            if let Some(v) = value.as_mut().filter(|_| found) {
+            if let Some(v) = value.as_mut().filter(|_| found && unfold) {
                 v.push(' ');
                 v.push_str(String::from_utf8_lossy(line).trim());
             }

@@ -164,46 +164,7 @@ impl Pools {
 /// Removes every `X-Tern-Pool` field (with its folded continuation lines) from the header
 /// section of `content`; returns the first one's value.
 pub fn strip_pool_header(content: &mut Vec<u8>) -> Option<String> {
-    let header_end = memchr::memmem::find(content, b"\r\n\r\n").map(|i| i + 2);
-    let limit = header_end.unwrap_or(content.len());
-    let mut value = None;
-    let mut out = Vec::with_capacity(content.len());
-    let mut pos = 0;
-    let mut skipping = false;
-    while pos < limit {
-        let end = memchr::memmem::find(&content[pos..limit], b"\r\n")
-            .map(|i| pos + i + 2)
-            .unwrap_or(limit);
-        let line = &content[pos..end];
-        let continuation = matches!(line.first(), Some(b' ' | b'\t'));
-        if !(continuation && skipping) {
-            skipping = false;
-            if let Some(colon) = line.iter().position(|&b| b == b':') {
-                if line[..colon]
-                    .trim_ascii()
-                    .eq_ignore_ascii_case(POOL_HEADER.as_bytes())
-                {
-                    skipping = true;
-                    if value.is_none() {
-                        value = Some(
-                            String::from_utf8_lossy(&line[colon + 1..])
-                                .trim()
-                                .to_owned(),
-                        );
-                    }
-                }
-            }
-        }
-        if !skipping {
-            out.extend_from_slice(line);
-        }
-        pos = end;
-    }
-    if value.is_some() {
-        out.extend_from_slice(&content[limit..]);
-        *content = out;
-    }
-    value
+    crate::message::take_header_first_line(content, POOL_HEADER)
 }
 
 #[cfg(test)]
