@@ -9,7 +9,8 @@
 #   accept only: tern with delivery suspended vs postfix-baseline with defer_transports=smtp,
 #                20 and 50 sessions;
 #   end to end:  tern vs postfix-baseline, 20 and 50 sessions, with and without -k;
-#   DKIM:        tern signing every message with a fresh Ed25519 key, 20 and 50 sessions.
+#   DKIM:        tern signing every message with a fresh Ed25519 key, then a fresh RSA-2048 key,
+#                20 and 50 sessions (compare with the plain Postfix rows: Postfix signs nothing).
 # Each tern run starts from an empty spool in a temp dir. Prints relay-bench's result lines.
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,6 +25,8 @@ sed 's/^suspended = false/suspended = true/' "$ROOT/config/tern.toml" > "$WORK/s
 "$BIN" dkim keygen --domain bench.test --selector s1 --algorithm ed25519 --out "$WORK/dkim.pem" >/dev/null 2>&1
 # check_dkim_records off: bench.test is no real domain, and benchmarks ask no DNS beyond loopback.
 { sed 's/^check_dkim_records = true/check_dkim_records = false/' "$ROOT/config/tern.toml"; printf '\n[[dkim]]\ndomain = "bench.test"\nselector = "s1"\nkey = "%s"\n' "$WORK/dkim.pem"; } > "$WORK/dkim.toml"
+"$BIN" dkim keygen --domain bench.test --selector s2 --algorithm rsa --bits 2048 --out "$WORK/rsa.pem" >/dev/null 2>&1
+{ sed 's/^check_dkim_records = true/check_dkim_records = false/' "$ROOT/config/tern.toml"; printf '\n[[dkim]]\ndomain = "bench.test"\nselector = "s2"\nkey = "%s"\n' "$WORK/rsa.pem"; } > "$WORK/rsa.toml"
 
 run_tern() { # label config timeout relay-bench-args...
   local label=$1 cfg=$2 t=$3; shift 3
@@ -56,4 +59,6 @@ for r in $(seq "$ROUNDS"); do
   done
   run_tern "tern-dkim-c20-r$r" "$WORK/dkim.toml" 120 -c 20
   run_tern "tern-dkim-c50-r$r" "$WORK/dkim.toml" 120 -c 50
+  run_tern "tern-rsa2048-c20-r$r" "$WORK/rsa.toml" 120 -c 20
+  run_tern "tern-rsa2048-c50-r$r" "$WORK/rsa.toml" 120 -c 50
 done
