@@ -229,7 +229,9 @@ pub fn specific_status(given: Option<&str>, diagnostic: &str) -> Option<String> 
 fn reply_status(reply: &str) -> Option<&str> {
     let reply = reply.trim_start();
     let basic = reply.get(..3)?;
-    if !basic.bytes().all(|b| b.is_ascii_digit()) || !matches!(reply.as_bytes().get(3), Some(b' ' | b'-')) {
+    if !basic.bytes().all(|b| b.is_ascii_digit())
+        || !matches!(reply.as_bytes().get(3), Some(b' ' | b'-'))
+    {
         return None;
     }
     let code = reply[4..].split_whitespace().next()?;

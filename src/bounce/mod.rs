@@ -8,6 +8,7 @@
 //! - [`text`]: the human-readable text of bounces from MTAs that send no RFC 3464 DSN.
 //! - [`autoreply`]: vacation / out-of-office detection.
 //! - [`reason`]: the reason in sisimai's vocabulary, derived from the category.
+//! - [`provider`]: what one provider's own codes and replies mean, for the reason.
 //! - [`ses`]: Amazon SES JSON notifications (bare, in an SNS envelope, or as a mail body).
 //!
 //! Order of the checks, first match wins: an ARF feedback report (RFC 5965, or Microsoft's
@@ -595,7 +596,10 @@ fn text_bounce(
                     diagnostic.as_deref().unwrap_or(""),
                     reason::Context {
                         failed: action == ReportedAction::Failed,
-                        phase: if rcpt_refused.iter().any(|a| a.eq_ignore_ascii_case(&address)) {
+                        phase: if rcpt_refused
+                            .iter()
+                            .any(|a| a.eq_ignore_ascii_case(&address))
+                        {
                             Some(reason::Phase::Rcpt)
                         } else {
                             phase

@@ -54,12 +54,7 @@ pub fn of_host(host: &str) -> Option<Provider> {
     HOSTS.iter().find_map(|(provider, suffixes)| {
         suffixes
             .iter()
-            .any(|s| {
-                host == *s
-                    || host
-                        .strip_suffix(s)
-                        .is_some_and(|rest| rest.ends_with('.'))
-            })
+            .any(|s| host == *s || host.strip_suffix(s).is_some_and(|rest| rest.ends_with('.')))
             .then_some(*provider)
     })
 }
@@ -88,7 +83,9 @@ pub fn hosts_in(text: &str) -> impl Iterator<Item = &str> {
 /// `AUP#In-nnnn`. `None` when no such code is there or its meaning is no cause ("please try
 /// later").
 pub fn coded(text: &str) -> Option<Reason> {
-    orange(text).or_else(|| cox(text)).or_else(|| spectrum(text))
+    orange(text)
+        .or_else(|| cox(text))
+        .or_else(|| spectrum(text))
 }
 
 /// Orange (France Telecom) reply codes: the three digits after the label's underscore
@@ -187,7 +184,10 @@ mod tests {
         assert_eq!(of_host("EZweb.ne.jp."), Some(Provider::Kddi));
         assert_eq!(of_host("notau.com"), None);
         assert_eq!(
-            detect("bob@example.org", ["dns; mx.example.org", "eu-1.messagelabs.com"]),
+            detect(
+                "bob@example.org",
+                ["dns; mx.example.org", "eu-1.messagelabs.com"]
+            ),
             Some(Provider::MessageLabs)
         );
         // The recipient's own domain first.
@@ -211,7 +211,10 @@ mod tests {
             coded("554 5.7.1 <x[192.0.2.1]>: client host rejected: #216 lpn lpn000_630"),
             Some(Reason::PolicyViolation)
         );
-        assert_eq!(coded("mail rejete. mail rejected. ofr_506 [506]"), Some(Reason::SpamDetected));
+        assert_eq!(
+            coded("mail rejete. mail rejected. ofr_506 [506]"),
+            Some(Reason::SpamDetected)
+        );
         // "Please try later" codes name no cause; digits that run on are no code.
         assert_eq!(coded("service refused, please try later. lpn006_107"), None);
         assert_eq!(coded("ofr_5061"), None);

@@ -908,9 +908,7 @@ pub fn reason_in(
             (Some(Reason::HostUnknown), _) => Reason::HostUnknown,
             // NTT docomo refuses a sender its user's reception settings do not allow at end
             // of DATA, with "550 Unknown user": the sender was rejected.
-            (None, Some(Phase::Data)) if provider == Some(Provider::NttDocomo) => {
-                Reason::Rejected
-            }
+            (None, Some(Phase::Data)) if provider == Some(Provider::NttDocomo) => Reason::Rejected,
             // The receiving system's own directory lookup said so (an Exchange, Domino or
             // IMail notice, Gmail's "address couldn't be found"), whatever the command.
             _ if DIRECTORY.iter().any(|p| text.contains(p)) => Reason::UserUnknown,
@@ -936,7 +934,10 @@ pub fn reason_in(
     // cause: the address does not exist there.
     if context.provider == Some(Provider::Kddi)
         && !temporary
-        && text.trim_end().trim_end_matches('.').ends_with("recipient address rejected")
+        && text
+            .trim_end()
+            .trim_end_matches('.')
+            .ends_with("recipient address rejected")
     {
         return Reason::UserUnknown;
     }
@@ -1363,12 +1364,24 @@ mod tests {
             (None, Reason::Filtered),
         ] {
             assert_eq!(
-                at(provider, unknown, Some("5.0.0"), "550 <a@au.example>: User unknown", None),
+                at(
+                    provider,
+                    unknown,
+                    Some("5.0.0"),
+                    "550 <a@au.example>: User unknown",
+                    None
+                ),
                 want
             );
         }
         assert_eq!(
-            at(Some(Provider::Kddi), unknown, Some("5.0.0"), "550 : User unknown", None),
+            at(
+                Some(Provider::Kddi),
+                unknown,
+                Some("5.0.0"),
+                "550 : User unknown",
+                None
+            ),
             Reason::Filtered
         );
         assert_eq!(
@@ -1413,10 +1426,7 @@ mod tests {
             at(Some(Provider::Microsoft), unknown, None, hotmail, None),
             Reason::UserUnknown
         );
-        assert_eq!(
-            at(None, unknown, None, hotmail, None),
-            Reason::Filtered
-        );
+        assert_eq!(at(None, unknown, None, hotmail, None), Reason::Filtered);
         // A provider's own code wins over the wording ("service refuse" is a block).
         assert_eq!(
             at(

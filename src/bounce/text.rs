@@ -579,7 +579,11 @@ pub fn notice(body: &str) -> &str {
 pub fn refused_at_rcpt(body: &str) -> Vec<String> {
     let body = truncate(body, MAX_SCAN);
     let mut refused = Vec::new();
-    let mut lines = body.lines().map(str::trim).filter(|l| !l.is_empty()).peekable();
+    let mut lines = body
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .peekable();
     while let Some(line) = lines.next() {
         let Some(command) = line.strip_prefix(">>> ") else {
             continue;
@@ -1165,11 +1169,23 @@ mod tests {
         );
         assert_eq!(smtp_phase("550 unknown user\n"), None);
         for (text, want) in [
-            ("mx.b.example [192.0.2.1] did not like our RCPT TO:\n550 no", Phase::Rcpt),
-            ("SMTP error from remote server after RCPT command:\n5.2.1 no", Phase::Rcpt),
-            ("<a@b.example>:\nRemote host said:\n550 no\n[RCPT_TO]\n", Phase::Rcpt),
+            (
+                "mx.b.example [192.0.2.1] did not like our RCPT TO:\n550 no",
+                Phase::Rcpt,
+            ),
+            (
+                "SMTP error from remote server after RCPT command:\n5.2.1 no",
+                Phase::Rcpt,
+            ),
+            (
+                "<a@b.example>:\nRemote host said:\n550 no\n[RCPT_TO]\n",
+                Phase::Rcpt,
+            ),
             ("SMTP:RCPT host 192.0.2.1: 553 5.3.0 no\n", Phase::Rcpt),
-            ("SMTP error, RCPT TO: Host b.example RCPT TO said 550 no\n", Phase::Rcpt),
+            (
+                "SMTP error, RCPT TO: Host b.example RCPT TO said 550 no\n",
+                Phase::Rcpt,
+            ),
         ] {
             assert_eq!(smtp_phase(text), Some(want), "{text}");
         }
