@@ -351,7 +351,7 @@ fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Rep
     // The SMTP phase the text tells, read once for all groups.
     let mut phase: Option<Option<reason::Phase>> = None;
     let mut rcpt_refused: Option<Vec<String>> = None;
-    let notice = text::notice(body);
+    let mut notice_provider: Option<Option<provider::Provider>> = None;
     for part in message
         .parts
         .iter()
@@ -411,8 +411,8 @@ fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Rep
                 remote_mta
                     .iter()
                     .map(String::as_str)
-                    .chain(reporting_mta.iter().map(String::as_str))
-                    .chain(provider::hosts_in(notice)),
+                    .chain(reporting_mta.iter().map(String::as_str)),
+                *notice_provider.get_or_insert_with(|| provider::in_text(text::notice(body))),
             );
             let context = reason::Context {
                 failed: action == ReportedAction::Failed,
@@ -575,7 +575,7 @@ fn text_bounce(
     }
     let phase = text::smtp_phase(body);
     let rcpt_refused = text::refused_at_rcpt(body);
-    let notice = text::notice(body);
+    let notice_provider = provider::in_text(text::notice(body));
     let group_notice = list_refusal(body);
     Report {
         kind: Kind::Dsn,
@@ -608,7 +608,7 @@ fn text_bounce(
                             .as_deref()
                             .is_some_and(|d| classify::status_in(d).is_some()),
                         local_program: false,
-                        provider: provider::detect(&address, provider::hosts_in(notice)),
+                        provider: provider::detect(&address, [], notice_provider),
                     },
                 );
                 BounceRecipient {

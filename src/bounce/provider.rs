@@ -60,22 +60,29 @@ pub fn of_host(host: &str) -> Option<Provider> {
 }
 
 /// The provider that answered for `recipient`: its domain first, then the host names the
-/// notice gives (a DSN's Remote-MTA and Reporting-MTA, the `host x.example said:` of a
-/// text notice), the first one that names a provider.
-pub fn detect<'a>(recipient: &str, hosts: impl IntoIterator<Item = &'a str>) -> Option<Provider> {
+/// report gives for it (a DSN's Remote-MTA and Reporting-MTA), the first one that names a
+/// provider, else `notice`: the provider of the hosts the notice's text names
+/// ([`in_text`], read once per message).
+pub fn detect<'a>(
+    recipient: &str,
+    hosts: impl IntoIterator<Item = &'a str>,
+    notice: Option<Provider>,
+) -> Option<Provider> {
     let domain = recipient.rsplit_once('@').map(|(_, d)| d);
     domain
         .and_then(of_host)
         .or_else(|| hosts.into_iter().find_map(of_host))
+        .or(notice)
 }
 
-/// Host names a notice names in its text (`host mx.example said:`, `[mx.example]`,
-/// `server-1.messagelabs.com`): every token of `text` that looks like a domain name, for
-/// [`detect`]. `text` should be the notice, not the returned message.
-pub fn hosts_in(text: &str) -> impl Iterator<Item = &str> {
+/// The provider of the first host name in `text` that has one (`host mx.example said:`,
+/// `[mx.example]`, `server-1.messagelabs.com`): every token that looks like a domain name
+/// is tried. `text` should be the notice, not the returned message. One pass.
+pub fn in_text(text: &str) -> Option<Provider> {
     text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '-'))
         .map(|t| t.trim_matches('.'))
         .filter(|t| t.len() > 3 && t.contains('.') && t.bytes().any(|b| b.is_ascii_alphabetic()))
+        .find_map(of_host)
 }
 
 /// The reason a provider's own code in `text` (lowercase) names: Orange / Wanadoo's
@@ -186,19 +193,34 @@ mod tests {
         assert_eq!(
             detect(
                 "bob@example.org",
-                ["dns; mx.example.org", "eu-1.messagelabs.com"]
+                ["mx.example.org", "eu-1.messagelabs.com"],
+                None
             ),
             Some(Provider::MessageLabs)
         );
-        // The recipient's own domain first.
+        // The recipient's own domain first, the notice's hosts last.
         assert_eq!(
-            detect("bob@au.com", ["bay-1.hotmail.com"]),
+            detect(
+                "bob@au.com",
+                ["bay-1.hotmail.com"],
+                Some(Provider::NttDocomo)
+            ),
             Some(Provider::Kddi)
         );
-        assert_eq!(detect("bob@example.org", ["mx.example.org"]), None);
-        let hosts: Vec<_> =
-            hosts_in("<a@b.example>: host mfsmax.docomo.ne.jp[192.0.2.1] said:").collect();
-        assert!(hosts.contains(&"mfsmax.docomo.ne.jp"), "{hosts:?}");
+        assert_eq!(
+            detect(
+                "bob@example.org",
+                ["mx.example.org"],
+                Some(Provider::NttDocomo)
+            ),
+            Some(Provider::NttDocomo)
+        );
+        assert_eq!(detect("bob@example.org", ["mx.example.org"], None), None);
+        assert_eq!(
+            in_text("<a@b.example>: host mfsmax.docomo.ne.jp[192.0.2.1] said:"),
+            Some(Provider::NttDocomo)
+        );
+        assert_eq!(in_text("<a@b.example>: host mx.b.example said: 550"), None);
     }
 
     #[test]
