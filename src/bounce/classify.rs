@@ -458,6 +458,30 @@ mod tests {
     }
 
     #[test]
+    fn a_replys_own_code_beats_a_differing_status_field_except_an_expiry() {
+        let got = |given, reply| specific_status(Some(given), reply);
+        assert_eq!(
+            got("5.1.1", "550 5.7.1 IP address blacklisted by recipient").as_deref(),
+            Some("5.7.1")
+        );
+        assert_eq!(
+            got("5.0.0", "550-5.2.2 Over quota").as_deref(),
+            Some("5.2.2")
+        );
+        // The message's lifetime ended: the expiry stays.
+        assert_eq!(
+            got("4.4.7", "450 4.7.1 Access denied").as_deref(),
+            Some("4.4.7")
+        );
+        // A code of another class, or not at the head of the reply, is no such word.
+        assert_eq!(got("5.1.1", "450 4.7.1 later").as_deref(), Some("5.1.1"));
+        assert_eq!(
+            got("5.1.1", "Recipient rejected (550 5.7.1 policy)").as_deref(),
+            Some("5.1.1")
+        );
+    }
+
+    #[test]
     fn exchange_online_directory_blocking_is_a_hard_unknown_recipient() {
         let c = Classifier::defaults();
         let reply = "550 5.4.1 Recipient address rejected: Access denied. AS(201806281) \
