@@ -202,6 +202,18 @@ pub fn inferred_status(category: Category, class_status: &str) -> Option<String>
 pub fn specific_status(given: Option<&str>, diagnostic: &str) -> Option<String> {
     let given = given.filter(|s| is_enhanced(s))?;
     let generic = |s: &str| s.ends_with(".0.0");
+    // The remote server's own code at the head of its reply ("550 5.7.1 IP address
+    // blacklisted") over a Status field of the same class that says something else
+    // (Sendmail's `Status: 5.1.1` from a pipelined RCPT reply): the reply is the server's
+    // word, the field a summary. Not over `x.4.7`: the message's lifetime ended, whatever
+    // the last reply said.
+    if !given.ends_with(".4.7") {
+        if let Some(found) = reply_status(diagnostic) {
+            if found.as_bytes()[0] == given.as_bytes()[0] && !generic(found) {
+                return Some(found.to_owned());
+            }
+        }
+    }
     if generic(given) {
         if let Some(found) = status_in(diagnostic) {
             if found.as_bytes()[0] == given.as_bytes()[0] && !generic(&found) {
@@ -210,6 +222,20 @@ pub fn specific_status(given: Option<&str>, diagnostic: &str) -> Option<String> 
         }
     }
     Some(given.to_owned())
+}
+
+/// The enhanced code right after the basic code that opens a reply: `5.7.1` of
+/// `550 5.7.1 ...` or `550-5.7.1 ...`, when both have the same class.
+fn reply_status(reply: &str) -> Option<&str> {
+    let reply = reply.trim_start();
+    let basic = reply.get(..3)?;
+    if !basic.bytes().all(|b| b.is_ascii_digit())
+        || !matches!(reply.as_bytes().get(3), Some(b' ' | b'-'))
+    {
+        return None;
+    }
+    let code = reply[4..].split_whitespace().next()?;
+    (is_enhanced(code) && code.as_bytes()[0] == basic.as_bytes()[0]).then_some(code)
 }
 
 /// `x.y.z` with class 2, 4 or 5 and 1-3 digit subject and detail (RFC 3463).
@@ -429,6 +455,49 @@ mod tests {
             (r.status, r.category, r.hard),
             (None, Category::Other, false)
         );
+    }
+
+    #[test]
+    fn a_replys_own_code_beats_a_differing_status_field_except_an_expiry() {
+        let got = |given, reply| specific_status(Some(given), reply);
+        assert_eq!(
+            got("5.1.1", "550 5.7.1 IP address blacklisted by recipient").as_deref(),
+            Some("5.7.1")
+        );
+        assert_eq!(
+            got("5.0.0", "550-5.2.2 Over quota").as_deref(),
+            Some("5.2.2")
+        );
+        // The message's lifetime ended: the expiry stays.
+        assert_eq!(
+            got("4.4.7", "450 4.7.1 Access denied").as_deref(),
+            Some("4.4.7")
+        );
+        // A code of another class, or not at the head of the reply, is no such word.
+        assert_eq!(got("5.1.1", "450 4.7.1 later").as_deref(), Some("5.1.1"));
+        assert_eq!(
+            got("5.1.1", "Recipient rejected (550 5.7.1 policy)").as_deref(),
+            Some("5.1.1")
+        );
+    }
+
+    #[test]
+    fn exchange_online_directory_blocking_is_a_hard_unknown_recipient() {
+        let c = Classifier::defaults();
+        let reply = "550 5.4.1 Recipient address rejected: Access denied. AS(201806281) \
+                     [x.eop-nam02.prod.protection.outlook.com]";
+        let got = c.classify_notice(Some("5.4.1"), reply, Some("5.0.0"));
+        assert_eq!(got.category, Category::InvalidRecipient);
+        assert!(got.hard);
+        // Another 5.4.1 reply, or a temporary one, keeps its own reading.
+        let other = c.classify_notice(Some("5.4.1"), "550 5.4.1 No answer from host", None);
+        assert_ne!(other.category, Category::InvalidRecipient);
+        let later = c.classify_notice(
+            Some("4.4.1"),
+            "451 4.4.1 Recipient address rejected: Access denied",
+            None,
+        );
+        assert!(!later.hard);
     }
 
     #[test]

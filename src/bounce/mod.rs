@@ -8,6 +8,7 @@
 //! - [`text`]: the human-readable text of bounces from MTAs that send no RFC 3464 DSN.
 //! - [`autoreply`]: vacation / out-of-office detection.
 //! - [`reason`]: the reason in sisimai's vocabulary, derived from the category.
+//! - [`provider`]: what one provider's own codes and replies mean, for the reason.
 //! - [`ses`]: Amazon SES JSON notifications (bare, in an SNS envelope, or as a mail body).
 //!
 //! Order of the checks, first match wins: an ARF feedback report (RFC 5965, or Microsoft's
@@ -29,6 +30,7 @@
 pub mod autoreply;
 pub mod classify;
 pub mod fields;
+pub mod provider;
 pub mod reason;
 pub mod ses;
 pub mod text;
@@ -348,12 +350,22 @@ fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Rep
     let mut recipients = Vec::new();
     // The SMTP phase the text tells, read once for all groups.
     let mut phase: Option<Option<reason::Phase>> = None;
+    let mut rcpt_refused: Option<Vec<String>> = None;
+    let mut notice_provider: Option<Option<provider::Provider>> = None;
     for part in message
         .parts
         .iter()
         .filter(|p| is_part_type(p, STATUS_TYPES))
     {
-        for group in fields::groups(&part_text(part)) {
+        let groups = fields::groups(&part_text(part));
+        // The per-message group's Reporting-MTA: the receiving side's host when the bounce
+        // came back from the recipient's provider.
+        let reporting_mta: Vec<String> = groups
+            .iter()
+            .filter_map(|g| fields::get(g, "reporting-mta"))
+            .map(mta_host)
+            .collect();
+        for group in groups {
             if !is_recipient_group(&group) {
                 continue;
             }
@@ -388,15 +400,30 @@ fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Rep
             let status = classify::specific_status(status, text);
             let c =
                 classifier.classify_notice(status.as_deref(), text, Some(action.default_status()));
+            let refused = rcpt_refused.get_or_insert_with(|| text::refused_at_rcpt(body));
+            let own_phase = refused
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(&address))
+                .then_some(reason::Phase::Rcpt);
+            let remote_mta = fields::get(&group, "remote-mta").map(mta_host);
+            let provider = provider::detect(
+                &address,
+                remote_mta
+                    .iter()
+                    .map(String::as_str)
+                    .chain(reporting_mta.iter().map(String::as_str)),
+                *notice_provider.get_or_insert_with(|| provider::in_text(text::notice(body))),
+            );
             let context = reason::Context {
                 failed: action == ReportedAction::Failed,
-                phase: *phase.get_or_insert_with(|| text::smtp_phase(body)),
+                phase: own_phase.or(*phase.get_or_insert_with(|| text::smtp_phase(body))),
                 explicit_status: status.is_some() || classify::status_in(text).is_some(),
                 local_program: fields::get(&group, "diagnostic-code").is_some_and(|d| {
                     d.trim_start()
                         .get(..6)
                         .is_some_and(|t| t.eq_ignore_ascii_case("x-unix"))
                 }),
+                provider,
             };
             // The Status field's comment ("5.2.1 (mailbox disabled, not accepting messages)")
             // is the reporting MTA's reading of the reply: words for the reason too.
@@ -427,6 +454,17 @@ fn dsn(message: &Message<'_>, body: &str, classifier: &Classifier) -> Option<Rep
         kind: Kind::Dsn,
         recipients,
     })
+}
+
+/// `dns; mx.example.net (192.0.2.1)` -> `mx.example.net`.
+fn mta_host(value: &str) -> String {
+    let value = value.split_once(';').map_or(value, |(_, host)| host);
+    value
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .trim_matches(['[', ']'])
+        .to_ascii_lowercase()
 }
 
 const RECIPIENT_FIELDS: [&str; 3] = [
@@ -536,6 +574,8 @@ fn text_bounce(
         }
     }
     let phase = text::smtp_phase(body);
+    let rcpt_refused = text::refused_at_rcpt(body);
+    let notice_provider = provider::in_text(text::notice(body));
     let group_notice = list_refusal(body);
     Report {
         kind: Kind::Dsn,
@@ -556,11 +596,19 @@ fn text_bounce(
                     diagnostic.as_deref().unwrap_or(""),
                     reason::Context {
                         failed: action == ReportedAction::Failed,
-                        phase,
+                        phase: if rcpt_refused
+                            .iter()
+                            .any(|a| a.eq_ignore_ascii_case(&address))
+                        {
+                            Some(reason::Phase::Rcpt)
+                        } else {
+                            phase
+                        },
                         explicit_status: diagnostic
                             .as_deref()
                             .is_some_and(|d| classify::status_in(d).is_some()),
                         local_program: false,
+                        provider: provider::detect(&address, [], notice_provider),
                     },
                 );
                 BounceRecipient {

@@ -16,6 +16,7 @@
 use serde::Serialize;
 
 use super::classify::truncate;
+use super::provider::{self, Provider};
 use crate::taxonomy::Category;
 
 /// Diagnostic bytes looked at; real replies are far shorter.
@@ -390,6 +391,9 @@ pub struct Context {
     pub explicit_status: bool,
     /// The diagnostic came from a local delivery program (`Diagnostic-Code: X-Unix; 75`).
     pub local_program: bool,
+    /// The provider that answered, when its replies are read differently
+    /// ([`super::provider`]).
+    pub provider: Option<Provider>,
 }
 
 /// The reason an RFC 3463 code (with the IANA registry's later codes) means on its own, by
@@ -575,7 +579,9 @@ const WORDING: &[(Reason, &[&str])] = &[
         Reason::VirusDetected,
         &["virus", "malware", "infected", "trojan"],
     ),
-    (Reason::BadReputation, &["reputation"]),
+    // Yahoo's TSS04 "deferred due to unexpected volume or user complaints": the sender's
+    // standing with the provider's users.
+    (Reason::BadReputation, &["reputation", "user complaints"]),
     (
         Reason::Filtered,
         &["recipient preferences", "refused by the recipient's filter"],
@@ -660,7 +666,9 @@ const WORDING: &[(Reason, &[&str])] = &[
     (
         Reason::PolicyViolation,
         &[
-            "presents a potential security",
+            // Gmail: "blocked because its content presents a potential security issue"
+            // (Sendmail's DSN keeps the first line of the reply only).
+            "content presents a potential",
             "policy reasons",
             "greylist",
             "graylist",
@@ -714,6 +722,8 @@ const WORDING: &[(Reason, &[&str])] = &[
             "not accepting connections",
             "invalid ip for sending",
             "service refuse",
+            // "You've reached your daily relay quota": the sending host, not a mailbox.
+            "relay quota",
         ],
     ),
     // Any other mention of spam: the message was taken for it (a blocked host said so above).
@@ -795,13 +805,13 @@ const DIRECTORY: &[&str] = &[
     "unknown user:",
     "invalid final delivery userid",
     "address couldn't be found",
-    "account that you tried to reach does not exist",
-    "doesn't have a",
+    // Yahoo's "554 delivery error: dd This user doesn't have a yahoo.com account".
+    "dd this user doesn't have a",
     "invalid recipient",
-    "no such user here",
     "rcpt to response",
     "recipientnotfound",
-    "mailbox unavailable",
+    // Exchange Online's directory-based edge blocking (5.4.1).
+    "recipient address rejected: access denied",
 ];
 
 /// Wording of a network failure that a final notice names before its giving up.
@@ -831,6 +841,10 @@ const GAVE_UP: &[&str] = &[
     "message expired",
     "envelope expired",
     "did not accept our requests to connect",
+    // au (KDDI): "Your message was not delivered within 0 days and 1 hours."
+    "not delivered within",
+    // "Delivery to the following recipients was aborted after 5.0 hour(s)".
+    "aborted after",
 ];
 
 /// Lowercase phrases of a timeout: in a final notice, retries that ran out of time.
@@ -867,6 +881,10 @@ pub fn reason_in(
     let given = status.filter(|_| context.explicit_status);
     let named = given.and_then(status_reason);
     let temporary = status.is_some_and(|s| s.starts_with('4'));
+    // A provider's own code names the reason wherever it was quoted.
+    if let Some(coded) = provider::coded(&text) {
+        return coded;
+    }
     let worded = worded(&text);
     let unknown_user = match worded {
         Some(Reason::UserUnknown) => true,
@@ -883,20 +901,45 @@ pub fn reason_in(
         }
     };
     if unknown_user {
+        let provider = context.provider;
         return match (named, context.phase) {
             (Some(Reason::UserUnknown), _) | (_, Some(Phase::Rcpt)) => Reason::UserUnknown,
             (_, Some(Phase::Mail)) if !temporary => Reason::Rejected,
             (Some(Reason::HostUnknown), _) => Reason::HostUnknown,
+            // NTT docomo refuses a sender its user's reception settings do not allow at end
+            // of DATA, with "550 Unknown user": the sender was rejected.
+            (None, Some(Phase::Data)) if provider == Some(Provider::NttDocomo) => Reason::Rejected,
             // The receiving system's own directory lookup said so (an Exchange, Domino or
             // IMail notice, Gmail's "address couldn't be found"), whatever the command.
             _ if DIRECTORY.iter().any(|p| text.contains(p)) => Reason::UserUnknown,
+            // Hotmail / Outlook.com's "mailbox unavailable" is its directory's answer.
+            _ if provider == Some(Provider::Microsoft) && text.contains("mailbox unavailable") => {
+                Reason::UserUnknown
+            }
             (_, Some(Phase::Data)) | (Some(Reason::Filtered), None) => Reason::Filtered,
-            // No command known: a reply that names the recipient in angle brackets answered
-            // its RCPT TO; else it is sisimai's reading of a reply that may have come after
+            // MessageLabs refuses unknown recipients of the domains it filters for before
+            // their mail reaches them.
+            (_, None) if provider == Some(Provider::MessageLabs) => Reason::UserUnknown,
+            // KDDI au: `550 <a@b>: User unknown` (the address quoted) is an address that
+            // does not exist, `550 : User unknown` the recipient's reception filter.
+            (_, None) if provider == Some(Provider::Kddi) && names_recipient(&text) => {
+                Reason::UserUnknown
+            }
+            // No command known: sisimai's reading of a refusal that may have come after
             // DATA.
-            (_, None) if !names_recipient(&text) => Reason::Filtered,
-            _ => Reason::UserUnknown,
+            _ => Reason::Filtered,
         };
+    }
+    // au (KDDI)'s bare "550 <a@b>: Recipient address rejected." at RCPT names no other
+    // cause: the address does not exist there.
+    if context.provider == Some(Provider::Kddi)
+        && !temporary
+        && text
+            .trim_end()
+            .trim_end_matches('.')
+            .ends_with("recipient address rejected")
+    {
+        return Reason::UserUnknown;
     }
     if let Some(named) = named.filter(|r| !vague(*r)) {
         return named;
@@ -922,6 +965,11 @@ pub fn reason_in(
     ) {
         if NETWORK_WORDING.iter().any(|p| text.contains(p)) {
             return Reason::NetworkError;
+        }
+        // A given code that names a system error (x.3.x, x.4.3) is the cause; the notice's
+        // giving up is only its consequence.
+        if given.is_some_and(|s| status_matches("x.3", s) || status_matches("x.4.3", s)) {
+            return Reason::SystemError;
         }
         let gave_up = GAVE_UP.iter().any(|p| text.contains(p)) || retried(&text);
         let timed_out = TIMED_OUT.iter().any(|p| text.contains(p));
@@ -1053,6 +1101,7 @@ mod tests {
             phase,
             explicit_status: true,
             local_program: false,
+            provider: None,
         };
         assert_eq!(
             reason_in(
@@ -1128,6 +1177,7 @@ mod tests {
             phase,
             explicit_status: true,
             local_program: false,
+            provider: None,
         }
     }
 
@@ -1263,10 +1313,11 @@ mod tests {
             unknown(Some("5.2.1"), "550 5.2.1 User unknown", None),
             Reason::Filtered
         );
-        // No command: a reply naming the address answered its RCPT TO.
+        // No command known: a refusal that may have come after DATA, even when it quotes
+        // the address (at KDDI au it would not be: see the provider tables' test).
         assert_eq!(
             unknown(Some("5.0.0"), "550 <a@b.example>: User unknown", None),
-            Reason::UserUnknown
+            Reason::Filtered
         );
         assert_eq!(
             unknown(Some("5.0.0"), "550 : User unknown", None),
@@ -1291,6 +1342,131 @@ mod tests {
             ),
             Reason::UserUnknown
         );
+    }
+
+    #[test]
+    fn provider_tables_read_their_providers_replies() {
+        let at = |provider, category, status, text, phase| {
+            reason_in(
+                category,
+                status,
+                text,
+                Context {
+                    provider,
+                    ..given(phase)
+                },
+            )
+        };
+        let unknown = Category::InvalidRecipient;
+        // KDDI au: the quoted address is a nonexistent one, the empty one a filter.
+        for (provider, want) in [
+            (Some(Provider::Kddi), Reason::UserUnknown),
+            (None, Reason::Filtered),
+        ] {
+            assert_eq!(
+                at(
+                    provider,
+                    unknown,
+                    Some("5.0.0"),
+                    "550 <a@au.example>: User unknown",
+                    None
+                ),
+                want
+            );
+        }
+        assert_eq!(
+            at(
+                Some(Provider::Kddi),
+                unknown,
+                Some("5.0.0"),
+                "550 : User unknown",
+                None
+            ),
+            Reason::Filtered
+        );
+        assert_eq!(
+            at(
+                Some(Provider::Kddi),
+                Category::Other,
+                Some("5.0.0"),
+                "550 <a@b.example>: Recipient address rejected.",
+                Some(Phase::Rcpt)
+            ),
+            Reason::UserUnknown
+        );
+        // NTT docomo: "Unknown user" at end of DATA refuses the sender.
+        let docomo = "550 Unknown user a@b.example";
+        assert_eq!(
+            at(
+                Some(Provider::NttDocomo),
+                unknown,
+                Some("5.0.0"),
+                docomo,
+                Some(Phase::Data)
+            ),
+            Reason::Rejected
+        );
+        assert_eq!(
+            at(None, unknown, Some("5.0.0"), docomo, Some(Phase::Data)),
+            Reason::Filtered
+        );
+        // MessageLabs and Hotmail answer for their directories.
+        assert_eq!(
+            at(
+                Some(Provider::MessageLabs),
+                unknown,
+                Some("5.0.0"),
+                "550 a@b.example... No such user",
+                None
+            ),
+            Reason::UserUnknown
+        );
+        let hotmail = "550 Requested action not taken: mailbox unavailable";
+        assert_eq!(
+            at(Some(Provider::Microsoft), unknown, None, hotmail, None),
+            Reason::UserUnknown
+        );
+        assert_eq!(at(None, unknown, None, hotmail, None), Reason::Filtered);
+        // A provider's own code wins over the wording ("service refuse" is a block).
+        assert_eq!(
+            at(
+                None,
+                Category::RateLimited,
+                Some("4.2.0"),
+                "421 4.2.0 Service refuse. Please try later. OFR005_505 [505]",
+                None
+            ),
+            Reason::SystemError
+        );
+    }
+
+    #[test]
+    fn more_wording_that_names_a_reason() {
+        for (category, text, want) in [
+            (
+                Category::SpamBlock,
+                "552-5.7.0 This message was blocked because its content presents a potential",
+                Reason::PolicyViolation,
+            ),
+            (
+                Category::RateLimited,
+                "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to \
+                 unexpected volume or user complaints",
+                Reason::BadReputation,
+            ),
+            (
+                Category::Other,
+                "554 x.example : You've reached your daily relay quota - 192.0.2.1",
+                Reason::Blocked,
+            ),
+            (
+                Category::Other,
+                "Your message was not delivered within 0 days and 1 hours.",
+                Reason::Expired,
+            ),
+        ] {
+            assert_eq!(reason_in(category, None, text, given(None)), want, "{text}");
+        }
     }
 
     #[test]

@@ -98,6 +98,7 @@ pub fn parse(text: &str, classifier: &Classifier) -> Option<Report> {
                                 explicit_status: status.is_some_and(classify::is_enhanced)
                                     || classify::status_in(text).is_some(),
                                 local_program: false,
+                                provider: None,
                             },
                         ),
                         address,

@@ -461,6 +461,22 @@ pub fn smtp_phase(body: &str) -> Option<super::reason::Phase> {
         ("after rcpt to", Phase::Rcpt),
         ("in reply to mail from", Phase::Mail),
         ("after mail from", Phase::Mail),
+        // GMX/Exim variants: "SMTP error from remote server after RCPT command".
+        ("after rcpt command", Phase::Rcpt),
+        ("after mail command", Phase::Mail),
+        // DragonFly: "mx.example [192.0.2.1] did not like our RCPT TO:".
+        ("did not like our rcpt", Phase::Rcpt),
+        ("did not like our mail", Phase::Mail),
+        ("did not like our data", Phase::Data),
+        // Yahoo's tag under the reply, X3's "SMTP:RCPT host 192.0.2.1: 553 ...".
+        ("[rcpt_to]", Phase::Rcpt),
+        ("smtp:rcpt", Phase::Rcpt),
+        ("smtp:mail", Phase::Mail),
+        ("smtp:data", Phase::Data),
+        // 163.com: "SMTP error, RCPT TO: Host x(192.0.2.1) RCPT TO said 550 ...".
+        ("rcpt to said", Phase::Rcpt),
+        ("mail from said", Phase::Mail),
+        ("data said", Phase::Data),
         // qmail: "192.0.2.1 does not like recipient.", "most progress was RCPT TO response".
         ("does not like recipient", Phase::Rcpt),
         ("rcpt to response", Phase::Rcpt),
@@ -547,6 +563,57 @@ pub fn smtp_phase(body: &str) -> Option<super::reason::Phase> {
     }
 }
 
+/// The notice before the returned message: the text from its start to the first end
+/// marker or returned header block (what [`smtp_phase`] reads).
+pub fn notice(body: &str) -> &str {
+    let body = truncate(body, MAX_SCAN);
+    let flat = flatten(body);
+    let first_line_end = body.find('\n').unwrap_or(body.len());
+    &body[..region_end(body, &flat, 0, first_line_end)]
+}
+
+/// The addresses (lowercase) a transcript shows refused at their own RCPT TO: a
+/// `>>> RCPT To:<a@b>` line answered by a `<<< 4xx/5xx` reply. Each such recipient's
+/// failure answered RCPT, whatever command the transcript's first failure answered (old
+/// Sendmail writes one transcript per host, in one notice). Read once per message.
+pub fn refused_at_rcpt(body: &str) -> Vec<String> {
+    let body = truncate(body, MAX_SCAN);
+    let mut refused = Vec::new();
+    let mut lines = body
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .peekable();
+    while let Some(line) = lines.next() {
+        let Some(command) = line.strip_prefix(">>> ") else {
+            continue;
+        };
+        let Some(argument) = command
+            .get(..7)
+            .filter(|c| c.eq_ignore_ascii_case("rcpt to"))
+            .map(|_| &command[7..])
+        else {
+            continue;
+        };
+        let answered = lines
+            .peek()
+            .is_some_and(|next| next.starts_with("<<< 4") || next.starts_with("<<< 5"));
+        if answered && refused.len() < MAX_RECIPIENTS {
+            let address = argument
+                .trim_start_matches([':', ' '])
+                .trim_start_matches('<')
+                .split(['>', ' '])
+                .next()
+                .unwrap_or("")
+                .to_ascii_lowercase();
+            if address.contains('@') {
+                refused.push(address);
+            }
+        }
+    }
+    refused
+}
+
 /// The [`FAILURE_CUES`] that say what failed, not only that something did.
 const SPECIFIC_CUES: &[&str] = &[
     "unknown",
@@ -620,16 +687,18 @@ fn sentence_recipients(section: &str, unmarked: bool) -> Vec<(String, Option<Str
         let own = lines[i..lines.len().min(i + 4)]
             .iter()
             .position(|l| reply_in(l).is_some())
+            .or_else(|| transcript_failure(&lines[i + 1..]).map(|k| k + 1))
             .and_then(|k| diagnostic(&lines[i + k..lines.len().min(i + k + 4)]))
             .or_else(|| {
                 if specific {
                     return Some(tidy(line));
                 }
+                // A rule of asterisks or equals signs frames the notice; it says nothing.
                 let below: Vec<&str> = lines[i + 1..lines.len().min(i + 5)]
                     .iter()
                     .map(|l| l.trim())
                     .skip_while(|l| l.is_empty())
-                    .take_while(|l| !l.is_empty())
+                    .take_while(|l| !l.is_empty() && !is_rule(l))
                     .collect();
                 (!below.is_empty()).then(|| tidy(&below.join(" ")))
             });
@@ -758,6 +827,7 @@ fn diagnostic(lines: &[&str]) -> Option<String> {
             if next.trim().is_empty()
                 || !next.starts_with([' ', '\t'])
                 || text.len() > MAX_DIAGNOSTIC
+                || is_transcript_step(next)
             {
                 break;
             }
@@ -782,7 +852,7 @@ fn diagnostic(lines: &[&str]) -> Option<String> {
     let prose: Vec<&str> = lines
         .iter()
         .map(|l| l.trim())
-        .filter(|l| !l.is_empty() && !is_label(l))
+        .filter(|l| !l.is_empty() && !is_label(l) && !is_rule(l))
         .take(2)
         .collect();
     (!prose.is_empty()).then(|| tidy(&prose.join(" ")))
@@ -797,10 +867,42 @@ fn section_diagnostic(lines: &[&str]) -> Option<String> {
     let prose: Vec<&str> = lines
         .iter()
         .map(|l| l.trim())
-        .filter(|l| !l.is_empty() && !is_label(l))
+        .filter(|l| !l.is_empty() && !is_label(l) && !is_rule(l))
         .take(4)
         .collect();
     (!prose.is_empty()).then(|| tidy(&prose.join(" ")))
+}
+
+/// In a transcript that goes on after a recipient's line (Postfix's " In: RCPT TO:<a@b>",
+/// " Out: 250 2.1.5 Ok", " In: DATA", " Out: 354 ...", " Out: 451 4.3.0 ..."), the index of
+/// the first failure reply, as long as only transcript lines come before it: the accepted
+/// steps (`250`, `354`) are no diagnostic.
+fn transcript_failure(lines: &[&str]) -> Option<usize> {
+    for (k, line) in lines.iter().take(16).enumerate() {
+        if reply_in(line).is_some() {
+            return Some(k);
+        }
+        let folded = line.starts_with([' ', '\t']) && !line.trim().is_empty() && k > 0;
+        // A folded command argument continues indented.
+        if !(is_transcript_step(line) || folded) {
+            return None;
+        }
+    }
+    None
+}
+
+/// A line of a transcript: Postfix's ` In: ` / ` Out: `, Sendmail's `>>>` / `<<<`.
+fn is_transcript_step(line: &str) -> bool {
+    let t = line.trim_start();
+    ["in:", "out:", ">>>", "<<<"]
+        .iter()
+        .any(|p| t.get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p)))
+}
+
+/// A line that only draws a rule (`*****`, `=====`, `----- End of message -----` is not
+/// one: it has words).
+fn is_rule(line: &str) -> bool {
+    !line.is_empty() && line.chars().all(|c| c.is_ascii_punctuation() || c == ' ')
 }
 
 /// Lines that frame a diagnostic rather than say anything.
@@ -1025,6 +1127,21 @@ mod tests {
     }
 
     #[test]
+    fn a_recipient_refused_at_its_own_rcpt_in_a_transcript() {
+        let body = "While talking to a.example:\n>>> DATA\n<<< 550 go away\n\
+                    While talking to b.example:\n>>> RCPT To:<Bob@B.example>\n\
+                    <<< 550 No such user here\n>>> RCPT To:<carol@b.example>\n<<< 250 ok\n";
+        assert_eq!(refused_at_rcpt(body), vec!["bob@b.example".to_owned()]);
+        assert!(refused_at_rcpt(">>> RCPT To:<a@b.example>\n").is_empty());
+    }
+
+    #[test]
+    fn rules_are_not_diagnostics() {
+        assert!(is_rule("*******") && is_rule("=== ===") && !is_rule("-- End of message --"));
+        assert!(!is_rule(""));
+    }
+
+    #[test]
     fn smtp_phase_from_postfix_exim_and_transcripts() {
         use crate::bounce::reason::Phase;
         assert_eq!(
@@ -1051,6 +1168,27 @@ mod tests {
             Some(Phase::Data)
         );
         assert_eq!(smtp_phase("550 unknown user\n"), None);
+        for (text, want) in [
+            (
+                "mx.b.example [192.0.2.1] did not like our RCPT TO:\n550 no",
+                Phase::Rcpt,
+            ),
+            (
+                "SMTP error from remote server after RCPT command:\n5.2.1 no",
+                Phase::Rcpt,
+            ),
+            (
+                "<a@b.example>:\nRemote host said:\n550 no\n[RCPT_TO]\n",
+                Phase::Rcpt,
+            ),
+            ("SMTP:RCPT host 192.0.2.1: 553 5.3.0 no\n", Phase::Rcpt),
+            (
+                "SMTP error, RCPT TO: Host b.example RCPT TO said 550 no\n",
+                Phase::Rcpt,
+            ),
+        ] {
+            assert_eq!(smtp_phase(text), Some(want), "{text}");
+        }
         // Sendmail after DATA: the RCPT reply, then "no valid recipients" for DATA.
         assert_eq!(
             smtp_phase(">>> DATA\n<<< 550 Unknown user a@b.example\n<<< 554 5.5.1 Error: no valid recipients"),
