@@ -1426,7 +1426,7 @@ mod tests {
     #[test]
     fn sendtime_errors_name_their_keys() {
         let text = format!(
-            "{MINIMAL}\n[sendtime]\nwindow = \"8d\"\nquiet_hours = \"22-25\"\ncontrol_share = 1.5\nrefit_interval = \"0s\"\ndormant_after = 3\nsunset_after = \"0s\"\nat_risk_below = 1.0\ndormant_min_sends = 0\nwinback_sends = 21\nwinback_interval = \"10m\"\n"
+            "{MINIMAL}\n[sendtime]\nwindow = \"8d\"\nquiet_hours = \"22-25\"\ncontrol_share = 1.5\nrefit_interval = \"0s\"\ndormant_after = 3\nsunset_after = \"0s\"\nat_risk_below = 1.0\ndormant_min_sends = 0\nwinback_sends = 21\nwinback_interval = \"0s\"\n"
         );
         let errors = errors(&text);
         for key in [

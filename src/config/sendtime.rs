@@ -117,15 +117,7 @@ pub(super) fn compile_sendtime(r: &mut TableReader<'_>) -> SendTimeConfig {
             })
             .unwrap_or(d.winback_sends),
         winback_interval: r
-            .get("winback_interval", |v| {
-                duration(v).and_then(|i| {
-                    if i < Duration::from_secs(3600) {
-                        Err("at least 1h".to_string())
-                    } else {
-                        Ok(i)
-                    }
-                })
-            })
+            .get("winback_interval", |v| duration(v).and_then(nonzero))
             .unwrap_or(d.winback_interval),
     };
     if c.dormant_below > c.at_risk_below {

@@ -3,7 +3,8 @@
 //!
 //! Features come from the profile alone ([`features`]): whether the recipient ever engaged,
 //! days since the last engagement and since the first record, the decayed engagement and
-//! send totals, their smoothed ratio, and the sends since the last engagement. The model is
+//! send totals, the smoothed log-odds of engaging, and the sends since the last engagement
+//! (logarithms throughout: the effects are multiplicative). The model is
 //! a logistic regression fitted at refit time by Newton's method (iteratively reweighted
 //! least squares, a light ridge penalty) on one example per recipient: the features their
 //! profile had just before its latest send ([`Profile::snapshot`]) and whether that send was
@@ -62,7 +63,9 @@ pub fn features(p: &Profile, t_ms: u64) -> Features {
         days(p.first_ms).ln_1p() as f32,
         eng.ln_1p() as f32,
         sends.ln_1p() as f32,
-        ((eng + 0.5) / (sends + 2.0)) as f32,
+        // The smoothed log-odds of engaging with a send (engagements can outnumber sends:
+        // a click and an open of one message).
+        ((eng + 0.5) / ((sends - eng).max(0.0) + 1.0)).ln() as f32,
         (p.sends_since_engaged as f64).ln_1p() as f32,
     ])
 }

@@ -8,7 +8,8 @@
 //!     dormant_min_sends unanswered sends--> dormant
 //!   --mail from an identity with a win-back campaign--> win_back (series send 1 of winback_sends)
 //!   --a human open or click--> active (reactivated; a `sunset` suppression is lifted)
-//!   --winback_sends sends, winback_interval after the last, no engagement--> sunset (suppressed)
+//!   --winback_sends sends, winback_interval after the last, no engagement--> sunset (suppressed;
+//!     with sunset_after set, not before it: dormant until then, without a second series)
 //! dormant for longer than sunset_after without a series running --> sunset (as without win-back)
 //! ```
 //!
@@ -111,16 +112,18 @@ pub fn state(
     if sunset_suppressed {
         return State::Sunset;
     }
+    let quiet_for = now_ms.saturating_sub(p.dormant_since());
     if in_series(p) {
         let w = &p.winback;
         let failed = w.sends >= t.winback_sends && now_ms >= w.last_ms + t.winback_interval_ms;
-        return if failed {
-            State::Sunset
-        } else {
-            State::WinBack
+        // A failed series sunsets, but never before `sunset_after` (the operator's own
+        // limit): until then the recipient stays dormant and gets no second series.
+        return match (failed, t.sunset_after_ms) {
+            (false, _) => State::WinBack,
+            (true, Some(after)) if quiet_for <= after => State::Dormant,
+            (true, _) => State::Sunset,
         };
     }
-    let quiet_for = now_ms.saturating_sub(p.dormant_since());
     if t.sunset_after_ms
         .is_some_and(|after| p.has_history() && quiet_for > after)
     {
@@ -142,7 +145,8 @@ pub fn state(
 /// send is due.
 pub fn winback_due(state: State, p: &Profile, now_ms: u64, t: &Thresholds) -> bool {
     match state {
-        State::Dormant => true,
+        // Dormant after a failed series: no second one.
+        State::Dormant => !in_series(p),
         State::WinBack => {
             p.winback.sends < t.winback_sends && now_ms >= p.winback.last_ms + t.winback_interval_ms
         }
@@ -228,7 +232,19 @@ mod tests {
             now += DAY;
         }
         assert_eq!(sent, 3);
-        assert_eq!(state(&p, 0.001, false, now, &t), State::Sunset, "failed");
+        // Failed: sunset, but not before sunset_after (365d); dormant until then, no new
+        // series; without sunset_after at once.
+        assert_eq!(state(&p, 0.001, false, now, &t), State::Dormant);
+        assert!(!winback_due(State::Dormant, &p, now, &t));
+        assert_eq!(state(&p, 0.001, false, T0 + 400 * DAY, &t), State::Sunset);
+        let no_sunset_after = Thresholds {
+            sunset_after_ms: None,
+            ..t
+        };
+        assert_eq!(
+            state(&p, 0.001, false, now, &no_sunset_after),
+            State::Sunset
+        );
         // An engagement at any point of a series: active again, counted once.
         let mut q = engaged_then_silent(70);
         record_winback_send(&mut q, T0 + 71 * DAY);

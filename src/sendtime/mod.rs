@@ -274,16 +274,15 @@ impl SendTime {
     /// in the series at once (under the address's lock, so concurrent messages cannot both
     /// take one slot).
     pub async fn take_winback_send(&self, address: &str, now_ms: u64) -> Result<bool, SpoolError> {
+        // A suppressed address is not mailed at all: no series send is spent on it.
+        if self.inner.suppressions.check(address).is_some() {
+            return Ok(false);
+        }
         let model = self.engagement_model();
         let thresholds = Thresholds::from(&*self.config());
-        let sunset = self
-            .inner
-            .suppressions
-            .check(address)
-            .is_some_and(|e| e.reason == SUNSET_REASON);
         let due = std::sync::atomic::AtomicBool::new(false);
         self.update(address, |p| {
-            let state = lifecycle::state(p, model.predict(p, now_ms), sunset, now_ms, &thresholds);
+            let state = lifecycle::state(p, model.predict(p, now_ms), false, now_ms, &thresholds);
             let yes = lifecycle::winback_due(state, p, now_ms, &thresholds);
             due.store(yes, std::sync::atomic::Ordering::Relaxed);
             if yes {
@@ -835,6 +834,22 @@ impl crate::sidecar::EngagementSink for SendTime {
             machine: e.machine,
             tz_offset_min: None,
         });
+    }
+
+    fn take_winback_send<'a>(
+        &'a self,
+        recipient: &'a str,
+        now_ms: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>> {
+        Box::pin(async move {
+            self.take_winback_send(recipient, now_ms)
+                .await
+                .unwrap_or_else(|e| {
+                    // Mail goes out as submitted rather than not at all.
+                    tracing::warn!(error = %e, recipient, "lifecycle not read: no win-back send");
+                    false
+                })
+        })
     }
 }
 
