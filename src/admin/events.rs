@@ -6,12 +6,20 @@
 //! call is checked before anything is recorded, so a 400 (naming `events[i].field`) records
 //! nothing; after that each event is recorded durably before the 200. Machine opens are
 //! counted per recipient but never learnt from.
+//!
+//! `GET /api/v1/recipients/{address}`: the recipient's lifecycle state, the engagement
+//! model's prediction, their history (sends, opens, clicks, last events, machine opens) and
+//! their win-back series. `DELETE` erases the profile (this node's and the fleet's shared
+//! copy) and the events kept in memory about them (tracked opens and clicks, recent
+//! failures); a suppression entry stays, since it is what keeps the address from being
+//! mailed. 404 when there was nothing to erase.
 
 use super::error::{ApiError, ApiJson};
 use super::AdminState;
 use crate::clock::now_ms;
 use crate::config::parse_duration;
 use crate::rfc5321::address::check_mailbox;
+use crate::sendtime::lifecycle;
 use crate::sendtime::profile::Profile;
 use crate::sendtime::{Event, EventKind, SendTime};
 use axum::extract::rejection::QueryRejection;
@@ -33,7 +41,7 @@ pub fn routes() -> Router<AdminState> {
     Router::new()
         .route("/events", post(record))
         .route("/recipients", get(dormant))
-        .route("/recipients/{address}", get(recipient))
+        .route("/recipients/{address}", get(recipient).delete(erase))
         .route("/sendtime/refit", post(refit))
         .route("/sendtime/lift", get(lift))
 }
@@ -148,18 +156,64 @@ fn summary(address: &str, p: &Profile, now: u64, dormant_after_ms: u64) -> Value
 async fn recipient(State(state): State<AdminState>, Path(address): Path<String>) -> ApiResult {
     let send_time = &state.send_time;
     check_mailbox(&address).map_err(|why| ApiError::bad_request(format!("address: {why}")))?;
-    let profile = send_time
-        .profile(&address)
+    let now = now_ms();
+    let (p, prediction, lifecycle_state) = send_time
+        .recipient(&address, now)
         .await
         .map_err(internal)?
         .ok_or_else(|| ApiError::not_found(format!("no engagement recorded for {address}")))?;
     let dormant_after = send_time.config().dormant_after.as_millis() as u64;
-    Ok(Json(summary(
-        &address.to_ascii_lowercase(),
-        &profile,
-        now_ms(),
-        dormant_after,
-    )))
+    let address = address.to_ascii_lowercase();
+    let mut answer = summary(&address, &p, now, dormant_after);
+    let when = |t: u64| (t > 0).then_some(t);
+    let w = &p.winback;
+    let extra = json!({
+        "state": lifecycle_state,
+        "prediction": (prediction * 10_000.0).round() / 10_000.0,
+        "history": {
+            "sends": p.send_count,
+            "opens": p.open_count,
+            "clicks": p.click_count,
+            "machine_opens": p.machine_opens,
+            "sends_since_engaged": p.sends_since_engaged,
+            "first_ms": when(p.first_ms),
+            "last_send_ms": when(p.last_send_ms),
+            "last_engaged_ms": when(p.last_engaged_ms),
+            "last_click_ms": when(p.last_click_ms),
+        },
+        "winback": {
+            "in_series": lifecycle::in_series(&p),
+            "started_ms": when(w.started_ms),
+            "sends": w.sends,
+            "last_ms": when(w.last_ms),
+            "reactivated": lifecycle::reactivated(&p),
+            "reactivations": w.reactivations + u16::from(lifecycle::reactivated(&p)),
+        },
+        "suppressed": state.feedback.suppressions.check(&address).map(|e| e.reason),
+    });
+    if let (Value::Object(a), Value::Object(e)) = (&mut answer, extra) {
+        a.extend(e);
+    }
+    Ok(Json(answer))
+}
+
+/// `DELETE /api/v1/recipients/{address}`: the privacy erasure (see the module doc).
+async fn erase(State(state): State<AdminState>, Path(address): Path<String>) -> ApiResult {
+    check_mailbox(&address).map_err(|why| ApiError::bad_request(format!("address: {why}")))?;
+    let profile = state.send_time.erase(&address).await.map_err(internal)?;
+    let events =
+        state.sidecar.forget_recipient(&address) + state.feedback.events.forget_recipient(&address);
+    if !profile && events == 0 {
+        return Err(ApiError::not_found(format!(
+            "nothing recorded for {address}"
+        )));
+    }
+    Ok(Json(json!({
+        "address": address.to_ascii_lowercase(),
+        "profile_erased": profile,
+        "events_erased": events,
+        "suppression_kept": state.feedback.suppressions.check(&address).is_some(),
+    })))
 }
 
 #[derive(Deserialize)]

@@ -1,5 +1,7 @@
 //! `tern sidecar ...`: `simulate`, the send-time policies evaluated on a seeded simulated
-//! audience ([`crate::sendtime::simulate`]); no daemon, no spool.
+//! audience ([`crate::sendtime::simulate`]), or with `--lifecycle` the engagement model and
+//! the re-engagement lifecycle against sunset-only ([`crate::sendtime::lifecycle_sim`]); no
+//! daemon, no spool.
 
 use clap::Subcommand;
 use std::process::ExitCode;
@@ -15,13 +17,29 @@ pub enum SidecarCommand {
         /// Simulated recipients (100 to 1,000,000).
         #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(100..=1_000_000))]
         users: u64,
+        /// Simulate 78 weeks of a newsletter to an audience that goes dormant instead: the
+        /// engagement model's Brier score and AUC, and the lifecycle (win-back series, then
+        /// sunset) against the sunset-only policy.
+        #[arg(long)]
+        lifecycle: bool,
     },
 }
 
 pub fn run(command: SidecarCommand) -> ExitCode {
     match command {
-        SidecarCommand::Simulate { seed, users } => {
-            print!("{}", crate::sendtime::simulate::run(seed, users as usize));
+        SidecarCommand::Simulate {
+            seed,
+            users,
+            lifecycle,
+        } => {
+            if lifecycle {
+                print!(
+                    "{}",
+                    crate::sendtime::lifecycle_sim::run(seed, users as usize)
+                );
+            } else {
+                print!("{}", crate::sendtime::simulate::run(seed, users as usize));
+            }
             ExitCode::SUCCESS
         }
     }

@@ -1233,6 +1233,11 @@ mod tests {
                 refit_interval: Duration::from_secs(3600),
                 dormant_after: Duration::from_secs(180 * 86_400),
                 sunset_after: None,
+                at_risk_below: 0.05,
+                dormant_below: 0.01,
+                dormant_min_sends: 5,
+                winback_sends: 3,
+                winback_interval: Duration::from_secs(7 * 86_400),
             }
         );
         let sidecar = &config.sidecar;
@@ -1421,10 +1426,14 @@ mod tests {
     #[test]
     fn sendtime_errors_name_their_keys() {
         let text = format!(
-            "{MINIMAL}\n[sendtime]\nwindow = \"8d\"\nquiet_hours = \"22-25\"\ncontrol_share = 1.5\nrefit_interval = \"0s\"\ndormant_after = 3\nsunset_after = \"0s\"\n"
+            "{MINIMAL}\n[sendtime]\nwindow = \"8d\"\nquiet_hours = \"22-25\"\ncontrol_share = 1.5\nrefit_interval = \"0s\"\ndormant_after = 3\nsunset_after = \"0s\"\nat_risk_below = 1.0\ndormant_min_sends = 0\nwinback_sends = 21\nwinback_interval = \"0s\"\n"
         );
         let errors = errors(&text);
         for key in [
+            "sendtime.at_risk_below",
+            "sendtime.dormant_min_sends",
+            "sendtime.winback_sends",
+            "sendtime.winback_interval",
             "sendtime.window",
             "sendtime.quiet_hours",
             "sendtime.control_share",
@@ -1441,6 +1450,15 @@ mod tests {
             format!("{MINIMAL}\n[sendtime]\nquiet_hours = \"none\"\nsunset_after = \"none\"\n");
         let parsed = Config::parse(&none).unwrap().sendtime;
         assert_eq!((parsed.quiet_hours, parsed.sunset_after), (None, None));
+        let crossed =
+            format!("{MINIMAL}\n[sendtime]\nat_risk_below = 0.02\ndormant_below = 0.03\n");
+        let crossed = super::tests::errors(&crossed);
+        assert!(
+            crossed
+                .iter()
+                .any(|e| e.starts_with("sendtime.dormant_below")),
+            "{crossed:?}"
+        );
     }
 
     #[test]
@@ -1472,6 +1490,42 @@ mod tests {
             "sidecar.campaigns[0].text: template error",
             "sidecar.campaigns[0].slots[0].default: missing",
             "sidecar.tracking: campaign \"b\" has tracking = true",
+        ] {
+            assert!(err.contains(key), "{key} not in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn winback_for_names_a_sender_identity_once() {
+        let base = "[[listeners]]\naddress = \"127.0.0.1:2525\"\n";
+        let ok = Config::parse(&format!(
+            "{base}[[sidecar.campaigns]]\nname = \"a\"\ntext = \"hi\"\nwinback_for = \"News@Example.com\"\n\
+             [[sidecar.campaigns]]\nname = \"b\"\ntext = \"hi\"\nwinback_for = \"shop.example.com\"\n"
+        ))
+        .unwrap();
+        let ids: Vec<Option<String>> = ok
+            .sidecar
+            .campaigns
+            .iter()
+            .map(|c| c.winback_for.clone())
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                Some("news@example.com".to_owned()),
+                Some("shop.example.com".to_owned())
+            ]
+        );
+        let err = Config::parse(&format!(
+            "{base}[[sidecar.campaigns]]\nname = \"a\"\ntext = \"hi\"\nwinback_for = \"not an identity\"\n\
+             [[sidecar.campaigns]]\nname = \"b\"\ntext = \"hi\"\nwinback_for = \"x.test\"\n\
+             [[sidecar.campaigns]]\nname = \"c\"\ntext = \"hi\"\nwinback_for = \"X.test\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "sidecar.campaigns[0].winback_for: ",
+            "sidecar.campaigns: campaigns \"b\" and \"c\" are both the win-back campaign",
         ] {
             assert!(err.contains(key), "{key} not in:\n{err}");
         }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::reader::{duration, nonzero, string, TableReader};
+use super::reader::{count, duration, nonzero, string, TableReader};
 use toml::Value;
 
 /// `[sendtime]` in the config; see `config/tern.toml`.
@@ -22,6 +22,19 @@ pub struct SendTimeConfig {
     /// Recipients dormant for longer than this are suppressed with reason `sunset`
     /// (`sendtime.sunset_after`); `None`: no sunset policy.
     pub sunset_after: Option<Duration>,
+    /// The lifecycle (see `crate::sendtime::lifecycle`): a predicted engagement below this
+    /// makes an active recipient at risk (`sendtime.at_risk_below`).
+    pub at_risk_below: f64,
+    /// A prediction below this after `dormant_min_sends` unanswered sends makes a recipient
+    /// dormant before `dormant_after` (`sendtime.dormant_below`).
+    pub dormant_below: f64,
+    /// (`sendtime.dormant_min_sends`).
+    pub dormant_min_sends: u32,
+    /// Win-back sends per series at most (`sendtime.winback_sends`).
+    pub winback_sends: u8,
+    /// Time between win-back sends, and after the last before the series has failed
+    /// (`sendtime.winback_interval`).
+    pub winback_interval: Duration,
 }
 
 impl Default for SendTimeConfig {
@@ -33,13 +46,26 @@ impl Default for SendTimeConfig {
             refit_interval: Duration::from_secs(3600),
             dormant_after: Duration::from_secs(180 * 86_400),
             sunset_after: None,
+            at_risk_below: 0.05,
+            dormant_below: 0.01,
+            dormant_min_sends: 5,
+            winback_sends: 3,
+            winback_interval: Duration::from_secs(7 * 86_400),
         }
+    }
+}
+
+fn probability(v: &Value) -> Result<f64, String> {
+    match v {
+        Value::Float(f) if (0.0..1.0).contains(f) => Ok(*f),
+        Value::Integer(0) => Ok(0.0),
+        _ => Err("expected a probability from 0 up to (not including) 1".to_string()),
     }
 }
 
 pub(super) fn compile_sendtime(r: &mut TableReader<'_>) -> SendTimeConfig {
     let d = SendTimeConfig::default();
-    SendTimeConfig {
+    let c = SendTimeConfig {
         window: r
             .get("window", |v| {
                 duration(v).and_then(nonzero).and_then(|w| {
@@ -71,7 +97,39 @@ pub(super) fn compile_sendtime(r: &mut TableReader<'_>) -> SendTimeConfig {
                 _ => duration(v).and_then(nonzero).map(Some),
             })
             .unwrap_or(d.sunset_after),
+        at_risk_below: r
+            .get("at_risk_below", probability)
+            .unwrap_or(d.at_risk_below),
+        dormant_below: r
+            .get("dormant_below", probability)
+            .unwrap_or(d.dormant_below),
+        dormant_min_sends: r
+            .get("dormant_min_sends", |v| {
+                count(v)
+                    .and_then(nonzero)
+                    .map(|n| n.min(u32::MAX as usize) as u32)
+            })
+            .unwrap_or(d.dormant_min_sends),
+        winback_sends: r
+            .get("winback_sends", |v| match count(v)? {
+                n @ 1..=20 => Ok(n as u8),
+                n => Err(format!("{n}: expected 1 to 20 sends")),
+            })
+            .unwrap_or(d.winback_sends),
+        winback_interval: r
+            .get("winback_interval", |v| duration(v).and_then(nonzero))
+            .unwrap_or(d.winback_interval),
+    };
+    if c.dormant_below > c.at_risk_below {
+        r.error(
+            "dormant_below",
+            format!(
+                "{} is above at_risk_below ({}): dormant must be the lower threshold",
+                c.dormant_below, c.at_risk_below
+            ),
+        );
     }
+    c
 }
 
 /// "22-7" (local hours from..to, wrapping past midnight) or "none".

@@ -162,6 +162,11 @@ pub struct CampaignConfig {
     pub send_window: Duration,
     /// Local hours no send should land in, `[start, end)`, e.g. `[22, 7]`. Default none.
     pub quiet_hours: Option<(u8, u8)>,
+    /// This campaign is the win-back campaign of a sender identity: the From address
+    /// (`news@example.com`, every From of that mailbox) or a From domain (`example.com`),
+    /// lowercased. Mail from that identity to a dormant recipient is rendered with this
+    /// campaign instead (see `crate::sendtime::lifecycle`). Default none.
+    pub winback_for: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,7 +199,19 @@ pub(super) fn compile_sidecar(r: &mut TableReader<'_>) -> SidecarConfig {
         .flatten()
         .collect();
     let mut seen = std::collections::HashSet::new();
+    let mut identities = std::collections::HashMap::new();
     for c in &campaigns {
+        if let Some(identity) = &c.winback_for {
+            if let Some(other) = identities.insert(identity.as_str(), c.name.as_str()) {
+                r.error(
+                    "campaigns",
+                    format!(
+                        "campaigns {other:?} and {:?} are both the win-back campaign of {identity:?}",
+                        c.name
+                    ),
+                );
+            }
+        }
         if !seen.insert(c.name.as_str()) {
             r.error(
                 "campaigns",
@@ -425,7 +442,9 @@ fn compile_campaign(r: &mut TableReader<'_>) -> Option<CampaignConfig> {
             );
         }
     }
+    let winback_for = r.get("winback_for", sender_identity);
     Some(CampaignConfig {
+        winback_for,
         name: name?,
         subject,
         text: text?,
@@ -442,6 +461,31 @@ fn compile_campaign(r: &mut TableReader<'_>) -> Option<CampaignConfig> {
         send_window,
         quiet_hours,
     })
+}
+
+/// A sender identity: a mailbox `local@domain` or a domain, lowercased.
+fn sender_identity(v: &Value) -> Result<String, String> {
+    let s = string(v)?.trim().to_ascii_lowercase();
+    let domain = s.rsplit_once('@').map_or(
+        s.as_str(),
+        |(local, d)| {
+            if local.is_empty() {
+                ""
+            } else {
+                d
+            }
+        },
+    );
+    let label_ok = |l: &str| {
+        !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if domain.contains('.') && domain.split('.').all(label_ok) && !s.contains(char::is_whitespace) {
+        Ok(s)
+    } else {
+        Err(format!(
+            "{s:?}: expected a From address (news@example.com) or a From domain (example.com)"
+        ))
+    }
 }
 
 fn compile_slot(r: &mut TableReader<'_>) -> Option<SlotConfig> {

@@ -144,6 +144,18 @@ impl Events {
         recent.iter().rev().cloned().collect()
     }
 
+    /// Forgets `address`'s events kept in memory (the privacy erasure of a recipient); returns
+    /// how many there were. Events already in a webhook outbox are the receiver's to erase.
+    pub fn forget_recipient(&self, address: &str) -> usize {
+        let mut recent = self
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = recent.len();
+        recent.retain(|e| !e.recipient.eq_ignore_ascii_case(address));
+        before - recent.len()
+    }
+
     fn remember_failures(&self, events: &[Event]) {
         let mut recent = self
             .recent

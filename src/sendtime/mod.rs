@@ -5,6 +5,11 @@
 //!   and the choice of a send time in a window.
 //! - [`hook`]: the `X-Tern-Send-Time` control header, for the send-time stage.
 //! - [`simulate`]: the seeded audience simulator behind `tern sidecar simulate`.
+//! - [`engagement`]: the engagement model (the probability of a human open of the next
+//!   send, a logistic fit at refit time).
+//! - [`lifecycle`]: active, at risk, dormant, win-back, sunset; the win-back series.
+//! - [`lifecycle_sim`]: the dormant-and-won-back population behind
+//!   `tern sidecar simulate --lifecycle`.
 //!
 //! [`SendTime`] is the service the daemon shares (it is the send-time stage and the enqueue's `SendPlanner`, the
 //! events API and the tracking endpoints feed it, and its refit applies the sunset policy:
@@ -26,7 +31,10 @@
 //!
 //! [`EngagementSink`]: crate::sidecar::EngagementSink
 
+pub mod engagement;
 pub mod hook;
+pub mod lifecycle;
+pub mod lifecycle_sim;
 pub mod model;
 pub mod profile;
 pub mod simulate;
@@ -43,6 +51,8 @@ use crate::enqueue::SendPlanner;
 use crate::live::Live;
 use crate::message::{Prepared, SendAt, SendWindow, Stage, StageFuture};
 use crate::suppression::{Entry, Suppressions, SUNSET_REASON};
+use engagement::EngagementModel;
+use lifecycle::{State, Thresholds};
 use model::{choose, Priors};
 use profile::{Arm, Profile};
 
@@ -106,6 +116,7 @@ struct Inner {
     suppressions: Suppressions,
     config: Live<SendTimeConfig>,
     priors: Live<Priors>,
+    engagement: Live<EngagementModel>,
     lift: Live<Lift>,
     locks: Vec<tokio::sync::Mutex<()>>,
     /// Where events recorded in the background run (shutdown waits for them).
@@ -179,6 +190,7 @@ impl SendTime {
                 suppressions,
                 config: Live::new(config),
                 priors: Live::new(Priors::default()),
+                engagement: Live::new(EngagementModel::default()),
                 lift: Live::new(Lift::default()),
                 locks: (0..LOCK_STRIPES)
                     .map(|_| tokio::sync::Mutex::new(()))
@@ -201,6 +213,85 @@ impl SendTime {
 
     pub fn priors(&self) -> Arc<Priors> {
         self.inner.priors.get()
+    }
+
+    /// The engagement model as of the last refit.
+    pub fn engagement_model(&self) -> Arc<EngagementModel> {
+        self.inner.engagement.get()
+    }
+
+    /// `address`'s profile, engagement prediction and lifecycle state at `now_ms`; `None`
+    /// without a profile.
+    pub async fn recipient(
+        &self,
+        address: &str,
+        now_ms: u64,
+    ) -> Result<Option<(Profile, f64, State)>, SpoolError> {
+        let Some(p) = self.profile(address).await? else {
+            return Ok(None);
+        };
+        let prediction = self.engagement_model().predict(&p, now_ms);
+        let sunset = self
+            .inner
+            .suppressions
+            .check(address)
+            .is_some_and(|e| e.reason == SUNSET_REASON);
+        let state = lifecycle::state(
+            &p,
+            prediction,
+            sunset,
+            now_ms,
+            &Thresholds::from(&*self.config()),
+        );
+        Ok(Some((p, prediction, state)))
+    }
+
+    /// Erases `address`'s profile (this node's and, in a fleet, the shared one): the privacy
+    /// erasure of `DELETE /api/v1/recipients/{address}`. A suppression entry is kept (it is
+    /// what keeps the address from being mailed). Returns whether a profile existed.
+    pub async fn erase(&self, address: &str) -> Result<bool, SpoolError> {
+        let _guard = self.lock(address).lock().await;
+        let mut existed = self.local_profile(address)?.is_some();
+        self.inner.spool.remove_meta(&meta_name(address)).await?;
+        if let Some(store) = &self.inner.cluster {
+            match store
+                .query::<i64>(redis::cmd("DEL").arg(profile_key(store, address)))
+                .await
+            {
+                Ok(n) => existed |= n > 0,
+                Err(e) => {
+                    return Err(SpoolError::Sled(format!(
+                        "the fleet store did not erase the shared profile: {e}"
+                    )))
+                }
+            }
+        }
+        Ok(existed)
+    }
+
+    /// Whether mail from a sender identity with a win-back campaign, to `address` now, is to
+    /// be the next win-back send (see [`lifecycle::winback_due`]); if so the send is recorded
+    /// in the series at once (under the address's lock, so concurrent messages cannot both
+    /// take one slot).
+    pub async fn take_winback_send(&self, address: &str, now_ms: u64) -> Result<bool, SpoolError> {
+        // A suppressed address is not mailed at all: no series send is spent on it.
+        if self.inner.suppressions.check(address).is_some() {
+            return Ok(false);
+        }
+        let model = self.engagement_model();
+        let thresholds = Thresholds::from(&*self.config());
+        let due = std::sync::atomic::AtomicBool::new(false);
+        self.update(address, |p| {
+            let state = lifecycle::state(p, model.predict(p, now_ms), false, now_ms, &thresholds);
+            let yes = lifecycle::winback_due(state, p, now_ms, &thresholds);
+            due.store(yes, std::sync::atomic::Ordering::Relaxed);
+            if yes {
+                lifecycle::record_winback_send(p, now_ms);
+            }
+            yes
+        })
+        .await?;
+        Ok(due.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     fn lock(&self, address: &str) -> &tokio::sync::Mutex<()> {
@@ -325,17 +416,48 @@ impl SendTime {
                         }
                         match e.kind {
                             EventKind::Send => p.record_send(e.time_ms),
+                            EventKind::Click if !e.machine => p.record_click(e.time_ms),
                             _ if SendTime::is_engagement(e) => p.record_engagement(e.time_ms),
                             _ => p.machine_opens = p.machine_opens.saturating_add(1),
                         }
                     }
                     true
                 })
-                .await
+                .await?;
+                Ok::<_, SpoolError>(
+                    events
+                        .iter()
+                        .any(SendTime::is_engagement)
+                        .then_some(address),
+                )
             });
         }
+        let mut engaged = Vec::new();
         while let Some(done) = tasks.join_next().await {
-            done.map_err(|e| SpoolError::Sled(format!("event task failed: {e}")))??;
+            if let Some(address) =
+                done.map_err(|e| SpoolError::Sled(format!("event task failed: {e}")))??
+            {
+                engaged.push(address);
+            }
+        }
+        self.lift_sunset(engaged).await
+    }
+
+    /// A recipient who engages again is active: a `sunset` suppression of theirs is lifted
+    /// (any other reason stays: a complaint or an unsubscribe is the recipient's word).
+    async fn lift_sunset(&self, engaged: Vec<String>) -> Result<(), SpoolError> {
+        let suppressions = &self.inner.suppressions;
+        let keys: Vec<String> = engaged
+            .into_iter()
+            .filter(|a| {
+                suppressions
+                    .check(a)
+                    .is_some_and(|e| e.reason == SUNSET_REASON && e.scope.is_none())
+            })
+            .collect();
+        if !keys.is_empty() {
+            let n = suppressions.remove(&keys).await?;
+            tracing::info!(recipients = n, "engaged again: sunset suppressions lifted");
         }
         Ok(())
     }
@@ -405,39 +527,28 @@ impl SendTime {
             }
         }
         let spool = self.inner.spool.clone();
-        let sunset_cutoff = self
-            .config()
-            .sunset_after
-            .map(|after| crate::clock::now_ms().saturating_sub(after.as_millis() as u64));
-        type Fitted = (Priors, Lift, Vec<String>);
+        let config = self.config();
         let fitted = tokio::task::spawn_blocking(move || -> Result<Fitted, SpoolError> {
-            let mut dormant = Vec::new();
             let mut profiles = Vec::new();
             for (name, v) in spool.scan_meta(META_PREFIX)? {
-                let Some(p) = Profile::decode(&v) else {
-                    continue;
-                };
-                if sunset_cutoff.is_some_and(|cutoff| p.dormant_since() < cutoff) {
-                    dormant.push(name[META_PREFIX.len()..].to_string());
-                }
-                profiles.push(p);
-            }
-            let mut lift = Lift::default();
-            for p in &profiles {
-                for arm in 0..2 {
-                    lift.sends[arm] += p.arm_sends[arm] as u64;
-                    lift.engaged[arm] += p.arm_engaged[arm] as u64;
+                if let Some(p) = Profile::decode(&v) {
+                    profiles.push((name[META_PREFIX.len()..].to_string(), p));
                 }
             }
-            Ok((Priors::fit(profiles.iter()), lift, dormant))
+            Ok(fit_all(&profiles, &config, crate::clock::now_ms()))
         })
         .await
         .map_err(|e| SpoolError::Sled(format!("send-time refit task failed: {e}")))??;
-        let (priors, lift, dormant) = fitted;
-        let n = priors.recipients;
-        self.inner.priors.set(priors);
-        self.inner.lift.set(lift);
-        self.sunset(dormant).await?;
+        self.install(fitted).await
+    }
+
+    /// Installs a refit's results and suppresses the recipients it found sunset.
+    async fn install(&self, fitted: Fitted) -> Result<usize, SpoolError> {
+        let n = fitted.priors.recipients;
+        self.inner.priors.set(fitted.priors);
+        self.inner.engagement.set(fitted.engagement);
+        self.inner.lift.set(fitted.lift);
+        self.sunset(fitted.sunset).await?;
         Ok(n)
     }
 
@@ -478,13 +589,8 @@ impl SendTime {
     }
 
     async fn refit_from_store(&self, store: &crate::cluster::Store) -> Result<usize, String> {
-        let sunset_cutoff = self
-            .config()
-            .sunset_after
-            .map(|after| crate::clock::now_ms().saturating_sub(after.as_millis() as u64));
         let prefix = profile_key(store, "");
         let mut cursor = 0u64;
-        let mut dormant = Vec::new();
         let mut profiles = Vec::new();
         loop {
             let (next, keys): (u64, Vec<String>) = store
@@ -501,13 +607,9 @@ impl SendTime {
                 let values: Vec<Option<Vec<u8>>> =
                     store.query(redis::cmd("MGET").arg(&keys)).await?;
                 for (key, value) in keys.iter().zip(values) {
-                    let Some(p) = value.and_then(|v| Profile::decode(&v)) else {
-                        continue;
-                    };
-                    if sunset_cutoff.is_some_and(|cutoff| p.dormant_since() < cutoff) {
-                        dormant.push(key[prefix.len()..].to_string());
+                    if let Some(p) = value.and_then(|v| Profile::decode(&v)) {
+                        profiles.push((key[prefix.len()..].to_string(), p));
                     }
-                    profiles.push(p);
                 }
             }
             if next == 0 {
@@ -515,26 +617,18 @@ impl SendTime {
             }
             cursor = next;
         }
-        let (priors, lift) = tokio::task::spawn_blocking(move || {
-            let mut lift = Lift::default();
-            for p in &profiles {
-                for arm in 0..2 {
-                    lift.sends[arm] += p.arm_sends[arm] as u64;
-                    lift.engaged[arm] += p.arm_engaged[arm] as u64;
-                }
-            }
-            (Priors::fit(profiles.iter()), lift)
+        let config = self.config();
+        let fitted = tokio::task::spawn_blocking(move || {
+            fit_all(&profiles, &config, crate::clock::now_ms())
         })
         .await
         .map_err(|e| format!("send-time refit task failed: {e}"))?;
-        let n = priors.recipients;
-        self.inner.priors.set(priors);
-        self.inner.lift.set(lift);
-        self.sunset(dormant).await.map_err(|e| e.to_string())?;
-        Ok(n)
+        self.install(fitted).await.map_err(|e| e.to_string())
     }
 
-    /// The sunset policy: suppresses `dormant` recipients with reason `sunset` (until an
+    /// The sunset policy: suppresses `dormant` recipients (those [`fit_all`] found in state
+    /// sunset: dormant past `sendtime.sunset_after` outside a win-back series, or at the end
+    /// of a failed series) with reason `sunset` (until an
     /// operator removes the entry), so the suppression policy (reject or drop) stops
     /// mailing them. A recipient already suppressed keeps their entry (a complaint stays a
     /// complaint). Returns how many were added.
@@ -643,6 +737,47 @@ impl SendTime {
     }
 }
 
+/// What a refit computes from every profile.
+struct Fitted {
+    priors: Priors,
+    engagement: EngagementModel,
+    lift: Lift,
+    /// Recipients whose lifecycle state is sunset (suppressed or not yet).
+    sunset: Vec<String>,
+}
+
+/// The refit's pure part: the priors, the engagement model (from each profile's latest
+/// resolved send), the lift, and who is sunset under the new model.
+fn fit_all(profiles: &[(String, Profile)], config: &SendTimeConfig, now_ms: u64) -> Fitted {
+    let mut lift = Lift::default();
+    for (_, p) in profiles {
+        for arm in 0..2 {
+            lift.sends[arm] += p.arm_sends[arm] as u64;
+            lift.engaged[arm] += p.arm_engaged[arm] as u64;
+        }
+    }
+    let examples: Vec<_> = profiles
+        .iter()
+        .filter_map(|(_, p)| engagement::example(p, now_ms))
+        .collect();
+    let engagement = EngagementModel::fit(&examples);
+    let thresholds = Thresholds::from(config);
+    let sunset = profiles
+        .iter()
+        .filter(|(_, p)| {
+            lifecycle::state(p, engagement.predict(p, now_ms), false, now_ms, &thresholds)
+                == State::Sunset
+        })
+        .map(|(a, _)| a.clone())
+        .collect();
+    Fitted {
+        priors: Priors::fit(profiles.iter().map(|(_, p)| p)),
+        engagement,
+        lift,
+        sunset,
+    }
+}
+
 /// The send-time stage, after the sidecar: a message the sidecar prepared keeps the send time
 /// it parsed (with its campaign's quiet hours, or `sendtime.quiet_hours` without a campaign);
 /// any other has its `X-Tern-Send-Time` header taken out here and, for `optimize`, gets the
@@ -699,6 +834,22 @@ impl crate::sidecar::EngagementSink for SendTime {
             machine: e.machine,
             tz_offset_min: None,
         });
+    }
+
+    fn take_winback_send<'a>(
+        &'a self,
+        recipient: &'a str,
+        now_ms: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>> {
+        Box::pin(async move {
+            self.take_winback_send(recipient, now_ms)
+                .await
+                .unwrap_or_else(|e| {
+                    // Mail goes out as submitted rather than not at all.
+                    tracing::warn!(error = %e, recipient, "lifecycle not read: no win-back send");
+                    false
+                })
+        })
     }
 }
 

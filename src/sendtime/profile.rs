@@ -13,7 +13,13 @@
 //!   as much as in-order ones.
 //! - Machine opens never reach a profile (the caller filters them).
 //! - The encoding is versioned ([`VERSION`]); an unknown version reads as "no history".
-//!   Version 1 (without `first_ms`) still reads, with the last send standing in for it.
+//!   Version 1 (without `first_ms`) still reads, with the last send standing in for it;
+//!   versions 1 and 2 (without the engagement model's and the lifecycle's fields) read with
+//!   those empty.
+//! - [`Profile::snapshot`] holds the engagement model's features as they were just before the
+//!   latest send, and [`Profile::last_send_opened`] whether a human engagement followed it
+//!   within [`HORIZON_H`]: one honest (features, outcome) pair per recipient for the refit
+//!   ([`super::engagement`]), never features that already saw the outcome.
 
 /// Hour-of-week slots.
 pub const SLOTS: usize = 168;
@@ -26,7 +32,10 @@ pub const HALF_LIFE_MS: u64 = 90 * 86_400_000;
 const HOUR_MS: i64 = 3_600_000;
 /// Opens this soon after a send are not taken as a sign of when the recipient reads.
 pub const MACHINE_SUSPECT_MS: u64 = 10 * 60_000;
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
+/// Bytes of a version-1 record (version 2 adds `first_ms`, 8 bytes).
+#[cfg(test)]
+const V1_LEN: usize = 2 + 4 + 3 * 8 + 4 + 4 + 2 + 4 * 4 + SLOTS * 12;
 
 /// Visibility of a message k hours after it was sent (the mid-hour value).
 pub fn visibility(k: usize) -> f64 {
@@ -66,6 +75,20 @@ pub struct Profile {
     /// Planned sends and those engaged with (within 72 h), per arm: `[control, model]`.
     pub arm_sends: [u32; 2],
     pub arm_engaged: [u32; 2],
+    /// Sends since the last human engagement (all sends when never engaged).
+    pub sends_since_engaged: u32,
+    /// Raw counts for the recipients API's history (not decayed; opens and clicks are the
+    /// human ones).
+    pub send_count: u32,
+    pub open_count: u32,
+    pub click_count: u32,
+    pub last_click_ms: u64,
+    /// The engagement model's features just before the latest send (see the module doc).
+    pub snapshot: Option<super::engagement::Features>,
+    /// A human engagement came within [`HORIZON_H`] of the latest send.
+    pub last_send_opened: bool,
+    /// The re-engagement lifecycle's record (see [`super::lifecycle`]).
+    pub winback: super::lifecycle::WinBack,
 }
 
 /// The two arms of the send-time experiment: sent at once (control) or when the model chose.
@@ -92,6 +115,14 @@ impl Default for Profile {
             last_send_arm: None,
             arm_sends: [0; 2],
             arm_engaged: [0; 2],
+            sends_since_engaged: 0,
+            send_count: 0,
+            open_count: 0,
+            click_count: 0,
+            last_click_ms: 0,
+            snapshot: None,
+            last_send_opened: false,
+            winback: Default::default(),
         }
     }
 }
@@ -127,6 +158,13 @@ impl Profile {
 
     /// A message was sent (or is scheduled) at `t_ms`.
     pub fn record_send(&mut self, t_ms: u64) {
+        if t_ms >= self.last_send_ms {
+            // Features as of just before this send, for the engagement model's next refit.
+            self.snapshot = Some(super::engagement::features(self, t_ms));
+            self.last_send_opened = false;
+        }
+        self.sends_since_engaged = self.sends_since_engaged.saturating_add(1);
+        self.send_count = self.send_count.saturating_add(1);
         let w = self.advance(t_ms);
         let s = hour_of_week(t_ms, self.offset());
         self.sends[s] += w;
@@ -165,6 +203,13 @@ impl Profile {
             && self.last_send_ms > 0;
         let suspect = since_send.is_some_and(|d| d < MACHINE_SUSPECT_MS);
         if in_horizon {
+            self.last_send_opened = true;
+        }
+        if t_ms >= self.last_send_ms {
+            self.sends_since_engaged = 0;
+        }
+        self.open_count = self.open_count.saturating_add(1);
+        if in_horizon {
             // The experiment credits the first engagement of any kind, once.
             if let Some(arm) = self.last_send_arm.take() {
                 self.arm_engaged[arm as usize] = self.arm_engaged[arm as usize].saturating_add(1);
@@ -185,6 +230,25 @@ impl Profile {
         }
         self.engagement_total += w;
         self.last_engaged_ms = self.last_engaged_ms.max(t_ms);
+    }
+
+    /// A human click at `t_ms`: an engagement ([`Profile::record_engagement`]) counted as a
+    /// click, not an open, in the history.
+    pub fn record_click(&mut self, t_ms: u64) {
+        self.record_engagement(t_ms);
+        self.open_count = self.open_count.saturating_sub(1);
+        self.click_count = self.click_count.saturating_add(1);
+        self.last_click_ms = self.last_click_ms.max(t_ms);
+    }
+
+    /// The decayed engagement total as of `t_ms` (not before the counts' time).
+    pub fn engagement_total_at(&self, t_ms: u64) -> f64 {
+        self.engagement_total as f64 * decay(t_ms.saturating_sub(self.updated_ms)) as f64
+    }
+
+    /// The decayed send total as of `t_ms`.
+    pub fn sends_at(&self, t_ms: u64) -> f64 {
+        self.total_sends() * decay(t_ms.saturating_sub(self.updated_ms)) as f64
     }
 
     pub fn total_sends(&self) -> f64 {
@@ -257,6 +321,26 @@ impl Profile {
             }
         }
         out.extend_from_slice(&self.first_ms.to_le_bytes());
+        for v in [
+            self.sends_since_engaged,
+            self.send_count,
+            self.open_count,
+            self.click_count,
+        ] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&self.last_click_ms.to_le_bytes());
+        match &self.snapshot {
+            Some(f) => {
+                out.push(1);
+                for x in f.0 {
+                    out.extend_from_slice(&x.to_le_bytes());
+                }
+            }
+            None => out.push(0),
+        }
+        out.push(self.last_send_opened as u8);
+        self.winback.encode(&mut out);
         out
     }
 
@@ -264,7 +348,7 @@ impl Profile {
     pub fn decode(bytes: &[u8]) -> Option<Profile> {
         let mut r = Reader(bytes);
         let version = r.take::<1>()?[0];
-        if version != 1 && version != VERSION {
+        if !(1..=VERSION).contains(&version) {
             return None;
         }
         let has_tz = r.take::<1>()?[0] == 1;
@@ -300,14 +384,30 @@ impl Profile {
         } else {
             u64::from_le_bytes(r.take()?)
         };
+        if version >= 3 {
+            p.sends_since_engaged = u32::from_le_bytes(r.take()?);
+            p.send_count = u32::from_le_bytes(r.take()?);
+            p.open_count = u32::from_le_bytes(r.take()?);
+            p.click_count = u32::from_le_bytes(r.take()?);
+            p.last_click_ms = u64::from_le_bytes(r.take()?);
+            if r.take::<1>()?[0] == 1 {
+                let mut f = [0f32; super::engagement::FEATURES];
+                for x in f.iter_mut() {
+                    *x = f32::from_le_bytes(r.take()?);
+                }
+                p.snapshot = Some(super::engagement::Features(f));
+            }
+            p.last_send_opened = r.take::<1>()?[0] == 1;
+            p.winback = super::lifecycle::WinBack::decode(&mut r)?;
+        }
         r.0.is_empty().then_some(p)
     }
 }
 
-struct Reader<'a>(&'a [u8]);
+pub(super) struct Reader<'a>(pub(super) &'a [u8]);
 
 impl Reader<'_> {
-    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+    pub(super) fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
         let (head, rest) = self.0.split_first_chunk::<N>()?;
         self.0 = rest;
         Some(*head)
@@ -353,9 +453,18 @@ mod tests {
         assert_eq!(Profile::decode(&[9, 1, 2]), None);
         assert_eq!(p.first_ms, 1_000);
         // A version-1 record (no first_ms) still reads.
+        // Versions 1 and 2 are the version-3 record cut before first_ms and after it.
         let mut v1 = p.encode();
-        v1.truncate(v1.len() - 8);
+        v1.truncate(V1_LEN);
         v1[0] = 1;
+        let mut v2 = p.encode();
+        v2.truncate(V1_LEN + 8);
+        v2[0] = 2;
+        let older = Profile::decode(&v2).unwrap();
+        assert_eq!(
+            (older.first_ms, older.send_count, older.snapshot),
+            (p.first_ms, 0, None)
+        );
         let old = Profile::decode(&v1).unwrap();
         assert_eq!(old.first_ms, p.last_send_ms);
         assert_eq!(old.sends, p.sends);

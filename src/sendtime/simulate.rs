@@ -137,7 +137,7 @@ fn gamma(shape: f64, rng: &mut StdRng) -> f64 {
     }
 }
 
-fn beta(a: f64, b: f64, rng: &mut StdRng) -> f64 {
+pub(super) fn beta(a: f64, b: f64, rng: &mut StdRng) -> f64 {
     let x = gamma(a, rng);
     x / (x + gamma(b, rng))
 }

@@ -77,6 +77,28 @@ pub enum EngagementKind {
 /// implements it, so tracked opens and clicks shape profiles and scores).
 pub trait EngagementSink: Send + Sync {
     fn record(&self, event: Engagement);
+
+    /// Whether mail from a sender identity with a win-back campaign, to `recipient` at
+    /// `now_ms`, is the next send of their win-back series (and if so it is counted in the
+    /// series). The send-time service answers from the lifecycle; the default: never.
+    fn take_winback_send<'a>(
+        &'a self,
+        recipient: &'a str,
+        now_ms: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>> {
+        let _ = (recipient, now_ms);
+        Box::pin(std::future::ready(false))
+    }
+}
+
+/// Win-back sends asked of the lifecycle at once (one profile read-modify-write each).
+const WINBACK_PARALLEL: usize = 256;
+
+/// The sender identity of a message: its first From address, lowercased.
+pub fn from_identity(content: &[u8]) -> Option<String> {
+    let message = mail_parser::MessageParser::new().parse_headers(content)?;
+    let address = message.from()?.first()?.address()?;
+    Some(address.to_ascii_lowercase())
 }
 
 /// The most recent events in memory (for operators' and tests' inspection).
@@ -95,6 +117,16 @@ impl RecentEngagement {
             .iter()
             .cloned()
             .collect()
+    }
+}
+
+impl RecentEngagement {
+    /// Forgets `address`'s events; returns how many there were.
+    pub fn forget(&self, address: &str) -> usize {
+        let mut events = self.events.lock().expect("events lock");
+        let before = events.len();
+        events.retain(|e| !e.recipient.eq_ignore_ascii_case(address));
+        before - events.len()
     }
 }
 
@@ -117,6 +149,8 @@ struct Campaign {
 
 pub struct Sidecar {
     campaigns: HashMap<String, Campaign>,
+    /// Sender identity (a From address or domain, lowercased) -> its win-back campaign.
+    winback: HashMap<String, String>,
     generator: Generator,
     deadline: Duration,
     tracker: Option<Tracker>,
@@ -231,8 +265,14 @@ impl Sidecar {
         }
         let tracker = config.tracking.as_ref().map(Tracker::load).transpose()?;
         let replays = Replays::new(config.tracking.as_ref().map_or(1, |t| t.replay_entries));
+        let winback = config
+            .campaigns
+            .iter()
+            .filter_map(|c| Some((c.winback_for.clone()?, c.name.clone())))
+            .collect();
         Ok(Sidecar {
             campaigns,
+            winback,
             deadline: config.model.as_ref().map_or(Duration::ZERO, |m| m.deadline),
             generator,
             tracker,
@@ -254,8 +294,35 @@ impl Sidecar {
         self.recent.events()
     }
 
+    /// Forgets `address`'s tracked opens and clicks kept in memory (the privacy erasure of a
+    /// recipient); returns how many there were.
+    pub fn forget_recipient(&self, address: &str) -> usize {
+        self.recent.forget(address)
+    }
+
     pub fn tracker(&self) -> Option<&Tracker> {
         self.tracker.as_ref()
+    }
+
+    /// The win-back campaign of the message's sender identity (its From address, else its
+    /// From domain), if one is configured.
+    fn winback_campaign(&self, content: &[u8]) -> Option<&Campaign> {
+        if self.winback.is_empty() {
+            return None;
+        }
+        let from = from_identity(content)?;
+        let domain = from.rsplit_once('@').map(|(_, d)| d)?;
+        let name = self
+            .winback
+            .get(&from)
+            .or_else(|| self.winback.get(domain))?;
+        self.campaigns.get(name)
+    }
+
+    /// Whether the stage has work on `sub`: a campaign request, control headers, or mail
+    /// from a sender identity with a win-back campaign.
+    pub fn wants(&self, sub: &Submission) -> bool {
+        wanted(sub) || self.winback_campaign(&sub.content).is_some()
     }
 
     pub fn has_campaign(&self, name: &str) -> bool {
@@ -524,23 +591,90 @@ impl Sidecar {
                 sub.unsubscribe = Some(OneClick::default());
             }
         }
-        let Some(campaign) = campaign else {
-            return vec![Prepared {
-                submission: sub,
-                send_at: Some(send_time),
-                window: None,
-                reports: Vec::new(),
-            }];
-        };
         let mut common = request.data;
         if let Some(data) = control.data {
             match serde_json::from_str::<Map<String, Value>>(&data) {
                 Ok(d) => common.extend(d),
                 Err(e) => {
-                    warn!(campaign = %campaign.config.name, error = %e, "X-Tern-Data is not a JSON object: ignored")
+                    warn!(error = %e, "X-Tern-Data is not a JSON object: ignored")
                 }
             }
         }
+        let mut out = Vec::new();
+        if let Some(winback) = self.winback_campaign(&sub.content) {
+            if campaign.is_none_or(|c| c.config.name != winback.config.name) {
+                let due = self.take_winback_sends(&mut sub).await;
+                if !due.is_empty() {
+                    let mut one = sub.clone();
+                    one.recipients = due;
+                    if winback.config.unsubscribe && one.unsubscribe.is_none() {
+                        one.unsubscribe = Some(OneClick::default());
+                    }
+                    // Win-back mail is always sent at the recipient's best time.
+                    let at = SendAt::Optimize {
+                        window: winback.config.send_window,
+                        quiet_hours: winback.config.quiet_hours,
+                    };
+                    self.metrics.sidecar_content("winback");
+                    out.extend(
+                        self.render_campaign(winback, one, &common, &request.recipients, at)
+                            .await,
+                    );
+                }
+                if sub.recipients.is_empty() {
+                    return out;
+                }
+            }
+        }
+        let Some(campaign) = campaign else {
+            out.push(Prepared {
+                submission: sub,
+                send_at: Some(send_time),
+                window: None,
+                reports: Vec::new(),
+            });
+            return out;
+        };
+        out.extend(
+            self.render_campaign(campaign, sub, &common, &request.recipients, send_time)
+                .await,
+        );
+        out
+    }
+
+    /// Takes the recipients of `sub` whose next win-back send this is out of it.
+    async fn take_winback_sends(&self, sub: &mut Submission) -> Vec<Recipient> {
+        let now = crate::clock::now_ms();
+        let recipients = std::mem::take(&mut sub.recipients);
+        let mut due = Vec::new();
+        for chunk in recipients.chunks(WINBACK_PARALLEL) {
+            let answers = futures_join(
+                chunk
+                    .iter()
+                    .map(|r| self.sink.take_winback_send(&r.address, now)),
+            )
+            .await;
+            for (r, yes) in chunk.iter().zip(answers) {
+                if yes {
+                    info!(rcpt = %r.address, "win-back send");
+                    due.push(r.clone());
+                } else {
+                    sub.recipients.push(r.clone());
+                }
+            }
+        }
+        due
+    }
+
+    /// Renders `campaign` for each recipient of `sub` (see the module doc).
+    async fn render_campaign(
+        &self,
+        campaign: &Campaign,
+        mut sub: Submission,
+        common: &Map<String, Value>,
+        per_recipient: &HashMap<String, Map<String, Value>>,
+        send_time: SendAt,
+    ) -> Vec<Prepared> {
         let started = tokio::time::Instant::now();
         let deadline = started + self.deadline;
 
@@ -549,7 +683,7 @@ impl Sidecar {
         let mut jobs = Vec::with_capacity(recipients.len());
         for rcpt in recipients {
             let mut data = common.clone();
-            if let Some(own) = request.recipients.get(&rcpt.address) {
+            if let Some(own) = per_recipient.get(&rcpt.address) {
                 data.extend(own.clone());
             }
             let variant = self.choose_variant(campaign);
@@ -862,7 +996,7 @@ fn crlf(text: &str) -> String {
 impl Stage for Sidecar {
     fn apply(&self, message: Prepared) -> StageFuture<'_> {
         Box::pin(async move {
-            if message.send_at.is_some() || !wanted(&message.submission) {
+            if message.send_at.is_some() || !self.wants(&message.submission) {
                 return vec![message];
             }
             Sidecar::apply(self, message.submission).await

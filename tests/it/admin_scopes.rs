@@ -62,6 +62,12 @@ fn mutating_routes() -> Vec<(&'static str, &'static str, &'static str, &'static 
         ),
         ("POST", "/events", "/events", r#"{"events": []}"#),
         ("POST", "/sendtime/refit", "/sendtime/refit", "{}"),
+        (
+            "DELETE",
+            "/recipients/{address}",
+            "/recipients/kept@sink.test",
+            "",
+        ),
         ("POST", "/tls-reports/send", "/tls-reports/send", ""),
         ("POST", "/inject", "/inject", ""),
     ]

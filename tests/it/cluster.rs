@@ -505,6 +505,19 @@ async fn engagement_and_bandit_counts_are_the_fleets() {
         .await
         .unwrap();
     assert_eq!(held, None, "the lease is given back");
+
+    // The privacy erasure on B removes the fleet's one profile: A no longer finds it.
+    let (status, body) = b.api("DELETE", "/api/v1/recipients/ann@a.test", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["profile_erased"], true, "{body}");
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg("{fleet}:prof:ann@a.test")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0);
+    let (status, body) = a.api("GET", "/api/v1/recipients/ann@a.test", None).await;
+    assert_eq!(status, 404, "{body}");
     a.stop().await;
     b.stop().await;
 }

@@ -31,6 +31,7 @@ mod durability;
 mod fuzz;
 mod health;
 mod inject;
+mod lifecycle;
 mod limits;
 mod logs;
 mod metrics;
