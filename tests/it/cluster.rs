@@ -147,6 +147,17 @@ async fn suppress(server: &TestServer, address: &str) {
     assert_eq!(status, 200, "{body}");
 }
 
+/// The value of series `series` (name and labels as exported) on `server`'s /metrics.
+async fn metric(server: &TestServer, series: &str) -> Option<f64> {
+    let (status, text) = crate::harness::http(server.admin(), "GET", "/metrics", None, None).await;
+    assert_eq!(status, 200);
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+const OUTBOX: &str = "tern_cluster_outbox_depth{state=\"suppressions\"}";
+const LAG: &str = "tern_cluster_follower_lag_seconds";
+
 async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
     let deadline = Instant::now() + T;
     while !f().await {
@@ -264,6 +275,35 @@ async fn with_redis_down_nodes_keep_working_and_every_change_replays_once() {
         node_list(&a).await == expected && node_list(&b).await == expected
     })
     .await;
+    for node in [&a, &b] {
+        assert_eq!(metric(node, "tern_cluster_up").await, Some(1.0));
+        // The pusher's next look at its outbox makes the gauge exact (within cluster.retry).
+        wait_until("nothing waits in the outbox", || async {
+            metric(node, OUTBOX).await == Some(0.0)
+        })
+        .await;
+        assert!(metric(node, LAG).await.unwrap() < 1.0, "a current copy");
+        assert!(
+            metric(
+                node,
+                "tern_cluster_suppression_changes_total{direction=\"applied\"}"
+            )
+            .await
+            .unwrap()
+                >= 5.0,
+            "the fleet's changes applied"
+        );
+    }
+    assert!(
+        metric(
+            &a,
+            "tern_cluster_suppression_changes_total{direction=\"pushed\"}"
+        )
+        .await
+        .unwrap()
+            >= 3.0,
+        "A's changes pushed"
+    );
 
     redis.kill();
     // Both nodes keep taking and delivering mail; checks use their own copies.
@@ -306,6 +346,27 @@ async fn with_redis_down_nodes_keep_working_and_every_change_replays_once() {
         a.spool().events("cluster/suppressions", 100).unwrap().len() >= 20,
         "A's changes wait in its outbox"
     );
+    // The metrics show it: the store down, each outbox holding exactly its node's changes,
+    // the copies' lag growing.
+    for (node, waiting) in [(&a, 21.0), (&b, 20.0)] {
+        assert_eq!(metric(node, "tern_cluster_up").await, Some(0.0));
+        wait_until("the outbox gauge counts every waiting change", || async {
+            metric(node, OUTBOX).await == Some(waiting)
+        })
+        .await;
+    }
+    wait_until("the followers' lag grows", || async {
+        metric(&a, LAG).await.unwrap() > 1.0 && metric(&b, LAG).await.unwrap() > 1.0
+    })
+    .await;
+    let errors = |text: String| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("tern_cluster_errors_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let (_, text) = crate::harness::http(a.admin(), "GET", "/metrics", None, None).await;
+    assert!(errors(text) > 0.0, "failed calls counted");
 
     // Redis comes back with its data (AOF): each waiting change is applied exactly once.
     redis.restart().await;
@@ -328,7 +389,20 @@ async fn with_redis_down_nodes_keep_working_and_every_change_replays_once() {
             .unwrap()
             .is_empty());
         assert_eq!(rcpt_code(node, "down-b19@a.test").await, 550);
+        // Back: up, the outbox drained, the copy current again.
+        wait_until("the metrics show the store back", || async {
+            metric(node, "tern_cluster_up").await == Some(1.0)
+                && metric(node, OUTBOX).await == Some(0.0)
+                && metric(node, LAG).await.unwrap() < 1.0
+        })
+        .await;
     }
+    // Redis kept its data: nobody needed a resync.
+    assert_eq!(
+        metric(&a, "tern_cluster_resyncs_total{mode=\"merge\"}").await,
+        Some(1.0),
+        "only the first connection merged"
+    );
 
     // Redis dies again and comes back empty (no persistence): the nodes' copies refill it.
     redis.kill();
@@ -344,6 +418,13 @@ async fn with_redis_down_nodes_keep_working_and_every_change_replays_once() {
         node_list(&a).await == expected && node_list(&b).await == expected
     })
     .await;
+    for node in [&a, &b] {
+        assert_eq!(
+            metric(node, "tern_cluster_resyncs_total{mode=\"merge\"}").await,
+            Some(2.0),
+            "an emptied store is merged into"
+        );
+    }
     a.stop().await;
     b.stop().await;
 }
