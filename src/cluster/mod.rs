@@ -130,7 +130,9 @@ impl Store {
         let client = if config.redis_cluster {
             let mut builder = redis::cluster::ClusterClient::builder(vec![config.url.as_str()])
                 .connection_timeout(config.timeout)
-                .response_timeout(config.timeout);
+                // The follower's blocking stream reads wait BLOCK on purpose; every call is
+                // bounded by `cluster.timeout` (+ its block) in `Store::run` anyway.
+                .response_timeout(config.timeout + suppression::BLOCK);
             if let Some(path) = &config.password_file {
                 let password =
                     read_password(path).map_err(|e| format!("cluster.password_file: {e}"))?;
@@ -238,6 +240,33 @@ impl Store {
         self.run(&mut conn, cmd, Duration::ZERO).await
     }
 
+    /// Like [`Store::query`], for a command without a key that must run where the fleet's
+    /// keys are (SCAN): on Redis Cluster it goes to the master of the `{prefix}` slot (a
+    /// cluster client would send it to any node, which holds none of them).
+    pub async fn query_in_slot<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T, String> {
+        let mut conn = match self.shared().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                self.down(&e);
+                return Err(e);
+            }
+        };
+        let Conn::Cluster(cluster) = &mut conn else {
+            return self.run(&mut conn, cmd, Duration::ZERO).await;
+        };
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_key(
+            self.key(""),
+            SlotAddr::Master,
+        )));
+        let answer = cluster.route_command(cmd.clone(), route);
+        let value = self.settle(
+            tokio::time::timeout(self.config.timeout, answer).await,
+            Duration::ZERO,
+        )?;
+        redis::from_redis_value(value).map_err(|e| e.to_string())
+    }
+
     /// Runs `cmd` on `conn` (one from [`Store::connect`]) within `cluster.timeout` + `extra`.
     pub async fn run<T: redis::FromRedisValue>(
         &self,
@@ -245,7 +274,19 @@ impl Store {
         cmd: &Cmd,
         extra: Duration,
     ) -> Result<T, String> {
-        match tokio::time::timeout(self.config.timeout + extra, cmd.query_async::<T>(conn)).await {
+        let answer =
+            tokio::time::timeout(self.config.timeout + extra, cmd.query_async::<T>(conn)).await;
+        self.settle(answer, extra)
+    }
+
+    /// The health bookkeeping of one answer (or its absence after `cluster.timeout` +
+    /// `extra`): up on an answer, down on a failed connection or no answer.
+    fn settle<T>(
+        &self,
+        answer: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+        extra: Duration,
+    ) -> Result<T, String> {
+        match answer {
             Ok(Ok(v)) => {
                 self.mark_up();
                 Ok(v)

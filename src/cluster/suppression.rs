@@ -46,7 +46,7 @@ const PUSH_BATCH: usize = 256;
 /// Changes per stream read, entries per scan page.
 const PAGE: usize = 1000;
 /// How long a stream read waits for news.
-const BLOCK: Duration = Duration::from_millis(500);
+pub(super) const BLOCK: Duration = Duration::from_millis(500);
 /// The spool meta names of the copy's state: the stream position and the epoch it follows.
 const POSITION: &str = "cluster/suppressions/position";
 /// The spool's random id as a writer of the fleet's list (see the module doc).
@@ -447,6 +447,17 @@ impl Resync {
 
 /// The stream's last id and the highest id trimmed away (both "0-0" for no stream).
 async fn stream_info(store: &Store, conn: &mut Conn) -> Result<(String, String), String> {
+    // A fleet's first start has no stream yet: asked first, so no error reply is counted.
+    let exists: i64 = store
+        .run(
+            conn,
+            redis::cmd("EXISTS").arg(store.key("sup:log")),
+            Duration::ZERO,
+        )
+        .await?;
+    if exists == 0 {
+        return Ok(("0-0".into(), "0-0".into()));
+    }
     let mut cmd = redis::cmd("XINFO");
     cmd.arg("STREAM").arg(store.key("sup:log"));
     let reply: Result<redis::Value, String> = store.run(conn, &cmd, Duration::ZERO).await;
