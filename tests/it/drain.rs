@@ -438,12 +438,12 @@ async fn drain_logs_in_to_a_peer_that_requires_auth() {
 async fn a_running_node_drains_without_losing_or_doubling_mail() {
     use crate::sink::{Sink, SinkBehaviour};
     let sink =
-        Sink::start(SinkBehaviour::default().data_delay(std::time::Duration::from_millis(100)))
+        Sink::start(SinkBehaviour::default().data_delay(std::time::Duration::from_millis(500)))
             .await;
     let node = TestServer::start(
         Options::default()
             .deliver()
-            .delivery("max_connections_per_destination", 2)
+            .delivery("max_connections_per_destination", 1)
             .route("a.test", sink.addr),
     )
     .await;
