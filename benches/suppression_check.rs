@@ -106,14 +106,15 @@ fn suppression(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let spool = tern_queue::Spool::open(dir.path()).unwrap();
     let pushed = Arc::new(tokio::sync::Notify::new());
+    let metrics = Arc::new(Metrics::new());
     let list = Suppressions::replicated(
         spool,
         SuppressionConfig::default(),
-        Arc::new(Metrics::new()),
+        metrics.clone(),
         pushed.clone(),
     );
     let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
-    let store = Arc::new(tern::cluster::Store::new(&config).unwrap());
+    let store = Arc::new(tern::cluster::Store::new(&config, metrics).unwrap());
     let _guard = rt.enter();
     tern::cluster::suppression::start(store, list.clone(), pushed, &tasks, stop.clone());
     rt.block_on(fill(&list));

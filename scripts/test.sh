@@ -3,7 +3,7 @@
 # machine, then runs it. Extra arguments go to `cargo test` (e.g. `scripts/test.sh --test it`).
 #
 # Needs: strace (fsync-before-250 proof), python3 (smtplib client tests), systemd-analyze
-# (unit file check), redis-server (cluster shaping tests start their own), dkimpy + pynacl
+# (unit file check), redis-server and redis-cli (shaping and fleet tests start their own servers and a Redis Cluster), dkimpy + pynacl
 # (independent DKIM verification, Ed25519 included), jsonschema (TLS-RPT reports checked
 # against the RFC 8460 format), chromium (the web console's test drives headless Chromium over
 # the DevTools protocol; it fails, not skips, without it).
@@ -15,6 +15,8 @@ command -v strace >/dev/null 2>&1 || need+=(strace)
 command -v python3 >/dev/null 2>&1 || need+=(python3 python3-pip)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+# redis-cli joins the Redis Cluster of the fleet test (`redis-cli --cluster create`).
+command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=()

@@ -27,7 +27,7 @@
 
 use crate::config::{SuppressionConfig, SuppressionMode};
 use crate::taxonomy::Category;
-use crate::telemetry::Metrics;
+use crate::telemetry::{ClusterOutbox, Metrics};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use tern_queue::{Spool, SpoolError};
@@ -226,9 +226,13 @@ impl Suppressions {
     ) -> Result<(), SpoolError> {
         match &self.outbox {
             Some(pushed) => {
+                let waiting = i64::try_from(outbox.len()).unwrap_or(i64::MAX);
                 self.spool
                     .change_suppressions(puts, removes, Some((OUTBOX, outbox)), Vec::new())
                     .await?;
+                self.metrics
+                    .cluster()
+                    .outbox_moved(ClusterOutbox::Suppressions, waiting);
                 pushed.notify_one();
                 Ok(())
             }

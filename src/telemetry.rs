@@ -502,6 +502,8 @@ pub struct Metrics {
     shaping_wait_seconds: Histogram,
     /// Registered only by a node with `shaping.shared` (a 0 would read as an outage elsewhere).
     shared_store: OnceLock<SharedStoreMetrics>,
+    /// Registered only by a fleet node (`[cluster]`), like `shared_store`.
+    cluster: OnceLock<ClusterMetrics>,
     sidecar_content: IntCounterVec,
     sidecar_engagements: IntCounterVec,
     sidecar_model_requests: IntCounterVec,
@@ -658,6 +660,146 @@ impl TrackingIgnored {
             TrackingIgnored::Expired => "expired",
             TrackingIgnored::Replay => "replay",
         }
+    }
+}
+
+/// What waits in a fleet node's outbox for the fleet's store: the `state` label of
+/// `tern_cluster_outbox_depth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterOutbox {
+    /// Suppression list changes (durable, in the spool).
+    Suppressions,
+    /// Suspends and resumes made while the store was away (in memory).
+    Suspensions,
+}
+
+impl ClusterOutbox {
+    const ALL: [ClusterOutbox; 2] = [ClusterOutbox::Suppressions, ClusterOutbox::Suspensions];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            ClusterOutbox::Suppressions => "suppressions",
+            ClusterOutbox::Suspensions => "suspensions",
+        }
+    }
+}
+
+/// Why a call to the fleet's store failed: the `kind` label of `tern_cluster_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterError {
+    /// No connection could be opened (refused, TLS, AUTH, no answer to PING).
+    Connect,
+    /// No answer within `cluster.timeout`.
+    Timeout,
+    /// The connection failed under a command.
+    Command,
+    /// Redis answered with an error (a script's, CROSSSLOT, ...): the connection is fine.
+    Reply,
+}
+
+impl ClusterError {
+    const ALL: [ClusterError; 4] = [
+        ClusterError::Connect,
+        ClusterError::Timeout,
+        ClusterError::Command,
+        ClusterError::Reply,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            ClusterError::Connect => "connect",
+            ClusterError::Timeout => "timeout",
+            ClusterError::Command => "command",
+            ClusterError::Reply => "reply",
+        }
+    }
+}
+
+/// A fleet node's replication figures (see [`Metrics::cluster`]). The follower's lag is
+/// computed at scrape time from when its copy was last known to be current: the end of a
+/// stream read that returned less than a full page (nothing more was waiting), or any time
+/// a blocking read begun in that state is still waiting (news would wake it at once).
+pub struct ClusterMetrics {
+    pub up: IntGauge,
+    outbox: IntGaugeVec,
+    lag_seconds: Gauge,
+    resyncs: IntCounterVec,
+    changes: IntCounterVec,
+    errors: IntCounterVec,
+    /// Unix milliseconds when the copy was last known current (registration: start).
+    current_at: std::sync::atomic::AtomicU64,
+    /// A blocking read begun with the copy current is waiting.
+    waiting_current: std::sync::atomic::AtomicBool,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl ClusterMetrics {
+    /// `n` more (positive) or fewer (negative) changes wait in `outbox`.
+    pub fn outbox_moved(&self, outbox: ClusterOutbox, n: i64) {
+        self.outbox.with_label_values(&[outbox.as_str()]).add(n);
+    }
+
+    /// Exactly `n` changes wait in `outbox` (a count corrects the moves).
+    pub fn outbox_is(&self, outbox: ClusterOutbox, n: u64) {
+        self.outbox
+            .with_label_values(&[outbox.as_str()])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn outbox_depth(&self, outbox: ClusterOutbox) -> i64 {
+        self.outbox.with_label_values(&[outbox.as_str()]).get()
+    }
+
+    /// `n` suppression changes of this node taken by the store.
+    pub fn pushed(&self, n: u64) {
+        self.changes.with_label_values(&["pushed"]).inc_by(n);
+    }
+
+    /// `n` suppression changes of the fleet applied to this node's copy.
+    pub fn applied(&self, n: u64) {
+        self.changes.with_label_values(&["applied"]).inc_by(n);
+    }
+
+    /// A resync of the copy with the store (`merge` or `authoritative`).
+    pub fn resynced(&self, mode: &'static str) {
+        self.resyncs.with_label_values(&[mode]).inc();
+    }
+
+    pub fn error(&self, kind: ClusterError) {
+        self.errors.with_label_values(&[kind.as_str()]).inc();
+    }
+
+    /// The follower starts a stream read; `current`: its last read left nothing waiting.
+    pub fn follower_reading(&self, current: bool) {
+        use std::sync::atomic::Ordering;
+        if current {
+            self.current_at.store(unix_ms(), Ordering::Release);
+        }
+        self.waiting_current.store(current, Ordering::Release);
+    }
+
+    /// The follower's read ended; `current`: it returned everything that was waiting.
+    pub fn follower_read(&self, current: bool) {
+        use std::sync::atomic::Ordering;
+        if current {
+            self.current_at.store(unix_ms(), Ordering::Release);
+        }
+        self.waiting_current.store(false, Ordering::Release);
+    }
+
+    /// Seconds since the copy was last known current (0 while it is).
+    pub fn lag(&self) -> f64 {
+        use std::sync::atomic::Ordering;
+        if self.waiting_current.load(Ordering::Acquire) {
+            return 0.0;
+        }
+        let at = self.current_at.load(Ordering::Acquire);
+        unix_ms().saturating_sub(at) as f64 / 1000.0
     }
 }
 
@@ -1004,6 +1146,7 @@ impl Metrics {
                 g
             },
             shared_store: OnceLock::new(),
+            cluster: OnceLock::new(),
             shaping_wait_seconds: histogram(
                 "tern_shaping_wait_seconds",
                 "Time a delivery worker waited for shaping (rate, suspension, connection slot).",
@@ -1487,6 +1630,86 @@ impl Metrics {
         })
     }
 
+    /// A fleet node's figures (`tern_cluster_*`), registered on first use: a node without
+    /// `[cluster]` exports none of them.
+    pub fn cluster(&self) -> &ClusterMetrics {
+        self.cluster.get_or_init(|| {
+            let register = |c: Box<dyn prometheus::core::Collector>| {
+                self.registry.register(c).expect("unique");
+            };
+            let up = IntGauge::new(
+                "tern_cluster_up",
+                "1 while the fleet's store (cluster.url) answers; 0 while this node checks its own copy of the suppression list and keeps its changes in the outbox.",
+            )
+            .expect("valid metric");
+            let outbox = IntGaugeVec::new(
+                Opts::new(
+                    "tern_cluster_outbox_depth",
+                    "Changes of this node waiting for the fleet's store, by state: suppressions (durable outbox in the spool), suspensions (in memory).",
+                ),
+                &["state"],
+            )
+            .expect("valid metric");
+            let lag_seconds = Gauge::new(
+                "tern_cluster_follower_lag_seconds",
+                "Seconds since this node's copy of the suppression list was last known to hold every change of the fleet's stream (0 while it does; grows while the store is away or the node catches up).",
+            )
+            .expect("valid metric");
+            let resyncs = IntCounterVec::new(
+                Opts::new(
+                    "tern_cluster_resyncs_total",
+                    "Paged resyncs of this node's suppression copy with the store, by mode: merge (a new node, or a store that lost its data), authoritative (the node fell behind the stream's cap).",
+                ),
+                &["mode"],
+            )
+            .expect("valid metric");
+            let changes = IntCounterVec::new(
+                Opts::new(
+                    "tern_cluster_suppression_changes_total",
+                    "Suppression list changes, by direction: pushed (this node's, taken by the store), applied (the fleet's stream, applied to this node's copy; its own included).",
+                ),
+                &["direction"],
+            )
+            .expect("valid metric");
+            let errors = IntCounterVec::new(
+                Opts::new(
+                    "tern_cluster_errors_total",
+                    "Failed calls to the fleet's store, by kind: connect, timeout (cluster.timeout), command (the connection failed), reply (Redis answered an error).",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric");
+            register(Box::new(up.clone()));
+            register(Box::new(outbox.clone()));
+            register(Box::new(lag_seconds.clone()));
+            register(Box::new(resyncs.clone()));
+            register(Box::new(changes.clone()));
+            register(Box::new(errors.clone()));
+            for state in ClusterOutbox::ALL {
+                outbox.with_label_values(&[state.as_str()]);
+            }
+            for mode in ["merge", "authoritative"] {
+                resyncs.with_label_values(&[mode]);
+            }
+            for direction in ["pushed", "applied"] {
+                changes.with_label_values(&[direction]);
+            }
+            for kind in ClusterError::ALL {
+                errors.with_label_values(&[kind.as_str()]);
+            }
+            ClusterMetrics {
+                up,
+                outbox,
+                lag_seconds,
+                resyncs,
+                changes,
+                errors,
+                current_at: std::sync::atomic::AtomicU64::new(unix_ms()),
+                waiting_current: std::sync::atomic::AtomicBool::new(false),
+            }
+        })
+    }
+
     /// Warm-up progress; `cap` `None` once the source is warm.
     pub fn warmup(&self, source: &str, provider: &str, sent: u64, cap: Option<u64>) {
         let labels = [source, provider];
@@ -1578,6 +1801,9 @@ impl Metrics {
                     .with_label_values(&[label, identity])
                     .set(rate);
             }
+        }
+        if let Some(cluster) = self.cluster.get() {
+            cluster.lag_seconds.set(cluster.lag());
         }
         {
             let _one_at_a_time = self.spool_sync.lock().unwrap_or_else(|e| e.into_inner());

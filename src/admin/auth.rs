@@ -145,6 +145,8 @@ pub fn required_scope(method: &Method, path: &str) -> Scope {
     let area = path.trim_start_matches('/').split('/').next().unwrap_or("");
     match area {
         "inject" => Scope::Inject,
+        // Reads files on this host (the peer's credentials) and empties the queue.
+        "queue" if path == "/queue/drain" => Scope::Admin,
         "queue" => Scope::Queue,
         "suppressions" => Scope::Suppression,
         "events" | "sendtime" | "recipients" => Scope::Campaigns,
@@ -242,6 +244,7 @@ mod tests {
             (Method::GET, "/suppressions/export", Read),
             (Method::POST, "/inject", Inject),
             (Method::POST, "/queue/hold", Queue),
+            (Method::POST, "/queue/drain", Admin),
             (Method::POST, "/suppressions/import", Suppression),
             (Method::DELETE, "/suppressions/a@b.test", Suppression),
             (Method::POST, "/events", Campaigns),

@@ -53,6 +53,81 @@ pub fn routes() -> Router<AdminState> {
             "/queue/delete",
             post(|s, b| operate(s, b, Operation::Delete)),
         )
+        .route("/queue/drain", post(drain))
+}
+
+/// `POST /queue/drain`: this running node's queue relayed to another tern node (see
+/// `scheduler::drain`; `admin` scope). File names, never credentials, travel in the body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrainRequest {
+    to: String,
+    destination: Option<String>,
+    connections: Option<usize>,
+    auth_file: Option<String>,
+    peer_name: Option<String>,
+    ca_file: Option<String>,
+    #[serde(default)]
+    loopback_unverified: bool,
+}
+
+async fn drain(State(state): State<AdminState>, ApiJson(req): ApiJson<DrainRequest>) -> ApiResult {
+    use crate::scheduler::drain::{self, Local, Peer};
+    let addr: std::net::SocketAddr = req
+        .to
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("to: {:?} is not IP:PORT", req.to)))?;
+    let mut peer = Peer::new(addr);
+    if let Some(name) = req.peer_name {
+        peer.name = name;
+    }
+    if req.loopback_unverified && !addr.ip().is_loopback() {
+        return Err(ApiError::bad_request(format!(
+            "loopback_unverified: {addr} is not a loopback address"
+        )));
+    }
+    peer.loopback_unverified = req.loopback_unverified;
+    peer.ca_file = req.ca_file.map(std::path::PathBuf::from);
+    if let Some(file) = req.auth_file {
+        peer.auth = Some(
+            drain::read_credentials(std::path::Path::new(&file))
+                .map_err(|e| ApiError::bad_request(format!("auth_file: {e}")))?,
+        );
+    }
+    let destination = req.destination.as_deref().map(destination).transpose()?;
+    let delivery = state.scheduler.delivery_config();
+    let local = Local {
+        hostname: state.hostname.clone(),
+        timeouts: delivery.timeouts,
+        ca_file: delivery.ca_file.clone(),
+    };
+    let started = std::time::Instant::now();
+    let result = drain::drain(
+        &local,
+        state.spool.clone(),
+        &peer,
+        destination,
+        req.connections.unwrap_or(4).clamp(1, 64),
+        Some(state.scheduler.clone()),
+    )
+    .await;
+    let seconds = started.elapsed().as_secs_f64();
+    match result {
+        Ok(d) => {
+            tracing::info!(to = %addr, messages = d.messages, "queue drained by the administrator");
+            Ok(Json(json!({
+                "messages": d.messages, "recipients": d.recipients, "refused": d.refused,
+                "held": d.held, "seconds": seconds,
+            })))
+        }
+        Err((d, e)) => Err(ApiError::new(
+            axum::http::StatusCode::BAD_GATEWAY,
+            format!(
+                "drain stopped after {} messages: {e}; the rest is still queued",
+                d.messages
+            ),
+        )),
+    }
 }
 
 type ApiResult = Result<Json<Value>, ApiError>;

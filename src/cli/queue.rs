@@ -10,7 +10,7 @@ use clap::Subcommand;
 use serde_json::Value;
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tern_queue::{MessageId, Spool, SpoolError};
 
@@ -91,6 +91,20 @@ pub enum QueueCommand {
         /// SMTP connections used at once.
         #[arg(long, default_value_t = 4)]
         connections: usize,
+        /// AUTH to the peer with the user name (first line) and password (second line) in
+        /// FILE; always after STARTTLS with a certificate that verifies for --peer-name.
+        #[arg(long, value_name = "FILE")]
+        auth_file: Option<PathBuf>,
+        /// The name the peer's certificate must be valid for (default: its address).
+        #[arg(long, value_name = "NAME")]
+        peer_name: Option<String>,
+        /// More CAs (PEM) the peer's certificate may chain to (besides the system's and
+        /// delivery.ca_file).
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+        /// Loopback peer only: AUTH over TLS even if its certificate does not verify.
+        #[arg(long)]
+        loopback_unverified: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -232,14 +246,22 @@ pub fn run(command: QueueCommand) -> ExitCode {
             to,
             destination,
             connections,
+            auth_file,
+            peer_name,
+            ca_file,
+            loopback_unverified,
             common,
         } => {
-            return super::drain::run(
-                common.config.as_deref(),
+            let args = super::drain::Args {
                 to,
-                destination.as_deref(),
-                *connections,
-            )
+                destination: destination.as_deref(),
+                connections: *connections,
+                auth_file: auth_file.as_deref(),
+                peer_name: peer_name.as_deref(),
+                ca_file: ca_file.as_deref(),
+                loopback_unverified: *loopback_unverified,
+            };
+            return super::drain::run(common.config.as_deref(), &args);
         }
         Q::Flush { select, common } => (
             common,

@@ -17,11 +17,12 @@
 pub mod suppression;
 
 use crate::config::ClusterConfig;
+use crate::telemetry::{ClusterError, Metrics};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 use tracing::{info, warn};
 
@@ -75,6 +76,8 @@ pub struct Store {
     conn: RwLock<Option<Conn>>,
     up: AtomicBool,
     config: ClusterConfig,
+    /// `tern_cluster_*`, registered when the store is made.
+    metrics: Arc<Metrics>,
 }
 
 /// The password in `path`: the first line, without its line end.
@@ -121,13 +124,15 @@ pub fn single_client(
 }
 
 impl Store {
-    /// The store `config` names; nothing is connected yet. Errors (an unreadable password
-    /// file) name the config key.
-    pub fn new(config: &ClusterConfig) -> Result<Store, String> {
+    /// The store `config` names, reported to `metrics`; nothing is connected yet. Errors (an
+    /// unreadable password file) name the config key.
+    pub fn new(config: &ClusterConfig, metrics: Arc<Metrics>) -> Result<Store, String> {
         let client = if config.redis_cluster {
             let mut builder = redis::cluster::ClusterClient::builder(vec![config.url.as_str()])
                 .connection_timeout(config.timeout)
-                .response_timeout(config.timeout);
+                // The follower's blocking stream reads wait BLOCK on purpose; every call is
+                // bounded by `cluster.timeout` (+ its block) in `Store::run` anyway.
+                .response_timeout(config.timeout + suppression::BLOCK);
             if let Some(path) = &config.password_file {
                 let password =
                     read_password(path).map_err(|e| format!("cluster.password_file: {e}"))?;
@@ -152,12 +157,18 @@ impl Store {
                 "cluster.url",
             )?)
         };
+        metrics.cluster().up.set(0);
         Ok(Store {
             client,
             conn: RwLock::new(None),
             up: AtomicBool::new(false),
             config: config.clone(),
+            metrics,
         })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn config(&self) -> &ClusterConfig {
@@ -189,11 +200,15 @@ impl Store {
             redis::cmd("PING").query_async::<()>(&mut conn).await?;
             Ok::<_, redis::RedisError>(conn)
         };
-        match tokio::time::timeout(self.config.timeout, attempt).await {
+        let result = match tokio::time::timeout(self.config.timeout, attempt).await {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {:?}", self.config.timeout)),
+        };
+        if result.is_err() {
+            self.metrics.cluster().error(ClusterError::Connect);
         }
+        result
     }
 
     /// The shared connection, opened when there is none.
@@ -225,6 +240,33 @@ impl Store {
         self.run(&mut conn, cmd, Duration::ZERO).await
     }
 
+    /// Like [`Store::query`], for a command without a key that must run where the fleet's
+    /// keys are (SCAN): on Redis Cluster it goes to the master of the `{prefix}` slot (a
+    /// cluster client would send it to any node, which holds none of them).
+    pub async fn query_in_slot<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T, String> {
+        let mut conn = match self.shared().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                self.down(&e);
+                return Err(e);
+            }
+        };
+        let Conn::Cluster(cluster) = &mut conn else {
+            return self.run(&mut conn, cmd, Duration::ZERO).await;
+        };
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_key(
+            self.key(""),
+            SlotAddr::Master,
+        )));
+        let answer = cluster.route_command(cmd.clone(), route);
+        let value = self.settle(
+            tokio::time::timeout(self.config.timeout, answer).await,
+            Duration::ZERO,
+        )?;
+        redis::from_redis_value(value).map_err(|e| e.to_string())
+    }
+
     /// Runs `cmd` on `conn` (one from [`Store::connect`]) within `cluster.timeout` + `extra`.
     pub async fn run<T: redis::FromRedisValue>(
         &self,
@@ -232,20 +274,36 @@ impl Store {
         cmd: &Cmd,
         extra: Duration,
     ) -> Result<T, String> {
-        match tokio::time::timeout(self.config.timeout + extra, cmd.query_async::<T>(conn)).await {
+        let answer =
+            tokio::time::timeout(self.config.timeout + extra, cmd.query_async::<T>(conn)).await;
+        self.settle(answer, extra)
+    }
+
+    /// The health bookkeeping of one answer (or its absence after `cluster.timeout` +
+    /// `extra`): up on an answer, down on a failed connection or no answer.
+    fn settle<T>(
+        &self,
+        answer: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+        extra: Duration,
+    ) -> Result<T, String> {
+        match answer {
             Ok(Ok(v)) => {
                 self.mark_up();
                 Ok(v)
             }
             Ok(Err(e)) => {
                 // A script error is the script's, not the connection's.
-                if e.kind() != redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) {
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) {
+                    self.metrics.cluster().error(ClusterError::Reply);
+                } else {
+                    self.metrics.cluster().error(ClusterError::Command);
                     self.down(&e.to_string());
                 }
                 Err(e.to_string())
             }
             Err(_) => {
                 let e = format!("no answer within {:?}", self.config.timeout + extra);
+                self.metrics.cluster().error(ClusterError::Timeout);
                 self.down(&e);
                 Err(e)
             }
@@ -254,6 +312,7 @@ impl Store {
 
     fn mark_up(&self) {
         if !self.up.swap(true, Ordering::AcqRel) {
+            self.metrics.cluster().up.set(1);
             info!(node = %self.config.node, "fleet store (cluster.url) reachable");
         }
     }
@@ -261,6 +320,7 @@ impl Store {
     fn down(&self, error: &str) {
         *self.conn.write().unwrap_or_else(PoisonError::into_inner) = None;
         if self.up.swap(false, Ordering::AcqRel) {
+            self.metrics.cluster().up.set(0);
             warn!(node = %self.config.node, error,
                 "fleet store (cluster.url) unreachable: checks use this node's copy, changes wait in its outbox");
         }
@@ -283,11 +343,17 @@ mod tests {
             timeout: Duration::from_millis(10),
             retry: Duration::from_millis(10),
         };
-        let err = |c: ClusterConfig| Store::new(&c).err().expect("refused");
+        let metrics = Arc::new(Metrics::new());
+        let err = |c: ClusterConfig| Store::new(&c, metrics.clone()).err().expect("refused");
         assert!(err(config(Some("/nonexistent/pass"), None)).starts_with("cluster.password_file: "));
         assert!(err(config(None, Some("/nonexistent/ca.pem"))).starts_with("cluster.ca_file: "));
-        let store = Store::new(&config(None, None)).unwrap();
+        let store = Store::new(&config(None, None), metrics.clone()).unwrap();
         assert_eq!(store.key("sup"), "{p}:sup");
         assert!(!store.is_up());
+        assert_eq!(
+            store.metrics().cluster().up.get(),
+            0,
+            "down until it answers"
+        );
     }
 }

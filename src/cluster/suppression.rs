@@ -31,6 +31,7 @@
 
 use super::{Conn, Store};
 use crate::suppression::{Entry, Op, Suppressions, OUTBOX};
+use crate::telemetry::ClusterOutbox;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -45,7 +46,7 @@ const PUSH_BATCH: usize = 256;
 /// Changes per stream read, entries per scan page.
 const PAGE: usize = 1000;
 /// How long a stream read waits for news.
-const BLOCK: Duration = Duration::from_millis(500);
+pub(super) const BLOCK: Duration = Duration::from_millis(500);
 /// The spool meta names of the copy's state: the stream position and the epoch it follows.
 const POSITION: &str = "cluster/suppressions/position";
 /// The spool's random id as a writer of the fleet's list (see the module doc).
@@ -107,9 +108,21 @@ async fn push_loop(
             }
         }
     };
+    let metrics = store.metrics().cluster();
+    // What a previous run left waiting (a scan, once); short reads below keep it exact.
+    let spool = list.spool().clone();
+    if let Ok(Ok(n)) = tokio::task::spawn_blocking(move || spool.count_events(OUTBOX)).await {
+        metrics.outbox_is(ClusterOutbox::Suppressions, n);
+    }
     while !stop.is_cancelled() {
         let batch = match list.spool().events(OUTBOX, PUSH_BATCH) {
-            Ok(batch) => batch,
+            Ok(batch) => {
+                if batch.len() < PUSH_BATCH {
+                    // The whole outbox: exact (corrects a move that raced this read).
+                    metrics.outbox_is(ClusterOutbox::Suppressions, batch.len() as u64);
+                }
+                batch
+            }
             Err(err) => {
                 warn!(error = %err, "cannot read the suppression outbox");
                 sleep_or_stop(retry, &stop).await;
@@ -128,9 +141,16 @@ async fn push_loop(
             Ok(applied) => {
                 debug!(sent = batch.len(), applied, "suppression changes pushed");
                 let seqs: Vec<u64> = batch.iter().map(|(seq, _)| *seq).collect();
-                if let Err(err) = list.spool().remove_events(OUTBOX, &seqs).await {
-                    warn!(error = %err, "cannot remove pushed suppression changes");
-                    sleep_or_stop(retry, &stop).await;
+                metrics.pushed(seqs.len() as u64);
+                match list.spool().remove_events(OUTBOX, &seqs).await {
+                    Ok(()) => metrics.outbox_moved(
+                        ClusterOutbox::Suppressions,
+                        -i64::try_from(seqs.len()).unwrap_or(i64::MAX),
+                    ),
+                    Err(err) => {
+                        warn!(error = %err, "cannot remove pushed suppression changes");
+                        sleep_or_stop(retry, &stop).await;
+                    }
                 }
             }
             Err(err) => {
@@ -171,7 +191,10 @@ async fn push(store: &Store, writer: &str, batch: &[(u64, Vec<u8>)]) -> Result<u
 
 async fn follow_loop(store: Arc<Store>, list: Suppressions, stop: CancellationToken) {
     let retry = store.config().retry;
+    let metrics = store.metrics().cluster();
     let mut conn: Option<Conn> = None;
+    // The last read returned everything that was waiting: the copy is current.
+    let mut current = false;
     while !stop.is_cancelled() {
         let mut c = match conn.take() {
             Some(c) => c,
@@ -184,12 +207,15 @@ async fn follow_loop(store: Arc<Store>, list: Suppressions, stop: CancellationTo
                 }
             },
         };
+        metrics.follower_reading(current);
         let read = tokio::select! {
             r = follow_once(&store, &list, &mut c) => r,
             () = stop.cancelled() => return,
         };
+        current = matches!(read, Ok(n) if n < PAGE);
+        metrics.follower_read(current);
         match read {
-            Ok(()) => conn = Some(c),
+            Ok(_) => conn = Some(c),
             Err(err) => {
                 debug!(error = %err, "suppression follower lost the fleet store");
                 sleep_or_stop(retry, &stop).await;
@@ -205,8 +231,9 @@ async fn connect(store: &Store, list: &Suppressions) -> Result<Conn, String> {
     Ok(conn)
 }
 
-/// Reads and applies one batch of the stream (waiting up to [`BLOCK`] for it).
-async fn follow_once(store: &Store, list: &Suppressions, conn: &mut Conn) -> Result<(), String> {
+/// Reads and applies one batch of the stream (waiting up to [`BLOCK`] for it); how many
+/// stream entries it read.
+async fn follow_once(store: &Store, list: &Suppressions, conn: &mut Conn) -> Result<usize, String> {
     let position = position(list)?.unwrap_or_else(|| "0-0".to_owned());
     let mut cmd = redis::cmd("XREAD");
     cmd.arg("COUNT")
@@ -217,11 +244,13 @@ async fn follow_once(store: &Store, list: &Suppressions, conn: &mut Conn) -> Res
         .arg(store.key("sup:log"))
         .arg(&position);
     let reply: Option<redis::streams::StreamReadReply> = store.run(conn, &cmd, BLOCK).await?;
-    let Some(reply) = reply else { return Ok(()) };
+    let Some(reply) = reply else { return Ok(0) };
     let mut ops = Vec::new();
     let mut last = None;
+    let mut read = 0;
     for key in reply.keys {
         for id in key.ids {
+            read += 1;
             if let Some(op) = id
                 .get::<Vec<u8>>("op")
                 .and_then(|b| serde_json::from_slice::<Op>(&b).ok())
@@ -236,9 +265,10 @@ async fn follow_once(store: &Store, list: &Suppressions, conn: &mut Conn) -> Res
         list.apply(ops, vec![(POSITION.to_owned(), last.into_bytes())])
             .await
             .map_err(|e| format!("spool: {e}"))?;
+        store.metrics().cluster().applied(n as u64);
         debug!(n, "suppression changes applied from the fleet");
     }
-    Ok(())
+    Ok(read)
 }
 
 /// The spool's writer id, made (random) and stored the first time.
@@ -389,6 +419,7 @@ async fn catch_up(store: &Store, list: &Suppressions, conn: &mut Conn) -> Result
     )
     .await
     .map_err(|e| format!("spool: {e}"))?;
+    store.metrics().cluster().resynced(mode.as_str());
     info!(
         ?mode,
         scanned, pushed, removed, "suppression list: resync with the fleet store done"
@@ -404,8 +435,29 @@ enum Resync {
     Authoritative,
 }
 
+impl Resync {
+    /// The `mode` label of `tern_cluster_resyncs_total`.
+    fn as_str(self) -> &'static str {
+        match self {
+            Resync::Merge => "merge",
+            Resync::Authoritative => "authoritative",
+        }
+    }
+}
+
 /// The stream's last id and the highest id trimmed away (both "0-0" for no stream).
 async fn stream_info(store: &Store, conn: &mut Conn) -> Result<(String, String), String> {
+    // A fleet's first start has no stream yet: asked first, so no error reply is counted.
+    let exists: i64 = store
+        .run(
+            conn,
+            redis::cmd("EXISTS").arg(store.key("sup:log")),
+            Duration::ZERO,
+        )
+        .await?;
+    if exists == 0 {
+        return Ok(("0-0".into(), "0-0".into()));
+    }
     let mut cmd = redis::cmd("XINFO");
     cmd.arg("STREAM").arg(store.key("sup:log"));
     let reply: Result<redis::Value, String> = store.run(conn, &cmd, Duration::ZERO).await;

@@ -201,7 +201,7 @@ impl Daemon {
         let cluster = config
             .cluster
             .as_ref()
-            .map(|c| crate::cluster::Store::new(c).map(Arc::new))
+            .map(|c| crate::cluster::Store::new(c, metrics.clone()).map(Arc::new))
             .transpose()
             .map_err(anyhow::Error::msg)?;
         let feedback = FeedbackSystem::start(

@@ -12,6 +12,7 @@
 
 use super::{Scheduler, Suspension};
 use crate::cluster::Store;
+use crate::telemetry::ClusterOutbox;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -54,6 +55,7 @@ impl FleetSuspensions {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(entry);
+        self.count();
         self.flush().await;
     }
 
@@ -90,7 +92,21 @@ impl FleetSuspensions {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(0);
+            self.count();
         }
+    }
+
+    /// `tern_cluster_outbox_depth{state="suspensions"}`: the unsent changes now.
+    fn count(&self) {
+        let n = self
+            .unsent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        self.store
+            .metrics()
+            .cluster()
+            .outbox_is(ClusterOutbox::Suspensions, n as u64);
     }
 
     /// The fleet's active suspensions, after writing this node's unsent changes.

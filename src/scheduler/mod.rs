@@ -41,6 +41,7 @@
 //!   worker limit for queues from their next enqueue and the watchdog period from its next
 //!   tick; workers already running are not stopped.
 
+pub mod drain;
 pub mod fleet;
 mod lookups;
 mod ready;
@@ -893,6 +894,51 @@ impl Scheduler {
             self.inner.wake_loader.notify_one();
         }
         Ok(changed.len())
+    }
+
+    /// Takes message `id` out of this node's delivery for a live drain: holds it (under its
+    /// lock, so no new attempt starts), then waits until no attempt of it is in flight (an
+    /// attempt begun before the hold ends and writes its outcome first). Returns the
+    /// envelope as it is then; `None` when it is gone (delivered meanwhile) or was held
+    /// already (an operator's hold: left alone).
+    pub async fn claim(&self, id: MessageId) -> Result<Option<Envelope>, SpoolError> {
+        if !self.inner.settler.hold(id).await? {
+            return Ok(None);
+        }
+        loop {
+            {
+                let mut state = self.state();
+                // On a timer: not in flight; out of memory now, held, never reloaded.
+                let timer = state.timers.iter().find(|(_, t)| *t == id).copied();
+                if let Some(entry) = timer {
+                    state.timers.remove(&entry);
+                    state.in_memory.remove(&id);
+                }
+                // Waiting in a ready queue: not in flight either; taken out.
+                if state.in_memory.contains(&id) && state.queues.values_mut().any(|q| q.take(id)) {
+                    state.in_memory.remove(&id);
+                }
+                if !state.in_memory.contains(&id) {
+                    break;
+                }
+            }
+            // In flight (until its outcome is written) or being routed.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.inner.spool.envelope(id)
+    }
+
+    /// The `[delivery]` config in force (a reload replaces it).
+    pub fn delivery_config(&self) -> Arc<DeliveryConfig> {
+        self.inner.config.get()
+    }
+
+    /// Gives a claimed message back to delivery (the drain could not relay it): released,
+    /// due at once.
+    pub async fn unclaim(&self, id: MessageId) -> Result<(), SpoolError> {
+        self.inner.settler.release(id).await?;
+        self.inner.wake_loader.notify_one();
+        Ok(())
     }
 
     /// Reports queues that have mail but made no progress for a while, and starts a worker

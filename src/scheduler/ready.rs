@@ -62,6 +62,13 @@ impl ReadyQueue {
         self.messages.push_back(id);
     }
 
+    /// Takes `id` out of the queue (a live drain claims it); whether it was waiting here.
+    pub fn take(&mut self, id: MessageId) -> bool {
+        let before = self.messages.len();
+        self.messages.retain(|m| *m != id);
+        self.messages.len() != before
+    }
+
     pub fn pop(&mut self) -> Option<(MessageId, RoutePlan)> {
         let id = self.messages.pop_front()?;
         let plan = self.plan.clone()?;

@@ -594,7 +594,7 @@ impl SendTime {
         let mut profiles = Vec::new();
         loop {
             let (next, keys): (u64, Vec<String>) = store
-                .query(
+                .query_in_slot(
                     redis::cmd("SCAN")
                         .arg(cursor)
                         .arg("MATCH")

@@ -44,6 +44,12 @@ fn mutating_routes() -> Vec<(&'static str, &'static str, &'static str, &'static 
         ("POST", "/queue/delete", "/queue/delete", selector),
         (
             "POST",
+            "/queue/drain",
+            "/queue/drain",
+            r#"{"to": "127.0.0.1:9"}"#,
+        ),
+        (
+            "POST",
             "/suppressions",
             "/suppressions",
             r#"{"address": "new@sink.test"}"#,
@@ -198,6 +204,17 @@ async fn each_token_gets_only_its_scopes_and_the_token_file_keeps_every_right() 
     .await;
     assert_eq!(status, 403);
     let (status, _) = http(admin, "POST", "/api/v1/inject", Some(QUEUE), Some(inject)).await;
+    assert_eq!(status, 403);
+    // A drain reads files on the host and empties the queue: admin only.
+    let drain = r#"{"to": "127.0.0.1:9"}"#;
+    let (status, _) = http(
+        admin,
+        "POST",
+        "/api/v1/queue/drain",
+        Some(QUEUE),
+        Some(drain),
+    )
+    .await;
     assert_eq!(status, 403);
 
     // admin scope and the token file: everything.

@@ -43,6 +43,18 @@ fn node_options_with(
     mode: &str,
     cluster: &str,
 ) -> Options {
+    fleet_options(&redis.url(), sink, keys, name, mode, cluster)
+}
+
+/// A fleet node's options with the store at `url` and more `[cluster]` keys.
+fn fleet_options(
+    url: &str,
+    sink: &Sink,
+    keys: &Path,
+    name: &str,
+    mode: &str,
+    cluster: &str,
+) -> Options {
     Options::default()
         .deliver()
         .delivery("idle_timeout", "\"1s\"")
@@ -51,7 +63,7 @@ fn node_options_with(
             "{}\n[suppression]\nmode = \"{mode}\"\n\n[cluster]\nurl = \"{}\"\nnode = \"{name}\"\n\
              prefix = \"fleet\"\ntimeout = \"200ms\"\nretry = \"100ms\"\n{cluster}\n",
             fleet_keys(keys),
-            redis.url()
+            url
         ))
 }
 
@@ -146,6 +158,17 @@ async fn suppress(server: &TestServer, address: &str) {
         .await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// The value of series `series` (name and labels as exported) on `server`'s /metrics.
+async fn metric(server: &TestServer, series: &str) -> Option<f64> {
+    let (status, text) = crate::harness::http(server.admin(), "GET", "/metrics", None, None).await;
+    assert_eq!(status, 200);
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+const OUTBOX: &str = "tern_cluster_outbox_depth{state=\"suppressions\"}";
+const LAG: &str = "tern_cluster_follower_lag_seconds";
 
 async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
     let deadline = Instant::now() + T;
@@ -264,6 +287,35 @@ async fn with_redis_down_nodes_keep_working_and_every_change_replays_once() {
         node_list(&a).await == expected && node_list(&b).await == expected
     })
     .await;
+    for node in [&a, &b] {
+        assert_eq!(metric(node, "tern_cluster_up").await, Some(1.0));
+        // The pusher's next look at its outbox makes the gauge exact (within cluster.retry).
+        wait_until("nothing waits in the outbox", || async {
+            metric(node, OUTBOX).await == Some(0.0)
+        })
+        .await;
+        assert!(metric(node, LAG).await.unwrap() < 1.0, "a current copy");
+        assert!(
+            metric(
+                node,
+                "tern_cluster_suppression_changes_total{direction=\"applied\"}"
+            )
+            .await
+            .unwrap()
+                >= 5.0,
+            "the fleet's changes applied"
+        );
+    }
+    assert!(
+        metric(
+            &a,
+            "tern_cluster_suppression_changes_total{direction=\"pushed\"}"
+        )
+        .await
+        .unwrap()
+            >= 3.0,
+        "A's changes pushed"
+    );
 
     redis.kill();
     // Both nodes keep taking and delivering mail; checks use their own copies.
@@ -306,6 +358,27 @@ async fn with_redis_down_nodes_keep_working_and_every_change_replays_once() {
         a.spool().events("cluster/suppressions", 100).unwrap().len() >= 20,
         "A's changes wait in its outbox"
     );
+    // The metrics show it: the store down, each outbox holding exactly its node's changes,
+    // the copies' lag growing.
+    for (node, waiting) in [(&a, 21.0), (&b, 20.0)] {
+        assert_eq!(metric(node, "tern_cluster_up").await, Some(0.0));
+        wait_until("the outbox gauge counts every waiting change", || async {
+            metric(node, OUTBOX).await == Some(waiting)
+        })
+        .await;
+    }
+    wait_until("the followers' lag grows", || async {
+        metric(&a, LAG).await.unwrap() > 1.0 && metric(&b, LAG).await.unwrap() > 1.0
+    })
+    .await;
+    let errors = |text: String| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("tern_cluster_errors_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let (_, text) = crate::harness::http(a.admin(), "GET", "/metrics", None, None).await;
+    assert!(errors(text) > 0.0, "failed calls counted");
 
     // Redis comes back with its data (AOF): each waiting change is applied exactly once.
     redis.restart().await;
@@ -328,7 +401,20 @@ async fn with_redis_down_nodes_keep_working_and_every_change_replays_once() {
             .unwrap()
             .is_empty());
         assert_eq!(rcpt_code(node, "down-b19@a.test").await, 550);
+        // Back: up, the outbox drained, the copy current again.
+        wait_until("the metrics show the store back", || async {
+            metric(node, "tern_cluster_up").await == Some(1.0)
+                && metric(node, OUTBOX).await == Some(0.0)
+                && metric(node, LAG).await.unwrap() < 1.0
+        })
+        .await;
     }
+    // Redis kept its data: nobody needed a resync.
+    assert_eq!(
+        metric(&a, "tern_cluster_resyncs_total{mode=\"merge\"}").await,
+        Some(1.0),
+        "only the first connection merged"
+    );
 
     // Redis dies again and comes back empty (no persistence): the nodes' copies refill it.
     redis.kill();
@@ -344,6 +430,13 @@ async fn with_redis_down_nodes_keep_working_and_every_change_replays_once() {
         node_list(&a).await == expected && node_list(&b).await == expected
     })
     .await;
+    for node in [&a, &b] {
+        assert_eq!(
+            metric(node, "tern_cluster_resyncs_total{mode=\"merge\"}").await,
+            Some(2.0),
+            "an emptied store is merged into"
+        );
+    }
     a.stop().await;
     b.stop().await;
 }
@@ -395,11 +488,15 @@ async fn a_fleet_node_never_generates_its_own_keys() {
 
 /// A fleet node with tracking and the `promo` campaign (variants a and b).
 fn campaign_node(redis: &RedisServer, sink: &Sink, keys: &Path, name: &str) -> Options {
+    campaign_options(node_options(redis, sink, keys, name, "reject"), keys)
+}
+
+/// `options` with tracking and the `promo` campaign, the tracking key from `keys`.
+fn campaign_options(mut options: Options, keys: &Path) -> Options {
     let tracking = keys.join("tracking.key");
     if !tracking.exists() {
         write_secret(&tracking, "fleet-tracking-key-0123456789abcdef\n");
     }
-    let mut options = node_options(redis, sink, keys, name, "reject");
     options.extra.push(crate::sidecar::tracking_config(keys));
     options
 }
@@ -684,6 +781,183 @@ async fn a_fleet_over_rediss_with_its_own_ca() {
         rcpt_code(&b, "tls@a.test").await == 550
     })
     .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The fleet on a real Redis Cluster (three masters on loopback, joined by `redis-cli
+/// --cluster create`): every fleet key carries the hash tag `{fleet}`, so the scripts, the
+/// multi-key reads and the scans that the fleet runs all stay in one slot (no CROSSSLOT).
+/// A bounce on A is refused by B within a second, a link minted on A and clicked through B
+/// updates the one profile, the bandit counts agree and a refit reads the shared profiles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_on_a_redis_cluster_shares_suppressions_engagement_and_bandits() {
+    let cluster = crate::redis_server::RedisCluster::start().await;
+    let sink = sink().await;
+    let keys = tempfile::tempdir().unwrap();
+    let node = |name: &str| {
+        let options = fleet_options(
+            &cluster.url(),
+            &sink,
+            keys.path(),
+            name,
+            "reject",
+            "redis_cluster = true\n",
+        );
+        campaign_options(options, keys.path())
+    };
+    let a = TestServer::start(node("a")).await;
+    let b = TestServer::start(node("b")).await;
+    for n in [&a, &b] {
+        wait_until("the node reaches the cluster", || async {
+            metric(n, "tern_cluster_up").await == Some(1.0)
+        })
+        .await;
+    }
+    assert_eq!(
+        rcpt_code(&b, "gone@a.test").await,
+        250,
+        "not suppressed yet"
+    );
+
+    // A bounce on A, refused by B within a second.
+    submit(&a, "gone@a.test").await;
+    wait_until("the bounce suppressed on A", || async {
+        a.api("GET", "/api/v1/suppressions/gone@a.test", None)
+            .await
+            .0
+            == 200
+    })
+    .await;
+    let seen_on_a = Instant::now();
+    wait_until("B refuses the address", || async {
+        rcpt_code(&b, "gone@a.test").await == 550
+    })
+    .await;
+    let lag = seen_on_a.elapsed();
+    eprintln!("Redis Cluster: suppression on A refused by B after {lag:?}");
+    assert!(lag < Duration::from_secs(1), "B refused only after {lag:?}");
+    let mut conn = cluster.connection().await;
+    let list: BTreeSet<String> = redis::cmd("HKEYS")
+        .arg("{fleet}:sup")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(list, BTreeSet::from(["gone@a.test".into()]));
+
+    // A link minted on A, clicked through B: the one profile, read on A.
+    let (status, answer) = a
+        .api(
+            "POST",
+            "/api/v1/inject",
+            Some(&json!({
+                "from": "news@a.test",
+                "to": ["ann@a.test"],
+                "raw": "From: news@a.test\nSubject: x\n\nx\n",
+                "sidecar": {"campaign": "promo"},
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let variant = answer["sidecar"][0]["variant"].as_str().unwrap().to_owned();
+    // (The sink also gets the bounce's DSN to app@a.test.)
+    let to_ann = || {
+        sink.messages()
+            .into_iter()
+            .find(|m| m.rcpt_addresses().contains(&"ann@a.test"))
+    };
+    wait_until("the campaign message delivered", || async {
+        to_ann().is_some()
+    })
+    .await;
+    let message = to_ann().unwrap();
+    let parsed = mail_parser::MessageParser::default()
+        .parse(&message.data)
+        .unwrap();
+    let html = parsed.body_html(0).unwrap().into_owned();
+    let click = html
+        .split("http://t.example.com/t/c/")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap_or_else(|| panic!("no click link in {html}"))
+        .to_owned();
+    let iphone = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15";
+    let (status, text) = crate::sidecar::get(b.admin(), &format!("/t/c/{click}"), iphone).await;
+    assert_eq!(status, 302, "{text}");
+    wait_until("A sees the engagement B recorded", || async {
+        let (status, p) = a.api("GET", "/api/v1/recipients/ann@a.test", None).await;
+        status == 200 && p["engagements"].as_f64() >= Some(1.0)
+    })
+    .await;
+
+    // Bandit counts: the send on A, the reward on B; both hold the sum.
+    for _ in 0..2 {
+        a.daemon().sidecar().apply_bandit_batch().await;
+        b.daemon().sidecar().apply_bandit_batch().await;
+    }
+    let (on_a, on_b) = (
+        a.daemon().sidecar().bandit_arms("promo"),
+        b.daemon().sidecar().bandit_arms("promo"),
+    );
+    assert_eq!(on_a, on_b, "both nodes hold the fleet's counts");
+    assert_eq!(
+        (on_a[&variant].sends, on_a[&variant].rewards),
+        (1.0, 1.0),
+        "{on_a:?}"
+    );
+
+    // A refit under the lease reads every shared profile (the scan runs on the slot's node).
+    // A scan (the refit's SCAN + MGET of every profile) goes to the slot's master, where
+    // the fleet's keys are: through a store of its own, it finds the profile.
+    let store = tern::cluster::Store::new(
+        &tern::config::ClusterConfig {
+            url: cluster.url(),
+            redis_cluster: true,
+            password_file: None,
+            ca_file: None,
+            node: "probe".into(),
+            prefix: "fleet".into(),
+            timeout: Duration::from_secs(2),
+            retry: Duration::from_millis(100),
+        },
+        std::sync::Arc::new(tern::telemetry::Metrics::new()),
+    )
+    .unwrap();
+    let mut found = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, page): (u64, Vec<String>) = store
+            .query_in_slot(
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg("{fleet}:prof:*")
+                    .arg("COUNT")
+                    .arg(100),
+            )
+            .await
+            .unwrap();
+        found.extend(page);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    assert_eq!(found, ["{fleet}:prof:ann@a.test"]);
+    let (status, body) = a.api("POST", "/api/v1/sendtime/refit", None).await;
+    assert_eq!(status, 200, "{body}");
+
+    // No call was refused by the cluster (CROSSSLOT, MOVED left unfollowed, ...), and the
+    // follower's blocking reads outlast the cluster client's own response timeout.
+    for n in [&a, &b] {
+        for kind in ["reply", "timeout", "command"] {
+            assert_eq!(
+                metric(n, &format!("tern_cluster_errors_total{{kind=\"{kind}\"}}")).await,
+                Some(0.0),
+                "{kind} errors"
+            );
+        }
+    }
     a.stop().await;
     b.stop().await;
 }

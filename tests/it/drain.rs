@@ -316,3 +316,217 @@ async fn spool_backup_of_a_running_node_is_consistent_and_restores() {
     }
     server.stop().await;
 }
+
+/// A stopped node's spool with `n` deferred messages; its config file and spool path.
+async fn stopped_node(dir: &std::path::Path, n: usize) -> (std::path::PathBuf, std::path::PathBuf) {
+    let text = Options::default().config_text(dir, "127.0.0.1:0", "127.0.0.1:0");
+    let config_path = dir.join("tern.toml");
+    std::fs::write(&config_path, &text).unwrap();
+    let spool_path = tern::config::Config::load(&config_path).unwrap().spool.path;
+    let now = tern::clock::now_ms();
+    let spool = Spool::open(&spool_path).unwrap();
+    let parts: Vec<(Envelope, Vec<u8>)> = (0..n).map(|i| deferred(&spool, i, now)).collect();
+    spool.commit(parts).await.unwrap();
+    spool.flush().await.unwrap();
+    (config_path, spool_path)
+}
+
+fn queued(spool_path: &std::path::Path) -> usize {
+    Spool::open(spool_path)
+        .unwrap()
+        .envelopes_after(None)
+        .count()
+}
+
+/// The peer takes mail only from authenticated clients (no relay networks), AUTH only after
+/// STARTTLS: a wrong password moves nothing and says why; the right one (from a file, the
+/// peer's certificate verified for its name against the given CA) moves everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_logs_in_to_a_peer_that_requires_auth() {
+    let old = tempfile::tempdir().unwrap();
+    let (config_path, spool_path) = stopped_node(old.path(), 40).await;
+    let peer = TestServer::start(Options::default().tls().auth().relay(&[])).await;
+    let (_, _, ca) = crate::harness::write_cert_files(old.path());
+    let cfg = config_path.to_str().unwrap();
+    let to = peer.smtp.to_string();
+    let wrong = old.path().join("wrong.auth");
+    std::fs::write(
+        &wrong,
+        format!("{}\nnot-the-password\n", crate::harness::USER),
+    )
+    .unwrap();
+    let right = old.path().join("right.auth");
+    std::fs::write(
+        &right,
+        format!("{}\n{}\n", crate::harness::USER, crate::harness::PASSWORD),
+    )
+    .unwrap();
+    let args = |auth: &std::path::Path| {
+        vec![
+            "queue".to_owned(),
+            "drain".into(),
+            "--config".into(),
+            cfg.into(),
+            "--to".into(),
+            to.clone(),
+            "--auth-file".into(),
+            auth.display().to_string(),
+            "--peer-name".into(),
+            "localhost".into(),
+            "--ca-file".into(),
+            ca.display().to_string(),
+        ]
+    };
+
+    let wrong_args = args(&wrong);
+    eprintln!("step: wrong password");
+    let out = run_tern(
+        &wrong_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        None,
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "a wrong password fails the drain");
+    assert!(
+        stderr.contains("535") && stderr.contains("still queued"),
+        "the error names the refusal: {stderr}"
+    );
+    assert!(
+        !stderr.contains("not-the-password"),
+        "no password in the error"
+    );
+    assert_eq!(queued(&spool_path), 40, "nothing removed");
+    assert!(peer.envelopes().is_empty(), "nothing arrived");
+
+    // Without a CA that vouches for the peer, no password is sent.
+    let mut unverified = args(&right);
+    unverified.truncate(unverified.len() - 2);
+    eprintln!("step: unverified");
+    let out = run_tern(
+        &unverified.iter().map(String::as_str).collect::<Vec<_>>(),
+        None,
+    )
+    .await;
+    assert!(!out.status.success());
+    assert_eq!(queued(&spool_path), 40, "nothing removed");
+
+    let right_args = args(&right);
+    eprintln!("step: right");
+    let out = run_tern(
+        &right_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        None,
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(queued(&spool_path), 0, "all moved");
+    let moved = peer.envelopes();
+    assert_eq!(moved.len(), 40);
+    let keys: std::collections::HashSet<String> = moved.iter().map(key).collect();
+    assert_eq!(keys.len(), 40, "none twice");
+}
+
+/// A running node drains itself through its API while its scheduler delivers (the sink
+/// takes a while per message, so attempts are in flight) and mail keeps arriving: every
+/// recipient ends up in exactly one place (delivered by the node, moved to the peer, or
+/// still queued), never two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_node_drains_without_losing_or_doubling_mail() {
+    use crate::sink::{Sink, SinkBehaviour};
+    let sink =
+        Sink::start(SinkBehaviour::default().data_delay(std::time::Duration::from_millis(500)))
+            .await;
+    let node = TestServer::start(
+        Options::default()
+            .deliver()
+            .delivery("max_connections_per_destination", 1)
+            .route("a.test", sink.addr),
+    )
+    .await;
+    let peer = TestServer::start(Options::default()).await;
+    let mut all = std::collections::BTreeSet::new();
+    let mut c = node.connect().await;
+    c.ehlo().await;
+    for i in 0..150 {
+        let rcpt = format!("m{i}@a.test");
+        c.submit(
+            "app@sender.test",
+            &[&rcpt],
+            b"Subject: live\r\n\r\nbody\r\n",
+        )
+        .await;
+        all.insert(rcpt);
+    }
+    // Intake keeps working while the drain runs.
+    let writer = {
+        let smtp = node.smtp;
+        tokio::spawn(async move {
+            let mut c = crate::harness::Client::connect(smtp).await;
+            c.expect_greeting().await;
+            c.ehlo().await;
+            let mut sent = Vec::new();
+            for i in 0..50 {
+                let rcpt = format!("late{i}@a.test");
+                c.submit(
+                    "app@sender.test",
+                    &[&rcpt],
+                    b"Subject: late\r\n\r\nbody\r\n",
+                )
+                .await;
+                sent.push(rcpt);
+            }
+            sent
+        })
+    };
+    let (status, body) = node
+        .api(
+            "POST",
+            "/api/v1/queue/drain",
+            Some(&serde_json::json!({"to": peer.smtp.to_string(), "connections": 2})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    all.extend(writer.await.unwrap());
+    // Let the node finish what it still delivers itself.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !node.envelopes().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let mut places: HashMap<String, Vec<&str>> = HashMap::new();
+    for m in sink.messages() {
+        for r in m.rcpt_addresses() {
+            places.entry(r.to_owned()).or_default().push("delivered");
+        }
+    }
+    for env in peer.envelopes() {
+        for r in &env.recipients {
+            places.entry(r.address.clone()).or_default().push("moved");
+        }
+    }
+    for env in node.envelopes() {
+        for r in &env.recipients {
+            if r.state == RecipientState::Pending {
+                places.entry(r.address.clone()).or_default().push("queued");
+            }
+        }
+    }
+    for rcpt in &all {
+        assert_eq!(
+            places.get(rcpt).map(Vec::len),
+            Some(1),
+            "{rcpt}: {:?}",
+            places.get(rcpt)
+        );
+    }
+    let moved = places.values().filter(|p| p == &&vec!["moved"]).count();
+    eprintln!(
+        "live drain: {moved} moved, {} delivered by the node meanwhile ({body})",
+        all.len() - moved
+    );
+    assert!(moved > 0, "the drain moved mail");
+    assert_eq!(body["messages"].as_u64(), Some(moved as u64));
+}
