@@ -8,8 +8,10 @@
 //!   address records). Anything that may heal is Temporary (4.4.3), so a DNS outage defers
 //!   mail and never bounces it.
 //! - The destination key depends only on where mail goes (the host set), never on the
-//!   recipient domain, so domains sharing MX hosts share one ready queue and its connection
-//!   limits.
+//!   recipient domain, so domains sharing MX hosts share their connection limits, and one
+//!   ready queue when their policies are the same ([`RoutePlan::queue_key`]: a domain with
+//!   MTA-STS `enforce` or DANE waits on a queue of its own, as its messages must never leave
+//!   with a neighbour's weaker plan).
 //! - Addresses are resolved per hop when connecting, not when planning: only the hops actually
 //!   tried cost a lookup, and each answer is as fresh as the resolver's cache allows.
 //! - Addresses of hops the recipient's domain chose (MX, implicit MX, address literal) pass
@@ -62,7 +64,8 @@ pub struct Hop {
 /// How to deliver to one recipient domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutePlan {
-    /// Destination key: domains whose mail goes to the same host set share one ready queue.
+    /// Destination key: domains whose mail goes to the same host set share it (and one ready
+    /// queue when their policies agree, [`RoutePlan::queue_key`]).
     /// MX routing: `"mx:"` + the sorted, comma-joined MX host names (for an implicit MX or an
     /// address literal, `"mx:"` + the domain); static routes: `"route:"` + the route's domain
     /// (`"*"` included).
