@@ -11,16 +11,19 @@
 //!   microsoft bench{k}.mail.protection.outlook.com -> 127.0.0.3
 //!   yahoo     mta{k}.am0.yahoodns.net          -> 127.0.0.4
 //!   apple     mx{k}.mail.icloud.com            -> 127.0.0.5
-//! Prints `dns_server=127.0.0.1:PORT` once serving; when stdin closes, prints the queries it
-//! got by record type (`dns_queries type=MX n=...`) and exits. Loopback only: it binds
-//! 127.0.0.1 and answers nothing but these names (everything else is NXDOMAIN).
+//! Prints `dns_server=IP:PORT` once serving. For each line read on stdin it prints the
+//! queries got so far by record type (`dns_queries type=MX n=...`), then `dns_queries end`
+//! (the bench reads them between phases); when stdin closes, it prints them once more and
+//! exits. Loopback only: it binds 127.0.0.1 on a free port, or the loopback address given
+//! as second argument (`127.0.0.53:53`, for Postfix's libc resolver), and answers nothing
+//! but these names (everything else is NXDOMAIN).
 
 #[allow(dead_code)]
 #[path = "../tests/it/dns_server.rs"]
 mod dns_server;
 
 use dns_server::{DnsServer, Zone};
-use tokio::io::AsyncReadExt;
+use tokio::io::AsyncBufReadExt;
 
 /// (provider, MX host pattern with `{k}`, sink address)
 const PROVIDERS: [(&str, &str, &str); 4] = [
@@ -52,13 +55,25 @@ async fn main() {
         let host = pattern.replace("{k}", &((i / 4) % HOSTS).to_string());
         zone = zone.mx(&format!("d{i}.bench.test"), 10, &host);
     }
-    let server = DnsServer::start(zone).await;
+    let server = match std::env::args().nth(2) {
+        Some(addr) => {
+            let addr: std::net::SocketAddr = addr.parse().expect("ADDR: ip:port");
+            DnsServer::start_at(zone, addr).await
+        }
+        None => DnsServer::start(zone).await,
+    };
     println!("dns_server={}", server.addr);
-    // Runs until the caller closes stdin.
-    let mut stdin = tokio::io::stdin();
-    let mut buf = [0u8; 64];
-    while stdin.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    // Runs until the caller closes stdin; each line asks for the counts so far.
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(_)) = lines.next_line().await {
+        print_counts(&server);
+    }
+    print_counts(&server);
+}
+
+fn print_counts(server: &DnsServer) {
     for (record_type, n) in server.queries_by_type() {
         println!("dns_queries type={record_type} n={n}");
     }
+    println!("dns_queries end");
 }

@@ -619,6 +619,9 @@ pub struct Connection {
     /// The policy and AUTH user it was opened with: the pool hands it only to a target
     /// asking for the same.
     policy: TlsPolicy,
+    /// The DANE records its certificate was checked against (`None`: no DANE check): a
+    /// connection is reused only under the same records.
+    tlsa: Option<Arc<crate::routing::dane::TlsaSet>>,
     auth_user: Option<String>,
     tls: Option<TlsInfo>,
     capabilities: Capabilities,
@@ -799,6 +802,7 @@ async fn open(
         addr: target.addr,
         source: target.source,
         policy: target.tls,
+        tlsa: checks.tlsa.cloned(),
         auth_user: None,
         tls,
         capabilities,
@@ -961,8 +965,29 @@ impl Connection {
     /// and AUTH user), so that a pooled connection never bypasses a route's policy.
     pub(crate) fn suits(&self, target: &Target<'_>) -> bool {
         self.host.eq_ignore_ascii_case(target.host)
+            && self.source == target.source
             && self.policy == target.tls
             && self.auth_user.as_deref() == target.auth.map(|(user, _)| user)
+    }
+
+    /// [`Connection::suits`], and checked against exactly the DANE records `tlsa` (or, with
+    /// `None`, opened without a DANE check): the strict rule for carrying another domain's
+    /// mail, whose policy may ask more of the same host than the one it was opened for.
+    pub(crate) fn suits_checked(
+        &self,
+        target: &Target<'_>,
+        tlsa: Option<&Arc<crate::routing::dane::TlsaSet>>,
+    ) -> bool {
+        self.suits(target) && self.checked_against(tlsa)
+    }
+
+    /// Whether its certificate was checked against exactly the DANE records `tlsa` (`None`:
+    /// opened without a DANE check).
+    pub(crate) fn checked_against(
+        &self,
+        tlsa: Option<&Arc<crate::routing::dane::TlsaSet>>,
+    ) -> bool {
+        self.tlsa.as_deref() == tlsa.map(|set| &**set)
     }
 
     /// Whether the server has sent something (a 421 before closing, or the close itself)

@@ -4,8 +4,11 @@
 //! - Only connections that ended their last transaction cleanly are kept
 //!   ([`Connection::is_reusable`]), and only while they have carried fewer than
 //!   `max_messages_per_connection` transactions.
-//! - A connection is handed out only to a target asking for the same host name, TLS policy
-//!   and AUTH user it was opened with: reuse never weakens a route's TLS or AUTH setting.
+//! - A connection is handed out only to a target asking for the same host name, source, TLS
+//!   policy and AUTH user it was opened with: reuse never weakens a route's TLS or AUTH
+//!   setting. Domains that share an MX host share its connections (the key is the address,
+//!   not the recipient domain); the delivery worker adds the DANE records and the shaping
+//!   group to the match ([`ConnectionPool::take_where`]).
 //! - Nothing idle longer than `idle_timeout` is handed out, nor a connection the server has
 //!   spoken on (or closed) while it was idle.
 //! - The pool holds no lock across an await: connections leaving it are closed outside it.
@@ -80,6 +83,16 @@ impl ConnectionPool {
     /// suits it. Expired connections and ones the server has spoken on are dropped on the
     /// way (without QUIT: the server has likely given up on them already).
     pub fn take(&self, target: &Target<'_>) -> Option<Connection> {
+        self.take_where(target, |_| true)
+    }
+
+    /// [`ConnectionPool::take`], of the connections that `also` accepts too (the DANE records
+    /// they were checked against, the shaping group their lease counts in).
+    pub fn take_where(
+        &self,
+        target: &Target<'_>,
+        also: impl Fn(&Connection) -> bool,
+    ) -> Option<Connection> {
         let mut idle = self.lock();
         let key = (target.source, target.addr);
         let list = idle.get_mut(&key)?;
@@ -93,7 +106,10 @@ impl ConnectionPool {
             list.drain(..=last_expired);
         }
         let found = loop {
-            let Some(pos) = list.iter().rposition(|i| i.conn.suits(target)) else {
+            let Some(pos) = list
+                .iter()
+                .rposition(|i| i.conn.suits(target) && also(&i.conn))
+            else {
                 break None;
             };
             let entry = list.remove(pos);
@@ -175,6 +191,37 @@ impl ConnectionPool {
         }
         if !evicted.is_empty() {
             self.tasks.spawn(quit_all(evicted));
+        }
+    }
+
+    /// Takes the one connection idle longest of those `which` selects out of the pool and
+    /// QUITs it on a task of its own (a shaping cap needs one place back: the others may
+    /// still be reused by the domains they serve). Whether one was found.
+    pub fn evict_oldest(&self, which: impl Fn(&Connection) -> bool) -> bool {
+        let evicted = {
+            let mut idle = self.lock();
+            let oldest = idle
+                .iter()
+                .filter_map(|(key, list)| {
+                    let pos = list.iter().position(|i| which(&i.conn))?;
+                    Some((*key, pos, list[pos].since))
+                })
+                .min_by_key(|(_, _, since)| *since);
+            oldest.and_then(|(key, pos, _)| {
+                let list = idle.get_mut(&key)?;
+                let entry = list.remove(pos);
+                if list.is_empty() {
+                    idle.remove(&key);
+                }
+                Some(entry.conn)
+            })
+        };
+        match evicted {
+            Some(conn) => {
+                self.tasks.spawn(quit_all(vec![conn]));
+                true
+            }
+            None => false,
         }
     }
 

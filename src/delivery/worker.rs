@@ -322,6 +322,12 @@ impl Worker {
         };
 
         let settings = self.settings.get();
+        // The kept connection may have been opened for another domain behind the same hosts:
+        // it carries this message only if it meets this plan's policy (the scheduler checks
+        // first, so that a replacement gets a shaping slot; this is the last line).
+        if let Some(conn) = connection.take_if(|c| !self.fits(c, plan)) {
+            self.pool.put(conn).await;
+        }
         // A kept connection gets one chance; if it fails before anything was accepted, a
         // fresh connection is tried once.
         let mut reused = connection.is_some();
@@ -386,6 +392,82 @@ impl Worker {
         self.pool.evict(which);
     }
 
+    /// Closes the one idle pooled connection that `which` selects and that has idled
+    /// longest; whether there was one.
+    pub fn evict_idle_oldest(&self, which: impl Fn(&Connection) -> bool) -> bool {
+        self.pool.evict_oldest(which)
+    }
+
+    /// Whether `conn` (open, from another message, perhaps of another domain) may carry a
+    /// message under `plan`. Strict: its host is one of the plan's hosts (an MTA-STS policy
+    /// lists which), DANE does not refuse that host, and it was opened with exactly the TLS
+    /// level, DANE records and AUTH user the plan asks of that host. A connection opened for
+    /// a domain with a weaker policy never carries mail of a domain with a stricter one.
+    pub fn fits(&self, conn: &Connection, plan: &RoutePlan) -> bool {
+        let Some(hop) = plan
+            .hops
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(conn.host()))
+        else {
+            return false;
+        };
+        let (tls, tlsa, refused) = dane_target(plan, &hop.name);
+        if refused.is_some() {
+            return false;
+        }
+        let settings = self.settings.get();
+        let target = Target {
+            host: &hop.name,
+            addr: conn.addr(),
+            source: conn.source(),
+            tls,
+            auth: password_of(plan, &settings),
+        };
+        conn.suits_checked(&target, tlsa)
+    }
+
+    /// An idle pooled connection to one of `plan`'s hosts (in plan order) that suits it
+    /// strictly ([`Worker::fits`]), opened from `source` and counted in the shaping group
+    /// `group` (`None`: not shaped). Several domains behind one MX host share its
+    /// connections this way, without taking another shaping slot.
+    pub async fn take_pooled(
+        &self,
+        plan: &RoutePlan,
+        source: Option<IpAddr>,
+        group: Option<&str>,
+    ) -> Option<Connection> {
+        if self.pool.idle_count() == 0 {
+            return None;
+        }
+        let settings = self.settings.get();
+        let auth = password_of(plan, &settings);
+        for hop in &plan.hops {
+            let (tls, tlsa, refused) = dane_target(plan, &hop.name);
+            if refused.is_some() {
+                continue;
+            }
+            let Ok(addrs) = self.router.addresses(hop).await else {
+                continue;
+            };
+            for addr in addrs {
+                let target = Target {
+                    host: &hop.name,
+                    addr,
+                    source,
+                    tls,
+                    auth,
+                };
+                let conn = self
+                    .pool
+                    .take_where(&target, |c| pooled_match(c, tlsa, group));
+                if conn.is_some() {
+                    return conn;
+                }
+            }
+        }
+        None
+    }
+
     /// Returns a worker's connection to the pool when the worker stops.
     pub async fn park(&self, conn: Connection) {
         self.pool.put(conn).await;
@@ -411,12 +493,7 @@ impl Worker {
         // MTA-STS `testing`: the certificate is checked and the result reported, not enforced.
         let report_peer = sts.as_ref().is_some_and(|p| p.mode == StsMode::Testing)
             && plan.tls != TlsPolicy::Required;
-        let password = plan.auth.as_ref().and_then(|a| {
-            settings
-                .passwords
-                .get(&a.password_file)
-                .map(|p| (a.username.as_str(), p.as_str()))
-        });
+        let password = password_of(plan, settings);
         // The message bounces only if every host failed permanently: one host that is merely
         // down (or a DNS lookup that timed out) makes the whole attempt temporary.
         let mut failures = Failures::default();
@@ -466,7 +543,13 @@ impl Worker {
                     tls,
                     auth: password,
                 };
-                if let Some(conn) = self.pool.take(&target) {
+                // A new connection's lease names its shaping group: a pooled one must count
+                // in the same group.
+                let group = outbound.lease.as_ref().map(|l| l.group());
+                if let Some(conn) = self
+                    .pool
+                    .take_where(&target, |c| pooled_match(c, tlsa, group))
+                {
                     return Ok(conn);
                 }
                 let ehlo = outbound
@@ -519,6 +602,29 @@ impl Worker {
         }
         Err(failures.verdict())
     }
+}
+
+/// The AUTH user and password `plan` asks for, if its password file was read.
+fn password_of<'a>(
+    plan: &'a RoutePlan,
+    settings: &'a AttemptSettings,
+) -> Option<(&'a str, &'a str)> {
+    plan.auth.as_ref().and_then(|a| {
+        settings
+            .passwords
+            .get(&a.password_file)
+            .map(|p| (a.username.as_str(), p.as_str()))
+    })
+}
+
+/// Whether a pooled connection was checked against exactly `tlsa` and counts in the shaping
+/// group `group` (`None`: any, as when shaping is off).
+fn pooled_match(conn: &Connection, tlsa: Option<&Arc<TlsaSet>>, group: Option<&str>) -> bool {
+    let same_group = match group {
+        Some(group) => conn.lease().is_some_and(|l| l.group() == group),
+        None => true,
+    };
+    same_group && conn.checked_against(tlsa)
 }
 
 /// A host's TLS level, its TLSA records, and why DANE refuses it (result type, reason).

@@ -8,8 +8,10 @@
 //!   address records). Anything that may heal is Temporary (4.4.3), so a DNS outage defers
 //!   mail and never bounces it.
 //! - The destination key depends only on where mail goes (the host set), never on the
-//!   recipient domain, so domains sharing MX hosts share one ready queue and its connection
-//!   limits.
+//!   recipient domain, so domains sharing MX hosts share their connection limits, and one
+//!   ready queue when their policies are the same ([`RoutePlan::queue_key`]: a domain with
+//!   MTA-STS `enforce` or DANE waits on a queue of its own, as its messages must never leave
+//!   with a neighbour's weaker plan).
 //! - Addresses are resolved per hop when connecting, not when planning: only the hops actually
 //!   tried cost a lookup, and each answer is as fresh as the resolver's cache allows.
 //! - Addresses of hops the recipient's domain chose (MX, implicit MX, address literal) pass
@@ -62,7 +64,8 @@ pub struct Hop {
 /// How to deliver to one recipient domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutePlan {
-    /// Destination key: domains whose mail goes to the same host set share one ready queue.
+    /// Destination key: domains whose mail goes to the same host set share it (and one ready
+    /// queue when their policies agree, [`RoutePlan::queue_key`]).
     /// MX routing: `"mx:"` + the sorted, comma-joined MX host names (for an implicit MX or an
     /// address literal, `"mx:"` + the domain); static routes: `"route:"` + the route's domain
     /// (`"*"` included).
@@ -85,6 +88,29 @@ pub struct RoutePlan {
 }
 
 impl RoutePlan {
+    /// The name of the ready queue this plan's mail waits on. A queue's messages leave with
+    /// one plan (its most recent), so domains behind the same MX hosts share a queue only
+    /// under the same policy: a plan whose TLS level differs from `plain` (the configured
+    /// `delivery.tls`), came from the domain (MTA-STS, DANE), or whose hosts a policy
+    /// narrowed gets a queue of its own (the destination key, then `|label|level|hosts`).
+    /// Otherwise a domain with MTA-STS `enforce` would leave with a neighbour's plan and go
+    /// over opportunistic TLS. Static routes have a key of their own already.
+    pub fn queue_key(&self, plain: TlsPolicy) -> std::borrow::Cow<'_, str> {
+        let plain_plan = self.dane.is_none() && self.tls == plain && self.tls_label == plain.name();
+        if !self.key.starts_with("mx:") || plain_plan {
+            return std::borrow::Cow::Borrowed(&self.key);
+        }
+        let mut hosts: Vec<&str> = self.hops.iter().map(|h| h.name.as_str()).collect();
+        hosts.sort_unstable();
+        std::borrow::Cow::Owned(format!(
+            "{}|{}|{}|{}",
+            self.key,
+            self.tls_label,
+            self.tls.name(),
+            hosts.join(",")
+        ))
+    }
+
     /// What DANE requires of `host` under this plan; `None`: nothing.
     pub fn dane_host(&self, host: &str) -> Option<&DaneHost> {
         self.dane.as_ref()?.get(host)
@@ -696,6 +722,62 @@ mod tests {
             Arc::new(Silent),
             AddressGuard::default(),
         )
+    }
+
+    #[test]
+    fn domains_behind_one_mx_set_share_a_queue_only_under_the_same_policy() {
+        let plan = |hosts: &[&str]| RoutePlan {
+            key: "mx:a.example.net,b.example.net".into(),
+            hops: hosts.iter().map(|h| Hop::smtp(h.to_string())).collect(),
+            tls: TlsPolicy::Opportunistic,
+            auth: None,
+            tls_label: "opportunistic",
+            dane: None,
+        };
+        let plain = plan(&["b.example.net", "a.example.net"]);
+        assert_eq!(
+            plain.queue_key(TlsPolicy::Opportunistic),
+            "mx:a.example.net,b.example.net"
+        );
+        // MTA-STS enforce naming one of the two hosts: a queue of its own.
+        let mut enforced = plan(&["a.example.net", "b.example.net"]);
+        let policy = Policy {
+            mode: StsMode::Enforce,
+            mx: vec!["a.example.net".into()],
+            max_age: 60,
+        };
+        apply_sts("d.example", &policy, &mut enforced).unwrap();
+        let key = enforced.queue_key(TlsPolicy::Opportunistic);
+        assert_eq!(
+            key,
+            "mx:a.example.net,b.example.net|mta-sts-enforce|required|a.example.net"
+        );
+        assert_ne!(key, plain.queue_key(TlsPolicy::Opportunistic));
+        // Testing mode: same hosts and level, another label (reported apart).
+        let mut testing = plan(&["a.example.net", "b.example.net"]);
+        let policy = Policy {
+            mode: StsMode::Testing,
+            ..policy
+        };
+        apply_sts("d.example", &policy, &mut testing).unwrap();
+        assert_ne!(
+            testing.queue_key(TlsPolicy::Opportunistic),
+            plain.queue_key(TlsPolicy::Opportunistic)
+        );
+        // A plan at another level than delivery.tls (a per-domain route level).
+        let mut required = plan(&["a.example.net"]);
+        required.tls = TlsPolicy::Required;
+        required.tls_label = TlsPolicy::Required.name();
+        assert_ne!(required.queue_key(TlsPolicy::Opportunistic), required.key);
+        // DANE: its own queue even at the same level name.
+        let mut dane = plan(&["a.example.net"]);
+        dane.dane = Some(Arc::new(HashMap::new()));
+        assert_ne!(dane.queue_key(TlsPolicy::Opportunistic), dane.key);
+        // Static routes keep their key.
+        let mut route = plan(&["a.example.net"]);
+        route.key = "route:r.example".into();
+        route.tls = TlsPolicy::Required;
+        assert_eq!(route.queue_key(TlsPolicy::Opportunistic), "route:r.example");
     }
 
     #[test]

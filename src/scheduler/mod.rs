@@ -390,7 +390,11 @@ impl Scheduler {
                 let pool = shaper.pools().resolve(pool, domain);
                 let lane = shaper.lane(&pool, domain, &plan);
                 let configured = shaper.pools().configured();
-                let key = queue_key(configured.then_some(pool.name.as_str()), &plan.key);
+                let plain = self.inner.config.get().tls;
+                let key = queue_key(
+                    configured.then_some(pool.name.as_str()),
+                    &plan.queue_key(plain),
+                );
                 self.enqueue(id, plan, key, lane)
             }
             Err(err) => {
@@ -470,11 +474,19 @@ impl Scheduler {
                         if let Some(previous) = settling.take() {
                             let _ = previous.await;
                         }
+                        // Domains behind the same hosts share this queue, and so this
+                        // worker's connection; one opened under a weaker policy than this
+                        // message's domain asks goes back to the pool instead.
+                        if let Some(conn) =
+                            connection.take_if(|c| !self.inner.worker.fits(c, &plan))
+                        {
+                            self.inner.worker.park(conn).await;
+                        }
                         let outbound = match &lane {
                             // Shutdown does not wait for a shaping wait: the message stays
                             // due in the spool.
                             Some(lane) => tokio::select! {
-                                shaped = self.shape(&key, lane, &mut pair, &mut connection) => shaped,
+                                shaped = self.shape(&key, lane, &plan, &mut pair, &mut connection) => shaped,
                                 _ = self.inner.shutdown.cancelled() => {
                                     self.release(id);
                                     continue;
@@ -561,6 +573,7 @@ impl Scheduler {
         &self,
         key: &str,
         lane: &Lane,
+        plan: &RoutePlan,
         pair: &mut Option<Arc<Pair>>,
         connection: &mut Option<Connection>,
     ) -> Result<Outbound, u64> {
@@ -588,12 +601,21 @@ impl Scheduler {
                 }
                 Admission::Later(due) => return Err(due),
             }
+            let worker = &self.inner.worker;
+            if connection.is_none() {
+                // An idle connection of this pair to one of the plan's hosts (perhaps opened
+                // for another domain behind them) already holds a slot: no new one.
+                *connection = worker.take_pooled(plan, p.source.ip, Some(p.key())).await;
+            }
             let lease: Option<Box<dyn Lease>> = if connection.is_none() {
                 self.shaping_wait(key, true);
-                let worker = &self.inner.worker;
+                // Only the pair's longest-idle connection makes room: the others may still
+                // be reused by the hosts they are open to.
                 let slot = shaper
                     .open_slot(&p, |pair| {
-                        worker.evict_idle(|c| c.lease().is_some_and(|l| l.group() == pair.key()))
+                        worker.evict_idle_oldest(|c| {
+                            c.lease().is_some_and(|l| l.group() == pair.key())
+                        });
                     })
                     .await;
                 self.shaping_wait(key, false);

@@ -201,6 +201,21 @@ impl DnsServer {
                 Err(e) => panic!("bind TCP: {e}"),
             }
         };
+        DnsServer::serve(zone, udp, tcp)
+    }
+
+    /// [`DnsServer::start`] on a given loopback address and port (benches/many_domains.sh
+    /// puts one on port 53 of 127.0.0.53 for Postfix, whose libc resolver knows no other
+    /// port). Panics if it is taken.
+    #[allow(dead_code)] // used by examples/bench_dns.rs, which includes this file
+    pub async fn start_at(zone: Zone, addr: SocketAddr) -> DnsServer {
+        assert!(addr.ip().is_loopback(), "loopback only: {addr}");
+        let udp = UdpSocket::bind(addr).await.expect("bind UDP");
+        let tcp = TcpListener::bind(addr).await.expect("bind TCP");
+        DnsServer::serve(zone, udp, tcp)
+    }
+
+    fn serve(zone: Zone, udp: UdpSocket, tcp: TcpListener) -> DnsServer {
         let addr = udp.local_addr().expect("UDP address");
         let zone = Arc::new(zone);
         let queries = Arc::new(Mutex::new(HashMap::new()));

@@ -33,7 +33,7 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(15);
 // Certificates and password hashes
 
 /// A throwaway CA and a leaf certificate for "localhost" (and the MTA-STS test domains'
-/// hosts: `*.sts.test`, `*.mismatch.test`, `*.testing.test`) signed by it.
+/// hosts: `*.sts.test`, `*.mismatch.test`, `*.testing.test`, `*.reuse.test`) signed by it.
 pub struct TestCert {
     pub ca_der: CertificateDer<'static>,
     pub ca_pem: String,
@@ -64,6 +64,7 @@ pub fn test_cert() -> &'static TestCert {
                 "*.sts.test",
                 "*.mismatch.test",
                 "*.testing.test",
+                "*.reuse.test",
             ]
             .map(str::to_string)
             .to_vec(),

@@ -36,6 +36,7 @@ mod limits;
 mod logs;
 mod metrics;
 mod mta_sts;
+mod mx_reuse;
 mod python_client;
 mod reload;
 mod routing;
