@@ -302,6 +302,8 @@ impl Unsubscriber {
                 send_at: message.send_at,
                 window: message.window,
                 reports,
+                campaign: message.campaign.clone(),
+                hold: message.hold,
             });
         }
         out

@@ -147,7 +147,7 @@ pub fn required_scope(method: &Method, path: &str) -> Scope {
         "inject" => Scope::Inject,
         "queue" => Scope::Queue,
         "suppressions" => Scope::Suppression,
-        "events" | "sendtime" => Scope::Campaigns,
+        "events" | "sendtime" | "campaigns" => Scope::Campaigns,
         _ => Scope::Admin,
     }
 }
@@ -246,6 +246,9 @@ mod tests {
             (Method::DELETE, "/suppressions/a@b.test", Suppression),
             (Method::POST, "/events", Campaigns),
             (Method::POST, "/sendtime/refit", Campaigns),
+            (Method::POST, "/campaigns", Campaigns),
+            (Method::PATCH, "/campaigns/c/pause", Campaigns),
+            (Method::GET, "/campaigns/c/results", Read),
             (Method::POST, "/something-new", Admin),
             (Method::PUT, "/status", Admin),
         ];

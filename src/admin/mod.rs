@@ -24,6 +24,7 @@
 //! but the login page needs a console session ([`console::session`]).
 
 pub mod auth;
+pub mod campaigns;
 pub mod console;
 pub mod error;
 pub mod events;
@@ -113,6 +114,7 @@ fn router(state: AdminState) -> Router {
         .merge(events::routes())
         .merge(tls_reports::routes())
         .merge(reports::routes())
+        .merge(campaigns::routes())
         .merge(spool::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

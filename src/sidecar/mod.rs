@@ -19,6 +19,7 @@
 //! Subject and the MIME body are replaced; generated text reaches only its slot.
 
 pub mod bandit;
+pub mod campaigns;
 pub mod control;
 pub mod generate;
 pub mod guard;
@@ -35,12 +36,14 @@ use mail_builder::mime::MimePart;
 use rand::Rng as _;
 use serde::Serialize;
 use serde_json::{Map, Value};
-use tern_queue::{Recipient, Spool};
+use tern_queue::{CampaignTag, Recipient, Spool};
 use tracing::{info, warn};
 
-use crate::config::{BanditConfig, CampaignConfig, SidecarConfig};
+use crate::config::{BanditConfig, SidecarConfig};
+use crate::live::Live;
 use crate::message::{CampaignReport, OneClick, Prepared, SendAt, Stage, StageFuture, Submission};
 use crate::telemetry::Metrics;
+use campaigns::{Campaign, CampaignError, CampaignInfo, Change, State};
 use generate::{Generated, Generator, Want};
 use model::Model;
 use tracking::{Claims, Replays, Tracker};
@@ -108,15 +111,13 @@ impl EngagementSink for RecentEngagement {
     }
 }
 
-/// A campaign with its templates compiled.
-struct Campaign {
-    config: Arc<CampaignConfig>,
-    env: minijinja::Environment<'static>,
-    variants: Vec<String>,
-}
-
 pub struct Sidecar {
-    campaigns: HashMap<String, Campaign>,
+    /// Config and API campaigns; a change swaps the whole table ([`campaigns`]).
+    campaigns: Live<campaigns::Table>,
+    /// Campaign changes, one at a time (stored, then swapped in).
+    changes: tokio::sync::Mutex<()>,
+    /// Whether `[sidecar.tracking]` is configured (an API campaign may ask for tracking).
+    tracking_on: bool,
     generator: Generator,
     deadline: Duration,
     tracker: Option<Tracker>,
@@ -148,10 +149,6 @@ end
 return redis.call('HGETALL', KEYS[1])
 ";
 
-/// Work a template render may do (minijinja fuel): far above any sane template, far below
-/// a runaway loop.
-const TEMPLATE_FUEL: u64 = 200_000;
-
 /// Spool meta names of the bandits' posteriors.
 const BANDIT_META: &str = "sidecar/bandit/";
 
@@ -167,53 +164,12 @@ impl Sidecar {
         sink: Arc<dyn EngagementSink>,
         cluster: Option<Arc<crate::cluster::Store>>,
     ) -> Result<Sidecar, String> {
-        let mut campaigns = HashMap::new();
+        let campaigns = campaigns::load(&config.campaigns, &spool, config.tracking.is_some())?;
         let mut bandits = HashMap::new();
-        for c in &config.campaigns {
-            let mut env = minijinja::Environment::new();
-            env.set_fuel(Some(TEMPLATE_FUEL));
-            env.set_auto_escape_callback(|name| {
-                if name.ends_with(".html") {
-                    minijinja::AutoEscape::Html
-                } else {
-                    minijinja::AutoEscape::None
-                }
-            });
-            let mut add = |name: String, source: &str| {
-                env.add_template_owned(name, source.to_owned())
-                    .map_err(|e| format!("sidecar.campaigns ({}): {e}", c.name))
-            };
-            add("subject".into(), &c.subject)?;
-            add("text".into(), &c.text)?;
-            if let Some(html) = &c.html {
-                add("body.html".into(), html)?;
+        for c in campaigns.values() {
+            if let Some(b) = load_bandit(&spool, c)? {
+                bandits.insert(c.config.name.clone(), b);
             }
-            for v in &c.variants {
-                if let Some(s) = &v.subject {
-                    add(format!("{}/subject", v.id), s)?;
-                }
-                if let Some(t) = &v.text {
-                    add(format!("{}/text", v.id), t)?;
-                }
-            }
-            let variants: Vec<String> = c.variants.iter().map(|v| v.id.clone()).collect();
-            if !variants.is_empty() {
-                let stored = spool
-                    .get_meta(&format!("{BANDIT_META}{}", c.name))
-                    .map_err(|e| format!("spool.path: cannot read the bandit state: {e}"))?
-                    .and_then(|b| serde_json::from_slice::<bandit::Bandit>(&b).ok());
-                let mut b = stored.unwrap_or_default();
-                b.ensure(&variants);
-                bandits.insert(c.name.clone(), b);
-            }
-            campaigns.insert(
-                c.name.clone(),
-                Campaign {
-                    config: Arc::new(c.clone()),
-                    env,
-                    variants,
-                },
-            );
         }
         let model = config
             .model
@@ -225,14 +181,16 @@ impl Sidecar {
         if tokio::runtime::Handle::try_current().is_ok() {
             for c in campaigns.values() {
                 for segment in &c.config.segments {
-                    generator.prefetch(&c.config, config.bandit.holdout > 0.0, segment);
+                    generator.prefetch(&c.config, c.version, config.bandit.holdout > 0.0, segment);
                 }
             }
         }
         let tracker = config.tracking.as_ref().map(Tracker::load).transpose()?;
         let replays = Replays::new(config.tracking.as_ref().map_or(1, |t| t.replay_entries));
         Ok(Sidecar {
-            campaigns,
+            campaigns: Live::new(campaigns),
+            changes: tokio::sync::Mutex::new(()),
+            tracking_on: config.tracking.is_some(),
             deadline: config.model.as_ref().map_or(Duration::ZERO, |m| m.deadline),
             generator,
             tracker,
@@ -254,17 +212,88 @@ impl Sidecar {
         self.recent.events()
     }
 
+    /// The longest a message waits in the stage for generated text.
+    pub fn render_deadline(&self) -> Duration {
+        self.deadline
+    }
+
     pub fn tracker(&self) -> Option<&Tracker> {
         self.tracker.as_ref()
     }
 
+    /// Whether mail may name campaign `name` now: it exists and is not archived.
     pub fn has_campaign(&self, name: &str) -> bool {
-        self.campaigns.contains_key(name)
+        self.campaigns
+            .get()
+            .get(name)
+            .is_some_and(|c| c.state != State::Archived)
+    }
+
+    /// Every campaign (name order): config and API ones, with state and version.
+    pub fn campaign_list(&self) -> Vec<CampaignInfo> {
+        let mut out: Vec<CampaignInfo> = self.campaigns.get().values().map(|c| c.info()).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// One campaign as the API shows it.
+    pub fn campaign_info(&self, name: &str) -> Option<CampaignInfo> {
+        self.campaigns.get().get(name).map(|c| c.info())
+    }
+
+    /// Creates, updates, pauses, resumes or archives a campaign (`name`: `None` only for
+    /// [`Change::Create`]): validated as the config file is, stored durably, then swapped
+    /// into the table the stage reads. An update starts the new version's generation of the
+    /// campaign's named segments and forgets the old version's text.
+    pub async fn change_campaign(
+        &self,
+        name: Option<&str>,
+        change: Change,
+    ) -> Result<CampaignInfo, CampaignError> {
+        let _one = self.changes.lock().await;
+        let table = self.campaigns.get();
+        let campaign = campaigns::plan(
+            &table,
+            name,
+            change,
+            self.tracking_on,
+            crate::clock::now_ms(),
+        )?;
+        let bandit = load_bandit(&self.spool, &campaign).map_err(CampaignError::Spool)?;
+        campaigns::store(&self.spool, &campaign).await?;
+        let info = campaign.info();
+        let campaign = Arc::new(campaign);
+        {
+            let mut bandits = self.bandits.lock().expect("bandit lock");
+            match (bandits.get_mut(&info.name), bandit) {
+                (Some(b), _) => b.ensure(&campaign.variants),
+                (None, Some(b)) => {
+                    bandits.insert(info.name.clone(), b);
+                }
+                (None, None) => {}
+            }
+        }
+        let mut next = (*table).clone();
+        next.insert(info.name.clone(), campaign.clone());
+        self.campaigns.set(next);
+        self.generator.forget(&info.name, Some(campaign.version));
+        if campaign.state != State::Archived {
+            for segment in &campaign.config.segments {
+                self.generator.prefetch(
+                    &campaign.config,
+                    campaign.version,
+                    self.bandit_config.holdout > 0.0,
+                    segment,
+                );
+            }
+        }
+        Ok(info)
     }
 
     /// The campaign's send-time request parsed (for the API's 400 before anything is queued).
     pub fn send_time(&self, campaign: Option<&str>, text: &str) -> Result<SendAt, String> {
-        let c = campaign.and_then(|c| self.campaigns.get(c));
+        let table = self.campaigns.get();
+        let c = campaign.and_then(|c| table.get(c));
         control::parse_send_time(
             text,
             c.map_or(Duration::from_secs(86_400), |c| c.config.send_window),
@@ -441,6 +470,7 @@ impl Sidecar {
     pub fn campaigns(&self) -> Vec<(String, Vec<String>)> {
         let mut out: Vec<(String, Vec<String>)> = self
             .campaigns
+            .get()
             .iter()
             .map(|(name, c)| (name.clone(), c.variants.clone()))
             .collect();
@@ -462,6 +492,7 @@ impl Sidecar {
     /// Whether campaign `name` asks for one-click unsubscribe headers.
     pub fn campaign_unsubscribes(&self, name: &str) -> bool {
         self.campaigns
+            .get()
             .get(name)
             .is_some_and(|c| c.config.unsubscribe)
     }
@@ -499,11 +530,12 @@ impl Sidecar {
             }
         }
         let campaign_name = request.campaign.or(control.campaign);
+        let table = self.campaigns.get();
         let campaign = match campaign_name.as_deref() {
             None => None,
-            Some(name) => match self.campaigns.get(name) {
-                Some(c) => Some(c),
-                None => {
+            Some(name) => match table.get(name) {
+                Some(c) if c.state != State::Archived => Some(c),
+                _ => {
                     warn!(campaign = name, "unknown campaign: sent as a plain message");
                     self.metrics.sidecar_content("unknown_campaign");
                     None
@@ -530,6 +562,8 @@ impl Sidecar {
                 send_at: Some(send_time),
                 window: None,
                 reports: Vec::new(),
+                campaign: None,
+                hold: false,
             }];
         };
         let mut common = request.data;
@@ -543,6 +577,8 @@ impl Sidecar {
         }
         let started = tokio::time::Instant::now();
         let deadline = started + self.deadline;
+        // A paused campaign's mail is rendered and spooled held, released on resume.
+        let hold = campaign.state == State::Paused;
 
         // Per recipient: data, variant, then all model calls at once under one deadline.
         let recipients = std::mem::take(&mut sub.recipients);
@@ -615,7 +651,12 @@ impl Sidecar {
                 submission: one,
                 send_at: Some(send_time),
                 window: None,
+                campaign: Some(CampaignTag {
+                    campaign: report.campaign.clone(),
+                    variant: report.variant.clone(),
+                }),
                 reports: vec![report],
+                hold,
             });
         }
         if !as_submitted.is_empty() {
@@ -626,6 +667,12 @@ impl Sidecar {
                 send_at: Some(send_time),
                 window: None,
                 reports: as_submitted_reports,
+                // Sent as submitted: no variant was rendered.
+                campaign: Some(CampaignTag {
+                    campaign: campaign.config.name.clone(),
+                    variant: None,
+                }),
+                hold,
             });
         }
         out
@@ -676,14 +723,17 @@ impl Sidecar {
             })
             .collect();
         for segment in segments {
-            self.generator
-                .prefetch(&campaign.config, self.bandit_config.holdout > 0.0, segment);
+            self.generator.prefetch(
+                &campaign.config,
+                campaign.version,
+                self.bandit_config.holdout > 0.0,
+                segment,
+            );
         }
-        let resolved = futures_join(
-            wants
-                .iter()
-                .map(|w| self.generator.resolve(&campaign.config, w, deadline)),
-        )
+        let resolved = futures_join(wants.iter().map(|w| {
+            self.generator
+                .resolve(&campaign.config, campaign.version, w, deadline)
+        }))
         .await;
         index.into_iter().map(|i| resolved[i].clone()).collect()
     }
@@ -783,6 +833,20 @@ impl Sidecar {
         part.write_part(&mut head);
         Ok(head)
     }
+}
+
+/// The stored bandit of a campaign with variants (`None` without variants).
+fn load_bandit(spool: &Spool, c: &Campaign) -> Result<Option<bandit::Bandit>, String> {
+    if c.variants.is_empty() {
+        return Ok(None);
+    }
+    let stored = spool
+        .get_meta(&format!("{BANDIT_META}{}", c.config.name))
+        .map_err(|e| format!("spool.path: cannot read the bandit state: {e}"))?
+        .and_then(|b| serde_json::from_slice::<bandit::Bandit>(&b).ok());
+    let mut b = stored.unwrap_or_default();
+    b.ensure(&c.variants);
+    Ok(Some(b))
 }
 
 /// Runs the futures concurrently and returns their outputs in order.
