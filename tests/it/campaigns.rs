@@ -6,8 +6,12 @@
 use crate::harness::{Options, TestServer};
 use serde_json::{json, Value};
 
-/// A campaign in the config file beside the API's.
-const FILE_CAMPAIGN: &str = r#"[[sidecar.campaigns]]
+/// A campaign in the config file beside the API's; no holdout share (every message renders
+/// its variant, so the text it carries is known).
+const FILE_CAMPAIGN: &str = r#"[sidecar.bandit]
+holdout = 0.0
+
+[[sidecar.campaigns]]
 name = "fromfile"
 text = "from the file\n"
 [[sidecar.campaigns.slots]]
@@ -269,5 +273,56 @@ async fn a_bad_campaign_gets_one_400_listing_every_error_with_its_path() {
     assert_eq!(shown["config"]["text"], "campaign text\n");
     let (_, list) = server.api("GET", "/api/v1/campaigns", None).await;
     assert_eq!(list["campaigns"].as_array().unwrap().len(), 2);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_lists_shows_pauses_and_resumes_campaigns() {
+    use crate::cli::{cli_config, tern_ok};
+    let server = TestServer::start(options()).await;
+    let (status, _) = server
+        .api("POST", "/api/v1/campaigns", Some(&spring()))
+        .await;
+    assert_eq!(status, 201);
+    let config = cli_config(&server);
+    let cfg = config.to_str().unwrap();
+
+    let list = tern_ok(&["campaign", "list", "--config", cfg]).await;
+    let lines: Vec<&str> = list.lines().collect();
+    assert!(lines[0].starts_with("NAME"), "{list}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("spring ")
+            && l.contains(" api ")
+            && l.contains(" active ")
+            && l.ends_with(" a")),
+        "{list}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("fromfile ") && l.contains(" config ")),
+        "{list}"
+    );
+
+    let out = tern_ok(&["campaign", "pause", "spring", "--config", cfg]).await;
+    assert!(out.starts_with("paused spring"), "{out}");
+    let shown: Value =
+        serde_json::from_str(&tern_ok(&["campaign", "show", "spring", "--config", cfg]).await)
+            .unwrap();
+    assert_eq!(shown["state"], "paused", "{shown}");
+    assert_eq!(shown["config"]["variants"][0]["id"], "a", "{shown}");
+    inject(&server, "spring", "held@sink.test").await;
+    assert!(mail_to(&server, "held@sink.test").0.held);
+
+    let out = tern_ok(&["campaign", "resume", "spring", "--config", cfg]).await;
+    assert_eq!(out, "resumed spring: 1 held message(s) released\n");
+    assert!(!mail_to(&server, "held@sink.test").0.held);
+
+    let out = crate::harness::run_tern(&["campaign", "pause", "nope", "--config", cfg], None).await;
+    assert_eq!(
+        out.status.code(),
+        Some(65),
+        "an unknown campaign is the caller's error"
+    );
     server.stop().await;
 }
