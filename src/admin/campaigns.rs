@@ -41,6 +41,7 @@ pub fn routes() -> Router<AdminState> {
         .route("/campaigns/{name}/pause", post(pause))
         .route("/campaigns/{name}/resume", post(resume))
         .route("/campaigns/{name}/archive", post(archive))
+        .route("/campaigns/{name}/results", get(results))
 }
 
 /// How long after the model deadline a resume looks for held mail once more: a submission
@@ -111,6 +112,15 @@ async fn patch_campaign(
     ApiJson(doc): ApiJson<Value>,
 ) -> Response {
     change(&state, &name, Change::Patch(doc)).await
+}
+
+/// Per variant: counts from the events and each rate's posterior
+/// ([`crate::sidecar::results`]).
+async fn results(State(state): State<AdminState>, Path(name): Path<String>) -> Response {
+    match state.sidecar.campaign_results(&name) {
+        Some(r) => Json(json!(r)).into_response(),
+        None => ApiError::not_found(format!("no campaign {name:?}")).into_response(),
+    }
 }
 
 async fn pause(State(state): State<AdminState>, Path(name): Path<String>) -> Response {

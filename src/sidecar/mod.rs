@@ -24,6 +24,7 @@ pub mod control;
 pub mod generate;
 pub mod guard;
 pub mod model;
+pub mod results;
 pub mod tracking;
 
 use std::collections::{BTreeMap, HashMap};
@@ -40,6 +41,7 @@ use tern_queue::{CampaignTag, Recipient, Spool};
 use tracing::{info, warn};
 
 use crate::config::{BanditConfig, SidecarConfig};
+use crate::events::{Event, Events, Kind};
 use crate::live::Live;
 use crate::message::{CampaignReport, OneClick, Prepared, SendAt, Stage, StageFuture, Submission};
 use crate::telemetry::Metrics;
@@ -126,6 +128,9 @@ pub struct Sidecar {
     bandit_config: BanditConfig,
     bandits: Mutex<HashMap<String, bandit::Bandit>>,
     sink: Arc<dyn EngagementSink>,
+    /// Opens and clicks become events (webhooks, campaign results); delivered campaign mail
+    /// comes back from them as the bandit's sends.
+    events: Events,
     recent: RecentEngagement,
     hostname: String,
     spool: Spool,
@@ -162,6 +167,7 @@ impl Sidecar {
         spool: Spool,
         metrics: Arc<Metrics>,
         sink: Arc<dyn EngagementSink>,
+        events: Events,
         cluster: Option<Arc<crate::cluster::Store>>,
     ) -> Result<Sidecar, String> {
         let campaigns = campaigns::load(&config.campaigns, &spool, config.tracking.is_some())?;
@@ -198,6 +204,7 @@ impl Sidecar {
             bandit_config: config.bandit.clone(),
             bandits: Mutex::new(bandits),
             sink,
+            events,
             recent: RecentEngagement::default(),
             hostname: hostname.to_owned(),
             spool,
@@ -234,6 +241,40 @@ impl Sidecar {
         let mut out: Vec<CampaignInfo> = self.campaigns.get().values().map(|c| c.info()).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
+    }
+
+    /// What the events say of campaign `name`, per variant, with each rate's posterior
+    /// ([`results`]): its variants in definition order, then the holdout and any other
+    /// variant events named (an earlier version's, `-` for mail without one). `None`: no
+    /// such campaign.
+    pub fn campaign_results(&self, name: &str) -> Option<CampaignResults> {
+        let info = self.campaign_info(name)?;
+        let mut counts = self.events.campaign_counts(name);
+        let table = self.campaigns.get();
+        let configured = table
+            .get(name)
+            .map(|c| c.variants.clone())
+            .unwrap_or_default();
+        let mut variants: Vec<(String, crate::events::tally::Counts)> = configured
+            .iter()
+            .map(|v| (v.clone(), counts.remove(v).unwrap_or_default()))
+            .collect();
+        if configured.is_empty() && !counts.contains_key(crate::events::tally::NO_VARIANT) {
+            variants.push((
+                crate::events::tally::NO_VARIANT.to_owned(),
+                Default::default(),
+            ));
+        }
+        if let Some(h) = counts.remove(bandit::HOLDOUT) {
+            variants.push((bandit::HOLDOUT.to_owned(), h));
+        }
+        variants.extend(counts);
+        Some(CampaignResults {
+            campaign: info.name,
+            state: info.state,
+            version: info.version,
+            variants: results::compute(&variants),
+        })
     }
 
     /// One campaign as the API shows it.
@@ -318,6 +359,21 @@ impl Sidecar {
                 }
             }
         }
+        let mut e = Event::new(
+            match event.kind {
+                EngagementKind::Open => Kind::Open,
+                EngagementKind::Click => Kind::Click,
+            },
+            &event.recipient,
+            "tracking",
+        );
+        e.ts = event.at_ms;
+        e.campaign = Some(event.campaign.clone());
+        e.variant = event.variant.clone();
+        e.machine = Some(event.machine);
+        e.url = event.url.clone();
+        e.detail = Some(format!("message {}", event.message_id));
+        self.events.emit_later(vec![e]);
         self.recent.record(event.clone());
         self.sink.record(event);
     }
@@ -327,6 +383,19 @@ impl Sidecar {
     /// campaign) and the posteriors become the fleet's totals; a batch Redis did not take
     /// counts here at once and is added there with the next batch that gets through.
     pub async fn apply_bandit_batch(&self) {
+        // Sends are the campaign mail delivered since the last batch (a 2xx from the
+        // receiver), not the variants chosen: bounced or still queued mail taught nothing.
+        let delivered = self.events.take_campaign_sends();
+        {
+            let mut bandits = self.bandits.lock().expect("bandit lock");
+            for (campaign, variants) in delivered {
+                if let Some(b) = bandits.get_mut(&campaign) {
+                    for (variant, n) in variants {
+                        b.sent(&variant, n as f64);
+                    }
+                }
+            }
+        }
         if let Some(store) = &self.cluster {
             return self.apply_shared_batch(store).await;
         }
@@ -464,6 +533,7 @@ impl Sidecar {
             }
         }
         self.apply_bandit_batch().await;
+        self.events.flush_campaign_counts().await;
     }
 
     /// Every configured campaign (name order) with its variant ids (config order).
@@ -833,6 +903,15 @@ impl Sidecar {
         part.write_part(&mut head);
         Ok(head)
     }
+}
+
+/// `GET /api/v1/campaigns/{name}/results`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CampaignResults {
+    pub campaign: String,
+    pub state: State,
+    pub version: u64,
+    pub variants: Vec<results::VariantResults>,
 }
 
 /// The stored bandit of a campaign with variants (`None` without variants).

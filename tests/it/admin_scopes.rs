@@ -83,8 +83,18 @@ fn mutating_routes() -> Vec<(&'static str, &'static str, &'static str, &'static 
             r#"{"text": "t"}"#,
         ),
         ("POST", "/campaigns/{name}/pause", "/campaigns/c/pause", ""),
-        ("POST", "/campaigns/{name}/resume", "/campaigns/c/resume", ""),
-        ("POST", "/campaigns/{name}/archive", "/campaigns/c/archive", ""),
+        (
+            "POST",
+            "/campaigns/{name}/resume",
+            "/campaigns/c/resume",
+            "",
+        ),
+        (
+            "POST",
+            "/campaigns/{name}/archive",
+            "/campaigns/c/archive",
+            "",
+        ),
     ]
 }
 
