@@ -146,6 +146,7 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
 async fn scrape(State(state): State<AdminState>) -> impl IntoResponse {
     // Refreshes tern_ready; the verdict itself is /readyz's business.
     let _ = state.readiness.check();
+    state.sidecar.export_results();
     let text = state
         .metrics
         .render(&state.spool, &state.scheduler.queue_depths());

@@ -131,6 +131,8 @@ pub fn campaigns_report(state: &AdminState) -> Value {
                 .collect();
             let mut row = json!(info);
             row["variants"] = json!(rows);
+            // The console's campaigns page shows the same results as the results route.
+            row["results"] = json!(state.sidecar.campaign_results(&name).map(|r| r.variants));
             row
         })
         .collect();

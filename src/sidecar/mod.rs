@@ -131,6 +131,8 @@ pub struct Sidecar {
     /// Opens and clicks become events (webhooks, campaign results); delivered campaign mail
     /// comes back from them as the bandit's sends.
     events: Events,
+    /// The last results computed per campaign, with the counts they came from.
+    results_cache: Mutex<ResultsCache>,
     recent: RecentEngagement,
     hostname: String,
     spool: Spool,
@@ -141,6 +143,15 @@ pub struct Sidecar {
     /// the id that makes adding it idempotent.
     unsent: Mutex<HashMap<String, Vec<UnsentBatch>>>,
 }
+
+/// Per campaign: the counts per variant and the results computed from them.
+type ResultsCache = HashMap<
+    String,
+    (
+        Vec<(String, crate::events::tally::Counts)>,
+        Vec<results::VariantResults>,
+    ),
+>;
 
 /// A bandit batch the fleet's store has not confirmed: its id and its counts per arm.
 type UnsentBatch = (String, BTreeMap<String, bandit::Arm>);
@@ -205,6 +216,7 @@ impl Sidecar {
             bandits: Mutex::new(bandits),
             sink,
             events,
+            results_cache: Mutex::new(HashMap::new()),
             recent: RecentEngagement::default(),
             hostname: hostname.to_owned(),
             spool,
@@ -269,12 +281,71 @@ impl Sidecar {
             variants.push((bandit::HOLDOUT.to_owned(), h));
         }
         variants.extend(counts);
+        // The Monte Carlo part is not free: the same counts give the same results.
+        let computed = {
+            let cache = self.results_cache.lock().expect("results lock");
+            cache
+                .get(name)
+                .filter(|(input, _)| *input == variants)
+                .map(|(_, r)| r.clone())
+        };
+        let computed = computed.unwrap_or_else(|| {
+            let r = results::compute(&variants);
+            let mut cache = self.results_cache.lock().expect("results lock");
+            if cache.len() >= 1_000 {
+                cache.clear();
+            }
+            cache.insert(name.to_owned(), (variants, r.clone()));
+            r
+        });
         Some(CampaignResults {
             campaign: info.name,
             state: info.state,
             version: info.version,
-            variants: results::compute(&variants),
+            variants: computed,
         })
+    }
+
+    /// Sets the campaign results gauges: the first
+    /// [`CAMPAIGNS_EXPORTED`](crate::telemetry::CAMPAIGNS_EXPORTED) campaigns that are not
+    /// archived (by name), their first
+    /// [`VARIANTS_EXPORTED`](crate::telemetry::VARIANTS_EXPORTED) variants.
+    pub fn export_results(&self) {
+        use crate::telemetry::{CampaignGauges, CAMPAIGNS_EXPORTED, VARIANTS_EXPORTED};
+        let mut rows = Vec::new();
+        for info in self
+            .campaign_list()
+            .into_iter()
+            .filter(|c| c.state != State::Archived)
+            .take(CAMPAIGNS_EXPORTED)
+        {
+            let Some(r) = self.campaign_results(&info.name) else {
+                continue;
+            };
+            for v in r.variants.into_iter().take(VARIANTS_EXPORTED) {
+                let c = v.counts;
+                rows.push(CampaignGauges {
+                    campaign: r.campaign.clone(),
+                    variant: v.variant,
+                    counts: vec![
+                        ("sends", c.sends),
+                        ("bounces", c.bounces),
+                        ("human_opens", c.human_opens),
+                        ("machine_opens", c.machine_opens),
+                        ("clicks", c.clicks),
+                        ("unsubscribes", c.unsubscribes),
+                        ("complaints", c.complaints),
+                        ("conversions", c.conversions),
+                    ],
+                    rates: v
+                        .rates
+                        .iter()
+                        .map(|(name, x)| (*name, x.mean, x.low, x.high, x.best))
+                        .collect(),
+                });
+            }
+        }
+        self.metrics.set_campaign_results(&rows);
     }
 
     /// One campaign as the API shows it.

@@ -602,6 +602,27 @@ async fn results_equal_what_the_events_say_and_the_webhook_gets_engagement_event
         .sum();
     assert!((best - 1.0).abs() < 1e-9, "{results}");
 
+    // The same numbers as gauges.
+    let (_, metrics) = crate::harness::http(admin, "GET", "/metrics", None, None).await;
+    let gauge_sum = |family: &str, labels: &[&str]| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&format!("{family}{{")))
+            .filter(|l| labels.iter().all(|x| l.contains(x)))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    };
+    let sent: f64 = gauge_sum(
+        "tern_campaign_events",
+        &["campaign=\"summer\"", "kind=\"sends\""],
+    );
+    assert_eq!(sent, 6.0, "{metrics}");
+    let best = gauge_sum(
+        "tern_campaign_best_probability",
+        &["campaign=\"summer\"", "rate=\"open\""],
+    );
+    assert!((best - 1.0).abs() < 1e-6, "{metrics}");
+
     // The delivery log names campaign and variant.
     server.flush_delivery_log().await;
     let log = std::fs::read_to_string(server.dir.path().join("delivery.log")).unwrap();
