@@ -189,13 +189,16 @@ async fn record(State(state): State<AdminState>, ApiJson(body): ApiJson<EventsBo
     let recorded = events.len() + conversions;
     send_time.record_batch(events).await.map_err(internal)?;
     state.feedback.events.emit(published).await;
-    Ok(Json(json!({
+    let mut answer = json!({
         "recorded": recorded,
-        "conversions": conversions,
         "engagements": engagements,
         "machine_opens": machine_opens,
         "sends": sends,
-    })))
+    });
+    if conversions > 0 {
+        answer["conversions"] = json!(conversions);
+    }
+    Ok(Json(answer))
 }
 
 fn summary(address: &str, p: &Profile, now: u64, dormant_after_ms: u64) -> Value {
