@@ -37,6 +37,7 @@ fn envelope(id: MessageId) -> Envelope {
         pool: None,
         not_before_ms: 0,
         body_id: None,
+        campaign: None,
     }
 }
 

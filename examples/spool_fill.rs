@@ -65,6 +65,7 @@ fn envelope(id: MessageId, n: u64, due_in_ms: u64) -> Envelope {
         pool: None,
         not_before_ms: 0,
         body_id: None,
+        campaign: None,
     }
 }
 

@@ -191,7 +191,7 @@ impl Enqueue {
                 message.submission,
                 now,
                 &pool,
-                message.window,
+                (message.window, message.campaign, message.hold),
                 trace,
                 &mut batch,
             )
@@ -204,6 +204,7 @@ impl Enqueue {
             .parts
             .iter()
             .flat_map(|shared| &shared.envelopes)
+            .filter(|env| !env.held)
             .map(|env| NewMessage {
                 id: env.id,
                 domain: env.destination.clone(),
@@ -252,7 +253,7 @@ impl Enqueue {
         mut sub: Submission,
         now: SystemTime,
         pool: &Option<String>,
-        window: Option<SendWindow>,
+        (window, campaign, hold): (Option<SendWindow>, Option<tern_queue::CampaignTag>, bool),
         trace: Option<crate::message::RelayTrace>,
         batch: &mut Batch,
     ) -> Result<(), SpoolError> {
@@ -389,16 +390,22 @@ impl Enqueue {
                 size,
                 created_ms,
                 expires_ms,
-                // A send time beyond expiry would never be attempted: expiry wins.
-                next_due_ms: now_ms.max(due_ms).max(not_before_ms.min(expires_ms)),
+                // A send time beyond expiry would never be attempted: expiry wins. Held mail
+                // (a paused campaign) is due never (outcome::operator::NOT_DUE) until released.
+                next_due_ms: if hold {
+                    u64::MAX
+                } else {
+                    now_ms.max(due_ms).max(not_before_ms.min(expires_ms))
+                },
                 attempts,
                 source: sub.source.clone(),
-                held: false,
+                held: hold,
                 delay_notified: false,
                 parked: false,
                 pool: pool.clone(),
                 not_before_ms,
                 body_id: None,
+                campaign: campaign.clone(),
             };
             envelopes.push(envelope);
         }

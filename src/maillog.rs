@@ -101,6 +101,11 @@ pub struct AttemptRecord<'a> {
     /// Why it failed, for deferred, bounced and expired attempts (`crate::bounce::classify`,
     /// the taxonomy bounces are parsed into); `null` when delivered.
     pub category: Option<Category>,
+    /// The sidecar campaign and variant the message was rendered for (absent for other mail).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub campaign: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub variant: Option<&'a str>,
 }
 
 /// Handle to the delivery log; clones share one writer.
@@ -360,6 +365,8 @@ mod tests {
             delay_s: 1.5,
             destination: "example.net",
             category: (outcome != AttemptOutcome::Delivered).then_some(Category::MailboxFull),
+            campaign: None,
+            variant: None,
         }
     }
 

@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         Command::Suppression { command } => tern::cli::suppression::run(command),
         Command::Spool { command } => tern::cli::spool::run(command),
         Command::Sidecar { command } => tern::cli::sidecar::run(command),
+        Command::Campaign { command } => tern::cli::campaign::run(command),
         Command::Token { command } => tern::cli::token::run(command),
         Command::Completions { shell } => tern::cli::docs::completions(shell),
         Command::Man { dir } => tern::cli::docs::man(&dir),

@@ -132,6 +132,10 @@ pub struct Prepared {
     pub window: Option<SendWindow>,
     /// What the campaign did for each recipient; empty when no campaign applied.
     pub reports: Vec<CampaignReport>,
+    /// The campaign and variant the message was rendered for (stored in its envelopes).
+    pub campaign: Option<tern_queue::CampaignTag>,
+    /// Spool it held (not attempted until released): its campaign is paused.
+    pub hold: bool,
 }
 
 /// What the stage did for one recipient (in the inject answer, the log and metrics).
@@ -166,6 +170,8 @@ impl Prepared {
             send_at: None,
             window: None,
             reports: Vec::new(),
+            campaign: None,
+            hold: false,
         }
     }
 }

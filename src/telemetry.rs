@@ -441,6 +441,21 @@ impl ReloadResult {
     }
 }
 
+/// Campaigns exported as gauges at most (the first that are not archived, by name).
+pub const CAMPAIGNS_EXPORTED: usize = 20;
+/// Variants exported per campaign at most.
+pub const VARIANTS_EXPORTED: usize = 16;
+
+/// One variant's campaign results for the gauges.
+#[derive(Debug, Clone, Default)]
+pub struct CampaignGauges {
+    pub campaign: String,
+    pub variant: String,
+    pub counts: Vec<(&'static str, u64)>,
+    /// (rate, mean, low, high, probability best).
+    pub rates: Vec<(&'static str, f64, f64, f64, f64)>,
+}
+
 pub struct Metrics {
     registry: Registry,
     /// Static route keys (`route:<domain>`): destinations used as label values as they are.
@@ -505,6 +520,10 @@ pub struct Metrics {
     /// Registered only by a fleet node (`[cluster]`), like `shared_store`.
     cluster: OnceLock<ClusterMetrics>,
     sidecar_content: IntCounterVec,
+    /// Campaign results (set at scrape time; at most [`CAMPAIGNS_EXPORTED`] campaigns).
+    campaign_events: IntGaugeVec,
+    campaign_rate: GaugeVec,
+    campaign_best: GaugeVec,
     sidecar_engagements: IntCounterVec,
     sidecar_model_requests: IntCounterVec,
     sidecar_model_tokens: IntCounterVec,
@@ -938,6 +957,42 @@ impl Metrics {
                 "tern_spool_syncs_total",
                 "Spool group-commit rounds (each one merged batch and its fsyncs) since open.",
             ),
+            campaign_events: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "tern_campaign_events",
+                        "Campaign results: events per campaign, variant and kind (sends = delivered, bounces, human_opens, machine_opens, clicks, unsubscribes, complaints, conversions), as GET /api/v1/campaigns/{name}/results counts them; the first 20 campaigns that are not archived, by name, 16 variants each.",
+                    ),
+                    &["campaign", "variant", "kind"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique");
+                g
+            },
+            campaign_rate: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "tern_campaign_rate",
+                        "Campaign results: each rate's Beta posterior per campaign and variant (rate = open, click, conversion, unsubscribe, complaint, bounce; stat = mean, low, high: the 95% credible interval).",
+                    ),
+                    &["campaign", "variant", "rate", "stat"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique");
+                g
+            },
+            campaign_best: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "tern_campaign_best_probability",
+                        "Campaign results: the probability that the variant has the best rate of its campaign (highest open, click and conversion rate; lowest unsubscribe, complaint and bounce rate).",
+                    ),
+                    &["campaign", "variant", "rate"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique");
+                g
+            },
             sidecar_content: counter_vec(
                 "tern_sidecar_content_total",
                 "Sidecar results per recipient: model, cache, shared (generated once per campaign, variant and segment) or default content, or why the defaults rendered (disabled, breaker_open, timeout, connect, status, malformed, guardrail, segment_limit), or unknown_campaign / template_error (sent as submitted).",
@@ -1476,6 +1531,36 @@ impl Metrics {
     }
 
     /// One sidecar result; `result` is one of the fixed codes named in the metric's help.
+    /// Replaces the campaign results gauges with `rows` (the caller bounds them):
+    /// (campaign, variant, counts by kind, rates as (rate, mean, low, high, best)).
+    pub fn set_campaign_results(&self, rows: &[CampaignGauges]) {
+        self.campaign_events.reset();
+        self.campaign_rate.reset();
+        self.campaign_best.reset();
+        for row in rows {
+            for (kind, n) in &row.counts {
+                self.campaign_events
+                    .with_label_values(&[row.campaign.as_str(), row.variant.as_str(), kind])
+                    .set(i64::try_from(*n).unwrap_or(i64::MAX));
+            }
+            for &(rate, mean, low, high, best) in &row.rates {
+                for (stat, v) in [("mean", mean), ("low", low), ("high", high)] {
+                    self.campaign_rate
+                        .with_label_values(&[
+                            row.campaign.as_str(),
+                            row.variant.as_str(),
+                            rate,
+                            stat,
+                        ])
+                        .set(v);
+                }
+                self.campaign_best
+                    .with_label_values(&[row.campaign.as_str(), row.variant.as_str(), rate])
+                    .set(best);
+            }
+        }
+    }
+
     pub fn sidecar_content(&self, result: &'static str) {
         self.sidecar_content.with_label_values(&[result]).inc();
     }

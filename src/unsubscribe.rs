@@ -49,6 +49,11 @@ pub struct Claims {
     pub m: String,
     /// Issue time, unix seconds.
     pub t: u64,
+    /// The sidecar campaign and variant the message was rendered for (for its events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub c: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v: Option<String>,
 }
 
 const TAG_LEN: usize = 16;
@@ -213,6 +218,8 @@ impl Unsubscriber {
             .await?;
         let mut event = Event::new(Kind::Unsubscribed, &claims.r, via);
         event.detail = Some(format!("list {}", claims.l));
+        event.campaign = claims.c.clone();
+        event.variant = claims.v.clone();
         self.events.emit(vec![event]).await;
         Ok(true)
     }
@@ -284,6 +291,8 @@ impl Unsubscriber {
                     l: list.clone(),
                     m: message_id.clone(),
                     t: issued,
+                    c: message.campaign.as_ref().map(|t| t.campaign.clone()),
+                    v: message.campaign.as_ref().and_then(|t| t.variant.clone()),
                 })
             };
             let mut body = Vec::with_capacity(headers.len() + content.len());
@@ -302,6 +311,8 @@ impl Unsubscriber {
                 send_at: message.send_at,
                 window: message.window,
                 reports,
+                campaign: message.campaign.clone(),
+                hold: message.hold,
             });
         }
         out
@@ -381,6 +392,8 @@ mod tests {
             l: "news".into(),
             m: "<1@x.test>".into(),
             t,
+            c: None,
+            v: None,
         }
     }
 

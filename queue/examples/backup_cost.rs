@@ -44,6 +44,7 @@ fn envelope(spool: &Spool, n: u64, size: usize) -> (Envelope, Vec<u8>) {
         pool: None,
         not_before_ms: 0,
         body_id: None,
+        campaign: None,
     };
     (env, body)
 }

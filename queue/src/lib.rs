@@ -34,7 +34,7 @@ mod spool;
 pub use error::SpoolError;
 pub use group_commit::{CommitStats, Round};
 pub use id::{IdGenerator, MessageId, ParseMessageIdError};
-pub use record::{BodyType, Envelope, Notify, Recipient, RecipientState, Ret, Source};
+pub use record::{BodyType, CampaignTag, Envelope, Notify, Recipient, RecipientState, Ret, Source};
 pub use spool::{
     restore, Body, Copied, InboundBatch, OrphanSweep, RecoveryStatus, Shared, Spool, SpoolOptions,
     SpoolStats,

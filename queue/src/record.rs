@@ -73,6 +73,20 @@ pub struct Envelope {
     /// sets it at commit and keeps it on update; callers leave it `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body_id: Option<MessageId>,
+    /// The sidecar campaign this part was rendered for, and its variant: carried with the
+    /// message so a delivery, a bounce or any event can be counted for them, and a paused
+    /// campaign's held mail found again on resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub campaign: Option<CampaignTag>,
+}
+
+/// A campaign and the variant a message was rendered as (`None`: the campaign has no
+/// variants, or the message went out as submitted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CampaignTag {
+    pub campaign: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
 }
 
 impl Envelope {

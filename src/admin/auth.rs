@@ -149,7 +149,7 @@ pub fn required_scope(method: &Method, path: &str) -> Scope {
         "queue" if path == "/queue/drain" => Scope::Admin,
         "queue" => Scope::Queue,
         "suppressions" => Scope::Suppression,
-        "events" | "sendtime" | "recipients" => Scope::Campaigns,
+        "events" | "sendtime" | "recipients" | "campaigns" => Scope::Campaigns,
         _ => Scope::Admin,
     }
 }
@@ -250,6 +250,9 @@ mod tests {
             (Method::POST, "/events", Campaigns),
             (Method::POST, "/sendtime/refit", Campaigns),
             (Method::DELETE, "/recipients/a@b.test", Campaigns),
+            (Method::POST, "/campaigns", Campaigns),
+            (Method::PATCH, "/campaigns/c/pause", Campaigns),
+            (Method::GET, "/campaigns/c/results", Read),
             (Method::POST, "/something-new", Admin),
             (Method::PUT, "/status", Admin),
         ];

@@ -1,11 +1,14 @@
 //! Engagement events and recipient engagement (`/api/v1/events`, `/api/v1/recipients`,
 //! `/api/v1/sendtime/refit`, `/api/v1/sendtime/lift`): the HTTP face of `crate::sendtime`.
 //!
-//! `POST /api/v1/events` takes `{"events": [...]}`, each `{"type": "open"|"click"|"send",
-//! "recipient", "time_ms"?, "message_id"?, "machine"?, "tz_offset_minutes"?}`. The whole
-//! call is checked before anything is recorded, so a 400 (naming `events[i].field`) records
-//! nothing; after that each event is recorded durably before the 200. Machine opens are
-//! counted per recipient but never learnt from.
+//! `POST /api/v1/events` takes `{"events": [...]}`, each `{"type":
+//! "open"|"click"|"send"|"conversion", "recipient", "time_ms"?, "message_id"?, "machine"?,
+//! "tz_offset_minutes"?, "campaign"?, "variant"?}`. The whole call is checked before
+//! anything is recorded, so a 400 (naming `events[i].field`) records nothing; after that each
+//! event is recorded durably before the 200. Machine opens are counted per recipient but
+//! never learnt from. A conversion (it needs `campaign`) is no engagement for the send-time
+//! model; it and every open or click naming a campaign also become events (webhooks, the
+//! campaign's results).
 //!
 //! `GET /api/v1/recipients/{address}`: the recipient's lifecycle state, the engagement
 //! model's prediction, their history (sends, opens, clicks, last events, machine opens) and
@@ -18,6 +21,7 @@ use super::error::{ApiError, ApiJson};
 use super::AdminState;
 use crate::clock::now_ms;
 use crate::config::parse_duration;
+use crate::events::Kind as EventsKind;
 use crate::rfc5321::address::check_mailbox;
 use crate::sendtime::lifecycle;
 use crate::sendtime::profile::Profile;
@@ -58,7 +62,7 @@ struct EventsBody {
 #[serde(deny_unknown_fields)]
 struct EventBody {
     #[serde(rename = "type")]
-    kind: EventKind,
+    kind: ApiKind,
     recipient: String,
     time_ms: Option<u64>,
     /// The sender's id of the message engaged with: checked, not used by the model (which
@@ -67,6 +71,19 @@ struct EventBody {
     #[serde(default)]
     machine: bool,
     tz_offset_minutes: Option<i32>,
+    /// The campaign (and variant) the event is about: it then counts in the campaign's
+    /// results and goes to the webhooks.
+    campaign: Option<String>,
+    variant: Option<String>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum ApiKind {
+    Open,
+    Click,
+    Send,
+    Conversion,
 }
 
 fn internal(err: impl std::fmt::Display) -> ApiError {
@@ -83,6 +100,8 @@ async fn record(State(state): State<AdminState>, ApiJson(body): ApiJson<EventsBo
     }
     let now = now_ms();
     let mut events = Vec::with_capacity(body.events.len());
+    let mut published = Vec::new();
+    let mut conversions = 0;
     for (i, e) in body.events.into_iter().enumerate() {
         check_mailbox(&e.recipient)
             .map_err(|why| ApiError::bad_request(format!("events[{i}].recipient: {why}")))?;
@@ -107,13 +126,60 @@ async fn record(State(state): State<AdminState>, ApiJson(body): ApiJson<EventsBo
                 "events[{i}].message_id: must be 1 to 998 characters"
             )));
         }
-        if e.machine && e.kind != EventKind::Open {
+        if e.machine && e.kind != ApiKind::Open {
             return Err(ApiError::bad_request(format!(
                 "events[{i}].machine: only an open can be a machine open"
             )));
         }
+        for (field, value) in [("campaign", &e.campaign), ("variant", &e.variant)] {
+            if value
+                .as_deref()
+                .is_some_and(|v| v.is_empty() || v.len() > 64 || v.chars().any(|c| c.is_control()))
+            {
+                return Err(ApiError::bad_request(format!(
+                    "events[{i}].{field}: must be 1 to 64 characters, no control characters"
+                )));
+            }
+        }
+        if e.variant.is_some() && e.campaign.is_none() {
+            return Err(ApiError::bad_request(format!(
+                "events[{i}].variant: needs campaign"
+            )));
+        }
+        let kind = match e.kind {
+            ApiKind::Open => Some((EventKind::Open, EventsKind::Open)),
+            ApiKind::Click => Some((EventKind::Click, EventsKind::Click)),
+            ApiKind::Send => None,
+            ApiKind::Conversion => None,
+        };
+        if e.kind == ApiKind::Conversion && e.campaign.is_none() {
+            return Err(ApiError::bad_request(format!(
+                "events[{i}].campaign: a conversion needs the campaign it is for"
+            )));
+        }
+        if let Some(campaign) = &e.campaign {
+            let kind = match e.kind {
+                ApiKind::Conversion => Some(EventsKind::Conversion),
+                _ => kind.map(|k| k.1),
+            };
+            if let Some(kind) = kind {
+                let mut event = crate::events::Event::new(kind, &e.recipient, "api");
+                event.ts = time_ms;
+                event.campaign = Some(campaign.clone());
+                event.variant = e.variant.clone();
+                if kind != EventsKind::Conversion {
+                    event.machine = Some(e.machine);
+                }
+                event.detail = e.message_id.clone().map(|m| format!("message {m}"));
+                published.push(event);
+            }
+        }
+        if e.kind == ApiKind::Conversion {
+            conversions += 1;
+            continue;
+        }
         events.push(Event {
-            kind: e.kind,
+            kind: kind.map_or(EventKind::Send, |k| k.0),
             recipient: e.recipient,
             time_ms,
             machine: e.machine,
@@ -128,14 +194,19 @@ async fn record(State(state): State<AdminState>, ApiJson(body): ApiJson<EventsBo
             _ => machine_opens += 1,
         }
     }
-    let recorded = events.len();
+    let recorded = events.len() + conversions;
     send_time.record_batch(events).await.map_err(internal)?;
-    Ok(Json(json!({
+    state.feedback.events.emit(published).await;
+    let mut answer = json!({
         "recorded": recorded,
         "engagements": engagements,
         "machine_opens": machine_opens,
         "sends": sends,
-    })))
+    });
+    if conversions > 0 {
+        answer["conversions"] = json!(conversions);
+    }
+    Ok(Json(answer))
 }
 
 fn summary(address: &str, p: &Profile, now: u64, dormant_after_ms: u64) -> Value {

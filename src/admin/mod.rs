@@ -24,6 +24,7 @@
 //! but the login page needs a console session ([`console::session`]).
 
 pub mod auth;
+pub mod campaigns;
 pub mod console;
 pub mod error;
 pub mod events;
@@ -113,6 +114,7 @@ fn router(state: AdminState) -> Router {
         .merge(events::routes())
         .merge(tls_reports::routes())
         .merge(reports::routes())
+        .merge(campaigns::routes())
         .merge(spool::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -144,6 +146,7 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
 async fn scrape(State(state): State<AdminState>) -> impl IntoResponse {
     // Refreshes tern_ready; the verdict itself is /readyz's business.
     let _ = state.readiness.check();
+    state.sidecar.export_results();
     let text = state
         .metrics
         .render(&state.spool, &state.scheduler.queue_depths());

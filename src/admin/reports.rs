@@ -27,7 +27,6 @@ pub fn routes() -> Router<AdminState> {
     Router::new()
         .route("/rates", get(rates))
         .route("/bounces", get(bounces))
-        .route("/campaigns", get(campaigns))
 }
 
 /// `{"minutes": 60, "outcomes": [...], "labels": [{"label", "totals": {outcome: n},
@@ -101,15 +100,23 @@ async fn bounces(
     Ok(Json(bounces_report(&state, &params)?))
 }
 
-/// `{"campaigns": [{"name", "variants": [{"id", "sends", "rewards", "rate"}]}]}`: the
-/// configured variants in config order, then the holdout when it has sends; `rate` is
-/// rewards / sends (`null` before any send).
+/// `{"campaigns": [{"name", "origin", "state", "version", "updated_ms", "config",
+/// "variants": [{"id", "sends", "rewards", "rate"}]}]}` (`GET /api/v1/campaigns`): every
+/// campaign, config and API, by name; the variants in definition order, then the holdout
+/// when it has sends; `rate` is rewards / sends (`null` before any send).
 pub fn campaigns_report(state: &AdminState) -> Value {
     let campaigns: Vec<Value> = state
         .sidecar
-        .campaigns()
+        .campaign_list()
         .into_iter()
-        .map(|(name, variants)| {
+        .map(|info| {
+            let name = info.name.clone();
+            let variants: Vec<String> = info.config["variants"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v["id"].as_str().map(str::to_owned))
+                .collect();
             let arms = state.sidecar.bandit_arms(&name);
             let holdout = arms.get(HOLDOUT).filter(|a| a.sends > 0.0).map(|_| HOLDOUT);
             let rows: Vec<Value> = variants
@@ -122,12 +129,12 @@ pub fn campaigns_report(state: &AdminState) -> Value {
                     json!({"id": id, "sends": arm.sends, "rewards": arm.rewards, "rate": rate})
                 })
                 .collect();
-            json!({"name": name, "variants": rows})
+            let mut row = json!(info);
+            row["variants"] = json!(rows);
+            // The console's campaigns page shows the same results as the results route.
+            row["results"] = json!(state.sidecar.campaign_results(&name).map(|r| r.variants));
+            row
         })
         .collect();
     json!({ "campaigns": campaigns })
-}
-
-async fn campaigns(State(state): State<AdminState>) -> Json<Value> {
-    Json(campaigns_report(&state))
 }

@@ -6,6 +6,7 @@
 //! uses anything below it.
 //!
 //! - [`bounce`]: `tern bounce parse`, what one raw message says per recipient.
+//! - [`campaign`]: `tern campaign list|show|pause|resume`, the sidecar's campaigns.
 //! - [`check_config`]: `tern check-config`, and the config check every command runs first.
 //! - [`client`]: the blocking HTTP client of the admin API (also for examples and tests).
 //! - [`dkim`]: `tern dkim keygen`, a signing key and its DNS record.
@@ -26,6 +27,7 @@
 //! Usage errors clap finds itself exit with 2.
 
 pub mod bounce;
+pub mod campaign;
 pub mod check_config;
 pub mod client;
 pub mod dkim;
@@ -118,6 +120,11 @@ pub enum Command {
         /// Directory to write the pages into (created if missing).
         #[arg(value_name = "DIR")]
         dir: PathBuf,
+    },
+    /// The sidecar's campaigns on a running daemon (over the admin API).
+    Campaign {
+        #[command(subcommand)]
+        command: crate::cli::campaign::CampaignCommand,
     },
     /// The pre-enqueue sidecar.
     Sidecar {

@@ -52,8 +52,8 @@ pub use self::shaping::{
     ShapingConfig, SharedConfig, WarmupConfig, WhenCapped,
 };
 pub use self::sidecar::{
-    BanditConfig, CampaignConfig, ModelConfig, SidecarConfig, SlotConfig, TrackingConfig,
-    VariantConfig,
+    compile_campaign_json, BanditConfig, CampaignConfig, ModelConfig, SidecarConfig, SlotConfig,
+    TrackingConfig, VariantConfig,
 };
 
 use std::collections::HashMap;

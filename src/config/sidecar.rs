@@ -8,10 +8,98 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use toml::Value;
+use serde::Serialize;
+use toml::{Table, Value};
 
 use super::path;
 use super::reader::{count, duration, nonzero, string, TableReader};
+
+/// A duration as the config reads it back ("90s", "250ms").
+fn duration_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    if d.subsec_millis() == 0 {
+        s.serialize_str(&format!("{}s", d.as_secs()))
+    } else {
+        s.serialize_str(&format!("{}ms", d.as_millis()))
+    }
+}
+
+/// One campaign from a JSON document (`/api/v1/campaigns`), through exactly the checks of a
+/// `[[sidecar.campaigns]]` table: the same compile function, every error with its path
+/// relative to the campaign (`variants[1].subject: ...`), unknown keys refused. `tracking`:
+/// whether `[sidecar.tracking]` is configured (a campaign with `tracking = true` needs it).
+pub fn compile_campaign_json(
+    document: &serde_json::Value,
+    tracking: bool,
+) -> Result<CampaignConfig, Vec<String>> {
+    let mut errors = Vec::new();
+    let table = match json_to_toml(document, "", &mut errors) {
+        Some(Value::Table(table)) => table,
+        Some(_) => return Err(vec!["the campaign must be a JSON object".to_owned()]),
+        None => Table::new(),
+    };
+    let wants_tracking = document.get("tracking") == Some(&serde_json::Value::Bool(true));
+    let compiled = super::reader::compile(table, |r| {
+        if wants_tracking && !tracking {
+            r.error(
+                "tracking",
+                "true needs [sidecar.tracking] (base_url, secret_file) in the config",
+            );
+        }
+        compile_campaign(r)
+    });
+    match compiled {
+        Ok(Some(c)) if errors.is_empty() => Ok(c),
+        Ok(_) => Err(errors),
+        Err(mut more) => {
+            errors.append(&mut more);
+            Err(errors)
+        }
+    }
+}
+
+/// JSON as the TOML value the reader walks; a null (TOML has none) or a number TOML cannot
+/// hold is an error at its path, and the key reads as absent.
+fn json_to_toml(v: &serde_json::Value, path: &str, errors: &mut Vec<String>) -> Option<Value> {
+    use serde_json::Value as J;
+    let at = |key: &str| {
+        if path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    Some(match v {
+        J::Null => {
+            errors.push(format!(
+                "{}: null is not a value (leave the key out for its default)",
+                if path.is_empty() { "campaign" } else { path }
+            ));
+            return None;
+        }
+        J::Bool(b) => Value::Boolean(*b),
+        J::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Value::Integer(i),
+            (None, Some(f)) if n.as_u64().is_none() => Value::Float(f),
+            _ => {
+                errors.push(format!("{path}: number too large"));
+                return None;
+            }
+        },
+        J::String(s) => Value::String(s.clone()),
+        J::Array(items) => Value::Array(
+            items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, item)| json_to_toml(item, &format!("{path}[{i}]"), errors))
+                .collect(),
+        ),
+        J::Object(map) => Value::Table(
+            map.iter()
+                .filter_map(|(k, item)| Some((k.clone(), json_to_toml(item, &at(k), errors)?)))
+                .collect(),
+        ),
+    })
+}
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SidecarConfig {
@@ -127,7 +215,9 @@ impl Default for BanditConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// Serialises to the same keys the config file and `/api/v1/campaigns` take, so what
+/// `GET /api/v1/campaigns/{name}` shows can be sent back (PUT) as it is.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CampaignConfig {
     pub name: String,
     /// minijinja template of the Subject. Default `"{{ slots.subject }}"`.
@@ -135,6 +225,7 @@ pub struct CampaignConfig {
     /// minijinja template of the text/plain part.
     pub text: String,
     /// minijinja template of the text/html part (auto-escaped). Optional.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub html: Option<String>,
     pub slots: Vec<SlotConfig>,
     pub variants: Vec<VariantConfig>,
@@ -144,6 +235,7 @@ pub struct CampaignConfig {
     pub model_fields: Vec<String>,
     /// The recipient data field whose value is the coarse generation key (the segment).
     /// Default none: one generation per variant.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub segment_field: Option<String>,
     /// Segment values generated at start, before any message needs them. Default none.
     pub segments: Vec<String>,
@@ -159,8 +251,10 @@ pub struct CampaignConfig {
     /// message names one). Default false.
     pub unsubscribe: bool,
     /// Window for `X-Tern-Send-Time: optimize`. Default 24h.
+    #[serde(serialize_with = "duration_text")]
     pub send_window: Duration,
     /// Local hours no send should land in, `[start, end)`, e.g. `[22, 7]`. Default none.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub quiet_hours: Option<(u8, u8)>,
     /// This campaign is the win-back campaign of a sender identity: the From address
     /// (`news@example.com`, every From of that mailbox) or a From domain (`example.com`),
@@ -169,10 +263,11 @@ pub struct CampaignConfig {
     pub winback_for: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SlotConfig {
     pub name: String,
     /// What the model is asked to write; no prompt = the slot is never generated.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
     /// Rendered whenever the model is off, fails or is late.
     pub default: String,
@@ -180,12 +275,14 @@ pub struct SlotConfig {
     pub max_chars: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VariantConfig {
     pub id: String,
     /// Replaces the campaign's `subject` template.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
     /// Replaces the campaign's `text` template.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
 }
 

@@ -66,6 +66,7 @@ impl IntakeSystem {
                 parts.spool.clone(),
                 parts.metrics.clone(),
                 Arc::new(send_time.clone()),
+                parts.feedback.events.clone(),
                 parts.cluster.clone(),
             )
             .map_err(|e| anyhow::anyhow!("{e}"))?,

@@ -16,6 +16,7 @@
 //! delivery log line here (the settler logs the delivery outcomes itself; a refusal at RCPT
 //! has no message id and is logged as a tracing event).
 
+pub mod tally;
 pub mod webhook;
 
 use crate::maillog::{AttemptOutcome, AttemptRecord, DeliveryLog};
@@ -41,6 +42,12 @@ pub enum Kind {
     Suppressed,
     /// The recipient used a one-click (or mailto) unsubscribe link.
     Unsubscribed,
+    /// A campaign's open pixel was fetched (`machine`: by a prefetcher or scanner).
+    Open,
+    /// A campaign's tracked link was followed (`url`; `machine` as for opens).
+    Click,
+    /// The app reported a conversion (`POST /api/v1/events`).
+    Conversion,
 }
 
 /// One event, as posted.
@@ -63,8 +70,20 @@ pub struct Event {
     pub detail: Option<String>,
     /// Where it was learnt: `delivery` (an attempt), `bounce` (an asynchronous bounce),
     /// `arf`, `smtp` or `http` (refused or dropped at submission), `unsubscribe` (the
-    /// one-click URL) or `mailto` (an unsubscribe mail).
+    /// one-click URL) or `mailto` (an unsubscribe mail), `tracking` (the open pixel and
+    /// link redirects) or `api` (`POST /api/v1/events`).
     pub source: &'static str,
+    /// The sidecar campaign and the variant the message was rendered as, when it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub campaign: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    /// Opens and clicks: a prefetch or scanner rather than a person.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub machine: Option<bool>,
+    /// Clicks: the link's target.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 impl Event {
@@ -81,6 +100,18 @@ impl Event {
             hard: None,
             detail: None,
             source,
+            campaign: None,
+            variant: None,
+            machine: None,
+            url: None,
+        }
+    }
+
+    /// Names the campaign and variant of the message the event is about.
+    pub fn tag(&mut self, tag: Option<&tern_queue::CampaignTag>) {
+        if let Some(t) = tag {
+            self.campaign = Some(t.campaign.clone());
+            self.variant = t.variant.clone();
         }
     }
 }
@@ -102,6 +133,8 @@ pub struct Events {
     tasks: TaskTracker,
     /// The latest bounces, expiries and complaints, newest last (the console's list).
     recent: Arc<Mutex<VecDeque<Event>>>,
+    /// Campaign events counted per campaign and variant (the campaign results).
+    tally: Arc<tally::Tally>,
 }
 
 /// Bounces, expiries and complaints kept in memory for [`Events::recent_failures`].
@@ -123,6 +156,7 @@ impl Events {
             metrics.webhook_registered(i);
         }
         Events {
+            tally: Arc::new(tally::Tally::load(spool.clone())),
             spool,
             streams: Arc::new((0..webhooks).map(stream_name).collect()),
             backlogs: Arc::new((0..webhooks).map(|_| AtomicI64::new(0)).collect()),
@@ -184,6 +218,26 @@ impl Events {
         Ok(())
     }
 
+    /// What the events emitted so far say of `campaign`, per variant.
+    pub fn campaign_counts(
+        &self,
+        campaign: &str,
+    ) -> std::collections::BTreeMap<String, tally::Counts> {
+        self.tally.counts(campaign)
+    }
+
+    /// Deliveries of campaign mail since the last call, per campaign and variant.
+    pub fn take_campaign_sends(
+        &self,
+    ) -> std::collections::HashMap<String, std::collections::BTreeMap<String, u64>> {
+        self.tally.take_sends()
+    }
+
+    /// Stores the campaign counts changed since they were last stored (at shutdown).
+    pub async fn flush_campaign_counts(&self) {
+        self.tally.flush().await;
+    }
+
     pub(crate) fn metrics(&self) -> &Metrics {
         &self.metrics
     }
@@ -212,6 +266,9 @@ impl Events {
             return;
         }
         self.remember_failures(&events);
+        if self.tally.count(&events) {
+            self.tally.flush().await;
+        }
         for e in &events {
             // A suppressed line is for mail refused or dropped at submission; an address
             // added to the list is no mail outcome (the line of the bounce that added it is
@@ -243,6 +300,8 @@ impl Events {
                     delay_s: 0.0,
                     destination: e.source,
                     category: e.category,
+                    campaign: e.campaign.as_deref(),
+                    variant: e.variant.as_deref(),
                 });
             } else {
                 tracing::info!(event = ?e.event, recipient = %e.recipient, source = e.source, detail = ?e.detail, "event");

@@ -235,6 +235,8 @@ impl Settler {
                 delay_s: now.saturating_sub(env.created_ms) as f64 / 1000.0,
                 destination,
                 category: settled.category,
+                campaign: env.campaign.as_ref().map(|t| t.campaign.as_str()),
+                variant: env.campaign.as_ref().and_then(|t| t.variant.as_deref()),
             });
             let mut event = Event::new(event_kind(result), &rcpt.address, "delivery");
             event.id = Some(env.id);
@@ -243,6 +245,7 @@ impl Settler {
             event.status = Some(settled.status.to_string());
             event.category = settled.category;
             event.detail = Some(settled.reply.to_string());
+            event.tag(env.campaign.as_ref());
             if let Some(bounce) = &settled.bounce {
                 event.hard = Some(bounce.hard);
                 if let Some(entry) = &bounce.suppress {
@@ -252,6 +255,7 @@ impl Settler {
                     s.queue_id = Some(env.queue_id);
                     s.category = Some(category);
                     s.detail = Some(format!("added to the suppression list ({category})"));
+                    s.tag(env.campaign.as_ref());
                     suppress.push((entry.clone(), s));
                 }
             }

@@ -248,6 +248,8 @@ impl Settler {
             destination: &env.destination,
             // The receiver said nothing: an operator's bounce is no evidence about the address.
             category: (outcome == AttemptOutcome::Bounced).then_some(Category::Other),
+            campaign: env.campaign.as_ref().map(|t| t.campaign.as_str()),
+            variant: env.campaign.as_ref().and_then(|t| t.variant.as_deref()),
         });
     }
 }

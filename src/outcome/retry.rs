@@ -110,6 +110,7 @@ mod tests {
             pool: None,
             not_before_ms: 0,
             body_id: None,
+            campaign: None,
         }
     }
 

@@ -51,8 +51,8 @@ impl Bandit {
             .retain(|k, _| k == HOLDOUT || variants.iter().any(|v| v == k));
     }
 
-    /// Picks a variant for one send (`HOLDOUT` with probability `holdout`) and counts the send
-    /// in the pending batch. `variants` must not be empty.
+    /// Picks a variant for one send (`HOLDOUT` with probability `holdout`); the send counts
+    /// once delivered ([`Bandit::sent`]). `variants` must not be empty.
     pub fn choose(
         &mut self,
         variants: &[String],
@@ -77,8 +77,15 @@ impl Bandit {
             }
             variants[best.1].clone()
         };
-        self.pending.entry(chosen.clone()).or_default().sends += 1.0;
         chosen
+    }
+
+    /// Counts `n` delivered sends of `variant` in the pending batch (sends are counted when
+    /// the receiver took the message, not when the variant was chosen).
+    pub fn sent(&mut self, variant: &str, n: f64) {
+        if variant == HOLDOUT || self.arms.contains_key(variant) {
+            self.pending.entry(variant.to_owned()).or_default().sends += n;
+        }
     }
 
     /// Records a human engagement (open or click) of `message`, sent as `variant`.
@@ -189,6 +196,7 @@ mod tests {
             let mut best_sends = 0.0;
             for _ in 0..per_batch {
                 let v = bandit.choose(&names, 0.1, 0.05, &mut rng);
+                bandit.sent(&v, 1.0);
                 if v == HOLDOUT {
                     holdouts += 1.0;
                     continue;
@@ -242,6 +250,8 @@ mod tests {
         let mut bandit = Bandit::new(&names);
         let mut rng = StdRng::seed_from_u64(7);
         let v = bandit.choose(&names, 0.0, 0.0, &mut rng);
+        assert!(!bandit.apply_batch(), "a choice is no send");
+        bandit.sent(&v, 1.0);
         bandit.reward(&v, "m1");
         bandit.reward(&v, "m1");
         assert_eq!(bandit.arms["a"], Arm::default());

@@ -59,7 +59,9 @@ pub enum Want {
     },
 }
 
-type Key = (String, Option<String>, String);
+/// (campaign, its version, variant, segment): an updated campaign (`/api/v1/campaigns`) is a
+/// new version, so its prompts never reuse text generated for the old one.
+type Key = (String, u64, Option<String>, String);
 type Gcra = RateLimiter<
     governor::state::NotKeyed,
     governor::state::InMemoryState,
@@ -139,7 +141,13 @@ impl Generator {
     /// Starts the generations of `segment` for every variant of `campaign` (and the
     /// holdout, which renders the campaign's own templates with generated slots too) that
     /// are not running or done. Needs a tokio runtime.
-    pub fn prefetch(&self, campaign: &Arc<CampaignConfig>, holdout: bool, segment: &str) {
+    pub fn prefetch(
+        &self,
+        campaign: &Arc<CampaignConfig>,
+        version: u64,
+        holdout: bool,
+        segment: &str,
+    ) {
         if self.model.is_none() || !has_prompts(&campaign.slots) || !self.admit(campaign, segment) {
             return;
         }
@@ -154,7 +162,7 @@ impl Generator {
             variants.push(Some(super::bandit::HOLDOUT.to_owned()));
         }
         for v in variants {
-            drop(self.entry(campaign, v, segment));
+            drop(self.entry(campaign, version, v, segment));
         }
     }
 
@@ -162,6 +170,7 @@ impl Generator {
     pub async fn resolve(
         &self,
         campaign: &Arc<CampaignConfig>,
+        version: u64,
         want: &Want,
         deadline: Deadline,
     ) -> Generated {
@@ -174,7 +183,7 @@ impl Generator {
         }
         match want {
             Want::Coarse { variant, segment } => {
-                self.coarse(campaign, variant.as_deref(), segment, deadline)
+                self.coarse(campaign, version, variant.as_deref(), segment, deadline)
                     .await
             }
             Want::Recipient {
@@ -185,7 +194,7 @@ impl Generator {
                 if !self.budget(campaign) {
                     self.metrics.sidecar_generation("recipient", "over_budget");
                     return self
-                        .coarse(campaign, variant.as_deref(), segment, deadline)
+                        .coarse(campaign, version, variant.as_deref(), segment, deadline)
                         .await;
                 }
                 let model = self.model.as_ref().expect("checked above");
@@ -219,6 +228,7 @@ impl Generator {
     async fn coarse(
         &self,
         campaign: &Arc<CampaignConfig>,
+        version: u64,
         variant: Option<&str>,
         segment: &str,
         deadline: Deadline,
@@ -226,7 +236,8 @@ impl Generator {
         if !self.admit(campaign, segment) {
             return defaults(&campaign.slots, "default", Some("segment_limit"));
         }
-        let Some(mut rx) = self.entry(campaign, variant.map(str::to_owned), segment) else {
+        let Some(mut rx) = self.entry(campaign, version, variant.map(str::to_owned), segment)
+        else {
             return defaults(&campaign.slots, "default", Some(Failure::Disabled.as_str()));
         };
         let done = match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await {
@@ -257,6 +268,19 @@ impl Generator {
         true
     }
 
+    /// Forgets the generations of every version of campaign `name` but `keep` (after an
+    /// update), and its admitted segments and budget when it is gone (`keep` = `None`).
+    pub fn forget(&self, name: &str, keep: Option<u64>) {
+        self.entries
+            .lock()
+            .expect("entries lock")
+            .retain(|(c, v, _, _), _| c != name || Some(*v) == keep);
+        if keep.is_none() {
+            self.segments.lock().expect("segments lock").remove(name);
+            self.budgets.lock().expect("budgets lock").remove(name);
+        }
+    }
+
     /// Takes one per-recipient call from the campaign's hourly budget.
     fn budget(&self, campaign: &CampaignConfig) -> bool {
         let Some(per_hour) = NonZeroU32::new(campaign.recipient_calls_per_hour) else {
@@ -277,11 +301,12 @@ impl Generator {
     fn entry(
         &self,
         campaign: &Arc<CampaignConfig>,
+        version: u64,
         variant: Option<String>,
         segment: &str,
     ) -> Option<watch::Receiver<Option<Arc<Generated>>>> {
         let model = self.model.clone()?;
-        let key: Key = (campaign.name.clone(), variant, segment.to_owned());
+        let key: Key = (campaign.name.clone(), version, variant, segment.to_owned());
         let mut entries = self.entries.lock().expect("entries lock");
         if let Some(e) = entries.get(&key) {
             let failed =
@@ -304,7 +329,7 @@ impl Generator {
         let campaign = campaign.clone();
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
-            let (_, variant, segment) = key;
+            let (_, _, variant, segment) = key;
             let mut fields: BTreeMap<String, Value> = BTreeMap::new();
             fields.insert("campaign".into(), campaign.name.clone().into());
             if let Some(v) = &variant {

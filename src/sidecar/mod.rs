@@ -19,10 +19,12 @@
 //! Subject and the MIME body are replaced; generated text reaches only its slot.
 
 pub mod bandit;
+pub mod campaigns;
 pub mod control;
 pub mod generate;
 pub mod guard;
 pub mod model;
+pub mod results;
 pub mod tracking;
 
 use std::collections::{BTreeMap, HashMap};
@@ -35,12 +37,15 @@ use mail_builder::mime::MimePart;
 use rand::Rng as _;
 use serde::Serialize;
 use serde_json::{Map, Value};
-use tern_queue::{Recipient, Spool};
+use tern_queue::{CampaignTag, Recipient, Spool};
 use tracing::{info, warn};
 
-use crate::config::{BanditConfig, CampaignConfig, SidecarConfig};
+use crate::config::{BanditConfig, SidecarConfig};
+use crate::events::{Event, Events, Kind};
+use crate::live::Live;
 use crate::message::{CampaignReport, OneClick, Prepared, SendAt, Stage, StageFuture, Submission};
 use crate::telemetry::Metrics;
+use campaigns::{Campaign, CampaignError, CampaignInfo, Change, State};
 use generate::{Generated, Generator, Want};
 use model::Model;
 use tracking::{Claims, Replays, Tracker};
@@ -140,17 +145,13 @@ impl EngagementSink for RecentEngagement {
     }
 }
 
-/// A campaign with its templates compiled.
-struct Campaign {
-    config: Arc<CampaignConfig>,
-    env: minijinja::Environment<'static>,
-    variants: Vec<String>,
-}
-
 pub struct Sidecar {
-    campaigns: HashMap<String, Campaign>,
-    /// Sender identity (a From address or domain, lowercased) -> its win-back campaign.
-    winback: HashMap<String, String>,
+    /// Config and API campaigns; a change swaps the whole table ([`campaigns`]).
+    campaigns: Live<campaigns::Table>,
+    /// Campaign changes, one at a time (stored, then swapped in).
+    changes: tokio::sync::Mutex<()>,
+    /// Whether `[sidecar.tracking]` is configured (an API campaign may ask for tracking).
+    tracking_on: bool,
     generator: Generator,
     deadline: Duration,
     tracker: Option<Tracker>,
@@ -159,6 +160,11 @@ pub struct Sidecar {
     bandit_config: BanditConfig,
     bandits: Mutex<HashMap<String, bandit::Bandit>>,
     sink: Arc<dyn EngagementSink>,
+    /// Opens and clicks become events (webhooks, campaign results); delivered campaign mail
+    /// comes back from them as the bandit's sends.
+    events: Events,
+    /// The last results computed per campaign, with the counts they came from.
+    results_cache: Mutex<ResultsCache>,
     recent: RecentEngagement,
     hostname: String,
     spool: Spool,
@@ -169,6 +175,15 @@ pub struct Sidecar {
     /// the id that makes adding it idempotent.
     unsent: Mutex<HashMap<String, Vec<UnsentBatch>>>,
 }
+
+/// Per campaign: the counts per variant and the results computed from them.
+type ResultsCache = HashMap<
+    String,
+    (
+        Vec<(String, crate::events::tally::Counts)>,
+        Vec<results::VariantResults>,
+    ),
+>;
 
 /// A bandit batch the fleet's store has not confirmed: its id and its counts per arm.
 type UnsentBatch = (String, BTreeMap<String, bandit::Arm>);
@@ -181,10 +196,6 @@ if redis.call('SET', KEYS[2], '1', 'NX', 'EX', 86400) then
 end
 return redis.call('HGETALL', KEYS[1])
 ";
-
-/// Work a template render may do (minijinja fuel): far above any sane template, far below
-/// a runaway loop.
-const TEMPLATE_FUEL: u64 = 200_000;
 
 /// Spool meta names of the bandits' posteriors.
 const BANDIT_META: &str = "sidecar/bandit/";
@@ -199,55 +210,15 @@ impl Sidecar {
         spool: Spool,
         metrics: Arc<Metrics>,
         sink: Arc<dyn EngagementSink>,
+        events: Events,
         cluster: Option<Arc<crate::cluster::Store>>,
     ) -> Result<Sidecar, String> {
-        let mut campaigns = HashMap::new();
+        let campaigns = campaigns::load(&config.campaigns, &spool, config.tracking.is_some())?;
         let mut bandits = HashMap::new();
-        for c in &config.campaigns {
-            let mut env = minijinja::Environment::new();
-            env.set_fuel(Some(TEMPLATE_FUEL));
-            env.set_auto_escape_callback(|name| {
-                if name.ends_with(".html") {
-                    minijinja::AutoEscape::Html
-                } else {
-                    minijinja::AutoEscape::None
-                }
-            });
-            let mut add = |name: String, source: &str| {
-                env.add_template_owned(name, source.to_owned())
-                    .map_err(|e| format!("sidecar.campaigns ({}): {e}", c.name))
-            };
-            add("subject".into(), &c.subject)?;
-            add("text".into(), &c.text)?;
-            if let Some(html) = &c.html {
-                add("body.html".into(), html)?;
+        for c in campaigns.values() {
+            if let Some(b) = load_bandit(&spool, c)? {
+                bandits.insert(c.config.name.clone(), b);
             }
-            for v in &c.variants {
-                if let Some(s) = &v.subject {
-                    add(format!("{}/subject", v.id), s)?;
-                }
-                if let Some(t) = &v.text {
-                    add(format!("{}/text", v.id), t)?;
-                }
-            }
-            let variants: Vec<String> = c.variants.iter().map(|v| v.id.clone()).collect();
-            if !variants.is_empty() {
-                let stored = spool
-                    .get_meta(&format!("{BANDIT_META}{}", c.name))
-                    .map_err(|e| format!("spool.path: cannot read the bandit state: {e}"))?
-                    .and_then(|b| serde_json::from_slice::<bandit::Bandit>(&b).ok());
-                let mut b = stored.unwrap_or_default();
-                b.ensure(&variants);
-                bandits.insert(c.name.clone(), b);
-            }
-            campaigns.insert(
-                c.name.clone(),
-                Campaign {
-                    config: Arc::new(c.clone()),
-                    env,
-                    variants,
-                },
-            );
         }
         let model = config
             .model
@@ -259,20 +230,16 @@ impl Sidecar {
         if tokio::runtime::Handle::try_current().is_ok() {
             for c in campaigns.values() {
                 for segment in &c.config.segments {
-                    generator.prefetch(&c.config, config.bandit.holdout > 0.0, segment);
+                    generator.prefetch(&c.config, c.version, config.bandit.holdout > 0.0, segment);
                 }
             }
         }
         let tracker = config.tracking.as_ref().map(Tracker::load).transpose()?;
         let replays = Replays::new(config.tracking.as_ref().map_or(1, |t| t.replay_entries));
-        let winback = config
-            .campaigns
-            .iter()
-            .filter_map(|c| Some((c.winback_for.clone()?, c.name.clone())))
-            .collect();
         Ok(Sidecar {
-            campaigns,
-            winback,
+            campaigns: Live::new(campaigns),
+            changes: tokio::sync::Mutex::new(()),
+            tracking_on: config.tracking.is_some(),
             deadline: config.model.as_ref().map_or(Duration::ZERO, |m| m.deadline),
             generator,
             tracker,
@@ -280,6 +247,8 @@ impl Sidecar {
             bandit_config: config.bandit.clone(),
             bandits: Mutex::new(bandits),
             sink,
+            events,
+            results_cache: Mutex::new(HashMap::new()),
             recent: RecentEngagement::default(),
             hostname: hostname.to_owned(),
             spool,
@@ -300,23 +269,40 @@ impl Sidecar {
         self.recent.forget(address)
     }
 
+    /// The longest a message waits in the stage for generated text.
+    pub fn render_deadline(&self) -> Duration {
+        self.deadline
+    }
+
     pub fn tracker(&self) -> Option<&Tracker> {
         self.tracker.as_ref()
     }
 
     /// The win-back campaign of the message's sender identity (its From address, else its
-    /// From domain), if one is configured.
-    fn winback_campaign(&self, content: &[u8]) -> Option<&Campaign> {
-        if self.winback.is_empty() {
+    /// From domain), if a campaign that is not archived names it in `winback_for`.
+    fn winback_campaign(&self, content: &[u8]) -> Option<Arc<Campaign>> {
+        let table = self.campaigns.get();
+        let names_one = |c: &Arc<Campaign>| {
+            c.state != State::Archived && c.config.winback_for.is_some()
+        };
+        if !table.values().any(names_one) {
             return None;
         }
         let from = from_identity(content)?;
         let domain = from.rsplit_once('@').map(|(_, d)| d)?;
-        let name = self
-            .winback
-            .get(&from)
-            .or_else(|| self.winback.get(domain))?;
-        self.campaigns.get(name)
+        let of = |identity: &str| {
+            table
+                .values()
+                .filter(|c| names_one(c))
+                .find(|c| {
+                    c.config
+                        .winback_for
+                        .as_deref()
+                        .is_some_and(|w| w.eq_ignore_ascii_case(identity))
+                })
+                .cloned()
+        };
+        of(&from).or_else(|| of(domain))
     }
 
     /// Whether the stage has work on `sub`: a campaign request, control headers, or mail
@@ -325,13 +311,172 @@ impl Sidecar {
         wanted(sub) || self.winback_campaign(&sub.content).is_some()
     }
 
+    /// Whether mail may name campaign `name` now: it exists and is not archived.
     pub fn has_campaign(&self, name: &str) -> bool {
-        self.campaigns.contains_key(name)
+        self.campaigns
+            .get()
+            .get(name)
+            .is_some_and(|c| c.state != State::Archived)
+    }
+
+    /// Every campaign (name order): config and API ones, with state and version.
+    pub fn campaign_list(&self) -> Vec<CampaignInfo> {
+        let mut out: Vec<CampaignInfo> = self.campaigns.get().values().map(|c| c.info()).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// What the events say of campaign `name`, per variant, with each rate's posterior
+    /// ([`results`]): its variants in definition order, then the holdout and any other
+    /// variant events named (an earlier version's, `-` for mail without one). `None`: no
+    /// such campaign.
+    pub fn campaign_results(&self, name: &str) -> Option<CampaignResults> {
+        let info = self.campaign_info(name)?;
+        let mut counts = self.events.campaign_counts(name);
+        let table = self.campaigns.get();
+        let configured = table
+            .get(name)
+            .map(|c| c.variants.clone())
+            .unwrap_or_default();
+        let mut variants: Vec<(String, crate::events::tally::Counts)> = configured
+            .iter()
+            .map(|v| (v.clone(), counts.remove(v).unwrap_or_default()))
+            .collect();
+        if configured.is_empty() && !counts.contains_key(crate::events::tally::NO_VARIANT) {
+            variants.push((
+                crate::events::tally::NO_VARIANT.to_owned(),
+                Default::default(),
+            ));
+        }
+        if let Some(h) = counts.remove(bandit::HOLDOUT) {
+            variants.push((bandit::HOLDOUT.to_owned(), h));
+        }
+        variants.extend(counts);
+        // The Monte Carlo part is not free: the same counts give the same results.
+        let computed = {
+            let cache = self.results_cache.lock().expect("results lock");
+            cache
+                .get(name)
+                .filter(|(input, _)| *input == variants)
+                .map(|(_, r)| r.clone())
+        };
+        let computed = computed.unwrap_or_else(|| {
+            let r = results::compute(&variants);
+            let mut cache = self.results_cache.lock().expect("results lock");
+            if cache.len() >= 1_000 {
+                cache.clear();
+            }
+            cache.insert(name.to_owned(), (variants, r.clone()));
+            r
+        });
+        Some(CampaignResults {
+            campaign: info.name,
+            state: info.state,
+            version: info.version,
+            variants: computed,
+        })
+    }
+
+    /// Sets the campaign results gauges: the first
+    /// [`CAMPAIGNS_EXPORTED`](crate::telemetry::CAMPAIGNS_EXPORTED) campaigns that are not
+    /// archived (by name), their first
+    /// [`VARIANTS_EXPORTED`](crate::telemetry::VARIANTS_EXPORTED) variants.
+    pub fn export_results(&self) {
+        use crate::telemetry::{CampaignGauges, CAMPAIGNS_EXPORTED, VARIANTS_EXPORTED};
+        let mut rows = Vec::new();
+        for info in self
+            .campaign_list()
+            .into_iter()
+            .filter(|c| c.state != State::Archived)
+            .take(CAMPAIGNS_EXPORTED)
+        {
+            let Some(r) = self.campaign_results(&info.name) else {
+                continue;
+            };
+            for v in r.variants.into_iter().take(VARIANTS_EXPORTED) {
+                let c = v.counts;
+                rows.push(CampaignGauges {
+                    campaign: r.campaign.clone(),
+                    variant: v.variant,
+                    counts: vec![
+                        ("sends", c.sends),
+                        ("bounces", c.bounces),
+                        ("human_opens", c.human_opens),
+                        ("machine_opens", c.machine_opens),
+                        ("clicks", c.clicks),
+                        ("unsubscribes", c.unsubscribes),
+                        ("complaints", c.complaints),
+                        ("conversions", c.conversions),
+                    ],
+                    rates: v
+                        .rates
+                        .iter()
+                        .map(|(name, x)| (*name, x.mean, x.low, x.high, x.best))
+                        .collect(),
+                });
+            }
+        }
+        self.metrics.set_campaign_results(&rows);
+    }
+
+    /// One campaign as the API shows it.
+    pub fn campaign_info(&self, name: &str) -> Option<CampaignInfo> {
+        self.campaigns.get().get(name).map(|c| c.info())
+    }
+
+    /// Creates, updates, pauses, resumes or archives a campaign (`name`: `None` only for
+    /// [`Change::Create`]): validated as the config file is, stored durably, then swapped
+    /// into the table the stage reads. An update starts the new version's generation of the
+    /// campaign's named segments and forgets the old version's text.
+    pub async fn change_campaign(
+        &self,
+        name: Option<&str>,
+        change: Change,
+    ) -> Result<CampaignInfo, CampaignError> {
+        let _one = self.changes.lock().await;
+        let table = self.campaigns.get();
+        let campaign = campaigns::plan(
+            &table,
+            name,
+            change,
+            self.tracking_on,
+            crate::clock::now_ms(),
+        )?;
+        let bandit = load_bandit(&self.spool, &campaign).map_err(CampaignError::Spool)?;
+        campaigns::store(&self.spool, &campaign).await?;
+        let info = campaign.info();
+        let campaign = Arc::new(campaign);
+        {
+            let mut bandits = self.bandits.lock().expect("bandit lock");
+            match (bandits.get_mut(&info.name), bandit) {
+                (Some(b), _) => b.ensure(&campaign.variants),
+                (None, Some(b)) => {
+                    bandits.insert(info.name.clone(), b);
+                }
+                (None, None) => {}
+            }
+        }
+        let mut next = (*table).clone();
+        next.insert(info.name.clone(), campaign.clone());
+        self.campaigns.set(next);
+        self.generator.forget(&info.name, Some(campaign.version));
+        if campaign.state != State::Archived {
+            for segment in &campaign.config.segments {
+                self.generator.prefetch(
+                    &campaign.config,
+                    campaign.version,
+                    self.bandit_config.holdout > 0.0,
+                    segment,
+                );
+            }
+        }
+        Ok(info)
     }
 
     /// The campaign's send-time request parsed (for the API's 400 before anything is queued).
     pub fn send_time(&self, campaign: Option<&str>, text: &str) -> Result<SendAt, String> {
-        let c = campaign.and_then(|c| self.campaigns.get(c));
+        let table = self.campaigns.get();
+        let c = campaign.and_then(|c| table.get(c));
         control::parse_send_time(
             text,
             c.map_or(Duration::from_secs(86_400), |c| c.config.send_window),
@@ -356,6 +501,21 @@ impl Sidecar {
                 }
             }
         }
+        let mut e = Event::new(
+            match event.kind {
+                EngagementKind::Open => Kind::Open,
+                EngagementKind::Click => Kind::Click,
+            },
+            &event.recipient,
+            "tracking",
+        );
+        e.ts = event.at_ms;
+        e.campaign = Some(event.campaign.clone());
+        e.variant = event.variant.clone();
+        e.machine = Some(event.machine);
+        e.url = event.url.clone();
+        e.detail = Some(format!("message {}", event.message_id));
+        self.events.emit_later(vec![e]);
         self.recent.record(event.clone());
         self.sink.record(event);
     }
@@ -365,6 +525,19 @@ impl Sidecar {
     /// campaign) and the posteriors become the fleet's totals; a batch Redis did not take
     /// counts here at once and is added there with the next batch that gets through.
     pub async fn apply_bandit_batch(&self) {
+        // Sends are the campaign mail delivered since the last batch (a 2xx from the
+        // receiver), not the variants chosen: bounced or still queued mail taught nothing.
+        let delivered = self.events.take_campaign_sends();
+        {
+            let mut bandits = self.bandits.lock().expect("bandit lock");
+            for (campaign, variants) in delivered {
+                if let Some(b) = bandits.get_mut(&campaign) {
+                    for (variant, n) in variants {
+                        b.sent(&variant, n as f64);
+                    }
+                }
+            }
+        }
         if let Some(store) = &self.cluster {
             return self.apply_shared_batch(store).await;
         }
@@ -502,12 +675,14 @@ impl Sidecar {
             }
         }
         self.apply_bandit_batch().await;
+        self.events.flush_campaign_counts().await;
     }
 
     /// Every configured campaign (name order) with its variant ids (config order).
     pub fn campaigns(&self) -> Vec<(String, Vec<String>)> {
         let mut out: Vec<(String, Vec<String>)> = self
             .campaigns
+            .get()
             .iter()
             .map(|(name, c)| (name.clone(), c.variants.clone()))
             .collect();
@@ -529,6 +704,7 @@ impl Sidecar {
     /// Whether campaign `name` asks for one-click unsubscribe headers.
     pub fn campaign_unsubscribes(&self, name: &str) -> bool {
         self.campaigns
+            .get()
             .get(name)
             .is_some_and(|c| c.config.unsubscribe)
     }
@@ -566,11 +742,12 @@ impl Sidecar {
             }
         }
         let campaign_name = request.campaign.or(control.campaign);
+        let table = self.campaigns.get();
         let campaign = match campaign_name.as_deref() {
             None => None,
-            Some(name) => match self.campaigns.get(name) {
-                Some(c) => Some(c),
-                None => {
+            Some(name) => match table.get(name) {
+                Some(c) if c.state != State::Archived => Some(c),
+                _ => {
                     warn!(campaign = name, "unknown campaign: sent as a plain message");
                     self.metrics.sidecar_content("unknown_campaign");
                     None
@@ -617,7 +794,7 @@ impl Sidecar {
                     };
                     self.metrics.sidecar_content("winback");
                     out.extend(
-                        self.render_campaign(winback, one, &common, &request.recipients, at)
+                        self.render_campaign(&winback, one, &common, &request.recipients, at)
                             .await,
                     );
                 }
@@ -632,6 +809,8 @@ impl Sidecar {
                 send_at: Some(send_time),
                 window: None,
                 reports: Vec::new(),
+                campaign: None,
+                hold: false,
             });
             return out;
         };
@@ -677,6 +856,8 @@ impl Sidecar {
     ) -> Vec<Prepared> {
         let started = tokio::time::Instant::now();
         let deadline = started + self.deadline;
+        // A paused campaign's mail is rendered and spooled held, released on resume.
+        let hold = campaign.state == State::Paused;
 
         // Per recipient: data, variant, then all model calls at once under one deadline.
         let recipients = std::mem::take(&mut sub.recipients);
@@ -749,7 +930,12 @@ impl Sidecar {
                 submission: one,
                 send_at: Some(send_time),
                 window: None,
+                campaign: Some(CampaignTag {
+                    campaign: report.campaign.clone(),
+                    variant: report.variant.clone(),
+                }),
                 reports: vec![report],
+                hold,
             });
         }
         if !as_submitted.is_empty() {
@@ -760,6 +946,12 @@ impl Sidecar {
                 send_at: Some(send_time),
                 window: None,
                 reports: as_submitted_reports,
+                // Sent as submitted: no variant was rendered.
+                campaign: Some(CampaignTag {
+                    campaign: campaign.config.name.clone(),
+                    variant: None,
+                }),
+                hold,
             });
         }
         out
@@ -810,14 +1002,17 @@ impl Sidecar {
             })
             .collect();
         for segment in segments {
-            self.generator
-                .prefetch(&campaign.config, self.bandit_config.holdout > 0.0, segment);
+            self.generator.prefetch(
+                &campaign.config,
+                campaign.version,
+                self.bandit_config.holdout > 0.0,
+                segment,
+            );
         }
-        let resolved = futures_join(
-            wants
-                .iter()
-                .map(|w| self.generator.resolve(&campaign.config, w, deadline)),
-        )
+        let resolved = futures_join(wants.iter().map(|w| {
+            self.generator
+                .resolve(&campaign.config, campaign.version, w, deadline)
+        }))
         .await;
         index.into_iter().map(|i| resolved[i].clone()).collect()
     }
@@ -917,6 +1112,29 @@ impl Sidecar {
         part.write_part(&mut head);
         Ok(head)
     }
+}
+
+/// `GET /api/v1/campaigns/{name}/results`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CampaignResults {
+    pub campaign: String,
+    pub state: State,
+    pub version: u64,
+    pub variants: Vec<results::VariantResults>,
+}
+
+/// The stored bandit of a campaign with variants (`None` without variants).
+fn load_bandit(spool: &Spool, c: &Campaign) -> Result<Option<bandit::Bandit>, String> {
+    if c.variants.is_empty() {
+        return Ok(None);
+    }
+    let stored = spool
+        .get_meta(&format!("{BANDIT_META}{}", c.config.name))
+        .map_err(|e| format!("spool.path: cannot read the bandit state: {e}"))?
+        .and_then(|b| serde_json::from_slice::<bandit::Bandit>(&b).ok());
+    let mut b = stored.unwrap_or_default();
+    b.ensure(&c.variants);
+    Ok(Some(b))
 }
 
 /// Runs the futures concurrently and returns their outputs in order.

@@ -76,6 +76,37 @@ fn mutating_routes() -> Vec<(&'static str, &'static str, &'static str, &'static 
         ),
         ("POST", "/tls-reports/send", "/tls-reports/send", ""),
         ("POST", "/inject", "/inject", ""),
+        (
+            "POST",
+            "/campaigns",
+            "/campaigns",
+            r#"{"name": "c", "text": "t"}"#,
+        ),
+        (
+            "PUT",
+            "/campaigns/{name}",
+            "/campaigns/c",
+            r#"{"text": "t"}"#,
+        ),
+        (
+            "PATCH",
+            "/campaigns/{name}",
+            "/campaigns/c",
+            r#"{"text": "t"}"#,
+        ),
+        ("POST", "/campaigns/{name}/pause", "/campaigns/c/pause", ""),
+        (
+            "POST",
+            "/campaigns/{name}/resume",
+            "/campaigns/c/resume",
+            "",
+        ),
+        (
+            "POST",
+            "/campaigns/{name}/archive",
+            "/campaigns/c/archive",
+            "",
+        ),
     ]
 }
 
@@ -172,7 +203,13 @@ async fn each_token_gets_only_its_scopes_and_the_token_file_keeps_every_right() 
     assert_eq!(status, 200, "{text}");
 
     // Read-only: every GET, no write.
-    for path in ["/status", "/queue/summary", "/shaping", "/suppressions"] {
+    for path in [
+        "/status",
+        "/queue/summary",
+        "/shaping",
+        "/suppressions",
+        "/campaigns",
+    ] {
         let (status, text) = http(admin, "GET", &format!("/api/v1{path}"), Some(READ), None).await;
         assert_eq!(status, 200, "GET {path} with a read token: {text}");
     }

@@ -334,6 +334,7 @@ fn deferred(id: MessageId, n: u64) -> Envelope {
         pool: None,
         not_before_ms: 0,
         body_id: None,
+        campaign: None,
     }
 }
 

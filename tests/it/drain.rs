@@ -78,6 +78,7 @@ fn deferred(spool: &Spool, i: usize, now: u64) -> (Envelope, Vec<u8>) {
         pool: None,
         not_before_ms: 0,
         body_id: None,
+        campaign: None,
     };
     (env, body)
 }

@@ -13,6 +13,7 @@ mod admin_auth;
 mod admin_scopes;
 mod bdat;
 mod bounce;
+mod campaigns;
 mod cli;
 mod client;
 mod cluster;

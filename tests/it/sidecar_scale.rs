@@ -216,12 +216,20 @@ id = "c"
     let config = tern::config::Config::parse(&text).unwrap_or_else(|e| panic!("{e}"));
     let spool = Spool::open(&dir.join("spool")).unwrap();
     let metrics = Arc::new(Metrics::new());
+    let events = tern::events::Events::new(
+        spool.clone(),
+        0,
+        tern::maillog::DeliveryLog::disabled(),
+        metrics.clone(),
+        tokio_util::task::TaskTracker::new(),
+    );
     let sidecar = Sidecar::new(
         &config.sidecar,
         "tern.test",
         spool,
         metrics.clone(),
         Arc::new(RecentEngagement::default()),
+        events,
         None,
     )
     .unwrap();

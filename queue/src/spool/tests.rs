@@ -41,6 +41,7 @@ fn envelope(id: MessageId, queue_id: MessageId, destination: &str, due: u64) -> 
         pool: None,
         not_before_ms: 0,
         body_id: None,
+        campaign: None,
     }
 }
 

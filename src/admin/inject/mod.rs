@@ -351,7 +351,7 @@ fn check_sidecar(state: &AdminState, request: &CampaignRequest) -> Result<(), Ap
     if let Some(name) = &request.campaign {
         if !stage.has_campaign(name) {
             return Err(ApiError::bad_request(format!(
-                "sidecar.campaign: unknown campaign {name:?} (campaigns are [[sidecar.campaigns]] in the config)"
+                "sidecar.campaign: unknown campaign {name:?} (or archived; see GET /api/v1/campaigns)"
             )));
         }
     }
