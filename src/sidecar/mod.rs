@@ -282,9 +282,8 @@ impl Sidecar {
     /// From domain), if a campaign that is not archived names it in `winback_for`.
     fn winback_campaign(&self, content: &[u8]) -> Option<Arc<Campaign>> {
         let table = self.campaigns.get();
-        let names_one = |c: &Arc<Campaign>| {
-            c.state != State::Archived && c.config.winback_for.is_some()
-        };
+        let names_one =
+            |c: &Arc<Campaign>| c.state != State::Archived && c.config.winback_for.is_some();
         if !table.values().any(names_one) {
             return None;
         }
