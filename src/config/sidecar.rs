@@ -260,6 +260,7 @@ pub struct CampaignConfig {
     /// (`news@example.com`, every From of that mailbox) or a From domain (`example.com`),
     /// lowercased. Mail from that identity to a dormant recipient is rendered with this
     /// campaign instead (see `crate::sendtime::lifecycle`). Default none.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub winback_for: Option<String>,
 }
 

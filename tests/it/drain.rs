@@ -346,7 +346,16 @@ fn queued(spool_path: &std::path::Path) -> usize {
 async fn drain_logs_in_to_a_peer_that_requires_auth() {
     let old = tempfile::tempdir().unwrap();
     let (config_path, spool_path) = stopped_node(old.path(), 40).await;
-    let peer = TestServer::start(Options::default().tls().auth().relay(&[])).await;
+    // The wrong-password step fails one AUTH per drain connection; the peer's lockout after
+    // max_auth_failures (5 by default) would then refuse the right password too.
+    let peer = TestServer::start(
+        Options::default()
+            .tls()
+            .auth()
+            .relay(&[])
+            .limit("max_auth_failures", 1000),
+    )
+    .await;
     let (_, _, ca) = crate::harness::write_cert_files(old.path());
     let cfg = config_path.to_str().unwrap();
     let to = peer.smtp.to_string();
