@@ -8,7 +8,7 @@ use super::table::{
     Align::{Left, Right},
     Table,
 };
-use super::{Common, EX_DATAERR, EX_TEMPFAIL, EX_UNAVAILABLE};
+use super::Common;
 use clap::Subcommand;
 use serde_json::Value;
 use std::process::ExitCode;
@@ -86,28 +86,7 @@ pub fn run(command: CampaignCommand) -> ExitCode {
             }
         }),
     };
-    match result {
-        Ok(out) => {
-            print!("{out}");
-            ExitCode::SUCCESS
-        }
-        Err(err @ CallError::Unreachable(_)) => {
-            eprintln!("tern: {err}");
-            ExitCode::from(EX_TEMPFAIL)
-        }
-        Err(err @ CallError::Api { status, .. }) if status == 401 || status == 403 => {
-            eprintln!("tern: {err}");
-            ExitCode::from(super::EX_NOPERM)
-        }
-        Err(err @ CallError::Api { status, .. }) if (400..500).contains(&status) => {
-            eprintln!("tern: {err}");
-            ExitCode::from(EX_DATAERR)
-        }
-        Err(err) => {
-            eprintln!("tern: {err}");
-            ExitCode::from(EX_UNAVAILABLE)
-        }
-    }
+    super::client::print_answer(result)
 }
 
 /// `tern campaign list`: one line per campaign.

@@ -19,7 +19,10 @@ use serde_json::Value;
 use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::process::ExitCode;
 use std::time::Duration;
+
+use super::{EX_DATAERR, EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE};
 
 /// Longest wait for connecting.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -178,6 +181,33 @@ impl std::fmt::Display for CallError {
         match self {
             CallError::Unreachable(m) | CallError::Other(m) => f.write_str(m),
             CallError::Api { status, message } => write!(f, "{message} (HTTP {status})"),
+        }
+    }
+}
+
+/// Prints a command's answer and returns its exit code; an error goes to stderr with the
+/// sysexits code that says what went wrong (daemon down, permission, bad request, other).
+pub fn print_answer(result: Result<String, CallError>) -> ExitCode {
+    match result {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(err @ CallError::Unreachable(_)) => {
+            eprintln!("tern: {err}");
+            ExitCode::from(EX_TEMPFAIL)
+        }
+        Err(err @ CallError::Api { status, .. }) if status == 401 || status == 403 => {
+            eprintln!("tern: {err}");
+            ExitCode::from(EX_NOPERM)
+        }
+        Err(err @ CallError::Api { status, .. }) if (400..500).contains(&status) => {
+            eprintln!("tern: {err}");
+            ExitCode::from(EX_DATAERR)
+        }
+        Err(err) => {
+            eprintln!("tern: {err}");
+            ExitCode::from(EX_UNAVAILABLE)
         }
     }
 }

@@ -4,7 +4,7 @@
 use super::check_config::load;
 use super::client::{query_value, AdminClient, CallError};
 use super::table::{Align::Left, Table};
-use super::{Common, EX_DATAERR, EX_NOINPUT, EX_TEMPFAIL, EX_UNAVAILABLE};
+use super::{Common, EX_NOINPUT};
 use clap::Subcommand;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -167,28 +167,7 @@ pub fn run(command: SuppressionCommand) -> ExitCode {
             .call_raw("GET", "/suppressions/export", b"")
             .map(|csv| String::from_utf8_lossy(&csv).into_owned()),
     };
-    match result {
-        Ok(out) => {
-            print!("{out}");
-            ExitCode::SUCCESS
-        }
-        Err(err @ CallError::Unreachable(_)) => {
-            eprintln!("tern: {err}");
-            ExitCode::from(EX_TEMPFAIL)
-        }
-        Err(err @ CallError::Api { status, .. }) if status == 401 || status == 403 => {
-            eprintln!("tern: {err}");
-            ExitCode::from(super::EX_NOPERM)
-        }
-        Err(err @ CallError::Api { status, .. }) if (400..500).contains(&status) => {
-            eprintln!("tern: {err}");
-            ExitCode::from(EX_DATAERR)
-        }
-        Err(err) => {
-            eprintln!("tern: {err}");
-            ExitCode::from(EX_UNAVAILABLE)
-        }
-    }
+    super::client::print_answer(result)
 }
 
 /// `tern suppression list`: one line per entry, then the cursor of the next page if any.
