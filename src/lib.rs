@@ -5,7 +5,8 @@
 //! what each module owns and where new code goes.
 //!
 //! - 0, leaves: [`telemetry`] (every Prometheus metric), [`clock`], [`live`], [`notify`],
-//!   [`rfc5321`] (SMTP replies and sans-IO framing), [`secret_file`]; the spool crate
+//!   [`rfc5321`] (SMTP replies and sans-IO framing), [`secret_file`], [`feedback_id`] (the
+//!   campaign mail's `Feedback-ID`); the spool crate
 //!   `tern-queue`.
 //! - 1, values: [`message`] (Submission, the Stage trait, dates, addresses), [`tls`],
 //!   [`taxonomy`] (bounce categories and rules).
@@ -19,6 +20,7 @@
 //! - 7, composition: [`daemon`], [`reload`], [`cli`].
 
 pub mod clock;
+pub mod feedback_id;
 pub mod live;
 pub mod notify;
 pub mod rfc5321;

@@ -15,6 +15,7 @@ const FLOORS: &[(&str, u8)] = &[
     // 0: leaves
     ("telemetry", 0),
     ("clock", 0),
+    ("feedback_id", 0),
     ("live", 0),
     ("notify", 0),
     ("rfc5321", 0),

@@ -257,6 +257,7 @@ pub const DEFAULT_DKIM_HEADERS: &[&str] = &[
     "content-transfer-encoding",
     "list-unsubscribe",
     "list-unsubscribe-post",
+    "feedback-id",
 ];
 
 /// Over-signed by default (RFC 6376 8.15 / 5.4).
@@ -267,6 +268,7 @@ pub const DEFAULT_DKIM_OVERSIGN: &[&str] = &[
     "date",
     "list-unsubscribe",
     "list-unsubscribe-post",
+    "feedback-id",
 ];
 
 pub(super) fn compile_delivery(r: &mut TableReader<'_>) -> DeliveryConfig {

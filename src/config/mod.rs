@@ -1496,6 +1496,26 @@ mod tests {
     }
 
     #[test]
+    fn feedback_sender_id_is_what_gmail_takes() {
+        let base = "[[listeners]]\naddress = \"127.0.0.1:2525\"\n";
+        let default = Config::parse(base).unwrap();
+        assert_eq!(default.sidecar.feedback_sender_id, "tern-mta");
+        let set = Config::parse(&format!(
+            "{base}[sidecar]\nfeedback_sender_id = \"acme-1\"\n"
+        ))
+        .unwrap();
+        assert_eq!(set.sidecar.feedback_sender_id, "acme-1");
+        for bad in ["tern", "a-sender-id-too-long", "acme:1", "acme 1"] {
+            let err = Config::parse(&format!(
+                "{base}[sidecar]\nfeedback_sender_id = \"{bad}\"\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("sidecar.feedback_sender_id: "), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn winback_for_names_a_sender_identity_once() {
         let base = "[[listeners]]\naddress = \"127.0.0.1:2525\"\n";
         let ok = Config::parse(&format!(

@@ -101,7 +101,7 @@ fn json_to_toml(v: &serde_json::Value, path: &str, errors: &mut Vec<String>) -> 
     })
 }
 
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SidecarConfig {
     /// `None`: no `[sidecar.model]`, slots always take their defaults.
     pub model: Option<ModelConfig>,
@@ -110,6 +110,24 @@ pub struct SidecarConfig {
     pub bandit: BanditConfig,
     /// Names unique.
     pub campaigns: Vec<CampaignConfig>,
+    /// The right-most field of every campaign message's `Feedback-ID` (Gmail's SenderId: 5 to
+    /// 15 characters, the same across the mail stream). Default [`DEFAULT_FEEDBACK_SENDER_ID`].
+    pub feedback_sender_id: String,
+}
+
+/// `sidecar.feedback_sender_id` when unset.
+pub const DEFAULT_FEEDBACK_SENDER_ID: &str = "tern-mta";
+
+impl Default for SidecarConfig {
+    fn default() -> Self {
+        SidecarConfig {
+            model: None,
+            tracking: None,
+            bandit: BanditConfig::default(),
+            campaigns: Vec::new(),
+            feedback_sender_id: DEFAULT_FEEDBACK_SENDER_ID.to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -291,6 +309,14 @@ pub(super) fn compile_sidecar(r: &mut TableReader<'_>) -> SidecarConfig {
     let model = r.optional_section("model", compile_model).flatten();
     let tracking = r.optional_section("tracking", compile_tracking).flatten();
     let bandit = r.section("bandit", compile_bandit);
+    let feedback_sender_id = r
+        .get("feedback_sender_id", |v| match string(v)? {
+            s if crate::feedback_id::is_sender_id(s) => Ok(s.to_owned()),
+            s => Err(format!(
+                "{s:?}: 5 to 15 letters, digits, '-', '_' or '.' (Gmail's Feedback-ID SenderId)"
+            )),
+        })
+        .unwrap_or_else(|| DEFAULT_FEEDBACK_SENDER_ID.to_owned());
     let campaigns: Vec<CampaignConfig> = r
         .tables("campaigns", compile_campaign)
         .into_iter()
@@ -331,6 +357,7 @@ pub(super) fn compile_sidecar(r: &mut TableReader<'_>) -> SidecarConfig {
         tracking,
         bandit,
         campaigns,
+        feedback_sender_id,
     }
 }
 

@@ -147,6 +147,7 @@ impl FeedbackSystem {
                 .map(Arc::new),
                 hostname: config.server.hostname.to_ascii_lowercase(),
                 unsubscriber: Some(unsubscriber.clone()),
+                feedback_sender_id: config.sidecar.feedback_sender_id.clone(),
             }
             .run(bg.stop.clone()),
         );

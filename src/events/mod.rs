@@ -19,11 +19,13 @@
 pub mod tally;
 pub mod webhook;
 
+use crate::feedback_id::FeedbackId;
+use crate::live::Live;
 use crate::maillog::{AttemptOutcome, AttemptRecord, DeliveryLog};
 use crate::taxonomy::Category;
 use crate::telemetry::Metrics;
 use serde::Serialize;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
@@ -135,6 +137,9 @@ pub struct Events {
     recent: Arc<Mutex<VecDeque<Event>>>,
     /// Campaign events counted per campaign and variant (the campaign results).
     tally: Arc<tally::Tally>,
+    /// The campaigns that exist and their variants (the sidecar publishes its table here):
+    /// what a report's `Feedback-ID` may name.
+    campaigns: Arc<Live<HashMap<String, Vec<String>>>>,
 }
 
 /// Bounces, expiries and complaints kept in memory for [`Events::recent_failures`].
@@ -165,7 +170,32 @@ impl Events {
             metrics,
             tasks,
             recent: Arc::new(Mutex::new(VecDeque::with_capacity(RECENT_FAILURES))),
+            campaigns: Arc::new(Live::new(HashMap::new())),
         }
+    }
+
+    /// The campaigns that exist now, each with its variant ids (the sidecar calls this
+    /// whenever its campaign table changes).
+    pub fn set_campaigns(&self, campaigns: HashMap<String, Vec<String>>) {
+        self.campaigns.set(campaigns);
+    }
+
+    /// The campaign and variant a report's `Feedback-ID` names, as far as they exist: an
+    /// unknown campaign names nothing (a forged or stale claim is not counted for any
+    /// campaign), an unknown variant only the campaign. `holdout` is the variant of the
+    /// bandit's holdout.
+    pub fn known_campaign(&self, claim: &FeedbackId) -> Option<tern_queue::CampaignTag> {
+        let campaigns = self.campaigns.get();
+        let variants = campaigns.get(&claim.campaign)?;
+        let variant = claim
+            .variant
+            .as_ref()
+            .filter(|v| v.as_str() == "holdout" || variants.iter().any(|k| k == *v))
+            .cloned();
+        Some(tern_queue::CampaignTag {
+            campaign: claim.campaign.clone(),
+            variant,
+        })
     }
 
     /// The latest bounces, expiries and complaints (at most [`RECENT_FAILURES`]), newest

@@ -27,6 +27,12 @@
 //! by bytes as well as by count ([`INBOUND_BATCH_BYTES`]): each is a whole message, up to
 //! `limits.max_message_size`, so a count alone would let a burst of large ones fill memory.
 //!
+//! Attribution: a DSN's or ARF report's returned copy carries the `Feedback-ID` tern wrote on
+//! campaign mail ([`crate::feedback_id`]); its events get that campaign and variant (so the
+//! campaign results count complaints and asynchronous bounces) when the campaign exists
+//! ([`Events::known_campaign`]), else none. There is no other lookup: a VERP token or
+//! `X-Tern-Id` names a part that is gone from the spool once delivered.
+//!
 //! [`Feedback`] bundles the handles the submission paths and the settler share: the
 //! suppression list, the events, the bounce domains and the processor's wake-up.
 
@@ -154,6 +160,8 @@ pub struct Processor {
     /// Reads unsubscribe mail (to `unsubscribe@` the first bounce domain, the `mailto:` of
     /// List-Unsubscribe).
     pub unsubscriber: Option<Arc<Unsubscriber>>,
+    /// `sidecar.feedback_sender_id`: a returned copy's `Feedback-ID` is tern's only with it.
+    pub feedback_sender_id: String,
 }
 
 impl Processor {
@@ -286,6 +294,19 @@ impl Processor {
         }
         let report = bounce::parse(message, &self.classifier);
         let kind = report.kind.as_str();
+        // The campaign and variant the returned copy's Feedback-ID names, if that campaign
+        // exists (a forged or stale claim tags nothing).
+        let campaign = (report.kind != Kind::Autoreply)
+            .then(|| crate::feedback_id::find(message, &self.feedback_sender_id))
+            .flatten()
+            .and_then(|claim| {
+                let known = self.feedback.events.known_campaign(&claim);
+                if known.is_none() {
+                    info!(queue_id = %head.queue_id, campaign = %claim.campaign,
+                        "report names a campaign that does not exist; counted without one");
+                }
+                known
+            });
         let metrics = &self.feedback.metrics;
         if report.recipients.is_empty() {
             metrics.inbound_report(kind, "none", !targets.is_empty());
@@ -309,6 +330,7 @@ impl Processor {
                 for t in &targets {
                     let mut e = Event::new(events::Kind::Bounced, &t.recipient, "bounce");
                     e.id = Some(t.id);
+                    e.tag(campaign.as_ref());
                     e.category = Some(Category::Other);
                     e.hard = Some(false);
                     e.detail = Some("unreadable bounce to a VERP address".into());
@@ -397,6 +419,7 @@ impl Processor {
                     }
                     let mut e = Event::new(kind, &address, source);
                     e.id = id;
+                    e.tag(campaign.as_ref());
                     e.status = r.and_then(|r| r.status.clone());
                     e.category = Some(category);
                     e.hard = Some(hard);
@@ -422,6 +445,7 @@ impl Processor {
                     ) {
                         let mut s = Event::new(events::Kind::Suppressed, &address, source);
                         s.id = id;
+                        s.tag(campaign.as_ref());
                         s.category = Some(category);
                         s.detail = Some(format!("added to the suppression list ({category})"));
                         events.push(s);

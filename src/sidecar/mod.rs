@@ -174,6 +174,16 @@ pub struct Sidecar {
     /// Per campaign, batches the fleet's store has not confirmed yet, oldest first, each with
     /// the id that makes adding it idempotent.
     unsent: Mutex<HashMap<String, Vec<UnsentBatch>>>,
+    /// `sidecar.feedback_sender_id`: the last field of every `Feedback-ID`.
+    feedback_sender_id: String,
+}
+
+/// What the events may attribute a report to: each campaign's name and variant ids.
+fn published(table: &campaigns::Table) -> HashMap<String, Vec<String>> {
+    table
+        .iter()
+        .map(|(name, c)| (name.clone(), c.variants.clone()))
+        .collect()
 }
 
 /// Per campaign: the counts per variant and the results computed from them.
@@ -236,6 +246,7 @@ impl Sidecar {
         }
         let tracker = config.tracking.as_ref().map(Tracker::load).transpose()?;
         let replays = Replays::new(config.tracking.as_ref().map_or(1, |t| t.replay_entries));
+        events.set_campaigns(published(&campaigns));
         Ok(Sidecar {
             campaigns: Live::new(campaigns),
             changes: tokio::sync::Mutex::new(()),
@@ -255,6 +266,7 @@ impl Sidecar {
             metrics,
             cluster,
             unsent: Mutex::new(HashMap::new()),
+            feedback_sender_id: config.feedback_sender_id.clone(),
         })
     }
 
@@ -457,6 +469,7 @@ impl Sidecar {
         }
         let mut next = (*table).clone();
         next.insert(info.name.clone(), campaign.clone());
+        self.events.set_campaigns(published(&next));
         self.campaigns.set(next);
         self.generator.forget(&info.name, Some(campaign.version));
         if campaign.state != State::Archived {
@@ -875,7 +888,10 @@ impl Sidecar {
         // its headers (read once here), and the recipients whose template failed share one
         // message with the content as submitted.
         let submitted = std::mem::take(&mut sub.content);
-        let kept = kept_headers(&submitted);
+        let (kept_head, kept_id) = kept_headers(&submitted);
+        // The Feedback-ID's identity field: the From domain, read once per submission.
+        let identity = from_identity(&submitted).unwrap_or_default();
+        let kept = (kept_head, kept_id, identity);
         let mut as_submitted = Vec::new();
         let mut as_submitted_reports = Vec::new();
         let mut out = Vec::with_capacity(jobs.len() + 1);
@@ -938,7 +954,10 @@ impl Sidecar {
             });
         }
         if !as_submitted.is_empty() {
-            sub.content = submitted;
+            // Sent as submitted, but still a campaign's: its own Feedback-ID replaces any.
+            let mut content = self.feedback_id(campaign, None, &kept.2).into_bytes();
+            content.extend(without_feedback_id(&submitted));
+            sub.content = content;
             sub.recipients = as_submitted;
             out.push(Prepared {
                 submission: sub,
@@ -954,6 +973,17 @@ impl Sidecar {
             });
         }
         out
+    }
+
+    /// The `Feedback-ID` line of `campaign`'s mail as `variant` from `identity` (the From
+    /// address).
+    fn feedback_id(&self, campaign: &Campaign, variant: Option<&str>, identity: &str) -> String {
+        crate::feedback_id::header(
+            &campaign.config.name,
+            variant,
+            identity,
+            &self.feedback_sender_id,
+        )
     }
 
     fn choose_variant(&self, campaign: &Campaign) -> Option<String> {
@@ -1022,7 +1052,7 @@ impl Sidecar {
     fn render(
         &self,
         campaign: &Campaign,
-        (kept_head, kept_message_id): &(Vec<u8>, Option<String>),
+        (kept_head, kept_message_id, identity): &(Vec<u8>, Option<String>, String),
         rcpt: &Recipient,
         data: &Map<String, Value>,
         slots: &BTreeMap<String, String>,
@@ -1090,12 +1120,9 @@ impl Sidecar {
         };
         head.extend_from_slice(b"Subject: ");
         Text::new(subject).write_header(&mut head, "Subject: ".len());
-        if let Some(v) = variant {
-            // Feedback-ID (Gmail's campaign attribution header): variant:campaign:tern.
-            head.extend_from_slice(
-                format!("Feedback-ID: {v}:{}:tern\r\n", campaign.config.name).as_bytes(),
-            );
-        }
+        // Feedback-ID (Gmail's feedback loop, and how complaints and bounces that come back
+        // by mail find their campaign and variant): added here, before the enqueue signs.
+        head.extend_from_slice(self.feedback_id(campaign, variant, identity).as_bytes());
         head.extend_from_slice(b"MIME-Version: 1.0\r\n");
         let text = crlf(&text);
         let part = match html {
@@ -1179,7 +1206,10 @@ fn kept_headers(message: &[u8]) -> (Vec<u8>, Option<String>) {
             let name = String::from_utf8_lossy(&bare[..name_end])
                 .trim()
                 .to_ascii_lowercase();
-            keep = !(name == "subject" || name == "mime-version" || name.starts_with("content-"));
+            keep = !(name == "subject"
+                || name == "mime-version"
+                || name.starts_with("content-")
+                || name == "feedback-id");
             if name == "message-id" {
                 message_id = Some(
                     String::from_utf8_lossy(&bare[name_end + 1..])
@@ -1193,6 +1223,30 @@ fn kept_headers(message: &[u8]) -> (Vec<u8>, Option<String>) {
         }
     }
     (out, message_id)
+}
+
+/// `message` without its `Feedback-ID` header fields (a campaign message carries only the
+/// one tern writes: Gmail counts one per message).
+fn without_feedback_id(message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len());
+    let mut keep = true;
+    let mut in_head = true;
+    for line in message.split_inclusive(|&b| b == b'\n') {
+        if in_head {
+            let bare = line.strip_suffix(b"\n").unwrap_or(line);
+            let bare = bare.strip_suffix(b"\r").unwrap_or(bare);
+            if bare.is_empty() {
+                in_head = false;
+                keep = true;
+            } else if !matches!(bare[0], b' ' | b'\t') {
+                keep = !(bare.len() >= 12 && bare[..12].eq_ignore_ascii_case(b"feedback-id:"));
+            }
+        }
+        if keep {
+            out.extend_from_slice(line);
+        }
+    }
+    out
 }
 
 /// CRLF line ends (templates are written with LF).
@@ -1226,14 +1280,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kept_headers_drop_subject_and_mime_only() {
-        let msg = b"From: a@b\r\nSubject: old\r\n folded\r\nList-Unsubscribe: <https://u.test/x>\r\nList-Unsubscribe-Post: List-Unsubscribe=One-Click\r\nContent-Type: text/plain\r\nMessage-ID: <m@h>\r\n\r\nbody\r\n";
+    fn kept_headers_drop_subject_mime_and_feedback_id() {
+        let msg = b"From: a@b\r\nSubject: old\r\n folded\r\nList-Unsubscribe: <https://u.test/x>\r\nList-Unsubscribe-Post: List-Unsubscribe=One-Click\r\nContent-Type: text/plain\r\nFeedback-ID: forged:x:y:tern-mta\r\nMessage-ID: <m@h>\r\n\r\nbody\r\n";
         let (head, id) = kept_headers(msg);
         assert_eq!(
             String::from_utf8(head).unwrap(),
             "From: a@b\r\nList-Unsubscribe: <https://u.test/x>\r\nList-Unsubscribe-Post: List-Unsubscribe=One-Click\r\nMessage-ID: <m@h>\r\n"
         );
         assert_eq!(id.as_deref(), Some("<m@h>"));
+    }
+
+    #[test]
+    fn a_submitted_feedback_id_is_dropped_from_the_head_only() {
+        let msg = b"From: a@b\r\nFEEDBACK-ID: x:y:z:w\r\n folded\r\nTo: c@d\r\n\r\nFeedback-ID: quoted in the body\r\n";
+        assert_eq!(
+            String::from_utf8(without_feedback_id(msg)).unwrap(),
+            "From: a@b\r\nTo: c@d\r\n\r\nFeedback-ID: quoted in the body\r\n"
+        );
     }
 
     #[test]

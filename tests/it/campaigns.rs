@@ -647,3 +647,261 @@ async fn results_equal_what_the_events_say_and_the_webhook_gets_engagement_event
     drop(sidecar);
     server.stop().await;
 }
+
+/// The `Feedback-ID` field of a delivered message's header section (unfolded), all of them.
+fn feedback_ids(data: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(data);
+    let head = text.split("\r\n\r\n").next().unwrap().replace("\r\n ", " ");
+    head.lines()
+        .filter_map(|l| l.strip_prefix("Feedback-ID: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Complaints and bounces that come back by mail, long after delivery, count for the
+/// campaign and variant of the message they are about: every campaign message carries a
+/// DKIM-signed `Feedback-ID` (`campaign:variant:identity:sender_id`), an ARF report returning
+/// the message and a DSN returning its headers (both sent over SMTP to the bounce domain) are
+/// read back to it, and the webhook events and the results endpoint show them. A report whose
+/// Feedback-ID names a campaign that does not exist, or is oversized or in another charset,
+/// is still a complaint, but of no campaign, and no gauge gets its label.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complaints_and_async_bounces_by_mail_count_for_their_campaign_and_variant() {
+    use crate::edge::{arf_about, dsn_returning, outsider};
+    use crate::sink::{Sink, SinkBehaviour};
+    use crate::suppression::{receiver, wait_events, SECRET};
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start(SinkBehaviour::default()).await;
+    let (hook, posts, _hook_task) = receiver("127.0.0.1:0".parse().unwrap()).await;
+    let hook_secret = dir.path().join("hook.secret");
+    std::fs::write(&hook_secret, format!("{SECRET}\n")).unwrap();
+    std::fs::set_permissions(
+        &hook_secret,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let (key, record) = crate::dkim::keygen(dir.path(), "fb", &["--algorithm", "ed25519"]);
+    let bounce_domain = "bounce.example.com";
+    let options = Options::default()
+        .deliver()
+        .relay(&["127.0.0.1/32"])
+        .route("sink.test", sink.addr)
+        .dkim(format!(
+            "domain = \"example.com\"\nselector = \"fb\"\nkey = {:?}",
+            key.display().to_string()
+        ))
+        .extra(format!(
+            "[bounce]\ndomains = [\"{bounce_domain}\"]\n\n\
+             [sidecar]\nfeedback_sender_id = \"acme-mail\"\n\n\
+             [sidecar.bandit]\nholdout = 0.0\n\n\
+             [[webhooks]]\nurl = \"http://{hook}/hook\"\nsecret_file = {:?}\ninterval = \"50ms\"\n",
+            hook_secret.display().to_string(),
+        ));
+    let server = TestServer::start(options).await;
+    let (status, created) = server
+        .api(
+            "POST",
+            "/api/v1/campaigns",
+            Some(&json!({
+                "name": "autumn",
+                "subject": "Autumn",
+                "text": "Leaves\n",
+                "variants": [{"id": "a"}, {"id": "b", "subject": "Autumn B"}],
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let people = ["c0", "c1", "c2", "c3"];
+    let to: Vec<String> = people.iter().map(|p| format!("{p}@sink.test")).collect();
+    let (status, answer) = server
+        .api(
+            "POST",
+            "/api/v1/inject",
+            Some(&json!({
+                "from": "news@example.com",
+                "to": to,
+                // A Feedback-ID of the submitter's own is replaced, not kept beside tern's.
+                "raw": "From: news@example.com\nTo: list@example.com\nFeedback-ID: x:y:z:forged-id\nSubject: x\n\nx\n",
+                "sidecar": {"campaign": "autumn"},
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let got = sink.wait_for_messages(4, Duration::from_secs(20)).await;
+    let data = |who: &str| {
+        got.iter()
+            .find(|m| m.rcpts.iter().any(|r| r.address == who))
+            .unwrap_or_else(|| panic!("nothing delivered to {who}"))
+            .data
+            .clone()
+    };
+    let variant_of = |who: &str| {
+        answer["sidecar"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["recipient"] == who)
+            .and_then(|r| r["variant"].as_str())
+            .unwrap()
+            .to_owned()
+    };
+    for who in &to {
+        let message = data(who);
+        assert_eq!(
+            feedback_ids(&message),
+            [format!("autumn:{}:example.com:acme-mail", variant_of(who))],
+            "{who}"
+        );
+        // Signed after it was added, and signed (over-signed: none can be added later).
+        let text = String::from_utf8_lossy(&message).to_string();
+        let signature = text
+            .split("\r\n\r\n")
+            .next()
+            .unwrap()
+            .replace("\r\n ", " ")
+            .replace("\r\n\t", " ");
+        let h = signature
+            .lines()
+            .find(|l| l.starts_with("DKIM-Signature:"))
+            .and_then(|l| l.split("h=").nth(1))
+            .map(|h| {
+                h.split(';')
+                    .next()
+                    .unwrap()
+                    .replace(' ', "")
+                    .to_ascii_lowercase()
+            })
+            .unwrap_or_else(|| panic!("no DKIM-Signature h= in {text}"));
+        assert_eq!(
+            h.split(':').filter(|n| *n == "feedback-id").count(),
+            2,
+            "{h}"
+        );
+        if crate::dkim::dkimpy_available() {
+            let signed_from = text.find("DKIM-Signature:").unwrap();
+            let signed = &message[signed_from..];
+            assert!(
+                crate::dkim::dkimpy_verifies(dir.path(), &record, signed),
+                "{who}: {text}"
+            );
+            let altered = String::from_utf8_lossy(signed)
+                .replace(&format!("autumn:{}:", variant_of(who)), "autumn:zz:");
+            assert!(
+                !crate::dkim::dkimpy_verifies(dir.path(), &record, altered.as_bytes()),
+                "{who}: an altered Feedback-ID breaks the signature"
+            );
+        }
+    }
+
+    let bounces = format!("bounces@{bounce_domain}");
+    let mut c = outsider(server.smtp).await;
+    // A complaint returning c0's message whole, a DSN returning c1's headers.
+    c.submit(
+        "",
+        &[&bounces],
+        &arf_about(&data("c0@sink.test"), "c0@sink.test"),
+    )
+    .await;
+    c.submit(
+        "",
+        &[&bounces],
+        &dsn_returning(&bounces, "c1@sink.test", &data("c1@sink.test")),
+    )
+    .await;
+    // c2's genuine copy (its X-Tern-Id ties the recipient) with the Feedback-ID changed to
+    // a campaign that does not exist; c3's with an oversized campaign name and with one in
+    // another charset.
+    let swap = |who: &str, value: &str| {
+        String::from_utf8_lossy(&data(who))
+            .replace(
+                &format!("autumn:{}:example.com:acme-mail", variant_of(who)),
+                value,
+            )
+            .into_bytes()
+    };
+    c.submit(
+        "",
+        &[&bounces],
+        &arf_about(
+            &swap("c2@sink.test", "nosuch:a:example.com:acme-mail"),
+            "c2@sink.test",
+        ),
+    )
+    .await;
+    for value in [
+        format!("{}:a:example.com:acme-mail", "x".repeat(900)),
+        format!("{}:a:example.com:acme-mail", "x".repeat(65)),
+        "autumn<script>:a:example.com:acme-mail".to_owned(),
+    ] {
+        c.submit(
+            "",
+            &[&bounces],
+            &arf_about(&swap("c3@sink.test", &value), "c3@sink.test"),
+        )
+        .await;
+    }
+
+    let events = wait_events(&posts, "complaints and the bounce", |events| {
+        let n = |kind: &str| events.iter().filter(|e| e["event"] == kind).count();
+        n("complaint") == 5 && n("bounced") == 1
+    })
+    .await;
+    let mut expected: std::collections::BTreeMap<String, [u64; 2]> = Default::default();
+    for e in events
+        .iter()
+        .filter(|e| e["event"] == "complaint" || e["event"] == "bounced")
+    {
+        let who = e["recipient"].as_str().unwrap();
+        match who {
+            "c0@sink.test" | "c1@sink.test" => {
+                assert_eq!(e["campaign"], "autumn", "{e}");
+                let variant = e["variant"].as_str().unwrap_or_else(|| panic!("{e}"));
+                assert_eq!(variant, variant_of(who), "{e}");
+                let row = expected.entry(variant.to_owned()).or_default();
+                row[usize::from(e["event"] == "bounced")] += 1;
+            }
+            _ => {
+                assert_eq!(e["event"], "complaint", "{e}");
+                assert!(e.get("campaign").is_none(), "not trusted: {e}");
+                assert!(e.get("variant").is_none(), "not trusted: {e}");
+            }
+        }
+    }
+    assert_eq!(expected.values().map(|r| r[0] + r[1]).sum::<u64>(), 2);
+    // The suppression events of the attributed ones name the campaign too.
+    assert!(events.iter().any(|e| e["event"] == "suppressed"
+        && e["recipient"] == "c0@sink.test"
+        && e["campaign"] == "autumn"));
+
+    let (status, results) = server
+        .api("GET", "/api/v1/campaigns/autumn/results", None)
+        .await;
+    assert_eq!(status, 200, "{results}");
+    for row in results["variants"].as_array().unwrap() {
+        let v = row["variant"].as_str().unwrap();
+        let want = expected.get(v).copied().unwrap_or_default();
+        assert_eq!(row["complaints"], want[0], "{v}: {results}");
+        assert_eq!(row["bounces"], want[1], "{v}: {results}");
+    }
+    let (status, _) = server
+        .api("GET", "/api/v1/campaigns/nosuch/results", None)
+        .await;
+    assert_eq!(status, 404);
+    // No gauge carries a label a report made up.
+    let (_, metrics) = crate::harness::http(server.admin(), "GET", "/metrics", None, None).await;
+    let complaints: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("tern_campaign_events{") && l.contains("kind=\"complaints\""))
+        .map(|l| {
+            assert!(l.contains("campaign=\"autumn\""), "{l}");
+            l.rsplit(' ').next().unwrap().parse::<f64>().unwrap()
+        })
+        .sum();
+    assert_eq!(complaints, 1.0, "{metrics}");
+    assert!(
+        !metrics.contains("nosuch")
+            && !metrics.contains("xxxxxxxx")
+            && !metrics.contains("<script>")
+    );
+    server.stop().await;
+}
