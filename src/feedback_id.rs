@@ -88,7 +88,7 @@ pub fn parse(value: &str, sender_id: &str) -> Option<FeedbackId> {
     if value.len() > MAX_VALUE {
         return None;
     }
-    let fields: Vec<&str> = value.trim().split(':').collect();
+    let fields: Vec<&str> = value.split(':').map(str::trim).collect();
     let [campaign, variant, identity, sender] = fields[..] else {
         return None;
     };
@@ -143,7 +143,8 @@ pub fn find(message: &[u8], sender_id: &str) -> Option<FeedbackId> {
                 break;
             }
             first = false;
-            value.extend(line.iter().filter(|b| !b.is_ascii_whitespace()));
+            // Unfolding removes the line break only (RFC 5322 2.2.3); fields are trimmed.
+            value.extend_from_slice(line);
             if value.len() > MAX_VALUE {
                 break;
             }

@@ -135,28 +135,58 @@ async fn archive(State(state): State<AdminState>, Path(name): Path<String>) -> R
 /// that may have read the paused state has committed (the model deadline plus
 /// [`SECOND_LOOK`]; the answer waits for it). The answer adds `released`.
 async fn resume(State(state): State<AdminState>, Path(name): Path<String>) -> Response {
-    let info = match state
+    match resume_campaign(&state, &name).await {
+        Ok((info, released)) => {
+            let mut body = json!(info);
+            body["released"] = json!(released);
+            Json(body).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A refused change as the API's error (pause and resume: never `Invalid`).
+fn api_error(err: CampaignError) -> ApiError {
+    match err {
+        CampaignError::Invalid(errors) => ApiError::bad_request(errors.join("; ")),
+        CampaignError::NotFound(m) => ApiError::not_found(m),
+        CampaignError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
+        CampaignError::Spool(m) => ApiError::unavailable(m),
+    }
+}
+
+/// `POST /campaigns/{name}/pause` (the console's pause action too).
+pub(super) async fn pause_campaign(
+    state: &AdminState,
+    name: &str,
+) -> Result<CampaignInfo, ApiError> {
+    state
         .sidecar
-        .change_campaign(Some(&name), Change::Resume)
+        .change_campaign(Some(name), Change::Pause)
         .await
-    {
-        Ok(info) => info,
-        Err(e) => return refused(e),
-    };
+        .map_err(api_error)
+}
+
+/// `POST /campaigns/{name}/resume` (the console's resume action too): the campaign, and how
+/// many held messages were released.
+pub(super) async fn resume_campaign(
+    state: &AdminState,
+    name: &str,
+) -> Result<(CampaignInfo, usize), ApiError> {
+    let info = state
+        .sidecar
+        .change_campaign(Some(name), Change::Resume)
+        .await
+        .map_err(api_error)?;
     let mut released = 0;
     for look in [
         Duration::ZERO,
         state.sidecar.render_deadline() + SECOND_LOOK,
     ] {
         tokio::time::sleep(look).await;
-        match release_held(&state, &name).await {
-            Ok(n) => released += n,
-            Err(e) => return e.into_response(),
-        }
+        released += release_held(state, name).await?;
     }
-    let mut body = json!(info);
-    body["released"] = json!(released);
-    Json(body).into_response()
+    Ok((info, released))
 }
 
 /// Releases every held message of campaign `name`; returns how many changed.

@@ -1119,7 +1119,7 @@ subject = "Spring B"
             let id = v["id"].as_str().unwrap();
             let cell = |class: &str| -> f64 {
                 text(&format!(
-                    "section[data-campaign='spring'] tr[data-variant='{id}'] td.{class}"
+                    "section[data-campaign='spring'] table.bandit tr[data-variant='{id}'] td.{class}"
                 ))
                 .parse()
                 .unwrap()
@@ -1127,7 +1127,7 @@ subject = "Spring B"
             assert_eq!(cell("sends"), v["sends"].as_f64().unwrap());
             assert_eq!(
                 text(&format!(
-                    "section[data-campaign='spring'] tr[data-variant='{id}'] td.rate"
+                    "section[data-campaign='spring'] table.bandit tr[data-variant='{id}'] td.rate"
                 )),
                 if v["sends"].as_f64().unwrap() > 0.0 {
                     "0.0 %"
@@ -1142,6 +1142,86 @@ subject = "Spring B"
             eval("document.querySelectorAll(\"section[data-campaign='spring'] svg rect.bar\").length"),
             json!(2)
         );
+        // The results, as the results endpoint has them: every count, and each rate's mean,
+        // interval and P(best) (exactly, in data attributes; rounded, as text).
+        let results = api("/api/v1/campaigns/spring/results");
+        let rows = results["variants"].as_array().unwrap();
+        assert_eq!(rows.len(), 2, "{results}");
+        assert_eq!(
+            eval("document.querySelectorAll(\"section[data-campaign='spring'] table.results tr[data-variant]\").length"),
+            json!(rows.len())
+        );
+        assert!(
+            rows.iter()
+                .map(|r| r["sends"].as_u64().unwrap())
+                .sum::<u64>()
+                > 0,
+            "{results}"
+        );
+        for row in rows {
+            let id = row["variant"].as_str().unwrap();
+            for field in [
+                "sends",
+                "bounces",
+                "human_opens",
+                "machine_opens",
+                "clicks",
+                "unsubscribes",
+                "complaints",
+                "conversions",
+            ] {
+                assert_eq!(
+                    number(&format!(
+                        "section[data-campaign='spring'] table.results tr[data-variant='{id}'] td.{field}"
+                    )),
+                    row[field].as_u64().unwrap(),
+                    "{id}.{field}"
+                );
+            }
+            for (rate, want) in row["rates"].as_object().unwrap() {
+                let cell = format!(
+                    "section[data-campaign='spring'] table.rates tr[data-variant='{id}'] td.rate-{rate}"
+                );
+                for part in ["mean", "low", "high", "best"] {
+                    let shown = eval(&format!(
+                        "document.querySelector(\"{cell}\").dataset.{part}"
+                    ));
+                    let shown: f64 = shown.as_str().unwrap().parse().unwrap();
+                    assert_eq!(shown, want[part].as_f64().unwrap(), "{id}.{rate}.{part}");
+                }
+                let mean = text(&format!("{cell} .mean"));
+                let want_mean = want["mean"].as_f64().unwrap() * 100.0;
+                let shown_mean: f64 = mean.trim_end_matches(" %").parse().unwrap();
+                assert!(
+                    (shown_mean - want_mean).abs() < 0.006,
+                    "{mean} vs {want_mean}"
+                );
+            }
+        }
+        assert_eq!(
+            text("section[data-campaign='spring'] .state"),
+            api("/api/v1/campaigns/spring")["state"].as_str().unwrap()
+        );
+
+        // Pause and resume through the browser, each confirmed (CSRF-protected forms).
+        for (button, state) in [("pause", "paused"), ("resume", "active")] {
+            tab.wait_for_element(&format!("section[data-campaign='spring'] button.{button}"))
+                .unwrap()
+                .click()
+                .unwrap();
+            tab.wait_until_navigated().unwrap();
+            tab.wait_for_element("#confirm").unwrap().click().unwrap();
+            tab.wait_until_navigated().unwrap();
+            tab.wait_for_element("#message").unwrap();
+            assert!(
+                text("#message").starts_with("Campaign spring is"),
+                "{}",
+                text("#message")
+            );
+            assert_eq!(api("/api/v1/campaigns/spring")["state"], state);
+            visit("/console/campaigns", &format!("campaigns-{state}"));
+            assert_eq!(text("section[data-campaign='spring'] .state"), state);
+        }
 
         // An action through the browser: hold sink.test, confirm, done.
         visit("/console/queue", "queue-before-hold");

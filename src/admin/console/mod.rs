@@ -24,6 +24,7 @@ pub mod chart;
 pub mod session;
 
 use super::auth::{identify, required_scope, Principal, TOKEN_FILE_NAME};
+use super::campaigns as campaign_api;
 use super::error::{ApiError, ApiJson};
 use super::queue::{self, ResumeRequest, Selector, SuspendRequest, AGE_BUCKETS_MINUTES};
 use super::reports::{self, BounceParams};
@@ -720,7 +721,9 @@ async fn campaigns_page(State(c): State<Console>, headers: HeaderMap) -> Respons
             let svg = chart::bar_chart(&format!("Reward rate by variant: {name}"), &bars);
             context! {
                 name => name,
+                state => campaign["state"].as_str().unwrap_or_default(),
                 variants => tpl(&campaign["variants"]),
+                results => tpl(&campaign["results"]),
                 chart => Tpl::from_safe_string(svg),
             }
         })
@@ -730,7 +733,11 @@ async fn campaigns_page(State(c): State<Console>, headers: HeaderMap) -> Respons
         "campaigns.html",
         "Campaigns",
         Some(&viewer),
-        context! { campaigns => campaigns },
+        context! {
+            campaigns => campaigns,
+            rates => crate::sidecar::results::RATES.iter().map(|(r, _)| *r).collect::<Vec<_>>(),
+            may_change => viewer.principal.may(Scope::Campaigns),
+        },
     )
 }
 
@@ -761,6 +768,9 @@ struct ActionForm {
     expires_in: String,
     #[serde(default)]
     confirm: String,
+    /// Campaign actions: the campaign's name.
+    #[serde(default)]
+    campaign: String,
 }
 
 /// What an action is: the API call it stands for (so its scope and audit line are the API's),
@@ -816,6 +826,21 @@ fn describe(form: &ActionForm) -> Option<ActionKind> {
             ),
             back: "/console/suppressions",
         },
+        "pause_campaign" | "resume_campaign" => {
+            let name = form.campaign.trim();
+            let verb = &form.action[..form.action.len() - "_campaign".len()];
+            ActionKind {
+                method: Method::POST,
+                api_path: format!("/campaigns/{name}/{verb}"),
+                what: match verb {
+                    "pause" => format!(
+                        "Pause campaign {name}? Its new mail is accepted and held until it is resumed."
+                    ),
+                    _ => format!("Resume campaign {name} and release its held mail?"),
+                },
+                back: "/console/campaigns",
+            }
+        }
         _ => return None,
     })
 }
@@ -873,6 +898,7 @@ async fn action(
             ("address", &form.address),
             ("scope", &form.scope),
             ("expires_in", &form.expires_in),
+            ("campaign", &form.campaign),
         ] {
             let asked = suspend && matches!(name, "reason" | "duration");
             if !value.is_empty() && !asked {
@@ -985,6 +1011,18 @@ async fn run(state: &AdminState, form: &ActionForm) -> Result<String, ApiError> 
             suppression::remove_entry(state, address, some(&form.scope).as_deref()).await?;
             format!("{address} is no longer suppressed.")
         }
+        "pause_campaign" => {
+            let info = campaign_api::pause_campaign(state, form.campaign.trim()).await?;
+            format!("Campaign {} is paused: its new mail is held.", info.name)
+        }
+        "resume_campaign" => {
+            let (info, released) =
+                campaign_api::resume_campaign(state, form.campaign.trim()).await?;
+            format!(
+                "Campaign {} is active again; {released} held messages released.",
+                info.name
+            )
+        }
         other => return Err(ApiError::bad_request(format!("unknown action {other:?}"))),
     })
 }
@@ -1040,6 +1078,8 @@ mod tests {
             ("release", Scope::Queue),
             ("suppress", Scope::Suppression),
             ("unsuppress", Scope::Suppression),
+            ("pause_campaign", Scope::Campaigns),
+            ("resume_campaign", Scope::Campaigns),
         ] {
             let kind = describe(&form(action)).unwrap();
             assert_eq!(
