@@ -185,17 +185,7 @@ impl Events {
     /// campaign), an unknown variant only the campaign. `holdout` is the variant of the
     /// bandit's holdout.
     pub fn known_campaign(&self, claim: &FeedbackId) -> Option<tern_queue::CampaignTag> {
-        let campaigns = self.campaigns.get();
-        let variants = campaigns.get(&claim.campaign)?;
-        let variant = claim
-            .variant
-            .as_ref()
-            .filter(|v| v.as_str() == "holdout" || variants.iter().any(|k| k == *v))
-            .cloned();
-        Some(tern_queue::CampaignTag {
-            campaign: claim.campaign.clone(),
-            variant,
-        })
+        attribute(&self.campaigns.get(), claim)
     }
 
     /// The latest bounces, expiries and complaints (at most [`RECENT_FAILURES`]), newest
@@ -364,4 +354,60 @@ impl Events {
 
 pub(crate) fn stream_name(index: usize) -> String {
     format!("webhook/{index}")
+}
+
+/// What `claim` names among `campaigns` (name -> variant ids): see [`Events::known_campaign`].
+fn attribute(
+    campaigns: &HashMap<String, Vec<String>>,
+    claim: &FeedbackId,
+) -> Option<tern_queue::CampaignTag> {
+    let variants = campaigns.get(&claim.campaign)?;
+    let variant = claim
+        .variant
+        .as_ref()
+        .filter(|v| v.as_str() == "holdout" || variants.iter().any(|k| k == *v))
+        .cloned();
+    Some(tern_queue::CampaignTag {
+        campaign: claim.campaign.clone(),
+        variant,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_names_only_campaigns_and_variants_that_exist() {
+        let campaigns: HashMap<String, Vec<String>> =
+            [("spring".to_owned(), vec!["a".to_owned(), "b".to_owned()])].into();
+        let claim = |c: &str, v: Option<&str>| FeedbackId {
+            campaign: c.to_owned(),
+            variant: v.map(str::to_owned),
+        };
+        let tag = |c: &str, v: Option<&str>| tern_queue::CampaignTag {
+            campaign: c.to_owned(),
+            variant: v.map(str::to_owned),
+        };
+        assert_eq!(
+            attribute(&campaigns, &claim("spring", Some("b"))),
+            Some(tag("spring", Some("b")))
+        );
+        assert_eq!(
+            attribute(&campaigns, &claim("spring", Some("holdout"))),
+            Some(tag("spring", Some("holdout")))
+        );
+        // A variant the campaign does not have: the campaign only.
+        assert_eq!(
+            attribute(&campaigns, &claim("spring", Some("zz"))),
+            Some(tag("spring", None))
+        );
+        assert_eq!(
+            attribute(&campaigns, &claim("spring", None)),
+            Some(tag("spring", None))
+        );
+        // A campaign that does not exist (or differs in case): nothing.
+        assert_eq!(attribute(&campaigns, &claim("nosuch", Some("a"))), None);
+        assert_eq!(attribute(&campaigns, &claim("Spring", Some("a"))), None);
+    }
 }

@@ -16,7 +16,11 @@
 //! an unknown campaign, bad data, a template error, a model failure or a missed deadline all
 //! fall back (plain message or the slots' defaults) and say why; the message's own headers
 //! (From, To, List-Unsubscribe, List-Unsubscribe-Post, ...) are kept byte for byte, only
-//! Subject and the MIME body are replaced; generated text reaches only its slot.
+//! Subject and the MIME body are replaced and every campaign message gets exactly one
+//! `Feedback-ID` of tern's ([`crate::feedback_id`], a submitted one removed); generated text
+//! reaches only its slot. The events always know the campaign table's names and variants
+//! (published at start and with every change), so a report's `Feedback-ID` is believed only
+//! for a campaign that exists.
 
 pub mod bandit;
 pub mod campaigns;
