@@ -52,8 +52,8 @@ pub use self::shaping::{
     ShapingConfig, SharedConfig, WarmupConfig, WhenCapped,
 };
 pub use self::sidecar::{
-    compile_campaign_json, BanditConfig, CampaignConfig, ModelConfig, SidecarConfig, SlotConfig,
-    TrackingConfig, VariantConfig,
+    compile_campaign_json, BanditConfig, CampaignBandit, CampaignConfig, ModelConfig,
+    SidecarConfig, SlotConfig, Strategy, TrackingConfig, VariantConfig, MAX_MIN_SENDS,
 };
 
 use std::collections::HashMap;
@@ -1493,6 +1493,57 @@ mod tests {
         ] {
             assert!(err.contains(key), "{key} not in:\n{err}");
         }
+    }
+
+    #[test]
+    fn a_campaigns_bandit_settings_are_checked_with_their_paths_in_toml_and_json() {
+        let base = "[[listeners]]\naddress = \"127.0.0.1:2525\"\n";
+        let ok = Config::parse(&format!(
+            "{base}[[sidecar.campaigns]]\nname = \"a\"\ntext = \"hi\"\n\
+             [sidecar.campaigns.bandit]\nstrategy = \"fixed\"\nholdout = 0.2\nmin_sends = 500\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            ok.sidecar.campaigns[0].bandit,
+            Some(CampaignBandit {
+                strategy: Strategy::Fixed,
+                exploration: None,
+                holdout: Some(0.2),
+                min_sends: 500,
+            })
+        );
+        let err = Config::parse(&format!(
+            "{base}[[sidecar.campaigns]]\nname = \"a\"\ntext = \"hi\"\n\
+             [sidecar.campaigns.bandit]\nstrategy = \"greedy\"\nholdout = 1.5\n\
+             exploration = -0.1\nmin_sends = 99999999999\nbatch = 1\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "sidecar.campaigns[0].bandit.strategy: ",
+            "sidecar.campaigns[0].bandit.holdout: ",
+            "sidecar.campaigns[0].bandit.exploration: ",
+            "sidecar.campaigns[0].bandit.min_sends: ",
+            "sidecar.campaigns[0].bandit.batch: ",
+        ] {
+            assert!(err.contains(key), "{key} not in:\n{err}");
+        }
+        // The API takes the same keys, with the same checks and paths.
+        let errors = compile_campaign_json(
+            &serde_json::json!({"name": "a", "text": "hi",
+                "bandit": {"strategy": "greedy", "min_sends": -1}}),
+            false,
+        )
+        .unwrap_err();
+        let joined = errors.join("\n");
+        assert!(joined.contains("bandit.strategy: "), "{joined}");
+        assert!(joined.contains("bandit.min_sends: "), "{joined}");
+        // What GET shows goes back as a PUT unchanged.
+        let doc = serde_json::json!({"name": "a", "text": "hi",
+            "bandit": {"strategy": "fixed", "holdout": 0.1, "min_sends": 10}});
+        let compiled = compile_campaign_json(&doc, false).unwrap();
+        let again = compile_campaign_json(&serde_json::to_value(&compiled).unwrap(), false);
+        assert_eq!(again.unwrap(), compiled);
     }
 
     #[test]

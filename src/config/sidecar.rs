@@ -280,7 +280,42 @@ pub struct CampaignConfig {
     /// campaign instead (see `crate::sendtime::lifecycle`). Default none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub winback_for: Option<String>,
+    /// How this campaign picks variants (`[sidecar.campaigns.bandit]`, `bandit` over the API);
+    /// what it leaves unset comes from `[sidecar.bandit]`. Default none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bandit: Option<CampaignBandit>,
 }
+
+/// How variants are picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Bernoulli Thompson sampling (with the exploration share).
+    #[default]
+    Thompson,
+    /// An even split over the variants, never exploiting (a classic A/B test).
+    Fixed,
+}
+
+/// A campaign's own bandit settings.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CampaignBandit {
+    /// Default `thompson`.
+    pub strategy: Strategy,
+    /// Share of sends given a uniformly random variant. Default `[sidecar.bandit] exploration`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exploration: Option<f64>,
+    /// Share of sends that get the campaign's own content (variant `holdout`). Default
+    /// `[sidecar.bandit] holdout`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holdout: Option<f64>,
+    /// Applied sends every variant has before Thompson sampling exploits; until then the
+    /// split is even. Default 0, at most [`MAX_MIN_SENDS`].
+    pub min_sends: u64,
+}
+
+/// The largest `min_sends`.
+pub const MAX_MIN_SENDS: u64 = 10_000_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SlotConfig {
@@ -484,6 +519,26 @@ fn compile_bandit(r: &mut TableReader<'_>) -> BanditConfig {
     }
 }
 
+fn compile_campaign_bandit(r: &mut TableReader<'_>) -> CampaignBandit {
+    CampaignBandit {
+        strategy: r
+            .get("strategy", |v| match string(v)? {
+                "thompson" => Ok(Strategy::Thompson),
+                "fixed" => Ok(Strategy::Fixed),
+                other => Err(format!("{other:?}: expected \"thompson\" or \"fixed\"")),
+            })
+            .unwrap_or_default(),
+        exploration: r.get("exploration", share),
+        holdout: r.get("holdout", share),
+        min_sends: r
+            .get("min_sends", |v| match count(v)? as u64 {
+                n if n <= MAX_MIN_SENDS => Ok(n),
+                _ => Err(format!("at most {MAX_MIN_SENDS}")),
+            })
+            .unwrap_or(0),
+    }
+}
+
 fn compile_campaign(r: &mut TableReader<'_>) -> Option<CampaignConfig> {
     let name = r.require("name", |v| match string(v)? {
         n if !n.is_empty()
@@ -568,8 +623,10 @@ fn compile_campaign(r: &mut TableReader<'_>) -> Option<CampaignConfig> {
         }
     }
     let winback_for = r.get("winback_for", sender_identity);
+    let bandit = r.optional_section("bandit", compile_campaign_bandit);
     Some(CampaignConfig {
         winback_for,
+        bandit,
         name: name?,
         subject,
         text: text?,

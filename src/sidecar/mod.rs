@@ -244,7 +244,8 @@ impl Sidecar {
         if tokio::runtime::Handle::try_current().is_ok() {
             for c in campaigns.values() {
                 for segment in &c.config.segments {
-                    generator.prefetch(&c.config, c.version, config.bandit.holdout > 0.0, segment);
+                    let policy = bandit::Policy::of(&config.bandit, c.config.bandit.as_ref());
+                    generator.prefetch(&c.config, c.version, policy.holdout > 0.0, segment);
                 }
             }
         }
@@ -384,10 +385,12 @@ impl Sidecar {
             cache.insert(name.to_owned(), (variants, r.clone()));
             r
         });
+        let bandit = table.get(name).map(|c| self.policy(c));
         Some(CampaignResults {
             campaign: info.name,
             state: info.state,
             version: info.version,
+            bandit,
             variants: computed,
         })
     }
@@ -481,7 +484,7 @@ impl Sidecar {
                 self.generator.prefetch(
                     &campaign.config,
                     campaign.version,
-                    self.bandit_config.holdout > 0.0,
+                    self.policy(&campaign).holdout > 0.0,
                     segment,
                 );
             }
@@ -990,6 +993,11 @@ impl Sidecar {
         )
     }
 
+    /// How `campaign` picks variants: `[sidecar.bandit]` under its own settings.
+    fn policy(&self, campaign: &Campaign) -> bandit::Policy {
+        bandit::Policy::of(&self.bandit_config, campaign.config.bandit.as_ref())
+    }
+
     fn choose_variant(&self, campaign: &Campaign) -> Option<String> {
         if campaign.variants.is_empty() {
             return None;
@@ -998,8 +1006,7 @@ impl Sidecar {
         let b = bandits.get_mut(&campaign.config.name)?;
         Some(b.choose(
             &campaign.variants,
-            self.bandit_config.exploration,
-            self.bandit_config.holdout,
+            &self.policy(campaign),
             &mut rand::thread_rng(),
         ))
     }
@@ -1038,7 +1045,7 @@ impl Sidecar {
             self.generator.prefetch(
                 &campaign.config,
                 campaign.version,
-                self.bandit_config.holdout > 0.0,
+                self.policy(campaign).holdout > 0.0,
                 segment,
             );
         }
@@ -1150,6 +1157,9 @@ pub struct CampaignResults {
     pub campaign: String,
     pub state: State,
     pub version: u64,
+    /// How the campaign picks variants (`[sidecar.bandit]` under its own `bandit`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bandit: Option<bandit::Policy>,
     pub variants: Vec<results::VariantResults>,
 }
 

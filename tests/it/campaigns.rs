@@ -707,6 +707,7 @@ async fn complaints_and_async_bounces_by_mail_count_for_their_campaign_and_varia
                 "subject": "Autumn",
                 "text": "Leaves\n",
                 "variants": [{"id": "a"}, {"id": "b", "subject": "Autumn B"}],
+                "bandit": {"strategy": "fixed", "min_sends": 5},
             })),
         )
         .await;
@@ -877,6 +878,12 @@ async fn complaints_and_async_bounces_by_mail_count_for_their_campaign_and_varia
         .api("GET", "/api/v1/campaigns/autumn/results", None)
         .await;
     assert_eq!(status, 200, "{results}");
+    // The campaign's own bandit settings over [sidecar.bandit]'s.
+    assert_eq!(
+        results["bandit"],
+        json!({"strategy": "fixed", "exploration": 0.1, "holdout": 0.0, "min_sends": 5}),
+        "{results}"
+    );
     for row in results["variants"].as_array().unwrap() {
         let v = row["variant"].as_str().unwrap();
         let want = expected.get(v).copied().unwrap_or_default();
