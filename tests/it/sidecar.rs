@@ -483,10 +483,10 @@ async fn tracking_links_are_signed_and_feed_the_bandit_and_the_profile() {
     let variant = answer["sidecar"][0]["variant"].as_str().unwrap().to_owned();
     assert!(variant == "a" || variant == "b", "{answer}");
     let body = server.body(server.envelopes()[0].id);
-    // Attribution: the chosen variant is in Feedback-ID.
+    // Attribution: campaign and chosen variant are in Feedback-ID (Gmail's a:b:c:SenderId).
     assert_eq!(
         header(&body, "Feedback-ID"),
-        Some(format!("{variant}:promo:tern"))
+        Some(format!("promo:{variant}:example.com:tern-mta"))
     );
     let message = mail_parser::MessageParser::default().parse(&body).unwrap();
     let html = message.body_html(0).unwrap().into_owned();
