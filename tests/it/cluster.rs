@@ -948,15 +948,25 @@ async fn a_fleet_on_a_redis_cluster_shares_suppressions_engagement_and_bandits()
     assert_eq!(status, 200, "{body}");
 
     // No call was refused by the cluster (CROSSSLOT, MOVED left unfollowed, ...), and the
-    // follower's blocking reads outlast the cluster client's own response timeout.
+    // follower's blocking reads outlast the cluster client's own response timeout. A
+    // follower whose BLOCK outlived the client's timeout would time out on every read,
+    // twice a second for the whole test (dozens); a loaded machine can push a few single
+    // calls past the test's 200 ms timeout, so a handful is allowed, never more.
     for n in [&a, &b] {
-        for kind in ["reply", "timeout", "command"] {
+        for kind in ["reply", "command"] {
             assert_eq!(
                 metric(n, &format!("tern_cluster_errors_total{{kind=\"{kind}\"}}")).await,
                 Some(0.0),
                 "{kind} errors"
             );
         }
+        let timeouts = metric(n, "tern_cluster_errors_total{kind=\"timeout\"}")
+            .await
+            .unwrap_or(0.0);
+        assert!(
+            timeouts <= 3.0,
+            "{timeouts} timeouts: blocking reads outlast the client's timeout?"
+        );
     }
     a.stop().await;
     b.stop().await;
