@@ -116,6 +116,15 @@ impl Event {
     }
 }
 
+/// Told each recipient's final delivery result (the send-time model records the sends it
+/// planned when they are delivered). Called from [`Events::emit`]; must not block.
+pub trait DeliveryObserver: Send + Sync {
+    /// Mail reached `recipient`'s server at `at_ms`.
+    fn delivered(&self, recipient: &str, at_ms: u64);
+    /// Mail to `recipient` bounced or expired at `at_ms`.
+    fn failed(&self, recipient: &str, at_ms: u64);
+}
+
 /// Where events go: the outbox of each webhook, and the delivery log.
 #[derive(Clone)]
 pub struct Events {
@@ -135,6 +144,8 @@ pub struct Events {
     recent: Arc<Mutex<VecDeque<Event>>>,
     /// Campaign events counted per campaign and variant (the campaign results).
     tally: Arc<tally::Tally>,
+    /// Told of delivery outcomes (set once the send-time model exists).
+    observer: Arc<std::sync::OnceLock<Arc<dyn DeliveryObserver>>>,
 }
 
 /// Bounces, expiries and complaints kept in memory for [`Events::recent_failures`].
@@ -165,7 +176,13 @@ impl Events {
             metrics,
             tasks,
             recent: Arc::new(Mutex::new(VecDeque::with_capacity(RECENT_FAILURES))),
+            observer: Default::default(),
         }
+    }
+
+    /// Sets who is told of delivery outcomes (every clone shares it); once.
+    pub fn observe_deliveries(&self, observer: Arc<dyn DeliveryObserver>) {
+        let _ = self.observer.set(observer);
     }
 
     /// The latest bounces, expiries and complaints (at most [`RECENT_FAILURES`]), newest
@@ -266,6 +283,15 @@ impl Events {
             return;
         }
         self.remember_failures(&events);
+        if let Some(observer) = self.observer.get() {
+            for e in events.iter().filter(|e| e.source == "delivery") {
+                match e.event {
+                    Kind::Delivered => observer.delivered(&e.recipient, e.ts),
+                    Kind::Bounced | Kind::Expired => observer.failed(&e.recipient, e.ts),
+                    _ => {}
+                }
+            }
+        }
         if self.tally.count(&events) {
             self.tally.flush().await;
         }
