@@ -708,7 +708,8 @@ impl ClusterOutbox {
 pub enum ClusterError {
     /// No connection could be opened (refused, TLS, AUTH, no answer to PING).
     Connect,
-    /// No answer within `cluster.timeout`.
+    /// No answer within `cluster.timeout` (ours, or the Redis client's own response
+    /// timeout).
     Timeout,
     /// The connection failed under a command.
     Command,

@@ -295,6 +295,11 @@ impl Store {
                 // A script error is the script's, not the connection's.
                 if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) {
                     self.metrics.cluster().error(ClusterError::Reply);
+                } else if e.is_timeout() {
+                    // The client's own response timeout (the cluster client has one): no
+                    // answer in time, like ours below, not a failed connection.
+                    self.metrics.cluster().error(ClusterError::Timeout);
+                    self.down(&e.to_string());
                 } else {
                     self.metrics.cluster().error(ClusterError::Command);
                     self.down(&e.to_string());

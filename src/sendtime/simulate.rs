@@ -321,6 +321,13 @@ impl fmt::Display for Report {
             }
             writeln!(f)?;
         }
+        let all = self.rates.len() - 1;
+        writeln!(
+            f,
+            "tern captured {:.1}% of the oracle's gap over all users, {:+.1}% over send-now",
+            self.gap_captured(all, "tern") * 100.0,
+            self.uplift(all, "tern") * 100.0
+        )?;
         writeln!(
             f,
             "tern moved {:.1}% of sends by more than 12 h",
