@@ -118,15 +118,6 @@ impl Event {
     }
 }
 
-/// Told each recipient's final delivery result (the send-time model records the sends it
-/// planned when they are delivered). Called from [`Events::emit`]; must not block.
-pub trait DeliveryObserver: Send + Sync {
-    /// Mail reached `recipient`'s server at `at_ms`.
-    fn delivered(&self, recipient: &str, at_ms: u64);
-    /// Mail to `recipient` bounced or expired at `at_ms`.
-    fn failed(&self, recipient: &str, at_ms: u64);
-}
-
 /// Where events go: the outbox of each webhook, and the delivery log.
 #[derive(Clone)]
 pub struct Events {
@@ -149,8 +140,6 @@ pub struct Events {
     /// The campaigns that exist and their variants (the sidecar publishes its table here):
     /// what a report's `Feedback-ID` may name.
     campaigns: Arc<Live<HashMap<String, Vec<String>>>>,
-    /// Told of delivery outcomes (set once the send-time model exists).
-    observer: Arc<std::sync::OnceLock<Arc<dyn DeliveryObserver>>>,
 }
 
 /// Bounces, expiries and complaints kept in memory for [`Events::recent_failures`].
@@ -182,13 +171,7 @@ impl Events {
             tasks,
             recent: Arc::new(Mutex::new(VecDeque::with_capacity(RECENT_FAILURES))),
             campaigns: Arc::new(Live::new(HashMap::new())),
-            observer: Default::default(),
         }
-    }
-
-    /// Sets who is told of delivery outcomes (every clone shares it); once.
-    pub fn observe_deliveries(&self, observer: Arc<dyn DeliveryObserver>) {
-        let _ = self.observer.set(observer);
     }
 
     /// The campaigns that exist now, each with its variant ids (the sidecar calls this
@@ -303,15 +286,6 @@ impl Events {
             return;
         }
         self.remember_failures(&events);
-        if let Some(observer) = self.observer.get() {
-            for e in events.iter().filter(|e| e.source == "delivery") {
-                match e.event {
-                    Kind::Delivered => observer.delivered(&e.recipient, e.ts),
-                    Kind::Bounced | Kind::Expired => observer.failed(&e.recipient, e.ts),
-                    _ => {}
-                }
-            }
-        }
         if self.tally.count(&events) {
             self.tally.flush().await;
         }
