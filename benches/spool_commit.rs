@@ -38,6 +38,7 @@ fn envelope(id: MessageId) -> Envelope {
         not_before_ms: 0,
         body_id: None,
         campaign: None,
+        send_time_planned: false,
     }
 }
 

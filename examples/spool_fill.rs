@@ -66,6 +66,7 @@ fn envelope(id: MessageId, n: u64, due_in_ms: u64) -> Envelope {
         not_before_ms: 0,
         body_id: None,
         campaign: None,
+        send_time_planned: false,
     }
 }
 

@@ -286,6 +286,7 @@ impl Enqueue {
             rcpts
         };
         let groups = split_by_destination(rcpts);
+        let send_time_planned = window.is_some();
         let groups = match window {
             Some(window) => plan_send_times(&self.planner, groups, now_ms, window).await,
             None => groups
@@ -406,6 +407,7 @@ impl Enqueue {
                 not_before_ms,
                 body_id: None,
                 campaign: campaign.clone(),
+                send_time_planned,
             };
             envelopes.push(envelope);
         }

@@ -45,6 +45,7 @@ fn envelope(spool: &Spool, n: u64, size: usize) -> (Envelope, Vec<u8>) {
         not_before_ms: 0,
         body_id: None,
         campaign: None,
+        send_time_planned: false,
     };
     (env, body)
 }

@@ -78,6 +78,11 @@ pub struct Envelope {
     /// campaign's held mail found again on resume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub campaign: Option<CampaignTag>,
+    /// Send-time optimisation planned this part's send (whatever time it chose): its
+    /// delivery or failure is reported to the send-time model, which records the send in
+    /// the recipient's profile then. Other mail's deliveries never touch a profile.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub send_time_planned: bool,
 }
 
 /// A campaign and the variant a message was rendered as (`None`: the campaign has no

@@ -57,6 +57,10 @@ impl IntakeSystem {
             bg.tasks.clone(),
             parts.cluster.clone(),
         );
+        parts
+            .feedback
+            .events
+            .observe_deliveries(Arc::new(send_time.clone()));
         bg.tasks
             .spawn(send_time.clone().refit_loop(bg.stop.clone()));
         let sidecar = Arc::new(

@@ -86,6 +86,10 @@ pub struct Event {
     /// Clicks: the link's target.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// Delivery outcomes: send-time optimisation planned this send (the envelope says so);
+    /// only these reach the [`DeliveryObserver`]. Not published.
+    #[serde(skip)]
+    pub send_time_planned: bool,
 }
 
 impl Event {
@@ -106,6 +110,7 @@ impl Event {
             variant: None,
             machine: None,
             url: None,
+            send_time_planned: false,
         }
     }
 
@@ -116,6 +121,15 @@ impl Event {
             self.variant = t.variant.clone();
         }
     }
+}
+
+/// Told each recipient's final delivery result (the send-time model records the sends it
+/// planned when they are delivered). Called from [`Events::emit`]; must not block.
+pub trait DeliveryObserver: Send + Sync {
+    /// Mail reached `recipient`'s server at `at_ms`.
+    fn delivered(&self, recipient: &str, at_ms: u64);
+    /// Mail to `recipient` bounced or expired at `at_ms`.
+    fn failed(&self, recipient: &str, at_ms: u64);
 }
 
 /// Where events go: the outbox of each webhook, and the delivery log.
@@ -140,6 +154,8 @@ pub struct Events {
     /// The campaigns that exist and their variants (the sidecar publishes its table here):
     /// what a report's `Feedback-ID` may name.
     campaigns: Arc<Live<HashMap<String, Vec<String>>>>,
+    /// Told of delivery outcomes (set once the send-time model exists).
+    observer: Arc<std::sync::OnceLock<Arc<dyn DeliveryObserver>>>,
 }
 
 /// Bounces, expiries and complaints kept in memory for [`Events::recent_failures`].
@@ -171,7 +187,13 @@ impl Events {
             tasks,
             recent: Arc::new(Mutex::new(VecDeque::with_capacity(RECENT_FAILURES))),
             campaigns: Arc::new(Live::new(HashMap::new())),
+            observer: Default::default(),
         }
+    }
+
+    /// Sets who is told of delivery outcomes (every clone shares it); once.
+    pub fn observe_deliveries(&self, observer: Arc<dyn DeliveryObserver>) {
+        let _ = self.observer.set(observer);
     }
 
     /// The campaigns that exist now, each with its variant ids (the sidecar calls this
@@ -286,6 +308,19 @@ impl Events {
             return;
         }
         self.remember_failures(&events);
+        if let Some(observer) = self.observer.get() {
+            // Only sends the model planned: other mail's deliveries never touch a profile.
+            for e in events
+                .iter()
+                .filter(|e| e.source == "delivery" && e.send_time_planned)
+            {
+                match e.event {
+                    Kind::Delivered => observer.delivered(&e.recipient, e.ts),
+                    Kind::Bounced | Kind::Expired => observer.failed(&e.recipient, e.ts),
+                    _ => {}
+                }
+            }
+        }
         if self.tally.count(&events) {
             self.tally.flush().await;
         }

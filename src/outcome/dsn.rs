@@ -565,6 +565,7 @@ mod tests {
             not_before_ms: 0,
             body_id: None,
             campaign: None,
+            send_time_planned: false,
         }
     }
 

@@ -246,6 +246,7 @@ impl Settler {
             event.category = settled.category;
             event.detail = Some(settled.reply.to_string());
             event.tag(env.campaign.as_ref());
+            event.send_time_planned = env.send_time_planned;
             if let Some(bounce) = &settled.bounce {
                 event.hard = Some(bounce.hard);
                 if let Some(entry) = &bounce.suppress {

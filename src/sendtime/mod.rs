@@ -72,6 +72,14 @@ pub enum EventKind {
     Click,
     /// A message reached the recipient at `time_ms` (for mail tern did not schedule itself).
     Send,
+    /// Tern delivered mail to the recipient at `time_ms` (from the delivery path, never the
+    /// events API): a send tern planned is recorded now.
+    #[serde(skip_deserializing)]
+    Delivered,
+    /// Mail to the recipient bounced or expired (from the delivery path): a send tern planned
+    /// is dropped, not recorded.
+    #[serde(skip_deserializing)]
+    Failed,
 }
 
 /// One engagement event, as the events API takes it.
@@ -390,7 +398,7 @@ impl SendTime {
 
     /// Whether `event` counts as human engagement (machine opens never do).
     pub fn is_engagement(event: &Event) -> bool {
-        event.kind != EventKind::Send && !event.machine
+        matches!(event.kind, EventKind::Open | EventKind::Click) && !event.machine
     }
 
     /// Records events durably: one read-modify-write per recipient (their events applied in
@@ -410,18 +418,35 @@ impl SendTime {
             tasks.spawn(async move {
                 let _permit = permits.acquire().await;
                 this.update(&address, |p| {
+                    // Deliveries of mail tern did not plan change nothing (and write nothing).
+                    let mut changed = false;
                     for e in &events {
                         if let Some(tz) = e.tz_offset_min {
                             p.tz_offset_min = Some(tz);
+                            changed = true;
                         }
                         match e.kind {
-                            EventKind::Send => p.record_send(e.time_ms),
-                            EventKind::Click if !e.machine => p.record_click(e.time_ms),
-                            _ if SendTime::is_engagement(e) => p.record_engagement(e.time_ms),
-                            _ => p.machine_opens = p.machine_opens.saturating_add(1),
+                            EventKind::Delivered => changed |= p.record_delivery(e.time_ms),
+                            EventKind::Failed => changed |= p.record_failure(),
+                            EventKind::Send => {
+                                p.record_send(e.time_ms);
+                                changed = true;
+                            }
+                            EventKind::Click if !e.machine => {
+                                p.record_click(e.time_ms);
+                                changed = true;
+                            }
+                            _ if SendTime::is_engagement(e) => {
+                                p.record_engagement(e.time_ms);
+                                changed = true;
+                            }
+                            _ => {
+                                p.machine_opens = p.machine_opens.saturating_add(1);
+                                changed = true;
+                            }
                         }
                     }
-                    true
+                    changed
                 })
                 .await?;
                 Ok::<_, SpoolError>(
@@ -471,8 +496,8 @@ impl SendTime {
         }
     }
 
-    /// Chooses `address`'s send time in `window` for mail accepted at `now_ms` and records
-    /// the planned send in the profile. The result is a unix ms, `now_ms` for "at once".
+    /// Chooses `address`'s send time in `window` for mail accepted at `now_ms` and notes in
+    /// the profile that a planned send (and its arm) awaits delivery. The result is a unix ms, `now_ms` for "at once".
     pub async fn plan(
         &self,
         address: &str,
@@ -506,8 +531,10 @@ impl SendTime {
         } else {
             Arm::Model
         };
+        // Recorded as a send when delivered (see [`Profile::record_delivery`]): a deferred
+        // send's exposure starts when it arrives, and a bounced one is no send.
         self.update(address, |p| {
-            p.record_planned_send(at, arm);
+            p.await_delivery(arm);
             true
         })
         .await?;
@@ -817,6 +844,30 @@ impl SendPlanner for SendTime {
                 .map(|(at, _)| at)
                 .map_err(|e| e.to_string())
         })
+    }
+}
+
+/// The delivery path's outcomes: a delivered send tern planned is recorded in the profile at
+/// its delivery time, a bounced or expired one is dropped (batched like tracked events).
+impl crate::events::DeliveryObserver for SendTime {
+    fn delivered(&self, recipient: &str, at_ms: u64) {
+        self.record_later(Event {
+            kind: EventKind::Delivered,
+            recipient: recipient.to_owned(),
+            time_ms: at_ms,
+            machine: false,
+            tz_offset_min: None,
+        });
+    }
+
+    fn failed(&self, recipient: &str, at_ms: u64) {
+        self.record_later(Event {
+            kind: EventKind::Failed,
+            recipient: recipient.to_owned(),
+            time_ms: at_ms,
+            machine: false,
+            tz_offset_min: None,
+        });
     }
 }
 

@@ -15,7 +15,10 @@
 //! - The encoding is versioned ([`VERSION`]); an unknown version reads as "no history".
 //!   Version 1 (without `first_ms`) still reads, with the last send standing in for it;
 //!   versions 1 and 2 (without the engagement model's and the lifecycle's fields) read with
-//!   those empty.
+//!   those empty; version 3 (without the sends awaiting delivery) reads with none awaited.
+//! - A send tern planned is recorded when it is delivered, at the delivery time (the plan
+//!   only queues its arm in [`Profile::awaiting`]); a planned send that bounces or expires is
+//!   never recorded as a send.
 //! - [`Profile::snapshot`] holds the engagement model's features as they were just before the
 //!   latest send, and [`Profile::last_send_opened`] whether a human engagement followed it
 //!   within [`HORIZON_H`]: one honest (features, outcome) pair per recipient for the refit
@@ -35,7 +38,10 @@ const HOUR_MS: i64 = 3_600_000;
 /// simulator, whose unflagged prefetches land 0-14 minutes after delivery, 10 let a third of
 /// them through as reads at the sender's hour, and lost 1-2 points of the oracle's gap).
 pub const MACHINE_SUSPECT_MS: u64 = 15 * 60_000;
-const VERSION: u8 = 3;
+const VERSION: u8 = 4;
+/// Planned sends awaiting delivery kept at most (the oldest is forgotten past it: a send
+/// that never reports back must not hold a slot for ever).
+pub const MAX_AWAITING: usize = 8;
 /// Bytes of a version-1 record (version 2 adds `first_ms`, 8 bytes).
 #[cfg(test)]
 const V1_LEN: usize = 2 + 4 + 3 * 8 + 4 + 4 + 2 + 4 * 4 + SLOTS * 12;
@@ -92,6 +98,10 @@ pub struct Profile {
     pub last_send_opened: bool,
     /// The re-engagement lifecycle's record (see [`super::lifecycle`]).
     pub winback: super::lifecycle::WinBack,
+    /// Sends tern planned and has not seen delivered or failed yet, oldest first, with their
+    /// arm: a send is recorded at its delivery ([`Profile::record_delivery`]), not when
+    /// planned (at most [`MAX_AWAITING`]; version 4).
+    pub awaiting: Vec<Arm>,
 }
 
 /// The two arms of the send-time experiment: sent at once (control) or when the model chose.
@@ -126,6 +136,7 @@ impl Default for Profile {
             snapshot: None,
             last_send_opened: false,
             winback: Default::default(),
+            awaiting: Vec::new(),
         }
     }
 }
@@ -188,6 +199,36 @@ impl Profile {
         if self.last_send_ms == t_ms {
             self.last_send_arm = Some(arm);
         }
+    }
+
+    /// A send tern planned (in `arm`) is on its way: it is recorded when delivered.
+    pub fn await_delivery(&mut self, arm: Arm) {
+        if self.awaiting.len() >= MAX_AWAITING {
+            self.awaiting.remove(0);
+        }
+        self.awaiting.push(arm);
+    }
+
+    /// A message reached the recipient's server at `t_ms`: the oldest planned send awaiting
+    /// delivery is recorded then, in its arm. False (nothing changes) when tern planned none:
+    /// mail sent at once without a plan is not the model's to learn from here.
+    pub fn record_delivery(&mut self, t_ms: u64) -> bool {
+        if self.awaiting.is_empty() {
+            return false;
+        }
+        let arm = self.awaiting.remove(0);
+        self.record_planned_send(t_ms, arm);
+        true
+    }
+
+    /// A planned send failed for good (bounced or expired): it is no send; false when none
+    /// was awaited.
+    pub fn record_failure(&mut self) -> bool {
+        if self.awaiting.is_empty() {
+            return false;
+        }
+        self.awaiting.remove(0);
+        true
     }
 
     /// A human open or click at `t_ms`.
@@ -344,6 +385,8 @@ impl Profile {
         }
         out.push(self.last_send_opened as u8);
         self.winback.encode(&mut out);
+        out.push(self.awaiting.len() as u8);
+        out.extend(self.awaiting.iter().map(|&a| a as u8));
         out
     }
 
@@ -402,6 +445,19 @@ impl Profile {
             }
             p.last_send_opened = r.take::<1>()?[0] == 1;
             p.winback = super::lifecycle::WinBack::decode(&mut r)?;
+        }
+        if version >= 4 {
+            let n = r.take::<1>()?[0] as usize;
+            if n > MAX_AWAITING {
+                return None;
+            }
+            for _ in 0..n {
+                p.awaiting.push(match r.take::<1>()?[0] {
+                    0 => Arm::Control,
+                    1 => Arm::Model,
+                    _ => return None,
+                });
+            }
         }
         r.0.is_empty().then_some(p)
     }
@@ -472,6 +528,50 @@ mod tests {
         assert_eq!(old.first_ms, p.last_send_ms);
         assert_eq!(old.sends, p.sends);
         assert_eq!(Profile::decode(&p.encode()[..100]), None);
+    }
+
+    #[test]
+    fn planned_sends_are_recorded_when_delivered_and_bounces_never() {
+        let mut p = Profile {
+            tz_offset_min: Some(0),
+            ..Profile::default()
+        };
+        p.await_delivery(Arm::Model);
+        p.await_delivery(Arm::Control);
+        assert_eq!(
+            (p.total_sends(), p.last_send_ms),
+            (0.0, 0),
+            "not at plan time"
+        );
+        let v4 = p.encode();
+        assert_eq!(Profile::decode(&v4).unwrap(), p);
+        // Version 3 is version 4 without the awaited sends' count and arms.
+        let mut v3 = v4[..v4.len() - 3].to_vec();
+        v3[0] = 3;
+        assert!(Profile::decode(&v3).unwrap().awaiting.is_empty());
+        // A count past the bound does not read.
+        let mut bad = v4.clone();
+        let n = bad.len() - 3;
+        bad[n] = MAX_AWAITING as u8 + 1;
+        assert_eq!(Profile::decode(&bad), None);
+        // The first planned send is delivered three hours late: recorded then, in its arm.
+        let delivered = 10 * 86_400_000 + 3 * 3_600_000;
+        assert!(p.record_delivery(delivered));
+        assert_eq!((p.last_send_ms, p.arm_sends), (delivered, [0, 1]));
+        assert_eq!(p.sends[hour_of_week(delivered, 0)], 1.0);
+        // The second bounces: no send.
+        assert!(p.record_failure());
+        assert_eq!((p.send_count, p.arm_sends), (1, [0, 1]));
+        // Nothing awaited: a delivery of mail tern did not plan changes nothing.
+        let before = p.clone();
+        assert!(!p.record_delivery(delivered + 1));
+        assert!(!p.record_failure());
+        assert_eq!(p, before);
+        // Bounded: the oldest awaited send is forgotten.
+        for _ in 0..MAX_AWAITING + 3 {
+            p.await_delivery(Arm::Model);
+        }
+        assert_eq!(p.awaiting.len(), MAX_AWAITING);
     }
 
     #[test]

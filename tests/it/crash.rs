@@ -335,6 +335,7 @@ fn deferred(id: MessageId, n: u64) -> Envelope {
         not_before_ms: 0,
         body_id: None,
         campaign: None,
+        send_time_planned: false,
     }
 }
 

@@ -79,6 +79,7 @@ fn deferred(spool: &Spool, i: usize, now: u64) -> (Envelope, Vec<u8>) {
         not_before_ms: 0,
         body_id: None,
         campaign: None,
+        send_time_planned: false,
     };
     (env, body)
 }

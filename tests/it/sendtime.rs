@@ -303,9 +303,35 @@ async fn operator_actions_never_move_mail_before_its_send_time() {
     assert_eq!((env.not_before_ms, env.next_due_ms), (0, env.created_ms));
 }
 
+/// `address`'s engagement record (`GET /api/v1/recipients/{address}`) once `done` holds.
+async fn recipient_when(
+    server: &TestServer,
+    address: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = std::time::Instant::now() + crate::delivery::T;
+    loop {
+        let (status, body) = server
+            .api("GET", &format!("/api/v1/recipients/{address}"), None)
+            .await;
+        if status == 200 && done(&body) {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{address}: {status} {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_arm_is_counted_for_lift() {
-    let server = TestServer::start(Options::default().sendtime("control_share", "1.0")).await;
+    let r = crate::delivery::relay(SinkBehaviour::default(), |o| {
+        o.sendtime("control_share", "1.0")
+    })
+    .await;
+    let server = &r.server;
     let mut client = server.connect().await;
     client.ehlo().await;
     let id = client
@@ -318,8 +344,13 @@ async fn the_control_arm_is_counted_for_lift() {
     // The control arm goes at once.
     let env = server.envelope(id);
     assert_eq!((env.not_before_ms, env.next_due_ms), (0, env.created_ms));
+    r.sink.wait_for_messages(2, crate::delivery::T).await;
+    // Sends are counted once delivered.
+    for rcpt in ["cat@sink.test", "dan@sink.test"] {
+        recipient_when(server, rcpt, |b| b["history"]["sends"] == 1).await;
+    }
     let (status, _) = events(
-        &server,
+        server,
         json!([{"type": "click", "recipient": "cat@sink.test"}]),
     )
     .await;
@@ -335,6 +366,75 @@ async fn the_control_arm_is_counted_for_lift() {
     assert_eq!(body["control"]["rate"], 0.5);
     assert_eq!(body["model"]["sends"], 0);
     assert_eq!(body["uplift"], Value::Null, "no model arm yet");
+}
+
+/// A planned send is recorded in the profile when it is delivered, at the delivery time: the
+/// sink defers the first attempt (451) and the retry a second later delivers it; a recipient
+/// the sink refuses (550) gets no send at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_sends_are_recorded_at_delivery_and_bounces_not_at_all() {
+    let (calls, later_once) = crate::delivery::first_n::<str>(1, "451 4.3.0 Try again later");
+    let sink = SinkBehaviour::default().rcpt_reply(move |rcpt| {
+        if rcpt.contains("gone@") {
+            Some("550 5.1.1 No such user".into())
+        } else {
+            later_once(rcpt)
+        }
+    });
+    let r = crate::delivery::relay(sink, |o| {
+        o.sendtime("control_share", "0.0")
+            .sendtime("quiet_hours", "\"none\"")
+            .delivery("retry_initial", "\"2s\"")
+    })
+    .await;
+    let server = &r.server;
+    // New recipients (no zone, no history): planned at once, in the model's arm.
+    let mut client = server.connect().await;
+    client.ehlo().await;
+    let accepted = tern::clock::now_ms();
+    client
+        .submit(
+            crate::delivery::SENDER,
+            &["fay@sink.test", "gone@sink.test"],
+            b"X-Tern-Send-Time: optimize\r\nSubject: s\r\n\r\nb\r\n",
+        )
+        .await;
+    // Planned, not yet sent: nothing recorded as a send.
+    let fay = recipient_when(server, "fay@sink.test", |_| true).await;
+    assert_eq!(fay["history"]["sends"], 0, "{fay}");
+    r.sink.wait_for_messages(1, crate::delivery::T).await;
+    let delivered_seen = tern::clock::now_ms();
+    let fay = recipient_when(server, "fay@sink.test", |b| b["history"]["sends"] == 1).await;
+    let sent = fay["history"]["last_send_ms"].as_u64().unwrap();
+    assert!(
+        calls.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "deferred once, then delivered"
+    );
+    assert!(
+        sent >= accepted + 1_500 && sent <= delivered_seen + 1_000,
+        "the send is recorded when delivered (accepted {accepted}, recorded {sent}, delivery seen {delivered_seen})"
+    );
+    // The refused recipient's planned send is dropped: no send.
+    r.wait_spool_empty().await;
+    tokio::time::sleep(tern::sendtime::FLUSH_AFTER * 3).await;
+    let gone = recipient_when(server, "gone@sink.test", |_| true).await;
+    assert_eq!(gone["history"]["sends"], 0, "{gone}");
+    assert_eq!(gone["last_send_ms"], Value::Null, "{gone}");
+    // Mail the model did not plan: its delivery never touches (or creates) a profile.
+    client
+        .submit(
+            crate::delivery::SENDER,
+            &["plain@sink.test"],
+            b"Subject: plain\r\n\r\nb\r\n",
+        )
+        .await;
+    r.sink.wait_for_messages(2, crate::delivery::T).await;
+    r.wait_spool_empty().await;
+    tokio::time::sleep(tern::sendtime::FLUSH_AFTER * 3).await;
+    let (status, plain) = server
+        .api("GET", "/api/v1/recipients/plain@sink.test", None)
+        .await;
+    assert_eq!(status, 404, "no profile for unplanned mail: {plain}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

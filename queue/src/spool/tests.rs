@@ -42,6 +42,7 @@ fn envelope(id: MessageId, queue_id: MessageId, destination: &str, due: u64) -> 
         not_before_ms: 0,
         body_id: None,
         campaign: None,
+        send_time_planned: false,
     }
 }
 
