@@ -541,14 +541,12 @@ fn compile_campaign_bandit(r: &mut TableReader<'_>) -> CampaignBandit {
 
 fn compile_campaign(r: &mut TableReader<'_>) -> Option<CampaignConfig> {
     let name = r.require("name", |v| match string(v)? {
-        n if !n.is_empty()
-            && n.len() <= 64
-            && n.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
-        {
-            Ok(n.to_owned())
-        }
-        n => Err(format!("{n:?}: 1 to 64 letters, digits, '-', '_' or '.'")),
+        // The same rule a returned Feedback-ID's campaign field is read back with.
+        n if crate::feedback_id::is_campaign_name(n) => Ok(n.to_owned()),
+        n => Err(format!(
+            "{n:?}: 1 to {} letters, digits, '-', '_' or '.'",
+            crate::feedback_id::CAMPAIGN_MAX
+        )),
     });
     let subject = r
         .get("subject", template)
