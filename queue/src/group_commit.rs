@@ -159,6 +159,10 @@ struct Pending {
     /// Sequence number of the latest queued write.
     written: u64,
     closing: bool,
+    /// The sync thread sleeps on `wake` for the next write. Only then does a
+    /// writer notify it: a notify is a futex syscall even with nobody
+    /// waiting, and under load the thread is almost always mid-round.
+    sync_idle: bool,
 }
 
 /// The free space the spool keeps: `min_free` bytes on its file system for
@@ -428,7 +432,7 @@ impl GroupCommit {
         after: impl IntoIterator<Item = Refusal>,
     ) -> Ticket {
         let refused = Refusal::default();
-        let seq = {
+        let (seq, sync_idle) = {
             let mut pending = self.lock_pending();
             pending.writes.push(Queued {
                 ops: ops.into_iter().collect(),
@@ -438,9 +442,11 @@ impl GroupCommit {
             });
             self.tally.add(delta);
             pending.written += 1;
-            pending.written
+            (pending.written, pending.sync_idle)
         };
-        self.wake.notify_one();
+        if sync_idle {
+            self.wake.notify_one();
+        }
         Ticket { seq, refused }
     }
 
@@ -535,10 +541,12 @@ impl GroupCommit {
             let (writes, target) = {
                 let mut pending = self.lock_pending();
                 while pending.written == resolved && !pending.closing {
+                    pending.sync_idle = true;
                     pending = self
                         .wake
                         .wait(pending)
                         .unwrap_or_else(PoisonError::into_inner);
+                    pending.sync_idle = false;
                 }
                 if pending.written == resolved {
                     return; // closing, nothing left to sync
