@@ -1023,21 +1023,12 @@ async fn a_planned_send_moved_to_another_node_is_recorded_when_delivered() {
         .await;
     assert_eq!(status, 200, "{body}");
     assert!(a.envelopes().is_empty(), "moved to B");
-    let moved = b.envelopes();
-    assert_eq!(moved.len(), 1, "{moved:?}");
-    assert!(
-        moved[0].send_time_planned,
-        "the flag came along: {:?}",
-        moved[0]
-    );
-    // Claimed (held) on A for the drain, but due at once on B, not at its expiry.
-    assert!(
-        moved[0].next_due_ms <= tern::clock::now_ms() + 1_000,
-        "due on B: {:?}",
-        moved[0]
-    );
+    // B delivers it at once: the message A claimed (held) for the drain is due at once on B,
+    // not at its expiry (days away; the wait is 20 s). B may be done before B's spool could
+    // be read here, so what B did is read from the sink and the profile.
     sink.wait_for_messages(1, T).await;
-    // B delivered it and recorded the send, which A reads from the same profile.
+    // B took it for a planned send (the trace's `planned=1`), delivered it and recorded the
+    // send, which A reads from the same profile; without the flag it stays awaited (0 sends).
     wait_until("the moved planned send is recorded", || async {
         let (status, p) = a.api("GET", "/api/v1/recipients/fay@a.test", None).await;
         status == 200 && p["history"]["sends"] == 1
