@@ -1,8 +1,8 @@
 //! Send-time optimisation: engagement events in, a per-recipient `not_before` out.
 //!
 //! - [`profile`]: one recipient's decayed hour-of-week counts (the event store's record).
-//! - [`model`]: priors (global, empirical Bayes, k-means segments), the activity estimate
-//!   and the choice of a send time in a window.
+//! - [`model`]: priors (global, empirical Bayes, k-means segments, a dictionary of daily
+//!   shapes), the activity estimate and the choice of a send time in a window.
 //! - [`hook`]: the `X-Tern-Send-Time` control header, for the send-time stage.
 //! - [`simulate`]: the seeded audience simulator behind `tern sidecar simulate`.
 //! - [`engagement`]: the engagement model (the probability of a human open of the next
