@@ -286,7 +286,9 @@ impl Enqueue {
             rcpts
         };
         let groups = split_by_destination(rcpts);
-        let send_time_planned = window.is_some();
+        // Planned here, or on the node that relayed it (its trace says so; a trace is honoured
+        // only from a trusted client): either way its delivery records the awaited send.
+        let send_time_planned = window.is_some() || trace.is_some_and(|t| t.send_time_planned);
         let groups = match window {
             Some(window) => plan_send_times(&self.planner, groups, now_ms, window).await,
             None => groups

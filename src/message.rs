@@ -316,7 +316,7 @@ mod tests {
 pub const RELAY_HEADER: &str = "X-Tern-Relayed";
 
 /// What [`RELAY_HEADER`] carries: `created=MS; expires=MS; attempts=N; due=MS;
-/// not-before=MS` (unix ms).
+/// not-before=MS` (unix ms), and `planned=1` when the send time was planned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelayTrace {
     pub created_ms: u64,
@@ -325,14 +325,28 @@ pub struct RelayTrace {
     /// When the next attempt was due on the sending node.
     pub due_ms: u64,
     pub not_before_ms: u64,
+    /// The sending node planned the send time (`Envelope::send_time_planned`): the receiving
+    /// node's delivery then records the awaited send in the recipient's profile. Absent (a
+    /// node from before it) reads as false. Written only when true, and an older receiver
+    /// ignores the field.
+    pub send_time_planned: bool,
 }
 
 impl RelayTrace {
     /// The header line, CRLF-terminated.
     pub fn header(&self) -> String {
         format!(
-            "{RELAY_HEADER}: created={}; expires={}; attempts={}; due={}; not-before={}\r\n",
-            self.created_ms, self.expires_ms, self.attempts, self.due_ms, self.not_before_ms
+            "{RELAY_HEADER}: created={}; expires={}; attempts={}; due={}; not-before={}{}\r\n",
+            self.created_ms,
+            self.expires_ms,
+            self.attempts,
+            self.due_ms,
+            self.not_before_ms,
+            if self.send_time_planned {
+                "; planned=1"
+            } else {
+                ""
+            }
         )
     }
 
@@ -349,6 +363,11 @@ impl RelayTrace {
             attempts: u32::try_from(*fields.get("attempts")?).ok()?,
             due_ms: *fields.get("due")?,
             not_before_ms: *fields.get("not-before")?,
+            send_time_planned: match fields.get("planned") {
+                None | Some(0) => false,
+                Some(1) => true,
+                Some(_) => return None,
+            },
         };
         (trace.created_ms <= trace.expires_ms).then_some(trace)
     }
@@ -429,6 +448,7 @@ mod relay_tests {
             attempts: 3,
             due_ms: 1_700_000_600_000,
             not_before_ms: 0,
+            send_time_planned: false,
         };
         let mut content = format!(
             "Received: x\r\n{}Subject: s\r\nx-tern-relayed: created=1; expires=2;\r\n attempts=1; due=1; not-before=0\r\n\r\nX-Tern-Relayed: body\r\n",
@@ -441,7 +461,24 @@ mod relay_tests {
             content, b"Received: x\r\nSubject: s\r\n\r\nX-Tern-Relayed: body\r\n",
             "every field removed, the body untouched"
         );
+        // A planned send time travels as `planned=1`; without it (older nodes), not planned.
+        let planned = RelayTrace {
+            send_time_planned: true,
+            not_before_ms: 1_700_000_900_000,
+            ..trace
+        };
+        let line = planned.header();
+        assert!(line.ends_with("; planned=1\r\n"), "{line}");
+        let value = line.split_once(':').unwrap().1.trim();
+        assert_eq!(RelayTrace::parse(value), Some(planned));
+        assert!(!trace.header().contains("planned"));
+        assert_eq!(
+            RelayTrace::parse("created=1; expires=2; attempts=1; due=1; not-before=5")
+                .map(|t| t.send_time_planned),
+            Some(false)
+        );
         for bad in [
+            "created=1; expires=2; attempts=1; due=1; not-before=0; planned=2",
             "created=1; expires=2; attempts=1; due=1",
             "created=3; expires=2; attempts=1; due=1; not-before=0",
             "created=x; expires=2; attempts=1; due=1; not-before=0",

@@ -4,8 +4,9 @@
 //! Each queued message (its pending recipients) goes in one transaction with its envelope as
 //! it was: the sender, every recipient's NOTIFY and ORCPT, RET and ENVID (the peer must offer
 //! DSN, as tern does; without it the drain stops), BODY=8BITMIME and SMTPUTF8; plus the
-//! [`RelayTrace`] header (created, expiry, attempts, next due time), which the receiving tern
-//! honours from a trusted client (its relay networks or AUTH) and takes out. A message is
+//! [`RelayTrace`] header (created, expiry, attempts, next due time, whether the send time was
+//! planned), which the receiving tern honours from a trusted client (its relay networks or
+//! AUTH) and takes out. A message is
 //! removed here only after the peer accepted every one of its pending recipients (250 after
 //! the data, which tern gives only once the mail is durable); a recipient the peer refused
 //! stays here (its message is updated to the recipients still pending). A connection failure
@@ -329,8 +330,17 @@ async fn relay(
         created_ms: env.created_ms,
         expires_ms: env.expires_ms,
         attempts: env.attempts,
-        due_ms: env.next_due_ms.min(env.expires_ms),
+        // Claimed from this node's scheduler, the message is held here (due never, which
+        // the peer read as "at expiry": live-drained mail sat on the peer until it expired).
+        // On the peer it is due at once, as a release here would make it, and never before
+        // its send time (`not_before_ms` travels too).
+        due_ms: if env.held {
+            env.not_before_ms
+        } else {
+            env.next_due_ms.min(env.expires_ms)
+        },
         not_before_ms: env.not_before_ms,
+        send_time_planned: env.send_time_planned,
     }
     .header();
     let msg = OutboundMessage {

@@ -1,8 +1,8 @@
 //! Send-time optimisation: engagement events in, a per-recipient `not_before` out.
 //!
 //! - [`profile`]: one recipient's decayed hour-of-week counts (the event store's record).
-//! - [`model`]: priors (global, empirical Bayes, k-means segments), the activity estimate
-//!   and the choice of a send time in a window.
+//! - [`model`]: priors (global, empirical Bayes, k-means segments, a dictionary of daily
+//!   shapes), the activity estimate and the choice of a send time in a window.
 //! - [`hook`]: the `X-Tern-Send-Time` control header, for the send-time stage.
 //! - [`simulate`]: the seeded audience simulator behind `tern sidecar simulate`.
 //! - [`engagement`]: the engagement model (the probability of a human open of the next
@@ -49,7 +49,7 @@ use tokio_util::task::TaskTracker;
 pub use crate::config::SendTimeConfig;
 use crate::enqueue::SendPlanner;
 use crate::live::Live;
-use crate::message::{Prepared, SendAt, SendWindow, Stage, StageFuture};
+use crate::message::{CampaignReport, Prepared, SendAt, SendWindow, Stage, StageFuture};
 use crate::suppression::{Entry, Suppressions, SUNSET_REASON};
 use engagement::EngagementModel;
 use lifecycle::{State, Thresholds};
@@ -809,9 +809,10 @@ fn fit_all(profiles: &[(String, Profile)], config: &SendTimeConfig, now_ms: u64)
 /// it parsed (with its campaign's quiet hours, or `sendtime.quiet_hours` without a campaign);
 /// any other has its `X-Tern-Send-Time` header taken out here and, for `optimize`, gets the
 /// configured default window. [`crate::enqueue`] then plans each recipient in the window.
+/// Recipients in a campaign's bandit holdout get no window ([`without_holdout`]).
 impl Stage for SendTime {
     fn apply(&self, mut message: Prepared) -> StageFuture<'_> {
-        message.window = match message.send_at {
+        let window = match message.send_at {
             Some(SendAt::Now) => None,
             Some(SendAt::Optimize {
                 window,
@@ -827,8 +828,59 @@ impl Stage for SendTime {
             None => hook::take_send_time_header(&mut message.submission.content)
                 .then(|| self.default_window()),
         };
-        Box::pin(std::future::ready(vec![message]))
+        message.window = window;
+        Box::pin(std::future::ready(without_holdout(message)))
     }
+}
+
+fn in_holdout(report: &CampaignReport) -> bool {
+    report.variant.as_deref() == Some(crate::sidecar::bandit::HOLDOUT)
+}
+
+/// `message` with the recipients in its campaign's bandit holdout sent at once: the holdout
+/// is the campaign's control group, so it must get neither the generated content nor a
+/// planned send time (its open rate is what the campaign's optimisation, send time included,
+/// is measured against). A message rendered for the holdout loses its window; one whose
+/// recipients are mixed (those whose template failed share one message as submitted) is
+/// split, the holdout's part without the window. Their sends still count in the campaign's
+/// results (the delivery event carries the campaign and variant either way).
+pub fn without_holdout(mut message: Prepared) -> Vec<Prepared> {
+    let rendered_for_holdout = message.campaign.as_ref().and_then(|c| c.variant.as_deref())
+        == Some(crate::sidecar::bandit::HOLDOUT);
+    if message.window.is_none() || !message.reports.iter().any(in_holdout) && !rendered_for_holdout
+    {
+        return vec![message];
+    }
+    if rendered_for_holdout || message.reports.iter().all(in_holdout) {
+        message.window = None;
+        return vec![message];
+    }
+    let (holdout_reports, reports): (Vec<_>, Vec<_>) = std::mem::take(&mut message.reports)
+        .into_iter()
+        .partition(in_holdout);
+    let held: std::collections::HashSet<&str> = holdout_reports
+        .iter()
+        .map(|r| r.recipient.as_str())
+        .collect();
+    let (holdout_rcpts, rcpts): (Vec<_>, Vec<_>) =
+        std::mem::take(&mut message.submission.recipients)
+            .into_iter()
+            .partition(|r| held.contains(r.address.as_str()));
+    let mut holdout = Prepared {
+        submission: message.submission.clone(),
+        send_at: message.send_at,
+        window: None,
+        reports: holdout_reports,
+        campaign: message.campaign.clone(),
+        hold: message.hold,
+    };
+    holdout.submission.recipients = holdout_rcpts;
+    message.submission.recipients = rcpts;
+    message.reports = reports;
+    [message, holdout]
+        .into_iter()
+        .filter(|m| !m.submission.recipients.is_empty())
+        .collect()
 }
 
 impl SendPlanner for SendTime {
@@ -921,6 +973,97 @@ mod tests {
             machine: true,
             user_agent: None,
         }
+    }
+
+    fn campaign_message(variants: &[(&str, Option<&str>)], tag: Option<&str>) -> Prepared {
+        let mut m = Prepared::new(crate::message::Submission {
+            sender: "news@example.com".into(),
+            recipients: variants
+                .iter()
+                .map(|(a, _)| tern_queue::Recipient::new(a.to_string()))
+                .collect(),
+            env_id: None,
+            ret: None,
+            body_type: tern_queue::BodyType::SevenBit,
+            smtputf8: false,
+            source: tern_queue::Source {
+                client_ip: "127.0.0.1".into(),
+                helo: "h".into(),
+                auth_user: None,
+                protocol: "http".into(),
+            },
+            tls: None,
+            content: b"Subject: s\r\n\r\nb\r\n".to_vec(),
+            sidecar: None,
+            pool: None,
+            trusted: true,
+            unsubscribe: None,
+        });
+        m.window = Some(SendWindow {
+            len_ms: 3_600_000,
+            quiet: None,
+        });
+        m.reports = variants
+            .iter()
+            .map(|(a, v)| CampaignReport {
+                recipient: a.to_string(),
+                campaign: "c".into(),
+                variant: v.map(str::to_owned),
+                content: "default",
+                reason: None,
+            })
+            .collect();
+        m.campaign = Some(tern_queue::CampaignTag {
+            campaign: "c".into(),
+            variant: tag.map(str::to_owned),
+        });
+        m
+    }
+
+    fn addresses(m: &Prepared) -> Vec<&str> {
+        m.submission
+            .recipients
+            .iter()
+            .map(|r| r.address.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn the_bandits_holdout_gets_no_send_time_window() {
+        // Rendered for the holdout: sent at once.
+        let out = without_holdout(campaign_message(
+            &[("h@x.test", Some("holdout"))],
+            Some("holdout"),
+        ));
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].window, None);
+        // Rendered for a variant: keeps its window.
+        let out = without_holdout(campaign_message(&[("a@x.test", Some("a"))], Some("a")));
+        assert_eq!(out.len(), 1);
+        assert!(out[0].window.is_some());
+        // Mixed (sent as submitted after a template error): split, the holdout's part at once,
+        // each part with its own recipients and reports.
+        let out = without_holdout(campaign_message(
+            &[
+                ("a@x.test", Some("a")),
+                ("h@x.test", Some("holdout")),
+                ("b@x.test", None),
+                ("i@x.test", Some("holdout")),
+            ],
+            None,
+        ));
+        assert_eq!(out.len(), 2);
+        assert!(out[0].window.is_some());
+        assert_eq!(addresses(&out[0]), ["a@x.test", "b@x.test"]);
+        assert_eq!(out[0].reports.len(), 2);
+        assert_eq!(out[1].window, None);
+        assert_eq!(addresses(&out[1]), ["h@x.test", "i@x.test"]);
+        assert!(out[1].reports.iter().all(in_holdout));
+        assert_eq!(out[1].campaign, out[0].campaign);
+        // No window asked for: nothing to take away.
+        let mut now = campaign_message(&[("h@x.test", Some("holdout"))], None);
+        now.window = None;
+        assert_eq!(without_holdout(now).len(), 1);
     }
 
     #[tokio::test]

@@ -971,3 +971,69 @@ async fn a_fleet_on_a_redis_cluster_shares_suppressions_engagement_and_bandits()
     a.stop().await;
     b.stop().await;
 }
+
+/// A send time planned on one node and moved to another (`POST /api/v1/queue/drain`) is
+/// recorded as a send in the fleet's one profile when the other node delivers it: the relay
+/// trace carries `send_time_planned` (before, the receiving node's delivery was not taken for
+/// a planned send, and the awaited send was never recorded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_send_moved_to_another_node_is_recorded_when_delivered() {
+    let redis = RedisServer::start().await;
+    let sink = sink().await;
+    let keys = tempfile::tempdir().unwrap();
+    let planned = |o: Options| {
+        o.sendtime("control_share", "0.0")
+            .sendtime("quiet_hours", "\"none\"")
+    };
+    // A plans and keeps the mail (delivery suspended); B delivers.
+    let a = TestServer::start(planned(
+        node_options(&redis, &sink, keys.path(), "a", "reject").delivery("suspended", "true"),
+    ))
+    .await;
+    let b = TestServer::start(planned(node_options(
+        &redis,
+        &sink,
+        keys.path(),
+        "b",
+        "reject",
+    )))
+    .await;
+    let mut client = a.connect().await;
+    client.ehlo().await;
+    client
+        .submit(
+            "app@sender.test",
+            &["fay@a.test"],
+            b"X-Tern-Send-Time: optimize\r\nSubject: planned\r\n\r\nb\r\n",
+        )
+        .await;
+    let queued = a.envelopes();
+    assert_eq!(queued.len(), 1);
+    assert!(queued[0].send_time_planned, "{:?}", queued[0]);
+    // Planned, not sent: the fleet's profile awaits the delivery.
+    let (status, p) = b.api("GET", "/api/v1/recipients/fay@a.test", None).await;
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["history"]["sends"], 0, "{p}");
+    let (status, body) = a
+        .api(
+            "POST",
+            "/api/v1/queue/drain",
+            Some(&json!({"to": b.smtp.to_string()})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(a.envelopes().is_empty(), "moved to B");
+    // B delivers it at once: the message A claimed (held) for the drain is due at once on B,
+    // not at its expiry (days away; the wait is 20 s). B may be done before B's spool could
+    // be read here, so what B did is read from the sink and the profile.
+    sink.wait_for_messages(1, T).await;
+    // B took it for a planned send (the trace's `planned=1`), delivered it and recorded the
+    // send, which A reads from the same profile; without the flag it stays awaited (0 sends).
+    wait_until("the moved planned send is recorded", || async {
+        let (status, p) = a.api("GET", "/api/v1/recipients/fay@a.test", None).await;
+        status == 200 && p["history"]["sends"] == 1
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}

@@ -626,3 +626,124 @@ async fn the_sunset_policy_suppresses_dormant_recipients_and_their_mail_is_refus
         .collect();
     assert_eq!(rcpts, ["fresh@sink.test"]);
 }
+
+/// A campaign's bandit holdout is its control group: those recipients are sent at once (no
+/// planned window, no `send_time_planned`) although the model would hold them, and their
+/// deliveries still count in the campaign's results; the other recipients are planned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bandits_holdout_is_sent_at_once_and_counted() {
+    const HOUR_MS: u64 = 3_600_000;
+    let campaign =
+        "[[sidecar.campaigns]]\nname = \"held\"\nsubject = \"Hi\"\ntext = \"Hello\\n\"\n\
+                    send_window = \"12h\"\n\
+                    [[sidecar.campaigns.variants]]\nid = \"a\"\n\
+                    [sidecar.campaigns.bandit]\nholdout = 0.5\n";
+    let r = crate::delivery::relay(SinkBehaviour::default(), |o| {
+        o.sendtime("control_share", "0.0")
+            .sendtime("quiet_hours", "\"none\"")
+            .extra(campaign)
+    })
+    .await;
+    let server = &r.server;
+    let now = tern::clock::now_ms();
+    // Everyone opened ten hours after each send for eight weeks: the model holds their mail
+    // about ten hours.
+    let people: Vec<String> = (0..16).map(|i| format!("r{i}@sink.test")).collect();
+    let mut history = Vec::new();
+    for who in &people {
+        for w in 1..=8 {
+            let sent = now - w * 7 * DAY_MS;
+            history.push(
+                json!({"type": "send", "recipient": who, "time_ms": sent, "tz_offset_minutes": 0}),
+            );
+            history.push(
+                json!({"type": "open", "recipient": who, "time_ms": sent + 10 * HOUR_MS + 600_000}),
+            );
+        }
+    }
+    assert_eq!(events(server, json!(history)).await.0, 200);
+    assert_eq!(
+        server.api("POST", "/api/v1/sendtime/refit", None).await.0,
+        200
+    );
+    let (status, answer) = server
+        .api(
+            "POST",
+            "/api/v1/inject",
+            Some(&json!({
+                "from": "news@example.com",
+                "to": people,
+                "raw": "From: news@example.com\nSubject: x\n\nx\n",
+                "sidecar": {"campaign": "held", "send_time": "optimize"},
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (holdout, model): (Vec<&Value>, Vec<&Value>) = answer["sidecar"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .partition(|r| r["variant"] == "holdout");
+    assert!(
+        !holdout.is_empty() && !model.is_empty(),
+        "both arms drawn: {answer}"
+    );
+    // The holdout goes out at once ...
+    let got = r
+        .sink
+        .wait_for_messages(holdout.len(), crate::delivery::T)
+        .await;
+    let mut delivered: Vec<&str> = got
+        .iter()
+        .flat_map(|m| m.rcpts.iter().map(|r| r.address.as_str()))
+        .collect();
+    delivered.sort_unstable();
+    let mut want: Vec<&str> = holdout
+        .iter()
+        .map(|r| r["recipient"].as_str().unwrap())
+        .collect();
+    want.sort_unstable();
+    assert_eq!(delivered, want);
+    // ... and the rest waits for the time the model planned, flagged as planned.
+    let mut waiting = server.envelopes();
+    for _ in 0..100 {
+        if waiting.len() <= model.len() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        waiting = server.envelopes();
+    }
+    assert_eq!(waiting.len(), model.len(), "{waiting:?}");
+    for env in &waiting {
+        assert!(env.send_time_planned, "{env:?}");
+        assert!(env.not_before_ms > now + HOUR_MS, "held: {env:?}");
+        let to = &env.recipients[0].address;
+        assert!(
+            model.iter().any(|r| r["recipient"] == to.as_str()),
+            "{to} is not in the holdout"
+        );
+    }
+    // The holdout's deliveries count in the campaign's results.
+    let mut results = Value::Null;
+    for _ in 0..100 {
+        let (status, body) = server
+            .api("GET", "/api/v1/campaigns/held/results", None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        results = body;
+        let sends = |v: &str| {
+            results["variants"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|row| row["variant"] == v)
+                .map(|row| row["sends"].as_u64().unwrap())
+        };
+        if sends("holdout") == Some(holdout.len() as u64) {
+            assert_eq!(sends("a").unwrap_or(0), 0, "{results}");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("holdout sends not counted: {results}");
+}
