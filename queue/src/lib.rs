@@ -10,6 +10,9 @@
 //!   `remove_meta`, `scan_meta`) and its crash recovery;
 //! - `group_commit`: the sync thread that makes writes durable with real
 //!   fsyncs, sharing each round among all concurrent writers;
+//! - `journal`: the intake journal, where commits are made durable while
+//!   sled is still opening (`SpoolOptions::defer_open`), moved into sled
+//!   once it is;
 //! - `error`: `SpoolError`.
 //!
 //! Invariants the rest of tern relies on:
@@ -28,6 +31,7 @@
 mod error;
 mod group_commit;
 mod id;
+mod journal;
 mod record;
 mod spool;
 
