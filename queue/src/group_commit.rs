@@ -585,8 +585,7 @@ impl GroupCommit {
         loop {
             let (writes, target, switch) = {
                 let mut pending = self.lock_pending();
-                while pending.written == resolved && !pending.closing && pending.switch.is_none()
-                {
+                while pending.written == resolved && !pending.closing && pending.switch.is_none() {
                     pending = self
                         .wake
                         .wait(pending)

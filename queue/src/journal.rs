@@ -352,9 +352,8 @@ pub(crate) fn move_all(
                 let aside = path.with_extension("journal.damaged");
                 tracing::error!(file = %path.display(), offset, %reason, kept_as = %aside.display(),
                     "spool intake journal: damaged frame; the frames before it were moved, the file is kept aside");
-                fs::rename(&path, &aside).map_err(|e| {
-                    SpoolError::io(format!("renaming {} aside", path.display()), e)
-                })?;
+                fs::rename(&path, &aside)
+                    .map_err(|e| SpoolError::io(format!("renaming {} aside", path.display()), e))?;
                 moved.set_aside.push((aside, offset));
             }
         }

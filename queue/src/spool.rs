@@ -85,8 +85,8 @@ use crate::error::SpoolError;
 use crate::group_commit::{
     sync_dir, CommitStats, Delta, GroupCommit, Op, Refusal, Round, Sink, Space, Syncer,
 };
-use crate::journal;
 use crate::id::{IdGenerator, MessageId};
+use crate::journal;
 use crate::record::Envelope;
 use clean_close::Checkpoint;
 pub use recovery::RecoveryStatus;
@@ -233,6 +233,9 @@ struct Opened {
     recovery: Arc<Recovery>,
     /// The background recovery scan, if one was started.
     recovering: Mutex<Option<JoinHandle<()>>>,
+    /// Damaged intake journals the open renamed aside, with the offset of
+    /// the bad frame.
+    set_aside: Vec<(std::path::PathBuf, u64)>,
 }
 
 /// Set once, by whoever opens sled: sled's side, or why it could not open.
@@ -501,6 +504,7 @@ impl OpenSled {
             after_clean_close,
             recovery,
             recovering: Mutex::new(recovering),
+            set_aside: moved.set_aside,
         })
     }
 }
@@ -635,6 +639,16 @@ impl Spool {
         self.opened_now().is_some()
     }
 
+    /// Damaged intake journals this open found and renamed aside
+    /// (`<n>.journal.damaged`, kept for the operator), each with the offset
+    /// of its first bad frame; the frames before it were moved. Empty while
+    /// sled is opening.
+    pub fn journal_set_aside(&self) -> Vec<(std::path::PathBuf, u64)> {
+        self.opened_now()
+            .map(|o| o.set_aside.clone())
+            .unwrap_or_default()
+    }
+
     /// Where crash recovery stands: `Done` after a clean close or once the
     /// scan finished (the counters are exact), `Running` while a background
     /// scan runs or sled is still opening (`stats()` is an estimate that
@@ -759,7 +773,11 @@ impl Spool {
 
     /// The body of `env` (one read, for a caller that holds the envelope).
     pub fn body_of(&self, env: &Envelope) -> Result<Option<Body>, SpoolError> {
-        Ok(self.opened()?.db.get(key(BODY, env.body_key_id()))?.map(Body))
+        Ok(self
+            .opened()?
+            .db
+            .get(key(BODY, env.body_key_id()))?
+            .map(Body))
     }
 
     /// Rewrites the envelope `env.id` and moves its due key to

@@ -149,7 +149,8 @@ impl Spool {
 
     /// The suppression entry of `address`, if any.
     pub fn suppression(&self, address: &str) -> Result<Option<Vec<u8>>, SpoolError> {
-        Ok(self.opened()?
+        Ok(self
+            .opened()?
             .db
             .get(text_key(SUPPRESSION, address))?
             .map(|v| v.to_vec()))

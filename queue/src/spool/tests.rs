@@ -77,7 +77,8 @@ impl Spool {
     }
 
     fn raw_keys(&self) -> Vec<Vec<u8>> {
-        self.opened().unwrap()
+        self.opened()
+            .unwrap()
             .db
             .iter()
             .keys()
@@ -1279,3 +1280,5 @@ async fn a_stopped_sweep_ends_between_chunks_and_the_next_one_finishes() {
         assert!(spool.body(id).unwrap().is_none(), "{id}");
     }
 }
+
+mod intake;
