@@ -381,6 +381,18 @@ fn open_sled(dir: &Path, cache_size: u64) -> Result<sled::Db, SpoolError> {
     }
 }
 
+/// Runs `wait` (a wait for sled's open) so that, on a worker of a
+/// multi-threaded tokio runtime, the worker's other tasks move to another
+/// thread meanwhile instead of stalling behind it.
+fn wait_off_runtime<T>(wait: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
+    }
+}
+
 /// Everything opening sled needs; `run` on the opening thread (or inline).
 struct OpenSled {
     dir: std::path::PathBuf,
@@ -606,7 +618,11 @@ impl Spool {
     /// sled's side, waiting (blocking the thread) until it is open; the
     /// error if it could not open.
     fn opened(&self) -> Result<&Opened, SpoolError> {
-        match self.inner.opening.state.wait() {
+        let state = match self.inner.opening.state.get() {
+            Some(state) => state,
+            None => wait_off_runtime(|| self.inner.opening.state.wait()),
+        };
+        match state {
             Ok(opened) => Ok(opened),
             Err(e) => Err(SpoolError::Sled(format!("the spool did not open: {e}"))),
         }

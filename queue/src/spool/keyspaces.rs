@@ -147,10 +147,13 @@ impl Spool {
         self.write(ops).await
     }
 
-    /// The suppression entry of `address`, if any.
+    /// The suppression entry of `address`, if any. Does not wait for sled:
+    /// `SpoolError::Opening` while it opens (the SMTP dialogue asks at every
+    /// RCPT, and must not wait).
     pub fn suppression(&self, address: &str) -> Result<Option<Vec<u8>>, SpoolError> {
         Ok(self
-            .opened()?
+            .opened_now()
+            .ok_or(SpoolError::Opening)?
             .db
             .get(text_key(SUPPRESSION, address))?
             .map(|v| v.to_vec()))
