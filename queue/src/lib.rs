@@ -22,7 +22,9 @@
 //! - nothing is returned from `commit`, `update` or `remove` before the
 //!   change has been fsynced (sled's data file and any blob files); after a
 //!   failed fsync every later write fails instead of pretending; the same
-//!   holds for `put_meta` and `remove_meta`, which share the group commit;
+//!   holds for `put_meta` and `remove_meta`, which share the group commit,
+//!   and for commits made while sled is still opening (fsynced in the intake
+//!   journal, moved into sled before any other write reaches it);
 //! - the spool's file system never runs full under it: a write that would
 //!   leave less than `SpoolOptions::min_free_space` (half of it for writes
 //!   other than commits) is refused with `SpoolError::Full` before anything

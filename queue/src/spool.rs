@@ -66,6 +66,15 @@
 //! run in the background after open (and after recovery) since it reads every
 //! body.
 //!
+//! With `SpoolOptions::defer_open` (the daemon) open does not even wait for
+//! sled: it returns a handle whose commits are made durable in the intake
+//! journal until a background thread has opened sled and the sync thread has
+//! moved the journal into it (see `journal`). Until then reads block (off the
+//! tokio worker: `block_in_place`), the suppression lookup answers
+//! `SpoolError::Opening`, and every other write waits (`Spool::ready`);
+//! `recovery()` says `Running`. Every open, deferred or not, first moves the
+//! journals a crashed run left.
+//!
 //! Memory: sled's page cache (`SpoolOptions::cache_size`), plus sled's page
 //! table, about 110 MB per million messages; recovery holds nothing per
 //! message (16 bytes per old message removed while it runs).

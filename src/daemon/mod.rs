@@ -1,11 +1,16 @@
 //! Process lifecycle: the daemon as a composition of subsystems, each with a start, a
 //! `reconfigure` (SIGHUP) and a `shutdown` that waits for every task it started.
 //!
-//! Start: open the spool (which recovers it), then the subsystems in dependency order —
-//! feedback (suppression list, events, webhooks, bounce processor), intake (sidecar, send
-//! time, enqueue), delivery (routing, pool, worker, shaping, settler, scheduler), the SMTP
-//! [`listeners`] and the [`admin`] server. Every socket is bound before anything is served,
-//! so a bad address fails the start cleanly.
+//! Start, in two phases. First, without waiting for the spool's sled to open (tern_queue's
+//! `defer_open`: commits go to its intake journal meanwhile): feedback (suppression list,
+//! events, webhooks, bounce processor; their tasks wait for the spool), intake (send time,
+//! enqueue, the stages with the sidecar's place kept), the SMTP [`listeners`], which serve
+//! from then on. Then, once the spool is open: the sidecar (campaigns and bandits are stored
+//! in the spool), the screening of mail taken meanwhile against the suppression list
+//! (`Enqueue::screen_intake`), delivery (routing, pool, worker, shaping, settler, scheduler)
+//! and the [`admin`] server. Every socket is bound before anything is served, so a bad
+//! address fails the start cleanly. Invariant: nothing the listeners use reads the spool
+//! before it is open (the first 250 must not wait for sled: issue 19).
 //!
 //! Shutdown (SIGTERM/SIGINT in [`serve`]): stop accepting, let feedback tasks end, sessions
 //! finish within the grace period, delivery attempts finish, the sidecar store its last
