@@ -20,8 +20,10 @@
 //!
 //! Invariants:
 //! - a frame is one round, applied to sled as one batch: it is in sled whole or not at all, so
-//!   "its first key is present" says it was moved (ids are never reused), and a replay after a
-//!   crash during the move skips it instead of writing it twice;
+//!   "all its keys are present with its values" says it was moved, and a replay after a crash
+//!   during the move skips it instead of writing it twice; "some present, or with other
+//!   values" can only be ids reused by a clock stepped back past the spool's ids: the file is
+//!   kept aside as damage and nothing is overwritten;
 //! - a frame that is short, or fails its CRC and reaches the end of the file (or is followed
 //!   by zeros only), is a round whose write never completed: never acknowledged, dropped and
 //!   logged;
@@ -306,12 +308,28 @@ pub(crate) fn move_all(
     for (number, path) in files {
         moved.files += 1;
         let count_here = counting.own != Some(number);
-        let end = read(&path, |_, ops| {
-            let Some((first, _)) = ops.first() else {
+        // The offset of a frame whose ids are taken by other mail (see the module doc).
+        let mut collision = None;
+        let end = read(&path, |offset, ops| {
+            if collision.is_some() {
                 return Ok(());
-            };
-            if db.contains_key(first)? {
+            }
+            // Moved before (a crash during an earlier move): every key is there with its
+            // value, since a frame is applied whole. None there: not moved yet.
+            let (mut same, mut absent) = (0, 0);
+            for (key, value) in &ops {
+                match db.get(key)? {
+                    None => absent += 1,
+                    Some(stored) if Some(&stored) == value.as_ref() => same += 1,
+                    Some(_) => {}
+                }
+            }
+            if same == ops.len() {
                 moved.skipped += 1;
+                return Ok(());
+            }
+            if absent != ops.len() {
+                collision = Some(offset);
                 return Ok(());
             }
             if count_here {
@@ -340,6 +358,15 @@ pub(crate) fn move_all(
             moved.frames += 1;
             Ok(())
         })?;
+        let end = match collision {
+            Some(offset) => End::Damaged {
+                offset,
+                reason:
+                    "the frame's ids are taken by other mail in the spool (clock stepped back?)"
+                        .into(),
+            },
+            None => end,
+        };
         match end {
             End::Clean => done.push(path),
             End::TornTail { offset } => {

@@ -284,3 +284,45 @@ async fn a_failed_open_keeps_the_journal_for_the_next_one() {
     let spool = Spool::open(dir.path()).unwrap();
     assert_holds_exactly(&spool, &kept);
 }
+
+/// A frame whose first key is present but whose envelope is another message's (ids reused:
+/// a clock stepped back) is not taken as moved: the file is kept aside, nothing overwritten.
+#[tokio::test]
+async fn a_frame_whose_ids_collide_with_other_mail_is_kept_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let new = crash_during_intake(dir.path(), 1).await;
+    let (id, _) = new[0].clone();
+    // Other mail under the same id, already in sled.
+    {
+        let spool = Spool::open(dir.path()).unwrap();
+        drop(spool);
+    }
+    let path = journals(dir.path());
+    assert!(path.is_empty(), "moved by the open above");
+    let new = crash_during_intake(dir.path(), 1).await;
+    let (id2, body2) = new[0].clone();
+    assert_ne!(id, id2);
+    {
+        let db = open_sled(dir.path(), SpoolOptions::default().cache_size).unwrap();
+        db.remove(clean_close::KEY).unwrap();
+        let mut other = envelope(id2, id2, "other.example", 1);
+        other.size = 3;
+        db.insert(key(ENVELOPE, id2), encode(&other).unwrap())
+            .unwrap();
+        db.insert(due_key(1, id2), Vec::new()).unwrap();
+        db.insert(key(BODY, id2), b"abc".to_vec()).unwrap();
+        db.flush().unwrap();
+    }
+    let spool = Spool::open(dir.path()).unwrap();
+    let aside = spool.journal_set_aside();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(aside[0].1, 0);
+    assert!(aside[0].0.exists());
+    // The other mail is untouched; the journal's message is in the file kept aside.
+    assert_eq!(
+        spool.envelope(id2).unwrap().unwrap().destination,
+        "other.example"
+    );
+    assert_eq!(&spool.body(id2).unwrap().unwrap()[..], b"abc");
+    assert_ne!(&body2[..], b"abc");
+}
