@@ -225,6 +225,11 @@ async fn a_message_over_the_size_limit_is_refused_while_sled_opens() {
         "the journal holds the small message only: {journal_bytes} bytes"
     );
     let daemon = o.start.await.unwrap();
-    assert_eq!(daemon.spool().list().unwrap().len(), 1);
+    // Delivered after the move: the small message only.
+    o.sink.wait_for_messages(1, T).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = o.sink.messages();
+    assert_eq!(got.len(), 1);
+    assert!(String::from_utf8_lossy(&got[0].data).contains("Subject: small"));
     daemon.shutdown().await.unwrap();
 }
