@@ -654,6 +654,10 @@ impl Spool {
     }
 
     async fn opened_async(&self) -> Result<&Opened, SpoolError> {
+        // The steady state: one load, no channel.
+        if let Some(opened) = self.opened_now() {
+            return Ok(opened);
+        }
         self.ready().await?;
         self.opened()
     }

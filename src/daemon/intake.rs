@@ -11,7 +11,7 @@
 //! and puts it in its place in the stages. A trusted submission (the only kind the stages
 //! touch) that reaches the sidecar's stage before then waits for it.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tern_queue::Spool;
@@ -61,12 +61,15 @@ pub struct IntakeStart {
     pub enqueue: Enqueue,
     pub send_time: SendTime,
     parts: SidecarParts,
-    sidecar: tokio::sync::watch::Sender<Option<Arc<Sidecar>>>,
+    sidecar: Arc<OnceLock<Arc<Sidecar>>>,
+    built: tokio::sync::watch::Sender<bool>,
 }
 
-/// The sidecar's place among the stages until it is built.
+/// The sidecar's place among the stages: the sidecar itself once it is built.
 struct SidecarStage {
-    built: tokio::sync::watch::Receiver<Option<Arc<Sidecar>>>,
+    sidecar: Arc<OnceLock<Arc<Sidecar>>>,
+    /// `true` once `sidecar` is set (or `Err`: the start failed), for messages that wait.
+    built: tokio::sync::watch::Receiver<bool>,
     /// A config campaign re-routes some sender identity's mail (`winback_for`): then all
     /// mail waits for the sidecar, since only it can tell whose.
     config_winback: bool,
@@ -74,26 +77,24 @@ struct SidecarStage {
 
 impl Stage for SidecarStage {
     fn apply(&self, message: Prepared) -> StageFuture<'_> {
-        let mut built = self.built.clone();
+        // The steady state: straight to the sidecar.
+        if let Some(sidecar) = self.sidecar.get() {
+            return Stage::apply(&**sidecar, message);
+        }
         // Before the sidecar exists (the spool still opening), mail that asks for no
         // campaign goes on at once: the first 250 must not wait for sled. Win-back campaigns
         // created through the API are stored in the spool, so mail of their identities taken
         // in that window is not re-routed (see docs/OPERATIONS.md).
-        let waits = built.borrow().is_some()
-            || self.config_winback
-            || crate::sidecar::wanted(&message.submission);
+        if !self.config_winback && !crate::sidecar::wanted(&message.submission) {
+            return Box::pin(std::future::ready(vec![message]));
+        }
+        let mut built = self.built.clone();
         Box::pin(async move {
-            if !waits {
-                return vec![message];
-            }
-            let sidecar = match built.wait_for(Option::is_some).await {
-                Ok(sidecar) => sidecar.clone(),
-                // The daemon did not finish starting: pass the message on, as any stage that
-                // cannot do its work does.
-                Err(_) => None,
-            };
-            match sidecar {
-                Some(sidecar) => Stage::apply(&*sidecar, message).await,
+            // Err: the daemon did not finish starting; the message goes on, as with any
+            // stage that cannot do its work.
+            let _ = built.wait_for(|b| *b).await;
+            match self.sidecar.get() {
+                Some(sidecar) => Stage::apply(&**sidecar, message).await,
                 None => vec![message],
             }
         })
@@ -137,12 +138,14 @@ impl IntakeSystem {
             new_mail,
             Arc::new(send_time.clone()),
         );
-        let (sidecar, built) = tokio::sync::watch::channel(None);
+        let sidecar = Arc::new(OnceLock::new());
+        let (built_tx, built) = tokio::sync::watch::channel(false);
         // The order is the pipeline: the sidecar renders campaigns (and parses their send
         // time and unsubscribe request), the unsubscribe stage gives each recipient its own
         // List-Unsubscribe, then the send-time stage sets the window the enqueue plans in.
         let stages: Vec<Arc<dyn Stage>> = vec![
             Arc::new(SidecarStage {
+                sidecar: sidecar.clone(),
                 built,
                 config_winback: config
                     .sidecar
@@ -164,6 +167,7 @@ impl IntakeSystem {
                 cluster,
             },
             sidecar,
+            built: built_tx,
         }
     }
 }
@@ -185,6 +189,7 @@ impl IntakeStart {
             send_time,
             parts,
             sidecar: place,
+            built,
         } = self;
         let sidecar = Arc::new(
             Sidecar::new(
@@ -198,7 +203,8 @@ impl IntakeStart {
             )
             .map_err(|e| anyhow::anyhow!("{e}"))?,
         );
-        place.send_replace(Some(sidecar.clone()));
+        let _ = place.set(sidecar.clone());
+        built.send_replace(true);
         let stop_batches = CancellationToken::new();
         let batches = tokio::spawn(sidecar.clone().run_batches(stop_batches.clone()));
         Ok(IntakeSystem {
