@@ -97,6 +97,11 @@ pub struct Enqueue {
     feedback: Feedback,
     scheduler: mpsc::UnboundedSender<Vec<NewMessage>>,
     planner: Arc<dyn SendPlanner>,
+    /// Parts committed while the spool was still opening (at start, see tern_queue's intake
+    /// journal): the suppression list lives in the spool, so their recipients could not be
+    /// checked. Held back from the scheduler until [`Enqueue::screen_intake`] checks them;
+    /// `None` once it has.
+    unscreened: Arc<std::sync::Mutex<Option<Vec<NewMessage>>>>,
 }
 
 impl Enqueue {
@@ -123,7 +128,79 @@ impl Enqueue {
             feedback,
             scheduler,
             planner,
+            unscreened: Arc::new(std::sync::Mutex::new(Some(Vec::new()))),
         }
+    }
+
+    /// Checks the recipients of the mail taken while the spool was opening against the
+    /// suppression list, now that it can be read, and only then hands that mail to the
+    /// scheduler. The daemon calls it once the spool is open, before delivery starts, so no
+    /// such message is attempted unchecked. A suppressed recipient is dropped as in
+    /// `suppression.mode = "drop"` (a `suppressed` event; the 250 was given already, so
+    /// "reject" cannot apply); a part left without recipients is removed.
+    pub async fn screen_intake(&self) {
+        let held = self
+            .unscreened
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .unwrap_or_default();
+        if held.is_empty() {
+            return;
+        }
+        let count = held.len();
+        let new = self.screen(held).await;
+        tracing::info!(
+            parts = count,
+            kept = new.len(),
+            "mail taken while the spool opened: checked against the suppression list"
+        );
+        let _ = self.scheduler.send(new);
+    }
+
+    /// See [`Enqueue::screen_intake`]: the parts of `new` still to deliver.
+    async fn screen(&self, new: Vec<NewMessage>) -> Vec<NewMessage> {
+        let feedback = &self.feedback;
+        let mut kept = Vec::with_capacity(new.len());
+        for part in new {
+            let mut env = match self.spool.envelope(part.id) {
+                Ok(Some(env)) => env,
+                Ok(None) => continue,
+                Err(e) => {
+                    warn!(id = %part.id, error = %e, "cannot read a part to check it against the suppression list");
+                    kept.push(part);
+                    continue;
+                }
+            };
+            let mut events = Vec::new();
+            env.recipients
+                .retain(|r| match feedback.suppressions.check(&r.address) {
+                    Some(entry) => {
+                        feedback.metrics.suppressed(SuppressedAction::Drop);
+                        let mut e = Event::new(EventKind::Suppressed, &r.address, "smtp");
+                        e.queue_id = Some(env.queue_id);
+                        e.sender = Some(env.sender.clone());
+                        e.detail = Some(format!("dropped: suppressed ({})", entry.reason));
+                        events.push(e);
+                        false
+                    }
+                    None => true,
+                });
+            if events.is_empty() {
+                kept.push(part);
+                continue;
+            }
+            let written = if env.recipients.is_empty() {
+                self.spool.remove(part.id).await
+            } else {
+                self.spool.update(&env).await.map(|()| kept.push(part))
+            };
+            if let Err(e) = written {
+                warn!(id = %env.id, error = %e, "cannot drop suppressed recipients");
+            }
+            feedback.events.emit(events).await;
+        }
+        kept
     }
 
     /// `Err(SpoolError::Full)` when a message of `size` bytes would be refused for space now
@@ -179,6 +256,8 @@ impl Enqueue {
         trace: Option<crate::message::RelayTrace>,
     ) -> Result<Accepted, SpoolError> {
         let now = crate::clock::now();
+        // Whether the suppression list could be read for this message (see `unscreened`).
+        let screened = self.spool.is_open();
         let sender = prepared
             .first()
             .map(|p| p.submission.sender.clone())
@@ -235,9 +314,33 @@ impl Enqueue {
                 .collect();
             feedback.events.emit(events).await;
         }
+        let new = if screened {
+            new
+        } else {
+            let held = {
+                let mut unscreened = self
+                    .unscreened
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                match unscreened.as_mut() {
+                    Some(held) => {
+                        held.extend(new);
+                        None
+                    }
+                    None => Some(new),
+                }
+            };
+            match held {
+                None => Vec::new(),
+                // The screening already ran: check this one now.
+                Some(new) => self.screen(new).await,
+            }
+        };
         // Only fails when the scheduler is gone (shutdown): the mail is durable and the
         // due loader picks it up at the next start.
-        let _ = self.scheduler.send(new);
+        if !new.is_empty() {
+            let _ = self.scheduler.send(new);
+        }
         Ok(Accepted {
             ids: batch.ids,
             sidecar: reports,

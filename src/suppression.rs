@@ -176,6 +176,9 @@ impl Suppressions {
                 .ok()
                 .filter(|e| e.active(crate::clock::now_ms())),
             Ok(None) => None,
+            // The spool is still opening at start: mail taken meanwhile is screened once it
+            // is open, before delivery starts (`Enqueue::screen_intake`).
+            Err(SpoolError::Opening) => None,
             Err(err) => {
                 tracing::warn!(error = %err, "cannot read the suppression list");
                 None

@@ -32,6 +32,11 @@ pub enum SpoolError {
     #[error("spool at {} is in use by another process (is tern running?)", path.display())]
     InUse { path: PathBuf },
 
+    /// A read that does not wait found sled still opening (a spool opened
+    /// with `SpoolOptions::defer_open`; see `Spool::ready`).
+    #[error("the spool is still opening")]
+    Opening,
+
     /// The message is not (or no longer) in the spool.
     #[error("message {0} is not in the spool")]
     NotFound(MessageId),

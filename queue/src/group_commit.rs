@@ -75,6 +75,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::error::SpoolError;
+use crate::journal;
 
 /// Counters for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +164,28 @@ struct Pending {
     /// writer notify it: a notify is a futex syscall even with nobody
     /// waiting, and under load the thread is almost always mid-round.
     sync_idle: bool,
+    /// sled, now open, for a thread still writing the intake journal.
+    switch: Option<Switch>,
+}
+
+/// Handed to the sync thread when sled is open: it moves the journal and answers.
+struct Switch {
+    db: sled::Db,
+    syncer: Syncer,
+    counting: journal::Counting,
+    answer: std::sync::mpsc::Sender<Result<journal::Moved, SpoolError>>,
+}
+
+impl std::fmt::Debug for Switch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Switch").finish_non_exhaustive()
+    }
+}
+
+/// Where a round goes: the intake journal until sled is open, then sled.
+pub(crate) enum Sink {
+    Journal(journal::Writer),
+    Sled(sled::Db, Syncer),
 }
 
 /// The free space the spool keeps: `min_free` bytes on its file system for
@@ -330,8 +353,7 @@ impl GroupCommit {
     /// Starts the sync thread. It owns `syncer` and a handle on the database.
     /// `messages` and `bytes` are what the spool holds now.
     pub(crate) fn start(
-        db: sled::Db,
-        syncer: Syncer,
+        sink: Sink,
         space: Space,
         (messages, bytes): (u64, u64),
     ) -> Result<(Arc<GroupCommit>, JoinHandle<()>), SpoolError> {
@@ -339,7 +361,7 @@ impl GroupCommit {
         let thread_group = Arc::clone(&group);
         let handle = std::thread::Builder::new()
             .name("tern-spool-sync".into())
-            .spawn(move || thread_group.run(&db, syncer))
+            .spawn(move || thread_group.run(sink))
             .map_err(|e| SpoolError::io("starting the spool sync thread", e))?;
         Ok((group, handle))
     }
@@ -378,6 +400,11 @@ impl GroupCommit {
             messages: i64::try_from(messages).unwrap_or(i64::MAX),
             bytes: i64::try_from(bytes).unwrap_or(i64::MAX),
         });
+    }
+
+    /// Adds what a journal move wrote that nobody had counted (see `journal::Moved`).
+    pub(crate) fn add_moved(&self, delta: Delta) {
+        self.tally.add(delta);
     }
 
     /// Blocks until every write queued so far has been applied to sled (or
@@ -532,15 +559,39 @@ impl GroupCommit {
         });
     }
 
+    /// Hands the now open sled to a sync thread that writes the intake journal, and waits
+    /// until it has moved every journal into sled (see `journal`); from then on rounds go to
+    /// sled. Blocking; called by the thread that opened sled.
+    pub(crate) fn switch_to_sled(
+        &self,
+        db: sled::Db,
+        syncer: Syncer,
+        counting: journal::Counting,
+    ) -> Result<journal::Moved, SpoolError> {
+        let (answer, moved) = std::sync::mpsc::channel();
+        self.lock_pending().switch = Some(Switch {
+            db,
+            syncer,
+            counting,
+            answer,
+        });
+        self.wake.notify_one();
+        moved.recv().unwrap_or_else(|_| {
+            Err(SpoolError::NotDurable(
+                "the spool sync thread ended before moving the intake journal".into(),
+            ))
+        })
+    }
+
     /// The sync thread's loop.
-    fn run(&self, db: &sled::Db, mut syncer: Syncer) {
+    fn run(&self, mut sink: Sink) {
         // Without this, a panic in a round would leave writers waiting forever.
         let _on_panic = FailOnPanic(self);
         let mut resolved = 0;
         loop {
-            let (writes, target) = {
+            let (writes, target, switch) = {
                 let mut pending = self.lock_pending();
-                while pending.written == resolved && !pending.closing {
+                while pending.written == resolved && !pending.closing && pending.switch.is_none() {
                     pending.sync_idle = true;
                     pending = self
                         .wake
@@ -548,11 +599,41 @@ impl GroupCommit {
                         .unwrap_or_else(PoisonError::into_inner);
                     pending.sync_idle = false;
                 }
-                if pending.written == resolved {
+                let switch = pending.switch.take();
+                if pending.written == resolved && switch.is_none() {
                     return; // closing, nothing left to sync
                 }
-                (std::mem::take(&mut pending.writes), pending.written)
+                (std::mem::take(&mut pending.writes), pending.written, switch)
             };
+            if let Some(Switch {
+                db,
+                mut syncer,
+                counting,
+                answer,
+            }) = switch
+            {
+                // Before any write of this round: the journal's rounds came first.
+                let moved = match &sink {
+                    Sink::Journal(writer) => {
+                        let dir = journal::dir(self.space.dir.as_path());
+                        let counting = journal::Counting {
+                            own: Some(writer.number()),
+                            ..counting
+                        };
+                        let _quiet = self.quiet.lock().unwrap_or_else(PoisonError::into_inner);
+                        journal::move_all(&db, &mut syncer, &dir, counting)
+                    }
+                    Sink::Sled(..) => Ok(journal::Moved::default()),
+                };
+                let failed = moved.as_ref().err().map(ToString::to_string);
+                let _ = answer.send(moved);
+                if let Some(e) = failed {
+                    tracing::error!(error = %e, "spool: moving the intake journal into sled failed; refusing further writes");
+                    self.fail(e);
+                    return;
+                }
+                sink = Sink::Sled(db, syncer);
+            }
             // Refused writes never reach sled; each writer is told before
             // `resolved` says its round is over.
             let ops = self.admit_round(writes);
@@ -565,12 +646,16 @@ impl GroupCommit {
             let started = Instant::now();
             let since_epoch = started.duration_since(self.epoch).as_nanos() as u64;
             self.round_started.store(since_epoch + 1, Ordering::Release);
-            let result = {
-                let _quiet = self.quiet.lock().unwrap_or_else(PoisonError::into_inner);
-                apply(db, ops).and_then(|()| {
-                    self.applied.store(target, Ordering::Release);
-                    syncer.sync(db)
-                })
+            let result = match &mut sink {
+                Sink::Sled(db, syncer) => {
+                    let _quiet = self.quiet.lock().unwrap_or_else(PoisonError::into_inner);
+                    apply(db, ops).and_then(|()| {
+                        self.applied.store(target, Ordering::Release);
+                        syncer.sync(db)
+                    })
+                }
+                // Only commits (fresh keys) are queued before sled is open.
+                Sink::Journal(writer) => writer.append(&ops),
             };
             let took = started.elapsed();
             self.round_started.store(0, Ordering::Release);

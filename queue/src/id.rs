@@ -124,6 +124,14 @@ impl IdGenerator {
         }
     }
 
+    /// Makes every later id greater than `floor` too (the spool raises a
+    /// generator that started before it knew its largest id).
+    pub(crate) fn raise(&self, floor: Option<MessageId>) {
+        if let Some(floor) = floor {
+            self.last.fetch_max(floor.0, Ordering::Relaxed);
+        }
+    }
+
     /// The next id for the current wall-clock time.
     pub fn next(&self) -> MessageId {
         // A clock before 1970 is a broken host; treating it as 0 still yields

@@ -10,6 +10,9 @@
 //!   `remove_meta`, `scan_meta`) and its crash recovery;
 //! - `group_commit`: the sync thread that makes writes durable with real
 //!   fsyncs, sharing each round among all concurrent writers;
+//! - `journal`: the intake journal, where commits are made durable while
+//!   sled is still opening (`SpoolOptions::defer_open`), moved into sled
+//!   once it is;
 //! - `error`: `SpoolError`.
 //!
 //! Invariants the rest of tern relies on:
@@ -19,7 +22,9 @@
 //! - nothing is returned from `commit`, `update` or `remove` before the
 //!   change has been fsynced (sled's data file and any blob files); after a
 //!   failed fsync every later write fails instead of pretending; the same
-//!   holds for `put_meta` and `remove_meta`, which share the group commit;
+//!   holds for `put_meta` and `remove_meta`, which share the group commit,
+//!   and for commits made while sled is still opening (fsynced in the intake
+//!   journal, moved into sled before any other write reaches it);
 //! - the spool's file system never runs full under it: a write that would
 //!   leave less than `SpoolOptions::min_free_space` (half of it for writes
 //!   other than commits) is refused with `SpoolError::Full` before anything
@@ -28,6 +33,7 @@
 mod error;
 mod group_commit;
 mod id;
+mod journal;
 mod record;
 mod spool;
 

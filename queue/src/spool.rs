@@ -66,6 +66,15 @@
 //! run in the background after open (and after recovery) since it reads every
 //! body.
 //!
+//! With `SpoolOptions::defer_open` (the daemon) open does not even wait for
+//! sled: it returns a handle whose commits are made durable in the intake
+//! journal until a background thread has opened sled and the sync thread has
+//! moved the journal into it (see `journal`). Until then reads block (off the
+//! tokio worker: `block_in_place`), the suppression lookup answers
+//! `SpoolError::Opening`, and every other write waits (`Spool::ready`);
+//! `recovery()` says `Running`. Every open, deferred or not, first moves the
+//! journals a crashed run left.
+//!
 //! Memory: sled's page cache (`SpoolOptions::cache_size`), plus sled's page
 //! table, about 110 MB per million messages; recovery holds nothing per
 //! message (16 bytes per old message removed while it runs).
@@ -75,7 +84,7 @@ use std::fmt::{self, Write as _};
 use std::fs;
 use std::ops::Deref;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -83,9 +92,10 @@ use serde::Deserialize;
 
 use crate::error::SpoolError;
 use crate::group_commit::{
-    sync_dir, CommitStats, Delta, GroupCommit, Op, Refusal, Round, Space, Syncer,
+    sync_dir, CommitStats, Delta, GroupCommit, Op, Refusal, Round, Sink, Space, Syncer,
 };
 use crate::id::{IdGenerator, MessageId};
+use crate::journal;
 use crate::record::Envelope;
 use clean_close::Checkpoint;
 pub use recovery::RecoveryStatus;
@@ -127,6 +137,17 @@ pub struct SpoolOptions {
     /// `Spool::recovery`). Default false: open waits for the scan and fails
     /// if an envelope is unreadable (the CLI, tests).
     pub recover_in_background: bool,
+    /// Return from open before sled is open, and open it on a background
+    /// thread (the daemon: sled's own open takes seconds on a spool of
+    /// millions of messages). Until it is open, commits are made durable in
+    /// the intake journal (`<spool>/intake/`; see `journal`) and moved into
+    /// sled once it is; reads block and other writes wait until then
+    /// (`Spool::ready`). Default false.
+    pub defer_open: bool,
+    /// Tests only: sleep this long before opening sled, to hold a spool in
+    /// its intake phase. Never set in the product.
+    #[doc(hidden)]
+    pub open_delay_for_tests: Option<std::time::Duration>,
 }
 
 impl Default for SpoolOptions {
@@ -135,6 +156,8 @@ impl Default for SpoolOptions {
             cache_size: 128 << 20,
             min_free_space: 256 << 20,
             recover_in_background: false,
+            defer_open: false,
+            open_delay_for_tests: None,
         }
     }
 }
@@ -191,23 +214,51 @@ impl fmt::Debug for Body {
 
 /// Handle on an open spool; clones share it. When the last clone is dropped
 /// the sync thread runs a final round, stops, and sled releases its lock.
+///
+/// With `SpoolOptions::defer_open` the handle exists before sled is open:
+/// commits go to the intake journal (see `journal`), reads block until sled
+/// is open, other writes wait for it (`Spool::ready`).
 #[derive(Clone)]
 pub struct Spool {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    db: sled::Db,
-    ids: IdGenerator,
-    inflight: Arc<Mutex<Inflight>>,
+    ids: Arc<IdGenerator>,
     group: Arc<GroupCommit>,
     flusher: Option<JoinHandle<()>>,
+    /// The thread opening sled (deferred open only).
+    opener: Option<JoinHandle<()>>,
+    opening: Arc<Opening>,
+    /// Last, so that it drops after the `sled::Db` in `opening`.
+    checkpoint: Checkpoint,
+}
+
+/// sled's side of the spool, once open (and the intake journal moved).
+struct Opened {
+    db: sled::Db,
+    inflight: Arc<Mutex<Inflight>>,
     after_clean_close: bool,
     recovery: Arc<Recovery>,
     /// The background recovery scan, if one was started.
-    recovering: Option<JoinHandle<()>>,
-    /// Last, so that it drops after `db`.
-    checkpoint: Checkpoint,
+    recovering: Mutex<Option<JoinHandle<()>>>,
+    /// Damaged intake journals the open renamed aside, with the offset of
+    /// the bad frame.
+    set_aside: Vec<(std::path::PathBuf, u64)>,
+}
+
+/// Set once, by whoever opens sled: sled's side, or why it could not open.
+struct Opening {
+    state: OnceLock<Result<Opened, String>>,
+    /// `true` once `state` is set, for async waiters.
+    ready: tokio::sync::watch::Sender<bool>,
+}
+
+impl Opening {
+    fn set(&self, state: Result<Opened, String>) {
+        let _ = self.state.set(state);
+        self.ready.send_replace(true);
+    }
 }
 
 /// What a stored envelope implies for its due key, the byte count and its
@@ -259,11 +310,26 @@ impl Inflight {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // The scan may still queue repairs: stop it before the sync thread.
-        self.recovery.request_stop();
-        if let Some(handle) = self.recovering.take() {
+        // An open still running finishes first (with the journal's move), so that every
+        // acknowledged commit is in sled before the clean close.
+        if let Some(handle) = self.opener.take() {
             if handle.join().is_err() {
-                tracing::error!("spool recovery thread panicked");
+                tracing::error!("spool open thread panicked");
+            }
+        }
+        let opened = self.opening.state.get().and_then(|o| o.as_ref().ok());
+        if let Some(opened) = opened {
+            // The scan may still queue repairs: stop it before the sync thread.
+            opened.recovery.request_stop();
+            let recovering = opened
+                .recovering
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            if let Some(handle) = recovering {
+                if handle.join().is_err() {
+                    tracing::error!("spool recovery thread panicked");
+                }
             }
         }
         self.group.close();
@@ -273,12 +339,17 @@ impl Drop for Inner {
             }
         }
         // Every write is durable now, unless a round failed: only then may
-        // the next open trust the counters instead of scanning.
+        // the next open trust the counters instead of scanning. Never before
+        // sled was open (the journal then holds the commits; the next open
+        // moves them).
+        let Some(opened) = opened else {
+            return;
+        };
         if self.group.check().is_err() {
             return;
         }
         // Nor while recovery had not finished counting.
-        if !matches!(self.recovery.status(), RecoveryStatus::Done { .. }) {
+        if !matches!(opened.recovery.status(), RecoveryStatus::Done { .. }) {
             return;
         }
         let (messages, bytes) = self.group.tally();
@@ -287,7 +358,7 @@ impl Drop for Inner {
             bytes,
             max_id: self.ids.last(),
         };
-        match clean_close::write(&self.db, self.checkpoint.dir(), &state) {
+        match clean_close::write(&opened.db, self.checkpoint.dir(), &state) {
             Ok(()) => self.checkpoint.arm(),
             Err(e) => {
                 tracing::warn!(error = %e, "spool: could not record the clean close; the next open scans")
@@ -319,34 +390,47 @@ fn open_sled(dir: &Path, cache_size: u64) -> Result<sled::Db, SpoolError> {
     }
 }
 
-impl fmt::Debug for Spool {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Spool")
-            .field("stats", &self.stats())
-            .finish()
+/// Runs `wait` (a wait for sled's open) so that, on a worker of a
+/// multi-threaded tokio runtime, the worker's other tasks move to another
+/// thread meanwhile instead of stalling behind it.
+fn wait_off_runtime<T>(wait: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
     }
 }
 
-impl Spool {
-    /// Opens (creating if needed) the spool in `dir` with default options and
-    /// runs recovery; see `open_with`.
-    pub fn open(dir: &Path) -> Result<Spool, SpoolError> {
-        Spool::open_with(dir, &SpoolOptions::default())
-    }
+/// Everything opening sled needs; `run` on the opening thread (or inline).
+struct OpenSled {
+    dir: std::path::PathBuf,
+    options: SpoolOptions,
+    fresh: bool,
+    created_dir: bool,
+    group: Arc<GroupCommit>,
+    ids: Arc<IdGenerator>,
+    started: Instant,
+}
 
-    /// Opens (creating if needed) the spool in `dir` and runs recovery.
-    ///
-    /// Blocking: sled replays its log, recovery scans the envelopes and the
-    /// due index (not the bodies: see `sweep_orphans`), and it fsyncs. It
-    /// starts a dedicated std thread for group commit, so no tokio runtime is
-    /// needed (the CLI can call it), though it may be called from inside one.
-    pub fn open_with(dir: &Path, options: &SpoolOptions) -> Result<Spool, SpoolError> {
-        let created_dir = !dir.exists();
-        let fresh = !dir.join("db").exists();
-        fs::create_dir_all(dir).map_err(|e| {
-            SpoolError::io(format!("creating spool directory {}", dir.display()), e)
-        })?;
-        let started = Instant::now();
+impl OpenSled {
+    /// Opens sled, takes the clean-close record or prepares recovery, hands
+    /// sled to the sync thread (which moves the intake journals into it),
+    /// and starts (or, without `recover_in_background`, runs) the scan.
+    fn run(self) -> Result<Opened, SpoolError> {
+        let OpenSled {
+            dir,
+            options,
+            fresh,
+            created_dir,
+            group,
+            ids,
+            started,
+        } = self;
+        let dir = dir.as_path();
+        if let Some(delay) = options.open_delay_for_tests {
+            std::thread::sleep(delay);
+        }
         let db = open_sled(dir, options.cache_size)?;
         let sled_ms = started.elapsed().as_millis() as u64;
         let mut syncer = Syncer::open(dir)?;
@@ -375,12 +459,32 @@ impl Spool {
         if fresh {
             sync_new_spool(dir, created_dir)?;
         }
-        let (group, flusher) = GroupCommit::start(
+        ids.raise(recovered.max_id);
+        // The journals (this run's commits so far, and any an earlier run
+        // left) go into sled before anything else touches it.
+        let moved = group.switch_to_sled(
             db.clone(),
             syncer,
-            Space::new(dir, options.min_free_space),
-            (recovered.messages, recovered.bytes),
+            journal::Counting {
+                own: None,
+                clean: after_clean_close,
+                boundary: recovery.boundary(),
+            },
         )?;
+        // A journal of an earlier run may hold ids above everything else.
+        ids.raise(recovery::last_key_id(&db)?);
+        group.add_recovered(recovered.messages, recovered.bytes);
+        group.add_moved(moved.uncounted);
+        if moved.files > 0 {
+            tracing::info!(
+                files = moved.files,
+                frames = moved.frames,
+                skipped = moved.skipped,
+                torn = moved.torn,
+                set_aside = moved.set_aside.len(),
+                "spool: intake journal moved into sled"
+            );
+        }
         let recovery = Arc::new(recovery);
         let inflight = Arc::new(Mutex::new(Inflight::default()));
         let mut recovering = None;
@@ -401,13 +505,8 @@ impl Spool {
                         })
                         .map_err(|e| SpoolError::io("starting the spool recovery thread", e))?,
                 );
-            } else if let Err(e) = scan.run(true, started) {
-                // Release sled's lock before reporting: the sync thread holds a handle.
-                group.close();
-                if flusher.join().is_err() {
-                    tracing::error!("spool sync thread panicked");
-                }
-                return Err(e);
+            } else {
+                scan.run(true, started)?;
             }
         }
         tracing::info!(
@@ -420,38 +519,191 @@ impl Spool {
             total_ms = started.elapsed().as_millis() as u64,
             "spool opened"
         );
+        Ok(Opened {
+            db,
+            inflight,
+            after_clean_close,
+            recovery,
+            recovering: Mutex::new(recovering),
+            set_aside: moved.set_aside,
+        })
+    }
+}
+
+impl fmt::Debug for Spool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Spool")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool in `dir` with default options and
+    /// runs recovery; see `open_with`.
+    pub fn open(dir: &Path) -> Result<Spool, SpoolError> {
+        Spool::open_with(dir, &SpoolOptions::default())
+    }
+
+    /// Opens (creating if needed) the spool in `dir` and runs recovery.
+    ///
+    /// Blocking: sled replays its log, recovery scans the envelopes and the
+    /// due index (not the bodies: see `sweep_orphans`), and it fsyncs. It
+    /// starts a dedicated std thread for group commit, so no tokio runtime is
+    /// needed (the CLI can call it), though it may be called from inside one.
+    ///
+    /// With `SpoolOptions::defer_open` it returns at once instead and opens
+    /// sled on a background thread; commits go to the intake journal until
+    /// then (see `Spool::ready`). Every open first moves the journals an
+    /// earlier run left into sled.
+    pub fn open_with(dir: &Path, options: &SpoolOptions) -> Result<Spool, SpoolError> {
+        let created_dir = !dir.exists();
+        let fresh = !dir.join("db").exists();
+        fs::create_dir_all(dir).map_err(|e| {
+            SpoolError::io(format!("creating spool directory {}", dir.display()), e)
+        })?;
+        let started = Instant::now();
+        let writer = journal::Writer::new(&journal::dir(dir))?;
+        let (group, flusher) = GroupCommit::start(
+            Sink::Journal(writer),
+            Space::new(dir, options.min_free_space),
+            (0, 0),
+        )?;
+        // Ids are clock-based until sled says what it holds; then raised above that.
+        let ids = Arc::new(IdGenerator::new(None));
+        let opening = Arc::new(Opening {
+            state: OnceLock::new(),
+            ready: tokio::sync::watch::Sender::new(false),
+        });
+        let open = OpenSled {
+            dir: dir.to_path_buf(),
+            options: options.clone(),
+            fresh,
+            created_dir,
+            group: Arc::clone(&group),
+            ids: Arc::clone(&ids),
+            started,
+        };
+        let mut opener = None;
+        if options.defer_open {
+            let opening = Arc::clone(&opening);
+            opener = Some(
+                std::thread::Builder::new()
+                    .name("tern-spool-open".into())
+                    .spawn(move || {
+                        let result = open.run().map_err(|e| {
+                            tracing::error!(error = %e, "spool: sled did not open; commits stay in the intake journal, every other spool operation fails");
+                            e.to_string()
+                        });
+                        opening.set(result);
+                    })
+                    .map_err(|e| SpoolError::io("starting the spool open thread", e))?,
+            );
+        } else {
+            match open.run() {
+                Ok(opened) => opening.set(Ok(opened)),
+                Err(e) => {
+                    // Release sled's lock before reporting: the sync thread holds a handle.
+                    group.close();
+                    if flusher.join().is_err() {
+                        tracing::error!("spool sync thread panicked");
+                    }
+                    return Err(e);
+                }
+            }
+        }
         Ok(Spool {
             inner: Arc::new(Inner {
-                db,
-                ids: IdGenerator::new(recovered.max_id),
-                inflight,
+                ids,
                 group,
                 flusher: Some(flusher),
-                after_clean_close,
-                recovery,
-                recovering,
+                opener,
+                opening,
                 checkpoint: Checkpoint::new(dir, options.cache_size),
             }),
         })
     }
 
-    /// Where crash recovery stands: `Done` after a clean close or once the
-    /// scan finished (the counters are exact), `Running` while a background
-    /// scan runs (`stats()` is an estimate that grows to the truth).
-    pub fn recovery(&self) -> RecoveryStatus {
-        self.inner.recovery.status()
+    /// sled's side, waiting (blocking the thread) until it is open; the
+    /// error if it could not open.
+    fn opened(&self) -> Result<&Opened, SpoolError> {
+        let state = match self.inner.opening.state.get() {
+            Some(state) => state,
+            None => wait_off_runtime(|| self.inner.opening.state.wait()),
+        };
+        match state {
+            Ok(opened) => Ok(opened),
+            Err(e) => Err(SpoolError::Sled(format!("the spool did not open: {e}"))),
+        }
     }
 
-    /// Returns once crash recovery's scan is over (at once if none runs).
+    /// sled's side if it is open now.
+    fn opened_now(&self) -> Option<&Opened> {
+        self.inner.opening.state.get().and_then(|o| o.as_ref().ok())
+    }
+
+    /// Returns once sled is open and the intake journal moved into it (at
+    /// once unless the spool was opened with `SpoolOptions::defer_open`), or
+    /// the error that kept it from opening. Every operation but `commit`
+    /// waits for this; async writers wait here rather than block a thread.
+    pub async fn ready(&self) -> Result<(), SpoolError> {
+        let mut ready = self.inner.opening.ready.subscribe();
+        // The sender lives in `self`.
+        let _ = ready.wait_for(|r| *r).await;
+        self.opened().map(|_| ())
+    }
+
+    async fn opened_async(&self) -> Result<&Opened, SpoolError> {
+        // The steady state: one load, no channel.
+        if let Some(opened) = self.opened_now() {
+            return Ok(opened);
+        }
+        self.ready().await?;
+        self.opened()
+    }
+
+    /// Whether sled is open (the intake journal moved); false while a
+    /// deferred open runs, and if it failed.
+    pub fn is_open(&self) -> bool {
+        self.opened_now().is_some()
+    }
+
+    /// Damaged intake journals this open found and renamed aside
+    /// (`<n>.journal.damaged`, kept for the operator), each with the offset
+    /// of its first bad frame; the frames before it were moved. Empty while
+    /// sled is opening.
+    pub fn journal_set_aside(&self) -> Vec<(std::path::PathBuf, u64)> {
+        self.opened_now()
+            .map(|o| o.set_aside.clone())
+            .unwrap_or_default()
+    }
+
+    /// Where crash recovery stands: `Done` after a clean close or once the
+    /// scan finished (the counters are exact), `Running` while a background
+    /// scan runs or sled is still opening (`stats()` is an estimate that
+    /// grows to the truth), `Failed` also when sled could not open.
+    pub fn recovery(&self) -> RecoveryStatus {
+        match self.inner.opening.state.get() {
+            Some(Ok(opened)) => opened.recovery.status(),
+            Some(Err(e)) => RecoveryStatus::Failed(e.clone()),
+            None => RecoveryStatus::Running { scanned: 0 },
+        }
+    }
+
+    /// Returns once crash recovery's scan is over (at once if none runs);
+    /// also if sled could not open.
     pub async fn recovered(&self) {
-        self.inner.recovery.wait().await
+        if let Ok(opened) = self.opened_async().await {
+            opened.recovery.wait().await
+        }
     }
 
     /// Whether the last process to use this spool closed it cleanly, so open
     /// took the counters from its record instead of scanning (see
-    /// `clean_close`); false after a crash and for a new spool.
+    /// `clean_close`); false after a crash, for a new spool and while sled
+    /// is still opening.
     pub fn opened_after_clean_close(&self) -> bool {
-        self.inner.after_clean_close
+        self.opened_now().is_some_and(|o| o.after_clean_close)
     }
 
     /// A fresh id, greater than every id issued before by this spool.
@@ -530,7 +782,7 @@ impl Spool {
     /// The stored envelope, if any.
     pub fn envelope(&self, id: MessageId) -> Result<Option<Envelope>, SpoolError> {
         let key = key(ENVELOPE, id);
-        match self.inner.db.get(key)? {
+        match self.opened()?.db.get(key)? {
             Some(value) => decode(&key, &value).map(Some),
             None => Ok(None),
         }
@@ -539,7 +791,7 @@ impl Spool {
     /// The body of message `id`, if any, wherever it is stored (its own or
     /// a shared one). Read from sled on each call (not cached here).
     pub fn body(&self, id: MessageId) -> Result<Option<Body>, SpoolError> {
-        if let Some(body) = self.inner.db.get(key(BODY, id))? {
+        if let Some(body) = self.opened()?.db.get(key(BODY, id))? {
             return Ok(Some(Body(body)));
         }
         match self.envelope(id)? {
@@ -550,17 +802,22 @@ impl Spool {
 
     /// The body of `env` (one read, for a caller that holds the envelope).
     pub fn body_of(&self, env: &Envelope) -> Result<Option<Body>, SpoolError> {
-        Ok(self.inner.db.get(key(BODY, env.body_key_id()))?.map(Body))
+        Ok(self
+            .opened()?
+            .db
+            .get(key(BODY, env.body_key_id()))?
+            .map(Body))
     }
 
     /// Rewrites the envelope `env.id` and moves its due key to
     /// `env.next_due_ms`, atomically; returns once durable. `size` keeps the
     /// stored value (the body never changes).
     pub async fn update(&self, env: &Envelope) -> Result<(), SpoolError> {
+        self.opened_async().await?;
         self.inner.group.check()?;
         let id = env.id;
         let ticket = {
-            let mut inflight = self.inflight();
+            let mut inflight = self.inflight()?;
             let (old, after) = self.current(&mut inflight, id)?;
             let old = old.ok_or(SpoolError::NotFound(id))?;
             let json = encode(&Envelope {
@@ -591,12 +848,13 @@ impl Spool {
     /// Deletes envelope, due key and body atomically (a shared body only
     /// with the last envelope that names it); returns once durable.
     pub async fn remove(&self, id: MessageId) -> Result<(), SpoolError> {
+        self.opened_async().await?;
         self.inner.group.check()?;
         let ticket = {
-            let mut inflight = self.inflight();
+            let mut inflight = self.inflight()?;
             let (old, after) = self.current(&mut inflight, id)?;
             let old = old.ok_or(SpoolError::NotFound(id))?;
-            self.inner.recovery.note_remove(id, old.size);
+            self.opened()?.recovery.note_remove(id, old.size);
             let mut ops = vec![
                 remove(&key(ENVELOPE, id)),
                 remove(&due_key(old.next_due_ms, id)),
@@ -659,7 +917,7 @@ impl Spool {
             None => {}
         }
         let key = key(REFS, body);
-        Ok(match self.inner.db.get(key)? {
+        Ok(match self.opened()?.db.get(key)? {
             Some(value) => match <[u8; 8]>::try_from(&value[..]) {
                 Ok(bytes) => (u64::from_be_bytes(bytes), None),
                 Err(_) => return Err(corrupt(&key, "reference count is not 8 bytes".into())),
@@ -698,7 +956,7 @@ impl Spool {
             None => {}
         }
         let key = key(ENVELOPE, id);
-        let Some(value) = self.inner.db.get(key)? else {
+        let Some(value) = self.opened()?.db.get(key)? else {
             return Ok((None, None));
         };
         let stored: StoredEntry = serde_json::from_slice(&value)
@@ -717,6 +975,7 @@ impl Spool {
     /// value; returns once durable (it goes through group commit like every
     /// other write).
     pub async fn put_meta(&self, name: &str, value: Vec<u8>) -> Result<(), SpoolError> {
+        self.opened_async().await?;
         self.inner.group.check()?;
         let ticket =
             self.inner
@@ -727,11 +986,12 @@ impl Spool {
 
     /// The value stored under the meta name `name`, if any.
     pub fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, SpoolError> {
-        Ok(self.inner.db.get(meta_key(name))?.map(|v| v.to_vec()))
+        Ok(self.opened()?.db.get(meta_key(name))?.map(|v| v.to_vec()))
     }
 
     /// Deletes the meta name `name` (absent is fine); returns once durable.
     pub async fn remove_meta(&self, name: &str) -> Result<(), SpoolError> {
+        self.opened_async().await?;
         self.inner.group.check()?;
         let ticket = self
             .inner
@@ -742,7 +1002,7 @@ impl Spool {
 
     /// Every meta record whose name starts with `prefix`, in name order.
     pub fn scan_meta(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, SpoolError> {
-        self.inner
+        self.opened()?
             .db
             .scan_prefix(meta_key(prefix))
             .map(|item| {
@@ -762,7 +1022,7 @@ impl Spool {
             Some(end) => due_key(end, MessageId::from_be_bytes([0; 8])).to_vec(),
             None => vec![DUE + 1], // every due key sorts below this
         };
-        self.inner
+        self.opened()?
             .db
             .range(lo..hi)
             .take(limit)
@@ -773,7 +1033,7 @@ impl Spool {
     /// Every envelope, in id (= creation) order. Loads them all; meant for the
     /// CLI and tests, not for the delivery path (use `due_before`).
     pub fn list(&self) -> Result<Vec<Envelope>, SpoolError> {
-        self.inner
+        self.opened()?
             .db
             .scan_prefix([ENVELOPE])
             .map(|item| {
@@ -795,13 +1055,23 @@ impl Spool {
             Some(id) => Bound::Excluded(key(ENVELOPE, id).to_vec()),
             None => Bound::Included(vec![ENVELOPE]),
         };
-        self.inner
-            .db
-            .range::<Vec<u8>, _>((from, Bound::Excluded(vec![ENVELOPE + 1])))
-            .map(|item| {
+        let (failed, range) = match self.opened() {
+            Ok(opened) => (
+                None,
+                Some(
+                    opened
+                        .db
+                        .range::<Vec<u8>, _>((from, Bound::Excluded(vec![ENVELOPE + 1]))),
+                ),
+            ),
+            Err(e) => (Some(Err(e)), None),
+        };
+        failed
+            .into_iter()
+            .chain(range.into_iter().flatten().map(|item| {
                 let (key, value) = item?;
                 decode(&key, &value)
-            })
+            }))
     }
 
     /// Deletes every body that has no envelope, and logs (and counts) every
@@ -848,7 +1118,7 @@ impl Spool {
                 tracing::info!(bodies = report.bodies, "spool orphan sweep stopped");
                 return Ok(report);
             }
-            let db = self.inner.db.clone();
+            let db = self.opened()?.db.clone();
             let chunk =
                 tokio::task::spawn_blocking(move || recovery::sweep_chunk(&db, after, chunk_len))
                     .await
@@ -889,7 +1159,7 @@ impl Spool {
     ) -> Result<(), SpoolError> {
         let group = &self.inner.group;
         group.flush().await?;
-        let db = &self.inner.db;
+        let db = &self.opened()?.db;
         let mut ops = Vec::new();
         for &id in &chunk.body_only {
             // A shared body outlives the envelope it was committed under
@@ -927,12 +1197,14 @@ impl Spool {
     /// While a background recovery runs (`recovery()` is `Running`), this is
     /// what the scan has counted so far plus everything written since open.
     pub fn stats(&self) -> SpoolStats {
-        if self.inner.recovery.is_over() {
+        let recovery = self.opened_now().map(|o| &o.recovery);
+        if recovery.is_some_and(|r| r.is_over()) {
             let (messages, bytes) = self.inner.group.tally();
             return SpoolStats { messages, bytes };
         }
         let (messages, bytes) = self.inner.group.tally_signed();
-        let (scanned, scanned_bytes) = self.inner.recovery.counted();
+        // While sled opens: only what was committed since.
+        let (scanned, scanned_bytes) = recovery.map_or((0, 0), |r| r.counted());
         let add = |a: i64, b: u64| u64::try_from(a.saturating_add(b as i64)).unwrap_or(0);
         SpoolStats {
             messages: add(messages, scanned),
@@ -990,8 +1262,8 @@ impl Spool {
 
     // `Inflight` only changes by whole-entry inserts and `retain`, which
     // cannot leave it half-updated, so a poisoned lock is still usable.
-    fn inflight(&self) -> MutexGuard<'_, Inflight> {
-        lock_inflight(&self.inner.inflight)
+    fn inflight(&self) -> Result<MutexGuard<'_, Inflight>, SpoolError> {
+        Ok(lock_inflight(&self.opened()?.inflight))
     }
 }
 

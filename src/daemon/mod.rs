@@ -1,11 +1,16 @@
 //! Process lifecycle: the daemon as a composition of subsystems, each with a start, a
 //! `reconfigure` (SIGHUP) and a `shutdown` that waits for every task it started.
 //!
-//! Start: open the spool (which recovers it), then the subsystems in dependency order —
-//! feedback (suppression list, events, webhooks, bounce processor), intake (sidecar, send
-//! time, enqueue), delivery (routing, pool, worker, shaping, settler, scheduler), the SMTP
-//! [`listeners`] and the [`admin`] server. Every socket is bound before anything is served,
-//! so a bad address fails the start cleanly.
+//! Start, in two phases. First, without waiting for the spool's sled to open (tern_queue's
+//! `defer_open`: commits go to its intake journal meanwhile): feedback (suppression list,
+//! events, webhooks, bounce processor; their tasks wait for the spool), intake (send time,
+//! enqueue, the stages with the sidecar's place kept), the SMTP [`listeners`], which serve
+//! from then on. Then, once the spool is open: the sidecar (campaigns and bandits are stored
+//! in the spool), the screening of mail taken meanwhile against the suppression list
+//! (`Enqueue::screen_intake`), delivery (routing, pool, worker, shaping, settler, scheduler)
+//! and the [`admin`] server. Every socket is bound before anything is served, so a bad
+//! address fails the start cleanly. Invariant: nothing the listeners use reads the spool
+//! before it is open (the first 250 must not wait for sled: issue 19).
 //!
 //! Shutdown (SIGTERM/SIGINT in [`serve`]): stop accepting, let feedback tasks end, sessions
 //! finish within the grace period, delivery attempts finish, the sidecar store its last
@@ -122,7 +127,32 @@ pub struct Daemon {
 
 impl Daemon {
     /// Opens the spool, binds every listener and starts serving.
+    ///
+    /// In two phases: the SMTP listeners serve as soon as they are bound, while the spool's
+    /// sled is still opening (new mail goes to its intake journal); everything that reads the
+    /// spool (the sidecar's campaigns, delivery, the admin server) starts once it is open.
+    /// Returns when both are done.
     pub async fn start(config: Config) -> anyhow::Result<Daemon> {
+        Daemon::start_opening(config, None, None).await
+    }
+
+    /// [`Daemon::start`] with sled's open held back by `delay` (tern_queue's test-only hook);
+    /// `on_listening` gets the SMTP addresses as soon as they serve, so tests can see the
+    /// daemon take mail while the spool opens. Tests only.
+    #[doc(hidden)]
+    pub async fn start_with_spool_open_delay(
+        config: Config,
+        delay: Duration,
+        on_listening: tokio::sync::oneshot::Sender<Vec<SocketAddr>>,
+    ) -> anyhow::Result<Daemon> {
+        Daemon::start_opening(config, Some(delay), Some(on_listening)).await
+    }
+
+    async fn start_opening(
+        config: Config,
+        open_delay: Option<Duration>,
+        on_listening: Option<tokio::sync::oneshot::Sender<Vec<SocketAddr>>>,
+    ) -> anyhow::Result<Daemon> {
         config.check_files().map_err(|e| anyhow::anyhow!("{e}"))?;
         let spool_path = config.spool.path.clone();
         let spool_options = SpoolOptions {
@@ -132,41 +162,23 @@ impl Daemon {
             // tern_queue's recovery module): a 1M-message spool would otherwise refuse
             // mail for the ~10 s of the scan.
             recover_in_background: true,
+            // Nor wait for sled's own open (seconds at millions of messages): commits go to
+            // the intake journal until it is open (see tern_queue's journal module).
+            defer_open: true,
+            open_delay_for_tests: open_delay,
         };
+        // Returns at once: sled opens on a thread of its own (see the second phase below).
         let spool =
             tokio::task::spawn_blocking(move || Spool::open_with(&spool_path, &spool_options))
                 .await?
                 .with_context(|| {
                     format!("spool.path: cannot open {}", config.spool.path.display())
                 })?;
-        let stats = spool.stats();
-        info!(messages = stats.messages, bytes = stats.bytes, path = %config.spool.path.display(),
-            after_clean_close = spool.opened_after_clean_close(), recovery = ?spool.recovery(),
-            "spool open");
 
         let bg = Background {
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
         };
-        // Reads every body once, so it runs in the background (on blocking threads, in chunks)
-        // instead of delaying the start; it is safe alongside commits and deliveries, and stops
-        // at shutdown (the next start sweeps again).
-        let (sweeping, stop_sweep) = (spool.clone(), bg.stop.clone());
-        bg.tasks.spawn(async move {
-            // After crash recovery's scan (both read the whole spool). Stopped between chunks,
-            // never dropped mid-chunk: a chunk left running on a blocking thread would hold
-            // sled past shutdown, and the clean close's checkpoint needs sled's lock.
-            tokio::select! {
-                _ = sweeping.recovered() => {}
-                _ = stop_sweep.cancelled() => return,
-            }
-            if let Err(err) = sweeping
-                .sweep_orphans_while(|| !stop_sweep.is_cancelled())
-                .await
-            {
-                warn!(error = %err, "spool orphan sweep failed");
-            }
-        });
         let metrics =
             Arc::new(Metrics::new().with_routes(config.routes.iter().map(|r| r.domain.as_str())));
         metrics.observe_spool(&spool);
@@ -216,7 +228,7 @@ impl Daemon {
             &bg,
         )?;
         let (new_mail, new_mail_rx) = tokio::sync::mpsc::unbounded_channel();
-        let intake = IntakeSystem::start(
+        let intake = IntakeSystem::begin(
             &config,
             IntakeParts {
                 spool: spool.clone(),
@@ -229,10 +241,66 @@ impl Daemon {
                 cluster: cluster.clone(),
             },
             &bg,
-        )?;
+        );
         // Bind everything before serving anything, so a bad address fails the start cleanly;
         // the SMTP listeners before delivery starts, which never connects to them.
         let bound = Listeners::bind(&config).await?;
+        let listening = bound
+            .addresses()
+            .context("listeners: cannot read the bound addresses")?;
+        let (admin_socket, token) = Admin::bind(&config).await?;
+        // First phase over: the SMTP listeners serve now, before sled is open. Mail is made
+        // durable in the spool's intake journal until then; nothing they use reads the spool
+        // (the suppression list answers "not yet", and `screen_intake` checks that mail below).
+        let listeners = Listeners::start(
+            &config,
+            bound,
+            intake.intake.clone(),
+            feedback.feedback.clone(),
+            metrics.clone(),
+            &bg,
+        )?;
+        if let Some(tell) = on_listening {
+            let _ = tell.send(listeners.addresses().to_vec());
+        }
+        info!("accepting mail; the spool is opening");
+        // Second phase: everything that reads the spool, once sled is open and the journal
+        // moved into it.
+        if let Err(e) = spool.ready().await {
+            bg.stop.cancel();
+            listeners.shutdown(Duration::ZERO).await;
+            return Err(anyhow::Error::new(e).context(format!(
+                "spool.path: cannot open {}",
+                config.spool.path.display()
+            )));
+        }
+        let stats = spool.stats();
+        info!(messages = stats.messages, bytes = stats.bytes, path = %config.spool.path.display(),
+            after_clean_close = spool.opened_after_clean_close(), recovery = ?spool.recovery(),
+            "spool open");
+        // Reads every body once, so it runs in the background (on blocking threads, in chunks)
+        // instead of delaying the start; it is safe alongside commits and deliveries, and stops
+        // at shutdown (the next start sweeps again).
+        let (sweeping, stop_sweep) = (spool.clone(), bg.stop.clone());
+        bg.tasks.spawn(async move {
+            // After crash recovery's scan (both read the whole spool). Stopped between chunks,
+            // never dropped mid-chunk: a chunk left running on a blocking thread would hold
+            // sled past shutdown, and the clean close's checkpoint needs sled's lock.
+            tokio::select! {
+                _ = sweeping.recovered() => {}
+                _ = stop_sweep.cancelled() => return,
+            }
+            if let Err(err) = sweeping
+                .sweep_orphans_while(|| !stop_sweep.is_cancelled())
+                .await
+            {
+                warn!(error = %err, "spool orphan sweep failed");
+            }
+        });
+        let intake = intake.finish(&config)?;
+        // Before delivery starts: nothing taken while the spool opened is attempted before it
+        // was checked against the suppression list.
+        intake.enqueue.screen_intake().await;
         let delivery = Delivery::start(
             &config,
             DeliveryParts {
@@ -247,21 +315,9 @@ impl Daemon {
                 origin,
                 passwords,
                 new_mail: new_mail_rx,
-                listeners: bound
-                    .addresses()
-                    .context("listeners: cannot read the bound addresses")?,
+                listeners: listening,
                 cluster: cluster.clone(),
             },
-            &bg,
-        )?;
-
-        let (admin_socket, token) = Admin::bind(&config).await?;
-        let listeners = Listeners::start(
-            &config,
-            bound,
-            intake.intake.clone(),
-            feedback.feedback.clone(),
-            metrics.clone(),
             &bg,
         )?;
         let admin = Admin::start(

@@ -52,6 +52,18 @@ pub struct Counts {
 }
 
 impl Counts {
+    /// Adds the counts of `other` (stored counts loaded after some were counted).
+    fn merge(&mut self, other: &Counts) {
+        self.sends += other.sends;
+        self.bounces += other.bounces;
+        self.human_opens += other.human_opens;
+        self.machine_opens += other.machine_opens;
+        self.clicks += other.clicks;
+        self.unsubscribes += other.unsubscribes;
+        self.complaints += other.complaints;
+        self.conversions += other.conversions;
+    }
+
     /// Adds `event` (of this variant); whether it counted.
     fn add(&mut self, event: &Event) -> bool {
         let machine = event.machine == Some(true);
@@ -83,6 +95,9 @@ struct State {
     last_flush: Option<Instant>,
     /// Whether the campaign bound was met (logged once).
     full: bool,
+    /// Whether the stored counts were read (they are merged into what was counted before:
+    /// the daemon starts taking mail while the spool is still opening).
+    loaded: bool,
 }
 
 pub struct Tally {
@@ -91,28 +106,50 @@ pub struct Tally {
 }
 
 impl Tally {
-    /// The counts stored in `spool` (unreadable records are logged and start from zero).
+    /// The counts stored in `spool` (unreadable records are logged and start from zero);
+    /// read now if the spool is open, else on first need once it is (counts made meanwhile
+    /// are kept and added to them).
     pub fn load(spool: Spool) -> Tally {
-        let mut state = State::default();
-        match spool.scan_meta(RESULTS_META) {
-            Ok(stored) => {
-                for (key, bytes) in stored {
-                    let name = key[RESULTS_META.len()..].to_owned();
-                    match serde_json::from_slice(&bytes) {
-                        Ok(counts) => {
-                            state.counts.insert(name, counts);
-                        }
-                        Err(e) => {
-                            tracing::warn!(campaign = %name, error = %e, "stored campaign results unreadable: counted from zero")
-                        }
+        let tally = Tally {
+            spool,
+            state: Mutex::new(State::default()),
+        };
+        if tally.spool.is_open() {
+            tally.load_stored();
+        }
+        tally
+    }
+
+    /// Merges the stored counts into the state, once; call only with the spool open.
+    fn load_stored(&self) {
+        if self.state().loaded {
+            return;
+        }
+        let stored = match self.spool.scan_meta(RESULTS_META) {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the stored campaign results");
+                Vec::new()
+            }
+        };
+        let mut state = self.state();
+        if state.loaded {
+            return;
+        }
+        state.loaded = true;
+        for (key, bytes) in stored {
+            let name = key[RESULTS_META.len()..].to_owned();
+            match serde_json::from_slice::<BTreeMap<String, Counts>>(&bytes) {
+                Ok(counts) => {
+                    let per_variant = state.counts.entry(name).or_default();
+                    for (variant, stored) in counts {
+                        per_variant.entry(variant).or_default().merge(&stored);
                     }
                 }
+                Err(e) => {
+                    tracing::warn!(campaign = %name, error = %e, "stored campaign results unreadable: counted from zero")
+                }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot read the stored campaign results"),
-        }
-        Tally {
-            spool,
-            state: Mutex::new(state),
         }
     }
 
@@ -162,6 +199,9 @@ impl Tally {
 
     /// The counts of `campaign`, per variant (empty before any event).
     pub fn counts(&self, campaign: &str) -> BTreeMap<String, Counts> {
+        if self.spool.is_open() {
+            self.load_stored();
+        }
         self.state()
             .counts
             .get(campaign)
@@ -176,6 +216,12 @@ impl Tally {
 
     /// Writes the changed campaigns' counts to the spool.
     pub async fn flush(&self) {
+        // Never write a campaign's counts before the stored ones were added to them.
+        if let Err(e) = self.spool.ready().await {
+            tracing::warn!(error = %e, "cannot store the campaign results");
+            return;
+        }
+        self.load_stored();
         let changed: Vec<(String, Vec<u8>)> = {
             let mut state = self.state();
             state.last_flush = Some(Instant::now());

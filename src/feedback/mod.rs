@@ -175,6 +175,11 @@ impl Processor {
 
     /// Processes inbound records until `shutdown`; those left over from a previous run first.
     pub async fn run(self, shutdown: CancellationToken) {
+        // The records are in the spool: not before it is open (the daemon takes mail sooner).
+        tokio::select! {
+            _ = self.spool.ready() => {}
+            _ = shutdown.cancelled() => return,
+        }
         loop {
             let batch = match self.spool.inbound_batch(INBOUND_BATCH, INBOUND_BATCH_BYTES) {
                 Ok(batch) => batch,

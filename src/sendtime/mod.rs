@@ -689,6 +689,11 @@ impl SendTime {
 
     /// Refits now and then every `sendtime.refit_interval` until `stop`.
     pub async fn refit_loop(self, stop: tokio_util::sync::CancellationToken) {
+        // The profiles are in the spool: not before it is open (the daemon takes mail sooner).
+        tokio::select! {
+            _ = self.inner.spool.ready() => {}
+            _ = stop.cancelled() => return,
+        }
         loop {
             if let Err(err) = self.refit().await {
                 tracing::warn!(error = %err, "send-time priors not refitted");

@@ -375,6 +375,13 @@ async fn after_a_crash_mail_is_taken_while_recovery_counts_in_the_background() {
     // A clean open removes the clean-close record; SIGKILL then leaves none: a crash.
     let mut tern = TernProc::spawn(&config, port, &dir.path().join("first.log"));
     drop(tern.wait_ready(Duration::from_secs(30)).await);
+    // The listener answers before sled is open (the intake journal); a kill before the open
+    // took the record would leave the spool as cleanly closed as it was.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !tern.log_text().contains("spool opened") {
+        assert!(std::time::Instant::now() < deadline, "{}", tern.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tern.child.start_kill().expect("SIGKILL");
     assert_eq!(
         tern.wait_exit(Duration::from_secs(10)).await.signal(),
@@ -390,12 +397,19 @@ async fn after_a_crash_mail_is_taken_while_recovery_counts_in_the_background() {
     c.expect("Subject: new\r\n\r\nafter the crash\r\n.", 250, "2.0.0")
         .await;
     c.expect("QUIT", 221, "2.0.0").await;
-    let opened = tern
-        .log_text()
-        .lines()
-        .find(|l| l.contains("spool opened"))
-        .map(str::to_owned)
-        .unwrap_or_else(|| panic!("no 'spool opened' line; log:\n{}", tern.log_text()));
+    // The 250 may come before sled is open (the intake journal; tests/it/intake.rs).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let opened = loop {
+        if let Some(line) = tern.log_text().lines().find(|l| l.contains("spool opened")) {
+            break line.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no 'spool opened' line; log:\n{}",
+            tern.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(opened.contains("recovering=true"), "{opened}");
     assert!(opened.contains("after_clean_close=false"), "{opened}");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

@@ -32,6 +32,7 @@ mod durability;
 mod fuzz;
 mod health;
 mod inject;
+mod intake;
 mod lifecycle;
 mod limits;
 mod logs;

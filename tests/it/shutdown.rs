@@ -157,6 +157,13 @@ async fn an_event_emitted_just_before_sigterm_is_in_the_outbox_after_restart() {
         let log = dir.path().join(format!("tern-{round}.log"));
         let mut tern = TernProc::spawn(&config, port, &log);
         let mut c = tern.wait_ready(Duration::from_secs(30)).await;
+        // The list is read from the spool: until sled is open, RCPT cannot be refused (the
+        // mail would be taken and dropped after the open; tests/it/intake.rs).
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !tern.log_text().contains("spool opened") {
+            assert!(std::time::Instant::now() < deadline, "{}", tern.log_text());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         c.ehlo().await;
         c.expect("MAIL FROM:<app@sender.test>", 250, "2.1.0").await;
         // Refused as suppressed (reject mode); the event is emitted on a task of its own.

@@ -30,13 +30,16 @@ impl Spool {
     /// group-commit rounds. Blocking; writes wait until it returns (their commits queue up
     /// and go in the first round after it).
     pub fn backup(&self, dir: &Path) -> Result<Copied, SpoolError> {
+        // After sled opened, which is after the intake journal was moved into it: the copy
+        // holds every acknowledged commit.
+        let db = &self.opened()?.db;
         let _quiet = self
             .inner
             .group
             .quiet
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        copy(&self.inner.db, dir)
+        copy(db, dir)
     }
 }
 

@@ -76,7 +76,7 @@ impl Spool {
     ) -> Result<InboundBatch, SpoolError> {
         let mut batch = InboundBatch::default();
         let mut bytes = 0;
-        for item in self.inner.db.scan_prefix([INBOUND]) {
+        for item in self.opened()?.db.scan_prefix([INBOUND]) {
             let (k, v) = item?;
             let over = bytes + v.len() > max_bytes && !batch.records.is_empty();
             if batch.records.len() == max_count || over {
@@ -147,10 +147,13 @@ impl Spool {
         self.write(ops).await
     }
 
-    /// The suppression entry of `address`, if any.
+    /// The suppression entry of `address`, if any. Does not wait for sled:
+    /// `SpoolError::Opening` while it opens (the SMTP dialogue asks at every
+    /// RCPT, and must not wait).
     pub fn suppression(&self, address: &str) -> Result<Option<Vec<u8>>, SpoolError> {
         Ok(self
-            .inner
+            .opened_now()
+            .ok_or(SpoolError::Opening)?
             .db
             .get(text_key(SUPPRESSION, address))?
             .map(|v| v.to_vec()))
@@ -171,7 +174,7 @@ impl Spool {
             }
             None => vec![SUPPRESSION],
         };
-        self.inner
+        self.opened()?
             .db
             .range(start..vec![SUPPRESSION + 1])
             .take(limit)
@@ -187,13 +190,13 @@ impl Spool {
     /// How many suppression entries are stored. A scan of the keyspace: for a
     /// count at start, not for every request.
     pub fn count_suppressions(&self) -> Result<u64, SpoolError> {
-        count(self.inner.db.scan_prefix([SUPPRESSION]))
+        count(self.opened()?.db.scan_prefix([SUPPRESSION]))
     }
 
     /// How many events wait in the outbox `stream`. A scan, like
     /// [`Spool::count_suppressions`].
     pub fn count_events(&self, stream: &str) -> Result<u64, SpoolError> {
-        count(self.inner.db.scan_prefix(event_key(stream, [])))
+        count(self.opened()?.db.scan_prefix(event_key(stream, [])))
     }
 
     /// Appends events to the outbox `stream`, in order; returns once durable.
@@ -209,7 +212,7 @@ impl Spool {
     /// [`Spool::remove_events`] takes.
     pub fn events(&self, stream: &str, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
         let prefix = event_key(stream, []);
-        self.inner
+        self.opened()?
             .db
             .scan_prefix(&prefix)
             .take(limit)
@@ -238,6 +241,7 @@ impl Spool {
         if ops.is_empty() {
             return Ok(());
         }
+        self.opened_async().await?;
         self.inner.group.check()?;
         let ticket = self.inner.group.enqueue(ops, super::Delta::default(), None);
         self.inner.group.wait_for(ticket).await

@@ -67,17 +67,18 @@ async fn commit_one(spool: &Spool, due: u64, len: usize) -> MessageId {
 impl Spool {
     /// Writes a raw key behind the spool's back (to craft damaged states).
     fn raw_insert(&self, key: &[u8], value: &[u8]) {
-        self.inner.db.insert(key, value).unwrap();
-        self.inner.db.flush().unwrap();
+        self.opened().unwrap().db.insert(key, value).unwrap();
+        self.opened().unwrap().db.flush().unwrap();
     }
 
     fn raw_remove(&self, key: &[u8]) {
-        self.inner.db.remove(key).unwrap();
-        self.inner.db.flush().unwrap();
+        self.opened().unwrap().db.remove(key).unwrap();
+        self.opened().unwrap().db.flush().unwrap();
     }
 
     fn raw_keys(&self) -> Vec<Vec<u8>> {
-        self.inner
+        self.opened()
+            .unwrap()
             .db
             .iter()
             .keys()
@@ -725,7 +726,7 @@ async fn concurrent_updates_leave_exactly_one_due_key() {
         vec![(stored.next_due_ms, id)]
     );
     // all applied: the in-flight overlay empties instead of growing
-    let mut inflight = spool.inflight();
+    let mut inflight = spool.inflight().unwrap();
     spool.current(&mut inflight, id).unwrap();
     assert!(inflight.latest.is_empty());
 }
@@ -1279,3 +1280,5 @@ async fn a_stopped_sweep_ends_between_chunks_and_the_next_one_finishes() {
         assert!(spool.body(id).unwrap().is_none(), "{id}");
     }
 }
+
+mod intake;

@@ -1,0 +1,235 @@
+//! The daemon takes mail while its spool's sled is still opening (issue 19: the first 250
+//! in under a second after a start with millions of messages): the SMTP listeners answer 220
+//! and 250 from the intake journal, and the mail is delivered once, after the move, and only
+//! after it was checked against the suppression list.
+
+use crate::delivery::{SENDER, T};
+use crate::harness::*;
+use crate::sink::{Sink, SinkBehaviour};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tern::config::Config;
+use tern::daemon::Daemon;
+use tokio::task::JoinHandle;
+
+/// How long the test-only hook holds sled's open back: far longer than the SMTP dialogues
+/// below take, so the 250s come while it is held.
+const HELD: Duration = Duration::from_secs(5);
+
+struct Opening {
+    start: JoinHandle<Daemon>,
+    smtp: SocketAddr,
+    sink: Sink,
+    _bounces: Sink,
+    dir: tempfile::TempDir,
+}
+
+/// A daemon with delivery on, `sink.test` routed to a sink, started with sled's open held
+/// back: returns as soon as the SMTP listener serves, its start still running.
+async fn start_while_held(opts: impl FnOnce(Options) -> Options) -> Opening {
+    let sink = Sink::start(SinkBehaviour::default()).await;
+    let bounces = Sink::start(SinkBehaviour::default()).await;
+    let options = opts(
+        Options::default()
+            .deliver()
+            .route("sink.test", sink.addr)
+            .route("sender.test", bounces.addr),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let text = options.config_text(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
+    let config = Config::parse(&text).unwrap();
+    let (tell, listening) = tokio::sync::oneshot::channel();
+    let start = tokio::spawn(async move {
+        Daemon::start_with_spool_open_delay(config, HELD, tell)
+            .await
+            .expect("daemon starts")
+    });
+    let smtp = tokio::time::timeout(T, listening)
+        .await
+        .expect("listening in time")
+        .expect("the start did not fail")[0];
+    Opening {
+        start,
+        smtp,
+        sink,
+        _bounces: bounces,
+        dir,
+    }
+}
+
+async fn submit(smtp: SocketAddr, rcpt: &str, content: &[u8]) -> Reply {
+    let mut c = Client::connect(smtp).await;
+    c.expect_greeting().await.assert(220, "");
+    c.ehlo().await;
+    c.expect(&format!("MAIL FROM:<{SENDER}>"), 250, "").await;
+    c.expect(&format!("RCPT TO:<{rcpt}>"), 250, "").await;
+    c.expect("DATA", 354, "").await;
+    c.send(dot_stuff(content)).await;
+    let reply = c.reply().await;
+    c.expect("QUIT", 221, "").await;
+    reply
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_taken_while_sled_opens_is_acknowledged_then_delivered_once() {
+    let o = start_while_held(|o| o).await;
+    for i in 0..3 {
+        let content = format!("Subject: intake {i}\r\n\r\ntaken while sled opens\r\n");
+        submit(o.smtp, "rcpt@sink.test", content.as_bytes())
+            .await
+            .assert(250, "2.0.0");
+    }
+    // Every 250 came while the start still waited for sled: from the intake journal.
+    assert!(!o.start.is_finished(), "sled opened before the 250s");
+    assert!(
+        o.dir
+            .path()
+            .join("spool/intake")
+            .read_dir()
+            .unwrap()
+            .count()
+            > 0,
+        "no intake journal"
+    );
+    let daemon = o.start.await.unwrap();
+    assert!(daemon.spool().is_open());
+    o.sink.wait_for_messages(3, T).await;
+    crate::delivery::wait_for("an empty spool", T, || {
+        daemon.spool().list().unwrap().is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = o.sink.messages();
+    assert_eq!(got.len(), 3, "each message delivered exactly once");
+    for i in 0..3 {
+        let subject = format!("Subject: intake {i}");
+        let copies = got
+            .iter()
+            .filter(|m| String::from_utf8_lossy(&m.data).contains(&subject))
+            .count();
+        assert_eq!(copies, 1, "{subject}");
+    }
+    assert_eq!(
+        o.dir
+            .path()
+            .join("spool/intake")
+            .read_dir()
+            .unwrap()
+            .count(),
+        0,
+        "the journal is gone after the move"
+    );
+    daemon.shutdown().await.unwrap();
+}
+
+/// The suppression list lives in the spool, so it cannot be read while sled opens: mail to a
+/// suppressed address is taken (250), then dropped with a `suppressed` event before delivery
+/// starts; never delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_to_a_suppressed_address_taken_while_sled_opens_is_never_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    // A first run puts the address on the list.
+    {
+        let sink = Sink::start(SinkBehaviour::default()).await;
+        let options = Options::default().route("sink.test", sink.addr);
+        let text = options.config_text(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
+        let daemon = Daemon::start(Config::parse(&text).unwrap()).await.unwrap();
+        daemon
+            .feedback()
+            .suppressions
+            .add(vec![tern::suppression::Entry {
+                address: "gone@sink.test".into(),
+                reason: "manual".into(),
+                created_ms: 0,
+                expires_ms: None,
+                source: None,
+                scope: None,
+            }])
+            .await
+            .unwrap();
+        daemon.shutdown().await.unwrap();
+    }
+    let sink = Sink::start(SinkBehaviour::default()).await;
+    let options = Options::default().deliver().route("sink.test", sink.addr);
+    let text = options.config_text(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
+    let (tell, listening) = tokio::sync::oneshot::channel();
+    let config = Config::parse(&text).unwrap();
+    let start = tokio::spawn(async move {
+        Daemon::start_with_spool_open_delay(config, HELD, tell)
+            .await
+            .unwrap()
+    });
+    let smtp = listening.await.unwrap()[0];
+    submit(smtp, "gone@sink.test", b"Subject: suppressed\r\n\r\nx\r\n")
+        .await
+        .assert(250, "2.0.0");
+    submit(smtp, "kept@sink.test", b"Subject: kept\r\n\r\nx\r\n")
+        .await
+        .assert(250, "2.0.0");
+    assert!(!start.is_finished(), "sled opened before the 250s");
+    assert!(
+        dir.path().join("spool/intake").read_dir().unwrap().count() > 0,
+        "no intake journal"
+    );
+    let daemon = start.await.unwrap();
+    sink.wait_for_messages(1, T).await;
+    crate::delivery::wait_for("an empty spool", T, || {
+        daemon.spool().list().unwrap().is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = sink.messages();
+    assert_eq!(got.len(), 1, "only the mail to the address not suppressed");
+    let rcpts: Vec<&str> = got[0].rcpts.iter().map(|r| r.address.as_str()).collect();
+    assert_eq!(rcpts, ["kept@sink.test"]);
+    daemon.shutdown().await.unwrap();
+}
+
+/// Adversarial: while sled opens, a message over `limits.max_message_size` is refused as
+/// always (552 5.3.4), and nothing of it reaches the journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_size_limit_is_refused_while_sled_opens() {
+    let o = start_while_held(|o| o.limit("max_message_size", 10000)).await;
+    let mut c = Client::connect(o.smtp).await;
+    c.expect_greeting().await;
+    c.ehlo().await;
+    c.expect(&format!("MAIL FROM:<{SENDER}> SIZE=10001"), 552, "5.3.4")
+        .await;
+    c.expect(&format!("MAIL FROM:<{SENDER}>"), 250, "").await;
+    c.expect("RCPT TO:<rcpt@sink.test>", 250, "").await;
+    c.expect("DATA", 354, "").await;
+    let mut content = b"Subject: big\r\n\r\n".to_vec();
+    while content.len() <= 200_000 {
+        content.extend_from_slice(&[b'x'; 70]);
+        content.extend_from_slice(b"\r\n");
+    }
+    c.send(dot_stuff(&content)).await;
+    c.reply().await.assert(552, "5.3.4");
+    // The session goes on; a message within the limit is taken, into the journal.
+    c.expect(&format!("MAIL FROM:<{SENDER}>"), 250, "").await;
+    c.expect("RCPT TO:<rcpt@sink.test>", 250, "").await;
+    c.expect("DATA", 354, "").await;
+    c.send(dot_stuff(b"Subject: small\r\n\r\nx\r\n")).await;
+    c.reply().await.assert(250, "2.0.0");
+    assert!(!o.start.is_finished(), "sled opened before the 250");
+    let journal_bytes: u64 = o
+        .dir
+        .path()
+        .join("spool/intake")
+        .read_dir()
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(
+        journal_bytes > 0 && journal_bytes < 10_000,
+        "the journal holds the small message only: {journal_bytes} bytes"
+    );
+    let daemon = o.start.await.unwrap();
+    // Delivered after the move: the small message only.
+    o.sink.wait_for_messages(1, T).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = o.sink.messages();
+    assert_eq!(got.len(), 1);
+    assert!(String::from_utf8_lossy(&got[0].data).contains("Subject: small"));
+    daemon.shutdown().await.unwrap();
+}
