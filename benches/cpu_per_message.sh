@@ -34,7 +34,7 @@ mkdir -p "$WORK/run/config"
 cp "$CFG" "$WORK/run/config/tern.toml"
 (cd "$WORK/run" && exec "$BIN" serve --config "$WORK/run/config/tern.toml" > "$WORK/tern.log" 2>&1) &
 pid=$!
-for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/2525) 2>/dev/null && break; sleep 0.1; done
+for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/2525) 2>/dev/null && (exec 3<>/dev/tcp/127.0.0.1/8025) 2>/dev/null && break; sleep 0.1; done
 counters() {
   curl -s 127.0.0.1:8025/metrics |
     awk '/^tern_spool_commits_total /{w=$2} /^tern_spool_commit_batch_writes_count /{r=$2} END {printf "%d %d", w, r}'

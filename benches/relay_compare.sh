@@ -36,7 +36,7 @@ run_tern() { # label config timeout relay-bench-args...
   cp "$cfg" "$WORK/run/config/tern.toml"
   (cd "$WORK/run" && exec "$BIN" serve --config "$WORK/run/config/tern.toml" > "$WORK/tern.log" 2>&1) &
   local pid=$!
-  for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/2525) 2>/dev/null && break; sleep 0.1; done
+  for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/2525) 2>/dev/null && (exec 3<>/dev/tcp/127.0.0.1/8025) 2>/dev/null && break; sleep 0.1; done
   "$BENCH/relay-bench" -n 20000 -T "$t" -L "$label" "$@" 127.0.0.1:2525 2>&1 | grep "^relay-bench: target"
   kill -TERM "$pid"; wait "$pid"
 }
