@@ -138,7 +138,24 @@ impl Enqueue {
     /// such message is attempted unchecked. A suppressed recipient is dropped as in
     /// `suppression.mode = "drop"` (a `suppressed` event; the 250 was given already, so
     /// "reject" cannot apply); a part left without recipients is removed.
+    ///
+    /// The same check covers mail an earlier run took while its spool was opening and then
+    /// crashed before checking it (`Spool::earlier_intake`): the open moved it into the
+    /// spool, where the due loader finds it once delivery starts, so it is checked here too.
     pub async fn screen_intake(&self) {
+        let earlier = self.spool.earlier_intake();
+        if !earlier.is_empty() {
+            let count = earlier.len();
+            let mut kept = 0;
+            for id in earlier {
+                kept += usize::from(self.screen_one(id).await);
+            }
+            tracing::info!(
+                parts = count,
+                kept,
+                "mail taken while an earlier run's spool opened (it crashed before checking it): checked against the suppression list"
+            );
+        }
         let held = self
             .unscreened
             .lock()
@@ -158,49 +175,63 @@ impl Enqueue {
         let _ = self.scheduler.send(new);
     }
 
-    /// See [`Enqueue::screen_intake`]: the parts of `new` still to deliver.
+    /// The parts of `new` still to deliver after [`Enqueue::screen_one`].
     async fn screen(&self, new: Vec<NewMessage>) -> Vec<NewMessage> {
-        let feedback = &self.feedback;
         let mut kept = Vec::with_capacity(new.len());
         for part in new {
-            let mut env = match self.spool.envelope(part.id) {
-                Ok(Some(env)) => env,
-                Ok(None) => continue,
-                Err(e) => {
-                    warn!(id = %part.id, error = %e, "cannot read a part to check it against the suppression list");
-                    kept.push(part);
-                    continue;
-                }
-            };
-            let mut events = Vec::new();
-            env.recipients
-                .retain(|r| match feedback.suppressions.check(&r.address) {
-                    Some(entry) => {
-                        feedback.metrics.suppressed(SuppressedAction::Drop);
-                        let mut e = Event::new(EventKind::Suppressed, &r.address, "smtp");
-                        e.queue_id = Some(env.queue_id);
-                        e.sender = Some(env.sender.clone());
-                        e.detail = Some(format!("dropped: suppressed ({})", entry.reason));
-                        events.push(e);
-                        false
-                    }
-                    None => true,
-                });
-            if events.is_empty() {
+            if self.screen_one(part.id).await {
                 kept.push(part);
-                continue;
             }
-            let written = if env.recipients.is_empty() {
-                self.spool.remove(part.id).await
-            } else {
-                self.spool.update(&env).await.map(|()| kept.push(part))
-            };
-            if let Err(e) = written {
-                warn!(id = %env.id, error = %e, "cannot drop suppressed recipients");
-            }
-            feedback.events.emit(events).await;
         }
         kept
+    }
+
+    /// See [`Enqueue::screen_intake`]: drops the suppressed recipients of the part `id`;
+    /// false if none is left to deliver (the part is gone, or was removed here).
+    async fn screen_one(&self, id: MessageId) -> bool {
+        let feedback = &self.feedback;
+        let mut env = match self.spool.envelope(id) {
+            Ok(Some(env)) => env,
+            Ok(None) => return false,
+            Err(e) => {
+                warn!(id = %id, error = %e, "cannot read a part to check it against the suppression list");
+                return true;
+            }
+        };
+        let mut events = Vec::new();
+        env.recipients
+            .retain(|r| match feedback.suppressions.check(&r.address) {
+                Some(entry) => {
+                    feedback.metrics.suppressed(SuppressedAction::Drop);
+                    let mut e = Event::new(EventKind::Suppressed, &r.address, "smtp");
+                    e.queue_id = Some(env.queue_id);
+                    e.sender = Some(env.sender.clone());
+                    e.detail = Some(format!("dropped: suppressed ({})", entry.reason));
+                    events.push(e);
+                    false
+                }
+                None => true,
+            });
+        if events.is_empty() {
+            return true;
+        }
+        let left = !env.recipients.is_empty();
+        let written = if left {
+            self.spool.update(&env).await
+        } else {
+            self.spool.remove(id).await
+        };
+        let written = match written {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(id = %env.id, error = %e, "cannot drop suppressed recipients");
+                false
+            }
+        };
+        feedback.events.emit(events).await;
+        // Not scheduled now if the drop was not written: the spool still names the
+        // suppressed recipients (the due loader finds the part later, as before).
+        left && written
     }
 
     /// `Err(SpoolError::Full)` when a message of `size` bytes would be refused for space now

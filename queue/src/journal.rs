@@ -284,6 +284,19 @@ pub(crate) struct Moved {
     pub(crate) set_aside: Vec<(PathBuf, u64)>,
     /// Messages and bytes of earlier runs that nobody had counted.
     pub(crate) uncounted: Delta,
+    /// The messages of earlier runs' journals (moved now or by a move a crash cut short):
+    /// acknowledged while their run's spool was opening and maybe never checked against
+    /// what only the open spool knows (the daemon's suppression list), since that run
+    /// crashed before its check.
+    pub(crate) earlier: Vec<MessageId>,
+}
+
+/// The message an envelope key (`E` + 8-byte id) names; `None` for every other key.
+fn envelope_id(key: &[u8]) -> Option<MessageId> {
+    match key {
+        [b'E', id @ ..] => Some(MessageId::from_be_bytes(id.try_into().ok()?)),
+        _ => None,
+    }
 }
 
 #[derive(Deserialize)]
@@ -324,21 +337,25 @@ pub(crate) fn move_all(
                     Some(_) => {}
                 }
             }
-            if same == ops.len() {
-                moved.skipped += 1;
-                return Ok(());
-            }
-            if absent != ops.len() {
+            if absent != ops.len() && same != ops.len() {
                 collision = Some(offset);
                 return Ok(());
             }
             if count_here {
+                moved
+                    .earlier
+                    .extend(ops.iter().filter_map(|(key, _)| envelope_id(key)));
+            }
+            if same == ops.len() {
+                moved.skipped += 1;
+                return Ok(());
+            }
+            if count_here {
                 for (key, value) in &ops {
-                    let envelope = key.first() == Some(&b'E') && key.len() == 9;
-                    let id = MessageId::from_be_bytes(key[1..].try_into().unwrap_or([0; 8]));
+                    let Some(id) = envelope_id(key) else { continue };
                     let counted_by_scan =
                         !counting.clean && counting.boundary.is_some_and(|b| id <= b);
-                    if envelope && !counted_by_scan {
+                    if !counted_by_scan {
                         let size = value
                             .as_deref()
                             .and_then(|v| serde_json::from_slice::<Sized>(v).ok())

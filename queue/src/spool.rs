@@ -245,6 +245,8 @@ struct Opened {
     /// Damaged intake journals the open renamed aside, with the offset of
     /// the bad frame.
     set_aside: Vec<(std::path::PathBuf, u64)>,
+    /// Messages moved from earlier runs' intake journals (see [`Spool::earlier_intake`]).
+    earlier_intake: Vec<MessageId>,
 }
 
 /// Set once, by whoever opens sled: sled's side, or why it could not open.
@@ -526,6 +528,7 @@ impl OpenSled {
             recovery,
             recovering: Mutex::new(recovering),
             set_aside: moved.set_aside,
+            earlier_intake: moved.earlier,
         })
     }
 }
@@ -675,6 +678,17 @@ impl Spool {
     pub fn journal_set_aside(&self) -> Vec<(std::path::PathBuf, u64)> {
         self.opened_now()
             .map(|o| o.set_aside.clone())
+            .unwrap_or_default()
+    }
+
+    /// The messages this open moved from intake journals an earlier run left (it crashed
+    /// while its spool was opening, or during the move): each was acknowledged before that
+    /// run's spool was open, so whatever its owner checks only once the spool is open (the
+    /// daemon: the suppression list) it may never have checked. Empty while sled is
+    /// opening, and for the journal of this run (its owner knows its own mail).
+    pub fn earlier_intake(&self) -> Vec<MessageId> {
+        self.opened_now()
+            .map(|o| o.earlier_intake.clone())
             .unwrap_or_default()
     }
 

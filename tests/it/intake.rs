@@ -233,3 +233,121 @@ async fn a_message_over_the_size_limit_is_refused_while_sled_opens() {
     assert!(String::from_utf8_lossy(&got[0].data).contains("Subject: small"));
     daemon.shutdown().await.unwrap();
 }
+
+/// A run that crashed while its spool was opening never checked the mail it had taken: the
+/// next start moves that journal and checks it against the suppression list before delivery
+/// starts, so a suppressed recipient of it is dropped and the other delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_a_crashed_run_took_while_its_spool_opened_is_checked_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let sink = Sink::start(SinkBehaviour::default()).await;
+        let options = Options::default().route("sink.test", sink.addr);
+        let text = options.config_text(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
+        let daemon = Daemon::start(Config::parse(&text).unwrap()).await.unwrap();
+        daemon
+            .feedback()
+            .suppressions
+            .add(vec![tern::suppression::Entry {
+                address: "gone@sink.test".into(),
+                reason: "manual".into(),
+                created_ms: 0,
+                expires_ms: None,
+                source: None,
+                scope: None,
+            }])
+            .await
+            .unwrap();
+        daemon.shutdown().await.unwrap();
+    }
+    // The crashed run: a message to both addresses acknowledged from the journal, and the
+    // process gone before sled opened (the handle is forgotten, its open held back for a day,
+    // so it never moves the journal itself and holds no lock).
+    let spool_dir = dir.path().join("spool");
+    let id = {
+        let options = tern_queue::SpoolOptions {
+            defer_open: true,
+            open_delay_for_tests: Some(Duration::from_secs(24 * 3600)),
+            ..tern_queue::SpoolOptions::default()
+        };
+        let spool = tern_queue::Spool::open_with(&spool_dir, &options).unwrap();
+        let id = spool.next_id();
+        let body =
+            b"From: a@app.test\r\nTo: b@sink.test\r\nSubject: taken while opening\r\n\r\nx\r\n"
+                .to_vec();
+        let mut env = due_now(id, &["gone@sink.test", "kept@sink.test"]);
+        env.size = body.len() as u64;
+        spool.commit(vec![(env, body)]).await.unwrap();
+        assert!(!spool.is_open());
+        std::mem::forget(spool);
+        id
+    };
+    assert!(spool_dir.join("intake").read_dir().unwrap().count() > 0);
+    let sink = Sink::start(SinkBehaviour::default()).await;
+    let options = Options::default().deliver().route("sink.test", sink.addr);
+    let text = options.config_text(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
+    let daemon = Daemon::start(Config::parse(&text).unwrap()).await.unwrap();
+    sink.wait_for_messages(1, T).await;
+    crate::delivery::wait_for("an empty spool", T, || {
+        daemon.spool().list().unwrap().is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = sink.messages();
+    assert_eq!(got.len(), 1, "delivered once");
+    let rcpts: Vec<&str> = got[0].rcpts.iter().map(|r| r.address.as_str()).collect();
+    assert_eq!(
+        rcpts,
+        ["kept@sink.test"],
+        "the suppressed recipient of {id} was dropped"
+    );
+    daemon.shutdown().await.unwrap();
+}
+
+/// An envelope for `recipients` at sink.test, due now.
+fn due_now(id: tern_queue::MessageId, recipients: &[&str]) -> tern_queue::Envelope {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    tern_queue::Envelope {
+        id,
+        queue_id: id,
+        sender: "bounces@app.test".into(),
+        destination: "sink.test".into(),
+        recipients: recipients
+            .iter()
+            .map(|address| tern_queue::Recipient {
+                orcpt: None,
+                address: (*address).into(),
+                notify: tern_queue::Notify::default_rfc3461(),
+                state: tern_queue::RecipientState::Pending,
+                last_reply: None,
+                attempts: 0,
+            })
+            .collect(),
+        env_id: None,
+        ret: None,
+        body_type: tern_queue::BodyType::SevenBit,
+        smtputf8: false,
+        size: 0,
+        created_ms: now,
+        expires_ms: now + 5 * 86_400_000,
+        next_due_ms: now,
+        attempts: 0,
+        source: tern_queue::Source {
+            client_ip: "127.0.0.1".into(),
+            helo: "app.test".into(),
+            auth_user: None,
+            protocol: "ESMTP".into(),
+        },
+        held: false,
+        delay_notified: false,
+        parked: false,
+        pool: None,
+        not_before_ms: 0,
+        body_id: None,
+        campaign: None,
+        send_time_planned: false,
+    }
+}

@@ -107,6 +107,10 @@ async fn commits_while_sled_opens_are_durable_in_the_journal_and_moved_once() {
         journals(dir.path()).is_empty(),
         "the journal is gone after the move"
     );
+    assert!(
+        spool.earlier_intake().is_empty(),
+        "this run's own intake is not an earlier run's"
+    );
     let all: Vec<_> = old.iter().chain(&new).cloned().collect();
     assert_holds_exactly(&spool, &all);
     assert_eq!(
@@ -143,6 +147,12 @@ async fn a_crash_after_250_before_the_move_keeps_each_message_once() {
     assert_eq!(journals(dir.path()).len(), 1);
     let spool = Spool::open(dir.path()).unwrap();
     assert!(journals(dir.path()).is_empty());
+    // The crashed run's intake is named for its owner to check; the mail from before is not.
+    let mut earlier = spool.earlier_intake();
+    earlier.sort();
+    let mut expected: Vec<MessageId> = new.iter().map(|(id, _)| *id).collect();
+    expected.sort();
+    assert_eq!(earlier, expected);
     let all: Vec<_> = old.into_iter().chain(new).collect();
     assert_holds_exactly(&spool, &all);
     // After a clean close nothing scans: the move counted the journal's messages.
@@ -151,6 +161,10 @@ async fn a_crash_after_250_before_the_move_keeps_each_message_once() {
     drop(spool);
     let spool = Spool::open(dir.path()).unwrap();
     assert_holds_exactly(&spool, &all);
+    assert!(
+        spool.earlier_intake().is_empty(),
+        "named once, by the open that moved it"
+    );
 }
 
 #[tokio::test]
@@ -183,6 +197,12 @@ async fn a_crash_during_the_move_writes_no_duplicates() {
     }
     let spool = Spool::open(dir.path()).unwrap();
     assert!(!spool.opened_after_clean_close());
+    // The frame the cut-short move had written is named too: it was never checked either.
+    let mut earlier = spool.earlier_intake();
+    earlier.sort();
+    let mut expected: Vec<MessageId> = new.iter().map(|(id, _)| *id).collect();
+    expected.sort();
+    assert_eq!(earlier, expected);
     let all: Vec<_> = old.into_iter().chain(new).collect();
     assert_holds_exactly(&spool, &all);
     assert_eq!(
