@@ -129,26 +129,7 @@ async fn mail_taken_while_sled_opens_is_acknowledged_then_delivered_once() {
 async fn mail_to_a_suppressed_address_taken_while_sled_opens_is_never_delivered() {
     let dir = tempfile::tempdir().unwrap();
     // A first run puts the address on the list.
-    {
-        let sink = Sink::start(SinkBehaviour::default()).await;
-        let options = Options::default().route("sink.test", sink.addr);
-        let text = options.config_text(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
-        let daemon = Daemon::start(Config::parse(&text).unwrap()).await.unwrap();
-        daemon
-            .feedback()
-            .suppressions
-            .add(vec![tern::suppression::Entry {
-                address: "gone@sink.test".into(),
-                reason: "manual".into(),
-                created_ms: 0,
-                expires_ms: None,
-                source: None,
-                scope: None,
-            }])
-            .await
-            .unwrap();
-        daemon.shutdown().await.unwrap();
-    }
+    suppress_in_a_first_run(dir.path(), "gone@sink.test").await;
     let sink = Sink::start(SinkBehaviour::default()).await;
     let options = Options::default().deliver().route("sink.test", sink.addr);
     let text = options.config_text(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
@@ -172,16 +153,7 @@ async fn mail_to_a_suppressed_address_taken_while_sled_opens_is_never_delivered(
         "no intake journal"
     );
     let daemon = start.await.unwrap();
-    sink.wait_for_messages(1, T).await;
-    crate::delivery::wait_for("an empty spool", T, || {
-        daemon.spool().list().unwrap().is_empty()
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let got = sink.messages();
-    assert_eq!(got.len(), 1, "only the mail to the address not suppressed");
-    let rcpts: Vec<&str> = got[0].rcpts.iter().map(|r| r.address.as_str()).collect();
-    assert_eq!(rcpts, ["kept@sink.test"]);
+    assert_delivered_once_to(&daemon, &sink, "kept@sink.test").await;
     daemon.shutdown().await.unwrap();
 }
 
@@ -240,26 +212,7 @@ async fn a_message_over_the_size_limit_is_refused_while_sled_opens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_a_crashed_run_took_while_its_spool_opened_is_checked_at_the_next_start() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let sink = Sink::start(SinkBehaviour::default()).await;
-        let options = Options::default().route("sink.test", sink.addr);
-        let text = options.config_text(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
-        let daemon = Daemon::start(Config::parse(&text).unwrap()).await.unwrap();
-        daemon
-            .feedback()
-            .suppressions
-            .add(vec![tern::suppression::Entry {
-                address: "gone@sink.test".into(),
-                reason: "manual".into(),
-                created_ms: 0,
-                expires_ms: None,
-                source: None,
-                scope: None,
-            }])
-            .await
-            .unwrap();
-        daemon.shutdown().await.unwrap();
-    }
+    suppress_in_a_first_run(dir.path(), "gone@sink.test").await;
     // The crashed run: a message to both addresses acknowledged from the journal, and the
     // process gone before sled opened (the handle is forgotten, its open held back for a day,
     // so it never moves the journal itself and holds no lock).
@@ -287,6 +240,36 @@ async fn mail_a_crashed_run_took_while_its_spool_opened_is_checked_at_the_next_s
     let options = Options::default().deliver().route("sink.test", sink.addr);
     let text = options.config_text(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
     let daemon = Daemon::start(Config::parse(&text).unwrap()).await.unwrap();
+    assert_delivered_once_to(&daemon, &sink, "kept@sink.test").await;
+    assert!(daemon.spool().envelope(id).unwrap().is_none());
+    daemon.shutdown().await.unwrap();
+}
+
+/// A first run of a daemon on `dir` puts `address` on the suppression list and stops.
+async fn suppress_in_a_first_run(dir: &std::path::Path, address: &str) {
+    let sink = Sink::start(SinkBehaviour::default()).await;
+    let options = Options::default().route("sink.test", sink.addr);
+    let text = options.config_text(dir, "127.0.0.1:0", "127.0.0.1:0");
+    let daemon = Daemon::start(Config::parse(&text).unwrap()).await.unwrap();
+    daemon
+        .feedback()
+        .suppressions
+        .add(vec![tern::suppression::Entry {
+            address: address.into(),
+            reason: "manual".into(),
+            created_ms: 0,
+            expires_ms: None,
+            source: None,
+            scope: None,
+        }])
+        .await
+        .unwrap();
+    daemon.shutdown().await.unwrap();
+}
+
+/// Once the spool is empty, the sink got exactly one message, for `rcpt` only (the
+/// suppressed recipient dropped).
+async fn assert_delivered_once_to(daemon: &Daemon, sink: &Sink, rcpt: &str) {
     sink.wait_for_messages(1, T).await;
     crate::delivery::wait_for("an empty spool", T, || {
         daemon.spool().list().unwrap().is_empty()
@@ -294,14 +277,9 @@ async fn mail_a_crashed_run_took_while_its_spool_opened_is_checked_at_the_next_s
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let got = sink.messages();
-    assert_eq!(got.len(), 1, "delivered once");
+    assert_eq!(got.len(), 1, "one message, delivered once");
     let rcpts: Vec<&str> = got[0].rcpts.iter().map(|r| r.address.as_str()).collect();
-    assert_eq!(
-        rcpts,
-        ["kept@sink.test"],
-        "the suppressed recipient of {id} was dropped"
-    );
-    daemon.shutdown().await.unwrap();
+    assert_eq!(rcpts, [rcpt], "only the recipient not suppressed");
 }
 
 /// An envelope for `recipients` at sink.test, due now.

@@ -49,6 +49,15 @@ async fn crash_during_intake(dir: &Path, n: usize) -> Vec<(MessageId, Vec<u8>)> 
     made
 }
 
+/// The open named exactly `made` as earlier runs' intake (`Spool::earlier_intake`).
+fn assert_names_earlier(spool: &Spool, made: &[(MessageId, Vec<u8>)]) {
+    let mut named = spool.earlier_intake();
+    named.sort();
+    let mut want: Vec<MessageId> = made.iter().map(|(id, _)| *id).collect();
+    want.sort();
+    assert_eq!(named, want);
+}
+
 fn assert_holds_exactly(spool: &Spool, made: &[(MessageId, Vec<u8>)]) {
     let ids: Vec<MessageId> = spool.list().unwrap().iter().map(|e| e.id).collect();
     let mut want: Vec<MessageId> = made.iter().map(|(id, _)| *id).collect();
@@ -148,11 +157,7 @@ async fn a_crash_after_250_before_the_move_keeps_each_message_once() {
     let spool = Spool::open(dir.path()).unwrap();
     assert!(journals(dir.path()).is_empty());
     // The crashed run's intake is named for its owner to check; the mail from before is not.
-    let mut earlier = spool.earlier_intake();
-    earlier.sort();
-    let mut expected: Vec<MessageId> = new.iter().map(|(id, _)| *id).collect();
-    expected.sort();
-    assert_eq!(earlier, expected);
+    assert_names_earlier(&spool, &new);
     let all: Vec<_> = old.into_iter().chain(new).collect();
     assert_holds_exactly(&spool, &all);
     // After a clean close nothing scans: the move counted the journal's messages.
@@ -198,11 +203,7 @@ async fn a_crash_during_the_move_writes_no_duplicates() {
     let spool = Spool::open(dir.path()).unwrap();
     assert!(!spool.opened_after_clean_close());
     // The frame the cut-short move had written is named too: it was never checked either.
-    let mut earlier = spool.earlier_intake();
-    earlier.sort();
-    let mut expected: Vec<MessageId> = new.iter().map(|(id, _)| *id).collect();
-    expected.sort();
-    assert_eq!(earlier, expected);
+    assert_names_earlier(&spool, &new);
     let all: Vec<_> = old.into_iter().chain(new).collect();
     assert_holds_exactly(&spool, &all);
     assert_eq!(
