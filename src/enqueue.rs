@@ -142,8 +142,13 @@ impl Enqueue {
     /// The same check covers mail an earlier run took while its spool was opening and then
     /// crashed before checking it (`Spool::earlier_intake`): the open moved it into the
     /// spool, where the due loader finds it once delivery starts, so it is checked here too.
+    ///
+    /// Then the spool's marks of all that mail go ([`Spool::intake_checked`]): until they do,
+    /// a crash at any point (even after the journal's move, before this check) leaves the
+    /// next start the same mail to check.
     pub async fn screen_intake(&self) {
         let earlier = self.spool.earlier_intake();
+        let mut checked = earlier.clone();
         if !earlier.is_empty() {
             let count = earlier.len();
             let mut kept = 0;
@@ -162,17 +167,20 @@ impl Enqueue {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take()
             .unwrap_or_default();
-        if held.is_empty() {
-            return;
+        if !held.is_empty() {
+            checked.extend(held.iter().map(|part| part.id));
+            let count = held.len();
+            let new = self.screen(held).await;
+            tracing::info!(
+                parts = count,
+                kept = new.len(),
+                "mail taken while the spool opened: checked against the suppression list"
+            );
+            let _ = self.scheduler.send(new);
         }
-        let count = held.len();
-        let new = self.screen(held).await;
-        tracing::info!(
-            parts = count,
-            kept = new.len(),
-            "mail taken while the spool opened: checked against the suppression list"
-        );
-        let _ = self.scheduler.send(new);
+        if let Err(e) = self.spool.intake_checked(&checked).await {
+            warn!(error = %e, parts = checked.len(), "cannot record the intake mail as checked: the next start checks it again");
+        }
     }
 
     /// The parts of `new` still to deliver after [`Enqueue::screen_one`].

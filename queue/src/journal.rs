@@ -30,6 +30,12 @@
 //! - any other unreadable frame is damage: the frames before it are moved, the file is renamed
 //!   `<n>.journal.damaged` (kept for the operator, never deleted) and the error names the file
 //!   and the frame's offset;
+//! - every message a frame holds gets a mark (`U` + id) in the same batch as the frame (and
+//!   a frame a cut-short move had written gets its marks when it is skipped): the mail was
+//!   acknowledged before its owner could check it against what only the open spool holds,
+//!   and the mark stays until the owner reports it checked (`Spool::intake_checked`), so a
+//!   crash at any point, even after the journal is deleted, leaves the next open naming it
+//!   (`Spool::earlier_intake`);
 //! - memory during the move: one frame at a time.
 
 use std::fs::{self, File, OpenOptions};
@@ -289,6 +295,8 @@ pub(crate) struct Moved {
     /// what only the open spool knows (the daemon's suppression list), since that run
     /// crashed before its check.
     pub(crate) earlier: Vec<MessageId>,
+    /// The messages of this run's own journal.
+    pub(crate) own: std::collections::HashSet<MessageId>,
 }
 
 /// The message an envelope key (`E` + 8-byte id) names; `None` for every other key.
@@ -341,12 +349,20 @@ pub(crate) fn move_all(
                 collision = Some(offset);
                 return Ok(());
             }
+            let ids = ops.iter().filter_map(|(key, _)| envelope_id(key));
             if count_here {
-                moved
-                    .earlier
-                    .extend(ops.iter().filter_map(|(key, _)| envelope_id(key)));
+                moved.earlier.extend(ids.clone());
+            } else {
+                moved.own.extend(ids.clone());
             }
             if same == ops.len() {
+                // Its marks too (a move from before the marks wrote none): its journal is
+                // still here, so its mail cannot have been checked.
+                let mut marks = sled::Batch::default();
+                for id in ids {
+                    marks.insert(&crate::spool::unchecked_key(id)[..], &[][..]);
+                }
+                db.apply_batch(marks)?;
                 moved.skipped += 1;
                 return Ok(());
             }
@@ -366,6 +382,11 @@ pub(crate) fn move_all(
                 }
             }
             let mut batch = sled::Batch::default();
+            // Each message's mark, in its own batch: until its owner reports it checked, the
+            // next open names it (`Spool::earlier_intake`), whenever a crash comes.
+            for id in ids.clone() {
+                batch.insert(&crate::spool::unchecked_key(id)[..], &[][..]);
+            }
             for (key, value) in ops {
                 if let Some(value) = value {
                     batch.insert(key, value);

@@ -106,6 +106,15 @@ const ENVELOPE: u8 = b'E';
 const DUE: u8 = b'D';
 const META: u8 = b'M';
 const REFS: u8 = b'R';
+/// A mark per message the intake journal's move put into sled, written in the move's own
+/// batch and removed once its owner checked it ([`Spool::intake_checked`]); see
+/// [`Spool::earlier_intake`].
+pub(crate) const UNCHECKED: u8 = b'U';
+
+/// The key of `id`'s [`UNCHECKED`] mark.
+pub(crate) fn unchecked_key(id: MessageId) -> [u8; 9] {
+    key(UNCHECKED, id)
+}
 
 /// Bodies per chunk of `sweep_orphans` (about 5 MB of 5 KB bodies).
 const SWEEP_CHUNK: usize = 1024;
@@ -245,7 +254,8 @@ struct Opened {
     /// Damaged intake journals the open renamed aside, with the offset of
     /// the bad frame.
     set_aside: Vec<(std::path::PathBuf, u64)>,
-    /// Messages moved from earlier runs' intake journals (see [`Spool::earlier_intake`]).
+    /// Messages moved from intake journals and not checked since, but this run's own (see
+    /// [`Spool::earlier_intake`]).
     earlier_intake: Vec<MessageId>,
 }
 
@@ -475,6 +485,20 @@ impl OpenSled {
         )?;
         // A journal of an earlier run may hold ids above everything else.
         ids.raise(recovery::last_key_id(&db)?);
+        // What earlier runs took while their spool opened and never checked: the marks their
+        // moves wrote (a run that crashed after its move, before its check, left its journal
+        // deleted but its marks), and the frames moved now or by a move a crash cut short
+        // (journals of a version before the marks have none). This run's own are its
+        // owner's to check.
+        let mut earlier: std::collections::BTreeSet<MessageId> =
+            moved.earlier.iter().copied().collect();
+        for item in db.scan_prefix([UNCHECKED]) {
+            let (k, _) = item?;
+            let id = parse_id_key(&k)?;
+            if !moved.own.contains(&id) {
+                earlier.insert(id);
+            }
+        }
         group.add_recovered(recovered.messages, recovered.bytes);
         group.add_moved(moved.uncounted);
         if moved.files > 0 {
@@ -528,7 +552,7 @@ impl OpenSled {
             recovery,
             recovering: Mutex::new(recovering),
             set_aside: moved.set_aside,
-            earlier_intake: moved.earlier,
+            earlier_intake: earlier.into_iter().collect(),
         })
     }
 }
@@ -681,15 +705,29 @@ impl Spool {
             .unwrap_or_default()
     }
 
-    /// The messages this open moved from intake journals an earlier run left (it crashed
-    /// while its spool was opening, or during the move): each was acknowledged before that
-    /// run's spool was open, so whatever its owner checks only once the spool is open (the
-    /// daemon: the suppression list) it may never have checked. Empty while sled is
-    /// opening, and for the journal of this run (its owner knows its own mail).
+    /// The messages earlier runs took into their intake journal and never reported checked
+    /// ([`Spool::intake_checked`]): each was acknowledged before that run's spool was open,
+    /// so whatever its owner checks only once the spool is open (the daemon: the
+    /// suppression list) it may never have checked. That run crashed while its spool was
+    /// opening, during the move, or after the move and before its check: the move writes a
+    /// mark per message in the same batch as the message, so no crash point loses it. Empty
+    /// while sled is opening, and never names this run's own intake (its owner knows its
+    /// own mail, and reports it checked too).
     pub fn earlier_intake(&self) -> Vec<MessageId> {
         self.opened_now()
             .map(|o| o.earlier_intake.clone())
             .unwrap_or_default()
+    }
+
+    /// Removes the marks of intake mail its owner has now checked ([`Spool::earlier_intake`]
+    /// and this run's own); ids without one are fine. Durable like any write: a crash before
+    /// it only means the next start checks the same mail again.
+    pub async fn intake_checked(&self, ids: &[MessageId]) -> Result<(), SpoolError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let ops = ids.iter().map(|id| remove(&unchecked_key(*id))).collect();
+        self.write(ops).await
     }
 
     /// Where crash recovery stands: `Done` after a clean close or once the

@@ -211,16 +211,37 @@ async fn a_message_over_the_size_limit_is_refused_while_sled_opens() {
 /// starts, so a suppressed recipient of it is dropped and the other delivered once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_a_crashed_run_took_while_its_spool_opened_is_checked_at_the_next_start() {
+    crashed_run_is_checked_at_the_next_start(false).await;
+}
+
+/// The narrow end of the same gap: the crashed run had opened its spool and moved the journal
+/// into it (the journal file is gone) but ended before its check. The marks the move wrote
+/// with the mail make the next start check it all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_a_run_moved_but_never_checked_is_checked_at_the_next_start() {
+    crashed_run_is_checked_at_the_next_start(true).await;
+}
+
+/// A first run suppresses gone@sink.test; a crashed run takes a message to it and to
+/// kept@sink.test while its spool opens, and ends before its check: before sled opened, or
+/// (`moved`) after its open moved the journal into sled. The next start delivers once, to
+/// kept@ only, and records the check: the start after it names nothing to check.
+async fn crashed_run_is_checked_at_the_next_start(moved: bool) {
     let dir = tempfile::tempdir().unwrap();
     suppress_in_a_first_run(dir.path(), "gone@sink.test").await;
-    // The crashed run: a message to both addresses acknowledged from the journal, and the
-    // process gone before sled opened (the handle is forgotten, its open held back for a day,
-    // so it never moves the journal itself and holds no lock).
+    // The crashed run: a message to both addresses acknowledged from the journal. Before
+    // sled opened, the handle is forgotten with its open held back for a day (so it never
+    // moves the journal itself and holds no lock); after the move, it is dropped without
+    // anyone reporting the mail checked.
     let spool_dir = dir.path().join("spool");
     let id = {
         let options = tern_queue::SpoolOptions {
             defer_open: true,
-            open_delay_for_tests: Some(Duration::from_secs(24 * 3600)),
+            open_delay_for_tests: Some(if moved {
+                Duration::from_millis(300)
+            } else {
+                Duration::from_secs(24 * 3600)
+            }),
             ..tern_queue::SpoolOptions::default()
         };
         let spool = tern_queue::Spool::open_with(&spool_dir, &options).unwrap();
@@ -232,10 +253,16 @@ async fn mail_a_crashed_run_took_while_its_spool_opened_is_checked_at_the_next_s
         env.size = body.len() as u64;
         spool.commit(vec![(env, body)]).await.unwrap();
         assert!(!spool.is_open());
-        std::mem::forget(spool);
+        if moved {
+            spool.ready().await.unwrap();
+            drop(spool);
+        } else {
+            std::mem::forget(spool);
+        }
         id
     };
-    assert!(spool_dir.join("intake").read_dir().unwrap().count() > 0);
+    let journals = spool_dir.join("intake").read_dir().unwrap().count();
+    assert_eq!(journals > 0, !moved, "{journals} journal files");
     let sink = Sink::start(SinkBehaviour::default()).await;
     let options = Options::default().deliver().route("sink.test", sink.addr);
     let text = options.config_text(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
@@ -243,6 +270,11 @@ async fn mail_a_crashed_run_took_while_its_spool_opened_is_checked_at_the_next_s
     assert_delivered_once_to(&daemon, &sink, "kept@sink.test").await;
     assert!(daemon.spool().envelope(id).unwrap().is_none());
     daemon.shutdown().await.unwrap();
+    let spool = tern_queue::Spool::open(&spool_dir).unwrap();
+    assert!(
+        spool.earlier_intake().is_empty(),
+        "checked once, and recorded as checked"
+    );
 }
 
 /// A first run of a daemon on `dir` puts `address` on the suppression list and stops.

@@ -237,7 +237,8 @@ impl Spool {
         self.write(ops).await
     }
 
-    async fn write(&self, ops: Vec<super::Op>) -> Result<(), SpoolError> {
+    /// One durable write of `ops` through the group commit, once sled is open.
+    pub(super) async fn write(&self, ops: Vec<super::Op>) -> Result<(), SpoolError> {
         if ops.is_empty() {
             return Ok(());
         }

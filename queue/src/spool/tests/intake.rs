@@ -164,12 +164,53 @@ async fn a_crash_after_250_before_the_move_keeps_each_message_once() {
     assert!(spool.opened_after_clean_close());
     assert_eq!(spool.stats(), truth(&spool));
     drop(spool);
+    // Named again by every open until its owner reports it checked.
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_holds_exactly(&spool, &all);
+    assert_names_earlier(&spool, &all[2..]);
+    let ids: Vec<MessageId> = all[2..].iter().map(|(id, _)| *id).collect();
+    spool.intake_checked(&ids).await.unwrap();
+    drop(spool);
     let spool = Spool::open(dir.path()).unwrap();
     assert_holds_exactly(&spool, &all);
     assert!(
         spool.earlier_intake().is_empty(),
-        "named once, by the open that moved it"
+        "not named once reported checked"
     );
+}
+
+/// The crash gap the marks close: a run moved its own intake into sled (the journal is
+/// gone) and ended before its owner checked that mail. The next open names it, and every
+/// open after that until the owner reports it checked; mail committed after the move (to
+/// sled directly) is never named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intake_moved_but_never_checked_is_named_at_every_open_until_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open_with(dir.path(), &deferred(Duration::from_millis(300))).unwrap();
+    let intake = commit_each(&spool, 3).await;
+    spool.ready().await.unwrap();
+    assert!(journals(dir.path()).is_empty(), "moved");
+    assert!(spool.earlier_intake().is_empty(), "its own run's");
+    let later = commit_each(&spool, 1).await;
+    let all: Vec<_> = intake.iter().chain(&later).cloned().collect();
+    // Gone before any check: nothing but the marks says this mail was intake.
+    drop(spool);
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_holds_exactly(&spool, &all);
+    assert_names_earlier(&spool, &intake);
+    // Reported checked one at a time: each report is durable on its own.
+    spool.intake_checked(&[intake[0].0]).await.unwrap();
+    drop(spool);
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_names_earlier(&spool, &intake[1..]);
+    let rest: Vec<MessageId> = intake[1..].iter().map(|(id, _)| *id).collect();
+    spool.intake_checked(&rest).await.unwrap();
+    // Its own run's check clears them for good, with the mail untouched.
+    drop(spool);
+    let spool = Spool::open(dir.path()).unwrap();
+    assert!(spool.earlier_intake().is_empty());
+    assert_holds_exactly(&spool, &all);
+    assert_eq!(spool.stats(), truth(&spool));
 }
 
 #[tokio::test]
@@ -212,6 +253,10 @@ async fn a_crash_during_the_move_writes_no_duplicates() {
         "counted once, by the scan or the move"
     );
     assert!(journals(dir.path()).is_empty());
+    // Marked, the frame the cut-short move wrote included: the next open names all of it.
+    drop(spool);
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_names_earlier(&spool, &all[2..]);
 }
 
 #[tokio::test]
