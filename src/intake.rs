@@ -56,6 +56,14 @@ impl Intake {
         let trace = crate::message::take_header(&mut sub.content, crate::message::RELAY_HEADER)
             .filter(|_| sub.trusted)
             .and_then(|v| crate::message::RelayTrace::parse(&v));
+        // The campaign it was rendered for travels beside the trace, and counts only with one
+        // (a drain's, from the same trusted peer); taken out always, like the trace.
+        let relayed_campaign = crate::message::take_header_first_line(
+            &mut sub.content,
+            crate::message::RELAY_CAMPAIGN_HEADER,
+        )
+        .filter(|_| trace.is_some())
+        .and_then(|v| crate::message::parse_relay_campaign(&v));
         let requested = sub.pool.take();
         let pool = self
             .enqueue
@@ -70,6 +78,14 @@ impl Intake {
                 next.extend(stage.apply(message).await);
             }
             messages = next;
+        }
+        // The stages do not render drained mail again (its control headers went at the first
+        // node), so its envelopes keep the campaign the first node rendered it for: the
+        // delivery log, the events and the campaign's results count it here.
+        if let Some(tag) = relayed_campaign {
+            for message in messages.iter_mut().filter(|m| m.campaign.is_none()) {
+                message.campaign = Some(tag.clone());
+            }
         }
         self.enqueue.commit_traced(messages, pool, trace).await
     }

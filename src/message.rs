@@ -373,6 +373,49 @@ impl RelayTrace {
     }
 }
 
+/// The campaign and variant a drained message was rendered for, beside [`RELAY_HEADER`]:
+/// `campaign=NAME[; variant=ID]`. A header of its own because a node from before it drops a
+/// trace with a field that is not a number (this one is not); such a node removes it with
+/// every other `X-Tern-*` header, so the mail is delivered there without its tag. Honoured
+/// only with a valid trace from a trusted client, and always removed.
+pub const RELAY_CAMPAIGN_HEADER: &str = "X-Tern-Relayed-Campaign";
+
+/// The [`RELAY_CAMPAIGN_HEADER`] line of `tag`, CRLF-terminated.
+pub fn relay_campaign_header(tag: &tern_queue::CampaignTag) -> String {
+    match &tag.variant {
+        Some(v) => format!(
+            "{RELAY_CAMPAIGN_HEADER}: campaign={}; variant={v}\r\n",
+            tag.campaign
+        ),
+        None => format!("{RELAY_CAMPAIGN_HEADER}: campaign={}\r\n", tag.campaign),
+    }
+}
+
+/// Parses a [`RELAY_CAMPAIGN_HEADER`] value; `None` unless the campaign (and the variant,
+/// when there is one) are names as a campaign's config takes them, each field once, and no
+/// other field: a trusted peer's header still never makes up a label of unbounded length
+/// or charset.
+pub fn parse_relay_campaign(value: &str) -> Option<tern_queue::CampaignTag> {
+    let mut campaign = None;
+    let mut variant = None;
+    for part in value.split(';') {
+        let (k, v) = part.split_once('=')?;
+        let v = v.trim();
+        let slot = match k.trim().to_ascii_lowercase().as_str() {
+            "campaign" if crate::feedback_id::is_campaign_name(v) => &mut campaign,
+            "variant" if crate::feedback_id::is_variant_id(v) => &mut variant,
+            _ => return None,
+        };
+        if slot.replace(v.to_owned()).is_some() {
+            return None;
+        }
+    }
+    Some(tern_queue::CampaignTag {
+        campaign: campaign?,
+        variant,
+    })
+}
+
 /// Removes every `name` header field (with its continuation lines) from the header section
 /// of `content`; returns the first one's value, unfolded.
 pub fn take_header(content: &mut Vec<u8>, name: &str) -> Option<String> {
@@ -490,5 +533,46 @@ mod relay_tests {
         let mut plain = b"Subject: s\r\n\r\nbody\r\n".to_vec();
         assert_eq!(take_header(&mut plain, RELAY_HEADER), None);
         assert_eq!(plain, b"Subject: s\r\n\r\nbody\r\n");
+    }
+
+    #[test]
+    fn the_relayed_campaign_round_trips_and_bad_values_are_refused() {
+        for tag in [
+            tern_queue::CampaignTag {
+                campaign: "spring-2026.b_x".into(),
+                variant: Some("a_1".into()),
+            },
+            tern_queue::CampaignTag {
+                campaign: "winback".into(),
+                variant: None,
+            },
+        ] {
+            let mut content = format!(
+                "Received: x\r\n{}Subject: s\r\n\r\nbody\r\n",
+                relay_campaign_header(&tag)
+            )
+            .into_bytes();
+            let value = take_header(&mut content, RELAY_CAMPAIGN_HEADER).unwrap();
+            assert_eq!(parse_relay_campaign(&value), Some(tag));
+            assert_eq!(content, b"Received: x\r\nSubject: s\r\n\r\nbody\r\n");
+        }
+        let long = format!("campaign={}", "c".repeat(65));
+        let long_variant = format!("campaign=c; variant={}", "v".repeat(33));
+        for bad in [
+            "",
+            "variant=a",
+            "campaign=",
+            "campaign=a b",
+            "campaign=a\u{e9}",
+            "campaign=a; variant=b-c",
+            "campaign=a; campaign=b",
+            "campaign=a; variant=b; variant=c",
+            "campaign=a; planned=1",
+            "campaign",
+            long.as_str(),
+            long_variant.as_str(),
+        ] {
+            assert_eq!(parse_relay_campaign(bad), None, "{bad}");
+        }
     }
 }

@@ -5,8 +5,9 @@
 //! it was: the sender, every recipient's NOTIFY and ORCPT, RET and ENVID (the peer must offer
 //! DSN, as tern does; without it the drain stops), BODY=8BITMIME and SMTPUTF8; plus the
 //! [`RelayTrace`] header (created, expiry, attempts, next due time, whether the send time was
-//! planned), which the receiving tern honours from a trusted client (its relay networks or
-//! AUTH) and takes out. A message is
+//! planned) and, for campaign mail, the campaign and variant it was rendered for
+//! ([`crate::message::RELAY_CAMPAIGN_HEADER`]), which the receiving tern honours from a
+//! trusted client (its relay networks or AUTH) and takes out. A message is
 //! removed here only after the peer accepted every one of its pending recipients (250 after
 //! the data, which tern gives only once the mail is durable); a recipient the peer refused
 //! stays here (its message is updated to the recipients still pending). A connection failure
@@ -343,6 +344,10 @@ async fn relay(
         send_time_planned: env.send_time_planned,
     }
     .header();
+    let prefix = match &env.campaign {
+        Some(tag) => trace + &crate::message::relay_campaign_header(tag),
+        None => trace,
+    };
     let msg = OutboundMessage {
         sender: &env.sender,
         recipients: &pending,
@@ -351,7 +356,7 @@ async fn relay(
         body_type: env.body_type,
         smtputf8: env.smtputf8,
         body: &body,
-        prefix: trace.as_bytes(),
+        prefix: prefix.as_bytes(),
     };
     let results = conn
         .send(&msg)

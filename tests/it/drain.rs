@@ -541,3 +541,81 @@ async fn a_running_node_drains_without_losing_or_doubling_mail() {
     assert!(moved > 0, "the drain moved mail");
     assert_eq!(body["messages"].as_u64(), Some(moved as u64));
 }
+
+/// Campaign mail drained from a running node keeps its campaign and variant on the peer (the
+/// `X-Tern-Relayed-Campaign` header beside the trace), so the peer's delivery log, events and
+/// results count it; the header never reaches the peer's spool, and without a trace (a plain
+/// client's submission) it is removed and ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drained_campaign_mail_keeps_its_campaign_and_variant_on_the_peer() {
+    use serde_json::json;
+    const CAMPAIGN: &str = r#"[sidecar.bandit]
+holdout = 0.0
+
+[[sidecar.campaigns]]
+name = "spring.26"
+text = "campaign text\n"
+[[sidecar.campaigns.slots]]
+name = "subject"
+default = "Spring"
+[[sidecar.campaigns.variants]]
+id = "only_one"
+text = "Variant text\n"
+"#;
+    let node = TestServer::start(Options::default().extra(CAMPAIGN)).await;
+    let peer = TestServer::start(Options::default()).await;
+    let (status, body) = node
+        .api(
+            "POST",
+            "/api/v1/inject",
+            Some(&json!({
+                "from": "news@example.com",
+                "to": ["ann@a.test"],
+                "raw": "From: news@example.com\nSubject: x\n\nx\n",
+                "sidecar": {"campaign": "spring.26"},
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let tag = tern_queue::CampaignTag {
+        campaign: "spring.26".into(),
+        variant: Some("only_one".into()),
+    };
+    let queued = node.envelopes();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].campaign.as_ref(), Some(&tag));
+    // A trusted client's own header without a trace is taken out and ignored.
+    let mut c = peer.connect().await;
+    c.ehlo().await;
+    c.submit(
+        "app@sender.test",
+        &["bob@a.test"],
+        b"X-Tern-Relayed-Campaign: campaign=spring.26; variant=only_one\r\nSubject: s\r\n\r\nb\r\n",
+    )
+    .await;
+    let (status, body) = node
+        .api(
+            "POST",
+            "/api/v1/queue/drain",
+            Some(&json!({"to": peer.smtp.to_string()})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["messages"], 1, "{body}");
+    assert!(node.envelopes().is_empty(), "moved to the peer");
+    let moved = peer.envelopes();
+    assert_eq!(moved.len(), 2, "{moved:?}");
+    for env in moved {
+        let stored = String::from_utf8(peer.body(env.id)).unwrap();
+        assert!(!stored.contains("X-Tern-Relayed"), "{stored}");
+        match env.recipients[0].address.as_str() {
+            "ann@a.test" => {
+                assert_eq!(env.campaign.as_ref(), Some(&tag));
+                assert!(stored.contains("Variant text"), "{stored}");
+            }
+            _ => assert_eq!(env.campaign, None, "no trace, no campaign"),
+        }
+    }
+    node.stop().await;
+    peer.stop().await;
+}
