@@ -56,14 +56,18 @@ impl Intake {
         let trace = crate::message::take_header(&mut sub.content, crate::message::RELAY_HEADER)
             .filter(|_| sub.trusted)
             .and_then(|v| crate::message::RelayTrace::parse(&v));
-        // The campaign it was rendered for travels beside the trace, and counts only with one
-        // (a drain's, from the same trusted peer); taken out always, like the trace.
-        let relayed_campaign = crate::message::take_header_first_line(
-            &mut sub.content,
-            crate::message::RELAY_CAMPAIGN_HEADER,
-        )
-        .filter(|_| trace.is_some())
-        .and_then(|v| crate::message::parse_relay_campaign(&v));
+        // The campaign it was rendered for travels beside the trace and counts only with one
+        // (a drain's, from the same trusted peer). Looked for only then: the plain path pays
+        // no second header scan, and any other trusted message loses the header with every
+        // `X-Tern-*` header in the sidecar stage.
+        let relayed_campaign = match trace {
+            Some(_) => crate::message::take_header_first_line(
+                &mut sub.content,
+                crate::message::RELAY_CAMPAIGN_HEADER,
+            )
+            .and_then(|v| crate::message::parse_relay_campaign(&v)),
+            None => None,
+        };
         let requested = sub.pool.take();
         let pool = self
             .enqueue

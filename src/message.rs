@@ -377,7 +377,8 @@ impl RelayTrace {
 /// `campaign=NAME[; variant=ID]`. A header of its own because a node from before it drops a
 /// trace with a field that is not a number (this one is not); such a node removes it with
 /// every other `X-Tern-*` header, so the mail is delivered there without its tag. Honoured
-/// only with a valid trace from a trusted client, and always removed.
+/// and removed with a valid trace from a trusted client; any other trusted message loses it
+/// with every `X-Tern-*` header in the sidecar stage (untrusted mail is only ever inbound).
 pub const RELAY_CAMPAIGN_HEADER: &str = "X-Tern-Relayed-Campaign";
 
 /// The [`RELAY_CAMPAIGN_HEADER`] line of `tag`, CRLF-terminated.
