@@ -42,10 +42,28 @@
 #   WARM=1           read the spool files once right before starting tern: a warm start, as when
 #                    tern restarts on a host that keeps the files cached (without either, the start
 #                    is as warm as the page cache happens to be, which varies between runs)
+#   DELIVER=1        "all mail still delivered afterwards": the spool is filled with mail due at
+#                    once (DUE_IN_S=0; default spool dir /tmp/tern-spool-scale-<count>-due, filled
+#                    anew for each run since delivery empties it), route "*" goes to Postfix's
+#                    smtp-sink on a free 127.0.0.1 port instead of a closed one, and the delivery
+#                    log is on. After the measurement the script waits until the recovery scan
+#                    has ended and the spool is empty (tern_spool_messages on /metrics), then
+#                    reports the delivery time and rate, the sink's message count, the distinct
+#                    recipients the delivery log says were delivered (every user<n> of the fill
+#                    must be there), bounces, and the peak VmRSS over the whole delivery; after
+#                    SIGTERM, `tern queue list` on the spool must count 0 messages.
 set -euo pipefail
 
 COUNT=${2:-1000000}
-SPOOL=${1:-/tmp/tern-spool-scale-$COUNT}
+if [[ ${DELIVER:-0} == 1 ]]; then
+    SPOOL=${1:-/tmp/tern-spool-scale-$COUNT-due}
+    DUE_IN_S=${DUE_IN_S:-0}
+    if [[ -e $SPOOL && -z ${1:-} ]]; then
+        rm -rf "$SPOOL"  # delivered by the last run: fill it again
+    fi
+else
+    SPOOL=${1:-/tmp/tern-spool-scale-$COUNT}
+fi
 BODY=${3:-5120}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -66,11 +84,12 @@ if [[ ${WARM:-0} == 1 ]]; then
     cat "$SPOOL"/db "$SPOOL"/snap.* >/dev/null 2>&1 || true
     echo "== read the spool files into the page cache (warm start)"
 fi
-exec python3 - "$TERN" "$SPOOL" "${CACHE_SIZE:-}" "${SETTLE_S:-20}" "${CRASH:-0}" "${DROP_CACHES:-0}" <<'PY'
-import os, re, shutil, signal, socket, subprocess, sys, tempfile, time
+exec python3 - "$TERN" "$SPOOL" "${CACHE_SIZE:-}" "${SETTLE_S:-20}" "${CRASH:-0}" "${DROP_CACHES:-0}" "${DELIVER:-0}" "$COUNT" <<'PY'
+import json, os, re, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.request
 
 tern, spool, cache_size, settle = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-crash, drop_caches = sys.argv[5] == "1", sys.argv[6] == "1"
+crash, drop_caches, deliver = sys.argv[5] == "1", sys.argv[6] == "1", sys.argv[7] == "1"
+count = int(sys.argv[8])
 
 def free_port():
     s = socket.socket()
@@ -82,6 +101,24 @@ def free_port():
 smtp_port, admin_port, dead_port = free_port(), free_port(), free_port()
 workdir = tempfile.mkdtemp(prefix="tern-scale-")
 config = os.path.join(workdir, "tern.toml")
+delivery_log = os.path.join(workdir, "delivery.log")
+sink = None
+if deliver:
+    smtp_sink = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+    if not os.path.exists(smtp_sink):
+        sys.exit("DELIVER=1 needs Postfix's smtp-sink (apt-get install postfix)")
+    sink_out = os.path.join(workdir, "sink.out")
+    args = [smtp_sink, "-c", "-m", "2048"]
+    if os.getuid() == 0:
+        args += ["-u", "nobody"]  # smtp-sink refuses to run as root without it
+    sink = subprocess.Popen(args + [f"127.0.0.1:{dead_port}", "4096"],
+                            stdout=open(sink_out, "w"), stderr=subprocess.STDOUT)
+    time.sleep(0.5)
+
+def sink_count():
+    """Messages smtp-sink counted (its -c output: "sess=A quit=B mesg=C\\r")."""
+    found = re.findall(rb"mesg=(\d+)", open(sink_out, "rb").read()[-400:])
+    return int(found[-1]) if found else 0
 with open(config, "w") as f:
     f.write(f"""
 [server]
@@ -101,7 +138,7 @@ domain = "*"
 hosts = ["127.0.0.1:{dead_port}"]
 [delivery]
 suspended = false
-log_path = "off"
+log_path = "{delivery_log if deliver else 'off'}"
 [log]
 level = "info"
 """)
@@ -202,6 +239,39 @@ while proc.poll() is None and (time.monotonic() < end or (crash and recovered_at
     time.sleep(0.2)
 mem_settled = mem(proc.pid)
 
+def metrics():
+    """tern_spool_messages, tern_spool_recovering, and tern_deliveries_total summed by outcome
+    (keys "outcome=<name>")."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        m = re.match(r"^(tern_spool_messages|tern_spool_recovering|tern_deliveries_total)(\{[^}]*\})? (\S+)$", line)
+        if not m:
+            continue
+        key = m.group(1)
+        if key == "tern_deliveries_total":
+            outcome = re.search(r'outcome="([^"]*)"', m.group(2) or "")
+            key = "outcome=" + (outcome.group(1) if outcome else "?")
+        values[key] = values.get(key, 0) + float(m.group(3))
+    return values
+
+if deliver:
+    # Until the scan is over (the gauge is exact) and nothing is left in the spool.
+    deliver_peak = peak
+    while True:
+        if proc.poll() is not None:
+            fail(f"tern exited with {proc.returncode} while delivering")
+        deliver_peak = max(deliver_peak, status(proc.pid)["VmRSS"])
+        m = metrics()
+        if m.get("tern_spool_recovering", 1) == 0 and m.get("tern_spool_messages", 1) == 0:
+            break
+        if elapsed() > 3600:
+            fail(f"the spool was not empty within an hour: {m}")
+        time.sleep(0.5)
+    delivered_at = elapsed()
+    final_metrics = metrics()
+    time.sleep(1)  # the delivery log's writer lingers a few ms
+
 t_stop = time.monotonic()
 proc.send_signal(signal.SIGTERM)
 try:
@@ -222,6 +292,33 @@ if recovered_at is not None:
     print(f"recovery scan over after:    {recovered_at:7.2f} s   (from process start)")
 print(f"after {settle:.0f} s more:              peak VmRSS {peak} MB; now {mem_settled}")
 print(f"shutdown after SIGTERM:      {t_stop:7.2f} s   (exit {proc.returncode})")
+if deliver:
+    sink.terminate()
+    recipients, bounced = set(), 0
+    for line in open(delivery_log):
+        record = json.loads(line)
+        status_ = record.get("status") or record.get("outcome")
+        if status_ == "delivered":
+            recipients.add(record["recipient"])
+        elif status_ in ("bounced", "expired"):
+            bounced += 1
+    wanted = {f"user{n}@customer{n % 1000}.example" for n in range(count)}
+    missing = len(wanted - recipients)
+    outcomes = {k: int(v) for k, v in final_metrics.items() if k.startswith("outcome=")}
+    # `queue list` reads the stopped daemon's spool itself; its last line counts what is left.
+    listing = subprocess.run([tern, "queue", "list", "--config", config],
+                             capture_output=True, text=True)
+    left = (listing.stdout.strip().splitlines() or [listing.stderr.strip()])[-1]
+    print(f"all delivered after:         {delivered_at:7.2f} s   (from process start; "
+          f"{count / max(delivered_at - t_250, 0.001):.0f} msgs/s after the first 250)")
+    print(f"peak VmRSS while delivering: {deliver_peak} MB")
+    print(f"sink counted:                {sink_count()} messages (this run and the crashed one's, "
+          f"which may repeat what it delivered but had not removed when killed)")
+    print(f"delivery log:                {len(recipients & wanted)} of {count} filled recipients delivered, "
+          f"{missing} missing, {bounced} bounce lines; this run's deliveries by outcome {outcomes}")
+    print(f"spool after stop:            {left}   (tern queue list)")
+    if missing or bounced or left != "-- 0 messages, 0 bytes":
+        sys.exit("DELIVER=1: not every message was delivered")
 print("--- spool lines from the tern log:")
 for line in open(log_path):
     if "spool" in line or "orphan" in line or "ERROR" in line or "WARN" in line:
