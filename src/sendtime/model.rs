@@ -5,8 +5,9 @@
 //! λ[t] = engagements[t] / exposure[t] (exposure-normalised, so hours the sender happened to
 //! mail at do not look like hours the recipient likes; that confounding is what breaks the
 //! naive "most frequent open hour"). The value of sending at time s is then
-//! Σₖ λ[s+k]·visibility(k) over the next 72 hours: mail sent just before the recipient's
-//! active hours is still near the top of the inbox when they look.
+//! Σₖ λ[s+k]·exp(-(k+½)/τ) over the next 72 hours ([`send_value`], τ = [`VALUE_TAU_H`]):
+//! mail sent just before the recipient's active hours is still near the top of the inbox
+//! when they look.
 //!
 //! Shrinkage (hierarchical, Gamma-Poisson):
 //! - global prior: every recipient's counts pooled by day type (weekday, weekend) and hour
@@ -14,7 +15,7 @@
 //!   Bayes (method of moments over recipients' overall rates, binomial noise removed). Pooling
 //!   across days matters: per hour-of-week ratios inherit the sender's confounded schedule
 //!   (the hours just after a habitual send slot look busier than they are);
-//! - segment prior: k-means (k ≤ 8) over recipients' shapes (pooled the same way); a
+//! - segment prior: k-means (k ≤ 6) over recipients' shapes (pooled the same way); a
 //!   recipient's prior is the mix of segments weighted by how well each explains their
 //!   engagements (Poisson likelihood times the segment's share), scaled by their own shrunken
 //!   overall rate, so one or two opens do not commit them to one segment;
@@ -27,11 +28,13 @@
 //! - posterior mean, in two levels: the hour of day, then the hour of week (see
 //!   [`Priors::activity`]).
 //!
-//! Recipients without history get the global shape; without a known time zone as well they
-//! are sent at once (the shape is in local time and would be guessed); with history but no
-//! zone their own UTC-hour data places the send ([`choose`]). The choice uses the posterior
-//! mean (deterministic, so repeatable, and what maximises the expected open rate); minute
-//! jitter and the control share are applied by the caller.
+//! Recipients without history get the population's prior (segments and dictionary at their
+//! shares). Without a known time zone the send is placed by the zones' posterior given the
+//! recipient's own UTC-hour data ([`Priors::zone_posterior`]; without history, the zones'
+//! shares among zone-known recipients): the chosen time is the best on average over the
+//! zones ([`choose`]); with no zone-known recipients to take shares from, at once. The
+//! choice uses the posterior mean (deterministic, so repeatable, and what maximises the
+//! expected open rate); minute jitter and the control share are applied by the caller.
 
 use super::profile::{hour_of_week, visibility, Profile, HORIZON_H, SLOTS};
 use crate::message::SendWindow;
@@ -96,9 +99,9 @@ const DICTIONARY_BLEND: f64 = 0.45;
 /// open saturates (a recipient who looks often opens at the first look, and later looks add
 /// nothing), so the hours just after a send weigh more than their visibility alone says.
 /// On the simulator, the true activity curves valued with this kernel pick a time worth
-/// 98-99% of the oracle's; with the estimates, 5 h rather than 6: +0.2 point of the
-/// oracle's gap on average over seeds 1-7 (4.5 as well, 8 loses a point).
-const VALUE_TAU_H: f64 = 5.0;
+/// 98-99% of the oracle's; with the estimates, 4.5 h rather than 6: +0.2 point of the
+/// oracle's gap on average over seeds 1-7 (5: +0.1; 4 no better than 5; 8 loses a point).
+const VALUE_TAU_H: f64 = 4.5;
 /// Zones whose posterior weight is below this are left out of a zone-unknown recipient's
 /// mixture ([`choose`]): they cannot move the choice, and each costs an activity estimate.
 const ZONE_MIN_WEIGHT: f64 = 0.01;
