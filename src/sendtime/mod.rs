@@ -101,7 +101,8 @@ pub enum Reason {
     Model,
     /// In the control share: sent at once so lift can be measured.
     Control,
-    /// No time zone known and no history: sent at once.
+    /// No time zone known and nothing to weigh zones by (no history and no zone-known
+    /// recipients at the last refit): sent at once.
     NoZone,
 }
 

@@ -476,8 +476,9 @@ mod tests {
         );
         assert!(r.rate(all, "tern") > r.rate(all, "mode-hour"), "{r}");
         assert!(r.rate(all, "mode-hour") > r.rate(all, "send-now"), "{r}");
-        // 49.2% at 6,000 users since the dictionary prior (47% before it).
-        assert!(r.gap_captured(all, "tern") >= 0.46, "{r}");
+        // 51.1% at 6,000 users since zone-unknown recipients are weighed over the zones
+        // (49.2% before, 47% before the dictionary prior).
+        assert!(r.gap_captured(all, "tern") >= 0.50, "{r}");
         // No history: never below sending now.
         assert!(r.rate(0, "tern") >= r.rate(0, "send-now"), "{r}");
         // Deterministic per seed.
