@@ -42,7 +42,7 @@ use rand::Rng as _;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use tern_queue::{CampaignTag, Recipient, Spool};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{BanditConfig, SidecarConfig};
 use crate::events::{Event, Events, Kind};
@@ -938,7 +938,11 @@ impl Sidecar {
                     continue;
                 }
             }
-            info!(
+            // Debug, not info: one line per recipient of a campaign is 10M lines a day at the
+            // volume tern is for, and cost 5% of the sidecar's ingest rate at info
+            // (benches/sidecar_ingest.sh, log level warn vs info). The inject answer, the
+            // delivery log and the events carry the same campaign and variant.
+            debug!(
                 campaign = %report.campaign,
                 rcpt = %report.recipient,
                 variant = report.variant.as_deref().unwrap_or("-"),

@@ -174,8 +174,11 @@ text = "Dear {{ recipient.address }},\nhello from {{ campaign }}.\n"
 #[tokio::test]
 async fn a_campaign_to_1000_recipients_with_a_1_mib_body_is_not_copied_per_recipient() {
     let rcpts: Vec<String> = (0..1000).map(|i| format!("user{i}@sink.test")).collect();
+    // The per-recipient "sidecar rendered" line is at debug.
+    let mut opts = Options::default().extra(CAMPAIGN);
+    opts.log_level = "info,tern::sidecar=debug".into();
     let (rise, mut tern, _dir) = rise_for_one_message(
-        Options::default().extra(CAMPAIGN),
+        opts,
         "Subject: replaced\r\nX-Tern-Campaign: hello\r\n",
         &rcpts,
     )
