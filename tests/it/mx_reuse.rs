@@ -98,10 +98,11 @@ rate = "1000000/min"
     let connections = a.sessions() + b.sessions();
     // 50 domains over 2 hosts under a cap of 2: one connection per domain (or more) would be
     // >= 50 (the old shaping path, which closed every idle connection of the provider for a
-    // new slot, made 176); reuse across domains keeps it to a handful (5-14 seen, more under
-    // a loaded machine's scheduling, as the two hosts' workers take the cap in turns).
+    // new slot, made 176); reuse across domains keeps it well below one per domain (5-14
+    // seen on a quiet machine; under load more, as the two hosts' workers take the cap in
+    // turns: 30 once in a CI run at load ~4). The bound stays below the 50 of no reuse.
     assert!(
-        connections <= 25,
+        connections <= 40,
         "{connections} connections for {messages} messages to {domains} domains behind 2 hosts"
     );
     // The cap held.
