@@ -5,7 +5,7 @@
 //! λ[t] = engagements[t] / exposure[t] (exposure-normalised, so hours the sender happened to
 //! mail at do not look like hours the recipient likes; that confounding is what breaks the
 //! naive "most frequent open hour"). The value of sending at time s is then
-//! Σₖ λ[s+k]·exp(-(k+½)/τ) over the next 72 hours ([`send_value`], τ = [`VALUE_TAU_H`]):
+//! Σₖ λ[s+k]·exp(-(k+½)/τ) over the next 72 hours ([`value_at`], τ = [`VALUE_TAU_H`]):
 //! mail sent just before the recipient's active hours is still near the top of the inbox
 //! when they look.
 //!
@@ -94,7 +94,7 @@ const DICTIONARY_STRENGTH_SHARE: f64 = 10.0;
 /// the oracle's gap on seeds 1-3, against 49-51%); blended at 0.3 it added 0.1-0.7 point on
 /// six of seeds 1-7. With six segments, 0.45 (+0.1 over 0.3 on seeds 1-12; 0.6 as well).
 const DICTIONARY_BLEND: f64 = 0.45;
-/// Burial time constant (hours) of the value of a send ([`send_value`]): shorter than the
+/// Burial time constant (hours) of the value of a send ([`value_at`]): shorter than the
 /// profile's [`super::profile::BURIAL_TAU_H`] (6 h, the exposure kernel). The chance of an
 /// open saturates (a recipient who looks often opens at the first look, and later looks add
 /// nothing), so the hours just after a send weigh more than their visibility alone says.
@@ -526,23 +526,9 @@ impl Priors {
             .map(|(s, o)| ((s - top).exp() / total, o))
             .collect()
     }
-
-    /// The most likely UTC offset of a zone-unknown recipient ([`Priors::zone_posterior`]'s
-    /// top) and the profile moved into it; UTC without engagements or zone-known profiles.
-    pub fn infer_zone(&self, p: &Profile) -> (i32, Profile) {
-        let offset = if p.total_engagements() <= 0.0 {
-            0
-        } else {
-            self.zone_posterior(p)
-                .into_iter()
-                .max_by(|a, b| a.0.total_cmp(&b.0))
-                .map_or(0, |(_, o)| o)
-        };
-        (offset, in_zone(p, offset))
-    }
 }
 
-/// The weights of [`send_value`]: the value kernel exp(-(k+½)/[`VALUE_TAU_H`]).
+/// The weights of [`value_at`]: the value kernel exp(-(k+½)/[`VALUE_TAU_H`]).
 fn value_kernel() -> [f64; HORIZON_H] {
     let mut kernel = [0.0; HORIZON_H];
     for (k, x) in kernel.iter_mut().enumerate() {
@@ -551,13 +537,9 @@ fn value_kernel() -> [f64; HORIZON_H] {
     kernel
 }
 
-/// Value of sending at `t_ms` to someone with `activity` (local slots, UTC offset
-/// `offset_min`): their activity over the next 72 hours weighted by how much a look then
-/// still counts ([`VALUE_TAU_H`]).
-pub fn send_value(activity: &Shape, t_ms: u64, offset_min: i32) -> f64 {
-    value_at(activity, &value_kernel(), hour_of_week(t_ms, offset_min))
-}
-
+/// Value of sending at hour-of-week `slot` (local) to someone with `activity`: their
+/// activity over the next 72 hours weighted by how much a look then still counts
+/// (`kernel`, [`value_kernel`]).
 fn value_at(activity: &Shape, kernel: &[f64; HORIZON_H], slot: usize) -> f64 {
     kernel
         .iter()
@@ -883,7 +865,6 @@ mod tests {
             utc.record_send(monday + 14 * HOUR_MS);
             utc.record_engagement(monday + 25 * HOUR_MS + 1_200_000);
         }
-        assert_eq!(priors.infer_zone(&utc).0, -300);
         // One reading at 19:00 UTC is in UTC+1.
         let mut east = Profile::default();
         for w in 0..6 {
@@ -891,7 +872,6 @@ mod tests {
             east.record_send(monday + 8 * HOUR_MS);
             east.record_engagement(monday + 19 * HOUR_MS + 1_200_000);
         }
-        assert_eq!(priors.infer_zone(&east).0, 60);
         // The posterior sums to 1 and puts nearly all of it on the zone that fits.
         let post = priors.zone_posterior(&utc);
         assert!((post.iter().map(|(w, _)| w).sum::<f64>() - 1.0).abs() < 1e-9);
@@ -902,10 +882,8 @@ mod tests {
         };
         assert!(weight(&post, -300) > 0.99, "{post:?}");
         assert!(weight(&priors.zone_posterior(&east), 60) > 0.99);
-        // Without engagements nothing places them: the best guess is UTC, and the posterior
-        // is the zones' shares.
+        // Without engagements nothing places them: the posterior is the zones' shares.
         unknown.engagements = [0.0; SLOTS];
-        assert_eq!(priors.infer_zone(&unknown).0, 0);
         let post = priors.zone_posterior(&unknown);
         assert!((weight(&post, -300) - 0.6).abs() < 1e-9, "{post:?}");
         assert!((weight(&post, 60) - 0.4).abs() < 1e-9, "{post:?}");
